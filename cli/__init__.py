@@ -1,0 +1,1 @@
+"""The ``jwt`` command line (installed as the ``jwt_cli`` package)."""

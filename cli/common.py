@@ -1,0 +1,78 @@
+"""Shared pieces of the CLI: parameter types, error handling, progress."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from codec.errors import JwtError
+
+
+class SizeType(click.ParamType):
+    """An ``HxW`` size such as ``28x28`` (validated at the parameter boundary)."""
+
+    name = "HxW"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            h, w = (int(v) for v in str(value).lower().split("x"))
+        except ValueError:
+            self.fail(f"{value!r} is not a size like 28x28", param, ctx)
+        if not (1 <= h <= 4096 and 1 <= w <= 4096):
+            self.fail(f"{value!r}: both sides must be in 1..4096", param, ctx)
+        return h, w
+
+
+SIZE = SizeType()
+
+
+def fail(message: str) -> click.ClickException:
+    """A one-line error that exits with status 1."""
+    return click.ClickException(message.splitlines()[0] if message else "failed")
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library and OS errors into one-line messages with exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except JwtError as exc:
+            raise fail(str(exc)) from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise fail(f"{where}{exc.strerror or exc}") from None
+        except KeyboardInterrupt:
+            click.echo("jwt: interrupted; no output was written", err=True)
+            sys.exit(130)
+        except MemoryError:
+            raise fail("out of memory") from None
+
+    return wrapper
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """True if two paths name the same file (or would)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def progress_bar(total: int, desc: str, quiet: bool):
+    """A tqdm bar on stderr counting weights, silent when quiet or not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="w", unit_scale=True, disable=quiet or not sys.stderr.isatty(),
+                leave=False, file=sys.stderr)

@@ -1,0 +1,83 @@
+"""``jwt info``."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import click
+
+from .common import fail, handle_errors
+
+
+def describe(reader) -> dict:
+    """The ``--json`` document: per-tensor facts read from the index alone."""
+    tensors = []
+    for e in reader.index.entries:
+        codec = "alias" if e.alias else e.codec.codec_id
+        item = {
+            "name": e.name, "shape": list(e.shape), "dtype": e.dtype.name, "codec": codec,
+            "params": None if e.alias else {k: v for k, v in e.codec.get_config().items() if k != "id"},
+            "tiling": e.tiling.to_json() if e.tiling else None,
+            "tiles": e.tiling.n_tiles if e.tiling else 0,
+            "numel": e.numel, "nbytes": e.stored_bytes, "decoded_nbytes": 0 if e.alias else e.nbytes,
+            "bits_per_weight": 8 * e.stored_bytes / e.numel if e.numel and not e.alias else 0.0,
+        }
+        if e.alias:
+            item["alias"] = e.alias
+        tensors.append(item)
+    stored = [t for t in tensors if t["codec"] != "alias"]
+    weights = sum(t["numel"] for t in stored)
+    fp32 = 4 * weights
+    return {
+        "file": reader.name, "format_version": f"1.{reader.index.minor}", "file_bytes": reader.size,
+        "tensors": tensors, "metadata": reader.metadata, "encoder": reader.index.encoder,
+        "totals": {"tensors": len(tensors), "weights": weights, "nbytes": reader.size,
+                   "bits_per_weight": 8 * reader.size / weights if weights else 0.0,
+                   "ratio_to_fp32": fp32 / reader.size if reader.size else 0.0},
+    }
+
+
+def _shape(shape: list[int]) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+@click.command()
+@click.argument("input", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document for scripts (documented in spec/cli.md).")
+@handle_errors
+def info(input: Path, as_json: bool) -> None:
+    """Show what a .jwt file holds, from its index alone (nothing is decoded)."""
+    from codec.reader import Reader
+
+    if not input.is_file():
+        raise fail(f"{input}: no such file")
+    with Reader(input) as reader:
+        doc = describe(reader)
+    if as_json:
+        click.echo(json.dumps(doc, indent=1, ensure_ascii=False))
+        return
+    rows = [(t["name"], _shape(t["shape"]), t["dtype"], t["codec"] if t["codec"] != "alias" else f"={t['alias']}",
+             str(t["tiles"]), f"{t['nbytes']:,}", f"{t['bits_per_weight']:.3f}") for t in doc["tensors"]]
+    head = ("name", "shape", "dtype", "codec", "tiles", "bytes", "bits/w")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    right = {4, 5, 6}
+    for r in [head, *rows]:
+        click.echo("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    per_codec: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for t in doc["tensors"]:
+        acc = per_codec[t["codec"]]
+        acc[0] += 1
+        acc[1] += t["numel"] if t["codec"] != "alias" else 0
+        acc[2] += t["nbytes"]
+    tot = doc["totals"]
+    click.echo("")
+    for name, (count, numel, nbytes) in sorted(per_codec.items()):
+        bpw = f"{8 * nbytes / numel:.3f} bits/w" if numel else ""
+        click.echo(f"{name:>8}: {count} tensors, {numel:,} weights, {nbytes:,} bytes {bpw}")
+    click.echo(f"   total: {tot['tensors']} tensors, {tot['weights']:,} weights, {tot['nbytes']:,} bytes, "
+               f"{tot['bits_per_weight']:.3f} bits/weight, {tot['ratio_to_fp32']:.1f}x smaller than fp32 "
+               f"(format {doc['format_version']})")
+    if doc["metadata"]:
+        click.echo("metadata: " + ", ".join(f"{k}={v}" for k, v in doc["metadata"].items()))

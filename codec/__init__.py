@@ -1,0 +1,48 @@
+"""jwt: neural-network weights as JPEG / JPEG XL tiles in a checked container.
+
+Python API::
+
+    import codec
+    codec.save(model.state_dict(), "model.jwt", quality=20, row_shape=(28, 28))
+    state_dict = codec.load("model.jwt")
+    with codec.open("model.jwt") as f:      # lazy: reads the index only
+        w = f.get("fc1.weight")
+
+The format is specified in spec/format.md.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import ChecksumError, EncodeError, FormatError, JwtError, LimitError, UnknownCodecError, VersionError
+from .limits import DEFAULT_LIMITS, Limits
+from .reader import Reader
+from .tensorcodec import EncodeOptions
+
+__all__ = [
+    "__version__",
+    "save",
+    "load",
+    "open",
+    "Reader",
+    "EncodeOptions",
+    "Limits",
+    "DEFAULT_LIMITS",
+    "JwtError",
+    "FormatError",
+    "VersionError",
+    "ChecksumError",
+    "LimitError",
+    "UnknownCodecError",
+    "EncodeError",
+]
+
+
+def __getattr__(name: str):
+    """Import the torch edge lazily so numpy-only users never import torch."""
+    if name in ("save", "load", "open", "JwtFile", "read_state_dict"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'codec' has no attribute {name!r}")

@@ -1,0 +1,246 @@
+"""The torch edge: state_dicts in, state_dicts out.
+
+This is the only module that imports torch. It converts tensors to numpy
+arrays in storage form (:mod:`codec.dtypes`), detects tensors that share
+storage, and drives :mod:`codec.tensorcodec` and the container.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+from .dtypes import get_dtype
+from .errors import EncodeError
+from .limits import DEFAULT_LIMITS, Limits
+from .reader import Reader
+from .tensorcodec import EncodeOptions, encode_tensor
+from .writer import Writer
+
+__all__ = ["save", "load", "open", "JwtFile", "read_state_dict", "encoder_versions", "TORCH_DTYPES"]
+
+#: torch dtype -> format dtype name.
+TORCH_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "float64",
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float8_e4m3fn: "float8_e4m3fn",
+    torch.float8_e5m2: "float8_e5m2",
+    torch.int64: "int64",
+    torch.int32: "int32",
+    torch.int16: "int16",
+    torch.int8: "int8",
+    torch.uint64: "uint64",
+    torch.uint32: "uint32",
+    torch.uint16: "uint16",
+    torch.uint8: "uint8",
+    torch.bool: "bool",
+}
+_BY_NAME = {v: k for k, v in TORCH_DTYPES.items()}
+#: Dtypes numpy cannot hold, moved through numpy as same-width integers.
+_BITS_VIEW = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8, torch.float8_e5m2: torch.uint8}
+
+ProgressFn = Callable[[str, int], None]
+
+
+def encoder_versions() -> dict[str, str]:
+    """Versions of the libraries that produce the bytes (stored in the index)."""
+    import imagecodecs
+    import PIL
+    import zstandard
+
+    from . import __version__
+
+    return {
+        "jwt": __version__,
+        "imagecodecs": imagecodecs.__version__,
+        "libjpeg-turbo": imagecodecs.jpeg8_version(),
+        "libjxl": imagecodecs.jpegxl_version(),
+        "pillow": PIL.__version__,
+        "zstd": ".".join(map(str, zstandard.ZSTD_VERSION)),
+    }
+
+
+def to_numpy(tensor: torch.Tensor) -> tuple[np.ndarray, str]:
+    """Return ``(storage array, dtype name)`` for a CPU copy of ``tensor``."""
+    name = TORCH_DTYPES.get(tensor.dtype)
+    if name is None:
+        raise EncodeError(f"unsupported dtype {tensor.dtype}")
+    t = tensor.detach().to("cpu").contiguous()
+    if t.dtype in _BITS_VIEW:
+        t = t.view(_BITS_VIEW[t.dtype])
+    array = t.numpy()
+    return (array.view(np.uint16) if tensor.dtype == torch.bfloat16 else array), name
+
+
+def to_torch(array: np.ndarray, dtype_name: str) -> torch.Tensor:
+    """Inverse of :func:`to_numpy` (shares memory with ``array`` when it can)."""
+    dtype = _BY_NAME[dtype_name]
+    if not array.flags.writeable:
+        array = array.copy()
+    if dtype in _BITS_VIEW:
+        bits = _BITS_VIEW[dtype]
+        array = array.view(np.int16) if bits == torch.int16 else array
+        return torch.from_numpy(np.ascontiguousarray(array)).view(dtype)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def save(
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str] | BinaryIO,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    overrides: Callable[[str], EncodeOptions] | None = None,
+    progress: ProgressFn | None = None,
+    **options: Any,
+) -> list[str]:
+    """Encode ``state_dict`` to a .jwt file at ``path`` (atomically).
+
+    ``options`` are :class:`~codec.tensorcodec.EncodeOptions` fields
+    (``codec``, ``quality``, ``table``, ``tile``, ``row_shape``, ...);
+    ``overrides(name)`` may return per-tensor options instead. Tensors
+    sharing storage (same data, shape and strides) are stored once and
+    aliased. Returns warnings (e.g. tensors kept lossless for NaN/Inf).
+    """
+    base = EncodeOptions(**options)
+    notes: list[str] = []
+    seen: dict[tuple, str] = {}
+    with Writer(path, metadata=dict(metadata or {}), encoder=encoder_versions()) as writer:
+        for name, tensor in state_dict.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise EncodeError(f"tensor {name!r}: not a tensor but {type(tensor).__name__}")
+            key = _storage_key(tensor)
+            if tensor.numel() and key in seen:
+                writer.add_alias(name, seen[key])
+                continue
+            seen[key] = name
+            array, dtype_name = to_numpy(tensor)
+            opts = overrides(name) if overrides else base
+            encoded = encode_tensor(array, get_dtype(dtype_name), opts)
+            if encoded.fallback:
+                notes.append(f"tensor {name!r}: stored losslessly ({encoded.fallback})")
+            writer.add(name, get_dtype(dtype_name), tuple(tensor.shape), encoded)
+            if progress:
+                progress(name, tensor.numel())
+    return notes
+
+
+class JwtFile:
+    """A lazily decoded .jwt file: ``keys()``, ``metadata``, ``get(name)``.
+
+    Only the header and index are read on opening; ``get`` reads and
+    decodes one tensor. Use as a context manager to close the file.
+    """
+
+    def __init__(self, source: str | os.PathLike[str] | BinaryIO | bytes, limits: Limits = DEFAULT_LIMITS):
+        self.reader = Reader(source, limits=limits)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """Free-form string metadata stored with the file."""
+        return self.reader.metadata
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order."""
+        return self.reader.keys()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.reader.entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.reader.entries)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Decode and return one tensor."""
+        return to_torch(self.reader.read(name), self.reader.entry(name).dtype.name)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Decode every tensor in file order (works on non-seekable streams);
+        aliases come back as the same tensor object as their target."""
+        made: dict[str, torch.Tensor] = {}
+        for entry, array in self.reader.iter_arrays():
+            if entry.alias is not None:
+                yield entry.name, made[entry.alias]
+                continue
+            tensor = to_torch(array, entry.dtype.name)
+            if entry.name in self.reader.aliased:
+                made[entry.name] = tensor
+            yield entry.name, tensor
+
+    def close(self) -> None:
+        """Close the underlying file."""
+        self.reader.close()
+
+    def __enter__(self) -> "JwtFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = DEFAULT_LIMITS) -> JwtFile:  # noqa: A001
+    """Open a .jwt file lazily (see :class:`JwtFile`)."""
+    return JwtFile(source, limits=limits)
+
+
+def load(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = DEFAULT_LIMITS,
+         progress: ProgressFn | None = None) -> dict[str, torch.Tensor]:
+    """Decode a whole .jwt file into a state_dict (shared tensors stay shared)."""
+    with JwtFile(source, limits=limits) as f:
+        out = {}
+        for name, tensor in f.items():
+            out[name] = tensor
+            if progress:
+                progress(name, tensor.numel())
+        return out
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a .pt/.pth state_dict (or checkpoint holding one) without unpickling code.
+
+    Uses ``torch.load(weights_only=True)``. A checkpoint dict holding the
+    weights under ``state_dict`` or ``model`` is unwrapped. Entries that are
+    not tensors are skipped with a warning naming them.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch raises many types for foreign or malicious files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EncodeError(f"{path}: not a weights-only PyTorch checkpoint ({first[:200]})") from None
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping):
+        raise EncodeError(f"{path}: holds a {type(obj).__name__}, not a state_dict (a dict of tensors)")
+    out: dict[str, torch.Tensor] = {}
+    skipped = []
+    for key, value in obj.items():
+        if isinstance(key, str) and isinstance(value, torch.Tensor):
+            out[key] = value
+        else:
+            skipped.append(repr(key))
+    if skipped:
+        warnings.warn(f"{path}: skipped {len(skipped)} non-tensor entries: {', '.join(skipped[:10])}", stacklevel=2)
+    if not out:
+        raise EncodeError(f"{path}: holds no tensors")
+    return out

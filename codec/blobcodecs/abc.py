@@ -1,0 +1,73 @@
+"""The contract of a blob codec.
+
+A blob codec turns one numpy array into one byte string (a *blob*) and back.
+It is a leaf: it knows nothing about tensors, tiles or files. Its
+parameters form a flat JSON object ``{"id": codec_id, **params}``
+(:meth:`BlobCodec.get_config`) that the container stores in its index and
+hands back to :meth:`BlobCodec.from_config` when reading.
+
+``decode`` receives the shape and numpy dtype the container expects and
+must verify the blob against them *before* allocating anything large: a
+blob that claims other dimensions or another size is a
+:class:`~codec.errors.FormatError`, never a silently different array.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import FormatError
+
+__all__ = ["BlobCodec", "check_params"]
+
+
+class BlobCodec(ABC):
+    """Base class: encode an array to bytes and decode it back."""
+
+    #: Lowercase identifier stored in the index; never reused for another codec.
+    codec_id: ClassVar[str]
+    #: Whether decode(encode(x)) may differ from x.
+    lossy: ClassVar[bool]
+    #: Pixel bits of an image codec (0 for a byte codec).
+    bits: ClassVar[int] = 0
+
+    @abstractmethod
+    def encode(self, array: np.ndarray) -> bytes:
+        """Return the blob for ``array``."""
+
+    @abstractmethod
+    def decode(self, blob: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """Return the array of ``shape`` and ``dtype`` held by ``blob``."""
+
+    @abstractmethod
+    def get_config(self) -> dict[str, Any]:
+        """Return ``{"id": codec_id, **params}``, JSON-serializable."""
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "BlobCodec":
+        """Build the codec from :meth:`get_config`'s output (validated)."""
+        params = {k: v for k, v in config.items() if k != "id"}
+        return cls(**params)
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "id")
+        return f"{type(self).__name__}({params})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.get_config() == other.get_config()  # type: ignore[union-attr]
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.get_config().items())))
+
+
+def check_params(codec_id: str, name: str, value: Any, kind: type, lo: float, hi: float) -> Any:
+    """Validate one codec parameter's type and range; FormatError otherwise."""
+    ok = isinstance(value, kind) and not isinstance(value, bool) or (kind is bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok or (kind is not bool and not lo <= value <= hi):
+        raise FormatError(f"codec {codec_id!r}: parameter {name}={value!r} is not a {kind.__name__} in [{lo}, {hi}]")
+    return value

@@ -1,0 +1,82 @@
+"""``jpegxl``: 16-bit grayscale JPEG XL (ISO/IEC 18181) of a mosaic image.
+
+The blob is a bare JPEG XL codestream (signature ``FF 0A``, no ISOBMFF
+container). ``distance`` is libjxl's Butteraugli distance (0 = lossless,
+1 = visually lossless, larger = smaller files); ``effort`` (1..9) trades
+encoder speed for size and does not affect decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import imagecodecs
+import numpy as np
+
+from ..errors import FormatError
+from .abc import BlobCodec, check_params
+
+__all__ = ["JpegXL", "jxl_size"]
+
+
+class JpegXL(BlobCodec):
+    """16-bit grayscale JPEG XL."""
+
+    codec_id = "jpegxl"
+    lossy = True
+    bits = 16
+
+    def __init__(self, distance: float = 1.0, effort: int = 3):
+        self.distance = check_params(self.codec_id, "distance", distance, float, 0.0, 25.0)
+        self.effort = check_params(self.codec_id, "effort", effort, int, 1, 10)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"id": self.codec_id, "distance": self.distance, "effort": self.effort}
+
+    def encode(self, array: np.ndarray) -> bytes:
+        data = np.ascontiguousarray(array, np.uint16)
+        return bytes(imagecodecs.jpegxl_encode(data, distance=self.distance, effort=self.effort))
+
+    def decode(self, blob: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        found = jxl_size(blob)
+        if found != tuple(shape):
+            raise FormatError(f"jpegxl: codestream is {found[0]}x{found[1]}, expected {shape[0]}x{shape[1]}")
+        try:
+            image = imagecodecs.jpegxl_decode(blob)
+        except Exception as exc:  # imagecodecs raises its own error classes
+            raise FormatError(f"jpegxl: cannot decode ({exc})") from None
+        if image.shape != tuple(shape) or image.dtype != np.uint16:
+            raise FormatError(f"jpegxl: decoded {image.dtype}{image.shape}, expected uint16{tuple(shape)}")
+        return image
+
+
+_RATIOS = {1: (1, 1), 2: (12, 10), 3: (4, 3), 4: (3, 2), 5: (16, 9), 6: (5, 4), 7: (2, 1)}
+
+
+def jxl_size(blob: bytes) -> tuple[int, int]:
+    """Return ``(height, width)`` from a codestream's SizeHeader (18181-1, D.2)."""
+    if blob[:2] != b"\xff\x0a" or len(blob) < 12:
+        raise FormatError("jpegxl: not a bare JPEG XL codestream (signature FF 0A)")
+    bits = int.from_bytes(blob[2:12], "little")
+    pos = 0
+
+    def u(n: int) -> int:
+        nonlocal pos
+        value = (bits >> pos) & ((1 << n) - 1)
+        pos += n
+        return value
+
+    def dim(small: bool) -> int:
+        if small:
+            return (u(5) + 1) * 8
+        return 1 + u((9, 13, 18, 30)[u(2)])
+
+    small = bool(u(1))
+    height = dim(small)
+    ratio = u(3)
+    if ratio == 0:
+        width = dim(small)
+    else:
+        num, den = _RATIOS[ratio]
+        width = height * num // den
+    return height, width

@@ -1,0 +1,48 @@
+"""The errors jwt raises.
+
+Every error is a :class:`JwtError`, itself a :class:`ValueError`, so callers
+can catch one class. Messages name the file, the tensor (and tile or blob
+where it matters) and both the expected and the found value, e.g.
+``model.jwt: tensor 'fc1.weight': blob 3: stored crc32 0x1234abcd, computed
+0x0badf00d``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "JwtError",
+    "FormatError",
+    "VersionError",
+    "ChecksumError",
+    "LimitError",
+    "UnknownCodecError",
+    "EncodeError",
+]
+
+
+class JwtError(ValueError):
+    """Base class of every error raised by jwt."""
+
+
+class FormatError(JwtError):
+    """The bytes are not a well-formed .jwt file (or blob)."""
+
+
+class VersionError(FormatError):
+    """The file has a major version this reader does not implement."""
+
+
+class ChecksumError(FormatError):
+    """A stored checksum does not match the bytes it covers."""
+
+
+class LimitError(JwtError):
+    """A size or count exceeds a decoder limit (see :class:`codec.Limits`)."""
+
+
+class UnknownCodecError(FormatError):
+    """A tensor names a codec this reader does not know."""
+
+
+class EncodeError(JwtError):
+    """The input cannot be encoded (unsupported dtype, bad option, ...)."""

@@ -1,0 +1,354 @@
+"""The .jwt container layout: fixed header, JSON index, blob entries.
+
+Normative description: spec/format.md. This module turns the header and
+index into Python objects and back, validating everything a decoder trusts
+in the fixed order the spec gives; it reads and writes no files itself.
+
+::
+
+    offset  size  field
+    0       8     magic  89 4A 57 54 0D 0A 1A 0A  ("\\x89JWT\\r\\n\\x1a\\n")
+    8       2     major version (u16 LE) = 1
+    10      2     minor version (u16 LE) = 0
+    12      4     flags (u32 LE), reserved, must be 0
+    16      8     index length in bytes (u64 LE)
+    24      4     CRC-32 of the index bytes (u32 LE)
+    28      4     CRC-32 of header bytes 0..27 (u32 LE)
+    32      n     index: UTF-8 JSON
+    32+n    ...   data section: blobs, contiguous, in index order, to EOF
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from .blobcodecs import BlobCodec, get_codec
+from .dtypes import DType, get_dtype
+from .errors import ChecksumError, EncodeError, FormatError, LimitError, VersionError
+from .limits import Limits
+from .mapping import PARAM_TYPES
+from .tiling import Tiling
+
+__all__ = [
+    "MAGIC",
+    "MAJOR",
+    "MINOR",
+    "HEADER_SIZE",
+    "BlobRef",
+    "TensorEntry",
+    "Index",
+    "pack_header",
+    "unpack_header",
+    "parse_index",
+    "crc32",
+]
+
+MAGIC = b"\x89JWT\r\n\x1a\n"
+MAJOR = 1
+MINOR = 0
+HEADER_SIZE = 32
+_HEADER = struct.Struct("<8sHHIQI")
+
+
+def crc32(data: bytes | memoryview) -> int:
+    """CRC-32 (ISO-HDLC, as zlib and PNG) of ``data``."""
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """Where one blob lies in the data section, and its checksum."""
+
+    offset: int  # relative to the start of the data section
+    length: int
+    crc32: int
+
+
+@dataclass
+class TensorEntry:
+    """One index entry: a stored tensor, or an alias of an earlier one."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    codec: BlobCodec | None = None
+    tiling: Tiling | None = None
+    blobs: list[BlobRef] = field(default_factory=list)
+    alias: str | None = None
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Decoded size in bytes."""
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes this entry's blobs take in the data section."""
+        return sum(b.length for b in self.blobs)
+
+    @property
+    def matrix(self) -> tuple[int, int]:
+        """The ``[d0, d1*d2*...]`` matrix view of the shape."""
+        return self.shape[0], math.prod(self.shape[1:])
+
+    def to_json(self) -> dict[str, Any]:
+        """The index form of this entry."""
+        out: dict[str, Any] = {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape)}
+        if self.alias is not None:
+            out["alias"] = self.alias
+            return out
+        assert self.codec is not None
+        out["codec"] = self.codec.get_config()
+        if self.tiling is not None:
+            out["tiling"] = self.tiling.to_json()
+        out["blobs"] = [[b.offset, b.length, b.crc32] for b in self.blobs]
+        return out
+
+
+@dataclass
+class Index:
+    """The parsed index: entries in file order plus string metadata."""
+
+    entries: list[TensorEntry]
+    metadata: dict[str, str] = field(default_factory=dict)
+    encoder: dict[str, str] = field(default_factory=dict)
+    minor: int = MINOR
+
+    @property
+    def data_length(self) -> int:
+        """Bytes of the data section the entries account for."""
+        return sum(e.stored_bytes for e in self.entries)
+
+    def to_bytes(self) -> bytes:
+        """Serialize deterministically (fixed key order, no whitespace)."""
+        doc = {
+            "tensors": [e.to_json() for e in self.entries],
+            "metadata": self.metadata,
+            "encoder": self.encoder,
+        }
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def pack_header(index_bytes: bytes) -> bytes:
+    """Return the 32-byte header for ``index_bytes``."""
+    head = _HEADER.pack(MAGIC, MAJOR, MINOR, 0, len(index_bytes), crc32(index_bytes))
+    return head + struct.pack("<I", crc32(head))
+
+
+def unpack_header(header: bytes, limits: Limits) -> tuple[int, int]:
+    """Validate a header; return ``(minor, index_length)``."""
+    if len(header) < HEADER_SIZE:
+        if MAGIC.startswith(header[:8]) and header:
+            raise FormatError(f"truncated: {len(header)} bytes, a .jwt header needs {HEADER_SIZE}")
+        raise FormatError("not a .jwt file (file is shorter than the 32-byte header)")
+    magic, major, minor, flags, index_length, _ = _HEADER.unpack_from(header)
+    if magic != MAGIC:
+        raise FormatError(f"not a .jwt file (magic {magic!r}, expected {MAGIC!r})")
+    stored, computed = struct.unpack_from("<I", header, 28)[0], crc32(header[:28])
+    if stored != computed:
+        raise ChecksumError(f"header: stored crc32 0x{stored:08x}, computed 0x{computed:08x}")
+    if major != MAJOR:
+        raise VersionError(f"format version {major}.{minor} is not supported (this reader implements {MAJOR}.x)")
+    if flags:
+        raise FormatError(f"header flags 0x{flags:08x}: reserved bits must be 0")
+    if index_length > limits.max_index_bytes:
+        raise LimitError(f"index of {index_length} bytes exceeds the limit of {limits.max_index_bytes}")
+    return minor, index_length
+
+
+def check_index_crc(header: bytes, index_bytes: bytes) -> None:
+    """Raise ChecksumError unless the index matches the header's CRC."""
+    stored, computed = struct.unpack_from("<I", header, 24)[0], crc32(index_bytes)
+    if stored != computed:
+        raise ChecksumError(f"index: stored crc32 0x{stored:08x}, computed 0x{computed:08x}")
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _Checker:
+    """Schema checks with messages that say where in the index they failed."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+
+    def fail(self, where: str, msg: str) -> FormatError:
+        return FormatError(f"index: {where}: {msg}")
+
+    def get(self, obj: dict, key: str, where: str, kind: type, optional: bool = False) -> Any:
+        if key not in obj:
+            if optional:
+                return None
+            raise self.fail(where, f"missing field {key!r}")
+        value = obj[key]
+        ok = _is_int(value) if kind is int else isinstance(value, kind)
+        if not ok:
+            raise self.fail(where, f"field {key!r} must be {kind.__name__}, found {type(value).__name__}")
+        return value
+
+    def text(self, value: Any, where: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(where, f"expected a string, found {type(value).__name__}")
+        if len(value.encode("utf-8", "surrogatepass")) > self.limits.max_name_bytes:
+            raise LimitError(f"index: {where}: string of over {self.limits.max_name_bytes} bytes")
+        return value
+
+    def string_map(self, obj: dict, key: str) -> dict[str, str]:
+        value = self.get(obj, key, "top level", dict, optional=True) or {}
+        return {self.text(k, f"{key} key"): self.text(v, f"{key}[{k!r}]") for k, v in value.items()}
+
+
+def parse_index(index_bytes: bytes, minor: int, limits: Limits) -> Index:
+    """Parse and validate the index; blob offsets are checked to be contiguous."""
+    try:
+        doc = json.loads(
+            index_bytes.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
+        )
+    except (ValueError, RecursionError) as exc:
+        raise FormatError(f"index is not valid UTF-8 JSON ({str(exc)[:200]})") from None
+    c = _Checker(limits)
+    if not isinstance(doc, dict):
+        raise c.fail("top level", "must be a JSON object")
+    tensors = c.get(doc, "tensors", "top level", list)
+    if len(tensors) > limits.max_tensors:
+        raise LimitError(f"index: {len(tensors)} tensors exceed the limit of {limits.max_tensors}")
+    index = Index([], c.string_map(doc, "metadata"), c.string_map(doc, "encoder"), minor)
+    by_name: dict[str, TensorEntry] = {}
+    offset = total = 0
+    for i, obj in enumerate(tensors):
+        entry = _parse_entry(c, obj, i, by_name, offset)
+        by_name[entry.name] = entry
+        index.entries.append(entry)
+        offset += entry.stored_bytes
+        if entry.alias is None:
+            total += entry.nbytes
+            if total > limits.max_total_bytes:
+                raise LimitError(f"index: tensors decode to over {limits.max_total_bytes} bytes (Limits.max_total_bytes)")
+    return index
+
+
+def _parse_entry(c: _Checker, obj: Any, i: int, by_name: dict[str, TensorEntry], offset: int) -> TensorEntry:
+    where = f"tensors[{i}]"
+    if not isinstance(obj, dict):
+        raise c.fail(where, "must be an object")
+    name = c.text(c.get(obj, "name", where, str), where + ".name")
+    where = f"tensor {name!r}"
+    if name in by_name:
+        raise c.fail(where, "duplicate tensor name")
+    dtype_name = c.get(obj, "dtype", where, str)
+    try:
+        dtype = get_dtype(dtype_name)
+    except EncodeError:
+        raise c.fail(where, f"unknown dtype {dtype_name!r:.40}") from None
+    shape = c.get(obj, "shape", where, list)
+    if len(shape) > c.limits.max_ndim:
+        raise LimitError(f"index: {where}: {len(shape)} dimensions exceed the limit of {c.limits.max_ndim}")
+    if not all(_is_int(d) and d >= 0 for d in shape):
+        raise c.fail(where, f"shape must be non-negative integers, found {shape!r:.80}")
+    entry = TensorEntry(name, dtype, tuple(shape))
+    if entry.nbytes > c.limits.max_tensor_bytes:
+        raise LimitError(f"index: {where}: decodes to {entry.nbytes} bytes, over the limit of {c.limits.max_tensor_bytes}")
+    alias = c.get(obj, "alias", where, str, optional=True)
+    if alias is not None:
+        target = by_name.get(alias)
+        if target is None or target.alias is not None:
+            raise c.fail(where, f"alias {alias!r:.80} does not name an earlier stored tensor")
+        if (target.dtype, target.shape) != (dtype, entry.shape):
+            raise c.fail(where, f"alias of {alias!r} must have its dtype and shape")
+        if "codec" in obj or "blobs" in obj:
+            raise c.fail(where, "an alias has no codec or blobs")
+        entry.alias = alias
+        return entry
+    entry.codec = get_codec(c.get(obj, "codec", where, dict))
+    entry.blobs = _parse_blobs(c, c.get(obj, "blobs", where, list), where, offset)
+    tiling_doc = c.get(obj, "tiling", where, dict, optional=True)
+    if entry.codec.lossy:
+        if tiling_doc is None:
+            raise c.fail(where, f"codec {entry.codec.codec_id!r} needs a tiling")
+        entry.tiling = _parse_tiling(c, tiling_doc, entry, where)
+        expected = 1 + entry.tiling.n_blobs
+    else:
+        if tiling_doc is not None:
+            raise c.fail(where, "a lossless tensor has no tiling")
+        expected = 1
+    if len(entry.blobs) != expected:
+        raise c.fail(where, f"has {len(entry.blobs)} blobs, its codec and tiling need {expected}")
+    if entry.tiling is not None:
+        need = 2 * PARAM_TYPES[entry.tiling.params] * entry.tiling.n_tiles
+        if entry.blobs[0].length != need:
+            raise c.fail(where, f"tile parameter blob is {entry.blobs[0].length} bytes, expected {need}")
+    return entry
+
+
+def _parse_blobs(c: _Checker, blobs: list, where: str, offset: int) -> list[BlobRef]:
+    if len(blobs) > c.limits.max_blobs_per_tensor:
+        raise LimitError(f"index: {where}: {len(blobs)} blobs exceed the limit of {c.limits.max_blobs_per_tensor}")
+    refs = []
+    for k, b in enumerate(blobs):
+        if not (isinstance(b, list) and len(b) == 3 and all(_is_int(v) and v >= 0 for v in b)):
+            raise c.fail(where, f"blob {k} must be [offset, length, crc32] of non-negative integers")
+        if b[0] != offset:
+            raise c.fail(where, f"blob {k} starts at data offset {b[0]}, expected {offset} (blobs are contiguous)")
+        if b[2] > 0xFFFFFFFF:
+            raise c.fail(where, f"blob {k} crc32 {b[2]} is over 32 bits")
+        refs.append(BlobRef(*b))
+        offset += b[1]
+    return refs
+
+
+def _parse_tiling(c: _Checker, doc: dict, entry: TensorEntry, where: str) -> Tiling:
+    where += ".tiling"
+    if not entry.dtype.floating:
+        raise c.fail(where, f"lossy codecs need a floating dtype, found {entry.dtype.name}")
+    if len(entry.shape) < 2 or entry.numel == 0:
+        raise c.fail(where, f"lossy codecs need a non-empty tensor of 2 or more dimensions, found {list(entry.shape)}")
+    mode = c.get(doc, "mode", where, str)
+    tile = c.get(doc, "tile", where, list)
+    columns = c.get(doc, "columns", where, int)
+    rows_per_blob = c.get(doc, "rows_per_blob", where, int)
+    if not (len(tile) == 2 and all(_is_int(v) and 1 <= v <= 65528 for v in tile)):
+        raise c.fail(where, f"tile must be two integers in 1..65528, found {tile!r:.60}")
+    rows, cols = entry.matrix
+    th, tw = tile
+    if mode == "rows":
+        if th * tw != cols:
+            raise c.fail(where, f"rows mode needs tile {th}x{tw} to hold a row of {cols} values")
+    elif mode == "grid":
+        if th > rows or tw > cols:
+            raise c.fail(where, f"tile {th}x{tw} exceeds the {rows}x{cols} matrix")
+    else:
+        raise c.fail(where, f"unknown mode {mode!r:.40}")
+    params = c.get(doc, "params", where, str)
+    if params not in PARAM_TYPES:
+        raise c.fail(where, f"params {params!r:.40} is not one of {', '.join(PARAM_TYPES)}")
+    t = Tiling(mode, rows, cols, th, tw, max(columns, 1), max(rows_per_blob, 1), params)
+    if not 1 <= columns <= t.n_tiles or not 1 <= rows_per_blob <= t.mosaic_rows:
+        raise c.fail(where, f"columns={columns} / rows_per_blob={rows_per_blob} do not fit {t.n_tiles} tiles")
+    pixels = t.blob_shape(0)[0] * t.blob_shape(0)[1]
+    if t.blob_shape(0)[1] > 65535 or t.blob_shape(0)[0] > 65535 or pixels > c.limits.max_blob_pixels:
+        raise LimitError(f"index: {where}: blob image {t.blob_shape(0)} exceeds the limits (65535 a side, {c.limits.max_blob_pixels} pixels)")
+    return t

@@ -1,0 +1,131 @@
+"""Writing a .jwt container, one tensor at a time, atomically.
+
+Blobs are spooled to an anonymous temporary file while tensors are added,
+so memory holds one tensor's blobs at a time; :meth:`Writer.close` then
+writes header and index, copies the spool behind them, and renames the
+temporary output onto the destination. A failure or interruption leaves
+the destination untouched and removes the temporary file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+from .dtypes import DType
+from .errors import EncodeError
+from .format import BlobRef, Index, TensorEntry, crc32, pack_header
+from .tensorcodec import Encoded
+
+__all__ = ["Writer", "atomic_output"]
+
+
+class atomic_output:
+    """Context manager: a temp file beside ``path``, renamed onto it on success."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+
+    def __enter__(self) -> BinaryIO:
+        directory = self.path.parent if str(self.path.parent) else Path(".")
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
+        self.file = os.fdopen(fd, "wb")
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            self.file.close()
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+        finally:
+            if os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+
+
+class Writer:
+    """Collects tensors and writes a .jwt file when closed.
+
+    ``dest`` is a path (written atomically) or a binary file object (written
+    in order, e.g. stdout). Use as a context manager; an exception inside
+    the block discards everything.
+    """
+
+    def __init__(self, dest: str | os.PathLike[str] | BinaryIO, metadata: dict[str, str] | None = None,
+                 encoder: dict[str, str] | None = None):
+        self.dest = dest
+        self.index = Index([], dict(metadata or {}), dict(encoder or {}))
+        self._entries: dict[str, TensorEntry] = {}
+        spool_dir = Path(dest).parent if isinstance(dest, (str, os.PathLike)) else None
+        self._spool = tempfile.TemporaryFile(dir=spool_dir)
+        self._offset = 0
+        self.closed = False
+
+    def _check_name(self, name: str) -> None:
+        if not isinstance(name, str):
+            raise EncodeError(f"tensor names must be strings, found {type(name).__name__}")
+        if name in self._entries:
+            raise EncodeError(f"tensor {name!r} is added twice")
+
+    def add(self, name: str, dtype: DType, shape: tuple[int, ...], encoded: Encoded) -> TensorEntry:
+        """Append a coded tensor; its blobs go to the spool."""
+        self._check_name(name)
+        refs = []
+        for blob in encoded.blobs:
+            self._spool.write(blob)
+            refs.append(BlobRef(self._offset, len(blob), crc32(blob)))
+            self._offset += len(blob)
+        return self._append(TensorEntry(name, dtype, tuple(shape), encoded.codec, encoded.tiling, refs))
+
+    def add_alias(self, name: str, target: str) -> TensorEntry:
+        """Append ``name`` as another name for the stored tensor ``target``."""
+        self._check_name(name)
+        stored = self._entries.get(target)
+        if stored is None or stored.alias is not None:
+            raise EncodeError(f"alias {name!r}: {target!r} is not a stored tensor")
+        return self._append(TensorEntry(name, stored.dtype, stored.shape, alias=target))
+
+    def _append(self, entry: TensorEntry) -> TensorEntry:
+        self._entries[entry.name] = entry
+        self.index.entries.append(entry)
+        return entry
+
+    def close(self) -> None:
+        """Write header, index and data to the destination."""
+        if self.closed:
+            return
+        self.closed = True
+        index_bytes = self.index.to_bytes()
+        try:
+            self._spool.seek(0)
+            if isinstance(self.dest, (str, os.PathLike)):
+                with atomic_output(self.dest) as out:
+                    self._emit(out, index_bytes)
+            else:
+                self._emit(self.dest, index_bytes)
+        finally:
+            self._spool.close()
+
+    def _emit(self, out: BinaryIO, index_bytes: bytes) -> None:
+        out.write(pack_header(index_bytes))
+        out.write(index_bytes)
+        shutil.copyfileobj(self._spool, out, 1 << 20)
+
+    def abort(self) -> None:
+        """Discard everything; the destination is not touched."""
+        self.closed = True
+        self._spool.close()
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
