@@ -87,7 +87,8 @@ def _apply(arrays: dict[str, np.ndarray], codec: Codec) -> Result:
     for name, x in arrays.items():
         x = np.ascontiguousarray(x, dtype=np.float32)
         coded = codec(x) if x.ndim >= 2 and x.size >= MIN_LOSSY_ELEMENTS else None
-        n, out[name] = coded if coded is not None else _lossless(x)
+        n, recon = coded if coded is not None else _lossless(x)
+        out[name] = np.require(recon, np.float32, "W")  # decoded buffers may be read-only
         total += n + _header_nbytes(name, x.shape)
     return Result(total, out)
 
