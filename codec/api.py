@@ -84,13 +84,11 @@ def to_numpy(tensor: torch.Tensor) -> tuple[np.ndarray, str]:
 def to_torch(array: np.ndarray, dtype_name: str) -> torch.Tensor:
     """Inverse of :func:`to_numpy` (shares memory with ``array`` when it can)."""
     dtype = _BY_NAME[dtype_name]
-    if not array.flags.writeable:
-        array = array.copy()
+    if not (array.flags.writeable and array.flags.c_contiguous):
+        array = array.copy()  # (np.ascontiguousarray would turn 0-d into 1-d)
     if dtype in _BITS_VIEW:
-        bits = _BITS_VIEW[dtype]
-        array = array.view(np.int16) if bits == torch.int16 else array
-        return torch.from_numpy(np.ascontiguousarray(array)).view(dtype)
-    return torch.from_numpy(np.ascontiguousarray(array))
+        return torch.from_numpy(array.view(np.int16) if dtype == torch.bfloat16 else array).view(dtype)
+    return torch.from_numpy(array)
 
 
 def _storage_key(t: torch.Tensor) -> tuple:

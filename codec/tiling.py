@@ -122,7 +122,7 @@ def _square_columns(n: int, th: int, tw: int) -> int:
     """Columns giving a near-square mosaic, preferring ones that leave no empty cell."""
     ideal = math.sqrt(n * th / tw)
     candidates = range(max(1, int(ideal / 2)), int(ideal * 2) + 2)
-    return min(candidates, key=lambda c: ((-n) % c, abs(math.log(c / ideal))))
+    return min(candidates, key=lambda c: ((-n) % c, round(abs(math.log(c / ideal)), 6), c))
 
 
 def extract_tiles(matrix: np.ndarray, t: Tiling) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 The blob is a bare JPEG XL codestream (signature ``FF 0A``, no ISOBMFF
 container). ``distance`` is libjxl's Butteraugli distance (0 = lossless,
-1 = visually lossless, larger = smaller files); ``effort`` (1..9) trades
+1 = visually lossless, larger = smaller files; 0 codes with libjxl's
+lossless mode); ``effort`` (1..9) trades
 encoder speed for size and does not affect decoding.
 """
 
@@ -35,7 +36,9 @@ class JpegXL(BlobCodec):
 
     def encode(self, array: np.ndarray) -> bytes:
         data = np.ascontiguousarray(array, np.uint16)
-        return bytes(imagecodecs.jpegxl_encode(data, distance=self.distance, effort=self.effort))
+        lossless = self.distance == 0
+        return bare_codestream(imagecodecs.jpegxl_encode(data, distance=self.distance, effort=self.effort,
+                                                         lossless=lossless))
 
     def decode(self, blob: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         found = jxl_size(blob)
@@ -48,6 +51,32 @@ class JpegXL(BlobCodec):
         if image.shape != tuple(shape) or image.dtype != np.uint16:
             raise FormatError(f"jpegxl: decoded {image.dtype}{image.shape}, expected uint16{tuple(shape)}")
         return image
+
+
+def bare_codestream(buf: bytes) -> bytes:
+    """Return the codestream of a JPEG XL file, unwrapping the ISOBMFF container.
+
+    libjxl wraps 16-bit lossless output in a container (for its level box);
+    the format stores bare codestreams, so ``jxlc`` (or the ``jxlp`` parts)
+    are taken out and the other boxes dropped.
+    """
+    buf = bytes(buf)
+    if buf[:2] == b"\xff\x0a":
+        return buf
+    parts, pos = [], 0
+    while pos + 8 <= len(buf):
+        size, kind = int.from_bytes(buf[pos : pos + 4], "big"), buf[pos + 4 : pos + 8]
+        head = 8
+        if size == 1:
+            size, head = int.from_bytes(buf[pos + 8 : pos + 16], "big"), 16
+        elif size == 0:
+            size = len(buf) - pos
+        if kind == b"jxlc":
+            parts.append(buf[pos + head : pos + size])
+        elif kind == b"jxlp":
+            parts.append(buf[pos + head + 4 : pos + size])  # 4-byte part index first
+        pos += size
+    return b"".join(parts)
 
 
 _RATIOS = {1: (1, 1), 2: (12, 10), 3: (4, 3), 4: (3, 2), 5: (16, 9), 6: (5, 4), 7: (2, 1)}
