@@ -14,19 +14,19 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import mapping, tiling
-from .blobcodecs import BlobCodec, Jpeg, JpegXL, Zstd
+from .blobcodecs import BlobCodec, Jpeg, JpegXL, Quant, Zstd
 from .dtypes import DType, from_float64, to_float64
 from .errors import EncodeError, FormatError
 from .format import TensorEntry
 
 __all__ = ["EncodeOptions", "Encoded", "encode_tensor", "decode_tensor", "jxl_distance"]
 
-#: Tensors with fewer elements are stored losslessly: an image codec's
+#: Tensors with fewer elements are not coded as images: an image codec's
 #: headers and per-tile parameters would eat what it saves.
-MIN_LOSSY_ELEMENTS = 16384
-#: A lossy matrix needs at least this many rows and columns.
-MIN_LOSSY_SIDE = 8
-CODEC_CHOICES = ("jpeg", "jpegxl", "lossless")
+MIN_IMAGE_ELEMENTS = 16384
+#: An image-coded matrix needs at least this many rows and columns.
+MIN_IMAGE_SIDE = 8
+CODEC_CHOICES = ("jpeg", "jpegxl", "quant", "lossless")
 TABLE_CHOICES = ("auto", "jpeg", "flat")
 
 
@@ -50,6 +50,8 @@ class EncodeOptions:
     table: str = "auto"
     #: JPEG XL distance; None derives it from ``quality``.
     distance: float | None = None
+    #: Pixel bits of the ``quant`` codec (uniform per-tile quantization + zstd).
+    bits: int = 8
     effort: int = 3
     tile: tuple[int, int] = (64, 64)
     row_shape: tuple[int, int] | None = None
@@ -60,6 +62,8 @@ class EncodeOptions:
     def __post_init__(self) -> None:
         if self.codec not in CODEC_CHOICES:
             raise EncodeError(f"codec {self.codec!r} is not one of {', '.join(CODEC_CHOICES)}")
+        if not 1 <= self.bits <= 16:
+            raise EncodeError(f"bits {self.bits} is not in 1..16")
         if not 1 <= self.quality <= 100:
             raise EncodeError(f"quality {self.quality} is not in 1..100")
         if self.params not in mapping.PARAM_TYPES:
@@ -76,6 +80,8 @@ class EncodeOptions:
 
     def image_codec(self, mode: str) -> BlobCodec:
         """The blob codec for the mosaics of a tensor tiled in ``mode``."""
+        if self.codec == "quant":
+            return Quant(bits=self.bits, level=self.zstd_level)
         if self.codec == "jpegxl":
             distance = jxl_distance(self.quality) if self.distance is None else self.distance
             return JpegXL(distance=float(distance), effort=self.effort)
@@ -94,24 +100,26 @@ class Encoded:
     fallback: str | None = None
 
 
-def lossless_reason(array: np.ndarray, dtype: DType) -> str | None:
-    """Return why ``array`` is not coded lossily, or None if it can be."""
+def lossless_reason(array: np.ndarray, dtype: DType, codec: str = "jpeg") -> str | None:
+    """Return why ``array`` cannot be coded with lossy ``codec``, or None if it can."""
     if not dtype.floating:
         return f"dtype {dtype.name} is not floating"
-    if array.ndim < 2:
-        return f"{array.ndim}-d"
+    if array.ndim < 2 or array.size == 0:
+        return f"shape {list(array.shape)} has no matrix view"
+    if codec == "quant":
+        return None
     rows, cols = array.shape[0], math.prod(array.shape[1:])
-    if array.size < MIN_LOSSY_ELEMENTS:
-        return f"{array.size} elements < {MIN_LOSSY_ELEMENTS}"
-    if rows < MIN_LOSSY_SIDE or cols < MIN_LOSSY_SIDE:
-        return f"matrix {rows}x{cols} is thinner than {MIN_LOSSY_SIDE}"
+    if array.size < MIN_IMAGE_ELEMENTS:
+        return f"{array.size} elements < {MIN_IMAGE_ELEMENTS}"
+    if rows < MIN_IMAGE_SIDE or cols < MIN_IMAGE_SIDE:
+        return f"matrix {rows}x{cols} is thinner than {MIN_IMAGE_SIDE}"
     return None
 
 
 def encode_tensor(array: np.ndarray, dtype: DType, opts: EncodeOptions) -> Encoded:
     """Encode one tensor (storage form) according to ``opts``."""
     lossless = Zstd(level=opts.zstd_level, shuffle=True)
-    if opts.codec == "lossless" or lossless_reason(array, dtype) is not None:
+    if opts.codec == "lossless" or lossless_reason(array, dtype, opts.codec) is not None:
         return Encoded(lossless, None, [lossless.encode(array)])
     values = to_float64(array, dtype)
     if not np.isfinite(values).all():

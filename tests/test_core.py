@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from codec import mapping, tiling
-from codec.blobcodecs import REGISTRY, BlobCodec, Jpeg, JpegXL, Zstd, get_codec
+from codec.blobcodecs import REGISTRY, BlobCodec, Jpeg, JpegXL, Quant, Zstd, get_codec
 from codec.blobcodecs.jpeg import ANNEX_K_LUMINANCE, quant_table
 from codec.dtypes import DTYPES, from_float64, get_dtype, to_float64
 from codec.errors import FormatError, UnknownCodecError
@@ -24,7 +24,7 @@ def test_registry_holds_every_codec_class():
 
 
 @pytest.mark.parametrize("codec", [Zstd(), Zstd(level=3, shuffle=False), Jpeg(20, "jpeg"), Jpeg(90, "flat"),
-                                   Jpeg(50, list(range(1, 65))), JpegXL(1.0, 3)])
+                                   Jpeg(50, list(range(1, 65))), JpegXL(1.0, 3), Quant(4), Quant(12, 3)])
 def test_codec_config_round_trips_through_json(codec):
     """get_config is flat JSON and from_config rebuilds an equal codec."""
     config = json.loads(json.dumps(codec.get_config()))
@@ -42,6 +42,7 @@ def test_codec_config_round_trips_through_json(codec):
     ({"id": "zstd", "level": 3, "shuffle": 1}, FormatError),
     ({"id": "zstd", "level": 3, "shuffle": True, "extra": 1}, FormatError),
     ({"id": "jpegxl", "distance": -1.0, "effort": 3}, FormatError),
+    ({"id": "quant", "bits": 17, "level": 3}, FormatError),
     ([], FormatError),
 ])
 def test_bad_codec_configs_are_rejected(config, error):
@@ -179,14 +180,16 @@ def _steps(original: np.ndarray, decoded: np.ndarray, enc) -> np.ndarray:
     return err / np.maximum(scale, 1e-30)[:, None, None]
 
 
-@pytest.mark.parametrize("codec, quality, max_rms_steps", [("jpeg", 95, 1.0), ("jpeg", 20, 12.0), ("jpegxl", 100, 0.3), ("jpegxl", 80, 1500.0)])
+@pytest.mark.parametrize("codec, quality, max_rms_steps", [("jpeg", 95, 1.0), ("jpeg", 20, 12.0), ("jpegxl", 100, 0.3),
+                                                           ("jpegxl", 80, 1500.0), ("quant", 0, 0.5)])
 def test_lossy_tensor_error_in_quantization_steps(codec, quality, max_rms_steps):
     """A lossy round trip stays within a quality-dependent RMS error measured in tile steps."""
     from codec.format import TensorEntry
     from codec.tensorcodec import decode_tensor
 
     array = np.cumsum(RNG.standard_normal((200, 300)), axis=1).astype(np.float32)
-    enc = encode_tensor(array, get_dtype("float32"), EncodeOptions(codec=codec, quality=quality))
+    opts = EncodeOptions(codec=codec, quality=quality) if quality else EncodeOptions(codec=codec, bits=5)
+    enc = encode_tensor(array, get_dtype("float32"), opts)
     entry = TensorEntry("w", get_dtype("float32"), array.shape, enc.codec, enc.tiling)
     decoded = decode_tensor(entry, enc.blobs)
     assert decoded.dtype == np.float32 and decoded.shape == array.shape
@@ -216,3 +219,18 @@ def test_jxl_distance_matches_libjxl_rule():
     assert jxl_distance(90) == pytest.approx(1.0)
     assert jxl_distance(30) == pytest.approx(6.4)
     assert jxl_distance(10) == pytest.approx(53 / 30 - 11.5 + 25)
+
+
+def test_quant_rejects_pixels_beyond_its_bits():
+    """A quant blob holding a value over 2**bits - 1 is refused, not decoded out of range."""
+    blob = Quant(bits=8).encode(np.full((4, 4), 200, np.uint8))
+    with pytest.raises(FormatError, match="exceeds 4 bits"):
+        Quant(bits=4).decode(blob, (4, 4), np.dtype(np.uint8))
+
+
+def test_quant_codes_small_matrices_that_images_cannot():
+    """The quant codec takes a 10x512 output layer that the image codecs leave lossless."""
+    array = RNG.standard_normal((10, 512)).astype(np.float32)
+    assert encode_tensor(array, get_dtype("float32"), EncodeOptions()).codec.codec_id == "zstd"
+    enc = encode_tensor(array, get_dtype("float32"), EncodeOptions(codec="quant", bits=8))
+    assert enc.codec.codec_id == "quant" and sum(map(len, enc.blobs)) < array.nbytes / 3

@@ -8,9 +8,10 @@ from ..errors import FormatError, UnknownCodecError
 from .abc import BlobCodec
 from .jpeg import Jpeg
 from .jpegxl import JpegXL
+from .quant import Quant
 from .zstd import Zstd
 
-__all__ = ["BlobCodec", "Jpeg", "JpegXL", "Zstd", "REGISTRY", "get_codec", "register_codec"]
+__all__ = ["BlobCodec", "Jpeg", "JpegXL", "Quant", "Zstd", "REGISTRY", "get_codec", "register_codec"]
 
 #: codec_id -> class. Identifiers are never reused for a different codec.
 REGISTRY: dict[str, type[BlobCodec]] = {}
@@ -22,7 +23,7 @@ def register_codec(cls: type[BlobCodec]) -> type[BlobCodec]:
     return cls
 
 
-for _cls in (Zstd, Jpeg, JpegXL):
+for _cls in (Zstd, Jpeg, JpegXL, Quant):
     register_codec(_cls)
 
 
