@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -21,7 +21,7 @@ from .dtypes import get_dtype
 from .errors import EncodeError
 from .limits import DEFAULT_LIMITS, Limits
 from .reader import Reader
-from .tensorcodec import EncodeOptions, encode_tensor
+from .tensorcodec import EncodeOptions, Overrides, encode_tensor
 from .writer import Writer
 
 __all__ = ["save", "load", "open", "JwtFile", "read_state_dict", "encoder_versions", "TORCH_DTYPES"]
@@ -100,39 +100,101 @@ def save(
     path: str | os.PathLike[str] | BinaryIO,
     *,
     metadata: Mapping[str, str] | None = None,
-    overrides: Callable[[str], EncodeOptions] | None = None,
+    overrides: Sequence[tuple[str, str]] | Mapping[str, str] | None = None,
+    bits_per_weight: float | None = None,
+    max_error: float | None = None,
+    calibrate: Callable[[dict[str, torch.Tensor]], float] | None = None,
     progress: ProgressFn | None = None,
     **options: Any,
 ) -> list[str]:
     """Encode ``state_dict`` to a .jwt file at ``path`` (atomically).
 
     ``options`` are :class:`~codec.tensorcodec.EncodeOptions` fields
-    (``codec``, ``quality``, ``table``, ``tile``, ``row_shape``, ...);
-    ``overrides(name)`` may return per-tensor options instead. Tensors
-    sharing storage (same data, shape and strides) are stored once and
-    aliased. Returns warnings (e.g. tensors kept lossless for NaN/Inf).
+    (``codec``, ``quality``, ``table``, ``tile``, ``row_shape``, ...).
+    ``overrides`` maps glob patterns to per-tensor settings
+    (``{"fc2.*": "lossless", "*.attention.*": "q90"}``; see
+    :func:`~codec.tensorcodec.parse_spec`; the last match wins).
+
+    Rate targets (at most one) turn on the rate-distortion allocator
+    (:mod:`codec.allocate`), which picks codec, table and quality per
+    tensor: ``bits_per_weight`` bounds the whole file; ``max_error`` bounds
+    each tensor's relative RMS error. ``calibrate(state_dict) -> score``
+    (higher is better) measures each tensor's sensitivity for the budget
+    allocation instead of the data-free estimate.
+
+    Tensors sharing storage (same data, shape and strides) are stored once
+    and aliased. Returns warnings (e.g. tensors kept lossless for NaN/Inf).
     """
     base = EncodeOptions(**options)
+    rules = Overrides(overrides)
+    meta, encoder = dict(metadata or {}), encoder_versions()
+    for name, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise EncodeError(f"tensor {name!r}: not a tensor but {type(tensor).__name__}")
+    aliases = _aliases(state_dict)
+    if bits_per_weight is not None or max_error is not None:
+        chosen = _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate,
+                       progress)
+        options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
+    else:
+        options_for = lambda name: rules.options_for(name, base) or base  # noqa: E731
     notes: list[str] = []
-    seen: dict[tuple, str] = {}
-    with Writer(path, metadata=dict(metadata or {}), encoder=encoder_versions()) as writer:
+    with Writer(path, metadata=meta, encoder=encoder) as writer:
         for name, tensor in state_dict.items():
-            if not isinstance(tensor, torch.Tensor):
-                raise EncodeError(f"tensor {name!r}: not a tensor but {type(tensor).__name__}")
-            key = _storage_key(tensor)
-            if tensor.numel() and key in seen:
-                writer.add_alias(name, seen[key])
+            if name in aliases:
+                writer.add_alias(name, aliases[name])
                 continue
-            seen[key] = name
             array, dtype_name = to_numpy(tensor)
-            opts = overrides(name) if overrides else base
-            encoded = encode_tensor(array, get_dtype(dtype_name), opts)
+            encoded = encode_tensor(array, get_dtype(dtype_name), options_for(name))
             if encoded.fallback:
                 notes.append(f"tensor {name!r}: stored losslessly ({encoded.fallback})")
             writer.add(name, get_dtype(dtype_name), tuple(tensor.shape), encoded)
             if progress:
                 progress(name, tensor.numel())
     return notes
+
+
+def _aliases(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """name -> earlier name, for tensors with the same storage, offset, shape, strides and dtype."""
+    seen: dict[tuple, str] = {}
+    aliases = {}
+    for name, tensor in state_dict.items():
+        key = _storage_key(tensor)
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen.setdefault(key, name)
+    return aliases
+
+
+def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress):
+    """Run the rate-distortion allocator over the stored tensors; options per name."""
+    from .allocate import plan_options
+    from .format import HEADER_SIZE, Index, TensorEntry
+
+    stored = [n for n in state_dict if n not in aliases]
+
+    def tensors():
+        for name in stored:
+            array, dtype_name = to_numpy(state_dict[name])
+            yield name, array, get_dtype(dtype_name)
+
+    skeleton = Index([TensorEntry(n, get_dtype(TORCH_DTYPES[state_dict[n].dtype]), tuple(state_dict[n].shape),
+                                  alias=a) for n, a in aliases.items()], meta, encoder).to_bytes()
+    score = None
+    if calibrate is not None:
+        dtypes = {n: TORCH_DTYPES[t.dtype] for n, t in state_dict.items()}
+
+        def score(replaced: dict[str, np.ndarray]) -> float:
+            trial = dict(state_dict)
+            trial.update({n: to_torch(a, dtypes[n]) for n, a in replaced.items()})
+            for alias, target in aliases.items():
+                trial[alias] = trial[target]
+            return float(calibrate(trial))
+
+    return plan_options(tensors, base, lambda name: rules.options_for(name, base),
+                        bits_per_weight=bits_per_weight, max_error=max_error,
+                        overhead_bytes=HEADER_SIZE + len(skeleton), score=score, progress=progress)
 
 
 class JwtFile:

@@ -8,7 +8,9 @@ tiling) are documented in spec/format.md, "Encoder behaviour".
 
 from __future__ import annotations
 
+import fnmatch
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -19,7 +21,7 @@ from .dtypes import DType, from_float64, to_float64
 from .errors import EncodeError, FormatError
 from .format import TensorEntry
 
-__all__ = ["EncodeOptions", "Encoded", "encode_tensor", "decode_tensor", "jxl_distance"]
+__all__ = ["EncodeOptions", "Encoded", "encode_tensor", "decode_tensor", "jxl_distance", "parse_spec", "Overrides"]
 
 #: Tensors with fewer elements are not coded as images: an image codec's
 #: headers and per-tile parameters would eat what it saves.
@@ -157,3 +159,56 @@ def decode_tensor(entry: TensorEntry, blobs: list[bytes]) -> np.ndarray:
         values = mapping.from_pixels(pixels, offset[idx.start : idx.stop], scale[idx.start : idx.stop])
         out[idx.start : idx.stop] = from_float64(values, dtype)
     return np.ascontiguousarray(tiling.assemble_tiles(out, t)).reshape(entry.shape)
+
+
+def parse_spec(spec: str, base: EncodeOptions) -> EncodeOptions:
+    """Apply a per-tensor setting such as ``lossless``, ``q90``, ``b8`` or ``jpegxl,d1.5`` to ``base``.
+
+    Comma-separated items: ``lossless``, ``jpeg``, ``jpegxl``, ``quant``
+    (codec); ``qN`` (quality N); ``bN`` (``quant`` with N bits); ``dX``
+    (JPEG XL distance X); ``table=auto|jpeg|flat``; ``tile=HxW``;
+    ``rows=HxW`` (row shape). A quality or distance alone keeps the
+    codec of ``base`` unless it is lossless/quant, then it selects jpeg
+    (``qN``) or jpegxl (``dX``).
+    """
+    changes: dict[str, object] = {}
+    for raw in spec.split(","):
+        item = raw.strip().lower()
+        key, _, value = item.partition("=")
+        try:
+            if item in CODEC_CHOICES:
+                changes["codec"] = item
+            elif item[:1] == "q" and item[1:].isdigit():
+                changes["quality"] = int(item[1:])
+                changes.setdefault("codec", base.codec if base.codec in ("jpeg", "jpegxl") else "jpeg")
+            elif item[:1] == "b" and item[1:].isdigit():
+                changes.update(codec="quant", bits=int(item[1:]))
+            elif item[:1] == "d":
+                changes.update(codec="jpegxl", distance=float(item[1:]))
+            elif key == "table" and value:
+                changes["table"] = value
+            elif key in ("tile", "rows") and value:
+                h, w = (int(v) for v in value.split("x"))
+                changes["tile" if key == "tile" else "row_shape"] = (h, w)
+            else:
+                raise ValueError
+        except ValueError:
+            raise EncodeError(f"setting {spec!r}: cannot read {raw.strip()!r} (expected lossless, jpeg, jpegxl, "
+                              "quant, qN, bN, dX, table=..., tile=HxW or rows=HxW)") from None
+    return base.with_(**changes)
+
+
+class Overrides:
+    """Per-tensor settings by glob pattern (``fnmatch``); the last matching rule wins."""
+
+    def __init__(self, rules: Sequence[tuple[str, str]] | Mapping[str, str] | None = None):
+        items = rules.items() if isinstance(rules, Mapping) else (rules or [])
+        self.rules = [(str(p), str(s)) for p, s in items]
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    def options_for(self, name: str, base: EncodeOptions) -> EncodeOptions | None:
+        """The options forced for ``name``, or None if no rule matches."""
+        spec = next((s for p, s in reversed(self.rules) if fnmatch.fnmatchcase(name, p)), None)
+        return None if spec is None else parse_spec(spec, base)

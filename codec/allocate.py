@@ -1,0 +1,268 @@
+"""Rate-distortion allocation: spend bits where accuracy needs them.
+
+Every tensor that may be coded lossily gets a menu of candidate settings
+(lossless; ``quant`` at 2..8 bits; ``jpeg`` at a ladder of qualities with
+the flat table, and the Annex K table for image-like rows). Each candidate
+is encoded and decoded once to measure its exact rate (bytes, including the
+index entry) and distortion. The allocator then picks one point per tensor:
+
+- for a **bit budget**, by equal-slope (Lagrangian) allocation over the
+  lower convex hull of each tensor's points, then a greedy pass that spends
+  what the slope search left over on the best remaining upgrades;
+- for a **maximum error**, the cheapest point within the bound.
+
+Distortion is data-free by default: a tensor's normalized squared error
+``NMSE = ||W' - W||^2 / ||W||^2`` is, for a linear layer with inputs of
+any fixed covariance, the relative perturbation of its output energy
+(white inputs exactly), and perturbations of successive layers add to
+first order. So the total distortion is ``sum_t w_t * NMSE_t`` with every
+weight ``w_t = 1``: each layer matters as much as any other, whatever its
+size -- which protects small output layers that a per-weight measure would
+starve. A calibration hook (:func:`sensitivities`) replaces the weights by
+measured score drops per unit NMSE when the caller can score a model.
+
+Pure numpy; knows nothing about torch or files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dtypes import DType, to_float64
+from .errors import EncodeError
+from .format import TensorEntry
+from .tensorcodec import EncodeOptions, Encoded, decode_tensor, encode_tensor, lossless_reason
+
+__all__ = ["RDPoint", "candidates", "measure", "lower_hull", "allocate_budget", "allocate_max_error",
+           "sensitivities", "plan_options", "JPEG_QUALITIES", "QUANT_BITS"]
+
+#: JPEG qualities on each tensor's menu.
+JPEG_QUALITIES = (5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 85, 90, 95, 98)
+#: quant pixel bits on each tensor's menu.
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
+
+
+@dataclass
+class RDPoint:
+    """One measured candidate of one tensor."""
+
+    options: EncodeOptions
+    label: str
+    nbytes: int  # blobs plus the tensor's index entry
+    nmse: float  # ||W' - W||^2 / ||W||^2
+
+    @property
+    def rel_error(self) -> float:
+        """Relative RMS error, sqrt(NMSE)."""
+        return math.sqrt(self.nmse)
+
+
+def candidates(array: np.ndarray, dtype: DType, base: EncodeOptions) -> list[tuple[str, EncodeOptions]]:
+    """The labelled settings worth measuring for one tensor."""
+    menu = [("lossless", base.with_(codec="lossless"))]
+    if lossless_reason(array, dtype, "quant") is not None:
+        return menu
+    menu += [(f"quant b{b}", base.with_(codec="quant", bits=b)) for b in QUANT_BITS]
+    if lossless_reason(array, dtype, "jpeg") is None:
+        cols = math.prod(array.shape[1:])
+        rows_mode = base.row_shape is not None and base.row_shape[0] * base.row_shape[1] == cols
+        tables = ("flat", "jpeg") if rows_mode else ("flat",)
+        menu += [(f"jpeg q{q} {t}", base.with_(codec="jpeg", quality=q, table=t))
+                 for t in tables for q in JPEG_QUALITIES]
+    return menu
+
+
+def entry_bytes(name: str, dtype: DType, shape: tuple[int, ...], encoded: Encoded, offset_digits: int) -> int:
+    """Bytes the tensor's index entry takes (offsets counted at ``offset_digits`` digits)."""
+    entry = TensorEntry(name, dtype, shape, encoded.codec, encoded.tiling)
+    doc = entry.to_json()
+    doc["blobs"] = [[10 ** (offset_digits - 1), len(b), 0xFFFFFFFF] for b in encoded.blobs]
+    return len(json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()) + 1
+
+
+def measure(name: str, array: np.ndarray, dtype: DType, label: str, options: EncodeOptions,
+            offset_digits: int = 10) -> tuple[RDPoint, np.ndarray]:
+    """Encode and decode one candidate; return its point and the decoded array."""
+    encoded = encode_tensor(array, dtype, options)
+    entry = TensorEntry(name, dtype, tuple(array.shape), encoded.codec, encoded.tiling)
+    decoded = decode_tensor(entry, encoded.blobs)
+    ref = to_float64(array, dtype) if dtype.floating else array.astype(np.float64)
+    got = to_float64(decoded, dtype) if dtype.floating else decoded.astype(np.float64)
+    energy = float(np.sum(ref * ref))
+    err = float(np.sum((got - ref) ** 2))
+    nmse = err / energy if energy > 0 else (0.0 if err == 0 else math.inf)
+    nbytes = sum(map(len, encoded.blobs)) + entry_bytes(name, dtype, tuple(array.shape), encoded, offset_digits)
+    return RDPoint(options, label, nbytes, nmse), decoded
+
+
+def lower_hull(points: Sequence[RDPoint]) -> list[RDPoint]:
+    """The points on the lower convex hull of (rate, distortion), by increasing rate."""
+    pts = sorted(points, key=lambda p: (p.nbytes, p.nmse))
+    front: list[RDPoint] = []
+    for p in pts:  # Pareto front: strictly decreasing distortion
+        if not front or p.nmse < front[-1].nmse:
+            front.append(p)
+    hull: list[RDPoint] = []
+    for p in front:
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b is above the chord a-p: drop it
+            if (b.nmse - a.nmse) * (p.nbytes - a.nbytes) >= (p.nmse - a.nmse) * (b.nbytes - a.nbytes):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def _pick(hull: list[RDPoint], weight: float, lam: float) -> int:
+    costs = [weight * p.nmse + lam * p.nbytes for p in hull]
+    return int(np.argmin(costs))
+
+
+def allocate_budget(hulls: dict[str, list[RDPoint]], weights: dict[str, float], budget: int) -> dict[str, RDPoint]:
+    """Choose one point per tensor minimizing sum(w * NMSE) with total bytes <= ``budget``.
+
+    Raises EncodeError when even the smallest choice does not fit.
+    """
+    smallest = sum(h[0].nbytes for h in hulls.values())
+    if smallest > budget:
+        raise EncodeError(f"budget of {budget} bytes is below the smallest encoding ({smallest} bytes)")
+
+    def choose(lam: float) -> dict[str, int]:
+        return {n: _pick(h, weights.get(n, 1.0), lam) for n, h in hulls.items()}
+
+    def total(choice: dict[str, int]) -> int:
+        return sum(hulls[n][i].nbytes for n, i in choice.items())
+
+    lo, hi = 1e-30, 1e30  # lambda: total(lo) is largest, total(hi) smallest
+    if total(choose(lo)) <= budget:
+        best = choose(lo)
+    else:
+        for _ in range(200):
+            mid = math.sqrt(lo * hi)
+            if total(choose(mid)) <= budget:
+                hi = mid
+            else:
+                lo = mid
+            if hi / lo < 1 + 1e-9:
+                break
+        best = choose(hi)
+    # Greedy fill: spend the slack on the upgrades with the best slope that still fit.
+    spent = total(best)
+    while True:
+        options = []
+        for n, i in best.items():
+            h, w = hulls[n], weights.get(n, 1.0)
+            for j in range(i + 1, len(h)):
+                extra = h[j].nbytes - h[i].nbytes
+                if spent + extra <= budget and extra > 0:
+                    options.append((w * (h[i].nmse - h[j].nmse) / extra, n, j, extra))
+        if not options:
+            break
+        _, n, j, extra = max(options)
+        best[n] = j
+        spent += extra
+    return {n: hulls[n][i] for n, i in best.items()}
+
+
+def allocate_max_error(points: dict[str, list[RDPoint]], max_error: float) -> dict[str, RDPoint]:
+    """Per tensor, the cheapest point whose relative RMS error is at most ``max_error``."""
+    out = {}
+    for name, pts in points.items():
+        ok = [p for p in pts if p.rel_error <= max_error]
+        out[name] = min(ok, key=lambda p: p.nbytes)  # lossless (error 0) is always there
+    return out
+
+
+def sensitivities(points: dict[str, list[RDPoint]], decoded: dict[str, dict[str, np.ndarray]],
+                  score: Callable[[dict[str, np.ndarray]], float]) -> dict[str, float]:
+    """Calibrated weights: score drop per unit NMSE, one probe per tensor.
+
+    ``decoded[name][label]`` holds decoded arrays of some candidates;
+    ``score(replacements)`` scores the model with those tensors replaced
+    (higher is better). Each tensor is probed alone with its candidate
+    closest to 1 % relative error; the weight is the score drop divided by
+    that candidate's NMSE (at least a small positive floor, so no tensor is
+    treated as free).
+    """
+    base = score({})
+    weights = {}
+    for name, pts in points.items():
+        probes = [p for p in pts if p.nmse > 0 and p.label in decoded.get(name, {})]
+        if not probes:
+            weights[name] = 1.0
+            continue
+        probe = min(probes, key=lambda p: abs(math.log(p.rel_error / 0.01)))
+        drop = base - score({name: decoded[name][probe.label]})
+        weights[name] = max(drop, 1e-6 * max(abs(base), 1.0)) / probe.nmse
+    return weights
+
+
+TensorSource = Callable[[], Iterator[tuple[str, np.ndarray, DType]]]
+
+
+def plan_options(
+    tensors: TensorSource,
+    base: EncodeOptions,
+    fixed: Callable[[str], EncodeOptions | None],
+    *,
+    bits_per_weight: float | None = None,
+    max_error: float | None = None,
+    overhead_bytes: int = 0,
+    score: Callable[[dict[str, np.ndarray]], float] | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> dict[str, EncodeOptions]:
+    """Measure every tensor's menu and choose its options for a rate target.
+
+    ``tensors()`` yields ``(name, array, dtype)`` for each stored tensor (it
+    is called once; arrays may be loaded lazily). ``fixed(name)`` returns the
+    options a user forced for a tensor (measured for its bytes only), or
+    None. With ``bits_per_weight`` the whole file, ``overhead_bytes``
+    (header, index skeleton, aliases) included, lands at or under the
+    budget; with ``max_error`` every free tensor gets the cheapest setting
+    within that relative RMS error. ``score`` enables calibrated weights.
+    """
+    if (bits_per_weight is None) == (max_error is None):
+        raise EncodeError("give exactly one of bits_per_weight and max_error")
+    points: dict[str, list[RDPoint]] = {}
+    forced: dict[str, EncodeOptions] = {}
+    probes: dict[str, dict[str, np.ndarray]] = {}
+    fixed_bytes, weights_total = overhead_bytes, 0
+    for name, array, dtype in tensors():
+        weights_total += array.size
+        opts = fixed(name)
+        if opts is not None:
+            forced[name] = opts
+            fixed_bytes += measure(name, array, dtype, "fixed", opts)[0].nbytes
+        else:
+            pts, best_probe = [], None
+            for label, cand in candidates(array, dtype, base):
+                point, decoded = measure(name, array, dtype, label, cand)
+                pts.append(point)
+                if score is not None and point.nmse > 0:
+                    gap = abs(math.log(point.rel_error / 0.01))
+                    if best_probe is None or gap < best_probe[0]:
+                        best_probe = (gap, label, decoded)
+            points[name] = pts
+            if best_probe is not None:
+                probes[name] = {best_probe[1]: best_probe[2]}
+        if progress:
+            progress(name, array.size)
+    if max_error is not None:
+        chosen = allocate_max_error(points, max_error)
+    else:
+        weights = sensitivities(points, probes, score) if score is not None else {}
+        budget = int(bits_per_weight * weights_total / 8) - fixed_bytes  # type: ignore[operator]
+        try:
+            chosen = allocate_budget({n: lower_hull(p) for n, p in points.items()}, weights, budget)
+        except EncodeError:
+            smallest = fixed_bytes + sum(min(p.nbytes for p in pts) for pts in points.values())
+            raise EncodeError(f"{bits_per_weight} bits/weight is below the smallest encoding "
+                              f"({8 * smallest / max(weights_total, 1):.3f} bits/weight)") from None
+    return {**forced, **{n: p.options for n, p in chosen.items()}}
