@@ -67,7 +67,10 @@ def check_params(codec_id: str, name: str, value: Any, kind: type, lo: float, hi
     """Validate one codec parameter's type and range; FormatError otherwise."""
     ok = isinstance(value, kind) and not isinstance(value, bool) or (kind is bool and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
+        try:
+            value, ok = float(value), True
+        except OverflowError:  # a JSON integer of hundreds of digits
+            ok = False
     if not ok or (kind is not bool and not lo <= value <= hi):
-        raise FormatError(f"codec {codec_id!r}: parameter {name}={value!r} is not a {kind.__name__} in [{lo}, {hi}]")
+        raise FormatError(f"codec {codec_id!r}: parameter {name}={value!r:.40} is not a {kind.__name__} in [{lo}, {hi}]")
     return value
