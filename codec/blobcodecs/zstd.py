@@ -48,6 +48,9 @@ class Zstd(BlobCodec):
             raise FormatError(f"zstd: not a zstd frame ({exc})") from None
         if claimed != expected:
             raise FormatError(f"zstd: frame holds {claimed} bytes, expected {expected}")
+        length = frame_length(blob)
+        if length != len(blob):
+            raise FormatError(f"zstd: blob of {len(blob)} bytes holds a frame of {length} bytes (nothing may follow it)")
         raw = np.empty(expected, np.uint8)
         try:
             with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
@@ -68,3 +71,22 @@ class Zstd(BlobCodec):
             raw = np.ascontiguousarray(raw.reshape(dtype.itemsize, count).T)
         out = raw.view(dtype).reshape(shape)
         return out
+
+
+def frame_length(blob: bytes) -> int:
+    """Bytes of the Zstandard frame that starts ``blob``, from its block headers (RFC 8878, 3.1.1)."""
+    if blob[:4] != b"\x28\xb5\x2f\xfd":
+        raise FormatError(f"zstd: not a Zstandard frame (magic {bytes(blob[:4]).hex()})")
+    try:
+        pos = zstandard.frame_header_size(blob)
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"zstd: not a zstd frame ({exc})") from None
+    checksum = 4 if blob[4] & 0x04 else 0
+    last = 0
+    while not last:
+        if pos + 3 > len(blob):
+            raise FormatError("zstd: frame is truncated")
+        header = int.from_bytes(blob[pos : pos + 3], "little")
+        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+        pos += 3 + (1 if kind == 1 else size)  # an RLE block stores its one byte
+    return pos + checksum
