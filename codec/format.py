@@ -272,6 +272,10 @@ def _parse_entry(c: _Checker, obj: Any, i: int, by_name: dict[str, TensorEntry],
     entry = TensorEntry(name, dtype, tuple(shape))
     if entry.nbytes > c.limits.max_tensor_bytes:
         raise LimitError(f"index: {where}: decodes to {entry.nbytes} bytes, over the limit of {c.limits.max_tensor_bytes}")
+    # A zero dimension must not hide absurd others: no host array has shape [0, 2**62] of float32.
+    if math.prod(d for d in shape if d) * dtype.itemsize > c.limits.max_tensor_bytes:
+        raise LimitError(f"index: {where}: empty tensor of shape {shape!r:.80} whose other dimensions span over "
+                         f"{c.limits.max_tensor_bytes} bytes")
     alias = c.get(obj, "alias", where, str, optional=True)
     if alias is not None:
         target = by_name.get(alias)
