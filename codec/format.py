@@ -213,7 +213,11 @@ class _Checker:
     def text(self, value: Any, where: str) -> str:
         if not isinstance(value, str):
             raise self.fail(where, f"expected a string, found {type(value).__name__}")
-        if len(value.encode("utf-8", "surrogatepass")) > self.limits.max_name_bytes:
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError:  # a JSON escape such as \ud800: not Unicode text
+            raise self.fail(where, "string holds a lone UTF-16 surrogate") from None
+        if size > self.limits.max_name_bytes:
             raise LimitError(f"index: {where}: string of over {self.limits.max_name_bytes} bytes")
         return value
 
