@@ -17,10 +17,24 @@ from typing import BinaryIO
 
 from .dtypes import DType
 from .errors import EncodeError
+from .limits import DEFAULT_LIMITS
 from .format import BlobRef, Index, TensorEntry, crc32, pack_header
 from .tensorcodec import Encoded
 
 __all__ = ["Writer", "atomic_output"]
+
+
+def _text_error(value: object) -> str | None:
+    """Why ``value`` cannot be a name or metadata string that readers accept, or None."""
+    if not isinstance(value, str):
+        return f"must be a string, found {type(value).__name__}"
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "holds a lone UTF-16 surrogate (not Unicode text)"
+    if size > DEFAULT_LIMITS.max_name_bytes:
+        return f"is {size} UTF-8 bytes, over the {DEFAULT_LIMITS.max_name_bytes} readers accept"
+    return None
 
 
 class atomic_output:
@@ -58,6 +72,12 @@ class Writer:
 
     def __init__(self, dest: str | os.PathLike[str] | BinaryIO, metadata: dict[str, str] | None = None,
                  encoder: dict[str, str] | None = None):
+        for what, strings in (("metadata", metadata), ("encoder", encoder)):
+            for key, value in (strings or {}).items():
+                for part, text in (("key", key), ("value", value)):
+                    problem = _text_error(text)
+                    if problem:
+                        raise EncodeError(f"{what} {part} {text!r:.60}: {problem}")
         self.dest = dest
         self.index = Index([], dict(metadata or {}), dict(encoder or {}))
         self._entries: dict[str, TensorEntry] = {}
@@ -67,8 +87,9 @@ class Writer:
         self.closed = False
 
     def _check_name(self, name: str) -> None:
-        if not isinstance(name, str):
-            raise EncodeError(f"tensor names must be strings, found {type(name).__name__}")
+        problem = _text_error(name)
+        if problem:
+            raise EncodeError(f"tensor name {name!r:.60}: {problem}")
         if name in self._entries:
             raise EncodeError(f"tensor {name!r} is added twice")
 
