@@ -91,6 +91,27 @@ def to_torch(array: np.ndarray, dtype_name: str) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+def _unstorable(t: torch.Tensor) -> str | None:
+    """Why ``t`` cannot be stored, found without touching its data (or None).
+
+    A few-KB .pt can hold a sparse or meta tensor, or a 0-stride view claiming
+    terabytes; sizes over the default reader limits would also give a file
+    that default readers refuse.
+    """
+    if t.layout != torch.strided:
+        return f"layout {t.layout} is not supported (convert it to a dense tensor)"
+    if t.is_meta:
+        return "a meta tensor holds no data"
+    if t.dtype not in TORCH_DTYPES:
+        return f"unsupported dtype {t.dtype}"
+    if t.dim() > DEFAULT_LIMITS.max_ndim:
+        return f"{t.dim()} dimensions, over the {DEFAULT_LIMITS.max_ndim} that readers accept"
+    nbytes = t.numel() * t.element_size()
+    if nbytes > DEFAULT_LIMITS.max_tensor_bytes:
+        return f"{nbytes} bytes, over the {DEFAULT_LIMITS.max_tensor_bytes} that readers accept (codec.Limits)"
+    return None
+
+
 def _storage_key(t: torch.Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
@@ -131,6 +152,9 @@ def save(
     for name, tensor in state_dict.items():
         if not isinstance(tensor, torch.Tensor):
             raise EncodeError(f"tensor {name!r}: not a tensor but {type(tensor).__name__}")
+        problem = _unstorable(tensor)
+        if problem:
+            raise EncodeError(f"tensor {name!r}: {problem}")
     aliases = _aliases(state_dict)
     if bits_per_weight is not None or max_error is not None:
         chosen = _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate,
