@@ -21,12 +21,34 @@ def parse_meta(values: tuple[str, ...]) -> dict[str, str]:
     return meta
 
 
+def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Turn ``GLOB=SETTING`` strings into (pattern, setting) pairs."""
+    rules = []
+    for item in values:
+        pattern, _, setting = item.partition("=")  # 'fc*=table=flat': the first '=' ends the pattern
+        if not pattern or not setting:
+            raise click.BadParameter(f"{item!r} is not GLOB=SETTING", param_hint="--set")
+        rules.append((pattern, setting))
+    return rules
+
+
 @click.command()
 @click.argument("input", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output .jwt file (default: INPUT with the suffix .jwt).")
-@click.option("--codec", "codec_name", type=click.Choice(["jpeg", "jpegxl", "lossless"]), default="jpeg",
-              show_default=True, help="Image codec for weight matrices, or lossless for every tensor.")
+@click.option("--codec", "codec_name", type=click.Choice(["jpeg", "jpegxl", "quant", "lossless"]), default="jpeg",
+              show_default=True, help="Codec for weight matrices: an image codec, quant (uniform --bits per tile "
+                                      "+ zstd), or lossless for every tensor.")
+@click.option("--bits", type=click.IntRange(1, 16), default=8, show_default=True, help="Pixel bits of --codec quant.")
+@click.option("--bits-per-weight", "-b", type=click.FloatRange(0, 64, min_open=True),
+              help="Size target for the whole file: a rate-distortion search picks codec, table and quality "
+                   "per tensor so the file lands at or just under B bits per weight.")
+@click.option("--max-error", type=click.FloatRange(0, 1, min_open=True),
+              help="Quality target: the cheapest setting per tensor whose relative RMS error is at most E.")
+@click.option("--set", "rules", multiple=True, metavar="GLOB=SETTING",
+              help="Per-tensor setting, repeatable, last match wins: lossless, qN (JPEG quality), bN (quant bits), "
+                   "dX (JPEG XL distance), jpegxl, table=flat|jpeg, tile=HxW, rows=HxW; comma-separated. "
+                   "E.g. --set 'fc2.*=lossless' --set '*.attention.*=q90'.")
 @click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True,
               help="1..100: picks the JPEG quantization table scale (JPEG XL: libjxl's quality->distance map).")
 @click.option("--table", type=click.Choice(["auto", "jpeg", "flat"]), default="auto", show_default=True,
@@ -40,7 +62,8 @@ def parse_meta(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Free-form metadata to store (repeatable).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @handle_errors
-def encode(input: Path, output: Path | None, codec_name: str, quality: int, table: str, distance: float | None,
+def encode(input: Path, output: Path | None, codec_name: str, bits: int, bits_per_weight: float | None,
+           max_error: float | None, rules: tuple[str, ...], quality: int, table: str, distance: float | None,
            effort: int, tile: tuple[int, int], row_shape: tuple[int, int] | None, meta: tuple[str, ...],
            quiet: bool) -> None:
     """Encode a PyTorch state_dict (.pt/.pth) into a .jwt container.
@@ -49,9 +72,15 @@ def encode(input: Path, output: Path | None, codec_name: str, quality: int, tabl
     into tiles, mapped per tile to 8-bit (JPEG) or 16-bit (JPEG XL) pixels
     and coded as mosaic images; everything else is stored losslessly.
 
+    With --bits-per-weight or --max-error, every candidate setting of every
+    tensor is measured and the allocator spends bits where they reduce
+    distortion most (equal slopes); without them, one setting for all.
+
     \b
     Examples:
       jwt encode mlp.pt --row-shape 28x28 --quality 20
+      jwt encode mlp.pt --bits-per-weight 1.0
+      jwt encode model.pt --set 'fc2.*=b8' --set '*.bias=lossless'
       jwt encode model.pt -o model.jwt --codec jpegxl --quality 80
     """
     from codec import api
@@ -65,11 +94,15 @@ def encode(input: Path, output: Path | None, codec_name: str, quality: int, tabl
         warnings.simplefilter("always")
         state_dict = api.read_state_dict(input)
     total = sum(t.numel() for t in state_dict.values())
-    with progress_bar(total, "encode", quiet) as bar:
+    if bits_per_weight is not None and max_error is not None:
+        raise click.UsageError("give at most one of --bits-per-weight and --max-error")
+    searching = bits_per_weight is not None or max_error is not None
+    with progress_bar(total * (2 if searching else 1), "encode", quiet) as bar:
         notes = api.save(
             state_dict, output, metadata={**parse_meta(meta), "source": input.name},
+            overrides=parse_rules(rules), bits_per_weight=bits_per_weight, max_error=max_error,
             progress=lambda name, n: bar.update(n), codec=codec_name, quality=quality, table=table,
-            distance=distance, effort=effort, tile=tile, row_shape=row_shape,
+            distance=distance, effort=effort, tile=tile, row_shape=row_shape, bits=bits,
         )
     for message in [str(w.message) for w in caught] + notes:
         click.echo(f"jwt: warning: {message}", err=True)

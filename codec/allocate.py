@@ -46,7 +46,8 @@ from .errors import EncodeError
 from .format import TensorEntry
 from .tensorcodec import EncodeOptions, Encoded, decode_tensor, encode_tensor, lossless_reason
 
-__all__ = ["RDPoint", "candidates", "measure", "distortion", "image_side", "lower_hull", "allocate_budget", "allocate_max_error",
+__all__ = ["RDPoint", "candidates", "measure", "distortion", "image_side", "lower_hull", "allocate_budget",
+           "fill_budget", "allocate_max_error",
            "sensitivities", "plan_options", "JPEG_QUALITIES", "QUANT_BITS"]
 
 #: JPEG qualities on each tensor's menu.
@@ -62,12 +63,8 @@ class RDPoint:
     options: EncodeOptions
     label: str
     nbytes: int  # blobs plus the tensor's index entry
-    nmse: float  # ||W' - W||^2 / ||W||^2
-
-    @property
-    def rel_error(self) -> float:
-        """Relative RMS error, sqrt(NMSE)."""
-        return math.sqrt(self.nmse)
+    nmse: float  # the allocation's distortion measure (image-prior weighted for image rows)
+    rel_error: float = 0.0  # plain relative RMS error ||W' - W|| / ||W||
 
 
 def candidates(array: np.ndarray, dtype: DType, base: EncodeOptions) -> list[tuple[str, EncodeOptions]]:
@@ -101,12 +98,17 @@ def entry_bytes(name: str, dtype: DType, shape: tuple[int, ...], encoded: Encode
 
 
 def image_side(shape: tuple[int, ...]) -> int | None:
-    """``k`` if a tensor's rows are ``k x k`` images (``k >= 8``), else None."""
+    """``k`` if a tensor's rows look like ``k x k`` images, else None.
+
+    Data-free heuristic: ``C = k*k`` with ``k >= 8`` and ``C`` not a power of
+    two (hidden sizes such as 256 or 1024 are squares too, but powers of two;
+    image sides such as MNIST's 28 are not).
+    """
     if len(shape) < 2:
         return None
     cols = math.prod(shape[1:])
     k = math.isqrt(cols)
-    return k if k >= 8 and k * k == cols else None
+    return k if k >= 8 and k * k == cols and cols & (cols - 1) else None
 
 
 def _prior_energy(rows: np.ndarray, k: int) -> float:
@@ -117,18 +119,20 @@ def _prior_energy(rows: np.ndarray, k: int) -> float:
     return float(np.sum(weight * (spectrum.real**2 + spectrum.imag**2)))
 
 
-def distortion(reference: np.ndarray, decoded: np.ndarray) -> float:
-    """Normalized squared error of ``decoded`` (float64) against ``reference``.
+def distortion(reference: np.ndarray, decoded: np.ndarray) -> tuple[float, float]:
+    """``(allocation distortion, plain NMSE)`` of ``decoded`` against ``reference`` (float64).
 
-    Plain NMSE, or the image-prior weighted NMSE when rows are square images.
+    The allocation distortion is the image-prior weighted NMSE when rows are
+    square images, else the plain NMSE.
     """
-    k = image_side(reference.shape)
     diff = decoded - reference
-    if k is not None:
-        err, energy = _prior_energy(diff, k), _prior_energy(reference, k)
-    else:
-        err, energy = float(np.sum(diff * diff)), float(np.sum(reference * reference))
-    return err / energy if energy > 0 else (0.0 if err == 0 else math.inf)
+    err, energy = float(np.sum(diff * diff)), float(np.sum(reference * reference))
+    plain = err / energy if energy > 0 else (0.0 if err == 0 else math.inf)
+    k = image_side(reference.shape)
+    if k is None:
+        return plain, plain
+    err, energy = _prior_energy(diff, k), _prior_energy(reference, k)
+    return (err / energy if energy > 0 else (0.0 if err == 0 else math.inf)), plain
 
 
 def measure(name: str, array: np.ndarray, dtype: DType, label: str, options: EncodeOptions,
@@ -138,9 +142,9 @@ def measure(name: str, array: np.ndarray, dtype: DType, label: str, options: Enc
     entry = TensorEntry(name, dtype, tuple(array.shape), encoded.codec, encoded.tiling)
     decoded = decode_tensor(entry, encoded.blobs)
     as_float = to_float64 if dtype.floating else (lambda a, _: a.astype(np.float64))
-    nmse = distortion(as_float(array, dtype), as_float(decoded, dtype))
+    weighted, plain = distortion(as_float(array, dtype), as_float(decoded, dtype))
     nbytes = sum(map(len, encoded.blobs)) + entry_bytes(name, dtype, tuple(array.shape), encoded, offset_digits)
-    return RDPoint(options, label, nbytes, nmse), decoded
+    return RDPoint(options, label, nbytes, weighted, math.sqrt(plain)), decoded
 
 
 def lower_hull(points: Sequence[RDPoint]) -> list[RDPoint]:
@@ -168,50 +172,62 @@ def _pick(hull: list[RDPoint], weight: float, lam: float) -> int:
     return int(np.argmin(costs))
 
 
-def allocate_budget(hulls: dict[str, list[RDPoint]], weights: dict[str, float], budget: int) -> dict[str, RDPoint]:
-    """Choose one point per tensor minimizing sum(w * NMSE) with total bytes <= ``budget``.
+def allocate_budget(hulls: dict[str, list[RDPoint]], weights: dict[str, float], budget: int,
+                    fill: bool = True) -> dict[str, RDPoint]:
+    """Choose one point per tensor minimizing sum(w * D) with total bytes <= ``budget``.
 
-    Raises EncodeError when even the smallest choice does not fit.
+    Equal-slope search over lambda, then (``fill``) a greedy pass spending
+    the slack. Raises EncodeError when even the smallest choice does not fit.
     """
     smallest = sum(h[0].nbytes for h in hulls.values())
     if smallest > budget:
         raise EncodeError(f"budget of {budget} bytes is below the smallest encoding ({smallest} bytes)")
 
-    def choose(lam: float) -> dict[str, int]:
-        return {n: _pick(h, weights.get(n, 1.0), lam) for n, h in hulls.items()}
+    def choose(lam: float) -> dict[str, RDPoint]:
+        return {n: h[_pick(h, weights.get(n, 1.0), lam)] for n, h in hulls.items()}
 
-    def total(choice: dict[str, int]) -> int:
-        return sum(hulls[n][i].nbytes for n, i in choice.items())
+    def total(choice: dict[str, RDPoint]) -> int:
+        return sum(p.nbytes for p in choice.values())
 
     lo, hi = 1e-30, 1e30  # lambda: total(lo) is largest, total(hi) smallest
     if total(choose(lo)) <= budget:
-        best = choose(lo)
-    else:
-        for _ in range(200):
-            mid = math.sqrt(lo * hi)
-            if total(choose(mid)) <= budget:
-                hi = mid
-            else:
-                lo = mid
-            if hi / lo < 1 + 1e-9:
-                break
-        best = choose(hi)
-    # Greedy fill: spend the slack on the upgrades with the best slope that still fit.
-    spent = total(best)
-    while True:
-        options = []
-        for n, i in best.items():
-            h, w = hulls[n], weights.get(n, 1.0)
-            for j in range(i + 1, len(h)):
-                extra = h[j].nbytes - h[i].nbytes
-                if spent + extra <= budget and extra > 0:
-                    options.append((w * (h[i].nmse - h[j].nmse) / extra, n, j, extra))
-        if not options:
+        return choose(lo)
+    for _ in range(200):
+        mid = math.sqrt(lo * hi)
+        if total(choose(mid)) <= budget:
+            hi = mid
+        else:
+            lo = mid
+        if hi / lo < 1 + 1e-9:
             break
-        _, n, j, extra = max(options)
-        best[n] = j
+    chosen = choose(hi)
+    return fill_budget(hulls, weights, chosen, budget) if fill else chosen
+
+
+def _upgrades(hull: list[RDPoint], current: RDPoint) -> list[RDPoint]:
+    return [p for p in hull if p.nbytes > current.nbytes and p.nmse < current.nmse]
+
+
+def fill_budget(hulls: dict[str, list[RDPoint]], weights: dict[str, float], chosen: dict[str, RDPoint],
+                budget: int) -> dict[str, RDPoint]:
+    """Greedily take the upgrade with the best weighted slope that still fits, until none does."""
+    chosen = dict(chosen)
+    spent = sum(p.nbytes for p in chosen.values())
+    while True:
+        best = None
+        for n, cur in chosen.items():
+            w = weights.get(n, 1.0)
+            for p in _upgrades(hulls[n], cur):
+                extra = p.nbytes - cur.nbytes
+                if spent + extra <= budget:
+                    slope = w * (cur.nmse - p.nmse) / extra
+                    if best is None or slope > best[0]:
+                        best = (slope, n, p, extra)
+        if best is None:
+            return chosen
+        _, n, p, extra = best
+        chosen[n] = p
         spent += extra
-    return {n: hulls[n][i] for n, i in best.items()}
 
 
 def allocate_max_error(points: dict[str, list[RDPoint]], max_error: float) -> dict[str, RDPoint]:
@@ -302,29 +318,36 @@ def plan_options(
     else:
         weights = sensitivities(points, probes, score) if score is not None else {}
         budget = int(bits_per_weight * weights_total / 8) - fixed_bytes  # type: ignore[operator]
+        hulls = {n: lower_hull(p) for n, p in points.items()}
         try:
-            chosen = allocate_budget({n: lower_hull(p) for n, p in points.items()}, weights, budget)
+            chosen = allocate_budget(hulls, weights, budget, fill=False)
         except EncodeError:
             smallest = fixed_bytes + sum(min(p.nbytes for p in pts) for pts in points.values())
             raise EncodeError(f"{bits_per_weight} bits/weight is below the smallest encoding "
                               f"({8 * smallest / max(weights_total, 1):.3f} bits/weight)") from None
-        chosen = _refine(tensors, chosen, points, budget)
+        chosen = _refine(tensors, chosen, hulls, weights, budget)
+        chosen = fill_budget(hulls, weights, chosen, budget)
     return {**forced, **{n: p.options for n, p in chosen.items()}}
 
 
-def _refine(tensors: TensorSource, chosen: dict[str, RDPoint], points: dict[str, list[RDPoint]],
-            budget: int, top: int = 3) -> dict[str, RDPoint]:
-    """Spend the slack the coarse quality ladder leaves: try every quality
-    between a JPEG choice and the ladder's next step, for the largest tensors."""
+def _refine(tensors: TensorSource, chosen: dict[str, RDPoint], hulls: dict[str, list[RDPoint]],
+            weights: dict[str, float], budget: int, top: int = 3) -> dict[str, RDPoint]:
+    """Spend the slack the coarse quality ladder leaves: for the JPEG choices
+    whose next step is worth most (weighted slope), try the qualities between."""
+    chosen = dict(chosen)
     slack = budget - sum(p.nbytes for p in chosen.values())
-    sizes = {n: max(p.nbytes for p in pts) for n, pts in points.items()}
-    names = [n for n in sorted(chosen, key=lambda n: -sizes[n]) if chosen[n].options.codec == "jpeg"][:top]
+
+    def next_slope(n: str) -> float:
+        ups = _upgrades(hulls[n], chosen[n])
+        return weights.get(n, 1.0) * (chosen[n].nmse - ups[0].nmse) / (ups[0].nbytes - chosen[n].nbytes)
+
+    jpeg = [n for n in chosen if chosen[n].options.codec == "jpeg" and _upgrades(hulls[n], chosen[n])]
+    names = sorted(jpeg, key=next_slope, reverse=True)[:top]
     if not names or slack <= 0:
         return chosen
-    for name, array, dtype in tensors():
-        if name not in names:
-            continue
-        point = chosen[name]
+    arrays = {name: (array, dtype) for name, array, dtype in tensors() if name in names}
+    for name in names:
+        (array, dtype), point = arrays.pop(name), chosen[name]
         q0 = point.options.quality
         higher = [q for q in JPEG_QUALITIES if q > q0]
         lo, hi = q0, (higher[0] if higher else 100)

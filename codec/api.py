@@ -148,6 +148,7 @@ def save(
     """
     base = EncodeOptions(**options)
     rules = Overrides(overrides)
+    rules.check(base)
     meta, encoder = dict(metadata or {}), encoder_versions()
     for name, tensor in state_dict.items():
         if not isinstance(tensor, torch.Tensor):

@@ -208,6 +208,11 @@ class Overrides:
     def __bool__(self) -> bool:
         return bool(self.rules)
 
+    def check(self, base: EncodeOptions) -> None:
+        """Raise EncodeError for any setting that does not parse, matched or not."""
+        for _, spec in self.rules:
+            parse_spec(spec, base)
+
     def options_for(self, name: str, base: EncodeOptions) -> EncodeOptions | None:
         """The options forced for ``name``, or None if no rule matches."""
         spec = next((s for p, s in reversed(self.rules) if fnmatch.fnmatchcase(name, p)), None)

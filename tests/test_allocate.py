@@ -1,0 +1,153 @@
+"""Rate-distortion allocation: hulls, budgets, error bounds, overrides, calibration."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import codec
+from codec.allocate import RDPoint, allocate_budget, allocate_max_error, distortion, image_side, lower_hull
+from codec.tensorcodec import EncodeOptions, Overrides, parse_spec
+
+RNG = np.random.default_rng(0)
+
+
+def _pt(nbytes: int, nmse: float, label: str = "") -> RDPoint:
+    return RDPoint(EncodeOptions(), label or f"{nbytes}", nbytes, nmse, nmse**0.5)
+
+
+def _model() -> dict[str, torch.Tensor]:
+    """A small model with smooth (image-like) and rough matrices, a tiny head and biases."""
+    torch.manual_seed(0)
+    smooth = torch.cumsum(torch.randn(256, 256), dim=1) / 16
+    return {"a.weight": smooth, "a.bias": torch.randn(256), "b.weight": torch.randn(192, 256) * 0.05,
+            "head.weight": torch.randn(10, 192), "head.bias": torch.randn(10)}
+
+
+def test_lower_hull_is_convex_and_decreasing():
+    """The hull keeps Pareto points with decreasing distortion and non-increasing slopes."""
+    pts = [_pt(10, 1.0), _pt(20, 0.5), _pt(25, 0.49), _pt(30, 0.2), _pt(40, 0.19), _pt(50, 0.0), _pt(35, 0.6)]
+    hull = lower_hull(pts)
+    assert [p.nbytes for p in hull] == [10, 20, 30, 50]
+    slopes = [(a.nmse - b.nmse) / (b.nbytes - a.nbytes) for a, b in itertools.pairwise(hull)]
+    assert all(s1 >= s2 for s1, s2 in itertools.pairwise(slopes))
+
+
+def test_budget_allocation_matches_brute_force_on_convex_menus():
+    """On convex menus the Lagrangian + greedy choice is as good as exhaustive search."""
+    hulls = {"x": lower_hull([_pt(10, 1.0), _pt(20, 0.4), _pt(40, 0.1), _pt(80, 0.0)]),
+             "y": lower_hull([_pt(5, 0.8), _pt(15, 0.2), _pt(30, 0.05)]),
+             "z": lower_hull([_pt(1, 0.3), _pt(50, 0.0)])}
+    for budget in (16, 30, 45, 60, 100, 160):
+        chosen = allocate_budget(hulls, {}, budget)
+        assert sum(p.nbytes for p in chosen.values()) <= budget
+        best = min((sum(c.nmse for c in combo) for combo in itertools.product(*hulls.values())
+                    if sum(c.nbytes for c in combo) <= budget))
+        assert sum(p.nmse for p in chosen.values()) <= best + 0.15  # greedy on a hull: near-optimal
+
+
+def test_budget_below_smallest_is_an_error():
+    """A budget no choice fits is refused with the smallest size named."""
+    with pytest.raises(codec.EncodeError, match="below the smallest"):
+        allocate_budget({"x": [_pt(10, 1.0)]}, {}, 5)
+
+
+def test_max_error_takes_the_cheapest_point_within_the_bound():
+    """max_error picks, per tensor, the smallest point whose relative RMS error fits."""
+    chosen = allocate_max_error({"x": [_pt(10, 0.04), _pt(20, 0.0009), _pt(90, 0.0)]}, 0.05)
+    assert chosen["x"].nbytes == 20
+
+
+def test_image_prior_discounts_high_frequency_error():
+    """For square-image rows, a checkerboard error costs less than a smooth one of equal energy."""
+    assert image_side((512, 784)) == 28 and image_side((512, 100)) == 10 and image_side((64, 49)) is None
+    assert image_side((64, 1024)) is None  # a power-of-two hidden size, not an image
+    ref = RNG.standard_normal((16, 784))
+    y, x = np.mgrid[0:28, 0:28]
+    smooth = np.tile(np.cos(2 * np.pi * x / 28).ravel(), (16, 1))
+    rough = np.tile(((-1.0) ** (x + y)).ravel(), (16, 1))
+    smooth *= np.linalg.norm(rough) / np.linalg.norm(smooth)
+    assert distortion(ref, ref + 0.1 * rough)[0] < 0.1 * distortion(ref, ref + 0.1 * smooth)[0]
+    assert distortion(ref, ref + 0.1 * rough)[1] == pytest.approx(distortion(ref, ref + 0.1 * smooth)[1])
+    plain = RNG.standard_normal((16, 50))
+    assert distortion(plain, plain * 1.1) == pytest.approx((0.01, 0.01))
+
+
+@pytest.mark.parametrize("bpw", [1.5, 3.0])
+def test_bits_per_weight_lands_within_three_percent(tmp_path, bpw):
+    """The whole file, index included, lands at or under B and within 3 % of it."""
+    sd = _model()
+    codec.save(sd, tmp_path / "m.jwt", bits_per_weight=bpw)
+    weights = sum(t.numel() for t in sd.values())
+    actual = 8 * os.path.getsize(tmp_path / "m.jwt") / weights
+    assert 0.97 * bpw <= actual <= bpw
+    out = codec.load(tmp_path / "m.jwt")
+    assert all(out[k].shape == v.shape for k, v in sd.items())
+
+
+def test_max_error_bounds_every_tensor(tmp_path):
+    """With max_error every lossy tensor's relative RMS error is within the bound."""
+    sd = _model()
+    codec.save(sd, tmp_path / "m.jwt", max_error=0.02)
+    out = codec.load(tmp_path / "m.jwt")
+    for name, t in sd.items():
+        assert float((out[name] - t).norm() / t.norm()) <= 0.02, name
+
+
+def test_overrides_are_kept_under_a_budget(tmp_path):
+    """Tensors matched by --set keep their setting; the rest share what is left."""
+    sd = _model()
+    codec.save(sd, tmp_path / "m.jwt", bits_per_weight=2.0, overrides={"head.*": "lossless", "a.weight": "b4"})
+    with codec.open(tmp_path / "m.jwt") as f:
+        assert f.reader.entry("head.weight").codec.codec_id == "zstd"
+        assert f.reader.entry("a.weight").codec.get_config()["bits"] == 4
+    assert os.path.getsize(tmp_path / "m.jwt") * 8 <= 2.0 * sum(t.numel() for t in sd.values())
+
+
+def test_calibration_spends_bits_on_the_tensor_the_score_cares_about(tmp_path):
+    """A score that only depends on b.weight makes the allocator give b.weight more bytes."""
+    sd = _model()
+    ref = sd["b.weight"]
+    calls = []
+
+    def score(candidate):
+        calls.append(1)
+        return -float((candidate["b.weight"] - ref).norm())
+
+    codec.save(sd, tmp_path / "plain.jwt", bits_per_weight=1.5)
+    codec.save(sd, tmp_path / "cal.jwt", bits_per_weight=1.5, calibrate=score)
+    with codec.open(tmp_path / "plain.jwt") as p, codec.open(tmp_path / "cal.jwt") as c:
+        assert c.reader.entry("b.weight").stored_bytes > p.reader.entry("b.weight").stored_bytes
+    assert len(calls) >= 2
+
+
+def test_parse_spec_and_overrides_last_match_wins():
+    """Settings parse into options and the last matching glob wins."""
+    base = EncodeOptions()
+    assert parse_spec("q30,table=jpeg,rows=28x28", base).row_shape == (28, 28)
+    assert parse_spec("b5", base).codec == "quant" and parse_spec("jpegxl,d1.5", base).distance == 1.5
+    rules = Overrides([("*.weight", "q10"), ("fc2.*", "lossless")])
+    assert rules.options_for("fc2.weight", base).codec == "lossless"
+    assert rules.options_for("fc1.weight", base).quality == 10
+    assert rules.options_for("fc1.bias", base) is None
+    with pytest.raises(codec.EncodeError, match="cannot read"):
+        Overrides([("x", "q")]).check(base)
+
+
+def test_cli_rate_options(tmp_path):
+    """jwt encode -b and --set work from the command line; -b with --max-error is a usage error."""
+    from jwt_cli.main import cli
+
+    torch.save(_model(), tmp_path / "m.pt")
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["encode", str(tmp_path / "m.pt"), "-b", "2", "--set", "head.*=lossless"])
+    assert ok.exit_code == 0, ok.output
+    both = runner.invoke(cli, ["encode", str(tmp_path / "m.pt"), "-b", "2", "--max-error", "0.1"])
+    assert both.exit_code == 2
+    bad = runner.invoke(cli, ["encode", str(tmp_path / "m.pt"), "--set", "x=zz"])
+    assert bad.exit_code == 1 and "cannot read 'zz'" in bad.output
