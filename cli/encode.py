@@ -36,9 +36,11 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
 @click.argument("input", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Output .jwt file (default: INPUT with the suffix .jwt).")
-@click.option("--codec", "codec_name", type=click.Choice(["jpeg", "jpegxl", "quant", "lossless"]), default="jpeg",
-              show_default=True, help="Codec for weight matrices: an image codec, quant (uniform --bits per tile "
-                                      "+ zstd), or lossless for every tensor.")
+@click.option("--codec", "codec_name", type=click.Choice(["auto", "jpeg", "jpegxl", "quant", "lossless"]),
+              default="auto", show_default=True,
+              help="Codec for weight matrices: jpeg, jpegxl, quant (uniform --bits per tile + zstd) or lossless. "
+                   "auto: jpeg when --quality, --table or --row-shape is given, jpegxl with --distance, otherwise "
+                   "quant 8-bit, which loses no measurable accuracy on the benchmarks.")
 @click.option("--bits", type=click.IntRange(1, 16), default=8, show_default=True, help="Pixel bits of --codec quant.")
 @click.option("--bits-per-weight", "-b", type=click.FloatRange(0, 64, min_open=True),
               help="Size target for the whole file: a rate-distortion search picks codec, table and quality "
@@ -49,8 +51,8 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
               help="Per-tensor setting, repeatable, last match wins: lossless, qN (JPEG quality), bN (quant bits), "
                    "dX (JPEG XL distance), jpegxl, table=flat|jpeg, tile=HxW, rows=HxW; comma-separated. "
                    "E.g. --set 'fc2.*=lossless' --set '*.attention.*=q90'.")
-@click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True,
-              help="1..100: picks the JPEG quantization table scale (JPEG XL: libjxl's quality->distance map).")
+@click.option("--quality", type=click.IntRange(1, 100),
+              help="1..100 [default 90]: scales the JPEG quantization table (JPEG XL: libjxl's quality->distance map).")
 @click.option("--table", type=click.Choice(["auto", "jpeg", "flat"]), default="auto", show_default=True,
               help="JPEG quantization table: jpeg (T.81 Annex K, for image-like rows), flat, or auto "
                    "(jpeg with --row-shape, flat for grid tiles).")
@@ -63,7 +65,7 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @handle_errors
 def encode(input: Path, output: Path | None, codec_name: str, bits: int, bits_per_weight: float | None,
-           max_error: float | None, rules: tuple[str, ...], quality: int, table: str, distance: float | None,
+           max_error: float | None, rules: tuple[str, ...], quality: int | None, table: str, distance: float | None,
            effort: int, tile: tuple[int, int], row_shape: tuple[int, int] | None, meta: tuple[str, ...],
            quiet: bool) -> None:
     """Encode a PyTorch state_dict (.pt/.pth) into a .jwt container.

@@ -198,8 +198,8 @@ def test_lossy_tensor_error_in_quantization_steps(codec, quality, max_rms_steps)
 
 
 def test_small_and_integer_tensors_stay_lossless():
-    """Tensors under 16384 elements, 1-d, integer or thinner than 8 are coded with zstd."""
-    opts = EncodeOptions()
+    """For JPEG, tensors under 16384 elements, 1-d, integer or thinner than 8 are coded with zstd."""
+    opts = EncodeOptions(codec="jpeg")
     for array, dtype in [(np.zeros((100, 100), np.float32), "float32"), (np.zeros(100000, np.float32), "float32"),
                          (np.zeros((300, 300), np.int32), "int32"), (np.zeros((4, 100000), np.float32), "float32")]:
         assert encode_tensor(array, get_dtype(dtype), opts).codec.codec_id == "zstd"
@@ -231,6 +231,14 @@ def test_quant_rejects_pixels_beyond_its_bits():
 def test_quant_codes_small_matrices_that_images_cannot():
     """The quant codec takes a 10x512 output layer that the image codecs leave lossless."""
     array = RNG.standard_normal((10, 512)).astype(np.float32)
-    assert encode_tensor(array, get_dtype("float32"), EncodeOptions()).codec.codec_id == "zstd"
+    assert encode_tensor(array, get_dtype("float32"), EncodeOptions(codec="jpeg")).codec.codec_id == "zstd"
     enc = encode_tensor(array, get_dtype("float32"), EncodeOptions(codec="quant", bits=8))
     assert enc.codec.codec_id == "quant" and sum(map(len, enc.blobs)) < array.nbytes / 3
+
+
+def test_auto_codec_follows_the_options_given():
+    """codec="auto" is quant 8-bit by default, jpeg with a quality/table/row shape, jpegxl with a distance."""
+    assert (EncodeOptions().codec, EncodeOptions().bits) == ("quant", 8)
+    assert EncodeOptions(quality=20).codec == "jpeg" and EncodeOptions(row_shape=(28, 28)).codec == "jpeg"
+    assert EncodeOptions(table="flat").codec == "jpeg" and EncodeOptions(distance=1.0).codec == "jpegxl"
+    assert EncodeOptions(codec="jpeg").quality == 90
