@@ -1,0 +1,193 @@
+"""The test vectors of fixtures/vectors (spec/format.md, section 10).
+
+Valid files must decode to their expected arrays within their tolerance;
+invalid files must raise exactly the error class the manifest names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import codec
+from codec import errors, tiling
+from codec.dtypes import get_dtype, to_float64
+
+VECTORS = Path(__file__).resolve().parent.parent / "fixtures" / "vectors"
+MANIFEST = json.loads((VECTORS / "manifest.json").read_text(encoding="utf-8"))
+VALID = {Path(v["file"]).stem: v for v in MANIFEST["valid"]}
+INVALID = {Path(v["file"]).stem: v for v in MANIFEST["invalid"]}
+
+
+class Stream(io.RawIOBase):
+    """A non-seekable binary stream over bytes (like a socket or a pipe), with a name."""
+
+    def __init__(self, data: bytes, name: str):
+        self._buf = io.BytesIO(data)
+        self.name = name
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        return self._buf.readinto(b)
+
+
+def ulp(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Spacing of ``dtype`` at the float64 ``values`` (its unit in the last place)."""
+    if dtype == "bfloat16":
+        return np.spacing(np.abs(values).astype(np.float32)).astype(np.float64) * 65536
+    storage = get_dtype(dtype).storage
+    return np.spacing(np.abs(values).astype(storage)).astype(np.float64)
+
+
+def assert_matches(got: np.ndarray, expected: np.ndarray, item: dict, step: np.ndarray | None) -> None:
+    """``got`` equals ``expected`` bit for bit (tolerance 0) or within tolerance * step + 1 ulp."""
+    assert got.dtype == expected.dtype and got.shape == expected.shape, item["name"]
+    if item["tolerance"] == 0:
+        assert got.tobytes() == expected.tobytes(), f"{item['name']}: not bit-exact"
+        return
+    assert step is not None
+    dtype = get_dtype(item["dtype"])
+    g, e = to_float64(got, dtype), to_float64(expected, dtype)
+    allowed = item["tolerance"] * step + ulp(np.maximum(np.abs(g), np.abs(e)), item["dtype"])
+    worst = np.max(np.abs(g - e) - allowed)
+    assert worst <= 0, f"{item['name']}: off by {worst} beyond {item['tolerance']} steps"
+
+
+def steps(reader: codec.Reader, item: dict, arrays) -> np.ndarray | None:
+    """Per-element quantization step (its tile's scale) of a lossy tensor, else None."""
+    if "scale" not in item:
+        return None
+    t = reader.entry(item["name"]).tiling
+    scale = arrays[item["scale"]].astype(np.float64)
+    tiles = np.broadcast_to(scale[:, None, None], (t.n_tiles, t.tile_h, t.tile_w))
+    return tiling.assemble_tiles(tiles, t).reshape(item["shape"])
+
+
+def test_manifest_lists_exactly_the_files_on_disk():
+    """Every file in valid/ and invalid/ is in the manifest, and every manifest file exists."""
+    listed = {v["file"] for v in MANIFEST["valid"]} | {v["expected"] for v in MANIFEST["valid"]}
+    listed |= {v["file"] for v in MANIFEST["invalid"]}
+    on_disk = {f"{d}/{p.name}" for d in ("valid", "invalid") for p in (VECTORS / d).iterdir()}
+    assert on_disk - listed == set(), "files missing from the manifest"
+    assert listed - on_disk == set(), "manifest files missing on disk"
+    assert len(VALID) == len(MANIFEST["valid"]) and len(INVALID) == len(MANIFEST["invalid"])
+
+
+def test_vector_files_match_their_checksums():
+    """Each vector's bytes have the SHA-256 the manifest records (no newline or LFS mangling)."""
+    for v in MANIFEST["valid"] + MANIFEST["invalid"]:
+        assert hashlib.sha256((VECTORS / v["file"]).read_bytes()).hexdigest() == v["sha256"], v["file"]
+        if "expected" in v:
+            assert hashlib.sha256((VECTORS / v["expected"]).read_bytes()).hexdigest() == v["expected_sha256"]
+
+
+def test_vectors_are_small_and_cover_every_error_class():
+    """Vectors stay small (< 300 KB together) and every error class has a case."""
+    total = sum(p.stat().st_size for d in ("valid", "invalid") for p in (VECTORS / d).iterdir())
+    assert total < 300_000
+    assert {v["error"] for v in MANIFEST["invalid"]} == {
+        "FormatError", "VersionError", "ChecksumError", "LimitError", "UnknownCodecError"}
+
+
+@pytest.mark.parametrize("case", sorted(VALID))
+def test_valid_vector_decodes_with_reader(case):
+    """codec.Reader gives the manifest's names, dtypes, shapes, metadata and expected arrays."""
+    item = VALID[case]
+    arrays = np.load(VECTORS / item["expected"])
+    with codec.Reader(VECTORS / item["file"]) as reader:
+        assert reader.keys() == [t["name"] for t in item["tensors"]]
+        assert reader.metadata == item["metadata"]
+        for t in item["tensors"]:
+            entry = reader.entry(t["name"])
+            assert (entry.dtype.name, list(entry.shape)) == (t["dtype"], t["shape"])
+            assert entry.alias == t.get("alias")
+            got = reader.read(t["name"])
+            assert_matches(got, arrays[t["expected"]], t, steps(reader, t, arrays))
+
+
+@pytest.mark.parametrize("case", sorted(VALID))
+def test_valid_vector_decodes_from_a_stream(case):
+    """Decoding in file order from a non-seekable stream gives the same arrays."""
+    item = VALID[case]
+    arrays = np.load(VECTORS / item["expected"])
+    data = (VECTORS / item["file"]).read_bytes()
+    with codec.Reader(Stream(data, case)) as reader:
+        assert not reader.seekable
+        by_name = {t["name"]: t for t in item["tensors"]}
+        decoded = {}
+        for entry, array in reader.iter_arrays():
+            t = by_name[entry.name]
+            decoded[entry.name] = array if entry.alias is None else decoded[entry.alias]
+        assert list(decoded) == list(by_name)
+    with codec.Reader(data) as seekable:
+        for name, t in by_name.items():
+            assert_matches(decoded[name], arrays[t["expected"]], t, steps(seekable, t, arrays))
+
+
+@pytest.mark.parametrize("case", sorted(VALID))
+def test_valid_vector_loads_with_codec_load(case):
+    """codec.load gives torch tensors of the right dtype/shape/values; aliases share their target."""
+    from codec.api import TORCH_DTYPES, to_numpy
+
+    item = VALID[case]
+    arrays = np.load(VECTORS / item["expected"])
+    state_dict = codec.load(VECTORS / item["file"])
+    assert list(state_dict) == [t["name"] for t in item["tensors"]]
+    with codec.Reader(VECTORS / item["file"]) as reader:
+        for t in item["tensors"]:
+            tensor = state_dict[t["name"]]
+            assert TORCH_DTYPES[tensor.dtype] == t["dtype"] and list(tensor.shape) == t["shape"]
+            if "alias" in t:
+                assert tensor is state_dict[t["alias"]]
+            got, _ = to_numpy(tensor)
+            assert_matches(got, arrays[t["expected"]], t, steps(reader, t, arrays))
+
+
+def decode_all(source) -> None:
+    """Open ``source`` and decode every tensor (the latest point an invalid file must fail)."""
+    with codec.Reader(source) as reader:
+        for name in reader.keys():
+            reader.read(name)
+
+
+def check_error(exc: BaseException, item: dict, name: str) -> None:
+    """The error is exactly the manifest's class, a JwtError and a ValueError, naming the file."""
+    assert type(exc).__name__ == item["error"], f"{name}: {type(exc).__name__}: {exc}"
+    assert type(exc) is getattr(errors, item["error"])
+    assert isinstance(exc, codec.JwtError) and isinstance(exc, ValueError)
+    assert name in str(exc), str(exc)
+    assert "\n" not in str(exc)
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_vector_raises_its_error(case):
+    """codec.Reader (open, then decode every tensor) raises exactly the manifest's error class."""
+    path = VECTORS / INVALID[case]["file"]
+    with pytest.raises(codec.JwtError) as info:
+        decode_all(path)
+    check_error(info.value, INVALID[case], path.name)
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_vector_raises_its_error_via_load(case):
+    """codec.load raises exactly the manifest's error class, naming the file."""
+    path = VECTORS / INVALID[case]["file"]
+    with pytest.raises(codec.JwtError) as info:
+        codec.load(path)
+    check_error(info.value, INVALID[case], path.name)
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_vector_raises_its_error_from_a_stream(case):
+    """Read from a non-seekable stream, in file order, an invalid file raises the same error class."""
+    path = VECTORS / INVALID[case]["file"]
+    with pytest.raises(codec.JwtError) as info:
+        codec.load(Stream(path.read_bytes(), path.name))
+    check_error(info.value, INVALID[case], path.name)
