@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["PARAM_TYPES", "tile_params", "pack_params", "unpack_params", "to_pixels", "from_pixels"]
+from .dtypes import DType, from_float64
+
+__all__ = ["PARAM_TYPES", "tile_params", "params_from_range", "pack_params", "unpack_params", "to_pixels",
+           "pixels_in_place", "from_pixels", "lookup_table"]
 
 #: Parameter element types and their size in bytes (offset and scale each).
 PARAM_TYPES = {"float32": 4, "bfloat16": 2}
@@ -46,10 +49,14 @@ def _to_param(values: np.ndarray, kind: str, up: bool) -> np.ndarray:
 def tile_params(tiles: np.ndarray, bits: int, kind: str = "bfloat16") -> tuple[np.ndarray, np.ndarray]:
     """Return per-tile ``(offset, scale)`` (float32 values of type ``kind``) for tiles ``[n, h, w]``."""
     flat = tiles.reshape(tiles.shape[0], -1)
-    lo = flat.min(axis=1)
-    hi = flat.max(axis=1)
-    offset = _to_param(lo, kind, up=False)
-    span = (hi - offset.astype(np.float64)) / float((1 << bits) - 1)
+    return params_from_range(flat.min(axis=1), flat.max(axis=1), bits, kind)
+
+
+def params_from_range(lo: np.ndarray, hi: np.ndarray, bits: int,
+                      kind: str = "bfloat16") -> tuple[np.ndarray, np.ndarray]:
+    """Per-tile ``(offset, scale)`` from each tile's float64 minimum and maximum."""
+    offset = _to_param(np.asarray(lo, np.float64), kind, up=False)
+    span = (np.asarray(hi, np.float64) - offset.astype(np.float64)) / float((1 << bits) - 1)
     scale = _to_param(span, kind, up=True)
     return offset, scale
 
@@ -81,6 +88,38 @@ def to_pixels(tiles: np.ndarray, offset: np.ndarray, scale: np.ndarray, bits: in
     pixels = np.where(s > 0, pixels, 0.0)
     np.clip(pixels, 0, maxval, out=pixels)
     return pixels.astype(np.uint8 if bits <= 8 else np.uint16)
+
+
+def pixels_in_place(values: np.ndarray, offset: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    """:func:`to_pixels` without temporaries: overwrite float64 ``values`` with pixel values.
+
+    ``offset`` and ``scale`` (float32) must broadcast against ``values``
+    (one per tile); the result is the same numbers :func:`to_pixels` gives,
+    still as float64 (the caller narrows them to its pixel type).
+    """
+    o = offset.astype(np.float64)
+    s = scale.astype(np.float64)
+    constant = s == 0
+    values -= o
+    values /= np.where(constant, 1.0, s)
+    np.rint(values, out=values)
+    if constant.any():
+        np.copyto(values, 0.0, where=np.broadcast_to(constant, values.shape))
+    np.clip(values, 0, (1 << bits) - 1, out=values)
+    return values
+
+
+def lookup_table(offset: np.ndarray, scale: np.ndarray, dtype: DType, levels: int = 256) -> np.ndarray:
+    """Decoded values of every pixel level for each tile: ``[n_tiles, levels]`` in ``dtype``'s storage form.
+
+    Entry ``[i, p]`` is exactly what :func:`from_pixels` and the dtype
+    rounding give for pixel ``p`` of tile ``i`` (the spec's binary64 formula,
+    then one rounding to the dtype), so decoding 8-bit pixels through the
+    table is a lookup instead of arithmetic per pixel.
+    """
+    levels_f64 = np.arange(levels, dtype=np.float64)
+    values = offset.astype(np.float64)[:, None] + scale.astype(np.float64)[:, None] * levels_f64
+    return from_float64(values, dtype)
 
 
 def from_pixels(pixels: np.ndarray, offset: np.ndarray, scale: np.ndarray) -> np.ndarray:

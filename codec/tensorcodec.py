@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -20,8 +21,10 @@ from .blobcodecs import BlobCodec, Jpeg, JpegXL, Quant, Zstd
 from .dtypes import DType, from_float64, to_float64
 from .errors import EncodeError, FormatError
 from .format import TensorEntry
+from .parallel import INLINE, Pending
 
-__all__ = ["EncodeOptions", "Encoded", "encode_tensor", "decode_tensor", "jxl_distance", "parse_spec", "Overrides"]
+__all__ = ["EncodeOptions", "Encoded", "encode_tensor", "start_encode", "decode_tensor", "start_decode", "jxl_distance",
+           "parse_spec", "Overrides"]
 
 #: Tensors with fewer elements are not coded as images: an image codec's
 #: headers and per-tile parameters would eat what it saves.
@@ -130,47 +133,216 @@ def lossless_reason(array: np.ndarray, dtype: DType, codec: str = "jpeg") -> str
     return None
 
 
-def encode_tensor(array: np.ndarray, dtype: DType, opts: EncodeOptions) -> Encoded:
-    """Encode one tensor (storage form) according to ``opts``."""
+def encode_tensor(array: np.ndarray, dtype: DType, opts: EncodeOptions, *, executor: Executor | None = None) -> Encoded:
+    """Encode one tensor (storage form) according to ``opts``.
+
+    With an ``executor`` the image blobs are coded in parallel; the result
+    is the same bytes whatever the executor.
+    """
+    return start_encode(array, dtype, opts, executor).result()
+
+
+def start_encode(array: np.ndarray, dtype: DType, opts: EncodeOptions, executor: Executor | None = None) -> Pending:
+    """Submit the coding of one tensor's blobs to ``executor``; ``.result()`` gives the :class:`Encoded`.
+
+    Each image blob is one task that converts only its own tiles to float64
+    (a band of the matrix), so memory holds the input tensor plus a few
+    blob-sized buffers per worker, never a float64 copy of the tensor.
+    """
+    ex = executor or INLINE
     lossless = Zstd(level=opts.zstd_level, shuffle=True)
     if opts.codec == "lossless" or lossless_reason(array, dtype, opts.codec) is not None:
-        return Encoded(lossless, None, [lossless.encode(array)])
-    values = to_float64(array, dtype)
-    if not np.isfinite(values).all():
-        return Encoded(lossless, None, [lossless.encode(array)], fallback="holds NaN or Inf")
+        return Pending([ex.submit(lossless.encode, array)], lambda parts: Encoded(lossless, None, parts))
     rows, cols = array.shape[0], math.prod(array.shape[1:])
     t = tiling.plan_tiling(rows, cols, opts.tile, opts.row_shape, opts.params)
     image = opts.image_codec(t.mode)
-    tiles = tiling.extract_tiles(values.reshape(rows, cols), t)
-    offset, scale = mapping.tile_params(tiles, image.bits, t.params)
-    pixels = mapping.to_pixels(tiles, offset, scale, image.bits)
+    matrix = array.reshape(rows, cols)
+
+    def assemble(parts: list) -> Encoded:
+        if any(p is None for p in parts):  # a tile holds NaN or Inf
+            return Encoded(lossless, None, [lossless.encode(array)], fallback="holds NaN or Inf")
+        offset = np.concatenate([p[0] for p in parts])
+        scale = np.concatenate([p[1] for p in parts])
+        return Encoded(image, t, [mapping.pack_params(offset, scale, t.params)] + [p[2] for p in parts])
+
+    return Pending([ex.submit(_encode_blob, matrix, dtype, t, image, k) for k in range(t.n_blobs)], assemble)
+
+
+def _widen(src: np.ndarray, dtype: DType, out: np.ndarray) -> None:
+    """Write the float64 values of ``src`` (storage form) into ``out``."""
+    if dtype.name == "bfloat16":
+        bits = src.astype(np.uint32)
+        bits <<= 16
+        src = bits.view(np.float32)
+    np.copyto(out, src, casting="unsafe")
+
+
+def _band_f64(matrix: np.ndarray, dtype: DType, t: tiling.Tiling, g0: int, g1: int) -> np.ndarray:
+    """Tile rows ``g0..g1-1`` of a grid-tiled matrix as float64 ``[(g1-g0)*th, GC*tw]``, edge-padded."""
+    th, tw = t.tile_h, t.tile_w
+    gc = t.grid[1]
+    r0 = g0 * th
+    h, w = min((g1 - g0) * th, t.rows - r0), t.cols
+    band = np.empty(((g1 - g0) * th, gc * tw), np.float64)
+    _widen(matrix[r0 : r0 + h], dtype, band[:h, :w])
+    if w < band.shape[1]:
+        band[:h, w:] = band[:h, w - 1 : w]
+    if h < band.shape[0]:
+        band[h:] = band[h - 1 : h]
+    return band
+
+
+def _encode_blob(matrix: np.ndarray, dtype: DType, t: tiling.Tiling, image: BlobCodec, k: int):
+    """Code image blob ``k``: ``(offset, scale, blob bytes)`` of its tiles, or None if a value is not finite."""
+    idx = t.blob_tiles(k)
+    th, tw = t.tile_h, t.tile_w
+    pixel_type = np.uint8 if image.bits <= 8 else np.uint16
+    gc = t.grid[1]
+    if t.mode == "grid" and t.columns == gc:
+        # Mosaic rows are tile rows: the blob's image is a band of the matrix itself.
+        cell_rows = len(idx) // gc
+        g0 = idx.start // gc
+        band = _band_f64(matrix, dtype, t, g0, g0 + cell_rows)
+        cells = band.reshape(cell_rows, th, gc, tw)
+        lo, hi = cells.min(axis=(1, 3)).reshape(-1), cells.max(axis=(1, 3)).reshape(-1)
+        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+            return None
+        offset, scale = mapping.params_from_range(lo, hi, image.bits, t.params)
+        shape4 = (cell_rows, 1, gc, 1)
+        mapping.pixels_in_place(cells, offset.reshape(shape4), scale.reshape(shape4), image.bits)
+        return offset, scale, image.encode(band.astype(pixel_type))
+    if t.mode == "rows":
+        tiles = np.empty((len(idx), th, tw), np.float64)
+        _widen(matrix[idx.start : idx.stop], dtype, tiles.reshape(len(idx), th * tw))
+    else:
+        g0, g1 = idx.start // gc, -(-idx.stop // gc)
+        band = _band_f64(matrix, dtype, t, g0, g1)
+        tiles = band.reshape(g1 - g0, th, gc, tw).transpose(0, 2, 1, 3).reshape(-1, th, tw)
+        tiles = tiles[idx.start - g0 * gc : idx.stop - g0 * gc]
+    lo, hi = tiles.min(axis=(1, 2)), tiles.max(axis=(1, 2))
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        return None
+    offset, scale = mapping.params_from_range(lo, hi, image.bits, t.params)
+    mapping.pixels_in_place(tiles, offset[:, None, None], scale[:, None, None], image.bits)
     mid = 1 << (image.bits - 1)
-    blobs = [mapping.pack_params(offset, scale, t.params)]
-    blobs += [image.encode(tiling.to_mosaic(pixels, t, k, mid)) for k in range(t.n_blobs)]
-    return Encoded(image, t, blobs)
+    return offset, scale, image.encode(tiling.blob_mosaic(tiles.astype(pixel_type), t, k, mid))
 
 
-def decode_tensor(entry: TensorEntry, blobs: list[bytes]) -> np.ndarray:
-    """Decode a stored (non-alias) entry's blobs to its array in storage form."""
+def decode_tensor(entry: TensorEntry, blobs: Sequence[bytes], *, executor: Executor | None = None,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """Decode a stored (non-alias) entry's blobs to its array in storage form.
+
+    Image blobs are decoded in parallel with an ``executor``, each straight
+    into its part of the output array (``out``, or a new array).
+    """
+    return start_decode(entry, blobs, executor, out).result()
+
+
+def start_decode(entry: TensorEntry, blobs: Sequence[bytes], executor: Executor | None = None,
+                 out: np.ndarray | None = None) -> Pending:
+    """Submit the decoding of one entry's (CRC-checked) blobs; ``.result()`` gives the array."""
     codec, t, dtype = entry.codec, entry.tiling, entry.dtype
     assert codec is not None
+    ex = executor or INLINE
+    if out is None:
+        out = np.empty(entry.shape, dtype.storage)
+    elif out.shape != tuple(entry.shape) or out.dtype != dtype.storage or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {dtype.storage}{tuple(entry.shape)} array")
     if t is None:
-        return codec.decode(blobs[0], entry.shape, dtype.storage)
+        return Pending([ex.submit(_decode_whole, codec, blobs[0], entry.shape, dtype.storage, out)], lambda _: out)
     offset, scale = mapping.unpack_params(blobs[0], t.params)
     bad = np.flatnonzero(~(np.isfinite(offset) & np.isfinite(scale)))
     if bad.size:
         i = int(bad[0])
         raise FormatError(f"tile {i}: offset {offset[i]} / scale {scale[i]} are not finite")
-    out = np.empty((t.n_tiles, t.tile_h, t.tile_w), dtype.storage)
-    for k in range(t.n_blobs):
-        idx = t.blob_tiles(k)
-        try:
-            pixels = tiling.from_mosaic(codec.decode(blobs[1 + k], t.blob_shape(k), np.dtype(np.uint8)), t, k)
-        except FormatError as exc:
-            raise type(exc)(f"blob {1 + k}: {exc}") from None
-        values = mapping.from_pixels(pixels, offset[idx.start : idx.stop], scale[idx.start : idx.stop])
-        out[idx.start : idx.stop] = from_float64(values, dtype)
-    return np.ascontiguousarray(tiling.assemble_tiles(out, t)).reshape(entry.shape)
+    matrix = out.reshape(t.rows, t.cols)
+    futures = [ex.submit(_decode_blob, codec, t, dtype, k, blobs[1 + k], offset, scale, matrix)
+               for k in range(t.n_blobs)]
+    return Pending(futures, lambda _: out)
+
+
+def _decode_whole(codec: BlobCodec, blob: bytes, shape: tuple[int, ...], storage: np.dtype, out: np.ndarray) -> None:
+    """Decode a lossless blob into ``out``."""
+    if isinstance(codec, Zstd):
+        codec.decode(blob, shape, storage, out=out)
+    else:
+        out[...] = codec.decode(blob, shape, storage)
+
+
+#: Use per-tile lookup tables when tiles have at least this many pixels (a
+#: table costs 256 evaluations of the formula; a pixel costs a lookup).
+LUT_MIN_TILE_PIXELS = 128
+#: Elements mapped per step, so temporaries stay in the CPU caches.
+_CHUNK = 1 << 16
+
+
+def _decode_blob(codec: BlobCodec, t: tiling.Tiling, dtype: DType, k: int, blob: bytes, offset: np.ndarray,
+                 scale: np.ndarray, matrix: np.ndarray) -> None:
+    """Decode image blob ``k`` and write its tiles' values into ``matrix`` (the output, viewed as ``[R, C]``)."""
+    try:
+        pixels = codec.decode(blob, t.blob_shape(k), np.dtype(np.uint8))
+    except FormatError as exc:
+        raise type(exc)(f"blob {1 + k}: {exc}") from None
+    idx = t.blob_tiles(k)
+    th, tw = t.tile_h, t.tile_w
+    o, s = offset[idx.start : idx.stop], scale[idx.start : idx.stop]
+    lut = None
+    if pixels.dtype == np.uint8 and th * tw >= LUT_MIN_TILE_PIXELS:
+        lut = mapping.lookup_table(o, s, dtype).reshape(-1)
+    gc = t.grid[1]
+    if t.mode == "grid" and t.columns == gc:
+        # The image is a band of the matrix (plus padding): map it a few rows at a time.
+        r0, cols = (idx.start // gc) * th, t.cols
+        height = min(pixels.shape[0], t.rows - r0)
+        if lut is not None:
+            col_base = (np.arange(cols) // tw) * 256
+            step = max(1, _CHUNK // cols)
+            for y in range(0, height, step):
+                y1 = min(y + step, height)
+                index = pixels[y:y1, :cols] + col_base
+                index += ((np.arange(y, y1) // th) * (gc * 256))[:, None]
+                np.take(lut, index, out=matrix[r0 + y : r0 + y1], mode="clip")
+            return
+        for a in range(-(-height // th)):
+            y, y1 = a * th, min((a + 1) * th, height)
+            cells = pixels[y:y1].reshape(y1 - y, gc, tw)
+            values = (o[a * gc : (a + 1) * gc, None].astype(np.float64)
+                      + s[a * gc : (a + 1) * gc, None].astype(np.float64) * cells)
+            matrix[r0 + y : r0 + y1] = from_float64(values.reshape(y1 - y, gc * tw)[:, :cols], dtype)
+        return
+    tiles = tiling.from_mosaic(pixels, t, k)
+    if t.mode == "rows":
+        dest_tiles = matrix[idx.start : idx.stop].reshape(len(idx), th, tw)
+    step = max(1, _CHUNK // (th * tw))
+    for j in range(0, len(idx), step):
+        j1 = min(j + step, len(idx))
+        src = tiles[j:j1]
+        if lut is not None:
+            index = src + (np.arange(j, j1) * 256)[:, None, None]
+            if t.mode == "rows":
+                np.take(lut, index, out=dest_tiles[j:j1], mode="clip")
+                continue
+            values = np.take(lut, index, mode="clip")
+        else:
+            values = from_float64(o[j:j1, None, None].astype(np.float64)
+                                  + s[j:j1, None, None].astype(np.float64) * src, dtype)
+        if t.mode == "rows":
+            dest_tiles[j:j1] = values
+        else:
+            _place_tiles(matrix, t, idx.start + j, values)
+
+
+def _place_tiles(matrix: np.ndarray, t: tiling.Tiling, i0: int, values: np.ndarray) -> None:
+    """Write decoded grid tiles ``i0, i0+1, ...`` (``values[n, th, tw]``) into the matrix, dropping padding."""
+    th, tw = t.tile_h, t.tile_w
+    gc = t.grid[1]
+    i1 = i0 + len(values)
+    for g in range(i0 // gc, -(-i1 // gc)):
+        j0, j1 = max(i0, g * gc), min(i1, (g + 1) * gc)
+        r0, c0 = g * th, (j0 - g * gc) * tw
+        r1, c1 = min(r0 + th, t.rows), min((j1 - g * gc) * tw, t.cols)
+        part = values[j0 - i0 : j1 - i0].transpose(1, 0, 2).reshape(th, -1)
+        matrix[r0:r1, c0:c1] = part[: r1 - r0, : c1 - c0]
 
 
 def parse_spec(spec: str, base: EncodeOptions) -> EncodeOptions:

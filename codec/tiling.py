@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Tiling", "plan_tiling", "extract_tiles", "assemble_tiles", "to_mosaic", "from_mosaic"]
+__all__ = ["Tiling", "plan_tiling", "extract_tiles", "assemble_tiles", "to_mosaic", "blob_mosaic", "from_mosaic"]
 
 #: Encoder's preferred maximum pixels in one blob image (a parallelism and
 #: streaming granule; decoders accept anything up to Limits.max_blob_pixels).
@@ -147,12 +147,16 @@ def assemble_tiles(tiles: np.ndarray, t: Tiling) -> np.ndarray:
 def to_mosaic(tiles: np.ndarray, t: Tiling, k: int, fill: int) -> np.ndarray:
     """Pack the tiles of blob ``k`` into its image; empty cells hold ``fill``."""
     idx = t.blob_tiles(k)
+    return blob_mosaic(tiles[idx.start : idx.stop], t, k, fill)
+
+
+def blob_mosaic(part: np.ndarray, t: Tiling, k: int, fill: int) -> np.ndarray:
+    """Pack ``part``, the tiles of blob ``k`` alone, into its image; empty cells hold ``fill``."""
     height, width = t.blob_shape(k)
     cell_rows = height // t.tile_h
-    part = tiles[idx.start : idx.stop]
-    spare = cell_rows * t.columns - len(idx)
+    spare = cell_rows * t.columns - len(part)
     if spare:
-        part = np.concatenate([part, np.full((spare, t.tile_h, t.tile_w), fill, tiles.dtype)])
+        part = np.concatenate([part, np.full((spare, t.tile_h, t.tile_w), fill, part.dtype)])
     return part.reshape(cell_rows, t.columns, t.tile_h, t.tile_w).transpose(0, 2, 1, 3).reshape(height, width)
 
 

@@ -37,9 +37,14 @@ class Zstd(BlobCodec):
         if self.shuffle and data.itemsize > 1 and data.size:
             raw = np.ascontiguousarray(raw.T)
         params = zstandard.ZstdCompressionParameters.from_level(self.level, write_content_size=True, write_checksum=False)
-        return zstandard.ZstdCompressor(compression_params=params).compress(raw.tobytes())
+        return zstandard.ZstdCompressor(compression_params=params).compress(np.ascontiguousarray(raw).data)
 
-    def decode(self, blob: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    def decode(self, blob: bytes, shape: tuple[int, ...], dtype: np.dtype, out: np.ndarray | None = None) -> np.ndarray:
+        """Decode into ``out`` (a C-contiguous array of ``shape`` and ``dtype``) or a new array.
+
+        Shuffled content is un-shuffled through a small buffer, so the only
+        large allocation is the output itself.
+        """
         count = int(np.prod(shape, dtype=np.int64))
         expected = count * dtype.itemsize
         try:
@@ -51,15 +56,15 @@ class Zstd(BlobCodec):
         length = frame_length(blob)
         if length != len(blob):
             raise FormatError(f"zstd: blob of {len(blob)} bytes holds a frame of {length} bytes (nothing may follow it)")
-        raw = np.empty(expected, np.uint8)
+        if out is None:
+            out = np.empty(shape, dtype)
+        elif out.shape != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous {dtype}{tuple(shape)} array")
+        raw = out.reshape(-1).view(np.uint8)
+        shuffled = self.shuffle and dtype.itemsize > 1 and count
         try:
             with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
-                view, filled = memoryview(raw), 0
-                while filled < expected:
-                    n = reader.readinto(view[filled:])
-                    if not n:
-                        break
-                    filled += n
+                filled = _unshuffle_into(reader, raw, dtype.itemsize) if shuffled else _read_into(reader, raw)
                 extra = reader.read(1)
         except zstandard.ZstdError as exc:
             raise FormatError(f"zstd: corrupt frame ({exc})") from None
@@ -67,10 +72,42 @@ class Zstd(BlobCodec):
             raise FormatError(f"zstd: frame decoded to {filled}{'+' if extra else ''} bytes, expected {expected}")
         if dtype == np.bool_ and np.any(raw > 1):
             raise FormatError("zstd: bool tensor holds bytes other than 0 and 1")
-        if self.shuffle and dtype.itemsize > 1 and count:
-            raw = np.ascontiguousarray(raw.reshape(dtype.itemsize, count).T)
-        out = raw.view(dtype).reshape(shape)
         return out
+
+
+#: Bytes decompressed per step when un-shuffling.
+_CHUNK = 1 << 20
+
+
+def _read_into(reader, raw: np.ndarray) -> int:
+    """Fill ``raw`` from a zstd stream reader; return the bytes read."""
+    view, filled = memoryview(raw), 0
+    while filled < len(raw):
+        n = reader.readinto(view[filled:])
+        if not n:
+            break
+        filled += n
+    return filled
+
+
+def _unshuffle_into(reader, raw: np.ndarray, itemsize: int) -> int:
+    """Fill ``raw`` (the output's bytes) from shuffled content: byte ``j*N + i`` is byte ``j`` of element ``i``."""
+    count = len(raw) // itemsize
+    planes = raw.reshape(count, itemsize)
+    buf = np.empty(min(len(raw), _CHUNK), np.uint8)
+    view, filled = memoryview(buf), 0
+    while filled < len(raw):
+        n = reader.readinto(view[: min(len(buf), len(raw) - filled)])
+        if not n:
+            break
+        pos = 0
+        while pos < n:  # a chunk may end one byte plane and start the next
+            j, i = divmod(filled + pos, count)
+            m = min(n - pos, count - i)
+            planes[i : i + m, j] = buf[pos : pos + m]
+            pos += m
+        filled += n
+    return filled
 
 
 def frame_length(blob: bytes) -> int:

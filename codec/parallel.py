@@ -1,0 +1,93 @@
+"""Worker threads for coding blobs in parallel, and the job count.
+
+libjpeg-turbo (through Pillow and imagecodecs), libjxl, zstd, zlib's CRC and
+numpy's loops over large arrays all release the GIL, so a thread pool gives
+real parallelism without copying data between processes. Work is split into
+independent tasks (one image blob, one zstd frame) whose results are always
+put together in a fixed order: the bytes written and the values decoded
+never depend on the number of jobs.
+
+``jobs`` everywhere means: ``None`` or ``0`` for one thread per available
+core (:func:`default_jobs`), ``1`` for no worker threads at all (every task
+runs at once in the caller's thread), ``n`` for ``n`` worker threads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import Any
+
+__all__ = ["default_jobs", "resolve_jobs", "InlineExecutor", "INLINE", "make_executor", "Pending", "AHEAD_BYTES"]
+
+#: Bytes a pipeline may hold ahead of its consumer beyond the newest tensor
+#: (decoded tensors waiting to be handed out, or input tensors waiting to be
+#: coded), so memory stays bounded whatever the model size.
+AHEAD_BYTES = 64 << 20
+
+
+def default_jobs() -> int:
+    """The number of cores this process may run on (at least 1)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_jobs(jobs: int | None) -> int:
+    """Turn a ``jobs`` argument into a thread count; ValueError if it is not a count."""
+    if jobs is None or (isinstance(jobs, int) and not isinstance(jobs, bool) and jobs == 0):
+        return default_jobs()
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 0:
+        raise ValueError(f"jobs must be a non-negative integer (0 or None: one per core), found {jobs!r}")
+    return jobs
+
+
+class InlineExecutor(Executor):
+    """An executor without threads: ``submit`` runs the task at once (``jobs=1``)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as exc:  # delivered by future.result(), as a pool would
+            future.set_exception(exc)
+        return future
+
+
+#: The shared thread-less executor.
+INLINE = InlineExecutor()
+
+
+def make_executor(jobs: int | None) -> Executor:
+    """A thread pool of ``jobs`` workers, or :data:`INLINE` for one job."""
+    n = resolve_jobs(jobs)
+    return INLINE if n == 1 else ThreadPoolExecutor(n, thread_name_prefix="jwt")
+
+
+class Pending:
+    """The submitted parts of one tensor and how to put their results together.
+
+    ``result()`` waits for every part in order and returns
+    ``assemble(results)``; the first failing part (in part order) raises.
+    """
+
+    def __init__(self, futures: Sequence[Future], assemble: Callable[[list[Any]], Any]):
+        self.futures = list(futures)
+        self._assemble = assemble
+
+    def result(self) -> Any:
+        """Wait for the parts and return the assembled result."""
+        try:
+            values = [f.result() for f in self.futures]
+        except BaseException:
+            self.cancel()
+            raise
+        assemble, self._assemble, self.futures = self._assemble, None, []
+        return assemble(values)
+
+    def cancel(self) -> None:
+        """Cancel the parts that have not started (running ones finish and are dropped)."""
+        for f in self.futures:
+            f.cancel()
