@@ -126,6 +126,7 @@ def save(
     max_error: float | None = None,
     calibrate: Callable[[dict[str, torch.Tensor]], float] | None = None,
     progress: ProgressFn | None = None,
+    attachments: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
     **options: Any,
 ) -> list[str]:
     """Encode ``state_dict`` to a .jwt file at ``path`` (atomically).
@@ -144,7 +145,10 @@ def save(
     allocation instead of the data-free estimate.
 
     Tensors sharing storage (same data, shape and strides) are stored once
-    and aliased. Returns warnings (e.g. tensors kept lossless for NaN/Inf).
+    and aliased. ``attachments`` maps relative POSIX paths to bytes or to
+    files to read: non-tensor files (config, tokenizer) carried losslessly
+    after the tensors. Returns warnings (e.g. tensors kept lossless for
+    NaN/Inf).
     """
     base = EncodeOptions(**options)
     rules = Overrides(overrides)
@@ -176,6 +180,8 @@ def save(
             writer.add(name, get_dtype(dtype_name), tuple(tensor.shape), encoded)
             if progress:
                 progress(name, tensor.numel())
+        for name, data in (attachments or {}).items():
+            writer.add_attachment(name, data)
     return notes
 
 
@@ -253,6 +259,15 @@ class JwtFile:
     def get(self, name: str) -> torch.Tensor:
         """Decode and return one tensor."""
         return to_torch(self.reader.read(name), self.reader.entry(name).dtype.name)
+
+    @property
+    def attachments(self) -> list[str]:
+        """Names (relative POSIX paths) of the non-tensor files carried in the file."""
+        return list(self.reader.attachments)
+
+    def get_attachment(self, name: str) -> bytes:
+        """The bytes of one attachment (e.g. ``"config.json"``)."""
+        return self.reader.read_attachment(name)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Decode every tensor in file order (works on non-seekable streams);

@@ -41,11 +41,13 @@ __all__ = [
     "HEADER_SIZE",
     "BlobRef",
     "TensorEntry",
+    "Attachment",
     "Index",
     "pack_header",
     "unpack_header",
     "parse_index",
     "crc32",
+    "attachment_name_error",
 ]
 
 MAGIC = b"\x89JWT\r\n\x1a\n"
@@ -116,6 +118,55 @@ class TensorEntry:
 
 
 @dataclass
+class Attachment:
+    """A non-tensor file carried losslessly (config, tokenizer, ...), spec section 4.4.
+
+    ``name`` is a relative POSIX path, checked by :func:`attachment_name_error`;
+    ``size`` is the decoded size in bytes; the blob follows every tensor blob.
+    """
+
+    name: str
+    size: int
+    codec: BlobCodec
+    blobs: list[BlobRef] = field(default_factory=list)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes this attachment's blobs take in the data section."""
+        return sum(b.length for b in self.blobs)
+
+    def to_json(self) -> dict[str, Any]:
+        """The index form of this attachment."""
+        return {"name": self.name, "size": self.size, "codec": self.codec.get_config(),
+                "blobs": [[b.offset, b.length, b.crc32] for b in self.blobs]}
+
+
+#: Characters an attachment name may not hold: the Windows separator and drive
+#: colon, and control characters (C0 and DEL).
+_BAD_NAME_CHARS = frozenset("\\:" + "".join(map(chr, range(32))) + "\x7f")
+
+
+def attachment_name_error(name: str) -> str | None:
+    """Why ``name`` is not a safe relative POSIX path for an attachment, or None.
+
+    A safe name is one or more ``/``-separated parts, none empty, ``.`` or
+    ``..``, and no backslash, colon or control character anywhere (so no
+    absolute path, drive letter or escape from the output folder).
+    """
+    if not isinstance(name, str) or not name:
+        return "must be a non-empty string"
+    bad = sorted(_BAD_NAME_CHARS.intersection(name))
+    if bad:
+        return f"holds the forbidden character {bad[0]!r}"
+    parts = name.split("/")
+    if "" in parts:
+        return "is absolute or has an empty part" if name.startswith("/") else "has an empty part"
+    if "." in parts or ".." in parts:
+        return "has a '.' or '..' part"
+    return None
+
+
+@dataclass
 class Index:
     """The parsed index: entries in file order plus string metadata."""
 
@@ -123,19 +174,20 @@ class Index:
     metadata: dict[str, str] = field(default_factory=dict)
     encoder: dict[str, str] = field(default_factory=dict)
     minor: int = MINOR
+    #: Non-tensor files; their blobs follow every tensor blob.
+    attachments: list[Attachment] = field(default_factory=list)
 
     @property
     def data_length(self) -> int:
-        """Bytes of the data section the entries account for."""
-        return sum(e.stored_bytes for e in self.entries)
+        """Bytes of the data section the entries and attachments account for."""
+        return sum(e.stored_bytes for e in self.entries) + sum(a.stored_bytes for a in self.attachments)
 
     def to_bytes(self) -> bytes:
         """Serialize deterministically (fixed key order, no whitespace)."""
-        doc = {
-            "tensors": [e.to_json() for e in self.entries],
-            "metadata": self.metadata,
-            "encoder": self.encoder,
-        }
+        doc: dict[str, Any] = {"tensors": [e.to_json() for e in self.entries]}
+        if self.attachments:
+            doc["attachments"] = [a.to_json() for a in self.attachments]
+        doc.update(metadata=self.metadata, encoder=self.encoder)
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
@@ -252,7 +304,51 @@ def parse_index(index_bytes: bytes, minor: int, limits: Limits) -> Index:
             total += entry.nbytes
             if total > limits.max_total_bytes:
                 raise LimitError(f"index: tensors decode to over {limits.max_total_bytes} bytes (Limits.max_total_bytes)")
+    attachments = c.get(doc, "attachments", "top level", list, optional=True) or []
+    if len(tensors) + len(attachments) > limits.max_tensors:
+        raise LimitError(f"index: {len(tensors)} tensors and {len(attachments)} attachments exceed the limit of "
+                         f"{limits.max_tensors} entries")
+    names: set[str] = set()
+    folders: set[str] = set()
+    for i, obj in enumerate(attachments):
+        att = _parse_attachment(c, obj, i, names, folders, offset)
+        index.attachments.append(att)
+        offset += att.stored_bytes
+        total += att.size
+        if total > limits.max_total_bytes:
+            raise LimitError(f"index: tensors and attachments decode to over {limits.max_total_bytes} bytes "
+                             "(Limits.max_total_bytes)")
     return index
+
+
+def _parse_attachment(c: _Checker, obj: Any, i: int, names: set[str], folders: set[str], offset: int) -> Attachment:
+    where = f"attachments[{i}]"
+    if not isinstance(obj, dict):
+        raise c.fail(where, "must be an object")
+    name = c.text(c.get(obj, "name", where, str), where + ".name")
+    where = f"attachment {name!r}"
+    problem = attachment_name_error(name)
+    if problem:
+        raise c.fail(where, f"name {problem} (attachment names are relative POSIX paths)")
+    if name in names:
+        raise c.fail(where, "duplicate attachment name")
+    parents = {name[:k] for k in range(len(name)) if name[k] == "/"}
+    if name in folders or not parents.isdisjoint(names):
+        raise c.fail(where, "is both a file and a folder of the attachments")
+    names.add(name)
+    folders.update(parents)
+    size = c.get(obj, "size", where, int)
+    if size < 0:
+        raise c.fail(where, f"size must be non-negative, found {size}")
+    if size > c.limits.max_tensor_bytes:
+        raise LimitError(f"index: {where}: {size} bytes, over the limit of {c.limits.max_tensor_bytes}")
+    codec = get_codec(c.get(obj, "codec", where, dict))
+    if codec.lossy or codec.bits:
+        raise c.fail(where, f"codec {codec.codec_id!r} is not a lossless byte codec")
+    blobs = _parse_blobs(c, c.get(obj, "blobs", where, list), where, offset)
+    if len(blobs) != 1:
+        raise c.fail(where, f"has {len(blobs)} blobs, expected 1")
+    return Attachment(name, size, codec, blobs)
 
 
 def _parse_entry(c: _Checker, obj: Any, i: int, by_name: dict[str, TensorEntry], offset: int) -> TensorEntry:

@@ -20,7 +20,7 @@ from typing import BinaryIO
 import numpy as np
 
 from .errors import ChecksumError, FormatError, JwtError
-from .format import HEADER_SIZE, Index, TensorEntry, check_index_crc, crc32, parse_index, unpack_header
+from .format import HEADER_SIZE, Attachment, Index, TensorEntry, check_index_crc, crc32, parse_index, unpack_header
 from .limits import DEFAULT_LIMITS, Limits
 from .tensorcodec import decode_tensor
 
@@ -62,6 +62,8 @@ class Reader:
         self.entries: dict[str, TensorEntry] = {e.name: e for e in self.index.entries}
         #: Names of stored tensors that some alias refers to.
         self.aliased: set[str] = {e.alias for e in self.index.entries if e.alias is not None}
+        #: Non-tensor files carried in the container, by name, in file order.
+        self.attachments: dict[str, Attachment] = {a.name: a for a in self.index.attachments}
 
     # -- plumbing ---------------------------------------------------------
 
@@ -99,7 +101,7 @@ class Reader:
         self._pos += n
         return b"".join(chunks)
 
-    def _read_blob(self, entry: TensorEntry, k: int) -> bytes:
+    def _read_blob(self, entry: TensorEntry | Attachment, k: int) -> bytes:
         ref = entry.blobs[k]
         start = self.data_start + ref.offset
         if self.seekable:
@@ -155,10 +157,32 @@ class Reader:
         """
         for entry in self.index.entries:
             yield entry, (None if entry.alias is not None else self.read(entry.name))
-        if not self.seekable:
+        if not self.seekable and not self.attachments:
+            self._check_stream_end()
+
+    def _check_stream_end(self) -> None:
+        with self._context():
+            if self._file.read(1):
+                raise FormatError(f"trailing bytes after the last blob at offset {self._pos}")
+
+    def read_attachment(self, name: str) -> bytes:
+        """The bytes of the attachment ``name`` (CRC and size checked)."""
+        att = self.attachments.get(name)
+        if att is None:
+            raise KeyError(f"{self.name}: no attachment named {name!r}")
+        try:
             with self._context():
-                if self._file.read(1):
-                    raise FormatError(f"trailing bytes after the last blob at offset {self._pos}")
+                data = self._read_blob(att, 0)
+                return att.codec.decode(data, (att.size,), np.dtype(np.uint8)).tobytes()
+        except JwtError as exc:  # name the attachment, not a tensor
+            raise type(exc)(str(exc).replace(f"{self.name}: ", f"{self.name}: attachment {name!r}: ", 1)) from None
+
+    def iter_attachments(self) -> Iterator[tuple[Attachment, bytes]]:
+        """Every attachment with its bytes, in file order (after the tensors on a stream)."""
+        for att in self.index.attachments:
+            yield att, self.read_attachment(att.name)
+        if not self.seekable and self.attachments:
+            self._check_stream_end()
 
     def close(self) -> None:
         """Close the file if this reader opened it."""

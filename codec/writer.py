@@ -15,10 +15,13 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
+
+from .blobcodecs import Zstd
 from .dtypes import DType
 from .errors import EncodeError
 from .limits import DEFAULT_LIMITS
-from .format import BlobRef, Index, TensorEntry, crc32, pack_header
+from .format import Attachment, BlobRef, Index, TensorEntry, attachment_name_error, crc32, pack_header
 from .tensorcodec import Encoded
 
 __all__ = ["Writer", "atomic_output"]
@@ -37,6 +40,20 @@ def _text_error(value: object) -> str | None:
     return None
 
 
+def current_umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class atomic_output:
     """Context manager: a temp file beside ``path``, renamed onto it on success."""
 
@@ -46,6 +63,7 @@ class atomic_output:
     def __enter__(self) -> BinaryIO:
         directory = self.path.parent if str(self.path.parent) else Path(".")
         fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
+        os.chmod(self.tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would stay on the output
         self.file = os.fdopen(fd, "wb")
         return self.file
 
@@ -85,6 +103,11 @@ class Writer:
         self._spool = tempfile.TemporaryFile(dir=spool_dir)
         self._offset = 0
         self.closed = False
+        #: Attachment blobs go to their own spool: they follow every tensor blob.
+        self._attach_spool: BinaryIO | None = None
+        self._attach_offset = 0
+        self._attach_names: set[str] = set()
+        self._attach_folders: set[str] = set()
 
     def _check_name(self, name: str) -> None:
         problem = _text_error(name)
@@ -111,6 +134,37 @@ class Writer:
             raise EncodeError(f"alias {name!r}: {target!r} is not a stored tensor")
         return self._append(TensorEntry(name, stored.dtype, stored.shape, alias=target))
 
+    def add_attachment(self, name: str, data: bytes | str | os.PathLike[str]) -> Attachment:
+        """Append a file carried losslessly (zstd): ``data`` is its bytes or a path to read.
+
+        ``name`` must be a safe relative POSIX path (spec section 4.4); the
+        attachment's blob is placed after every tensor blob whenever it is added.
+        """
+        problem = _text_error(name) or attachment_name_error(name)
+        if problem:
+            raise EncodeError(f"attachment {name!r:.80}: name {problem}")
+        parents = {name[:k] for k in range(len(name)) if name[k] == "/"}
+        if name in self._attach_names:
+            raise EncodeError(f"attachment {name!r} is added twice")
+        if name in self._attach_folders or not parents.isdisjoint(self._attach_names):
+            raise EncodeError(f"attachment {name!r} is both a file and a folder of the attachments")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            with open(data, "rb") as f:
+                data = f.read()
+        # Level 19 for the small text files models carry; 9 keeps large ones fast.
+        codec = Zstd(level=19 if len(data) <= 16 << 20 else 9, shuffle=False)
+        blob = codec.encode(np.frombuffer(data, np.uint8))
+        if self._attach_spool is None:
+            spool_dir = Path(self.dest).parent if isinstance(self.dest, (str, os.PathLike)) else None
+            self._attach_spool = tempfile.TemporaryFile(dir=spool_dir)
+        self._attach_spool.write(blob)
+        att = Attachment(name, len(data), codec, [BlobRef(self._attach_offset, len(blob), crc32(blob))])
+        self._attach_offset += len(blob)
+        self._attach_names.add(name)
+        self._attach_folders.update(parents)
+        self.index.attachments.append(att)
+        return att
+
     def _append(self, entry: TensorEntry) -> TensorEntry:
         self._entries[entry.name] = entry
         self.index.entries.append(entry)
@@ -121,6 +175,8 @@ class Writer:
         if self.closed:
             return
         self.closed = True
+        for att in self.index.attachments:  # rebase: attachment blobs follow the tensor blobs
+            att.blobs = [BlobRef(self._offset + b.offset, b.length, b.crc32) for b in att.blobs]
         index_bytes = self.index.to_bytes()
         try:
             self._spool.seek(0)
@@ -131,16 +187,23 @@ class Writer:
                 self._emit(self.dest, index_bytes)
         finally:
             self._spool.close()
+            if self._attach_spool is not None:
+                self._attach_spool.close()
 
     def _emit(self, out: BinaryIO, index_bytes: bytes) -> None:
         out.write(pack_header(index_bytes))
         out.write(index_bytes)
         shutil.copyfileobj(self._spool, out, 1 << 20)
+        if self._attach_spool is not None:
+            self._attach_spool.seek(0)
+            shutil.copyfileobj(self._attach_spool, out, 1 << 20)
 
     def abort(self) -> None:
         """Discard everything; the destination is not touched."""
         self.closed = True
         self._spool.close()
+        if self._attach_spool is not None:
+            self._attach_spool.close()
 
     def __enter__(self) -> "Writer":
         return self
