@@ -79,10 +79,12 @@ def from_float64(values: np.ndarray, dtype: DType) -> np.ndarray:
 
     float32/float16/float64 use IEEE conversion; bfloat16 rounds to float32
     first, then keeps the top 16 bits with round-half-to-even on the rest
-    (NaN cannot occur: lossy tensors are finite).
+    (NaN cannot occur: lossy tensors are finite). Values beyond the dtype's
+    range round to infinity, as IEEE specifies, without a RuntimeWarning.
     """
-    if dtype.name != "bfloat16":
-        return values.astype(dtype.storage)
-    bits = values.astype(np.float32).view(np.uint32)
+    with np.errstate(over="ignore"):
+        if dtype.name != "bfloat16":
+            return values.astype(dtype.storage)
+        bits = values.astype(np.float32).view(np.uint32)
     rounding = np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))
     return ((bits + rounding) >> 16).astype(np.uint16)
