@@ -12,22 +12,36 @@ from .common import fail, handle_errors, progress_bar, same_file
 
 @click.command()
 @click.argument("input", type=str)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Output .pt file (default: INPUT with the suffix .pt; required when INPUT is -).")
+@click.option("-o", "--output", type=str,
+              help="Output: x.pt / x.pth, x.safetensors, or a folder (ending in /, or without a suffix) rebuilt "
+                   "with model.safetensors and the attachments. Default: the kind of the original input "
+                   "(INPUT.pt, INPUT.safetensors or the folder INPUT/); required when INPUT is -.")
+@click.option("--aliases", type=click.Choice(["clone", "drop"]), default="clone", show_default=True,
+              help="Tensors that shared storage, in a .safetensors or folder output (which cannot share): write "
+                   "a copy under every name, or drop the alias names (for loaders that re-tie weights).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @handle_errors
-def decode(input: str, output: Path | None, quiet: bool) -> None:
-    """Decode a .jwt container into a PyTorch state_dict (.pt).
+def decode(input: str, output: str | None, aliases: str, quiet: bool) -> None:
+    """Decode a .jwt container into a .pt state_dict, a .safetensors file or a model folder.
 
-    The result loads with torch.load(path, weights_only=True) and has every
-    name, shape and dtype of the original. INPUT may be - to read from
+    A .pt loads with torch.load(path, weights_only=True), with every name,
+    shape and dtype of the original and shared tensors shared again. A
+    folder holds model.safetensors and every attachment (config, tokenizer,
+    ...) so transformers / sentence-transformers load it as the original.
+    Outputs are written to a temporary file or folder and renamed; an
+    existing non-empty folder is refused. INPUT may be - to read from
     standard input (tensors are decoded as their bytes arrive).
+
+    \b
+    Examples:
+      jwt decode model.jwt -o model.pt
+      jwt decode model.jwt -o model.safetensors
+      jwt decode minilm.jwt -o minilm/
     """
-    import torch
+    from codec import io_formats
+    from codec.reader import Reader
 
-    from codec import api
-    from codec.writer import atomic_output
-
+    total = 0
     if input == "-":
         if output is None:
             raise click.UsageError("-o is required when reading from standard input")
@@ -35,19 +49,22 @@ def decode(input: str, output: Path | None, quiet: bool) -> None:
     else:
         if not Path(input).is_file():
             raise fail(f"{input}: no such file")
-        output = output or Path(input).with_suffix(".pt")
+        with Reader(input) as reader:
+            output = output or str(io_formats.default_output(input, reader.metadata))
+            total = sum(e.numel for e in reader.index.entries)
         if same_file(input, output):
             raise fail(f"{output}: refusing to overwrite the input")
         source, name = Path(input), input
-    with api.open(source) as f:
-        f.reader.name = name
-        total = sum(e.numel for e in f.reader.index.entries)
-        with progress_bar(total, "decode", quiet) as bar:
-            state_dict = {}
-            for key, tensor in f.items():
-                state_dict[key] = tensor
-                bar.update(tensor.numel())
-    with atomic_output(output) as out:
-        torch.save(state_dict, out)
+    kind = io_formats.output_format(output)
+    written: list[str] = []
+
+    with progress_bar(total, "decode", quiet) as bar:
+        def progress(tensor: str, n: int) -> None:
+            written.append(tensor)
+            bar.update(n)
+
+        notes = io_formats.decode_model(source, output, aliases=aliases, name=name, progress=progress)
+    for message in notes:
+        click.echo(f"jwt: warning: {message}", err=True)
     if not quiet:
-        click.echo(f"{output}: {len(state_dict)} tensors")
+        click.echo(f"{output}: {len(written)} tensors" + (" and the attachments" if kind == "folder" else ""))

@@ -17,6 +17,8 @@ def parse_meta(values: tuple[str, ...]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{item!r} is not key=value", param_hint="--meta")
+        if key.startswith("jwt."):
+            raise click.BadParameter(f"{key!r}: keys starting with 'jwt.' are reserved", param_hint="--meta")
         meta[key] = value
     return meta
 
@@ -33,9 +35,9 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
 
 
 @click.command()
-@click.argument("input", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("input", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Output .jwt file (default: INPUT with the suffix .jwt).")
+              help="Output .jwt file (default: INPUT with the suffix .jwt; for a folder, FOLDER.jwt).")
 @click.option("--codec", "codec_name", type=click.Choice(["auto", "jpeg", "jpegxl", "quant", "lossless"]),
               default="auto", show_default=True,
               help="Codec for weight matrices: jpeg, jpegxl, quant (uniform --bits per tile + zstd) or lossless. "
@@ -68,7 +70,11 @@ def encode(input: Path, output: Path | None, codec_name: str, bits: int, bits_pe
            max_error: float | None, rules: tuple[str, ...], quality: int | None, table: str, distance: float | None,
            effort: int, tile: tuple[int, int], row_shape: tuple[int, int] | None, meta: tuple[str, ...],
            quiet: bool) -> None:
-    """Encode a PyTorch state_dict (.pt/.pth) into a .jwt container.
+    """Encode a model (.pt/.pth, .safetensors, or a Hugging Face model folder) into a .jwt container.
+
+    A folder's weights (model.safetensors, its shards, or pytorch_model.bin)
+    become tensors; its other files (config, tokenizer, ...) travel inside
+    the .jwt losslessly as attachments, restored by `jwt decode -o DIR/`.
 
     Weight matrices (floating, 2-D or more, at least 16384 values) are cut
     into tiles, mapped per tile to 8-bit (JPEG) or 16-bit (JPEG XL) pixels
@@ -84,24 +90,33 @@ def encode(input: Path, output: Path | None, codec_name: str, bits: int, bits_pe
       jwt encode mlp.pt --bits-per-weight 1.0
       jwt encode model.pt --set 'fc2.*=b8' --set '*.bias=lossless'
       jwt encode model.pt -o model.jwt --codec jpegxl --quality 80
+      jwt encode model.safetensors
+      jwt encode all-MiniLM-L6-v2/ -o minilm.jwt
     """
-    from codec import api
+    from codec import api, io_formats
 
-    output = output or input.with_suffix(".jwt")
+    metadata = parse_meta(meta)
+    if output is None:
+        output = input.parent / (input.name + ".jwt") if input.is_dir() else input.with_suffix(".jwt")
     if input.exists() and same_file(input, output):
         raise fail(f"{output}: refusing to overwrite the input")
-    if not input.is_file():
+    if not input.exists():
         raise fail(f"{input}: no such file")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        state_dict = api.read_state_dict(input)
-    total = sum(t.numel() for t in state_dict.values())
+        source = io_formats.open_source(input)
+    if source.format == "jwt":
+        source.close()
+        raise fail(f"{input}: is already a .jwt file")
+    state_dict = source.tensors
+    total = source.numel
     if bits_per_weight is not None and max_error is not None:
         raise click.UsageError("give at most one of --bits-per-weight and --max-error")
     searching = bits_per_weight is not None or max_error is not None
-    with progress_bar(total * (2 if searching else 1), "encode", quiet) as bar:
-        notes = api.save(
-            state_dict, output, metadata={**parse_meta(meta), "source": input.name},
+    with source, progress_bar(total * (2 if searching else 1), "encode", quiet) as bar:
+        notes = source.notes + api.save(
+            state_dict, output, metadata={**metadata, "source": input.name, **source.metadata},
+            attachments=source.attachments,
             overrides=parse_rules(rules), bits_per_weight=bits_per_weight, max_error=max_error,
             progress=lambda name, n: bar.update(n), codec=codec_name, quality=quality, table=table,
             distance=distance, effort=effort, tile=tile, row_shape=row_shape, bits=bits,
@@ -109,6 +124,7 @@ def encode(input: Path, output: Path | None, codec_name: str, bits: int, bits_pe
     for message in [str(w.message) for w in caught] + notes:
         click.echo(f"jwt: warning: {message}", err=True)
     if not quiet:
-        size, raw = output.stat().st_size, sum(t.numel() * t.element_size() for t in state_dict.values())
-        click.echo(f"{output}: {len(state_dict)} tensors, {size:,} bytes "
+        size, raw = output.stat().st_size, source.nbytes
+        carried = f" and {len(source.attachments)} attachments" if source.attachments else ""
+        click.echo(f"{output}: {len(state_dict)} tensors{carried}, {size:,} bytes "
                    f"({8 * size / max(total, 1):.3f} bits/weight, {raw / max(size, 1):.1f}x smaller than the input tensors)")

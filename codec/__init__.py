@@ -7,6 +7,9 @@ Python API::
     state_dict = codec.load("model.jwt")
     with codec.open("model.jwt") as f:      # lazy: reads the index only
         w = f.get("fc1.weight")
+    codec.load_into(model, "model.jwt")     # model.load_state_dict; returns missing/unexpected keys
+    codec.encode_model("bert/", "bert.jwt") # a .pt, .safetensors or model folder (files as attachments)
+    codec.decode_model("bert.jwt", "out/")  # .pt, .safetensors or a folder transformers loads
 
 The format is specified in spec/format.md.
 """
@@ -25,6 +28,9 @@ __all__ = [
     "save",
     "load",
     "open",
+    "load_into",
+    "encode_model",
+    "decode_model",
     "Reader",
     "EncodeOptions",
     "Limits",
@@ -45,4 +51,8 @@ def __getattr__(name: str):
         from . import api
 
         return getattr(api, name)
+    if name in ("load_into", "encode_model", "decode_model", "open_source", "read_tensors"):
+        from . import io_formats
+
+        return getattr(io_formats, name)
     raise AttributeError(f"module 'codec' has no attribute {name!r}")

@@ -145,10 +145,11 @@ def save(
     allocation instead of the data-free estimate.
 
     Tensors sharing storage (same data, shape and strides) are stored once
-    and aliased. ``attachments`` maps relative POSIX paths to bytes or to
-    files to read: non-tensor files (config, tokenizer) carried losslessly
-    after the tensors. Returns warnings (e.g. tensors kept lossless for
-    NaN/Inf).
+    and aliased. ``state_dict`` may load tensors lazily on access (e.g.
+    :func:`codec.io_formats.open_source`). ``attachments`` maps relative
+    POSIX paths to bytes or to files to read: non-tensor files (config,
+    tokenizer) carried losslessly after the tensors. Returns warnings (e.g.
+    tensors kept lossless for NaN/Inf).
     """
     base = EncodeOptions(**options)
     rules = Overrides(overrides)
@@ -299,26 +300,45 @@ def open(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = 
 
 
 def load(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = DEFAULT_LIMITS,
-         progress: ProgressFn | None = None) -> dict[str, torch.Tensor]:
-    """Decode a whole .jwt file into a state_dict (shared tensors stay shared)."""
+         progress: ProgressFn | None = None, device: str | torch.device | None = None,
+         dtype: torch.dtype | str | None = None) -> dict[str, torch.Tensor]:
+    """Decode a whole .jwt file into a state_dict (shared tensors stay shared).
+
+    ``device`` moves every tensor there; ``dtype`` (a floating torch dtype
+    or its name, e.g. ``"bfloat16"``) casts the floating tensors only.
+    """
+    if isinstance(dtype, str):
+        dtype = _BY_NAME.get(dtype, dtype)  # type: ignore[arg-type]
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise EncodeError(f"dtype {dtype!r} is not a floating torch dtype")
     with JwtFile(source, limits=limits) as f:
         out = {}
+        moved: dict[str, torch.Tensor] = {}  # alias targets after the move, so aliases stay shared
         for name, tensor in f.items():
+            if device is not None or dtype is not None:
+                target = f.reader.entries[name].alias or name
+                if target not in moved:
+                    cast = dtype if dtype is not None and tensor.is_floating_point() else None
+                    tensor = tensor.to(device=device, dtype=cast)
+                    if target in f.reader.aliased:
+                        moved[target] = tensor
+                tensor = moved.get(target, tensor)
             out[name] = tensor
             if progress:
                 progress(name, tensor.numel())
         return out
 
 
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike[str], *, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Read a .pt/.pth state_dict (or checkpoint holding one) without unpickling code.
 
     Uses ``torch.load(weights_only=True)``. A checkpoint dict holding the
     weights under ``state_dict`` or ``model`` is unwrapped. Entries that are
-    not tensors are skipped with a warning naming them.
+    not tensors are skipped with a warning naming them. ``mmap`` maps the
+    tensors from the file instead of reading them (zip-format files only).
     """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise
     except Exception as exc:  # torch raises many types for foreign or malicious files

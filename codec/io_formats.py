@@ -1,0 +1,573 @@
+"""Model files in and out: ``.pt``/``.pth``, ``.safetensors`` and Hugging Face model folders.
+
+Inputs (:func:`open_source`, :func:`encode_model`):
+
+* ``.pt``/``.pth``/``.bin``: ``torch.load(weights_only=True)``, memory-mapped
+  when the file is in torch's zip format;
+* ``.safetensors``: read tensor by tensor with ``safetensors.safe_open``
+  (memory-mapped); the mapping handed to :func:`codec.save` loads each tensor
+  only when it is asked for, so the encoder never holds the whole model;
+* a model folder: the weights (``model.safetensors``, or the shards listed by
+  ``model.safetensors.index.json``; else ``pytorch_model.bin`` or its shards)
+  become tensors, and every other file (config, tokenizer, pooling config,
+  README, sub-module folders) travels losslessly as an *attachment*
+  (spec/format.md section 4.4). Copies of the same weights in other formats
+  (``pytorch_model*.bin`` next to safetensors, ``tf_model*.h5``,
+  ``flax_model*.msgpack``, ``rust_model.ot``, ``*.onnx``, ``onnx/``,
+  ``openvino/``) and ``.git``/``.cache`` folders are left out, with a note.
+
+Outputs (:func:`decode_model`), chosen by the output path:
+
+* ``x.pt``/``x.pth``/``x.bin``: ``torch.save`` of the state_dict; tensors that
+  shared storage share it again;
+* ``x.safetensors``: written tensor by tensor (one tensor in memory at a
+  time). safetensors cannot hold shared tensors, so an alias is written as a
+  copy of its target (``aliases="clone"``, the default: every name loads with
+  ``strict=True``) or left out (``aliases="drop"``, for consumers such as
+  ``transformers`` that re-tie weights themselves);
+* a folder (a path ending in ``/``, an existing empty folder, or a path
+  without a suffix): ``model.safetensors`` plus every attachment restored
+  under its relative path, so ``transformers`` / ``sentence_transformers``
+  load it as they loaded the original.
+
+Every output is written to a temporary file (or folder) beside the target
+and renamed onto it; a failure leaves nothing behind. float16 and bfloat16
+keep their dtype.
+
+Reserved metadata keys written here (spec/format.md section 4):
+``jwt.source_format`` (``pt``, ``safetensors`` or ``folder``) and
+``jwt.safetensors_metadata`` (the input's safetensors ``__metadata__`` as a
+JSON object, restored in safetensors outputs).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+from . import api
+from .dtypes import get_dtype
+from .errors import EncodeError, FormatError
+from .format import MAGIC, attachment_name_error
+from .limits import DEFAULT_LIMITS, Limits
+from .reader import Reader
+from .writer import atomic_output, current_umask
+
+__all__ = [
+    "SOURCE_FORMAT_KEY",
+    "SAFETENSORS_METADATA_KEY",
+    "WEIGHTS_FILE",
+    "LazyTensors",
+    "Source",
+    "detect_format",
+    "open_source",
+    "read_tensors",
+    "encode_model",
+    "output_format",
+    "default_output",
+    "decode_model",
+    "write_safetensors",
+    "load_into",
+]
+
+SOURCE_FORMAT_KEY = "jwt.source_format"
+SAFETENSORS_METADATA_KEY = "jwt.safetensors_metadata"
+#: The weights file of a decoded folder.
+WEIGHTS_FILE = "model.safetensors"
+
+#: format dtype name <-> safetensors dtype name.
+ST_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+}
+_FROM_ST = {v: k for k, v in ST_DTYPES.items()}
+#: safetensors' data order: by dtype in this order (its enum, descending: every tensor stays aligned), then name.
+_ST_ORDER = {name: rank for rank, name in enumerate(
+    ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL"))}
+
+#: Folder entries that are other copies of the weights (top level only).
+_OTHER_WEIGHTS = ("pytorch_model*.bin", "pytorch_model*.bin.index.json", "tf_model*.h5", "tf_model*.h5.index.json",
+                  "flax_model*.msgpack", "flax_model*.msgpack.index.json", "model*.safetensors",
+                  "model*.safetensors.index.json", "rust_model.ot", "*.onnx")
+_SKIPPED_DIRS = (".git", ".cache", ".huggingface", "onnx", "openvino")
+
+
+# -- inputs -------------------------------------------------------------------
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """A read-only ``name -> tensor`` mapping that loads a tensor each time it is accessed.
+
+    Shapes and dtypes are known without loading (:meth:`shape`,
+    :meth:`dtype_name`), so sizes can be reported before anything is read.
+    """
+
+    def __init__(self, info: dict[str, tuple[tuple[int, ...], str]], load: Callable[[str], torch.Tensor]):
+        self._info = info
+        self._load = load
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._info:
+            raise KeyError(name)
+        return self._load(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._info)
+
+    def __len__(self) -> int:
+        return len(self._info)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._info
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of ``name``, without loading it."""
+        return self._info[name][0]
+
+    def dtype_name(self, name: str) -> str:
+        """The format dtype name of ``name`` (e.g. ``"bfloat16"``), without loading it."""
+        return self._info[name][1]
+
+
+class Source:
+    """An opened model input: lazy ``tensors``, ``attachments`` and reserved metadata.
+
+    Use as a context manager (closes memory maps). ``notes`` says what was
+    left out of a folder and why.
+    """
+
+    def __init__(self, path: Path, format: str, tensors: Mapping[str, torch.Tensor],  # noqa: A002
+                 attachments: dict[str, Path] | None = None, metadata: dict[str, str] | None = None,
+                 notes: list[str] | None = None, closers: list[Callable[[], None]] | None = None):
+        self.path = path
+        self.format = format
+        self.tensors = tensors
+        #: relative POSIX path -> file to read.
+        self.attachments = attachments or {}
+        #: reserved ``jwt.*`` keys for the index.
+        self.metadata = metadata or {}
+        self.notes = notes or []
+        self._closers = closers or []
+
+    def _facts(self, name: str) -> tuple[int, int]:
+        """(elements, bytes per element) of one tensor, without loading a lazy one."""
+        if isinstance(self.tensors, LazyTensors):
+            return math.prod(self.tensors.shape(name)), get_dtype(self.tensors.dtype_name(name)).itemsize
+        t = self.tensors[name]
+        return t.numel(), t.element_size()
+
+    @property
+    def numel(self) -> int:
+        """Number of weights (every tensor, aliases included)."""
+        return sum(self._facts(n)[0] for n in self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors as stored in memory."""
+        return sum(n * size for n, size in map(self._facts, self.tensors))
+
+    @property
+    def attachment_bytes(self) -> int:
+        """Bytes of the attachment files."""
+        return sum(p.stat().st_size for p in self.attachments.values())
+
+    def close(self) -> None:
+        """Release memory maps and file handles."""
+        for close in self._closers:
+            close()
+        self._closers = []
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """``"folder"``, ``"jwt"``, ``"safetensors"`` or ``"pt"``, from the content, else the suffix."""
+    p = Path(path)
+    if p.is_dir():
+        return "folder"
+    with open(p, "rb") as f:
+        head = f.read(16)
+    if head.startswith(MAGIC):
+        return "jwt"
+    if len(head) > 9 and head[8:9] == b"{" and 8 + struct.unpack_from("<Q", head)[0] <= p.stat().st_size:
+        return "safetensors"  # u64 header length, then a JSON object
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "pt"  # torch.save's zip format, or a legacy pickle
+    by_suffix = {".jwt": "jwt", ".safetensors": "safetensors", ".pt": "pt", ".pth": "pt", ".bin": "pt"}
+    if p.suffix.lower() in by_suffix:
+        return by_suffix[p.suffix.lower()]
+    raise EncodeError(f"{p}: not a .pt, .safetensors or .jwt file, nor a model folder")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def _open_safetensors(files: list[Path], closers: list[Callable[[], None]]) -> tuple[LazyTensors, dict[str, str]]:
+    """A lazy mapping over the tensors of one or more safetensors files, and the first file's metadata."""
+    from safetensors import safe_open
+
+    info: dict[str, tuple[tuple[int, ...], str]] = {}
+    where: dict[str, Any] = {}
+    handles: list[Any] = []
+    metadata: dict[str, str] = {}
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt")
+            names = handle.offset_keys() if hasattr(handle, "offset_keys") else handle.keys()
+            if not handles:
+                metadata = dict(handle.metadata() or {})
+            facts = []
+            for name in names:
+                piece = handle.get_slice(name)
+                facts.append((name, tuple(piece.get_shape()), piece.get_dtype()))
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for foreign files
+            raise EncodeError(f"{file}: not a safetensors file ({_first_line(exc)})") from None
+        handles.append(handle)
+        for name, shape, st_dtype in facts:
+            if st_dtype not in _FROM_ST:
+                raise EncodeError(f"{file}: tensor {name!r}: unsupported safetensors dtype {st_dtype}")
+            if name in info:
+                raise EncodeError(f"{file}: tensor {name!r} is also in {where[name]}")
+            info[name] = (shape, _FROM_ST[st_dtype])
+            where[name] = handle
+    closers.append(handles.clear)
+
+    def load(name: str) -> torch.Tensor:
+        return where[name].get_tensor(name)
+
+    return LazyTensors(info, load), metadata
+
+
+def _read_pt(path: Path) -> dict[str, torch.Tensor]:
+    """A .pt state_dict, memory-mapped when the file is in torch's zip format."""
+    return api.read_state_dict(path, mmap=zipfile.is_zipfile(path))
+
+
+def _shards(index_file: Path) -> list[Path]:
+    """The shard files an ``*.index.json`` names, in order of first mention."""
+    try:
+        doc = json.loads(index_file.read_text("utf-8"))
+        weight_map = doc["weight_map"]
+        files = list(dict.fromkeys(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise EncodeError(f"{index_file}: not a shard index ({_first_line(exc)})") from None
+    for name in files:
+        if not isinstance(name, str) or attachment_name_error(name) or "/" in name:
+            raise EncodeError(f"{index_file}: shard {name!r} is not a file name in the folder")
+    return [index_file.parent / name for name in files]
+
+
+def _folder_weights(root: Path) -> tuple[str, list[Path]]:
+    """(kind, files) of the model weights at the top of a folder."""
+    for kind, single, index in (("safetensors", "model.safetensors", "model.safetensors.index.json"),
+                                ("pt", "pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (root / single).is_file():
+            return kind, [root / single]
+        if (root / index).is_file():
+            return kind, [root / index, *_shards(root / index)]
+    raise EncodeError(f"{root}: no model weights in the folder (model.safetensors, model.safetensors.index.json, "
+                      "pytorch_model.bin or pytorch_model.bin.index.json)")
+
+
+def _folder_attachments(root: Path, used: set[Path]) -> tuple[dict[str, Path], list[str]]:
+    """Every other file of the folder by relative POSIX path, and notes on what was left out."""
+    attachments: dict[str, Path] = {}
+    notes: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        rel = here.relative_to(root).as_posix()
+        prefix = "" if rel == "." else rel + "/"
+        dirnames.sort()
+        for d in list(dirnames):
+            if (here / d).is_symlink():
+                notes.append(f"{prefix}{d}/: a symbolic link to a folder, not followed")
+                dirnames.remove(d)
+            elif not prefix and d in _SKIPPED_DIRS:
+                notes.append(f"{d}/: left out (not part of the model, or another export of its weights)")
+                dirnames.remove(d)
+        for fn in sorted(filenames):
+            path, name = here / fn, prefix + fn
+            if path in used:
+                continue
+            if not prefix and any(fnmatch.fnmatch(fn, pat) for pat in _OTHER_WEIGHTS):
+                notes.append(f"{name}: left out (another copy of the weights)")
+                continue
+            if not path.is_file():
+                notes.append(f"{name}: left out (not a regular file)")
+                continue
+            problem = attachment_name_error(name)
+            if problem:
+                raise EncodeError(f"{path}: cannot be carried as an attachment: its name {problem}")
+            attachments[name] = path
+    return attachments, notes
+
+
+def open_source(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) -> Source:
+    """Open a model input (.pt/.pth, .safetensors, a model folder, or a .jwt) for lazy reading."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(2, "no such file or folder", str(p))
+    fmt = detect_format(p)
+    closers: list[Callable[[], None]] = []
+    if fmt == "pt":
+        return Source(p, fmt, _read_pt(p), metadata={SOURCE_FORMAT_KEY: "pt"})
+    if fmt == "safetensors":
+        tensors, st_meta = _open_safetensors([p], closers)
+        return Source(p, fmt, tensors, metadata=_source_meta(fmt, st_meta), closers=closers)
+    if fmt == "jwt":
+        f = api.open(p, limits=limits)
+        info = {e.name: (e.shape, e.dtype.name) for e in f.reader.index.entries}
+        return Source(p, fmt, LazyTensors(info, f.get), closers=[f.close])
+    kind, files = _folder_weights(p)
+    st_meta: dict[str, str] = {}
+    if kind == "safetensors":
+        tensors, st_meta = _open_safetensors([f for f in files if f.suffix == ".safetensors"], closers)
+    else:
+        tensors = {}
+        for file in files:
+            if file.suffix != ".json":
+                for name, t in _read_pt(file).items():
+                    if name in tensors:
+                        raise EncodeError(f"{file}: tensor {name!r} is in two shards")
+                    tensors[name] = t
+    attachments, notes = _folder_attachments(p, set(files))
+    return Source(p, "folder", tensors, attachments, _source_meta("folder", st_meta), notes, closers)
+
+
+def _source_meta(fmt: str, st_meta: dict[str, str]) -> dict[str, str]:
+    meta = {SOURCE_FORMAT_KEY: fmt}
+    if st_meta:
+        meta[SAFETENSORS_METADATA_KEY] = json.dumps(st_meta, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return meta
+
+
+def read_tensors(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) -> dict[str, torch.Tensor]:
+    """Every tensor of a .jwt, .pt, .safetensors file or model folder, as a state_dict."""
+    if detect_format(path) == "jwt":
+        return api.load(path, limits=limits)
+    with open_source(path) as src:
+        return dict(src.tensors.items())
+
+
+def encode_model(source: str | os.PathLike[str], dest: str | os.PathLike[str] | BinaryIO, *,
+                 metadata: Mapping[str, str] | None = None, **options: Any) -> list[str]:
+    """Encode a .pt/.safetensors file or a model folder to a .jwt (attachments included).
+
+    ``options`` are :func:`codec.save`'s. Stores ``source`` (the input's
+    name) and the reserved ``jwt.*`` keys in the metadata. Returns notes
+    (what was left out of a folder, tensors kept lossless).
+    """
+    with open_source(source) as src:
+        if src.format == "jwt":
+            raise EncodeError(f"{source}: is already a .jwt file")
+        meta = {**(metadata or {}), "source": Path(source).name, **src.metadata}
+        notes = list(src.notes)
+        notes += api.save(src.tensors, dest, metadata=meta, attachments=src.attachments, **options)
+    return notes
+
+
+# -- outputs ------------------------------------------------------------------
+
+
+def output_format(path: str | os.PathLike[str]) -> str:
+    """``"pt"``, ``"safetensors"`` or ``"folder"``, from the output path."""
+    text, p = os.fspath(path), Path(path)
+    if text.endswith(("/", os.sep)) or p.is_dir() or not p.suffix:
+        return "folder"
+    suffix = p.suffix.lower()
+    if suffix in (".pt", ".pth", ".bin"):
+        return "pt"
+    if suffix == ".safetensors":
+        return "safetensors"
+    raise EncodeError(f"{p}: unknown output type {suffix!r} (use .pt, .pth, .safetensors, or a folder ending in /)")
+
+
+def default_output(jwt_path: str | os.PathLike[str], metadata: Mapping[str, str]) -> Path:
+    """Where ``jwt decode`` writes without ``-o``: the kind of the original input, beside the .jwt."""
+    p = Path(jwt_path)
+    kind = metadata.get(SOURCE_FORMAT_KEY)
+    if kind == "folder":
+        return p.with_suffix("") if p.suffix else p.with_name(p.name + ".out")
+    return p.with_suffix(".safetensors" if kind == "safetensors" else ".pt")
+
+
+def _safetensors_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The ``__metadata__`` to write: the input's (if stored), with ``format: pt``."""
+    out: dict[str, str] = {}
+    stored = metadata.get(SAFETENSORS_METADATA_KEY)
+    if stored:
+        try:
+            doc = json.loads(stored)
+            if isinstance(doc, dict):
+                out = {str(k): str(v) for k, v in doc.items()}
+        except ValueError:
+            pass
+    out.setdefault("format", "pt")
+    return out
+
+
+def write_safetensors(reader: Reader, out: BinaryIO, *, aliases: str = "clone",
+                      progress: Callable[[str, int], None] | None = None) -> list[str]:
+    """Write the tensors of ``reader`` as a safetensors file to the seekable ``out``, one at a time.
+
+    The header comes from the index alone; tensors are laid out as
+    ``safetensors.torch.save_file`` lays them out (largest elements first,
+    so each is aligned; then by name), and written as they are decoded, in
+    file order (streams work). Aliases are written as copies (``"clone"``) or left out
+    (``"drop"``). Returns notes.
+    """
+    if aliases not in ("clone", "drop"):
+        raise EncodeError(f"aliases={aliases!r}: use 'clone' or 'drop'")
+    entries = [e for e in reader.index.entries if aliases == "clone" or e.alias is None]
+    header: dict[str, Any] = {"__metadata__": _safetensors_metadata(reader.metadata)}
+    offsets: dict[str, int] = {}
+    position = 0
+    for e in sorted(entries, key=lambda e: (_ST_ORDER[ST_DTYPES[e.dtype.name]], e.name)):
+        header[e.name] = {"dtype": ST_DTYPES[e.dtype.name], "shape": list(e.shape),
+                          "data_offsets": [position, position + e.nbytes]}
+        offsets[e.name] = position
+        position += e.nbytes
+    head = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    out.write(struct.pack("<Q", len(head)) + head)
+    base = 8 + len(head)
+    kept: dict[str, np.ndarray] = {}
+    for entry, array in reader.iter_arrays():
+        if entry.alias is not None:
+            if aliases == "drop":
+                continue
+            array = kept[entry.alias]
+        elif entry.name in reader.aliased:
+            kept[entry.name] = array
+        assert array is not None
+        out.seek(base + offsets[entry.name])
+        out.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        if progress:
+            progress(entry.name, entry.numel)
+    out.seek(0, os.SEEK_END)
+    if out.tell() != base + position:
+        raise FormatError(f"safetensors output is {out.tell()} bytes, expected {base + position}")
+    dropped = [e.name for e in reader.index.entries if e.alias is not None and aliases == "drop"]
+    return [f"left out {len(dropped)} aliases (shared tensors): {', '.join(dropped[:10])}"] if dropped else []
+
+
+def _attachment_path(root: Path, name: str) -> Path:
+    """Where attachment ``name`` goes under ``root``; FormatError for anything unsafe."""
+    problem = attachment_name_error(name)
+    if problem:
+        raise FormatError(f"attachment {name!r}: name {problem}")
+    path = root.joinpath(*name.split("/"))
+    resolved, top = path.resolve(), root.resolve()
+    if resolved == top or top not in resolved.parents:
+        raise FormatError(f"attachment {name!r}: escapes the output folder")
+    return path
+
+
+def _write_folder(f: api.JwtFile, output: Path, aliases: str, progress: Callable[[str, int], None] | None) -> list[str]:
+    if output.exists():
+        if not output.is_dir():
+            raise EncodeError(f"{output}: exists and is not a folder")
+        if any(output.iterdir()):
+            raise EncodeError(f"{output}: folder exists and is not empty; refusing to overwrite it")
+    parent = output.absolute().parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
+    try:
+        with open(tmp / WEIGHTS_FILE, "wb") as out:
+            notes = write_safetensors(f.reader, out, aliases=aliases, progress=progress)
+            out.flush()
+            os.fsync(out.fileno())
+        for att, data in f.reader.iter_attachments():
+            path = _attachment_path(tmp, att.name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+            except FileExistsError:
+                raise FormatError(f"attachment {att.name!r}: collides with {path.relative_to(tmp).as_posix()} "
+                                  "already written") from None
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+        os.chmod(tmp, 0o777 & ~current_umask())
+        os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return notes
+
+
+def decode_model(source: str | os.PathLike[str] | BinaryIO | bytes, output: str | os.PathLike[str], *,
+                 aliases: str = "clone", limits: Limits = DEFAULT_LIMITS, name: str | None = None,
+                 progress: Callable[[str, int], None] | None = None) -> list[str]:
+    """Decode a .jwt to ``output``: a ``.pt``, a ``.safetensors`` or a folder (see :func:`output_format`).
+
+    Written atomically; works from a non-seekable stream. ``aliases`` is
+    how safetensors outputs hold shared tensors (``"clone"`` or ``"drop"``).
+    Returns notes (e.g. attachments a .pt cannot hold).
+    """
+    fmt = output_format(output)
+    out_path = Path(output)
+    with api.open(source, limits=limits) as f:
+        if name:
+            f.reader.name = name
+        if fmt == "folder":
+            return _write_folder(f, out_path, aliases, progress)
+        if fmt == "safetensors":
+            with atomic_output(out_path) as out:
+                notes = write_safetensors(f.reader, out, aliases=aliases, progress=progress)
+        else:
+            state_dict = {}
+            for key, tensor in f.items():
+                state_dict[key] = tensor
+                if progress:
+                    progress(key, tensor.numel())
+            notes = []
+            with atomic_output(out_path) as out:
+                torch.save(state_dict, out)
+        if f.reader.attachments:
+            if not f.reader.seekable:
+                for _ in f.reader.iter_attachments():  # verify them and the end of the stream
+                    pass
+            names = list(f.reader.attachments)
+            notes.append(f"{len(names)} attachments ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) "
+                         f"are not written to a .{fmt} file; decode to a folder to restore them")
+        return notes
+
+
+def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, strict: bool = True,
+              limits: Limits = DEFAULT_LIMITS):
+    """Load the weights of ``path`` (.jwt, .pt, .safetensors or a model folder) into ``model``.
+
+    Uses ``model.load_state_dict(state_dict, strict=strict)`` and returns its
+    result, a named tuple ``(missing_keys, unexpected_keys)``; with
+    ``strict=True`` a mismatch raises ``RuntimeError`` as torch does.
+    Tensors are decoded onto the device of the model's first parameter.
+    """
+    first = next(iter(model.parameters()), None)
+    first = first if first is not None else next(iter(model.buffers()), None)
+    device = first.device if first is not None else None
+    if detect_format(path) == "jwt":
+        state_dict = api.load(path, limits=limits, device=device)
+    else:
+        state_dict = read_tensors(path)
+    return model.load_state_dict(state_dict, strict=strict)
