@@ -34,7 +34,7 @@ MIN_IMAGE_SIDE = 8
 #: Tensors with fewer elements are not worth quantizing (they save under 3 KB).
 MIN_QUANT_ELEMENTS = 1024
 CODEC_CHOICES = ("jpeg", "jpegxl", "quant", "lossless")
-TABLE_CHOICES = ("auto", "jpeg", "flat")
+TABLE_CHOICES = ("auto", "jpeg", "flat", "ramp1", "ramp2", "ramp4")
 
 
 def jxl_distance(quality: int) -> float:

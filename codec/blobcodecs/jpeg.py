@@ -13,6 +13,13 @@ table is chosen by the parameters (spec/format.md, "Quantization tables"):
 ``table = "flat"``
     Every entry is the scaled value of 16: all frequencies alike, the better
     choice for weights that do not look like images.
+``table = "ramp1" | "ramp2" | "ramp4"``
+    Steps growing linearly with spatial frequency, base entry
+    ``round(16 * (1 + a * sqrt(u^2 + v^2)) / (1 + a))`` at DCT indices
+    ``(u, v)``, slope ``a`` = 1, 2 or 4: the table matched to the natural-
+    image prior (power ~ 1/f^2, so the error that minimizes prior-weighted
+    distortion per bit grows with f). Between flat and Annex K; on the seed
+    MLP it loses less accuracy than either at equal size.
 ``table = [64 ints]``
     A custom table in natural (row-major) order, each 1..255.
 """
@@ -20,6 +27,7 @@ table is chosen by the parameters (spec/format.md, "Quantization tables"):
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 import imagecodecs
@@ -43,14 +51,24 @@ ANNEX_K_LUMINANCE = (
     72, 92, 95, 98, 112, 100, 103, 99,
 )  # fmt: skip
 
-TABLE_KINDS = ("jpeg", "flat")
+TABLE_KINDS = ("jpeg", "flat", "ramp1", "ramp2", "ramp4")
+
+
+def _base_table(kind: str) -> tuple[int, ...]:
+    """The quality-50 table of a named kind, natural order."""
+    if kind == "jpeg":
+        return ANNEX_K_LUMINANCE
+    if kind == "flat":
+        return (16,) * 64
+    a = int(kind[4:])
+    return tuple(max(1, round(16 * (1 + a * math.hypot(u, v)) / (1 + a))) for u in range(8) for v in range(8))
 
 
 def quant_table(quality: int, table: str | list[int]) -> list[int]:
     """Return the 64-entry quantization table (natural order) for the parameters."""
     if not isinstance(table, str):
         return list(table)
-    base = ANNEX_K_LUMINANCE if table == "jpeg" else (16,) * 64
+    base = _base_table(table)
     s = 5000 // quality if quality < 50 else 200 - 2 * quality
     return [min(255, max(1, (b * s + 50) // 100)) for b in base]
 
