@@ -441,6 +441,8 @@ def write_safetensors(reader: Reader, out: BinaryIO, *, aliases: str = "clone",
     if aliases not in ("clone", "drop"):
         raise EncodeError(f"aliases={aliases!r}: use 'clone' or 'drop'")
     entries = [e for e in reader.index.entries if aliases == "clone" or e.alias is None]
+    if any(e.name == "__metadata__" for e in entries):  # the header's own key: the file would not load
+        raise EncodeError("a tensor named '__metadata__' cannot be stored in a safetensors file; decode to .pt")
     header: dict[str, Any] = {"__metadata__": _safetensors_metadata(reader.metadata)}
     offsets: dict[str, int] = {}
     position = 0
