@@ -11,6 +11,10 @@ import click
 from .common import fail, handle_errors
 
 
+#: Version of the ``--json`` document (spec/cli.md): raised only for a change that is not an addition.
+SCHEMA_VERSION = 1
+
+
 def describe(reader) -> dict:
     """The ``--json`` document: per-tensor facts read from the index alone."""
     tensors = []
@@ -30,12 +34,18 @@ def describe(reader) -> dict:
     stored = [t for t in tensors if t["codec"] != "alias"]
     weights = sum(t["numel"] for t in stored)
     fp32 = 4 * weights
+    attachments = [{"name": a.name, "size": a.size, "nbytes": a.stored_bytes, "codec": a.codec.codec_id}
+                   for a in reader.index.attachments]
     return {
+        "schema_version": SCHEMA_VERSION,
         "file": reader.name, "format_version": f"1.{reader.index.minor}", "file_bytes": reader.size,
-        "tensors": tensors, "metadata": reader.metadata, "encoder": reader.index.encoder,
+        "tensors": tensors, "attachments": attachments, "metadata": reader.metadata,
+        "encoder": reader.index.encoder,
         "totals": {"tensors": len(tensors), "weights": weights, "nbytes": reader.size,
                    "bits_per_weight": 8 * reader.size / weights if weights else 0.0,
-                   "ratio_to_fp32": fp32 / reader.size if reader.size else 0.0},
+                   "ratio_to_fp32": fp32 / reader.size if reader.size else 0.0,
+                   "attachments": len(attachments), "attachment_bytes": sum(a["nbytes"] for a in attachments),
+                   "attachment_size": sum(a["size"] for a in attachments)},
     }
 
 
@@ -79,5 +89,15 @@ def info(input: Path, as_json: bool) -> None:
     click.echo(f"   total: {tot['tensors']} tensors, {tot['weights']:,} weights, {tot['nbytes']:,} bytes, "
                f"{tot['bits_per_weight']:.3f} bits/weight, {tot['ratio_to_fp32']:.1f}x smaller than fp32 "
                f"(format {doc['format_version']})")
-    if doc["metadata"]:
-        click.echo("metadata: " + ", ".join(f"{k}={v}" for k, v in doc["metadata"].items()))
+    if doc["attachments"]:
+        click.echo(f"attachments: {tot['attachments']} files, {tot['attachment_size']:,} bytes stored in "
+                   f"{tot['attachment_bytes']:,}")
+        width = max(len(a["name"]) for a in doc["attachments"])
+        for a in doc["attachments"]:
+            click.echo(f"  {a['name'].ljust(width)}  {a['size']:>12,}  {a['nbytes']:>12,}  {a['codec']}")
+    for title, pairs in (("metadata", doc["metadata"]), ("encoder", doc["encoder"])):
+        if pairs:
+            click.echo(f"{title}:")
+            width = max(len(k) for k in pairs)
+            for k, v in pairs.items():
+                click.echo(f"  {k.ljust(width)}  {v}")

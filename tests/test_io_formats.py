@@ -331,6 +331,21 @@ def test_pt_output_warns_that_attachments_are_left_out(tmp_path):
     assert set(torch.load(tmp_path / "m.pt", weights_only=True)) == set(tensors())
 
 
+def test_info_shows_metadata_encoder_versions_and_attachments(tmp_path):
+    """jwt info lists the attachments, the metadata and the encoder versions; --json has them too."""
+    (tmp_path / "src").mkdir()
+    save_file(tensors(), tmp_path / "src" / "model.safetensors")
+    (tmp_path / "src" / "config.json").write_text('{"model_type": "bert"}')
+    run("encode", tmp_path / "src", "-o", tmp_path / "m.jwt", "--meta", "license=mit", "-q")
+    text = run("info", tmp_path / "m.jwt").output
+    assert "config.json" in text and "license" in text and "jwt.source_format" in text and "libjpeg-turbo" in text
+    doc = json.loads(run("info", tmp_path / "m.jwt", "--json").output)
+    assert doc["attachments"] == [{"name": "config.json", "size": 22, "nbytes": doc["attachments"][0]["nbytes"],
+                                   "codec": "zstd"}]
+    assert doc["metadata"]["jwt.source_format"] == "folder" and doc["metadata"]["license"] == "mit"
+    assert doc["totals"]["attachments"] == 1 and "jwt" in doc["encoder"] and doc["schema_version"] == 1
+
+
 def test_reserved_metadata_keys_are_refused():
     """--meta with a key starting with 'jwt.' is a usage error."""
     result = CliRunner().invoke(cli, ["encode", "x.pt", "--meta", "jwt.source_format=pt"])
