@@ -7,8 +7,10 @@ import click
 from codec import __version__
 
 from .decode import decode
+from .diff import diff
 from .encode import encode
 from .info import info
+from .show import show
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,6 +25,8 @@ def cli() -> None:
 cli.add_command(encode)
 cli.add_command(decode)
 cli.add_command(info)
+cli.add_command(show)
+cli.add_command(diff)
 
 
 def main() -> None:

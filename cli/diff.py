@@ -1,0 +1,174 @@
+"""``jwt diff``: per-tensor error between two models, and the bits/weight of the .jwt side."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+
+from .common import fail, handle_errors
+
+
+def _shape(shape) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def compare(a, b) -> tuple[float, float, float, float]:
+    """(sum of squared differences, sum of squared reference values, max |difference|, elements) of b against a."""
+    import torch
+
+    a, b = a.detach().to("cpu").double().reshape(-1), b.detach().to("cpu").double().reshape(-1)
+    d = torch.where(a == b, torch.zeros_like(a), b - a)
+    d = torch.where(torch.isnan(a) & torch.isnan(b), torch.zeros_like(d), d)
+    if d.numel() == 0:
+        return 0.0, 0.0, 0.0, 0
+    return float((d * d).sum()), float((a * a).sum()), float(d.abs().max()), d.numel()
+
+
+def _relative(err2: float, ref2: float) -> float:
+    if ref2:
+        return math.sqrt(err2 / ref2)
+    return 0.0 if err2 == 0 else math.inf
+
+
+def _jwt_costs(source) -> dict[str, tuple[str, float | None, int]] | None:
+    """name -> (codec, bits/weight, stored bytes) for a .jwt source, from its index; None for other formats."""
+    if source.format != "jwt":
+        return None
+    from codec import api
+
+    with api.open(source.path) as f:
+        out = {}
+        for e in f.reader.index.entries:
+            if e.alias is not None:
+                out[e.name] = (f"={e.alias}", None, 0)
+            else:
+                out[e.name] = (e.codec.codec_id, 8 * e.stored_bytes / e.numel if e.numel else 0.0, e.stored_bytes)
+        return out
+
+
+def diff_models(path_a: Path, path_b: Path) -> dict:
+    """The ``--json`` document: per-tensor errors of B against A, costs of the .jwt side(s), totals."""
+    from codec import io_formats
+
+    with io_formats.open_source(path_a) as src_a, io_formats.open_source(path_b) as src_b:
+        costs = {"a": _jwt_costs(src_a), "b": _jwt_costs(src_b)}
+        names_a, names_b = list(src_a.tensors), set(src_b.tensors)
+        rows = []
+        tot_err2 = tot_ref2 = tot_max = 0.0
+        tot_bytes = {"a": 0, "b": 0}
+        tot_numel = {"a": 0, "b": 0}
+        for name in names_a:
+            if name not in names_b:
+                continue
+            ta, tb = src_a.tensors[name], src_b.tensors[name]
+            row = {"name": name, "shape": list(ta.shape), "dtype_a": str(ta.dtype).removeprefix("torch."),
+                   "dtype_b": str(tb.dtype).removeprefix("torch."), "numel": ta.numel()}
+            for side, cost in costs.items():
+                if cost is not None:
+                    codec_id, bits, stored = cost[name]
+                    row[f"codec_{side}"], row[f"bits_per_weight_{side}"] = codec_id, bits
+                    if bits is not None:
+                        tot_bytes[side] += stored
+                        tot_numel[side] += ta.numel()
+            if tuple(ta.shape) != tuple(tb.shape):
+                row.update(rel_error=None, max_error=None, note=f"shape {_shape(ta.shape)} vs {_shape(tb.shape)}")
+            else:
+                err2, ref2, worst, _ = compare(ta, tb)
+                row.update(rel_error=_relative(err2, ref2), max_error=worst)
+                tot_err2, tot_ref2, tot_max = tot_err2 + err2, tot_ref2 + ref2, max(tot_max, worst)
+            rows.append(row)
+        totals: dict = {"tensors": len(rows), "rel_error": _relative(tot_err2, tot_ref2), "max_error": tot_max}
+        for side, cost in costs.items():
+            if cost is not None:
+                totals[f"bits_per_weight_{side}"] = 8 * tot_bytes[side] / tot_numel[side] if tot_numel[side] else 0.0
+                path = src_a.path if side == "a" else src_b.path
+                totals[f"file_bytes_{side}"] = path.stat().st_size
+        return {"schema_version": 1, "a": str(path_a), "b": str(path_b), "tensors": rows,
+                "only_in_a": [n for n in names_a if n not in names_b],
+                "only_in_b": [n for n in src_b.tensors if n not in set(names_a)], "totals": totals}
+
+
+def _fmt(value: float | None, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "rel":
+        return "inf" if math.isinf(value) else f"{value:.3e}"
+    if kind == "max":
+        return f"{value:.3e}"
+    return f"{value:.3f}"
+
+
+def table(doc: dict) -> list[str]:
+    """The aligned text table of a diff document, with a totals line."""
+    sides = [s for s in ("a", "b") if f"bits_per_weight_{s}" in doc["totals"]]
+    head = ["name", "shape", "dtype", "rel.err", "max.err"]
+    for s in sides:
+        head += [f"codec({s.upper()})", f"bits/w({s.upper()})"]
+    rows = []
+    for t in doc["tensors"]:
+        dtype = t["dtype_a"] if t["dtype_a"] == t["dtype_b"] else f"{t['dtype_a']}/{t['dtype_b']}"
+        row = [t["name"], _shape(t["shape"]), dtype,
+               t.get("note") or _fmt(t["rel_error"], "rel"), "" if t.get("note") else _fmt(t["max_error"], "max")]
+        for s in sides:
+            bits = t[f"bits_per_weight_{s}"]
+            row += [t[f"codec_{s}"], "-" if bits is None else _fmt(bits, "bits")]
+        rows.append(row)
+    tot = doc["totals"]
+    total = [f"total ({tot['tensors']} tensors)", "", "", _fmt(tot["rel_error"], "rel"), _fmt(tot["max_error"], "max")]
+    for s in sides:
+        total += ["", _fmt(tot[f"bits_per_weight_{s}"], "bits")]
+    right = {3, 4} | {6 + 2 * i for i in range(len(sides))}
+    widths = [max(len(r[i]) for r in [head, *rows, total]) for i in range(len(head))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+    out = [line(head), *map(line, rows), "  ".join("-" * w for w in widths), line(total)]
+    for s in sides:
+        size = tot[f"file_bytes_{s}"]
+        weights = sum(t["numel"] for t in doc["tensors"] if t[f"bits_per_weight_{s}"] is not None)
+        out.append(f"{s.upper()} file: {size:,} bytes, {8 * size / weights if weights else 0:.3f} bits/weight "
+                   "(index and attachments included)")
+    for s in ("a", "b"):
+        missing = doc[f"only_in_{s}"]
+        if missing:
+            out.append(f"only in {s.upper()} ({len(missing)}): {', '.join(missing[:20])}"
+                       + (", ..." if len(missing) > 20 else ""))
+    return out
+
+
+@click.command()
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document for scripts (spec/cli.md).")
+@handle_errors
+def diff(a: Path, b: Path, as_json: bool) -> None:
+    """Compare two models tensor by tensor: relative and max error of B against A.
+
+    A and B are each a .pt, .safetensors, .jwt file or a model folder.
+    The relative error is ||B - A|| / ||A|| per tensor, and over all
+    tensors in the total line; bits/weight is the stored cost of a .jwt
+    side, from its index.
+
+    \b
+    Examples:
+      jwt diff model.pt model.jwt
+      jwt diff all-MiniLM-L6-v2/ minilm.jwt
+    """
+    for p in (a, b):
+        if not p.exists():
+            raise fail(f"{p}: no such file")
+    doc = diff_models(a, b)
+    if as_json:
+        for row in [*doc["tensors"], doc["totals"]]:  # JSON has no infinity: an all-zero reference gives null
+            if isinstance(row.get("rel_error"), float) and math.isinf(row["rel_error"]):
+                row["rel_error"] = None
+        click.echo(json.dumps(doc, indent=1, ensure_ascii=False))
+        return
+    if not doc["tensors"]:
+        raise fail(f"{a} and {b} have no tensor name in common")
+    for text in table(doc):
+        click.echo(text)

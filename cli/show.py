@@ -1,0 +1,254 @@
+"""``jwt show``: a tensor's tiles as pictures, decoded beside the original and the error."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .common import fail, handle_errors
+
+#: Tile used to cut losslessly stored tensors for display.
+DISPLAY_TILE = 64
+
+
+@dataclass(frozen=True)
+class TileView:
+    """How a tensor's matrix view is cut into the tiles shown."""
+
+    mode: str  # "rows" or "grid"
+    rows: int
+    cols: int
+    tile_h: int
+    tile_w: int
+
+    @property
+    def grid_cols(self) -> int:
+        """Tiles across the matrix (1 in rows mode)."""
+        return 1 if self.mode == "rows" else -(-self.cols // self.tile_w)
+
+    @property
+    def count(self) -> int:
+        """Number of tiles."""
+        return self.rows if self.mode == "rows" else -(-self.rows // self.tile_h) * self.grid_cols
+
+    def where(self, i: int) -> str:
+        """Where tile ``i`` lies in the matrix, in words."""
+        if self.mode == "rows":
+            return f"matrix row {i} as {self.tile_h}x{self.tile_w}"
+        r0, c0 = (i // self.grid_cols) * self.tile_h, (i % self.grid_cols) * self.tile_w
+        return f"rows {r0}..{min(r0 + self.tile_h, self.rows) - 1}, columns {c0}..{min(c0 + self.tile_w, self.cols) - 1}"
+
+    def tile(self, matrix: np.ndarray, i: int) -> np.ndarray:
+        """Tile ``i`` of ``matrix`` (edge tiles are smaller: padding is not data)."""
+        if self.mode == "rows":
+            return matrix[i].reshape(self.tile_h, self.tile_w)
+        r0, c0 = (i // self.grid_cols) * self.tile_h, (i % self.grid_cols) * self.tile_w
+        return matrix[r0 : r0 + self.tile_h, c0 : c0 + self.tile_w]
+
+
+def matrix_view(values: np.ndarray) -> np.ndarray:
+    """The ``[d0, d1*d2*...]`` matrix of a tensor (1-d: one row; scalar: 1x1)."""
+    if values.ndim >= 2:
+        return values.reshape(values.shape[0], -1)
+    return values.reshape(1, -1)
+
+
+def tile_view(entry, matrix: np.ndarray) -> TileView:
+    """The stored tiling of a lossy entry, or a display grid for a lossless one."""
+    rows, cols = matrix.shape
+    t = getattr(entry, "tiling", None)
+    if t is not None:
+        return TileView(t.mode, rows, cols, t.tile_h, t.tile_w)
+    return TileView("grid", rows, cols, max(1, min(DISPLAY_TILE, rows)), max(1, min(DISPLAY_TILE, cols)))
+
+
+def rel_error(decoded: np.ndarray, original: np.ndarray) -> float:
+    """||decoded - original|| / ||original|| (the absolute norm when the original is all zero)."""
+    err = float(np.linalg.norm((decoded - original).ravel()))
+    ref = float(np.linalg.norm(original.ravel()))
+    return err / ref if ref else err
+
+
+def _as_float64(tensor) -> np.ndarray:
+    return tensor.detach().to("cpu").double().numpy()
+
+
+def _mosaic(tiles: list[np.ndarray], shape: tuple[int, int], cols: int, scales: list[tuple[float, float]] | None,
+            symmetric: bool = False) -> np.ndarray:
+    """Tiles on a grid with 1-pixel gaps (NaN); each scaled by its (low, high) to 0..1, or to -1..1."""
+    th, tw = shape
+    n_rows = -(-len(tiles) // cols)
+    out = np.full((n_rows * (th + 1) - 1, cols * (tw + 1) - 1), np.nan)
+    for k, tile in enumerate(tiles):
+        if scales is not None:
+            low, high = scales[k]
+            span = (high - low) or 1.0
+            tile = tile / span if symmetric else (tile - low) / span
+        r, c = (k // cols) * (th + 1), (k % cols) * (tw + 1)
+        out[r : r + tile.shape[0], c : c + tile.shape[1]] = tile
+    return out
+
+
+def render(name: str, title: str, view: TileView, decoded: np.ndarray, original: np.ndarray | None,
+           tile: int | None, count: int, output: Path) -> dict:
+    """Draw one tile (``tile``) or the first ``count`` tiles; write a PNG atomically; return the errors shown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from codec.writer import atomic_output
+
+    panels = 1 if original is None else 3
+    facts: dict = {}
+    if tile is not None:
+        dec = view.tile(decoded, tile)
+        orig = None if original is None else view.tile(original, tile)
+        ref = dec if orig is None else orig
+        low, high = float(ref.min()), float(ref.max())
+        fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4.6), squeeze=False)
+        images = [("decoded", dec, "gray", low, high)]
+        heading = f"{name}: tile {tile} of {view.count} ({view.where(tile)})"
+        if orig is not None:
+            err = dec - orig
+            bound = float(np.abs(err).max()) or 1.0
+            facts = {"rel_error": rel_error(dec, orig), "max_error": float(np.abs(err).max())}
+            images += [("original", orig, "gray", low, high),
+                       (f"error (decoded - original)\nmax |error| {facts['max_error']:.3g}", err, "RdBu_r",
+                        -bound, bound)]
+            heading += f"\nrelative error of the tile {facts['rel_error']:.4%}"
+        for ax, (label, img, cmap, vmin, vmax) in zip(axes[0], images):
+            shown = ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.set_title(label, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    else:
+        n = min(count, view.count)
+        cols = max(1, math.ceil(math.sqrt(n)))
+        shape = (view.tile_h, view.tile_w)
+        dec_tiles = [view.tile(decoded, i) for i in range(n)]
+        orig_tiles = None if original is None else [view.tile(original, i) for i in range(n)]
+        ref_tiles = orig_tiles or dec_tiles
+        scales = [(float(t.min()), float(t.max())) for t in ref_tiles]
+        aspect = (-(-n // cols) * (view.tile_h + 1)) / (cols * (view.tile_w + 1))
+        fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, min(12.0, max(1.5, 4.0 * aspect)) + 1.3),
+                                 squeeze=False)
+        images = [("decoded", _mosaic(dec_tiles, shape, cols, scales), "gray", 0.0, 1.0)]
+        heading = f"{name}: first {n} of {view.count} tiles, each scaled to its own range"
+        if orig_tiles is not None:
+            errs = [d - o for d, o in zip(dec_tiles, orig_tiles)]
+            shown_rel = rel_error(np.concatenate([d.ravel() for d in dec_tiles]),
+                                  np.concatenate([o.ravel() for o in orig_tiles]))
+            facts = {"rel_error": rel_error(decoded, original), "rel_error_shown": shown_rel,
+                     "max_error": float(np.abs(decoded - original).max()) if decoded.size else 0.0}
+            err_mosaic = _mosaic(errs, shape, cols, scales, symmetric=True)
+            bound = float(np.nanmax(np.abs(err_mosaic))) if np.isfinite(err_mosaic).any() else 1.0
+            images += [("original", _mosaic(orig_tiles, shape, cols, scales), "gray", 0.0, 1.0),
+                       ("error / tile range", err_mosaic, "RdBu_r", -(bound or 1.0), bound or 1.0)]
+            heading += (f"\nrelative error: {facts['rel_error_shown']:.4%} in these tiles, "
+                        f"{facts['rel_error']:.4%} in the tensor; max |error| {facts['max_error']:.3g}")
+        for ax, (label, img, cmap, vmin, vmax) in zip(axes[0], images):
+            masked = np.ma.masked_invalid(img)
+            shown = ax.imshow(masked, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.set_facecolor("#3b5b92")
+            ax.set_title(label, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(f"{heading}\n{title}", fontsize=9)
+    fig.tight_layout()
+    with atomic_output(output) as out:
+        fig.savefig(out, format="png", dpi=110)
+    plt.close(fig)
+    return facts
+
+
+def describe_codec(entry) -> str:
+    """The codec and tiling of an entry in a few words."""
+    if entry.alias is not None:
+        return f"alias of {entry.alias!r}"
+    params = ", ".join(f"{k}={v}" for k, v in entry.codec.get_config().items() if k != "id")
+    text = f"{entry.codec.codec_id} ({params})"
+    if entry.tiling is not None:
+        t = entry.tiling
+        text += f", {t.mode} tiles {t.tile_h}x{t.tile_w}"
+    else:
+        text += f", shown in {DISPLAY_TILE}x{DISPLAY_TILE} tiles"
+    bits = 8 * entry.stored_bytes / entry.numel if entry.numel else 0.0
+    return f"{text}, {list(entry.shape)} {entry.dtype.name}, {bits:.3f} bits/weight"
+
+
+def _default_output(input: Path, tensor: str, tile: int | None) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", tensor).strip("._") or "tensor"
+    return input.with_name(f"{input.stem}.{safe}" + (f".tile{tile}" if tile is not None else "") + ".png")
+
+
+@click.command()
+@click.argument("input", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("tensor")
+@click.option("--tile", "tile", type=click.IntRange(min=0), help="Show this tile alone (index in tile order). "
+              "Default: an overview of the first --count tiles.")
+@click.option("--count", type=click.IntRange(1, 1024), default=64, show_default=True,
+              help="Tiles in the overview.")
+@click.option("--original", type=click.Path(exists=True, path_type=Path),
+              help="The original weights (.pt, .safetensors, model folder or .jwt): adds the original and an "
+                   "error map.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="PNG to write (default: INPUT.TENSOR[.tileN].png beside INPUT).")
+@handle_errors
+def show(input: Path, tensor: str, tile: int | None, count: int, original: Path | None,
+         output: Path | None) -> None:
+    """Draw a tensor's tiles after decoding, as stored in the mosaic, into a PNG.
+
+    A tile is a 64x64 block of the weight matrix in grid mode, or one
+    matrix row reshaped (e.g. a 28x28 receptive field) in rows mode. With
+    --original, the same tile of the original and the error map are drawn
+    beside it, with the tile's relative error in the title. Without
+    --tile, the first --count tiles are drawn as a grid, each scaled to its
+    own range (as the codec maps each tile to its own pixel range).
+
+    \b
+    Examples:
+      jwt show mlp.jwt fc1.weight --original mlp.pt -o fc1.png
+      jwt show mlp.jwt fc1.weight --tile 7 --original mlp.pt -o fc1_7.png
+    """
+    from codec import io_formats
+    from codec.api import JwtFile
+
+    if not input.is_file():
+        raise fail(f"{input}: no such file")
+    with JwtFile(input) as f:
+        f.reader.name = str(input)
+        if tensor not in f:
+            near = [k for k in f.keys() if tensor.lower() in k.lower()][:5]
+            raise click.UsageError(f"{input} has no tensor {tensor!r}"
+                                   + (f" (similar: {', '.join(near)})" if near else ""))
+        entry = f.reader.entry(tensor)
+        stored = f.reader.entry(entry.alias) if entry.alias else entry
+        decoded = matrix_view(_as_float64(f.get(tensor)))
+        title = f"{input.name}: {describe_codec(entry)}"
+    view = tile_view(stored, decoded)
+    if tile is not None and tile >= view.count:
+        raise click.BadParameter(f"{tile} is not a tile of {tensor!r}, which has {view.count} tiles (0..{view.count - 1})",
+                                 param_hint="--tile")
+    reference = None
+    if original is not None:
+        with io_formats.open_source(original) as src:
+            if tensor not in src.tensors:
+                raise fail(f"{original}: no tensor named {tensor!r}")
+            values = _as_float64(src.tensors[tensor])
+        reference = matrix_view(values)
+        if reference.shape != decoded.shape:
+            raise fail(f"{original}: tensor {tensor!r} has shape {list(values.shape)}, the .jwt has "
+                       f"{list(stored.shape)}")
+    output = output or _default_output(input, tensor, tile)
+    facts = render(tensor, title, view, decoded, reference, tile, count, output)
+    what = f"tile {tile}" if tile is not None else f"first {min(count, view.count)} of {view.count} tiles"
+    extra = f", relative error {facts['rel_error']:.4%}" if "rel_error" in facts else ""
+    click.echo(f"{output}: {tensor}, {what}{extra}")
