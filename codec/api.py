@@ -7,8 +7,11 @@ storage, and drives :mod:`codec.tensorcodec` and the container.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -21,7 +24,8 @@ from .dtypes import get_dtype
 from .errors import EncodeError
 from .limits import DEFAULT_LIMITS, Limits
 from .reader import Reader
-from .tensorcodec import EncodeOptions, Overrides, encode_tensor
+from .parallel import AHEAD_BYTES, INLINE, make_executor, resolve_jobs
+from .tensorcodec import EncodeOptions, Overrides, start_encode
 from .writer import Writer
 
 __all__ = ["save", "load", "open", "JwtFile", "read_state_dict", "encoder_versions", "TORCH_DTYPES"]
@@ -127,6 +131,7 @@ def save(
     calibrate: Callable[[dict[str, torch.Tensor]], float] | None = None,
     progress: ProgressFn | None = None,
     attachments: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
+    jobs: int | None = None,
     **options: Any,
 ) -> list[str]:
     """Encode ``state_dict`` to a .jwt file at ``path`` (atomically).
@@ -150,7 +155,14 @@ def save(
     POSIX paths to bytes or to files to read: non-tensor files (config,
     tokenizer) carried losslessly after the tensors. Returns warnings (e.g.
     tensors kept lossless for NaN/Inf).
+
+    ``jobs`` worker threads code blobs in parallel (None: one per core, 1:
+    none); the file is byte for byte the same whatever ``jobs`` is. Tensors
+    are taken one at a time, at most ``jobs`` of them (and
+    :data:`codec.parallel.AHEAD_BYTES` of input beyond the newest) in
+    flight, so a lazy ``state_dict`` is never held whole.
     """
+    jobs = resolve_jobs(jobs)
     base = EncodeOptions(**options)
     rules = Overrides(overrides)
     rules.check(base)
@@ -161,6 +173,7 @@ def save(
         problem = _unstorable(tensor)
         if problem:
             raise EncodeError(f"tensor {name!r}: {problem}")
+    tensor = None  # a lazy state_dict's tensors are fetched one at a time: hold none of them
     aliases = _aliases(state_dict)
     if bits_per_weight is not None or max_error is not None:
         chosen = _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate,
@@ -170,32 +183,81 @@ def save(
         options_for = lambda name: rules.options_for(name, base) or base  # noqa: E731
     notes: list[str] = []
     with Writer(path, metadata=meta, encoder=encoder) as writer:
-        for name, tensor in state_dict.items():
-            if name in aliases:
-                writer.add_alias(name, aliases[name])
+        for name, target, dtype, shape, encoded in _encode_in_order(state_dict, aliases, options_for, jobs):
+            if target is not None:
+                writer.add_alias(name, target)
                 continue
-            array, dtype_name = to_numpy(tensor)
-            encoded = encode_tensor(array, get_dtype(dtype_name), options_for(name))
             if encoded.fallback:
                 notes.append(f"tensor {name!r}: stored losslessly ({encoded.fallback})")
-            writer.add(name, get_dtype(dtype_name), tuple(tensor.shape), encoded)
+            writer.add(name, dtype, shape, encoded)
             if progress:
-                progress(name, tensor.numel())
+                progress(name, math.prod(shape))
         for name, data in (attachments or {}).items():
             writer.add_attachment(name, data)
     return notes
 
 
+def _encode_in_order(state_dict: Mapping[str, torch.Tensor], aliases: dict[str, str],
+                     options_for: Callable[[str], EncodeOptions], jobs: int):
+    """Yield ``(name, alias target, dtype, shape, Encoded)`` in ``state_dict`` order (alias: no dtype/Encoded).
+
+    Each tensor is fetched from ``state_dict`` once, when its turn comes,
+    and its blobs are coded by ``jobs`` threads while the following tensors
+    are fetched and submitted; results are handed out in order.
+    """
+    executor = make_executor(jobs)
+    window = max(1, jobs - 1)  # with the tensor being fetched: ``jobs`` tensors in flight, one per worker
+    pending: deque = deque()
+    ahead = 0
+    try:
+        for name in state_dict:
+            if name in aliases:
+                pending.append((name, aliases[name], None, (), None, 0))
+            else:
+                array, dtype_name = to_numpy(state_dict[name])
+                dtype = get_dtype(dtype_name)
+                job = start_encode(array, dtype, options_for(name), executor)
+                pending.append((name, None, dtype, tuple(array.shape), job, array.nbytes))
+                ahead += array.nbytes
+                del array
+            while len(pending) > window or (len(pending) > 1 and ahead > AHEAD_BYTES):
+                ahead -= pending[0][5]
+                yield _finish_encode(pending)
+        while pending:
+            yield _finish_encode(pending)
+    finally:
+        for item in pending:
+            if item[4] is not None:
+                item[4].cancel()
+        if executor is not INLINE:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _finish_encode(pending: deque) -> tuple:
+    """Pop the oldest tensor of :func:`_encode_in_order` and wait for it, keeping no reference to its input."""
+    name, target, dtype, shape, job, _ = pending.popleft()
+    return name, target, dtype, shape, None if job is None else job.result()
+
+
 def _aliases(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """name -> earlier name, for tensors with the same storage, offset, shape, strides and dtype."""
-    seen: dict[tuple, str] = {}
+    """name -> earlier name, for tensors with the same storage, offset, shape, strides and dtype.
+
+    A storage address only identifies a tensor while it is alive: a lazy
+    mapping (:class:`codec.io_formats.LazyTensors`) makes a new tensor on
+    every access and frees it after, and the next one may reuse the
+    address. So a match counts only while the earlier tensor still exists.
+    """
+    seen: dict[tuple, tuple[str, weakref.ref]] = {}
     aliases = {}
-    for name, tensor in state_dict.items():
+    for name in state_dict:
+        tensor = state_dict[name]
         key = _storage_key(tensor)
-        if tensor.numel() and key in seen:
-            aliases[name] = seen[key]
-        else:
-            seen.setdefault(key, name)
+        earlier = seen.get(key)
+        if tensor.numel() and earlier is not None and earlier[1]() is not None:
+            aliases[name] = earlier[0]
+        elif earlier is None or earlier[1]() is None:
+            seen[key] = (name, weakref.ref(tensor))
+        del tensor
     return aliases
 
 
@@ -236,8 +298,9 @@ class JwtFile:
     decodes one tensor. Use as a context manager to close the file.
     """
 
-    def __init__(self, source: str | os.PathLike[str] | BinaryIO | bytes, limits: Limits = DEFAULT_LIMITS):
-        self.reader = Reader(source, limits=limits)
+    def __init__(self, source: str | os.PathLike[str] | BinaryIO | bytes, limits: Limits = DEFAULT_LIMITS,
+                 jobs: int | None = None, timeout: float | None = None):
+        self.reader = Reader(source, limits=limits, jobs=jobs, timeout=timeout)
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -294,15 +357,27 @@ class JwtFile:
         self.close()
 
 
-def open(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = DEFAULT_LIMITS) -> JwtFile:  # noqa: A001
-    """Open a .jwt file lazily (see :class:`JwtFile`)."""
-    return JwtFile(source, limits=limits)
+def open(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = DEFAULT_LIMITS,  # noqa: A001
+         jobs: int | None = None, timeout: float | None = None) -> JwtFile:
+    """Open a .jwt file lazily (see :class:`JwtFile`).
+
+    ``source`` is a path, an ``http(s)://`` URL (read with Range requests:
+    the index first, then one request per tensor asked for), a binary file
+    object (a pipe works, in file order) or bytes. ``jobs`` decoding
+    threads (None: one per core); ``timeout``: HTTP timeout in seconds.
+    """
+    return JwtFile(source, limits=limits, jobs=jobs, timeout=timeout)
 
 
 def load(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = DEFAULT_LIMITS,
          progress: ProgressFn | None = None, device: str | torch.device | None = None,
-         dtype: torch.dtype | str | None = None) -> dict[str, torch.Tensor]:
+         dtype: torch.dtype | str | None = None, jobs: int | None = None,
+         timeout: float | None = None) -> dict[str, torch.Tensor]:
     """Decode a whole .jwt file into a state_dict (shared tensors stay shared).
+
+    ``source`` as for :func:`open`; from a URL the data section is streamed
+    in one response and decoded as it arrives. ``jobs`` decoding threads
+    (None: one per core, 1: none); the values do not depend on ``jobs``.
 
     ``device`` moves every tensor there; ``dtype`` (a floating torch dtype
     or its name, e.g. ``"bfloat16"``) casts the floating tensors only.
@@ -311,7 +386,7 @@ def load(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = 
         dtype = _BY_NAME.get(dtype, dtype)  # type: ignore[arg-type]
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise EncodeError(f"dtype {dtype!r} is not a floating torch dtype")
-    with JwtFile(source, limits=limits) as f:
+    with JwtFile(source, limits=limits, jobs=jobs, timeout=timeout) as f:
         out = {}
         moved: dict[str, torch.Tensor] = {}  # alias targets after the move, so aliases stay shared
         for name, tensor in f.items():

@@ -14,12 +14,14 @@ runs at once in the caller's thread), ``n`` for ``n`` worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["default_jobs", "resolve_jobs", "InlineExecutor", "INLINE", "make_executor", "Pending", "AHEAD_BYTES"]
+__all__ = ["default_jobs", "jobs_default", "resolve_jobs", "InlineExecutor", "INLINE", "make_executor", "Pending",
+           "AHEAD_BYTES"]
 
 #: Bytes a pipeline may hold ahead of its consumer beyond the newest tensor
 #: (decoded tensors waiting to be handed out, or input tensors waiting to be
@@ -27,8 +29,13 @@ __all__ = ["default_jobs", "resolve_jobs", "InlineExecutor", "INLINE", "make_exe
 AHEAD_BYTES = 64 << 20
 
 
+_override: int | None = None
+
+
 def default_jobs() -> int:
-    """The number of cores this process may run on (at least 1)."""
+    """What ``jobs=None`` means: the cores this process may run on (at least 1), or :func:`jobs_default`'s."""
+    if _override is not None:
+        return _override
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
@@ -42,6 +49,17 @@ def resolve_jobs(jobs: int | None) -> int:
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 0:
         raise ValueError(f"jobs must be a non-negative integer (0 or None: one per core), found {jobs!r}")
     return jobs
+
+
+@contextlib.contextmanager
+def jobs_default(jobs: int | None) -> Iterator[None]:
+    """Within the block, ``jobs=None`` means ``jobs`` (the CLI's ``--jobs``, for code it calls indirectly)."""
+    global _override
+    before, _override = _override, (None if jobs is None else resolve_jobs(jobs))
+    try:
+        yield
+    finally:
+        _override = before
 
 
 class InlineExecutor(Executor):
@@ -86,6 +104,10 @@ class Pending:
             raise
         assemble, self._assemble, self.futures = self._assemble, None, []
         return assemble(values)
+
+    def done(self) -> bool:
+        """True when every part has finished (successfully or not)."""
+        return all(f.done() for f in self.futures)
 
     def cancel(self) -> None:
         """Cancel the parts that have not started (running ones finish and are dropped)."""

@@ -2,10 +2,24 @@
 
 A :class:`Reader` reads the 32-byte header and the index (two small reads),
 validates them completely (spec/format.md, "Validation order"), and then
-decodes tensors by name from a seekable file, or in file order from a
-non-seekable stream as bytes arrive. Every blob's CRC-32 is verified
-before its bytes reach a decoder. Errors name the file, the tensor and
-the blob.
+decodes tensors by name from a seekable file or an HTTP(S) URL (one Range
+request a tensor, :mod:`codec.http`), or in file order from a non-seekable
+stream as bytes arrive. Every blob's CRC-32 is verified before its bytes
+reach a decoder. Errors name the file, the tensor and the blob.
+
+Decoding runs on a pool of ``jobs`` worker threads (:mod:`codec.parallel`):
+the blobs of a tensor are decoded in parallel, each straight into the
+output array, and :meth:`Reader.iter_arrays` reads tensor ``k+1`` (from the
+disk, the pipe or the network) while tensor ``k`` is being decoded, with a
+bounded number of decoded bytes waiting to be handed out.
+
+The reader reaches its bytes through a *source* with a small interface:
+``name``, ``size`` (total bytes, ``None`` if unknown), ``random_access``,
+``read_at(offset, length)`` (random-access sources, thread-safe),
+``read(n)`` (sequential sources) and ``close()``; a random-access source
+may also offer ``stream_from(offset)`` (an object with ``read(n)`` and
+``close()``) and set ``sequential_hint`` when reading the whole data
+section in one go is much cheaper than a request per tensor (HTTP).
 """
 
 from __future__ import annotations
@@ -14,38 +28,137 @@ import contextlib
 import io
 import os
 import threading
+from collections import deque
 from collections.abc import Iterator
-from typing import BinaryIO
+from concurrent.futures import Executor
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from .errors import ChecksumError, FormatError, JwtError
 from .format import HEADER_SIZE, Attachment, Index, TensorEntry, check_index_crc, crc32, parse_index, unpack_header
 from .limits import DEFAULT_LIMITS, Limits
-from .tensorcodec import decode_tensor
+from .parallel import AHEAD_BYTES, INLINE, Pending, make_executor, resolve_jobs
+from .tensorcodec import decode_tensor, start_decode
 
-__all__ = ["Reader"]
+__all__ = ["Reader", "FileSource", "FileObjectSource", "StreamSource", "open_source"]
+
+class FileSource:
+    """A local file, read with ``os.pread``: random access without a shared file position."""
+
+    random_access = True
+    sequential_hint = False
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.name = str(path)
+        self._file = open(path, "rb")
+        self.size: int | None = os.fstat(self._file.fileno()).st_size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (fewer only at the end of the file)."""
+        chunks, fd = [], self._file.fileno()
+        while length > 0:
+            chunk = os.pread(fd, min(length, 1 << 30), offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+            length -= len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+
+class FileObjectSource:
+    """A seekable binary file object positioned at its start; a lock keeps seek-and-read atomic."""
+
+    random_access = True
+    sequential_hint = False
+
+    def __init__(self, file: BinaryIO, name: str):
+        self.name = name
+        self._file = file
+        self._lock = threading.Lock()
+        self.size: int | None = file.seek(0, os.SEEK_END)
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (fewer only at the end of the file)."""
+        with self._lock:
+            self._file.seek(offset)
+            chunks = []
+            while length > 0:
+                chunk = self._file.read(length)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                length -= len(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        """Nothing to do: the caller owns the file object."""
+
+
+class StreamSource:
+    """A non-seekable binary stream (a pipe, stdin, a socket), read front to back."""
+
+    random_access = False
+    sequential_hint = False
+    size: int | None = None
+
+    def __init__(self, file: BinaryIO, name: str):
+        self.name = name
+        self._file = file
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes; empty at the end of the stream."""
+        return self._file.read(n)
+
+    def close(self) -> None:
+        """Nothing to do: the caller owns the stream."""
+
+
+def open_source(source: Any, timeout: float | None = None) -> Any:
+    """The source object for a path, URL, bytes or binary file object (see the module docstring)."""
+    from .http import HttpSource, is_url
+
+    if is_url(source):
+        return HttpSource(source, timeout=timeout)
+    if isinstance(source, (str, os.PathLike)):
+        return FileSource(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return FileObjectSource(io.BytesIO(bytes(source)), "<bytes>")
+    name = str(getattr(source, "name", "<stream>"))
+    try:
+        seekable = bool(source.seekable()) and source.tell() == 0
+    except (AttributeError, OSError, ValueError):
+        seekable = False
+    return FileObjectSource(source, name) if seekable else StreamSource(source, name)
 
 
 class Reader:
     """A validated .jwt file: its index, and its tensors as numpy arrays.
 
-    ``source`` is a path, a binary file object (seekable or not) or bytes.
-    Arrays come back in storage form (:mod:`codec.dtypes`).
+    ``source`` is a path, an ``http://`` or ``https://`` URL, a binary file
+    object (seekable or not), bytes, or a source object (module docstring).
+    Arrays come back in storage form (:mod:`codec.dtypes`). ``jobs`` worker
+    threads decode (None: one per core; 1: none). ``timeout`` is the HTTP
+    timeout in seconds (None: :data:`codec.http.DEFAULT_TIMEOUT`).
     """
 
-    def __init__(self, source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = DEFAULT_LIMITS,
-                 name: str | None = None):
+    def __init__(self, source: Any, *, limits: Limits = DEFAULT_LIMITS, name: str | None = None,
+                 jobs: int | None = None, timeout: float | None = None):
         self.limits = limits
-        self._owns = isinstance(source, (str, os.PathLike))
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            source = io.BytesIO(bytes(source))
-        self.name = name or (str(source) if self._owns else getattr(source, "name", "<stream>"))
-        self._file: BinaryIO = open(source, "rb") if self._owns else source  # type: ignore[arg-type]
-        self._lock = threading.Lock()
+        self.jobs = resolve_jobs(jobs)
+        self._executor: Executor | None = None
+        has_interface = hasattr(source, "random_access") and hasattr(source, "close")
+        self._source = source if has_interface else open_source(source, timeout)
+        self._owns = not has_interface
+        self.name = name or self._source.name
         try:
             with self._context():
-                self.seekable = self._is_seekable()
+                self.seekable = bool(self._source.random_access)
                 self._pos = 0
                 header = self._read_exact(HEADER_SIZE, "header")
                 minor, index_length = unpack_header(header, limits)
@@ -76,51 +189,69 @@ class Reader:
             where = f"{self.name}: " + (f"tensor {tensor!r}: " if tensor is not None else "")
             raise type(exc)(where + str(exc)) from None
 
-    def _is_seekable(self) -> bool:
-        try:
-            return bool(self._file.seekable()) and self._file.tell() == 0
-        except (AttributeError, OSError, ValueError):
-            return False
-
     def _check_size(self) -> None:
-        actual = self._file.seek(0, os.SEEK_END)
+        actual = self._source.size
+        if actual is None:
+            return
         if actual < self.size:
             raise FormatError(f"truncated: {actual} bytes, the index accounts for {self.size}")
         if actual > self.size:
             raise FormatError(f"{actual - self.size} trailing bytes after the last blob (file is {actual}, index accounts for {self.size})")
 
-    def _read_exact(self, n: int, what: str) -> bytes:
-        """Read the next ``n`` bytes of a sequential read."""
+    def _read_exact(self, n: int, what: str, stream: Any = None) -> bytes:
+        """Read the next ``n`` bytes of a sequential read (from ``stream``, else the source)."""
+        if stream is None and self.seekable:
+            data = self._source.read_at(self._pos, n)
+            if len(data) != n:
+                raise FormatError(f"truncated in the {what}: needed {n} bytes at offset {self._pos}, got {len(data)}")
+            self._pos += n
+            return data
+        reader = stream if stream is not None else self._source
         chunks, remaining = [], n
         while remaining:
-            chunk = self._file.read(min(remaining, 1 << 24))
+            chunk = reader.read(min(remaining, 1 << 24))
             if not chunk:
                 raise FormatError(f"truncated in the {what}: needed {n} bytes at offset {self._pos}, got {n - remaining}")
             chunks.append(chunk)
             remaining -= len(chunk)
         self._pos += n
-        return b"".join(chunks)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _read_blob(self, entry: TensorEntry | Attachment, k: int) -> bytes:
-        ref = entry.blobs[k]
-        start = self.data_start + ref.offset
-        if self.seekable:
-            if hasattr(self._file, "fileno") and self._owns:
-                data = os.pread(self._file.fileno(), ref.length, start)
-            else:
-                with self._lock:
-                    self._file.seek(start)
-                    data = self._file.read(ref.length)
-            if len(data) != ref.length:
-                raise FormatError(f"blob {k}: truncated, {len(data)} of {ref.length} bytes at offset {start}")
+        return self._read_blobs(entry, k, k + 1)[0]
+
+    def _read_blobs(self, entry: TensorEntry | Attachment, first: int = 0, stop: int | None = None,
+                    stream: Any = None) -> list[bytes]:
+        """Blobs ``first..stop-1`` of ``entry`` in one read, each CRC-checked."""
+        refs = entry.blobs[first:stop]
+        if not refs:
+            return []
+        start, total = self.data_start + refs[0].offset, sum(r.length for r in refs)
+        if self.seekable and stream is None:
+            data = self._source.read_at(start, total)
+            if len(data) != total:
+                raise FormatError(f"blob {first}: truncated, {len(data)} of {total} bytes at offset {start}")
         else:
             if start != self._pos:
-                raise FormatError(f"stream is not seekable: blob at offset {start} requested at offset {self._pos}; read tensors in file order")
-            data = self._read_exact(ref.length, f"blob {k}")
-        computed = crc32(data)
-        if computed != ref.crc32:
-            raise ChecksumError(f"blob {k}: stored crc32 0x{ref.crc32:08x}, computed 0x{computed:08x}")
-        return data
+                why = getattr(self._source, "not_seekable_reason", "stream is not seekable")
+                raise FormatError(f"{why}: blob at offset {start} requested at offset {self._pos}; "
+                                  "read tensors in file order")
+            data = self._read_exact(total, f"blob {first}", stream)
+        blobs, pos = [], 0
+        for k, ref in enumerate(refs, first):
+            blob = data[pos : pos + ref.length]
+            pos += ref.length
+            computed = crc32(blob)
+            if computed != ref.crc32:
+                raise ChecksumError(f"blob {k}: stored crc32 0x{ref.crc32:08x}, computed 0x{computed:08x}")
+            blobs.append(blob)
+        return blobs
+
+    def _pool(self) -> Executor:
+        """The decoding threads, started on first use."""
+        if self._executor is None:
+            self._executor = make_executor(self.jobs)
+        return self._executor
 
     # -- public API -------------------------------------------------------
 
@@ -146,23 +277,113 @@ class Reader:
         if entry.alias is not None:
             entry = self.entries[entry.alias]
         with self._context(entry.name):
-            blobs = [self._read_blob(entry, k) for k in range(len(entry.blobs))]
-            return decode_tensor(entry, blobs)
+            blobs = self._read_blobs(entry)
+            return decode_tensor(entry, blobs, executor=self._pool())
 
     def iter_arrays(self) -> Iterator[tuple[TensorEntry, np.ndarray | None]]:
         """Decode every tensor in file order; works on non-seekable streams.
 
+        With worker threads, a reading thread runs ahead of the decoding:
+        while tensor ``k`` is decoded (and handed out as soon as it is
+        ready), tensor ``k+1`` is read from the disk, the pipe or the
+        network, at most ``2 * jobs`` tensors and, beyond the newest one,
+        :data:`codec.parallel.AHEAD_BYTES` decoded bytes ahead of the
+        consumer. On an HTTP source the data section comes in one streamed
+        response instead of a request per tensor.
+
         An alias yields its entry with ``None``: the caller already has the
         target's array (its name is ``entry.alias``, listed in ``aliased``).
         """
-        for entry in self.index.entries:
-            yield entry, (None if entry.alias is not None else self.read(entry.name))
+        executor = self._pool()
+        stream = None
+        if self.seekable and getattr(self._source, "sequential_hint", False) and self.index.entries:
+            stream = self._source.stream_from(self.data_start)
+            self._pos = self.data_start
+        try:
+            if executor is INLINE:
+                for entry in self.index.entries:
+                    array = None
+                    if entry.alias is None:
+                        with self._context(entry.name):
+                            array = decode_tensor(entry, self._read_blobs(entry, stream=stream))
+                    yield entry, array
+            else:
+                yield from self._iter_ahead(executor, stream)
+        finally:
+            if stream is not None:
+                stream.close()
         if not self.seekable and not self.attachments:
             self._check_stream_end()
 
+    def _iter_ahead(self, executor: Executor, stream: Any) -> Iterator[tuple[TensorEntry, np.ndarray | None]]:
+        """:meth:`iter_arrays` with a reading thread that submits each tensor's decoding as its bytes arrive."""
+        window = 2 * self.jobs
+        cond = threading.Condition()
+        ready: deque[tuple[TensorEntry | None, Pending | None, BaseException | None]] = deque()
+        state = {"held": 0, "ahead": 0, "stop": False}
+
+        def produce() -> None:
+            for entry in self.index.entries:
+                with cond:
+                    cond.wait_for(lambda: state["stop"] or (state["held"] < window and (
+                        state["held"] == 0 or state["ahead"] <= AHEAD_BYTES)))
+                    if state["stop"]:
+                        return
+                job = None
+                try:
+                    if entry.alias is None:
+                        with self._context(entry.name):
+                            job = start_decode(entry, self._read_blobs(entry, stream=stream), executor)
+                except BaseException as exc:  # handed to the consumer, in file order
+                    with cond:
+                        ready.append((entry, None, exc))
+                        cond.notify_all()
+                    return
+                with cond:
+                    state["held"] += 1
+                    state["ahead"] += 0 if job is None else entry.nbytes
+                    ready.append((entry, job, None))
+                    cond.notify_all()
+            with cond:
+                ready.append((None, None, None))
+                cond.notify_all()
+
+        reader = threading.Thread(target=produce, name="jwt-read", daemon=True)
+        reader.start()
+        try:
+            while True:
+                with cond:
+                    cond.wait_for(lambda: ready)
+                    entry, job, error = ready.popleft()
+                if error is not None:
+                    raise error
+                if entry is None:
+                    break
+                array = self._finish(entry, job)
+                with cond:
+                    state["held"] -= 1
+                    state["ahead"] -= 0 if job is None else entry.nbytes
+                    cond.notify_all()
+                yield entry, array
+        finally:
+            with cond:
+                state["stop"] = True
+                cond.notify_all()
+                for _, job, _ in ready:
+                    if job is not None:
+                        job.cancel()
+            reader.join(timeout=None if stream is None and self.seekable else 1.0)
+
+    def _finish(self, entry: TensorEntry, job: Pending | None) -> np.ndarray | None:
+        """Wait for one tensor of :meth:`iter_arrays`, naming it in errors."""
+        if job is None:
+            return None
+        with self._context(entry.name):
+            return job.result()
+
     def _check_stream_end(self) -> None:
         with self._context():
-            if self._file.read(1):
+            if self._source.read(1):
                 raise FormatError(f"trailing bytes after the last blob at offset {self._pos}")
 
     def read_attachment(self, name: str) -> bytes:
@@ -185,9 +406,12 @@ class Reader:
             self._check_stream_end()
 
     def close(self) -> None:
-        """Close the file if this reader opened it."""
-        if self._owns and hasattr(self, "_file"):
-            self._file.close()
+        """Stop the decoding threads; close the file or connection if this reader opened it."""
+        executor, self._executor = getattr(self, "_executor", None), None
+        if executor is not None and executor is not INLINE:
+            executor.shutdown(wait=True, cancel_futures=True)
+        if getattr(self, "_owns", False):
+            self._source.close()
 
     def __enter__(self) -> "Reader":
         return self

@@ -295,13 +295,16 @@ def _decode_blob(codec: BlobCodec, t: tiling.Tiling, dtype: DType, k: int, blob:
         r0, cols = (idx.start // gc) * th, t.cols
         height = min(pixels.shape[0], t.rows - r0)
         if lut is not None:
-            col_base = (np.arange(cols) // tw) * 256
+            # One cell row at a time: its tiles' tables are a slice of ``lut``
+            # and a pixel's entry is ``256 * (tile column) + pixel``, small
+            # enough for a 16-bit index where the row has at most 256 tiles.
+            col_base = ((np.arange(cols) // tw) * 256).astype(np.uint16 if gc <= 256 else np.uint32)
             step = max(1, _CHUNK // cols)
-            for y in range(0, height, step):
-                y1 = min(y + step, height)
-                index = pixels[y:y1, :cols] + col_base
-                index += ((np.arange(y, y1) // th) * (gc * 256))[:, None]
-                np.take(lut, index, out=matrix[r0 + y : r0 + y1], mode="clip")
+            for a in range(-(-height // th)):
+                row_lut = lut[a * gc * 256 : (a + 1) * gc * 256]
+                for y in range(a * th, min((a + 1) * th, height), step):
+                    y1 = min(y + step, (a + 1) * th, height)
+                    np.take(row_lut, pixels[y:y1, :cols] + col_base, out=matrix[r0 + y : r0 + y1], mode="clip")
             return
         for a in range(-(-height // th)):
             y, y1 = a * th, min((a + 1) * th, height)
@@ -313,16 +316,18 @@ def _decode_blob(codec: BlobCodec, t: tiling.Tiling, dtype: DType, k: int, blob:
     tiles = tiling.from_mosaic(pixels, t, k)
     if t.mode == "rows":
         dest_tiles = matrix[idx.start : idx.stop].reshape(len(idx), th, tw)
-    step = max(1, _CHUNK // (th * tw))
+    step = min(256, max(1, _CHUNK // (th * tw)))  # at most 256 tiles: a 16-bit table index
+    tile_base = (np.arange(step, dtype=np.uint16) * 256)[:, None, None]
     for j in range(0, len(idx), step):
         j1 = min(j + step, len(idx))
         src = tiles[j:j1]
         if lut is not None:
-            index = src + (np.arange(j, j1) * 256)[:, None, None]
+            index = src + tile_base[: j1 - j]
+            chunk_lut = lut[j * 256 : j1 * 256]
             if t.mode == "rows":
-                np.take(lut, index, out=dest_tiles[j:j1], mode="clip")
+                np.take(chunk_lut, index, out=dest_tiles[j:j1], mode="clip")
                 continue
-            values = np.take(lut, index, mode="clip")
+            values = np.take(chunk_lut, index, mode="clip")
         else:
             values = from_float64(o[j:j1, None, None].astype(np.float64)
                                   + s[j:j1, None, None].astype(np.float64) * src, dtype)

@@ -90,7 +90,7 @@ def test_open_is_lazy_and_get_decodes_one_tensor(tmp_path, monkeypatch):
     codec.save(sd, tmp_path / "m.jwt", metadata={"author": "test"})
     decoded = []
     real = reader_mod.decode_tensor
-    monkeypatch.setattr(reader_mod, "decode_tensor", lambda e, b: decoded.append(e.name) or real(e, b))
+    monkeypatch.setattr(reader_mod, "decode_tensor", lambda e, b, **kw: decoded.append(e.name) or real(e, b, **kw))
     with codec.open(tmp_path / "m.jwt") as f:
         assert f.keys() == list(sd) and len(f) == 4 and "layer2.weight" in f
         assert f.metadata == {"author": "test"}

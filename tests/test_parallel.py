@@ -133,3 +133,61 @@ def test_jobs_are_validated():
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="jobs"):
             resolve_jobs(bad)
+
+
+def _model() -> dict:
+    """A state_dict with lossy, lossless, bfloat16, integer and aliased tensors."""
+    import torch
+
+    gen = torch.Generator().manual_seed(3)
+    sd = {f"block{i}.weight": torch.randn(192, 160, generator=gen) for i in range(5)}
+    sd.update({f"block{i}.bias": torch.randn(192, generator=gen) for i in range(5)})
+    sd["emb"] = torch.randn(700, 64, generator=gen).bfloat16()
+    sd["steps"] = torch.tensor(12)
+    sd["head"] = sd["emb"]
+    return sd
+
+
+@pytest.mark.parametrize("options", [{}, {"codec": "jpeg", "quality": 70}, {"codec": "lossless"}])
+def test_saved_files_do_not_depend_on_jobs(tmp_path, options):
+    """codec.save writes the same bytes with 1, 2 and 4 jobs; codec.load gives the same tensors with each."""
+    import codec
+    import torch
+
+    sd = _model()
+    files = []
+    for jobs in (1, 2, 4):
+        codec.save(sd, tmp_path / f"{jobs}.jwt", jobs=jobs, **options)
+        files.append((tmp_path / f"{jobs}.jwt").read_bytes())
+    assert files[0] == files[1] == files[2]
+    loads = [codec.load(tmp_path / "1.jwt", jobs=jobs) for jobs in (1, 2, 4)]
+    for out in loads[1:]:
+        assert list(out) == list(loads[0]) and out["head"] is out["emb"]
+        assert all(torch.equal(out[k], loads[0][k]) for k in out)
+
+
+def test_streaming_reads_ahead_a_bounded_number_of_tensors(tmp_path, monkeypatch):
+    """iter_arrays starts decoding at most 2 * jobs tensors ahead of what it has handed out, pipe or file."""
+    import io
+
+    import codec
+    from codec import reader as reader_mod
+
+    sd = _model()
+    codec.save(sd, tmp_path / "m.jwt", codec="jpeg")
+    events: list[str] = []
+    real = reader_mod.start_decode
+    monkeypatch.setattr(reader_mod, "start_decode", lambda e, *a: events.append("start") or real(e, *a))
+    class Pipe(io.FileIO):
+        def seekable(self):
+            return False
+
+    for source in (tmp_path / "m.jwt", io.BufferedReader(Pipe(tmp_path / "m.jwt"))):
+        events.clear()
+        with codec.Reader(source, jobs=2) as r:
+            assert r.seekable == isinstance(source, type(tmp_path))
+            for entry, array in r.iter_arrays():
+                events.append("yield")
+                assert (array is None) == (entry.alias is not None)
+        ahead = [events[: i + 1].count("start") - events[: i + 1].count("yield") for i in range(len(events))]
+        assert max(ahead) <= 4 + 1 and events.count("yield") == len(sd)

@@ -1,0 +1,211 @@
+"""Reading a .jwt over HTTP(S) with Range requests (standard library only).
+
+:class:`HttpSource` is a reader source (see :mod:`codec.reader`): its first
+request asks for the first :data:`PREFETCH` bytes, which hold the header
+and, for most files, the whole index, so ``codec.open(url)`` costs one
+round trip; ``get(name)`` then costs one Range request for that tensor's
+blobs; ``codec.load(url)`` streams the data section in one response while
+the decoding threads work on the tensors already received.
+
+A server that ignores ``Range`` answers the first request with the whole
+file (status 200): the source then becomes a plain stream over that
+response, so everything still decodes in file order (``codec.load``,
+``jwt decode``), and asking for a tensor out of order is a clear error.
+When the server sends a strong ``ETag``, later requests carry it in
+``If-Range``, so a file replaced on the server mid-read is an error, never
+a mix of two files (the CRCs would catch most mixes anyway).
+
+Network failures raise :class:`RemoteError` (an ``OSError``) naming the
+URL; ``timeout`` bounds every connection attempt and every wait for more
+bytes.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import urllib.error
+import urllib.request
+from typing import Any
+
+__all__ = ["RemoteError", "HttpSource", "is_url", "DEFAULT_TIMEOUT", "PREFETCH"]
+
+#: Seconds to wait for a connection or for more bytes.
+DEFAULT_TIMEOUT = 30.0
+#: Bytes asked for by the first request: the header and, usually, the index.
+PREFETCH = 1 << 16
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+class RemoteError(OSError):
+    """An HTTP or network failure while reading a URL (the message names the URL)."""
+
+
+def is_url(source: Any) -> bool:
+    """True for ``http://`` and ``https://`` strings."""
+    return isinstance(source, str) and source[:8].lower().startswith(("http://", "https://"))
+
+
+class HttpSource:
+    """A .jwt file behind an HTTP(S) URL, read with Range requests."""
+
+    sequential_hint = True
+    not_seekable_reason = "the server does not support HTTP Range requests"
+
+    def __init__(self, url: str, *, timeout: float | None = None, prefetch: int = PREFETCH,
+                 headers: dict[str, str] | None = None):
+        self.url = self.name = url
+        self.timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
+        self._headers = dict(headers or {})
+        self._etag: str | None = None
+        self._head = b""
+        self._stream: Any = None
+        self.random_access = True
+        self.size: int | None = None
+        response = self._request(0, max(prefetch, 32) - 1)
+        if response is None:  # 416: the file is empty
+            self.size = 0
+            return
+        if response.status == 206:
+            first, last, total = self._content_range(response)
+            if first != 0 or total is None:
+                response.close()
+                raise RemoteError(f"{url}: the server answered bytes {first}-{last}/{total} to a request from 0")
+            self.size = total
+            self._head = self._read_body(response, last + 1)
+            etag = response.headers.get("ETag")
+            self._etag = etag if etag and not etag.startswith("W/") else None
+        else:  # 200: the whole file follows; read it as a stream
+            self.random_access = False
+            length = response.headers.get("Content-Length")
+            self.size = int(length) if length and length.isdigit() else None
+            self._stream = response
+
+    # -- requests ---------------------------------------------------------
+
+    def _request(self, first: int, last: int | None) -> Any:
+        """Send a GET for bytes ``first..last`` (to the end if None); the open response (None: 416 from 0)."""
+        request = urllib.request.Request(self.url, headers={
+            **self._headers, "Range": f"bytes={first}-{'' if last is None else last}", "Accept-Encoding": "identity"})
+        if self._etag:
+            request.add_header("If-Range", self._etag)
+        try:
+            return urllib.request.urlopen(request, timeout=self.timeout)  # noqa: S310 (http/https only)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if exc.code == 416 and first == 0:
+                return None
+            raise RemoteError(f"{self.url}: HTTP {exc.code} {exc.reason}") from None
+        except urllib.error.URLError as exc:
+            reason = exc.reason
+            if isinstance(reason, (socket.timeout, TimeoutError)):
+                raise RemoteError(f"{self.url}: no answer within {self.timeout:g} s") from None
+            raise RemoteError(f"{self.url}: {reason}") from None
+        except (socket.timeout, TimeoutError):
+            raise RemoteError(f"{self.url}: no answer within {self.timeout:g} s") from None
+        except OSError as exc:
+            raise RemoteError(f"{self.url}: {exc}") from None
+
+    def _content_range(self, response: Any) -> tuple[int, int, int | None]:
+        value = response.headers.get("Content-Range", "")
+        match = _CONTENT_RANGE.match(value.strip())
+        if not match:
+            response.close()
+            raise RemoteError(f"{self.url}: bad Content-Range {value[:80]!r} in a 206 response")
+        first, last, total = match.groups()
+        return int(first), int(last), None if total == "*" else int(total)
+
+    def _read_body(self, response: Any, n: int) -> bytes:
+        """Exactly ``n`` bytes of a response body, then close it."""
+        try:
+            with response:
+                data = _read_exactly(response, n, self.url, self.timeout)
+        except (socket.timeout, TimeoutError):
+            raise RemoteError(f"{self.url}: no data for {self.timeout:g} s") from None
+        return data
+
+    # -- the reader-source interface --------------------------------------
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (fewer at the end of the file): from the prefetched start, else one
+        Range request."""
+        end = offset + length if self.size is None else min(offset + length, self.size)
+        if end <= offset:
+            return b""
+        length = end - offset
+        if end <= len(self._head):
+            return self._head[offset:end]
+        if not self.random_access:
+            raise RemoteError(f"{self.url}: {self.not_seekable_reason}")
+        response = self._request(offset, end - 1)
+        if response is None or response.status != 206:
+            if response is not None:
+                response.close()
+            raise RemoteError(f"{self.url}: the server answered a Range request for bytes {offset}-{end - 1} with "
+                              "the whole file (it ignores ranges, or the file changed)")
+        first, last, total = self._content_range(response)
+        if (first, last) != (offset, end - 1) or total != self.size:
+            response.close()
+            raise RemoteError(f"{self.url}: asked for bytes {offset}-{end - 1}/{self.size}, "
+                              f"got {first}-{last}/{total} (the file changed?)")
+        return self._read_body(response, length)
+
+    def stream_from(self, offset: int) -> "_Body":
+        """The bytes from ``offset`` to the end, as one streamed response."""
+        response = self._request(offset, None)
+        if response is None or response.status != 206:
+            if response is not None:
+                response.close()
+            raise RemoteError(f"{self.url}: the server answered a Range request from byte {offset} with the whole "
+                              "file (it ignores ranges, or the file changed)")
+        first, _, total = self._content_range(response)
+        if first != offset or total != self.size:
+            response.close()
+            raise RemoteError(f"{self.url}: asked for bytes {offset}-, got {first}-/{total} (the file changed?)")
+        return _Body(response, self.url, self.timeout)
+
+    def read(self, n: int) -> bytes:
+        """Sequential read (a server that ignores Range): the prefetched bytes, then the response."""
+        if self._stream is None:
+            return b""
+        try:
+            return self._stream.read(n)
+        except (socket.timeout, TimeoutError):
+            raise RemoteError(f"{self.url}: no data for {self.timeout:g} s") from None
+        except OSError as exc:
+            raise RemoteError(f"{self.url}: {exc}") from None
+
+    def close(self) -> None:
+        """Close the open response, if any."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+
+class _Body:
+    """A streamed response body with network errors that name the URL."""
+
+    def __init__(self, response: Any, url: str, timeout: float):
+        self._response, self.url, self.timeout = response, url, timeout
+
+    def read(self, n: int) -> bytes:
+        try:
+            return self._response.read(n)
+        except (socket.timeout, TimeoutError):
+            raise RemoteError(f"{self.url}: no data for {self.timeout:g} s") from None
+        except OSError as exc:
+            raise RemoteError(f"{self.url}: {exc}") from None
+
+    def close(self) -> None:
+        self._response.close()
+
+
+def _read_exactly(response: Any, n: int, url: str, timeout: float) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = response.read(n - got)
+        if not chunk:
+            raise RemoteError(f"{url}: the connection closed after {got} of {n} bytes")
+        chunks.append(chunk)
+        got += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
