@@ -222,10 +222,24 @@ def test_jxl_distance_matches_libjxl_rule():
 
 
 def test_quant_rejects_pixels_beyond_its_bits():
-    """A quant blob holding a value over 2**bits - 1 is refused, not decoded out of range."""
-    blob = Quant(bits=8).encode(np.full((4, 4), 200, np.uint8))
-    with pytest.raises(FormatError, match="exceeds 4 bits"):
-        Quant(bits=4).decode(blob, (4, 4), np.dtype(np.uint8))
+    """A quant blob holding a value over 2**bits - 1, or set unused bits when packed, is refused."""
+    blob = Quant(bits=6).encode(np.full((4, 4), 40, np.uint8))
+    with pytest.raises(FormatError, match="exceeds 5 bits"):
+        Quant(bits=5).decode(blob, (4, 4), np.dtype(np.uint8))
+    packed3 = Zstd(shuffle=False).encode(np.full(8, 0b1100_0000, np.uint8))  # two 3-bit pixels use 6 bits
+    with pytest.raises(FormatError, match="unused high bits"):
+        Quant(bits=3).decode(packed3, (4, 4), np.dtype(np.uint8))
+    tail = Zstd(shuffle=False).encode(np.full(8, 0xFF, np.uint8))  # 15 4-bit pixels + a non-zero pad
+    with pytest.raises(FormatError, match="padding"):
+        Quant(bits=4).decode(tail, (3, 5), np.dtype(np.uint8))
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_quant_packs_and_unpacks_every_width(bits):
+    """Pixels of every width round-trip exactly, packed 8//bits a byte up to 4 bits."""
+    pixels = RNG.integers(0, 1 << bits, size=(7, 9)).astype(np.uint8 if bits <= 8 else np.uint16)
+    codec = Quant(bits=bits)
+    assert np.array_equal(codec.decode(codec.encode(pixels), (7, 9), pixels.dtype), pixels)
 
 
 def test_quant_codes_small_matrices_that_images_cannot():

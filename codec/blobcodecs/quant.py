@@ -1,11 +1,15 @@
 """``quant``: per-tile uniform quantization, pixels stored losslessly with zstd.
 
 The mosaic's pixels (``bits`` of them, 1..16, after the per-tile affine
-map) are stored as one zstd frame: one byte a pixel for ``bits <= 8``,
-otherwise two bytes little-endian grouped by significance (all low bytes,
-then all high bytes). No transform: the error is the mapping's rounding,
-at most half a step. It is the codec for tensors an image codec does not
-suit (a 10x512 output layer) and a rate-distortion option for the rest.
+map) are stored as one zstd frame. Up to 4 bits, ``8 // bits`` pixels
+share a byte, the first in the lowest bits (zstd's Huffman stage then
+codes pixel pairs: measured on Gaussian weights at 4 bits, 3.43 bits a
+pixel against 3.83 with one pixel a byte, the order-0 entropy being 3.41).
+From 5 to 8 bits one byte a pixel; above, two bytes little-endian grouped
+by significance (all low bytes, then all high bytes). No transform: the
+error is the mapping's rounding, at most half a step. It is the codec for
+tensors an image codec does not suit (a 10x512 output layer) and a
+rate-distortion option for the rest.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ __all__ = ["Quant"]
 
 
 class Quant(BlobCodec):
-    """Uniform ``bits``-bit pixels, zstd-compressed."""
+    """Uniform ``bits``-bit pixels, packed and zstd-compressed."""
 
     codec_id = "quant"
     lossy = True
@@ -40,14 +44,40 @@ class Quant(BlobCodec):
         """uint8 up to 8 bits, little-endian uint16 above."""
         return np.dtype(np.uint8 if self.bits <= 8 else "<u2")
 
+    @property
+    def per_byte(self) -> int:
+        """Pixels packed into one byte (1 above 4 bits)."""
+        return 8 // self.bits if self.bits <= 4 else 1
+
     def encode(self, array: np.ndarray) -> bytes:
-        return self._zstd.encode(np.ascontiguousarray(array, self.pixel_dtype))
+        pixels = np.ascontiguousarray(array, self.pixel_dtype).reshape(-1)
+        k = self.per_byte
+        if k > 1:
+            padded = np.zeros(-(-pixels.size // k) * k, np.uint8)
+            padded[: pixels.size] = pixels
+            lanes = padded.reshape(-1, k)
+            pixels = np.zeros(len(lanes), np.uint8)
+            for i in range(k):
+                pixels |= lanes[:, i] << np.uint8(self.bits * i)
+        return self._zstd.encode(pixels)
 
     def decode(self, blob: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        count, k = int(np.prod(shape, dtype=np.int64)), self.per_byte
         try:
-            pixels = self._zstd.decode(blob, shape, self.pixel_dtype)
+            stored = self._zstd.decode(blob, (-(-count // k),), self.pixel_dtype)
         except FormatError as exc:
             raise FormatError(f"quant: {exc}") from None
-        if self.bits not in (8, 16) and pixels.size and int(pixels.max()) >> self.bits:
-            raise FormatError(f"quant: pixel value {int(pixels.max())} exceeds {self.bits} bits")
-        return pixels
+        if k == 1:
+            if self.bits not in (8, 16) and stored.size and int(stored.max()) >> self.bits:
+                raise FormatError(f"quant: pixel value {int(stored.max())} exceeds {self.bits} bits")
+            return stored.reshape(shape)
+        if self.bits * k < 8 and stored.size and int(stored.max()) >> (self.bits * k):
+            raise FormatError(f"quant: unused high bits set in a byte of {k} {self.bits}-bit pixels")
+        mask = np.uint8((1 << self.bits) - 1)
+        pixels = np.empty((stored.size, k), np.uint8)
+        for i in range(k):
+            pixels[:, i] = (stored >> np.uint8(self.bits * i)) & mask
+        flat = pixels.reshape(-1)
+        if flat[count:].any():
+            raise FormatError("quant: padding pixels after the last one are not zero")
+        return flat[:count].reshape(shape)
