@@ -177,7 +177,7 @@ def save(
     aliases = _aliases(state_dict)
     if bits_per_weight is not None or max_error is not None:
         chosen = _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate,
-                       progress)
+                       progress, attachments or {})
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
     else:
         options_for = lambda name: rules.options_for(name, base) or base  # noqa: E731
@@ -261,10 +261,16 @@ def _aliases(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
     return aliases
 
 
-def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress):
-    """Run the rate-distortion allocator over the stored tensors; options per name."""
+def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress,
+          attachments):
+    """Run the rate-distortion allocator over the stored tensors; options per name.
+
+    The budget's fixed part counts the header, the index without tensor
+    entries (metadata, aliases, attachment entries) and the attachments' blobs.
+    """
     from .allocate import plan_options
-    from .format import HEADER_SIZE, Index, TensorEntry
+    from .format import HEADER_SIZE, BlobRef, Index, TensorEntry
+    from .writer import encode_attachment
 
     stored = [n for n in state_dict if n not in aliases]
 
@@ -273,8 +279,14 @@ def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_
             array, dtype_name = to_numpy(state_dict[name])
             yield name, array, get_dtype(dtype_name)
 
+    attached, attached_bytes = [], 0
+    for name, data in attachments.items():
+        att, blob = encode_attachment(name, data)
+        att.blobs = [BlobRef(10**12, len(blob), 0xFFFFFFFF)]  # generous digits for the offset
+        attached.append(att)
+        attached_bytes += len(blob)
     skeleton = Index([TensorEntry(n, get_dtype(TORCH_DTYPES[state_dict[n].dtype]), tuple(state_dict[n].shape),
-                                  alias=a) for n, a in aliases.items()], meta, encoder).to_bytes()
+                                  alias=a) for n, a in aliases.items()], meta, encoder, attachments=attached).to_bytes()
     score = None
     if calibrate is not None:
         dtypes = {n: TORCH_DTYPES[t.dtype] for n, t in state_dict.items()}
@@ -288,7 +300,7 @@ def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_
 
     return plan_options(tensors, base, lambda name: rules.options_for(name, base),
                         bits_per_weight=bits_per_weight, max_error=max_error,
-                        overhead_bytes=HEADER_SIZE + len(skeleton), score=score, progress=progress)
+                        overhead_bytes=HEADER_SIZE + len(skeleton) + attached_bytes, score=score, progress=progress)
 
 
 class JwtFile:

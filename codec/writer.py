@@ -24,7 +24,7 @@ from .limits import DEFAULT_LIMITS
 from .format import Attachment, BlobRef, Index, TensorEntry, attachment_name_error, crc32, pack_header
 from .tensorcodec import Encoded
 
-__all__ = ["Writer", "atomic_output"]
+__all__ = ["Writer", "atomic_output", "encode_attachment"]
 
 
 def _text_error(value: object) -> str | None:
@@ -78,6 +78,17 @@ class atomic_output:
         finally:
             if os.path.exists(self.tmp):
                 os.unlink(self.tmp)
+
+
+def encode_attachment(name: str, data: bytes | str | os.PathLike[str]) -> tuple[Attachment, bytes]:
+    """Compress one attachment (``data``: its bytes or a path to read); its blob ref is left empty."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        with open(data, "rb") as f:
+            data = f.read()
+    # Level 19 for the small text files models carry; 9 keeps large ones fast.
+    codec = Zstd(level=19 if len(data) <= 16 << 20 else 9, shuffle=False)
+    blob = codec.encode(np.frombuffer(data, np.uint8))
+    return Attachment(name, len(data), codec), blob
 
 
 class Writer:
@@ -148,17 +159,12 @@ class Writer:
             raise EncodeError(f"attachment {name!r} is added twice")
         if name in self._attach_folders or not parents.isdisjoint(self._attach_names):
             raise EncodeError(f"attachment {name!r} is both a file and a folder of the attachments")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            with open(data, "rb") as f:
-                data = f.read()
-        # Level 19 for the small text files models carry; 9 keeps large ones fast.
-        codec = Zstd(level=19 if len(data) <= 16 << 20 else 9, shuffle=False)
-        blob = codec.encode(np.frombuffer(data, np.uint8))
+        att, blob = encode_attachment(name, data)
         if self._attach_spool is None:
             spool_dir = Path(self.dest).parent if isinstance(self.dest, (str, os.PathLike)) else None
             self._attach_spool = tempfile.TemporaryFile(dir=spool_dir)
         self._attach_spool.write(blob)
-        att = Attachment(name, len(data), codec, [BlobRef(self._attach_offset, len(blob), crc32(blob))])
+        att.blobs = [BlobRef(self._attach_offset, len(blob), crc32(blob))]
         self._attach_offset += len(blob)
         self._attach_names.add(name)
         self._attach_folders.update(parents)

@@ -151,3 +151,14 @@ def test_cli_rate_options(tmp_path):
     assert both.exit_code == 2
     bad = runner.invoke(cli, ["encode", str(tmp_path / "m.pt"), "--set", "x=zz"])
     assert bad.exit_code == 1 and "cannot read 'zz'" in bad.output
+
+
+def test_budget_counts_attachments(tmp_path):
+    """Attachment bytes come out of the budget: the whole file still lands at or under B."""
+    sd = _model()
+    noise = np.random.default_rng(1).integers(0, 256, 20000, dtype=np.uint8).tobytes()  # incompressible
+    codec.save(sd, tmp_path / "m.jwt", bits_per_weight=2.0, attachments={"tokenizer.bin": noise})
+    weights = sum(t.numel() for t in sd.values())
+    assert 8 * os.path.getsize(tmp_path / "m.jwt") <= 2.0 * weights
+    with codec.open(tmp_path / "m.jwt") as f:
+        assert f.get_attachment("tokenizer.bin") == noise
