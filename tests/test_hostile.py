@@ -3,7 +3,8 @@
 A .jwt arrives over a network from someone else, a .pt may be a malicious
 pickle: every path must answer bad input with a clear error (a JwtError
 from the library; exit status 1 and one line from the CLI) and lose
-nothing (no partial output, no temporary file, no changed input).
+nothing (no partial output, no temporary file, no changed input, no file
+outside the output: decoding to a .pt, a .safetensors or a model folder).
 
 The property tests are bounded for CI (modest ``max_examples``); set
 ``HYPOTHESIS_PROFILE=fuzz`` for a long run.
@@ -52,6 +53,9 @@ def examples(n: int) -> settings:
     return settings(max_examples=n, deadline=None, suppress_health_check=_QUIET)
 
 
+#: A numpy warning raised as an error (python -W error) would escape as something else than a JwtError.
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
 #: Limits for mutants whose index was rewritten (CRCs recomputed): no allocation over a few MB.
 SMALL = codec.Limits(max_tensor_bytes=1 << 22, max_total_bytes=1 << 24, max_blob_pixels=1 << 20)
 #: Seconds one decode of a small mutant may take (a hang is a bug).
@@ -90,17 +94,24 @@ class Base:
         return sorted(c for c in cuts if 0 <= c < len(self.data))
 
 
+ATTACHMENTS = {"config.json": b'{"hidden_size": 128}', "1_Pooling/config.json": b'{"mean": true}'}
+
+
 @lru_cache(maxsize=1)
 def base() -> Base:
-    """JPEG (grid), JPEG XL, zstd tensors, a 0-d and a bool tensor and an alias, ~8 KB."""
+    """JPEG (grid), JPEG XL, quant, zstd tensors, a 0-d and a bool tensor, an alias and 2 attachments, ~10 KB."""
     jpeg = EncodeOptions(codec="jpeg", quality=50, tile=(64, 64))
     jxl = EncodeOptions(codec="jpegxl", quality=70)
+    quant = EncodeOptions(codec="quant", bits=6, tile=(32, 64))
     buf = io.BytesIO()
     with Writer(buf, metadata={"source": "hostile base"}) as w:
+        for name, content in ATTACHMENTS.items():
+            w.add_attachment(name, content)
         for name, dtype, array, opts in [
             ("embed.weight", "float32", _smooth(128, 128, 1).astype(np.float32), jpeg),
             ("attn.weight", "float16", _smooth(128, 128, 2).astype(np.float16), jxl),
             ("proj.weight", "float32", _smooth(128, 128, 3).astype(np.float32), jpeg),
+            ("out.weight", "float32", _smooth(64, 128, 4).astype(np.float32), quant),
             ("bias", "float32", np.linspace(-1, 1, 16, dtype=np.float32), jpeg),
             ("steps", "int64", np.array(12345, np.int64), jpeg),
             ("mask", "bool", np.array([True, False, True, True, False]), jpeg),
@@ -112,8 +123,9 @@ def base() -> Base:
     n = _HEADER.unpack_from(data)[4]
     doc = json.loads(data[HEADER_SIZE : HEADER_SIZE + n])
     start = HEADER_SIZE + n
-    blobs = tuple((start + b[0], start + b[0] + b[1]) for t in doc["tensors"] for b in t.get("blobs", []))
-    assert {t.get("codec", {}).get("id") for t in doc["tensors"]} == {"jpeg", "jpegxl", "zstd", None}
+    blobs = tuple((start + b[0], start + b[0] + b[1])
+                  for t in doc["tensors"] + doc["attachments"] for b in t.get("blobs", []))
+    assert {t.get("codec", {}).get("id") for t in doc["tensors"]} == {"jpeg", "jpegxl", "quant", "zstd", None}
     return Base(data, doc, start, blobs)
 
 
@@ -128,7 +140,7 @@ def rebuild(doc: dict, blobs: list[bytes]) -> bytes:
     """Reseal ``doc`` with ``blobs`` (data order) as its blobs, offsets, lengths and CRCs recomputed."""
     doc = json.loads(json.dumps(doc))
     pos, k = 0, 0
-    for t in doc["tensors"]:
+    for t in doc["tensors"] + doc.get("attachments", []):
         for j in range(len(t.get("blobs", []))):
             t["blobs"][j] = [pos, len(blobs[k]), zlib.crc32(blobs[k])]
             pos += len(blobs[k])
@@ -168,13 +180,26 @@ def _decode_all(data: bytes, limits: codec.Limits) -> None:
     with codec.Reader(_named(data), limits=limits) as reader:
         for name in reader.keys():
             reader.read(name)
+        for name in reader.attachments:
+            reader.read_attachment(name)
 
 
-WAYS = {
-    "Reader": _decode_all,
-    "load": lambda data, limits: codec.load(_named(data), limits=limits),
-    "load(stream)": lambda data, limits: codec.load(Stream(data, "mutant.jwt"), limits=limits),
-}
+def _load(data: bytes, limits: codec.Limits) -> None:
+    codec.load(_named(data), limits=limits)
+    with codec.open(_named(data), limits=limits) as f:
+        for name in f.attachments:
+            f.get_attachment(name)
+
+
+def _stream(data: bytes, limits: codec.Limits) -> None:
+    with codec.open(Stream(data, "mutant.jwt"), limits=limits) as f:
+        for _ in f.items():
+            pass
+        for _ in f.reader.iter_attachments():
+            pass
+
+
+WAYS = {"Reader": _decode_all, "load": _load, "load(stream)": _stream}
 
 
 def outcomes(data: bytes, limits: codec.Limits = codec.DEFAULT_LIMITS) -> dict[str, str]:
@@ -426,24 +451,50 @@ def mutants(draw) -> bytes:
 
 
 def check_cli(data: bytes) -> None:
-    """``jwt info`` and ``jwt decode`` on ``data``: exit 0, or exit 1 with one line, nothing left behind."""
+    """``jwt info`` and ``jwt decode`` (.pt, .safetensors, folder) on ``data``: exit 0, or exit 1 with one line.
+
+    A failure leaves nothing behind; no run writes outside its output (the
+    work folder is nested so that an escape would show in its parent).
+    """
     runner = CliRunner()
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "in.jwt"
+    with tempfile.TemporaryDirectory() as top:
+        tmp = Path(top) / "work"
+        tmp.mkdir()
+        src = tmp / "in.jwt"
         src.write_bytes(data)
-        out = Path(tmp) / "out.pt"
-        for args in (["info", str(src)], ["info", "--json", str(src)], ["decode", "-q", str(src), "-o", str(out)]):
+        outs = {"pt": tmp / "out.pt", "safetensors": tmp / "out.safetensors", "folder": tmp / "out"}
+        runs = [["info", str(src)], ["info", "--json", str(src)]]
+        runs += [["decode", "-q", str(src), "-o", str(out) + ("/" if kind == "folder" else "")]
+                 for kind, out in outs.items()]
+        for args in runs:
             result = runner.invoke(cli, args)
             assert result.exit_code in (0, 1), (args, result.exit_code, result.output)
+            assert os.listdir(top) == ["work"], os.listdir(top)
             if result.exit_code == 1:
                 assert isinstance(result.exception, SystemExit), (args, repr(result.exception))
                 lines = result.stderr.strip().splitlines()
-                assert len(lines) == 1 and lines[0].startswith(f"Error: {src}: "), (args, result.stderr)
+                assert len(lines) == 1 and lines[0].startswith("Error: "), (args, result.stderr)
                 assert "Traceback" not in result.output
                 assert sorted(os.listdir(tmp)) == ["in.jwt"], os.listdir(tmp)
             elif args[0] == "decode":
-                assert torch.load(out, weights_only=True).keys() == codec.load(data).keys()
-                out.unlink()
+                out = Path(args[-1])
+                names = list(codec.load(data))
+                if out.suffix == ".pt":
+                    assert list(torch.load(out, weights_only=True)) == names
+                    out.unlink()
+                else:
+                    from safetensors.torch import load_file
+
+                    weights = out / "model.safetensors" if out.is_dir() else out
+                    assert sorted(load_file(weights)) == sorted(names)
+                    if out.is_dir():
+                        with codec.open(data) as f:
+                            files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+                            assert files == {"model.safetensors", *f.attachments}
+                        shutil.rmtree(out)
+                    else:
+                        out.unlink()
+                assert sorted(os.listdir(tmp)) == ["in.jwt"], os.listdir(tmp)
         assert src.read_bytes() == data
 
 
@@ -452,6 +503,38 @@ def check_cli(data: bytes) -> None:
 def test_cli_answers_mutants_with_one_line_and_leaves_nothing(data):
     """jwt info / decode on a mutated file: exit 1 with one 'Error:' line and no output or temp file (or success)."""
     check_cli(data)
+
+
+PATH_PARTS = st.sampled_from(["a", "b.txt", "..", ".", "", "~", "CON", "é", "x" * 40, " ", "\\", ":", "\x00", "\x7f",
+                               "model.safetensors"])
+ATTACHMENT_NAMES = st.lists(PATH_PARTS, min_size=1, max_size=4).map("/".join) | st.text(max_size=16)
+
+
+@examples(40)
+@given(st.lists(ATTACHMENT_NAMES, min_size=2, max_size=2))
+def test_attachment_names_never_escape_the_output_folder(names):
+    """Attachments renamed to anything (CRCs valid): refused, or restored as files inside the output folder only."""
+    b = base()
+    doc = json.loads(json.dumps(b.doc))
+    for att, name in zip(doc["attachments"], names):
+        att["name"] = name
+    data = reseal(doc, b.data[b.data_start:])
+    outcomes(data, SMALL)
+    check_cli(data)
+
+
+@examples(25)
+@given(st.lists(st.text(max_size=12) | st.sampled_from(["__metadata__", "", "a/../b", "/etc/passwd", "\x00"]),
+                min_size=1, max_size=5, unique=True))
+def test_any_tensor_names_decode_to_loadable_outputs(names):
+    """Whatever the tensor names, jwt decode writes .pt/.safetensors/folder outputs that load with them, or fails in one line."""
+    buf = io.BytesIO()
+    lossless = EncodeOptions(codec="lossless")
+    with Writer(buf) as w:
+        for i, name in enumerate(names):
+            array = np.full(2, i, np.float32)
+            w.add(name, get_dtype("float32"), (2,), encode_tensor(array, get_dtype("float32"), lossless))
+    check_cli(buf.getvalue())
 
 
 def test_cli_decode_from_stdin_refuses_truncation(tmp_path):
@@ -513,6 +596,35 @@ def test_encode_refuses_files_that_are_not_checkpoints(tmp_path, content):
     src.write_bytes(content)
     assert_one_line_failure(run("encode", src, "-o", tmp_path / "out.jwt"), "in.pt")
     assert sorted(os.listdir(tmp_path)) == ["in.pt"] and src.read_bytes() == content
+
+
+def _safetensors_cases() -> dict[str, bytes]:
+    from safetensors.torch import save as st_save
+
+    good = st_save({"w": torch.randn(4, 4), "b": torch.zeros(3)})
+    n = struct.unpack("<Q", good[:8])[0]
+    head = json.loads(good[8 : 8 + n])
+
+    def with_header(doc: dict) -> bytes:
+        raw = json.dumps(doc).encode()
+        return struct.pack("<Q", len(raw)) + raw + good[8 + n :]
+
+    return {
+        "truncated": good[:-10],
+        "header-length-huge": struct.pack("<Q", 2**62) + good[8:],
+        "header-not-json": struct.pack("<Q", 5) + b"{{{{{" + good[8 + n :],
+        "shape-overflows": with_header({**head, "w": {**head["w"], "shape": [2**40, 2**40]}}),
+        "offsets-past-end": with_header({**head, "w": {**head["w"], "data_offsets": [0, 10**9]}}),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_safetensors_cases()))
+def test_encode_refuses_broken_safetensors(tmp_path, case):
+    """jwt encode on a truncated or lying .safetensors exits 1 with one line and writes nothing."""
+    src = tmp_path / "in.safetensors"
+    src.write_bytes(_safetensors_cases()[case])
+    assert_one_line_failure(run("encode", src, "-o", tmp_path / "out.jwt"), "in.safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
 
 
 def test_encode_refuses_a_jwt_given_as_checkpoint(tmp_path):

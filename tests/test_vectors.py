@@ -110,6 +110,11 @@ def test_valid_vector_decodes_with_reader(case):
             assert entry.alias == t.get("alias")
             got = reader.read(t["name"])
             assert_matches(got, arrays[t["expected"]], t, steps(reader, t, arrays))
+        expected = {a["name"]: arrays[a["expected"]].tobytes() for a in item.get("attachments", [])}
+        assert list(reader.attachments) == list(expected)
+        for name, content in expected.items():
+            assert reader.attachments[name].size == len(content)
+            assert reader.read_attachment(name) == content, name
 
 
 @pytest.mark.parametrize("case", sorted(VALID))
@@ -126,6 +131,8 @@ def test_valid_vector_decodes_from_a_stream(case):
             t = by_name[entry.name]
             decoded[entry.name] = array if entry.alias is None else decoded[entry.alias]
         assert list(decoded) == list(by_name)
+        attached = {att.name: content for att, content in reader.iter_attachments()}
+        assert attached == {a["name"]: arrays[a["expected"]].tobytes() for a in item.get("attachments", [])}
     with codec.Reader(data) as seekable:
         for name, t in by_name.items():
             assert_matches(decoded[name], arrays[t["expected"]], t, steps(seekable, t, arrays))
@@ -148,13 +155,36 @@ def test_valid_vector_loads_with_codec_load(case):
                 assert tensor is state_dict[t["alias"]]
             got, _ = to_numpy(tensor)
             assert_matches(got, arrays[t["expected"]], t, steps(reader, t, arrays))
+    with codec.open(VECTORS / item["file"]) as f:
+        assert f.attachments == [a["name"] for a in item.get("attachments", [])]
+        for a in item.get("attachments", []):
+            assert f.get_attachment(a["name"]) == arrays[a["expected"]].tobytes()
 
 
 def decode_all(source) -> None:
-    """Open ``source`` and decode every tensor (the latest point an invalid file must fail)."""
+    """Open ``source``, decode every tensor and read every attachment (the latest point an invalid file must fail)."""
     with codec.Reader(source) as reader:
         for name in reader.keys():
             reader.read(name)
+        for name in reader.attachments:
+            reader.read_attachment(name)
+
+
+def load_all(source) -> None:
+    """codec.load, then every attachment through codec.open (what restoring a model folder reads)."""
+    codec.load(source)
+    with codec.open(source) as f:
+        for name in f.attachments:
+            f.get_attachment(name)
+
+
+def load_stream(stream) -> None:
+    """Every tensor, then every attachment, in file order from a non-seekable stream."""
+    with codec.open(stream) as f:
+        for _ in f.items():
+            pass
+        for _ in f.reader.iter_attachments():
+            pass
 
 
 def check_error(exc: BaseException, item: dict, name: str) -> None:
@@ -177,10 +207,10 @@ def test_invalid_vector_raises_its_error(case):
 
 @pytest.mark.parametrize("case", sorted(INVALID))
 def test_invalid_vector_raises_its_error_via_load(case):
-    """codec.load raises exactly the manifest's error class, naming the file."""
+    """codec.load (then the attachments) raises exactly the manifest's error class, naming the file."""
     path = VECTORS / INVALID[case]["file"]
     with pytest.raises(codec.JwtError) as info:
-        codec.load(path)
+        load_all(path)
     check_error(info.value, INVALID[case], path.name)
 
 
@@ -189,5 +219,5 @@ def test_invalid_vector_raises_its_error_from_a_stream(case):
     """Read from a non-seekable stream, in file order, an invalid file raises the same error class."""
     path = VECTORS / INVALID[case]["file"]
     with pytest.raises(codec.JwtError) as info:
-        codec.load(Stream(path.read_bytes(), path.name))
+        load_stream(Stream(path.read_bytes(), path.name))
     check_error(info.value, INVALID[case], path.name)
