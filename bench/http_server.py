@@ -3,8 +3,9 @@
 ``serve(folder, rate=None, ranges=True)`` starts a ``http.server`` based
 server on 127.0.0.1 (an ephemeral port, loopback only) in a daemon thread
 and yields it; ``server.url(name)`` is the URL of a file in ``folder`` and
-``server.log`` lists ``(method, path, Range header, status, bytes sent)``
-per request. ``rate`` (bytes per second) throttles every response body;
+``server.log`` lists ``(method, path, Range header, status, body length)``
+per request, recorded before the body is sent; ``server.bytes_sent()``
+counts the body bytes actually written so far. ``rate`` (bytes per second) throttles every response body;
 ``ranges=False`` makes it ignore ``Range`` like a plain static server.
 ``hold_after=n`` pauses every response after its first ``n`` body bytes
 until ``server.release`` is set (a link that stalls, for tests).
@@ -84,16 +85,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Accept-Ranges", "bytes")
         if status == 206:
             self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+        self._record(status, last - first + 1)
         self.end_headers()
-        sent = 0
         try:
             with open(path, "rb") as f:
                 f.seek(first)
-                sent = self._send_body(f, last - first + 1)
+                self._send_body(f, last - first + 1)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client closed the connection early
-        finally:
-            self._record(status, sent)
 
     def _send_body(self, f, n: int) -> int:
         """Copy ``n`` bytes to the client, at most ``rate`` bytes a second; return the bytes sent."""
@@ -123,12 +122,12 @@ class _Handler(BaseHTTPRequestHandler):
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.send_header("Content-Length", "0")
-        self.end_headers()
         self._record(status, 0)
+        self.end_headers()
 
-    def _record(self, status: int, sent: int) -> None:
+    def _record(self, status: int, length: int) -> None:
         with self.server.lock:
-            self.server.log.append((self.command, self.path, self.headers.get("Range"), status, sent))
+            self.server.log.append((self.command, self.path, self.headers.get("Range"), status, length))
 
 
 @contextlib.contextmanager

@@ -34,6 +34,20 @@ class SizeType(click.ParamType):
 SIZE = SizeType()
 
 
+#: ``-j/--jobs N`` for the commands that code or decode tensors.
+jobs_option = click.option(
+    "-j", "--jobs", type=click.IntRange(min=0), default=None, metavar="N",
+    help="Worker threads coding blobs in parallel (default: one per core; 1: none). "
+         "The output does not depend on it.")
+
+
+def is_url(text: str) -> bool:
+    """True for an http:// or https:// argument."""
+    from codec.http import is_url as _is_url
+
+    return _is_url(text)
+
+
 def fail(message: str) -> click.ClickException:
     """A one-line error that exits with status 1."""
     return click.ClickException(message.splitlines()[0] if message else "failed")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
+import urllib.parse
 from pathlib import Path
 
 import click
 
-from .common import fail, handle_errors, progress_bar, same_file
+from .common import fail, handle_errors, is_url, jobs_option, progress_bar, same_file
 
 
 @click.command()
@@ -19,9 +20,10 @@ from .common import fail, handle_errors, progress_bar, same_file
 @click.option("--aliases", type=click.Choice(["clone", "drop"]), default="clone", show_default=True,
               help="Tensors that shared storage, in a .safetensors or folder output (which cannot share): write "
                    "a copy under every name, or drop the alias names (for loaders that re-tie weights).")
+@jobs_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @handle_errors
-def decode(input: str, output: str | None, aliases: str, quiet: bool) -> None:
+def decode(input: str, output: str | None, aliases: str, jobs: int | None, quiet: bool) -> None:
     """Decode a .jwt container into a .pt state_dict, a .safetensors file or a model folder.
 
     A .pt loads with torch.load(path, weights_only=True), with every name,
@@ -30,15 +32,18 @@ def decode(input: str, output: str | None, aliases: str, quiet: bool) -> None:
     ...) so transformers / sentence-transformers load it as the original.
     Outputs are written to a temporary file or folder and renamed; an
     existing non-empty folder is refused. INPUT may be - to read from
-    standard input (tensors are decoded as their bytes arrive).
+    standard input, or an http(s):// URL (tensors are decoded as their
+    bytes arrive; the default output is named after the URL's file, here).
 
     \b
     Examples:
       jwt decode model.jwt -o model.pt
       jwt decode model.jwt -o model.safetensors
       jwt decode minilm.jwt -o minilm/
+      jwt decode https://example.org/models/minilm.jwt -o minilm.pt
     """
     from codec import io_formats
+    from codec.parallel import jobs_default
     from codec.reader import Reader
 
     total = 0
@@ -46,6 +51,12 @@ def decode(input: str, output: str | None, aliases: str, quiet: bool) -> None:
         if output is None:
             raise click.UsageError("-o is required when reading from standard input")
         source, name = sys.stdin.buffer, "<stdin>"
+    elif is_url(input):
+        with Reader(input) as reader:
+            local = Path(urllib.parse.urlsplit(input).path).name or "model.jwt"
+            output = output or str(io_formats.default_output(local, reader.metadata))
+            total = sum(e.numel for e in reader.index.entries)
+        source, name = input, input
     else:
         if not Path(input).is_file():
             raise fail(f"{input}: no such file")
@@ -63,7 +74,8 @@ def decode(input: str, output: str | None, aliases: str, quiet: bool) -> None:
             written.append(tensor)
             bar.update(n)
 
-        notes = io_formats.decode_model(source, output, aliases=aliases, name=name, progress=progress)
+        with jobs_default(jobs):
+            notes = io_formats.decode_model(source, output, aliases=aliases, name=name, progress=progress)
     for message in notes:
         click.echo(f"jwt: warning: {message}", err=True)
     if not quiet:

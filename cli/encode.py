@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import SIZE, fail, handle_errors, progress_bar, same_file
+from .common import SIZE, fail, handle_errors, jobs_option, progress_bar, same_file
 
 
 def parse_meta(values: tuple[str, ...]) -> dict[str, str]:
@@ -64,12 +64,13 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
 @click.option("--row-shape", type=SIZE, help="Code every matrix row of H*W values as one HxW tile "
                                               "(e.g. 28x28 for a first layer over MNIST images).")
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Free-form metadata to store (repeatable).")
+@jobs_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @handle_errors
 def encode(input: Path, output: Path | None, codec_name: str, bits: int, bits_per_weight: float | None,
            max_error: float | None, rules: tuple[str, ...], quality: int | None, table: str, distance: float | None,
            effort: int, tile: tuple[int, int], row_shape: tuple[int, int] | None, meta: tuple[str, ...],
-           quiet: bool) -> None:
+           jobs: int | None, quiet: bool) -> None:
     """Encode a model (.pt/.pth, .safetensors, or a Hugging Face model folder) into a .jwt container.
 
     A folder's weights (model.safetensors, its shards, or pytorch_model.bin)
@@ -119,7 +120,7 @@ def encode(input: Path, output: Path | None, codec_name: str, bits: int, bits_pe
             attachments=source.attachments,
             overrides=parse_rules(rules), bits_per_weight=bits_per_weight, max_error=max_error,
             progress=lambda name, n: bar.update(n), codec=codec_name, quality=quality, table=table,
-            distance=distance, effort=effort, tile=tile, row_shape=row_shape, bits=bits,
+            distance=distance, effort=effort, tile=tile, row_shape=row_shape, bits=bits, jobs=jobs,
         )
     for message in [str(w.message) for w in caught] + notes:
         click.echo(f"jwt: warning: {message}", err=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import fail, handle_errors
+from .common import fail, handle_errors, is_url
 
 
 #: Version of the ``--json`` document (spec/cli.md): raised only for a change that is not an addition.
@@ -54,14 +54,18 @@ def _shape(shape: list[int]) -> str:
 
 
 @click.command()
-@click.argument("input", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("input", type=str)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document for scripts (documented in spec/cli.md).")
 @handle_errors
-def info(input: Path, as_json: bool) -> None:
-    """Show what a .jwt file holds, from its index alone (nothing is decoded)."""
+def info(input: str, as_json: bool) -> None:
+    """Show what a .jwt file holds, from its index alone (nothing is decoded).
+
+    INPUT is a file or an http(s):// URL (then only the first bytes, the
+    header and the index, are downloaded).
+    """
     from codec.reader import Reader
 
-    if not input.is_file():
+    if not is_url(input) and not Path(input).is_file():
         raise fail(f"{input}: no such file")
     with Reader(input) as reader:
         doc = describe(reader)

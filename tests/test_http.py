@@ -132,3 +132,24 @@ def test_tensors_are_handed_out_while_the_download_goes_on(model_dir):
         reader.join()
         assert first and first[0][0] == "layer0.weight" and stalled
         assert len(list(items)) == 12
+
+
+def test_cli_info_and_decode_read_a_url(model_dir, tmp_path):
+    """`jwt info URL --json` downloads only the first bytes; `jwt decode URL -o x.pt -j 2` equals the local decode."""
+    import json
+
+    from click.testing import CliRunner
+
+    from jwt_cli.main import cli
+
+    with serve(model_dir) as server:
+        url = server.url("m.jwt")
+        result = CliRunner().invoke(cli, ["info", url, "--json"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        doc = json.loads(result.output)
+        assert doc["file"] == url and len(doc["tensors"]) == 13 and len(server.log) == 1
+        result = CliRunner().invoke(cli, ["decode", url, "-o", str(tmp_path / "x.pt"), "-j", "2", "-q"])
+        assert result.exit_code == 0, result.output
+        missing = CliRunner().invoke(cli, ["decode", server.url("nope.jwt"), "-o", str(tmp_path / "y.pt")])
+    assert missing.exit_code == 1 and server.url("nope.jwt") in missing.output and "404" in missing.output
+    _same(torch.load(tmp_path / "x.pt", weights_only=True), codec.load(model_dir / "m.jwt"))

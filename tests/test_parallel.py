@@ -191,3 +191,21 @@ def test_streaming_reads_ahead_a_bounded_number_of_tensors(tmp_path, monkeypatch
                 assert (array is None) == (entry.alias is not None)
         ahead = [events[: i + 1].count("start") - events[: i + 1].count("yield") for i in range(len(events))]
         assert max(ahead) <= 4 + 1 and events.count("yield") == len(sd)
+
+
+def test_cli_jobs_option_gives_the_same_file(tmp_path):
+    """`jwt encode -j 1` and `-j 2` write the same bytes, and `jwt decode -j 2` reads them back."""
+    import torch
+    from click.testing import CliRunner
+
+    from jwt_cli.main import cli
+
+    torch.save(_model(), tmp_path / "m.pt")
+    for jobs in ("1", "2"):
+        result = CliRunner().invoke(cli, ["encode", str(tmp_path / "m.pt"), "-o", str(tmp_path / f"{jobs}.jwt"),
+                                          "--jobs", jobs, "-q"])
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "1.jwt").read_bytes() == (tmp_path / "2.jwt").read_bytes()
+    result = CliRunner().invoke(cli, ["decode", str(tmp_path / "2.jwt"), "-o", str(tmp_path / "back.pt"), "-j", "2"])
+    assert result.exit_code == 0, result.output
+    assert set(torch.load(tmp_path / "back.pt", weights_only=True)) == set(_model())
