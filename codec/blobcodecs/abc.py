@@ -15,13 +15,14 @@ blob that claims other dimensions or another size is a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
 
 from ..errors import FormatError
 
-__all__ = ["BlobCodec", "check_params"]
+__all__ = ["BlobCodec", "check_params", "decode_image"]
 
 
 class BlobCodec(ABC):
@@ -74,3 +75,15 @@ def check_params(codec_id: str, name: str, value: Any, kind: type, lo: float, hi
     if not ok or (kind is not bool and not lo <= value <= hi):
         raise FormatError(f"codec {codec_id!r}: parameter {name}={value!r:.40} is not a {kind.__name__} in [{lo}, {hi}]")
     return value
+
+
+def decode_image(codec_id: str, decode: Callable[[bytes], np.ndarray], blob: bytes, shape: tuple[int, ...],
+                 pixel: np.dtype) -> np.ndarray:
+    """Run an image library's ``decode`` (header already checked) and verify what it returns."""
+    try:
+        image = decode(blob)
+    except Exception as exc:  # imagecodecs raises its own error classes
+        raise FormatError(f"{codec_id}: cannot decode ({exc})") from None
+    if image.shape != tuple(shape) or image.dtype != pixel:
+        raise FormatError(f"{codec_id}: decoded {image.dtype}{image.shape}, expected {np.dtype(pixel)}{tuple(shape)}")
+    return image

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import FormatError
-from .abc import BlobCodec, check_params
+from .abc import BlobCodec, check_params, decode_image
 
 __all__ = ["Jpeg", "quant_table", "ANNEX_K_LUMINANCE"]
 
@@ -107,13 +107,7 @@ class Jpeg(BlobCodec):
         found = jpeg_frame(blob)
         if found != (8, shape[0], shape[1], 1):
             raise FormatError(f"jpeg: frame is (bits, height, width, components)={found}, expected {(8, *shape, 1)}")
-        try:
-            image = imagecodecs.jpeg8_decode(blob)
-        except Exception as exc:  # imagecodecs raises its own error classes
-            raise FormatError(f"jpeg: cannot decode ({exc})") from None
-        if image.shape != tuple(shape) or image.dtype != np.uint8:
-            raise FormatError(f"jpeg: decoded {image.dtype}{image.shape}, expected uint8{tuple(shape)}")
-        return image
+        return decode_image(self.codec_id, imagecodecs.jpeg8_decode, blob, shape, np.dtype(np.uint8))
 
 
 def jpeg_frame(blob: bytes) -> tuple[int, int, int, int]:

@@ -15,7 +15,7 @@ import imagecodecs
 import numpy as np
 
 from ..errors import FormatError
-from .abc import BlobCodec, check_params
+from .abc import BlobCodec, check_params, decode_image
 
 __all__ = ["JpegXL", "jxl_size"]
 
@@ -44,13 +44,7 @@ class JpegXL(BlobCodec):
         found = jxl_size(blob)
         if found != tuple(shape):
             raise FormatError(f"jpegxl: codestream is {found[0]}x{found[1]}, expected {shape[0]}x{shape[1]}")
-        try:
-            image = imagecodecs.jpegxl_decode(blob)
-        except Exception as exc:  # imagecodecs raises its own error classes
-            raise FormatError(f"jpegxl: cannot decode ({exc})") from None
-        if image.shape != tuple(shape) or image.dtype != np.uint16:
-            raise FormatError(f"jpegxl: decoded {image.dtype}{image.shape}, expected uint16{tuple(shape)}")
-        return image
+        return decode_image(self.codec_id, imagecodecs.jpegxl_decode, blob, shape, np.dtype(np.uint16))
 
 
 def bare_codestream(buf: bytes) -> bytes:
