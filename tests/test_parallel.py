@@ -209,3 +209,29 @@ def test_cli_jobs_option_gives_the_same_file(tmp_path):
     result = CliRunner().invoke(cli, ["decode", str(tmp_path / "2.jwt"), "-o", str(tmp_path / "back.pt"), "-j", "2"])
     assert result.exit_code == 0, result.output
     assert set(torch.load(tmp_path / "back.pt", weights_only=True)) == set(_model())
+
+
+@pytest.mark.parametrize("shape, options", [c for c in CASES if c[1].get("codec") in (None, "quant")])
+def test_float32_arithmetic_decoding_is_exact(shape, options, monkeypatch):
+    """float32 tensors with bfloat16 parameters decode by float32 arithmetic to the formula's exact bits."""
+    dtype = get_dtype("float32")
+    array = (RNG.standard_normal(shape) * 10.0 ** RNG.integers(-30, 30)).astype(np.float32)
+    encoded = encode_tensor(array, dtype, EncodeOptions(**options))
+    entry = TensorEntry("w", dtype, shape, encoded.codec, encoded.tiling)
+    fast = decode_tensor(entry, encoded.blobs)
+    monkeypatch.setattr(tensorcodec, "FLOAT32_ARITHMETIC", False)
+    monkeypatch.setattr(tensorcodec, "LUT_MIN_TILE_PIXELS", 1 << 30)
+    assert decode_tensor(entry, encoded.blobs).tobytes() == fast.tobytes()
+
+
+def test_float32_arithmetic_matches_the_formula_on_hard_cases():
+    """float32 offset + scale * p equals RN32(RN64(offset + scale * p)) for bfloat16 parameters, halfway sums too."""
+    bf16 = lambda v: (np.asarray(v, np.float32).view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)  # noqa: E731
+    exponents = RNG.integers(-140, 120, 4000).astype(np.float64)
+    offset = bf16(RNG.standard_normal(4000) * 2.0 ** exponents)
+    scale = bf16(np.abs(RNG.standard_normal(4000)) * 2.0 ** (exponents - RNG.integers(0, 40, 4000)))
+    scale[:1000] = bf16(np.abs(offset[:1000]) * 2.0**-24)  # sums land on float32 halfway points
+    pixels = np.arange(256, dtype=np.uint8)
+    fast = (pixels[None, :] * scale[:, None]) + offset[:, None]
+    exact = mapping.lookup_table(offset, scale, get_dtype("float32"))
+    assert fast.dtype == np.float32 and fast.tobytes() == exact.tobytes()
