@@ -5,8 +5,9 @@ server on 127.0.0.1 (an ephemeral port, loopback only) in a daemon thread
 and yields it; ``server.url(name)`` is the URL of a file in ``folder`` and
 ``server.log`` lists ``(method, path, Range header, status, body length)``
 per request, recorded before the body is sent; ``server.bytes_sent()``
-counts the body bytes actually written so far. ``rate`` (bytes per second) throttles every response body;
-``ranges=False`` makes it ignore ``Range`` like a plain static server.
+counts the body bytes handed to the socket so far. ``rate`` (bytes per
+second) throttles every response body; ``ranges=False`` makes it ignore
+``Range`` like a plain static server.
 ``hold_after=n`` pauses every response after its first ``n`` body bytes
 until ``server.release`` is set (a link that stalls, for tests).
 The server honours ``If-Range`` against a strong ``ETag`` derived from the
@@ -107,10 +108,10 @@ class _Handler(BaseHTTPRequestHandler):
             data = f.read(min(chunk, n - sent, (hold - sent) if hold is not None else n))
             if not data:
                 break
+            with self.server.lock:  # counted before the client can have them
+                self.server._sent += len(data)
             self.wfile.write(data)
             sent += len(data)
-            with self.server.lock:
-                self.server._sent += len(data)
             if rate is not None:
                 delay = start + sent / rate - time.perf_counter()
                 if delay > 0:
