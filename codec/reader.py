@@ -221,8 +221,8 @@ class Reader:
         return self._read_blobs(entry, k, k + 1)[0]
 
     def _read_blobs(self, entry: TensorEntry | Attachment, first: int = 0, stop: int | None = None,
-                    stream: Any = None) -> list[bytes]:
-        """Blobs ``first..stop-1`` of ``entry`` in one read, each CRC-checked."""
+                    stream: Any = None) -> list[bytes | memoryview]:
+        """Blobs ``first..stop-1`` of ``entry`` in one read, each CRC-checked (bytes-like: bytes or memoryview)."""
         refs = entry.blobs[first:stop]
         if not refs:
             return []
@@ -238,8 +238,9 @@ class Reader:
                                   "read tensors in file order")
             data = self._read_exact(total, f"blob {first}", stream)
         blobs, pos = [], 0
+        view = memoryview(data) if len(refs) > 1 else data  # slices of one read, not copies
         for k, ref in enumerate(refs, first):
-            blob = data[pos : pos + ref.length]
+            blob = view[pos : pos + ref.length]
             pos += ref.length
             computed = crc32(blob)
             if computed != ref.crc32:

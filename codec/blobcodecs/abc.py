@@ -10,6 +10,8 @@ hands back to :meth:`BlobCodec.from_config` when reading.
 must verify the blob against them *before* allocating anything large: a
 blob that claims other dimensions or another size is a
 :class:`~codec.errors.FormatError`, never a silently different array.
+The blob is bytes-like: ``bytes``, or a ``memoryview`` slice of a larger
+read (the reader does not copy a tensor's blobs apart).
 """
 
 from __future__ import annotations
