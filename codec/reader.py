@@ -43,6 +43,7 @@ from .tensorcodec import decode_tensor, start_decode
 
 __all__ = ["Reader", "FileSource", "FileObjectSource", "StreamSource", "open_source"]
 
+
 class FileSource:
     """A local file, read with ``os.pread``: random access without a shared file position."""
 

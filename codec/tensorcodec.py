@@ -18,7 +18,7 @@ import numpy as np
 
 from . import mapping, tiling
 from .blobcodecs import BlobCodec, Jpeg, JpegXL, Quant, Zstd
-from .dtypes import DType, from_float64, to_float64
+from .dtypes import DType, from_float64
 from .errors import EncodeError, FormatError
 from .format import TensorEntry
 from .parallel import INLINE, Pending
