@@ -19,8 +19,10 @@ any fixed covariance, the relative perturbation of its output energy
 first order. So the total distortion is ``sum_t w_t * NMSE_t`` with every
 weight ``w_t = 1``: each layer matters as much as any other, whatever its
 size -- which protects small output layers that a per-weight measure would
-starve. A tensor whose rows are square images (``C = k*k``, ``k >= 8``:
-a first layer over image inputs) is measured under a natural-image prior
+starve. A tensor whose rows are images -- the rows of ``row_shape``, or,
+data-free, the model's first matrix when its rows are square (``C = k*k``,
+``k >= 8``, not a power of two: a first layer over image inputs) -- is
+measured under a natural-image prior
 instead: the error of each row, seen as a ``k x k`` image, is weighted in
 the 2-D Fourier domain by the power spectrum ``1 / (f^2 + (1/k)^2)`` of
 natural images, so error where inputs carry no energy (high frequencies)
@@ -74,8 +76,9 @@ class RDPoint:
     rel_error: float = 0.0  # plain relative RMS error ||W' - W|| / ||W||
 
 
-def candidates(array: np.ndarray, dtype: DType, base: EncodeOptions) -> list[tuple[str, EncodeOptions]]:
-    """The labelled settings worth measuring for one tensor."""
+def candidates(array: np.ndarray, dtype: DType, base: EncodeOptions,
+               rows: tuple[int, int] | None = None) -> list[tuple[str, EncodeOptions]]:
+    """The labelled settings worth measuring for one tensor (``rows``: its row image shape, if any)."""
     menu = [("lossless", base.with_(codec="lossless"))]
     if lossless_reason(array, dtype, "quant") is not None:
         return menu
@@ -86,14 +89,10 @@ def candidates(array: np.ndarray, dtype: DType, base: EncodeOptions) -> list[tup
         menu += [(f"jpeg q{q} flat {h}x{w}", base.with_(codec="jpeg", quality=q, table="flat", row_shape=None,
                                                         tile=(h, w)))
                  for h, w in TILES for q in JPEG_QUALITIES]
-        row_shape = base.row_shape
-        if row_shape is None or row_shape[0] * row_shape[1] != cols:
-            k = image_side(array.shape)
-            row_shape = (k, k) if k is not None else None
-        if row_shape is not None:
+        if rows is not None and rows[0] * rows[1] == cols:
             for table in ROW_TABLES:
-                menu += [(f"jpeg q{q} {table} rows{row_shape[0]}x{row_shape[1]}",
-                          base.with_(codec="jpeg", quality=q, table=table, row_shape=row_shape))
+                menu += [(f"jpeg q{q} {table} rows{rows[0]}x{rows[1]}",
+                          base.with_(codec="jpeg", quality=q, table=table, row_shape=rows))
                          for q in JPEG_QUALITIES]
     return menu
 
@@ -107,11 +106,11 @@ def entry_bytes(name: str, dtype: DType, shape: tuple[int, ...], encoded: Encode
 
 
 def image_side(shape: tuple[int, ...]) -> int | None:
-    """``k`` if a tensor's rows look like ``k x k`` images, else None.
+    """``k`` if a tensor's rows could be ``k x k`` images, else None.
 
-    Data-free heuristic: ``C = k*k`` with ``k >= 8`` and ``C`` not a power of
-    two (hidden sizes such as 256 or 1024 are squares too, but powers of two;
-    image sides such as MNIST's 28 are not).
+    ``C = k*k`` with ``k >= 8`` and ``C`` not a power of two (hidden sizes
+    such as 256 or 1024 are squares too, but powers of two; image sides such
+    as MNIST's 28 are not).
     """
     if len(shape) < 2:
         return None
@@ -120,38 +119,55 @@ def image_side(shape: tuple[int, ...]) -> int | None:
     return k if k >= 8 and k * k == cols and cols & (cols - 1) else None
 
 
-def _prior_energy(rows: np.ndarray, k: int) -> float:
-    """Energy of ``k x k`` row images weighted by the natural-image spectrum prior."""
-    f = np.fft.fftfreq(k)
-    weight = 1.0 / (f[:, None] ** 2 + f[None, :] ** 2 + 1.0 / (k * k))
-    spectrum = np.fft.fft2(rows.reshape(-1, k, k))
+def row_images(shape: tuple[int, ...], base: EncodeOptions, input_layer: bool) -> tuple[int, int] | None:
+    """The image shape of a tensor's rows, for the image prior and rows-mode candidates, or None.
+
+    The user's ``row_shape`` where it fits the rows; otherwise, data-free,
+    only the model's input layer (its first matrix) whose rows are square
+    (:func:`image_side`): a deeper layer's rows are feature maps or hidden
+    units, not images, even when their count happens to be a square (a CNN's
+    64 x 7 x 7 = 56^2 flattened features).
+    """
+    cols = math.prod(shape[1:]) if len(shape) >= 2 else 0
+    if base.row_shape is not None and base.row_shape[0] * base.row_shape[1] == cols:
+        return base.row_shape
+    k = image_side(shape) if input_layer else None
+    return (k, k) if k is not None else None
+
+
+def _prior_energy(matrix: np.ndarray, rows: tuple[int, int]) -> float:
+    """Energy of row images of shape ``rows`` weighted by the natural-image spectrum prior."""
+    h, w = rows
+    fy, fx = np.fft.fftfreq(h)[:, None], np.fft.fftfreq(w)[None, :]
+    weight = 1.0 / (fy**2 + fx**2 + 1.0 / (h * w))
+    spectrum = np.fft.fft2(matrix.reshape(-1, h, w))
     return float(np.sum(weight * (spectrum.real**2 + spectrum.imag**2)))
 
 
-def distortion(reference: np.ndarray, decoded: np.ndarray) -> tuple[float, float]:
+def distortion(reference: np.ndarray, decoded: np.ndarray,
+               rows: tuple[int, int] | None = None) -> tuple[float, float]:
     """``(allocation distortion, plain NMSE)`` of ``decoded`` against ``reference`` (float64).
 
-    The allocation distortion is the image-prior weighted NMSE when rows are
-    square images, else the plain NMSE.
+    The allocation distortion is the image-prior weighted NMSE when the rows
+    are images of shape ``rows``, else the plain NMSE.
     """
     diff = decoded - reference
     err, energy = float(np.sum(diff * diff)), float(np.sum(reference * reference))
     plain = err / energy if energy > 0 else (0.0 if err == 0 else math.inf)
-    k = image_side(reference.shape)
-    if k is None:
+    if rows is None:
         return plain, plain
-    err, energy = _prior_energy(diff, k), _prior_energy(reference, k)
+    err, energy = _prior_energy(diff, rows), _prior_energy(reference, rows)
     return (err / energy if energy > 0 else (0.0 if err == 0 else math.inf)), plain
 
 
 def measure(name: str, array: np.ndarray, dtype: DType, label: str, options: EncodeOptions,
-            offset_digits: int = 10) -> tuple[RDPoint, np.ndarray]:
+            rows: tuple[int, int] | None = None, offset_digits: int = 10) -> tuple[RDPoint, np.ndarray]:
     """Encode and decode one candidate; return its point and the decoded array."""
     encoded = encode_tensor(array, dtype, options)
     entry = TensorEntry(name, dtype, tuple(array.shape), encoded.codec, encoded.tiling)
     decoded = decode_tensor(entry, encoded.blobs)
     as_float = to_float64 if dtype.floating else (lambda a, _: a.astype(np.float64))
-    weighted, plain = distortion(as_float(array, dtype), as_float(decoded, dtype))
+    weighted, plain = distortion(as_float(array, dtype), as_float(decoded, dtype), rows)
     nbytes = sum(map(len, encoded.blobs)) + entry_bytes(name, dtype, tuple(array.shape), encoded, offset_digits)
     return RDPoint(options, label, nbytes, weighted, math.sqrt(plain)), decoded
 
@@ -302,16 +318,21 @@ def plan_options(
     forced: dict[str, EncodeOptions] = {}
     probes: dict[str, dict[str, np.ndarray]] = {}
     fixed_bytes, weights_total = overhead_bytes, 0
+    images: dict[str, tuple[int, int] | None] = {}
+    seen_matrix = False
     for name, array, dtype in tensors():
         weights_total += array.size
+        is_matrix = array.ndim >= 2 and dtype.floating
+        rows = images[name] = row_images(array.shape, base, input_layer=not seen_matrix) if is_matrix else None
+        seen_matrix |= is_matrix
         opts = fixed(name)
         if opts is not None:
             forced[name] = opts
             fixed_bytes += measure(name, array, dtype, "fixed", opts)[0].nbytes
         else:
             pts, best_probe = [], None
-            for label, cand in candidates(array, dtype, base):
-                point, decoded = measure(name, array, dtype, label, cand)
+            for label, cand in candidates(array, dtype, base, rows):
+                point, decoded = measure(name, array, dtype, label, cand, rows)
                 pts.append(point)
                 if score is not None and point.nmse > 0:
                     gap = abs(math.log(point.rel_error / 0.01))
@@ -334,13 +355,14 @@ def plan_options(
             smallest = fixed_bytes + sum(min(p.nbytes for p in pts) for pts in points.values())
             raise EncodeError(f"{bits_per_weight} bits/weight is below the smallest encoding "
                               f"({8 * smallest / max(weights_total, 1):.3f} bits/weight)") from None
-        chosen = _refine(tensors, chosen, hulls, weights, budget)
+        chosen = _refine(tensors, chosen, hulls, weights, budget, images)
         chosen = fill_budget(hulls, weights, chosen, budget)
     return {**forced, **{n: p.options for n, p in chosen.items()}}
 
 
 def _refine(tensors: TensorSource, chosen: dict[str, RDPoint], hulls: dict[str, list[RDPoint]],
-            weights: dict[str, float], budget: int, top: int = 3) -> dict[str, RDPoint]:
+            weights: dict[str, float], budget: int, images: dict[str, tuple[int, int] | None],
+            top: int = 3) -> dict[str, RDPoint]:
     """Spend the slack the coarse quality ladder leaves: for the JPEG choices
     whose next step is worth most (weighted slope), try the qualities between."""
     chosen = dict(chosen)
@@ -362,7 +384,8 @@ def _refine(tensors: TensorSource, chosen: dict[str, RDPoint], hulls: dict[str, 
         lo, hi = q0, (higher[0] if higher else 100)
         while hi - lo > 1:  # largest quality whose size still fits the slack
             mid = (lo + hi) // 2
-            trial, _ = measure(name, array, dtype, f"{point.label} ~q{mid}", point.options.with_(quality=mid))
+            trial, _ = measure(name, array, dtype, f"{point.label} ~q{mid}", point.options.with_(quality=mid),
+                               images[name])
             if trial.nbytes - point.nbytes <= slack:
                 lo, best = mid, trial
             else:

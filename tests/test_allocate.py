@@ -11,7 +11,8 @@ import torch
 from click.testing import CliRunner
 
 import codec
-from codec.allocate import RDPoint, allocate_budget, allocate_max_error, distortion, image_side, lower_hull
+from codec.allocate import (RDPoint, allocate_budget, allocate_max_error, distortion, image_side, lower_hull,
+                            row_images)
 from codec.tensorcodec import EncodeOptions, Overrides, parse_spec
 
 RNG = np.random.default_rng(0)
@@ -63,6 +64,15 @@ def test_max_error_takes_the_cheapest_point_within_the_bound():
     assert chosen["x"].nbytes == 20
 
 
+def test_only_the_input_layer_or_the_users_row_shape_is_an_image():
+    """Square rows count as images for the first matrix only, or where --row-shape fits."""
+    base = EncodeOptions()
+    assert row_images((512, 784), base, input_layer=True) == (28, 28)
+    assert row_images((128, 3136), base, input_layer=False) is None  # 64 x 7 x 7 CNN features
+    assert row_images((128, 3136), EncodeOptions(row_shape=(56, 56)), input_layer=False) == (56, 56)
+    assert row_images((512, 100), base, input_layer=True) == (10, 10)
+
+
 def test_image_prior_discounts_high_frequency_error():
     """For square-image rows, a checkerboard error costs less than a smooth one of equal energy."""
     assert image_side((512, 784)) == 28 and image_side((512, 100)) == 10 and image_side((64, 49)) is None
@@ -72,8 +82,8 @@ def test_image_prior_discounts_high_frequency_error():
     smooth = np.tile(np.cos(2 * np.pi * x / 28).ravel(), (16, 1))
     rough = np.tile(((-1.0) ** (x + y)).ravel(), (16, 1))
     smooth *= np.linalg.norm(rough) / np.linalg.norm(smooth)
-    assert distortion(ref, ref + 0.1 * rough)[0] < 0.1 * distortion(ref, ref + 0.1 * smooth)[0]
-    assert distortion(ref, ref + 0.1 * rough)[1] == pytest.approx(distortion(ref, ref + 0.1 * smooth)[1])
+    assert distortion(ref, ref + 0.1 * rough, (28, 28))[0] < 0.1 * distortion(ref, ref + 0.1 * smooth, (28, 28))[0]
+    assert distortion(ref, ref + 0.1 * rough, (28, 28))[1] == pytest.approx(distortion(ref, ref + 0.1 * smooth)[1])
     plain = RNG.standard_normal((16, 50))
     assert distortion(plain, plain * 1.1) == pytest.approx((0.01, 0.01))
 
