@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=None, help="codec jobs (default: one per core)")
     parser.add_argument("--quick", action="store_true", help="one repetition each, fewer codecs")
+    parser.add_argument("--load-only", action="store_true", help="only the MiniLM loading table and its targets")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -254,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
         models = _run("prepare", folder=name)
         rows = []
         codecs = {k: v for k, v in CODECS.items() if not args.quick or k in ("default", "jpeg", "lossless")}
+        if args.load_only:
+            codecs, models = {"default": {}}, {"minilm": models["minilm"]}
         for model, info in models.items():
             for label, options in codecs.items():
                 out = str(tmp / f"{model}-{label.replace(' ', '-')}.jwt")
@@ -261,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
                            max_reps=max_reps)
                 dec = _run("decode", path=out, jobs=jobs, min_time=min_time, max_reps=max_reps)
                 rows.append((info["label"], label, enc, dec))
-        print(_codec_table(rows))
+        if not args.load_only:
+            print(_codec_table(rows))
         minilm = models["minilm"]
         default_file = str(tmp / "minilm-default.jwt")
         loads = {
