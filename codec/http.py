@@ -197,6 +197,13 @@ class _Body:
             raise RemoteError(f"{self.url}: {exc}") from None
 
     def close(self) -> None:
+        """Close the response; a read blocked in another thread returns at once (the socket is shut down)."""
+        sock = getattr(getattr(getattr(self._response, "fp", None), "raw", None), "_sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self._response.close()
 
 

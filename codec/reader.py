@@ -374,7 +374,10 @@ class Reader:
                 for _, job, _ in ready:
                     if job is not None:
                         job.cancel()
-            reader.join(timeout=None if stream is None and self.seekable else 1.0)
+            # A local file's reading thread stops within one read; one blocked on a
+            # pipe or the network stops after its read and is not waited for.
+            if stream is None and self.seekable:
+                reader.join()
 
     def _finish(self, entry: TensorEntry, job: Pending | None) -> np.ndarray | None:
         """Wait for one tensor of :meth:`iter_arrays`, naming it in errors."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -153,3 +154,26 @@ def test_cli_info_and_decode_read_a_url(model_dir, tmp_path):
         missing = CliRunner().invoke(cli, ["decode", server.url("nope.jwt"), "-o", str(tmp_path / "y.pt")])
     assert missing.exit_code == 1 and server.url("nope.jwt") in missing.output and "404" in missing.output
     _same(torch.load(tmp_path / "x.pt", weights_only=True), codec.load(model_dir / "m.jwt"))
+
+
+def test_stopping_a_stream_early_does_not_wait_for_the_link(model_dir):
+    """Closing a streamed iteration while the download is stalled returns, and the file still answers get(name)."""
+    size = (model_dir / "m.jwt").stat().st_size
+    with serve(model_dir, hold_after=size // 2) as server, codec.open(server.url("m.jwt"), timeout=600) as f:
+        done: list = []
+
+        def first_then_stop():  # a close that waited for the stalled read would take the 600 s timeout
+            arrays = f.reader.iter_arrays()
+            done.append(next(arrays)[0].name)
+            while server.bytes_sent() < (1 << 16) + size // 2:  # the index, then the stream up to the stall
+                time.sleep(0.01)
+            time.sleep(0.2)  # the reading thread is now blocked on the stalled link
+            arrays.close()
+            done.append(f.get("layer0.bias").shape)
+
+        worker = threading.Thread(target=first_then_stop, daemon=True)
+        worker.start()
+        worker.join(timeout=60)
+        finished = not worker.is_alive()
+        server.release.set()
+    assert finished and done == ["layer0.weight", torch.Size([256])]
