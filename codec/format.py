@@ -32,7 +32,7 @@ from .dtypes import DType, get_dtype
 from .errors import ChecksumError, EncodeError, FormatError, LimitError, VersionError
 from .limits import Limits
 from .mapping import PARAM_TYPES
-from .tiling import Tiling
+from .tiling import MAX_BLOB_SIDE, Tiling
 
 __all__ = [
     "MAGIC",
@@ -453,6 +453,7 @@ def _parse_tiling(c: _Checker, doc: dict, entry: TensorEntry, where: str) -> Til
     if not 1 <= columns <= t.n_tiles or not 1 <= rows_per_blob <= t.mosaic_rows:
         raise c.fail(where, f"columns={columns} / rows_per_blob={rows_per_blob} do not fit {t.n_tiles} tiles")
     pixels = t.blob_shape(0)[0] * t.blob_shape(0)[1]
-    if t.blob_shape(0)[1] > 65535 or t.blob_shape(0)[0] > 65535 or pixels > c.limits.max_blob_pixels:
-        raise LimitError(f"index: {where}: blob image {t.blob_shape(0)} exceeds the limits (65535 a side, {c.limits.max_blob_pixels} pixels)")
+    if max(t.blob_shape(0)) > MAX_BLOB_SIDE or pixels > c.limits.max_blob_pixels:
+        raise LimitError(f"index: {where}: blob image {t.blob_shape(0)} exceeds the limits "
+                         f"({MAX_BLOB_SIDE} a side, {c.limits.max_blob_pixels} pixels)")
     return t

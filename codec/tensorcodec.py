@@ -29,8 +29,9 @@ __all__ = ["EncodeOptions", "Encoded", "encode_tensor", "start_encode", "decode_
 #: Tensors with fewer elements are not coded as images: an image codec's
 #: headers and per-tile parameters would eat what it saves.
 MIN_IMAGE_ELEMENTS = 16384
-#: An image-coded matrix needs at least this many rows and columns.
-MIN_IMAGE_SIDE = 8
+#: A lossy matrix needs at least this many rows and columns (thinner ones
+#: are vectors: a per-tile offset/scale would cost more than it saves).
+MIN_SIDE = 8
 #: Tensors with fewer elements are not worth quantizing (they save under 3 KB).
 MIN_QUANT_ELEMENTS = 1024
 CODEC_CHOICES = ("jpeg", "jpegxl", "quant", "lossless")
@@ -123,13 +124,12 @@ def lossless_reason(array: np.ndarray, dtype: DType, codec: str = "jpeg") -> str
         return f"dtype {dtype.name} is not floating"
     if array.ndim < 2 or array.size == 0:
         return f"shape {list(array.shape)} has no matrix view"
-    if codec == "quant":
-        return f"{array.size} elements < {MIN_QUANT_ELEMENTS}" if array.size < MIN_QUANT_ELEMENTS else None
     rows, cols = array.shape[0], math.prod(array.shape[1:])
-    if array.size < MIN_IMAGE_ELEMENTS:
-        return f"{array.size} elements < {MIN_IMAGE_ELEMENTS}"
-    if rows < MIN_IMAGE_SIDE or cols < MIN_IMAGE_SIDE:
-        return f"matrix {rows}x{cols} is thinner than {MIN_IMAGE_SIDE}"
+    if rows < MIN_SIDE or cols < MIN_SIDE:
+        return f"matrix {rows}x{cols} is thinner than {MIN_SIDE}, a vector rather than a matrix"
+    least = MIN_QUANT_ELEMENTS if codec == "quant" else MIN_IMAGE_ELEMENTS
+    if array.size < least:
+        return f"{array.size} elements < {least}"
     return None
 
 
@@ -151,6 +151,9 @@ def start_encode(array: np.ndarray, dtype: DType, opts: EncodeOptions, executor:
     """
     ex = executor or INLINE
     lossless = Zstd(level=opts.zstd_level, shuffle=True)
+    if opts.codec in ("jpeg", "jpegxl") and lossless_reason(array, dtype, opts.codec) is not None:
+        # Too small or thin for an image codec: 8-bit quant if it is a matrix worth quantizing.
+        opts = opts.with_(codec="quant", bits=8)
     if opts.codec == "lossless" or lossless_reason(array, dtype, opts.codec) is not None:
         return Pending([ex.submit(lossless.encode, array)], lambda parts: Encoded(lossless, None, parts))
     rows, cols = array.shape[0], math.prod(array.shape[1:])

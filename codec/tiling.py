@@ -39,6 +39,8 @@ __all__ = ["Tiling", "plan_tiling", "extract_tiles", "assemble_tiles", "to_mosai
 TARGET_BLOB_PIXELS = 1 << 20
 #: Encoder's maximum mosaic width in pixels (JPEG allows 65535).
 MAX_MOSAIC_WIDTH = 16384
+#: The format's limit on either side of a blob image (JPEG's 16-bit sizes).
+MAX_BLOB_SIDE = 65535
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,8 @@ def plan_tiling(rows: int, cols: int, tile: tuple[int, int], row_shape: tuple[in
         n_tiles = -(-rows // th) * -(-cols // tw)
         columns = -(-cols // tw)
     columns = max(1, min(columns, MAX_MOSAIC_WIDTH // tw))
-    rows_per_blob = max(1, min(TARGET_BLOB_PIXELS // (columns * tw * th), -(-n_tiles // columns)))
+    rows_per_blob = max(1, min(TARGET_BLOB_PIXELS // (columns * tw * th), MAX_BLOB_SIDE // th,
+                               -(-n_tiles // columns)))
     return Tiling(mode, rows, cols, th, tw, columns, rows_per_blob, params)
 
 

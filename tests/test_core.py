@@ -198,11 +198,27 @@ def test_lossy_tensor_error_in_quantization_steps(codec, quality, max_rms_steps)
 
 
 def test_small_and_integer_tensors_stay_lossless():
-    """For JPEG, tensors under 16384 elements, 1-d, integer or thinner than 8 are coded with zstd."""
-    opts = EncodeOptions(codec="jpeg")
-    for array, dtype in [(np.zeros((100, 100), np.float32), "float32"), (np.zeros(100000, np.float32), "float32"),
-                         (np.zeros((300, 300), np.int32), "int32"), (np.zeros((4, 100000), np.float32), "float32")]:
-        assert encode_tensor(array, get_dtype(dtype), opts).codec.codec_id == "zstd"
+    """1-d, integer, thinner-than-8 and tiny tensors are coded with zstd, whatever codec is asked for."""
+    for codec in ("jpeg", "quant"):
+        opts = EncodeOptions(codec=codec)
+        for array, dtype in [(np.zeros((30, 30), np.float32), "float32"), (np.zeros(100000, np.float32), "float32"),
+                             (np.zeros((300, 300), np.int32), "int32"), (np.zeros((4, 100000), np.float32), "float32"),
+                             (np.zeros((1_000_000, 1), np.float32), "float32")]:
+            assert encode_tensor(array, get_dtype(dtype), opts).codec.codec_id == "zstd"
+
+
+def test_matrices_too_small_for_jpeg_get_8_bit_quant():
+    """A matrix too small for an image codec (a 10x512 output layer) is quantized to 8 bits instead."""
+    array = RNG.standard_normal((10, 512)).astype(np.float32)
+    enc = encode_tensor(array, get_dtype("float32"), EncodeOptions(codec="jpeg", quality=20))
+    assert enc.codec == Quant(bits=8)
+    assert sum(map(len, enc.blobs)) < array.nbytes / 3
+
+
+def test_tall_matrices_keep_blob_images_within_the_format():
+    """A 200000x8 matrix is split so that no blob image is over 65535 pixels high."""
+    t = tiling.plan_tiling(200_000, 8, (64, 64), None)
+    assert max(t.blob_shape(k)[0] for k in range(t.n_blobs)) <= 65535
 
 
 def test_non_finite_tensor_falls_back_to_lossless():
@@ -240,14 +256,6 @@ def test_quant_packs_and_unpacks_every_width(bits):
     pixels = RNG.integers(0, 1 << bits, size=(7, 9)).astype(np.uint8 if bits <= 8 else np.uint16)
     codec = Quant(bits=bits)
     assert np.array_equal(codec.decode(codec.encode(pixels), (7, 9), pixels.dtype), pixels)
-
-
-def test_quant_codes_small_matrices_that_images_cannot():
-    """The quant codec takes a 10x512 output layer that the image codecs leave lossless."""
-    array = RNG.standard_normal((10, 512)).astype(np.float32)
-    assert encode_tensor(array, get_dtype("float32"), EncodeOptions(codec="jpeg")).codec.codec_id == "zstd"
-    enc = encode_tensor(array, get_dtype("float32"), EncodeOptions(codec="quant", bits=8))
-    assert enc.codec.codec_id == "quant" and sum(map(len, enc.blobs)) < array.nbytes / 3
 
 
 def test_auto_codec_follows_the_options_given():
