@@ -121,7 +121,7 @@ def render(name: str, title: str, view: TileView, decoded: np.ndarray, original:
             images += [("original", orig, "gray", low, high),
                        (f"error (decoded - original)\nmax |error| {facts['max_error']:.3g}", err, "RdBu_r",
                         -bound, bound)]
-            heading += f"\nrelative error of the tile {facts['rel_error']:.4%}"
+            heading += f"\nrelative error of the tile {facts['rel_error']:.2%}"
         for ax, (label, img, cmap, vmin, vmax) in zip(axes[0], images):
             shown = ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
             ax.set_title(label, fontsize=9)
@@ -151,8 +151,8 @@ def render(name: str, title: str, view: TileView, decoded: np.ndarray, original:
             bound = float(np.nanmax(np.abs(err_mosaic))) if np.isfinite(err_mosaic).any() else 1.0
             images += [("original", _mosaic(orig_tiles, shape, cols, scales), "gray", 0.0, 1.0),
                        ("error / tile range", err_mosaic, "RdBu_r", -(bound or 1.0), bound or 1.0)]
-            heading += (f"\nrelative error: {facts['rel_error_shown']:.4%} in these tiles, "
-                        f"{facts['rel_error']:.4%} in the tensor; max |error| {facts['max_error']:.3g}")
+            heading += (f"\nrelative error: {facts['rel_error_shown']:.2%} in these tiles, "
+                        f"{facts['rel_error']:.2%} in the tensor; max |error| {facts['max_error']:.3g}")
         for ax, (label, img, cmap, vmin, vmax) in zip(axes[0], images):
             masked = np.ma.masked_invalid(img)
             shown = ax.imshow(masked, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
@@ -250,5 +250,5 @@ def show(input: Path, tensor: str, tile: int | None, count: int, original: Path 
     output = output or _default_output(input, tensor, tile)
     facts = render(tensor, title, view, decoded, reference, tile, count, output)
     what = f"tile {tile}" if tile is not None else f"first {min(count, view.count)} of {view.count} tiles"
-    extra = f", relative error {facts['rel_error']:.4%}" if "rel_error" in facts else ""
+    extra = f", relative error {facts['rel_error']:.2%}" if "rel_error" in facts else ""
     click.echo(f"{output}: {tensor}, {what}{extra}")
