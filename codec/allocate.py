@@ -46,6 +46,7 @@ import numpy as np
 from .dtypes import DType, to_float64
 from .errors import EncodeError
 from .format import TensorEntry
+from .parallel import make_executor
 from .tensorcodec import EncodeOptions, Encoded, decode_tensor, encode_tensor, lossless_reason
 
 __all__ = ["RDPoint", "candidates", "measure", "distortion", "image_side", "lower_hull", "allocate_budget",
@@ -304,6 +305,7 @@ def plan_options(
     overhead_bytes: int = 0,
     score: Callable[[dict[str, np.ndarray]], float] | None = None,
     progress: Callable[[str, int], None] | None = None,
+    jobs: int | None = None,
 ) -> dict[str, EncodeOptions]:
     """Measure every tensor's menu and choose its options for a rate target.
 
@@ -314,6 +316,7 @@ def plan_options(
     (header, index skeleton, aliases) included, lands at or under the
     budget; with ``max_error`` every free tensor gets the cheapest setting
     within that relative RMS error. ``score`` enables calibrated weights.
+    ``jobs`` threads measure a tensor's candidates side by side.
     """
     if (bits_per_weight is None) == (max_error is None):
         raise EncodeError("give exactly one of bits_per_weight and max_error")
@@ -323,29 +326,34 @@ def plan_options(
     fixed_bytes, weights_total = overhead_bytes, 0
     images: dict[str, tuple[int, int] | None] = {}
     seen_matrix = False
-    for name, array, dtype in tensors():
-        weights_total += array.size
-        is_matrix = array.ndim >= 2 and dtype.floating
-        rows = images[name] = row_images(array.shape, base, input_layer=not seen_matrix) if is_matrix else None
-        seen_matrix |= is_matrix
-        opts = fixed(name)
-        if opts is not None:
-            forced[name] = opts
-            fixed_bytes += measure(name, array, dtype, "fixed", opts)[0].nbytes
-        else:
-            pts, best_probe = [], None
-            for label, cand in candidates(array, dtype, base, rows):
-                point, decoded = measure(name, array, dtype, label, cand, rows)
-                pts.append(point)
-                if score is not None and point.nmse > 0:
-                    gap = abs(math.log(point.rel_error / 0.01))
-                    if best_probe is None or gap < best_probe[0]:
-                        best_probe = (gap, label, decoded)
-            points[name] = pts
-            if best_probe is not None:
-                probes[name] = {best_probe[1]: best_probe[2]}
-        if progress:
-            progress(name, array.size)
+    with make_executor(jobs) as executor:
+        for name, array, dtype in tensors():
+            weights_total += array.size
+            is_matrix = array.ndim >= 2 and dtype.floating
+            rows = images[name] = row_images(array.shape, base, input_layer=not seen_matrix) if is_matrix else None
+            seen_matrix |= is_matrix
+            opts = fixed(name)
+            if opts is not None:
+                forced[name] = opts
+                fixed_bytes += measure(name, array, dtype, "fixed", opts)[0].nbytes
+            else:
+                pts, best_probe = [], None
+
+                def trial(item: tuple[str, EncodeOptions]) -> tuple[RDPoint, np.ndarray | None]:
+                    point, decoded = measure(name, array, dtype, item[0], item[1], rows)  # noqa: B023
+                    return point, (decoded if score is not None else None)  # noqa: B023
+
+                for point, decoded in executor.map(trial, candidates(array, dtype, base, rows)):
+                    pts.append(point)
+                    if decoded is not None and point.nmse > 0:
+                        gap = abs(math.log(point.rel_error / 0.01))
+                        if best_probe is None or gap < best_probe[0]:
+                            best_probe = (gap, point.label, decoded)
+                points[name] = pts
+                if best_probe is not None:
+                    probes[name] = {best_probe[1]: best_probe[2]}
+            if progress:
+                progress(name, array.size)
     if max_error is not None:
         chosen = allocate_max_error(points, max_error)
     else:

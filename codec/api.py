@@ -177,7 +177,7 @@ def save(
     aliases = _aliases(state_dict)
     if bits_per_weight is not None or max_error is not None:
         chosen = _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate,
-                       progress, attachments or {})
+                       progress, attachments or {}, jobs)
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
     else:
         options_for = lambda name: rules.options_for(name, base) or base  # noqa: E731
@@ -262,7 +262,7 @@ def _aliases(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
 
 
 def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress,
-          attachments):
+          attachments, jobs):
     """Run the rate-distortion allocator over the stored tensors; options per name.
 
     The budget's fixed part counts the header, the index without tensor
@@ -300,7 +300,8 @@ def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_
 
     return plan_options(tensors, base, lambda name: rules.options_for(name, base),
                         bits_per_weight=bits_per_weight, max_error=max_error,
-                        overhead_bytes=HEADER_SIZE + len(skeleton) + attached_bytes, score=score, progress=progress)
+                        overhead_bytes=HEADER_SIZE + len(skeleton) + attached_bytes, score=score, progress=progress,
+                        jobs=jobs)
 
 
 class JwtFile:
