@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,17 @@ def fmnist_subset():
 
     data = np.load(FIXTURES / "fmnist_test_subset.npz")
     return data["images"], data["labels"]
+
+
+class Stream(io.RawIOBase):
+    """A non-seekable binary stream over bytes (like a socket or a pipe), with a name."""
+
+    def __init__(self, data: bytes, name: str):
+        self._buf = io.BytesIO(data)
+        self.name = name
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        return self._buf.readinto(b)

@@ -40,6 +40,7 @@ from codec.format import HEADER_SIZE
 from codec.tensorcodec import EncodeOptions, encode_tensor
 from codec.writer import Writer
 from jwt_cli.main import cli
+from conftest import Stream
 
 _QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("fuzz", max_examples=3000, deadline=None, suppress_health_check=_QUIET)
@@ -154,20 +155,6 @@ def blob_bytes(b: Base) -> list[bytes]:
 
 
 # ------------------------------------------------------------------ decoding checks
-
-
-class Stream(io.RawIOBase):
-    """A non-seekable named stream (a socket, a pipe)."""
-
-    def __init__(self, data: bytes, name: str):
-        self._buf = io.BytesIO(data)
-        self.name = name
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        return self._buf.readinto(b)
 
 
 def _named(data: bytes) -> io.BytesIO:

@@ -7,7 +7,6 @@ invalid files must raise exactly the error class the manifest names.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 
@@ -17,25 +16,12 @@ import pytest
 import codec
 from codec import errors, tiling
 from codec.dtypes import get_dtype, to_float64
+from conftest import Stream
 
 VECTORS = Path(__file__).resolve().parent.parent / "fixtures" / "vectors"
 MANIFEST = json.loads((VECTORS / "manifest.json").read_text(encoding="utf-8"))
 VALID = {Path(v["file"]).stem: v for v in MANIFEST["valid"]}
 INVALID = {Path(v["file"]).stem: v for v in MANIFEST["invalid"]}
-
-
-class Stream(io.RawIOBase):
-    """A non-seekable binary stream over bytes (like a socket or a pipe), with a name."""
-
-    def __init__(self, data: bytes, name: str):
-        self._buf = io.BytesIO(data)
-        self.name = name
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        return self._buf.readinto(b)
 
 
 def ulp(values: np.ndarray, dtype: str) -> np.ndarray:
