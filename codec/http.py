@@ -79,7 +79,7 @@ class HttpSource:
             self.random_access = False
             length = response.headers.get("Content-Length")
             self.size = int(length) if length and length.isdigit() else None
-            self._stream = response
+            self._stream = _Body(response, url, self.timeout)
 
     # -- requests ---------------------------------------------------------
 
@@ -166,14 +166,7 @@ class HttpSource:
 
     def read(self, n: int) -> bytes:
         """Sequential read (a server that ignores Range): the prefetched bytes, then the response."""
-        if self._stream is None:
-            return b""
-        try:
-            return self._stream.read(n)
-        except (socket.timeout, TimeoutError):
-            raise RemoteError(f"{self.url}: no data for {self.timeout:g} s") from None
-        except OSError as exc:
-            raise RemoteError(f"{self.url}: {exc}") from None
+        return b"" if self._stream is None else self._stream.read(n)
 
     def close(self) -> None:
         """Close the open response, if any."""
