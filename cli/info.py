@@ -10,7 +10,6 @@ import click
 
 from .common import fail, handle_errors, is_url
 
-
 #: Version of the ``--json`` document (spec/cli.md): raised only for a change that is not an addition.
 SCHEMA_VERSION = 1
 

@@ -13,8 +13,6 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from importlib import metadata as importlib_metadata
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -23,8 +21,8 @@ import torch
 from .dtypes import get_dtype
 from .errors import EncodeError
 from .limits import DEFAULT_LIMITS, Limits
-from .reader import Reader
 from .parallel import AHEAD_BYTES, INLINE, make_executor, resolve_jobs
+from .reader import Reader
 from .tensorcodec import EncodeOptions, Overrides, start_encode
 from .writer import Writer
 

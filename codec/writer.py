@@ -20,8 +20,8 @@ import numpy as np
 from .blobcodecs import Zstd
 from .dtypes import DType
 from .errors import EncodeError
-from .limits import DEFAULT_LIMITS
 from .format import Attachment, BlobRef, Index, TensorEntry, attachment_name_error, crc32, pack_header
+from .limits import DEFAULT_LIMITS
 from .tensorcodec import Encoded
 
 __all__ = ["Writer", "atomic_output", "encode_attachment"]
