@@ -423,7 +423,10 @@ def parse_spec(spec: str, base: EncodeOptions) -> EncodeOptions:
         except ValueError:
             raise EncodeError(f"setting {spec!r}: cannot read {raw.strip()!r} (expected lossless, jpeg, jpegxl, "
                               "quant, qN, bN, dX, table=..., tile=HxW or rows=HxW)") from None
-    return base.with_(**changes)
+    try:
+        return base.with_(**changes)
+    except EncodeError as exc:
+        raise EncodeError(f"setting {spec!r}: {exc}") from None
 
 
 class Overrides:

@@ -62,7 +62,10 @@ class atomic_output:
 
     def __enter__(self) -> BinaryIO:
         directory = self.path.parent if str(self.path.parent) else Path(".")
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
+        try:
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
+        except OSError as exc:  # name the output the user asked for, not the temporary file
+            raise type(exc)(exc.errno, f"cannot write here ({exc.strerror})", str(self.path)) from None
         os.chmod(self.tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would stay on the output
         self.file = os.fdopen(fd, "wb")
         return self.file
