@@ -494,7 +494,10 @@ def _write_folder(f: api.JwtFile, output: Path, aliases: str, progress: Callable
         if any(output.iterdir()):
             raise EncodeError(f"{output}: folder exists and is not empty; refusing to overwrite it")
     parent = output.absolute().parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
+    except OSError as exc:  # name the folder the user asked for, not the temporary one
+        raise type(exc)(exc.errno, f"cannot write here ({exc.strerror})", str(output)) from None
     try:
         with open(tmp / WEIGHTS_FILE, "wb") as out:
             notes = write_safetensors(f.reader, out, aliases=aliases, progress=progress)
