@@ -55,9 +55,10 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
                    "E.g. --set 'fc2.*=lossless' --set '*.attention.*=q90'.")
 @click.option("--quality", type=click.IntRange(1, 100),
               help="1..100 [default 90]: scales the JPEG quantization table (JPEG XL: libjxl's quality->distance map).")
-@click.option("--table", type=click.Choice(["auto", "jpeg", "flat"]), default="auto", show_default=True,
-              help="JPEG quantization table: jpeg (T.81 Annex K, for image-like rows), flat, or auto "
-                   "(jpeg with --row-shape, flat for grid tiles).")
+@click.option("--table", type=click.Choice(["auto", "jpeg", "flat", "ramp1", "ramp2", "ramp4"]), default="auto",
+              show_default=True,
+              help="JPEG quantization table: jpeg (T.81 Annex K), flat, ramp1/2/4 (steps growing linearly with "
+                   "frequency, matched to natural images), or auto (jpeg with --row-shape, flat for grid tiles).")
 @click.option("--distance", type=click.FloatRange(0, 25), help="JPEG XL distance (overrides --quality).")
 @click.option("--effort", type=click.IntRange(1, 9), default=3, show_default=True, help="JPEG XL encoder effort.")
 @click.option("--tile", type=SIZE, default="64x64", show_default=True, help="Grid tile size HxW.")
@@ -77,9 +78,11 @@ def encode(input: Path, output: Path | None, codec_name: str, bits: int, bits_pe
     become tensors; its other files (config, tokenizer, ...) travel inside
     the .jwt losslessly as attachments, restored by `jwt decode -o DIR/`.
 
-    Weight matrices (floating, 2-D or more, at least 16384 values) are cut
-    into tiles, mapped per tile to 8-bit (JPEG) or 16-bit (JPEG XL) pixels
-    and coded as mosaic images; everything else is stored losslessly.
+    Weight matrices (floating, 2-D or more, at least 8x8 and 1024 values)
+    are cut into tiles, mapped per tile to integer pixels by an offset and a
+    scale, and coded as mosaics: 8-bit quant by default (no measurable
+    accuracy loss), JPEG or JPEG XL on request (matrices under 16384 values
+    then get 8-bit quant); everything else is stored losslessly.
 
     With --bits-per-weight or --max-error, every candidate setting of every
     tensor is measured and the allocator spends bits where they reduce
