@@ -306,6 +306,7 @@ def plan_options(
     score: Callable[[dict[str, np.ndarray]], float] | None = None,
     progress: Callable[[str, int], None] | None = None,
     jobs: int | None = None,
+    total_weights: int | None = None,
 ) -> dict[str, EncodeOptions]:
     """Measure every tensor's menu and choose its options for a rate target.
 
@@ -316,7 +317,9 @@ def plan_options(
     (header, index skeleton, aliases) included, lands at or under the
     budget; with ``max_error`` every free tensor gets the cheapest setting
     within that relative RMS error. ``score`` enables calibrated weights.
-    ``jobs`` threads measure a tensor's candidates side by side.
+    ``jobs`` threads measure a tensor's candidates side by side. Given
+    ``total_weights`` (the sum of the tensors' sizes), a budget that the
+    tensors measured so far already cannot fit is refused at once.
     """
     if (bits_per_weight is None) == (max_error is None):
         raise EncodeError("give exactly one of bits_per_weight and max_error")
@@ -354,21 +357,28 @@ def plan_options(
                     probes[name] = {best_probe[1]: best_probe[2]}
             if progress:
                 progress(name, array.size)
+            if bits_per_weight is not None and total_weights:
+                _check_feasible(bits_per_weight, total_weights, fixed_bytes, points)
     if max_error is not None:
         chosen = allocate_max_error(points, max_error)
     else:
         weights = sensitivities(points, probes, score) if score is not None else {}
         budget = int(bits_per_weight * weights_total / 8) - fixed_bytes  # type: ignore[operator]
         hulls = {n: lower_hull(p) for n, p in points.items()}
-        try:
-            chosen = allocate_budget(hulls, weights, budget, fill=False)
-        except EncodeError:
-            smallest = fixed_bytes + sum(min(p.nbytes for p in pts) for pts in points.values())
-            raise EncodeError(f"{bits_per_weight} bits/weight is below the smallest encoding "
-                              f"({8 * smallest / max(weights_total, 1):.3f} bits/weight)") from None
+        _check_feasible(bits_per_weight, weights_total, fixed_bytes, points)  # type: ignore[arg-type]
+        chosen = allocate_budget(hulls, weights, budget, fill=False)
         chosen = _refine(tensors, chosen, hulls, weights, budget, images)
         chosen = fill_budget(hulls, weights, chosen, budget)
     return {**forced, **{n: p.options for n, p in chosen.items()}}
+
+
+def _check_feasible(bits_per_weight: float, total_weights: int, fixed_bytes: int,
+                    points: dict[str, list[RDPoint]]) -> None:
+    """EncodeError if the fixed bytes and the smallest points measured so far exceed the budget."""
+    smallest = fixed_bytes + sum(min(p.nbytes for p in pts) for pts in points.values())
+    if smallest > int(bits_per_weight * total_weights / 8):
+        raise EncodeError(f"{bits_per_weight} bits/weight is below the smallest encoding "
+                          f"(at least {8 * smallest / max(total_weights, 1):.3f} bits/weight)")
 
 
 def _refine(tensors: TensorSource, chosen: dict[str, RDPoint], hulls: dict[str, list[RDPoint]],

@@ -259,6 +259,12 @@ def _aliases(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
     return aliases
 
 
+def _shape(state_dict: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    """A tensor's shape, without loading it when the mapping can tell (a lazy .safetensors)."""
+    shape = getattr(state_dict, "shape", None)
+    return tuple(shape(name)) if callable(shape) else tuple(state_dict[name].shape)
+
+
 def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress,
           attachments, jobs):
     """Run the rate-distortion allocator over the stored tensors; options per name.
@@ -299,7 +305,7 @@ def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_
     return plan_options(tensors, base, lambda name: rules.options_for(name, base),
                         bits_per_weight=bits_per_weight, max_error=max_error,
                         overhead_bytes=HEADER_SIZE + len(skeleton) + attached_bytes, score=score, progress=progress,
-                        jobs=jobs)
+                        jobs=jobs, total_weights=sum(math.prod(_shape(state_dict, n)) for n in stored))
 
 
 class JwtFile:

@@ -172,3 +172,17 @@ def test_budget_counts_attachments(tmp_path):
     assert 8 * os.path.getsize(tmp_path / "m.jwt") <= 2.0 * weights
     with codec.open(tmp_path / "m.jwt") as f:
         assert f.get_attachment("tokenizer.bin") == noise
+
+
+def test_impossible_budget_is_refused_before_measuring_everything(tmp_path, monkeypatch):
+    """A budget the first tensors already overflow fails at once, without measuring the rest."""
+    import codec.allocate as allocate
+
+    measured = []
+    real = allocate.candidates
+    monkeypatch.setattr(allocate, "candidates", lambda array, *a: measured.append(array.shape) or real(array, *a))
+    sd = {f"w{i}": torch.randn(256, 256) for i in range(5)}
+    with pytest.raises(codec.EncodeError, match="below the smallest encoding"):
+        codec.save(sd, tmp_path / "m.jwt", bits_per_weight=0.01)
+    assert len(measured) == 1
+    assert not (tmp_path / "m.jwt").exists()
