@@ -51,7 +51,7 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
               help="Quality target: the cheapest setting per tensor whose relative RMS error is at most E.")
 @click.option("--set", "rules", multiple=True, metavar="GLOB=SETTING",
               help="Per-tensor setting, repeatable, last match wins: lossless, qN (JPEG quality), bN (quant bits), "
-                   "dX (JPEG XL distance), jpegxl, table=flat|jpeg, tile=HxW, rows=HxW; comma-separated. "
+                   "dX (JPEG XL distance), jpegxl, table=flat|jpeg|ramp1|ramp2|ramp4, tile=HxW, rows=HxW; comma-separated. "
                    "E.g. --set 'fc2.*=lossless' --set '*.attention.*=q90'.")
 @click.option("--quality", type=click.IntRange(1, 100),
               help="1..100 [default 90]: scales the JPEG quantization table (JPEG XL: libjxl's quality->distance map).")
