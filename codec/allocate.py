@@ -1,35 +1,38 @@
 """Rate-distortion allocation: spend bits where accuracy needs them.
 
 Every tensor that may be coded lossily gets a menu of candidate settings
-(lossless; ``quant`` at 2..8 bits; ``jpeg`` at a ladder of qualities with
-the flat table, and the Annex K table for image-like rows). Each candidate
-is encoded and decoded once to measure its exact rate (bytes, including the
+(:func:`candidates`: lossless; ``quant`` at 2..8 bits and ``jpeg`` with the
+flat table at a ladder of qualities, each on 64x64 and 8x64 tiles; and, for
+image-like rows, rows mode with the ramp and flat tables). Each candidate is
+encoded and decoded once to measure its exact rate (bytes, including the
 index entry) and distortion. The allocator then picks one point per tensor:
 
 - for a **bit budget**, by equal-slope (Lagrangian) allocation over the
-  lower convex hull of each tensor's points, then a greedy pass that spends
-  what the slope search left over on the best remaining upgrades;
+  lower convex hull of each tensor's points, then intermediate qualities
+  for the JPEG choices whose next step is worth most, then a greedy pass
+  that spends what is left on the best remaining upgrades;
 - for a **maximum error**, the cheapest point within the bound.
 
-Distortion is data-free by default. For most tensors it is the normalized
-squared error
-``NMSE = ||W' - W||^2 / ||W||^2`` is, for a linear layer with inputs of
-any fixed covariance, the relative perturbation of its output energy
-(white inputs exactly), and perturbations of successive layers add to
-first order. So the total distortion is ``sum_t w_t * NMSE_t`` with every
-weight ``w_t = 1``: each layer matters as much as any other, whatever its
-size -- which protects small output layers that a per-weight measure would
-starve. A tensor whose rows are images -- the rows of ``row_shape``, or,
-data-free, the model's first matrix when its rows are square (``C = k*k``,
-``k >= 8``, not a power of two: a first layer over image inputs) -- is
-measured under a natural-image prior
-instead: the error of each row, seen as a ``k x k`` image, is weighted in
-the 2-D Fourier domain by the power spectrum ``1 / (f^2 + (1/k)^2)`` of
-natural images, so error where inputs carry no energy (high frequencies)
-costs little. On the seed MLP this prior ranks candidates like the true
-input covariance does, where plain NMSE prefers the flat table that
-loses more accuracy. A calibration hook (:func:`sensitivities`) replaces the weights by
-measured score drops per unit NMSE when the caller can score a model.
+Distortion is data-free by default: the normalized squared error
+``NMSE = ||W' - W||^2 / ||W||^2``, which for a linear layer with white
+inputs is the relative perturbation of its output energy; perturbations of
+successive layers add to first order, so the total is ``sum_t w_t *
+NMSE_t`` with every ``w_t = 1``. Each layer matters as much as any other,
+whatever its size, which protects small output layers that a per-weight
+measure would starve.
+
+Rows that are images -- the rows of ``row_shape``, or, data-free, those of
+the model's first matrix when they are square (``C = k*k``, ``k >= 8``, not
+a power of two: a first layer over image inputs) -- are measured under a
+natural-image prior instead: each row's error, seen as an image, is
+weighted in the 2-D Fourier domain by the power spectrum
+``1 / (f^2 + 1/(h*w))``, so error where inputs carry little energy (high
+frequencies) costs little. On the seed MLP this ranks candidates like the
+true input covariance does, where plain NMSE prefers the flat table that
+loses more accuracy.
+
+A calibration hook (:func:`sensitivities`) replaces the weights by measured
+score drops per unit distortion when the caller can score a model.
 
 Pure numpy; knows nothing about torch or files.
 """
@@ -49,9 +52,9 @@ from .format import TensorEntry
 from .parallel import make_executor
 from .tensorcodec import Encoded, EncodeOptions, decode_tensor, encode_tensor, lossless_reason
 
-__all__ = ["RDPoint", "candidates", "measure", "distortion", "image_side", "lower_hull", "allocate_budget",
-           "fill_budget", "allocate_max_error",
-           "sensitivities", "plan_options", "JPEG_QUALITIES", "QUANT_BITS"]
+__all__ = ["RDPoint", "candidates", "measure", "distortion", "image_side", "row_images", "lower_hull",
+           "allocate_budget", "fill_budget", "allocate_max_error", "sensitivities", "plan_options",
+           "JPEG_QUALITIES", "QUANT_BITS", "ROW_TABLES", "TILES"]
 
 #: JPEG qualities on each tensor's menu.
 JPEG_QUALITIES = (5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 85, 90, 95, 98)
