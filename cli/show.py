@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import numpy as np
+
+from codec.tiling import Tiling, plan_tiling
 
 from .common import fail, handle_errors
 
@@ -16,39 +17,22 @@ from .common import fail, handle_errors
 DISPLAY_TILE = 64
 
 
-@dataclass(frozen=True)
-class TileView:
-    """How a tensor's matrix view is cut into the tiles shown."""
+def where(t: Tiling, i: int) -> str:
+    """Where tile ``i`` lies in the matrix, in words."""
+    if t.mode == "rows":
+        return f"matrix row {i} as {t.tile_h}x{t.tile_w}"
+    gc = t.grid[1]
+    r0, c0 = (i // gc) * t.tile_h, (i % gc) * t.tile_w
+    return f"rows {r0}..{min(r0 + t.tile_h, t.rows) - 1}, columns {c0}..{min(c0 + t.tile_w, t.cols) - 1}"
 
-    mode: str  # "rows" or "grid"
-    rows: int
-    cols: int
-    tile_h: int
-    tile_w: int
 
-    @property
-    def grid_cols(self) -> int:
-        """Tiles across the matrix (1 in rows mode)."""
-        return 1 if self.mode == "rows" else -(-self.cols // self.tile_w)
-
-    @property
-    def count(self) -> int:
-        """Number of tiles."""
-        return self.rows if self.mode == "rows" else -(-self.rows // self.tile_h) * self.grid_cols
-
-    def where(self, i: int) -> str:
-        """Where tile ``i`` lies in the matrix, in words."""
-        if self.mode == "rows":
-            return f"matrix row {i} as {self.tile_h}x{self.tile_w}"
-        r0, c0 = (i // self.grid_cols) * self.tile_h, (i % self.grid_cols) * self.tile_w
-        return f"rows {r0}..{min(r0 + self.tile_h, self.rows) - 1}, columns {c0}..{min(c0 + self.tile_w, self.cols) - 1}"
-
-    def tile(self, matrix: np.ndarray, i: int) -> np.ndarray:
-        """Tile ``i`` of ``matrix`` (edge tiles are smaller: padding is not data)."""
-        if self.mode == "rows":
-            return matrix[i].reshape(self.tile_h, self.tile_w)
-        r0, c0 = (i // self.grid_cols) * self.tile_h, (i % self.grid_cols) * self.tile_w
-        return matrix[r0 : r0 + self.tile_h, c0 : c0 + self.tile_w]
+def tile_of(t: Tiling, matrix: np.ndarray, i: int) -> np.ndarray:
+    """Tile ``i`` of ``matrix`` (edge tiles are smaller: padding is not data)."""
+    if t.mode == "rows":
+        return matrix[i].reshape(t.tile_h, t.tile_w)
+    gc = t.grid[1]
+    r0, c0 = (i // gc) * t.tile_h, (i % gc) * t.tile_w
+    return matrix[r0 : r0 + t.tile_h, c0 : c0 + t.tile_w]
 
 
 def matrix_view(values: np.ndarray) -> np.ndarray:
@@ -58,13 +42,10 @@ def matrix_view(values: np.ndarray) -> np.ndarray:
     return values.reshape(1, -1)
 
 
-def tile_view(entry, matrix: np.ndarray) -> TileView:
-    """The stored tiling of a lossy entry, or a display grid for a lossless one."""
-    rows, cols = matrix.shape
+def tile_view(entry, matrix: np.ndarray) -> Tiling:
+    """The stored tiling of a lossy entry, or a display grid of 64x64 tiles for a lossless one."""
     t = getattr(entry, "tiling", None)
-    if t is not None:
-        return TileView(t.mode, rows, cols, t.tile_h, t.tile_w)
-    return TileView("grid", rows, cols, max(1, min(DISPLAY_TILE, rows)), max(1, min(DISPLAY_TILE, cols)))
+    return t if t is not None else plan_tiling(*matrix.shape, (DISPLAY_TILE, DISPLAY_TILE), None)
 
 
 def rel_error(decoded: np.ndarray, original: np.ndarray) -> float:
@@ -94,7 +75,7 @@ def _mosaic(tiles: list[np.ndarray], shape: tuple[int, int], cols: int, scales: 
     return out
 
 
-def render(name: str, title: str, view: TileView, decoded: np.ndarray, original: np.ndarray | None,
+def render(name: str, title: str, view: Tiling, decoded: np.ndarray, original: np.ndarray | None,
            tile: int | None, count: int, output: Path) -> dict:
     """Draw one tile (``tile``) or the first ``count`` tiles; write a PNG atomically; return the errors shown."""
     import matplotlib
@@ -107,13 +88,13 @@ def render(name: str, title: str, view: TileView, decoded: np.ndarray, original:
     panels = 1 if original is None else 3
     facts: dict = {}
     if tile is not None:
-        dec = view.tile(decoded, tile)
-        orig = None if original is None else view.tile(original, tile)
+        dec = tile_of(view, decoded, tile)
+        orig = None if original is None else tile_of(view, original, tile)
         ref = dec if orig is None else orig
         low, high = float(ref.min()), float(ref.max())
         fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4.6), squeeze=False)
         images = [("decoded", dec, "gray", low, high)]
-        heading = f"{name}: tile {tile} of {view.count} ({view.where(tile)})"
+        heading = f"{name}: tile {tile} of {view.n_tiles} ({where(view, tile)})"
         if orig is not None:
             err = dec - orig
             bound = float(np.abs(err).max()) or 1.0
@@ -129,18 +110,18 @@ def render(name: str, title: str, view: TileView, decoded: np.ndarray, original:
             ax.set_yticks([])
             fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
     else:
-        n = min(count, view.count)
+        n = min(count, view.n_tiles)
         cols = max(1, math.ceil(math.sqrt(n)))
         shape = (view.tile_h, view.tile_w)
-        dec_tiles = [view.tile(decoded, i) for i in range(n)]
-        orig_tiles = None if original is None else [view.tile(original, i) for i in range(n)]
+        dec_tiles = [tile_of(view, decoded, i) for i in range(n)]
+        orig_tiles = None if original is None else [tile_of(view, original, i) for i in range(n)]
         ref_tiles = orig_tiles or dec_tiles
         scales = [(float(t.min()), float(t.max())) for t in ref_tiles]
         aspect = (-(-n // cols) * (view.tile_h + 1)) / (cols * (view.tile_w + 1))
         fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, min(12.0, max(1.5, 4.0 * aspect)) + 1.3),
                                  squeeze=False)
         images = [("decoded", _mosaic(dec_tiles, shape, cols, scales), "gray", 0.0, 1.0)]
-        heading = f"{name}: first {n} of {view.count} tiles, each scaled to its own range"
+        heading = f"{name}: first {n} of {view.n_tiles} tiles, each scaled to its own range"
         if orig_tiles is not None:
             errs = [d - o for d, o in zip(dec_tiles, orig_tiles)]
             shown_rel = rel_error(np.concatenate([d.ravel() for d in dec_tiles]),
@@ -234,8 +215,8 @@ def show(input: Path, tensor: str, tile: int | None, count: int, original: Path 
         decoded = matrix_view(_as_float64(f.get(tensor)))
         title = f"{input.name}: {describe_codec(entry)}"
     view = tile_view(stored, decoded)
-    if tile is not None and tile >= view.count:
-        raise click.BadParameter(f"{tile} is not a tile of {tensor!r}, which has {view.count} tiles (0..{view.count - 1})",
+    if tile is not None and tile >= view.n_tiles:
+        raise click.BadParameter(f"{tile} is not a tile of {tensor!r}, which has {view.n_tiles} tiles (0..{view.n_tiles - 1})",
                                  param_hint="--tile")
     reference = None
     if original is not None:
@@ -249,6 +230,6 @@ def show(input: Path, tensor: str, tile: int | None, count: int, original: Path 
                        f"{list(stored.shape)}")
     output = output or _default_output(input, tensor, tile)
     facts = render(tensor, title, view, decoded, reference, tile, count, output)
-    what = f"tile {tile}" if tile is not None else f"first {min(count, view.count)} of {view.count} tiles"
+    what = f"tile {tile}" if tile is not None else f"first {min(count, view.n_tiles)} of {view.n_tiles} tiles"
     extra = f", relative error {facts['rel_error']:.2%}" if "rel_error" in facts else ""
     click.echo(f"{output}: {tensor}, {what}{extra}")
