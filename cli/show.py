@@ -92,7 +92,7 @@ def render(name: str, title: str, view: Tiling, decoded: np.ndarray, original: n
         orig = None if original is None else tile_of(view, original, tile)
         ref = dec if orig is None else orig
         low, high = float(ref.min()), float(ref.max())
-        fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4.6), squeeze=False)
+        fig, axes = plt.subplots(1, panels, figsize=(max(7.0, 4.2 * panels), 4.6), squeeze=False)
         images = [("decoded", dec, "gray", low, high)]
         heading = f"{name}: tile {tile} of {view.n_tiles} ({where(view, tile)})"
         if orig is not None:
@@ -118,8 +118,8 @@ def render(name: str, title: str, view: Tiling, decoded: np.ndarray, original: n
         ref_tiles = orig_tiles or dec_tiles
         scales = [(float(t.min()), float(t.max())) for t in ref_tiles]
         aspect = (-(-n // cols) * (view.tile_h + 1)) / (cols * (view.tile_w + 1))
-        fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, min(12.0, max(1.5, 4.0 * aspect)) + 1.3),
-                                 squeeze=False)
+        height = min(12.0, max(1.5, 4.0 * aspect)) + 1.3
+        fig, axes = plt.subplots(1, panels, figsize=(max(7.0, 4.6 * panels), height), squeeze=False)
         images = [("decoded", _mosaic(dec_tiles, shape, cols, scales), "gray", 0.0, 1.0)]
         heading = f"{name}: first {n} of {view.n_tiles} tiles, each scaled to its own range"
         if orig_tiles is not None:
