@@ -216,8 +216,8 @@ def show(input: Path, tensor: str, tile: int | None, count: int, original: Path 
         title = f"{input.name}: {describe_codec(entry)}"
     view = tile_view(stored, decoded)
     if tile is not None and tile >= view.n_tiles:
-        raise click.BadParameter(f"{tile} is not a tile of {tensor!r}, which has {view.n_tiles} tiles (0..{view.n_tiles - 1})",
-                                 param_hint="--tile")
+        raise click.BadParameter(f"{tile} is not a tile of {tensor!r}, which has {view.n_tiles} tiles "
+                                 f"(0..{view.n_tiles - 1})", param_hint="--tile")
     reference = None
     if original is not None:
         with io_formats.open_source(original) as src:
