@@ -106,6 +106,22 @@ class HttpSource:
         except OSError as exc:
             raise RemoteError(f"{self.url}: {exc}") from None
 
+    def _ranged(self, first: int, last: int | None) -> Any:
+        """The open 206 response for bytes ``first..last`` (to the end if None), checked against the file size."""
+        wanted = f"{first}-{'' if last is None else last}"
+        response = self._request(first, last)
+        if response is None or response.status != 206:
+            if response is not None:
+                response.close()
+            raise RemoteError(f"{self.url}: the server answered a Range request for bytes {wanted} with the whole "
+                              "file (it ignores ranges, or the file changed)")
+        got_first, got_last, total = self._content_range(response)
+        if got_first != first or (last is not None and got_last != last) or total != self.size:
+            response.close()
+            raise RemoteError(f"{self.url}: asked for bytes {wanted}/{self.size}, "
+                              f"got {got_first}-{got_last}/{total} (the file changed?)")
+        return response
+
     def _content_range(self, response: Any) -> tuple[int, int, int | None]:
         value = response.headers.get("Content-Range", "")
         match = _CONTENT_RANGE.match(value.strip())
@@ -137,32 +153,11 @@ class HttpSource:
             return self._head[offset:end]
         if not self.random_access:
             raise RemoteError(f"{self.url}: {self.not_seekable_reason}")
-        response = self._request(offset, end - 1)
-        if response is None or response.status != 206:
-            if response is not None:
-                response.close()
-            raise RemoteError(f"{self.url}: the server answered a Range request for bytes {offset}-{end - 1} with "
-                              "the whole file (it ignores ranges, or the file changed)")
-        first, last, total = self._content_range(response)
-        if (first, last) != (offset, end - 1) or total != self.size:
-            response.close()
-            raise RemoteError(f"{self.url}: asked for bytes {offset}-{end - 1}/{self.size}, "
-                              f"got {first}-{last}/{total} (the file changed?)")
-        return self._read_body(response, length)
+        return self._read_body(self._ranged(offset, end - 1), length)
 
     def stream_from(self, offset: int) -> "_Body":
         """The bytes from ``offset`` to the end, as one streamed response."""
-        response = self._request(offset, None)
-        if response is None or response.status != 206:
-            if response is not None:
-                response.close()
-            raise RemoteError(f"{self.url}: the server answered a Range request from byte {offset} with the whole "
-                              "file (it ignores ranges, or the file changed)")
-        first, _, total = self._content_range(response)
-        if first != offset or total != self.size:
-            response.close()
-            raise RemoteError(f"{self.url}: asked for bytes {offset}-, got {first}-/{total} (the file changed?)")
-        return _Body(response, self.url, self.timeout)
+        return _Body(self._ranged(offset, None), self.url, self.timeout)
 
     def read(self, n: int) -> bytes:
         """Sequential read (a server that ignores Range): the prefetched bytes, then the response."""
