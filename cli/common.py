@@ -43,7 +43,7 @@ jobs_option = click.option(
 
 def is_url(text: str) -> bool:
     """True for an http:// or https:// argument."""
-    from codec.http import is_url as _is_url
+    from codec.sources.http import is_url as _is_url
 
     return _is_url(text)
 

@@ -141,7 +141,7 @@ def save(
     :func:`~codec.tensorcodec.parse_spec`; the last match wins).
 
     Rate targets (at most one) turn on the rate-distortion allocator
-    (:mod:`codec.allocate`), which picks codec, table and quality per
+    (:mod:`codec.rd.allocate`), which picks codec, table and quality per
     tensor: ``bits_per_weight`` bounds the whole file; ``max_error`` bounds
     each tensor's relative RMS error. ``calibrate(state_dict) -> score``
     (higher is better) measures each tensor's sensitivity for the budget
@@ -272,7 +272,7 @@ def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_
     The budget's fixed part counts the header, the index without tensor
     entries (metadata, aliases, attachment entries) and the attachments' blobs.
     """
-    from .allocate import plan_options
+    from .rd.allocate import plan_options
     from .format import HEADER_SIZE, BlobRef, Index, TensorEntry
     from .writer import encode_attachment
 

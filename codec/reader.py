@@ -3,7 +3,7 @@
 A :class:`Reader` reads the 32-byte header and the index (two small reads),
 validates them completely (spec/format.md, "Validation order"), and then
 decodes tensors by name from a seekable file or an HTTP(S) URL (one Range
-request a tensor, :mod:`codec.http`), or in file order from a non-seekable
+request a tensor, :mod:`codec.sources.http`), or in file order from a non-seekable
 stream as bytes arrive. Every blob's CRC-32 is verified before its bytes
 reach a decoder. Errors name the file, the tensor and the blob.
 
@@ -13,25 +13,18 @@ output array, and :meth:`Reader.iter_arrays` reads tensor ``k+1`` (from the
 disk, the pipe or the network) while tensor ``k`` is being decoded, with a
 bounded number of decoded bytes waiting to be handed out.
 
-The reader reaches its bytes through a *source* with a small interface:
-``name``, ``size`` (total bytes, ``None`` if unknown), ``random_access``,
-``read_at(offset, length)`` (random-access sources, thread-safe),
-``read(n)`` (sequential sources) and ``close()``; a random-access source
-may also offer ``stream_from(offset)`` (an object with ``read(n)`` and
-``close()``) and set ``sequential_hint`` when reading the whole data
-section in one go is much cheaper than a request per tensor (HTTP).
+The reader reaches its bytes through a *source* (:mod:`codec.sources`:
+a file, a file object, a stream or an HTTP(S) URL).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
-import os
 import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -39,103 +32,10 @@ from .errors import ChecksumError, FormatError, JwtError
 from .format import HEADER_SIZE, Attachment, Index, TensorEntry, check_index_crc, crc32, parse_index, unpack_header
 from .limits import DEFAULT_LIMITS, Limits
 from .parallel import AHEAD_BYTES, INLINE, Pending, make_executor, resolve_jobs
+from .sources import open_source
 from .tensorcodec import decode_tensor, start_decode
 
-__all__ = ["Reader", "FileSource", "FileObjectSource", "StreamSource", "open_source"]
-
-
-class FileSource:
-    """A local file, read with ``os.pread``: random access without a shared file position."""
-
-    random_access = True
-    sequential_hint = False
-
-    def __init__(self, path: str | os.PathLike[str]):
-        self.name = str(path)
-        self._file = open(path, "rb")
-        self.size: int | None = os.fstat(self._file.fileno()).st_size
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        """``length`` bytes from ``offset`` (fewer only at the end of the file)."""
-        chunks, fd = [], self._file.fileno()
-        while length > 0:
-            chunk = os.pread(fd, min(length, 1 << 30), offset)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            offset += len(chunk)
-            length -= len(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    def close(self) -> None:
-        """Close the file."""
-        self._file.close()
-
-
-class FileObjectSource:
-    """A seekable binary file object positioned at its start; a lock keeps seek-and-read atomic."""
-
-    random_access = True
-    sequential_hint = False
-
-    def __init__(self, file: BinaryIO, name: str):
-        self.name = name
-        self._file = file
-        self._lock = threading.Lock()
-        self.size: int | None = file.seek(0, os.SEEK_END)
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        """``length`` bytes from ``offset`` (fewer only at the end of the file)."""
-        with self._lock:
-            self._file.seek(offset)
-            chunks = []
-            while length > 0:
-                chunk = self._file.read(length)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                length -= len(chunk)
-        return b"".join(chunks)
-
-    def close(self) -> None:
-        """Nothing to do: the caller owns the file object."""
-
-
-class StreamSource:
-    """A non-seekable binary stream (a pipe, stdin, a socket), read front to back."""
-
-    random_access = False
-    sequential_hint = False
-    size: int | None = None
-
-    def __init__(self, file: BinaryIO, name: str):
-        self.name = name
-        self._file = file
-
-    def read(self, n: int) -> bytes:
-        """Up to ``n`` bytes; empty at the end of the stream."""
-        return self._file.read(n)
-
-    def close(self) -> None:
-        """Nothing to do: the caller owns the stream."""
-
-
-def open_source(source: Any, timeout: float | None = None) -> Any:
-    """The source object for a path, URL, bytes or binary file object (see the module docstring)."""
-    from .http import HttpSource, is_url
-
-    if is_url(source):
-        return HttpSource(source, timeout=timeout)
-    if isinstance(source, (str, os.PathLike)):
-        return FileSource(source)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return FileObjectSource(io.BytesIO(bytes(source)), "<bytes>")
-    name = str(getattr(source, "name", "<stream>"))
-    try:
-        seekable = bool(source.seekable()) and source.tell() == 0
-    except (AttributeError, OSError, ValueError):
-        seekable = False
-    return FileObjectSource(source, name) if seekable else StreamSource(source, name)
+__all__ = ["Reader"]
 
 
 class Reader:
@@ -145,7 +45,7 @@ class Reader:
     object (seekable or not), bytes, or a source object (module docstring).
     Arrays come back in storage form (:mod:`codec.dtypes`). ``jobs`` worker
     threads decode (None: one per core; 1: none). ``timeout`` is the HTTP
-    timeout in seconds (None: :data:`codec.http.DEFAULT_TIMEOUT`).
+    timeout in seconds (None: :data:`codec.sources.http.DEFAULT_TIMEOUT`).
     """
 
     def __init__(self, source: Any, *, limits: Limits = DEFAULT_LIMITS, name: str | None = None,

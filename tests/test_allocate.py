@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 import codec
-from codec.allocate import (RDPoint, allocate_budget, allocate_max_error, distortion, image_side, lower_hull,
+from codec.rd.allocate import (RDPoint, allocate_budget, allocate_max_error, distortion, image_side, lower_hull,
                             row_images)
 from codec.tensorcodec import EncodeOptions, Overrides, parse_spec
 
@@ -176,7 +176,7 @@ def test_budget_counts_attachments(tmp_path):
 
 def test_impossible_budget_is_refused_before_measuring_everything(tmp_path, monkeypatch):
     """A budget the first tensors already overflow fails at once, without measuring the rest."""
-    import codec.allocate as allocate
+    from codec.rd import allocate
 
     measured = []
     real = allocate.candidates

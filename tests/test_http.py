@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import codec
-from codec.http import HttpSource, RemoteError
+from codec.sources.http import HttpSource, RemoteError
 
 from conftest import REPO
 

@@ -46,11 +46,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dtypes import DType, to_float64
-from .errors import EncodeError
-from .format import TensorEntry
-from .parallel import make_executor
-from .tensorcodec import Encoded, EncodeOptions, decode_tensor, encode_tensor, lossless_reason
+from ..dtypes import DType, to_float64
+from ..errors import EncodeError
+from ..format import TensorEntry
+from ..parallel import make_executor
+from ..tensorcodec import Encoded, EncodeOptions, decode_tensor, encode_tensor, lossless_reason
 
 __all__ = ["RDPoint", "candidates", "measure", "distortion", "image_side", "row_images", "lower_hull",
            "allocate_budget", "fill_budget", "allocate_max_error", "sensitivities", "plan_options",

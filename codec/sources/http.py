@@ -1,6 +1,6 @@
 """Reading a .jwt over HTTP(S) with Range requests (standard library only).
 
-:class:`HttpSource` is a reader source (see :mod:`codec.reader`): its first
+:class:`HttpSource` is a reader source (see :mod:`codec.sources`): its first
 request asks for the first :data:`PREFETCH` bytes, which hold the header
 and, for most files, the whole index, so ``codec.open(url)`` costs one
 round trip; ``get(name)`` then costs one Range request for that tensor's
@@ -28,7 +28,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-__all__ = ["RemoteError", "HttpSource", "is_url", "DEFAULT_TIMEOUT", "PREFETCH"]
+__all__ = ["DEFAULT_TIMEOUT", "PREFETCH", "HttpSource", "RemoteError", "is_url"]
 
 #: Seconds to wait for a connection or for more bytes.
 DEFAULT_TIMEOUT = 30.0
@@ -90,7 +90,7 @@ class HttpSource:
         if self._etag:
             request.add_header("If-Range", self._etag)
         try:
-            return urllib.request.urlopen(request, timeout=self.timeout)  # noqa: S310 (http/https only)
+            return urllib.request.urlopen(request, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
             exc.close()
             if exc.code == 416 and first == 0:
@@ -101,7 +101,7 @@ class HttpSource:
             if isinstance(reason, (socket.timeout, TimeoutError)):
                 raise RemoteError(f"{self.url}: no answer within {self.timeout:g} s") from None
             raise RemoteError(f"{self.url}: {reason}") from None
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             raise RemoteError(f"{self.url}: no answer within {self.timeout:g} s") from None
         except OSError as exc:
             raise RemoteError(f"{self.url}: {exc}") from None
@@ -136,7 +136,7 @@ class HttpSource:
         try:
             with response:
                 data = _read_exactly(response, n, self.url, self.timeout)
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             raise RemoteError(f"{self.url}: no data for {self.timeout:g} s") from None
         return data
 
@@ -155,7 +155,7 @@ class HttpSource:
             raise RemoteError(f"{self.url}: {self.not_seekable_reason}")
         return self._read_body(self._ranged(offset, end - 1), length)
 
-    def stream_from(self, offset: int) -> "_Body":
+    def stream_from(self, offset: int) -> _Body:
         """The bytes from ``offset`` to the end, as one streamed response."""
         return _Body(self._ranged(offset, None), self.url, self.timeout)
 
@@ -179,7 +179,7 @@ class _Body:
     def read(self, n: int) -> bytes:
         try:
             return self._response.read(n)
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             raise RemoteError(f"{self.url}: no data for {self.timeout:g} s") from None
         except OSError as exc:
             raise RemoteError(f"{self.url}: {exc}") from None
