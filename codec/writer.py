@@ -24,7 +24,7 @@ from .format import Attachment, BlobRef, Index, TensorEntry, attachment_name_err
 from .limits import DEFAULT_LIMITS
 from .tensorcodec import Encoded
 
-__all__ = ["Writer", "atomic_output", "encode_attachment"]
+__all__ = ["Writer", "atomic_output", "output_error", "temporary_file", "encode_attachment"]
 
 
 def _text_error(value: object) -> str | None:
@@ -54,18 +54,43 @@ def current_umask() -> int:
     return mask
 
 
+def output_error(exc: OSError, path: str | os.PathLike[str]) -> OSError:
+    """``exc`` (raised on a temporary file beside ``path``) restated for ``path``, the output the user asked for."""
+    folder = Path(path).absolute().parent
+    if isinstance(exc, FileNotFoundError) and not folder.is_dir():
+        reason = f"the folder {Path(path).parent} does not exist"
+    elif isinstance(exc, IsADirectoryError) or os.path.isdir(path):
+        reason = "it is a folder"
+    else:
+        reason = exc.strerror or str(exc)
+    return type(exc)(exc.errno, f"cannot write here ({reason})", os.fspath(path))
+
+
+def temporary_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """An anonymous temporary file in the folder of the output ``path`` (errors name ``path``)."""
+    try:
+        return tempfile.TemporaryFile(dir=Path(path).absolute().parent)
+    except OSError as exc:
+        raise output_error(exc, path) from None
+
+
 class atomic_output:
-    """Context manager: a temp file beside ``path``, renamed onto it on success."""
+    """Context manager: a temp file beside ``path``, renamed onto it on success.
+
+    Errors creating or renaming the temporary file name ``path``, never the temporary name.
+    """
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
 
     def __enter__(self) -> BinaryIO:
-        directory = self.path.parent if str(self.path.parent) else Path(".")
+        if self.path.is_dir():
+            raise IsADirectoryError(21, "cannot write here (it is a folder)", str(self.path))
         try:
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
-        except OSError as exc:  # name the output the user asked for, not the temporary file
-            raise type(exc)(exc.errno, f"cannot write here ({exc.strerror})", str(self.path)) from None
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
+                                            dir=self.path.absolute().parent)
+        except OSError as exc:
+            raise output_error(exc, self.path) from None
         os.chmod(self.tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would stay on the output
         self.file = os.fdopen(fd, "wb")
         return self.file
@@ -77,7 +102,10 @@ class atomic_output:
                 os.fsync(self.file.fileno())
             self.file.close()
             if exc_type is None:
-                os.replace(self.tmp, self.path)
+                try:
+                    os.replace(self.tmp, self.path)
+                except OSError as error:
+                    raise output_error(error, self.path) from None
         finally:
             if os.path.exists(self.tmp):
                 os.unlink(self.tmp)
@@ -113,8 +141,7 @@ class Writer:
         self.dest = dest
         self.index = Index([], dict(metadata or {}), dict(encoder or {}))
         self._entries: dict[str, TensorEntry] = {}
-        spool_dir = Path(dest).parent if isinstance(dest, (str, os.PathLike)) else None
-        self._spool = tempfile.TemporaryFile(dir=spool_dir)
+        self._spool = self._new_spool()
         self._offset = 0
         self.closed = False
         #: Attachment blobs go to their own spool: they follow every tensor blob.
@@ -122,6 +149,12 @@ class Writer:
         self._attach_offset = 0
         self._attach_names: set[str] = set()
         self._attach_folders: set[str] = set()
+
+    def _new_spool(self) -> BinaryIO:
+        """A temporary file for blobs: beside a path destination (errors name it), else in the temp folder."""
+        if isinstance(self.dest, (str, os.PathLike)):
+            return temporary_file(self.dest)
+        return tempfile.TemporaryFile()
 
     def _check_name(self, name: str) -> None:
         problem = _text_error(name)
@@ -164,8 +197,7 @@ class Writer:
             raise EncodeError(f"attachment {name!r} is both a file and a folder of the attachments")
         att, blob = encode_attachment(name, data)
         if self._attach_spool is None:
-            spool_dir = Path(self.dest).parent if isinstance(self.dest, (str, os.PathLike)) else None
-            self._attach_spool = tempfile.TemporaryFile(dir=spool_dir)
+            self._attach_spool = self._new_spool()
         self._attach_spool.write(blob)
         att.blobs = [BlobRef(self._attach_offset, len(blob), crc32(blob))]
         self._attach_offset += len(blob)
