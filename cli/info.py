@@ -16,6 +16,8 @@ SCHEMA_VERSION = 1
 
 def describe(reader) -> dict:
     """The ``--json`` document: per-tensor facts read from the index alone."""
+    from codec.stats import file_totals
+
     tensors = []
     for e in reader.index.entries:
         codec = "alias" if e.alias else e.codec.codec_id
@@ -30,9 +32,7 @@ def describe(reader) -> dict:
         if e.alias:
             item["alias"] = e.alias
         tensors.append(item)
-    stored = [t for t in tensors if t["codec"] != "alias"]
-    weights = sum(t["numel"] for t in stored)
-    fp32 = 4 * weights
+    totals = file_totals(reader.index, reader.size)
     attachments = [{"name": a.name, "size": a.size, "nbytes": a.stored_bytes, "codec": a.codec.codec_id}
                    for a in reader.index.attachments]
     return {
@@ -40,9 +40,10 @@ def describe(reader) -> dict:
         "file": reader.name, "format_version": f"1.{reader.index.minor}", "file_bytes": reader.size,
         "tensors": tensors, "attachments": attachments, "metadata": reader.metadata,
         "encoder": reader.index.encoder,
-        "totals": {"tensors": len(tensors), "weights": weights, "nbytes": reader.size,
-                   "bits_per_weight": 8 * reader.size / weights if weights else 0.0,
-                   "ratio_to_fp32": fp32 / reader.size if reader.size else 0.0,
+        "totals": {"tensors": len(tensors), "weights": totals.weights, "nbytes": reader.size,
+                   "bits_per_weight": totals.bits_per_weight,
+                   "ratio_to_fp32": 4 * totals.weights / reader.size if reader.size else 0.0,
+                   "raw_bytes": totals.raw_bytes, "ratio": totals.ratio,
                    "attachments": len(attachments), "attachment_bytes": sum(a["nbytes"] for a in attachments),
                    "attachment_size": sum(a["size"] for a in attachments)},
     }
@@ -63,6 +64,7 @@ def info(input: str, as_json: bool) -> None:
     header and the index, are downloaded).
     """
     from codec.reader import Reader
+    from codec.stats import file_totals
 
     if not is_url(input) and not Path(input).is_file():
         raise fail(f"{input}: no such file")
@@ -90,8 +92,7 @@ def info(input: str, as_json: bool) -> None:
         bpw = f"{8 * nbytes / numel:.3f} bits/w" if numel else ""
         click.echo(f"{name:>8}: {count} tensors, {numel:,} weights, {nbytes:,} bytes {bpw}")
     click.echo(f"   total: {tot['tensors']} tensors, {tot['weights']:,} weights, {tot['nbytes']:,} bytes, "
-               f"{tot['bits_per_weight']:.3f} bits/weight, {tot['ratio_to_fp32']:.1f}x smaller than fp32 "
-               f"(format {doc['format_version']})")
+               f"{file_totals(reader.index, reader.size).summary()} (format {doc['format_version']})")
     if doc["attachments"]:
         click.echo(f"attachments: {tot['attachments']} files, {tot['attachment_size']:,} bytes stored in "
                    f"{tot['attachment_bytes']:,}")
