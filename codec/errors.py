@@ -17,6 +17,7 @@ __all__ = [
     "LimitError",
     "UnknownCodecError",
     "EncodeError",
+    "UsageError",
 ]
 
 
@@ -46,3 +47,11 @@ class UnknownCodecError(FormatError):
 
 class EncodeError(JwtError):
     """The input cannot be encoded (unsupported dtype, bad option, ...)."""
+
+
+class UsageError(JwtError):
+    """A call or output the library cannot honour, found before any data is decoded or written.
+
+    E.g. ``codec.load(..., dtype=torch.int32)``, an unknown output suffix, or
+    a folder output that exists and is not empty.
+    """
