@@ -11,12 +11,23 @@ import click
 from .common import fail, handle_errors, is_url, jobs_option, progress_bar, same_file
 
 
+def _default(jwt_path: str, metadata: dict[str, str]) -> str:
+    """The default output (never an existing file or folder), saying so on stderr when the plain name is taken."""
+    from codec import io_formats
+
+    plain, fresh = (io_formats.default_output(jwt_path, metadata, fresh=f) for f in (False, True))
+    if fresh != plain:
+        click.echo(f"jwt: {plain} exists; writing {fresh} instead", err=True)
+    return str(fresh) + ("/" if metadata.get(io_formats.SOURCE_FORMAT_KEY) == "folder" else "")
+
+
 @click.command()
 @click.argument("input", type=str)
 @click.option("-o", "--output", type=str,
               help="Output: x.pt / x.pth, x.safetensors, or a folder (ending in /, or without a suffix) rebuilt "
                    "with model.safetensors and the attachments. Default: the kind of the original input "
-                   "(INPUT.pt, INPUT.safetensors or the folder INPUT/); required when INPUT is -.")
+                   "(INPUT.pt, INPUT.safetensors or the folder INPUT/; when that exists, INPUT.decoded.pt, "
+                   "INPUT.decoded-2.pt, ...: a default output never replaces a file); required when INPUT is -.")
 @click.option("--aliases", type=click.Choice(["clone", "drop"]), default="clone", show_default=True,
               help="Tensors that shared storage, in a .safetensors or folder output (which cannot share): write "
                    "a copy under every name, or drop the alias names (for loaders that re-tie weights).")
@@ -54,14 +65,14 @@ def decode(input: str, output: str | None, aliases: str, jobs: int | None, quiet
     elif is_url(input):
         with Reader(input) as reader:
             local = Path(urllib.parse.urlsplit(input).path).name or "model.jwt"
-            output = output or str(io_formats.default_output(local, reader.metadata))
+            output = output or _default(local, reader.metadata)
             total = sum(e.numel for e in reader.index.entries)
         source, name = input, input
     else:
         if not Path(input).is_file():
             raise fail(f"{input}: no such file")
         with Reader(input) as reader:
-            output = output or str(io_formats.default_output(input, reader.metadata))
+            output = output or _default(input, reader.metadata)
             total = sum(e.numel for e in reader.index.entries)
         if same_file(input, output):
             raise fail(f"{output}: refusing to overwrite the input")

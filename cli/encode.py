@@ -36,8 +36,9 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
 
 @click.command()
 @click.argument("input", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Output .jwt file (default: INPUT with the suffix .jwt; for a folder, FOLDER.jwt).")
+@click.option("-o", "--output", type=str,
+              help="Output .jwt file (default: INPUT with the suffix .jwt; for a folder, FOLDER.jwt), or a folder "
+                   "(existing, or ending in /: created) to write that file into.")
 @click.option("--codec", "codec_name", type=click.Choice(["auto", "jpeg", "jpegxl", "quant", "lossless"]),
               default="auto", show_default=True,
               help="Codec for weight matrices: jpeg, jpegxl, quant (uniform --bits per tile + zstd) or lossless. "
@@ -68,7 +69,7 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
 @jobs_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @handle_errors
-def encode(input: Path, output: Path | None, codec_name: str, bits: int, bits_per_weight: float | None,
+def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, bits_per_weight: float | None,
            max_error: float | None, rules: tuple[str, ...], quality: int | None, table: str, distance: float | None,
            effort: int, tile: tuple[int, int], row_shape: tuple[int, int] | None, meta: tuple[str, ...],
            jobs: int | None, quiet: bool) -> None:
@@ -100,12 +101,13 @@ def encode(input: Path, output: Path | None, codec_name: str, bits: int, bits_pe
     from codec import api, io_formats
 
     metadata = parse_meta(meta)
-    if output is None:
-        output = input.parent / (input.name + ".jwt") if input.is_dir() else input.with_suffix(".jwt")
-    if input.exists() and same_file(input, output):
-        raise fail(f"{output}: refusing to overwrite the input")
     if not input.exists():
         raise fail(f"{input}: no such file")
+    if output is not None and same_file(input, output):
+        raise fail(f"{output}: refusing to overwrite the input")
+    output = io_formats.encode_output(input, output)
+    if same_file(input, output):
+        raise fail(f"{output}: refusing to overwrite the input")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         source = io_formats.open_source(input)
@@ -119,7 +121,8 @@ def encode(input: Path, output: Path | None, codec_name: str, bits: int, bits_pe
     searching = bits_per_weight is not None or max_error is not None
     with source, progress_bar(total * (2 if searching else 1), "encode", quiet) as bar:
         notes = source.notes + api.save(
-            state_dict, output, metadata={**metadata, "source": input.name, **source.metadata},
+            state_dict, output, metadata={**metadata, "source": metadata.get("source", input.name),
+                                          **source.metadata},
             attachments=source.attachments,
             overrides=parse_rules(rules), bits_per_weight=bits_per_weight, max_error=max_error,
             progress=lambda name, n: bar.update(n), codec=codec_name, quality=quality, table=table,
@@ -128,7 +131,7 @@ def encode(input: Path, output: Path | None, codec_name: str, bits: int, bits_pe
     for message in [str(w.message) for w in caught] + notes:
         click.echo(f"jwt: warning: {message}", err=True)
     if not quiet:
-        size, raw = output.stat().st_size, source.nbytes
+        with api.open(output) as written:
+            totals = written.totals()
         carried = f" and {len(source.attachments)} attachments" if source.attachments else ""
-        click.echo(f"{output}: {len(state_dict)} tensors{carried}, {size:,} bytes "
-                   f"({8 * size / max(total, 1):.3f} bits/weight, {raw / max(size, 1):.1f}x smaller than the input tensors)")
+        click.echo(f"{output}: {len(state_dict)} tensors{carried}, {totals.file_bytes:,} bytes ({totals.summary()})")

@@ -7,8 +7,12 @@ storage, and drives :mod:`codec.tensorcodec` and the container.
 
 from __future__ import annotations
 
+import builtins
+import dataclasses
+import json
 import math
 import os
+import re
 import warnings
 import weakref
 from collections import deque
@@ -19,14 +23,16 @@ import numpy as np
 import torch
 
 from .dtypes import get_dtype
-from .errors import EncodeError
+from .errors import EncodeError, FormatError, UsageError
 from .limits import DEFAULT_LIMITS, Limits
 from .parallel import AHEAD_BYTES, INLINE, make_executor, resolve_jobs
 from .reader import Reader
+from .stats import Totals, file_totals
 from .tensorcodec import EncodeOptions, Overrides, start_encode
 from .writer import Writer
 
-__all__ = ["save", "load", "open", "JwtFile", "read_state_dict", "encoder_versions", "TORCH_DTYPES"]
+__all__ = ["save", "load", "open", "JwtFile", "read_state_dict", "read_checkpoint", "flatten_checkpoint",
+           "unflatten_checkpoint", "encoder_versions", "TORCH_DTYPES", "TREE_KEY"]
 
 #: torch dtype -> format dtype name.
 TORCH_DTYPES: dict[torch.dtype, str] = {
@@ -165,21 +171,32 @@ def save(
     rules = Overrides(overrides)
     rules.check(base)
     meta, encoder = dict(metadata or {}), encoder_versions()
-    for name, tensor in state_dict.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise EncodeError(f"tensor {name!r}: not a tensor but {type(tensor).__name__}")
-        problem = _unstorable(tensor)
-        if problem:
-            raise EncodeError(f"tensor {name!r}: {problem}")
-    tensor = None  # a lazy state_dict's tensors are fetched one at a time: hold none of them
-    aliases = _aliases(state_dict)
+    notes: list[str] = []
+    if isinstance(state_dict, torch.nn.Module):
+        state_dict = state_dict.state_dict()
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"codec.save: expected a state_dict (a mapping of names to tensors), a checkpoint dict or an "
+                        f"nn.Module, not {type(state_dict).__name__}")
+    if not _check_tensors(state_dict):  # a checkpoint dict: nested tensors under dotted names, the rest in the tree
+        state_dict, tree, dropped = flatten_checkpoint(state_dict)
+        meta.update(tree)
+        if dropped:
+            notes.append(dropped_note("checkpoint", dropped))
+        _check_tensors(state_dict)
+    if not len(state_dict):
+        raise EncodeError("nothing to encode: the state_dict holds no tensors")
+    aliases, overlaps = _sharing(state_dict)
+    if overlaps:  # views that share part of their memory: kept exact, so they stay equal where they overlap
+        notes.append(f"tensors {', '.join(map(repr, overlaps[:10]))}{', ...' if len(overlaps) > 10 else ''} "
+                     "share part of their memory (overlapping views): stored losslessly so they stay equal there")
+        lossless = dataclasses.replace(base, codec="lossless")
+        rules = _Forced(rules, set(overlaps), lossless)
     if bits_per_weight is not None or max_error is not None:
         chosen = _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate,
                        progress, attachments or {}, jobs)
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
     else:
         options_for = lambda name: rules.options_for(name, base) or base  # noqa: E731
-    notes: list[str] = []
     with Writer(path, metadata=meta, encoder=encoder) as writer:
         for name, target, dtype, shape, encoded in _encode_in_order(state_dict, aliases, options_for, jobs):
             if target is not None:
@@ -237,26 +254,69 @@ def _finish_encode(pending: deque) -> tuple:
     return name, target, dtype, shape, None if job is None else job.result()
 
 
-def _aliases(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """name -> earlier name, for tensors with the same storage, offset, shape, strides and dtype.
+def _check_tensors(state_dict: Mapping) -> bool:
+    """False if ``state_dict`` is not a plain state_dict (a key that is no string, a value that is no tensor);
+    EncodeError for a tensor that cannot be stored."""
+    for name, tensor in state_dict.items():
+        if not (isinstance(name, str) and isinstance(tensor, torch.Tensor)):
+            return False
+        problem = _unstorable(tensor)
+        if problem:
+            raise EncodeError(f"tensor {name!r}: {problem}")
+    return True
+
+
+class _Forced:
+    """Overrides with some tensors forced to fixed options (the last word, over every rule)."""
+
+    def __init__(self, rules: Overrides, names: set[str], options: EncodeOptions):
+        self.rules, self.names, self.options = rules, names, options
+
+    def options_for(self, name: str, base: EncodeOptions) -> EncodeOptions | None:
+        return self.options if name in self.names else self.rules.options_for(name, base)
+
+
+def _sharing(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, str], list[str]]:
+    """``(aliases, overlapping)`` of the tensors that share memory.
+
+    ``aliases`` maps a name to an earlier name with the same storage,
+    offset, shape, strides and dtype (stored once). ``overlapping`` names
+    the other tensors whose bytes overlap another's (views such as ``b`` and
+    ``b[:10]``), in order.
 
     A storage address only identifies a tensor while it is alive: a lazy
     mapping (:class:`codec.io_formats.LazyTensors`) makes a new tensor on
     every access and frees it after, and the next one may reuse the
-    address. So a match counts only while the earlier tensor still exists.
+    address. So a match counts only while the earlier tensor still exists,
+    and overlaps are looked for among the tensors still alive at the end.
     """
     seen: dict[tuple, tuple[str, weakref.ref]] = {}
     aliases = {}
-    for name in state_dict:
+    spans: list[tuple[int, int, int, str, weakref.ref]] = []
+    for order, name in enumerate(state_dict):
         tensor = state_dict[name]
         key = _storage_key(tensor)
         earlier = seen.get(key)
         if tensor.numel() and earlier is not None and earlier[1]() is not None:
             aliases[name] = earlier[0]
-        elif earlier is None or earlier[1]() is None:
-            seen[key] = (name, weakref.ref(tensor))
+        else:
+            if earlier is None or earlier[1]() is None:
+                seen[key] = (name, weakref.ref(tensor))
+            if tensor.numel() and tensor.device.type != "meta":
+                extent = 1 + sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride()))
+                low = tensor.data_ptr() + tensor.element_size() * sum(
+                    (n - 1) * s for n, s in zip(tensor.shape, tensor.stride()) if s < 0)
+                spans.append((low, low + extent * tensor.element_size(), order, name, weakref.ref(tensor)))
         del tensor
-    return aliases
+    overlapping: dict[int, str] = {}
+    reach, holder = -1, None
+    for low, high, order, name, alive in sorted(s for s in spans if s[4]() is not None):
+        if low < reach:
+            overlapping[order] = name
+            overlapping[holder[0]] = holder[1]
+        if high > reach:
+            reach, holder = high, (order, name)
+    return aliases, [overlapping[k] for k in sorted(overlapping)]
 
 
 def _shape(state_dict: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
@@ -337,9 +397,25 @@ class JwtFile:
     def __len__(self) -> int:
         return len(self.reader.entries)
 
-    def get(self, name: str) -> torch.Tensor:
-        """Decode and return one tensor."""
-        return to_torch(self.reader.read(name), self.reader.entry(name).dtype.name)
+    def get(self, name: str, *, device: str | torch.device | None = None,
+            dtype: torch.dtype | str | None = None) -> torch.Tensor:
+        """Decode and return one tensor (KeyError naming it if the file has none of that name).
+
+        ``device`` moves it there; ``dtype`` (a floating dtype) casts it if it is floating, as :func:`load` does.
+        """
+        cast = _float_dtype(dtype)
+        tensor = to_torch(self.reader.read(name), self.reader.entry(name).dtype.name)
+        if device is not None or cast is not None:
+            tensor = tensor.to(device=device, dtype=cast if tensor.is_floating_point() else None)
+        return tensor
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """``f[name]``: :meth:`get` with no cast."""
+        return self.get(name)
+
+    def totals(self) -> "Totals":
+        """Size figures from the index (:mod:`codec.stats`): ``.weights``, ``.bits_per_weight``, ``.ratio``."""
+        return file_totals(self.reader.index, self.reader.size)
 
     @property
     def attachments(self) -> list[str]:
@@ -386,6 +462,21 @@ def open(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = 
     return JwtFile(source, limits=limits, jobs=jobs, timeout=timeout)
 
 
+def _float_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The floating torch dtype ``dtype`` names (None stays None): a TypeError or UsageError for anything else."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        dtype = _BY_NAME.get(dtype.removeprefix("torch."), dtype)  # type: ignore[arg-type]
+    floats = "torch.float16, torch.bfloat16, torch.float32 or torch.float64"
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype={dtype!r}: expected a floating torch dtype ({floats}) or its name")
+    if not dtype.is_floating_point:
+        raise UsageError(f"dtype={dtype}: only floating tensors are cast, to a floating dtype ({floats}); "
+                         "integer and bool tensors keep their dtype")
+    return dtype
+
+
 def load(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = DEFAULT_LIMITS,
          progress: ProgressFn | None = None, device: str | torch.device | None = None,
          dtype: torch.dtype | str | None = None, jobs: int | None = None,
@@ -399,10 +490,7 @@ def load(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = 
     ``device`` moves every tensor there; ``dtype`` (a floating torch dtype
     or its name, e.g. ``"bfloat16"``) casts the floating tensors only.
     """
-    if isinstance(dtype, str):
-        dtype = _BY_NAME.get(dtype, dtype)  # type: ignore[arg-type]
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise EncodeError(f"dtype {dtype!r} is not a floating torch dtype")
+    dtype = _float_dtype(dtype)
     with JwtFile(source, limits=limits, jobs=jobs, timeout=timeout) as f:
         out = {}
         moved: dict[str, torch.Tensor] = {}  # alias targets after the move, so aliases stay shared
@@ -421,38 +509,177 @@ def load(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = 
         return out
 
 
-def read_state_dict(path: str | os.PathLike[str], *, mmap: bool = False) -> dict[str, torch.Tensor]:
-    """Read a .pt/.pth state_dict (or checkpoint holding one) without unpickling code.
+#: Reserved metadata key holding a checkpoint's structure (spec/format.md section 4.5); long trees continue in
+#: ``jwt.tree.1``, ``jwt.tree.2``, ... (each value stays under the readers' string limit).
+TREE_KEY = "jwt.tree"
+_TREE_CHUNK = 60000
+_SAFE_TYPES = "tensors, None, bool, int, float, str, and lists, tuples and dicts of them"
 
-    Uses ``torch.load(weights_only=True)``. A checkpoint dict holding the
-    weights under ``state_dict`` or ``model`` is unwrapped. Entries that are
-    not tensors are skipped with a warning naming them. ``mmap`` maps the
-    tensors from the file instead of reading them (zip-format files only).
+
+def flatten_checkpoint(obj: Mapping) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """Flatten a checkpoint dict into ``(tensors, metadata, dropped)``.
+
+    Tensors at any depth are named by their keys joined with dots
+    (``{"model": {"fc.weight": t}}`` -> ``model.fc.weight``; list items by
+    their index); a name already taken gets ``#2``, ``#3``, ... The structure
+    and every JSON-representable leaf (None, bool, int, float, str, lists,
+    tuples and dicts of them, with such keys) go to the reserved metadata key
+    :data:`TREE_KEY`, which references tensors by name, so keys holding dots
+    stay unambiguous and :func:`unflatten_checkpoint` rebuilds the object.
+    ``dropped`` names the leaves that cannot be kept (e.g. arbitrary objects),
+    as ``path (type)``; they are marked in the tree too. A plain state_dict
+    (string keys, tensor values) gives no metadata.
+    """
+    if all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return dict(obj), {}, []
+    tensors: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+
+    def scalar_key(key: object) -> bool:
+        return key is None or isinstance(key, (bool, int, float, str)) or (
+            isinstance(key, tuple) and all(map(scalar_key, key)))
+
+    def node(value: object, path: tuple) -> Any:
+        if isinstance(value, torch.Tensor):
+            base = name = ".".join(map(str, path))
+            k = 2
+            while name in tensors:
+                name, k = f"{base}#{k}", k + 1
+            tensors[name] = value
+            return {"tensor": name}
+        if value is None or isinstance(value, (bool, int, str)):
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else {"float": repr(value)}
+        if isinstance(value, list):
+            return [node(v, (*path, i)) for i, v in enumerate(value)]
+        if isinstance(value, tuple):
+            return {"tuple": [node(v, (*path, i)) for i, v in enumerate(value)]}
+        if isinstance(value, Mapping):
+            pairs = []
+            for key, v in value.items():
+                if scalar_key(key):
+                    pairs.append([node(key, ()), node(v, (*path, key))])
+                else:
+                    dropped.append(f"{'.'.join(map(str, (*path, repr(key))))} (a key of type {type(key).__name__})")
+            return {"dict": pairs}
+        dropped.append(f"{'.'.join(map(str, path))} ({type(value).__name__})")
+        return {"dropped": f"{type(value).__module__}.{type(value).__qualname__}"}
+
+    text = json.dumps(node(obj, ()), ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    chunks = [text[i:i + _TREE_CHUNK] for i in range(0, len(text), _TREE_CHUNK)]
+    meta = {TREE_KEY if i == 0 else f"{TREE_KEY}.{i}": chunk for i, chunk in enumerate(chunks)}
+    return tensors, meta, dropped
+
+
+def unflatten_checkpoint(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[Any, list[str]]:
+    """The object :func:`flatten_checkpoint` flattened, rebuilt from its tensors and metadata.
+
+    Returns ``(object, dropped)``: ``tensors`` itself when the metadata holds
+    no tree; leaves dropped at encoding are left out of dicts (``None`` in
+    lists and tuples) and named in ``dropped``. A malformed tree is a
+    :class:`~codec.errors.FormatError`.
+    """
+    text = metadata.get(TREE_KEY)
+    if text is None:
+        return tensors, []
+    i = 1
+    while f"{TREE_KEY}.{i}" in metadata:
+        text += metadata[f"{TREE_KEY}.{i}"]
+        i += 1
+    dropped: list[str] = []
+
+    def build(n: Any, path: tuple) -> Any:
+        if isinstance(n, list):
+            return [build(v, (*path, k)) for k, v in enumerate(n)]
+        if not isinstance(n, dict):
+            return n
+        (tag, v), = n.items()
+        if tag == "tensor":
+            if v not in tensors:
+                raise FormatError(f"metadata {TREE_KEY}: no tensor named {v!r}")
+            return tensors[v]
+        if tag == "tuple":
+            return tuple(build(x, (*path, k)) for k, x in enumerate(v))
+        if tag == "float":
+            if v not in ("nan", "inf", "-inf"):
+                raise ValueError(f"float {v!r}")
+            return float(v)
+        if tag == "dropped":
+            dropped.append(f"{'.'.join(map(str, path))} ({v})")
+            return None
+        if tag == "dict":
+            out = {}
+            for key, x in v:
+                key = build(key, ())
+                value = build(x, (*path, key))
+                if not (isinstance(x, dict) and "dropped" in x):
+                    out[key] = value
+            return out
+        raise ValueError(f"unknown node {tag!r}")
+
+    try:
+        return build(json.loads(text), ()), dropped
+    except FormatError:
+        raise
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+        raise FormatError(f"metadata {TREE_KEY}: not a checkpoint tree ({str(exc)[:100] or type(exc).__name__})") \
+            from None
+
+
+def _refusal(path: str | os.PathLike[str], exc: BaseException) -> str:
+    """Our one-line message for a file ``torch.load(weights_only=True)`` refuses (never torch's advice)."""
+    with builtins.open(path, "rb") as f:
+        head = f.read(4)
+    accepts = ("jwt reads a .pt/.pth state_dict or checkpoint dict of tensors, a .safetensors file, "
+               "or a model folder")
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        return f"{path}: not a PyTorch file (neither torch.save's zip format nor a pickle); {accepts}"
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    if found:
+        return (f"{path}: holds Python objects of type {found.group(1)}, which jwt does not unpickle "
+                f"(it loads {_SAFE_TYPES} only); {accepts}")
+    return (f"{path}: not a PyTorch file jwt can read without running code (the safe loader stopped: "
+            f"{type(exc).__name__}); {accepts}")
+
+
+def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """Read a .pt/.pth state_dict or checkpoint dict without unpickling code: ``(tensors, metadata, dropped)``.
+
+    Uses ``torch.load(weights_only=True)``, then :func:`flatten_checkpoint`.
+    ``mmap`` maps the tensors from the file instead of reading them
+    (zip-format files only). A file torch refuses, one that is not a dict
+    or one without tensors is an :class:`~codec.errors.EncodeError` naming it.
     """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols are not the user's business
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise
     except Exception as exc:  # torch raises many types for foreign or malicious files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EncodeError(f"{path}: not a weights-only PyTorch checkpoint ({first[:200]})") from None
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
-            inner = obj.get(key)
-            if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
-                obj = inner
-                break
+        raise EncodeError(_refusal(path, exc)) from None
     if not isinstance(obj, Mapping):
-        raise EncodeError(f"{path}: holds a {type(obj).__name__}, not a state_dict (a dict of tensors)")
-    out: dict[str, torch.Tensor] = {}
-    skipped = []
-    for key, value in obj.items():
-        if isinstance(key, str) and isinstance(value, torch.Tensor):
-            out[key] = value
-        else:
-            skipped.append(repr(key))
-    if skipped:
-        warnings.warn(f"{path}: skipped {len(skipped)} non-tensor entries: {', '.join(skipped[:10])}", stacklevel=2)
-    if not out:
+        raise EncodeError(f"{path}: holds a {type(obj).__name__}, not a state_dict or checkpoint dict of tensors")
+    tensors, meta, dropped = flatten_checkpoint(obj)
+    if not tensors:
         raise EncodeError(f"{path}: holds no tensors")
-    return out
+    return tensors, meta, dropped
+
+
+def dropped_note(where: str, dropped: Sequence[str]) -> str:
+    """The warning for checkpoint leaves :func:`flatten_checkpoint` could not keep."""
+    return (f"{where}: cannot keep {len(dropped)} entries that are not {_SAFE_TYPES}: {', '.join(dropped[:10])}"
+            f"{', ...' if len(dropped) > 10 else ''} (marked as dropped in the metadata key {TREE_KEY})")
+
+
+def read_state_dict(path: str | os.PathLike[str], *, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of a .pt/.pth state_dict or checkpoint dict, by dotted name (see :func:`read_checkpoint`).
+
+    Leaves that are neither tensors nor kept by the tree are named in a warning.
+    """
+    tensors, _, dropped = read_checkpoint(path, mmap=mmap)
+    if dropped:
+        warnings.warn(dropped_note(str(path), dropped), stacklevel=2)
+    return tensors

@@ -59,11 +59,11 @@ import torch
 
 from . import api
 from .dtypes import get_dtype
-from .errors import EncodeError, FormatError
+from .errors import EncodeError, FormatError, UsageError
 from .format import MAGIC, attachment_name_error
 from .limits import DEFAULT_LIMITS, Limits
 from .reader import Reader
-from .writer import atomic_output, current_umask
+from .writer import atomic_output, current_umask, output_error
 
 __all__ = [
     "SOURCE_FORMAT_KEY",
@@ -75,6 +75,7 @@ __all__ = [
     "open_source",
     "read_tensors",
     "encode_model",
+    "encode_output",
     "output_format",
     "default_output",
     "decode_model",
@@ -260,9 +261,11 @@ def _open_safetensors(files: list[Path], closers: list[Callable[[], None]]) -> t
     return LazyTensors(info, load), metadata
 
 
-def _read_pt(path: Path) -> dict[str, torch.Tensor]:
-    """A .pt state_dict, memory-mapped when the file is in torch's zip format."""
-    return api.read_state_dict(path, mmap=zipfile.is_zipfile(path))
+def _read_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """A .pt state_dict or checkpoint dict, memory-mapped when the file is in torch's zip format:
+    ``(tensors, tree metadata, notes)`` (see :func:`codec.api.read_checkpoint`)."""
+    tensors, tree, dropped = api.read_checkpoint(path, mmap=zipfile.is_zipfile(path))
+    return tensors, tree, [api.dropped_note(str(path), dropped)] if dropped else []
 
 
 def _shards(index_file: Path) -> list[Path]:
@@ -279,14 +282,32 @@ def _shards(index_file: Path) -> list[Path]:
     return [index_file.parent / name for name in files]
 
 
+def _leaves_folder(root: Path, path: Path) -> Path | None:
+    """Where ``path`` leads if it is a symbolic link (or under one) resolving outside ``root``, else None.
+
+    Allowed: targets inside ``root``, and for a Hugging Face cache snapshot
+    (``.../snapshots/REVISION/``, whose files are links) the cache's ``blobs`` folder.
+    """
+    top, target = root.resolve(), path.resolve()
+    allowed = [top]
+    if top.parent.name == "snapshots":
+        allowed.append(top.parent.parent / "blobs")
+    return None if any(a in target.parents for a in allowed) else target
+
+
 def _folder_weights(root: Path) -> tuple[str, list[Path]]:
-    """(kind, files) of the model weights at the top of a folder."""
+    """(kind, files) of the model weights at the top of a folder (links out of it are refused)."""
     for kind, single, index in (("safetensors", "model.safetensors", "model.safetensors.index.json"),
                                 ("pt", "pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if (root / single).is_file():
-            return kind, [root / single]
-        if (root / index).is_file():
-            return kind, [root / index, *_shards(root / index)]
+        for found in (root / single, root / index):
+            if found.is_file():
+                files = [found] if found.name == single else [found, *_shards(found)]
+                for file in files:
+                    target = _leaves_folder(root, file)
+                    if target is not None:
+                        raise EncodeError(f"{file}: a symbolic link out of the model folder (to {target}); "
+                                          "not followed (copy the file into the folder)")
+                return kind, files
     raise EncodeError(f"{root}: no model weights in the folder (model.safetensors, model.safetensors.index.json, "
                       "pytorch_model.bin or pytorch_model.bin.index.json)")
 
@@ -317,6 +338,10 @@ def _folder_attachments(root: Path, used: set[Path]) -> tuple[dict[str, Path], l
             if not path.is_file():
                 notes.append(f"{name}: left out (not a regular file)")
                 continue
+            target = _leaves_folder(root, path) if path.is_symlink() else None
+            if target is not None:
+                notes.append(f"{name}: left out (a symbolic link out of the folder, to {target}; not followed)")
+                continue
             problem = attachment_name_error(name)
             if problem:
                 raise EncodeError(f"{path}: cannot be carried as an attachment: its name {problem}")
@@ -332,7 +357,8 @@ def open_source(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS
     fmt = detect_format(p)
     closers: list[Callable[[], None]] = []
     if fmt == "pt":
-        return Source(p, fmt, _read_pt(p), metadata={SOURCE_FORMAT_KEY: "pt"})
+        tensors, tree, notes = _read_pt(p)
+        return Source(p, fmt, tensors, metadata={SOURCE_FORMAT_KEY: "pt", **tree}, notes=notes)
     if fmt == "safetensors":
         tensors, st_meta = _open_safetensors([p], closers)
         return Source(p, fmt, tensors, metadata=_source_meta(fmt, st_meta), closers=closers)
@@ -342,17 +368,24 @@ def open_source(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS
         return Source(p, fmt, LazyTensors(info, f.get), closers=[f.close])
     kind, files = _folder_weights(p)
     st_meta: dict[str, str] = {}
+    notes: list[str] = []
     if kind == "safetensors":
         tensors, st_meta = _open_safetensors([f for f in files if f.suffix == ".safetensors"], closers)
     else:
         tensors = {}
         for file in files:
             if file.suffix != ".json":
-                for name, t in _read_pt(file).items():
+                shard, tree, shard_notes = _read_pt(file)
+                notes += shard_notes
+                if tree:
+                    notes.append(f"{file.name}: a checkpoint dict, not a state_dict: its tensors are kept under "
+                                 "dotted names, its other entries and nesting are not (encode the file alone)")
+                for name, t in shard.items():
                     if name in tensors:
                         raise EncodeError(f"{file}: tensor {name!r} is in two shards")
                     tensors[name] = t
-    attachments, notes = _folder_attachments(p, set(files))
+    attachments, left_out = _folder_attachments(p, set(files))
+    notes += left_out
     return Source(p, "folder", tensors, attachments, _source_meta("folder", st_meta), notes, closers)
 
 
@@ -371,18 +404,40 @@ def read_tensors(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMIT
         return dict(src.tensors.items())
 
 
+def encode_output(source: str | os.PathLike[str], output: str | os.PathLike[str] | None = None) -> Path:
+    """Where encoding ``source`` writes: ``output``, or inside it when it is a folder.
+
+    The .jwt is named after the input (``mid.pt`` -> ``mid.jwt``, a folder
+    ``bert/`` -> ``bert.jwt``). Without ``output`` it goes beside the input;
+    an ``output`` that is an existing folder or ends in ``/`` gets it inside
+    (the folder is created if missing).
+    """
+    src = Path(source)
+    name = (src.resolve().name + ".jwt") if src.is_dir() else src.with_suffix(".jwt").name
+    if output is None:
+        return src.parent / name
+    text = os.fspath(output)
+    if text.endswith(("/", os.sep)) or os.path.isdir(text):
+        os.makedirs(text, exist_ok=True)
+        return Path(text) / name
+    return Path(text)
+
+
 def encode_model(source: str | os.PathLike[str], dest: str | os.PathLike[str] | BinaryIO, *,
                  metadata: Mapping[str, str] | None = None, **options: Any) -> list[str]:
     """Encode a .pt/.safetensors file or a model folder to a .jwt (attachments included).
 
-    ``options`` are :func:`codec.save`'s. Stores ``source`` (the input's
-    name) and the reserved ``jwt.*`` keys in the metadata. Returns notes
-    (what was left out of a folder, tensors kept lossless).
+    ``options`` are :func:`codec.save`'s. ``dest`` may be a folder (see
+    :func:`encode_output`). Stores ``source`` (the input's name, unless
+    ``metadata`` gives one) and the reserved ``jwt.*`` keys in the metadata.
+    Returns notes (what was left out of a folder, tensors kept lossless).
     """
+    if isinstance(dest, (str, os.PathLike)):
+        dest = encode_output(source, dest)
     with open_source(source) as src:
         if src.format == "jwt":
             raise EncodeError(f"{source}: is already a .jwt file")
-        meta = {**(metadata or {}), "source": Path(source).name, **src.metadata}
+        meta = {**(metadata or {}), "source": (metadata or {}).get("source", Path(source).name), **src.metadata}
         notes = list(src.notes)
         notes += api.save(src.tensors, dest, metadata=meta, attachments=src.attachments, **options)
     return notes
@@ -401,16 +456,28 @@ def output_format(path: str | os.PathLike[str]) -> str:
         return "pt"
     if suffix == ".safetensors":
         return "safetensors"
-    raise EncodeError(f"{p}: unknown output type {suffix!r} (use .pt, .pth, .safetensors, or a folder ending in /)")
+    raise UsageError(f"{p}: unknown output type {suffix!r} (use .pt, .pth, .safetensors, or a folder ending in /)")
 
 
-def default_output(jwt_path: str | os.PathLike[str], metadata: Mapping[str, str]) -> Path:
-    """Where ``jwt decode`` writes without ``-o``: the kind of the original input, beside the .jwt."""
+def default_output(jwt_path: str | os.PathLike[str], metadata: Mapping[str, str], *, fresh: bool = True) -> Path:
+    """Where ``jwt decode`` writes without ``-o``: the kind of the original input, beside the .jwt.
+
+    ``mid.jwt`` -> ``mid.pt`` (``mid.safetensors``, or the folder ``mid``);
+    with ``fresh``, when that exists (typically the file the .jwt was made
+    from), the first of ``mid.decoded.pt``, ``mid.decoded-2.pt``, ... that
+    does not, so a default output never replaces a file or folder.
+    """
     p = Path(jwt_path)
     kind = metadata.get(SOURCE_FORMAT_KEY)
     if kind == "folder":
-        return p.with_suffix("") if p.suffix else p.with_name(p.name + ".out")
-    return p.with_suffix(".safetensors" if kind == "safetensors" else ".pt")
+        stem, suffix = (p.with_suffix("") if p.suffix else p.with_name(p.name + ".out")), ""
+    else:
+        stem, suffix = p.with_suffix(""), ".safetensors" if kind == "safetensors" else ".pt"
+    candidate, n = stem.with_name(stem.name + suffix), 1
+    while fresh and os.path.lexists(candidate):
+        candidate = stem.with_name(f"{stem.name}.decoded{'' if n == 1 else f'-{n}'}{suffix}")
+        n += 1
+    return candidate
 
 
 def _safetensors_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
@@ -439,10 +506,10 @@ def write_safetensors(reader: Reader, out: BinaryIO, *, aliases: str = "clone",
     (``"drop"``). Returns notes.
     """
     if aliases not in ("clone", "drop"):
-        raise EncodeError(f"aliases={aliases!r}: use 'clone' or 'drop'")
+        raise UsageError(f"aliases={aliases!r}: use 'clone' or 'drop'")
     entries = [e for e in reader.index.entries if aliases == "clone" or e.alias is None]
     if any(e.name == "__metadata__" for e in entries):  # the header's own key: the file would not load
-        raise EncodeError("a tensor named '__metadata__' cannot be stored in a safetensors file; decode to .pt")
+        raise UsageError("a tensor named '__metadata__' cannot be stored in a safetensors file; decode to .pt")
     header: dict[str, Any] = {"__metadata__": _safetensors_metadata(reader.metadata)}
     offsets: dict[str, int] = {}
     position = 0
@@ -490,14 +557,14 @@ def _attachment_path(root: Path, name: str) -> Path:
 def _write_folder(f: api.JwtFile, output: Path, aliases: str, progress: Callable[[str, int], None] | None) -> list[str]:
     if output.exists():
         if not output.is_dir():
-            raise EncodeError(f"{output}: exists and is not a folder")
+            raise UsageError(f"{output}: exists and is not a folder")
         if any(output.iterdir()):
-            raise EncodeError(f"{output}: folder exists and is not empty; refusing to overwrite it")
+            raise UsageError(f"{output}: folder exists and is not empty; refusing to overwrite it")
     parent = output.absolute().parent
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
     except OSError as exc:  # name the folder the user asked for, not the temporary one
-        raise type(exc)(exc.errno, f"cannot write here ({exc.strerror})", str(output)) from None
+        raise output_error(exc, output) from None
     try:
         with open(tmp / WEIGHTS_FILE, "wb") as out:
             notes = write_safetensors(f.reader, out, aliases=aliases, progress=progress)
@@ -514,7 +581,10 @@ def _write_folder(f: api.JwtFile, output: Path, aliases: str, progress: Callable
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
         os.chmod(tmp, 0o777 & ~current_umask())
-        os.rename(tmp, output)
+        try:
+            os.rename(tmp, output)
+        except OSError as exc:
+            raise output_error(exc, output) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -535,20 +605,25 @@ def decode_model(source: str | os.PathLike[str] | BinaryIO | bytes, output: str 
     with api.open(source, limits=limits) as f:
         if name:
             f.reader.name = name
+        tree = [] if api.TREE_KEY not in f.metadata else [
+            f"the checkpoint's nesting and non-tensor entries are restored in a .pt output only; the tensors are "
+            f"written under dotted names (e.g. {next(iter(f.keys()), '')!r})"]
         if fmt == "folder":
-            return _write_folder(f, out_path, aliases, progress)
+            return tree + _write_folder(f, out_path, aliases, progress)
         if fmt == "safetensors":
             with atomic_output(out_path) as out:
-                notes = write_safetensors(f.reader, out, aliases=aliases, progress=progress)
+                notes = tree + write_safetensors(f.reader, out, aliases=aliases, progress=progress)
         else:
             state_dict = {}
             for key, tensor in f.items():
                 state_dict[key] = tensor
                 if progress:
                     progress(key, tensor.numel())
-            notes = []
+            checkpoint, dropped = api.unflatten_checkpoint(state_dict, f.metadata)
+            notes = [f"{len(dropped)} checkpoint entries were dropped at encoding and are not restored: "
+                     f"{', '.join(dropped[:10])}{', ...' if len(dropped) > 10 else ''}"] if dropped else []
             with atomic_output(out_path) as out:
-                torch.save(state_dict, out)
+                torch.save(checkpoint, out)
         if f.reader.attachments:
             if not f.reader.seekable:
                 for _ in f.reader.iter_attachments():  # verify them and the end of the stream
@@ -564,7 +639,8 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, strict: b
     """Load the weights of ``path`` (.jwt, .pt, .safetensors or a model folder) into ``model``.
 
     Uses ``model.load_state_dict(state_dict, strict=strict)`` and returns its
-    result, a named tuple ``(missing_keys, unexpected_keys)``; with
+    result (from a checkpoint dict, the weights under ``state_dict`` or
+    ``model`` when they hold every key of the model), a named tuple ``(missing_keys, unexpected_keys)``; with
     ``strict=True`` a mismatch raises ``RuntimeError`` as torch does.
     Tensors are decoded onto the device of the model's first parameter.
     """
@@ -575,4 +651,11 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, strict: b
         state_dict = api.load(path, limits=limits, device=device)
     else:
         state_dict = read_tensors(path)
+    wanted = set(model.state_dict())
+    if not wanted <= set(state_dict):  # a checkpoint dict: its weights under 'state_dict.' or 'model.'
+        for prefix in ("state_dict.", "model."):
+            inner = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            if inner and wanted <= set(inner):
+                state_dict = inner
+                break
     return model.load_state_dict(state_dict, strict=strict)

@@ -143,13 +143,13 @@ def test_failed_save_leaves_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_read_state_dict_unwraps_checkpoints_and_skips_non_tensors(tmp_path):
-    """Checkpoints holding 'state_dict' or 'model' are unwrapped; other values are skipped with a warning."""
+def test_read_state_dict_flattens_checkpoints_and_warns_about_what_it_cannot_keep(tmp_path):
+    """A checkpoint's tensors come back under dotted names; a value the tree cannot keep is named in a warning."""
     sd = {"w": torch.randn(3, 3), "step": 5}
-    torch.save({"model": sd, "epoch": 3}, tmp_path / "ckpt.pt")
-    with pytest.warns(UserWarning, match="'step'"):
+    torch.save({"model": sd, "epoch": 3, "raw": b"bytes"}, tmp_path / "ckpt.pt")
+    with pytest.warns(UserWarning, match=r"raw \(bytes\)"):
         out = read_state_dict(tmp_path / "ckpt.pt")
-    assert list(out) == ["w"]
+    assert list(out) == ["model.w"] and torch.equal(out["model.w"], sd["w"])
 
 
 def test_read_state_dict_refuses_non_weights(tmp_path):

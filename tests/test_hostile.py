@@ -622,16 +622,21 @@ def test_encode_refuses_a_jwt_given_as_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["model.jwt"]
 
 
-def test_checkpoint_non_tensor_entries_are_skipped_with_a_warning(tmp_path):
-    """A training checkpoint's non-tensor entries are skipped with a warning naming them; tensors round trip."""
+def test_checkpoint_entries_are_kept_and_what_cannot_be_is_named_in_a_warning(tmp_path):
+    """A training checkpoint keeps nested tensors (dotted names) and plain values; a set is named in a warning."""
     weights = {"w": torch.randn(3, 4), "step": 7, 3: torch.zeros(2), "nested": {"a": torch.ones(1)}, "note": "x"}
     src = tmp_path / "ckpt.pt"
-    torch.save({"model": weights, "optimizer": {"lr": 0.1}, "epoch": 3}, src)
+    torch.save({"model": weights, "optimizer": {"lr": 0.1}, "epoch": 3, "seen": {1, 2}}, src)
     result = run("encode", src, "-o", tmp_path / "ckpt.jwt", "-q")
     assert result.exit_code == 0, result.output
-    assert "jwt: warning:" in result.stderr and "'step'" in result.stderr and "'nested'" in result.stderr
+    assert "jwt: warning:" in result.stderr and "seen (set)" in result.stderr
     back = codec.load(tmp_path / "ckpt.jwt")
-    assert list(back) == ["w"] and torch.equal(back["w"], weights["w"])
+    assert list(back) == ["model.w", "model.3", "model.nested.a"] and torch.equal(back["model.w"], weights["w"])
+    assert run("decode", tmp_path / "ckpt.jwt", "-o", tmp_path / "back.pt").exit_code == 0
+    restored = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert restored["epoch"] == 3 and restored["optimizer"] == {"lr": 0.1} and "seen" not in restored
+    assert restored["model"]["step"] == 7 and restored["model"]["note"] == "x"
+    assert torch.equal(restored["model"][3], weights[3]) and torch.equal(restored["model"]["nested"]["a"], torch.ones(1))
 
 
 @pytest.mark.parametrize("obj, words", [

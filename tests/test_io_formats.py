@@ -153,7 +153,7 @@ def test_load_casts_floating_tensors_only_and_keeps_aliases_shared(tmp_path):
     assert {k: v.dtype for k, v in out.items()} == {**{k: torch.float16 for k in src}, "ids": torch.int64}
     assert out["tied"] is out["w32"]
     assert codec.load(tmp_path / "m.jwt", dtype="bfloat16")["w16"].dtype == torch.bfloat16
-    with pytest.raises(EncodeError, match="not a floating"):
+    with pytest.raises(codec.UsageError, match="floating"):
         codec.load(tmp_path / "m.jwt", dtype=torch.int32)
 
 
