@@ -48,6 +48,17 @@ def is_url(text: str) -> bool:
     return _is_url(text)
 
 
+def check_input(path: str, *, folder_ok: bool = False, what: str = "a .jwt file") -> None:
+    """Fail (exit 1) naming ``path`` when it is neither a URL nor an existing file (or folder, if ``folder_ok``)."""
+    if is_url(path):
+        return
+    p = Path(path)
+    if p.is_dir() and not folder_ok:
+        raise fail(f"{path}: is a folder, not {what}")
+    if not p.exists():
+        raise fail(f"{path}: no such file" + (" or folder" if folder_ok else ""))
+
+
 def fail(message: str) -> click.ClickException:
     """A one-line error that exits with status 1."""
     return click.ClickException(message.splitlines()[0] if message else "failed")
@@ -62,6 +73,8 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except click.ClickException:
             raise
+        except BrokenPipeError:
+            closed_stdout()
         except JwtError as exc:
             raise fail(str(exc)) from None
         except OSError as exc:
@@ -74,6 +87,24 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             raise fail("out of memory") from None
 
     return wrapper
+
+
+#: Exit status after stdout was closed by the reader (``jwt info x.jwt | head -3``): 128 + SIGPIPE, what
+#: a Unix tool killed by SIGPIPE reports; nothing is printed.
+EXIT_CLOSED_PIPE = 141
+
+
+def closed_stdout() -> None:
+    """Exit quietly because the reader of stdout went away (as ``cat`` or ``ls`` do under ``| head``).
+
+    stdout is pointed at /dev/null first, so the interpreter's final flush does not fail again.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (e.g. a captured stdout)
+        pass
+    sys.exit(EXIT_CLOSED_PIPE)
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import fail, handle_errors
+from .common import check_input, fail, handle_errors
 
 
 def _shape(shape) -> str:
@@ -20,8 +20,10 @@ def compare(a, b) -> tuple[float, float, float, float]:
     import torch
 
     a, b = a.detach().to("cpu").double().reshape(-1), b.detach().to("cpu").double().reshape(-1)
+    both_nan = torch.isnan(a) & torch.isnan(b)
     d = torch.where(a == b, torch.zeros_like(a), b - a)
-    d = torch.where(torch.isnan(a) & torch.isnan(b), torch.zeros_like(d), d)
+    d = torch.where(both_nan, torch.zeros_like(d), d)
+    a = torch.where(both_nan, torch.zeros_like(a), a)  # a NaN kept as NaN adds nothing to either norm
     if d.numel() == 0:
         return 0.0, 0.0, 0.0, 0
     return float((d * d).sum()), float((a * a).sum()), float(d.abs().max()), d.numel()
@@ -33,28 +35,41 @@ def _relative(err2: float, ref2: float) -> float:
     return 0.0 if err2 == 0 else math.inf
 
 
-def _jwt_costs(source) -> dict[str, tuple[str, float | None, int]] | None:
-    """name -> (codec, bits/weight, stored bytes) for a .jwt source, from its index; None for other formats."""
+def _jwt_costs(source) -> tuple[dict[str, tuple[str, float | None, int]], int] | None:
+    """(name -> (codec, bits/weight, stored bytes), file bytes) for a .jwt source, from its index; None for
+    other formats."""
     if source.format != "jwt":
         return None
-    from codec import api
+    from codec.reader import Reader
 
-    with api.open(source.path) as f:
+    with Reader(str(source.path)) as reader:
         out = {}
-        for e in f.reader.index.entries:
+        for e in reader.index.entries:
             if e.alias is not None:
                 out[e.name] = (f"={e.alias}", None, 0)
             else:
                 out[e.name] = (e.codec.codec_id, 8 * e.stored_bytes / e.numel if e.numel else 0.0, e.stored_bytes)
-        return out
+        return out, reader.size
 
 
-def diff_models(path_a: Path, path_b: Path) -> dict:
+def finite_json(value):
+    """``value`` with every NaN or infinite float replaced by None (JSON has neither; spec/cli.md: null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def diff_models(path_a: str | Path, path_b: str | Path) -> dict:
     """The ``--json`` document: per-tensor errors of B against A, costs of the .jwt side(s), totals."""
     from codec import io_formats
 
     with io_formats.open_source(path_a) as src_a, io_formats.open_source(path_b) as src_b:
-        costs = {"a": _jwt_costs(src_a), "b": _jwt_costs(src_b)}
+        jwt_sides = {"a": _jwt_costs(src_a), "b": _jwt_costs(src_b)}
+        costs = {side: None if found is None else found[0] for side, found in jwt_sides.items()}
         names_a, names_b = list(src_a.tensors), set(src_b.tensors)
         rows = []
         tot_err2 = tot_ref2 = tot_max = 0.0
@@ -84,8 +99,7 @@ def diff_models(path_a: Path, path_b: Path) -> dict:
         for side, cost in costs.items():
             if cost is not None:
                 totals[f"bits_per_weight_{side}"] = 8 * tot_bytes[side] / tot_numel[side] if tot_numel[side] else 0.0
-                path = src_a.path if side == "a" else src_b.path
-                totals[f"file_bytes_{side}"] = path.stat().st_size
+                totals[f"file_bytes_{side}"] = jwt_sides[side][1]
         return {"schema_version": 1, "a": str(path_a), "b": str(path_b), "tensors": rows,
                 "only_in_a": [n for n in names_a if n not in names_b],
                 "only_in_b": [n for n in src_b.tensors if n not in set(names_a)], "totals": totals}
@@ -141,14 +155,16 @@ def table(doc: dict) -> list[str]:
 
 
 @click.command()
-@click.argument("a", type=click.Path(path_type=Path))
-@click.argument("b", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON document for scripts (spec/cli.md).")
+@click.argument("a", type=str)
+@click.argument("b", type=str)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document for scripts (spec/cli.md): valid "
+              "JSON, NaN and infinite values as null.")
 @handle_errors
-def diff(a: Path, b: Path, as_json: bool) -> None:
+def diff(a: str, b: str, as_json: bool) -> None:
     """Compare two models tensor by tensor: relative and max error of B against A.
 
-    A and B are each a .pt, .safetensors, .jwt file or a model folder.
+    A and B are each a .pt, .safetensors, .jwt file, a model folder or
+    the http(s):// URL of a .jwt file.
     The relative error is ||B - A|| / ||A|| per tensor, and over all
     tensors in the total line; bits/weight is the stored cost of a .jwt
     side, from its index.
@@ -159,14 +175,10 @@ def diff(a: Path, b: Path, as_json: bool) -> None:
       jwt diff all-MiniLM-L6-v2/ minilm.jwt
     """
     for p in (a, b):
-        if not p.exists():
-            raise fail(f"{p}: no such file")
+        check_input(p, folder_ok=True, what="a model")
     doc = diff_models(a, b)
     if as_json:
-        for row in [*doc["tensors"], doc["totals"]]:  # JSON has no infinity: an all-zero reference gives null
-            if isinstance(row.get("rel_error"), float) and math.isinf(row["rel_error"]):
-                row["rel_error"] = None
-        click.echo(json.dumps(doc, indent=1, ensure_ascii=False))
+        click.echo(json.dumps(finite_json(doc), indent=1, ensure_ascii=False, allow_nan=False))
         return
     if not doc["tensors"]:
         raise fail(f"{a} and {b} have no tensor name in common")

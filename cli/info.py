@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from pathlib import Path
 
 import click
 
-from .common import fail, handle_errors, is_url
+from .common import check_input, handle_errors
 
 #: Version of the ``--json`` document (spec/cli.md): raised only for a change that is not an addition.
 SCHEMA_VERSION = 1
@@ -66,8 +65,7 @@ def info(input: str, as_json: bool) -> None:
     from codec.reader import Reader
     from codec.stats import file_totals
 
-    if not is_url(input) and not Path(input).is_file():
-        raise fail(f"{input}: no such file")
+    check_input(input)
     with Reader(input) as reader:
         doc = describe(reader)
     if as_json:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
+import urllib.parse
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import numpy as np
 
-from codec.tiling import Tiling, plan_tiling
+from .common import check_input, fail, handle_errors, is_url
 
-from .common import fail, handle_errors
+if TYPE_CHECKING:  # numpy and codec.tiling are imported when the command runs, not for ``jwt --help``
+    import numpy as np
+
+    from codec.tiling import Tiling
 
 #: Tile used to cut losslessly stored tensors for display.
 DISPLAY_TILE = 64
@@ -44,12 +50,16 @@ def matrix_view(values: np.ndarray) -> np.ndarray:
 
 def tile_view(entry, matrix: np.ndarray) -> Tiling:
     """The stored tiling of a lossy entry, or a display grid of 64x64 tiles for a lossless one."""
+    from codec.tiling import plan_tiling
+
     t = getattr(entry, "tiling", None)
     return t if t is not None else plan_tiling(*matrix.shape, (DISPLAY_TILE, DISPLAY_TILE), None)
 
 
 def rel_error(decoded: np.ndarray, original: np.ndarray) -> float:
     """||decoded - original|| / ||original|| (the absolute norm when the original is all zero)."""
+    import numpy as np
+
     err = float(np.linalg.norm((decoded - original).ravel()))
     ref = float(np.linalg.norm(original.ravel()))
     return err / ref if ref else err
@@ -62,6 +72,8 @@ def _as_float64(tensor) -> np.ndarray:
 def _mosaic(tiles: list[np.ndarray], shape: tuple[int, int], cols: int, scales: list[tuple[float, float]] | None,
             symmetric: bool = False) -> np.ndarray:
     """Tiles on a grid with 1-pixel gaps (NaN); each scaled by its (low, high) to 0..1, or to -1..1."""
+    import numpy as np
+
     th, tw = shape
     n_rows = -(-len(tiles) // cols)
     out = np.full((n_rows * (th + 1) - 1, cols * (tw + 1) - 1), np.nan)
@@ -75,13 +87,58 @@ def _mosaic(tiles: list[np.ndarray], shape: tuple[int, int], cols: int, scales: 
     return out
 
 
+#: Picture formats ``-o`` may name, by suffix (matplotlib writes JPEG through Pillow); no suffix: PNG.
+IMAGE_FORMATS = {"": "png", ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".pdf": "pdf", ".svg": "svg"}
+#: Fonts tried after matplotlib's default for characters it lacks (CJK, emoji), where installed.
+FALLBACK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Source Han Sans", "WenQuanYi Zen Hei",
+                  "Droid Sans Fallback", "AR PL UMing CN", "Noto Color Emoji", "Noto Emoji", "Symbola")
+
+
+def image_format(output: Path) -> str:
+    """matplotlib's format name for ``output``'s suffix; a usage error for a suffix it cannot mean."""
+    fmt = IMAGE_FORMATS.get(output.suffix.lower())
+    if fmt is None:
+        raise click.BadParameter(f"{str(output)!r}: cannot write a {output.suffix!r} picture (use "
+                                 f"{', '.join(s for s in IMAGE_FORMATS if s)})", param_hint="-o/--output")
+    return fmt
+
+
+def _use_fallback_fonts(matplotlib) -> None:
+    """Let text fall back to installed CJK / emoji fonts (matplotlib >= 3.6 takes a list of families)."""
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    extra = [name for name in FALLBACK_FONTS if name in installed]
+    if extra:
+        families = matplotlib.rcParams["font.sans-serif"]
+        matplotlib.rcParams["font.sans-serif"] = [*families[:1], *extra, *families[1:]]
+
+
 def render(name: str, title: str, view: Tiling, decoded: np.ndarray, original: np.ndarray | None,
            tile: int | None, count: int, output: Path) -> dict:
-    """Draw one tile (``tile``) or the first ``count`` tiles; write a PNG atomically; return the errors shown."""
+    """Draw one tile (``tile``) or the first ``count`` tiles; write the picture atomically (its format from
+    the suffix, :data:`IMAGE_FORMATS`); return the errors shown (and ``missing_glyphs`` when a character
+    of the title had no font: drawn as a box, without matplotlib's warnings)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    _use_fallback_fonts(matplotlib)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.filterwarnings("always", message=r"Glyph .* missing from")
+        facts = _draw(name, title, view, decoded, original, tile, count, output)
+    for w in caught:
+        if "missing from" in str(w.message):
+            facts["missing_glyphs"] = True
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return facts
+
+
+def _draw(name: str, title: str, view: Tiling, decoded: np.ndarray, original: np.ndarray | None,
+          tile: int | None, count: int, output: Path) -> dict:
+    """The figure of :func:`render`."""
     import matplotlib.pyplot as plt
+    import numpy as np
 
     from codec.writer import atomic_output
 
@@ -145,7 +202,7 @@ def render(name: str, title: str, view: Tiling, decoded: np.ndarray, original: n
     fig.suptitle(f"{heading}\n{title}", fontsize=9)
     fig.tight_layout()
     with atomic_output(output) as out:
-        fig.savefig(out, format="png", dpi=110)
+        fig.savefig(out, format=image_format(output), dpi=110)
     plt.close(fig)
     return facts
 
@@ -165,25 +222,45 @@ def describe_codec(entry) -> str:
     return f"{text}, {list(entry.shape)} {entry.dtype.name}, {bits:.3f} bits/weight"
 
 
-def _default_output(input: Path, tensor: str, tile: int | None) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", tensor).strip("._") or "tensor"
-    return input.with_name(f"{input.stem}.{safe}" + (f".tile{tile}" if tile is not None else "") + ".png")
+#: Longest part of a default output name taken from the input's or the tensor's name (file names are
+#: at most 255 bytes on common file systems); longer parts are cut and given a hash of the whole.
+NAME_PART = 80
+
+
+def _name_part(text: str, fallback: str) -> str:
+    """``text`` as a safe, bounded file name part: runs of characters other than ``[A-Za-z0-9_.-]`` become
+    ``_``; a part over :data:`NAME_PART` characters, or one that lost characters to the replacement (two
+    CJK names would otherwise collide), ends in a hash of ``text``."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._")
+    if safe and len(safe) <= NAME_PART and not re.sub(r"[A-Za-z0-9_./ :-]", "", text):
+        return safe  # ASCII names: fc1.weight, blocks/0/w
+    digest = hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{(safe or fallback)[: NAME_PART - 9]}-{digest}"
+
+
+def _default_output(input: str, tensor: str, tile: int | None) -> Path:
+    """``INPUT.TENSOR[.tileN].png`` beside a local INPUT, in the current folder for a URL."""
+    local = Path(urllib.parse.urlsplit(input).path if is_url(input) else input)
+    folder = Path(".") if is_url(input) else local.parent
+    stem = _name_part(local.stem, "model")
+    return folder / (f"{stem}.{_name_part(tensor, 'tensor')}" + (f".tile{tile}" if tile is not None else "") + ".png")
 
 
 @click.command()
-@click.argument("input", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("input", type=str)
 @click.argument("tensor")
 @click.option("--tile", "tile", type=click.IntRange(min=0), help="Show this tile alone (index in tile order). "
               "Default: an overview of the first --count tiles.")
 @click.option("--count", type=click.IntRange(1, 1024), default=64, show_default=True,
               help="Tiles in the overview.")
-@click.option("--original", type=click.Path(exists=True, path_type=Path),
-              help="The original weights (.pt, .safetensors, model folder or .jwt): adds the original and an "
-                   "error map.")
+@click.option("--original", type=str,
+              help="The original weights (.pt, .safetensors, model folder, .jwt or a .jwt URL): adds the original "
+                   "and an error map.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="PNG to write (default: INPUT.TENSOR[.tileN].png beside INPUT).")
+              help="Picture to write: .png, .jpg, .pdf or .svg (default: INPUT.TENSOR[.tileN].png beside INPUT, "
+                   "long or non-ASCII names shortened with a hash; for a URL, in the current folder).")
 @handle_errors
-def show(input: Path, tensor: str, tile: int | None, count: int, original: Path | None,
+def show(input: str, tensor: str, tile: int | None, count: int, original: str | None,
          output: Path | None) -> None:
     """Draw a tensor's tiles after decoding, as stored in the mosaic, into a PNG.
 
@@ -193,17 +270,21 @@ def show(input: Path, tensor: str, tile: int | None, count: int, original: Path 
     beside it, with the tile's relative error in the title. Without
     --tile, the first --count tiles are drawn as a grid, each scaled to its
     own range (as the codec maps each tile to its own pixel range).
+    INPUT is a .jwt file or an http(s):// URL of one.
 
     \b
     Examples:
       jwt show mlp.jwt fc1.weight --original mlp.pt -o fc1.png
-      jwt show mlp.jwt fc1.weight --tile 7 --original mlp.pt -o fc1_7.png
+      jwt show mlp.jwt fc1.weight --tile 7 --original mlp.pt -o fc1_7.jpg
     """
     from codec import io_formats
     from codec.api import JwtFile
 
-    if not input.is_file():
-        raise fail(f"{input}: no such file")
+    if output is not None:
+        image_format(output)  # a usage error before any work
+    check_input(input, folder_ok=False)
+    if original is not None:
+        check_input(original, folder_ok=True)
     with JwtFile(input) as f:
         f.reader.name = str(input)
         if tensor not in f:
@@ -213,7 +294,8 @@ def show(input: Path, tensor: str, tile: int | None, count: int, original: Path 
         entry = f.reader.entry(tensor)
         stored = f.reader.entry(entry.alias) if entry.alias else entry
         decoded = matrix_view(_as_float64(f.get(tensor)))
-        title = f"{input.name}: {describe_codec(entry)}"
+        title = f"{Path(urllib.parse.urlsplit(input).path).name if is_url(input) else Path(input).name}: " \
+                f"{describe_codec(entry)}"
     view = tile_view(stored, decoded)
     if tile is not None and tile >= view.n_tiles:
         raise click.BadParameter(f"{tile} is not a tile of {tensor!r}, which has {view.n_tiles} tiles "
@@ -233,3 +315,6 @@ def show(input: Path, tensor: str, tile: int | None, count: int, original: Path 
     what = f"tile {tile}" if tile is not None else f"first {min(count, view.n_tiles)} of {view.n_tiles} tiles"
     extra = f", relative error {facts['rel_error']:.2%}" if "rel_error" in facts else ""
     click.echo(f"{output}: {tensor}, {what}{extra}")
+    if facts.get("missing_glyphs"):
+        click.echo("jwt: note: no installed font has some characters of the names; they are drawn as boxes",
+                   err=True)

@@ -21,8 +21,6 @@ __version__ = "0.1.0"
 from .errors import (ChecksumError, EncodeError, FormatError, JwtError, LimitError, UnknownCodecError, UsageError,
                      VersionError)
 from .limits import DEFAULT_LIMITS, Limits
-from .reader import Reader
-from .tensorcodec import EncodeOptions
 
 __all__ = [
     "__version__",
@@ -32,6 +30,7 @@ __all__ = [
     "load_into",
     "encode_model",
     "decode_model",
+    "verify",
     "Reader",
     "EncodeOptions",
     "Limits",
@@ -48,7 +47,19 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """Import the torch edge lazily so numpy-only users never import torch."""
+    """Import lazily: numpy-only users never import torch, and ``jwt --version`` not even numpy."""
+    if name == "Reader":
+        from .reader import Reader
+
+        return Reader
+    if name == "verify":
+        from .check import verify
+
+        return verify
+    if name == "EncodeOptions":
+        from .tensorcodec import EncodeOptions
+
+        return EncodeOptions
     if name in ("save", "load", "open", "JwtFile", "read_state_dict"):
         from . import api
 

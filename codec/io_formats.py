@@ -63,6 +63,7 @@ from .errors import EncodeError, FormatError, UsageError
 from .format import MAGIC, attachment_name_error
 from .limits import DEFAULT_LIMITS, Limits
 from .reader import Reader
+from .sources import is_url
 from .writer import atomic_output, current_umask, output_error
 
 __all__ = [
@@ -350,7 +351,12 @@ def _folder_attachments(root: Path, used: set[Path]) -> tuple[dict[str, Path], l
 
 
 def open_source(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) -> Source:
-    """Open a model input (.pt/.pth, .safetensors, a model folder, or a .jwt) for lazy reading."""
+    """Open a model input (.pt/.pth, .safetensors, a model folder, a .jwt, or a .jwt's http(s):// URL) for
+    lazy reading."""
+    if is_url(path):  # only .jwt files are read over HTTP; a URL is no Path ("http:/host")
+        f = api.open(path, limits=limits)
+        info = {e.name: (e.shape, e.dtype.name) for e in f.reader.index.entries}
+        return Source(path, "jwt", LazyTensors(info, f.get), closers=[f.close])  # type: ignore[arg-type]
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(2, "no such file or folder", str(p))
@@ -398,7 +404,7 @@ def _source_meta(fmt: str, st_meta: dict[str, str]) -> dict[str, str]:
 
 def read_tensors(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) -> dict[str, torch.Tensor]:
     """Every tensor of a .jwt, .pt, .safetensors file or model folder, as a state_dict."""
-    if detect_format(path) == "jwt":
+    if is_url(path) or detect_format(path) == "jwt":
         return api.load(path, limits=limits)
     with open_source(path) as src:
         return dict(src.tensors.items())

@@ -8,9 +8,13 @@ blobs; ``codec.load(url)`` streams the data section in one response while
 the decoding threads work on the tensors already received.
 
 A server that ignores ``Range`` answers the first request with the whole
-file (status 200): the source then becomes a plain stream over that
-response, so everything still decodes in file order (``codec.load``,
-``jwt decode``), and asking for a tensor out of order is a clear error.
+file (status 200): the source then reads that response front to back,
+skipping what it is not asked for, so everything decodes in file order
+(``codec.load``, ``jwt decode``) from that one response; asking for bytes
+behind the position starts the download again (a new GET) and skips
+forward, so ``get(name)`` works in any order (each step back costs a
+download up to that tensor). The ``Content-Length`` of the answer is the
+file size, so a truncated file is refused when opened, as a local one is.
 When the server sends a strong ``ETag``, later requests carry it in
 ``If-Range``, so a file replaced on the server mid-read is an error, never
 a mix of two files (the CRCs would catch most mixes anyway).
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 import urllib.error
 import urllib.request
 from typing import Any
@@ -50,7 +55,7 @@ class HttpSource:
     """A .jwt file behind an HTTP(S) URL, read with Range requests."""
 
     sequential_hint = True
-    not_seekable_reason = "the server does not support HTTP Range requests"
+    random_access = True
 
     def __init__(self, url: str, *, timeout: float | None = None, prefetch: int = PREFETCH,
                  headers: dict[str, str] | None = None):
@@ -59,8 +64,13 @@ class HttpSource:
         self._headers = dict(headers or {})
         self._etag: str | None = None
         self._head = b""
-        self._stream: Any = None
-        self.random_access = True
+        #: Without Range support: the open 200 response, the offset of its next byte, and a lock (read_at is
+        #: called from several threads).
+        self.ranges = True
+        self._stream: _Body | None = None
+        self._stream_pos = 0
+        self._lock = threading.Lock()
+        self._length: str | None = None
         self.size: int | None = None
         response = self._request(0, max(prefetch, 32) - 1)
         if response is None:  # 416: the file is empty
@@ -75,10 +85,12 @@ class HttpSource:
             self._head = self._read_body(response, last + 1)
             etag = response.headers.get("ETag")
             self._etag = etag if etag and not etag.startswith("W/") else None
-        else:  # 200: the whole file follows; read it as a stream
-            self.random_access = False
-            length = response.headers.get("Content-Length")
-            self.size = int(length) if length and length.isdigit() else None
+        else:  # 200: the whole file follows; read it front to back
+            self.ranges = False
+            self._length = response.headers.get("Content-Length")
+            self.size = int(self._length) if self._length and self._length.isdigit() else None
+            etag = response.headers.get("ETag")
+            self._etag = etag if etag and not etag.startswith("W/") else None
             self._stream = _Body(response, url, self.timeout)
 
     # -- requests ---------------------------------------------------------
@@ -151,17 +163,62 @@ class HttpSource:
         length = end - offset
         if end <= len(self._head):
             return self._head[offset:end]
-        if not self.random_access:
-            raise RemoteError(f"{self.url}: {self.not_seekable_reason}")
+        if not self.ranges:
+            with self._lock:
+                stream = self._stream = self._whole_from(offset)
+                try:
+                    data = _read_upto(stream, length)
+                except BaseException:
+                    stream.close()
+                    self._stream = None
+                    raise
+                self._stream_pos = offset + len(data)
+                return data
         return self._read_body(self._ranged(offset, end - 1), length)
 
     def stream_from(self, offset: int) -> _Body:
-        """The bytes from ``offset`` to the end, as one streamed response."""
+        """The bytes from ``offset`` to the end, as one streamed response (without Range support: the open
+        response, skipped forward, or a new download; the source lets go of it)."""
+        if not self.ranges:
+            with self._lock:
+                stream, self._stream = self._whole_from(offset), None
+                return stream
         return _Body(self._ranged(offset, None), self.url, self.timeout)
 
-    def read(self, n: int) -> bytes:
-        """Sequential read (a server that ignores Range): the prefetched bytes, then the response."""
-        return b"" if self._stream is None else self._stream.read(n)
+    def _whole_from(self, offset: int) -> _Body:
+        """Without Range support: the whole-file response positioned at ``offset``: the open one if it has
+        not passed ``offset``, else a new GET; the bytes before ``offset`` are read and dropped."""
+        stream, pos = self._stream, self._stream_pos
+        if stream is None or pos > offset:
+            if stream is not None:
+                stream.close()
+            self._stream = None
+            stream, pos = self._restart(), 0
+            self._stream, self._stream_pos = stream, 0
+        while pos < offset:
+            skipped = len(stream.read(min(offset - pos, 1 << 20)))
+            if not skipped:
+                stream.close()
+                self._stream = None
+                raise RemoteError(f"{self.url}: the download ended at byte {pos}, before byte {offset}")
+            pos += skipped
+        return stream
+
+    def _restart(self) -> _Body:
+        """A new GET of the whole file (a server without Range support), checked to be the same file."""
+        request = urllib.request.Request(self.url, headers={**self._headers, "Accept-Encoding": "identity"})
+        try:
+            response = urllib.request.urlopen(request, timeout=self.timeout)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            raise RemoteError(f"{self.url}: HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise RemoteError(f"{self.url}: {getattr(exc, 'reason', exc)}") from None
+        etag = response.headers.get("ETag")
+        if response.headers.get("Content-Length") != self._length or (self._etag and etag != self._etag):
+            response.close()
+            raise RemoteError(f"{self.url}: the file changed on the server while it was read")
+        return _Body(response, self.url, self.timeout)
 
     def close(self) -> None:
         """Close the open response, if any."""
@@ -193,6 +250,18 @@ class _Body:
             except OSError:
                 pass
         self._response.close()
+
+
+def _read_upto(stream: Any, n: int) -> bytes:
+    """``n`` bytes of ``stream``, fewer only where it ends."""
+    chunks, got = [], 0
+    while got < n:
+        chunk = stream.read(n - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
 
 
 def _read_exactly(response: Any, n: int, url: str, timeout: float) -> bytes:
