@@ -32,7 +32,7 @@ from .tensorcodec import EncodeOptions, Overrides, start_encode
 from .writer import Writer
 
 __all__ = ["save", "load", "open", "JwtFile", "read_state_dict", "read_checkpoint", "flatten_checkpoint",
-           "unflatten_checkpoint", "encoder_versions", "TORCH_DTYPES", "TREE_KEY"]
+           "unflatten_checkpoint", "dropped_note", "encoder_versions", "TORCH_DTYPES", "TREE_KEY"]
 
 #: torch dtype -> format dtype name.
 TORCH_DTYPES: dict[torch.dtype, str] = {
@@ -140,6 +140,11 @@ def save(
 ) -> list[str]:
     """Encode ``state_dict`` to a .jwt file at ``path`` (atomically).
 
+    ``state_dict`` is a mapping of names to tensors, an ``nn.Module`` (its
+    ``state_dict()``) or a checkpoint dict (nested dicts, lists, plain values:
+    see :func:`flatten_checkpoint`); anything else is a TypeError, and a
+    mapping without tensors an EncodeError.
+
     ``options`` are :class:`~codec.tensorcodec.EncodeOptions` fields
     (``codec``, ``quality``, ``table``, ``tile``, ``row_shape``, ...).
     ``overrides`` maps glob patterns to per-tensor settings
@@ -154,7 +159,8 @@ def save(
     allocation instead of the data-free estimate.
 
     Tensors sharing storage (same data, shape and strides) are stored once
-    and aliased. ``state_dict`` may load tensors lazily on access (e.g.
+    and aliased; tensors whose memory overlaps otherwise (``b`` and ``b[:10]``)
+    are stored losslessly, with a note. ``state_dict`` may load tensors lazily on access (e.g.
     :func:`codec.io_formats.open_source`). ``attachments`` maps relative
     POSIX paths to bytes or to files to read: non-tensor files (config,
     tokenizer) carried losslessly after the tensors. Returns warnings (e.g.
