@@ -32,7 +32,7 @@ from .tensorcodec import EncodeOptions, Overrides, start_encode
 from .writer import Writer
 
 __all__ = ["save", "load", "open", "JwtFile", "read_state_dict", "read_checkpoint", "flatten_checkpoint",
-           "unflatten_checkpoint", "encoder_versions", "TORCH_DTYPES", "TREE_KEY"]
+           "unflatten_checkpoint", "dropped_note", "encoder_versions", "TORCH_DTYPES", "TREE_KEY"]
 
 #: torch dtype -> format dtype name.
 TORCH_DTYPES: dict[torch.dtype, str] = {
@@ -140,6 +140,11 @@ def save(
 ) -> list[str]:
     """Encode ``state_dict`` to a .jwt file at ``path`` (atomically).
 
+    ``state_dict`` is a mapping of names to tensors, an ``nn.Module`` (its
+    ``state_dict()``) or a checkpoint dict (nested dicts, lists, plain values:
+    see :func:`flatten_checkpoint`); anything else is a TypeError, and a
+    mapping without tensors an EncodeError.
+
     ``options`` are :class:`~codec.tensorcodec.EncodeOptions` fields
     (``codec``, ``quality``, ``table``, ``tile``, ``row_shape``, ...).
     ``overrides`` maps glob patterns to per-tensor settings
@@ -154,7 +159,8 @@ def save(
     allocation instead of the data-free estimate.
 
     Tensors sharing storage (same data, shape and strides) are stored once
-    and aliased. ``state_dict`` may load tensors lazily on access (e.g.
+    and aliased; tensors whose memory overlaps otherwise (``b`` and ``b[:10]``)
+    are stored losslessly, with a note. ``state_dict`` may load tensors lazily on access (e.g.
     :func:`codec.io_formats.open_source`). ``attachments`` maps relative
     POSIX paths to bytes or to files to read: non-tensor files (config,
     tokenizer) carried losslessly after the tensors. Returns warnings (e.g.
@@ -292,7 +298,7 @@ def _sharing(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, str], li
     """
     seen: dict[tuple, tuple[str, weakref.ref]] = {}
     aliases = {}
-    spans: list[tuple[int, int, int, str, weakref.ref]] = []
+    spans: list[tuple[str, int, int, int, str, weakref.ref]] = []
     for order, name in enumerate(state_dict):
         tensor = state_dict[name]
         key = _storage_key(tensor)
@@ -302,15 +308,18 @@ def _sharing(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, str], li
         else:
             if earlier is None or earlier[1]() is None:
                 seen[key] = (name, weakref.ref(tensor))
-            if tensor.numel() and tensor.device.type != "meta":
+            if tensor.numel():
                 extent = 1 + sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride()))
                 low = tensor.data_ptr() + tensor.element_size() * sum(
                     (n - 1) * s for n, s in zip(tensor.shape, tensor.stride()) if s < 0)
-                spans.append((low, low + extent * tensor.element_size(), order, name, weakref.ref(tensor)))
+                spans.append((str(tensor.device), low, low + extent * tensor.element_size(), order, name,
+                              weakref.ref(tensor)))
         del tensor
     overlapping: dict[int, str] = {}
-    reach, holder = -1, None
-    for low, high, order, name, alive in sorted(s for s in spans if s[4]() is not None):
+    reach, holder, where = -1, None, None
+    for device, low, high, order, name, _ in sorted(s for s in spans if s[5]() is not None):
+        if device != where:  # addresses on different devices are different memories
+            reach, where = -1, device
         if low < reach:
             overlapping[order] = name
             overlapping[holder[0]] = holder[1]
@@ -639,8 +648,11 @@ def _refusal(path: str | os.PathLike[str], exc: BaseException) -> str:
     if found:
         return (f"{path}: holds Python objects of type {found.group(1)}, which jwt does not unpickle "
                 f"(it loads {_SAFE_TYPES} only); {accepts}")
-    return (f"{path}: not a PyTorch file jwt can read without running code (the safe loader stopped: "
-            f"{type(exc).__name__}); {accepts}")
+    text = str(exc).strip()
+    if "weights_only" in text or "Weights only" in text or not text:  # torch's advice: not ours to give
+        return (f"{path}: not a PyTorch file jwt can read without running code (the safe loader stopped: "
+                f"{type(exc).__name__}); {accepts}")
+    return f"{path}: a PyTorch file jwt cannot read ({text.splitlines()[0][:150]}); {accepts}"
 
 
 def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = False

@@ -3,7 +3,9 @@
 Inputs (:func:`open_source`, :func:`encode_model`):
 
 * ``.pt``/``.pth``/``.bin``: ``torch.load(weights_only=True)``, memory-mapped
-  when the file is in torch's zip format;
+  when the file is in torch's zip format; a checkpoint dict's tensors under
+  dotted names, its nesting and plain values in ``jwt.tree``
+  (:func:`codec.api.flatten_checkpoint`);
 * ``.safetensors``: read tensor by tensor with ``safetensors.safe_open``
   (memory-mapped); the mapping handed to :func:`codec.save` loads each tensor
   only when it is asked for, so the encoder never holds the whole model;
@@ -14,12 +16,14 @@ Inputs (:func:`open_source`, :func:`encode_model`):
   (spec/format.md section 4.4). Copies of the same weights in other formats
   (``pytorch_model*.bin`` next to safetensors, ``tf_model*.h5``,
   ``flax_model*.msgpack``, ``rust_model.ot``, ``*.onnx``, ``onnx/``,
-  ``openvino/``) and ``.git``/``.cache`` folders are left out, with a note.
+  ``openvino/``) and ``.git``/``.cache`` folders are left out, with a note,
+  and so is a symbolic link leading out of the folder (spec section 4.4).
 
 Outputs (:func:`decode_model`), chosen by the output path:
 
-* ``x.pt``/``x.pth``/``x.bin``: ``torch.save`` of the state_dict; tensors that
-  shared storage share it again;
+* ``x.pt``/``x.pth``/``x.bin``: ``torch.save`` of the state_dict (of the
+  checkpoint object, rebuilt from ``jwt.tree``); tensors that shared
+  storage share it again;
 * ``x.safetensors``: written tensor by tensor (one tensor in memory at a
   time). safetensors cannot hold shared tensors, so an alias is written as a
   copy of its target (``aliases="clone"``, the default: every name loads with
@@ -35,9 +39,10 @@ and renamed onto it; a failure leaves nothing behind. float16 and bfloat16
 keep their dtype.
 
 Reserved metadata keys written here (spec/format.md section 4):
-``jwt.source_format`` (``pt``, ``safetensors`` or ``folder``) and
+``jwt.source_format`` (``pt``, ``safetensors`` or ``folder``),
 ``jwt.safetensors_metadata`` (the input's safetensors ``__metadata__`` as a
-JSON object, restored in safetensors outputs).
+JSON object, restored in safetensors outputs) and, by :mod:`codec.api`,
+``jwt.tree`` (a checkpoint's structure, section 4.5).
 """
 
 from __future__ import annotations
