@@ -59,6 +59,25 @@ def check_input(path: str, *, folder_ok: bool = False, what: str = "a .jwt file"
         raise fail(f"{path}: no such file" + (" or folder" if folder_ok else ""))
 
 
+def check_encode_options(options: dict[str, Any], rules: list[tuple[str, str]], searching: bool) -> None:
+    """A usage error (exit 2) for options that contradict each other by themselves, before any work.
+
+    ``options`` are the EncodeOptions fields as the command line gives them (defaults included: only the
+    values that differ from the defaults count as given); ``rules`` the ``--set`` pairs.
+    """
+    from codec.tensorcodec import EncodeOptions, Overrides, given_options, option_conflicts
+
+    problem = option_conflicts(given_options(options), searching=searching)
+    if problem is None:
+        try:
+            Overrides(rules).check(EncodeOptions(**options))
+        except JwtError as exc:
+            problem = str(exc)
+    if problem:
+        raise click.UsageError(problem.replace("bits_per_weight / max_error", "--bits-per-weight / --max-error")
+                               .replace("per-tensor settings", "--set"))
+
+
 def fail(message: str) -> click.ClickException:
     """A one-line error that exits with status 1."""
     return click.ClickException(message.splitlines()[0] if message else "failed")

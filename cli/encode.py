@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import SIZE, fail, handle_errors, jobs_option, progress_bar, same_file
+from .common import SIZE, check_encode_options, fail, handle_errors, jobs_option, progress_bar, same_file
 
 
 def parse_meta(values: tuple[str, ...]) -> dict[str, str]:
@@ -55,7 +55,8 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
                    "dX (JPEG XL distance), jpegxl, table=flat|jpeg|ramp1|ramp2|ramp4, tile=HxW, rows=HxW; comma-separated. "
                    "E.g. --set 'fc2.*=lossless' --set '*.attention.*=q90'.")
 @click.option("--quality", type=click.IntRange(1, 100),
-              help="1..100 [default 90]: scales the JPEG quantization table (JPEG XL: libjxl's quality->distance map).")
+              help="1..100 [default 90]: scales the JPEG quantization table (JPEG XL: libjxl's quality->distance map; "
+                   "without --quality or --distance JPEG XL uses distance 0.2, measured to match JPEG's default).")
 @click.option("--table", type=click.Choice(["auto", "jpeg", "flat", "ramp1", "ramp2", "ramp4"]), default="auto",
               show_default=True,
               help="JPEG quantization table: jpeg (T.81 Annex K), flat, ramp1/2/4 (steps growing linearly with "
@@ -119,6 +120,8 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
     if bits_per_weight is not None and max_error is not None:
         raise click.UsageError("give at most one of --bits-per-weight and --max-error")
     searching = bits_per_weight is not None or max_error is not None
+    check_encode_options(dict(codec=codec_name, quality=quality, table=table, distance=distance, effort=effort,
+                              tile=tile, row_shape=row_shape, bits=bits), parse_rules(rules), searching)
     with source, progress_bar(total * (2 if searching else 1), "encode", quiet) as bar:
         notes = source.notes + api.save(
             state_dict, output, metadata={**metadata, "source": metadata.get("source", input.name),

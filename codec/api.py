@@ -28,7 +28,8 @@ from .limits import DEFAULT_LIMITS, Limits
 from .parallel import AHEAD_BYTES, INLINE, make_executor, resolve_jobs
 from .reader import Reader
 from .stats import Totals, file_totals
-from .tensorcodec import EncodeOptions, Overrides, start_encode
+from .tensorcodec import (ZERO_ERROR, EncodeOptions, Overrides, given_options, ignored_options, option_conflicts,
+                          start_encode)
 from .writer import Writer
 
 __all__ = ["save", "load", "open", "JwtFile", "read_state_dict", "read_checkpoint", "flatten_checkpoint",
@@ -174,6 +175,9 @@ def save(
     """
     jobs = resolve_jobs(jobs)
     base = EncodeOptions(**options)
+    problem = option_conflicts(given_options(options), searching=bits_per_weight is not None or max_error is not None)
+    if problem:
+        raise EncodeError(problem)
     rules = Overrides(overrides)
     rules.check(base)
     meta, encoder = dict(metadata or {}), encoder_versions()
@@ -203,6 +207,7 @@ def save(
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
     else:
         options_for = lambda name: rules.options_for(name, base) or base  # noqa: E731
+    stored: list[tuple[str, tuple[int, ...], Any]] = []
     with Writer(path, metadata=meta, encoder=encoder) as writer:
         for name, target, dtype, shape, encoded in _encode_in_order(state_dict, aliases, options_for, jobs):
             if target is not None:
@@ -210,12 +215,22 @@ def save(
                 continue
             if encoded.fallback:
                 notes.append(f"tensor {name!r}: stored losslessly ({encoded.fallback})")
+            if encoded.rel_error is not None and encoded.rel_error >= ZERO_ERROR:
+                notes.append(f"tensor {name!r}: relative error {encoded.rel_error:.3g} with {_describe(encoded)}, "
+                             "no better than storing zeros (error 1); choose more bits or a higher quality")
             writer.add(name, dtype, shape, encoded)
+            stored.append((name, shape, dtype))
             if progress:
                 progress(name, math.prod(shape))
         for name, data in (attachments or {}).items():
             writer.add_attachment(name, data)
-    return notes
+    return ignored_options(stored, base, rules) + notes
+
+
+def _describe(encoded) -> str:
+    """A tensor's codec and its parameters in a few words, e.g. ``quant bits=1``."""
+    params = " ".join(f"{k}={v}" for k, v in encoded.codec.get_config().items() if k not in ("id", "level"))
+    return f"{encoded.codec.codec_id} {params}".strip()
 
 
 def _encode_in_order(state_dict: Mapping[str, torch.Tensor], aliases: dict[str, str],
@@ -237,7 +252,7 @@ def _encode_in_order(state_dict: Mapping[str, torch.Tensor], aliases: dict[str, 
             else:
                 array, dtype_name = to_numpy(state_dict[name])
                 dtype = get_dtype(dtype_name)
-                job = start_encode(array, dtype, options_for(name), executor)
+                job = start_encode(array, dtype, options_for(name), executor, check=True)
                 pending.append((name, None, dtype, tuple(array.shape), job, array.nbytes))
                 ahead += array.nbytes
                 del array

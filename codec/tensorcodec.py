@@ -24,7 +24,7 @@ from .format import TensorEntry
 from .parallel import INLINE, Pending
 
 __all__ = ["EncodeOptions", "Encoded", "encode_tensor", "start_encode", "decode_tensor", "start_decode", "jxl_distance",
-           "parse_spec", "Overrides"]
+           "parse_spec", "Overrides", "option_conflicts", "given_options", "ignored_options", "not_applied"]
 
 #: Tensors with fewer elements are not coded as images: an image codec's
 #: headers and per-tile parameters would eat what it saves.
@@ -36,6 +36,16 @@ MIN_SIDE = 8
 MIN_QUANT_ELEMENTS = 1024
 CODEC_CHOICES = ("jpeg", "jpegxl", "quant", "lossless")
 TABLE_CHOICES = ("auto", "jpeg", "flat", "ramp1", "ramp2", "ramp4")
+
+
+#: JPEG quality when none is given.
+DEFAULT_QUALITY = 90
+#: JPEG XL distance when neither a distance nor a quality is given. Measured by ``python -m bench.jxl_vs_jpeg``
+#: (bench/results/jxl_vs_jpeg.md, 64x64 grid tiles): at 0.2 JPEG XL lands where JPEG's default (quality 90,
+#: flat table) does, 5.1-5.5 bits/weight, with 3.5-4.0 % relative error where JPEG has 4.1-4.3 % (at equal
+#: size 0.89-0.98x JPEG's error on the MLP, CNN and MiniLM matrices). libjxl's own default, distance 1.0
+#: (its map of quality 90), gave 17-20 % error at 2.6-3.2 bits/weight, a point JPEG reaches at quality 50.
+JXL_DEFAULT_DISTANCE = 0.2
 
 
 def jxl_distance(quality: int) -> float:
@@ -55,12 +65,13 @@ class EncodeOptions:
     #: ``row_shape`` or a table is given, else quant 8-bit (the default,
     #: which loses no measurable accuracy on the benchmarks).
     codec: str = "auto"
-    #: 1..100; None means 90 (JPEG) and lets "auto" choose quant.
+    #: 1..100; None means :data:`DEFAULT_QUALITY` for JPEG (and lets "auto" choose quant).
     quality: int | None = None
     #: JPEG quantization table: "auto" = "jpeg" for rows mode (image-like
     #: receptive fields), "flat" for grid tiles.
     table: str = "auto"
-    #: JPEG XL distance; None derives it from ``quality``.
+    #: JPEG XL distance; None derives it from ``quality`` (libjxl's map), or, without a quality, is
+    #: :data:`JXL_DEFAULT_DISTANCE`.
     distance: float | None = None
     #: Pixel bits of the ``quant`` codec (uniform per-tile quantization + zstd).
     bits: int = 8
@@ -76,13 +87,11 @@ class EncodeOptions:
             explicit_jpeg = self.quality is not None or self.row_shape is not None or self.table != "auto"
             codec = "jpegxl" if self.distance is not None else "jpeg" if explicit_jpeg else "quant"
             object.__setattr__(self, "codec", codec)
-        if self.quality is None:
-            object.__setattr__(self, "quality", 90)
         if self.codec not in CODEC_CHOICES:
             raise EncodeError(f"codec {self.codec!r} is not one of {', '.join(CODEC_CHOICES)}")
         if not 1 <= self.bits <= 16:
             raise EncodeError(f"bits {self.bits} is not in 1..16")
-        if not 1 <= self.quality <= 100:
+        if self.quality is not None and not 1 <= self.quality <= 100:
             raise EncodeError(f"quality {self.quality} is not in 1..100")
         if self.params not in mapping.PARAM_TYPES:
             raise EncodeError(f"params {self.params!r} is not one of {', '.join(mapping.PARAM_TYPES)}")
@@ -101,10 +110,11 @@ class EncodeOptions:
         if self.codec == "quant":
             return Quant(bits=self.bits, level=self.zstd_level)
         if self.codec == "jpegxl":
-            distance = jxl_distance(self.quality) if self.distance is None else self.distance
+            distance = self.distance if self.distance is not None else (
+                JXL_DEFAULT_DISTANCE if self.quality is None else jxl_distance(self.quality))
             return JpegXL(distance=float(distance), effort=self.effort)
         table = self.table if self.table != "auto" else ("jpeg" if mode == "rows" else "flat")
-        return Jpeg(quality=self.quality, table=table)
+        return Jpeg(quality=DEFAULT_QUALITY if self.quality is None else self.quality, table=table)
 
 
 @dataclass
@@ -116,21 +126,107 @@ class Encoded:
     blobs: list[bytes]
     #: Why a tensor asked to be lossy was stored losslessly (None otherwise).
     fallback: str | None = None
+    #: ``||decoded - original|| / ||original||`` when :func:`start_encode` was asked to ``check`` it and it
+    #: could be :data:`ZERO_ERROR` or more; None when not measured (lossless, or bounded well below).
+    rel_error: float | None = None
+
+
+#: Relative RMS error of storing zeros instead of a tensor: a coding at or above it is worse than nothing.
+ZERO_ERROR = 1.0
 
 
 def lossless_reason(array: np.ndarray, dtype: DType, codec: str = "jpeg") -> str | None:
     """Return why ``array`` cannot be coded with lossy ``codec``, or None if it can."""
+    return shape_lossless_reason(tuple(array.shape), dtype, codec)
+
+
+def shape_lossless_reason(shape: tuple[int, ...], dtype: DType, codec: str = "jpeg") -> str | None:
+    """:func:`lossless_reason` from the shape alone (nothing of the data is needed)."""
+    size = math.prod(shape)
     if not dtype.floating:
         return f"dtype {dtype.name} is not floating"
-    if array.ndim < 2 or array.size == 0:
-        return f"shape {list(array.shape)} has no matrix view"
-    rows, cols = array.shape[0], math.prod(array.shape[1:])
+    if len(shape) < 2 or size == 0:
+        return f"shape {list(shape)} has no matrix view"
+    rows, cols = shape[0], math.prod(shape[1:])
     if rows < MIN_SIDE or cols < MIN_SIDE:
         return f"matrix {rows}x{cols} is thinner than {MIN_SIDE}, a vector rather than a matrix"
     least = MIN_QUANT_ELEMENTS if codec == "quant" else MIN_IMAGE_ELEMENTS
-    if array.size < least:
-        return f"{array.size} elements < {least}"
+    if size < least:
+        return f"{size} elements < {least}"
     return None
+
+
+def not_applied(shape: tuple[int, ...], dtype: DType, opts: EncodeOptions) -> str | None:
+    """Why ``opts`` will not be coded as asked for a tensor of ``shape`` (None: it will, or it asks for lossless).
+
+    The encoder's fallbacks (:func:`start_encode`): too small or thin for an image codec gives 8-bit quant,
+    not even a quant-worthy matrix gives lossless; a row shape that does not fit the rows gives grid tiles.
+    """
+    if opts.codec == "lossless":
+        return None
+    quant_reason = shape_lossless_reason(shape, dtype, "quant")
+    if quant_reason is not None:
+        return f"stored losslessly ({quant_reason})"
+    if opts.codec in ("jpeg", "jpegxl"):
+        reason = shape_lossless_reason(shape, dtype, opts.codec)
+        if reason is not None:
+            return f"coded as 8-bit quant, not {opts.codec} ({reason})"
+    if opts.row_shape is not None:
+        cols = math.prod(shape[1:])
+        h, w = opts.row_shape
+        if h * w != cols:
+            return (f"row shape {h}x{w} ({h * w} values) does not fit its rows of {cols} values; "
+                    f"coded in {opts.tile[0]}x{opts.tile[1]} grid tiles")
+    return None
+
+
+#: Default value of each EncodeOptions field that only some codecs use, and the codecs that use it.
+_CODEC_FIELDS = {"bits": (8, ("quant",)), "quality": (None, ("jpeg", "jpegxl")), "distance": (None, ("jpegxl",)),
+                 "table": ("auto", ("jpeg",)), "effort": (3, ("jpegxl",)),
+                 "row_shape": (None, ("jpeg", "jpegxl", "quant")), "tile": ((64, 64), ("jpeg", "jpegxl", "quant"))}
+#: Fields the rate search chooses per tensor itself (a value given for them would be ignored).
+SEARCH_CHOOSES = ("codec", "bits", "quality", "distance", "table", "tile")
+
+
+def option_conflicts(given: Mapping[str, object], *, searching: bool = False,
+                     codec: str | None = None) -> str | None:
+    """The first contradiction among options a user gave explicitly (EncodeOptions fields), or None.
+
+    ``given`` holds only the options the user set (for ``codec.save``: the keyword arguments that differ
+    from the defaults; for the CLI: the options on the command line). A field one codec alone uses, given
+    with another codec (``bits=4`` with ``codec="jpeg"``), contradicts it; with ``searching`` (a rate
+    target), a field the search picks per tensor is ignored, so it contradicts too. ``codec`` is the codec
+    when ``given`` does not say (a per-tensor setting applied on top of the global options).
+    """
+    if searching:
+        chosen = [k for k in SEARCH_CHOOSES if k in given and not (k == "codec" and given[k] == "auto")]
+        if chosen:
+            return (f"{', '.join(chosen)} {'is' if len(chosen) == 1 else 'are'} chosen per tensor by the rate "
+                    "search (bits_per_weight / max_error), so a global value would be ignored; force single "
+                    "tensors with per-tensor settings instead")
+        return None
+    fields = {k: v for k, v in given.items() if k in EncodeOptions.__dataclass_fields__}
+    try:
+        resolved = EncodeOptions(**fields).codec if "codec" in given or codec is None else codec
+    except EncodeError as exc:
+        return str(exc)
+    for key, (_, users) in _CODEC_FIELDS.items():
+        if key in given and resolved not in users:
+            how = "chosen" if given.get("codec", "auto") != "auto" else "selected by the other options"
+            return (f"{key} {given[key]!r} applies to codec {' / '.join(users)} only, and the codec {how} is "
+                    f"{resolved}")
+    return None
+
+
+def given_options(options: Mapping[str, object]) -> dict[str, object]:
+    """The options of ``options`` that differ from the EncodeOptions defaults (what a caller set)."""
+    fields = EncodeOptions.__dataclass_fields__
+    out = {}
+    for key, value in options.items():
+        default = fields[key].default if key in fields else None
+        if key in fields and (tuple(value) if isinstance(value, list) else value) != default:
+            out[key] = value
+    return out
 
 
 def encode_tensor(array: np.ndarray, dtype: DType, opts: EncodeOptions, *, executor: Executor | None = None) -> Encoded:
@@ -142,12 +238,18 @@ def encode_tensor(array: np.ndarray, dtype: DType, opts: EncodeOptions, *, execu
     return start_encode(array, dtype, opts, executor).result()
 
 
-def start_encode(array: np.ndarray, dtype: DType, opts: EncodeOptions, executor: Executor | None = None) -> Pending:
+def start_encode(array: np.ndarray, dtype: DType, opts: EncodeOptions, executor: Executor | None = None,
+                 check: bool = False) -> Pending:
     """Submit the coding of one tensor's blobs to ``executor``; ``.result()`` gives the :class:`Encoded`.
 
     Each image blob is one task that converts only its own tiles to float64
     (a band of the matrix), so memory holds the input tensor plus a few
     blob-sized buffers per worker, never a float64 copy of the tensor.
+
+    With ``check``, a lossy result gets its relative error (``Encoded.rel_error``) where it could reach
+    :data:`ZERO_ERROR`: ``quant`` is bounded from the tiles' ranges, which the coding computes anyway
+    (:func:`quant_error_bound`; 8-bit quant, the default, never needs more), the image codecs are
+    decoded once and compared.
     """
     ex = executor or INLINE
     lossless = Zstd(level=opts.zstd_level, shuffle=True)
@@ -166,9 +268,49 @@ def start_encode(array: np.ndarray, dtype: DType, opts: EncodeOptions, executor:
             return Encoded(lossless, None, [lossless.encode(array)], fallback="holds NaN or Inf")
         offset = np.concatenate([p[0] for p in parts])
         scale = np.concatenate([p[1] for p in parts])
-        return Encoded(image, t, [mapping.pack_params(offset, scale, t.params)] + [p[2] for p in parts])
+        encoded = Encoded(image, t, [mapping.pack_params(offset, scale, t.params)] + [p[2] for p in parts])
+        if check:
+            bound = quant_error_bound(t, scale, np.concatenate([p[3] for p in parts]),
+                                      np.concatenate([p[4] for p in parts])) if isinstance(image, Quant) else math.inf
+            if bound >= ZERO_ERROR / 2:
+                encoded.rel_error = relative_error(array, dtype, encoded)
+        return encoded
 
     return Pending([ex.submit(_encode_blob, matrix, dtype, t, image, k) for k in range(t.n_blobs)], assemble)
+
+
+def quant_error_bound(t: tiling.Tiling, scale: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
+    """An upper bound of the relative RMS error of ``quant`` from each tile's step and range, without decoding.
+
+    Each value is rounded to the nearest step, so ``||error||^2 <= sum n * (scale / 2)^2`` (``n`` values a
+    tile). A tile whose values span ``[lo, hi]`` holds two values ``hi - lo`` apart and one at least
+    ``d = dist(0, [lo, hi])`` from zero, so ``||W||^2 >= sum max((hi - lo)^2 / 2, d^2)``. At 8 bits on
+    64x64 tiles the bound is about 0.18 whatever the data.
+    """
+    n = t.tile_h * t.tile_w
+    error2 = n * float(np.sum(np.square(scale.astype(np.float64) / 2)))
+    d = np.where((lo <= 0) & (hi >= 0), 0.0, np.minimum(np.abs(lo), np.abs(hi)))
+    energy = float(np.sum(np.maximum(np.square(hi - lo) / 2, np.square(d))))
+    return math.sqrt(error2 / energy) if energy > 0 else (0.0 if error2 == 0 else math.inf)
+
+
+def relative_error(array: np.ndarray, dtype: DType, encoded: Encoded) -> float:
+    """``||decoded - array|| / ||array||`` of an encoding (decoded once; compared a band of rows at a time)."""
+    shape = tuple(array.shape)
+    decoded = decode_tensor(TensorEntry("", dtype, shape, encoded.codec, encoded.tiling), encoded.blobs)
+    rows = shape[0] if shape else 1
+    a, b = array.reshape(rows, -1), decoded.reshape(rows, -1)
+    step = max(1, (1 << 20) // max(1, a.shape[1]))
+    err = ref = 0.0
+    for r in range(0, rows, step):
+        x = np.empty(a[r : r + step].shape, np.float64)
+        y = np.empty_like(x)
+        _widen(a[r : r + step], dtype, x)
+        _widen(b[r : r + step], dtype, y)
+        ref += float(np.vdot(x, x))
+        y -= x
+        err += float(np.vdot(y, y))
+    return math.sqrt(err / ref) if ref > 0 else (0.0 if err == 0 else math.inf)
 
 
 def _widen(src: np.ndarray, dtype: DType, out: np.ndarray) -> None:
@@ -213,7 +355,7 @@ def _encode_blob(matrix: np.ndarray, dtype: DType, t: tiling.Tiling, image: Blob
         offset, scale = mapping.params_from_range(lo, hi, image.bits, t.params)
         shape4 = (cell_rows, 1, gc, 1)
         mapping.pixels_in_place(cells, offset.reshape(shape4), scale.reshape(shape4), image.bits)
-        return offset, scale, image.encode(band.astype(pixel_type))
+        return offset, scale, image.encode(band.astype(pixel_type)), lo, hi
     if t.mode == "rows":
         tiles = np.empty((len(idx), th, tw), np.float64)
         _widen(matrix[idx.start : idx.stop], dtype, tiles.reshape(len(idx), th * tw))
@@ -228,7 +370,7 @@ def _encode_blob(matrix: np.ndarray, dtype: DType, t: tiling.Tiling, image: Blob
     offset, scale = mapping.params_from_range(lo, hi, image.bits, t.params)
     mapping.pixels_in_place(tiles, offset[:, None, None], scale[:, None, None], image.bits)
     mid = 1 << (image.bits - 1)
-    return offset, scale, image.encode(tiling.blob_mosaic(tiles.astype(pixel_type), t, k, mid))
+    return offset, scale, image.encode(tiling.blob_mosaic(tiles.astype(pixel_type), t, k, mid)), lo, hi
 
 
 def decode_tensor(entry: TensorEntry, blobs: Sequence[bytes], *, executor: Executor | None = None,
@@ -423,6 +565,9 @@ def parse_spec(spec: str, base: EncodeOptions) -> EncodeOptions:
         except ValueError:
             raise EncodeError(f"setting {spec!r}: cannot read {raw.strip()!r} (expected lossless, jpeg, jpegxl, "
                               "quant, qN, bN, dX, table=..., tile=HxW or rows=HxW)") from None
+    problem = option_conflicts(changes, codec=base.codec if "codec" not in changes else None)
+    if problem:
+        raise EncodeError(f"setting {spec!r}: {problem}")
     try:
         return base.with_(**changes)
     except EncodeError as exc:
@@ -444,7 +589,41 @@ class Overrides:
         for _, spec in self.rules:
             parse_spec(spec, base)
 
+    def rule_for(self, name: str) -> tuple[str, str] | None:
+        """The ``(pattern, setting)`` that applies to ``name`` (the last match), or None."""
+        return next(((p, s) for p, s in reversed(self.rules) if fnmatch.fnmatchcase(name, p)), None)
+
     def options_for(self, name: str, base: EncodeOptions) -> EncodeOptions | None:
         """The options forced for ``name``, or None if no rule matches."""
-        spec = next((s for p, s in reversed(self.rules) if fnmatch.fnmatchcase(name, p)), None)
-        return None if spec is None else parse_spec(spec, base)
+        rule = self.rule_for(name)
+        return None if rule is None else parse_spec(rule[1], base)
+
+    def unmatched(self, names: Sequence[str]) -> list[str]:
+        """The patterns that match none of ``names``."""
+        return [p for p, _ in self.rules if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+
+def ignored_options(tensors: Sequence[tuple[str, tuple[int, ...], DType]], base: EncodeOptions,
+                    rules: Overrides) -> list[str]:
+    """Notes naming the tensors where an option asked for is not applied, and why.
+
+    ``tensors`` lists ``(name, shape, dtype)`` of the stored tensors. Reported: a per-tensor setting that
+    the tensor's shape or dtype overrides (:func:`not_applied`), a pattern that matches no tensor, and a
+    global ``row_shape`` that fits the rows of no lossy matrix.
+    """
+    notes = []
+    fits_some = False
+    for name, shape, dtype in tensors:
+        rule = rules.rule_for(name)
+        reason = None if rule is None else not_applied(shape, dtype, parse_spec(rule[1], base))
+        if reason is not None:
+            notes.append(f"tensor {name!r}: setting {rule[0]}={rule[1]} not applied: {reason}")
+        if base.row_shape is not None and shape_lossless_reason(shape, dtype, "quant") is None:
+            fits_some |= base.row_shape[0] * base.row_shape[1] == math.prod(shape[1:])
+    for pattern in rules.unmatched([n for n, _, _ in tensors]):
+        notes.append(f"setting {pattern}={dict(rules.rules)[pattern]} matches no tensor name")
+    if base.row_shape is not None and not fits_some and base.codec != "lossless":
+        h, w = base.row_shape
+        notes.append(f"row shape {h}x{w} ({h * w} values) fits the rows of no matrix; not applied "
+                     f"({base.tile[0]}x{base.tile[1]} grid tiles instead)")
+    return notes

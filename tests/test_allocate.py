@@ -160,7 +160,7 @@ def test_cli_rate_options(tmp_path):
     both = runner.invoke(cli, ["encode", str(tmp_path / "m.pt"), "-b", "2", "--max-error", "0.1"])
     assert both.exit_code == 2
     bad = runner.invoke(cli, ["encode", str(tmp_path / "m.pt"), "--set", "x=zz"])
-    assert bad.exit_code == 1 and "cannot read 'zz'" in bad.output
+    assert bad.exit_code == 2 and "cannot read 'zz'" in bad.output
 
 
 def test_budget_counts_attachments(tmp_path):

@@ -263,4 +263,4 @@ def test_auto_codec_follows_the_options_given():
     assert (EncodeOptions().codec, EncodeOptions().bits) == ("quant", 8)
     assert EncodeOptions(quality=20).codec == "jpeg" and EncodeOptions(row_shape=(28, 28)).codec == "jpeg"
     assert EncodeOptions(table="flat").codec == "jpeg" and EncodeOptions(distance=1.0).codec == "jpegxl"
-    assert EncodeOptions(codec="jpeg").quality == 90
+    assert EncodeOptions(codec="jpeg").image_codec("grid").quality == 90  # the default JPEG quality

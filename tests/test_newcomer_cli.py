@@ -177,3 +177,101 @@ def test_version_help_and_info_start_without_torch(small):
         assert proc.returncode == 0, proc.stderr
         loaded = proc.stdout.strip().splitlines()[-1].split()
         assert not set(absent) & set(loaded), (args, loaded)
+
+
+# -- item 7: the rate search reaches above 8 bits --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory):
+    """Four 128x256 Gaussian matrices as a state_dict and a .pt."""
+    folder = tmp_path_factory.mktemp("four")
+    g = torch.Generator().manual_seed(1)
+    sd = {f"l{i}.weight": torch.randn(128, 256, generator=g) for i in range(4)}
+    torch.save(sd, folder / "four.pt")
+    return sd, folder
+
+
+def _bits_and_error(sd, path):
+    """(bits/weight of the file, largest relative error of a tensor)."""
+    decoded = codec.load(path)
+    worst = max(float((decoded[n] - t).norm() / t.norm()) for n, t in sd.items())
+    return 8 * path.stat().st_size / sum(t.numel() for t in sd.values()), worst
+
+
+def test_rate_search_lands_near_high_targets(four, tmp_path):
+    """-b 10 and -b 16 land within a bit of the target; --max-error 0.001 is met well below lossless (32)."""
+    sd, _ = four
+    for target in (10.0, 16.0):
+        codec.save(sd, tmp_path / "b.jwt", bits_per_weight=target)
+        bits, _ = _bits_and_error(sd, tmp_path / "b.jwt")
+        assert target - 1.0 <= bits <= target, (target, bits)
+        with codec.open(tmp_path / "b.jwt") as f:
+            assert all(f.reader.entry(n).codec.codec_id == "quant" for n in sd)
+    codec.save(sd, tmp_path / "e.jwt", max_error=0.001)
+    bits, worst = _bits_and_error(sd, tmp_path / "e.jwt")
+    assert worst <= 0.001 and bits < 16, (bits, worst)
+
+
+# -- item 8: options that would be ignored ---------------------------------------------------------------------
+
+
+def test_contradicting_options_are_usage_errors(four):
+    """Options that contradict each other by themselves exit 2 before any work, naming the option."""
+    _, folder = four
+    for args, word in ((["--bits", "4", "--codec", "jpeg"], "bits"), (["--codec", "quant", "--quality", "50"], "quality"),
+                       (["--distance", "1", "--codec", "jpeg"], "distance"), (["-b", "3", "--quality", "50"], "quality"),
+                       (["--set", "l0.weight=b4,q50"], "quality"), (["--codec", "lossless", "--row-shape", "16x16"],
+                                                                   "row_shape")):
+        result = run("encode", folder / "four.pt", "-o", folder / "x.jwt", *args, code=2)
+        assert word in result.output, (args, result.output)
+        assert not (folder / "x.jwt").exists()
+    with pytest.raises(codec.EncodeError, match="bits"):
+        codec.save({"w": torch.randn(64, 64)}, folder / "x.jwt", codec="jpeg", bits=4)
+
+
+def test_options_the_data_overrides_are_reported(tmp_path):
+    """A row shape that fits no row, a --set rule on a tensor kept lossless or on rows it does not fit, and a
+    glob matching nothing are each named in a warning (the CLI) and in codec.save's notes."""
+    g = torch.Generator().manual_seed(2)
+    sd = {"l0.weight": torch.randn(64, 512, generator=g), "l0.bias": torch.randn(64, generator=g)}
+    torch.save(sd, tmp_path / "m.pt")
+    cases = {("--row-shape", "16x16"): "fits the rows of no matrix",
+             ("--set", "l0.weight=rows=16x16"): "'l0.weight'",
+             ("--set", "l0.bias=q50"): "stored losslessly",
+             ("--set", "nothing.*=q50"): "matches no tensor"}
+    for args, expected in cases.items():
+        result = run("encode", tmp_path / "m.pt", "-o", tmp_path / "m.jwt", "-q", *args)
+        warnings = [line for line in result.output.splitlines() if line.startswith("jwt: warning")]
+        assert len(warnings) == 1 and expected in warnings[0], (args, result.output)
+    notes = codec.save(sd, tmp_path / "m.jwt", overrides={"l0.weight": "rows=16x16"})
+    assert any("l0.weight" in n and "16x16" in n for n in notes)
+    assert codec.save(sd, tmp_path / "m.jwt", row_shape=(16, 32), codec="jpeg") == []  # fits: nothing to say
+
+
+# -- item 9: worse than zeros, and the JPEG XL default ---------------------------------------------------------
+
+
+def test_a_tensor_coded_worse_than_zeros_is_named(tmp_path):
+    """1-bit quant and JPEG quality 1 give a relative error >= 1: a warning names the tensor and the error."""
+    g = torch.Generator().manual_seed(3)
+    sd = {"big.weight": torch.randn(128, 256, generator=g), "ok.weight": torch.randn(128, 256, generator=g)}
+    notes = codec.save(sd, tmp_path / "m.jwt", codec="quant", bits=1, overrides={"ok.weight": "b8"})
+    decoded = codec.load(tmp_path / "m.jwt")["big.weight"]
+    error = float((decoded - sd["big.weight"]).norm() / sd["big.weight"].norm())
+    assert error >= 1.0
+    assert len(notes) == 1 and "'big.weight'" in notes[0] and f"{error:.3g}" in notes[0]
+    torch.save(sd, tmp_path / "m.pt")
+    result = run("encode", tmp_path / "m.pt", "-o", tmp_path / "q.jwt", "--quality", "1", "-q")
+    assert result.output.count("no better than storing zeros") == 2
+    assert codec.save(sd, tmp_path / "m.jwt") == []  # the default: nothing to say
+
+
+def test_jpegxl_default_is_not_worse_than_jpeg_default(four, tmp_path):
+    """At its default JPEG XL has no more error than JPEG at its default, for no more than 15 % more bytes."""
+    sd, _ = four
+    codec.save(sd, tmp_path / "x.jwt", codec="jpegxl")
+    codec.save(sd, tmp_path / "j.jwt", codec="jpeg")
+    bits_x, err_x = _bits_and_error(sd, tmp_path / "x.jwt")
+    bits_j, err_j = _bits_and_error(sd, tmp_path / "j.jwt")
+    assert err_x <= err_j and bits_x <= 1.15 * bits_j, (bits_x, err_x, bits_j, err_j)
