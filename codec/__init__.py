@@ -18,7 +18,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import ChecksumError, EncodeError, FormatError, JwtError, LimitError, UnknownCodecError, VersionError
+from .errors import (BaseError, ChecksumError, EncodeError, FormatError, JwtError, LimitError, UnknownCodecError,
+                     VersionError)
 from .limits import DEFAULT_LIMITS, Limits
 from .reader import Reader
 from .tensorcodec import EncodeOptions
@@ -42,6 +43,7 @@ __all__ = [
     "LimitError",
     "UnknownCodecError",
     "EncodeError",
+    "BaseError",
 ]
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "LimitError",
     "UnknownCodecError",
     "EncodeError",
+    "BaseError",
 ]
 
 
@@ -29,7 +30,7 @@ class FormatError(JwtError):
 
 
 class VersionError(FormatError):
-    """The file has a major version this reader does not implement."""
+    """The file needs a newer reader: another major version, or a header flag of a later minor version."""
 
 
 class ChecksumError(FormatError):
@@ -42,6 +43,10 @@ class LimitError(JwtError):
 
 class UnknownCodecError(FormatError):
     """A tensor names a codec this reader does not know."""
+
+
+class BaseError(JwtError):
+    """An update's base is missing, or is not the base the update was made against (spec section 12)."""
 
 
 class EncodeError(JwtError):
