@@ -130,6 +130,7 @@ def save(
     progress: ProgressFn | None = None,
     attachments: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
     jobs: int | None = None,
+    base: Any = None,
     **options: Any,
 ) -> list[str]:
     """Encode ``state_dict`` to a .jwt file at ``path`` (atomically).
@@ -159,11 +160,20 @@ def save(
     are taken one at a time, at most ``jobs`` of them (and
     :data:`codec.parallel.AHEAD_BYTES` of input beyond the newest) in
     flight, so a lazy ``state_dict`` is never held whole.
+
+    ``base`` makes the file an **update** (spec section 12) against a model
+    the receiver already holds: a path (.jwt, .pt/.pth, .safetensors or a
+    model folder), a state_dict, or a :class:`codec.update.Base`. A .jwt
+    base is decoded first, so differences are taken against what the
+    receiver decodes. Each tensor is stored as unchanged (bit-identical to a
+    base tensor), as a difference from the base tensor of its name, or in
+    full (new, reshaped, other dtype); with a rate target the search chooses
+    among full, difference and unchanged, measuring the error on the
+    reconstructed weights.
     """
     jobs = resolve_jobs(jobs)
-    base = EncodeOptions(**options)
     rules = Overrides(overrides)
-    rules.check(base)
+    rules.check(EncodeOptions(**options))
     meta, encoder = dict(metadata or {}), encoder_versions()
     for name, tensor in state_dict.items():
         if not isinstance(tensor, torch.Tensor):
@@ -173,21 +183,34 @@ def save(
             raise EncodeError(f"tensor {name!r}: {problem}")
     tensor = None  # a lazy state_dict's tensors are fetched one at a time: hold none of them
     aliases = _aliases(state_dict)
+    matcher = None
+    if base is not None:
+        from .format import BaseId
+        from .update.plan import Matcher
+
+        update_base = as_base(base)
+        matcher = Matcher(update_base)
+        base_id = BaseId(update_base.digest(), len(update_base))
+    opts = EncodeOptions(**options)
     if bits_per_weight is not None or max_error is not None:
-        chosen = _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate,
-                       progress, attachments or {}, jobs)
+        chosen = _plan(state_dict, aliases, opts, rules, meta, encoder, bits_per_weight, max_error, calibrate,
+                       progress, attachments or {}, jobs, matcher)
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
     else:
-        options_for = lambda name: rules.options_for(name, base) or base  # noqa: E731
+        options_for = lambda name: rules.options_for(name, opts) or opts  # noqa: E731
     notes: list[str] = []
-    with Writer(path, metadata=meta, encoder=encoder) as writer:
-        for name, target, dtype, shape, encoded in _encode_in_order(state_dict, aliases, options_for, jobs):
+    with Writer(path, metadata=meta, encoder=encoder, base=None if matcher is None else base_id) as writer:
+        for name, target, dtype, shape, encoded, ref in _encode_in_order(state_dict, aliases, options_for, jobs,
+                                                                         matcher):
             if target is not None:
                 writer.add_alias(name, target)
                 continue
+            if encoded is None:
+                writer.add_unchanged(name, dtype, shape, ref)
+                continue
             if encoded.fallback:
                 notes.append(f"tensor {name!r}: stored losslessly ({encoded.fallback})")
-            writer.add(name, dtype, shape, encoded)
+            writer.add(name, dtype, shape, encoded, base=ref)
             if progress:
                 progress(name, math.prod(shape))
         for name, data in (attachments or {}).items():
@@ -196,8 +219,13 @@ def save(
 
 
 def _encode_in_order(state_dict: Mapping[str, torch.Tensor], aliases: dict[str, str],
-                     options_for: Callable[[str], EncodeOptions], jobs: int):
-    """Yield ``(name, alias target, dtype, shape, Encoded)`` in ``state_dict`` order (alias: no dtype/Encoded).
+                     options_for: Callable[[str], EncodeOptions], jobs: int, matcher: Any = None):
+    """Yield ``(name, alias target, dtype, shape, Encoded, base ref)`` in ``state_dict`` order.
+
+    An alias has no dtype or Encoded. With an update's ``matcher``
+    (:class:`codec.update.plan.Matcher`) a tensor coded from a base tensor
+    has its base ref: Encoded None for an unchanged one, else the coded
+    difference.
 
     Each tensor is fetched from ``state_dict`` once, when its turn comes,
     and its blobs are coded by ``jobs`` threads while the following tensors
@@ -210,12 +238,15 @@ def _encode_in_order(state_dict: Mapping[str, torch.Tensor], aliases: dict[str, 
     try:
         for name in state_dict:
             if name in aliases:
-                pending.append((name, aliases[name], None, (), None, 0))
+                pending.append((name, aliases[name], None, (), None, 0, None))
             else:
                 array, dtype_name = to_numpy(state_dict[name])
                 dtype = get_dtype(dtype_name)
-                job = start_encode(array, dtype, options_for(name), executor)
-                pending.append((name, None, dtype, tuple(array.shape), job, array.nbytes))
+                opts = options_for(name)
+                mode, ref = ("full", None) if matcher is None else matcher.decide(name, array, dtype, opts)
+                coded = matcher.delta_array(name, array, dtype) if mode == "delta" else array
+                job = None if mode == "unchanged" else start_encode(coded, dtype, opts, executor)
+                pending.append((name, None, dtype, tuple(array.shape), job, array.nbytes, ref))
                 ahead += array.nbytes
                 del array
             while len(pending) > window or (len(pending) > 1 and ahead > AHEAD_BYTES):
@@ -233,8 +264,8 @@ def _encode_in_order(state_dict: Mapping[str, torch.Tensor], aliases: dict[str, 
 
 def _finish_encode(pending: deque) -> tuple:
     """Pop the oldest tensor of :func:`_encode_in_order` and wait for it, keeping no reference to its input."""
-    name, target, dtype, shape, job, _ = pending.popleft()
-    return name, target, dtype, shape, None if job is None else job.result()
+    name, target, dtype, shape, job, _, ref = pending.popleft()
+    return name, target, dtype, shape, None if job is None else job.result(), ref
 
 
 def _aliases(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -266,7 +297,7 @@ def _shape(state_dict: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]
 
 
 def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress,
-          attachments, jobs):
+          attachments, jobs, matcher=None):
     """Run the rate-distortion allocator over the stored tensors; options per name.
 
     The budget's fixed part counts the header, the index without tensor
@@ -289,8 +320,16 @@ def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_
         att.blobs = [BlobRef(10**12, len(blob), 0xFFFFFFFF)]  # generous digits for the offset
         attached.append(att)
         attached_bytes += len(blob)
+    base_id = None
+    menu = None
+    if matcher is not None:
+        from .format import BaseId
+        from .update.plan import UpdateMenu
+
+        base_id, menu = BaseId(matcher.base.digest(), len(matcher.base)), UpdateMenu(matcher)
     skeleton = Index([TensorEntry(n, get_dtype(TORCH_DTYPES[state_dict[n].dtype]), tuple(state_dict[n].shape),
-                                  alias=a) for n, a in aliases.items()], meta, encoder, attachments=attached).to_bytes()
+                                  alias=a) for n, a in aliases.items()], meta, encoder, attachments=attached,
+                     base=base_id).to_bytes()
     score = None
     if calibrate is not None:
         dtypes = {n: TORCH_DTYPES[t.dtype] for n, t in state_dict.items()}
@@ -305,7 +344,7 @@ def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_
     return plan_options(tensors, base, lambda name: rules.options_for(name, base),
                         bits_per_weight=bits_per_weight, max_error=max_error,
                         overhead_bytes=HEADER_SIZE + len(skeleton) + attached_bytes, score=score, progress=progress,
-                        jobs=jobs, total_weights=sum(math.prod(_shape(state_dict, n)) for n in stored))
+                        jobs=jobs, total_weights=sum(math.prod(_shape(state_dict, n)) for n in stored), menu=menu)
 
 
 class JwtFile:
@@ -313,11 +352,19 @@ class JwtFile:
 
     Only the header and index are read on opening; ``get`` reads and
     decodes one tensor. Use as a context manager to close the file.
+    An update (``is_update``) decodes against ``base`` (see :func:`as_base`),
+    checked on opening; without one only its index can be read.
     """
 
     def __init__(self, source: str | os.PathLike[str] | BinaryIO | bytes, limits: Limits = DEFAULT_LIMITS,
-                 jobs: int | None = None, timeout: float | None = None):
-        self.reader = Reader(source, limits=limits, jobs=jobs, timeout=timeout)
+                 jobs: int | None = None, timeout: float | None = None, base: Any = None):
+        self.reader = Reader(source, limits=limits, jobs=jobs, timeout=timeout,
+                             base=None if base is None else as_base(base, limits))
+
+    @property
+    def is_update(self) -> bool:
+        """True for an update (format 1.1): its tensors are decoded against a base."""
+        return self.reader.is_update
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -336,6 +383,12 @@ class JwtFile:
 
     def __len__(self) -> int:
         return len(self.reader.entries)
+
+    def check_base(self) -> None:
+        """BaseError unless the file is a model, or an update opened with its base."""
+        from .update import check_base
+
+        check_base(self.reader.index, self.reader.base, self.reader.name)
 
     def get(self, name: str) -> torch.Tensor:
         """Decode and return one tensor."""
@@ -375,21 +428,23 @@ class JwtFile:
 
 
 def open(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = DEFAULT_LIMITS,  # noqa: A001
-         jobs: int | None = None, timeout: float | None = None) -> JwtFile:
+         jobs: int | None = None, timeout: float | None = None, base: Any = None) -> JwtFile:
     """Open a .jwt file lazily (see :class:`JwtFile`).
 
     ``source`` is a path, an ``http(s)://`` URL (read with Range requests:
     the index first, then one request per tensor asked for), a binary file
     object (a pipe works, in file order) or bytes. ``jobs`` decoding
     threads (None: one per core); ``timeout``: HTTP timeout in seconds.
+    ``base``: the model an update is decoded against (a path, a state_dict
+    or a :class:`codec.update.Base`); a wrong base is refused here.
     """
-    return JwtFile(source, limits=limits, jobs=jobs, timeout=timeout)
+    return JwtFile(source, limits=limits, jobs=jobs, timeout=timeout, base=base)
 
 
 def load(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = DEFAULT_LIMITS,
          progress: ProgressFn | None = None, device: str | torch.device | None = None,
          dtype: torch.dtype | str | None = None, jobs: int | None = None,
-         timeout: float | None = None) -> dict[str, torch.Tensor]:
+         timeout: float | None = None, base: Any = None) -> dict[str, torch.Tensor]:
     """Decode a whole .jwt file into a state_dict (shared tensors stay shared).
 
     ``source`` as for :func:`open`; from a URL the data section is streamed
@@ -398,12 +453,16 @@ def load(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = 
 
     ``device`` moves every tensor there; ``dtype`` (a floating torch dtype
     or its name, e.g. ``"bfloat16"``) casts the floating tensors only.
+    ``base``: for an update, the model it was made against (as for
+    :func:`open`); an update without its base, or with another, raises
+    :class:`codec.BaseError` before anything is decoded.
     """
     if isinstance(dtype, str):
         dtype = _BY_NAME.get(dtype, dtype)  # type: ignore[arg-type]
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise EncodeError(f"dtype {dtype!r} is not a floating torch dtype")
-    with JwtFile(source, limits=limits, jobs=jobs, timeout=timeout) as f:
+    with JwtFile(source, limits=limits, jobs=jobs, timeout=timeout, base=base) as f:
+        f.check_base()
         out = {}
         moved: dict[str, torch.Tensor] = {}  # alias targets after the move, so aliases stay shared
         for name, tensor in f.items():
@@ -456,3 +515,42 @@ def read_state_dict(path: str | os.PathLike[str], *, mmap: bool = False) -> dict
     if not out:
         raise EncodeError(f"{path}: holds no tensors")
     return out
+
+
+def as_base(base: Any, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """An update's base as a :class:`codec.update.Base`: from a Base, a state_dict, or a model file or folder.
+
+    A .jwt is decoded (a base that is itself an update is refused: decode it
+    first); a .pt/.pth, .safetensors or folder is read; a mapping holds torch
+    tensors. The one-line errors name the file.
+    """
+    from .update import Base
+
+    if isinstance(base, Base):
+        return base
+    if isinstance(base, Mapping):
+        return _base_of_tensors(base, "<state_dict>", copy=False)
+    if not isinstance(base, (str, os.PathLike)):
+        raise TypeError(f"base must be a path, a state_dict or a codec.update.Base, not {type(base).__name__}")
+    from . import io_formats
+
+    if not os.path.exists(base):
+        raise FileNotFoundError(2, "no such file", str(base))
+    if io_formats.detect_format(base) == "jwt":
+        return Base.open(base, limits=limits)
+    with io_formats.open_source(base) as source:  # copied: memory maps close with the source
+        return _base_of_tensors(source.tensors, str(base), copy=True)
+
+
+def _base_of_tensors(tensors: Mapping[str, torch.Tensor], name: str, copy: bool) -> Any:
+    """A :class:`codec.update.Base` of torch tensors (storage-form numpy views, or copies)."""
+    from .update import Base
+
+    arrays = {}
+    for key in tensors:
+        tensor = tensors[key]
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"base tensor {key!r}: not a tensor but {type(tensor).__name__}")
+        array, dtype_name = to_numpy(tensor)
+        arrays[key] = (array.copy() if copy else array, get_dtype(dtype_name))
+    return Base(arrays, name)
