@@ -94,7 +94,7 @@ def test_update_without_base_is_not_a_1_0_file_and_1_0_files_stay_1_0(tmp_path):
 
 
 def test_missing_or_wrong_base_is_refused_before_decoding(tmp_path):
-    """load without a base, or with another or a modified one, raises BaseError naming the tensor; open reads the index."""
+    """load without a base, or with another or a modified one: BaseError naming the tensor; open reads the index."""
     old, new = _models()
     path = tmp_path / "u.jwt"
     codec.save(new, path, base=old)
