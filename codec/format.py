@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from .blobcodecs import BlobCodec, get_codec
 from .dtypes import DType, get_dtype
@@ -293,6 +296,19 @@ def check_index_crc(header: bytes, index_bytes: bytes) -> None:
         raise ChecksumError(f"index: stored crc32 0x{stored:08x}, computed 0x{computed:08x}")
 
 
+#: A JSON string (with its escapes), to blank out before counting brackets.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def json_depth(data: bytes) -> int:
+    """Deepest nesting of arrays and objects in JSON text (brackets inside strings do not count)."""
+    bare = np.frombuffer(_JSON_STRING.sub(b'""', data), np.uint8)
+    step = np.zeros(len(bare), np.int64)
+    step[(bare == ord("[")) | (bare == ord("{"))] = 1
+    step[(bare == ord("]")) | (bare == ord("}"))] = -1
+    return int(np.cumsum(step).max(initial=0))
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"non-standard JSON constant {name}")
 
@@ -362,9 +378,14 @@ def parse_index(index_bytes: bytes, minor: int, limits: Limits, flags: int = 0) 
     update (a top-level ``base`` and entries coded from base tensors).
     """
     try:
-        doc = json.loads(
-            index_bytes.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
-        )
+        text = index_bytes.decode("utf-8")
+    except ValueError as exc:
+        raise FormatError(f"index is not valid UTF-8 JSON ({str(exc)[:200]})") from None
+    depth = json_depth(index_bytes)
+    if depth > limits.max_json_depth:
+        raise LimitError(f"index: JSON nested {depth} levels deep, over the limit of {limits.max_json_depth}")
+    try:
+        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         raise FormatError(f"index is not valid UTF-8 JSON ({str(exc)[:200]})") from None
     c = _Checker(limits)
@@ -558,8 +579,10 @@ def _parse_tiling(c: _Checker, doc: dict, entry: TensorEntry, where: str) -> Til
     t = Tiling(mode, rows, cols, th, tw, max(columns, 1), max(rows_per_blob, 1), params)
     if not 1 <= columns <= t.n_tiles or not 1 <= rows_per_blob <= t.mosaic_rows:
         raise c.fail(where, f"columns={columns} / rows_per_blob={rows_per_blob} do not fit {t.n_tiles} tiles")
-    pixels = t.blob_shape(0)[0] * t.blob_shape(0)[1]
-    if max(t.blob_shape(0)) > MAX_BLOB_SIDE or pixels > c.limits.max_blob_pixels:
-        raise LimitError(f"index: {where}: blob image {t.blob_shape(0)} exceeds the limits "
-                         f"({MAX_BLOB_SIDE} a side, {c.limits.max_blob_pixels} pixels)")
+    height, width = t.blob_shape(0)  # the first image blob is the largest
+    if max(height, width) > MAX_BLOB_SIDE:
+        raise c.fail(where, f"image blob of {height} x {width} pixels: a side over {MAX_BLOB_SIDE}")
+    if height * width > c.limits.max_blob_pixels:
+        raise LimitError(f"index: {where}: image blob of {height} x {width} pixels, over the limit of "
+                         f"{c.limits.max_blob_pixels} pixels")
     return t
