@@ -31,10 +31,14 @@ def _default(jwt_path: str, metadata: dict[str, str]) -> str:
 @click.option("--aliases", type=click.Choice(["clone", "drop"]), default="clone", show_default=True,
               help="Tensors that shared storage, in a .safetensors or folder output (which cannot share): write "
                    "a copy under every name, or drop the alias names (for loaders that re-tie weights).")
+@click.option("--base", type=click.Path(path_type=Path), metavar="MODEL",
+              help="For an update: the model it was made against (.jwt, .pt/.pth, .safetensors or a folder). "
+                   "A wrong or modified base is refused before anything is written, naming the first tensor "
+                   "that differs.")
 @jobs_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @handle_errors
-def decode(input: str, output: str | None, aliases: str, jobs: int | None, quiet: bool) -> None:
+def decode(input: str, output: str | None, aliases: str, base: Path | None, jobs: int | None, quiet: bool) -> None:
     """Decode a .jwt container into a .pt state_dict, a .safetensors file or a model folder.
 
     A .pt loads with torch.load(path, weights_only=True), with every name,
@@ -52,6 +56,7 @@ def decode(input: str, output: str | None, aliases: str, jobs: int | None, quiet
       jwt decode model.jwt -o model.safetensors
       jwt decode minilm.jwt -o minilm/
       jwt decode https://example.org/models/minilm.jwt -o minilm.pt
+      jwt decode v2-update.jwt --base v1.jwt -o v2.pt
     """
     from codec import io_formats
     from codec.parallel import jobs_default
@@ -79,6 +84,10 @@ def decode(input: str, output: str | None, aliases: str, jobs: int | None, quiet
         source, name = Path(input), input
     kind = io_formats.output_format(output)
     written: list[str] = []
+    if base is not None and not base.exists():
+        raise fail(f"{base}: no such file (--base)")
+    if base is not None and same_file(base, output):
+        raise fail(f"{output}: refusing to overwrite the base")
 
     with progress_bar(total, "decode", quiet) as bar:
         def progress(tensor: str, n: int) -> None:
@@ -86,7 +95,8 @@ def decode(input: str, output: str | None, aliases: str, jobs: int | None, quiet
             bar.update(n)
 
         with jobs_default(jobs):
-            notes = io_formats.decode_model(source, output, aliases=aliases, name=name, progress=progress)
+            notes = io_formats.decode_model(source, output, aliases=aliases, name=name, progress=progress,
+                                            base=base)
     for message in notes:
         click.echo(f"jwt: warning: {message}", err=True)
     if not quiet:

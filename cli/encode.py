@@ -67,13 +67,19 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
 @click.option("--row-shape", type=SIZE, help="Code every matrix row of H*W values as one HxW tile "
                                               "(e.g. 28x28 for a first layer over MNIST images).")
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Free-form metadata to store (repeatable).")
+@click.option("--base", type=click.Path(path_type=Path), metavar="MODEL",
+              help="Write an update against MODEL (.jwt, .pt/.pth, .safetensors or a folder), the model the "
+                   "receiver already holds: unchanged tensors cost a few bytes, changed ones are coded as "
+                   "differences (or in full, whichever the search prefers), with the error measured on the new "
+                   "weights. A .jwt base is decoded first, so errors do not pile up along a chain of updates. "
+                   "Decode with `jwt decode UPDATE --base MODEL`.")
 @jobs_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @handle_errors
 def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, bits_per_weight: float | None,
            max_error: float | None, rules: tuple[str, ...], quality: int | None, table: str, distance: float | None,
            effort: int, tile: tuple[int, int], row_shape: tuple[int, int] | None, meta: tuple[str, ...],
-           jobs: int | None, quiet: bool) -> None:
+           base: Path | None, jobs: int | None, quiet: bool) -> None:
     """Encode a model (.pt/.pth, .safetensors, or a Hugging Face model folder) into a .jwt container.
 
     A folder's weights (model.safetensors, its shards, or pytorch_model.bin)
@@ -98,6 +104,7 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
       jwt encode model.pt -o model.jwt --codec jpegxl --quality 80
       jwt encode model.safetensors
       jwt encode all-MiniLM-L6-v2/ -o minilm.jwt
+      jwt encode v2.pt --base v1.jwt -o v2-update.jwt -b 0.1
     """
     from codec import api, io_formats
 
@@ -109,6 +116,10 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
     output = io_formats.encode_output(input, output)
     if same_file(input, output):
         raise fail(f"{output}: refusing to overwrite the input")
+    if base is not None and not base.exists():
+        raise fail(f"{base}: no such file (--base)")
+    if base is not None and same_file(base, output):
+        raise fail(f"{output}: refusing to overwrite the base")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         source = io_formats.open_source(input)
@@ -130,6 +141,7 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
             overrides=parse_rules(rules), bits_per_weight=bits_per_weight, max_error=max_error,
             progress=lambda name, n: bar.update(n), codec=codec_name, quality=quality, table=table,
             distance=distance, effort=effort, tile=tile, row_shape=row_shape, bits=bits, jobs=jobs,
+            base=base,
         )
     for message in [str(w.message) for w in caught] + notes:
         click.echo(f"jwt: warning: {message}", err=True)
@@ -138,3 +150,12 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
             totals = written.totals()
         carried = f" and {len(source.attachments)} attachments" if source.attachments else ""
         click.echo(f"{output}: {len(state_dict)} tensors{carried}, {totals.file_bytes:,} bytes ({totals.summary()})")
+        if base is not None:
+            from codec.reader import Reader
+
+            with Reader(output) as reader:
+                kinds = [e for e in reader.index.entries if e.alias is None]
+                same = sum(e.unchanged for e in kinds)
+                delta = sum(e.base is not None and not e.unchanged for e in kinds)
+            click.echo(f"  update against {base}: {delta} differences, {same} unchanged, "
+                       f"{len(kinds) - delta - same} stored in full")

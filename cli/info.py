@@ -19,10 +19,10 @@ def describe(reader) -> dict:
 
     tensors = []
     for e in reader.index.entries:
-        codec = "alias" if e.alias else e.codec.codec_id
+        codec = "alias" if e.alias else "unchanged" if e.unchanged else e.codec.codec_id
         item = {
             "name": e.name, "shape": list(e.shape), "dtype": e.dtype.name, "codec": codec,
-            "params": None if e.alias else {k: v for k, v in e.codec.get_config().items() if k != "id"},
+            "params": None if e.alias or e.unchanged else {k: v for k, v in e.codec.get_config().items() if k != "id"},
             "tiling": e.tiling.to_json() if e.tiling else None,
             "tiles": e.tiling.n_tiles if e.tiling else 0,
             "numel": e.numel, "nbytes": e.stored_bytes, "decoded_nbytes": 0 if e.alias else e.nbytes,
@@ -30,6 +30,8 @@ def describe(reader) -> dict:
         }
         if e.alias:
             item["alias"] = e.alias
+        if e.base is not None:  # an update's entry coded from a base tensor (a difference, or unchanged)
+            item["base"] = e.base.name
         tensors.append(item)
     totals = file_totals(reader.index, reader.size)
     attachments = [{"name": a.name, "size": a.size, "nbytes": a.stored_bytes, "codec": a.codec.codec_id}
@@ -39,6 +41,8 @@ def describe(reader) -> dict:
         "file": reader.name, "format_version": f"1.{reader.index.minor}", "file_bytes": reader.size,
         "tensors": tensors, "attachments": attachments, "metadata": reader.metadata,
         "encoder": reader.index.encoder,
+        "update": None if reader.index.base is None else {"base_sha256": reader.index.base.sha256,
+                                                          "base_tensors": reader.index.base.tensors},
         "totals": {"tensors": len(tensors), "weights": totals.weights, "nbytes": reader.size,
                    "bits_per_weight": totals.bits_per_weight,
                    "ratio_to_fp32": 4 * totals.weights / reader.size if reader.size else 0.0,
@@ -71,7 +75,14 @@ def info(input: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(doc, indent=1, ensure_ascii=False))
         return
-    rows = [(t["name"], _shape(t["shape"]), t["dtype"], t["codec"] if t["codec"] != "alias" else f"={t['alias']}",
+    def codec_text(t: dict) -> str:
+        if t["codec"] == "alias":
+            return f"={t['alias']}"
+        if "base" in t and t["codec"] != "unchanged":
+            return f"{t['codec']}+base" if t["base"] == t["name"] else f"{t['codec']}+base[{t['base']}]"
+        return t["codec"] if t.get("base", t["name"]) == t["name"] else f"unchanged[{t['base']}]"
+
+    rows = [(t["name"], _shape(t["shape"]), t["dtype"], codec_text(t),
              str(t["tiles"]), f"{t['nbytes']:,}", f"{t['bits_per_weight']:.3f}") for t in doc["tensors"]]
     head = ("name", "shape", "dtype", "codec", "tiles", "bytes", "bits/w")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
@@ -91,6 +102,9 @@ def info(input: str, as_json: bool) -> None:
         click.echo(f"{name:>8}: {count} tensors, {numel:,} weights, {nbytes:,} bytes {bpw}")
     click.echo(f"   total: {tot['tensors']} tensors, {tot['weights']:,} weights, {tot['nbytes']:,} bytes, "
                f"{file_totals(reader.index, reader.size).summary()} (format {doc['format_version']})")
+    if doc["update"]:
+        click.echo(f"update: decode with --base, the model whose digest is sha256:{doc['update']['base_sha256']} "
+                   f"({doc['update']['base_tensors']} tensors)")
     if doc["attachments"]:
         click.echo(f"attachments: {tot['attachments']} files, {tot['attachment_size']:,} bytes stored in "
                    f"{tot['attachment_bytes']:,}")

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import (ChecksumError, EncodeError, FormatError, JwtError, LimitError, UnknownCodecError, UsageError,
-                     VersionError)
+from .errors import (BaseError, ChecksumError, EncodeError, FormatError, JwtError, LimitError, UnknownCodecError,
+                     UsageError, VersionError)
 from .limits import DEFAULT_LIMITS, Limits
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "UnknownCodecError",
     "EncodeError",
     "UsageError",
+    "BaseError",
 ]
 
 

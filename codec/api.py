@@ -137,6 +137,7 @@ def save(
     progress: ProgressFn | None = None,
     attachments: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
     jobs: int | None = None,
+    base: Any = None,
     **options: Any,
 ) -> list[str]:
     """Encode ``state_dict`` to a .jwt file at ``path`` (atomically).
@@ -172,14 +173,24 @@ def save(
     are taken one at a time, at most ``jobs`` of them (and
     :data:`codec.parallel.AHEAD_BYTES` of input beyond the newest) in
     flight, so a lazy ``state_dict`` is never held whole.
+
+    ``base`` makes the file an **update** (spec section 12) against a model
+    the receiver already holds: a path (.jwt, .pt/.pth, .safetensors or a
+    model folder), a state_dict, or a :class:`codec.update.Base`. A .jwt
+    base is decoded first, so differences are taken against what the
+    receiver decodes. Each tensor is stored as unchanged (bit-identical to a
+    base tensor), as a difference from the base tensor of its name, or in
+    full (new, reshaped, other dtype); with a rate target the search chooses
+    among full, difference and unchanged, measuring the error on the
+    reconstructed weights.
     """
     jobs = resolve_jobs(jobs)
-    base = EncodeOptions(**options)
+    opts = EncodeOptions(**options)
     problem = option_conflicts(given_options(options), searching=bits_per_weight is not None or max_error is not None)
     if problem:
         raise EncodeError(problem)
     rules = Overrides(overrides)
-    rules.check(base)
+    rules.check(opts)
     meta, encoder = dict(metadata or {}), encoder_versions()
     notes: list[str] = []
     if isinstance(state_dict, torch.nn.Module):
@@ -199,32 +210,44 @@ def save(
     if overlaps:  # views that share part of their memory: kept exact, so they stay equal where they overlap
         notes.append(f"tensors {', '.join(map(repr, overlaps[:10]))}{', ...' if len(overlaps) > 10 else ''} "
                      "share part of their memory (overlapping views): stored losslessly so they stay equal there")
-        lossless = dataclasses.replace(base, codec="lossless")
+        lossless = dataclasses.replace(opts, codec="lossless")
         rules = _Forced(rules, set(overlaps), lossless)
+    matcher = None
+    if base is not None:
+        from .format import BaseId
+        from .update.plan import Matcher
+
+        update_base = as_base(base)
+        matcher = Matcher(update_base)
+        base_id = BaseId(update_base.digest(), len(update_base))
     if bits_per_weight is not None or max_error is not None:
-        chosen = _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate,
-                       progress, attachments or {}, jobs)
+        chosen = _plan(state_dict, aliases, opts, rules, meta, encoder, bits_per_weight, max_error, calibrate,
+                       progress, attachments or {}, jobs, matcher)
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
     else:
-        options_for = lambda name: rules.options_for(name, base) or base  # noqa: E731
+        options_for = lambda name: rules.options_for(name, opts) or opts  # noqa: E731
     stored: list[tuple[str, tuple[int, ...], Any]] = []
-    with Writer(path, metadata=meta, encoder=encoder) as writer:
-        for name, target, dtype, shape, encoded in _encode_in_order(state_dict, aliases, options_for, jobs):
+    with Writer(path, metadata=meta, encoder=encoder, base=None if matcher is None else base_id) as writer:
+        for name, target, dtype, shape, encoded, ref in _encode_in_order(state_dict, aliases, options_for, jobs,
+                                                                         matcher):
             if target is not None:
                 writer.add_alias(name, target)
                 continue
+            if encoded is None:
+                writer.add_unchanged(name, dtype, shape, ref)
+                continue
             if encoded.fallback:
                 notes.append(f"tensor {name!r}: stored losslessly ({encoded.fallback})")
-            if encoded.rel_error is not None and encoded.rel_error >= ZERO_ERROR:
+            if ref is None and encoded.rel_error is not None and encoded.rel_error >= ZERO_ERROR:
                 notes.append(f"tensor {name!r}: relative error {encoded.rel_error:.3g} with {_describe(encoded)}, "
                              "no better than storing zeros (error 1); choose more bits or a higher quality")
-            writer.add(name, dtype, shape, encoded)
+            writer.add(name, dtype, shape, encoded, base=ref)
             stored.append((name, shape, dtype))
             if progress:
                 progress(name, math.prod(shape))
         for name, data in (attachments or {}).items():
             writer.add_attachment(name, data)
-    return ignored_options(stored, base, rules) + notes
+    return ignored_options(stored, opts, rules) + notes
 
 
 def _describe(encoded) -> str:
@@ -234,8 +257,13 @@ def _describe(encoded) -> str:
 
 
 def _encode_in_order(state_dict: Mapping[str, torch.Tensor], aliases: dict[str, str],
-                     options_for: Callable[[str], EncodeOptions], jobs: int):
-    """Yield ``(name, alias target, dtype, shape, Encoded)`` in ``state_dict`` order (alias: no dtype/Encoded).
+                     options_for: Callable[[str], EncodeOptions], jobs: int, matcher: Any = None):
+    """Yield ``(name, alias target, dtype, shape, Encoded, base ref)`` in ``state_dict`` order.
+
+    An alias has no dtype or Encoded. With an update's ``matcher``
+    (:class:`codec.update.plan.Matcher`) a tensor coded from a base tensor
+    has its base ref: Encoded None for an unchanged one, else the coded
+    difference.
 
     Each tensor is fetched from ``state_dict`` once, when its turn comes,
     and its blobs are coded by ``jobs`` threads while the following tensors
@@ -248,12 +276,15 @@ def _encode_in_order(state_dict: Mapping[str, torch.Tensor], aliases: dict[str, 
     try:
         for name in state_dict:
             if name in aliases:
-                pending.append((name, aliases[name], None, (), None, 0))
+                pending.append((name, aliases[name], None, (), None, 0, None))
             else:
                 array, dtype_name = to_numpy(state_dict[name])
                 dtype = get_dtype(dtype_name)
-                job = start_encode(array, dtype, options_for(name), executor, check=True)
-                pending.append((name, None, dtype, tuple(array.shape), job, array.nbytes))
+                opts = options_for(name)
+                mode, ref = ("full", None) if matcher is None else matcher.decide(name, array, dtype, opts)
+                coded = matcher.delta_array(name, array, dtype) if mode == "delta" else array
+                job = None if mode == "unchanged" else start_encode(coded, dtype, opts, executor, check=True)
+                pending.append((name, None, dtype, tuple(array.shape), job, array.nbytes, ref))
                 ahead += array.nbytes
                 del array
             while len(pending) > window or (len(pending) > 1 and ahead > AHEAD_BYTES):
@@ -271,8 +302,8 @@ def _encode_in_order(state_dict: Mapping[str, torch.Tensor], aliases: dict[str, 
 
 def _finish_encode(pending: deque) -> tuple:
     """Pop the oldest tensor of :func:`_encode_in_order` and wait for it, keeping no reference to its input."""
-    name, target, dtype, shape, job, _ = pending.popleft()
-    return name, target, dtype, shape, None if job is None else job.result()
+    name, target, dtype, shape, job, _, ref = pending.popleft()
+    return name, target, dtype, shape, None if job is None else job.result(), ref
 
 
 def _check_tensors(state_dict: Mapping) -> bool:
@@ -350,7 +381,7 @@ def _shape(state_dict: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]
 
 
 def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress,
-          attachments, jobs):
+          attachments, jobs, matcher=None):
     """Run the rate-distortion allocator over the stored tensors; options per name.
 
     The budget's fixed part counts the header, the index without tensor
@@ -373,8 +404,16 @@ def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_
         att.blobs = [BlobRef(10**12, len(blob), 0xFFFFFFFF)]  # generous digits for the offset
         attached.append(att)
         attached_bytes += len(blob)
+    base_id = None
+    menu = None
+    if matcher is not None:
+        from .format import BaseId
+        from .update.plan import UpdateMenu
+
+        base_id, menu = BaseId(matcher.base.digest(), len(matcher.base)), UpdateMenu(matcher)
     skeleton = Index([TensorEntry(n, get_dtype(TORCH_DTYPES[state_dict[n].dtype]), tuple(state_dict[n].shape),
-                                  alias=a) for n, a in aliases.items()], meta, encoder, attachments=attached).to_bytes()
+                                  alias=a) for n, a in aliases.items()], meta, encoder, attachments=attached,
+                     base=base_id).to_bytes()
     score = None
     if calibrate is not None:
         dtypes = {n: TORCH_DTYPES[t.dtype] for n, t in state_dict.items()}
@@ -389,7 +428,7 @@ def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_
     return plan_options(tensors, base, lambda name: rules.options_for(name, base),
                         bits_per_weight=bits_per_weight, max_error=max_error,
                         overhead_bytes=HEADER_SIZE + len(skeleton) + attached_bytes, score=score, progress=progress,
-                        jobs=jobs, total_weights=sum(math.prod(_shape(state_dict, n)) for n in stored))
+                        jobs=jobs, total_weights=sum(math.prod(_shape(state_dict, n)) for n in stored), menu=menu)
 
 
 class JwtFile:
@@ -397,11 +436,19 @@ class JwtFile:
 
     Only the header and index are read on opening; ``get`` reads and
     decodes one tensor. Use as a context manager to close the file.
+    An update (``is_update``) decodes against ``base`` (see :func:`as_base`),
+    checked on opening; without one only its index can be read.
     """
 
     def __init__(self, source: str | os.PathLike[str] | BinaryIO | bytes, limits: Limits = DEFAULT_LIMITS,
-                 jobs: int | None = None, timeout: float | None = None):
-        self.reader = Reader(source, limits=limits, jobs=jobs, timeout=timeout)
+                 jobs: int | None = None, timeout: float | None = None, base: Any = None):
+        self.reader = Reader(source, limits=limits, jobs=jobs, timeout=timeout,
+                             base=None if base is None else as_base(base, limits))
+
+    @property
+    def is_update(self) -> bool:
+        """True for an update (format 1.1): its tensors are decoded against a base."""
+        return self.reader.is_update
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -441,6 +488,12 @@ class JwtFile:
         """Size figures from the index (:mod:`codec.stats`): ``.weights``, ``.bits_per_weight``, ``.ratio``."""
         return file_totals(self.reader.index, self.reader.size)
 
+    def check_base(self) -> None:
+        """BaseError unless the file is a model, or an update opened with its base."""
+        from .update import check_base
+
+        check_base(self.reader.index, self.reader.base, self.reader.name)
+
     @property
     def attachments(self) -> list[str]:
         """Names (relative POSIX paths) of the non-tensor files carried in the file."""
@@ -475,15 +528,17 @@ class JwtFile:
 
 
 def open(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = DEFAULT_LIMITS,  # noqa: A001
-         jobs: int | None = None, timeout: float | None = None) -> JwtFile:
+         jobs: int | None = None, timeout: float | None = None, base: Any = None) -> JwtFile:
     """Open a .jwt file lazily (see :class:`JwtFile`).
 
     ``source`` is a path, an ``http(s)://`` URL (read with Range requests:
     the index first, then one request per tensor asked for), a binary file
     object (a pipe works, in file order) or bytes. ``jobs`` decoding
     threads (None: one per core); ``timeout``: HTTP timeout in seconds.
+    ``base``: the model an update is decoded against (a path, a state_dict
+    or a :class:`codec.update.Base`); a wrong base is refused here.
     """
-    return JwtFile(source, limits=limits, jobs=jobs, timeout=timeout)
+    return JwtFile(source, limits=limits, jobs=jobs, timeout=timeout, base=base)
 
 
 def _float_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -504,7 +559,7 @@ def _float_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 def load(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = DEFAULT_LIMITS,
          progress: ProgressFn | None = None, device: str | torch.device | None = None,
          dtype: torch.dtype | str | None = None, jobs: int | None = None,
-         timeout: float | None = None) -> dict[str, torch.Tensor]:
+         timeout: float | None = None, base: Any = None) -> dict[str, torch.Tensor]:
     """Decode a whole .jwt file into a state_dict (shared tensors stay shared).
 
     ``source`` as for :func:`open`; from a URL the data section is streamed
@@ -513,9 +568,13 @@ def load(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = 
 
     ``device`` moves every tensor there; ``dtype`` (a floating torch dtype
     or its name, e.g. ``"bfloat16"``) casts the floating tensors only.
+    ``base``: for an update, the model it was made against (as for
+    :func:`open`); an update without its base, or with another, raises
+    :class:`codec.BaseError` before anything is decoded.
     """
     dtype = _float_dtype(dtype)
-    with JwtFile(source, limits=limits, jobs=jobs, timeout=timeout) as f:
+    with JwtFile(source, limits=limits, jobs=jobs, timeout=timeout, base=base) as f:
+        f.check_base()
         out = {}
         moved: dict[str, torch.Tensor] = {}  # alias targets after the move, so aliases stay shared
         for name, tensor in f.items():
@@ -710,3 +769,42 @@ def read_state_dict(path: str | os.PathLike[str], *, mmap: bool = False) -> dict
     if dropped:
         warnings.warn(dropped_note(str(path), dropped), stacklevel=2)
     return tensors
+
+
+def as_base(base: Any, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """An update's base as a :class:`codec.update.Base`: from a Base, a state_dict, or a model file or folder.
+
+    A .jwt is decoded (a base that is itself an update is refused: decode it
+    first); a .pt/.pth, .safetensors or folder is read; a mapping holds torch
+    tensors. The one-line errors name the file.
+    """
+    from .update import Base
+
+    if isinstance(base, Base):
+        return base
+    if isinstance(base, Mapping):
+        return _base_of_tensors(base, "<state_dict>", copy=False)
+    if not isinstance(base, (str, os.PathLike)):
+        raise TypeError(f"base must be a path, a state_dict or a codec.update.Base, not {type(base).__name__}")
+    from . import io_formats
+
+    if not os.path.exists(base):
+        raise FileNotFoundError(2, "no such file", str(base))
+    if io_formats.detect_format(base) == "jwt":
+        return Base.open(base, limits=limits)
+    with io_formats.open_source(base) as source:  # copied: memory maps close with the source
+        return _base_of_tensors(source.tensors, str(base), copy=True)
+
+
+def _base_of_tensors(tensors: Mapping[str, torch.Tensor], name: str, copy: bool) -> Any:
+    """A :class:`codec.update.Base` of torch tensors (storage-form numpy views, or copies)."""
+    from .update import Base
+
+    arrays = {}
+    for key in tensors:
+        tensor = tensors[key]
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"base tensor {key!r}: not a tensor but {type(tensor).__name__}")
+        array, dtype_name = to_numpy(tensor)
+        arrays[key] = (array.copy() if copy else array, get_dtype(dtype_name))
+    return Base(arrays, name)

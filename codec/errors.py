@@ -18,6 +18,7 @@ __all__ = [
     "UnknownCodecError",
     "EncodeError",
     "UsageError",
+    "BaseError",
 ]
 
 
@@ -30,7 +31,7 @@ class FormatError(JwtError):
 
 
 class VersionError(FormatError):
-    """The file has a major version this reader does not implement."""
+    """The file needs a newer reader: another major version, or a header flag of a later minor version."""
 
 
 class ChecksumError(FormatError):
@@ -43,6 +44,10 @@ class LimitError(JwtError):
 
 class UnknownCodecError(FormatError):
     """A tensor names a codec this reader does not know."""
+
+
+class BaseError(JwtError):
+    """An update's base is missing, or is not the base the update was made against (spec section 12)."""
 
 
 class EncodeError(JwtError):

@@ -9,8 +9,8 @@ in the fixed order the spec gives; it reads and writes no files itself.
     offset  size  field
     0       8     magic  89 4A 57 54 0D 0A 1A 0A  ("\\x89JWT\\r\\n\\x1a\\n")
     8       2     major version (u16 LE) = 1
-    10      2     minor version (u16 LE) = 0
-    12      4     flags (u32 LE), reserved, must be 0
+    10      2     minor version (u16 LE) = 0, or 1 for an update
+    12      4     flags (u32 LE): bit 0 "update" (1.1), the others reserved
     16      8     index length in bytes (u64 LE)
     24      4     CRC-32 of the index bytes (u32 LE)
     28      4     CRC-32 of header bytes 0..27 (u32 LE)
@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from .blobcodecs import BlobCodec, get_codec
 from .dtypes import DType, get_dtype
@@ -48,12 +51,23 @@ __all__ = [
     "parse_index",
     "crc32",
     "attachment_name_error",
+    "BaseRef",
+    "BaseId",
+    "FLAG_UPDATE",
 ]
 
 MAGIC = b"\x89JWT\r\n\x1a\n"
 MAJOR = 1
-MINOR = 0
+#: The minor version this reader implements (1.1: updates). Writers write the
+#: smallest minor version whose features the file uses (0 unless an update).
+MINOR = 1
 HEADER_SIZE = 32
+#: Header flag bit 0 (format 1.1): the file is an update, decoded against a base (spec section 12).
+FLAG_UPDATE = 1
+#: flag bit -> (name, minor version that defines it). A reader refuses a set flag it does not implement.
+FLAGS = {FLAG_UPDATE: ("update", 1)}
+#: Hex digits of a SHA-256 digest as the index writes it (lowercase).
+_HEX64 = frozenset("0123456789abcdef")
 _HEADER = struct.Struct("<8sHHIQI")
 
 
@@ -71,6 +85,28 @@ class BlobRef:
     crc32: int
 
 
+@dataclass(frozen=True)
+class BaseRef:
+    """Where an update entry's value comes from: a base tensor and the SHA-256 of its storage bytes (1.1)."""
+
+    name: str
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class BaseId:
+    """The base an update was made against: the digest of its whole tensor set and its tensor count (1.1)."""
+
+    sha256: str
+    tensors: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "tensors": self.tensors}
+
+
 @dataclass
 class TensorEntry:
     """One index entry: a stored tensor, or an alias of an earlier one."""
@@ -82,6 +118,14 @@ class TensorEntry:
     tiling: Tiling | None = None
     blobs: list[BlobRef] = field(default_factory=list)
     alias: str | None = None
+    #: Update entries (1.1): the base tensor this one is coded from. With a codec the
+    #: blobs hold the difference (a delta entry); without one the value is the base's.
+    base: BaseRef | None = None
+
+    @property
+    def unchanged(self) -> bool:
+        """True for an update entry whose value is its base tensor's, bit for bit."""
+        return self.base is not None and self.codec is None
 
     @property
     def numel(self) -> int:
@@ -109,6 +153,10 @@ class TensorEntry:
         if self.alias is not None:
             out["alias"] = self.alias
             return out
+        if self.base is not None:
+            out["base"] = self.base.to_json()
+            if self.codec is None:
+                return out
         assert self.codec is not None
         out["codec"] = self.codec.get_config()
         if self.tiling is not None:
@@ -176,6 +224,18 @@ class Index:
     minor: int = MINOR
     #: Non-tensor files; their blobs follow every tensor blob.
     attachments: list[Attachment] = field(default_factory=list)
+    #: The base of an update (header flag "update", format 1.1); None for a model file.
+    base: BaseId | None = None
+
+    @property
+    def flags(self) -> int:
+        """The header flags this index needs."""
+        return FLAG_UPDATE if self.base is not None else 0
+
+    @property
+    def file_minor(self) -> int:
+        """The minor version a writer puts in the header: the smallest that defines every feature used."""
+        return max([0] + [FLAGS[bit][1] for bit in FLAGS if self.flags & bit])
 
     @property
     def data_length(self) -> int:
@@ -184,21 +244,26 @@ class Index:
 
     def to_bytes(self) -> bytes:
         """Serialize deterministically (fixed key order, no whitespace)."""
-        doc: dict[str, Any] = {"tensors": [e.to_json() for e in self.entries]}
+        doc: dict[str, Any] = {} if self.base is None else {"base": self.base.to_json()}
+        doc["tensors"] = [e.to_json() for e in self.entries]
         if self.attachments:
             doc["attachments"] = [a.to_json() for a in self.attachments]
         doc.update(metadata=self.metadata, encoder=self.encoder)
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-def pack_header(index_bytes: bytes) -> bytes:
-    """Return the 32-byte header for ``index_bytes``."""
-    head = _HEADER.pack(MAGIC, MAJOR, MINOR, 0, len(index_bytes), crc32(index_bytes))
+def pack_header(index_bytes: bytes, minor: int = 0, flags: int = 0) -> bytes:
+    """Return the 32-byte header for ``index_bytes`` (a 1.0 file unless told otherwise)."""
+    head = _HEADER.pack(MAGIC, MAJOR, minor, flags, len(index_bytes), crc32(index_bytes))
     return head + struct.pack("<I", crc32(head))
 
 
-def unpack_header(header: bytes, limits: Limits) -> tuple[int, int]:
-    """Validate a header; return ``(minor, index_length)``."""
+def unpack_header(header: bytes, limits: Limits, implements: int | None = None) -> tuple[int, int, int]:
+    """Validate a header; return ``(minor, flags, index_length)``.
+
+    ``implements`` is the minor version of the reader (default :data:`MINOR`):
+    a flag defined by a later minor version, or by none, is a VersionError.
+    """
     if len(header) < HEADER_SIZE:
         if MAGIC.startswith(header[:8]) and header:
             raise FormatError(f"truncated: {len(header)} bytes, a .jwt header needs {HEADER_SIZE}")
@@ -211,11 +276,17 @@ def unpack_header(header: bytes, limits: Limits) -> tuple[int, int]:
         raise ChecksumError(f"header: stored crc32 0x{stored:08x}, computed 0x{computed:08x}")
     if major != MAJOR:
         raise VersionError(f"format version {major}.{minor} is not supported (this reader implements {MAJOR}.x)")
-    if flags:
-        raise FormatError(f"header flags 0x{flags:08x}: reserved bits must be 0")
+    implements = MINOR if implements is None else implements
+    for bit in range(32):
+        name, defined = FLAGS.get(1 << bit, (None, None))
+        if flags & (1 << bit) and (defined is None or defined > implements):
+            what = (f"flag {name!r} (format 1.{defined})" if name
+                    else f"flag bit {bit} (defined by no version up to 1.{implements})")
+            raise VersionError(f"format {major}.{minor} file with the header {what}, which this reader "
+                               f"({MAJOR}.{implements}) does not implement; a newer reader is needed")
     if index_length > limits.max_index_bytes:
         raise LimitError(f"index of {index_length} bytes exceeds the limit of {limits.max_index_bytes}")
-    return minor, index_length
+    return minor, flags, index_length
 
 
 def check_index_crc(header: bytes, index_bytes: bytes) -> None:
@@ -223,6 +294,19 @@ def check_index_crc(header: bytes, index_bytes: bytes) -> None:
     stored, computed = struct.unpack_from("<I", header, 24)[0], crc32(index_bytes)
     if stored != computed:
         raise ChecksumError(f"index: stored crc32 0x{stored:08x}, computed 0x{computed:08x}")
+
+
+#: A JSON string (with its escapes), to blank out before counting brackets.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def json_depth(data: bytes) -> int:
+    """Deepest nesting of arrays and objects in JSON text (brackets inside strings do not count)."""
+    bare = np.frombuffer(_JSON_STRING.sub(b'""', data), np.uint8)
+    step = np.zeros(len(bare), np.int64)
+    step[(bare == ord("[")) | (bare == ord("{"))] = 1
+    step[(bare == ord("]")) | (bare == ord("}"))] = -1
+    return int(np.cumsum(step).max(initial=0))
 
 
 def _reject_constant(name: str) -> None:
@@ -247,6 +331,15 @@ class _Checker:
 
     def __init__(self, limits: Limits):
         self.limits = limits
+        #: Whether the file is an update (entries may name base tensors).
+        self.update = False
+
+    def sha256(self, obj: dict, where: str) -> str:
+        """The ``sha256`` field of ``obj``: 64 lowercase hex digits."""
+        value = self.get(obj, "sha256", where, str)
+        if len(value) != 64 or not _HEX64.issuperset(value):
+            raise self.fail(where, f"sha256 must be 64 lowercase hex digits, found {value!r:.80}")
+        return value
 
     def fail(self, where: str, msg: str) -> FormatError:
         return FormatError(f"index: {where}: {msg}")
@@ -278,12 +371,21 @@ class _Checker:
         return {self.text(k, f"{key} key"): self.text(v, f"{key}[{k!r}]") for k, v in value.items()}
 
 
-def parse_index(index_bytes: bytes, minor: int, limits: Limits) -> Index:
-    """Parse and validate the index; blob offsets are checked to be contiguous."""
+def parse_index(index_bytes: bytes, minor: int, limits: Limits, flags: int = 0) -> Index:
+    """Parse and validate the index; blob offsets are checked to be contiguous.
+
+    ``flags`` are the header's: with ``FLAG_UPDATE`` the index describes an
+    update (a top-level ``base`` and entries coded from base tensors).
+    """
     try:
-        doc = json.loads(
-            index_bytes.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
-        )
+        text = index_bytes.decode("utf-8")
+    except ValueError as exc:
+        raise FormatError(f"index is not valid UTF-8 JSON ({str(exc)[:200]})") from None
+    depth = json_depth(index_bytes)
+    if depth > limits.max_json_depth:
+        raise LimitError(f"index: JSON nested {depth} levels deep, over the limit of {limits.max_json_depth}")
+    try:
+        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         raise FormatError(f"index is not valid UTF-8 JSON ({str(exc)[:200]})") from None
     c = _Checker(limits)
@@ -293,6 +395,17 @@ def parse_index(index_bytes: bytes, minor: int, limits: Limits) -> Index:
     if len(tensors) > limits.max_tensors:
         raise LimitError(f"index: {len(tensors)} tensors exceed the limit of {limits.max_tensors}")
     index = Index([], c.string_map(doc, "metadata"), c.string_map(doc, "encoder"), minor)
+    c.update = bool(flags & FLAG_UPDATE)
+    base_doc = c.get(doc, "base", "top level", dict, optional=True)
+    if c.update:
+        if base_doc is None:
+            raise c.fail("top level", "an update (header flag 'update') needs a 'base' object")
+        count = c.get(base_doc, "tensors", "base", int)
+        if count < 0:
+            raise c.fail("base", f"tensors must be non-negative, found {count}")
+        index.base = BaseId(c.sha256(base_doc, "base"), count)
+    elif base_doc is not None:
+        raise c.fail("top level", "'base' belongs to updates, and the header flag 'update' is not set")
     by_name: dict[str, TensorEntry] = {}
     offset = total = 0
     for i, obj in enumerate(tensors):
@@ -383,10 +496,24 @@ def _parse_entry(c: _Checker, obj: Any, i: int, by_name: dict[str, TensorEntry],
             raise c.fail(where, f"alias {alias!r:.80} does not name an earlier stored tensor")
         if (target.dtype, target.shape) != (dtype, entry.shape):
             raise c.fail(where, f"alias of {alias!r} must have its dtype and shape")
-        if "codec" in obj or "blobs" in obj:
-            raise c.fail(where, "an alias has no codec or blobs")
+        misplaced = [k for k in ("codec", "tiling", "blobs", "base") if k in obj]
+        if misplaced:
+            raise c.fail(where, f"an alias has no {', '.join(misplaced)}")
         entry.alias = alias
         return entry
+    base_doc = c.get(obj, "base", where, dict, optional=True)
+    if base_doc is not None:
+        if not c.update:
+            raise c.fail(where, "'base' belongs to updates, and the header flag 'update' is not set")
+        entry.base = BaseRef(c.text(c.get(base_doc, "name", where + ".base", str), where + ".base.name"),
+                             c.sha256(base_doc, where + ".base"))
+        if "codec" not in obj:  # unchanged: the base tensor's value
+            misplaced = [k for k in ("tiling", "blobs") if k in obj]
+            if misplaced:
+                raise c.fail(where, f"an unchanged entry (base without codec) has no {', '.join(misplaced)}")
+            return entry
+        if not dtype.floating:
+            raise c.fail(where, f"a difference from the base needs a floating dtype, found {dtype.name}")
     entry.codec = get_codec(c.get(obj, "codec", where, dict))
     entry.blobs = _parse_blobs(c, c.get(obj, "blobs", where, list), where, offset)
     tiling_doc = c.get(obj, "tiling", where, dict, optional=True)
@@ -452,8 +579,10 @@ def _parse_tiling(c: _Checker, doc: dict, entry: TensorEntry, where: str) -> Til
     t = Tiling(mode, rows, cols, th, tw, max(columns, 1), max(rows_per_blob, 1), params)
     if not 1 <= columns <= t.n_tiles or not 1 <= rows_per_blob <= t.mosaic_rows:
         raise c.fail(where, f"columns={columns} / rows_per_blob={rows_per_blob} do not fit {t.n_tiles} tiles")
-    pixels = t.blob_shape(0)[0] * t.blob_shape(0)[1]
-    if max(t.blob_shape(0)) > MAX_BLOB_SIDE or pixels > c.limits.max_blob_pixels:
-        raise LimitError(f"index: {where}: blob image {t.blob_shape(0)} exceeds the limits "
-                         f"({MAX_BLOB_SIDE} a side, {c.limits.max_blob_pixels} pixels)")
+    height, width = t.blob_shape(0)  # the first image blob is the largest
+    if max(height, width) > MAX_BLOB_SIDE:
+        raise c.fail(where, f"image blob of {height} x {width} pixels: a side over {MAX_BLOB_SIDE}")
+    if height * width > c.limits.max_blob_pixels:
+        raise LimitError(f"index: {where}: image blob of {height} x {width} pixels, over the limit of "
+                         f"{c.limits.max_blob_pixels} pixels")
     return t

@@ -604,18 +604,20 @@ def _write_folder(f: api.JwtFile, output: Path, aliases: str, progress: Callable
 
 def decode_model(source: str | os.PathLike[str] | BinaryIO | bytes, output: str | os.PathLike[str], *,
                  aliases: str = "clone", limits: Limits = DEFAULT_LIMITS, name: str | None = None,
-                 progress: Callable[[str, int], None] | None = None) -> list[str]:
+                 progress: Callable[[str, int], None] | None = None, base: Any = None) -> list[str]:
     """Decode a .jwt to ``output``: a ``.pt``, a ``.safetensors`` or a folder (see :func:`output_format`).
 
     Written atomically; works from a non-seekable stream. ``aliases`` is
     how safetensors outputs hold shared tensors (``"clone"`` or ``"drop"``).
-    Returns notes (e.g. attachments a .pt cannot hold).
+    Returns notes (e.g. attachments a .pt cannot hold). An update decodes
+    against ``base`` (:func:`codec.api.as_base`), checked before anything is written.
     """
     fmt = output_format(output)
     out_path = Path(output)
-    with api.open(source, limits=limits) as f:
+    with api.open(source, limits=limits, base=base) as f:
         if name:
             f.reader.name = name
+        f.check_base()
         tree = [] if api.TREE_KEY not in f.metadata else [
             f"the checkpoint's nesting and non-tensor entries are restored in a .pt output only; the tensors are "
             f"written under dotted names (e.g. {next(iter(f.keys()), '')!r})"]

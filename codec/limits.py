@@ -35,6 +35,8 @@ class Limits:
     max_blob_pixels: int = 1 << 26
     #: Blobs of one tensor.
     max_blobs_per_tensor: int = 1 << 20
+    #: Nesting depth of the JSON index (arrays and objects; the top-level object is depth 1).
+    max_json_depth: int = 64
 
 
 DEFAULT_LIMITS = Limits()

@@ -15,6 +15,10 @@ bounded number of decoded bytes waiting to be handed out.
 
 The reader reaches its bytes through a *source* (:mod:`codec.sources`:
 a file, a file object, a stream or an HTTP(S) URL).
+
+An update (format 1.1, :mod:`codec.update`) decodes against a ``base``:
+the reader checks the base when it opens the file, before anything is
+decoded, then adds each entry's decoded difference to its base tensor.
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ChecksumError, FormatError, JwtError
+from .errors import BaseError, ChecksumError, FormatError, JwtError
 from .format import HEADER_SIZE, Attachment, Index, TensorEntry, check_index_crc, crc32, parse_index, unpack_header
 from .limits import DEFAULT_LIMITS, Limits
 from .parallel import AHEAD_BYTES, INLINE, Pending, make_executor, resolve_jobs
 from .sources import open_source
 from .tensorcodec import decode_tensor, start_decode
+from .update import Base, add_difference, check_base
 
 __all__ = ["Reader"]
 
@@ -46,10 +51,15 @@ class Reader:
     Arrays come back in storage form (:mod:`codec.dtypes`). ``jobs`` worker
     threads decode (None: one per core; 1: none). ``timeout`` is the HTTP
     timeout in seconds (None: :data:`codec.sources.http.DEFAULT_TIMEOUT`).
+
+    ``base`` (a :class:`codec.update.Base`) is the model an update file is
+    decoded against; it is checked on opening (BaseError naming the first
+    tensor that differs). An update opened without a base can be inspected,
+    but decoding one of its tensors raises BaseError.
     """
 
     def __init__(self, source: Any, *, limits: Limits = DEFAULT_LIMITS, name: str | None = None,
-                 jobs: int | None = None, timeout: float | None = None):
+                 jobs: int | None = None, timeout: float | None = None, base: Base | None = None):
         self.limits = limits
         self.jobs = resolve_jobs(jobs)
         self._executor: Executor | None = None
@@ -62,14 +72,19 @@ class Reader:
                 self.seekable = bool(self._source.random_access)
                 self._pos = 0
                 header = self._read_exact(HEADER_SIZE, "header")
-                minor, index_length = unpack_header(header, limits)
+                minor, flags, index_length = unpack_header(header, limits)
                 index_bytes = self._read_exact(index_length, "index")
                 check_index_crc(header, index_bytes)
-                self.index: Index = parse_index(index_bytes, minor, limits)
+                self.index: Index = parse_index(index_bytes, minor, limits, flags)
                 self.data_start = HEADER_SIZE + index_length
                 self.size = self.data_start + self.index.data_length
                 if self.seekable:
                     self._check_size()
+            if base is not None and not isinstance(base, Base):
+                raise TypeError(f"base must be a codec.update.Base, not {type(base).__name__}")
+            self.base = base
+            if base is not None:
+                check_base(self.index, base, self.name)
         except BaseException:
             self.close()
             raise
@@ -179,8 +194,26 @@ class Reader:
         if entry.alias is not None:
             entry = self.entries[entry.alias]
         with self._context(entry.name):
-            blobs = self._read_blobs(entry)
-            return decode_tensor(entry, blobs, executor=self._pool())
+            self._need_base(entry)
+            diff = None if entry.unchanged else decode_tensor(entry, self._read_blobs(entry), executor=self._pool())
+            return self._on_base(entry, diff)
+
+    @property
+    def is_update(self) -> bool:
+        """True for an update file (format 1.1), decoded against a base."""
+        return self.index.base is not None
+
+    def _need_base(self, entry: TensorEntry) -> None:
+        if entry.base is not None and self.base is None:
+            raise BaseError(f"is coded from base tensor {entry.base.name!r}: this file is an update and decoding "
+                            f"needs its base (sha256:{self.index.base.sha256})")
+
+    def _on_base(self, entry: TensorEntry, diff: np.ndarray | None) -> np.ndarray | None:
+        """An entry's value from its decoded blobs: the blobs' array, or the base tensor plus the difference."""
+        if entry.base is None:
+            return diff
+        base = self.base.array(entry.base.name)
+        return base.copy() if diff is None else add_difference(base, diff, entry.dtype)
 
     def iter_arrays(self) -> Iterator[tuple[TensorEntry, np.ndarray | None]]:
         """Decode every tensor in file order; works on non-seekable streams.
@@ -207,7 +240,10 @@ class Reader:
                     array = None
                     if entry.alias is None:
                         with self._context(entry.name):
-                            array = decode_tensor(entry, self._read_blobs(entry, stream=stream))
+                            self._need_base(entry)
+                            if not entry.unchanged:
+                                array = decode_tensor(entry, self._read_blobs(entry, stream=stream))
+                            array = self._on_base(entry, array)
                     yield entry, array
             else:
                 yield from self._iter_ahead(executor, stream)
@@ -235,7 +271,9 @@ class Reader:
                 try:
                     if entry.alias is None:
                         with self._context(entry.name):
-                            job = start_decode(entry, self._read_blobs(entry, stream=stream), executor)
+                            self._need_base(entry)
+                            if not entry.unchanged:
+                                job = start_decode(entry, self._read_blobs(entry, stream=stream), executor)
                 except BaseException as exc:  # handed to the consumer, in file order
                     with cond:
                         ready.append((entry, None, exc))
@@ -280,11 +318,11 @@ class Reader:
                 reader.join()
 
     def _finish(self, entry: TensorEntry, job: Pending | None) -> np.ndarray | None:
-        """Wait for one tensor of :meth:`iter_arrays`, naming it in errors."""
-        if job is None:
+        """Wait for one tensor of :meth:`iter_arrays` (None for an alias), naming it in errors."""
+        if entry.alias is not None:
             return None
         with self._context(entry.name):
-            return job.result()
+            return self._on_base(entry, None if job is None else job.result())
 
     def _check_stream_end(self) -> None:
         with self._context():

@@ -20,7 +20,8 @@ import numpy as np
 from .blobcodecs import Zstd
 from .dtypes import DType
 from .errors import EncodeError
-from .format import Attachment, BlobRef, Index, TensorEntry, attachment_name_error, crc32, pack_header
+from .format import (Attachment, BaseId, BaseRef, BlobRef, Index, TensorEntry, attachment_name_error, crc32,
+                     pack_header)
 from .limits import DEFAULT_LIMITS
 from .tensorcodec import Encoded
 
@@ -127,11 +128,14 @@ class Writer:
 
     ``dest`` is a path (written atomically) or a binary file object (written
     in order, e.g. stdout). Use as a context manager; an exception inside
-    the block discards everything.
+    the block discards everything. With ``base`` the file is an update
+    (format 1.1, spec section 12): entries may then be coded from base
+    tensors (``add(..., base=)``, :meth:`add_unchanged`); without it the
+    file is a 1.0 file, byte for byte as before updates existed.
     """
 
     def __init__(self, dest: str | os.PathLike[str] | BinaryIO, metadata: dict[str, str] | None = None,
-                 encoder: dict[str, str] | None = None):
+                 encoder: dict[str, str] | None = None, base: BaseId | None = None):
         for what, strings in (("metadata", metadata), ("encoder", encoder)):
             for key, value in (strings or {}).items():
                 for part, text in (("key", key), ("value", value)):
@@ -139,7 +143,7 @@ class Writer:
                     if problem:
                         raise EncodeError(f"{what} {part} {text!r:.60}: {problem}")
         self.dest = dest
-        self.index = Index([], dict(metadata or {}), dict(encoder or {}))
+        self.index = Index([], dict(metadata or {}), dict(encoder or {}), base=base)
         self._entries: dict[str, TensorEntry] = {}
         self._spool = self._new_spool()
         self._offset = 0
@@ -163,15 +167,36 @@ class Writer:
         if name in self._entries:
             raise EncodeError(f"tensor {name!r} is added twice")
 
-    def add(self, name: str, dtype: DType, shape: tuple[int, ...], encoded: Encoded) -> TensorEntry:
-        """Append a coded tensor; its blobs go to the spool."""
+    def _check_base_ref(self, name: str, dtype: DType, base: BaseRef | None) -> None:
+        if base is not None and self.index.base is None:
+            raise EncodeError(f"tensor {name!r}: coded from a base tensor, but the writer has no base (not an update)")
+        problem = None if base is None else _text_error(base.name)
+        if problem:
+            raise EncodeError(f"tensor {name!r}: base tensor name {base.name!r:.60}: {problem}")
+
+    def add(self, name: str, dtype: DType, shape: tuple[int, ...], encoded: Encoded,
+            base: BaseRef | None = None) -> TensorEntry:
+        """Append a coded tensor; its blobs go to the spool.
+
+        With ``base`` (an update) the blobs hold the difference from that base
+        tensor, which has this dtype and shape.
+        """
         self._check_name(name)
+        self._check_base_ref(name, dtype, base)
+        if base is not None and not dtype.floating:
+            raise EncodeError(f"tensor {name!r}: a difference needs a floating dtype, not {dtype.name}")
         refs = []
         for blob in encoded.blobs:
             self._spool.write(blob)
             refs.append(BlobRef(self._offset, len(blob), crc32(blob)))
             self._offset += len(blob)
-        return self._append(TensorEntry(name, dtype, tuple(shape), encoded.codec, encoded.tiling, refs))
+        return self._append(TensorEntry(name, dtype, tuple(shape), encoded.codec, encoded.tiling, refs, base=base))
+
+    def add_unchanged(self, name: str, dtype: DType, shape: tuple[int, ...], base: BaseRef) -> TensorEntry:
+        """Append ``name`` as equal to base tensor ``base`` (same dtype and shape): no blobs, a few index bytes."""
+        self._check_name(name)
+        self._check_base_ref(name, dtype, base)
+        return self._append(TensorEntry(name, dtype, tuple(shape), base=base))
 
     def add_alias(self, name: str, target: str) -> TensorEntry:
         """Append ``name`` as another name for the stored tensor ``target``."""
@@ -232,7 +257,7 @@ class Writer:
                 self._attach_spool.close()
 
     def _emit(self, out: BinaryIO, index_bytes: bytes) -> None:
-        out.write(pack_header(index_bytes))
+        out.write(pack_header(index_bytes, self.index.file_minor, self.index.flags))
         out.write(index_bytes)
         shutil.copyfileobj(self._spool, out, 1 << 20)
         if self._attach_spool is not None:

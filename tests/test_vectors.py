@@ -1,7 +1,10 @@
 """The test vectors of fixtures/vectors (spec/format.md, section 10).
 
 Valid files must decode to their expected arrays within their tolerance;
-invalid files must raise exactly the error class the manifest names.
+invalid files must raise exactly the error class the manifest names;
+updates (1.1) decode against their base bit for bit, or raise the
+manifest's error for a wrong, modified or missing base, and a reader that
+implements only 1.0 refuses every update with a VersionError.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ VECTORS = Path(__file__).resolve().parent.parent / "fixtures" / "vectors"
 MANIFEST = json.loads((VECTORS / "manifest.json").read_text(encoding="utf-8"))
 VALID = {Path(v["file"]).stem: v for v in MANIFEST["valid"]}
 INVALID = {Path(v["file"]).stem: v for v in MANIFEST["invalid"]}
+UPDATES = {Path(v["file"]).stem: v for v in MANIFEST["updates"]["cases"]}
 
 
 def ulp(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -60,7 +64,9 @@ def test_manifest_lists_exactly_the_files_on_disk():
     """Every file in valid/ and invalid/ is in the manifest, and every manifest file exists."""
     listed = {v["file"] for v in MANIFEST["valid"]} | {v["expected"] for v in MANIFEST["valid"]}
     listed |= {v["file"] for v in MANIFEST["invalid"]}
-    on_disk = {f"{d}/{p.name}" for d in ("valid", "invalid") for p in (VECTORS / d).iterdir()}
+    listed |= {v["file"] for v in MANIFEST["updates"]["bases"] + MANIFEST["updates"]["cases"]}
+    listed |= {v["expected"] for v in MANIFEST["updates"]["cases"] if "expected" in v}
+    on_disk = {f"{d}/{p.name}" for d in ("valid", "invalid", "updates") for p in (VECTORS / d).iterdir()}
     assert on_disk - listed == set(), "files missing from the manifest"
     assert listed - on_disk == set(), "manifest files missing on disk"
     assert len(VALID) == len(MANIFEST["valid"]) and len(INVALID) == len(MANIFEST["invalid"])
@@ -68,7 +74,7 @@ def test_manifest_lists_exactly_the_files_on_disk():
 
 def test_vector_files_match_their_checksums():
     """Each vector's bytes have the SHA-256 the manifest records (no newline or LFS mangling)."""
-    for v in MANIFEST["valid"] + MANIFEST["invalid"]:
+    for v in MANIFEST["valid"] + MANIFEST["invalid"] + MANIFEST["updates"]["bases"] + MANIFEST["updates"]["cases"]:
         assert hashlib.sha256((VECTORS / v["file"]).read_bytes()).hexdigest() == v["sha256"], v["file"]
         if "expected" in v:
             assert hashlib.sha256((VECTORS / v["expected"]).read_bytes()).hexdigest() == v["expected_sha256"]
@@ -76,10 +82,11 @@ def test_vector_files_match_their_checksums():
 
 def test_vectors_are_small_and_cover_every_error_class():
     """Vectors stay small (< 300 KB together) and every error class has a case."""
-    total = sum(p.stat().st_size for d in ("valid", "invalid") for p in (VECTORS / d).iterdir())
+    total = sum(p.stat().st_size for d in ("valid", "invalid", "updates") for p in (VECTORS / d).iterdir())
     assert total < 300_000
     assert {v["error"] for v in MANIFEST["invalid"]} == {
         "FormatError", "VersionError", "ChecksumError", "LimitError", "UnknownCodecError"}
+    assert {v.get("error") for v in UPDATES.values()} == {None, "BaseError"}
 
 
 @pytest.mark.parametrize("case", sorted(VALID))
@@ -207,3 +214,72 @@ def test_invalid_vector_raises_its_error_from_a_stream(case):
     with pytest.raises(codec.JwtError) as info:
         load_stream(Stream(path.read_bytes(), path.name))
     check_error(info.value, INVALID[case], path.name)
+
+
+# ------------------------------------------------------------------ updates (1.1)
+
+
+def update_base(item: dict):
+    """The manifest's base of an update case, decoded (None where the case gives no base)."""
+    from codec.update import Base
+
+    return None if item["base"] is None else Base.open(VECTORS / item["base"])
+
+
+@pytest.mark.parametrize("case", sorted(c for c, v in UPDATES.items() if "error" not in v))
+def test_update_vector_decodes_against_its_base(case):
+    """A valid update decodes against its base, bit for bit, by name and from a stream; kinds match the index."""
+    item = UPDATES[case]
+    arrays = np.load(VECTORS / item["expected"])
+    base = update_base(item)
+    data = (VECTORS / item["file"]).read_bytes()
+    with codec.Reader(data, base=base) as reader:
+        assert reader.is_update and reader.keys() == [t["name"] for t in item["tensors"]]
+        for t in item["tensors"]:
+            entry = reader.entry(t["name"])
+            kind = "alias" if entry.alias else "full" if entry.base is None else (
+                "unchanged" if entry.unchanged else "difference")
+            assert kind == t["kind"]
+            assert reader.read(t["name"]).tobytes() == arrays[t["expected"]].tobytes(), t["name"]
+    with codec.Reader(Stream(data, case), base=base) as reader:
+        got = {e.name: a for e, a in reader.iter_arrays() if e.alias is None}
+    for t in item["tensors"]:
+        if t["kind"] != "alias":
+            assert got[t["name"]].tobytes() == arrays[t["expected"]].tobytes(), t["name"]
+
+
+@pytest.mark.parametrize("case", sorted(c for c, v in UPDATES.items() if "error" in v))
+def test_update_vector_refuses_its_base(case):
+    """A wrong, modified or missing base (or a hash that does not match) raises the manifest's error, naming it."""
+    item = UPDATES[case]
+    path = VECTORS / item["file"]
+    with pytest.raises(codec.JwtError) as info:
+        decode_all_with(path, update_base(item))
+    check_error(info.value, item, path.name)
+
+
+def decode_all_with(source, base) -> None:
+    with codec.Reader(source, base=base) as reader:
+        for name in reader.keys():
+            reader.read(name)
+
+
+@pytest.mark.parametrize("case", sorted(UPDATES))
+def test_update_read_by_a_1_0_reader_is_a_version_error(case, monkeypatch):
+    """A reader that implements only format 1.0 refuses every update on its header, with a VersionError."""
+    import codec.format
+
+    monkeypatch.setattr(codec.format, "MINOR", 0)
+    path = VECTORS / UPDATES[case]["file"]
+    with pytest.raises(codec.JwtError) as info:
+        codec.Reader(path)
+    check_error(info.value, {"error": MANIFEST["updates"]["error_1_0"]}, path.name)
+    assert "update" in str(info.value) and "1.0" in str(info.value)
+
+
+def test_every_1_0_vector_is_still_written_as_1_0():
+    """Files without a base are 1.0 files: minor version 0 and no flags in the header."""
+    for v in MANIFEST["valid"] + MANIFEST["updates"]["bases"]:
+        data = (VECTORS / v["file"]).read_bytes()
+        if "future_minor" not in v["file"]:
+            assert data[8:16] == bytes([1, 0, 0, 0, 0, 0, 0, 0]), v["file"]

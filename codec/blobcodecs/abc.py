@@ -16,6 +16,7 @@ read (the reader does not copy a tensor's blobs apart).
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -51,9 +52,19 @@ class BlobCodec(ABC):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "BlobCodec":
-        """Build the codec from :meth:`get_config`'s output (validated)."""
-        params = {k: v for k, v in config.items() if k != "id"}
-        return cls(**params)
+        """Build the codec from :meth:`get_config`'s output (validated).
+
+        Every parameter the codec defines is required (FormatError if one is
+        missing); parameters it does not define are ignored, as unknown index
+        fields are (spec section 5): a later minor version may add
+        informative ones, never one that changes decoding.
+        """
+        names = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        missing = [p for p in names if p not in config]
+        if missing:
+            raise FormatError(f"codec {cls.codec_id!r}: missing parameter {missing[0]!r} "
+                              f"(required: {', '.join(names)})")
+        return cls(**{p: config[p] for p in names})
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "id")

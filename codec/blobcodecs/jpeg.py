@@ -111,13 +111,21 @@ class Jpeg(BlobCodec):
 
 
 def jpeg_frame(blob: bytes) -> tuple[int, int, int, int]:
-    """Return ``(precision, height, width, components)`` from the SOFn header."""
+    """Return ``(precision, height, width, components)`` from the SOF0/1/2 header.
+
+    Walks the marker segments after SOI (spec section 5.2): any number of
+    ``FF`` fill bytes may precede a marker (T.81 B.1.1.2); a segment's
+    length skips it; the scan (SOS) or the end (EOI) before a frame header
+    means there is none.
+    """
     if blob[:2] != b"\xff\xd8":
         raise FormatError("jpeg: missing SOI marker")
     pos = 2
     while pos + 4 <= len(blob):
         if blob[pos] != 0xFF:
             raise FormatError(f"jpeg: expected a marker at byte {pos}")
+        while pos + 4 < len(blob) and blob[pos + 1] == 0xFF:  # fill bytes
+            pos += 1
         marker = blob[pos + 1]
         length = int.from_bytes(blob[pos + 2 : pos + 4], "big")
         if marker in (0xC0, 0xC1, 0xC2) and pos + 10 <= len(blob):
@@ -125,7 +133,7 @@ def jpeg_frame(blob: bytes) -> tuple[int, int, int, int]:
             h = int.from_bytes(blob[pos + 5 : pos + 7], "big")
             w = int.from_bytes(blob[pos + 7 : pos + 9], "big")
             return p, h, w, blob[pos + 9]
-        if marker == 0xDA or length < 2:
+        if marker in (0xDA, 0xD9) or length < 2:
             break
         pos += 2 + length
     raise FormatError("jpeg: no baseline/progressive frame header before the scan")

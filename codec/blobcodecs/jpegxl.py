@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import FormatError
 from .abc import BlobCodec, check_params, decode_image
 
-__all__ = ["JpegXL", "jxl_size"]
+__all__ = ["JpegXL", "jxl_size", "jxl_header"]
 
 
 class JpegXL(BlobCodec):
@@ -44,6 +44,12 @@ class JpegXL(BlobCodec):
         found = jxl_size(blob)
         if found != tuple(shape):
             raise FormatError(f"jpegxl: codestream is {found[0]}x{found[1]}, expected {shape[0]}x{shape[1]}")
+        head = jxl_header(blob)
+        expected = {"bits": 16, "exponent_bits": 0, "extra_channels": 0, "orientation": 1, "colour": "grey"}
+        for key, want in expected.items():
+            if head.get(key) != want:
+                raise FormatError(f"jpegxl: image header {key}={head.get(key)}, expected {want} "
+                                  "(16-bit integer grayscale, no extra channel, orientation 1)")
         return decode_image(self.codec_id, imagecodecs.jpegxl_decode, blob, shape, np.dtype(np.uint16))
 
 
@@ -74,6 +80,80 @@ def bare_codestream(buf: bytes) -> bytes:
 
 
 _RATIOS = {1: (1, 1), 2: (12, 10), 3: (4, 3), 4: (3, 2), 5: (16, 9), 6: (5, 4), 7: (2, 1)}
+_COLOUR_SPACES = {0: "RGB", 1: "grey", 2: "XYB", 3: "unknown"}
+
+
+class _Bits:
+    """A codestream's header bits, least significant first (18181-1, B.2)."""
+
+    def __init__(self, data: bytes):
+        self.value, self.pos, self.size = int.from_bytes(data, "little"), 0, 8 * len(data)
+
+    def u(self, n: int) -> int:
+        if self.pos + n > self.size:
+            raise FormatError("jpegxl: codestream ends inside its header")
+        value = (self.value >> self.pos) & ((1 << n) - 1)
+        self.pos += n
+        return value
+
+    def u32(self, *dist: int | tuple[int, int]) -> int:
+        """U32(d0, d1, d2, d3): a 2-bit selector, then a constant or ``u(bits) + offset``."""
+        d = dist[self.u(2)]
+        return d if isinstance(d, int) else self.u(d[0]) + d[1]
+
+    def size_header(self) -> tuple[int, int]:
+        small = self.u(1)
+
+        def dim() -> int:
+            return (self.u(5) + 1) * 8 if small else 1 + self.u((9, 13, 18, 30)[self.u(2)])
+
+        height = dim()
+        ratio = self.u(3)
+        if ratio == 0:
+            return height, dim()
+        num, den = _RATIOS[ratio]
+        return height, height * num // den
+
+
+def jxl_header(blob: bytes) -> dict:
+    """The fields of a codestream's ImageMetadata (18181-1, A.6) that the format constrains.
+
+    ``bits``, ``exponent_bits`` (0: integer samples), ``extra_channels``,
+    ``orientation`` and ``colour`` (``"grey"``, ``"RGB"``, ``"XYB"``,
+    ``"unknown"`` or ``"icc"``); ``"preview"`` or ``"animation"`` when the
+    stream has one (the fields after it are then not read).
+    """
+    if blob[:2] != b"\xff\x0a":
+        raise FormatError("jpegxl: not a bare JPEG XL codestream (signature FF 0A)")
+    b = _Bits(bytes(blob[2:66]))
+    b.size_header()
+    if b.u(1):  # all_default: 8-bit sRGB
+        return {"bits": 8, "exponent_bits": 0, "extra_channels": 0, "orientation": 1, "colour": "RGB"}
+    out: dict = {"orientation": 1}
+    if b.u(1):  # extra_fields
+        out["orientation"] = 1 + b.u(3)
+        if b.u(1):  # intrinsic size
+            b.size_header()
+        if b.u(1):
+            return {**out, "preview": True}
+        if b.u(1):
+            return {**out, "animation": True}
+    if b.u(1):  # floating-point samples
+        out["bits"], out["exponent_bits"] = b.u32(32, 16, 24, (6, 1)), 1 + b.u(4)
+    else:
+        out["bits"], out["exponent_bits"] = b.u32(8, 10, 12, (6, 1)), 0
+    b.u(1)  # modular_16bit_buffers
+    out["extra_channels"] = b.u32(0, 1, (4, 2), (12, 1))
+    if out["extra_channels"]:
+        return out
+    b.u(1)  # xyb_encoded
+    if b.u(1):  # colour encoding all_default: sRGB
+        out["colour"] = "RGB"
+    elif b.u(1):  # want_icc: the colour space is in the ICC profile
+        out["colour"] = "icc"
+    else:
+        out["colour"] = _COLOUR_SPACES.get(b.u32(0, 1, 2, (6, 18)), "unknown")
+    return out
 
 
 def jxl_size(blob: bytes) -> tuple[int, int]:

@@ -60,7 +60,7 @@ from ..format import TensorEntry
 from ..parallel import make_executor
 from ..tensorcodec import Encoded, EncodeOptions, decode_tensor, encode_tensor, lossless_reason
 
-__all__ = ["RDPoint", "candidates", "measure", "distortion", "image_side", "row_images", "lower_hull",
+__all__ = ["RDPoint", "Menu", "candidates", "measure", "distortion", "image_side", "row_images", "lower_hull",
            "allocate_budget", "fill_budget", "allocate_max_error", "sensitivities", "plan_options",
            "JPEG_QUALITIES", "QUANT_BITS", "HIGH_QUANT_BITS", "HIGH_BITS_FROM", "ROW_TABLES", "TILES",
            "high_bit_candidates"]
@@ -209,6 +209,23 @@ def measure(name: str, array: np.ndarray, dtype: DType, label: str, options: Enc
     return RDPoint(options, label, nbytes, weighted, math.sqrt(plain)), decoded
 
 
+class Menu:
+    """What the search measures for each tensor: its candidates, and how one is measured.
+
+    The default codes the tensor itself (:func:`candidates`, :func:`measure`);
+    an update's menu (:class:`codec.update.plan.UpdateMenu`) adds differences
+    from a base tensor, measured on the reconstructed weights.
+    """
+
+    def candidates(self, name: str, array: np.ndarray, dtype: DType, base: EncodeOptions,
+                   rows: tuple[int, int] | None = None) -> list[tuple[str, EncodeOptions]]:
+        return candidates(array, dtype, base, rows)
+
+    def measure(self, name: str, array: np.ndarray, dtype: DType, label: str, options: EncodeOptions,
+                rows: tuple[int, int] | None = None, offset_digits: int = 10) -> tuple[RDPoint, np.ndarray]:
+        return measure(name, array, dtype, label, options, rows, offset_digits)
+
+
 def lower_hull(points: Sequence[RDPoint]) -> list[RDPoint]:
     """The points on the lower convex hull of (rate, distortion), by increasing rate."""
     pts = sorted(points, key=lambda p: (p.nbytes, p.nmse))
@@ -340,6 +357,7 @@ def plan_options(
     progress: Callable[[str, int], None] | None = None,
     jobs: int | None = None,
     total_weights: int | None = None,
+    menu: Menu | None = None,
 ) -> dict[str, EncodeOptions]:
     """Measure every tensor's menu and choose its options for a rate target.
 
@@ -353,7 +371,9 @@ def plan_options(
     ``jobs`` threads measure a tensor's candidates side by side. Given
     ``total_weights`` (the sum of the tensors' sizes), a budget that the
     tensors measured so far already cannot fit is refused at once.
+    ``menu`` replaces what is measured per tensor (:class:`Menu`; updates).
     """
+    menu = menu or Menu()
     if (bits_per_weight is None) == (max_error is None):
         raise EncodeError("give exactly one of bits_per_weight and max_error")
     points: dict[str, list[RDPoint]] = {}
@@ -371,20 +391,20 @@ def plan_options(
             opts = fixed(name)
             if opts is not None:
                 forced[name] = opts
-                fixed_bytes += measure(name, array, dtype, "fixed", opts)[0].nbytes
+                fixed_bytes += menu.measure(name, array, dtype, "fixed", opts)[0].nbytes
             else:
                 pts, best_probe = [], None
 
                 def trial(item: tuple[str, EncodeOptions]) -> tuple[RDPoint, np.ndarray | None]:
-                    point, decoded = measure(name, array, dtype, item[0], item[1], rows)  # noqa: B023
+                    point, decoded = menu.measure(name, array, dtype, item[0], item[1], rows)  # noqa: B023
                     return point, (decoded if score is not None else None)  # noqa: B023
 
-                menu = candidates(array, dtype, base, rows)
+                items = menu.candidates(name, array, dtype, base, rows)
                 for second in (False, True):  # the ordinary menu, then (if they can matter) the high bits
                     if second:
                         wanted = _wants_high_bits(pts, bits_per_weight, max_error)
-                        menu = high_bit_candidates(array, dtype, base) if wanted else []
-                    for point, decoded in executor.map(trial, menu):
+                        items = high_bit_candidates(array, dtype, base) if wanted else []
+                    for point, decoded in executor.map(trial, items):
                         pts.append(point)
                         if decoded is not None and point.nmse > 0:
                             gap = abs(math.log(point.rel_error / 0.01))
@@ -405,7 +425,7 @@ def plan_options(
         hulls = {n: lower_hull(p) for n, p in points.items()}
         _check_feasible(bits_per_weight, weights_total, fixed_bytes, points)  # type: ignore[arg-type]
         chosen = allocate_budget(hulls, weights, budget, fill=False)
-        chosen = _refine(tensors, chosen, hulls, weights, budget, images)
+        chosen = _refine(tensors, chosen, hulls, weights, budget, images, menu=menu)
         chosen = fill_budget(hulls, weights, chosen, budget)
     return {**forced, **{n: p.options for n, p in chosen.items()}}
 
@@ -421,7 +441,7 @@ def _check_feasible(bits_per_weight: float, total_weights: int, fixed_bytes: int
 
 def _refine(tensors: TensorSource, chosen: dict[str, RDPoint], hulls: dict[str, list[RDPoint]],
             weights: dict[str, float], budget: int, images: dict[str, tuple[int, int] | None],
-            top: int = 3) -> dict[str, RDPoint]:
+            top: int = 3, menu: Menu | None = None) -> dict[str, RDPoint]:
     """Spend the slack the coarse quality ladder leaves: for the JPEG choices
     whose next step is worth most (weighted slope), try the qualities between."""
     chosen = dict(chosen)
@@ -443,8 +463,8 @@ def _refine(tensors: TensorSource, chosen: dict[str, RDPoint], hulls: dict[str, 
         lo, hi = q0, (higher[0] if higher else 100)
         while hi - lo > 1:  # largest quality whose size still fits the slack
             mid = (lo + hi) // 2
-            trial, _ = measure(name, array, dtype, f"{point.label} ~q{mid}", point.options.with_(quality=mid),
-                               images[name])
+            trial, _ = (menu or Menu()).measure(name, array, dtype, f"{point.label} ~q{mid}",
+                                                point.options.with_(quality=mid), images[name])
             if trial.nbytes - point.nbytes <= slack:
                 lo, best = mid, trial
             else:

@@ -1,0 +1,32 @@
+"""The arithmetic of updates: ``new = base + difference``, rounded once to the tensor's dtype (spec 12.3)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..dtypes import DType, from_float64, to_float64
+
+__all__ = ["add_difference", "difference"]
+
+
+def add_difference(base: np.ndarray, diff: np.ndarray, dtype: DType) -> np.ndarray:
+    """``base + diff`` (storage form) rounded once to ``dtype``, as a new array.
+
+    The spec's rule is the exact sum rounded to nearest (ties to even) in
+    the dtype, which is what IEEE addition in the dtype gives; numpy adds
+    float16 through float32, and bfloat16 goes through binary64 here: both
+    double roundings are innocuous (the wider format has more than twice the
+    precision plus one bit), so every path gives the correctly rounded sum.
+    """
+    if dtype.name in ("float64", "float32", "float16"):
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.add(base, diff, dtype=dtype.storage)
+    return from_float64(to_float64(base, dtype) + to_float64(diff, dtype), dtype)
+
+
+def difference(new: np.ndarray, base: np.ndarray, dtype: DType) -> np.ndarray:
+    """``new - base`` rounded to ``dtype`` (storage form): what an encoder codes for a delta entry."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if dtype.name in ("float64", "float32", "float16"):
+            return np.subtract(new, base, dtype=dtype.storage)
+        return from_float64(to_float64(new, dtype) - to_float64(base, dtype), dtype)

@@ -1,0 +1,215 @@
+"""Updates (format 1.1): coding a model as differences from a base the receiver holds, and decoding it back.
+
+Round trips through codec.save/load and the CLI; the base is checked
+before anything is decoded or written; chains of updates do not pile up
+error; the rate search reaches very low budgets on an update.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import codec
+from codec.update import Base
+from jwt_cli.main import cli
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _models(seed: int = 0):
+    """A base model and a fine-tune of it: changed, unchanged, renamed, reshaped, added, removed and tied tensors."""
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(32, 16, generator=g)
+    old = {
+        "fc1.weight": torch.randn(64, 96, generator=g) * 0.05,
+        "fc1.bias": torch.randn(64, generator=g) * 0.01,
+        "frozen.weight": torch.randn(16, 32, generator=g).to(torch.bfloat16),
+        "steps": torch.tensor(100),
+        "head.weight": torch.randn(10, 64, generator=g),
+        "gone": torch.ones(3),
+        "emb": emb,
+        "lm_head": emb,
+    }
+    new_emb = emb + 0.001 * torch.randn(32, 16, generator=g)
+    new = {
+        "fc1.weight": old["fc1.weight"] + 0.002 * torch.randn(64, 96, generator=g),
+        "fc1.bias": old["fc1.bias"] + 1e-4 * torch.randn(64, generator=g),
+        "frozen.weight": old["frozen.weight"].clone(),
+        "renamed": old["gone"].clone(),  # bit-identical to a base tensor of another name
+        "steps": torch.tensor(200),
+        "head.weight": torch.randn(64, 10, generator=g),  # reshaped
+        "added": torch.arange(5.0),
+        "emb": new_emb,
+        "lm_head": new_emb,
+    }
+    return old, new
+
+
+def _check(decoded: dict, new: dict, rel: float) -> None:
+    assert list(decoded) == list(new)
+    for name, tensor in new.items():
+        got = decoded[name]
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape, name
+        if not tensor.is_floating_point():
+            assert torch.equal(got, tensor), name
+            continue
+        err = float((got.float() - tensor.float()).norm() / max(float(tensor.float().norm()), 1e-30))
+        assert err <= rel, (name, err)
+
+
+def test_update_round_trip_every_kind_of_tensor(tmp_path):
+    """codec.save(base=) then codec.load(base=): each kind of entry decodes; ties stay tied; unchanged is exact."""
+    old, new = _models()
+    path = tmp_path / "u.jwt"
+    codec.save(new, path, base=old)
+    with codec.Reader(path, base=codec.api.as_base(old)) as reader:
+        kinds = {e.name: "alias" if e.alias else "full" if e.base is None else
+                 "unchanged" if e.unchanged else "delta" for e in reader.index.entries}
+        refs = {e.name: e.base.name for e in reader.index.entries if e.base}
+    assert kinds == {"fc1.weight": "delta", "fc1.bias": "delta", "frozen.weight": "unchanged",
+                     "renamed": "unchanged", "steps": "full", "head.weight": "full", "added": "full",
+                     "emb": "delta", "lm_head": "alias"}
+    assert refs["renamed"] == "gone"
+    decoded = codec.load(path, base=old)
+    _check(decoded, new, 1e-3)  # 8-bit quant of a difference ~4 % of the weights: ~1e-4 relative
+    assert torch.equal(decoded["frozen.weight"], new["frozen.weight"])
+    assert torch.equal(decoded["renamed"], new["renamed"])
+    assert decoded["lm_head"] is decoded["emb"]
+
+
+def test_update_without_base_is_not_a_1_0_file_and_1_0_files_stay_1_0(tmp_path):
+    """An update has minor 1 and the flag 'update'; without a base, save writes the 1.0 header, as before."""
+    old, new = _models()
+    codec.save(new, tmp_path / "u.jwt", base=old)
+    codec.save(new, tmp_path / "m.jwt")
+    assert (tmp_path / "u.jwt").read_bytes()[8:16] == bytes([1, 0, 1, 0, 1, 0, 0, 0])
+    assert (tmp_path / "m.jwt").read_bytes()[8:16] == bytes([1, 0, 0, 0, 0, 0, 0, 0])
+
+
+def test_missing_or_wrong_base_is_refused_before_decoding(tmp_path):
+    """load without a base, or with another or a modified one: BaseError naming the tensor; open reads the index."""
+    old, new = _models()
+    path = tmp_path / "u.jwt"
+    codec.save(new, path, base=old)
+    with pytest.raises(codec.BaseError, match="no base was given"):
+        codec.load(path)
+    with codec.open(path) as f:  # the index is readable without the base
+        assert f.is_update and "fc1.weight" in f.keys()
+        with pytest.raises(codec.BaseError, match="needs its base"):
+            f.get("fc1.weight")
+        assert torch.equal(f.get("added"), new["added"])  # full entries need nothing from the base
+    modified = dict(old)
+    modified["fc1.bias"] = old["fc1.bias"].clone()
+    modified["fc1.bias"][7] += 1e-6
+    with pytest.raises(codec.BaseError, match="tensor 'fc1.bias' differs") as info:
+        codec.load(path, base=modified)
+    assert "\n" not in str(info.value) and "u.jwt" in str(info.value)
+    extra = dict(old, more=torch.zeros(2))
+    with pytest.raises(codec.BaseError, match="has 9 tensors"):
+        codec.load(path, base=extra)
+    fewer = {k: v for k, v in old.items() if k != "steps"}  # a tensor the update does not use
+    with pytest.raises(codec.BaseError, match="has 7 tensors"):
+        codec.load(path, base=fewer)
+    with pytest.raises(TypeError, match="base must be"):
+        codec.load(path, base=42)
+
+
+def test_jwt_base_differences_are_taken_against_the_decoded_base_so_chains_do_not_accumulate(tmp_path):
+    """v1 -> v2 -> v3, each update against the previous *decoded* model: v3's error is one step's, not a sum."""
+    g = torch.Generator().manual_seed(3)
+    v1 = {"w": torch.randn(128, 128, generator=g) * 0.05}
+    v2 = {"w": v1["w"] + 0.01 * torch.randn(128, 128, generator=g)}
+    v3 = {"w": v2["w"] + 0.01 * torch.randn(128, 128, generator=g)}
+    codec.save(v1, tmp_path / "v1.jwt", bits=4, codec="quant")  # a coarse base: its error would carry over
+    codec.save(v2, tmp_path / "v2.jwt", base=tmp_path / "v1.jwt")
+    v2_decoded = codec.load(tmp_path / "v2.jwt", base=tmp_path / "v1.jwt")
+    torch.save(v2_decoded, tmp_path / "v2.pt")
+    codec.save(v3, tmp_path / "v3.jwt", base=tmp_path / "v2.pt")
+    v3_decoded = codec.load(tmp_path / "v3.jwt", base=tmp_path / "v2.pt")
+    step = float((v3["w"] - v2["w"]).abs().max())  # 8-bit quant of a difference of this range
+    assert float((v3_decoded["w"] - v3["w"]).abs().max()) <= 1.1 * 2 * step / 255
+    v1_error = float((codec.load(tmp_path / "v1.jwt")["w"] - v1["w"]).abs().max())
+    assert v1_error > 10 * 2 * step / 255  # so the base's own error did not reach v3
+    with pytest.raises(codec.BaseError, match="is itself an update"):
+        codec.save(v3, tmp_path / "x.jwt", base=tmp_path / "v2.jwt")
+
+
+def test_rate_search_reaches_very_low_budgets_on_an_update(tmp_path):
+    """-b 0.05 lands on an update (unchanged and coarse settings on the menu); error measured on the new weights."""
+    g = torch.Generator().manual_seed(5)
+    old = {"a": torch.randn(256, 256, generator=g) * 0.05, "b": torch.randn(128, 256, generator=g) * 0.05}
+    new = {"a": old["a"] + 0.004 * torch.randn(256, 256, generator=g), "b": old["b"].clone()}
+    new["b"][:64] += 0.02 * torch.randn(64, 256, generator=g)
+    weights = sum(t.numel() for t in new.values())
+    sizes, errors = {}, {}
+    for bpw in (0.05, 0.5):
+        path = tmp_path / f"u{bpw}.jwt"
+        codec.save(new, path, base=old, bits_per_weight=bpw, jobs=1)
+        sizes[bpw] = path.stat().st_size
+        assert 8 * sizes[bpw] / weights <= bpw
+        decoded = codec.load(path, base=old)
+        _check(decoded, new, 0.3)  # 'b' left unchanged is 28 % off
+        errors[bpw] = sum(float((decoded[n] - new[n]).norm() ** 2 / new[n].norm() ** 2) for n in new)
+    assert sizes[0.5] > 2 * sizes[0.05] and errors[0.5] < errors[0.05] / 4
+    with pytest.raises(codec.EncodeError):
+        codec.save(new, tmp_path / "x.jwt", bits_per_weight=0.05)  # a full model cannot get there
+    codec.save(new, tmp_path / "e.jwt", base=old, max_error=0.02, jobs=1)
+    decoded = codec.load(tmp_path / "e.jwt", base=old)
+    for name in new:
+        err = float((decoded[name] - new[name]).norm() / new[name].norm())
+        assert err <= 0.02, (name, err)
+
+
+def test_cli_encode_info_decode_with_base(tmp_path):
+    """jwt encode --base, jwt info (update, base digest), jwt decode --base; wrong/missing base: exit 1, no output."""
+    old, new = _models()
+    torch.save(old, tmp_path / "old.pt")
+    torch.save(new, tmp_path / "new.pt")
+    r = run("encode", tmp_path / "old.pt", "-o", tmp_path / "old.jwt", "-q")
+    assert r.exit_code == 0, r.output
+    r = run("encode", tmp_path / "new.pt", "--base", tmp_path / "old.jwt", "-o", tmp_path / "u.jwt")
+    assert r.exit_code == 0, r.output
+    assert "differences" in r.output and "unchanged" in r.output
+    digest = Base.open(tmp_path / "old.jwt").digest()
+    r = run("info", tmp_path / "u.jwt")
+    assert r.exit_code == 0 and f"sha256:{digest}" in r.output and "unchanged" in r.output, r.output
+    doc = json.loads(run("info", tmp_path / "u.jwt", "--json").output)
+    assert doc["update"] == {"base_sha256": digest, "base_tensors": 8} and doc["format_version"] == "1.1"
+    assert {t["name"]: t.get("base") for t in doc["tensors"]}["renamed"] == "gone"
+    out = tmp_path / "new_decoded.pt"
+    for base in ([], ["--base", tmp_path / "old.pt"]):  # missing; the original .pt is not the decoded base
+        r = run("decode", tmp_path / "u.jwt", "-o", out, *base)
+        assert r.exit_code == 1 and not out.exists(), r.output
+        assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert "tensor 'fc1.weight' differs" in r.output
+    r = run("decode", tmp_path / "u.jwt", "--base", tmp_path / "old.jwt", "-o", out)
+    assert r.exit_code == 0, r.output
+    _check(torch.load(out, weights_only=True), new, 1e-2)
+    r = run("encode", tmp_path / "new.pt", "--base", tmp_path / "old.jwt", "-o", tmp_path / "old.jwt")
+    assert r.exit_code == 1 and "overwrite the base" in r.output
+    r = run("decode", tmp_path / "u.jwt", "--base", tmp_path / "missing.jwt", "-o", out)
+    assert r.exit_code == 1 and "missing.jwt" in r.output
+
+
+def test_update_vectors_decode_through_the_api_with_a_base_path():
+    """codec.load(update vector, base=its base file) gives the expected arrays (the vectors' pairs, via torch)."""
+    from pathlib import Path
+
+    from codec.api import to_numpy
+
+    vectors = Path(__file__).resolve().parent.parent / "fixtures" / "vectors"
+    manifest = json.loads((vectors / "manifest.json").read_text())
+    for item in manifest["updates"]["cases"]:
+        if "error" in item:
+            continue
+        arrays = np.load(vectors / item["expected"])
+        state_dict = codec.load(vectors / item["file"], base=vectors / item["base"])
+        for t in item["tensors"]:
+            assert to_numpy(state_dict[t["name"]])[0].tobytes() == arrays[t["expected"]].tobytes()
