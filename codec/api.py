@@ -522,6 +522,8 @@ def load(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = 
 #: ``jwt.tree.1``, ``jwt.tree.2``, ... (each value stays under the readers' string limit).
 TREE_KEY = "jwt.tree"
 _TREE_CHUNK = 60000
+#: Nesting levels a checkpoint tree may have (deeper: refused, before Python's recursion limit is met).
+_TREE_DEPTH = 100
 _SAFE_TYPES = "tensors, None, bool, int, float, str, and lists, tuples and dicts of them"
 
 
@@ -549,6 +551,8 @@ def flatten_checkpoint(obj: Mapping) -> tuple[dict[str, torch.Tensor], dict[str,
             isinstance(key, tuple) and all(map(scalar_key, key)))
 
     def node(value: object, path: tuple) -> Any:
+        if len(path) > _TREE_DEPTH:
+            raise EncodeError(f"checkpoint nested over {_TREE_DEPTH} levels deep (at {'.'.join(map(str, path[:5]))}...)")
         if isinstance(value, torch.Tensor):
             base = name = ".".join(map(str, path))
             k = 2
@@ -568,14 +572,17 @@ def flatten_checkpoint(obj: Mapping) -> tuple[dict[str, torch.Tensor], dict[str,
             pairs = []
             for key, v in value.items():
                 if scalar_key(key):
-                    pairs.append([node(key, ()), node(v, (*path, key))])
+                    pairs.append([node(key, (*path, "(key)")), node(v, (*path, key))])
                 else:
                     dropped.append(f"{'.'.join(map(str, (*path, repr(key))))} (a key of type {type(key).__name__})")
             return {"dict": pairs}
         dropped.append(f"{'.'.join(map(str, path))} ({type(value).__name__})")
         return {"dropped": f"{type(value).__module__}.{type(value).__qualname__}"}
 
-    text = json.dumps(node(obj, ()), ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    try:
+        text = json.dumps(node(obj, ()), ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    except RecursionError:  # a key nested that deep (values stop at _TREE_DEPTH)
+        raise EncodeError(f"checkpoint nested over {_TREE_DEPTH} levels deep") from None
     chunks = [text[i:i + _TREE_CHUNK] for i in range(0, len(text), _TREE_CHUNK)]
     meta = {TREE_KEY if i == 0 else f"{TREE_KEY}.{i}": chunk for i, chunk in enumerate(chunks)}
     return tensors, meta, dropped
@@ -599,6 +606,8 @@ def unflatten_checkpoint(tensors: Mapping[str, torch.Tensor], metadata: Mapping[
     dropped: list[str] = []
 
     def build(n: Any, path: tuple) -> Any:
+        if len(path) > _TREE_DEPTH:
+            raise ValueError(f"nested over {_TREE_DEPTH} levels deep")
         if isinstance(n, list):
             return [build(v, (*path, k)) for k, v in enumerate(n)]
         if not isinstance(n, dict):
@@ -620,7 +629,7 @@ def unflatten_checkpoint(tensors: Mapping[str, torch.Tensor], metadata: Mapping[
         if tag == "dict":
             out = {}
             for key, x in v:
-                key = build(key, ())
+                key = build(key, (*path, "(key)"))
                 value = build(x, (*path, key))
                 if not (isinstance(x, dict) and "dropped" in x):
                     out[key] = value
@@ -674,7 +683,10 @@ def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = False
         raise EncodeError(_refusal(path, exc)) from None
     if not isinstance(obj, Mapping):
         raise EncodeError(f"{path}: holds a {type(obj).__name__}, not a state_dict or checkpoint dict of tensors")
-    tensors, meta, dropped = flatten_checkpoint(obj)
+    try:
+        tensors, meta, dropped = flatten_checkpoint(obj)
+    except EncodeError as exc:
+        raise EncodeError(f"{path}: {exc}") from None
     if not tensors:
         raise EncodeError(f"{path}: holds no tensors")
     return tensors, meta, dropped

@@ -172,6 +172,18 @@ def test_a_long_tree_spans_several_metadata_values(tmp_path):
     assert torch.load(tmp_path / "h.pt", weights_only=True)["history"] == obj["history"]
 
 
+def test_a_checkpoint_nested_too_deep_is_one_line(tmp_path):
+    """A checkpoint nested hundreds of levels deep: one line naming the file (no RecursionError traceback)."""
+    obj: dict = {"w": torch.ones(2)}
+    for _ in range(300):
+        obj = {"a": obj}
+    torch.save(obj, tmp_path / "deep.pt")
+    one_line_error(run("encode", tmp_path / "deep.pt", code=1), "deep.pt", "levels deep")
+    with pytest.raises(codec.EncodeError, match="levels deep"):
+        codec.save(obj, tmp_path / "deep.jwt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep.pt"]
+
+
 def test_a_malformed_tree_is_a_format_error(tmp_path):
     """A hostile jwt.tree (unknown node, missing tensor) fails with one line, no traceback and no output."""
     for tree in ('{"evil":1}', '{"tensor":"nope"}', '[' * 60000):
