@@ -170,6 +170,7 @@ def test_a_long_tree_spans_several_metadata_values(tmp_path):
     assert f"{TREE_KEY}.1" in meta
     codec.decode_model(tmp_path / "h.jwt", tmp_path / "h.pt")
     assert torch.load(tmp_path / "h.pt", weights_only=True)["history"] == obj["history"]
+    assert max(map(len, run("info", tmp_path / "h.jwt").stdout.splitlines())) < 300  # jwt info shortens it
 
 
 def test_a_checkpoint_nested_too_deep_is_one_line(tmp_path):
