@@ -15,6 +15,7 @@ import os
 import re
 import warnings
 import weakref
+import zipfile
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
@@ -181,8 +182,9 @@ def save(
     if isinstance(state_dict, torch.nn.Module):
         state_dict = state_dict.state_dict()
     if not isinstance(state_dict, Mapping):
+        hint = "; to encode a file or folder, use codec.encode_model" if isinstance(state_dict, (str, os.PathLike)) else ""
         raise TypeError(f"codec.save: expected a state_dict (a mapping of names to tensors), a checkpoint dict or an "
-                        f"nn.Module, not {type(state_dict).__name__}")
+                        f"nn.Module, not {type(state_dict).__name__}{hint}")
     if not _check_tensors(state_dict):  # a checkpoint dict: nested tensors under dotted names, the rest in the tree
         state_dict, tree, dropped = flatten_checkpoint(state_dict)
         meta.update(tree)
@@ -653,6 +655,8 @@ def _refusal(path: str | os.PathLike[str], exc: BaseException) -> str:
                "or a model folder")
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         return f"{path}: not a PyTorch file (neither torch.save's zip format nor a pickle); {accepts}"
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        return f"{path}: a truncated or damaged PyTorch file (its zip directory is missing); {accepts}"
     found = re.search(r"GLOBAL ([\w.]+)", str(exc))
     if found:
         return (f"{path}: holds Python objects of type {found.group(1)}, which jwt does not unpickle "
@@ -661,7 +665,9 @@ def _refusal(path: str | os.PathLike[str], exc: BaseException) -> str:
     if "weights_only" in text or "Weights only" in text or not text:  # torch's advice: not ours to give
         return (f"{path}: not a PyTorch file jwt can read without running code (the safe loader stopped: "
                 f"{type(exc).__name__}); {accepts}")
-    return f"{path}: a PyTorch file jwt cannot read ({text.splitlines()[0][:150]}); {accepts}"
+    text = re.sub(r"^\[enforce fail at [^\]]*\][\s.]*", "", text)  # c10's source location is not a reason
+    reason = re.split(r"(?<=[.!?])\s", text.splitlines()[0])[0].rstrip(".")  # torch's first sentence, whole
+    return f"{path}: not a PyTorch file jwt can read ({reason if len(reason) <= 160 else type(exc).__name__}); {accepts}"
 
 
 def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = False
