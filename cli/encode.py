@@ -112,7 +112,8 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
     if not input.exists():
         raise fail(f"{input}: no such file")
     if output is not None and same_file(input, output):
-        raise fail(f"{output}: refusing to overwrite the input")
+        raise fail(f"{output}: is the input folder; give another output" if input.is_dir()
+                   else f"{output}: refusing to overwrite the input")
     output = io_formats.encode_output(input, output)
     if same_file(input, output):
         raise fail(f"{output}: refusing to overwrite the input")

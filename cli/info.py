@@ -115,5 +115,5 @@ def info(input: str, as_json: bool) -> None:
         if pairs:
             click.echo(f"{title}:")
             width = max(len(k) for k in pairs)
-            for k, v in pairs.items():
-                click.echo(f"  {k.ljust(width)}  {v}")
+            for k, v in pairs.items():  # a checkpoint's jwt.tree can be long: --json has every value whole
+                click.echo(f"  {k.ljust(width)}  {v if len(v) <= 200 else f'{v[:200]}... ({len(v):,} characters)'}")

@@ -15,6 +15,7 @@ import os
 import re
 import warnings
 import weakref
+import zipfile
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
@@ -196,8 +197,9 @@ def save(
     if isinstance(state_dict, torch.nn.Module):
         state_dict = state_dict.state_dict()
     if not isinstance(state_dict, Mapping):
+        hint = "; to encode a file or folder, use codec.encode_model" if isinstance(state_dict, (str, os.PathLike)) else ""
         raise TypeError(f"codec.save: expected a state_dict (a mapping of names to tensors), a checkpoint dict or an "
-                        f"nn.Module, not {type(state_dict).__name__}")
+                        f"nn.Module, not {type(state_dict).__name__}{hint}")
     if not _check_tensors(state_dict):  # a checkpoint dict: nested tensors under dotted names, the rest in the tree
         state_dict, tree, dropped = flatten_checkpoint(state_dict)
         meta.update(tree)
@@ -596,6 +598,8 @@ def load(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = 
 #: ``jwt.tree.1``, ``jwt.tree.2``, ... (each value stays under the readers' string limit).
 TREE_KEY = "jwt.tree"
 _TREE_CHUNK = 60000
+#: Nesting levels a checkpoint tree may have (deeper: refused, before Python's recursion limit is met).
+_TREE_DEPTH = 100
 _SAFE_TYPES = "tensors, None, bool, int, float, str, and lists, tuples and dicts of them"
 
 
@@ -623,6 +627,8 @@ def flatten_checkpoint(obj: Mapping) -> tuple[dict[str, torch.Tensor], dict[str,
             isinstance(key, tuple) and all(map(scalar_key, key)))
 
     def node(value: object, path: tuple) -> Any:
+        if len(path) > _TREE_DEPTH:
+            raise EncodeError(f"checkpoint nested over {_TREE_DEPTH} levels deep (at {'.'.join(map(str, path[:5]))}...)")
         if isinstance(value, torch.Tensor):
             base = name = ".".join(map(str, path))
             k = 2
@@ -642,14 +648,17 @@ def flatten_checkpoint(obj: Mapping) -> tuple[dict[str, torch.Tensor], dict[str,
             pairs = []
             for key, v in value.items():
                 if scalar_key(key):
-                    pairs.append([node(key, ()), node(v, (*path, key))])
+                    pairs.append([node(key, (*path, "(key)")), node(v, (*path, key))])
                 else:
                     dropped.append(f"{'.'.join(map(str, (*path, repr(key))))} (a key of type {type(key).__name__})")
             return {"dict": pairs}
         dropped.append(f"{'.'.join(map(str, path))} ({type(value).__name__})")
         return {"dropped": f"{type(value).__module__}.{type(value).__qualname__}"}
 
-    text = json.dumps(node(obj, ()), ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    try:
+        text = json.dumps(node(obj, ()), ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    except RecursionError:  # a key nested that deep (values stop at _TREE_DEPTH)
+        raise EncodeError(f"checkpoint nested over {_TREE_DEPTH} levels deep") from None
     chunks = [text[i:i + _TREE_CHUNK] for i in range(0, len(text), _TREE_CHUNK)]
     meta = {TREE_KEY if i == 0 else f"{TREE_KEY}.{i}": chunk for i, chunk in enumerate(chunks)}
     return tensors, meta, dropped
@@ -673,6 +682,8 @@ def unflatten_checkpoint(tensors: Mapping[str, torch.Tensor], metadata: Mapping[
     dropped: list[str] = []
 
     def build(n: Any, path: tuple) -> Any:
+        if len(path) > _TREE_DEPTH:
+            raise ValueError(f"nested over {_TREE_DEPTH} levels deep")
         if isinstance(n, list):
             return [build(v, (*path, k)) for k, v in enumerate(n)]
         if not isinstance(n, dict):
@@ -694,7 +705,7 @@ def unflatten_checkpoint(tensors: Mapping[str, torch.Tensor], metadata: Mapping[
         if tag == "dict":
             out = {}
             for key, x in v:
-                key = build(key, ())
+                key = build(key, (*path, "(key)"))
                 value = build(x, (*path, key))
                 if not (isinstance(x, dict) and "dropped" in x):
                     out[key] = value
@@ -718,6 +729,8 @@ def _refusal(path: str | os.PathLike[str], exc: BaseException) -> str:
                "or a model folder")
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         return f"{path}: not a PyTorch file (neither torch.save's zip format nor a pickle); {accepts}"
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        return f"{path}: a truncated or damaged PyTorch file (its zip directory is missing); {accepts}"
     found = re.search(r"GLOBAL ([\w.]+)", str(exc))
     if found:
         return (f"{path}: holds Python objects of type {found.group(1)}, which jwt does not unpickle "
@@ -726,7 +739,9 @@ def _refusal(path: str | os.PathLike[str], exc: BaseException) -> str:
     if "weights_only" in text or "Weights only" in text or not text:  # torch's advice: not ours to give
         return (f"{path}: not a PyTorch file jwt can read without running code (the safe loader stopped: "
                 f"{type(exc).__name__}); {accepts}")
-    return f"{path}: a PyTorch file jwt cannot read ({text.splitlines()[0][:150]}); {accepts}"
+    text = re.sub(r"^\[enforce fail at [^\]]*\][\s.]*", "", text)  # c10's source location is not a reason
+    reason = re.split(r"(?<=[.!?])\s", text.splitlines()[0])[0].rstrip(".")  # torch's first sentence, whole
+    return f"{path}: not a PyTorch file jwt can read ({reason if len(reason) <= 160 else type(exc).__name__}); {accepts}"
 
 
 def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = False
@@ -748,7 +763,10 @@ def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = False
         raise EncodeError(_refusal(path, exc)) from None
     if not isinstance(obj, Mapping):
         raise EncodeError(f"{path}: holds a {type(obj).__name__}, not a state_dict or checkpoint dict of tensors")
-    tensors, meta, dropped = flatten_checkpoint(obj)
+    try:
+        tensors, meta, dropped = flatten_checkpoint(obj)
+    except EncodeError as exc:
+        raise EncodeError(f"{path}: {exc}") from None
     if not tensors:
         raise EncodeError(f"{path}: holds no tensors")
     return tensors, meta, dropped

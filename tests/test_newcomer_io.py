@@ -170,6 +170,19 @@ def test_a_long_tree_spans_several_metadata_values(tmp_path):
     assert f"{TREE_KEY}.1" in meta
     codec.decode_model(tmp_path / "h.jwt", tmp_path / "h.pt")
     assert torch.load(tmp_path / "h.pt", weights_only=True)["history"] == obj["history"]
+    assert max(map(len, run("info", tmp_path / "h.jwt").stdout.splitlines())) < 300  # jwt info shortens it
+
+
+def test_a_checkpoint_nested_too_deep_is_one_line(tmp_path):
+    """A checkpoint nested hundreds of levels deep: one line naming the file (no RecursionError traceback)."""
+    obj: dict = {"w": torch.ones(2)}
+    for _ in range(300):
+        obj = {"a": obj}
+    torch.save(obj, tmp_path / "deep.pt")
+    one_line_error(run("encode", tmp_path / "deep.pt", code=1), "deep.pt", "levels deep")
+    with pytest.raises(codec.EncodeError, match="levels deep"):
+        codec.save(obj, tmp_path / "deep.jwt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep.pt"]
 
 
 def test_a_malformed_tree_is_a_format_error(tmp_path):
@@ -328,20 +341,30 @@ class Custom:
     """A class torch's safe loader does not know."""
 
 
-@pytest.mark.parametrize("kind", ["text", "object", "pickle"])
-def test_refused_pt_gets_one_line_of_our_own(tmp_path, kind):
-    """A text file named .pt, a checkpoint with an object, a plain pickle: what it is not, what jwt reads."""
+@pytest.mark.parametrize("kind, words", [("text", "not a PyTorch file"), ("object", "Custom"),
+                                         ("pickle", "not a PyTorch file"), ("truncated", "truncated"),
+                                         ("npz", "x.npy")])
+def test_refused_pt_gets_one_line_of_our_own(tmp_path, kind, words):
+    """A text file named .pt, a checkpoint with an object, a plain pickle, a cut file, an .npz: one line saying
+    what the file is not and what jwt reads, never torch's advice to load with weights_only=False."""
     src = tmp_path / "bad.pt"
     if kind == "text":
         src.write_text("hello, this is not a model\n")
     elif kind == "object":
         torch.save({"w": torch.ones(2), "obj": Custom()}, src)
-    else:
+    elif kind == "pickle":
         src.write_bytes(pickle.dumps({"a": 1}, protocol=4))
-    line = one_line_error(run("encode", src, code=1), "bad.pt", ".safetensors", "model folder")
+    elif kind == "truncated":
+        torch.save(weights(), src)
+        src.write_bytes(src.read_bytes()[:2000])
+    else:
+        import numpy as np
+
+        np.savez(tmp_path / "a.npz", x=np.ones(3))
+        (tmp_path / "a.npz").rename(src)
+    line = one_line_error(run("encode", src, code=1), "bad.pt", words, ".safetensors", "model folder")
     assert "weights_only" not in line and "False" not in line and "trust" not in line, line
-    if kind == "object":
-        assert "Custom" in line
+    assert "enforce fail" not in line and not line.rstrip(")").endswith(" "), line
 
 
 # -- 20. the Python API's arguments --------------------------------------------------------------------------
