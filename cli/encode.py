@@ -120,7 +120,10 @@ def encode(input: Path, output: Path | None, codec_name: str, bits: int, bits_pe
     searching = bits_per_weight is not None or max_error is not None
     check_encode_options(dict(codec=codec_name, quality=quality, table=table, distance=distance, effort=effort,
                               tile=tile, row_shape=row_shape, bits=bits), parse_rules(rules), searching)
-    with source, progress_bar(total * (2 if searching else 1), "encode", quiet) as bar:
+    work = api.progress_total(state_dict, overrides=parse_rules(rules), bits_per_weight=bits_per_weight,
+                              max_error=max_error, codec=codec_name, quality=quality, table=table, distance=distance,
+                              effort=effort, tile=tile, row_shape=row_shape, bits=bits) if not quiet else 0
+    with source, progress_bar(work, "encode", quiet) as bar:
         notes = source.notes + api.save(
             state_dict, output, metadata={**metadata, "source": input.name, **source.metadata},
             attachments=source.attachments,

@@ -275,3 +275,44 @@ def test_jpegxl_default_is_not_worse_than_jpeg_default(four, tmp_path):
     bits_x, err_x = _bits_and_error(sd, tmp_path / "x.jwt")
     bits_j, err_j = _bits_and_error(sd, tmp_path / "j.jwt")
     assert err_x <= err_j and bits_x <= 1.15 * bits_j, (bits_x, err_x, bits_j, err_j)
+
+
+# -- item 11: the progress bar under -b ------------------------------------------------------------------------
+
+
+def test_progress_follows_the_work_of_the_rate_search(four, tmp_path):
+    """codec.save reports per measured setting: the sum is what progress_total predicts, and the search (the
+    bulk of the time) is the bulk of the units, so a bar has no 50 % -> 100 % jump."""
+    from codec.api import progress_total
+
+    sd, _ = four
+    for target in ({"bits_per_weight": 2.0}, {"bits_per_weight": 10.0, "overrides": {"l0.*": "b4"}}, {}):
+        calls = []
+        codec.save(sd, tmp_path / "p.jwt", progress=lambda name, n: calls.append(n), **target)
+        assert sum(calls) == progress_total(sd, **target), target
+        if target:
+            coding = sum(t.numel() for t in sd.values())
+            assert sum(calls) > 20 * coding  # the search's share is over 95 %
+            assert max(calls) <= max(t.numel() for t in sd.values())  # steps of one setting of one tensor
+
+
+def test_progress_bar_has_a_width_when_the_terminal_reports_none(monkeypatch):
+    """A terminal of unknown (or zero) width still gets a bar of the default width."""
+    from jwt_cli import common
+
+    class Tty:
+        def isatty(self):
+            return True
+
+        def fileno(self):
+            raise OSError("no size")
+
+        def write(self, text):
+            return len(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(common.sys, "stderr", Tty())
+    with common.progress_bar(100, "encode", quiet=False) as bar:
+        assert not bar.disable and bar.ncols == common.DEFAULT_COLUMNS
