@@ -23,8 +23,15 @@ from .errors import EncodeError
 from .limits import DEFAULT_LIMITS, Limits
 from .parallel import AHEAD_BYTES, INLINE, make_executor, resolve_jobs
 from .reader import Reader
-from .tensorcodec import (ZERO_ERROR, EncodeOptions, Overrides, given_options, ignored_options, option_conflicts,
-                          start_encode)
+from .tensorcodec import (
+    ZERO_ERROR,
+    EncodeOptions,
+    Overrides,
+    given_options,
+    ignored_options,
+    option_conflicts,
+    start_encode,
+)
 from .writer import Writer
 
 __all__ = ["save", "load", "open", "JwtFile", "read_state_dict", "encoder_versions", "TORCH_DTYPES", "progress_total"]

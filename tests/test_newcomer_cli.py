@@ -33,7 +33,7 @@ def run(*args, code: int = 0):
 def jwt_process(*args, **kwargs) -> subprocess.CompletedProcess:
     """Run ``python -m jwt_cli ARGS`` in a subprocess."""
     return subprocess.run([sys.executable, "-m", "jwt_cli", *map(str, args)], env=ENV, capture_output=True,
-                          text=True, **kwargs)
+                          text=True, check=False, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_version_help_and_info_start_without_torch(small):
                          (["info", str(small / "m.jwt")], ("torch",))):
         call = f"cli.main({args!r}, standalone_mode=False)"
         proc = subprocess.run([sys.executable, "-c", probe.format(call=call)], env=ENV, capture_output=True,
-                              text=True)
+                              text=True, check=False)
         assert proc.returncode == 0, proc.stderr
         loaded = proc.stdout.strip().splitlines()[-1].split()
         assert not set(absent) & set(loaded), (args, loaded)
@@ -287,8 +287,8 @@ def test_progress_follows_the_work_of_the_rate_search(four, tmp_path):
 
     sd, _ = four
     for target in ({"bits_per_weight": 2.0}, {"bits_per_weight": 10.0, "overrides": {"l0.*": "b4"}}, {}):
-        calls = []
-        codec.save(sd, tmp_path / "p.jwt", progress=lambda name, n: calls.append(n), **target)
+        calls: list[int] = []
+        codec.save(sd, tmp_path / "p.jwt", progress=lambda name, n, calls=calls: calls.append(n), **target)
         assert sum(calls) == progress_total(sd, **target), target
         if target:
             coding = sum(t.numel() for t in sd.values())
