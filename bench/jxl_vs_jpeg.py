@@ -12,6 +12,7 @@ table says where JPEG XL wins. Writes ``bench/results/jxl_vs_jpeg.md``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def point(items, opts: EncodeOptions) -> tuple[float, float]:
 def interpolate(curve: list[tuple[float, float]], bits: float) -> float | None:
     """The error of ``curve`` (bits, error) at ``bits``: linear in bits, log in error; None outside it."""
     curve = sorted(curve)
-    for (b0, e0), (b1, e1) in zip(curve, curve[1:]):
+    for (b0, e0), (b1, e1) in itertools.pairwise(curve):
         if b0 <= bits <= b1:
             f = (bits - b0) / (b1 - b0) if b1 > b0 else 0.0
             return math.exp(math.log(e0) + f * (math.log(e1) - math.log(e0)))
@@ -76,8 +77,8 @@ def interpolate(curve: list[tuple[float, float]], bits: float) -> float | None:
 
 def main() -> None:
     lines = ["# JPEG XL against JPEG at equal size (64x64 grid tiles)", "",
-             "`python -m bench.jxl_vs_jpeg`: JPEG with the flat table, JPEG XL 16-bit at effort 3; relative RMS "
-             "error over each model's image-codable matrices; 'JPEG at same size' interpolates the JPEG curve.", ""]
+             ("`python -m bench.jxl_vs_jpeg`: JPEG with the flat table, JPEG XL 16-bit at effort 3; relative RMS "
+              "error over each model's image-codable matrices; 'JPEG at same size' interpolates the JPEG curve."), ""]
     for model, items in matrices().items():
         jpeg = [point(items, EncodeOptions(codec="jpeg", quality=q, table="flat")) for q in QUALITIES]
         lines += [f"## {model} ({sum(a.size for a, _ in items):,} weights in {len(items)} matrices)", "",

@@ -132,9 +132,13 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
     if bits_per_weight is not None and max_error is not None:
         raise click.UsageError("give at most one of --bits-per-weight and --max-error")
     searching = bits_per_weight is not None or max_error is not None
-    check_encode_options(dict(codec=codec_name, quality=quality, table=table, distance=distance, effort=effort,
-                              tile=tile, row_shape=row_shape, bits=bits), parse_rules(rules), searching)
-    with source, progress_bar(total * (2 if searching else 1), "encode", quiet) as bar:
+    check_encode_options({"codec": codec_name, "quality": quality, "table": table, "distance": distance,
+                          "effort": effort, "tile": tile, "row_shape": row_shape, "bits": bits},
+                         parse_rules(rules), searching)
+    work = api.progress_total(state_dict, overrides=parse_rules(rules), bits_per_weight=bits_per_weight,
+                              max_error=max_error, codec=codec_name, quality=quality, table=table, distance=distance,
+                              effort=effort, tile=tile, row_shape=row_shape, bits=bits) if not quiet else 0
+    with source, progress_bar(work, "encode", quiet) as bar:
         notes = source.notes + api.save(
             state_dict, output, metadata={**metadata, "source": metadata.get("source", input.name),
                                           **source.metadata},

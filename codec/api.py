@@ -34,7 +34,7 @@ from .tensorcodec import (ZERO_ERROR, EncodeOptions, Overrides, given_options, i
 from .writer import Writer
 
 __all__ = ["save", "load", "open", "JwtFile", "read_state_dict", "read_checkpoint", "flatten_checkpoint",
-           "unflatten_checkpoint", "dropped_note", "encoder_versions", "TORCH_DTYPES", "TREE_KEY"]
+           "unflatten_checkpoint", "dropped_note", "encoder_versions", "TORCH_DTYPES", "TREE_KEY", "progress_total"]
 
 #: torch dtype -> format dtype name.
 TORCH_DTYPES: dict[torch.dtype, str] = {
@@ -256,6 +256,33 @@ def _describe(encoded) -> str:
     """A tensor's codec and its parameters in a few words, e.g. ``quant bits=1``."""
     params = " ".join(f"{k}={v}" for k, v in encoded.codec.get_config().items() if k not in ("id", "level"))
     return f"{encoded.codec.codec_id} {params}".strip()
+
+
+def progress_total(state_dict: Mapping[str, torch.Tensor], *,
+                   overrides: Sequence[tuple[str, str]] | Mapping[str, str] | None = None,
+                   bits_per_weight: float | None = None, max_error: float | None = None, **options: Any) -> int:
+    """The sum of the counts :func:`save` with the same arguments reports to ``progress`` (a bar's total).
+
+    Each stored tensor reports its size when it is coded; with a rate target the search first reports it
+    once per candidate setting it measures (:func:`codec.rd.allocate.search_units`), which is most of the
+    work, so a bar over this total moves with the time spent. Read from shapes and dtypes alone.
+    """
+    lazy = callable(getattr(state_dict, "shape", None))  # a lazy .safetensors mapping: no shared storage
+    aliases = {} if lazy else _sharing(state_dict)[0]
+    names = [n for n in state_dict if n not in aliases]
+
+    def dtype_of(name: str):
+        return get_dtype(state_dict.dtype_name(name) if lazy else TORCH_DTYPES[state_dict[name].dtype])
+
+    total = sum(math.prod(_shape(state_dict, n)) for n in names)
+    if bits_per_weight is None and max_error is None:
+        return total
+    from .rd.allocate import search_units
+
+    base, rules = EncodeOptions(**options), Overrides(overrides)
+    return total + search_units(((n, _shape(state_dict, n), dtype_of(n)) for n in names), base,
+                                lambda name: rules.options_for(name, base), bits_per_weight=bits_per_weight,
+                                max_error=max_error)
 
 
 def _encode_in_order(state_dict: Mapping[str, torch.Tensor], aliases: dict[str, str],

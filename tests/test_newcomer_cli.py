@@ -33,7 +33,7 @@ def run(*args, code: int = 0):
 def jwt_process(*args, **kwargs) -> subprocess.CompletedProcess:
     """Run ``python -m jwt_cli ARGS`` in a subprocess."""
     return subprocess.run([sys.executable, "-m", "jwt_cli", *map(str, args)], env=ENV, capture_output=True,
-                          text=True, **kwargs)
+                          text=True, check=False, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,8 @@ def test_diff_json_with_nan_is_valid_json_and_shared_nan_counts_as_zero(tmp_path
 
 def test_info_into_a_closed_pipe_exits_quietly(tmp_path):
     """``jwt info x.jwt | head -1``: no 'Broken pipe' message, the status a Unix tool killed by SIGPIPE gives."""
-    codec.save({f"t{i}": torch.zeros(3) for i in range(1500)}, tmp_path / "many.jwt")  # JSON of ~400 KB
-    proc = subprocess.Popen([sys.executable, "-m", "jwt_cli", "info", str(tmp_path / "many.jwt"), "--json"],
+    codec.save({f"t{i}": torch.zeros(3) for i in range(3000)}, tmp_path / "many.jwt")  # a table of ~150 KB
+    proc = subprocess.Popen([sys.executable, "-m", "jwt_cli", "info", str(tmp_path / "many.jwt")],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.readline()
     proc.stdout.close()  # the reader goes away, as head does
@@ -173,7 +173,7 @@ def test_version_help_and_info_start_without_torch(small):
                          (["info", str(small / "m.jwt")], ("torch",))):
         call = f"cli.main({args!r}, standalone_mode=False)"
         proc = subprocess.run([sys.executable, "-c", probe.format(call=call)], env=ENV, capture_output=True,
-                              text=True)
+                              text=True, check=False)
         assert proc.returncode == 0, proc.stderr
         loaded = proc.stdout.strip().splitlines()[-1].split()
         assert not set(absent) & set(loaded), (args, loaded)
@@ -275,3 +275,44 @@ def test_jpegxl_default_is_not_worse_than_jpeg_default(four, tmp_path):
     bits_x, err_x = _bits_and_error(sd, tmp_path / "x.jwt")
     bits_j, err_j = _bits_and_error(sd, tmp_path / "j.jwt")
     assert err_x <= err_j and bits_x <= 1.15 * bits_j, (bits_x, err_x, bits_j, err_j)
+
+
+# -- item 11: the progress bar under -b ------------------------------------------------------------------------
+
+
+def test_progress_follows_the_work_of_the_rate_search(four, tmp_path):
+    """codec.save reports per measured setting: the sum is what progress_total predicts, and the search (the
+    bulk of the time) is the bulk of the units, so a bar has no 50 % -> 100 % jump."""
+    from codec.api import progress_total
+
+    sd, _ = four
+    for target in ({"bits_per_weight": 2.0}, {"bits_per_weight": 10.0, "overrides": {"l0.*": "b4"}}, {}):
+        calls: list[int] = []
+        codec.save(sd, tmp_path / "p.jwt", progress=lambda name, n, calls=calls: calls.append(n), **target)
+        assert sum(calls) == progress_total(sd, **target), target
+        if target:
+            coding = sum(t.numel() for t in sd.values())
+            assert sum(calls) > 20 * coding  # the search's share is over 95 %
+            assert max(calls) <= max(t.numel() for t in sd.values())  # steps of one setting of one tensor
+
+
+def test_progress_bar_has_a_width_when_the_terminal_reports_none(monkeypatch):
+    """A terminal of unknown (or zero) width still gets a bar of the default width."""
+    from jwt_cli import common
+
+    class Tty:
+        def isatty(self):
+            return True
+
+        def fileno(self):
+            raise OSError("no size")
+
+        def write(self, text):
+            return len(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(common.sys, "stderr", Tty())
+    with common.progress_bar(100, "encode", quiet=False) as bar:
+        assert not bar.disable and bar.ncols == common.DEFAULT_COLUMNS

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,13 +57,13 @@ import numpy as np
 from ..dtypes import DType, to_float64
 from ..errors import EncodeError
 from ..format import TensorEntry
-from ..parallel import make_executor
+from ..parallel import INLINE, make_executor
 from ..tensorcodec import Encoded, EncodeOptions, decode_tensor, encode_tensor, lossless_reason
 
 __all__ = ["RDPoint", "Menu", "candidates", "measure", "distortion", "image_side", "row_images", "lower_hull",
            "allocate_budget", "fill_budget", "allocate_max_error", "sensitivities", "plan_options",
            "JPEG_QUALITIES", "QUANT_BITS", "HIGH_QUANT_BITS", "HIGH_BITS_FROM", "ROW_TABLES", "TILES",
-           "high_bit_candidates"]
+           "high_bit_candidates", "search_units"]
 
 #: JPEG qualities on each tensor's menu.
 JPEG_QUALITIES = (5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 85, 90, 95, 98)
@@ -368,6 +368,8 @@ def plan_options(
     (header, index skeleton, aliases) included, lands at or under the
     budget; with ``max_error`` every free tensor gets the cheapest setting
     within that relative RMS error. ``score`` enables calibrated weights.
+    ``progress(name, n)`` is called with a tensor's size once per setting
+    measured (:func:`search_units` predicts the sum), so it follows the work.
     ``jobs`` threads measure a tensor's candidates side by side. Given
     ``total_weights`` (the sum of the tensors' sizes), a budget that the
     tensors measured so far already cannot fit is refused at once.
@@ -392,6 +394,8 @@ def plan_options(
             if opts is not None:
                 forced[name] = opts
                 fixed_bytes += menu.measure(name, array, dtype, "fixed", opts)[0].nbytes
+                if progress:
+                    progress(name, array.size)
             else:
                 pts, best_probe = [], None
 
@@ -404,8 +408,11 @@ def plan_options(
                     if second:
                         wanted = _wants_high_bits(pts, bits_per_weight, max_error)
                         items = high_bit_candidates(array, dtype, base) if wanted else []
-                    for point, decoded in executor.map(trial, items):
+                    # one result at a time, also without threads (INLINE's map would measure them all first)
+                    for point, decoded in (map if executor is INLINE else executor.map)(trial, items):
                         pts.append(point)
+                        if progress:
+                            progress(name, array.size)
                         if decoded is not None and point.nmse > 0:
                             gap = abs(math.log(point.rel_error / 0.01))
                             if best_probe is None or gap < best_probe[0]:
@@ -413,8 +420,6 @@ def plan_options(
                 points[name] = pts
                 if best_probe is not None:
                     probes[name] = {best_probe[1]: best_probe[2]}
-            if progress:
-                progress(name, array.size)
             if bits_per_weight is not None and total_weights:
                 _check_feasible(bits_per_weight, total_weights, fixed_bytes, points)
     if max_error is not None:
@@ -428,6 +433,27 @@ def plan_options(
         chosen = _refine(tensors, chosen, hulls, weights, budget, images, menu=menu)
         chosen = fill_budget(hulls, weights, chosen, budget)
     return {**forced, **{n: p.options for n, p in chosen.items()}}
+
+
+def search_units(tensors: Iterable[tuple[str, tuple[int, ...], DType]], base: EncodeOptions,
+                 fixed: Callable[[str], EncodeOptions | None], *, bits_per_weight: float | None = None,
+                 max_error: float | None = None) -> int:
+    """What :func:`plan_options` will report to ``progress`` in all, from names, shapes and dtypes alone:
+    each tensor's size once per setting it measures (its menu, one for a fixed tensor). The high-bit
+    settings a ``max_error`` may add depend on the data and are not counted."""
+    total, seen_matrix = 0, False
+    for name, shape, dtype in tensors:
+        stand_in = np.broadcast_to(np.zeros((), np.uint8), shape)  # a shape without memory
+        is_matrix = len(shape) >= 2 and dtype.floating
+        rows = row_images(shape, base, input_layer=not seen_matrix) if is_matrix else None
+        seen_matrix |= is_matrix
+        count = 1
+        if fixed(name) is None:
+            count = len(candidates(stand_in, dtype, base, rows))
+            if bits_per_weight is not None and bits_per_weight >= HIGH_BITS_FROM:
+                count += len(high_bit_candidates(stand_in, dtype, base))
+        total += count * math.prod(shape)
+    return total
 
 
 def _check_feasible(bits_per_weight: float, total_weights: int, fixed_bytes: int,
