@@ -356,6 +356,9 @@ class _Forced:
     def options_for(self, name: str, base: EncodeOptions) -> EncodeOptions | None:
         return self.options if name in self.names else self.rules.options_for(name, base)
 
+    def __getattr__(self, attr: str) -> Any:  # the user's rules as they are (rule_for, unmatched, ...)
+        return getattr(self.rules, attr)
+
 
 def _sharing(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, str], list[str]]:
     """``(aliases, overlapping)`` of the tensors that share memory.
