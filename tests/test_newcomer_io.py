@@ -305,6 +305,28 @@ def test_errors_name_the_output_not_a_temporary_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "mid.pt"]
 
 
+def test_permission_errors_name_the_output_even_as_root(tmp_path, monkeypatch):
+    """A folder that refuses new files (simulated: root ignores modes) gives one line naming the output."""
+    import tempfile
+
+    def refuse(*args, dir=None, **kwargs):
+        raise PermissionError(13, "Permission denied", os.path.join(dir or ".", "tmp6_jym0y3"))
+
+    torch.save(weights(), tmp_path / "mid.pt")
+    for name in ("TemporaryFile", "mkstemp", "mkdtemp"):
+        monkeypatch.setattr(tempfile, name, refuse)
+    line = one_line_error(run("encode", tmp_path / "mid.pt", "-o", tmp_path / "x.jwt", code=1), "x.jwt",
+                          "Permission denied")
+    assert "tmp6_jym0y3" not in line
+    monkeypatch.undo()
+    run("encode", tmp_path / "mid.pt", "-o", tmp_path / "x.jwt", "-q")
+    for name in ("TemporaryFile", "mkstemp", "mkdtemp"):
+        monkeypatch.setattr(tempfile, name, refuse)
+    for out in ("back.pt", "back.safetensors", "back/"):
+        line = one_line_error(run("decode", tmp_path / "x.jwt", "-o", f"{tmp_path}/{out}", code=1), out.rstrip("/"))
+        assert "tmp6_jym0y3" not in line and "Permission denied" in line
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
 def test_read_only_folder_error_names_the_output(tmp_path):
     """Encoding into a read-only folder: one line naming the output, no temporary name."""
