@@ -269,14 +269,61 @@ def start_encode(array: np.ndarray, dtype: DType, opts: EncodeOptions, executor:
         offset = np.concatenate([p[0] for p in parts])
         scale = np.concatenate([p[1] for p in parts])
         encoded = Encoded(image, t, [mapping.pack_params(offset, scale, t.params)] + [p[2] for p in parts])
-        if check:
+        if check and isinstance(image, Quant):
             bound = quant_error_bound(t, scale, np.concatenate([p[3] for p in parts]),
-                                      np.concatenate([p[4] for p in parts])) if isinstance(image, Quant) else math.inf
+                                      np.concatenate([p[4] for p in parts]))
             if bound >= ZERO_ERROR / 2:
                 encoded.rel_error = relative_error(array, dtype, encoded)
+        elif check:
+            sums = [p[5] for p in parts]
+            if any(e is None for e in sums):
+                encoded.rel_error = relative_error(array, dtype, encoded)
+            else:
+                err, ref = sum(e for e, _ in sums), sum(r for _, r in sums)
+                encoded.rel_error = math.sqrt(err / ref) if ref > 0 else (0.0 if err == 0 else math.inf)
         return encoded
 
-    return Pending([ex.submit(_encode_blob, matrix, dtype, t, image, k) for k in range(t.n_blobs)], assemble)
+    task = _encode_checked_blob if check and not isinstance(image, Quant) else _encode_blob
+    return Pending([ex.submit(task, matrix, dtype, t, image, k) for k in range(t.n_blobs)], assemble)
+
+
+def _encode_checked_blob(matrix: np.ndarray, dtype: DType, t: tiling.Tiling, image: BlobCodec, k: int):
+    """:func:`_encode_blob`, then decode the blob at once (in the same worker) and add ``(||error||^2,
+    ||values||^2)`` over its rows as a sixth item (None where the blob is not a run of whole rows)."""
+    part = _encode_blob(matrix, dtype, t, image, k)
+    if part is None:
+        return None
+    idx = t.blob_tiles(k)
+    gc = t.grid[1]
+    if t.mode == "rows":
+        r0, r1 = idx.start, idx.stop
+    elif t.columns == gc:
+        r0 = (idx.start // gc) * t.tile_h
+        r1 = min(r0 + (len(idx) // gc) * t.tile_h, t.rows)
+    else:
+        return (*part, None)
+    scratch = np.empty((r1, t.cols), dtype.storage)  # the decoder writes rows r0..r1-1 only
+    offset, scale = (np.zeros(idx.stop, p.dtype) for p in part[:2])  # the decoder indexes tiles from 0
+    offset[idx.start :], scale[idx.start :] = part[0], part[1]
+    _decode_blob(image, t, dtype, k, part[2], offset, scale, scratch)
+    return (*part, _error_sums(matrix[r0:r1], scratch[r0:r1], dtype))
+
+
+def _error_sums(reference: np.ndarray, decoded: np.ndarray, dtype: DType) -> tuple[float, float]:
+    """``(||decoded - reference||^2, ||reference||^2)`` of two ``[rows, cols]`` arrays in storage form, in
+    float64, a band of rows at a time (two reused buffers)."""
+    rows, cols = reference.shape
+    step = max(1, min(rows, (1 << 16) // max(1, cols)))
+    x, y = np.empty((step, cols), np.float64), np.empty((step, cols), np.float64)
+    err = ref = 0.0
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        _widen(reference[r : r + n], dtype, x[:n])
+        _widen(decoded[r : r + n], dtype, y[:n])
+        ref += float(np.einsum("ij,ij->", x[:n], x[:n]))  # (BLAS dot: slow with busy threads)
+        np.subtract(y[:n], x[:n], out=y[:n])
+        err += float(np.einsum("ij,ij->", y[:n], y[:n]))
+    return err, ref
 
 
 def quant_error_bound(t: tiling.Tiling, scale: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
@@ -299,17 +346,7 @@ def relative_error(array: np.ndarray, dtype: DType, encoded: Encoded) -> float:
     shape = tuple(array.shape)
     decoded = decode_tensor(TensorEntry("", dtype, shape, encoded.codec, encoded.tiling), encoded.blobs)
     rows = shape[0] if shape else 1
-    a, b = array.reshape(rows, -1), decoded.reshape(rows, -1)
-    step = max(1, (1 << 20) // max(1, a.shape[1]))
-    err = ref = 0.0
-    for r in range(0, rows, step):
-        x = np.empty(a[r : r + step].shape, np.float64)
-        y = np.empty_like(x)
-        _widen(a[r : r + step], dtype, x)
-        _widen(b[r : r + step], dtype, y)
-        ref += float(np.vdot(x, x))
-        y -= x
-        err += float(np.vdot(y, y))
+    err, ref = _error_sums(array.reshape(rows, -1), decoded.reshape(rows, -1), dtype)
     return math.sqrt(err / ref) if ref > 0 else (0.0 if err == 0 else math.inf)
 
 

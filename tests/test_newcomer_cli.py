@@ -265,6 +265,16 @@ def test_a_tensor_coded_worse_than_zeros_is_named(tmp_path):
     result = run("encode", tmp_path / "m.pt", "-o", tmp_path / "q.jwt", "--quality", "1", "-q")
     assert result.output.count("no better than storing zeros") == 2
     assert codec.save(sd, tmp_path / "m.jwt") == []  # the default: nothing to say
+    for options in ({"row_shape": (16, 16), "quality": 1}, {"codec": "jpegxl", "distance": 25.0},
+                    {"codec": "jpeg", "quality": 1, "tile": (24, 40)}):  # rows, JPEG XL, edge tiles
+        notes = codec.save(sd, tmp_path / "o.jwt", **options)
+        decoded = codec.load(tmp_path / "o.jwt")
+        errors = {n: float((decoded[n] - t).norm() / t.norm()) for n, t in sd.items()}
+        assert sorted(n for n, e in errors.items() if e >= 1.0) == sorted(n for n in sd if any(f"'{n}'" in m
+                                                                                              for m in notes))
+        for note in notes:
+            name = note.split("'")[1]
+            assert f"{errors[name]:.3g}" in note, (options, note, errors)
 
 
 def test_jpegxl_default_is_not_worse_than_jpeg_default(four, tmp_path):
