@@ -52,8 +52,8 @@ from ..format import TensorEntry
 from ..parallel import make_executor
 from ..tensorcodec import Encoded, EncodeOptions, decode_tensor, encode_tensor, lossless_reason
 
-__all__ = ["RDPoint", "Menu", "pareto_front", "candidates", "measure", "distortion", "image_side", "row_images", "lower_hull",
-           "allocate_budget", "fill_budget", "allocate_max_error", "sensitivities", "plan_options",
+__all__ = ["RDPoint", "Menu", "pareto_front", "candidates", "measure", "distortion", "image_side", "row_images",
+           "lower_hull", "allocate_budget", "fill_budget", "allocate_max_error", "sensitivities", "plan_options",
            "JPEG_QUALITIES", "QUANT_BITS", "ROW_TABLES", "TILES"]
 
 #: JPEG qualities on each tensor's menu.
