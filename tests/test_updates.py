@@ -216,7 +216,7 @@ def test_update_vectors_decode_through_the_api_with_a_base_path():
 
 
 def test_fill_can_take_a_pareto_point_off_the_hull():
-    """With fill_front, the greedy pass takes the cheap off-hull difference that fits (the hull's next point does not)."""
+    """With fill_front, the greedy pass takes a cheap off-hull difference that fits (the next hull point does not)."""
     from codec.rd.allocate import RDPoint, fill_budget, lower_hull, pareto_front
     from codec.tensorcodec import EncodeOptions
 
