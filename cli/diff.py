@@ -48,7 +48,8 @@ def _jwt_costs(source) -> tuple[dict[str, tuple[str, float | None, int]], int] |
             if e.alias is not None:
                 out[e.name] = (f"={e.alias}", None, 0)
             else:
-                out[e.name] = (e.codec.codec_id, 8 * e.stored_bytes / e.numel if e.numel else 0.0, e.stored_bytes)
+                codec_id = "unchanged" if e.codec is None else e.codec.codec_id  # an update's entry (no blobs)
+                out[e.name] = (codec_id, 8 * e.stored_bytes / e.numel if e.numel else 0.0, e.stored_bytes)
         return out, reader.size
 
 

@@ -213,3 +213,46 @@ def test_update_vectors_decode_through_the_api_with_a_base_path():
         state_dict = codec.load(vectors / item["file"], base=vectors / item["base"])
         for t in item["tensors"]:
             assert to_numpy(state_dict[t["name"]])[0].tobytes() == arrays[t["expected"]].tobytes()
+
+
+def test_fill_can_take_a_pareto_point_off_the_hull():
+    """With fill_front, the greedy pass takes a cheap off-hull difference that fits (the next hull point does not)."""
+    from codec.rd.allocate import RDPoint, fill_budget, lower_hull, pareto_front
+    from codec.tensorcodec import EncodeOptions
+
+    o = EncodeOptions()
+    pts = [RDPoint(o, "unchanged", 100, 0.04), RDPoint(o, "q1", 7000, 0.013), RDPoint(o, "q2", 7700, 0.0086)]
+    assert [p.label for p in lower_hull(pts)] == ["unchanged", "q2"]
+    assert [p.label for p in pareto_front(pts)] == ["unchanged", "q1", "q2"]
+    chosen = {"w": pts[0]}
+    assert fill_budget({"w": lower_hull(pts)}, {}, chosen, 7200)["w"].label == "unchanged"
+    assert fill_budget({"w": pareto_front(pts)}, {}, chosen, 7200)["w"].label == "q1"
+
+
+def test_writer_refuses_base_references_it_cannot_write(tmp_path):
+    """A base reference needs an update writer; a difference needs a floating dtype."""
+    from codec.dtypes import get_dtype
+    from codec.format import BaseId, BaseRef
+    from codec.tensorcodec import EncodeOptions, encode_tensor
+    from codec.writer import Writer
+
+    ref = BaseRef("x", "0" * 64)
+    array = np.arange(4, dtype=np.int32)
+    encoded = encode_tensor(array, get_dtype("int32"), EncodeOptions())
+    with Writer(tmp_path / "a.jwt") as w, pytest.raises(codec.EncodeError, match="not an update"):
+        w.add_unchanged("x", get_dtype("int32"), (4,), ref)
+    with Writer(tmp_path / "b.jwt", base=BaseId("0" * 64, 1)) as w, pytest.raises(codec.EncodeError,
+                                                                                 match="floating dtype"):
+        w.add("x", get_dtype("int32"), (4,), encoded, base=ref)
+
+
+def test_diff_and_show_on_an_update_fail_on_one_line(tmp_path):
+    """jwt diff and jwt show have no --base: on an update they say so in one line (no traceback)."""
+    old, new = _models()
+    codec.save(new, tmp_path / "u.jwt", base=old)
+    torch.save(new, tmp_path / "new.pt")
+    for args in (("diff", tmp_path / "new.pt", tmp_path / "u.jwt"), ("show", tmp_path / "u.jwt", "frozen.weight",
+                                                                     "-o", tmp_path / "x.png")):
+        r = run(*args)
+        assert r.exit_code == 1 and "needs its base" in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1

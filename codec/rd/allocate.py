@@ -60,8 +60,8 @@ from ..format import TensorEntry
 from ..parallel import INLINE, make_executor
 from ..tensorcodec import Encoded, EncodeOptions, decode_tensor, encode_tensor, lossless_reason
 
-__all__ = ["RDPoint", "Menu", "candidates", "measure", "distortion", "image_side", "row_images", "lower_hull",
-           "allocate_budget", "fill_budget", "allocate_max_error", "sensitivities", "plan_options",
+__all__ = ["RDPoint", "Menu", "pareto_front", "candidates", "measure", "distortion", "image_side", "row_images",
+           "lower_hull", "allocate_budget", "fill_budget", "allocate_max_error", "sensitivities", "plan_options",
            "JPEG_QUALITIES", "QUANT_BITS", "HIGH_QUANT_BITS", "HIGH_BITS_FROM", "ROW_TABLES", "TILES",
            "high_bit_candidates", "search_units"]
 
@@ -217,6 +217,11 @@ class Menu:
     from a base tensor, measured on the reconstructed weights.
     """
 
+    #: Let the final greedy pass take any Pareto point, not only hull points
+    #: (worth it where a menu has big gaps: an update's "unchanged" and its
+    #: cheapest difference).
+    fill_front = False
+
     def candidates(self, name: str, array: np.ndarray, dtype: DType, base: EncodeOptions,
                    rows: tuple[int, int] | None = None) -> list[tuple[str, EncodeOptions]]:
         return candidates(array, dtype, base, rows)
@@ -226,15 +231,19 @@ class Menu:
         return measure(name, array, dtype, label, options, rows, offset_digits)
 
 
-def lower_hull(points: Sequence[RDPoint]) -> list[RDPoint]:
-    """The points on the lower convex hull of (rate, distortion), by increasing rate."""
-    pts = sorted(points, key=lambda p: (p.nbytes, p.nmse))
+def pareto_front(points: Sequence[RDPoint]) -> list[RDPoint]:
+    """The points no other point beats in both rate and distortion, by increasing rate."""
     front: list[RDPoint] = []
-    for p in pts:  # Pareto front: strictly decreasing distortion
+    for p in sorted(points, key=lambda p: (p.nbytes, p.nmse)):
         if not front or p.nmse < front[-1].nmse:
             front.append(p)
+    return front
+
+
+def lower_hull(points: Sequence[RDPoint]) -> list[RDPoint]:
+    """The points on the lower convex hull of (rate, distortion), by increasing rate."""
     hull: list[RDPoint] = []
-    for p in front:
+    for p in pareto_front(points):
         while len(hull) >= 2:
             a, b = hull[-2], hull[-1]
             # b is above the chord a-p: drop it
@@ -431,7 +440,8 @@ def plan_options(
         _check_feasible(bits_per_weight, weights_total, fixed_bytes, points)  # type: ignore[arg-type]
         chosen = allocate_budget(hulls, weights, budget, fill=False)
         chosen = _refine(tensors, chosen, hulls, weights, budget, images, menu=menu)
-        chosen = fill_budget(hulls, weights, chosen, budget)
+        fronts = {n: pareto_front(p) for n, p in points.items()} if menu.fill_front else hulls
+        chosen = fill_budget(fronts, weights, chosen, budget)
     return {**forced, **{n: p.options for n, p in chosen.items()}}
 
 

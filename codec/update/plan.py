@@ -32,7 +32,8 @@ from .delta import add_difference, difference
 
 __all__ = ["UpdateOptions", "Matcher", "UpdateMenu", "DELTA_QUALITIES", "DELTA_QUANT_BITS"]
 
-#: JPEG qualities added to a difference's menu (below the model menu's lowest).
+#: JPEG qualities added to a difference's menu (below the model menu's lowest): the
+#: flat table saturates at 255 below quality 7, so it gets the first only; the ramps differ.
 DELTA_QUALITIES = (1, 2, 3)
 #: quant pixel bits added to a difference's menu.
 DELTA_QUANT_BITS = (1,)
@@ -118,6 +119,8 @@ def _ref_bytes(ref: BaseRef) -> int:
 class UpdateMenu(allocate.Menu):
     """The search menu of an update (module docstring); full tensors keep the model menu."""
 
+    fill_front = True
+
     def __init__(self, matcher: Matcher):
         self.matcher = matcher
 
@@ -140,10 +143,11 @@ class UpdateMenu(allocate.Menu):
             if any(o.codec == "jpeg" for _, o in delta):
                 delta += [(f"jpeg q{q} flat {h}x{w}", base.with_(codec="jpeg", quality=q, table="flat",
                                                                   row_shape=None, tile=(h, w)))
-                          for h, w in allocate.TILES for q in DELTA_QUALITIES]
+                          for h, w in allocate.TILES for q in DELTA_QUALITIES[:1]]
                 delta += [(f"jpeg q{q} {t} rows{rows[0]}x{rows[1]}", base.with_(codec="jpeg", quality=q, table=t,
                                                                                   row_shape=rows))
-                          for t in allocate.ROW_TABLES for q in DELTA_QUALITIES if rows is not None]
+                          for t in allocate.ROW_TABLES if rows is not None
+                          for q in (DELTA_QUALITIES[:1] if t == "flat" else DELTA_QUALITIES)]
         else:  # a vector or a small matrix: the difference losslessly (the sum rounds once)
             delta = [("lossless", base.with_(codec="lossless"))]
         return menu + [(f"delta {label}", UpdateOptions(**_fields(o), mode="delta")) for label, o in delta]
