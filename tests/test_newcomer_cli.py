@@ -136,11 +136,15 @@ def test_get_in_any_order_over_a_server_without_ranges(small, tmp_path):
     data = (small / "m.jwt").read_bytes()
     (tmp_path / "m.jwt").write_bytes(data)
     (tmp_path / "half.jwt").write_bytes(data[: len(data) // 2])
+    codec.save(expected, tmp_path / "att.jwt", attachments={"config.json": b"{}", "vocab.txt": b"a\n" * 5000})
     with serve(tmp_path, ranges=False) as server:
         with codec.open(server.url("m.jwt")) as f:
             for name in ("l0.weight", "l1.weight", "l3.weight", "l0.bias", "l2.weight", "l0.weight"):
                 assert torch.equal(f.get(name), expected[name]), name
         assert all(status == 200 for *_, status, _ in server.log)
+        server.log.clear()
+        assert codec.verify(server.url("att.jwt")).attachments == 2
+        assert len(server.log) == 1  # tensors, then attachments, from one response
         assert jwt_process("info", server.url("half.jwt")).returncode == 1
     assert jwt_process("info", tmp_path / "half.jwt").returncode == 1
 
