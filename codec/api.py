@@ -268,8 +268,12 @@ def progress_total(state_dict: Mapping[str, torch.Tensor], *,
     work, so a bar over this total moves with the time spent. Read from shapes and dtypes alone.
     """
     lazy = callable(getattr(state_dict, "shape", None))  # a lazy .safetensors mapping: no shared storage
-    aliases = {} if lazy else _sharing(state_dict)[0]
-    names = [n for n in state_dict if n not in aliases]
+    if lazy:
+        names = list(state_dict)
+    else:  # what save refuses (not a tensor, sparse, ...) counts nothing here: save names it
+        storable = {n: t for n, t in state_dict.items() if isinstance(t, torch.Tensor) and not _unstorable(t)}
+        aliases = _sharing(storable)[0]
+        names = [n for n in storable if n not in aliases]
 
     def dtype_of(name: str):
         return get_dtype(state_dict.dtype_name(name) if lazy else TORCH_DTYPES[state_dict[name].dtype])

@@ -184,8 +184,9 @@ def not_applied(shape: tuple[int, ...], dtype: DType, opts: EncodeOptions) -> st
 _CODEC_FIELDS = {"bits": (8, ("quant",)), "quality": (None, ("jpeg", "jpegxl")), "distance": (None, ("jpegxl",)),
                  "table": ("auto", ("jpeg",)), "effort": (3, ("jpegxl",)),
                  "row_shape": (None, ("jpeg", "jpegxl", "quant")), "tile": ((64, 64), ("jpeg", "jpegxl", "quant"))}
-#: Fields the rate search chooses per tensor itself (a value given for them would be ignored).
-SEARCH_CHOOSES = ("codec", "bits", "quality", "distance", "table", "tile")
+#: Fields the rate search chooses per tensor itself, or does not use (its menu has no JPEG XL): a value
+#: given for them would be ignored.
+SEARCH_CHOOSES = ("codec", "bits", "quality", "distance", "table", "tile", "effort")
 
 
 def option_conflicts(given: Mapping[str, object], *, searching: bool = False,
@@ -201,9 +202,9 @@ def option_conflicts(given: Mapping[str, object], *, searching: bool = False,
     if searching:
         chosen = [k for k in SEARCH_CHOOSES if k in given and not (k == "codec" and given[k] == "auto")]
         if chosen:
-            return (f"{', '.join(chosen)} {'is' if len(chosen) == 1 else 'are'} chosen per tensor by the rate "
-                    "search (bits_per_weight / max_error), so a global value would be ignored; force single "
-                    "tensors with per-tensor settings instead")
+            return (f"{', '.join(chosen)}: not used with a rate target (bits_per_weight / max_error), whose "
+                    "search picks codec, bits, quality, table and tiles per tensor; force single tensors with "
+                    "per-tensor settings instead")
         return None
     fields = {k: v for k, v in given.items() if k in EncodeOptions.__dataclass_fields__}
     try:

@@ -91,13 +91,16 @@ def test_info_into_a_closed_pipe_exits_quietly(tmp_path):
 
 def test_show_long_and_non_ascii_names_and_picture_formats(tmp_path):
     """A 300-character name gets a short default name; CJK/emoji names no matplotlib warnings; -o x.jpg is JPEG."""
+    import warnings
+
     long_name, cjk, emoji = "block." * 50 + "weight", "层.权重", "🙂.weight"
     sd = {long_name: torch.randn(64, 300), cjk: torch.randn(64, 300), emoji: torch.randn(64, 300)}
     codec.save(sd, tmp_path / "m.jwt")
     for name in (long_name, cjk, emoji):
-        proc = jwt_process("show", tmp_path / "m.jwt", name, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
-        assert "Warning" not in proc.stderr and "Glyph" not in proc.stderr, proc.stderr
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run("show", tmp_path / "m.jwt", name)
+        assert not [w for w in caught if "Glyph" in str(w.message)], [str(w.message) for w in caught]
     pngs = sorted(p.name for p in tmp_path.glob("m.*.png"))
     assert len(pngs) == 3 and all(len(p) < 120 for p in pngs), pngs
     run("show", tmp_path / "m.jwt", cjk, "-o", tmp_path / "x.jpg")
@@ -133,11 +136,15 @@ def test_get_in_any_order_over_a_server_without_ranges(small, tmp_path):
     data = (small / "m.jwt").read_bytes()
     (tmp_path / "m.jwt").write_bytes(data)
     (tmp_path / "half.jwt").write_bytes(data[: len(data) // 2])
+    codec.save(expected, tmp_path / "att.jwt", attachments={"config.json": b"{}", "vocab.txt": b"a\n" * 5000})
     with serve(tmp_path, ranges=False) as server:
         with codec.open(server.url("m.jwt")) as f:
             for name in ("l0.weight", "l1.weight", "l3.weight", "l0.bias", "l2.weight", "l0.weight"):
                 assert torch.equal(f.get(name), expected[name]), name
         assert all(status == 200 for *_, status, _ in server.log)
+        server.log.clear()
+        assert codec.verify(server.url("att.jwt")).attachments == 2
+        assert len(server.log) == 1  # tensors, then attachments, from one response
         assert jwt_process("info", server.url("half.jwt")).returncode == 1
     assert jwt_process("info", tmp_path / "half.jwt").returncode == 1
 

@@ -176,14 +176,25 @@ class HttpSource:
                 return data
         return self._read_body(self._ranged(offset, end - 1), length)
 
-    def stream_from(self, offset: int) -> _Body:
-        """The bytes from ``offset`` to the end, as one streamed response (without Range support: the open
-        response, skipped forward, or a new download; the source lets go of it)."""
+    def stream_from(self, offset: int) -> _Body | _Shared:
+        """The bytes from ``offset`` to the end, as one streamed response (without Range support: a view of
+        the open whole-file response, so what follows, e.g. the attachments, is read on from it)."""
         if not self.ranges:
-            with self._lock:
-                stream, self._stream = self._whole_from(offset), None
-                return stream
+            return _Shared(self, offset)
         return _Body(self._ranged(offset, None), self.url, self.timeout)
+
+    def _read_from(self, offset: int, n: int) -> bytes:
+        """Without Range support: up to ``n`` bytes at ``offset`` from the whole-file response (one read)."""
+        with self._lock:
+            stream = self._stream = self._whole_from(offset)
+            try:
+                data = stream.read(n)
+            except BaseException:
+                stream.close()
+                self._stream = None
+                raise
+            self._stream_pos = offset + len(data)
+            return data
 
     def _whole_from(self, offset: int) -> _Body:
         """Without Range support: the whole-file response positioned at ``offset``: the open one if it has
@@ -225,6 +236,22 @@ class HttpSource:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
+
+
+class _Shared:
+    """A stream over the source's whole-file response from an offset on (a server without Range support);
+    closing it leaves the response open for the reads that follow."""
+
+    def __init__(self, source: HttpSource, offset: int):
+        self._source, self._pos = source, offset
+
+    def read(self, n: int) -> bytes:
+        data = self._source._read_from(self._pos, n)
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        """Nothing to close: the source owns the response."""
 
 
 class _Body:
