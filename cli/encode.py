@@ -164,3 +164,6 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
                 delta = sum(e.base is not None and not e.unchanged for e in kinds)
             click.echo(f"  update against {base}: {delta} differences, {same} unchanged, "
                        f"{len(kinds) - delta - same} stored in full")
+            if not searching and delta:
+                click.echo("  (the differences are coded with the fixed setting; -b B or --max-error E lets the "
+                           "search make them much smaller)")

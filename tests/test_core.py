@@ -40,7 +40,7 @@ def test_codec_config_round_trips_through_json(codec):
     ({"id": "jpeg", "quality": 20, "table": [0] * 64}, FormatError),
     ({"id": "jpeg", "quality": True, "table": "flat"}, FormatError),
     ({"id": "zstd", "level": 3, "shuffle": 1}, FormatError),
-    ({"id": "zstd", "level": 3, "shuffle": True, "extra": 1}, FormatError),
+    ({"id": "zstd", "level": 3}, FormatError),  # every listed parameter is required (spec section 5)
     ({"id": "jpegxl", "distance": -1.0, "effort": 3}, FormatError),
     ({"id": "quant", "bits": 17, "level": 3}, FormatError),
     ([], FormatError),
@@ -49,6 +49,12 @@ def test_bad_codec_configs_are_rejected(config, error):
     """Unknown ids and out-of-range or mistyped parameters raise the right error."""
     with pytest.raises(error):
         get_codec(config)
+
+
+def test_unknown_codec_parameters_are_ignored():
+    """A parameter a codec does not define is ignored, as unknown index fields are (spec section 5)."""
+    assert get_codec({"id": "zstd", "level": 3, "shuffle": True, "extra": 1}).get_config() == {
+        "id": "zstd", "level": 3, "shuffle": True}
 
 
 def test_quant_tables_follow_libjpeg_scaling():
