@@ -119,7 +119,7 @@ def _storage_key(t: torch.Tensor) -> tuple:
 
 
 def save(
-    state_dict: Mapping[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor] | torch.nn.Module,
     path: str | os.PathLike[str] | BinaryIO,
     *,
     metadata: Mapping[str, str] | None = None,
@@ -130,9 +130,12 @@ def save(
     progress: ProgressFn | None = None,
     attachments: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
     jobs: int | None = None,
+    calibration: Any = None,
+    repair: bool | None = None,
+    calibration_progress: Callable[[str, int], None] | None = None,
     **options: Any,
 ) -> list[str]:
-    """Encode ``state_dict`` to a .jwt file at ``path`` (atomically).
+    """Encode ``state_dict`` (or an ``nn.Module``'s) to a .jwt file at ``path`` (atomically).
 
     ``options`` are :class:`~codec.tensorcodec.EncodeOptions` fields
     (``codec``, ``quality``, ``table``, ``tile``, ``row_shape``, ...).
@@ -146,6 +149,25 @@ def save(
     each tensor's relative RMS error. ``calibrate(state_dict) -> score``
     (higher is better) measures each tensor's sensitivity for the budget
     allocation instead of the data-free estimate.
+
+    ``calibration`` (with a rate target and an ``nn.Module``): the user's
+    inputs, unlabelled -- a tensor or array of samples along its first
+    axis, or an iterable of batches (tensors, or mappings passed as
+    ``model(**batch)``) -- or a :class:`codec.rd.calibrate.Calibration`
+    already made by :func:`codec.calibrate`. The allocator then scores each
+    calibrated layer by the error it causes in its output, ``tr(dW H dW^T)``
+    weighted by the layer's sensitivity (:mod:`codec.rd.calibrate`).
+    ``repair`` (default: on when calibration inputs are given) then codes
+    the layers in forward order, compensating errors and repairing
+    not-yet-coded parameters on the inputs (:mod:`codec.rd.repair`); the
+    file is read by the same decoder as any other.
+    ``calibration_progress(stage, n)`` follows calibration (inputs) and
+    repair. Without data, a BatchNorm or LayerNorm after a layer weighs its
+    output rows (:func:`codec.rd.allocate.norm_weightings`), and a budget
+    that can only be met by leaving a tensor with a relative error above
+    :data:`codec.rd.allocate.DAMAGE` is met, with a note naming the tensors
+    and the smallest budget that avoids it (returned, and stored in the
+    metadata under ``jwt.warnings`` for ``jwt info``).
 
     Tensors sharing storage (same data, shape and strides) are stored once
     and aliased. ``state_dict`` may load tensors lazily on access (e.g.
@@ -161,6 +183,19 @@ def save(
     flight, so a lazy ``state_dict`` is never held whole.
     """
     jobs = resolve_jobs(jobs)
+    model = None
+    if isinstance(state_dict, torch.nn.Module):
+        model, state_dict = state_dict, state_dict.state_dict()
+    elif not isinstance(state_dict, Mapping):
+        raise TypeError(f"save() needs a state_dict (a mapping of tensors) or an nn.Module, "
+                        f"not {type(state_dict).__name__}")
+    if calibration is not None:
+        if model is None:
+            raise TypeError("calibration= needs the model itself: pass the nn.Module, not its state_dict")
+        if bits_per_weight is None and max_error is None:
+            raise ValueError("calibration= needs a rate target: give bits_per_weight or max_error")
+    elif repair:
+        raise ValueError("repair=True needs calibration inputs (calibration=)")
     base = EncodeOptions(**options)
     rules = Overrides(overrides)
     rules.check(base)
@@ -173,13 +208,27 @@ def save(
             raise EncodeError(f"tensor {name!r}: {problem}")
     tensor = None  # a lazy state_dict's tensors are fetched one at a time: hold none of them
     aliases = _aliases(state_dict)
+    notes: list[str] = []
     if bits_per_weight is not None or max_error is not None:
+        from .rd.allocate import WARNINGS_KEY, Distortion, norm_weightings
+
+        weightings = norm_weightings({n: _shape(state_dict, n) for n in state_dict},
+                                     lambda n: state_dict[n].detach().to("cpu", torch.float64).numpy())
+        inputs, calib = _calibration(model, calibration, repair, calibration_progress, meta)
+        if calib is not None:
+            weightings.update(calib.weightings())
+        damaged: list[str] = []
         chosen = _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate,
-                       progress, attachments or {}, jobs)
+                       progress, attachments or {}, jobs, measure_by=Distortion(weightings), notes=damaged)
+        if damaged:
+            meta[WARNINGS_KEY] = "; ".join(damaged)
+            notes += damaged
+        if inputs is not None:
+            state_dict = _repaired(model, state_dict, aliases, inputs, chosen, calib, calibration_progress, jobs,
+                                   notes)
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
     else:
         options_for = lambda name: rules.options_for(name, base) or base  # noqa: E731
-    notes: list[str] = []
     with Writer(path, metadata=meta, encoder=encoder) as writer:
         for name, target, dtype, shape, encoded in _encode_in_order(state_dict, aliases, options_for, jobs):
             if target is not None:
@@ -193,6 +242,65 @@ def save(
         for name, data in (attachments or {}).items():
             writer.add_attachment(name, data)
     return notes
+
+
+def _calibration(model, calibration, repair, progress, meta):
+    """``(inputs kept for repair or None, Calibration or None)`` for :func:`save`'s ``calibration``."""
+    if calibration is None:
+        return None, None
+    from .rd.calibrate import Calibration, as_batches, calibrate
+
+    if isinstance(calibration, Calibration):
+        if repair:
+            raise ValueError("repair=True needs the calibration inputs, not a Calibration; pass the inputs")
+        calib, inputs = calibration, None
+    else:
+        inputs = as_batches(calibration)
+        if iter(inputs) is inputs and repair is not False:  # a one-shot iterator: keep its batches for repair
+            inputs = list(inputs)
+        calib = calibrate(model, inputs, progress=progress)
+        if repair is False:
+            inputs = None
+        elif repair is None and not _repair_available():
+            inputs = None
+        elif not _repair_available():
+            raise EncodeError("repair=True: coding with repair (codec.rd.repair) is not available in this build")
+    meta["jwt.calibration"] = f"{calib.samples} inputs in {calib.batches} batches, {len(calib.layers)} layers"
+    return inputs, calib
+
+
+def _repair_available() -> bool:
+    try:
+        from .rd.repair import code_with_repair  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _repaired(model, state_dict, aliases, inputs, chosen, calib, progress, jobs, notes):
+    """``state_dict`` with the arrays :func:`codec.rd.repair.code_with_repair` changed, to be coded as planned.
+
+    Repair codes the layers in forward order with the chosen options and
+    returns, in storage form, only the tensors whose values it changed
+    (error-compensated weights, repaired biases and later parameters);
+    coding those with the same options gives exactly what repair assumed.
+    """
+    from .rd.repair import code_with_repair
+
+    targets, repair_notes = code_with_repair(model, inputs, dict(chosen), calib, progress=progress, jobs=jobs)
+    notes += list(repair_notes)
+    out = dict(state_dict)
+    for name, array in targets.items():
+        if name not in out:
+            raise EncodeError(f"repair returned tensor {name!r}, which is not in the state_dict")
+        if name in aliases:  # stored as its target: the target's value decides
+            continue
+        dtype_name = TORCH_DTYPES[out[name].dtype]
+        if tuple(array.shape) != tuple(out[name].shape):
+            raise EncodeError(f"repair returned tensor {name!r} with shape {tuple(array.shape)}, "
+                              f"not {tuple(out[name].shape)}")
+        out[name] = to_torch(np.asarray(array), dtype_name)
+    return out
 
 
 def _encode_in_order(state_dict: Mapping[str, torch.Tensor], aliases: dict[str, str],
@@ -266,7 +374,7 @@ def _shape(state_dict: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]
 
 
 def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress,
-          attachments, jobs):
+          attachments, jobs, measure_by=None, notes=None):
     """Run the rate-distortion allocator over the stored tensors; options per name.
 
     The budget's fixed part counts the header, the index without tensor
@@ -305,7 +413,8 @@ def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_
     return plan_options(tensors, base, lambda name: rules.options_for(name, base),
                         bits_per_weight=bits_per_weight, max_error=max_error,
                         overhead_bytes=HEADER_SIZE + len(skeleton) + attached_bytes, score=score, progress=progress,
-                        jobs=jobs, total_weights=sum(math.prod(_shape(state_dict, n)) for n in stored))
+                        jobs=jobs, total_weights=sum(math.prod(_shape(state_dict, n)) for n in stored),
+                        measure_by=measure_by, notes=notes)
 
 
 class JwtFile:

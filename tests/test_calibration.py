@@ -1,0 +1,189 @@
+"""Coding with data (issue 9, codec side): calibration statistics, output-space distortion, what the
+state_dict reveals (BatchNorm / LayerNorm), the damage guard, codec.save(model, calibration=), the CLI, and the
+repair contract."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import codec
+from codec.rd import allocate as A
+from codec.rd.calibrate import Calibration, calibrate
+
+
+class TwoBranch(nn.Module):
+    """``b(relu(a(x))) + side(x)`` where the side branch is 20x quieter: its errors barely reach the output,
+    yet its weights' NMSE counts as much as any other's."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.side = nn.Linear(128, 128), nn.Linear(128, 64), nn.Linear(128, 64)
+        with torch.no_grad():
+            self.side.weight *= 0.05
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))) + self.side(x)
+
+
+def _two_branch() -> tuple[TwoBranch, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    return TwoBranch(), torch.randn(256, 128, generator=g), torch.randn(256, 128, generator=g)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------- calibrate()
+
+def test_second_moments_match_the_definition():
+    """H = E[x x^T] (conv: im2col columns in weight.reshape(out, -1) order), E[x] and counts, exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 3 * 3, 5))
+    x = torch.randn(40, 3, 6, 6)
+    cal = calibrate(model, [x[:16], x[16:].numpy()])  # tensors and numpy arrays both work
+    cols = F.unfold(x, 3, padding=1, stride=2).permute(0, 2, 1).reshape(-1, 27).double()
+    conv = cal.layers["0.weight"]
+    assert conv.kind == "conv2d" and conv.samples == len(cols)
+    np.testing.assert_allclose(conv.h, (cols.T @ cols / len(cols)).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(conv.mean, cols.mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    hidden = torch.relu(model[0](x)).flatten(1).double().detach()
+    np.testing.assert_allclose(cal.layers["3.weight"].h, (hidden.T @ hidden / 40).numpy(), rtol=1e-4, atol=1e-6)
+    assert cal.samples == 40 and cal.batches == 2
+    # the error a weight change causes in the layer's output is tr(dW H dW^T)
+    dw = torch.randn(8, 27, dtype=torch.float64)
+    direct = float(((cols @ dw.T) ** 2).sum() / len(cols))
+    assert A.Weighting(h=conv.h).energy(dw.numpy()) == pytest.approx(direct, rel=1e-4)
+
+
+def test_diagonal_above_the_limit_and_embedding_counts(monkeypatch):
+    """Wide layers keep diag(H); an embedding's H is how often each row was looked up."""
+    import codec.rd.calibrate as C
+
+    monkeypatch.setattr(C, "FULL_H_MAX", 16)
+    model = nn.Sequential(nn.Embedding(50, 32), nn.Linear(32, 8))
+    ids = torch.tensor([[1, 2, 2, 7], [7, 7, 0, 1]])
+    cal = calibrate(model, [ids])
+    emb = cal.layers["0.weight"]
+    assert emb.kind == "embedding" and emb.h[[0, 1, 2, 7]].tolist() == [1, 2, 2, 3] and emb.h.sum() == 8
+    lin = cal.layers["1.weight"]
+    assert lin.diagonal and lin.h.shape == (32,)
+    rows = model[0](ids).reshape(-1, 32).double()
+    np.testing.assert_allclose(lin.h, (rows**2).mean(0).detach().numpy(), rtol=1e-5)
+    # unseen embedding rows still count (half the weight is uniform)
+    w = emb.weighting()
+    assert w.rows[3] > 0 and w.rows[7] > w.rows[3]
+
+
+def test_attention_mask_leaves_padding_out():
+    """Token inputs: positions the batch's attention_mask marks as padding add nothing to H."""
+
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.proj = nn.Embedding(10, 4), nn.Linear(4, 4)
+
+        def forward(self, input_ids, attention_mask):
+            return self.proj(self.emb(input_ids))
+
+    model = Tok()
+    ids, mask = torch.tensor([[1, 2, 0], [3, 0, 0]]), torch.tensor([[1, 1, 0], [1, 0, 0]])
+    cal = calibrate(model, [{"input_ids": ids, "attention_mask": mask}])
+    assert cal.layers["emb.weight"].h[0] == 0 and cal.layers["emb.weight"].h.sum() == 3
+    assert cal.layers["proj.weight"].samples == 3
+
+
+def test_sensitivity_is_deterministic_and_sees_quiet_branches():
+    """The quiet side branch moves the output far less per unit relative error; same seed, same numbers."""
+    model, x, _ = _two_branch()
+    one, two = calibrate(model, x, seed=3), calibrate(model, x, seed=3)
+    sens = {n: s.sensitivity for n, s in one.layers.items()}
+    assert sens == {n: s.sensitivity for n, s in two.layers.items()}
+    assert sens["side.weight"] < 0.1 * sens["b.weight"]
+    assert 0.2 < sens["b.weight"] < 5
+    assert calibrate(model, x, seed=4).layers["b.weight"].sensitivity != sens["b.weight"]
+
+
+def test_progress_and_max_batches():
+    """progress gets each batch's inputs; max_batches stops early; the model's training mode is restored."""
+    model, x, _ = _two_branch()
+    model.train()
+    seen = []
+    cal = calibrate(model, [x[:100], x[100:200], x[200:]], max_batches=2, progress=lambda s, n: seen.append((s, n)))
+    assert seen == [("calibration", 100), ("calibration", 100)] and cal.samples == 200
+    assert model.training
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ([], "empty"),
+    ([torch.full((2, 128), float("nan"))], "batch 0: holds NaN"),
+    ([torch.randn(2, 128), torch.randn(2, 127)], "batch 1: the model does not accept it"),
+    ([torch.randn(0, 128)], "batch 0: empty"),
+    ([torch.randn(2, 64)], "batch 0: the model does not accept it"),
+    (["text"], "batch 0: not a tensor but str"),
+])
+def test_bad_inputs_are_one_line_value_errors(inputs, message):
+    """Empty, NaN, wrong shapes: a one-line ValueError naming the batch, no traceback text."""
+    model, _, _ = _two_branch()
+    with pytest.raises(ValueError, match=message) as info:
+        calibrate(model, inputs)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_arguments_are_type_errors():
+    """A non-module or non-iterable input is a TypeError."""
+    with pytest.raises(TypeError, match="nn.Module"):
+        calibrate({"w": torch.zeros(2)}, [torch.zeros(1)])
+    with pytest.raises(TypeError, match="iterable of batches"):
+        calibrate(nn.Linear(2, 2), 3)
+
+
+# ---------------------------------------------------------------- output-space distortion
+
+def test_weighting_energy_forms_agree():
+    """Full, diagonal and row-weighted energies are the traces they claim."""
+    rng = np.random.default_rng(0)
+    m, x = rng.normal(size=(6, 5)), rng.normal(size=(100, 5))
+    h = x.T @ x / 100
+    assert A.Weighting(h=h).energy(m) == pytest.approx(np.trace(m @ h @ m.T), rel=1e-5)
+    assert A.Weighting(h=np.diag(h)).energy(m) == pytest.approx(np.sum(m * m * np.diag(h)), rel=1e-12)
+    r = rng.uniform(size=6)
+    assert A.Weighting(rows=r).energy(m) == pytest.approx(np.sum(r[:, None] * m * m), rel=1e-12)
+    assert not A.Weighting(h=h).fits((6, 4)) and A.Weighting(h=h).fits((6, 5)) and not A.Weighting(h=h).fits((5,))
+
+
+def test_distortion_falls_back_to_data_free_for_uncalibrated_tensors():
+    """A tensor without a weighting (or whose shape does not fit it) keeps today's NMSE, with no output error."""
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(16, 9))
+    dec = ref + 0.1 * rng.normal(size=ref.shape)
+    measure = A.Distortion({"w": A.Weighting(h=np.eye(9), scale=2.0)})
+    assert measure("other", ref, dec) == (A.distortion(ref, dec)[0], None)
+    weighted, out = measure("w", ref, dec)
+    assert out == pytest.approx(A.distortion(ref, dec)[1] ** 0.5) and weighted == pytest.approx(2 * out**2)
+    assert measure("w", ref[:, :8], dec[:, :8])[1] is None  # H of 9 columns does not fit 8
+
+
+def test_calibrated_allocation_moves_bits_to_the_layers_that_matter():
+    """At the same size, scoring by output error (tr(dW H dW^T) x sensitivity) beats weight NMSE on outputs."""
+    model, calib_x, test_x = _two_branch()
+    ref = model(test_x).detach()
+    results = {}
+    for mode in ("data-free", "calibrated"):
+        buf = io.BytesIO()
+        if mode == "data-free":
+            codec.save(model.state_dict(), buf, bits_per_weight=3.0)
+        else:
+            codec.save(model, buf, bits_per_weight=3.0, calibration=calib_x, repair=False)
+        back = TwoBranch()
+        back.load_state_dict(codec.load(buf.getvalue()))
+        results[mode] = (_rel(back(test_x).detach(), ref), len(buf.getvalue()))
+    assert results["calibrated"][1] <= 3.0 * sum(p.numel() for p in model.parameters()) / 8
+    assert results["calibrated"][0] < 0.85 * results["data-free"][0], results
