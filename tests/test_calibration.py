@@ -187,3 +187,106 @@ def test_calibrated_allocation_moves_bits_to_the_layers_that_matter():
         results[mode] = (_rel(back(test_x).detach(), ref), len(buf.getvalue()))
     assert results["calibrated"][1] <= 3.0 * sum(p.numel() for p in model.parameters()) / 8
     assert results["calibrated"][0] < 0.85 * results["data-free"][0], results
+
+
+# ---------------------------------------------------------------- data-free: what the state_dict reveals
+
+class BNNet(nn.Module):
+    """conv -> BN -> relu -> conv -> BN -> relu -> pool -> linear, as ``features.N`` and ``head``."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                      nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AvgPool2d(2))
+        self.head = nn.Linear(32 * 7 * 7, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+def _bn_net() -> tuple[BNNet, torch.Tensor]:
+    """A BN net whose second conv has 24 of its 32 output channels 50x smaller, with their BN statistics scaled
+    to match: the same function, but weight NMSE can no longer see that those channels matter as much."""
+    torch.manual_seed(0)
+    net = BNNet()
+    x = torch.randn(64, 1, 14, 14)
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):  # running statistics of these inputs
+            net(x)
+        conv, bn = net.features[3], net.features[4]
+        small = torch.arange(32) >= 8
+        conv.weight[small] *= 0.02
+        conv.bias[small] *= 0.02
+        bn.running_mean[small] *= 0.02
+        bn.running_var[small] *= 0.02**2
+    net.eval()
+    return net, x
+
+
+def test_norm_weightings_read_batchnorm_and_layernorm():
+    """A BN right after a layer gives rows gamma^2/(var+eps); a LayerNorm under the same parent gives gamma^2;
+    a norm of another parent (pre-norm) or a constant gain gives nothing."""
+    net, _ = _bn_net()
+    sd = net.state_dict()
+    shapes = {n: tuple(t.shape) for n, t in sd.items()}
+    found = A.norm_weightings(shapes, lambda n: sd[n].double().numpy())
+    assert sorted(found) == ["features.0.weight", "features.3.weight"]
+    bn = net.features[4]
+    expect = (bn.weight**2 / (bn.running_var + 1e-5)).detach().double().numpy()
+    np.testing.assert_allclose(found["features.3.weight"].rows, expect, rtol=1e-6)
+    ln = {"block.dense.weight": (8, 4), "block.dense.bias": (8,), "block.LayerNorm.weight": (8,),
+          "block.LayerNorm.bias": (8,), "next.proj.weight": (8, 8), "other.norm.weight": (8,)}
+    gains = {"block.LayerNorm.weight": np.arange(1.0, 9.0), "other.norm.weight": np.arange(1.0, 9.0)}
+    found = A.norm_weightings(ln, gains.__getitem__)
+    assert list(found) == ["block.dense.weight"]
+    np.testing.assert_allclose(found["block.dense.weight"].rows, np.arange(1.0, 9.0) ** 2)
+    assert A.norm_weightings(ln, lambda n: np.ones(8)) == {}  # a constant gain tells nothing
+
+
+def test_batchnorm_fold_keeps_small_channels_alive(monkeypatch):
+    """Data-free, folding the BN scale into the conv's distortion cuts the model's output error at the same
+    budget; without it the search starves the channels BN blows up."""
+    net, x = _bn_net()
+    ref = net(x).detach()
+    results = {}
+    for mode in ("weights only", "BN folded"):
+        if mode == "weights only":
+            monkeypatch.setattr(A, "norm_weightings", lambda *args: {})
+        else:
+            monkeypatch.undo()
+        buf = io.BytesIO()
+        codec.save(net.state_dict(), buf, bits_per_weight=4.0)
+        back = BNNet()
+        back.load_state_dict(codec.load(buf.getvalue()))
+        back.eval()
+        results[mode] = _rel(back(x).detach(), ref)
+    assert results["BN folded"] < 0.5 * results["weights only"], results
+
+
+def test_a_budget_that_destroys_a_tensor_says_so_and_names_the_budget_that_does_not(tmp_path):
+    """Over DAMAGE: a note per tensor in save's result and in the file's jwt.warnings (shown by jwt info);
+    at the budget it names, no tensor is over the threshold and nothing is said; the file still fits."""
+    from click.testing import CliRunner
+
+    from jwt_cli.main import cli
+
+    net, x = _bn_net()
+    n = sum(t.numel() for t in net.state_dict().values())
+    path = tmp_path / "low.jwt"
+    notes = codec.save(net.state_dict(), path, bits_per_weight=3.56)
+    assert len(notes) == 1 and notes[0].startswith("tensor 'features.3.weight': relative error")
+    assert path.stat().st_size <= 3.56 * n / 8
+    need = float(notes[0].split("; ")[1].split()[0])
+    assert 3.56 < need < 4
+    with codec.open(path) as f:
+        assert f.metadata[A.WARNINGS_KEY] == notes[0]
+    shown = CliRunner().invoke(cli, ["info", str(path)])
+    assert shown.exit_code == 0 and "features.3.weight" in shown.output and "jwt.warnings" in shown.output
+    assert codec.save(net.state_dict(), tmp_path / "ok.jwt", bits_per_weight=need) == []
+    with codec.open(tmp_path / "ok.jwt") as f:
+        assert A.WARNINGS_KEY not in f.metadata
+    back = BNNet()
+    back.load_state_dict(codec.load(tmp_path / "ok.jwt"))
+    back.eval()
+    assert _rel(back(x).detach(), net(x).detach()) < 0.6

@@ -31,8 +31,18 @@ frequencies) costs little. On the seed MLP this ranks candidates like the
 true input covariance does, where plain NMSE prefers the flat table that
 loses more accuracy.
 
-A calibration hook (:func:`sensitivities`) replaces the weights by measured
-score drops per unit distortion when the caller can score a model.
+The measure is pluggable (:class:`Distortion`): a tensor with a
+:class:`Weighting` is scored in output space instead, by the relative error
+it causes in its layer's output, ``tr(R dW H dW^T) / tr(R W H W^T)``,
+times the layer's sensitivity. ``H`` and the sensitivity come from
+calibration data (:mod:`codec.rd.calibrate`); without data, the per-row
+weights ``R`` still come from what the state_dict reveals, a BatchNorm or
+LayerNorm right after the layer (:func:`norm_weightings`). A budget
+search never leaves a tensor over :data:`DAMAGE` relative error when the
+budget allows otherwise, and says so, naming the budget that would, when
+it does not. A calibration hook (:func:`sensitivities`) replaces the
+weights by measured score drops per unit distortion when the caller can
+score a model.
 
 Pure numpy; knows nothing about torch or files.
 """
