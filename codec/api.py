@@ -131,6 +131,7 @@ def save(
     attachments: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
     jobs: int | None = None,
     calibration: Any = None,
+    model: torch.nn.Module | None = None,
     repair: bool | None = None,
     calibration_progress: Callable[[str, int], None] | None = None,
     **options: Any,
@@ -157,6 +158,9 @@ def save(
     already made by :func:`codec.calibrate`. The allocator then scores each
     calibrated layer by the error it causes in its output, ``tr(dW H dW^T)``
     weighted by the layer's sensitivity (:mod:`codec.rd.calibrate`).
+    ``model``: the module to run when ``state_dict`` holds its tensors
+    rather than being the module itself (a checkpoint's tensors, under the
+    module's state_dict names; tensors it does not have are coded data-free).
     ``repair`` (default: on when calibration inputs are given) then codes
     the layers in forward order, compensating errors and repairing
     not-yet-coded parameters on the inputs (:mod:`codec.rd.repair`); the
@@ -183,15 +187,17 @@ def save(
     flight, so a lazy ``state_dict`` is never held whole.
     """
     jobs = resolve_jobs(jobs)
-    model = None
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model= must be a torch.nn.Module, not {type(model).__name__}")
     if isinstance(state_dict, torch.nn.Module):
-        model, state_dict = state_dict, state_dict.state_dict()
+        model, state_dict = model or state_dict, state_dict.state_dict()
     elif not isinstance(state_dict, Mapping):
         raise TypeError(f"save() needs a state_dict (a mapping of tensors) or an nn.Module, "
                         f"not {type(state_dict).__name__}")
     if calibration is not None:
         if model is None:
-            raise TypeError("calibration= needs the model itself: pass the nn.Module, not its state_dict")
+            raise TypeError("calibration= needs the model itself: pass the nn.Module, not its state_dict "
+                            "(or the module as model=)")
         if bits_per_weight is None and max_error is None:
             raise ValueError("calibration= needs a rate target: give bits_per_weight or max_error")
     elif repair:
@@ -295,11 +301,13 @@ def _repaired(model, state_dict, aliases, inputs, chosen, calib, progress, jobs,
             raise EncodeError(f"repair returned tensor {name!r}, which is not in the state_dict")
         if name in aliases:  # stored as its target: the target's value decides
             continue
-        dtype_name = TORCH_DTYPES[out[name].dtype]
-        if tuple(array.shape) != tuple(out[name].shape):
+        array, want = np.asarray(array), out[name]
+        if tuple(array.shape) != tuple(want.shape):
             raise EncodeError(f"repair returned tensor {name!r} with shape {tuple(array.shape)}, "
-                              f"not {tuple(out[name].shape)}")
-        out[name] = to_torch(np.asarray(array), dtype_name)
+                              f"not {tuple(want.shape)}")
+        storage = to_numpy(want.reshape(-1)[:1])[0].dtype
+        out[name] = (to_torch(array, TORCH_DTYPES[want.dtype]) if array.dtype == storage  # storage form
+                     else torch.from_numpy(array.copy()).to(want.dtype))  # a plain float array of another width
     return out
 
 

@@ -290,3 +290,201 @@ def test_a_budget_that_destroys_a_tensor_says_so_and_names_the_budget_that_does_
     back.load_state_dict(codec.load(tmp_path / "ok.jwt"))
     back.eval()
     assert _rel(back(x).detach(), net(x).detach()) < 0.6
+
+
+# ---------------------------------------------------------------- codec.save entry point and the repair contract
+
+def test_save_argument_errors():
+    """A state_dict with calibration= is a TypeError telling to pass the module; no rate target is a ValueError."""
+    model, x, _ = _two_branch()
+    with pytest.raises(TypeError, match="pass the nn.Module"):
+        codec.save(model.state_dict(), io.BytesIO(), bits_per_weight=4, calibration=x)
+    with pytest.raises(ValueError, match="rate target"):
+        codec.save(model, io.BytesIO(), calibration=x)
+    with pytest.raises(TypeError, match="nn.Module"):
+        codec.save([1, 2], io.BytesIO())
+    with pytest.raises(ValueError, match="batch 0: holds NaN"):
+        codec.save(model, io.BytesIO(), bits_per_weight=4, calibration=torch.full((4, 128), float("nan")))
+
+
+def test_calibrated_file_decodes_with_the_same_reader(tmp_path):
+    """The format does not change: a calibrated file is read by the plain reader and by `jwt decode`, and
+    decodes near the original."""
+    from click.testing import CliRunner
+
+    from jwt_cli.main import cli
+
+    model, x, _ = _two_branch()
+    path = tmp_path / "c.jwt"
+    codec.save(model, path, bits_per_weight=3.0, calibration=x, repair=False)
+    with codec.Reader(str(path)) as reader:
+        assert sorted(reader.keys()) == sorted(model.state_dict())
+        assert reader.metadata["jwt.calibration"].startswith("256 inputs")
+        arrays = {name: reader.read(name) for name in reader.keys()}
+    result = CliRunner().invoke(cli, ["decode", str(path), "-o", str(tmp_path / "c.pt")])
+    assert result.exit_code == 0, result.output
+    decoded = torch.load(tmp_path / "c.pt", weights_only=True)
+    for name, tensor in model.state_dict().items():
+        np.testing.assert_array_equal(arrays[name], decoded[name].numpy())
+        assert _rel(decoded[name], tensor) < 0.5
+
+
+def _fake_repair(calls):
+    """A stand-in for codec.rd.repair.code_with_repair that follows the contract: it returns new values
+    for the tensors it changed (a bias shifted by 1, a weight negated) and notes."""
+    import types
+
+    def code_with_repair(model, inputs, options, calibration, *, progress=None, jobs=None):
+        calls.append((model, [b.shape for b in inputs], dict(options), calibration))
+        if progress:
+            progress("repair", 1)
+        sd = model.state_dict()
+        return ({"b.bias": (sd["b.bias"] + 1).numpy(), "side.weight": (-sd["side.weight"]).numpy()},
+                ["repair: 2 tensors changed"])
+
+    return types.SimpleNamespace(code_with_repair=code_with_repair)
+
+
+def test_repair_contract(monkeypatch):
+    """With calibration inputs repair runs after the allocation with the chosen options and the Calibration;
+    save codes the arrays it returns instead of the originals; repair=False leaves it out."""
+    import sys
+
+    model, x, _ = _two_branch()
+    calls = []
+    monkeypatch.setitem(sys.modules, "codec.rd.repair", _fake_repair(calls))
+    stages = []
+    buf = io.BytesIO()
+    notes = codec.save(model, buf, bits_per_weight=3.0, calibration=x,
+                       calibration_progress=lambda stage, n: stages.append(stage))
+    assert notes == ["repair: 2 tensors changed"] and "repair" in stages and "calibration" in stages
+    (got_model, shapes, options, calib), = calls
+    assert got_model is model and sum(s[0] for s in shapes) == 256 and isinstance(calib, Calibration)
+    assert set(options) == set(model.state_dict())
+    assert all(isinstance(o, codec.EncodeOptions) for o in options.values())
+    back = codec.load(buf.getvalue())
+    sd = model.state_dict()
+    assert torch.equal(back["b.bias"], sd["b.bias"] + 1)  # biases are lossless: exactly what repair returned
+    assert _rel(back["side.weight"], -sd["side.weight"]) < 0.5 < 1.5 < _rel(back["side.weight"], sd["side.weight"])
+    assert torch.equal(back["a.bias"], sd["a.bias"])
+    calls.clear()
+    codec.save(model, io.BytesIO(), bits_per_weight=3.0, calibration=x, repair=False)
+    assert calls == []
+
+
+def test_repair_flag_without_the_module(monkeypatch):
+    """Until codec.rd.repair exists, the default quietly codes without it and repair=True says it is missing."""
+    import sys
+
+    model, x, _ = _two_branch()
+    monkeypatch.setitem(sys.modules, "codec.rd.repair", None)  # import fails
+    assert codec.save(model, io.BytesIO(), bits_per_weight=3.0, calibration=x) == []
+    with pytest.raises(codec.EncodeError, match="repair"):
+        codec.save(model, io.BytesIO(), bits_per_weight=3.0, calibration=x, repair=True)
+
+
+# ---------------------------------------------------------------- jwt encode --calibration
+
+NETS = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class Other(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Linear(3, 3)
+
+
+NOT_A_CLASS = 3
+'''
+
+
+def _encode(*args):
+    from click.testing import CliRunner
+
+    from jwt_cli.main import cli
+
+    return CliRunner().invoke(cli, ["encode", *map(str, args)])
+
+
+@pytest.fixture
+def net_files(tmp_path, monkeypatch):
+    """A module ``calib_test_nets`` beside the user (the working folder), its weights and inputs."""
+    (tmp_path / "calib_test_nets.py").write_text(NETS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ns: dict = {}
+    exec(NETS, ns)
+    torch.manual_seed(0)
+    torch.save(ns["Net"]().state_dict(), tmp_path / "net.pt")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(100, 64)).astype(np.float32))
+    return tmp_path
+
+
+def test_cli_model_and_array_inputs(net_files):
+    """--calibration inputs.npy --model package.module:Class encodes; the file decodes like any other."""
+    out = net_files / "net.jwt"
+    result = _encode(net_files / "net.pt", "-b", "6", "--calibration", net_files / "x.npy",
+                     "--model", "calib_test_nets:Net", "--no-repair", "-o", out)
+    assert result.exit_code == 0, result.output
+    with codec.open(out) as f:
+        assert f.metadata["jwt.calibration"].startswith("100 inputs")
+    assert set(codec.load(out)) == {"a.weight", "a.bias", "b.weight", "b.bias"}
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--calibration", "x.npy"], 2, "rate target"),
+    (["-b", "4", "--model", "calib_test_nets:Net"], 2, "--model needs --calibration"),
+    (["-b", "4", "--calibration", "x.npy"], 2, "--model package.module:ClassName"),
+    (["-b", "4", "--calibration", "x.npy", "--model", "no_such_mod:Net"], 1, "cannot import no_such_mod"),
+    (["-b", "4", "--calibration", "x.npy", "--model", "calib_test_nets:Nope"], 1, "has no Nope"),
+    (["-b", "4", "--calibration", "x.npy", "--model", "calib_test_nets:NOT_A_CLASS"], 1, "not a torch.nn.Module"),
+    (["-b", "4", "--calibration", "x.npy", "--model", "calib_test_nets:Other"], 1, "does not accept the state_dict"),
+    (["-b", "4", "--calibration", "x.npy", "--model", "nocolon"], 2, "package.module:ClassName"),
+    (["-b", "4", "--calibration", "two.npz", "--model", "calib_test_nets:Net"], 1, "exactly one array"),
+    (["-b", "4", "--calibration", "nan.npy", "--model", "calib_test_nets:Net"], 1, "batch 0: holds NaN"),
+    (["-b", "4", "--calibration", "bad.npy", "--model", "calib_test_nets:Net"], 1, "does not accept it"),
+])
+def test_cli_calibration_errors(net_files, args, code, message):
+    """Usage errors exit 2; bad models and inputs exit 1 with one line naming the problem; no output file."""
+    np.savez(net_files / "two.npz", a=np.zeros((2, 64)), b=np.zeros((2, 64)))
+    np.save(net_files / "nan.npy", np.full((4, 64), np.nan, dtype=np.float32))
+    np.save(net_files / "bad.npy", np.zeros((4, 63), dtype=np.float32))
+    result = _encode("net.pt", *args)
+    assert result.exit_code == code, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (net_files / "net.jwt").exists()
+
+
+def test_cli_hugging_face_folder_with_sentences(tmp_path):
+    """FOLDER --calibration texts.txt: model class and tokenizer from the folder; attachments still travel."""
+    transformers = pytest.importorskip("transformers")
+    words = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away", "home", "in", "park"]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    config = transformers.BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny"
+    transformers.BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (tmp_path / "texts.txt").write_text("the cat sat on the mat\n\na dog ran far away\nthe dog sat in the park\n")
+    out = tmp_path / "tiny.jwt"
+    result = _encode(folder, "-b", "12", "--calibration", tmp_path / "texts.txt", "--no-repair", "-o", out)
+    assert result.exit_code == 0, result.output
+    with codec.open(out) as f:
+        assert f.metadata["jwt.calibration"].startswith("3 inputs")
+        assert "config.json" in f.attachments
+    back = transformers.BertModel(config)
+    back.load_state_dict(codec.load(out), strict=False)
+    assert _encode(folder, "-b", "12", "--calibration", tmp_path / "missing.txt").exit_code == 1
