@@ -293,7 +293,8 @@ def _repaired(model, state_dict, aliases, inputs, chosen, calib, progress, jobs,
     """
     from .rd.repair import code_with_repair
 
-    targets, repair_notes = code_with_repair(model, inputs, dict(chosen), calib, progress=progress, jobs=jobs)
+    counted = (lambda name, n: progress("repair", n)) if progress else None  # repair counts per tensor coded
+    targets, repair_notes = code_with_repair(model, inputs, dict(chosen), calib, progress=counted, jobs=jobs)
     notes += list(repair_notes)
     out = dict(state_dict)
     for name, array in targets.items():
