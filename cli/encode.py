@@ -48,7 +48,8 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
               help="Size target for the whole file: a rate-distortion search picks codec, table and quality "
                    "per tensor so the file lands at or just under B bits per weight.")
 @click.option("--max-error", type=click.FloatRange(0, 1, min_open=True),
-              help="Quality target: the cheapest setting per tensor whose relative RMS error is at most E.")
+              help="Quality target: the cheapest setting per tensor whose relative RMS error is at most E "
+                   "(with --calibration, or a BatchNorm/LayerNorm after the layer: the error of the layer's output).")
 @click.option("--set", "rules", multiple=True, metavar="GLOB=SETTING",
               help="Per-tensor setting, repeatable, last match wins: lossless, qN (JPEG quality), bN (quant bits), "
                    "dX (JPEG XL distance), jpegxl, table=flat|jpeg|ramp1|ramp2|ramp4, tile=HxW, rows=HxW; comma-separated. "

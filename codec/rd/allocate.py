@@ -570,8 +570,8 @@ def plan_options(
 
 def _damage_notes(chosen: dict[str, RDPoint], need: float) -> list[str]:
     """One line per chosen point whose relative error is above :data:`DAMAGE`."""
-    return [f"tensor {n!r}: relative error {p.damage:.2f} (over {DAMAGE}), the model may be unusable; "
-            f"{need} bits/weight or more avoids it" for n, p in chosen.items() if p.damage > DAMAGE]
+    return [f"tensor {n!r}: relative error {p.damage:.2f} (over {DAMAGE}), the model may lose much of its "
+            f"accuracy; {need} bits/weight or more avoids it" for n, p in chosen.items() if p.damage > DAMAGE]
 
 
 def _check_feasible(bits_per_weight: float, total_weights: int, fixed_bytes: int,

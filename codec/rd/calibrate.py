@@ -14,10 +14,10 @@ instead of in the weights:
   too large (:data:`FULL_H_MAX` features, :data:`FULL_H_BYTES` in all);
   ``E[x]`` (for bias correction) and the number of rows seen;
 - for every ``nn.Embedding``, how often each row was looked up;
-- per layer, the sensitivity of the model's final output: relative
-  Gaussian noise of known energy is added to the layer's output and the
-  relative change of the final output is measured (a few batches; the
-  same for the same seed).
+- per layer, the sensitivity of the model's final output: Gaussian noise
+  is added to the layer's weight, and the relative change of the final
+  output is divided by the relative error this caused in the layer's
+  output (a few batches; the same for the same seed).
 
 Statistics are accumulated in float64 batch by batch (each batch's
 products in float32), so memory is bounded
@@ -45,7 +45,7 @@ __all__ = ["calibrate", "Calibration", "LayerStats", "as_batches", "FULL_H_MAX",
 FULL_H_MAX = 4096
 #: At most this many bytes of full H matrices in all; further layers keep diagonals.
 FULL_H_BYTES = 1 << 30
-#: Relative RMS of the noise added to a layer's output to measure its sensitivity.
+#: Relative RMS of the noise added to a layer's weight to measure its sensitivity.
 NOISE = 0.1
 #: Inputs (first axis) used for the sensitivity passes (at least one batch).
 SENSITIVITY_SAMPLES = 256
@@ -345,7 +345,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
             notes.append(f"layer {name!r}: not used by the calibration inputs")
             continue
         den = noise_den[name]
-        stats.sensitivity = max(noise_num[name] / den / NOISE**2, 1e-6) if den > 0 else 1.0
+        stats.sensitivity = max(noise_num[name] / den, 1e-6) if den > 0 else 1.0
         out[name] = stats
     return Calibration(out, samples, count, seed, notes)
 
@@ -355,24 +355,49 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
+def _weight_error(module: nn.Module, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
+    """The change of ``module``'s output on input ``x`` when its weight changes by ``dw``."""
+    if isinstance(module, nn.Embedding):
+        return F.embedding(x, dw, module.padding_idx)
+    if isinstance(module, nn.Conv2d):
+        return module._conv_forward(x, dw, None)
+    return F.linear(x, dw)
+
+
 def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layers: dict[str, nn.Module], seed: int,
                       index: int, num: dict[str, float], den: dict[str, float]) -> None:
-    """One noisy forward pass per layer: relative noise of RMS :data:`NOISE` at its output."""
+    """One perturbed forward pass per layer.
+
+    The layer's weight gets Gaussian noise of relative RMS :data:`NOISE`
+    (an error shaped like a coding error: the same at every position of a
+    convolution or token, so it does not average out downstream the way
+    independent noise on each output would). ``num`` collects the final
+    output's squared change, ``den`` the final output's energy times the
+    relative output error ``||dW x||^2 / ||W x||^2`` this caused in the
+    layer, so ``num / den`` is the output's change per unit of it.
+    """
     energy = float((clean.double() ** 2).sum())
     for k, (name, module) in enumerate(layers.items()):
         gen = torch.Generator(device=clean.device).manual_seed(seed * 1_000_003 + k * 7919 + index)
+        weight = module.weight.detach()
+        dw = torch.randn(weight.shape, generator=gen, device=weight.device, dtype=weight.dtype)
+        dw *= NOISE * weight.double().pow(2).mean().sqrt().item()
+        caused = [0.0, 0.0]  # ||dW x||^2, ||W x||^2 at this layer
 
-        def noisy(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            if not isinstance(output, torch.Tensor) or not output.is_floating_point():
-                return output
-            rms = output.double().pow(2).mean().sqrt().item()
-            return output + (NOISE * rms) * torch.randn(output.shape, generator=gen, device=output.device,  # noqa: B023
-                                                        dtype=output.dtype)
+        def perturbed(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            delta = _weight_error(mod, args[0], dw)  # noqa: B023
+            signal = output
+            if getattr(mod, "bias", None) is not None:
+                signal = output - (mod.bias.view(1, -1, 1, 1) if isinstance(mod, nn.Conv2d) else mod.bias)
+            caused[0] += float(delta.double().pow(2).sum())  # noqa: B023
+            caused[1] += float(signal.double().pow(2).sum())  # noqa: B023
+            return output + delta
 
-        handle = module.register_forward_hook(noisy)
+        handle = module.register_forward_hook(perturbed)
         try:
             out = _run(model, batch)
         finally:
             handle.remove()
-        num[name] += float(((out.double() - clean.double()) ** 2).sum())
-        den[name] += energy
+        if caused[1] > 0 and caused[0] > 0:
+            num[name] += float(((out.double() - clean.double()) ** 2).sum())
+            den[name] += energy * caused[0] / caused[1]
