@@ -242,6 +242,13 @@ def test_norm_weightings_read_batchnorm_and_layernorm():
     assert list(found) == ["block.dense.weight"]
     np.testing.assert_allclose(found["block.dense.weight"].rows, np.arange(1.0, 9.0) ** 2)
     assert A.norm_weightings(ln, lambda n: np.ones(8)) == {}  # a constant gain tells nothing
+    # names sorted as in a .safetensors file: conv2 still finds bn2 by its name, conv21 does not
+    shapes = {"b.bn2.running_var": (8,), "b.bn2.weight": (8,), "b.conv2.weight": (8, 4, 3, 3),
+              "b.conv21.weight": (8, 4, 3, 3), "b.fc.weight": (3, 8)}
+    var = np.linspace(0.5, 2, 8)
+    found = A.norm_weightings(shapes, lambda n: var if n.endswith("running_var") else np.ones(8))
+    assert list(found) == ["b.conv2.weight"]
+    np.testing.assert_allclose(found["b.conv2.weight"].rows, 1 / (var + 1e-5))
 
 
 def test_batchnorm_fold_keeps_small_channels_alive(monkeypatch):

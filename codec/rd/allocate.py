@@ -295,18 +295,31 @@ def norm_weightings(shapes: Mapping[str, tuple[int, ...]], get: Callable[[str], 
     ``attention.output.dense.weight`` -> ``attention.output.LayerNorm.weight``),
     with one value per output row; a LayerNorm needs "norm" or "ln" in its
     name and a gain that is not constant. Pre-norm blocks (the norm of the
-    next block under another parent) are left alone. ``shapes`` maps names
-    to shapes in state_dict order; ``get(name)`` returns a 1-D array.
+    next block under another parent) are left alone. A BatchNorm is also
+    found by name in any order (``conv2`` -> ``bn2`` under the same parent),
+    as a ``.safetensors`` file sorts the names; a LayerNorm only in module
+    order. ``shapes`` maps names to shapes in state_dict order;
+    ``get(name)`` returns a 1-D array.
     """
     modules: dict[str, dict[str, str]] = {}
     for name in shapes:
         prefix, _, leaf = name.rpartition(".")
         modules.setdefault(prefix, {})[leaf] = name
     order = list(modules)
+    pairs = list(zip(order, order[1:]))
+    # a BatchNorm named like its layer (conv1 -> bn1): found in any order (a .safetensors file sorts names)
+    for here in order:
+        parent, _, leaf = here.rpartition(".")
+        digits = leaf[len(leaf.rstrip("0123456789")):]
+        if digits and leaf != digits and "weight" in modules[here]:
+            pairs += [(here, other) for other in order if other != here and other.rpartition(".")[0] == parent
+                      and "running_var" in modules[other] and other.endswith(digits)
+                      and not other.rpartition(".")[2][:-len(digits)][-1:].isdigit()]
     out = {}
-    for here, after in zip(order, order[1:]):
+    for here, after in pairs:
         weight = modules[here].get("weight")
-        if weight is None or len(shapes[weight]) < 2 or here.rpartition(".")[0] != after.rpartition(".")[0]:
+        if (weight is None or weight in out or len(shapes[weight]) < 2
+                or here.rpartition(".")[0] != after.rpartition(".")[0]):
             continue
         params, rows = modules[after], shapes[weight][0]
         gain, var = params.get("weight"), params.get("running_var")
