@@ -14,6 +14,7 @@ Two ways to get a runnable model, both imported only when asked for:
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -32,7 +33,7 @@ class TextBatches:
         self.tokenizer, self.lines, self.batch, self.max_length = tokenizer, lines, batch, max_length
 
     def __len__(self) -> int:
-        return -(-len(self.lines) // self.batch)
+        return math.ceil(len(self.lines) / self.batch)
 
     def __iter__(self) -> Iterator[Mapping]:
         for i in range(0, len(self.lines), self.batch):

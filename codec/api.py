@@ -261,16 +261,15 @@ def _calibration(model, calibration, repair, progress, meta):
             raise ValueError("repair=True needs the calibration inputs, not a Calibration; pass the inputs")
         calib, inputs = calibration, None
     else:
+        if repair and not _repair_available():
+            raise EncodeError("repair=True: coding with repair (codec.rd.repair) is not available in this build")
+        use_repair = repair is not False and _repair_available()
         inputs = as_batches(calibration)
-        if iter(inputs) is inputs and repair is not False:  # a one-shot iterator: keep its batches for repair
+        if use_repair and iter(inputs) is inputs:  # a one-shot iterator: keep its batches for repair
             inputs = list(inputs)
         calib = calibrate(model, inputs, progress=progress)
-        if repair is False:
+        if not use_repair:
             inputs = None
-        elif repair is None and not _repair_available():
-            inputs = None
-        elif not _repair_available():
-            raise EncodeError("repair=True: coding with repair (codec.rd.repair) is not available in this build")
     meta["jwt.calibration"] = f"{calib.samples} inputs in {calib.batches} batches, {len(calib.layers)} layers"
     return inputs, calib
 

@@ -49,6 +49,7 @@ Pure numpy; knows nothing about torch or files.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -62,9 +63,10 @@ from ..format import TensorEntry
 from ..parallel import make_executor
 from ..tensorcodec import Encoded, EncodeOptions, decode_tensor, encode_tensor, lossless_reason
 
-__all__ = ["RDPoint", "Weighting", "Distortion", "DATA_FREE", "DAMAGE", "WARNINGS_KEY", "norm_weightings", "candidates", "measure", "distortion", "image_side", "row_images", "lower_hull",
-           "allocate_budget", "fill_budget", "allocate_max_error", "sensitivities", "plan_options",
-           "JPEG_QUALITIES", "QUANT_BITS", "ROW_TABLES", "TILES"]
+__all__ = ["RDPoint", "Weighting", "Distortion", "DATA_FREE", "DAMAGE", "WARNINGS_KEY", "norm_weightings",
+           "candidates", "measure", "distortion", "image_side", "row_images", "lower_hull", "allocate_budget",
+           "fill_budget", "allocate_max_error", "sensitivities", "plan_options", "JPEG_QUALITIES", "QUANT_BITS",
+           "ROW_TABLES", "TILES"]
 
 #: JPEG qualities on each tensor's menu.
 JPEG_QUALITIES = (5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 85, 90, 95, 98)
@@ -306,7 +308,7 @@ def norm_weightings(shapes: Mapping[str, tuple[int, ...]], get: Callable[[str], 
         prefix, _, leaf = name.rpartition(".")
         modules.setdefault(prefix, {})[leaf] = name
     order = list(modules)
-    pairs = list(zip(order, order[1:]))
+    pairs = list(itertools.pairwise(order))
     # a BatchNorm named like its layer (conv1 -> bn1): found in any order (a .safetensors file sorts names)
     for here in order:
         parent, _, leaf = here.rpartition(".")
@@ -534,8 +536,8 @@ def plan_options(
                 pts, best_probe = [], None
 
                 def trial(item: tuple[str, EncodeOptions]) -> tuple[RDPoint, np.ndarray | None]:
-                    point, decoded = measure(name, array, dtype, item[0], item[1], rows,  # noqa: B023
-                                             measure_by=measure_by)
+                    label, opts = item
+                    point, decoded = measure(name, array, dtype, label, opts, rows, measure_by=measure_by)  # noqa: B023
                     return point, (decoded if score is not None else None)  # noqa: B023
 
                 for point, decoded in executor.map(trial, candidates(array, dtype, base, rows)):
