@@ -49,7 +49,8 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
               help="Size target for the whole file: a rate-distortion search picks codec, table and quality "
                    "per tensor so the file lands at or just under B bits per weight.")
 @click.option("--max-error", type=click.FloatRange(0, 1, min_open=True),
-              help="Quality target: the cheapest setting per tensor whose relative RMS error is at most E.")
+              help="Quality target: the cheapest setting per tensor whose relative RMS error is at most E "
+                   "(with --calibration, or a BatchNorm/LayerNorm after the layer: the error of the layer's output).")
 @click.option("--set", "rules", multiple=True, metavar="GLOB=SETTING",
               help="Per-tensor setting, repeatable, last match wins: lossless, qN (JPEG quality), bN (quant bits), "
                    "dX (JPEG XL distance), jpegxl, table=flat|jpeg|ramp1|ramp2|ramp4, tile=HxW, rows=HxW; comma-separated. "
@@ -66,6 +67,17 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
 @click.option("--tile", type=SIZE, default="64x64", show_default=True, help="Grid tile size HxW.")
 @click.option("--row-shape", type=SIZE, help="Code every matrix row of H*W values as one HxW tile "
                                               "(e.g. 28x28 for a first layer over MNIST images).")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
+              help="Unlabelled inputs to run the model on, so the rate search scores each layer by the error it "
+                   "causes in the layer's output (weighted by how much the model's output moves) instead of in its "
+                   "weights, then codes with repair: a text file of sentences, one a line, for a Hugging Face "
+                   "model folder; or a .npy array (or .npz holding one) of samples along the first axis, with "
+                   "--model. Needs --bits-per-weight or --max-error.")
+@click.option("--model", "model_spec", metavar="PACKAGE.MODULE:CLASS",
+              help="The nn.Module class to run a .pt/.safetensors state_dict with --calibration: imported (only "
+                   "when given), built without arguments, loaded with load_state_dict.")
+@click.option("--no-repair", is_flag=True, help="With --calibration: calibrated allocation only, no error "
+                                                "compensation or repair of later parameters.")
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Free-form metadata to store (repeatable).")
 @click.option("--base", type=click.Path(path_type=Path), metavar="MODEL",
               help="Write an update against MODEL (.jwt, .pt/.pth, .safetensors or a folder), the model the "
@@ -78,8 +90,9 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
 @handle_errors
 def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, bits_per_weight: float | None,
            max_error: float | None, rules: tuple[str, ...], quality: int | None, table: str, distance: float | None,
-           effort: int, tile: tuple[int, int], row_shape: tuple[int, int] | None, meta: tuple[str, ...],
-           base: Path | None, jobs: int | None, quiet: bool) -> None:
+           effort: int, tile: tuple[int, int], row_shape: tuple[int, int] | None, calibration: Path | None,
+           model_spec: str | None, no_repair: bool, meta: tuple[str, ...], base: Path | None, jobs: int | None,
+           quiet: bool) -> None:
     """Encode a model (.pt/.pth, .safetensors, or a Hugging Face model folder) into a .jwt container.
 
     A folder's weights (model.safetensors, its shards, or pytorch_model.bin)
@@ -95,6 +108,14 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
     With --bits-per-weight or --max-error, every candidate setting of every
     tensor is measured and the allocator spends bits where they reduce
     distortion most (equal slopes); without them, one setting for all.
+    Without data, a BatchNorm or LayerNorm after a layer weighs its output
+    rows; a budget that can only be met by leaving a tensor with over 0.5
+    relative error is met with a warning naming the tensors and the
+    smallest budget that avoids it (also shown by `jwt info`).
+
+    With --calibration the model is run on your inputs (no labels needed:
+    the target is the model's own outputs) and each layer is scored by the
+    error it causes in its output. The file is read by the same decoder.
 
     \b
     Examples:
@@ -105,6 +126,8 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
       jwt encode model.safetensors
       jwt encode all-MiniLM-L6-v2/ -o minilm.jwt
       jwt encode v2.pt --base v1.jwt -o v2-update.jwt -b 0.1
+      jwt encode all-MiniLM-L6-v2/ -b 3.5 --calibration sentences.txt
+      jwt encode cnn.pt -b 0.6 --calibration images.npy --model mypkg.nets:CNN
     """
     from codec import api, io_formats
 
@@ -128,26 +151,53 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
         source.close()
         raise fail(f"{input}: is already a .jwt file")
     state_dict = source.tensors
-    total = source.numel
     if bits_per_weight is not None and max_error is not None:
         raise click.UsageError("give at most one of --bits-per-weight and --max-error")
     searching = bits_per_weight is not None or max_error is not None
+    if (calibration is not None or model_spec is not None or no_repair) and not searching:
+        raise click.UsageError("--calibration, --model and --no-repair need a rate target "
+                               "(--bits-per-weight or --max-error)")
+    if model_spec is not None and calibration is None:
+        raise click.UsageError("--model needs --calibration (the inputs to run it on)")
+    if no_repair and calibration is None:
+        raise click.UsageError("--no-repair needs --calibration")
     check_encode_options({"codec": codec_name, "quality": quality, "table": table, "distance": distance,
                           "effort": effort, "tile": tile, "row_shape": row_shape, "bits": bits},
                          parse_rules(rules), searching)
     work = api.progress_total(state_dict, overrides=parse_rules(rules), bits_per_weight=bits_per_weight,
                               max_error=max_error, codec=codec_name, quality=quality, table=table, distance=distance,
                               effort=effort, tile=tile, row_shape=row_shape, bits=bits) if not quiet else 0
+    bars: dict = {}
     with source, progress_bar(work, "encode", quiet) as bar:
-        notes = source.notes + api.save(
-            state_dict, output, metadata={**metadata, "source": metadata.get("source", input.name),
-                                          **source.metadata},
-            attachments=source.attachments,
-            overrides=parse_rules(rules), bits_per_weight=bits_per_weight, max_error=max_error,
-            progress=lambda name, n: bar.update(n), codec=codec_name, quality=quality, table=table,
-            distance=distance, effort=effort, tile=tile, row_shape=row_shape, bits=bits, jobs=jobs,
-            base=base,
-        )
+        model = inputs = None
+        if calibration is not None:
+            from .calibration import model_and_inputs
+
+            model, inputs = model_and_inputs(input, state_dict, calibration, model_spec)
+
+        def stage_progress(stage: str, n: int) -> None:
+            """One more bar per stage (calibration: inputs; repair: as it counts)."""
+            if stage not in bars:
+                samples = len(getattr(inputs, "lines", inputs)) if stage == "calibration" else None
+                bars[stage] = progress_bar(samples, stage, quiet)
+            bars[stage].update(n)
+
+        try:
+            notes = source.notes + api.save(
+                state_dict, output, metadata={**metadata, "source": metadata.get("source", input.name),
+                                              **source.metadata},
+                attachments=source.attachments,
+                overrides=parse_rules(rules), bits_per_weight=bits_per_weight, max_error=max_error,
+                progress=lambda name, n: bar.update(n), codec=codec_name, quality=quality, table=table,
+                distance=distance, effort=effort, tile=tile, row_shape=row_shape, bits=bits, jobs=jobs,
+                base=base, calibration=inputs, model=model, repair=False if no_repair else None,
+                calibration_progress=stage_progress if inputs is not None else None,
+            )
+        except ValueError as exc:  # bad calibration inputs: one line, before any coding
+            raise fail(str(exc)) from None
+        finally:
+            for stage_bar in bars.values():
+                stage_bar.close()
     for message in [str(w.message) for w in caught] + notes:
         click.echo(f"jwt: warning: {message}", err=True)
     if not quiet:

@@ -10,6 +10,7 @@ Python API::
     codec.load_into(model, "model.jwt")     # model.load_state_dict; returns missing/unexpected keys
     codec.encode_model("bert/", "bert.jwt") # a .pt, .safetensors or model folder (files as attachments)
     codec.decode_model("bert.jwt", "out/")  # .pt, .safetensors or a folder transformers loads
+    codec.save(model, "m.jwt", bits_per_weight=1.0, calibration=images)  # an nn.Module and unlabelled inputs
 
 The format is specified in spec/format.md.
 """
@@ -31,6 +32,7 @@ __all__ = [
     "encode_model",
     "decode_model",
     "verify",
+    "calibrate",
     "Reader",
     "EncodeOptions",
     "Limits",
@@ -69,4 +71,8 @@ def __getattr__(name: str):
         from . import io_formats
 
         return getattr(io_formats, name)
+    if name == "calibrate":
+        from .rd.calibrate import calibrate
+
+        return calibrate
     raise AttributeError(f"module 'codec' has no attribute {name!r}")

@@ -127,7 +127,7 @@ def _storage_key(t: torch.Tensor) -> tuple:
 
 
 def save(
-    state_dict: Mapping[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor] | torch.nn.Module,
     path: str | os.PathLike[str] | BinaryIO,
     *,
     metadata: Mapping[str, str] | None = None,
@@ -139,9 +139,13 @@ def save(
     attachments: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
     jobs: int | None = None,
     base: Any = None,
+    calibration: Any = None,
+    model: torch.nn.Module | None = None,
+    repair: bool | None = None,
+    calibration_progress: Callable[[str, int], None] | None = None,
     **options: Any,
 ) -> list[str]:
-    """Encode ``state_dict`` to a .jwt file at ``path`` (atomically).
+    """Encode ``state_dict`` (or an ``nn.Module``'s) to a .jwt file at ``path`` (atomically).
 
     ``state_dict`` is a mapping of names to tensors, an ``nn.Module`` (its
     ``state_dict()``) or a checkpoint dict (nested dicts, lists, plain values:
@@ -160,6 +164,28 @@ def save(
     each tensor's relative RMS error. ``calibrate(state_dict) -> score``
     (higher is better) measures each tensor's sensitivity for the budget
     allocation instead of the data-free estimate.
+
+    ``calibration`` (with a rate target and an ``nn.Module``): the user's
+    inputs, unlabelled -- a tensor or array of samples along its first
+    axis, or an iterable of batches (tensors, or mappings passed as
+    ``model(**batch)``) -- or a :class:`codec.rd.calibrate.Calibration`
+    already made by :func:`codec.calibrate`. The allocator then scores each
+    calibrated layer by the error it causes in its output, ``tr(dW H dW^T)``
+    weighted by the layer's sensitivity (:mod:`codec.rd.calibrate`).
+    ``model``: the module to run when ``state_dict`` holds its tensors
+    rather than being the module itself (a checkpoint's tensors, under the
+    module's state_dict names; tensors it does not have are coded data-free).
+    ``repair`` (default: on when calibration inputs are given) then codes
+    the layers in forward order, compensating errors and repairing
+    not-yet-coded parameters on the inputs (:mod:`codec.rd.repair`); the
+    file is read by the same decoder as any other.
+    ``calibration_progress(stage, n)`` follows calibration (inputs) and
+    repair. Without data, a BatchNorm or LayerNorm after a layer weighs its
+    output rows (:func:`codec.rd.allocate.norm_weightings`), and a budget
+    that can only be met by leaving a tensor with a relative error above
+    :data:`codec.rd.allocate.DAMAGE` is met, with a note naming the tensors
+    and the smallest budget that avoids it (returned, and stored in the
+    metadata under ``jwt.warnings`` for ``jwt info``).
 
     Tensors sharing storage (same data, shape and strides) are stored once
     and aliased; tensors whose memory overlaps otherwise (``b`` and ``b[:10]``)
@@ -186,6 +212,18 @@ def save(
     reconstructed weights.
     """
     jobs = resolve_jobs(jobs)
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model= must be a torch.nn.Module, not {type(model).__name__}")
+    if isinstance(state_dict, torch.nn.Module):
+        model, state_dict = model or state_dict, state_dict.state_dict()
+    if calibration is not None:
+        if model is None:
+            raise TypeError("calibration= needs the model itself: pass the nn.Module, not its state_dict "
+                            "(or the module as model=)")
+        if bits_per_weight is None and max_error is None:
+            raise ValueError("calibration= needs a rate target: give bits_per_weight or max_error")
+    elif repair:
+        raise ValueError("repair=True needs calibration inputs (calibration=)")
     opts = EncodeOptions(**options)
     problem = option_conflicts(given_options(options), searching=bits_per_weight is not None or max_error is not None)
     if problem:
@@ -194,10 +232,9 @@ def save(
     rules.check(opts)
     meta, encoder = dict(metadata or {}), encoder_versions()
     notes: list[str] = []
-    if isinstance(state_dict, torch.nn.Module):
-        state_dict = state_dict.state_dict()
     if not isinstance(state_dict, Mapping):
-        hint = "; to encode a file or folder, use codec.encode_model" if isinstance(state_dict, (str, os.PathLike)) else ""
+        path_given = isinstance(state_dict, (str, os.PathLike))
+        hint = "; to encode a file or folder, use codec.encode_model" if path_given else ""
         raise TypeError(f"codec.save: expected a state_dict (a mapping of names to tensors), a checkpoint dict or an "
                         f"nn.Module, not {type(state_dict).__name__}{hint}")
     if not _check_tensors(state_dict):  # a checkpoint dict: nested tensors under dotted names, the rest in the tree
@@ -223,8 +260,22 @@ def save(
         matcher = Matcher(update_base)
         base_id = BaseId(update_base.digest(), len(update_base))
     if bits_per_weight is not None or max_error is not None:
+        from .rd.allocate import WARNINGS_KEY, Distortion, norm_weightings
+
+        weightings = norm_weightings({n: _shape(state_dict, n) for n in state_dict},
+                                     lambda n: state_dict[n].detach().to("cpu", torch.float64).numpy())
+        inputs, calib = _calibration(model, calibration, repair, calibration_progress, meta)
+        if calib is not None:
+            weightings.update(calib.weightings())
+        damaged: list[str] = []
         chosen = _plan(state_dict, aliases, opts, rules, meta, encoder, bits_per_weight, max_error, calibrate,
-                       progress, attachments or {}, jobs, matcher)
+                       progress, attachments or {}, jobs, matcher, measure_by=Distortion(weightings), notes=damaged)
+        if damaged:
+            meta[WARNINGS_KEY] = "; ".join(damaged)
+            notes += damaged
+        if inputs is not None:
+            state_dict = _repaired(model, state_dict, aliases, inputs, chosen, calib, calibration_progress, jobs,
+                                   notes)
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
     else:
         options_for = lambda name: rules.options_for(name, opts) or opts  # noqa: E731
@@ -287,6 +338,67 @@ def progress_total(state_dict: Mapping[str, torch.Tensor], *,
     return total + search_units(((n, _shape(state_dict, n), dtype_of(n)) for n in names), base,
                                 lambda name: rules.options_for(name, base), bits_per_weight=bits_per_weight,
                                 max_error=max_error)
+
+
+def _calibration(model, calibration, repair, progress, meta):
+    """``(inputs kept for repair or None, Calibration or None)`` for :func:`save`'s ``calibration``."""
+    if calibration is None:
+        return None, None
+    from .rd.calibrate import Calibration, as_batches, calibrate
+
+    if isinstance(calibration, Calibration):
+        if repair:
+            raise ValueError("repair=True needs the calibration inputs, not a Calibration; pass the inputs")
+        calib, inputs = calibration, None
+    else:
+        if repair and not _repair_available():
+            raise EncodeError("repair=True: coding with repair (codec.rd.repair) is not available in this build")
+        use_repair = repair is not False and _repair_available()
+        inputs = as_batches(calibration)
+        if use_repair and iter(inputs) is inputs:  # a one-shot iterator: keep its batches for repair
+            inputs = list(inputs)
+        calib = calibrate(model, inputs, progress=progress)
+        if not use_repair:
+            inputs = None
+    meta["jwt.calibration"] = f"{calib.samples} inputs in {calib.batches} batches, {len(calib.layers)} layers"
+    return inputs, calib
+
+
+def _repair_available() -> bool:
+    try:
+        from .rd.repair import code_with_repair  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _repaired(model, state_dict, aliases, inputs, chosen, calib, progress, jobs, notes):
+    """``state_dict`` with the arrays :func:`codec.rd.repair.code_with_repair` changed, to be coded as planned.
+
+    Repair codes the layers in forward order with the chosen options and
+    returns, in storage form, only the tensors whose values it changed
+    (error-compensated weights, repaired biases and later parameters);
+    coding those with the same options gives exactly what repair assumed.
+    """
+    from .rd.repair import code_with_repair
+
+    counted = (lambda name, n: progress("repair", n)) if progress else None  # repair counts per tensor coded
+    targets, repair_notes = code_with_repair(model, inputs, dict(chosen), calib, progress=counted, jobs=jobs)
+    notes += list(repair_notes)
+    out = dict(state_dict)
+    for name, array in targets.items():
+        if name not in out:
+            raise EncodeError(f"repair returned tensor {name!r}, which is not in the state_dict")
+        if name in aliases:  # stored as its target: the target's value decides
+            continue
+        array, want = np.asarray(array), out[name]
+        if tuple(array.shape) != tuple(want.shape):
+            raise EncodeError(f"repair returned tensor {name!r} with shape {tuple(array.shape)}, "
+                              f"not {tuple(want.shape)}")
+        storage = to_numpy(want.reshape(-1)[:1])[0].dtype
+        out[name] = (to_torch(array, TORCH_DTYPES[want.dtype]) if array.dtype == storage  # storage form
+                     else torch.from_numpy(array.copy()).to(want.dtype))  # a plain float array of another width
+    return out
 
 
 def _encode_in_order(state_dict: Mapping[str, torch.Tensor], aliases: dict[str, str],
@@ -417,7 +529,7 @@ def _shape(state_dict: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]
 
 
 def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress,
-          attachments, jobs, matcher=None):
+          attachments, jobs, matcher=None, measure_by=None, notes=None):
     """Run the rate-distortion allocator over the stored tensors; options per name.
 
     The budget's fixed part counts the header, the index without tensor
@@ -464,7 +576,8 @@ def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_
     return plan_options(tensors, base, lambda name: rules.options_for(name, base),
                         bits_per_weight=bits_per_weight, max_error=max_error,
                         overhead_bytes=HEADER_SIZE + len(skeleton) + attached_bytes, score=score, progress=progress,
-                        jobs=jobs, total_weights=sum(math.prod(_shape(state_dict, n)) for n in stored), menu=menu)
+                        jobs=jobs, total_weights=sum(math.prod(_shape(state_dict, n)) for n in stored),
+                        menu=menu, measure_by=measure_by, notes=notes)
 
 
 class JwtFile:

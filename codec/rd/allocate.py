@@ -39,17 +39,28 @@ frequencies) costs little. On the seed MLP this ranks candidates like the
 true input covariance does, where plain NMSE prefers the flat table that
 loses more accuracy.
 
-A calibration hook (:func:`sensitivities`) replaces the weights by measured
-score drops per unit distortion when the caller can score a model.
+The measure is pluggable (:class:`Distortion`): a tensor with a
+:class:`Weighting` is scored in output space instead, by the relative error
+it causes in its layer's output, ``tr(R dW H dW^T) / tr(R W H W^T)``,
+times the layer's sensitivity. ``H`` and the sensitivity come from
+calibration data (:mod:`codec.rd.calibrate`); without data, the per-row
+weights ``R`` still come from what the state_dict reveals, a BatchNorm or
+LayerNorm right after the layer (:func:`norm_weightings`). A budget
+search never leaves a tensor over :data:`DAMAGE` relative error when the
+budget allows otherwise, and says so, naming the budget that would, when
+it does not. A calibration hook (:func:`sensitivities`) replaces the
+weights by measured score drops per unit distortion when the caller can
+score a model.
 
 Pure numpy; knows nothing about torch or files.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,10 +71,11 @@ from ..format import TensorEntry
 from ..parallel import INLINE, make_executor
 from ..tensorcodec import Encoded, EncodeOptions, decode_tensor, encode_tensor, lossless_reason
 
-__all__ = ["RDPoint", "Menu", "pareto_front", "candidates", "measure", "distortion", "image_side", "row_images",
-           "lower_hull", "allocate_budget", "fill_budget", "allocate_max_error", "sensitivities", "plan_options",
-           "JPEG_QUALITIES", "QUANT_BITS", "HIGH_QUANT_BITS", "HIGH_BITS_FROM", "ROW_TABLES", "TILES",
-           "high_bit_candidates", "search_units"]
+__all__ = ["RDPoint", "Menu", "Weighting", "Distortion", "DATA_FREE", "DAMAGE", "WARNINGS_KEY", "norm_weightings",
+           "pareto_front", "candidates", "measure", "distortion", "image_side", "row_images", "lower_hull",
+           "allocate_budget", "fill_budget", "allocate_max_error", "sensitivities", "plan_options", "search_units",
+           "high_bit_candidates", "JPEG_QUALITIES", "QUANT_BITS", "HIGH_QUANT_BITS", "HIGH_BITS_FROM", "ROW_TABLES",
+           "TILES"]
 
 #: JPEG qualities on each tensor's menu.
 JPEG_QUALITIES = (5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 85, 90, 95, 98)
@@ -84,6 +96,17 @@ ROW_TABLES = ("ramp1", "ramp2", "flat")
 #: ones whose own offset/scale follow outlier rows (measured on MiniLM:
 #: at equal rate, 8x64 tiles cut the error of 64x64 ones by about 10 %).
 TILES = ((64, 64), (8, 64))
+#: Relative error (of the layer's output where known, else the allocation's
+#: own measure; :attr:`RDPoint.damage`) above which a tensor counts as
+#: destroyed: at 0.5 the error carries a quarter of the signal's energy, and
+#: the issue-9 BatchNorm CNN fell to chance with tensors at 0.88-0.97. A
+#: budget search avoids such points whenever the budget allows, and says so
+#: otherwise.
+DAMAGE = 0.5
+#: Metadata key under which :func:`codec.save` stores the allocation's warnings ("; "-joined).
+WARNINGS_KEY = "jwt.warnings"
+#: Index bytes kept free for the warnings entry, beyond the notes' own JSON length.
+NOTE_BYTES_RESERVE = len(json.dumps(WARNINGS_KEY)) + 4
 
 
 @dataclass
@@ -95,6 +118,18 @@ class RDPoint:
     nbytes: int  # blobs plus the tensor's index entry
     nmse: float  # the allocation's distortion measure (image-prior weighted for image rows)
     rel_error: float = 0.0  # plain relative RMS error ||W' - W|| / ||W||
+    out_error: float | None = None  # relative RMS error of the layer's output, where a Weighting knows it
+
+    @property
+    def damage(self) -> float:
+        """The relative error that says whether the tensor is destroyed (:data:`DAMAGE`): of the
+        layer's output where known, else the square root of the allocation distortion."""
+        return self.out_error if self.out_error is not None else math.sqrt(self.nmse)
+
+    @property
+    def bound_error(self) -> float:
+        """The error ``max_error`` bounds: of the layer's output where known, else of the weights."""
+        return self.out_error if self.out_error is not None else self.rel_error
 
 
 def candidates(array: np.ndarray, dtype: DType, base: EncodeOptions,
@@ -197,16 +232,157 @@ def distortion(reference: np.ndarray, decoded: np.ndarray,
     return (err / energy if energy > 0 else (0.0 if err == 0 else math.inf)), plain
 
 
+@dataclass
+class Weighting:
+    """How one tensor's error reaches the model's output: its output-space distortion.
+
+    The tensor, seen as a matrix ``W`` of rows (output units) by columns
+    (``weight.reshape(out, -1)``), gets the relative output error
+    ``tr(R dW H dW^T) / tr(R W W H^T)`` with ``H`` the second moment of the
+    layer's inputs over the columns (``h``: full ``(C, C)``, its diagonal
+    ``(C,)``, or None for white inputs) and ``R`` a diagonal of per-row
+    weights (``rows``, or None for equal rows: e.g. a following
+    BatchNorm's squared scale). The allocation distortion is that times
+    ``scale``, the layer's measured sensitivity of the model's output.
+    """
+
+    h: np.ndarray | None = None
+    rows: np.ndarray | None = None
+    scale: float = 1.0
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether this weighting applies to a tensor of ``shape``."""
+        if len(shape) < 2:
+            return False
+        cols = math.prod(shape[1:])
+        return ((self.h is None or self.h.shape[0] == cols) and (self.rows is None or len(self.rows) == shape[0]))
+
+    def energy(self, matrix: np.ndarray) -> float:
+        """``tr(R M H M^T)`` of a ``(rows, columns)`` float64 matrix."""
+        if self.h is None:
+            per_row = np.einsum("ij,ij->i", matrix, matrix)
+        elif self.h.ndim == 1:
+            per_row = (matrix * matrix) @ self.h
+        else:  # float32 product: the measure needs 3 digits, not 15, and is the search's hottest loop
+            m32 = matrix.astype(np.float32)
+            per_row = np.einsum("ij,ij->i", m32 @ self.h.astype(np.float32, copy=False), m32).astype(np.float64)
+        return float(per_row @ self.rows if self.rows is not None else per_row.sum())
+
+
+class Distortion:
+    """The allocation's distortion measure: pluggable, one object for a whole model.
+
+    Called as ``(name, reference, decoded, rows)`` on float64 arrays, it
+    returns ``(allocation distortion, relative output error or None)``.
+    Tensors with a :class:`Weighting` (from calibration, or what the
+    state_dict reveals: :func:`norm_weightings`) are measured in output
+    space; the others keep the data-free NMSE, or the image prior for
+    image-like rows (``rows``), and give None as output error.
+    """
+
+    def __init__(self, weightings: Mapping[str, Weighting] | None = None):
+        self.weightings = dict(weightings or {})
+        self._reference: dict[str, float] = {}  # name -> tr(R W H W^T), computed once
+
+    def weighting(self, name: str, shape: tuple[int, ...]) -> Weighting | None:
+        """The weighting of tensor ``name`` if it has one that fits ``shape``."""
+        w = self.weightings.get(name)
+        return w if w is not None and w.fits(shape) else None
+
+    def __call__(self, name: str, reference: np.ndarray, decoded: np.ndarray,
+                 rows: tuple[int, int] | None = None) -> tuple[float, float | None]:
+        w = self.weighting(name, reference.shape)
+        if w is None:
+            return distortion(reference, decoded, rows)[0], None
+        ref = reference.reshape(reference.shape[0], -1)
+        energy = self._reference.get(name)
+        if energy is None:
+            energy = self._reference[name] = w.energy(ref)
+        err = w.energy(decoded.reshape(ref.shape) - ref)
+        rel = err / energy if energy > 0 else (0.0 if err == 0 else math.inf)
+        return w.scale * rel, math.sqrt(rel)
+
+
+#: Data-free measure (NMSE, image prior for image rows).
+DATA_FREE = Distortion()
+
+#: Epsilon assumed for a BatchNorm's variance (PyTorch's default; the state_dict does not hold it).
+BN_EPS = 1e-5
+
+
+def norm_weightings(shapes: Mapping[str, tuple[int, ...]], get: Callable[[str], np.ndarray]) -> dict[str, Weighting]:
+    """Data-free output weightings from what the state_dict reveals: the normalization after a layer.
+
+    A BatchNorm right after a conv or linear layer divides each output
+    channel by its running standard deviation and scales it by its gain, so
+    channel ``i``'s error reaches the output multiplied by
+    ``gamma_i / sqrt(running_var_i + eps)``: a channel with small weights
+    (and variance) gets its error blown up, which weight NMSE cannot see.
+    A LayerNorm (or RMSNorm) after a layer scales feature ``i`` by its gain.
+    Either becomes per-row weights (squared) of that layer's weight.
+
+    "Right after": the next module in state_dict order, under the same
+    parent (``features.0.weight`` -> ``features.1.running_var``,
+    ``conv1.weight`` -> ``bn1.running_var``,
+    ``attention.output.dense.weight`` -> ``attention.output.LayerNorm.weight``),
+    with one value per output row; a LayerNorm needs "norm" or "ln" in its
+    name and a gain that is not constant. Pre-norm blocks (the norm of the
+    next block under another parent) are left alone. A BatchNorm is also
+    found by name in any order (``conv2`` -> ``bn2`` under the same parent),
+    as a ``.safetensors`` file sorts the names; a LayerNorm only in module
+    order. ``shapes`` maps names to shapes in state_dict order;
+    ``get(name)`` returns a 1-D array.
+    """
+    modules: dict[str, dict[str, str]] = {}
+    for name in shapes:
+        prefix, _, leaf = name.rpartition(".")
+        modules.setdefault(prefix, {})[leaf] = name
+    order = list(modules)
+    pairs = list(itertools.pairwise(order))
+    # a BatchNorm named like its layer (conv1 -> bn1): found in any order (a .safetensors file sorts names)
+    for here in order:
+        parent, _, leaf = here.rpartition(".")
+        digits = leaf[len(leaf.rstrip("0123456789")):]
+        if digits and leaf != digits and "weight" in modules[here]:
+            pairs += [(here, other) for other in order if other != here and other.rpartition(".")[0] == parent
+                      and "running_var" in modules[other] and other.endswith(digits)
+                      and not other.rpartition(".")[2][:-len(digits)][-1:].isdigit()]
+    out = {}
+    for here, after in pairs:
+        weight = modules[here].get("weight")
+        if (weight is None or weight in out or len(shapes[weight]) < 2
+                or here.rpartition(".")[0] != after.rpartition(".")[0]):
+            continue
+        params, rows = modules[after], shapes[weight][0]
+        gain, var = params.get("weight"), params.get("running_var")
+        if any(p is not None and shapes[p] != (rows,) for p in (gain, var)):
+            continue
+        if var is not None:
+            scale = 1.0 / (get(var).astype(np.float64) + BN_EPS)
+        elif gain is not None and ("norm" in after.lower() or "ln" in after.rpartition(".")[2].lower()):
+            scale = np.ones(rows)
+        else:
+            continue
+        if gain is not None:
+            scale = scale * get(gain).astype(np.float64) ** 2
+        if np.all(np.isfinite(scale)) and scale.max() > scale.min() >= 0 and scale.max() > 0:
+            out[weight] = Weighting(rows=scale)
+    return out
+
+
 def measure(name: str, array: np.ndarray, dtype: DType, label: str, options: EncodeOptions,
-            rows: tuple[int, int] | None = None, offset_digits: int = 10) -> tuple[RDPoint, np.ndarray]:
-    """Encode and decode one candidate; return its point and the decoded array."""
+            rows: tuple[int, int] | None = None, offset_digits: int = 10,
+            measure_by: Distortion = DATA_FREE) -> tuple[RDPoint, np.ndarray]:
+    """Encode and decode one candidate; return its point (distortion by ``measure_by``) and the decoded array."""
     encoded = encode_tensor(array, dtype, options)
     entry = TensorEntry(name, dtype, tuple(array.shape), encoded.codec, encoded.tiling)
     decoded = decode_tensor(entry, encoded.blobs)
     as_float = to_float64 if dtype.floating else (lambda a, _: a.astype(np.float64))
-    weighted, plain = distortion(as_float(array, dtype), as_float(decoded, dtype), rows)
+    reference, values = as_float(array, dtype), as_float(decoded, dtype)
+    plain = distortion(reference, values)[1]
+    weighted, out_error = measure_by(name, reference, values, rows)
     nbytes = sum(map(len, encoded.blobs)) + entry_bytes(name, dtype, tuple(array.shape), encoded, offset_digits)
-    return RDPoint(options, label, nbytes, weighted, math.sqrt(plain)), decoded
+    return RDPoint(options, label, nbytes, weighted, math.sqrt(plain), out_error), decoded
 
 
 class Menu:
@@ -227,8 +403,9 @@ class Menu:
         return candidates(array, dtype, base, rows)
 
     def measure(self, name: str, array: np.ndarray, dtype: DType, label: str, options: EncodeOptions,
-                rows: tuple[int, int] | None = None, offset_digits: int = 10) -> tuple[RDPoint, np.ndarray]:
-        return measure(name, array, dtype, label, options, rows, offset_digits)
+                rows: tuple[int, int] | None = None, offset_digits: int = 10,
+                measure_by: Distortion = DATA_FREE) -> tuple[RDPoint, np.ndarray]:
+        return measure(name, array, dtype, label, options, rows, offset_digits, measure_by)
 
 
 def pareto_front(points: Sequence[RDPoint]) -> list[RDPoint]:
@@ -319,10 +496,11 @@ def fill_budget(hulls: dict[str, list[RDPoint]], weights: dict[str, float], chos
 
 
 def allocate_max_error(points: dict[str, list[RDPoint]], max_error: float) -> dict[str, RDPoint]:
-    """Per tensor, the cheapest point whose relative RMS error is at most ``max_error``."""
+    """Per tensor, the cheapest point whose relative RMS error is at most ``max_error``
+    (of the layer's output where a :class:`Weighting` knows it, else of the weights)."""
     out = {}
     for name, pts in points.items():
-        ok = [p for p in pts if p.rel_error <= max_error]
+        ok = [p for p in pts if p.bound_error <= max_error]
         out[name] = min(ok, key=lambda p: p.nbytes)  # lossless (error 0) is always there
     return out
 
@@ -367,6 +545,8 @@ def plan_options(
     jobs: int | None = None,
     total_weights: int | None = None,
     menu: Menu | None = None,
+    measure_by: Distortion | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, EncodeOptions]:
     """Measure every tensor's menu and choose its options for a rate target.
 
@@ -383,8 +563,19 @@ def plan_options(
     ``total_weights`` (the sum of the tensors' sizes), a budget that the
     tensors measured so far already cannot fit is refused at once.
     ``menu`` replaces what is measured per tensor (:class:`Menu`; updates).
+
+    ``measure_by`` scores candidates (default: data-free, :data:`DATA_FREE`;
+    a :class:`Distortion` with calibrated or state_dict-derived
+    :class:`Weighting` s measures in output space). For a budget, no tensor
+    is left with a relative error (:attr:`RDPoint.damage`) above
+    :data:`DAMAGE` when the budget allows it; when it does not, the
+    allocation goes ahead and a line per damaged tensor, naming the
+    smallest budget that avoids it, is appended to ``notes`` (and
+    :data:`NOTE_BYTES_RESERVE` plus the notes' length is kept free for the
+    caller to store them in the file's metadata, :data:`WARNINGS_KEY`).
     """
     menu = menu or Menu()
+    measure_by = measure_by or DATA_FREE
     if (bits_per_weight is None) == (max_error is None):
         raise EncodeError("give exactly one of bits_per_weight and max_error")
     points: dict[str, list[RDPoint]] = {}
@@ -409,7 +600,8 @@ def plan_options(
                 pts, best_probe = [], None
 
                 def trial(item: tuple[str, EncodeOptions]) -> tuple[RDPoint, np.ndarray | None]:
-                    point, decoded = menu.measure(name, array, dtype, item[0], item[1], rows)  # noqa: B023
+                    point, decoded = menu.measure(name, array, dtype, item[0], item[1], rows,  # noqa: B023
+                                                  measure_by=measure_by)  # noqa: B023
                     return point, (decoded if score is not None else None)  # noqa: B023
 
                 items = menu.candidates(name, array, dtype, base, rows)
@@ -436,13 +628,37 @@ def plan_options(
     else:
         weights = sensitivities(points, probes, score) if score is not None else {}
         budget = int(bits_per_weight * weights_total / 8) - fixed_bytes  # type: ignore[operator]
-        hulls = {n: lower_hull(p) for n, p in points.items()}
         _check_feasible(bits_per_weight, weights_total, fixed_bytes, points)  # type: ignore[arg-type]
-        chosen = allocate_budget(hulls, weights, budget, fill=False)
-        chosen = _refine(tensors, chosen, hulls, weights, budget, images, menu=menu)
-        fronts = {n: pareto_front(p) for n, p in points.items()} if menu.fill_front else hulls
-        chosen = fill_budget(fronts, weights, chosen, budget)
+        safe = {n: [p for p in pts if p.damage <= DAMAGE] for n, pts in points.items()}
+        safe_bytes = sum(min(p.nbytes for p in pts) for pts in safe.values())
+        need = math.ceil(8000 * (fixed_bytes + safe_bytes) / weights_total) / 1000  # bits/weight avoiding damage
+        allowed = safe if safe_bytes <= budget else points
+        hulls = {n: lower_hull(p) for n, p in allowed.items()}
+        fronts = {n: pareto_front(p) for n, p in allowed.items()} if menu.fill_front else hulls
+
+        def allocate(budget: int) -> dict[str, RDPoint]:
+            chosen = allocate_budget(hulls, weights, budget, fill=False)
+            chosen = _refine(tensors, chosen, hulls, weights, budget, images, measure_by, menu=menu)
+            return fill_budget(fronts, weights, chosen, budget)
+
+        chosen = allocate(budget)
+        damaged = _damage_notes(chosen, need) if safe_bytes > budget else []
+        if damaged:  # keep room for the notes in the file's metadata, then allocate again
+            reserve = NOTE_BYTES_RESERVE + len(json.dumps("; ".join(damaged)))
+            if budget - reserve < sum(h[0].nbytes for h in hulls.values()):
+                raise EncodeError(f"{bits_per_weight} bits/weight leaves no room for the warning that tensors "
+                                  f"would be destroyed; {need} bits/weight avoids it")
+            chosen = allocate(budget - reserve)
+            damaged = _damage_notes(chosen, need)
+        if notes is not None:
+            notes.extend(damaged)
     return {**forced, **{n: p.options for n, p in chosen.items()}}
+
+
+def _damage_notes(chosen: dict[str, RDPoint], need: float) -> list[str]:
+    """One line per chosen point whose relative error is above :data:`DAMAGE`."""
+    return [f"tensor {n!r}: relative error {p.damage:.2f} (over {DAMAGE}), the model may lose much of its "
+            f"accuracy; {need} bits/weight or more avoids it" for n, p in chosen.items() if p.damage > DAMAGE]
 
 
 def search_units(tensors: Iterable[tuple[str, tuple[int, ...], DType]], base: EncodeOptions,
@@ -477,7 +693,7 @@ def _check_feasible(bits_per_weight: float, total_weights: int, fixed_bytes: int
 
 def _refine(tensors: TensorSource, chosen: dict[str, RDPoint], hulls: dict[str, list[RDPoint]],
             weights: dict[str, float], budget: int, images: dict[str, tuple[int, int] | None],
-            top: int = 3, menu: Menu | None = None) -> dict[str, RDPoint]:
+            measure_by: Distortion = DATA_FREE, top: int = 3, menu: Menu | None = None) -> dict[str, RDPoint]:
     """Spend the slack the coarse quality ladder leaves: for the JPEG choices
     whose next step is worth most (weighted slope), try the qualities between."""
     chosen = dict(chosen)
@@ -500,7 +716,7 @@ def _refine(tensors: TensorSource, chosen: dict[str, RDPoint], hulls: dict[str, 
         while hi - lo > 1:  # largest quality whose size still fits the slack
             mid = (lo + hi) // 2
             trial, _ = (menu or Menu()).measure(name, array, dtype, f"{point.label} ~q{mid}",
-                                                point.options.with_(quality=mid), images[name])
+                                                point.options.with_(quality=mid), images[name], measure_by=measure_by)
             if trial.nbytes - point.nbytes <= slack:
                 lo, best = mid, trial
             else:

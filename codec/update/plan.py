@@ -153,10 +153,11 @@ class UpdateMenu(allocate.Menu):
         return menu + [(f"delta {label}", UpdateOptions(**_fields(o), mode="delta")) for label, o in delta]
 
     def measure(self, name: str, array: np.ndarray, dtype: DType, label: str, options: EncodeOptions,
-                rows: tuple[int, int] | None = None, offset_digits: int = 10) -> tuple[allocate.RDPoint, np.ndarray]:
+                rows: tuple[int, int] | None = None, offset_digits: int = 10,
+                measure_by: allocate.Distortion = allocate.DATA_FREE) -> tuple[allocate.RDPoint, np.ndarray]:
         mode, ref = self.matcher.decide(name, array, dtype, options)
         if mode == "full":
-            return super().measure(name, array, dtype, label, options, rows, offset_digits)
+            return super().measure(name, array, dtype, label, options, rows, offset_digits, measure_by)
         base = self.matcher.base.array(ref.name)
         shape = tuple(array.shape)
         if mode == "unchanged":
@@ -170,8 +171,10 @@ class UpdateMenu(allocate.Menu):
             nbytes = (sum(map(len, encoded.blobs)) + _ref_bytes(ref)
                       + allocate.entry_bytes(name, dtype, shape, encoded, offset_digits))
         as_float = to_float64 if dtype.floating else (lambda a, _: a.astype(np.float64))
-        weighted, plain = allocate.distortion(as_float(array, dtype), as_float(recon, dtype), rows)
-        return allocate.RDPoint(options, label, nbytes, weighted, math.sqrt(plain)), recon
+        reference, values = as_float(array, dtype), as_float(recon, dtype)
+        plain = allocate.distortion(reference, values)[1]
+        weighted, out_error = measure_by(name, reference, values, rows)
+        return allocate.RDPoint(options, label, nbytes, weighted, math.sqrt(plain), out_error), recon
 
 
 def _fields(options: EncodeOptions) -> dict:

@@ -1,0 +1,403 @@
+"""Calibration: how a model uses its weights, measured on the user's own inputs.
+
+:func:`calibrate` runs a PyTorch module (eval mode, no gradients) on
+batches of inputs -- unlabelled: a folder of images or a file of sentences
+is enough -- and collects, through forward hooks, what the rate search
+needs to score a candidate by the error it causes in the model's output
+instead of in the weights:
+
+- for every ``nn.Linear`` and ``nn.Conv2d``, the second moment of the
+  layer's inputs ``H = E[x x^T]`` over its in-features (convolutions:
+  im2col columns, in the order of ``weight.reshape(out, -1)``), so that a
+  weight error ``dW`` changes the layer's output by
+  ``tr(dW H dW^T)`` on average; a diagonal where the full matrix would be
+  too large (:data:`FULL_H_MAX` features, :data:`FULL_H_BYTES` in all);
+  ``E[x]`` (for bias correction) and the number of rows seen;
+- for every ``nn.Embedding``, how often each row was looked up;
+- per layer, the sensitivity of the model's final output: Gaussian noise
+  is added to the layer's weight, and the relative change of the final
+  output is divided by the relative error this caused in the layer's
+  output (a few batches; the same for the same seed).
+
+Statistics are accumulated in float64 batch by batch (each batch's
+products in float32), so memory is bounded
+by the statistics, not by the number of inputs. Everything here is
+encoder side; nothing of it is stored in the file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .allocate import Weighting
+
+__all__ = ["calibrate", "Calibration", "LayerStats", "as_batches", "FULL_H_MAX", "FULL_H_BYTES", "NOISE",
+           "SENSITIVITY_SAMPLES", "BATCH_SIZE"]
+
+#: Layers with more in-features than this keep only the diagonal of H.
+FULL_H_MAX = 4096
+#: At most this many bytes of full H matrices in all; further layers keep diagonals.
+FULL_H_BYTES = 1 << 30
+#: Relative RMS of the noise added to a layer's weight to measure its sensitivity.
+NOISE = 0.1
+#: Inputs (first axis) used for the sensitivity passes (at least one batch).
+SENSITIVITY_SAMPLES = 256
+#: Batch size when the inputs are given as one array of samples.
+BATCH_SIZE = 64
+#: Bytes of unfolded convolution columns processed at once.
+_UNFOLD_BYTES = 64 << 20
+
+Batch = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+@dataclass
+class LayerStats:
+    """What calibration learned about one weight tensor's layer."""
+
+    kind: str  # "linear", "conv2d" or "embedding"
+    h: np.ndarray  # (C, C) or diagonal (C,) second moment of the inputs; embedding: (V,) lookup counts
+    mean: np.ndarray | None  # E[x] over the in-features (None for an embedding)
+    samples: int  # input rows seen (tokens, pixel positions, samples)
+    sensitivity: float = 1.0  # relative change of the final output per unit relative output error
+
+    @property
+    def diagonal(self) -> bool:
+        """Whether only the diagonal of H was kept."""
+        return self.h.ndim == 1
+
+    def weighting(self) -> Weighting:
+        """How the allocator weighs this tensor's error (:class:`codec.rd.allocate.Weighting`).
+
+        An embedding's rows are weighted half by their lookup frequency and
+        half uniformly: rows the calibration inputs never used still count,
+        as rare tokens do in real use.
+        """
+        if self.kind == "embedding":
+            total = float(self.h.sum())
+            freq = self.h / total if total > 0 else np.zeros_like(self.h)
+            return Weighting(rows=0.5 * freq + 0.5 / len(self.h), scale=self.sensitivity)
+        return Weighting(h=self.h, scale=self.sensitivity)
+
+
+@dataclass
+class Calibration:
+    """Per weight name (``fc1.weight``), the statistics of :func:`calibrate`."""
+
+    layers: dict[str, LayerStats]
+    samples: int  # inputs seen (first axis of the batches)
+    batches: int
+    seed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def weightings(self) -> dict[str, Weighting]:
+        """The allocator's output-space weighting of every calibrated tensor."""
+        return {name: stats.weighting() for name, stats in self.layers.items()}
+
+
+class _Batches:
+    """A re-iterable view of one array of samples as batches along its first axis."""
+
+    def __init__(self, data: torch.Tensor, size: int):
+        self.data, self.size = data, size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.data) / self.size)
+
+    def __iter__(self):
+        for i in range(0, len(self.data), self.size):
+            yield self.data[i:i + self.size]
+
+
+def as_batches(inputs: object, batch_size: int = BATCH_SIZE) -> Iterable:
+    """Calibration inputs as an iterable of batches.
+
+    One tensor or numpy array is a set of samples along its first axis, cut
+    into batches of ``batch_size``; a mapping of them (a tokenizer's output)
+    is one batch; anything else iterable is taken as the batches themselves.
+    """
+    if isinstance(inputs, np.ndarray):
+        inputs = torch.from_numpy(inputs)
+    if isinstance(inputs, torch.Tensor):
+        if inputs.dim() == 0:
+            raise ValueError("calibration inputs: a 0-d tensor holds no samples (give samples along the first axis)")
+        return _Batches(inputs, batch_size)
+    if isinstance(inputs, Mapping):
+        return [inputs]
+    if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Iterable):
+        raise TypeError(f"calibration inputs must be a tensor, an array or an iterable of batches, "
+                        f"not {type(inputs).__name__}")
+    return inputs
+
+
+def _prepare(batch: object, index: int, device: torch.device, dtype: torch.dtype) -> Batch:
+    """Check one batch and move it to the model's device (floating inputs in the model's dtype)."""
+
+    def tensor(value: object, where: str) -> torch.Tensor:
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"calibration batch {index}{where}: not a tensor but {type(value).__name__}")
+        if value.dim() == 0 or value.shape[0] == 0:
+            raise ValueError(f"calibration batch {index}{where}: empty (shape {tuple(value.shape)})")
+        if value.is_floating_point():
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"calibration batch {index}{where}: holds NaN or Inf values")
+            value = value.to(dtype)
+        return value.to(device)
+
+    if isinstance(batch, Mapping):
+        if not batch:
+            raise ValueError(f"calibration batch {index}: an empty mapping")
+        return {k: tensor(v, f" {k!r}") for k, v in batch.items()}
+    return tensor(batch, "")
+
+
+def _run(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The model's output on one batch, as one tensor (the first of a tuple or model output)."""
+    out = model(**batch) if isinstance(batch, Mapping) else model(batch)
+    return _first_tensor(out)
+
+
+def _first_tensor(out: object) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for item in out:
+            if isinstance(item, torch.Tensor):
+                return item
+    raise ValueError(f"calibration: the model's output ({type(out).__name__}) holds no tensor to compare")
+
+
+def _samples(batch: Batch) -> int:
+    first = next(iter(batch.values())) if isinstance(batch, Mapping) else batch
+    return int(first.shape[0])
+
+
+class _Collector:
+    """Forward hooks accumulating one layer's input statistics."""
+
+    def __init__(self, module: nn.Module, full: bool):
+        self.module, self.full = module, full
+        self.kind = ("embedding" if isinstance(module, nn.Embedding)
+                     else "conv2d" if isinstance(module, nn.Conv2d) else "linear")
+        self.h: torch.Tensor | None = None
+        self.sum: torch.Tensor | None = None
+        self.rows = 0
+        self.mask: torch.Tensor | None = None  # the batch's attention mask, for token inputs
+        self.active = True  # off during the sensitivity passes
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        x = args[0] if args else None
+        if not self.active or not isinstance(x, torch.Tensor):
+            return
+        if self.kind == "embedding":
+            ids = self._tokens(x, x.shape)
+            counts = torch.bincount(ids.reshape(-1).long(), minlength=module.num_embeddings).double()
+            self.h = counts if self.h is None else self.h + counts
+            self.rows += ids.numel()
+        elif self.kind == "conv2d":
+            for cols in self._unfold(x):
+                self._add(cols)
+        else:
+            self._add(self._tokens(x, x.shape[:-1]).reshape(-1, x.shape[-1]))
+
+    def _tokens(self, x: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+        """``x`` without the padding positions of the batch's attention mask (when the shapes match)."""
+        if self.mask is not None and tuple(lead[:2]) == tuple(self.mask.shape) and len(lead) >= 2:
+            return x[self.mask.bool()]
+        return x
+
+    def _unfold(self, x: torch.Tensor):
+        """im2col columns ``(rows, C/groups * kh * kw)`` of a conv input, a few samples at a time."""
+        m = self.module
+        padding = m.padding
+        if isinstance(padding, str) or m.padding_mode != "zeros":
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+            padding = 0
+        per_sample = x[0].numel() * math.prod(m.kernel_size) * x.element_size() * 2
+        step = max(1, _UNFOLD_BYTES // max(per_sample, 1))
+        for i in range(0, x.shape[0], step):
+            cols = F.unfold(x[i:i + step], m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+            n, ck, length = cols.shape
+            # groups: each group's columns are rows of their own; H is their average
+            yield cols.reshape(n, m.groups, ck // m.groups, length).permute(0, 1, 3, 2).reshape(-1, ck // m.groups)
+
+    def _add(self, x: torch.Tensor) -> None:
+        # one batch's products in float32 (fast), summed over batches in float64
+        x = x.detach().float()
+        second = (x.T @ x if self.full else (x * x).sum(0)).double()
+        self.h = second if self.h is None else self.h + second
+        total = x.sum(0).double()
+        self.sum = total if self.sum is None else self.sum + total
+        self.rows += x.shape[0]
+
+    def stats(self) -> LayerStats | None:
+        if self.h is None or self.rows == 0:
+            return None
+        if self.kind == "embedding":
+            return LayerStats("embedding", self.h.cpu().numpy(), None, self.rows)
+        return LayerStats(self.kind, (self.h / self.rows).cpu().numpy(), (self.sum / self.rows).cpu().numpy(),
+                          self.rows)
+
+
+def _layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Weight name -> module, for the Linear, Conv2d and Embedding layers whose weight is in the state_dict."""
+    keys = set(model.state_dict().keys())
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            key = f"{name}.weight" if name else "weight"
+            if key in keys:
+                out[key] = module
+    return out
+
+
+def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = None, seed: int = 0,
+              progress: Callable[[str, int], None] | None = None,
+              sensitivity_samples: int = SENSITIVITY_SAMPLES) -> Calibration:
+    """Run ``model`` on ``inputs`` and collect per-layer statistics (see the module docstring).
+
+    ``inputs``: an iterable of batches (tensors, numpy arrays, or mappings
+    of them passed as ``model(**batch)``, e.g. a tokenizer's output), or one
+    tensor / array of samples along its first axis (cut into batches of
+    :data:`BATCH_SIZE`). At most ``max_batches`` batches are used. The
+    first ``sensitivity_samples`` inputs (at least one batch) also serve the
+    sensitivity passes: one more forward pass per layer and batch, with
+    noise drawn from a generator seeded by ``seed``. ``progress(stage, n)``
+    is called with ``"calibration"`` and each batch's number of inputs.
+
+    A bad batch (not a tensor, empty, NaN/Inf, refused by the model) is a
+    one-line ValueError naming it; the first batch is checked before any
+    statistics are gathered.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"calibrate() needs a torch.nn.Module, not {type(model).__name__}")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be at least 1, got {max_batches}")
+    batches = as_batches(inputs)
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    layers = _layers(model)
+    if not layers:
+        raise ValueError("calibration: the model has no Linear, Conv2d or Embedding layer with a weight to calibrate")
+    full_bytes = 0
+    collectors = {}
+    for name, module in layers.items():
+        cols = module.weight[0].numel() if not isinstance(module, nn.Embedding) else 0
+        full = 0 < cols <= FULL_H_MAX and full_bytes + 8 * cols * cols <= FULL_H_BYTES
+        full_bytes += 8 * cols * cols if full else 0
+        collectors[name] = _Collector(module, full)
+    noise_num = dict.fromkeys(layers, 0.0)
+    noise_den = dict.fromkeys(layers, 0.0)
+    was_training = model.training
+    model.eval()
+    handles = [c.module.register_forward_hook(c) for c in collectors.values()]
+    samples = count = sensitivity_seen = 0
+    try:
+        with torch.no_grad():
+            for index, raw in enumerate(batches):
+                if max_batches is not None and index >= max_batches:
+                    break
+                batch = _prepare(raw, index, device, dtype)
+                mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                for c in collectors.values():
+                    c.mask, c.active = mask, True
+                try:
+                    clean = _run(model, batch)
+                except ValueError:
+                    raise
+                except Exception as exc:  # the model's own error on a wrong shape or type
+                    raise ValueError(f"calibration batch {index}: the model does not accept it "
+                                     f"({_first_line(exc)})") from None
+                if not bool(torch.isfinite(clean).all()):
+                    raise ValueError(f"calibration batch {index}: the model's output holds NaN or Inf")
+                n = _samples(batch)
+                if sensitivity_seen < sensitivity_samples:
+                    for c in collectors.values():
+                        c.active = False
+                    _sensitivity_pass(model, batch, clean, layers, seed, index, noise_num, noise_den)
+                    sensitivity_seen += n
+                samples += n
+                count += 1
+                if progress:
+                    progress("calibration", n)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("calibration inputs are empty (no batch)")
+    out, notes = {}, []
+    for name, c in collectors.items():
+        stats = c.stats()
+        if stats is None:
+            notes.append(f"layer {name!r}: not used by the calibration inputs")
+            continue
+        den = noise_den[name]
+        stats.sensitivity = max(noise_num[name] / den, 1e-6) if den > 0 else 1.0
+        out[name] = stats
+    return Calibration(out, samples, count, seed, notes)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def _weight_error(module: nn.Module, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
+    """The change of ``module``'s output on input ``x`` when its weight changes by ``dw``."""
+    if isinstance(module, nn.Embedding):
+        return F.embedding(x, dw, module.padding_idx)
+    if isinstance(module, nn.Conv2d):
+        return module._conv_forward(x, dw, None)
+    return F.linear(x, dw)
+
+
+def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layers: dict[str, nn.Module], seed: int,
+                      index: int, num: dict[str, float], den: dict[str, float]) -> None:
+    """One perturbed forward pass per layer.
+
+    The layer's weight gets Gaussian noise of relative RMS :data:`NOISE`
+    (an error shaped like a coding error: the same at every position of a
+    convolution or token, so it does not average out downstream the way
+    independent noise on each output would). ``num`` collects the final
+    output's squared change, ``den`` the final output's energy times the
+    relative output error ``||dW x||^2 / ||W x||^2`` this caused in the
+    layer, so ``num / den`` is the output's change per unit of it.
+    """
+    energy = float((clean.double() ** 2).sum())
+    for k, (name, module) in enumerate(layers.items()):
+        gen = torch.Generator(device=clean.device).manual_seed(seed * 1_000_003 + k * 7919 + index)
+        weight = module.weight.detach()
+        dw = torch.randn(weight.shape, generator=gen, device=weight.device, dtype=weight.dtype)
+        dw *= NOISE * weight.double().pow(2).mean().sqrt().item()
+        caused = [0.0, 0.0]  # ||dW x||^2, ||W x||^2 at this layer
+
+        def perturbed(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            delta = _weight_error(mod, args[0], dw)  # noqa: B023
+            signal = output
+            if getattr(mod, "bias", None) is not None:
+                signal = output - (mod.bias.view(1, -1, 1, 1) if isinstance(mod, nn.Conv2d) else mod.bias)
+            caused[0] += float(delta.double().pow(2).sum())  # noqa: B023
+            caused[1] += float(signal.double().pow(2).sum())  # noqa: B023
+            return output + delta
+
+        handle = module.register_forward_hook(perturbed)
+        try:
+            out = _run(model, batch)
+        finally:
+            handle.remove()
+        if caused[1] > 0 and caused[0] > 0:
+            num[name] += float(((out.double() - clean.double()) ** 2).sum())
+            den[name] += energy * caused[0] / caused[1]

@@ -1,0 +1,499 @@
+"""Coding with data (issue 9, codec side): calibration statistics, output-space distortion, what the
+state_dict reveals (BatchNorm / LayerNorm), the damage guard, codec.save(model, calibration=), the CLI, and the
+repair contract."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import codec
+from codec.rd import allocate as A
+from codec.rd.calibrate import Calibration, calibrate
+
+
+class TwoBranch(nn.Module):
+    """``b(relu(a(x))) + side(x)`` where the side branch is 20x quieter: its errors barely reach the output,
+    yet its weights' NMSE counts as much as any other's."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.side = nn.Linear(128, 128), nn.Linear(128, 64), nn.Linear(128, 64)
+        with torch.no_grad():
+            self.side.weight *= 0.05
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))) + self.side(x)
+
+
+def _two_branch() -> tuple[TwoBranch, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    return TwoBranch(), torch.randn(256, 128, generator=g), torch.randn(256, 128, generator=g)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------- calibrate()
+
+def test_second_moments_match_the_definition():
+    """H = E[x x^T] (conv: im2col columns in weight.reshape(out, -1) order), E[x] and counts, exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 3 * 3, 5))
+    x = torch.randn(40, 3, 6, 6)
+    cal = calibrate(model, [x[:16], x[16:].numpy()])  # tensors and numpy arrays both work
+    cols = F.unfold(x, 3, padding=1, stride=2).permute(0, 2, 1).reshape(-1, 27).double()
+    conv = cal.layers["0.weight"]
+    assert conv.kind == "conv2d" and conv.samples == len(cols)
+    np.testing.assert_allclose(conv.h, (cols.T @ cols / len(cols)).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(conv.mean, cols.mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    hidden = torch.relu(model[0](x)).flatten(1).double().detach()
+    np.testing.assert_allclose(cal.layers["3.weight"].h, (hidden.T @ hidden / 40).numpy(), rtol=1e-4, atol=1e-6)
+    assert cal.samples == 40 and cal.batches == 2
+    # the error a weight change causes in the layer's output is tr(dW H dW^T)
+    dw = torch.randn(8, 27, dtype=torch.float64)
+    direct = float(((cols @ dw.T) ** 2).sum() / len(cols))
+    assert A.Weighting(h=conv.h).energy(dw.numpy()) == pytest.approx(direct, rel=1e-4)
+
+
+def test_diagonal_above_the_limit_and_embedding_counts(monkeypatch):
+    """Wide layers keep diag(H); an embedding's H is how often each row was looked up."""
+    import codec.rd.calibrate as C
+
+    monkeypatch.setattr(C, "FULL_H_MAX", 16)
+    model = nn.Sequential(nn.Embedding(50, 32), nn.Linear(32, 8))
+    ids = torch.tensor([[1, 2, 2, 7], [7, 7, 0, 1]])
+    cal = calibrate(model, [ids])
+    emb = cal.layers["0.weight"]
+    assert emb.kind == "embedding" and emb.h[[0, 1, 2, 7]].tolist() == [1, 2, 2, 3] and emb.h.sum() == 8
+    lin = cal.layers["1.weight"]
+    assert lin.diagonal and lin.h.shape == (32,)
+    rows = model[0](ids).reshape(-1, 32).double()
+    np.testing.assert_allclose(lin.h, (rows**2).mean(0).detach().numpy(), rtol=1e-5)
+    # unseen embedding rows still count (half the weight is uniform)
+    w = emb.weighting()
+    assert w.rows[3] > 0 and w.rows[7] > w.rows[3]
+
+
+def test_attention_mask_leaves_padding_out():
+    """Token inputs: positions the batch's attention_mask marks as padding add nothing to H."""
+
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.proj = nn.Embedding(10, 4), nn.Linear(4, 4)
+
+        def forward(self, input_ids, attention_mask):
+            return self.proj(self.emb(input_ids))
+
+    model = Tok()
+    ids, mask = torch.tensor([[1, 2, 0], [3, 0, 0]]), torch.tensor([[1, 1, 0], [1, 0, 0]])
+    cal = calibrate(model, [{"input_ids": ids, "attention_mask": mask}])
+    assert cal.layers["emb.weight"].h[0] == 0 and cal.layers["emb.weight"].h.sum() == 3
+    assert cal.layers["proj.weight"].samples == 3
+
+
+def test_sensitivity_is_deterministic_and_sees_quiet_branches():
+    """The quiet side branch moves the output far less per unit relative error; same seed, same numbers."""
+    model, x, _ = _two_branch()
+    one, two = calibrate(model, x, seed=3), calibrate(model, x, seed=3)
+    sens = {n: s.sensitivity for n, s in one.layers.items()}
+    assert sens == {n: s.sensitivity for n, s in two.layers.items()}
+    assert sens["side.weight"] < 0.1 * sens["b.weight"]
+    assert 0.2 < sens["b.weight"] < 5
+    assert calibrate(model, x, seed=4).layers["b.weight"].sensitivity != sens["b.weight"]
+
+
+def test_progress_and_max_batches():
+    """progress gets each batch's inputs; max_batches stops early; the model's training mode is restored."""
+    model, x, _ = _two_branch()
+    model.train()
+    seen = []
+    cal = calibrate(model, [x[:100], x[100:200], x[200:]], max_batches=2, progress=lambda s, n: seen.append((s, n)))
+    assert seen == [("calibration", 100), ("calibration", 100)] and cal.samples == 200
+    assert model.training
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ([], "empty"),
+    ([torch.full((2, 128), float("nan"))], "batch 0: holds NaN"),
+    ([torch.randn(2, 128), torch.randn(2, 127)], "batch 1: the model does not accept it"),
+    ([torch.randn(0, 128)], "batch 0: empty"),
+    ([torch.randn(2, 64)], "batch 0: the model does not accept it"),
+    (["text"], "batch 0: not a tensor but str"),
+])
+def test_bad_inputs_are_one_line_value_errors(inputs, message):
+    """Empty, NaN, wrong shapes: a one-line ValueError naming the batch, no traceback text."""
+    model, _, _ = _two_branch()
+    with pytest.raises(ValueError, match=message) as info:
+        calibrate(model, inputs)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_arguments_are_type_errors():
+    """A non-module or non-iterable input is a TypeError."""
+    with pytest.raises(TypeError, match="nn.Module"):
+        calibrate({"w": torch.zeros(2)}, [torch.zeros(1)])
+    with pytest.raises(TypeError, match="iterable of batches"):
+        calibrate(nn.Linear(2, 2), 3)
+
+
+# ---------------------------------------------------------------- output-space distortion
+
+def test_weighting_energy_forms_agree():
+    """Full, diagonal and row-weighted energies are the traces they claim."""
+    rng = np.random.default_rng(0)
+    m, x = rng.normal(size=(6, 5)), rng.normal(size=(100, 5))
+    h = x.T @ x / 100
+    assert A.Weighting(h=h).energy(m) == pytest.approx(np.trace(m @ h @ m.T), rel=1e-5)
+    assert A.Weighting(h=np.diag(h)).energy(m) == pytest.approx(np.sum(m * m * np.diag(h)), rel=1e-12)
+    r = rng.uniform(size=6)
+    assert A.Weighting(rows=r).energy(m) == pytest.approx(np.sum(r[:, None] * m * m), rel=1e-12)
+    assert not A.Weighting(h=h).fits((6, 4)) and A.Weighting(h=h).fits((6, 5)) and not A.Weighting(h=h).fits((5,))
+
+
+def test_distortion_falls_back_to_data_free_for_uncalibrated_tensors():
+    """A tensor without a weighting (or whose shape does not fit it) keeps today's NMSE, with no output error."""
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(16, 9))
+    dec = ref + 0.1 * rng.normal(size=ref.shape)
+    measure = A.Distortion({"w": A.Weighting(h=np.eye(9), scale=2.0)})
+    assert measure("other", ref, dec) == (A.distortion(ref, dec)[0], None)
+    weighted, out = measure("w", ref, dec)
+    assert out == pytest.approx(A.distortion(ref, dec)[1] ** 0.5) and weighted == pytest.approx(2 * out**2)
+    assert measure("w", ref[:, :8], dec[:, :8])[1] is None  # H of 9 columns does not fit 8
+
+
+def test_calibrated_allocation_moves_bits_to_the_layers_that_matter():
+    """At the same size, scoring by output error (tr(dW H dW^T) x sensitivity) beats weight NMSE on outputs."""
+    model, calib_x, test_x = _two_branch()
+    ref = model(test_x).detach()
+    results = {}
+    for mode in ("data-free", "calibrated"):
+        buf = io.BytesIO()
+        if mode == "data-free":
+            codec.save(model.state_dict(), buf, bits_per_weight=3.0)
+        else:
+            codec.save(model, buf, bits_per_weight=3.0, calibration=calib_x, repair=False)
+        back = TwoBranch()
+        back.load_state_dict(codec.load(buf.getvalue()))
+        results[mode] = (_rel(back(test_x).detach(), ref), len(buf.getvalue()))
+    assert results["calibrated"][1] <= 3.0 * sum(p.numel() for p in model.parameters()) / 8
+    assert results["calibrated"][0] < 0.85 * results["data-free"][0], results
+
+
+# ---------------------------------------------------------------- data-free: what the state_dict reveals
+
+class BNNet(nn.Module):
+    """conv -> BN -> relu -> conv -> BN -> relu -> pool -> linear, as ``features.N`` and ``head``."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                      nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AvgPool2d(2))
+        self.head = nn.Linear(32 * 7 * 7, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+def _bn_net() -> tuple[BNNet, torch.Tensor]:
+    """A BN net whose second conv has 24 of its 32 output channels 50x smaller, with their BN statistics scaled
+    to match: the same function, but weight NMSE can no longer see that those channels matter as much."""
+    torch.manual_seed(0)
+    net = BNNet()
+    x = torch.randn(64, 1, 14, 14)
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):  # running statistics of these inputs
+            net(x)
+        conv, bn = net.features[3], net.features[4]
+        small = torch.arange(32) >= 8
+        conv.weight[small] *= 0.02
+        conv.bias[small] *= 0.02
+        bn.running_mean[small] *= 0.02
+        bn.running_var[small] *= 0.02**2
+    net.eval()
+    return net, x
+
+
+def test_norm_weightings_read_batchnorm_and_layernorm():
+    """A BN right after a layer gives rows gamma^2/(var+eps); a LayerNorm under the same parent gives gamma^2;
+    a norm of another parent (pre-norm) or a constant gain gives nothing."""
+    net, _ = _bn_net()
+    sd = net.state_dict()
+    shapes = {n: tuple(t.shape) for n, t in sd.items()}
+    found = A.norm_weightings(shapes, lambda n: sd[n].double().numpy())
+    assert sorted(found) == ["features.0.weight", "features.3.weight"]
+    bn = net.features[4]
+    expect = (bn.weight**2 / (bn.running_var + 1e-5)).detach().double().numpy()
+    np.testing.assert_allclose(found["features.3.weight"].rows, expect, rtol=1e-6)
+    ln = {"block.dense.weight": (8, 4), "block.dense.bias": (8,), "block.LayerNorm.weight": (8,),
+          "block.LayerNorm.bias": (8,), "next.proj.weight": (8, 8), "other.norm.weight": (8,)}
+    gains = {"block.LayerNorm.weight": np.arange(1.0, 9.0), "other.norm.weight": np.arange(1.0, 9.0)}
+    found = A.norm_weightings(ln, gains.__getitem__)
+    assert list(found) == ["block.dense.weight"]
+    np.testing.assert_allclose(found["block.dense.weight"].rows, np.arange(1.0, 9.0) ** 2)
+    assert A.norm_weightings(ln, lambda n: np.ones(8)) == {}  # a constant gain tells nothing
+    # names sorted as in a .safetensors file: conv2 still finds bn2 by its name, conv21 does not
+    shapes = {"b.bn2.running_var": (8,), "b.bn2.weight": (8,), "b.conv2.weight": (8, 4, 3, 3),
+              "b.conv21.weight": (8, 4, 3, 3), "b.fc.weight": (3, 8)}
+    var = np.linspace(0.5, 2, 8)
+    found = A.norm_weightings(shapes, lambda n: var if n.endswith("running_var") else np.ones(8))
+    assert list(found) == ["b.conv2.weight"]
+    np.testing.assert_allclose(found["b.conv2.weight"].rows, 1 / (var + 1e-5))
+
+
+def test_batchnorm_fold_keeps_small_channels_alive(monkeypatch):
+    """Data-free, folding the BN scale into the conv's distortion cuts the model's output error at the same
+    budget; without it the search starves the channels BN blows up."""
+    net, x = _bn_net()
+    ref = net(x).detach()
+    results = {}
+    for mode in ("weights only", "BN folded"):
+        if mode == "weights only":
+            monkeypatch.setattr(A, "norm_weightings", lambda *args: {})
+        else:
+            monkeypatch.undo()
+        buf = io.BytesIO()
+        codec.save(net.state_dict(), buf, bits_per_weight=4.0)
+        back = BNNet()
+        back.load_state_dict(codec.load(buf.getvalue()))
+        back.eval()
+        results[mode] = _rel(back(x).detach(), ref)
+    assert results["BN folded"] < 0.5 * results["weights only"], results
+
+
+def test_a_budget_that_destroys_a_tensor_says_so_and_names_the_budget_that_does_not(tmp_path):
+    """Over DAMAGE: a note per tensor in save's result and in the file's jwt.warnings (shown by jwt info);
+    at the budget it names, no tensor is over the threshold and nothing is said; the file still fits."""
+    from click.testing import CliRunner
+
+    from jwt_cli.main import cli
+
+    net, x = _bn_net()
+    n = sum(t.numel() for t in net.state_dict().values())
+    path = tmp_path / "low.jwt"
+    notes = codec.save(net.state_dict(), path, bits_per_weight=3.56)
+    assert len(notes) == 1 and notes[0].startswith("tensor 'features.3.weight': relative error")
+    assert path.stat().st_size <= 3.56 * n / 8
+    need = float(notes[0].split("; ")[1].split()[0])
+    assert 3.56 < need < 4
+    with codec.open(path) as f:
+        assert f.metadata[A.WARNINGS_KEY] == notes[0]
+    shown = CliRunner().invoke(cli, ["info", str(path)])
+    assert shown.exit_code == 0 and "features.3.weight" in shown.output and "jwt.warnings" in shown.output
+    assert codec.save(net.state_dict(), tmp_path / "ok.jwt", bits_per_weight=need) == []
+    with codec.open(tmp_path / "ok.jwt") as f:
+        assert A.WARNINGS_KEY not in f.metadata
+    back = BNNet()
+    back.load_state_dict(codec.load(tmp_path / "ok.jwt"))
+    back.eval()
+    assert _rel(back(x).detach(), net(x).detach()) < 0.6
+
+
+# ---------------------------------------------------------------- codec.save entry point and the repair contract
+
+def test_save_argument_errors():
+    """A state_dict with calibration= is a TypeError telling to pass the module; no rate target is a ValueError."""
+    model, x, _ = _two_branch()
+    with pytest.raises(TypeError, match="pass the nn.Module"):
+        codec.save(model.state_dict(), io.BytesIO(), bits_per_weight=4, calibration=x)
+    with pytest.raises(ValueError, match="rate target"):
+        codec.save(model, io.BytesIO(), calibration=x)
+    with pytest.raises(TypeError, match="nn.Module"):
+        codec.save([1, 2], io.BytesIO())
+    with pytest.raises(ValueError, match="batch 0: holds NaN"):
+        codec.save(model, io.BytesIO(), bits_per_weight=4, calibration=torch.full((4, 128), float("nan")))
+
+
+def test_calibrated_file_decodes_with_the_same_reader(tmp_path):
+    """The format does not change: a calibrated file is read by the plain reader and by `jwt decode`, and
+    decodes near the original."""
+    from click.testing import CliRunner
+
+    from jwt_cli.main import cli
+
+    model, x, _ = _two_branch()
+    path = tmp_path / "c.jwt"
+    codec.save(model, path, bits_per_weight=3.0, calibration=x, repair=False)
+    with codec.Reader(str(path)) as reader:
+        assert sorted(reader.keys()) == sorted(model.state_dict().keys())
+        assert reader.metadata["jwt.calibration"].startswith("256 inputs")
+        arrays = {name: reader.read(name) for name in list(reader.keys())}
+    result = CliRunner().invoke(cli, ["decode", str(path), "-o", str(tmp_path / "c.pt")])
+    assert result.exit_code == 0, result.output
+    decoded = torch.load(tmp_path / "c.pt", weights_only=True)
+    for name, tensor in model.state_dict().items():
+        np.testing.assert_array_equal(arrays[name], decoded[name].numpy())
+        assert _rel(decoded[name], tensor) < 0.5
+
+
+def _fake_repair(calls):
+    """A stand-in for codec.rd.repair.code_with_repair that follows the contract: it returns new values
+    for the tensors it changed (a bias shifted by 1, a weight negated) and notes."""
+    import types
+
+    def code_with_repair(model, inputs, options, calibration, *, progress=None, jobs=None):
+        calls.append((model, [b.shape for b in inputs], dict(options), calibration))
+        if progress:
+            progress("repair", 1)
+        sd = model.state_dict()
+        return ({"b.bias": (sd["b.bias"] + 1).numpy(), "side.weight": (-sd["side.weight"]).numpy()},
+                ["repair: 2 tensors changed"])
+
+    return types.SimpleNamespace(code_with_repair=code_with_repair)
+
+
+def test_repair_contract(monkeypatch):
+    """With calibration inputs repair runs after the allocation with the chosen options and the Calibration;
+    save codes the arrays it returns instead of the originals; repair=False leaves it out."""
+    import sys
+
+    model, x, _ = _two_branch()
+    calls = []
+    monkeypatch.setitem(sys.modules, "codec.rd.repair", _fake_repair(calls))
+    stages = []
+    buf = io.BytesIO()
+    notes = codec.save(model, buf, bits_per_weight=3.0, calibration=x,
+                       calibration_progress=lambda stage, n: stages.append(stage))
+    assert notes == ["repair: 2 tensors changed"] and "repair" in stages and "calibration" in stages
+    (got_model, shapes, options, calib), = calls
+    assert got_model is model and sum(s[0] for s in shapes) == 256 and isinstance(calib, Calibration)
+    assert set(options) == set(model.state_dict())
+    assert all(isinstance(o, codec.EncodeOptions) for o in options.values())
+    back = codec.load(buf.getvalue())
+    sd = model.state_dict()
+    assert torch.equal(back["b.bias"], sd["b.bias"] + 1)  # biases are lossless: exactly what repair returned
+    assert _rel(back["side.weight"], -sd["side.weight"]) < 0.5
+    assert _rel(back["side.weight"], sd["side.weight"]) > 1.5
+    assert torch.equal(back["a.bias"], sd["a.bias"])
+    calls.clear()
+    codec.save(model, io.BytesIO(), bits_per_weight=3.0, calibration=x, repair=False)
+    assert calls == []
+
+
+def test_repair_flag_without_the_module(monkeypatch):
+    """Until codec.rd.repair exists, the default quietly codes without it and repair=True says it is missing."""
+    import sys
+
+    model, x, _ = _two_branch()
+    monkeypatch.setitem(sys.modules, "codec.rd.repair", None)  # import fails
+    assert codec.save(model, io.BytesIO(), bits_per_weight=3.0, calibration=x) == []
+    with pytest.raises(codec.EncodeError, match="repair"):
+        codec.save(model, io.BytesIO(), bits_per_weight=3.0, calibration=x, repair=True)
+
+
+# ---------------------------------------------------------------- jwt encode --calibration
+
+NETS = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class Other(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Linear(3, 3)
+
+
+NOT_A_CLASS = 3
+'''
+
+
+def _encode(*args):
+    from click.testing import CliRunner
+
+    from jwt_cli.main import cli
+
+    return CliRunner().invoke(cli, ["encode", *map(str, args)])
+
+
+@pytest.fixture
+def net_files(tmp_path, monkeypatch):
+    """A module ``calib_test_nets`` beside the user (the working folder), its weights and inputs."""
+    (tmp_path / "calib_test_nets.py").write_text(NETS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    nets = importlib.import_module("calib_test_nets")
+    torch.manual_seed(0)
+    torch.save(nets.Net().state_dict(), tmp_path / "net.pt")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(100, 64)).astype(np.float32))
+    return tmp_path
+
+
+def test_cli_model_and_array_inputs(net_files):
+    """--calibration inputs.npy --model package.module:Class encodes; the file decodes like any other."""
+    out = net_files / "net.jwt"
+    result = _encode(net_files / "net.pt", "-b", "6", "--calibration", net_files / "x.npy",
+                     "--model", "calib_test_nets:Net", "--no-repair", "-o", out)
+    assert result.exit_code == 0, result.output
+    with codec.open(out) as f:
+        assert f.metadata["jwt.calibration"].startswith("100 inputs")
+    assert set(codec.load(out)) == {"a.weight", "a.bias", "b.weight", "b.bias"}
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--calibration", "x.npy"], 2, "rate target"),
+    (["-b", "4", "--model", "calib_test_nets:Net"], 2, "--model needs --calibration"),
+    (["-b", "4", "--calibration", "x.npy"], 2, "--model package.module:ClassName"),
+    (["-b", "4", "--calibration", "x.npy", "--model", "no_such_mod:Net"], 1, "cannot import no_such_mod"),
+    (["-b", "4", "--calibration", "x.npy", "--model", "calib_test_nets:Nope"], 1, "has no Nope"),
+    (["-b", "4", "--calibration", "x.npy", "--model", "calib_test_nets:NOT_A_CLASS"], 1, "not a torch.nn.Module"),
+    (["-b", "4", "--calibration", "x.npy", "--model", "calib_test_nets:Other"], 1, "does not accept the state_dict"),
+    (["-b", "4", "--calibration", "x.npy", "--model", "nocolon"], 2, "package.module:ClassName"),
+    (["-b", "4", "--calibration", "two.npz", "--model", "calib_test_nets:Net"], 1, "exactly one array"),
+    (["-b", "4", "--calibration", "nan.npy", "--model", "calib_test_nets:Net"], 1, "batch 0: holds NaN"),
+    (["-b", "4", "--calibration", "bad.npy", "--model", "calib_test_nets:Net"], 1, "does not accept it"),
+])
+def test_cli_calibration_errors(net_files, args, code, message):
+    """Usage errors exit 2; bad models and inputs exit 1 with one line naming the problem; no output file."""
+    np.savez(net_files / "two.npz", a=np.zeros((2, 64)), b=np.zeros((2, 64)))
+    np.save(net_files / "nan.npy", np.full((4, 64), np.nan, dtype=np.float32))
+    np.save(net_files / "bad.npy", np.zeros((4, 63), dtype=np.float32))
+    result = _encode("net.pt", *args)
+    assert result.exit_code == code, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (net_files / "net.jwt").exists()
+
+
+def test_cli_hugging_face_folder_with_sentences(tmp_path):
+    """FOLDER --calibration texts.txt: model class and tokenizer from the folder; attachments still travel."""
+    transformers = pytest.importorskip("transformers")
+    words = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away", "home", "in", "park"]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    config = transformers.BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny"
+    transformers.BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (tmp_path / "texts.txt").write_text("the cat sat on the mat\n\na dog ran far away\nthe dog sat in the park\n")
+    out = tmp_path / "tiny.jwt"
+    result = _encode(folder, "-b", "12", "--calibration", tmp_path / "texts.txt", "--no-repair", "-o", out)
+    assert result.exit_code == 0, result.output
+    with codec.open(out) as f:
+        assert f.metadata["jwt.calibration"].startswith("3 inputs")
+        assert "config.json" in f.attachments
+    back = transformers.BertModel(config)
+    back.load_state_dict(codec.load(out), strict=False)
+    assert _encode(folder, "-b", "12", "--calibration", tmp_path / "missing.txt").exit_code == 1
