@@ -60,8 +60,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=RepairSettings.steps)
     parser.add_argument("--final-steps", type=int, default=RepairSettings.final_steps)
     parser.add_argument("--lr", type=float, default=RepairSettings.lr)
-    parser.add_argument("--variants", default="plain,gptq,repair")
-    parser.add_argument("--no-refit", action="store_true")
+    parser.add_argument("--variants", default="plain,gptq,bias,refit,distill,all",
+                        help="comma-separated: plain gptq bias refit distill closed closed-nogptq final all")
     args = parser.parse_args()
     torch.set_num_threads(2)
     state_dict = get_model(args.model)
@@ -76,6 +76,17 @@ def main() -> None:
     n_weights = sum(t.numel() for t in state_dict.values())
     print(f"{args.model}: {n_weights} weights, original accuracy {accuracy(model, test_x, test_y):.2f} %")
     print(f"{'budget':>6} {'variant':>8} {'bits/w':>7} {'acc %':>6} {'seconds':>7}")
+    distill = {"steps": args.steps, "final_steps": args.final_steps, "lr": args.lr}
+    variants = {  # each technique alone, and together
+        "gptq": RepairSettings(steps=0, final_steps=0, bias_correction=False, refit=False),
+        "bias": RepairSettings(steps=0, final_steps=0, gptq=False, refit=False),
+        "refit": RepairSettings(steps=0, final_steps=0, gptq=False, bias_correction=False),
+        "distill": RepairSettings(**distill, gptq=False, refit=False, bias_correction=False),
+        "closed": RepairSettings(steps=0, final_steps=0),
+        "closed-nogptq": RepairSettings(steps=0, final_steps=0, gptq=False),
+        "final": RepairSettings(steps=0, final_steps=args.final_steps, lr=args.lr),
+        "all": RepairSettings(**distill),
+    }
     for bits in args.bits or [0.5]:
         options = plan(state_dict, bits)
         for variant in args.variants.split(","):
@@ -83,15 +94,7 @@ def main() -> None:
             if variant == "plain":
                 targets, notes = {}, []
             else:
-                settings = RepairSettings(steps=args.steps, final_steps=args.final_steps, lr=args.lr,
-                                          refit=not args.no_refit)
-                if variant == "gptq":
-                    settings = RepairSettings(steps=0, final_steps=0, bias_correction=False, refit=False)
-                elif variant == "closed":
-                    settings = RepairSettings(steps=0, final_steps=0)
-                elif variant == "nogptq":
-                    settings = RepairSettings(steps=args.steps, final_steps=args.final_steps, lr=args.lr, gptq=False)
-                targets, notes = code_with_repair(model, batches, options, settings=settings)
+                targets, notes = code_with_repair(model, batches, options, settings=variants[variant])
             seconds = time.perf_counter() - start
             blob = write(state_dict, options, targets)
             decoded = codec.load(blob)

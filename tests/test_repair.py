@@ -96,6 +96,7 @@ def test_each_technique_alone_lowers_the_error():
     alone = {
         "gptq": RepairSettings(steps=0, final_steps=0, refit=False, bias_correction=False),
         "bias": RepairSettings(steps=0, final_steps=0, refit=False, gptq=False),
+        "refit": RepairSettings(steps=0, final_steps=0, gptq=False, bias_correction=False),
         "distill": RepairSettings(steps=10, final_steps=10, lr=1e-3, refit=False, gptq=False, bias_correction=False),
     }
     for label, settings in alone.items():
