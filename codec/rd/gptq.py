@@ -1,0 +1,146 @@
+"""GPTQ rounding for the ``quant`` codec: choose pixels so the layer's output error is small, not each weight's.
+
+Encoder side only: the file holds ordinary ``quant`` pixels with ordinary
+per-tile offset/scale, decoded as always.
+
+A linear layer ``y = W x`` (a convolution viewed through im2col) with
+inputs of second moment ``H = E[x x^T]`` has output error
+``tr(dW H dW^T)`` for a weight error ``dW``. Rounding each weight to its
+nearest level minimises ``||dW||^2`` instead; GPTQ (Frantar et al., 2022,
+after OBQ) rounds the matrix column by column and, after each column, moves
+the columns not yet rounded to compensate its error through ``H^-1``
+(Cholesky form, lazy block updates of 128 columns, damping of 1 % of the
+mean diagonal).
+
+The ``quant`` encoder derives each tile's ``offset``/``scale`` from the
+tile's minimum and maximum (:func:`codec.mapping.params_from_range`). So
+the parameters the pixels are chosen for are the ones re-encoding gives
+back, GPTQ here works with the parameters of the input tile and keeps them:
+each tile's minimum and maximum element keep their original values (their
+pixel is the encoder's; their error is compensated like any other), and
+every other element takes a level whose decoded value lies within
+``[offset, maximum]``. The returned target holds those decoded values, so
+``encode_tensor(target)`` reproduces the chosen pixels exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..dtypes import DType, from_float64, to_float64
+from ..mapping import params_from_range
+from ..tensorcodec import EncodeOptions, lossless_reason
+from ..tiling import plan_tiling
+
+__all__ = ["gptq_target", "output_error", "BLOCK"]
+
+#: Columns per lazy-update block (GPTQ's default).
+BLOCK = 128
+
+
+def output_error(reference: np.ndarray, decoded: np.ndarray, h: np.ndarray) -> float:
+    """``tr(dW H dW^T)`` for float64 matrices ``[rows, cols]`` and ``H`` ``[cols, cols]``."""
+    diff = (decoded - reference).reshape(reference.shape[0], -1)
+    return float(np.einsum("ij,jk,ik->", diff, h, diff))
+
+
+def _dec(values: np.ndarray, dtype: DType) -> np.ndarray:
+    """What the decoder gives for float64 ``values`` (one rounding to ``dtype``), as float64."""
+    return to_float64(from_float64(values, dtype), dtype)
+
+
+def gptq_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.ndarray, *, damp: float = 0.01,
+                act_order: bool = False, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """``(target, decoded)``: the array to encode with ``opts`` (storage form) and what it decodes to (float64).
+
+    ``weight`` is the tensor in storage form, viewed as the matrix
+    ``[rows, cols]``; ``h`` is ``E[x x^T]`` ``[cols, cols]`` of the inputs
+    its columns multiply. For options that are not ``quant``, tensors the
+    encoder stores losslessly, and tiles that are not finite, the weight is
+    returned unchanged (with its plain ``decoded`` left to the caller: None).
+    ``act_order`` rounds columns in order of decreasing ``H`` diagonal.
+    """
+    rows, cols = weight.shape[0], math.prod(weight.shape[1:])
+    if h.shape != (cols, cols):
+        raise ValueError(f"H is {h.shape}, expected ({cols}, {cols}) for a weight of shape {weight.shape}")
+    if opts.codec != "quant" or lossless_reason(weight, dtype, "quant") is not None:
+        return weight, None
+    w = to_float64(weight, dtype).reshape(rows, cols)
+    if not np.isfinite(w).all():
+        return weight, None
+    t = plan_tiling(rows, cols, opts.tile, opts.row_shape, opts.params)
+    maxval = (1 << opts.bits) - 1
+    # Tile of each element: row band and column band (rows mode: one tile per row).
+    if t.mode == "rows":
+        tile_of = np.broadcast_to(np.arange(rows)[:, None], (rows, cols))
+    else:
+        tile_of = (np.arange(rows) // t.tile_h)[:, None] * t.grid[1] + (np.arange(cols) // t.tile_w)[None, :]
+    n_tiles = t.n_tiles
+    lo, hi = np.full(n_tiles, np.inf), np.full(n_tiles, -np.inf)
+    np.minimum.at(lo, tile_of.reshape(-1), w.reshape(-1))
+    np.maximum.at(hi, tile_of.reshape(-1), w.reshape(-1))
+    offset, scale = params_from_range(lo, hi, opts.bits, t.params)
+    o, s = offset.astype(np.float64), scale.astype(np.float64)
+    # Pinned elements: each tile's minimum and maximum (all of a constant tile).
+    pinned = (w == lo[tile_of]) | (w == hi[tile_of]) | (s == 0)[tile_of]
+    # Reachable levels: from the pixel of the tile's minimum to that of its maximum (the scale is rounded up, so
+    # at 8 bits the maximum may sit a level or two below the top); an element at either end takes the tile's
+    # extreme value itself as its target, anything between its level's decoded value.
+    safe = np.where(s > 0, s, 1.0)
+    pbot = np.where(s > 0, np.clip(np.rint((lo - o) / safe), 0, maxval), 0.0)
+    ptop = np.where(s > 0, np.clip(np.rint((hi - o) / safe), 0, maxval), 0.0)
+    oe, se = o[tile_of], s[tile_of]
+    lo_e, hi_e = pbot[tile_of], ptop[tile_of]
+    safe_s = safe[tile_of]
+    fixed_pix = np.where(se > 0, np.clip(np.rint((w - oe) / safe_s), 0, maxval), 0.0)
+
+    hm = np.array(h, np.float64, copy=True)
+    diag = np.diag(hm).copy()
+    dead = diag <= 0
+    hm[dead, dead] = 1.0
+    perm = np.argsort(-np.diag(hm), kind="stable") if act_order else np.arange(cols)
+    hm = hm[np.ix_(perm, perm)]
+    hm[np.diag_indices(cols)] += damp * float(np.mean(np.diag(hm)))
+    upper = _inverse_cholesky_upper(hm)
+    work = w[:, perm].copy()
+    pix = np.zeros((rows, cols))
+    oe, se, safe_s, lo_e, hi_e = (a[:, perm] for a in (oe, se, safe_s, lo_e, hi_e))
+    pin, fixed_pix = pinned[:, perm], fixed_pix[:, perm]
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1 = work[:, i1:i2]
+        err1 = np.zeros((rows, i2 - i1))
+        u1 = upper[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            col = w1[:, i]
+            p = np.clip(np.rint((col - oe[:, j]) / safe_s[:, j]), lo_e[:, j], hi_e[:, j])
+            p = np.where(pin[:, j], fixed_pix[:, j], p)
+            q = _dec(oe[:, j] + se[:, j] * p, dtype)
+            pix[:, j] = p
+            err = (col - q) / u1[i, i]
+            w1[:, i:] -= np.outer(err, u1[i, i:])
+            err1[:, i] = err
+        work[:, i2:] -= err1 @ upper[i1:i2, i2:]
+    inverse = np.argsort(perm)
+    pix = pix[:, inverse]
+    decoded = _dec(o[tile_of] + s[tile_of] * pix, dtype)
+    ends = np.where(pix == hi_e[:, inverse], hi[tile_of], np.where(pix == lo_e[:, inverse], lo[tile_of], decoded))
+    target = from_float64(np.where(pinned, w, ends), dtype).reshape(weight.shape)
+    return target, decoded.reshape(weight.shape)
+
+
+def _inverse_cholesky_upper(hm: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), adding damping until ``H`` is positive definite."""
+    eye = np.eye(hm.shape[0])
+    extra = 0.0
+    for _ in range(8):
+        try:
+            lower = np.linalg.cholesky(hm + extra * eye)
+            inv = np.linalg.inv(lower)
+            return np.linalg.cholesky(inv.T @ inv).T
+        except np.linalg.LinAlgError:
+            extra = max(extra * 10, 1e-6 * float(np.mean(np.diag(hm))) or 1e-6)
+    raise np.linalg.LinAlgError("H stays singular after damping")

@@ -1,0 +1,192 @@
+"""Coding with repair (codec.rd.repair) and GPTQ rounding (codec.rd.gptq) on tiny models."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from codec.api import to_numpy, to_torch
+from codec.dtypes import get_dtype
+from codec.format import TensorEntry
+from codec.rd.gptq import gptq_target, output_error
+from codec.rd.repair import RepairSettings, code_with_repair, forward_order, repair
+from codec.rd.repair import output_error as model_error
+from codec.tensorcodec import EncodeOptions, decode_tensor, encode_tensor
+
+F32 = get_dtype("float32")
+FAST = RepairSettings(steps=3, final_steps=5, lr=1e-3)
+
+
+class Tiny(nn.Module):
+    """conv 4->16 (3x3) -> linear 1024->32 -> linear 32->48, declared out of forward order."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(32, 48)
+        self.conv = nn.Conv2d(4, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 8 * 8, 32)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.head(torch.relu(self.fc(h)))
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Tiny().eval()
+
+
+def batches(n: int = 4, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n * 32, 4, 4, 4, generator=g)
+    x = nn.functional.interpolate(base, size=(8, 8), mode="bilinear")  # smooth, correlated inputs
+    return list((x + 0.3).split(32))
+
+
+def quant_options(model: nn.Module, bits: int = 2) -> dict[str, EncodeOptions]:
+    lossy = EncodeOptions(codec="quant", bits=bits, tile=(8, 64))
+    return {n: lossy if t.dim() > 1 else EncodeOptions(codec="lossless") for n, t in model.state_dict().items()}
+
+
+def code_file(state_dict: dict, options: dict, targets: dict) -> dict[str, torch.Tensor]:
+    """What a reader decodes when ``targets`` (else the original values) are encoded with ``options``."""
+    out = {}
+    for name, tensor in state_dict.items():
+        array, dtype_name = to_numpy(tensor)
+        array = targets.get(name, array)
+        dtype = get_dtype(dtype_name)
+        encoded = encode_tensor(array, dtype, options[name])
+        entry = TensorEntry(name, dtype, tuple(array.shape), encoded.codec, encoded.tiling)
+        out[name] = to_torch(decode_tensor(entry, encoded.blobs), dtype_name)
+    return out
+
+
+def decoded_model(model, options, targets):
+    coded = copy.deepcopy(model)
+    coded.load_state_dict(code_file(model.state_dict(), options, targets))
+    return coded
+
+
+def test_targets_reencode_to_the_repaired_model_and_lower_the_error():
+    model, data = tiny_model(), batches()
+    options = quant_options(model)
+    result = repair(model, data, options, settings=FAST)
+    assert {"conv.weight", "fc.weight", "head.weight", "fc.bias"} <= set(result.targets)
+    decoded = code_file(model.state_dict(), options, result.targets)
+    for name, value in result.model.state_dict().items():
+        assert torch.equal(decoded[name], value), name  # bit-exact: what the repair assumed is what is decoded
+    with torch.no_grad():
+        refs = [[model(b)] for b in data]
+    plain = model_error(decoded_model(model, options, {}), data, refs)
+    repaired = model_error(decoded_model(model, options, result.targets), data, refs)
+    assert repaired < 0.5 * plain
+    assert result.notes and all("\n" not in n for n in result.notes)
+
+
+def test_each_technique_alone_lowers_the_error():
+    model, data = tiny_model(2), batches()
+    options = quant_options(model, bits=3)
+    with torch.no_grad():
+        refs = [[model(b)] for b in data]
+    plain = model_error(decoded_model(model, options, {}), data, refs)
+    alone = {
+        "gptq": RepairSettings(steps=0, final_steps=0, refit=False, bias_correction=False),
+        "bias": RepairSettings(steps=0, final_steps=0, refit=False, gptq=False),
+        "refit": RepairSettings(steps=0, final_steps=0, gptq=False, bias_correction=False),
+        "distill": RepairSettings(steps=10, final_steps=10, lr=1e-3, refit=False, gptq=False, bias_correction=False),
+    }
+    for label, settings in alone.items():
+        targets, _ = code_with_repair(model, data, options, settings=settings)
+        assert model_error(decoded_model(model, options, targets), data, refs) < plain, label
+
+
+def test_original_model_untouched_and_deterministic():
+    model, data = tiny_model(), batches()
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    options = quant_options(model)
+    first, _ = code_with_repair(model, data, options, settings=FAST)
+    second, _ = code_with_repair(model, iter(data), options, settings=FAST)  # a one-shot iterator works too
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    assert first.keys() == second.keys() and all(np.array_equal(first[k], second[k]) for k in first)
+
+
+def test_forward_order_follows_calls_not_declaration():
+    model = tiny_model()
+    assert [m for m in forward_order(model, batches(1)[0]) if not isinstance(m, Tiny)] == \
+        [model.conv, model.fc, model.head]
+
+
+def test_dict_batches_as_keyword_arguments():
+    class Keyed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(64, 32)
+            self.proj = nn.Linear(32, 64)
+
+        def forward(self, input_ids, scale):
+            return {"last_hidden_state": self.proj(self.emb(input_ids)) * scale, "ids": input_ids}
+
+    torch.manual_seed(0)
+    model = Keyed()
+    data = [{"input_ids": torch.randint(0, 64, (8, 5)), "scale": torch.tensor(2.0)} for _ in range(3)]
+    options = quant_options(model, bits=3)
+    result = repair(model, data, options, settings=FAST)
+    decoded = code_file(model.state_dict(), options, result.targets)
+    assert all(torch.equal(decoded[k], v) for k, v in result.model.state_dict().items())
+
+
+@pytest.mark.parametrize("bits,tile,act_order", [(2, (8, 64), False), (3, (64, 64), True), (4, (16, 32), False)])
+def test_gptq_lowers_output_error_and_reencodes_exactly(bits, tile, act_order):
+    rng = np.random.default_rng(bits)
+    w = (rng.standard_normal((40, 96)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((2000, 96)) @ rng.standard_normal((96, 96)) + 0.5
+    h = x.T @ x / len(x)
+    opts = EncodeOptions(codec="quant", bits=bits, tile=tile)
+
+    def code(array):
+        encoded = encode_tensor(array, F32, opts)
+        return decode_tensor(TensorEntry("w", F32, array.shape, encoded.codec, encoded.tiling), encoded.blobs)
+
+    target, assumed = gptq_target(w, F32, opts, h, act_order=act_order)
+    again = code(target).astype(np.float64)
+    assert np.array_equal(again, assumed)  # the encoder keeps the tiles' parameters and the chosen pixels
+    ref = w.astype(np.float64)
+    assert output_error(ref, again, h) < 0.8 * output_error(ref, code(w).astype(np.float64), h)
+
+
+def test_gptq_leaves_other_codecs_and_small_tensors_alone():
+    w = np.ones((40, 96), np.float32)
+    h = np.eye(96)
+    for opts in (EncodeOptions(codec="jpeg"), EncodeOptions(codec="lossless")):
+        target, assumed = gptq_target(w, F32, opts, h)
+        assert target is w and assumed is None
+    small = np.ones((4, 96), np.float32)
+    assert gptq_target(small, F32, EncodeOptions(codec="quant"), h)[1] is None
+    with pytest.raises(ValueError, match="H is"):
+        gptq_target(w, F32, EncodeOptions(codec="quant"), np.eye(5))
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda m, d, o: code_with_repair("model", d, o), TypeError, "nn.Module"),
+    (lambda m, d, o: code_with_repair(m, [], o), ValueError, "no batch"),
+    (lambda m, d, o: code_with_repair(m, torch.zeros(3), o), TypeError, "iterable of batches"),
+    (lambda m, d, o: code_with_repair(m, [d[0] * float("nan")], o), ValueError, "batch 0: holds NaN"),
+    (lambda m, d, o: code_with_repair(m, ["text"], o), TypeError, "batch 0: not a tensor"),
+    (lambda m, d, o: code_with_repair(m, d, {**o, "fc.weight": "q20"}), TypeError, "options\\['fc.weight'\\]"),
+    (lambda m, d, o: code_with_repair(m, d, {**o, "nope.weight": EncodeOptions()}), ValueError, "'nope.weight'"),
+    (lambda m, d, o: code_with_repair(m, d, list(o)), TypeError, "options must map"),
+    (lambda m, d, o: code_with_repair(m, d, o, settings={"steps": 1}), TypeError, "RepairSettings"),
+])
+def test_bad_arguments_are_one_line_errors(call, error, match):
+    model, data = tiny_model(), batches(1)
+    with pytest.raises(error, match=match) as info:
+        call(model, data, quant_options(model))
+    assert "\n" not in str(info.value)
