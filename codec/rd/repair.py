@@ -146,6 +146,8 @@ def repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptio
         raise TypeError(f"progress must be callable, not {type(progress).__name__}")
     batches = _check_inputs(inputs)
     work = copy.deepcopy(model).eval()
+    for p in work.parameters():
+        p.requires_grad_(False)  # parameters not stored (nor named in options) stay as they are
     slots = _slots(work, options)
     executor = make_executor(jobs)
     try:
@@ -314,6 +316,7 @@ def output_error(model: nn.Module, batches: list, refs: list[list[torch.Tensor]]
 
 
 def _set_trainable(slots: dict[str, _Slot]) -> None:
+    """Only stored floating parameters not yet coded take gradients."""
     for slot in slots.values():
         if slot.is_param:
             slot.tensor.requires_grad_(slot.tensor.is_floating_point() and not slot.coded)
@@ -390,7 +393,7 @@ class _LayerFit:
                 if rows is None:
                     acc["ok"] = False
                 else:
-                    seen[key] = rows.float()
+                    seen.setdefault(key, []).append(rows.float())  # a module called twice gives two sets
             return hook
 
         def add(key, value):
@@ -408,16 +411,16 @@ class _LayerFit:
                         _run(model, batch)
                     if not acc["ok"] or "h" not in seen:
                         return None
-                    xh = seen["h"]
-                    acc["n"] += xh.shape[0]
-                    add("sum_h", xh.double().sum(0))
-                    add("hh", (xh.T @ xh).double())
-                    if settings.refit:
-                        x = seen.get("x")
-                        if x is None or x.shape != xh.shape:
-                            return None
-                        add("sum_x", x.double().sum(0))
-                        add("cross", (x.T @ xh).double())
+                    xs = seen.get("x", [])
+                    if settings.refit and [x.shape for x in xs] != [xh.shape for xh in seen["h"]]:
+                        return None
+                    for i, xh in enumerate(seen["h"]):
+                        acc["n"] += xh.shape[0]
+                        add("sum_h", xh.double().sum(0))
+                        add("hh", (xh.T @ xh).double())
+                        if settings.refit:
+                            add("sum_x", xs[i].double().sum(0))
+                            add("cross", (xs[i].T @ xh).double())
         finally:
             model.train(training)
             for h in handles:
