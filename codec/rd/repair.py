@@ -193,7 +193,7 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         step = _distill(work, _free(slots, lossy=True), batches, refs, settings.steps, settings.lr, step)
         if progress:
             progress(slot.name, int(slot.original.size))
-    before_final = output_error(work, batches, refs)
+    before_final = output_error(work, batches, refs) if settings.final_steps > 0 else math.nan
     step = _distill(work, _free(slots, lossy=False), batches, refs, settings.final_steps, settings.lr, step)
     after = output_error(work, batches, refs)
     targets = {}
@@ -202,10 +202,13 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         value = None if value is None else np.ascontiguousarray(value)
         if value is not None and not np.array_equal(value.view(np.uint8), slot.original.view(np.uint8)):
             targets[slot.name] = value.copy()
-    notes = [f"repair: coded {len(queue)} lossy tensors in forward order, {settings.steps} distillation steps "
-             f"after each, {settings.final_steps} on the lossless ones at the end; output error (relative MSE "
-             f"on the calibration inputs) {before_final:.4g} before the final pass, {after:.4g} after; "
-             f"{len(targets)} tensors changed"]
+    done = [label for label, on in (("refit", settings.refit), ("GPTQ", settings.gptq),
+                                    ("least-squares bias", settings.bias_correction),
+                                    (f"{settings.steps} distillation steps each", settings.steps > 0)) if on]
+    final = (f", then {settings.final_steps} steps on the lossless ones ({before_final:.4g} before them)"
+             if settings.final_steps > 0 else "")
+    notes = [(f"repair: coded {len(queue)} lossy tensors in forward order ({', '.join(done) or 'no repair'}){final}; "
+              f"output error on the calibration inputs (relative MSE) {after:.4g}; {len(targets)} tensors changed")]
     if mismatched:
         notes.append(f"repair: {mismatched} GPTQ tensors did not re-encode to the pixels chosen (coded as decoded)")
     return targets, notes
