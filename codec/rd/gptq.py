@@ -34,7 +34,7 @@ from ..mapping import params_from_range
 from ..tensorcodec import EncodeOptions, lossless_reason
 from ..tiling import plan_tiling
 
-__all__ = ["gptq_target", "output_error", "BLOCK"]
+__all__ = ["BLOCK", "gptq_target", "output_error"]
 
 #: Columns per lazy-update block (GPTQ's default).
 BLOCK = 128

@@ -146,6 +146,8 @@ def repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptio
         raise TypeError(f"progress must be callable, not {type(progress).__name__}")
     batches = _check_inputs(inputs)
     work = copy.deepcopy(model).eval()
+    for p in work.parameters():
+        p.requires_grad_(False)  # parameters not stored (nor named in options) stay as they are
     slots = _slots(work, options)
     executor = make_executor(jobs)
     try:
@@ -191,7 +193,7 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         step = _distill(work, _free(slots, lossy=True), batches, refs, settings.steps, settings.lr, step)
         if progress:
             progress(slot.name, int(slot.original.size))
-    before_final = output_error(work, batches, refs)
+    before_final = output_error(work, batches, refs) if settings.final_steps > 0 else math.nan
     step = _distill(work, _free(slots, lossy=False), batches, refs, settings.final_steps, settings.lr, step)
     after = output_error(work, batches, refs)
     targets = {}
@@ -200,10 +202,13 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         value = None if value is None else np.ascontiguousarray(value)
         if value is not None and not np.array_equal(value.view(np.uint8), slot.original.view(np.uint8)):
             targets[slot.name] = value.copy()
-    notes = [f"repair: coded {len(queue)} lossy tensors in forward order, {settings.steps} distillation steps "
-             f"after each, {settings.final_steps} on the lossless ones at the end; output error (relative MSE "
-             f"on the calibration inputs) {before_final:.4g} before the final pass, {after:.4g} after; "
-             f"{len(targets)} tensors changed"]
+    done = [label for label, on in (("refit", settings.refit), ("GPTQ", settings.gptq),
+                                    ("least-squares bias", settings.bias_correction),
+                                    (f"{settings.steps} distillation steps each", settings.steps > 0)) if on]
+    final = (f", then {settings.final_steps} steps on the lossless ones ({before_final:.4g} before them)"
+             if settings.final_steps > 0 else "")
+    notes = [(f"repair: coded {len(queue)} lossy tensors in forward order ({', '.join(done) or 'no repair'}){final}; "
+              f"output error on the calibration inputs (relative MSE) {after:.4g}; {len(targets)} tensors changed")]
     if mismatched:
         notes.append(f"repair: {mismatched} GPTQ tensors did not re-encode to the pixels chosen (coded as decoded)")
     return targets, notes
@@ -314,6 +319,7 @@ def output_error(model: nn.Module, batches: list, refs: list[list[torch.Tensor]]
 
 
 def _set_trainable(slots: dict[str, _Slot]) -> None:
+    """Only stored floating parameters not yet coded take gradients."""
     for slot in slots.values():
         if slot.is_param:
             slot.tensor.requires_grad_(slot.tensor.is_floating_point() and not slot.coded)
@@ -390,7 +396,7 @@ class _LayerFit:
                 if rows is None:
                     acc["ok"] = False
                 else:
-                    seen[key] = rows.float()
+                    seen.setdefault(key, []).append(rows.float())  # a module called twice gives two sets
             return hook
 
         def add(key, value):
@@ -408,16 +414,16 @@ class _LayerFit:
                         _run(model, batch)
                     if not acc["ok"] or "h" not in seen:
                         return None
-                    xh = seen["h"]
-                    acc["n"] += xh.shape[0]
-                    add("sum_h", xh.double().sum(0))
-                    add("hh", (xh.T @ xh).double())
-                    if settings.refit:
-                        x = seen.get("x")
-                        if x is None or x.shape != xh.shape:
-                            return None
-                        add("sum_x", x.double().sum(0))
-                        add("cross", (x.T @ xh).double())
+                    xs = seen.get("x", [])
+                    if settings.refit and [x.shape for x in xs] != [xh.shape for xh in seen["h"]]:
+                        return None
+                    for i, xh in enumerate(seen["h"]):
+                        acc["n"] += xh.shape[0]
+                        add("sum_h", xh.double().sum(0))
+                        add("hh", (xh.T @ xh).double())
+                        if settings.refit:
+                            add("sum_x", xs[i].double().sum(0))
+                            add("cross", (xs[i].T @ xh).double())
         finally:
             model.train(training)
             for h in handles:
