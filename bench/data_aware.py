@@ -30,7 +30,8 @@ of the encode + decode above the process's resident memory before it (``peak MB`
 it through ``/proc/self/clear_refs``). Writes ``<out>/<name>.md`` (table, skipped points, targets) and
 ``<out>/<name>.png`` (quality against bits/weight, log x, one line per method, the target region shaded; made by
 :mod:`bench.run`'s helpers) for ``mlp``, ``cnn``, ``bncnn``, ``minilm_everyday`` and ``minilm_rare``, plus
-``<out>/summary.md``. Progress goes to stderr.
+``<out>/summary.md``; the tables and plots are rewritten after every point (marked partial until the model is
+done), so an interrupted run keeps what it measured. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class Case:
     benches: list[Benchmark]
     sweeps: dict[str, list[dict]]
     bits: Sequence[float]
+    save: Callable[[], None] = lambda: None  # writes the tables and plots so far (after every point)
 
 
 def calibration_support() -> tuple[bool, bool]:
@@ -148,6 +150,7 @@ def add_point(case: Case, method: str, setting: str, run: Callable[[], tuple[dic
     for bench in case.benches:
         record(bench, Point(method, setting, bpw, bench.quality(decoded), encode_s,
                             None if encode_s is None else total - encode_s, total, peak))
+    case.save()
 
 
 def skip(case: Case, method: str, setting: str, why: str) -> None:
@@ -295,20 +298,27 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"jwt {codec.__version__} at {tree_version()} (codec.save calibration= "
               f"{'yes' if has_calibration else 'no'}, repair= {'yes' if has_repair else 'no'}), "
               f"{os.cpu_count()} CPU cores, torch {torch.__version__}")
-    names = []
     for name in args.models:
         model_start = time.perf_counter()
         log(f"{name}: preparing")
         case = minilm_case(args.quick) if name == "minilm" else fmnist_case(name, args.quick)
         for bench in case.benches:
             log(f"{bench.name}: {bench.weights:,} weights, fp32 {bench.metric} {bench.fmt(bench.reference)}")
+
+        def save(case=case, model_start=model_start, final=False) -> None:
+            """Write every table and plot of the case; before the last point, say the run is still going."""
+            for bench in case.benches:
+                note = "" if final else " (partial: the run was still going when this was written)"
+                write_markdown(bench, args.out / f"{bench.name}.md", header + note,
+                               time.perf_counter() - model_start)
+                plot(bench, args.out / f"{bench.name}.png")
+
+        case.save = save
         with tempfile.TemporaryDirectory() as tmp:
             jwt_points(case, Path(tmp) / f"{name}.jwt")
         peer_points(case)
+        save(final=True)
         for bench in case.benches:
-            write_markdown(bench, args.out / f"{bench.name}.md", header, time.perf_counter() - model_start)
-            plot(bench, args.out / f"{bench.name}.png")
-            names.append(bench.name)
             log(f"{bench.name}: wrote {args.out / bench.name}.md and .png")
     total = time.perf_counter() - started
     everything = ("mlp", "cnn", "bncnn", "minilm_everyday", "minilm_rare")
