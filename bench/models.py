@@ -7,7 +7,8 @@ The module provides:
 * :func:`preprocess` - the single place where the input normalisation is
   defined: ``uint8`` pixels are scaled to ``float32`` in ``[0, 1]`` (``x / 255``)
   and reshaped to ``[N, 1, 28, 28]``. No mean/std standardisation is applied;
-* :class:`MLP` (784-512-10) and :class:`CNN` (2 conv + 2 linear) models;
+* :class:`MLP` (784-512-10), :class:`CNN` (2 conv + 2 linear) and :class:`BNCNN`
+  (3 conv-BatchNorm-ReLU blocks + 2 linear, BatchNorm after ``fc1`` too) models;
 * :func:`model_class`, :func:`make_model`, :func:`train`, :func:`accuracy` and
   :func:`evaluate_state_dict` helpers.
 
@@ -35,7 +36,7 @@ NUM_CLASSES = 10
 NUM_THREADS = 2
 EVAL_BATCH_SIZE = 1000
 
-ModelKind = Literal["mlp", "cnn"]
+ModelKind = Literal["mlp", "cnn", "bncnn"]
 StateDict = Mapping[str, Tensor]
 ModelOrStateDict = Union[nn.Module, tuple[type[nn.Module], StateDict]]
 
@@ -112,18 +113,48 @@ class CNN(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN}
+class BNCNN(nn.Module):
+    """A CNN whose layers are each followed by BatchNorm: the case where weight error hides layer sensitivity.
+
+    ``conv1`` (1->32) - BN - ReLU - pool, ``conv2`` (32->64) - BN - ReLU - pool, ``conv3`` (64->64) - BN - ReLU,
+    then ``fc1`` (3136->128) - BN - ReLU and ``fc2`` (128->10). A BatchNorm rescales each output channel of the
+    layer before it by ``gamma / sqrt(running_var)``, so the same weight error costs very different amounts of
+    output error per channel: a data-free search scoring weight NMSE cannot see that (issue 9).
+    """
+
+    def __init__(self) -> None:
+        """Create the convolutional, linear and BatchNorm layers."""
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, kernel_size=3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.conv3 = nn.Conv2d(64, 64, kernel_size=3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(64)
+        self.fc1 = nn.Linear(64 * 7 * 7, 128, bias=False)
+        self.bn4 = nn.BatchNorm1d(128)
+        self.fc2 = nn.Linear(128, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map preprocessed images [N,1,28,28] to logits [N,10]."""
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        x = F.relu(self.bn3(self.conv3(x)))
+        return self.fc2(F.relu(self.bn4(self.fc1(x.flatten(1)))))
+
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN, "bncnn": BNCNN}
 
 
 def model_class(kind: ModelKind) -> type[nn.Module]:
-    """Return the model class for ``"mlp"`` or ``"cnn"``, raising ValueError otherwise."""
+    """Return the model class for ``"mlp"``, ``"cnn"`` or ``"bncnn"``, raising ValueError otherwise."""
     if kind not in MODEL_CLASSES:
         raise ValueError(f"kind must be one of {sorted(MODEL_CLASSES)}, got {kind!r}")
     return MODEL_CLASSES[kind]
 
 
 def make_model(kind: ModelKind, seed: int) -> nn.Module:
-    """Build a freshly initialised ``"mlp"`` or ``"cnn"`` with weights seeded by ``seed``."""
+    """Build a freshly initialised ``"mlp"``, ``"cnn"`` or ``"bncnn"`` with weights seeded by ``seed``."""
     model_cls = model_class(kind)
     torch.manual_seed(seed)
     return model_cls()
@@ -178,5 +209,5 @@ def accuracy(model: ModelOrStateDict, images: np.ndarray, labels: np.ndarray) ->
 def evaluate_state_dict(
     kind: ModelKind, state_dict: StateDict, images: np.ndarray, labels: np.ndarray
 ) -> float:
-    """Accuracy in percent of a ``"mlp"`` or ``"cnn"`` state_dict on the given images."""
+    """Accuracy in percent of a ``"mlp"``, ``"cnn"`` or ``"bncnn"`` state_dict on the given images."""
     return accuracy((model_class(kind), state_dict), images, labels)

@@ -75,6 +75,7 @@ class Point:
     encode_s: float | None  # None for baselines (one function encodes and decodes)
     decode_s: float | None
     total_s: float
+    peak_mb: float | None = None  # peak resident memory during encode and decode above the RSS before (MB)
 
 
 @dataclass
@@ -96,6 +97,8 @@ class Benchmark:
     digits: int  # decimals the quality is printed with
     calibrate: Callable[[StateDict], float] | None = None
     sweeps: dict[str, list[dict]] = field(default_factory=dict)  # baseline sweeps replacing METHODS'
+    order: tuple[str, ...] = (*JWT_METHODS, *baselines.METHODS)  # methods in table / legend order
+    jwt_methods: tuple[str, ...] = JWT_METHODS  # the methods that are jwt (the rest are compared against)
     points: list[Point] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -227,7 +230,7 @@ def run(bench: Benchmark, quick: bool) -> None:
 def method_order(bench: Benchmark) -> list[str]:
     """Methods that have points: jwt modes first, then baselines in registry order."""
     present = {p.method for p in bench.points}
-    return [m for m in (*JWT_METHODS, *baselines.METHODS) if m in present]
+    return [m for m in bench.order if m in present]
 
 
 def seconds(value: float | None) -> str:
@@ -238,14 +241,19 @@ def seconds(value: float | None) -> str:
 def results_table(bench: Benchmark) -> list[str]:
     """The markdown table of every point, sorted by method then bits/weight."""
     delta = "Δ points" if bench.metric == "accuracy %" else "Δ"
-    lines = [f"| method | setting | bits/weight | {bench.metric} | {delta} | encode s | decode s | enc+dec s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|",
-             f"| fp32 (reference) | original | 32.000 | {bench.fmt(bench.reference)} | 0 | - | - | - |"]
+    memory = any(p.peak_mb is not None for p in bench.points)  # the column only when something was measured
+    lines = [f"| method | setting | bits/weight | {bench.metric} | {delta} | encode s | decode s | enc+dec s |"
+             + (" peak MB |" if memory else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if memory else ""),
+             f"| fp32 (reference) | original | 32.000 | {bench.fmt(bench.reference)} | 0 | - | - | - |"
+             + (" - |" if memory else "")]
     for method in method_order(bench):
         for p in sorted((p for p in bench.points if p.method == method), key=lambda p: p.bpw):
             change = bench.fmt(p.quality - bench.reference, "+")
+            peak = ("-" if p.peak_mb is None else f"{p.peak_mb:.0f}") if memory else None
             lines.append(f"| {p.method} | {p.setting} | {p.bpw:.3f} | {bench.fmt(p.quality)} | {change} | "
-                         f"{seconds(p.encode_s)} | {seconds(p.decode_s)} | {p.total_s:.2f} |")
+                         f"{seconds(p.encode_s)} | {seconds(p.decode_s)} | {p.total_s:.2f} |"
+                         + (f" {peak} |" if memory else ""))
     return lines
 
 
@@ -279,8 +287,8 @@ def verdict(bench: Benchmark, points: Sequence[Point]) -> str:
 
 def targets_section(bench: Benchmark) -> list[str]:
     """Verdicts for jwt and the baselines, then per method the two target measures."""
-    jwt = [p for p in bench.points if p.method in JWT_METHODS]
-    others = [p for p in bench.points if p.method not in JWT_METHODS]
+    jwt = [p for p in bench.points if p.method in bench.jwt_methods]
+    others = [p for p in bench.points if p.method not in bench.jwt_methods]
     lines = [f"Target: {bench.target} ({bench.metric} >= {bench.fmt(bench.threshold)}).", "",
              f"- jwt (any mode): {verdict(bench, jwt)}",
              f"- baselines (any): {verdict(bench, others)}", "",
@@ -314,7 +322,7 @@ def write_markdown(bench: Benchmark, path: Path, header: str, seconds_taken: flo
              "encode/decode s: `codec.save` / `codec.load`; baselines encode and decode in one function, "
              "so only their enc+dec s is given.", "", *results_table(bench), ""]
     if bench.skipped:
-        lines += ["Skipped (the codec refused the setting):", "", *(f"- {s}" for s in bench.skipped), ""]
+        lines += ["Skipped (not run, or refused by the codec):", "", *(f"- {s}" for s in bench.skipped), ""]
     lines += ["### Targets", "", *targets_section(bench), ""]
     path.write_text("\n".join(lines))
 
@@ -333,7 +341,7 @@ def plot(bench: Benchmark, path: Path) -> None:
     for ax, zoomed in zip(axes, (False, True)):
         for i, method in enumerate(methods):
             pts = sorted((p for p in bench.points if p.method == method), key=lambda p: p.bpw)
-            jwt = method in JWT_METHODS
+            jwt = method in bench.jwt_methods
             ax.plot([p.bpw for p in pts], [p.quality for p in pts], marker=MARKERS[i % len(MARKERS)],
                     color=colors[i % len(colors)],
                     linestyle="-" if jwt else "--", linewidth=2.4 if jwt else 1.2,
@@ -358,10 +366,11 @@ def plot(bench: Benchmark, path: Path) -> None:
     plt.close(fig)
 
 
-def write_summary(out: Path, last_run: str) -> None:
-    """Collect every model's markdown in ``out`` into ``summary.md``, after a line about the last run."""
-    parts = [(out / f"{name}.md").read_text() for name in MODELS if (out / f"{name}.md").is_file()]
-    (out / "summary.md").write_text(f"# jwt benchmark summary\n\nLast run: {last_run}.\n\n" + "\n".join(parts))
+def write_summary(out: Path, last_run: str, names: Sequence[str] = MODELS,
+                  title: str = "jwt benchmark summary") -> None:
+    """Collect the markdown of each of ``names`` in ``out`` into ``summary.md``, after a line about the last run."""
+    parts = [(out / f"{name}.md").read_text() for name in names if (out / f"{name}.md").is_file()]
+    (out / "summary.md").write_text(f"# {title}\n\nLast run: {last_run}.\n\n" + "\n".join(parts))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
