@@ -49,6 +49,10 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
                    "per tensor so the file lands at or just under B bits per weight.")
 @click.option("--max-error", type=click.FloatRange(0, 1, min_open=True),
               help="Quality target: the cheapest setting per tensor whose relative RMS error is at most E.")
+@click.option("--search", type=click.Choice(["fast", "exhaustive"]), default="fast", show_default=True,
+              help="Rate search for --bits-per-weight: fast predicts each tensor's candidates from a sample of its "
+                   "tiles and measures in full only the ones it picks (the budget is still met exactly); exhaustive "
+                   "measures every candidate on every tensor (about 10x slower).")
 @click.option("--set", "rules", multiple=True, metavar="GLOB=SETTING",
               help="Per-tensor setting, repeatable, last match wins: lossless, qN (JPEG quality), bN (quant bits), "
                    "dX (JPEG XL distance), jpegxl, table=flat|jpeg|ramp1|ramp2|ramp4, tile=HxW, rows=HxW; comma-separated. "
@@ -71,7 +75,7 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
 def encode(input: Path, output: Path | None, codec_name: str, bits: int, bits_per_weight: float | None,
            max_error: float | None, rules: tuple[str, ...], quality: int | None, table: str, distance: float | None,
            effort: int, tile: tuple[int, int], row_shape: tuple[int, int] | None, meta: tuple[str, ...],
-           jobs: int | None, quiet: bool) -> None:
+           jobs: int | None, quiet: bool, search: str = "fast") -> None:
     """Encode a model (.pt/.pth, .safetensors, or a Hugging Face model folder) into a .jwt container.
 
     A folder's weights (model.safetensors, its shards, or pytorch_model.bin)
@@ -123,7 +127,7 @@ def encode(input: Path, output: Path | None, codec_name: str, bits: int, bits_pe
             attachments=source.attachments,
             overrides=parse_rules(rules), bits_per_weight=bits_per_weight, max_error=max_error,
             progress=lambda name, n: bar.update(n), codec=codec_name, quality=quality, table=table,
-            distance=distance, effort=effort, tile=tile, row_shape=row_shape, bits=bits, jobs=jobs,
+            distance=distance, effort=effort, tile=tile, row_shape=row_shape, bits=bits, jobs=jobs, search=search,
         )
     for message in [str(w.message) for w in caught] + notes:
         click.echo(f"jwt: warning: {message}", err=True)

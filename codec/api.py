@@ -130,6 +130,7 @@ def save(
     progress: ProgressFn | None = None,
     attachments: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
     jobs: int | None = None,
+    search: str = "fast",
     **options: Any,
 ) -> list[str]:
     """Encode ``state_dict`` to a .jwt file at ``path`` (atomically).
@@ -145,7 +146,10 @@ def save(
     tensor: ``bits_per_weight`` bounds the whole file; ``max_error`` bounds
     each tensor's relative RMS error. ``calibrate(state_dict) -> score``
     (higher is better) measures each tensor's sensitivity for the budget
-    allocation instead of the data-free estimate.
+    allocation instead of the data-free estimate. ``search``: ``"fast"``
+    predicts a budget search from samples of each tensor and measures in
+    full only what it picks (:mod:`codec.rd.fast`); ``"exhaustive"``
+    measures every candidate.
 
     Tensors sharing storage (same data, shape and strides) are stored once
     and aliased. ``state_dict`` may load tensors lazily on access (e.g.
@@ -161,6 +165,8 @@ def save(
     flight, so a lazy ``state_dict`` is never held whole.
     """
     jobs = resolve_jobs(jobs)
+    if search not in ("fast", "exhaustive"):
+        raise ValueError(f"search={search!r}: use 'fast' or 'exhaustive'")
     base = EncodeOptions(**options)
     rules = Overrides(overrides)
     rules.check(base)
@@ -175,7 +181,7 @@ def save(
     aliases = _aliases(state_dict)
     if bits_per_weight is not None or max_error is not None:
         chosen = _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate,
-                       progress, attachments or {}, jobs)
+                       progress, attachments or {}, jobs, search)
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
     else:
         options_for = lambda name: rules.options_for(name, base) or base  # noqa: E731
@@ -266,7 +272,7 @@ def _shape(state_dict: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]
 
 
 def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress,
-          attachments, jobs):
+          attachments, jobs, search="fast"):
     """Run the rate-distortion allocator over the stored tensors; options per name.
 
     The budget's fixed part counts the header, the index without tensor
@@ -305,7 +311,7 @@ def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_
     return plan_options(tensors, base, lambda name: rules.options_for(name, base),
                         bits_per_weight=bits_per_weight, max_error=max_error,
                         overhead_bytes=HEADER_SIZE + len(skeleton) + attached_bytes, score=score, progress=progress,
-                        jobs=jobs, total_weights=sum(math.prod(_shape(state_dict, n)) for n in stored))
+                        jobs=jobs, total_weights=sum(math.prod(_shape(state_dict, n)) for n in stored), search=search)
 
 
 class JwtFile:

@@ -70,6 +70,8 @@ ROW_TABLES = ("ramp1", "ramp2", "flat")
 #: ones whose own offset/scale follow outlier rows (measured on MiniLM:
 #: at equal rate, 8x64 tiles cut the error of 64x64 ones by about 10 %).
 TILES = ((64, 64), (8, 64))
+#: Rate searches of :func:`plan_options`.
+SEARCHES = ("fast", "exhaustive")
 
 
 @dataclass
@@ -310,6 +312,7 @@ def plan_options(
     progress: Callable[[str, int], None] | None = None,
     jobs: int | None = None,
     total_weights: int | None = None,
+    search: str = "fast",
 ) -> dict[str, EncodeOptions]:
     """Measure every tensor's menu and choose its options for a rate target.
 
@@ -323,9 +326,19 @@ def plan_options(
     ``jobs`` threads measure a tensor's candidates side by side. Given
     ``total_weights`` (the sum of the tensors' sizes), a budget that the
     tensors measured so far already cannot fit is refused at once.
+    ``search="fast"`` (the default) predicts a budget search's points from
+    samples of the tensors (:mod:`codec.rd.fast`); ``"exhaustive"`` measures
+    every candidate in full (and so do max-error and calibrated searches).
     """
     if (bits_per_weight is None) == (max_error is None):
         raise EncodeError("give exactly one of bits_per_weight and max_error")
+    if search not in SEARCHES:
+        raise ValueError(f"search={search!r}: use one of {', '.join(map(repr, SEARCHES))}")
+    if search == "fast" and bits_per_weight is not None and score is None:
+        from .fast import plan_fast
+
+        return plan_fast(tensors, base, fixed, bits_per_weight=bits_per_weight, overhead_bytes=overhead_bytes,
+                         progress=progress, jobs=jobs, total_weights=total_weights)
     points: dict[str, list[RDPoint]] = {}
     forced: dict[str, EncodeOptions] = {}
     probes: dict[str, dict[str, np.ndarray]] = {}
