@@ -64,7 +64,7 @@ def quality(model: str, decoded: dict) -> str:
     from bench.models import evaluate_state_dict, load_fashion_mnist
 
     images, labels = load_fashion_mnist("test")
-    return f"acc {100 * evaluate_state_dict(model, decoded, images, labels):.2f} %"
+    return f"acc {evaluate_state_dict(model, decoded, images, labels):.2f} %"
 
 
 def main() -> None:
