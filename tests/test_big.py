@@ -106,3 +106,52 @@ def test_cli_search_option(tmp_path):
         assert 8 * out.stat().st_size <= 1.5 * weights
     bad = runner.invoke(cli, ["encode", str(tmp_path / "m.pt"), "-b", "1.5", "--search", "quick"])
     assert bad.exit_code == 2
+
+
+# -- lossless: zstd exponent first ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+def test_exponent_first_is_bit_exact_on_every_bit_pattern(dtype):
+    """Random bit patterns (NaN payloads, infinities, subnormals, -0) decode bit for bit, across chunk steps."""
+    from codec.blobcodecs import Zstd, get_codec
+
+    storage = get_dtype(dtype).storage
+    bits = np.random.default_rng(3).integers(0, 256, (3 << 16) * storage.itemsize + 8 * storage.itemsize,
+                                              dtype=np.uint8)
+    array = bits.view(storage).reshape(-1, 8)
+    codec_ = get_codec(Zstd(1, True, exponent_first=True).get_config())
+    blob = codec_.encode(array)
+    assert codec_.decode(blob, array.shape, storage).tobytes() == array.tobytes()
+    assert codec_.decode(blob, array.shape, storage).tobytes() != Zstd(1, True).decode(blob, array.shape, storage).tobytes()
+
+
+def test_exponent_first_layout_and_parameter_checks():
+    """The content is the rotated elements' byte planes, most significant first; bad combinations are refused."""
+    import zstandard
+
+    from codec.blobcodecs import Zstd, get_codec
+    from codec.errors import FormatError
+
+    x = np.array([1.0, -2.0], np.float32)  # 0x3F800000, 0xC0000000
+    content = zstandard.ZstdDecompressor().decompress(Zstd(1, True, exponent_first=True).encode(x))
+    # rotated left one bit: 0x7F000000, 0x80000001 -> planes (most significant first) 7F 80 | 00 00 | 00 00 | 00 01
+    assert content == bytes([0x7F, 0x80, 0, 0, 0, 0, 0, 0x01])
+    assert Zstd().get_config() == {"id": "zstd", "level": 9, "shuffle": True}  # old files' config unchanged
+    with pytest.raises(FormatError):
+        get_codec({"id": "zstd", "level": 1, "shuffle": False, "exponent_first": True})
+    with pytest.raises(FormatError):
+        get_codec({"id": "zstd", "level": 1, "shuffle": True, "exponent_first": 1})
+    with pytest.raises(FormatError):
+        Zstd(1, True, exponent_first=True).decode(Zstd(1, True).encode(np.zeros(4, np.uint8)), (4,), np.dtype(np.uint8))
+
+
+def test_lossless_floats_are_stored_exponent_first(tmp_path):
+    """--codec lossless stores float tensors exponent first and ints shuffled; the round trip is bit-exact."""
+    sd = {"w": torch.randn(64, 64).to(torch.bfloat16), "v": torch.randn(300), "i": torch.arange(10)}
+    codec.save(sd, tmp_path / "m.jwt", codec="lossless")
+    with codec.open(tmp_path / "m.jwt") as f:
+        assert f.reader.entry("w").codec.get_config().get("exponent_first") is True
+        assert "exponent_first" not in f.reader.entry("i").codec.get_config()
+    out = codec.load(tmp_path / "m.jwt")
+    assert all(torch.equal(out[k], v) for k, v in sd.items())
