@@ -20,10 +20,14 @@ from .common import fail, handle_errors, is_url, jobs_option, progress_bar, same
 @click.option("--aliases", type=click.Choice(["clone", "drop"]), default="clone", show_default=True,
               help="Tensors that shared storage, in a .safetensors or folder output (which cannot share): write "
                    "a copy under every name, or drop the alias names (for loaders that re-tie weights).")
+@click.option("--max-shard-size", metavar="SIZE",
+              help="Folder output: write the weights as safetensors shards of at most SIZE (e.g. 2GB, 500MB, "
+                   "1.5GiB) with model.safetensors.index.json, as transformers saves large models.")
 @jobs_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @handle_errors
-def decode(input: str, output: str | None, aliases: str, jobs: int | None, quiet: bool) -> None:
+def decode(input: str, output: str | None, aliases: str, jobs: int | None, quiet: bool,
+           max_shard_size: str | None = None) -> None:
     """Decode a .jwt container into a .pt state_dict, a .safetensors file or a model folder.
 
     A .pt loads with torch.load(path, weights_only=True), with every name,
@@ -40,6 +44,7 @@ def decode(input: str, output: str | None, aliases: str, jobs: int | None, quiet
       jwt decode model.jwt -o model.pt
       jwt decode model.jwt -o model.safetensors
       jwt decode minilm.jwt -o minilm/
+      jwt decode big.jwt -o big/ --max-shard-size 2GB
       jwt decode https://example.org/models/minilm.jwt -o minilm.pt
     """
     from codec import io_formats
@@ -67,6 +72,13 @@ def decode(input: str, output: str | None, aliases: str, jobs: int | None, quiet
             raise fail(f"{output}: refusing to overwrite the input")
         source, name = Path(input), input
     kind = io_formats.output_format(output)
+    if max_shard_size is not None:
+        try:
+            shard_bytes = io_formats.parse_size(max_shard_size)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--max-shard-size") from None
+        if kind != "folder":
+            raise click.UsageError(f"--max-shard-size needs a folder output (-o DIR/), not {output}")
     written: list[str] = []
 
     with progress_bar(total, "decode", quiet) as bar:
@@ -75,7 +87,8 @@ def decode(input: str, output: str | None, aliases: str, jobs: int | None, quiet
             bar.update(n)
 
         with jobs_default(jobs):
-            notes = io_formats.decode_model(source, output, aliases=aliases, name=name, progress=progress)
+            notes = io_formats.decode_model(source, output, aliases=aliases, name=name, progress=progress,
+                                            max_shard_size=shard_bytes if max_shard_size is not None else None)
     for message in notes:
         click.echo(f"jwt: warning: {message}", err=True)
     if not quiet:

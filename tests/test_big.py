@@ -155,3 +155,79 @@ def test_lossless_floats_are_stored_exponent_first(tmp_path):
         assert "exponent_first" not in f.reader.entry("i").codec.get_config()
     out = codec.load(tmp_path / "m.jwt")
     assert all(torch.equal(out[k], v) for k, v in sd.items())
+
+
+# -- sharded folder output ----------------------------------------------------------------------------------------
+
+
+def _load_sharded(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded folder, read as transformers reads it: the index's weight_map, then each shard."""
+    import json
+
+    from safetensors.torch import load_file
+
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(str(folder / shard))
+        assert all(index["weight_map"][n] == shard for n in tensors)
+        out.update(tensors)
+    assert set(out) == set(index["weight_map"])
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in out.values())
+    return out
+
+
+def test_decode_to_shards_of_a_maximum_size(tmp_path):
+    """Shards hold at most max_shard_size bytes of data (a bigger tensor alone), in order; everything round-trips."""
+    from codec.io_formats import decode_model
+
+    g = torch.Generator().manual_seed(0)
+    sd = {f"layer{i}.weight": torch.randn(64, 100 + i, generator=g).to(torch.bfloat16) for i in range(6)}
+    sd["big"] = torch.randn(300, 100, generator=g)  # 120 kB: over the shard size, alone in its shard
+    sd["tied"] = sd["layer0.weight"]  # an alias, written as a copy
+    codec.save(sd, tmp_path / "m.jwt", codec="lossless", attachments={"config.json": b"{}"})
+    notes = decode_model(tmp_path / "m.jwt", tmp_path / "out/", max_shard_size="40kB")
+    assert notes == []
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert "config.json" in files and "model.safetensors.index.json" in files and "model.safetensors" not in files
+    assert shards == [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+    from safetensors.torch import load_file
+
+    for shard in shards:
+        tensors = load_file(str(tmp_path / "out" / shard))
+        assert sum(t.numel() * t.element_size() for t in tensors.values()) <= 40_000 or list(tensors) == ["big"]
+    back = _load_sharded(tmp_path / "out")
+    assert set(back) == set(sd) and all(torch.equal(back[k], v) for k, v in sd.items())
+
+
+def test_one_shard_is_a_plain_model_file_and_bad_sizes_are_refused(tmp_path):
+    """A model that fits one shard gives model.safetensors; bad sizes and non-folder outputs are one-line errors."""
+    from jwt_cli.main import cli
+
+    sd = {"w": torch.randn(16, 16)}
+    codec.save(sd, tmp_path / "m.jwt")
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["decode", str(tmp_path / "m.jwt"), "-o", str(tmp_path / "one") + "/",
+                             "--max-shard-size", "2GB", "-q"])
+    assert ok.exit_code == 0, ok.output
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["model.safetensors"]
+    bad = runner.invoke(cli, ["decode", str(tmp_path / "m.jwt"), "-o", str(tmp_path / "x") + "/",
+                              "--max-shard-size", "2XB"])
+    assert bad.exit_code == 2 and "2XB" in bad.output and "Traceback" not in bad.output
+    pt = runner.invoke(cli, ["decode", str(tmp_path / "m.jwt"), "-o", str(tmp_path / "x.pt"), "--max-shard-size", "1GB"])
+    assert pt.exit_code == 2 and "folder" in pt.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.pt").exists()
+
+
+def test_sharded_folder_reencodes_from_its_shards(tmp_path):
+    """A decoded sharded folder is a valid input: encoding it again reads the shards through the index."""
+    from codec.io_formats import decode_model, encode_model
+
+    sd = {f"l{i}": torch.randn(32, 32) for i in range(4)}
+    codec.save(sd, tmp_path / "m.jwt", codec="lossless")
+    decode_model(tmp_path / "m.jwt", tmp_path / "f/", max_shard_size=5000)
+    assert len(list((tmp_path / "f").glob("model-*.safetensors"))) == 4
+    encode_model(tmp_path / "f", tmp_path / "again.jwt", codec="lossless")
+    back = codec.load(tmp_path / "again.jwt")
+    assert all(torch.equal(back[k], v) for k, v in sd.items())
