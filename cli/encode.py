@@ -53,6 +53,9 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
               help="Rate search for --bits-per-weight: fast predicts each tensor's candidates from a sample of its "
                    "tiles and measures in full only the ones it picks (the budget is still met exactly); exhaustive "
                    "measures every candidate on every tensor (about 10x slower).")
+@click.option("--ray", "ray_address", metavar="auto|local|ADDRESS",
+              help="Code the tensors on a Ray cluster: auto (the running cluster), local (start one here) or its "
+                   "address; the file is the same bytes as a local encode. Needs pip install 'jwt-weights[ray]'.")
 @click.option("--set", "rules", multiple=True, metavar="GLOB=SETTING",
               help="Per-tensor setting, repeatable, last match wins: lossless, qN (JPEG quality), bN (quant bits), "
                    "dX (JPEG XL distance), jpegxl, table=flat|jpeg|ramp1|ramp2|ramp4, tile=HxW, rows=HxW; comma-separated. "
@@ -75,7 +78,7 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
 def encode(input: Path, output: Path | None, codec_name: str, bits: int, bits_per_weight: float | None,
            max_error: float | None, rules: tuple[str, ...], quality: int | None, table: str, distance: float | None,
            effort: int, tile: tuple[int, int], row_shape: tuple[int, int] | None, meta: tuple[str, ...],
-           jobs: int | None, quiet: bool, search: str = "fast") -> None:
+           jobs: int | None, quiet: bool, search: str = "fast", ray_address: str | None = None) -> None:
     """Encode a model (.pt/.pth, .safetensors, or a Hugging Face model folder) into a .jwt container.
 
     A folder's weights (model.safetensors, its shards, or pytorch_model.bin)
@@ -104,6 +107,13 @@ def encode(input: Path, output: Path | None, codec_name: str, bits: int, bits_pe
     from codec import api, io_formats
 
     metadata = parse_meta(meta)
+    if ray_address is not None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            from codec.distributed.ray import INSTALL_HINT
+
+            raise fail(f"--ray: {INSTALL_HINT}") from None
     if output is None:
         output = input.parent / (input.name + ".jwt") if input.is_dir() else input.with_suffix(".jwt")
     if input.exists() and same_file(input, output):
@@ -128,6 +138,7 @@ def encode(input: Path, output: Path | None, codec_name: str, bits: int, bits_pe
             overrides=parse_rules(rules), bits_per_weight=bits_per_weight, max_error=max_error,
             progress=lambda name, n: bar.update(n), codec=codec_name, quality=quality, table=table,
             distance=distance, effort=effort, tile=tile, row_shape=row_shape, bits=bits, jobs=jobs, search=search,
+            ray=ray_address,
         )
     for message in [str(w.message) for w in caught] + notes:
         click.echo(f"jwt: warning: {message}", err=True)

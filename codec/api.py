@@ -131,6 +131,7 @@ def save(
     attachments: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
     jobs: int | None = None,
     search: str = "fast",
+    ray: str | None = None,
     **options: Any,
 ) -> list[str]:
     """Encode ``state_dict`` to a .jwt file at ``path`` (atomically).
@@ -149,7 +150,10 @@ def save(
     allocation instead of the data-free estimate. ``search``: ``"fast"``
     predicts a budget search from samples of each tensor and measures in
     full only what it picks (:mod:`codec.rd.fast`); ``"exhaustive"``
-    measures every candidate.
+    measures every candidate. ``ray`` (``"auto"``, ``"local"`` or a
+    cluster address) codes the tensors on Ray workers
+    (:mod:`codec.distributed.ray`, the optional extra ``[ray]``); the file
+    is the same bytes.
 
     Tensors sharing storage (same data, shape and strides) are stored once
     and aliased. ``state_dict`` may load tensors lazily on access (e.g.
@@ -167,6 +171,9 @@ def save(
     jobs = resolve_jobs(jobs)
     if search not in ("fast", "exhaustive"):
         raise ValueError(f"search={search!r}: use 'fast' or 'exhaustive'")
+    if ray is not None:
+        from .distributed.ray import connect
+        connect(ray)  # fail early: Ray missing or the cluster unreachable
     base = EncodeOptions(**options)
     rules = Overrides(overrides)
     rules.check(base)
@@ -187,7 +194,12 @@ def save(
         options_for = lambda name: rules.options_for(name, base) or base  # noqa: E731
     notes: list[str] = []
     with Writer(path, metadata=meta, encoder=encoder) as writer:
-        for name, target, dtype, shape, encoded in _encode_in_order(state_dict, aliases, options_for, jobs):
+        if ray is not None:
+            from .distributed.ray import encode_in_order
+            coded = encode_in_order(state_dict, aliases, options_for, ray)
+        else:
+            coded = _encode_in_order(state_dict, aliases, options_for, jobs)
+        for name, target, dtype, shape, encoded in coded:
             if target is not None:
                 writer.add_alias(name, target)
                 continue
