@@ -61,7 +61,8 @@ def model_tensors(gb: float) -> list[tuple[str, tuple[int, ...]]]:
 def chunks(name: str, shape: tuple[int, ...], rng: np.random.Generator):
     """The tensor's bf16 bytes, ``CHUNK`` elements (whole rows) at a time."""
     if len(shape) == 1:  # a norm: near 1
-        yield torch.from_numpy(1 + 0.05 * rng.standard_normal(shape, np.float32)).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+        norm = torch.from_numpy(1 + 0.05 * rng.standard_normal(shape, np.float32))
+        yield norm.to(torch.bfloat16).view(torch.int16).numpy().tobytes()
         return
     rows, cols = shape
     scale = np.full(cols, 0.02, np.float32)
@@ -113,10 +114,11 @@ def make(folder: Path, gb: float, shard_gb: float, seed: int = 0) -> tuple[int, 
 
 def timed(args: list[str]) -> tuple[float, float, str]:
     """Run ``python -m jwt_cli ARGS`` under /usr/bin/time -v: (wall s, peak RSS MB, stderr tail)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / ".pp"), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    paths = [str(REPO / ".pp"), str(REPO), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     t0 = time.perf_counter()
-    run = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "jwt_cli", *args], capture_output=True, text=True,
-                         env=env)
+    run = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "jwt_cli", *args], capture_output=True,
+                         text=True, env=env, check=False)
     wall = time.perf_counter() - t0
     if run.returncode:
         raise SystemExit(f"jwt {' '.join(args)} failed: {run.stderr[-2000:]}")

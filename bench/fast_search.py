@@ -75,7 +75,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=None)
     parser.add_argument("--quality", action="store_true", help="also the cosine / accuracy of the decoded weights")
     args = parser.parse_args()
-    print("| model | -b | search | wall s | CPU s | M weights/s (wall) | bits/weight | distortion (sum NMSE) | vs exhaustive |"
+    print("| model | -b | search | wall s | CPU s | M weights/s (wall) | bits/weight | distortion (sum NMSE) "
+          "| vs exhaustive |"
           + (" quality |" if args.quality else ""))
     print("|---|---|---|---|---|---|---|---|---|" + ("---|" if args.quality else ""))
     for model in args.models:

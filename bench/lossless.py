@@ -64,7 +64,8 @@ def run_zipnn(arrays: list[np.ndarray], dtype: str):
 
 def main() -> None:
     sd = load_state_dict()
-    print("| dtype | layout | ratio | encode MB/s/core | decode MB/s/core | encode s (wall) | decode s (wall) | bit-exact |")
+    print("| dtype | layout | ratio | encode MB/s/core | decode MB/s/core | encode s (wall) | decode s (wall) "
+          "| bit-exact |")
     print("|---|---|---|---|---|---|---|---|")
     for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         arrays = [to_numpy(t.to(dt))[0] for t in sd.values()]

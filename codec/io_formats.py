@@ -234,37 +234,51 @@ def _open_safetensors(files: list[Path], closers: list[Callable[[], None]]) -> t
     from safetensors import safe_open
 
     info: dict[str, tuple[tuple[int, ...], str]] = {}
-    where: dict[str, Any] = {}
-    handles: list[Any] = []
+    where: dict[str, tuple[Path, int]] = {}
     metadata: dict[str, str] = {}
-    for file in files:
+    for k, file in enumerate(files):
         try:
-            handle = safe_open(str(file), framework="pt")
-            names = handle.offset_keys() if hasattr(handle, "offset_keys") else handle.keys()
-            if not handles:
-                metadata = dict(handle.metadata() or {})
-            facts = []
-            for name in names:
-                piece = handle.get_slice(name)
-                facts.append((name, tuple(piece.get_shape()), piece.get_dtype()))
+            with safe_open(str(file), framework="pt") as handle:  # validates the file; closed (unmapped) at once
+                names = handle.offset_keys() if hasattr(handle, "offset_keys") else handle.keys()
+                if not k:
+                    metadata = dict(handle.metadata() or {})
+                facts = []
+                for name in names:
+                    piece = handle.get_slice(name)
+                    facts.append((name, tuple(piece.get_shape()), piece.get_dtype()))
+            starts = _data_starts(file)
         except FileNotFoundError:
             raise
         except Exception as exc:  # safetensors raises its own error types for foreign files
             raise EncodeError(f"{file}: not a safetensors file ({_first_line(exc)})") from None
-        handles.append(handle)
         for name, shape, st_dtype in facts:
             if st_dtype not in _FROM_ST:
                 raise EncodeError(f"{file}: tensor {name!r}: unsupported safetensors dtype {st_dtype}")
             if name in info:
-                raise EncodeError(f"{file}: tensor {name!r} is also in {where[name]}")
+                raise EncodeError(f"{file}: tensor {name!r} is also in {where[name][0]}")
             info[name] = (shape, _FROM_ST[st_dtype])
-            where[name] = handle
-    closers.append(handles.clear)
+            where[name] = (file, starts[name])
 
     def load(name: str) -> torch.Tensor:
-        return where[name].get_tensor(name)
+        """Read one tensor with plain reads: memory (and address space) holds this tensor only."""
+        file, start = where[name]
+        shape, dtype_name = info[name]
+        array = np.empty(shape, get_dtype(dtype_name).storage)
+        with open(file, "rb") as f:
+            f.seek(start)
+            if f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != array.nbytes:
+                raise EncodeError(f"{file}: tensor {name!r} is truncated")
+        return api.to_torch(array, dtype_name)
 
     return LazyTensors(info, load), metadata
+
+
+def _data_starts(file: Path) -> dict[str, int]:
+    """File offset of each tensor's data in a safetensors file (its header, already validated by safetensors)."""
+    with open(file, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return {name: 8 + size + int(v["data_offsets"][0]) for name, v in header.items() if name != "__metadata__"}
 
 
 def _read_pt(path: Path) -> dict[str, torch.Tensor]:
@@ -519,7 +533,7 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
 
 
 def parse_size(value: int | str) -> int:
-    """Bytes of a size given as an integer or a string such as ``"2GB"``, ``"500MB"``, ``"1.5GiB"`` (ValueError if not)."""
+    """Bytes of a size given as an integer or a string such as ``"2GB"``, ``"500MB"`` or ``"1.5GiB"``."""
     if isinstance(value, int) and not isinstance(value, bool):
         number, unit = float(value), ""
     elif isinstance(value, str):
