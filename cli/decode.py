@@ -35,10 +35,14 @@ def _default(jwt_path: str, metadata: dict[str, str]) -> str:
               help="For an update: the model it was made against (.jwt, .pt/.pth, .safetensors or a folder). "
                    "A wrong or modified base is refused before anything is written, naming the first tensor "
                    "that differs.")
+@click.option("--max-shard-size", metavar="SIZE",
+              help="Folder output: write the weights as safetensors shards of at most SIZE (e.g. 2GB, 500MB, "
+                   "1.5GiB) with model.safetensors.index.json, as transformers saves large models.")
 @jobs_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @handle_errors
-def decode(input: str, output: str | None, aliases: str, base: Path | None, jobs: int | None, quiet: bool) -> None:
+def decode(input: str, output: str | None, aliases: str, base: Path | None, jobs: int | None, quiet: bool,
+           max_shard_size: str | None = None) -> None:
     """Decode a .jwt container into a .pt state_dict, a .safetensors file or a model folder.
 
     A .pt loads with torch.load(path, weights_only=True), with every name,
@@ -55,6 +59,7 @@ def decode(input: str, output: str | None, aliases: str, base: Path | None, jobs
       jwt decode model.jwt -o model.pt
       jwt decode model.jwt -o model.safetensors
       jwt decode minilm.jwt -o minilm/
+      jwt decode big.jwt -o big/ --max-shard-size 2GB
       jwt decode https://example.org/models/minilm.jwt -o minilm.pt
       jwt decode v2-update.jwt --base v1.jwt -o v2.pt
     """
@@ -83,6 +88,13 @@ def decode(input: str, output: str | None, aliases: str, base: Path | None, jobs
             raise fail(f"{output}: refusing to overwrite the input")
         source, name = Path(input), input
     kind = io_formats.output_format(output)
+    if max_shard_size is not None:
+        try:
+            shard_bytes = io_formats.parse_size(max_shard_size)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--max-shard-size") from None
+        if kind != "folder":
+            raise click.UsageError(f"--max-shard-size needs a folder output (-o DIR/), not {output}")
     written: list[str] = []
     if base is not None and not base.exists():
         raise fail(f"{base}: no such file (--base)")
@@ -96,7 +108,8 @@ def decode(input: str, output: str | None, aliases: str, base: Path | None, jobs
 
         with jobs_default(jobs):
             notes = io_formats.decode_model(source, output, aliases=aliases, name=name, progress=progress,
-                                            base=base)
+                                            base=base,
+                                            max_shard_size=shard_bytes if max_shard_size is not None else None)
     for message in notes:
         click.echo(f"jwt: warning: {message}", err=True)
     if not quiet:

@@ -51,6 +51,13 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
 @click.option("--max-error", type=click.FloatRange(0, 1, min_open=True),
               help="Quality target: the cheapest setting per tensor whose relative RMS error is at most E "
                    "(with --calibration, or a BatchNorm/LayerNorm after the layer: the error of the layer's output).")
+@click.option("--search", type=click.Choice(["fast", "exhaustive"]), default="fast", show_default=True,
+              help="Rate search for --bits-per-weight: fast predicts each tensor's candidates from a sample of its "
+                   "tiles and measures in full only the ones it picks (the budget is still met exactly); exhaustive "
+                   "measures every candidate on every tensor (about 10x slower).")
+@click.option("--ray", "ray_address", metavar="auto|local|ADDRESS",
+              help="Code the tensors on a Ray cluster: auto (the running cluster), local (start one here) or its "
+                   "address; the file is the same bytes as a local encode. Needs pip install 'jwt-weights[ray]'.")
 @click.option("--set", "rules", multiple=True, metavar="GLOB=SETTING",
               help="Per-tensor setting, repeatable, last match wins: lossless, qN (JPEG quality), bN (quant bits), "
                    "dX (JPEG XL distance), jpegxl, table=flat|jpeg|ramp1|ramp2|ramp4, tile=HxW, rows=HxW; comma-separated. "
@@ -92,7 +99,7 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
            max_error: float | None, rules: tuple[str, ...], quality: int | None, table: str, distance: float | None,
            effort: int, tile: tuple[int, int], row_shape: tuple[int, int] | None, calibration: Path | None,
            model_spec: str | None, no_repair: bool, meta: tuple[str, ...], base: Path | None, jobs: int | None,
-           quiet: bool) -> None:
+           quiet: bool, search: str = "fast", ray_address: str | None = None) -> None:
     """Encode a model (.pt/.pth, .safetensors, or a Hugging Face model folder) into a .jwt container.
 
     A folder's weights (model.safetensors, its shards, or pytorch_model.bin)
@@ -132,6 +139,13 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
     from codec import api, io_formats
 
     metadata = parse_meta(meta)
+    if ray_address is not None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            from codec.distributed.ray import INSTALL_HINT
+
+            raise fail(f"--ray: {INSTALL_HINT}") from None
     if not input.exists():
         raise fail(f"{input}: no such file")
     if output is not None and same_file(input, output):
@@ -190,7 +204,8 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
                 overrides=parse_rules(rules), bits_per_weight=bits_per_weight, max_error=max_error,
                 progress=lambda name, n: bar.update(n), codec=codec_name, quality=quality, table=table,
                 distance=distance, effort=effort, tile=tile, row_shape=row_shape, bits=bits, jobs=jobs,
-                base=base, calibration=inputs, model=model, repair=False if no_repair else None,
+                search=search, ray=ray_address, base=base, calibration=inputs, model=model,
+                repair=False if no_repair else None,
                 calibration_progress=stage_progress if inputs is not None else None,
             )
         except ValueError as exc:  # bad calibration inputs: one line, before any coding

@@ -143,6 +143,8 @@ def save(
     model: torch.nn.Module | None = None,
     repair: bool | None = None,
     calibration_progress: Callable[[str, int], None] | None = None,
+    search: str = "fast",
+    ray: str | None = None,
     **options: Any,
 ) -> list[str]:
     """Encode ``state_dict`` (or an ``nn.Module``'s) to a .jwt file at ``path`` (atomically).
@@ -163,7 +165,13 @@ def save(
     tensor: ``bits_per_weight`` bounds the whole file; ``max_error`` bounds
     each tensor's relative RMS error. ``calibrate(state_dict) -> score``
     (higher is better) measures each tensor's sensitivity for the budget
-    allocation instead of the data-free estimate.
+    allocation instead of the data-free estimate. ``search``: ``"fast"``
+    predicts a budget search from samples of each tensor and measures in
+    full only what it picks (:mod:`codec.rd.fast`); ``"exhaustive"``
+    measures every candidate. ``ray`` (``"auto"``, ``"local"`` or a
+    cluster address) codes the tensors on Ray workers
+    (:mod:`codec.distributed.ray`, the optional extra ``[ray]``); the file
+    is the same bytes.
 
     ``calibration`` (with a rate target and an ``nn.Module``): the user's
     inputs, unlabelled -- a tensor or array of samples along its first
@@ -212,6 +220,12 @@ def save(
     reconstructed weights.
     """
     jobs = resolve_jobs(jobs)
+    if search not in ("fast", "exhaustive"):
+        raise ValueError(f"search={search!r}: use 'fast' or 'exhaustive'")
+    if ray is not None:
+        from .distributed.ray import connect
+
+        connect(ray)  # fail early: Ray missing or the cluster unreachable
     if model is not None and not isinstance(model, torch.nn.Module):
         raise TypeError(f"model= must be a torch.nn.Module, not {type(model).__name__}")
     if isinstance(state_dict, torch.nn.Module):
@@ -253,6 +267,8 @@ def save(
         rules = _Forced(rules, set(overlaps), lossless)
     matcher = None
     if base is not None:
+        if ray is not None:
+            raise EncodeError("ray= and base= together are not supported yet: encode the update locally")
         from .format import BaseId
         from .update.plan import Matcher
 
@@ -269,7 +285,8 @@ def save(
             weightings.update(calib.weightings())
         damaged: list[str] = []
         chosen = _plan(state_dict, aliases, opts, rules, meta, encoder, bits_per_weight, max_error, calibrate,
-                       progress, attachments or {}, jobs, matcher, measure_by=Distortion(weightings), notes=damaged)
+                       progress, attachments or {}, jobs, matcher, measure_by=Distortion(weightings), notes=damaged,
+                       search=search)
         if damaged:
             meta[WARNINGS_KEY] = "; ".join(damaged)
             notes += damaged
@@ -281,8 +298,13 @@ def save(
         options_for = lambda name: rules.options_for(name, opts) or opts  # noqa: E731
     stored: list[tuple[str, tuple[int, ...], Any]] = []
     with Writer(path, metadata=meta, encoder=encoder, base=None if matcher is None else base_id) as writer:
-        for name, target, dtype, shape, encoded, ref in _encode_in_order(state_dict, aliases, options_for, jobs,
-                                                                         matcher):
+        if ray is not None:
+            from .distributed.ray import encode_in_order
+
+            coded = ((*item, None) for item in encode_in_order(state_dict, aliases, options_for, ray))
+        else:
+            coded = _encode_in_order(state_dict, aliases, options_for, jobs, matcher)
+        for name, target, dtype, shape, encoded, ref in coded:
             if target is not None:
                 writer.add_alias(name, target)
                 continue
@@ -529,7 +551,7 @@ def _shape(state_dict: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]
 
 
 def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress,
-          attachments, jobs, matcher=None, measure_by=None, notes=None):
+          attachments, jobs, matcher=None, measure_by=None, notes=None, search="fast"):
     """Run the rate-distortion allocator over the stored tensors; options per name.
 
     The budget's fixed part counts the header, the index without tensor
@@ -577,7 +599,7 @@ def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_
                         bits_per_weight=bits_per_weight, max_error=max_error,
                         overhead_bytes=HEADER_SIZE + len(skeleton) + attached_bytes, score=score, progress=progress,
                         jobs=jobs, total_weights=sum(math.prod(_shape(state_dict, n)) for n in stored),
-                        menu=menu, measure_by=measure_by, notes=notes)
+                        menu=menu, measure_by=measure_by, notes=notes, search=search)
 
 
 class JwtFile:

@@ -32,7 +32,9 @@ Outputs (:func:`decode_model`), chosen by the output path:
 * a folder (a path ending in ``/``, an existing empty folder, or a path
   without a suffix): ``model.safetensors`` plus every attachment restored
   under its relative path, so ``transformers`` / ``sentence_transformers``
-  load it as they loaded the original.
+  load it as they loaded the original; with ``max_shard_size``, shards
+  ``model-0000k-of-0000n.safetensors`` and ``model.safetensors.index.json``
+  instead (:func:`write_shards`), written tensor by tensor.
 
 Every output is written to a temporary file (or folder) beside the target
 and renamed onto it; a failure leaves nothing behind. float16 and bfloat16
@@ -51,6 +53,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -86,6 +89,10 @@ __all__ = [
     "default_output",
     "decode_model",
     "write_safetensors",
+    "write_shards",
+    "shard_plan",
+    "parse_size",
+    "SHARD_INDEX",
     "load_into",
 ]
 
@@ -234,37 +241,51 @@ def _open_safetensors(files: list[Path], closers: list[Callable[[], None]]) -> t
     from safetensors import safe_open
 
     info: dict[str, tuple[tuple[int, ...], str]] = {}
-    where: dict[str, Any] = {}
-    handles: list[Any] = []
+    where: dict[str, tuple[Path, int]] = {}
     metadata: dict[str, str] = {}
-    for file in files:
+    for k, file in enumerate(files):
         try:
-            handle = safe_open(str(file), framework="pt")
-            names = handle.offset_keys() if hasattr(handle, "offset_keys") else handle.keys()
-            if not handles:
-                metadata = dict(handle.metadata() or {})
-            facts = []
-            for name in names:
-                piece = handle.get_slice(name)
-                facts.append((name, tuple(piece.get_shape()), piece.get_dtype()))
+            with safe_open(str(file), framework="pt") as handle:  # validates the file; closed (unmapped) at once
+                names = handle.offset_keys() if hasattr(handle, "offset_keys") else handle.keys()
+                if not k:
+                    metadata = dict(handle.metadata() or {})
+                facts = []
+                for name in names:
+                    piece = handle.get_slice(name)
+                    facts.append((name, tuple(piece.get_shape()), piece.get_dtype()))
+            starts = _data_starts(file)
         except FileNotFoundError:
             raise
         except Exception as exc:  # safetensors raises its own error types for foreign files
             raise EncodeError(f"{file}: not a safetensors file ({_first_line(exc)})") from None
-        handles.append(handle)
         for name, shape, st_dtype in facts:
             if st_dtype not in _FROM_ST:
                 raise EncodeError(f"{file}: tensor {name!r}: unsupported safetensors dtype {st_dtype}")
             if name in info:
-                raise EncodeError(f"{file}: tensor {name!r} is also in {where[name]}")
+                raise EncodeError(f"{file}: tensor {name!r} is also in {where[name][0]}")
             info[name] = (shape, _FROM_ST[st_dtype])
-            where[name] = handle
-    closers.append(handles.clear)
+            where[name] = (file, starts[name])
 
     def load(name: str) -> torch.Tensor:
-        return where[name].get_tensor(name)
+        """Read one tensor with plain reads: memory (and address space) holds this tensor only."""
+        file, start = where[name]
+        shape, dtype_name = info[name]
+        array = np.empty(shape, get_dtype(dtype_name).storage)
+        with open(file, "rb") as f:
+            f.seek(start)
+            if f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != array.nbytes:
+                raise EncodeError(f"{file}: tensor {name!r} is truncated")
+        return api.to_torch(array, dtype_name)
 
     return LazyTensors(info, load), metadata
+
+
+def _data_starts(file: Path) -> dict[str, int]:
+    """File offset of each tensor's data in a safetensors file (its header, already validated by safetensors)."""
+    with open(file, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return {name: 8 + size + int(v["data_offsets"][0]) for name, v in header.items() if name != "__metadata__"}
 
 
 def _read_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
@@ -506,6 +527,35 @@ def _safetensors_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def _stored_entries(reader: Reader, aliases: str) -> list:
+    """The index entries a safetensors output holds (aliases as copies or left out), checked."""
+    if aliases not in ("clone", "drop"):
+        raise UsageError(f"aliases={aliases!r}: use 'clone' or 'drop'")
+    entries = [e for e in reader.index.entries if aliases == "clone" or e.alias is None]
+    if any(e.name == "__metadata__" for e in entries):  # the header's own key: the file would not load
+        raise UsageError("a tensor named '__metadata__' cannot be stored in a safetensors file; decode to .pt")
+    return entries
+
+
+def _safetensors_header(entries: list, metadata: Mapping[str, str]) -> tuple[bytes, dict[str, int], int]:
+    """``(header bytes with the length prefix, data offset by name, data bytes)`` of a safetensors file of ``entries``.
+
+    Tensors are laid out as ``safetensors.torch.save_file`` lays them out
+    (largest elements first, so each is aligned; then by name).
+    """
+    header: dict[str, Any] = {"__metadata__": _safetensors_metadata(metadata)}
+    offsets: dict[str, int] = {}
+    position = 0
+    for e in sorted(entries, key=lambda e: (_ST_ORDER[ST_DTYPES[e.dtype.name]], e.name)):
+        header[e.name] = {"dtype": ST_DTYPES[e.dtype.name], "shape": list(e.shape),
+                          "data_offsets": [position, position + e.nbytes]}
+        offsets[e.name] = position
+        position += e.nbytes
+    head = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head, offsets, position
+
+
 def write_safetensors(reader: Reader, out: BinaryIO, *, aliases: str = "clone",
                       progress: Callable[[str, int], None] | None = None) -> list[str]:
     """Write the tensors of ``reader`` as a safetensors file to the seekable ``out``, one at a time.
@@ -516,23 +566,21 @@ def write_safetensors(reader: Reader, out: BinaryIO, *, aliases: str = "clone",
     file order (streams work). Aliases are written as copies (``"clone"``) or left out
     (``"drop"``). Returns notes.
     """
-    if aliases not in ("clone", "drop"):
-        raise UsageError(f"aliases={aliases!r}: use 'clone' or 'drop'")
-    entries = [e for e in reader.index.entries if aliases == "clone" or e.alias is None]
-    if any(e.name == "__metadata__" for e in entries):  # the header's own key: the file would not load
-        raise UsageError("a tensor named '__metadata__' cannot be stored in a safetensors file; decode to .pt")
-    header: dict[str, Any] = {"__metadata__": _safetensors_metadata(reader.metadata)}
-    offsets: dict[str, int] = {}
-    position = 0
-    for e in sorted(entries, key=lambda e: (_ST_ORDER[ST_DTYPES[e.dtype.name]], e.name)):
-        header[e.name] = {"dtype": ST_DTYPES[e.dtype.name], "shape": list(e.shape),
-                          "data_offsets": [position, position + e.nbytes]}
-        offsets[e.name] = position
-        position += e.nbytes
-    head = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    head += b" " * (-len(head) % 8)
-    out.write(struct.pack("<Q", len(head)) + head)
-    base = 8 + len(head)
+    entries = _stored_entries(reader, aliases)
+    head, offsets, position = _safetensors_header(entries, reader.metadata)
+    out.write(head)
+    base = len(head)
+    for entry, array in _arrays(reader, aliases):
+        out.seek(base + offsets[entry.name])
+        out.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        if progress:
+            progress(entry.name, entry.numel)
+    _check_size(out, base + position)
+    return _dropped_note(reader, aliases)
+
+
+def _arrays(reader: Reader, aliases: str) -> Iterator[tuple[Any, np.ndarray]]:
+    """``(entry, array)`` in file order; an alias gives its target's array (``"clone"``) or nothing (``"drop"``)."""
     kept: dict[str, np.ndarray] = {}
     for entry, array in reader.iter_arrays():
         if entry.alias is not None:
@@ -542,15 +590,101 @@ def write_safetensors(reader: Reader, out: BinaryIO, *, aliases: str = "clone",
         elif entry.name in reader.aliased:
             kept[entry.name] = array
         assert array is not None
-        out.seek(base + offsets[entry.name])
-        out.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-        if progress:
-            progress(entry.name, entry.numel)
+        yield entry, array
+
+
+def _check_size(out: BinaryIO, expected: int) -> None:
     out.seek(0, os.SEEK_END)
-    if out.tell() != base + position:
-        raise FormatError(f"safetensors output is {out.tell()} bytes, expected {base + position}")
+    if out.tell() != expected:
+        raise FormatError(f"safetensors output is {out.tell()} bytes, expected {expected}")
+
+
+def _dropped_note(reader: Reader, aliases: str) -> list[str]:
     dropped = [e.name for e in reader.index.entries if e.alias is not None and aliases == "drop"]
     return [f"left out {len(dropped)} aliases (shared tensors): {', '.join(dropped[:10])}"] if dropped else []
+
+
+#: The shard index a sharded folder output holds (the name transformers looks for).
+SHARD_INDEX = "model.safetensors.index.json"
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes of a size given as an integer or a string such as ``"2GB"``, ``"500MB"`` or ``"1.5GiB"``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+        number, unit = (float(match[1]), match[2].upper()) if match else (-1.0, "?")
+    else:
+        raise TypeError(f"a size must be an int or a string such as '2GB', found {type(value).__name__}")
+    if unit not in _SIZE_UNITS or not number > 0:
+        raise ValueError(f"size {value!r} is not a positive size such as 2GB, 500MB or 1.5GiB")
+    return int(number * _SIZE_UNITS[unit])
+
+
+def shard_plan(entries: list, max_shard_size: int) -> list[list]:
+    """Entries cut, in file order, into shards of at most ``max_shard_size`` data bytes (a larger tensor: alone)."""
+    shards: list[list] = []
+    size = 0
+    for e in entries:
+        if not shards or (size + e.nbytes > max_shard_size and shards[-1]):
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    return shards
+
+
+def write_shards(reader: Reader, folder: Path, max_shard_size: int, *, aliases: str = "clone",
+                 progress: Callable[[str, int], None] | None = None) -> list[str]:
+    """Write the tensors of ``reader`` into ``folder`` as safetensors shards of at most ``max_shard_size`` bytes.
+
+    The layout ``transformers`` reads: ``model-0000k-of-0000n.safetensors``
+    and ``model.safetensors.index.json`` (``weight_map`` and
+    ``metadata.total_size``); a model that fits in one shard is written as
+    ``model.safetensors`` alone. Shards are filled in file order and written
+    tensor by tensor as they are decoded, one shard file open at a time, so
+    memory holds one tensor (plus the targets of aliases) whatever the size.
+    """
+    entries = _stored_entries(reader, aliases)
+    shards = shard_plan(entries, max_shard_size)
+    if len(shards) <= 1:
+        with open(folder / WEIGHTS_FILE, "wb") as out:
+            return write_safetensors(reader, out, aliases=aliases, progress=progress)
+    names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    where = {e.name: k for k, shard in enumerate(shards) for e in shard}
+    left = [len(shard) for shard in shards]
+    layout: dict[int, tuple[BinaryIO, int, dict[str, int], int]] = {}
+    try:
+        for entry, array in _arrays(reader, aliases):
+            k = where[entry.name]
+            if k not in layout:
+                head, offsets, position = _safetensors_header(shards[k], reader.metadata)
+                out = open(folder / names[k], "wb")  # noqa: SIM115 (closed when its last tensor is written)
+                out.write(head)
+                layout[k] = (out, len(head), offsets, len(head) + position)
+            out, base, offsets, expected = layout[k]
+            out.seek(base + offsets[entry.name])
+            out.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+            left[k] -= 1
+            if not left[k]:
+                _check_size(out, expected)
+                out.flush()
+                os.fsync(out.fileno())
+                out.close()
+            if progress:
+                progress(entry.name, entry.numel)
+    finally:
+        for out, *_ in layout.values():
+            out.close()
+    if any(left):
+        raise FormatError(f"{sum(left)} tensors of the index were not decoded")
+    index = {"metadata": {"total_size": sum(e.nbytes for e in entries)},
+             "weight_map": {e.name: names[where[e.name]] for e in sorted(entries, key=lambda e: e.name)}}
+    (folder / SHARD_INDEX).write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return _dropped_note(reader, aliases)
 
 
 def _attachment_path(root: Path, name: str) -> Path:
@@ -565,7 +699,8 @@ def _attachment_path(root: Path, name: str) -> Path:
     return path
 
 
-def _write_folder(f: api.JwtFile, output: Path, aliases: str, progress: Callable[[str, int], None] | None) -> list[str]:
+def _write_folder(f: api.JwtFile, output: Path, aliases: str, progress: Callable[[str, int], None] | None,
+                  max_shard_size: int | None = None) -> list[str]:
     if output.exists():
         if not output.is_dir():
             raise UsageError(f"{output}: exists and is not a folder")
@@ -577,10 +712,13 @@ def _write_folder(f: api.JwtFile, output: Path, aliases: str, progress: Callable
     except OSError as exc:  # name the folder the user asked for, not the temporary one
         raise output_error(exc, output) from None
     try:
-        with open(tmp / WEIGHTS_FILE, "wb") as out:
-            notes = write_safetensors(f.reader, out, aliases=aliases, progress=progress)
-            out.flush()
-            os.fsync(out.fileno())
+        if max_shard_size is not None:
+            notes = write_shards(f.reader, tmp, max_shard_size, aliases=aliases, progress=progress)
+        else:
+            with open(tmp / WEIGHTS_FILE, "wb") as out:
+                notes = write_safetensors(f.reader, out, aliases=aliases, progress=progress)
+                out.flush()
+                os.fsync(out.fileno())
         for att, data in f.reader.iter_attachments():
             path = _attachment_path(tmp, att.name)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -604,15 +742,22 @@ def _write_folder(f: api.JwtFile, output: Path, aliases: str, progress: Callable
 
 def decode_model(source: str | os.PathLike[str] | BinaryIO | bytes, output: str | os.PathLike[str], *,
                  aliases: str = "clone", limits: Limits = DEFAULT_LIMITS, name: str | None = None,
-                 progress: Callable[[str, int], None] | None = None, base: Any = None) -> list[str]:
+                 progress: Callable[[str, int], None] | None = None, base: Any = None,
+                 max_shard_size: int | str | None = None) -> list[str]:
     """Decode a .jwt to ``output``: a ``.pt``, a ``.safetensors`` or a folder (see :func:`output_format`).
 
     Written atomically; works from a non-seekable stream. ``aliases`` is
     how safetensors outputs hold shared tensors (``"clone"`` or ``"drop"``).
     Returns notes (e.g. attachments a .pt cannot hold). An update decodes
     against ``base`` (:func:`codec.api.as_base`), checked before anything is written.
+    ``max_shard_size`` (bytes, or a string such as ``"2GB"``; folders only)
+    writes the weights as shards with their index (:func:`write_shards`).
     """
     fmt = output_format(output)
+    if max_shard_size is not None:
+        max_shard_size = parse_size(max_shard_size)
+        if fmt != "folder":
+            raise UsageError(f"{output}: max_shard_size needs a folder output (a path ending in /)")
     out_path = Path(output)
     with api.open(source, limits=limits, base=base) as f:
         if name:
@@ -622,7 +767,7 @@ def decode_model(source: str | os.PathLike[str] | BinaryIO | bytes, output: str 
             f"the checkpoint's nesting and non-tensor entries are restored in a .pt output only; the tensors are "
             f"written under dotted names (e.g. {next(iter(f.keys()), '')!r})"]
         if fmt == "folder":
-            return tree + _write_folder(f, out_path, aliases, progress)
+            return tree + _write_folder(f, out_path, aliases, progress, max_shard_size)
         if fmt == "safetensors":
             with atomic_output(out_path) as out:
                 notes = tree + write_safetensors(f.reader, out, aliases=aliases, progress=progress)

@@ -135,6 +135,19 @@ class Encoded:
 ZERO_ERROR = 1.0
 
 
+#: zstd level of floating tensors stored losslessly (exponent first): on all-MiniLM-L6-v2 level 1 compresses
+#: better than 9 (1.207 vs 1.194 for float32, 1.464 vs 1.424 for bfloat16) and 8-9x faster (bench/lossless.py).
+LOSSLESS_FLOAT_LEVEL = 1
+
+
+def lossless_codec(dtype: DType, level: int) -> Zstd:
+    """The codec of a tensor stored losslessly: 16/32/64-bit floats exponent first at
+    :data:`LOSSLESS_FLOAT_LEVEL`; anything else byte-shuffled at ``level``."""
+    if dtype.floating and dtype.itemsize > 1:
+        return Zstd(level=LOSSLESS_FLOAT_LEVEL, shuffle=True, exponent_first=True)
+    return Zstd(level=level, shuffle=True)
+
+
 def lossless_reason(array: np.ndarray, dtype: DType, codec: str = "jpeg") -> str | None:
     """Return why ``array`` cannot be coded with lossy ``codec``, or None if it can."""
     return shape_lossless_reason(tuple(array.shape), dtype, codec)
@@ -253,7 +266,7 @@ def start_encode(array: np.ndarray, dtype: DType, opts: EncodeOptions, executor:
     decoded once and compared.
     """
     ex = executor or INLINE
-    lossless = Zstd(level=opts.zstd_level, shuffle=True)
+    lossless = lossless_codec(dtype, opts.zstd_level)
     if opts.codec in ("jpeg", "jpegxl") and lossless_reason(array, dtype, opts.codec) is not None:
         # Too small or thin for an image codec: 8-bit quant if it is a matrix worth quantizing.
         opts = opts.with_(codec="quant", bits=8)

@@ -107,6 +107,8 @@ DAMAGE = 0.5
 WARNINGS_KEY = "jwt.warnings"
 #: Index bytes kept free for the warnings entry, beyond the notes' own JSON length.
 NOTE_BYTES_RESERVE = len(json.dumps(WARNINGS_KEY)) + 4
+#: Rate searches of :func:`plan_options`.
+SEARCHES = ("fast", "exhaustive")
 
 
 @dataclass
@@ -547,6 +549,7 @@ def plan_options(
     menu: Menu | None = None,
     measure_by: Distortion | None = None,
     notes: list[str] | None = None,
+    search: str = "fast",
 ) -> dict[str, EncodeOptions]:
     """Measure every tensor's menu and choose its options for a rate target.
 
@@ -573,11 +576,24 @@ def plan_options(
     smallest budget that avoids it, is appended to ``notes`` (and
     :data:`NOTE_BYTES_RESERVE` plus the notes' length is kept free for the
     caller to store them in the file's metadata, :data:`WARNINGS_KEY`).
+
+    ``search="fast"`` (the default) predicts a budget search's points from
+    samples of the tensors (:mod:`codec.rd.fast`); ``"exhaustive"`` measures
+    every candidate in full (and so do max-error searches, calibrated or
+    state_dict-weighted measures and update menus).
     """
     menu = menu or Menu()
     measure_by = measure_by or DATA_FREE
     if (bits_per_weight is None) == (max_error is None):
         raise EncodeError("give exactly one of bits_per_weight and max_error")
+    if search not in SEARCHES:
+        raise ValueError(f"search={search!r}: use one of {', '.join(map(repr, SEARCHES))}")
+    plain = type(menu) is Menu and not measure_by.weightings  # what the fast search predicts from samples
+    if search == "fast" and bits_per_weight is not None and score is None and plain:
+        from .fast import plan_fast
+
+        return plan_fast(tensors, base, fixed, bits_per_weight=bits_per_weight, overhead_bytes=overhead_bytes,
+                         progress=progress, jobs=jobs, total_weights=total_weights)
     points: dict[str, list[RDPoint]] = {}
     forced: dict[str, EncodeOptions] = {}
     probes: dict[str, dict[str, np.ndarray]] = {}

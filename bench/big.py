@@ -1,0 +1,163 @@
+"""A checkpoint larger than memory: make a synthetic sharded bf16 model on disk, encode it, decode it to shards.
+
+The model is Llama-shaped (hidden 2048, MLP 5632, vocabulary 32000; as many
+layers as ``--gb`` asks for): per layer q/k/v/o and gate/up/down matrices
+drawn Gaussian (std 0.02) with a few outlier input channels (x8 to x20),
+two RMSNorm vectors near 1; token embeddings and an untied LM head. It is
+written shard by shard (``--shard-gb``) in 16 M-element chunks, so making
+it never holds more than a chunk; the folder has
+``model.safetensors.index.json`` as transformers writes it.
+
+Then ``jwt encode FOLDER -o model.jwt`` (default settings, or ``-b B``)
+and ``jwt decode model.jwt -o OUT/ --max-shard-size SIZE`` run as
+subprocesses under ``/usr/bin/time -v``: wall time, weights per second and
+the peak resident memory of each.
+
+    python -m bench.big --gb 2 --dir /tmp/jwt-big [--bits 4] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+HIDDEN, MLP, VOCAB = 2048, 5632, 32000
+CHUNK = 1 << 24
+
+
+def layer_tensors(i: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of decoder layer ``i``."""
+    p = f"model.layers.{i}."
+    return [(p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN)), (p + "self_attn.k_proj.weight", (HIDDEN, HIDDEN)),
+            (p + "self_attn.v_proj.weight", (HIDDEN, HIDDEN)), (p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN)),
+            (p + "mlp.gate_proj.weight", (MLP, HIDDEN)), (p + "mlp.up_proj.weight", (MLP, HIDDEN)),
+            (p + "mlp.down_proj.weight", (HIDDEN, MLP)), (p + "input_layernorm.weight", (HIDDEN,)),
+            (p + "post_attention_layernorm.weight", (HIDDEN,))]
+
+
+def model_tensors(gb: float) -> list[tuple[str, tuple[int, ...]]]:
+    """The tensors of a model of about ``gb`` GB in bf16."""
+    per_layer = sum(int(np.prod(s)) for _, s in layer_tensors(0)) * 2
+    fixed = 2 * VOCAB * HIDDEN * 2 + HIDDEN * 2
+    layers = max(1, round((gb * 1e9 - fixed) / per_layer))
+    out = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
+    for i in range(layers):
+        out += layer_tensors(i)
+    return out + [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
+
+
+def chunks(name: str, shape: tuple[int, ...], rng: np.random.Generator):
+    """The tensor's bf16 bytes, ``CHUNK`` elements (whole rows) at a time."""
+    if len(shape) == 1:  # a norm: near 1
+        norm = torch.from_numpy(1 + 0.05 * rng.standard_normal(shape, np.float32))
+        yield norm.to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+        return
+    rows, cols = shape
+    scale = np.full(cols, 0.02, np.float32)
+    outliers = rng.choice(cols, size=max(1, cols // 512), replace=False)
+    scale[outliers] *= rng.uniform(8, 20, outliers.size).astype(np.float32)  # a few outlier input channels
+    step = max(1, CHUNK // cols)
+    for r in range(0, rows, step):
+        block = rng.standard_normal((min(step, rows - r), cols), np.float32) * scale
+        yield torch.from_numpy(block).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+
+
+def make(folder: Path, gb: float, shard_gb: float, seed: int = 0) -> tuple[int, int]:
+    """Write the synthetic checkpoint; return (weights, bytes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = model_tensors(gb)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in tensors:
+        nbytes = int(np.prod(shape)) * 2
+        if shards[-1] and size + nbytes > shard_gb * 1e9:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    rng = np.random.default_rng(seed)
+    weight_map = {}
+    for shard, fname in zip(shards, names):
+        header, pos = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape in shard:
+            n = int(np.prod(shape)) * 2
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [pos, pos + n]}
+            pos += n
+            weight_map[name] = fname
+        head = json.dumps(header).encode()
+        head += b" " * (-len(head) % 8)
+        with open(folder / fname, "wb") as f:
+            f.write(struct.pack("<Q", len(head)) + head)
+            for name, shape in shard:
+                for part in chunks(name, shape, rng):
+                    f.write(part)
+    weights = sum(int(np.prod(s)) for _, s in tensors)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 2 * weights}, "weight_map": weight_map}, indent=2))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": HIDDEN,
+                                                    "intermediate_size": MLP, "vocab_size": VOCAB}))
+    return weights, 2 * weights
+
+
+def timed(args: list[str]) -> tuple[float, float, str]:
+    """Run ``python -m jwt_cli ARGS`` under /usr/bin/time -v: (wall s, peak RSS MB, stderr tail)."""
+    paths = [str(REPO / ".pp"), str(REPO), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    t0 = time.perf_counter()
+    run = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "jwt_cli", *args], capture_output=True,
+                         text=True, env=env, check=False)
+    wall = time.perf_counter() - t0
+    if run.returncode:
+        raise SystemExit(f"jwt {' '.join(args)} failed: {run.stderr[-2000:]}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr)[1]) / 1024
+    return wall, rss, run.stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=8.0, help="checkpoint size in GB of bf16 (the issue asks for 8)")
+    parser.add_argument("--shard-gb", type=float, default=1.0)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/jwt-big"))
+    parser.add_argument("--bits", type=float, help="also encode with -b BITS")
+    parser.add_argument("--max-shard-size", default="1GB")
+    parser.add_argument("--keep", action="store_true", help="keep the files")
+    args = parser.parse_args()
+    src, jwt, out = args.dir / "model", args.dir / "model.jwt", args.dir / "decoded"
+    shutil.rmtree(args.dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    weights, nbytes = make(src, args.gb, args.shard_gb)
+    print(f"made {src}: {weights / 1e9:.3f} G weights, {nbytes / 1e9:.2f} GB bf16 in "
+          f"{len(list(src.glob('*.safetensors')))} shards, {time.perf_counter() - t0:.0f} s", flush=True)
+    print("| step | wall s | M weights/s | peak RSS MB | output |")
+    print("|---|---|---|---|---|")
+    runs = [("encode (default)", ["encode", str(src), "-o", str(jwt), "-q"])]
+    if args.bits:
+        runs.append((f"encode -b {args.bits:g}", ["encode", str(src), "-o", str(args.dir / "b.jwt"), "-q",
+                                                  "-b", str(args.bits)]))
+    runs.append((f"decode --max-shard-size {args.max_shard_size}",
+                 ["decode", str(jwt), "-o", str(out) + "/", "--max-shard-size", args.max_shard_size, "-q"]))
+    for label, cmd in runs:
+        wall, rss, _ = timed(cmd)
+        target = Path(cmd[3].rstrip("/"))
+        size = sum(p.stat().st_size for p in target.rglob("*")) if target.is_dir() else target.stat().st_size
+        print(f"| {label} | {wall:.1f} | {weights / wall / 1e6:.1f} | {rss:.0f} | {size / 1e9:.3f} GB "
+              f"({8 * size / weights:.2f} bits/weight) |", flush=True)
+    if not args.keep:
+        shutil.rmtree(args.dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Fast rate search against the exhaustive one: time, file size and the distortion it chose.
+
+For each model and budget, ``codec.save(sd, path, bits_per_weight=B,
+search=S)`` runs with ``S`` = ``fast`` and ``exhaustive``; the table gives
+the wall and CPU (all threads) time, weights per second, the file's bits/weight (the budget must
+be met) and the chosen distortion: the allocator's own measure, the sum
+over tensors of the (image-prior weighted, for image rows) NMSE, computed
+from the decoded file. Optionally the MiniLM embedding cosine or the
+Fashion-MNIST accuracy.
+
+    python -m bench.fast_search [--models minilm mlp cnn] [--bits 4 2 1] [--jobs 2] [--quality]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import codec  # noqa: E402
+from codec.api import to_numpy  # noqa: E402
+from codec.dtypes import get_dtype  # noqa: E402
+from codec.rd.allocate import distortion, row_images  # noqa: E402
+from codec.rd.fast import _as_float  # noqa: E402
+from codec.tensorcodec import EncodeOptions  # noqa: E402
+
+
+def load(model: str) -> dict:
+    """The bench model's float state_dict."""
+    if model == "minilm":
+        from bench.minilm import load_state_dict
+
+        return load_state_dict()
+    from bench.prepare import get_model
+
+    return get_model(model)
+
+
+def chosen_distortion(original: dict, decoded: dict) -> float:
+    """Sum over tensors of the allocator's distortion of ``decoded`` (rows rule as in plan_options)."""
+    total, seen_matrix = 0.0, False
+    for name, t in original.items():
+        a, dt = to_numpy(t)
+        b, _ = to_numpy(decoded[name])
+        dtype = get_dtype(dt)
+        is_matrix = a.ndim >= 2 and dtype.floating
+        rows = row_images(a.shape, EncodeOptions(), input_layer=not seen_matrix) if is_matrix else None
+        seen_matrix |= is_matrix
+        total += distortion(_as_float(a, dtype), _as_float(b, dtype), rows)[0]
+    return total
+
+
+def quality(model: str, decoded: dict) -> str:
+    """MiniLM cosine or Fashion-MNIST test accuracy of the decoded weights."""
+    if model == "minilm":
+        from bench.minilm import cosine_quality
+
+        return f"cos {cosine_quality(decoded):.5f}"
+    from bench.models import evaluate_state_dict, load_fashion_mnist
+
+    images, labels = load_fashion_mnist("test")
+    return f"acc {evaluate_state_dict(model, decoded, images, labels):.2f} %"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["minilm", "mlp", "cnn"])
+    parser.add_argument("--bits", nargs="+", type=float, default=[4.0])
+    parser.add_argument("--searches", nargs="+", default=["fast", "exhaustive"])
+    parser.add_argument("--jobs", type=int, default=None)
+    parser.add_argument("--quality", action="store_true", help="also the cosine / accuracy of the decoded weights")
+    args = parser.parse_args()
+    print("| model | -b | search | wall s | CPU s | M weights/s (wall) | bits/weight | distortion (sum NMSE) "
+          "| vs exhaustive |"
+          + (" quality |" if args.quality else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if args.quality else ""))
+    for model in args.models:
+        sd = load(model)
+        n = sum(t.numel() for t in sd.values())
+        for bits in args.bits:
+            rows = []
+            for search in args.searches:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "m.jwt"
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    codec.save(sd, path, bits_per_weight=bits, search=search, jobs=args.jobs)
+                    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+                    size = os.path.getsize(path)
+                    decoded = codec.load(path)
+                rows.append((search, seconds, cpu, size, chosen_distortion(sd, decoded),
+                             quality(model, decoded) if args.quality else None))
+            ref = {r[0]: r[4] for r in rows}.get("exhaustive")
+            for search, seconds, cpu, size, d, q in rows:
+                rel = f"{100 * (d / ref - 1):+.2f} %" if ref else ""
+                line = (f"| {model} | {bits:g} | {search} | {seconds:.2f} | {cpu:.2f} | {n / seconds / 1e6:.2f} | "
+                        f"{8 * size / n:.4f} | {d:.6g} | {rel} |")
+                print(line + (f" {q} |" if q else ""), flush=True)
+
+if __name__ == "__main__":
+    main()

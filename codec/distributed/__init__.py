@@ -1,0 +1,1 @@
+"""Encoding on a cluster: :mod:`codec.distributed.ray` codes tensors on Ray workers."""

@@ -1,0 +1,104 @@
+"""Coding tensors on a Ray cluster (the optional extra ``pip install 'jwt-weights[ray]'``).
+
+:func:`encode_in_order` is :func:`codec.api._encode_in_order` with each
+tensor's coding (:func:`codec.tensorcodec.encode_tensor`, all its blobs)
+run as one Ray task: the coordinating process reads the tensors, puts each
+in the object store, and hands the results to the container writer in
+state_dict order. A task codes exactly as a local encode with ``jobs=1``
+does, so the container is byte for byte the same. At most ``window`` tasks
+and ``AHEAD_BYTES`` of input beyond the oldest are in flight, so the
+coordinator holds a bounded amount of input and coded data whatever the
+model's size. A task whose worker dies is retried by Ray (``max_retries``);
+if it still fails, the error propagates and the writer removes its
+temporary file (no partial output).
+
+The rate search (``bits_per_weight`` / ``max_error``) still runs in the
+coordinating process; only the final coding is spread.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from ..errors import EncodeError
+from ..parallel import AHEAD_BYTES
+
+__all__ = ["INSTALL_HINT", "connect", "encode_in_order"]
+
+#: The one line a user without Ray is told.
+INSTALL_HINT = "Ray is not installed: pip install 'jwt-weights[ray]' (or pip install ray)"
+#: Retries of a task whose worker died.
+MAX_RETRIES = 3
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise EncodeError(INSTALL_HINT) from None
+    return ray
+
+
+def connect(address: str) -> Any:
+    """The ``ray`` module, connected: to the running session, a new local one (``"local"``), or ``address``."""
+    if not isinstance(address, str) or not address:
+        raise ValueError(f"ray address must be 'auto', 'local' or host:port, found {address!r}")
+    ray = _ray()
+    if not ray.is_initialized():
+        try:
+            if address == "local":
+                ray.init(include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=address, log_to_driver=False)
+        except ConnectionError as exc:
+            raise EncodeError(f"ray: cannot connect to {address!r} ({str(exc).splitlines()[0][:200]})") from None
+    return ray
+
+
+def _code(array, dtype_name: str, options):
+    """One task: code a whole tensor as a ``jobs=1`` local encode does."""
+    from ..dtypes import get_dtype
+    from ..tensorcodec import encode_tensor
+
+    return encode_tensor(array, get_dtype(dtype_name), options)
+
+
+def encode_in_order(state_dict: Mapping[str, Any], aliases: dict[str, str], options_for: Callable[[str], Any],
+                    address: str, window: int | None = None) -> Iterator[tuple]:
+    """Yield ``(name, alias target, dtype, shape, Encoded)`` in ``state_dict`` order, coded on Ray workers."""
+    from ..api import to_numpy
+    from ..dtypes import get_dtype
+
+    ray = connect(address)
+    task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False)(_code)
+    if window is None:
+        window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending: deque = deque()
+    ahead = 0
+
+    def finish() -> tuple:
+        nonlocal ahead
+        name, target, dtype, shape, ref, nbytes = pending.popleft()
+        ahead -= nbytes
+        return name, target, dtype, shape, None if ref is None else ray.get(ref)
+
+    try:
+        for name in state_dict:
+            if name in aliases:
+                pending.append((name, aliases[name], None, (), None, 0))
+            else:
+                array, dtype_name = to_numpy(state_dict[name])
+                ref = task.remote(ray.put(array), dtype_name, options_for(name))
+                pending.append((name, None, get_dtype(dtype_name), tuple(array.shape), ref, array.nbytes))
+                ahead += array.nbytes
+                del array
+            while len(pending) > window or (len(pending) > 1 and ahead > 4 * AHEAD_BYTES):
+                yield finish()
+        while pending:
+            yield finish()
+    finally:
+        for item in pending:
+            if item[4] is not None:
+                ray.cancel(item[4], force=True)
