@@ -294,8 +294,8 @@ def plan_fast(
 
                 points[name] = list(executor.map(trial, menu))
             shapes[name] = (tuple(array.shape), dtype)
-            if progress:
-                progress(name, array.size)
+            if progress:  # the units of the exhaustive search (one a setting: codec.rd.allocate.search_units)
+                progress(name, array.size * (1 if opts is not None else len(menu)))
             if budget_bytes is not None:  # refuse a budget that is clearly impossible (predictions: 10 % margin)
                 smallest = fixed_bytes + sum(min(p.nbytes for p in pts) for pts in points.values())
                 if smallest > 1.1 * budget_bytes:
