@@ -235,7 +235,8 @@ class Index:
     @property
     def file_minor(self) -> int:
         """The minor version a writer puts in the header: the smallest that defines every feature used."""
-        return max([0] + [FLAGS[bit][1] for bit in FLAGS if self.flags & bit])
+        codecs = [e.codec for e in self.entries if e.codec is not None] + [a.codec for a in self.attachments]
+        return max([0] + [FLAGS[bit][1] for bit in FLAGS if self.flags & bit] + [c.minor for c in codecs])
 
     @property
     def data_length(self) -> int:

@@ -35,6 +35,8 @@ class BlobCodec(ABC):
     codec_id: ClassVar[str]
     #: Whether decode(encode(x)) may differ from x.
     lossy: ClassVar[bool]
+    #: Parameters a later minor version added: absent in a file means their default.
+    optional: ClassVar[tuple[str, ...]] = ()
     #: Pixel bits of an image codec (0 for a byte codec).
     bits: ClassVar[int] = 0
 
@@ -55,16 +57,21 @@ class BlobCodec(ABC):
         """Build the codec from :meth:`get_config`'s output (validated).
 
         Every parameter the codec defines is required (FormatError if one is
-        missing); parameters it does not define are ignored, as unknown index
-        fields are (spec section 5): a later minor version may add
-        informative ones, never one that changes decoding.
+        missing), except those in :attr:`optional` (added by a later minor
+        version, absent means their default); parameters it does not define
+        are ignored, as unknown index fields are (spec section 5).
         """
         names = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-        missing = [p for p in names if p not in config]
+        missing = [p for p in names if p not in config and p not in cls.optional]
         if missing:
             raise FormatError(f"codec {cls.codec_id!r}: missing parameter {missing[0]!r} "
-                              f"(required: {', '.join(names)})")
-        return cls(**{p: config[p] for p in names})
+                              f"(required: {', '.join(p for p in names if p not in cls.optional)})")
+        return cls(**{p: config[p] for p in names if p in config})
+
+    @property
+    def minor(self) -> int:
+        """The format minor version that defines this codec with these parameters (0: format 1.0)."""
+        return 0
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "id")

@@ -33,12 +33,19 @@ class Zstd(BlobCodec):
     codec_id = "zstd"
     lossy = False
 
+    optional = ("exponent_first",)
+
     def __init__(self, level: int = 9, shuffle: bool = True, exponent_first: bool = False):
         self.level = check_params(self.codec_id, "level", level, int, -7, 22)
         self.shuffle = check_params(self.codec_id, "shuffle", shuffle, bool, 0, 1)
         self.exponent_first = check_params(self.codec_id, "exponent_first", exponent_first, bool, 0, 1)
         if self.exponent_first and not self.shuffle:
             raise FormatError("zstd: exponent_first needs shuffle")
+
+    @property
+    def minor(self) -> int:
+        """1 with ``exponent_first`` (format 1.1, spec 5.1.1), else 0."""
+        return 1 if self.exponent_first else 0
 
     def get_config(self) -> dict[str, Any]:
         config = {"id": self.codec_id, "level": self.level, "shuffle": self.shuffle}
