@@ -215,6 +215,7 @@ def save(
     tensor = None  # a lazy state_dict's tensors are fetched one at a time: hold none of them
     aliases = _aliases(state_dict)
     notes: list[str] = []
+    repaired = False
     if bits_per_weight is not None or max_error is not None:
         from .rd.allocate import WARNINGS_KEY, Distortion, norm_weightings
 
@@ -229,7 +230,8 @@ def save(
         if damaged:
             meta[WARNINGS_KEY] = "; ".join(damaged)
             notes += damaged
-        if inputs is not None:
+        repaired = inputs is not None
+        if repaired:
             state_dict = _repaired(model, state_dict, aliases, inputs, chosen, calib, calibration_progress, jobs,
                                    notes)
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
@@ -247,6 +249,13 @@ def save(
                 progress(name, math.prod(shape))
         for name, data in (attachments or {}).items():
             writer.add_attachment(name, data)
+    if repaired and bits_per_weight is not None and isinstance(path, (str, os.PathLike)):
+        # repair changes values after the plan: their coded size can differ from the planned one
+        weights = sum(math.prod(_shape(state_dict, n)) for n in state_dict if n not in aliases)
+        got = 8 * os.path.getsize(path) / max(weights, 1)
+        if got > bits_per_weight:
+            notes.append(f"repair: the file is {got:.3f} bits/weight, over the {bits_per_weight} asked for "
+                         f"(the repaired values code larger than planned)")
     return notes
 
 
