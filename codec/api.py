@@ -275,6 +275,7 @@ def save(
         update_base = as_base(base)
         matcher = Matcher(update_base)
         base_id = BaseId(update_base.digest(), len(update_base))
+    repaired = False
     if bits_per_weight is not None or max_error is not None:
         from .rd.allocate import WARNINGS_KEY, Distortion, norm_weightings
 
@@ -290,7 +291,8 @@ def save(
         if damaged:
             meta[WARNINGS_KEY] = "; ".join(damaged)
             notes += damaged
-        if inputs is not None:
+        repaired = inputs is not None
+        if repaired:
             state_dict = _repaired(model, state_dict, aliases, inputs, chosen, calib, calibration_progress, jobs,
                                    notes)
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
@@ -322,6 +324,13 @@ def save(
                 progress(name, math.prod(shape))
         for name, data in (attachments or {}).items():
             writer.add_attachment(name, data)
+    if repaired and bits_per_weight is not None and isinstance(path, (str, os.PathLike)):
+        # repair changes values after the plan: their coded size can differ from the planned one
+        weights = sum(math.prod(_shape(state_dict, n)) for n in state_dict if n not in aliases)
+        got = 8 * os.path.getsize(path) / max(weights, 1)
+        if got > bits_per_weight:
+            notes.append(f"repair: the file is {got:.3f} bits/weight, over the {bits_per_weight} asked for "
+                         f"(the repaired values code larger than planned)")
     return ignored_options(stored, opts, rules) + notes
 
 

@@ -353,7 +353,7 @@ def _fake_repair(calls):
     return types.SimpleNamespace(code_with_repair=code_with_repair)
 
 
-def test_repair_contract(monkeypatch):
+def test_repair_contract(monkeypatch, tmp_path):
     """With calibration inputs repair runs after the allocation with the chosen options and the Calibration;
     save codes the arrays it returns instead of the originals; repair=False leaves it out."""
     import sys
@@ -372,6 +372,10 @@ def test_repair_contract(monkeypatch):
     assert all(isinstance(o, codec.EncodeOptions) for o in options.values())
     back = codec.load(buf.getvalue())
     sd = model.state_dict()
+    path = tmp_path / "r.jwt"  # to a path: a file over the budget after repair is reported
+    notes = codec.save(model, path, bits_per_weight=3.0, calibration=x)
+    assert (8 * path.stat().st_size > 3.0 * sum(t.numel() for t in sd.values())) == any("over the 3.0" in n
+                                                                                      for n in notes)
     assert torch.equal(back["b.bias"], sd["b.bias"] + 1)  # biases are lossless: exactly what repair returned
     assert _rel(back["side.weight"], -sd["side.weight"]) < 0.5
     assert _rel(back["side.weight"], sd["side.weight"]) > 1.5
@@ -498,3 +502,18 @@ def test_cli_hugging_face_folder_with_sentences(tmp_path):
     back = transformers.BertModel(config)
     back.load_state_dict(codec.load(out), strict=False)
     assert _encode(folder, "-b", "12", "--calibration", tmp_path / "missing.txt").exit_code == 1
+
+
+def test_real_repair_through_save_keeps_the_budget():
+    """With codec.rd.repair present (after the merge), save(model, calibration=x) codes with repair by default:
+    the repaired values, coded with the planned options, keep the file within 2 % of the budget, and the
+    model still works (its accuracy against repair=False is the bench's business, not a test's)."""
+    pytest.importorskip("codec.rd.repair")
+    model, calib_x, test_x = _two_branch()
+    buf = io.BytesIO()
+    notes = codec.save(model, buf, bits_per_weight=3.0, calibration=calib_x)
+    assert any("repair" in note for note in notes)
+    assert len(buf.getvalue()) <= 3.0 * sum(p.numel() for p in model.parameters()) / 8 * 1.02
+    back = TwoBranch()
+    back.load_state_dict(codec.load(buf.getvalue()))
+    assert _rel(back(test_x).detach(), model(test_x).detach()) < 0.8
