@@ -280,3 +280,21 @@ def test_ray_missing_is_a_one_line_error(tmp_path, monkeypatch):
     r = CliRunner().invoke(cli, ["encode", str(tmp_path / "m.pt"), "--ray", "auto"])
     assert r.exit_code == 1 and "pip install" in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "m.jwt").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_safetensors_shards_are_not_kept_mapped(tmp_path):
+    """Encoding from shards reads tensors with plain reads: no shard stays mapped (address space = one tensor)."""
+    from safetensors.torch import save_file
+
+    from codec.io_formats import open_source
+
+    save_file({"a": torch.randn(64, 64)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"b": torch.randn(32, 8).to(torch.bfloat16)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}')
+    with open_source(tmp_path) as src:
+        a, b = src.tensors["a"], src.tensors["b"]
+        maps = open("/proc/self/maps").read()
+        assert "model-0000" not in maps
+        assert b.dtype == torch.bfloat16 and b.shape == (32, 8) and a.shape == (64, 64)
