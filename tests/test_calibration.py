@@ -179,7 +179,7 @@ def test_calibrated_allocation_moves_bits_to_the_layers_that_matter():
     for mode in ("data-free", "calibrated"):
         buf = io.BytesIO()
         if mode == "data-free":
-            codec.save(model.state_dict(), buf, bits_per_weight=3.0)
+            codec.save(model.state_dict(), buf, bits_per_weight=3.0, search="exhaustive")  # like for like
         else:
             codec.save(model, buf, bits_per_weight=3.0, calibration=calib_x, repair=False)
         back = TwoBranch()
@@ -281,12 +281,13 @@ def test_a_budget_that_destroys_a_tensor_says_so_and_names_the_budget_that_does_
     net, x = _bn_net()
     n = sum(t.numel() for t in net.state_dict().values())
     path = tmp_path / "low.jwt"
-    notes = codec.save(net.state_dict(), path, bits_per_weight=3.56)
+    low = 3.66  # just above the smallest encoding with room for the warning
+    notes = codec.save(net.state_dict(), path, bits_per_weight=low)
     notes = [n for n in notes if "no better than storing zeros" not in n]  # the coder's own warning, tested elsewhere
     assert len(notes) == 1 and notes[0].startswith("tensor 'features.3.weight': relative error")
-    assert path.stat().st_size <= 3.56 * n / 8
+    assert path.stat().st_size <= low * n / 8
     need = float(notes[0].split("; ")[1].split()[0])
-    assert 3.56 < need < 4
+    assert low < need < 4
     with codec.open(path) as f:
         assert f.metadata[A.WARNINGS_KEY] == notes[0]
     shown = CliRunner().invoke(cli, ["info", str(path)])

@@ -85,12 +85,15 @@ def test_update_round_trip_every_kind_of_tensor(tmp_path):
 
 
 def test_update_without_base_is_not_a_1_0_file_and_1_0_files_stay_1_0(tmp_path):
-    """An update has minor 1 and the flag 'update'; without a base, save writes the 1.0 header, as before."""
+    """An update has minor 1 and the flag 'update'; without a base, no flag: minor 1 only for the 1.1 zstd
+    parameter exponent_first (lossless floats), and a file without either is a 1.0 file, as before."""
     old, new = _models()
     codec.save(new, tmp_path / "u.jwt", base=old)
     codec.save(new, tmp_path / "m.jwt")
+    codec.save({"steps": torch.arange(10)}, tmp_path / "i.jwt")
     assert (tmp_path / "u.jwt").read_bytes()[8:16] == bytes([1, 0, 1, 0, 1, 0, 0, 0])
-    assert (tmp_path / "m.jwt").read_bytes()[8:16] == bytes([1, 0, 0, 0, 0, 0, 0, 0])
+    assert (tmp_path / "m.jwt").read_bytes()[8:16] == bytes([1, 0, 1, 0, 0, 0, 0, 0])
+    assert (tmp_path / "i.jwt").read_bytes()[8:16] == bytes([1, 0, 0, 0, 0, 0, 0, 0])
 
 
 def test_missing_or_wrong_base_is_refused_before_decoding(tmp_path):

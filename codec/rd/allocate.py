@@ -588,8 +588,10 @@ def plan_options(
         raise EncodeError("give exactly one of bits_per_weight and max_error")
     if search not in SEARCHES:
         raise ValueError(f"search={search!r}: use one of {', '.join(map(repr, SEARCHES))}")
-    plain = type(menu) is Menu and not measure_by.weightings  # what the fast search predicts from samples
-    if search == "fast" and bits_per_weight is not None and score is None and plain:
+    # what the fast search predicts from samples: the ordinary menu, measured data-free
+    plain = type(menu) is Menu and not measure_by.weightings
+    fast = search == "fast" and bits_per_weight is not None and bits_per_weight < HIGH_BITS_FROM
+    if fast and score is None and plain:
         from .fast import plan_fast
 
         return plan_fast(tensors, base, fixed, bits_per_weight=bits_per_weight, overhead_bytes=overhead_bytes,

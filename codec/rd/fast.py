@@ -292,10 +292,14 @@ def plan_fast(
                     def trial(item, name=name, array=array, dtype=dtype, rows=rows, sample=sample) -> Predicted:
                         return predict(name, tuple(array.shape), dtype, sample, item[0], item[1], rows)
 
-                points[name] = list(executor.map(trial, menu))
+                points[name] = []
+                for point in executor.map(trial, menu):
+                    points[name].append(point)
+                    if progress:  # one step a setting, as the exhaustive search (allocate.search_units)
+                        progress(name, array.size)
+            if progress and opts is not None:
+                progress(name, array.size)
             shapes[name] = (tuple(array.shape), dtype)
-            if progress:  # the units of the exhaustive search (one a setting: codec.rd.allocate.search_units)
-                progress(name, array.size * (1 if opts is not None else len(menu)))
             if budget_bytes is not None:  # refuse a budget that is clearly impossible (predictions: 10 % margin)
                 smallest = fixed_bytes + sum(min(p.nbytes for p in pts) for pts in points.values())
                 if smallest > 1.1 * budget_bytes:
