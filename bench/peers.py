@@ -53,7 +53,8 @@ def nncodec(arrays: dict[str, np.ndarray], qp: int = -38) -> Result:
     params = {}  # copies: the caller's arrays may share memory with the model being benchmarked
     for name, x in arrays.items():
         x = np.asarray(x)
-        params[name] = np.array(x, np.float32 if np.issubdtype(x.dtype, np.floating) else np.int32, order="C")
+        dtype = np.float32 if np.issubdtype(x.dtype, np.floating) else np.int32
+        params[name] = np.array(x, dtype, order="C", ndmin=1)  # NNR has no 0-d tensors (num_batches_tracked)
     bitstream = nnc.compress(params, bitstream_path=None, qp=qp, return_bitstream=True, verbose=False)
     decoded = nnc.decompress(bitstream, verbose=False)
     out = {name: np.array(decoded[name], dtype=np.float32).reshape(np.shape(x)) for name, x in arrays.items()}
