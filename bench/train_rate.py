@@ -45,8 +45,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     lines = ["# codec.train.rate against real files", "",
-             "Estimate (codec.train.rate) and real blob bytes (codec.save, stored_bytes) per setting. "
-             "`python -m bench.train_rate`.", ""]
+             ("Estimate (codec.train.rate) and real blob bytes (codec.save, stored_bytes) per setting. "
+              "`python -m bench.train_rate`."), ""]
     worst = 0.0
     for model, path in MODELS.items():
         state_dict = torch.load(path, weights_only=True)

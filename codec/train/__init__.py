@@ -9,4 +9,4 @@ model adapts to the exact file it will be stored as.
 from .finetune import coded_weights, finetune
 from .rate import as_setting, entropy_bits, rate, tensor_rate
 
-__all__ = ["rate", "tensor_rate", "entropy_bits", "as_setting", "finetune", "coded_weights"]
+__all__ = ["as_setting", "coded_weights", "entropy_bits", "finetune", "rate", "tensor_rate"]

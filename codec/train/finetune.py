@@ -21,7 +21,7 @@ from ..format import TensorEntry
 from ..tensorcodec import EncodeOptions, decode_tensor, encode_tensor
 from .rate import as_setting
 
-__all__ = ["finetune", "coded_weights"]
+__all__ = ["coded_weights", "finetune"]
 
 
 def coded_weights(model: torch.nn.Module, setting: EncodeOptions | str | Mapping | None = None,

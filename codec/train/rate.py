@@ -16,8 +16,8 @@
 The entropy is that of the histogram of the rounded values (the value is the hard histogram's, so it tracks the
 real size); its gradient is that of a soft histogram where each value splits between its two neighbouring integers
 in proportion to its distance (the rounding relaxed, in the spirit of Balle et al.'s additive noise). For JPEG the
-tiles are laid out in their blob images as the encoder lays them out (:func:`codec.tiling.blob_mosaic`). Measured against real
-files by ``python -m bench.train_rate`` (bench/results/train_rate.md).
+tiles are laid out in their blob images as the encoder lays them out (:func:`codec.tiling.blob_mosaic`). Measured
+against real files by ``python -m bench.train_rate`` (bench/results/train_rate.md).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .. import mapping, tiling
 from ..dtypes import get_dtype
 from ..tensorcodec import EncodeOptions, encode_tensor, not_applied, parse_spec
 
-__all__ = ["rate", "as_setting", "tensor_rate", "lossy_tensors"]
+__all__ = ["as_setting", "lossy_tensors", "rate", "tensor_rate"]
 
 LN2 = math.log(2.0)
 #: Real size over the order-0 entropy of the pixels (``quant``) or coefficients (``jpeg``), fitted on the bench
@@ -57,7 +57,8 @@ def as_setting(setting: EncodeOptions | str | Mapping | None) -> EncodeOptions:
             raise ValueError(f"setting: unknown option(s) {', '.join(unknown)}")
         opts = EncodeOptions(**setting)
     else:
-        raise TypeError(f"setting must be an EncodeOptions, a setting string or a mapping, not {type(setting).__name__}")
+        raise TypeError(f"setting must be an EncodeOptions, a setting string or a mapping, "
+                        f"not {type(setting).__name__}")
     if opts.codec not in ("quant", "jpeg", "lossless"):
         raise ValueError(f"setting: codec {opts.codec!r} has no rate model (quant, jpeg and lossless do)")
     return opts
@@ -104,7 +105,7 @@ def tensor_rate(t: torch.Tensor, opts: EncodeOptions) -> torch.Tensor:
     dtype = get_dtype(_dtype_name(t))
     shape = tuple(t.shape)
     lossless = opts.codec == "lossless" or (not_applied(shape, dtype, opts) or "").startswith("stored losslessly")
-    if lossless or not bool(torch.isfinite(t.detach()).all()):
+    if lossless:
         return torch.tensor(8.0 * _lossless_bytes(t, opts), dtype=torch.float32)
     if opts.codec == "jpeg" and (not_applied(shape, dtype, opts) or "").startswith("coded as 8-bit quant"):
         opts = opts.with_(codec="quant", bits=8)
@@ -114,6 +115,11 @@ def tensor_rate(t: torch.Tensor, opts: EncodeOptions) -> torch.Tensor:
     bits = opts.bits if opts.codec == "quant" else 8
     flat = tiles.reshape(len(tiles), -1)
     lo, hi = flat.amin(1), flat.amax(1)
+    if not bool(torch.isfinite(lo.detach()).all() and torch.isfinite(hi.detach()).all()):  # stored losslessly
+        return torch.tensor(8.0 * _lossless_bytes(t, opts), dtype=torch.float32)
+    # The gradient holds each tile's range fixed: it moves values within their tile's steps, and does not reward
+    # widening a range so that the rest rounds to one level (cheaper too: no gradient through min/max).
+    lo, hi = lo.detach(), hi.detach()
     step = ((hi - lo) / float((1 << bits) - 1)).clamp_min(1e-30)
     pixels = (tiles - lo[:, None, None]) / step[:, None, None]
     param_bits = 8.0 * 2 * mapping.PARAM_TYPES[t_plan.params] * t_plan.n_tiles
@@ -129,23 +135,43 @@ def tensor_rate(t: torch.Tensor, opts: EncodeOptions) -> torch.Tensor:
 def entropy_bits(values: torch.Tensor, low: int, high: int) -> torch.Tensor:
     """Bits of an order-0 code of ``round(values)`` (clipped to ``low..high``) in each row of ``values`` ([k, n] or
     [n]): the hard histogram's entropy as the value, a soft (two-neighbour) histogram's gradient."""
-    v = values.reshape(-1, values.shape[-1]) if values.dim() > 1 else values.reshape(1, -1)
-    k, n = v.shape
-    v = v.clamp(low, high) - low
-    width = high - low + 1
-    base = torch.arange(k).unsqueeze(1) * width
-    hard = torch.zeros(k * width).index_add_(0, (base + torch.round(v).long()).reshape(-1),
-                                             torch.ones(k * n)).reshape(k, width)
-    below = torch.floor(v.detach()).clamp(max=width - 2 if width > 1 else 0)
-    frac = v - below
-    idx = (base + below.long()).reshape(-1)
-    soft = torch.zeros(k * width + 1, dtype=v.dtype)
-    soft = soft.index_add(0, idx, (1 - frac).reshape(-1)).index_add(0, idx + 1, frac.reshape(-1))[: k * width]
-    soft = soft.reshape(k, width)
-    counts = hard + (soft - soft.detach())
-    p = counts / n
-    safe = torch.where(hard > 0, p, torch.ones_like(p))
-    return -(counts * torch.log(safe)).sum() / LN2
+    return _Entropy.apply(values, low, high)
+
+
+class _Entropy(torch.autograd.Function):
+    """Order-0 entropy bits of rounded values; backward: the derivative of the soft histogram's code length.
+
+    A value ``v`` between integers ``j`` and ``j + 1`` counts ``j + 1 - v`` toward bin ``j`` and ``v - j`` toward
+    ``j + 1``; the code length ``-sum c_k log2 p_k`` then changes by ``log2(p_j / p_{j+1})`` per unit of ``v``
+    (empty bins count half a value, so moving toward them costs).
+    """
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, low: int, high: int) -> torch.Tensor:
+        v = values.detach().reshape(-1, values.shape[-1]) if values.dim() > 1 else values.detach().reshape(1, -1)
+        k, n = v.shape
+        width = high - low + 1
+        v = v.clamp(low, high) - low
+        base = torch.arange(k).unsqueeze(1) * width
+        hard = torch.zeros(k * width, dtype=torch.float64)
+        hard.index_add_(0, (base + torch.round(v).long()).reshape(-1), torch.ones(k * n, dtype=torch.float64))
+        hard = hard.reshape(k, width)
+        p = hard / n
+        bits = -(hard * torch.log2(torch.where(hard > 0, p, torch.ones_like(p)))).sum()
+        ctx.save_for_backward(v, hard)
+        ctx.shape, ctx.width = values.shape, width
+        return bits.to(values.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        v, hard = ctx.saved_tensors
+        width = ctx.width
+        cost = -torch.log2(hard.clamp_min(0.5) / v.shape[1]).float()  # code length of one more value in each bin
+        cost = torch.cat([cost, cost[:, -1:]], dim=1)  # (a value at the top edge has no upper neighbour)
+        below = torch.floor(v).long().clamp(max=max(width - 2, 0))
+        slope = torch.gather(cost, 1, below + 1) - torch.gather(cost, 1, below)
+        inside = (v > 0) & (v < width - 1)  # clipped values do not move the histogram
+        return (grad * slope * inside).reshape(ctx.shape), None, None
 
 
 def _jpeg_bits(pixels: torch.Tensor, opts: EncodeOptions, t: tiling.Tiling) -> torch.Tensor:
@@ -182,14 +208,14 @@ def _table(opts: EncodeOptions, mode: str) -> str:
     return opts.table if opts.table != "auto" else ("jpeg" if mode == "rows" else "flat")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _qtable(quality: int, table: str) -> tuple[int, ...]:
     from ..blobcodecs.jpeg import quant_table
 
     return tuple(quant_table(quality, table))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dct_matrix() -> torch.Tensor:
     """The orthonormal 8-point DCT-II (JPEG's FDCT is ``D @ block @ D.T``)."""
     k = np.arange(8)
@@ -198,7 +224,7 @@ def _dct_matrix() -> torch.Tensor:
     return torch.tensor(d, dtype=torch.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jpeg_header_bytes(quality: int, table: str) -> int:
     """Bytes of a real JPEG of a constant 64x64 image at this setting: its headers and tables (and a few bytes
     of body)."""
@@ -207,7 +233,7 @@ def _jpeg_header_bytes(quality: int, table: str) -> int:
     return len(Jpeg(quality=quality, table=table).encode(np.full((64, 64), 128, np.uint8)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _zstd_frame_bytes() -> int:
     from ..blobcodecs import Zstd
 
