@@ -190,3 +190,21 @@ def test_bad_arguments_are_one_line_errors(call, error, match):
     with pytest.raises(error, match=match) as info:
         call(model, data, quant_options(model))
     assert "\n" not in str(info.value)
+
+
+def test_repair_through_save_keeps_a_batchnorm_counter(tmp_path):
+    """A BatchNorm's 0-d num_batches_tracked (int64) goes through repair and decodes unchanged."""
+    import codec
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(8 * 26 * 26, 10))
+    x = torch.randn(64, 1, 28, 28)
+    net.train()
+    net(x)
+    net.eval()
+    path = tmp_path / "bn.jwt"
+    codec.save(net, path, bits_per_weight=3.0, calibration=x)
+    back = codec.load(path)
+    assert back["1.num_batches_tracked"].shape == () and int(back["1.num_batches_tracked"]) == 1
+    assert set(back) == set(net.state_dict())

@@ -199,9 +199,9 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     targets = {}
     for slot in slots.values():
         value = slot.target if slot.lossy else to_numpy(slot.tensor)[0]
-        value = None if value is None else np.ascontiguousarray(value)
-        if value is not None and not np.array_equal(value.view(np.uint8), slot.original.view(np.uint8)):
-            targets[slot.name] = value.copy()
+        value = None if value is None else np.array(value, order="C")  # a copy; 0-d stays 0-d
+        if value is not None and value.tobytes() != slot.original.tobytes():  # bit-exact (0-d tensors too)
+            targets[slot.name] = value
     done = [label for label, on in (("refit", settings.refit), ("GPTQ", settings.gptq),
                                     ("least-squares bias", settings.bias_correction),
                                     (f"{settings.steps} distillation steps each", settings.steps > 0)) if on]
