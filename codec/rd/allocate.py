@@ -74,8 +74,8 @@ from ..tensorcodec import Encoded, EncodeOptions, decode_tensor, encode_tensor, 
 __all__ = ["RDPoint", "Menu", "Weighting", "Distortion", "DATA_FREE", "DAMAGE", "WARNINGS_KEY", "norm_weightings",
            "pareto_front", "candidates", "measure", "distortion", "image_side", "row_images", "lower_hull",
            "allocate_budget", "fill_budget", "allocate_max_error", "sensitivities", "plan_options", "search_units",
-           "high_bit_candidates", "JPEG_QUALITIES", "QUANT_BITS", "HIGH_QUANT_BITS", "HIGH_BITS_FROM", "ROW_TABLES",
-           "TILES"]
+           "high_bit_candidates", "with_row_images", "JPEG_QUALITIES", "QUANT_BITS", "HIGH_QUANT_BITS",
+           "HIGH_BITS_FROM", "ROW_TABLES", "TILES"]
 
 #: JPEG qualities on each tensor's menu.
 JPEG_QUALITIES = (5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 85, 90, 95, 98)
@@ -207,6 +207,18 @@ def row_images(shape: tuple[int, ...], base: EncodeOptions, input_layer: bool) -
         return base.row_shape
     k = image_side(shape) if input_layer else None
     return (k, k) if k is not None else None
+
+
+def with_row_images(tensors: Iterable[tuple[str, np.ndarray, DType]],
+                    base: EncodeOptions) -> Iterator[tuple[str, np.ndarray, DType, tuple[int, int] | None]]:
+    """``(name, array, dtype, rows)`` for each tensor: ``rows`` is :func:`row_images` of a floating matrix,
+    the first one counting as the model's input layer; None for anything else."""
+    seen_matrix = False
+    for name, array, dtype in tensors:
+        is_matrix = array.ndim >= 2 and dtype.floating
+        rows = row_images(array.shape, base, input_layer=not seen_matrix) if is_matrix else None
+        seen_matrix |= is_matrix
+        yield name, array, dtype, rows
 
 
 def _prior_energy(matrix: np.ndarray, rows: tuple[int, int]) -> float:
@@ -601,13 +613,10 @@ def plan_options(
     probes: dict[str, dict[str, np.ndarray]] = {}
     fixed_bytes, weights_total = overhead_bytes, 0
     images: dict[str, tuple[int, int] | None] = {}
-    seen_matrix = False
     with make_executor(jobs) as executor:
-        for name, array, dtype in tensors():
+        for name, array, dtype, rows in with_row_images(tensors(), base):
             weights_total += array.size
-            is_matrix = array.ndim >= 2 and dtype.floating
-            rows = images[name] = row_images(array.shape, base, input_layer=not seen_matrix) if is_matrix else None
-            seen_matrix |= is_matrix
+            images[name] = rows
             opts = fixed(name)
             if opts is not None:
                 forced[name] = opts

@@ -59,7 +59,7 @@ from .allocate import (
     entry_bytes,
     fill_budget,
     lower_hull,
-    row_images,
+    with_row_images,
 )
 
 __all__ = ["SAMPLE_WEIGHTS", "BLOCK_H", "BLOCK_W", "sample_matrix", "predict", "plan_fast"]
@@ -263,15 +263,12 @@ def plan_fast(
     shapes: dict[str, tuple[tuple[int, ...], DType]] = {}
     forced: dict[str, EncodeOptions] = {}
     fixed_bytes, weights_total = overhead_bytes, 0
-    seen_matrix = False
     budget_bytes = int(bits_per_weight * total_weights / 8) if total_weights else None
     with make_executor(jobs) as executor:
         window = 2 * getattr(executor, "_max_workers", 1)
-        for name, array, dtype in tensors():
+        for name, array, dtype, rows in with_row_images(tensors(), base):
             weights_total += array.size
-            is_matrix = array.ndim >= 2 and dtype.floating
-            rows = images[name] = row_images(array.shape, base, input_layer=not seen_matrix) if is_matrix else None
-            seen_matrix |= is_matrix
+            images[name] = rows
             opts = fixed(name)
             if opts is not None:
                 forced[name] = opts
