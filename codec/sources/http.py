@@ -164,16 +164,7 @@ class HttpSource:
         if end <= len(self._head):
             return self._head[offset:end]
         if not self.ranges:
-            with self._lock:
-                stream = self._stream = self._whole_from(offset)
-                try:
-                    data = _read_upto(stream, length)
-                except BaseException:
-                    stream.close()
-                    self._stream = None
-                    raise
-                self._stream_pos = offset + len(data)
-                return data
+            return self._read_from(offset, length, read=_read_upto)
         return self._read_body(self._ranged(offset, end - 1), length)
 
     def stream_from(self, offset: int) -> _Body | _Shared:
@@ -183,12 +174,13 @@ class HttpSource:
             return _Shared(self, offset)
         return _Body(self._ranged(offset, None), self.url, self.timeout)
 
-    def _read_from(self, offset: int, n: int) -> bytes:
-        """Without Range support: up to ``n`` bytes at ``offset`` from the whole-file response (one read)."""
+    def _read_from(self, offset: int, n: int, read: Any = None) -> bytes:
+        """Without Range support: up to ``n`` bytes at ``offset`` from the whole-file response, by one
+        ``stream.read(n)`` or by ``read(stream, n)`` (e.g. :func:`_read_upto`: all ``n`` unless the file ends)."""
         with self._lock:
             stream = self._stream = self._whole_from(offset)
             try:
-                data = stream.read(n)
+                data = stream.read(n) if read is None else read(stream, n)
             except BaseException:
                 stream.close()
                 self._stream = None
