@@ -59,6 +59,38 @@ def check_input(path: str, *, folder_ok: bool = False, what: str = "a .jwt file"
         raise fail(f"{path}: no such file" + (" or folder" if folder_ok else ""))
 
 
+def update_base(inputs: list[str], base: Path | None) -> Any:
+    """The base an update among the .jwt ``inputs`` is decoded against (``--base``), decoded once, or None.
+
+    A usage error (exit 2) when an input is an update and no ``--base`` was given; a note on stderr when
+    ``--base`` was given and no input is an update; a missing base file fails (exit 1). A wrong base is
+    refused later, when the update is opened with it (one line naming the first tensor that differs).
+    """
+    from codec import io_formats
+    from codec.api import as_base
+    from codec.reader import Reader
+
+    updates = []
+    for path in inputs:
+        if is_url(path) or (Path(path).is_file() and io_formats.detect_format(path) == "jwt"):
+            with Reader(path) as reader:
+                if reader.is_update:
+                    updates.append((path, reader.index.base.sha256))
+    if updates and base is None:
+        path, digest = updates[0]
+        raise click.UsageError(f"{path} is an update: give the model it was made against with --base MODEL "
+                               f"(the one whose digest is sha256:{digest})")
+    if base is None:
+        return None
+    if not base.exists():
+        raise fail(f"{base}: no such file (--base)")
+    if not updates:
+        which = f"{inputs[0]} is" if len(inputs) == 1 else f"neither {' nor '.join(inputs)} is"
+        click.echo(f"jwt: note: --base {base} is not used: {which} an update", err=True)
+        return None
+    return as_base(base)
+
+
 def check_encode_options(options: dict[str, Any], rules: list[tuple[str, str]], searching: bool) -> None:
     """A usage error (exit 2) for options that contradict each other by themselves, before any work.
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import check_input, fail, handle_errors
+from .common import check_input, fail, handle_errors, update_base
 
 
 def _shape(shape) -> str:
@@ -47,8 +47,9 @@ def _jwt_costs(source) -> tuple[dict[str, tuple[str, float | None, int]], int] |
         for e in reader.index.entries:
             if e.alias is not None:
                 out[e.name] = (f"={e.alias}", None, 0)
-            else:
-                codec_id = "unchanged" if e.codec is None else e.codec.codec_id  # an update's entry (no blobs)
+            else:  # an update's entry is its base tensor as is ("unchanged") or plus a coded difference
+                codec_id = e.codec.codec_id if e.base is None else "unchanged" if e.unchanged else \
+                    f"{e.codec.codec_id}+base"
                 out[e.name] = (codec_id, 8 * e.stored_bytes / e.numel if e.numel else 0.0, e.stored_bytes)
         return out, reader.size
 
@@ -64,11 +65,14 @@ def finite_json(value):
     return value
 
 
-def diff_models(path_a: str | Path, path_b: str | Path) -> dict:
-    """The ``--json`` document: per-tensor errors of B against A, costs of the .jwt side(s), totals."""
+def diff_models(path_a: str | Path, path_b: str | Path, base=None) -> dict:
+    """The ``--json`` document: per-tensor errors of B against A, costs of the .jwt side(s), totals.
+
+    ``base`` (a :class:`codec.update.Base`): what a side that is an update is decoded against; the costs
+    of an update side are those of the update file."""
     from codec import io_formats
 
-    with io_formats.open_source(path_a) as src_a, io_formats.open_source(path_b) as src_b:
+    with io_formats.open_source(path_a, base=base) as src_a, io_formats.open_source(path_b, base=base) as src_b:
         jwt_sides = {"a": _jwt_costs(src_a), "b": _jwt_costs(src_b)}
         costs = {side: None if found is None else found[0] for side, found in jwt_sides.items()}
         names_a, names_b = list(src_a.tensors), set(src_b.tensors)
@@ -160,24 +164,32 @@ def table(doc: dict) -> list[str]:
 @click.argument("b", type=str)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document for scripts (spec/cli.md): valid "
               "JSON, NaN and infinite values as null.")
+@click.option("--base", type=click.Path(path_type=Path), metavar="MODEL",
+              help="When A or B (or both) is an update: the model it was made against (.jwt, .pt/.pth, "
+                   ".safetensors or a folder); the update is compared as the new model it decodes to. A wrong "
+                   "or modified base is refused, naming the first tensor that differs.")
 @handle_errors
-def diff(a: str, b: str, as_json: bool) -> None:
+def diff(a: str, b: str, as_json: bool, base: Path | None = None) -> None:
     """Compare two models tensor by tensor: relative and max error of B against A.
 
     A and B are each a .pt, .safetensors, .jwt file, a model folder or
     the http(s):// URL of a .jwt file.
     The relative error is ||B - A|| / ||A|| per tensor, and over all
     tensors in the total line; bits/weight is the stored cost of a .jwt
-    side, from its index.
+    side, from its index. An update (made with jwt encode --base) is
+    compared as the model it decodes to, against --base; its codec column
+    reads "unchanged" or "CODEC+base" (a coded difference).
 
     \b
     Examples:
       jwt diff model.pt model.jwt
       jwt diff all-MiniLM-L6-v2/ minilm.jwt
+      jwt diff v2.pt v2-update.jwt --base v1.jwt     (the update's error)
+      jwt diff v1.jwt v2-update.jwt --base v1.jwt    (what the update changes)
     """
     for p in (a, b):
         check_input(p, folder_ok=True, what="a model")
-    doc = diff_models(a, b)
+    doc = diff_models(a, b, base=update_base([a, b], base))
     if as_json:
         click.echo(json.dumps(finite_json(doc), indent=1, ensure_ascii=False, allow_nan=False))
         return

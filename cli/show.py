@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .common import check_input, fail, handle_errors, is_url
+from .common import check_input, fail, handle_errors, is_url, update_base
 
 if TYPE_CHECKING:  # numpy and codec.tiling are imported when the command runs, not for ``jwt --help``
     import numpy as np
@@ -211,8 +211,13 @@ def describe_codec(entry) -> str:
     """The codec and tiling of an entry in a few words."""
     if entry.alias is not None:
         return f"alias of {entry.alias!r}"
+    ref = getattr(entry, "base", None)  # an update's entry: unchanged, or a difference from a base tensor
+    if ref is not None and entry.codec is None:
+        return f"unchanged from base tensor {ref.name!r}, {list(entry.shape)} {entry.dtype.name}"
     params = ", ".join(f"{k}={v}" for k, v in entry.codec.get_config().items() if k != "id")
     text = f"{entry.codec.codec_id} ({params})"
+    if ref is not None:
+        text = f"base {ref.name!r} + difference {text}"
     if entry.tiling is not None:
         t = entry.tiling
         text += f", {t.mode} tiles {t.tile_h}x{t.tile_w}"
@@ -256,12 +261,16 @@ def _default_output(input: str, tensor: str, tile: int | None) -> Path:
 @click.option("--original", type=str,
               help="The original weights (.pt, .safetensors, model folder, .jwt or a .jwt URL): adds the original "
                    "and an error map.")
+@click.option("--base", type=click.Path(path_type=Path), metavar="MODEL",
+              help="When INPUT is an update: the model it was made against (.jwt, .pt/.pth, .safetensors or a "
+                   "folder). The tensor is drawn as the new model has it (base + difference). A wrong or modified "
+                   "base is refused, naming the first tensor that differs.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Picture to write: .png, .jpg, .pdf or .svg (default: INPUT.TENSOR[.tileN].png beside INPUT, "
                    "long or non-ASCII names shortened with a hash; for a URL, in the current folder).")
 @handle_errors
 def show(input: str, tensor: str, tile: int | None, count: int, original: str | None,
-         output: Path | None) -> None:
+         output: Path | None, base: Path | None = None) -> None:
     """Draw a tensor's tiles after decoding, as stored in the mosaic, into a PNG.
 
     A tile is a 64x64 block of the weight matrix in grid mode, or one
@@ -270,12 +279,15 @@ def show(input: str, tensor: str, tile: int | None, count: int, original: str | 
     beside it, with the tile's relative error in the title. Without
     --tile, the first --count tiles are drawn as a grid, each scaled to its
     own range (as the codec maps each tile to its own pixel range).
-    INPUT is a .jwt file or an http(s):// URL of one.
+    INPUT is a .jwt file or an http(s):// URL of one. An update (made
+    with jwt encode --base) needs --base, its base model; with --original
+    set to the base as well, the error map shows what the update changed.
 
     \b
     Examples:
       jwt show mlp.jwt fc1.weight --original mlp.pt -o fc1.png
       jwt show mlp.jwt fc1.weight --tile 7 --original mlp.pt -o fc1_7.jpg
+      jwt show v2-update.jwt fc1.weight --base v1.jwt --original v2.pt
     """
     from codec import io_formats
     from codec.api import JwtFile
@@ -285,7 +297,8 @@ def show(input: str, tensor: str, tile: int | None, count: int, original: str | 
     check_input(input, folder_ok=False)
     if original is not None:
         check_input(original, folder_ok=True)
-    with JwtFile(input) as f:
+    base_model = update_base([input], base)
+    with JwtFile(input, base=base_model) as f:
         f.reader.name = str(input)
         if tensor not in f:
             near = [k for k in f.keys() if tensor.lower() in k.lower()][:5]

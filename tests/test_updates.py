@@ -249,13 +249,51 @@ def test_writer_refuses_base_references_it_cannot_write(tmp_path):
         w.add("x", get_dtype("int32"), (4,), encoded, base=ref)
 
 
-def test_diff_and_show_on_an_update_fail_on_one_line(tmp_path):
-    """jwt diff and jwt show have no --base: on an update they say so in one line (no traceback)."""
+def test_show_and_diff_with_base_read_an_update_as_the_new_model(tmp_path):
+    """jwt show/diff --base: the update decodes to the new model; the error against the new model is small and
+    against the base is the change; costs are the update's; missing base: usage (2); wrong base: one line (1)."""
     old, new = _models()
-    codec.save(new, tmp_path / "u.jwt", base=old)
+    torch.save(old, tmp_path / "old.pt")
     torch.save(new, tmp_path / "new.pt")
-    for args in (("diff", tmp_path / "new.pt", tmp_path / "u.jwt"), ("show", tmp_path / "u.jwt", "frozen.weight",
-                                                                     "-o", tmp_path / "x.png")):
-        r = run(*args)
-        assert r.exit_code == 1 and "needs its base" in r.output, r.output
-        assert len(r.output.strip().splitlines()) == 1
+    codec.save(old, tmp_path / "old.jwt")
+    codec.save(new, tmp_path / "u.jwt", base=tmp_path / "old.jwt")
+    u, png = tmp_path / "u.jwt", tmp_path / "x.png"
+
+    def rel(doc, name):
+        return {t["name"]: t for t in doc["tensors"]}[name]["rel_error"]
+
+    r = run("diff", tmp_path / "new.pt", u, "--base", tmp_path / "old.jwt", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    rows = {t["name"]: t for t in doc["tensors"]}
+    assert rows["frozen.weight"]["codec_b"] == "unchanged" and rows["fc1.weight"]["codec_b"].endswith("+base")
+    assert rel(doc, "fc1.weight") < 0.01 and doc["totals"]["file_bytes_b"] == u.stat().st_size
+    r = run("diff", tmp_path / "old.jwt", u, "--base", tmp_path / "old.jwt", "--json")  # what the update changes
+    assert r.exit_code == 0, r.output
+    change = float((new["fc1.weight"] - old["fc1.weight"]).norm() / old["fc1.weight"].norm())
+    assert rel(json.loads(r.output), "fc1.weight") == pytest.approx(change, rel=0.2)
+    r = run("diff", u, u, "--base", tmp_path / "old.jwt")  # both sides updates of one base
+    assert r.exit_code == 0 and "total (9 tensors)" in r.output, r.output
+
+    r = run("show", u, "fc1.weight", "--base", tmp_path / "old.jwt", "--original", tmp_path / "new.pt", "-o", png)
+    assert r.exit_code == 0 and png.stat().st_size > 0, r.output
+    assert float(r.output.split("relative error ")[1].rstrip().rstrip("%")) < 1.0, r.output
+    png.unlink()
+    r = run("show", u, "fc1.weight", "--base", tmp_path / "old.jwt", "--original", tmp_path / "old.pt", "-o", png)
+    assert r.exit_code == 0, r.output
+    assert float(r.output.split("relative error ")[1].rstrip().rstrip("%")) > 2.0, r.output
+
+    png.unlink()
+    for args in (("diff", tmp_path / "new.pt", u), ("show", u, "fc1.weight", "-o", png)):
+        r = run(*args)  # no base: a usage message naming the update and the option
+        assert r.exit_code == 2 and "u.jwt is an update" in r.output and "--base" in r.output, r.output
+        r = run(*args, "--base", tmp_path / "old.pt")  # the original, not the base as decoded: refused
+        assert r.exit_code == 1 and "tensor 'fc1.weight' differs" in r.output and "Traceback" not in r.output
+        assert len(r.output.strip().splitlines()) == 1, r.output
+        r = run(*args, "--base", tmp_path / "missing.jwt")
+        assert r.exit_code == 1 and "missing.jwt: no such file" in r.output, r.output
+        r = run(*args, "--base", u)  # an update is no base
+        assert r.exit_code == 1 and "is itself an update" in r.output, r.output
+        assert not png.exists()
+    r = run("diff", tmp_path / "new.pt", tmp_path / "old.jwt", "--base", tmp_path / "old.jwt")
+    assert r.exit_code == 0 and "is not used: neither" in r.output, r.output
