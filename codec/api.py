@@ -269,6 +269,10 @@ def save(
     if base is not None:
         if ray is not None:
             raise EncodeError("ray= and base= together are not supported yet: encode the update locally")
+        if repair:  # repair codes whole weights, not differences: its values would not be what the plan coded
+            raise ValueError("repair=True and base= together are not supported: an update is calibrated without "
+                             "repair (repair=False)")
+        repair = False
         from .format import BaseId
         from .update.plan import Matcher
 
@@ -458,7 +462,7 @@ def _encode_in_order(state_dict: Mapping[str, torch.Tensor], aliases: dict[str, 
                 dtype = get_dtype(dtype_name)
                 opts = options_for(name)
                 mode, ref = ("full", None) if matcher is None else matcher.decide(name, array, dtype, opts)
-                coded = matcher.delta_array(name, array, dtype) if mode == "delta" else array
+                coded = matcher.delta_array(name, array, dtype, opts) if mode == "delta" else array
                 job = None if mode == "unchanged" else start_encode(coded, dtype, opts, executor, check=True)
                 pending.append((name, None, dtype, tuple(array.shape), job, array.nbytes, ref))
                 ahead += array.nbytes

@@ -297,3 +297,65 @@ def test_show_and_diff_with_base_read_an_update_as_the_new_model(tmp_path):
         assert not png.exists()
     r = run("diff", tmp_path / "new.pt", tmp_path / "old.jwt", "--base", tmp_path / "old.jwt")
     assert r.exit_code == 0 and "is not used: neither" in r.output, r.output
+
+
+def test_round_significand_keeps_the_bits_asked_and_is_exact_on_values_that_have_them():
+    """Each element within 2**-(bits+1) of itself (relative), exact where it already fits; every float dtype."""
+    from codec.api import to_numpy
+    from codec.dtypes import get_dtype, to_float64
+    from codec.update.delta import round_significand
+
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal(4096) * 10.0 ** rng.integers(-6, 3, 4096)
+    for name in ("float64", "float32", "float16", "bfloat16"):
+        dtype = get_dtype(name)
+        stored = to_numpy(torch.from_numpy(values).to(getattr(torch, name)))[0]
+        for bits in (1, 3, 6):
+            x = to_float64(stored, dtype)
+            y = to_float64(round_significand(stored, dtype, bits), dtype)
+            assert np.all(np.abs(y - x) <= np.abs(x) * 2.0 ** -(bits + 1)), (name, bits)
+            assert np.array_equal(to_float64(round_significand(round_significand(stored, dtype, bits), dtype, bits),
+                                             dtype), y), (name, bits)  # already rounded: unchanged
+        assert not np.array_equal(y, x)
+
+
+def test_a_changed_vector_can_be_coded_as_a_rounded_difference_at_a_low_budget(tmp_path):
+    """A bias's difference (no lossy codec takes a vector) is coded with its significands rounded: cheaper than
+    the exact difference, closer than leaving the base's bias."""
+    from codec.reader import Reader
+
+    g = torch.Generator().manual_seed(0)
+    old = {"fc.weight": torch.randn(256, 256, generator=g) * 0.05, "fc.bias": torch.randn(1024, generator=g) * 0.1}
+    new = {"fc.weight": old["fc.weight"] + 0.004 * torch.randn(256, 256, generator=g),
+           "fc.bias": old["fc.bias"] + 0.01 * torch.randn(1024, generator=g)}
+    path = tmp_path / "u.jwt"
+    codec.save(new, path, base=old, bits_per_weight=0.2, jobs=1)
+    with Reader(path) as r:
+        bias = r.entry("fc.bias")
+    assert bias.base is not None and bias.codec is not None and bias.stored_bytes < 1024 * 4 / 3
+    decoded = codec.load(path, base=old)["fc.bias"]
+    change = new["fc.bias"] - old["fc.bias"]
+    error = decoded - new["fc.bias"]
+    assert 0 < float(error.norm()) < 0.5 * float(change.norm())
+    assert torch.all(error.abs() <= change.abs() * 0.25 + 1e-7)  # at worst one significand bit: 2**-2 of it
+
+
+def test_repair_is_refused_with_a_base_and_off_by_default_for_an_update(tmp_path):
+    """Repair codes whole weights, not differences: repair=True with base= is a ValueError; calibration= alone
+    gives an update within the budget."""
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 16))
+    old = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    inputs = torch.randn(64, 64, generator=g)
+    with pytest.raises(ValueError, match="repair=True and base="):
+        codec.save(model, tmp_path / "r.jwt", base=old, bits_per_weight=1.0, calibration=inputs, repair=True)
+    assert not (tmp_path / "r.jwt").exists()
+    codec.save(model, tmp_path / "c.jwt", base=old, bits_per_weight=3.0, calibration=inputs, jobs=1)
+    weights = sum(p.numel() for p in model.state_dict().values())
+    assert 8 * (tmp_path / "c.jwt").stat().st_size / weights <= 3.0
+    decoded, new = codec.load(tmp_path / "c.jwt", base=old), model.state_dict()
+    error = sum(float((decoded[k] - new[k]).norm() ** 2) for k in new)
+    assert error < 0.5 * sum(float((old[k] - new[k]).norm() ** 2) for k in new)  # closer to new than the base is

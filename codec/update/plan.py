@@ -9,7 +9,9 @@ may be coded: *unchanged* (bit-identical: no blobs), as a *difference*
 (:func:`codec.rd.allocate.plan_options`): its candidates are the usual
 full ones, the same settings applied to the difference, a zero difference
 (an unchanged entry) and settings too coarse for a model but useful for a
-small difference (``quant`` 1-bit, JPEG quality 1 to 3). Every candidate
+small difference (``quant`` 1-bit, JPEG quality 1 to 3; for a vector, whose
+difference only the lossless codec can hold, the difference with its
+significands rounded to a few bits). Every candidate
 is measured on the reconstructed new weights (``base + decoded
 difference``), so the search trades bytes against the error that matters.
 Pure numpy.
@@ -28,22 +30,28 @@ from ..format import BaseRef, TensorEntry
 from ..rd import allocate
 from ..tensorcodec import Encoded, EncodeOptions, decode_tensor, encode_tensor
 from .base import Base, tensor_sha256
-from .delta import add_difference, difference
+from .delta import add_difference, difference, round_significand
 
-__all__ = ["UpdateOptions", "Matcher", "UpdateMenu", "DELTA_QUALITIES", "DELTA_QUANT_BITS"]
+__all__ = ["UpdateOptions", "Matcher", "UpdateMenu", "DELTA_QUALITIES", "DELTA_QUANT_BITS", "DELTA_SIGNIFICAND_BITS"]
 
 #: JPEG qualities added to a difference's menu (below the model menu's lowest): the
 #: flat table saturates at 255 below quality 7, so it gets the first only; the ramps differ.
 DELTA_QUALITIES = (1, 2, 3)
 #: quant pixel bits added to a difference's menu.
 DELTA_QUANT_BITS = (1,)
+#: Significand bits kept of a lossless difference (a vector's): about 2**-(bits+1) relative error an element.
+DELTA_SIGNIFICAND_BITS = (1, 3, 6)
+#: Significand bits (after the leading one) of the dtypes whose differences may be rounded.
+SIGNIFICAND = {"float64": 52, "float32": 23, "float16": 10, "bfloat16": 7}
 
 
 @dataclass(frozen=True)
 class UpdateOptions(EncodeOptions):
-    """Encoding options of one tensor of an update: ``mode`` is "full", "delta" or "unchanged"."""
+    """Encoding options of one tensor of an update: ``mode`` is "full", "delta" or "unchanged";
+    ``significand_bits``: a delta's difference rounded to that many significand bits before coding (None: kept)."""
 
     mode: str = "full"
+    significand_bits: int | None = None
 
 
 class Matcher:
@@ -98,9 +106,13 @@ class Matcher:
             return "delta", self.ref(name)
         return "full", None
 
-    def delta_array(self, name: str, array: np.ndarray, dtype: DType) -> np.ndarray:
-        """What a difference entry codes: ``new - base`` rounded to the dtype."""
-        return difference(array, self.base.array(name), dtype)
+    def delta_array(self, name: str, array: np.ndarray, dtype: DType, options: EncodeOptions | None = None
+                    ) -> np.ndarray:
+        """What a difference entry codes: ``new - base`` rounded to the dtype (and to the options'
+        ``significand_bits``)."""
+        diff = difference(array, self.base.array(name), dtype)
+        bits = getattr(options, "significand_bits", None)
+        return diff if bits is None else round_significand(diff, dtype, bits)
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -148,8 +160,11 @@ class UpdateMenu(allocate.Menu):
                                                                                   row_shape=rows))
                           for t in allocate.ROW_TABLES if rows is not None
                           for q in (DELTA_QUALITIES[:1] if t == "flat" else DELTA_QUALITIES)]
-        else:  # a vector or a small matrix: the difference losslessly (the sum rounds once)
-            delta = [("lossless", base.with_(codec="lossless"))]
+        else:  # a vector or a small matrix: the difference losslessly (the sum rounds once), or rounded first
+            lossless = UpdateOptions(**_fields(base.with_(codec="lossless")), mode="delta")
+            return menu + [("delta lossless", lossless)] + [
+                (f"delta lossless s{b}", UpdateOptions(**{**_fields(lossless), "mode": "delta", "significand_bits": b}))
+                for b in DELTA_SIGNIFICAND_BITS if b < SIGNIFICAND.get(dtype.name, 0)]
         return menu + [(f"delta {label}", UpdateOptions(**_fields(o), mode="delta")) for label, o in delta]
 
     def measure(self, name: str, array: np.ndarray, dtype: DType, label: str, options: EncodeOptions,
@@ -165,7 +180,7 @@ class UpdateMenu(allocate.Menu):
             nbytes = len(json.dumps(TensorEntry(name, dtype, shape, base=ref).to_json(), ensure_ascii=False,
                                     separators=(",", ":")).encode()) + 1
         else:
-            encoded: Encoded = encode_tensor(self.matcher.delta_array(name, array, dtype), dtype, options)
+            encoded: Encoded = encode_tensor(self.matcher.delta_array(name, array, dtype, options), dtype, options)
             entry = TensorEntry(name, dtype, shape, encoded.codec, encoded.tiling)
             recon = add_difference(base, decode_tensor(entry, encoded.blobs), dtype)
             nbytes = (sum(map(len, encoded.blobs)) + _ref_bytes(ref)
