@@ -1,4 +1,4 @@
-"""Big models: the fast rate search, lossless speed paths, sharded folders, Ray."""
+"""Big models: the fast rate search, lossless speed paths, sharded folders (Ray: test_ray.py)."""
 
 from __future__ import annotations
 
@@ -231,55 +231,6 @@ def test_sharded_folder_reencodes_from_its_shards(tmp_path):
     encode_model(tmp_path / "f", tmp_path / "again.jwt", codec="lossless")
     back = codec.load(tmp_path / "again.jwt")
     assert all(torch.equal(back[k], v) for k, v in sd.items())
-
-
-# -- Ray ----------------------------------------------------------------------------------------------------------
-
-
-def _ray_model() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(5)
-    sd = {f"l{i}.weight": torch.randn(256, 200 + 8 * i, generator=g) for i in range(4)}
-    sd["emb"] = torch.randn(512, 64, generator=g).to(torch.bfloat16)
-    sd["l0.bias"] = torch.randn(256, generator=g)
-    sd["tied"] = sd["emb"]
-    return sd
-
-
-def test_ray_encode_is_byte_identical_to_a_local_one(tmp_path):
-    """codec.save(ray=) on a local 2-CPU Ray cluster writes the same bytes as jobs=1, default and quality settings."""
-    ray = pytest.importorskip("ray")
-    sd = _ray_model()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        for options in ({}, {"quality": 40}):
-            codec.save(sd, tmp_path / "local.jwt", jobs=1, **options)
-            codec.save(sd, tmp_path / "ray.jwt", ray="auto", **options)
-            assert (tmp_path / "ray.jwt").read_bytes() == (tmp_path / "local.jwt").read_bytes()
-    finally:
-        ray.shutdown()
-
-
-def test_ray_missing_is_a_one_line_error(tmp_path, monkeypatch):
-    """Without Ray installed, codec.save(ray=) and jwt encode --ray say how to install it; no output is left."""
-    import builtins
-
-    from jwt_cli.main import cli
-
-    real_import = builtins.__import__
-
-    def no_ray(name, *args, **kwargs):
-        if name == "ray" or name.startswith("ray."):
-            raise ImportError("No module named 'ray'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ray)
-    sd = {"w": torch.randn(16, 16)}
-    with pytest.raises(codec.EncodeError, match="pip install"):
-        codec.save(sd, tmp_path / "m.jwt", ray="auto")
-    torch.save(sd, tmp_path / "m.pt")
-    r = CliRunner().invoke(cli, ["encode", str(tmp_path / "m.pt"), "--ray", "auto"])
-    assert r.exit_code == 1 and "pip install" in r.output and len(r.output.strip().splitlines()) == 1
-    assert not (tmp_path / "m.jwt").exists()
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")

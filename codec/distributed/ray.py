@@ -65,6 +65,29 @@ def _code(array, dtype_name: str, options):
     return encode_tensor(array, get_dtype(dtype_name), options)
 
 
+def _result(ray, ref, name: str):
+    """``ray.get(ref)``, with the cluster's failures as one-line errors naming the tensor.
+
+    An exception raised by the coding itself is re-raised as it is (a local
+    encode raises the same); a task that could not finish (its worker died
+    ``MAX_RETRIES + 1`` times, its node was lost, the cluster ran out of
+    memory) is an :class:`EncodeError`.
+    """
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, Exception):
+            raise exc.cause from None
+        raise EncodeError(f"ray: tensor {name!r}: {_first_line(exc)}") from None
+    except ray.exceptions.RayError as exc:
+        raise EncodeError(f"ray: tensor {name!r} was not coded ({type(exc).__name__} after {MAX_RETRIES} retries: "
+                          f"{_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
 def encode_in_order(state_dict: Mapping[str, Any], aliases: dict[str, str], options_for: Callable[[str], Any],
                     address: str, window: int | None = None) -> Iterator[tuple]:
     """Yield ``(name, alias target, dtype, shape, Encoded)`` in ``state_dict`` order, coded on Ray workers."""
@@ -82,7 +105,7 @@ def encode_in_order(state_dict: Mapping[str, Any], aliases: dict[str, str], opti
         nonlocal ahead
         name, target, dtype, shape, ref, nbytes = pending.popleft()
         ahead -= nbytes
-        return name, target, dtype, shape, None if ref is None else ray.get(ref)
+        return name, target, dtype, shape, None if ref is None else _result(ray, ref, name)
 
     try:
         for name in state_dict:
