@@ -251,6 +251,65 @@ def test_safetensors_shards_are_not_kept_mapped(tmp_path):
         assert b.dtype == torch.bfloat16 and b.shape == (32, 8) and a.shape == (64, 64)
 
 
+def _safetensors_file(path, header: dict, data_bytes: int) -> None:
+    """A safetensors file of ``header`` and ``data_bytes`` of (sparse, zero) data."""
+    import json
+    import struct
+
+    head = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        f.truncate(8 + len(head) + data_bytes)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not os.path.exists("/proc/self/status"), reason="needs RLIMIT_AS")
+def test_a_shard_larger_than_the_address_space_limit_is_read_tensor_by_tensor(tmp_path):
+    """A 4 GiB shard under an address-space limit of the process's size + 1 GiB (ulimit -v): its header is read
+    without mapping the file, and a tensor of it loads (safe_open maps the whole shard and fails there)."""
+    import subprocess
+    import sys
+
+    big = 1 << 31  # bf16 elements: 4 GiB, a sparse file
+    _safetensors_file(tmp_path / "model.safetensors", {
+        "__metadata__": {"format": "pt"},
+        "small": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+        "big": {"dtype": "BF16", "shape": [big], "data_offsets": [16, 16 + 2 * big]}}, 16 + 2 * big)
+    script = f"""
+import resource, re
+import codec.io_formats as io
+vm = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read())[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))
+with io.open_source({str(tmp_path / "model.safetensors")!r}) as src:
+    print(list(src.tensors), src.tensors["small"].tolist())
+"""
+    paths = os.pathsep.join([p for p in sys.path if p])
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ,
+                       "PYTHONPATH": paths, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert r.stdout.strip() == "['small', 'big'] [[0.0, 0.0], [0.0, 0.0]]"
+
+
+@pytest.mark.parametrize("header, data, problem", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [1],
+      "data_offsets": [12, 16]}}, 16, "data starts at 12, expected 8"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8, "do not hold a F32 [3]"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 12, "hold 8 bytes of data, the file 12"),
+    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 8, "needs a dtype, a shape and two"),
+    ({"__metadata__": {"k": 1}}, 0, "__metadata__ is not an object of strings"),
+    ([1, 2], 0, "header is not a JSON object"),
+])
+def test_hostile_safetensors_headers_are_one_line_errors(tmp_path, header, data, problem):
+    """Headers whose offsets leave gaps, overrun, miscount or are not what safetensors writes: a one-line
+    EncodeError naming the file, as safetensors itself would refuse them."""
+    from codec.io_formats import open_source
+
+    _safetensors_file(tmp_path / "x.safetensors", header, data)
+    with pytest.raises(codec.EncodeError, match="x.safetensors: not a safetensors file") as e:
+        with open_source(tmp_path / "x.safetensors"):
+            pass
+    assert problem in str(e.value) and "\n" not in str(e.value)
+
+
 # -- quant's zstd level ---------------------------------------------------------------------------------------------
 
 
