@@ -310,6 +310,31 @@ def test_hostile_safetensors_headers_are_one_line_errors(tmp_path, header, data,
     assert problem in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_lazy_checkpoint_is_read_once_by_a_default_encode(tmp_path):
+    """codec.save of a lazy mapping (a safetensors shard) reads each tensor once: checks use shapes and dtypes
+    (before, the tensor checks and the sharing scan read the whole checkpoint twice more); too large a tensor is
+    still refused by name without being read."""
+    from codec.io_formats import LazyTensors
+
+    g = torch.Generator().manual_seed(1)
+    sd = {"a": torch.randn(64, 96, generator=g), "b": torch.randn(32, generator=g).to(torch.bfloat16)}
+    reads: list[str] = []
+
+    def load(name):
+        reads.append(name)
+        return sd[name].clone()
+
+    lazy = LazyTensors({n: (tuple(t.shape), to_numpy(t)[1]) for n, t in sd.items()}, load)
+    codec.save(lazy, tmp_path / "m.jwt")
+    assert sorted(reads) == ["a", "b"]
+    back = codec.load(tmp_path / "m.jwt")
+    assert torch.equal(back["b"], sd["b"]) and torch.allclose(back["a"], sd["a"], atol=0.02)
+    huge = LazyTensors({"h": ((1 << 40,), "float32")}, load)
+    with pytest.raises(codec.EncodeError, match="tensor 'h': 4398046511104 bytes, over the"):
+        codec.save(huge, tmp_path / "h.jwt")
+    assert "h" not in reads and not (tmp_path / "h.jwt").exists()
+
+
 # -- quant's zstd level ---------------------------------------------------------------------------------------------
 
 
