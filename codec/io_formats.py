@@ -70,6 +70,7 @@ from .dtypes import get_dtype
 from .errors import EncodeError, FormatError, UsageError
 from .format import MAGIC, attachment_name_error
 from .limits import DEFAULT_LIMITS, Limits
+from .rawfile import read_array
 from .reader import Reader
 from .sources import is_url
 from .writer import atomic_output, current_umask, output_error
@@ -130,9 +131,11 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     :meth:`dtype_name`), so sizes can be reported before anything is read.
     """
 
-    def __init__(self, info: dict[str, tuple[tuple[int, ...], str]], load: Callable[[str], torch.Tensor]):
+    def __init__(self, info: dict[str, tuple[tuple[int, ...], str]], load: Callable[[str], torch.Tensor],
+                 locate: Callable[[str], tuple[str, int]] | None = None):
         self._info = info
         self._load = load
+        self._locate = locate
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._info:
@@ -155,6 +158,11 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     def dtype_name(self, name: str) -> str:
         """The format dtype name of ``name`` (e.g. ``"bfloat16"``), without loading it."""
         return self._info[name][1]
+
+    def location(self, name: str) -> tuple[str, int] | None:
+        """``(file, byte offset)`` of ``name``'s raw little-endian data (:func:`codec.rawfile.read_array`), or None
+        when the tensor is not stored raw in a file (a .jwt source decodes it)."""
+        return None if self._locate is None else self._locate(name)
 
 
 class Source:
@@ -255,14 +263,9 @@ def _open_safetensors(files: list[Path], closers: list[Callable[[], None]]) -> t
         """Read one tensor with plain reads: memory (and address space) holds this tensor only."""
         file, start = where[name]
         shape, dtype_name = info[name]
-        array = np.empty(shape, get_dtype(dtype_name).storage)
-        with open(file, "rb") as f:
-            f.seek(start)
-            if f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != array.nbytes:
-                raise EncodeError(f"{file}: tensor {name!r} is truncated")
-        return api.to_torch(array, dtype_name)
+        return api.to_torch(read_array(str(file), start, shape, dtype_name, name), dtype_name)
 
-    return LazyTensors(info, load), metadata
+    return LazyTensors(info, load, lambda name: (str(where[name][0]), where[name][1])), metadata
 
 
 #: safetensors' own limit on the header's size.

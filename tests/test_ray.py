@@ -70,6 +70,31 @@ def test_ray_encode_is_byte_identical_to_a_local_one(cluster, tmp_path):
         assert (tmp_path / "ray.jwt").read_bytes() == (tmp_path / "local.jwt").read_bytes()
 
 
+def test_ray_workers_read_shards_themselves_on_one_machine(cluster, tmp_path, monkeypatch):
+    """Encoding a safetensors folder on a one-machine cluster: each task reads its tensor from the shard (no
+    tensor goes through the coordinator or the object store), and the file is the local encode's bytes."""
+    from safetensors.torch import save_file
+
+    from codec.io_formats import encode_model
+
+    sd = {k: v for k, v in _ray_model().items() if k != "tied"}
+    names, folder = list(sd), tmp_path / "model"
+    folder.mkdir()
+    save_file({k: sd[k] for k in names[:3]}, str(folder / "model-00001-of-00002.safetensors"))
+    save_file({k: sd[k] for k in names[3:]}, str(folder / "model-00002-of-00002.safetensors"))
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {%s}}' % ", ".join(
+        f'"{k}": "model-0000{1 if i < 3 else 2}-of-00002.safetensors"' for i, k in enumerate(names)))
+    encode_model(folder, tmp_path / "local.jwt", jobs=1)
+
+    def no_arrays(array, dtype_name, options):
+        raise AssertionError("a tensor was sent through the object store")
+
+    # The array path's task body is replaced here; _code_file runs on workers that import the real module.
+    monkeypatch.setattr(jwt_ray, "_code", no_arrays)
+    encode_model(folder, tmp_path / "ray.jwt", ray="auto")
+    assert (tmp_path / "ray.jwt").read_bytes() == (tmp_path / "local.jwt").read_bytes()
+
+
 def test_ray_survives_a_worker_that_dies_mid_encode(cluster, tmp_path, monkeypatch):
     """A worker process that exits while coding a tensor: Ray retries the task, the file is the local one's bytes."""
     sd = _ray_model()
