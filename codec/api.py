@@ -114,9 +114,14 @@ def _unstorable(t: torch.Tensor) -> str | None:
         return "a meta tensor holds no data"
     if t.dtype not in TORCH_DTYPES:
         return f"unsupported dtype {t.dtype}"
-    if t.dim() > DEFAULT_LIMITS.max_ndim:
-        return f"{t.dim()} dimensions, over the {DEFAULT_LIMITS.max_ndim} that readers accept"
-    nbytes = t.numel() * t.element_size()
+    return _size_problem(tuple(t.shape), t.element_size())
+
+
+def _size_problem(shape: tuple[int, ...], itemsize: int) -> str | None:
+    """Why a tensor of ``shape`` and ``itemsize``-byte elements would give a file default readers refuse."""
+    if len(shape) > DEFAULT_LIMITS.max_ndim:
+        return f"{len(shape)} dimensions, over the {DEFAULT_LIMITS.max_ndim} that readers accept"
+    nbytes = math.prod(shape) * itemsize
     if nbytes > DEFAULT_LIMITS.max_tensor_bytes:
         return f"{nbytes} bytes, over the {DEFAULT_LIMITS.max_tensor_bytes} that readers accept (codec.Limits)"
     return None
@@ -251,7 +256,12 @@ def save(
         hint = "; to encode a file or folder, use codec.encode_model" if path_given else ""
         raise TypeError(f"codec.save: expected a state_dict (a mapping of names to tensors), a checkpoint dict or an "
                         f"nn.Module, not {type(state_dict).__name__}{hint}")
-    if not _check_tensors(state_dict):  # a checkpoint dict: nested tensors under dotted names, the rest in the tree
+    # A lazy mapping (codec.io_formats.LazyTensors: a .safetensors shard, a .jwt) reads a tensor on each access:
+    # it is checked from shapes and dtypes, and its tensors share no storage, so nothing is read before coding.
+    lazy = callable(getattr(state_dict, "shape", None)) and callable(getattr(state_dict, "dtype_name", None))
+    if lazy:
+        _check_lazy(state_dict)
+    elif not _check_tensors(state_dict):  # a checkpoint dict: nested tensors under dotted names, the rest in the tree
         state_dict, tree, dropped = flatten_checkpoint(state_dict)
         meta.update(tree)
         if dropped:
@@ -259,7 +269,7 @@ def save(
         _check_tensors(state_dict)
     if not len(state_dict):
         raise EncodeError("nothing to encode: the state_dict holds no tensors")
-    aliases, overlaps = _sharing(state_dict)
+    aliases, overlaps = ({}, []) if lazy else _sharing(state_dict)
     if overlaps:  # views that share part of their memory: kept exact, so they stay equal where they overlap
         notes.append(f"tensors {', '.join(map(repr, overlaps[:10]))}{', ...' if len(overlaps) > 10 else ''} "
                      "share part of their memory (overlapping views): stored losslessly so they stay equal there")
@@ -496,6 +506,14 @@ def _check_tensors(state_dict: Mapping) -> bool:
         if problem:
             raise EncodeError(f"tensor {name!r}: {problem}")
     return True
+
+
+def _check_lazy(tensors: Any) -> None:
+    """:func:`_check_tensors` for a lazy mapping, from its shapes and dtypes (EncodeError for one too large)."""
+    for name in tensors:
+        problem = _size_problem(tuple(tensors.shape(name)), get_dtype(tensors.dtype_name(name)).storage.itemsize)
+        if problem:
+            raise EncodeError(f"tensor {name!r}: {problem}")
 
 
 class _Forced:

@@ -6,9 +6,9 @@ Inputs (:func:`open_source`, :func:`encode_model`):
   when the file is in torch's zip format; a checkpoint dict's tensors under
   dotted names, its nesting and plain values in ``jwt.tree``
   (:func:`codec.api.flatten_checkpoint`);
-* ``.safetensors``: read tensor by tensor with ``safetensors.safe_open``
-  (memory-mapped); the mapping handed to :func:`codec.save` loads each tensor
-  only when it is asked for, so the encoder never holds the whole model;
+* ``.safetensors``: the header is read and checked, then each tensor is read
+  with plain reads only when :func:`codec.save` asks for it (nothing is
+  memory-mapped), so the encoder never holds, nor maps, the whole model;
 * a model folder: the weights (``model.safetensors``, or the shards listed by
   ``model.safetensors.index.json``; else ``pytorch_model.bin`` or its shards)
   become tensors, and every other file (config, tokenizer, pooling config,
@@ -70,6 +70,7 @@ from .dtypes import get_dtype
 from .errors import EncodeError, FormatError, UsageError
 from .format import MAGIC, attachment_name_error
 from .limits import DEFAULT_LIMITS, Limits
+from .rawfile import read_array
 from .reader import Reader
 from .sources import is_url
 from .writer import atomic_output, current_umask, output_error
@@ -130,9 +131,11 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     :meth:`dtype_name`), so sizes can be reported before anything is read.
     """
 
-    def __init__(self, info: dict[str, tuple[tuple[int, ...], str]], load: Callable[[str], torch.Tensor]):
+    def __init__(self, info: dict[str, tuple[tuple[int, ...], str]], load: Callable[[str], torch.Tensor],
+                 locate: Callable[[str], tuple[str, int]] | None = None):
         self._info = info
         self._load = load
+        self._locate = locate
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._info:
@@ -155,6 +158,11 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     def dtype_name(self, name: str) -> str:
         """The format dtype name of ``name`` (e.g. ``"bfloat16"``), without loading it."""
         return self._info[name][1]
+
+    def location(self, name: str) -> tuple[str, int] | None:
+        """``(file, byte offset)`` of ``name``'s raw little-endian data (:func:`codec.rawfile.read_array`), or None
+        when the tensor is not stored raw in a file (a .jwt source decodes it)."""
+        return None if self._locate is None else self._locate(name)
 
 
 class Source:
@@ -238,54 +246,83 @@ def _first_line(exc: BaseException) -> str:
 
 def _open_safetensors(files: list[Path], closers: list[Callable[[], None]]) -> tuple[LazyTensors, dict[str, str]]:
     """A lazy mapping over the tensors of one or more safetensors files, and the first file's metadata."""
-    from safetensors import safe_open
-
     info: dict[str, tuple[tuple[int, ...], str]] = {}
     where: dict[str, tuple[Path, int]] = {}
     metadata: dict[str, str] = {}
     for k, file in enumerate(files):
-        try:
-            with safe_open(str(file), framework="pt") as handle:  # validates the file; closed (unmapped) at once
-                names = handle.offset_keys() if hasattr(handle, "offset_keys") else handle.keys()
-                if not k:
-                    metadata = dict(handle.metadata() or {})
-                facts = []
-                for name in names:
-                    piece = handle.get_slice(name)
-                    facts.append((name, tuple(piece.get_shape()), piece.get_dtype()))
-            starts = _data_starts(file)
-        except FileNotFoundError:
-            raise
-        except Exception as exc:  # safetensors raises its own error types for foreign files
-            raise EncodeError(f"{file}: not a safetensors file ({_first_line(exc)})") from None
-        for name, shape, st_dtype in facts:
-            if st_dtype not in _FROM_ST:
-                raise EncodeError(f"{file}: tensor {name!r}: unsupported safetensors dtype {st_dtype}")
+        file_metadata, entries = _read_safetensors_header(file)
+        if not k:
+            metadata = file_metadata
+        for name, shape, dtype_name, start in entries:
             if name in info:
                 raise EncodeError(f"{file}: tensor {name!r} is also in {where[name][0]}")
-            info[name] = (shape, _FROM_ST[st_dtype])
-            where[name] = (file, starts[name])
+            info[name] = (shape, dtype_name)
+            where[name] = (file, start)
 
     def load(name: str) -> torch.Tensor:
         """Read one tensor with plain reads: memory (and address space) holds this tensor only."""
         file, start = where[name]
         shape, dtype_name = info[name]
-        array = np.empty(shape, get_dtype(dtype_name).storage)
-        with open(file, "rb") as f:
-            f.seek(start)
-            if f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != array.nbytes:
-                raise EncodeError(f"{file}: tensor {name!r} is truncated")
-        return api.to_torch(array, dtype_name)
+        return api.to_torch(read_array(str(file), start, shape, dtype_name, name), dtype_name)
 
-    return LazyTensors(info, load), metadata
+    return LazyTensors(info, load, lambda name: (str(where[name][0]), where[name][1])), metadata
 
 
-def _data_starts(file: Path) -> dict[str, int]:
-    """File offset of each tensor's data in a safetensors file (its header, already validated by safetensors)."""
+#: safetensors' own limit on the header's size.
+_ST_MAX_HEADER = 100_000_000
+
+
+def _read_safetensors_header(file: Path) -> tuple[dict[str, str], list[tuple[str, tuple[int, ...], str, int]]]:
+    """The metadata and ``(name, shape, dtype name, file offset)`` of each tensor of a safetensors file, in file order.
+
+    Reads and checks the header as the safetensors library does (the data offsets tile the data exactly, each
+    tensor's byte count matches its shape and dtype) without mapping the file: ``safe_open`` maps all of it,
+    which a 5 GB shard cannot do under ``ulimit -v`` however little of it is needed at once.
+    """
+    def bad(reason: str) -> EncodeError:
+        return EncodeError(f"{file}: not a safetensors file ({reason})")
+
     with open(file, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    return {name: 8 + size + int(v["data_offsets"][0]) for name, v in header.items() if name != "__metadata__"}
+        total = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad("shorter than its 8-byte header length")
+        (size,) = struct.unpack("<Q", head)
+        if size > min(_ST_MAX_HEADER, total - 8):
+            raise bad(f"header length {size} exceeds the file or {_ST_MAX_HEADER} bytes")
+        try:
+            header = json.loads(f.read(size).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise bad(f"header is not JSON: {_first_line(exc)}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("__metadata__ is not an object of strings")
+    entries, spans = [], []
+    for name, v in header.items():
+        ok = (isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
+              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v["shape"])
+              and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
+              and all(isinstance(o, int) and not isinstance(o, bool) for o in v["data_offsets"]))
+        if not ok:
+            raise bad(f"tensor {name!r}: needs a dtype, a shape and two data_offsets")
+        begin, end = v["data_offsets"]
+        spans.append((begin, end, name))
+        if v["dtype"] not in _FROM_ST:
+            raise EncodeError(f"{file}: tensor {name!r}: unsupported safetensors dtype {v['dtype']}")
+        dtype_name, shape = _FROM_ST[v["dtype"]], tuple(v["shape"])
+        if end - begin != math.prod(shape) * get_dtype(dtype_name).storage.itemsize:
+            raise bad(f"tensor {name!r}: data_offsets {begin}..{end} do not hold a {v['dtype']} {list(shape)}")
+        entries.append((begin, (name, shape, dtype_name, 8 + size + begin)))
+    pos = 0
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            raise bad(f"tensor {name!r}: data starts at {begin}, expected {pos} (a gap or an overlap)")
+        pos = end
+    if pos != total - 8 - size:
+        raise bad(f"the tensors hold {pos} bytes of data, the file {total - 8 - size}")
+    return metadata, [entry for _, entry in sorted(entries, key=lambda e: e[0])]
 
 
 def _read_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:

@@ -1,4 +1,4 @@
-"""Big models: the fast rate search, lossless speed paths, sharded folders, Ray."""
+"""Big models: the fast rate search, lossless speed paths, sharded folders (Ray: test_ray.py)."""
 
 from __future__ import annotations
 
@@ -233,55 +233,6 @@ def test_sharded_folder_reencodes_from_its_shards(tmp_path):
     assert all(torch.equal(back[k], v) for k, v in sd.items())
 
 
-# -- Ray ----------------------------------------------------------------------------------------------------------
-
-
-def _ray_model() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(5)
-    sd = {f"l{i}.weight": torch.randn(256, 200 + 8 * i, generator=g) for i in range(4)}
-    sd["emb"] = torch.randn(512, 64, generator=g).to(torch.bfloat16)
-    sd["l0.bias"] = torch.randn(256, generator=g)
-    sd["tied"] = sd["emb"]
-    return sd
-
-
-def test_ray_encode_is_byte_identical_to_a_local_one(tmp_path):
-    """codec.save(ray=) on a local 2-CPU Ray cluster writes the same bytes as jobs=1, default and quality settings."""
-    ray = pytest.importorskip("ray")
-    sd = _ray_model()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        for options in ({}, {"quality": 40}):
-            codec.save(sd, tmp_path / "local.jwt", jobs=1, **options)
-            codec.save(sd, tmp_path / "ray.jwt", ray="auto", **options)
-            assert (tmp_path / "ray.jwt").read_bytes() == (tmp_path / "local.jwt").read_bytes()
-    finally:
-        ray.shutdown()
-
-
-def test_ray_missing_is_a_one_line_error(tmp_path, monkeypatch):
-    """Without Ray installed, codec.save(ray=) and jwt encode --ray say how to install it; no output is left."""
-    import builtins
-
-    from jwt_cli.main import cli
-
-    real_import = builtins.__import__
-
-    def no_ray(name, *args, **kwargs):
-        if name == "ray" or name.startswith("ray."):
-            raise ImportError("No module named 'ray'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ray)
-    sd = {"w": torch.randn(16, 16)}
-    with pytest.raises(codec.EncodeError, match="pip install"):
-        codec.save(sd, tmp_path / "m.jwt", ray="auto")
-    torch.save(sd, tmp_path / "m.pt")
-    r = CliRunner().invoke(cli, ["encode", str(tmp_path / "m.pt"), "--ray", "auto"])
-    assert r.exit_code == 1 and "pip install" in r.output and len(r.output.strip().splitlines()) == 1
-    assert not (tmp_path / "m.jwt").exists()
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
 def test_safetensors_shards_are_not_kept_mapped(tmp_path):
     """Encoding from shards reads tensors with plain reads: no shard stays mapped (address space = one tensor)."""
@@ -298,3 +249,113 @@ def test_safetensors_shards_are_not_kept_mapped(tmp_path):
         maps = open("/proc/self/maps").read()
         assert "model-0000" not in maps
         assert b.dtype == torch.bfloat16 and b.shape == (32, 8) and a.shape == (64, 64)
+
+
+def _safetensors_file(path, header: dict, data_bytes: int) -> None:
+    """A safetensors file of ``header`` and ``data_bytes`` of (sparse, zero) data."""
+    import json
+    import struct
+
+    head = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        f.truncate(8 + len(head) + data_bytes)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not os.path.exists("/proc/self/status"), reason="needs RLIMIT_AS")
+def test_a_shard_larger_than_the_address_space_limit_is_read_tensor_by_tensor(tmp_path):
+    """A 4 GiB shard under an address-space limit of the process's size + 1 GiB (ulimit -v): its header is read
+    without mapping the file, and a tensor of it loads (safe_open maps the whole shard and fails there)."""
+    import subprocess
+    import sys
+
+    big = 1 << 31  # bf16 elements: 4 GiB, a sparse file
+    _safetensors_file(tmp_path / "model.safetensors", {
+        "__metadata__": {"format": "pt"},
+        "small": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+        "big": {"dtype": "BF16", "shape": [big], "data_offsets": [16, 16 + 2 * big]}}, 16 + 2 * big)
+    script = f"""
+import resource, re
+import codec.io_formats as io
+vm = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read())[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))
+with io.open_source({str(tmp_path / "model.safetensors")!r}) as src:
+    print(list(src.tensors), src.tensors["small"].tolist())
+"""
+    paths = os.pathsep.join([p for p in sys.path if p])
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ,
+                       "PYTHONPATH": paths, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert r.stdout.strip() == "['small', 'big'] [[0.0, 0.0], [0.0, 0.0]]"
+
+
+@pytest.mark.parametrize("header, data, problem", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [1],
+      "data_offsets": [12, 16]}}, 16, "data starts at 12, expected 8"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8, "do not hold a F32 [3]"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 12, "hold 8 bytes of data, the file 12"),
+    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 8, "needs a dtype, a shape and two"),
+    ({"__metadata__": {"k": 1}}, 0, "__metadata__ is not an object of strings"),
+    ([1, 2], 0, "header is not a JSON object"),
+])
+def test_hostile_safetensors_headers_are_one_line_errors(tmp_path, header, data, problem):
+    """Headers whose offsets leave gaps, overrun, miscount or are not what safetensors writes: a one-line
+    EncodeError naming the file, as safetensors itself would refuse them."""
+    from codec.io_formats import open_source
+
+    _safetensors_file(tmp_path / "x.safetensors", header, data)
+    with pytest.raises(codec.EncodeError, match="x.safetensors: not a safetensors file") as e:
+        with open_source(tmp_path / "x.safetensors"):
+            pass
+    assert problem in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_lazy_checkpoint_is_read_once_by_a_default_encode(tmp_path):
+    """codec.save of a lazy mapping (a safetensors shard) reads each tensor once: checks use shapes and dtypes
+    (before, the tensor checks and the sharing scan read the whole checkpoint twice more); too large a tensor is
+    still refused by name without being read."""
+    from codec.io_formats import LazyTensors
+
+    g = torch.Generator().manual_seed(1)
+    sd = {"a": torch.randn(64, 96, generator=g), "b": torch.randn(32, generator=g).to(torch.bfloat16)}
+    reads: list[str] = []
+
+    def load(name):
+        reads.append(name)
+        return sd[name].clone()
+
+    lazy = LazyTensors({n: (tuple(t.shape), to_numpy(t)[1]) for n, t in sd.items()}, load)
+    codec.save(lazy, tmp_path / "m.jwt")
+    assert sorted(reads) == ["a", "b"]
+    back = codec.load(tmp_path / "m.jwt")
+    assert torch.equal(back["b"], sd["b"]) and torch.allclose(back["a"], sd["a"], atol=0.02)
+    huge = LazyTensors({"h": ((1 << 40,), "float32")}, load)
+    with pytest.raises(codec.EncodeError, match="tensor 'h': 4398046511104 bytes, over the"):
+        codec.save(huge, tmp_path / "h.jwt")
+    assert "h" not in reads and not (tmp_path / "h.jwt").exists()
+
+
+# -- quant's zstd level ---------------------------------------------------------------------------------------------
+
+
+def test_quant_codes_gaussian_pixels_at_level_1_and_structured_ones_at_its_level():
+    """A large blob of noise-like pixels is zstd level 1 (level 9 gains nothing there); smooth pixels keep level 9,
+    which is smaller; both decode exactly."""
+    from codec.blobcodecs.quant import SAMPLE_BYTES, Quant
+
+    rng = np.random.default_rng(3)
+    side = 1024  # 1 M pixels: well above 2 * SAMPLE_BYTES
+    assert side * side > 2 * SAMPLE_BYTES
+    gauss = rng.standard_normal((side, side))
+    smooth = np.cumsum(rng.standard_normal((side, side)), axis=1) / 30
+    for bits in (2, 6, 8, 12):
+        q = Quant(bits=bits, level=9)
+        for name, w in (("gauss", gauss), ("smooth", smooth)):
+            pixels = np.rint((w - w.min()) / np.ptp(w) * ((1 << bits) - 1)).astype(q.pixel_dtype)
+            blob = q.encode(pixels)
+            assert np.array_equal(q.decode(blob, pixels.shape, pixels.dtype), pixels)
+            fast = Quant(bits=bits, level=1).encode(pixels)
+            if name == "gauss":
+                assert blob == fast, bits
+            elif bits <= 8:  # (smooth 12-bit pixels gain 1.3 % at level 9: level 1 is kept)
+                assert len(blob) < 0.97 * len(fast), bits

@@ -5,7 +5,12 @@ tensor's coding (:func:`codec.tensorcodec.encode_tensor`, all its blobs)
 run as one Ray task: the coordinating process reads the tensors, puts each
 in the object store, and hands the results to the container writer in
 state_dict order. A task codes exactly as a local encode with ``jobs=1``
-does, so the container is byte for byte the same. At most ``window`` tasks
+does, so the container is byte for byte the same. When the tensors come
+from checkpoint files (a safetensors shard folder) and the whole cluster
+is this machine, a task reads its tensor from the file itself: the
+coordinator then only gathers the coded blobs and writes the container
+(reading every tensor and copying it into the object store was most of
+its work, and the limit on the speed-up, see bench/README.md). At most ``window`` tasks
 and ``AHEAD_BYTES`` of input beyond the oldest are in flight, so the
 coordinator holds a bounded amount of input and coded data whatever the
 model's size. A task whose worker dies is retried by Ray (``max_retries``);
@@ -65,6 +70,42 @@ def _code(array, dtype_name: str, options):
     return encode_tensor(array, get_dtype(dtype_name), options)
 
 
+def _code_file(file: str, start: int, shape: tuple[int, ...], dtype_name: str, name: str, options):
+    """One task that reads its tensor from the checkpoint file itself, then codes it as :func:`_code` does."""
+    from ..rawfile import read_array  # (not io_formats: it imports torch, seconds in a fresh worker)
+
+    return _code(read_array(file, start, shape, dtype_name, name), dtype_name, options)
+
+
+def _one_machine(ray) -> bool:
+    """True when every live node of the cluster is this machine (its workers see this machine's files)."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address()
+
+
+def _result(ray, ref, name: str):
+    """``ray.get(ref)``, with the cluster's failures as one-line errors naming the tensor.
+
+    An exception raised by the coding itself is re-raised as it is (a local
+    encode raises the same); a task that could not finish (its worker died
+    ``MAX_RETRIES + 1`` times, its node was lost, the cluster ran out of
+    memory) is an :class:`EncodeError`.
+    """
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, Exception):
+            raise exc.cause from None
+        raise EncodeError(f"ray: tensor {name!r}: {_first_line(exc)}") from None
+    except ray.exceptions.RayError as exc:
+        raise EncodeError(f"ray: tensor {name!r} was not coded ({type(exc).__name__} after {MAX_RETRIES} retries: "
+                          f"{_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
 def encode_in_order(state_dict: Mapping[str, Any], aliases: dict[str, str], options_for: Callable[[str], Any],
                     address: str, window: int | None = None) -> Iterator[tuple]:
     """Yield ``(name, alias target, dtype, shape, Encoded)`` in ``state_dict`` order, coded on Ray workers."""
@@ -73,6 +114,10 @@ def encode_in_order(state_dict: Mapping[str, Any], aliases: dict[str, str], opti
 
     ray = connect(address)
     task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False)(_code)
+    file_task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False)(_code_file)
+    locate = getattr(state_dict, "location", None)
+    if not (callable(locate) and _one_machine(ray)):
+        locate = None
     if window is None:
         window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending: deque = deque()
@@ -82,12 +127,16 @@ def encode_in_order(state_dict: Mapping[str, Any], aliases: dict[str, str], opti
         nonlocal ahead
         name, target, dtype, shape, ref, nbytes = pending.popleft()
         ahead -= nbytes
-        return name, target, dtype, shape, None if ref is None else ray.get(ref)
+        return name, target, dtype, shape, None if ref is None else _result(ray, ref, name)
 
     try:
         for name in state_dict:
             if name in aliases:
                 pending.append((name, aliases[name], None, (), None, 0))
+            elif locate is not None and locate(name) is not None:  # the worker reads it: no copy passes through here
+                shape, dtype_name = tuple(state_dict.shape(name)), state_dict.dtype_name(name)
+                ref = file_task.remote(*locate(name), shape, dtype_name, name, options_for(name))
+                pending.append((name, None, get_dtype(dtype_name), shape, ref, 0))
             else:
                 array, dtype_name = to_numpy(state_dict[name])
                 ref = task.remote(ray.put(array), dtype_name, options_for(name))

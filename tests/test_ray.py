@@ -1,0 +1,156 @@
+"""Encoding on Ray (codec/distributed/ray.py): byte equality with a local encode, a worker that dies, no Ray.
+
+The tests that need Ray share one local 2-CPU cluster (starting one costs seconds) and skip when the optional
+extra is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import codec
+import codec.distributed.ray as jwt_ray
+
+
+def _ray_model() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    sd = {f"l{i}.weight": torch.randn(256, 200 + 8 * i, generator=g) for i in range(4)}
+    sd["emb"] = torch.randn(512, 64, generator=g).to(torch.bfloat16)
+    sd["l0.bias"] = torch.randn(256, generator=g)
+    sd["tied"] = sd["emb"]
+    return sd
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster with 2 CPUs for this module's tests."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _dying_task(marker: str | None = None, shape: tuple[int, ...] | None = None):
+    """A Ray task body that kills its own worker process (os._exit) before coding.
+
+    With ``marker`` only the first task to create that file (O_EXCL: one winner among all workers of this
+    machine) dies; with ``shape`` every attempt at a tensor of that shape dies. Other tasks code as usual.
+    """
+    real = jwt_ray._code
+
+    def code(array, dtype_name, options):
+        if shape is not None and tuple(array.shape) == shape:
+            os._exit(1)
+        if marker is not None:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                os._exit(1)  # the worker process dies mid-encode, as if killed
+            except FileExistsError:
+                pass
+        return real(array, dtype_name, options)
+
+    return code
+
+
+def _leftovers(folder) -> list[str]:
+    """Files in ``folder`` other than the inputs a test wrote itself."""
+    return sorted(p.name for p in folder.iterdir() if p.name not in ("local.jwt", "died", "m.pt"))
+
+
+def test_ray_encode_is_byte_identical_to_a_local_one(cluster, tmp_path):
+    """codec.save(ray=) on a local 2-CPU Ray cluster writes the same bytes as jobs=1, default and quality settings."""
+    sd = _ray_model()
+    for options in ({}, {"quality": 40}):
+        codec.save(sd, tmp_path / "local.jwt", jobs=1, **options)
+        codec.save(sd, tmp_path / "ray.jwt", ray="auto", **options)
+        assert (tmp_path / "ray.jwt").read_bytes() == (tmp_path / "local.jwt").read_bytes()
+
+
+def test_ray_workers_read_shards_themselves_on_one_machine(cluster, tmp_path, monkeypatch):
+    """Encoding a safetensors folder on a one-machine cluster: each task reads its tensor from the shard (no
+    tensor goes through the coordinator or the object store), and the file is the local encode's bytes."""
+    from safetensors.torch import save_file
+
+    from codec.io_formats import encode_model
+
+    sd = {k: v for k, v in _ray_model().items() if k != "tied"}
+    names, folder = list(sd), tmp_path / "model"
+    folder.mkdir()
+    save_file({k: sd[k] for k in names[:3]}, str(folder / "model-00001-of-00002.safetensors"))
+    save_file({k: sd[k] for k in names[3:]}, str(folder / "model-00002-of-00002.safetensors"))
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {%s}}' % ", ".join(
+        f'"{k}": "model-0000{1 if i < 3 else 2}-of-00002.safetensors"' for i, k in enumerate(names)))
+    encode_model(folder, tmp_path / "local.jwt", jobs=1)
+
+    def no_arrays(array, dtype_name, options):
+        raise AssertionError("a tensor was sent through the object store")
+
+    # The array path's task body is replaced here; _code_file runs on workers that import the real module.
+    monkeypatch.setattr(jwt_ray, "_code", no_arrays)
+    encode_model(folder, tmp_path / "ray.jwt", ray="auto")
+    assert (tmp_path / "ray.jwt").read_bytes() == (tmp_path / "local.jwt").read_bytes()
+
+
+def test_ray_survives_a_worker_that_dies_mid_encode(cluster, tmp_path, monkeypatch):
+    """A worker process that exits while coding a tensor: Ray retries the task, the file is the local one's bytes."""
+    sd = _ray_model()
+    codec.save(sd, tmp_path / "local.jwt", jobs=1)
+    monkeypatch.setattr(jwt_ray, "_code", _dying_task(marker=str(tmp_path / "died")))
+    codec.save(sd, tmp_path / "ray.jwt", ray="auto")
+    assert (tmp_path / "died").exists()  # a worker did die
+    assert (tmp_path / "ray.jwt").read_bytes() == (tmp_path / "local.jwt").read_bytes()
+    assert _leftovers(tmp_path) == ["ray.jwt"]
+
+
+def test_ray_unrecoverable_failure_leaves_no_output(cluster, tmp_path, monkeypatch):
+    """A tensor whose every attempt kills its worker: jwt encode --ray fails with one line naming it (exit 1, no
+    traceback) and leaves neither the output nor a temporary file."""
+    from jwt_cli.main import cli
+
+    monkeypatch.setattr(jwt_ray, "MAX_RETRIES", 1)  # two attempts, not four: the test stays short
+    monkeypatch.setattr(jwt_ray, "_code", _dying_task(shape=(256, 216)))
+    torch.save(_ray_model(), tmp_path / "m.pt")
+    r = CliRunner().invoke(cli, ["encode", str(tmp_path / "m.pt"), "-o", str(tmp_path / "out.jwt"), "--ray", "auto",
+                                 "-q"])
+    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]  # Ray adds its own log lines
+    assert r.exit_code == 1 and len(errors) == 1, r.output
+    assert errors[0].startswith("Error: ray: tensor 'l2.weight' was not coded (WorkerCrashedError after 1 retries: ")
+    assert _leftovers(tmp_path) == []
+
+
+def test_ray_task_errors_are_the_local_ones(cluster, tmp_path, monkeypatch):
+    """An exception raised by the coding itself reaches the caller as itself (as with a local encode), not wrapped."""
+    def broken(array, dtype_name, options):
+        raise codec.EncodeError(f"cannot code a {array.shape} tensor")
+
+    monkeypatch.setattr(jwt_ray, "_code", broken)
+    with pytest.raises(codec.EncodeError, match=r"^cannot code a \(256, 200\) tensor$"):
+        codec.save(_ray_model(), tmp_path / "out.jwt", ray="auto")
+    assert _leftovers(tmp_path) == []
+
+
+def test_ray_missing_is_a_one_line_error(tmp_path, monkeypatch):
+    """Without Ray installed, codec.save(ray=) and jwt encode --ray say how to install it; no output is left."""
+    import builtins
+
+    from jwt_cli.main import cli
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    sd = {"w": torch.randn(16, 16)}
+    with pytest.raises(codec.EncodeError, match="pip install"):
+        codec.save(sd, tmp_path / "m.jwt", ray="auto")
+    torch.save(sd, tmp_path / "m.pt")
+    r = CliRunner().invoke(cli, ["encode", str(tmp_path / "m.pt"), "--ray", "auto"])
+    assert r.exit_code == 1 and "pip install" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "m.jwt").exists()
