@@ -591,8 +591,9 @@ def plan_options(
 
     ``search="fast"`` (the default) predicts a budget search's points from
     samples of the tensors (:mod:`codec.rd.fast`); ``"exhaustive"`` measures
-    every candidate in full (and so do max-error searches, calibrated or
-    state_dict-weighted measures and update menus).
+    every candidate in full (and so do max-error searches, budgets of
+    :data:`HIGH_BITS_FROM` or more, ``score``, weightings with a full ``H``
+    and update menus; a state_dict's norm weightings are predicted).
     """
     menu = menu or Menu()
     measure_by = measure_by or DATA_FREE
@@ -600,14 +601,14 @@ def plan_options(
         raise EncodeError("give exactly one of bits_per_weight and max_error")
     if search not in SEARCHES:
         raise ValueError(f"search={search!r}: use one of {', '.join(map(repr, SEARCHES))}")
-    # what the fast search predicts from samples: the ordinary menu, measured data-free
-    plain = type(menu) is Menu and not measure_by.weightings
     fast = search == "fast" and bits_per_weight is not None and bits_per_weight < HIGH_BITS_FROM
-    if fast and score is None and plain:
-        from .fast import plan_fast
+    if fast and score is None and type(menu) is Menu:  # the ordinary menu, a measure samples can predict
+        from .fast import plan_fast, weighable
 
-        return plan_fast(tensors, base, fixed, bits_per_weight=bits_per_weight, overhead_bytes=overhead_bytes,
-                         progress=progress, jobs=jobs, total_weights=total_weights)
+        if weighable(measure_by):
+            return plan_fast(tensors, base, fixed, bits_per_weight=bits_per_weight, overhead_bytes=overhead_bytes,
+                             progress=progress, jobs=jobs, total_weights=total_weights, measure_by=measure_by,
+                             notes=notes)
     points: dict[str, list[RDPoint]] = {}
     forced: dict[str, EncodeOptions] = {}
     probes: dict[str, dict[str, np.ndarray]] = {}

@@ -1,0 +1,192 @@
+"""The fast rate search (codec/rd/fast.py) against the exhaustive one, on small models built here.
+
+Each model is a few hundred thousand weights, so both searches run in about a second; bench/fast_search.py
+measures the bench models (MiniLM, MLP, CNNs) and the time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import codec
+from codec.api import to_numpy
+from codec.dtypes import get_dtype
+from codec.rd import fast
+from codec.rd.allocate import (
+    DATA_FREE,
+    Distortion,
+    RDPoint,
+    fill_budget,
+    measure,
+    norm_weightings,
+    plan_options,
+    with_row_images,
+)
+from codec.tensorcodec import EncodeOptions
+
+
+def _one_big() -> dict[str, torch.Tensor]:
+    """One matrix holds 90 % of the weights (as the bench CNN's fc1): a step of its JPEG ladder is a sizable part
+    of the budget."""
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(128, 1536, generator=g) * 0.02 + torch.cumsum(torch.randn(128, 1536, generator=g), 1) * 0.002
+    return {"conv.weight": torch.randn(32, 288, generator=g) * 0.1, "fc1.weight": big,
+            "fc2.weight": torch.randn(10, 128, generator=g) * 0.1, "fc2.bias": torch.zeros(10)}
+
+
+def _cnn_like() -> dict[str, torch.Tensor]:
+    """The bench CNN's shapes: fc1 is 128 x 3136 (two bands of 64 rows) with dead input columns."""
+    g = torch.Generator().manual_seed(0)
+    fc1 = torch.randn(128, 3136, generator=g) * 0.02 * (torch.rand(1, 3136, generator=g) > 0.3)
+    return {"conv1.weight": torch.randn(32, 9, generator=g) * 0.3, "conv2.weight": torch.randn(64, 288, generator=g) * 0.05,
+            "fc1.weight": fc1, "fc2.weight": torch.randn(10, 128, generator=g) * 0.1}
+
+
+def _batchnorm() -> dict[str, torch.Tensor]:
+    """Layers each followed by a BatchNorm whose running variances span 1e-4..1 (output rows of unequal weight)."""
+    g = torch.Generator().manual_seed(1)
+    sd = {}
+    for i, (rows, cols) in enumerate([(64, 288), (128, 2048)], start=1):
+        sd[f"conv{i}.weight"] = torch.randn(rows, cols, generator=g) * 0.05
+        sd[f"bn{i}.weight"] = 0.5 + torch.rand(rows, generator=g)
+        sd[f"bn{i}.bias"] = torch.zeros(rows)
+        sd[f"bn{i}.running_mean"] = torch.zeros(rows)
+        sd[f"bn{i}.running_var"] = 10 ** (-4 * torch.rand(rows, generator=g))
+    sd["head.weight"] = torch.randn(10, 128, generator=g) * 0.1
+    return sd
+
+
+def _source(sd):
+    arrays = [(n, a, get_dtype(d)) for n, (a, d) in ((n, to_numpy(t)) for n, t in sd.items())]
+    return (lambda: iter(arrays)), sum(a.size for _, a, _ in arrays)
+
+
+def _chosen(tensors, chosen, measure_by: Distortion = DATA_FREE) -> tuple[float, int]:
+    """(sum over tensors of the allocation's distortion, bytes) of the chosen options, measured in full."""
+    total, nbytes = 0.0, 0
+    for name, array, dtype, rows in with_row_images(tensors(), EncodeOptions()):
+        point = measure(name, array, dtype, "x", chosen[name], rows, measure_by=measure_by)[0]
+        total, nbytes = total + point.nmse, nbytes + point.nbytes
+    return total, nbytes
+
+
+def _both(sd, bpw, measure_by=DATA_FREE, notes=None):
+    tensors, total = _source(sd)
+    out = {}
+    for search in ("fast", "exhaustive"):
+        kept = [] if notes is not None else None
+        chosen = plan_options(tensors, EncodeOptions(), lambda n: None, bits_per_weight=bpw, total_weights=total,
+                              search=search, measure_by=measure_by, notes=kept)
+        out[search] = (*_chosen(tensors, chosen, measure_by), chosen, kept)
+    return out, int(bpw * total / 8)
+
+
+@pytest.mark.parametrize(("make", "bpw"), [(_one_big, 2.0), (_cnn_like, 4.0)])
+def test_fast_is_within_two_percent_of_exhaustive_and_meets_the_budget(make, bpw):
+    """Where one tensor dominates, the fast search spends the budget as well as the exhaustive one.
+
+    Before the knapsack fill and the in-between qualities in the tensor's
+    window, the fast search left 1.4 % of the budget unspent on one_big and
+    chose 5.4 % more distortion; the bench CNN at -b 4: 4 % unspent, +57 %.
+    (Known miss: cnn_like at -b 2 is +2.3 %, a trade of two small tensors'
+    steps down for one step up of fc1 that pairwise trades do not find.)
+    """
+    out, budget = _both(make(), bpw)
+    (d_fast, b_fast, *_), (d_full, b_full, *_) = out["fast"], out["exhaustive"]
+    assert b_fast <= budget and b_full <= budget
+    assert d_fast <= 1.02 * d_full
+    assert b_fast >= 0.99 * budget  # the slack is spent
+
+
+def test_fast_search_is_deterministic():
+    """The same options on every run (samples are seeded by the tensor's name)."""
+    tensors, total = _source(_one_big())
+    runs = [fast.plan_fast(tensors, EncodeOptions(), lambda n: None, bits_per_weight=2.5, total_weights=total)
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_trade_moves_bytes_from_a_small_tensor_to_a_large_one():
+    """The slack (50 bytes) fits no step of 'big' (+60); one step down of 'small' (-20, +1 distortion) makes room
+    for it (-30 distortion)."""
+    opts = EncodeOptions()
+
+    def pt(label, nbytes, nmse):
+        return fast.Predicted(opts, label, nbytes, nmse, exact=True)
+
+    points = {"big": [pt("big0", 1000, 40.0), pt("big1", 1060, 10.0)], "small": [pt("s0", 80, 2.0), pt("s1", 100, 1.0)]}
+    start = {"big": points["big"][0], "small": points["small"][1]}
+    assert fast._spend_slack(points, start, 1150) == start
+    traded = fast._trade(points, start, 1150)
+    assert [traded[n].label for n in ("big", "small")] == ["big1", "s0"]
+
+
+def test_spend_slack_takes_the_best_set_of_upgrades_not_the_steepest_first():
+    """Slack 100 bytes: a +10-byte upgrade of slope 0.5 and a +100-byte one of slope 0.4. The greedy fill takes the
+    steep one and has no room left (gain 5); the knapsack takes the large one (gain 40)."""
+    opts = EncodeOptions()
+
+    def pt(label, nbytes, nmse):
+        return fast.Predicted(opts, label, nbytes, nmse, exact=True)
+
+    points = {"a": [pt("a0", 100, 10.0), pt("a1", 110, 5.0)], "b": [pt("b0", 100, 50.0), pt("b1", 200, 10.0)]}
+    start = {"a": points["a"][0], "b": points["b"][0]}
+    greedy = fill_budget(points, {}, start, 300)
+    knapsack = fast._spend_slack(points, start, 300)
+    assert [greedy[n].label for n in "ab"] == ["a1", "b0"]
+    assert [knapsack[n].label for n in "ab"] == ["a0", "b1"]
+    assert sum(p.nbytes for p in knapsack.values()) <= 300
+
+
+def test_norm_weighted_models_take_the_fast_search(monkeypatch):
+    """A BatchNorm after a layer weighs its rows (norm_weightings): the fast search predicts that measure from its
+    samples (it used to hand such models to the exhaustive search) and chooses within 2 % of it."""
+    calls = []
+    real = fast.plan_fast
+    monkeypatch.setattr(fast, "plan_fast", lambda *a, **k: calls.append(k.get("measure_by")) or real(*a, **k))
+    sd = _batchnorm()
+    weightings = norm_weightings({n: tuple(t.shape) for n, t in sd.items()}, lambda n: sd[n].double().numpy())
+    assert set(weightings) == {"conv1.weight", "conv2.weight"}
+    measure_by = Distortion(weightings)
+    out, budget = _both(sd, 2.0, measure_by)
+    assert calls and calls[0] is measure_by
+    (d_fast, b_fast, *_), (d_full, b_full, *_) = out["fast"], out["exhaustive"]
+    assert b_fast <= budget and b_full <= budget
+    assert d_fast <= 1.02 * d_full
+
+
+def test_weighted_prediction_matches_the_full_measure():
+    """The sample's per-element weights (its blocks' rows of R) give the weighted distortion of the whole tensor."""
+    sd = _batchnorm()
+    weightings = norm_weightings({n: tuple(t.shape) for n, t in sd.items()}, lambda n: sd[n].double().numpy())
+    measure_by = Distortion(weightings)
+    sd["conv2.weight"] = sd["conv2.weight"] * torch.tensor([1.0, 0.05]).repeat(64)[:, None]  # rows of two sizes
+    array, dtype = to_numpy(sd["conv2.weight"])
+    dtype = get_dtype(dtype)
+    blocks = fast._blocks("conv2.weight", array.shape, False)
+    assert blocks is not None
+    sample = np.concatenate([array[r : r + fast.BLOCK_H, c : c + w] for r, c, w in blocks])
+    w = weightings["conv2.weight"]
+    opts = EncodeOptions(codec="quant", bits=4, tile=(64, 64))  # a tile's step is set by its large rows
+    predicted = fast.predict("conv2.weight", array.shape, dtype, sample, "q4", opts, None,
+                             (fast._sample_weigh(w, blocks), w.scale))
+    full: RDPoint = measure("conv2.weight", array, dtype, "q4", opts, None, measure_by=measure_by)[0]
+    plain = measure("conv2.weight", array, dtype, "q4", opts)[0]
+    assert predicted.out_error is not None and full.out_error is not None
+    assert abs(predicted.nmse / full.nmse - 1) < 0.15
+    assert abs(full.nmse / plain.nmse - 1) > 0.1  # the weights matter: plain NMSE would be another number
+
+
+def test_damage_notes_as_the_exhaustive_search(tmp_path):
+    """A budget that can only be met by destroying tensors: the fast search names them as the exhaustive one does,
+    keeps room for the note, and codec.save stores it."""
+    out, budget = _both(_one_big(), 0.5, notes=[])
+    fast_notes, full_notes = out["fast"][3], out["exhaustive"][3]
+    assert full_notes and fast_notes
+    assert {n.split("'")[1] for n in fast_notes} == {n.split("'")[1] for n in full_notes}
+    assert out["fast"][1] <= budget
+    warnings = codec.save(_one_big(), tmp_path / "m.jwt", bits_per_weight=0.5)
+    assert any("relative error" in w for w in warnings)
+    assert "jwt.warnings" in codec.open(tmp_path / "m.jwt").metadata
