@@ -283,7 +283,7 @@ def save(
                                      lambda n: state_dict[n].detach().to("cpu", torch.float64).numpy())
         inputs, calib = _calibration(model, calibration, repair, calibration_progress, meta)
         if calib is not None:
-            weightings.update(calib.weightings(repair=inputs is not None))
+            weightings.update(calib.weightings())
         damaged: list[str] = []
         chosen = _plan(state_dict, aliases, opts, rules, meta, encoder, bits_per_weight, max_error, calibrate,
                        progress, attachments or {}, jobs, matcher, measure_by=Distortion(weightings), notes=damaged,

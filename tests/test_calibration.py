@@ -386,21 +386,6 @@ def test_repair_contract(monkeypatch, tmp_path):
     assert calls == []
 
 
-def test_with_repair_the_last_layer_weighs_more():
-    """Calibration records the forward order; with repair the last layer's error counts LAST_LAYER_WEIGHT times."""
-    from codec.rd.calibrate import LAST_LAYER_WEIGHT
-
-    model, x, _ = _two_branch()
-    calib = codec.calibrate(model, x)
-    order = sorted(calib.layers, key=lambda n: calib.layers[n].order)
-    assert order == ["a.weight", "b.weight", "side.weight"]  # side runs last in forward()
-    plain, repaired = calib.weightings(), calib.weightings(repair=True)
-    for name in order:
-        factor = LAST_LAYER_WEIGHT if name == "side.weight" else 1.0
-        assert repaired[name].scale == pytest.approx(factor * plain[name].scale)
-        assert repaired[name].h is plain[name].h
-
-
 def test_repair_flag_without_the_module(monkeypatch):
     """Until codec.rd.repair exists, the default quietly codes without it and repair=True says it is missing."""
     import sys

@@ -197,8 +197,8 @@ def test_repair_through_save_keeps_a_batchnorm_counter(tmp_path):
     import codec
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                              torch.nn.Flatten(), torch.nn.Linear(8 * 26 * 26, 10))
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.AvgPool2d(2),
+                              torch.nn.Flatten(), torch.nn.Linear(8 * 13 * 13, 10))
     x = torch.randn(64, 1, 28, 28)
     net.train()
     net(x)

@@ -27,9 +27,8 @@ encoder side; nothing of it is stored in the file.
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,8 +38,8 @@ from torch.nn import functional as F
 
 from .allocate import Weighting
 
-__all__ = ["calibrate", "Calibration", "LayerStats", "as_batches", "FULL_H_MAX", "FULL_H_BYTES", "LAST_LAYER_WEIGHT",
-           "NOISE", "SENSITIVITY_SAMPLES", "BATCH_SIZE"]
+__all__ = ["calibrate", "Calibration", "LayerStats", "as_batches", "FULL_H_MAX", "FULL_H_BYTES", "NOISE",
+           "SENSITIVITY_SAMPLES", "BATCH_SIZE"]
 
 #: Layers with more in-features than this keep only the diagonal of H.
 FULL_H_MAX = 4096
@@ -52,9 +51,6 @@ NOISE = 0.1
 SENSITIVITY_SAMPLES = 256
 #: Batch size when the inputs are given as one array of samples.
 BATCH_SIZE = 64
-#: With repair, the weight of the last layers' output error against the others' (see
-#: :meth:`Calibration.weightings`).
-LAST_LAYER_WEIGHT = 16.0
 #: Bytes of unfolded convolution columns processed at once.
 _UNFOLD_BYTES = 64 << 20
 
@@ -70,15 +66,14 @@ class LayerStats:
     mean: np.ndarray | None  # E[x] over the in-features (None for an embedding)
     samples: int  # input rows seen (tokens, pixel positions, samples)
     sensitivity: float = 1.0  # relative change of the final output per unit relative output error
-    order: int = 0  # rank of the layer's first call in a forward pass
 
     @property
     def diagonal(self) -> bool:
         """Whether only the diagonal of H was kept."""
         return self.h.ndim == 1
 
-    def weighting(self, factor: float = 1.0) -> Weighting:
-        """How the allocator weighs this tensor's error (:class:`codec.rd.allocate.Weighting`), times ``factor``.
+    def weighting(self) -> Weighting:
+        """How the allocator weighs this tensor's error (:class:`codec.rd.allocate.Weighting`).
 
         An embedding's rows are weighted half by their lookup frequency and
         half uniformly: rows the calibration inputs never used still count,
@@ -87,8 +82,8 @@ class LayerStats:
         if self.kind == "embedding":
             total = float(self.h.sum())
             freq = self.h / total if total > 0 else np.zeros_like(self.h)
-            return Weighting(rows=0.5 * freq + 0.5 / len(self.h), scale=factor * self.sensitivity)
-        return Weighting(h=self.h, scale=factor * self.sensitivity)
+            return Weighting(rows=0.5 * freq + 0.5 / len(self.h), scale=self.sensitivity)
+        return Weighting(h=self.h, scale=self.sensitivity)
 
 
 @dataclass
@@ -101,23 +96,9 @@ class Calibration:
     seed: int = 0
     notes: list[str] = field(default_factory=list)
 
-    def weightings(self, repair: bool = False) -> dict[str, Weighting]:
-        """The allocator's output-space weighting of every calibrated tensor.
-
-        With ``repair`` (:mod:`codec.rd.repair` codes the layers in forward
-        order and refits each to the coded ones before it), the error of every
-        layer but the last ones is largely undone by the layers after it; the
-        last Linear / Conv2d layer(s) called in a forward pass have nothing
-        after them to repair them, so their error counts
-        :data:`LAST_LAYER_WEIGHT` times as much (measured on the bench
-        classifiers: a 2-bit last layer of 1,280 weights cost 0.5 points that
-        6 bits, 0.012 bits/weight more, keep).
-        """
-        orders = [s.order for s in self.layers.values() if s.kind != "embedding"]
-        last = max(orders) if repair and orders else None
-        return {name: stats.weighting(LAST_LAYER_WEIGHT if stats.kind != "embedding" and stats.order == last
-                                      else 1.0)
-                for name, stats in self.layers.items()}
+    def weightings(self) -> dict[str, Weighting]:
+        """The allocator's output-space weighting of every calibrated tensor."""
+        return {name: stats.weighting() for name, stats in self.layers.items()}
 
 
 class _Batches:
@@ -204,9 +185,8 @@ def _samples(batch: Batch) -> int:
 class _Collector:
     """Forward hooks accumulating one layer's input statistics."""
 
-    def __init__(self, module: nn.Module, full: bool, calls: Iterator[int]):
-        self.module, self.full, self.calls = module, full, calls
-        self.order: int | None = None  # rank of the first call (from the counter ``calls`` shared by all)
+    def __init__(self, module: nn.Module, full: bool):
+        self.module, self.full = module, full
         self.kind = ("embedding" if isinstance(module, nn.Embedding)
                      else "conv2d" if isinstance(module, nn.Conv2d) else "linear")
         self.h: torch.Tensor | None = None
@@ -219,8 +199,6 @@ class _Collector:
         x = args[0] if args else None
         if not self.active or not isinstance(x, torch.Tensor):
             return
-        if self.order is None:
-            self.order = next(self.calls)
         if self.kind == "embedding":
             ids = self._tokens(x, x.shape)
             counts = torch.bincount(ids.reshape(-1).long(), minlength=module.num_embeddings).double()
@@ -267,9 +245,9 @@ class _Collector:
         if self.h is None or self.rows == 0:
             return None
         if self.kind == "embedding":
-            return LayerStats("embedding", self.h.cpu().numpy(), None, self.rows, order=self.order or 0)
+            return LayerStats("embedding", self.h.cpu().numpy(), None, self.rows)
         return LayerStats(self.kind, (self.h / self.rows).cpu().numpy(), (self.sum / self.rows).cpu().numpy(),
-                          self.rows, order=self.order or 0)
+                          self.rows)
 
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -315,12 +293,11 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
         raise ValueError("calibration: the model has no Linear, Conv2d or Embedding layer with a weight to calibrate")
     full_bytes = 0
     collectors = {}
-    calls = itertools.count()
     for name, module in layers.items():
         cols = module.weight[0].numel() if not isinstance(module, nn.Embedding) else 0
         full = 0 < cols <= FULL_H_MAX and full_bytes + 8 * cols * cols <= FULL_H_BYTES
         full_bytes += 8 * cols * cols if full else 0
-        collectors[name] = _Collector(module, full, calls)
+        collectors[name] = _Collector(module, full)
     noise_num = dict.fromkeys(layers, 0.0)
     noise_den = dict.fromkeys(layers, 0.0)
     was_training = model.training
