@@ -1,6 +1,6 @@
 """Coding with data (issue 9), side by side in one run: jwt data-free, jwt calibrated, jwt calibrated + repair, peers.
 
-    python -m bench.data_aware [--models mlp,cnn,bncnn,minilm] [--quick] [--out bench/results/data_aware]
+    python -m bench.data_aware [--models mlp,cnn,bncnn,minilm] [--quick] [--bits B ...] [--out bench/results/data_aware]
 
 For each model, every method is measured in the same run on the same weights:
 
@@ -277,6 +277,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="fewer budgets and peer settings")
+    parser.add_argument("--bits", type=float, action="append",
+                        help="jwt -b budget (repeatable; default: the model's list, fewer with --quick)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "data_aware",
                         help="output folder (default: bench/results/data_aware)")
     args = parser.parse_args(argv)
@@ -302,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         model_start = time.perf_counter()
         log(f"{name}: preparing")
         case = minilm_case(args.quick) if name == "minilm" else fmnist_case(name, args.quick)
+        if args.bits:
+            case.bits = args.bits
         for bench in case.benches:
             log(f"{bench.name}: {bench.weights:,} weights, fp32 {bench.metric} {bench.fmt(bench.reference)}")
 

@@ -129,10 +129,15 @@ def _as_tensor(v: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 def embed(state_dict: StateDict | None, sentences: list[str] = SENTENCES) -> np.ndarray:
-    """Mean-pooled, L2-normalized embeddings [n, 384] with the given weights (None: the original)."""
+    """Mean-pooled, L2-normalized embeddings [n, 384] with the given weights (None: the original).
+
+    A decoded file of the whole module holds the int64 ``embeddings.position_ids`` buffer too, which the
+    model (persistent=False) does not take: it is left out.
+    """
     weights = _original() if state_dict is None else state_dict
     model = _model()
-    model[0].auto_model.load_state_dict({k: _as_tensor(v) for k, v in weights.items()}, strict=True)
+    model[0].auto_model.load_state_dict({k: _as_tensor(v) for k, v in weights.items()
+                                         if k != "embeddings.position_ids"}, strict=True)
     return model.encode(list(sentences), batch_size=len(sentences), convert_to_numpy=True,
                         normalize_embeddings=True, show_progress_bar=False)
 

@@ -92,11 +92,11 @@ def main() -> None:
         for variant in args.variants.split(","):
             start = time.perf_counter()
             if variant == "plain":
-                targets, notes = {}, []
+                targets, notes, changed = {}, [], {}
             else:
-                targets, notes = code_with_repair(model, batches, options, settings=variants[variant])
+                targets, notes, changed = code_with_repair(model, batches, options, settings=variants[variant])
             seconds = time.perf_counter() - start
-            blob = write(state_dict, options, targets)
+            blob = write(state_dict, {**options, **changed}, targets)
             decoded = codec.load(blob)
             acc = accuracy((model_class(args.model), decoded), test_x, test_y)
             print(f"{bits:6.2f} {variant:>8} {8 * len(blob) / n_weights:7.3f} {acc:6.2f} {seconds:7.1f}", flush=True)

@@ -423,13 +423,17 @@ def _repaired(model, state_dict, aliases, inputs, chosen, calib, progress, jobs,
     Repair codes the layers in forward order with the chosen options and
     returns, in storage form, only the tensors whose values it changed
     (error-compensated weights, repaired biases and later parameters);
-    coding those with the same options gives exactly what repair assumed.
+    coding those with the options in ``chosen`` (updated in place where
+    repair had to code a tensor cheaper to keep its planned size) gives
+    exactly what repair assumed.
     """
     from .rd.repair import code_with_repair
 
     counted = (lambda name, n: progress("repair", n)) if progress else None  # repair counts per tensor coded
-    targets, repair_notes = code_with_repair(model, inputs, dict(chosen), calib, progress=counted, jobs=jobs)
+    targets, repair_notes, changed = code_with_repair(model, inputs, dict(chosen), calib, progress=counted,
+                                                      jobs=jobs)
     notes += list(repair_notes)
+    chosen.update(changed)  # options repair lowered to keep a tensor within its planned size
     out = dict(state_dict)
     for name, array in targets.items():
         if name not in out:

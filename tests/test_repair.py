@@ -13,7 +13,7 @@ from codec.api import to_numpy, to_torch
 from codec.dtypes import get_dtype
 from codec.format import TensorEntry
 from codec.rd.gptq import gptq_target, output_error
-from codec.rd.repair import RepairSettings, code_with_repair, forward_order, repair
+from codec.rd.repair import RepairSettings, _code_within, _slots, code_with_repair, forward_order, repair
 from codec.rd.repair import output_error as model_error
 from codec.tensorcodec import EncodeOptions, decode_tensor, encode_tensor
 
@@ -100,7 +100,7 @@ def test_each_technique_alone_lowers_the_error():
         "distill": RepairSettings(steps=10, final_steps=10, lr=1e-3, refit=False, gptq=False, bias_correction=False),
     }
     for label, settings in alone.items():
-        targets, _ = code_with_repair(model, data, options, settings=settings)
+        targets, _, _ = code_with_repair(model, data, options, settings=settings)
         assert model_error(decoded_model(model, options, targets), data, refs) < plain, label
 
 
@@ -109,8 +109,8 @@ def test_original_model_untouched_and_deterministic():
     model.train()
     before = copy.deepcopy(model.state_dict())
     options = quant_options(model)
-    first, _ = code_with_repair(model, data, options, settings=FAST)
-    second, _ = code_with_repair(model, iter(data), options, settings=FAST)  # a one-shot iterator works too
+    first, _, _ = code_with_repair(model, data, options, settings=FAST)
+    second, _, _ = code_with_repair(model, iter(data), options, settings=FAST)  # a one-shot iterator works too
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
@@ -197,8 +197,8 @@ def test_repair_through_save_keeps_a_batchnorm_counter(tmp_path):
     import codec
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                              torch.nn.Flatten(), torch.nn.Linear(8 * 26 * 26, 10))
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.AvgPool2d(2),
+                              torch.nn.Flatten(), torch.nn.Linear(8 * 13 * 13, 10))
     x = torch.randn(64, 1, 28, 28)
     net.train()
     net(x)
@@ -208,3 +208,72 @@ def test_repair_through_save_keeps_a_batchnorm_counter(tmp_path):
     back = codec.load(path)
     assert back["1.num_batches_tracked"].shape == () and int(back["1.num_batches_tracked"]) == 1
     assert set(back) == set(net.state_dict())
+
+
+def test_batchnorm_running_mean_takes_the_mean_correction_of_a_layer_without_bias():
+    """conv (no bias) -> BatchNorm: the coded conv's mean shift moves the BatchNorm's running mean, lowering the error."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(4, 64, 5, padding=2, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(64 * 8 * 8, 10))
+    data = batches()
+    net.train()
+    for b in data:
+        net(b)
+    net.eval()
+    options = quant_options(net, bits=2)
+    with torch.no_grad():
+        refs = [[net(b)] for b in data]
+    errors = {}
+    for on in (False, True):
+        settings = RepairSettings(refit=False, gptq=False, bias_correction=on, keep_size=False)
+        result = repair(net, data, options, settings=settings)
+        decoded = code_file(net.state_dict(), options, result.targets)
+        assert all(torch.equal(decoded[k], v) for k, v in result.model.state_dict().items())
+        assert ("1.running_mean" in result.targets) == on
+        errors[on] = model_error(decoded_model(net, options, result.targets), data, refs)
+    assert errors[True] < 0.9 * errors[False]
+
+
+def test_keep_size_moves_a_grown_tensor_back_or_codes_it_cheaper():
+    """A target coding larger than planned is blended towards the original (credit >= 0) or coded at lower JPEG
+    quality (an overrun to pay back); savings before it let it keep its plan; quant keeps its bits."""
+    model = tiny_model()
+    with torch.no_grad():  # a smooth weight, cheap to code
+        model.fc.weight.copy_(torch.linspace(-1, 1, 1024).repeat(32, 1) * torch.linspace(0.5, 1, 32)[:, None])
+    jpeg = EncodeOptions(codec="jpeg", quality=60, tile=(32, 64))
+    slot = _slots(model, {"fc.weight": jpeg})["fc.weight"]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # what repair could leave: the weight plus fine noise within its range, costlier to code
+        slot.tensor.add_(0.02 * torch.randn(slot.tensor.shape, generator=g)).clamp_(-1, 1)
+    grown = to_numpy(slot.tensor)[0].copy()
+
+    def size(array, opts):
+        return sum(len(b) for b in encode_tensor(array, F32, opts).blobs)
+
+    planned = size(slot.original, jpeg)
+    assert size(grown, jpeg) > planned  # the premise: the new values code larger
+    target, _, _, opts, credit = _code_within(slot, None, jpeg, RepairSettings(keep_size=False), None, 0)
+    assert opts == jpeg and np.array_equal(target, grown)
+    target, _, _, opts, credit = _code_within(slot, None, jpeg, RepairSettings(), None, 0)
+    assert opts == jpeg and size(target, jpeg) <= planned and credit == planned - size(target, jpeg) >= 0
+    assert 0 < np.abs(target - slot.original).max() < np.abs(grown - slot.original).max()  # part of the way back
+    target, _, _, opts, credit = _code_within(slot, None, jpeg, RepairSettings(), None, -planned // 10)
+    assert opts.codec == "jpeg" and opts.quality < 60 and size(target, opts) <= planned - planned // 10
+    _, _, _, opts, _ = _code_within(slot, None, jpeg, RepairSettings(), None, 10 * planned)
+    assert opts == jpeg
+    quant = EncodeOptions(codec="quant", bits=2, tile=(8, 64))
+    assert _code_within(slot, None, quant, RepairSettings(), None, -10 * planned)[3] == quant
+
+
+def test_save_with_repair_stays_within_the_budget(tmp_path):
+    """codec.save with calibration: the file is at most the bits/weight asked and decodes to the repaired model."""
+    import codec
+
+    model, data = tiny_model(4), batches()
+    path = tmp_path / "m.jwt"
+    weights = sum(t.numel() for t in model.state_dict().values())
+    for bits in (2.5,):
+        codec.save(model, path, bits_per_weight=bits, calibration=data)
+        assert 8 * path.stat().st_size / weights <= bits
+        back = codec.load(path)
+        assert set(back) == set(model.state_dict())
