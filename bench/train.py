@@ -113,9 +113,8 @@ class Schedule:
         start = time.process_time()
         for _ in range(self.epochs - snapshot["epoch"]):
             batches = batches_of(self.inputs, self.targets, generator)
-            codec.train.finetune(model, batches, F.cross_entropy, steps=len(batches), lr=1e-3, overrides=overrides)
-            if bar is not None:
-                bar.update(len(batches))
+            codec.train.finetune(model, batches, F.cross_entropy, steps=len(batches), lr=1e-3, overrides=overrides,
+                                 progress=bar if bar is not None else False)
         model.eval()
         return model, snapshot["seconds"] + time.process_time() - start
 
@@ -128,9 +127,12 @@ def coded(model: torch.nn.Module, **save_args) -> tuple[dict, float]:
     return codec.load(buf.getvalue()), 8 * len(buf.getvalue()) / n_weights
 
 
-def main(argv: Sequence[str] | None = None, out: Path = OUT) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None, prog: str | None = None, description: str | None = None) -> None:
+    """The run; ``argv``, ``prog`` and ``description`` let examples/train_compressible.py present it."""
+    parser = argparse.ArgumentParser(prog=prog, description=description or __doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    parser.add_argument("--cnn", dest="model", action="store_const", const="cnn", help="same as --model cnn")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--codec-epochs", type=int, default=1, help="last epochs with the codec in the loop")
     parser.add_argument("--quality", type=int, action="append", help="ladder: JPEG qualities of the largest layer")
@@ -145,11 +147,13 @@ def main(argv: Sequence[str] | None = None, out: Path = OUT) -> None:
                         "coefficients per 8x8 block")
     parser.add_argument("--train-size", type=int, default=60000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="path of the table and plot, without suffix "
+                        "(default bench/results/train_<model>)")
     args = parser.parse_args(argv)
     if not 0 < args.codec_epochs <= args.epochs:
         parser.error("--codec-epochs must be between 1 and --epochs")
     kind = args.model
-    lams = args.lam if args.lam is not None else [1.0, 4.0]
+    lams = [lam for lam in (args.lam if args.lam is not None else [1.0, 4.0]) if lam > 0]  # --lam 0: none
     qualities = args.quality or list(LADDER[kind])
     budgets = args.bits or [0.2, 0.3, 0.4, 0.6, 1.0]
     codec.train.as_setting(args.rate_setting)  # a bad setting fails here, not after training
@@ -207,18 +211,20 @@ def main(argv: Sequence[str] | None = None, out: Path = OUT) -> None:
         for q in qualities:
             record(f"DCT layer {k}x{k}/8x8", f"q{q}", coded(model, overrides=ladder_point(kind, q)), seconds)
 
-    write(out / f"train_{kind}", kind, args, reference, rows, curves, images)
+    write(args.out or OUT / f"train_{kind}", kind, args, reference, rows, curves, images)
 
 
 def write(path: Path, kind: str, args, reference: float, rows: list[tuple], curves: dict, images) -> None:
     """The table (``.md``) and plot (``.png``) of a run."""
     import os
+    import sys
+
+    script = Path(sys.argv[0]).name
+    command = " ".join(["python -m bench.train" if script == "train.py" else f"python examples/{script}", *sys.argv[1:]])
 
     load = os.getloadavg()[0]
     lines = [f"# Training for the codec: {kind}, {args.epochs} epochs on {len(images)} images", "",
-             f"`python -m bench.train --model {kind} --epochs {args.epochs} --train-size {len(images)} "
-             f"--codec-epochs {args.codec_epochs}` (load average {load:.1f} at the end; times are CPU seconds, "
-             "one thread)", "",
+             f"`{command}` (load average {load:.1f} at the end; times are CPU seconds, one thread)", "",
              f"Reference: the plain model's float accuracy {reference:.2f} %. The ladder codes the largest layer "
              f"({BIG[kind]}) as grid-tiled JPEG with the flat table at quality q and the rest as "
              f"{', '.join(f'{n}={s}' for n, s in REST[kind])} (biases lossless).", "",

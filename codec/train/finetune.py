@@ -96,14 +96,15 @@ def _split(batch) -> tuple[object, tuple]:
 
 def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] | None = None,
              setting: EncodeOptions | str | Mapping | None = None, steps: int = 100, lr: float = 1e-4,
-             progress: bool = False, overrides: Overrides | OverrideRules = None) -> torch.nn.Module:
+             progress=False, overrides: Overrides | OverrideRules = None) -> torch.nn.Module:
     """Fine-tune ``model`` in place, ``steps`` Adam steps at ``lr``, with every tensor coded as ``setting`` stores
     it (see :func:`codec.train.as_setting`; ``overrides``: per-tensor settings by glob, as codec.save takes them;
     save afterwards with the same options and overrides) in the forward pass.
 
     ``data``: a tensor of inputs or an iterable of batches (cycled), each the inputs or ``(inputs, *targets)``.
     ``loss_fn(outputs, *targets)``: the loss; None distils the original model's outputs (mean squared error of
-    the outputs: no labels needed). Returns the model, with its float weights; the file saved from it with the
+    the outputs: no labels needed). ``progress``: True for a progress bar of its own, or a tqdm bar to update
+    once a step. Returns the model, with its float weights; the file saved from it with the
     same setting decodes to exactly the weights of the last forward pass (``coded_weights(model, setting)``),
     which is run after the last update to report the final loss.
     """
@@ -125,8 +126,9 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.Adam(params.values(), lr=float(lr))
     stream = itertools.cycle(batches) if steps else iter(())
-    bar = None
-    if progress:
+    own_bar = progress is True
+    bar = progress if hasattr(progress, "update") else None  # the caller's bar: one update a step
+    if own_bar:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps + 1, desc="finetune", unit="step")
@@ -153,16 +155,17 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         optimizer.step()
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4g}")
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss.item():.4g}")
     model.train(was_training)
     if last is None:
         last = next(iter(batches), None)
     if last is not None:
         with torch.no_grad():
             final = loss_at(last)
-        if bar is not None:
+        if own_bar:
             bar.update(1)
             bar.set_postfix(loss=f"{final.item():.4g}")
-    if bar is not None:
+    if own_bar:
         bar.close()
     return model
