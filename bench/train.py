@@ -225,9 +225,9 @@ def write(path: Path, kind: str, args, reference: float, rows: list[tuple], curv
     load = os.getloadavg()[0]
     lines = [f"# Training for the codec: {kind}, {args.epochs} epochs on {len(images)} images", "",
              f"`{command}` (load average {load:.1f} at the end; times are CPU seconds, one thread)", "",
-             f"Reference: the plain model's float accuracy {reference:.2f} %. The ladder codes the largest layer "
-             f"({BIG[kind]}) as grid-tiled JPEG with the flat table at quality q and the rest as "
-             f"{', '.join(f'{n}={s}' for n, s in REST[kind])} (biases lossless).", "",
+             (f"Reference: the plain model's float accuracy {reference:.2f} %. The ladder codes the largest layer "
+              f"({BIG[kind]}) as grid-tiled JPEG with the flat table at quality q and the rest as "
+              f"{', '.join(f'{n}={s}' for n, s in REST[kind])} (biases lossless)."), "",
              "| model | coded with | bits/weight (file) | test accuracy % | points lost | training time vs plain |",
              "|---|---|---|---|---|---|"]
     for curve, how, bpw, acc, cost in rows:

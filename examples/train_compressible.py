@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench import train  # noqa: E402
+from bench import train
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -113,9 +113,9 @@ class DCTConv2d(torch.nn.Module):
                                                                 padding, dilation, groups, bias)
         if not isinstance(layer.padding, tuple) or layer.padding_mode != "zeros":
             raise ValueError("DCTConv2d: only numeric padding with zeros")
-        self.conv_args = dict(in_channels=layer.in_channels, out_channels=layer.out_channels,
-                              kernel_size=layer.kernel_size, stride=layer.stride, padding=layer.padding,
-                              dilation=layer.dilation, groups=layer.groups)
+        self.conv_args = {"in_channels": layer.in_channels, "out_channels": layer.out_channels,
+                          "kernel_size": layer.kernel_size, "stride": layer.stride, "padding": layer.padding,
+                          "dilation": layer.dilation, "groups": layer.groups}
         self.dct = _DCTWeight(tuple(layer.weight.shape), keep, layer.weight, rescale)
         self.bias = None if layer.bias is None else torch.nn.Parameter(layer.bias.detach().clone())
 
