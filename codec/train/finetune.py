@@ -12,37 +12,65 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch.func import functional_call
 
+from ..errors import EncodeError
 from ..format import TensorEntry
-from ..tensorcodec import EncodeOptions, decode_tensor, encode_tensor
+from ..tensorcodec import EncodeOptions, Overrides, decode_tensor, encode_tensor, not_applied
 from .rate import as_setting
 
-__all__ = ["coded_weights", "finetune"]
+__all__ = ["as_overrides", "coded_weights", "finetune"]
+
+#: Per-tensor settings as codec.save takes them: ``{glob: setting}`` or ``[(glob, setting), ...]``.
+OverrideRules = Mapping[str, str] | Sequence[tuple[str, str]] | None
 
 
 def coded_weights(model: torch.nn.Module, setting: EncodeOptions | str | Mapping | None = None,
-                  names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """``{name: tensor}`` of the model's state_dict as ``codec.save(model, path, **fields of setting)`` stores
-    it, decoded (no gradients): what :func:`codec.load` will give. ``names`` limits it to some tensors."""
+                  names: Iterable[str] | None = None, overrides: Overrides | OverrideRules = None
+                  ) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` of the model's state_dict as ``codec.save(model, path, overrides=overrides, **fields of
+    setting)`` stores it, decoded (no gradients): what :func:`codec.load` will give. ``overrides``: per-tensor
+    settings by glob, as codec.save takes them (the last match wins). ``names`` limits it to some tensors."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"coded_weights: model must be a torch.nn.Module, not {type(model).__name__}")
-    opts = as_setting(setting)
+    opts, rules = as_setting(setting), as_overrides(overrides, setting)
     state = model.state_dict()
     wanted = state.keys() if names is None else names
-    return {name: _code(state[name], opts) for name in wanted}
+    return {name: _code(state[name], rules.options_for(name, opts) or opts) for name in wanted}
+
+
+def as_overrides(overrides: Overrides | OverrideRules, setting=None) -> Overrides:
+    """:class:`codec.tensorcodec.Overrides` of ``overrides`` (None, a mapping or a list of ``(glob, setting)``),
+    every setting checked against ``setting`` (a bad one is a one-line ValueError here, not mid-training)."""
+    if isinstance(overrides, Overrides):
+        rules = overrides
+    elif overrides is None or isinstance(overrides, Mapping) or (
+            isinstance(overrides, (list, tuple)) and all(isinstance(r, (list, tuple)) and len(r) == 2
+                                                          for r in overrides)):
+        rules = Overrides(overrides)
+    else:
+        raise TypeError(f"overrides must be a mapping or a list of (glob, setting) pairs, "
+                        f"not {type(overrides).__name__}")
+    try:
+        rules.check(as_setting(setting))
+    except EncodeError as exc:
+        raise ValueError(f"overrides: {exc}") from None
+    return rules
 
 
 def _code(t: torch.Tensor, opts: EncodeOptions) -> torch.Tensor:
-    """The real encode/decode of one tensor (a copy of it, on its device)."""
+    """The real encode/decode of one tensor (a copy of it, on its device); a tensor stored losslessly is its own
+    decoded value, and is copied without coding it."""
     from ..api import to_numpy, to_torch
     from ..dtypes import get_dtype
 
     array, name = to_numpy(t.detach())
     dtype = get_dtype(name)
+    if opts.codec == "lossless" or (not_applied(array.shape, dtype, opts) or "").startswith("stored losslessly"):
+        return t.detach().clone()
     encoded = encode_tensor(array, dtype, opts)
     decoded = decode_tensor(TensorEntry("", dtype, tuple(array.shape), encoded.codec, encoded.tiling), encoded.blobs)
     return to_torch(decoded, name).to(t.device).clone()
@@ -68,13 +96,15 @@ def _split(batch) -> tuple[object, tuple]:
 
 def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] | None = None,
              setting: EncodeOptions | str | Mapping | None = None, steps: int = 100, lr: float = 1e-4,
-             progress: bool = False) -> torch.nn.Module:
+             progress=False, overrides: Overrides | OverrideRules = None) -> torch.nn.Module:
     """Fine-tune ``model`` in place, ``steps`` Adam steps at ``lr``, with every tensor coded as ``setting`` stores
-    it (see :func:`codec.train.as_setting`; save afterwards with the same options) in the forward pass.
+    it (see :func:`codec.train.as_setting`; ``overrides``: per-tensor settings by glob, as codec.save takes them;
+    save afterwards with the same options and overrides) in the forward pass.
 
     ``data``: a tensor of inputs or an iterable of batches (cycled), each the inputs or ``(inputs, *targets)``.
     ``loss_fn(outputs, *targets)``: the loss; None distils the original model's outputs (mean squared error of
-    the outputs: no labels needed). Returns the model, with its float weights; the file saved from it with the
+    the outputs: no labels needed). ``progress``: True for a progress bar of its own, or a tqdm bar to update
+    once a step. Returns the model, with its float weights; the file saved from it with the
     same setting decodes to exactly the weights of the last forward pass (``coded_weights(model, setting)``),
     which is run after the last update to report the final loss.
     """
@@ -86,7 +116,7 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         raise ValueError(f"finetune: steps must be a non-negative integer, not {steps!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"finetune: lr must be a positive number, not {lr!r}")
-    opts = as_setting(setting)
+    opts, rules = as_setting(setting), as_overrides(overrides, setting)
     batches = _batches(data)
     teacher = None
     if loss_fn is None:
@@ -96,15 +126,16 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.Adam(params.values(), lr=float(lr))
     stream = itertools.cycle(batches) if steps else iter(())
-    bar = None
-    if progress:
+    own_bar = progress is True
+    bar = progress if hasattr(progress, "update") else None  # the caller's bar: one update a step
+    if own_bar:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps + 1, desc="finetune", unit="step")
 
     def loss_at(batch) -> torch.Tensor:
         inputs, rest = _split(batch)
-        coded = coded_weights(model, opts)
+        coded = coded_weights(model, opts, overrides=rules)
         for name, p in params.items():  # straight through: coded values forward, identity backward
             coded[name] = coded[name] + (p - p.detach())  # exactly the coded values (+0), gradient 1 to p
         if teacher is None:
@@ -124,16 +155,17 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         optimizer.step()
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4g}")
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss.item():.4g}")
     model.train(was_training)
     if last is None:
         last = next(iter(batches), None)
     if last is not None:
         with torch.no_grad():
             final = loss_at(last)
-        if bar is not None:
+        if own_bar:
             bar.update(1)
             bar.set_postfix(loss=f"{final.item():.4g}")
-    if bar is not None:
+    if own_bar:
         bar.close()
     return model

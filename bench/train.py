@@ -1,0 +1,262 @@
+"""Training for the codec on Fashion-MNIST: plain training coded afterwards against training that knows the codec.
+
+One run trains the bench MLP (or CNN) with one schedule (Adam, lr 1e-3, batch 128, same seed and batch order)
+in these ways and codes every result with jwt, scoring the decoded file on the 10,000 test images:
+
+* ``plain``: no penalty; coded afterwards by the rate search at each ``--bits`` budget (data-free, and with
+  calibration inputs and repair, :mod:`codec.rd.repair`), and at each point of the setting ladder;
+* ``codec``: the same schedule, its last ``--codec-epochs`` epochs run with the codec in the loop at one setting of
+  the ladder (:func:`codec.train.finetune` with the labels: every step's forward pass sees the weights exactly as
+  the file will hold them, straight-through gradients), then saved with that setting; one model per ladder point,
+  the epochs before shared with the plain run (same batches, so the same weights);
+* ``lam=L``: the same schedule with ``L * codec.train.rate(layer, --rate-setting) / n`` added to the loss of the
+  largest layer every ``--rate-every`` steps from epoch ``--warmup`` on, coded afterwards by the search;
+* ``dct``: (``--dct K``) the largest layer a :class:`codec.train.DCTLinear` holding K x K low-frequency DCT
+  coefficients per 8x8 block, converted to an ordinary layer, coded at the ladder.
+
+Training time is CPU seconds of this process (``time.process_time``; one thread), a codec model's including the
+epochs it shares with the plain run. Writes ``bench/results/train_<model>.md`` and ``.png``::
+
+    python -m bench.train --model mlp
+    python -m bench.train --model cnn --epochs 2 --train-size 30000
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import codec
+import codec.train
+from bench.models import accuracy, load_fashion_mnist, make_model, model_class, preprocess
+
+OUT = Path(__file__).resolve().parent / "results"
+#: The largest layer of each model (the one the ladder varies, the penalty and the DCT layer apply to) and the
+#: settings of the others: the output layers and the CNN's convolutions in few-bit quant, biases lossless.
+BIG = {"mlp": "fc1", "cnn": "fc1"}
+REST = {"mlp": [("fc2.weight", "b3")], "cnn": [("conv1.weight", "b8"), ("conv2.weight", "b4"), ("fc2.weight", "b4")]}
+LADDER = {"mlp": (4, 5, 6, 8, 10), "cnn": (4, 5, 6, 8, 10)}
+
+
+def ladder_point(kind: str, quality: int) -> list[tuple[str, str]]:
+    """The overrides (codec.save's) of one ladder point: the largest layer in grid-tiled JPEG at ``quality`` with
+    the flat table (the cheapest structure jwt has: one set of JPEG headers, 64x64 tiles), the rest as REST."""
+    return [(f"{BIG[kind]}.weight", f"jpeg,q{quality},table=flat"), *REST[kind]]
+
+
+def batches_of(inputs: torch.Tensor, targets: torch.Tensor, generator: torch.Generator,
+               size: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch's batches in the schedule's order."""
+    return [(inputs[b], targets[b]) for b in torch.randperm(len(inputs), generator=generator).split(size)]
+
+
+def rate_penalty(model: torch.nn.Module, layer: str, setting: str, lam: float) -> torch.Tensor:
+    """``lam`` times the estimated bits per weight of ``layer``'s weight under ``setting``."""
+    weight = model.get_submodule(layer).weight
+    return lam * codec.train.rate({"w": weight}, setting) / weight.numel()
+
+
+class Schedule:
+    """The shared schedule: ``epochs`` epochs of Adam on the training set, deterministic given ``seed``."""
+
+    def __init__(self, kind: str, images: np.ndarray, labels: np.ndarray, epochs: int, seed: int):
+        self.kind, self.epochs, self.seed = kind, epochs, seed
+        self.inputs, self.targets = preprocess(images), torch.as_tensor(labels, dtype=torch.int64)
+
+    def steps(self) -> int:
+        return -(-len(self.inputs) // 128)
+
+    def run(self, lam: float = 0.0, rate_setting: str = "", every: int = 8, warmup: int = 0,
+            snapshot_at: int | None = None, bar: tqdm | None = None, model: torch.nn.Module | None = None
+            ) -> tuple[torch.nn.Module, float, dict | None]:
+        """Train a fresh model (``lam`` 0: plainly). Returns it, the CPU seconds taken and, with ``snapshot_at``,
+        the state at the start of that epoch (model, generator, seconds so far) for :meth:`codec_epochs`."""
+        model = model if model is not None else make_model(self.kind, self.seed)
+        torch.manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        start, snapshot = time.process_time(), None
+        model.train()
+        for epoch in range(self.epochs):
+            if epoch == snapshot_at:
+                snapshot = {"model": copy.deepcopy(model), "generator": generator.get_state(),
+                            "seconds": time.process_time() - start}
+            for i, (x, y) in enumerate(batches_of(self.inputs, self.targets, generator)):
+                optimizer.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                if lam and epoch >= warmup and i % every == 0:
+                    loss = loss + rate_penalty(model, BIG[self.kind], rate_setting, lam)
+                loss.backward()
+                optimizer.step()
+                if bar is not None:
+                    bar.update(1)
+        model.eval()
+        return model, time.process_time() - start, snapshot
+
+    def codec_epochs(self, snapshot: dict, overrides: Sequence[tuple[str, str]],
+                     bar: tqdm | None = None) -> tuple[torch.nn.Module, float]:
+        """The schedule's remaining epochs from ``snapshot`` with the codec in the loop at ``overrides``
+        (:func:`codec.train.finetune` with the labels, Adam at the schedule's lr). Returns the model and the
+        CPU seconds of the whole schedule (the shared epochs included)."""
+        model = copy.deepcopy(snapshot["model"])
+        generator = torch.Generator()
+        generator.set_state(snapshot["generator"])
+        start = time.process_time()
+        for _ in range(self.epochs - snapshot["epoch"]):
+            batches = batches_of(self.inputs, self.targets, generator)
+            codec.train.finetune(model, batches, F.cross_entropy, steps=len(batches), lr=1e-3, overrides=overrides,
+                                 progress=bar if bar is not None else False)
+        model.eval()
+        return model, snapshot["seconds"] + time.process_time() - start
+
+
+def coded(model: torch.nn.Module, **save_args) -> tuple[dict, float]:
+    """The state_dict a file of ``model`` decodes to, and the file's bits per weight (whole file)."""
+    buf = io.BytesIO()
+    codec.save(model, buf, **save_args)
+    n_weights = sum(t.numel() for t in model.state_dict().values())
+    return codec.load(buf.getvalue()), 8 * len(buf.getvalue()) / n_weights
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None, description: str | None = None) -> None:
+    """The run; ``argv``, ``prog`` and ``description`` let examples/train_compressible.py present it."""
+    parser = argparse.ArgumentParser(prog=prog, description=description or __doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    parser.add_argument("--cnn", dest="model", action="store_const", const="cnn", help="same as --model cnn")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--codec-epochs", type=int, default=1, help="last epochs with the codec in the loop")
+    parser.add_argument("--quality", type=int, action="append", help="ladder: JPEG qualities of the largest layer")
+    parser.add_argument("--lam", type=float, action="append", help="penalty strength(s) (default 1 and 4)")
+    parser.add_argument("--rate-setting", default="jpeg,q8,table=flat", help="the setting the penalty estimates")
+    parser.add_argument("--rate-every", type=int, default=8, help="add the rate penalty every N steps")
+    parser.add_argument("--warmup", type=int, default=1, help="epochs before the penalty starts")
+    parser.add_argument("--bits", type=float, action="append", help="budgets of the post-training search")
+    parser.add_argument("--calibration", type=int, default=1024, help="training images for calibration/repair (0: "
+                        "none)")
+    parser.add_argument("--dct", type=int, action="append", default=[], help="also a DCT-layer run keeping K x K "
+                        "coefficients per 8x8 block")
+    parser.add_argument("--train-size", type=int, default=60000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="path of the table and plot, without suffix "
+                        "(default bench/results/train_<model>)")
+    args = parser.parse_args(argv)
+    if not 0 < args.codec_epochs <= args.epochs:
+        parser.error("--codec-epochs must be between 1 and --epochs")
+    kind = args.model
+    lams = [lam for lam in (args.lam if args.lam is not None else [1.0, 4.0]) if lam > 0]  # --lam 0: none
+    qualities = args.quality or list(LADDER[kind])
+    budgets = args.bits or [0.2, 0.3, 0.4, 0.6, 1.0]
+    codec.train.as_setting(args.rate_setting)  # a bad setting fails here, not after training
+    torch.set_num_threads(1)
+    images, labels = load_fashion_mnist("train")
+    images, labels = images[: args.train_size], labels[: args.train_size]
+    test_images, test_labels = load_fashion_mnist("test")
+    schedule = Schedule(kind, images, labels, args.epochs, args.seed)
+    cls = model_class(kind)
+    steps = schedule.steps() * args.epochs
+
+    with tqdm(total=steps, desc="plain", unit="step") as bar:
+        plain, plain_seconds, snapshot = schedule.run(snapshot_at=args.epochs - args.codec_epochs, bar=bar)
+    snapshot["epoch"] = args.epochs - args.codec_epochs
+    reference = accuracy(plain, test_images, test_labels)
+    rows: list[tuple] = []  # (curve, how, bits/weight, accuracy, time vs plain)
+    curves: dict[str, list[tuple[float, float]]] = {}
+
+    def record(curve: str, how: str, state_bpw: tuple[dict, float] | None, seconds: float, note: str = "") -> None:
+        if state_bpw is None:
+            rows.append((curve, f"{how}: {note}", np.nan, np.nan, seconds / plain_seconds))
+            return
+        state, bpw = state_bpw
+        acc = accuracy((cls, state), test_images, test_labels)
+        rows.append((curve, how, bpw, acc, seconds / plain_seconds))
+        curves.setdefault(curve, []).append((bpw, acc))
+
+    def searched(curve: str, model: torch.nn.Module, seconds: float, **extra) -> None:
+        for b in tqdm(budgets, desc=f"coding {curve}", unit="file"):
+            try:
+                record(curve, f"-b {b:g}", coded(model, bits_per_weight=b, **extra), seconds)
+            except codec.EncodeError as exc:  # below the smallest encoding the search has for this model
+                record(curve, f"-b {b:g}", None, seconds, str(exc).split(";")[0])
+
+    searched("plain, search", plain, plain_seconds)
+    if args.calibration:
+        calib = preprocess(images[: args.calibration])
+        searched("plain, search + calibration/repair", plain, plain_seconds, calibration=calib, repair=True)
+    for q in qualities:
+        record("plain, ladder", f"q{q}", coded(plain, overrides=ladder_point(kind, q)), plain_seconds)
+    for q in qualities:
+        with tqdm(total=schedule.steps() * args.codec_epochs, desc=f"codec q{q}", unit="step") as bar:
+            model, seconds = schedule.codec_epochs(snapshot, ladder_point(kind, q), bar=bar)
+        record(f"codec in the loop, last {args.codec_epochs} epoch(s)", f"q{q}",
+               coded(model, overrides=ladder_point(kind, q)), seconds)
+    for lam in lams:
+        with tqdm(total=steps, desc=f"lam={lam:g}", unit="step") as bar:
+            model, seconds, _ = schedule.run(lam, args.rate_setting, args.rate_every, args.warmup, bar=bar)
+        searched(f"lam={lam:g}, search", model, seconds)
+    for k in args.dct:
+        model = codec.train.with_dct_layers(make_model(kind, args.seed), [BIG[kind]], keep=k)
+        with tqdm(total=steps, desc=f"dct keep {k}", unit="step") as bar:
+            model, seconds, _ = schedule.run(bar=bar, model=model)
+        model = codec.train.to_ordinary(model)
+        for q in qualities:
+            record(f"DCT layer {k}x{k}/8x8", f"q{q}", coded(model, overrides=ladder_point(kind, q)), seconds)
+
+    write(args.out or OUT / f"train_{kind}", kind, args, reference, rows, curves, images)
+
+
+def write(path: Path, kind: str, args, reference: float, rows: list[tuple], curves: dict, images) -> None:
+    """The table (``.md``) and plot (``.png``) of a run."""
+    import os
+    import sys
+
+    script = Path(sys.argv[0]).name
+    command = " ".join(["python -m bench.train" if script == "train.py" else f"python examples/{script}", *sys.argv[1:]])
+
+    load = os.getloadavg()[0]
+    lines = [f"# Training for the codec: {kind}, {args.epochs} epochs on {len(images)} images", "",
+             f"`{command}` (load average {load:.1f} at the end; times are CPU seconds, one thread)", "",
+             (f"Reference: the plain model's float accuracy {reference:.2f} %. The ladder codes the largest layer "
+              f"({BIG[kind]}) as grid-tiled JPEG with the flat table at quality q and the rest as "
+              f"{', '.join(f'{n}={s}' for n, s in REST[kind])} (biases lossless)."), "",
+             "| model | coded with | bits/weight (file) | test accuracy % | points lost | training time vs plain |",
+             "|---|---|---|---|---|---|"]
+    for curve, how, bpw, acc, cost in rows:
+        lost = reference - acc
+        lines.append(f"| {curve} | {how} | {bpw:.3f} | {acc:.2f} | {lost:+.2f} | {cost:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".md").write_text(text)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, curve in curves.items():
+        ax.plot(*zip(*sorted(curve)), marker="o", label=name)
+    ax.axhline(reference - 0.5, color="grey", ls="--", lw=1, label="plain float - 0.5 points")
+    ax.set_xscale("log")
+    ax.set_xlabel("bits/weight (whole file)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(max(0.0, reference - 25), reference + 3)
+    ax.set_title(f"{kind}: coded after plain training vs trained for the codec")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=120)
+    print(f"wrote {path.with_suffix('.md')} and {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
