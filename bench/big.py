@@ -13,7 +13,11 @@ and ``jwt decode model.jwt -o OUT/ --max-shard-size SIZE`` run as
 subprocesses under ``/usr/bin/time -v``: wall time, weights per second and
 the peak resident memory of each.
 
-    python -m bench.big --gb 2 --dir /tmp/jwt-big [--bits 4] [--keep]
+    python -m bench.big --gb 2 --dir /tmp/jwt-big [--bits 4] [--keep] [--reuse] [--limit-mb 1536]
+    python -m bench.big --gb 1.2 --dir /tmp/jwt-ray --ray-workers 1,2   # Ray scaling on one machine
+
+CPU seconds (user + system) and the load average are printed next to each
+wall time: on a shared machine they say more than the wall time.
 """
 
 from __future__ import annotations
@@ -112,18 +116,81 @@ def make(folder: Path, gb: float, shard_gb: float, seed: int = 0) -> tuple[int, 
     return weights, 2 * weights
 
 
-def timed(args: list[str]) -> tuple[float, float, str]:
-    """Run ``python -m jwt_cli ARGS`` under /usr/bin/time -v: (wall s, peak RSS MB, stderr tail)."""
+def timed(args: list[str], limit_mb: int | None = None) -> tuple[float, float, float, float, str]:
+    """Run ``python -m jwt_cli ARGS`` under /usr/bin/time -v (and ``ulimit -v limit_mb`` MB if given).
+
+    Returns (wall s, CPU s = user + system, peak RSS MB, load average over the run, stdout).
+    """
     paths = [str(REPO / ".pp"), str(REPO), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-    t0 = time.perf_counter()
-    run = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "jwt_cli", *args], capture_output=True,
-                         text=True, env=env, check=False)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
+    command = ["/usr/bin/time", "-v", sys.executable, "-m", "jwt_cli", *args]
+    if limit_mb:
+        command = ["bash", "-c", f'ulimit -v {limit_mb * 1024} && exec "$@"', "-", *command]
+    load0, t0 = os.getloadavg()[0], time.perf_counter()
+    run = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     wall = time.perf_counter() - t0
     if run.returncode:
         raise SystemExit(f"jwt {' '.join(args)} failed: {run.stderr[-2000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr)[1]) / 1024
-    return wall, rss, run.stdout.strip()
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", run.stderr)[1]) for kind in ("User", "System"))
+    return wall, cpu, rss, (load0 + os.getloadavg()[0]) / 2, run.stdout.strip()
+
+
+def _tree_cpu(root) -> dict[str, float]:
+    """CPU seconds (user + system) of ``root``'s descendants, by kind: Ray task workers, Ray's own services."""
+    import psutil
+
+    out = {"workers": 0.0, "ray services": 0.0}
+    for proc in root.children(recursive=True):
+        try:
+            times, title = proc.cpu_times(), " ".join(proc.cmdline())
+        except psutil.Error:  # gone meanwhile
+            continue
+        kind = "workers" if "default_worker.py" in title or title.startswith("ray::") else "ray services"
+        out[kind] += times.user + times.system
+    return out
+
+
+def ray_scaling(src: Path, dest: Path, workers: list[int]) -> None:
+    """Encode ``src`` (default settings) on a local Ray cluster of each size in ``workers``, and locally with -j 1.
+
+    Prints wall time, the coordinator's and the workers' CPU seconds and the load average of each run, and checks
+    that every file is the bytes of the local one. Ray's processes run under this one, so psutil can sum them.
+    """
+    import psutil
+    import ray
+
+    from codec.io_formats import encode_model
+
+    torch.set_num_threads(1)
+    me = psutil.Process()
+    weights = json.loads((src / "model.safetensors.index.json").read_text())["metadata"]["total_size"] // 2
+    print(f"{src}: {weights / 1e9:.3f} G weights; {os.cpu_count()} CPUs")
+    print("| run | wall s | M weights/s | coordinator CPU s | worker CPU s | Ray services CPU s | "
+          "M weights per worker CPU-s | load avg | same bytes as -j 1 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    encode_model(src, dest / "local.jwt", jobs=1)  # warm the page cache, and the reference bytes
+    reference = (dest / "local.jwt").read_bytes()
+    for n in [0, *workers]:
+        if n:
+            ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False)
+            ray.get([ray.remote(lambda: 0).remote() for _ in range(n)])  # start the workers before the clock
+        before, tree0 = me.cpu_times(), _tree_cpu(me)
+        load0, t0 = os.getloadavg()[0], time.perf_counter()
+        out = dest / f"ray{n}.jwt"
+        encode_model(src, out, **({"ray": "auto"} if n else {"jobs": 1}))
+        wall = time.perf_counter() - t0
+        after, tree1 = me.cpu_times(), _tree_cpu(me)
+        coordinator = after.user + after.system - before.user - before.system
+        work = tree1["workers"] - tree0["workers"] if n else coordinator
+        services = tree1["ray services"] - tree0["ray services"]
+        if n:
+            ray.shutdown()
+        label = f"Ray, {n} worker{'s' if n > 1 else ''}" if n else "local, -j 1 (no Ray)"
+        print(f"| {label} | {wall:.1f} | {weights / wall / 1e6:.1f} | {coordinator:.1f} | {work:.1f} | "
+              f"{services:.1f} | {weights / work / 1e6:.1f} | {(load0 + os.getloadavg()[0]) / 2:.1f} | "
+              f"{out.read_bytes() == reference} |", flush=True)
+        out.unlink()
 
 
 def main() -> None:
@@ -134,27 +201,44 @@ def main() -> None:
     parser.add_argument("--bits", type=float, help="also encode with -b BITS")
     parser.add_argument("--max-shard-size", default="1GB")
     parser.add_argument("--keep", action="store_true", help="keep the files")
+    parser.add_argument("--reuse", action="store_true", help="use the checkpoint already in DIR/model if it is there")
+    parser.add_argument("--limit-mb", type=int, help="run each step under ulimit -v (address space, MB)")
+    parser.add_argument("--skip-default", action="store_true", help="no default-setting encode (decode needs one)")
+    parser.add_argument("--ray-workers", help="instead: encode on local Ray clusters of these sizes, e.g. 1,2")
     args = parser.parse_args()
     src, jwt, out = args.dir / "model", args.dir / "model.jwt", args.dir / "decoded"
-    shutil.rmtree(args.dir, ignore_errors=True)
     t0 = time.perf_counter()
-    weights, nbytes = make(src, args.gb, args.shard_gb)
-    print(f"made {src}: {weights / 1e9:.3f} G weights, {nbytes / 1e9:.2f} GB bf16 in "
-          f"{len(list(src.glob('*.safetensors')))} shards, {time.perf_counter() - t0:.0f} s", flush=True)
-    print("| step | wall s | M weights/s | peak RSS MB | output |")
-    print("|---|---|---|---|---|")
-    runs = [("encode (default)", ["encode", str(src), "-o", str(jwt), "-q"])]
+    if args.reuse and (src / "model.safetensors.index.json").exists():
+        index = json.loads((src / "model.safetensors.index.json").read_text())
+        nbytes = index["metadata"]["total_size"]
+        weights = nbytes // 2
+    else:
+        shutil.rmtree(args.dir, ignore_errors=True)
+        weights, nbytes = make(src, args.gb, args.shard_gb)
+    if args.ray_workers:
+        ray_scaling(src, args.dir, [int(n) for n in args.ray_workers.split(",")])
+        if not args.keep:
+            shutil.rmtree(args.dir, ignore_errors=True)
+        return
+    print(f"{src}: {weights / 1e9:.3f} G weights, {nbytes / 1e9:.2f} GB bf16 in "
+          f"{len(list(src.glob('*.safetensors')))} shards, {time.perf_counter() - t0:.0f} s; "
+          f"{os.cpu_count()} CPUs, ulimit -v {args.limit_mb or 'none'} MB", flush=True)
+    print("| step | wall s | M weights/s | CPU s | M weights per CPU-s | peak RSS MB | load avg | output |")
+    print("|---|---|---|---|---|---|---|---|")
+    runs = [] if args.skip_default else [("encode (default)", ["encode", str(src), "-o", str(jwt), "-q"])]
     if args.bits:
         runs.append((f"encode -b {args.bits:g}", ["encode", str(src), "-o", str(args.dir / "b.jwt"), "-q",
                                                   "-b", str(args.bits)]))
-    runs.append((f"decode --max-shard-size {args.max_shard_size}",
-                 ["decode", str(jwt), "-o", str(out) + "/", "--max-shard-size", args.max_shard_size, "-q"]))
+    if not args.skip_default:
+        runs.append((f"decode --max-shard-size {args.max_shard_size}",
+                     ["decode", str(jwt), "-o", str(out) + "/", "--max-shard-size", args.max_shard_size, "-q"]))
     for label, cmd in runs:
-        wall, rss, _ = timed(cmd)
+        shutil.rmtree(out, ignore_errors=True)
+        wall, cpu, rss, load, _ = timed(cmd, args.limit_mb)
         target = Path(cmd[3].rstrip("/"))
         size = sum(p.stat().st_size for p in target.rglob("*")) if target.is_dir() else target.stat().st_size
-        print(f"| {label} | {wall:.1f} | {weights / wall / 1e6:.1f} | {rss:.0f} | {size / 1e9:.3f} GB "
-              f"({8 * size / weights:.2f} bits/weight) |", flush=True)
+        print(f"| {label} | {wall:.1f} | {weights / wall / 1e6:.1f} | {cpu:.1f} | {weights / cpu / 1e6:.1f} | "
+              f"{rss:.0f} | {load:.1f} | {size / 1e9:.3f} GB ({8 * size / weights:.2f} bits/weight) |", flush=True)
     if not args.keep:
         shutil.rmtree(args.dir, ignore_errors=True)
 

@@ -6,6 +6,7 @@ extra is not installed.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -82,8 +83,8 @@ def test_ray_workers_read_shards_themselves_on_one_machine(cluster, tmp_path, mo
     folder.mkdir()
     save_file({k: sd[k] for k in names[:3]}, str(folder / "model-00001-of-00002.safetensors"))
     save_file({k: sd[k] for k in names[3:]}, str(folder / "model-00002-of-00002.safetensors"))
-    (folder / "model.safetensors.index.json").write_text('{"weight_map": {%s}}' % ", ".join(
-        f'"{k}": "model-0000{1 if i < 3 else 2}-of-00002.safetensors"' for i, k in enumerate(names)))
+    weight_map = {k: f"model-0000{1 if i < 3 else 2}-of-00002.safetensors" for i, k in enumerate(names)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     encode_model(folder, tmp_path / "local.jwt", jobs=1)
 
     def no_arrays(array, dtype_name, options):

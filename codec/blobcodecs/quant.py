@@ -31,7 +31,7 @@ from ..errors import FormatError
 from .abc import BlobCodec, check_params
 from .zstd import Zstd
 
-__all__ = ["Quant", "SAMPLE_BYTES"]
+__all__ = ["SAMPLE_BYTES", "Quant"]
 
 #: Bytes of a blob's start compressed at both levels to choose one (see the module docstring).
 SAMPLE_BYTES = 64 << 10
