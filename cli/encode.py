@@ -54,7 +54,7 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
 @click.option("--search", type=click.Choice(["fast", "exhaustive"]), default="fast", show_default=True,
               help="Rate search for --bits-per-weight: fast predicts each tensor's candidates from a sample of its "
                    "tiles and measures in full only the ones it picks (the budget is still met exactly); exhaustive "
-                   "measures every candidate on every tensor (8.5x the CPU time on all-MiniLM-L6-v2 -b 4).")
+                   "measures every candidate on every tensor (7.5x the CPU time on all-MiniLM-L6-v2 -b 4).")
 @click.option("--ray", "ray_address", metavar="auto|local|ADDRESS",
               help="Code the tensors on a Ray cluster: auto (the running cluster), local (start one here) or its "
                    "address; the file is the same bytes as a local encode. Needs pip install 'jwt-weights[ray]'.")
