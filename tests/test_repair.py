@@ -13,7 +13,8 @@ from codec.api import to_numpy, to_torch
 from codec.dtypes import get_dtype
 from codec.format import TensorEntry
 from codec.rd.gptq import gptq_target, output_error
-from codec.rd.repair import RepairSettings, _code_within, _slots, code_with_repair, forward_order, repair
+from codec.rd.repair import (RepairSettings, _code_within, _LayerFit, _slots, code_with_repair, forward_order,
+                             repair)
 from codec.rd.repair import output_error as model_error
 from codec.tensorcodec import EncodeOptions, decode_tensor, encode_tensor
 
@@ -204,7 +205,7 @@ def test_repair_through_save_keeps_a_batchnorm_counter(tmp_path):
     net(x)
     net.eval()
     path = tmp_path / "bn.jwt"
-    codec.save(net, path, bits_per_weight=3.0, calibration=x)
+    codec.save(net, path, bits_per_weight=6.0, calibration=x)
     back = codec.load(path)
     assert back["1.num_batches_tracked"].shape == () and int(back["1.num_batches_tracked"]) == 1
     assert set(back) == set(net.state_dict())
@@ -277,3 +278,25 @@ def test_save_with_repair_stays_within_the_budget(tmp_path):
         assert 8 * path.stat().st_size / weights <= bits
         back = codec.load(path)
         assert set(back) == set(model.state_dict())
+
+
+def test_refit_is_kept_only_where_it_holds_on_held_out_inputs():
+    """The refit fitted on most batches must beat the original weight on the held-out ones: it does when the coded
+    inputs relate to the original ones as on the held-out rows, not when the relation was a fluke of few rows."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 32))
+
+    def moments(x, x_hat):
+        n = len(x)
+        return {"n": n, "hh": x_hat.T @ x_hat / n, "cross": x.T @ x_hat / n, "sum_x": x.mean(0), "sum_h": x_hat.mean(0)}
+
+    x_held = rng.standard_normal((4000, 32))
+    held = moments(x_held, x_held + 0.5 * rng.standard_normal(x_held.shape))  # coding adds noise to the inputs
+    x = rng.standard_normal((4000, 32))
+    related = moments(x, x + 0.5 * rng.standard_normal(x.shape))
+    few = rng.standard_normal((24, 32))
+    fluke = moments(few, rng.standard_normal(few.shape))  # coded inputs unrelated to the original ones
+    for rest, keep in ((related, True), (fluke, False)):
+        fit = _LayerFit(None, None, w, None, rest["n"], rest["sum_x"], rest["sum_h"], rest["hh"], rest["cross"])
+        fit.held = [held, rest]
+        assert fit._keep_refit(RepairSettings()) is keep

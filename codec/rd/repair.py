@@ -48,6 +48,10 @@ from ..tensorcodec import EncodeOptions, decode_tensor, encode_tensor, lossless_
 
 __all__ = ["RepairSettings", "Repaired", "code_with_repair", "forward_order", "output_error", "repair"]
 
+#: The refit holds out every this-many-th calibration batch to check that it generalizes (from this many batches).
+HOLDOUT_EVERY = 4
+
+
 @dataclass(frozen=True)
 class RepairSettings:
     """How much repair to do.
@@ -465,6 +469,7 @@ class _LayerFit:
         self.slot, self.bias, self.w_ref, self.b_ref, self.shift = slot, bias, w_ref, b_ref, shift
         self.n, self.mean, self.mean_hat, self.h_hat, self.cross = n, mean, mean_hat, h_hat, cross
         self._fitted: np.ndarray | None = None  # the refit weight, computed once
+        self.held: list[dict] | None = None  # [held-out moments, the other rows' moments] (see _keep_refit)
 
     @classmethod
     def collect(cls, model: nn.Module, original: nn.Module, work: nn.Module, slot: _Slot, slots: dict[str, _Slot],
@@ -476,7 +481,7 @@ class _LayerFit:
         the mean correction in its running mean.
         """
         seen: dict[str, torch.Tensor] = {}
-        acc = {"n": 0, "ok": True}
+        acc = {"n": 0, "held_n": 0, "ok": True}
 
         def grab(key):
             def hook(mod, args):
@@ -495,7 +500,9 @@ class _LayerFit:
         model.eval()
         try:
             with torch.no_grad():
-                for batch in batches[: settings.stats_batches]:
+                used = batches[: settings.stats_batches]
+                for k, batch in enumerate(used):
+                    held = settings.refit and len(used) >= HOLDOUT_EVERY and k % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
                     seen.clear()
                     _run(work, batch)
                     if settings.refit:
@@ -506,12 +513,13 @@ class _LayerFit:
                     if settings.refit and [x.shape for x in xs] != [xh.shape for xh in seen["h"]]:
                         return None
                     for i, xh in enumerate(seen["h"]):
-                        acc["n"] += xh.shape[0]
-                        add("sum_h", xh.double().sum(0))
-                        add("hh", (xh.T @ xh).double())
+                        sums = {"n": xh.shape[0], "sum_h": xh.double().sum(0), "hh": (xh.T @ xh).double()}
                         if settings.refit:
-                            add("sum_x", xs[i].double().sum(0))
-                            add("cross", (xs[i].T @ xh).double())
+                            sums.update(sum_x=xs[i].double().sum(0), cross=(xs[i].T @ xh).double())
+                        for key, value in sums.items():
+                            add(key, value)
+                            if held:
+                                add("held_" + key, value)
         finally:
             model.train(training)
             for h in handles:
@@ -539,7 +547,13 @@ class _LayerFit:
             shift = next((s for s in slots.values() if isinstance(running, torch.Tensor) and s.tensor is running
                           and s.dtype.floating and not s.lossy and not s.coded
                           and s.original.shape == (w_ref.shape[0],)), None)
-        return cls(slot, bias_slot, w_ref, b_ref, n, mean, mean_hat, (acc["hh"] / n).numpy(), cross, shift)
+        fit = cls(slot, bias_slot, w_ref, b_ref, n, mean, mean_hat, (acc["hh"] / n).numpy(), cross, shift)
+        n_held = acc["held_n"]
+        if settings.refit and 0 < n_held < n:  # moments of the held-out rows and of the others
+            fit.held = [{"n": m, **{k: (v.numpy() / m) for k, v in part.items()}} for m, part in (
+                (n_held, {k: acc["held_" + k] for k in ("sum_h", "hh", "sum_x", "cross")}),
+                (n - n_held, {k: acc[k] - acc["held_" + k] for k in ("sum_h", "hh", "sum_x", "cross")}))]
+        return fit
 
     def _h(self) -> np.ndarray:
         """The second moment of the coded inputs (centred when a bias or running mean is free to absorb the mean)."""
@@ -554,19 +568,48 @@ class _LayerFit:
         if self.cross is not None and self._fitted is not None:
             current = self._fitted
         elif self.cross is not None:
-            h, cross = self._h(), self.cross
-            if self.bias is not None or self.shift is not None:
-                cross = cross - np.outer(self.mean, self.mean_hat)
-            lam = settings.damp * float(np.mean(np.diag(h))) + 1e-12
-            # Ridge towards the original: W' (H + lam I) = W (C + lam I).
-            rhs = self.w_ref @ cross + lam * self.w_ref
-            fitted = np.linalg.solve((h + lam * np.eye(len(h))).T, rhs.T).T
-            current = self._fitted = from_float64(fitted.reshape(slot.original.shape), slot.dtype)
+            if self._keep_refit(settings):
+                h, cross = self._centred(self.h_hat, self.cross, self.mean, self.mean_hat)
+                fitted = from_float64(self._ridge(h, cross, settings).reshape(slot.original.shape), slot.dtype)
+            else:
+                fitted = current.copy()
+            current = self._fitted = fitted
         if settings.gptq and opts.codec == "quant":
             from .gptq import gptq_target
 
             return gptq_target(current, slot.dtype, opts, self._h(), damp=settings.damp)
         return current, None
+
+    def _centred(self, hh: np.ndarray, cross: np.ndarray, mean: np.ndarray,
+                 mean_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(H, C)`` of the coded inputs and their cross moment with the original ones, centred when a bias or
+        running mean absorbs the mean."""
+        if self.bias is None and self.shift is None:
+            return hh, cross
+        return hh - np.outer(mean_hat, mean_hat), cross - np.outer(mean, mean_hat)
+
+    def _ridge(self, h: np.ndarray, cross: np.ndarray, settings: RepairSettings) -> np.ndarray:
+        """The weight mapping the coded inputs to the original layer's outputs, by ridge towards the original:
+        ``W' (H + lam I) = W (C + lam I)``."""
+        lam = settings.damp * float(np.mean(np.diag(h))) + 1e-12
+        rhs = self.w_ref @ cross + lam * self.w_ref
+        return np.linalg.solve((h + lam * np.eye(len(h))).T, rhs.T).T
+
+    def _keep_refit(self, settings: RepairSettings) -> bool:
+        """Whether the refit generalizes: fitted on all but every :data:`HOLDOUT_EVERY`-th batch, does it map the
+        held-out coded inputs closer to the original outputs than the original weight does? (True without a
+        holdout: fewer batches.) Measured: it does on the Fashion-MNIST CNNs, not on MiniLM's 125 sentences,
+        where refitting every layer lowered the cosine at 3.5 bits/weight from 0.984 to 0.967."""
+        if self.held is None:
+            return True
+        held, rest = self.held
+        fitted = self._ridge(*self._centred(rest["hh"], rest["cross"], rest["sum_x"], rest["sum_h"]), settings)
+        h, cross = self._centred(held["hh"], held["cross"], held["sum_x"], held["sum_h"])
+
+        def error(w: np.ndarray) -> float:  # E||W' x_hat - W x||^2 on the held-out rows, less a constant
+            return float(np.sum(w * (w @ h.T)) - 2 * np.sum(w * (self.w_ref @ cross)))
+
+        return error(fitted) < error(self.w_ref)
 
     def correct_bias(self, decoded: np.ndarray) -> None:
         """Least-squares bias given the coded weight: ``b = E[W_ref x + b_ref] - W_hat E[x_hat]``.
