@@ -81,6 +81,7 @@ class Schedule:
         """Train a fresh model (``lam`` 0: plainly). Returns it, the CPU seconds taken and, with ``snapshot_at``,
         the state at the start of that epoch (model, generator, seconds so far) for :meth:`codec_epochs`."""
         model = model if model is not None else make_model(self.kind, self.seed)
+        torch.set_num_threads(1)  # bench.models.accuracy sets 2: training times are one thread's
         torch.manual_seed(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -108,6 +109,7 @@ class Schedule:
         (:func:`codec.train.finetune` with the labels, Adam at the schedule's lr). Returns the model and the
         CPU seconds of the whole schedule (the shared epochs included)."""
         model = copy.deepcopy(snapshot["model"])
+        torch.set_num_threads(1)
         generator = torch.Generator()
         generator.set_state(snapshot["generator"])
         start = time.process_time()
