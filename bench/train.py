@@ -158,7 +158,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     lams = [lam for lam in (args.lam if args.lam is not None else [1.0, 4.0]) if lam > 0]  # --lam 0: none
     qualities = args.quality or list(LADDER[kind])
     budgets = args.bits or [0.2, 0.3, 0.4, 0.6, 1.0]
-    codec.train.as_setting(args.rate_setting)  # a bad setting fails here, not after training
+    try:  # a bad setting fails here, not after training
+        codec.train.as_setting(args.rate_setting)
+        for q in qualities:
+            codec.train.as_overrides(ladder_point(kind, q))
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
     torch.set_num_threads(1)
     images, labels = load_fashion_mnist("train")
     images, labels = images[: args.train_size], labels[: args.train_size]
