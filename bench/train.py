@@ -81,6 +81,7 @@ class Schedule:
         """Train a fresh model (``lam`` 0: plainly). Returns it, the CPU seconds taken and, with ``snapshot_at``,
         the state at the start of that epoch (model, generator, seconds so far) for :meth:`codec_epochs`."""
         model = model if model is not None else make_model(self.kind, self.seed)
+        torch.set_num_threads(1)  # bench.models.accuracy sets 2: training times are one thread's
         torch.manual_seed(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -108,6 +109,7 @@ class Schedule:
         (:func:`codec.train.finetune` with the labels, Adam at the schedule's lr). Returns the model and the
         CPU seconds of the whole schedule (the shared epochs included)."""
         model = copy.deepcopy(snapshot["model"])
+        torch.set_num_threads(1)
         generator = torch.Generator()
         generator.set_state(snapshot["generator"])
         start = time.process_time()
@@ -156,7 +158,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     lams = [lam for lam in (args.lam if args.lam is not None else [1.0, 4.0]) if lam > 0]  # --lam 0: none
     qualities = args.quality or list(LADDER[kind])
     budgets = args.bits or [0.2, 0.3, 0.4, 0.6, 1.0]
-    codec.train.as_setting(args.rate_setting)  # a bad setting fails here, not after training
+    try:  # a bad setting fails here, not after training
+        codec.train.as_setting(args.rate_setting)
+        for q in qualities:
+            codec.train.as_overrides(ladder_point(kind, q))
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
     torch.set_num_threads(1)
     images, labels = load_fashion_mnist("train")
     images, labels = images[: args.train_size], labels[: args.train_size]
