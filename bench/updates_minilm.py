@@ -236,7 +236,8 @@ def write(result: dict, out: Path, minutes: float) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, name in zip(axes, ("everyday", "rare")):
         for prefix, style in (("update", "o-"), ("full", "s--"), ("nncodec", "^-")):
-            pts = sorted((r["bpw"], 1 - r[name]) for r in rows if r["method"].startswith(prefix))
+            pts = sorted((r["bpw"], 1 - r[name]) for r in rows  # cosine 1.0 (rounded) has no place on a log axis
+                         if r["method"].startswith(prefix) and 1 - r[name] > 0)
             if pts:
                 ax.plot(*zip(*pts), style, label={"update": "jwt update", "full": "jwt full model",
                                                    "nncodec": "NNCodec differential update"}[prefix])
