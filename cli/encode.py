@@ -88,9 +88,10 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Free-form metadata to store (repeatable).")
 @click.option("--base", type=click.Path(path_type=Path), metavar="MODEL",
               help="Write an update against MODEL (.jwt, .pt/.pth, .safetensors or a folder), the model the "
-                   "receiver already holds: unchanged tensors cost a few bytes, changed ones are coded as "
-                   "differences (or in full, whichever the search prefers), with the error measured on the new "
-                   "weights. A .jwt base is decoded first, so errors do not pile up along a chain of updates. "
+                   "receiver already holds: unchanged tensors cost a few bytes; with -b or --max-error the search "
+                   "codes each changed tensor as a difference or in full, whichever costs less for the error "
+                   "on the new weights. Without them every changed tensor is a difference at the default "
+                   "setting: about the size of a full file, at a far smaller error. A .jwt base is decoded first, so errors do not pile up along a chain of updates. "
                    "Decode with `jwt decode UPDATE --base MODEL`.")
 @jobs_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
