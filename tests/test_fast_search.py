@@ -13,7 +13,7 @@ import torch
 import codec
 from codec.api import to_numpy
 from codec.dtypes import get_dtype
-from codec.rd import fast
+from codec.rd import allocate, fast
 from codec.rd.allocate import (
     DATA_FREE,
     Distortion,
@@ -118,8 +118,8 @@ def test_trade_moves_bytes_from_a_small_tensor_to_a_large_one():
 
     points = {"big": [pt("big0", 1000, 40.0), pt("big1", 1060, 10.0)], "small": [pt("s0", 80, 2.0), pt("s1", 100, 1.0)]}
     start = {"big": points["big"][0], "small": points["small"][1]}
-    assert fast._spend_slack(points, start, 1150) == start
-    traded = fast._trade(points, start, 1150)
+    assert allocate.spend_slack(points, {}, start, 1150) == start
+    traded = allocate.trade(points, {}, start, 1150)
     assert [traded[n].label for n in ("big", "small")] == ["big1", "s0"]
 
 
@@ -134,10 +134,28 @@ def test_spend_slack_takes_the_best_set_of_upgrades_not_the_steepest_first():
     points = {"a": [pt("a0", 100, 10.0), pt("a1", 110, 5.0)], "b": [pt("b0", 100, 50.0), pt("b1", 200, 10.0)]}
     start = {"a": points["a"][0], "b": points["b"][0]}
     greedy = fill_budget(points, {}, start, 300)
-    knapsack = fast._spend_slack(points, start, 300)
+    knapsack = allocate.spend_slack(points, {}, start, 300)
     assert [greedy[n].label for n in "ab"] == ["a1", "b0"]
     assert [knapsack[n].label for n in "ab"] == ["a0", "b1"]
     assert sum(p.nbytes for p in knapsack.values()) <= 300
+
+
+def test_best_fill_weighs_tensors_and_is_never_worse_than_the_greedy_fill():
+    """Both searches spend the slack with :func:`best_fill`: the knapsack's choice above when the tensors weigh
+    the same; with tensor 'a' weighing 10x, its small upgrade (gain 50) beats b's (gain 40) and is kept."""
+    opts = EncodeOptions()
+
+    def pt(label, nbytes, nmse):
+        return fast.Predicted(opts, label, nbytes, nmse, exact=True)
+
+    points = {"a": [pt("a0", 100, 10.0), pt("a1", 110, 5.0)], "b": [pt("b0", 100, 50.0), pt("b1", 200, 10.0)]}
+    start = {"a": points["a"][0], "b": points["b"][0]}
+    assert [allocate.best_fill(points, {}, start, 300)[n].label for n in "ab"] == ["a0", "b1"]
+    weights = {"a": 10.0}
+    weighted = allocate.best_fill(points, weights, start, 300)
+    assert [weighted[n].label for n in "ab"] == ["a1", "b0"]
+    total = lambda c: sum(weights.get(n, 1.0) * p.nmse for n, p in c.items())  # noqa: E731
+    assert total(weighted) <= total(fill_budget(points, weights, start, 300))
 
 
 def test_norm_weighted_models_take_the_fast_search(monkeypatch):

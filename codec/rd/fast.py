@@ -20,7 +20,7 @@ tiles predicts both:
    measured in full.
 2. **Allocate.** Equal slopes on the lower hulls of the points
    (:func:`_equal_slopes`), then the slack that leaves is spent by a
-   knapsack over every point (:func:`_spend_slack`), not greedily: the
+   knapsack over every point (:func:`codec.rd.allocate.best_fill`), not greedily: the
    greedy fill took a cheap upgrade that left no room for a better one
    (bench CNN -b 4: 4 % of the budget unspent, +57 % distortion). Only
    every other JPEG quality of the ladder is predicted at first
@@ -80,10 +80,10 @@ from .allocate import (
     TensorSource,
     Weighting,
     _damage_notes,
+    best_fill,
     distortion,
     entry_bytes,
     lower_hull,
-    pareto_front,
     with_row_images,
 )
 
@@ -365,89 +365,6 @@ def _in_between(pts: list[Predicted], hull: list[Predicted], lagrange: Predicted
     return out
 
 
-def _spend_slack(points: dict[str, list[Predicted]], chosen: dict[str, Predicted], budget: int,
-                 steps: int = 1024) -> dict[str, Predicted]:
-    """Spend what the equal-slope choice leaves under ``budget``: the set of upgrades (per tensor, any point
-    that costs more and errs less) whose total distortion drop is largest and that fits.
-
-    A multiple-choice knapsack over the slack, solved by dynamic
-    programming on ``steps`` steps of the slack (each upgrade's extra bytes
-    rounded up to whole steps, so the result always fits). The greedy pass
-    of the exhaustive search (:func:`fill_budget`, best slope first) can
-    take a cheap upgrade that leaves no room for a better, larger one; on
-    predicted points that cost the bench CNN 4 % of its budget and 57 %
-    more distortion.
-    """
-    chosen = dict(chosen)
-    slack = budget - sum(p.nbytes for p in chosen.values())
-    if slack <= 0:
-        return chosen
-    unit = -(-slack // steps)
-    n = slack // unit
-    best = np.zeros(n + 1)  # best[b]: the largest drop of distortion for at most b steps of extra bytes
-    picks = []
-    for name, cur in chosen.items():
-        ups = [(-(-(p.nbytes - cur.nbytes) // unit), cur.nmse - p.nmse, p) for p in points[name]
-               if p.nbytes > cur.nbytes and p.nmse < cur.nmse]
-        ups = [u for u in ups if u[0] <= n]
-        if not ups:
-            continue
-        new, which = best.copy(), np.full(n + 1, -1, np.int32)
-        for k, (cost, gain, _) in enumerate(ups):
-            trial = best[: n + 1 - cost] + gain
-            better = trial > new[cost:]
-            new[cost:][better] = trial[better]
-            which[cost:][better] = k
-        best = new
-        picks.append((name, ups, which))
-    b = n
-    for name, ups, which in reversed(picks):
-        k = int(which[b])
-        if k >= 0:
-            cost, _, chosen[name] = ups[k]
-            b -= cost
-    return chosen
-
-
-def _trade(points: dict[str, list[Predicted]], chosen: dict[str, Predicted], budget: int,
-           reach: int = 3) -> dict[str, Predicted]:
-    """Move bytes between tensors while it lowers the total distortion: the best pair of one tensor's step down
-    and another's step up (within ``reach`` points of their Pareto fronts) that fits ``budget``, until none helps.
-
-    Equal slopes and the knapsack over the slack only add bytes; where one
-    tensor holds most of the weights, its next quality may only fit by
-    taking a few bytes from small tensors (a CNN's fc1 one JPEG quality up,
-    its conv and head one quant bit down: 2.3 % less distortion).
-    """
-    chosen = dict(chosen)
-    fronts = {n: pareto_front(pts) for n, pts in points.items()}
-    spent = sum(p.nbytes for p in chosen.values())
-    while True:
-        moves = {}
-        for n, cur in chosen.items():
-            front = fronts[n]
-            k = next((i for i, p in enumerate(front) if p.nbytes >= cur.nbytes), len(front))
-            moves[n] = ([p for p in front[max(0, k - reach) : k] if p.nmse > cur.nmse],
-                        [p for p in front[k : k + reach + 1] if p.nbytes > cur.nbytes and p.nmse < cur.nmse])
-        best = None
-        for a, (downs, _) in moves.items():
-            for down in downs:
-                freed, loss = chosen[a].nbytes - down.nbytes, down.nmse - chosen[a].nmse
-                for b, (_, ups) in moves.items():
-                    if b == a:
-                        continue
-                    for up in ups:
-                        gain = chosen[b].nmse - up.nmse - loss
-                        if gain > 0 and spent - freed + up.nbytes - chosen[b].nbytes <= budget and (
-                                best is None or gain > best[0]):
-                            best = (gain, a, down, b, up)
-        if best is None:
-            return chosen
-        _, a, down, b, up = best
-        spent += down.nbytes - chosen[a].nbytes + up.nbytes - chosen[b].nbytes
-        chosen[a], chosen[b] = down, up
-
-
 def _bounded_map(executor, fn: Callable, items, window: int):
     """``executor.map(fn, items)`` with at most ``window`` tasks (and their inputs) in flight."""
     pending: list = []
@@ -499,10 +416,7 @@ def _allocate(points: dict[str, list[Predicted]], budget: int, safe_only: bool):
         original.update((id(c), p) for c, p in zip(seen[n], pts))
     hulls = {n: lower_hull(p) for n, p in seen.items()}
     lagrange = _equal_slopes(hulls, budget)
-    # the slack spent, then bytes traded; or bytes traded first (the slack alone may fit no step of a large
-    # tensor that a small tensor's step down makes room for): the one with less distortion
-    chosen = min((_trade(seen, _spend_slack(seen, start, budget), budget) for start in
-                  (lagrange, _trade(seen, lagrange, budget))), key=lambda c: sum(p.nmse for p in c.values()))
+    chosen = best_fill(seen, {}, lagrange, budget)
     back = lambda d: {n: original[id(p)] for n, p in d.items()}
     return {n: [original[id(p)] for p in h] for n, h in hulls.items()}, back(lagrange), back(chosen)
 
