@@ -557,8 +557,9 @@ def spend_slack(points: dict[str, list[RDPoint]], weights: dict[str, float], cho
 
 def trade(points: dict[str, list[RDPoint]], weights: dict[str, float], chosen: dict[str, RDPoint], budget: int,
           reach: int = 3) -> dict[str, RDPoint]:
-    """Move bytes between tensors while it lowers the total ``weights``-weighted distortion: the best pair of one tensor's step down
-    and another's step up (within ``reach`` points of their Pareto fronts) that fits ``budget``, until none helps.
+    """Move bytes between tensors while it lowers the total ``weights``-weighted distortion: the best pair of one
+    tensor's step down and another's step up (within ``reach`` points of their Pareto fronts) that fits
+    ``budget``, until none helps.
 
     Equal slopes and the knapsack over the slack only add bytes; where one
     tensor holds most of the weights, its next quality may only fit by
@@ -569,24 +570,19 @@ def trade(points: dict[str, list[RDPoint]], weights: dict[str, float], chosen: d
     fronts = {n: pareto_front(pts) for n, pts in points.items()}
     spent = sum(p.nbytes for p in chosen.values())
     while True:
-        moves = {}
+        downs, ups = [], []  # (bytes freed, weighted loss, ...) and (extra bytes, weighted gain, ...) per tensor
         for n, cur in chosen.items():
-            front = fronts[n]
+            front, w = fronts[n], weights.get(n, 1.0)
             k = next((i for i, p in enumerate(front) if p.nbytes >= cur.nbytes), len(front))
-            moves[n] = ([p for p in front[max(0, k - reach) : k] if p.nmse > cur.nmse],
-                        [p for p in front[k : k + reach + 1] if p.nbytes > cur.nbytes and p.nmse < cur.nmse])
-        best = None
-        for a, (downs, _) in moves.items():
-            for down in downs:
-                freed, loss = chosen[a].nbytes - down.nbytes, weights.get(a, 1.0) * (down.nmse - chosen[a].nmse)
-                for b, (_, ups) in moves.items():
-                    if b == a:
-                        continue
-                    for up in ups:
-                        gain = weights.get(b, 1.0) * (chosen[b].nmse - up.nmse) - loss
-                        if gain > 0 and spent - freed + up.nbytes - chosen[b].nbytes <= budget and (
-                                best is None or gain > best[0]):
-                            best = (gain, a, down, b, up)
+            downs += [(cur.nbytes - p.nbytes, w * (p.nmse - cur.nmse), n, p)
+                      for p in front[max(0, k - reach) : k] if p.nmse > cur.nmse]
+            ups += [(p.nbytes - cur.nbytes, w * (cur.nmse - p.nmse), n, p)
+                    for p in front[k : k + reach + 1] if p.nbytes > cur.nbytes and p.nmse < cur.nmse]
+        room, best = budget - spent, None
+        for freed, loss, a, down in downs:
+            for extra, gain, b, up in ups:
+                if b != a and gain - loss > (0 if best is None else best[0]) and extra - freed <= room:
+                    best = (gain - loss, a, down, b, up)
         if best is None:
             return chosen
         _, a, down, b, up = best
