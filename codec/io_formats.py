@@ -413,13 +413,18 @@ def _folder_attachments(root: Path, used: set[Path]) -> tuple[dict[str, Path], l
     return attachments, notes
 
 
+def _jwt_source(path: Path | str, limits: Limits, base: Any) -> Source:
+    """A .jwt file or URL as a Source: its tensors decoded one at a time (an update against ``base``)."""
+    f = api.open(path, limits=limits, base=base)
+    info = {e.name: (e.shape, e.dtype.name) for e in f.reader.index.entries}
+    return Source(path, "jwt", LazyTensors(info, f.get), closers=[f.close])
+
+
 def open_source(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS, base: Any = None) -> Source:
     """Open a model input (.pt/.pth, .safetensors, a model folder, a .jwt, or a .jwt's http(s):// URL) for
     lazy reading. ``base``: what a .jwt update is decoded against (:func:`codec.api.open`)."""
     if is_url(path):  # only .jwt files are read over HTTP; a URL is no Path ("http:/host")
-        f = api.open(path, limits=limits, base=base)
-        info = {e.name: (e.shape, e.dtype.name) for e in f.reader.index.entries}
-        return Source(path, "jwt", LazyTensors(info, f.get), closers=[f.close])  # type: ignore[arg-type]
+        return _jwt_source(path, limits, base)  # type: ignore[arg-type]
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(2, "no such file or folder", str(p))
@@ -432,9 +437,7 @@ def open_source(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS
         tensors, st_meta = _open_safetensors([p], closers)
         return Source(p, fmt, tensors, metadata=_source_meta(fmt, st_meta), closers=closers)
     if fmt == "jwt":
-        f = api.open(p, limits=limits, base=base)
-        info = {e.name: (e.shape, e.dtype.name) for e in f.reader.index.entries}
-        return Source(p, fmt, LazyTensors(info, f.get), closers=[f.close])
+        return _jwt_source(p, limits, base)
     kind, files = _folder_weights(p)
     st_meta: dict[str, str] = {}
     notes: list[str] = []
