@@ -399,7 +399,7 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
     short bisection that fits), and when even the original does not fit,
     coded with :func:`_cheaper` options until it does. Returns the new credit.
     """
-    budget = None
+    budget = original = None
     while True:
         target, assumed = to_numpy(slot.tensor)[0].copy(), None
         if layer is not None:
@@ -407,13 +407,15 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
         decoded, nbytes = _code(slot.name, target, slot.dtype, opts, executor)
         if not settings.keep_size:
             return target, assumed, decoded, opts, credit
-        if budget is None:
-            budget = (nbytes if target.tobytes() == slot.original.tobytes()
-                      else _code(slot.name, slot.original, slot.dtype, opts, executor)[1])
+        if budget is None:  # the original value coded with the planned options: (options, decoded, bytes)
+            original = (opts, *((decoded, nbytes) if target.tobytes() == slot.original.tobytes()
+                                else _code(slot.name, slot.original, slot.dtype, opts, executor)))
+            budget = original[2]
         if nbytes <= budget + credit:
             return target, assumed, decoded, opts, credit + budget - nbytes
         if assumed is None and credit >= 0:  # the original fits: move towards it
-            target, decoded, nbytes = _blend(slot, target, opts, executor, budget + credit)
+            coded = original[1:] if original[0] == opts else None
+            target, decoded, nbytes = _blend(slot, target, opts, executor, budget + credit, coded)
             return target, None, decoded, opts, credit + budget - nbytes
         cheaper = _cheaper(opts)
         if cheaper is None:
@@ -422,11 +424,12 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
 
 
 def _blend(slot: _Slot, target: np.ndarray, opts: EncodeOptions, executor, limit: int,
-           steps: int = 5) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(value, decoded, bytes)``: the point nearest ``target`` between the original and it that codes in ``limit``."""
+           coded: tuple[np.ndarray, int] | None = None, steps: int = 5) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(value, decoded, bytes)``: the point nearest ``target`` between the original and it that codes in ``limit``
+    (``coded``: the original already coded with ``opts``, as ``(decoded, bytes)``)."""
     original = to_float64(slot.original, slot.dtype)
     toward = to_float64(target, slot.dtype) - original
-    best = (slot.original, *_code(slot.name, slot.original, slot.dtype, opts, executor))
+    best = (slot.original, *(coded or _code(slot.name, slot.original, slot.dtype, opts, executor)))
     lo, hi = 0.0, 1.0
     for _ in range(steps):
         mid = (lo + hi) / 2
