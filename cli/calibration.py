@@ -21,6 +21,8 @@ from pathlib import Path
 
 import click
 
+from codec.errors import first_line
+
 #: Sentences per batch and tokens per sentence for text calibration.
 TEXT_BATCH = 16
 TEXT_MAX_LENGTH = 128
@@ -88,7 +90,7 @@ def import_model(spec: str, state_dict: Mapping):
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or the module's own error while importing
         raise click.ClickException(f"--model {spec}: cannot import {module_name} ({type(exc).__name__}: "
-                                   f"{_first_line(exc)})") from None
+                                   f"{first_line(exc)})") from None
     cls = getattr(module, class_name, None)
     if cls is None:
         raise click.ClickException(f"--model {spec}: {module_name} has no {class_name}")
@@ -97,11 +99,11 @@ def import_model(spec: str, state_dict: Mapping):
     try:
         model = cls()
     except Exception as exc:
-        raise click.ClickException(f"--model {spec}: {class_name}() failed ({_first_line(exc)})") from None
+        raise click.ClickException(f"--model {spec}: {class_name}() failed ({first_line(exc)})") from None
     try:
         model.load_state_dict(dict(state_dict))
     except Exception as exc:
-        raise click.ClickException(f"--model {spec}: does not accept the state_dict ({_first_line(exc)})") from None
+        raise click.ClickException(f"--model {spec}: does not accept the state_dict ({first_line(exc)})") from None
     return model
 
 
@@ -121,13 +123,9 @@ def hf_model(folder: Path):
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as exc:
         raise click.ClickException(f"{folder}: transformers cannot load the model or its tokenizer "
-                                   f"({_first_line(exc)})") from None
+                                   f"({first_line(exc)})") from None
     return model, tokenizer
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def model_and_inputs(input: Path, state_dict: Mapping, calibration: Path, model_spec: str | None):

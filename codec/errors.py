@@ -60,3 +60,10 @@ class UsageError(JwtError):
     E.g. ``codec.load(..., dtype=torch.int32)``, an unknown output suffix, or
     a folder output that exists and is not empty.
     """
+
+
+def first_line(exc: BaseException, width: int = 200) -> str:
+    """The first line of ``exc``'s message (its type name when it has none), cut to ``width`` characters: what a
+    one-line error quotes of an exception raised by another library."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:width]

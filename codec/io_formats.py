@@ -67,7 +67,7 @@ import torch
 
 from . import api
 from .dtypes import get_dtype
-from .errors import EncodeError, FormatError, UsageError
+from .errors import EncodeError, FormatError, UsageError, first_line
 from .format import MAGIC, attachment_name_error
 from .limits import DEFAULT_LIMITS, Limits
 from .rawfile import read_array
@@ -239,10 +239,6 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     raise EncodeError(f"{p}: not a .pt, .safetensors or .jwt file, nor a model folder")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
-
 
 def _open_safetensors(files: list[Path], closers: list[Callable[[], None]]) -> tuple[LazyTensors, dict[str, str]]:
     """A lazy mapping over the tensors of one or more safetensors files, and the first file's metadata."""
@@ -293,7 +289,7 @@ def _read_safetensors_header(file: Path) -> tuple[dict[str, str], list[tuple[str
         try:
             header = json.loads(f.read(size).decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
-            raise bad(f"header is not JSON: {_first_line(exc)}") from None
+            raise bad(f"header is not JSON: {first_line(exc)}") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -339,7 +335,7 @@ def _shards(index_file: Path) -> list[Path]:
         weight_map = doc["weight_map"]
         files = list(dict.fromkeys(weight_map.values()))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise EncodeError(f"{index_file}: not a shard index ({_first_line(exc)})") from None
+        raise EncodeError(f"{index_file}: not a shard index ({first_line(exc)})") from None
     for name in files:
         if not isinstance(name, str) or attachment_name_error(name) or "/" in name:
             raise EncodeError(f"{index_file}: shard {name!r} is not a file name in the folder")

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from ..errors import EncodeError
+from ..errors import EncodeError, first_line
 from ..parallel import AHEAD_BYTES
 
 __all__ = ["INSTALL_HINT", "connect", "encode_in_order"]
@@ -96,14 +96,11 @@ def _result(ray, ref, name: str):
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, Exception):
             raise exc.cause from None
-        raise EncodeError(f"ray: tensor {name!r}: {_first_line(exc)}") from None
+        raise EncodeError(f"ray: tensor {name!r}: {first_line(exc, 300)}") from None
     except ray.exceptions.RayError as exc:
         raise EncodeError(f"ray: tensor {name!r} was not coded ({type(exc).__name__} after {MAX_RETRIES} retries: "
-                          f"{_first_line(exc)})") from None
+                          f"{first_line(exc, 300)})") from None
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def encode_in_order(state_dict: Mapping[str, Any], aliases: dict[str, str], options_for: Callable[[str], Any],

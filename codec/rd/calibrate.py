@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import first_line
 from .allocate import Weighting
 
 __all__ = ["calibrate", "Calibration", "LayerStats", "as_batches", "FULL_H_MAX", "FULL_H_BYTES", "NOISE",
@@ -319,7 +320,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
                     raise
                 except Exception as exc:  # the model's own error on a wrong shape or type
                     raise ValueError(f"calibration batch {index}: the model does not accept it "
-                                     f"({_first_line(exc)})") from None
+                                     f"({first_line(exc)})") from None
                 if not bool(torch.isfinite(clean).all()):
                     raise ValueError(f"calibration batch {index}: the model's output holds NaN or Inf")
                 n = _samples(batch)
@@ -349,10 +350,6 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
         out[name] = stats
     return Calibration(out, samples, count, seed, notes)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def _weight_error(module: nn.Module, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
