@@ -9,7 +9,7 @@ in the fixed order the spec gives; it reads and writes no files itself.
     offset  size  field
     0       8     magic  89 4A 57 54 0D 0A 1A 0A  ("\\x89JWT\\r\\n\\x1a\\n")
     8       2     major version (u16 LE) = 1
-    10      2     minor version (u16 LE) = 0, or 1 for an update
+    10      2     minor version (u16 LE): 0, 1 (update, exponent_first) or 2 (zstd_planes)
     12      4     flags (u32 LE): bit 0 "update" (1.1), the others reserved
     16      8     index length in bytes (u64 LE)
     24      4     CRC-32 of the index bytes (u32 LE)
@@ -58,9 +58,9 @@ __all__ = [
 
 MAGIC = b"\x89JWT\r\n\x1a\n"
 MAJOR = 1
-#: The minor version this reader implements (1.1: updates). Writers write the
-#: smallest minor version whose features the file uses (0 unless an update).
-MINOR = 1
+#: The minor version this reader implements (1.1: updates, zstd exponent_first; 1.2: the zstd_planes codec).
+#: Writers write the smallest minor version whose features the file uses.
+MINOR = 2
 HEADER_SIZE = 32
 #: Header flag bit 0 (format 1.1): the file is an update, decoded against a base (spec section 12).
 FLAG_UPDATE = 1

@@ -146,13 +146,18 @@ def test_exponent_first_layout_and_parameter_checks():
         Zstd(1, True, exponent_first=True).decode(Zstd(1, True).encode(np.zeros(4, np.uint8)), (4,), np.dtype(np.uint8))
 
 
-def test_lossless_floats_are_stored_exponent_first(tmp_path):
-    """--codec lossless stores float tensors exponent first and ints shuffled; the round trip is bit-exact."""
-    sd = {"w": torch.randn(64, 64).to(torch.bfloat16), "v": torch.randn(300), "i": torch.arange(10)}
+def test_lossless_floats_are_stored_as_rotated_planes(tmp_path):
+    """--codec lossless stores bfloat16/float32 tensors as zstd_planes rotated 3 bits (a format 1.2 file), float16
+    exponent first and ints shuffled; the round trip is bit-exact."""
+    sd = {"w": torch.randn(64, 64).to(torch.bfloat16), "v": torch.randn(300), "h": torch.randn(50).half(),
+          "i": torch.arange(10)}
     codec.save(sd, tmp_path / "m.jwt", codec="lossless")
     with codec.open(tmp_path / "m.jwt") as f:
-        assert f.reader.entry("w").codec.get_config().get("exponent_first") is True
+        assert f.reader.entry("w").codec.get_config() == {"id": "zstd_planes", "rotate": 3}
+        assert f.reader.entry("v").codec.get_config() == {"id": "zstd_planes", "rotate": 3}
+        assert f.reader.entry("h").codec.get_config().get("exponent_first") is True
         assert "exponent_first" not in f.reader.entry("i").codec.get_config()
+    assert (tmp_path / "m.jwt").read_bytes()[8:12] == bytes([1, 0, 2, 0])  # format 1.2
     out = codec.load(tmp_path / "m.jwt")
     assert all(torch.equal(out[k], v) for k, v in sd.items())
 

@@ -9,9 +9,9 @@ from .abc import BlobCodec
 from .jpeg import Jpeg
 from .jpegxl import JpegXL
 from .quant import Quant
-from .zstd import Zstd
+from .zstd import Zstd, ZstdPlanes
 
-__all__ = ["BlobCodec", "Jpeg", "JpegXL", "Quant", "Zstd", "REGISTRY", "get_codec", "register_codec"]
+__all__ = ["BlobCodec", "Jpeg", "JpegXL", "Quant", "Zstd", "ZstdPlanes", "REGISTRY", "get_codec", "register_codec"]
 
 #: codec_id -> class. Identifiers are never reused for a different codec.
 REGISTRY: dict[str, type[BlobCodec]] = {}
@@ -23,7 +23,7 @@ def register_codec(cls: type[BlobCodec]) -> type[BlobCodec]:
     return cls
 
 
-for _cls in (Zstd, Jpeg, JpegXL, Quant):
+for _cls in (Zstd, ZstdPlanes, Jpeg, JpegXL, Quant):
     register_codec(_cls)
 
 

@@ -12,10 +12,21 @@ planes are stored from the most significant down: the exponent plane comes
 first, whole, and the near-random mantissa planes after it. On
 all-MiniLM-L6-v2 this gains 0.6 % (float32) and 1.3 % (bfloat16) over the
 significance shuffle at zstd level 1 (``bench/lossless.py``).
+
+``zstd_planes`` (format 1.2, spec/format.md 5.1.2) generalizes the rotation:
+elements are rotated left by ``rotate`` bits, then split into byte planes,
+most significant first (``rotate=1`` is the ``exponent_first`` content). A
+rotation of 3 moves a weight's two nearly constant top exponent bits (0 and
+1 for magnitudes between 2**-63 and 2) to the last plane and two mantissa
+bits into the first, so that every plane has a skew for zstd's Huffman stage
+to use. Its encoder also keeps zstd's match finder nearly idle (a 64-entry
+hash table, 7-byte matches): weights have few repeats, so zstd then mostly
+Huffman-codes each 128 KB block, faster and smaller than level 1.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -24,7 +35,7 @@ import zstandard
 from ..errors import FormatError
 from .abc import BlobCodec, check_params
 
-__all__ = ["Zstd"]
+__all__ = ["Zstd", "ZstdPlanes", "planes_rotation"]
 
 
 class Zstd(BlobCodec):
@@ -53,15 +64,24 @@ class Zstd(BlobCodec):
             config["exponent_first"] = True
         return config
 
+    @property
+    def rotation(self) -> int | None:
+        """Bits each element is rotated left by before its byte planes are stored most significant first
+        (``exponent_first``: 1); None for the little-endian plane order of ``shuffle`` (or no shuffle)."""
+        return 1 if self.exponent_first else None
+
+    def _params(self) -> zstandard.ZstdCompressionParameters:
+        """zstd's parameters for this codec's frames (encoder side only: any frame decodes the same)."""
+        return zstandard.ZstdCompressionParameters.from_level(self.level, write_content_size=True, write_checksum=False)
+
     def encode(self, array: np.ndarray) -> bytes:
         data = np.ascontiguousarray(array)
         raw = data.view(np.uint8).reshape(-1, data.itemsize) if data.size else data.view(np.uint8)
-        if self.exponent_first and data.itemsize > 1 and data.size:
-            raw = _exponent_planes(data)
+        if self.rotation is not None and data.size:
+            raw = _rotated_planes(data, self.rotation, self.codec_id)
         elif self.shuffle and data.itemsize > 1 and data.size:
             raw = np.ascontiguousarray(raw.T)
-        params = zstandard.ZstdCompressionParameters.from_level(self.level, write_content_size=True, write_checksum=False)
-        return zstandard.ZstdCompressor(compression_params=params).compress(np.ascontiguousarray(raw).data)
+        return zstandard.ZstdCompressor(compression_params=self._params()).compress(np.ascontiguousarray(raw).data)
 
     def decode(self, blob: bytes, shape: tuple[int, ...], dtype: np.dtype, out: np.ndarray | None = None) -> np.ndarray:
         """Decode into ``out`` (a C-contiguous array of ``shape`` and ``dtype``) or a new array.
@@ -85,10 +105,11 @@ class Zstd(BlobCodec):
         elif out.shape != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous {dtype}{tuple(shape)} array")
         raw = out.reshape(-1).view(np.uint8)
-        if self.exponent_first and dtype.itemsize not in _UINT:
-            raise FormatError(f"zstd: exponent_first needs 2, 4 or 8-byte elements, found {dtype.itemsize}")
+        rotation = self.rotation
+        if rotation is not None:
+            _check_rotation(self.codec_id, rotation, dtype.itemsize, FormatError)
         shuffled = self.shuffle and dtype.itemsize > 1 and count
-        planes = np.empty(expected, np.uint8) if shuffled and self.exponent_first else None
+        planes = _scratch(expected) if shuffled and rotation is not None else None
         try:
             with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
                 if planes is not None:
@@ -103,43 +124,129 @@ class Zstd(BlobCodec):
         if filled != expected or extra:
             raise FormatError(f"zstd: frame decoded to {filled}{'+' if extra else ''} bytes, expected {expected}")
         if planes is not None:
-            _from_exponent_planes(planes, raw.view(_UINT[dtype.itemsize]))
+            _from_rotated_planes(planes, raw.view(_UINT[dtype.itemsize]), rotation)
         if dtype == np.bool_ and np.any(raw > 1):
             raise FormatError("zstd: bool tensor holds bytes other than 0 and 1")
         return out
 
 
+class ZstdPlanes(Zstd):
+    """Lossless zstd of byte planes of rotated elements (format 1.2, spec/format.md 5.1.2)."""
+
+    codec_id = "zstd_planes"
+    optional = ()
+
+    def __init__(self, rotate: int = 3):
+        self.rotate = check_params(self.codec_id, "rotate", rotate, int, 0, 63)
+        super().__init__(level=1, shuffle=True)
+
+    @property
+    def rotation(self) -> int:
+        return self.rotate
+
+    @property
+    def minor(self) -> int:
+        """2: the codec is defined by format 1.2."""
+        return 2
+
+    def get_config(self) -> dict[str, Any]:
+        return {"id": self.codec_id, "rotate": self.rotate}
+
+    def _params(self) -> zstandard.ZstdCompressionParameters:
+        """zstd's fast strategy with its match finder nearly idle (a 64-entry hash table, 7-byte matches,
+        128 KB window): on weights' byte planes mostly one Huffman table per 128 KB block
+        (bench/lossless.py: smaller and faster than level 1)."""
+        return zstandard.ZstdCompressionParameters(
+            strategy=zstandard.STRATEGY_FAST, window_log=17, hash_log=6, min_match=7, write_content_size=True,
+            write_checksum=False)
+
+
+#: Bits the reference encoder rotates each floating dtype's elements by in ``zstd_planes`` (bench/lossless.py on
+#: all-MiniLM-L6-v2: bfloat16 and float32 gain most from 3, float64 made from float32 from 5; float16 keeps
+#: ``exponent_first``'s 1, whose top byte already holds its 5 exponent bits).
+_ROTATION = {"bfloat16": 3, "float32": 3, "float64": 5}
+
+
+def planes_rotation(dtype_name: str) -> int | None:
+    """The ``zstd_planes`` rotation the reference encoder uses for a floating dtype, or None (use ``zstd``)."""
+    return _ROTATION.get(dtype_name)
+
+
 #: Unsigned integer type of each element size.
 _UINT = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
-#: Elements per step of the exponent-first layout (a few hundred KB: stays in cache).
+#: Elements per step of the plane layouts (a few hundred KB: stays in cache).
 _STEP = 1 << 16
 
 
-def _exponent_planes(data: np.ndarray) -> np.ndarray:
-    """The exponent-first content of ``data``: elements rotated left one bit, byte planes most significant first."""
+#: Largest plane buffer a thread keeps between calls (MiniLM's biggest float32 tensor is 47 MB).
+_SCRATCH_MAX = 64 << 20
+_scratch_buffers = threading.local()
+
+
+def _scratch(nbytes: int) -> np.ndarray:
+    """A buffer of ``nbytes`` for one call's byte planes, reused by the thread's next call up to
+    :data:`_SCRATCH_MAX` bytes: memory the process has not touched yet costs a page fault per page, which
+    measured as much as the planes' transposition itself (bench/lossless.py)."""
+    if nbytes > _SCRATCH_MAX:
+        return np.empty(nbytes, np.uint8)
+    buf = getattr(_scratch_buffers, "buf", None)
+    if buf is None or buf.size < nbytes:
+        buf = _scratch_buffers.buf = np.empty(max(nbytes, 1 << 20), np.uint8)
+    return buf[:nbytes]
+
+
+def _check_rotation(codec_id: str, rotation: int, itemsize: int, error: type[Exception]) -> None:
+    """Raise ``error`` unless ``rotation`` bits can rotate elements of ``itemsize`` bytes (2, 4 or 8)."""
+    if itemsize not in _UINT:
+        raise error(f"{codec_id}: rotated byte planes need 2, 4 or 8-byte elements, found {itemsize}")
+    if rotation >= 8 * itemsize:
+        raise error(f"{codec_id}: rotate={rotation} needs elements of more than {rotation} bits, found {8 * itemsize}")
+
+
+def _rotated_planes(data: np.ndarray, rotation: int, codec_id: str = "zstd") -> np.ndarray:
+    """The byte planes of ``data``'s elements rotated left ``rotation`` bits, most significant plane first.
+
+    Chunk by chunk: rotate into a scratch buffer (three ufuncs, no temporaries), then one strided gather per
+    chunk writes every plane's slice (reading across, writing along: numpy's fast direction).
+    """
     k = data.itemsize
-    if k not in _UINT:
-        raise ValueError(f"zstd: exponent_first needs 2, 4 or 8-byte elements, found {k}")
+    _check_rotation(codec_id, rotation, k, ValueError)
     u = data.reshape(-1).view(_UINT[k])
-    n, shift = u.size, u.dtype.type(8 * k - 1)
-    out = np.empty((k, n), np.uint8)
+    n, t = u.size, u.dtype.type
+    out = _scratch(k * n).reshape(k, n)
+    rotated, spill = np.empty(min(n, _STEP), u.dtype), np.empty(min(n, _STEP), u.dtype)
     for i in range(0, n, _STEP):
         part = u[i : i + _STEP]
-        rotated = (part << u.dtype.type(1)) | (part >> shift)
-        out[:, i : i + part.size] = rotated.view(np.uint8).reshape(-1, k)[:, ::-1].T
+        a, b = rotated[: part.size], spill[: part.size]
+        if rotation:
+            np.left_shift(part, t(rotation), out=a)
+            np.right_shift(part, t(8 * k - rotation), out=b)
+            np.bitwise_or(a, b, out=a)
+        else:
+            a[:] = part
+        out[:, i : i + part.size] = a.view(np.uint8).reshape(-1, k)[:, ::-1].T
     return out.reshape(-1)
 
 
-def _from_exponent_planes(planes: np.ndarray, out: np.ndarray) -> None:
-    """Inverse of :func:`_exponent_planes`: fill ``out`` (unsigned elements) from the planes."""
+def _from_rotated_planes(planes: np.ndarray, out: np.ndarray, rotation: int) -> None:
+    """Inverse of :func:`_rotated_planes`: fill ``out`` (unsigned elements) from the planes.
+
+    Chunk by chunk: each plane's slice is written to its byte of the elements (one strided copy per plane, which
+    numpy does fast, unlike a 2-D transposed copy), then the chunk is rotated back in place.
+    """
     k, n = out.dtype.itemsize, out.size
-    grid, shift, one = planes.reshape(k, n), out.dtype.type(8 * k - 1), out.dtype.type(1)
+    grid, t = planes.reshape(k, n), out.dtype.type
+    spill = np.empty(min(n, _STEP), out.dtype)
     for i in range(0, n, _STEP):
         part = out[i : i + _STEP]
         part_bytes = part.view(np.uint8).reshape(-1, k)
         for j in range(k):  # plane j is byte k-1-j of each rotated element
             part_bytes[:, k - 1 - j] = grid[j, i : i + part.size]
-        part[:] = (part >> one) | (part << shift)
+        if rotation:
+            b = spill[: part.size]
+            np.left_shift(part, t(8 * k - rotation), out=b)
+            np.right_shift(part, t(rotation), out=part)
+            np.bitwise_or(part, b, out=part)
 
 
 #: Bytes decompressed per step when un-shuffling.

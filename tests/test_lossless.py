@@ -1,0 +1,140 @@
+"""The lossless codecs: ``zstd_planes`` (format 1.2, spec/format.md 5.1.2) round trips and hostile blobs."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+
+import codec
+from codec.blobcodecs import REGISTRY, Zstd, ZstdPlanes, get_codec
+from codec.blobcodecs.zstd import _STEP
+from codec.dtypes import get_dtype
+from codec.errors import FormatError, UnknownCodecError
+
+RNG = np.random.default_rng(12)
+#: (dtype, rotations): the reference encoder's choice and the edges of the range.
+CASES = [("float32", (0, 3, 31)), ("bfloat16", (1, 3, 15)), ("float16", (0, 1, 15)), ("float64", (5, 63)),
+         ("int32", (0, 7)), ("uint16", (9,)), ("int64", (1,))]
+#: Element counts: empty, one, around the chunk step, odd.
+SIZES = [0, 1, 7, _STEP - 1, _STEP + 3, 2 * _STEP + 1001]
+
+
+def _bits(dtype: str, count: int) -> np.ndarray:
+    """Random bit patterns of ``dtype`` in storage form (NaN payloads, infinities, subnormals, -0 included)."""
+    storage = get_dtype(dtype).storage
+    raw = RNG.integers(0, 256, count * storage.itemsize, dtype=np.uint8).view(storage)
+    if count >= 8 and get_dtype(dtype).floating:
+        k = storage.itemsize
+        sign, top = 1 << (8 * k - 1), (1 << (8 * k)) - 1
+        raw.view(f"<u{k}")[:6] = [0, sign, top, top ^ sign, sign + 1, 1]  # +-0, NaN patterns, subnormals
+    return raw
+
+
+@pytest.mark.parametrize("dtype,rotations", CASES)
+def test_zstd_planes_round_trip_is_bit_exact(dtype, rotations):
+    """Every rotation decodes every bit pattern back, with and without ``out``, at every size (chunk edges too)."""
+    storage = get_dtype(dtype).storage
+    for rotate in rotations:
+        coder = get_codec(ZstdPlanes(rotate).get_config())
+        for count in SIZES:
+            array = _bits(dtype, count)
+            blob = coder.encode(array)
+            assert coder.decode(blob, array.shape, storage).tobytes() == array.tobytes(), (rotate, count)
+            out = np.full(array.shape, 7, storage)
+            assert coder.decode(blob, array.shape, storage, out=out) is out
+            assert out.tobytes() == array.tobytes()
+
+
+def test_zstd_planes_layout_is_the_rotated_planes_most_significant_first():
+    """The frame's content is rotl(u, rotate)'s bytes, most significant plane first (spec 5.1.2)."""
+    x = np.array([1.0, -2.0], np.float32)  # 0x3F800000, 0xC0000000
+    content = zstandard.ZstdDecompressor().decompress(ZstdPlanes(3).encode(x))
+    # rotated left 3 bits: 0xFC000001, 0x00000006 -> planes FC 00 | 00 00 | 00 00 | 01 06
+    assert content == bytes([0xFC, 0x00, 0, 0, 0, 0, 0x01, 0x06])
+    one = np.array([1.0, -2.0], np.float32)
+    assert (zstandard.ZstdDecompressor().decompress(ZstdPlanes(1).encode(one))
+            == zstandard.ZstdDecompressor().decompress(Zstd(1, True, exponent_first=True).encode(one)))
+    assert ZstdPlanes(3).encode(x) == ZstdPlanes(3).encode(x.copy())  # deterministic (scratch buffers reused)
+
+
+@pytest.mark.parametrize("config", [{"id": "zstd_planes"}, {"id": "zstd_planes", "rotate": 64},
+                                    {"id": "zstd_planes", "rotate": -1}, {"id": "zstd_planes", "rotate": True},
+                                    {"id": "zstd_planes", "rotate": "3"}, {"id": "zstd_planes", "rotate": 3.0}])
+def test_zstd_planes_parameters_are_checked(config):
+    with pytest.raises(FormatError):
+        get_codec(config)
+
+
+def test_zstd_planes_hostile_blobs_are_format_errors():
+    """Truncated, oversized, short or long frames, a rotation wider than the element and 1-byte elements:
+    each one FormatError, never a crash or a partial array."""
+    array = _bits("float32", 3000).reshape(30, 100)
+    coder = ZstdPlanes(3)
+    blob = coder.encode(array)
+    shape, storage = array.shape, array.dtype
+    bad = {
+        "truncated": blob[: len(blob) // 2],
+        "header only": blob[:6],
+        "one plane short": coder.encode(array.reshape(-1)[:2250]),
+        "one plane too many": ZstdPlanes(3).encode(_bits("float32", 3750)),
+        "oversized (more data after the frame)": blob + blob,
+        "not zstd": b"\x00" * 64,
+        "empty": b"",
+    }
+    for what, data in bad.items():
+        with pytest.raises(FormatError):
+            coder.decode(data, shape, storage)
+            pytest.fail(what)
+    with pytest.raises(FormatError, match="rotate=16"):
+        ZstdPlanes(16).decode(ZstdPlanes(15).encode(np.ones(8, np.float16)), (8,), np.dtype(np.float16))
+    with pytest.raises(FormatError, match="2, 4 or 8-byte"):
+        ZstdPlanes(0).decode(Zstd(1, False).encode(np.ones(8, np.uint8)), (8,), np.dtype(np.uint8))
+    with pytest.raises(ValueError):
+        ZstdPlanes(40).encode(np.ones(8, np.float32))
+    corrupt = bytearray(blob)  # a flipped byte inside the compressed data: an error or other values, no crash
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    try:
+        coder.decode(bytes(corrupt), shape, storage)
+    except FormatError:
+        pass
+
+
+def test_zstd_planes_decodes_in_parallel_threads():
+    """Each thread has its own scratch buffer: concurrent encodes and decodes stay bit-exact."""
+    arrays = [_bits(d, n) for d in ("float32", "bfloat16", "float64") for n in (_STEP + 5, 3 * _STEP, 17)]
+    coder = ZstdPlanes(3)
+    with ThreadPoolExecutor(4) as ex:
+        blobs = list(ex.map(coder.encode, arrays * 3))
+        back = list(ex.map(lambda ab: coder.decode(ab[1], ab[0].shape, ab[0].dtype), zip(arrays * 3, blobs)))
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(arrays * 3, back))
+    assert blobs[: len(arrays)] == [coder.encode(a) for a in arrays]
+
+
+def test_lossless_save_load_is_bit_exact_for_every_dtype(tmp_path):
+    """codec.save(codec='lossless') round trips fp32/bf16/fp16/fp64/int tensors bit for bit: empty, one element,
+    odd sizes, NaN and infinity payloads."""
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-45, 3.4e38, -1.0])
+    payload = torch.from_numpy(np.array([0x7FC00001, 0xFFFFFFFF, 0x7F800001], np.uint32).view(np.float32))
+    sd = {"f32": torch.cat([torch.randn(999), special, payload]), "bf16": torch.randn(33, 65).to(torch.bfloat16),
+          "bf16_nan": torch.from_numpy(np.array([0x7FC1, 0xFFA5, 1], np.uint16).view(np.int16)).view(torch.bfloat16),
+          "f16": torch.randn(5, 7, 3).half(), "f64": torch.randn(101, dtype=torch.float64),
+          "empty": torch.zeros(0, 4), "one": torch.tensor([2.5]), "scalar": torch.tensor(-3.0, dtype=torch.bfloat16),
+          "i64": torch.arange(-5, 1000), "i8": torch.tensor([-128, 0, 127], dtype=torch.int8)}
+    codec.save(sd, tmp_path / "m.jwt", codec="lossless")
+    out = codec.load(tmp_path / "m.jwt")
+    for name, tensor in sd.items():
+        assert out[name].dtype == tensor.dtype and out[name].shape == tensor.shape, name
+        assert out[name].view(-1).view(torch.uint8).numpy().tobytes() == \
+            tensor.reshape(-1).view(torch.uint8).numpy().tobytes(), name
+
+
+def test_a_1_1_reader_refuses_zstd_planes(tmp_path, monkeypatch):
+    """A reader without the 1.2 codec refuses the file with UnknownCodecError instead of misdecoding it."""
+    codec.save({"w": torch.randn(64, 64)}, tmp_path / "m.jwt", codec="lossless")
+    monkeypatch.delitem(REGISTRY, "zstd_planes")
+    with pytest.raises(UnknownCodecError, match="zstd_planes"):
+        codec.load(tmp_path / "m.jwt")
