@@ -279,9 +279,10 @@ def test_update_read_by_a_1_0_reader_is_a_version_error(case, monkeypatch):
 
 def test_every_1_0_vector_is_still_written_as_1_0():
     """Files without a base or a 1.1 codec parameter are 1.0 files: minor version 0 and no flags in the header;
-    those with zstd's exponent_first (spec 5.1.1) are 1.1 files without flags."""
+    those with zstd's exponent_first (spec 5.1.1) are 1.1 files and those with zstd_planes (5.1.2) 1.2 files,
+    without flags."""
     for v in MANIFEST["valid"] + MANIFEST["updates"]["bases"]:
         data = (VECTORS / v["file"]).read_bytes()
         if "future_minor" not in v["file"]:
-            minor = 1 if "exponent_first" in v["file"] else 0
+            minor = 2 if "zstd_planes" in v["file"] else 1 if "exponent_first" in v["file"] else 0
             assert data[8:16] == bytes([1, 0, minor, 0, 0, 0, 0, 0]), v["file"]
