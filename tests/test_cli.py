@@ -53,7 +53,7 @@ def test_info_json_lists_every_tensor_without_decoding(model_pt, tmp_path, monke
     doc = json.loads(result.output)
     by_name = {t["name"]: t for t in doc["tensors"]}
     assert by_name["fc1.weight"]["codec"] == "quant" and by_name["fc1.weight"]["tiles"] > 0  # the default
-    assert by_name["fc1.bias"]["codec"] == "zstd"
+    assert by_name["fc1.bias"]["codec"] == "zstd_planes"
     assert doc["totals"]["nbytes"] == (tmp_path / "m.jwt").stat().st_size
     assert {"name", "shape", "dtype", "codec", "nbytes"} <= set(by_name["steps"])
     table = run("info", tmp_path / "m.jwt")

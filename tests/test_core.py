@@ -18,9 +18,11 @@ RNG = np.random.default_rng(0)
 
 
 def test_registry_holds_every_codec_class():
-    """Every BlobCodec subclass is registered under its own id."""
-    assert set(REGISTRY) == {cls.codec_id for cls in BlobCodec.__subclasses__()}
-    assert all(REGISTRY[cls.codec_id] is cls for cls in BlobCodec.__subclasses__())
+    """Every BlobCodec subclass (and theirs: ZstdPlanes) is registered under its own id."""
+    classes = BlobCodec.__subclasses__()
+    classes += [sub for cls in classes for sub in cls.__subclasses__()]
+    assert set(REGISTRY) == {cls.codec_id for cls in classes} and len(REGISTRY) == len(classes)
+    assert all(REGISTRY[cls.codec_id] is cls for cls in classes)
 
 
 @pytest.mark.parametrize("codec", [Zstd(), Zstd(level=3, shuffle=False), Jpeg(20, "jpeg"), Jpeg(90, "flat"),
@@ -210,7 +212,8 @@ def test_small_and_integer_tensors_stay_lossless():
         for array, dtype in [(np.zeros((30, 30), np.float32), "float32"), (np.zeros(100000, np.float32), "float32"),
                              (np.zeros((300, 300), np.int32), "int32"), (np.zeros((4, 100000), np.float32), "float32"),
                              (np.zeros((1_000_000, 1), np.float32), "float32")]:
-            assert encode_tensor(array, get_dtype(dtype), opts).codec.codec_id == "zstd"
+            lossless_id = "zstd" if dtype == "int32" else "zstd_planes"
+            assert encode_tensor(array, get_dtype(dtype), opts).codec.codec_id == lossless_id
 
 
 def test_matrices_too_small_for_jpeg_get_8_bit_quant():
@@ -232,7 +235,7 @@ def test_non_finite_tensor_falls_back_to_lossless():
     array = RNG.standard_normal((200, 200)).astype(np.float32)
     array[3, 4] = np.nan
     enc = encode_tensor(array, get_dtype("float32"), EncodeOptions())
-    assert enc.codec.codec_id == "zstd" and "NaN" in enc.fallback
+    assert enc.codec.codec_id == "zstd_planes" and "NaN" in enc.fallback
 
 
 def test_jxl_distance_matches_libjxl_rule():

@@ -100,7 +100,8 @@ ATTACHMENTS = {"config.json": b'{"hidden_size": 128}', "1_Pooling/config.json": 
 
 @lru_cache(maxsize=1)
 def base() -> Base:
-    """JPEG (grid), JPEG XL, quant, zstd tensors, a 0-d and a bool tensor, an alias and 2 attachments, ~10 KB."""
+    """JPEG (grid), JPEG XL, quant, zstd and zstd_planes (the float32 bias) tensors, a 0-d and a bool tensor, an
+    alias and 2 attachments, ~10 KB."""
     jpeg = EncodeOptions(codec="jpeg", quality=50, tile=(64, 64))
     jxl = EncodeOptions(codec="jpegxl", quality=70)
     quant = EncodeOptions(codec="quant", bits=6, tile=(32, 64))
@@ -126,7 +127,8 @@ def base() -> Base:
     start = HEADER_SIZE + n
     blobs = tuple((start + b[0], start + b[0] + b[1])
                   for t in doc["tensors"] + doc["attachments"] for b in t.get("blobs", []))
-    assert {t.get("codec", {}).get("id") for t in doc["tensors"]} == {"jpeg", "jpegxl", "quant", "zstd", None}
+    ids = {"jpeg", "jpegxl", "quant", "zstd", "zstd_planes", None}
+    assert {t.get("codec", {}).get("id") for t in doc["tensors"]} == ids
     return Base(data, doc, start, blobs)
 
 

@@ -85,14 +85,14 @@ def test_update_round_trip_every_kind_of_tensor(tmp_path):
 
 
 def test_update_without_base_is_not_a_1_0_file_and_1_0_files_stay_1_0(tmp_path):
-    """An update has minor 1 and the flag 'update'; without a base, no flag: minor 1 only for the 1.1 zstd
-    parameter exponent_first (lossless floats), and a file without either is a 1.0 file, as before."""
+    """An update has the flag 'update' (minor 1 or more); without a base, no flag: minor 2 for the 1.2 codec
+    zstd_planes (lossless float32 biases), and a file without either is a 1.0 file, as before."""
     old, new = _models()
     codec.save(new, tmp_path / "u.jwt", base=old)
     codec.save(new, tmp_path / "m.jwt")
     codec.save({"steps": torch.arange(10)}, tmp_path / "i.jwt")
-    assert (tmp_path / "u.jwt").read_bytes()[8:16] == bytes([1, 0, 1, 0, 1, 0, 0, 0])
-    assert (tmp_path / "m.jwt").read_bytes()[8:16] == bytes([1, 0, 1, 0, 0, 0, 0, 0])
+    assert (tmp_path / "u.jwt").read_bytes()[8:16] == bytes([1, 0, 2, 0, 1, 0, 0, 0])
+    assert (tmp_path / "m.jwt").read_bytes()[8:16] == bytes([1, 0, 2, 0, 0, 0, 0, 0])
     assert (tmp_path / "i.jwt").read_bytes()[8:16] == bytes([1, 0, 0, 0, 0, 0, 0, 0])
 
 
@@ -184,7 +184,7 @@ def test_cli_encode_info_decode_with_base(tmp_path):
     r = run("info", tmp_path / "u.jwt")
     assert r.exit_code == 0 and f"sha256:{digest}" in r.output and "unchanged" in r.output, r.output
     doc = json.loads(run("info", tmp_path / "u.jwt", "--json").output)
-    assert doc["update"] == {"base_sha256": digest, "base_tensors": 8} and doc["format_version"] == "1.1"
+    assert doc["update"] == {"base_sha256": digest, "base_tensors": 8} and doc["format_version"] == "1.2"
     assert {t["name"]: t.get("base") for t in doc["tensors"]}["renamed"] == "gone"
     out = tmp_path / "new_decoded.pt"
     for base in ([], ["--base", tmp_path / "old.pt"]):  # missing; the original .pt is not the decoded base
