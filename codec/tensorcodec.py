@@ -130,6 +130,8 @@ class Encoded:
     #: ``||decoded - original|| / ||original||`` when :func:`start_encode` was asked to ``check`` it and it
     #: could be :data:`ZERO_ERROR` or more; None when not measured (lossless, or bounded well below).
     rel_error: float | None = None
+    #: CRC-32 of each blob when already computed (by a Ray worker, so its coordinator does not); None: not yet.
+    crcs: list[int] | None = None
 
 
 #: Relative RMS error of storing zeros instead of a tensor: a coding at or above it is worse than nothing.

@@ -112,6 +112,34 @@ class atomic_output:
                 os.unlink(self.tmp)
 
 
+def _copy_file(src: BinaryIO, out: BinaryIO) -> None:
+    """Copy ``src`` from its position to its end onto ``out``: in the kernel (``os.copy_file_range``) when both
+    are real files, which spares the process reading and writing every coded byte again (0.4 of the 2.1 CPU s
+    of a Ray coordinator on 1.2 GB, bench/README.md), else through a 1 MiB buffer."""
+    try:
+        src_fd, out_fd = src.fileno(), out.fileno()
+    except (AttributeError, OSError, ValueError):  # BytesIO and other in-memory outputs
+        src_fd = out_fd = None
+    if src_fd is not None and hasattr(os, "copy_file_range"):
+        out.flush()
+        start, end = src.tell(), os.fstat(src_fd).st_size
+        pos = start
+        try:
+            while pos < end:
+                n = os.copy_file_range(src_fd, out_fd, end - pos, pos)
+                if not n:
+                    break
+                pos += n
+        except OSError:
+            if pos != start:
+                raise
+        out.seek(0, os.SEEK_END)  # the buffered object learns where the kernel left the file
+        if pos == end:
+            return
+        src.seek(pos)
+    shutil.copyfileobj(src, out, 1 << 20)
+
+
 def encode_attachment(name: str, data: bytes | str | os.PathLike[str]) -> tuple[Attachment, bytes]:
     """Compress one attachment (``data``: its bytes or a path to read); its blob ref is left empty."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -186,9 +214,9 @@ class Writer:
         if base is not None and not dtype.floating:
             raise EncodeError(f"tensor {name!r}: a difference needs a floating dtype, not {dtype.name}")
         refs = []
-        for blob in encoded.blobs:
+        for i, blob in enumerate(encoded.blobs):
             self._spool.write(blob)
-            refs.append(BlobRef(self._offset, len(blob), crc32(blob)))
+            refs.append(BlobRef(self._offset, len(blob), crc32(blob) if encoded.crcs is None else encoded.crcs[i]))
             self._offset += len(blob)
         return self._append(TensorEntry(name, dtype, tuple(shape), encoded.codec, encoded.tiling, refs, base=base))
 
@@ -259,10 +287,10 @@ class Writer:
     def _emit(self, out: BinaryIO, index_bytes: bytes) -> None:
         out.write(pack_header(index_bytes, self.index.file_minor, self.index.flags))
         out.write(index_bytes)
-        shutil.copyfileobj(self._spool, out, 1 << 20)
+        _copy_file(self._spool, out)
         if self._attach_spool is not None:
             self._attach_spool.seek(0)
-            shutil.copyfileobj(self._attach_spool, out, 1 << 20)
+            _copy_file(self._attach_spool, out)
 
     def abort(self) -> None:
         """Discard everything; the destination is not touched."""

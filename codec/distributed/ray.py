@@ -63,11 +63,22 @@ def connect(address: str) -> Any:
 
 
 def _code(array, dtype_name: str, options):
-    """One task: code a whole tensor as a ``jobs=1`` local encode does."""
+    """One task: code a whole tensor as a ``jobs=1`` local encode does.
+
+    The result leaves the worker ready to be written: each blob is a numpy byte array (a view of the bytes, no
+    copy), which Ray serializes out of band into its object store, so the coordinator gets views of shared memory
+    instead of unpickling copies; and each blob's CRC-32 is computed here, in parallel, not in the coordinator.
+    """
+    import numpy as np
+
     from ..dtypes import get_dtype
+    from ..format import crc32
     from ..tensorcodec import encode_tensor
 
-    return encode_tensor(array, get_dtype(dtype_name), options)
+    encoded = encode_tensor(array, get_dtype(dtype_name), options)
+    encoded.crcs = [crc32(blob) for blob in encoded.blobs]
+    encoded.blobs = [np.frombuffer(blob, np.uint8) for blob in encoded.blobs]
+    return encoded
 
 
 def _code_file(file: str, start: int, shape: tuple[int, ...], dtype_name: str, name: str, options):
