@@ -281,7 +281,7 @@ def test_a_budget_that_destroys_a_tensor_says_so_and_names_the_budget_that_does_
     net, x = _bn_net()
     n = sum(t.numel() for t in net.state_dict().values())
     path = tmp_path / "low.jwt"
-    low = 3.66  # just above the smallest encoding with room for the warning
+    low = 3.53  # just above the smallest encoding with room for the warning (3.66 before zstd_planes)
     notes = codec.save(net.state_dict(), path, bits_per_weight=low)
     notes = [n for n in notes if "no better than storing zeros" not in n]  # the coder's own warning, tested elsewhere
     assert len(notes) == 1 and notes[0].startswith("tensor 'features.3.weight': relative error")
