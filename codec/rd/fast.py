@@ -607,8 +607,8 @@ def plan_fast(
             each one's first point (the chosen one) while :data:`KEEP_BYTES` allows. Threads, one tensor each:
             a whole tensor would be copied twice on its way to a worker process, which costs more CPU than the
             codecs' released GIL leaves to gain (MiniLM: 1.85 against 1.03 CPU s)."""
-            keep = sum(sum(map(len, e.blobs)) for _, e in held.values()) < KEEP_BYTES
-            work = ((name, _measure_task, name, array, dtype, todo[name], images[name], weighted[name], keep)
+            kept = sum(sum(map(len, e.blobs)) for _, e in held.values())
+            work = ((name, _measure_task, name, array, dtype, todo[name], images[name], weighted[name], True)
                     for name, array, dtype in _read(tensors, set(todo)))
             for name, results in _bounded_map(threads, _named, work, resolve_jobs(jobs)):
                 reads[name] = reads.get(name, 0) + 1
@@ -620,8 +620,10 @@ def plan_fast(
                         count["exact_weights"] += math.prod(shapes[name][0])
                     else:
                         pts.append(measured)
-                    if k == 0 and encoded is not None:
+                    size = 0 if encoded is None else sum(map(len, encoded.blobs))
+                    if k == 0 and encoded is not None and kept + size <= KEEP_BYTES:
                         held[name] = (measured, encoded)
+                        kept += size
                 _correct(pts)
 
         def settle(budget: int) -> tuple[dict[str, Predicted], int]:
