@@ -467,7 +467,7 @@ MARGIN = 0.01
 MAX_READS = 3
 #: Bytes of coded tensors (chosen points measured whole) kept for the final pass to write without coding them
 #: again; past it a tensor is coded again there (a checkpoint larger than memory).
-KEEP_BYTES = 256 << 20
+KEEP_BYTES = 64 << 20
 
 
 def _allocate(points: dict[str, list[Predicted]], budget: int, safe_only: bool):
