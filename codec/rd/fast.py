@@ -597,10 +597,15 @@ def plan_fast(
                     raise EncodeError(f"{bits_per_weight} bits/weight is below the smallest encoding "
                                       f"(about {8 * smallest / max(total_weights, 1):.3f} bits/weight)")
 
+        def capped(n: str) -> bool:
+            """Whether tensor ``n`` may be chosen only at measured points: read :data:`MAX_READS` times, with a
+            measured point that destroys nothing (otherwise its predictions stay open, so the damage guard can
+            still find a safe point)."""
+            return reads.get(n, 0) >= MAX_READS and any(p.exact and p.damage <= DAMAGE for p in points[n])
+
         def allowed() -> dict[str, list[Predicted]]:
-            """The points the allocation may choose: a tensor read :data:`MAX_READS` times keeps its exact ones."""
-            return {n: [p for p in pts if p.exact] if reads.get(n, 0) >= MAX_READS else pts
-                    for n, pts in points.items()}
+            """The points the allocation may choose (:func:`capped`)."""
+            return {n: [p for p in pts if p.exact] if capped(n) else pts for n, pts in points.items()}
 
         def measure(todo: dict[str, list[Predicted]]) -> None:
             """Measure the points of ``todo`` on their tensors, each tensor read once; keep the coded tensor of
@@ -638,7 +643,7 @@ def plan_fast(
                     hulls, lagrange, chosen = _allocate(view, budget, safe_bytes <= budget)
                     todo = {n: [p] for n, p in chosen.items() if not p.exact}
                     slack = budget - sum(p.nbytes for p in lagrange.values())
-                    extra = {n: e for n in view if reads.get(n, 0) < MAX_READS
+                    extra = {n: e for n in view if not capped(n)
                              and (e := _in_between(view[n], hulls[n], lagrange[n], slack))}
                 except EncodeError:  # the smallest points may be predictions: learn their real sizes first
                     hulls = {n: lower_hull(p) for n, p in view.items()}
