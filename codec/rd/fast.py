@@ -195,12 +195,39 @@ def _whole_weigh(w: Weighting) -> Weigh:
     return lambda r0, r1: (one if rows is None else rows[r0:r1]) * (one if cols is None else cols)
 
 
-def _sample_weights(w: Weighting, blocks: list[tuple[int, int, int]]) -> np.ndarray:
-    """The per-element weights of the sample made of ``blocks``: each block's rows of ``R`` times its columns of
-    ``H`` (an array, so it travels to a worker process with the sample)."""
+def _sample_weights(w: Weighting, blocks: list[tuple[int, int, int]]) -> np.ndarray | _BlockH:
+    """The weights of the sample made of ``blocks``, as an array (so it travels to a worker process with the
+    sample): per element, each block's rows of ``R`` times its columns of a diagonal ``H``; with a full ``H``, a
+    :class:`_BlockH`."""
+    if w.h is not None and w.h.ndim == 2:
+        rows = None if w.rows is None else np.concatenate([w.rows[r : r + BLOCK_H] for r, _, _ in blocks])
+        return _BlockH(blocks, rows, {(c, bw): np.ascontiguousarray(w.h[c : c + bw, c : c + bw], np.float32)
+                                      for _, c, bw in blocks})
     whole = _whole_weigh(w)
     return np.concatenate([np.broadcast_to(whole(r, r + BLOCK_H)[:, c : c + bw] if w.h is not None
                                            else whole(r, r + BLOCK_H), (BLOCK_H, bw)) for r, c, bw in blocks])
+
+
+@dataclass
+class _BlockH:
+    """A full ``H`` cut to a sample's blocks: each block (``BLOCK_H`` rows of one column chunk) weighted by its
+    rows of ``R`` and by its chunk's own block of ``H``, ``tr(R_b M_b H_cc M_b^T)`` (whole rows: the whole
+    ``H``). The couplings between chunks are not seen; the measured points correct the rest (:func:`_correct`).
+    Has :meth:`Weighting.energy`'s signature, for :func:`_distortion`."""
+
+    blocks: list[tuple[int, int, int]]
+    rows: np.ndarray | None
+    h: dict[tuple[int, int], np.ndarray]
+
+    def energy(self, matrix: np.ndarray) -> float:
+        """The weighted energy of a sample-shaped float64 matrix."""
+        total = 0.0
+        for i, (_, c, bw) in enumerate(self.blocks):
+            m = matrix[i * BLOCK_H : (i + 1) * BLOCK_H].astype(np.float32)
+            per_row = np.einsum("ij,ij->i", m @ self.h[(c, bw)], m).astype(np.float64)
+            total += float(per_row @ self.rows[i * BLOCK_H : (i + 1) * BLOCK_H] if self.rows is not None
+                           else per_row.sum())
+        return total
 
 
 def _sample_weigh(w: Weighting, blocks: list[tuple[int, int, int]]) -> Weigh:
@@ -261,12 +288,21 @@ def _ratio(err: float, energy: float) -> float:
 
 
 def _distortion(reference: np.ndarray, decoded: np.ndarray, dtype: DType, rows: tuple[int, int] | None,
-                weighting: tuple[Weigh, float] | None = None) -> tuple[float, float, float | None]:
+                weighting: tuple[Weigh | Weighting | _BlockH, float] | None = None
+                ) -> tuple[float, float, float | None]:
     """``(allocation distortion, plain NMSE, output error or None)`` of storage-form arrays, as
     :class:`~codec.rd.allocate.Distortion` measures them: in output space with a ``weighting``
-    (``(weigh, scale)``), else under the image prior for image ``rows``, else plain NMSE; streamed."""
+    (``(weigh, scale)``, streamed; or ``(Weighting or _BlockH, scale)`` for a full ``H``, in float64 as the
+    exhaustive search measures it), else under the image prior for image ``rows``, else plain NMSE."""
     if weighting is None and rows is not None:
         return (*distortion(_as_float(reference, dtype), _as_float(decoded, dtype), rows), None)
+    if weighting is not None and isinstance(weighting[0], (Weighting, _BlockH)):  # a full H, in float64
+        rows_of = reference.shape[0] if reference.ndim else 1
+        ref = _as_float(reference, dtype).reshape(rows_of, -1)
+        diff = _as_float(decoded, dtype).reshape(rows_of, -1) - ref
+        rel = _ratio(weighting[0].energy(diff), weighting[0].energy(ref))
+        plain = _ratio(float(np.einsum("ij,ij->", diff, diff)), float(np.einsum("ij,ij->", ref, ref)))
+        return weighting[1] * rel, plain, math.sqrt(rel)
     err, energy, w_err, w_energy = _sq_error(reference, decoded, dtype, weighting and weighting[0])
     plain = _ratio(err, energy)
     if weighting is None:
@@ -344,7 +380,10 @@ def _measure_task(name: str, array: np.ndarray, dtype: DType, points: list[Predi
     """One worker task: every point of ``points`` measured on the whole tensor ``array`` (read once for all),
     as :func:`_exact_coded` gives them; the first point's :class:`Encoded` only with ``keep`` (else None: it
     would travel back from the worker for nothing)."""
-    weigh = None if weighting is None else (_whole_weigh(weighting[0]), weighting[1])
+    weigh = None
+    if weighting is not None:
+        full = weighting[0].h is not None and weighting[0].h.ndim == 2
+        weigh = weighting if full else (_whole_weigh(weighting[0]), weighting[1])
     out = []
     for point in points:
         name, point, measured, encoded = _exact_coded(name, array, dtype, point, rows, weigh)
@@ -353,11 +392,13 @@ def _measure_task(name: str, array: np.ndarray, dtype: DType, points: list[Predi
 
 
 def _predict_task(name: str, shape: tuple[int, ...], dtype: DType, sample: np.ndarray,
-                  weighting: tuple[np.ndarray, float] | None, rows: tuple[int, int] | None,
+                  weighting: tuple[np.ndarray | _BlockH, float] | None, rows: tuple[int, int] | None,
                   items: list[tuple[str, EncodeOptions]]) -> list[Predicted]:
     """One worker task: :func:`predict` of every ``(label, options)`` of ``items`` on one tensor's sample
-    (``weighting``: the sample's dense weights and the tensor's scale)."""
-    weigh = None if weighting is None else (_weigh_of(weighting[0]), weighting[1])
+    (``weighting``: the sample's weights, :func:`_sample_weights`, and the tensor's scale)."""
+    weigh = None
+    if weighting is not None:
+        weigh = weighting if isinstance(weighting[0], _BlockH) else (_weigh_of(weighting[0]), weighting[1])
     return [predict(name, shape, dtype, sample, label, options, rows, weigh) for label, options in items]
 
 
@@ -488,11 +529,20 @@ def _allocate(points: dict[str, list[Predicted]], budget: int, safe_only: bool):
     return {n: [original[id(p)] for p in h] for n, h in hulls.items()}, back(lagrange), back(chosen)
 
 
+#: Whether a full ``H`` (calibration's, for layers of at most :data:`codec.rd.calibrate.FULL_H_MAX` inputs) takes
+#: the fast search: predicted on samples with each block's own block of ``H`` (:class:`_BlockH`), measured whole
+#: with the full ``H``. Off: on the bench models, calibrated, it chose within 2 % of the exhaustive search in 8
+#: of 9 runs (MLP, CNN, BatchNorm CNN at -b 2, 1, 0.6; several lower) but +3.8 % on the BatchNorm CNN at -b 2
+#: (bench/README.md, "Fast search (third pass)"); each block's diagonal alone was +725 % on the MLP at -b 2.
+FULL_H_FAST = False
+
+
 def weighable(measure_by: Distortion) -> bool:
     """Whether the fast search can predict ``measure_by`` from samples: its weightings, if any, have diagonal
-    ``R`` and ``H`` (what a state_dict's norms give, or calibration's diagonal second moments); a full ``H``
-    couples all columns, which a sample of column chunks does not see."""
-    return all(w.h is None or w.h.ndim == 1 for w in measure_by.weightings.values())
+    ``R`` and ``H`` (what a state_dict's norms give, or calibration's diagonal second moments), or a full ``H``
+    with :data:`FULL_H_FAST` (it couples all columns, which a sample of column chunks sees only within each
+    chunk: :class:`_BlockH`; the measured points correct the predictions of their family)."""
+    return FULL_H_FAST or all(w.h is None or w.h.ndim == 1 for w in measure_by.weightings.values())
 
 
 def plan_fast(
