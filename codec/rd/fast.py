@@ -467,12 +467,16 @@ def _read(tensors: TensorSource, names: set[str]) -> Iterator[tuple[str, np.ndar
 
 
 def _bounded_map(executor, fn: Callable, items, window: int):
-    """``executor.map(fn, items)`` with at most ``window`` tasks (and their inputs) in flight."""
+    """``executor.map(fn, items)`` with at most ``window`` tasks (and their inputs) in flight; the first result is
+    handed out before the second item is taken (a budget the first tensor already overflows is refused before
+    another tensor is read)."""
     pending: list = []
+    limit = 1
     for item in items:
         pending.append(executor.submit(fn, *item))
-        while len(pending) >= window:
+        while len(pending) >= limit:
             yield pending.pop(0).result()
+            limit = window
     for f in pending:
         yield f.result()
 
