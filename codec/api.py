@@ -26,12 +26,12 @@ import torch
 from .dtypes import get_dtype
 from .errors import EncodeError, FormatError, UsageError
 from .limits import DEFAULT_LIMITS, Limits
-from .parallel import AHEAD_BYTES, INLINE, make_executor, resolve_jobs
+from .parallel import AHEAD_BYTES, INLINE, Pending, make_executor, resolve_jobs
 from .reader import Reader
 from .stats import Totals, file_totals
-from .tensorcodec import (ZERO_ERROR, EncodeOptions, Overrides, given_options, ignored_options, option_conflicts,
-                          start_encode)
-from .writer import Writer
+from .tensorcodec import (ZERO_ERROR, Encoded, EncodeOptions, Overrides, given_options, ignored_options,
+                          option_conflicts, start_encode)
+from .writer import Writer, encode_attachment
 
 __all__ = ["save", "load", "open", "JwtFile", "read_state_dict", "read_checkpoint", "flatten_checkpoint",
            "unflatten_checkpoint", "dropped_note", "encoder_versions", "TORCH_DTYPES", "TREE_KEY", "progress_total"]
@@ -299,19 +299,24 @@ def save(
         if calib is not None:
             weightings.update(calib.weightings())
         damaged: list[str] = []
+        packed = {n: encode_attachment(n, d) for n, d in (attachments or {}).items()}  # sized here, written below
+        coded: dict = {}  # tensors the search coded with their chosen options: written as they are
         chosen = _plan(state_dict, aliases, opts, rules, meta, encoder, bits_per_weight, max_error, calibrate,
-                       progress, attachments or {}, jobs, matcher, measure_by=Distortion(weightings), notes=damaged,
-                       search=search)
+                       progress, packed, jobs, matcher, measure_by=Distortion(weightings), notes=damaged,
+                       search=search, coded=coded)
         if damaged:
             meta[WARNINGS_KEY] = "; ".join(damaged)
             notes += damaged
         repaired = inputs is not None
+        if repaired or matcher is not None:  # repair changes the values; an update codes differences
+            coded.clear()
         if repaired:
             state_dict = _repaired(model, state_dict, aliases, inputs, chosen, calib, calibration_progress, jobs,
                                    notes)
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
     else:
         options_for = lambda name: rules.options_for(name, opts) or opts  # noqa: E731
+        coded, packed = {}, {}
     stored: list[tuple[str, tuple[int, ...], Any]] = []
     with Writer(path, metadata=meta, encoder=encoder, base=None if matcher is None else base_id) as writer:
         if ray is not None:
@@ -319,7 +324,7 @@ def save(
 
             coded = ((*item, None) for item in encode_in_order(state_dict, aliases, options_for, ray))
         else:
-            coded = _encode_in_order(state_dict, aliases, options_for, jobs, matcher)
+            coded = _encode_in_order(state_dict, aliases, options_for, jobs, matcher, done=coded)
         for name, target, dtype, shape, encoded, ref in coded:
             if target is not None:
                 writer.add_alias(name, target)
@@ -337,7 +342,7 @@ def save(
             if progress:
                 progress(name, math.prod(shape))
         for name, data in (attachments or {}).items():
-            writer.add_attachment(name, data)
+            writer.add_attachment(name, data, packed.get(name))
     if repaired and bits_per_weight is not None and isinstance(path, (str, os.PathLike)):
         # repair changes values after the plan: their coded size can differ from the planned one
         weights = sum(math.prod(_shape(state_dict, n)) for n in state_dict if n not in aliases)
@@ -451,7 +456,8 @@ def _repaired(model, state_dict, aliases, inputs, chosen, calib, progress, jobs,
 
 
 def _encode_in_order(state_dict: Mapping[str, torch.Tensor], aliases: dict[str, str],
-                     options_for: Callable[[str], EncodeOptions], jobs: int, matcher: Any = None):
+                     options_for: Callable[[str], EncodeOptions], jobs: int, matcher: Any = None,
+                     done: dict[str, Encoded] | None = None):
     """Yield ``(name, alias target, dtype, shape, Encoded, base ref)`` in ``state_dict`` order.
 
     An alias has no dtype or Encoded. With an update's ``matcher``
@@ -461,7 +467,9 @@ def _encode_in_order(state_dict: Mapping[str, torch.Tensor], aliases: dict[str, 
 
     Each tensor is fetched from ``state_dict`` once, when its turn comes,
     and its blobs are coded by ``jobs`` threads while the following tensors
-    are fetched and submitted; results are handed out in order.
+    are fetched and submitted; results are handed out in order. A tensor in
+    ``done`` (already coded with its options, by the rate search) is handed
+    out as it is, without being fetched.
     """
     executor = make_executor(jobs)
     window = max(1, jobs - 1)  # with the tensor being fetched: ``jobs`` tensors in flight, one per worker
@@ -471,6 +479,10 @@ def _encode_in_order(state_dict: Mapping[str, torch.Tensor], aliases: dict[str, 
         for name in state_dict:
             if name in aliases:
                 pending.append((name, aliases[name], None, (), None, 0, None))
+            elif done and name in done:
+                job = Pending([INLINE.submit(done.pop, name)], lambda parts: parts[0])
+                pending.append((name, None, get_dtype(_dtype_name(state_dict, name)), _shape(state_dict, name), job,
+                                0, None))
             else:
                 array, dtype_name = to_numpy(state_dict[name])
                 dtype = get_dtype(dtype_name)
@@ -585,28 +597,36 @@ def _shape(state_dict: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]
     return tuple(shape(name)) if callable(shape) else tuple(state_dict[name].shape)
 
 
+def _dtype_name(state_dict: Mapping[str, torch.Tensor], name: str) -> str:
+    """A tensor's dtype name, without loading it when the mapping can tell (a lazy .safetensors)."""
+    dtype_name = getattr(state_dict, "dtype_name", None)
+    return dtype_name(name) if callable(dtype_name) else TORCH_DTYPES[state_dict[name].dtype]
+
+
 def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress,
-          attachments, jobs, matcher=None, measure_by=None, notes=None, search="fast"):
+          attachments, jobs, matcher=None, measure_by=None, notes=None, search="fast", coded=None):
     """Run the rate-distortion allocator over the stored tensors; options per name.
 
     The budget's fixed part counts the header, the index without tensor
-    entries (metadata, aliases, attachment entries) and the attachments' blobs.
+    entries (metadata, aliases, attachment entries) and the attachments' blobs
+    (``attachments``: name to :func:`codec.writer.encode_attachment`'s result).
+    The fast search puts tensors it coded with their chosen options in ``coded``.
     """
     from .rd.allocate import plan_options
-    from .format import HEADER_SIZE, BlobRef, Index, TensorEntry
-    from .writer import encode_attachment
+    from .format import HEADER_SIZE, Attachment, BlobRef, Index, TensorEntry
 
     stored = [n for n in state_dict if n not in aliases]
 
-    def tensors():
+    def tensors(names: set[str] | None = None):
+        """The stored tensors, or those named in ``names`` (the others are not read)."""
         for name in stored:
-            array, dtype_name = to_numpy(state_dict[name])
-            yield name, array, get_dtype(dtype_name)
+            if names is None or name in names:
+                array, dtype_name = to_numpy(state_dict[name])
+                yield name, array, get_dtype(dtype_name)
 
     attached, attached_bytes = [], 0
-    for name, data in attachments.items():
-        att, blob = encode_attachment(name, data)
-        att.blobs = [BlobRef(10**12, len(blob), 0xFFFFFFFF)]  # generous digits for the offset
+    for name, (packed, blob) in attachments.items():
+        att = Attachment(name, packed.size, packed.codec, [BlobRef(10**12, len(blob), 0xFFFFFFFF)])  # wide offset
         attached.append(att)
         attached_bytes += len(blob)
     base_id = None
@@ -634,7 +654,7 @@ def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_
                         bits_per_weight=bits_per_weight, max_error=max_error,
                         overhead_bytes=HEADER_SIZE + len(skeleton) + attached_bytes, score=score, progress=progress,
                         jobs=jobs, total_weights=sum(math.prod(_shape(state_dict, n)) for n in stored),
-                        menu=menu, measure_by=measure_by, notes=notes, search=search)
+                        menu=menu, measure_by=measure_by, notes=notes, search=search, coded=coded)
 
 
 class JwtFile:

@@ -15,13 +15,14 @@ runs at once in the caller's thread), ``n`` for ``n`` worker threads.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["default_jobs", "jobs_default", "resolve_jobs", "InlineExecutor", "INLINE", "make_executor", "Pending",
-           "AHEAD_BYTES"]
+__all__ = ["default_jobs", "jobs_default", "resolve_jobs", "InlineExecutor", "INLINE", "make_executor",
+           "make_process_executor", "Pending", "AHEAD_BYTES"]
 
 #: Bytes a pipeline may hold ahead of its consumer beyond the newest tensor
 #: (decoded tensors waiting to be handed out, or input tensors waiting to be
@@ -82,6 +83,23 @@ def make_executor(jobs: int | None) -> Executor:
     """A thread pool of ``jobs`` workers, or :data:`INLINE` for one job."""
     n = resolve_jobs(jobs)
     return INLINE if n == 1 else ThreadPoolExecutor(n, thread_name_prefix="jwt")
+
+
+def make_process_executor(jobs: int | None) -> Executor:
+    """A pool of ``jobs`` forked worker processes, for tasks whose Python work holds the GIL (the fast search
+    codes thousands of small samples: mapping, mosaics and bookkeeping in Python, with only the codec calls
+    releasing the GIL, so threads ran it on about one core). :data:`INLINE` for one job; a thread pool where
+    ``fork`` is not available (a spawned worker would import torch again, seconds per worker).
+
+    Tasks and results travel pickled: give them small inputs (a sample, one tensor) and module-level
+    functions. Results must not depend on which process ran a task.
+    """
+    n = resolve_jobs(jobs)
+    if n == 1:
+        return INLINE
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return ThreadPoolExecutor(n, thread_name_prefix="jwt")
+    return ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"))
 
 
 class Pending:

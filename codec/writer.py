@@ -234,11 +234,14 @@ class Writer:
             raise EncodeError(f"alias {name!r}: {target!r} is not a stored tensor")
         return self._append(TensorEntry(name, stored.dtype, stored.shape, alias=target))
 
-    def add_attachment(self, name: str, data: bytes | str | os.PathLike[str]) -> Attachment:
+    def add_attachment(self, name: str, data: bytes | str | os.PathLike[str],
+                       encoded: tuple[Attachment, bytes] | None = None) -> Attachment:
         """Append a file carried losslessly (zstd): ``data`` is its bytes or a path to read.
 
         ``name`` must be a safe relative POSIX path (spec section 4.4); the
         attachment's blob is placed after every tensor blob whenever it is added.
+        ``encoded``: what :func:`encode_attachment` gave for it already (the
+        rate search sized it), so it is not compressed twice.
         """
         problem = _text_error(name) or attachment_name_error(name)
         if problem:
@@ -248,7 +251,8 @@ class Writer:
             raise EncodeError(f"attachment {name!r} is added twice")
         if name in self._attach_folders or not parents.isdisjoint(self._attach_names):
             raise EncodeError(f"attachment {name!r} is both a file and a folder of the attachments")
-        att, blob = encode_attachment(name, data)
+        att, blob = encoded or encode_attachment(name, data)
+        att = Attachment(att.name, att.size, att.codec)
         if self._attach_spool is None:
             self._attach_spool = self._new_spool()
         self._attach_spool.write(blob)

@@ -6,11 +6,14 @@ measures the bench models (MiniLM, MLP, CNNs) and the time.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
 
 import codec
+from codec import io_formats
 from codec.api import to_numpy
 from codec.dtypes import get_dtype
 from codec.rd import allocate, fast
@@ -24,7 +27,8 @@ from codec.rd.allocate import (
     plan_options,
     with_row_images,
 )
-from codec.tensorcodec import EncodeOptions
+from codec.tensorcodec import Encoded, EncodeOptions, encode_tensor
+from codec.tiling import plan_tiling
 
 
 def _one_big() -> dict[str, torch.Tensor]:
@@ -208,3 +212,120 @@ def test_damage_notes_as_the_exhaustive_search(tmp_path):
     warnings = codec.save(_one_big(), tmp_path / "m.jwt", bits_per_weight=0.5)
     assert any("relative error" in w for w in warnings)
     assert "jwt.warnings" in codec.open(tmp_path / "m.jwt").metadata
+
+
+def _several() -> dict[str, torch.Tensor]:
+    """Six matrices of unequal statistics, each large enough to be sampled: the search goes round several times."""
+    g = torch.Generator().manual_seed(2)
+    sd = {}
+    for i, (rows, cols, smooth) in enumerate([(256, 1024, 0.0), (512, 512, 0.01), (128, 2048, 0.002),
+                                              (384, 768, 0.0), (256, 768, 0.005), (640, 384, 0.0)]):
+        w = torch.randn(rows, cols, generator=g) * 0.02
+        sd[f"l{i}.weight"] = w + smooth * torch.cumsum(torch.randn(rows, cols, generator=g), 1)
+        sd[f"l{i}.bias"] = torch.randn(rows, generator=g) * 0.01
+    return sd
+
+
+def _counting(sd: dict[str, torch.Tensor]) -> tuple[io_formats.LazyTensors, Counter]:
+    """A lazy mapping over ``sd`` (as a .safetensors file is read) that counts each tensor's reads."""
+    reads: Counter = Counter()
+
+    def load(name: str) -> torch.Tensor:
+        reads[name] += 1
+        return sd[name].clone()
+
+    info = {n: (tuple(t.shape), "float32") for n, t in sd.items()}
+    return io_formats.LazyTensors(info, load), reads
+
+
+@pytest.mark.parametrize("bpw", [4.0, 2.0])
+def test_a_lazy_checkpoint_is_read_a_bounded_number_of_times(tmp_path, bpw):
+    """Each tensor is read once for its sample, at most MAX_READS times to measure its chosen points, and once more
+    to code it only when the search did not keep it coded: never once a round (which read a checkpoint larger
+    than memory from disk 12 times for MiniLM -b 4). The file is the same as from the tensors in memory."""
+    sd = _several()
+    lazy, reads = _counting(sd)
+    codec.save(lazy, tmp_path / "lazy.jwt", bits_per_weight=bpw, jobs=1)
+    codec.save(sd, tmp_path / "dict.jwt", bits_per_weight=bpw, jobs=1)
+    assert (tmp_path / "lazy.jwt").read_bytes() == (tmp_path / "dict.jwt").read_bytes()
+    matrices = [n for n in sd if n.endswith("weight")]
+    assert sum(reads[n] for n in matrices) <= len(matrices) * 3  # read once a round: 4 each (3 rounds, the final)
+    assert max(reads[n] for n in matrices) <= 1 + fast.MAX_READS + 1
+    assert 8 * (tmp_path / "lazy.jwt").stat().st_size <= bpw * sum(t.numel() for t in sd.values())
+
+
+def test_worker_processes_give_the_same_file_as_one_job(tmp_path):
+    """jobs=2 codes the samples in forked worker processes and measures whole tensors in threads: the same bytes as
+    jobs=1, within the budget."""
+    sd = _several()
+    for jobs in (1, 2):
+        codec.save(sd, tmp_path / f"j{jobs}.jwt", bits_per_weight=2.0, jobs=jobs)
+    assert (tmp_path / "j1.jwt").read_bytes() == (tmp_path / "j2.jwt").read_bytes()
+    assert 8 * (tmp_path / "j2.jwt").stat().st_size <= 2.0 * sum(t.numel() for t in sd.values())
+
+
+def test_kept_coded_tensors_are_what_coding_them_gives():
+    """The coded tensors the search hands to the final pass (``coded``) are the bytes of coding each tensor with
+    its chosen options, so the file does not depend on whether a tensor was kept."""
+    tensors, total = _source(_several())
+    coded: dict = {}
+    chosen = fast.plan_fast(tensors, EncodeOptions(), lambda n: None, bits_per_weight=2.0, total_weights=total,
+                            coded=coded)
+    assert coded  # the large matrices were measured whole with their chosen options
+    arrays = {n: (a, d) for n, a, d in tensors()}
+    for name, encoded in coded.items():
+        again = encode_tensor(*arrays[name], chosen[name])
+        assert encoded.blobs == again.blobs
+        assert encoded.codec.get_config() == again.codec.get_config()
+
+
+def test_a_read_cap_still_meets_the_budget(monkeypatch):
+    """With one measuring read a tensor, the search settles on measured points and the budget is met exactly."""
+    monkeypatch.setattr(fast, "MAX_READS", 1)
+    tensors, total = _source(_several())
+    reads: Counter = Counter()
+
+    def counted(names=None):
+        for name, array, dtype in tensors():
+            if names is None or name in names:
+                reads[name] += 1
+                yield name, array, dtype
+
+    chosen = fast.plan_fast(counted, EncodeOptions(), lambda n: None, bits_per_weight=2.0, total_weights=total)
+    assert max(reads.values()) <= 2
+    assert _chosen(tensors, chosen)[1] <= int(2.0 * total / 8)
+
+
+def test_index_entry_size_is_counted_exactly():
+    """A sampled tensor's index entry is counted without writing its blob list: the same bytes as writing it."""
+    rng = np.random.default_rng(0)
+    dtype = get_dtype("float32")
+    for shape, opts in [((1536, 384), EncodeOptions(codec="jpeg", quality=85)),
+                        ((30522, 384), EncodeOptions(codec="quant", bits=5)),
+                        ((100, 784), EncodeOptions(codec="jpeg", quality=7, row_shape=(28, 28)))]:
+        encoded = encode_tensor(rng.standard_normal((128, shape[1])).astype(np.float32), dtype, opts)
+        t = encoded.tiling
+        full = plan_tiling(shape[0], shape[1], (t.tile_h, t.tile_w), (t.tile_h, t.tile_w) if t.mode == "rows" else None,
+                           t.params)
+        written = allocate.entry_bytes("x", dtype, shape, Encoded(encoded.codec, full, [b""] * (full.n_blobs + 1)), 10)
+        assert fast._entry_bytes("x", dtype, shape, encoded) == written
+
+
+def test_full_h_takes_the_fast_search_only_when_switched_on(monkeypatch):
+    """A calibrated full H (correlated inputs) stays exhaustive by default; with FULL_H_FAST the fast search
+    predicts it on each sample block's own block of H, measures whole with the full H and meets the budget.
+    (Its choice here is 4.3 % worse than the exhaustive search's in the full-H measure: why it is off.)"""
+    sd = _cnn_like()
+    g = np.random.default_rng(3)
+    basis = g.standard_normal((3136, 64))
+    h = basis @ basis.T / 64 + 0.05 * np.eye(3136)  # strongly correlated input columns, as images give
+    measure_by = Distortion({"fc1.weight": allocate.Weighting(h=h, scale=1.0)})
+    assert not fast.weighable(measure_by)
+    monkeypatch.setattr(fast, "FULL_H_FAST", True)
+    assert fast.weighable(measure_by)
+    tensors, total = _source(sd)
+    chosen = fast.plan_fast(tensors, EncodeOptions(), lambda n: None, bits_per_weight=2.0, total_weights=total,
+                            measure_by=measure_by)
+    distortion, nbytes = _chosen(tensors, chosen, measure_by)
+    assert nbytes <= int(2.0 * total / 8)
+    assert distortion < 0.5  # the correlated-H tensor is coded, not destroyed

@@ -635,7 +635,9 @@ def sensitivities(points: dict[str, list[RDPoint]], decoded: dict[str, dict[str,
     return weights
 
 
-TensorSource = Callable[[], Iterator[tuple[str, np.ndarray, DType]]]
+#: ``tensors()`` yields ``(name, array, dtype)`` for each stored tensor; a source may also take a set of names
+#: (``tensors(names)``) and then read only those (the fast search measures a few tensors a round).
+TensorSource = Callable[..., Iterator[tuple[str, np.ndarray, DType]]]
 
 
 def plan_options(
@@ -654,6 +656,7 @@ def plan_options(
     measure_by: Distortion | None = None,
     notes: list[str] | None = None,
     search: str = "fast",
+    coded: dict | None = None,
 ) -> dict[str, EncodeOptions]:
     """Measure every tensor's menu and choose its options for a rate target.
 
@@ -685,7 +688,9 @@ def plan_options(
     samples of the tensors (:mod:`codec.rd.fast`); ``"exhaustive"`` measures
     every candidate in full (and so do max-error searches, budgets of
     :data:`HIGH_BITS_FROM` or more, ``score``, weightings with a full ``H``
-    and update menus; a state_dict's norm weightings are predicted).
+    and update menus; a state_dict's norm weightings are predicted). The
+    fast search may fill ``coded`` (a dict) with tensors it has coded with
+    their chosen options (:func:`codec.rd.fast.plan_fast`).
     """
     menu = menu or Menu()
     measure_by = measure_by or DATA_FREE
@@ -700,7 +705,7 @@ def plan_options(
         if weighable(measure_by):
             return plan_fast(tensors, base, fixed, bits_per_weight=bits_per_weight, overhead_bytes=overhead_bytes,
                              progress=progress, jobs=jobs, total_weights=total_weights, measure_by=measure_by,
-                             notes=notes)
+                             notes=notes, coded=coded)
     points: dict[str, list[RDPoint]] = {}
     forced: dict[str, EncodeOptions] = {}
     probes: dict[str, dict[str, np.ndarray]] = {}
