@@ -113,9 +113,9 @@ def test_the_callers_optimizer_keeps_its_state_and_lr_follows_the_step():
 def test_bad_loop_arguments_are_one_line_errors():
     model = _tiny()
     x = torch.zeros(2, 64)
-    cases = [(ValueError, dict(refresh=0)), (ValueError, dict(refresh=1.5)), (ValueError, dict(vector_bits=0)),
-             (ValueError, dict(vector_bits=True)), (ValueError, dict(vector_bits=40)),
-             (TypeError, dict(optimizer="adam")), (ValueError, dict(lr="fast"))]
+    cases = [(ValueError, {"refresh": 0}), (ValueError, {"refresh": 1.5}), (ValueError, {"vector_bits": 0}),
+             (ValueError, {"vector_bits": True}), (ValueError, {"vector_bits": 40}),
+             (TypeError, {"optimizer": "adam"}), (ValueError, {"lr": "fast"})]
     for kind, kwargs in cases:
         with pytest.raises(kind) as info:
             finetune(model, x, steps=1, **kwargs)
