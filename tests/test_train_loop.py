@@ -137,3 +137,5 @@ def test_round_vectors_after_plain_training_names_what_it_rounded():
         round_vectors("model", 2)
     with pytest.raises(ValueError):
         round_vectors(model, None)
+    with pytest.raises(ValueError):
+        round_vector(torch.ones(3), 0)

@@ -10,8 +10,9 @@ to its file.
 Two options lower the cost and the rate (measured in bench/results/train_mlp.md):
 
 * ``refresh=k`` codes the weights every k-th step only; in between the forward pass sees ``w + r`` with the
-  residual ``r = coded - w`` of the last coding (still straight through), so a step costs little more than a
-  plain one. The last forward pass (the reported loss) codes again, so the file still holds what it saw.
+  residual ``r = coded - w`` of the last coding (still straight through): on the bench MLP an epoch costs about
+  1.25x a plain one at k=4 against 1.7x at k=1, and lost less accuracy. The last forward pass (the reported loss)
+  codes again, so the file still holds what it saw.
 * ``vector_bits=b`` rounds each significand of the tensors the file must store losslessly for their shape (biases,
   norms: the lossy codecs need a matrix, spec 6.1) to ``b`` bits in the forward pass, and writes the rounded values
   into the model at the end: the file stores them exactly and the zeroed low bits cost next to nothing (a 512-value
@@ -63,6 +64,8 @@ def round_vector(t: torch.Tensor, bits: int) -> torch.Tensor:
     from ..dtypes import get_dtype
     from ..update.delta import round_significand
 
+    if _check_vector_bits(bits) is None:
+        raise ValueError("round_vector: bits must be an integer from 1 to 22, not None")
     array, name = to_numpy(t.detach())
     return to_torch(round_significand(array, get_dtype(name), bits), name).to(t.device).clone()
 
@@ -89,8 +92,7 @@ def round_vectors(model: torch.nn.Module, bits: int, setting: EncodeOptions | st
     training (the loss is then not trained away). Returns their names."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"round_vectors: model must be a torch.nn.Module, not {type(model).__name__}")
-    bits = _check_vector_bits(bits)
-    if bits is None:
+    if _check_vector_bits(bits) is None:
         raise ValueError("round_vectors: bits must be an integer from 1 to 22, not None")
     opts, rules = as_setting(setting), as_overrides(overrides, setting)
     done = []
