@@ -6,18 +6,21 @@ in these ways and codes every result with jwt, scoring the decoded file on the 1
 * ``plain``: no penalty; coded afterwards by the rate search at each ``--bits`` budget (data-free, and with
   calibration inputs and repair, :mod:`codec.rd.repair`), and at each point of the setting ladder;
 * ``codec``: the same schedule, its last ``--codec-epochs`` epochs run with the codec in the loop at one setting of
-  the ladder (:func:`codec.train.finetune` with the labels: every step's forward pass sees the weights exactly as
-  the file will hold them, straight-through gradients), then saved with that setting; one model per ladder point,
-  the epochs before shared with the plain run (same batches, so the same weights);
+  the ladder (:func:`codec.train.finetune` with the labels, continuing the schedule's Adam: the forward pass sees
+  the weights as the file will hold them, straight-through gradients; coded every ``--refresh`` steps, biases
+  rounded to ``--vector-bits`` significand bits), then saved with that setting; one model per ladder point, the
+  epochs before shared with the plain run (same batches, so the same weights);
 * ``lam=L``: the same schedule with ``L * codec.train.rate(layer, --rate-setting) / n`` added to the loss of the
   largest layer every ``--rate-every`` steps from epoch ``--warmup`` on, coded afterwards by the search;
 * ``dct``: (``--dct K``) the largest layer a :class:`codec.train.DCTLinear` holding K x K low-frequency DCT
   coefficients per 8x8 block, converted to an ordinary layer, coded at the ladder.
 
 Training time is CPU seconds of this process (``time.process_time``; one thread), a codec model's including the
-epochs it shares with the plain run. Writes ``bench/results/train_<model>.md`` and ``.png``::
+epochs it shares with the plain run. With several ``--seed`` each row is the mean over the seeds (the endpoint of
+a short constant-rate schedule moves by 1-1.5 points from seed to seed). Writes ``bench/results/train_<model>.md``
+and ``.png``::
 
-    python -m bench.train --model mlp
+    python -m bench.train --model mlp --lam 0 --table ramp1 --refresh 4 --vector-bits 4 --seed 0 --seed 1 --seed 2
     python -m bench.train --model cnn --epochs 2 --train-size 30000
 """
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,16 +45,18 @@ from bench.models import accuracy, load_fashion_mnist, make_model, model_class, 
 
 OUT = Path(__file__).resolve().parent / "results"
 #: The largest layer of each model (the one the ladder varies, the penalty and the DCT layer apply to) and the
-#: settings of the others: the output layers and the CNN's convolutions in few-bit quant, biases lossless.
+#: settings of the others: the output layers and the CNN's convolutions in few-bit quant, biases lossless (the CNN's
+#: conv2 at 2 bits: at 4 it alone took 0.175 bits/weight of the 0.3 target).
 BIG = {"mlp": "fc1", "cnn": "fc1"}
-REST = {"mlp": [("fc2.weight", "b3")], "cnn": [("conv1.weight", "b8"), ("conv2.weight", "b4"), ("fc2.weight", "b4")]}
+REST = {"mlp": [("fc2.weight", "b3")], "cnn": [("conv1.weight", "b8"), ("conv2.weight", "b2"), ("fc2.weight", "b4")]}
 LADDER = {"mlp": (4, 5, 6, 8, 10), "cnn": (4, 5, 6, 8, 10)}
 
 
-def ladder_point(kind: str, quality: int) -> list[tuple[str, str]]:
+def ladder_point(kind: str, quality: int, table: str = "flat") -> list[tuple[str, str]]:
     """The overrides (codec.save's) of one ladder point: the largest layer in grid-tiled JPEG at ``quality`` with
-    the flat table (the cheapest structure jwt has: one set of JPEG headers, 64x64 tiles), the rest as REST."""
-    return [(f"{BIG[kind]}.weight", f"jpeg,q{quality},table=flat"), *REST[kind]]
+    ``table`` (grid tiles are the cheapest structure jwt has: one set of JPEG headers, 64x64 tiles), the rest as
+    REST."""
+    return [(f"{BIG[kind]}.weight", f"jpeg,q{quality},table={table}"), *REST[kind]]
 
 
 def batches_of(inputs: torch.Tensor, targets: torch.Tensor, generator: torch.Generator,
@@ -66,14 +72,22 @@ def rate_penalty(model: torch.nn.Module, layer: str, setting: str, lam: float) -
 
 
 class Schedule:
-    """The shared schedule: ``epochs`` epochs of Adam on the training set, deterministic given ``seed``."""
+    """The shared schedule: ``epochs`` epochs of Adam on the training set, deterministic given ``seed``; ``decay``
+    "cosine" lowers the rate from 1e-3 to 0 over the whole schedule (a codec run's epochs in the loop included)."""
 
-    def __init__(self, kind: str, images: np.ndarray, labels: np.ndarray, epochs: int, seed: int):
-        self.kind, self.epochs, self.seed = kind, epochs, seed
+    def __init__(self, kind: str, images: np.ndarray, labels: np.ndarray, epochs: int, seed: int,
+                 decay: str = "none"):
+        self.kind, self.epochs, self.seed, self.decay = kind, epochs, seed, decay
         self.inputs, self.targets = preprocess(images), torch.as_tensor(labels, dtype=torch.int64)
 
     def steps(self) -> int:
         return -(-len(self.inputs) // 128)
+
+    def lr(self, step: int) -> float:
+        """The learning rate of the schedule's step ``step`` (0-based, over all epochs)."""
+        if self.decay == "cosine":
+            return 1e-3 * 0.5 * (1 + math.cos(math.pi * step / (self.steps() * self.epochs)))
+        return 1e-3
 
     def run(self, lam: float = 0.0, rate_setting: str = "", every: int = 8, warmup: int = 0,
             snapshot_at: int | None = None, bar: tqdm | None = None, model: torch.nn.Module | None = None
@@ -85,13 +99,17 @@ class Schedule:
         torch.manual_seed(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        start, snapshot = time.process_time(), None
+        start, snapshot, step = time.process_time(), None, 0
         model.train()
         for epoch in range(self.epochs):
             if epoch == snapshot_at:
                 snapshot = {"model": copy.deepcopy(model), "generator": generator.get_state(),
+                            "optimizer": copy.deepcopy(optimizer.state_dict()), "epoch": epoch,
                             "seconds": time.process_time() - start}
             for i, (x, y) in enumerate(batches_of(self.inputs, self.targets, generator)):
+                for group in optimizer.param_groups:
+                    group["lr"] = self.lr(step)
+                step += 1
                 optimizer.zero_grad()
                 loss = F.cross_entropy(model(x), y)
                 if lam and epoch >= warmup and i % every == 0:
@@ -103,20 +121,25 @@ class Schedule:
         model.eval()
         return model, time.process_time() - start, snapshot
 
-    def codec_epochs(self, snapshot: dict, overrides: Sequence[tuple[str, str]],
-                     bar: tqdm | None = None) -> tuple[torch.nn.Module, float]:
+    def codec_epochs(self, snapshot: dict, overrides: Sequence[tuple[str, str]], bar: tqdm | None = None,
+                     refresh: int = 1, vector_bits: int | None = None) -> tuple[torch.nn.Module, float]:
         """The schedule's remaining epochs from ``snapshot`` with the codec in the loop at ``overrides``
-        (:func:`codec.train.finetune` with the labels, Adam at the schedule's lr). Returns the model and the
-        CPU seconds of the whole schedule (the shared epochs included)."""
+        (:func:`codec.train.finetune` with the labels, continuing the schedule's Adam and rates; ``refresh`` and
+        ``vector_bits`` as finetune takes them). Returns the model and the CPU seconds of the whole schedule (the
+        shared epochs included)."""
         model = copy.deepcopy(snapshot["model"])
         torch.set_num_threads(1)
         generator = torch.Generator()
         generator.set_state(snapshot["generator"])
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
         start = time.process_time()
-        for _ in range(self.epochs - snapshot["epoch"]):
+        for epoch in range(snapshot["epoch"], self.epochs):
             batches = batches_of(self.inputs, self.targets, generator)
-            codec.train.finetune(model, batches, F.cross_entropy, steps=len(batches), lr=1e-3, overrides=overrides,
-                                 progress=bar if bar is not None else False)
+            first = epoch * self.steps()
+            codec.train.finetune(model, batches, F.cross_entropy, steps=len(batches), overrides=overrides,
+                                 optimizer=optimizer, lr=lambda i, first=first: self.lr(first + i), refresh=refresh,
+                                 vector_bits=vector_bits, progress=bar if bar is not None else False)
         model.eval()
         return model, snapshot["seconds"] + time.process_time() - start
 
@@ -137,7 +160,14 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     parser.add_argument("--cnn", dest="model", action="store_const", const="cnn", help="same as --model cnn")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--codec-epochs", type=int, default=1, help="last epochs with the codec in the loop")
+    parser.add_argument("--decay", choices=("none", "cosine"), default="none", help="learning rate schedule: "
+                        "constant 1e-3, or cosine from 1e-3 to 0 over all epochs (plain and codec alike)")
+    parser.add_argument("--refresh", type=int, action="append", help="codec in the loop: code the weights every N "
+                        "steps, the residual straight through in between (default 1; several: a run for each)")
+    parser.add_argument("--vector-bits", type=int, help="codec in the loop: round biases to this many significand "
+                        "bits (stored losslessly, exactly)")
     parser.add_argument("--quality", type=int, action="append", help="ladder: JPEG qualities of the largest layer")
+    parser.add_argument("--table", default="flat", help="ladder: JPEG table of the largest layer (flat, ramp1, ...)")
     parser.add_argument("--lam", type=float, action="append", help="penalty strength(s) (default 1 and 4)")
     parser.add_argument("--rate-setting", default="jpeg,q8,table=flat", help="the setting the penalty estimates")
     parser.add_argument("--rate-every", type=int, default=8, help="add the rate penalty every N steps")
@@ -148,12 +178,18 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     parser.add_argument("--dct", type=int, action="append", default=[], help="also a DCT-layer run keeping K x K "
                         "coefficients per 8x8 block")
     parser.add_argument("--train-size", type=int, default=60000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, action="append", help="seed(s) of the schedule (default 0); several: "
+                        "each row the mean over them")
     parser.add_argument("--out", type=Path, help="path of the table and plot, without suffix "
                         "(default bench/results/train_<model>)")
     args = parser.parse_args(argv)
     if not 0 < args.codec_epochs <= args.epochs:
         parser.error("--codec-epochs must be between 1 and --epochs")
+    args.seed = args.seed or [0]
+    if any(r < 1 for r in args.refresh or []):
+        parser.error("--refresh must be a positive integer")
+    if args.vector_bits is not None and not 1 <= args.vector_bits <= 22:
+        parser.error("--vector-bits must be between 1 and 22")
     kind = args.model
     lams = [lam for lam in (args.lam if args.lam is not None else [1.0, 4.0]) if lam > 0]  # --lam 0: none
     qualities = args.quality or list(LADDER[kind])
@@ -161,85 +197,117 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     try:  # a bad setting fails here, not after training
         codec.train.as_setting(args.rate_setting)
         for q in qualities:
-            codec.train.as_overrides(ladder_point(kind, q))
+            codec.train.as_overrides(ladder_point(kind, q, args.table))
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
     torch.set_num_threads(1)
     images, labels = load_fashion_mnist("train")
     images, labels = images[: args.train_size], labels[: args.train_size]
+    runs = [one_seed(args, seed, images, labels, qualities, lams, budgets) for seed in args.seed]
+    write(args.out or OUT / f"train_{kind}", kind, args, runs, images)
+
+
+def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities: Sequence[int], lams: Sequence[float],
+             budgets: Sequence[float]) -> tuple[float, list[tuple]]:
+    """One seed's run: the plain model's float accuracy and the rows ``(curve, how, bits/weight, accuracy, time vs
+    plain)``."""
+    kind = args.model
     test_images, test_labels = load_fashion_mnist("test")
-    schedule = Schedule(kind, images, labels, args.epochs, args.seed)
+    schedule = Schedule(kind, images, labels, args.epochs, seed, args.decay)
     cls = model_class(kind)
     steps = schedule.steps() * args.epochs
 
-    with tqdm(total=steps, desc="plain", unit="step") as bar:
+    with tqdm(total=steps, desc=f"plain (seed {seed})", unit="step") as bar:
         plain, plain_seconds, snapshot = schedule.run(snapshot_at=args.epochs - args.codec_epochs, bar=bar)
-    snapshot["epoch"] = args.epochs - args.codec_epochs
     reference = accuracy(plain, test_images, test_labels)
-    rows: list[tuple] = []  # (curve, how, bits/weight, accuracy, time vs plain)
-    curves: dict[str, list[tuple[float, float]]] = {}
+    rows: list[tuple] = []
 
     def record(curve: str, how: str, state_bpw: tuple[dict, float] | None, seconds: float, note: str = "") -> None:
         if state_bpw is None:
             rows.append((curve, f"{how}: {note}", np.nan, np.nan, seconds / plain_seconds))
             return
         state, bpw = state_bpw
-        acc = accuracy((cls, state), test_images, test_labels)
-        rows.append((curve, how, bpw, acc, seconds / plain_seconds))
-        curves.setdefault(curve, []).append((bpw, acc))
+        rows.append((curve, how, bpw, accuracy((cls, state), test_images, test_labels), seconds / plain_seconds))
 
     def searched(curve: str, model: torch.nn.Module, seconds: float, **extra) -> None:
         for b in tqdm(budgets, desc=f"coding {curve}", unit="file"):
             try:
                 record(curve, f"-b {b:g}", coded(model, bits_per_weight=b, **extra), seconds)
             except codec.EncodeError as exc:  # below the smallest encoding the search has for this model
-                record(curve, f"-b {b:g}", None, seconds, str(exc).split(";")[0])
+                record(curve, f"-b {b:g}", None, seconds, str(exc).split(";")[0].split(" (")[0])
 
     searched("plain, search", plain, plain_seconds)
     if args.calibration:
         calib = preprocess(images[: args.calibration])
         searched("plain, search + calibration/repair", plain, plain_seconds, calibration=calib, repair=True)
+    rounded = f", biases at {args.vector_bits} significand bits" if args.vector_bits else ""
     for q in qualities:
-        record("plain, ladder", f"q{q}", coded(plain, overrides=ladder_point(kind, q)), plain_seconds)
-    for q in qualities:
-        with tqdm(total=schedule.steps() * args.codec_epochs, desc=f"codec q{q}", unit="step") as bar:
-            model, seconds = schedule.codec_epochs(snapshot, ladder_point(kind, q), bar=bar)
-        record(f"codec in the loop, last {args.codec_epochs} epoch(s)", f"q{q}",
-               coded(model, overrides=ladder_point(kind, q)), seconds)
+        model = plain
+        if args.vector_bits:  # like for like: the plain model's vectors rounded after training
+            model = copy.deepcopy(plain)
+            codec.train.round_vectors(model, args.vector_bits, overrides=ladder_point(kind, q, args.table))
+        record(f"plain, ladder{rounded}", f"q{q}", coded(model, overrides=ladder_point(kind, q, args.table)),
+               plain_seconds)
+    for every in args.refresh or [1]:
+        loop = f"codec in the loop, last {args.codec_epochs} epoch(s), coded every {every} step(s){rounded}"
+        for q in qualities:
+            with tqdm(total=schedule.steps() * args.codec_epochs, desc=f"codec q{q}", unit="step") as bar:
+                model, seconds = schedule.codec_epochs(snapshot, ladder_point(kind, q, args.table), bar=bar,
+                                                       refresh=every, vector_bits=args.vector_bits)
+            record(loop, f"q{q}", coded(model, overrides=ladder_point(kind, q, args.table)), seconds)
     for lam in lams:
         with tqdm(total=steps, desc=f"lam={lam:g}", unit="step") as bar:
             model, seconds, _ = schedule.run(lam, args.rate_setting, args.rate_every, args.warmup, bar=bar)
         searched(f"lam={lam:g}, search", model, seconds)
     for k in args.dct:
-        model = codec.train.with_dct_layers(make_model(kind, args.seed), [BIG[kind]], keep=k)
+        model = codec.train.with_dct_layers(make_model(kind, seed), [BIG[kind]], keep=k)
         with tqdm(total=steps, desc=f"dct keep {k}", unit="step") as bar:
             model, seconds, _ = schedule.run(bar=bar, model=model)
         model = codec.train.to_ordinary(model)
         for q in qualities:
-            record(f"DCT layer {k}x{k}/8x8", f"q{q}", coded(model, overrides=ladder_point(kind, q)), seconds)
+            record(f"DCT layer {k}x{k}/8x8", f"q{q}", coded(model, overrides=ladder_point(kind, q, args.table)),
+                   seconds)
+    return reference, rows
 
-    write(args.out or OUT / f"train_{kind}", kind, args, reference, rows, curves, images)
 
-
-def write(path: Path, kind: str, args, reference: float, rows: list[tuple], curves: dict, images) -> None:
-    """The table (``.md``) and plot (``.png``) of a run."""
+def write(path: Path, kind: str, args, runs: list[tuple[float, list[tuple]]], images) -> None:
+    """The table (``.md``) and plot (``.png``) of a run: each row the mean over the seeds (points lost: the mean
+    of each seed's own plain float accuracy minus the row's, with its range over the seeds)."""
     import os
     import sys
 
     script = Path(sys.argv[0]).name
     command = " ".join(["python -m bench.train" if script == "train.py" else f"python examples/{script}", *sys.argv[1:]])
+    references = [reference for reference, _ in runs]
+    reference = float(np.mean(references))
+    by_row: dict[tuple[str, str], list[tuple]] = {}
+    for ref, rows in runs:
+        for curve, how, bpw, acc, cost in rows:
+            by_row.setdefault((curve, how), []).append((bpw, acc, ref - acc, cost))
 
     load = os.getloadavg()[0]
+    seeds = ", ".join(map(str, args.seed))
     lines = [f"# Training for the codec: {kind}, {args.epochs} epochs on {len(images)} images", "",
              f"`{command}` (load average {load:.1f} at the end; times are CPU seconds, one thread)", "",
-             (f"Reference: the plain model's float accuracy {reference:.2f} %. The ladder codes the largest layer "
-              f"({BIG[kind]}) as grid-tiled JPEG with the flat table at quality q and the rest as "
-              f"{', '.join(f'{n}={s}' for n, s in REST[kind])} (biases lossless)."), "",
-             "| model | coded with | bits/weight (file) | test accuracy % | points lost | training time vs plain |",
+             (f"Reference: the plain model's float accuracy {reference:.2f} % (seeds {seeds}: "
+              f"{', '.join(f'{r:.2f}' for r in references)}). The ladder codes the largest layer "
+              f"({BIG[kind]}) as grid-tiled JPEG with the {args.table} table at quality q and the rest as "
+              f"{', '.join(f'{n}={s}' for n, s in REST[kind])} (biases lossless"
+              f"{f', rounded to {args.vector_bits} significand bits' if args.vector_bits else ''}). Schedule: "
+              f"Adam lr 1e-3{', cosine decay to 0' if args.decay == 'cosine' else ''}, batch 128. Each row is the "
+              f"mean over the seeds; points lost against each seed's own plain model, [min, max] over the seeds."),
+             "",
+             ("| model | coded with | bits/weight (file) | test accuracy % | points lost [min, max] | "
+              "training time vs plain |"),
              "|---|---|---|---|---|---|"]
-    for curve, how, bpw, acc, cost in rows:
-        lost = reference - acc
-        lines.append(f"| {curve} | {how} | {bpw:.3f} | {acc:.2f} | {lost:+.2f} | {cost:.2f}x |")
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for (curve, how), values in by_row.items():
+        bpw, acc, lost, cost = (np.array(column, dtype=float) for column in zip(*values))
+        spread = f" [{np.min(lost):+.2f}, {np.max(lost):+.2f}]" if len(values) > 1 else ""
+        lines.append(f"| {curve} | {how} | {np.mean(bpw):.3f} | {np.mean(acc):.2f} | {np.mean(lost):+.2f}{spread} | "
+                     f"{np.mean(cost):.2f}x |")
+        if not np.isnan(bpw).any():
+            curves.setdefault(curve, []).append((float(np.mean(bpw)), float(np.mean(acc))))
     text = "\n".join(lines) + "\n"
     print(text)
     path.parent.mkdir(parents=True, exist_ok=True)

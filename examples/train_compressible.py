@@ -2,15 +2,18 @@
 
 Both use one schedule (Adam, lr 1e-3, batch 128, same seed and batch order). The plain model is coded after
 training at each setting of a ladder (the largest layer as JPEG at quality q, the rest few-bit quant, biases
-lossless); the codec-trained one runs the schedule's last epoch with the codec in the loop at that setting, so
-it adapts to the exact file it will be stored as. Prints bits/weight and test accuracy of the decoded files and
-the training time ratio, and writes a table and a PNG of accuracy against bits/weight. In your own loop::
+losslessly with their significands rounded to 4 bits); the codec-trained one runs the schedule's last epoch with
+the codec in the loop at that setting (coded every 4th step, biases rounded in the loop), so it adapts to the exact
+file it will be stored as. Prints bits/weight and test accuracy of the decoded files and the training time ratio,
+and writes a table and a PNG of accuracy against bits/weight. In your own loop::
 
     import codec, codec.train
-    setting = [("fc1.weight", "jpeg,q4,table=flat"), ("fc2.weight", "b3")]     # codec.save's overrides
+    setting = [("fc1.weight", "jpeg,q7,table=ramp1"), ("fc2.weight", "b3")]    # codec.save's overrides
     codec.train.finetune(model, batches, torch.nn.functional.cross_entropy, steps=len(batches), lr=1e-3,
-                         overrides=setting)          # the last epoch (loss_fn=None: distil, no labels)
+                         overrides=setting, refresh=4, vector_bits=4, optimizer=optimizer)   # the last epoch
     codec.save(model, "model.jwt", overrides=setting)   # decodes to the weights of the last forward pass
+
+(``loss_fn=None`` distils the model's own outputs, no labels; ``optimizer``: your Adam, so its state carries on.)
 
 Runs (2 CPU cores): ``python examples/train_compressible.py`` (MLP, minutes),
 ``python examples/train_compressible.py --cnn --train-size 20000`` (CNN). ``--lam L`` adds a rate-penalty run
@@ -32,8 +35,11 @@ from bench import train
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     model = "cnn" if "--cnn" in args or "cnn" in args else "mlp"
-    defaults = ["--lam", "0", "--calibration", "0", "--bits", "0.4", "--out", f"train_compressible_{model}"]
-    train.main(defaults + args, prog="train_compressible.py", description=__doc__)
+    defaults = {"--lam": "0", "--calibration": "0", "--bits": "0.4", "--out": f"train_compressible_{model}",
+                "--refresh": "4", "--vector-bits": "4", "--table": "ramp1"}
+    given = {a.split("=")[0] for a in args}
+    extra = [item for option, value in defaults.items() if option not in given for item in (option, value)]
+    train.main(extra + args, prog="train_compressible.py", description=__doc__)
 
 
 if __name__ == "__main__":

@@ -29,3 +29,27 @@ def test_example_usage_errors_exit_2_before_training():
         result = _run(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def _example_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_compressible", REPO / "examples" / "train_compressible.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_defaults_yield_to_the_users_options(monkeypatch):
+    """The example's defaults (coded every 4th step, biases rounded to 4 bits) apply unless the user gives the
+    option: a given --refresh replaces the default rather than adding a second run."""
+    module = _example_module()
+    seen = []
+    monkeypatch.setattr(module.train, "main", lambda argv, **kw: seen.append(argv))
+    module.main(["--refresh", "1", "--cnn"])
+    module.main(["--vector-bits=2"])
+    first, second = seen
+    assert first.count("--refresh") == 1 and first[first.index("--refresh") + 1] == "1"
+    assert first[first.index("--vector-bits") + 1] == "4" and "train_compressible_cnn" in first
+    assert "--vector-bits" not in second and "--vector-bits=2" in second
+    assert second[second.index("--refresh") + 1] == "4"
