@@ -398,28 +398,29 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
                  credit: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, EncodeOptions, int]:
     """Choose and code one lossy tensor's target; ``(target, GPTQ's decoded or None, decoded, options, credit)``.
 
-    A ``jpeg`` layer weight is coded with compensation and without (the
-    compensated values can code so much larger at a low quality that a
-    cheaper quality is worse than none: the bench MLP's first layer at
-    quality 8), and the one with the smaller output error
-    ``tr(dW H dW^T)`` on the layer's inputs is kept (see :func:`_fit_size`).
+    A ``jpeg`` layer weight is coded three ways within its size: with
+    compensation blended back towards the weight, with full compensation
+    at the next cheaper qualities, and without compensation (compensated
+    values can code so much larger at a low quality that neither pays: the
+    bench MLP's first layer at quality 8); the one with the smallest output
+    error ``tr(dW H dW^T)`` on the layer's inputs is kept. Measured on the
+    bench CNN at ``-b 0.6``: blending alone 88.81 %, a cheaper quality alone
+    88.99 % (and 5 % under budget).
     """
     chosen = _fit_size(slot, layer, opts, settings, executor, credit)
     if layer is None or not settings.compensate or opts.codec != "jpeg":
         return chosen
-    plain = _fit_size(slot, layer, opts, replace(settings, compensate=False), executor, credit)
+    candidates = [chosen, _fit_size(slot, layer, opts, replace(settings, compensate=False), executor, credit)]
+    if settings.keep_size:
+        candidates.append(_fit_size(slot, layer, opts, settings, executor, credit, blend=False))
     current = layer._fitted if layer._fitted is not None else to_numpy(slot.tensor)[0]
     reference = to_float64(current, slot.dtype)  # what compensation aims at: the refit or the weight itself
     h = layer._h()
-
-    def error(result) -> float:
-        return weight_output_error(reference, to_float64(result[2], slot.dtype), h)
-
-    return chosen if error(chosen) < error(plain) else plain
+    return min(candidates, key=lambda c: weight_output_error(reference, to_float64(c[2], slot.dtype), h))
 
 
 def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, settings: RepairSettings, executor,
-              credit: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, EncodeOptions, int]:
+              credit: int, blend: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, EncodeOptions, int]:
     """Code one lossy tensor's target within its planned size (``settings.keep_size``); as :func:`_code_within`.
 
     ``credit`` is what the tensors coded before saved against their plan
@@ -445,7 +446,7 @@ def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, setting
             budget = original[2]
         if nbytes <= budget + credit:
             return target, assumed, decoded, opts, credit + budget - nbytes
-        if (assumed is None or opts.codec == "jpeg") and credit >= 0:  # the original fits: move towards it
+        if blend and (assumed is None or opts.codec == "jpeg") and credit >= 0:  # the original fits: move back
             coded = original[1:] if original[0] == opts else None
             target, decoded, nbytes = _blend(slot, target, opts, executor, budget + credit, coded)
             return target, None, decoded, opts, credit + budget - nbytes
@@ -504,6 +505,7 @@ class _LayerFit:
         self.slot, self.bias, self.w_ref, self.b_ref, self.shift = slot, bias, w_ref, b_ref, shift
         self.n, self.mean, self.mean_hat, self.h_hat, self.cross = n, mean, mean_hat, h_hat, cross
         self._fitted: np.ndarray | None = None  # the refit weight, computed once
+        self._compensated: dict = {}  # (options, damping) -> jpeg_target's result
         self.held: list[dict] | None = None  # [held-out moments, the other rows' moments] (see _keep_refit)
 
     @classmethod
@@ -616,7 +618,10 @@ class _LayerFit:
         if settings.compensate and opts.codec == "jpeg":
             from .gptq import jpeg_target
 
-            return jpeg_target(current, slot.dtype, opts, self._h(), damp=settings.damp)
+            key = (opts, settings.damp)  # the same options are asked again by _code_within's candidates
+            if key not in self._compensated:
+                self._compensated[key] = jpeg_target(current, slot.dtype, opts, self._h(), damp=settings.damp)
+            return self._compensated[key]
         return current, None
 
     def _centred(self, hh: np.ndarray, cross: np.ndarray, mean: np.ndarray,
