@@ -1,6 +1,7 @@
 """Where MiniLM's coding error comes from: one tensor group decoded at a time, the rest float (issue 9).
 
     python -m bench.error_sources [--bits 3.5] [--file PLAN.jwt ...] [--out bench/results/error_sources.md]
+    python -m bench.error_sources --compensation
 
 For each .jwt file of all-MiniLM-L6-v2 given (default: made here, data-free ``-b B`` with the fast search, and
 calibrated ``-b B`` without repair), every tensor group -- the word-embedding matrix, the other embedding
@@ -20,6 +21,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import codec
@@ -91,14 +93,55 @@ def measure(path: Path, original: dict[str, torch.Tensor]) -> list[tuple]:
     return rows
 
 
+#: Matrices and the qualities the calibrated plan gave them at -b 3.5, for --compensation.
+PROBES = (("encoder.layer.4.intermediate.dense.weight", 80), ("encoder.layer.4.output.dense.weight", 78),
+          ("encoder.layer.5.attention.self.value.weight", 85))
+
+
+def compensation_probe() -> list[str]:
+    """Table rows: JPEG compensation (:func:`codec.rd.gptq.jpeg_target`) against plain coding on MiniLM matrices,
+    H from the calibration sentences, the output error measured with H of the (held-out) evaluation sentences."""
+    import copy
+
+    from codec.dtypes import get_dtype
+    from codec.rd.calibrate import calibrate
+    from codec.rd.gptq import _coded, jpeg_target, output_error
+    from codec.tensorcodec import EncodeOptions, encode_tensor
+
+    f32 = get_dtype("float32")
+    model = copy.deepcopy(minilm._model()[0].auto_model).eval()
+    tok = sentences.tokenizer()
+    held = [dict(tok(list(s), padding=True, truncation=True, return_tensors="pt"))
+            for s in sentences.EVALUATION.values()]
+    fit, check = (calibrate(model, b, sensitivity_samples=0) for b in (sentences.calibration_batches(), held))
+    weights = model.state_dict()
+    rows = ["| matrix (quality) | bytes plain -> compensated | tr(dW H dW^T), held-out H: plain -> compensated |",
+            "|---|---|---|"]
+    for name, quality in PROBES:
+        w = weights[name].numpy()
+        ref, h_check = w.astype(np.float64), check.layers[name].h
+        opts = EncodeOptions(codec="jpeg", quality=quality, table="flat")
+        target, decoded = jpeg_target(w, f32, opts, fit.layers[name].h)
+        size = [sum(len(b) for b in encode_tensor(a, f32, opts).blobs) for a in (w, target)]
+        err = [output_error(ref, d, h_check) for d in (_coded(w, f32, opts), decoded)]
+        rows.append(f"| {name} (q{quality}) | {size[0]:,} -> {size[1]:,} ({size[1] / size[0] - 1:+.1%}) | "
+                    f"{err[0]:.4g} -> {err[1]:.4g} ({err[0] / err[1]:.1f}x lower) |")
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.error_sources", description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=float, default=3.5)
     parser.add_argument("--file", type=Path, action="append", help="measure this .jwt file (repeatable)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/error_sources"), help="where made files go")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "error_sources.md")
+    parser.add_argument("--compensation", action="store_true",
+                        help="instead: JPEG compensation against plain coding on three MiniLM matrices")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.compensation:
+        print("\n".join(compensation_probe()))
+        return
     original = minilm.load_state_dict()
     files = args.file or []
     if not files:
