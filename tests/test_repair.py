@@ -128,6 +128,21 @@ def test_jpeg_compensation_alone_lowers_the_error_within_the_planned_size():
     assert sizes[True] <= sizes[False]
 
 
+@pytest.mark.parametrize("quality,row_shape", [(3, (32, 32)), (5, (16, 64)), (30, None)])
+def test_jpeg_repair_never_codes_a_tensor_over_its_plan(quality, row_shape):
+    """Whichever of its codings repair keeps for a jpeg layer (compensated, cheaper, plain), none outgrows the plan
+    when the plain coding fits: low qualities are where compensated values code much larger."""
+    model, data = tiny_model(5), batches()
+    jpeg = EncodeOptions(codec="jpeg", quality=quality, table="ramp2", tile=(16, 64), row_shape=row_shape)
+    options = {n: jpeg if n == "fc.weight" else EncodeOptions(codec="lossless") for n in model.state_dict()}
+    settings = RepairSettings(refit=False, gptq=False, bias_correction=False)
+    result = repair(model, data, options, settings=settings)
+    used = result.options.get("fc.weight", jpeg)
+    array = result.targets.get("fc.weight", to_numpy(model.fc.weight)[0])
+    planned = sum(len(b) for b in encode_tensor(to_numpy(model.fc.weight)[0], F32, jpeg).blobs)
+    assert sum(len(b) for b in encode_tensor(array, F32, used).blobs) <= planned
+
+
 def test_original_model_untouched_and_deterministic():
     model, data = tiny_model(), batches()
     model.train()

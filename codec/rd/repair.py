@@ -416,7 +416,9 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
     current = layer._fitted if layer._fitted is not None else to_numpy(slot.tensor)[0]
     reference = to_float64(current, slot.dtype)  # what compensation aims at: the refit or the weight itself
     h = layer._h()
-    return min(candidates, key=lambda c: weight_output_error(reference, to_float64(c[2], slot.dtype), h))
+    # only codings within the size (a credit left >= 0): compensated values can outgrow even the cheapest quality
+    fitting = [c for c in candidates if c[4] >= 0] or [max(candidates, key=lambda c: c[4])]
+    return min(fitting, key=lambda c: weight_output_error(reference, to_float64(c[2], slot.dtype), h))
 
 
 def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, settings: RepairSettings, executor,
