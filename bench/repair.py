@@ -25,6 +25,7 @@ import torch
 import codec
 from codec.api import _plan, encoder_versions, to_numpy
 from codec.dtypes import get_dtype
+from codec.rd.calibrate import SENSITIVITY_SAMPLES, calibrate
 from codec.rd.repair import RepairSettings, code_with_repair
 from codec.tensorcodec import EncodeOptions, Overrides, encode_tensor
 from codec.writer import Writer
@@ -33,10 +34,20 @@ from .models import accuracy, load_fashion_mnist, model_class, preprocess
 from .prepare import get_model
 
 
-def plan(state_dict: dict, bits: float) -> dict[str, EncodeOptions]:
-    """The options ``codec.save(state_dict, ..., bits_per_weight=bits)`` would choose."""
+def plan(state_dict: dict, bits: float, calibration=None) -> dict[str, EncodeOptions]:
+    """The options ``codec.save(state_dict, ..., bits_per_weight=bits)`` would choose; with a
+    :class:`codec.rd.calibrate.Calibration`, those of ``codec.save(model, ..., calibration=inputs)`` (the output-space
+    weighting, exhaustive search)."""
+    measure_by = None
+    if calibration is not None:
+        from codec.rd.allocate import Distortion, norm_weightings
+
+        weightings = norm_weightings({n: tuple(t.shape) for n, t in state_dict.items()},
+                                     lambda n: state_dict[n].detach().to("cpu", torch.float64).numpy())
+        weightings.update(calibration.weightings())
+        measure_by = Distortion(weightings)
     return _plan(state_dict, {}, EncodeOptions(), Overrides(None), {}, encoder_versions(), bits, None, None, None,
-                 {}, None)
+                 {}, None, measure_by=measure_by)
 
 
 def write(state_dict: dict, options: dict[str, EncodeOptions], targets: dict[str, np.ndarray]) -> bytes:
@@ -53,7 +64,9 @@ def write(state_dict: dict, options: dict[str, EncodeOptions], targets: dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
+    parser.add_argument("--model", default="mlp", choices=["mlp", "cnn", "bncnn", "minilm"])
+    parser.add_argument("--calibrated-plan", action="store_true",
+                        help="plan with the calibrated output-space weighting (as codec.save(model, calibration=))")
     parser.add_argument("-b", "--bits", type=float, action="append", help="bits/weight budgets (repeatable)")
     parser.add_argument("--calib", type=int, default=4096, help="training images used for calibration")
     parser.add_argument("--batch", type=int, default=256)
@@ -61,34 +74,37 @@ def main() -> None:
     parser.add_argument("--final-steps", type=int, default=RepairSettings.final_steps)
     parser.add_argument("--lr", type=float, default=RepairSettings.lr)
     parser.add_argument("--variants", default="plain,gptq,bias,refit,distill,all",
-                        help="comma-separated: plain gptq bias refit distill closed closed-nogptq final all")
+                        help="comma-separated: plain gptq jpeg bias refit distill closed closed-nogptq "
+                             "closed-nojpeg closed-norefit final all")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    state_dict = get_model(args.model)
-    model = model_class(args.model)()
-    model.load_state_dict(state_dict)
-    model.eval()
-    train_x, _ = load_fashion_mnist("train")
-    test_x, test_y = load_fashion_mnist("test")
-    pick = np.random.default_rng(0).choice(len(train_x), args.calib, replace=False)
-    calib = preprocess(train_x[np.sort(pick)])
-    batches = list(calib.split(args.batch))
+    if args.model == "minilm":
+        state_dict, model, batches, score = _minilm()
+    else:
+        state_dict, model, batches, score = _fmnist(args.model, args.calib, args.batch)
     n_weights = sum(t.numel() for t in state_dict.values())
-    print(f"{args.model}: {n_weights} weights, original accuracy {accuracy(model, test_x, test_y):.2f} %")
-    print(f"{'budget':>6} {'variant':>8} {'bits/w':>7} {'acc %':>6} {'seconds':>7}")
+    print(f"{args.model}: {n_weights} weights, original {score(state_dict)}")
+    print(f"{'budget':>6} {'variant':>13} {'bits/w':>7} {'quality':>16} {'seconds':>7}")
     distill = {"steps": args.steps, "final_steps": args.final_steps, "lr": args.lr}
     variants = {  # each technique alone, and together
-        "gptq": RepairSettings(steps=0, final_steps=0, bias_correction=False, refit=False),
-        "bias": RepairSettings(steps=0, final_steps=0, gptq=False, refit=False),
-        "refit": RepairSettings(steps=0, final_steps=0, gptq=False, bias_correction=False),
-        "distill": RepairSettings(**distill, gptq=False, refit=False, bias_correction=False),
+        "gptq": RepairSettings(steps=0, final_steps=0, bias_correction=False, refit=False, compensate=False),
+        "jpeg": RepairSettings(steps=0, final_steps=0, bias_correction=False, refit=False, gptq=False),
+        "bias": RepairSettings(steps=0, final_steps=0, gptq=False, refit=False, compensate=False),
+        "refit": RepairSettings(steps=0, final_steps=0, gptq=False, bias_correction=False, compensate=False),
+        "distill": RepairSettings(**distill, gptq=False, refit=False, bias_correction=False, compensate=False),
         "closed": RepairSettings(steps=0, final_steps=0),
         "closed-nogptq": RepairSettings(steps=0, final_steps=0, gptq=False),
+        "closed-nojpeg": RepairSettings(steps=0, final_steps=0, compensate=False),
+        "closed-norefit": RepairSettings(steps=0, final_steps=0, refit=False),
         "final": RepairSettings(steps=0, final_steps=args.final_steps, lr=args.lr),
         "all": RepairSettings(**distill),
     }
+    calibration = calibrate(model, batches, sensitivity_samples=SENSITIVITY_SAMPLES) if args.calibrated_plan else None
     for bits in args.bits or [0.5]:
-        options = plan(state_dict, bits)
+        start = time.process_time()
+        options = plan(state_dict, bits, calibration)
+        print(f"{bits:6.2f} plan ({'calibrated' if calibration else 'data-free'}): "
+              f"{time.process_time() - start:.0f} CPU s", flush=True)
         for variant in args.variants.split(","):
             start = time.perf_counter()
             if variant == "plain":
@@ -98,10 +114,41 @@ def main() -> None:
             seconds = time.perf_counter() - start
             blob = write(state_dict, {**options, **changed}, targets)
             decoded = codec.load(blob)
-            acc = accuracy((model_class(args.model), decoded), test_x, test_y)
-            print(f"{bits:6.2f} {variant:>8} {8 * len(blob) / n_weights:7.3f} {acc:6.2f} {seconds:7.1f}", flush=True)
+            print(f"{bits:6.2f} {variant:>13} {8 * len(blob) / n_weights:7.3f} {score(decoded):>16} {seconds:7.1f}",
+                  flush=True)
             for note in notes:
                 print("       ", note)
+
+
+def _fmnist(kind: str, n: int, batch: int):
+    """``(state_dict, model, calibration batches, score)``: a Fashion-MNIST model, ``n`` training images (random,
+    seed 0) to calibrate on, test accuracy as the score."""
+    state_dict = get_model(kind)
+    model = model_class(kind)()
+    model.load_state_dict(state_dict)
+    model.eval()
+    train_x, _ = load_fashion_mnist("train")
+    test_x, test_y = load_fashion_mnist("test")
+    pick = np.random.default_rng(0).choice(len(train_x), n, replace=False)
+    batches = list(preprocess(train_x[np.sort(pick)]).split(batch))
+    return state_dict, model, batches, lambda sd: f"{accuracy((model_class(kind), sd), test_x, test_y):.2f} %"
+
+
+def _minilm():
+    """``(state_dict, model, calibration batches, score)`` for all-MiniLM-L6-v2: the calibration sentences of
+    :mod:`bench.sentences`, the mean cosines on the everyday and the rare-word sets as the score."""
+    import copy
+
+    from . import minilm, sentences
+
+    model = copy.deepcopy(minilm._model()[0].auto_model).eval()
+    keys = set(minilm.load_state_dict())
+
+    def score(sd) -> str:
+        sd = {k: v for k, v in sd.items() if k in keys}
+        return " / ".join(f"{minilm.cosine_quality(sd, s):.4f}" for s in sentences.EVALUATION.values())
+
+    return model.state_dict(), model, sentences.calibration_batches(), score
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from torch import nn
 from codec.api import to_numpy, to_torch
 from codec.dtypes import get_dtype
 from codec.format import TensorEntry
-from codec.rd.gptq import gptq_target, output_error
+from codec.rd.gptq import gptq_target, jpeg_target, output_error
 from codec.rd.repair import (RepairSettings, _code_within, _LayerFit, _slots, code_with_repair, forward_order,
                              repair)
 from codec.rd.repair import output_error as model_error
@@ -105,6 +105,44 @@ def test_each_technique_alone_lowers_the_error():
         assert model_error(decoded_model(model, options, targets), data, refs) < plain, label
 
 
+def test_jpeg_compensation_alone_lowers_the_error_within_the_planned_size():
+    """Repair with JPEG compensation only: exact re-encode, lower model error, no tensor larger than planned."""
+    model, data = tiny_model(3), batches()
+    jpeg = EncodeOptions(codec="jpeg", quality=50, tile=(16, 64))
+    options = {n: jpeg if t.dim() > 1 and t.numel() >= 16384 else EncodeOptions(codec="lossless")
+               for n, t in model.state_dict().items()}
+    assert options["fc.weight"] == jpeg
+    with torch.no_grad():
+        refs = [[model(b)] for b in data]
+    errors, sizes = {}, {}
+    for on in (False, True):
+        settings = RepairSettings(refit=False, gptq=False, bias_correction=False, compensate=on)
+        result = repair(model, data, options, settings=settings)
+        used = {**options, **result.options}  # the planned quality, or a cheaper one where that codes better
+        decoded = code_file(model.state_dict(), used, result.targets)
+        assert all(torch.equal(decoded[k], v) for k, v in result.model.state_dict().items())
+        errors[on] = model_error(result.model, data, refs)
+        array = result.targets.get("fc.weight", to_numpy(model.fc.weight)[0])
+        sizes[on] = sum(len(b) for b in encode_tensor(array, F32, used["fc.weight"]).blobs)
+    assert errors[True] < 0.8 * errors[False]
+    assert sizes[True] <= sizes[False]
+
+
+@pytest.mark.parametrize("quality,row_shape", [(3, (32, 32)), (5, (16, 64)), (30, None)])
+def test_jpeg_repair_never_codes_a_tensor_over_its_plan(quality, row_shape):
+    """Whichever of its codings repair keeps for a jpeg layer (compensated, cheaper, plain), none outgrows the plan
+    when the plain coding fits: low qualities are where compensated values code much larger."""
+    model, data = tiny_model(5), batches()
+    jpeg = EncodeOptions(codec="jpeg", quality=quality, table="ramp2", tile=(16, 64), row_shape=row_shape)
+    options = {n: jpeg if n == "fc.weight" else EncodeOptions(codec="lossless") for n in model.state_dict()}
+    settings = RepairSettings(refit=False, gptq=False, bias_correction=False)
+    result = repair(model, data, options, settings=settings)
+    used = result.options.get("fc.weight", jpeg)
+    array = result.targets.get("fc.weight", to_numpy(model.fc.weight)[0])
+    planned = sum(len(b) for b in encode_tensor(to_numpy(model.fc.weight)[0], F32, jpeg).blobs)
+    assert sum(len(b) for b in encode_tensor(array, F32, used).blobs) <= planned
+
+
 def test_original_model_untouched_and_deterministic():
     model, data = tiny_model(), batches()
     model.train()
@@ -173,6 +211,46 @@ def test_gptq_leaves_other_codecs_and_small_tensors_alone():
     assert gptq_target(small, F32, EncodeOptions(codec="quant"), h)[1] is None
     with pytest.raises(ValueError, match="H is"):
         gptq_target(w, F32, EncodeOptions(codec="quant"), np.eye(5))
+
+
+def _correlated_layer(seed: int, rows: int = 96, cols: int = 192):
+    """A weight and the second moment of correlated inputs (mixed Gaussian features, as a layer's activations)."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((3000, cols)) @ rng.standard_normal((cols, cols)) / np.sqrt(cols) + 0.3
+    return w, x.T @ x / len(x)
+
+
+@pytest.mark.parametrize("quality,tile,row_shape,factor", [(40, (16, 32), None, 0.8), (75, (64, 64), None, 0.8),
+                                                           (85, (8, 16), None, 0.8), (70, (64, 64), (12, 16), 0.9)])
+def test_jpeg_compensation_lowers_output_error_at_equal_size(quality, tile, row_shape, factor):
+    """Grid tiles: columns of tiles compensate the ones after them; rows mode: 8x8 blocks of each row's image
+    (fewer, and JPEG blocks straddle tiles in the mosaic, so less gain)."""
+    w, h = _correlated_layer(quality)
+    opts = EncodeOptions(codec="jpeg", quality=quality, tile=tile, row_shape=row_shape)
+
+    def code(array):
+        encoded = encode_tensor(array, F32, opts)
+        entry = TensorEntry("w", F32, array.shape, encoded.codec, encoded.tiling)
+        return decode_tensor(entry, encoded.blobs).astype(np.float64), sum(len(b) for b in encoded.blobs)
+
+    target, assumed = jpeg_target(w, F32, opts, h)
+    again, size = code(target)
+    assert np.array_equal(again, assumed)  # what it says the target decodes to
+    plain, plain_size = code(w)
+    assert size <= 1.02 * plain_size
+    ref = w.astype(np.float64)
+    assert output_error(ref, again, h) < factor * output_error(ref, plain, h)
+
+
+def test_jpeg_compensation_leaves_other_codecs_and_single_groups_alone():
+    w, h = _correlated_layer(0)
+    for opts in (EncodeOptions(codec="quant"), EncodeOptions(codec="jpegxl"), EncodeOptions(codec="lossless"),
+                 EncodeOptions(codec="jpeg", tile=(64, 256))):  # one column of tiles: nothing after it to compensate
+        target, assumed = jpeg_target(w, F32, opts, h)
+        assert target is w and assumed is None
+    with pytest.raises(ValueError, match="H is"):
+        jpeg_target(w, F32, EncodeOptions(codec="jpeg"), np.eye(5))
 
 
 @pytest.mark.parametrize("call,error,match", [

@@ -30,11 +30,12 @@ import math
 import numpy as np
 
 from ..dtypes import DType, from_float64, to_float64
+from ..format import TensorEntry
 from ..mapping import params_from_range
-from ..tensorcodec import EncodeOptions, lossless_reason
+from ..tensorcodec import EncodeOptions, decode_tensor, encode_tensor, lossless_reason
 from ..tiling import plan_tiling
 
-__all__ = ["BLOCK", "gptq_target", "output_error"]
+__all__ = ["BLOCK", "jpeg_target", "gptq_target", "output_error"]
 
 #: Columns per lazy-update block (GPTQ's default).
 BLOCK = 128
@@ -130,6 +131,80 @@ def gptq_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
     ends = np.where(pix == hi_e[:, inverse], hi[tile_of], np.where(pix == lo_e[:, inverse], lo[tile_of], decoded))
     target = from_float64(np.where(pinned, w, ends), dtype).reshape(weight.shape)
     return target, decoded.reshape(weight.shape)
+
+
+def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.ndarray, *, damp: float = 0.01,
+                executor=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(target, decoded)`` for a ``jpeg`` weight: its columns coded group by group, the later ones compensating.
+
+    JPEG codes 8x8 blocks of pixels at once, so GPTQ's column-by-column
+    rounding does not apply; its block form does (the OBS update for a group
+    of columns ``F`` coded with error ``E``): the columns ``R`` not yet
+    coded move by ``-E U_FF^-1 U_FR``, ``U`` the upper Cholesky factor of
+    ``H^-1`` with the groups in coding order, which minimises
+    ``tr(dW H dW^T)`` over them given ``E``. The groups are the tiling's
+    columns of tiles (``grid`` mode) or the 8x8 blocks of each row's image
+    (``rows`` mode). After each group the whole matrix is coded and the
+    group's error read off; compensated values are kept within their tile's
+    range and each tile's minimum and maximum stay where they are, so tiles
+    keep their offset/scale and groups coded earlier keep their pixels.
+    ``decoded`` is what the target decodes to (float64). Options other than
+    ``jpeg``, tensors stored losslessly, a single group or non-finite
+    weights: the weight is returned unchanged with ``decoded`` None.
+    """
+    rows, cols = weight.shape[0], math.prod(weight.shape[1:])
+    if h.shape != (cols, cols):
+        raise ValueError(f"H is {h.shape}, expected ({cols}, {cols}) for a weight of shape {weight.shape}")
+    if opts.codec != "jpeg" or lossless_reason(weight, dtype, "jpeg") is not None:
+        return weight, None
+    t = plan_tiling(rows, cols, opts.tile, opts.row_shape, opts.params)
+    w = to_float64(weight, dtype).reshape(rows, cols)
+    if t.mode == "rows":
+        r, c = np.divmod(np.arange(cols), t.tile_w)
+        group = (r // 8) * -(-t.tile_w // 8) + c // 8
+        tile_of = np.broadcast_to(np.arange(rows)[:, None], (rows, cols))
+    else:
+        group = np.arange(cols) // t.tile_w
+        tile_of = (np.arange(rows) // t.tile_h)[:, None] * t.grid[1] + group[None, :]
+    if group.max() == 0 or not np.isfinite(w).all():
+        return weight, None
+    lo, hi = np.full(t.n_tiles, np.inf), np.full(t.n_tiles, -np.inf)
+    np.minimum.at(lo, tile_of.reshape(-1), w.reshape(-1))
+    np.maximum.at(hi, tile_of.reshape(-1), w.reshape(-1))
+    lo_e, hi_e = lo[tile_of], hi[tile_of]
+    pinned = (w == lo_e) | (w == hi_e)
+    perm = np.argsort(group, kind="stable")
+    ends = np.flatnonzero(np.diff(group[perm])) + 1
+    upper = _inverse_cholesky_upper(_damped(h[np.ix_(perm, perm)], damp))
+    work = w[:, perm]
+    w_p, pin_p, lo_p, hi_p = w[:, perm], pinned[:, perm], lo_e[:, perm], hi_e[:, perm]
+    inverse = np.argsort(perm)
+    start = 0
+    for end in ends:  # every group but the last: code, then compensate the columns after it
+        coded = _coded(from_float64(work[:, inverse], dtype), dtype, opts, executor)[:, perm]
+        err = to_float64(from_float64(work[:, start:end], dtype), dtype) - coded[:, start:end]
+        scaled = np.linalg.solve(upper[start:end, start:end].T, err.T).T  # E U_FF^-1 (U_FF upper triangular)
+        work[:, end:] -= scaled @ upper[start:end, end:]
+        work[:, end:] = np.where(pin_p[:, end:], w_p[:, end:], np.clip(work[:, end:], lo_p[:, end:], hi_p[:, end:]))
+        start = end
+    target = from_float64(work[:, inverse], dtype).reshape(weight.shape)
+    return target, _coded(target.reshape(rows, cols), dtype, opts, executor).reshape(weight.shape)
+
+
+def _coded(matrix: np.ndarray, dtype: DType, opts: EncodeOptions, executor=None) -> np.ndarray:
+    """What ``matrix`` (storage form) decodes to when encoded with ``opts``, as float64."""
+    encoded = encode_tensor(matrix, dtype, opts, executor=executor)
+    entry = TensorEntry("band", dtype, tuple(matrix.shape), encoded.codec, encoded.tiling)
+    return to_float64(decode_tensor(entry, encoded.blobs, executor=executor), dtype)
+
+
+def _damped(h: np.ndarray, damp: float) -> np.ndarray:
+    """``H`` (float64 copy) with dead inputs given a unit diagonal and ``damp`` of the mean diagonal added."""
+    hm = np.array(h, np.float64, copy=True)
+    dead = np.diag(hm) <= 0
+    hm[dead, dead] = 1.0
+    hm[np.diag_indices(len(hm))] += damp * float(np.mean(np.diag(hm)))
+    return hm
 
 
 def _inverse_cholesky_upper(hm: np.ndarray) -> np.ndarray:
