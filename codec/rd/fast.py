@@ -357,15 +357,10 @@ def predict(name: str, shape: tuple[int, ...], dtype: DType, sample: np.ndarray,
                      pred_rel=math.sqrt(plain), pred_out=out)
 
 
-def _exact(name: str, array: np.ndarray, dtype: DType, point: Predicted, rows: tuple[int, int] | None,
-           weighting: tuple[Weigh, float] | None = None) -> tuple[str, Predicted, Predicted]:
-    """``(name, point, point measured on the whole tensor)`` (its predictions kept, for :func:`_correct`)."""
-    return _exact_coded(name, array, dtype, point, rows, weighting)[:3]
-
-
 def _exact_coded(name: str, array: np.ndarray, dtype: DType, point: Predicted, rows: tuple[int, int] | None,
                  weighting: tuple[Weigh, float] | None = None) -> tuple[str, Predicted, Predicted, Encoded]:
-    """:func:`_exact` and the whole tensor's :class:`Encoded` (with its relative error, as ``start_encode``'s
+    """``(name, point, point measured on the whole tensor, its Encoded)``: the predictions kept in the first point
+    for :func:`_correct`; the whole tensor's :class:`Encoded` (with its relative error, as ``start_encode``'s
     check gives it), which the final pass writes as it is when the point is chosen."""
     encoded, nbytes, weighted, plain, out = _measure(name, array, dtype, point.options, rows, weighting)
     nbytes += entry_bytes(name, dtype, tuple(array.shape), encoded, 10)
