@@ -24,8 +24,9 @@ from .errors import EncodeError, FormatError
 from .format import TensorEntry
 from .parallel import INLINE, Pending
 
-__all__ = ["EncodeOptions", "Encoded", "encode_tensor", "start_encode", "decode_tensor", "start_decode", "jxl_distance",
-           "parse_spec", "Overrides", "option_conflicts", "given_options", "ignored_options", "not_applied"]
+__all__ = ["EncodeOptions", "Encoded", "encode_tensor", "start_encode", "decode_tensor", "start_decode",
+           "decode_encoded", "jxl_distance", "parse_spec", "Overrides", "option_conflicts", "given_options",
+           "ignored_options", "not_applied"]
 
 #: Tensors with fewer elements are not coded as images: an image codec's
 #: headers and per-tile parameters would eat what it saves.
@@ -365,7 +366,7 @@ def quant_error_bound(t: tiling.Tiling, scale: np.ndarray, lo: np.ndarray, hi: n
 def relative_error(array: np.ndarray, dtype: DType, encoded: Encoded) -> float:
     """``||decoded - array|| / ||array||`` of an encoding (decoded once; compared a band of rows at a time)."""
     shape = tuple(array.shape)
-    decoded = decode_tensor(TensorEntry("", dtype, shape, encoded.codec, encoded.tiling), encoded.blobs)
+    decoded = decode_encoded(encoded, dtype, shape)
     rows = shape[0] if shape else 1
     err, ref = _error_sums(array.reshape(rows, -1), decoded.reshape(rows, -1), dtype)
     return math.sqrt(err / ref) if ref > 0 else (0.0 if err == 0 else math.inf)
@@ -439,6 +440,14 @@ def decode_tensor(entry: TensorEntry, blobs: Sequence[bytes], *, executor: Execu
     into its part of the output array (``out``, or a new array).
     """
     return start_decode(entry, blobs, executor, out).result()
+
+
+def decode_encoded(encoded: Encoded, dtype: DType, shape: tuple[int, ...], name: str = "", *,
+                   executor: Executor | None = None) -> np.ndarray:
+    """What a reader decodes from ``encoded``, a tensor of ``dtype`` and ``shape`` just coded (storage form): the
+    round trip the rate searches, repair and training measure (``name`` only for error messages)."""
+    return decode_tensor(TensorEntry(name, dtype, tuple(shape), encoded.codec, encoded.tiling), encoded.blobs,
+                         executor=executor)
 
 
 def start_decode(entry: TensorEntry, blobs: Sequence[bytes], executor: Executor | None = None,

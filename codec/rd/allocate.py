@@ -69,7 +69,7 @@ from ..dtypes import DType, to_float64
 from ..errors import EncodeError
 from ..format import TensorEntry
 from ..parallel import INLINE, make_executor
-from ..tensorcodec import Encoded, EncodeOptions, decode_tensor, encode_tensor, lossless_reason
+from ..tensorcodec import Encoded, EncodeOptions, decode_encoded, encode_tensor, lossless_reason
 
 __all__ = ["RDPoint", "Menu", "Weighting", "Distortion", "DATA_FREE", "DAMAGE", "WARNINGS_KEY", "norm_weightings",
            "pareto_front", "candidates", "measure", "distortion", "image_side", "row_images", "lower_hull",
@@ -390,8 +390,7 @@ def measure(name: str, array: np.ndarray, dtype: DType, label: str, options: Enc
             measure_by: Distortion = DATA_FREE) -> tuple[RDPoint, np.ndarray]:
     """Encode and decode one candidate; return its point (distortion by ``measure_by``) and the decoded array."""
     encoded = encode_tensor(array, dtype, options)
-    entry = TensorEntry(name, dtype, tuple(array.shape), encoded.codec, encoded.tiling)
-    decoded = decode_tensor(entry, encoded.blobs)
+    decoded = decode_encoded(encoded, dtype, array.shape, name)
     as_float = to_float64 if dtype.floating else (lambda a, _: a.astype(np.float64))
     reference, values = as_float(array, dtype), as_float(decoded, dtype)
     plain = distortion(reference, values)[1]

@@ -67,9 +67,8 @@ import numpy as np
 
 from ..dtypes import DType, to_float64
 from ..errors import EncodeError
-from ..format import TensorEntry
 from ..parallel import make_executor, make_process_executor, resolve_jobs
-from ..tensorcodec import Encoded, EncodeOptions, decode_tensor, encode_tensor
+from ..tensorcodec import Encoded, EncodeOptions, decode_encoded, encode_tensor
 from ..tiling import plan_tiling
 from . import allocate
 from .allocate import (
@@ -318,8 +317,7 @@ def _measure(name: str, array: np.ndarray, dtype: DType, options: EncodeOptions,
     As :func:`codec.rd.allocate.measure`, with the streamed :func:`_distortion`.
     """
     encoded = encode_tensor(array, dtype, options)
-    entry = TensorEntry(name, dtype, tuple(array.shape), encoded.codec, encoded.tiling)
-    decoded = decode_tensor(entry, encoded.blobs)
+    decoded = decode_encoded(encoded, dtype, array.shape, name)
     return encoded, sum(map(len, encoded.blobs)), *_distortion(array, decoded, dtype, rows, weighting)
 
 

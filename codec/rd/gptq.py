@@ -30,9 +30,8 @@ import math
 import numpy as np
 
 from ..dtypes import DType, from_float64, to_float64
-from ..format import TensorEntry
 from ..mapping import params_from_range
-from ..tensorcodec import EncodeOptions, decode_tensor, encode_tensor, lossless_reason
+from ..tensorcodec import EncodeOptions, decode_encoded, encode_tensor, lossless_reason
 from ..tiling import plan_tiling
 
 __all__ = ["BLOCK", "jpeg_target", "gptq_target", "output_error"]
@@ -194,8 +193,7 @@ def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
 def _coded(matrix: np.ndarray, dtype: DType, opts: EncodeOptions, executor=None) -> np.ndarray:
     """What ``matrix`` (storage form) decodes to when encoded with ``opts``, as float64."""
     encoded = encode_tensor(matrix, dtype, opts, executor=executor)
-    entry = TensorEntry("band", dtype, tuple(matrix.shape), encoded.codec, encoded.tiling)
-    return to_float64(decode_tensor(entry, encoded.blobs, executor=executor), dtype)
+    return to_float64(decode_encoded(encoded, dtype, matrix.shape, executor=executor), dtype)
 
 
 def _damped(h: np.ndarray, damp: float) -> np.ndarray:

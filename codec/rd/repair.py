@@ -43,9 +43,8 @@ from torch.nn import functional as F
 
 from ..api import to_numpy, to_torch
 from ..dtypes import DType, from_float64, get_dtype, to_float64
-from ..format import TensorEntry
 from ..parallel import make_executor
-from ..tensorcodec import EncodeOptions, decode_tensor, encode_tensor, lossless_reason
+from ..tensorcodec import EncodeOptions, decode_encoded, encode_tensor, lossless_reason
 from .gptq import output_error as weight_output_error
 
 __all__ = ["RepairSettings", "Repaired", "code_with_repair", "forward_order", "output_error", "repair"]
@@ -377,8 +376,7 @@ def _distill(work: nn.Module, params: list[torch.Tensor], batches: list, refs: l
 def _code(name: str, array: np.ndarray, dtype: DType, opts: EncodeOptions, executor) -> tuple[np.ndarray, int]:
     """Encode ``array`` with ``opts``; ``(what a reader decodes, bytes of the blobs)``."""
     encoded = encode_tensor(array, dtype, opts, executor=executor)
-    entry = TensorEntry(name, dtype, tuple(array.shape), encoded.codec, encoded.tiling)
-    return decode_tensor(entry, encoded.blobs, executor=executor), sum(len(b) for b in encoded.blobs)
+    return decode_encoded(encoded, dtype, array.shape, name, executor=executor), sum(len(b) for b in encoded.blobs)
 
 
 def _cheaper(opts: EncodeOptions) -> EncodeOptions | None:

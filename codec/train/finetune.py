@@ -29,8 +29,7 @@ import torch
 from torch.func import functional_call
 
 from ..errors import EncodeError
-from ..format import TensorEntry
-from ..tensorcodec import EncodeOptions, Overrides, decode_tensor, encode_tensor, not_applied
+from ..tensorcodec import EncodeOptions, Overrides, decode_encoded, encode_tensor, not_applied
 from .rate import as_setting
 
 __all__ = ["as_overrides", "coded_weights", "finetune"]
@@ -141,7 +140,7 @@ def _code(t: torch.Tensor, opts: EncodeOptions, vector_bits: int | None = None) 
     array, name = to_numpy(t.detach())
     dtype = get_dtype(name)
     encoded = encode_tensor(array, dtype, opts)
-    decoded = decode_tensor(TensorEntry("", dtype, tuple(array.shape), encoded.codec, encoded.tiling), encoded.blobs)
+    decoded = decode_encoded(encoded, dtype, array.shape)
     return to_torch(decoded, name).to(t.device).clone()
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from ..dtypes import DType, to_float64
 from ..format import BaseRef, TensorEntry
 from ..rd import allocate
-from ..tensorcodec import Encoded, EncodeOptions, decode_tensor, encode_tensor
+from ..tensorcodec import Encoded, EncodeOptions, decode_encoded, encode_tensor
 from .base import Base, tensor_sha256
 from .delta import add_difference, difference, round_significand
 
@@ -181,8 +181,7 @@ class UpdateMenu(allocate.Menu):
                                     separators=(",", ":")).encode()) + 1
         else:
             encoded: Encoded = encode_tensor(self.matcher.delta_array(name, array, dtype, options), dtype, options)
-            entry = TensorEntry(name, dtype, shape, encoded.codec, encoded.tiling)
-            recon = add_difference(base, decode_tensor(entry, encoded.blobs), dtype)
+            recon = add_difference(base, decode_encoded(encoded, dtype, shape, name), dtype)
             nbytes = (sum(map(len, encoded.blobs)) + _ref_bytes(ref)
                       + allocate.entry_bytes(name, dtype, shape, encoded, offset_digits))
         as_float = to_float64 if dtype.floating else (lambda a, _: a.astype(np.float64))
