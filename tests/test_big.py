@@ -29,7 +29,7 @@ def _model() -> dict[str, torch.Tensor]:
 
 def _tensors(sd):
     arrays = [(n, array, get_dtype(dtype)) for n, (array, dtype) in ((n, to_numpy(t)) for n, t in sd.items())]
-    return lambda: iter(arrays), sum(a.size for _, a, _ in arrays)
+    return lambda names=None: iter(arrays), sum(a.size for _, a, _ in arrays)
 
 
 def _chosen_distortion(tensors, chosen) -> tuple[float, int]:

@@ -64,7 +64,7 @@ def _batchnorm() -> dict[str, torch.Tensor]:
 
 def _source(sd):
     arrays = [(n, a, get_dtype(d)) for n, (a, d) in ((n, to_numpy(t)) for n, t in sd.items())]
-    return (lambda: iter(arrays)), sum(a.size for _, a, _ in arrays)
+    return (lambda names=None: iter(arrays)), sum(a.size for _, a, _ in arrays)
 
 
 def _chosen(tensors, chosen, measure_by: Distortion = DATA_FREE) -> tuple[float, int]:

@@ -634,9 +634,9 @@ def sensitivities(points: dict[str, list[RDPoint]], decoded: dict[str, dict[str,
     return weights
 
 
-#: ``tensors()`` yields ``(name, array, dtype)`` for each stored tensor; a source may also take a set of names
-#: (``tensors(names)``) and then read only those (the fast search measures a few tensors a round).
-TensorSource = Callable[..., Iterator[tuple[str, np.ndarray, DType]]]
+#: ``tensors()`` yields ``(name, array, dtype)`` for each stored tensor; ``tensors(names)`` (a set) at least those
+#: named, and a lazy source reads only those (the searches measure a few tensors a round).
+TensorSource = Callable[[set[str] | None], Iterator[tuple[str, np.ndarray, DType]]]
 
 
 def plan_options(
@@ -831,7 +831,7 @@ def _refine(tensors: TensorSource, chosen: dict[str, RDPoint], hulls: dict[str, 
     names = sorted(jpeg, key=next_slope, reverse=True)[:top]
     if not names or slack <= 0:
         return chosen
-    arrays = {name: (array, dtype) for name, array, dtype in tensors() if name in names}
+    arrays = {name: (array, dtype) for name, array, dtype in tensors(names) if name in names}
     for name in names:
         (array, dtype), point = arrays.pop(name), chosen[name]
         q0 = point.options.quality

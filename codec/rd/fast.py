@@ -53,7 +53,6 @@ measured whole, which is the exhaustive search for them).
 from __future__ import annotations
 
 import functools
-import inspect
 import itertools
 import json
 import math
@@ -449,12 +448,8 @@ def _named(name: str, fn: Callable, *args):
 
 
 def _read(tensors: TensorSource, names: set[str]) -> Iterator[tuple[str, np.ndarray, DType]]:
-    """The tensors of ``tensors`` named in ``names``: only those are read when the source takes names."""
-    try:
-        takes_names = bool(inspect.signature(tensors).parameters)
-    except (TypeError, ValueError):
-        takes_names = False
-    for name, array, dtype in tensors(names) if takes_names else tensors():
+    """The tensors of ``tensors`` named in ``names`` (a lazy source reads only those)."""
+    for name, array, dtype in tensors(names):
         if name in names:
             yield name, array, dtype
 
