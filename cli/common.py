@@ -67,7 +67,7 @@ def update_base(inputs: list[str], base: Path | None) -> Any:
     refused later, when the update is opened with it (one line naming the first tensor that differs).
     """
     from codec import io_formats
-    from codec.api import as_base
+    from codec.encode import as_base
     from codec.reader import Reader
 
     updates = []

@@ -137,7 +137,8 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
       jwt encode all-MiniLM-L6-v2/ -b 3.5 --calibration sentences.txt
       jwt encode cnn.pt -b 0.6 --calibration images.npy --model mypkg.nets:CNN
     """
-    from codec import api, io_formats
+    from codec import encode as encoding
+    from codec import io_formats
 
     metadata = parse_meta(meta)
     if ray_address is not None:
@@ -179,7 +180,7 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
     check_encode_options({"codec": codec_name, "quality": quality, "table": table, "distance": distance,
                           "effort": effort, "tile": tile, "row_shape": row_shape, "bits": bits},
                          parse_rules(rules), searching)
-    work = api.progress_total(state_dict, overrides=parse_rules(rules), bits_per_weight=bits_per_weight,
+    work = encoding.progress_total(state_dict, overrides=parse_rules(rules), bits_per_weight=bits_per_weight,
                               max_error=max_error, codec=codec_name, quality=quality, table=table, distance=distance,
                               effort=effort, tile=tile, row_shape=row_shape, bits=bits) if not quiet else 0
     bars: dict = {}
@@ -198,7 +199,7 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
             bars[stage].update(n)
 
         try:
-            notes = source.notes + api.save(
+            notes = source.notes + encoding.save(
                 state_dict, output, metadata={**metadata, "source": metadata.get("source", input.name),
                                               **source.metadata},
                 attachments=source.attachments,
@@ -217,13 +218,14 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
     for message in [str(w.message) for w in caught] + notes:
         click.echo(f"jwt: warning: {message}", err=True)
     if not quiet:
-        with api.open(output) as written:
-            totals = written.totals()
+        from codec.reader import Reader
+        from codec.stats import file_totals
+
+        with Reader(output) as written:
+            totals = file_totals(written.index, written.size)
         carried = f" and {len(source.attachments)} attachments" if source.attachments else ""
         click.echo(f"{output}: {len(state_dict)} tensors{carried}, {totals.file_bytes:,} bytes ({totals.summary()})")
         if base is not None:
-            from codec.reader import Reader
-
             with Reader(output) as reader:
                 kinds = [e for e in reader.index.entries if e.alias is None]
                 same = sum(e.unchanged for e in kinds)

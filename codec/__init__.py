@@ -50,7 +50,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """Import lazily: numpy-only users never import torch, and ``jwt --version`` not even numpy."""
+    """Import lazily: numpy-only users never import torch (``save`` of a safetensors input does not either: see
+    :mod:`codec.encode`), and ``jwt --version`` not even numpy."""
     if name == "Reader":
         from .reader import Reader
 
@@ -63,7 +64,11 @@ def __getattr__(name: str):
         from .tensorcodec import EncodeOptions
 
         return EncodeOptions
-    if name in ("save", "load", "open", "JwtFile", "read_state_dict"):
+    if name == "save":  # torch-free for a safetensors file or folder (codec.encode)
+        from .encode import save
+
+        return save
+    if name in ("load", "open", "JwtFile", "read_state_dict"):
         from . import api
 
         return getattr(api, name)

@@ -1,14 +1,17 @@
 """The torch edge: state_dicts in, state_dicts out.
 
-This is the only module that imports torch. It converts tensors to numpy
-arrays in storage form (:mod:`codec.dtypes`), detects tensors that share
-storage, and drives :mod:`codec.tensorcodec` and the container.
+This module imports torch (as do the data-aware :mod:`codec.rd.calibrate`
+and :mod:`codec.rd.repair`). It converts tensors to numpy arrays in storage
+form (:mod:`codec.dtypes`) and back, detects tensors that share storage,
+reads ``.pt`` checkpoints and decodes .jwt files into tensors. Encoding
+itself works on storage arrays in :mod:`codec.encode`, which needs no
+torch; :func:`save` is :func:`codec.encode.save`, which comes here only for
+what a torch object brings (:func:`tensor_arrays`, calibration, repair).
 """
 
 from __future__ import annotations
 
 import builtins
-import dataclasses
 import json
 import math
 import os
@@ -16,7 +19,6 @@ import re
 import warnings
 import weakref
 import zipfile
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
@@ -24,17 +26,17 @@ import numpy as np
 import torch
 
 from .dtypes import get_dtype
+from .encode import Arrays, as_base, encoder_versions, progress_total, save, size_problem
+from .encode import _plan as _plan_arrays
 from .errors import EncodeError, FormatError, UsageError
+from .io_formats import TREE_KEY
 from .limits import DEFAULT_LIMITS, Limits
-from .parallel import AHEAD_BYTES, INLINE, Pending, make_executor, resolve_jobs
 from .reader import Reader
 from .stats import Totals, file_totals
-from .tensorcodec import (ZERO_ERROR, Encoded, EncodeOptions, Overrides, given_options, ignored_options,
-                          option_conflicts, start_encode)
-from .writer import Writer, encode_attachment
 
 __all__ = ["save", "load", "open", "JwtFile", "read_state_dict", "read_checkpoint", "flatten_checkpoint",
-           "unflatten_checkpoint", "dropped_note", "encoder_versions", "TORCH_DTYPES", "TREE_KEY", "progress_total"]
+           "unflatten_checkpoint", "dropped_note", "encoder_versions", "TORCH_DTYPES", "TREE_KEY", "progress_total",
+           "as_base", "TensorArrays", "tensor_arrays"]
 
 #: torch dtype -> format dtype name.
 TORCH_DTYPES: dict[torch.dtype, str] = {
@@ -59,24 +61,6 @@ _BY_NAME = {v: k for k, v in TORCH_DTYPES.items()}
 _BITS_VIEW = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8, torch.float8_e5m2: torch.uint8}
 
 ProgressFn = Callable[[str, int], None]
-
-
-def encoder_versions() -> dict[str, str]:
-    """Versions of the libraries that produce the bytes (stored in the index)."""
-    import imagecodecs
-    import PIL
-    import zstandard
-
-    from . import __version__
-
-    return {
-        "jwt": __version__,
-        "imagecodecs": imagecodecs.__version__,
-        "libjpeg-turbo": imagecodecs.jpeg8_version(),
-        "libjxl": imagecodecs.jpegxl_version(),
-        "pillow": PIL.__version__,
-        "zstd": ".".join(map(str, zstandard.ZSTD_VERSION)),
-    }
 
 
 def to_numpy(tensor: torch.Tensor) -> tuple[np.ndarray, str]:
@@ -114,286 +98,15 @@ def _unstorable(t: torch.Tensor) -> str | None:
         return "a meta tensor holds no data"
     if t.dtype not in TORCH_DTYPES:
         return f"unsupported dtype {t.dtype}"
-    return _size_problem(tuple(t.shape), t.element_size())
-
-
-def _size_problem(shape: tuple[int, ...], itemsize: int) -> str | None:
-    """Why a tensor of ``shape`` and ``itemsize``-byte elements would give a file default readers refuse."""
-    if len(shape) > DEFAULT_LIMITS.max_ndim:
-        return f"{len(shape)} dimensions, over the {DEFAULT_LIMITS.max_ndim} that readers accept"
-    nbytes = math.prod(shape) * itemsize
-    if nbytes > DEFAULT_LIMITS.max_tensor_bytes:
-        return f"{nbytes} bytes, over the {DEFAULT_LIMITS.max_tensor_bytes} that readers accept (codec.Limits)"
-    return None
+    return size_problem(tuple(t.shape), t.element_size())
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
-def save(
-    state_dict: Mapping[str, torch.Tensor] | torch.nn.Module,
-    path: str | os.PathLike[str] | BinaryIO,
-    *,
-    metadata: Mapping[str, str] | None = None,
-    overrides: Sequence[tuple[str, str]] | Mapping[str, str] | None = None,
-    bits_per_weight: float | None = None,
-    max_error: float | None = None,
-    calibrate: Callable[[dict[str, torch.Tensor]], float] | None = None,
-    progress: ProgressFn | None = None,
-    attachments: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
-    jobs: int | None = None,
-    base: Any = None,
-    calibration: Any = None,
-    model: torch.nn.Module | None = None,
-    repair: bool | None = None,
-    calibration_progress: Callable[[str, int], None] | None = None,
-    search: str = "fast",
-    ray: str | None = None,
-    **options: Any,
-) -> list[str]:
-    """Encode ``state_dict`` (or an ``nn.Module``'s) to a .jwt file at ``path`` (atomically).
-
-    ``state_dict`` is a mapping of names to tensors, an ``nn.Module`` (its
-    ``state_dict()``) or a checkpoint dict (nested dicts, lists, plain values:
-    see :func:`flatten_checkpoint`); anything else is a TypeError, and a
-    mapping without tensors an EncodeError.
-
-    ``options`` are :class:`~codec.tensorcodec.EncodeOptions` fields
-    (``codec``, ``quality``, ``table``, ``tile``, ``row_shape``, ...).
-    ``overrides`` maps glob patterns to per-tensor settings
-    (``{"fc2.*": "lossless", "*.attention.*": "q90"}``; see
-    :func:`~codec.tensorcodec.parse_spec`; the last match wins).
-
-    Rate targets (at most one) turn on the rate-distortion allocator
-    (:mod:`codec.rd.allocate`), which picks codec, table and quality per
-    tensor: ``bits_per_weight`` bounds the whole file; ``max_error`` bounds
-    each tensor's relative RMS error. ``calibrate(state_dict) -> score``
-    (higher is better) measures each tensor's sensitivity for the budget
-    allocation instead of the data-free estimate. ``search``: ``"fast"``
-    predicts a budget search from samples of each tensor and measures in
-    full only what it picks (:mod:`codec.rd.fast`); ``"exhaustive"``
-    measures every candidate. ``ray`` (``"auto"``, ``"local"`` or a
-    cluster address) codes the tensors on Ray workers
-    (:mod:`codec.distributed.ray`, the optional extra ``[ray]``); the file
-    is the same bytes.
-
-    ``calibration`` (with a rate target and an ``nn.Module``): the user's
-    inputs, unlabelled -- a tensor or array of samples along its first
-    axis, or an iterable of batches (tensors, or mappings passed as
-    ``model(**batch)``) -- or a :class:`codec.rd.calibrate.Calibration`
-    already made by :func:`codec.calibrate`. The allocator then scores each
-    calibrated layer by the error it causes in its output, ``tr(dW H dW^T)``
-    weighted by the layer's sensitivity (:mod:`codec.rd.calibrate`).
-    ``model``: the module to run when ``state_dict`` holds its tensors
-    rather than being the module itself (a checkpoint's tensors, under the
-    module's state_dict names; tensors it does not have are coded data-free).
-    ``repair`` (default: on when calibration inputs are given) then codes
-    the layers in forward order, compensating errors and repairing
-    not-yet-coded parameters on the inputs (:mod:`codec.rd.repair`); the
-    file is read by the same decoder as any other.
-    ``calibration_progress(stage, n)`` follows calibration (inputs) and
-    repair. Without data, a BatchNorm or LayerNorm after a layer weighs its
-    output rows (:func:`codec.rd.allocate.norm_weightings`), and a budget
-    that can only be met by leaving a tensor with a relative error above
-    :data:`codec.rd.allocate.DAMAGE` is met, with a note naming the tensors
-    and the smallest budget that avoids it (returned, and stored in the
-    metadata under ``jwt.warnings`` for ``jwt info``).
-
-    Tensors sharing storage (same data, shape and strides) are stored once
-    and aliased; tensors whose memory overlaps otherwise (``b`` and ``b[:10]``)
-    are stored losslessly, with a note. ``state_dict`` may load tensors lazily on access (e.g.
-    :func:`codec.io_formats.open_source`). ``attachments`` maps relative
-    POSIX paths to bytes or to files to read: non-tensor files (config,
-    tokenizer) carried losslessly after the tensors. Returns warnings (e.g.
-    tensors kept lossless for NaN/Inf).
-
-    ``jobs`` worker threads code blobs in parallel (None: one per core, 1:
-    none); the file is byte for byte the same whatever ``jobs`` is. Tensors
-    are taken one at a time, at most ``jobs`` of them (and
-    :data:`codec.parallel.AHEAD_BYTES` of input beyond the newest) in
-    flight, so a lazy ``state_dict`` is never held whole.
-
-    ``base`` makes the file an **update** (spec section 12) against a model
-    the receiver already holds: a path (.jwt, .pt/.pth, .safetensors or a
-    model folder), a state_dict, or a :class:`codec.update.Base`. A .jwt
-    base is decoded first, so differences are taken against what the
-    receiver decodes. Each tensor is stored as unchanged (bit-identical to a
-    base tensor), as a difference from the base tensor of its name, or in
-    full (new, reshaped, other dtype); with a rate target the search chooses
-    among full, difference and unchanged, measuring the error on the
-    reconstructed weights.
-    """
-    jobs = resolve_jobs(jobs)
-    if search not in ("fast", "exhaustive"):
-        raise ValueError(f"search={search!r}: use 'fast' or 'exhaustive'")
-    if ray is not None:
-        from .distributed.ray import connect
-
-        connect(ray)  # fail early: Ray missing or the cluster unreachable
-    if model is not None and not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model= must be a torch.nn.Module, not {type(model).__name__}")
-    if isinstance(state_dict, torch.nn.Module):
-        model, state_dict = model or state_dict, state_dict.state_dict()
-    if calibration is not None:
-        if model is None:
-            raise TypeError("calibration= needs the model itself: pass the nn.Module, not its state_dict "
-                            "(or the module as model=)")
-        if bits_per_weight is None and max_error is None:
-            raise ValueError("calibration= needs a rate target: give bits_per_weight or max_error")
-    elif repair:
-        raise ValueError("repair=True needs calibration inputs (calibration=)")
-    opts = EncodeOptions(**options)
-    problem = option_conflicts(given_options(options), searching=bits_per_weight is not None or max_error is not None)
-    if problem:
-        raise EncodeError(problem)
-    rules = Overrides(overrides)
-    rules.check(opts)
-    meta, encoder = dict(metadata or {}), encoder_versions()
-    notes: list[str] = []
-    if not isinstance(state_dict, Mapping):
-        path_given = isinstance(state_dict, (str, os.PathLike))
-        hint = "; to encode a file or folder, use codec.encode_model" if path_given else ""
-        raise TypeError(f"codec.save: expected a state_dict (a mapping of names to tensors), a checkpoint dict or an "
-                        f"nn.Module, not {type(state_dict).__name__}{hint}")
-    # A lazy mapping (codec.io_formats.LazyTensors: a .safetensors shard, a .jwt) reads a tensor on each access:
-    # it is checked from shapes and dtypes, and its tensors share no storage, so nothing is read before coding.
-    lazy = callable(getattr(state_dict, "shape", None)) and callable(getattr(state_dict, "dtype_name", None))
-    if lazy:
-        _check_lazy(state_dict)
-    elif not _check_tensors(state_dict):  # a checkpoint dict: nested tensors under dotted names, the rest in the tree
-        state_dict, tree, dropped = flatten_checkpoint(state_dict)
-        meta.update(tree)
-        if dropped:
-            notes.append(dropped_note("checkpoint", dropped))
-        _check_tensors(state_dict)
-    if not len(state_dict):
-        raise EncodeError("nothing to encode: the state_dict holds no tensors")
-    aliases, overlaps = ({}, []) if lazy else _sharing(state_dict)
-    if overlaps:  # views that share part of their memory: kept exact, so they stay equal where they overlap
-        notes.append(f"tensors {', '.join(map(repr, overlaps[:10]))}{', ...' if len(overlaps) > 10 else ''} "
-                     "share part of their memory (overlapping views): stored losslessly so they stay equal there")
-        lossless = dataclasses.replace(opts, codec="lossless")
-        rules = _Forced(rules, set(overlaps), lossless)
-    matcher = None
-    if base is not None:
-        if ray is not None:
-            raise EncodeError("ray= and base= together are not supported yet: encode the update locally")
-        if repair:  # repair codes whole weights, not differences: its values would not be what the plan coded
-            raise ValueError("repair=True and base= together are not supported: an update is calibrated without "
-                             "repair (repair=False)")
-        repair = False
-        from .format import BaseId
-        from .update.plan import Matcher
-
-        update_base = as_base(base)
-        matcher = Matcher(update_base)
-        base_id = BaseId(update_base.digest(), len(update_base))
-    repaired = False
-    if bits_per_weight is not None or max_error is not None:
-        from .rd.allocate import WARNINGS_KEY, Distortion, norm_weightings
-
-        weightings = norm_weightings({n: _shape(state_dict, n) for n in state_dict},
-                                     lambda n: state_dict[n].detach().to("cpu", torch.float64).numpy())
-        inputs, calib = _calibration(model, calibration, repair, calibration_progress, meta)
-        if calib is not None:
-            weightings.update(calib.weightings())
-        damaged: list[str] = []
-        packed = {n: encode_attachment(n, d) for n, d in (attachments or {}).items()}  # sized here, written below
-        coded: dict = {}  # tensors the search coded with their chosen options: written as they are
-        chosen = _plan(state_dict, aliases, opts, rules, meta, encoder, bits_per_weight, max_error, calibrate,
-                       progress, packed, jobs, matcher, measure_by=Distortion(weightings), notes=damaged,
-                       search=search, coded=coded)
-        if damaged:
-            meta[WARNINGS_KEY] = "; ".join(damaged)
-            notes += damaged
-        repaired = inputs is not None
-        if repaired or matcher is not None:  # repair changes the values; an update codes differences
-            coded.clear()
-        if repaired:
-            state_dict = _repaired(model, state_dict, aliases, inputs, chosen, calib, calibration_progress, jobs,
-                                   notes)
-        options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
-    else:
-        options_for = lambda name: rules.options_for(name, opts) or opts  # noqa: E731
-        coded, packed = {}, {}
-    stored: list[tuple[str, tuple[int, ...], Any]] = []
-    with Writer(path, metadata=meta, encoder=encoder, base=None if matcher is None else base_id) as writer:
-        if ray is not None:
-            from .distributed.ray import encode_in_order
-
-            coded = ((*item, None) for item in encode_in_order(state_dict, aliases, options_for, ray))
-        else:
-            coded = _encode_in_order(state_dict, aliases, options_for, jobs, matcher, done=coded)
-        for name, target, dtype, shape, encoded, ref in coded:
-            if target is not None:
-                writer.add_alias(name, target)
-                continue
-            if encoded is None:
-                writer.add_unchanged(name, dtype, shape, ref)
-                continue
-            if encoded.fallback:
-                notes.append(f"tensor {name!r}: stored losslessly ({encoded.fallback})")
-            if ref is None and encoded.rel_error is not None and encoded.rel_error >= ZERO_ERROR:
-                notes.append(f"tensor {name!r}: relative error {encoded.rel_error:.3g} with {_describe(encoded)}, "
-                             "no better than storing zeros (error 1); choose more bits or a higher quality")
-            writer.add(name, dtype, shape, encoded, base=ref)
-            stored.append((name, shape, dtype))
-            if progress:
-                progress(name, math.prod(shape))
-        for name, data in (attachments or {}).items():
-            writer.add_attachment(name, data, packed.get(name))
-    if repaired and bits_per_weight is not None and isinstance(path, (str, os.PathLike)):
-        # repair changes values after the plan: their coded size can differ from the planned one
-        weights = sum(math.prod(_shape(state_dict, n)) for n in state_dict if n not in aliases)
-        got = 8 * os.path.getsize(path) / max(weights, 1)
-        if got > bits_per_weight:
-            notes.append(f"repair: the file is {got:.3f} bits/weight, over the {bits_per_weight} asked for "
-                         f"(the repaired values code larger than planned)")
-    return ignored_options(stored, opts, rules) + notes
-
-
-def _describe(encoded) -> str:
-    """A tensor's codec and its parameters in a few words, e.g. ``quant bits=1``."""
-    params = " ".join(f"{k}={v}" for k, v in encoded.codec.get_config().items() if k not in ("id", "level"))
-    return f"{encoded.codec.codec_id} {params}".strip()
-
-
-def progress_total(state_dict: Mapping[str, torch.Tensor], *,
-                   overrides: Sequence[tuple[str, str]] | Mapping[str, str] | None = None,
-                   bits_per_weight: float | None = None, max_error: float | None = None, **options: Any) -> int:
-    """The sum of the counts :func:`save` with the same arguments reports to ``progress`` (a bar's total).
-
-    Each stored tensor reports its size when it is coded; with a rate target the search first reports it
-    once per candidate setting it measures (:func:`codec.rd.allocate.search_units`), which is most of the
-    work, so a bar over this total moves with the time spent. Read from shapes and dtypes alone.
-    """
-    lazy = callable(getattr(state_dict, "shape", None))  # a lazy .safetensors mapping: no shared storage
-    if lazy:
-        names = list(state_dict)
-    else:  # what save refuses (not a tensor, sparse, ...) counts nothing here: save names it
-        storable = {n: t for n, t in state_dict.items() if isinstance(t, torch.Tensor) and not _unstorable(t)}
-        aliases = _sharing(storable)[0]
-        names = [n for n in storable if n not in aliases]
-
-    def dtype_of(name: str):
-        return get_dtype(state_dict.dtype_name(name) if lazy else TORCH_DTYPES[state_dict[name].dtype])
-
-    total = sum(math.prod(_shape(state_dict, n)) for n in names)
-    if bits_per_weight is None and max_error is None:
-        return total
-    from .rd.allocate import search_units
-
-    base, rules = EncodeOptions(**options), Overrides(overrides)
-    return total + search_units(((n, _shape(state_dict, n), dtype_of(n)) for n in names), base,
-                                lambda name: rules.options_for(name, base), bits_per_weight=bits_per_weight,
-                                max_error=max_error)
-
-
-def _calibration(model, calibration, repair, progress, meta):
-    """``(inputs kept for repair or None, Calibration or None)`` for :func:`save`'s ``calibration``."""
-    if calibration is None:
-        return None, None
+def calibrated(model, calibration, repair, progress, meta):
+    """``(inputs kept for repair or None, Calibration)`` for :func:`save`'s ``calibration`` (not None)."""
     from .rd.calibrate import Calibration, as_batches, calibrate
 
     if isinstance(calibration, Calibration):
@@ -422,15 +135,71 @@ def _repair_available() -> bool:
     return True
 
 
-def _repaired(model, state_dict, aliases, inputs, chosen, calib, progress, jobs, notes):
-    """``state_dict`` with the arrays :func:`codec.rd.repair.code_with_repair` changed, to be coded as planned.
+class TensorArrays(Arrays):
+    """A state_dict of torch tensors as :class:`codec.encode.Arrays`: each converted to its storage array
+    (:func:`to_numpy`, a CPU view where it can) when it is read. ``tensors`` is the state_dict itself."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        super().__init__({n: (tuple(t.shape), TORCH_DTYPES[t.dtype]) for n, t in tensors.items()},
+                         lambda name: to_numpy(tensors[name])[0])
+        self.tensors = tensors
+
+
+def tensor_arrays(state_dict: Mapping) -> tuple[TensorArrays, dict[str, str], list[str], dict[str, str], list[str]]:
+    """``(arrays, aliases, overlapping, tree metadata, notes)`` for :func:`save` given torch tensors.
+
+    A plain state_dict is checked (EncodeError naming a tensor that cannot be
+    stored); anything else is a checkpoint dict, flattened
+    (:func:`flatten_checkpoint`: its structure goes to the tree metadata, and
+    ``notes`` name the leaves it could not keep). ``aliases`` and
+    ``overlapping`` are :func:`_sharing`'s.
+    """
+    tree: dict[str, str] = {}
+    notes: list[str] = []
+    if not _check_tensors(state_dict):  # a checkpoint dict: nested tensors under dotted names, the rest in the tree
+        state_dict, tree, dropped = flatten_checkpoint(state_dict)
+        if dropped:
+            notes.append(dropped_note("checkpoint", dropped))
+        _check_tensors(state_dict)
+    aliases, overlapping = _sharing(state_dict)
+    return TensorArrays(state_dict), aliases, overlapping, tree, notes
+
+
+def storable_arrays(state_dict: Mapping) -> tuple[TensorArrays, list[str]]:
+    """The tensors :func:`save` would store, as arrays, and their names less aliases (for
+    :func:`codec.encode.progress_total`; what save refuses is left out here: save names it)."""
+    storable = {n: t for n, t in state_dict.items() if isinstance(t, torch.Tensor) and not _unstorable(t)}
+    aliases = _sharing(storable)[0]
+    return TensorArrays(storable), [n for n in storable if n not in aliases]
+
+
+def calibrate_score(arrays: Arrays, aliases: dict[str, str],
+                    calibrate: Callable[[dict[str, torch.Tensor]], float]) -> Callable[[dict[str, np.ndarray]], float]:
+    """The allocator's ``score(replaced)`` for :func:`save`'s ``calibrate``: the state_dict with the arrays in
+    ``replaced`` (storage form) put in, aliases following their targets."""
+    tensors = arrays.tensors if isinstance(arrays, TensorArrays) else {
+        n: to_torch(arrays.array(n), arrays.dtype_name(n)) for n in arrays}
+
+    def score(replaced: dict[str, np.ndarray]) -> float:
+        trial = dict(tensors)
+        trial.update({n: to_torch(a, arrays.dtype_name(n)) for n, a in replaced.items()})
+        for alias, target in aliases.items():
+            trial[alias] = trial[target]
+        return float(calibrate(trial))
+
+    return score
+
+
+def repaired_arrays(model, arrays: Arrays, aliases, inputs, chosen, calib, progress, jobs, notes) -> Arrays:
+    """``arrays`` with those :func:`codec.rd.repair.code_with_repair` changed, to be coded as planned.
 
     Repair codes the layers in forward order with the chosen options and
     returns, in storage form, only the tensors whose values it changed
     (error-compensated weights, repaired biases and later parameters);
     coding those with the options in ``chosen`` (updated in place where
     repair had to code a tensor cheaper to keep its planned size) gives
-    exactly what repair assumed.
+    exactly what repair assumed. A plain float array of another width is
+    rounded to the tensor's dtype by torch.
     """
     from .rd.repair import code_with_repair
 
@@ -439,77 +208,20 @@ def _repaired(model, state_dict, aliases, inputs, chosen, calib, progress, jobs,
                                                       jobs=jobs)
     notes += list(repair_notes)
     chosen.update(changed)  # options repair lowered to keep a tensor within its planned size
-    out = dict(state_dict)
+    out: dict[str, np.ndarray] = {}
     for name, array in targets.items():
-        if name not in out:
+        if name not in arrays:
             raise EncodeError(f"repair returned tensor {name!r}, which is not in the state_dict")
         if name in aliases:  # stored as its target: the target's value decides
             continue
-        array, want = np.asarray(array), out[name]
-        if tuple(array.shape) != tuple(want.shape):
-            raise EncodeError(f"repair returned tensor {name!r} with shape {tuple(array.shape)}, "
-                              f"not {tuple(want.shape)}")
-        storage = to_numpy(want.reshape(-1)[:1])[0].dtype
-        out[name] = (to_torch(array, TORCH_DTYPES[want.dtype]) if array.dtype == storage  # storage form
-                     else torch.from_numpy(array.copy()).to(want.dtype))  # a plain float array of another width
-    return out
-
-
-def _encode_in_order(state_dict: Mapping[str, torch.Tensor], aliases: dict[str, str],
-                     options_for: Callable[[str], EncodeOptions], jobs: int, matcher: Any = None,
-                     done: dict[str, Encoded] | None = None):
-    """Yield ``(name, alias target, dtype, shape, Encoded, base ref)`` in ``state_dict`` order.
-
-    An alias has no dtype or Encoded. With an update's ``matcher``
-    (:class:`codec.update.plan.Matcher`) a tensor coded from a base tensor
-    has its base ref: Encoded None for an unchanged one, else the coded
-    difference.
-
-    Each tensor is fetched from ``state_dict`` once, when its turn comes,
-    and its blobs are coded by ``jobs`` threads while the following tensors
-    are fetched and submitted; results are handed out in order. A tensor in
-    ``done`` (already coded with its options, by the rate search) is handed
-    out as it is, without being fetched.
-    """
-    executor = make_executor(jobs)
-    window = max(1, jobs - 1)  # with the tensor being fetched: ``jobs`` tensors in flight, one per worker
-    pending: deque = deque()
-    ahead = 0
-    try:
-        for name in state_dict:
-            if name in aliases:
-                pending.append((name, aliases[name], None, (), None, 0, None))
-            elif done and name in done:
-                job = Pending([INLINE.submit(done.pop, name)], lambda parts: parts[0])
-                pending.append((name, None, get_dtype(_dtype_name(state_dict, name)), _shape(state_dict, name), job,
-                                0, None))
-            else:
-                array, dtype_name = to_numpy(state_dict[name])
-                dtype = get_dtype(dtype_name)
-                opts = options_for(name)
-                mode, ref = ("full", None) if matcher is None else matcher.decide(name, array, dtype, opts)
-                coded = matcher.delta_array(name, array, dtype, opts) if mode == "delta" else array
-                job = None if mode == "unchanged" else start_encode(coded, dtype, opts, executor, check=True)
-                pending.append((name, None, dtype, tuple(array.shape), job, array.nbytes, ref))
-                ahead += array.nbytes
-                del array
-            while len(pending) > window or (len(pending) > 1 and ahead > AHEAD_BYTES):
-                ahead -= pending[0][5]
-                yield _finish_encode(pending)
-        while pending:
-            yield _finish_encode(pending)
-    finally:
-        for item in pending:
-            if item[4] is not None:
-                item[4].cancel()
-        if executor is not INLINE:
-            executor.shutdown(wait=True, cancel_futures=True)
-
-
-def _finish_encode(pending: deque) -> tuple:
-    """Pop the oldest tensor of :func:`_encode_in_order` and wait for it, keeping no reference to its input."""
-    name, target, dtype, shape, job, _, ref = pending.popleft()
-    return name, target, dtype, shape, None if job is None else job.result(), ref
+        array, shape, dtype_name = np.asarray(array), tuple(arrays.shape(name)), arrays.dtype_name(name)
+        if tuple(array.shape) != shape:
+            raise EncodeError(f"repair returned tensor {name!r} with shape {tuple(array.shape)}, not {shape}")
+        if array.dtype == get_dtype(dtype_name).storage:  # storage form
+            out[name] = array if array.flags.c_contiguous else array.copy()
+        else:
+            out[name] = to_numpy(torch.from_numpy(array.copy()).to(_BY_NAME[dtype_name]))[0]
+    return arrays.replaced(out)
 
 
 def _check_tensors(state_dict: Mapping) -> bool:
@@ -522,27 +234,6 @@ def _check_tensors(state_dict: Mapping) -> bool:
         if problem:
             raise EncodeError(f"tensor {name!r}: {problem}")
     return True
-
-
-def _check_lazy(tensors: Any) -> None:
-    """:func:`_check_tensors` for a lazy mapping, from its shapes and dtypes (EncodeError for one too large)."""
-    for name in tensors:
-        problem = _size_problem(tuple(tensors.shape(name)), get_dtype(tensors.dtype_name(name)).storage.itemsize)
-        if problem:
-            raise EncodeError(f"tensor {name!r}: {problem}")
-
-
-class _Forced:
-    """Overrides with some tensors forced to fixed options (the last word, over every rule)."""
-
-    def __init__(self, rules: Overrides, names: set[str], options: EncodeOptions):
-        self.rules, self.names, self.options = rules, names, options
-
-    def options_for(self, name: str, base: EncodeOptions) -> EncodeOptions | None:
-        return self.options if name in self.names else self.rules.options_for(name, base)
-
-    def __getattr__(self, attr: str) -> Any:  # the user's rules as they are (rule_for, unmatched, ...)
-        return getattr(self.rules, attr)
 
 
 def _sharing(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, str], list[str]]:
@@ -591,70 +282,9 @@ def _sharing(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, str], li
     return aliases, [overlapping[k] for k in sorted(overlapping)]
 
 
-def _shape(state_dict: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
-    """A tensor's shape, without loading it when the mapping can tell (a lazy .safetensors)."""
-    shape = getattr(state_dict, "shape", None)
-    return tuple(shape(name)) if callable(shape) else tuple(state_dict[name].shape)
-
-
-def _dtype_name(state_dict: Mapping[str, torch.Tensor], name: str) -> str:
-    """A tensor's dtype name, without loading it when the mapping can tell (a lazy .safetensors)."""
-    dtype_name = getattr(state_dict, "dtype_name", None)
-    return dtype_name(name) if callable(dtype_name) else TORCH_DTYPES[state_dict[name].dtype]
-
-
-def _plan(state_dict, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress,
-          attachments, jobs, matcher=None, measure_by=None, notes=None, search="fast", coded=None):
-    """Run the rate-distortion allocator over the stored tensors; options per name.
-
-    The budget's fixed part counts the header, the index without tensor
-    entries (metadata, aliases, attachment entries) and the attachments' blobs
-    (``attachments``: name to :func:`codec.writer.encode_attachment`'s result).
-    The fast search puts tensors it coded with their chosen options in ``coded``.
-    """
-    from .rd.allocate import plan_options
-    from .format import HEADER_SIZE, Attachment, BlobRef, Index, TensorEntry
-
-    stored = [n for n in state_dict if n not in aliases]
-
-    def tensors(names: set[str] | None = None):
-        """The stored tensors, or those named in ``names`` (the others are not read)."""
-        for name in stored:
-            if names is None or name in names:
-                array, dtype_name = to_numpy(state_dict[name])
-                yield name, array, get_dtype(dtype_name)
-
-    attached, attached_bytes = [], 0
-    for name, (packed, blob) in attachments.items():
-        att = Attachment(name, packed.size, packed.codec, [BlobRef(10**12, len(blob), 0xFFFFFFFF)])  # wide offset
-        attached.append(att)
-        attached_bytes += len(blob)
-    base_id = None
-    menu = None
-    if matcher is not None:
-        from .format import BaseId
-        from .update.plan import UpdateMenu
-
-        base_id, menu = BaseId(matcher.base.digest(), len(matcher.base)), UpdateMenu(matcher)
-    skeleton = Index([TensorEntry(n, get_dtype(TORCH_DTYPES[state_dict[n].dtype]), tuple(state_dict[n].shape),
-                                  alias=a) for n, a in aliases.items()], meta, encoder, attachments=attached,
-                     base=base_id).to_bytes()
-    score = None
-    if calibrate is not None:
-        dtypes = {n: TORCH_DTYPES[t.dtype] for n, t in state_dict.items()}
-
-        def score(replaced: dict[str, np.ndarray]) -> float:
-            trial = dict(state_dict)
-            trial.update({n: to_torch(a, dtypes[n]) for n, a in replaced.items()})
-            for alias, target in aliases.items():
-                trial[alias] = trial[target]
-            return float(calibrate(trial))
-
-    return plan_options(tensors, base, lambda name: rules.options_for(name, base),
-                        bits_per_weight=bits_per_weight, max_error=max_error,
-                        overhead_bytes=HEADER_SIZE + len(skeleton) + attached_bytes, score=score, progress=progress,
-                        jobs=jobs, total_weights=sum(math.prod(_shape(state_dict, n)) for n in stored),
-                        menu=menu, measure_by=measure_by, notes=notes, search=search, coded=coded)
+def _plan(state_dict: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> dict:
+    """:func:`codec.encode._plan` over a state_dict of torch tensors (as bench.repair calls it)."""
+    return _plan_arrays(TensorArrays(state_dict), *args, **kwargs)
 
 
 class JwtFile:
@@ -818,9 +448,8 @@ def load(source: str | os.PathLike[str] | BinaryIO | bytes, *, limits: Limits = 
         return out
 
 
-#: Reserved metadata key holding a checkpoint's structure (spec/format.md section 4.5); long trees continue in
-#: ``jwt.tree.1``, ``jwt.tree.2``, ... (each value stays under the readers' string limit).
-TREE_KEY = "jwt.tree"
+#: Characters of each metadata value holding a part of the checkpoint tree (:data:`TREE_KEY`): under the readers'
+#: string limit.
 _TREE_CHUNK = 60000
 #: Nesting levels a checkpoint tree may have (deeper: refused, before Python's recursion limit is met).
 _TREE_DEPTH = 100
@@ -1013,33 +642,9 @@ def read_state_dict(path: str | os.PathLike[str], *, mmap: bool = False) -> dict
     return tensors
 
 
-def as_base(base: Any, limits: Limits = DEFAULT_LIMITS) -> Any:
-    """An update's base as a :class:`codec.update.Base`: from a Base, a state_dict, or a model file or folder.
-
-    A .jwt is decoded (a base that is itself an update is refused: decode it
-    first); a .pt/.pth, .safetensors or folder is read; a mapping holds torch
-    tensors. The one-line errors name the file.
-    """
-    from .update import Base
-
-    if isinstance(base, Base):
-        return base
-    if isinstance(base, Mapping):
-        return _base_of_tensors(base, "<state_dict>", copy=False)
-    if not isinstance(base, (str, os.PathLike)):
-        raise TypeError(f"base must be a path, a state_dict or a codec.update.Base, not {type(base).__name__}")
-    from . import io_formats
-
-    if not os.path.exists(base):
-        raise FileNotFoundError(2, "no such file", str(base))
-    if io_formats.detect_format(base) == "jwt":
-        return Base.open(base, limits=limits)
-    with io_formats.open_source(base) as source:  # copied: memory maps close with the source
-        return _base_of_tensors(source.tensors, str(base), copy=True)
-
-
-def _base_of_tensors(tensors: Mapping[str, torch.Tensor], name: str, copy: bool) -> Any:
-    """A :class:`codec.update.Base` of torch tensors (storage-form numpy views, or copies)."""
+def tensor_base(tensors: Mapping[str, torch.Tensor], name: str, copy: bool) -> Any:
+    """A :class:`codec.update.Base` of torch tensors (storage-form numpy views, or copies), for
+    :func:`codec.encode.as_base`; TypeError naming a value that is no tensor."""
     from .update import Base
 
     arrays = {}

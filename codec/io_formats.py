@@ -40,6 +40,12 @@ Every output is written to a temporary file (or folder) beside the target
 and renamed onto it; a failure leaves nothing behind. float16 and bfloat16
 keep their dtype.
 
+torch is imported only for what needs it: a ``.pt``/``.bin`` input or
+output, a tensor asked for as a torch tensor (``LazyTensors[name]``), and
+:func:`load_into`. Reading a safetensors file or folder for
+:func:`codec.encode.save` (``LazyTensors`` is :class:`codec.encode.Arrays`)
+and decoding to a ``.safetensors`` file or a folder do not.
+
 Reserved metadata keys written here (spec/format.md section 4):
 ``jwt.source_format`` (``pt``, ``safetensors`` or ``folder``),
 ``jwt.safetensors_metadata`` (the input's safetensors ``__metadata__`` as a
@@ -60,20 +66,23 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-import torch
 
-from . import api
 from .dtypes import get_dtype
+from .encode import Arrays, as_base
 from .errors import EncodeError, FormatError, UsageError, first_line
 from .format import MAGIC, attachment_name_error
 from .limits import DEFAULT_LIMITS, Limits
 from .rawfile import read_array
 from .reader import Reader
 from .sources import is_url
+from .update import check_base
 from .writer import atomic_output, current_umask, output_error
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "SOURCE_FORMAT_KEY",
@@ -99,6 +108,10 @@ __all__ = [
 
 SOURCE_FORMAT_KEY = "jwt.source_format"
 SAFETENSORS_METADATA_KEY = "jwt.safetensors_metadata"
+#: Reserved metadata key holding a checkpoint's structure (spec/format.md section 4.5), written and read by
+#: :func:`codec.api.flatten_checkpoint` / :func:`codec.api.unflatten_checkpoint`; long trees continue in
+#: ``jwt.tree.1``, ``jwt.tree.2``, ...
+TREE_KEY = "jwt.tree"
 #: The weights file of a decoded folder.
 WEIGHTS_FILE = "model.safetensors"
 
@@ -124,45 +137,43 @@ _SKIPPED_DIRS = (".git", ".cache", ".huggingface", "onnx", "openvino")
 # -- inputs -------------------------------------------------------------------
 
 
-class LazyTensors(Mapping[str, torch.Tensor]):
-    """A read-only ``name -> tensor`` mapping that loads a tensor each time it is accessed.
+class LazyTensors(Arrays):
+    """A read-only ``name -> torch tensor`` mapping that loads a tensor each time it is accessed.
 
     Shapes and dtypes are known without loading (:meth:`shape`,
     :meth:`dtype_name`), so sizes can be reported before anything is read.
+    It is :class:`codec.encode.Arrays` too: :meth:`array` reads a tensor in
+    storage form, which is what :func:`codec.encode.save` reads, so encoding
+    it needs torch only when ``load`` is what reads the tensors.
+
+    Give ``read`` (``name -> storage array``: torch is imported only when a
+    tensor is asked for as a torch tensor) or ``load`` (``name -> torch
+    tensor``).
     """
 
-    def __init__(self, info: dict[str, tuple[tuple[int, ...], str]], load: Callable[[str], torch.Tensor],
-                 locate: Callable[[str], tuple[str, int]] | None = None):
-        self._info = info
-        self._load = load
-        self._locate = locate
+    def __init__(self, info: dict[str, tuple[tuple[int, ...], str]],
+                 load: Callable[[str], torch.Tensor] | None = None,
+                 locate: Callable[[str], tuple[str, int]] | None = None, *,
+                 read: Callable[[str], np.ndarray] | None = None):
+        if (load is None) == (read is None):
+            raise TypeError("LazyTensors: give exactly one of load (tensors) and read (storage arrays)")
+        super().__init__(info, read or self._from_load, locate)
+        self._load = load or self._from_read
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._info:
+        if name not in self:
             raise KeyError(name)
         return self._load(name)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._info)
+    def _from_load(self, name: str) -> np.ndarray:
+        from .api import to_numpy
 
-    def __len__(self) -> int:
-        return len(self._info)
+        return to_numpy(self._load(name))[0]
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._info
+    def _from_read(self, name: str) -> torch.Tensor:
+        from .api import to_torch
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        """The shape of ``name``, without loading it."""
-        return self._info[name][0]
-
-    def dtype_name(self, name: str) -> str:
-        """The format dtype name of ``name`` (e.g. ``"bfloat16"``), without loading it."""
-        return self._info[name][1]
-
-    def location(self, name: str) -> tuple[str, int] | None:
-        """``(file, byte offset)`` of ``name``'s raw little-endian data (:func:`codec.rawfile.read_array`), or None
-        when the tensor is not stored raw in a file (a .jwt source decodes it)."""
-        return None if self._locate is None else self._locate(name)
+        return to_torch(self._read(name), self.dtype_name(name))
 
 
 class Source:
@@ -255,13 +266,13 @@ def _open_safetensors(files: list[Path], closers: list[Callable[[], None]]) -> t
             info[name] = (shape, dtype_name)
             where[name] = (file, start)
 
-    def load(name: str) -> torch.Tensor:
+    def read(name: str) -> np.ndarray:
         """Read one tensor with plain reads: memory (and address space) holds this tensor only."""
         file, start = where[name]
         shape, dtype_name = info[name]
-        return api.to_torch(read_array(str(file), start, shape, dtype_name, name), dtype_name)
+        return read_array(str(file), start, shape, dtype_name, name)
 
-    return LazyTensors(info, load, lambda name: (str(where[name][0]), where[name][1])), metadata
+    return LazyTensors(info, locate=lambda name: (str(where[name][0]), where[name][1]), read=read), metadata
 
 
 #: safetensors' own limit on the header's size.
@@ -324,8 +335,10 @@ def _read_safetensors_header(file: Path) -> tuple[dict[str, str], list[tuple[str
 def _read_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
     """A .pt state_dict or checkpoint dict, memory-mapped when the file is in torch's zip format:
     ``(tensors, tree metadata, notes)`` (see :func:`codec.api.read_checkpoint`)."""
-    tensors, tree, dropped = api.read_checkpoint(path, mmap=zipfile.is_zipfile(path))
-    return tensors, tree, [api.dropped_note(str(path), dropped)] if dropped else []
+    from .api import dropped_note, read_checkpoint
+
+    tensors, tree, dropped = read_checkpoint(path, mmap=zipfile.is_zipfile(path))
+    return tensors, tree, [dropped_note(str(path), dropped)] if dropped else []
 
 
 def _shards(index_file: Path) -> list[Path]:
@@ -411,9 +424,9 @@ def _folder_attachments(root: Path, used: set[Path]) -> tuple[dict[str, Path], l
 
 def _jwt_source(path: Path | str, limits: Limits, base: Any) -> Source:
     """A .jwt file or URL as a Source: its tensors decoded one at a time (an update against ``base``)."""
-    f = api.open(path, limits=limits, base=base)
-    info = {e.name: (e.shape, e.dtype.name) for e in f.reader.index.entries}
-    return Source(path, "jwt", LazyTensors(info, f.get), closers=[f.close])
+    reader = Reader(path, limits=limits, base=None if base is None else as_base(base, limits))
+    info = {e.name: (e.shape, e.dtype.name) for e in reader.index.entries}
+    return Source(path, "jwt", LazyTensors(info, read=reader.read), closers=[reader.close])
 
 
 def open_source(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS, base: Any = None) -> Source:
@@ -467,7 +480,9 @@ def _source_meta(fmt: str, st_meta: dict[str, str]) -> dict[str, str]:
 def read_tensors(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) -> dict[str, torch.Tensor]:
     """Every tensor of a .jwt, .pt, .safetensors file or model folder, as a state_dict."""
     if is_url(path) or detect_format(path) == "jwt":
-        return api.load(path, limits=limits)
+        from .api import load
+
+        return load(path, limits=limits)
     with open_source(path) as src:
         return dict(src.tensors.items())
 
@@ -500,6 +515,8 @@ def encode_model(source: str | os.PathLike[str], dest: str | os.PathLike[str] | 
     ``metadata`` gives one) and the reserved ``jwt.*`` keys in the metadata.
     Returns notes (what was left out of a folder, tensors kept lossless).
     """
+    from .encode import save
+
     if isinstance(dest, (str, os.PathLike)):
         dest = encode_output(source, dest)
     with open_source(source) as src:
@@ -507,7 +524,7 @@ def encode_model(source: str | os.PathLike[str], dest: str | os.PathLike[str] | 
             raise EncodeError(f"{source}: is already a .jwt file")
         meta = {**(metadata or {}), "source": (metadata or {}).get("source", Path(source).name), **src.metadata}
         notes = list(src.notes)
-        notes += api.save(src.tensors, dest, metadata=meta, attachments=src.attachments, **options)
+        notes += save(src.tensors, dest, metadata=meta, attachments=src.attachments, **options)
     return notes
 
 
@@ -735,7 +752,7 @@ def _attachment_path(root: Path, name: str) -> Path:
     return path
 
 
-def _write_folder(f: api.JwtFile, output: Path, aliases: str, progress: Callable[[str, int], None] | None,
+def _write_folder(reader: Reader, output: Path, aliases: str, progress: Callable[[str, int], None] | None,
                   max_shard_size: int | None = None) -> list[str]:
     if output.exists():
         if not output.is_dir():
@@ -749,13 +766,13 @@ def _write_folder(f: api.JwtFile, output: Path, aliases: str, progress: Callable
         raise output_error(exc, output) from None
     try:
         if max_shard_size is not None:
-            notes = write_shards(f.reader, tmp, max_shard_size, aliases=aliases, progress=progress)
+            notes = write_shards(reader, tmp, max_shard_size, aliases=aliases, progress=progress)
         else:
             with open(tmp / WEIGHTS_FILE, "wb") as out:
-                notes = write_safetensors(f.reader, out, aliases=aliases, progress=progress)
+                notes = write_safetensors(reader, out, aliases=aliases, progress=progress)
                 out.flush()
                 os.fsync(out.fileno())
-        for att, data in f.reader.iter_attachments():
+        for att, data in reader.iter_attachments():
             path = _attachment_path(tmp, att.name)
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -795,34 +812,45 @@ def decode_model(source: str | os.PathLike[str] | BinaryIO | bytes, output: str 
         if fmt != "folder":
             raise UsageError(f"{output}: max_shard_size needs a folder output (a path ending in /)")
     out_path = Path(output)
-    with api.open(source, limits=limits, base=base) as f:
+    if fmt == "pt":  # torch.save of torch tensors
+        from .api import open as open_jwt
+
+        f = open_jwt(source, limits=limits, base=base)
+        reader = f.reader
+    else:  # arrays written as they are decoded: no torch
+        reader = f = Reader(source, limits=limits, base=None if base is None else as_base(base, limits))
+    with f:
         if name:
-            f.reader.name = name
-        f.check_base()
-        tree = [] if api.TREE_KEY not in f.metadata else [
+            reader.name = name
+        check_base(reader.index, reader.base, reader.name)
+        tree = [] if TREE_KEY not in reader.metadata else [
             f"the checkpoint's nesting and non-tensor entries are restored in a .pt output only; the tensors are "
-            f"written under dotted names (e.g. {next(iter(f.keys()), '')!r})"]
+            f"written under dotted names (e.g. {next(iter(reader.keys()), '')!r})"]
         if fmt == "folder":
-            return tree + _write_folder(f, out_path, aliases, progress, max_shard_size)
+            return tree + _write_folder(reader, out_path, aliases, progress, max_shard_size)
         if fmt == "safetensors":
             with atomic_output(out_path) as out:
-                notes = tree + write_safetensors(f.reader, out, aliases=aliases, progress=progress)
+                notes = tree + write_safetensors(reader, out, aliases=aliases, progress=progress)
         else:
+            import torch
+
+            from .api import unflatten_checkpoint
+
             state_dict = {}
             for key, tensor in f.items():
                 state_dict[key] = tensor
                 if progress:
                     progress(key, tensor.numel())
-            checkpoint, dropped = api.unflatten_checkpoint(state_dict, f.metadata)
+            checkpoint, dropped = unflatten_checkpoint(state_dict, reader.metadata)
             notes = [f"{len(dropped)} checkpoint entries were dropped at encoding and are not restored: "
                      f"{', '.join(dropped[:10])}{', ...' if len(dropped) > 10 else ''}"] if dropped else []
             with atomic_output(out_path) as out:
                 torch.save(checkpoint, out)
-        if f.reader.attachments:
-            if not f.reader.seekable:
-                for _ in f.reader.iter_attachments():  # verify them and the end of the stream
+        if reader.attachments:
+            if not reader.seekable:
+                for _ in reader.iter_attachments():  # verify them and the end of the stream
                     pass
-            names = list(f.reader.attachments)
+            names = list(reader.attachments)
             notes.append(f"{len(names)} attachments ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) "
                          f"are not written to a .{fmt} file; decode to a folder to restore them")
         return notes
@@ -842,7 +870,9 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, strict: b
     first = first if first is not None else next(iter(model.buffers()), None)
     device = first.device if first is not None else None
     if detect_format(path) == "jwt":
-        state_dict = api.load(path, limits=limits, device=device)
+        from .api import load
+
+        state_dict = load(path, limits=limits, device=device)
     else:
         state_dict = read_tensors(path)
     wanted = set(model.state_dict())

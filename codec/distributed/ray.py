@@ -1,6 +1,6 @@
 """Coding tensors on a Ray cluster (the optional extra ``pip install 'jwt-weights[ray]'``).
 
-:func:`encode_in_order` is :func:`codec.api._encode_in_order` with each
+:func:`encode_in_order` is :func:`codec.encode._encode_in_order` with each
 tensor's coding (:func:`codec.tensorcodec.encode_tensor`, all its blobs)
 run as one Ray task: the coordinating process reads the tensors, puts each
 in the object store, and hands the results to the container writer in
@@ -116,8 +116,8 @@ def _result(ray, ref, name: str):
 
 def encode_in_order(state_dict: Mapping[str, Any], aliases: dict[str, str], options_for: Callable[[str], Any],
                     address: str, window: int | None = None) -> Iterator[tuple]:
-    """Yield ``(name, alias target, dtype, shape, Encoded)`` in ``state_dict`` order, coded on Ray workers."""
-    from ..api import to_numpy
+    """Yield ``(name, alias target, dtype, shape, Encoded)`` in ``state_dict`` order (:class:`codec.encode.Arrays`),
+    coded on Ray workers."""
     from ..dtypes import get_dtype
 
     ray = connect(address)
@@ -146,7 +146,7 @@ def encode_in_order(state_dict: Mapping[str, Any], aliases: dict[str, str], opti
                 ref = file_task.remote(*locate(name), shape, dtype_name, name, options_for(name))
                 pending.append((name, None, get_dtype(dtype_name), shape, ref, 0))
             else:
-                array, dtype_name = to_numpy(state_dict[name])
+                array, dtype_name = state_dict.array(name), state_dict.dtype_name(name)
                 ref = task.remote(ray.put(array), dtype_name, options_for(name))
                 pending.append((name, None, get_dtype(dtype_name), tuple(array.shape), ref, array.nbytes))
                 ahead += array.nbytes

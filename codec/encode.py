@@ -1,0 +1,577 @@
+"""Encoding from storage arrays: everything :func:`codec.save` does that needs no torch.
+
+A model is given as :class:`Arrays`, a mapping of names to numpy arrays in
+storage form (:mod:`codec.dtypes`: bfloat16 as uint16 bit patterns, ...)
+whose shapes and dtype names are known before any tensor is read. A
+``.safetensors`` file or a model folder of safetensors shards
+(:func:`codec.io_formats.open_source`) is read as such a mapping, so
+``jwt encode`` on it, with or without a rate target, never imports torch.
+
+torch comes in only where a torch object does: a state_dict, checkpoint dict
+or ``nn.Module`` passed to :func:`save` is turned into :class:`Arrays` by
+:func:`codec.api.tensor_arrays` (which also finds the tensors sharing
+storage), and calibration, repair and ``calibrate`` callbacks run in
+:mod:`codec.api`. The bytes written do not depend on the path taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from .dtypes import get_dtype, to_float64
+from .errors import EncodeError
+from .limits import DEFAULT_LIMITS, Limits
+from .parallel import AHEAD_BYTES, INLINE, Pending, make_executor, resolve_jobs
+from .tensorcodec import (ZERO_ERROR, Encoded, EncodeOptions, Overrides, given_options, ignored_options,
+                          option_conflicts, start_encode)
+from .writer import Writer, encode_attachment
+
+__all__ = ["Arrays", "save", "progress_total", "as_base", "encoder_versions", "size_problem", "is_module",
+           "float64_values"]
+
+ProgressFn = Callable[[str, int], None]
+
+
+class Arrays(Mapping[str, np.ndarray]):
+    """A read-only ``name -> storage array`` mapping that reads a tensor each time it is accessed.
+
+    ``info`` maps each name, in order, to ``(shape, dtype name)`` (e.g.
+    ``"bfloat16"``), so sizes are known and checked before anything is read;
+    ``read(name)`` returns the array in storage form; ``locate(name)``, when
+    given, says where the raw little-endian data lies in a file
+    (:meth:`location`), so a Ray worker can read it itself.
+    """
+
+    def __init__(self, info: Mapping[str, tuple[tuple[int, ...], str]], read: Callable[[str], np.ndarray],
+                 locate: Callable[[str], tuple[str, int] | None] | None = None):
+        self._info = dict(info)
+        self._read = read
+        self._locate = locate
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.array(name)
+
+    def array(self, name: str) -> np.ndarray:
+        """Read tensor ``name`` in storage form (KeyError if there is none of that name)."""
+        if name not in self._info:
+            raise KeyError(name)
+        return self._read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._info)
+
+    def __len__(self) -> int:
+        return len(self._info)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._info
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of ``name``, without reading it."""
+        return self._info[name][0]
+
+    def dtype_name(self, name: str) -> str:
+        """The format dtype name of ``name`` (e.g. ``"bfloat16"``), without reading it."""
+        return self._info[name][1]
+
+    def location(self, name: str) -> tuple[str, int] | None:
+        """``(file, byte offset)`` of ``name``'s raw little-endian data (:func:`codec.rawfile.read_array`), or None
+        when the tensor is not stored raw in a file."""
+        return None if self._locate is None else self._locate(name)
+
+    def replaced(self, arrays: Mapping[str, np.ndarray]) -> Arrays:
+        """The same tensors with those in ``arrays`` (storage form, same shapes and dtypes) replaced; no file
+        locations, as the replaced values are not the file's."""
+        return Arrays(self._info, lambda name: arrays[name] if name in arrays else self.array(name))
+
+
+def is_module(obj: object) -> bool:
+    """True if ``obj`` is a ``torch.nn.Module``, found without importing torch (no module exists before it is)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def encoder_versions() -> dict[str, str]:
+    """Versions of the libraries that produce the bytes (stored in the index)."""
+    import imagecodecs
+    import PIL
+    import zstandard
+
+    from . import __version__
+
+    return {
+        "jwt": __version__,
+        "imagecodecs": imagecodecs.__version__,
+        "libjpeg-turbo": imagecodecs.jpeg8_version(),
+        "libjxl": imagecodecs.jpegxl_version(),
+        "pillow": PIL.__version__,
+        "zstd": ".".join(map(str, zstandard.ZSTD_VERSION)),
+    }
+
+
+def size_problem(shape: tuple[int, ...], itemsize: int) -> str | None:
+    """Why a tensor of ``shape`` and ``itemsize``-byte elements would give a file default readers refuse."""
+    if len(shape) > DEFAULT_LIMITS.max_ndim:
+        return f"{len(shape)} dimensions, over the {DEFAULT_LIMITS.max_ndim} that readers accept"
+    nbytes = math.prod(shape) * itemsize
+    if nbytes > DEFAULT_LIMITS.max_tensor_bytes:
+        return f"{nbytes} bytes, over the {DEFAULT_LIMITS.max_tensor_bytes} that readers accept (codec.Limits)"
+    return None
+
+
+def _check_arrays(arrays: Arrays) -> None:
+    """EncodeError for a tensor too large to store, found from shapes and dtypes (nothing is read)."""
+    for name in arrays:
+        problem = size_problem(tuple(arrays.shape(name)), get_dtype(arrays.dtype_name(name)).storage.itemsize)
+        if problem:
+            raise EncodeError(f"tensor {name!r}: {problem}")
+
+
+def _float8_table(exponent_bits: int) -> np.ndarray:
+    """The float64 value of each of the 256 codes of an 8-bit float with ``exponent_bits`` (4: float8_e4m3fn,
+    whose only non-finite codes are NaN; 5: float8_e5m2, IEEE-like with infinities)."""
+    mantissa_bits = 7 - exponent_bits
+    codes = np.arange(256)
+    sign = np.where(codes >> 7, -1.0, 1.0)
+    exponent, mantissa = (codes >> mantissa_bits) & ((1 << exponent_bits) - 1), codes & ((1 << mantissa_bits) - 1)
+    bias = (1 << (exponent_bits - 1)) - 1
+    values = np.where(exponent > 0, (1 + mantissa / (1 << mantissa_bits)) * 2.0 ** (exponent - bias),
+                      mantissa / (1 << mantissa_bits) * 2.0 ** (1 - bias))
+    top = exponent == (1 << exponent_bits) - 1
+    if exponent_bits == 5:
+        values = np.where(top, np.where(mantissa == 0, np.inf, np.nan), values)
+    else:
+        values = np.where(top & (mantissa == (1 << mantissa_bits) - 1), np.nan, values)
+    return sign * values
+
+
+_FLOAT8 = {"float8_e4m3fn": 4, "float8_e5m2": 5}
+
+
+def float64_values(array: np.ndarray, dtype_name: str) -> np.ndarray:
+    """The values of a storage-form ``array`` of dtype ``dtype_name`` as float64 (exact for every dtype,
+    as torch's ``.to(torch.float64)``)."""
+    dtype = get_dtype(dtype_name)
+    if dtype.floating:
+        return to_float64(array, dtype)
+    if dtype_name in _FLOAT8:
+        return _float8_table(_FLOAT8[dtype_name])[array]
+    return array.astype(np.float64)
+
+
+def save(
+    state_dict: Any,
+    path: str | os.PathLike[str] | BinaryIO,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    overrides: Sequence[tuple[str, str]] | Mapping[str, str] | None = None,
+    bits_per_weight: float | None = None,
+    max_error: float | None = None,
+    calibrate: Callable[[dict], float] | None = None,
+    progress: ProgressFn | None = None,
+    attachments: Mapping[str, bytes | str | os.PathLike[str]] | None = None,
+    jobs: int | None = None,
+    base: Any = None,
+    calibration: Any = None,
+    model: Any = None,
+    repair: bool | None = None,
+    calibration_progress: Callable[[str, int], None] | None = None,
+    search: str = "fast",
+    ray: str | None = None,
+    **options: Any,
+) -> list[str]:
+    """Encode ``state_dict`` (or an ``nn.Module``'s) to a .jwt file at ``path`` (atomically).
+
+    ``state_dict`` is a mapping of names to tensors, an ``nn.Module`` (its
+    ``state_dict()``) or a checkpoint dict (nested dicts, lists, plain values:
+    see :func:`codec.api.flatten_checkpoint`); anything else is a TypeError, and a
+    mapping without tensors an EncodeError.
+
+    ``options`` are :class:`~codec.tensorcodec.EncodeOptions` fields
+    (``codec``, ``quality``, ``table``, ``tile``, ``row_shape``, ...).
+    ``overrides`` maps glob patterns to per-tensor settings
+    (``{"fc2.*": "lossless", "*.attention.*": "q90"}``; see
+    :func:`~codec.tensorcodec.parse_spec`; the last match wins).
+
+    Rate targets (at most one) turn on the rate-distortion allocator
+    (:mod:`codec.rd.allocate`), which picks codec, table and quality per
+    tensor: ``bits_per_weight`` bounds the whole file; ``max_error`` bounds
+    each tensor's relative RMS error. ``calibrate(state_dict) -> score``
+    (higher is better) measures each tensor's sensitivity for the budget
+    allocation instead of the data-free estimate. ``search``: ``"fast"``
+    predicts a budget search from samples of each tensor and measures in
+    full only what it picks (:mod:`codec.rd.fast`); ``"exhaustive"``
+    measures every candidate. ``ray`` (``"auto"``, ``"local"`` or a
+    cluster address) codes the tensors on Ray workers
+    (:mod:`codec.distributed.ray`, the optional extra ``[ray]``); the file
+    is the same bytes.
+
+    ``calibration`` (with a rate target and an ``nn.Module``): the user's
+    inputs, unlabelled -- a tensor or array of samples along its first
+    axis, or an iterable of batches (tensors, or mappings passed as
+    ``model(**batch)``) -- or a :class:`codec.rd.calibrate.Calibration`
+    already made by :func:`codec.calibrate`. The allocator then scores each
+    calibrated layer by the error it causes in its output, ``tr(dW H dW^T)``
+    weighted by the layer's sensitivity (:mod:`codec.rd.calibrate`).
+    ``model``: the module to run when ``state_dict`` holds its tensors
+    rather than being the module itself (a checkpoint's tensors, under the
+    module's state_dict names; tensors it does not have are coded data-free).
+    ``repair`` (default: on when calibration inputs are given) then codes
+    the layers in forward order, compensating errors and repairing
+    not-yet-coded parameters on the inputs (:mod:`codec.rd.repair`); the
+    file is read by the same decoder as any other.
+    ``calibration_progress(stage, n)`` follows calibration (inputs) and
+    repair. Without data, a BatchNorm or LayerNorm after a layer weighs its
+    output rows (:func:`codec.rd.allocate.norm_weightings`), and a budget
+    that can only be met by leaving a tensor with a relative error above
+    :data:`codec.rd.allocate.DAMAGE` is met, with a note naming the tensors
+    and the smallest budget that avoids it (returned, and stored in the
+    metadata under ``jwt.warnings`` for ``jwt info``).
+
+    Tensors sharing storage (same data, shape and strides) are stored once
+    and aliased; tensors whose memory overlaps otherwise (``b`` and ``b[:10]``)
+    are stored losslessly, with a note. ``state_dict`` may load tensors lazily on access (e.g.
+    :func:`codec.io_formats.open_source`). ``attachments`` maps relative
+    POSIX paths to bytes or to files to read: non-tensor files (config,
+    tokenizer) carried losslessly after the tensors. Returns warnings (e.g.
+    tensors kept lossless for NaN/Inf).
+
+    ``jobs`` worker threads code blobs in parallel (None: one per core, 1:
+    none); the file is byte for byte the same whatever ``jobs`` is. Tensors
+    are taken one at a time, at most ``jobs`` of them (and
+    :data:`codec.parallel.AHEAD_BYTES` of input beyond the newest) in
+    flight, so a lazy ``state_dict`` is never held whole.
+
+    ``base`` makes the file an **update** (spec section 12) against a model
+    the receiver already holds: a path (.jwt, .pt/.pth, .safetensors or a
+    model folder), a state_dict, or a :class:`codec.update.Base`. A .jwt
+    base is decoded first, so differences are taken against what the
+    receiver decodes. Each tensor is stored as unchanged (bit-identical to a
+    base tensor), as a difference from the base tensor of its name, or in
+    full (new, reshaped, other dtype); with a rate target the search chooses
+    among full, difference and unchanged, measuring the error on the
+    reconstructed weights.
+
+    An :class:`Arrays` ``state_dict`` (e.g. ``open_source(...).tensors`` of
+    a .safetensors file or a folder of safetensors shards) is encoded
+    without importing torch; torch tensors are converted as they are coded
+    (:func:`codec.api.tensor_arrays`). The file is the same bytes either way.
+    """
+    jobs = resolve_jobs(jobs)
+    if search not in ("fast", "exhaustive"):
+        raise ValueError(f"search={search!r}: use 'fast' or 'exhaustive'")
+    if ray is not None:
+        from .distributed.ray import connect
+
+        connect(ray)  # fail early: Ray missing or the cluster unreachable
+    if model is not None and not is_module(model):
+        raise TypeError(f"model= must be a torch.nn.Module, not {type(model).__name__}")
+    if is_module(state_dict):
+        model, state_dict = model or state_dict, state_dict.state_dict()
+    if calibration is not None:
+        if model is None:
+            raise TypeError("calibration= needs the model itself: pass the nn.Module, not its state_dict "
+                            "(or the module as model=)")
+        if bits_per_weight is None and max_error is None:
+            raise ValueError("calibration= needs a rate target: give bits_per_weight or max_error")
+    elif repair:
+        raise ValueError("repair=True needs calibration inputs (calibration=)")
+    opts = EncodeOptions(**options)
+    problem = option_conflicts(given_options(options), searching=bits_per_weight is not None or max_error is not None)
+    if problem:
+        raise EncodeError(problem)
+    rules = Overrides(overrides)
+    rules.check(opts)
+    meta, encoder = dict(metadata or {}), encoder_versions()
+    notes: list[str] = []
+    if not isinstance(state_dict, Mapping):
+        path_given = isinstance(state_dict, (str, os.PathLike))
+        hint = "; to encode a file or folder, use codec.encode_model" if path_given else ""
+        raise TypeError(f"codec.save: expected a state_dict (a mapping of names to tensors), a checkpoint dict or an "
+                        f"nn.Module, not {type(state_dict).__name__}{hint}")
+    if isinstance(state_dict, Arrays):  # read on access and checked from shapes and dtypes: nothing is read here
+        arrays, aliases, overlaps = state_dict, {}, []
+        _check_arrays(arrays)
+    else:  # torch tensors, or a checkpoint dict of them
+        from .api import tensor_arrays
+
+        arrays, aliases, overlaps, tree, tree_notes = tensor_arrays(state_dict)
+        meta.update(tree)
+        notes += tree_notes
+    if not len(arrays):
+        raise EncodeError("nothing to encode: the state_dict holds no tensors")
+    if overlaps:  # views that share part of their memory: kept exact, so they stay equal where they overlap
+        notes.append(f"tensors {', '.join(map(repr, overlaps[:10]))}{', ...' if len(overlaps) > 10 else ''} "
+                     "share part of their memory (overlapping views): stored losslessly so they stay equal there")
+        lossless = dataclasses.replace(opts, codec="lossless")
+        rules = _Forced(rules, set(overlaps), lossless)
+    matcher = None
+    if base is not None:
+        if ray is not None:
+            raise EncodeError("ray= and base= together are not supported yet: encode the update locally")
+        if repair:  # repair codes whole weights, not differences: its values would not be what the plan coded
+            raise ValueError("repair=True and base= together are not supported: an update is calibrated without "
+                             "repair (repair=False)")
+        repair = False
+        from .format import BaseId
+        from .update.plan import Matcher
+
+        update_base = as_base(base)
+        matcher = Matcher(update_base)
+        base_id = BaseId(update_base.digest(), len(update_base))
+    repaired = False
+    if bits_per_weight is not None or max_error is not None:
+        from .rd.allocate import WARNINGS_KEY, Distortion, norm_weightings
+
+        weightings = norm_weightings({n: arrays.shape(n) for n in arrays},
+                                     lambda n: float64_values(arrays.array(n), arrays.dtype_name(n)))
+        inputs = calib = None
+        if calibration is not None:
+            from .api import calibrated
+
+            inputs, calib = calibrated(model, calibration, repair, calibration_progress, meta)
+            weightings.update(calib.weightings())
+        damaged: list[str] = []
+        packed = {n: encode_attachment(n, d) for n, d in (attachments or {}).items()}  # sized here, written below
+        coded: dict = {}  # tensors the search coded with their chosen options: written as they are
+        chosen = _plan(arrays, aliases, opts, rules, meta, encoder, bits_per_weight, max_error, calibrate,
+                       progress, packed, jobs, matcher, measure_by=Distortion(weightings), notes=damaged,
+                       search=search, coded=coded)
+        if damaged:
+            meta[WARNINGS_KEY] = "; ".join(damaged)
+            notes += damaged
+        repaired = inputs is not None
+        if repaired or matcher is not None:  # repair changes the values; an update codes differences
+            coded.clear()
+        if repaired:
+            from .api import repaired_arrays
+
+            arrays = repaired_arrays(model, arrays, aliases, inputs, chosen, calib, calibration_progress, jobs, notes)
+        options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
+    else:
+        options_for = lambda name: rules.options_for(name, opts) or opts  # noqa: E731
+        coded, packed = {}, {}
+    stored: list[tuple[str, tuple[int, ...], Any]] = []
+    with Writer(path, metadata=meta, encoder=encoder, base=None if matcher is None else base_id) as writer:
+        if ray is not None:
+            from .distributed.ray import encode_in_order
+
+            coded = ((*item, None) for item in encode_in_order(arrays, aliases, options_for, ray))
+        else:
+            coded = _encode_in_order(arrays, aliases, options_for, jobs, matcher, done=coded)
+        for name, target, dtype, shape, encoded, ref in coded:
+            if target is not None:
+                writer.add_alias(name, target)
+                continue
+            if encoded is None:
+                writer.add_unchanged(name, dtype, shape, ref)
+                continue
+            if encoded.fallback:
+                notes.append(f"tensor {name!r}: stored losslessly ({encoded.fallback})")
+            if ref is None and encoded.rel_error is not None and encoded.rel_error >= ZERO_ERROR:
+                notes.append(f"tensor {name!r}: relative error {encoded.rel_error:.3g} with {_describe(encoded)}, "
+                             "no better than storing zeros (error 1); choose more bits or a higher quality")
+            writer.add(name, dtype, shape, encoded, base=ref)
+            stored.append((name, shape, dtype))
+            if progress:
+                progress(name, math.prod(shape))
+        for name, data in (attachments or {}).items():
+            writer.add_attachment(name, data, packed.get(name))
+    if repaired and bits_per_weight is not None and isinstance(path, (str, os.PathLike)):
+        # repair changes values after the plan: their coded size can differ from the planned one
+        weights = sum(math.prod(arrays.shape(n)) for n in arrays if n not in aliases)
+        got = 8 * os.path.getsize(path) / max(weights, 1)
+        if got > bits_per_weight:
+            notes.append(f"repair: the file is {got:.3f} bits/weight, over the {bits_per_weight} asked for "
+                         f"(the repaired values code larger than planned)")
+    return ignored_options(stored, opts, rules) + notes
+
+
+def _describe(encoded) -> str:
+    """A tensor's codec and its parameters in a few words, e.g. ``quant bits=1``."""
+    params = " ".join(f"{k}={v}" for k, v in encoded.codec.get_config().items() if k not in ("id", "level"))
+    return f"{encoded.codec.codec_id} {params}".strip()
+
+
+def progress_total(state_dict: Any, *, overrides: Sequence[tuple[str, str]] | Mapping[str, str] | None = None,
+                   bits_per_weight: float | None = None, max_error: float | None = None, **options: Any) -> int:
+    """The sum of the counts :func:`save` with the same arguments reports to ``progress`` (a bar's total).
+
+    Each stored tensor reports its size when it is coded; with a rate target the search first reports it
+    once per candidate setting it measures (:func:`codec.rd.allocate.search_units`), which is most of the
+    work, so a bar over this total moves with the time spent. Read from shapes and dtypes alone.
+    """
+    if isinstance(state_dict, Arrays):  # read lazily: no shared storage
+        arrays, names = state_dict, list(state_dict)
+    else:  # what save refuses (not a tensor, sparse, ...) counts nothing here: save names it
+        from .api import storable_arrays
+
+        arrays, names = storable_arrays(state_dict)
+    total = sum(math.prod(arrays.shape(n)) for n in names)
+    if bits_per_weight is None and max_error is None:
+        return total
+    from .rd.allocate import search_units
+
+    base, rules = EncodeOptions(**options), Overrides(overrides)
+    return total + search_units(((n, arrays.shape(n), get_dtype(arrays.dtype_name(n))) for n in names), base,
+                                lambda name: rules.options_for(name, base), bits_per_weight=bits_per_weight,
+                                max_error=max_error)
+
+
+def as_base(base: Any, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """An update's base as a :class:`codec.update.Base`: from a Base, a state_dict, or a model file or folder.
+
+    A .jwt is decoded (a base that is itself an update is refused: decode it
+    first); a .pt/.pth, .safetensors or folder is read; a mapping holds torch
+    tensors (or is :class:`Arrays`). The one-line errors name the file. Only
+    a .pt/.pth base or torch tensors import torch.
+    """
+    from .update import Base
+
+    if isinstance(base, Base):
+        return base
+    if isinstance(base, Mapping):
+        return _base_of(base, "<state_dict>", copy=False)
+    if not isinstance(base, (str, os.PathLike)):
+        raise TypeError(f"base must be a path, a state_dict or a codec.update.Base, not {type(base).__name__}")
+    from . import io_formats
+
+    if not os.path.exists(base):
+        raise FileNotFoundError(2, "no such file", str(base))
+    if io_formats.detect_format(base) == "jwt":
+        return Base.open(base, limits=limits)
+    with io_formats.open_source(base) as source:  # copied: memory maps close with the source
+        return _base_of(source.tensors, str(base), copy=True)
+
+
+def _base_of(tensors: Mapping, name: str, copy: bool) -> Any:
+    """A :class:`codec.update.Base` of :class:`Arrays` or torch tensors (storage-form views, or copies)."""
+    from .update import Base
+
+    if not isinstance(tensors, Arrays):
+        from .api import tensor_base
+
+        return tensor_base(tensors, name, copy)
+    return Base({key: (tensors.array(key), get_dtype(tensors.dtype_name(key))) for key in tensors}, name)
+
+
+def _encode_in_order(arrays: Arrays, aliases: dict[str, str], options_for: Callable[[str], EncodeOptions], jobs: int,
+                     matcher: Any = None, done: dict[str, Encoded] | None = None):
+    """Yield ``(name, alias target, dtype, shape, Encoded, base ref)`` in ``arrays`` order.
+
+    An alias has no dtype or Encoded. With an update's ``matcher``
+    (:class:`codec.update.plan.Matcher`) a tensor coded from a base tensor
+    has its base ref: Encoded None for an unchanged one, else the coded
+    difference.
+
+    Each tensor is read from ``arrays`` once, when its turn comes, and its
+    blobs are coded by ``jobs`` threads while the following tensors are
+    read and submitted; results are handed out in order. A tensor in
+    ``done`` (already coded with its options, by the rate search) is handed
+    out as it is, without being read.
+    """
+    executor = make_executor(jobs)
+    window = max(1, jobs - 1)  # with the tensor being read: ``jobs`` tensors in flight, one per worker
+    pending: deque = deque()
+    ahead = 0
+    try:
+        for name in arrays:
+            if name in aliases:
+                pending.append((name, aliases[name], None, (), None, 0, None))
+            elif done and name in done:
+                job = Pending([INLINE.submit(done.pop, name)], lambda parts: parts[0])
+                pending.append((name, None, get_dtype(arrays.dtype_name(name)), tuple(arrays.shape(name)), job, 0,
+                                None))
+            else:
+                array, dtype = arrays.array(name), get_dtype(arrays.dtype_name(name))
+                opts = options_for(name)
+                mode, ref = ("full", None) if matcher is None else matcher.decide(name, array, dtype, opts)
+                coded = matcher.delta_array(name, array, dtype, opts) if mode == "delta" else array
+                job = None if mode == "unchanged" else start_encode(coded, dtype, opts, executor, check=True)
+                pending.append((name, None, dtype, tuple(array.shape), job, array.nbytes, ref))
+                ahead += array.nbytes
+                del array
+            while len(pending) > window or (len(pending) > 1 and ahead > AHEAD_BYTES):
+                ahead -= pending[0][5]
+                yield _finish_encode(pending)
+        while pending:
+            yield _finish_encode(pending)
+    finally:
+        for item in pending:
+            if item[4] is not None:
+                item[4].cancel()
+        if executor is not INLINE:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _finish_encode(pending: deque) -> tuple:
+    """Pop the oldest tensor of :func:`_encode_in_order` and wait for it, keeping no reference to its input."""
+    name, target, dtype, shape, job, _, ref = pending.popleft()
+    return name, target, dtype, shape, None if job is None else job.result(), ref
+
+
+class _Forced:
+    """Overrides with some tensors forced to fixed options (the last word, over every rule)."""
+
+    def __init__(self, rules: Overrides, names: set[str], options: EncodeOptions):
+        self.rules, self.names, self.options = rules, names, options
+
+    def options_for(self, name: str, base: EncodeOptions) -> EncodeOptions | None:
+        return self.options if name in self.names else self.rules.options_for(name, base)
+
+    def __getattr__(self, attr: str) -> Any:  # the user's rules as they are (rule_for, unmatched, ...)
+        return getattr(self.rules, attr)
+
+
+def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress,
+          attachments, jobs, matcher=None, measure_by=None, notes=None, search="fast", coded=None):
+    """Run the rate-distortion allocator over the stored tensors; options per name.
+
+    The budget's fixed part counts the header, the index without tensor
+    entries (metadata, aliases, attachment entries) and the attachments' blobs
+    (``attachments``: name to :func:`codec.writer.encode_attachment`'s result).
+    The fast search puts tensors it coded with their chosen options in ``coded``.
+    """
+    from .format import HEADER_SIZE, Attachment, BlobRef, Index, TensorEntry
+    from .rd.allocate import plan_options
+
+    stored = [n for n in arrays if n not in aliases]
+
+    def tensors(names: set[str] | None = None):
+        """The stored tensors, or those named in ``names`` (the others are not read)."""
+        for name in stored:
+            if names is None or name in names:
+                yield name, arrays.array(name), get_dtype(arrays.dtype_name(name))
+
+    attached, attached_bytes = [], 0
+    for name, (packed, blob) in attachments.items():
+        att = Attachment(name, packed.size, packed.codec, [BlobRef(10**12, len(blob), 0xFFFFFFFF)])  # wide offset
+        attached.append(att)
+        attached_bytes += len(blob)
+    base_id = None
+    menu = None
+    if matcher is not None:
+        from .format import BaseId
+        from .update.plan import UpdateMenu
+
+        base_id, menu = BaseId(matcher.base.digest(), len(matcher.base)), UpdateMenu(matcher)
+    skeleton = Index([TensorEntry(n, get_dtype(arrays.dtype_name(n)), tuple(arrays.shape(n)), alias=a)
+                      for n, a in aliases.items()], meta, encoder, attachments=attached, base=base_id).to_bytes()
+    score = None
+    if calibrate is not None:
+        from .api import calibrate_score
+
+        score = calibrate_score(arrays, aliases, calibrate)
+    return plan_options(tensors, base, lambda name: rules.options_for(name, base),
+                        bits_per_weight=bits_per_weight, max_error=max_error,
+                        overhead_bytes=HEADER_SIZE + len(skeleton) + attached_bytes, score=score, progress=progress,
+                        jobs=jobs, total_weights=sum(math.prod(arrays.shape(n)) for n in stored),
+                        menu=menu, measure_by=measure_by, notes=notes, search=search, coded=coded)
