@@ -186,10 +186,31 @@ def progress_bar(total: int, desc: str, quiet: bool):
     terminal; :data:`DEFAULT_COLUMNS` wide where the terminal reports no width. The ETA averages the rate
     over the whole run (tqdm ``smoothing=0``): units are weighted by work, so the mean rate is the
     steadiest estimate; the bar shows after :data:`BAR_DELAY` seconds, when that mean means something
-    (the first setting measured, with the imports warming up, made the first ETA five times too long)."""
+    (the first setting measured, with the imports warming up, made the first ETA five times too long).
+    A bar that would not show is a :class:`NoBar`, so ``-q`` and pipes do not import tqdm."""
+    if quiet or not sys.stderr.isatty():
+        return NoBar()
     from tqdm import tqdm
 
-    disable = quiet or not sys.stderr.isatty()
-    ncols = None if disable or terminal_columns() else DEFAULT_COLUMNS
-    return tqdm(total=total, desc=desc, unit="w", unit_scale=True, disable=disable, leave=False, file=sys.stderr,
-                ncols=ncols, smoothing=0, delay=BAR_DELAY)
+    ncols = None if terminal_columns() else DEFAULT_COLUMNS
+    return tqdm(total=total, desc=desc, unit="w", unit_scale=True, leave=False, file=sys.stderr, ncols=ncols,
+                smoothing=0, delay=BAR_DELAY)
+
+
+class NoBar:
+    """The progress bar that shows nothing (:func:`progress_bar` when quiet or not on a terminal), without tqdm's
+    import (tens of milliseconds of every run's start-up)."""
+
+    disable = True
+
+    def update(self, n: int = 1) -> None:
+        """Count ``n`` more units (ignored)."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+    def __enter__(self) -> NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass

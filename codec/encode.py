@@ -22,6 +22,7 @@ import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -38,6 +39,12 @@ __all__ = ["Arrays", "save", "progress_total", "as_base", "encoder_versions", "s
            "float64_values"]
 
 ProgressFn = Callable[[str, int], None]
+
+#: Without a rate target, attachments up to this many bytes in all are compressed on threads of their own while the
+#: tensors are coded (zstd level 19: about 1 CPU second for all-MiniLM-L6-v2's tokenizer and vocabulary), their
+#: blobs held until written; more are compressed one at a time as they are written. A rate search needs every
+#: attachment's size first, so it compresses them all before it starts, on the same threads.
+PACK_AHEAD_BYTES = 64 << 20
 
 
 class Arrays(Mapping[str, np.ndarray]):
@@ -340,7 +347,8 @@ def save(
             inputs, calib = calibrated(model, calibration, repair, calibration_progress, meta)
             weightings.update(calib.weightings())
         damaged: list[str] = []
-        packed = {n: encode_attachment(n, d) for n, d in (attachments or {}).items()}  # sized here, written below
+        packing = _pack(attachments, jobs)
+        packed = {n: f.result() for n, f in packing.items()}  # sized here, written below
         coded: dict = {}  # tensors the search coded with their chosen options: written as they are
         chosen = _plan(arrays, aliases, opts, rules, meta, encoder, bits_per_weight, max_error, calibrate,
                        progress, packed, jobs, matcher, measure_by=Distortion(weightings), notes=damaged,
@@ -358,7 +366,9 @@ def save(
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
     else:
         options_for = lambda name: rules.options_for(name, opts) or opts  # noqa: E731
-        coded, packed = {}, {}
+        coded = {}
+        small = sum(map(_nbytes, (attachments or {}).values())) <= PACK_AHEAD_BYTES
+        packing = _pack(attachments, jobs) if small else {}  # compressed while the tensors are coded
     stored: list[tuple[str, tuple[int, ...], Any]] = []
     with Writer(path, metadata=meta, encoder=encoder, base=None if matcher is None else base_id) as writer:
         if ray is not None:
@@ -384,7 +394,8 @@ def save(
             if progress:
                 progress(name, math.prod(shape))
         for name, data in (attachments or {}).items():
-            writer.add_attachment(name, data, packed.get(name))
+            ready = packing.get(name)
+            writer.add_attachment(name, data, None if ready is None else ready.result())
     if repaired and bits_per_weight is not None and isinstance(path, (str, os.PathLike)):
         # repair changes values after the plan: their coded size can differ from the planned one
         weights = sum(math.prod(arrays.shape(n)) for n in arrays if n not in aliases)
@@ -393,6 +404,23 @@ def save(
             notes.append(f"repair: the file is {got:.3f} bits/weight, over the {bits_per_weight} asked for "
                          f"(the repaired values code larger than planned)")
     return ignored_options(stored, opts, rules) + notes
+
+
+def _nbytes(data: bytes | str | os.PathLike[str]) -> int:
+    """The size of an attachment given as bytes or as a file to read."""
+    return len(data) if isinstance(data, (bytes, bytearray, memoryview)) else os.path.getsize(data)
+
+
+def _pack(attachments: Mapping[str, bytes | str | os.PathLike[str]] | None, jobs: int) -> dict[str, Future]:
+    """Start compressing ``attachments`` (:func:`codec.writer.encode_attachment`) on up to ``jobs`` threads of their
+    own (zstd releases the GIL); name -> future. With one job they are compressed here, one after another."""
+    if not attachments:
+        return {}
+    pool = ThreadPoolExecutor(min(jobs, len(attachments)), thread_name_prefix="jwt-attach") if jobs > 1 else INLINE
+    futures = {name: pool.submit(encode_attachment, name, data) for name, data in attachments.items()}
+    if pool is not INLINE:
+        pool.shutdown(wait=False)  # the threads end when their last attachment is compressed
+    return futures
 
 
 def _describe(encoded) -> str:

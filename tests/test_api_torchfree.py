@@ -101,14 +101,15 @@ for args in runs:
         assert not exc.code, (args, exc.code)
 codec.encode_model(work / "folder", work / "api.jwt")
 codec.save(Arrays({"w": ((64, 64), "float32")}, lambda name: np.ones((64, 64), np.float32)), work / "arrays.jwt")
-print("torch" in sys.modules, sorted(m for m in sys.modules if m.split(".")[0] in ("transformers", "safetensors")))
+print("torch" in sys.modules, sorted(m for m in sys.modules if m.split(".")[0] in ("transformers", "safetensors", "tqdm")))
 """
 
 
 def test_encode_and_decode_of_safetensors_never_import_torch(tmp_path):
     """``jwt encode`` of a .safetensors file (default, -b, -j 2), of a folder of shards, an update against a .jwt
     base, ``jwt decode`` to a folder and to a .safetensors, codec.encode_model and codec.save of Arrays: torch is
-    not in sys.modules after all of them (it costs seconds of start-up), and the outputs are right."""
+    not in sys.modules after all of them (it costs seconds of start-up), nor tqdm (no bar shows off a terminal),
+    and the outputs are right."""
     sd = _model()
     save_file(sd, tmp_path / "m.safetensors")
     changed = dict(sd, **{"enc.2.weight": sd["enc.2.weight"] + 0.01})
@@ -179,3 +180,33 @@ def test_lazy_tensors_takes_a_reader_or_a_loader():
     assert torch.equal(by_read["t"], t) and np.array_equal(by_load.array("t"), to_numpy(t)[0])
     with pytest.raises(TypeError, match="exactly one of load"):
         io_formats.LazyTensors(info)
+
+
+@pytest.mark.parametrize("bits", [None, 12.0])
+def test_attachments_compressed_on_threads_give_the_same_bytes(tmp_path, monkeypatch, bits):
+    """Attachments are compressed on threads of their own (while the tensors are coded, or before the search): the
+    file is the same bytes whatever the number of jobs, and the same as when they are compressed one at a time as
+    they are written (over PACK_AHEAD_BYTES); a missing attachment file fails naming it, leaving no output."""
+    from codec import encode
+
+    _folder(tmp_path / "folder", _model())
+    rng = np.random.default_rng(0)
+    (tmp_path / "folder" / "vocab.txt").write_text("\n".join(f"w{rng.integers(10**6)}" for _ in range(3000)))
+    (tmp_path / "folder" / "sub").mkdir()
+    (tmp_path / "folder" / "sub" / "tokenizer.json").write_bytes(rng.integers(0, 40, 5000, dtype=np.uint8).tobytes())
+    options = {} if bits is None else {"bits_per_weight": bits}
+    outputs = []
+    for k, jobs in enumerate([1, 3, 2]):
+        if k == 2:
+            monkeypatch.setattr(encode, "PACK_AHEAD_BYTES", 0)
+        codec.encode_model(tmp_path / "folder", tmp_path / f"{k}.jwt", jobs=jobs, **options)
+        outputs.append((tmp_path / f"{k}.jwt").read_bytes())
+    assert outputs[0] == outputs[1] == outputs[2]
+    with codec.open(tmp_path / "0.jwt") as f:
+        assert f.get_attachment("vocab.txt") == (tmp_path / "folder" / "vocab.txt").read_bytes()
+        assert sorted(f.attachments) == ["config.json", "sub/tokenizer.json", "vocab.txt"]
+    with io_formats.open_source(tmp_path / "folder") as src:
+        (tmp_path / "folder" / "vocab.txt").unlink()
+        with pytest.raises(FileNotFoundError, match="vocab.txt"):
+            codec.save(src.tensors, tmp_path / "gone.jwt", attachments=src.attachments, jobs=2, **options)
+    assert not (tmp_path / "gone.jwt").exists()
