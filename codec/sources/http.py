@@ -29,8 +29,6 @@ from __future__ import annotations
 import re
 import socket
 import threading
-import urllib.error
-import urllib.request
 from typing import Any
 
 __all__ = ["DEFAULT_TIMEOUT", "PREFETCH", "HttpSource", "RemoteError", "is_url"]
@@ -97,6 +95,9 @@ class HttpSource:
 
     def _request(self, first: int, last: int | None) -> Any:
         """Send a GET for bytes ``first..last`` (to the end if None); the open response (None: 416 from 0)."""
+        import urllib.error  # here: urllib.request and its ssl/certifi cost every jwt run start-up, URL or not
+        import urllib.request
+
         request = urllib.request.Request(self.url, headers={
             **self._headers, "Range": f"bytes={first}-{'' if last is None else last}", "Accept-Encoding": "identity"})
         if self._etag:
@@ -209,6 +210,9 @@ class HttpSource:
 
     def _restart(self) -> _Body:
         """A new GET of the whole file (a server without Range support), checked to be the same file."""
+        import urllib.error
+        import urllib.request
+
         request = urllib.request.Request(self.url, headers={**self._headers, "Accept-Encoding": "identity"})
         try:
             response = urllib.request.urlopen(request, timeout=self.timeout)
