@@ -338,6 +338,7 @@ def save(
     if bits_per_weight is not None or max_error is not None:
         from .rd.allocate import WARNINGS_KEY, Distortion, norm_weightings
 
+        packing = _pack(attachments, jobs)  # sized before the search, compressed meanwhile on threads (calibration)
         weightings = norm_weightings({n: arrays.shape(n) for n in arrays},
                                      lambda n: float64_values(arrays.array(n), arrays.dtype_name(n)))
         inputs = calib = None
@@ -347,8 +348,7 @@ def save(
             inputs, calib = calibrated(model, calibration, repair, calibration_progress, meta)
             weightings.update(calib.weightings())
         damaged: list[str] = []
-        packing = _pack(attachments, jobs)
-        packed = {n: f.result() for n, f in packing.items()}  # sized here, written below
+        packed = {n: f.result() for n, f in packing.items()}  # written below as they are
         coded: dict = {}  # tensors the search coded with their chosen options: written as they are
         chosen = _plan(arrays, aliases, opts, rules, meta, encoder, bits_per_weight, max_error, calibrate,
                        progress, packed, jobs, matcher, measure_by=Distortion(weightings), notes=damaged,
