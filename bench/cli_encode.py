@@ -11,9 +11,9 @@ table with the least wall time of ``--reps`` runs and that run's CPU seconds
 (the machine is shared: read wall times next to it), and whether every tree
 wrote the same bytes for a configuration.
 
-``--profile`` runs ``-b 4 -j 1`` once under cProfile (one process sees all
-the work) and prints where the time goes: start-up, the rate search and its
-parts, attachments, the final write.
+``--profile`` runs ``-b 4 -j 1`` once per tree under cProfile (one process
+sees all the work) and prints where the time goes: start-up, the rate search
+and its parts, attachments, the final write (``--reps 0``: the profile only).
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def run_once(tree: Path, model: str, args: list[str], out: Path) -> dict:
             "md5": hashlib.md5(out.read_bytes()).hexdigest()}
 
 
-def profile(tree: Path, model: str, work: Path) -> str:
-    """Where ``-b 4 -j 1`` spends its time, from one cProfile run (cumulative seconds per stage)."""
+def profile(tree: Path, model: str, work: Path) -> list[tuple[str, float]]:
+    """Where ``-b 4 -j 1`` spends its time, from one cProfile run: (stage, cumulative seconds)."""
     prof = work / "b4.prof"
     subprocess.run([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "jwt_cli", "encode", model, "-o",
                     str(work / "p.jwt"), "-q", "-b", "4", "-j", "1"], cwd=tree, env=tree_env(tree), check=True)
@@ -99,8 +99,17 @@ def profile(tree: Path, model: str, work: Path) -> str:
             ("  attachments (zstd level 19)", cumulative("codec/writer.py", "encode_attachment")),
             ("  final write (tensors the search did not keep, the index)",
              cumulative("codec/encode.py", "_encode_in_order") + cumulative("codec/writer.py", "__exit__"))]
-    lines = ["| stage (cProfile, -b 4 -j 1) | s | share |", "|---|---|---|"]
-    lines += [f"| {name} | {t:.2f} | {100 * t / total:.0f} % |" for name, t in rows]
+    return rows
+
+
+def profile_table(profiles: dict[str, list[tuple[str, float]]]) -> str:
+    """The stages of :func:`profile` for each tree, in seconds and shares of the whole run."""
+    names = list(profiles)
+    lines = ["| stage (cProfile, -b 4 -j 1) | " + " | ".join(f"{n} s | {n} share" for n in names) + " |",
+             "|---|" + "---|---|" * len(names)]
+    for k, (stage, _) in enumerate(profiles[names[0]]):
+        cells = [f"{rows[k][1]:.2f} | {100 * rows[k][1] / rows[0][1]:.0f} %" for rows in profiles.values()]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -111,18 +120,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="a checkout to run (repeatable; default: this one, as 'now')")
     parser.add_argument("--config", action="append", choices=list(CONFIGS), help="configurations (default: all)")
     parser.add_argument("--reps", type=int, default=3, help="runs per configuration and tree (the least wall counts)")
-    parser.add_argument("--profile", action="store_true", help="also profile -b 4 -j 1 with the first tree")
+    parser.add_argument("--profile", action="store_true", help="also profile -b 4 -j 1 with each tree")
     args = parser.parse_args(argv)
     model = args.model or minilm_folder()
     trees = [(name, Path(path).resolve()) for name, _, path in (t.partition("=") for t in args.tree)] or [
         ("now", REPO)]
     weights = weights_of(model)
     print(f"{model}: {weights / 1e6:.2f} M weights; {os.cpu_count()} cores; least wall of {args.reps} runs\n")
-    print("| configuration | tree | wall s | CPU s | peak RSS MB | M weights/s | load avg | md5 |")
-    print("|---|---|---|---|---|---|---|---|")
+    if args.reps:
+        print("| configuration | tree | wall s | CPU s | peak RSS MB | M weights/s | load avg | md5 |")
+        print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for config in args.config or list(CONFIGS):
+        for config in (args.config or list(CONFIGS)) if args.reps else []:
             digests = set()
             for name, tree in trees:
                 runs = [run_once(tree, model, CONFIGS[config], work / "out.jwt") for _ in range(args.reps)]
@@ -133,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
             if len(trees) > 1 or args.reps > 1:
                 print(f"| {config} | all the same bytes: {'yes' if len(digests) == 1 else 'NO'} | | | | | | |")
         if args.profile:
-            print("\n" + profile(trees[0][1], model, work))
+            print(f"\nload average {os.getloadavg()[0]:.2f} before the profiles")
+            print("\n" + profile_table({name: profile(tree, model, work) for name, tree in trees}))
 
 
 if __name__ == "__main__":
