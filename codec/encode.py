@@ -59,7 +59,7 @@ class Arrays(Mapping[str, np.ndarray]):
 
     def __init__(self, info: Mapping[str, tuple[tuple[int, ...], str]], read: Callable[[str], np.ndarray],
                  locate: Callable[[str], tuple[str, int] | None] | None = None):
-        self._info = dict(info)
+        self._info = {name: (tuple(shape), dtype_name) for name, (shape, dtype_name) in info.items()}
         self._read = read
         self._locate = locate
 
