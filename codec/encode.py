@@ -67,10 +67,19 @@ class Arrays(Mapping[str, np.ndarray]):
         return self.array(name)
 
     def array(self, name: str) -> np.ndarray:
-        """Read tensor ``name`` in storage form (KeyError if there is none of that name)."""
+        """Read tensor ``name`` in storage form (KeyError if there is none of that name; EncodeError naming it
+        when ``read`` gives another shape or element type than ``info`` says)."""
         if name not in self._info:
             raise KeyError(name)
-        return self._read(name)
+        array = self._read(name)
+        shape, dtype_name = self._info[name]
+        storage = get_dtype(dtype_name).storage
+        if not isinstance(array, np.ndarray) or array.shape != shape or array.dtype != storage:
+            found = (f"{array.dtype} {list(array.shape)}" if isinstance(array, np.ndarray)
+                     else f"a {type(array).__name__}")
+            raise EncodeError(f"tensor {name!r}: read as {found}, not the {dtype_name} {list(shape)} announced "
+                              f"(numpy storage dtype {storage})")
+        return array
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._info)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -211,3 +212,17 @@ def test_attachments_compressed_on_threads_give_the_same_bytes(tmp_path, monkeyp
         with pytest.raises(FileNotFoundError, match="vocab.txt"):
             codec.save(src.tensors, tmp_path / "gone.jwt", attachments=src.attachments, jobs=2, **options)
     assert not (tmp_path / "gone.jwt").exists()
+
+
+@pytest.mark.parametrize("read, found", [
+    (lambda name: np.zeros((4, 4), np.float64), "float64 [4, 4]"),
+    (lambda name: np.zeros((2, 8), np.float32), "float32 [2, 8]"),
+    (lambda name: [[0.0] * 4] * 4, "a list"),
+])
+def test_arrays_that_read_other_than_announced_fail_naming_the_tensor(tmp_path, read, found):
+    """An Arrays whose reader returns another dtype or shape than its info says (or no array) is a one-line
+    EncodeError naming the tensor, before anything is coded; no file is left."""
+    arrays = Arrays({"w": ((4, 4), "float32")}, read)
+    with pytest.raises(codec.EncodeError, match=rf"tensor 'w': read as {re.escape(found)}, not the float32 \[4, 4\]"):
+        codec.save(arrays, tmp_path / "m.jwt")
+    assert not (tmp_path / "m.jwt").exists()
