@@ -146,7 +146,7 @@ def save(
     base: Any = None,
     calibration: Any = None,
     model: torch.nn.Module | None = None,
-    repair: bool | None = None,
+    repair: Any = None,
     calibration_progress: Callable[[str, int], None] | None = None,
     search: str = "fast",
     ray: str | None = None,
@@ -191,7 +191,10 @@ def save(
     ``repair`` (default: on when calibration inputs are given) then codes
     the layers in forward order, compensating errors and repairing
     not-yet-coded parameters on the inputs (:mod:`codec.rd.repair`); the
-    file is read by the same decoder as any other.
+    file is read by the same decoder as any other. A
+    :class:`codec.rd.repair.RepairSettings` turns repair on with those
+    settings (e.g. ``RepairSettings(finetune_steps=200)`` for
+    codec-in-the-loop fine-tuning after it).
     ``calibration_progress(stage, n)`` follows calibration (inputs) and
     repair. Without data, a BatchNorm or LayerNorm after a layer weighs its
     output rows (:func:`codec.rd.allocate.norm_weightings`), and a budget
@@ -235,6 +238,12 @@ def save(
         raise TypeError(f"model= must be a torch.nn.Module, not {type(model).__name__}")
     if isinstance(state_dict, torch.nn.Module):
         model, state_dict = model or state_dict, state_dict.state_dict()
+    if repair is not None and not isinstance(repair, bool):
+        from .rd.repair import RepairSettings
+
+        if not isinstance(repair, RepairSettings):
+            raise TypeError(f"repair= must be True, False, None or a codec.rd.repair.RepairSettings, "
+                            f"not {type(repair).__name__}")
     if calibration is not None:
         if model is None:
             raise TypeError("calibration= needs the model itself: pass the nn.Module, not its state_dict "
@@ -312,7 +321,7 @@ def save(
             coded.clear()
         if repaired:
             state_dict = _repaired(model, state_dict, aliases, inputs, chosen, calib, calibration_progress, jobs,
-                                   notes)
+                                   notes, None if isinstance(repair, bool) else repair)
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
     else:
         options_for = lambda name: rules.options_for(name, opts) or opts  # noqa: E731
@@ -422,7 +431,7 @@ def _repair_available() -> bool:
     return True
 
 
-def _repaired(model, state_dict, aliases, inputs, chosen, calib, progress, jobs, notes):
+def _repaired(model, state_dict, aliases, inputs, chosen, calib, progress, jobs, notes, settings=None):
     """``state_dict`` with the arrays :func:`codec.rd.repair.code_with_repair` changed, to be coded as planned.
 
     Repair codes the layers in forward order with the chosen options and
@@ -436,7 +445,7 @@ def _repaired(model, state_dict, aliases, inputs, chosen, calib, progress, jobs,
 
     counted = (lambda name, n: progress("repair", n)) if progress else None  # repair counts per tensor coded
     targets, repair_notes, changed = code_with_repair(model, inputs, dict(chosen), calib, progress=counted,
-                                                      jobs=jobs)
+                                                      jobs=jobs, settings=settings)
     notes += list(repair_notes)
     chosen.update(changed)  # options repair lowered to keep a tensor within its planned size
     out = dict(state_dict)
