@@ -391,10 +391,12 @@ def lossy_bytes(state_dict: dict, options: dict, targets: dict) -> int:
     return total
 
 
-def test_finetune_lowers_the_error_at_equal_size_and_decodes_plainly():
+@pytest.mark.parametrize("jpeg_fc", [False, True])
+def test_finetune_lowers_the_error_at_equal_size_and_decodes_plainly(jpeg_fc):
     """Codec-in-the-loop fine-tuning after repair: lower output error on the calibration batches and on inputs it
     never saw, the lossy tensors within the plan's bytes (as plain repair), and the targets decode (plain decoder) to
-    exactly the model repair returns; each quant tile keeps its range (so its offset and scale)."""
+    exactly the model repair returns; each quant tile keeps its range (so its offset and scale). A jpeg layer is not
+    trained: it keeps repair's coding, and the model its decoded values."""
     from codec.rd.gptq import tile_index, tile_range
     from codec.tiling import plan_tiling
 
@@ -402,9 +404,13 @@ def test_finetune_lowers_the_error_at_equal_size_and_decodes_plainly():
     with torch.no_grad():
         refs, unseen_refs = [[model(b)] for b in data], [[model(b)] for b in unseen]
     options = quant_options(model, 2)
+    if jpeg_fc:
+        options["fc.weight"] = EncodeOptions(codec="jpeg", quality=30, tile=(16, 64))
     plain = repair(model, data, options)
     tuned = repair(model, data, options, settings=RepairSettings(finetune_steps=60, finetune_lr=1e-4))
     assert any("fine-tuning" in n and "->" in n for n in tuned.notes), tuned.notes
+    assert tuned.options == plain.options  # jpeg: repair may have coded it cheaper; fine-tuning keeps that
+    options.update(tuned.options)
     decoded = code_file(model.state_dict(), options, tuned.targets)
     assert all(torch.equal(decoded[k], v) for k, v in tuned.model.state_dict().items())
     assert model_error(tuned.model, data, refs) < 0.95 * model_error(plain.model, data, refs)
@@ -412,7 +418,9 @@ def test_finetune_lowers_the_error_at_equal_size_and_decodes_plainly():
     state = model.state_dict()
     planned = max(lossy_bytes(state, options, {}), lossy_bytes(state, options, plain.targets))  # the plan's bytes
     assert lossy_bytes(state, options, tuned.targets) <= planned
-    for name in ("fc.weight", "head.weight"):
+    if jpeg_fc:
+        assert np.array_equal(plain.targets["fc.weight"], tuned.targets["fc.weight"])
+    for name in ("head.weight",) if jpeg_fc else ("fc.weight", "head.weight"):
         before, after = plain.targets[name], tuned.targets[name]
         matrix = before.reshape(before.shape[0], -1)
         t = plan_tiling(*matrix.shape, options[name].tile, None)

@@ -412,7 +412,8 @@ class _EvalMode(nn.Module):
 
 
 class _Exact(Overrides):
-    """Per-tensor overrides naming each tensor's options exactly (lossless for any other name), for finetune."""
+    """Per-tensor overrides naming each tensor's options exactly (lossless, i.e. passed through as it is, for any
+    other name), for finetune."""
 
     def __init__(self, options: Mapping[str, EncodeOptions]):
         super().__init__()
@@ -442,7 +443,8 @@ def _finetune(work: nn.Module, batches: list, refs: list, slots: dict[str, _Slot
     coded with a codec of :data:`TUNED_CODECS`, whose float shadows start at
     their targets (which code to what ``work`` holds) and stay within their
     tiles' ranges (:func:`_tile_bounds`); :func:`codec.train.finetune` passes
-    every lossy tensor through its real encode/decode with ``options``.
+    them through their real encode/decode with ``options``. The other lossy
+    tensors hold their decoded values throughout (not coded again).
     Every :data:`HOLDOUT_EVERY`-th batch is held out (from that many batches;
     with fewer, all train and all are checked). The trained lossy tensors
     are coded once more; with ``keep_size``, while they take more bytes than
@@ -462,8 +464,8 @@ def _finetune(work: nn.Module, batches: list, refs: list, slots: dict[str, _Slot
     lossy = [s for s in slots.values() if s.lossy]
     trained = [s for s in lossy if s.is_param and options[s.name].codec in TUNED_CODECS]
     tuned = trained + [s for s in slots.values() if s.is_param and not s.lossy and s.tensor.is_floating_point()]
-    with torch.no_grad():
-        for s in lossy:
+    with torch.no_grad():  # the others keep their decoded values, passed through as they are (not coded again)
+        for s in trained:
             s.tensor.copy_(to_torch(np.array(s.target, order="C"), s.dtype.name))
     for p in work.parameters():
         p.requires_grad_(False)
@@ -482,7 +484,7 @@ def _finetune(work: nn.Module, batches: list, refs: list, slots: dict[str, _Slot
         with torch.enable_grad():
             finetune(_EvalMode(work), [(batches[i], i) for i in fit], steps=settings.finetune_steps,
                      loss_fn=lambda out, i: _relative_mse(out, refs[i]), refresh=settings.finetune_refresh,
-                     optimizer=optimizer, overrides=_Exact({"inner." + name: o for name, o in options.items()}))
+                     optimizer=optimizer, overrides=_Exact({"inner." + s.name: options[s.name] for s in trained}))
     finally:
         for s in tuned:
             s.tensor.requires_grad_(False)
