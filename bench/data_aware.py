@@ -44,6 +44,7 @@ import copy
 import gc
 import inspect
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -310,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     started = time.perf_counter()
     has_calibration, has_repair = calibration_support()
-    header = (f"`python -m bench.data_aware{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d')}, "
+    command = " ".join(["python -m bench.data_aware", *(sys.argv[1:] if argv is None else argv)])
+    header = (f"`{command}` on {time.strftime('%Y-%m-%d')}, "
               f"jwt {codec.__version__} at {tree_version()} (codec.save calibration= "
               f"{'yes' if has_calibration else 'no'}, repair= {'yes' if has_repair else 'no'}), "
               f"{os.cpu_count()} CPU cores, torch {torch.__version__}")
