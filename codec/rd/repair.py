@@ -103,6 +103,9 @@ class RepairSettings:
     finetune_lr: float = 1e-4
     #: Code the weights every this many fine-tuning steps (the residual of the last coding passed in between).
     finetune_refresh: int = 4
+    #: Fine-tuning loss: "mse" (relative MSE of every floating output, as repair) or "kl" (KL divergence of the
+    #: softmax of the outputs' last axis at temperature 2: for classifiers, whose outputs are logits).
+    finetune_loss: str = "mse"
 
 
 @dataclass
@@ -175,6 +178,8 @@ def repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptio
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     if not isinstance(settings, RepairSettings):
         raise TypeError(f"settings must be a RepairSettings, not {type(settings).__name__}")
+    if settings.finetune_loss not in ("mse", "kl"):
+        raise ValueError(f"settings.finetune_loss must be 'mse' or 'kl', not {settings.finetune_loss!r}")
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be callable, not {type(progress).__name__}")
     batches = _check_inputs(inputs)
@@ -354,6 +359,15 @@ def _loss(model: nn.Module, batch, refs: list[torch.Tensor]) -> torch.Tensor:
     return _relative_mse(_run(model, batch), refs)
 
 
+def _kl(out, refs: list[torch.Tensor], temperature: float = 2.0) -> torch.Tensor:
+    """KL divergence from the original's softmax to the model's along the last axis at ``temperature`` (times its
+    square, as in distillation), summed over the output's floating tensors."""
+    return sum(temperature ** 2 * F.kl_div(F.log_softmax(o.reshape(-1, o.shape[-1]) / temperature, -1),
+                                           F.log_softmax(r.reshape(-1, r.shape[-1]) / temperature, -1),
+                                           log_target=True, reduction="batchmean")
+               for o, r in zip(_flat(out), refs))
+
+
 def _relative_mse(out, refs: list[torch.Tensor]) -> torch.Tensor:
     """Relative MSE of a model output against the original's ``refs``, summed over its floating tensors."""
     return sum(F.mse_loss(o, r) / r.pow(2).mean().clamp_min(1e-30) for o, r in zip(_flat(out), refs))
@@ -450,8 +464,9 @@ def _finetune(work: nn.Module, batches: list, refs: list, slots: dict[str, _Slot
     are coded once more; with ``keep_size``, while they take more bytes than
     the plan allows (the sum of the lossy tensors' budgets, or what repair's
     codings took if more), the one grown most goes back to repair's coding.
-    The result is kept only if it lowers the output error on the held-out
-    batches; otherwise ``work`` and the targets stay as repair made them.
+    The result is kept only if it lowers the loss (``settings.finetune_loss``)
+    on the held-out batches; otherwise ``work`` and the targets stay as
+    repair made them.
     """
     from ..train import finetune
 
@@ -459,7 +474,13 @@ def _finetune(work: nn.Module, batches: list, refs: list, slots: dict[str, _Slot
     held = [i for i in range(n) if n >= HOLDOUT_EVERY and i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
     fit = [i for i in range(n) if i not in held]
     check = held or fit
-    before = output_error(work, [batches[i] for i in check], [refs[i] for i in check])
+    loss = _kl if settings.finetune_loss == "kl" else _relative_mse
+
+    def held_loss() -> float:
+        with torch.no_grad():
+            return float(np.mean([float(loss(_run(work, batches[i]), refs[i])) for i in check]))
+
+    before = held_loss()
     saved = {name: s.tensor.detach().clone() for name, s in slots.items()}
     lossy = [s for s in slots.values() if s.lossy]
     trained = [s for s in lossy if s.is_param and options[s.name].codec in TUNED_CODECS]
@@ -483,7 +504,7 @@ def _finetune(work: nn.Module, batches: list, refs: list, slots: dict[str, _Slot
     try:
         with torch.enable_grad():
             finetune(_EvalMode(work), [(batches[i], i) for i in fit], steps=settings.finetune_steps,
-                     loss_fn=lambda out, i: _relative_mse(out, refs[i]), refresh=settings.finetune_refresh,
+                     loss_fn=lambda out, i: loss(out, refs[i]), refresh=settings.finetune_refresh,
                      optimizer=optimizer, overrides=_Exact({"inner." + s.name: options[s.name] for s in trained}))
     finally:
         for s in tuned:
@@ -506,8 +527,9 @@ def _finetune(work: nn.Module, batches: list, refs: list, slots: dict[str, _Slot
     with torch.no_grad():
         for s in trained:
             s.tensor.copy_(to_torch(coded[s.name][0][1], s.dtype.name))
-    after = output_error(work, [batches[i] for i in check], [refs[i] for i in check])
-    where = f"output error on {len(held)} held-out batches" if held else "output error on the calibration inputs"
+    after = held_loss()
+    kind = "KL divergence" if settings.finetune_loss == "kl" else "output error"
+    where = f"{kind} on {len(held)} held-out batches" if held else f"{kind} on the calibration inputs"
     what = (f"{settings.finetune_steps} steps on {len(trained)} lossy and {len(tuned) - len(trained)} lossless "
             f"tensors" + (f", {len(back)} back to repair's coding to fit the plan" if back else ""))
     if not after < before:
