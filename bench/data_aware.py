@@ -8,6 +8,9 @@ For each model, every method is measured in the same run on the same weights:
 * ``jwt -b calibrated``: ``codec.save(model, path, bits_per_weight=B, calibration=batches, repair=False)``
   (calibration-aware allocation and coding, no repair);
 * ``jwt -b calibrated+repair``: the same with ``repair=True`` (codec.save's default);
+* ``jwt -b calibrated+repair+finetune`` (with ``--finetune STEPS``): the same with
+  ``repair=RepairSettings(finetune_steps=STEPS)``, codec-in-the-loop fine-tuning after repair (``jwt encode
+  --finetune STEPS``);
 * ``nncodec`` (MPEG NNR / DeepCABAC, data-free) over quantization parameters, ``hqq`` (data-free) over bits
   and group sizes (:mod:`bench.peers`), and ``gptq`` (:mod:`bench.gptq_ref`, a reference GPTQ fed the same
   calibration batches as jwt) over bits and group sizes;
@@ -41,6 +44,7 @@ import copy
 import gc
 import inspect
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -63,7 +67,8 @@ CALIBRATION_BATCH = 250
 FREE = "jwt -b"
 CALIBRATED = "jwt -b calibrated"
 REPAIRED = "jwt -b calibrated+repair"
-JWT = (FREE, CALIBRATED, REPAIRED)
+FINETUNED = "jwt -b calibrated+repair+finetune"
+JWT = (FREE, CALIBRATED, REPAIRED, FINETUNED)
 ORDER = (*JWT, "nncodec", "hqq", "gptq")
 #: Issue 9's targets: at most this many bits/weight (whole file) ...
 BUDGET = {"mlp": 0.4, "cnn": 0.6, "bncnn": 0.6, "minilm": 3.5}
@@ -100,6 +105,7 @@ class Case:
     benches: list[Benchmark]
     sweeps: dict[str, list[dict]]
     bits: Sequence[float]
+    finetune: int | None = None  # steps of the calibrated+repair+finetune method (None: not measured)
     save: Callable[[], None] = lambda: None  # writes the tables and plots so far (after every point)
 
 
@@ -194,6 +200,12 @@ def jwt_points(case: Case, path: Path) -> None:
                                                       **options))
             except (codec.EncodeError, TypeError, ValueError) as exc:
                 skip(case, method, setting, f"skipped: {type(exc).__name__}: {exc}")
+        if case.finetune and has_repair:
+            from codec.rd.repair import RepairSettings
+
+            add_point(case, FINETUNED, f"{setting} --finetune {case.finetune}",
+                      save(case.module(), bits_per_weight=b, calibration=case.batches,
+                           repair=RepairSettings(finetune_steps=case.finetune)))
 
 
 def peer_points(case: Case) -> None:
@@ -279,6 +291,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer budgets and peer settings")
     parser.add_argument("--bits", type=float, action="append",
                         help="jwt -b budget (repeatable; default: the model's list, fewer with --quick)")
+    parser.add_argument("--finetune", type=int, metavar="STEPS",
+                        help="also measure calibrated+repair with STEPS of codec-in-the-loop fine-tuning")
+    parser.add_argument("--no-peers", action="store_true", help="jwt's methods only (the peers' rows are left out)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "data_aware",
                         help="output folder (default: bench/results/data_aware)")
     args = parser.parse_args(argv)
@@ -296,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     started = time.perf_counter()
     has_calibration, has_repair = calibration_support()
-    header = (f"`python -m bench.data_aware{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d')}, "
+    command = " ".join(["python -m bench.data_aware", *(sys.argv[1:] if argv is None else argv)])
+    header = (f"`{command}` on {time.strftime('%Y-%m-%d')}, "
               f"jwt {codec.__version__} at {tree_version()} (codec.save calibration= "
               f"{'yes' if has_calibration else 'no'}, repair= {'yes' if has_repair else 'no'}), "
               f"{os.cpu_count()} CPU cores, torch {torch.__version__}")
@@ -306,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         case = minilm_case(args.quick) if name == "minilm" else fmnist_case(name, args.quick)
         if args.bits:
             case.bits = args.bits
+        case.finetune = args.finetune
         for bench in case.benches:
             log(f"{bench.name}: {bench.weights:,} weights, fp32 {bench.metric} {bench.fmt(bench.reference)}")
 
@@ -320,7 +337,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         case.save = save
         with tempfile.TemporaryDirectory() as tmp:
             jwt_points(case, Path(tmp) / f"{name}.jwt")
-        peer_points(case)
+        if not args.no_peers:
+            peer_points(case)
         save(final=True)
         for bench in case.benches:
             log(f"{bench.name}: wrote {args.out / bench.name}.md and .png")

@@ -73,9 +73,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=RepairSettings.steps)
     parser.add_argument("--final-steps", type=int, default=RepairSettings.final_steps)
     parser.add_argument("--lr", type=float, default=RepairSettings.lr)
+    parser.add_argument("--finetune-steps", type=int, default=200, help="steps of the finetune variant")
+    parser.add_argument("--finetune-lr", type=float, default=RepairSettings.finetune_lr)
+    parser.add_argument("--finetune-refresh", type=int, default=RepairSettings.finetune_refresh)
+    parser.add_argument("--finetune-loss", choices=["mse", "kl"], default=RepairSettings.finetune_loss)
     parser.add_argument("--variants", default="plain,gptq,bias,refit,distill,all",
                         help="comma-separated: plain gptq jpeg bias refit distill closed closed-nogptq "
-                             "closed-nojpeg closed-norefit final all")
+                             "closed-nojpeg closed-norefit final all finetune (closed + codec-in-the-loop "
+                             "fine-tuning)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.model == "minilm":
@@ -98,6 +103,9 @@ def main() -> None:
         "closed-norefit": RepairSettings(steps=0, final_steps=0, refit=False),
         "final": RepairSettings(steps=0, final_steps=args.final_steps, lr=args.lr),
         "all": RepairSettings(**distill),
+        "finetune": RepairSettings(steps=0, final_steps=0, finetune_steps=args.finetune_steps,
+                                   finetune_lr=args.finetune_lr, finetune_refresh=args.finetune_refresh,
+                                   finetune_loss=args.finetune_loss),
     }
     calibration = calibrate(model, batches, sensitivity_samples=SENSITIVITY_SAMPLES) if args.calibrated_plan else None
     for bits in args.bits or [0.5]:

@@ -85,6 +85,11 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
                    "when given), built without arguments, loaded with load_state_dict.")
 @click.option("--no-repair", is_flag=True, help="With --calibration: calibrated allocation only, no error "
                                                 "compensation or repair of later parameters.")
+@click.option("--finetune", "finetune_steps", type=click.IntRange(1, None), metavar="STEPS",
+              help="With --calibration: after repair, STEPS Adam steps of codec-in-the-loop fine-tuning (the quant-"
+                   "coded weights and the lossless parameters, each weight through its real encode/decode, "
+                   "matching the model's own outputs on the calibration inputs); kept only where it lowers the "
+                   "error on held-out calibration batches, within the planned size.")
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Free-form metadata to store (repeatable).")
 @click.option("--base", type=click.Path(path_type=Path), metavar="MODEL",
               help="Write an update against MODEL (.jwt, .pt/.pth, .safetensors or a folder), the model the "
@@ -99,7 +104,8 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
 def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, bits_per_weight: float | None,
            max_error: float | None, rules: tuple[str, ...], quality: int | None, table: str, distance: float | None,
            effort: int, tile: tuple[int, int], row_shape: tuple[int, int] | None, calibration: Path | None,
-           model_spec: str | None, no_repair: bool, meta: tuple[str, ...], base: Path | None, jobs: int | None,
+           model_spec: str | None, no_repair: bool, finetune_steps: int | None, meta: tuple[str, ...],
+           base: Path | None, jobs: int | None,
            quiet: bool, search: str = "fast", ray_address: str | None = None) -> None:
     """Encode a model (.pt/.pth, .safetensors, or a Hugging Face model folder) into a .jwt container.
 
@@ -177,6 +183,8 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
         raise click.UsageError("--model needs --calibration (the inputs to run it on)")
     if no_repair and calibration is None:
         raise click.UsageError("--no-repair needs --calibration")
+    if finetune_steps is not None and (calibration is None or no_repair):
+        raise click.UsageError("--finetune needs --calibration (and repair: not with --no-repair)")
     check_encode_options({"codec": codec_name, "quality": quality, "table": table, "distance": distance,
                           "effort": effort, "tile": tile, "row_shape": row_shape, "bits": bits},
                          parse_rules(rules), searching)
@@ -207,7 +215,7 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
                 progress=lambda name, n: bar.update(n), codec=codec_name, quality=quality, table=table,
                 distance=distance, effort=effort, tile=tile, row_shape=row_shape, bits=bits, jobs=jobs,
                 search=search, ray=ray_address, base=base, calibration=inputs, model=model,
-                repair=False if no_repair else None,
+                repair=False if no_repair else _repair_settings(finetune_steps),
                 calibration_progress=stage_progress if inputs is not None else None,
             )
         except ValueError as exc:  # bad calibration inputs: one line, before any coding
@@ -235,3 +243,12 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
             if not searching and delta:
                 click.echo("  (the differences are coded with the fixed setting; -b B or --max-error E lets the "
                            "search make them much smaller)")
+
+
+def _repair_settings(finetune_steps: int | None):
+    """``codec.save``'s ``repair=``: None (the default repair) or repair with ``finetune_steps`` of fine-tuning."""
+    if finetune_steps is None:
+        return None
+    from codec.rd.repair import RepairSettings
+
+    return RepairSettings(finetune_steps=finetune_steps)

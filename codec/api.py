@@ -190,7 +190,8 @@ def calibrate_score(arrays: Arrays, aliases: dict[str, str],
     return score
 
 
-def repaired_arrays(model, arrays: Arrays, aliases, inputs, chosen, calib, progress, jobs, notes) -> Arrays:
+def repaired_arrays(model, arrays: Arrays, aliases, inputs, chosen, calib, progress, jobs, notes,
+                    settings=None) -> Arrays:
     """``arrays`` with those :func:`codec.rd.repair.code_with_repair` changed, to be coded as planned.
 
     Repair codes the layers in forward order with the chosen options and
@@ -199,13 +200,14 @@ def repaired_arrays(model, arrays: Arrays, aliases, inputs, chosen, calib, progr
     coding those with the options in ``chosen`` (updated in place where
     repair had to code a tensor cheaper to keep its planned size) gives
     exactly what repair assumed. A plain float array of another width is
-    rounded to the tensor's dtype by torch.
+    rounded to the tensor's dtype by torch. ``settings``: a
+    :class:`codec.rd.repair.RepairSettings`, or None for the defaults.
     """
     from .rd.repair import code_with_repair
 
     counted = (lambda name, n: progress("repair", n)) if progress else None  # repair counts per tensor coded
     targets, repair_notes, changed = code_with_repair(model, inputs, dict(chosen), calib, progress=counted,
-                                                      jobs=jobs)
+                                                      jobs=jobs, settings=settings)
     notes += list(repair_notes)
     chosen.update(changed)  # options repair lowered to keep a tensor within its planned size
     out: dict[str, np.ndarray] = {}

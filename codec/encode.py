@@ -198,7 +198,7 @@ def save(
     base: Any = None,
     calibration: Any = None,
     model: Any = None,
-    repair: bool | None = None,
+    repair: Any = None,
     calibration_progress: Callable[[str, int], None] | None = None,
     search: str = "fast",
     ray: str | None = None,
@@ -243,7 +243,10 @@ def save(
     ``repair`` (default: on when calibration inputs are given) then codes
     the layers in forward order, compensating errors and repairing
     not-yet-coded parameters on the inputs (:mod:`codec.rd.repair`); the
-    file is read by the same decoder as any other.
+    file is read by the same decoder as any other. A
+    :class:`codec.rd.repair.RepairSettings` turns repair on with those
+    settings (e.g. ``RepairSettings(finetune_steps=200)`` for
+    codec-in-the-loop fine-tuning after it).
     ``calibration_progress(stage, n)`` follows calibration (inputs) and
     repair. Without data, a BatchNorm or LayerNorm after a layer weighs its
     output rows (:func:`codec.rd.allocate.norm_weightings`), and a budget
@@ -292,6 +295,12 @@ def save(
         raise TypeError(f"model= must be a torch.nn.Module, not {type(model).__name__}")
     if is_module(state_dict):
         model, state_dict = model or state_dict, state_dict.state_dict()
+    if repair is not None and not isinstance(repair, bool):
+        from .rd.repair import RepairSettings  # imports torch: only for a caller who passed settings
+
+        if not isinstance(repair, RepairSettings):
+            raise TypeError(f"repair= must be True, False, None or a codec.rd.repair.RepairSettings, "
+                            f"not {type(repair).__name__}")
     if calibration is not None:
         if model is None:
             raise TypeError("calibration= needs the model itself: pass the nn.Module, not its state_dict "
@@ -371,7 +380,8 @@ def save(
         if repaired:
             from .api import repaired_arrays
 
-            arrays = repaired_arrays(model, arrays, aliases, inputs, chosen, calib, calibration_progress, jobs, notes)
+            arrays = repaired_arrays(model, arrays, aliases, inputs, chosen, calib, calibration_progress, jobs, notes,
+                                     None if isinstance(repair, bool) else repair)
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
     else:
         options_for = lambda name: rules.options_for(name, opts) or opts  # noqa: E731

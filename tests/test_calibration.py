@@ -343,7 +343,7 @@ def _fake_repair(calls):
     for the tensors it changed (a bias shifted by 1, a weight negated) and notes."""
     import types
 
-    def code_with_repair(model, inputs, options, calibration, *, progress=None, jobs=None):
+    def code_with_repair(model, inputs, options, calibration, *, progress=None, jobs=None, settings=None):
         calls.append((model, [b.shape for b in inputs], dict(options), calibration))
         if progress:
             progress("repair", 1)
@@ -457,6 +457,18 @@ def test_cli_model_and_array_inputs(net_files):
     assert set(codec.load(out)) == {"a.weight", "a.bias", "b.weight", "b.bias"}
 
 
+def test_cli_finetune_after_repair(net_files):
+    """--finetune STEPS: repair then codec-in-the-loop fine-tuning, said on stderr; within the budget; decodes."""
+    out = net_files / "net.jwt"
+    result = _encode(net_files / "net.pt", "-b", "6", "--calibration", net_files / "x.npy",
+                     "--model", "calib_test_nets:Net", "--finetune", "8", "-q", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "codec-in-the-loop fine-tuning (8 steps" in result.output
+    weights = sum(t.numel() for t in torch.load(net_files / "net.pt", weights_only=True).values())
+    assert 8 * out.stat().st_size / weights <= 6
+    assert set(codec.load(out)) == {"a.weight", "a.bias", "b.weight", "b.bias"}
+
+
 @pytest.mark.parametrize("args, code, message", [
     (["--calibration", "x.npy"], 2, "rate target"),
     (["-b", "4", "--model", "calib_test_nets:Net"], 2, "--model needs --calibration"),
@@ -469,6 +481,10 @@ def test_cli_model_and_array_inputs(net_files):
     (["-b", "4", "--calibration", "two.npz", "--model", "calib_test_nets:Net"], 1, "exactly one array"),
     (["-b", "4", "--calibration", "nan.npy", "--model", "calib_test_nets:Net"], 1, "batch 0: holds NaN"),
     (["-b", "4", "--calibration", "bad.npy", "--model", "calib_test_nets:Net"], 1, "does not accept it"),
+    (["-b", "4", "--finetune", "10"], 2, "--finetune needs --calibration"),
+    (["-b", "4", "--calibration", "x.npy", "--model", "calib_test_nets:Net", "--no-repair", "--finetune", "10"], 2,
+     "not with --no-repair"),
+    (["-b", "4", "--calibration", "x.npy", "--model", "calib_test_nets:Net", "--finetune", "0"], 2, "--finetune"),
 ])
 def test_cli_calibration_errors(net_files, args, code, message):
     """Usage errors exit 2; bad models and inputs exit 1 with one line naming the problem; no output file."""

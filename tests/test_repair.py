@@ -378,3 +378,107 @@ def test_refit_is_kept_only_where_it_holds_on_held_out_inputs():
         fit = _LayerFit(None, None, w, None, rest["n"], rest["sum_x"], rest["sum_h"], rest["hh"], rest["cross"])
         fit.held = [held, rest]
         assert fit._keep_refit(RepairSettings()) is keep
+
+
+def lossy_bytes(state_dict: dict, options: dict, targets: dict) -> int:
+    """Bytes of the blobs of the tensors coded lossily when ``targets`` (else the original values) are encoded."""
+    total = 0
+    for name, tensor in state_dict.items():
+        array = targets.get(name, to_numpy(tensor)[0])
+        encoded = encode_tensor(array, F32, options[name])
+        if encoded.codec.lossy:
+            total += sum(len(b) for b in encoded.blobs)
+    return total
+
+
+@pytest.mark.parametrize("jpeg_fc", [False, True])
+def test_finetune_lowers_the_error_at_equal_size_and_decodes_plainly(jpeg_fc):
+    """Codec-in-the-loop fine-tuning after repair: lower output error on the calibration batches and on inputs it
+    never saw, the lossy tensors within the plan's bytes (as plain repair), and the targets decode (plain decoder) to
+    exactly the model repair returns; each quant tile keeps its range (so its offset and scale). A jpeg layer is not
+    trained: it keeps repair's coding, and the model its decoded values."""
+    from codec.rd.gptq import tile_index, tile_range
+    from codec.tiling import plan_tiling
+
+    model, data, unseen = tiny_model(), batches(8), batches(4, seed=7)
+    with torch.no_grad():
+        refs, unseen_refs = [[model(b)] for b in data], [[model(b)] for b in unseen]
+    options = quant_options(model, 2)
+    if jpeg_fc:
+        options["fc.weight"] = EncodeOptions(codec="jpeg", quality=30, tile=(16, 64))
+    plain = repair(model, data, options)
+    tuned = repair(model, data, options, settings=RepairSettings(finetune_steps=60, finetune_lr=1e-4))
+    assert any("fine-tuning" in n and "->" in n for n in tuned.notes), tuned.notes
+    assert tuned.options == plain.options  # jpeg: repair may have coded it cheaper; fine-tuning keeps that
+    options.update(tuned.options)
+    decoded = code_file(model.state_dict(), options, tuned.targets)
+    assert all(torch.equal(decoded[k], v) for k, v in tuned.model.state_dict().items())
+    assert model_error(tuned.model, data, refs) < 0.95 * model_error(plain.model, data, refs)
+    assert model_error(tuned.model, unseen, unseen_refs) < model_error(plain.model, unseen, unseen_refs)
+    state = model.state_dict()
+    planned = max(lossy_bytes(state, options, {}), lossy_bytes(state, options, plain.targets))  # the plan's bytes
+    assert lossy_bytes(state, options, tuned.targets) <= planned
+    if jpeg_fc:
+        assert np.array_equal(plain.targets["fc.weight"], tuned.targets["fc.weight"])
+    for name in ("head.weight",) if jpeg_fc else ("fc.weight", "head.weight"):
+        before, after = plain.targets[name], tuned.targets[name]
+        matrix = before.reshape(before.shape[0], -1)
+        t = plan_tiling(*matrix.shape, options[name].tile, None)
+        tiles = tile_index(t)
+        assert not np.array_equal(before, after)
+        for a, b in zip(tile_range(matrix, tiles, t.n_tiles), tile_range(after.reshape(matrix.shape), tiles,
+                                                                           t.n_tiles)):
+            assert np.array_equal(a, b)
+
+
+def test_finetune_that_does_not_help_leaves_repair_as_it_was():
+    """A fine-tuning that raises the held-out error (an absurd learning rate) is dropped: the targets and the model
+    are exactly plain repair's, and the note says so."""
+    model, data = tiny_model(), batches(8)
+    options = quant_options(model, 2)
+    plain = repair(model, data, options)
+    wild = repair(model, data, options, settings=RepairSettings(finetune_steps=20, finetune_lr=1.0))
+    assert any("fine-tuning" in n and "not kept" in n for n in wild.notes), wild.notes
+    assert plain.targets.keys() == wild.targets.keys()
+    assert all(np.array_equal(plain.targets[k], wild.targets[k]) for k in plain.targets)
+    assert all(torch.equal(v, wild.model.state_dict()[k]) for k, v in plain.model.state_dict().items())
+
+
+def test_save_with_finetune_settings_stays_within_the_budget(tmp_path):
+    """codec.save(repair=RepairSettings(finetune_steps=...)): within the budget, decodes with codec.load; a wrong
+    repair= is a one-line TypeError."""
+    import codec
+
+    model, data = tiny_model(4), batches(8)
+    path = tmp_path / "m.jwt"
+    weights = sum(t.numel() for t in model.state_dict().values())
+    notes = codec.save(model, path, bits_per_weight=2.5, calibration=data,
+                       repair=RepairSettings(finetune_steps=10, finetune_lr=1e-4))
+    assert any("fine-tuning" in n for n in notes), notes
+    assert 8 * path.stat().st_size / weights <= 2.5
+    assert set(codec.load(path)) == set(model.state_dict())
+    with pytest.raises(TypeError, match="repair= must be"):
+        codec.save(model, tmp_path / "x.jwt", bits_per_weight=2.5, calibration=data, repair="finetune")
+
+
+def test_finetune_with_kl_on_logits():
+    """finetune_loss="kl" distils the softmax of the outputs: lower held-out KL than plain repair (kept), the
+    targets decode to exactly the returned model; an unknown loss is a one-line ValueError."""
+    from codec.rd.repair import _kl
+
+    model, data = tiny_model(), batches(8)
+    with torch.no_grad():
+        refs = [[model(b)] for b in data]
+    options = quant_options(model, 2)
+    plain = repair(model, data, options)
+    tuned = repair(model, data, options, settings=RepairSettings(finetune_steps=40, finetune_loss="kl"))
+    assert any("KL divergence on 2 held-out batches" in n and "->" in n for n in tuned.notes), tuned.notes
+    decoded = code_file(model.state_dict(), options, tuned.targets)
+    assert all(torch.equal(decoded[k], v) for k, v in tuned.model.state_dict().items())
+    with torch.no_grad():
+        held = [3, 7]
+        kl = [np.mean([float(_kl(r.model(data[i]), refs[i])) for i in held]) for r in (plain, tuned)]
+    assert kl[1] < kl[0]
+    with pytest.raises(ValueError, match="finetune_loss"):
+        repair(model, data, options, settings=RepairSettings(finetune_steps=1, finetune_loss="l1"))
+

@@ -32,9 +32,9 @@ import numpy as np
 from ..dtypes import DType, from_float64, to_float64
 from ..mapping import params_from_range
 from ..tensorcodec import EncodeOptions, decode_encoded, encode_tensor, lossless_reason
-from ..tiling import plan_tiling
+from ..tiling import Tiling, plan_tiling
 
-__all__ = ["BLOCK", "jpeg_target", "gptq_target", "output_error"]
+__all__ = ["BLOCK", "jpeg_target", "gptq_target", "output_error", "tile_index", "tile_range"]
 
 #: Columns per lazy-update block (GPTQ's default).
 BLOCK = 128
@@ -72,15 +72,8 @@ def gptq_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
         return weight, None
     t = plan_tiling(rows, cols, opts.tile, opts.row_shape, opts.params)
     maxval = (1 << opts.bits) - 1
-    # Tile of each element: row band and column band (rows mode: one tile per row).
-    if t.mode == "rows":
-        tile_of = np.broadcast_to(np.arange(rows)[:, None], (rows, cols))
-    else:
-        tile_of = (np.arange(rows) // t.tile_h)[:, None] * t.grid[1] + (np.arange(cols) // t.tile_w)[None, :]
-    n_tiles = t.n_tiles
-    lo, hi = np.full(n_tiles, np.inf), np.full(n_tiles, -np.inf)
-    np.minimum.at(lo, tile_of.reshape(-1), w.reshape(-1))
-    np.maximum.at(hi, tile_of.reshape(-1), w.reshape(-1))
+    tile_of = tile_index(t)
+    lo, hi = tile_range(w, tile_of, t.n_tiles)
     offset, scale = params_from_range(lo, hi, opts.bits, t.params)
     o, s = offset.astype(np.float64), scale.astype(np.float64)
     # Pinned elements: each tile's minimum and maximum (all of a constant tile).
@@ -161,15 +154,12 @@ def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
     if t.mode == "rows":
         r, c = np.divmod(np.arange(cols), t.tile_w)
         group = (r // 8) * -(-t.tile_w // 8) + c // 8
-        tile_of = np.broadcast_to(np.arange(rows)[:, None], (rows, cols))
     else:
         group = np.arange(cols) // t.tile_w
-        tile_of = (np.arange(rows) // t.tile_h)[:, None] * t.grid[1] + group[None, :]
     if group.max() == 0 or not np.isfinite(w).all():
         return weight, None
-    lo, hi = np.full(t.n_tiles, np.inf), np.full(t.n_tiles, -np.inf)
-    np.minimum.at(lo, tile_of.reshape(-1), w.reshape(-1))
-    np.maximum.at(hi, tile_of.reshape(-1), w.reshape(-1))
+    tile_of = tile_index(t)
+    lo, hi = tile_range(w, tile_of, t.n_tiles)
     lo_e, hi_e = lo[tile_of], hi[tile_of]
     pinned = (w == lo_e) | (w == hi_e)
     perm = np.argsort(group, kind="stable")
@@ -188,6 +178,22 @@ def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
         start = end
     target = from_float64(work[:, inverse], dtype).reshape(weight.shape)
     return target, _coded(target.reshape(rows, cols), dtype, opts, executor).reshape(weight.shape)
+
+
+def tile_index(t: Tiling) -> np.ndarray:
+    """The tile of each element of the matrix ``t`` tiles, ``[rows, cols]``: row band and column band in ``grid``
+    mode, the row in ``rows`` mode (one tile per row)."""
+    if t.mode == "rows":
+        return np.broadcast_to(np.arange(t.rows)[:, None], (t.rows, t.cols))
+    return (np.arange(t.rows) // t.tile_h)[:, None] * t.grid[1] + (np.arange(t.cols) // t.tile_w)[None, :]
+
+
+def tile_range(w: np.ndarray, tile_of: np.ndarray, n_tiles: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(minimum, maximum)`` of the matrix ``w`` in each tile (what the encoder's offset/scale come from)."""
+    lo, hi = np.full(n_tiles, np.inf), np.full(n_tiles, -np.inf)
+    np.minimum.at(lo, tile_of.reshape(-1), w.reshape(-1))
+    np.maximum.at(hi, tile_of.reshape(-1), w.reshape(-1))
+    return lo, hi
 
 
 def _coded(matrix: np.ndarray, dtype: DType, opts: EncodeOptions, executor=None) -> np.ndarray:
