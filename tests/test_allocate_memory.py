@@ -46,14 +46,16 @@ def _peak(fn) -> int:
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_measuring_a_candidate_holds_no_float64_copy_of_the_tensor(label, options, calibrated):
     """One candidate of an 8 MB float32 matrix: the decoded tensor (8 MB) plus bands and blobs, under 2.5x the
-    tensor's bytes (whole float64 copies took 8x and more), with or without a calibrated full ``H``."""
+    tensor's bytes (whole float64 copies took 9x and more), with or without a calibrated full ``H`` (whose float32
+    copy, made once per candidate, comes on top)."""
     w = _matrix()
     rng = np.random.default_rng(1)
     x = rng.standard_normal((256, w.shape[1]))
     measure_by = Distortion({"w": Weighting(h=x.T @ x / len(x), scale=3.0)}) if calibrated else allocate.DATA_FREE
     measure("w", w, F32, label, options, measure_by=measure_by)  # warm up: imports, caches, H's float32 copy
     peak = _peak(lambda: measure("w", w, F32, label, options, measure_by=measure_by))
-    assert peak < 2.5 * w.nbytes, f"{peak / w.nbytes:.1f} x the tensor's bytes"
+    h32 = 4 * w.shape[1] ** 2 if calibrated else 0
+    assert peak < 2.5 * w.nbytes + h32, f"{(peak - h32) / w.nbytes:.1f} x the tensor's bytes"
 
 
 def _whole(name, reference, decoded, weighting, rows):
@@ -112,3 +114,38 @@ def test_streamed_measure_of_integers_and_bfloat16():
     as_f = lambda b: (b.astype(np.uint32) << 16).view(np.float32).astype(np.float64)  # noqa: E731
     got = allocate.DATA_FREE.measure("b", bf16, noisy, get_dtype("bfloat16"))
     assert got[1] == pytest.approx(distortion(as_f(bf16), as_f(noisy))[1], rel=1e-12)
+
+
+def test_repair_holds_no_copy_of_the_model_it_repairs():
+    """Repair (the calibrated encode's second half) keeps views of the model's own tensors as the originals and
+    returns its targets without copying them again; the model is left as it was. Measured with tracemalloc
+    (numpy's copies are traced, torch's own tensors are not) on a model whose embedding holds most weights:
+    5.1x the embedding's bytes before (a copy of every tensor, then of every target, then two ``tobytes``),
+    3.8x now."""
+    import torch
+    from torch import nn
+
+    from codec.rd.repair import code_with_repair
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(8192, 128), nn.Linear(128, 16)
+
+        def forward(self, x):
+            return self.fc(self.emb(x))
+
+    torch.manual_seed(0)
+    model = Model().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    options = {"emb.weight": EncodeOptions(codec="jpeg", quality=50, tile=(64, 64)),
+               "fc.weight": EncodeOptions(codec="quant", bits=4, tile=(8, 64)),
+               "fc.bias": EncodeOptions(codec="lossless")}
+    data = [torch.randint(0, 8192, (8, 16), generator=torch.Generator().manual_seed(k)) for k in range(4)]
+    code_with_repair(model, data, options)  # warm up
+    result = []
+    peak = _peak(lambda: result.append(code_with_repair(model, data, options)))
+    assert peak < 4.5 * model.emb.weight.numel() * 4, f"{peak / (model.emb.weight.numel() * 4):.1f} x"
+    targets = result[0][0]
+    assert "fc.weight" in targets and "fc.bias" in targets  # GPTQ and the least-squares bias changed them
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

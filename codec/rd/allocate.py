@@ -57,7 +57,6 @@ Pure numpy; knows nothing about torch or files.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import math
@@ -266,11 +265,6 @@ class Weighting:
     rows: np.ndarray | None = None
     scale: float = 1.0
 
-    @functools.cached_property
-    def _h32(self) -> np.ndarray:
-        """``h`` in float32, made once (not once per band and candidate measured)."""
-        return self.h.astype(np.float32, copy=False)
-
     def fits(self, shape: tuple[int, ...]) -> bool:
         """Whether this weighting applies to a tensor of ``shape``."""
         if len(shape) < 2:
@@ -278,18 +272,28 @@ class Weighting:
         cols = math.prod(shape[1:])
         return ((self.h is None or self.h.shape[0] == cols) and (self.rows is None or len(self.rows) == shape[0]))
 
-    def energy(self, matrix: np.ndarray, first_row: int = 0) -> float:
-        """``tr(R M H M^T)`` of a ``(rows, columns)`` float64 matrix: the band of the tensor's rows from
-        ``first_row`` on (whole by default), so a measure may stream a large tensor band by band."""
-        if self.h is None:
-            per_row = np.einsum("ij,ij->i", matrix, matrix)
-        elif self.h.ndim == 1:
-            per_row = (matrix * matrix) @ self.h
-        else:  # float32 product: the measure needs 3 digits, not 15, and is the search's hottest loop
-            m32 = matrix.astype(np.float32)
-            per_row = np.einsum("ij,ij->i", m32 @ self._h32, m32).astype(np.float64)
-        return float(per_row @ self.rows[first_row : first_row + len(per_row)] if self.rows is not None
-                     else per_row.sum())
+    def energy(self, matrix: np.ndarray) -> float:
+        """``tr(R M H M^T)`` of a ``(rows, columns)`` float64 matrix."""
+        return self.banded()(matrix, 0)
+
+    def banded(self) -> Callable[[np.ndarray, int], float]:
+        """:meth:`energy` of bands of one tensor's rows, ``f(band, first row)``, whose terms sum to the whole's.
+        A full ``H`` is made float32 once for all bands (not per band, nor kept: it is calibration's size)."""
+        if self.h is not None and self.h.ndim == 2:  # float32 product: the measure needs 3 digits, not 15
+            h32 = self.h.astype(np.float32, copy=False)
+
+        def energy(matrix: np.ndarray, first_row: int) -> float:
+            if self.h is None:
+                per_row = np.einsum("ij,ij->i", matrix, matrix)
+            elif self.h.ndim == 1:
+                per_row = (matrix * matrix) @ self.h
+            else:
+                m32 = matrix.astype(np.float32)
+                per_row = np.einsum("ij,ij->i", m32 @ h32, m32).astype(np.float64)
+            return float(per_row @ self.rows[first_row : first_row + len(per_row)] if self.rows is not None
+                         else per_row.sum())
+
+        return energy
 
 
 #: Elements per band of rows when a candidate is measured (:meth:`Distortion.measure`): the float64 temporaries are
@@ -336,14 +340,15 @@ class Distortion:
         known = w_energy is not None
         err = energy = w_err = 0.0
         w_energy = w_energy or 0.0
+        band_energy = None if w is None else w.banded()
         for i in range(0, count, step):
             r, d = _widen(ref[i : i + step], dtype), _widen(dec[i : i + step], dtype)
             diff = d - r
             err += float(np.sum(diff * diff))
             energy += float(np.sum(r * r))
             if w is not None:
-                w_err += w.energy(diff, i)
-                w_energy += 0.0 if known else w.energy(r, i)
+                w_err += band_energy(diff, i)
+                w_energy += 0.0 if known else band_energy(r, i)
             elif rows is not None:
                 w_err += _prior_energy(diff, rows)
                 w_energy += _prior_energy(r, rows)
