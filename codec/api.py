@@ -26,7 +26,7 @@ import torch
 from .dtypes import get_dtype
 from .errors import EncodeError, FormatError, UsageError
 from .limits import DEFAULT_LIMITS, Limits
-from .parallel import AHEAD_BYTES, INLINE, Pending, make_executor, resolve_jobs
+from .parallel import AHEAD_BYTES, INLINE, Pending, make_executor, release_memory, resolve_jobs
 from .reader import Reader
 from .stats import Totals, file_totals
 from .tensorcodec import (ZERO_ERROR, Encoded, EncodeOptions, Overrides, given_options, ignored_options,
@@ -298,6 +298,7 @@ def save(
         inputs, calib = _calibration(model, calibration, repair, calibration_progress, meta)
         if calib is not None:
             weightings.update(calib.weightings())
+            release_memory()
         damaged: list[str] = []
         packed = {n: encode_attachment(n, d) for n, d in (attachments or {}).items()}  # sized here, written below
         coded: dict = {}  # tensors the search coded with their chosen options: written as they are
@@ -311,8 +312,11 @@ def save(
         if repaired or matcher is not None:  # repair changes the values; an update codes differences
             coded.clear()
         if repaired:
+            weightings = calib = None  # calibration's H matrices served the plan (MiniLM: 150 MB); repair has its own
+            release_memory()
             state_dict = _repaired(model, state_dict, aliases, inputs, chosen, calib, calibration_progress, jobs,
                                    notes)
+            release_memory()
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
     else:
         options_for = lambda name: rules.options_for(name, opts) or opts  # noqa: E731
