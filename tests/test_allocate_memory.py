@@ -111,7 +111,7 @@ def test_streamed_measure_of_integers_and_bfloat16():
     values = _matrix(64, 64)
     bf16 = (values.view(np.uint32) >> 16).astype(np.uint16)
     noisy = bf16 ^ np.uint16(1)  # the lowest significand bit flipped
-    as_f = lambda b: (b.astype(np.uint32) << 16).view(np.float32).astype(np.float64)  # noqa: E731
+    as_f = lambda b: (b.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
     got = allocate.DATA_FREE.measure("b", bf16, noisy, get_dtype("bfloat16"))
     assert got[1] == pytest.approx(distortion(as_f(bf16), as_f(noisy))[1], rel=1e-12)
 
