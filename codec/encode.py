@@ -30,7 +30,7 @@ import numpy as np
 from .dtypes import get_dtype, to_float64
 from .errors import EncodeError
 from .limits import DEFAULT_LIMITS, Limits
-from .parallel import AHEAD_BYTES, INLINE, Pending, make_executor, resolve_jobs
+from .parallel import AHEAD_BYTES, INLINE, Pending, make_executor, release_memory, resolve_jobs
 from .tensorcodec import (ZERO_ERROR, Encoded, EncodeOptions, Overrides, given_options, ignored_options,
                           option_conflicts, start_encode)
 from .writer import Writer, encode_attachment
@@ -365,6 +365,7 @@ def save(
 
             inputs, calib = calibrated(model, calibration, repair, calibration_progress, meta)
             weightings.update(calib.weightings())
+            release_memory()
         damaged: list[str] = []
         packed = {n: f.result() for n, f in packing.items()}  # written below as they are
         coded: dict = {}  # tensors the search coded with their chosen options: written as they are
@@ -380,8 +381,11 @@ def save(
         if repaired:
             from .api import repaired_arrays
 
+            weightings = calib = None  # calibration's H matrices served the plan (MiniLM: 150 MB); repair has its own
+            release_memory()
             arrays = repaired_arrays(model, arrays, aliases, inputs, chosen, calib, calibration_progress, jobs, notes,
                                      None if isinstance(repair, bool) else repair)
+            release_memory()
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
     else:
         options_for = lambda name: rules.options_for(name, opts) or opts  # noqa: E731

@@ -15,6 +15,8 @@ runs at once in the caller's thread), ``n`` for ``n`` worker threads.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +24,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from typing import Any
 
 __all__ = ["default_jobs", "jobs_default", "resolve_jobs", "InlineExecutor", "INLINE", "make_executor",
-           "make_process_executor", "Pending", "AHEAD_BYTES"]
+           "make_process_executor", "Pending", "AHEAD_BYTES", "release_memory"]
 
 #: Bytes a pipeline may hold ahead of its consumer beyond the newest tensor
 #: (decoded tensors waiting to be handed out, or input tensors waiting to be
@@ -131,3 +133,26 @@ class Pending:
         """Cancel the parts that have not started (running ones finish and are dropped)."""
         for f in self.futures:
             f.cancel()
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl, Windows)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):
+        return None
+
+
+def release_memory() -> bool:
+    """Hand the C heap's free pages back to the system, between the stages of a long encode; whether it could.
+
+    glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in the heap: after calibrating
+    all-MiniLM-L6-v2, 87 MB of them stayed resident (247 MB above the model, 160 MB after a trim), counted again
+    in the next stage's peak wherever fragmentation keeps them from being reused.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True

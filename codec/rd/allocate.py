@@ -65,7 +65,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..dtypes import DType, to_float64
+from ..dtypes import DType, get_dtype, to_float64
 from ..errors import EncodeError
 from ..format import TensorEntry
 from ..parallel import INLINE, make_executor
@@ -274,14 +274,32 @@ class Weighting:
 
     def energy(self, matrix: np.ndarray) -> float:
         """``tr(R M H M^T)`` of a ``(rows, columns)`` float64 matrix."""
-        if self.h is None:
-            per_row = np.einsum("ij,ij->i", matrix, matrix)
-        elif self.h.ndim == 1:
-            per_row = (matrix * matrix) @ self.h
-        else:  # float32 product: the measure needs 3 digits, not 15, and is the search's hottest loop
-            m32 = matrix.astype(np.float32)
-            per_row = np.einsum("ij,ij->i", m32 @ self.h.astype(np.float32, copy=False), m32).astype(np.float64)
-        return float(per_row @ self.rows if self.rows is not None else per_row.sum())
+        return self.banded()(matrix, 0)
+
+    def banded(self) -> Callable[[np.ndarray, int], float]:
+        """:meth:`energy` of bands of one tensor's rows, ``f(band, first row)``, whose terms sum to the whole's.
+        A full ``H`` is made float32 once for all bands (not per band, nor kept: it is calibration's size)."""
+        if self.h is not None and self.h.ndim == 2:  # float32 product: the measure needs 3 digits, not 15
+            h32 = self.h.astype(np.float32, copy=False)
+
+        def energy(matrix: np.ndarray, first_row: int) -> float:
+            if self.h is None:
+                per_row = np.einsum("ij,ij->i", matrix, matrix)
+            elif self.h.ndim == 1:
+                per_row = (matrix * matrix) @ self.h
+            else:
+                m32 = matrix.astype(np.float32)
+                per_row = np.einsum("ij,ij->i", m32 @ h32, m32).astype(np.float64)
+            return float(per_row @ self.rows[first_row : first_row + len(per_row)] if self.rows is not None
+                         else per_row.sum())
+
+        return energy
+
+
+#: Elements per band of rows when a candidate is measured (:meth:`Distortion.measure`): the float64 temporaries are
+#: a band's, not the tensor's. Whole, all-MiniLM-L6-v2's 11.7 M-weight embedding took four float64 copies (375 MB)
+#: per candidate and thread, which set the calibrated encode's peak (1.2 GB above the model).
+MEASURE_BAND = 1 << 18
 
 
 class Distortion:
@@ -306,16 +324,53 @@ class Distortion:
 
     def __call__(self, name: str, reference: np.ndarray, decoded: np.ndarray,
                  rows: tuple[int, int] | None = None) -> tuple[float, float | None]:
+        weighted, _, out_error = self.measure(name, reference, decoded, _FLOAT64, rows)
+        return weighted, out_error
+
+    def measure(self, name: str, reference: np.ndarray, decoded: np.ndarray, dtype: DType,
+                rows: tuple[int, int] | None = None) -> tuple[float, float, float | None]:
+        """``(allocation distortion, plain NMSE, relative output error or None)`` of ``decoded`` against
+        ``reference``, both in ``dtype``'s storage form, widened to float64 a band of :data:`MEASURE_BAND`
+        elements (whole rows) at a time, so measuring a candidate holds no float64 copy of the tensor."""
         w = self.weighting(name, reference.shape)
+        count = reference.shape[0] if reference.ndim else 1
+        ref, dec = reference.reshape(count, -1), decoded.reshape(count, -1)
+        step = max(1, MEASURE_BAND // max(1, ref.shape[1]))
+        w_energy = self._reference.get(name) if w is not None else None
+        known = w_energy is not None
+        err = energy = w_err = 0.0
+        w_energy = w_energy or 0.0
+        band_energy = None if w is None else w.banded()
+        for i in range(0, count, step):
+            r, d = _widen(ref[i : i + step], dtype), _widen(dec[i : i + step], dtype)
+            diff = d - r
+            err += float(np.sum(diff * diff))
+            energy += float(np.sum(r * r))
+            if w is not None:
+                w_err += band_energy(diff, i)
+                w_energy += 0.0 if known else band_energy(r, i)
+            elif rows is not None:
+                w_err += _prior_energy(diff, rows)
+                w_energy += _prior_energy(r, rows)
+        plain = _ratio(err, energy)
         if w is None:
-            return distortion(reference, decoded, rows)[0], None
-        ref = reference.reshape(reference.shape[0], -1)
-        energy = self._reference.get(name)
-        if energy is None:
-            energy = self._reference[name] = w.energy(ref)
-        err = w.energy(decoded.reshape(ref.shape) - ref)
-        rel = err / energy if energy > 0 else (0.0 if err == 0 else math.inf)
-        return w.scale * rel, math.sqrt(rel)
+            return (plain if rows is None else _ratio(w_err, w_energy)), plain, None
+        if not known:
+            self._reference[name] = w_energy
+        rel = _ratio(w_err, w_energy)
+        return w.scale * rel, plain, math.sqrt(rel)
+
+
+_FLOAT64 = get_dtype("float64")
+
+
+def _widen(array: np.ndarray, dtype: DType) -> np.ndarray:
+    """A storage-form band as float64 (integers by value)."""
+    return to_float64(array, dtype) if dtype.floating else array.astype(np.float64)
+
+
+def _ratio(err: float, energy: float) -> float:
+    return err / energy if energy > 0 else (0.0 if err == 0 else math.inf)
 
 
 #: Data-free measure (NMSE, image prior for image rows).
@@ -391,10 +446,7 @@ def measure(name: str, array: np.ndarray, dtype: DType, label: str, options: Enc
     """Encode and decode one candidate; return its point (distortion by ``measure_by``) and the decoded array."""
     encoded = encode_tensor(array, dtype, options)
     decoded = decode_encoded(encoded, dtype, array.shape, name)
-    as_float = to_float64 if dtype.floating else (lambda a, _: a.astype(np.float64))
-    reference, values = as_float(array, dtype), as_float(decoded, dtype)
-    plain = distortion(reference, values)[1]
-    weighted, out_error = measure_by(name, reference, values, rows)
+    weighted, plain, out_error = measure_by.measure(name, array, decoded, dtype, rows)
     nbytes = sum(map(len, encoded.blobs)) + entry_bytes(name, dtype, tuple(array.shape), encoded, offset_digits)
     return RDPoint(options, label, nbytes, weighted, math.sqrt(plain), out_error), decoded
 

@@ -186,7 +186,7 @@ def repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptio
     work = copy.deepcopy(model).eval()
     for p in work.parameters():
         p.requires_grad_(False)  # parameters not stored (nor named in options) stay as they are
-    slots = _slots(work, options)
+    slots = _slots(work, options, model)
     executor = make_executor(jobs)
     try:
         with torch.random.fork_rng(devices=[]):
@@ -241,8 +241,9 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     targets = {}
     for slot in slots.values():
         value = slot.target if slot.lossy else to_numpy(slot.tensor)[0]
-        value = None if value is None else np.array(value, order="C")  # a copy; 0-d stays 0-d
-        if value is not None and value.tobytes() != slot.original.tobytes():  # bit-exact (0-d tensors too)
+        if value is not None and (value.base is not None or not value.flags.c_contiguous):
+            value = np.array(value, order="C")  # a copy (of a view of the working model); 0-d stays 0-d
+        if value is not None and not _same_bytes(value, slot.original):  # bit-exact (0-d tensors too)
             targets[slot.name] = value
     done = [label for label, on in (("refit", settings.refit), ("GPTQ", settings.gptq),
                                     ("JPEG compensation", settings.compensate),
@@ -260,6 +261,17 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         notes.append(f"repair: {len(changed)} tensors coded with cheaper options to stay within their planned size "
                      f"({', '.join(sorted(changed))})")
     return targets, notes, changed
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """``a.tobytes() == b.tobytes()`` without the two copies (an embedding's 47 MB each, at repair's peak)."""
+    if a.nbytes != b.nbytes:
+        return False
+    a, b = np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1)
+    if a.itemsize != b.itemsize or a.itemsize not in (1, 2, 4, 8):
+        return a.tobytes() == b.tobytes()
+    width = np.dtype(f"u{a.itemsize}")
+    return bool(np.array_equal(a.view(width), b.view(width)))
 
 
 def _check_inputs(inputs: Iterable) -> list:
@@ -281,8 +293,14 @@ def _check_inputs(inputs: Iterable) -> list:
     return batches
 
 
-def _slots(work: nn.Module, options: Mapping[str, EncodeOptions]) -> dict[str, _Slot]:
-    """The stored tensors of ``work`` (names of ``options``), with where they live and whether coding loses."""
+def _slots(work: nn.Module, options: Mapping[str, EncodeOptions], model: nn.Module | None = None
+           ) -> dict[str, _Slot]:
+    """The stored tensors of ``work`` (names of ``options``), with where they live and whether coding loses.
+
+    Given ``model`` (``work`` is its deep copy; repair leaves ``model`` unchanged), each slot's ``original`` is
+    a view of ``model``'s own tensor: a copy of every tensor was a whole model more of peak memory. Without
+    it, a copy of ``work``'s tensor."""
+    modules = dict((work if model is None else model).named_modules(remove_duplicate=False))
     if not isinstance(options, Mapping):
         raise TypeError(f"options must map tensor names to EncodeOptions, not {type(options).__name__}")
     where: dict[str, tuple[str, nn.Module, str, bool]] = {}
@@ -305,10 +323,11 @@ def _slots(work: nn.Module, options: Mapping[str, EncodeOptions]) -> dict[str, _
         if key in seen:
             raise ValueError(f"options name {name!r} is the same tensor as {seen[key]!r} (store it once)")
         seen[key] = name
-        array, dtype_name = to_numpy(tensor)
+        array, dtype_name = to_numpy(getattr(modules[mod_name], attr))
         dtype = get_dtype(dtype_name)
         lossy = (dtype.floating and opts.codec != "lossless" and lossless_reason(array, dtype, "quant") is None)
-        slots[name] = _Slot(name, mod_name, module, attr, is_param, dtype, array.copy(), lossy)
+        original = array if model is not None else array.copy()
+        slots[name] = _Slot(name, mod_name, module, attr, is_param, dtype, original, lossy)
     return slots
 
 
@@ -635,7 +654,7 @@ def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, setting
         if not settings.keep_size:
             return target, assumed, decoded, opts, credit
         if budget is None:  # the original value coded with the planned options: (options, decoded, bytes)
-            original = (opts, *((decoded, nbytes) if target.tobytes() == slot.original.tobytes()
+            original = (opts, *((decoded, nbytes) if _same_bytes(target, slot.original)
                                 else _code(slot.name, slot.original, slot.dtype, opts, executor)))
             budget = slot.budget = original[2]
         if nbytes <= budget + credit:

@@ -1,0 +1,99 @@
+"""Memory and time of a calibrated all-MiniLM-L6-v2 encode, stage by stage (issue 9's 2x-the-model target).
+
+Runs ``codec.save(model, path, bits_per_weight=B, calibration=bench.sentences.calibration_batches())`` (calibration,
+rate search, repair, write) on the model of ``bench.repair``'s MiniLM case, sampling the process's resident memory
+every 50 ms in a thread. Prints the peak above the resident memory before the encode (the model already loaded:
+bench/README.md's "peak MB"), overall and per stage (a stage's peak includes what earlier stages left resident),
+wall and CPU seconds, bits/weight, and the mean cosine on the everyday and rare-word sentence sets.
+
+    python -m bench.calibrated_memory [--bits 3.5] [--threads 2] [--no-quality]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+import codec
+from codec import api
+
+#: Stages of codec.save timed and sampled, by the function that runs each.
+STAGES = {"_calibration": "calibration", "_plan": "rate search", "_repaired": "repair"}
+
+
+def rss_mb() -> float:
+    """The process's resident memory (Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", type=float, default=3.5)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the coding threads are jwt's own)")
+    parser.add_argument("--no-quality", action="store_true", help="skip the cosine of the decoded file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from bench.repair import _minilm
+
+    stage = ["before"]
+
+    def marked(fn, label):
+        """``fn`` marking its stage while it runs."""
+        def wrapped(*a, **k):
+            stage[0] = label
+            try:
+                return fn(*a, **k)
+            finally:
+                stage[0] = f"after {label}"  # after repair: writing the file
+        return wrapped
+
+    for name, label in STAGES.items():
+        setattr(api, name, marked(getattr(api, name), label))
+    state_dict, model, batches, score = _minilm()
+    weights = sum(v.numel() for v in state_dict.values() if v.is_floating_point())
+    samples: list[tuple[float, str]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append((rss_mb(), stage[0]))
+            time.sleep(0.05)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "minilm.jwt"
+        gc.collect()
+        base = rss_mb()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        codec.save(model, path, bits_per_weight=args.bits, calibration=batches)
+        wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+        done.set()
+        sampler.join()
+        size = os.path.getsize(path)
+        quality = "" if args.no_quality else score(codec.load(path))
+    cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+    peaks: dict[str, float] = {}
+    for mb, label in samples:
+        peaks[label] = max(peaks.get(label, 0.0), mb - base)
+    print(f"resident before {base:.0f} MB; peak above it {max(peaks.values()):.0f} MB "
+          f"(target 182 MB: 2x the fp32 model); wall {wall:.1f} s; CPU {cpu:.1f} s; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    for label, mb in peaks.items():
+        print(f"  {label:12s} peak above resident {mb:6.0f} MB")
+    print(f"bits/weight {8 * size / weights:.4f}" + (f"; cosine everyday / rare {quality}" if quality else ""))
+
+
+if __name__ == "__main__":
+    main()
