@@ -58,6 +58,17 @@ class Embed(torch.nn.Module):
         return F.normalize((out * mask).sum(1) / mask.sum(1), dim=-1)
 
 
+def original_bert() -> torch.nn.Module:
+    """A float32 copy of the model's BERT holding the original weights, in eval mode.
+
+    Loaded explicitly: :func:`bench.minilm.cosine_quality` leaves the weights it last scored in the shared model,
+    so a copy of that model taken after scoring the post-training file held the *coded* weights, and the teacher
+    finetune copies from it was the coded model: distillation then had nothing to learn (no gain last pass)."""
+    bert = copy.deepcopy(minilm._model()[0].auto_model).float().eval()
+    bert.load_state_dict(minilm.load_state_dict(), strict=False)  # the position_ids buffer is not in the file
+    return bert
+
+
 def _score(blob: bytes, weights: int) -> dict[str, float]:
     decoded = codec.load(blob)
     return {"bpw": 8 * len(blob) / weights, "everyday": minilm.cosine_quality(decoded, EVERYDAY),
@@ -86,10 +97,10 @@ def main(argv: list[str] | None = None) -> None:
         overrides = {name: setting_of(f.reader.entry(name)) for name in state}
     rows = [("post-training", _score(post, weights), post_cpu)]
 
-    st = minilm._model()
-    bert = copy.deepcopy(st[0].auto_model).float().eval()  # no dropout: the student matches the teacher exactly
+    bert = original_bert()
     sentences = list(CALIBRATION)
-    batches = [dict(st.tokenizer(sentences[i:i + args.batch], padding=True, truncation=True, max_length=64,
+    tokenizer = minilm._model().tokenizer
+    batches = [dict(tokenizer(sentences[i:i + args.batch], padding=True, truncation=True, max_length=64,
                                  return_tensors="pt")) for i in range(0, len(sentences), args.batch)]
     started = time.process_time()
     codec.train.finetune(Embed(bert), batches, None, steps=args.steps, lr=args.lr, refresh=args.refresh,
