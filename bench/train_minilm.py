@@ -8,9 +8,10 @@
    (``bench.sentences.CALIBRATION``, disjoint from both evaluation sets), with every weight passed through its real
    encode/decode in the forward pass; then saved with those settings and scored the same way.
 
-Prints one table row per path: bits/weight, cosine everyday / rare, CPU seconds, peak RSS::
+The student and the teacher both start from the original float weights (:func:`original_bert`). Prints one table
+row per path and rate: bits/weight, cosine everyday / rare, CPU seconds (worker processes included); peak RSS::
 
-    python -m bench.train_minilm --bits 4 --steps 40 --refresh 10 --lr 2e-5
+    python -m bench.train_minilm --bits 4.5 --bits 4.75 --steps 40 --refresh 10 --lr 2e-5
 """
 
 from __future__ import annotations
@@ -75,47 +76,69 @@ def _score(blob: bytes, weights: int) -> dict[str, float]:
             "rare": minilm.cosine_quality(decoded, RARE)}
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (the rate search's worker processes)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def distilled(state: dict, overrides: dict, batches: list, args, lr: float) -> bytes:
+    """The file of the original model distilled with the codec in the loop at ``overrides`` (every tensor's setting
+    of the post-training file), saved with the same settings."""
+    bert = original_bert()
+    codec.train.finetune(Embed(bert), batches, None, steps=args.steps, lr=lr, refresh=args.refresh,
+                         overrides={f"bert.{k}": v for k, v in overrides.items()}, progress=True,
+                         train_mode=True if args.dropout else None)
+    buf = io.BytesIO()
+    codec.save({k: v for k, v in bert.state_dict().items() if k in state}, buf, overrides=overrides)
+    return buf.getvalue()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bits", type=float, default=4.0, help="bits/weight of the post-training search")
+    parser.add_argument("--bits", type=float, action="append", help="bits/weight of the post-training search "
+                        "(several: a post-training file and a distilled one at each; default 4)")
     parser.add_argument("--steps", type=int, default=40, help="distillation steps with the codec in the loop")
     parser.add_argument("--refresh", type=int, default=10, help="code the weights every REFRESH steps")
-    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--lr", type=float, action="append", help="Adam learning rate (several: a distillation "
+                        "run for each; default 2e-5)")
     parser.add_argument("--batch", type=int, default=16, help="sentences per step")
+    parser.add_argument("--dropout", action="store_true", help="distil with dropout on (the model in training "
+                        "mode; the default is eval mode, as the teacher): an ablation")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    torch.manual_seed(0)
 
     state = minilm.load_state_dict()
     weights = sum(t.numel() for t in state.values())
-    started = time.process_time()
-    buf = io.BytesIO()
-    codec.save(state, buf, bits_per_weight=args.bits)
-    post = buf.getvalue()
-    post_cpu = time.process_time() - started
-    with codec.open(post) as f:
-        overrides = {name: setting_of(f.reader.entry(name)) for name in state}
-    rows = [("post-training", _score(post, weights), post_cpu)]
-
-    bert = original_bert()
     sentences = list(CALIBRATION)
     tokenizer = minilm._model().tokenizer
     batches = [dict(tokenizer(sentences[i:i + args.batch], padding=True, truncation=True, max_length=64,
-                                 return_tensors="pt")) for i in range(0, len(sentences), args.batch)]
-    started = time.process_time()
-    codec.train.finetune(Embed(bert), batches, None, steps=args.steps, lr=args.lr, refresh=args.refresh,
-                         overrides={f"bert.{k}": v for k, v in overrides.items()}, progress=True)
-    buf = io.BytesIO()
-    codec.save({k: v for k, v in bert.state_dict().items() if k in state}, buf, overrides=overrides)
-    rows.append((f"codec in the loop, {args.steps} steps (refresh {args.refresh}, lr {args.lr:g})",
-                 _score(buf.getvalue(), weights), time.process_time() - started))
+                              return_tensors="pt")) for i in range(0, len(sentences), args.batch)]
+    rows = []
+    for bits in args.bits or [4.0]:
+        started = _cpu()
+        buf = io.BytesIO()
+        codec.save(state, buf, bits_per_weight=bits)
+        post = buf.getvalue()
+        rows.append((bits, "post-training", _score(post, weights), _cpu() - started))
+        with codec.open(post) as f:
+            overrides = {name: setting_of(f.reader.entry(name)) for name in state}
+        for lr in args.lr or [2e-5]:
+            torch.manual_seed(0)
+            started = _cpu()
+            blob = distilled(state, overrides, batches, args, lr)
+            label = (f"codec in the loop, {args.steps} steps (refresh {args.refresh}, lr {lr:g}"
+                     f"{', dropout on' if args.dropout else ''})")
+            rows.append((bits, label, _score(blob, weights), _cpu() - started))
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\nall-MiniLM-L6-v2 at -b {args.bits:g}; load average {os.getloadavg()[0]:.1f}; peak RSS {peak:.0f} MB\n")
-    print("| path | bits/weight | cosine everyday | cosine rare | CPU s |")
-    print("|---|---|---|---|---|")
-    for label, score, cpu in rows:
-        print(f"| {label} | {score['bpw']:.3f} | {score['everyday']:.4f} | {score['rare']:.4f} | {cpu:.1f} |")
+    print(f"\nall-MiniLM-L6-v2, {len(sentences)} training sentences in batches of {args.batch}; load average "
+          f"{os.getloadavg()[0]:.1f}; peak RSS {peak:.0f} MB\n")
+    print("| -b | path | bits/weight | cosine everyday | cosine rare | CPU s |")
+    print("|---|---|---|---|---|---|")
+    for bits, label, score, cpu in rows:
+        print(f"| {bits:g} | {label} | {score['bpw']:.3f} | {score['everyday']:.4f} | {score['rare']:.4f} | "
+              f"{cpu:.1f} |")
 
 
 if __name__ == "__main__":
