@@ -76,6 +76,21 @@ def _score(blob: bytes, weights: int) -> dict[str, float]:
             "rare": minilm.cosine_quality(decoded, RARE)}
 
 
+def mixed(batches: list[dict], fraction: float, vocab: int, seed: int = 0) -> list[dict]:
+    """``batches`` followed by a copy of each in which every word-piece (not [CLS], [SEP] or padding) is replaced,
+    with probability ``fraction``, by a random token of the vocabulary (ids from 999 up: the [unused] ids below
+    are never seen): unlabelled "text" that reaches embedding rows the training sentences do not use."""
+    generator = torch.Generator().manual_seed(seed)
+    out = list(batches)
+    for batch in batches:
+        ids = batch["input_ids"].clone()
+        inner = batch["attention_mask"].bool() & (ids != ids[:, :1]) & (ids != 102)  # 101 [CLS], 102 [SEP]
+        swap = inner & (torch.rand(ids.shape, generator=generator) < fraction)
+        ids[swap] = torch.randint(999, vocab, (int(swap.sum()),), generator=generator)
+        out.append({**batch, "input_ids": ids})
+    return out
+
+
 def _cpu() -> float:
     """CPU seconds of this process and its finished children (the rate search's worker processes)."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -103,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, action="append", help="Adam learning rate (several: a distillation "
                         "run for each; default 2e-5)")
     parser.add_argument("--batch", type=int, default=16, help="sentences per step")
+    parser.add_argument("--mix", type=float, default=0.0, help="also train on a copy of each batch with this "
+                        "fraction of its word-pieces replaced by random vocabulary tokens (0: none)")
     parser.add_argument("--dropout", action="store_true", help="distil with dropout on (the model in training "
                         "mode; the default is eval mode, as the teacher): an ablation")
     args = parser.parse_args(argv)
@@ -114,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = minilm._model().tokenizer
     batches = [dict(tokenizer(sentences[i:i + args.batch], padding=True, truncation=True, max_length=64,
                               return_tensors="pt")) for i in range(0, len(sentences), args.batch)]
+    if args.mix:
+        batches = mixed(batches, args.mix, tokenizer.vocab_size)
     rows = []
     for bits in args.bits or [4.0]:
         started = _cpu()
@@ -128,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             started = _cpu()
             blob = distilled(state, overrides, batches, args, lr)
             label = (f"codec in the loop, {args.steps} steps (refresh {args.refresh}, lr {lr:g}"
-                     f"{', dropout on' if args.dropout else ''})")
+                     f"{', dropout on' if args.dropout else ''}{f', random tokens {args.mix:g}' if args.mix else ''})")
             rows.append((bits, label, _score(blob, weights), _cpu() - started))
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
