@@ -260,7 +260,6 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
             bar.update(1)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss.item():.4g}")
-    model.train(was_training)
     if vector_bits:  # the model holds what the file will: its vectors rounded
         round_vectors(model, vector_bits, opts, overrides=rules)
     if last is None:
@@ -271,6 +270,7 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         if own_bar:
             bar.update(1)
             bar.set_postfix(loss=f"{final.item():.4g}")
+    model.train(was_training)  # after the final pass, which runs in the loop's mode (its loss comparable)
     if own_bar:
         bar.close()
     return model
