@@ -172,3 +172,17 @@ def test_train_mode_is_the_callers_choice():
     assert seen == [True, True, True, False, False, False] and labelled.training
     with pytest.raises(TypeError, match="train_mode"):
         finetune(labelled, _data(1), LOSS, setting="b4", steps=1, train_mode="yes")
+
+
+def test_bench_train_variant_replaces_or_adds_settings_and_rejects_bad_ones(capsys):
+    from bench import train
+
+    assert train.ladder_point("cnn", 6, variant=train.parse_variant("conv2.weight=b3,extra.weight=b5")) == [
+        ("fc1.weight", "jpeg,q6,table=flat"), ("conv1.weight", "b8"), ("conv2.weight", "b3"), ("fc2.weight", "b4"),
+        ("extra.weight", "b5")]
+    assert train.variant_label(6, train.parse_variant("conv2.weight=b3")) == "q6, conv2.weight=b3"
+    for bad in ("conv2.weight", "conv2.weight=b3,=b2", "conv2.weight=b99"):
+        with pytest.raises(SystemExit) as exc:
+            train.main(["--model", "cnn", "--variant", bad])
+        assert exc.value.code == 2
+        assert "--variant" in capsys.readouterr().err or bad == "conv2.weight=b99"
