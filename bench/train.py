@@ -52,11 +52,29 @@ REST = {"mlp": [("fc2.weight", "b3")], "cnn": [("conv1.weight", "b8"), ("conv2.w
 LADDER = {"mlp": (4, 5, 6, 8, 10), "cnn": (4, 5, 6, 8, 10)}
 
 
-def ladder_point(kind: str, quality: int, table: str = "flat") -> list[tuple[str, str]]:
+def ladder_point(kind: str, quality: int, table: str = "flat",
+                 variant: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
     """The overrides (codec.save's) of one ladder point: the largest layer in grid-tiled JPEG at ``quality`` with
     ``table`` (grid tiles are the cheapest structure jwt has: one set of JPEG headers, 64x64 tiles), the rest as
-    REST."""
-    return [(f"{BIG[kind]}.weight", f"jpeg,q{quality},table={table}"), *REST[kind]]
+    REST with the ``(tensor, setting)`` pairs of ``variant`` in place of (or added to) REST's."""
+    changed = dict(variant)
+    rest = [(name, changed.pop(name, setting)) for name, setting in REST[kind]]
+    return [(f"{BIG[kind]}.weight", f"jpeg,q{quality},table={table}"), *rest, *changed.items()]
+
+
+def parse_variant(text: str) -> tuple[tuple[str, str], ...]:
+    """``"conv2.weight=b3,fc2.weight=b8"`` as ``(("conv2.weight", "b3"), ("fc2.weight", "b8"))``; ValueError if a
+    part is not ``tensor=setting``. (A setting with commas, like JPEG's, is not allowed here: the ladder's own
+    layer carries those.)"""
+    pairs = tuple(tuple(part.split("=", 1)) for part in text.split(",") if part)
+    if not pairs or any(len(pair) != 2 or not all(pair) for pair in pairs):
+        raise ValueError(f"--variant {text!r}: expected tensor=setting[,tensor=setting...]")
+    return pairs
+
+
+def variant_label(quality: int, variant: Sequence[tuple[str, str]]) -> str:
+    """The "coded with" label of a ladder point: ``q6`` or ``q6, conv2.weight=b3``."""
+    return ", ".join([f"q{quality}", *(f"{name}={setting}" for name, setting in variant)])
 
 
 def batches_of(inputs: torch.Tensor, targets: torch.Tensor, generator: torch.Generator,
@@ -168,6 +186,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
                         "bits (stored losslessly, exactly)")
     parser.add_argument("--quality", type=int, action="append", help="ladder: JPEG qualities of the largest layer")
     parser.add_argument("--table", default="flat", help="ladder: JPEG table of the largest layer (flat, ramp1, ...)")
+    parser.add_argument("--variant", action="append", default=[], help="ladder: also code the other tensors this "
+                        "way, e.g. conv2.weight=b3,fc2.weight=b8 (each --variant a ladder of its own at every "
+                        "--quality, beside the default settings)")
     parser.add_argument("--lam", type=float, action="append", help="penalty strength(s) (default 1 and 4)")
     parser.add_argument("--rate-setting", default="jpeg,q8,table=flat", help="the setting the penalty estimates")
     parser.add_argument("--rate-every", type=int, default=8, help="add the rate penalty every N steps")
@@ -196,8 +217,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     budgets = args.bits or [0.2, 0.3, 0.4, 0.6, 1.0]
     try:  # a bad setting fails here, not after training
         codec.train.as_setting(args.rate_setting)
+        args.variants = [(), *map(parse_variant, args.variant)]
         for q in qualities:
-            codec.train.as_overrides(ladder_point(kind, q, args.table))
+            for variant in args.variants:
+                codec.train.as_overrides(ladder_point(kind, q, args.table, variant))
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
     torch.set_num_threads(1)
@@ -241,20 +264,21 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
         calib = preprocess(images[: args.calibration])
         searched("plain, search + calibration/repair", plain, plain_seconds, calibration=calib, repair=True)
     rounded = f", biases at {args.vector_bits} significand bits" if args.vector_bits else ""
-    for q in qualities:
+    points = [(variant_label(q, variant), ladder_point(kind, q, args.table, variant))
+              for variant in args.variants for q in qualities]
+    for label, point in points:
         model = plain
         if args.vector_bits:  # like for like: the plain model's vectors rounded after training
             model = copy.deepcopy(plain)
-            codec.train.round_vectors(model, args.vector_bits, overrides=ladder_point(kind, q, args.table))
-        record(f"plain, ladder{rounded}", f"q{q}", coded(model, overrides=ladder_point(kind, q, args.table)),
-               plain_seconds)
+            codec.train.round_vectors(model, args.vector_bits, overrides=point)
+        record(f"plain, ladder{rounded}", label, coded(model, overrides=point), plain_seconds)
     for every in args.refresh or [1]:
         loop = f"codec in the loop, last {args.codec_epochs} epoch(s), coded every {every} step(s){rounded}"
-        for q in qualities:
-            with tqdm(total=schedule.steps() * args.codec_epochs, desc=f"codec q{q}", unit="step") as bar:
-                model, seconds = schedule.codec_epochs(snapshot, ladder_point(kind, q, args.table), bar=bar,
-                                                       refresh=every, vector_bits=args.vector_bits)
-            record(loop, f"q{q}", coded(model, overrides=ladder_point(kind, q, args.table)), seconds)
+        for label, point in points:
+            with tqdm(total=schedule.steps() * args.codec_epochs, desc=f"codec {label}", unit="step") as bar:
+                model, seconds = schedule.codec_epochs(snapshot, point, bar=bar, refresh=every,
+                                                       vector_bits=args.vector_bits)
+            record(loop, label, coded(model, overrides=point), seconds)
     for lam in lams:
         with tqdm(total=steps, desc=f"lam={lam:g}", unit="step") as bar:
             model, seconds, _ = schedule.run(lam, args.rate_setting, args.rate_every, args.warmup, bar=bar)

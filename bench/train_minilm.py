@@ -8,9 +8,10 @@
    (``bench.sentences.CALIBRATION``, disjoint from both evaluation sets), with every weight passed through its real
    encode/decode in the forward pass; then saved with those settings and scored the same way.
 
-Prints one table row per path: bits/weight, cosine everyday / rare, CPU seconds, peak RSS::
+The student and the teacher both start from the original float weights (:func:`original_bert`). Prints one table
+row per path and rate: bits/weight, cosine everyday / rare, CPU seconds (worker processes included); peak RSS::
 
-    python -m bench.train_minilm --bits 4 --steps 40 --refresh 10 --lr 2e-5
+    python -m bench.train_minilm --bits 4.5 --bits 4.75 --steps 40 --refresh 10 --lr 1e-5
 """
 
 from __future__ import annotations
@@ -58,53 +59,105 @@ class Embed(torch.nn.Module):
         return F.normalize((out * mask).sum(1) / mask.sum(1), dim=-1)
 
 
+def original_bert() -> torch.nn.Module:
+    """A float32 copy of the model's BERT holding the original weights, in eval mode.
+
+    Loaded explicitly: :func:`bench.minilm.cosine_quality` leaves the weights it last scored in the shared model,
+    so a copy of that model taken after scoring the post-training file held the *coded* weights, and the teacher
+    finetune copies from it was the coded model: distillation then had nothing to learn (no gain last pass)."""
+    bert = copy.deepcopy(minilm._model()[0].auto_model).float().eval()
+    bert.load_state_dict(minilm.load_state_dict(), strict=False)  # the position_ids buffer is not in the file
+    return bert
+
+
 def _score(blob: bytes, weights: int) -> dict[str, float]:
     decoded = codec.load(blob)
     return {"bpw": 8 * len(blob) / weights, "everyday": minilm.cosine_quality(decoded, EVERYDAY),
             "rare": minilm.cosine_quality(decoded, RARE)}
 
 
+def mixed(batches: list[dict], fraction: float, vocab: int, seed: int = 0) -> list[dict]:
+    """``batches`` followed by a copy of each in which every word-piece (not [CLS], [SEP] or padding) is replaced,
+    with probability ``fraction``, by a random token of the vocabulary (ids from 999 up: the [unused] ids below
+    are never seen): unlabelled "text" that reaches embedding rows the training sentences do not use."""
+    generator = torch.Generator().manual_seed(seed)
+    out = list(batches)
+    for batch in batches:
+        ids = batch["input_ids"].clone()
+        inner = batch["attention_mask"].bool() & (ids != ids[:, :1]) & (ids != 102)  # 101 [CLS], 102 [SEP]
+        swap = inner & (torch.rand(ids.shape, generator=generator) < fraction)
+        ids[swap] = torch.randint(999, vocab, (int(swap.sum()),), generator=generator)
+        out.append({**batch, "input_ids": ids})
+    return out
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (the rate search's worker processes)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def distilled(state: dict, overrides: dict, batches: list, args, lr: float) -> bytes:
+    """The file of the original model distilled with the codec in the loop at ``overrides`` (every tensor's setting
+    of the post-training file), saved with the same settings."""
+    bert = original_bert()
+    codec.train.finetune(Embed(bert), batches, None, steps=args.steps, lr=lr, refresh=args.refresh,
+                         overrides={f"bert.{k}": v for k, v in overrides.items()}, progress=True,
+                         train_mode=True if args.dropout else None)
+    buf = io.BytesIO()
+    codec.save({k: v for k, v in bert.state_dict().items() if k in state}, buf, overrides=overrides)
+    return buf.getvalue()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bits", type=float, default=4.0, help="bits/weight of the post-training search")
+    parser.add_argument("--bits", type=float, action="append", help="bits/weight of the post-training search "
+                        "(several: a post-training file and a distilled one at each; default 4)")
     parser.add_argument("--steps", type=int, default=40, help="distillation steps with the codec in the loop")
     parser.add_argument("--refresh", type=int, default=10, help="code the weights every REFRESH steps")
-    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--lr", type=float, action="append", help="Adam learning rate (several: a distillation "
+                        "run for each; default 1e-5, the best of 5e-6 to 1e-4 at -b 4.5)")
     parser.add_argument("--batch", type=int, default=16, help="sentences per step")
+    parser.add_argument("--mix", type=float, default=0.0, help="also train on a copy of each batch with this "
+                        "fraction of its word-pieces replaced by random vocabulary tokens (0: none)")
+    parser.add_argument("--dropout", action="store_true", help="distil with dropout on (the model in training "
+                        "mode; the default is eval mode, as the teacher): an ablation")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    torch.manual_seed(0)
 
     state = minilm.load_state_dict()
     weights = sum(t.numel() for t in state.values())
-    started = time.process_time()
-    buf = io.BytesIO()
-    codec.save(state, buf, bits_per_weight=args.bits)
-    post = buf.getvalue()
-    post_cpu = time.process_time() - started
-    with codec.open(post) as f:
-        overrides = {name: setting_of(f.reader.entry(name)) for name in state}
-    rows = [("post-training", _score(post, weights), post_cpu)]
-
-    st = minilm._model()
-    bert = copy.deepcopy(st[0].auto_model).float().eval()  # no dropout: the student matches the teacher exactly
     sentences = list(CALIBRATION)
-    batches = [dict(st.tokenizer(sentences[i:i + args.batch], padding=True, truncation=True, max_length=64,
-                                 return_tensors="pt")) for i in range(0, len(sentences), args.batch)]
-    started = time.process_time()
-    codec.train.finetune(Embed(bert), batches, None, steps=args.steps, lr=args.lr, refresh=args.refresh,
-                         overrides={f"bert.{k}": v for k, v in overrides.items()}, progress=True)
-    buf = io.BytesIO()
-    codec.save({k: v for k, v in bert.state_dict().items() if k in state}, buf, overrides=overrides)
-    rows.append((f"codec in the loop, {args.steps} steps (refresh {args.refresh}, lr {args.lr:g})",
-                 _score(buf.getvalue(), weights), time.process_time() - started))
+    tokenizer = minilm._model().tokenizer
+    batches = [dict(tokenizer(sentences[i:i + args.batch], padding=True, truncation=True, max_length=64,
+                              return_tensors="pt")) for i in range(0, len(sentences), args.batch)]
+    if args.mix:
+        batches = mixed(batches, args.mix, tokenizer.vocab_size)
+    rows = []
+    for bits in args.bits or [4.0]:
+        started = _cpu()
+        buf = io.BytesIO()
+        codec.save(state, buf, bits_per_weight=bits)
+        post = buf.getvalue()
+        rows.append((bits, "post-training", _score(post, weights), _cpu() - started))
+        with codec.open(post) as f:
+            overrides = {name: setting_of(f.reader.entry(name)) for name in state}
+        for lr in args.lr or [1e-5]:
+            torch.manual_seed(0)
+            started = _cpu()
+            blob = distilled(state, overrides, batches, args, lr)
+            label = (f"codec in the loop, {args.steps} steps (refresh {args.refresh}, lr {lr:g}"
+                     f"{', dropout on' if args.dropout else ''}{f', random tokens {args.mix:g}' if args.mix else ''})")
+            rows.append((bits, label, _score(blob, weights), _cpu() - started))
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\nall-MiniLM-L6-v2 at -b {args.bits:g}; load average {os.getloadavg()[0]:.1f}; peak RSS {peak:.0f} MB\n")
-    print("| path | bits/weight | cosine everyday | cosine rare | CPU s |")
-    print("|---|---|---|---|---|")
-    for label, score, cpu in rows:
-        print(f"| {label} | {score['bpw']:.3f} | {score['everyday']:.4f} | {score['rare']:.4f} | {cpu:.1f} |")
+    print(f"\nall-MiniLM-L6-v2, {len(sentences)} training sentences in batches of {args.batch}; load average "
+          f"{os.getloadavg()[0]:.1f}; peak RSS {peak:.0f} MB\n")
+    print("| -b | path | bits/weight | cosine everyday | cosine rare | CPU s |")
+    print("|---|---|---|---|---|---|")
+    for bits, label, score, cpu in rows:
+        print(f"| {bits:g} | {label} | {score['bpw']:.3f} | {score['everyday']:.4f} | {score['rare']:.4f} | "
+              f"{cpu:.1f} |")
 
 
 if __name__ == "__main__":

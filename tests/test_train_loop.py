@@ -139,3 +139,50 @@ def test_round_vectors_after_plain_training_names_what_it_rounded():
         round_vectors(model, None)
     with pytest.raises(ValueError):
         round_vector(torch.ones(3), 0)
+
+
+def _with_dropout():
+    torch.manual_seed(4)
+    return torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Dropout(0.5), torch.nn.Linear(48, 10))
+
+
+def test_distillation_runs_the_student_without_dropout():
+    """Distilling (no loss_fn) the student must match the teacher's deterministic outputs: with a lossless
+    setting they are equal, so nothing moves. With dropout on (training mode) the student chased dropout noise
+    and its weights drifted; the model's own mode is restored."""
+    model = _with_dropout().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    finetune(model, _data()[0][0], None, setting="lossless", steps=3, lr=1e-2)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_train_mode_is_the_callers_choice():
+    model = _with_dropout().eval()
+    before = model[0].weight.detach().clone()
+    finetune(model, _data()[0][0], None, setting="lossless", steps=3, lr=1e-2, train_mode=True)
+    assert not model.training
+    assert not torch.equal(before, model[0].weight)  # dropout on: the student differs from the teacher and moves
+    labelled = _with_dropout()
+    seen = []
+    labelled[1].register_forward_pre_hook(lambda m, args: seen.append(m.training))
+    finetune(labelled, _data(1), LOSS, setting="b4", steps=2, lr=1e-2)
+    finetune(labelled, _data(1), LOSS, setting="b4", steps=2, lr=1e-2, train_mode=False)
+    # two steps and the final pass each, in the loop's mode
+    assert seen == [True, True, True, False, False, False] and labelled.training
+    with pytest.raises(TypeError, match="train_mode"):
+        finetune(labelled, _data(1), LOSS, setting="b4", steps=1, train_mode="yes")
+
+
+def test_bench_train_variant_replaces_or_adds_settings_and_rejects_bad_ones(capsys):
+    from bench import train
+
+    assert train.ladder_point("cnn", 6, variant=train.parse_variant("conv2.weight=b3,extra.weight=b5")) == [
+        ("fc1.weight", "jpeg,q6,table=flat"), ("conv1.weight", "b8"), ("conv2.weight", "b3"), ("fc2.weight", "b4"),
+        ("extra.weight", "b5")]
+    assert train.variant_label(6, train.parse_variant("conv2.weight=b3")) == "q6, conv2.weight=b3"
+    for bad in ("conv2.weight", "conv2.weight=b3,=b2", "conv2.weight=b99"):
+        with pytest.raises(SystemExit) as exc:
+            train.main(["--model", "cnn", "--variant", bad])
+        assert exc.value.code == 2
+        assert "--variant" in capsys.readouterr().err or bad == "conv2.weight=b99"

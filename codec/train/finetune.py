@@ -166,7 +166,8 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
              setting: EncodeOptions | str | Mapping | None = None, steps: int = 100,
              lr: float | Callable[[int], float] = 1e-4,
              progress=False, overrides: Overrides | OverrideRules = None, refresh: int = 1,
-             vector_bits: int | None = None, optimizer: torch.optim.Optimizer | None = None) -> torch.nn.Module:
+             vector_bits: int | None = None, optimizer: torch.optim.Optimizer | None = None,
+             train_mode: bool | None = None) -> torch.nn.Module:
     """Fine-tune ``model`` in place, ``steps`` Adam steps at ``lr``, with every tensor coded as ``setting`` stores
     it (see :func:`codec.train.as_setting`; ``overrides``: per-tensor settings by glob, as codec.save takes them;
     save afterwards with the same options and overrides) in the forward pass.
@@ -177,6 +178,11 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     once a step. ``refresh``: code the weights every ``refresh`` steps, in between the residual of the last
     coding straight through (1: every step). ``vector_bits``: round the tensors stored losslessly for their shape
     (biases) to that many significand bits, in the loop and in the model at the end (None: kept as they are).
+    ``train_mode``: run the model in training mode (dropout on, BatchNorm on batch statistics) or in eval mode;
+    None (default) trains in training mode with a ``loss_fn`` and in eval mode when distilling, where the student
+    has to match the teacher's deterministic outputs (with dropout on, it chases dropout noise instead: on
+    all-MiniLM-L6-v2 that erased the whole gain of distillation, bench/README.md). The model's own mode is
+    restored at the end.
     Returns the model, with its float weights (its rounded vectors with ``vector_bits``); the file saved from it
     with the same setting decodes to exactly the weights of the last forward pass (``coded_weights(model,
     setting)``), which is coded afresh after the last update to report the final loss.
@@ -193,6 +199,8 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         raise TypeError(f"finetune: optimizer must be a torch.optim.Optimizer or None, not {type(optimizer).__name__}")
     if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
         raise ValueError(f"finetune: refresh must be a positive integer, not {refresh!r}")
+    if train_mode is not None and not isinstance(train_mode, bool):
+        raise TypeError(f"finetune: train_mode must be True, False or None, not {type(train_mode).__name__}")
     try:
         vector_bits = _check_vector_bits(vector_bits)
     except ValueError as exc:
@@ -237,7 +245,7 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         return torch.nn.functional.mse_loss(functional_call(model, coded, (inputs,)), target)
 
     was_training = model.training
-    model.train()
+    model.train(loss_fn is not None if train_mode is None else train_mode)
     last = None
     for step in range(steps):
         last = next(stream)
@@ -252,7 +260,6 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
             bar.update(1)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss.item():.4g}")
-    model.train(was_training)
     if vector_bits:  # the model holds what the file will: its vectors rounded
         round_vectors(model, vector_bits, opts, overrides=rules)
     if last is None:
@@ -263,6 +270,7 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         if own_bar:
             bar.update(1)
             bar.set_postfix(loss=f"{final.item():.4g}")
+    model.train(was_training)  # after the final pass, which runs in the loop's mode (its loss comparable)
     if own_bar:
         bar.close()
     return model
