@@ -482,3 +482,18 @@ def test_finetune_with_kl_on_logits():
     with pytest.raises(ValueError, match="finetune_loss"):
         repair(model, data, options, settings=RepairSettings(finetune_steps=1, finetune_loss="l1"))
 
+
+
+def test_a_weight_repair_leaves_alone_keeps_its_original_value_as_target():
+    """With nothing that changes a layer weight (no refit, GPTQ, compensation), its target is the weight itself.
+
+    The target used to be a view of the working model, which then took the decoded values: the file coded the
+    decoded values a second time, not the weight.
+    """
+    model, data = tiny_model(4), batches()
+    options = quant_options(model, bits=2)
+    settings = RepairSettings(steps=0, final_steps=0, refit=False, gptq=False, compensate=False,
+                              bias_correction=False)
+    targets, _, _ = code_with_repair(model, data, options, settings=settings)
+    for name in ("conv.weight", "fc.weight", "head.weight"):
+        assert name not in targets or np.array_equal(targets[name], to_numpy(model.state_dict()[name])[0]), name

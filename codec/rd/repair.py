@@ -835,7 +835,9 @@ class _LayerFit:
             if key not in self._compensated:
                 self._compensated[key] = jpeg_target(current, slot.dtype, opts, self._h(), damp=settings.damp)
             return self._compensated[key]
-        return current, None
+        # a refit is the layer's own array; the weight itself is a view of the working model, which is about to
+        # take the decoded values: the target must not follow it
+        return (current if self._fitted is not None else current.copy()), None
 
     def _centred(self, hh: np.ndarray, cross: np.ndarray, mean: np.ndarray,
                  mean_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
