@@ -331,14 +331,16 @@ def test_keep_size_moves_a_grown_tensor_back_or_codes_it_cheaper():
 
     planned = size(slot.original, jpeg)
     assert size(grown, jpeg) > planned  # the premise: the new values code larger
-    target, _, _, opts, credit = _code_within(slot, None, jpeg, RepairSettings(keep_size=False), None, 0)
-    assert opts == jpeg and np.array_equal(target, grown)
-    target, _, _, opts, credit = _code_within(slot, None, jpeg, RepairSettings(), None, 0)
+    target, _, _, opts, credit, nbytes = _code_within(slot, None, jpeg, RepairSettings(keep_size=False), None, 0)
+    assert opts == jpeg and np.array_equal(target, grown) and nbytes == size(grown, jpeg)
+    target, _, _, opts, credit, nbytes = _code_within(slot, None, jpeg, RepairSettings(), None, 0)
     assert opts == jpeg and size(target, jpeg) <= planned and credit == planned - size(target, jpeg) >= 0
+    assert nbytes == size(target, jpeg)
     assert 0 < np.abs(target - slot.original).max() < np.abs(grown - slot.original).max()  # part of the way back
-    target, _, _, opts, credit = _code_within(slot, None, jpeg, RepairSettings(), None, -planned // 10)
+    target, _, _, opts, credit, nbytes = _code_within(slot, None, jpeg, RepairSettings(), None, -planned // 10)
     assert opts.codec == "jpeg" and opts.quality < 60 and size(target, opts) <= planned - planned // 10
-    _, _, _, opts, _ = _code_within(slot, None, jpeg, RepairSettings(), None, 10 * planned)
+    assert nbytes == size(target, opts)
+    _, _, _, opts, _, _ = _code_within(slot, None, jpeg, RepairSettings(), None, 10 * planned)
     assert opts == jpeg
     quant = EncodeOptions(codec="quant", bits=2, tile=(8, 64))
     assert _code_within(slot, None, quant, RepairSettings(), None, -10 * planned)[3] == quant

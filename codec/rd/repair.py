@@ -125,6 +125,8 @@ class _Slot:
     target: np.ndarray | None = None
     #: Bytes of the original value coded with the planned options (``keep_size``; None until coded).
     budget: int | None = None
+    #: Bytes of the blobs of the coding repair chose (None until coded).
+    nbytes: int | None = None
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -218,8 +220,8 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     for slot in queue:
         layer = _LayerFit.collect(model, originals[slot.module_name], work, slot, slots, batches, settings,
                                   follower.get(id(slot.module))) if _is_layer_weight(slot) else None
-        target, assumed, decoded, opts, credit = _code_within(slot, layer, options[slot.name], settings, executor,
-                                                              credit)
+        target, assumed, decoded, opts, credit, slot.nbytes = _code_within(slot, layer, options[slot.name], settings,
+                                                                           executor, credit)
         if opts != options[slot.name]:
             changed[slot.name] = opts
         if assumed is not None and not np.array_equal(to_float64(decoded, slot.dtype), assumed):
@@ -532,11 +534,10 @@ def _finetune(work: nn.Module, batches: list, refs: list, slots: dict[str, _Slot
     for s in trained:
         value = to_numpy(s.tensor)[0].copy()
         coded[s.name] = [(value, *_code(s.name, value, s.dtype, options[s.name], executor)),
-                         (s.target, *_code(s.name, s.target, s.dtype, options[s.name], executor))]
+                         (s.target, to_numpy(saved[s.name])[0], s.nbytes)]
     back = []
     if settings.keep_size and coded:
-        frozen = sum(_code(s.name, s.target, s.dtype, options[s.name], executor)[1] for s in lossy
-                     if s.name not in coded)
+        frozen = sum(s.nbytes for s in lossy if s.name not in coded)
         limit = max(sum(s.budget or 0 for s in lossy), frozen + sum(c[1][2] for c in coded.values()))
         for name in sorted(coded, key=lambda name: coded[name][1][2] - coded[name][0][2]):  # grown most first
             if frozen + sum(c[0][2] for c in coded.values()) <= limit:
@@ -606,8 +607,9 @@ def _cheaper(opts: EncodeOptions) -> EncodeOptions | None:
 
 
 def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, settings: RepairSettings, executor,
-                 credit: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, EncodeOptions, int]:
-    """Choose and code one lossy tensor's target; ``(target, GPTQ's decoded or None, decoded, options, credit)``.
+                 credit: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, EncodeOptions, int, int]:
+    """Choose and code one lossy tensor's target; ``(target, GPTQ's decoded or None, decoded, options, credit,
+    bytes)``.
 
     A ``jpeg`` layer weight is coded three ways within its size: with
     compensation blended back towards the weight, with full compensation
@@ -633,7 +635,8 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
 
 
 def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, settings: RepairSettings, executor,
-              credit: int, blend: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, EncodeOptions, int]:
+              credit: int, blend: bool = True
+              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, EncodeOptions, int, int]:
     """Code one lossy tensor's target within its planned size (``settings.keep_size``); as :func:`_code_within`.
 
     ``credit`` is what the tensors coded before saved against their plan
@@ -652,20 +655,20 @@ def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, setting
             target, assumed = layer.target(opts, settings)
         decoded, nbytes = _code(slot.name, target, slot.dtype, opts, executor)
         if not settings.keep_size:
-            return target, assumed, decoded, opts, credit
+            return target, assumed, decoded, opts, credit, nbytes
         if budget is None:  # the original value coded with the planned options: (options, decoded, bytes)
             original = (opts, *((decoded, nbytes) if _same_bytes(target, slot.original)
                                 else _code(slot.name, slot.original, slot.dtype, opts, executor)))
             budget = slot.budget = original[2]
         if nbytes <= budget + credit:
-            return target, assumed, decoded, opts, credit + budget - nbytes
+            return target, assumed, decoded, opts, credit + budget - nbytes, nbytes
         if blend and (assumed is None or opts.codec == "jpeg") and credit >= 0:  # the original fits: move back
             coded = original[1:] if original[0] == opts else None
             target, decoded, nbytes = _blend(slot, target, opts, executor, budget + credit, coded)
-            return target, None, decoded, opts, credit + budget - nbytes
+            return target, None, decoded, opts, credit + budget - nbytes, nbytes
         cheaper = _cheaper(opts)
         if cheaper is None:
-            return target, assumed, decoded, opts, credit + budget - nbytes
+            return target, assumed, decoded, opts, credit + budget - nbytes, nbytes
         opts = cheaper
 
 
