@@ -512,31 +512,7 @@ def _decode_blob(codec: BlobCodec, t: tiling.Tiling, dtype: DType, k: int, blob:
     if not direct and pixels.dtype == np.uint8 and th * tw >= LUT_MIN_TILE_PIXELS:
         lut = mapping.lookup_table(o, s, dtype).reshape(-1)
     if band:
-        r0, cols = (idx.start // gc) * th, t.cols
-        height = min(pixels.shape[0], t.rows - r0)
-        if lut is not None:
-            # One cell row at a time: its tiles' tables are a slice of ``lut``
-            # and a pixel's entry is ``256 * (tile column) + pixel``, small
-            # enough for a 16-bit index where the row has at most 256 tiles.
-            col_base = ((np.arange(cols) // tw) * 256).astype(np.uint16 if gc <= 256 else np.uint32)
-            step = max(1, _CHUNK // cols)
-            for a in range(-(-height // th)):
-                row_lut = lut[a * gc * 256 : (a + 1) * gc * 256]
-                for y in range(a * th, min((a + 1) * th, height), step):
-                    y1 = min(y + step, (a + 1) * th, height)
-                    np.take(row_lut, pixels[y:y1, :cols] + col_base, out=matrix[r0 + y : r0 + y1], mode="clip")
-            return
-        for a in range(-(-height // th)):
-            y, y1 = a * th, min((a + 1) * th, height)
-            cells = pixels[y:y1].reshape(y1 - y, gc, tw)
-            o_row, s_row = o[a * gc : (a + 1) * gc, None], s[a * gc : (a + 1) * gc, None]
-            if direct:
-                dest = matrix[r0 + y : r0 + y1].reshape(y1 - y, gc, tw)
-                np.multiply(cells, s_row, out=dest)
-                np.add(dest, o_row, out=dest)
-            else:
-                values = o_row.astype(np.float64) + s_row.astype(np.float64) * cells
-                matrix[r0 + y : r0 + y1] = from_float64(values.reshape(y1 - y, gc * tw)[:, :cols], dtype)
+        _decode_band(pixels, matrix, t, dtype, idx.start // gc, o, s, direct, lut)
         return
     tiles = tiling.from_mosaic(pixels, t, k)
     if t.mode == "rows":
@@ -564,6 +540,44 @@ def _decode_blob(codec: BlobCodec, t: tiling.Tiling, dtype: DType, k: int, blob:
             dest_tiles[j:j1] = values
         else:
             _place_tiles(matrix, t, idx.start + j, values)
+
+
+def _decode_band(pixels: np.ndarray, matrix: np.ndarray, t: tiling.Tiling, dtype: DType, g0: int,
+                 o: np.ndarray, s: np.ndarray, direct: bool, lut: np.ndarray | None) -> None:
+    """Write a band blob's pixels (its image is tile rows ``g0, g0+1, ...`` of the matrix, plus padding) into
+    ``matrix``: several cell rows per numpy call, about :data:`_CHUNK` pixels each (one call a cell row cost
+    more in Python than in arithmetic for thin tiles), by float32 arithmetic (``direct``), a table lookup
+    (``lut``: each tile's 256 entries in turn) or the spec's binary64 formula."""
+    th, tw = t.tile_h, t.tile_w
+    gc, cols = t.grid[1], t.cols
+    r0 = g0 * th
+    height = min(pixels.shape[0], t.rows - r0)
+    whole = height // th  # cell rows of full height; a last, shorter one when the matrix ends inside it
+    per = max(1, _CHUNK // (th * gc * tw))
+    groups = [(a, min(a + per, whole), th) for a in range(0, whole, per)]
+    if height > whole * th:
+        groups.append((whole, whole + 1, height - whole * th))
+    if lut is not None:
+        # A pixel's entry is 256 * (its tile's place among the group's tiles) + pixel.
+        tile_of_col = (np.arange(cols) // tw).astype(np.uint32)
+    for a0, a1, hh in groups:
+        na, y = a1 - a0, a0 * th
+        rows = na * hh
+        dest = matrix[r0 + y : r0 + y + rows]
+        if lut is not None:
+            base = (np.arange(na, dtype=np.uint32)[:, None] * gc + tile_of_col) * 256
+            index = pixels[y : y + rows, :cols].reshape(na, hh, cols) + base[:, None, :]
+            np.take(lut[a0 * gc * 256 : a1 * gc * 256], index, out=dest.reshape(na, hh, cols), mode="clip")
+            continue
+        cells = pixels[y : y + rows].reshape(na, hh, gc, tw)
+        o4, s4 = o[a0 * gc : a1 * gc].reshape(na, 1, gc, 1), s[a0 * gc : a1 * gc].reshape(na, 1, gc, 1)
+        if direct:
+            out = dest.reshape(na, hh, gc, tw)
+            np.multiply(cells, s4, out=out)
+            np.add(out, o4, out=out)
+        else:
+            values = o4.astype(np.float64) + s4.astype(np.float64) * cells
+            dest[...] = from_float64(values.reshape(rows, gc * tw)[:, :cols], dtype)
 
 
 def _exact_in_float32(pixels: np.ndarray, offset: np.ndarray, scale: np.ndarray, dtype: DType,

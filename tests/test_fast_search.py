@@ -329,3 +329,47 @@ def test_full_h_takes_the_fast_search_only_when_switched_on(monkeypatch):
     distortion, nbytes = _chosen(tensors, chosen, measure_by)
     assert nbytes <= int(2.0 * total / 8)
     assert distortion < 0.5  # the correlated-H tensor is coded, not destroyed
+
+
+def _spec_decode(encoded: Encoded, dtype, shape) -> np.ndarray:
+    """The spec's decoding, tile by tile: each blob's pixels cut into tiles, ``RN64(offset + scale * p)`` rounded to
+    the dtype, the tiles put back in place (no part of tensorcodec's decoding)."""
+    from codec import mapping, tiling
+    from codec.dtypes import from_float64
+
+    t = encoded.tiling
+    offset, scale = mapping.unpack_params(encoded.blobs[0], t.params)
+    tiles = np.concatenate([tiling.from_mosaic(encoded.codec.decode(b, t.blob_shape(k), np.dtype(np.uint8)), t, k)
+                            for k, b in enumerate(encoded.blobs[1:])])
+    values = from_float64(mapping.from_pixels(tiles, offset, scale), dtype)
+    return tiling.assemble_tiles(values, t).reshape(shape)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("chunk", [1 << 16, 700])
+def test_band_decoding_is_the_spec_formula(dtype_name, chunk, monkeypatch):
+    """Blobs that are bands of the matrix decode several cell rows per step to exactly the spec's values, by each of
+    the three mappings (float32 arithmetic, per-tile tables, the binary64 formula): edge tiles cut by the matrix's
+    bottom and right ends, thin and square tiles, 8- and 12-bit pixels, several blobs, steps of one cell row or many."""
+    from codec import tensorcodec, tiling
+    from codec.tensorcodec import decode_encoded
+
+    monkeypatch.setattr(tensorcodec, "_CHUNK", chunk)
+    monkeypatch.setattr(tiling, "TARGET_BLOB_PIXELS", 1 << 14)  # several blobs a tensor
+    rng = np.random.default_rng(5)
+    dtype = get_dtype(dtype_name)
+    for shape in [(203, 190), (512, 128), (64, 64), (9, 1000)]:
+        values = (rng.standard_normal(shape) * 0.03).astype(np.float32)
+        array = (values.view(np.uint32) >> 16).astype(np.uint16) if dtype_name == "bfloat16" else values.astype(
+            dtype.storage)
+        for opts in [EncodeOptions(codec="quant", bits=4, tile=(8, 64)), EncodeOptions(codec="jpeg", quality=60),
+                     EncodeOptions(codec="quant", bits=12, tile=(16, 32)),
+                     EncodeOptions(codec="quant", bits=8, params="float32")]:
+            encoded = encode_tensor(array, dtype, opts)
+            t = encoded.tiling
+            assert t.mode == "grid" and t.columns == t.grid[1]  # a band blob
+            expected = _spec_decode(encoded, dtype, shape).tobytes()
+            for lut_min, float32 in [(128, True), (1 << 30, False)]:  # the fastest exact mapping, the formula alone
+                monkeypatch.setattr(tensorcodec, "LUT_MIN_TILE_PIXELS", lut_min)
+                monkeypatch.setattr(tensorcodec, "FLOAT32_ARITHMETIC", float32)
+                assert decode_encoded(encoded, dtype, shape).tobytes() == expected, (shape, opts, lut_min)
