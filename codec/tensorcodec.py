@@ -251,17 +251,18 @@ def given_options(options: Mapping[str, object]) -> dict[str, object]:
     return out
 
 
-def encode_tensor(array: np.ndarray, dtype: DType, opts: EncodeOptions, *, executor: Executor | None = None) -> Encoded:
+def encode_tensor(array: np.ndarray, dtype: DType, opts: EncodeOptions, *, executor: Executor | None = None,
+                  pixels: dict | None = None) -> Encoded:
     """Encode one tensor (storage form) according to ``opts``.
 
     With an ``executor`` the image blobs are coded in parallel; the result
-    is the same bytes whatever the executor.
+    is the same bytes whatever the executor. ``pixels``: see :func:`start_encode`.
     """
-    return start_encode(array, dtype, opts, executor).result()
+    return start_encode(array, dtype, opts, executor, pixels=pixels).result()
 
 
 def start_encode(array: np.ndarray, dtype: DType, opts: EncodeOptions, executor: Executor | None = None,
-                 check: bool = False) -> Pending:
+                 check: bool = False, pixels: dict | None = None) -> Pending:
     """Submit the coding of one tensor's blobs to ``executor``; ``.result()`` gives the :class:`Encoded`.
 
     Each image blob is one task that converts only its own tiles to float64
@@ -272,6 +273,12 @@ def start_encode(array: np.ndarray, dtype: DType, opts: EncodeOptions, executor:
     :data:`ZERO_ERROR`: ``quant`` is bounded from the tiles' ranges, which the coding computes anyway
     (:func:`quant_error_bound`; 8-bit quant, the default, never needs more), the image codecs are
     decoded once and compared.
+
+    ``pixels`` (a dict, optional) keeps the tiles' float64 values and ranges and the pixel images of each tiling
+    and pixel depth, for further codings of this same ``array`` (the rate search codes a sample with every JPEG
+    quality and quant depth of its menu: one tiling's tiles are widened and ranged once, its 8-bit pixels, which
+    every JPEG quality and 8-bit quant code, mapped once). The bytes are the same with it or without; the caller
+    passes one dict per array, and the dict holds about ten times the array's size for each tiling.
     """
     ex = executor or INLINE
     lossless = lossless_codec(dtype, opts.zstd_level)
@@ -305,6 +312,9 @@ def start_encode(array: np.ndarray, dtype: DType, opts: EncodeOptions, executor:
                 encoded.rel_error = math.sqrt(err / ref) if ref > 0 else (0.0 if err == 0 else math.inf)
         return encoded
 
+    if pixels is not None and not check:
+        return Pending([ex.submit(_encode_blob, matrix, dtype, t, image, k, pixels) for k in range(t.n_blobs)],
+                       assemble)
     task = _encode_checked_blob if check and not isinstance(image, Quant) else _encode_blob
     return Pending([ex.submit(task, matrix, dtype, t, image, k) for k in range(t.n_blobs)], assemble)
 
@@ -396,11 +406,23 @@ def _band_f64(matrix: np.ndarray, dtype: DType, t: tiling.Tiling, g0: int, g1: i
     return band
 
 
-def _encode_blob(matrix: np.ndarray, dtype: DType, t: tiling.Tiling, image: BlobCodec, k: int):
-    """Code image blob ``k``: ``(offset, scale, blob bytes)`` of its tiles, or None if a value is not finite."""
+def _encode_blob(matrix: np.ndarray, dtype: DType, t: tiling.Tiling, image: BlobCodec, k: int,
+                 cache: dict | None = None):
+    """Code image blob ``k``: ``(offset, scale, blob bytes, lo, hi)`` of its tiles, or None if a value is not
+    finite (``cache``: :func:`start_encode`'s ``pixels``)."""
+    mapped = _map_blob(matrix, dtype, t, image.bits, k, cache)
+    if mapped is None:
+        return None
+    offset, scale, pixels, lo, hi = mapped
+    return offset, scale, image.encode(pixels), lo, hi
+
+
+def _blob_values(matrix: np.ndarray, dtype: DType, t: tiling.Tiling, k: int):
+    """The float64 values of blob ``k``'s tiles and each tile's minimum and maximum: ``(values, lo, hi)``; the
+    values a band ``[cell rows * th, GC * tw]`` (edge-padded) when the blob is a band of the matrix, else tiles
+    ``[n, th, tw]``."""
     idx = t.blob_tiles(k)
     th, tw = t.tile_h, t.tile_w
-    pixel_type = np.uint8 if image.bits <= 8 else np.uint16
     gc = t.grid[1]
     if t.mode == "grid" and t.columns == gc:
         # Mosaic rows are tile rows: the blob's image is a band of the matrix itself.
@@ -408,13 +430,7 @@ def _encode_blob(matrix: np.ndarray, dtype: DType, t: tiling.Tiling, image: Blob
         g0 = idx.start // gc
         band = _band_f64(matrix, dtype, t, g0, g0 + cell_rows)
         cells = band.reshape(cell_rows, th, gc, tw)
-        lo, hi = cells.min(axis=(1, 3)).reshape(-1), cells.max(axis=(1, 3)).reshape(-1)
-        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
-            return None
-        offset, scale = mapping.params_from_range(lo, hi, image.bits, t.params)
-        shape4 = (cell_rows, 1, gc, 1)
-        mapping.pixels_in_place(cells, offset.reshape(shape4), scale.reshape(shape4), image.bits)
-        return offset, scale, image.encode(band.astype(pixel_type)), lo, hi
+        return band, cells.min(axis=(1, 3)).reshape(-1), cells.max(axis=(1, 3)).reshape(-1)
     if t.mode == "rows":
         tiles = np.empty((len(idx), th, tw), np.float64)
         _widen(matrix[idx.start : idx.stop], dtype, tiles.reshape(len(idx), th * tw))
@@ -423,13 +439,41 @@ def _encode_blob(matrix: np.ndarray, dtype: DType, t: tiling.Tiling, image: Blob
         band = _band_f64(matrix, dtype, t, g0, g1)
         tiles = band.reshape(g1 - g0, th, gc, tw).transpose(0, 2, 1, 3).reshape(-1, th, tw)
         tiles = tiles[idx.start - g0 * gc : idx.stop - g0 * gc]
-    lo, hi = tiles.min(axis=(1, 2)), tiles.max(axis=(1, 2))
+    return tiles, tiles.min(axis=(1, 2)), tiles.max(axis=(1, 2))
+
+
+def _map_blob(matrix: np.ndarray, dtype: DType, t: tiling.Tiling, bits: int, k: int, cache: dict | None = None):
+    """Blob ``k``'s tiles mapped to ``bits``-bit pixels: ``(offset, scale, pixel image, lo, hi)``, or None if a
+    value is not finite. With ``cache`` (:func:`start_encode`'s ``pixels``) the float64 values and ranges of a
+    tiling's blob, and its image at each depth, are computed once (the values copied before mapping)."""
+    if cache is not None and (t, bits, k) in cache:
+        return cache[t, bits, k]
+    if cache is None:
+        values, lo, hi = _blob_values(matrix, dtype, t, k)
+    else:
+        if (t, k) not in cache:
+            cache[t, k] = _blob_values(matrix, dtype, t, k)
+        values, lo, hi = cache[t, k]
+        values = values.copy()
     if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
-        return None
-    offset, scale = mapping.params_from_range(lo, hi, image.bits, t.params)
-    mapping.pixels_in_place(tiles, offset[:, None, None], scale[:, None, None], image.bits)
-    mid = 1 << (image.bits - 1)
-    return offset, scale, image.encode(tiling.blob_mosaic(tiles.astype(pixel_type), t, k, mid)), lo, hi
+        mapped = None
+    else:
+        idx = t.blob_tiles(k)
+        pixel_type = np.uint8 if bits <= 8 else np.uint16
+        offset, scale = mapping.params_from_range(lo, hi, bits, t.params)
+        if values.ndim == 2:  # a band
+            gc = t.grid[1]
+            shape4 = (len(idx) // gc, 1, gc, 1)
+            cells = values.reshape(len(idx) // gc, t.tile_h, gc, t.tile_w)
+            mapping.pixels_in_place(cells, offset.reshape(shape4), scale.reshape(shape4), bits)
+            image = values.astype(pixel_type)
+        else:
+            mapping.pixels_in_place(values, offset[:, None, None], scale[:, None, None], bits)
+            image = tiling.blob_mosaic(values.astype(pixel_type), t, k, 1 << (bits - 1))
+        mapped = offset, scale, image, lo, hi
+    if cache is not None:
+        cache[t, bits, k] = mapped
+    return mapped
 
 
 def decode_tensor(entry: TensorEntry, blobs: Sequence[bytes], *, executor: Executor | None = None,

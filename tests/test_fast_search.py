@@ -373,3 +373,26 @@ def test_band_decoding_is_the_spec_formula(dtype_name, chunk, monkeypatch):
                 monkeypatch.setattr(tensorcodec, "LUT_MIN_TILE_PIXELS", lut_min)
                 monkeypatch.setattr(tensorcodec, "FLOAT32_ARITHMETIC", float32)
                 assert decode_encoded(encoded, dtype, shape).tobytes() == expected, (shape, opts, lut_min)
+
+
+def test_a_shared_pixel_cache_gives_the_same_bytes():
+    """Codings of one array that share start_encode's ``pixels`` cache (the predictions of a sample: every JPEG
+    quality and quant depth, grid and rows tiles, edge tiles, several blobs) give the bytes of codings without it."""
+    from codec import tiling
+
+    rng = np.random.default_rng(2)
+    for dtype_name, shape in [("float32", (512, 128)), ("bfloat16", (100, 784)), ("float16", (203, 190))]:
+        dtype = get_dtype(dtype_name)
+        values = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        array = (values.view(np.uint32) >> 16).astype(np.uint16) if dtype_name == "bfloat16" else values.astype(
+            dtype.storage)
+        menu = [EncodeOptions(codec="jpeg", quality=q, tile=t) for q in (30, 90) for t in ((64, 64), (8, 64))]
+        menu += [EncodeOptions(codec="quant", bits=b, tile=t) for b in (3, 8, 12) for t in ((64, 64), (8, 64))]
+        menu += [EncodeOptions(codec="jpeg", quality=50, row_shape=(28, 28)), EncodeOptions(codec="quant", bits=4,
+                                                                                          row_shape=(28, 28))]
+        pixels: dict = {}
+        for opts in menu + menu[::-1]:  # each setting's second coding comes from the cache
+            shared = encode_tensor(array, dtype, opts, pixels=pixels)
+            alone = encode_tensor(array, dtype, opts)
+            assert (shared.tiling, shared.blobs) == (alone.tiling, alone.blobs), (dtype_name, opts)
+        assert any(tiling.Tiling is type(k[0]) and len(k) == 3 for k in pixels)

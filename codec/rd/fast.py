@@ -310,12 +310,14 @@ def _distortion(reference: np.ndarray, decoded: np.ndarray, dtype: DType, rows: 
 
 
 def _measure(name: str, array: np.ndarray, dtype: DType, options: EncodeOptions, rows: tuple[int, int] | None,
-             weighting: tuple[Weigh, float] | None = None) -> tuple[Encoded, int, float, float, float | None]:
+             weighting: tuple[Weigh, float] | None = None,
+             pixels: dict | None = None) -> tuple[Encoded, int, float, float, float | None]:
     """Code and decode ``array``: ``(encoded, blob bytes, allocation distortion, plain NMSE, output error)``.
 
-    As :func:`codec.rd.allocate.measure`, with the streamed :func:`_distortion`.
+    As :func:`codec.rd.allocate.measure`, with the streamed :func:`_distortion` (``pixels``: the cache of
+    :func:`~codec.tensorcodec.start_encode`, for several codings of one sample).
     """
-    encoded = encode_tensor(array, dtype, options)
+    encoded = encode_tensor(array, dtype, options, pixels=pixels)
     decoded = decode_encoded(encoded, dtype, array.shape, name)
     return encoded, sum(map(len, encoded.blobs)), *_distortion(array, decoded, dtype, rows, weighting)
 
@@ -344,10 +346,12 @@ def _entry_bytes(name: str, dtype: DType, shape: tuple[int, ...], encoded: Encod
 
 
 def predict(name: str, shape: tuple[int, ...], dtype: DType, sample: np.ndarray, label: str, options: EncodeOptions,
-            rows: tuple[int, int] | None, weighting: tuple[Weigh, float] | None = None) -> Predicted:
+            rows: tuple[int, int] | None, weighting: tuple[Weigh, float] | None = None,
+            pixels: dict | None = None) -> Predicted:
     """Code ``sample`` with ``options``; its bytes scaled to the whole tensor (of ``shape``), its distortion
-    (``weighting``: the sample's :data:`Weigh` and the scale of the tensor's output-space measure)."""
-    encoded, nbytes, weighted, plain, out = _measure(name, sample, dtype, options, rows, weighting)
+    (``weighting``: the sample's :data:`Weigh` and the scale of the tensor's output-space measure; ``pixels``: a
+    cache of the sample's pixel images shared by its predictions, :func:`~codec.tensorcodec.start_encode`)."""
+    encoded, nbytes, weighted, plain, out = _measure(name, sample, dtype, options, rows, weighting, pixels)
     scaled = nbytes * math.prod(shape) / sample.size
     nbytes = math.ceil(scaled) + _entry_bytes(name, dtype, shape, encoded)
     return Predicted(options, label, nbytes, weighted, math.sqrt(plain), out, pred_nbytes=nbytes, pred_nmse=weighted,
@@ -387,11 +391,13 @@ def _predict_task(name: str, shape: tuple[int, ...], dtype: DType, sample: np.nd
                   weighting: tuple[np.ndarray | _BlockH, float] | None, rows: tuple[int, int] | None,
                   items: list[tuple[str, EncodeOptions]]) -> list[Predicted]:
     """One worker task: :func:`predict` of every ``(label, options)`` of ``items`` on one tensor's sample
-    (``weighting``: the sample's weights, :func:`_sample_weights`, and the tensor's scale)."""
+    (``weighting``: the sample's weights, :func:`_sample_weights`, and the tensor's scale). The settings of one
+    tiling share its tiles' values and ranges, and those of one pixel depth (every JPEG quality) its pixels."""
     weigh = None
     if weighting is not None:
         weigh = weighting if isinstance(weighting[0], _BlockH) else (_weigh_of(weighting[0]), weighting[1])
-    return [predict(name, shape, dtype, sample, label, options, rows, weigh) for label, options in items]
+    pixels: dict = {}
+    return [predict(name, shape, dtype, sample, label, options, rows, weigh, pixels) for label, options in items]
 
 
 #: JPEG qualities first predicted for a sampled tensor: every other step of the menu's ladder (and its ends).
