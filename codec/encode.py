@@ -367,10 +367,11 @@ def save(
             weightings.update(calib.weightings())
             release_memory()
         damaged: list[str] = []
-        packed = {n: f.result() for n, f in packing.items()}  # written below as they are
         coded: dict = {}  # tensors the search coded with their chosen options: written as they are
+        # The attachments' sizes are needed once the search has predicted every tensor (its budget's fixed part):
+        # the search starts while they are compressed.
         chosen = _plan(arrays, aliases, opts, rules, meta, encoder, bits_per_weight, max_error, calibrate,
-                       progress, packed, jobs, matcher, measure_by=Distortion(weightings), notes=damaged,
+                       progress, packing, jobs, matcher, measure_by=Distortion(weightings), notes=damaged,
                        search=search, coded=coded)
         if damaged:
             meta[WARNINGS_KEY] = "; ".join(damaged)
@@ -588,7 +589,8 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
 
     The budget's fixed part counts the header, the index without tensor
     entries (metadata, aliases, attachment entries) and the attachments' blobs
-    (``attachments``: name to :func:`codec.writer.encode_attachment`'s result).
+    (``attachments``: name to :func:`codec.writer.encode_attachment`'s result, or a future of it: the search
+    asks for the fixed part only when it needs it, :func:`codec.rd.fast.plan_fast` after its first pass).
     The fast search puts tensors it coded with their chosen options in ``coded``.
     """
     from .format import HEADER_SIZE, Attachment, BlobRef, Index, TensorEntry
@@ -602,11 +604,6 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
             if names is None or name in names:
                 yield name, arrays.array(name), get_dtype(arrays.dtype_name(name))
 
-    attached, attached_bytes = [], 0
-    for name, (packed, blob) in attachments.items():
-        att = Attachment(name, packed.size, packed.codec, [BlobRef(10**12, len(blob), 0xFFFFFFFF)])  # wide offset
-        attached.append(att)
-        attached_bytes += len(blob)
     base_id = None
     menu = None
     if matcher is not None:
@@ -614,8 +611,19 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
         from .update.plan import UpdateMenu
 
         base_id, menu = BaseId(matcher.base.digest(), len(matcher.base)), UpdateMenu(matcher)
-    skeleton = Index([TensorEntry(n, get_dtype(arrays.dtype_name(n)), tuple(arrays.shape(n)), alias=a)
-                      for n, a in aliases.items()], meta, encoder, attachments=attached, base=base_id).to_bytes()
+
+    def overhead() -> int:
+        """Header, index skeleton and attachment blobs, in bytes (waits for the attachments' compression)."""
+        attached, attached_bytes = [], 0
+        for name, item in attachments.items():
+            packed, blob = item.result() if isinstance(item, Future) else item
+            attached.append(Attachment(name, packed.size, packed.codec,
+                                       [BlobRef(10**12, len(blob), 0xFFFFFFFF)]))  # wide offset
+            attached_bytes += len(blob)
+        skeleton = Index([TensorEntry(n, get_dtype(arrays.dtype_name(n)), tuple(arrays.shape(n)), alias=a)
+                          for n, a in aliases.items()], meta, encoder, attachments=attached, base=base_id).to_bytes()
+        return HEADER_SIZE + len(skeleton) + attached_bytes
+
     score = None
     if calibrate is not None:
         from .api import calibrate_score
@@ -623,6 +631,6 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
         score = calibrate_score(arrays, aliases, calibrate)
     return plan_options(tensors, base, lambda name: rules.options_for(name, base),
                         bits_per_weight=bits_per_weight, max_error=max_error,
-                        overhead_bytes=HEADER_SIZE + len(skeleton) + attached_bytes, score=score, progress=progress,
+                        overhead_bytes=overhead, score=score, progress=progress,
                         jobs=jobs, total_weights=sum(math.prod(arrays.shape(n)) for n in stored),
                         menu=menu, measure_by=measure_by, notes=notes, search=search, coded=coded)

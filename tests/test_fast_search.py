@@ -396,3 +396,21 @@ def test_a_shared_pixel_cache_gives_the_same_bytes():
             alone = encode_tensor(array, dtype, opts)
             assert (shared.tiling, shared.blobs) == (alone.tiling, alone.blobs), (dtype_name, opts)
         assert any(tiling.Tiling is type(k[0]) and len(k) == 3 for k in pixels)
+
+
+def test_fixed_bytes_given_late_choose_as_given_at_once():
+    """The budget's fixed part (header, index skeleton, attachments being compressed meanwhile) may come as a
+    function: called once, after the first pass, it gives the choices of the number itself, and a fixed part over
+    the budget is still refused."""
+    tensors, total = _source(_one_big())
+    budget, fixed = int(2.0 * total / 8), 20_000
+    at_once = fast.plan_fast(tensors, EncodeOptions(), lambda n: None, bits_per_weight=2.0, total_weights=total,
+                             overhead_bytes=fixed)
+    calls = []
+    late = fast.plan_fast(tensors, EncodeOptions(), lambda n: None, bits_per_weight=2.0, total_weights=total,
+                          overhead_bytes=lambda: calls.append(1) or fixed)
+    assert late == at_once and calls == [1]
+    assert fast.plan_fast(tensors, EncodeOptions(), lambda n: None, bits_per_weight=2.0, total_weights=total) != at_once
+    with pytest.raises(codec.EncodeError, match="below the smallest encoding"):
+        fast.plan_fast(tensors, EncodeOptions(), lambda n: None, bits_per_weight=2.0, total_weights=total,
+                       overhead_bytes=lambda: budget)

@@ -698,7 +698,7 @@ def plan_options(
     *,
     bits_per_weight: float | None = None,
     max_error: float | None = None,
-    overhead_bytes: int = 0,
+    overhead_bytes: int | Callable[[], int] = 0,
     score: Callable[[dict[str, np.ndarray]], float] | None = None,
     progress: Callable[[str, int], None] | None = None,
     jobs: int | None = None,
@@ -715,7 +715,8 @@ def plan_options(
     is called once; arrays may be loaded lazily). ``fixed(name)`` returns the
     options a user forced for a tensor (measured for its bytes only), or
     None. With ``bits_per_weight`` the whole file, ``overhead_bytes``
-    (header, index skeleton, aliases) included, lands at or under the
+    (header, index skeleton, aliases; or a function that gives them, called
+    once when the search needs them) included, lands at or under the
     budget; with ``max_error`` every free tensor gets the cheapest setting
     within that relative RMS error. ``score`` enables calibrated weights.
     ``progress(name, n)`` is called with a tensor's size once per setting
@@ -760,7 +761,7 @@ def plan_options(
     points: dict[str, list[RDPoint]] = {}
     forced: dict[str, EncodeOptions] = {}
     probes: dict[str, dict[str, np.ndarray]] = {}
-    fixed_bytes, weights_total = overhead_bytes, 0
+    fixed_bytes, weights_total = overhead_bytes() if callable(overhead_bytes) else overhead_bytes, 0
     images: dict[str, tuple[int, int] | None] = {}
     with make_executor(jobs) as executor:
         for name, array, dtype, rows in with_row_images(tensors(), base):

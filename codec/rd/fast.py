@@ -550,7 +550,7 @@ def plan_fast(
     fixed: Callable[[str], EncodeOptions | None],
     *,
     bits_per_weight: float,
-    overhead_bytes: int = 0,
+    overhead_bytes: int | Callable[[], int] = 0,
     progress: Callable[[str, int], None] | None = None,
     jobs: int | None = None,
     total_weights: int | None = None,
@@ -595,7 +595,9 @@ def plan_fast(
     steps: dict[str, int] = {}
     reads: dict[str, int] = {}  # full reads of each tensor for measurements, after the first pass
     held: dict[str, tuple[Predicted, Encoded]] = {}  # the coded tensor of a chosen point, for the final pass
-    fixed_bytes, weights_total = overhead_bytes, 0
+    # A function giving the fixed bytes (the attachments being compressed meanwhile) is called after the first pass.
+    later = overhead_bytes if callable(overhead_bytes) else None
+    fixed_bytes, weights_total = 0 if later is not None else overhead_bytes, 0
     budget_bytes = int(bits_per_weight * total_weights / 8) if total_weights else None
     count = {"predicted": 0, "exact": 0, "exact_weights": 0, "rounds": 0}
     with make_executor(jobs) as threads, make_process_executor(jobs) as procs:
@@ -635,16 +637,23 @@ def plan_fast(
                     count["predicted"] += len(menu)
                     yield name, _predict_task, name, shapes[name][0], dtype, sample, dense, rows, menu
 
+        def impossible(budget_bytes: int | None) -> None:
+            """Refuse a budget that is clearly impossible (predictions: 10 % margin) as soon as it shows."""
+            if budget_bytes is not None:
+                smallest = fixed_bytes + sum(min(p.nbytes for p in pts) for pts in points.values())
+                if smallest > 1.1 * budget_bytes:
+                    raise EncodeError(f"{bits_per_weight} bits/weight is below the smallest encoding "
+                                      f"(about {8 * smallest / max(total_weights, 1):.3f} bits/weight)")
+
         for name, result in _bounded_map(procs, _named, first_pass(), window):
             points[name] = result if name in samples else [measured for _, measured, _ in result]
             if progress:  # one step a setting, as the exhaustive search (allocate.search_units)
                 for _ in range(steps[name]):
                     progress(name, math.prod(shapes[name][0]))
-            if budget_bytes is not None:  # refuse a budget that is clearly impossible (predictions: 10 % margin)
-                smallest = fixed_bytes + sum(min(p.nbytes for p in pts) for pts in points.values())
-                if smallest > 1.1 * budget_bytes:
-                    raise EncodeError(f"{bits_per_weight} bits/weight is below the smallest encoding "
-                                      f"(about {8 * smallest / max(total_weights, 1):.3f} bits/weight)")
+            impossible(budget_bytes)
+        if later is not None:
+            fixed_bytes += later()
+            impossible(budget_bytes)
 
         def capped(n: str) -> bool:
             """Whether tensor ``n`` may be chosen only at measured points: read :data:`MAX_READS` times, with a
