@@ -414,3 +414,47 @@ def test_fixed_bytes_given_late_choose_as_given_at_once():
     with pytest.raises(codec.EncodeError, match="below the smallest encoding"):
         fast.plan_fast(tensors, EncodeOptions(), lambda n: None, bits_per_weight=2.0, total_weights=total,
                        overhead_bytes=lambda: budget)
+
+
+def _trade_by_pairs(points, weights, chosen, budget, reach=3):
+    """allocate.trade's rule, pair by pair in Python (what it did before it looked at every pair at once)."""
+    chosen, spent = dict(chosen), sum(p.nbytes for p in chosen.values())
+    fronts = {n: allocate.pareto_front(pts) for n, pts in points.items()}
+    while True:
+        downs, ups = [], []
+        for n, cur in chosen.items():
+            front, w = fronts[n], weights.get(n, 1.0)
+            k = next((i for i, p in enumerate(front) if p.nbytes >= cur.nbytes), len(front))
+            downs += [(cur.nbytes - p.nbytes, w * (p.nmse - cur.nmse), n, p)
+                      for p in front[max(0, k - reach) : k] if p.nmse > cur.nmse]
+            ups += [(p.nbytes - cur.nbytes, w * (cur.nmse - p.nmse), n, p)
+                    for p in front[k : k + reach + 1] if p.nbytes > cur.nbytes and p.nmse < cur.nmse]
+        best = None
+        for freed, loss, a, down in downs:
+            for extra, gain, b, up in ups:
+                if b != a and gain - loss > (0 if best is None else best[0]) and extra - freed <= budget - spent:
+                    best = (gain - loss, a, down, b, up)
+        if best is None:
+            return chosen
+        _, a, down, b, up = best
+        spent += down.nbytes - chosen[a].nbytes + up.nbytes - chosen[b].nbytes
+        chosen[a], chosen[b] = down, up
+
+
+def test_trade_takes_the_pairs_one_by_one_would():
+    """allocate.trade (every pair of steps at once, only the traded tensors' steps found again) makes the trades
+    of the pair-by-pair rule, ties broken alike (equal sizes and distortions are common here)."""
+    rng = np.random.default_rng(4)
+    for case in range(60):
+        points, weights, chosen = {}, {}, {}
+        for t in range(int(rng.integers(2, 25))):
+            pts = [RDPoint(EncodeOptions(), f"p{k}", int(rng.choice([1000, 2000, rng.integers(100, 20000)])),
+                           float(rng.choice([0.1, 0.5, rng.random()]))) for k in range(int(rng.integers(1, 12)))]
+            points[f"t{t}"], chosen[f"t{t}"] = pts, pts[int(rng.integers(len(pts)))]
+            if rng.random() < 0.5:
+                weights[f"t{t}"] = float(rng.choice([0.5, 2.0, rng.random()]))
+        budget = sum(p.nbytes for p in chosen.values()) + int(rng.integers(-3000, 20000))
+        reach = int(rng.choice([1, 3]))
+        got = allocate.trade(points, weights, chosen, budget, reach)
+        assert {n: id(p) for n, p in got.items()} == {
+            n: id(p) for n, p in _trade_by_pairs(points, weights, chosen, budget, reach).items()}, case

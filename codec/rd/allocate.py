@@ -607,10 +607,10 @@ def spend_slack(points: dict[str, list[RDPoint]], weights: dict[str, float], cho
 
 
 def trade(points: dict[str, list[RDPoint]], weights: dict[str, float], chosen: dict[str, RDPoint], budget: int,
-          reach: int = 3) -> dict[str, RDPoint]:
+          reach: int = 3, fronts: dict[str, list[RDPoint]] | None = None) -> dict[str, RDPoint]:
     """Move bytes between tensors while it lowers the total ``weights``-weighted distortion: the best pair of one
     tensor's step down and another's step up (within ``reach`` points of their Pareto fronts) that fits
-    ``budget``, until none helps.
+    ``budget``, until none helps (``fronts``: each tensor's :func:`pareto_front`, if the caller has them).
 
     Equal slopes and the knapsack over the slack only add bytes; where one
     tensor holds most of the weights, its next quality may only fit by
@@ -618,27 +618,39 @@ def trade(points: dict[str, list[RDPoint]], weights: dict[str, float], chosen: d
     its conv and head one quant bit down: 2.3 % less distortion).
     """
     chosen = dict(chosen)
-    fronts = {n: pareto_front(pts) for n, pts in points.items()}
+    fronts = fronts or {n: pareto_front(pts) for n, pts in points.items()}
     spent = sum(p.nbytes for p in chosen.values())
+    owner = {n: i for i, n in enumerate(chosen)}
+
+    def moves(n: str) -> tuple[list, list]:
+        """Tensor ``n``'s steps down, ``(bytes freed, weighted loss, n, point)``, and up, ``(extra bytes, weighted
+        gain, n, point)``."""
+        cur, front, w = chosen[n], fronts[n], weights.get(n, 1.0)
+        k = next((i for i, p in enumerate(front) if p.nbytes >= cur.nbytes), len(front))
+        return ([(cur.nbytes - p.nbytes, w * (p.nmse - cur.nmse), n, p)
+                 for p in front[max(0, k - reach) : k] if p.nmse > cur.nmse],
+                [(p.nbytes - cur.nbytes, w * (cur.nmse - p.nmse), n, p)
+                 for p in front[k : k + reach + 1] if p.nbytes > cur.nbytes and p.nmse < cur.nmse])
+
+    steps = {n: moves(n) for n in chosen}  # a trade changes two tensors' steps: only theirs are found again
     while True:
-        downs, ups = [], []  # (bytes freed, weighted loss, ...) and (extra bytes, weighted gain, ...) per tensor
-        for n, cur in chosen.items():
-            front, w = fronts[n], weights.get(n, 1.0)
-            k = next((i for i, p in enumerate(front) if p.nbytes >= cur.nbytes), len(front))
-            downs += [(cur.nbytes - p.nbytes, w * (p.nmse - cur.nmse), n, p)
-                      for p in front[max(0, k - reach) : k] if p.nmse > cur.nmse]
-            ups += [(p.nbytes - cur.nbytes, w * (cur.nmse - p.nmse), n, p)
-                    for p in front[k : k + reach + 1] if p.nbytes > cur.nbytes and p.nmse < cur.nmse]
-        room, best = budget - spent, None
-        for freed, loss, a, down in downs:
-            for extra, gain, b, up in ups:
-                if b != a and gain - loss > (0 if best is None else best[0]) and extra - freed <= room:
-                    best = (gain - loss, a, down, b, up)
-        if best is None:
+        downs = [d for n in chosen for d in steps[n][0]]
+        ups = [u for n in chosen for u in steps[n][1]]
+        if not downs or not ups:
             return chosen
-        _, a, down, b, up = best
+        # Every pair at once: the first pair (downs, then ups, in order) of the largest net gain that fits.
+        freed, loss, extra, gain = (np.array([d[i] for d in items]) for items, i in
+                                    ((downs, 0), (downs, 1), (ups, 0), (ups, 1)))
+        a_of, b_of = np.array([owner[d[2]] for d in downs]), np.array([owner[u[2]] for u in ups])
+        net = gain[None, :] - loss[:, None]
+        ok = (a_of[:, None] != b_of[None, :]) & (extra[None, :] - freed[:, None] <= budget - spent) & (net > 0)
+        if not ok.any():
+            return chosen
+        i, j = divmod(int(np.argmax(np.where(ok, net, -np.inf))), len(ups))
+        a, down, b, up = downs[i][2], downs[i][3], ups[j][2], ups[j][3]
         spent += down.nbytes - chosen[a].nbytes + up.nbytes - chosen[b].nbytes
         chosen[a], chosen[b] = down, up
+        steps[a], steps[b] = moves(a), moves(b)
 
 
 def best_fill(points: dict[str, list[RDPoint]], weights: dict[str, float], chosen: dict[str, RDPoint],
@@ -647,8 +659,9 @@ def best_fill(points: dict[str, list[RDPoint]], weights: dict[str, float], chose
     greedy :func:`fill_budget`, the knapsack (:func:`spend_slack`) then byte trades (:func:`trade`), and trades
     first (the slack alone may fit no step of a large tensor that a small tensor's step down makes room for)."""
     fills = [fill_budget(points, weights, chosen, budget)]
-    for start in (chosen, trade(points, weights, chosen, budget)):
-        fills.append(trade(points, weights, spend_slack(points, weights, start, budget), budget))
+    fronts = {n: pareto_front(pts) for n, pts in points.items()}
+    for start in (chosen, trade(points, weights, chosen, budget, fronts=fronts)):
+        fills.append(trade(points, weights, spend_slack(points, weights, start, budget), budget, fronts=fronts))
     return min(fills, key=lambda c: sum(weights.get(n, 1.0) * p.nmse for n, p in c.items()))
 
 
