@@ -28,7 +28,11 @@ tiles predicts both:
    tensor's window (from its equal-slope point up to the next hull point
    or the slack) are halved round by round (:func:`_in_between`), so the
    qualities between the ladder's steps join the menu where they can
-   matter.
+   matter. Those are interpolated from their two neighbours
+   (:func:`_interpolated`: rate linear in the log of the quantization
+   step, distortion its square over a floor), not coded, where both
+   neighbours are of quality :data:`INTERPOLATE_FROM` or more; a chosen one
+   is measured whole as any prediction (step 3).
 3. **Verify.** Every chosen point that is still a prediction is coded and
    decoded in full; the measured/predicted ratios of its bytes and
    distortion correct the other predictions of its family (same codec,
@@ -448,6 +452,63 @@ def _in_between(pts: list[Predicted], hull: list[Predicted], lagrange: Predicted
     return out
 
 
+#: Whether in-between JPEG qualities of a sampled tensor are interpolated from their neighbours on its menu
+#: (:func:`_interpolated`) instead of coded on its sample, where both neighbours are of at least
+#: :data:`INTERPOLATE_FROM` (below it JPEG's rate is far from the model: -30 % bytes at quality 10 from 5 and 15).
+INTERPOLATE = True
+INTERPOLATE_FROM = 15
+
+
+def _step(quality: int) -> float:
+    """The flat table's step at ``quality`` (libjpeg's scaling of 16, rounded as the table is): the scale that
+    JPEG's rate and distortion follow."""
+    s = 5000 // quality if quality < 50 else 200 - 2 * quality
+    return float(min(255, max(1, (16 * s + 50) // 100)))
+
+
+def _neighbours(pts: list[Predicted], options: EncodeOptions) -> tuple[Predicted, Predicted] | None:
+    """The points of ``options``' family next below and above its quality, if both are of at least
+    :data:`INTERPOLATE_FROM` (else None: code it)."""
+    q = options.quality
+    family = [p for p in pts if _family(p.options) == _family(options)]
+    below = [p for p in family if INTERPOLATE_FROM <= p.options.quality < q]
+    above = [p for p in family if p.options.quality > q]
+    if not below or not above:
+        return None
+    return max(below, key=lambda p: p.options.quality), min(above, key=lambda p: p.options.quality)
+
+
+def _interpolated(a: Predicted, b: Predicted, label: str, options: EncodeOptions) -> Predicted:
+    """A JPEG quality between two points ``a`` and ``b`` of its family, from theirs: bytes linear in the log of the
+    quantization step (:func:`_step`; a uniform quantizer's rate), distortions (squared errors) ``A + B step^2``
+    (its noise, over a floor: the 8-bit mapping's), or log-linear where that fits no floor. On MiniLM's samples,
+    against coding them (qualities 20-90 between the ladder's every other step): bytes within 0.2 % (median;
+    1.4 % at most), distortion within 0.3-0.6 % (median; 7.9 % at most)."""
+    sa, sb, s = _step(a.options.quality), _step(b.options.quality), _step(options.quality)
+    t = 0.0 if sa == sb else (math.log(s) - math.log(sa)) / (math.log(sb) - math.log(sa))
+
+    def rate(x: float, y: float) -> int:
+        return math.ceil(x + t * (y - x))
+
+    def squared(x: float | None, y: float | None) -> float | None:
+        if x is None or y is None or sa == sb:
+            return x
+        slope = (x - y) / (sa * sa - sb * sb)
+        floor = x - slope * sa * sa
+        if slope > 0 and floor >= 0:
+            return floor + slope * s * s
+        return x + t * (y - x) if min(x, y) <= 0 else math.exp(math.log(x) + t * (math.log(y) - math.log(x)))
+
+    def error(x: float | None, y: float | None) -> float | None:  # a relative RMS error: its square interpolated
+        v = squared(None if x is None else x * x, None if y is None else y * y)
+        return None if v is None else math.sqrt(v)
+
+    return Predicted(options, label, rate(a.nbytes, b.nbytes), squared(a.nmse, b.nmse), error(a.rel_error, b.rel_error),
+                     error(a.out_error, b.out_error), pred_nbytes=rate(a.pred_nbytes, b.pred_nbytes),
+                     pred_nmse=squared(a.pred_nmse, b.pred_nmse), pred_rel=error(a.pred_rel, b.pred_rel),
+                     pred_out=error(a.pred_out, b.pred_out))
+
+
 def _named(name: str, fn: Callable, *args):
     """``(name, fn(*args))``: a worker task that says which tensor its result is for."""
     return name, fn(*args)
@@ -599,7 +660,7 @@ def plan_fast(
     later = overhead_bytes if callable(overhead_bytes) else None
     fixed_bytes, weights_total = 0 if later is not None else overhead_bytes, 0
     budget_bytes = int(bits_per_weight * total_weights / 8) if total_weights else None
-    count = {"predicted": 0, "exact": 0, "exact_weights": 0, "rounds": 0}
+    count = {"predicted": 0, "interpolated": 0, "exact": 0, "exact_weights": 0, "rounds": 0}
     with make_executor(jobs) as threads, make_process_executor(jobs) as procs:
         window = 2 * resolve_jobs(jobs)
 
@@ -714,6 +775,15 @@ def plan_fast(
                 for n in [n for n, (p, _) in held.items() if chosen.get(n) is not p]:
                     del held[n]  # no longer chosen: its coded tensor will not be written
                 guesses = [(n, *item) for n, items in extra.items() if n in samples for item in items]
+                if INTERPOLATE:  # in-between qualities from their neighbours where the model holds; the rest coded
+                    pairs = [(g, _neighbours(points[g[0]], g[2])) for g in guesses]
+                    for (n, label, o), ab in pairs:
+                        if ab is not None:
+                            points[n].append(_interpolated(*ab, label, o))
+                    count["interpolated"] += sum(ab is not None for _, ab in pairs)
+                    guesses = [g for g, ab in pairs if ab is None]
+                    if not guesses and pairs:
+                        continue
                 if guesses:  # in-between qualities of sampled tensors: predicted, then allocate again
                     count["predicted"] += len(guesses)
                     by_tensor: dict[str, list] = {}
