@@ -629,9 +629,10 @@ def plan_fast(
     :data:`DAMAGE` when the budget allows it, and otherwise a line per
     damaged tensor goes to ``notes`` (room for them kept in the budget).
     ``stats`` (a dict, optional) receives, for benchmarks, ``rounds``,
-    ``predicted`` (settings coded on samples), ``exact`` (full measurements
-    made), ``exact_weights`` (their weights) and the seconds spent
-    predicting and verifying.
+    ``predicted`` (settings coded on samples), ``interpolated`` (in-between
+    qualities not coded), ``exact`` (full measurements made),
+    ``exact_weights`` (their weights) and the seconds spent predicting and
+    verifying.
 
     Work: each tensor is read once for its sample (or its whole measurement,
     if small), then at most :data:`MAX_READS` times more to measure the
