@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -140,11 +141,14 @@ class Schedule:
         return model, time.process_time() - start, snapshot
 
     def codec_epochs(self, snapshot: dict, overrides: Sequence[tuple[str, str]], bar: tqdm | None = None,
-                     refresh: int = 1, vector_bits: int | None = None) -> tuple[torch.nn.Module, float]:
+                     refresh: int = 1, vector_bits: int | None = None, keep_tiles: bool = False,
+                     teacher: torch.nn.Module | None = None, distil: float = 0.0) -> tuple[torch.nn.Module, float]:
         """The schedule's remaining epochs from ``snapshot`` with the codec in the loop at ``overrides``
-        (:func:`codec.train.finetune` with the labels, continuing the schedule's Adam and rates; ``refresh`` and
-        ``vector_bits`` as finetune takes them). Returns the model and the CPU seconds of the whole schedule (the
-        shared epochs included)."""
+        (:func:`codec.train.finetune` with the labels, continuing the schedule's Adam and rates; ``refresh``,
+        ``vector_bits`` and ``keep_tiles`` as finetune takes them). With ``teacher`` and ``distil`` > 0 the loss is
+        ``(1 - distil)`` times the labels' cross-entropy plus ``distil`` times the KL divergence from the teacher's
+        outputs (:func:`distil_loss`; the teacher's logits computed once per batch, in the time). Returns the model
+        and the CPU seconds of the whole schedule (the shared epochs included, not the teacher's training)."""
         model = copy.deepcopy(snapshot["model"])
         torch.set_num_threads(1)
         generator = torch.Generator()
@@ -152,14 +156,34 @@ class Schedule:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
         start = time.process_time()
+        loss_fn = F.cross_entropy
+        if teacher is not None and distil > 0:
+            teacher = teacher.eval()
+            loss_fn = lambda out, y, logits: distil_loss(out, y, logits, distil)  # noqa: E731
         for epoch in range(snapshot["epoch"], self.epochs):
             batches = batches_of(self.inputs, self.targets, generator)
+            if loss_fn is not F.cross_entropy:
+                with torch.no_grad():
+                    batches = [(x, y, teacher(x)) for x, y in batches]
             first = epoch * self.steps()
-            codec.train.finetune(model, batches, F.cross_entropy, steps=len(batches), overrides=overrides,
+            codec.train.finetune(model, batches, loss_fn, steps=len(batches), overrides=overrides,
                                  optimizer=optimizer, lr=lambda i, first=first: self.lr(first + i), refresh=refresh,
-                                 vector_bits=vector_bits, progress=bar if bar is not None else False)
+                                 vector_bits=vector_bits, keep_tiles=keep_tiles,
+                                 progress=bar if bar is not None else False)
         model.eval()
         return model, snapshot["seconds"] + time.process_time() - start
+
+
+#: Temperature of :func:`distil_loss`.
+TEMPERATURE = 2.0
+
+
+def distil_loss(out: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, weight: float) -> torch.Tensor:
+    """``(1 - weight)`` times the cross-entropy with ``labels`` plus ``weight`` times ``T^2`` KL(teacher || student)
+    at temperature ``T`` (:data:`TEMPERATURE`; Hinton et al.'s knowledge distillation), ``logits`` the teacher's."""
+    kl = F.kl_div(F.log_softmax(out / TEMPERATURE, dim=1), F.log_softmax(logits / TEMPERATURE, dim=1),
+                  log_target=True, reduction="batchmean")
+    return (1 - weight) * F.cross_entropy(out, labels) + weight * TEMPERATURE ** 2 * kl
 
 
 def coded(model: torch.nn.Module, **save_args) -> tuple[dict, float]:
@@ -182,6 +206,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
                         "constant 1e-3, or cosine from 1e-3 to 0 over all epochs (plain and codec alike)")
     parser.add_argument("--refresh", type=int, action="append", help="codec in the loop: code the weights every N "
                         "steps, the residual straight through in between (default 1; several: a run for each)")
+    parser.add_argument("--keep-tiles", type=int, choices=(0, 1), action="append", help="codec in the loop: 1 keeps "
+                        "each tile's extremes where they were when the loop began (finetune's keep_tiles), 0 not "
+                        "(default; several: a run for each)")
+    parser.add_argument("--distil", type=float, action="append", help="codec in the loop: weight (0-1) of the KL "
+                        "divergence from the plain model's outputs beside the labels (default 0; several: a run for "
+                        "each; the time then includes the plain schedule's remaining epochs)")
     parser.add_argument("--vector-bits", type=int, help="codec in the loop: round biases to this many significand "
                         "bits (stored losslessly, exactly)")
     parser.add_argument("--quality", type=int, action="append", help="ladder: JPEG qualities of the largest layer")
@@ -209,6 +239,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     args.seed = args.seed or [0]
     if any(r < 1 for r in args.refresh or []):
         parser.error("--refresh must be a positive integer")
+    if any(not 0 <= d <= 1 for d in args.distil or []):
+        parser.error("--distil must be between 0 and 1")
     if args.vector_bits is not None and not 1 <= args.vector_bits <= 22:
         parser.error("--vector-bits must be between 1 and 22")
     kind = args.model
@@ -272,12 +304,16 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
             model = copy.deepcopy(plain)
             codec.train.round_vectors(model, args.vector_bits, overrides=point)
         record(f"plain, ladder{rounded}", label, coded(model, overrides=point), plain_seconds)
-    for every in args.refresh or [1]:
-        loop = f"codec in the loop, last {args.codec_epochs} epoch(s), coded every {every} step(s){rounded}"
+    for every, keep, distil in itertools.product(args.refresh or [1], args.keep_tiles or [0], args.distil or [0.0]):
+        loop = (f"codec in the loop, last {args.codec_epochs} epoch(s), coded every {every} step(s){rounded}"
+                f"{', tile extremes kept' if keep else ''}{f', distilled {distil:g}' if distil else ''}")
         for label, point in points:
             with tqdm(total=schedule.steps() * args.codec_epochs, desc=f"codec {label}", unit="step") as bar:
                 model, seconds = schedule.codec_epochs(snapshot, point, bar=bar, refresh=every,
-                                                       vector_bits=args.vector_bits)
+                                                       vector_bits=args.vector_bits, keep_tiles=bool(keep),
+                                                       teacher=plain if distil else None, distil=distil)
+            if distil:  # the teacher is the whole plain schedule: its epochs after the snapshot count too
+                seconds += plain_seconds - snapshot["seconds"]
             record(loop, label, coded(model, overrides=point), seconds)
     for lam in lams:
         with tqdm(total=steps, desc=f"lam={lam:g}", unit="step") as bar:
