@@ -51,6 +51,7 @@ OUT = Path(__file__).resolve().parent / "results"
 BIG = {"mlp": "fc1", "cnn": "fc1"}
 REST = {"mlp": [("fc2.weight", "b3")], "cnn": [("conv1.weight", "b8"), ("conv2.weight", "b2"), ("fc2.weight", "b4")]}
 LADDER = {"mlp": (4, 5, 6, 8, 10), "cnn": (4, 5, 6, 8, 10)}
+DECAY_NOTE = {"none": "", "cosine": ", cosine decay to 0", "last": ", cosine decay to 0 over the last codec epoch(s)"}
 
 
 def ladder_point(kind: str, quality: int, table: str = "flat",
@@ -92,11 +93,13 @@ def rate_penalty(model: torch.nn.Module, layer: str, setting: str, lam: float) -
 
 class Schedule:
     """The shared schedule: ``epochs`` epochs of Adam on the training set, deterministic given ``seed``; ``decay``
-    "cosine" lowers the rate from 1e-3 to 0 over the whole schedule (a codec run's epochs in the loop included)."""
+    "cosine" lowers the rate from 1e-3 to 0 over the whole schedule (a codec run's epochs in the loop included),
+    "last" over its last ``decay_epochs`` epochs only (constant 1e-3 before)."""
 
     def __init__(self, kind: str, images: np.ndarray, labels: np.ndarray, epochs: int, seed: int,
-                 decay: str = "none"):
+                 decay: str = "none", decay_epochs: int = 1):
         self.kind, self.epochs, self.seed, self.decay = kind, epochs, seed, decay
+        self.decay_epochs = decay_epochs
         self.inputs, self.targets = preprocess(images), torch.as_tensor(labels, dtype=torch.int64)
 
     def steps(self) -> int:
@@ -106,6 +109,9 @@ class Schedule:
         """The learning rate of the schedule's step ``step`` (0-based, over all epochs)."""
         if self.decay == "cosine":
             return 1e-3 * 0.5 * (1 + math.cos(math.pi * step / (self.steps() * self.epochs)))
+        first = self.steps() * (self.epochs - self.decay_epochs)
+        if self.decay == "last" and step >= first:
+            return 1e-3 * 0.5 * (1 + math.cos(math.pi * (step - first) / (self.steps() * self.decay_epochs)))
         return 1e-3
 
     def run(self, lam: float = 0.0, rate_setting: str = "", every: int = 8, warmup: int = 0,
@@ -141,14 +147,16 @@ class Schedule:
         return model, time.process_time() - start, snapshot
 
     def codec_epochs(self, snapshot: dict, overrides: Sequence[tuple[str, str]], bar: tqdm | None = None,
-                     refresh: int = 1, vector_bits: int | None = None, keep_tiles: bool = False,
+                     refresh: int = 1, vector_bits: int | None = None, keep_tiles: float = 0.0,
                      teacher: torch.nn.Module | None = None, distil: float = 0.0) -> tuple[torch.nn.Module, float]:
         """The schedule's remaining epochs from ``snapshot`` with the codec in the loop at ``overrides``
         (:func:`codec.train.finetune` with the labels, continuing the schedule's Adam and rates; ``refresh``,
-        ``vector_bits`` and ``keep_tiles`` as finetune takes them). With ``teacher`` and ``distil`` > 0 the loss is
-        ``(1 - distil)`` times the labels' cross-entropy plus ``distil`` times the KL divergence from the teacher's
-        outputs (:func:`distil_loss`; the teacher's logits computed once per batch, in the time). Returns the model
-        and the CPU seconds of the whole schedule (the shared epochs included, not the teacher's training)."""
+        ``vector_bits`` as finetune takes them; ``keep_tiles``: the fraction of the loop's steps, its last ones,
+        run with finetune's ``keep_tiles``, the tile extremes where they were when that part began). With
+        ``teacher`` and ``distil`` > 0 the loss is ``(1 - distil)`` times the labels' cross-entropy plus ``distil``
+        times the KL divergence from the teacher's outputs (:func:`distil_loss`; the teacher's logits computed once
+        per batch, in the time). Returns the model and the CPU seconds of the whole schedule (the shared epochs
+        included, not the teacher's training)."""
         model = copy.deepcopy(snapshot["model"])
         torch.set_num_threads(1)
         generator = torch.Generator()
@@ -160,16 +168,22 @@ class Schedule:
         if teacher is not None and distil > 0:
             teacher = teacher.eval()
             loss_fn = lambda out, y, logits: distil_loss(out, y, logits, distil)  # noqa: E731
+        loop_steps = self.steps() * (self.epochs - snapshot["epoch"])
+        kept_from = snapshot["epoch"] * self.steps() + loop_steps - round(keep_tiles * loop_steps)  # global step
         for epoch in range(snapshot["epoch"], self.epochs):
             batches = batches_of(self.inputs, self.targets, generator)
             if loss_fn is not F.cross_entropy:
                 with torch.no_grad():
                     batches = [(x, y, teacher(x)) for x, y in batches]
             first = epoch * self.steps()
-            codec.train.finetune(model, batches, loss_fn, steps=len(batches), overrides=overrides,
-                                 optimizer=optimizer, lr=lambda i, first=first: self.lr(first + i), refresh=refresh,
-                                 vector_bits=vector_bits, keep_tiles=keep_tiles,
-                                 progress=bar if bar is not None else False)
+            split = min(max(kept_from - first, 0), len(batches))
+            for part, keep in ((batches[:split], False), (batches[split:], True)):
+                if part:
+                    codec.train.finetune(model, part, loss_fn, steps=len(part), overrides=overrides,
+                                         optimizer=optimizer, lr=lambda i, first=first: self.lr(first + i),
+                                         refresh=refresh, vector_bits=vector_bits, keep_tiles=keep,
+                                         progress=bar if bar is not None else False)
+                first += len(part)
         model.eval()
         return model, snapshot["seconds"] + time.process_time() - start
 
@@ -202,13 +216,14 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     parser.add_argument("--cnn", dest="model", action="store_const", const="cnn", help="same as --model cnn")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--codec-epochs", type=int, default=1, help="last epochs with the codec in the loop")
-    parser.add_argument("--decay", choices=("none", "cosine"), default="none", help="learning rate schedule: "
-                        "constant 1e-3, or cosine from 1e-3 to 0 over all epochs (plain and codec alike)")
+    parser.add_argument("--decay", choices=("none", "cosine", "last"), default="none", help="learning rate "
+                        "schedule: constant 1e-3, or cosine from 1e-3 to 0 over all epochs or over the last "
+                        "--codec-epochs only (plain and codec alike)")
     parser.add_argument("--refresh", type=int, action="append", help="codec in the loop: code the weights every N "
                         "steps, the residual straight through in between (default 1; several: a run for each)")
-    parser.add_argument("--keep-tiles", type=int, choices=(0, 1), action="append", help="codec in the loop: 1 keeps "
-                        "each tile's extremes where they were when the loop began (finetune's keep_tiles), 0 not "
-                        "(default; several: a run for each)")
+    parser.add_argument("--keep-tiles", type=float, action="append", help="codec in the loop: the fraction (0-1) of "
+                        "the loop's last steps that keep each tile's extremes where they were when that part began "
+                        "(finetune's keep_tiles; default 0; several: a run for each)")
     parser.add_argument("--distil", type=float, action="append", help="codec in the loop: weight (0-1) of the KL "
                         "divergence from the plain model's outputs beside the labels (default 0; several: a run for "
                         "each; the time then includes the plain schedule's remaining epochs)")
@@ -239,6 +254,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     args.seed = args.seed or [0]
     if any(r < 1 for r in args.refresh or []):
         parser.error("--refresh must be a positive integer")
+    if any(not 0 <= k <= 1 for k in args.keep_tiles or []):
+        parser.error("--keep-tiles must be between 0 and 1")
     if any(not 0 <= d <= 1 for d in args.distil or []):
         parser.error("--distil must be between 0 and 1")
     if args.vector_bits is not None and not 1 <= args.vector_bits <= 22:
@@ -268,7 +285,7 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
     plain)``."""
     kind = args.model
     test_images, test_labels = load_fashion_mnist("test")
-    schedule = Schedule(kind, images, labels, args.epochs, seed, args.decay)
+    schedule = Schedule(kind, images, labels, args.epochs, seed, args.decay, args.codec_epochs)
     cls = model_class(kind)
     steps = schedule.steps() * args.epochs
 
@@ -306,11 +323,12 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
         record(f"plain, ladder{rounded}", label, coded(model, overrides=point), plain_seconds)
     for every, keep, distil in itertools.product(args.refresh or [1], args.keep_tiles or [0], args.distil or [0.0]):
         loop = (f"codec in the loop, last {args.codec_epochs} epoch(s), coded every {every} step(s){rounded}"
-                f"{', tile extremes kept' if keep else ''}{f', distilled {distil:g}' if distil else ''}")
+                f"{f', tile extremes kept ({keep:g} of the loop)' if keep else ''}"
+                f"{f', distilled {distil:g}' if distil else ''}")
         for label, point in points:
             with tqdm(total=schedule.steps() * args.codec_epochs, desc=f"codec {label}", unit="step") as bar:
                 model, seconds = schedule.codec_epochs(snapshot, point, bar=bar, refresh=every,
-                                                       vector_bits=args.vector_bits, keep_tiles=bool(keep),
+                                                       vector_bits=args.vector_bits, keep_tiles=keep,
                                                        teacher=plain if distil else None, distil=distil)
             if distil:  # the teacher is the whole plain schedule: its epochs after the snapshot count too
                 seconds += plain_seconds - snapshot["seconds"]
@@ -354,7 +372,7 @@ def write(path: Path, kind: str, args, runs: list[tuple[float, list[tuple]]], im
               f"({BIG[kind]}) as grid-tiled JPEG with the {args.table} table at quality q and the rest as "
               f"{', '.join(f'{n}={s}' for n, s in REST[kind])} (biases lossless"
               f"{f', rounded to {args.vector_bits} significand bits' if args.vector_bits else ''}). Schedule: "
-              f"Adam lr 1e-3{', cosine decay to 0' if args.decay == 'cosine' else ''}, batch 128. Each row is the "
+              f"Adam lr 1e-3{DECAY_NOTE[args.decay]}, batch 128. Each row is the "
               f"mean over the seeds; points lost against each seed's own plain model, [min, max] over the seeds."),
              "",
              ("| model | coded with | bits/weight (file) | test accuracy % | points lost [min, max] | "

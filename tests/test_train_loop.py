@@ -253,3 +253,23 @@ def test_bench_train_distil_loss_and_its_option(capsys):
     with pytest.raises(SystemExit) as exc:
         train.main(["--model", "mlp", "--distil", "1.5"])
     assert exc.value.code == 2 and "--distil" in capsys.readouterr().err
+
+
+def test_bench_train_keeps_tiles_in_the_last_part_of_the_loop_only(monkeypatch):
+    import numpy as np
+
+    from bench import train
+
+    rng = np.random.default_rng(0)
+    schedule = train.Schedule("mlp", rng.integers(0, 255, (1280, 28, 28), dtype=np.uint8),
+                              rng.integers(0, 10, 1280), epochs=2, seed=0, decay="last")
+    _, _, snapshot = schedule.run(snapshot_at=1)
+    calls = []
+    monkeypatch.setattr(train.codec.train, "finetune", lambda model, part, *a, steps, lr, keep_tiles, **k: calls.append(
+        (steps, keep_tiles, lr(0))))
+    schedule.codec_epochs(snapshot, train.ladder_point("mlp", 6), keep_tiles=0.25)
+    assert [(steps, keep) for steps, keep, _ in calls] == [(8, False), (2, True)]  # 10 steps of 128: the last 2 kept
+    assert calls[0][2] == pytest.approx(1e-3) and calls[1][2] == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 0.8)))
+    calls.clear()
+    schedule.codec_epochs(snapshot, train.ladder_point("mlp", 6))
+    assert [(steps, keep) for steps, keep, _ in calls] == [(10, False)]
