@@ -8,8 +8,9 @@ in these ways and codes every result with jwt, scoring the decoded file on the 1
 * ``codec``: the same schedule, its last ``--codec-epochs`` epochs run with the codec in the loop at one setting of
   the ladder (:func:`codec.train.finetune` with the labels, continuing the schedule's Adam: the forward pass sees
   the weights as the file will hold them, straight-through gradients; coded every ``--refresh`` steps, biases
-  rounded to ``--vector-bits`` significand bits), then saved with that setting; one model per ladder point, the
-  epochs before shared with the plain run (same batches, so the same weights);
+  rounded to ``--vector-bits`` significand bits; ``--keep-tiles F`` holds the tiles' offset/scale over the loop's
+  last fraction F, ``--distil W`` adds the plain model's outputs to the labels), then saved with that setting; one
+  model per ladder point, the epochs before shared with the plain run (same batches, so the same weights);
 * ``lam=L``: the same schedule with ``L * codec.train.rate(layer, --rate-setting) / n`` added to the loss of the
   largest layer every ``--rate-every`` steps from epoch ``--warmup`` on, coded afterwards by the search;
 * ``dct``: (``--dct K``) the largest layer a :class:`codec.train.DCTLinear` holding K x K low-frequency DCT

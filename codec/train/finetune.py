@@ -225,6 +225,9 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     restored at the end. ``keep_tiles``: after every optimizer step, put each trained lossy tensor's tile extremes
     back where they were at the start and clamp its other values into their tile's range (:func:`tile_keeper`), so
     the tiles keep their offset/scale and the straight-through gradient sees the quantization grid the file uses.
+    For short, small-step fine-tuning (repair's stage, codec.rd.repair); not for training: over an epoch at lr 1e-3
+    the weights outgrow the ranges they started with, and with the ranges held the tiles fill them, so the same
+    JPEG quality costs about twice the bits (bench/README.md, "Training for the codec (fifth pass)").
     Returns the model, with its float weights (its rounded vectors with ``vector_bits``); the file saved from it
     with the same setting decodes to exactly the weights of the last forward pass (``coded_weights(model,
     setting)``), which is coded afresh after the last update to report the final loss.
