@@ -8,8 +8,9 @@ in these ways and codes every result with jwt, scoring the decoded file on the 1
 * ``codec``: the same schedule, its last ``--codec-epochs`` epochs run with the codec in the loop at one setting of
   the ladder (:func:`codec.train.finetune` with the labels, continuing the schedule's Adam: the forward pass sees
   the weights as the file will hold them, straight-through gradients; coded every ``--refresh`` steps, biases
-  rounded to ``--vector-bits`` significand bits), then saved with that setting; one model per ladder point, the
-  epochs before shared with the plain run (same batches, so the same weights);
+  rounded to ``--vector-bits`` significand bits; ``--keep-tiles F`` holds the tiles' offset/scale over the loop's
+  last fraction F, ``--distil W`` adds the plain model's outputs to the labels), then saved with that setting; one
+  model per ladder point, the epochs before shared with the plain run (same batches, so the same weights);
 * ``lam=L``: the same schedule with ``L * codec.train.rate(layer, --rate-setting) / n`` added to the loss of the
   largest layer every ``--rate-every`` steps from epoch ``--warmup`` on, coded afterwards by the search;
 * ``dct``: (``--dct K``) the largest layer a :class:`codec.train.DCTLinear` holding K x K low-frequency DCT
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -50,6 +52,7 @@ OUT = Path(__file__).resolve().parent / "results"
 BIG = {"mlp": "fc1", "cnn": "fc1"}
 REST = {"mlp": [("fc2.weight", "b3")], "cnn": [("conv1.weight", "b8"), ("conv2.weight", "b2"), ("fc2.weight", "b4")]}
 LADDER = {"mlp": (4, 5, 6, 8, 10), "cnn": (4, 5, 6, 8, 10)}
+DECAY_NOTE = {"none": "", "cosine": ", cosine decay to 0", "last": ", cosine decay to 0 over the last codec epoch(s)"}
 
 
 def ladder_point(kind: str, quality: int, table: str = "flat",
@@ -91,11 +94,13 @@ def rate_penalty(model: torch.nn.Module, layer: str, setting: str, lam: float) -
 
 class Schedule:
     """The shared schedule: ``epochs`` epochs of Adam on the training set, deterministic given ``seed``; ``decay``
-    "cosine" lowers the rate from 1e-3 to 0 over the whole schedule (a codec run's epochs in the loop included)."""
+    "cosine" lowers the rate from 1e-3 to 0 over the whole schedule (a codec run's epochs in the loop included),
+    "last" over its last ``decay_epochs`` epochs only (constant 1e-3 before)."""
 
     def __init__(self, kind: str, images: np.ndarray, labels: np.ndarray, epochs: int, seed: int,
-                 decay: str = "none"):
+                 decay: str = "none", decay_epochs: int = 1):
         self.kind, self.epochs, self.seed, self.decay = kind, epochs, seed, decay
+        self.decay_epochs = decay_epochs
         self.inputs, self.targets = preprocess(images), torch.as_tensor(labels, dtype=torch.int64)
 
     def steps(self) -> int:
@@ -105,6 +110,9 @@ class Schedule:
         """The learning rate of the schedule's step ``step`` (0-based, over all epochs)."""
         if self.decay == "cosine":
             return 1e-3 * 0.5 * (1 + math.cos(math.pi * step / (self.steps() * self.epochs)))
+        first = self.steps() * (self.epochs - self.decay_epochs)
+        if self.decay == "last" and step >= first:
+            return 1e-3 * 0.5 * (1 + math.cos(math.pi * (step - first) / (self.steps() * self.decay_epochs)))
         return 1e-3
 
     def run(self, lam: float = 0.0, rate_setting: str = "", every: int = 8, warmup: int = 0,
@@ -140,11 +148,16 @@ class Schedule:
         return model, time.process_time() - start, snapshot
 
     def codec_epochs(self, snapshot: dict, overrides: Sequence[tuple[str, str]], bar: tqdm | None = None,
-                     refresh: int = 1, vector_bits: int | None = None) -> tuple[torch.nn.Module, float]:
+                     refresh: int = 1, vector_bits: int | None = None, keep_tiles: float = 0.0,
+                     teacher: torch.nn.Module | None = None, distil: float = 0.0) -> tuple[torch.nn.Module, float]:
         """The schedule's remaining epochs from ``snapshot`` with the codec in the loop at ``overrides``
-        (:func:`codec.train.finetune` with the labels, continuing the schedule's Adam and rates; ``refresh`` and
-        ``vector_bits`` as finetune takes them). Returns the model and the CPU seconds of the whole schedule (the
-        shared epochs included)."""
+        (:func:`codec.train.finetune` with the labels, continuing the schedule's Adam and rates; ``refresh``,
+        ``vector_bits`` as finetune takes them; ``keep_tiles``: the fraction of the loop's steps, its last ones,
+        run with finetune's ``keep_tiles``, the tile extremes where they were when that part began). With
+        ``teacher`` and ``distil`` > 0 the loss is ``(1 - distil)`` times the labels' cross-entropy plus ``distil``
+        times the KL divergence from the teacher's outputs (:func:`distil_loss`; the teacher's logits computed once
+        per batch, in the time). Returns the model and the CPU seconds of the whole schedule (the shared epochs
+        included, not the teacher's training)."""
         model = copy.deepcopy(snapshot["model"])
         torch.set_num_threads(1)
         generator = torch.Generator()
@@ -152,14 +165,40 @@ class Schedule:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
         start = time.process_time()
+        loss_fn = F.cross_entropy
+        if teacher is not None and distil > 0:
+            teacher = teacher.eval()
+            loss_fn = lambda out, y, logits: distil_loss(out, y, logits, distil)  # noqa: E731
+        loop_steps = self.steps() * (self.epochs - snapshot["epoch"])
+        kept_from = snapshot["epoch"] * self.steps() + loop_steps - round(keep_tiles * loop_steps)  # global step
         for epoch in range(snapshot["epoch"], self.epochs):
             batches = batches_of(self.inputs, self.targets, generator)
+            if loss_fn is not F.cross_entropy:
+                with torch.no_grad():
+                    batches = [(x, y, teacher(x)) for x, y in batches]
             first = epoch * self.steps()
-            codec.train.finetune(model, batches, F.cross_entropy, steps=len(batches), overrides=overrides,
-                                 optimizer=optimizer, lr=lambda i, first=first: self.lr(first + i), refresh=refresh,
-                                 vector_bits=vector_bits, progress=bar if bar is not None else False)
+            split = min(max(kept_from - first, 0), len(batches))
+            for part, keep in ((batches[:split], False), (batches[split:], True)):
+                if part:
+                    codec.train.finetune(model, part, loss_fn, steps=len(part), overrides=overrides,
+                                         optimizer=optimizer, lr=lambda i, first=first: self.lr(first + i),
+                                         refresh=refresh, vector_bits=vector_bits, keep_tiles=keep,
+                                         progress=bar if bar is not None else False)
+                first += len(part)
         model.eval()
         return model, snapshot["seconds"] + time.process_time() - start
+
+
+#: Temperature of :func:`distil_loss`.
+TEMPERATURE = 2.0
+
+
+def distil_loss(out: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, weight: float) -> torch.Tensor:
+    """``(1 - weight)`` times the cross-entropy with ``labels`` plus ``weight`` times ``T^2`` KL(teacher || student)
+    at temperature ``T`` (:data:`TEMPERATURE`; Hinton et al.'s knowledge distillation), ``logits`` the teacher's."""
+    kl = F.kl_div(F.log_softmax(out / TEMPERATURE, dim=1), F.log_softmax(logits / TEMPERATURE, dim=1),
+                  log_target=True, reduction="batchmean")
+    return (1 - weight) * F.cross_entropy(out, labels) + weight * TEMPERATURE ** 2 * kl
 
 
 def coded(model: torch.nn.Module, **save_args) -> tuple[dict, float]:
@@ -178,10 +217,17 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     parser.add_argument("--cnn", dest="model", action="store_const", const="cnn", help="same as --model cnn")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--codec-epochs", type=int, default=1, help="last epochs with the codec in the loop")
-    parser.add_argument("--decay", choices=("none", "cosine"), default="none", help="learning rate schedule: "
-                        "constant 1e-3, or cosine from 1e-3 to 0 over all epochs (plain and codec alike)")
+    parser.add_argument("--decay", choices=("none", "cosine", "last"), default="none", help="learning rate "
+                        "schedule: constant 1e-3, or cosine from 1e-3 to 0 over all epochs or over the last "
+                        "--codec-epochs only (plain and codec alike)")
     parser.add_argument("--refresh", type=int, action="append", help="codec in the loop: code the weights every N "
                         "steps, the residual straight through in between (default 1; several: a run for each)")
+    parser.add_argument("--keep-tiles", type=float, action="append", help="codec in the loop: the fraction (0-1) of "
+                        "the loop's last steps that keep each tile's extremes where they were when that part began "
+                        "(finetune's keep_tiles; default 0; several: a run for each)")
+    parser.add_argument("--distil", type=float, action="append", help="codec in the loop: weight (0-1) of the KL "
+                        "divergence from the plain model's outputs beside the labels (default 0; several: a run for "
+                        "each; the time then includes the plain schedule's remaining epochs)")
     parser.add_argument("--vector-bits", type=int, help="codec in the loop: round biases to this many significand "
                         "bits (stored losslessly, exactly)")
     parser.add_argument("--quality", type=int, action="append", help="ladder: JPEG qualities of the largest layer")
@@ -209,6 +255,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     args.seed = args.seed or [0]
     if any(r < 1 for r in args.refresh or []):
         parser.error("--refresh must be a positive integer")
+    if any(not 0 <= k <= 1 for k in args.keep_tiles or []):
+        parser.error("--keep-tiles must be between 0 and 1")
+    if any(not 0 <= d <= 1 for d in args.distil or []):
+        parser.error("--distil must be between 0 and 1")
     if args.vector_bits is not None and not 1 <= args.vector_bits <= 22:
         parser.error("--vector-bits must be between 1 and 22")
     kind = args.model
@@ -236,7 +286,7 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
     plain)``."""
     kind = args.model
     test_images, test_labels = load_fashion_mnist("test")
-    schedule = Schedule(kind, images, labels, args.epochs, seed, args.decay)
+    schedule = Schedule(kind, images, labels, args.epochs, seed, args.decay, args.codec_epochs)
     cls = model_class(kind)
     steps = schedule.steps() * args.epochs
 
@@ -272,12 +322,17 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
             model = copy.deepcopy(plain)
             codec.train.round_vectors(model, args.vector_bits, overrides=point)
         record(f"plain, ladder{rounded}", label, coded(model, overrides=point), plain_seconds)
-    for every in args.refresh or [1]:
-        loop = f"codec in the loop, last {args.codec_epochs} epoch(s), coded every {every} step(s){rounded}"
+    for every, keep, distil in itertools.product(args.refresh or [1], args.keep_tiles or [0], args.distil or [0.0]):
+        loop = (f"codec in the loop, last {args.codec_epochs} epoch(s), coded every {every} step(s){rounded}"
+                f"{f', tile extremes kept ({keep:g} of the loop)' if keep else ''}"
+                f"{f', distilled {distil:g}' if distil else ''}")
         for label, point in points:
             with tqdm(total=schedule.steps() * args.codec_epochs, desc=f"codec {label}", unit="step") as bar:
                 model, seconds = schedule.codec_epochs(snapshot, point, bar=bar, refresh=every,
-                                                       vector_bits=args.vector_bits)
+                                                       vector_bits=args.vector_bits, keep_tiles=keep,
+                                                       teacher=plain if distil else None, distil=distil)
+            if distil:  # the teacher is the whole plain schedule: its epochs after the snapshot count too
+                seconds += plain_seconds - snapshot["seconds"]
             record(loop, label, coded(model, overrides=point), seconds)
     for lam in lams:
         with tqdm(total=steps, desc=f"lam={lam:g}", unit="step") as bar:
@@ -318,7 +373,7 @@ def write(path: Path, kind: str, args, runs: list[tuple[float, list[tuple]]], im
               f"({BIG[kind]}) as grid-tiled JPEG with the {args.table} table at quality q and the rest as "
               f"{', '.join(f'{n}={s}' for n, s in REST[kind])} (biases lossless"
               f"{f', rounded to {args.vector_bits} significand bits' if args.vector_bits else ''}). Schedule: "
-              f"Adam lr 1e-3{', cosine decay to 0' if args.decay == 'cosine' else ''}, batch 128. Each row is the "
+              f"Adam lr 1e-3{DECAY_NOTE[args.decay]}, batch 128. Each row is the "
               f"mean over the seeds; points lost against each seed's own plain model, [min, max] over the seeds."),
              "",
              ("| model | coded with | bits/weight (file) | test accuracy % | points lost [min, max] | "

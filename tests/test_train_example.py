@@ -53,3 +53,14 @@ def test_example_defaults_yield_to_the_users_options(monkeypatch):
     assert first[first.index("--vector-bits") + 1] == "4" and "train_compressible_cnn" in first
     assert "--vector-bits" not in second and "--vector-bits=2" in second
     assert second[second.index("--refresh") + 1] == "4"
+
+
+def test_example_runs_the_mlps_whole_schedule_in_the_loop_unless_told(monkeypatch):
+    module = _example_module()
+    seen = []
+    monkeypatch.setattr(module.train, "main", lambda argv, **kw: seen.append(argv))
+    for args in ([], ["--epochs", "3"], ["--epochs=1"], ["--codec-epochs", "1"], ["--cnn"]):
+        module.main(args)
+    value = [argv[argv.index("--codec-epochs") + 1] if "--codec-epochs" in argv else None for argv in seen]
+    assert value == ["2", "3", "1", "1", None]  # the CNN keeps bench.train's default (1): 2 measured worse
+    assert seen[3].count("--codec-epochs") == 1

@@ -186,3 +186,90 @@ def test_bench_train_variant_replaces_or_adds_settings_and_rejects_bad_ones(caps
             train.main(["--model", "cnn", "--variant", bad])
         assert exc.value.code == 2
         assert "--variant" in capsys.readouterr().err or bad == "conv2.weight=b99"
+
+
+def _params_blob(model, name: str, setting: str) -> bytes:
+    """The first blob of ``name`` coded with ``setting``: every tile's packed offset and scale."""
+    from codec.api import to_numpy
+    from codec.dtypes import get_dtype
+    from codec.tensorcodec import encode_tensor
+
+    array, dtype = to_numpy(model.state_dict()[name])
+    return encode_tensor(array, get_dtype(dtype), codec.train.as_setting(setting)).blobs[0]
+
+
+@pytest.mark.parametrize("setting", ["b3", "jpeg,q8,tile=16x16"])
+def test_keep_tiles_keeps_every_tiles_offset_and_scale(setting):
+    """With keep_tiles the tiles' extremes stay where they were and the rest stays within them, so the encoder
+    gives every tile the same offset/scale as before training; without it the same training moves them. Tensors
+    stored losslessly for their shape (the 10x48 layer, biases) are not held."""
+    import numpy as np
+
+    runs = {}
+    for keep in (False, True):
+        model = _tiny()
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        before = _params_blob(model, "0.weight", setting)
+        finetune(model, _data(), LOSS, setting=setting, steps=12, lr=1e-2, refresh=2, keep_tiles=keep)
+        runs[keep] = (model, start, before, _params_blob(model, "0.weight", setting))
+    model, start, before, after = runs[True]
+    assert after == before
+    w, w0 = model[0].weight.detach(), start["0.weight"]
+    assert not torch.equal(w, w0)  # trained all the same
+    tile = (16, 16) if "tile" in setting else None
+    if tile:  # each 16x16 tile: the same minimum and maximum, at the same elements
+        for r in range(0, 48, 16):
+            for c in range(0, 64, 16):
+                a, b = w[r:r + 16, c:c + 16], w0[r:r + 16, c:c + 16]
+                assert a.min() == b.min() and a.max() == b.max()
+    assert not torch.equal(model[2].weight, start["2.weight"])  # lossless for its shape: free
+    moved, _, before_free, after_free = runs[False]
+    assert after_free != before_free  # the check can fail: the same run without keep_tiles moves them
+    assert not np.allclose(moved[0].weight.detach().numpy(), w.numpy())
+
+
+def test_keep_tiles_leaves_no_hook_on_the_callers_optimizer():
+    model = _tiny()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-1)
+    finetune(model, _data(1), LOSS, setting="b3", steps=2, optimizer=optimizer, keep_tiles=True)
+    hi = model[0].weight.detach().max().item()
+    for _ in range(5):  # plain steps afterwards may leave the range again
+        optimizer.zero_grad()
+        (-model[0].weight.max()).backward()
+        optimizer.step()
+    assert model[0].weight.detach().max().item() > hi
+    with pytest.raises(TypeError, match="keep_tiles"):
+        finetune(model, _data(1), LOSS, setting="b3", steps=1, keep_tiles="yes")
+
+
+def test_bench_train_distil_loss_and_its_option(capsys):
+    from bench import train
+
+    torch.manual_seed(5)
+    out, logits, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    assert torch.allclose(train.distil_loss(out, y, logits, 0.0), LOSS(out, y))
+    assert torch.allclose(train.distil_loss(out, y, out, 1.0), torch.zeros(()), atol=1e-6)  # the teacher matched
+    assert train.distil_loss(out, y, logits, 1.0) > 0.1
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--model", "mlp", "--distil", "1.5"])
+    assert exc.value.code == 2 and "--distil" in capsys.readouterr().err
+
+
+def test_bench_train_keeps_tiles_in_the_last_part_of_the_loop_only(monkeypatch):
+    import numpy as np
+
+    from bench import train
+
+    rng = np.random.default_rng(0)
+    schedule = train.Schedule("mlp", rng.integers(0, 255, (1280, 28, 28), dtype=np.uint8),
+                              rng.integers(0, 10, 1280), epochs=2, seed=0, decay="last")
+    _, _, snapshot = schedule.run(snapshot_at=1)
+    calls = []
+    monkeypatch.setattr(train.codec.train, "finetune", lambda model, part, *a, steps, lr, keep_tiles, **k: calls.append(
+        (steps, keep_tiles, lr(0))))
+    schedule.codec_epochs(snapshot, train.ladder_point("mlp", 6), keep_tiles=0.25)
+    assert [(steps, keep) for steps, keep, _ in calls] == [(8, False), (2, True)]  # 10 steps of 128: the last 2 kept
+    assert calls[0][2] == pytest.approx(1e-3) and calls[1][2] == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi * 0.8)))
+    calls.clear()
+    schedule.codec_epochs(snapshot, train.ladder_point("mlp", 6))
+    assert [(steps, keep) for steps, keep, _ in calls] == [(10, False)]

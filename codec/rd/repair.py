@@ -477,8 +477,8 @@ def _finetune(work: nn.Module, batches: list, refs: list, slots: dict[str, _Slot
     Trained: the floating parameters stored losslessly, and the lossy ones
     coded with a codec of :data:`TUNED_CODECS`, whose float shadows start at
     their targets (which code to what ``work`` holds) and stay within their
-    tiles' ranges (:func:`_tile_bounds`); :func:`codec.train.finetune` passes
-    them through their real encode/decode with ``options``. The other lossy
+    tiles' ranges (finetune's ``keep_tiles``); :func:`codec.train.finetune`
+    passes them through their real encode/decode with ``options``. The other lossy
     tensors hold their decoded values throughout (not coded again).
     Every :data:`HOLDOUT_EVERY`-th batch is held out (from that many batches;
     with fewer, all train and all are checked). The trained lossy tensors
@@ -514,18 +514,10 @@ def _finetune(work: nn.Module, batches: list, refs: list, slots: dict[str, _Slot
     for s in tuned:
         s.tensor.requires_grad_(True)
     optimizer = torch.optim.Adam([s.tensor for s in tuned], lr=settings.finetune_lr)
-    bounds = [(s.tensor, *_tile_bounds(s, options[s.name])) for s in trained]
-
-    def keep_tiles(*_):  # each tile's minimum and maximum stay, so its offset and scale do (see _tile_bounds)
-        with torch.no_grad():
-            for tensor, lo, hi, pinned, start in bounds:
-                tensor.copy_(torch.where(pinned, start, torch.minimum(torch.maximum(tensor, lo), hi)))
-
-    optimizer.register_step_post_hook(keep_tiles)
     try:
         with torch.enable_grad():
             finetune(_EvalMode(work), [(batches[i], i) for i in fit], steps=settings.finetune_steps,
-                     loss_fn=lambda out, i: loss(out, refs[i]), refresh=settings.finetune_refresh,
+                     loss_fn=lambda out, i: loss(out, refs[i]), refresh=settings.finetune_refresh, keep_tiles=True,
                      optimizer=optimizer, overrides=_Exact({"inner." + s.name: options[s.name] for s in trained}))
     finally:
         for s in tuned:
@@ -560,31 +552,6 @@ def _finetune(work: nn.Module, batches: list, refs: list, slots: dict[str, _Slot
     for s in trained:
         s.target = coded[s.name][0][0]
     return f"repair: codec-in-the-loop fine-tuning ({what}): {where} {before:.4g} -> {after:.4g}"
-
-
-def _tile_bounds(slot: _Slot, opts: EncodeOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(lo, hi, pinned, start)`` per element of a lossy tensor about to be fine-tuned from its target: its tile's
-    minimum and maximum, whether it is one of them, and its value now.
-
-    The encoder derives each tile's offset and scale from the tile's range and
-    rounds them to ``opts.params`` (bfloat16: steps of 0.4 %), so a tiny move of
-    a tile's extreme element shifts every value of the tile at once, which a
-    straight-through gradient cannot see (measured on the tests' tiny model:
-    fine-tuning at lr 1e-5 raised the output error on its own training batches).
-    Keeping the extremes and clamping the rest into the range keeps the mapping
-    fixed, as :func:`codec.rd.gptq.jpeg_target` does.
-    """
-    from ..tiling import plan_tiling
-    from .gptq import tile_index, tile_range
-
-    w = to_float64(slot.target, slot.dtype)
-    matrix = w.reshape(w.shape[0], -1)
-    t = plan_tiling(matrix.shape[0], matrix.shape[1], opts.tile, opts.row_shape, opts.params)
-    tile_of = tile_index(t)
-    lo, hi = (v[tile_of].reshape(w.shape) for v in tile_range(matrix, tile_of, t.n_tiles))
-    tensor = slot.tensor
-    return (torch.from_numpy(lo).to(tensor.dtype), torch.from_numpy(hi).to(tensor.dtype),
-            torch.from_numpy((w == lo) | (w == hi)), tensor.detach().clone())
 
 
 def _code(name: str, array: np.ndarray, dtype: DType, opts: EncodeOptions, executor) -> tuple[np.ndarray, int]:

@@ -32,7 +32,7 @@ from ..errors import EncodeError
 from ..tensorcodec import EncodeOptions, Overrides, decode_encoded, encode_tensor, not_applied
 from .rate import as_setting
 
-__all__ = ["as_overrides", "coded_weights", "finetune"]
+__all__ = ["as_overrides", "coded_weights", "finetune", "tile_bounds", "tile_keeper"]
 
 #: Per-tensor settings as codec.save takes them: ``{glob: setting}`` or ``[(glob, setting), ...]``.
 OverrideRules = Mapping[str, str] | Sequence[tuple[str, str]] | None
@@ -103,6 +103,46 @@ def round_vectors(model: torch.nn.Module, bits: int, setting: EncodeOptions | st
     return done
 
 
+def tile_bounds(t: torch.Tensor, opts: EncodeOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lo, hi, pinned, start)`` per element of ``t``, a tensor ``opts`` codes lossily (``quant`` or ``jpeg``): its
+    tile's minimum and maximum, whether it is one of them, and its value now (tensors of ``t``'s shape and device).
+
+    The encoder derives each tile's offset and scale from the tile's range and rounds them to ``opts.params``
+    (bfloat16: steps of 0.4 %), so a tiny move of a tile's extreme element shifts every value of the tile at once,
+    which a straight-through gradient cannot see (measured on the repair tests' tiny model: fine-tuning at lr 1e-5
+    raised the output error on its own training batches). Keeping the extremes and clamping the rest into the
+    range (:func:`tile_keeper`) keeps the mapping fixed, as :func:`codec.rd.gptq.jpeg_target` does.
+    """
+    from ..api import to_numpy
+    from ..dtypes import get_dtype, to_float64
+    from ..rd.gptq import tile_index, tile_range
+    from ..tiling import plan_tiling
+
+    array, name = to_numpy(t.detach())
+    w = to_float64(array, get_dtype(name))
+    matrix = w.reshape(w.shape[0], -1)
+    tiles = plan_tiling(matrix.shape[0], matrix.shape[1], opts.tile, opts.row_shape, opts.params)
+    tile_of = tile_index(tiles)
+    lo, hi = (v[tile_of].reshape(w.shape) for v in tile_range(matrix, tile_of, tiles.n_tiles))
+    return (torch.from_numpy(lo).to(t.dtype).to(t.device), torch.from_numpy(hi).to(t.dtype).to(t.device),
+            torch.from_numpy((w == lo) | (w == hi)).to(t.device), t.detach().clone())
+
+
+def tile_keeper(tensors: Iterable[tuple[torch.Tensor, EncodeOptions]]) -> Callable[..., None]:
+    """A function (an optimizer step hook: ``optimizer.register_step_post_hook(tile_keeper(...))``) that puts each
+    ``(tensor, options)``'s tile extremes back where they are now and clamps its other values into their tile's
+    range, in place, so that every tile keeps the offset and scale the encoder gives it now (:func:`tile_bounds`).
+    Used by :func:`finetune` with ``keep_tiles=True`` and by repair's fine-tuning stage (codec.rd.repair)."""
+    bounds = [(t, *tile_bounds(t, opts)) for t, opts in tensors]
+
+    def hook(*_) -> None:
+        with torch.no_grad():
+            for t, lo, hi, pinned, start in bounds:
+                t.copy_(torch.where(pinned, start, torch.minimum(torch.maximum(t, lo), hi)))
+
+    return hook
+
+
 def _check_vector_bits(bits) -> int | None:
     if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 22):
         raise ValueError(f"vector_bits must be None or an integer from 1 to 22, not {bits!r}")
@@ -167,7 +207,7 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
              lr: float | Callable[[int], float] = 1e-4,
              progress=False, overrides: Overrides | OverrideRules = None, refresh: int = 1,
              vector_bits: int | None = None, optimizer: torch.optim.Optimizer | None = None,
-             train_mode: bool | None = None) -> torch.nn.Module:
+             train_mode: bool | None = None, keep_tiles: bool = False) -> torch.nn.Module:
     """Fine-tune ``model`` in place, ``steps`` Adam steps at ``lr``, with every tensor coded as ``setting`` stores
     it (see :func:`codec.train.as_setting`; ``overrides``: per-tensor settings by glob, as codec.save takes them;
     save afterwards with the same options and overrides) in the forward pass.
@@ -182,7 +222,12 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     None (default) trains in training mode with a ``loss_fn`` and in eval mode when distilling, where the student
     has to match the teacher's deterministic outputs (with dropout on, it chases dropout noise instead: on
     all-MiniLM-L6-v2 that erased the whole gain of distillation, bench/README.md). The model's own mode is
-    restored at the end.
+    restored at the end. ``keep_tiles``: after every optimizer step, put each trained lossy tensor's tile extremes
+    back where they were at the start and clamp its other values into their tile's range (:func:`tile_keeper`), so
+    the tiles keep their offset/scale and the straight-through gradient sees the quantization grid the file uses.
+    For short, small-step fine-tuning (repair's stage, codec.rd.repair); not for training: over an epoch at lr 1e-3
+    the weights outgrow the ranges they started with, and with the ranges held the tiles fill them, so the same
+    JPEG quality costs about twice the bits (bench/README.md, "Training for the codec (fifth pass)").
     Returns the model, with its float weights (its rounded vectors with ``vector_bits``); the file saved from it
     with the same setting decodes to exactly the weights of the last forward pass (``coded_weights(model,
     setting)``), which is coded afresh after the last update to report the final loss.
@@ -201,6 +246,8 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         raise ValueError(f"finetune: refresh must be a positive integer, not {refresh!r}")
     if train_mode is not None and not isinstance(train_mode, bool):
         raise TypeError(f"finetune: train_mode must be True, False or None, not {type(train_mode).__name__}")
+    if not isinstance(keep_tiles, bool):
+        raise TypeError(f"finetune: keep_tiles must be True or False, not {type(keep_tiles).__name__}")
     try:
         vector_bits = _check_vector_bits(vector_bits)
     except ValueError as exc:
@@ -215,6 +262,12 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if optimizer is None:
         optimizer = torch.optim.Adam(params.values(), lr=float(lr(0) if callable(lr) else lr))
+    pinned = None
+    if keep_tiles:
+        lossy = [(p, o) for n, p in params.items()
+                 if p.is_floating_point() and (o := rules.options_for(n, opts) or opts).codec != "lossless"
+                 and not _lossless_for_shape(p, o)]
+        pinned = optimizer.register_step_post_hook(tile_keeper(lossy)) if lossy else None
     stream = itertools.cycle(batches) if steps else iter(())
     own_bar = progress is True
     bar = progress if hasattr(progress, "update") else None  # the caller's bar: one update a step
@@ -247,19 +300,23 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     was_training = model.training
     model.train(loss_fn is not None if train_mode is None else train_mode)
     last = None
-    for step in range(steps):
-        last = next(stream)
-        if callable(lr):
-            for group in optimizer.param_groups:
-                group["lr"] = float(lr(step))
-        optimizer.zero_grad()
-        loss = loss_at(last, code=step % refresh == 0)
-        loss.backward()
-        optimizer.step()
-        if bar is not None:
-            bar.update(1)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss.item():.4g}")
+    try:
+        for step in range(steps):
+            last = next(stream)
+            if callable(lr):
+                for group in optimizer.param_groups:
+                    group["lr"] = float(lr(step))
+            optimizer.zero_grad()
+            loss = loss_at(last, code=step % refresh == 0)
+            loss.backward()
+            optimizer.step()
+            if bar is not None:
+                bar.update(1)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{loss.item():.4g}")
+    finally:
+        if pinned is not None:  # the caller's optimizer carries on without it
+            pinned.remove()
     if vector_bits:  # the model holds what the file will: its vectors rounded
         round_vectors(model, vector_bits, opts, overrides=rules)
     if last is None:
