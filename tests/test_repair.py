@@ -313,33 +313,6 @@ def test_batchnorm_running_mean_takes_the_mean_correction_of_a_layer_without_bia
     assert errors[True] < 0.9 * errors[False]
 
 
-def test_batchnorm_scale_correction_of_a_layer_without_bias():
-    """bn_scale: the coded conv's per-channel least-squares scale goes into the BatchNorm's running variance (and
-    its mean into the running mean); the file decodes to the repaired model, and the output error drops."""
-    torch.manual_seed(3)
-    net = nn.Sequential(nn.Conv2d(4, 64, 5, padding=2, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.Flatten(),
-                        nn.Linear(64 * 8 * 8, 10))
-    data = batches()
-    net.train()
-    for b in data:
-        net(b)
-    net.eval()
-    options = quant_options(net, bits=2)
-    with torch.no_grad():
-        refs = [[net(b)] for b in data]
-    errors, results = {}, {}
-    for on in (False, True):
-        settings = RepairSettings(refit=False, gptq=False, bn_scale=on, keep_size=False)
-        result = results[on] = repair(net, data, options, settings=settings)
-        decoded = code_file(net.state_dict(), options, result.targets)
-        assert all(torch.equal(decoded[k], v) for k, v in result.model.state_dict().items())
-        assert ("1.running_var" in result.targets) == on and "1.running_mean" in result.targets
-        errors[on] = model_error(decoded_model(net, options, result.targets), data, refs)
-    assert errors[True] < 0.98 * errors[False]
-    ratio = results[True].targets["1.running_var"] / net[1].running_var.numpy()
-    assert np.all(ratio > 0) and np.ptp(ratio) > 0.01  # a scale of its own per channel
-
-
 def test_keep_size_moves_a_grown_tensor_back_or_codes_it_cheaper():
     """A target coding larger than planned is blended towards the original (credit >= 0) or coded at lower JPEG
     quality (an overrun to pay back); savings before it let it keep its plan; quant keeps its bits."""

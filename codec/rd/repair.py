@@ -106,11 +106,6 @@ class RepairSettings:
     #: Fine-tuning loss: "mse" (relative MSE of every floating output, as repair) or "kl" (KL divergence of the
     #: softmax of the outputs' last axis at temperature 2: for classifiers, whose outputs are logits).
     finetune_loss: str = "mse"
-    #: A coded Linear / Conv2d layer without a bias followed by a BatchNorm: besides the mean correction (in the
-    #: running mean, with ``bias_correction``), give each output channel the least-squares scale
-    #: ``a = Cov(z, z_hat) / Var(z_hat)`` of the original layer's output ``z`` on the coded one's ``z_hat``, through
-    #: the BatchNorm's running variance (``var' = (var + eps) / a^2 - eps``, ``a`` clipped to [1/2, 2]).
-    bn_scale: bool = False
 
 
 @dataclass
@@ -727,7 +722,6 @@ class _LayerFit:
         self.n, self.mean, self.mean_hat, self.h_hat, self.cross = n, mean, mean_hat, h_hat, cross
         self._fitted: np.ndarray | None = None  # the refit weight, computed once
         self._compensated: dict = {}  # (options, damping) -> jpeg_target's result
-        self.scale: tuple[_Slot, float] | None = None  # the following BatchNorm's running variance and eps (bn_scale)
         self.held: list[dict] | None = None  # [held-out moments, the other rows' moments] (see _keep_refit)
 
     @classmethod
@@ -800,19 +794,13 @@ class _LayerFit:
             cross, mean = None, mean_hat
         w_ref = ref_w.detach().double().reshape(ref_w.shape[0], -1).numpy()
         b_ref = None if ref_b is None else ref_b.detach().double().numpy()
-        shift = scale = None
+        shift = None
         if bias is None and settings.bias_correction and isinstance(follower, nn.modules.batchnorm._BatchNorm):
-            def free(buffer):
-                return next((s for s in slots.values() if isinstance(buffer, torch.Tensor) and s.tensor is buffer
-                             and s.dtype.floating and not s.lossy and not s.coded
-                             and s.original.shape == (w_ref.shape[0],)), None)
-
-            shift = free(follower.running_mean)
-            if shift is not None and settings.bn_scale:
-                scale = free(follower.running_var)
-                scale = None if scale is None else (scale, float(follower.eps))
+            running = follower.running_mean
+            shift = next((s for s in slots.values() if isinstance(running, torch.Tensor) and s.tensor is running
+                          and s.dtype.floating and not s.lossy and not s.coded
+                          and s.original.shape == (w_ref.shape[0],)), None)
         fit = cls(slot, bias_slot, w_ref, b_ref, n, mean, mean_hat, (acc["hh"] / n).numpy(), cross, shift)
-        fit.scale = scale
         n_held = acc["held_n"]
         if settings.refit and 0 < n_held < n:  # moments of the held-out rows and of the others
             fit.held = [{"n": m, **{k: (v.numpy() / m) for k, v in part.items()}} for m, part in (
@@ -899,26 +887,6 @@ class _LayerFit:
         if self.bias is not None:
             bias = self.bias.tensor
             bias.copy_(torch.from_numpy(b).to(bias.dtype))
-        elif self.scale is None:
+        else:
             running = self.shift.tensor
             running.copy_(torch.from_numpy(to_float64(self.shift.original, self.shift.dtype) - b).to(running.dtype))
-        else:  # z ~ a z_hat + c per channel: BN(z) = BN'(z_hat) with mean' = (mean - c) / a, std' = std / a
-            a = self._channel_scale(w_hat)
-            var_slot, eps = self.scale
-            var = to_float64(var_slot.original, var_slot.dtype)
-            a = np.minimum(a, np.sqrt((var + eps) / eps) * 0.999)  # keeps var' > 0
-            c = self.w_ref @ self.mean + (0.0 if self.b_ref is None else self.b_ref) - a * (w_hat @ self.mean_hat)
-            mean = (to_float64(self.shift.original, self.shift.dtype) - c) / a
-            for slot, value in ((self.shift, mean), (var_slot, (var + eps) / a ** 2 - eps)):
-                slot.tensor.copy_(torch.from_numpy(value).to(slot.tensor.dtype))
-
-    def _channel_scale(self, w_hat: np.ndarray) -> np.ndarray:
-        """Per output channel, the least-squares ``a`` of ``z ~ a z_hat + c`` (``z``: the original layer's output on
-        its inputs, ``z_hat``: the coded layer's on the coded inputs), clipped to [1/2, 2]; 1 where ``z_hat`` is
-        constant."""
-        var_hat = self.h_hat - np.outer(self.mean_hat, self.mean_hat)
-        cov = var_hat if self.cross is None else self.cross - np.outer(self.mean, self.mean_hat)
-        num = np.einsum("ij,ij->i", self.w_ref @ cov, w_hat)
-        den = np.einsum("ij,ij->i", w_hat @ var_hat, w_hat)
-        ok = den > 1e-12 * max(float(np.max(den, initial=0.0)), 1e-300)
-        return np.clip(np.where(ok, num / np.where(ok, den, 1.0), 1.0), 0.5, 2.0)
