@@ -30,7 +30,7 @@ from codec.rd.repair import RepairSettings, code_with_repair
 from codec.tensorcodec import EncodeOptions, Overrides, encode_tensor
 from codec.writer import Writer
 
-from .models import accuracy, load_fashion_mnist, model_class, preprocess
+from .models import load_fashion_mnist, model_class, preprocess
 from .prepare import get_model
 
 

@@ -10,9 +10,10 @@ on a channel the BatchNorm shrinks as on one it amplifies (the idea behind
 this module; see below for what was measured).
 
 :func:`fold_batchnorm` scales each such layer's output channel ``c`` (its
-weight's row and its bias) by ``g_c = |gamma_c| / sqrt(var_c + eps)`` and the BatchNorm's running statistics to match (``mean' = g
-mean``, ``var' = g^2 (var + eps) - eps``): the model computes the same
-function in eval mode (a symmetry: BatchNorm divides the scale out again;
+weight's row and its bias) by ``g_c = |gamma_c| / sqrt(var_c + eps)`` and
+the BatchNorm's running statistics to match (``mean' = g mean``,
+``var' = g^2 (var + eps) - eps``): the model computes the same function
+in eval mode (a symmetry: BatchNorm divides the scale out again;
 in train mode the same up to ``eps``), while a uniform coding error in the
 stored weight now costs about the same at the BatchNorm's output for every
 channel. Encoder side only: the file holds the rescaled weights and
