@@ -30,7 +30,7 @@ from codec.rd.repair import RepairSettings, code_with_repair
 from codec.tensorcodec import EncodeOptions, Overrides, encode_tensor
 from codec.writer import Writer
 
-from .models import accuracy, load_fashion_mnist, model_class, preprocess
+from .models import load_fashion_mnist, model_class, preprocess
 from .prepare import get_model
 
 
@@ -69,6 +69,13 @@ def main() -> None:
                         help="plan with the calibrated output-space weighting (as codec.save(model, calibration=))")
     parser.add_argument("-b", "--bits", type=float, action="append", help="bits/weight budgets (repeatable)")
     parser.add_argument("--calib", type=int, default=4096, help="training images used for calibration")
+    parser.add_argument("--select", choices=["random", "first", "stratified"], default="random",
+                        help="which training images calibrate: random (seed --seed), the first N, or N/10 of each "
+                             "class the model itself predicts (no labels)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random / stratified choice")
+    parser.add_argument("--fold-batchnorm", action="store_true",
+                        help="fold each BatchNorm's per-channel scale into the layer before it first "
+                             "(codec.rd.fold.fold_batchnorm: the same function, other stored values)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=RepairSettings.steps)
     parser.add_argument("--final-steps", type=int, default=RepairSettings.final_steps)
@@ -86,7 +93,12 @@ def main() -> None:
     if args.model == "minilm":
         state_dict, model, batches, score = _minilm()
     else:
-        state_dict, model, batches, score = _fmnist(args.model, args.calib, args.batch)
+        state_dict, model, batches, score = _fmnist(args.model, args.calib, args.batch, args.select, args.seed)
+    if args.fold_batchnorm:
+        from codec.rd.fold import fold_batchnorm
+
+        print("folded:", ", ".join(fold_batchnorm(model, batches[0])) or "nothing")
+        state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
     n_weights = sum(t.numel() for t in state_dict.values())
     print(f"{args.model}: {n_weights} weights, original {score(state_dict)}")
     print(f"{'budget':>6} {'variant':>13} {'bits/w':>7} {'quality':>16} {'seconds':>7}")
@@ -128,18 +140,46 @@ def main() -> None:
                 print("       ", note)
 
 
-def _fmnist(kind: str, n: int, batch: int):
-    """``(state_dict, model, calibration batches, score)``: a Fashion-MNIST model, ``n`` training images (random,
-    seed 0) to calibrate on, test accuracy as the score."""
+def _fmnist(kind: str, n: int, batch: int, select: str = "random", seed: int = 0):
+    """``(state_dict, model, calibration batches, score)``: a Fashion-MNIST model, ``n`` training images to
+    calibrate on (:func:`choose`), test accuracy and agreement with the original model's top-1 as the score."""
     state_dict = get_model(kind)
     model = model_class(kind)()
     model.load_state_dict(state_dict)
     model.eval()
     train_x, _ = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")
-    pick = np.random.default_rng(0).choice(len(train_x), n, replace=False)
-    batches = list(preprocess(train_x[np.sort(pick)]).split(batch))
-    return state_dict, model, batches, lambda sd: f"{accuracy((model_class(kind), sd), test_x, test_y):.2f} %"
+    batches = list(preprocess(train_x[choose(model, train_x, n, select, seed)]).split(batch))
+    with torch.no_grad():
+        original = model(preprocess(test_x)).argmax(1).numpy()
+
+    def score(sd) -> str:
+        coded = model_class(kind)()
+        coded.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in sd.items()})
+        with torch.no_grad():
+            predicted = coded.eval()(preprocess(test_x)).argmax(1).numpy()
+        return f"{100 * np.mean(predicted == test_y):.2f} % ({100 * np.mean(predicted == original):.2f} % agree)"
+
+    return state_dict, model, batches, score
+
+
+def choose(model: torch.nn.Module, images: np.ndarray, n: int, select: str = "random", seed: int = 0) -> np.ndarray:
+    """Sorted indices of ``n`` of ``images`` to calibrate on: ``random`` (seed ``seed``; seed 0 is what this bench
+    always used), the ``first`` n, or ``stratified``: n // 10 at random from each class the model itself predicts
+    (labels are never used)."""
+    if select == "first":
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    if select == "random":
+        return np.sort(rng.choice(len(images), n, replace=False))
+    if select != "stratified":
+        raise ValueError(f"select must be 'random', 'first' or 'stratified', not {select!r}")
+    with torch.no_grad():
+        predicted = torch.cat([model(preprocess(images[i:i + 5000])).argmax(1)
+                               for i in range(0, len(images), 5000)]).numpy()
+    classes = np.unique(predicted)
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(predicted == c), n // len(classes), replace=False)
+                                   for c in classes]))
 
 
 def _minilm():
