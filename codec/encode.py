@@ -368,7 +368,7 @@ def save(
             release_memory()
         damaged: list[str] = []
         packed = {n: f.result() for n, f in packing.items()}  # written below as they are
-        coded: dict = {}  # tensors the search coded with their chosen options: written as they are
+        coded: dict = {}  # tensors the search (or repair) coded with their chosen options: written as they are
         chosen = _plan(arrays, aliases, opts, rules, meta, encoder, bits_per_weight, max_error, calibrate,
                        progress, packed, jobs, matcher, measure_by=Distortion(weightings), notes=damaged,
                        search=search, coded=coded)
@@ -384,7 +384,7 @@ def save(
             weightings = calib = None  # calibration's H matrices served the plan (MiniLM: 150 MB); repair has its own
             release_memory()
             arrays = repaired_arrays(model, arrays, aliases, inputs, chosen, calib, calibration_progress, jobs, notes,
-                                     None if isinstance(repair, bool) else repair)
+                                     None if isinstance(repair, bool) else repair, coded=coded)
             release_memory()
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
     else:
