@@ -30,7 +30,7 @@ import numpy as np
 from .dtypes import get_dtype, to_float64
 from .errors import EncodeError
 from .limits import DEFAULT_LIMITS, Limits
-from .parallel import AHEAD_BYTES, INLINE, Pending, make_executor, release_memory, resolve_jobs
+from .parallel import AHEAD_BYTES, INLINE, Pending, bound_heap, make_executor, release_memory, resolve_jobs
 from .tensorcodec import (ZERO_ERROR, Encoded, EncodeOptions, Overrides, given_options, ignored_options,
                           option_conflicts, start_encode)
 from .writer import Writer, encode_attachment
@@ -363,6 +363,7 @@ def save(
         if calibration is not None:
             from .api import calibrated
 
+            bound_heap()  # freed blocks of megabytes go back to the system at once, not kept as holes
             inputs, calib = calibrated(model, calibration, repair, calibration_progress, meta)
             weightings.update(calib.weightings())
             release_memory()

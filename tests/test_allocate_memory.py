@@ -285,3 +285,27 @@ def test_release_memory_hands_free_heap_pages_back():
         pytest.skip("no malloc_trim in this C library")
     assert before - _rss_mb() > 25, "less than half the 50 MB freed went back"
     assert all(float(b[0]) == 1.0 for b in keep)
+
+
+def test_bound_heap_hands_freed_blocks_back_at_once():
+    """With the mmap threshold fixed (what calibrated encodes do), blocks of a megabyte or more get mappings of their
+    own and go back to the system when freed, with no trim: glibc's adaptive threshold would have put them in the
+    heap after the first mapped block was freed, where freed ones stay resident."""
+    import sys
+
+    from codec.parallel import MMAP_THRESHOLD, bound_heap
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("resident memory is read from /proc")
+    if not bound_heap():
+        pytest.skip("no mallopt in this C library")
+    first = np.ones(4 * MMAP_THRESHOLD // 8)
+    del first  # freeing a mapped block is what raises glibc's own threshold
+    blocks, small = [], []
+    for _ in range(40):  # 80 MB of 2 MB blocks, each followed by a small live block (holes, were they in the heap)
+        blocks.append(np.ones(2 * MMAP_THRESHOLD // 8))
+        small.append(np.ones(1024))
+    before = _rss_mb()
+    del blocks
+    assert before - _rss_mb() > 60, "the freed 80 MB stayed resident"
+    assert all(float(b[0]) == 1.0 for b in small)

@@ -235,10 +235,14 @@ class _Collector:
             yield cols.reshape(n, m.groups, ck // m.groups, length).permute(0, 1, 3, 2).reshape(-1, ck // m.groups)
 
     def _add(self, x: torch.Tensor) -> None:
-        # one batch's products in float32 (fast), summed over batches in float64
+        # one batch's products in float32 (fast), summed over batches in float64, in place (no new cols^2 float64
+        # matrices per batch)
         x = x.detach().float()
-        second = (x.T @ x if self.full else (x * x).sum(0)).double()
-        self.h = second if self.h is None else self.h + second
+        second = x.T @ x if self.full else (x * x).sum(0)
+        if self.h is None:
+            self.h = second.to(torch.float64, copy=True)
+        else:
+            self.h.add_(second)
         total = x.sum(0).double()
         self.sum = total if self.sum is None else self.sum + total
         self.rows += x.shape[0]

@@ -831,13 +831,13 @@ class _LayerFit:
                     seen.setdefault(key, []).append(rows.float())  # a module called twice gives two sets
             return hook
 
-        def add(key, value):  # summed in place: no second cols^2 matrix per sum while adding
-            if key not in acc:
-                acc[key] = value.clone() if any(v is value for v in acc.values()) else value
-            elif isinstance(value, torch.Tensor):
-                acc[key].add_(value)
+        def add(key, value):  # float64 sums, added in place: no more cols^2 float64 matrices while adding
+            if not isinstance(value, torch.Tensor):
+                acc[key] = acc.get(key, 0) + value
+            elif key not in acc:
+                acc[key] = value.to(torch.float64, copy=True)
             else:
-                acc[key] += value
+                acc[key].add_(value)
 
         handles = [original.register_forward_pre_hook(grab("x")), slot.module.register_forward_pre_hook(grab("h"))]
         training = model.training
@@ -857,9 +857,10 @@ class _LayerFit:
                     if settings.refit and [x.shape for x in xs] != [xh.shape for xh in seen["h"]]:
                         return None
                     for i, xh in enumerate(seen["h"]):
-                        sums = {"n": xh.shape[0], "sum_h": xh.double().sum(0), "hh": (xh.T @ xh).double()}
+                        # products in float32, summed in float64 (add widens them as it adds)
+                        sums = {"n": xh.shape[0], "sum_h": xh.double().sum(0), "hh": xh.T @ xh}
                         if settings.refit:
-                            sums.update(sum_x=xs[i].double().sum(0), cross=(xs[i].T @ xh).double())
+                            sums.update(sum_x=xs[i].double().sum(0), cross=xs[i].T @ xh)
                         for key, value in sums.items():
                             add(key, value)
                             if held:
