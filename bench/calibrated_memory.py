@@ -6,13 +6,17 @@ every 50 ms in a thread. Prints the peak above the resident memory before the en
 bench/README.md's "peak MB"), overall and per stage (a stage's peak includes what earlier stages left resident),
 wall and CPU seconds, bits/weight, and the mean cosine on the everyday and rare-word sentence sets.
 
-    python -m bench.calibrated_memory [--bits 3.5] [--threads 2] [--no-quality]
+    python -m bench.calibrated_memory [--bits 3.5] [--threads 2] [--no-quality] [--detail]
+
+``--detail`` also splits repair by tensor (collecting a layer's statistics, coding it) and prints the stages
+with the highest peaks; the md5 of the file is printed to check that a change left the bytes as they were.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import os
 import resource
 import tempfile
@@ -43,6 +47,7 @@ def main() -> None:
     parser.add_argument("--bits", type=float, default=3.5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the coding threads are jwt's own)")
     parser.add_argument("--no-quality", action="store_true", help="skip the cosine of the decoded file")
+    parser.add_argument("--detail", action="store_true", help="split repair by tensor; print the highest stages")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from bench.repair import _minilm
@@ -61,6 +66,22 @@ def main() -> None:
 
     for (module, name), label in STAGES.items():
         setattr(module, name, marked(getattr(module, name), label))
+    if args.detail:
+        from codec.rd import repair
+
+        def slot_marked(fn, what):
+            def wrapped(*a, **k):
+                slot = next(x for x in a if isinstance(x, repair._Slot))
+                stage[0] = f"repair {what} {slot.name}"
+                try:
+                    return fn(*a, **k)
+                finally:
+                    stage[0] = "repair"
+            return wrapped
+
+        repair._code_within = slot_marked(repair._code_within, "code")
+        collect = repair._LayerFit.collect.__func__
+        repair._LayerFit.collect = classmethod(slot_marked(collect, "collect"))
     state_dict, model, batches, score = _minilm()
     weights = sum(v.numel() for v in state_dict.values() if v.is_floating_point())
     samples: list[tuple[float, str]] = []
@@ -83,6 +104,7 @@ def main() -> None:
         done.set()
         sampler.join()
         size = os.path.getsize(path)
+        md5 = hashlib.md5(path.read_bytes()).hexdigest()
         quality = "" if args.no_quality else score(codec.load(path))
     cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
     peaks: dict[str, float] = {}
@@ -91,9 +113,12 @@ def main() -> None:
     print(f"resident before {base:.0f} MB; peak above it {max(peaks.values()):.0f} MB "
           f"(target 182 MB: 2x the fp32 model); wall {wall:.1f} s; CPU {cpu:.1f} s; "
           f"load average {os.getloadavg()[0]:.1f}")
-    for label, mb in peaks.items():
-        print(f"  {label:12s} peak above resident {mb:6.0f} MB")
-    print(f"bits/weight {8 * size / weights:.4f}" + (f"; cosine everyday / rare {quality}" if quality else ""))
+    main_stages = [label for label in peaks if not label.startswith("repair ")]
+    detail = sorted((label for label in peaks if label.startswith("repair ")), key=peaks.get, reverse=True)[:8]
+    for label in main_stages + detail:
+        print(f"  {label:12s} peak above resident {peaks[label]:6.0f} MB")
+    print(f"bits/weight {8 * size / weights:.4f}" + (f"; cosine everyday / rare {quality}" if quality else "")
+          + f"; md5 {md5}")
 
 
 if __name__ == "__main__":

@@ -191,7 +191,7 @@ def calibrate_score(arrays: Arrays, aliases: dict[str, str],
 
 
 def repaired_arrays(model, arrays: Arrays, aliases, inputs, chosen, calib, progress, jobs, notes,
-                    settings=None) -> Arrays:
+                    settings=None, coded: dict | None = None) -> Arrays:
     """``arrays`` with those :func:`codec.rd.repair.code_with_repair` changed, to be coded as planned.
 
     Repair codes the layers in forward order with the chosen options and
@@ -202,12 +202,19 @@ def repaired_arrays(model, arrays: Arrays, aliases, inputs, chosen, calib, progr
     exactly what repair assumed. A plain float array of another width is
     rounded to the tensor's dtype by torch. ``settings``: a
     :class:`codec.rd.repair.RepairSettings`, or None for the defaults.
+    Given a dict ``coded``, it receives the encoding of every lossy tensor as
+    repair coded it (written as it is: :func:`codec.encode.save`'s ``coded``),
+    and the arrays keep those tensors' original values, which are then not
+    read: repair holds no float copy of them to the end, and nothing is coded
+    twice.
     """
     from .rd.repair import code_with_repair
 
     counted = (lambda name, n: progress("repair", n)) if progress else None  # repair counts per tensor coded
+    encoded = None if coded is None else {}
     targets, repair_notes, changed = code_with_repair(model, inputs, dict(chosen), calib, progress=counted,
-                                                      jobs=jobs, settings=settings)
+                                                      jobs=jobs, settings=settings,
+                                                      **({} if encoded is None else {"encoded": encoded}))
     notes += list(repair_notes)
     chosen.update(changed)  # options repair lowered to keep a tensor within its planned size
     out: dict[str, np.ndarray] = {}
@@ -223,6 +230,11 @@ def repaired_arrays(model, arrays: Arrays, aliases, inputs, chosen, calib, progr
             out[name] = array if array.flags.c_contiguous else array.copy()
         else:
             out[name] = to_numpy(torch.from_numpy(array.copy()).to(_BY_NAME[dtype_name]))[0]
+    for name, enc in (encoded or {}).items():
+        if name not in arrays:
+            raise EncodeError(f"repair returned tensor {name!r}, which is not in the state_dict")
+        if name not in aliases and name not in out:
+            coded[name] = enc
     return arrays.replaced(out)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from .dtypes import get_dtype, to_float64
 from .errors import EncodeError
 from .limits import DEFAULT_LIMITS, Limits
-from .parallel import AHEAD_BYTES, INLINE, Pending, make_executor, release_memory, resolve_jobs
+from .parallel import AHEAD_BYTES, INLINE, Pending, bound_heap, make_executor, release_memory, resolve_jobs
 from .tensorcodec import (ZERO_ERROR, Encoded, EncodeOptions, Overrides, given_options, ignored_options,
                           option_conflicts, start_encode)
 from .writer import Writer, encode_attachment
@@ -363,11 +363,12 @@ def save(
         if calibration is not None:
             from .api import calibrated
 
+            bound_heap()  # freed blocks of megabytes go back to the system at once, not kept as holes
             inputs, calib = calibrated(model, calibration, repair, calibration_progress, meta)
             weightings.update(calib.weightings())
             release_memory()
         damaged: list[str] = []
-        coded: dict = {}  # tensors the search coded with their chosen options: written as they are
+        coded: dict = {}  # tensors the search (or repair) coded with their chosen options: written as they are
         # The attachments' sizes are needed once the search has predicted every tensor (its budget's fixed part):
         # the search starts while they are compressed.
         chosen = _plan(arrays, aliases, opts, rules, meta, encoder, bits_per_weight, max_error, calibrate,
@@ -385,7 +386,7 @@ def save(
             weightings = calib = None  # calibration's H matrices served the plan (MiniLM: 150 MB); repair has its own
             release_memory()
             arrays = repaired_arrays(model, arrays, aliases, inputs, chosen, calib, calibration_progress, jobs, notes,
-                                     None if isinstance(repair, bool) else repair)
+                                     None if isinstance(repair, bool) else repair, coded=coded)
             release_memory()
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
     else:

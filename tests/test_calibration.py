@@ -343,7 +343,8 @@ def _fake_repair(calls):
     for the tensors it changed (a bias shifted by 1, a weight negated) and notes."""
     import types
 
-    def code_with_repair(model, inputs, options, calibration, *, progress=None, jobs=None, settings=None):
+    def code_with_repair(model, inputs, options, calibration, *, progress=None, jobs=None, settings=None,
+                         encoded=None):
         calls.append((model, [b.shape for b in inputs], dict(options), calibration))
         if progress:
             progress("repair", 1)

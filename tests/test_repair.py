@@ -331,16 +331,22 @@ def test_keep_size_moves_a_grown_tensor_back_or_codes_it_cheaper():
 
     planned = size(slot.original, jpeg)
     assert size(grown, jpeg) > planned  # the premise: the new values code larger
-    target, _, _, opts, credit, nbytes = _code_within(slot, None, jpeg, RepairSettings(keep_size=False), None, 0)
+    def same(encoded, array, opts):  # the encoding handed back is the target's, as a writer would code it
+        return encoded.blobs == encode_tensor(array, F32, opts).blobs
+
+    target, _, _, opts, credit, nbytes, encoded = _code_within(slot, None, jpeg, RepairSettings(keep_size=False),
+                                                               None, 0)
     assert opts == jpeg and np.array_equal(target, grown) and nbytes == size(grown, jpeg)
-    target, _, _, opts, credit, nbytes = _code_within(slot, None, jpeg, RepairSettings(), None, 0)
+    assert same(encoded, target, opts)
+    target, _, _, opts, credit, nbytes, encoded = _code_within(slot, None, jpeg, RepairSettings(), None, 0)
     assert opts == jpeg and size(target, jpeg) <= planned and credit == planned - size(target, jpeg) >= 0
-    assert nbytes == size(target, jpeg)
+    assert nbytes == size(target, jpeg) and same(encoded, target, opts)
     assert 0 < np.abs(target - slot.original).max() < np.abs(grown - slot.original).max()  # part of the way back
-    target, _, _, opts, credit, nbytes = _code_within(slot, None, jpeg, RepairSettings(), None, -planned // 10)
+    target, _, _, opts, credit, nbytes, encoded = _code_within(slot, None, jpeg, RepairSettings(), None,
+                                                               -planned // 10)
     assert opts.codec == "jpeg" and opts.quality < 60 and size(target, opts) <= planned - planned // 10
-    assert nbytes == size(target, opts)
-    _, _, _, opts, _, _ = _code_within(slot, None, jpeg, RepairSettings(), None, 10 * planned)
+    assert nbytes == size(target, opts) and same(encoded, target, opts)
+    _, _, _, opts, _, _, _ = _code_within(slot, None, jpeg, RepairSettings(), None, 10 * planned)
     assert opts == jpeg
     quant = EncodeOptions(codec="quant", bits=2, tile=(8, 64))
     assert _code_within(slot, None, quant, RepairSettings(), None, -10 * planned)[3] == quant
@@ -366,20 +372,21 @@ def test_refit_is_kept_only_where_it_holds_on_held_out_inputs():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 32))
 
-    def moments(x, x_hat):
-        n = len(x)
-        return {"n": n, "hh": x_hat.T @ x_hat / n, "cross": x.T @ x_hat / n, "sum_x": x.mean(0), "sum_h": x_hat.mean(0)}
+    def sums(x, x_hat):
+        return {"n": len(x), "hh": x_hat.T @ x_hat, "cross": x.T @ x_hat, "sum_x": x.sum(0), "sum_h": x_hat.sum(0)}
 
     x_held = rng.standard_normal((4000, 32))
-    held = moments(x_held, x_held + 0.5 * rng.standard_normal(x_held.shape))  # coding adds noise to the inputs
+    held = sums(x_held, x_held + 0.5 * rng.standard_normal(x_held.shape))  # coding adds noise to the inputs
     x = rng.standard_normal((4000, 32))
-    related = moments(x, x + 0.5 * rng.standard_normal(x.shape))
+    related = sums(x, x + 0.5 * rng.standard_normal(x.shape))
     few = rng.standard_normal((24, 32))
-    fluke = moments(few, rng.standard_normal(few.shape))  # coded inputs unrelated to the original ones
+    fluke = sums(few, rng.standard_normal(few.shape))  # coded inputs unrelated to the original ones
     for rest, keep in ((related, True), (fluke, False)):
-        fit = _LayerFit(None, None, w, None, rest["n"], rest["sum_x"], rest["sum_h"], rest["hh"], rest["cross"])
-        fit.held = [held, rest]
-        assert fit._keep_refit(RepairSettings()) is keep
+        acc = {k: (v + held[k]) if k == "n" else torch.from_numpy(v + held[k]) for k, v in rest.items()}
+        acc.update({"held_" + k: v if k == "n" else torch.from_numpy(v.copy()) for k, v in held.items()})
+        fit = _LayerFit(None, None, w, None, acc["n"], None, None)
+        assert fit._holdout_keeps(acc, RepairSettings()) is keep
+        assert "held_hh" not in acc and "held_cross" not in acc  # used up: freed as soon as they served
 
 
 def lossy_bytes(state_dict: dict, options: dict, targets: dict) -> int:

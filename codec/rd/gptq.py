@@ -94,7 +94,7 @@ def gptq_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
     dead = diag <= 0
     hm[dead, dead] = 1.0
     perm = np.argsort(-np.diag(hm), kind="stable") if act_order else np.arange(cols)
-    hm = hm[np.ix_(perm, perm)]
+    hm = _permuted(hm, perm)
     hm[np.diag_indices(cols)] += damp * float(np.mean(np.diag(hm)))
     upper = _inverse_cholesky_upper(hm)
     work = w[:, perm].copy()
@@ -164,7 +164,7 @@ def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
     pinned = (w == lo_e) | (w == hi_e)
     perm = np.argsort(group, kind="stable")
     ends = np.flatnonzero(np.diff(group[perm])) + 1
-    upper = _inverse_cholesky_upper(_damped(h[np.ix_(perm, perm)], damp))
+    upper = _inverse_cholesky_upper(_damped(_permuted(h, perm), damp))
     work = w[:, perm]
     w_p, pin_p, lo_p, hi_p = w[:, perm], pinned[:, perm], lo_e[:, perm], hi_e[:, perm]
     inverse = np.argsort(perm)
@@ -211,15 +211,25 @@ def _damped(h: np.ndarray, damp: float) -> np.ndarray:
     return hm
 
 
+def _permuted(h: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """``h[perm][:, perm]``; ``h`` itself when ``perm`` is the identity (no cols^2 copy)."""
+    return h if np.array_equal(perm, np.arange(len(perm))) else h[np.ix_(perm, perm)]
+
+
 def _inverse_cholesky_upper(hm: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), adding damping until ``H`` is positive definite."""
-    eye = np.eye(hm.shape[0])
+    """Upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), adding damping until ``H`` is positive definite.
+
+    Each cols^2 intermediate is freed as soon as the next is made (all-MiniLM-L6-v2's FFN output: 19 MB each, seven
+    of them at once before)."""
     extra = 0.0
     for _ in range(8):
         try:
-            lower = np.linalg.cholesky(hm + extra * eye)
+            lower = np.linalg.cholesky(hm if extra == 0.0 else hm + extra * np.eye(hm.shape[0]))
             inv = np.linalg.inv(lower)
-            return np.linalg.cholesky(inv.T @ inv).T
+            del lower
+            product = inv.T @ inv
+            del inv
+            return np.linalg.cholesky(product).T
         except np.linalg.LinAlgError:
             extra = max(extra * 10, 1e-6 * float(np.mean(np.diag(hm))) or 1e-6)
     raise np.linalg.LinAlgError("H stays singular after damping")

@@ -41,10 +41,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..api import to_numpy, to_torch
+from ..api import TORCH_DTYPES, to_numpy, to_torch
 from ..dtypes import DType, from_float64, get_dtype, to_float64
 from ..parallel import make_executor
-from ..tensorcodec import EncodeOptions, Overrides, decode_encoded, encode_tensor, lossless_reason
+from ..tensorcodec import (Encoded, EncodeOptions, Overrides, _error_sums, decode_encoded, encode_tensor,
+                           lossless_reason)
 from .gptq import output_error as weight_output_error
 
 __all__ = ["RepairSettings", "Repaired", "code_with_repair", "forward_order", "output_error", "repair"]
@@ -127,6 +128,10 @@ class _Slot:
     budget: int | None = None
     #: Bytes of the blobs of the coding repair chose (None until coded).
     nbytes: int | None = None
+    #: The coding repair chose: ``target`` encoded with its options (None until coded).
+    encoded: Encoded | None = None
+    #: Whether ``target`` differs from ``original`` (set when coded; the target itself may not be kept).
+    changed: bool = False
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -145,11 +150,14 @@ class Repaired:
     model: nn.Module
     #: name -> the options to encode with, where repair had to change the planned ones (``keep_size``).
     options: dict[str, EncodeOptions]
+    #: name -> every lossy tensor's encoding: its target coded with its options (``Encoded.rel_error`` measured),
+    #: what a writer stores for it without coding it again.
+    encoded: dict[str, Encoded]
 
 
 def code_with_repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptions], calibration=None,
                      *, progress: Callable[[str, int], None] | None = None, jobs: int | None = None,
-                     settings: RepairSettings | None = None
+                     settings: RepairSettings | None = None, encoded: dict[str, Encoded] | None = None
                      ) -> tuple[dict[str, np.ndarray], list[str], dict[str, EncodeOptions]]:
     """Code ``model``'s stored tensors in forward order, repairing the rest after each; ``(targets, notes, options)``.
 
@@ -166,15 +174,31 @@ def code_with_repair(model: nn.Module, inputs: Iterable, options: Mapping[str, E
     statistics are collected from the partly coded model, which is what the
     repair needs. ``model`` itself is not modified (a deep copy is worked on).
     ``progress(name, n_elements)`` is called as each lossy tensor is coded.
+
+    Given a dict ``encoded``, it is filled with the encoding of every lossy
+    tensor (:attr:`Repaired.encoded`: what to write, as it is), and
+    ``targets`` holds only the tensors stored losslessly that repair
+    changed: the lossy targets are then not kept in memory to the end
+    (all-MiniLM-L6-v2: 90 MB).
     """
-    result = repair(model, inputs, options, progress=progress, jobs=jobs, settings=settings)
+    result = repair(model, inputs, options, progress=progress, jobs=jobs, settings=settings,
+                    keep_targets=encoded is None)
+    if encoded is not None:
+        encoded.update(result.encoded)
     return result.targets, result.notes, result.options
 
 
 def repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptions], *,
            progress: Callable[[str, int], None] | None = None, jobs: int | None = None,
-           settings: RepairSettings | None = None) -> Repaired:
-    """:func:`code_with_repair`, also returning the repaired working model (see :class:`Repaired`)."""
+           settings: RepairSettings | None = None, keep_targets: bool = True) -> Repaired:
+    """:func:`code_with_repair`, also returning the repaired working model and every lossy tensor's encoding (see
+    :class:`Repaired`). Without ``keep_targets``, ``targets`` leaves the lossy tensors out (their encodings are
+    all that is kept of them as they are coded).
+
+    The working model is a deep copy of ``model`` except for the lossy tensors on the CPU when no distillation
+    step trains them before they are coded (``settings.steps`` 0): those share ``model``'s storage until coded,
+    and then take their decoded arrays as storage (never written into), so the working model costs what has been
+    coded, not a whole second model next to it."""
     settings = RepairSettings() if settings is None else settings
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -185,7 +209,7 @@ def repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptio
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be callable, not {type(progress).__name__}")
     batches = _check_inputs(inputs)
-    work = copy.deepcopy(model).eval()
+    work = copy.deepcopy(model, _shared_lossy(model, options) if settings.steps == 0 else {}).eval()
     for p in work.parameters():
         p.requires_grad_(False)  # parameters not stored (nor named in options) stay as they are
     slots = _slots(work, options, model)
@@ -193,18 +217,61 @@ def repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptio
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings.seed)
-            targets, notes, changed = _repair(model, work, batches, options, slots, settings, executor, progress)
+            targets, notes, changed = _repair(model, work, batches, options, slots, settings, executor, progress,
+                                              keep_targets)
     finally:
         if hasattr(executor, "shutdown"):
             executor.shutdown(wait=True)
     for p in work.parameters():
         p.requires_grad_(False)
-    return Repaired(targets, notes, work, changed)
+    return Repaired(targets, notes, work, changed, {s.name: s.encoded for s in slots.values() if s.lossy})
+
+
+def _shared_lossy(model: nn.Module, options: Mapping[str, EncodeOptions]) -> dict[int, torch.Tensor]:
+    """A :func:`copy.deepcopy` memo giving the working model tensors that share ``model``'s storage, for the lossy
+    tensors on the CPU (those :func:`_slots` finds lossy); :func:`_take` later replaces their storage, never writes
+    into it."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    memo: dict[int, torch.Tensor] = {}
+    for name, opts in (options.items() if isinstance(options, Mapping) else ()):  # (_slots names what is wrong)
+        tensor = tensors.get(name)
+        if (not isinstance(tensor, torch.Tensor) or not isinstance(opts, EncodeOptions) or tensor.device.type != "cpu"
+                or id(tensor) in memo or tensor.dtype not in TORCH_DTYPES):
+            continue
+        array, dtype_name = to_numpy(tensor)
+        if _lossy(array, get_dtype(dtype_name), opts):
+            shared = tensor.detach()
+            if isinstance(tensor, nn.Parameter):
+                shared = nn.Parameter(shared, requires_grad=tensor.requires_grad)
+            memo[id(tensor)] = shared
+    return memo
+
+
+def _take(slot: _Slot, decoded: np.ndarray) -> None:
+    """The working model's tensor of ``slot`` takes ``decoded`` (storage form): as its storage on the CPU (the tensor
+    may share the caller's model's storage until now: it is replaced, not written into), else copied in."""
+    value = to_torch(decoded, slot.dtype.name)
+    tensor = slot.tensor
+    if tensor.device.type == "cpu" and value.dtype == tensor.dtype and value.shape == tensor.shape:
+        tensor.data = value
+    else:
+        tensor.copy_(value)
+
+
+def _measure(encoded: Encoded, target: np.ndarray, decoded: np.ndarray, dtype: DType) -> None:
+    """Set a lossy encoding's ``rel_error`` (``||decoded - target|| / ||target||``), as a writer's checked coding
+    would have it (:func:`codec.tensorcodec.start_encode`), for its note on an error no better than zeros."""
+    if encoded.tiling is None or encoded.fallback:
+        return
+    rows = target.shape[0] if target.ndim else 1
+    err, ref = _error_sums(target.reshape(rows, -1), decoded.reshape(rows, -1), dtype)
+    encoded.rel_error = math.sqrt(err / ref) if ref > 0 else (0.0 if err == 0 else math.inf)
 
 
 def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[str, EncodeOptions],
-            slots: dict[str, _Slot], settings: RepairSettings, executor,
-            progress) -> tuple[dict[str, np.ndarray], list[str], dict[str, EncodeOptions]]:
+            slots: dict[str, _Slot], settings: RepairSettings, executor, progress,
+            keep_targets: bool = True) -> tuple[dict[str, np.ndarray], list[str], dict[str, EncodeOptions]]:
     with torch.no_grad():
         refs = [_outputs(work, b) for b in batches]
     order = forward_order(work, batches[0])
@@ -220,17 +287,23 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     for slot in queue:
         layer = _LayerFit.collect(model, originals[slot.module_name], work, slot, slots, batches, settings,
                                   follower.get(id(slot.module))) if _is_layer_weight(slot) else None
-        target, assumed, decoded, opts, credit, slot.nbytes = _code_within(slot, layer, options[slot.name], settings,
-                                                                           executor, credit)
+        target, assumed, decoded, opts, credit, slot.nbytes, slot.encoded = _code_within(
+            slot, layer, options[slot.name], settings, executor, credit)
         if opts != options[slot.name]:
             changed[slot.name] = opts
         if assumed is not None and not np.array_equal(to_float64(decoded, slot.dtype), assumed):
             mismatched += 1
-        slot.target, slot.coded = target, True
+        _measure(slot.encoded, target, decoded, slot.dtype)
+        slot.changed = not _same_bytes(target, slot.original)
+        # fine-tuning starts the tensors it trains from their targets; otherwise a target is not kept
+        trains = settings.finetune_steps > 0 and slot.is_param and opts.codec in TUNED_CODECS
+        slot.target, slot.coded = target if keep_targets or trains else None, True
+        del target, assumed
         with torch.no_grad():
-            slot.tensor.copy_(to_torch(decoded, slot.dtype.name))
+            _take(slot, decoded)
             if layer is not None:
                 layer.correct_bias(to_float64(decoded, slot.dtype))
+        del decoded, layer
         _set_trainable(slots)
         step = _distill(work, _free(slots, lossy=True), batches, refs, settings.steps, settings.lr, step)
         if progress:
@@ -242,11 +315,12 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     after = output_error(work, batches, refs)
     targets = {}
     for slot in slots.values():
-        value = slot.target if slot.lossy else to_numpy(slot.tensor)[0]
+        value = (slot.target if keep_targets else None) if slot.lossy else to_numpy(slot.tensor)[0]
         if value is not None and (value.base is not None or not value.flags.c_contiguous):
             value = np.array(value, order="C")  # a copy (of a view of the working model); 0-d stays 0-d
         if value is not None and not _same_bytes(value, slot.original):  # bit-exact (0-d tensors too)
             targets[slot.name] = value
+    n_changed = sum(s.changed if s.lossy else s.name in targets for s in slots.values())
     done = [label for label, on in (("refit", settings.refit), ("GPTQ", settings.gptq),
                                     ("JPEG compensation", settings.compensate),
                                     ("least-squares bias", settings.bias_correction),
@@ -254,7 +328,7 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     final = (f", then {settings.final_steps} steps on the lossless ones ({before_final:.4g} before them)"
              if settings.final_steps > 0 else "")
     notes = [(f"repair: coded {len(queue)} lossy tensors in forward order ({', '.join(done) or 'no repair'}){final}; "
-              f"output error on the calibration inputs (relative MSE) {after:.4g}; {len(targets)} tensors changed")]
+              f"output error on the calibration inputs (relative MSE) {after:.4g}; {n_changed} tensors changed")]
     if tuned:
         notes.append(tuned)
     if mismatched:
@@ -327,10 +401,15 @@ def _slots(work: nn.Module, options: Mapping[str, EncodeOptions], model: nn.Modu
         seen[key] = name
         array, dtype_name = to_numpy(getattr(modules[mod_name], attr))
         dtype = get_dtype(dtype_name)
-        lossy = (dtype.floating and opts.codec != "lossless" and lossless_reason(array, dtype, "quant") is None)
+        lossy = _lossy(array, dtype, opts)
         original = array if model is not None else array.copy()
         slots[name] = _Slot(name, mod_name, module, attr, is_param, dtype, original, lossy)
     return slots
+
+
+def _lossy(array: np.ndarray, dtype: DType, opts: EncodeOptions) -> bool:
+    """Whether coding ``array`` with ``opts`` loses (a slot repair codes in forward order)."""
+    return dtype.floating and opts.codec != "lossless" and lossless_reason(array, dtype, "quant") is None
 
 
 def forward_order(model: nn.Module, batch) -> list[nn.Module]:
@@ -522,11 +601,11 @@ def _finetune(work: nn.Module, batches: list, refs: list, slots: dict[str, _Slot
     finally:
         for s in tuned:
             s.tensor.requires_grad_(False)
-    coded = {}  # name -> [(value, decoded, bytes) trained, (...) as repair coded it]
+    coded = {}  # name -> [(value, decoded, bytes, encoding) trained, (...) as repair coded it]
     for s in trained:
         value = to_numpy(s.tensor)[0].copy()
         coded[s.name] = [(value, *_code(s.name, value, s.dtype, options[s.name], executor)),
-                         (s.target, to_numpy(saved[s.name])[0], s.nbytes)]
+                         (s.target, to_numpy(saved[s.name])[0], s.nbytes, s.encoded)]
     back = []
     if settings.keep_size and coded:
         frozen = sum(s.nbytes for s in lossy if s.name not in coded)
@@ -550,14 +629,18 @@ def _finetune(work: nn.Module, batches: list, refs: list, slots: dict[str, _Slot
                 s.tensor.copy_(saved[name])
         return f"repair: codec-in-the-loop fine-tuning ({what}) not kept: {where} {after:.4g}, {before:.4g} without it"
     for s in trained:
-        s.target = coded[s.name][0][0]
+        s.target, _, _, s.encoded = coded[s.name][0]
+        s.changed = not _same_bytes(s.target, s.original)
+        _measure(s.encoded, s.target, coded[s.name][0][1], s.dtype)
     return f"repair: codec-in-the-loop fine-tuning ({what}): {where} {before:.4g} -> {after:.4g}"
 
 
-def _code(name: str, array: np.ndarray, dtype: DType, opts: EncodeOptions, executor) -> tuple[np.ndarray, int]:
-    """Encode ``array`` with ``opts``; ``(what a reader decodes, bytes of the blobs)``."""
+def _code(name: str, array: np.ndarray, dtype: DType, opts: EncodeOptions, executor
+          ) -> tuple[np.ndarray, int, Encoded]:
+    """Encode ``array`` with ``opts``; ``(what a reader decodes, bytes of the blobs, the encoding)``."""
     encoded = encode_tensor(array, dtype, opts, executor=executor)
-    return decode_encoded(encoded, dtype, array.shape, name, executor=executor), sum(len(b) for b in encoded.blobs)
+    decoded = decode_encoded(encoded, dtype, array.shape, name, executor=executor)
+    return decoded, sum(len(b) for b in encoded.blobs), encoded
 
 
 def _cheaper(opts: EncodeOptions) -> EncodeOptions | None:
@@ -574,9 +657,9 @@ def _cheaper(opts: EncodeOptions) -> EncodeOptions | None:
 
 
 def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, settings: RepairSettings, executor,
-                 credit: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, EncodeOptions, int, int]:
+                 credit: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, EncodeOptions, int, int, Encoded]:
     """Choose and code one lossy tensor's target; ``(target, GPTQ's decoded or None, decoded, options, credit,
-    bytes)``.
+    bytes, the encoding)``.
 
     A ``jpeg`` layer weight is coded three ways within its size: with
     compensation blended back towards the weight, with full compensation
@@ -603,7 +686,7 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
 
 def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, settings: RepairSettings, executor,
               credit: int, blend: bool = True
-              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, EncodeOptions, int, int]:
+              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, EncodeOptions, int, int, Encoded]:
     """Code one lossy tensor's target within its planned size (``settings.keep_size``); as :func:`_code_within`.
 
     ``credit`` is what the tensors coded before saved against their plan
@@ -617,32 +700,34 @@ def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, setting
     """
     budget = original = None
     while True:
-        target, assumed = to_numpy(slot.tensor)[0].copy(), None
+        # a view: the working model's tensor takes its decoded values as new storage (_take), not written into
+        target, assumed = to_numpy(slot.tensor)[0], None
         if layer is not None:
             target, assumed = layer.target(opts, settings)
-        decoded, nbytes = _code(slot.name, target, slot.dtype, opts, executor)
+        decoded, nbytes, encoded = _code(slot.name, target, slot.dtype, opts, executor)
         if not settings.keep_size:
-            return target, assumed, decoded, opts, credit, nbytes
-        if budget is None:  # the original value coded with the planned options: (options, decoded, bytes)
-            original = (opts, *((decoded, nbytes) if _same_bytes(target, slot.original)
+            return target, assumed, decoded, opts, credit, nbytes, encoded
+        if budget is None:  # the original value coded with the planned options: (options, decoded, bytes, encoding)
+            original = (opts, *((decoded, nbytes, encoded) if _same_bytes(target, slot.original)
                                 else _code(slot.name, slot.original, slot.dtype, opts, executor)))
             budget = slot.budget = original[2]
         if nbytes <= budget + credit:
-            return target, assumed, decoded, opts, credit + budget - nbytes, nbytes
+            return target, assumed, decoded, opts, credit + budget - nbytes, nbytes, encoded
         if blend and (assumed is None or opts.codec == "jpeg") and credit >= 0:  # the original fits: move back
             coded = original[1:] if original[0] == opts else None
-            target, decoded, nbytes = _blend(slot, target, opts, executor, budget + credit, coded)
-            return target, None, decoded, opts, credit + budget - nbytes, nbytes
+            target, decoded, nbytes, encoded = _blend(slot, target, opts, executor, budget + credit, coded)
+            return target, None, decoded, opts, credit + budget - nbytes, nbytes, encoded
         cheaper = _cheaper(opts)
         if cheaper is None:
-            return target, assumed, decoded, opts, credit + budget - nbytes, nbytes
+            return target, assumed, decoded, opts, credit + budget - nbytes, nbytes, encoded
         opts = cheaper
 
 
 def _blend(slot: _Slot, target: np.ndarray, opts: EncodeOptions, executor, limit: int,
-           coded: tuple[np.ndarray, int] | None = None, steps: int = 5) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(value, decoded, bytes)``: the point nearest ``target`` between the original and it that codes in ``limit``
-    (``coded``: the original already coded with ``opts``, as ``(decoded, bytes)``)."""
+           coded: tuple[np.ndarray, int, Encoded] | None = None, steps: int = 5
+           ) -> tuple[np.ndarray, np.ndarray, int, Encoded]:
+    """``(value, decoded, bytes, encoding)``: the point nearest ``target`` between the original and it that codes in
+    ``limit`` (``coded``: the original already coded with ``opts``, as :func:`_code` gives)."""
     original = to_float64(slot.original, slot.dtype)
     toward = to_float64(target, slot.dtype) - original
     best = (slot.original, *(coded or _code(slot.name, slot.original, slot.dtype, opts, executor)))
@@ -650,9 +735,9 @@ def _blend(slot: _Slot, target: np.ndarray, opts: EncodeOptions, executor, limit
     for _ in range(steps):
         mid = (lo + hi) / 2
         value = from_float64(original + mid * toward, slot.dtype)
-        decoded, nbytes = _code(slot.name, value, slot.dtype, opts, executor)
+        decoded, nbytes, encoded = _code(slot.name, value, slot.dtype, opts, executor)
         if nbytes <= limit:
-            lo, best = mid, (value, decoded, nbytes)
+            lo, best = mid, (value, decoded, nbytes, encoded)
         else:
             hi = mid
     return best
@@ -683,13 +768,14 @@ class _LayerFit:
     """
 
     def __init__(self, slot: _Slot, bias: _Slot | None, w_ref: np.ndarray, b_ref: np.ndarray | None,
-                 n: int, mean: np.ndarray, mean_hat: np.ndarray, h_hat: np.ndarray, cross: np.ndarray | None,
-                 shift: _Slot | None = None):
+                 n: int, mean: np.ndarray, mean_hat: np.ndarray, shift: _Slot | None = None):
         self.slot, self.bias, self.w_ref, self.b_ref, self.shift = slot, bias, w_ref, b_ref, shift
-        self.n, self.mean, self.mean_hat, self.h_hat, self.cross = n, mean, mean_hat, h_hat, cross
-        self._fitted: np.ndarray | None = None  # the refit weight, computed once
+        self.n, self.mean, self.mean_hat = n, mean, mean_hat
+        #: ``E[x_hat x_hat^T]`` of the coded inputs, centred when a bias or running mean absorbs the mean (set by
+        #: :meth:`collect`)
+        self.h: np.ndarray | None = None
+        self._fitted: np.ndarray | None = None  # the refit weight (refit on), computed by collect
         self._compensated: dict = {}  # (options, damping) -> jpeg_target's result
-        self.held: list[dict] | None = None  # [held-out moments, the other rows' moments] (see _keep_refit)
 
     @classmethod
     def collect(cls, model: nn.Module, original: nn.Module, work: nn.Module, slot: _Slot, slots: dict[str, _Slot],
@@ -712,8 +798,13 @@ class _LayerFit:
                     seen.setdefault(key, []).append(rows.float())  # a module called twice gives two sets
             return hook
 
-        def add(key, value):
-            acc[key] = value if key not in acc else acc[key] + value
+        def add(key, value):  # float64 sums, added in place: no more cols^2 float64 matrices while adding
+            if not isinstance(value, torch.Tensor):
+                acc[key] = acc.get(key, 0) + value
+            elif key not in acc:
+                acc[key] = value.to(torch.float64, copy=True)
+            else:
+                acc[key].add_(value)
 
         handles = [original.register_forward_pre_hook(grab("x")), slot.module.register_forward_pre_hook(grab("h"))]
         training = model.training
@@ -733,9 +824,10 @@ class _LayerFit:
                     if settings.refit and [x.shape for x in xs] != [xh.shape for xh in seen["h"]]:
                         return None
                     for i, xh in enumerate(seen["h"]):
-                        sums = {"n": xh.shape[0], "sum_h": xh.double().sum(0), "hh": (xh.T @ xh).double()}
+                        # products in float32, summed in float64 (add widens them as it adds)
+                        sums = {"n": xh.shape[0], "sum_h": xh.double().sum(0), "hh": xh.T @ xh}
                         if settings.refit:
-                            sums.update(sum_x=xs[i].double().sum(0), cross=(xs[i].T @ xh).double())
+                            sums.update(sum_x=xs[i].double().sum(0), cross=xs[i].T @ xh)
                         for key, value in sums.items():
                             add(key, value)
                             if held:
@@ -754,11 +846,10 @@ class _LayerFit:
         mean_hat = (acc["sum_h"] / n).numpy()
         if settings.refit:
             ref_w, ref_b = original.weight, original.bias
-            cross = (acc["cross"] / n).numpy()
             mean = (acc["sum_x"] / n).numpy()
         else:  # the layer as it stands is the reference
             ref_w, ref_b = slot.module.weight, bias
-            cross, mean = None, mean_hat
+            mean = mean_hat
         w_ref = ref_w.detach().double().reshape(ref_w.shape[0], -1).numpy()
         b_ref = None if ref_b is None else ref_b.detach().double().numpy()
         shift = None
@@ -767,33 +858,34 @@ class _LayerFit:
             shift = next((s for s in slots.values() if isinstance(running, torch.Tensor) and s.tensor is running
                           and s.dtype.floating and not s.lossy and not s.coded
                           and s.original.shape == (w_ref.shape[0],)), None)
-        fit = cls(slot, bias_slot, w_ref, b_ref, n, mean, mean_hat, (acc["hh"] / n).numpy(), cross, shift)
-        n_held = acc["held_n"]
-        if settings.refit and 0 < n_held < n:  # moments of the held-out rows and of the others
-            fit.held = [{"n": m, **{k: (v.numpy() / m) for k, v in part.items()}} for m, part in (
-                (n_held, {k: acc["held_" + k] for k in ("sum_h", "hh", "sum_x", "cross")}),
-                (n - n_held, {k: acc[k] - acc["held_" + k] for k in ("sum_h", "hh", "sum_x", "cross")}))]
+        fit = cls(slot, bias_slot, w_ref, b_ref, n, mean, mean_hat, shift)
+        # Memory: each moment matrix is cols^2 float64 (all-MiniLM-L6-v2's FFN output: 19 MB); they are divided and
+        # centred in place and freed as soon as they have served, so at most two more than the four accumulated
+        # ones live at once, and only the coded inputs' H stays with the layer (same values, same order of
+        # operations as whole-array arithmetic).
+        keep = True
+        if settings.refit and 0 < acc["held_n"] < n:
+            keep = fit._holdout_keeps(acc, settings)
+        h = acc.pop("hh").div_(n).numpy()
+        fit._centre(h, mean_hat, mean_hat)
+        fit.h = h
+        if settings.refit:
+            fitted = to_numpy(slot.tensor)[0].copy()
+            if keep:
+                cross = acc.pop("cross").div_(n).numpy()
+                fit._centre(cross, mean, mean_hat)
+                fitted = from_float64(fit._ridge(h.copy(), cross, settings).reshape(slot.original.shape), slot.dtype)
+            fit._fitted = fitted
         return fit
 
     def _h(self) -> np.ndarray:
         """The second moment of the coded inputs (centred when a bias or running mean is free to absorb the mean)."""
-        if self.bias is None and self.shift is None:
-            return self.h_hat
-        return self.h_hat - np.outer(self.mean_hat, self.mean_hat)
+        return self.h
 
     def target(self, opts: EncodeOptions, settings: RepairSettings) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(array to encode, its decoded values as float64 or None)``: refit, then GPTQ for ``quant``."""
+        """``(array to encode, its decoded values as float64 or None)``: the refit, then GPTQ for ``quant``."""
         slot = self.slot
-        current = to_numpy(slot.tensor)[0]
-        if self.cross is not None and self._fitted is not None:
-            current = self._fitted
-        elif self.cross is not None:
-            if self._keep_refit(settings):
-                h, cross = self._centred(self.h_hat, self.cross, self.mean, self.mean_hat)
-                fitted = from_float64(self._ridge(h, cross, settings).reshape(slot.original.shape), slot.dtype)
-            else:
-                fitted = current.copy()
-            current = self._fitted = fitted
+        current = self._fitted if self._fitted is not None else to_numpy(slot.tensor)[0]
         if settings.gptq and opts.codec == "quant":
             from .gptq import gptq_target
 
@@ -809,36 +901,61 @@ class _LayerFit:
         # take the decoded values: the target must not follow it
         return (current if self._fitted is not None else current.copy()), None
 
-    def _centred(self, hh: np.ndarray, cross: np.ndarray, mean: np.ndarray,
-                 mean_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(H, C)`` of the coded inputs and their cross moment with the original ones, centred when a bias or
-        running mean absorbs the mean."""
+    def _centre(self, moment: np.ndarray, left: np.ndarray, right: np.ndarray) -> None:
+        """Centre a moment matrix in place (``moment -= outer(left, right)``, a band of rows at a time) when a bias
+        or running mean absorbs the mean."""
         if self.bias is None and self.shift is None:
-            return hh, cross
-        return hh - np.outer(mean_hat, mean_hat), cross - np.outer(mean, mean_hat)
+            return
+        step = max(1, (1 << 16) // max(1, len(right)))
+        for i in range(0, len(left), step):
+            moment[i:i + step] -= np.outer(left[i:i + step], right)
 
     def _ridge(self, h: np.ndarray, cross: np.ndarray, settings: RepairSettings) -> np.ndarray:
         """The weight mapping the coded inputs to the original layer's outputs, by ridge towards the original:
-        ``W' (H + lam I) = W (C + lam I)``."""
+        ``W' (H + lam I) = W (C + lam I)``. ``h`` (``H``, centred) is overwritten."""
         lam = settings.damp * float(np.mean(np.diag(h))) + 1e-12
         rhs = self.w_ref @ cross + lam * self.w_ref
-        return np.linalg.solve((h + lam * np.eye(len(h))).T, rhs.T).T
+        h[np.diag_indices(len(h))] += lam
+        return np.linalg.solve(h.T, rhs.T).T
 
-    def _keep_refit(self, settings: RepairSettings) -> bool:
+    def _holdout_keeps(self, acc: dict, settings: RepairSettings) -> bool:
         """Whether the refit generalizes: fitted on all but every :data:`HOLDOUT_EVERY`-th batch, does it map the
-        held-out coded inputs closer to the original outputs than the original weight does? (True without a
-        holdout: fewer batches.) Measured: it does on the Fashion-MNIST CNNs, not on MiniLM's 125 sentences,
-        where refitting every layer lowered the cosine at 3.5 bits/weight from 0.984 to 0.967."""
-        if self.held is None:
-            return True
-        held, rest = self.held
-        fitted = self._ridge(*self._centred(rest["hh"], rest["cross"], rest["sum_x"], rest["sum_h"]), settings)
-        h, cross = self._centred(held["hh"], held["cross"], held["sum_x"], held["sum_h"])
-
-        def error(w: np.ndarray) -> float:  # E||W' x_hat - W x||^2 on the held-out rows, less a constant
-            return float(np.sum(w * (w @ h.T)) - 2 * np.sum(w * (self.w_ref @ cross)))
-
-        return error(fitted) < error(self.w_ref)
+        held-out coded inputs closer to the original outputs than the original weight does? Measured: it does on
+        the Fashion-MNIST CNNs, not on MiniLM's 125 sentences, where refitting every layer lowered the cosine at
+        3.5 bits/weight from 0.984 to 0.967. ``acc`` holds the sums over all rows and over the held-out ones
+        (``held_*``); the held-out moment matrices are used up."""
+        n, n_held = acc["n"], acc["held_n"]
+        m = n - n_held
+        rest_x, rest_h = ((acc[k] - acc["held_" + k]).numpy() / m for k in ("sum_x", "sum_h"))
+        held_x, held_h = (acc["held_" + k].numpy() / n_held for k in ("sum_x", "sum_h"))
+        # the ridge on the other rows: their cross moment first (only W C is kept), then their H
+        cross = (acc["cross"] - acc["held_cross"]).numpy()
+        cross /= m
+        self._centre(cross, rest_x, rest_h)
+        lam = settings.damp * float(np.mean((acc["hh"].diagonal() - acc["held_hh"].diagonal()).numpy() / m
+                                            - (rest_h * rest_h if self.bias is not None or self.shift is not None
+                                               else 0.0))) + 1e-12
+        rhs = self.w_ref @ cross + lam * self.w_ref
+        del cross
+        h = (acc["hh"] - acc["held_hh"]).numpy()
+        h /= m
+        self._centre(h, rest_h, rest_h)
+        h[np.diag_indices(len(h))] += lam
+        fitted = np.linalg.solve(h.T, rhs.T).T
+        del h
+        # E||W' x_hat - W x||^2 on the held-out rows, less a constant, for both weights: the H term, then the cross
+        h = acc.pop("held_hh").numpy()
+        h /= n_held
+        self._centre(h, held_h, held_h)
+        quad = [np.sum(w * (w @ h.T)) for w in (fitted, self.w_ref)]
+        del h
+        cross = acc.pop("held_cross").numpy()
+        cross /= n_held
+        self._centre(cross, held_x, held_h)
+        lin = self.w_ref @ cross
+        del cross
+        errors = [float(q - 2 * np.sum(w * lin)) for q, w in zip(quad, (fitted, self.w_ref))]
+        return errors[0] < errors[1]
 
     def correct_bias(self, decoded: np.ndarray) -> None:
         """Least-squares bias given the coded weight: ``b = E[W_ref x + b_ref] - W_hat E[x_hat]``.
