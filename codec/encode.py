@@ -236,7 +236,10 @@ def save(
     ``model(**batch)``) -- or a :class:`codec.rd.calibrate.Calibration`
     already made by :func:`codec.calibrate`. The allocator then scores each
     calibrated layer by the error it causes in its output, ``tr(dW H dW^T)``
-    weighted by the layer's sensitivity (:mod:`codec.rd.calibrate`).
+    weighted by the layer's sensitivity (:mod:`codec.rd.calibrate`). A
+    calibrated encode fixes glibc's mmap threshold at 1 MB for the rest of
+    the process (:func:`codec.parallel.bound_heap`: freed blocks of
+    megabytes go back to the system instead of staying resident).
     ``model``: the module to run when ``state_dict`` holds its tensors
     rather than being the module itself (a checkpoint's tensors, under the
     module's state_dict names; tensors it does not have are coded data-free).
