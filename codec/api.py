@@ -213,8 +213,7 @@ def repaired_arrays(model, arrays: Arrays, aliases, inputs, chosen, calib, progr
     counted = (lambda name, n: progress("repair", n)) if progress else None  # repair counts per tensor coded
     encoded = None if coded is None else {}
     targets, repair_notes, changed = code_with_repair(model, inputs, dict(chosen), calib, progress=counted,
-                                                      jobs=jobs, settings=settings,
-                                                      **({} if encoded is None else {"encoded": encoded}))
+                                                      jobs=jobs, settings=settings, encoded=encoded)
     notes += list(repair_notes)
     chosen.update(changed)  # options repair lowered to keep a tensor within its planned size
     out: dict[str, np.ndarray] = {}
