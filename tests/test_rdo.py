@@ -44,10 +44,12 @@ def weights(rows: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_applies_to_rows_mode_jpeg_only():
-    assert applies(ROWS, (96, 256)) and applies(ROWS, (96, 1, 16, 16))
-    assert not applies(ROWS, (96, 255))  # the rows are not 16x16 images: grid mode
-    assert not applies(EncodeOptions(codec="jpeg", quality=10, tile=(16, 64)), (48, 256))
-    assert not applies(EncodeOptions(codec="quant", row_shape=(16, 16)), (48, 256))
+    assert applies(ROWS, (96, 256), F32) and applies(ROWS, (96, 1, 16, 16), F32)
+    assert not applies(ROWS, (96, 255), F32)  # the rows are not 16x16 images: grid mode
+    assert not applies(ROWS, (16, 256), F32)  # too small for JPEG: stored as quant
+    assert not applies(ROWS, (96, 256), get_dtype("int32"))
+    assert not applies(EncodeOptions(codec="jpeg", quality=10, tile=(16, 64)), (96, 256), F32)
+    assert not applies(EncodeOptions(codec="quant", row_shape=(16, 16)), (96, 256), F32)
 
 
 def test_no_pruning_codes_the_same_pixels_and_pruning_keeps_every_tile_range():
@@ -148,3 +150,13 @@ def test_repair_with_pruning_lowers_the_error_within_the_plan_and_reencodes_exac
         errors[on] = model_error(result.model, data, refs)
     assert used.quality > ROWS.quality  # the pruned coding at a higher quality won
     assert errors[True] < 0.9 * errors[False]
+
+
+def test_repair_without_a_rows_mode_jpeg_weight_is_the_same_with_pruning_on():
+    """Grid tiles (the CNNs, MiniLM): pruning does not apply, and repair gives the very same targets and options."""
+    model, data = two_layer(2)
+    grid = EncodeOptions(codec="jpeg", quality=10, tile=(32, 64))
+    options = {n: grid if n == "fc1.weight" else EncodeOptions(codec="lossless") for n in model.state_dict()}
+    on, off = (repair(model, data, options, settings=RepairSettings(prune=p)) for p in (True, False))
+    assert on.options == off.options and on.targets.keys() == off.targets.keys()
+    assert all(np.array_equal(on.targets[k], off.targets[k]) for k in on.targets)

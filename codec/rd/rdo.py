@@ -36,7 +36,7 @@ import torch
 from .. import mapping, tiling
 from ..blobcodecs.jpeg import quant_table
 from ..dtypes import DType, from_float64, to_float64
-from ..tensorcodec import EncodeOptions, lossless_reason
+from ..tensorcodec import EncodeOptions, lossless_reason, shape_lossless_reason
 
 __all__ = ["unit_sensitivity", "prune_coefficients", "fit_pruned", "applies"]
 
@@ -57,12 +57,12 @@ STEPS = 12
 LAM_RANGE = (1e-3, 1e6)
 
 
-def applies(opts: EncodeOptions, shape: tuple[int, ...]) -> bool:
-    """Whether coefficient pruning applies to a weight of ``shape`` coded with ``opts``: JPEG in ``rows`` mode (one
-    tile per output unit, the rows of image-like receptive fields)."""
-    cols = math.prod(shape[1:])
-    return (opts.codec == "jpeg" and opts.quality is not None and opts.row_shape is not None and len(shape) >= 2
-            and opts.row_shape[0] * opts.row_shape[1] == cols)
+def applies(opts: EncodeOptions, shape: tuple[int, ...], dtype: DType) -> bool:
+    """Whether coefficient pruning applies to a weight of ``shape`` and ``dtype`` coded with ``opts``: JPEG in
+    ``rows`` mode (one tile per output unit, the rows of image-like receptive fields), not stored losslessly."""
+    return (opts.codec == "jpeg" and opts.quality is not None and opts.row_shape is not None
+            and shape_lossless_reason(shape, dtype, "jpeg") is None
+            and opts.row_shape[0] * opts.row_shape[1] == math.prod(shape[1:]))
 
 
 def unit_sensitivity(model: torch.nn.Module, module: torch.nn.Module, batches: Sequence, refs: Sequence,
@@ -121,7 +121,7 @@ def prune_coefficients(weight: np.ndarray, dtype: DType, opts: EncodeOptions, ro
     it is stored losslessly or it is not finite."""
     rows, cols = weight.shape[0], math.prod(weight.shape[1:])
     m = to_float64(weight, dtype).reshape(rows, cols)
-    if not applies(opts, weight.shape) or lossless_reason(weight, dtype, "jpeg") is not None \
+    if not applies(opts, weight.shape, dtype) or lossless_reason(weight, dtype, "jpeg") is not None \
             or not np.isfinite(m).all():
         return weight
     t = tiling.plan_tiling(rows, cols, opts.tile, opts.row_shape, opts.params)

@@ -294,7 +294,7 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         layer = _LayerFit.collect(model, originals[slot.module_name], work, slot, slots, batches, settings,
                                   follower.get(id(slot.module))) if _is_layer_weight(slot) else None
         if layer is not None and settings.prune and settings.keep_size and applies(options[slot.name],
-                                                                                   slot.original.shape):
+                                                                                   slot.original.shape, slot.dtype):
             used = slice(settings.stats_batches)
             layer.sensitivity = unit_sensitivity(work, slot.module, batches[used], refs[used], _run, _flat,
                                                  seed=settings.seed)
