@@ -8,11 +8,11 @@ in row ``j`` moves the model's output by about ``g_j dW_j H dW_j^T``, where
 ``g_j = E[sum_k (d out_k / d y_j)^2]`` is the unit's sensitivity (a hidden
 unit that rarely fires or that the next layer barely reads has a small one)
 and ``H = E[x x^T]`` the second moment of the layer's inputs (an input pixel
-that never varies has a small diagonal). On the bench MLP's first layer, 250
-of the 512 units carry 2 % of that weight.
+that never varies has a small diagonal). On the bench MLP's first layer the
+256 least important of the 512 units carry 2 % of ``sum_j g_j Var(y_j)``.
 
-:func:`prune_coefficients` codes a weight at a *higher* quality than planned
-and zeroes the quantized DCT coefficients whose weighted distortion increase
+Repair (:mod:`codec.rd.repair`) codes such a weight at *higher* qualities
+than planned, and :func:`prune_coefficients` zeroes the quantized DCT coefficients whose weighted distortion increase
 is below ``lam`` times their (estimated) bits: with the diagonal of ``H``, a
 coefficient's weight is ``sum_p w_p basis_uv(p)^2`` over its block's pixels
 ``p``, ``w_p = g_row * scale_tile^2 * H_pp`` (the tile's scale maps pixels
@@ -21,8 +21,10 @@ which are mapped back to weight values, so the encoder's own DCT finds them
 near zero (each tile's minimum and maximum element keep their values, so
 every tile keeps its offset and scale). :func:`fit_pruned` bisects ``lam``
 until the coding fits a byte budget.
-Measured on the bench MLP's first layer (``rows`` mode): at equal bytes the
-weighted output error is 40 % lower than the plain quality's.
+Measured on the bench MLP's first layer (``rows`` mode, bench/README.md,
+sixth pass): at equal bytes the weighted output error is 35-40 % lower than
+the planned quality's, and the model's accuracy at ``-b 0.4`` 0.6-0.7 points
+higher.
 """
 
 from __future__ import annotations
