@@ -506,8 +506,8 @@ def test_jpeg_anchors_bracket_the_step_of_the_quant_choice():
 def test_the_window_reaches_above_the_highest_level_and_cheaper_safe_levels_are_found():
     """_in_between predicts the next coarse quality above a family's highest where the tensor's window reaches above
     it, and coarse levels first inside a gap; _cheaper_safe predicts the coarse levels between a family's highest
-    damaging level and its lowest safe one (the next one up when none is safe), as the exhaustive search would
-    know them for the damage guard."""
+    damaging level and its lowest safe one (the next one up when none is safe, the next one down when the lowest
+    is safe), as the exhaustive search would know them for the damage guard."""
     jpeg, quant = EncodeOptions(codec="jpeg", table="flat"), EncodeOptions(codec="quant")
     q5, q60, q90 = (_point(f"jpeg q{q} flat", jpeg.with_(quality=q), n, d)
                     for q, n, d in [(5, 100, 0.9), (60, 400, 0.02), (90, 600, 0.004)])
@@ -516,8 +516,13 @@ def test_the_window_reaches_above_the_highest_level_and_cheaper_safe_levels_are_
     assert [o.quality for _, o in fast._in_between(pts, hull, q90, 1000)] == [98]
     assert [o.quality for _, o in fast._in_between(pts, hull, q60, 1000)] == [70, 80, 85]
     assert [o.quality for _, o in fast._in_between(pts, hull, q5, 50)] == [15, 30]
+    b4, b6 = (_point(f"quant b{b} 64x64", EncodeOptions(codec="quant", bits=b), n, d) for b, n, d in [(4, 150, 0.3),
+                                                                                                    (6, 300, 0.01)])
+    assert [label for label, _ in fast._in_between([q5, b4, b6], allocate.lower_hull([q5, b4, b6]), q5, 50)] == [
+        "jpeg q15 flat", "quant b2 64x64"]  # above q5, below quant's lowest depth predicted
     assert [o.quality for _, o in fast._cheaper_safe(pts)] == [15, 30]
     b2, b4 = (_point(f"quant b{b} 64x64", quant.with_(bits=b), n, d) for b, n, d in [(2, 200, 0.5), (4, 400, 0.01)])
     assert [(label, o.bits) for label, o in fast._cheaper_safe([b2, b4])] == [("quant b3 64x64", 3)]
     assert [o.bits for _, o in fast._cheaper_safe([b2])] == [3]
-    assert fast._cheaper_safe([b4, q60]) == []
+    assert [label for label, _ in fast._cheaper_safe([b4, q60])] == ["quant b3 64x64", "jpeg q30 flat"]
+    assert fast._cheaper_safe([q5.__class__(**{**q5.__dict__, "nmse": 0.01}), q60]) == []

@@ -24,13 +24,13 @@ tiles predicts both:
    greedy fill took a cheap upgrade that left no room for a better one
    (bench CNN -b 4: 4 % of the budget unspent, +57 % distortion). A
    sampled tensor's first pass predicts few points: lossless, quant at
-   :data:`COARSE_BITS` and JPEG at its lowest quality; an allocation of
+   :data:`COARSE_BITS` but the lowest, JPEG at its lowest quality; an allocation of
    those places it, and JPEG is predicted at the two qualities of
    :data:`COARSE_QUALITIES` around that place (:func:`_anchors`). Then
    the gaps of each family's ladder (:data:`LADDERS`) that reach into
    each tensor's window (from its equal-slope point up to the next hull
-   point or the slack), and the open end above a family's highest level,
-   are halved round by round (:func:`_in_between`), coarse levels first,
+   point or the slack), and the open ends beyond a family's highest and
+   lowest levels, are halved round by round (:func:`_in_between`), coarse levels first,
    so the levels between join the menu where they can matter. JPEG's are
    interpolated from their two neighbours (:func:`_interpolated`: rate
    linear in the log of the quantization step, distortion its square over
@@ -420,9 +420,10 @@ def _predict_task(name: str, shape: tuple[int, ...], dtype: DType, sample: np.nd
 #: on MiniLM at -b 4, 2, 1, 0.6; these six, 975-1124, for the same distortion within 0.03 % (and the same
 #: choices on the bench CNNs), when all of them were predicted in the first pass.
 COARSE_QUALITIES = (5, 15, 30, 60, 90, 98)
-#: Quant depths a sampled tensor's first pass predicts; the others (3, 5) only where its window reaches them.
-#: With (2, 4, 8) the first allocation placed MiniLM's tensors at 4 or 8 bits, too far from their choices (5-6
-#: bits at -b 4) for the JPEG anchors: 829 samples coded instead of 628.
+#: Quant's coarse depths: a sampled tensor's first pass predicts them but the lowest (2 bits, about JPEG q5's
+#: size or more, which the first pass predicts), the others (2, 3, 5) only where its window reaches them. With
+#: (2, 4, 8) the first allocation placed MiniLM's tensors at 4 or 8 bits, too far from their choices (5-6 bits at
+#: -b 4) for the JPEG anchors: 829 samples coded instead of 628 (552 without the first pass's 2 bits).
 COARSE_BITS = (2, 4, 6, 8)
 
 
@@ -459,10 +460,14 @@ def _in_between(pts: list[Predicted], hull: list[Predicted], lagrange: Predicted
     out = []
     for family in families.values():
         family.sort(key=lambda p: _level(p.options))
-        top = family[-1]
-        above = [v for v in LADDERS[top.options.codec][1] if v > _level(top.options)]
+        top, bottom = family[-1], family[0]
+        coarse = LADDERS[top.options.codec][1]
+        above = [v for v in coarse if v > _level(top.options)]
+        below = [v for v in coarse if v < _level(bottom.options)]
         if top.nbytes < high and above:  # the window reaches above the family's highest level: the next coarse one
             out.append(_at_level(top, above[0]))
+        if bottom.nbytes > low and below:  # or below its lowest (quant's first pass starts at 4 bits)
+            out.append(_at_level(bottom, below[-1]))
         for a, b in itertools.pairwise(family):
             if min(a.nbytes, b.nbytes) < high and max(a.nbytes, b.nbytes) > low:
                 out += _halve(a, b)
@@ -492,15 +497,17 @@ def _cheaper_safe(pts: list[Predicted]) -> list[tuple[str, EncodeOptions]]:
     out = []
     for family in families.values():
         family.sort(key=lambda p: _level(p.options))
+        levels = COARSE_QUALITIES if family[0].options.codec == "jpeg" else QUANT_BITS
         safe = next((k for k, p in enumerate(family) if p.damage <= DAMAGE), None)
-        if safe == 0:
+        if safe == 0:  # the lowest level predicted is safe: the next one below it, if any
+            out += [_at_level(family[0], v) for v in levels if v < _level(family[0].options)][-1:]
             continue
         a = family[-1 if safe is None else safe - 1]  # the highest level below the lowest safe one
-        levels = [v for v in (COARSE_QUALITIES if a.options.codec == "jpeg" else QUANT_BITS) if v > _level(a.options)]
+        above = [v for v in levels if v > _level(a.options)]
         if safe is None:
-            out += [_at_level(a, v) for v in levels[:1]]
+            out += [_at_level(a, v) for v in above[:1]]
         else:
-            out += [_at_level(a, v) for v in levels if v < _level(family[safe].options)]
+            out += [_at_level(a, v) for v in above if v < _level(family[safe].options)]
     return out
 
 
@@ -788,7 +795,7 @@ def plan_fast(
                     if ladder:
                         ladders[name] = ladder
                     menu = [m for m in menu if (m[1].codec == "jpeg" and m[1].quality == COARSE_QUALITIES[0])
-                            or (m[1].codec == "quant" and m[1].bits in COARSE_BITS) or m[1].codec not in LADDERS]
+                            or (m[1].codec == "quant" and m[1].bits in COARSE_BITS[1:]) or m[1].codec not in LADDERS]
                     count["predicted"] += len(menu)
                     yield name, _predict_task, name, shapes[name][0], dtype, sample, dense, rows, menu
 
