@@ -431,7 +431,8 @@ def _in_between(pts: list[Predicted], hull: list[Predicted], lagrange: Predicted
                 slack: int) -> list[tuple[str, EncodeOptions]]:
     """The settings to predict next for a tensor: the middle of each gap between two neighbouring levels (JPEG
     qualities, quant depths: :data:`LADDERS`) of one family on its menu whose sizes reach into the tensor's
-    window, and the next coarse level above a family's highest where the window reaches above it.
+    window, and the next coarse level above a family's highest (below its lowest) where the window reaches
+    above (below) it.
 
     The ladders' steps are coarse: one step of a large tensor can be worth
     more than the whole slack (the bench CNN's fc1, 95 % of its weights:
