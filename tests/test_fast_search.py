@@ -503,6 +503,15 @@ def test_jpeg_anchors_bracket_the_step_of_the_quant_choice():
     assert fast._anchors(None) == (5, 15)
 
 
+def test_the_first_pass_predicts_few_settings_of_a_sampled_tensor():
+    """Lossless, quant at 4, 6 and 8 bits in both tilings, JPEG at quality 5 in the first tiling only: 8 of the 41
+    settings of a float matrix's menu (the other 33 where the tensor's window reaches them)."""
+    menu = allocate.candidates(np.zeros((512, 512), np.float32) + 1.0, get_dtype("float32"), EncodeOptions())
+    first = [label for label, o in menu if fast._first_pass(o)]
+    assert len(menu) == 41 and first == ["lossless", "quant b4 64x64", "quant b6 64x64", "quant b8 64x64",
+                                         "quant b4 8x64", "quant b6 8x64", "quant b8 8x64", "jpeg q5 flat 64x64"]
+
+
 def test_the_window_reaches_above_the_highest_level_and_cheaper_safe_levels_are_found():
     """_in_between predicts the next coarse quality above a family's highest where the tensor's window reaches above
     it, and coarse levels first inside a gap; _cheaper_safe predicts the coarse levels between a family's highest

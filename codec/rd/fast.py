@@ -23,23 +23,24 @@ tiles predicts both:
    knapsack over every point (:func:`codec.rd.allocate.best_fill`), not greedily: the
    greedy fill took a cheap upgrade that left no room for a better one
    (bench CNN -b 4: 4 % of the budget unspent, +57 % distortion). A
-   sampled tensor's first pass predicts few points: lossless, quant at
-   :data:`COARSE_BITS` but the lowest, JPEG at its lowest quality; an allocation of
-   those places it, and JPEG is predicted at the two qualities of
-   :data:`COARSE_QUALITIES` around that place (:func:`_anchors`). Then
-   the gaps of each family's ladder (:data:`LADDERS`) that reach into
-   each tensor's window (from its equal-slope point up to the next hull
-   point or the slack), and the open ends beyond a family's highest and
-   lowest levels, are halved round by round (:func:`_in_between`), coarse levels first,
-   so the levels between join the menu where they can matter. JPEG's are
-   interpolated from their two neighbours (:func:`_interpolated`: rate
-   linear in the log of the quantization step, distortion its square over
-   a floor), not coded, where both neighbours are of quality
-   :data:`INTERPOLATE_FROM` or more and no coarse quality lies between
-   them; a chosen one is measured whole as any prediction (step 3). Where
-   the budget cannot keep every tensor undamaged, the coarse levels
-   between a family's damaging and safe ones are predicted first
-   (:func:`_cheaper_safe`), as the exhaustive search would know them.
+   sampled tensor's first pass predicts few points (:func:`_first_pass`):
+   lossless, quant at most of :data:`COARSE_BITS`, JPEG at its lowest
+   quality; an allocation of those places it, and JPEG is predicted at the
+   two qualities of :data:`COARSE_QUALITIES` around that place
+   (:func:`_anchors`). Then the gaps of each family's ladder
+   (:data:`LADDERS`) that reach into each tensor's window (from its
+   equal-slope point up to the next hull point or the slack), and the open
+   ends beyond a family's highest and lowest levels, are halved round by
+   round (:func:`_in_between`), coarse levels first, so the levels between
+   join the menu where they can matter. JPEG's are interpolated from their
+   two neighbours (:func:`_interpolated`: rate linear in the log of the
+   quantization step, distortion its square over a floor), not coded,
+   where both neighbours are of quality :data:`INTERPOLATE_FROM` or more
+   and no coarse quality lies between them; a chosen one is measured whole
+   as any prediction (step 3). Where the budget cannot keep every tensor
+   undamaged, the coarse levels between a family's damaging and safe ones
+   are predicted first (:func:`_cheaper_safe`), as the exhaustive search
+   would know them.
 3. **Verify.** Every chosen point that is still a prediction is coded and
    decoded in full; the measured/predicted ratios of its bytes and
    distortion correct the other predictions of its family (same codec,
@@ -87,6 +88,7 @@ from .allocate import (
     JPEG_QUALITIES,
     NOTE_BYTES_RESERVE,
     QUANT_BITS,
+    TILES,
     Distortion,
     RDPoint,
     TensorSource,
@@ -530,6 +532,18 @@ def _at_level(point: Predicted, level: int) -> tuple[str, EncodeOptions]:
     return re.sub(r"\bb\d+\b", f"b{level}", point.label, count=1), point.options.with_(bits=level)
 
 
+def _first_pass(options: EncodeOptions) -> bool:
+    """Whether a sampled tensor's first pass predicts ``options``: lossless, quant at :data:`COARSE_BITS` but the
+    lowest, JPEG at its lowest quality in the first tiling of :data:`~codec.rd.allocate.TILES` (the smallest
+    size, for a budget that is clearly impossible). The rest of each family is predicted where the tensor's
+    window reaches it (:func:`_anchors`, :func:`_in_between`). Quant in the second tiling at its middle depth
+    only: 513 samples coded on MiniLM -b 4, as many as with all three (the first allocation placed tensors
+    elsewhere, and JPEG took more)."""
+    if options.codec == "quant":
+        return options.bits in COARSE_BITS[1:]
+    return options.codec != "jpeg" or (options.quality == COARSE_QUALITIES[0] and options.tile == TILES[0])
+
+
 def _anchors(choice: Predicted | None) -> tuple[int, int]:
     """The two qualities of :data:`COARSE_QUALITIES` first predicted for a sampled tensor's JPEG settings, after
     its lossless and quant settings (and JPEG's lowest quality) have been allocated ``choice`` (None: the budget
@@ -795,8 +809,7 @@ def plan_fast(
                     ladder = [m for m in menu if m[1].codec == "jpeg" and m[1].quality in COARSE_QUALITIES]
                     if ladder:
                         ladders[name] = ladder
-                    menu = [m for m in menu if (m[1].codec == "jpeg" and m[1].quality == COARSE_QUALITIES[0])
-                            or (m[1].codec == "quant" and m[1].bits in COARSE_BITS[1:]) or m[1].codec not in LADDERS]
+                    menu = [m for m in menu if _first_pass(m[1])]
                     count["predicted"] += len(menu)
                     yield name, _predict_task, name, shapes[name][0], dtype, sample, dense, rows, menu
 
