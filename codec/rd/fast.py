@@ -425,7 +425,7 @@ COARSE_QUALITIES = (5, 15, 30, 60, 90, 98)
 #: Quant's coarse depths: a sampled tensor's first pass predicts them but the lowest (2 bits, about JPEG q5's
 #: size or more, which the first pass predicts), the others (2, 3, 5) only where its window reaches them. With
 #: (2, 4, 8) the first allocation placed MiniLM's tensors at 4 or 8 bits, too far from their choices (5-6 bits at
-#: -b 4) for the JPEG anchors: 829 samples coded instead of 628 (552 without the first pass's 2 bits).
+#: -b 4) for the JPEG anchors: 829 samples coded instead of 628 (now 513: no 2 bits, and q5 in one tiling, at first).
 COARSE_BITS = (2, 4, 6, 8)
 
 
