@@ -492,14 +492,15 @@ def _point(label: str, options: EncodeOptions, nbytes: int, nmse: float) -> fast
 
 def test_jpeg_anchors_bracket_the_step_of_the_quant_choice():
     """After the first pass (lossless, quant at COARSE_BITS, JPEG's lowest quality), JPEG is predicted at the two
-    coarse qualities whose flat-table steps bracket the pixel step of the tensor's choice, 2^(8 - bits) for quant
-    (the ends where it lies outside), the two lowest when the budget is below every such setting."""
+    coarse qualities whose flat-table steps bracket the pixel step of the tensor's choice, 2^(8 - bits) for quant,
+    JPEG q5's own (the ends where it lies outside), the two lowest when the budget is below every such setting."""
     quant = EncodeOptions(codec="quant")
     for bits, pair in {2: (5, 15), 4: (30, 60), 6: (60, 90), 8: (90, 98)}.items():
         qa, qb = fast._anchors(_point("q", quant.with_(bits=bits), 1, 0.1))
         assert (qa, qb) == pair and qa in fast.COARSE_QUALITIES and qb in fast.COARSE_QUALITIES
         assert fast._step(qa) >= 2 ** (8 - bits) >= fast._step(qb) or bits == 8
     assert fast._anchors(_point("l", EncodeOptions(codec="lossless"), 1, 0.0)) == (90, 98)
+    assert fast._anchors(_point("j", EncodeOptions(codec="jpeg", quality=5), 1, 0.9)) == (5, 15)  # placed lowest
     assert fast._anchors(None) == (5, 15)
 
 

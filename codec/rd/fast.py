@@ -549,11 +549,12 @@ def _anchors(choice: Predicted | None) -> tuple[int, int]:
     its lossless and quant settings (and JPEG's lowest quality) have been allocated ``choice`` (None: the budget
     is below all of them): those whose flat-table steps (:func:`_step`) bracket the pixel step of ``choice``,
     ``2^(8 - bits)`` for ``bits``-bit quant (JPEG's DCT is orthonormal: equal steps give about equal error),
-    1 for lossless. The gaps and the open end above them are predicted later where they reach into the
-    tensor's window (:func:`_in_between`)."""
+    JPEG's own for its lowest quality, 1 for lossless. The gaps and the open ends beyond them are predicted
+    later where they reach into the tensor's window (:func:`_in_between`)."""
     if choice is None:
         return COARSE_QUALITIES[0], COARSE_QUALITIES[1]
-    target = 2.0 ** (8 - choice.options.bits) if choice.options.codec == "quant" else 1.0
+    o = choice.options
+    target = 2.0 ** (8 - o.bits) if o.codec == "quant" else _step(o.quality) if o.codec == "jpeg" else 1.0
     i = sum(_step(q) > target for q in COARSE_QUALITIES)  # the qualities are in order of decreasing step
     i = min(max(i, 1), len(COARSE_QUALITIES) - 1)
     return COARSE_QUALITIES[i - 1], COARSE_QUALITIES[i]
