@@ -484,3 +484,55 @@ def test_interpolated_qualities_are_close_to_coded_ones():
     assert fast._neighbours([ladder[15], ladder[30]], ladder[20].options) is not None
     low = coded(5)
     assert fast._neighbours([low, ladder[15]], ladder[15].options.with_(quality=10)) is None
+
+
+def _point(label: str, options: EncodeOptions, nbytes: int, nmse: float) -> fast.Predicted:
+    return fast.Predicted(options, label, nbytes, nmse, nmse**0.5, pred_nbytes=nbytes, pred_nmse=nmse)
+
+
+def test_jpeg_anchors_bracket_the_step_of_the_quant_choice():
+    """After the first pass (lossless, quant at COARSE_BITS, JPEG's lowest quality), JPEG is predicted at the two
+    coarse qualities whose flat-table steps bracket the pixel step of the tensor's choice, 2^(8 - bits) for quant,
+    JPEG q5's own (the ends where it lies outside), the two lowest when the budget is below every such setting."""
+    quant = EncodeOptions(codec="quant")
+    for bits, pair in {2: (5, 15), 4: (30, 60), 6: (60, 90), 8: (90, 98)}.items():
+        qa, qb = fast._anchors(_point("q", quant.with_(bits=bits), 1, 0.1))
+        assert (qa, qb) == pair and qa in fast.COARSE_QUALITIES and qb in fast.COARSE_QUALITIES
+        assert fast._step(qa) >= 2 ** (8 - bits) >= fast._step(qb) or bits == 8
+    assert fast._anchors(_point("l", EncodeOptions(codec="lossless"), 1, 0.0)) == (90, 98)
+    assert fast._anchors(_point("j", EncodeOptions(codec="jpeg", quality=5), 1, 0.9)) == (5, 15)  # placed lowest
+    assert fast._anchors(None) == (5, 15)
+
+
+def test_the_first_pass_predicts_few_settings_of_a_sampled_tensor():
+    """Lossless, quant at 4, 6 and 8 bits in both tilings, JPEG at quality 5 in the first tiling only: 8 of the 41
+    settings of a float matrix's menu (the other 33 where the tensor's window reaches them)."""
+    menu = allocate.candidates(np.zeros((512, 512), np.float32) + 1.0, get_dtype("float32"), EncodeOptions())
+    first = [label for label, o in menu if fast._first_pass(o)]
+    assert len(menu) == 41 and first == ["lossless", "quant b4 64x64", "quant b6 64x64", "quant b8 64x64",
+                                         "quant b4 8x64", "quant b6 8x64", "quant b8 8x64", "jpeg q5 flat 64x64"]
+
+
+def test_the_window_reaches_above_the_highest_level_and_cheaper_safe_levels_are_found():
+    """_in_between predicts the next coarse quality above a family's highest where the tensor's window reaches above
+    it, and coarse levels first inside a gap; _cheaper_safe predicts the coarse levels between a family's highest
+    damaging level and its lowest safe one (the next one up when none is safe, the next one down when the lowest
+    is safe), as the exhaustive search would know them for the damage guard."""
+    jpeg, quant = EncodeOptions(codec="jpeg", table="flat"), EncodeOptions(codec="quant")
+    q5, q60, q90 = (_point(f"jpeg q{q} flat", jpeg.with_(quality=q), n, d)
+                    for q, n, d in [(5, 100, 0.9), (60, 400, 0.02), (90, 600, 0.004)])
+    pts = [q5, q60, q90]
+    hull = allocate.lower_hull(pts)
+    assert [o.quality for _, o in fast._in_between(pts, hull, q90, 1000)] == [98]
+    assert [o.quality for _, o in fast._in_between(pts, hull, q60, 1000)] == [70, 80, 85]
+    assert [o.quality for _, o in fast._in_between(pts, hull, q5, 50)] == [15, 30]
+    b4, b6 = (_point(f"quant b{b} 64x64", EncodeOptions(codec="quant", bits=b), n, d) for b, n, d in [(4, 150, 0.3),
+                                                                                                    (6, 300, 0.01)])
+    assert [label for label, _ in fast._in_between([q5, b4, b6], allocate.lower_hull([q5, b4, b6]), q5, 50)] == [
+        "jpeg q15 flat", "quant b2 64x64"]  # above q5, below quant's lowest depth predicted
+    assert [o.quality for _, o in fast._cheaper_safe(pts)] == [15, 30]
+    b2, b4 = (_point(f"quant b{b} 64x64", quant.with_(bits=b), n, d) for b, n, d in [(2, 200, 0.5), (4, 400, 0.01)])
+    assert [(label, o.bits) for label, o in fast._cheaper_safe([b2, b4])] == [("quant b3 64x64", 3)]
+    assert [o.bits for _, o in fast._cheaper_safe([b2])] == [3]
+    assert [label for label, _ in fast._cheaper_safe([b4, q60])] == ["quant b3 64x64", "jpeg q30 flat"]
+    assert fast._cheaper_safe([q5.__class__(**{**q5.__dict__, "nmse": 0.01}), q60]) == []

@@ -22,17 +22,25 @@ tiles predicts both:
    (:func:`_equal_slopes`), then the slack that leaves is spent by a
    knapsack over every point (:func:`codec.rd.allocate.best_fill`), not greedily: the
    greedy fill took a cheap upgrade that left no room for a better one
-   (bench CNN -b 4: 4 % of the budget unspent, +57 % distortion). Only
-   every other JPEG quality of the ladder is predicted at first
-   (:data:`COARSE_QUALITIES`); the gaps of the menu that reach into each
-   tensor's window (from its equal-slope point up to the next hull point
-   or the slack) are halved round by round (:func:`_in_between`), so the
-   qualities between the ladder's steps join the menu where they can
-   matter. Those are interpolated from their two neighbours
-   (:func:`_interpolated`: rate linear in the log of the quantization
-   step, distortion its square over a floor), not coded, where both
-   neighbours are of quality :data:`INTERPOLATE_FROM` or more; a chosen one
-   is measured whole as any prediction (step 3).
+   (bench CNN -b 4: 4 % of the budget unspent, +57 % distortion). A
+   sampled tensor's first pass predicts few points (:func:`_first_pass`):
+   lossless, quant at most of :data:`COARSE_BITS`, JPEG at its lowest
+   quality; an allocation of those places it, and JPEG is predicted at the
+   two qualities of :data:`COARSE_QUALITIES` around that place
+   (:func:`_anchors`). Then the gaps of each family's ladder
+   (:data:`LADDERS`) that reach into each tensor's window (from its
+   equal-slope point up to the next hull point or the slack), and the open
+   ends beyond a family's highest and lowest levels, are halved round by
+   round (:func:`_in_between`), coarse levels first, so the levels between
+   join the menu where they can matter. JPEG's are interpolated from their
+   two neighbours (:func:`_interpolated`: rate linear in the log of the
+   quantization step, distortion its square over a floor), not coded,
+   where both neighbours are of quality :data:`INTERPOLATE_FROM` or more
+   and no coarse quality lies between them; a chosen one is measured whole
+   as any prediction (step 3). Where the budget cannot keep every tensor
+   undamaged, the coarse levels between a family's damaging and safe ones
+   are predicted first (:func:`_cheaper_safe`), as the exhaustive search
+   would know them.
 3. **Verify.** Every chosen point that is still a prediction is coded and
    decoded in full; the measured/predicted ratios of its bytes and
    distortion correct the other predictions of its family (same codec,
@@ -79,6 +87,8 @@ from .allocate import (
     DATA_FREE,
     JPEG_QUALITIES,
     NOTE_BYTES_RESERVE,
+    QUANT_BITS,
+    TILES,
     Distortion,
     RDPoint,
     TensorSource,
@@ -404,30 +414,39 @@ def _predict_task(name: str, shape: tuple[int, ...], dtype: DType, sample: np.nd
     return [predict(name, shape, dtype, sample, label, options, rows, weigh, pixels) for label, options in items]
 
 
-#: JPEG qualities first predicted for a sampled tensor: about every third step of the menu's ladder (and its ends).
-#: The steps between, then the qualities between those, are predicted (mostly interpolated: :data:`INTERPOLATE`)
-#: only around each tensor's choice (:func:`_in_between`). Every other step (5, 15, 30, 50, 70, 85, 95, 98), with
-#: interpolation, coded 1131-1266 samples on MiniLM at -b 4, 2, 1, 0.6; these six, 975-1124, for the same
-#: distortion within 0.03 % (and the same choices on the bench CNNs).
+#: JPEG qualities a sampled tensor's JPEG settings are predicted at before any quality between them (about every
+#: third step of the menu's ladder, and its ends): the lowest in the first pass, two more around the tensor's
+#: place (:func:`_anchors`), the others where its window reaches them (:func:`_in_between`). The steps between,
+#: then the qualities between those, are predicted (mostly interpolated: :data:`INTERPOLATE`) only around each
+#: tensor's choice. Every other step (5, 15, 30, 50, 70, 85, 95, 98), with interpolation, coded 1131-1266 samples
+#: on MiniLM at -b 4, 2, 1, 0.6; these six, 975-1124, for the same distortion within 0.03 % (and the same
+#: choices on the bench CNNs), when all of them were predicted in the first pass.
 COARSE_QUALITIES = (5, 15, 30, 60, 90, 98)
+#: Quant's coarse depths: a sampled tensor's first pass predicts them but the lowest (2 bits, about JPEG q5's
+#: size or more, which the first pass predicts), the others (2, 3, 5) only where its window reaches them. With
+#: (2, 4, 8) the first allocation placed MiniLM's tensors at 4 or 8 bits, too far from their choices (5-6 bits at
+#: -b 4) for the JPEG anchors: 829 samples coded instead of 628 (now 513: no 2 bits, and q5 in one tiling, at first).
+COARSE_BITS = (2, 4, 6, 8)
 
 
 def _in_between(pts: list[Predicted], hull: list[Predicted], lagrange: Predicted,
                 slack: int) -> list[tuple[str, EncodeOptions]]:
-    """The JPEG qualities to predict next for a tensor: the middle of each gap between two neighbouring
-    qualities of one table and tiling on its menu whose sizes reach into the tensor's window.
+    """The settings to predict next for a tensor: the middle of each gap between two neighbouring levels (JPEG
+    qualities, quant depths: :data:`LADDERS`) of one family on its menu whose sizes reach into the tensor's
+    window, and the next coarse level above a family's highest (below its lowest) where the window reaches
+    above (below) it.
 
-    The ladder's steps are coarse: one step of a large tensor can be worth
+    The ladders' steps are coarse: one step of a large tensor can be worth
     more than the whole slack (the bench CNN's fc1, 95 % of its weights:
     q70 to q80 is 17 % of a 4-bit budget). The equal-slope choice
     ``lagrange`` sits on a hull segment up to the next hull point; the
     slack (``budget`` less the equal-slope choice) lets a tensor grow by
     at most ``slack`` bytes. Between the two, ``[lagrange, min(next hull
-    point, lagrange + slack)]`` in bytes, an in-between quality of any
-    table and tiling may beat the hull, so every gap of the menu that
-    reaches into that window, in a table and tiling with a point on the
-    hull (the others are beaten there), is halved: the ladder's own steps first
-    (:data:`COARSE_QUALITIES` leaves every other one out), then the
+    point, lagrange + slack)]`` in bytes, an in-between level of any family
+    may beat the hull, so every gap of the menu that reaches into that
+    window, in a family with a point on the hull (the others are beaten
+    there), is halved: the coarse levels first (the first pass predicts
+    few: :func:`_anchors`), then the ladder's own steps, then (JPEG) the
     integers (all of them once three or fewer are left). The next round's
     allocation narrows the window, so a gap of ten qualities costs about
     five predictions, not nine, in three rounds.
@@ -436,22 +455,109 @@ def _in_between(pts: list[Predicted], hull: list[Predicted], lagrange: Predicted
     low, high = lagrange.nbytes, lagrange.nbytes + max(slack, 0)
     if i + 1 < len(hull):
         high = min(high, hull[i + 1].nbytes)
-    on_hull = {_family(p.options) for p in hull if p.options.codec == "jpeg"}
+    on_hull = {_family(p.options) for p in hull if p.options.codec in LADDERS}
     families: dict[tuple, list[Predicted]] = {}
     for p in pts:
         if _family(p.options) in on_hull:
             families.setdefault(_family(p.options), []).append(p)
     out = []
     for family in families.values():
-        family.sort(key=lambda p: p.options.quality)
+        family.sort(key=lambda p: _level(p.options))
+        top, bottom = family[-1], family[0]
+        coarse = LADDERS[top.options.codec][1]
+        above = [v for v in coarse if v > _level(top.options)]
+        below = [v for v in coarse if v < _level(bottom.options)]
+        if top.nbytes < high and above:  # the window reaches above the family's highest level: the next coarse one
+            out.append(_at_level(top, above[0]))
+        if bottom.nbytes > low and below:  # or below its lowest (quant's first pass starts at 4 bits)
+            out.append(_at_level(bottom, below[-1]))
         for a, b in itertools.pairwise(family):
-            qa, qb = a.options.quality, b.options.quality
-            if qb - qa < 2 or min(a.nbytes, b.nbytes) >= high or max(a.nbytes, b.nbytes) <= low:
-                continue
-            inside = [q for q in JPEG_QUALITIES if qa < q < qb] or list(range(qa + 1, qb))
-            for q in inside if len(inside) <= 3 else inside[len(inside) // 2 : len(inside) // 2 + 1]:
-                out.append((re.sub(r"\bq\d+\b", f"q{q}", a.label, count=1), a.options.with_(quality=q)))
+            if min(a.nbytes, b.nbytes) < high and max(a.nbytes, b.nbytes) > low:
+                out += _halve(a, b)
     return out
+
+
+def _halve(a: Predicted, b: Predicted) -> list[tuple[str, EncodeOptions]]:
+    """The settings next predicted in the gap between the levels of ``a`` and ``b`` (one family, ``a``'s level
+    below ``b``'s): its coarse levels first, then its ladder's, then (JPEG) the integers; all of them when three
+    or fewer, else the middle one."""
+    ladder, coarse = LADDERS[a.options.codec]
+    va, vb = _level(a.options), _level(b.options)
+    inside = ([v for v in coarse if va < v < vb] or [v for v in ladder if va < v < vb]
+              or (list(range(va + 1, vb)) if a.options.codec == "jpeg" else []))
+    return [_at_level(a, v) for v in (inside if len(inside) <= 3 else [inside[len(inside) // 2]])]
+
+
+def _cheaper_safe(pts: list[Predicted]) -> list[tuple[str, EncodeOptions]]:
+    """The settings next predicted for a tensor whose cheapest point that destroys nothing (:data:`DAMAGE`) may lie
+    between levels not yet predicted: in each family, every quant depth and coarse JPEG quality between its
+    highest level that destroys the tensor and its lowest that does not, or the next one above the highest if
+    every level predicted destroys it."""
+    families: dict[tuple, list[Predicted]] = {}
+    for p in pts:
+        if p.options.codec in LADDERS:
+            families.setdefault(_family(p.options), []).append(p)
+    out = []
+    for family in families.values():
+        family.sort(key=lambda p: _level(p.options))
+        levels = COARSE_QUALITIES if family[0].options.codec == "jpeg" else QUANT_BITS
+        safe = next((k for k, p in enumerate(family) if p.damage <= DAMAGE), None)
+        if safe == 0:  # the lowest level predicted is safe: the next one below it, if any
+            out += [_at_level(family[0], v) for v in levels if v < _level(family[0].options)][-1:]
+            continue
+        a = family[-1 if safe is None else safe - 1]  # the highest level below the lowest safe one
+        above = [v for v in levels if v > _level(a.options)]
+        if safe is None:
+            out += [_at_level(a, v) for v in above[:1]]
+        else:
+            out += [_at_level(a, v) for v in above if v < _level(family[safe].options)]
+    return out
+
+
+#: Per codec with a ladder of levels: its menu's levels and the coarse ones among them. A sampled tensor's first
+#: pass predicts quant at the coarse depths and JPEG at its lowest quality, then JPEG at two coarse qualities
+#: (:func:`_anchors`); the rest are predicted (JPEG: mostly interpolated) where they reach into its window.
+LADDERS = {"jpeg": (JPEG_QUALITIES, COARSE_QUALITIES), "quant": (QUANT_BITS, COARSE_BITS)}
+
+
+def _level(options: EncodeOptions) -> int:
+    """A setting's place on its codec's ladder: JPEG's quality, quant's bits."""
+    return options.quality if options.codec == "jpeg" else options.bits
+
+
+def _at_level(point: Predicted, level: int) -> tuple[str, EncodeOptions]:
+    """The label and options of ``point``'s setting at another ``level`` of its ladder."""
+    if point.options.codec == "jpeg":
+        return re.sub(r"\bq\d+\b", f"q{level}", point.label, count=1), point.options.with_(quality=level)
+    return re.sub(r"\bb\d+\b", f"b{level}", point.label, count=1), point.options.with_(bits=level)
+
+
+def _first_pass(options: EncodeOptions) -> bool:
+    """Whether a sampled tensor's first pass predicts ``options``: lossless, quant at :data:`COARSE_BITS` but the
+    lowest, JPEG at its lowest quality in the first tiling of :data:`~codec.rd.allocate.TILES` (the smallest
+    size, for a budget that is clearly impossible). The rest of each family is predicted where the tensor's
+    window reaches it (:func:`_anchors`, :func:`_in_between`). Quant in the second tiling at its middle depth
+    only: 513 samples coded on MiniLM -b 4, as many as with all three (the first allocation placed tensors
+    elsewhere, and JPEG took more)."""
+    if options.codec == "quant":
+        return options.bits in COARSE_BITS[1:]
+    return options.codec != "jpeg" or (options.quality == COARSE_QUALITIES[0] and options.tile == TILES[0])
+
+
+def _anchors(choice: Predicted | None) -> tuple[int, int]:
+    """The two qualities of :data:`COARSE_QUALITIES` first predicted for a sampled tensor's JPEG settings, after
+    its lossless and quant settings (and JPEG's lowest quality) have been allocated ``choice`` (None: the budget
+    is below all of them): those whose flat-table steps (:func:`_step`) bracket the pixel step of ``choice``,
+    ``2^(8 - bits)`` for ``bits``-bit quant (JPEG's DCT is orthonormal: equal steps give about equal error),
+    JPEG's own for its lowest quality, 1 for lossless. The gaps and the open ends beyond them are predicted
+    later where they reach into the tensor's window (:func:`_in_between`)."""
+    if choice is None:
+        return COARSE_QUALITIES[0], COARSE_QUALITIES[1]
+    o = choice.options
+    target = 2.0 ** (8 - o.bits) if o.codec == "quant" else _step(o.quality) if o.codec == "jpeg" else 1.0
+    i = sum(_step(q) > target for q in COARSE_QUALITIES)  # the qualities are in order of decreasing step
+    i = min(max(i, 1), len(COARSE_QUALITIES) - 1)
+    return COARSE_QUALITIES[i - 1], COARSE_QUALITIES[i]
 
 
 #: Whether in-between JPEG qualities of a sampled tensor are interpolated from their neighbours on its menu
@@ -471,13 +577,16 @@ def _step(quality: int) -> float:
 def _neighbours(pts: list[Predicted], options: EncodeOptions) -> tuple[Predicted, Predicted] | None:
     """The points of ``options``' family next below and above its quality, if both are of at least
     :data:`INTERPOLATE_FROM` (else None: code it)."""
+    if options.codec != "jpeg":
+        return None
     q = options.quality
     family = [p for p in pts if _family(p.options) == _family(options)]
     below = [p for p in family if INTERPOLATE_FROM <= p.options.quality < q]
     above = [p for p in family if p.options.quality > q]
     if not below or not above:
         return None
-    return max(below, key=lambda p: p.options.quality), min(above, key=lambda p: p.options.quality)
+    a, b = max(below, key=lambda p: p.options.quality), min(above, key=lambda p: p.options.quality)
+    return None if any(a.options.quality < c < b.options.quality for c in COARSE_QUALITIES) else (a, b)
 
 
 def _interpolated(a: Predicted, b: Predicted, label: str, options: EncodeOptions) -> Predicted:
@@ -657,6 +766,7 @@ def plan_fast(
     shapes: dict[str, tuple[tuple[int, ...], DType]] = {}
     forced: dict[str, EncodeOptions] = {}
     steps: dict[str, int] = {}
+    ladders: dict[str, list[tuple[str, EncodeOptions]]] = {}  # a sampled tensor's JPEG settings at COARSE_QUALITIES
     reads: dict[str, int] = {}  # full reads of each tensor for measurements, after the first pass
     held: dict[str, tuple[Predicted, Encoded]] = {}  # the coded tensor of a chosen point, for the final pass
     # A function giving the fixed bytes (the attachments being compressed meanwhile) is called after the first pass.
@@ -697,7 +807,10 @@ def plan_fast(
                     sample = np.concatenate([matrix[r : r + BLOCK_H, c : c + bw] for r, c, bw in blocks])
                     dense = None if w is None else (_sample_weights(w, blocks), w.scale)
                     samples[name] = (sample, dense)
-                    menu = [m for m in menu if m[1].codec != "jpeg" or m[1].quality in COARSE_QUALITIES]
+                    ladder = [m for m in menu if m[1].codec == "jpeg" and m[1].quality in COARSE_QUALITIES]
+                    if ladder:
+                        ladders[name] = ladder
+                    menu = [m for m in menu if _first_pass(m[1])]
                     count["predicted"] += len(menu)
                     yield name, _predict_task, name, shapes[name][0], dtype, sample, dense, rows, menu
 
@@ -718,6 +831,24 @@ def plan_fast(
         if later is not None:
             fixed_bytes += later()
             impossible(budget_bytes)
+        budget = int(bits_per_weight * weights_total / 8) - fixed_bytes
+
+        def predict_more(items: dict[str, list[tuple[str, EncodeOptions]]]) -> None:
+            """Code ``items`` (settings of sampled tensors) on the tensors' samples, as predictions."""
+            count["predicted"] += sum(map(len, items.values()))
+            work = ((n, _predict_task, n, shapes[n][0], shapes[n][1], *samples[n], images[n], todo)
+                    for n, todo in items.items() if todo)
+            for n, predicted in _bounded_map(procs, _named, work, window):
+                points[n].extend(predicted)
+
+        if ladders:  # the JPEG anchors of each sampled tensor, from where its quant settings put it
+            try:
+                safe = sum(min(p.nbytes for p in pts if p.damage <= DAMAGE) for pts in points.values()) <= budget
+                where = _allocate(points, budget, safe)[1]
+            except EncodeError:  # below every quant setting: the budget lies among JPEG's lowest qualities
+                where = {}
+            predict_more({n: [m for m in ladder if m[1].quality in _anchors(where.get(n))]
+                          for n, ladder in ladders.items()})
 
         def capped(n: str) -> bool:
             """Whether tensor ``n`` may be chosen only at measured points: read :data:`MAX_READS` times, with a
@@ -759,6 +890,11 @@ def plan_fast(
             while True:
                 count["rounds"] += 1
                 safe_bytes = sum(min(p.nbytes for p in pts if p.damage <= DAMAGE) for pts in points.values())
+                if safe_bytes > budget:  # cheaper points that destroy nothing may lie between the levels predicted
+                    cheaper = {n: c for n in samples if not capped(n) and (c := _cheaper_safe(points[n]))}
+                    if cheaper:
+                        predict_more(cheaper)
+                        continue
                 extra: dict[str, list[tuple[str, EncodeOptions]]] = {}
                 view = allowed()
                 try:
@@ -788,14 +924,10 @@ def plan_fast(
                     if not guesses and pairs:
                         continue
                 if guesses:  # in-between qualities of sampled tensors: predicted, then allocate again
-                    count["predicted"] += len(guesses)
                     by_tensor: dict[str, list] = {}
                     for n, *item in guesses:
                         by_tensor.setdefault(n, []).append(tuple(item))
-                    work = ((n, _predict_task, n, shapes[n][0], shapes[n][1], *samples[n], images[n], items)
-                            for n, items in by_tensor.items())
-                    for n, predicted in _bounded_map(procs, _named, work, window):
-                        points[n].extend(predicted)
+                    predict_more(by_tensor)
                     continue
                 for n, items in extra.items():  # tensors measured whole: their in-between qualities too
                     todo.setdefault(n, []).extend(Predicted(o, label, 0, 0.0) for label, o in items)
@@ -807,7 +939,6 @@ def plan_fast(
                         pts.extend(p for p in hulls[n][max(i - 1, 0) : i + 2] if not p.exact and p not in pts)
                 measure(todo)
 
-        budget = int(bits_per_weight * weights_total / 8) - fixed_bytes
         predicted_at = time.perf_counter()
         chosen, safe_bytes = settle(budget)
         damaged = []
