@@ -74,7 +74,7 @@ from ..tensorcodec import Encoded, EncodeOptions, decode_encoded, encode_tensor,
 __all__ = ["RDPoint", "Menu", "Weighting", "Distortion", "DATA_FREE", "DAMAGE", "WARNINGS_KEY", "norm_weightings",
            "pareto_front", "candidates", "measure", "distortion", "image_side", "row_images", "lower_hull",
            "allocate_budget", "fill_budget", "spend_slack", "trade", "best_fill", "allocate_max_error", "sensitivities",
-           "plan_options", "search_units",
+           "plan_options", "search_units", "merge_weightings",
            "high_bit_candidates", "with_row_images", "JPEG_QUALITIES", "QUANT_BITS", "HIGH_QUANT_BITS",
            "HIGH_BITS_FROM", "ROW_TABLES", "TILES"]
 
@@ -437,6 +437,35 @@ def norm_weightings(shapes: Mapping[str, tuple[int, ...]], get: Callable[[str], 
             scale = scale * get(gain).astype(np.float64) ** 2
         if np.all(np.isfinite(scale)) and scale.max() > scale.min() >= 0 and scale.max() > 0:
             out[weight] = Weighting(rows=scale)
+    return out
+
+
+def merge_weightings(norms: Mapping[str, Weighting], calibrated: Mapping[str, Weighting],
+                     get: Callable[[str], np.ndarray]) -> dict[str, Weighting]:
+    """The weightings of a calibrated encode: ``norms`` (:func:`norm_weightings`) with ``calibrated`` (calibration's,
+    ``H`` and a sensitivity) over them, keeping a normalization's per-row weights ``R`` beside calibration's ``H``.
+
+    Calibration measures a layer's output error before the normalization
+    after it, and its sensitivity with isotropic noise on the weight, which
+    cannot tell that coding errors concentrate in the channels a BatchNorm
+    amplifies. The merged weighting scores ``tr(R dW H dW^T)``, the error
+    after the normalization, with ``R`` normalized to mean 1 and the scale
+    chosen so that the allocation distortion is
+    ``sensitivity * tr(R dW H dW^T) / tr(W H W^T)``: for the noise the
+    sensitivity was measured with (``E[tr(R dW H dW^T)] = mean(R) E[tr(dW H
+    dW^T)]``) the same as calibration's own. ``get(name)`` returns a weight
+    as a float64 array.
+    """
+    out = {**norms, **calibrated}
+    for name, norm in norms.items():
+        calib = calibrated.get(name)
+        if calib is None or calib.rows is not None or norm.rows is None or norm.h is not None:
+            continue
+        rows = norm.rows / norm.rows.mean()
+        matrix = get(name).reshape(len(rows), -1)
+        weighted, plain = Weighting(h=calib.h, rows=rows), Weighting(h=calib.h)
+        if weighted.fits(matrix.shape) and (energy := plain.energy(matrix)) > 0:
+            out[name] = Weighting(h=calib.h, rows=rows, scale=calib.scale * weighted.energy(matrix) / energy)
     return out
 
 
