@@ -43,9 +43,10 @@ The measure is pluggable (:class:`Distortion`): a tensor with a
 :class:`Weighting` is scored in output space instead, by the relative error
 it causes in its layer's output, ``tr(R dW H dW^T) / tr(R W H W^T)``,
 times the layer's sensitivity. ``H`` and the sensitivity come from
-calibration data (:mod:`codec.rd.calibrate`); without data, the per-row
-weights ``R`` still come from what the state_dict reveals, a BatchNorm or
-LayerNorm right after the layer (:func:`norm_weightings`). A budget
+calibration data (:mod:`codec.rd.calibrate`); the per-row weights ``R``
+come from what the state_dict reveals, a BatchNorm or LayerNorm right after
+the layer (:func:`norm_weightings`), with data or without
+(:func:`merge_weightings`). A budget
 search never leaves a tensor over :data:`DAMAGE` relative error when the
 budget allows otherwise, and says so, naming the budget that would, when
 it does not. A calibration hook (:func:`sensitivities`) replaces the
@@ -459,7 +460,7 @@ def merge_weightings(norms: Mapping[str, Weighting], calibrated: Mapping[str, We
     out = {**norms, **calibrated}
     for name, norm in norms.items():
         calib = calibrated.get(name)
-        if calib is None or calib.rows is not None or norm.rows is None or norm.h is not None:
+        if calib is None or calib.rows is not None:  # an embedding's rows are calibration's own
             continue
         rows = norm.rows / norm.rows.mean()
         matrix = get(name).reshape(len(rows), -1)
