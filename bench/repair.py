@@ -40,11 +40,11 @@ def plan(state_dict: dict, bits: float, calibration=None) -> dict[str, EncodeOpt
     weighting, exhaustive search)."""
     measure_by = None
     if calibration is not None:
-        from codec.rd.allocate import Distortion, norm_weightings
+        from codec.rd.allocate import Distortion, merge_weightings, norm_weightings
 
-        weightings = norm_weightings({n: tuple(t.shape) for n, t in state_dict.items()},
-                                     lambda n: state_dict[n].detach().to("cpu", torch.float64).numpy())
-        weightings.update(calibration.weightings())
+        values = lambda n: state_dict[n].detach().to("cpu", torch.float64).numpy()  # noqa: E731
+        weightings = merge_weightings(norm_weightings({n: tuple(t.shape) for n, t in state_dict.items()}, values),
+                                      calibration.weightings(), values)
         measure_by = Distortion(weightings)
     return _plan(state_dict, {}, EncodeOptions(), Overrides(None), {}, encoder_versions(), bits, None, None, None,
                  {}, None, measure_by=measure_by)

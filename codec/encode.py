@@ -357,18 +357,18 @@ def save(
         base_id = BaseId(update_base.digest(), len(update_base))
     repaired = False
     if bits_per_weight is not None or max_error is not None:
-        from .rd.allocate import WARNINGS_KEY, Distortion, norm_weightings
+        from .rd.allocate import WARNINGS_KEY, Distortion, merge_weightings, norm_weightings
 
         packing = _pack(attachments, jobs)  # sized before the search, compressed meanwhile on threads (calibration)
-        weightings = norm_weightings({n: arrays.shape(n) for n in arrays},
-                                     lambda n: float64_values(arrays.array(n), arrays.dtype_name(n)))
+        values = lambda n: float64_values(arrays.array(n), arrays.dtype_name(n))  # noqa: E731
+        weightings = norm_weightings({n: arrays.shape(n) for n in arrays}, values)
         inputs = calib = None
         if calibration is not None:
             from .api import calibrated
 
             bound_heap()  # freed blocks of megabytes go back to the system at once, not kept as holes
             inputs, calib = calibrated(model, calibration, repair, calibration_progress, meta)
-            weightings.update(calib.weightings())
+            weightings = merge_weightings(weightings, calib.weightings(), values)
             release_memory()
         damaged: list[str] = []
         coded: dict = {}  # tensors the search (or repair) coded with their chosen options: written as they are

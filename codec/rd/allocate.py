@@ -43,9 +43,10 @@ The measure is pluggable (:class:`Distortion`): a tensor with a
 :class:`Weighting` is scored in output space instead, by the relative error
 it causes in its layer's output, ``tr(R dW H dW^T) / tr(R W H W^T)``,
 times the layer's sensitivity. ``H`` and the sensitivity come from
-calibration data (:mod:`codec.rd.calibrate`); without data, the per-row
-weights ``R`` still come from what the state_dict reveals, a BatchNorm or
-LayerNorm right after the layer (:func:`norm_weightings`). A budget
+calibration data (:mod:`codec.rd.calibrate`); the per-row weights ``R``
+come from what the state_dict reveals, a BatchNorm or LayerNorm right after
+the layer (:func:`norm_weightings`), with data or without
+(:func:`merge_weightings`). A budget
 search never leaves a tensor over :data:`DAMAGE` relative error when the
 budget allows otherwise, and says so, naming the budget that would, when
 it does not. A calibration hook (:func:`sensitivities`) replaces the
@@ -74,7 +75,7 @@ from ..tensorcodec import Encoded, EncodeOptions, decode_encoded, encode_tensor,
 __all__ = ["RDPoint", "Menu", "Weighting", "Distortion", "DATA_FREE", "DAMAGE", "WARNINGS_KEY", "norm_weightings",
            "pareto_front", "candidates", "measure", "distortion", "image_side", "row_images", "lower_hull",
            "allocate_budget", "fill_budget", "spend_slack", "trade", "best_fill", "allocate_max_error", "sensitivities",
-           "plan_options", "search_units",
+           "plan_options", "search_units", "merge_weightings",
            "high_bit_candidates", "with_row_images", "JPEG_QUALITIES", "QUANT_BITS", "HIGH_QUANT_BITS",
            "HIGH_BITS_FROM", "ROW_TABLES", "TILES"]
 
@@ -437,6 +438,35 @@ def norm_weightings(shapes: Mapping[str, tuple[int, ...]], get: Callable[[str], 
             scale = scale * get(gain).astype(np.float64) ** 2
         if np.all(np.isfinite(scale)) and scale.max() > scale.min() >= 0 and scale.max() > 0:
             out[weight] = Weighting(rows=scale)
+    return out
+
+
+def merge_weightings(norms: Mapping[str, Weighting], calibrated: Mapping[str, Weighting],
+                     get: Callable[[str], np.ndarray]) -> dict[str, Weighting]:
+    """The weightings of a calibrated encode: ``norms`` (:func:`norm_weightings`) with ``calibrated`` (calibration's,
+    ``H`` and a sensitivity) over them, keeping a normalization's per-row weights ``R`` beside calibration's ``H``.
+
+    Calibration measures a layer's output error before the normalization
+    after it, and its sensitivity with isotropic noise on the weight, which
+    cannot tell that coding errors concentrate in the channels a BatchNorm
+    amplifies. The merged weighting scores ``tr(R dW H dW^T)``, the error
+    after the normalization, with ``R`` normalized to mean 1 and the scale
+    chosen so that the allocation distortion is
+    ``sensitivity * tr(R dW H dW^T) / tr(W H W^T)``: for the noise the
+    sensitivity was measured with (``E[tr(R dW H dW^T)] = mean(R) E[tr(dW H
+    dW^T)]``) the same as calibration's own. ``get(name)`` returns a weight
+    as a float64 array.
+    """
+    out = {**norms, **calibrated}
+    for name, norm in norms.items():
+        calib = calibrated.get(name)
+        if calib is None or calib.rows is not None:  # an embedding's rows are calibration's own
+            continue
+        rows = norm.rows / norm.rows.mean()
+        matrix = get(name).reshape(len(rows), -1)
+        weighted, plain = Weighting(h=calib.h, rows=rows), Weighting(h=calib.h)
+        if weighted.fits(matrix.shape) and (energy := plain.energy(matrix)) > 0:
+            out[name] = Weighting(h=calib.h, rows=rows, scale=calib.scale * weighted.energy(matrix) / energy)
     return out
 
 
