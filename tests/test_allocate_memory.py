@@ -286,6 +286,40 @@ def test_calibration_keeps_full_h_in_float32():
     assert _rms(big) == pytest.approx(big.pow(2).mean(dtype=torch.float64).sqrt().item(), rel=1e-12)
 
 
+def test_embedding_noise_drawn_by_rows_is_the_whole_draw(monkeypatch):
+    """The sensitivity noise of an embedding is drawn a chunk of rows at a time, keeping the rows looked up: the
+    same values as one draw of the whole weight (torch draws normal values 16 at a time), so the same
+    sensitivities, without a noise tensor of the embedding's size."""
+    import torch
+    from torch import nn
+
+    from codec.rd import calibrate as calibration
+
+    weight = torch.randn(301, 48)
+    ids = torch.tensor([0, 3, 40, 41, 150, 299, 300])
+    for chunk in (48 * 7, 48 * 301, 1 << 20):  # 7 rows at a time, exactly the weight, more than it
+        monkeypatch.setattr(calibration, "_RMS_CHUNK", chunk)
+        noise = calibration._Noise(weight, torch.device("cpu"), seed=12)
+        assert noise.by_rows and torch.equal(noise.rows(ids), noise.whole()[ids])
+    monkeypatch.undo()
+    assert not calibration._Noise(torch.randn(30, 20), torch.device("cpu"), 0).by_rows  # 20: not whole groups of 16
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(500, 32), nn.Linear(32, 8)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids)).mean(1)
+
+    torch.manual_seed(0)
+    model, ids = Tokens(), torch.randint(0, 500, (64, 10))
+    by_rows = calibration.calibrate(model, ids).layers["emb.weight"].sensitivity
+    monkeypatch.setattr(calibration._Noise, "error",
+                        lambda self, module, x: calibration._weight_error(module, x, self.whole()))
+    assert calibration.calibrate(model, ids).layers["emb.weight"].sensitivity == by_rows
+
+
 def _rss_mb() -> float:
     from pathlib import Path
 
