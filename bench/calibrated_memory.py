@@ -6,7 +6,7 @@ every 50 ms in a thread. Prints the peak above the resident memory before the en
 bench/README.md's "peak MB"), overall and per stage (a stage's peak includes what earlier stages left resident),
 wall and CPU seconds, bits/weight, and the mean cosine on the everyday and rare-word sentence sets.
 
-    python -m bench.calibrated_memory [--bits 3.5] [--threads 2] [--no-quality] [--detail]
+    python -m bench.calibrated_memory [--bits 3.5] [--threads 2] [--jobs N] [--no-quality] [--detail]
 
 ``--detail`` also splits repair by tensor (collecting a layer's statistics, coding it) and prints the stages
 with the highest peaks; the md5 of the file is printed to check that a change left the bytes as they were.
@@ -46,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=float, default=3.5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the coding threads are jwt's own)")
+    parser.add_argument("--jobs", type=int, default=None, help="jwt's coding threads (default: one per core)")
     parser.add_argument("--no-quality", action="store_true", help="skip the cosine of the decoded file")
     parser.add_argument("--detail", action="store_true", help="split repair by tensor; print the highest stages")
     args = parser.parse_args()
@@ -99,7 +100,7 @@ def main() -> None:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-        codec.save(model, path, bits_per_weight=args.bits, calibration=batches)
+        codec.save(model, path, bits_per_weight=args.bits, calibration=batches, jobs=args.jobs)
         wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
         done.set()
         sampler.join()

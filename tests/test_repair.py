@@ -13,8 +13,8 @@ from codec.api import to_numpy, to_torch
 from codec.dtypes import get_dtype
 from codec.format import TensorEntry
 from codec.rd.gptq import gptq_target, jpeg_target, output_error
-from codec.rd.repair import (RepairSettings, _code_within, _LayerFit, _slots, code_with_repair, forward_order,
-                             repair)
+from codec.rd.repair import (RepairSettings, _code_within, _HeldOut, _LayerFit, _slots, code_with_repair,
+                             forward_order, repair)
 from codec.rd.repair import output_error as model_error
 from codec.tensorcodec import EncodeOptions, decode_tensor, encode_tensor
 
@@ -368,25 +368,63 @@ def test_save_with_repair_stays_within_the_budget(tmp_path):
 
 def test_refit_is_kept_only_where_it_holds_on_held_out_inputs():
     """The refit fitted on most batches must beat the original weight on the held-out ones: it does when the coded
-    inputs relate to the original ones as on the held-out rows, not when the relation was a fluke of few rows."""
+    inputs relate to the original ones as on the held-out rows, not when the relation was a fluke of few rows. The
+    held-out rows give the same decision kept as rows or summed into their moments."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 32))
 
     def sums(x, x_hat):
         return {"n": len(x), "hh": x_hat.T @ x_hat, "cross": x.T @ x_hat, "sum_x": x.sum(0), "sum_h": x_hat.sum(0)}
 
-    x_held = rng.standard_normal((4000, 32))
-    held = sums(x_held, x_held + 0.5 * rng.standard_normal(x_held.shape))  # coding adds noise to the inputs
+    def f32(a):
+        return torch.from_numpy(a.astype(np.float32))
+
+    x_held = rng.standard_normal((4000, 32)).astype(np.float32)
+    xh_held = (x_held + 0.5 * rng.standard_normal(x_held.shape)).astype(np.float32)  # coding adds noise
     x = rng.standard_normal((4000, 32))
     related = sums(x, x + 0.5 * rng.standard_normal(x.shape))
     few = rng.standard_normal((24, 32))
     fluke = sums(few, rng.standard_normal(few.shape))  # coded inputs unrelated to the original ones
     for rest, keep in ((related, True), (fluke, False)):
-        acc = {k: (v + held[k]) if k == "n" else torch.from_numpy(v + held[k]) for k, v in rest.items()}
-        acc.update({"held_" + k: v if k == "n" else torch.from_numpy(v.copy()) for k, v in held.items()})
-        fit = _LayerFit(None, None, w, None, acc["n"], None, None)
-        assert fit._holdout_keeps(acc, RepairSettings()) is keep
-        assert "held_hh" not in acc and "held_cross" not in acc  # used up: freed as soon as they served
+        for limit in (1 << 30, 0):  # rows kept, or summed at once
+            held = _HeldOut(32)
+            held.limit = limit
+            for part in np.array_split(np.arange(len(x_held)), 3):
+                held.add(f32(x_held[part]), f32(xh_held[part]))
+            assert (held.sums is None) is (limit > 0)
+            acc = {k: torch.from_numpy(v + held.moment(k)) for k, v in rest.items() if k in ("hh", "cross")}
+            acc.update(n=rest["n"] + len(x_held), held_n=len(x_held),
+                       held_sum_x=torch.from_numpy(x_held.sum(0, dtype=np.float64)),
+                       held_sum_h=torch.from_numpy(xh_held.sum(0, dtype=np.float64)))
+            acc.update(sum_x=torch.from_numpy(rest["sum_x"]) + acc["held_sum_x"],
+                       sum_h=torch.from_numpy(rest["sum_h"]) + acc["held_sum_h"])
+            fit = _LayerFit(None, None, w, None, acc["n"], None, None)
+            assert fit._holdout_keeps(acc, held, RepairSettings()) is keep
+
+
+def test_held_out_moments_from_rows_equal_their_sums():
+    """_HeldOut's moments made from the kept rows are bit-identical to the float64 sums of the float32 products
+    that collect() adds batch by batch (what the held-out moments were before rows were kept), and rows past its
+    limit are summed at once, to the same values."""
+    rng = np.random.default_rng(1)
+    parts = [(torch.from_numpy(rng.standard_normal((n, 48)).astype(np.float32)),
+              torch.from_numpy(rng.standard_normal((n, 48)).astype(np.float32))) for n in (100, 37, 250)]
+    expected = {}
+    for x, xh in parts:
+        for key, value in (("hh", xh.T @ xh), ("cross", x.T @ xh)):
+            expected[key] = value.to(torch.float64, copy=True) if key not in expected else expected[key].add_(value)
+    kept, summed = _HeldOut(48), _HeldOut(48)
+    kept.limit, summed.limit = 1 << 30, 2 * 4 * 48 * 250  # the third part passes the second's
+    for held in (kept, summed):
+        for x, xh in parts:
+            held.add(x, xh)
+    assert kept.sums is None and summed.sums is not None and not summed.rows
+    for key in _HeldOut.MOMENTS:
+        for held in (kept, summed):
+            got = held.moment(key)
+            assert np.array_equal(got, expected[key].numpy())
+            got += 1.0  # the caller's array: the next one is made again
+            assert np.array_equal(held.moment(key), expected[key].numpy())
 
 
 def lossy_bytes(state_dict: dict, options: dict, targets: dict) -> int:

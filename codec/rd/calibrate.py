@@ -19,11 +19,10 @@ instead of in the weights:
   output is divided by the relative error this caused in the layer's
   output (a few batches; the same for the same seed).
 
-Statistics are accumulated in float64 batch by batch (each batch's
-products in float32), so memory is bounded
-by the statistics, not by the number of inputs; a full ``H`` is kept in
-float32 once calibration ends. Everything here is
-encoder side; nothing of it is stored in the file.
+Statistics are accumulated batch by batch (each batch's products in
+float32; a full ``H`` summed in float32, the rest in float64), so memory
+is bounded by the statistics, not by the number of inputs. Everything
+here is encoder side; nothing of it is stored in the file.
 """
 
 from __future__ import annotations
@@ -235,12 +234,14 @@ class _Collector:
             yield cols.reshape(n, m.groups, ck // m.groups, length).permute(0, 1, 3, 2).reshape(-1, ck // m.groups)
 
     def _add(self, x: torch.Tensor) -> None:
-        # one batch's products in float32 (fast), summed over batches in float64, in place (no new cols^2 float64
-        # matrices per batch)
+        # one batch's products in float32 (fast), summed over batches in place (no new cols^2 matrices per batch):
+        # a full H in float32, what the rate search measures with (a relative error of the order of 1e-7 per batch,
+        # where the measure needs 3 digits; half the memory: all-MiniLM-L6-v2's 36 matrices, 75 MB less), a
+        # diagonal in float64
         x = x.detach().float()
         second = x.T @ x if self.full else (x * x).sum(0)
         if self.h is None:
-            self.h = second.to(torch.float64, copy=True)
+            self.h = second if self.full else second.to(torch.float64, copy=True)
         else:
             self.h.add_(second)
         total = x.sum(0).double()
@@ -253,13 +254,8 @@ class _Collector:
             return None
         if self.kind == "embedding":
             return LayerStats("embedding", self.h.cpu().numpy(), None, self.rows)
-        # divided in place: a second copy of every H at once was calibration's peak (MiniLM: 148 MB more); a full H
-        # is kept in float32, what the rate search measures with (codec.rd.allocate.Weighting, codec.rd.fast): half
-        # the memory through the search (MiniLM: 75 MB less), the same measurements
-        h = self.h.div_(self.rows)
-        if self.full:
-            h = h.float()
-            self.h = None
+        # divided in place: a second copy of every H at once was calibration's peak (MiniLM: 148 MB more)
+        h, self.h = self.h.div_(self.rows), None
         return LayerStats(self.kind, h.cpu().numpy(), (self.sum / self.rows).cpu().numpy(), self.rows)
 
 
@@ -388,6 +384,54 @@ def _rms(weight: torch.Tensor) -> float:
     return float(total.div_(max(flat.numel(), 1)).sqrt())
 
 
+class _Noise:
+    """A layer's weight noise ``dW``: Gaussian, drawn from a generator seeded by ``seed``, of relative RMS
+    :data:`NOISE`; :meth:`error` gives the change it causes in the layer's output.
+
+    An embedding on the CPU whose rows are a whole number of 16-element groups draws its noise :data:`_RMS_CHUNK`
+    elements at a time and keeps only the rows looked up: the same values as one draw of the whole weight (torch
+    draws normal values 16 at a time), without a noise tensor of the embedding's size (all-MiniLM-L6-v2's: 47 MB).
+    """
+
+    def __init__(self, weight: torch.Tensor, device: torch.device, seed: int):
+        self.weight, self.device, self.seed = weight, device, seed
+        self.scale = NOISE * _rms(weight)
+        cols = math.prod(weight.shape[1:])
+        self.by_rows = (weight.dim() == 2 and weight.device.type == "cpu" and torch.device(device).type == "cpu"
+                        and cols > 0 and cols % 16 == 0)
+        self.dw: torch.Tensor | None = None
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(self.seed)
+
+    def whole(self) -> torch.Tensor:
+        """``dW`` of the weight's shape (drawn once)."""
+        if self.dw is None:
+            w = self.weight
+            self.dw = torch.randn(w.shape, generator=self._generator(), device=w.device, dtype=w.dtype)
+            self.dw *= self.scale
+        return self.dw
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` (sorted, unique) of :meth:`whole`, drawn again for every call."""
+        w = self.weight
+        step = max(1, _RMS_CHUNK // w.shape[1])
+        gen, parts = self._generator(), []
+        for start in range(0, w.shape[0], step):
+            block = torch.randn((min(step, w.shape[0] - start), w.shape[1]), generator=gen, dtype=w.dtype)
+            parts.append(block[ids[(ids >= start) & (ids < start + step)] - start])
+        dw = torch.cat(parts)
+        dw *= self.scale
+        return dw
+
+    def error(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The change of ``module``'s output on input ``x`` caused by ``dW``."""
+        if isinstance(module, nn.Embedding) and self.by_rows:
+            ids, inverse = torch.unique(x, sorted=True, return_inverse=True)
+            return F.embedding(inverse, self.rows(ids))
+        return _weight_error(module, x, self.whole())
+
+
 def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layers: dict[str, nn.Module], seed: int,
                       index: int, num: dict[str, float], den: dict[str, float]) -> None:
     """One perturbed forward pass per layer.
@@ -402,14 +446,11 @@ def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layer
     """
     energy = float((clean.double() ** 2).sum())
     for k, (name, module) in enumerate(layers.items()):
-        gen = torch.Generator(device=clean.device).manual_seed(seed * 1_000_003 + k * 7919 + index)
-        weight = module.weight.detach()
-        dw = torch.randn(weight.shape, generator=gen, device=weight.device, dtype=weight.dtype)
-        dw *= NOISE * _rms(weight)
+        noise = _Noise(module.weight.detach(), clean.device, seed * 1_000_003 + k * 7919 + index)
         caused = [0.0, 0.0]  # ||dW x||^2, ||W x||^2 at this layer
 
         def perturbed(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            delta = _weight_error(mod, args[0], dw)  # noqa: B023
+            delta = noise.error(mod, args[0])  # noqa: B023
             signal = output
             if getattr(mod, "bias", None) is not None:
                 signal = output - (mod.bias.view(1, -1, 1, 1) if isinstance(mod, nn.Conv2d) else mod.bias)

@@ -26,6 +26,7 @@ every other element takes a level whose decoded value lies within
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -89,14 +90,10 @@ def gptq_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
     safe_s = safe[tile_of]
     fixed_pix = np.where(se > 0, np.clip(np.rint((w - oe) / safe_s), 0, maxval), 0.0)
 
-    hm = np.array(h, np.float64, copy=True)
-    diag = np.diag(hm).copy()
-    dead = diag <= 0
-    hm[dead, dead] = 1.0
-    perm = np.argsort(-np.diag(hm), kind="stable") if act_order else np.arange(cols)
-    hm = _permuted(hm, perm)
-    hm[np.diag_indices(cols)] += damp * float(np.mean(np.diag(hm)))
-    upper = _inverse_cholesky_upper(hm)
+    diag = np.diag(h).astype(np.float64)
+    diag[diag <= 0] = 1.0
+    perm = np.argsort(-diag, kind="stable") if act_order else np.arange(cols)
+    upper = _inverse_cholesky_upper(lambda: _damped(h, damp, perm))
     work = w[:, perm].copy()
     pix = np.zeros((rows, cols))
     oe, se, safe_s, lo_e, hi_e = (a[:, perm] for a in (oe, se, safe_s, lo_e, hi_e))
@@ -164,7 +161,7 @@ def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
     pinned = (w == lo_e) | (w == hi_e)
     perm = np.argsort(group, kind="stable")
     ends = np.flatnonzero(np.diff(group[perm])) + 1
-    upper = _inverse_cholesky_upper(_damped(_permuted(h, perm), damp))
+    upper = _inverse_cholesky_upper(lambda: _damped(h, damp, perm))
     work = w[:, perm]
     w_p, pin_p, lo_p, hi_p = w[:, perm], pinned[:, perm], lo_e[:, perm], hi_e[:, perm]
     inverse = np.argsort(perm)
@@ -202,34 +199,41 @@ def _coded(matrix: np.ndarray, dtype: DType, opts: EncodeOptions, executor=None)
     return to_float64(decode_encoded(encoded, dtype, matrix.shape, executor=executor), dtype)
 
 
-def _damped(h: np.ndarray, damp: float) -> np.ndarray:
-    """``H`` (float64 copy) with dead inputs given a unit diagonal and ``damp`` of the mean diagonal added."""
-    hm = np.array(h, np.float64, copy=True)
+def _damped(h: np.ndarray, damp: float, perm: np.ndarray) -> np.ndarray:
+    """``H[perm][:, perm]`` (a float64 array of its own, the one cols^2 copy) with dead inputs given a unit diagonal
+    and ``damp`` of the mean diagonal added."""
+    hm = np.array(h, np.float64, copy=True) if _identity(perm) else np.asarray(h[np.ix_(perm, perm)], np.float64)
     dead = np.diag(hm) <= 0
     hm[dead, dead] = 1.0
     hm[np.diag_indices(len(hm))] += damp * float(np.mean(np.diag(hm)))
     return hm
 
 
-def _permuted(h: np.ndarray, perm: np.ndarray) -> np.ndarray:
-    """``h[perm][:, perm]``; ``h`` itself when ``perm`` is the identity (no cols^2 copy)."""
-    return h if np.array_equal(perm, np.arange(len(perm))) else h[np.ix_(perm, perm)]
+def _identity(perm: np.ndarray) -> bool:
+    return bool(np.array_equal(perm, np.arange(len(perm))))
 
 
-def _inverse_cholesky_upper(hm: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), adding damping until ``H`` is positive definite.
+def _inverse_cholesky_upper(damped: Callable[[], np.ndarray]) -> np.ndarray:
+    """Upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``) for the damped ``H`` that ``damped()`` makes,
+    adding damping until it is positive definite.
 
-    Each cols^2 intermediate is freed as soon as the next is made (all-MiniLM-L6-v2's FFN output: 19 MB each, seven
-    of them at once before)."""
+    ``H`` is made when needed and each cols^2 intermediate is freed as soon as the next is made, so at most two
+    live at once (all-MiniLM-L6-v2's FFN output: 19 MB each; seven at once before the fifth pass, three after)."""
     extra = 0.0
     for _ in range(8):
         try:
-            lower = np.linalg.cholesky(hm if extra == 0.0 else hm + extra * np.eye(hm.shape[0]))
+            hm = damped()
+            if extra:
+                hm[np.diag_indices(hm.shape[0])] += extra
+            lower = np.linalg.cholesky(hm)
+            del hm
             inv = np.linalg.inv(lower)
             del lower
             product = inv.T @ inv
             del inv
             return np.linalg.cholesky(product).T
         except np.linalg.LinAlgError:
+            hm = damped()
             extra = max(extra * 10, 1e-6 * float(np.mean(np.diag(hm))) or 1e-6)
+            del hm
     raise np.linalg.LinAlgError("H stays singular after damping")

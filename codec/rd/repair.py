@@ -810,6 +810,55 @@ def _is_layer_weight(slot: _Slot) -> bool:
     return slot.attr == "weight" and slot.is_param and isinstance(slot.module, (nn.Linear, nn.Conv2d))
 
 
+class _HeldOut:
+    """One layer's inputs on the held-out batches, ``(x, x_hat)`` rows in float32, from which their moment matrices
+    (``hh``: ``x_hat^T x_hat``, ``cross``: ``x^T x_hat``, float64 sums of float32 products as :meth:`_LayerFit.collect`
+    adds them) are made when needed: a few hundred rows of all-MiniLM-L6-v2's FFN output (1,536 inputs) take a
+    fraction of the two 19 MB matrices. Once the rows would take more bytes than the two matrices (a convolution:
+    many rows of few columns), the matrices are summed instead."""
+
+    MOMENTS = ("hh", "cross")
+
+    def __init__(self, cols: int):
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.sums: dict[str, torch.Tensor] | None = None
+        self.limit = 2 * 8 * cols * cols
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        """One call's rows (float32)."""
+        if self.sums is None:
+            self.rows.append((x, x_hat))
+            if sum(a.nbytes + b.nbytes for a, b in self.rows) <= self.limit:
+                return
+            self.sums, rows, self.rows = {}, self.rows, []
+            for pair in rows:
+                self._add(*pair)
+        else:
+            self._add(x, x_hat)
+
+    @staticmethod
+    def _product(key: str, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        return x_hat.T @ x_hat if key == "hh" else x.T @ x_hat
+
+    def _add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        for key in self.MOMENTS:
+            value = self._product(key, x, x_hat)
+            if key in self.sums:
+                self.sums[key].add_(value)
+            else:
+                self.sums[key] = value.to(torch.float64, copy=True)
+
+    def moment(self, key: str) -> np.ndarray:
+        """The held-out rows' ``hh`` or ``cross`` sum, float64, in an array of its own (the caller may write it)."""
+        if self.sums is not None:
+            return self.sums[key].numpy().copy()
+        total = None
+        for x, x_hat in self.rows:
+            value = self._product(key, x, x_hat)
+            total = value.to(torch.float64, copy=True) if total is None else total.add_(value)
+        return total.numpy()
+
+
 class _LayerFit:
     """A Linear / Conv2d layer about to be coded: its input statistics in the original and the partly coded model.
 
@@ -842,6 +891,7 @@ class _LayerFit:
         """
         seen: dict[str, torch.Tensor] = {}
         acc = {"n": 0, "held_n": 0, "ok": True}
+        held_out = _HeldOut(math.prod(slot.original.shape[1:]))
 
         def grab(key):
             def hook(mod, args):
@@ -884,8 +934,10 @@ class _LayerFit:
                             sums.update(sum_x=xs[i].double().sum(0), cross=xs[i].T @ xh)
                         for key, value in sums.items():
                             add(key, value)
-                            if held:
+                            if held and key not in _HeldOut.MOMENTS:
                                 add("held_" + key, value)
+                        if held:
+                            held_out.add(xs[i], xh)
         finally:
             model.train(training)
             for h in handles:
@@ -913,13 +965,14 @@ class _LayerFit:
                           and s.dtype.floating and not s.lossy and not s.coded
                           and s.original.shape == (w_ref.shape[0],)), None)
         fit = cls(slot, bias_slot, w_ref, b_ref, n, mean, mean_hat, shift)
-        # Memory: each moment matrix is cols^2 float64 (all-MiniLM-L6-v2's FFN output: 19 MB); they are divided and
-        # centred in place and freed as soon as they have served, so at most two more than the four accumulated
-        # ones live at once, and only the coded inputs' H stays with the layer (same values, same order of
-        # operations as whole-array arithmetic).
+        # Memory: each moment matrix is cols^2 float64 (all-MiniLM-L6-v2's FFN output: 19 MB); the held-out rows'
+        # are made when needed (_HeldOut), all are divided and centred in place and freed as soon as they have
+        # served, so at most two more than the two accumulated ones live at once, and only the coded inputs' H
+        # stays with the layer (same values, same order of operations as whole-array arithmetic).
         keep = True
         if settings.refit and 0 < acc["held_n"] < n:
-            keep = fit._holdout_keeps(acc, settings)
+            keep = fit._holdout_keeps(acc, held_out, settings)
+        del held_out
         h = acc.pop("hh").div_(n).numpy()
         fit._centre(h, mean_hat, mean_hat)
         fit.h = h
@@ -928,7 +981,7 @@ class _LayerFit:
             if keep:
                 cross = acc.pop("cross").div_(n).numpy()
                 fit._centre(cross, mean, mean_hat)
-                fitted = from_float64(fit._ridge(h.copy(), cross, settings).reshape(slot.original.shape), slot.dtype)
+                fitted = from_float64(fit._ridge(h, cross, settings).reshape(slot.original.shape), slot.dtype)
             fit._fitted = fitted
         return fit
 
@@ -966,44 +1019,52 @@ class _LayerFit:
 
     def _ridge(self, h: np.ndarray, cross: np.ndarray, settings: RepairSettings) -> np.ndarray:
         """The weight mapping the coded inputs to the original layer's outputs, by ridge towards the original:
-        ``W' (H + lam I) = W (C + lam I)``. ``h`` (``H``, centred) is overwritten."""
+        ``W' (H + lam I) = W (C + lam I)``. ``h`` (``H``, centred) is damped for the solve and given its diagonal
+        back after it (no copy of it: all-MiniLM-L6-v2's FFN output, 19 MB)."""
         lam = settings.damp * float(np.mean(np.diag(h))) + 1e-12
+        diagonal = np.diag(h).copy()
         rhs = self.w_ref @ cross + lam * self.w_ref
         h[np.diag_indices(len(h))] += lam
-        return np.linalg.solve(h.T, rhs.T).T
+        try:
+            return np.linalg.solve(h.T, rhs.T).T
+        finally:
+            h[np.diag_indices(len(h))] = diagonal
 
-    def _holdout_keeps(self, acc: dict, settings: RepairSettings) -> bool:
+    def _holdout_keeps(self, acc: dict, held: _HeldOut, settings: RepairSettings) -> bool:
         """Whether the refit generalizes: fitted on all but every :data:`HOLDOUT_EVERY`-th batch, does it map the
         held-out coded inputs closer to the original outputs than the original weight does? Measured: it does on
         the Fashion-MNIST CNNs, not on MiniLM's 125 sentences, where refitting every layer lowered the cosine at
-        3.5 bits/weight from 0.984 to 0.967. ``acc`` holds the sums over all rows and over the held-out ones
-        (``held_*``); the held-out moment matrices are used up."""
+        3.5 bits/weight from 0.984 to 0.967. ``acc`` holds the sums over all rows and the held-out rows' count and
+        sums of ``x`` and ``x_hat`` (``held_*``); ``held`` gives their moment matrices, each made when needed in an
+        array of its own that the other rows' moment then takes (all less held-out, in place)."""
         n, n_held = acc["n"], acc["held_n"]
         m = n - n_held
         rest_x, rest_h = ((acc[k] - acc["held_" + k]).numpy() / m for k in ("sum_x", "sum_h"))
         held_x, held_h = (acc["held_" + k].numpy() / n_held for k in ("sum_x", "sum_h"))
-        # the ridge on the other rows: their cross moment first (only W C is kept), then their H
-        cross = (acc["cross"] - acc["held_cross"]).numpy()
-        cross /= m
-        self._centre(cross, rest_x, rest_h)
-        lam = settings.damp * float(np.mean((acc["hh"].diagonal() - acc["held_hh"].diagonal()).numpy() / m
+        # the ridge on the other rows: their H (damping from its diagonal), their cross moment (only W C is kept)
+        h = held.moment("hh")
+        np.subtract(acc["hh"].numpy(), h, out=h)
+        lam = settings.damp * float(np.mean(np.diagonal(h) / m
                                             - (rest_h * rest_h if self.bias is not None or self.shift is not None
                                                else 0.0))) + 1e-12
+        h /= m
+        cross = held.moment("cross")
+        np.subtract(acc["cross"].numpy(), cross, out=cross)
+        cross /= m
+        self._centre(cross, rest_x, rest_h)
         rhs = self.w_ref @ cross + lam * self.w_ref
         del cross
-        h = (acc["hh"] - acc["held_hh"]).numpy()
-        h /= m
         self._centre(h, rest_h, rest_h)
         h[np.diag_indices(len(h))] += lam
         fitted = np.linalg.solve(h.T, rhs.T).T
         del h
         # E||W' x_hat - W x||^2 on the held-out rows, less a constant, for both weights: the H term, then the cross
-        h = acc.pop("held_hh").numpy()
+        h = held.moment("hh")
         h /= n_held
         self._centre(h, held_h, held_h)
         quad = [np.sum(w * (w @ h.T)) for w in (fitted, self.w_ref)]
         del h
-        cross = acc.pop("held_cross").numpy()
+        cross = held.moment("cross")
         cross /= n_held
         self._centre(cross, held_x, held_h)
         lin = self.w_ref @ cross
