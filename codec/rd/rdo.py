@@ -121,43 +121,65 @@ def prune_coefficients(weight: np.ndarray, dtype: DType, opts: EncodeOptions, ro
     minimum and maximum element, and its other values stay within them, so every tile keeps its offset and scale;
     constant rows are returned unchanged, as is the whole weight where pruning does not apply (:func:`applies`),
     it is stored losslessly or it is not finite."""
-    rows, cols = weight.shape[0], math.prod(weight.shape[1:])
-    m = to_float64(weight, dtype).reshape(rows, cols)
-    if not applies(opts, weight.shape, dtype) or lossless_reason(weight, dtype, "jpeg") is not None \
-            or not np.isfinite(m).all():
-        return weight
-    t = tiling.plan_tiling(rows, cols, opts.tile, opts.row_shape, opts.params)
-    lo, hi = m.min(1), m.max(1)
-    offset, scale = (p.astype(np.float64) for p in mapping.params_from_range(lo, hi, 8, t.params))
-    pixels = m.copy()
-    mapping.pixels_in_place(pixels, offset[:, None], scale[:, None], 8)
-    pinned = (m == lo[:, None]) | (m == hi[:, None]) | (scale == 0)[:, None]
-    w = np.asarray(row_weights, np.float64)[:, None] * scale[:, None] ** 2 * np.asarray(col_weights, np.float64)
-    w /= max(float(w.mean()), 1e-300)
-    table = np.array(quant_table(opts.quality, opts.image_codec(t.mode).table), np.float64).reshape(8, 8)
-    basis_sq = np.einsum("ux,vy->uvxy", _D, _D) ** 2  # [u, v, x, y]: each coefficient's basis image, squared
-    out = m.copy()
-    for k in range(t.n_blobs):
-        idx = t.blob_tiles(k)
-        image = tiling.blob_mosaic(pixels[idx.start:idx.stop].reshape(-1, t.tile_h, t.tile_w), t, k, 128.0)
-        weights = tiling.blob_mosaic(w[idx.start:idx.stop].reshape(-1, t.tile_h, t.tile_w), t, k, 0.0)
-        h, wd = image.shape
-        hp, wp = -(-h // 8) * 8, -(-wd // 8) * 8
-        padded = np.pad(image, ((0, hp - h), (0, wp - wd)), mode="edge")  # as libjpeg pads, by replication
-        blocks = (padded - 128.0).reshape(hp // 8, 8, wp // 8, 8).transpose(0, 2, 1, 3)
-        wblocks = np.pad(weights, ((0, hp - h), (0, wp - wd))).reshape(hp // 8, 8, wp // 8, 8).transpose(0, 2, 1, 3)
-        coef = _D @ blocks @ _D.T
-        q = np.rint(coef / table)
-        coef_w = np.einsum("abxy,uvxy->abuv", wblocks, basis_sq)
-        gain = coef_w * (coef ** 2 - (coef - q * table) ** 2)  # the distortion each coefficient's coding removes
-        drop = (q != 0) & (gain < lam * _bits(q))
-        drop[:, :, 0, 0] = False
-        padded -= (_D.T @ np.where(drop, coef, 0.0) @ _D).transpose(0, 2, 1, 3).reshape(hp, wp)
-        new = tiling.from_mosaic(np.clip(np.rint(padded[:h, :wd]), 0, 255), t, k).reshape(len(idx), cols)
-        sl = slice(idx.start, idx.stop)
-        values = np.clip(offset[sl, None] + scale[sl, None] * new, lo[sl, None], hi[sl, None])
-        out[sl] = np.where(pinned[sl], m[sl], values)
-    return from_float64(out, dtype).reshape(weight.shape)
+    return _Pruning(weight, dtype, opts, row_weights, col_weights).at(lam)
+
+
+class _Pruning:
+    """One weight's mosaic analysed for :func:`prune_coefficients`: what does not depend on ``lam`` (the DCT of
+    every block, its quantization and each coefficient's weighted gain), computed once for the many ``lam`` of
+    :func:`fit_pruned`."""
+
+    def __init__(self, weight: np.ndarray, dtype: DType, opts: EncodeOptions, row_weights: np.ndarray,
+                 col_weights: np.ndarray):
+        self.weight, self.dtype = weight, dtype
+        rows, cols = weight.shape[0], math.prod(weight.shape[1:])
+        m = to_float64(weight, dtype).reshape(rows, cols)
+        self.blobs: list[tuple] = []
+        if not applies(opts, weight.shape, dtype) or lossless_reason(weight, dtype, "jpeg") is not None \
+                or not np.isfinite(m).all():
+            return
+        t = tiling.plan_tiling(rows, cols, opts.tile, opts.row_shape, opts.params)
+        lo, hi = m.min(1), m.max(1)
+        offset, scale = (p.astype(np.float64) for p in mapping.params_from_range(lo, hi, 8, t.params))
+        pixels = m.copy()
+        mapping.pixels_in_place(pixels, offset[:, None], scale[:, None], 8)
+        pinned = (m == lo[:, None]) | (m == hi[:, None]) | (scale == 0)[:, None]
+        w = np.asarray(row_weights, np.float64)[:, None] * scale[:, None] ** 2 * np.asarray(col_weights, np.float64)
+        w /= max(float(w.mean()), 1e-300)
+        table = np.array(quant_table(opts.quality, opts.image_codec(t.mode).table), np.float64).reshape(8, 8)
+        basis_sq = np.einsum("ux,vy->uvxy", _D, _D) ** 2  # [u, v, x, y]: each coefficient's basis image, squared
+        self.m, self.tiling, self.cols = m, t, cols
+        for k in range(t.n_blobs):
+            idx = t.blob_tiles(k)
+            image = tiling.blob_mosaic(pixels[idx.start:idx.stop].reshape(-1, t.tile_h, t.tile_w), t, k, 128.0)
+            weights = tiling.blob_mosaic(w[idx.start:idx.stop].reshape(-1, t.tile_h, t.tile_w), t, k, 0.0)
+            h, wd = image.shape
+            hp, wp = -(-h // 8) * 8, -(-wd // 8) * 8
+            padded = np.pad(image, ((0, hp - h), (0, wp - wd)), mode="edge")  # as libjpeg pads, by replication
+            blocks = (padded - 128.0).reshape(hp // 8, 8, wp // 8, 8).transpose(0, 2, 1, 3)
+            wblocks = np.pad(weights, ((0, hp - h), (0, wp - wd))).reshape(hp // 8, 8, wp // 8, 8).transpose(0, 2, 1, 3)
+            coef = _D @ blocks @ _D.T
+            q = np.rint(coef / table)
+            coef_w = np.einsum("abxy,uvxy->abuv", wblocks, basis_sq)
+            gain = coef_w * (coef ** 2 - (coef - q * table) ** 2)  # the distortion each coefficient's coding removes
+            prunable = q != 0
+            prunable[:, :, 0, 0] = False
+            sl = slice(idx.start, idx.stop)
+            self.blobs.append((k, sl, padded, (h, wd), coef, gain, _bits(q), prunable, offset[sl, None], scale[sl, None],
+                               lo[sl, None], hi[sl, None], pinned[sl]))
+
+    def at(self, lam: float) -> np.ndarray:
+        """The weight with the coefficients whose gain is below ``lam`` times their bits removed."""
+        if not self.blobs:
+            return self.weight
+        t, out = self.tiling, self.m.copy()
+        for k, sl, padded, (h, wd), coef, gain, bits, prunable, offset, scale, lo, hi, pinned in self.blobs:
+            drop = prunable & (gain < lam * bits)
+            hp, wp = padded.shape
+            pruned = padded - (_D.T @ np.where(drop, coef, 0.0) @ _D).transpose(0, 2, 1, 3).reshape(hp, wp)
+            new = tiling.from_mosaic(np.clip(np.rint(pruned[:h, :wd]), 0, 255), t, k).reshape(-1, self.cols)
+            out[sl] = np.where(pinned, self.m[sl], np.clip(offset + scale * new, lo, hi))
+        return from_float64(out, self.dtype).reshape(self.weight.shape)
 
 
 def fit_pruned(weight: np.ndarray, dtype: DType, opts: EncodeOptions, row_weights: np.ndarray,
@@ -165,8 +187,10 @@ def fit_pruned(weight: np.ndarray, dtype: DType, opts: EncodeOptions, row_weight
     """``(pruned weight, *code(pruned weight))`` with the least pruning that codes within ``limit`` bytes (a bisection
     of ``lam`` on a log scale, :data:`STEPS` steps); None when even the most pruning does not fit.
     ``code(array)`` returns ``(decoded, bytes, ...)``."""
+    pruning = _Pruning(weight, dtype, opts, row_weights, col_weights)
+
     def attempt(lam: float):
-        value = prune_coefficients(weight, dtype, opts, row_weights, col_weights, lam)
+        value = pruning.at(lam)
         return (value, *code(value))
 
     lo, hi = math.log(LAM_RANGE[0]), math.log(LAM_RANGE[1])
