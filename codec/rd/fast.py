@@ -841,10 +841,13 @@ def plan_fast(
             for n, predicted in _bounded_map(procs, _named, work, window):
                 points[n].extend(predicted)
 
+        def safe_bytes_now() -> int:
+            """The bytes of every tensor's cheapest point that destroys nothing (:data:`DAMAGE`), as known now."""
+            return sum(min(p.nbytes for p in pts if p.damage <= DAMAGE) for pts in points.values())
+
         if ladders:  # the JPEG anchors of each sampled tensor, from where its quant settings put it
             try:
-                safe = sum(min(p.nbytes for p in pts if p.damage <= DAMAGE) for pts in points.values()) <= budget
-                where = _allocate(points, budget, safe)[1]
+                where = _allocate(points, budget, safe_bytes_now() <= budget)[1]
             except EncodeError:  # below every quant setting: the budget lies among JPEG's lowest qualities
                 where = {}
             predict_more({n: [m for m in ladder if m[1].quality in _anchors(where.get(n))]
@@ -889,7 +892,7 @@ def plan_fast(
             ``(choice, bytes of the smallest choice without damage)``."""
             while True:
                 count["rounds"] += 1
-                safe_bytes = sum(min(p.nbytes for p in pts if p.damage <= DAMAGE) for pts in points.values())
+                safe_bytes = safe_bytes_now()
                 if safe_bytes > budget:  # cheaper points that destroy nothing may lie between the levels predicted
                     cheaper = {n: c for n in samples if not capped(n) and (c := _cheaper_safe(points[n]))}
                     if cheaper:
