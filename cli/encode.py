@@ -224,7 +224,7 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
             for stage_bar in bars.values():
                 stage_bar.close()
     for message in [str(w.message) for w in caught] + notes:
-        click.echo(f"jwt: warning: {message}", err=True)
+        click.echo(f"jwt: {'note' if isinstance(message, encoding.Note) else 'warning'}: {message}", err=True)
     if not quiet:
         from codec.reader import Reader
         from codec.stats import file_totals

@@ -26,6 +26,7 @@ from .limits import DEFAULT_LIMITS, Limits
 __all__ = [
     "__version__",
     "save",
+    "Note",
     "load",
     "open",
     "load_into",
@@ -64,10 +65,10 @@ def __getattr__(name: str):
         from .tensorcodec import EncodeOptions
 
         return EncodeOptions
-    if name == "save":  # torch-free for a safetensors file or folder (codec.encode)
-        from .encode import save
+    if name in ("save", "Note"):  # torch-free for a safetensors file or folder (codec.encode)
+        from . import encode
 
-        return save
+        return getattr(encode, name)
     if name in ("load", "open", "JwtFile", "read_state_dict"):
         from . import api
 

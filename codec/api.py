@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .dtypes import get_dtype
-from .encode import Arrays, as_base, encoder_versions, progress_total, save, size_problem
+from .encode import Arrays, Note, as_base, encoder_versions, progress_total, save, size_problem
 from .encode import _plan as _plan_arrays
 from .errors import EncodeError, FormatError, UsageError
 from .io_formats import TREE_KEY
@@ -214,7 +214,7 @@ def repaired_arrays(model, arrays: Arrays, aliases, inputs, chosen, calib, progr
     encoded = None if coded is None else {}
     targets, repair_notes, changed = code_with_repair(model, inputs, dict(chosen), calib, progress=counted,
                                                       jobs=jobs, settings=settings, encoded=encoded)
-    notes += list(repair_notes)
+    notes += [Note(n) for n in repair_notes]  # remarks on what repair did, not warnings
     chosen.update(changed)  # options repair lowered to keep a tensor within its planned size
     out: dict[str, np.ndarray] = {}
     for name, array in targets.items():

@@ -183,6 +183,16 @@ def float64_values(array: np.ndarray, dtype_name: str) -> np.ndarray:
     return array.astype(np.float64)
 
 
+class Note(str):
+    """A remark :func:`save` returns beside its warnings: how the file was made (e.g. what repair did), not a problem.
+
+    It is a ``str``; the command line prints it as ``jwt: note:`` where a
+    plain string (a warning) is ``jwt: warning:``.
+    """
+
+    __slots__ = ()
+
+
 def save(
     state_dict: Any,
     path: str | os.PathLike[str] | BinaryIO,
@@ -264,7 +274,8 @@ def save(
     :func:`codec.io_formats.open_source`). ``attachments`` maps relative
     POSIX paths to bytes or to files to read: non-tensor files (config,
     tokenizer) carried losslessly after the tensors. Returns warnings (e.g.
-    tensors kept lossless for NaN/Inf).
+    tensors kept lossless for NaN/Inf) and :class:`Note` s (what repair did:
+    remarks, not problems).
 
     ``jobs`` worker threads code blobs in parallel (None: one per core, 1:
     none); the file is byte for byte the same whatever ``jobs`` is. Tensors

@@ -410,6 +410,7 @@ def test_repair_contract(monkeypatch, tmp_path):
     notes = codec.save(model, buf, bits_per_weight=3.0, calibration=x,
                        calibration_progress=lambda stage, n: stages.append(stage))
     assert notes == ["repair: 2 tensors changed"] and "repair" in stages and "calibration" in stages
+    assert isinstance(notes[0], codec.Note)  # a remark on what repair did, not a warning
     (got_model, shapes, options, calib), = calls
     assert got_model is model and sum(s[0] for s in shapes) == 256 and calib is None
     assert set(options) == set(model.state_dict())
@@ -501,12 +502,15 @@ def test_cli_model_and_array_inputs(net_files):
 
 
 def test_cli_finetune_after_repair(net_files):
-    """--finetune STEPS: repair then codec-in-the-loop fine-tuning, said on stderr; within the budget; decodes."""
+    """--finetune STEPS: repair then codec-in-the-loop fine-tuning, said on stderr as notes (what repair did is
+    not a warning); within the budget; decodes."""
     out = net_files / "net.jwt"
     result = _encode(net_files / "net.pt", "-b", "6", "--calibration", net_files / "x.npy",
                      "--model", "calib_test_nets:Net", "--finetune", "8", "-q", "-o", out)
     assert result.exit_code == 0, result.output
     assert "codec-in-the-loop fine-tuning (8 steps" in result.output
+    assert "jwt: note: repair: coded 2 lossy tensors" in result.output
+    assert "jwt: warning: repair" not in result.output
     weights = sum(t.numel() for t in torch.load(net_files / "net.pt", weights_only=True).values())
     assert 8 * out.stat().st_size / weights <= 6
     assert set(codec.load(out)) == {"a.weight", "a.bias", "b.weight", "b.bias"}
