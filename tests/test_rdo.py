@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from codec.blobcodecs.jpeg import quant_table
 from codec.dtypes import from_float64, get_dtype, to_float64
 from codec.format import TensorEntry
 from codec.rd.gptq import output_error
@@ -14,7 +15,6 @@ from codec.rd.rdo import (_code_lengths, _Trellis, applies, estimated_bytes, fit
                           unit_sensitivity)
 from codec.rd.repair import RepairSettings, _flat, _round_mantissa, _run, repair
 from codec.rd.repair import output_error as model_error
-from codec.blobcodecs.jpeg import quant_table
 from codec.tensorcodec import EncodeOptions, _map_blob, decode_tensor, encode_tensor
 from codec.tiling import plan_tiling
 
@@ -77,7 +77,8 @@ def test_no_pruning_codes_the_same_pixels_and_pruning_keeps_every_tile_range(opt
     assert sizes[0] < plain[1] and sizes[2] < sizes[0]
 
 
-@pytest.mark.parametrize("opts", [ROWS.with_(quality=q) for q in (5, 20, 60)] + [GRID.with_(quality=q) for q in (5, 30)],
+@pytest.mark.parametrize("opts", [ROWS.with_(quality=q) for q in (5, 20, 60)]
+                         + [GRID.with_(quality=q) for q in (5, 30)],
                          ids=["rows q5", "rows q20", "rows q60", "grid q5", "grid q30"])
 def test_the_rate_model_follows_real_jpeg_sizes(opts):
     """:func:`estimated_bytes` (the pruning's rate model: each symbol at its length in the image's own Huffman code)

@@ -53,7 +53,7 @@ import torch
 from .. import tiling
 from ..blobcodecs.jpeg import quant_table
 from ..dtypes import DType, from_float64, to_float64
-from ..tensorcodec import EncodeOptions, _map_blob, lossless_reason, shape_lossless_reason
+from ..tensorcodec import EncodeOptions, _map_blob, shape_lossless_reason
 
 __all__ = ["unit_sensitivity", "prune_coefficients", "fit_pruned", "applies"]
 
@@ -293,7 +293,7 @@ def prune_coefficients(weight: np.ndarray, dtype: DType, opts: EncodeOptions, ro
     ``row_weights[j] * col_weights[p] * scale^2`` (``scale``: its tile's), normalized to a mean of 1. Each tile
     keeps its minimum and maximum element, and its other values stay between them, so every tile keeps its offset
     and scale; elements whose pixel does not change keep their value. The whole weight is returned unchanged where
-    pruning does not apply (:func:`applies`), it is stored losslessly or it is not finite."""
+    pruning does not apply (:func:`applies`: not coded as JPEG) or a value is not finite."""
     return _Pruning(weight, dtype, opts, row_weights, col_weights).at(lam)
 
 
@@ -325,7 +325,7 @@ class _Pruning:
                  col_weights: np.ndarray):
         self.weight, self.dtype = weight, dtype
         self.blobs: list[tuple] = []
-        if not applies(opts, weight.shape, dtype) or lossless_reason(weight, dtype, "jpeg") is not None:
+        if not applies(opts, weight.shape, dtype):
             return
         rows, cols = weight.shape[0], math.prod(weight.shape[1:])
         matrix = weight.reshape(rows, cols)
