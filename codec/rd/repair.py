@@ -90,7 +90,7 @@ class RepairSettings:
     prune: bool = True
     #: ``prune`` in grid tiles too (any JPEG weight). Measured on the bench CNN and BatchNorm CNN at ``-b 0.6``
     #: (fc1 in 64 x 64 tiles at quality 5, conv2 / conv3): no pruned coding won, the same files as without, for
-    #: 1.2x the repair's CPU time.
+    #: up to 1.2x the repair's CPU time.
     prune_grid: bool = False
     #: Mantissa bits kept of the biases the least-squares correction sets (:func:`_bias_rounding`; None: all kept).
     #: 1-D tensors are stored losslessly; rounded, the lossless codec stores them smaller (the bench MLP's
