@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -84,6 +85,13 @@ def main() -> None:
     parser.add_argument("--finetune-lr", type=float, default=RepairSettings.finetune_lr)
     parser.add_argument("--finetune-refresh", type=int, default=RepairSettings.finetune_refresh)
     parser.add_argument("--finetune-loss", choices=["mse", "kl"], default=RepairSettings.finetune_loss)
+    parser.add_argument("--bias-mantissa", type=lambda v: None if v == "none" else int(v),
+                        default=RepairSettings.bias_mantissa,
+                        help="mantissa bits kept of the biases repair corrects, in every variant ('none': all; "
+                             "codec.rd.repair.RepairSettings.bias_mantissa)")
+    parser.add_argument("--prune-grid", action="store_true",
+                        help="prune JPEG coefficients in grid tiles too, in every variant "
+                             "(codec.rd.repair.RepairSettings.prune_grid)")
     parser.add_argument("--variants", default="plain,gptq,bias,refit,distill,all",
                         help="comma-separated: plain gptq jpeg bias refit distill closed closed-nogptq "
                              "closed-nojpeg closed-norefit closed-noprune (no output-weighted pruning of rows-mode "
@@ -120,6 +128,8 @@ def main() -> None:
                                    finetune_lr=args.finetune_lr, finetune_refresh=args.finetune_refresh,
                                    finetune_loss=args.finetune_loss),
     }
+    variants = {k: replace(v, bias_mantissa=args.bias_mantissa, prune_grid=args.prune_grid)
+                for k, v in variants.items()}
     calibration = calibrate(model, batches, sensitivity_samples=SENSITIVITY_SAMPLES) if args.calibrated_plan else None
     for bits in args.bits or [0.5]:
         start = time.process_time()
