@@ -74,6 +74,10 @@ def main() -> None:
                         help="which training images calibrate: random (seed --seed), the first N, or N/10 of each "
                              "class the model itself predicts (no labels)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random / stratified choice")
+    parser.add_argument("--validation", type=int, default=0,
+                        help="also score the KL divergence to the original's softmax (and top-1 agreement) on this "
+                             "many other training images, none of them calibrating (held_out; seed --seed): the "
+                             "measure to decide on, the test set being the one to report")
     parser.add_argument("--fold-batchnorm", action="store_true",
                         help="fold each BatchNorm's per-channel scale into the layer before it first "
                              "(codec.rd.fold.fold_batchnorm: the same function, other stored values)")
@@ -99,9 +103,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.model == "minilm":
+        if args.validation:
+            parser.error("--validation is for the Fashion-MNIST models")
         state_dict, model, batches, score = _minilm()
     else:
-        state_dict, model, batches, score = _fmnist(args.model, args.calib, args.batch, args.select, args.seed)
+        state_dict, model, batches, score = _fmnist(args.model, args.calib, args.batch, args.select, args.seed,
+                                                    args.validation)
     if args.fold_batchnorm:
         from codec.rd.fold import fold_batchnorm
 
@@ -151,27 +158,47 @@ def main() -> None:
                 print("       ", note)
 
 
-def _fmnist(kind: str, n: int, batch: int, select: str = "random", seed: int = 0):
+def _fmnist(kind: str, n: int, batch: int, select: str = "random", seed: int = 0, validation: int = 0):
     """``(state_dict, model, calibration batches, score)``: a Fashion-MNIST model, ``n`` training images to
-    calibrate on (:func:`choose`), test accuracy and agreement with the original model's top-1 as the score."""
+    calibrate on (:func:`choose`), test accuracy and agreement with the original model's top-1 as the score; with
+    ``validation``, also the KL divergence to the original's softmax and the agreement on that many other training
+    images (:func:`held_out`)."""
     state_dict = get_model(kind)
     model = model_class(kind)()
     model.load_state_dict(state_dict)
     model.eval()
     train_x, _ = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")
-    batches = list(preprocess(train_x[choose(model, train_x, n, select, seed)]).split(batch))
+    chosen = choose(model, train_x, n, select, seed)
+    batches = list(preprocess(train_x[chosen]).split(batch))
+    val_x = preprocess(train_x[held_out(len(train_x), chosen, validation, seed)]) if validation else None
     with torch.no_grad():
         original = model(preprocess(test_x)).argmax(1).numpy()
+        val_ref = torch.log_softmax(model(val_x), 1) if validation else None
 
     def score(sd) -> str:
         coded = model_class(kind)()
         coded.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in sd.items()})
         with torch.no_grad():
             predicted = coded.eval()(preprocess(test_x)).argmax(1).numpy()
-        return f"{100 * np.mean(predicted == test_y):.2f} % ({100 * np.mean(predicted == original):.2f} % agree)"
+            text = f"{100 * np.mean(predicted == test_y):.2f} % ({100 * np.mean(predicted == original):.2f} % agree)"
+            if validation:
+                log_p = torch.log_softmax(coded(val_x), 1)
+                kl = float((val_ref.exp() * (val_ref - log_p)).sum(1).mean())
+                agree = float((log_p.argmax(1) == val_ref.argmax(1)).double().mean())
+                text += f", held-out KL {kl:.5f} ({100 * agree:.2f} % agree)"
+        return text
 
     return state_dict, model, batches, score
+
+
+def held_out(total: int, chosen: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of ``n`` of ``total`` training images that are not in ``chosen`` (the calibration images), at
+    random (a generator of its own for ``seed``, not :func:`choose`'s): the validation set of ``--validation``."""
+    rest = np.setdiff1d(np.arange(total), chosen)
+    if not 0 < n <= len(rest):
+        raise ValueError(f"validation needs 1 to {len(rest)} images (those not calibrating), not {n}")
+    return np.sort(np.random.default_rng([seed, 1]).choice(rest, n, replace=False))
 
 
 def choose(model: torch.nn.Module, images: np.ndarray, n: int, select: str = "random", seed: int = 0) -> np.ndarray:
