@@ -89,10 +89,6 @@ def main() -> None:
     parser.add_argument("--finetune-lr", type=float, default=RepairSettings.finetune_lr)
     parser.add_argument("--finetune-refresh", type=int, default=RepairSettings.finetune_refresh)
     parser.add_argument("--finetune-loss", choices=["mse", "kl"], default=RepairSettings.finetune_loss)
-    parser.add_argument("--bias-mantissa", type=lambda v: None if v == "none" else int(v),
-                        default=RepairSettings.bias_mantissa,
-                        help="mantissa bits kept of the biases repair corrects, in every variant ('none': all; "
-                             "codec.rd.repair.RepairSettings.bias_mantissa)")
     parser.add_argument("--prune-grid", action="store_true",
                         help="prune JPEG coefficients in grid tiles too, in every variant "
                              "(codec.rd.repair.RepairSettings.prune_grid)")
@@ -135,8 +131,7 @@ def main() -> None:
                                    finetune_lr=args.finetune_lr, finetune_refresh=args.finetune_refresh,
                                    finetune_loss=args.finetune_loss),
     }
-    variants = {k: replace(v, bias_mantissa=args.bias_mantissa, prune_grid=args.prune_grid)
-                for k, v in variants.items()}
+    variants = {k: replace(v, prune_grid=args.prune_grid) for k, v in variants.items()}
     calibration = calibrate(model, batches, sensitivity_samples=SENSITIVITY_SAMPLES) if args.calibrated_plan else None
     for bits in args.bits or [0.5]:
         start = time.process_time()

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from codec.blobcodecs.jpeg import quant_table
-from codec.dtypes import from_float64, get_dtype, to_float64
+from codec.dtypes import get_dtype
 from codec.format import TensorEntry
 from codec.rd.gptq import output_error
 from codec.rd.rdo import (_code_lengths, _Trellis, applies, estimated_bytes, fit_pruned, prune_coefficients,
                           unit_sensitivity)
-from codec.rd.repair import RepairSettings, _flat, _round_mantissa, _run, repair
+from codec.rd.repair import RepairSettings, _flat, _run, repair
 from codec.rd.repair import output_error as model_error
 from codec.tensorcodec import EncodeOptions, _map_blob, decode_tensor, encode_tensor
 from codec.tiling import plan_tiling
@@ -212,44 +212,6 @@ def test_repair_with_pruning_lowers_the_error_within_the_plan_and_reencodes_exac
         errors[on] = model_error(result.model, data, refs)
     assert used.quality > opts.quality  # the pruned coding at a higher quality won
     assert errors[True] < factor * errors[False]
-
-
-def test_round_mantissa_rounds_to_nearest_even():
-    x = np.random.default_rng(0).standard_normal(10000).astype(np.float32) * np.float32(1e-3)
-    x[:3] = [1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, -(1.0 + 2.0 ** -8)]  # ties: to even
-    bf16 = to_float64(from_float64(x.astype(np.float64), get_dtype("bfloat16")), get_dtype("bfloat16"))
-    assert np.array_equal(_round_mantissa(x, F32, 7), bf16.astype(np.float32))
-    assert list(_round_mantissa(x, F32, 7)[:3]) == [1.0, 1.0 + 2.0 ** -6, -1.0]
-    assert _round_mantissa(x, F32, 23) is x and _round_mantissa(x, get_dtype("bfloat16"), 7) is x
-
-
-def lossless_bytes(array: np.ndarray) -> int:
-    return sum(len(b) for b in encode_tensor(array, F32, EncodeOptions(codec="lossless")).blobs)
-
-
-def test_repair_rounds_the_corrected_biases_and_spends_what_that_saves(monkeypatch):
-    """The corrected biases keep 4 mantissa bits; what the lossless codec saves on them goes to the lossy weight,
-    which codes within its plan plus that. Where the rounding would move the outputs too much, nothing is rounded."""
-    model, data = two_layer(1)
-    options = {n: ROWS if n == "fc1.weight" else EncodeOptions(codec="lossless") for n in model.state_dict()}
-    bias = model.fc1.bias.detach().numpy()
-    saved = lossless_bytes(bias) - lossless_bytes(_round_mantissa(bias, F32, 4))
-    assert saved > 0
-    result = repair(model, data, options, settings=RepairSettings(bias_mantissa=4))
-    value = result.targets["fc1.bias"]  # fc2 is not coded: its bias is not corrected
-    assert not np.any(value.view(np.uint32) & np.uint32((1 << 19) - 1))
-    assert np.array_equal(value, result.model.fc1.bias.detach().numpy())
-    assert "fc2.bias" not in result.targets
-    size = code(result.targets["fc1.weight"], result.options.get("fc1.weight", ROWS))[1]
-    whole = repair(model, data, options)  # biases kept whole: the default
-    assert code(whole.targets["fc1.weight"], whole.options.get("fc1.weight", ROWS))[1] < size
-    assert size <= code(model.fc1.weight.detach().numpy(), ROWS)[1] + saved
-    assert f"1 corrected biases rounded to 4 mantissa bits, {saved} bytes less" in " ".join(result.notes)
-
-    monkeypatch.setattr("codec.rd.repair.BIAS_TOLERANCE", 0.0)
-    strict = repair(model, data, options, settings=RepairSettings(bias_mantissa=4))
-    assert np.array_equal(strict.targets["fc1.bias"], whole.targets["fc1.bias"])
-    assert not any("mantissa" in note for note in strict.notes)
 
 
 @pytest.mark.parametrize("opts", [EncodeOptions(codec="quant", bits=3), GRID], ids=["quant", "grid"])

@@ -92,13 +92,6 @@ class RepairSettings:
     #: (fc1 in 64 x 64 tiles at quality 5, conv2 / conv3): no pruned coding won, the same files as without, for
     #: up to 1.2x the repair's CPU time.
     prune_grid: bool = False
-    #: Mantissa bits kept of the biases the least-squares correction sets (:func:`_bias_rounding`; None: all kept).
-    #: 1-D tensors are stored losslessly; rounded, the lossless codec stores them smaller (the bench MLP's
-    #: first-layer bias: 2,006 bytes whole, 988 at 7 bits), and those bytes are credited to the lossy tensors.
-    #: Measured at 7 bits (bench/README.md, seventh pass): 5-9 % less output error on the calibration inputs of
-    #: the bench MLP and CNN, but test accuracy within noise (MLP -0.04 / +0.09 points, CNN -0.13), so not the
-    #: default.
-    bias_mantissa: int | None = None
     #: Damping of GPTQ and of the refit, a fraction of the mean diagonal of ``H``.
     damp: float = 0.01
     #: Seed of torch's generator during repair (the caller's generator state is restored after).
@@ -300,9 +293,7 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     queue = sorted((s for s in slots.values() if s.lossy), key=lambda s: (s.order, s.name))
     originals = dict(model.named_modules())
     _set_trainable(slots)
-    step, mismatched, changed = 0, 0, {}
-    rounded, credit = _bias_rounding(work, slots, queue, options, batches, refs, settings, executor)
-    credit_start = credit
+    step, mismatched, changed, credit = 0, 0, {}, 0
     for slot in queue:
         layer = _LayerFit.collect(model, originals[slot.module_name], work, slot, slots, batches, settings,
                                   follower.get(id(slot.module))) if _is_layer_weight(slot) else None
@@ -326,8 +317,6 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
             _take(slot, decoded)
             if layer is not None:
                 layer.correct_bias(to_float64(decoded, slot.dtype))
-                _round_biases([layer.bias] if layer.bias is not None and layer.bias.name in rounded else [],
-                              settings.bias_mantissa)
         del decoded, layer
         _set_trainable(slots)
         step = _distill(work, _free(slots, lossy=True), batches, refs, settings.steps, settings.lr, step)
@@ -337,8 +326,6 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     step = _distill(work, _free(slots, lossy=False), batches, refs, settings.final_steps, settings.lr, step)
     tuned = (_finetune(work, batches, refs, slots, {**options, **changed}, settings, executor)
              if settings.finetune_steps > 0 and queue else None)
-    with torch.no_grad():  # the steps above train the biases too
-        _round_biases([slots[n] for n in sorted(rounded)], settings.bias_mantissa)
     after = output_error(work, batches, refs)
     targets = {}
     for slot in slots.values():
@@ -356,9 +343,6 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
              if settings.final_steps > 0 else "")
     notes = [(f"repair: coded {len(queue)} lossy tensors in forward order ({', '.join(done) or 'no repair'}){final}; "
               f"output error on the calibration inputs (relative MSE) {after:.4g}; {n_changed} tensors changed")]
-    if rounded:
-        notes.append(f"repair: {len(rounded)} corrected biases rounded to {settings.bias_mantissa} mantissa bits, "
-                     f"{credit_start} bytes less for the lossy tensors")
     if tuned:
         notes.append(tuned)
     if mismatched:
@@ -373,59 +357,6 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         notes.append(f"repair: {len(cheaper)} tensors coded with cheaper options to stay within their planned size "
                      f"({', '.join(cheaper)})")
     return targets, notes, changed
-
-
-#: Bias rounding (:func:`_bias_rounding`) only where it moves the original model's outputs by less than this
-#: relative MSE on the calibration inputs (the bench MLP at 7 bits: 1e-6; its coding error at 0.4 bits/weight: 3e-3).
-BIAS_TOLERANCE = 1e-4
-#: Mantissa bits of each floating dtype.
-_MANTISSA = {"float64": 52, "float32": 23, "float16": 10, "bfloat16": 7}
-
-
-def _round_mantissa(array: np.ndarray, dtype: DType, bits: int) -> np.ndarray:
-    """Storage-form floats rounded (to nearest, ties to even) to ``bits`` mantissa bits; unchanged where that is
-    not fewer than the dtype has, or a value is not finite."""
-    drop = _MANTISSA.get(dtype.name, 0) - bits
-    if drop <= 0 or not np.isfinite(to_float64(array, dtype)).all():
-        return array
-    u = np.ascontiguousarray(array).view(f"u{array.itemsize}")
-    one = u.dtype.type(1)
-    return (((u + ((one << (drop - 1)) - one + ((u >> drop) & one))) >> drop) << drop).view(array.dtype)
-
-
-def _round_biases(biases: list[_Slot], bits: int | None) -> None:
-    """The working model's ``biases`` rounded to ``bits`` mantissa bits (:func:`_round_mantissa`)."""
-    for slot in biases:
-        _take(slot, _round_mantissa(to_numpy(slot.tensor)[0], slot.dtype, bits))
-
-
-def _bias_rounding(work: nn.Module, slots: dict[str, _Slot], queue: list[_Slot], options: Mapping[str, EncodeOptions],
-                   batches: list, refs: list, settings: RepairSettings, executor) -> tuple[set[str], int]:
-    """``(names, bytes)``: the biases of the lossy layers that bias correction sets, to round to
-    ``settings.bias_mantissa`` bits once corrected, and the bytes their coding saves so (repair's starting credit:
-    the lossy tensors spend it). None where rounding the original values moves the outputs by
-    :data:`BIAS_TOLERANCE` or more (relative MSE on the calibration inputs)."""
-    if settings.bias_mantissa is None or not settings.bias_correction:
-        return set(), 0
-    biases = []
-    for slot in queue:
-        bias = getattr(slot.module, "bias", None) if _is_layer_weight(slot) else None
-        biases += [s for s in slots.values() if isinstance(bias, torch.Tensor) and s.tensor is bias and not s.lossy
-                   and s.dtype.floating]
-    saved, kept = 0, []
-    with torch.no_grad():
-        for slot in biases:
-            value = _round_mantissa(slot.original, slot.dtype, settings.bias_mantissa)
-            saved += (_code(slot.name, slot.original, slot.dtype, options[slot.name], executor)[1]
-                      - _code(slot.name, value, slot.dtype, options[slot.name], executor)[1])
-            kept.append(slot.tensor.detach().clone())
-            _take(slot, value)
-        error = output_error(work, batches, refs) if biases else math.inf
-        for slot, value in zip(biases, kept):
-            slot.tensor.copy_(value)
-    if error >= BIAS_TOLERANCE or saved <= 0:
-        return set(), 0
-    return {s.name for s in biases}, saved
 
 
 def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
