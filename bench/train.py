@@ -9,7 +9,8 @@ in these ways and codes every result with jwt, scoring the decoded file on the 1
   the ladder (:func:`codec.train.finetune` with the labels, continuing the schedule's Adam: the forward pass sees
   the weights as the file will hold them, straight-through gradients; coded every ``--refresh`` steps, biases
   rounded to ``--vector-bits`` significand bits; ``--keep-tiles F`` holds the tiles' offset/scale over the loop's
-  last fraction F, ``--distil W`` adds the plain model's outputs to the labels), then saved with that setting; one
+  last fraction F, ``--distil W`` adds the plain model's outputs to the labels, ``--group G`` a group penalty on the
+  largest layer's rows and ``--loop-lam L`` its rate penalty at the ladder setting), then saved with that setting; one
   model per ladder point, the epochs before shared with the plain run (same batches, so the same weights);
 * ``lam=L``: the same schedule with ``L * codec.train.rate(layer, --rate-setting) / n`` added to the loss of the
   largest layer every ``--rate-every`` steps from epoch ``--warmup`` on, coded afterwards by the search;
@@ -86,6 +87,13 @@ def batches_of(inputs: torch.Tensor, targets: torch.Tensor, generator: torch.Gen
     return [(inputs[b], targets[b]) for b in torch.randperm(len(inputs), generator=generator).split(size)]
 
 
+def unit_penalty(model: torch.nn.Module, layer: str) -> torch.Tensor:
+    """The mean L2 norm of ``layer``'s output units (its weight's rows; a group-lasso term: it shrinks whole units,
+    whose rows JPEG then codes as near-constant blocks)."""
+    weight = model.get_submodule(layer).weight
+    return weight.flatten(1).norm(dim=1).mean()
+
+
 def rate_penalty(model: torch.nn.Module, layer: str, setting: str, lam: float) -> torch.Tensor:
     """``lam`` times the estimated bits per weight of ``layer``'s weight under ``setting``."""
     weight = model.get_submodule(layer).weight
@@ -149,14 +157,17 @@ class Schedule:
 
     def codec_epochs(self, snapshot: dict, overrides: Sequence[tuple[str, str]], bar: tqdm | None = None,
                      refresh: int = 1, vector_bits: int | None = None, keep_tiles: float = 0.0,
-                     teacher: torch.nn.Module | None = None, distil: float = 0.0) -> tuple[torch.nn.Module, float]:
+                     teacher: torch.nn.Module | None = None, distil: float = 0.0, group: float = 0.0,
+                     lam: float = 0.0, every: int = 8) -> tuple[torch.nn.Module, float]:
         """The schedule's remaining epochs from ``snapshot`` with the codec in the loop at ``overrides``
         (:func:`codec.train.finetune` with the labels, continuing the schedule's Adam and rates; ``refresh``,
         ``vector_bits`` as finetune takes them; ``keep_tiles``: the fraction of the loop's steps, its last ones,
         run with finetune's ``keep_tiles``, the tile extremes where they were when that part began). With
         ``teacher`` and ``distil`` > 0 the loss is ``(1 - distil)`` times the labels' cross-entropy plus ``distil``
         times the KL divergence from the teacher's outputs (:func:`distil_loss`; the teacher's logits computed once
-        per batch, in the time). Returns the model and the CPU seconds of the whole schedule (the shared epochs
+        per batch, in the time). ``group`` > 0 adds ``group`` times :func:`unit_penalty` of the largest layer to the
+        loss, ``lam`` > 0 its :func:`rate_penalty` at its own setting in ``overrides`` every ``every`` steps (both on
+        the float weights). Returns the model and the CPU seconds of the whole schedule (the shared epochs
         included, not the teacher's training)."""
         model = copy.deepcopy(snapshot["model"])
         torch.set_num_threads(1)
@@ -169,11 +180,13 @@ class Schedule:
         if teacher is not None and distil > 0:
             teacher = teacher.eval()
             loss_fn = lambda out, y, logits: distil_loss(out, y, logits, distil)  # noqa: E731
+        if group > 0 or lam > 0:
+            loss_fn = self._penalized(loss_fn, model, dict(overrides)[f"{BIG[self.kind]}.weight"], group, lam, every)
         loop_steps = self.steps() * (self.epochs - snapshot["epoch"])
         kept_from = snapshot["epoch"] * self.steps() + loop_steps - round(keep_tiles * loop_steps)  # global step
         for epoch in range(snapshot["epoch"], self.epochs):
             batches = batches_of(self.inputs, self.targets, generator)
-            if loss_fn is not F.cross_entropy:
+            if teacher is not None and distil > 0:
                 with torch.no_grad():
                     batches = [(x, y, teacher(x)) for x, y in batches]
             first = epoch * self.steps()
@@ -187,6 +200,21 @@ class Schedule:
                 first += len(part)
         model.eval()
         return model, snapshot["seconds"] + time.process_time() - start
+
+    def _penalized(self, task, model: torch.nn.Module, setting: str, group: float, lam: float, every: int):
+        """``task`` plus ``group`` times the largest layer's :func:`unit_penalty` and, every ``every``-th call,
+        ``lam`` times its :func:`rate_penalty` under ``setting``."""
+        layer, calls = BIG[self.kind], itertools.count()
+
+        def loss_fn(*args):
+            loss = task(*args)
+            if group > 0:
+                loss = loss + group * unit_penalty(model, layer)
+            if lam > 0 and next(calls) % every == 0:
+                loss = loss + rate_penalty(model, layer, setting, lam)
+            return loss
+
+        return loss_fn
 
 
 #: Temperature of :func:`distil_loss`.
@@ -228,6 +256,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     parser.add_argument("--distil", type=float, action="append", help="codec in the loop: weight (0-1) of the KL "
                         "divergence from the plain model's outputs beside the labels (default 0; several: a run for "
                         "each; the time then includes the plain schedule's remaining epochs)")
+    parser.add_argument("--group", type=float, action="append", help="codec in the loop: add this times the mean "
+                        "L2 norm of the largest layer's rows (its units; a group penalty) to the loss (default 0; "
+                        "several: a run for each)")
+    parser.add_argument("--loop-lam", type=float, action="append", help="codec in the loop: add this times the "
+                        "estimated bits/weight of the largest layer at its ladder setting (codec.train.rate) to the "
+                        "loss every --rate-every steps (default 0; several: a run for each)")
     parser.add_argument("--vector-bits", type=int, help="codec in the loop: round biases to this many significand "
                         "bits (stored losslessly, exactly)")
     parser.add_argument("--quality", type=int, action="append", help="ladder: JPEG qualities of the largest layer")
@@ -259,6 +293,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
         parser.error("--keep-tiles must be between 0 and 1")
     if any(not 0 <= d <= 1 for d in args.distil or []):
         parser.error("--distil must be between 0 and 1")
+    if any(g < 0 for g in args.group or []):
+        parser.error("--group must not be negative")
+    if any(g < 0 for g in args.loop_lam or []):
+        parser.error("--loop-lam must not be negative")
     if args.vector_bits is not None and not 1 <= args.vector_bits <= 22:
         parser.error("--vector-bits must be between 1 and 22")
     kind = args.model
@@ -322,15 +360,19 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
             model = copy.deepcopy(plain)
             codec.train.round_vectors(model, args.vector_bits, overrides=point)
         record(f"plain, ladder{rounded}", label, coded(model, overrides=point), plain_seconds)
-    for every, keep, distil in itertools.product(args.refresh or [1], args.keep_tiles or [0], args.distil or [0.0]):
+    for every, keep, distil, group, lam in itertools.product(args.refresh or [1], args.keep_tiles or [0],
+                                                             args.distil or [0.0], args.group or [0.0],
+                                                             args.loop_lam or [0.0]):
         loop = (f"codec in the loop, last {args.codec_epochs} epoch(s), coded every {every} step(s){rounded}"
                 f"{f', tile extremes kept ({keep:g} of the loop)' if keep else ''}"
-                f"{f', distilled {distil:g}' if distil else ''}")
+                f"{f', distilled {distil:g}' if distil else ''}{f', unit penalty {group:g}' if group else ''}"
+                f"{f', rate penalty {lam:g} every {args.rate_every}' if lam else ''}")
         for label, point in points:
             with tqdm(total=schedule.steps() * args.codec_epochs, desc=f"codec {label}", unit="step") as bar:
                 model, seconds = schedule.codec_epochs(snapshot, point, bar=bar, refresh=every,
                                                        vector_bits=args.vector_bits, keep_tiles=keep,
-                                                       teacher=plain if distil else None, distil=distil)
+                                                       teacher=plain if distil else None, distil=distil,
+                                                       group=group, lam=lam, every=args.rate_every)
             if distil:  # the teacher is the whole plain schedule: its epochs after the snapshot count too
                 seconds += plain_seconds - snapshot["seconds"]
             record(loop, label, coded(model, overrides=point), seconds)

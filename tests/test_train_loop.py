@@ -273,3 +273,34 @@ def test_bench_train_keeps_tiles_in_the_last_part_of_the_loop_only(monkeypatch):
     calls.clear()
     schedule.codec_epochs(snapshot, train.ladder_point("mlp", 6))
     assert [(steps, keep) for steps, keep, _ in calls] == [(10, False)]
+
+
+def test_bench_train_penalties_in_the_loop_rate_every_nth_step_at_the_ladder_setting_units_every_step(
+        monkeypatch, capsys):
+    import numpy as np
+
+    from bench import train
+
+    rng = np.random.default_rng(0)
+    schedule = train.Schedule("mlp", rng.integers(0, 255, (1280, 28, 28), dtype=np.uint8),
+                              rng.integers(0, 10, 1280), epochs=1, seed=0)
+    _, _, snapshot = schedule.run(snapshot_at=0)
+    point = train.ladder_point("mlp", 6, "ramp1")
+    losses = []
+    monkeypatch.setattr(train.codec.train, "finetune", lambda model, part, loss_fn, *a, **k: losses.append(
+        [loss_fn(torch.zeros(2, 10), torch.zeros(2, dtype=torch.int64)).item() for _ in range(5)]))
+    schedule.codec_epochs(snapshot, point, lam=2.0, every=2)
+    schedule.codec_epochs(snapshot, point, group=0.5)
+    schedule.codec_epochs(snapshot, point)
+    (rated, grouped, plain), ce = losses, np.log(10)
+    model = snapshot["model"]
+    rate = train.rate_penalty(model, "fc1", "jpeg,q6,table=ramp1", 2.0).item()  # the snapshot's weights
+    units = 0.5 * model.fc1.weight.norm(dim=1).mean().item()
+    assert rate > 0.05 and units > 0.05
+    assert rated == pytest.approx([ce + rate, ce, ce + rate, ce, ce + rate], rel=1e-5)
+    assert grouped == pytest.approx([ce + units] * 5, rel=1e-5)
+    assert plain == pytest.approx([ce] * 5, rel=1e-6)
+    for option in ("--loop-lam", "--group"):
+        with pytest.raises(SystemExit) as exc:
+            train.main(["--model", "mlp", option, "-1"])
+        assert exc.value.code == 2 and option in capsys.readouterr().err
