@@ -251,6 +251,36 @@ def test_repair_hands_over_encodings_instead_of_keeping_targets():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_repair_holds_only_the_embedding_rows_the_inputs_look_up(tied):
+    """Without targets kept (codec.save's way), the working model holds a coded embedding's decoded values only at
+    the rows the calibration inputs look up (the others are zeros no memory backs), and every tensor codes to the
+    same bytes as with the whole; a weight also read another way (here tied to an output layer) is kept whole."""
+    import torch
+
+    from codec.rd.repair import repair
+
+    model, options, data = _embedding_model()
+    if tied:
+        class Tied(type(model)):
+            def forward(self, x):
+                h = self.emb(x)
+                return self.fc(h).sum() + h @ self.emb.weight.T  # every row read: logits over the vocabulary
+
+        model.__class__ = Tied
+    whole = repair(model, data, options)
+    rows = repair(model, data, options, keep_targets=False)
+    assert {n: e.blobs for n, e in rows.encoded.items()} == {n: e.blobs for n, e in whole.encoded.items()}
+    assert rows.notes == whole.notes
+    held, decoded = rows.model.emb.weight, whole.model.emb.weight
+    ids = torch.cat([x.reshape(-1) for x in data]).unique()
+    others = torch.ones(len(held), dtype=torch.bool)
+    others[ids] = False
+    assert torch.equal(held[ids], decoded[ids])
+    assert torch.equal(held[others], decoded[others] if tied else torch.zeros_like(decoded[others]))
+    assert others.sum() > len(held) // 2 and decoded[others].abs().sum() > 0
+
+
 def test_working_model_shares_the_lossy_tensors_until_coded():
     """Repair's working model is no deep copy of the lossy tensors (on the CPU, with no distillation steps before
     they are coded): they share the caller's storage until their decoded values replace it; the lossless ones are
