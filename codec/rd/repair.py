@@ -1018,8 +1018,9 @@ class _LayerFit:
         fit = cls(slot, bias_slot, w_ref, b_ref, n, mean, mean_hat, shift)
         # Memory: each moment matrix is cols^2 float64 (all-MiniLM-L6-v2's FFN output: 19 MB); the held-out rows'
         # are made when needed (_HeldOut), all are divided and centred in place and freed as soon as they have
-        # served, so at most two more than the two accumulated ones live at once, and only the coded inputs' H
-        # stays with the layer (same values, same order of operations as whole-array arithmetic).
+        # served (all rows' cross moment as soon as W C is made), so at most three live at once, the solve's own
+        # copy included, and only the coded inputs' H stays with the layer (same values, same order of operations
+        # as whole-array arithmetic).
         keep = True
         if settings.refit and 0 < acc["held_n"] < n:
             keep = fit._holdout_keeps(acc, held_out, settings)
@@ -1030,9 +1031,8 @@ class _LayerFit:
         if settings.refit:
             fitted = to_numpy(slot.tensor)[0].copy()
             if keep:
-                cross = acc.pop("cross").div_(n).numpy()
-                fit._centre(cross, mean, mean_hat)
-                fitted = from_float64(fit._ridge(h, cross, settings).reshape(slot.original.shape), slot.dtype)
+                fitted = fit._ridge(h, fit._weighted_cross(acc), settings)
+                fitted = from_float64(fitted.reshape(slot.original.shape), slot.dtype)
             fit._fitted = fitted
         return fit
 
@@ -1068,13 +1068,22 @@ class _LayerFit:
         for i in range(0, len(left), step):
             moment[i:i + step] -= np.outer(left[i:i + step], right)
 
-    def _ridge(self, h: np.ndarray, cross: np.ndarray, settings: RepairSettings) -> np.ndarray:
+    def _weighted_cross(self, acc: dict) -> np.ndarray:
+        """``W C`` of all rows' cross moment ``C`` (``acc``'s sum, divided and centred in place), made once and kept
+        in ``acc`` in its place: the ``cols^2`` moment is freed as soon as it served."""
+        if "cross" in acc:
+            cross = acc.pop("cross").div_(acc["n"]).numpy()
+            self._centre(cross, self.mean, self.mean_hat)
+            acc["w_cross"] = self.w_ref @ cross
+        return acc["w_cross"]
+
+    def _ridge(self, h: np.ndarray, w_cross: np.ndarray, settings: RepairSettings) -> np.ndarray:
         """The weight mapping the coded inputs to the original layer's outputs, by ridge towards the original:
-        ``W' (H + lam I) = W (C + lam I)``. ``h`` (``H``, centred) is damped for the solve and given its diagonal
-        back after it (no copy of it: all-MiniLM-L6-v2's FFN output, 19 MB)."""
+        ``W' (H + lam I) = W (C + lam I)`` (``w_cross``: ``W C``). ``h`` (``H``, centred) is damped for the solve
+        and given its diagonal back after it (no copy of it: all-MiniLM-L6-v2's FFN output, 19 MB)."""
         lam = settings.damp * float(np.mean(np.diag(h))) + 1e-12
         diagonal = np.diag(h).copy()
-        rhs = self.w_ref @ cross + lam * self.w_ref
+        rhs = w_cross + lam * self.w_ref
         h[np.diag_indices(len(h))] += lam
         try:
             return np.linalg.solve(h.T, rhs.T).T
@@ -1087,24 +1096,29 @@ class _LayerFit:
         the Fashion-MNIST CNNs, not on MiniLM's 125 sentences, where refitting every layer lowered the cosine at
         3.5 bits/weight from 0.984 to 0.967. ``acc`` holds the sums over all rows and the held-out rows' count and
         sums of ``x`` and ``x_hat`` (``held_*``); ``held`` gives their moment matrices, each made when needed in an
-        array of its own that the other rows' moment then takes (all less held-out, in place)."""
+        array of its own that the other rows' moment then takes (all less held-out, in place). All rows' cross
+        moment is reduced to ``W C`` (:meth:`_weighted_cross`) once the other rows' is made: at most three ``cols^2``
+        matrices live at once, the solve's own copy included."""
         n, n_held = acc["n"], acc["held_n"]
         m = n - n_held
         rest_x, rest_h = ((acc[k] - acc["held_" + k]).numpy() / m for k in ("sum_x", "sum_h"))
         held_x, held_h = (acc["held_" + k].numpy() / n_held for k in ("sum_x", "sum_h"))
-        # the ridge on the other rows: their H (damping from its diagonal), their cross moment (only W C is kept)
+        # the ridge on the other rows: their cross moment (only W C is kept), their H (damping from its diagonal)
+        cross = held.moment("cross")
+        np.subtract(acc["cross"].numpy(), cross, out=cross)
+        cross /= m
+        self._centre(cross, rest_x, rest_h)
+        w_cross = self.w_ref @ cross
+        del cross
+        self._weighted_cross(acc)
         h = held.moment("hh")
         np.subtract(acc["hh"].numpy(), h, out=h)
         lam = settings.damp * float(np.mean(np.diagonal(h) / m
                                             - (rest_h * rest_h if self.bias is not None or self.shift is not None
                                                else 0.0))) + 1e-12
         h /= m
-        cross = held.moment("cross")
-        np.subtract(acc["cross"].numpy(), cross, out=cross)
-        cross /= m
-        self._centre(cross, rest_x, rest_h)
-        rhs = self.w_ref @ cross + lam * self.w_ref
-        del cross
+        rhs = w_cross + lam * self.w_ref
+        del w_cross
         self._centre(h, rest_h, rest_h)
         h[np.diag_indices(len(h))] += lam
         fitted = np.linalg.solve(h.T, rhs.T).T
