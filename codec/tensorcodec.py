@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
@@ -25,8 +25,8 @@ from .format import TensorEntry
 from .parallel import INLINE, Pending
 
 __all__ = ["EncodeOptions", "Encoded", "encode_tensor", "start_encode", "decode_tensor", "start_decode",
-           "decode_encoded", "jxl_distance", "parse_spec", "Overrides", "option_conflicts", "given_options",
-           "ignored_options", "not_applied"]
+           "decode_encoded", "decoded_bands", "jxl_distance", "parse_spec", "Overrides", "option_conflicts",
+           "given_options", "ignored_options", "not_applied"]
 
 #: Tensors with fewer elements are not coded as images: an image codec's
 #: headers and per-tile parameters would eat what it saves.
@@ -325,20 +325,52 @@ def _encode_checked_blob(matrix: np.ndarray, dtype: DType, t: tiling.Tiling, ima
     part = _encode_blob(matrix, dtype, t, image, k)
     if part is None:
         return None
+    span = _blob_rows(t, k)
+    if span is None:
+        return (*part, None)
+    r0, r1 = span
+    idx = t.blob_tiles(k)
+    offset, scale = (np.zeros(idx.stop, p.dtype) for p in part[:2])  # the decoder indexes tiles from 0
+    offset[idx.start :], scale[idx.start :] = part[0], part[1]
+    decoded = _decode_rows(image, t, dtype, k, part[2], offset, scale, r0, r1)
+    return (*part, _error_sums(matrix[r0:r1], decoded, dtype))
+
+
+def _blob_rows(t: tiling.Tiling, k: int) -> tuple[int, int] | None:
+    """The rows ``(r0, r1)`` of the matrix that blob ``k`` holds whole, or None where it is not a run of whole rows
+    (a grid whose blobs split the columns)."""
     idx = t.blob_tiles(k)
     gc = t.grid[1]
     if t.mode == "rows":
-        r0, r1 = idx.start, idx.stop
-    elif t.columns == gc:
+        return idx.start, idx.stop
+    if t.columns == gc:
         r0 = (idx.start // gc) * t.tile_h
-        r1 = min(r0 + (len(idx) // gc) * t.tile_h, t.rows)
-    else:
-        return (*part, None)
-    scratch = np.empty((r1, t.cols), dtype.storage)  # the decoder writes rows r0..r1-1 only
-    offset, scale = (np.zeros(idx.stop, p.dtype) for p in part[:2])  # the decoder indexes tiles from 0
-    offset[idx.start :], scale[idx.start :] = part[0], part[1]
-    _decode_blob(image, t, dtype, k, part[2], offset, scale, scratch)
-    return (*part, _error_sums(matrix[r0:r1], scratch[r0:r1], dtype))
+        return r0, min(r0 + (len(idx) // gc) * t.tile_h, t.rows)
+    return None
+
+
+def _decode_rows(codec: BlobCodec, t: tiling.Tiling, dtype: DType, k: int, blob: bytes, offset: np.ndarray,
+                 scale: np.ndarray, r0: int, r1: int) -> np.ndarray:
+    """Blob ``k`` decoded alone: the matrix rows ``r0..r1-1`` it holds (:func:`_blob_rows`)."""
+    rows = np.empty((r1 - r0, t.cols), dtype.storage)
+    _decode_blob(codec, t, dtype, k, blob, offset, scale, rows, first_row=r0)
+    return rows
+
+
+def decoded_bands(encoded: Encoded, dtype: DType, shape: tuple[int, ...], name: str = ""
+                  ) -> Iterator[tuple[int, np.ndarray]]:
+    """What :func:`decode_encoded` gives, as ``(first row, rows)`` bands of its ``[rows, cols]`` matrix view, in
+    order and covering it: one blob's rows at a time where blobs hold whole rows, so a caller that measures the
+    decoded values band by band never holds the whole tensor (else the whole matrix at once)."""
+    t = encoded.tiling
+    if t is None or any(_blob_rows(t, k) is None for k in range(t.n_blobs)):
+        whole = decode_encoded(encoded, dtype, shape, name)
+        yield 0, whole.reshape(shape[0] if len(shape) else 1, -1)
+        return
+    offset, scale = mapping.unpack_params(encoded.blobs[0], t.params)
+    for k in range(t.n_blobs):
+        r0, r1 = _blob_rows(t, k)
+        yield r0, _decode_rows(encoded.codec, t, dtype, k, encoded.blobs[1 + k], offset, scale, r0, r1)
 
 
 def _error_sums(reference: np.ndarray, decoded: np.ndarray, dtype: DType) -> tuple[float, float]:
@@ -535,8 +567,9 @@ _CHUNK = 1 << 16
 
 
 def _decode_blob(codec: BlobCodec, t: tiling.Tiling, dtype: DType, k: int, blob: bytes, offset: np.ndarray,
-                 scale: np.ndarray, matrix: np.ndarray) -> None:
-    """Decode image blob ``k`` and write its tiles' values into ``matrix`` (the output, viewed as ``[R, C]``).
+                 scale: np.ndarray, matrix: np.ndarray, first_row: int = 0) -> None:
+    """Decode image blob ``k`` and write its tiles' values into ``matrix`` (the output, viewed as ``[R, C]``; or,
+    from ``first_row`` on, only its rows from that one on: those of a blob of whole rows, :func:`_blob_rows`).
 
     Three exact ways to map pixels, fastest first: float32 arithmetic where
     it gives the spec's values (:func:`_exact_in_float32`), per-tile lookup
@@ -556,11 +589,13 @@ def _decode_blob(codec: BlobCodec, t: tiling.Tiling, dtype: DType, k: int, blob:
     if not direct and pixels.dtype == np.uint8 and th * tw >= LUT_MIN_TILE_PIXELS:
         lut = mapping.lookup_table(o, s, dtype).reshape(-1)
     if band:
-        _decode_band(pixels, matrix, t, dtype, idx.start // gc, o, s, direct, lut)
+        _decode_band(pixels, matrix, t, dtype, idx.start // gc, o, s, direct, lut, first_row)
         return
     tiles = tiling.from_mosaic(pixels, t, k)
     if t.mode == "rows":
-        dest_tiles = matrix[idx.start : idx.stop].reshape(len(idx), th, tw)
+        dest_tiles = matrix[idx.start - first_row : idx.stop - first_row].reshape(len(idx), th, tw)
+    elif first_row:
+        raise ValueError(f"blob {k} does not hold whole rows")
     step = min(256, max(1, _CHUNK // (th * tw)))  # at most 256 tiles: a 16-bit table index
     tile_base = (np.arange(step, dtype=np.uint16) * 256)[:, None, None]
     for j in range(0, len(idx), step):
@@ -587,9 +622,9 @@ def _decode_blob(codec: BlobCodec, t: tiling.Tiling, dtype: DType, k: int, blob:
 
 
 def _decode_band(pixels: np.ndarray, matrix: np.ndarray, t: tiling.Tiling, dtype: DType, g0: int,
-                 o: np.ndarray, s: np.ndarray, direct: bool, lut: np.ndarray | None) -> None:
+                 o: np.ndarray, s: np.ndarray, direct: bool, lut: np.ndarray | None, first_row: int = 0) -> None:
     """Write a band blob's pixels (its image is tile rows ``g0, g0+1, ...`` of the matrix, plus padding) into
-    ``matrix``: several cell rows per numpy call, about :data:`_CHUNK` pixels each (one call a cell row cost
+    ``matrix`` (the matrix's rows from ``first_row`` on): several cell rows per numpy call, about :data:`_CHUNK` pixels each (one call a cell row cost
     more in Python than in arithmetic for thin tiles), by float32 arithmetic (``direct``), a table lookup
     (``lut``: each tile's 256 entries in turn) or the spec's binary64 formula."""
     th, tw = t.tile_h, t.tile_w
@@ -607,7 +642,7 @@ def _decode_band(pixels: np.ndarray, matrix: np.ndarray, t: tiling.Tiling, dtype
     for a0, a1, hh in groups:
         na, y = a1 - a0, a0 * th
         rows = na * hh
-        dest = matrix[r0 + y : r0 + y + rows]
+        dest = matrix[r0 - first_row + y : r0 - first_row + y + rows]
         if lut is not None:
             base = (np.arange(na, dtype=np.uint32)[:, None] * gc + tile_of_col) * 256
             index = pixels[y : y + rows, :cols].reshape(na, hh, cols) + base[:, None, :]

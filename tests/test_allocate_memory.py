@@ -58,6 +58,57 @@ def test_measuring_a_candidate_holds_no_float64_copy_of_the_tensor(label, option
     assert peak < 2.5 * w.nbytes + h32, f"{(peak - h32) / w.nbytes:.1f} x the tensor's bytes"
 
 
+@pytest.mark.parametrize("shape,options,rows", [
+    ((4096, 512), EncodeOptions(codec="quant", bits=4, tile=(8, 64)), None),
+    ((4096, 512), EncodeOptions(codec="jpeg", quality=50, table="flat", tile=(64, 64)), None),
+    ((3000, 784), EncodeOptions(codec="jpeg", quality=50, table="ramp2", row_shape=(28, 28)), (28, 28)),
+    ((64, 40000), EncodeOptions(codec="jpeg", quality=50, table="flat", tile=(64, 64)), None),  # blobs split columns
+    ((4096, 512), EncodeOptions(codec="lossless"), None),
+])
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_measure_without_the_decoded_tensor_gives_the_same_point(shape, options, rows, calibrated, monkeypatch):
+    """Measured a blob at a time (``keep_decoded=False``, the search's way unless sensitivity probes need the
+    decoded values), a candidate gets the very point of the whole decoded tensor, whatever the tiling, with bands
+    that do not line up with the blobs; nothing decoded is returned."""
+    monkeypatch.setattr(allocate, "MEASURE_BAND", 7 * shape[1])
+    w = _matrix(*shape)
+    if options.codec != "lossless":
+        from codec.tensorcodec import encode_tensor
+
+        assert encode_tensor(w, F32, options).tiling.n_blobs > 1
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((256, shape[1])) if shape[1] <= 1024 else None  # a full H; else a diagonal one
+    h = np.mean(rng.standard_normal((256, shape[1])) ** 2, 0) if x is None else x.T @ x / len(x)
+    weightings = {"w": Weighting(h=h, rows=rng.uniform(0.5, 2, shape[0]))} if calibrated else {}
+    whole, decoded = measure("w", w, F32, "x", options, rows, measure_by=Distortion(weightings))
+    streamed, none = measure("w", w, F32, "x", options, rows, measure_by=Distortion(weightings), keep_decoded=False)
+    assert decoded is not None and none is None
+    assert streamed == whole
+
+
+@pytest.mark.parametrize("options", [EncodeOptions(codec="quant", bits=4, tile=(8, 64)),
+                                     EncodeOptions(codec="jpeg", quality=50, table="flat", tile=(64, 64))])
+def test_measure_without_the_decoded_tensor_holds_a_few_blobs(options):
+    """A 32 MB float32 matrix of 8 blobs: measured a blob at a time, a candidate's peak stays under 0.75x the
+    tensor's bytes (the coding's own bands and blobs); with the decoded tensor kept it is over 1x."""
+    w = _matrix(16384, 512)
+    measure("w", w, F32, "x", options, keep_decoded=False)  # warm up: imports, caches
+    streamed = _peak(lambda: measure("w", w, F32, "x", options, keep_decoded=False))
+    whole = _peak(lambda: measure("w", w, F32, "x", options))
+    assert streamed < 0.75 * w.nbytes < w.nbytes < whole, (streamed / w.nbytes, whole / w.nbytes)
+
+
+def test_lossless_candidate_keeps_no_plane_buffer():
+    """The search's lossless candidate of a tensor leaves its thread no buffer of the tensor's byte planes (each
+    coding thread of all-MiniLM-L6-v2's calibrated search held its embedding's 47 MB to the end)."""
+    from codec.blobcodecs import zstd
+
+    w = _matrix(1024, 1024)
+    point, _ = measure("w", w, F32, "lossless", EncodeOptions(codec="lossless"), keep_decoded=False)
+    assert point.nmse == 0 and point.nbytes < w.nbytes
+    assert getattr(zstd._scratch_buffers, "buf", None) is None
+
+
 def _whole(name, reference, decoded, weighting, rows):
     """The figures as the search measured them before it streamed: whole float64 arrays."""
     ref, dec = reference.astype(np.float64), decoded.astype(np.float64)
@@ -198,6 +249,36 @@ def test_repair_hands_over_encodings_instead_of_keeping_targets():
     blob_bytes = sum(len(b) for enc in encoded.values() for b in enc.blobs)
     assert kept < blob_bytes + 0.1 * model.emb.weight.numel() * 4, (kept, blob_bytes)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_repair_holds_only_the_embedding_rows_the_inputs_look_up(tied):
+    """Without targets kept (codec.save's way), the working model holds a coded embedding's decoded values only at
+    the rows the calibration inputs look up (the others are zeros no memory backs), and every tensor codes to the
+    same bytes as with the whole; a weight also read another way (here tied to an output layer) is kept whole."""
+    import torch
+
+    from codec.rd.repair import repair
+
+    model, options, data = _embedding_model()
+    if tied:
+        class Tied(type(model)):
+            def forward(self, x):
+                h = self.emb(x)
+                return self.fc(h).sum() + h @ self.emb.weight.T  # every row read: logits over the vocabulary
+
+        model.__class__ = Tied
+    whole = repair(model, data, options)
+    rows = repair(model, data, options, keep_targets=False)
+    assert {n: e.blobs for n, e in rows.encoded.items()} == {n: e.blobs for n, e in whole.encoded.items()}
+    assert rows.notes == whole.notes
+    held, decoded = rows.model.emb.weight, whole.model.emb.weight
+    ids = torch.cat([x.reshape(-1) for x in data]).unique()
+    others = torch.ones(len(held), dtype=torch.bool)
+    others[ids] = False
+    assert torch.equal(held[ids], decoded[ids])
+    assert torch.equal(held[others], decoded[others] if tied else torch.zeros_like(decoded[others]))
+    assert others.sum() > len(held) // 2 and decoded[others].abs().sum() > 0
 
 
 def test_working_model_shares_the_lossy_tensors_until_coded():

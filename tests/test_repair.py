@@ -402,6 +402,41 @@ def test_refit_is_kept_only_where_it_holds_on_held_out_inputs():
             assert fit._holdout_keeps(acc, held, RepairSettings()) is keep
 
 
+def test_held_out_check_holds_at_most_one_more_moment():
+    """The held-out check makes the other rows' cross moment, keeps only ``W C`` of it, reduces all rows' cross
+    moment to ``W C`` too (freed), then makes the other rows' ``H``: besides the accumulated sums, one more
+    ``cols^2`` float64 matrix is live at a time with a few ``rows x cols`` products (2.5 matrices before: the other
+    rows' ``H`` and cross moment together), and the ridge of all rows then finds ``W C`` made."""
+    import tracemalloc
+
+    cols = 384
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2000, cols)).astype(np.float32)
+    x_hat = (x + 0.3 * rng.standard_normal(x.shape)).astype(np.float32)
+    held = _HeldOut(cols)
+    held.add(torch.from_numpy(x[:300]), torch.from_numpy(x_hat[:300]))
+    acc = {"hh": torch.from_numpy(x_hat.T.astype(np.float64) @ x_hat), "cross": torch.from_numpy(
+        x.T.astype(np.float64) @ x_hat), "n": len(x), "held_n": 300}
+    for key, rows in (("sum_x", x), ("sum_h", x_hat)):
+        acc[key] = torch.from_numpy(rows.sum(0, dtype=np.float64))
+        acc["held_" + key] = torch.from_numpy(rows[:300].sum(0, dtype=np.float64))
+    fit = _LayerFit(None, None, rng.standard_normal((64, cols)), None, acc["n"], None, None)
+    made = held.moment
+    held.moment = lambda key: np.array(made(key))  # numpy's copy, which tracemalloc sees (torch's it does not)
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        fit._holdout_keeps(acc, held, RepairSettings())
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    matrix = 8 * cols * cols
+    assert peak < 2 * matrix, f"{peak / matrix:.2f} matrices"
+    assert "cross" not in acc and acc["w_cross"].shape == (64, cols)
+    assert fit._weighted_cross(acc) is acc["w_cross"]
+
+
 def test_held_out_moments_from_rows_equal_their_sums():
     """_HeldOut's moments made from the kept rows are bit-identical to the float64 sums of the float32 products
     that collect() adds batch by batch (what the held-out moments were before rows were kept), and rows past its

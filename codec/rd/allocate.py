@@ -70,7 +70,9 @@ from ..dtypes import DType, get_dtype, to_float64
 from ..errors import EncodeError
 from ..format import TensorEntry
 from ..parallel import INLINE, make_executor
-from ..tensorcodec import Encoded, EncodeOptions, decode_encoded, encode_tensor, lossless_reason
+from ..blobcodecs.zstd import release_scratch
+from ..tensorcodec import (Encoded, EncodeOptions, decode_encoded, decoded_bands, encode_tensor,
+                           lossless_reason)
 
 __all__ = ["RDPoint", "Menu", "Weighting", "Distortion", "DATA_FREE", "DAMAGE", "WARNINGS_KEY", "norm_weightings",
            "pareto_front", "candidates", "measure", "distortion", "image_side", "row_images", "lower_hull",
@@ -328,14 +330,18 @@ class Distortion:
         weighted, _, out_error = self.measure(name, reference, decoded, _FLOAT64, rows)
         return weighted, out_error
 
-    def measure(self, name: str, reference: np.ndarray, decoded: np.ndarray, dtype: DType,
-                rows: tuple[int, int] | None = None) -> tuple[float, float, float | None]:
+    def measure(self, name: str, reference: np.ndarray, decoded: np.ndarray | Callable[[int, int], np.ndarray],
+                dtype: DType, rows: tuple[int, int] | None = None) -> tuple[float, float, float | None]:
         """``(allocation distortion, plain NMSE, relative output error or None)`` of ``decoded`` against
         ``reference``, both in ``dtype``'s storage form, widened to float64 a band of :data:`MEASURE_BAND`
-        elements (whole rows) at a time, so measuring a candidate holds no float64 copy of the tensor."""
+        elements (whole rows) at a time, so measuring a candidate holds no float64 copy of the tensor.
+        ``decoded`` may also give those bands itself, ``decoded(first row, end row)`` of its ``[rows, cols]``
+        view, asked for in order (:class:`_DecodedRows`: then not even the decoded tensor is held whole)."""
         w = self.weighting(name, reference.shape)
         count = reference.shape[0] if reference.ndim else 1
-        ref, dec = reference.reshape(count, -1), decoded.reshape(count, -1)
+        ref = reference.reshape(count, -1)
+        dec = (lambda i0, i1, whole=decoded.reshape(count, -1): whole[i0:i1]) if isinstance(decoded, np.ndarray) \
+            else decoded
         step = max(1, MEASURE_BAND // max(1, ref.shape[1]))
         w_energy = self._reference.get(name) if w is not None else None
         known = w_energy is not None
@@ -343,7 +349,7 @@ class Distortion:
         w_energy = w_energy or 0.0
         band_energy = None if w is None else w.banded()
         for i in range(0, count, step):
-            r, d = _widen(ref[i : i + step], dtype), _widen(dec[i : i + step], dtype)
+            r, d = _widen(ref[i : i + step], dtype), _widen(dec(i, min(i + step, count)), dtype)
             diff = d - r
             err += float(np.sum(diff * diff))
             energy += float(np.sum(r * r))
@@ -363,6 +369,27 @@ class Distortion:
 
 
 _FLOAT64 = get_dtype("float64")
+
+
+class _DecodedRows:
+    """Rows ``(first, end)`` of the ``[rows, cols]`` matrix a reader decodes from a candidate's ``encoded``, asked
+    for in increasing order (:meth:`Distortion.measure`'s bands): decoded a blob at a time and dropped once passed
+    (:func:`codec.tensorcodec.decoded_bands`), so measuring a candidate holds a few blobs' rows, not the decoded
+    tensor (all-MiniLM-L6-v2's embedding: 47 MB per coding thread). A lossless encoding decodes to ``array``'s own
+    values: those are served."""
+
+    def __init__(self, encoded: Encoded, array: np.ndarray, dtype: DType):
+        count = array.shape[0] if array.ndim else 1
+        self.bands = (decoded_bands(encoded, dtype, tuple(array.shape)) if encoded.codec.lossy
+                      else iter([(0, array.reshape(count, -1))]))
+        self.parts: list[tuple[int, np.ndarray]] = []  # (first row, rows) decoded and not yet passed
+
+    def __call__(self, first: int, end: int) -> np.ndarray:
+        self.parts = [(r, a) for r, a in self.parts if r + len(a) > first]
+        while not self.parts or self.parts[-1][0] + len(self.parts[-1][1]) < end:
+            self.parts.append(next(self.bands))
+        pieces = [a[max(0, first - r) : end - r] for r, a in self.parts if r < end]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
 def _widen(array: np.ndarray, dtype: DType) -> np.ndarray:
@@ -472,11 +499,17 @@ def merge_weightings(norms: Mapping[str, Weighting], calibrated: Mapping[str, We
 
 def measure(name: str, array: np.ndarray, dtype: DType, label: str, options: EncodeOptions,
             rows: tuple[int, int] | None = None, offset_digits: int = 10,
-            measure_by: Distortion = DATA_FREE) -> tuple[RDPoint, np.ndarray]:
-    """Encode and decode one candidate; return its point (distortion by ``measure_by``) and the decoded array."""
+            measure_by: Distortion = DATA_FREE, keep_decoded: bool = True) -> tuple[RDPoint, np.ndarray | None]:
+    """Encode and decode one candidate; return its point (distortion by ``measure_by``) and the decoded array
+    (None without ``keep_decoded``: the decoded values are then measured a blob at a time, :class:`_DecodedRows`).
+    A lossless coding keeps no plane buffer for the thread's next one (:func:`codec.blobcodecs.zstd.release_scratch`:
+    the search codes one tensor losslessly among many lossy candidates)."""
     encoded = encode_tensor(array, dtype, options)
-    decoded = decode_encoded(encoded, dtype, array.shape, name)
-    weighted, plain, out_error = measure_by.measure(name, array, decoded, dtype, rows)
+    if not encoded.codec.lossy:
+        release_scratch()
+    decoded = decode_encoded(encoded, dtype, array.shape, name) if keep_decoded else None
+    weighted, plain, out_error = measure_by.measure(
+        name, array, _DecodedRows(encoded, array, dtype) if decoded is None else decoded, dtype, rows)
     nbytes = sum(map(len, encoded.blobs)) + entry_bytes(name, dtype, tuple(array.shape), encoded, offset_digits)
     return RDPoint(options, label, nbytes, weighted, math.sqrt(plain), out_error), decoded
 
@@ -500,8 +533,8 @@ class Menu:
 
     def measure(self, name: str, array: np.ndarray, dtype: DType, label: str, options: EncodeOptions,
                 rows: tuple[int, int] | None = None, offset_digits: int = 10,
-                measure_by: Distortion = DATA_FREE) -> tuple[RDPoint, np.ndarray]:
-        return measure(name, array, dtype, label, options, rows, offset_digits, measure_by)
+                measure_by: Distortion = DATA_FREE, keep_decoded: bool = True) -> tuple[RDPoint, np.ndarray | None]:
+        return measure(name, array, dtype, label, options, rows, offset_digits, measure_by, keep_decoded)
 
 
 def pareto_front(points: Sequence[RDPoint]) -> list[RDPoint]:
@@ -820,9 +853,9 @@ def plan_options(
                 pts, best_probe = [], None
 
                 def trial(item: tuple[str, EncodeOptions]) -> tuple[RDPoint, np.ndarray | None]:
-                    point, decoded = menu.measure(name, array, dtype, item[0], item[1], rows,  # noqa: B023
-                                                  measure_by=measure_by)  # noqa: B023
-                    return point, (decoded if score is not None else None)  # noqa: B023
+                    # the decoded candidate only serves the sensitivity probes of a score
+                    return menu.measure(name, array, dtype, item[0], item[1], rows,  # noqa: B023
+                                        measure_by=measure_by, keep_decoded=score is not None)  # noqa: B023
 
                 items = menu.candidates(name, array, dtype, base, rows)
                 for second in (False, True):  # the ordinary menu, then (if they can matter) the high bits
@@ -936,7 +969,8 @@ def _refine(tensors: TensorSource, chosen: dict[str, RDPoint], hulls: dict[str, 
         while hi - lo > 1:  # largest quality whose size still fits the slack
             mid = (lo + hi) // 2
             trial, _ = (menu or Menu()).measure(name, array, dtype, f"{point.label} ~q{mid}",
-                                                point.options.with_(quality=mid), images[name], measure_by=measure_by)
+                                                point.options.with_(quality=mid), images[name], measure_by=measure_by,
+                                                keep_decoded=False)
             if trial.nbytes - point.nbytes <= slack:
                 lo, best = mid, trial
             else:

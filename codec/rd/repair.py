@@ -203,7 +203,8 @@ def repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptio
            settings: RepairSettings | None = None, keep_targets: bool = True) -> Repaired:
     """:func:`code_with_repair`, also returning the repaired working model and every lossy tensor's encoding (see
     :class:`Repaired`). Without ``keep_targets``, ``targets`` leaves the lossy tensors out (their encodings are
-    all that is kept of them as they are coded).
+    all that is kept of them as they are coded), and, with no training steps, the working model holds a coded
+    ``nn.Embedding`` weight only at the rows the inputs look up, zeros elsewhere (:class:`_Lookups`).
 
     The working model is a deep copy of ``model`` except for the lossy tensors on the CPU when no distillation
     step trains them before they are coded (``settings.steps`` 0): those share ``model``'s storage until coded,
@@ -269,6 +270,48 @@ def _take(slot: _Slot, decoded: np.ndarray) -> None:
         tensor.copy_(value)
 
 
+class _Lookups:
+    """The rows of each lossy ``nn.Embedding`` weight that the calibration inputs look up, recorded by hooks
+    during one pass over them; once such a weight is coded, the working model can hold only those rows of its
+    decoded values (:meth:`take`): all-MiniLM-L6-v2's 30,522 x 384 word embedding (47 MB, held from the first
+    coded tensor to the end of repair) is read at the few thousand rows of the 125 calibration sentences."""
+
+    def __init__(self, work: nn.Module, slots: dict[str, _Slot]):
+        self.rows: dict[int, list[torch.Tensor]] = {}
+        self.handles = []
+        for slot in slots.values():
+            if slot.lossy and slot.attr == "weight" and isinstance(slot.module, nn.Embedding):
+                self.rows[id(slot.module)] = []
+                self.handles.append(slot.module.register_forward_pre_hook(self._hook))
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        self.rows[id(module)].append(args[0].detach().reshape(-1).unique())
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.rows = {key: torch.cat(ids).unique() if ids else None for key, ids in self.rows.items()}
+
+    def take(self, work: nn.Module, slot: _Slot, decoded: np.ndarray, batches: list) -> None:
+        """Replace a coded embedding's decoded values (just taken whole by :func:`_take`) by an array holding
+        only the looked-up rows, its other rows zeros that no page of memory backs (``np.zeros``: mapped, not
+        written), when the model's outputs on every batch stay bit for bit what they are with the whole (a
+        weight read otherwise too, such as one tied to an output layer, keeps it whole)."""
+        rows = self.rows.get(id(slot.module))
+        tensor = slot.tensor
+        if rows is None or tensor.device.type != "cpu" or decoded.ndim != 2:
+            return
+        whole = tensor.data
+        expected = [_outputs(work, b) for b in batches]
+        sparse = np.zeros(decoded.shape, decoded.dtype)
+        index = rows.numpy()
+        sparse[index] = decoded[index]
+        tensor.data = to_torch(sparse, slot.dtype.name)
+        if not all(all(torch.equal(a, b) for a, b in zip(_outputs(work, batch), want))
+                   for batch, want in zip(batches, expected)):
+            tensor.data = whole
+
+
 def _measure(encoded: Encoded, target: np.ndarray, decoded: np.ndarray, dtype: DType) -> None:
     """Set a lossy encoding's ``rel_error`` (``||decoded - target|| / ||target||``), as a writer's checked coding
     would have it (:func:`codec.tensorcodec.start_encode`), for its note on an error no better than zeros."""
@@ -282,8 +325,14 @@ def _measure(encoded: Encoded, target: np.ndarray, decoded: np.ndarray, dtype: D
 def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[str, EncodeOptions],
             slots: dict[str, _Slot], settings: RepairSettings, executor, progress,
             keep_targets: bool = True) -> tuple[dict[str, np.ndarray], list[str], dict[str, EncodeOptions]]:
+    # Without targets kept or training, the working model only ever runs on the calibration inputs: a coded
+    # embedding then needs only the rows they look up (_Lookups).
+    lookups = _Lookups(work, slots) if not keep_targets and settings.steps == settings.final_steps == 0 \
+        and settings.finetune_steps == 0 else None
     with torch.no_grad():
         refs = [_outputs(work, b) for b in batches]
+    if lookups is not None:
+        lookups.close()
     order = forward_order(work, batches[0])
     follower = {id(a): b for a, b in zip(order, order[1:])}
     for rank, module in enumerate(order):
@@ -315,6 +364,8 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         del target, assumed
         with torch.no_grad():
             _take(slot, decoded)
+            if lookups is not None:
+                lookups.take(work, slot, decoded, batches)
             if layer is not None:
                 layer.correct_bias(to_float64(decoded, slot.dtype))
         del decoded, layer
@@ -977,8 +1028,9 @@ class _LayerFit:
         fit = cls(slot, bias_slot, w_ref, b_ref, n, mean, mean_hat, shift)
         # Memory: each moment matrix is cols^2 float64 (all-MiniLM-L6-v2's FFN output: 19 MB); the held-out rows'
         # are made when needed (_HeldOut), all are divided and centred in place and freed as soon as they have
-        # served, so at most two more than the two accumulated ones live at once, and only the coded inputs' H
-        # stays with the layer (same values, same order of operations as whole-array arithmetic).
+        # served (all rows' cross moment as soon as W C is made), so at most three live at once, the solve's own
+        # copy included, and only the coded inputs' H stays with the layer (same values, same order of operations
+        # as whole-array arithmetic).
         keep = True
         if settings.refit and 0 < acc["held_n"] < n:
             keep = fit._holdout_keeps(acc, held_out, settings)
@@ -989,9 +1041,8 @@ class _LayerFit:
         if settings.refit:
             fitted = to_numpy(slot.tensor)[0].copy()
             if keep:
-                cross = acc.pop("cross").div_(n).numpy()
-                fit._centre(cross, mean, mean_hat)
-                fitted = from_float64(fit._ridge(h, cross, settings).reshape(slot.original.shape), slot.dtype)
+                fitted = fit._ridge(h, fit._weighted_cross(acc), settings)
+                fitted = from_float64(fitted.reshape(slot.original.shape), slot.dtype)
             fit._fitted = fitted
         return fit
 
@@ -1027,13 +1078,22 @@ class _LayerFit:
         for i in range(0, len(left), step):
             moment[i:i + step] -= np.outer(left[i:i + step], right)
 
-    def _ridge(self, h: np.ndarray, cross: np.ndarray, settings: RepairSettings) -> np.ndarray:
+    def _weighted_cross(self, acc: dict) -> np.ndarray:
+        """``W C`` of all rows' cross moment ``C`` (``acc``'s sum, divided and centred in place), made once and kept
+        in ``acc`` in its place: the ``cols^2`` moment is freed as soon as it served."""
+        if "cross" in acc:
+            cross = acc.pop("cross").div_(acc["n"]).numpy()
+            self._centre(cross, self.mean, self.mean_hat)
+            acc["w_cross"] = self.w_ref @ cross
+        return acc["w_cross"]
+
+    def _ridge(self, h: np.ndarray, w_cross: np.ndarray, settings: RepairSettings) -> np.ndarray:
         """The weight mapping the coded inputs to the original layer's outputs, by ridge towards the original:
-        ``W' (H + lam I) = W (C + lam I)``. ``h`` (``H``, centred) is damped for the solve and given its diagonal
-        back after it (no copy of it: all-MiniLM-L6-v2's FFN output, 19 MB)."""
+        ``W' (H + lam I) = W (C + lam I)`` (``w_cross``: ``W C``). ``h`` (``H``, centred) is damped for the solve
+        and given its diagonal back after it (no copy of it: all-MiniLM-L6-v2's FFN output, 19 MB)."""
         lam = settings.damp * float(np.mean(np.diag(h))) + 1e-12
         diagonal = np.diag(h).copy()
-        rhs = self.w_ref @ cross + lam * self.w_ref
+        rhs = w_cross + lam * self.w_ref
         h[np.diag_indices(len(h))] += lam
         try:
             return np.linalg.solve(h.T, rhs.T).T
@@ -1046,24 +1106,29 @@ class _LayerFit:
         the Fashion-MNIST CNNs, not on MiniLM's 125 sentences, where refitting every layer lowered the cosine at
         3.5 bits/weight from 0.984 to 0.967. ``acc`` holds the sums over all rows and the held-out rows' count and
         sums of ``x`` and ``x_hat`` (``held_*``); ``held`` gives their moment matrices, each made when needed in an
-        array of its own that the other rows' moment then takes (all less held-out, in place)."""
+        array of its own that the other rows' moment then takes (all less held-out, in place). All rows' cross
+        moment is reduced to ``W C`` (:meth:`_weighted_cross`) once the other rows' is made: at most three ``cols^2``
+        matrices live at once, the solve's own copy included."""
         n, n_held = acc["n"], acc["held_n"]
         m = n - n_held
         rest_x, rest_h = ((acc[k] - acc["held_" + k]).numpy() / m for k in ("sum_x", "sum_h"))
         held_x, held_h = (acc["held_" + k].numpy() / n_held for k in ("sum_x", "sum_h"))
-        # the ridge on the other rows: their H (damping from its diagonal), their cross moment (only W C is kept)
+        # the ridge on the other rows: their cross moment (only W C is kept), their H (damping from its diagonal)
+        cross = held.moment("cross")
+        np.subtract(acc["cross"].numpy(), cross, out=cross)
+        cross /= m
+        self._centre(cross, rest_x, rest_h)
+        w_cross = self.w_ref @ cross
+        del cross
+        self._weighted_cross(acc)
         h = held.moment("hh")
         np.subtract(acc["hh"].numpy(), h, out=h)
         lam = settings.damp * float(np.mean(np.diagonal(h) / m
                                             - (rest_h * rest_h if self.bias is not None or self.shift is not None
                                                else 0.0))) + 1e-12
         h /= m
-        cross = held.moment("cross")
-        np.subtract(acc["cross"].numpy(), cross, out=cross)
-        cross /= m
-        self._centre(cross, rest_x, rest_h)
-        rhs = self.w_ref @ cross + lam * self.w_ref
-        del cross
+        rhs = w_cross + lam * self.w_ref
+        del w_cross
         self._centre(h, rest_h, rest_h)
         h[np.diag_indices(len(h))] += lam
         fitted = np.linalg.solve(h.T, rhs.T).T

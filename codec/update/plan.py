@@ -169,10 +169,11 @@ class UpdateMenu(allocate.Menu):
 
     def measure(self, name: str, array: np.ndarray, dtype: DType, label: str, options: EncodeOptions,
                 rows: tuple[int, int] | None = None, offset_digits: int = 10,
-                measure_by: allocate.Distortion = allocate.DATA_FREE) -> tuple[allocate.RDPoint, np.ndarray]:
+                measure_by: allocate.Distortion = allocate.DATA_FREE, keep_decoded: bool = True
+                ) -> tuple[allocate.RDPoint, np.ndarray | None]:
         mode, ref = self.matcher.decide(name, array, dtype, options)
         if mode == "full":
-            return super().measure(name, array, dtype, label, options, rows, offset_digits, measure_by)
+            return super().measure(name, array, dtype, label, options, rows, offset_digits, measure_by, keep_decoded)
         base = self.matcher.base.array(ref.name)
         shape = tuple(array.shape)
         if mode == "unchanged":
