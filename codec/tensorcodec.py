@@ -624,8 +624,9 @@ def _decode_blob(codec: BlobCodec, t: tiling.Tiling, dtype: DType, k: int, blob:
 def _decode_band(pixels: np.ndarray, matrix: np.ndarray, t: tiling.Tiling, dtype: DType, g0: int,
                  o: np.ndarray, s: np.ndarray, direct: bool, lut: np.ndarray | None, first_row: int = 0) -> None:
     """Write a band blob's pixels (its image is tile rows ``g0, g0+1, ...`` of the matrix, plus padding) into
-    ``matrix`` (the matrix's rows from ``first_row`` on): several cell rows per numpy call, about :data:`_CHUNK` pixels each (one call a cell row cost
-    more in Python than in arithmetic for thin tiles), by float32 arithmetic (``direct``), a table lookup
+    ``matrix`` (the matrix's rows from ``first_row`` on): several cell rows per numpy call, about :data:`_CHUNK`
+    pixels each (one call a cell row cost more in Python than in arithmetic for thin tiles), by float32
+    arithmetic (``direct``), a table lookup
     (``lut``: each tile's 256 entries in turn) or the spec's binary64 formula."""
     th, tw = t.tile_h, t.tile_w
     gc, cols = t.grid[1], t.cols

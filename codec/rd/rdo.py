@@ -358,15 +358,16 @@ class _Pruning:
             levels = q.reshape(-1, 64)[:, _ZIGZAG]
             trellis = _Trellis(levels, gain.reshape(-1, 64)[:, _ZIGZAG], _code_lengths(_ac_counts(levels),
                                                                                        _AC_SYMBOLS))
-            self.blobs.append((k, idx, image, padded, coef, trellis, offset.astype(np.float64)[:, None, None],
-                               scale_k.astype(np.float64)[:, None, None], lo[:, None, None], hi[:, None, None]))
+            self.blobs.append((k, idx, image.shape, tiling.from_mosaic(image, t, k), padded, coef, trellis,
+                               offset.astype(np.float64)[:, None, None], scale_k.astype(np.float64)[:, None, None],
+                               lo[:, None, None], hi[:, None, None]))
 
     def at(self, lam: float) -> np.ndarray:
         """The weight with the coefficients :class:`_Trellis` drops at ``lam`` removed."""
         if not self.blobs:
             return self.weight
         t, tiles = self.tiling, self.tiles.copy()
-        for k, idx, image, padded, coef, trellis, offset, scale, lo, hi in self.blobs:
+        for k, idx, (h, w), pixels, padded, coef, trellis, offset, scale, lo, hi in self.blobs:
             drop = np.zeros((len(coef), 64), bool)
             drop[:, _ZIGZAG] = trellis.drop(lam)
             if not drop.any():
@@ -374,9 +375,9 @@ class _Pruning:
             hp, wp = padded.shape
             removed = (_D.T @ np.where(drop.reshape(-1, 8, 8), coef, 0.0) @ _D).reshape(hp // 8, wp // 8, 8, 8)
             pruned = np.clip(np.rint(padded - removed.transpose(0, 2, 1, 3).reshape(hp, wp)), 0, 255)
-            new = tiling.from_mosaic(pruned[:image.shape[0], :image.shape[1]], t, k)
+            new = tiling.from_mosaic(pruned[:h, :w], t, k)
             values = tiles[idx.start:idx.stop]
-            free = (new != tiling.from_mosaic(image, t, k)) & (values != lo) & (values != hi)
+            free = (new != pixels) & (values != lo) & (values != hi)
             tiles[idx.start:idx.stop] = np.where(free, np.clip(offset + scale * new, lo, hi), values)
         out = tiling.assemble_tiles(tiles, t)
         return from_float64(out, self.dtype).reshape(self.weight.shape)
