@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import os
 
 import numpy as np
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 import codec
 from codec.rd.allocate import (RDPoint, allocate_budget, allocate_max_error, distortion, image_side, lower_hull,
                             row_images)
+from codec.dtypes import get_dtype
 from codec.tensorcodec import EncodeOptions, Overrides, parse_spec
 
 RNG = np.random.default_rng(0)
@@ -175,14 +177,24 @@ def test_budget_counts_attachments(tmp_path):
 
 
 def test_impossible_budget_is_refused_before_measuring_everything(tmp_path, monkeypatch):
-    """A budget the first tensors already overflow fails at once, without measuring the rest."""
+    """A budget the first tensors already overflow fails at once: only the first tensor's menu is measured, the
+    others at their cheapest settings only, and the message names the whole model's smallest encoding."""
     from codec.rd import allocate
 
-    measured = []
-    real = allocate.candidates
-    monkeypatch.setattr(allocate, "candidates", lambda array, *a: measured.append(array.shape) or real(array, *a))
+    measured = {}
+    real = allocate.measure
+    monkeypatch.setattr(allocate, "measure", lambda name, *a, **k: measured.update(
+        {name: measured.get(name, 0) + 1}) or real(name, *a, **k))
     sd = {f"w{i}": torch.randn(256, 256) for i in range(5)}
-    with pytest.raises(codec.EncodeError, match="below the smallest encoding"):
-        codec.save(sd, tmp_path / "m.jwt", bits_per_weight=0.01)
-    assert len(measured) == 1
+    menu = len(allocate.candidates(sd["w0"].numpy(), get_dtype("float32"), EncodeOptions()))
+    floor = len(allocate.floor_settings(allocate.candidates(sd["w0"].numpy(), get_dtype("float32"), EncodeOptions())))
+    with pytest.raises(codec.EncodeError, match=r"below the smallest encoding \((\d+\.\d+) bits/weight\)") as info:
+        codec.save(sd, tmp_path / "m.jwt", bits_per_weight=0.01, search="exhaustive")
+    assert measured == {"w0": menu + floor, **{f"w{i}": floor for i in range(1, 5)}}
     assert not (tmp_path / "m.jwt").exists()
+    smallest = float(re.search(r"\((\d+\.\d+) bits", str(info.value)).group(1))
+    for search in ("exhaustive", "fast"):  # the same figure from the fast search, and a budget there is met
+        with pytest.raises(codec.EncodeError, match=re.escape(f"({smallest:.3f} bits/weight)")):
+            codec.save(sd, tmp_path / "m.jwt", bits_per_weight=smallest * 0.8, search=search)
+    codec.save(sd, tmp_path / "m.jwt", bits_per_weight=smallest + 0.002, search="exhaustive")
+    assert 8 * (tmp_path / "m.jwt").stat().st_size / 5 / 256**2 <= smallest + 0.002

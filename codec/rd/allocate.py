@@ -838,6 +838,11 @@ def plan_options(
     forced: dict[str, EncodeOptions] = {}
     probes: dict[str, dict[str, np.ndarray]] = {}
     fixed_bytes, weights_total = overhead_bytes() if callable(overhead_bytes) else overhead_bytes, 0
+    overhead = fixed_bytes
+
+    def refuse() -> None:
+        refuse_budget(bits_per_weight, tensors, base, fixed, overhead, menu)  # type: ignore[arg-type]
+
     images: dict[str, tuple[int, int] | None] = {}
     with make_executor(jobs) as executor:
         for name, array, dtype, rows in with_row_images(tensors(), base):
@@ -875,13 +880,13 @@ def plan_options(
                 if best_probe is not None:
                     probes[name] = {best_probe[1]: best_probe[2]}
             if bits_per_weight is not None and total_weights:
-                _check_feasible(bits_per_weight, total_weights, fixed_bytes, points)
+                _check_feasible(bits_per_weight, total_weights, fixed_bytes, points, refuse)
     if max_error is not None:
         chosen = allocate_max_error(points, max_error)
     else:
         weights = sensitivities(points, probes, score) if score is not None else {}
         budget = int(bits_per_weight * weights_total / 8) - fixed_bytes  # type: ignore[operator]
-        _check_feasible(bits_per_weight, weights_total, fixed_bytes, points)  # type: ignore[arg-type]
+        _check_feasible(bits_per_weight, weights_total, fixed_bytes, points, refuse)  # type: ignore[arg-type]
         safe = {n: [p for p in pts if p.damage <= DAMAGE] for n, pts in points.items()}
         safe_bytes = sum(min(p.nbytes for p in pts) for pts in safe.values())
         need = math.ceil(8000 * (fixed_bytes + safe_bytes) / weights_total) / 1000  # bits/weight avoiding damage
@@ -935,13 +940,53 @@ def search_units(tensors: Iterable[tuple[str, tuple[int, ...], DType]], base: En
     return total
 
 
-def _check_feasible(bits_per_weight: float, total_weights: int, fixed_bytes: int,
-                    points: dict[str, list[RDPoint]]) -> None:
-    """EncodeError if the fixed bytes and the smallest points measured so far exceed the budget."""
+def _check_feasible(bits_per_weight: float, total_weights: int, fixed_bytes: int, points: dict[str, list[RDPoint]],
+                    refuse: Callable[[], None]) -> None:
+    """``refuse()`` if the fixed bytes and the smallest points measured so far exceed the budget."""
     smallest = fixed_bytes + sum(min(p.nbytes for p in pts) for pts in points.values())
     if smallest > int(bits_per_weight * total_weights / 8):
-        raise EncodeError(f"{bits_per_weight} bits/weight is below the smallest encoding "
-                          f"(at least {8 * smallest / max(total_weights, 1):.3f} bits/weight)")
+        refuse()
+
+
+def floor_settings(items: Sequence[tuple[str, EncodeOptions]]) -> list[tuple[str, EncodeOptions]]:
+    """Each family's cheapest setting among a menu's ``items``: the lowest JPEG quality or quant bits of each codec,
+    tiling and table (and update mode). A tensor's smallest encoding is one of them."""
+    floor: dict[tuple, tuple[str, EncodeOptions]] = {}
+    for label, o in items:
+        key = (type(o), getattr(o, "mode", None), o.codec, o.tile, o.row_shape, o.table)
+        level = o.quality if o.codec == "jpeg" and o.quality is not None else o.bits
+        if key not in floor or level < floor[key][0]:
+            floor[key] = (level, (label, o))
+    return [item for _, item in floor.values()]
+
+
+def refuse_budget(bits_per_weight: float, tensors: TensorSource, base: EncodeOptions,
+                  fixed: Callable[[str], EncodeOptions | None], overhead: int, menu: Menu | None = None) -> None:
+    """Raise the EncodeError of a budget below the smallest encoding, with the whole model's smallest: every tensor
+    at the cheapest of its menu's :func:`floor_settings` (a forced one as forced), plus ``overhead`` bytes and the
+    room of the warnings that tensors so coded would be destroyed. Return if that smallest fits after all (a search
+    that refuses on predictions).
+
+    The searches call it as soon as a partial sum shows the budget cannot be met, which stops a hopeless search
+    early; the figure it names is then still the one a user can ask for, not the part measured so far (a small
+    convolutional network was told "about 0.70" at -b 0.6, then "about 1.21" at -b 1.0, and so on)."""
+    menu = menu or Menu()
+    weights, cheapest = 0, {}
+    for name, array, dtype, rows in with_row_images(tensors(None), base):
+        weights += array.size
+        opts = fixed(name)
+        items = [("fixed", opts)] if opts is not None else floor_settings(
+            menu.candidates(name, array, dtype, base, rows))
+        cheapest[name] = min((menu.measure(name, array, dtype, label, o, rows, keep_decoded=False)[0]
+                              for label, o in items), key=lambda p: p.nbytes)
+    least = overhead + sum(p.nbytes for p in cheapest.values())
+    notes = _damage_notes({n: p for n, p in cheapest.items() if fixed(n) is None}, 99.999)
+    if notes:  # the room a damaged file's warnings take (plan_options), with the longest "need" the search writes
+        least += NOTE_BYTES_RESERVE + len(json.dumps("; ".join(notes)))
+    if least <= int(bits_per_weight * weights / 8):
+        return
+    raise EncodeError(f"{bits_per_weight} bits/weight is below the smallest encoding "
+                      f"({math.ceil(8000 * least / max(weights, 1)) / 1000:.3f} bits/weight)")
 
 
 def _refine(tensors: TensorSource, chosen: dict[str, RDPoint], hulls: dict[str, list[RDPoint]],

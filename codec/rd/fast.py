@@ -771,7 +771,9 @@ def plan_fast(
     held: dict[str, tuple[Predicted, Encoded]] = {}  # the coded tensor of a chosen point, for the final pass
     # A function giving the fixed bytes (the attachments being compressed meanwhile) is called after the first pass.
     later = overhead_bytes if callable(overhead_bytes) else None
-    fixed_bytes, weights_total = 0 if later is not None else overhead_bytes, 0
+    overhead: int | None = None if later is not None else overhead_bytes  # known once ``later`` is called
+    checked = False  # the whole model's smallest encoding was found to fit: predictions alone said otherwise
+    fixed_bytes, weights_total = overhead or 0, 0
     budget_bytes = int(bits_per_weight * total_weights / 8) if total_weights else None
     count = {"predicted": 0, "interpolated": 0, "exact": 0, "exact_weights": 0, "rounds": 0}
     with make_executor(jobs) as threads, make_process_executor(jobs) as procs:
@@ -815,12 +817,16 @@ def plan_fast(
                     yield name, _predict_task, name, shapes[name][0], dtype, sample, dense, rows, menu
 
         def impossible(budget_bytes: int | None) -> None:
-            """Refuse a budget that is clearly impossible (predictions: 10 % margin) as soon as it shows."""
-            if budget_bytes is not None:
+            """Refuse a budget that is clearly impossible (predictions: 10 % margin) as soon as it shows, naming the
+            whole model's smallest encoding (:func:`codec.rd.allocate.refuse_budget`)."""
+            nonlocal overhead, checked
+            if budget_bytes is not None and not checked:
                 smallest = fixed_bytes + sum(min(p.nbytes for p in pts) for pts in points.values())
                 if smallest > 1.1 * budget_bytes:
-                    raise EncodeError(f"{bits_per_weight} bits/weight is below the smallest encoding "
-                                      f"(about {8 * smallest / max(total_weights, 1):.3f} bits/weight)")
+                    if overhead is None:
+                        overhead = later()  # type: ignore[misc]
+                    allocate.refuse_budget(bits_per_weight, tensors, base, fixed, overhead)
+                    checked = True
 
         for name, result in _bounded_map(procs, _named, first_pass(), window):
             points[name] = result if name in samples else [measured for _, measured, _ in result]
@@ -829,7 +835,9 @@ def plan_fast(
                     progress(name, math.prod(shapes[name][0]))
             impossible(budget_bytes)
         if later is not None:
-            fixed_bytes += later()
+            if overhead is None:
+                overhead = later()
+            fixed_bytes += overhead
             impossible(budget_bytes)
         budget = int(bits_per_weight * weights_total / 8) - fixed_bytes
 
@@ -910,8 +918,9 @@ def plan_fast(
                     hulls = {n: lower_hull(p) for n, p in view.items()}
                     chosen = {}
                     todo = {n: [h[0]] for n, h in hulls.items() if not h[0].exact}
-                    if not todo:
-                        least = fixed_bytes + sum(h[0].nbytes for h in hulls.values())
+                    if not todo:  # every cheapest point measured, and over the budget
+                        allocate.refuse_budget(bits_per_weight, tensors, base, fixed, overhead or 0)
+                        least = fixed_bytes + sum(h[0].nbytes for h in hulls.values())  # points it may not take
                         raise EncodeError(f"{bits_per_weight} bits/weight is below the smallest encoding (at least "
                                           f"{8 * least / max(weights_total, 1):.3f} bits/weight)") from None
                 for n in [n for n, (p, _) in held.items() if chosen.get(n) is not p]:
