@@ -20,6 +20,7 @@ import dataclasses
 import math
 import os
 import sys
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,12 +28,13 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .dtypes import get_dtype, to_float64
+from .dtypes import DType, get_dtype, to_float64
 from .errors import EncodeError
+from .format import INDEX_ZSTD_SAVING, BlobRef, Index, TensorEntry, pack_index
 from .limits import DEFAULT_LIMITS, Limits
 from .parallel import AHEAD_BYTES, INLINE, Pending, bound_heap, make_executor, release_memory, resolve_jobs
 from .tensorcodec import (ZERO_ERROR, Encoded, EncodeOptions, Overrides, given_options, ignored_options,
-                          option_conflicts, start_encode)
+                          lossless_codec, option_conflicts, start_encode)
 from .writer import Writer, encode_attachment
 
 __all__ = ["Arrays", "save", "progress_total", "as_base", "encoder_versions", "size_problem", "is_module",
@@ -367,6 +369,7 @@ def save(
         matcher = Matcher(update_base)
         base_id = BaseId(update_base.digest(), len(update_base))
     repaired = False
+    index: dict = {}  # "compress": the budget counted on a compressed index (_plan)
     if bits_per_weight is not None or max_error is not None:
         from .rd.allocate import WARNINGS_KEY, Distortion, merge_weightings, norm_weightings
 
@@ -387,7 +390,7 @@ def save(
         # the search starts while they are compressed.
         chosen = _plan(arrays, aliases, opts, rules, meta, encoder, bits_per_weight, max_error, calibrate,
                        progress, packing, jobs, matcher, measure_by=Distortion(weightings), notes=damaged,
-                       search=search, coded=coded)
+                       search=search, coded=coded, index=index)
         if damaged:
             meta[WARNINGS_KEY] = "; ".join(damaged)
             notes += damaged
@@ -409,7 +412,8 @@ def save(
         small = sum(map(_nbytes, (attachments or {}).values())) <= PACK_AHEAD_BYTES
         packing = _pack(attachments, jobs) if small else {}  # compressed while the tensors are coded
     stored: list[tuple[str, tuple[int, ...], Any]] = []
-    with Writer(path, metadata=meta, encoder=encoder, base=None if matcher is None else base_id) as writer:
+    with Writer(path, metadata=meta, encoder=encoder, base=None if matcher is None else base_id,
+                compress_index=index.get("compress")) as writer:
         if ray is not None:
             from .distributed.ray import encode_in_order
 
@@ -443,6 +447,22 @@ def save(
             notes.append(f"repair: the file is {got:.3f} bits/weight, over the {bits_per_weight} asked for "
                          f"(the repaired values code larger than planned)")
     return ignored_options(stored, opts, rules) + notes
+
+
+def _index_saving(skeleton: Index, tensors: list[tuple[str, DType, tuple[int, ...]]]) -> int:
+    """Bytes that compressing the index (:func:`codec.format.pack_index`) will at least save: 80 % of what it saves
+    on ``skeleton`` with a lean entry per tensor (its name, dtype and shape, a lossless codec, one blob of
+    incompressible offset, length and CRC). Real entries hold the same structure and more (tilings, more blobs),
+    so their index compresses by more; the margin covers the rest."""
+    entries, offset = list(skeleton.entries), 0
+    for name, dtype, shape in tensors:
+        length = 1 + zlib.crc32(name.encode()) % 99_991
+        entries.append(TensorEntry(name, dtype, shape, codec=lossless_codec(dtype, 9),
+                                   blobs=[BlobRef(offset, length, zlib.crc32(name.encode(), 7))]))
+        offset += length
+    lean = Index(entries, skeleton.metadata, skeleton.encoder, attachments=skeleton.attachments, base=skeleton.base)
+    raw = lean.to_bytes()
+    return int(0.8 * (len(raw) - len(pack_index(lean, True)[0])))
 
 
 def _nbytes(data: bytes | str | os.PathLike[str]) -> int:
@@ -599,13 +619,15 @@ class _Forced:
 
 
 def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress,
-          attachments, jobs, matcher=None, measure_by=None, notes=None, search="fast", coded=None):
+          attachments, jobs, matcher=None, measure_by=None, notes=None, search="fast", coded=None, index=None):
     """Run the rate-distortion allocator over the stored tensors; options per name.
 
     The budget's fixed part counts the header, the index without tensor
     entries (metadata, aliases, attachment entries) and the attachments' blobs
     (``attachments``: name to :func:`codec.writer.encode_attachment`'s result, or a future of it: the search
-    asks for the fixed part only when it needs it, :func:`codec.rd.fast.plan_fast` after its first pass).
+    asks for the fixed part only when it needs it, :func:`codec.rd.fast.plan_fast` after its first pass),
+    less what compressing the index will save where that is worth it (:func:`_index_saving`; ``index``, a
+    dict, then gets ``compress=True`` for the writer). The search counts each tensor's index entry as JSON.
     The fast search puts tensors it coded with their chosen options in ``coded``.
     """
     from .format import HEADER_SIZE, Attachment, BlobRef, Index, TensorEntry
@@ -636,8 +658,15 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
                                        [BlobRef(10**12, len(blob), 0xFFFFFFFF)]))  # wide offset
             attached_bytes += len(blob)
         skeleton = Index([TensorEntry(n, get_dtype(arrays.dtype_name(n)), tuple(arrays.shape(n)), alias=a)
-                          for n, a in aliases.items()], meta, encoder, attachments=attached, base=base_id).to_bytes()
-        return HEADER_SIZE + len(skeleton) + attached_bytes
+                          for n, a in aliases.items()], meta, encoder, attachments=attached, base=base_id)
+        fixed = HEADER_SIZE + len(skeleton.to_bytes()) + attached_bytes
+        saving = _index_saving(skeleton, [(n, get_dtype(arrays.dtype_name(n)), tuple(arrays.shape(n)))
+                                          for n in stored])
+        if index is not None and bits_per_weight is not None and saving >= INDEX_ZSTD_SAVING * bits_per_weight * sum(
+                math.prod(arrays.shape(n)) for n in stored) / 8:
+            index["compress"] = True  # the budget counts on it: the writer must compress
+            return fixed - saving
+        return fixed
 
     score = None
     if calibrate is not None:

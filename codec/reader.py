@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from .errors import BaseError, ChecksumError, FormatError, JwtError
-from .format import HEADER_SIZE, Attachment, Index, TensorEntry, check_index_crc, crc32, parse_index, unpack_header
+from .format import (HEADER_SIZE, Attachment, Index, TensorEntry, check_index_crc, crc32, parse_index, unpack_header,
+                     unpack_index)
 from .limits import DEFAULT_LIMITS, Limits
 from .parallel import AHEAD_BYTES, INLINE, Pending, make_executor, resolve_jobs
 from .sources import open_source
@@ -75,7 +76,7 @@ class Reader:
                 minor, flags, index_length = unpack_header(header, limits)
                 index_bytes = self._read_exact(index_length, "index")
                 check_index_crc(header, index_bytes)
-                self.index: Index = parse_index(index_bytes, minor, limits, flags)
+                self.index: Index = parse_index(unpack_index(index_bytes, flags, limits), minor, limits, flags)
                 self.data_start = HEADER_SIZE + index_length
                 self.size = self.data_start + self.index.data_length
                 if self.seekable:

@@ -21,7 +21,7 @@ from .blobcodecs import Zstd
 from .dtypes import DType
 from .errors import EncodeError
 from .format import (Attachment, BaseId, BaseRef, BlobRef, Index, TensorEntry, attachment_name_error, crc32,
-                     pack_header)
+                     pack_header, pack_index)
 from .limits import DEFAULT_LIMITS
 from .tensorcodec import Encoded
 
@@ -160,10 +160,14 @@ class Writer:
     (format 1.1, spec section 12): entries may then be coded from base
     tensors (``add(..., base=)``, :meth:`add_unchanged`); without it the
     file is a 1.0 file, byte for byte as before updates existed.
+    ``compress_index``: store the index zstd-compressed (format 1.3) or not;
+    None (the default) compresses it where that saves at least 1 % of the
+    file (:func:`codec.format.pack_index`).
     """
 
     def __init__(self, dest: str | os.PathLike[str] | BinaryIO, metadata: dict[str, str] | None = None,
-                 encoder: dict[str, str] | None = None, base: BaseId | None = None):
+                 encoder: dict[str, str] | None = None, base: BaseId | None = None,
+                 compress_index: bool | None = None):
         for what, strings in (("metadata", metadata), ("encoder", encoder)):
             for key, value in (strings or {}).items():
                 for part, text in (("key", key), ("value", value)):
@@ -171,6 +175,7 @@ class Writer:
                     if problem:
                         raise EncodeError(f"{what} {part} {text!r:.60}: {problem}")
         self.dest = dest
+        self.compress_index = compress_index
         self.index = Index([], dict(metadata or {}), dict(encoder or {}), base=base)
         self._entries: dict[str, TensorEntry] = {}
         self._spool = self._new_spool()
@@ -275,22 +280,21 @@ class Writer:
         self.closed = True
         for att in self.index.attachments:  # rebase: attachment blobs follow the tensor blobs
             att.blobs = [BlobRef(self._offset + b.offset, b.length, b.crc32) for b in att.blobs]
-        index_bytes = self.index.to_bytes()
+        index_bytes, minor, flags = pack_index(self.index, self.compress_index)
         try:
             self._spool.seek(0)
             if isinstance(self.dest, (str, os.PathLike)):
                 with atomic_output(self.dest) as out:
-                    self._emit(out, index_bytes)
+                    self._emit(out, pack_header(index_bytes, minor, flags) + index_bytes)
             else:
-                self._emit(self.dest, index_bytes)
+                self._emit(self.dest, pack_header(index_bytes, minor, flags) + index_bytes)
         finally:
             self._spool.close()
             if self._attach_spool is not None:
                 self._attach_spool.close()
 
-    def _emit(self, out: BinaryIO, index_bytes: bytes) -> None:
-        out.write(pack_header(index_bytes, self.index.file_minor, self.index.flags))
-        out.write(index_bytes)
+    def _emit(self, out: BinaryIO, head: bytes) -> None:
+        out.write(head)
         _copy_file(self._spool, out)
         if self._attach_spool is not None:
             self._attach_spool.seek(0)

@@ -176,16 +176,17 @@ def test_calibrated_allocation_moves_bits_to_the_layers_that_matter():
     model, calib_x, test_x = _two_branch()
     ref = model(test_x).detach()
     results = {}
+    bits = 2.8  # where one layer must go coarse (3.0 before the index was compressed, spec 8.6)
     for mode in ("data-free", "calibrated"):
         buf = io.BytesIO()
         if mode == "data-free":
-            codec.save(model.state_dict(), buf, bits_per_weight=3.0, search="exhaustive")  # like for like
+            codec.save(model.state_dict(), buf, bits_per_weight=bits, search="exhaustive")  # like for like
         else:
-            codec.save(model, buf, bits_per_weight=3.0, calibration=calib_x, repair=False)
+            codec.save(model, buf, bits_per_weight=bits, calibration=calib_x, repair=False)
         back = TwoBranch()
         back.load_state_dict(codec.load(buf.getvalue()))
         results[mode] = (_rel(back(test_x).detach(), ref), len(buf.getvalue()))
-    assert results["calibrated"][1] <= 3.0 * sum(p.numel() for p in model.parameters()) / 8
+    assert results["calibrated"][1] <= bits * sum(p.numel() for p in model.parameters()) / 8
     assert results["calibrated"][0] < 0.85 * results["data-free"][0], results
 
 
@@ -322,7 +323,7 @@ def test_a_budget_that_destroys_a_tensor_says_so_and_names_the_budget_that_does_
     net, x = _bn_net()
     n = sum(t.numel() for t in net.state_dict().values())
     path = tmp_path / "low.jwt"
-    low = 3.53  # just above the smallest encoding with room for the warning (3.66 before zstd_planes)
+    low = 2.98  # the smallest encoding with room for the warning (3.53 before the index was compressed)
     notes = codec.save(net.state_dict(), path, bits_per_weight=low)
     notes = [n for n in notes if "no better than storing zeros" not in n]  # the coder's own warning, tested elsewhere
     assert len(notes) == 1 and notes[0].startswith("tensor 'features.3.weight': relative error")

@@ -30,13 +30,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zstandard
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import codec
 from codec.dtypes import get_dtype
-from codec.format import HEADER_SIZE
+from codec.format import HEADER_SIZE, pack_header
 from codec.tensorcodec import EncodeOptions, encode_tensor
 from codec.writer import Writer
 from jwt_cli.main import cli
@@ -106,7 +107,7 @@ def base() -> Base:
     jxl = EncodeOptions(codec="jpegxl", quality=70)
     quant = EncodeOptions(codec="quant", bits=6, tile=(32, 64))
     buf = io.BytesIO()
-    with Writer(buf, metadata={"source": "hostile base"}) as w:
+    with Writer(buf, metadata={"source": "hostile base"}, compress_index=False) as w:  # edits parse its JSON
         for name, content in ATTACHMENTS.items():
             w.add_attachment(name, content)
         for name, dtype, array, opts in [
@@ -251,6 +252,31 @@ def test_byte_flips_are_detected(data):
     flips = data.draw(st.lists(st.tuples(st.integers(0, len(b.data) - 1), st.integers(1, 255)),
                                min_size=1, max_size=8, unique_by=lambda f: f[0]), label="flips")
     mutant = bytearray(b.data)
+    for pos, xor in flips:
+        mutant[pos] ^= xor
+    assert_refused(bytes(mutant), "FormatError" if min(p for p, _ in flips) < 8 else "ChecksumError")
+
+
+@lru_cache(maxsize=1)
+def compressed() -> bytes:
+    """:func:`base` with its index stored as a zstd frame (flag index_zstd, format 1.3)."""
+    b = base()
+    index = b.data[HEADER_SIZE : b.index_end]
+    packed = zstandard.ZstdCompressor(level=19, write_content_size=True).compress(index)
+    return pack_header(packed, 3, 2) + packed + b.data[b.index_end :]
+
+
+@examples(60)
+@given(st.data())
+def test_compressed_index_truncated_or_flipped_is_refused(data):
+    """A file whose index is a zstd frame: cut anywhere, FormatError; 1-4 bytes flipped from its header on,
+    ChecksumError (FormatError when the magic is hit): the CRC of the stored index is checked before any byte
+    of it reaches zstd."""
+    good = compressed()
+    assert_refused(good[: data.draw(st.integers(0, len(good) - 1), label="cut")], "FormatError")
+    flips = data.draw(st.lists(st.tuples(st.integers(0, len(good) - 1), st.integers(1, 255)),
+                               min_size=1, max_size=4, unique_by=lambda f: f[0]), label="flips")
+    mutant = bytearray(good)
     for pos, xor in flips:
         mutant[pos] ^= xor
     assert_refused(bytes(mutant), "FormatError" if min(p for p, _ in flips) < 8 else "ChecksumError")

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 import codec
 from codec import io_formats
 from codec.errors import ChecksumError, EncodeError, FormatError
-from codec.format import HEADER_SIZE, pack_header
+from codec.format import HEADER_SIZE, pack_header, unpack_index
+from codec.limits import DEFAULT_LIMITS
 from codec.writer import Writer
 from jwt_cli.main import cli
 
@@ -54,10 +55,11 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def rewrite_index(path: Path, edit) -> None:
-    """Apply edit(doc) to the index of a .jwt file and rewrite header and index (data unchanged)."""
+    """Apply edit(doc) to the index of a .jwt file and rewrite header and index (data unchanged), the index as
+    plain JSON."""
     raw = path.read_bytes()
-    n = struct.unpack_from("<Q", raw, 16)[0]
-    doc = json.loads(raw[HEADER_SIZE:HEADER_SIZE + n])
+    flags, n = struct.unpack_from("<IQ", raw, 12)
+    doc = json.loads(unpack_index(raw[HEADER_SIZE:HEADER_SIZE + n], flags, DEFAULT_LIMITS))
     edit(doc)
     index = json.dumps(doc, separators=(",", ":")).encode()
     path.write_bytes(pack_header(index) + index + raw[HEADER_SIZE + n:])

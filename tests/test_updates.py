@@ -86,14 +86,18 @@ def test_update_round_trip_every_kind_of_tensor(tmp_path):
 
 def test_update_without_base_is_not_a_1_0_file_and_1_0_files_stay_1_0(tmp_path):
     """An update has the flag 'update' (minor 1 or more); without a base, no flag: minor 2 for the 1.2 codec
-    zstd_planes (lossless float32 biases), and a file without either is a 1.0 file, as before."""
+    zstd_planes (lossless float32 biases), and a file without either is a 1.0 file, as before; any of them is a
+    1.3 file with the flag 'index_zstd' where its index is stored compressed (spec 8.6)."""
     old, new = _models()
     codec.save(new, tmp_path / "u.jwt", base=old)
     codec.save(new, tmp_path / "m.jwt")
     codec.save({"steps": torch.arange(10)}, tmp_path / "i.jwt")
-    assert (tmp_path / "u.jwt").read_bytes()[8:16] == bytes([1, 0, 2, 0, 1, 0, 0, 0])
-    assert (tmp_path / "m.jwt").read_bytes()[8:16] == bytes([1, 0, 2, 0, 0, 0, 0, 0])
-    assert (tmp_path / "i.jwt").read_bytes()[8:16] == bytes([1, 0, 0, 0, 0, 0, 0, 0])
+    for name, minor, flags in (("u", 2, 1), ("m", 2, 0), ("i", 0, 0)):
+        head = (tmp_path / f"{name}.jwt").read_bytes()[:40]
+        if head[12] & 2:  # the index stored compressed (flag index_zstd, 1.3): a zstd frame follows the header
+            minor, flags = 3, flags | 2
+            assert head[32:36] == b"\x28\xb5\x2f\xfd"
+        assert head[8:16] == bytes([1, 0, minor, 0, flags, 0, 0, 0]), name
 
 
 def test_missing_or_wrong_base_is_refused_before_decoding(tmp_path):
@@ -184,7 +188,9 @@ def test_cli_encode_info_decode_with_base(tmp_path):
     r = run("info", tmp_path / "u.jwt")
     assert r.exit_code == 0 and f"sha256:{digest}" in r.output and "unchanged" in r.output, r.output
     doc = json.loads(run("info", tmp_path / "u.jwt", "--json").output)
-    assert doc["update"] == {"base_sha256": digest, "base_tensors": 8} and doc["format_version"] == "1.2"
+    compressed = (tmp_path / "u.jwt").read_bytes()[12] & 2  # the index stored as a zstd frame (1.3)
+    assert doc["update"] == {"base_sha256": digest, "base_tensors": 8}
+    assert doc["format_version"] == ("1.3" if compressed else "1.2")
     assert {t["name"]: t.get("base") for t in doc["tensors"]}["renamed"] == "gone"
     out = tmp_path / "new_decoded.pt"
     for base in ([], ["--base", tmp_path / "old.pt"]):  # missing; the original .pt is not the decoded base

@@ -19,6 +19,8 @@ import pytest
 import codec
 from codec import errors, tiling
 from codec.dtypes import get_dtype, to_float64
+from codec.tensorcodec import EncodeOptions, encode_tensor
+from codec.writer import Writer
 from conftest import Stream
 
 VECTORS = Path(__file__).resolve().parent.parent / "fixtures" / "vectors"
@@ -280,9 +282,53 @@ def test_update_read_by_a_1_0_reader_is_a_version_error(case, monkeypatch):
 def test_every_1_0_vector_is_still_written_as_1_0():
     """Files without a base or a 1.1 codec parameter are 1.0 files: minor version 0 and no flags in the header;
     those with zstd's exponent_first (spec 5.1.1) are 1.1 files and those with zstd_planes (5.1.2) 1.2 files,
-    without flags."""
+    without flags; the one with a compressed index is a 1.3 file with the flag index_zstd (bit 1) alone."""
     for v in MANIFEST["valid"] + MANIFEST["updates"]["bases"]:
         data = (VECTORS / v["file"]).read_bytes()
         if "future_minor" not in v["file"]:
             minor = 2 if "zstd_planes" in v["file"] else 1 if "exponent_first" in v["file"] else 0
-            assert data[8:16] == bytes([1, 0, minor, 0, 0, 0, 0, 0]), v["file"]
+            minor, flags = (3, 2) if "index_zstd" in v["file"] else (minor, 0)
+            assert data[8:16] == bytes([1, 0, minor, 0, flags, 0, 0, 0]), v["file"]
+
+
+def test_compressed_index_read_by_a_1_2_reader_is_a_version_error(monkeypatch):
+    """A 1.2 reader refuses a file whose index is a zstd frame on its header, naming the flag: it could not
+    parse the index, and must not try."""
+    import codec.format
+
+    monkeypatch.setattr(codec.format, "MINOR", 2)
+    with pytest.raises(codec.VersionError, match="index_zstd.*1.3"):
+        codec.Reader(VECTORS / "valid/index_zstd.jwt")
+
+
+def _written(tmp_path, tensors: dict, **kwargs):
+    path = tmp_path / "w.jwt"
+    with Writer(path, metadata={"source": "test"}, **kwargs) as w:
+        for name, array in tensors.items():
+            w.add(name, get_dtype("float32"), array.shape,
+                  encode_tensor(array, get_dtype("float32"), EncodeOptions(codec="lossless")))
+    return path, path.read_bytes()
+
+
+def _read(path) -> dict[str, np.ndarray]:
+    with codec.Reader(path) as reader:
+        return {name: reader.read(name) for name in reader.keys()}
+
+
+def test_writer_compresses_the_index_where_it_saves_a_percent_of_the_file(tmp_path):
+    """Many small tensors: the index is most of the file and is stored as a zstd frame (format 1.3, flag
+    index_zstd), read back to the same tensors; one large tensor: the index stays JSON (1.2), readable by a 1.2
+    reader; compress_index=False / True force either."""
+    rng = np.random.default_rng(0)
+    small = {f"layer{i}.norm.weight": rng.standard_normal(8).astype(np.float32) for i in range(40)}
+    big = {"w": rng.standard_normal((256, 256)).astype(np.float32)}
+    path, data = _written(tmp_path, small)
+    assert data[10:16] == bytes([3, 0, 2, 0, 0, 0])  # minor 3, flags index_zstd
+    n = int.from_bytes(data[16:24], "little")
+    plain = _written(tmp_path, small, compress_index=False)[1]
+    assert int.from_bytes(plain[16:24], "little") > 3 * n and plain[10:16] == bytes([2, 0, 0, 0, 0, 0])
+    loaded = _read(path)
+    assert set(loaded) == set(small) and all(np.array_equal(loaded[k], v) for k, v in small.items())
+    assert _written(tmp_path, big)[1][10:16] == bytes([2, 0, 0, 0, 0, 0])
+    path, data = _written(tmp_path, big, compress_index=True)
+    assert data[10:16] == bytes([3, 0, 2, 0, 0, 0]) and np.array_equal(_read(path)["w"], big["w"])
