@@ -405,10 +405,11 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     if higher:
         notes.append(f"repair: {len(higher)} JPEG tensors coded at a higher quality with the coefficients that matter "
                      f"least to the output pruned, within their planned size ("
-                     + ", ".join(f"{n} q{options[n].quality} -> q{changed[n].quality}" for n in higher) + ")")
+                     + ", ".join(f"{n} {ladder.text(options[n])} -> {ladder.text(changed[n])}" for n in higher) + ")")
     if cheaper:
-        notes.append(f"repair: {len(cheaper)} tensors coded with cheaper options to stay within their planned size "
-                     f"({', '.join(cheaper)})")
+        notes.append(f"repair: {len(cheaper)} tensors coded with cheaper options to stay within their planned size ("
+                     + ", ".join(f"{n} {ladder.text(options[n])} -> {ladder.text(changed[n])}"
+                                 if changed[n].codec == "jpeg" else n for n in cheaper) + ")")
     return targets, notes, changed
 
 
