@@ -18,6 +18,7 @@ import numpy as np
 
 from . import mapping, tiling
 from .blobcodecs import BlobCodec, Jpeg, JpegXL, Quant, Zstd, ZstdPlanes
+from .blobcodecs.jpeg import quality_scale, scaled_table
 from .blobcodecs.zstd import planes_rotation
 from .dtypes import DType, from_float64
 from .errors import EncodeError, FormatError
@@ -72,6 +73,11 @@ class EncodeOptions:
     #: JPEG quantization table: "auto" = "jpeg" for rows mode (image-like
     #: receptive fields), "flat" for grid tiles.
     table: str = "auto"
+    #: JPEG: the table's scale in percent of its base (libjpeg's, spec 8.2), for a step between two qualities
+    #: where one quality step changes a tensor's bytes 1.5-2.3x (qualities 4-10: scales 1250, 1000, 833, ...);
+    #: the table is then stored as its 64 entries and ``quality`` is the next coarser one's (the largest with a
+    #: larger scale). None: ``quality``'s own scale. Set by the rate search and repair (:mod:`codec.rd.ladder`).
+    scale: int | None = None
     #: JPEG XL distance; None derives it from ``quality`` (libjxl's map), or, without a quality, is
     #: :data:`JXL_DEFAULT_DISTANCE`.
     distance: float | None = None
@@ -99,6 +105,11 @@ class EncodeOptions:
             raise EncodeError(f"params {self.params!r} is not one of {', '.join(mapping.PARAM_TYPES)}")
         if self.table not in TABLE_CHOICES:
             raise EncodeError(f"table {self.table!r} is not one of {', '.join(TABLE_CHOICES)}")
+        if self.scale is not None:
+            if not 1 <= self.scale <= quality_scale(1):
+                raise EncodeError(f"JPEG table scale {self.scale} is not in 1..{quality_scale(1)}")
+            if self.scale == quality_scale(DEFAULT_QUALITY if self.quality is None else self.quality):
+                object.__setattr__(self, "scale", None)  # the quality's own table: stored by its name
         for what, shape in (("tile", self.tile), ("row shape", self.row_shape)):
             if shape is not None and not (len(shape) == 2 and all(1 <= int(v) <= 4096 for v in shape)):
                 raise EncodeError(f"{what} {shape!r} must be two sizes in 1..4096")
@@ -116,7 +127,8 @@ class EncodeOptions:
                 JXL_DEFAULT_DISTANCE if self.quality is None else jxl_distance(self.quality))
             return JpegXL(distance=float(distance), effort=self.effort)
         table = self.table if self.table != "auto" else ("jpeg" if mode == "rows" else "flat")
-        return Jpeg(quality=DEFAULT_QUALITY if self.quality is None else self.quality, table=table)
+        quality = DEFAULT_QUALITY if self.quality is None else self.quality
+        return Jpeg(quality=quality, table=table if self.scale is None else scaled_table(table, self.scale))
 
 
 @dataclass
@@ -203,11 +215,11 @@ def not_applied(shape: tuple[int, ...], dtype: DType, opts: EncodeOptions) -> st
 
 #: Default value of each EncodeOptions field that only some codecs use, and the codecs that use it.
 _CODEC_FIELDS = {"bits": (8, ("quant",)), "quality": (None, ("jpeg", "jpegxl")), "distance": (None, ("jpegxl",)),
-                 "table": ("auto", ("jpeg",)), "effort": (3, ("jpegxl",)),
+                 "table": ("auto", ("jpeg",)), "scale": (None, ("jpeg",)), "effort": (3, ("jpegxl",)),
                  "row_shape": (None, ("jpeg", "jpegxl", "quant")), "tile": ((64, 64), ("jpeg", "jpegxl", "quant"))}
 #: Fields the rate search chooses per tensor itself, or does not use (its menu has no JPEG XL): a value
 #: given for them would be ignored.
-SEARCH_CHOOSES = ("codec", "bits", "quality", "distance", "table", "tile", "effort")
+SEARCH_CHOOSES = ("codec", "bits", "quality", "distance", "table", "scale", "tile", "effort")
 
 
 def option_conflicts(given: Mapping[str, object], *, searching: bool = False,

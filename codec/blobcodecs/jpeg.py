@@ -37,7 +37,7 @@ from PIL import Image
 from ..errors import FormatError
 from .abc import BlobCodec, check_params, decode_image
 
-__all__ = ["Jpeg", "quant_table", "ANNEX_K_LUMINANCE"]
+__all__ = ["Jpeg", "quant_table", "quality_scale", "scaled_table", "ANNEX_K_LUMINANCE"]
 
 #: T.81 Annex K, Table K.1, natural order.
 ANNEX_K_LUMINANCE = (
@@ -64,13 +64,24 @@ def _base_table(kind: str) -> tuple[int, ...]:
     return tuple(max(1, round(16 * (1 + a * math.hypot(u, v)) / (1 + a))) for u in range(8) for v in range(8))
 
 
+def quality_scale(quality: int) -> int:
+    """libjpeg's scale of the base table at ``quality``, in percent (spec 8.2): ``5000 // q`` below 50, else
+    ``200 - 2q``."""
+    return 5000 // quality if quality < 50 else 200 - 2 * quality
+
+
+def scaled_table(kind: str, scale: int) -> list[int]:
+    """The 64 entries (natural order) of the named table ``kind`` scaled by ``scale`` percent as libjpeg scales
+    it: ``clip(floor((b * scale + 50) / 100), 1, 255)``. ``scaled_table(kind, quality_scale(q))`` is quality
+    ``q``'s table; a scale between two qualities' gives a table between theirs (written as a list: spec 8.2)."""
+    return [min(255, max(1, (b * scale + 50) // 100)) for b in _base_table(kind)]
+
+
 def quant_table(quality: int, table: str | list[int]) -> list[int]:
     """Return the 64-entry quantization table (natural order) for the parameters."""
     if not isinstance(table, str):
         return list(table)
-    base = _base_table(table)
-    s = 5000 // quality if quality < 50 else 200 - 2 * quality
-    return [min(255, max(1, (b * s + 50) // 100)) for b in base]
+    return scaled_table(table, quality_scale(quality))
 
 
 class Jpeg(BlobCodec):

@@ -71,6 +71,7 @@ from ..errors import EncodeError
 from ..format import TensorEntry
 from ..parallel import INLINE, make_executor
 from ..blobcodecs.zstd import release_scratch
+from . import ladder
 from ..tensorcodec import (Encoded, EncodeOptions, decode_encoded, decoded_bands, encode_tensor,
                            lossless_reason)
 
@@ -993,7 +994,8 @@ def _refine(tensors: TensorSource, chosen: dict[str, RDPoint], hulls: dict[str, 
             weights: dict[str, float], budget: int, images: dict[str, tuple[int, int] | None],
             measure_by: Distortion = DATA_FREE, top: int = 3, menu: Menu | None = None) -> dict[str, RDPoint]:
     """Spend the slack the coarse quality ladder leaves: for the JPEG choices
-    whose next step is worth most (weighted slope), try the qualities between."""
+    whose next step is worth most (weighted slope), try the qualities between, and the table scales between
+    those where one quality is a coarse step (:mod:`codec.rd.ladder`), by bisection."""
     chosen = dict(chosen)
     slack = budget - sum(p.nbytes for p in chosen.values())
 
@@ -1008,19 +1010,18 @@ def _refine(tensors: TensorSource, chosen: dict[str, RDPoint], hulls: dict[str, 
     arrays = {name: (array, dtype) for name, array, dtype in tensors(names) if name in names}
     for name in names:
         (array, dtype), point = arrays.pop(name), chosen[name]
-        q0 = point.options.quality
-        higher = [q for q in JPEG_QUALITIES if q > q0]
-        lo, hi = q0, (higher[0] if higher else 100)
-        while hi - lo > 1:  # largest quality whose size still fits the slack
+        higher = [q for q in JPEG_QUALITIES if q > point.options.quality]
+        steps = ladder.between(point.options, point.options.with_(quality=higher[0] if higher else 100))
+        lo, hi, best = -1, len(steps), None
+        while hi - lo > 1:  # the highest step of the ladder whose size still fits the slack
             mid = (lo + hi) // 2
-            trial, _ = (menu or Menu()).measure(name, array, dtype, f"{point.label} ~q{mid}",
-                                                point.options.with_(quality=mid), images[name], measure_by=measure_by,
-                                                keep_decoded=False)
+            trial, _ = (menu or Menu()).measure(name, array, dtype, f"{point.label} ~{ladder.text(steps[mid])}",
+                                                steps[mid], images[name], measure_by=measure_by, keep_decoded=False)
             if trial.nbytes - point.nbytes <= slack:
                 lo, best = mid, trial
             else:
                 hi = mid
-        if lo != q0:
+        if best is not None:
             slack -= best.nbytes - point.nbytes
             chosen[name] = best
     return chosen

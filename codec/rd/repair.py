@@ -46,6 +46,7 @@ from ..dtypes import DType, from_float64, get_dtype, to_float64
 from ..parallel import make_executor
 from ..tensorcodec import (Encoded, EncodeOptions, Overrides, _error_sums, decode_encoded, encode_tensor,
                            lossless_reason)
+from . import ladder
 from .gptq import output_error as weight_output_error
 from .rdo import applies, fit_pruned, unit_sensitivity
 
@@ -136,7 +137,8 @@ class _Slot:
     target: np.ndarray | None = None
     #: Bytes of the original value coded with the planned options (``keep_size``; None until coded).
     budget: int | None = None
-    #: Bytes of the blobs of the coding repair chose (None until coded).
+    #: Bytes of the blobs of the coding repair chose, and of a table scale's list table in the index beyond the
+    #: plan's (:func:`_finest`; None until coded).
     nbytes: int | None = None
     #: The coding repair chose: ``target`` encoded with its options (None until coded).
     encoded: Encoded | None = None
@@ -403,10 +405,11 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     if higher:
         notes.append(f"repair: {len(higher)} JPEG tensors coded at a higher quality with the coefficients that matter "
                      f"least to the output pruned, within their planned size ("
-                     + ", ".join(f"{n} q{options[n].quality} -> q{changed[n].quality}" for n in higher) + ")")
+                     + ", ".join(f"{n} {ladder.text(options[n])} -> {ladder.text(changed[n])}" for n in higher) + ")")
     if cheaper:
-        notes.append(f"repair: {len(cheaper)} tensors coded with cheaper options to stay within their planned size "
-                     f"({', '.join(cheaper)})")
+        notes.append(f"repair: {len(cheaper)} tensors coded with cheaper options to stay within their planned size ("
+                     + ", ".join(f"{n} {ladder.text(options[n])} -> {ladder.text(changed[n])}"
+                                 if changed[n].codec == "jpeg" else n for n in cheaper) + ")")
     return targets, notes, changed
 
 
@@ -715,11 +718,15 @@ def _code(name: str, array: np.ndarray, dtype: DType, opts: EncodeOptions, execu
 
 
 def _cheaper(opts: EncodeOptions) -> EncodeOptions | None:
-    """The next cheaper options of the same codec: JPEG quality - 1, JPEG XL distance x 1.1 (None: no such step).
+    """The next cheaper options of the same codec: JPEG quality - 1 (from a table scale between two qualities, the
+    coarser quality's own), JPEG XL distance x 1.1 (None: no such step). :func:`_fit_size` then bisects the finer
+    JPEG steps between (:func:`codec.rd.ladder.between`).
 
     ``quant`` has none: one bit less is a coarse step (2 -> 1 bit destroys a
     small last layer for a few bytes); its growth is paid by the others.
     """
+    if opts.codec == "jpeg" and opts.scale is not None:
+        return replace(opts, scale=None)
     if opts.codec == "jpeg" and opts.quality is not None and opts.quality > 1:
         return replace(opts, quality=opts.quality - 1)
     if opts.codec == "jpegxl" and opts.distance is not None and opts.distance < 25.0:
@@ -779,7 +786,7 @@ def _pruned(slot: _Slot, layer: _LayerFit, opts: EncodeOptions, settings: Repair
     inputs = np.clip(np.diag(layer._h()), 0.0, None)
     found = []
     for quality in range(opts.quality + PRUNE_STEP, min(100, opts.quality + PRUNE_SPAN) + 1, PRUNE_STEP):
-        higher = replace(opts, quality=quality)
+        higher = replace(opts, quality=quality, scale=None)
         target, _ = layer.target(higher, replace(settings, compensate=False))
         fit = fit_pruned(target, slot.dtype, higher, layer.sensitivity, inputs, limit,
                          lambda value: _code(slot.name, value, slot.dtype, higher, executor))
@@ -803,13 +810,9 @@ def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, setting
     not keep), and when even the original does not fit,
     coded with :func:`_cheaper` options until it does. Returns the new credit.
     """
-    budget = original = None
+    budget = original = above = None
     while True:
-        # a view: the working model's tensor takes its decoded values as new storage (_take), not written into
-        target, assumed = to_numpy(slot.tensor)[0], None
-        if layer is not None:
-            target, assumed = layer.target(opts, settings)
-        decoded, nbytes, encoded = _code(slot.name, target, slot.dtype, opts, executor)
+        target, assumed, decoded, nbytes, encoded = _coded_target(slot, layer, opts, settings, executor)
         if not settings.keep_size:
             return target, assumed, decoded, opts, credit, nbytes, encoded
         if budget is None:  # the original value coded with the planned options: (options, decoded, bytes, encoding)
@@ -817,6 +820,12 @@ def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, setting
                                 else _code(slot.name, slot.original, slot.dtype, opts, executor)))
             budget = slot.budget = original[2]
         if nbytes <= budget + credit:
+            if above is not None:  # stepped down: the finest step between that fits (a list table's index bytes
+                planned = ladder.table_bytes(original[3].codec)  # counted against the plan's)
+                target, assumed, decoded, opts, nbytes, encoded = _finest(
+                    slot, layer, settings, executor, above, (target, assumed, decoded, opts, nbytes, encoded),
+                    budget + credit + planned)
+                nbytes -= planned
             return target, assumed, decoded, opts, credit + budget - nbytes, nbytes, encoded
         if blend and (assumed is None or opts.codec == "jpeg") and credit >= 0:  # the original fits: move back
             coded = original[1:] if original[0] == opts else None
@@ -825,7 +834,39 @@ def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, setting
         cheaper = _cheaper(opts)
         if cheaper is None:
             return target, assumed, decoded, opts, credit + budget - nbytes, nbytes, encoded
-        opts = cheaper
+        above, opts = opts, cheaper
+
+
+def _coded_target(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, settings: RepairSettings, executor
+                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, int, Encoded]:
+    """``(target, GPTQ's decoded or None, decoded, bytes, encoding)``: the slot's target for ``opts`` (the layer's,
+    else the working model's tensor), coded with them."""
+    # a view: the working model's tensor takes its decoded values as new storage (_take), not written into
+    target, assumed = to_numpy(slot.tensor)[0], None
+    if layer is not None:
+        target, assumed = layer.target(opts, settings)
+    return target, assumed, *_code(slot.name, target, slot.dtype, opts, executor)
+
+
+def _finest(slot: _Slot, layer: _LayerFit | None, settings: RepairSettings, executor, above: EncodeOptions,
+            fits: tuple, limit: int) -> tuple:
+    """Keep-size's step down made fine: ``fits`` (``(target, assumed, decoded, options, bytes, encoding)``) is
+    coded one step of :func:`_cheaper` below ``above``, which did not fit ``limit`` bytes; the JPEG steps of
+    :func:`codec.rd.ladder.between` them are bisected for the dearest that fits (a 127-byte overrun then costs
+    the BatchNorm CNN's fc1 a fraction of a quality, not q5 -> q4). Returns the same tuple, its bytes with the
+    index bytes of the step's list table (:func:`codec.rd.ladder.table_bytes`)."""
+    steps = ladder.between(fits[3], above) if above.codec == "jpeg" else []
+    fits = (*fits[:4], fits[4] + ladder.table_bytes(fits[5].codec), fits[5])
+    lo, hi = -1, len(steps)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        target, assumed, decoded, nbytes, encoded = _coded_target(slot, layer, steps[mid], settings, executor)
+        nbytes += ladder.table_bytes(encoded.codec)
+        if nbytes <= limit:
+            lo, fits = mid, (target, assumed, decoded, steps[mid], nbytes, encoded)
+        else:
+            hi = mid
+    return fits
 
 
 def _blend(slot: _Slot, target: np.ndarray, opts: EncodeOptions, executor, limit: int,

@@ -194,7 +194,7 @@ def _jpeg_bits(pixels: torch.Tensor, opts: EncodeOptions, t: tiling.Tiling) -> t
     blocks = torch.cat(blocks)
     d = _dct_matrix()
     coeffs = d @ blocks @ d.T
-    q = torch.tensor(_qtable(opts.quality or 90, _table(opts, t.mode)), dtype=torch.float32).reshape(8, 8)
+    q = torch.tensor(_qtable(opts.quality or 90, _table(opts, t.mode), opts.scale), dtype=torch.float32).reshape(8, 8)
     scaled = (coeffs / q).reshape(-1, 64)
     dc = scaled[:, 0]
     dc = torch.cat([dc[:1], dc[1:] - dc[:-1]])  # coded as differences from the previous block
@@ -209,10 +209,11 @@ def _table(opts: EncodeOptions, mode: str) -> str:
 
 
 @functools.cache
-def _qtable(quality: int, table: str) -> tuple[int, ...]:
-    from ..blobcodecs.jpeg import quant_table
+def _qtable(quality: int, table: str, scale: int | None = None) -> tuple[int, ...]:
+    """The table JPEG codes with (``scale``: :attr:`EncodeOptions.scale`, a step between two qualities)."""
+    from ..blobcodecs.jpeg import quant_table, scaled_table
 
-    return tuple(quant_table(quality, table))
+    return tuple(quant_table(quality, table) if scale is None else scaled_table(table, scale))
 
 
 @functools.cache
