@@ -95,8 +95,7 @@ def main() -> None:
     parser.add_argument("--variants", default="plain,gptq,bias,refit,distill,all",
                         help="comma-separated: plain gptq jpeg bias refit distill closed closed-nogptq "
                              "closed-nojpeg closed-norefit closed-noprune (no output-weighted pruning of rows-mode "
-                             "JPEG, codec.rd.rdo) closed-noreview (the plan as allocated, codec.rd.review) final all "
-                             "finetune (closed + codec-in-the-loop fine-tuning)")
+                             "JPEG, codec.rd.rdo) final all finetune (closed + codec-in-the-loop fine-tuning)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.model == "minilm":
@@ -126,7 +125,6 @@ def main() -> None:
         "closed-nojpeg": RepairSettings(steps=0, final_steps=0, compensate=False),
         "closed-norefit": RepairSettings(steps=0, final_steps=0, refit=False),
         "closed-noprune": RepairSettings(steps=0, final_steps=0, prune=False),
-        "closed-noreview": RepairSettings(steps=0, final_steps=0, review=False),
         "final": RepairSettings(steps=0, final_steps=args.final_steps, lr=args.lr),
         "all": RepairSettings(**distill),
         "finetune": RepairSettings(steps=0, final_steps=0, finetune_steps=args.finetune_steps,

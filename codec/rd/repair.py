@@ -92,10 +92,6 @@ class RepairSettings:
     #: (fc1 in 64 x 64 tiles at quality 5, conv2 / conv3): no pruned coding won, the same files as without, for
     #: up to 1.2x the repair's CPU time.
     prune_grid: bool = False
-    #: Before coding, review the plan of the Linear / Conv2d weights by measured output error where a planned coding
-    #: leaves its layer's output a relative error above :data:`codec.rd.review.REVIEW_ERROR`, the allocation's
-    #: linear distortion being 2-8x low there (:func:`codec.rd.review.review_plan`).
-    review: bool = True
     #: Damping of GPTQ and of the refit, a fraction of the mean diagonal of ``H``.
     damp: float = 0.01
     #: Seed of torch's generator during repair (the caller's generator state is restored after).
@@ -347,16 +343,15 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     originals = dict(model.named_modules())
     _set_trainable(slots)
     step, mismatched, changed, credit, checks = 0, 0, {}, 0, {}
-    plan, notes = _reviewed(model, batches, refs, options, queue, settings, executor)
     for slot in queue:
         layer = _LayerFit.collect(model, originals[slot.module_name], work, slot, slots, batches, settings,
                                   follower.get(id(slot.module))) if _is_layer_weight(slot) else None
-        if layer is not None and settings.prune and settings.keep_size and _prunes(plan[slot.name], slot, settings):
+        if layer is not None and settings.prune and settings.keep_size and _prunes(options[slot.name], slot, settings):
             used = slice(settings.stats_batches)
             layer.sensitivity = unit_sensitivity(work, slot.module, batches[used], refs[used], _run, _flat,
                                                  seed=settings.seed)
         target, assumed, decoded, opts, credit, slot.nbytes, slot.encoded = _code_within(
-            slot, layer, plan[slot.name], settings, executor, credit)
+            slot, layer, options[slot.name], settings, executor, credit)
         if opts != options[slot.name]:
             changed[slot.name] = opts
         if layer is not None and layer.compensation_check is not None:
@@ -399,37 +394,23 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
                                     (f"{settings.steps} distillation steps each", settings.steps > 0)) if on]
     final = (f", then {settings.final_steps} steps on the lossless ones ({before_final:.4g} before them)"
              if settings.final_steps > 0 else "")
-    notes[:0] = [f"repair: coded {len(queue)} lossy tensors in forward order ({', '.join(done) or 'no repair'})"
-                 f"{final}; output error on the calibration inputs (relative MSE) {after:.4g}; "
-                 f"{n_changed} tensors changed"]
+    notes = [(f"repair: coded {len(queue)} lossy tensors in forward order ({', '.join(done) or 'no repair'}){final}; "
+              f"output error on the calibration inputs (relative MSE) {after:.4g}; {n_changed} tensors changed")]
     if tuned:
         notes.append(tuned)
     if mismatched:
         notes.append(f"repair: {mismatched} GPTQ tensors did not re-encode to the pixels chosen (coded as decoded)")
     notes += _compensation_notes(checks)
-    higher = sorted(n for n, o in changed.items() if o.codec == "jpeg" and o.quality > plan[n].quality)
-    cheaper = sorted(n for n, o in changed.items() if n not in higher and o != plan[n])
+    higher = sorted(n for n, o in changed.items() if o.codec == "jpeg" and o.quality > options[n].quality)
+    cheaper = sorted(n for n in changed if n not in higher)
     if higher:
         notes.append(f"repair: {len(higher)} JPEG tensors coded at a higher quality with the coefficients that matter "
                      f"least to the output pruned, within their planned size ("
-                     + ", ".join(f"{n} q{plan[n].quality} -> q{changed[n].quality}" for n in higher) + ")")
+                     + ", ".join(f"{n} q{options[n].quality} -> q{changed[n].quality}" for n in higher) + ")")
     if cheaper:
         notes.append(f"repair: {len(cheaper)} tensors coded with cheaper options to stay within their planned size "
                      f"({', '.join(cheaper)})")
     return targets, notes, changed
-
-
-def _reviewed(model: nn.Module, batches: list, refs: list, options: Mapping[str, EncodeOptions], queue: list[_Slot],
-              settings: RepairSettings, executor) -> tuple[dict[str, EncodeOptions], list[str]]:
-    """``(options to code with, notes)``: the plan, its layer weights reviewed by measured output error
-    (``settings.review``, :func:`codec.rd.review.review_plan`)."""
-    if not settings.review:
-        return dict(options), []
-    from .review import review_plan
-
-    names = [s.name for s in queue if _is_layer_weight(s)]
-    reviewed, note = review_plan(model, batches, refs, options, names, executor)
-    return {**options, **reviewed}, [note] if note else []
 
 
 def _compensation_notes(checks: dict[str, tuple[float, float]]) -> list[str]:
@@ -776,6 +757,9 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
     pruned coefficients (:func:`_pruned`) are candidates too, and the error
     is weighted by the sensitivities, ``sum_j g_j dW_j H dW_j^T``.
     """
+    if layer is not None and opts.codec == "jpeg" and settings.compensate and not layer.compensation_holds(
+            opts, settings, executor):
+        settings = replace(settings, compensate=False)
     chosen = _fit_size(slot, layer, opts, settings, executor, credit)
     if layer is None or opts.codec != "jpeg" or not (settings.compensate or layer.sensitivity is not None):
         return chosen
@@ -788,17 +772,11 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
         candidates += _pruned(slot, layer, opts, settings, executor, credit)
     current = layer._fitted if layer._fitted is not None else to_numpy(slot.tensor)[0]
     reference = to_float64(current, slot.dtype)  # what compensation aims at: the refit or the weight itself
-    h = layer.scoring_h()
+    h = layer._h()
     rows = 1.0 if layer.sensitivity is None else np.sqrt(layer.sensitivity).reshape(-1, *(1,) * (reference.ndim - 1))
     # only codings within the size (a credit left >= 0): compensated values can outgrow even the cheapest quality
     fitting = [c for c in candidates if c[4] >= 0] or [max(candidates, key=lambda c: c[4])]
-    errors = [weight_output_error(reference * rows, to_float64(c[2], slot.dtype) * rows, h) for c in fitting]
-    if settings.compensate:  # compensated: the first candidate, and the third with keep_size; plain: the second
-        scored = {id(c): e for c, e in zip(fitting, errors)}
-        compensated = [scored[id(c)] for c in candidates[:3:2 if settings.keep_size else 3] if id(c) in scored]
-        if compensated and id(candidates[1]) in scored:
-            layer.compensation_check = (min(compensated), scored[id(candidates[1])])
-    return fitting[int(np.argmin(errors))]
+    return min(fitting, key=lambda c: weight_output_error(reference * rows, to_float64(c[2], slot.dtype) * rows, h))
 
 
 #: Qualities above the plan at which :func:`_pruned` codes a weight, in steps of :data:`PRUNE_STEP`.
@@ -975,12 +953,10 @@ class _LayerFit:
         self.h: np.ndarray | None = None
         self._fitted: np.ndarray | None = None  # the refit weight (refit on), computed by collect
         self._compensated: dict = {}  # (options, damping) -> jpeg_target's result
-        #: The held-out batches' inputs ``(_HeldOut, rows, sum of x_hat)`` for :meth:`compensation_h` and
-        #: :meth:`scoring_h` (set by :meth:`collect` when compensation is on and some batches are held out)
+        #: The held-out batches' inputs ``(_HeldOut, rows, sum of x_hat)`` for :meth:`compensation_holds` (set by
+        #: :meth:`collect` when compensation is on and some batches are held out, freed once checked)
         self._held: tuple[_HeldOut, int, np.ndarray] | None = None
-        self._split: tuple[np.ndarray, np.ndarray] | None = None  # (H not held out, H held out): _split_h
-        #: ``(held-out error of the best compensated coding, of the plain one)`` once :func:`_code_within` scored
-        #: them, else None
+        #: ``(held-out error compensated, plain)`` once :meth:`compensation_holds` measured them, else None
         self.compensation_check: tuple[float, float] | None = None
         #: Each output unit's sensitivity ``g_j`` (:func:`codec.rd.rdo.unit_sensitivity`; set by repair when
         #: ``settings.prune`` applies, else None)
@@ -1111,32 +1087,42 @@ class _LayerFit:
 
             key = (opts, settings.damp)  # the same options are asked again by _code_within's candidates
             if key not in self._compensated:
-                self._compensated[key] = jpeg_target(current, slot.dtype, opts, self.compensation_h(),
-                                                     damp=settings.damp)
+                self._compensated[key] = jpeg_target(current, slot.dtype, opts, self._h(), damp=settings.damp)
             return self._compensated[key]
         # a refit is the layer's own array; the weight itself is a view of the working model, which is about to
         # take the decoded values: the target must not follow it
         return (current if self._fitted is not None else current.copy()), None
 
-    def compensation_h(self) -> np.ndarray:
-        """The ``H`` JPEG compensation works with: of the batches not held out when some are (their ``H`` then
-        scores the codings, :meth:`scoring_h`), else of all."""
-        return self._split_h()[0] if self._held is not None else self.h
-
-    def scoring_h(self) -> np.ndarray:
-        """The ``H`` a JPEG weight's candidate codings are scored with: of the held-out batches when some are (so
-        compensation, fitted without them, is kept only where it holds on them), else of all.
+    def compensation_holds(self, opts: EncodeOptions, settings: RepairSettings, executor=None) -> bool:
+        """Whether JPEG compensation generalizes for this layer at ``opts``: compensated with the ``H`` of all but
+        the held-out batches (every :data:`HOLDOUT_EVERY`-th), does its coding have a lower output error
+        ``tr(dW H dW^T)`` on the held-out batches' ``H`` than the plain coding of the same weight? True where
+        nothing is held out or nothing is compensated (a single group). Where it does, compensation goes on as
+        before, with the ``H`` of all batches; where not, the layer is coded without it.
 
         Measured (bench/README, seventh pass): on the BatchNorm CNN's fc1 (3,136 inputs, 2,000 calibration
         images) compensation halves the calibration error and worsens the held-out KL; on the CNN's fc1, the same
-        shape, it generalizes."""
-        return self._split_h()[1] if self._held is not None else self.h
+        shape, it generalizes. Checked once per layer (the held-out inputs are freed after)."""
+        if self._held is None:
+            return True
+        h_rest, h_held = self._split_h()
+        self._held = None
+        current = self._fitted if self._fitted is not None else to_numpy(self.slot.tensor)[0]
+        from .gptq import jpeg_target
+
+        _, compensated = jpeg_target(current, self.slot.dtype, opts, h_rest, damp=settings.damp, executor=executor)
+        del h_rest
+        if compensated is None:
+            return True
+        reference = to_float64(current, self.slot.dtype)
+        plain = to_float64(_code(self.slot.name, current, self.slot.dtype, opts, executor)[0], self.slot.dtype)
+        self.compensation_check = (weight_output_error(reference, to_float64(compensated, self.slot.dtype), h_held),
+                                   weight_output_error(reference, plain, h_held))
+        return self.compensation_check[0] < self.compensation_check[1]
 
     def _split_h(self) -> tuple[np.ndarray, np.ndarray]:
         """``(H of the batches not held out, H of the held-out ones)``, each centred on its own mean as :attr:`h` is
-        (when a bias or running mean absorbs the mean), from :attr:`h` and the held-out rows' moment (made once)."""
-        if self._split is not None:
-            return self._split
+        (when a bias or running mean absorbs the mean), from :attr:`h` and the held-out rows' moment."""
         held, n_held, sum_held = self._held
         m = self.n - n_held
         mean_rest, mean_held = (self.mean_hat * self.n - sum_held) / m, sum_held / n_held
@@ -1147,8 +1133,7 @@ class _LayerFit:
         self._centre(rest, mean_rest, mean_rest)
         h_held /= n_held
         self._centre(h_held, mean_held, mean_held)
-        self._split = (rest, h_held)
-        return self._split
+        return rest, h_held
 
     def _centre(self, moment: np.ndarray, left: np.ndarray, right: np.ndarray) -> None:
         """Centre a moment matrix in place (``moment -= outer(left, right)``, a band of rows at a time) when a bias
