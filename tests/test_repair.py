@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -580,52 +579,3 @@ def test_a_weight_repair_leaves_alone_keeps_its_original_value_as_target():
     targets, _, _ = code_with_repair(model, data, options, settings=settings)
     for name in ("conv.weight", "fc.weight", "head.weight"):
         assert name not in targets or np.array_equal(targets[name], to_numpy(model.state_dict()[name])[0]), name
-
-
-def wide_mlp(cols: int = 256) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(cols, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
-
-
-def smooth_rows(n: int, cols: int = 256, seed: int = 1) -> list[torch.Tensor]:
-    """Four batches of ``n`` smooth, correlated input rows."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(4 * n, cols // 8, generator=g)
-    x = nn.functional.interpolate(base[:, None], size=cols, mode="linear")[:, 0]
-    return list((x + 0.1 * torch.randn(4 * n, cols, generator=g)).split(n))
-
-
-@pytest.mark.parametrize("rows,holds", [(12, False), (512, True)])
-def test_jpeg_compensation_is_kept_only_where_it_holds_on_held_out_batches(rows, holds):
-    """A layer of 256 inputs calibrated on 48 rows: compensation fitted on three batches cancels the coding's error
-    only in their few directions and does worse than the plain coding on the fourth, so repair codes the weight
-    itself (as it is, no compensated candidate); with 2,048 rows it holds on the held-out batch and its candidates
-    compete as before (here the plain coding still wins them)."""
-    model = wide_mlp()
-    lossless = EncodeOptions(codec="lossless")
-    options = {"0.weight": EncodeOptions(codec="jpeg", quality=20, tile=(16, 64)), "0.bias": lossless,
-               "2.weight": lossless, "2.bias": lossless}
-    settings = RepairSettings(refit=False, gptq=False, bias_correction=False, prune=False)
-    result = repair(model, smooth_rows(rows), options, settings=settings)
-    assert any("JPEG compensation not kept for 1 of 1 tensors" in note for note in result.notes) is not holds
-    if not holds:
-        assert "0.weight" not in result.targets
-        compensating = replace(settings, compensate=True)
-        assert "0.weight" in repair(model, smooth_rows(rows)[:3], options, settings=compensating).targets
-
-
-def test_held_out_split_of_h_equals_the_moments_of_its_rows():
-    """``H`` of the batches not held out and of the held-out ones, derived from all rows' centred ``H`` and the
-    held-out rows' moment, equal each part's own centred second moment."""
-    rng = np.random.default_rng(4)
-    rest = rng.standard_normal((300, 24)) + 1.5
-    held_rows = rng.standard_normal((100, 24)) * 2 - 0.5
-    rows = np.concatenate([rest, held_rows])
-    held = _HeldOut(24)
-    held.add(*(torch.from_numpy(held_rows.astype(np.float32)),) * 2)
-    fit = _LayerFit(None, object(), None, None, len(rows), None, rows.mean(0))
-    fit.h = np.cov(rows.T, bias=True)
-    fit._held = (held, len(held_rows), held_rows.astype(np.float32).astype(np.float64).sum(0))
-    h_rest, h_held = fit._split_h()
-    assert np.allclose(h_rest, np.cov(rest.T, bias=True), atol=1e-5)
-    assert np.allclose(h_held, np.cov(held_rows.T, bias=True), atol=1e-5)

@@ -342,7 +342,7 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     queue = sorted((s for s in slots.values() if s.lossy), key=lambda s: (s.order, s.name))
     originals = dict(model.named_modules())
     _set_trainable(slots)
-    step, mismatched, changed, credit, checks = 0, 0, {}, 0, {}
+    step, mismatched, changed, credit = 0, 0, {}, 0
     for slot in queue:
         layer = _LayerFit.collect(model, originals[slot.module_name], work, slot, slots, batches, settings,
                                   follower.get(id(slot.module))) if _is_layer_weight(slot) else None
@@ -354,8 +354,6 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
             slot, layer, options[slot.name], settings, executor, credit)
         if opts != options[slot.name]:
             changed[slot.name] = opts
-        if layer is not None and layer.compensation_check is not None:
-            checks[slot.name] = layer.compensation_check
         if assumed is not None and not np.array_equal(to_float64(decoded, slot.dtype), assumed):
             mismatched += 1
         _measure(slot.encoded, target, decoded, slot.dtype)
@@ -400,7 +398,6 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         notes.append(tuned)
     if mismatched:
         notes.append(f"repair: {mismatched} GPTQ tensors did not re-encode to the pixels chosen (coded as decoded)")
-    notes += _compensation_notes(checks)
     higher = sorted(n for n, o in changed.items() if o.codec == "jpeg" and o.quality > options[n].quality)
     cheaper = sorted(n for n in changed if n not in higher)
     if higher:
@@ -411,16 +408,6 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         notes.append(f"repair: {len(cheaper)} tensors coded with cheaper options to stay within their planned size "
                      f"({', '.join(cheaper)})")
     return targets, notes, changed
-
-
-def _compensation_notes(checks: dict[str, tuple[float, float]]) -> list[str]:
-    """A note naming the JPEG weights whose compensation did not hold on the held-out batches (coded plainly)."""
-    dropped = {name: errors for name, errors in checks.items() if not errors[0] < errors[1]}
-    if not dropped:
-        return []
-    return [f"repair: JPEG compensation not kept for {len(dropped)} of {len(checks)} tensors, higher output error on "
-            "the held-out batches than the plain coding (" + ", ".join(
-                f"{name} {comp:.4g} against {plain:.4g}" for name, (comp, plain) in sorted(dropped.items())) + ")"]
 
 
 def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
@@ -757,9 +744,6 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
     pruned coefficients (:func:`_pruned`) are candidates too, and the error
     is weighted by the sensitivities, ``sum_j g_j dW_j H dW_j^T``.
     """
-    if layer is not None and opts.codec == "jpeg" and settings.compensate and not layer.compensation_holds(
-            opts, settings, executor):
-        settings = replace(settings, compensate=False)
     chosen = _fit_size(slot, layer, opts, settings, executor, credit)
     if layer is None or opts.codec != "jpeg" or not (settings.compensate or layer.sensitivity is not None):
         return chosen
@@ -953,11 +937,6 @@ class _LayerFit:
         self.h: np.ndarray | None = None
         self._fitted: np.ndarray | None = None  # the refit weight (refit on), computed by collect
         self._compensated: dict = {}  # (options, damping) -> jpeg_target's result
-        #: The held-out batches' inputs ``(_HeldOut, rows, sum of x_hat)`` for :meth:`compensation_holds` (set by
-        #: :meth:`collect` when compensation is on and some batches are held out, freed once checked)
-        self._held: tuple[_HeldOut, int, np.ndarray] | None = None
-        #: ``(held-out error compensated, plain)`` once :meth:`compensation_holds` measured them, else None
-        self.compensation_check: tuple[float, float] | None = None
         #: Each output unit's sensitivity ``g_j`` (:func:`codec.rd.rdo.unit_sensitivity`; set by repair when
         #: ``settings.prune`` applies, else None)
         self.sensitivity: np.ndarray | None = None
@@ -999,8 +978,7 @@ class _LayerFit:
             with torch.no_grad():
                 used = batches[: settings.stats_batches]
                 for k, batch in enumerate(used):
-                    held = ((settings.refit or settings.compensate) and len(used) >= HOLDOUT_EVERY
-                            and k % HOLDOUT_EVERY == HOLDOUT_EVERY - 1)
+                    held = settings.refit and len(used) >= HOLDOUT_EVERY and k % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
                     seen.clear()
                     _run(work, batch)
                     if settings.refit:
@@ -1019,8 +997,8 @@ class _LayerFit:
                             add(key, value)
                             if held and key not in _HeldOut.MOMENTS:
                                 add("held_" + key, value)
-                        if held:  # (without the refit, no original rows: the cross moment is never asked)
-                            held_out.add(xs[i] if settings.refit else xh, xh)
+                        if held:
+                            held_out.add(xs[i], xh)
         finally:
             model.train(training)
             for h in handles:
@@ -1056,8 +1034,6 @@ class _LayerFit:
         keep = True
         if settings.refit and 0 < acc["held_n"] < n:
             keep = fit._holdout_keeps(acc, held_out, settings)
-        if settings.compensate and 0 < acc["held_n"] < n:
-            fit._held = (held_out, acc["held_n"], acc["held_sum_h"].numpy().copy())
         del held_out
         h = acc.pop("hh").div_(n).numpy()
         fit._centre(h, mean_hat, mean_hat)
@@ -1092,48 +1068,6 @@ class _LayerFit:
         # a refit is the layer's own array; the weight itself is a view of the working model, which is about to
         # take the decoded values: the target must not follow it
         return (current if self._fitted is not None else current.copy()), None
-
-    def compensation_holds(self, opts: EncodeOptions, settings: RepairSettings, executor=None) -> bool:
-        """Whether JPEG compensation generalizes for this layer at ``opts``: compensated with the ``H`` of all but
-        the held-out batches (every :data:`HOLDOUT_EVERY`-th), does its coding have a lower output error
-        ``tr(dW H dW^T)`` on the held-out batches' ``H`` than the plain coding of the same weight? True where
-        nothing is held out or nothing is compensated (a single group). Where it does, compensation goes on as
-        before, with the ``H`` of all batches; where not, the layer is coded without it.
-
-        Measured (bench/README, seventh pass): on the BatchNorm CNN's fc1 (3,136 inputs, 2,000 calibration
-        images) compensation halves the calibration error and worsens the held-out KL; on the CNN's fc1, the same
-        shape, it generalizes. Checked once per layer (the held-out inputs are freed after)."""
-        if self._held is None:
-            return True
-        h_rest, h_held = self._split_h()
-        self._held = None
-        current = self._fitted if self._fitted is not None else to_numpy(self.slot.tensor)[0]
-        from .gptq import jpeg_target
-
-        _, compensated = jpeg_target(current, self.slot.dtype, opts, h_rest, damp=settings.damp, executor=executor)
-        del h_rest
-        if compensated is None:
-            return True
-        reference = to_float64(current, self.slot.dtype)
-        plain = to_float64(_code(self.slot.name, current, self.slot.dtype, opts, executor)[0], self.slot.dtype)
-        self.compensation_check = (weight_output_error(reference, to_float64(compensated, self.slot.dtype), h_held),
-                                   weight_output_error(reference, plain, h_held))
-        return self.compensation_check[0] < self.compensation_check[1]
-
-    def _split_h(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(H of the batches not held out, H of the held-out ones)``, each centred on its own mean as :attr:`h` is
-        (when a bias or running mean absorbs the mean), from :attr:`h` and the held-out rows' moment."""
-        held, n_held, sum_held = self._held
-        m = self.n - n_held
-        mean_rest, mean_held = (self.mean_hat * self.n - sum_held) / m, sum_held / n_held
-        h_held = held.moment("hh")
-        rest = self.h * (self.n / m)
-        self._centre(rest, -self.mean_hat * (self.n / m), self.mean_hat)  # all rows' uncentred moment, times n / m
-        rest -= h_held / m
-        self._centre(rest, mean_rest, mean_rest)
-        h_held /= n_held
-        self._centre(h_held, mean_held, mean_held)
-        return rest, h_held
 
     def _centre(self, moment: np.ndarray, left: np.ndarray, right: np.ndarray) -> None:
         """Centre a moment matrix in place (``moment -= outer(left, right)``, a band of rows at a time) when a bias
