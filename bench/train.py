@@ -480,7 +480,8 @@ def write(path: Path, kind: str, args, runs: list[tuple[float, list[tuple]]], im
     import sys
 
     script = Path(sys.argv[0]).name
-    command = " ".join(["python -m bench.train" if script == "train.py" else f"python examples/{script}", *sys.argv[1:]])
+    runner = "python -m bench.train" if script == "train.py" else f"python examples/{script}"
+    command = " ".join([runner, *sys.argv[1:]])
     references = [reference for reference, _ in runs]
     reference = float(np.mean(references))
     by_row: dict[tuple[str, str], list[tuple]] = {}
