@@ -64,3 +64,9 @@ def test_example_runs_the_mlps_whole_schedule_in_the_loop_unless_told(monkeypatc
     value = [argv[argv.index("--codec-epochs") + 1] if "--codec-epochs" in argv else None for argv in seen]
     assert value == ["2", "3", "1", "1", None]  # the CNN keeps bench.train's default (1): 2 measured worse
     assert seen[3].count("--codec-epochs") == 1
+    decay = [(argv[argv.index("--decay") + 1], argv[argv.index("--decay-epochs") + 1]) if "--decay" in argv else None
+             for argv in seen]
+    assert decay == [("last", "1")] * 4 + [None]  # the MLP's endpoint decayed over its last epoch; the CNN: constant
+    assert [argv[argv.index("--group") + 1] if "--group" in argv else None for argv in seen[:5]] == [None] * 4 + ["0.1"]
+    module.main(["--decay", "none"])
+    assert seen[-1].count("--decay") == 1 and seen[-1][seen[-1].index("--decay") + 1] == "none"

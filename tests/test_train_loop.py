@@ -304,3 +304,51 @@ def test_bench_train_penalties_in_the_loop_rate_every_nth_step_at_the_ladder_set
         with pytest.raises(SystemExit) as exc:
             train.main(["--model", "mlp", option, "-1"])
         assert exc.value.code == 2 and option in capsys.readouterr().err
+
+
+def test_bench_train_weight_average_is_the_debiased_ema_and_continues_from_a_snapshot():
+    from bench import train
+
+    model = _tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    average = train.WeightAverage(model, (0.5, 0.9))
+    optimizer.register_step_post_hook(average)
+    seen = []
+    for x, y in _data(4):
+        optimizer.zero_grad()
+        LOSS(model(x), y).backward()
+        optimizer.step()
+        seen.append(model[0].weight.detach().clone())
+        if len(seen) == 2:
+            snapshot = average.snapshot()
+    for decay, averaged in average.models().items():
+        ema = sum((1 - decay) * decay ** (len(seen) - 1 - i) * w for i, w in enumerate(seen)) / (1 - decay ** 4)
+        assert torch.allclose(averaged[0].weight, ema, atol=1e-6), decay
+        assert not averaged.training and averaged is not model
+    resumed = train.WeightAverage(model, (0.5, 0.9), snapshot)
+    assert resumed.steps == 2 and torch.equal(resumed.sums[0.5]["0.weight"], snapshot["sums"][0.5]["0.weight"])
+    resumed()  # one more step at the current weights: the first two still weigh in
+    ema = (0.25 * 0.5 * seen[0] + 0.5 * 0.5 * seen[1] + 0.5 * seen[3]) / (1 - 0.5 ** 3)
+    assert torch.allclose(resumed.models()[0.5][0].weight, ema, atol=1e-6)
+
+
+def test_bench_train_decays_over_the_last_epochs_asked_and_averages_both_runs(capsys):
+    import numpy as np
+
+    from bench import train
+
+    rng = np.random.default_rng(0)
+    schedule = train.Schedule("mlp", rng.integers(0, 255, (1280, 28, 28), dtype=np.uint8),
+                              rng.integers(0, 10, 1280), epochs=2, seed=0, decay="last", decay_epochs=1,
+                              ema=(0.9,))
+    assert [schedule.lr(s) for s in (0, 9, 10)] == pytest.approx([1e-3, 1e-3, 1e-3])
+    assert schedule.lr(15) == pytest.approx(0.5e-3) and schedule.lr(19) < 0.03e-3
+    plain, _, snapshot = schedule.run(snapshot_at=0)
+    assert set(schedule.averaged) == {0.9} and snapshot["average"]["steps"] == 0
+    assert not torch.equal(schedule.averaged[0.9].fc1.weight, plain.fc1.weight)
+    looped, _ = schedule.codec_epochs(snapshot, train.ladder_point("mlp", 6))
+    assert set(schedule.averaged) == {0.9} and not torch.equal(schedule.averaged[0.9].fc1.weight, looped.fc1.weight)
+    for option, value in (("--ema", "1"), ("--ema", "0"), ("--decay-epochs", "3")):
+        with pytest.raises(SystemExit) as exc:
+            train.main(["--model", "mlp", option, value])
+        assert exc.value.code == 2 and option in capsys.readouterr().err
