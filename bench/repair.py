@@ -35,10 +35,11 @@ from .models import load_fashion_mnist, model_class, preprocess
 from .prepare import get_model
 
 
-def plan(state_dict: dict, bits: float, calibration=None) -> dict[str, EncodeOptions]:
+def plan(state_dict: dict, bits: float, calibration=None, index: dict | None = None) -> dict[str, EncodeOptions]:
     """The options ``codec.save(state_dict, ..., bits_per_weight=bits)`` would choose; with a
     :class:`codec.rd.calibrate.Calibration`, those of ``codec.save(model, ..., calibration=inputs)`` (the output-space
-    weighting, exhaustive search)."""
+    weighting, exhaustive search). ``index`` (a dict) gets ``compress=True`` where the budget counted on a
+    compressed index, as codec.save's: :func:`write` must then compress it."""
     measure_by = None
     if calibration is not None:
         from codec.rd.allocate import Distortion, merge_weightings, norm_weightings
@@ -48,13 +49,15 @@ def plan(state_dict: dict, bits: float, calibration=None) -> dict[str, EncodeOpt
                                       calibration.weightings(), values)
         measure_by = Distortion(weightings)
     return _plan(state_dict, {}, EncodeOptions(), Overrides(None), {}, encoder_versions(), bits, None, None, None,
-                 {}, None, measure_by=measure_by)
+                 {}, None, measure_by=measure_by, index=index)
 
 
-def write(state_dict: dict, options: dict[str, EncodeOptions], targets: dict[str, np.ndarray]) -> bytes:
-    """A .jwt file of ``state_dict`` (``targets`` replacing values) coded with ``options``."""
+def write(state_dict: dict, options: dict[str, EncodeOptions], targets: dict[str, np.ndarray],
+          compress_index: bool | None = None) -> bytes:
+    """A .jwt file of ``state_dict`` (``targets`` replacing values) coded with ``options``; ``compress_index`` as
+    :class:`codec.writer.Writer`'s."""
     buf = io.BytesIO()
-    with Writer(buf, encoder=encoder_versions()) as writer:
+    with Writer(buf, encoder=encoder_versions(), compress_index=compress_index) as writer:
         for name, tensor in state_dict.items():
             array, dtype_name = to_numpy(tensor)
             array = targets.get(name, array)
@@ -135,7 +138,8 @@ def main() -> None:
     calibration = calibrate(model, batches, sensitivity_samples=SENSITIVITY_SAMPLES) if args.calibrated_plan else None
     for bits in args.bits or [0.5]:
         start = time.process_time()
-        options = plan(state_dict, bits, calibration)
+        index: dict = {}
+        options = plan(state_dict, bits, calibration, index)
         print(f"{bits:6.2f} plan ({'calibrated' if calibration else 'data-free'}): "
               f"{time.process_time() - start:.0f} CPU s", flush=True)
         for variant in args.variants.split(","):
@@ -145,7 +149,7 @@ def main() -> None:
             else:
                 targets, notes, changed = code_with_repair(model, batches, options, settings=variants[variant])
             seconds = time.perf_counter() - start
-            blob = write(state_dict, {**options, **changed}, targets)
+            blob = write(state_dict, {**options, **changed}, targets, index.get("compress"))
             decoded = codec.load(blob)
             print(f"{bits:6.2f} {variant:>13} {8 * len(blob) / n_weights:7.3f} {score(decoded):>16} {seconds:7.1f}",
                   flush=True)
