@@ -30,7 +30,7 @@ import numpy as np
 
 from .dtypes import DType, get_dtype, to_float64
 from .errors import EncodeError
-from .format import INDEX_ZSTD_SAVING, BlobRef, Index, TensorEntry, pack_index
+from .format import HEADER_SIZE, INDEX_ZSTD_SAVING, Attachment, BlobRef, Index, TensorEntry, pack_index
 from .limits import DEFAULT_LIMITS, Limits
 from .parallel import AHEAD_BYTES, INLINE, Pending, bound_heap, make_executor, release_memory, resolve_jobs
 from .tensorcodec import (ZERO_ERROR, Encoded, EncodeOptions, Overrides, given_options, ignored_options,
@@ -449,11 +449,12 @@ def save(
     return ignored_options(stored, opts, rules) + notes
 
 
-def _index_saving(skeleton: Index, tensors: list[tuple[str, DType, tuple[int, ...]]]) -> int:
-    """Bytes that compressing the index (:func:`codec.format.pack_index`) will at least save: 80 % of what it saves
-    on ``skeleton`` with a lean entry per tensor (its name, dtype and shape, a lossless codec, one blob of
-    incompressible offset, length and CRC). Real entries hold the same structure and more (tilings, more blobs),
-    so their index compresses by more; the margin covers the rest."""
+def _index_saving(skeleton: Index, tensors: list[tuple[str, DType, tuple[int, ...]]], least: float) -> int:
+    """Bytes that compressing the index (:func:`codec.format.pack_index`) will at least save, if ``least`` or more,
+    else 0: 80 % of what it saves on ``skeleton`` with a lean entry per tensor (its name, dtype and shape, a
+    lossless codec, one blob of incompressible offset, length and CRC). Real entries hold the same structure and
+    more (tilings, more blobs), so their index compresses by more; the margin covers the rest. Nothing is
+    compressed when the lean index is too small to save ``least`` (a large model's)."""
     entries, offset = list(skeleton.entries), 0
     for name, dtype, shape in tensors:
         length = 1 + zlib.crc32(name.encode()) % 99_991
@@ -462,7 +463,10 @@ def _index_saving(skeleton: Index, tensors: list[tuple[str, DType, tuple[int, ..
         offset += length
     lean = Index(entries, skeleton.metadata, skeleton.encoder, attachments=skeleton.attachments, base=skeleton.base)
     raw = lean.to_bytes()
-    return int(0.8 * (len(raw) - len(pack_index(lean, True)[0])))
+    if 0.8 * len(raw) < least:
+        return 0
+    saving = int(0.8 * (len(raw) - len(pack_index(lean, True)[0])))
+    return saving if saving >= least else 0
 
 
 def _nbytes(data: bytes | str | os.PathLike[str]) -> int:
@@ -630,7 +634,6 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
     dict, then gets ``compress=True`` for the writer). The search counts each tensor's index entry as JSON.
     The fast search puts tensors it coded with their chosen options in ``coded``.
     """
-    from .format import HEADER_SIZE, Attachment, BlobRef, Index, TensorEntry
     from .rd.allocate import plan_options
 
     stored = [n for n in arrays if n not in aliases]
@@ -660,13 +663,14 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
         skeleton = Index([TensorEntry(n, get_dtype(arrays.dtype_name(n)), tuple(arrays.shape(n)), alias=a)
                           for n, a in aliases.items()], meta, encoder, attachments=attached, base=base_id)
         fixed = HEADER_SIZE + len(skeleton.to_bytes()) + attached_bytes
+        if index is None or bits_per_weight is None:
+            return fixed
+        budget = bits_per_weight * sum(math.prod(arrays.shape(n)) for n in stored) / 8
         saving = _index_saving(skeleton, [(n, get_dtype(arrays.dtype_name(n)), tuple(arrays.shape(n)))
-                                          for n in stored])
-        if index is not None and bits_per_weight is not None and saving >= INDEX_ZSTD_SAVING * bits_per_weight * sum(
-                math.prod(arrays.shape(n)) for n in stored) / 8:
+                                          for n in stored], INDEX_ZSTD_SAVING * budget)
+        if saving:
             index["compress"] = True  # the budget counts on it: the writer must compress
-            return fixed - saving
-        return fixed
+        return fixed - saving
 
     score = None
     if calibrate is not None:

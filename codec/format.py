@@ -271,10 +271,10 @@ def pack_index(index: Index, compress: bool | None = None) -> tuple[bytes, int, 
     ``index_zstd``, format 1.3) when ``compress`` says so, or by default when that saves at least
     :data:`INDEX_ZSTD_SAVING` of the file."""
     raw = index.to_bytes()
-    if compress is not False:
+    least = INDEX_ZSTD_SAVING * (HEADER_SIZE + len(raw) + index.data_length)
+    if compress or (compress is None and len(raw) >= least):  # else it cannot save enough: nothing to compress
         packed = zstandard.ZstdCompressor(level=INDEX_ZSTD_LEVEL, write_content_size=True).compress(raw)
-        saving = len(raw) - len(packed)
-        if compress or saving >= INDEX_ZSTD_SAVING * (HEADER_SIZE + len(raw) + index.data_length):
+        if compress or len(raw) - len(packed) >= least:
             return packed, max(index.file_minor, FLAGS[FLAG_INDEX_ZSTD][1]), index.flags | FLAG_INDEX_ZSTD
     return raw, index.file_minor, index.flags
 

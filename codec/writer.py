@@ -281,13 +281,14 @@ class Writer:
         for att in self.index.attachments:  # rebase: attachment blobs follow the tensor blobs
             att.blobs = [BlobRef(self._offset + b.offset, b.length, b.crc32) for b in att.blobs]
         index_bytes, minor, flags = pack_index(self.index, self.compress_index)
+        head = pack_header(index_bytes, minor, flags) + index_bytes
         try:
             self._spool.seek(0)
             if isinstance(self.dest, (str, os.PathLike)):
                 with atomic_output(self.dest) as out:
-                    self._emit(out, pack_header(index_bytes, minor, flags) + index_bytes)
+                    self._emit(out, head)
             else:
-                self._emit(self.dest, pack_header(index_bytes, minor, flags) + index_bytes)
+                self._emit(self.dest, head)
         finally:
             self._spool.close()
             if self._attach_spool is not None:

@@ -972,16 +972,18 @@ def refuse_budget(bits_per_weight: float, tensors: TensorSource, base: EncodeOpt
     early; the figure it names is then still the one a user can ask for, not the part measured so far (a small
     convolutional network was told "about 0.70" at -b 0.6, then "about 1.21" at -b 1.0, and so on)."""
     menu = menu or Menu()
-    weights, cheapest = 0, {}
+    weights, least, free = 0, overhead, {}  # free: the cheapest point of each tensor the search chooses for
     for name, array, dtype, rows in with_row_images(tensors(None), base):
         weights += array.size
         opts = fixed(name)
         items = [("fixed", opts)] if opts is not None else floor_settings(
             menu.candidates(name, array, dtype, base, rows))
-        cheapest[name] = min((menu.measure(name, array, dtype, label, o, rows, keep_decoded=False)[0]
-                              for label, o in items), key=lambda p: p.nbytes)
-    least = overhead + sum(p.nbytes for p in cheapest.values())
-    notes = _damage_notes({n: p for n, p in cheapest.items() if fixed(n) is None}, 99.999)
+        point = min((menu.measure(name, array, dtype, label, o, rows, keep_decoded=False)[0] for label, o in items),
+                    key=lambda p: p.nbytes)
+        least += point.nbytes
+        if opts is None:
+            free[name] = point
+    notes = _damage_notes(free, 99.999)
     if notes:  # the room a damaged file's warnings take (plan_options), with the longest "need" the search writes
         least += NOTE_BYTES_RESERVE + len(json.dumps("; ".join(notes)))
     if least <= int(bits_per_weight * weights / 8):
