@@ -85,8 +85,23 @@ _HEADER = struct.Struct("<8sHHIQI")
 
 
 def crc32(data: bytes | memoryview) -> int:
-    """CRC-32 (ISO-HDLC, as zlib and PNG) of ``data``."""
+    """CRC-32 (ISO-HDLC, as zlib and PNG) of ``data``: libdeflate's through imagecodecs for large data where it is
+    built in (the same values, 5-6x zlib's 0.9 GB/s: the check of a lossless file's blobs cost as much as decoding
+    them), zlib's otherwise."""
+    if _fast_crc32 is not None and len(data) >= _FAST_CRC_MIN:
+        return _fast_crc32(data) & 0xFFFFFFFF
     return zlib.crc32(data) & 0xFFFFFFFF
+
+
+#: Bytes from which :func:`crc32` calls libdeflate (below, zlib's call is cheaper: 0.4 us against 0.9 us).
+_FAST_CRC_MIN = 1 << 12
+try:
+    import imagecodecs
+
+    _fast_crc32 = imagecodecs.deflate_crc32 if getattr(imagecodecs, "DEFLATE", None) and imagecodecs.DEFLATE.available \
+        else None
+except (ImportError, AttributeError):
+    _fast_crc32 = None
 
 
 @dataclass(frozen=True)

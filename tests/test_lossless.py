@@ -160,3 +160,77 @@ def test_writer_copies_its_spool_to_any_output(tmp_path, mode):
         data = path.read_bytes()
     assert data == reference.read_bytes()
     assert all(torch.equal(codec.load(data)[k], v) for k, v in sd.items())
+
+
+@pytest.fixture(params=["one call", "stream", "no imagecodecs"])
+def decompress_path(request, monkeypatch):
+    """Each way a frame reaches the plane buffer: imagecodecs in one call (every size), the thread's zstandard
+    stream (every size), and a reader where imagecodecs has no zstd."""
+    from codec.blobcodecs import zstd
+
+    if request.param == "one call":
+        monkeypatch.setattr(zstd, "_ONE_CALL_MIN", 0)
+    elif request.param == "stream":
+        monkeypatch.setattr(zstd, "_ONE_CALL_MIN", 1 << 62)
+    else:
+        monkeypatch.setattr(zstd, "_zstd_decode", None)
+    return request.param
+
+
+@pytest.mark.parametrize("config", [ZstdPlanes(3).get_config(), ZstdPlanes(0).get_config(),
+                                    Zstd(1, True, exponent_first=True).get_config(), Zstd(9, True).get_config(),
+                                    Zstd(3, False).get_config()])
+def test_every_decompress_path_is_bit_exact_and_refuses_hostile_blobs(decompress_path, config):
+    """The same values whichever way a frame is decompressed, for every element size, layout (rotated planes, the
+    little-endian shuffle of format 1.0, none), odd and empty sizes and non-contiguous inputs; a truncated frame or
+    one holding fewer bytes than the shape is a one-line FormatError on each path."""
+    coder = get_codec(config)
+    for dtype in ("float32", "bfloat16", "float16", "float64", "int64", "int8", "uint16"):
+        storage = get_dtype(dtype).storage
+        for count in (0, 1, 3, _STEP + 7):
+            array = _bits(dtype, count)
+            if coder.rotation is not None and storage.itemsize == 1:
+                continue  # rotated planes need 2, 4 or 8-byte elements (tested above)
+            blob = coder.encode(array)
+            assert coder.decode(blob, array.shape, storage).tobytes() == array.tobytes(), (dtype, count)
+        strided = _bits(dtype, 2 * 999)[::2]  # a non-contiguous input codes its values
+        if coder.rotation is None or storage.itemsize > 1:
+            blob = coder.encode(strided)
+            assert coder.decode(blob, strided.shape, storage).tobytes() == strided.tobytes()
+    array = _bits("float32", 3001)
+    blob = coder.encode(array)
+    size = array.nbytes  # a frame that declares the right size but whose one raw block holds 4 bytes fewer
+    short = (b"\x28\xb5\x2f\xfd\xa0" + size.to_bytes(4, "little") + ((size - 4) << 3 | 1).to_bytes(3, "little")
+             + bytes(size - 4))
+    for data in (blob[: len(blob) // 2], blob[:-1], coder.encode(array[:3000]), short):
+        with pytest.raises(FormatError) as info:
+            coder.decode(data, array.shape, array.dtype)
+        assert "\n" not in str(info.value)
+
+
+def test_reused_compressors_write_the_bytes_of_fresh_ones():
+    """The thread keeps its cheap zstd contexts between calls: each frame is byte for byte what a new context
+    writes, whatever was coded before it."""
+    arrays = [_bits("float32", n) for n in (5000, 17, 70_000, 0, 5000)] + [np.zeros(4096, np.float32)]
+    for coder in (ZstdPlanes(3), Zstd(1, True, exponent_first=True), Zstd(1, True), Zstd(-5, False)):
+        for array in arrays:
+            raw = coder.encode(array)
+            fresh = zstandard.ZstdCompressor(compression_params=coder._params())
+            content = zstandard.ZstdDecompressor().decompress(raw) if array.size else b""
+            assert raw == fresh.compress(content), coder.get_config()
+
+
+def test_crc32_is_zlibs_on_every_path(monkeypatch):
+    """codec.format.crc32 gives zlib's CRC-32 below and above the size where it hands over to libdeflate, and
+    without imagecodecs."""
+    import zlib
+
+    from codec import format as fmt
+
+    data = RNG.integers(0, 256, 3 * fmt._FAST_CRC_MIN, dtype=np.uint8).tobytes()
+    sizes = [0, 1, fmt._FAST_CRC_MIN - 1, fmt._FAST_CRC_MIN, len(data)]
+    for fast in (fmt._fast_crc32, None):
+        monkeypatch.setattr(fmt, "_fast_crc32", fast)
+        assert fmt.crc32(b"123456789") == 0xCBF43926
+        for n in sizes:
+            assert fmt.crc32(data[:n]) == zlib.crc32(data[:n]) == fmt.crc32(memoryview(data)[:n])
