@@ -8,7 +8,9 @@ Every decode allocates its output, as a reader does. Every layout is
 checked bit-exact. ZipNN (``pip install zipnn``) compresses the
 concatenated tensor bytes with one thread; its round trip is checked and
 reported. ``--profile`` splits jwt's time into the byte-plane transposes
-and zstd itself.
+and zstd itself. The "file" rows time ``codec.save(codec="lossless")`` and
+``codec.load`` of a .jwt file in /tmp with one thread (container, CRC-32
+checks and torch tensors included; the file is in the page cache).
 
     python -m bench.lossless [--repeat 3] [--profile]
 """
@@ -84,6 +86,24 @@ def run_zipnn(arrays: list[np.ndarray], dtype: str, repeat: int) -> dict | None:
                 dec_wall=dec_wall, exact=exact, raw=len(data))
 
 
+def run_file(state_dict: dict[str, torch.Tensor], repeat: int) -> dict:
+    """codec.save(codec="lossless") / codec.load of a file, one thread: the same figures as :func:`run_jwt`."""
+    import tempfile
+
+    import codec
+
+    raw = sum(t.numel() * t.element_size() for t in state_dict.values())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.jwt"
+        _, enc_cpu, enc_wall = cpu_seconds(lambda: codec.save(state_dict, path, codec="lossless", jobs=1), repeat)
+        back, dec_cpu, dec_wall = cpu_seconds(lambda: codec.load(path, jobs=1), repeat)
+        size = path.stat().st_size
+    exact = all(back[k].reshape(-1).view(torch.uint8).equal(t.reshape(-1).view(torch.uint8))
+                for k, t in state_dict.items())
+    return dict(ratio=raw / size, enc_cpu=enc_cpu, dec_cpu=dec_cpu, enc_wall=enc_wall, dec_wall=dec_wall,
+                exact="yes" if exact else "NO", raw=raw)
+
+
 def profile(arrays: list[np.ndarray], codec: ZstdPlanes, repeat: int) -> str:
     """Where zstd_planes' CPU goes: byte-plane transposes (with rotation) and zstd, each in MB/s of input."""
     raw = sum(a.nbytes for a in arrays)
@@ -121,6 +141,8 @@ def main() -> None:
     for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         arrays = [to_numpy(t.to(dt))[0] for t in sd.values()]
         rows = [(label, run_jwt(arrays, c, args.repeat)) for label, c in LAYOUTS.items()]
+        rows.append(("file: codec.save / codec.load (now)",
+                     run_file({k: t.to(dt).contiguous() for k, t in sd.items()}, args.repeat)))
         rows.append(("ZipNN 0.5.4 (threads=1)", run_zipnn(arrays, name, args.repeat)))
         for label, r in rows:
             if r is None:
