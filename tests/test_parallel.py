@@ -101,10 +101,10 @@ def test_decode_writes_into_a_given_array():
 
 @pytest.mark.parametrize("itemsize_dtype", ["<f4", "<f8", "<u2", "u1"])
 def test_zstd_unshuffles_in_chunks(itemsize_dtype, monkeypatch):
-    """Shuffled zstd content crossing several un-shuffle chunks decodes exactly into ``out``."""
+    """Shuffled zstd content crossing several un-shuffle steps decodes exactly into ``out``."""
     from codec.blobcodecs import zstd
 
-    monkeypatch.setattr(zstd, "_CHUNK", 1000)
+    monkeypatch.setattr(zstd, "_STEP", 1000)
     raw = RNG.integers(0, 256, 7777 * np.dtype(itemsize_dtype).itemsize, dtype=np.uint8)
     array = raw.view(itemsize_dtype).reshape(7777)
     blob = Zstd().encode(array)

@@ -33,16 +33,17 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from ..errors import FormatError
+from .abc import BlobCodec, check_params
+
 try:  # a one-call zstd decompressor into a given buffer (imagecodecs is a dependency; its zstd may be left out)
     import imagecodecs
 
-    _zstd_decode = imagecodecs.zstd_decode if getattr(imagecodecs, "ZSTD", None) and imagecodecs.ZSTD.available else None
+    _zstd_decode = imagecodecs.zstd_decode if getattr(imagecodecs, "ZSTD", None) and imagecodecs.ZSTD.available \
+        else None
     _ZSTD_ERRORS: tuple[type[Exception], ...] = (zstandard.ZstdError, imagecodecs.ZstdError)
 except (ImportError, AttributeError):
     _zstd_decode, _ZSTD_ERRORS = None, (zstandard.ZstdError,)
-
-from ..errors import FormatError
-from .abc import BlobCodec, check_params
 
 __all__ = ["Zstd", "ZstdPlanes", "planes_rotation", "release_scratch"]
 
