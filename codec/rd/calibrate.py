@@ -53,7 +53,7 @@ SENSITIVITY_SAMPLES = 256
 #: Batch size when the inputs are given as one array of samples.
 BATCH_SIZE = 64
 #: Bytes of unfolded convolution columns processed at once.
-_UNFOLD_BYTES = 64 << 20
+UNFOLD_BYTES = 64 << 20
 
 Batch = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -226,7 +226,7 @@ class _Collector:
             x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
             padding = 0
         per_sample = x[0].numel() * math.prod(m.kernel_size) * x.element_size() * 2
-        step = max(1, _UNFOLD_BYTES // max(per_sample, 1))
+        step = max(1, UNFOLD_BYTES // max(per_sample, 1))
         for i in range(0, x.shape[0], step):
             cols = F.unfold(x[i:i + step], m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
             n, ck, length = cols.shape
