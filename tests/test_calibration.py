@@ -380,6 +380,24 @@ def test_calibrated_file_decodes_with_the_same_reader(tmp_path):
         assert _rel(decoded[name], tensor) < 0.5
 
 
+def test_a_budget_below_the_smallest_is_refused_before_the_model_runs(tmp_path):
+    """A calibrated encode refuses a budget below the whole model's smallest encoding before calibration runs the
+    model over the inputs (a user waited 32 s for the "no"), naming the figure a calibrated encode then meets."""
+    import re
+
+    model, x, _ = _two_branch()
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(codec.EncodeError, match=r"below the smallest encoding \((\d+\.\d+) bits/weight\)") as info:
+        codec.save(model, tmp_path / "c.jwt", bits_per_weight=0.01, calibration=x, repair=False)
+    assert not calls and not (tmp_path / "c.jwt").exists()
+    smallest = float(re.search(r"\((\d+\.\d+) bits", str(info.value)).group(1))
+    codec.save(model, tmp_path / "c.jwt", bits_per_weight=smallest + 0.002, calibration=x, repair=False)
+    assert calls
+    weights = sum(t.numel() for t in model.state_dict().values())
+    assert 8 * (tmp_path / "c.jwt").stat().st_size / weights <= smallest + 0.002
+
+
 def _fake_repair(calls):
     """A stand-in for codec.rd.repair.code_with_repair that follows the contract: it returns new values
     for the tensors it changed (a bias shifted by 1, a weight negated) and notes."""
