@@ -244,8 +244,10 @@ def save(
 
     ``calibration`` (with a rate target and an ``nn.Module``): the user's
     inputs, unlabelled -- a tensor or array of samples along its first
-    axis, or an iterable of batches (tensors, or mappings passed as
-    ``model(**batch)``) -- or a :class:`codec.rd.calibrate.Calibration`
+    axis, or an iterable of batches (tensors, mappings passed as
+    ``model(**batch)``, or ``(inputs, *targets)`` tuples as a DataLoader
+    over a labelled dataset gives them: the targets are not used) -- or a
+    :class:`codec.rd.calibrate.Calibration`
     already made by :func:`codec.calibrate`. The allocator then scores each
     calibrated layer by the error it causes in its output, ``tr(dW H dW^T)``
     weighted by the layer's sensitivity (:mod:`codec.rd.calibrate`). A

@@ -121,6 +121,25 @@ def test_progress_and_max_batches():
     assert model.training
 
 
+def test_labelled_batches_calibrate_on_their_inputs(tmp_path):
+    """A DataLoader over a labelled dataset yields ``(inputs, targets)``: the inputs are used, the labels are not
+    needed; statistics, a repaired file and one-shot iterators are the same as with the inputs alone."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, x, _ = _two_branch()
+    labels = torch.arange(len(x)) % 10
+    plain = calibrate(model, list(x.split(64)))
+    loader = DataLoader(TensorDataset(x, labels), batch_size=64)
+    for source in (loader, iter(loader), [[b, y] for b, y in loader]):
+        labelled = calibrate(model, source)
+        assert labelled.samples == plain.samples == len(x)
+        for name, stats in plain.layers.items():
+            np.testing.assert_array_equal(labelled.layers[name].h, stats.h)
+    codec.save(model, tmp_path / "x.jwt", bits_per_weight=3.0, calibration=list(x.split(64)))
+    codec.save(model, tmp_path / "xy.jwt", bits_per_weight=3.0, calibration=loader)  # repair lists its batches
+    assert (tmp_path / "x.jwt").read_bytes() == (tmp_path / "xy.jwt").read_bytes()
+
+
 @pytest.mark.parametrize("inputs, message", [
     ([], "empty"),
     ([torch.full((2, 128), float("nan"))], "batch 0: holds NaN"),

@@ -122,6 +122,9 @@ def as_batches(inputs: object, batch_size: int = BATCH_SIZE) -> Iterable:
     One tensor or numpy array is a set of samples along its first axis, cut
     into batches of ``batch_size``; a mapping of them (a tokenizer's output)
     is one batch; anything else iterable is taken as the batches themselves.
+    A batch that is a tuple or list is ``(inputs, *targets)``, as a
+    DataLoader over a labelled dataset gives them: its inputs are used, the
+    targets are not (the original model's outputs are the target).
     """
     if isinstance(inputs, np.ndarray):
         inputs = torch.from_numpy(inputs)
@@ -134,7 +137,24 @@ def as_batches(inputs: object, batch_size: int = BATCH_SIZE) -> Iterable:
     if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Iterable):
         raise TypeError(f"calibration inputs must be a tensor, an array or an iterable of batches, "
                         f"not {type(inputs).__name__}")
-    return inputs
+    if iter(inputs) is inputs:  # a one-shot iterator stays one
+        return map(_inputs_of, inputs)
+    return _InputsOf(inputs)
+
+
+def _inputs_of(batch: object) -> object:
+    """A batch's inputs: the first item of an ``(inputs, *targets)`` tuple or list, else the batch."""
+    return batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+
+
+class _InputsOf:
+    """A re-iterable source of batches (a list, a DataLoader) read as :func:`_inputs_of` each batch."""
+
+    def __init__(self, source: Iterable):
+        self.source = source
+
+    def __iter__(self):
+        return map(_inputs_of, self.source)
 
 
 def _prepare(batch: object, index: int, device: torch.device, dtype: torch.dtype) -> Batch:
