@@ -244,8 +244,10 @@ def save(
 
     ``calibration`` (with a rate target and an ``nn.Module``): the user's
     inputs, unlabelled -- a tensor or array of samples along its first
-    axis, or an iterable of batches (tensors, or mappings passed as
-    ``model(**batch)``) -- or a :class:`codec.rd.calibrate.Calibration`
+    axis, or an iterable of batches (tensors, mappings passed as
+    ``model(**batch)``, or ``(inputs, *targets)`` tuples as a DataLoader
+    over a labelled dataset gives them: the targets are not used) -- or a
+    :class:`codec.rd.calibrate.Calibration`
     already made by :func:`codec.calibrate`. The allocator then scores each
     calibrated layer by the error it causes in its output, ``tr(dW H dW^T)``
     weighted by the layer's sensitivity (:mod:`codec.rd.calibrate`). A
@@ -380,6 +382,8 @@ def save(
         if calibration is not None:
             from .api import calibrated
 
+            if bits_per_weight is not None and matcher is None:  # a budget below the smallest: say so before
+                _refuse_early(arrays, aliases, opts, rules, meta, encoder, bits_per_weight, packing)  # calibrating
             bound_heap()  # freed blocks of megabytes go back to the system at once, not kept as holes
             inputs, calib = calibrated(model, calibration, repair, calibration_progress, meta)
             weightings = merge_weightings(weightings, calib.weightings(), values)
@@ -622,6 +626,49 @@ class _Forced:
         return getattr(self.rules, attr)
 
 
+def _refuse_early(arrays, aliases, base, rules, meta, encoder, bits_per_weight, attachments) -> None:
+    """Raise the search's EncodeError for a budget below the whole model's smallest encoding
+    (:func:`codec.rd.allocate.refuse_budget`) before calibration runs the model over the user's inputs (a small
+    ResNet-like network on 2,000 images: 32 s before the "no"). Counts the file as :func:`_plan` would, with the
+    calibration's metadata at its shortest, so a budget the calibrated search would meet is never refused here
+    (the search itself still refuses one within those few bytes). Costs one coding of each tensor at each of its
+    menu's cheapest settings (all-MiniLM-L6-v2: about 2 CPU s)."""
+    from .rd.allocate import refuse_budget
+
+    stored = [n for n in arrays if n not in aliases]
+    meta = {**meta, "jwt.calibration": "0 inputs in 0 batches, 0 layers"}
+    overhead = _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weight, {}, None)
+
+    def tensors(names: set[str] | None = None):
+        for name in stored:
+            if names is None or name in names:
+                yield name, arrays.array(name), get_dtype(arrays.dtype_name(name))
+
+    refuse_budget(bits_per_weight, tensors, base, lambda name: rules.options_for(name, base), overhead)
+
+
+def _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weight, index, base_id) -> int:
+    """Header, index skeleton and attachment blobs, in bytes (waits for the attachments' compression), less what
+    compressing the index will save where that is worth it (``index``, a dict, then gets ``compress=True``)."""
+    attached, attached_bytes = [], 0
+    for name, item in attachments.items():
+        packed, blob = item.result() if isinstance(item, Future) else item
+        attached.append(Attachment(name, packed.size, packed.codec,
+                                   [BlobRef(10**12, len(blob), 0xFFFFFFFF)]))  # wide offset
+        attached_bytes += len(blob)
+    skeleton = Index([TensorEntry(n, get_dtype(arrays.dtype_name(n)), tuple(arrays.shape(n)), alias=a)
+                      for n, a in aliases.items()], meta, encoder, attachments=attached, base=base_id)
+    fixed = HEADER_SIZE + len(skeleton.to_bytes()) + attached_bytes
+    if index is None or bits_per_weight is None:
+        return fixed
+    budget = bits_per_weight * sum(math.prod(arrays.shape(n)) for n in stored) / 8
+    saving = _index_saving(skeleton, [(n, get_dtype(arrays.dtype_name(n)), tuple(arrays.shape(n)))
+                                      for n in stored], INDEX_ZSTD_SAVING * budget)
+    if saving:
+        index["compress"] = True  # the budget counts on it: the writer must compress
+    return fixed - saving
+
+
 def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress,
           attachments, jobs, matcher=None, measure_by=None, notes=None, search="fast", coded=None, index=None):
     """Run the rate-distortion allocator over the stored tensors; options per name.
@@ -653,24 +700,7 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
         base_id, menu = BaseId(matcher.base.digest(), len(matcher.base)), UpdateMenu(matcher)
 
     def overhead() -> int:
-        """Header, index skeleton and attachment blobs, in bytes (waits for the attachments' compression)."""
-        attached, attached_bytes = [], 0
-        for name, item in attachments.items():
-            packed, blob = item.result() if isinstance(item, Future) else item
-            attached.append(Attachment(name, packed.size, packed.codec,
-                                       [BlobRef(10**12, len(blob), 0xFFFFFFFF)]))  # wide offset
-            attached_bytes += len(blob)
-        skeleton = Index([TensorEntry(n, get_dtype(arrays.dtype_name(n)), tuple(arrays.shape(n)), alias=a)
-                          for n, a in aliases.items()], meta, encoder, attachments=attached, base=base_id)
-        fixed = HEADER_SIZE + len(skeleton.to_bytes()) + attached_bytes
-        if index is None or bits_per_weight is None:
-            return fixed
-        budget = bits_per_weight * sum(math.prod(arrays.shape(n)) for n in stored) / 8
-        saving = _index_saving(skeleton, [(n, get_dtype(arrays.dtype_name(n)), tuple(arrays.shape(n)))
-                                          for n in stored], INDEX_ZSTD_SAVING * budget)
-        if saving:
-            index["compress"] = True  # the budget counts on it: the writer must compress
-        return fixed - saving
+        return _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weight, index, base_id)
 
     score = None
     if calibrate is not None:

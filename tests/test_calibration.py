@@ -121,6 +121,25 @@ def test_progress_and_max_batches():
     assert model.training
 
 
+def test_labelled_batches_calibrate_on_their_inputs(tmp_path):
+    """A DataLoader over a labelled dataset yields ``(inputs, targets)``: the inputs are used, the labels are not
+    needed; statistics, a repaired file and one-shot iterators are the same as with the inputs alone."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, x, _ = _two_branch()
+    labels = torch.arange(len(x)) % 10
+    plain = calibrate(model, list(x.split(64)))
+    loader = DataLoader(TensorDataset(x, labels), batch_size=64)
+    for source in (loader, iter(loader), [[b, y] for b, y in loader]):
+        labelled = calibrate(model, source)
+        assert labelled.samples == plain.samples == len(x)
+        for name, stats in plain.layers.items():
+            np.testing.assert_array_equal(labelled.layers[name].h, stats.h)
+    codec.save(model, tmp_path / "x.jwt", bits_per_weight=3.0, calibration=list(x.split(64)))
+    codec.save(model, tmp_path / "xy.jwt", bits_per_weight=3.0, calibration=loader)  # repair lists its batches
+    assert (tmp_path / "x.jwt").read_bytes() == (tmp_path / "xy.jwt").read_bytes()
+
+
 @pytest.mark.parametrize("inputs, message", [
     ([], "empty"),
     ([torch.full((2, 128), float("nan"))], "batch 0: holds NaN"),
@@ -378,6 +397,24 @@ def test_calibrated_file_decodes_with_the_same_reader(tmp_path):
     for name, tensor in model.state_dict().items():
         np.testing.assert_array_equal(arrays[name], decoded[name].numpy())
         assert _rel(decoded[name], tensor) < 0.5
+
+
+def test_a_budget_below_the_smallest_is_refused_before_the_model_runs(tmp_path):
+    """A calibrated encode refuses a budget below the whole model's smallest encoding before calibration runs the
+    model over the inputs (a user waited 32 s for the "no"), naming the figure a calibrated encode then meets."""
+    import re
+
+    model, x, _ = _two_branch()
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(codec.EncodeError, match=r"below the smallest encoding \((\d+\.\d+) bits/weight\)") as info:
+        codec.save(model, tmp_path / "c.jwt", bits_per_weight=0.01, calibration=x, repair=False)
+    assert not calls and not (tmp_path / "c.jwt").exists()
+    smallest = float(re.search(r"\((\d+\.\d+) bits", str(info.value)).group(1))
+    codec.save(model, tmp_path / "c.jwt", bits_per_weight=smallest + 0.002, calibration=x, repair=False)
+    assert calls
+    weights = sum(t.numel() for t in model.state_dict().values())
+    assert 8 * (tmp_path / "c.jwt").stat().st_size / weights <= smallest + 0.002
 
 
 def _fake_repair(calls):

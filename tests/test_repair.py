@@ -579,3 +579,33 @@ def test_a_weight_repair_leaves_alone_keeps_its_original_value_as_target():
     targets, _, _ = code_with_repair(model, data, options, settings=settings)
     for name in ("conv.weight", "fc.weight", "head.weight"):
         assert name not in targets or np.array_equal(targets[name], to_numpy(model.state_dict()[name])[0]), name
+
+
+def test_convolution_rows_are_collected_in_chunks_to_the_same_fit(monkeypatch):
+    """A convolution's im2col rows are made a few samples at a time (a batch of large images never holds its whole
+    im2col matrix): with chunks of one sample, collect() gives the moments and refit of the whole-batch pass, up to
+    float rounding, and repair codes the same tensors."""
+    from codec.rd import repair as repair_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.AvgPool2d(2), nn.Flatten()).eval()
+    data = batches(n=2)
+    options = quant_options(model, bits=3)
+    quick = RepairSettings(steps=0, final_steps=0)
+    whole = repair(model, data, options, settings=quick)
+    calls = []
+    rows = repair_module._layer_rows
+
+    def counted(module, x):
+        for chunk in rows(module, x):
+            calls.append((type(module).__name__, chunk.shape[0]))
+            yield chunk
+    monkeypatch.setattr(repair_module, "_layer_rows", counted)
+    monkeypatch.setattr(repair_module, "UNFOLD_BYTES", 4 * 64 * 16 * 9)  # one 16-channel 8 x 8 sample's columns
+    chunked = repair(model, data, options, settings=quick)
+    conv_chunks = [n for kind, n in calls if kind == "Conv2d"]
+    assert conv_chunks and set(conv_chunks) == {64}  # one sample (8 x 8 positions) at a time
+    assert "2.weight" in whole.targets and set(chunked.targets) == set(whole.targets)
+    for name, target in whole.targets.items():
+        np.testing.assert_allclose(chunked.targets[name], target, rtol=1e-4, atol=1e-5, err_msg=name)

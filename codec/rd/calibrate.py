@@ -53,7 +53,7 @@ SENSITIVITY_SAMPLES = 256
 #: Batch size when the inputs are given as one array of samples.
 BATCH_SIZE = 64
 #: Bytes of unfolded convolution columns processed at once.
-_UNFOLD_BYTES = 64 << 20
+UNFOLD_BYTES = 64 << 20
 
 Batch = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -122,6 +122,9 @@ def as_batches(inputs: object, batch_size: int = BATCH_SIZE) -> Iterable:
     One tensor or numpy array is a set of samples along its first axis, cut
     into batches of ``batch_size``; a mapping of them (a tokenizer's output)
     is one batch; anything else iterable is taken as the batches themselves.
+    A batch that is a tuple or list is ``(inputs, *targets)``, as a
+    DataLoader over a labelled dataset gives them: its inputs are used, the
+    targets are not (the original model's outputs are the target).
     """
     if isinstance(inputs, np.ndarray):
         inputs = torch.from_numpy(inputs)
@@ -134,7 +137,24 @@ def as_batches(inputs: object, batch_size: int = BATCH_SIZE) -> Iterable:
     if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Iterable):
         raise TypeError(f"calibration inputs must be a tensor, an array or an iterable of batches, "
                         f"not {type(inputs).__name__}")
-    return inputs
+    if iter(inputs) is inputs:  # a one-shot iterator stays one
+        return map(_inputs_of, inputs)
+    return _InputsOf(inputs)
+
+
+def _inputs_of(batch: object) -> object:
+    """A batch's inputs: the first item of an ``(inputs, *targets)`` tuple or list, else the batch."""
+    return batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+
+
+class _InputsOf:
+    """A re-iterable source of batches (a list, a DataLoader) read as :func:`_inputs_of` each batch."""
+
+    def __init__(self, source: Iterable):
+        self.source = source
+
+    def __iter__(self):
+        return map(_inputs_of, self.source)
 
 
 def _prepare(batch: object, index: int, device: torch.device, dtype: torch.dtype) -> Batch:
@@ -226,7 +246,7 @@ class _Collector:
             x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
             padding = 0
         per_sample = x[0].numel() * math.prod(m.kernel_size) * x.element_size() * 2
-        step = max(1, _UNFOLD_BYTES // max(per_sample, 1))
+        step = max(1, UNFOLD_BYTES // max(per_sample, 1))
         for i in range(0, x.shape[0], step):
             cols = F.unfold(x[i:i + step], m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
             n, ck, length = cols.shape
