@@ -250,7 +250,8 @@ class Schedule:
                     codec.train.finetune(model, part, loss_fn, steps=len(part), overrides=overrides,
                                          optimizer=optimizer, lr=lambda i, first=first: self.lr(first + i),
                                          refresh=refresh, vector_bits=vector_bits, keep_tiles=keep,
-                                         progress=bar if bar is not None else False)
+                                         progress=bar if bar is not None else False,
+                                         validation=False)  # a training loop: its test set is the check
                 first += len(part)
         model.eval()
         self.averaged = average.models()

@@ -40,7 +40,7 @@ def test_refresh_codes_every_kth_step_and_still_ends_on_the_file(monkeypatch):
     monkeypatch.setattr(ft, "coded_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
     seen = []
     model[0].register_forward_pre_hook(lambda m, args: seen.append(m.weight.detach().clone()))
-    finetune(model, _data(), LOSS, setting="b3", steps=7, lr=1e-2, refresh=3)
+    finetune(model, _data(), LOSS, setting="b3", steps=7, lr=1e-2, refresh=3, validation=False)
     assert len(calls) == 3 + 1  # steps 0, 3 and 6, and the final pass
     assert len(seen) == 7 + 1
     loaded = codec.load(_saved(model, "b3"))
@@ -152,7 +152,7 @@ def test_distillation_runs_the_student_without_dropout():
     and its weights drifted; the model's own mode is restored."""
     model = _with_dropout().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    finetune(model, _data()[0][0], None, setting="lossless", steps=3, lr=1e-2)
+    finetune(model, _data()[0][0], None, setting="lossless", steps=3, lr=1e-2, validation=False)
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -160,14 +160,14 @@ def test_distillation_runs_the_student_without_dropout():
 def test_train_mode_is_the_callers_choice():
     model = _with_dropout().eval()
     before = model[0].weight.detach().clone()
-    finetune(model, _data()[0][0], None, setting="lossless", steps=3, lr=1e-2, train_mode=True)
+    finetune(model, _data()[0][0], None, setting="lossless", steps=3, lr=1e-2, train_mode=True, validation=False)
     assert not model.training
     assert not torch.equal(before, model[0].weight)  # dropout on: the student differs from the teacher and moves
     labelled = _with_dropout()
     seen = []
     labelled[1].register_forward_pre_hook(lambda m, args: seen.append(m.training))
-    finetune(labelled, _data(1), LOSS, setting="b4", steps=2, lr=1e-2)
-    finetune(labelled, _data(1), LOSS, setting="b4", steps=2, lr=1e-2, train_mode=False)
+    finetune(labelled, _data(1), LOSS, setting="b4", steps=2, lr=1e-2, validation=False)
+    finetune(labelled, _data(1), LOSS, setting="b4", steps=2, lr=1e-2, train_mode=False, validation=False)
     # two steps and the final pass each, in the loop's mode
     assert seen == [True, True, True, False, False, False] and labelled.training
     with pytest.raises(TypeError, match="train_mode"):
