@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import warnings
 
@@ -76,7 +77,7 @@ def test_a_run_that_helps_keeps_its_weights_and_holds_out_every_fourth_batch():
     model.register_forward_pre_hook(lambda m, args: seen.append(args[0].data_ptr()))
     with warnings.catch_warnings():
         warnings.simplefilter("error", NotKeptWarning)
-        finetune(model, batches, LOSS, setting="b2", steps=30, lr=1e-2, refresh=2)
+        finetune(model, batches, LOSS, setting="b2", steps=30, lr=1e-2, refresh=2, check_every=30)  # at the end
     assert not torch.equal(model[0].weight.detach(), start)
     held = {batches[3][0].data_ptr(), batches[7][0].data_ptr()}
     trained = {x.data_ptr() for x, _ in batches} - held
@@ -104,8 +105,8 @@ def test_check_every_keeps_the_best_weights_seen():
     batches, check = _labelled(5), _labelled(2, seed=4)
     lr = lambda step: 1e-2 if step < 5 else 50.0  # noqa: E731
     runs = {}
-    for name, kwargs in {"early": {"steps": 10, "check_every": 5}, "five": {"steps": 5},
-                         "end only": {"steps": 10}}.items():
+    for name, kwargs in {"early": {"steps": 10, "check_every": 5}, "five": {"steps": 5, "check_every": 5},
+                         "end only": {"steps": 10, "check_every": 10}}.items():
         model = _tiny()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -113,6 +114,15 @@ def test_check_every_keeps_the_best_weights_seen():
         runs[name] = (model[0].weight.detach().clone(), [w for w in caught if w.category is NotKeptWarning])
     assert torch.equal(runs["early"][0], runs["five"][0]) and not runs["early"][1] and not runs["five"][1]
     assert torch.equal(runs["end only"][0], _tiny()[0].weight.detach()) and runs["end only"][1]
+
+
+def test_by_default_it_checks_five_times(monkeypatch):
+    ft = importlib.import_module("codec.train.finetune")
+    calls = []
+    real = ft.coded_weights
+    monkeypatch.setattr(ft, "coded_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    finetune(_tiny(), _labelled(8), LOSS, setting="b3", steps=10, lr=1e-3, refresh=100)
+    assert len(calls) == 1 + 1 + 5 + 1  # the check before, step 0's coding, checks after steps 2, 4, ... 10, the final pass
 
 
 def test_no_check_with_validation_false():

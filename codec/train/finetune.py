@@ -41,6 +41,9 @@ class NotKeptWarning(UserWarning):
     (the message says on which batches, and both losses)."""
 
 
+#: :func:`finetune` checks the coded model this many times in a run by default (``check_every``), keeping the best.
+CHECKS = 5
+
 #: Per-tensor settings as codec.save takes them: ``{glob: setting}`` or ``[(glob, setting), ...]``.
 OverrideRules = Mapping[str, str] | Sequence[tuple[str, str]] | None
 
@@ -264,8 +267,8 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     **The check** (``validation``): fine-tuning on few samples can fit them and make the file worse than coding the
     model as given (measured: a ResNet-like net distilled on 2,000 images lost 0.7 points at 3 bits, bench/README.md).
     So finetune measures a check loss (``loss_fn``'s, or the distillation loss) of the model *as the file decodes
-    it* (``coded_weights`` at this setting, ``vector_bits`` included, the model in eval mode) before the first step
-    and after the last (and every ``check_every`` steps if given), and ends on the weights that scored best: when
+    it* (``coded_weights`` at this setting, ``vector_bits`` included, the model in eval mode) before the first step,
+    every ``check_every`` steps and after the last, and ends on the weights that scored best: when
     no fine-tuned weights beat the starting ones it restores them (vectors rounded with ``vector_bits``) and warns
     with a :class:`NotKeptWarning` naming both losses (``warnings.catch_warnings(record=True)`` collects it, a
     ``"error"`` filter turns it into an exception). ``validation=None`` (default) holds out every 4th batch of
@@ -273,7 +276,8 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     runs on the training batches, which catches a diverging run but not overfitting); ``validation=batches`` (the
     same form as ``data``) checks on those and trains on all of ``data``; ``validation=False`` checks nothing (a
     training loop that calls finetune each epoch with its own validation, as bench/train.py does).
-    ``check_every=k``: also check after every k-th step and keep the best weights seen (early stopping; the
+    ``check_every=k``: check after every k-th step (None, default: :data:`CHECKS` times in the run; ``steps``: at
+    the end only), so a run that first helps and then overfits ends on its best weights (early stopping; the
     optimizer's state is not rolled back).
 
     Returns the model, with its float weights (its rounded vectors with ``vector_bits``); the file saved from it
@@ -372,6 +376,7 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         return sum(losses) / len(losses)
 
     checking = check is not None and steps > 0
+    every = check_every or max(1, -(-steps // CHECKS))
     if checking:
         start = {k: v.detach().clone() for k, v in model.state_dict().items()}
         before = best = check_loss()
@@ -389,7 +394,7 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
             loss = loss_at(last, code=step % refresh == 0)
             loss.backward()
             optimizer.step()
-            if checking and (step + 1 == steps or check_every and (step + 1) % check_every == 0):
+            if checking and (step + 1 == steps or (step + 1) % every == 0):
                 now = check_loss()
                 if now < best:
                     best, best_step = now, step + 1
