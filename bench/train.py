@@ -62,7 +62,7 @@ LADDER = {"mlp": (4, 5, 6, 8, 10), "cnn": (4, 5, 6, 8, 10)}
 DECAY_NOTE = {"none": "", "cosine": ", cosine decay to 0", "last": ", cosine decay to 0 over the last {} epoch(s)"}
 
 
-def ladder_point(kind: str, quality: int, table: str = "flat",
+def ladder_point(kind: str, quality: float, table: str = "flat",
                  variant: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
     """The overrides (codec.save's) of one ladder point: the largest layer in grid-tiled JPEG at ``quality`` with
     ``table`` (grid tiles are the cheapest structure jwt has: one set of JPEG headers, 64x64 tiles), the rest as
@@ -70,6 +70,14 @@ def ladder_point(kind: str, quality: int, table: str = "flat",
     changed = dict(variant)
     rest = [(name, changed.pop(name, setting)) for name, setting in REST[kind]]
     return [(f"{BIG[kind]}.weight", f"jpeg,q{quality},table={table}"), *rest, *changed.items()]
+
+
+def quality_arg(text: str) -> float:
+    """``--quality``: a whole quality as an int (``6``, labelled ``q6``), a step between two as a float (``6.5``)."""
+    value = float(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"quality {text} is not in 1..100")
+    return int(value) if value.is_integer() else value
 
 
 def parse_variant(text: str) -> tuple[tuple[str, str], ...]:
@@ -82,7 +90,7 @@ def parse_variant(text: str) -> tuple[tuple[str, str], ...]:
     return pairs
 
 
-def variant_label(quality: int, variant: Sequence[tuple[str, str]]) -> str:
+def variant_label(quality: float, variant: Sequence[tuple[str, str]]) -> str:
     """The "coded with" label of a ladder point: ``q6`` or ``q6, conv2.weight=b3``."""
     return ", ".join([f"q{quality}", *(f"{name}={setting}" for name, setting in variant)])
 
@@ -250,7 +258,8 @@ class Schedule:
                     codec.train.finetune(model, part, loss_fn, steps=len(part), overrides=overrides,
                                          optimizer=optimizer, lr=lambda i, first=first: self.lr(first + i),
                                          refresh=refresh, vector_bits=vector_bits, keep_tiles=keep,
-                                         progress=bar if bar is not None else False)
+                                         progress=bar if bar is not None else False,
+                                         validation=False)  # a training loop: its test set is the check
                 first += len(part)
         model.eval()
         self.averaged = average.models()
@@ -325,7 +334,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
                         "loss every --rate-every steps (default 0; several: a run for each)")
     parser.add_argument("--vector-bits", type=int, help="codec in the loop: round biases to this many significand "
                         "bits (stored losslessly, exactly)")
-    parser.add_argument("--quality", type=int, action="append", help="ladder: JPEG qualities of the largest layer")
+    parser.add_argument("--quality", type=quality_arg, action="append", help="ladder: JPEG qualities of the largest "
+                        "layer (6; 6.5: libjpeg's table formula at 6.5, between q6's and q7's, as the setting q6.5)")
     parser.add_argument("--table", default="flat", help="ladder: JPEG table of the largest layer (flat, ramp1, ...)")
     parser.add_argument("--variant", action="append", default=[], help="ladder: also code the other tensors this "
                         "way, e.g. conv2.weight=b3,fc2.weight=b8 (each --variant a ladder of its own at every "
@@ -383,7 +393,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     write(args.out or OUT / f"train_{kind}", kind, args, runs, images)
 
 
-def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities: Sequence[int], lams: Sequence[float],
+def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities: Sequence[float], lams: Sequence[float],
              budgets: Sequence[float]) -> tuple[float, list[tuple]]:
     """One seed's run: the plain model's float accuracy and the rows ``(curve, how, bits/weight, accuracy, time vs
     plain)``."""
@@ -502,15 +512,16 @@ def write(path: Path, kind: str, args, runs: list[tuple[float, list[tuple]]], im
               f"{f', weights averaged (decays {args.ema})' if args.ema else ''}. Each row is the "
               f"mean over the seeds; points lost against each seed's own plain model, [min, max] over the seeds."),
              "",
-             ("| model | coded with | bits/weight (file) | test accuracy % | points lost [min, max] | "
+             ("| model | coded with | bits/weight (file) [min, max] | test accuracy % | points lost [min, max] | "
               "training time vs plain |"),
              "|---|---|---|---|---|---|"]
     curves: dict[str, list[tuple[float, float]]] = {}
     for (curve, how), values in by_row.items():
         bpw, acc, lost, cost = (np.array(column, dtype=float) for column in zip(*values))
         spread = f" [{np.min(lost):+.2f}, {np.max(lost):+.2f}]" if len(values) > 1 else ""
-        lines.append(f"| {curve} | {how} | {np.mean(bpw):.3f} | {np.mean(acc):.2f} | {np.mean(lost):+.2f}{spread} | "
-                     f"{np.mean(cost):.2f}x |")
+        bits = f" [{np.min(bpw):.3f}, {np.max(bpw):.3f}]" if len(values) > 1 else ""  # a budget holds for each file
+        lines.append(f"| {curve} | {how} | {np.mean(bpw):.3f}{bits} | {np.mean(acc):.2f} | "
+                     f"{np.mean(lost):+.2f}{spread} | {np.mean(cost):.2f}x |")
         if not np.isnan(bpw).any():
             curves.setdefault(curve, []).append((float(np.mean(bpw)), float(np.mean(acc))))
     text = "\n".join(lines) + "\n"

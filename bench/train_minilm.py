@@ -103,7 +103,8 @@ def distilled(state: dict, overrides: dict, batches: list, args, lr: float) -> b
     bert = original_bert()
     codec.train.finetune(Embed(bert), batches, None, steps=args.steps, lr=lr, refresh=args.refresh,
                          overrides={f"bert.{k}": v for k, v in overrides.items()}, progress=True,
-                         train_mode=True if args.dropout else None)
+                         train_mode=True if args.dropout else None,
+                         validation=False)  # compared with the post-training file by the bench itself
     buf = io.BytesIO()
     codec.save({k: v for k, v in bert.state_dict().items() if k in state}, buf, overrides=overrides)
     return buf.getvalue()

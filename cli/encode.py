@@ -59,7 +59,8 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
               help="Code the tensors on a Ray cluster: auto (the running cluster), local (start one here) or its "
                    "address; the file is the same bytes as a local encode. Needs pip install 'jwt-weights[ray]'.")
 @click.option("--set", "rules", multiple=True, metavar="GLOB=SETTING",
-              help="Per-tensor setting, repeatable, last match wins: lossless, qN (JPEG quality), bN (quant bits), "
+              help="Per-tensor setting, repeatable, last match wins: lossless, qN (JPEG quality; qX.Y a table between two "
+                   "qualities, e.g. q6.5), bN (quant bits), "
                    "dX (JPEG XL distance), jpegxl, table=flat|jpeg|ramp1|ramp2|ramp4, tile=HxW, rows=HxW; comma-separated. "
                    "E.g. --set 'fc2.*=lossless' --set '*.attention.*=q90'.")
 @click.option("--quality", type=click.IntRange(1, 100),

@@ -704,12 +704,25 @@ def _place_tiles(matrix: np.ndarray, t: tiling.Tiling, i0: int, values: np.ndarr
         matrix[r0:r1, c0:c1] = part[: r1 - r0, : c1 - c0]
 
 
+def _fractional_quality(q: float) -> dict[str, int | None]:
+    """``quality`` and ``scale`` of a JPEG quality between two integers (``q6.5``): the table libjpeg's formula
+    gives ``q`` (scale ``5000 / q`` percent below 50, ``200 - 2 q`` from 50; rounded to a whole percent, the
+    step :mod:`codec.rd.ladder` labels ``q6.50``), with ``quality`` the next coarser integer's (information only;
+    the file stores the table's 64 entries, spec 8.2). A whole ``q`` is that quality."""
+    if not 1 <= q <= 100:
+        raise ValueError
+    scale = round(5000 / q) if q < 50 else round(200 - 2 * q)
+    quality = max(k for k in range(1, 101) if quality_scale(k) >= scale)
+    return {"quality": quality, "scale": None if quality_scale(quality) == scale else scale}
+
+
 def parse_spec(spec: str, base: EncodeOptions) -> EncodeOptions:
     """Apply a per-tensor setting such as ``lossless``, ``q90``, ``b8`` or ``jpegxl,d1.5`` to ``base``.
 
     Comma-separated items: ``lossless``, ``jpeg``, ``jpegxl``, ``quant``
-    (codec); ``qN`` (quality N); ``bN`` (``quant`` with N bits); ``dX``
-    (JPEG XL distance X); ``table=auto|jpeg|flat``; ``tile=HxW``;
+    (codec); ``qN`` (quality N); ``qX.Y`` (JPEG, a table between two
+    qualities: :func:`_fractional_quality`); ``bN`` (``quant`` with N bits);
+    ``dX`` (JPEG XL distance X); ``table=auto|jpeg|flat``; ``tile=HxW``;
     ``rows=HxW`` (row shape). A quality or distance alone keeps the
     codec of ``base`` unless it is lossless/quant, then it selects jpeg
     (``qN``) or jpegxl (``dX``).
@@ -722,8 +735,10 @@ def parse_spec(spec: str, base: EncodeOptions) -> EncodeOptions:
             if item in CODEC_CHOICES:
                 changes["codec"] = item
             elif item[:1] == "q" and item[1:].isdigit():
-                changes["quality"] = int(item[1:])
+                changes["quality"], changes["scale"] = int(item[1:]), None
                 changes.setdefault("codec", base.codec if base.codec in ("jpeg", "jpegxl") else "jpeg")
+            elif item[:1] == "q" and item[1:2].isdigit() and item[1:].replace(".", "", 1).isdigit():
+                changes.update(_fractional_quality(float(item[1:])), codec="jpeg")
             elif item[:1] == "b" and item[1:].isdigit():
                 changes.update(codec="quant", bits=int(item[1:]))
             elif item[:1] == "d":
@@ -737,7 +752,7 @@ def parse_spec(spec: str, base: EncodeOptions) -> EncodeOptions:
                 raise ValueError
         except ValueError:
             raise EncodeError(f"setting {spec!r}: cannot read {raw.strip()!r} (expected lossless, jpeg, jpegxl, "
-                              "quant, qN, bN, dX, table=..., tile=HxW or rows=HxW)") from None
+                              "quant, qN, qX.Y, bN, dX, table=..., tile=HxW or rows=HxW)") from None
     problem = option_conflicts(changes, codec=base.codec if "codec" not in changes else None)
     if problem:
         raise EncodeError(f"setting {spec!r}: {problem}")

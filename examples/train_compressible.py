@@ -12,10 +12,13 @@ of accuracy against bits/weight. In your own loop::
     import codec, codec.train
     setting = [("fc1.weight", "jpeg,q7,table=ramp1"), ("fc2.weight", "b3")]    # codec.save's overrides
     codec.train.finetune(model, batches, torch.nn.functional.cross_entropy, steps=len(batches), lr=1e-3,
-                         overrides=setting, refresh=4, vector_bits=4, optimizer=optimizer)   # each epoch in the loop
+                         overrides=setting, refresh=4, vector_bits=4, optimizer=optimizer,
+                         validation=False)   # each epoch in the loop; your own validation decides
     codec.save(model, "model.jwt", overrides=setting)   # decodes to the weights of the last forward pass
 
-(``loss_fn=None`` distils the model's own outputs, no labels; ``optimizer``: your Adam, so its state carries on.)
+(``loss_fn=None`` distils the model's own outputs, no labels; ``optimizer``: your Adam, so its state carries on.
+To fine-tune a trained model instead, leave ``validation`` out: finetune holds out every 4th batch and keeps the
+starting weights, with a warning, unless the coded model does better on them.)
 
 Runs (2 CPU cores): ``python examples/train_compressible.py`` (MLP, minutes),
 ``python examples/train_compressible.py --cnn --train-size 20000`` (CNN). ``--lam L`` adds a rate-penalty run

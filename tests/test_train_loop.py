@@ -40,7 +40,7 @@ def test_refresh_codes_every_kth_step_and_still_ends_on_the_file(monkeypatch):
     monkeypatch.setattr(ft, "coded_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
     seen = []
     model[0].register_forward_pre_hook(lambda m, args: seen.append(m.weight.detach().clone()))
-    finetune(model, _data(), LOSS, setting="b3", steps=7, lr=1e-2, refresh=3)
+    finetune(model, _data(), LOSS, setting="b3", steps=7, lr=1e-2, refresh=3, validation=False)
     assert len(calls) == 3 + 1  # steps 0, 3 and 6, and the final pass
     assert len(seen) == 7 + 1
     loaded = codec.load(_saved(model, "b3"))
@@ -152,7 +152,7 @@ def test_distillation_runs_the_student_without_dropout():
     and its weights drifted; the model's own mode is restored."""
     model = _with_dropout().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    finetune(model, _data()[0][0], None, setting="lossless", steps=3, lr=1e-2)
+    finetune(model, _data()[0][0], None, setting="lossless", steps=3, lr=1e-2, validation=False)
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -160,14 +160,14 @@ def test_distillation_runs_the_student_without_dropout():
 def test_train_mode_is_the_callers_choice():
     model = _with_dropout().eval()
     before = model[0].weight.detach().clone()
-    finetune(model, _data()[0][0], None, setting="lossless", steps=3, lr=1e-2, train_mode=True)
+    finetune(model, _data()[0][0], None, setting="lossless", steps=3, lr=1e-2, train_mode=True, validation=False)
     assert not model.training
     assert not torch.equal(before, model[0].weight)  # dropout on: the student differs from the teacher and moves
     labelled = _with_dropout()
     seen = []
     labelled[1].register_forward_pre_hook(lambda m, args: seen.append(m.training))
-    finetune(labelled, _data(1), LOSS, setting="b4", steps=2, lr=1e-2)
-    finetune(labelled, _data(1), LOSS, setting="b4", steps=2, lr=1e-2, train_mode=False)
+    finetune(labelled, _data(1), LOSS, setting="b4", steps=2, lr=1e-2, validation=False)
+    finetune(labelled, _data(1), LOSS, setting="b4", steps=2, lr=1e-2, train_mode=False, validation=False)
     # two steps and the final pass each, in the loop's mode
     assert seen == [True, True, True, False, False, False] and labelled.training
     with pytest.raises(TypeError, match="train_mode"):
@@ -352,3 +352,45 @@ def test_bench_train_decays_over_the_last_epochs_asked_and_averages_both_runs(ca
         with pytest.raises(SystemExit) as exc:
             train.main(["--model", "mlp", option, value])
         assert exc.value.code == 2 and option in capsys.readouterr().err
+
+
+def test_a_fractional_quality_trains_and_saves_the_table_between_two_qualities():
+    """``q6.5``: libjpeg's table at 6.5 (scale 769 %), stored as its 64 entries; finetune, coded_weights, rate and
+    codec.save agree on it, and the file decodes to the weights of the loop's last forward pass."""
+    from codec.tensorcodec import EncodeOptions, parse_spec
+
+    opts = parse_spec("jpeg,q6.5,table=flat", EncodeOptions())
+    assert (opts.quality, opts.scale) == (6, 769)
+    assert parse_spec("q6.0", EncodeOptions()).scale is None  # a whole quality is its name
+    for bad in ("q0.5", "q100.5", "q6.5.1", "q.5"):
+        with pytest.raises(codec.EncodeError, match="q"):
+            parse_spec(bad, EncodeOptions())
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))  # 16,384: JPEG
+    rules = [("0.weight", "jpeg,q6.5,table=flat"), ("2.weight", "b4")]
+    seen = []
+    model[0].register_forward_pre_hook(lambda m, args: seen.append(m.weight.detach().clone()))
+    x, y = torch.randn(64, 256), torch.randint(0, 10, (64,))
+    finetune(model, [(x, y)], LOSS, steps=3, lr=1e-3, overrides=rules, validation=False)
+    buf = io.BytesIO()
+    codec.save(model, buf, overrides=rules)
+    loaded = codec.load(buf.getvalue())
+    assert torch.equal(loaded["0.weight"], seen[-1])
+    assert torch.equal(coded_weights(model, overrides=rules)["0.weight"], seen[-1])
+    with codec.open(buf.getvalue()) as f:
+        table = f.reader.entry("0.weight").codec.table
+    assert isinstance(table, list) and len(table) == 64
+    sizes, estimates = [], []
+    for q in ("q6", "q6.5", "q7"):
+        sizes.append(len(encode_blob(model, "jpeg," + q + ",table=flat")))
+        estimates.append(codec.train.rate({"w": model[0].weight}, setting="jpeg," + q + ",table=flat").item())
+    assert sizes[0] < sizes[1] < sizes[2] and estimates[0] < estimates[1] < estimates[2]
+
+
+def encode_blob(model, setting: str) -> bytes:
+    from codec.api import to_numpy
+    from codec.dtypes import get_dtype
+    from codec.tensorcodec import encode_tensor
+
+    array, dtype = to_numpy(model[0].weight)
+    return b"".join(encode_tensor(array, get_dtype(dtype), codec.train.as_setting(setting)).blobs)

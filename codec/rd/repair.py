@@ -57,6 +57,12 @@ __all__ = ["RepairSettings", "Repaired", "code_with_repair", "forward_order", "o
 HOLDOUT_EVERY = 4
 
 
+def held_out(n: int) -> list[int]:
+    """The indices of ``n`` batches held out to check a fit (every :data:`HOLDOUT_EVERY`-th, from that many batches;
+    none below); repair's refit and fine-tuning and :func:`codec.train.finetune` use it."""
+    return [i for i in range(n) if n >= HOLDOUT_EVERY and i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+
+
 @dataclass(frozen=True)
 class RepairSettings:
     """How much repair to do.
@@ -646,7 +652,7 @@ def _finetune(work: nn.Module, batches: list, refs: list, slots: dict[str, _Slot
     from ..train import finetune
 
     n = len(batches)
-    held = [i for i in range(n) if n >= HOLDOUT_EVERY and i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+    held = held_out(n)
     fit = [i for i in range(n) if i not in held]
     check = held or fit
     loss = _kl if settings.finetune_loss == "kl" else _relative_mse
@@ -672,7 +678,8 @@ def _finetune(work: nn.Module, batches: list, refs: list, slots: dict[str, _Slot
         with torch.enable_grad():
             finetune(_EvalMode(work), [(batches[i], i) for i in fit], steps=settings.finetune_steps,
                      loss_fn=lambda out, i: loss(out, refs[i]), refresh=settings.finetune_refresh, keep_tiles=True,
-                     optimizer=optimizer, overrides=_Exact({"inner." + s.name: options[s.name] for s in trained}))
+                     optimizer=optimizer, overrides=_Exact({"inner." + s.name: options[s.name] for s in trained}),
+                     validation=False)  # its own check below, after keep-size
     finally:
         for s in tuned:
             s.tensor.requires_grad_(False)

@@ -5,14 +5,15 @@
 each weight passed through the real encode/decode of its setting (straight-through gradients), so the model
 adapts to the exact file it will be stored as (measured: the way that pays, bench/results/train_mlp.md; ``refresh=4``
 codes every 4th step, ``vector_bits=4`` rounds the biases the file stores losslessly: ``round_vectors`` does that
-alone);
+alone); it ends on the starting weights, with a ``NotKeptWarning``, when they code to a better file on held-out
+batches (``validation=``);
 ``DCTLinear`` / ``DCTConv2d``: layers held as low-frequency DCT coefficients of JPEG's 8x8 blocks,
 ``to_ordinary`` turns them back into ordinary layers.
 """
 
 from .dct import DCTConv2d, DCTLinear, to_ordinary, with_dct_layers
-from .finetune import as_overrides, coded_weights, finetune, round_vector, round_vectors
+from .finetune import NotKeptWarning, as_overrides, coded_weights, finetune, round_vector, round_vectors
 from .rate import as_setting, entropy_bits, rate, tensor_rate
 
-__all__ = ["DCTConv2d", "DCTLinear", "as_overrides", "as_setting", "coded_weights", "entropy_bits", "finetune",
-           "rate", "round_vector", "round_vectors", "tensor_rate", "to_ordinary", "with_dct_layers"]
+__all__ = ["DCTConv2d", "DCTLinear", "NotKeptWarning", "as_overrides", "as_setting", "coded_weights", "entropy_bits",
+           "finetune", "rate", "round_vector", "round_vectors", "tensor_rate", "to_ordinary", "with_dct_layers"]
