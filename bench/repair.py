@@ -26,6 +26,7 @@ import torch
 import codec
 from codec.api import _plan, encoder_versions, to_numpy
 from codec.dtypes import get_dtype
+from codec.encode import spare_bytes
 from codec.rd.calibrate import SENSITIVITY_SAMPLES, calibrate
 from codec.rd.repair import RepairSettings, code_with_repair
 from codec.tensorcodec import EncodeOptions, Overrides, encode_tensor
@@ -84,6 +85,8 @@ def main() -> None:
     parser.add_argument("--fold-batchnorm", action="store_true",
                         help="fold each BatchNorm's per-channel scale into the layer before it first "
                              "(codec.rd.fold.fold_batchnorm: the same function, other stored values)")
+    parser.add_argument("--no-spend", dest="spend", action="store_false",
+                        help="do not give repair the bytes the plan leaves under the budget (codec.encode.spare_bytes)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=RepairSettings.steps)
     parser.add_argument("--final-steps", type=int, default=RepairSettings.final_steps)
@@ -140,14 +143,17 @@ def main() -> None:
         start = time.process_time()
         index: dict = {}
         options = plan(state_dict, bits, calibration, index)
+        planned = len(write(state_dict, options, {}, index.get("compress")))
+        spare = spare_bytes(int(bits * n_weights / 8), planned) if args.spend else 0
         print(f"{bits:6.2f} plan ({'calibrated' if calibration else 'data-free'}): "
-              f"{time.process_time() - start:.0f} CPU s", flush=True)
+              f"{time.process_time() - start:.0f} CPU s, {planned} bytes as planned, {spare} spare", flush=True)
         for variant in args.variants.split(","):
             start = time.perf_counter()
             if variant == "plain":
                 targets, notes, changed = {}, [], {}
             else:
-                targets, notes, changed = code_with_repair(model, batches, options, settings=variants[variant])
+                targets, notes, changed = code_with_repair(model, batches, options, settings=variants[variant],
+                                                           spare=spare)
             seconds = time.perf_counter() - start
             blob = write(state_dict, {**options, **changed}, targets, index.get("compress"))
             decoded = codec.load(blob)

@@ -17,6 +17,7 @@ storage), and calibration, repair and ``calibrate`` callbacks run in
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import sys
@@ -406,8 +407,14 @@ def save(
 
             weightings = calib = None  # calibration's H matrices served the plan (MiniLM: 150 MB); repair has its own
             release_memory()
+            spare = 0
+            if bits_per_weight is not None:  # what the plan leaves under the budget: repair spends it
+                weights = sum(math.prod(arrays.shape(n)) for n in arrays if n not in aliases)
+                spare = spare_bytes(int(bits_per_weight * weights / 8),
+                                    _planned_size(arrays, aliases, chosen.__getitem__, meta, encoder, index,
+                                                  attachments, packing, jobs))
             arrays = repaired_arrays(model, arrays, aliases, inputs, chosen, calib, calibration_progress, jobs, notes,
-                                     None if isinstance(repair, bool) else repair, coded=coded)
+                                     None if isinstance(repair, bool) else repair, coded=coded, spare=spare)
             release_memory()
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
     else:
@@ -451,6 +458,49 @@ def save(
             notes.append(f"repair: the file is {got:.3f} bits/weight, over the {bits_per_weight} asked for "
                          f"(the repaired values code larger than planned)")
     return ignored_options(stored, opts, rules) + notes
+
+
+class _Count(io.RawIOBase):
+    """A binary sink that only counts what is written to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.n += len(data)
+        return len(data)
+
+
+def _planned_size(arrays: Arrays, aliases: dict[str, str], options_for: Callable[[str], EncodeOptions],
+                  meta: dict[str, str], encoder: dict[str, str], index: dict, attachments, packing, jobs: int) -> int:
+    """The size of the file the plan's options give the values as they are: the writer's, run into a counter."""
+    sink = _Count()
+    with Writer(sink, metadata=meta, encoder=encoder, compress_index=index.get("compress")) as writer:
+        for name, target, dtype, shape, encoded, _ in _encode_in_order(arrays, aliases, options_for, jobs):
+            if target is not None:
+                writer.add_alias(name, target)
+            else:
+                writer.add(name, dtype, shape, encoded)
+        for name, data in (attachments or {}).items():
+            ready = packing.get(name)
+            writer.add_attachment(name, data, None if ready is None else ready.result())
+    return sink.n
+
+
+#: Of a repaired file's budget, the fraction repair is not given to spend (:func:`spare_bytes`): the lossless tensors'
+#: repaired values, the index's blob lengths and its compression can take a few bytes more than planned.
+SPARE_MARGIN = 0.003
+
+
+def spare_bytes(budget: int, planned: int) -> int:
+    """The bytes repair may spend beyond its plan (``spare`` of :func:`codec.rd.repair.code_with_repair`): the
+    budget less the size of the file the plan gives the original values, less :data:`SPARE_MARGIN` of the budget
+    (0 if that is negative)."""
+    return max(0, budget - planned - math.ceil(SPARE_MARGIN * budget))
 
 
 def _index_saving(skeleton: Index, tensors: list[tuple[str, DType, tuple[int, ...]]], least: float) -> int:

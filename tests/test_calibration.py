@@ -423,7 +423,8 @@ def _fake_repair(calls):
     import types
 
     def code_with_repair(model, inputs, options, calibration, *, progress=None, jobs=None, settings=None,
-                         encoded=None):
+                         encoded=None, spare=0):
+        assert isinstance(spare, int) and spare >= 0  # the bytes the plan leaves under the budget
         calls.append((model, [b.shape for b in inputs], dict(options), calibration))
         if progress:
             progress("repair", 1)

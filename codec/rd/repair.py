@@ -56,6 +56,15 @@ __all__ = ["RepairSettings", "Repaired", "code_with_repair", "forward_order", "o
 #: The refit holds out every this-many-th calibration batch to check that it generalizes (from this many batches).
 HOLDOUT_EVERY = 4
 
+#: Of the bytes the plan leaves (``spare``), this fraction of the planned bytes of each ``quant`` tensor coded after
+#: the largest one is kept back for it: GPTQ's rounding can code larger than plain rounding (measured: 2.4-4.5 %,
+#: the bench BatchNorm CNN's conv2 and the MLP's fc2), and ``quant`` has no cheaper step to pay for it.
+RESERVE = 0.1
+
+#: A tensor that fits its plan tries dearer options only with credit left of at least this fraction of its bytes
+#: (JPEG; a fine ladder step costs more) or of a ``quant`` bit's share of them, so that small credits cost no codings.
+STEP_UP_FROM = 0.02
+
 
 def held_out(n: int) -> list[int]:
     """The indices of ``n`` batches held out to check a fit (every :data:`HOLDOUT_EVERY`-th, from that many batches;
@@ -111,6 +120,11 @@ class RepairSettings:
     #: so a tensor that would grow past its plan plus what the tensors before it saved is coded with the next
     #: cheaper options (JPEG quality - 1, JPEG XL distance x 1.1) until it fits.
     keep_size: bool = True
+    #: A tensor that fits its plan with credit to spare is coded with dearer options while they fit
+    #: (:func:`_stepped_up`). Only when repair is given a ``spare`` (:func:`repair`): without one, the plan is within
+    #: :data:`codec.encode.SPARE_MARGIN` of the budget and the savings keep-size leaves are that margin (measured:
+    #: all-MiniLM-L6-v2 at ``-b 3.5`` spent them and ended at 3.5001 bits/weight, over, at 4x repair's CPU time).
+    step_up: bool = True
     #: Codec-in-the-loop fine-tuning once everything is coded (:func:`codec.train.finetune`, see :func:`_finetune`):
     #: this many Adam steps on the floating parameters stored losslessly and the weights coded with ``quant``, each
     #: lossy tensor passed through its real encode/decode (straight-through gradients to float shadows that start at
@@ -151,6 +165,8 @@ class _Slot:
     encoded: Encoded | None = None
     #: Whether ``target`` differs from ``original`` (set when coded; the target itself may not be kept).
     changed: bool = False
+    #: Whether the coding repair chose is a pruned one at a higher quality (:func:`_pruned`).
+    pruned: bool = False
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -176,8 +192,8 @@ class Repaired:
 
 def code_with_repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptions], calibration=None,
                      *, progress: Callable[[str, int], None] | None = None, jobs: int | None = None,
-                     settings: RepairSettings | None = None, encoded: dict[str, Encoded] | None = None
-                     ) -> tuple[dict[str, np.ndarray], list[str], dict[str, EncodeOptions]]:
+                     settings: RepairSettings | None = None, encoded: dict[str, Encoded] | None = None,
+                     spare: int = 0) -> tuple[dict[str, np.ndarray], list[str], dict[str, EncodeOptions]]:
     """Code ``model``'s stored tensors in forward order, repairing the rest after each; ``(targets, notes, options)``.
 
     ``inputs`` is an iterable of input batches (tensors, or dicts of tensors
@@ -199,9 +215,13 @@ def code_with_repair(model: nn.Module, inputs: Iterable, options: Mapping[str, E
     ``targets`` holds only the tensors stored losslessly that repair
     changed: the lossy targets are then not kept in memory to the end
     (all-MiniLM-L6-v2: 90 MB).
+
+    ``spare`` is what the file may take beyond its plan, in bytes (the
+    budget less the size of the file the planned options give the original
+    values; ``settings.keep_size``): repair spends it (:func:`repair`).
     """
     result = repair(model, inputs, options, progress=progress, jobs=jobs, settings=settings,
-                    keep_targets=encoded is None)
+                    keep_targets=encoded is None, spare=spare)
     if encoded is not None:
         encoded.update(result.encoded)
     return result.targets, result.notes, result.options
@@ -209,7 +229,7 @@ def code_with_repair(model: nn.Module, inputs: Iterable, options: Mapping[str, E
 
 def repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptions], *,
            progress: Callable[[str, int], None] | None = None, jobs: int | None = None,
-           settings: RepairSettings | None = None, keep_targets: bool = True) -> Repaired:
+           settings: RepairSettings | None = None, keep_targets: bool = True, spare: int = 0) -> Repaired:
     """:func:`code_with_repair`, also returning the repaired working model and every lossy tensor's encoding (see
     :class:`Repaired`). Without ``keep_targets``, ``targets`` leaves the lossy tensors out (their encodings are
     all that is kept of them as they are coded), and, with no training steps, the working model holds a coded
@@ -218,7 +238,13 @@ def repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptio
     The working model is a deep copy of ``model`` except for the lossy tensors on the CPU when no distillation
     step trains them before they are coded (``settings.steps`` 0): those share ``model``'s storage until coded,
     and then take their decoded arrays as storage (never written into), so the working model costs what has been
-    coded, not a whole second model next to it."""
+    coded, not a whole second model next to it.
+
+    ``spare`` (bytes the file may take beyond its plan, with ``settings.keep_size``) is given to the largest lossy
+    tensor (most elements) as credit, less :data:`RESERVE` of the planned bytes of the ``quant`` tensors after it
+    (whose GPTQ coding can outgrow its plan with no cheaper step to pay it), which they get when their turn comes.
+    With a spare, every tensor that fits its plan with credit to spare is coded with dearer options while they
+    fit (:func:`_fit_size`, ``settings.step_up``), so what one tensor's keep-size step frees is spent by the next."""
     settings = RepairSettings() if settings is None else settings
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -237,8 +263,10 @@ def repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptio
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings.seed)
-            targets, notes, changed = _repair(model, work, batches, options, slots, settings, executor, progress,
-                                              keep_targets)
+            spare = spare if settings.keep_size else 0
+            targets, notes, changed = _repair(model, work, batches, options, slots,
+                                              replace(settings, step_up=settings.step_up and spare > 0), executor,
+                                              progress, keep_targets, spare)
     finally:
         if hasattr(executor, "shutdown"):
             executor.shutdown(wait=True)
@@ -333,7 +361,8 @@ def _measure(encoded: Encoded, target: np.ndarray, decoded: np.ndarray, dtype: D
 
 def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[str, EncodeOptions],
             slots: dict[str, _Slot], settings: RepairSettings, executor, progress,
-            keep_targets: bool = True) -> tuple[dict[str, np.ndarray], list[str], dict[str, EncodeOptions]]:
+            keep_targets: bool = True, spare: int = 0
+            ) -> tuple[dict[str, np.ndarray], list[str], dict[str, EncodeOptions]]:
     # Without targets kept or training, the working model only ever runs on the calibration inputs: a coded
     # embedding then needs only the rows they look up (_Lookups).
     lookups = _Lookups(work, slots) if not keep_targets and settings.steps == settings.final_steps == 0 \
@@ -352,7 +381,10 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     originals = dict(model.named_modules())
     _set_trainable(slots)
     step, mismatched, changed, credit = 0, 0, {}, 0
+    receiver, reserve = _receiver(queue, options, spare, executor)
     for slot in queue:
+        if slot is receiver:
+            credit += spare - reserve
         layer = _LayerFit.collect(model, originals[slot.module_name], work, slot, slots, batches, settings,
                                   follower.get(id(slot.module))) if _is_layer_weight(slot) else None
         if layer is not None and settings.prune and settings.keep_size and _prunes(options[slot.name], slot, settings):
@@ -361,6 +393,8 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
                                                  seed=settings.seed)
         target, assumed, decoded, opts, credit, slot.nbytes, slot.encoded = _code_within(
             slot, layer, options[slot.name], settings, executor, credit)
+        if slot is receiver:
+            credit += reserve  # for the quant tensors after it
         if opts != options[slot.name]:
             changed[slot.name] = opts
         if assumed is not None and not np.array_equal(to_float64(decoded, slot.dtype), assumed):
@@ -407,15 +441,20 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         notes.append(tuned)
     if mismatched:
         notes.append(f"repair: {mismatched} GPTQ tensors did not re-encode to the pixels chosen (coded as decoded)")
-    higher = sorted(n for n, o in changed.items() if o.codec == "jpeg" and o.quality > options[n].quality)
-    cheaper = sorted(n for n in changed if n not in higher)
+    higher = sorted(n for n, o in changed.items() if slots[n].pruned)
+    dearer = sorted(n for n, o in changed.items() if n not in higher and _is_dearer(o, options[n]))
+    cheaper = sorted(n for n in changed if n not in higher and n not in dearer)
+    if dearer:
+        notes.append(f"repair: {len(dearer)} tensors coded with dearer options to spend what the plan and the "
+                     f"tensors before them left (" + ", ".join(f"{n} {_text(options[n])} -> {_text(changed[n])}"
+                                                               for n in dearer) + ")")
     if higher:
         notes.append(f"repair: {len(higher)} JPEG tensors coded at a higher quality with the coefficients that matter "
                      f"least to the output pruned, within their planned size ("
-                     + ", ".join(f"{n} {ladder.text(options[n])} -> {ladder.text(changed[n])}" for n in higher) + ")")
+                     + ", ".join(f"{n} {_text(options[n])} -> {_text(changed[n])}" for n in higher) + ")")
     if cheaper:
         notes.append(f"repair: {len(cheaper)} tensors coded with cheaper options to stay within their planned size ("
-                     + ", ".join(f"{n} {ladder.text(options[n])} -> {ladder.text(changed[n])}"
+                     + ", ".join(f"{n} {_text(options[n])} -> {_text(changed[n])}"
                                  if changed[n].codec == "jpeg" else n for n in cheaper) + ")")
     return targets, notes, changed
 
@@ -725,6 +764,51 @@ def _code(name: str, array: np.ndarray, dtype: DType, opts: EncodeOptions, execu
     return decoded, sum(len(b) for b in encoded.blobs), encoded
 
 
+def _receiver(queue: list[_Slot], options: Mapping[str, EncodeOptions], spare: int, executor
+              ) -> tuple[_Slot | None, int]:
+    """``(slot, reserve)``: the lossy tensor that gets ``spare`` (the one with most elements, the first of equals),
+    and the bytes kept back from it for the ``quant`` tensors coded after it (:data:`RESERVE` of their planned
+    bytes, at most ``spare``)."""
+    if spare <= 0 or not queue:
+        return None, 0
+    receiver = max(queue, key=lambda s: s.original.size)  # the first of the largest
+    later = [s for s in queue[queue.index(receiver) + 1:] if options[s.name].codec == "quant"]
+    planned = sum(_code(s.name, s.original, s.dtype, options[s.name], executor)[1] for s in later)
+    return receiver, min(spare, math.ceil(RESERVE * planned))
+
+
+def _text(opts: EncodeOptions) -> str:
+    """A setting for a note: ``q5.27`` (JPEG), ``quant 5 bits``, or the codec's name."""
+    if opts.codec == "jpeg":
+        return ladder.text(opts)
+    return f"quant {opts.bits} bits" if opts.codec == "quant" else opts.codec
+
+
+def _is_dearer(opts: EncodeOptions, plan: EncodeOptions) -> bool:
+    """Whether ``opts`` is a dearer setting of ``plan``'s codec (a finer JPEG table, more ``quant`` bits, a smaller
+    JPEG XL distance)."""
+    if opts.codec != plan.codec:
+        return False
+    if opts.codec == "jpeg":
+        return ladder.scale_of(opts) < ladder.scale_of(plan)
+    if opts.codec == "quant":
+        return opts.bits > plan.bits
+    return opts.codec == "jpegxl" and None not in (opts.distance, plan.distance) and opts.distance < plan.distance
+
+
+def _dearer(opts: EncodeOptions) -> EncodeOptions | None:
+    """The next dearer options of the same codec, :func:`_cheaper`'s inverse: JPEG quality + 1 (from a table scale,
+    the next quality finer than it), ``quant`` one bit more (up to 8), JPEG XL distance / 1.1 (None: no such
+    step). :func:`_fit_size` then bisects the finer JPEG steps between."""
+    if opts.codec == "jpeg" and opts.quality is not None and opts.quality < 100:
+        return replace(opts, quality=opts.quality + 1, scale=None)
+    if opts.codec == "quant" and opts.bits < 8:
+        return replace(opts, bits=opts.bits + 1)
+    if opts.codec == "jpegxl" and opts.distance is not None and opts.distance > 0.1:
+        return replace(opts, distance=max(0.1, opts.distance / 1.1))
+    return None
+
+
 def _cheaper(opts: EncodeOptions) -> EncodeOptions | None:
     """The next cheaper options of the same codec: JPEG quality - 1 (from a table scale between two qualities, the
     coarser quality's own), JPEG XL distance x 1.1 (None: no such step). :func:`_fit_size` then bisects the finer
@@ -767,15 +851,17 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
         candidates.append(_fit_size(slot, layer, opts, replace(settings, compensate=False), executor, credit))
         if settings.keep_size:
             candidates.append(_fit_size(slot, layer, opts, settings, executor, credit, blend=False))
-    if layer.sensitivity is not None:
-        candidates += _pruned(slot, layer, opts, settings, executor, credit)
+    pruned = _pruned(slot, layer, opts, settings, executor, credit) if layer.sensitivity is not None else []
+    candidates += pruned
     current = layer._fitted if layer._fitted is not None else to_numpy(slot.tensor)[0]
     reference = to_float64(current, slot.dtype)  # what compensation aims at: the refit or the weight itself
     h = layer._h()
     rows = 1.0 if layer.sensitivity is None else np.sqrt(layer.sensitivity).reshape(-1, *(1,) * (reference.ndim - 1))
     # only codings within the size (a credit left >= 0): compensated values can outgrow even the cheapest quality
     fitting = [c for c in candidates if c[4] >= 0] or [max(candidates, key=lambda c: c[4])]
-    return min(fitting, key=lambda c: weight_output_error(reference * rows, to_float64(c[2], slot.dtype) * rows, h))
+    best = min(fitting, key=lambda c: weight_output_error(reference * rows, to_float64(c[2], slot.dtype) * rows, h))
+    slot.pruned = any(c is best for c in pruned)
+    return best
 
 
 #: Qualities above the plan at which :func:`_pruned` codes a weight, in steps of :data:`PRUNE_STEP`.
@@ -828,12 +914,15 @@ def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, setting
                                 else _code(slot.name, slot.original, slot.dtype, opts, executor)))
             budget = slot.budget = original[2]
         if nbytes <= budget + credit:
-            if above is not None:  # stepped down: the finest step between that fits (a list table's index bytes
-                planned = ladder.table_bytes(original[3].codec)  # counted against the plan's)
+            # stepped down: the finest step between that fits; else dearer steps while they fit (a list table's
+            # index bytes counted against the plan's)
+            planned, fits = ladder.table_bytes(original[3].codec), (target, assumed, decoded, opts, nbytes, encoded)
+            if above is not None:
                 target, assumed, decoded, opts, nbytes, encoded = _finest(
-                    slot, layer, settings, executor, above, (target, assumed, decoded, opts, nbytes, encoded),
-                    budget + credit + planned)
-                nbytes -= planned
+                    slot, layer, settings, executor, above, fits, budget + credit, planned)
+            elif settings.step_up and budget + credit - nbytes >= STEP_UP_FROM * nbytes:
+                target, assumed, decoded, opts, nbytes, encoded = _stepped_up(
+                    slot, layer, settings, executor, fits, budget + credit, planned)
             return target, assumed, decoded, opts, credit + budget - nbytes, nbytes, encoded
         if blend and (assumed is None or opts.codec == "jpeg") and credit >= 0:  # the original fits: move back
             coded = original[1:] if original[0] == opts else None
@@ -857,24 +946,48 @@ def _coded_target(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, set
 
 
 def _finest(slot: _Slot, layer: _LayerFit | None, settings: RepairSettings, executor, above: EncodeOptions,
-            fits: tuple, limit: int) -> tuple:
+            fits: tuple, limit: int, planned: int = 0) -> tuple:
     """Keep-size's step down made fine: ``fits`` (``(target, assumed, decoded, options, bytes, encoding)``) is
     coded one step of :func:`_cheaper` below ``above``, which did not fit ``limit`` bytes; the JPEG steps of
     :func:`codec.rd.ladder.between` them are bisected for the dearest that fits (a 127-byte overrun then costs
-    the BatchNorm CNN's fc1 a fraction of a quality, not q5 -> q4). Returns the same tuple, its bytes with the
-    index bytes of the step's list table (:func:`codec.rd.ladder.table_bytes`)."""
+    the BatchNorm CNN's fc1 a fraction of a quality, not q5 -> q4). Returns the same tuple, its bytes with what a
+    step's list table adds to the index beyond the plan's (:func:`_cost`)."""
     steps = ladder.between(fits[3], above) if above.codec == "jpeg" else []
-    fits = (*fits[:4], fits[4] + ladder.table_bytes(fits[5].codec), fits[5])
+    fits = (*fits[:4], _cost(fits[4], fits[5], planned), fits[5])
     lo, hi = -1, len(steps)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         target, assumed, decoded, nbytes, encoded = _coded_target(slot, layer, steps[mid], settings, executor)
-        nbytes += ladder.table_bytes(encoded.codec)
+        nbytes = _cost(nbytes, encoded, planned)
         if nbytes <= limit:
             lo, fits = mid, (target, assumed, decoded, steps[mid], nbytes, encoded)
         else:
             hi = mid
     return fits
+
+
+def _cost(nbytes: int, encoded: Encoded, planned: int) -> int:
+    """A coding's bytes against its plan's: its blobs and the index bytes of its list table
+    (:func:`codec.rd.ladder.table_bytes`) beyond those of the plan's (``planned``). A coding without one is not
+    credited with the plan's: in a compressed index (format 1.3) a list table takes a few bytes, not the 250 of
+    its JSON, so that credit could put the file over its budget."""
+    return nbytes + max(0, ladder.table_bytes(encoded.codec) - planned)
+
+
+def _stepped_up(slot: _Slot, layer: _LayerFit | None, settings: RepairSettings, executor, fits: tuple,
+                limit: int, planned: int = 0) -> tuple:
+    """Keep-size's step up: ``fits`` (``(target, assumed, decoded, options, bytes, encoding)``) fits ``limit`` bytes
+    with credit to spare; the slot is coded with :func:`_dearer` options while they fit (its target for each:
+    refit, GPTQ or compensation are redone for them), and between the dearest that fits and the first that does
+    not, the JPEG ladder's steps are bisected (:func:`_finest`). Returns the same tuple, its bytes as
+    :func:`_cost` counts them."""
+    up = _dearer(fits[3])
+    while up is not None and limit - _cost(fits[4], fits[5], planned) >= STEP_UP_FROM * fits[4]:
+        target, assumed, decoded, nbytes, encoded = _coded_target(slot, layer, up, settings, executor)
+        if _cost(nbytes, encoded, planned) > limit:
+            return _finest(slot, layer, settings, executor, up, fits, limit, planned)
+        fits, up = (target, assumed, decoded, up, nbytes, encoded), _dearer(up)
+    return (*fits[:4], _cost(fits[4], fits[5], planned), fits[5])
 
 
 def _blend(slot: _Slot, target: np.ndarray, opts: EncodeOptions, executor, limit: int,
