@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,8 +15,8 @@ from codec.dtypes import get_dtype
 from codec.format import TensorEntry
 from codec.rd.gptq import gptq_target, jpeg_target, output_error
 from codec.rd import ladder
-from codec.rd.repair import (RepairSettings, _code_within, _coded_target, _HeldOut, _LayerFit, _slots, code_with_repair,
-                             forward_order, repair)
+from codec.rd.repair import (RepairSettings, _code_within, _coded_target, _fit_size, _HeldOut, _LayerFit, _slots,
+                             code_with_repair, forward_order, repair)
 from codec.rd.repair import output_error as model_error
 from codec.tensorcodec import EncodeOptions, decode_tensor, encode_tensor
 
@@ -252,6 +253,58 @@ def test_jpeg_compensation_leaves_other_codecs_and_single_groups_alone():
         assert target is w and assumed is None
     with pytest.raises(ValueError, match="H is"):
         jpeg_target(w, F32, EncodeOptions(codec="jpeg"), np.eye(5))
+
+
+def test_factor_shared_between_codings_of_one_layer():
+    """The inverse Cholesky factor kept in ``factors`` serves later codings bit for bit: JPEG compensation at two
+    qualities and GPTQ (the same natural column order in grid tiles: one factor for all three)."""
+    w, h = _correlated_layer(3)
+    factors = {}
+    for opts in (EncodeOptions(codec="jpeg", quality=60, tile=(16, 32)), EncodeOptions(codec="jpeg", quality=40,
+                                                                                      tile=(16, 32))):
+        shared, alone = jpeg_target(w, F32, opts, h, factors=factors), jpeg_target(w, F32, opts, h)
+        assert all(np.array_equal(a, b) for a, b in zip(shared, alone))
+    quant = EncodeOptions(codec="quant", bits=3, tile=(8, 64))
+    shared, alone = gptq_target(w, F32, quant, h, factors=factors), gptq_target(w, F32, quant, h)
+    assert all(np.array_equal(a, b) for a, b in zip(shared, alone))
+    assert len(factors) == 1
+    rows = EncodeOptions(codec="jpeg", quality=60, tile=(64, 64), row_shape=(12, 16))  # another order: its own
+    shared, alone = jpeg_target(w, F32, rows, h, factors=factors), jpeg_target(w, F32, rows, h)
+    assert all(np.array_equal(a, b) for a, b in zip(shared, alone)) and len(factors) == 2
+
+
+@pytest.mark.parametrize("quality,credit", [(20, 0), (50, 0), (50, -100), (80, 0)])
+def test_code_within_keeps_the_coding_of_every_candidate_compared(quality, credit):
+    """``_code_within`` scores its candidates as they come, keeps the best only, shares one factor and one
+    compensated coding between them and skips the coding without blending when the credit is negative (then the
+    same as the first): the coding it returns is the one the three candidates, each coded on a layer of its own,
+    compared at once give (the smallest output error within the size, else the most credit left). A smooth weight,
+    whose compensated values code larger: blending wins at quality 20, a cheaper quality at 50 and 80 (a table
+    scale between two qualities at 80)."""
+    _, h = _correlated_layer(5)
+    rng = np.random.default_rng(1)
+    w = (np.linspace(-1, 1, 192)[None, :] * np.linspace(0.5, 1, 96)[:, None] * 0.1
+         + 0.002 * rng.standard_normal((96, 192))).astype(np.float32)
+    model = nn.Sequential(nn.Linear(w.shape[1], w.shape[0]))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.from_numpy(w))
+    opts = EncodeOptions(codec="jpeg", quality=quality, tile=(16, 32))
+    settings = RepairSettings()
+
+    def layer():
+        slot = _slots(model, {"0.weight": opts})["0.weight"]
+        fit = _LayerFit(slot, None, w.astype(np.float64), None, 1, np.zeros(w.shape[1]), np.zeros(w.shape[1]))
+        fit.h = h
+        return slot, fit
+
+    got = _code_within(*layer(), opts, settings, None, credit)
+    candidates = [_fit_size(*layer(), opts, s, None, credit, blend=b)
+                  for s, b in ((settings, True), (replace(settings, compensate=False), True), (settings, False))]
+    fitting = [c for c in candidates if c[4] >= 0] or [max(candidates, key=lambda c: c[4])]
+    ref = w.astype(np.float64)
+    expected = min(fitting, key=lambda c: output_error(ref, c[2].astype(np.float64), h))
+    assert got[3:6] == expected[3:6] and got[6].blobs == expected[6].blobs
+    assert np.array_equal(got[0], expected[0]) and np.array_equal(got[2], expected[2])
 
 
 @pytest.mark.parametrize("call,error,match", [

@@ -53,7 +53,8 @@ def _dec(values: np.ndarray, dtype: DType) -> np.ndarray:
 
 
 def gptq_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.ndarray, *, damp: float = 0.01,
-                act_order: bool = False, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+                act_order: bool = False, block: int = BLOCK, factors: dict | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """``(target, decoded)``: the array to encode with ``opts`` (storage form) and what it decodes to (float64).
 
     ``weight`` is the tensor in storage form, viewed as the matrix
@@ -62,6 +63,8 @@ def gptq_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
     encoder stores losslessly, and tiles that are not finite, the weight is
     returned unchanged (with its plain ``decoded`` left to the caller: None).
     ``act_order`` rounds columns in order of decreasing ``H`` diagonal.
+    ``factors`` (a dict kept by the caller for one ``h``): the inverse
+    Cholesky factor is taken from it, or made and kept there (:func:`_factor`).
     """
     rows, cols = weight.shape[0], math.prod(weight.shape[1:])
     if h.shape != (cols, cols):
@@ -85,19 +88,16 @@ def gptq_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
     safe = np.where(s > 0, s, 1.0)
     pbot = np.where(s > 0, np.clip(np.rint((lo - o) / safe), 0, maxval), 0.0)
     ptop = np.where(s > 0, np.clip(np.rint((hi - o) / safe), 0, maxval), 0.0)
-    oe, se = o[tile_of], s[tile_of]
-    lo_e, hi_e = pbot[tile_of], ptop[tile_of]
-    safe_s = safe[tile_of]
-    fixed_pix = np.where(se > 0, np.clip(np.rint((w - oe) / safe_s), 0, maxval), 0.0)
 
     diag = np.diag(h).astype(np.float64)
     diag[diag <= 0] = 1.0
     perm = np.argsort(-diag, kind="stable") if act_order else np.arange(cols)
-    upper = _inverse_cholesky_upper(lambda: _damped(h, damp, perm))
-    work = w[:, perm].copy()
+    upper = _factor(h, damp, perm, factors)
+    # Memory: the tiles' offset, scale and levels are gathered a column at a time (tile_of[:, c]), not held for
+    # every element (five rows x cols float64 arrays and their permuted copies: all-MiniLM-L6-v2's FFN matrices,
+    # 4.5 MB each); the same values, the same operations.
+    work = w[:, perm]
     pix = np.zeros((rows, cols))
-    oe, se, safe_s, lo_e, hi_e = (a[:, perm] for a in (oe, se, safe_s, lo_e, hi_e))
-    pin, fixed_pix = pinned[:, perm], fixed_pix[:, perm]
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1 = work[:, i1:i2]
@@ -105,25 +105,39 @@ def gptq_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
         u1 = upper[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
+            c = perm[j]
+            tc = tile_of[:, c]
+            oj, sj, safej = o[tc], s[tc], safe[tc]
             col = w1[:, i]
-            p = np.clip(np.rint((col - oe[:, j]) / safe_s[:, j]), lo_e[:, j], hi_e[:, j])
-            p = np.where(pin[:, j], fixed_pix[:, j], p)
-            q = _dec(oe[:, j] + se[:, j] * p, dtype)
+            p = np.clip(np.rint((col - oj) / safej), pbot[tc], ptop[tc])
+            pin = pinned[:, c]
+            if pin.any():  # a pinned element keeps the encoder's own pixel of its original value
+                fixed = np.where(sj > 0, np.clip(np.rint((w[:, c] - oj) / safej), 0, maxval), 0.0)
+                p = np.where(pin, fixed, p)
+            q = _dec(oj + sj * p, dtype)
             pix[:, j] = p
             err = (col - q) / u1[i, i]
             w1[:, i:] -= np.outer(err, u1[i, i:])
             err1[:, i] = err
         work[:, i2:] -= err1 @ upper[i1:i2, i2:]
-    inverse = np.argsort(perm)
-    pix = pix[:, inverse]
-    decoded = _dec(o[tile_of] + s[tile_of] * pix, dtype)
-    ends = np.where(pix == hi_e[:, inverse], hi[tile_of], np.where(pix == lo_e[:, inverse], lo[tile_of], decoded))
-    target = from_float64(np.where(pinned, w, ends), dtype).reshape(weight.shape)
-    return target, decoded.reshape(weight.shape)
+    del work
+    if not _identity(perm):
+        pix = pix[:, np.argsort(perm)]
+    # decoded values and target a band of rows at a time (elementwise: the same values as whole-matrix arithmetic)
+    decoded = np.empty((rows, cols))
+    target = np.empty((rows, cols), dtype.storage)
+    step = max(1, _BAND // cols)
+    for r0 in range(0, rows, step):
+        r = slice(r0, r0 + step)
+        tb, pb = tile_of[r], pix[r]
+        dec = decoded[r] = _dec(o[tb] + s[tb] * pb, dtype)
+        ends = np.where(pb == ptop[tb], hi[tb], np.where(pb == pbot[tb], lo[tb], dec))
+        target[r] = from_float64(np.where(pinned[r], w[r], ends), dtype)
+    return target.reshape(weight.shape), decoded.reshape(weight.shape)
 
 
 def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.ndarray, *, damp: float = 0.01,
-                executor=None) -> tuple[np.ndarray, np.ndarray | None]:
+                executor=None, factors: dict | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """``(target, decoded)`` for a ``jpeg`` weight: its columns coded group by group, the later ones compensating.
 
     JPEG codes 8x8 blocks of pixels at once, so GPTQ's column-by-column
@@ -140,6 +154,7 @@ def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
     ``decoded`` is what the target decodes to (float64). Options other than
     ``jpeg``, tensors stored losslessly, a single group or non-finite
     weights: the weight is returned unchanged with ``decoded`` None.
+    ``factors``: as :func:`gptq_target`'s.
     """
     rows, cols = weight.shape[0], math.prod(weight.shape[1:])
     if h.shape != (cols, cols):
@@ -157,23 +172,39 @@ def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
         return weight, None
     tile_of = tile_index(t)
     lo, hi = tile_range(w, tile_of, t.n_tiles)
-    lo_e, hi_e = lo[tile_of], hi[tile_of]
-    pinned = (w == lo_e) | (w == hi_e)
     perm = np.argsort(group, kind="stable")
     ends = np.flatnonzero(np.diff(group[perm])) + 1
-    upper = _inverse_cholesky_upper(lambda: _damped(h, damp, perm))
-    work = w[:, perm]
-    w_p, pin_p, lo_p, hi_p = w[:, perm], pinned[:, perm], lo_e[:, perm], hi_e[:, perm]
+    upper = _factor(h, damp, perm, factors)
+    # Memory (all-MiniLM-L6-v2's FFN output: 4.5 MB per rows x cols float64): the tiles' bounds per element in
+    # coding order, in float32 where that holds them exactly (they are values of the weight: float32, float16 and
+    # bfloat16 weights); a pinned element's original value is its tile's bound, so no copy of the weight is kept;
+    # no permuted copies when the order is the natural one (grid mode); clipping and pinning in place.
+    ident = _identity(perm)
+    narrow = np.float32 if np.array_equal(lo.astype(np.float32), lo) and np.array_equal(hi.astype(np.float32), hi) \
+        else np.float64
+    lo_p, hi_p = (b.astype(narrow)[tile_of] for b in (lo, hi))
+    if not ident:
+        lo_p, hi_p = lo_p[:, perm], hi_p[:, perm]
+    del tile_of
+    work = w if ident else w[:, perm]
+    del w
+    pin_lo, pin_hi = work == lo_p, work == hi_p
     inverse = np.argsort(perm)
     start = 0
     for end in ends:  # every group but the last: code, then compensate the columns after it
-        coded = _coded(from_float64(work[:, inverse], dtype), dtype, opts, executor)[:, perm]
-        err = to_float64(from_float64(work[:, start:end], dtype), dtype) - coded[:, start:end]
+        coded = _coded(from_float64(work if ident else work[:, inverse], dtype), dtype, opts, executor)
+        err = to_float64(from_float64(work[:, start:end], dtype), dtype) - coded[:, perm[start:end]]
+        del coded
         scaled = np.linalg.solve(upper[start:end, start:end].T, err.T).T  # E U_FF^-1 (U_FF upper triangular)
         work[:, end:] -= scaled @ upper[start:end, end:]
-        work[:, end:] = np.where(pin_p[:, end:], w_p[:, end:], np.clip(work[:, end:], lo_p[:, end:], hi_p[:, end:]))
+        rest = work[:, end:]
+        np.clip(rest, lo_p[:, end:], hi_p[:, end:], out=rest)
+        np.copyto(rest, lo_p[:, end:], where=pin_lo[:, end:])
+        np.copyto(rest, hi_p[:, end:], where=pin_hi[:, end:])
         start = end
-    target = from_float64(work[:, inverse], dtype).reshape(weight.shape)
+    del lo_p, hi_p, pin_lo, pin_hi
+    target = from_float64(work if ident else work[:, inverse], dtype).reshape(weight.shape)
+    del work
     return target, _coded(target.reshape(rows, cols), dtype, opts, executor).reshape(weight.shape)
 
 
@@ -197,6 +228,25 @@ def _coded(matrix: np.ndarray, dtype: DType, opts: EncodeOptions, executor=None)
     """What ``matrix`` (storage form) decodes to when encoded with ``opts``, as float64."""
     encoded = encode_tensor(matrix, dtype, opts, executor=executor)
     return to_float64(decode_encoded(encoded, dtype, matrix.shape, executor=executor), dtype)
+
+
+#: Elements per band of rows in :func:`gptq_target`'s final arithmetic.
+_BAND = 1 << 16
+
+
+def _factor(h: np.ndarray, damp: float, perm: np.ndarray, factors: dict | None) -> np.ndarray:
+    """:func:`_inverse_cholesky_upper` of ``h`` damped with ``damp``, columns in order ``perm``; taken from and kept
+    in ``factors`` (keyed by ``damp`` and ``perm``) when given. A layer's codings share it (:mod:`codec.rd.repair`:
+    ``_code_within`` tries a JPEG weight at several qualities): made once, the ``cols^2`` intermediates come and go
+    once per layer, not once per coding (all-MiniLM-L6-v2's FFN output: 18 MB each, with numpy's own buffers up to
+    four at once), and the same factor, bit for bit, serves every coding."""
+    key = (float(damp), perm.tobytes())
+    if factors is not None and key in factors:
+        return factors[key]
+    upper = _inverse_cholesky_upper(lambda: _damped(h, damp, perm))
+    if factors is not None:
+        factors[key] = upper
+    return upper
 
 
 def _damped(h: np.ndarray, damp: float, perm: np.ndarray) -> np.ndarray:

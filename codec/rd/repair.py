@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -846,21 +846,41 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
     chosen = _fit_size(slot, layer, opts, settings, executor, credit)
     if layer is None or opts.codec != "jpeg" or not (settings.compensate or layer.sensitivity is not None):
         return chosen
-    candidates = [chosen]
-    if settings.compensate:
-        candidates.append(_fit_size(slot, layer, opts, replace(settings, compensate=False), executor, credit))
-        if settings.keep_size:
-            candidates.append(_fit_size(slot, layer, opts, settings, executor, credit, blend=False))
-    pruned = _pruned(slot, layer, opts, settings, executor, credit) if layer.sensitivity is not None else []
-    candidates += pruned
     current = layer._fitted if layer._fitted is not None else to_numpy(slot.tensor)[0]
     reference = to_float64(current, slot.dtype)  # what compensation aims at: the refit or the weight itself
     h = layer._h()
     rows = 1.0 if layer.sensitivity is None else np.sqrt(layer.sensitivity).reshape(-1, *(1,) * (reference.ndim - 1))
-    # only codings within the size (a credit left >= 0): compensated values can outgrow even the cheapest quality
-    fitting = [c for c in candidates if c[4] >= 0] or [max(candidates, key=lambda c: c[4])]
-    best = min(fitting, key=lambda c: weight_output_error(reference * rows, to_float64(c[2], slot.dtype) * rows, h))
-    slot.pruned = any(c is best for c in pruned)
+    reference *= rows
+
+    def error(c) -> float:
+        return weight_output_error(reference, to_float64(c[2], slot.dtype) * rows, h)
+
+    # Only codings within the size (a credit left >= 0) compete, by output error (the first of equals wins);
+    # compensated values can outgrow even the cheapest quality: with none within, the one with the most credit
+    # left. Memory: candidates are scored as they come and only the best so far is kept (each holds its target,
+    # decoded values and GPTQ's decoded float64).
+    best, best_error = (chosen, error(chosen)) if chosen[4] >= 0 else (chosen, None)
+    slot.pruned = False
+
+    def offer(c, pruned: bool = False) -> None:
+        nonlocal best, best_error
+        if c[4] >= 0:
+            e = error(c)
+            if best_error is None or e < best_error:
+                best, best_error = c, e
+                slot.pruned = pruned
+        elif best_error is None and c[4] > best[4]:
+            best = c
+            slot.pruned = pruned
+
+    if settings.compensate:
+        offer(_fit_size(slot, layer, opts, replace(settings, compensate=False), executor, credit))
+        # with a negative credit the first coding could not blend: the one without blending is that same coding
+        if settings.keep_size and credit >= 0:
+            offer(_fit_size(slot, layer, opts, settings, executor, credit, blend=False))
+    if layer.sensitivity is not None:
+        for c in _pruned(slot, layer, opts, settings, executor, credit):
+            offer(c, pruned=True)
     return best
 
 
@@ -870,7 +890,7 @@ PRUNE_STEP = 2
 
 
 def _pruned(slot: _Slot, layer: _LayerFit, opts: EncodeOptions, settings: RepairSettings, executor, credit: int
-            ) -> list[tuple[np.ndarray, None, np.ndarray, EncodeOptions, int, int, Encoded]]:
+            ) -> Iterator[tuple[np.ndarray, None, np.ndarray, EncodeOptions, int, int, Encoded]]:
     """Candidate codings of a ``rows``-mode JPEG weight (as :func:`_code_within`'s): at qualities above the plan,
     its target without compensation (the refit or the weight: compensation adds high-frequency content that
     pruning would remove again; measured on the bench MLP, 0.097 against 0.065 weighted error) with the
@@ -878,7 +898,6 @@ def _pruned(slot: _Slot, layer: _LayerFit, opts: EncodeOptions, settings: Repair
     the slot's budget is set by a :func:`_fit_size` before)."""
     limit = slot.budget + credit
     inputs = np.clip(np.diag(layer._h()), 0.0, None)
-    found = []
     for quality in range(opts.quality + PRUNE_STEP, min(100, opts.quality + PRUNE_SPAN) + 1, PRUNE_STEP):
         higher = replace(opts, quality=quality, scale=None)
         target, _ = layer.target(higher, replace(settings, compensate=False))
@@ -886,8 +905,7 @@ def _pruned(slot: _Slot, layer: _LayerFit, opts: EncodeOptions, settings: Repair
                          lambda value: _code(slot.name, value, slot.dtype, higher, executor))
         if fit is not None:
             value, decoded, nbytes, encoded = fit
-            found.append((value, None, decoded, higher, credit + slot.budget - nbytes, nbytes, encoded))
-    return found
+            yield value, None, decoded, higher, credit + slot.budget - nbytes, nbytes, encoded
 
 
 def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, settings: RepairSettings, executor,
@@ -1110,7 +1128,10 @@ class _LayerFit:
         #: :meth:`collect`)
         self.h: np.ndarray | None = None
         self._fitted: np.ndarray | None = None  # the refit weight (refit on), computed by collect
-        self._compensated: dict = {}  # (options, damping) -> jpeg_target's result
+        #: jpeg_target's result for the first options asked, the plan's (asked again by _code_within's coding at
+        #: cheaper qualities; no other options are asked twice): (options, damping) -> (target, decoded)
+        self._compensated: dict = {}
+        self._factors: dict = {}  # the inverse Cholesky factors of H that GPTQ and compensation share (gptq._factor)
         #: Each output unit's sensitivity ``g_j`` (:func:`codec.rd.rdo.unit_sensitivity`; set by repair when
         #: ``settings.prune`` applies, else None)
         self.sensitivity: np.ndarray | None = None
@@ -1233,14 +1254,17 @@ class _LayerFit:
         if settings.gptq and opts.codec == "quant":
             from .gptq import gptq_target
 
-            return gptq_target(current, slot.dtype, opts, self._h(), damp=settings.damp)
+            return gptq_target(current, slot.dtype, opts, self._h(), damp=settings.damp, factors=self._factors)
         if settings.compensate and opts.codec == "jpeg":
             from .gptq import jpeg_target
 
-            key = (opts, settings.damp)  # the same options are asked again by _code_within's candidates
-            if key not in self._compensated:
-                self._compensated[key] = jpeg_target(current, slot.dtype, opts, self._h(), damp=settings.damp)
-            return self._compensated[key]
+            key = (opts, settings.damp)
+            if key in self._compensated:
+                return self._compensated[key]
+            found = jpeg_target(current, slot.dtype, opts, self._h(), damp=settings.damp, factors=self._factors)
+            if not self._compensated:
+                self._compensated[key] = found
+            return found
         # a refit is the layer's own array; the weight itself is a view of the working model, which is about to
         # take the decoded values: the target must not follow it
         return (current if self._fitted is not None else current.copy()), None
