@@ -688,13 +688,20 @@ def _refuse_early(arrays, aliases, base, rules, meta, encoder, bits_per_weight, 
     stored = [n for n in arrays if n not in aliases]
     meta = {**meta, "jwt.calibration": "0 inputs in 0 batches, 0 layers"}
     overhead = _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weight, {}, None)
+    refuse_budget(bits_per_weight, _tensor_source(arrays, stored), base, lambda name: rules.options_for(name, base),
+                  overhead)
+
+
+def _tensor_source(arrays: Arrays, stored: list[str]):
+    """The allocator's tensor source: ``tensors(names=None)`` yields ``(name, array, dtype)`` of the ``stored``
+    tensors, or of those in ``names`` (the others are not read)."""
 
     def tensors(names: set[str] | None = None):
         for name in stored:
             if names is None or name in names:
                 yield name, arrays.array(name), get_dtype(arrays.dtype_name(name))
 
-    refuse_budget(bits_per_weight, tensors, base, lambda name: rules.options_for(name, base), overhead)
+    return tensors
 
 
 def _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weight, index, base_id) -> int:
@@ -734,13 +741,7 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
     from .rd.allocate import plan_options
 
     stored = [n for n in arrays if n not in aliases]
-
-    def tensors(names: set[str] | None = None):
-        """The stored tensors, or those named in ``names`` (the others are not read)."""
-        for name in stored:
-            if names is None or name in names:
-                yield name, arrays.array(name), get_dtype(arrays.dtype_name(name))
-
+    tensors = _tensor_source(arrays, stored)
     base_id = None
     menu = None
     if matcher is not None:

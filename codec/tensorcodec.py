@@ -18,7 +18,7 @@ import numpy as np
 
 from . import mapping, tiling
 from .blobcodecs import BlobCodec, Jpeg, JpegXL, Quant, Zstd, ZstdPlanes
-from .blobcodecs.jpeg import quality_scale, scaled_table
+from .blobcodecs.jpeg import quality_at_scale, quality_scale, scaled_table
 from .blobcodecs.zstd import planes_rotation
 from .dtypes import DType, from_float64
 from .errors import EncodeError, FormatError
@@ -712,7 +712,7 @@ def _fractional_quality(q: float) -> dict[str, int | None]:
     if not 1 <= q <= 100:
         raise ValueError
     scale = round(5000 / q) if q < 50 else round(200 - 2 * q)
-    quality = max(k for k in range(1, 101) if quality_scale(k) >= scale)
+    quality = quality_at_scale(scale)
     return {"quality": quality, "scale": None if quality_scale(quality) == scale else scale}
 
 

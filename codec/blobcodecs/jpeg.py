@@ -70,6 +70,12 @@ def quality_scale(quality: int) -> int:
     return 5000 // quality if quality < 50 else 200 - 2 * quality
 
 
+def quality_at_scale(scale: int) -> int:
+    """The largest quality whose :func:`quality_scale` is at least ``scale``: the quality itself when ``scale`` is
+    one's own, else the next coarser one."""
+    return max(q for q in range(1, 101) if quality_scale(q) >= scale)
+
+
 def scaled_table(kind: str, scale: int) -> list[int]:
     """The 64 entries (natural order) of the named table ``kind`` scaled by ``scale`` percent as libjpeg scales
     it: ``clip(floor((b * scale + 50) / 100), 1, 255)``. ``scaled_table(kind, quality_scale(q))`` is quality

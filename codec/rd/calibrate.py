@@ -226,7 +226,7 @@ class _Collector:
             self.h = counts if self.h is None else self.h + counts
             self.rows += ids.numel()
         elif self.kind == "conv2d":
-            for cols in self._unfold(x):
+            for cols in conv_rows(module, x, UNFOLD_BYTES // 2):  # float32 columns and their product
                 self._add(cols)
         else:
             self._add(self._tokens(x, x.shape[:-1]).reshape(-1, x.shape[-1]))
@@ -236,22 +236,6 @@ class _Collector:
         if self.mask is not None and tuple(lead[:2]) == tuple(self.mask.shape) and len(lead) >= 2:
             return x[self.mask.bool()]
         return x
-
-    def _unfold(self, x: torch.Tensor):
-        """im2col columns ``(rows, C/groups * kh * kw)`` of a conv input, a few samples at a time."""
-        m = self.module
-        padding = m.padding
-        if isinstance(padding, str) or m.padding_mode != "zeros":
-            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-            x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-            padding = 0
-        per_sample = x[0].numel() * math.prod(m.kernel_size) * x.element_size() * 2
-        step = max(1, UNFOLD_BYTES // max(per_sample, 1))
-        for i in range(0, x.shape[0], step):
-            cols = F.unfold(x[i:i + step], m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
-            n, ck, length = cols.shape
-            # groups: each group's columns are rows of their own; H is their average
-            yield cols.reshape(n, m.groups, ck // m.groups, length).permute(0, 1, 3, 2).reshape(-1, ck // m.groups)
 
     def _add(self, x: torch.Tensor) -> None:
         # one batch's products in float32 (fast), summed over batches in place (no new cols^2 matrices per batch):
@@ -277,6 +261,24 @@ class _Collector:
         # divided in place: a second copy of every H at once was calibration's peak (MiniLM: 148 MB more)
         h, self.h = self.h.div_(self.rows), None
         return LayerStats(self.kind, h.cpu().numpy(), (self.sum / self.rows).cpu().numpy(), self.rows)
+
+
+def conv_rows(module: nn.Conv2d, x: torch.Tensor, max_bytes: int):
+    """The im2col columns ``(rows, C/groups * kh * kw)`` of a conv input ``x``, a few samples at a time: at most
+    ``max_bytes`` of columns (at least one sample) per chunk, the whole batch in one when it fits. Groups: each
+    group's columns are rows of their own. Calibration and repair (:mod:`codec.rd.repair`) collect with it."""
+    m = module
+    padding = m.padding
+    if isinstance(padding, str) or m.padding_mode != "zeros":
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+        padding = 0
+    per_sample = x[0].numel() * math.prod(m.kernel_size) * x.element_size()
+    step = max(1, max_bytes // max(per_sample, 1))
+    for i in range(0, x.shape[0], step):
+        cols = F.unfold(x[i:i + step], m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+        n, ck, length = cols.shape
+        yield cols.reshape(n, m.groups, ck // m.groups, length).permute(0, 1, 3, 2).reshape(-1, ck // m.groups)
 
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -27,7 +27,7 @@ import json
 import math
 
 from ..blobcodecs import BlobCodec
-from ..blobcodecs.jpeg import quality_scale
+from ..blobcodecs.jpeg import quality_at_scale, quality_scale
 from ..tensorcodec import DEFAULT_QUALITY, EncodeOptions
 
 __all__ = ["FINE_RATIO", "scale_of", "at_scale", "between", "text", "table_bytes"]
@@ -44,8 +44,7 @@ def scale_of(opts: EncodeOptions) -> int:
 def at_scale(opts: EncodeOptions, scale: int) -> EncodeOptions:
     """``opts`` with the table scaled by ``scale`` percent: the quality is the largest whose scale is at least
     ``scale`` (the next coarser step, or the quality itself when ``scale`` is its own)."""
-    quality = max(q for q in range(1, 101) if quality_scale(q) >= scale)
-    return opts.with_(quality=quality, scale=scale)
+    return opts.with_(quality=quality_at_scale(scale), scale=scale)
 
 
 def between(cheap: EncodeOptions, dear: EncodeOptions) -> list[EncodeOptions]:

@@ -47,7 +47,7 @@ from ..parallel import make_executor
 from ..tensorcodec import (Encoded, EncodeOptions, Overrides, _error_sums, decode_encoded, encode_tensor,
                            lossless_reason)
 from . import ladder
-from .calibrate import UNFOLD_BYTES
+from .calibrate import UNFOLD_BYTES, conv_rows
 from .gptq import output_error as weight_output_error
 from .rdo import applies, fit_pruned, unit_sensitivity
 
@@ -1039,17 +1039,15 @@ def _has_rows(module: nn.Module) -> bool:
 def _layer_rows(module: nn.Module, x: torch.Tensor):
     """A Linear / Conv2d layer's inputs as float32 rows ``[n, cols]`` matching its weight's matrix view, in chunks
     (:func:`_has_rows` says whether it applies). A Linear's come whole; a convolution's im2col rows come a few samples
-    at a time (at most about ``UNFOLD_BYTES``; the whole batch in one chunk when it fits), so a batch of large
+    at a time (:func:`codec.rd.calibrate.conv_rows`, at most ``UNFOLD_BYTES``; the whole batch in one chunk when it
+    fits), so a batch of large
     images never has its whole im2col matrix in memory: 250 images of 24 channels at 28 x 28 under a 3 x 3 kernel
     are 169 MB of rows, at 224 x 224 they would be 11 GB."""
     if isinstance(module, nn.Linear):
         yield x.reshape(-1, x.shape[-1]).float()
         return
-    per_sample = x[0].numel() * math.prod(module.kernel_size) * 4
-    step = max(1, UNFOLD_BYTES // max(per_sample, 1))
-    for i in range(0, x.shape[0], step):
-        cols = F.unfold(x[i:i + step], module.kernel_size, module.dilation, module.padding, module.stride)
-        yield cols.transpose(1, 2).reshape(-1, cols.shape[1]).float()
+    for cols in conv_rows(module, x, UNFOLD_BYTES):
+        yield cols.float()
 
 
 def _prunes(opts: EncodeOptions, slot: _Slot, settings: RepairSettings) -> bool:
