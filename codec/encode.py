@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import numbers
 import os
 import sys
 import zlib
@@ -304,6 +305,9 @@ def save(
     (:func:`codec.api.tensor_arrays`). The file is the same bytes either way.
     """
     jobs = resolve_jobs(jobs)
+    _check_destination(path)
+    bits_per_weight = _rate_target("bits_per_weight", bits_per_weight, 64.0)
+    max_error = _rate_target("max_error", max_error, 1.0)
     if search not in ("fast", "exhaustive"):
         raise ValueError(f"search={search!r}: use 'fast' or 'exhaustive'")
     if ray is not None:
@@ -328,7 +332,12 @@ def save(
             raise ValueError("calibration= needs a rate target: give bits_per_weight or max_error")
     elif repair:
         raise ValueError("repair=True needs calibration inputs (calibration=)")
-    opts = EncodeOptions(**options)
+    try:
+        opts = EncodeOptions(**options)
+    except TypeError as exc:  # an unknown keyword: say save's, not the dataclass's
+        word = str(exc).rpartition(" ")[2]
+        raise TypeError(f"codec.save() got an unexpected keyword argument {word} (its keywords: help(codec.save); "
+                        "per-tensor options: the fields of codec.EncodeOptions)") from None
     problem = option_conflicts(given_options(options), searching=bits_per_weight is not None or max_error is not None)
     if problem:
         raise EncodeError(problem)
@@ -458,6 +467,24 @@ def save(
             notes.append(f"repair: the file is {got:.3f} bits/weight, over the {bits_per_weight} asked for "
                          f"(the repaired values code larger than planned)")
     return ignored_options(stored, opts, rules) + notes
+
+
+def _check_destination(path: Any) -> None:
+    """A TypeError naming ``path`` unless it is a path or a writable binary file object."""
+    if not isinstance(path, (str, os.PathLike)) and not callable(getattr(path, "write", None)):
+        raise TypeError(f"codec.save: path must be a file path or a binary file object open for writing, "
+                        f"not {type(path).__name__}")
+
+
+def _rate_target(name: str, value: Any, most: float) -> float | None:
+    """``bits_per_weight`` / ``max_error`` as a float in (0, most] (the CLI's ranges); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__} ({value!r})")
+    if not 0 < float(value) <= most:  # NaN fails too
+        raise ValueError(f"{name}={value!r}: must be above 0 and at most {most:g}")
+    return value
 
 
 class _Count(io.RawIOBase):

@@ -517,6 +517,9 @@ def encode_model(source: str | os.PathLike[str], dest: str | os.PathLike[str] | 
     """
     from .encode import save
 
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"encode_model: source must be the path of a .pt / .safetensors file or a model folder, "
+                        f"not {type(source).__name__} (codec.save takes a state_dict or a module)")
     if isinstance(dest, (str, os.PathLike)):
         dest = encode_output(source, dest)
     with open_source(source) as src:
@@ -806,6 +809,9 @@ def decode_model(source: str | os.PathLike[str] | BinaryIO | bytes, output: str 
     ``max_shard_size`` (bytes, or a string such as ``"2GB"``; folders only)
     writes the weights as shards with their index (:func:`write_shards`).
     """
+    if not isinstance(output, (str, os.PathLike)):
+        raise TypeError(f"decode_model: output must be a path (.pt, .safetensors or a folder), "
+                        f"not {type(output).__name__}")
     fmt = output_format(output)
     if max_shard_size is not None:
         max_shard_size = parse_size(max_shard_size)

@@ -3,6 +3,7 @@ links out of a model folder, metadata, size figures, error messages and the Pyth
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -432,3 +433,42 @@ def test_save_takes_a_module_and_refuses_what_it_cannot_store(tmp_path):
     with pytest.raises(codec.EncodeError, match="no tensors"):
         codec.save({}, tmp_path / "empty.jwt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lin.jwt"]
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    ({"bits_per_weight": "abc"}, TypeError, "bits_per_weight must be a number, not str"),
+    ({"bits_per_weight": True}, TypeError, "bits_per_weight must be a number, not bool"),
+    ({"bits_per_weight": float("nan")}, ValueError, "bits_per_weight=nan: must be above 0"),
+    ({"bits_per_weight": -1}, ValueError, "bits_per_weight=-1: must be above 0"),
+    ({"bits_per_weight": 65}, ValueError, "at most 64"),
+    ({"max_error": 0}, ValueError, "max_error=0: must be above 0"),
+    ({"max_error": "0.1"}, TypeError, "max_error must be a number"),
+    ({"bitz": 3}, TypeError, "unexpected keyword argument 'bitz'"),
+])
+def test_save_names_a_wrong_argument_in_one_line(tmp_path, kwargs, error, words):
+    """Wrong rate targets and unknown keywords: one line naming the argument (not an internal comparison or
+    dataclass error), nothing written."""
+    with pytest.raises(error) as caught:
+        codec.save(weights(), tmp_path / "m.jwt", **kwargs)
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+    assert "EncodeOptions.__init__" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_path_and_source_types_are_type_errors_not_attribute_errors(tmp_path):
+    """codec.save(sd, 123) and codec.open(5) / codec.load(5.0): a TypeError naming what is accepted."""
+    with pytest.raises(TypeError, match="path must be a file path or a binary file object open for writing, not int"):
+        codec.save(weights(), 123)
+    for bad in (5, 5.0, None):
+        with pytest.raises(TypeError, match=f"binary file object open for reading, not {type(bad).__name__}"):
+            codec.open(bad)
+        with pytest.raises(TypeError, match="not " + type(bad).__name__):
+            codec.load(bad)
+    buf = io.BytesIO()
+    codec.save(weights(), buf)  # a writable file object is a destination
+    assert set(codec.load(buf.getvalue())) == set(weights())
+    with pytest.raises(TypeError, match="encode_model: source must be the path"):
+        codec.encode_model(weights(), tmp_path / "m.jwt")
+    codec.save(weights(), tmp_path / "m.jwt")
+    with pytest.raises(TypeError, match="decode_model: output must be a path"):
+        codec.decode_model(tmp_path / "m.jwt", 7)

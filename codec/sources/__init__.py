@@ -34,6 +34,9 @@ def open_source(source: Any, timeout: float | None = None) -> Any:
         return FileSource(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return FileObjectSource(io.BytesIO(bytes(source)), "<bytes>")
+    if not callable(getattr(source, "read", None)):
+        raise TypeError(f"a .jwt source is a path, an http(s):// URL, bytes or a binary file object open for "
+                        f"reading, not {type(source).__name__}")
     name = str(getattr(source, "name", "<stream>"))
     try:
         seekable = bool(source.seekable()) and source.tell() == 0
