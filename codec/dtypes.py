@@ -88,3 +88,21 @@ def from_float64(values: np.ndarray, dtype: DType) -> np.ndarray:
         bits = values.astype(np.float32).view(np.uint32)
     rounding = np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))
     return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+#: Significand bits (after the leading one) of the floating dtypes whose values an encoder may round
+#: (:func:`round_significand`).
+SIGNIFICAND = {"float64": 52, "float32": 23, "float16": 10, "bfloat16": 7}
+
+
+def round_significand(values: np.ndarray, dtype: DType, bits: int) -> np.ndarray:
+    """``values`` (storage form, finite) with each significand rounded to ``bits`` bits after the leading one
+    (to nearest, ties to even), in storage form again: at most ``2**-(bits + 1)`` relative error an element.
+
+    An encoder's lossy option for a tensor the image codecs cannot take (a bias, a norm layer's parameters, an
+    update's difference of them): stored with the lossless codec, the zeroed low bits cost next to nothing, and
+    the decoder is the lossless one. Rounding twice to the same ``bits`` gives the same values.
+    """
+    x = to_float64(values, dtype)
+    mantissa, exponent = np.frexp(x)  # x = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
+    return from_float64(np.ldexp(np.round(np.ldexp(mantissa, bits + 1)), exponent - bits - 1), dtype)

@@ -20,7 +20,7 @@ from . import mapping, tiling
 from .blobcodecs import BlobCodec, Jpeg, JpegXL, Quant, Zstd, ZstdPlanes
 from .blobcodecs.jpeg import quality_at_scale, quality_scale, scaled_table
 from .blobcodecs.zstd import planes_rotation
-from .dtypes import DType, from_float64
+from .dtypes import SIGNIFICAND, DType, from_float64, round_significand, to_float64
 from .errors import EncodeError, FormatError
 from .format import TensorEntry
 from .parallel import INLINE, Pending
@@ -89,6 +89,11 @@ class EncodeOptions:
     zstd_level: int = 9
     #: Element type of the per-tile offset/scale: "bfloat16" or "float32".
     params: str = "bfloat16"
+    #: Lossless codec, floating tensors: each value's significand rounded to this many bits before coding
+    #: (:func:`codec.dtypes.round_significand`, at most ``2**-(bits + 1)`` relative error an element; the zeroed
+    #: low bits cost next to nothing, the decoder is the lossless one). None: the values exactly. The rate search
+    #: offers it for tensors too small or thin for the other codecs (:data:`codec.rd.allocate.VECTOR_BITS`).
+    significand_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.codec == "auto":
@@ -101,6 +106,8 @@ class EncodeOptions:
             raise EncodeError(f"bits {self.bits} is not in 1..16")
         if self.quality is not None and not 1 <= self.quality <= 100:
             raise EncodeError(f"quality {self.quality} is not in 1..100")
+        if self.significand_bits is not None and not 0 <= self.significand_bits <= 52:
+            raise EncodeError(f"significand bits {self.significand_bits} is not in 0..52")
         if self.params not in mapping.PARAM_TYPES:
             raise EncodeError(f"params {self.params!r} is not one of {', '.join(mapping.PARAM_TYPES)}")
         if self.table not in TABLE_CHOICES:
@@ -298,7 +305,17 @@ def start_encode(array: np.ndarray, dtype: DType, opts: EncodeOptions, executor:
         # Too small or thin for an image codec: 8-bit quant if it is a matrix worth quantizing.
         opts = opts.with_(codec="quant", bits=8)
     if opts.codec == "lossless" or lossless_reason(array, dtype, opts.codec) is not None:
-        return Pending([ex.submit(lossless.encode, array)], lambda parts: Encoded(lossless, None, parts))
+        rounded = _rounded(array, dtype, opts.significand_bits) if opts.codec == "lossless" else None
+        if rounded is None:
+            return Pending([ex.submit(lossless.encode, array)], lambda parts: Encoded(lossless, None, parts))
+
+        def exact_for(parts: list) -> Encoded:
+            encoded = Encoded(lossless, None, parts)
+            if check:
+                encoded.rel_error = relative_error(array, dtype, encoded)
+            return encoded
+
+        return Pending([ex.submit(lossless.encode, rounded)], exact_for)
     rows, cols = array.shape[0], math.prod(array.shape[1:])
     t = tiling.plan_tiling(rows, cols, opts.tile, opts.row_shape, opts.params)
     image = opts.image_codec(t.mode)
@@ -329,6 +346,15 @@ def start_encode(array: np.ndarray, dtype: DType, opts: EncodeOptions, executor:
                        assemble)
     task = _encode_checked_blob if check and not isinstance(image, Quant) else _encode_blob
     return Pending([ex.submit(task, matrix, dtype, t, image, k) for k in range(t.n_blobs)], assemble)
+
+
+def _rounded(array: np.ndarray, dtype: DType, bits: int | None) -> np.ndarray | None:
+    """``array`` with its significands rounded to ``bits`` (:attr:`EncodeOptions.significand_bits`), or None where
+    that changes nothing or does not apply (no bits asked, as many as the dtype has or more, not floating, or a
+    NaN or infinity among the values: those are kept exactly)."""
+    if bits is None or bits >= SIGNIFICAND.get(dtype.name, 0) or not np.isfinite(to_float64(array, dtype)).all():
+        return None
+    return round_significand(array, dtype, bits)
 
 
 def _encode_checked_blob(matrix: np.ndarray, dtype: DType, t: tiling.Tiling, image: BlobCodec, k: int):

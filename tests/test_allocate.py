@@ -146,7 +146,7 @@ def test_parse_spec_and_overrides_last_match_wins():
     rules = Overrides([("*.weight", "q10"), ("fc2.*", "lossless")])
     assert rules.options_for("fc2.weight", base).codec == "lossless"
     assert rules.options_for("fc1.weight", base).quality == 10
-    assert rules.options_for("fc1.bias", base) is None
+    assert rules.options_for("a.bias", base) is None
     with pytest.raises(codec.EncodeError, match="cannot read"):
         Overrides([("x", "q")]).check(base)
 
@@ -198,3 +198,68 @@ def test_impossible_budget_is_refused_before_measuring_everything(tmp_path, monk
             codec.save(sd, tmp_path / "m.jwt", bits_per_weight=smallest * 0.8, search=search)
     codec.save(sd, tmp_path / "m.jwt", bits_per_weight=smallest + 0.002, search="exhaustive")
     assert 8 * (tmp_path / "m.jwt").stat().st_size / 5 / 256**2 <= smallest + 0.002
+
+
+# -- rounded significands for the tensors only the lossless codec takes ------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
+def test_significand_bits_round_a_lossless_tensor_and_its_error_is_reported(dtype):
+    """``significand_bits=b`` codes round_significand(values, b) with the lossless codec (the decoder is the
+    lossless one); each element within 2**-(b+1) relative error, which a checked encode reports; fewer bytes."""
+    from codec.dtypes import round_significand
+    from codec.tensorcodec import decode_encoded, encode_tensor
+
+    dt = get_dtype(dtype)
+    values = torch.randn(512, generator=torch.Generator().manual_seed(1)).to(getattr(torch, dtype))
+    array = codec.api.to_numpy(values)[0]
+    exact = encode_tensor(array, dt, EncodeOptions(codec="lossless"))
+    rounded = encode_tensor(array, dt, EncodeOptions(codec="lossless", significand_bits=4))
+    back = decode_encoded(rounded, dt, array.shape)
+    assert np.array_equal(back, round_significand(array, dt, 4))
+    x, y = (codec.dtypes.to_float64(a, dt) for a in (array, back))
+    assert np.all(np.abs(y - x) <= 2.0 ** -5 * np.abs(x)) and not np.array_equal(x, y)
+    assert sum(map(len, rounded.blobs)) < sum(map(len, exact.blobs))
+    checked = codec.tensorcodec.start_encode(array, dt, EncodeOptions(codec="lossless", significand_bits=4),
+                                             check=True).result()
+    assert 0 < checked.rel_error <= 2.0 ** -5
+
+
+def test_significand_bits_leave_what_they_cannot_round_exact():
+    """Integers, values with NaN or infinity, and as many bits as the dtype has: coded exactly."""
+    from codec.tensorcodec import decode_encoded, encode_tensor
+
+    cases = [(np.arange(100, dtype=np.int32), "int32", 3),
+             (np.array([1.0, np.nan, 2.5, np.inf] * 8, dtype=np.float32), "float32", 3),
+             (np.linspace(-1, 1, 64, dtype=np.float32), "float32", 23),
+             (np.linspace(-1, 1, 64, dtype=np.float16), "float16", 10)]
+    for array, name, bits in cases:
+        dt = get_dtype(name)
+        encoded = encode_tensor(array, dt, EncodeOptions(codec="lossless", significand_bits=bits))
+        assert encoded.blobs == encode_tensor(array, dt, EncodeOptions(codec="lossless")).blobs, name
+        assert np.array_equal(decode_encoded(encoded, dt, array.shape), array, equal_nan=True)
+    with pytest.raises(codec.EncodeError, match="significand bits 53 is not in 0..52"):
+        EncodeOptions(codec="lossless", significand_bits=53)
+
+
+def test_rate_search_rounds_biases_unless_told_to_keep_them_exact(tmp_path):
+    """Under -b the search may store a bias with VECTOR_BITS significand bits (its menu's cheaper lossless point;
+    the smallest encoding counts it): within 2**-(VECTOR_BITS+1), fewer bytes; a user's ``lossless`` override and a
+    plain encode keep it exact."""
+    from codec.rd.allocate import VECTOR_BITS, candidates, floor_settings
+
+    sd = _model()
+    menu = candidates(sd["a.bias"].numpy(), get_dtype("float32"), EncodeOptions())
+    assert [label for label, _ in menu] == ["lossless", f"lossless s{VECTOR_BITS}"]
+    assert [label for label, _ in floor_settings(menu)] == [f"lossless s{VECTOR_BITS}"]
+    assert len(candidates(sd["a.bias"].numpy().astype(np.int64), get_dtype("int64"), EncodeOptions())) == 1
+    codec.save(sd, tmp_path / "b.jwt", bits_per_weight=2)
+    codec.save(sd, tmp_path / "e.jwt", bits_per_weight=2, overrides={"a.bias": "lossless"})
+    codec.save(sd, tmp_path / "p.jwt")
+    rounded, exact = codec.load(tmp_path / "b.jwt")["a.bias"], codec.load(tmp_path / "e.jwt")["a.bias"]
+    assert torch.allclose(rounded, sd["a.bias"], rtol=2.0 ** -(VECTOR_BITS + 1), atol=0)
+    assert not torch.equal(rounded, sd["a.bias"])
+    assert torch.equal(exact, sd["a.bias"]) and torch.equal(codec.load(tmp_path / "p.jwt")["a.bias"],
+                                                              sd["a.bias"])
+    with codec.open(tmp_path / "b.jwt") as b, codec.open(tmp_path / "e.jwt") as e:
+        assert b.reader.entries["a.bias"].stored_bytes < e.reader.entries["a.bias"].stored_bytes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..dtypes import DType, from_float64, to_float64
+from ..dtypes import DType, from_float64, round_significand, to_float64
 
 __all__ = ["add_difference", "difference", "round_significand"]
 
@@ -30,15 +30,3 @@ def difference(new: np.ndarray, base: np.ndarray, dtype: DType) -> np.ndarray:
         if dtype.name in ("float64", "float32", "float16"):
             return np.subtract(new, base, dtype=dtype.storage)
         return from_float64(to_float64(new, dtype) - to_float64(base, dtype), dtype)
-
-
-def round_significand(values: np.ndarray, dtype: DType, bits: int) -> np.ndarray:
-    """``values`` (storage form, finite) with each significand rounded to ``bits`` bits after the leading one
-    (to nearest, ties to even), in storage form again.
-
-    An encoder's lossy option for a difference too small for the image codecs (a bias): stored with the
-    lossless codec, the zeroed low bits cost next to nothing, and the decoder is the lossless one.
-    """
-    x = to_float64(values, dtype)
-    mantissa, exponent = np.frexp(x)  # x = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
-    return from_float64(np.ldexp(np.round(np.ldexp(mantissa, bits + 1)), exponent - bits - 1), dtype)

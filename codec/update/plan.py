@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..dtypes import DType, to_float64
+from ..dtypes import SIGNIFICAND, DType, to_float64
 from ..format import BaseRef, TensorEntry
 from ..rd import allocate
 from ..tensorcodec import Encoded, EncodeOptions, decode_encoded, encode_tensor
@@ -41,17 +41,14 @@ DELTA_QUALITIES = (1, 2, 3)
 DELTA_QUANT_BITS = (1,)
 #: Significand bits kept of a lossless difference (a vector's): about 2**-(bits+1) relative error an element.
 DELTA_SIGNIFICAND_BITS = (1, 3, 6)
-#: Significand bits (after the leading one) of the dtypes whose differences may be rounded.
-SIGNIFICAND = {"float64": 52, "float32": 23, "float16": 10, "bfloat16": 7}
 
 
 @dataclass(frozen=True)
 class UpdateOptions(EncodeOptions):
-    """Encoding options of one tensor of an update: ``mode`` is "full", "delta" or "unchanged";
-    ``significand_bits``: a delta's difference rounded to that many significand bits before coding (None: kept)."""
+    """Encoding options of one tensor of an update: ``mode`` is "full", "delta" or "unchanged" (a delta's
+    ``significand_bits`` round the difference, :meth:`Matcher.delta_array`)."""
 
     mode: str = "full"
-    significand_bits: int | None = None
 
 
 class Matcher:
@@ -148,7 +145,7 @@ class UpdateMenu(allocate.Menu):
         menu = full + [("unchanged", UpdateOptions(**_fields(base.with_(codec="lossless")), mode="unchanged"))]
         if not m.can_delta(name, array, dtype):
             return menu
-        delta = [(label, o) for label, o in super().candidates(name, array, dtype, base, rows) if label != "lossless"]
+        delta = [(label, o) for label, o in super().candidates(name, array, dtype, base, rows) if o.codec != "lossless"]
         if delta:  # a matrix: add the settings only a small difference is worth
             delta += [(f"quant b{b} {h}x{w}", base.with_(codec="quant", bits=b, row_shape=None, tile=(h, w)))
                       for h, w in allocate.TILES for b in DELTA_QUANT_BITS]
