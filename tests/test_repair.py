@@ -705,3 +705,21 @@ def test_convolution_rows_are_collected_in_chunks_to_the_same_fit(monkeypatch):
     assert "2.weight" in whole.targets and set(chunked.targets) == set(whole.targets)
     for name, target in whole.targets.items():
         np.testing.assert_allclose(chunked.targets[name], target, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_refit_needs_batches_to_hold_out_and_says_so():
+    """With fewer than HOLDOUT_EVERY calibration batches no batch can be held out to check a refit: it is not made
+    (the coded weights are refit=False's, bit for bit) and a note says why; with enough batches no such note."""
+    from codec.rd.repair import HOLDOUT_EVERY, repair
+
+    model = tiny_model(2)
+    options = quant_options(model, bits=2)
+    few = batches(n=HOLDOUT_EVERY - 2)
+    got = repair(model, few, options)
+    off = repair(model, few, options, settings=RepairSettings(refit=False))
+    assert set(got.targets) == set(off.targets)
+    assert all(np.array_equal(got.targets[n], off.targets[n]) for n in ("fc.weight", "head.weight"))
+    assert any(n.startswith(f"repair: no refit: {HOLDOUT_EVERY - 2} calibration batches") for n in got.notes)
+    assert "refit" not in got.notes[0].split("(")[1].split(")")[0]
+    enough = repair(model, batches(n=HOLDOUT_EVERY), options)
+    assert not any("no refit" in n for n in enough.notes) and "refit" in enough.notes[0]
