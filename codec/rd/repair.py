@@ -1119,6 +1119,20 @@ def _widen_into(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor
     return total
 
 
+#: What :meth:`_LayerFit.collect` sums over a chunk of a layer's input rows, in this order (the last two: refit only).
+_BATCH_SUMS = ("n", "sum_h", "hh", "sum_x", "cross")
+
+
+def _batch_sum(key: str, x: torch.Tensor | None, x_hat: torch.Tensor):
+    """One of :data:`_BATCH_SUMS` for rows ``x`` (original model) and ``x_hat`` (working model): the row count, a
+    column sum in float64, or a moment product in float32."""
+    if key == "n":
+        return x_hat.shape[0]
+    if key in ("sum_h", "sum_x"):
+        return (x_hat if key == "sum_h" else x).double().sum(0)
+    return _HeldOut._product(key, x, x_hat)
+
+
 class _LayerFit:
     """A Linear / Conv2d layer about to be coded: its input statistics in the original and the partly coded model.
 
@@ -1193,12 +1207,8 @@ class _LayerFit:
                         for x, xh in chunks:
                             # products in float32, summed in float64 (add widens them as it adds), each made when
                             # its turn comes: one cols^2 float32 product alive at a time
-                            sums = {"n": lambda: xh.shape[0], "sum_h": lambda: xh.double().sum(0),
-                                    "hh": lambda: xh.T @ xh}
-                            if settings.refit:
-                                sums.update(sum_x=lambda: x.double().sum(0), cross=lambda: x.T @ xh)
-                            for key, make in sums.items():
-                                value = make()
+                            for key in _BATCH_SUMS if settings.refit else _BATCH_SUMS[:3]:
+                                value = _batch_sum(key, x, xh)
                                 add(key, value)
                                 if held and key not in _HeldOut.MOMENTS:
                                     add("held_" + key, value)
