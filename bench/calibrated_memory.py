@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=None, help="jwt's coding threads (default: one per core)")
     parser.add_argument("--no-quality", action="store_true", help="skip the cosine of the decoded file")
     parser.add_argument("--detail", action="store_true", help="split repair by tensor; print the highest stages")
+    parser.add_argument("--timeline", action="store_true",
+                        help="with --detail: every stage in the order it ran, its first sample and its peak")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from bench.repair import _minilm
@@ -118,6 +120,14 @@ def main() -> None:
     detail = sorted((label for label in peaks if label.startswith("repair ")), key=peaks.get, reverse=True)[:8]
     for label in main_stages + detail:
         print(f"  {label:12s} peak above resident {peaks[label]:6.0f} MB")
+    if args.timeline:  # consecutive samples of one stage form a run: its first sample and its peak, above resident
+        runs: list[list] = []
+        for mb, label in samples:
+            if not runs or runs[-1][0] != label:
+                runs.append([label, mb - base, mb - base])
+            runs[-1][2] = max(runs[-1][2], mb - base)
+        for label, first, peak in runs:
+            print(f"    {label:50s} from {first:6.0f} MB, peak {peak:6.0f} MB")
     print(f"bits/weight {8 * size / weights:.4f}" + (f"; cosine everyday / rare {quality}" if quality else "")
           + f"; md5 {md5}")
 

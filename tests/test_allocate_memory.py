@@ -298,35 +298,47 @@ def test_working_model_shares_the_lossy_tensors_until_coded():
     assert work.emb.weight is not model.emb.weight and isinstance(work.emb.weight, type(model.emb.weight))
 
 
-def test_inverse_cholesky_frees_each_intermediate():
-    """GPTQ's and JPEG compensation's ``U`` (``H^-1 = U^T U``) for a cols x cols ``H``: the damped ``H`` is made
-    when needed and each float64 intermediate is freed as the next is made, so at most two live at once, ``H``
-    included (seven lived at once: all-MiniLM-L6-v2's FFN output, 19 MB each; three besides ``H`` in the fifth
-    pass), and the result is bit-identical to the whole-expression form."""
+def _whole_expression(h: np.ndarray) -> np.ndarray:
+    """``U`` as GPTQ's factor was made before the tenth pass: ``cholesky(inv(L)^T inv(L))^T``, ``H = L L^T``."""
+    inv = np.linalg.inv(np.linalg.cholesky(h))
+    return np.linalg.cholesky(inv.T @ inv).T
+
+
+@pytest.mark.parametrize("cols", [1, 127, 128, 300, 512])
+def test_inverse_cholesky_is_made_in_the_damped_copy(cols):
+    """GPTQ's and JPEG compensation's ``U`` (``H^-1 = U^T U``, upper, positive diagonal) is made in place in the
+    damped copy of ``H`` (from the Cholesky factor of ``H`` with its columns reversed, a block of 128 columns at a
+    time): the factor the whole expression gives within rounding, and a traced peak of the copy plus block
+    temporaries (numpy's ``cholesky`` / ``inv`` of the whole held four ``cols^2`` arrays at once, with LAPACK
+    copies tracemalloc does not see; all-MiniLM-L6-v2's FFN output: 19 MB each)."""
     from codec.rd.gptq import _inverse_cholesky_upper
 
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2048, 384))
+    rng = np.random.default_rng(cols)
+    x = rng.standard_normal((2 * cols + 16, cols)) * rng.uniform(0.1, 3.0, cols)
     h = x.T @ x / len(x)
-    h[np.diag_indices(len(h))] += 0.01
-    lower = np.linalg.cholesky(h + 0.0 * np.eye(len(h)))
-    inv = np.linalg.inv(lower)
-    expected = np.linalg.cholesky(inv.T @ inv).T
-    del lower, inv
+    h[np.diag_indices(cols)] += 0.01
+    expected = _whole_expression(h)
     got = []
     peak = _peak(lambda: got.append(_inverse_cholesky_upper(h.copy)))
-    assert np.array_equal(got[0], expected)
-    assert peak < 2.5 * h.nbytes, f"{peak / h.nbytes:.1f} x"
+    u = got[0]
+    assert u.shape == h.shape and u.flags.c_contiguous
+    assert np.array_equal(np.triu(u), u) and (np.diag(u) > 0).all()
+    assert np.abs(u - expected).max() <= 1e-12 * np.abs(expected).max()
+    inverse = np.linalg.inv(h)
+    assert np.abs(u.T @ u - inverse).max() <= 1e-12 * np.abs(inverse).max()
+    if cols >= 512:
+        assert peak < 1.5 * h.nbytes, f"{peak / h.nbytes:.2f} x"
 
 
 def test_inverse_cholesky_damps_a_singular_h_as_before():
     """A singular ``H`` takes extra damping (1e-6 of its mean diagonal, times ten each try) as the whole-expression
-    form did, to the same bits, ``H`` being made again for each try."""
+    form did, ``H`` being made again for each try (once: its mean diagonal is read before it is factored): the
+    factor of ``H`` plus that damping."""
     from codec.rd.gptq import _inverse_cholesky_upper
 
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((16, 64))
-    h = x.T @ x  # rank 16 of 64
+    x = rng.standard_normal((16, 300))
+    h = x.T @ x  # rank 16 of 300
     made = []
 
     def damped():
@@ -334,15 +346,62 @@ def test_inverse_cholesky_damps_a_singular_h_as_before():
         return h.copy()
 
     got = _inverse_cholesky_upper(damped)
-    expected, extra = None, 0.0
+    expected, extra, tries = None, 0.0, 0
     while expected is None:
+        tries += 1
         try:
-            inv = np.linalg.inv(np.linalg.cholesky(h + extra * np.eye(len(h))))
-            expected = np.linalg.cholesky(inv.T @ inv).T
+            expected = _whole_expression(h + extra * np.eye(len(h)))
         except np.linalg.LinAlgError:
             extra = max(extra * 10, 1e-6 * float(np.mean(np.diag(h))))
-    assert extra > 0 and len(made) > 2
-    assert np.array_equal(got, expected)
+    assert extra > 0 and len(made) == tries > 1
+    assert np.allclose(got, expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
+
+
+def test_inverse_cholesky_refuses_what_damping_cannot_save():
+    """A negative definite ``H`` (a block past the first) is no matrix damping makes positive definite: a
+    LinAlgError after the tries, not a factor."""
+    from codec.rd.gptq import _inverse_cholesky_upper
+
+    h = np.eye(300)
+    h[200:, 200:] *= -1.0
+    with pytest.raises(np.linalg.LinAlgError, match="singular"):
+        _inverse_cholesky_upper(h.copy)
+
+
+def _torch_allocations(fn) -> list[tuple[str, int]]:
+    """The (operator, bytes) of every allocation torch's CPU allocator makes while ``fn()`` runs (the profiler's
+    memory records; tracemalloc does not see torch's tensors)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [(e.name, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage > 0]
+
+
+def test_float32_products_are_summed_into_float64_without_a_widened_copy():
+    """Repair's moment sums (:func:`codec.rd.repair._widen_into`): a float32 batch product added into its float64
+    sum in the sum's own array, bit for bit what ``total.add_(value)`` gives, without the float64 copy of the
+    product torch's ``add_`` makes first (all-MiniLM-L6-v2's FFN output: 19 MB per batch); a float64 value, or
+    none summed yet, as before."""
+    import torch
+
+    from codec.rd.repair import _widen_into
+
+    gen = torch.Generator().manual_seed(0)
+    products = [torch.randn(300, 200, generator=gen) @ torch.randn(200, 300, generator=gen) for _ in range(4)]
+    products[1][0, :3] = torch.tensor([-0.0, float("inf"), 1e-45])
+    expected = products[0].to(torch.float64, copy=True)
+    for value in products[1:]:
+        expected.add_(value)
+    total = _widen_into(None, products[0])
+    assert total.dtype == torch.float64 and total.data_ptr() != products[0].data_ptr()
+    where = total.data_ptr()
+    for value in products[1:-1]:
+        assert _widen_into(total, value) is total
+    assert _torch_allocations(lambda: _widen_into(total, products[-1])) == []
+    assert total.data_ptr() == where and torch.equal(total, expected)
+    assert torch.equal(_widen_into(total.clone(), expected), expected * 2)
+    assert sum(b for _, b in _torch_allocations(lambda: products[0] @ products[0])) >= 300 * 300 * 4  # it sees them
 
 
 def test_calibration_keeps_full_h_in_float32():

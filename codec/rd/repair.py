@@ -1098,11 +1098,7 @@ class _HeldOut:
 
     def _add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
         for key in self.MOMENTS:
-            value = self._product(key, x, x_hat)
-            if key in self.sums:
-                self.sums[key].add_(value)
-            else:
-                self.sums[key] = value.to(torch.float64, copy=True)
+            self.sums[key] = _widen_into(self.sums.get(key), self._product(key, x, x_hat))
 
     def moment(self, key: str) -> np.ndarray:
         """The held-out rows' ``hh`` or ``cross`` sum, float64, in an array of its own (the caller may write it)."""
@@ -1110,9 +1106,36 @@ class _HeldOut:
             return self.sums[key].numpy().copy()
         total = None
         for x, x_hat in self.rows:
-            value = self._product(key, x, x_hat)
-            total = value.to(torch.float64, copy=True) if total is None else total.add_(value)
+            total = _widen_into(total, self._product(key, x, x_hat))
         return total.numpy()
+
+
+def _widen_into(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """``total + value`` in float64, in ``total``'s own array (``value`` widened as it is added, the same bits as
+    ``total.add_(value)``, which widens a float32 ``value`` into a float64 copy first: all-MiniLM-L6-v2's FFN
+    output, 19 MB per batch); ``total`` None: a float64 copy of ``value``."""
+    if total is None:
+        return value.to(torch.float64, copy=True)
+    if (value.dtype == total.dtype or value.device.type != "cpu" or total.device.type != "cpu"
+            or not value.is_contiguous() or not total.is_contiguous() or value.requires_grad):
+        return total.add_(value)
+    out = total.numpy()
+    np.add(out, value.numpy(), out=out)
+    return total
+
+
+#: What :meth:`_LayerFit.collect` sums over a chunk of a layer's input rows, in this order (the last two: refit only).
+_BATCH_SUMS = ("n", "sum_h", "hh", "sum_x", "cross")
+
+
+def _batch_sum(key: str, x: torch.Tensor | None, x_hat: torch.Tensor):
+    """One of :data:`_BATCH_SUMS` for rows ``x`` (original model) and ``x_hat`` (working model): the row count, a
+    column sum in float64, or a moment product in float32."""
+    if key == "n":
+        return x_hat.shape[0]
+    if key in ("sum_h", "sum_x"):
+        return (x_hat if key == "sum_h" else x).double().sum(0)
+    return _HeldOut._product(key, x, x_hat)
 
 
 class _LayerFit:
@@ -1160,13 +1183,11 @@ class _LayerFit:
                     acc["ok"] = False
             return hook
 
-        def add(key, value):  # float64 sums, added in place: no more cols^2 float64 matrices while adding
+        def add(key, value):  # float64 sums, added in place (_widen_into: no widened copy of a float32 product)
             if not isinstance(value, torch.Tensor):
                 acc[key] = acc.get(key, 0) + value
-            elif key not in acc:
-                acc[key] = value.to(torch.float64, copy=True)
             else:
-                acc[key].add_(value)
+                acc[key] = _widen_into(acc.get(key), value)
 
         handles = [original.register_forward_pre_hook(grab("x")), slot.module.register_forward_pre_hook(grab("h"))]
         training = model.training
@@ -1189,14 +1210,14 @@ class _LayerFit:
                         chunks = zip(_layer_rows(original, xs[i]), _layer_rows(slot.module, inputs)) \
                             if settings.refit else ((None, xh) for xh in _layer_rows(slot.module, inputs))
                         for x, xh in chunks:
-                            # products in float32, summed in float64 (add widens them as it adds)
-                            sums = {"n": xh.shape[0], "sum_h": xh.double().sum(0), "hh": xh.T @ xh}
-                            if settings.refit:
-                                sums.update(sum_x=x.double().sum(0), cross=x.T @ xh)
-                            for key, value in sums.items():
+                            # products in float32, summed in float64 (add widens them as it adds), each made when
+                            # its turn comes: one cols^2 float32 product alive at a time
+                            for key in _BATCH_SUMS if settings.refit else _BATCH_SUMS[:3]:
+                                value = _batch_sum(key, x, xh)
                                 add(key, value)
                                 if held and key not in _HeldOut.MOMENTS:
                                     add("held_" + key, value)
+                                del value
                             if held:
                                 held_out.add(x, xh)
         finally:
