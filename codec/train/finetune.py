@@ -1,8 +1,8 @@
 """Codec-in-the-loop fine-tuning: the forward pass sees the weights exactly as the file will hold them.
 
 Each step codes every floating tensor of the model with the real encoder of its setting and decodes it
-(:func:`codec.tensorcodec.encode_tensor` / :func:`~codec.tensorcodec.decode_tensor` on the storage form, the
-bytes ``codec.save`` writes), runs the model on those values (:func:`torch.func.functional_call`) and passes the
+(:func:`codec.tensorcodec.round_trip` on the storage form: the values the file ``codec.save`` writes decodes to,
+bit for bit, without its entropy coding's optimisation, which does not change them), runs the model on those values (:func:`torch.func.functional_call`) and passes the
 gradient straight through to the float weights (``coded + (w - w.detach())``: exactly the coded values forward,
 gradient 1 to ``w``). The float weights keep the small updates that rounding would erase, and the model adapts
 to its file.
@@ -30,7 +30,7 @@ import torch
 from torch.func import functional_call
 
 from ..errors import EncodeError
-from ..tensorcodec import EncodeOptions, Overrides, decode_encoded, encode_tensor, not_applied
+from ..tensorcodec import EncodeOptions, Overrides, not_applied, round_trip
 from .rate import as_setting
 
 __all__ = ["NotKeptWarning", "as_overrides", "coded_weights", "finetune", "tile_bounds", "tile_keeper"]
@@ -179,19 +179,30 @@ def as_overrides(overrides: Overrides | OverrideRules, setting=None) -> Override
 
 
 def _code(t: torch.Tensor, opts: EncodeOptions, vector_bits: int | None = None) -> torch.Tensor:
-    """The real encode/decode of one tensor (a copy of it, on its device); a tensor stored losslessly is its own
-    decoded value, and is copied without coding it (with ``vector_bits``, a floating one stored losslessly for its
-    shape is rounded: :func:`round_vector`)."""
+    """The real encode/decode of one tensor (a copy of it, on its device: :func:`codec.tensorcodec.round_trip`, the
+    values the file decodes to); a tensor stored losslessly is its own decoded value, and is copied without coding
+    it (with ``vector_bits``, a floating one stored losslessly for its shape is rounded: :func:`round_vector`)."""
     from ..api import to_numpy, to_torch
     from ..dtypes import get_dtype
 
     if opts.codec == "lossless" or _lossless_for_shape(t, opts):
         return round_vector(t, vector_bits) if vector_bits and _rounds(t, opts) else t.detach().clone()
     array, name = to_numpy(t.detach())
-    dtype = get_dtype(name)
-    encoded = encode_tensor(array, dtype, opts)
-    decoded = decode_encoded(encoded, dtype, array.shape)
-    return to_torch(decoded, name).to(t.device).clone()
+    decoded = round_trip(array, get_dtype(name), opts)  # a new array: the tensor made from it is its own
+    return to_torch(decoded, name).to(t.device)
+
+
+class _Through(torch.autograd.Function):
+    """``value`` forward, the gradient to ``p`` unchanged: the straight-through estimator, with no arithmetic on the
+    values (``value + (p - p.detach())`` costs two passes over the weights, and new memory, at every step)."""
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
 
 
 def _batches(data, what: str = "data") -> Iterable:
@@ -335,20 +346,23 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         bar = tqdm(total=steps + 1, desc="finetune", unit="step")
 
     residual: dict[str, torch.Tensor] = {}  # coded - float at the last coding (parameters); other tensors: coded
+    moved: dict[str, torch.Tensor] = {}  # each parameter's float weights plus residual between codings (reused)
 
     def loss_at(batch, code: bool = True) -> torch.Tensor:
         inputs, rest = _split(batch)
-        if code:  # straight through: exactly the coded values forward (+0), gradient 1 to p
+        if code:  # straight through: exactly the coded values forward, gradient 1 to p
             coded = coded_weights(model, opts, overrides=rules, vector_bits=vector_bits)
             residual.clear()
             residual.update(coded)
             for name, p in params.items():
                 residual[name] = coded[name] - p.detach()
-                coded[name] = coded[name] + (p - p.detach())
+                coded[name] = _Through.apply(p, coded[name])
         else:  # between codings: the float weights plus the last coding's residual, gradient 1 to p
             coded = dict(residual)
             for name, p in params.items():
-                coded[name] = p + residual[name]
+                if name not in moved:
+                    moved[name] = torch.empty_like(p, requires_grad=False)
+                coded[name] = _Through.apply(p, torch.add(p.detach(), residual[name], out=moved[name]))
         if teacher is None:
             return loss_fn(functional_call(model, coded, (inputs,)), *rest)
         with torch.no_grad():
