@@ -2,10 +2,10 @@
 
 Each step codes every floating tensor of the model with the real encoder of its setting and decodes it
 (:func:`codec.tensorcodec.round_trip` on the storage form: the values the file ``codec.save`` writes decodes to,
-bit for bit, without its entropy coding's optimisation, which does not change them), runs the model on those values (:func:`torch.func.functional_call`) and passes the
-gradient straight through to the float weights (``coded + (w - w.detach())``: exactly the coded values forward,
-gradient 1 to ``w``). The float weights keep the small updates that rounding would erase, and the model adapts
-to its file.
+bit for bit, without its entropy coding's optimisation, which does not change them), runs the model with those
+values in its tensors and passes the gradient straight through to the float weights (exactly the coded values
+forward and backward, the gradient at them added to ``w``'s, then ``w`` back in place for the optimizer). The float
+weights keep the small updates that rounding would erase, and the model adapts to its file.
 
 Two options lower the cost and the rate (measured in bench/results/train_mlp.md):
 
@@ -192,19 +192,6 @@ def _code(t: torch.Tensor, opts: EncodeOptions, vector_bits: int | None = None) 
     return to_torch(decoded, name).to(t.device)
 
 
-class _Through(torch.autograd.Function):
-    """``value`` forward, the gradient to ``p`` unchanged: the straight-through estimator, with no arithmetic on the
-    values (``value + (p - p.detach())`` costs two passes over the weights, and new memory, at every step)."""
-
-    @staticmethod
-    def forward(ctx, p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        return value
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
-
-
 def _batches(data, what: str = "data") -> Iterable:
     """Batches of ``data``: a tensor (one batch) or an iterable of batches (re-iterated for each pass)."""
     if isinstance(data, torch.Tensor):
@@ -347,27 +334,47 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
 
     residual: dict[str, torch.Tensor] = {}  # coded - float at the last coding (parameters); other tensors: coded
     moved: dict[str, torch.Tensor] = {}  # each parameter's float weights plus residual between codings (reused)
+    tensors = model.state_dict(keep_vars=True)  # the model's own parameters and buffers
+    tied = {n for n, t in tensors.items() if n not in params and any(t is p for p in params.values())}
 
-    def loss_at(batch, code: bool = True) -> torch.Tensor:
+    def loss_at(batch, code: bool = True, backward: bool = False) -> torch.Tensor:
+        """The loss of ``batch`` with the coded values in the model (the last coding's residual added to the
+        float weights between codings), and with ``backward`` its gradient, straight through to the float weights:
+        the model's tensors hold those values (``.data``) for the forward and backward passes, then their own
+        again. So the model runs as it is (no functional_call, no arithmetic on the values to route the gradient)
+        and the gradient of each weight, computed at the coded values, lands on it unchanged."""
         inputs, rest = _split(batch)
-        if code:  # straight through: exactly the coded values forward, gradient 1 to p
-            coded = coded_weights(model, opts, overrides=rules, vector_bits=vector_bits)
+        if code:  # exactly the coded values forward
+            values = coded_weights(model, opts, overrides=rules, vector_bits=vector_bits)
             residual.clear()
-            residual.update(coded)
+            residual.update(values)
             for name, p in params.items():
-                residual[name] = coded[name] - p.detach()
-                coded[name] = _Through.apply(p, coded[name])
-        else:  # between codings: the float weights plus the last coding's residual, gradient 1 to p
-            coded = dict(residual)
+                residual[name] = values[name] - p.detach()
+        else:  # between codings: the float weights plus the last coding's residual
+            values = dict(residual)
             for name, p in params.items():
                 if name not in moved:
                     moved[name] = torch.empty_like(p, requires_grad=False)
-                coded[name] = _Through.apply(p, torch.add(p.detach(), residual[name], out=moved[name]))
-        if teacher is None:
-            return loss_fn(functional_call(model, coded, (inputs,)), *rest)
-        with torch.no_grad():
-            target = teacher(inputs)
-        return torch.nn.functional.mse_loss(functional_call(model, coded, (inputs,)), target)
+                values[name] = torch.add(p.detach(), residual[name], out=moved[name])
+        held = []
+        try:
+            for name, value in values.items():
+                if name in tied:  # a parameter's second name: the first holds its values
+                    continue
+                held.append((tensors[name], tensors[name].data))
+                tensors[name].data = value
+            if teacher is None:
+                loss = loss_fn(model(inputs), *rest)
+            else:
+                with torch.no_grad():
+                    target = teacher(inputs)
+                loss = torch.nn.functional.mse_loss(model(inputs), target)
+            if backward:
+                loss.backward()
+        finally:
+            for tensor, data in reversed(held):
+                tensor.data = data
+        return loss
 
     targets: list = []  # the teacher's outputs on the check batches (distillation), computed once
 
@@ -406,8 +413,7 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
                 for group in optimizer.param_groups:
                     group["lr"] = float(lr(step))
             optimizer.zero_grad()
-            loss = loss_at(last, code=step % refresh == 0)
-            loss.backward()
+            loss = loss_at(last, code=step % refresh == 0, backward=True)
             optimizer.step()
             if checking and (step + 1 == steps or (step + 1) % every == 0):
                 now = check_loss()
