@@ -440,3 +440,16 @@ def test_the_loop_is_the_straight_through_estimator_and_gives_the_model_back_its
         finetune(model, data, failing, setting="b3", steps=2, validation=False)
     assert all(torch.equal(model.state_dict()[n], t) for n, t in before.items())
     assert model[2].weight is model[0].weight
+
+
+def test_a_state_dict_of_copies_is_a_one_line_error():
+    """finetune puts the coded values into the tensors state_dict(keep_vars=True) names; a model whose state_dict
+    returns copies would train on its float weights unseen, so it is refused."""
+    class Copies(torch.nn.Sequential):
+        def state_dict(self, *args, **kwargs):
+            return {n: t.detach().clone() for n, t in super().state_dict(*args, **kwargs).items()}
+
+    torch.manual_seed(1)
+    model = Copies(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 10))
+    with pytest.raises(TypeError, match="state_dict entry '0.weight' is not one of the model's parameters"):
+        finetune(model, _data(), LOSS, setting="b3", steps=2, validation=False)

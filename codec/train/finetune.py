@@ -335,6 +335,11 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     residual: dict[str, torch.Tensor] = {}  # coded - float at the last coding (parameters); other tensors: coded
     moved: dict[str, torch.Tensor] = {}  # each parameter's float weights plus residual between codings (reused)
     tensors = model.state_dict(keep_vars=True)  # the model's own parameters and buffers
+    own = {id(t) for t in itertools.chain(model.parameters(), model.buffers())}
+    copied = next((n for n, t in tensors.items() if isinstance(t, torch.Tensor) and id(t) not in own), None)
+    if copied is not None:  # the values put into it would not reach the forward pass
+        raise TypeError(f"finetune: state_dict entry {copied!r} is not one of the model's parameters or buffers "
+                        "(a state_dict that returns copies): finetune trains the model's own tensors")
     tied = {n for n, t in tensors.items() if n not in params and any(t is p for p in params.values())}
 
     def loss_at(batch, code: bool = True, backward: bool = False) -> torch.Tensor:
