@@ -394,3 +394,62 @@ def encode_blob(model, setting: str) -> bytes:
 
     array, dtype = to_numpy(model[0].weight)
     return b"".join(encode_tensor(array, get_dtype(dtype), codec.train.as_setting(setting)).blobs)
+
+
+def test_the_loop_is_the_straight_through_estimator_and_gives_the_model_back_its_weights():
+    """Three steps coded every 2nd step equal a by-hand straight-through loop (functional_call on ``coded + (w -
+    w.detach())``, then ``w + residual``) bit for bit; a weight shared by two layers stays one tensor; and a loss
+    that fails leaves the model's float weights in place, not the coded values the step had put in it."""
+    def tied():
+        torch.manual_seed(4)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
+                                    torch.nn.ReLU(), torch.nn.Linear(64, 10))
+        model[2].weight = model[0].weight
+        return model
+
+    data = _data(3)
+    model = tied()
+    finetune(model, data, LOSS, setting="b3", steps=3, lr=1e-2, refresh=2, validation=False)
+    assert model[2].weight is model[0].weight
+
+    by_hand = tied()
+    params = dict(by_hand.named_parameters())
+    shared = {"2.weight": "0.weight"}  # the tied weight's second name: its uses' gradients both reach it
+    optimizer = torch.optim.Adam(params.values(), lr=1e-2)
+    residual = {}
+    for step, (x, y) in enumerate(data):
+        optimizer.zero_grad()
+        if step % 2 == 0:
+            coded = coded_weights(by_hand, "b3")
+            residual = {n: coded[n] - p.detach() for n, p in params.items()}
+            values = {**coded, **{n: coded[n] + (p - p.detach()) for n, p in params.items()}}
+        else:
+            values = {n: p + residual[n] for n, p in params.items()}
+        values.update({n: values[first] for n, first in shared.items()})
+        LOSS(torch.func.functional_call(by_hand, values, (x,), tie_weights=False), y).backward()
+        optimizer.step()
+    for name, p in params.items():
+        assert torch.equal(model.get_parameter(name), p), name
+
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+
+    def failing(out, y):
+        raise RuntimeError("a bad batch")
+
+    with pytest.raises(RuntimeError, match="a bad batch"):
+        finetune(model, data, failing, setting="b3", steps=2, validation=False)
+    assert all(torch.equal(model.state_dict()[n], t) for n, t in before.items())
+    assert model[2].weight is model[0].weight
+
+
+def test_a_state_dict_of_copies_is_a_one_line_error():
+    """finetune puts the coded values into the tensors state_dict(keep_vars=True) names; a model whose state_dict
+    returns copies would train on its float weights unseen, so it is refused."""
+    class Copies(torch.nn.Sequential):
+        def state_dict(self, *args, **kwargs):
+            return {n: t.detach().clone() for n, t in super().state_dict(*args, **kwargs).items()}
+
+    torch.manual_seed(1)
+    model = Copies(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 10))
+    with pytest.raises(TypeError, match="state_dict entry '0.weight' is not one of the model's parameters"):
+        finetune(model, _data(), LOSS, setting="b3", steps=2, validation=False)

@@ -48,6 +48,13 @@ class BlobCodec(ABC):
     def decode(self, blob: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """Return the array of ``shape`` and ``dtype`` held by ``blob``."""
 
+    def round_trip(self, array: np.ndarray) -> np.ndarray:
+        """What :meth:`decode` gives for the blob :meth:`encode` makes of ``array``, without needing the blob: a
+        codec whose bytes take work that does not change the decoded array (JPEG's Huffman optimisation) or that
+        stores the pixels exactly (``quant``) skips it. For codec-in-the-loop training (codec.train), which needs
+        the decoded values only; never for sizes."""
+        return self.decode(self.encode(array), array.shape, array.dtype)
+
     @abstractmethod
     def get_config(self) -> dict[str, Any]:
         """Return ``{"id": codec_id, **params}``, JSON-serializable."""

@@ -113,12 +113,18 @@ class Jpeg(BlobCodec):
     def get_config(self) -> dict[str, Any]:
         return {"id": self.codec_id, "quality": self.quality, "table": self.table}
 
-    def encode(self, array: np.ndarray) -> bytes:
+    def encode(self, array: np.ndarray, optimize: bool = True) -> bytes:
         buf = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(array, np.uint8), mode="L").save(
-            buf, "JPEG", qtables=[quant_table(self.quality, self.table)], optimize=True
+            buf, "JPEG", qtables=[quant_table(self.quality, self.table)], optimize=optimize
         )
         return buf.getvalue()
+
+    def round_trip(self, array: np.ndarray) -> np.ndarray:
+        """Coded with libjpeg's standard Huffman tables instead of optimised ones (half the encoder's time): the
+        quantized coefficients, so the decoded pixels, are the same; only the blob's size differs."""
+        blob = self.encode(array, optimize=False)
+        return decode_image(self.codec_id, imagecodecs.jpeg8_decode, blob, array.shape, np.dtype(np.uint8))
 
     def decode(self, blob: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         found = jpeg_frame(blob)

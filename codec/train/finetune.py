@@ -1,11 +1,11 @@
 """Codec-in-the-loop fine-tuning: the forward pass sees the weights exactly as the file will hold them.
 
 Each step codes every floating tensor of the model with the real encoder of its setting and decodes it
-(:func:`codec.tensorcodec.encode_tensor` / :func:`~codec.tensorcodec.decode_tensor` on the storage form, the
-bytes ``codec.save`` writes), runs the model on those values (:func:`torch.func.functional_call`) and passes the
-gradient straight through to the float weights (``coded + (w - w.detach())``: exactly the coded values forward,
-gradient 1 to ``w``). The float weights keep the small updates that rounding would erase, and the model adapts
-to its file.
+(:func:`codec.tensorcodec.round_trip` on the storage form: the values the file ``codec.save`` writes decodes to,
+bit for bit, without its entropy coding's optimisation, which does not change them), runs the model with those
+values in its tensors and passes the gradient straight through to the float weights (exactly the coded values
+forward and backward, the gradient at them added to ``w``'s, then ``w`` back in place for the optimizer). The float
+weights keep the small updates that rounding would erase, and the model adapts to its file.
 
 Two options lower the cost and the rate (measured in bench/results/train_mlp.md):
 
@@ -30,7 +30,7 @@ import torch
 from torch.func import functional_call
 
 from ..errors import EncodeError
-from ..tensorcodec import EncodeOptions, Overrides, decode_encoded, encode_tensor, not_applied
+from ..tensorcodec import EncodeOptions, Overrides, not_applied, round_trip
 from .rate import as_setting
 
 __all__ = ["NotKeptWarning", "as_overrides", "coded_weights", "finetune", "tile_bounds", "tile_keeper"]
@@ -179,19 +179,17 @@ def as_overrides(overrides: Overrides | OverrideRules, setting=None) -> Override
 
 
 def _code(t: torch.Tensor, opts: EncodeOptions, vector_bits: int | None = None) -> torch.Tensor:
-    """The real encode/decode of one tensor (a copy of it, on its device); a tensor stored losslessly is its own
-    decoded value, and is copied without coding it (with ``vector_bits``, a floating one stored losslessly for its
-    shape is rounded: :func:`round_vector`)."""
+    """The real encode/decode of one tensor (a copy of it, on its device: :func:`codec.tensorcodec.round_trip`, the
+    values the file decodes to); a tensor stored losslessly is its own decoded value, and is copied without coding
+    it (with ``vector_bits``, a floating one stored losslessly for its shape is rounded: :func:`round_vector`)."""
     from ..api import to_numpy, to_torch
     from ..dtypes import get_dtype
 
     if opts.codec == "lossless" or _lossless_for_shape(t, opts):
         return round_vector(t, vector_bits) if vector_bits and _rounds(t, opts) else t.detach().clone()
     array, name = to_numpy(t.detach())
-    dtype = get_dtype(name)
-    encoded = encode_tensor(array, dtype, opts)
-    decoded = decode_encoded(encoded, dtype, array.shape)
-    return to_torch(decoded, name).to(t.device).clone()
+    decoded = round_trip(array, get_dtype(name), opts)  # a new array: the tensor made from it is its own
+    return to_torch(decoded, name).to(t.device)
 
 
 def _batches(data, what: str = "data") -> Iterable:
@@ -335,25 +333,53 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         bar = tqdm(total=steps + 1, desc="finetune", unit="step")
 
     residual: dict[str, torch.Tensor] = {}  # coded - float at the last coding (parameters); other tensors: coded
+    moved: dict[str, torch.Tensor] = {}  # each parameter's float weights plus residual between codings (reused)
+    tensors = model.state_dict(keep_vars=True)  # the model's own parameters and buffers
+    own = {id(t) for t in itertools.chain(model.parameters(), model.buffers())}
+    copied = next((n for n, t in tensors.items() if isinstance(t, torch.Tensor) and id(t) not in own), None)
+    if copied is not None:  # the values put into it would not reach the forward pass
+        raise TypeError(f"finetune: state_dict entry {copied!r} is not one of the model's parameters or buffers "
+                        "(a state_dict that returns copies): finetune trains the model's own tensors")
+    tied = {n for n, t in tensors.items() if n not in params and any(t is p for p in params.values())}
 
-    def loss_at(batch, code: bool = True) -> torch.Tensor:
+    def loss_at(batch, code: bool = True, backward: bool = False) -> torch.Tensor:
+        """The loss of ``batch`` with the coded values in the model (the last coding's residual added to the
+        float weights between codings), and with ``backward`` its gradient, straight through to the float weights:
+        the model's tensors hold those values (``.data``) for the forward and backward passes, then their own
+        again. So the model runs as it is (no functional_call, no arithmetic on the values to route the gradient)
+        and the gradient of each weight, computed at the coded values, lands on it unchanged."""
         inputs, rest = _split(batch)
-        if code:  # straight through: exactly the coded values forward (+0), gradient 1 to p
-            coded = coded_weights(model, opts, overrides=rules, vector_bits=vector_bits)
+        if code:  # exactly the coded values forward
+            values = coded_weights(model, opts, overrides=rules, vector_bits=vector_bits)
             residual.clear()
-            residual.update(coded)
+            residual.update(values)
             for name, p in params.items():
-                residual[name] = coded[name] - p.detach()
-                coded[name] = coded[name] + (p - p.detach())
-        else:  # between codings: the float weights plus the last coding's residual, gradient 1 to p
-            coded = dict(residual)
+                residual[name] = values[name] - p.detach()
+        else:  # between codings: the float weights plus the last coding's residual
+            values = dict(residual)
             for name, p in params.items():
-                coded[name] = p + residual[name]
-        if teacher is None:
-            return loss_fn(functional_call(model, coded, (inputs,)), *rest)
-        with torch.no_grad():
-            target = teacher(inputs)
-        return torch.nn.functional.mse_loss(functional_call(model, coded, (inputs,)), target)
+                if name not in moved:
+                    moved[name] = torch.empty_like(p, requires_grad=False)
+                values[name] = torch.add(p.detach(), residual[name], out=moved[name])
+        held = []
+        try:
+            for name, value in values.items():
+                if name in tied:  # a parameter's second name: the first holds its values
+                    continue
+                held.append((tensors[name], tensors[name].data))
+                tensors[name].data = value
+            if teacher is None:
+                loss = loss_fn(model(inputs), *rest)
+            else:
+                with torch.no_grad():
+                    target = teacher(inputs)
+                loss = torch.nn.functional.mse_loss(model(inputs), target)
+            if backward:
+                loss.backward()
+        finally:
+            for tensor, data in reversed(held):
+                tensor.data = data
+        return loss
 
     targets: list = []  # the teacher's outputs on the check batches (distillation), computed once
 
@@ -392,8 +418,7 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
                 for group in optimizer.param_groups:
                     group["lr"] = float(lr(step))
             optimizer.zero_grad()
-            loss = loss_at(last, code=step % refresh == 0)
-            loss.backward()
+            loss = loss_at(last, code=step % refresh == 0, backward=True)
             optimizer.step()
             if checking and (step + 1 == steps or (step + 1) % every == 0):
                 now = check_loss()
