@@ -3,6 +3,7 @@
     python -m bench.error_sources [--bits 3.5] [--file PLAN.jwt ...] [--out bench/results/error_sources.md]
     python -m bench.error_sources --compensation
     python -m bench.error_sources --file F.jwt --reverse --layers --allocator
+    python -m bench.error_sources --file F.jwt --sensitivities
 
 For each .jwt file of all-MiniLM-L6-v2 given (default: made here, data-free ``-b B`` with the fast search, and
 calibrated ``-b B`` without repair), every tensor group -- the word-embedding matrix, the other embedding
@@ -20,7 +21,9 @@ adds each transformer layer as a whole. ``--allocator`` calibrates the model on 
 ``codec.save`` does) and lists, per group, the distortion the calibrated search assigns to its decoded values
 (``sensitivity * tr(dW H dW^T) / tr(W H W^T)`` summed over its tensors, :class:`codec.rd.allocate.Weighting`) and its
 share of the total, beside the group's share of the measured loss: where the two shares differ, the search's
-per-tensor weights do not match what the tensor costs end to end.
+per-tensor weights do not match what the tensor costs end to end. ``--sensitivities`` does that per tensor on the
+*calibration* sentences (usable by an encoder): each calibrated tensor's loss alone per unit of its H-weighted
+relative output error, against ``calibrate()``'s sensitivity estimate, normalised to agree on the total.
 """
 
 from __future__ import annotations
@@ -210,6 +213,34 @@ def table(rows: list[tuple], path: Path, args) -> list[str]:
     return out
 
 
+def sensitivity_rows(path: Path, original: dict[str, torch.Tensor]) -> list[str]:
+    """Table rows: per calibrated tensor, the estimated sensitivity and the measured one (``1 - cos`` on the
+    calibration sentences with only that tensor decoded, per unit of relative output error), normalised so that
+    both give the same total over the tensors; above 1 the search under-weights the tensor."""
+    import copy
+
+    from codec.rd.calibrate import calibrate
+
+    decoded = {k: v.float() for k, v in codec.load(path).items() if k in original}
+    model = copy.deepcopy(minilm._model()[0].auto_model).eval()
+    calib = calibrate(model, sentences.calibration_batches())
+    found = []
+    for name, stats in calib.layers.items():
+        w = stats.weighting()
+        ref = original[name].double().numpy().reshape(original[name].shape[0], -1)
+        rel = w.energy(decoded[name].double().numpy().reshape(ref.shape) - ref) / w.energy(ref)
+        if rel > 0:
+            sd = dict(original)
+            sd[name] = decoded[name]
+            found.append((name, rel, stats.sensitivity, 1 - minilm.cosine_quality(sd, sentences.CALIBRATION)))
+    norm = sum(rel * s for _, rel, s, _ in found) / max(sum(loss for *_, loss in found), 1e-12)
+    rows = ["| tensor | relative output error | sensitivity (estimate) | 1-cos on calibration sentences, alone | "
+            "measured / estimated |", "|---|---:|---:|---:|---:|"]
+    rows += [f"| {group_of(n)[0]} | {rel:.3g} | {s:.3g} | {loss:.3g} | {loss / rel / s * norm:.2f} |"
+             for n, rel, s, loss in found]
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.error_sources", description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=float, default=3.5)
@@ -222,12 +253,18 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", action="store_true", help="also each transformer layer as a whole")
     parser.add_argument("--allocator", action="store_true",
                         help="also the calibrated search's distortion of each group and its share")
+    parser.add_argument("--sensitivities", action="store_true",
+                        help="instead: per tensor, measured (calibration sentences) against estimated sensitivity")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.compensation:
         print("\n".join(compensation_probe()))
         return
     original = minilm.load_state_dict()
+    if args.sensitivities:
+        for path in args.file or []:
+            print("\n".join(sensitivity_rows(path, original)), flush=True)
+        return
     files = args.file or []
     if not files:
         args.work.mkdir(parents=True, exist_ok=True)
