@@ -36,11 +36,13 @@ from .models import load_fashion_mnist, model_class, preprocess
 from .prepare import get_model
 
 
-def plan(state_dict: dict, bits: float, calibration=None, index: dict | None = None) -> dict[str, EncodeOptions]:
+def plan(state_dict: dict, bits: float, calibration=None, index: dict | None = None,
+         rules: list[tuple[str, str]] | None = None) -> dict[str, EncodeOptions]:
     """The options ``codec.save(state_dict, ..., bits_per_weight=bits)`` would choose; with a
     :class:`codec.rd.calibrate.Calibration`, those of ``codec.save(model, ..., calibration=inputs)`` (the output-space
     weighting, exhaustive search). ``index`` (a dict) gets ``compress=True`` where the budget counted on a
-    compressed index, as codec.save's: :func:`write` must then compress it."""
+    compressed index, as codec.save's: :func:`write` must then compress it. ``rules`` (``(glob, setting)`` pairs, as
+    ``jwt encode --set``'s) fix the matched tensors' settings, the search planning the others around them."""
     measure_by = None
     if calibration is not None:
         from codec.rd.allocate import Distortion, merge_weightings, norm_weightings
@@ -49,7 +51,7 @@ def plan(state_dict: dict, bits: float, calibration=None, index: dict | None = N
         weightings = merge_weightings(norm_weightings({n: tuple(t.shape) for n, t in state_dict.items()}, values),
                                       calibration.weightings(), values)
         measure_by = Distortion(weightings)
-    return _plan(state_dict, {}, EncodeOptions(), Overrides(None), {}, encoder_versions(), bits, None, None, None,
+    return _plan(state_dict, {}, EncodeOptions(), Overrides(rules), {}, encoder_versions(), bits, None, None, None,
                  {}, None, measure_by=measure_by, index=index)
 
 
@@ -85,6 +87,9 @@ def main() -> None:
     parser.add_argument("--fold-batchnorm", action="store_true",
                         help="fold each BatchNorm's per-channel scale into the layer before it first "
                              "(codec.rd.fold.fold_batchnorm: the same function, other stored values)")
+    parser.add_argument("--set", dest="rules", action="append", default=[], metavar="GLOB=SETTING",
+                        help="fix the matched tensors' settings, as jwt encode --set (e.g. 'conv3.weight=b2'); the "
+                             "search plans the others around them within the budget (repeatable)")
     parser.add_argument("--no-spend", dest="spend", action="store_false",
                         help="do not give repair the bytes the plan leaves under the budget (codec.encode.spare_bytes)")
     parser.add_argument("--batch", type=int, default=256)
@@ -103,6 +108,9 @@ def main() -> None:
                              "closed-nojpeg closed-norefit closed-noprune (no output-weighted pruning of rows-mode "
                              "JPEG, codec.rd.rdo) final all finetune (closed + codec-in-the-loop fine-tuning)")
     args = parser.parse_args()
+    rules = [tuple(rule.split("=", 1)) for rule in args.rules]
+    if any(len(rule) != 2 or not all(rule) for rule in rules):
+        parser.error("--set takes GLOB=SETTING")
     torch.set_num_threads(2)
     if args.model == "minilm":
         if args.validation:
@@ -142,7 +150,7 @@ def main() -> None:
     for bits in args.bits or [0.5]:
         start = time.process_time()
         index: dict = {}
-        options = plan(state_dict, bits, calibration, index)
+        options = plan(state_dict, bits, calibration, index, rules)
         planned = len(write(state_dict, options, {}, index.get("compress")))
         spare = spare_bytes(int(bits * n_weights / 8), planned) if args.spend else 0
         print(f"{bits:6.2f} plan ({'calibrated' if calibration else 'data-free'}): "
