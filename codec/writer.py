@@ -115,7 +115,7 @@ class atomic_output:
 def _copy_file(src: BinaryIO, out: BinaryIO) -> None:
     """Copy ``src`` from its position to its end onto ``out``: in the kernel (``os.copy_file_range``) when both
     are real files, which spares the process reading and writing every coded byte again (0.4 of the 2.1 CPU s
-    of a Ray coordinator on 1.2 GB, bench/README.md), else through a 1 MiB buffer."""
+    of a Ray coordinator on 1.2 GB, bench/JOURNAL.md), else through a 1 MiB buffer."""
     try:
         src_fd, out_fd = src.fileno(), out.fileno()
     except (AttributeError, OSError, ValueError):  # BytesIO and other in-memory outputs

@@ -22,7 +22,7 @@ starting weights, with a warning, unless the coded model does better on them.)
 
 Runs (2 CPU cores): ``python examples/train_compressible.py`` (MLP, minutes),
 ``python examples/train_compressible.py --cnn --train-size 20000`` (CNN). ``--lam L`` adds a rate-penalty run
-(codec.train.rate, measured not to pay: bench/README.md), ``--bits B`` the post-training rate search,
+(codec.train.rate, measured not to pay: bench/JOURNAL.md), ``--bits B`` the post-training rate search,
 ``--dct K`` a DCT-layer run; ``--help`` lists all.
 """
 
@@ -42,12 +42,12 @@ def main(argv: list[str] | None = None) -> None:
     model = "cnn" if "--cnn" in args or "cnn" in args else "mlp"
     defaults = {"--lam": "0", "--calibration": "0", "--bits": "0.4", "--out": f"train_compressible_{model}",
                 "--refresh": "4", "--vector-bits": "4", "--table": "ramp1"}
-    if model == "mlp":  # the MLP's whole schedule in the loop: 0.5 points better at the same rate (bench/README.md)
+    if model == "mlp":  # the MLP's whole schedule in the loop: 0.5 points better at the same rate (bench/JOURNAL.md)
         defaults["--codec-epochs"] = _value(args, "--epochs") or "2"
         # and the learning rate decayed to 0 over the last epoch, plain and codec alike: a stable endpoint (plain
-        # 86.1-86.5 % on 5 seeds, not 84.8-86.3), the codec file 0.2 points better (bench/README.md, eighth pass)
+        # 86.1-86.5 % on 5 seeds, not 84.8-86.3), the codec file 0.2 points better (bench/JOURNAL.md, eighth pass)
         defaults["--decay"], defaults["--decay-epochs"] = "last", "1"
-    else:  # the CNN: a unit penalty 0.1 on fc1's rows, 0.35 points better on 5 seeds (bench/README.md, eighth pass)
+    else:  # the CNN: a unit penalty 0.1 on fc1's rows, 0.35 points better on 5 seeds (bench/JOURNAL.md, eighth pass)
         defaults["--group"] = "0.1"
     given = {a.split("=")[0] for a in args}
     extra = [item for option, value in defaults.items() if option not in given for item in (option, value)]

@@ -17,7 +17,7 @@ the same size as level 1 (within 0.5 %, sometimes larger) at a third to
 a tenth of the speed, while smooth or sparse tensors gain 10-50 % from it.
 So a blob larger than ``2 * SAMPLE_BYTES`` is coded at level 1 unless
 its first ``SAMPLE_BYTES`` shrink by at least 3 % at ``level``
-(measured in ``bench/README.md``, "Big models"). The choice depends on the
+(measured in ``bench/JOURNAL.md``, "Big models"). The choice depends on the
 pixels only, so the bytes are the same whatever the number of jobs.
 """
 

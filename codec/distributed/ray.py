@@ -10,7 +10,7 @@ from checkpoint files (a safetensors shard folder) and the whole cluster
 is this machine, a task reads its tensor from the file itself: the
 coordinator then only gathers the coded blobs and writes the container
 (reading every tensor and copying it into the object store was most of
-its work, and the limit on the speed-up, see bench/README.md). At most ``window`` tasks
+its work, and the limit on the speed-up, see bench/JOURNAL.md). At most ``window`` tasks
 and ``AHEAD_BYTES`` of input beyond the oldest are in flight, so the
 coordinator holds a bounded amount of input and coded data whatever the
 model's size. A task whose worker dies is retried by Ray (``max_retries``);

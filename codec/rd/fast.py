@@ -704,7 +704,7 @@ def _allocate(points: dict[str, list[Predicted]], budget: int, safe_only: bool):
 #: the fast search: predicted on samples with each block's own block of ``H`` (:class:`_BlockH`), measured whole
 #: with the full ``H``. Off: on the bench models, calibrated, it chose within 2 % of the exhaustive search in 8
 #: of 9 runs (MLP, CNN, BatchNorm CNN at -b 2, 1, 0.6; several lower) but +3.8 % on the BatchNorm CNN at -b 2
-#: (bench/README.md, "Fast search (third pass)"); each block's diagonal alone was +725 % on the MLP at -b 2.
+#: (bench/JOURNAL.md, "Fast search (third pass)"); each block's diagonal alone was +725 % on the MLP at -b 2.
 FULL_H_FAST = False
 
 

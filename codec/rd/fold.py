@@ -30,7 +30,7 @@ mostly because the folded ``fc1`` codes about 20 % smaller at the same JPEG
 quality and the allocator spends what that frees on ``conv3``; the same
 per-tile coding of a folded tensor is not better by itself (on a synthetic
 model whose BatchNorm scales spread 3-1000x it was worse at equal
-settings). See bench/README.md, "Accuracy at the data-aware targets (fifth
+settings). See bench/JOURNAL.md, "Accuracy at the data-aware targets (fifth
 pass, issue 9)".
 """
 

@@ -30,7 +30,7 @@ minimum and maximum element keep their values, so every tile keeps its
 offset and scale). :func:`fit_pruned` bisects ``lam`` until the coding fits
 a byte budget. Tiles may be rows (``rows`` mode) or a grid.
 
-Measured (bench/README.md): on the bench MLP's first layer (``rows`` mode,
+Measured (bench/JOURNAL.md): on the bench MLP's first layer (``rows`` mode,
 sixth pass, a per-coefficient guess of the bits) the weighted output error at
 equal bytes is 35-40 % below the planned quality's and the accuracy at
 ``-b 0.4`` 0.6-0.7 points higher; the real JPEG cost (seventh pass) lowers the

@@ -254,17 +254,17 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     ``train_mode``: run the model in training mode (dropout on, BatchNorm on batch statistics) or in eval mode;
     None (default) trains in training mode with a ``loss_fn`` and in eval mode when distilling, where the student
     has to match the teacher's deterministic outputs (with dropout on, it chases dropout noise instead: on
-    all-MiniLM-L6-v2 that erased the whole gain of distillation, bench/README.md). The model's own mode is
+    all-MiniLM-L6-v2 that erased the whole gain of distillation, bench/JOURNAL.md). The model's own mode is
     restored at the end. ``keep_tiles``: after every optimizer step, put each trained lossy tensor's tile extremes
     back where they were at the start and clamp its other values into their tile's range (:func:`tile_keeper`), so
     the tiles keep their offset/scale and the straight-through gradient sees the quantization grid the file uses.
     For short, small-step fine-tuning (repair's stage, codec.rd.repair); not for training: over an epoch at lr 1e-3
     the weights outgrow the ranges they started with, and with the ranges held the tiles fill them, so the same
-    JPEG quality costs about twice the bits (bench/README.md, "Training for the codec (fifth pass)").
+    JPEG quality costs about twice the bits (bench/JOURNAL.md, "Training for the codec (fifth pass)").
 
     **The check** (``validation``): fine-tuning on few samples can fit them and make the file worse than coding the
     model as given (measured: a ResNet-like net distilled on 2,000 images, 60 steps at lr 3e-4, 86.27 % at 3 bits
-    against 88.09 % as given; checked, 88.94 %: bench/README.md, ninth pass).
+    against 88.09 % as given; checked, 88.94 %: bench/JOURNAL.md, ninth pass).
     So finetune measures a check loss (``loss_fn``'s, or the distillation loss) of the model *as the file decodes
     it* (``coded_weights`` at this setting, ``vector_bits`` included, the model in eval mode) before the first step,
     every ``check_every`` steps and after the last, and ends on the weights that scored best: when
