@@ -301,21 +301,18 @@ def start_encode(array: np.ndarray, dtype: DType, opts: EncodeOptions, executor:
     """
     ex = executor or INLINE
     lossless = lossless_codec(dtype, opts.zstd_level)
-    if opts.codec in ("jpeg", "jpegxl") and lossless_reason(array, dtype, opts.codec) is not None:
-        # Too small or thin for an image codec: 8-bit quant if it is a matrix worth quantizing.
-        opts = opts.with_(codec="quant", bits=8)
-    if opts.codec == "lossless" or lossless_reason(array, dtype, opts.codec) is not None:
-        rounded = _rounded(array, dtype, opts.significand_bits) if opts.codec == "lossless" else None
-        if rounded is None:
-            return Pending([ex.submit(lossless.encode, array)], lambda parts: Encoded(lossless, None, parts))
+    opts, stored = _as_coded(array, dtype, opts)
+    if stored is array:
+        return Pending([ex.submit(lossless.encode, array)], lambda parts: Encoded(lossless, None, parts))
+    if stored is not None:  # rounded significands: lossy after all
 
-        def exact_for(parts: list) -> Encoded:
+        def rounded_for(parts: list) -> Encoded:
             encoded = Encoded(lossless, None, parts)
             if check:
                 encoded.rel_error = relative_error(array, dtype, encoded)
             return encoded
 
-        return Pending([ex.submit(lossless.encode, rounded)], exact_for)
+        return Pending([ex.submit(lossless.encode, stored)], rounded_for)
     rows, cols = array.shape[0], math.prod(array.shape[1:])
     t = tiling.plan_tiling(rows, cols, opts.tile, opts.row_shape, opts.params)
     image = opts.image_codec(t.mode)
@@ -346,6 +343,19 @@ def start_encode(array: np.ndarray, dtype: DType, opts: EncodeOptions, executor:
                        assemble)
     task = _encode_checked_blob if check and not isinstance(image, Quant) else _encode_blob
     return Pending([ex.submit(task, matrix, dtype, t, image, k) for k in range(t.n_blobs)], assemble)
+
+
+def _as_coded(array: np.ndarray, dtype: DType, opts: EncodeOptions) -> tuple[EncodeOptions, np.ndarray | None]:
+    """``(options, stored)``: the options ``array`` is coded with (an image codec on a matrix too small or thin for
+    it falls back to 8-bit quant, if the matrix is worth quantizing) and, where the lossless codec stores it, the
+    values it stores: ``array`` itself, or a new array with its significands rounded (``lossless`` asked with
+    :attr:`EncodeOptions.significand_bits`); None where a lossy codec codes it."""
+    if opts.codec in ("jpeg", "jpegxl") and lossless_reason(array, dtype, opts.codec) is not None:
+        opts = opts.with_(codec="quant", bits=8)
+    if opts.codec == "lossless":
+        rounded = _rounded(array, dtype, opts.significand_bits)
+        return opts, array if rounded is None else rounded
+    return opts, array if lossless_reason(array, dtype, opts.codec) is not None else None
 
 
 def _rounded(array: np.ndarray, dtype: DType, bits: int | None) -> np.ndarray | None:
@@ -572,10 +582,9 @@ def round_trip(array: np.ndarray, dtype: DType, opts: EncodeOptions) -> np.ndarr
     they are) and back to values as :func:`decode_tensor` maps them. The same array as ``decode_encoded(
     encode_tensor(array, dtype, opts), dtype, array.shape)`` at about half the cost: for the forward pass of
     codec-in-the-loop training (codec.train), which needs the values and not the bytes."""
-    if opts.codec in ("jpeg", "jpegxl") and lossless_reason(array, dtype, opts.codec) is not None:
-        opts = opts.with_(codec="quant", bits=8)  # as start_encode falls back
-    if opts.codec == "lossless" or lossless_reason(array, dtype, opts.codec) is not None:
-        return array.copy()
+    opts, stored = _as_coded(array, dtype, opts)
+    if stored is not None:
+        return array.copy() if stored is array else stored
     rows, cols = array.shape[0], math.prod(array.shape[1:])
     t = tiling.plan_tiling(rows, cols, opts.tile, opts.row_shape, opts.params)
     image = opts.image_codec(t.mode)

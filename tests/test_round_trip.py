@@ -69,3 +69,14 @@ def test_padded_bands_decode_by_float32_arithmetic_exactly(monkeypatch):
     monkeypatch.setattr(tensorcodec, "FLOAT32_ARITHMETIC", False)
     monkeypatch.setattr(tensorcodec, "LUT_MIN_TILE_PIXELS", 1 << 30)
     assert decode_encoded(encoded, dtype, array.shape).tobytes() == fast.tobytes()
+
+
+def test_round_trip_of_rounded_significands_is_what_the_file_decodes():
+    """``lossless`` with significand_bits: round_trip gives the rounded values the file holds, not the input."""
+    dt = get_dtype("float32")
+    array = np.random.default_rng(5).standard_normal(300).astype(np.float32)
+    opts = EncodeOptions(codec="lossless", significand_bits=5)
+    decoded = decode_encoded(encode_tensor(array, dt, opts), dt, array.shape)
+    got = round_trip(array, dt, opts)
+    assert np.array_equal(got, decoded) and not np.array_equal(got, array)
+    assert np.array_equal(round_trip(array, dt, EncodeOptions(codec="lossless")), array)

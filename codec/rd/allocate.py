@@ -957,14 +957,23 @@ def _check_feasible(bits_per_weight: float, total_weights: int, fixed_bytes: int
         refuse()
 
 
+def _level(o: EncodeOptions) -> int:
+    """A setting's place in its family, cheapest lowest: JPEG's quality, the lossless codec's significand bits
+    (exact: above any), else quant's bits."""
+    if o.codec == "jpeg" and o.quality is not None:
+        return o.quality
+    if o.codec == "lossless":
+        return 64 if o.significand_bits is None else o.significand_bits
+    return o.bits
+
+
 def floor_settings(items: Sequence[tuple[str, EncodeOptions]]) -> list[tuple[str, EncodeOptions]]:
     """Each family's cheapest setting among a menu's ``items``: the lowest JPEG quality, quant bits or rounded
     significand of each codec, tiling and table (and update mode). A tensor's smallest encoding is one of them."""
     floor: dict[tuple, tuple[str, EncodeOptions]] = {}
     for label, o in items:
         key = (type(o), getattr(o, "mode", None), o.codec, o.tile, o.row_shape, o.table)
-        level = (o.quality if o.codec == "jpeg" and o.quality is not None else
-                 (64 if o.significand_bits is None else o.significand_bits) if o.codec == "lossless" else o.bits)
+        level = _level(o)
         if key not in floor or level < floor[key][0]:
             floor[key] = (level, (label, o))
     return [item for _, item in floor.values()]

@@ -430,7 +430,7 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
             targets[slot.name] = value
     n_changed = sum(s.changed if s.lossy else s.name in targets for s in slots.values())
     used = len(batches[: settings.stats_batches])
-    unchecked = settings.refit and used < HOLDOUT_EVERY  # no batch to hold out: no refit (_LayerFit)
+    unchecked = settings.refit and not held_out(used)  # no batch to hold out: no refit (_LayerFit.collect)
     done = [label for label, on in (("refit", settings.refit and not unchecked), ("GPTQ", settings.gptq),
                                     ("JPEG compensation", settings.compensate),
                                     ("least-squares bias", settings.bias_correction),
@@ -1173,7 +1173,14 @@ class _LayerFit:
         """
         seen: dict[str, torch.Tensor] = {}
         acc = {"n": 0, "held_n": 0, "ok": True}
-        held_out = _HeldOut(math.prod(slot.original.shape[1:]))
+        held_rows = _HeldOut(math.prod(slot.original.shape[1:]))
+        used = batches[: settings.stats_batches]
+        # The refit is kept only where held-out batches show it generalizes. With too few batches to hold any out
+        # it is not made, the layer gathered as without refit: fitted to a handful of inputs it overfits them
+        # (all-MiniLM-L6-v2 at -b 4 with 30 sentences, 2 batches: cosine 0.9856 / 0.9691 on the everyday /
+        # rare-word sets with it, 0.9928 / 0.9874 without; data-free 0.9865 / 0.9817).
+        checked = set(held_out(len(used))) if settings.refit else set()
+        refit = bool(checked)
 
         def grab(key):
             def hook(mod, args):  # the inputs as they come; their rows are made a chunk at a time below
@@ -1194,32 +1201,31 @@ class _LayerFit:
         model.eval()
         try:
             with torch.no_grad():
-                used = batches[: settings.stats_batches]
                 for k, batch in enumerate(used):
-                    held = settings.refit and len(used) >= HOLDOUT_EVERY and k % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+                    held = k in checked
                     seen.clear()
                     _run(work, batch)
-                    if settings.refit:
+                    if refit:
                         _run(model, batch)
                     if not acc["ok"] or "h" not in seen:
                         return None
                     xs = seen.get("x", [])
-                    if settings.refit and [x.shape for x in xs] != [xh.shape for xh in seen["h"]]:
+                    if refit and [x.shape for x in xs] != [xh.shape for xh in seen["h"]]:
                         return None
                     for i, inputs in enumerate(seen["h"]):
                         chunks = zip(_layer_rows(original, xs[i]), _layer_rows(slot.module, inputs)) \
-                            if settings.refit else ((None, xh) for xh in _layer_rows(slot.module, inputs))
+                            if refit else ((None, xh) for xh in _layer_rows(slot.module, inputs))
                         for x, xh in chunks:
                             # products in float32, summed in float64 (add widens them as it adds), each made when
                             # its turn comes: one cols^2 float32 product alive at a time
-                            for key in _BATCH_SUMS if settings.refit else _BATCH_SUMS[:3]:
+                            for key in _BATCH_SUMS if refit else _BATCH_SUMS[:3]:
                                 value = _batch_sum(key, x, xh)
                                 add(key, value)
                                 if held and key not in _HeldOut.MOMENTS:
                                     add("held_" + key, value)
                                 del value
                             if held:
-                                held_out.add(x, xh)
+                                held_rows.add(x, xh)
         finally:
             model.train(training)
             for h in handles:
@@ -1232,7 +1238,7 @@ class _LayerFit:
         if bias_slot is not None and (bias_slot.lossy or bias_slot.coded or not settings.bias_correction):
             bias_slot = None
         mean_hat = (acc["sum_h"] / n).numpy()
-        if settings.refit:
+        if refit:
             ref_w, ref_b = original.weight, original.bias
             mean = (acc["sum_x"] / n).numpy()
         else:  # the layer as it stands is the reference
@@ -1252,18 +1258,12 @@ class _LayerFit:
         # served (all rows' cross moment as soon as W C is made), so at most three live at once, the solve's own
         # copy included, and only the coded inputs' H stays with the layer (same values, same order of operations
         # as whole-array arithmetic).
-        # The refit is kept only where the held-out batches show it generalizes. With too few batches to hold any
-        # out, it is not made: fitted to a handful of inputs it overfits them (all-MiniLM-L6-v2 at -b 4 with 30
-        # sentences, 2 batches: cosine 0.9856 / 0.9691 on the everyday / rare-word sets with it, 0.9928 / 0.9874
-        # without; data-free 0.9865 / 0.9817).
-        keep = False
-        if settings.refit and 0 < acc["held_n"] < n:
-            keep = fit._holdout_keeps(acc, held_out, settings)
-        del held_out
+        keep = refit and 0 < acc["held_n"] < n and fit._holdout_keeps(acc, held_rows, settings)
+        del held_rows
         h = acc.pop("hh").div_(n).numpy()
         fit._centre(h, mean_hat, mean_hat)
         fit.h = h
-        if settings.refit:
+        if refit:
             fitted = to_numpy(slot.tensor)[0].copy()
             if keep:
                 fitted = fit._ridge(h, fit._weighted_cross(acc), settings)

@@ -67,11 +67,10 @@ def coded_weights(model: torch.nn.Module, setting: EncodeOptions | str | Mapping
 
 def round_vector(t: torch.Tensor, bits: int) -> torch.Tensor:
     """``t`` (a floating tensor) with each significand rounded to ``bits`` bits after the leading one, as the
-    update encoder rounds a vector's difference (:func:`codec.update.delta.round_significand`): a value the
+    update encoder rounds a vector's difference (:func:`codec.dtypes.round_significand`): a value the
     lossless codec stores in few bytes. A copy, on ``t``'s device."""
     from ..api import to_numpy, to_torch
-    from ..dtypes import get_dtype
-    from ..update.delta import round_significand
+    from ..dtypes import get_dtype, round_significand
 
     if _check_vector_bits(bits) is None:
         raise ValueError("round_vector: bits must be an integer from 1 to 22, not None")

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..dtypes import SIGNIFICAND, DType, to_float64
+from ..dtypes import SIGNIFICAND, DType, round_significand, to_float64
 from ..format import BaseRef, TensorEntry
 from ..rd import allocate
 from ..tensorcodec import Encoded, EncodeOptions, decode_encoded, encode_tensor
 from .base import Base, tensor_sha256
-from .delta import add_difference, difference, round_significand
+from .delta import add_difference, difference
 
 __all__ = ["UpdateOptions", "Matcher", "UpdateMenu", "DELTA_QUALITIES", "DELTA_QUANT_BITS", "DELTA_SIGNIFICAND_BITS"]
 
