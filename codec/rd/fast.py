@@ -76,11 +76,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..blobcodecs.jpeg import quality_scale, scaled_table
 from ..dtypes import DType, to_float64
 from ..errors import EncodeError
 from ..parallel import make_executor, make_process_executor, resolve_jobs
 from ..tensorcodec import Encoded, EncodeOptions, decode_encoded, encode_tensor
-from ..blobcodecs.jpeg import quality_scale, scaled_table
 from ..tiling import plan_tiling
 from . import allocate
 from .allocate import (
