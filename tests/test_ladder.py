@@ -20,7 +20,7 @@ from codec.dtypes import get_dtype
 from codec.errors import EncodeError
 from codec.rd import ladder
 from codec.rd.allocate import _refine, measure
-from codec.rd.repair import RepairSettings, _code_within, _slots
+from codec.rd.repair import FINE_STEP, RepairSettings, _code_within, _slots
 from codec.tensorcodec import EncodeOptions, encode_tensor
 from codec.writer import Writer
 
@@ -81,6 +81,8 @@ def test_the_ladder_is_fine_where_qualities_are_coarse_and_integer_where_they_ar
     assert len(steps) >= 5 and ratios.max() <= ladder.FINE_RATIO * 1.002
     assert [s.quality for s in ladder.between(Q5.with_(quality=60), Q5.with_(quality=63))] == [61, 62]
     assert ladder.between(Q5.with_(quality=6), Q5) == []
+    finer = [ladder.scale_of(s) for s in ladder.between(Q5, Q5.with_(quality=6), 1.01)]
+    assert len(finer) >= 3 * len(scales) and (np.array([1000, *finer]) / np.array([*finer, 833])).max() <= 1.01 * 1.002
 
 
 def test_keep_size_pays_a_small_overrun_with_a_fine_step_not_a_whole_quality():
@@ -103,8 +105,10 @@ def test_keep_size_pays_a_small_overrun_with_a_fine_step_not_a_whole_quality():
     _, _, _, opts, credit, nbytes, _ = _code_within(slot, None, plan, RepairSettings(), None, -overrun)
     assert opts.quality == 4 and quality_scale(5) < opts.scale < quality_scale(4)
     assert q4 < nbytes == size(opts) <= planned - overrun and credit == planned - overrun - nbytes
-    coarser = ladder.between(opts, plan)[:1] or [plan]  # the next step of the ladder up does not fit
-    assert size(coarser[0]) > planned - overrun
+    dearer = ladder.between(opts, plan, FINE_STEP)[:1] or [plan]  # the next step of keep-size's ladder up does not fit
+    assert size(dearer[0]) > planned - overrun
+    assert len(ladder.between(opts.with_(scale=None), plan, FINE_STEP)) > len(ladder.between(
+        opts.with_(scale=None), plan))  # keep-size's steps are finer than the rate search's
 
 
 def test_refine_spends_the_slack_on_a_fine_step():

@@ -47,22 +47,22 @@ def at_scale(opts: EncodeOptions, scale: int) -> EncodeOptions:
     return opts.with_(quality=quality_at_scale(scale), scale=scale)
 
 
-def between(cheap: EncodeOptions, dear: EncodeOptions) -> list[EncodeOptions]:
+def between(cheap: EncodeOptions, dear: EncodeOptions, ratio: float = FINE_RATIO) -> list[EncodeOptions]:
     """The ladder's settings strictly between two settings of one JPEG family (they differ in quality or scale
     only), from ``cheap``'s side (the larger scale) to ``dear``'s: every integer quality between them and, where
-    two neighbours are more than :data:`FINE_RATIO` apart, scales in steps of that ratio."""
+    two neighbours are more than ``ratio`` (:data:`FINE_RATIO`) apart, scales in steps of that ratio."""
     top, bottom = scale_of(cheap), scale_of(dear)
-    return [at_scale(cheap, s) for s in _scales() if bottom < s < top]
+    return [at_scale(cheap, s) for s in _scales(ratio) if bottom < s < top]
 
 
 @functools.cache
-def _scales() -> tuple[int, ...]:
-    """The ladder's scales, decreasing: the integer qualities', and each gap wider than :data:`FINE_RATIO` cut
-    into equal ratios of at most that."""
+def _scales(ratio: float = FINE_RATIO) -> tuple[int, ...]:
+    """The ladder's scales, decreasing: the integer qualities', and each gap wider than ``ratio`` cut into equal
+    ratios of at most that."""
     qualities = [quality_scale(q) for q in range(1, 101)]
     scales = set(qualities)
     for a, b in zip(qualities, qualities[1:]):
-        n = math.ceil(math.log(a / b) / math.log(FINE_RATIO)) if b > 0 else 1
+        n = math.ceil(math.log(a / b) / math.log(ratio)) if b > 0 else 1
         scales |= {round(a * (b / a) ** (k / n)) for k in range(1, n)}
     return tuple(sorted(scales, reverse=True))
 

@@ -65,6 +65,12 @@ RESERVE = 0.1
 #: (JPEG; a fine ladder step costs more) or of a ``quant`` bit's share of them, so that small credits cost no codings.
 STEP_UP_FROM = 0.02
 
+#: Ratio of successive table scales keep-size bisects between two qualities (:func:`_finest`; the rate search's
+#: ladder, :data:`codec.rd.ladder.FINE_RATIO`, is 1.03): at 1.03 one step of the bench CNN's compensated fc1 near
+#: q5.3 cost about 550 B, more than its credit left, and 1.7 % of the file's budget went to fc2's eighth bit or
+#: unspent; at 1.01 a step is a third of that, for a coding or two more per bisection.
+FINE_STEP = 1.01
+
 
 def held_out(n: int) -> list[int]:
     """The indices of ``n`` batches held out to check a fit (every :data:`HOLDOUT_EVERY`-th, from that many batches;
@@ -975,7 +981,7 @@ def _finest(slot: _Slot, layer: _LayerFit | None, settings: RepairSettings, exec
     :func:`codec.rd.ladder.between` them are bisected for the dearest that fits (a 127-byte overrun then costs
     the BatchNorm CNN's fc1 a fraction of a quality, not q5 -> q4). Returns the same tuple, its bytes with what a
     step's list table adds to the index beyond the plan's (:func:`_cost`)."""
-    steps = ladder.between(fits[3], above) if above.codec == "jpeg" else []
+    steps = ladder.between(fits[3], above, FINE_STEP) if above.codec == "jpeg" else []
     fits = (*fits[:4], _cost(fits[4], fits[5], planned), fits[5])
     lo, hi = -1, len(steps)
     while hi - lo > 1:
