@@ -34,7 +34,7 @@ from .dtypes import DType, from_float64
 from .errors import FormatError
 
 __all__ = ["PARAM_TYPES", "tile_params", "params_from_range", "pack_params", "unpack_params", "stored_params",
-           "params_length", "to_pixels", "pixels_in_place", "from_pixels", "lookup_table"]
+           "compress_params", "params_length", "to_pixels", "pixels_in_place", "from_pixels", "lookup_table"]
 
 #: Parameter element types and their size in bytes (offset and scale each).
 PARAM_TYPES = {"float32": 4, "bfloat16": 2}
@@ -99,9 +99,14 @@ def stored_params(offset: np.ndarray, scale: np.ndarray, kind: str, other_bytes:
     plain = pack_params(offset, scale, kind)
     if not compress or len(plain) < PARAMS_ZSTD_SAVING * other_bytes:  # it cannot save enough
         return plain
-    values = np.frombuffer(plain, f"<u{PARAM_TYPES[kind]}")
-    packed = _PARAMS_ZSTD.encode(values)
+    packed = compress_params(plain, kind)
     return packed if len(plain) - len(packed) >= PARAMS_ZSTD_SAVING * (len(packed) + other_bytes) else plain
+
+
+def compress_params(plain: bytes, kind: str) -> bytes:
+    """The 1.4 form of a plain parameter blob: one zstd frame (content size declared) of its byte planes, as the
+    ``zstd`` codec with ``shuffle`` codes ``2T`` unsigned integers of the parameter size (spec section 7)."""
+    return _PARAMS_ZSTD.encode(np.frombuffer(plain, f"<u{PARAM_TYPES[kind]}"))
 
 
 def unpack_params(blob: bytes, kind: str, n_tiles: int | None = None) -> tuple[np.ndarray, np.ndarray]:
