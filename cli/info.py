@@ -28,6 +28,8 @@ def describe(reader) -> dict:
             "numel": e.numel, "nbytes": e.stored_bytes, "decoded_nbytes": 0 if e.alias else e.nbytes,
             "bits_per_weight": 8 * e.stored_bytes / e.numel if e.numel and not e.alias else 0.0,
         }
+        if e.tiling is not None and e.blobs:  # the tile parameter blob: plain, or a zstd frame (format 1.4)
+            item["params_nbytes"], item["params_zstd"] = e.blobs[0].length, e.params_zstd
         if e.alias:
             item["alias"] = e.alias
         if e.base is not None:  # an update's entry coded from a base tensor (a difference, or unchanged)
@@ -102,6 +104,11 @@ def info(input: str, as_json: bool) -> None:
         click.echo(f"{name:>8}: {count} tensors, {numel:,} weights, {nbytes:,} bytes {bpw}")
     click.echo(f"   total: {tot['tensors']} tensors, {tot['weights']:,} weights, {tot['nbytes']:,} bytes, "
                f"{file_totals(reader.index, reader.size).summary()} (format {doc['format_version']})")
+    packed = [t for t in doc["tensors"] if t.get("params_zstd")]
+    if packed:
+        plain = sum(2 * (4 if t["tiling"]["params"] == "float32" else 2) * t["tiles"] for t in packed)
+        click.echo(f"tile parameters: {len(packed)} tensors as zstd frames (flag params_zstd), "
+                   f"{plain:,} -> {sum(t['params_nbytes'] for t in packed):,} bytes")
     if doc["update"]:
         click.echo(f"update: decode with --base, the model whose digest is sha256:{doc['update']['base_sha256']} "
                    f"({doc['update']['base_tensors']} tensors)")

@@ -9,8 +9,10 @@ in the fixed order the spec gives; it reads and writes no files itself.
     offset  size  field
     0       8     magic  89 4A 57 54 0D 0A 1A 0A  ("\\x89JWT\\r\\n\\x1a\\n")
     8       2     major version (u16 LE) = 1
-    10      2     minor version (u16 LE): 0, 1 (update, exponent_first), 2 (zstd_planes) or 3 (index_zstd)
-    12      4     flags (u32 LE): bit 0 "update" (1.1), bit 1 "index_zstd" (1.3), the others reserved
+    10      2     minor version (u16 LE): 0, 1 (update, exponent_first), 2 (zstd_planes), 3 (index_zstd) or 4
+                  (params_zstd)
+    12      4     flags (u32 LE): bit 0 "update" (1.1), bit 1 "index_zstd" (1.3), bit 2 "params_zstd" (1.4), the
+                  others reserved
     16      8     index length in bytes (u64 LE), as stored
     24      4     CRC-32 of the index bytes as stored (u32 LE)
     28      4     CRC-32 of header bytes 0..27 (u32 LE)
@@ -36,7 +38,7 @@ from .blobcodecs.zstd import frame_length
 from .dtypes import DType, get_dtype
 from .errors import ChecksumError, EncodeError, FormatError, LimitError, VersionError
 from .limits import Limits
-from .mapping import PARAM_TYPES
+from .mapping import PARAM_TYPES, params_length
 from .tiling import MAX_BLOB_SIDE, Tiling
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "BaseId",
     "FLAG_UPDATE",
     "FLAG_INDEX_ZSTD",
+    "FLAG_PARAMS_ZSTD",
     "pack_index",
     "unpack_index",
 ]
@@ -64,15 +67,19 @@ __all__ = [
 MAGIC = b"\x89JWT\r\n\x1a\n"
 MAJOR = 1
 #: The minor version this reader implements (1.1: updates, zstd exponent_first; 1.2: the zstd_planes codec;
-#: 1.3: a zstd-compressed index). Writers write the smallest minor version whose features the file uses.
-MINOR = 3
+#: 1.3: a zstd-compressed index; 1.4: zstd-compressed tile parameters). Writers write the smallest minor version
+#: whose features the file uses.
+MINOR = 4
 HEADER_SIZE = 32
 #: Header flag bit 0 (format 1.1): the file is an update, decoded against a base (spec section 12).
 FLAG_UPDATE = 1
 #: Header flag bit 1 (format 1.3): the index is stored as one zstd frame (spec section 4).
 FLAG_INDEX_ZSTD = 2
+#: Header flag bit 2 (format 1.4): a lossy tensor's parameter blob shorter than its plain length is one zstd frame
+#: of its byte planes (spec section 7).
+FLAG_PARAMS_ZSTD = 4
 #: flag bit -> (name, minor version that defines it). A reader refuses a set flag it does not implement.
-FLAGS = {FLAG_UPDATE: ("update", 1), FLAG_INDEX_ZSTD: ("index_zstd", 3)}
+FLAGS = {FLAG_UPDATE: ("update", 1), FLAG_INDEX_ZSTD: ("index_zstd", 3), FLAG_PARAMS_ZSTD: ("params_zstd", 4)}
 #: A writer compresses the index when that saves at least this share of the whole file (spec section 8.6): a
 #: small model's index is a large part of it (21 % of a 53k-weight ResNet-like network's 19.7 KB at 3 bits/weight,
 #: 2.4 % of the Fashion-MNIST MLP at 0.4), a large model's is not worth a file that 1.2 readers refuse.
@@ -171,6 +178,12 @@ class TensorEntry:
         return sum(b.length for b in self.blobs)
 
     @property
+    def params_zstd(self) -> bool:
+        """True for a lossy entry whose parameter blob is the zstd frame of format 1.4 (shorter than plain)."""
+        return self.tiling is not None and bool(self.blobs) and \
+            self.blobs[0].length != params_length(self.tiling.n_tiles, self.tiling.params)
+
+    @property
     def matrix(self) -> tuple[int, int]:
         """The ``[d0, d1*d2*...]`` matrix view of the shape."""
         return self.shape[0], math.prod(self.shape[1:])
@@ -257,8 +270,9 @@ class Index:
 
     @property
     def flags(self) -> int:
-        """The header flags this index needs."""
-        return FLAG_UPDATE if self.base is not None else 0
+        """The header flags this index needs (``params_zstd`` where a parameter blob is compressed)."""
+        flags = FLAG_UPDATE if self.base is not None else 0
+        return flags | (FLAG_PARAMS_ZSTD if any(e.params_zstd for e in self.entries) else 0)
 
     @property
     def file_minor(self) -> int:
@@ -399,6 +413,8 @@ class _Checker:
         self.limits = limits
         #: Whether the file is an update (entries may name base tensors).
         self.update = False
+        #: Whether the header sets ``params_zstd`` (parameter blobs may be zstd frames, format 1.4).
+        self.params_zstd = False
 
     def sha256(self, obj: dict, where: str) -> str:
         """The ``sha256`` field of ``obj``: 64 lowercase hex digits."""
@@ -462,6 +478,7 @@ def parse_index(index_bytes: bytes, minor: int, limits: Limits, flags: int = 0) 
         raise LimitError(f"index: {len(tensors)} tensors exceed the limit of {limits.max_tensors}")
     index = Index([], c.string_map(doc, "metadata"), c.string_map(doc, "encoder"), minor)
     c.update = bool(flags & FLAG_UPDATE)
+    c.params_zstd = bool(flags & FLAG_PARAMS_ZSTD)
     base_doc = c.get(doc, "base", "top level", dict, optional=True)
     if c.update:
         if base_doc is None:
@@ -595,9 +612,10 @@ def _parse_entry(c: _Checker, obj: Any, i: int, by_name: dict[str, TensorEntry],
     if len(entry.blobs) != expected:
         raise c.fail(where, f"has {len(entry.blobs)} blobs, its codec and tiling need {expected}")
     if entry.tiling is not None:
-        need = 2 * PARAM_TYPES[entry.tiling.params] * entry.tiling.n_tiles
-        if entry.blobs[0].length != need:
-            raise c.fail(where, f"tile parameter blob is {entry.blobs[0].length} bytes, expected {need}")
+        need, length = params_length(entry.tiling.n_tiles, entry.tiling.params), entry.blobs[0].length
+        if length > need or (length < need and not c.params_zstd):
+            more = " (or fewer, a zstd frame: header flag 'params_zstd')" if c.params_zstd else ""
+            raise c.fail(where, f"tile parameter blob is {length} bytes, expected {need}{more}")
     return entry
 
 

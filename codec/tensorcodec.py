@@ -89,6 +89,9 @@ class EncodeOptions:
     zstd_level: int = 9
     #: Element type of the per-tile offset/scale: "bfloat16" or "float32".
     params: str = "bfloat16"
+    #: Store the tile parameters as one zstd frame where that saves at least 1 % of the tensor's bytes (format
+    #: 1.4, header flag ``params_zstd``: :func:`codec.mapping.stored_params`); False keeps them plain (a 1.3 file).
+    compress_params: bool = True
     #: Lossless codec, floating tensors: each value's significand rounded to this many bits before coding
     #: (:func:`codec.dtypes.round_significand`, at most ``2**-(bits + 1)`` relative error an element; the zeroed
     #: low bits cost next to nothing, the decoder is the lossless one). None: the values exactly. The rate search
@@ -323,7 +326,9 @@ def start_encode(array: np.ndarray, dtype: DType, opts: EncodeOptions, executor:
             return Encoded(lossless, None, [lossless.encode(array)], fallback="holds NaN or Inf")
         offset = np.concatenate([p[0] for p in parts])
         scale = np.concatenate([p[1] for p in parts])
-        encoded = Encoded(image, t, [mapping.pack_params(offset, scale, t.params)] + [p[2] for p in parts])
+        images = [p[2] for p in parts]
+        params = mapping.stored_params(offset, scale, t.params, sum(map(len, images)), opts.compress_params)
+        encoded = Encoded(image, t, [params] + images)
         if check and isinstance(image, Quant):
             bound = quant_error_bound(t, scale, np.concatenate([p[3] for p in parts]),
                                       np.concatenate([p[4] for p in parts]))
@@ -415,7 +420,7 @@ def decoded_bands(encoded: Encoded, dtype: DType, shape: tuple[int, ...], name: 
         whole = decode_encoded(encoded, dtype, shape, name)
         yield 0, whole.reshape(shape[0] if len(shape) else 1, -1)
         return
-    offset, scale = mapping.unpack_params(encoded.blobs[0], t.params)
+    offset, scale = mapping.unpack_params(encoded.blobs[0], t.params, t.n_tiles)
     for k in range(t.n_blobs):
         r0, r1 = _blob_rows(t, k)
         yield r0, _decode_rows(encoded.codec, t, dtype, k, encoded.blobs[1 + k], offset, scale, r0, r1)
@@ -613,7 +618,7 @@ def start_decode(entry: TensorEntry, blobs: Sequence[bytes], executor: Executor 
         raise ValueError(f"out must be a C-contiguous {dtype.storage}{tuple(entry.shape)} array")
     if t is None:
         return Pending([ex.submit(_decode_whole, codec, blobs[0], entry.shape, dtype.storage, out)], lambda _: out)
-    offset, scale = mapping.unpack_params(blobs[0], t.params)
+    offset, scale = mapping.unpack_params(blobs[0], t.params, t.n_tiles)
     bad = np.flatnonzero(~(np.isfinite(offset) & np.isfinite(scale)))
     if bad.size:
         i = int(bad[0])

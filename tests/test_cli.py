@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,6 +59,18 @@ def test_info_json_lists_every_tensor_without_decoding(model_pt, tmp_path, monke
     assert {"name", "shape", "dtype", "codec", "nbytes"} <= set(by_name["steps"])
     table = run("info", tmp_path / "m.jwt")
     assert "fc1.weight" in table.output and "total:" in table.output
+
+
+def test_info_shows_compressed_tile_parameters():
+    """info reports each tiled tensor's parameter blob (bytes, zstd frame or plain) and the format 1.4 total."""
+    vector = Path(__file__).resolve().parent.parent / "fixtures/vectors/valid/params_zstd_quant.jwt"
+    by_name = {t["name"]: t for t in json.loads(run("info", vector, "--json").output)["tensors"]}
+    assert by_name["layer.weight"]["params_zstd"] and by_name["layer.weight"]["params_nbytes"] < 64 * 4
+    assert not by_name["head.weight"]["params_zstd"] and by_name["head.weight"]["params_nbytes"] == 6 * 4
+    text = run("info", vector).output
+    assert "(format 1.4)" in text
+    assert f"tile parameters: 1 tensors as zstd frames (flag params_zstd), 256 -> " \
+           f"{by_name['layer.weight']['params_nbytes']} bytes" in text
 
 
 def test_lossless_codec_is_bit_exact(model_pt, tmp_path):

@@ -119,6 +119,32 @@ def test_tile_params_cover_every_tile(kind):
     assert np.array_equal(back[0], offset) and np.array_equal(back[1], scale)
 
 
+@pytest.mark.parametrize("kind", ["float32", "bfloat16"])
+def test_compressed_params_round_trip_bit_exact(kind):
+    """The 1.4 parameter frame (spec 7) reads back to the plain blob's values bit for bit, signed zeros,
+    subnormals and extremes included; the writer keeps the plain blob where the frame would save less than 1 % of
+    the tensor's bytes, or when told not to compress."""
+    tiles = RNG.standard_normal((300, 4, 4)) * 10.0 ** RNG.integers(-3, 1, (300, 1, 1))
+    offset, scale = mapping.tile_params(tiles, 8, kind)
+    offset[:4] = [0.0, -0.0, 1e-40, -3.0e38]
+    scale[:4] = [0.0, 1e-45 if kind == "float32" else 9.2e-41, 3.0e38, 0.0]
+    plain = mapping.pack_params(offset, scale, kind)
+    packed = mapping.stored_params(offset, scale, kind, other_bytes=0)
+    assert len(packed) < len(plain) == mapping.params_length(300, kind)
+    assert packed == mapping.compress_params(plain, kind)
+    back = mapping.unpack_params(packed, kind, 300)
+    assert mapping.pack_params(*back, kind) == plain
+    assert [a.view(np.uint32).tolist() for a in back] == \
+        [a.view(np.uint32).tolist() for a in mapping.unpack_params(plain, kind)]
+    assert mapping.unpack_params(plain, kind, 300)[1].tobytes() == back[1].tobytes()  # plain: read as it is
+    saving = len(plain) - len(packed)
+    assert mapping.stored_params(offset, scale, kind, other_bytes=100 * saving) == plain  # under 1 %
+    assert mapping.stored_params(offset, scale, kind, other_bytes=50 * saving) == packed
+    assert mapping.stored_params(offset, scale, kind, other_bytes=0, compress=False) == plain
+    with pytest.raises(FormatError, match="tile parameters: zstd: frame holds"):
+        mapping.unpack_params(packed, kind, 299)
+
+
 @pytest.mark.parametrize("bits", [8, 16])
 def test_mapping_error_is_at_most_half_a_step(bits):
     """to_pixels followed by from_pixels is within half a quantization step per tile."""

@@ -282,12 +282,14 @@ def test_update_read_by_a_1_0_reader_is_a_version_error(case, monkeypatch):
 def test_every_1_0_vector_is_still_written_as_1_0():
     """Files without a base or a 1.1 codec parameter are 1.0 files: minor version 0 and no flags in the header;
     those with zstd's exponent_first (spec 5.1.1) are 1.1 files and those with zstd_planes (5.1.2) 1.2 files,
-    without flags; the one with a compressed index is a 1.3 file with the flag index_zstd (bit 1) alone."""
+    without flags; the one with a compressed index is a 1.3 file with the flag index_zstd (bit 1) alone, those with
+    compressed tile parameters 1.4 files with the flag params_zstd (bit 2) alone."""
     for v in MANIFEST["valid"] + MANIFEST["updates"]["bases"]:
         data = (VECTORS / v["file"]).read_bytes()
         if "future_minor" not in v["file"]:
             minor = 2 if "zstd_planes" in v["file"] else 1 if "exponent_first" in v["file"] else 0
             minor, flags = (3, 2) if "index_zstd" in v["file"] else (minor, 0)
+            minor, flags = (4, 4) if "params_zstd" in v["file"] else (minor, flags)
             assert data[8:16] == bytes([1, 0, minor, 0, flags, 0, 0, 0]), v["file"]
 
 
@@ -299,6 +301,49 @@ def test_compressed_index_read_by_a_1_2_reader_is_a_version_error(monkeypatch):
     monkeypatch.setattr(codec.format, "MINOR", 2)
     with pytest.raises(codec.VersionError, match="index_zstd.*1.3"):
         codec.Reader(VECTORS / "valid/index_zstd.jwt")
+
+
+@pytest.mark.parametrize("case", sorted(c for c in VALID if c.startswith("params_zstd")))
+def test_compressed_params_read_by_a_1_3_reader_is_a_version_error(case, monkeypatch):
+    """A 1.3 reader refuses a file with compressed tile parameters on its header, naming the flag (it would take
+    the frame for a parameter blob of the wrong size); a 1.4 reader decodes it (test_valid_vector_*)."""
+    import codec.format
+
+    monkeypatch.setattr(codec.format, "MINOR", 3)
+    with pytest.raises(codec.VersionError, match="params_zstd.*1.4.*newer reader"):
+        codec.Reader(VECTORS / VALID[case]["file"])
+
+
+def test_writer_compresses_tile_parameters_where_they_save_a_percent_of_the_tensor(tmp_path):
+    """A rows-mode JPEG layer whose 512 parameter pairs are 1 KB+ of a small file: written as a zstd frame (format
+    1.4, flag params_zstd) and decoded to the same values as the plain form; with compress_params=False, or a
+    large grid-tiled matrix where the frame saves under 1 % of the tensor, the file keeps its 1.2 header."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:16, 0:16]
+    rows = [np.exp(-((y - rng.uniform(2, 14)) ** 2 + (x - rng.uniform(2, 14)) ** 2) / rng.uniform(8, 40)).ravel()
+            * rng.uniform(-0.1, 0.1) + rng.normal(0, 1e-3, 256) for _ in range(512)]
+    layer = {"fc.weight": np.asarray(rows, np.float32)}
+    big = {"w": rng.standard_normal((512, 1024)).astype(np.float32)}
+    opts = EncodeOptions(codec="jpeg", quality=20, row_shape=(16, 16))
+
+    def write(tensors, opts, name):
+        path = tmp_path / name
+        with Writer(path, compress_index=False) as w:
+            for key, array in tensors.items():
+                w.add(key, get_dtype("float32"), array.shape, encode_tensor(array, get_dtype("float32"), opts))
+        return path, path.read_bytes()
+
+    path, data = write(layer, opts, "c.jwt")
+    plain_path, plain = write(layer, opts.with_(compress_params=False), "p.jwt")
+    assert data[10:16] == bytes([4, 0, 4, 0, 0, 0]) and plain[10:16] == bytes([0, 0, 0, 0, 0, 0])
+    with codec.Reader(path) as r, codec.Reader(plain_path) as p:
+        entry, plain_entry = r.entry("fc.weight"), p.entry("fc.weight")
+        assert entry.params_zstd and not plain_entry.params_zstd
+        saved = plain_entry.blobs[0].length - entry.blobs[0].length
+        assert saved >= 0.01 * entry.stored_bytes and len(plain) - len(data) >= saved - 2  # (offsets' digits)
+        assert [(b.length, b.crc32) for b in entry.blobs[1:]] == [(b.length, b.crc32) for b in plain_entry.blobs[1:]]
+        assert r.read("fc.weight").tobytes() == p.read("fc.weight").tobytes()
+    assert write(big, EncodeOptions(codec="jpeg", quality=50), "b.jwt")[1][10:16] == bytes([0, 0, 0, 0, 0, 0])
 
 
 def _written(tmp_path, tensors: dict, **kwargs):

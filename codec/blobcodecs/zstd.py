@@ -123,7 +123,8 @@ class Zstd(BlobCodec):
             raise FormatError(f"zstd: frame holds {claimed} bytes, expected {expected}")
         length = frame_length(blob)
         if length != len(blob):
-            raise FormatError(f"zstd: blob of {len(blob)} bytes holds a frame of {length} bytes (nothing may follow it)")
+            why = "it is cut short" if length > len(blob) else "nothing may follow it"
+            raise FormatError(f"zstd: blob of {len(blob)} bytes holds a frame of {length} bytes ({why})")
         if out is None:
             out = np.empty(shape, dtype)
         elif out.shape != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
