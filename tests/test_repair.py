@@ -503,8 +503,9 @@ def _judged_refit(unit: int):
     layer_error = [float(((x_hat @ w.T + fit.w_ref @ fit.mean - w @ fit.mean_hat + fit.b_ref - y) ** 2).sum())
                    for w in (fit.candidate.astype(np.float64), fit._fitted.astype(np.float64))]
     before = [t.detach().clone() for t in work.parameters()]
-    name, with_refit, without = _refit_judged(work, fit, data, refs, RepairSettings())
+    name, with_refit, without, choice = _refit_judged(work, fit, data, refs, RepairSettings())
     assert name == "1.weight" and all(torch.equal(a, b) for a, b in zip(before, work.parameters()))
+    assert (choice == "refit") is (with_refit < without)
     return fit, with_refit, without, layer_error
 
 

@@ -444,9 +444,10 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     notes = [(f"repair: coded {len(queue)} lossy tensors in forward order ({', '.join(done) or 'no repair'}){final}; "
               f"output error on the calibration inputs (relative MSE) {after:.4g}; {n_changed} tensors changed")]
     if judged:
-        kept = [j for j in judged if j[1] < j[2]]
-        notes.append(f"repair: refit kept for {len(kept)} of {len(judged)} layers, those where it lowers the model's "
-                     f"output error on the {len(held_out(used))} held-out calibration batches")
+        kept, own = (sum(j[3] == c for j in judged) for c in ("refit", "own"))
+        notes.append(f"repair: refit kept for {kept} of {len(judged)} layers, and the least-squares bias aimed at the "
+                     f"layer's own coding error (not the original's outputs) for {own}, each where it lowers the "
+                     f"model's output error on the {len(held_out(used))} held-out calibration batches")
     if unchecked:
         notes.append(f"repair: no refit: {used} calibration batches, fewer than the {HOLDOUT_EVERY} it needs to hold "
                      "one out and check that a refit generalizes (more inputs, or smaller batches, allow it)")
@@ -473,41 +474,56 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
 
 
 def _refit_judged(work: nn.Module, layer: _LayerFit, batches: list, refs: list, settings: RepairSettings
-                  ) -> tuple[str, float, float]:
-    """Keep ``layer``'s refit (:meth:`_LayerFit.adopt_refit`) only if it lowers the model's output error on the
-    held-out batches; ``(name, error with its candidate, error without)``.
+                  ) -> tuple[str, float, float, str]:
+    """Choose by the model's output error on the held-out batches how ``layer`` is repaired; ``(name, error with its
+    refit, error of the better without it, the choice)``, the choice ``"refit"``, ``"original"`` or ``"own"``.
 
-    The candidate is the refit fitted on the other batches (:meth:`_LayerFit._rest_refit`); each weight is tried
-    uncoded in the partly coded working model with its least-squares bias (:meth:`_LayerFit.correct_bias`), and the
-    model's relative output error against the original's on the held-out batches decides. The layer's own output
-    error does not (it did before): on all-MiniLM-L6-v2 with 125 calibration sentences at 3.5 bits/weight, 22
-    refits lowered their layer's error on the held-out batches and together the model's cosine (0.9836 / 0.9790
-    with them, 0.9870 / 0.9830 without): LayerNorm, softmax attention and the residual paths stand between a
-    layer's output and the model's."""
+    Three ways are tried uncoded in the partly coded working model, and the model's relative output error against
+    the original's on the held-out batches decides: the candidate refit (fitted on the other batches,
+    :meth:`_LayerFit._rest_refit`) with its least-squares bias aimed at the original's outputs (kept: the refit of
+    all rows, :meth:`_LayerFit.adopt_refit`); the weight with that bias (``"original"``: ``W E[x] - W_hat E[x_hat]``,
+    which also moves the layer's output by the input's mean shift from the layers coded before); the weight and
+    bias as they stand (``"own"``: the bias will make up for the layer's own coding error only, as without refit).
+    The layer's own output error does not decide (it did before): on all-MiniLM-L6-v2 with 125 calibration
+    sentences at 3.5 bits/weight, 22 refits lowered their layer's error on the held-out batches and together the
+    model's cosine (0.9836 / 0.9790 with them, 0.9870 / 0.9830 without): LayerNorm, softmax attention and the
+    residual paths stand between a layer's output and the model's."""
     held = held_out(len(batches[: settings.stats_batches]))
     slot = layer.slot
     tensor = slot.tensor
     before = tensor.data  # may share the caller's storage: replaced, never written into
     restore = [(s.tensor, s.tensor.detach().clone()) for s in (layer.bias, layer.shift) if s is not None]
 
-    def error(weight: np.ndarray) -> float:
+    def error() -> float:
+        return output_error(work, [batches[i] for i in held], [refs[i] for i in held])
+
+    def error_with(weight: np.ndarray) -> float:
         tensor.data = to_torch(weight, slot.dtype.name)
         layer.correct_bias(to_float64(weight, slot.dtype))
-        return output_error(work, [batches[i] for i in held], [refs[i] for i in held])
+        return error()
 
     with torch.no_grad():
         try:
-            without = error(layer._fitted)
-            with_refit = error(layer.candidate)
+            own = error()
+            original = error_with(layer._fitted)
+            with_refit = error_with(layer.candidate)
         finally:
             tensor.data = before
             for t, value in restore:
                 t.copy_(value)
-    if with_refit < without:
+    best = min(own, original, with_refit)
+    if with_refit == best:
         layer.adopt_refit(settings)
+        choice = "refit"
     else:
         layer.drop_candidate()
-    return slot.name, with_refit, without
+        choice = "own" if own == best and (layer.bias is not None or layer.shift is not None) else "original"
+        if choice == "own":  # the reference is the layer as it stands, as without refit (_LayerFit.collect)
+            layer.w_ref = before.detach().double().reshape(before.shape[0], -1).numpy()
+            layer.mean = layer.mean_hat
+            if layer.bias is not None:
+                layer.b_ref = layer.bias.tensor.detach().double().numpy()
+    return slot.name, with_refit, min(own, original), choice
 
 
 def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
