@@ -98,7 +98,9 @@ class RepairSettings:
     #: Least-squares bias of each coded Linear / Conv2d layer, when its bias is stored losslessly.
     bias_correction: bool = True
     #: Before coding a Linear / Conv2d weight, refit it by ridge regression so the layer maps its inputs in the
-    #: partly coded model to the original layer's outputs (needs a pass of the original model per layer).
+    #: partly coded model to the original layer's outputs (needs a pass of the original model per layer); kept only
+    #: where, fitted on the other batches, it lowers the model's output error on the held-out ones
+    #: (:func:`_refit_judged`; from :data:`HOLDOUT_EVERY` batches, none below).
     refit: bool = True
     #: GPTQ rounding for ``quant`` weights of Linear / Conv2d layers.
     gptq: bool = True
@@ -386,13 +388,15 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     queue = sorted((s for s in slots.values() if s.lossy), key=lambda s: (s.order, s.name))
     originals = dict(model.named_modules())
     _set_trainable(slots)
-    step, mismatched, changed, credit = 0, 0, {}, 0
+    step, mismatched, changed, credit, judged = 0, 0, {}, 0, []
     receiver, reserve = _receiver(queue, options, spare, executor)
     for slot in queue:
         if slot is receiver:
             credit += spare - reserve
         layer = _LayerFit.collect(model, originals[slot.module_name], work, slot, slots, batches, settings,
                                   follower.get(id(slot.module))) if _is_layer_weight(slot) else None
+        if layer is not None and layer.candidate is not None:
+            judged.append(_refit_judged(work, layer, batches, refs, settings))
         if layer is not None and settings.prune and settings.keep_size and _prunes(options[slot.name], slot, settings):
             used = slice(settings.stats_batches)
             layer.sensitivity = unit_sensitivity(work, slot.module, batches[used], refs[used], _run, _flat,
@@ -445,6 +449,11 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
              if settings.final_steps > 0 else "")
     notes = [(f"repair: coded {len(queue)} lossy tensors in forward order ({', '.join(done) or 'no repair'}){final}; "
               f"output error on the calibration inputs (relative MSE) {after:.4g}; {n_changed} tensors changed")]
+    if judged:
+        kept, own = (sum(j[3] == c for j in judged) for c in ("refit", "own"))
+        notes.append(f"repair: refit kept for {kept} of {len(judged)} layers, and the least-squares bias aimed at the "
+                     f"layer's own coding error (not the original's outputs) for {own}, each where it lowers the "
+                     f"model's output error on the {len(held_out(used))} held-out calibration batches")
     if unchecked:
         notes.append(f"repair: no refit: {used} calibration batches, fewer than the {HOLDOUT_EVERY} it needs to hold "
                      "one out and check that a refit generalizes (more inputs, or smaller batches, allow it)")
@@ -468,6 +477,59 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
                      + ", ".join(f"{n} {_text(options[n])} -> {_text(changed[n])}"
                                  if changed[n].codec == "jpeg" else n for n in cheaper) + ")")
     return targets, notes, changed
+
+
+def _refit_judged(work: nn.Module, layer: _LayerFit, batches: list, refs: list, settings: RepairSettings
+                  ) -> tuple[str, float, float, str]:
+    """Choose by the model's output error on the held-out batches how ``layer`` is repaired; ``(name, error with its
+    refit, error of the better without it, the choice)``, the choice ``"refit"``, ``"original"`` or ``"own"``.
+
+    Three ways are tried uncoded in the partly coded working model, and the model's relative output error against
+    the original's on the held-out batches decides: the candidate refit (fitted on the other batches,
+    :meth:`_LayerFit._rest_refit`) with its least-squares bias aimed at the original's outputs (kept: the refit of
+    all rows, :meth:`_LayerFit.adopt_refit`); the weight with that bias (``"original"``: ``W E[x] - W_hat E[x_hat]``,
+    which also moves the layer's output by the input's mean shift from the layers coded before); the weight and
+    bias as they stand (``"own"``: the bias will make up for the layer's own coding error only, as without refit).
+    The layer's own output error does not decide (it did before): on all-MiniLM-L6-v2 with 125 calibration
+    sentences at 3.5 bits/weight, 22 refits lowered their layer's error on the held-out batches and together the
+    model's cosine (0.9836 / 0.9790 with them, 0.9870 / 0.9830 without): LayerNorm, softmax attention and the
+    residual paths stand between a layer's output and the model's."""
+    held = held_out(len(batches[: settings.stats_batches]))
+    slot = layer.slot
+    tensor = slot.tensor
+    before = tensor.data  # may share the caller's storage: replaced, never written into
+    restore = [(s.tensor, s.tensor.detach().clone()) for s in (layer.bias, layer.shift) if s is not None]
+
+    def error() -> float:
+        return output_error(work, [batches[i] for i in held], [refs[i] for i in held])
+
+    def error_with(weight: np.ndarray) -> float:
+        tensor.data = to_torch(weight, slot.dtype.name)
+        layer.correct_bias(to_float64(weight, slot.dtype))
+        return error()
+
+    with torch.no_grad():
+        try:
+            own = error()
+            original = error_with(layer._fitted)
+            with_refit = error_with(layer.candidate)
+        finally:
+            tensor.data = before
+            for t, value in restore:
+                t.copy_(value)
+    best = min(own, original, with_refit)
+    if with_refit == best:
+        layer.adopt_refit(settings)
+        choice = "refit"
+    else:
+        layer.drop_candidate()
+        choice = "own" if own == best and (layer.bias is not None or layer.shift is not None) else "original"
+        if choice == "own":  # the reference is the layer as it stands, as without refit (_LayerFit.collect)
+            layer.w_ref = before.detach().double().reshape(before.shape[0], -1).numpy()
+            layer.mean = layer.mean_hat
+            if layer.bias is not None:
+                layer.b_ref = layer.bias.tensor.detach().double().numpy()
+    return slot.name, with_refit, min(own, original), choice
 
 
 def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
@@ -1073,47 +1135,56 @@ def _is_layer_weight(slot: _Slot) -> bool:
 
 
 class _HeldOut:
-    """One layer's inputs on the held-out batches, ``(x, x_hat)`` rows in float32, from which their moment matrices
-    (``hh``: ``x_hat^T x_hat``, ``cross``: ``x^T x_hat``, float64 sums of float32 products as :meth:`_LayerFit.collect`
-    adds them) are made when needed: a few hundred rows of all-MiniLM-L6-v2's FFN output (1,536 inputs) take a
-    fraction of the two 19 MB matrices. Once the rows would take more bytes than the two matrices (a convolution:
-    many rows of few columns), the matrices are summed instead."""
+    """One layer's rows on the held-out batches, kept for the refit on the other rows (:meth:`_LayerFit._rest_refit`):
+    the coded inputs ``x_hat`` and ``y = x W^T`` (the original layer's outputs less its bias), float32, from which
+    their sums ``hh`` (``x_hat^T x_hat``, ``cols^2``) and ``wcross`` (``y^T x_hat = W x^T x_hat``, ``out x cols``) are
+    made when needed, in float64 from float32 products of a band of columns at a time: a few hundred rows of
+    all-MiniLM-L6-v2's FFN output (1,536 inputs, 384 outputs) take a fraction of those matrices, and no ``cols^2``
+    cross moment of them is made. Once the rows would take more bytes than the two sums (a convolution: many rows
+    of few columns), the sums are added instead. The refit is only judged by them (:func:`_refit_judged`), so they
+    need not be the bits of the sums :meth:`_LayerFit.collect` adds over all rows."""
 
-    MOMENTS = ("hh", "cross")
+    MOMENTS = ("hh", "wcross")
 
-    def __init__(self, cols: int):
+    #: Bytes of the float32 product of a band of columns (:meth:`moment`).
+    BAND_BYTES = 1 << 22
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight  # the original layer's weight as a float32 [out, cols] matrix
+        out, cols = weight.shape
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.sums: dict[str, torch.Tensor] | None = None
-        self.limit = 2 * 8 * cols * cols
+        self.limit = 8 * (cols + out) * cols
 
     def add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
-        """One call's rows (float32)."""
+        """One chunk's rows (float32): the original model's inputs ``x`` and the working model's ``x_hat``."""
+        y = x @ self.weight.T
         if self.sums is None:
-            self.rows.append((x, x_hat))
+            self.rows.append((y, x_hat))
             if sum(a.nbytes + b.nbytes for a, b in self.rows) <= self.limit:
                 return
             self.sums, rows, self.rows = {}, self.rows, []
             for pair in rows:
                 self._add(*pair)
         else:
-            self._add(x, x_hat)
+            self._add(y, x_hat)
 
-    @staticmethod
-    def _product(key: str, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-        return x_hat.T @ x_hat if key == "hh" else x.T @ x_hat
-
-    def _add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+    def _add(self, y: torch.Tensor, x_hat: torch.Tensor) -> None:
         for key in self.MOMENTS:
-            self.sums[key] = _widen_into(self.sums.get(key), self._product(key, x, x_hat))
+            self.sums[key] = _widen_into(self.sums.get(key), (x_hat if key == "hh" else y).T @ x_hat)
 
     def moment(self, key: str) -> np.ndarray:
-        """The held-out rows' ``hh`` or ``cross`` sum, float64, in an array of its own (the caller may write it)."""
+        """The held-out rows' ``hh`` or ``wcross`` sum, float64, in an array the caller may write (once per key)."""
         if self.sums is not None:
-            return self.sums[key].numpy().copy()
-        total = None
-        for x, x_hat in self.rows:
-            total = _widen_into(total, self._product(key, x, x_hat))
-        return total.numpy()
+            return self.sums.pop(key).numpy()
+        out, cols = self.weight.shape
+        total = np.zeros((cols if key == "hh" else out, cols))
+        band = max(1, self.BAND_BYTES // (4 * len(total)))
+        for y, x_hat in self.rows:
+            left = x_hat if key == "hh" else y
+            for j in range(0, cols, band):
+                total[:, j:j + band] += (left.T @ x_hat[:, j:j + band]).numpy()
+        return total
 
 
 def _widen_into(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
@@ -1141,7 +1212,7 @@ def _batch_sum(key: str, x: torch.Tensor | None, x_hat: torch.Tensor):
         return x_hat.shape[0]
     if key in ("sum_h", "sum_x"):
         return (x_hat if key == "sum_h" else x).double().sum(0)
-    return _HeldOut._product(key, x, x_hat)
+    return x_hat.T @ x_hat if key == "hh" else x.T @ x_hat
 
 
 class _LayerFit:
@@ -1159,7 +1230,11 @@ class _LayerFit:
         #: ``E[x_hat x_hat^T]`` of the coded inputs, centred when a bias or running mean absorbs the mean (set by
         #: :meth:`collect`)
         self.h: np.ndarray | None = None
-        self._fitted: np.ndarray | None = None  # the refit weight (refit on), computed by collect
+        self._fitted: np.ndarray | None = None  # the weight to code (refit on): the original, or the refit if kept
+        #: The refit fitted on all but the held-out batches (storage form), for :func:`_refit_judged` to decide on
+        #: (None: no refit to judge)
+        self.candidate: np.ndarray | None = None
+        self._w_cross: np.ndarray | None = None  # W C of all rows, for the refit of all rows if the candidate is kept
         #: jpeg_target's result for the first options asked, the plan's (asked again by _code_within's coding at
         #: cheaper qualities; no other options are asked twice): (options, damping) -> (target, decoded)
         self._compensated: dict = {}
@@ -1179,14 +1254,15 @@ class _LayerFit:
         """
         seen: dict[str, torch.Tensor] = {}
         acc = {"n": 0, "held_n": 0, "ok": True}
-        held_rows = _HeldOut(math.prod(slot.original.shape[1:]))
         used = batches[: settings.stats_batches]
-        # The refit is kept only where held-out batches show it generalizes. With too few batches to hold any out
+        # The refit is kept only where the held-out batches show that it lowers the model's output error
+        # (_refit_judged). With too few batches to hold any out
         # it is not made, the layer gathered as without refit: fitted to a handful of inputs it overfits them
         # (all-MiniLM-L6-v2 at -b 4 with 30 sentences, 2 batches: cosine 0.9856 / 0.9691 on the everyday /
         # rare-word sets with it, 0.9928 / 0.9874 without; data-free 0.9865 / 0.9817).
         checked = set(held_out(len(used))) if settings.refit else set()
         refit = bool(checked)
+        held_rows = _HeldOut(original.weight.detach().reshape(original.weight.shape[0], -1).float()) if refit else None
 
         def grab(key):
             def hook(mod, args):  # the inputs as they come; their rows are made a chunk at a time below
@@ -1227,7 +1303,7 @@ class _LayerFit:
                             for key in _BATCH_SUMS if refit else _BATCH_SUMS[:3]:
                                 value = _batch_sum(key, x, xh)
                                 add(key, value)
-                                if held and key not in _HeldOut.MOMENTS:
+                                if held and key not in ("hh", "cross"):
                                     add("held_" + key, value)
                                 del value
                             if held:
@@ -1264,18 +1340,32 @@ class _LayerFit:
         # served (all rows' cross moment as soon as W C is made), so at most three live at once, the solve's own
         # copy included, and only the coded inputs' H stays with the layer (same values, same order of operations
         # as whole-array arithmetic).
-        keep = refit and 0 < acc["held_n"] < n and fit._holdout_keeps(acc, held_rows, settings)
+        candidate = None
+        if refit and 0 < acc["held_n"] < n:
+            try:
+                candidate = fit._rest_refit(acc, held_rows, settings)
+            except np.linalg.LinAlgError:  # the other rows' H singular even damped: no refit to judge
+                fit._weighted_cross(acc)
         del held_rows
         h = acc.pop("hh").div_(n).numpy()
         fit._centre(h, mean_hat, mean_hat)
         fit.h = h
         if refit:
-            fitted = to_numpy(slot.tensor)[0].copy()
-            if keep:
-                fitted = fit._ridge(h, fit._weighted_cross(acc), settings)
-                fitted = from_float64(fitted.reshape(slot.original.shape), slot.dtype)
-            fit._fitted = fitted
+            fit._fitted = to_numpy(slot.tensor)[0].copy()
+            if candidate is not None:
+                fit.candidate = from_float64(candidate.reshape(slot.original.shape), slot.dtype)
+                fit._w_cross = fit._weighted_cross(acc)
         return fit
+
+    def adopt_refit(self, settings: RepairSettings) -> None:
+        """Take the refit fitted on all rows as the weight to code (its candidate, fitted on the other rows, was
+        kept by :func:`_refit_judged`)."""
+        fitted = self._ridge(self.h, self._w_cross, settings)
+        self._fitted = from_float64(fitted.reshape(self.slot.original.shape), self.slot.dtype)
+        self.drop_candidate()
+
+    def drop_candidate(self) -> None:
+        self.candidate = self._w_cross = None
 
     def _h(self) -> np.ndarray:
         """The second moment of the coded inputs (centred when a bias or running mean is free to absorb the mean)."""
@@ -1334,52 +1424,46 @@ class _LayerFit:
         finally:
             h[np.diag_indices(len(h))] = diagonal
 
-    def _holdout_keeps(self, acc: dict, held: _HeldOut, settings: RepairSettings) -> bool:
-        """Whether the refit generalizes: fitted on all but every :data:`HOLDOUT_EVERY`-th batch, does it map the
-        held-out coded inputs closer to the original outputs than the original weight does? Measured: it does on
-        the Fashion-MNIST CNNs, not on MiniLM's 125 sentences, where refitting every layer lowered the cosine at
-        3.5 bits/weight from 0.984 to 0.967. ``acc`` holds the sums over all rows and the held-out rows' count and
-        sums of ``x`` and ``x_hat`` (``held_*``); ``held`` gives their moment matrices, each made when needed in an
-        array of its own that the other rows' moment then takes (all less held-out, in place). All rows' cross
-        moment is reduced to ``W C`` (:meth:`_weighted_cross`) once the other rows' is made: at most three ``cols^2``
-        matrices live at once, the solve's own copy included."""
+    def _rest_refit(self, acc: dict, held: _HeldOut, settings: RepairSettings) -> np.ndarray:
+        """The refit fitted on all but every :data:`HOLDOUT_EVERY`-th batch (float64, ``[out, cols]``), for
+        :func:`_refit_judged` to try on the held-out batches. ``acc`` holds the sums over all rows and the held-out
+        rows' count and sums of ``x`` and ``x_hat`` (``held_*``); ``held`` the held-out rows (:class:`_HeldOut`).
+
+        Memory: the other rows' ``W C`` is all rows' ``W C`` less the held-out rows' (made from their rows, ``out x
+        cols``), then all rows' cross moment is reduced to ``W C`` (:meth:`_weighted_cross`, kept for the refit of
+        all rows) and freed, and the other rows' ``H`` is made in an array of its own in which the ridge is solved
+        (:func:`codec.rd.gptq._inverse_cholesky_upper`): besides all rows' ``H``, one ``cols^2`` matrix at most."""
+        from .gptq import _inverse_cholesky_upper
+
         n, n_held = acc["n"], acc["held_n"]
         m = n - n_held
         rest_x, rest_h = ((acc[k] - acc["held_" + k]).numpy() / m for k in ("sum_x", "sum_h"))
-        held_x, held_h = (acc["held_" + k].numpy() / n_held for k in ("sum_x", "sum_h"))
-        # the ridge on the other rows: their cross moment (only W C is kept), their H (damping from its diagonal)
-        cross = held.moment("cross")
-        np.subtract(acc["cross"].numpy(), cross, out=cross)
-        cross /= m
-        self._centre(cross, rest_x, rest_h)
-        w_cross = self.w_ref @ cross
-        del cross
+        centred = self.bias is not None or self.shift is not None
+        w_cross = self.w_ref @ acc["cross"].numpy()
+        w_cross -= held.moment("wcross")
+        w_cross /= m
+        if centred:
+            w_cross -= np.outer(self.w_ref @ rest_x, rest_h)
         self._weighted_cross(acc)
-        h = held.moment("hh")
-        np.subtract(acc["hh"].numpy(), h, out=h)
-        lam = settings.damp * float(np.mean(np.diagonal(h) / m
-                                            - (rest_h * rest_h if self.bias is not None or self.shift is not None
-                                               else 0.0))) + 1e-12
-        h /= m
+        held_h = held.moment("hh")
+        lam = settings.damp * float(np.mean((np.diagonal(acc["hh"].numpy()) - np.diagonal(held_h)) / m
+                                            - (rest_h * rest_h if centred else 0.0))) + 1e-12
         rhs = w_cross + lam * self.w_ref
         del w_cross
-        self._centre(h, rest_h, rest_h)
-        h[np.diag_indices(len(h))] += lam
-        fitted = np.linalg.solve(h.T, rhs.T).T
-        del h
-        # E||W' x_hat - W x||^2 on the held-out rows, less a constant, for both weights: the H term, then the cross
-        h = held.moment("hh")
-        h /= n_held
-        self._centre(h, held_h, held_h)
-        quad = [np.sum(w * (w @ h.T)) for w in (fitted, self.w_ref)]
-        del h
-        cross = held.moment("cross")
-        cross /= n_held
-        self._centre(cross, held_x, held_h)
-        lin = self.w_ref @ cross
-        del cross
-        errors = [float(q - 2 * np.sum(w * lin)) for q, w in zip(quad, (fitted, self.w_ref))]
-        return errors[0] < errors[1]
+
+        def damped() -> np.ndarray:  # the other rows' H, centred and damped, in held_h's array the first time
+            nonlocal held_h
+            h, held_h = (held_h, None) if held_h is not None else (None, None)
+            if h is None:
+                raise np.linalg.LinAlgError("the other rows' H is singular")
+            np.subtract(acc["hh"].numpy(), h, out=h)
+            h /= m
+            self._centre(h, rest_h, rest_h)
+            h[np.diag_indices(len(h))] += lam
+            return h
+
+        u = _inverse_cholesky_upper(damped)  # (H + lam I)^-1 = U^T U
+        return (rhs @ u.T) @ u
 
     def correct_bias(self, decoded: np.ndarray) -> None:
         """Least-squares bias given the coded weight: ``b = E[W_ref x + b_ref] - W_hat E[x_hat]``.
