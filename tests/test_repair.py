@@ -754,3 +754,18 @@ def test_refit_needs_batches_to_hold_out_and_says_so():
     assert "refit" not in got.notes[0].split("(")[1].split(")")[0]
     enough = repair(model, batches(n=HOLDOUT_EVERY), options)
     assert not any("no refit" in n for n in enough.notes) and "refit" in enough.notes[0]
+
+
+def test_a_layer_with_fewer_calibration_rows_than_inputs_is_damped_more():
+    """H of a layer seen on fewer rows than it has inputs is rank-deficient: compensation and the refit are damped
+    with ``damp_few_rows`` there (the BatchNorm CNN's fc1, 3,136 inputs, 2,000 images), ``damp`` elsewhere."""
+    from codec.rd.repair import _LayerFit
+
+    settings = RepairSettings()
+    layer = _LayerFit.__new__(_LayerFit)
+    layer.w_ref = np.zeros((4, 100))
+    for rows, expected in ((2000, settings.damp), (101, settings.damp), (100, settings.damp_few_rows),
+                           (30, settings.damp_few_rows)):
+        layer.n = rows
+        assert layer.damp(settings) == expected
+    assert layer.damp(RepairSettings(damp=0.5)) == 0.5  # never less than asked
