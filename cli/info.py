@@ -68,6 +68,7 @@ def info(input: str, as_json: bool) -> None:
     INPUT is a file or an http(s):// URL (then only the first bytes, the
     header and the index, are downloaded).
     """
+    from codec.mapping import params_length
     from codec.reader import Reader
     from codec.stats import file_totals
 
@@ -106,7 +107,7 @@ def info(input: str, as_json: bool) -> None:
                f"{file_totals(reader.index, reader.size).summary()} (format {doc['format_version']})")
     packed = [t for t in doc["tensors"] if t.get("params_zstd")]
     if packed:
-        plain = sum(2 * (4 if t["tiling"]["params"] == "float32" else 2) * t["tiles"] for t in packed)
+        plain = sum(params_length(t["tiles"], t["tiling"]["params"]) for t in packed)
         click.echo(f"tile parameters: {len(packed)} tensors as zstd frames (flag params_zstd), "
                    f"{plain:,} -> {sum(t['params_nbytes'] for t in packed):,} bytes")
     if doc["update"]:
