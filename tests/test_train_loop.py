@@ -492,3 +492,29 @@ def test_bench_train_freezes_the_chosen_tensors_over_the_loops_last_part_only(mo
         with pytest.raises(SystemExit) as exc:
             train.main(["--model", "mlp", option, value])
         assert exc.value.code == 2 and option in capsys.readouterr().err
+
+
+def test_bench_train_penalties_are_the_float_weights_while_the_model_holds_the_coded_values():
+    """finetune calls the loss with the coded values in the model's tensors; the loop's penalties must still be the
+    float weights' (value and gradient), as they were before the values were swapped in (the CNN's unit penalty on
+    the coded values cost 2-6 points)."""
+    import numpy as np
+
+    from bench import train
+
+    rng = np.random.default_rng(0)
+    schedule = train.Schedule("mlp", rng.integers(0, 255, (128, 28, 28), dtype=np.uint8),
+                              rng.integers(0, 10, 128), epochs=1, seed=0)
+    model = train.make_model("mlp", 0)
+    loss_fn = schedule._penalized(lambda *_: torch.zeros(()), model, "jpeg,q6,table=ramp1", 0.5, 2.0, 1)
+    w = model.fc1.weight
+    ref = w.detach().clone().requires_grad_()
+    expected = 0.5 * train.unit_norms(ref) + 2.0 * codec.train.rate({"w": ref}, "jpeg,q6,table=ramp1") / ref.numel()
+    expected.backward()
+    held = w.data
+    w.data = torch.full_like(held, 0.01)  # what finetune does for the forward pass: other values in the tensor
+    loss = loss_fn(None)
+    loss.backward()
+    w.data = held
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.allclose(w.grad, ref.grad, rtol=1e-5, atol=1e-9) and ref.grad.abs().max() > 0
