@@ -101,11 +101,15 @@ def batches_of(inputs: torch.Tensor, targets: torch.Tensor, generator: torch.Gen
     return [(inputs[b], targets[b]) for b in torch.randperm(len(inputs), generator=generator).split(size)]
 
 
+def unit_norms(weight: torch.Tensor) -> torch.Tensor:
+    """The mean L2 norm of a weight's rows (a layer's output units)."""
+    return weight.flatten(1).norm(dim=1).mean()
+
+
 def unit_penalty(model: torch.nn.Module, layer: str) -> torch.Tensor:
     """The mean L2 norm of ``layer``'s output units (its weight's rows; a group-lasso term: it shrinks whole units,
     whose rows JPEG then codes as near-constant blocks)."""
-    weight = model.get_submodule(layer).weight
-    return weight.flatten(1).norm(dim=1).mean()
+    return unit_norms(model.get_submodule(layer).weight)
 
 
 def rate_penalty(model: torch.nn.Module, layer: str, setting: str, lam: float) -> torch.Tensor:
@@ -219,7 +223,8 @@ class Schedule:
     def codec_epochs(self, snapshot: dict, overrides: Sequence[tuple[str, str]], bar: tqdm | None = None,
                      refresh: int = 1, vector_bits: int | None = None, keep_tiles: float = 0.0,
                      teacher: torch.nn.Module | None = None, distil: float = 0.0, group: float = 0.0,
-                     lam: float = 0.0, every: int = 8) -> tuple[torch.nn.Module, float]:
+                     lam: float = 0.0, every: int = 8, freeze_tail: float = 0.0,
+                     freeze: Sequence[str] = ()) -> tuple[torch.nn.Module, float]:
         """The schedule's remaining epochs from ``snapshot`` with the codec in the loop at ``overrides``
         (:func:`codec.train.finetune` with the labels, continuing the schedule's Adam and rates; ``refresh``,
         ``vector_bits`` as finetune takes them; ``keep_tiles``: the fraction of the loop's steps, its last ones,
@@ -228,8 +233,10 @@ class Schedule:
         times the KL divergence from the teacher's outputs (:func:`distil_loss`; the teacher's logits computed once
         per batch, in the time). ``group`` > 0 adds ``group`` times :func:`unit_penalty` of the largest layer to the
         loss, ``lam`` > 0 its :func:`rate_penalty` at its own setting in ``overrides`` every ``every`` steps (both on
-        the float weights). Returns the model and the CPU seconds of the whole schedule (the shared epochs
-        included, not the teacher's training)."""
+        the float weights). ``freeze_tail``: the fraction of the loop's steps, its last ones, run with the
+        parameters named in ``freeze`` (default: the largest layer's weight) frozen, so their coding is the file's
+        from the start of that part on and the rest trains against exactly it. Returns the model and the CPU
+        seconds of the whole schedule (the shared epochs included, not the teacher's training)."""
         model = copy.deepcopy(snapshot["model"])
         torch.set_num_threads(1)
         generator = torch.Generator()
@@ -245,37 +252,61 @@ class Schedule:
         if group > 0 or lam > 0:
             loss_fn = self._penalized(loss_fn, model, dict(overrides)[f"{BIG[self.kind]}.weight"], group, lam, every)
         loop_steps = self.steps() * (self.epochs - snapshot["epoch"])
-        kept_from = snapshot["epoch"] * self.steps() + loop_steps - round(keep_tiles * loop_steps)  # global step
+        end = snapshot["epoch"] * self.steps() + loop_steps  # global steps
+        kept_from, frozen_from = end - round(keep_tiles * loop_steps), end - round(freeze_tail * loop_steps)
+        frozen = [model.get_parameter(name) for name in (freeze or [f"{BIG[self.kind]}.weight"])]
         for epoch in range(snapshot["epoch"], self.epochs):
             batches = batches_of(self.inputs, self.targets, generator)
             if teacher is not None and distil > 0:
                 with torch.no_grad():
                     batches = [(x, y, teacher(x)) for x, y in batches]
             first = epoch * self.steps()
-            split = min(max(kept_from - first, 0), len(batches))
-            for part, keep in ((batches[:split], False), (batches[split:], True)):
+            cuts = sorted({0, len(batches), *(min(max(at - first, 0), len(batches)) for at in (kept_from,
+                                                                                             frozen_from))})
+            for a, b in itertools.pairwise(cuts):
+                part, keep = batches[a:b], first >= kept_from
                 if part:
+                    for p in frozen:  # frozen: no gradient, so finetune neither trains nor moves it
+                        p.requires_grad_(first < frozen_from)
                     codec.train.finetune(model, part, loss_fn, steps=len(part), overrides=overrides,
                                          optimizer=optimizer, lr=lambda i, first=first: self.lr(first + i),
                                          refresh=refresh, vector_bits=vector_bits, keep_tiles=keep,
                                          progress=bar if bar is not None else False,
                                          validation=False)  # a training loop: its test set is the check
                 first += len(part)
+        for p in frozen:
+            p.requires_grad_(True)
         model.eval()
         self.averaged = average.models()
         return model, snapshot["seconds"] + time.process_time() - start
 
     def _penalized(self, task, model: torch.nn.Module, setting: str, group: float, lam: float, every: int):
         """``task`` plus ``group`` times the largest layer's :func:`unit_penalty` and, every ``every``-th call,
-        ``lam`` times its :func:`rate_penalty` under ``setting``."""
+        ``lam`` times its :func:`rate_penalty` under ``setting``, both of the **float** weights.
+
+        finetune calls the loss while the model's tensors hold the coded values (their ``.data`` swapped in for the
+        forward and backward passes), so reading the layer's weight there would penalize the coded values: the
+        unit penalty then pulls on what JPEG keeps (its gradient is smooth, like the coding) instead of on the
+        float weights, and the CNN's files came out 0.06-0.07 bits/weight smaller and 2-6 points worse (bench/
+        JOURNAL.md, twelfth pass). So each term is evaluated on the float weights' own storage, held from before
+        the loop, and its gradient there is put on the weight (the value is the float weights' penalty)."""
         layer, calls = BIG[self.kind], itertools.count()
+        weight = model.get_submodule(layer).weight
+        floats = weight.data  # the float weights' storage: Adam updates it in place, finetune swaps it out and back
+
+        def at_floats(term) -> torch.Tensor:
+            w = floats.detach().clone().requires_grad_()
+            with torch.enable_grad():
+                value = term(w)
+            (grad,) = torch.autograd.grad(value, w)
+            return value.detach() + (weight * grad).sum() - (weight.detach() * grad).sum()  # its gradient: grad
 
         def loss_fn(*args):
             loss = task(*args)
             if group > 0:
-                loss = loss + group * unit_penalty(model, layer)
+                loss = loss + group * at_floats(unit_norms)
             if lam > 0 and next(calls) % every == 0:
-                loss = loss + rate_penalty(model, layer, setting, lam)
+                loss = loss + at_floats(lambda w: lam * codec.train.rate({"w": w}, setting) / w.numel())
             return loss
 
         return loss_fn
@@ -323,6 +354,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     parser.add_argument("--keep-tiles", type=float, action="append", help="codec in the loop: the fraction (0-1) of "
                         "the loop's last steps that keep each tile's extremes where they were when that part began "
                         "(finetune's keep_tiles; default 0; several: a run for each)")
+    parser.add_argument("--freeze-tail", type=float, action="append", help="codec in the loop: the fraction (0-1) "
+                        "of the loop's last steps run with the --freeze tensors frozen, so the rest trains against "
+                        "exactly their coding in the file (default 0; several: a run for each)")
+    parser.add_argument("--freeze", action="append", help="with --freeze-tail: the parameters to freeze, "
+                        "comma-separated (default: the largest layer's weight; several: a run for each)")
     parser.add_argument("--distil", type=float, action="append", help="codec in the loop: weight (0-1) of the KL "
                         "divergence from the plain model's outputs beside the labels (default 0; several: a run for "
                         "each; the time then includes the plain schedule's remaining epochs)")
@@ -366,6 +402,13 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
         parser.error("--refresh must be a positive integer")
     if any(not 0 <= k <= 1 for k in args.keep_tiles or []):
         parser.error("--keep-tiles must be between 0 and 1")
+    if any(not 0 <= f <= 1 for f in args.freeze_tail or []):
+        parser.error("--freeze-tail must be between 0 and 1")
+    args.freeze = [tuple(name for name in text.split(",") if name) for text in args.freeze or []]
+    names = dict(make_model(args.model, 0).named_parameters())
+    if any(not f or any(name not in names for name in f) for f in args.freeze):
+        parser.error(f"--freeze: the {args.model}'s parameters are {', '.join(names)}")
+    args.freeze = args.freeze or [()]
     if any(not 0 <= d <= 1 for d in args.distil or []):
         parser.error("--distil must be between 0 and 1")
     if any(g < 0 for g in args.group or []):
@@ -444,19 +487,24 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
             model = copy.deepcopy(plain)
             codec.train.round_vectors(model, args.vector_bits, overrides=point)
         record(f"plain, ladder{rounded}", label, coded(model, overrides=point), plain_seconds)
-    for every, keep, distil, group, lam in itertools.product(args.refresh or [1], args.keep_tiles or [0],
-                                                             args.distil or [0.0], args.group or [0.0],
-                                                             args.loop_lam or [0.0]):
+    tails = [(tail, freeze if tail else ()) for tail in dict.fromkeys(args.freeze_tail or [0.0])
+             for freeze in (args.freeze if tail else [()])]  # nothing frozen: one run, whatever --freeze says
+    for every, keep, distil, group, lam, (tail, freeze) in itertools.product(
+            args.refresh or [1], args.keep_tiles or [0], args.distil or [0.0], args.group or [0.0],
+            args.loop_lam or [0.0], tails):
+        frozen = ", ".join(freeze or [f"{BIG[kind]}.weight"])
         loop = (f"codec in the loop, last {args.codec_epochs} epoch(s), coded every {every} step(s){rounded}"
                 f"{f', tile extremes kept ({keep:g} of the loop)' if keep else ''}"
                 f"{f', distilled {distil:g}' if distil else ''}{f', unit penalty {group:g}' if group else ''}"
-                f"{f', rate penalty {lam:g} every {args.rate_every}' if lam else ''}")
+                f"{f', rate penalty {lam:g} every {args.rate_every}' if lam else ''}"
+                f"{f', {frozen} frozen ({tail:g} of the loop)' if tail else ''}")
         for label, point in points:
             with tqdm(total=schedule.steps() * args.codec_epochs, desc=f"codec {label}", unit="step") as bar:
                 model, seconds = schedule.codec_epochs(snapshot, point, bar=bar, refresh=every,
                                                        vector_bits=args.vector_bits, keep_tiles=keep,
                                                        teacher=plain if distil else None, distil=distil,
-                                                       group=group, lam=lam, every=args.rate_every)
+                                                       group=group, lam=lam, every=args.rate_every,
+                                                       freeze_tail=tail, freeze=freeze)
             if distil:  # the teacher is the whole plain schedule: its epochs after the snapshot count too
                 seconds += plain_seconds - snapshot["seconds"]
             state_bpw = coded(model, overrides=point)
@@ -524,6 +572,11 @@ def write(path: Path, kind: str, args, runs: list[tuple[float, list[tuple]]], im
                      f"{np.mean(lost):+.2f}{spread} | {np.mean(cost):.2f}x |")
         if not np.isnan(bpw).any():
             curves.setdefault(curve, []).append((float(np.mean(bpw)), float(np.mean(acc))))
+    if len(runs) > 1:  # paired comparisons need each seed's figures, not only the means
+        lines += ["", f"Per seed ({seeds}): test accuracy % at bits/weight, points lost.", ""]
+        for (curve, how), values in by_row.items():
+            each = "; ".join(f"{acc:.2f} at {bpw:.3f}, {lost:+.2f}" for bpw, acc, lost, _ in values)
+            lines.append(f"- {curve}, {how}: {each}")
     text = "\n".join(lines) + "\n"
     print(text)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -453,3 +453,68 @@ def test_a_state_dict_of_copies_is_a_one_line_error():
     model = Copies(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 10))
     with pytest.raises(TypeError, match="state_dict entry '0.weight' is not one of the model's parameters"):
         finetune(model, _data(), LOSS, setting="b3", steps=2, validation=False)
+
+
+def test_bench_train_freezes_the_chosen_tensors_over_the_loops_last_part_only(monkeypatch, capsys):
+    """``freeze_tail``: the loop's last steps run with the frozen tensors out of training (no gradient), so their
+    coding stays the one the file will hold; before that part and after the loop they train as before."""
+    import numpy as np
+
+    from bench import train
+
+    rng = np.random.default_rng(0)
+    schedule = train.Schedule("mlp", rng.integers(0, 255, (1280, 28, 28), dtype=np.uint8),
+                              rng.integers(0, 10, 1280), epochs=2, seed=0)
+    _, _, snapshot = schedule.run(snapshot_at=1)
+    point = train.ladder_point("mlp", 6, "ramp1")
+    looped, _ = schedule.codec_epochs(snapshot, point, refresh=2, freeze_tail=1.0)  # the whole loop (10 steps)
+    start = snapshot["model"]
+    assert torch.equal(looped.fc1.weight, start.fc1.weight)  # never moved ...
+    assert not torch.equal(looped.fc2.weight, start.fc2.weight)  # ... while the rest trained
+    assert torch.equal(coded_weights(looped, overrides=point)["fc1.weight"],
+                       coded_weights(start, overrides=point)["fc1.weight"])  # the file's fc1 is what the loop saw
+    assert all(p.requires_grad for p in looped.parameters())
+    calls = []
+    real = train.codec.train.finetune
+
+    def spy(model, part, *a, steps, keep_tiles, **k):
+        calls.append((steps, keep_tiles, model.fc1.weight.requires_grad, model.fc2.weight.requires_grad))
+        return real(model, part, *a, steps=steps, keep_tiles=keep_tiles, **k)
+
+    monkeypatch.setattr(train.codec.train, "finetune", spy)
+    looped, _ = schedule.codec_epochs(snapshot, point, refresh=2, freeze_tail=0.2)
+    assert calls == [(8, False, True, True), (2, False, False, True)]
+    calls.clear()
+    schedule.codec_epochs(snapshot, point, refresh=2, keep_tiles=0.5, freeze_tail=0.2,
+                          freeze=("fc1.weight", "fc2.weight"))
+    assert calls == [(5, False, True, True), (3, True, True, True), (2, True, False, False)]
+    for option, value in (("--freeze-tail", "1.5"), ("--freeze", "fc3.weight"), ("--freeze", ",")):
+        with pytest.raises(SystemExit) as exc:
+            train.main(["--model", "mlp", option, value])
+        assert exc.value.code == 2 and option in capsys.readouterr().err
+
+
+def test_bench_train_penalties_are_the_float_weights_while_the_model_holds_the_coded_values():
+    """finetune calls the loss with the coded values in the model's tensors; the loop's penalties must still be the
+    float weights' (value and gradient), as they were before the values were swapped in (the CNN's unit penalty on
+    the coded values cost 2-6 points)."""
+    import numpy as np
+
+    from bench import train
+
+    rng = np.random.default_rng(0)
+    schedule = train.Schedule("mlp", rng.integers(0, 255, (128, 28, 28), dtype=np.uint8),
+                              rng.integers(0, 10, 128), epochs=1, seed=0)
+    model = train.make_model("mlp", 0)
+    loss_fn = schedule._penalized(lambda *_: torch.zeros(()), model, "jpeg,q6,table=ramp1", 0.5, 2.0, 1)
+    w = model.fc1.weight
+    ref = w.detach().clone().requires_grad_()
+    expected = 0.5 * train.unit_norms(ref) + 2.0 * codec.train.rate({"w": ref}, "jpeg,q6,table=ramp1") / ref.numel()
+    expected.backward()
+    held = w.data
+    w.data = torch.full_like(held, 0.01)  # what finetune does for the forward pass: other values in the tensor
+    loss = loss_fn(None)
+    loss.backward()
+    w.data = held
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.allclose(w.grad, ref.grad, rtol=1e-5, atol=1e-9) and ref.grad.abs().max() > 0

@@ -246,7 +246,10 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
 
     ``data``: a tensor of inputs or an iterable of batches (cycled), each the inputs or ``(inputs, *targets)``.
     ``loss_fn(outputs, *targets)``: the loss; None distils the original model's outputs (mean squared error of
-    the outputs: no labels needed). ``progress``: True for a progress bar of its own, or a tqdm bar to update
+    the outputs: no labels needed). ``loss_fn`` runs while the model's tensors hold the coded values, so a
+    penalty on the weights read from the model inside it (``codec.train.rate(model)``, a norm) is the coded
+    values' penalty, which pulls on what the coding keeps: hold the float weights' storage (``p.data``) before
+    the call and evaluate such a term on it (bench/train.py, ``Schedule._penalized``). ``progress``: True for a progress bar of its own, or a tqdm bar to update
     once a step. ``refresh``: code the weights every ``refresh`` steps, in between the residual of the last
     coding straight through (1: every step). ``vector_bits``: round the tensors stored losslessly for their shape
     (biases) to that many significand bits, in the loop and in the model at the end (None: kept as they are).
