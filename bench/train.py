@@ -249,8 +249,8 @@ class Schedule:
         if teacher is not None and distil > 0:
             teacher = teacher.eval()
             loss_fn = lambda out, y, logits: distil_loss(out, y, logits, distil)  # noqa: E731
-        if group > 0 or lam > 0:
-            loss_fn = self._penalized(loss_fn, model, dict(overrides)[f"{BIG[self.kind]}.weight"], group, lam, every)
+        penalty = (self._penalty(model, dict(overrides)[f"{BIG[self.kind]}.weight"], group, lam, every)
+                   if group > 0 or lam > 0 else None)
         loop_steps = self.steps() * (self.epochs - snapshot["epoch"])
         end = snapshot["epoch"] * self.steps() + loop_steps  # global steps
         kept_from, frozen_from = end - round(keep_tiles * loop_steps), end - round(freeze_tail * loop_steps)
@@ -268,7 +268,7 @@ class Schedule:
                 if part:
                     for p in frozen:  # frozen: no gradient, so finetune neither trains nor moves it
                         p.requires_grad_(first < frozen_from)
-                    codec.train.finetune(model, part, loss_fn, steps=len(part), overrides=overrides,
+                    codec.train.finetune(model, part, loss_fn, steps=len(part), overrides=overrides, penalty=penalty,
                                          optimizer=optimizer, lr=lambda i, first=first: self.lr(first + i),
                                          refresh=refresh, vector_bits=vector_bits, keep_tiles=keep,
                                          progress=bar if bar is not None else False,
@@ -280,36 +280,22 @@ class Schedule:
         self.averaged = average.models()
         return model, snapshot["seconds"] + time.process_time() - start
 
-    def _penalized(self, task, model: torch.nn.Module, setting: str, group: float, lam: float, every: int):
-        """``task`` plus ``group`` times the largest layer's :func:`unit_penalty` and, every ``every``-th call,
-        ``lam`` times its :func:`rate_penalty` under ``setting``, both of the **float** weights.
-
-        finetune calls the loss while the model's tensors hold the coded values (their ``.data`` swapped in for the
-        forward and backward passes), so reading the layer's weight there would penalize the coded values: the
-        unit penalty then pulls on what JPEG keeps (its gradient is smooth, like the coding) instead of on the
-        float weights, and the CNN's files came out 0.06-0.07 bits/weight smaller and 2-6 points worse (bench/
-        JOURNAL.md, twelfth pass). So each term is evaluated on the float weights' own storage, held from before
-        the loop, and its gradient there is put on the weight (the value is the float weights' penalty)."""
+    def _penalty(self, model: torch.nn.Module, setting: str, group: float, lam: float, every: int):
+        """finetune's ``penalty``: ``group`` times the largest layer's :func:`unit_penalty` and, every ``every``-th
+        step, ``lam`` times its :func:`rate_penalty` under ``setting``, of the **float** weights (finetune calls it
+        with them back in the model; inside the loss they would be the coded values, which cost the CNN 2-6 points:
+        bench/JOURNAL.md, twelfth pass)."""
         layer, calls = BIG[self.kind], itertools.count()
-        weight = model.get_submodule(layer).weight
-        floats = weight.data  # the float weights' storage: Adam updates it in place, finetune swaps it out and back
 
-        def at_floats(term) -> torch.Tensor:
-            w = floats.detach().clone().requires_grad_()
-            with torch.enable_grad():
-                value = term(w)
-            (grad,) = torch.autograd.grad(value, w)
-            return value.detach() + (weight * grad).sum() - (weight.detach() * grad).sum()  # its gradient: grad
-
-        def loss_fn(*args):
-            loss = task(*args)
+        def penalty(model: torch.nn.Module) -> torch.Tensor:
+            term = torch.zeros(())
             if group > 0:
-                loss = loss + group * at_floats(unit_norms)
+                term = term + group * unit_penalty(model, layer)
             if lam > 0 and next(calls) % every == 0:
-                loss = loss + at_floats(lambda w: lam * codec.train.rate({"w": w}, setting) / w.numel())
-            return loss
+                term = term + rate_penalty(model, layer, setting, lam)
+            return term
 
-        return loss_fn
+        return penalty
 
 
 #: Temperature of :func:`distil_loss`.

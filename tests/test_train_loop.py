@@ -287,8 +287,13 @@ def test_bench_train_penalties_in_the_loop_rate_every_nth_step_at_the_ladder_set
     _, _, snapshot = schedule.run(snapshot_at=0)
     point = train.ladder_point("mlp", 6, "ramp1")
     losses = []
-    monkeypatch.setattr(train.codec.train, "finetune", lambda model, part, loss_fn, *a, **k: losses.append(
-        [loss_fn(torch.zeros(2, 10), torch.zeros(2, dtype=torch.int64)).item() for _ in range(5)]))
+
+    def fake_finetune(model, part, loss_fn, *a, penalty=None, **k):
+        out, y = torch.zeros(2, 10), torch.zeros(2, dtype=torch.int64)
+        losses.append([loss_fn(out, y).item() + (0.0 if penalty is None else penalty(model).item())
+                       for _ in range(5)])
+
+    monkeypatch.setattr(train.codec.train, "finetune", fake_finetune)
     schedule.codec_epochs(snapshot, point, lam=2.0, every=2)
     schedule.codec_epochs(snapshot, point, group=0.5)
     schedule.codec_epochs(snapshot, point)
@@ -494,10 +499,45 @@ def test_bench_train_freezes_the_chosen_tensors_over_the_loops_last_part_only(mo
         assert exc.value.code == 2 and option in capsys.readouterr().err
 
 
-def test_bench_train_penalties_are_the_float_weights_while_the_model_holds_the_coded_values():
-    """finetune calls the loss with the coded values in the model's tensors; the loop's penalties must still be the
-    float weights' (value and gradient), as they were before the values were swapped in (the CNN's unit penalty on
-    the coded values cost 2-6 points)."""
+def test_a_penalty_is_the_float_weights_while_the_loss_sees_the_coded_values():
+    """finetune calls the loss with the coded values in the model's tensors; ``penalty(model)`` runs with the float
+    weights back (a norm or rate penalty on the coded values cost the CNN 2-6 points, bench/JOURNAL.md, twelfth
+    pass), and its gradient reaches the weights."""
+    model = _tiny()
+    start = model[0].weight.detach().clone()
+    coded = coded_weights(model, "b2")["0.weight"]
+    assert not torch.equal(coded, start)
+    in_loss, in_penalty = [], []
+
+    def loss_fn(out, y):
+        in_loss.append(model[0].weight.detach().clone())
+        return 0.0 * out.sum()  # no gradient of its own: the step is the penalty's alone
+
+    def penalty(m):
+        in_penalty.append(m[0].weight.detach().clone())
+        return (m[0].weight ** 2).sum()
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    finetune(model, _data(1), loss_fn, setting="b2", steps=1, optimizer=optimizer, penalty=penalty, validation=False)
+    assert torch.equal(in_loss[0], coded) and torch.equal(in_penalty[0], start)
+    assert len(in_penalty) == 1  # once a step; not in the final report's pass
+    assert torch.allclose(model[0].weight.detach(), start - 0.1 * 2 * start, atol=1e-7)
+
+
+@pytest.mark.parametrize("penalty, error, words", [
+    (3.0, TypeError, "penalty must be callable"),
+    (lambda m: m[0].weight, TypeError, "scalar tensor"),
+    (lambda m: 1.0, TypeError, "scalar tensor"),
+])
+def test_a_bad_penalty_is_a_one_line_error(penalty, error, words):
+    with pytest.raises(error, match=words) as exc:
+        finetune(_tiny(), _data(1), LOSS, setting="b4", steps=1, penalty=penalty, validation=False)
+    assert "\n" not in str(exc.value)
+
+
+def test_bench_train_penalties_are_the_float_weights_value_and_gradient():
+    """The loop's unit and rate penalties, as bench.train hands them to finetune's ``penalty``: the float weights'
+    value and gradient."""
     import numpy as np
 
     from bench import train
@@ -506,15 +546,12 @@ def test_bench_train_penalties_are_the_float_weights_while_the_model_holds_the_c
     schedule = train.Schedule("mlp", rng.integers(0, 255, (128, 28, 28), dtype=np.uint8),
                               rng.integers(0, 10, 128), epochs=1, seed=0)
     model = train.make_model("mlp", 0)
-    loss_fn = schedule._penalized(lambda *_: torch.zeros(()), model, "jpeg,q6,table=ramp1", 0.5, 2.0, 1)
+    penalty = schedule._penalty(model, "jpeg,q6,table=ramp1", 0.5, 2.0, 1)
     w = model.fc1.weight
     ref = w.detach().clone().requires_grad_()
     expected = 0.5 * train.unit_norms(ref) + 2.0 * codec.train.rate({"w": ref}, "jpeg,q6,table=ramp1") / ref.numel()
     expected.backward()
-    held = w.data
-    w.data = torch.full_like(held, 0.01)  # what finetune does for the forward pass: other values in the tensor
-    loss = loss_fn(None)
+    loss = penalty(model)
     loss.backward()
-    w.data = held
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert torch.allclose(w.grad, ref.grad, rtol=1e-5, atol=1e-9) and ref.grad.abs().max() > 0

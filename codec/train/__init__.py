@@ -1,7 +1,7 @@
 """Training for the codec (torch only; the container and decoder do not change).
 
 ``rate(model, setting)``: a differentiable estimate of the bits jwt spends on the weights
-(``loss = task + lam * codec.train.rate(model) / n``); ``finetune(model, data, ..., overrides=...)``: training with
+(``loss = task + lam * codec.train.rate(model) / n``; in finetune, its ``penalty=``); ``finetune(model, data, ..., overrides=...)``: training with
 each weight passed through the real encode/decode of its setting (straight-through gradients), so the model
 adapts to the exact file it will be stored as (measured: the way that pays, bench/results/train_mlp.md; ``refresh=4``
 codes every 4th step, ``vector_bits=4`` rounds the biases the file stores losslessly: ``round_vectors`` does that

@@ -239,17 +239,21 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
              progress=False, overrides: Overrides | OverrideRules = None, refresh: int = 1,
              vector_bits: int | None = None, optimizer: torch.optim.Optimizer | None = None,
              train_mode: bool | None = None, keep_tiles: bool = False, validation=None,
-             check_every: int | None = None) -> torch.nn.Module:
+             check_every: int | None = None,
+             penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> torch.nn.Module:
     """Fine-tune ``model`` in place, ``steps`` Adam steps at ``lr``, with every tensor coded as ``setting`` stores
     it (see :func:`codec.train.as_setting`; ``overrides``: per-tensor settings by glob, as codec.save takes them;
     save afterwards with the same options and overrides) in the forward pass.
 
     ``data``: a tensor of inputs or an iterable of batches (cycled), each the inputs or ``(inputs, *targets)``.
     ``loss_fn(outputs, *targets)``: the loss; None distils the original model's outputs (mean squared error of
-    the outputs: no labels needed). ``loss_fn`` runs while the model's tensors hold the coded values, so a
-    penalty on the weights read from the model inside it (``codec.train.rate(model)``, a norm) is the coded
-    values' penalty, which pulls on what the coding keeps: hold the float weights' storage (``p.data``) before
-    the call and evaluate such a term on it (bench/train.py, ``Schedule._penalized``). ``progress``: True for a progress bar of its own, or a tqdm bar to update
+    the outputs: no labels needed). It runs while the model's tensors hold the coded values, so a term on the
+    weights read from the model there (``codec.train.rate(model)``, a norm) would be the coded values' and pull on
+    what the coding keeps (bench/JOURNAL.md, twelfth pass: 2-6 points on the CNN). Such a term belongs in
+    ``penalty(model)``: called each step after the forward and backward passes, with the model holding its float
+    weights again, its value (a scalar tensor) is added to the step's loss and its gradient to the weights'
+    (``penalty=lambda m: lam * codec.train.rate(m)``); the check below leaves it out (it judges the coded model's
+    loss alone). ``progress``: True for a progress bar of its own, or a tqdm bar to update
     once a step. ``refresh``: code the weights every ``refresh`` steps, in between the residual of the last
     coding straight through (1: every step). ``vector_bits``: round the tensors stored losslessly for their shape
     (biases) to that many significand bits, in the loop and in the model at the end (None: kept as they are).
@@ -306,6 +310,8 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         raise ValueError(f"finetune: check_every must be None or a positive integer, not {check_every!r}")
     if check_every is not None and validation is False:
         raise ValueError("finetune: check_every needs a check, and validation is False")
+    if penalty is not None and not callable(penalty):
+        raise TypeError(f"finetune: penalty must be callable or None, not {type(penalty).__name__}")
     try:
         vector_bits = _check_vector_bits(vector_bits)
     except ValueError as exc:
@@ -381,6 +387,14 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         finally:
             for tensor, data in reversed(held):
                 tensor.data = data
+        if backward and penalty is not None:  # on the float weights, back in place
+            extra = penalty(model)
+            if not (isinstance(extra, torch.Tensor) and extra.numel() == 1):
+                raise TypeError(f"finetune: penalty(model) must return a scalar tensor, not "
+                                f"{type(extra).__name__ if not isinstance(extra, torch.Tensor) else list(extra.shape)}")
+            if extra.requires_grad:
+                extra.backward()
+            loss = loss.detach() + extra.detach().reshape(())
         return loss
 
     targets: list = []  # the teacher's outputs on the check batches (distillation), computed once
