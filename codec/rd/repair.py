@@ -43,7 +43,7 @@ from torch.nn import functional as F
 
 from ..api import TORCH_DTYPES, to_numpy, to_torch
 from ..dtypes import DType, from_float64, get_dtype, to_float64
-from ..parallel import make_executor
+from ..parallel import make_executor, sparse_zeros
 from ..tensorcodec import (Encoded, EncodeOptions, Overrides, _error_sums, decode_encoded, encode_tensor,
                            lossless_reason)
 from . import ladder
@@ -345,16 +345,17 @@ class _Lookups:
 
     def take(self, work: nn.Module, slot: _Slot, decoded: np.ndarray, batches: list) -> None:
         """Replace a coded embedding's decoded values (just taken whole by :func:`_take`) by an array holding
-        only the looked-up rows, its other rows zeros that no page of memory backs (``np.zeros``: mapped, not
-        written), when the model's outputs on every batch stay bit for bit what they are with the whole (a
-        weight read otherwise too, such as one tied to an output layer, keeps it whole)."""
+        only the looked-up rows, its other rows zeros that no page of memory backs
+        (:func:`codec.parallel.sparse_zeros`: mapped, not written, in small pages), when the model's outputs on
+        every batch stay bit for bit what they are with the whole (a weight read otherwise too, such as one tied
+        to an output layer, keeps it whole)."""
         rows = self.rows.get(id(slot.module))
         tensor = slot.tensor
         if rows is None or tensor.device.type != "cpu" or decoded.ndim != 2:
             return
         whole = tensor.data
         expected = [_outputs(work, b) for b in batches]
-        sparse = np.zeros(decoded.shape, decoded.dtype)
+        sparse = sparse_zeros(decoded.shape, decoded.dtype)  # (np.zeros: huge pages, 44 of 47 MB resident)
         index = rows.numpy()
         sparse[index] = decoded[index]
         tensor.data = to_torch(sparse, slot.dtype.name)
