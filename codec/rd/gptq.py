@@ -137,7 +137,8 @@ def gptq_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
 
 
 def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.ndarray, *, damp: float = 0.01,
-                executor=None, factors: dict | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                executor=None, factors: dict | None = None, decoded: bool = True
+                ) -> tuple[np.ndarray, np.ndarray | None]:
     """``(target, decoded)`` for a ``jpeg`` weight: its columns coded group by group, the later ones compensating.
 
     JPEG codes 8x8 blocks of pixels at once, so GPTQ's column-by-column
@@ -154,7 +155,9 @@ def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
     ``decoded`` is what the target decodes to (float64). Options other than
     ``jpeg``, tensors stored losslessly, a single group or non-finite
     weights: the weight is returned unchanged with ``decoded`` None.
-    ``factors``: as :func:`gptq_target`'s.
+    ``factors``: as :func:`gptq_target`'s. ``decoded=False``: ``decoded`` is None also for a compensated target
+    (whoever codes the target gets those values from its own coding: repair does, and holds no float64 copy
+    of them, nor codes the target once more here).
     """
     rows, cols = weight.shape[0], math.prod(weight.shape[1:])
     if h.shape != (cols, cols):
@@ -205,6 +208,8 @@ def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
     del lo_p, hi_p, pin_lo, pin_hi
     target = from_float64(work if ident else work[:, inverse], dtype).reshape(weight.shape)
     del work
+    if not decoded:
+        return target, None
     return target, _coded(target.reshape(rows, cols), dtype, opts, executor).reshape(weight.shape)
 
 

@@ -923,9 +923,9 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
     pruned coefficients (:func:`_pruned`) are candidates too, and the error
     is weighted by the sensitivities, ``sum_j g_j dW_j H dW_j^T``.
     """
-    chosen = _fit_size(slot, layer, opts, settings, executor, credit)
+    best = _fit_size(slot, layer, opts, settings, executor, credit)
     if layer is None or opts.codec != "jpeg" or not (settings.compensate or layer.sensitivity is not None):
-        return chosen
+        return best
     current = layer._fitted if layer._fitted is not None else to_numpy(slot.tensor)[0]
     reference = to_float64(current, slot.dtype)  # what compensation aims at: the refit or the weight itself
     h = layer._h()
@@ -939,7 +939,7 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
     # compensated values can outgrow even the cheapest quality: with none within, the one with the most credit
     # left. Memory: candidates are scored as they come and only the best so far is kept (each holds its target,
     # decoded values and GPTQ's decoded float64).
-    best, best_error = (chosen, error(chosen)) if chosen[4] >= 0 else (chosen, None)
+    best_error = error(best) if best[4] >= 0 else None
     slot.pruned = False
 
     def offer(c, pruned: bool = False) -> None:
@@ -1397,7 +1397,9 @@ class _LayerFit:
             key = (opts, self.damp(settings))
             if key in self._compensated:
                 return self._compensated[key]
-            found = jpeg_target(current, slot.dtype, opts, self._h(), damp=self.damp(settings), factors=self._factors)
+            # no float64 decoded values: the coding that follows (_coded_target) decodes the target itself
+            found = jpeg_target(current, slot.dtype, opts, self._h(), damp=self.damp(settings), factors=self._factors,
+                                decoded=False)
             if not self._compensated:
                 self._compensated[key] = found
             return found
