@@ -408,6 +408,8 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
             used = slice(settings.stats_batches)
             layer.sensitivity = unit_sensitivity(work, slot.module, batches[used], refs[used], _run, _flat,
                                                  seed=settings.seed)
+        if layer is not None:
+            layer.settle()
         target, assumed, decoded, opts, credit, slot.nbytes, slot.encoded = _code_within(
             slot, layer, options[slot.name], settings, executor, credit)
         if slot is receiver:
@@ -927,13 +929,19 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
     if layer is None or opts.codec != "jpeg" or not (settings.compensate or layer.sensitivity is not None):
         return best
     current = layer._fitted if layer._fitted is not None else to_numpy(slot.tensor)[0]
-    reference = to_float64(current, slot.dtype)  # what compensation aims at: the refit or the weight itself
     h = layer._h()
-    rows = 1.0 if layer.sensitivity is None else np.sqrt(layer.sensitivity).reshape(-1, *(1,) * (reference.ndim - 1))
-    reference *= rows
+    rows = 1.0 if layer.sensitivity is None else np.sqrt(layer.sensitivity).reshape(-1, *(1,) * (current.ndim - 1))
 
     def error(c) -> float:
-        return weight_output_error(reference, to_float64(c[2], slot.dtype) * rows, h)
+        # what compensation aims at (the refit or the weight itself), widened and weighted when a candidate is
+        # scored, not held while the others are coded; the candidate's decoded values widened, weighted and
+        # differenced in one float64 array of their own
+        reference = to_float64(current, slot.dtype)
+        reference *= rows
+        decoded = to_float64(c[2], slot.dtype)
+        if layer.sensitivity is not None:
+            decoded *= rows
+        return weight_output_error(reference, decoded, h, overwrite=True)
 
     # Only codings within the size (a credit left >= 0) compete, by output error (the first of equals wins);
     # compensated values can outgrow even the cheapest quality: with none within, the one with the most credit
@@ -1161,6 +1169,7 @@ class _HeldOut:
         out, cols = weight.shape
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.sums: dict[str, torch.Tensor] | None = None
+        self.served: set[str] = set()  # the moments made from the rows (dropped once both are)
         self.limit = 8 * (cols + out) * cols
 
     def add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
@@ -1191,6 +1200,9 @@ class _HeldOut:
             left = x_hat if key == "hh" else y
             for j in range(0, cols, band):
                 total[:, j:j + band] += (left.T @ x_hat[:, j:j + band]).numpy()
+        self.served.add(key)
+        if self.served.issuperset(self.MOMENTS):
+            self.rows = []  # each moment is made once: the rows have served
         return total
 
 
@@ -1234,6 +1246,8 @@ class _LayerFit:
                  n: int, mean: np.ndarray, mean_hat: np.ndarray, shift: _Slot | None = None):
         self.slot, self.bias, self.w_ref, self.b_ref, self.shift = slot, bias, w_ref, b_ref, shift
         self.n, self.mean, self.mean_hat = n, mean, mean_hat
+        self.cols = w_ref.shape[1]
+        self._w_mean: np.ndarray | None = None  # ``w_ref @ mean`` once settled (:meth:`settle`)
         #: ``E[x_hat x_hat^T]`` of the coded inputs, centred when a bias or running mean absorbs the mean (set by
         #: :meth:`collect`)
         self.h: np.ndarray | None = None
@@ -1381,7 +1395,7 @@ class _LayerFit:
     def damp(self, settings: RepairSettings) -> float:
         """The damping for this layer: ``settings.damp``, or ``settings.damp_few_rows`` where the calibration gave
         no more rows than the layer has input columns."""
-        return settings.damp if self.n > self.w_ref.shape[1] else max(settings.damp, settings.damp_few_rows)
+        return settings.damp if self.n > self.cols else max(settings.damp, settings.damp_few_rows)
 
     def target(self, opts: EncodeOptions, settings: RepairSettings) -> tuple[np.ndarray, np.ndarray | None]:
         """``(array to encode, its decoded values as float64 or None)``: the refit, then GPTQ for ``quant``."""
@@ -1462,8 +1476,8 @@ class _LayerFit:
         held_h = held.moment("hh")
         lam = self.damp(settings) * float(np.mean((np.diagonal(acc["hh"].numpy()) - np.diagonal(held_h)) / m
                                             - (rest_h * rest_h if centred else 0.0))) + 1e-12
-        rhs = w_cross + lam * self.w_ref
-        del w_cross
+        w_cross += lam * self.w_ref
+        rhs, w_cross = w_cross, None
 
         def damped() -> np.ndarray:  # the other rows' H, centred and damped, in held_h's array the first time
             nonlocal held_h
@@ -1477,7 +1491,18 @@ class _LayerFit:
             return h
 
         u = _inverse_cholesky_upper(damped)  # (H + lam I)^-1 = U^T U
-        return (rhs @ u.T) @ u
+        rhs = rhs @ u.T  # (the right-hand side freed as its product is made)
+        return rhs @ u
+
+    def settle(self) -> None:
+        """Before the layer is coded (its refit decided): keep of the reference weight only ``W_ref E[x]``, all that
+        :meth:`correct_bias` reads of it, made as it would make it (all-MiniLM-L6-v2's FFN output: a 4.7 MB float64
+        matrix less while the layer is coded)."""
+        if self.w_ref is None:
+            return
+        if self.bias is not None or self.shift is not None:
+            self._w_mean = self.w_ref @ self.mean
+        self.w_ref = None
 
     def correct_bias(self, decoded: np.ndarray) -> None:
         """Least-squares bias given the coded weight: ``b = E[W_ref x + b_ref] - W_hat E[x_hat]``.
@@ -1489,7 +1514,8 @@ class _LayerFit:
         if self.bias is None and self.shift is None:
             return
         w_hat = decoded.reshape(decoded.shape[0], -1)
-        b = self.w_ref @ self.mean - w_hat @ self.mean_hat + (0.0 if self.b_ref is None else self.b_ref)
+        w_mean = self._w_mean if self.w_ref is None else self.w_ref @ self.mean
+        b = w_mean - w_hat @ self.mean_hat + (0.0 if self.b_ref is None else self.b_ref)
         if self.bias is not None:
             bias = self.bias.tensor
             bias.copy_(torch.from_numpy(b).to(bias.dtype))
