@@ -765,7 +765,7 @@ def test_a_layer_with_fewer_calibration_rows_than_inputs_is_damped_more():
 
     settings = RepairSettings()
     layer = _LayerFit.__new__(_LayerFit)
-    layer.w_ref = np.zeros((4, 100))
+    layer.cols = 100  # input columns (its reference weight's: 4 x 100)
     for rows, expected in ((2000, settings.damp), (101, settings.damp), (100, settings.damp_few_rows),
                            (30, settings.damp_few_rows)):
         layer.n = rows
