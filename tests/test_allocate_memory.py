@@ -167,7 +167,7 @@ def test_streamed_measure_of_integers_and_bfloat16():
     assert got[1] == pytest.approx(distortion(as_f(bf16), as_f(noisy))[1], rel=1e-12)
 
 
-def _embedding_model():
+def _embedding_model(vocabulary: int = 8192, width: int = 128, outputs: int = 16):
     """``(model, options, calibration batches)``: a model whose embedding holds most weights (JPEG), a quant layer
     (GPTQ) and a lossless bias (least squares)."""
     import torch
@@ -176,7 +176,7 @@ def _embedding_model():
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
-            self.emb, self.fc = nn.Embedding(8192, 128), nn.Linear(128, 16)
+            self.emb, self.fc = nn.Embedding(vocabulary, width), nn.Linear(width, outputs)
 
         def forward(self, x):
             return self.fc(self.emb(x))
@@ -324,26 +324,12 @@ def test_coded_embedding_held_by_rows_keeps_the_other_pages_out_of_memory():
     import sys
 
     import torch
-    from torch import nn
 
     from codec.rd.repair import repair
 
     if not sys.platform.startswith("linux"):
         pytest.skip("residency is read with Linux's mincore")
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.fc = nn.Embedding(4096, 1024), nn.Linear(1024, 8)
-
-        def forward(self, x):
-            return self.fc(self.emb(x))
-
-    torch.manual_seed(0)
-    model = Model().eval()
-    options = {"emb.weight": EncodeOptions(codec="jpeg", quality=50, tile=(64, 64)),
-               "fc.weight": EncodeOptions(codec="quant", bits=4, tile=(8, 64)),
-               "fc.bias": EncodeOptions(codec="lossless")}
+    model, options, _ = _embedding_model(4096, 1024, 8)
     data = [torch.arange(k, 4096, 409)[:10].reshape(2, 5) for k in range(4)]  # 40 rows, far apart
     rows = repair(model, data, options, keep_targets=False)
     whole = repair(model, data, options)
