@@ -239,6 +239,8 @@ def test_jpeg_compensation_lowers_output_error_at_equal_size(quality, tile, row_
     target, assumed = jpeg_target(w, F32, opts, h)
     again, size = code(target)
     assert np.array_equal(again, assumed)  # what it says the target decodes to
+    alone, none = jpeg_target(w, F32, opts, h, decoded=False)  # repair's way: its own coding decodes the target
+    assert none is None and np.array_equal(alone.view(np.uint32), target.view(np.uint32))
     plain, plain_size = code(w)
     assert size <= 1.02 * plain_size
     ref = w.astype(np.float64)
@@ -763,7 +765,7 @@ def test_a_layer_with_fewer_calibration_rows_than_inputs_is_damped_more():
 
     settings = RepairSettings()
     layer = _LayerFit.__new__(_LayerFit)
-    layer.w_ref = np.zeros((4, 100))
+    layer.cols = 100  # input columns (its reference weight's: 4 x 100)
     for rows, expected in ((2000, settings.damp), (101, settings.damp), (100, settings.damp_few_rows),
                            (30, settings.damp_few_rows)):
         layer.n = rows

@@ -41,9 +41,10 @@ __all__ = ["BLOCK", "jpeg_target", "gptq_target", "output_error", "tile_index", 
 BLOCK = 128
 
 
-def output_error(reference: np.ndarray, decoded: np.ndarray, h: np.ndarray) -> float:
-    """``tr(dW H dW^T)`` for float64 matrices ``[rows, cols]`` and ``H`` ``[cols, cols]``."""
-    diff = (decoded - reference).reshape(reference.shape[0], -1)
+def output_error(reference: np.ndarray, decoded: np.ndarray, h: np.ndarray, *, overwrite: bool = False) -> float:
+    """``tr(dW H dW^T)`` for float64 matrices ``[rows, cols]`` and ``H`` ``[cols, cols]``; ``overwrite``: the
+    difference is made in ``decoded``'s own array (a float64 copy the caller made for this: no other)."""
+    diff = np.subtract(decoded, reference, out=decoded if overwrite else None).reshape(reference.shape[0], -1)
     return float(np.einsum("ij,jk,ik->", diff, h, diff))
 
 
@@ -137,7 +138,8 @@ def gptq_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
 
 
 def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.ndarray, *, damp: float = 0.01,
-                executor=None, factors: dict | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                executor=None, factors: dict | None = None, decoded: bool = True
+                ) -> tuple[np.ndarray, np.ndarray | None]:
     """``(target, decoded)`` for a ``jpeg`` weight: its columns coded group by group, the later ones compensating.
 
     JPEG codes 8x8 blocks of pixels at once, so GPTQ's column-by-column
@@ -154,7 +156,9 @@ def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
     ``decoded`` is what the target decodes to (float64). Options other than
     ``jpeg``, tensors stored losslessly, a single group or non-finite
     weights: the weight is returned unchanged with ``decoded`` None.
-    ``factors``: as :func:`gptq_target`'s.
+    ``factors``: as :func:`gptq_target`'s. ``decoded=False``: ``decoded`` is None also for a compensated target
+    (whoever codes the target gets those values from its own coding: repair does, and holds no float64 copy
+    of them, nor codes the target once more here).
     """
     rows, cols = weight.shape[0], math.prod(weight.shape[1:])
     if h.shape != (cols, cols):
@@ -192,9 +196,9 @@ def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
     inverse = np.argsort(perm)
     start = 0
     for end in ends:  # every group but the last: code, then compensate the columns after it
-        coded = _coded(from_float64(work if ident else work[:, inverse], dtype), dtype, opts, executor)
-        err = to_float64(from_float64(work[:, start:end], dtype), dtype) - coded[:, perm[start:end]]
-        del coded
+        coded = _decoded(from_float64(work if ident else work[:, inverse], dtype), dtype, opts, executor)
+        err = to_float64(from_float64(work[:, start:end], dtype), dtype) - to_float64(coded[:, perm[start:end]], dtype)
+        del coded  # (storage form: only the group's columns widened)
         scaled = np.linalg.solve(upper[start:end, start:end].T, err.T).T  # E U_FF^-1 (U_FF upper triangular)
         work[:, end:] -= scaled @ upper[start:end, end:]
         rest = work[:, end:]
@@ -205,6 +209,8 @@ def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
     del lo_p, hi_p, pin_lo, pin_hi
     target = from_float64(work if ident else work[:, inverse], dtype).reshape(weight.shape)
     del work
+    if not decoded:
+        return target, None
     return target, _coded(target.reshape(rows, cols), dtype, opts, executor).reshape(weight.shape)
 
 
@@ -226,8 +232,13 @@ def tile_range(w: np.ndarray, tile_of: np.ndarray, n_tiles: int) -> tuple[np.nda
 
 def _coded(matrix: np.ndarray, dtype: DType, opts: EncodeOptions, executor=None) -> np.ndarray:
     """What ``matrix`` (storage form) decodes to when encoded with ``opts``, as float64."""
+    return to_float64(_decoded(matrix, dtype, opts, executor), dtype)
+
+
+def _decoded(matrix: np.ndarray, dtype: DType, opts: EncodeOptions, executor=None) -> np.ndarray:
+    """What ``matrix`` (storage form) decodes to when encoded with ``opts``, in storage form."""
     encoded = encode_tensor(matrix, dtype, opts, executor=executor)
-    return to_float64(decode_encoded(encoded, dtype, matrix.shape, executor=executor), dtype)
+    return decode_encoded(encoded, dtype, matrix.shape, executor=executor)
 
 
 #: Elements per band of rows in :func:`gptq_target`'s final arithmetic.

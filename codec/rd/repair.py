@@ -43,7 +43,7 @@ from torch.nn import functional as F
 
 from ..api import TORCH_DTYPES, to_numpy, to_torch
 from ..dtypes import DType, from_float64, get_dtype, to_float64
-from ..parallel import make_executor
+from ..parallel import make_executor, sparse_zeros
 from ..tensorcodec import (Encoded, EncodeOptions, Overrides, _error_sums, decode_encoded, encode_tensor,
                            lossless_reason)
 from . import ladder
@@ -345,16 +345,17 @@ class _Lookups:
 
     def take(self, work: nn.Module, slot: _Slot, decoded: np.ndarray, batches: list) -> None:
         """Replace a coded embedding's decoded values (just taken whole by :func:`_take`) by an array holding
-        only the looked-up rows, its other rows zeros that no page of memory backs (``np.zeros``: mapped, not
-        written), when the model's outputs on every batch stay bit for bit what they are with the whole (a
-        weight read otherwise too, such as one tied to an output layer, keeps it whole)."""
+        only the looked-up rows, its other rows zeros that no page of memory backs
+        (:func:`codec.parallel.sparse_zeros`: mapped, not written, in small pages), when the model's outputs on
+        every batch stay bit for bit what they are with the whole (a weight read otherwise too, such as one tied
+        to an output layer, keeps it whole)."""
         rows = self.rows.get(id(slot.module))
         tensor = slot.tensor
         if rows is None or tensor.device.type != "cpu" or decoded.ndim != 2:
             return
         whole = tensor.data
         expected = [_outputs(work, b) for b in batches]
-        sparse = np.zeros(decoded.shape, decoded.dtype)
+        sparse = sparse_zeros(decoded.shape, decoded.dtype)  # (np.zeros: huge pages, 44 of 47 MB resident)
         index = rows.numpy()
         sparse[index] = decoded[index]
         tensor.data = to_torch(sparse, slot.dtype.name)
@@ -407,6 +408,8 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
             used = slice(settings.stats_batches)
             layer.sensitivity = unit_sensitivity(work, slot.module, batches[used], refs[used], _run, _flat,
                                                  seed=settings.seed)
+        if layer is not None:
+            layer.settle()
         target, assumed, decoded, opts, credit, slot.nbytes, slot.encoded = _code_within(
             slot, layer, options[slot.name], settings, executor, credit)
         if slot is receiver:
@@ -922,23 +925,29 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
     pruned coefficients (:func:`_pruned`) are candidates too, and the error
     is weighted by the sensitivities, ``sum_j g_j dW_j H dW_j^T``.
     """
-    chosen = _fit_size(slot, layer, opts, settings, executor, credit)
+    best = _fit_size(slot, layer, opts, settings, executor, credit)
     if layer is None or opts.codec != "jpeg" or not (settings.compensate or layer.sensitivity is not None):
-        return chosen
+        return best
     current = layer._fitted if layer._fitted is not None else to_numpy(slot.tensor)[0]
-    reference = to_float64(current, slot.dtype)  # what compensation aims at: the refit or the weight itself
     h = layer._h()
-    rows = 1.0 if layer.sensitivity is None else np.sqrt(layer.sensitivity).reshape(-1, *(1,) * (reference.ndim - 1))
-    reference *= rows
+    rows = 1.0 if layer.sensitivity is None else np.sqrt(layer.sensitivity).reshape(-1, *(1,) * (current.ndim - 1))
 
     def error(c) -> float:
-        return weight_output_error(reference, to_float64(c[2], slot.dtype) * rows, h)
+        # what compensation aims at (the refit or the weight itself), widened and weighted when a candidate is
+        # scored, not held while the others are coded; the candidate's decoded values widened, weighted and
+        # differenced in one float64 array of their own
+        reference = to_float64(current, slot.dtype)
+        reference *= rows
+        decoded = to_float64(c[2], slot.dtype)
+        if layer.sensitivity is not None:
+            decoded *= rows
+        return weight_output_error(reference, decoded, h, overwrite=True)
 
     # Only codings within the size (a credit left >= 0) compete, by output error (the first of equals wins);
     # compensated values can outgrow even the cheapest quality: with none within, the one with the most credit
     # left. Memory: candidates are scored as they come and only the best so far is kept (each holds its target,
     # decoded values and GPTQ's decoded float64).
-    best, best_error = (chosen, error(chosen)) if chosen[4] >= 0 else (chosen, None)
+    best_error = error(best) if best[4] >= 0 else None
     slot.pruned = False
 
     def offer(c, pruned: bool = False) -> None:
@@ -1160,6 +1169,7 @@ class _HeldOut:
         out, cols = weight.shape
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.sums: dict[str, torch.Tensor] | None = None
+        self.served: set[str] = set()  # the moments made from the rows (dropped once both are)
         self.limit = 8 * (cols + out) * cols
 
     def add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
@@ -1190,6 +1200,9 @@ class _HeldOut:
             left = x_hat if key == "hh" else y
             for j in range(0, cols, band):
                 total[:, j:j + band] += (left.T @ x_hat[:, j:j + band]).numpy()
+        self.served.add(key)
+        if self.served.issuperset(self.MOMENTS):
+            self.rows = []  # each moment is made once: the rows have served
         return total
 
 
@@ -1233,6 +1246,8 @@ class _LayerFit:
                  n: int, mean: np.ndarray, mean_hat: np.ndarray, shift: _Slot | None = None):
         self.slot, self.bias, self.w_ref, self.b_ref, self.shift = slot, bias, w_ref, b_ref, shift
         self.n, self.mean, self.mean_hat = n, mean, mean_hat
+        self.cols = w_ref.shape[1]
+        self._w_mean: np.ndarray | None = None  # ``w_ref @ mean`` once settled (:meth:`settle`)
         #: ``E[x_hat x_hat^T]`` of the coded inputs, centred when a bias or running mean absorbs the mean (set by
         #: :meth:`collect`)
         self.h: np.ndarray | None = None
@@ -1380,7 +1395,7 @@ class _LayerFit:
     def damp(self, settings: RepairSettings) -> float:
         """The damping for this layer: ``settings.damp``, or ``settings.damp_few_rows`` where the calibration gave
         no more rows than the layer has input columns."""
-        return settings.damp if self.n > self.w_ref.shape[1] else max(settings.damp, settings.damp_few_rows)
+        return settings.damp if self.n > self.cols else max(settings.damp, settings.damp_few_rows)
 
     def target(self, opts: EncodeOptions, settings: RepairSettings) -> tuple[np.ndarray, np.ndarray | None]:
         """``(array to encode, its decoded values as float64 or None)``: the refit, then GPTQ for ``quant``."""
@@ -1396,7 +1411,9 @@ class _LayerFit:
             key = (opts, self.damp(settings))
             if key in self._compensated:
                 return self._compensated[key]
-            found = jpeg_target(current, slot.dtype, opts, self._h(), damp=self.damp(settings), factors=self._factors)
+            # no float64 decoded values: the coding that follows (_coded_target) decodes the target itself
+            found = jpeg_target(current, slot.dtype, opts, self._h(), damp=self.damp(settings), factors=self._factors,
+                                decoded=False)
             if not self._compensated:
                 self._compensated[key] = found
             return found
@@ -1459,8 +1476,8 @@ class _LayerFit:
         held_h = held.moment("hh")
         lam = self.damp(settings) * float(np.mean((np.diagonal(acc["hh"].numpy()) - np.diagonal(held_h)) / m
                                             - (rest_h * rest_h if centred else 0.0))) + 1e-12
-        rhs = w_cross + lam * self.w_ref
-        del w_cross
+        w_cross += lam * self.w_ref
+        rhs, w_cross = w_cross, None
 
         def damped() -> np.ndarray:  # the other rows' H, centred and damped, in held_h's array the first time
             nonlocal held_h
@@ -1474,7 +1491,18 @@ class _LayerFit:
             return h
 
         u = _inverse_cholesky_upper(damped)  # (H + lam I)^-1 = U^T U
-        return (rhs @ u.T) @ u
+        rhs = rhs @ u.T  # (the right-hand side freed as its product is made)
+        return rhs @ u
+
+    def settle(self) -> None:
+        """Before the layer is coded (its refit decided): keep of the reference weight only ``W_ref E[x]``, all that
+        :meth:`correct_bias` reads of it, made as it would make it (all-MiniLM-L6-v2's FFN output: a 4.7 MB float64
+        matrix less while the layer is coded)."""
+        if self.w_ref is None:
+            return
+        if self.bias is not None or self.shift is not None:
+            self._w_mean = self.w_ref @ self.mean
+        self.w_ref = None
 
     def correct_bias(self, decoded: np.ndarray) -> None:
         """Least-squares bias given the coded weight: ``b = E[W_ref x + b_ref] - W_hat E[x_hat]``.
@@ -1486,7 +1514,8 @@ class _LayerFit:
         if self.bias is None and self.shift is None:
             return
         w_hat = decoded.reshape(decoded.shape[0], -1)
-        b = self.w_ref @ self.mean - w_hat @ self.mean_hat + (0.0 if self.b_ref is None else self.b_ref)
+        w_mean = self._w_mean if self.w_ref is None else self.w_ref @ self.mean
+        b = w_mean - w_hat @ self.mean_hat + (0.0 if self.b_ref is None else self.b_ref)
         if self.bias is not None:
             bias = self.bias.tensor
             bias.copy_(torch.from_numpy(b).to(bias.dtype))
