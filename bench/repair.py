@@ -162,7 +162,7 @@ def main() -> None:
                 targets, notes, changed = {}, [], {}
             else:
                 targets, notes, changed = code_with_repair(model, batches, options, settings=variants[variant],
-                                                           spare=spare)
+                                                           spare=spare, index_zstd=bool(index.get("compress")))
             seconds = time.perf_counter() - start
             blob = write(state_dict, {**options, **changed}, targets, index.get("compress"))
             decoded = codec.load(blob)

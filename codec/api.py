@@ -191,7 +191,7 @@ def calibrate_score(arrays: Arrays, aliases: dict[str, str],
 
 
 def repaired_arrays(model, arrays: Arrays, aliases, inputs, chosen, calib, progress, jobs, notes,
-                    settings=None, coded: dict | None = None, spare: int = 0) -> Arrays:
+                    settings=None, coded: dict | None = None, spare: int = 0, index_zstd: bool = False) -> Arrays:
     """``arrays`` with those :func:`codec.rd.repair.code_with_repair` changed, to be coded as planned.
 
     Repair codes the layers in forward order with the chosen options and
@@ -207,14 +207,16 @@ def repaired_arrays(model, arrays: Arrays, aliases, inputs, chosen, calib, progr
     and the arrays keep those tensors' original values, which are then not
     read: repair holds no float copy of them to the end, and nothing is coded
     twice. ``spare``: the bytes the plan leaves under the budget, for repair to spend
-    (:func:`codec.encode.spare_bytes`).
+    (:func:`codec.encode.spare_bytes`); ``index_zstd``: the writer will compress the index (repair then counts a
+    JPEG list table at its compressed bytes).
     """
     from .rd.repair import code_with_repair
 
     counted = (lambda name, n: progress("repair", n)) if progress else None  # repair counts per tensor coded
     encoded = None if coded is None else {}
     targets, repair_notes, changed = code_with_repair(model, inputs, dict(chosen), calib, progress=counted,
-                                                      jobs=jobs, settings=settings, encoded=encoded, spare=spare)
+                                                      jobs=jobs, settings=settings, encoded=encoded, spare=spare,
+                                                      index_zstd=bool(index_zstd))
     notes += [Note(n) for n in repair_notes]  # remarks on what repair did, not warnings
     chosen.update(changed)  # options repair lowered to keep a tensor within its planned size
     out: dict[str, np.ndarray] = {}

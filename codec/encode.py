@@ -423,7 +423,8 @@ def save(
                                     _planned_size(arrays, aliases, chosen.__getitem__, meta, encoder, index,
                                                   attachments, packing, jobs))
             arrays = repaired_arrays(model, arrays, aliases, inputs, chosen, calib, calibration_progress, jobs, notes,
-                                     None if isinstance(repair, bool) else repair, coded=coded, spare=spare)
+                                     None if isinstance(repair, bool) else repair, coded=coded, spare=spare,
+                                     index_zstd=bool(index.get("compress")))
             release_memory()
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
     else:

@@ -424,8 +424,9 @@ def _fake_repair(calls):
     import types
 
     def code_with_repair(model, inputs, options, calibration, *, progress=None, jobs=None, settings=None,
-                         encoded=None, spare=0):
+                         encoded=None, spare=0, index_zstd=False):
         assert isinstance(spare, int) and spare >= 0  # the bytes the plan leaves under the budget
+        assert isinstance(index_zstd, bool)  # whether the writer will compress the index
         calls.append((model, [b.shape for b in inputs], dict(options), calibration))
         if progress:
             progress("repair", 1)

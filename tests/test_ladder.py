@@ -111,6 +111,52 @@ def test_keep_size_pays_a_small_overrun_with_a_fine_step_not_a_whole_quality():
         opts.with_(scale=None), plan))  # keep-size's steps are finer than the rate search's
 
 
+def test_a_list_table_counts_its_compressed_bytes_in_a_compressed_index():
+    """In a zstd-compressed index a table between two qualities adds a few bytes, not its JSON's 250: ``table_bytes``
+    with ``compressed`` counts at least what it adds there (a flat table and libjpeg's, whose entries differ) and a
+    small part of the JSON."""
+    array = weights(64, 256)
+
+    def index_bytes(opts: EncodeOptions) -> tuple[int, int, int]:  # (file less blobs, JSON count, compressed count)
+        encoded = encode_tensor(array, F32, opts)
+        buf = io.BytesIO()
+        with Writer(buf, compress_index=True) as writer:
+            writer.add("w", F32, array.shape, encoded)
+        rest = len(buf.getvalue()) - sum(len(b) for b in encoded.blobs)
+        return rest, ladder.table_bytes(encoded.codec), ladder.table_bytes(encoded.codec, compressed=True)
+
+    for plan in (Q5, Q5.with_(table="jpeg", row_shape=(16, 16), tile=(64, 64))):
+        named = index_bytes(plan.with_(quality=4))
+        scaled = index_bytes(ladder.at_scale(plan, 1100))
+        assert named[1:] == (0, 0) and scaled[1] > 200
+        assert scaled[0] - named[0] <= scaled[2] <= scaled[1] // 3
+
+
+def test_keep_size_counts_a_table_at_its_compressed_bytes_where_the_index_is_compressed():
+    """Repair told that the index will be compressed (``index_zstd``) counts a fine step's table at its compressed
+    bytes: with the same overrun to pay it keeps the rest of the credit (JSON-counted, about 230 bytes were lost)
+    and codes at a scale at least as fine."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 64)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.from_numpy(weights(64, 1024)))
+    plan = EncodeOptions(codec="jpeg", quality=5, tile=(32, 64))
+    chosen = {}
+    for compressed in (False, True):
+        slot = _slots(model, {"0.weight": plan})["0.weight"]
+        slot.index_zstd = compressed
+        planned = sum(len(b) for b in encode_tensor(slot.original, F32, plan).blobs)
+        overrun = planned * 3 // 100
+        _, _, _, opts, credit, nbytes, encoded = _code_within(slot, None, plan, RepairSettings(), None, -overrun)
+        blobs = sum(len(b) for b in encoded.blobs)
+        assert opts.scale is not None and nbytes == blobs + ladder.table_bytes(encoded.codec, compressed)
+        assert credit == planned - overrun - nbytes >= 0
+        chosen[compressed] = (ladder.scale_of(opts), credit)
+    assert chosen[True][0] <= chosen[False][0]
+    if chosen[True][0] == chosen[False][0]:
+        assert chosen[True][1] > chosen[False][1] + 200
+
+
 def test_refine_spends_the_slack_on_a_fine_step():
     """The rate search's refinement of a JPEG choice bisects the ladder between its quality and the menu's next:
     with slack for a fraction of q5 -> q6 it takes a table scale between them."""
