@@ -61,6 +61,7 @@ __all__ = [
     "FLAG_INDEX_ZSTD",
     "FLAG_PARAMS_ZSTD",
     "pack_index",
+    "compress_index",
     "unpack_index",
 ]
 
@@ -295,6 +296,12 @@ class Index:
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
+def compress_index(raw: bytes) -> bytes:
+    """The stored form of a JSON index with ``index_zstd`` (format 1.3): one zstd frame at
+    :data:`INDEX_ZSTD_LEVEL`, its content size declared."""
+    return zstandard.ZstdCompressor(level=INDEX_ZSTD_LEVEL, write_content_size=True).compress(raw)
+
+
 def pack_index(index: Index, compress: bool | None = None) -> tuple[bytes, int, int]:
     """``(stored index bytes, minor, flags)`` for a writer's header: the JSON index, zstd-compressed (flag
     ``index_zstd``, format 1.3) when ``compress`` says so, or by default when that saves at least
@@ -302,7 +309,7 @@ def pack_index(index: Index, compress: bool | None = None) -> tuple[bytes, int, 
     raw = index.to_bytes()
     least = INDEX_ZSTD_SAVING * (HEADER_SIZE + len(raw) + index.data_length)
     if compress or (compress is None and len(raw) >= least):  # else it cannot save enough: nothing to compress
-        packed = zstandard.ZstdCompressor(level=INDEX_ZSTD_LEVEL, write_content_size=True).compress(raw)
+        packed = compress_index(raw)
         if compress or len(raw) - len(packed) >= least:
             return packed, max(index.file_minor, FLAGS[FLAG_INDEX_ZSTD][1]), index.flags | FLAG_INDEX_ZSTD
     return raw, index.file_minor, index.flags

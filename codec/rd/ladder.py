@@ -26,11 +26,9 @@ import functools
 import json
 import math
 
-import zstandard
-
 from ..blobcodecs import BlobCodec
 from ..blobcodecs.jpeg import quality_at_scale, quality_scale
-from ..format import INDEX_ZSTD_LEVEL
+from ..format import compress_index
 from ..tensorcodec import DEFAULT_QUALITY, EncodeOptions
 
 __all__ = ["FINE_RATIO", "scale_of", "at_scale", "between", "text", "table_bytes"]
@@ -82,13 +80,14 @@ def text(opts: EncodeOptions) -> str:
 def table_bytes(codec: BlobCodec, compressed: bool = False) -> int:
     """Index bytes a blob codec's list table takes beyond a named table's (0 for a named one): the JSON of its 64
     entries less that of the shortest name, ``"flat"``. In a zstd-compressed index (format 1.3, ``compressed``),
-    the table's JSON compressed alone at the index's level, a frame of its own: no less than what it adds to the
-    index's one in practice (the bench BatchNorm CNN's fc1 at a scale between q3 and q4, a flat table: 251 bytes of
-    JSON, 23 counted, 12 added to the compressed index; a second table like it adds 2)."""
+    the table's JSON compressed alone as the index is (:func:`codec.format.compress_index`), a frame of its own: no
+    less than what it adds to the index's one in practice (the bench BatchNorm CNN's fc1 at a scale between q3 and
+    q4, a flat table: 251 bytes of JSON, 23 counted, 12 added to the compressed index; a second table like it adds
+    2)."""
     table = getattr(codec, "table", None)
     if table is None or isinstance(table, str):
         return 0
     text = json.dumps(table, separators=(",", ":"))
     if compressed:
-        return len(zstandard.ZstdCompressor(level=INDEX_ZSTD_LEVEL).compress(text.encode()))
+        return len(compress_index(text.encode()))
     return len(text) - len(json.dumps("flat"))

@@ -950,10 +950,9 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
         # what compensation aims at (the refit or the weight itself), widened and weighted when a candidate is
         # scored, not held while the others are coded; the candidate's decoded values widened, weighted and
         # differenced in one float64 array of their own
-        reference = to_float64(current, slot.dtype)
-        reference *= rows
-        decoded = to_float64(c[2], slot.dtype)
+        reference, decoded = to_float64(current, slot.dtype), to_float64(c[2], slot.dtype)
         if layer.sensitivity is not None:
+            reference *= rows
             decoded *= rows
         return weight_output_error(reference, decoded, h, overwrite=True)
 
