@@ -15,6 +15,7 @@ the peak resident memory of each.
 
     python -m bench.big --gb 2 --dir /tmp/jwt-big [--bits 4] [--keep] [--reuse] [--limit-mb 1536]
     python -m bench.big --gb 1.2 --dir /tmp/jwt-ray --ray-workers 1,2   # Ray scaling on one machine
+    python -m bench.big --gb 1.2 --dir /tmp/jwt-ray --ray-workers 1,2 --bits 3   # the same with the search
 
 CPU seconds (user + system) and the load average are printed next to each
 wall time: on a shared machine they say more than the wall time.
@@ -151,8 +152,9 @@ def _tree_cpu(root) -> dict[str, float]:
     return out
 
 
-def ray_scaling(src: Path, dest: Path, workers: list[int]) -> None:
-    """Encode ``src`` (default settings) on a local Ray cluster of each size in ``workers``, and locally with -j 1.
+def ray_scaling(src: Path, dest: Path, workers: list[int], bits: float | None = None) -> None:
+    """Encode ``src`` (default settings, or ``-b bits``: the fast search's tasks on the workers too) on a local Ray
+    cluster of each size in ``workers``, and locally with -j 1.
 
     Prints wall time, the coordinator's and the workers' CPU seconds and the load average of each run, and checks
     that every file is the bytes of the local one. Ray's processes run under this one, so psutil can sum them.
@@ -165,11 +167,13 @@ def ray_scaling(src: Path, dest: Path, workers: list[int]) -> None:
     torch.set_num_threads(1)
     me = psutil.Process()
     weights = json.loads((src / "model.safetensors.index.json").read_text())["metadata"]["total_size"] // 2
-    print(f"{src}: {weights / 1e9:.3f} G weights; {os.cpu_count()} CPUs")
+    options = {} if bits is None else {"bits_per_weight": bits}
+    print(f"{src}: {weights / 1e9:.3f} G weights; {os.cpu_count()} CPUs; "
+          f"{'default settings' if bits is None else f'-b {bits:g}'}")
     print("| run | wall s | M weights/s | coordinator CPU s | worker CPU s | Ray services CPU s | "
           "M weights per worker CPU-s | load avg | same bytes as -j 1 |")
     print("|---|---|---|---|---|---|---|---|---|")
-    encode_model(src, dest / "local.jwt", jobs=1)  # warm the page cache, and the reference bytes
+    encode_model(src, dest / "local.jwt", jobs=1, **options)  # warm the page cache, and the reference bytes
     reference = (dest / "local.jwt").read_bytes()
     for n in [0, *workers]:
         if n:
@@ -178,7 +182,7 @@ def ray_scaling(src: Path, dest: Path, workers: list[int]) -> None:
         before, tree0 = me.cpu_times(), _tree_cpu(me)
         load0, t0 = os.getloadavg()[0], time.perf_counter()
         out = dest / f"ray{n}.jwt"
-        encode_model(src, out, **({"ray": "auto"} if n else {"jobs": 1}))
+        encode_model(src, out, **({"ray": "auto"} if n else {"jobs": 1}), **options)
         wall = time.perf_counter() - t0
         after, tree1 = me.cpu_times(), _tree_cpu(me)
         coordinator = after.user + after.system - before.user - before.system
@@ -198,7 +202,8 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=8.0, help="checkpoint size in GB of bf16 (the issue asks for 8)")
     parser.add_argument("--shard-gb", type=float, default=1.0)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/jwt-big"))
-    parser.add_argument("--bits", type=float, help="also encode with -b BITS")
+    parser.add_argument("--bits", type=float, help="also encode with -b BITS (with --ray-workers: instead of the "
+                        "default settings)")
     parser.add_argument("--max-shard-size", default="1GB")
     parser.add_argument("--keep", action="store_true", help="keep the files")
     parser.add_argument("--reuse", action="store_true", help="use the checkpoint already in DIR/model if it is there")
@@ -216,7 +221,7 @@ def main() -> None:
         shutil.rmtree(args.dir, ignore_errors=True)
         weights, nbytes = make(src, args.gb, args.shard_gb)
     if args.ray_workers:
-        ray_scaling(src, args.dir, [int(n) for n in args.ray_workers.split(",")])
+        ray_scaling(src, args.dir, [int(n) for n in args.ray_workers.split(",")], args.bits)
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)
         return

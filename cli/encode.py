@@ -57,7 +57,8 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
                    "measures every candidate on every tensor (7.5x the CPU time on all-MiniLM-L6-v2 -b 4).")
 @click.option("--ray", "ray_address", metavar="auto|local|ADDRESS",
               help="Code the tensors on a Ray cluster: auto (the running cluster), local (start one here) or its "
-                   "address; the file is the same bytes as a local encode. Needs pip install 'jwt-weights[ray]'.")
+                   "address; with -b the search's measurements run there too (the default fast search). The file "
+                   "is the same bytes as a local encode. Needs pip install 'jwt-weights[ray]'.")
 @click.option("--set", "rules", multiple=True, metavar="GLOB=SETTING",
               help="Per-tensor setting, repeatable, last match wins: lossless, qN (JPEG quality; qX.Y a table between two "
                    "qualities, e.g. q6.5), bN (quant bits), "

@@ -240,9 +240,9 @@ def save(
     predicts a budget search from samples of each tensor and measures in
     full only what it picks (:mod:`codec.rd.fast`); ``"exhaustive"``
     measures every candidate. ``ray`` (``"auto"``, ``"local"`` or a
-    cluster address) codes the tensors on Ray workers
-    (:mod:`codec.distributed.ray`, the optional extra ``[ray]``); the file
-    is the same bytes.
+    cluster address) codes the tensors on Ray workers, and runs the fast
+    search's measurements there too (:mod:`codec.distributed.ray`, the
+    optional extra ``[ray]``); the file is the same bytes.
 
     ``calibration`` (with a rate target and an ``nn.Module``): the user's
     inputs, unlabelled -- a tensor or array of samples along its first
@@ -310,10 +310,11 @@ def save(
     max_error = _rate_target("max_error", max_error, 1.0)
     if search not in ("fast", "exhaustive"):
         raise ValueError(f"search={search!r}: use 'fast' or 'exhaustive'")
+    cluster = None  # the fast search's tasks run there too
     if ray is not None:
-        from .distributed.ray import connect
+        from .distributed.ray import RayExecutor, connect
 
-        connect(ray)  # fail early: Ray missing or the cluster unreachable
+        cluster = RayExecutor(connect(ray))  # fail early: Ray missing or the cluster unreachable
     if model is not None and not is_module(model):
         raise TypeError(f"model= must be a torch.nn.Module, not {type(model).__name__}")
     if is_module(state_dict):
@@ -404,7 +405,7 @@ def save(
         # the search starts while they are compressed.
         chosen = _plan(arrays, aliases, opts, rules, meta, encoder, bits_per_weight, max_error, calibrate,
                        progress, packing, jobs, matcher, measure_by=Distortion(weightings), notes=damaged,
-                       search=search, coded=coded, index=index)
+                       search=search, coded=coded, index=index, executor=cluster)
         if damaged:
             meta[WARNINGS_KEY] = "; ".join(damaged)
             notes += damaged
@@ -438,7 +439,7 @@ def save(
         if ray is not None:
             from .distributed.ray import encode_in_order
 
-            coded = ((*item, None) for item in encode_in_order(arrays, aliases, options_for, ray))
+            coded = ((*item, None) for item in encode_in_order(arrays, aliases, options_for, ray, done=coded))
         else:
             coded = _encode_in_order(arrays, aliases, options_for, jobs, matcher, done=coded)
         for name, target, dtype, shape, encoded, ref in coded:
@@ -755,7 +756,8 @@ def _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weig
 
 
 def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress,
-          attachments, jobs, matcher=None, measure_by=None, notes=None, search="fast", coded=None, index=None):
+          attachments, jobs, matcher=None, measure_by=None, notes=None, search="fast", coded=None, index=None,
+          executor=None):
     """Run the rate-distortion allocator over the stored tensors; options per name.
 
     The budget's fixed part counts the header, the index without tensor
@@ -764,7 +766,8 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
     asks for the fixed part only when it needs it, :func:`codec.rd.fast.plan_fast` after its first pass),
     less what compressing the index will save where that is worth it (:func:`_index_saving`; ``index``, a
     dict, then gets ``compress=True`` for the writer). The search counts each tensor's index entry as JSON.
-    The fast search puts tensors it coded with their chosen options in ``coded``.
+    The fast search puts tensors it coded with their chosen options in ``coded``, and runs its tasks on
+    ``executor`` when one is given (:class:`codec.distributed.ray.RayExecutor`).
     """
     from .rd.allocate import plan_options
 
@@ -790,4 +793,5 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
                         bits_per_weight=bits_per_weight, max_error=max_error,
                         overhead_bytes=overhead, score=score, progress=progress,
                         jobs=jobs, total_weights=sum(math.prod(arrays.shape(n)) for n in stored),
-                        menu=menu, measure_by=measure_by, notes=notes, search=search, coded=coded)
+                        menu=menu, measure_by=measure_by, notes=notes, search=search, coded=coded,
+                        executor=executor)

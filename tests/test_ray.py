@@ -1,4 +1,5 @@
-"""Encoding on Ray (codec/distributed/ray.py): byte equality with a local encode, a worker that dies, no Ray.
+"""Encoding on Ray (codec/distributed/ray.py): byte equality with a local encode (the rate search's tasks on the
+workers too), a worker that dies, no Ray.
 
 The tests that need Ray share one local 2-CPU cluster (starting one costs seconds) and skip when the optional
 extra is not installed.
@@ -132,6 +133,59 @@ def test_ray_task_errors_are_the_local_ones(cluster, tmp_path, monkeypatch):
     with pytest.raises(codec.EncodeError, match=r"^cannot code a \(256, 200\) tensor$"):
         codec.save(_ray_model(), tmp_path / "out.jwt", ray="auto")
     assert _leftovers(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory) -> tuple[dict[str, torch.Tensor], bytes]:
+    """_ray_model with a tensor large enough for the fast search to predict it from a sample (the others it
+    measures whole), and its local file at 1.5 bits/weight (jobs=1)."""
+    sd = _ray_model()
+    sd["big.weight"] = torch.randn(512, 384, generator=torch.Generator().manual_seed(6))
+    path = tmp_path_factory.mktemp("searched") / "local.jwt"
+    codec.save(sd, path, jobs=1, bits_per_weight=1.5)
+    return sd, path.read_bytes()
+
+
+def test_ray_runs_the_rate_search_on_its_workers(cluster, searched, tmp_path, monkeypatch):
+    """codec.save(bits_per_weight=, ray=): the fast search's predictions and whole-tensor measurements are Ray
+    tasks, and the file is the local search's bytes (jobs=1)."""
+    import codec.rd.fast as fast
+
+    sd, local = searched
+    submitted: list[str] = []
+    real_submit = jwt_ray.RayExecutor.submit
+
+    def counted(self, fn, *args, **kwargs):
+        submitted.append(args[1].__name__)  # the search submits _named(name, task, ...)
+        return real_submit(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(jwt_ray.RayExecutor, "submit", counted)
+    codec.save(sd, tmp_path / "ray.jwt", ray="auto", bits_per_weight=1.5)
+    assert (tmp_path / "ray.jwt").read_bytes() == local
+    assert {fast._predict_task.__name__, fast._measure_task.__name__} <= set(submitted)
+
+
+def test_ray_search_survives_a_worker_that_dies(cluster, searched, tmp_path, monkeypatch):
+    """A worker that exits while predicting a tensor's settings from its sample: the task is retried and the
+    search chooses what a local one does."""
+    import codec.rd.fast as fast
+
+    sd, local = searched
+    real, marker = fast._predict_task, str(tmp_path / "died")
+
+    def dying(*args):  # a closure: Ray ships it by value, so the workers run it (the search passes it as an argument)
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os._exit(1)
+        except FileExistsError:
+            pass
+        return real(*args)
+
+    monkeypatch.setattr(fast, "_predict_task", dying)
+    codec.save(sd, tmp_path / "ray.jwt", ray="auto", bits_per_weight=1.5)
+    assert (tmp_path / "died").exists()
+    assert (tmp_path / "ray.jwt").read_bytes() == local
+    assert _leftovers(tmp_path) == ["ray.jwt"]
 
 
 def test_ray_missing_is_a_one_line_error(tmp_path, monkeypatch):

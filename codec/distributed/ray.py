@@ -17,20 +17,27 @@ model's size. A task whose worker dies is retried by Ray (``max_retries``);
 if it still fails, the error propagates and the writer removes its
 temporary file (no partial output).
 
-The rate search (``bits_per_weight`` / ``max_error``) still runs in the
-coordinating process; only the final coding is spread.
+The fast rate search (``bits_per_weight``, :mod:`codec.rd.fast`) spreads
+its measurements too: :class:`RayExecutor` runs its tasks (each tensor's
+sample coded at the candidate settings, the chosen points measured whole)
+on the workers, while the coordinator allocates between rounds. Its
+tasks' results do not depend on where they ran, so the choices, and the
+file, are those of a local search. The exhaustive search, the max-error
+search and calibrated searches with a full ``H`` measure in the
+coordinating process.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Executor, Future
 from typing import Any
 
 from ..errors import EncodeError, first_line
 from ..parallel import AHEAD_BYTES
 
-__all__ = ["INSTALL_HINT", "connect", "encode_in_order"]
+__all__ = ["INSTALL_HINT", "RayExecutor", "connect", "encode_in_order"]
 
 #: The one line a user without Ray is told.
 INSTALL_HINT = "Ray is not installed: pip install 'jwt-weights[ray]' (or pip install ray)"
@@ -94,30 +101,81 @@ def _one_machine(ray) -> bool:
     return len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address()
 
 
-def _result(ray, ref, name: str):
-    """``ray.get(ref)``, with the cluster's failures as one-line errors naming the tensor.
+def _failure(ray, exc: BaseException, name: str) -> BaseException:
+    """What a task's failure is raised as: an exception raised by the work itself as it is (a local encode raises
+    the same); a task that could not finish (its worker died ``MAX_RETRIES + 1`` times, its node was lost, the
+    cluster ran out of memory) as an :class:`EncodeError` naming the tensor."""
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        if isinstance(exc.cause, Exception):
+            return exc.cause
+        return EncodeError(f"ray: tensor {name!r}: {first_line(exc, 300)}")
+    if isinstance(exc, ray.exceptions.RayError):
+        return EncodeError(f"ray: tensor {name!r} was not coded ({type(exc).__name__} after {MAX_RETRIES} retries: "
+                           f"{first_line(exc, 300)})")
+    return exc
 
-    An exception raised by the coding itself is re-raised as it is (a local
-    encode raises the same); a task that could not finish (its worker died
-    ``MAX_RETRIES + 1`` times, its node was lost, the cluster ran out of
-    memory) is an :class:`EncodeError`.
-    """
+
+def _result(ray, ref, name: str):
+    """``ray.get(ref)``, with the cluster's failures as one-line errors naming the tensor (:func:`_failure`)."""
     try:
         return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, Exception):
-            raise exc.cause from None
-        raise EncodeError(f"ray: tensor {name!r}: {first_line(exc, 300)}") from None
-    except ray.exceptions.RayError as exc:
-        raise EncodeError(f"ray: tensor {name!r} was not coded ({type(exc).__name__} after {MAX_RETRIES} retries: "
-                          f"{first_line(exc, 300)})") from None
+    except Exception as exc:
+        raise _failure(ray, exc, name) from None
 
+
+class RayExecutor(Executor):
+    """A :class:`concurrent.futures.Executor` whose tasks are Ray tasks: what the fast rate search
+    (:func:`codec.rd.fast.plan_fast`) runs its predictions and measurements on, in place of its local worker
+    processes and threads.
+
+    ``submit(fn, *args)`` runs ``fn(*args)`` on a worker (``fn`` a module-level function; arguments and
+    results travel through Ray's object store) and returns a future; a task whose worker dies is retried
+    (:data:`MAX_RETRIES`), and failures reach the future as :func:`_failure` words them. A task's first
+    argument, when it is a string, is the tensor it works on (the search's tasks, :func:`codec.rd.fast._named`).
+    ``workers``: the cluster's CPUs, how many tasks the search keeps in flight per worker. Leaving the executor
+    (or ``shutdown``) cancels the tasks still running.
+    """
+
+    def __init__(self, ray):
+        self._ray = ray
+        self._remote: dict[Callable, Any] = {}
+        self._refs: dict[Future, Any] = {}
+        self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        remote = self._remote.get(fn)
+        if remote is None:
+            remote = self._remote[fn] = self._ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False)(fn)
+        ref = remote.remote(*args, **kwargs)
+        name = args[0] if args and isinstance(args[0], str) else getattr(fn, "__name__", "task")
+        out: Future = Future()
+        self._refs[out] = ref
+
+        def settle(done: Future) -> None:
+            self._refs.pop(out, None)
+            try:
+                out.set_result(done.result())
+            except BaseException as exc:  # noqa: BLE001 (handed to the caller through the future)
+                out.set_exception(_failure(self._ray, exc, name))
+
+        ref.future().add_done_callback(settle)
+        return out
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        for ref in list(self._refs.values()):
+            try:
+                self._ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001 (a task that has just finished)
+                pass
+        self._refs.clear()
 
 
 def encode_in_order(state_dict: Mapping[str, Any], aliases: dict[str, str], options_for: Callable[[str], Any],
-                    address: str, window: int | None = None) -> Iterator[tuple]:
+                    address: str, window: int | None = None,
+                    done: dict[str, Any] | None = None) -> Iterator[tuple]:
     """Yield ``(name, alias target, dtype, shape, Encoded)`` in ``state_dict`` order (:class:`codec.encode.Arrays`),
-    coded on Ray workers."""
+    coded on Ray workers; a tensor in ``done`` (name -> ``Encoded``, the rate search's codings with the chosen
+    options) is handed out as it is, not coded again."""
     from ..dtypes import get_dtype
 
     ray = connect(address)
@@ -135,12 +193,17 @@ def encode_in_order(state_dict: Mapping[str, Any], aliases: dict[str, str], opti
         nonlocal ahead
         name, target, dtype, shape, ref, nbytes = pending.popleft()
         ahead -= nbytes
-        return name, target, dtype, shape, None if ref is None else _result(ray, ref, name)
+        if ref is None or not isinstance(ref, ray.ObjectRef):  # an alias, or coded by the search
+            return name, target, dtype, shape, ref
+        return name, target, dtype, shape, _result(ray, ref, name)
 
     try:
         for name in state_dict:
             if name in aliases:
                 pending.append((name, aliases[name], None, (), None, 0))
+            elif done and name in done:
+                shape, dtype_name = tuple(state_dict.shape(name)), state_dict.dtype_name(name)
+                pending.append((name, None, get_dtype(dtype_name), shape, done.pop(name), 0))  # held once
             elif locate is not None and locate(name) is not None:  # the worker reads it: no copy passes through here
                 shape, dtype_name = tuple(state_dict.shape(name)), state_dict.dtype_name(name)
                 ref = file_task.remote(*locate(name), shape, dtype_name, name, options_for(name))
@@ -157,5 +220,5 @@ def encode_in_order(state_dict: Mapping[str, Any], aliases: dict[str, str], opti
             yield finish()
     finally:
         for item in pending:
-            if item[4] is not None:
+            if isinstance(item[4], ray.ObjectRef):
                 ray.cancel(item[4], force=True)

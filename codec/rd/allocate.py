@@ -62,6 +62,7 @@ import itertools
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -793,6 +794,7 @@ def plan_options(
     notes: list[str] | None = None,
     search: str = "fast",
     coded: dict | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, EncodeOptions]:
     """Measure every tensor's menu and choose its options for a rate target.
 
@@ -827,7 +829,10 @@ def plan_options(
     :data:`HIGH_BITS_FROM` or more, ``score``, weightings with a full ``H``
     and update menus; a state_dict's norm weightings are predicted). The
     fast search may fill ``coded`` (a dict) with tensors it has coded with
-    their chosen options (:func:`codec.rd.fast.plan_fast`).
+    their chosen options (:func:`codec.rd.fast.plan_fast`), and runs its
+    tasks on ``executor`` when one is given (a Ray cluster's,
+    :class:`codec.distributed.ray.RayExecutor`); the other searches measure
+    on ``jobs`` local threads whatever ``executor`` is.
     """
     menu = menu or Menu()
     measure_by = measure_by or DATA_FREE
@@ -842,7 +847,7 @@ def plan_options(
         if weighable(measure_by):
             return plan_fast(tensors, base, fixed, bits_per_weight=bits_per_weight, overhead_bytes=overhead_bytes,
                              progress=progress, jobs=jobs, total_weights=total_weights, measure_by=measure_by,
-                             notes=notes, coded=coded)
+                             notes=notes, coded=coded, executor=executor)
     points: dict[str, list[RDPoint]] = {}
     forced: dict[str, EncodeOptions] = {}
     probes: dict[str, dict[str, np.ndarray]] = {}

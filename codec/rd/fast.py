@@ -72,6 +72,7 @@ import re
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -754,6 +755,7 @@ def plan_fast(
     notes: list[str] | None = None,
     stats: dict | None = None,
     coded: dict[str, Encoded] | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, EncodeOptions]:
     """:func:`codec.rd.allocate.plan_options` for a bit budget, by prediction from samples (module docstring).
 
@@ -774,7 +776,9 @@ def plan_fast(
     does), only the tensors measured are read. Samples are coded by
     ``jobs`` worker processes (:func:`codec.parallel.make_process_executor`),
     whatever runs them the same choices; whole tensors are measured by
-    ``jobs`` threads. ``coded`` (a dict, optional)
+    ``jobs`` threads. ``executor`` (e.g. :class:`codec.distributed.ray.RayExecutor`, with a ``workers`` count)
+    runs both kinds of task instead, ``2 * workers`` in flight, the same choices again; it is shut down on the
+    way out (what still runs when the search fails is cancelled). ``coded`` (a dict, optional)
     receives, for chosen points measured whole, the coded tensor itself
     (:class:`~codec.tensorcodec.Encoded`, the bytes a final pass would
     produce: it need not code them again), up to :data:`KEEP_BYTES`.
@@ -800,8 +804,11 @@ def plan_fast(
     fixed_bytes, weights_total = overhead or 0, 0
     budget_bytes = int(bits_per_weight * total_weights / 8) if total_weights else None
     count = {"predicted": 0, "interpolated": 0, "exact": 0, "exact_weights": 0, "rounds": 0}
-    with make_executor(jobs) as threads, make_process_executor(jobs) as procs:
-        window = 2 * resolve_jobs(jobs)
+    remote = executor is not None
+    with make_executor(jobs) as threads, (executor if remote else make_process_executor(jobs)) as procs:
+        width = executor.workers if remote else resolve_jobs(jobs)
+        window = 2 * width
+        wholes = procs if remote else threads  # whole tensors: local threads (see measure), or the cluster's
 
         def first_pass() -> Iterator[tuple]:
             """Read each tensor once: code the forced ones, and give a task for the others (:func:`_named`): the
@@ -899,11 +906,12 @@ def plan_fast(
             """Measure the points of ``todo`` on their tensors, each tensor read once; keep the coded tensor of
             each one's first point (the chosen one) while :data:`KEEP_BYTES` allows. Threads, one tensor each:
             a whole tensor would be copied twice on its way to a worker process, which costs more CPU than the
-            codecs' released GIL leaves to gain (MiniLM: 1.85 against 1.03 CPU s)."""
+            codecs' released GIL leaves to gain (MiniLM: 1.85 against 1.03 CPU s). With an ``executor`` (a
+            cluster), its workers."""
             kept = sum(sum(map(len, e.blobs)) for _, e in held.values())
             work = ((name, _measure_task, name, array, dtype, todo[name], images[name], weighted[name], True)
                     for name, array, dtype in _read(tensors, set(todo)))
-            for name, results in _bounded_map(threads, _named, work, resolve_jobs(jobs)):
+            for name, results in _bounded_map(wholes, _named, work, width):
                 reads[name] = reads.get(name, 0) + 1
                 pts = points[name]
                 for k, (point, measured, encoded) in enumerate(results):
