@@ -173,6 +173,27 @@ def test_broken_compiled_loops_warn_once_and_numpy_codes(state, monkeypatch):
         assert ZstdPlanes(3).decode(blob, x.shape, x.dtype).tobytes() == x.tobytes()
 
 
+def test_numba_without_a_cache_directory_warns_and_numpy_codes(state, monkeypatch):
+    """numba raises at decoration where it finds no writable cache directory: one warning, then numpy."""
+    def njit(**options):
+        raise RuntimeError("cannot cache function 'join_k': no locator available")
+
+    fake_numba = types.ModuleType("numba")
+    fake_numba.njit = njit
+    monkeypatch.setitem(sys.modules, "numba", fake_numba)
+    monkeypatch.delitem(sys.modules, "codec.blobcodecs._compiled", raising=False)
+    import codec.blobcodecs as package
+
+    monkeypatch.delattr(package, "_compiled", raising=False)
+    state["mode"] = None
+    monkeypatch.setattr(zstd_module, "_COMPILE_AFTER", 0)
+    x = _bits("float64", 3000)
+    with pytest.warns(RuntimeWarning, match="no locator available"):
+        blob = ZstdPlanes(5).encode(x)
+    assert state["loops"] is False
+    assert ZstdPlanes(5).decode(blob, x.shape, x.dtype).tobytes() == x.tobytes()
+
+
 def test_use_compiled_takes_true_false_or_none(state):
     with pytest.raises(TypeError, match="True, False or None"):
         use_compiled("yes")

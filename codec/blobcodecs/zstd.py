@@ -339,15 +339,15 @@ def _load_loops(block: bool) -> ModuleType | None:
     try:
         if _compiled_state["loops"] is None:
             try:
-                from . import _compiled as module
-            except ImportError:
-                _compiled_state["loops"] = False
-                return None
-            try:
+                from . import _compiled as module  # numba, and its disk cache (a RuntimeError where it has none)
+
                 for k, t in _UINT.items():  # compile or load from numba's cache now, not inside a caller's timing
                     words, planes = np.zeros(1, t), np.zeros(k, np.uint8)
                     module.split[k](words, 1, planes)
                     module.join[k](planes, 1, words)
+            except ImportError:  # no numba (the ``fast`` extra is not installed)
+                _compiled_state["loops"] = False
+                return None
             except Exception as exc:  # noqa: BLE001 - a broken numba must not break decoding: numpy does it all
                 warnings.warn(f"jwt: numba's compiled byte-plane loops failed ({type(exc).__name__}: {exc}); "
                               "numpy does their work", RuntimeWarning, stacklevel=3)
