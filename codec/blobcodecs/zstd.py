@@ -291,7 +291,7 @@ def _from_planes(planes: np.ndarray, raw: np.ndarray, k: int, rotation: int | No
 #: Bytes of rotated byte planes a process joins or splits with numpy before :func:`_compiled_loops` loads the
 #: compiled loops (codec/blobcodecs/_compiled.py), in the default mode: loading them costs about 1 CPU second in a
 #: new process (importing numba and starting its compiler; the compiled code is cached on disk), which the one-pass
-#: loops pay back only after 3-4 GB (they save about 0.3 CPU s per GB over numpy's 2 GB/s). Switching once numpy
+#: loops pay back only after 2.5-4 GB (they save 0.3-0.5 CPU s per GB over numpy's 1.4-2.2 GB/s). Switching once numpy
 #: has spent about what loading costs bounds the loss on any workload to about twice the better choice's.
 _COMPILE_AFTER = 2 << 30
 
