@@ -121,6 +121,22 @@ def test_compiled_loops_fill_a_given_out_and_leave_other_layouts_to_numpy(state)
 
 
 @needs_numba
+def test_compiled_loops_code_from_threads_at_once(state):
+    """The loops release the GIL (``nogil``): four threads coding at once get every tensor back bit for bit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert use_compiled(True)
+    arrays = [_bits(dtype, 20_000 + i) for i, dtype in enumerate(["float32", "bfloat16", "float64", "float16"] * 3)]
+
+    def round_trip(array):
+        coder = ZstdPlanes(3)
+        return coder.decode(coder.encode(array), array.shape, array.dtype).tobytes() == array.tobytes()
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(round_trip, arrays))
+
+
+@needs_numba
 def test_default_mode_loads_the_loops_after_enough_bytes(state, monkeypatch):
     """By default numpy moves the first ``_COMPILE_AFTER`` bytes of planes, the compiled loops the rest."""
     monkeypatch.setattr(zstd_module, "_COMPILE_AFTER", 100_000)
