@@ -12,13 +12,23 @@ and zstd itself. The "file" rows time ``codec.save(codec="lossless")`` and
 ``codec.load`` of a .jwt file in /tmp with one thread (container, CRC-32
 checks and torch tensors included; the file is in the page cache).
 
-    python -m bench.lossless [--repeat 3] [--profile]
+The byte planes are joined and split by numba's compiled loops (the
+``fast`` extra) with ``--compiled on`` (the default where numba is
+installed: loaded before any timing), by numpy with ``--compiled off``.
+``--cold`` also times, in new processes, what loading the compiled loops
+costs once: numba's first compilation (an empty cache) and a load from its
+cache, beside a whole ``codec.load`` of the file with and without them.
+
+    python -m bench.lossless [--repeat 3] [--profile] [--compiled on|off] [--cold]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -88,7 +98,6 @@ def run_zipnn(arrays: list[np.ndarray], dtype: str, repeat: int) -> dict | None:
 
 def run_file(state_dict: dict[str, torch.Tensor], repeat: int) -> dict:
     """codec.save(codec="lossless") / codec.load of a file, one thread: the same figures as :func:`run_jwt`."""
-    import tempfile
 
     import codec
 
@@ -128,12 +137,71 @@ def profile(arrays: list[np.ndarray], codec: ZstdPlanes, repeat: int) -> str:
     return ", ".join(f"{name} {raw / cpu_seconds(fn, repeat)[1] / 1e6:.0f} MB/s" for name, fn in parts.items())
 
 
+COLD = """
+import sys, time
+c0 = time.process_time()
+import numpy as np, torch
+torch.set_num_threads(1)
+import codec
+from codec.blobcodecs import zstd
+mode = {mode}
+c1 = time.process_time()
+if mode:
+    zstd.use_compiled(True)
+else:
+    zstd.use_compiled(False)
+c2 = time.process_time()
+{load}
+c3 = time.process_time()
+print(c1 - c0, c2 - c1, c3 - c2)
+"""
+
+
+def cold(path: Path | None, cache_dir: str, mode: bool) -> tuple[float, float, float]:
+    """CPU seconds of a new process: importing codec, ``use_compiled(mode)``, then ``codec.load`` of ``path``."""
+    load = f"codec.load({str(path)!r}, jobs=1)" if path else "pass"
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", COLD.format(mode=mode, load=load)], env=env, check=True,
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    return tuple(float(x) for x in out.split())
+
+
+def cold_report(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> str:
+    """Loading the compiled loops in a new process (empty numba cache, then cached) and a whole codec.load."""
+    import codec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.jwt"
+        codec.save({k: t.to(dtype).contiguous() for k, t in state_dict.items()}, path, codec="lossless", jobs=1)
+        cache = str(Path(tmp) / "numba")
+        first = cold(None, cache, True)[1]
+        cached = min(cold(None, cache, True)[1] for _ in range(3))
+        with_loops = min(cold(path, cache, True) for _ in range(3))
+        without = min(cold(path, cache, False) for _ in range(3))
+    return (f"use_compiled(True) in a new process: {first:.2f} CPU s with an empty numba cache, {cached:.2f} s "
+            f"cached; codec.load of the file in a new process, CPU s (import + loops + load): with the compiled "
+            f"loops {with_loops[0]:.2f} + {with_loops[1]:.2f} + {with_loops[2]:.3f}, "
+            f"numpy {without[0]:.2f} + {without[1]:.2f} + {without[2]:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs of each step; the least CPU time counts")
     parser.add_argument("--profile", action="store_true", help="split zstd_planes' time into transposes and zstd")
+    parser.add_argument("--compiled", choices=("on", "off"), default="on",
+                        help="byte planes by numba's compiled loops (where installed) or by numpy")
+    parser.add_argument("--cold", action="store_true", help="also time loading the compiled loops in new processes")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    c = time.process_time()
+    loaded = zstd_module.use_compiled(args.compiled == "on")
+    if loaded:
+        import numba
+
+        print(f"byte planes by numba {numba.__version__}'s compiled loops (loaded in "
+              f"{time.process_time() - c:.2f} CPU s)\n")
+    else:
+        print("byte planes by numpy\n")
     sd = load_state_dict()
     print("| dtype | layout | ratio | encode MB/s/core | decode MB/s/core | encode CPU s | decode CPU s "
           "| encode s (wall) | decode s (wall) | bit-exact |")
@@ -154,6 +222,8 @@ def main() -> None:
         if args.profile:
             print(f"\n{name} zstd_planes rotate 3 profile: {profile(arrays, ZstdPlanes(3), args.repeat)}\n",
                   flush=True)
+        if args.cold:
+            print(f"\n{name} cold start: {cold_report(sd, dt)}\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -45,7 +47,7 @@ try:  # a one-call zstd decompressor into a given buffer (imagecodecs is a depen
 except (ImportError, AttributeError):
     _zstd_decode, _ZSTD_ERRORS = None, (zstandard.ZstdError,)
 
-__all__ = ["Zstd", "ZstdPlanes", "planes_rotation", "release_scratch"]
+__all__ = ["Zstd", "ZstdPlanes", "planes_rotation", "release_scratch", "use_compiled"]
 
 
 class Zstd(BlobCodec):
@@ -229,14 +231,19 @@ def _check_rotation(codec_id: str, rotation: int, itemsize: int, error: type[Exc
 def _rotated_planes(data: np.ndarray, rotation: int, codec_id: str = "zstd") -> np.ndarray:
     """The byte planes of ``data``'s elements rotated left ``rotation`` bits, most significant plane first.
 
-    Chunk by chunk: rotate into a scratch buffer (three ufuncs, no temporaries), then one strided gather per
-    chunk writes every plane's slice (reading across, writing along: numpy's fast direction).
+    By the compiled loop where :func:`_compiled_loops` gives one (one pass); else chunk by chunk: rotate into a
+    scratch buffer (three ufuncs, no temporaries), then one strided gather per chunk writes every plane's slice
+    (reading across, writing along: numpy's fast direction).
     """
     k = data.itemsize
     _check_rotation(codec_id, rotation, k, ValueError)
     u = data.reshape(-1).view(_UINT[k])
     n, t = u.size, u.dtype.type
     out = _scratch(k * n).reshape(k, n)
+    loops = _compiled_loops(k * n)
+    if loops is not None:
+        loops.split[k](u, rotation, out.reshape(-1))
+        return out.reshape(-1)
     rotated, spill = np.empty(min(n, _STEP), u.dtype), np.empty(min(n, _STEP), u.dtype)
     for i in range(0, n, _STEP):
         part = u[i : i + _STEP]
@@ -256,10 +263,15 @@ def _from_planes(planes: np.ndarray, raw: np.ndarray, k: int, rotation: int | No
     elements, most significant first rotated left ``rotation`` bits, or least significant first for ``None``
     (``shuffle``).
 
-    Chunk by chunk: each plane's slice is written to its byte of the elements (one strided copy per plane, which
-    numpy does fast, unlike a 2-D transposed copy), then the chunk is rotated back in place.
+    Rotated planes by the compiled loop where :func:`_compiled_loops` gives one (one pass); else chunk by chunk:
+    each plane's slice is written to its byte of the elements (one strided copy per plane, which numpy does fast,
+    unlike a 2-D transposed copy), then the chunk is rotated back in place.
     """
     n = raw.size // k
+    loops = _compiled_loops(raw.size) if rotation is not None else None
+    if loops is not None:
+        loops.join[k](planes, rotation, raw.view(_UINT[k]))
+        return
     grid, elements = planes.reshape(k, n), raw.reshape(n, k)
     order = range(k) if rotation is None else range(k - 1, -1, -1)  # the byte plane j holds
     words = raw.view(_UINT[k]) if rotation else None
@@ -274,6 +286,77 @@ def _from_planes(planes: np.ndarray, raw: np.ndarray, k: int, rotation: int | No
             np.left_shift(w, t(8 * k - rotation), out=b)
             np.right_shift(w, t(rotation), out=w)
             np.bitwise_or(w, b, out=w)
+
+
+#: Bytes of rotated byte planes a process joins or splits with numpy before :func:`_compiled_loops` loads the
+#: compiled loops (codec/blobcodecs/_compiled.py), in the default mode: loading them costs about 1 CPU second in a
+#: new process (importing numba and starting its compiler; the compiled code is cached on disk), which the one-pass
+#: loops pay back only after 2.5-4 GB (they save 0.3-0.5 CPU s per GB over numpy's 1.4-2.2 GB/s). Switching once numpy
+#: has spent about what loading costs bounds the loss on any workload to about twice the better choice's.
+_COMPILE_AFTER = 2 << 30
+
+#: ``mode``: :func:`use_compiled`'s; ``loops``: None (not loaded yet), the loaded module, or False (no numba, or it
+#: failed); ``numpy_bytes``: bytes of planes moved by numpy so far in the default mode.
+_compiled_state: dict[str, Any] = {"mode": None, "loops": None, "numpy_bytes": 0}
+_compiled_lock = threading.Lock()
+
+
+def use_compiled(mode: bool | None = None) -> bool:
+    """Choose how lossless byte planes are joined and split (the results are the same bytes).
+
+    ``True``: by the compiled loops (numba, ``pip install 'jwt-weights[fast]'``) from now on, loading them now
+    (about 1 CPU second in a new process); ``False``: by numpy only; ``None`` (the default): by numpy until the
+    process has moved :data:`_COMPILE_AFTER` bytes of planes, then by the compiled loops where numba is installed.
+    Returns whether the compiled loops are loaded.
+    """
+    if mode not in (True, False, None):
+        raise TypeError(f"use_compiled: mode must be True, False or None, found {mode!r}")
+    _compiled_state["mode"] = mode
+    if mode:
+        _load_loops(block=True)
+    return bool(_compiled_state["loops"])
+
+
+def _compiled_loops(nbytes: int) -> ModuleType | None:
+    """The compiled loops for a call that moves ``nbytes`` of planes, or None for numpy's (see :func:`use_compiled`)."""
+    loops, mode = _compiled_state["loops"], _compiled_state["mode"]
+    if mode is False or loops is False:
+        return None
+    if loops is not None:
+        return loops
+    if mode is None and _compiled_state["numpy_bytes"] < _COMPILE_AFTER:
+        _compiled_state["numpy_bytes"] += nbytes
+        return None
+    return _load_loops(block=False)
+
+
+def _load_loops(block: bool) -> ModuleType | None:
+    """Import and warm the compiled loops once (``loops`` False when numba is missing or fails: numpy then does
+    all, after one RuntimeWarning for a failure); a thread that finds another loading them gets None (numpy) unless
+    ``block``."""
+    if not _compiled_lock.acquire(blocking=block):
+        return None
+    try:
+        if _compiled_state["loops"] is None:
+            try:
+                from . import _compiled as module  # numba, and its disk cache (a RuntimeError where it has none)
+
+                for k, t in _UINT.items():  # compile or load from numba's cache now, not inside a caller's timing
+                    words, planes = np.zeros(1, t), np.zeros(k, np.uint8)
+                    module.split[k](words, 1, planes)
+                    module.join[k](planes, 1, words)
+            except ImportError:  # no numba (the ``fast`` extra is not installed)
+                _compiled_state["loops"] = False
+                return None
+            except Exception as exc:  # noqa: BLE001 - a broken numba must not break decoding: numpy does it all
+                warnings.warn(f"jwt: numba's compiled byte-plane loops failed ({type(exc).__name__}: {exc}); "
+                              "numpy does their work", RuntimeWarning, stacklevel=3)
+                _compiled_state["loops"] = False
+                return None
+            _compiled_state["loops"] = module
+        return _compiled_state["loops"] or None
+    finally:
+        _compiled_lock.release()
 
 
 def _decompress_into(blob: bytes, content: np.ndarray) -> None:
