@@ -26,7 +26,8 @@ loop's setting beside the loop's own file.
 Training time is CPU seconds of this process (``time.process_time``; one thread), a codec model's including the
 epochs it shares with the plain run. With several ``--seed`` each row is the mean over the seeds (the endpoint of
 a short constant-rate schedule moves by 1-1.5 points from seed to seed). Writes ``bench/results/train_<model>.md``
-and ``.png``::
+and ``.png`` (after each seed, the seeds so far). ``--budget B`` adds a loop that picks the largest layer's quality
+in the loop so that the whole file stays within B bits/weight (:class:`codec.train.Budget`)::
 
     python -m bench.train --model mlp --lam 0 --table ramp1 --refresh 4 --vector-bits 4 --seed 0 --seed 1 --seed 2
     python -m bench.train --model cnn --epochs 2 --train-size 30000
@@ -444,8 +445,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     torch.set_num_threads(1)
     images, labels = load_fashion_mnist("train")
     images, labels = images[: args.train_size], labels[: args.train_size]
-    runs = [one_seed(args, seed, images, labels, qualities, lams, budgets) for seed in args.seed]
-    write(args.out or OUT / f"train_{kind}", kind, args, runs, images)
+    runs = []
+    for seed in args.seed:  # the table rewritten after each seed: a long run stopped early keeps its seeds so far
+        runs.append(one_seed(args, seed, images, labels, qualities, lams, budgets))
+        write(args.out or OUT / f"train_{kind}", kind, args, runs, images)
 
 
 def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities: Sequence[float], lams: Sequence[float],
@@ -572,7 +575,7 @@ def write(path: Path, kind: str, args, runs: list[tuple[float, list[tuple]]], im
             by_row.setdefault((curve, how), []).append((bpw, acc, ref - acc, cost))
 
     load = os.getloadavg()[0]
-    seeds = ", ".join(map(str, args.seed))
+    seeds = ", ".join(map(str, args.seed[: len(runs)]))
     lines = [f"# Training for the codec: {kind}, {args.epochs} epochs on {len(images)} images", "",
              f"`{command}` (load average {load:.1f} at the end; times are CPU seconds, one thread)", "",
              (f"Reference: the plain model's float accuracy {reference:.2f} % (seeds {seeds}: "
