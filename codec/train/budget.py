@@ -67,7 +67,8 @@ class Budget:
 
     After finetune: :attr:`overrides` (the ``(glob, setting)`` rules to save with: the caller's with the tensor's
     quality appended), :attr:`quality` (its text, ``q6.82``), :attr:`bits` (the file's bits/weight, measured after
-    the last step), :attr:`history` (``(step, quality, bits/weight)`` of every measurement), :attr:`stepped_down`;
+    the last step), :attr:`history` (``(step, quality, bits/weight)`` of every measurement: the quality after it, the size
+    measured at the quality before it), :attr:`stepped_down`;
     :meth:`save` writes the file. Pass the same Budget to several finetune calls (a loop of epochs) to continue
     from its quality."""
 
