@@ -26,7 +26,8 @@ loop's setting beside the loop's own file.
 Training time is CPU seconds of this process (``time.process_time``; one thread), a codec model's including the
 epochs it shares with the plain run. With several ``--seed`` each row is the mean over the seeds (the endpoint of
 a short constant-rate schedule moves by 1-1.5 points from seed to seed). Writes ``bench/results/train_<model>.md``
-and ``.png``::
+and ``.png`` (after each seed, the seeds so far). ``--budget B`` adds a loop that picks the largest layer's quality
+in the loop so that the whole file stays within B bits/weight (:class:`codec.train.Budget`)::
 
     python -m bench.train --model mlp --lam 0 --table ramp1 --refresh 4 --vector-bits 4 --seed 0 --seed 1 --seed 2
     python -m bench.train --model cnn --epochs 2 --train-size 30000
@@ -164,6 +165,7 @@ class Schedule:
         self.kind, self.epochs, self.seed, self.decay = kind, epochs, seed, decay
         self.decay_epochs, self.ema = decay_epochs, tuple(ema)
         self.averaged: dict[float, torch.nn.Module] = {}
+        self.budget: codec.train.Budget | None = None
         self.inputs, self.targets = preprocess(images), torch.as_tensor(labels, dtype=torch.int64)
 
     def steps(self) -> int:
@@ -224,7 +226,8 @@ class Schedule:
                      refresh: int = 1, vector_bits: int | None = None, keep_tiles: float = 0.0,
                      teacher: torch.nn.Module | None = None, distil: float = 0.0, group: float = 0.0,
                      lam: float = 0.0, every: int = 8, freeze_tail: float = 0.0,
-                     freeze: Sequence[str] = ()) -> tuple[torch.nn.Module, float]:
+                     freeze: Sequence[str] = (), budget: float | None = None,
+                     budget_hold: float = 0.25) -> tuple[torch.nn.Module, float]:
         """The schedule's remaining epochs from ``snapshot`` with the codec in the loop at ``overrides``
         (:func:`codec.train.finetune` with the labels, continuing the schedule's Adam and rates; ``refresh``,
         ``vector_bits`` as finetune takes them; ``keep_tiles``: the fraction of the loop's steps, its last ones,
@@ -235,9 +238,14 @@ class Schedule:
         loss, ``lam`` > 0 its :func:`rate_penalty` at its own setting in ``overrides`` every ``every`` steps (both on
         the float weights). ``freeze_tail``: the fraction of the loop's steps, its last ones, run with the
         parameters named in ``freeze`` (default: the largest layer's weight) frozen, so their coding is the file's
-        from the start of that part on and the rest trains against exactly it. Returns the model and the CPU
-        seconds of the whole schedule (the shared epochs included, not the teacher's training)."""
+        from the start of that part on and the rest trains against exactly it. ``budget``: bits/weight of the whole
+        file; the largest layer's quality (starting from its setting in ``overrides``) is then chosen in the loop so
+        that the file fits (:class:`codec.train.Budget`, its quality held over the last ``budget_hold`` of each
+        finetune call), and :attr:`budget` holds the Budget (its ``overrides`` are the file's). Returns the model and
+        the CPU seconds of the whole schedule (the shared epochs included, not the teacher's training)."""
         model = copy.deepcopy(snapshot["model"])
+        self.budget = (codec.train.Budget(budget, tensor=f"{BIG[self.kind]}.weight", hold=budget_hold)
+                       if budget is not None else None)
         torch.set_num_threads(1)
         generator = torch.Generator()
         generator.set_state(snapshot["generator"])
@@ -271,6 +279,7 @@ class Schedule:
                     codec.train.finetune(model, part, loss_fn, steps=len(part), overrides=overrides, penalty=penalty,
                                          optimizer=optimizer, lr=lambda i, first=first: self.lr(first + i),
                                          refresh=refresh, vector_bits=vector_bits, keep_tiles=keep,
+                                         budget=self.budget,
                                          progress=bar if bar is not None else False,
                                          validation=False)  # a training loop: its test set is the check
                 first += len(part)
@@ -297,6 +306,9 @@ class Schedule:
 
         return penalty
 
+
+#: Lines a run adds below its table (the qualities a --budget run chose, per seed).
+NOTES: list[str] = []
 
 #: Temperature of :func:`distil_loss`.
 TEMPERATURE = 2.0
@@ -358,6 +370,14 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
                         "bits (stored losslessly, exactly)")
     parser.add_argument("--quality", type=quality_arg, action="append", help="ladder: JPEG qualities of the largest "
                         "layer (6; 6.5: libjpeg's table formula at 6.5, between q6's and q7's, as the setting q6.5)")
+    parser.add_argument("--budget", type=float, action="append", default=[], help="codec in the loop: also a run "
+                        "that chooses the largest layer's quality in the loop so that the whole file stays within "
+                        "this many bits/weight (codec.train.Budget; starting from the first --quality; several: a "
+                        "run for each)")
+    parser.add_argument("--budget-hold", type=float, action="append", help="with --budget: the fraction of the "
+                        "loop's last steps with the quality held (default 0.25; several: a run for each)")
+    parser.add_argument("--budget-only", action="store_true", help="with --budget: no codec-in-the-loop runs at the "
+                        "fixed --quality points (the plain ladder rows stay)")
     parser.add_argument("--table", default="flat", help="ladder: JPEG table of the largest layer (flat, ramp1, ...)")
     parser.add_argument("--variant", action="append", default=[], help="ladder: also code the other tensors this "
                         "way, e.g. conv2.weight=b3,fc2.weight=b8 (each --variant a ladder of its own at every "
@@ -401,6 +421,13 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
         parser.error("--group must not be negative")
     if any(g < 0 for g in args.loop_lam or []):
         parser.error("--loop-lam must not be negative")
+    if any(not 0 < b < 64 for b in args.budget):
+        parser.error("--budget must be above 0 and below 64 bits/weight")
+    args.budget_hold = args.budget_hold or [0.25]
+    if any(not 0 <= h <= 1 for h in args.budget_hold):
+        parser.error("--budget-hold must be between 0 and 1")
+    if args.budget_only and not args.budget:
+        parser.error("--budget-only needs --budget")
     if args.vector_bits is not None and not 1 <= args.vector_bits <= 22:
         parser.error("--vector-bits must be between 1 and 22")
     kind = args.model
@@ -418,8 +445,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     torch.set_num_threads(1)
     images, labels = load_fashion_mnist("train")
     images, labels = images[: args.train_size], labels[: args.train_size]
-    runs = [one_seed(args, seed, images, labels, qualities, lams, budgets) for seed in args.seed]
-    write(args.out or OUT / f"train_{kind}", kind, args, runs, images)
+    runs = []
+    for seed in args.seed:  # the table rewritten after each seed: a long run stopped early keeps its seeds so far
+        runs.append(one_seed(args, seed, images, labels, qualities, lams, budgets))
+        write(args.out or OUT / f"train_{kind}", kind, args, runs, images)
 
 
 def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities: Sequence[float], lams: Sequence[float],
@@ -484,15 +513,27 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
                 f"{f', distilled {distil:g}' if distil else ''}{f', unit penalty {group:g}' if group else ''}"
                 f"{f', rate penalty {lam:g} every {args.rate_every}' if lam else ''}"
                 f"{f', {frozen} frozen ({tail:g} of the loop)' if tail else ''}")
-        for label, point in points:
+        budget_points = [(f"budget {b:g} (q in the loop, held {hold:g})", ladder_point(kind, qualities[0], args.table),
+                          (b, hold)) for b in args.budget for hold in args.budget_hold]
+        for label, point, budget in [*((label, point, None) for label, point in points
+                                       if not args.budget_only), *budget_points]:
             with tqdm(total=schedule.steps() * args.codec_epochs, desc=f"codec {label}", unit="step") as bar:
                 model, seconds = schedule.codec_epochs(snapshot, point, bar=bar, refresh=every,
                                                        vector_bits=args.vector_bits, keep_tiles=keep,
                                                        teacher=plain if distil else None, distil=distil,
                                                        group=group, lam=lam, every=args.rate_every,
-                                                       freeze_tail=tail, freeze=freeze)
+                                                       freeze_tail=tail, freeze=freeze,
+                                                       budget=budget[0] if budget else None,
+                                                       budget_hold=budget[1] if budget else 0.25)
             if distil:  # the teacher is the whole plain schedule: its epochs after the snapshot count too
                 seconds += plain_seconds - snapshot["seconds"]
+            if budget is not None:  # the file is the loop's last coding, at the quality it chose
+                point = schedule.budget.overrides
+                NOTES.append(f"seed {seed}, {loop}, {label}: {BIG[kind]} at {schedule.budget.quality}, "
+                             f"{schedule.budget.bits:.4f} bits/weight, stepped down {schedule.budget.stepped_down} "
+                             f"at the end; qualities in the loop (step: quality bits/weight): "
+                             + ", ".join(f"{s}: {q} {b:.4f}" for s, q, b in schedule.budget.history))
+                print(NOTES[-1])
             state_bpw = coded(model, overrides=point)
             record(loop, label, state_bpw, seconds)
             for decay, average in schedule.averaged.items():  # against the plain run's average of the same decay
@@ -534,7 +575,7 @@ def write(path: Path, kind: str, args, runs: list[tuple[float, list[tuple]]], im
             by_row.setdefault((curve, how), []).append((bpw, acc, ref - acc, cost))
 
     load = os.getloadavg()[0]
-    seeds = ", ".join(map(str, args.seed))
+    seeds = ", ".join(map(str, args.seed[: len(runs)]))
     lines = [f"# Training for the codec: {kind}, {args.epochs} epochs on {len(images)} images", "",
              f"`{command}` (load average {load:.1f} at the end; times are CPU seconds, one thread)", "",
              (f"Reference: the plain model's float accuracy {reference:.2f} % (seeds {seeds}: "
@@ -563,6 +604,8 @@ def write(path: Path, kind: str, args, runs: list[tuple[float, list[tuple]]], im
         for (curve, how), values in by_row.items():
             each = "; ".join(f"{acc:.2f} at {bpw:.3f}, {lost:+.2f}" for bpw, acc, lost, _ in values)
             lines.append(f"- {curve}, {how}: {each}")
+    if NOTES:
+        lines += ["", "Budget runs: the quality chosen in the loop.", "", *(f"- {note}" for note in NOTES)]
     text = "\n".join(lines) + "\n"
     print(text)
     path.parent.mkdir(parents=True, exist_ok=True)

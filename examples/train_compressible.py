@@ -16,6 +16,10 @@ of accuracy against bits/weight. In your own loop::
                          validation=False)   # each epoch in the loop; your own validation decides
     codec.save(model, "model.jwt", overrides=setting)   # decodes to the weights of the last forward pass
 
+To train for a file size rather than a quality: ``budget = codec.train.Budget(0.3)``, ``budget=budget`` in each
+finetune call (the largest JPEG layer's quality is chosen in the loop so that the whole file stays within 0.3
+bits/weight; ``--budget 0.3`` here), then ``budget.save(model, "model.jwt")``.
+
 (``loss_fn=None`` distils the model's own outputs, no labels; ``optimizer``: your Adam, so its state carries on.
 To fine-tune a trained model instead, leave ``validation`` out: finetune holds out every 4th batch and keeps the
 starting weights, with a warning, unless the coded model does better on them.)

@@ -7,13 +7,16 @@ adapts to the exact file it will be stored as (measured: the way that pays, benc
 codes every 4th step, ``vector_bits=4`` rounds the biases the file stores losslessly: ``round_vectors`` does that
 alone); it ends on the starting weights, with a ``NotKeptWarning``, when they code to a better file on held-out
 batches (``validation=``);
+``finetune(..., budget=0.3)`` (or a :class:`Budget`) picks the largest JPEG tensor's quality in the loop so that the
+whole file stays within 0.3 bits/weight, and the last coding is the file (``Budget.save`` writes it);
 ``DCTLinear`` / ``DCTConv2d``: layers held as low-frequency DCT coefficients of JPEG's 8x8 blocks,
 ``to_ordinary`` turns them back into ordinary layers.
 """
 
+from .budget import Budget
 from .dct import DCTConv2d, DCTLinear, to_ordinary, with_dct_layers
 from .finetune import NotKeptWarning, as_overrides, coded_weights, finetune, round_vector, round_vectors
 from .rate import as_setting, entropy_bits, rate, tensor_rate
 
-__all__ = ["DCTConv2d", "DCTLinear", "NotKeptWarning", "as_overrides", "as_setting", "coded_weights", "entropy_bits",
+__all__ = ["Budget", "DCTConv2d", "DCTLinear", "NotKeptWarning", "as_overrides", "as_setting", "coded_weights", "entropy_bits",
            "finetune", "rate", "round_vector", "round_vectors", "tensor_rate", "to_ordinary", "with_dct_layers"]

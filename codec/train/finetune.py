@@ -31,6 +31,7 @@ from torch.func import functional_call
 
 from ..errors import EncodeError
 from ..tensorcodec import EncodeOptions, Overrides, not_applied, round_trip
+from .budget import Budget, as_budget
 from .rate import as_setting
 
 __all__ = ["NotKeptWarning", "as_overrides", "coded_weights", "finetune", "tile_bounds", "tile_keeper"]
@@ -240,7 +241,8 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
              vector_bits: int | None = None, optimizer: torch.optim.Optimizer | None = None,
              train_mode: bool | None = None, keep_tiles: bool = False, validation=None,
              check_every: int | None = None,
-             penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> torch.nn.Module:
+             penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+             budget: Budget | float | None = None) -> torch.nn.Module:
     """Fine-tune ``model`` in place, ``steps`` Adam steps at ``lr``, with every tensor coded as ``setting`` stores
     it (see :func:`codec.train.as_setting`; ``overrides``: per-tensor settings by glob, as codec.save takes them;
     save afterwards with the same options and overrides) in the forward pass.
@@ -285,6 +287,15 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     the end only), so a run that first helps and then overfits ends on its best weights (early stopping; the
     optimizer's state is not rolled back).
 
+    **A budget** (``budget``: a number of bits per weight, or a :class:`codec.train.Budget` for its options): the
+    JPEG quality of one tensor (default: the largest one coded as JPEG) is chosen on the fine ladder in the loop so
+    that the whole file (every blob and the container, as ``codec.save`` writes it) stays just within the budget:
+    searched before the first step (a budget below the coarsest step's file is a one-line ValueError), moved by at
+    most one ladder step at a measurement (every ``Budget.every`` steps), held over the last ``Budget.hold`` of the
+    steps, and stepped down after the last step only if the file is then over the budget. Save with the Budget's
+    ``overrides`` (``budget.save(model, path)``): that file decodes to the weights of the last forward pass. The
+    checks above judge each weights at the quality of their time.
+
     Returns the model, with its float weights (its rounded vectors with ``vector_bits``); the file saved from it
     with the same setting decodes to exactly the weights of the last forward pass (``coded_weights(model,
     setting)``), which is coded afresh after the last update (and the check) to report the final loss.
@@ -316,7 +327,11 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         vector_bits = _check_vector_bits(vector_bits)
     except ValueError as exc:
         raise ValueError(f"finetune: {exc}") from None
+    budget = as_budget(budget)
     opts, rules = as_setting(setting), as_overrides(overrides, setting)
+    if budget is not None:  # the quality that fits, searched before training (a budget too small fails here)
+        rules = budget.start(model, opts, rules, vector_bits)
+        tracked_until, budget_every = steps - round(budget.hold * steps), budget.every_for(steps, refresh)
     batches, check, where = _check_batches(_batches(data), validation)
     teacher = None
     if loss_fn is None:
@@ -434,6 +449,8 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
                 for group in optimizer.param_groups:
                     group["lr"] = float(lr(step))
             optimizer.zero_grad()
+            if budget is not None and 0 < step < tracked_until and step % budget_every == 0:
+                rules = budget.track(model, step)  # at a coding step (budget_every is a multiple of refresh)
             loss = loss_at(last, code=step % refresh == 0, backward=True)
             optimizer.step()
             if checking and (step + 1 == steps or (step + 1) % every == 0):
@@ -463,6 +480,8 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         bar.set_postfix(check=f"{before:.4g} -> {best:.4g} (step {best_step})")
     if vector_bits:  # the model holds what the file will: its vectors rounded
         round_vectors(model, vector_bits, opts, overrides=rules)
+    if budget is not None:  # the file at the held quality (a step down only if it is over the budget)
+        rules = budget.finish(model, steps)
     if last is None:
         last = next(iter(batches), None)
     if last is not None:

@@ -1,0 +1,249 @@
+"""A file-size budget in the training loop: :func:`codec.train.finetune` with ``budget=`` picks the JPEG quality of
+one tensor (by default the largest JPEG-coded one) on the fine ladder (:mod:`codec.rd.ladder`: steps of about 3 %
+of the table's scale) so that the whole file, counted as ``codec.save`` writes it, stays just within
+``bits_per_weight``; the model trains against that quality, and the last coding is the file.
+
+Why: at one fixed quality the files of five seeds of the bench CNN spread over 0.240-0.281 bits/weight, as wide as a
+quality step, so a fixed quality that keeps every file within 0.3 leaves most files a step below the budget
+(bench/JOURNAL.md, twelfth pass). With the budget in the loop each file spends its own budget.
+
+How (:class:`Budget`): at the first step of the first call, a bisection over the ladder for the highest step whose
+file fits ``bits_per_weight * (1 - margin)``; then every ``every`` steps (at a coding step) the file is measured at
+the current step and at the next finer ones, and the quality moves by a bounded step (one down if the file is over
+the target, up to two up while the finer steps still fit); over the call's last ``hold`` fraction of steps the quality is held, so the
+network's last steps train against the file's quality. After the last step the file is measured once more: if it is
+over ``bits_per_weight`` itself (the weights moved during the hold), the quality steps down until it fits
+(:attr:`Budget.stepped_down` counts those steps; the file then codes the float weights at a quality the network did
+not train against last). Measuring a size is one ``codec.save`` of the model into memory (20 ms on the bench CNN).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+
+import torch
+
+from ..tensorcodec import EncodeOptions, Overrides, parse_spec
+
+__all__ = ["Budget"]
+
+#: The most ladder steps a measurement moves the quality up (down: one): the file of a model trained with the codec
+#: in the loop shrinks fast at first (the bench CNN's halves over its one-epoch loop), and the quality follows it.
+CLIMB = 2
+
+
+def _escape(name: str) -> str:
+    """``name`` as an fnmatch pattern matching only itself."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _spec_at(scale: int, base: EncodeOptions) -> str:
+    """A quality item (``q7``, ``q6.82``) whose table scale is exactly ``scale`` percent (checked by parsing)."""
+    from ..blobcodecs.jpeg import quality_at_scale, quality_scale
+    from ..rd.ladder import scale_of
+
+    q = quality_at_scale(scale)
+    if quality_scale(q) == scale:
+        return f"q{q}"
+    value = 5000 / scale if scale >= 100 else (200 - scale) / 2
+    for digits in range(2, 10):
+        text = f"q{value:.{digits}f}".rstrip("0").rstrip(".")
+        if scale_of(parse_spec(f"jpeg,{text}", base)) == scale:
+            return text
+    raise ValueError(f"budget: no quality text gives table scale {scale}")  # not reached on the ladder's scales
+
+
+class Budget:
+    """A whole-file size budget for :func:`codec.train.finetune` (``budget=Budget(0.3)`` or ``budget=0.3``).
+
+    ``bits_per_weight``: the most the file may take, in bits per value of the model's state_dict (every tensor's
+    blob and the container, as ``codec.save`` writes it). ``tensor``: the name of the tensor whose JPEG quality
+    moves (default: the largest one the setting and overrides code as JPEG); the others keep their settings.
+    ``margin``: the loop aims at ``bits_per_weight * (1 - margin)``, so that the weights' moves during the hold
+    rarely take the file over. ``every``: measure every this many steps (default: about 16 times per call, at
+    coding steps; default: at each coding). ``hold``: the fraction of each call's last steps with the quality held.
+
+    After finetune: :attr:`overrides` (the ``(glob, setting)`` rules to save with: the caller's with the tensor's
+    quality appended), :attr:`quality` (its text, ``q6.82``), :attr:`bits` (the file's bits/weight, measured after
+    the last step), :attr:`history` (``(step, quality, bits/weight)`` of every measurement: the quality after it, the size
+    measured at the quality before it), :attr:`stepped_down`;
+    :meth:`save` writes the file. Pass the same Budget to several finetune calls (a loop of epochs) to continue
+    from its quality."""
+
+    def __init__(self, bits_per_weight: float, tensor: str | None = None, margin: float = 0.005,
+                 every: int | None = None, hold: float = 0.25):
+        if isinstance(bits_per_weight, bool) or not isinstance(bits_per_weight, (int, float)) or not (
+                0 < bits_per_weight < 64 and math.isfinite(bits_per_weight)):
+            raise ValueError(f"budget: bits_per_weight must be a number above 0 and below 64, not {bits_per_weight!r}")
+        if tensor is not None and not isinstance(tensor, str):
+            raise TypeError(f"budget: tensor must be a tensor name or None, not {type(tensor).__name__}")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 0.5:
+            raise ValueError(f"budget: margin must be a number from 0 to below 0.5, not {margin!r}")
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"budget: every must be None or a positive integer, not {every!r}")
+        if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not 0 <= hold <= 1:
+            raise ValueError(f"budget: hold must be a number from 0 to 1, not {hold!r}")
+        self.bits_per_weight, self.tensor, self.margin = float(bits_per_weight), tensor, float(margin)
+        self.every, self.hold = every, float(hold)
+        self.overrides: list[tuple[str, str]] | None = None
+        self.quality: str | None = None
+        self.bits: float | None = None
+        self.history: list[tuple[int, str, float]] = []
+        self.stepped_down = 0
+        self._index: int | None = None  # the current step on the ladder (an index into its scales, coarse first)
+        self._opts: EncodeOptions | None = None
+        self._base: list[tuple[str, str]] = []
+        self._steps = 0  # steps of earlier calls (the history's step numbers run on)
+
+    def __repr__(self) -> str:
+        return (f"Budget({self.bits_per_weight:g} bits/weight, tensor={self.tensor!r}, quality={self.quality}, "
+                f"bits={self.bits})")
+
+    @property
+    def target(self) -> float:
+        """The bits/weight the loop aims at: ``bits_per_weight * (1 - margin)``."""
+        return self.bits_per_weight * (1 - self.margin)
+
+    # -- used by finetune ------------------------------------------------------------------------------------
+
+    def start(self, model: torch.nn.Module, opts: EncodeOptions, rules: Overrides,
+              vector_bits: int | None) -> Overrides:
+        """Resolve the tensor, and on the first call search the ladder for the highest step that fits; the
+        rules to code with. ValueError (one line) if no JPEG tensor, or not even the coarsest step fits."""
+        from ..rd.ladder import _scales, scale_of
+
+        from .finetune import _lossless_for_shape
+
+        state = model.state_dict()
+        self._opts, self._vector_bits = opts, vector_bits
+        if self._index is None:
+            self._base = list(rules.rules)
+            jpeg = {n: t.numel() for n, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                    and (o := rules.options_for(n, opts) or opts).codec == "jpeg" and not _lossless_for_shape(t, o)}
+            if self.tensor is None:
+                if not jpeg:
+                    raise ValueError("finetune: budget: no tensor is coded as JPEG under this setting and overrides "
+                                     "(the budget moves a JPEG quality)")
+                self.tensor = max(jpeg, key=jpeg.get)
+            elif self.tensor not in jpeg:
+                raise ValueError(f"finetune: budget: tensor {self.tensor!r} is not coded as JPEG under this setting "
+                                 f"and overrides" if self.tensor in state else
+                                 f"finetune: budget: the model has no tensor {self.tensor!r}")
+            self._ladder = _scales()
+            here = scale_of(rules.options_for(self.tensor, opts) or opts)
+            self._index = min(range(len(self._ladder)), key=lambda i: abs(self._ladder[i] - here))
+            sizes = {}
+
+            def fits(i: int, limit: float) -> bool:
+                sizes[i] = sizes.get(i) or self._measure(model, i)
+                return sizes[i] <= limit
+
+            if not fits(0, self.bits_per_weight):
+                raise ValueError(f"finetune: budget: {self.bits_per_weight:g} bits/weight is below the smallest file "
+                                 f"of this setting ({sizes[0]:.4g} bits/weight with {self.tensor} at "
+                                 f"{_spec_at(self._ladder[0], opts)})")
+            lo, hi = 0, len(self._ladder)  # lo fits (the hard budget at least), hi does not (or is past the end)
+            if fits(self._index, self.target):
+                lo = self._index
+            else:
+                hi = self._index
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if fits(mid, self.target):
+                    lo = mid
+                else:
+                    hi = mid
+            self._index = lo
+            self.history.append((self._steps, self._text(lo), sizes[lo]))
+        return self._rules()
+
+    def track(self, model: torch.nn.Module, step: int) -> Overrides:
+        """One measurement at ``step``: the quality one ladder step down if the file is over the target, else up
+        by as many steps (at most :data:`CLIMB`) as still fit."""
+        now = self._measure(model, self._index)
+        if now > self.target and self._index > 0:
+            self._index -= 1
+        else:
+            for _ in range(CLIMB):
+                if now > self.target or self._index + 1 >= len(self._ladder):
+                    break
+                finer = self._measure(model, self._index + 1)
+                if finer > self.target:
+                    break
+                self._index, now = self._index + 1, finer
+        self.history.append((self._steps + step, self._text(self._index), now))
+        return self._rules()
+
+    def finish(self, model: torch.nn.Module, steps: int) -> Overrides:
+        """After the last step: the file at the held quality, stepped down while it is over ``bits_per_weight``."""
+        self._steps += steps
+        self.bits = self._measure(model, self._index)
+        while self.bits > self.bits_per_weight and self._index > 0:
+            self._index -= 1
+            self.stepped_down += 1
+            self.bits = self._measure(model, self._index)
+        self.history.append((self._steps, self._text(self._index), self.bits))
+        return self._rules()
+
+    def every_for(self, steps: int, refresh: int) -> int:
+        """The measurement interval of a call of ``steps`` steps: ``every`` (default: every coding, so that the
+        quality can follow the file down a steep start: the bench CNN's file at one quality halves over its loop's
+        epoch), rounded up to a multiple of ``refresh`` (a quality moves where the weights are coded afresh)."""
+        every = self.every or refresh
+        return -(-every // refresh) * refresh
+
+    # -- the file ----------------------------------------------------------------------------------------------
+
+    def save(self, model: torch.nn.Module, path, **kwargs) -> list[str]:
+        """``codec.save(model, path)`` with the setting and overrides the last finetune coded with (its rounded
+        vectors are in the model already): the file the network trained against last."""
+        from ..encode import save
+
+        if self.overrides is None:
+            raise ValueError("budget: no finetune has run with this budget yet")
+        return save(model, path, overrides=self.overrides, **self._fields(), **kwargs)
+
+    def _fields(self) -> dict:
+        return {f.name: getattr(self._opts, f.name) for f in dataclasses.fields(self._opts)}
+
+    def _text(self, index: int) -> str:
+        return _spec_at(self._ladder[index], self._opts)
+
+    def _rules_at(self, index: int) -> list[tuple[str, str]]:
+        rule = Overrides(self._base).rule_for(self.tensor)
+        spec = rule[1] if rule is not None else "jpeg"
+        return [*self._base, (_escape(self.tensor), f"{spec},{self._text(index)}")]
+
+    def _rules(self) -> Overrides:
+        self.overrides = self._rules_at(self._index)
+        self.quality = self._text(self._index)
+        return Overrides(self.overrides)
+
+    def _measure(self, model: torch.nn.Module, index: int) -> float:
+        """The bits/weight of the file of ``model`` as it is now (float weights, vectors rounded as finetune
+        writes them) with the tensor at ladder step ``index``."""
+        from ..encode import save
+
+        from .finetune import _rounds, round_vector
+
+        rules = Overrides(self._rules_at(index))
+        state = {n: t.detach() for n, t in model.state_dict().items()}
+        if self._vector_bits:
+            state = {n: round_vector(t, self._vector_bits)
+                     if _rounds(t, rules.options_for(n, self._opts) or self._opts) else t for n, t in state.items()}
+        buf = io.BytesIO()
+        save(state, buf, overrides=rules.rules, **self._fields())
+        return 8 * len(buf.getvalue()) / sum(t.numel() for t in state.values())
+
+
+def as_budget(budget) -> Budget | None:
+    """``budget`` as finetune takes it: None, a :class:`Budget` or a number of bits per weight."""
+    if budget is None or isinstance(budget, Budget):
+        return budget
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        return Budget(budget)
+    raise TypeError(f"finetune: budget must be None, a number of bits per weight or a codec.train.Budget, "
+                    f"not {type(budget).__name__}")
+

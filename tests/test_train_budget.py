@@ -1,0 +1,184 @@
+"""codec.train.finetune with a file-size budget (codec.train.Budget): the quality chosen in the loop, the file it
+writes within the budget and decoding to the weights of the last forward pass, bad budgets as one-line errors."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import math
+
+import pytest
+import torch
+
+import codec
+from codec.train import Budget, coded_weights, finetune
+
+bm = importlib.import_module("codec.train.budget")
+
+LOSS = torch.nn.functional.cross_entropy
+#: The first layer's weight (256 x 64) in JPEG, the second (10 x 256) in 4-bit quant, the biases lossless.
+RULES = [("0.weight", "jpeg,q20,table=flat"), ("2.weight", "b4")]
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+
+
+def _data(n: int = 4):
+    torch.manual_seed(1)
+    return [(torch.randn(64, 64), torch.randint(0, 10, (64,))) for _ in range(n)]
+
+
+def _file(model, budget: Budget) -> tuple[bytes, float]:
+    buf = io.BytesIO()
+    budget.save(model, buf)
+    data = buf.getvalue()
+    return data, 8 * len(data) / sum(t.numel() for t in model.state_dict().values())
+
+
+def _ladder_index(quality: str) -> int:
+    from codec.rd.ladder import _scales, scale_of
+    from codec.tensorcodec import EncodeOptions, parse_spec
+
+    return _scales().index(scale_of(parse_spec(f"jpeg,{quality}", EncodeOptions())))
+
+
+@pytest.mark.parametrize("bits", [1.7, 2.5])
+def test_the_file_is_within_the_budget_and_decodes_to_the_last_forward_pass(bits):
+    model = _tiny()
+    seen = []  # the first layer's weight as each forward pass sees it
+    model[0].register_forward_pre_hook(lambda m, _: seen.append(m.weight.detach().clone()))
+    budget = Budget(bits)
+    finetune(model, _data(), LOSS, overrides=RULES, steps=24, lr=1e-3, refresh=4, vector_bits=4, budget=budget,
+             validation=False)
+    data, bpw = _file(model, budget)
+    assert bpw <= bits and bpw == budget.bits
+    assert budget.tensor == "0.weight" and budget.overrides[:2] == RULES
+    assert budget.overrides[-1] == ("0.weight", f"jpeg,q20,table=flat,{budget.quality}")
+    decoded = codec.load(data)
+    assert torch.equal(decoded["0.weight"], seen[-1])  # the last forward pass (the final coding) is the file
+    coded = coded_weights(model, overrides=budget.overrides, vector_bits=4)
+    assert all(torch.equal(decoded[name], coded[name]) for name in coded)
+    assert budget.bits > 0.9 * budget.target  # spent, not a step below (one fine step is about 3 % of the file)
+
+
+def test_a_larger_budget_buys_a_higher_quality_and_a_larger_file():
+    files = {}
+    for bits in (2.0, 2.8):
+        model, budget = _tiny(), Budget(bits)
+        finetune(model, _data(), LOSS, overrides=RULES, steps=8, lr=1e-3, refresh=4, budget=budget,
+                 validation=False)
+        files[bits] = (_ladder_index(budget.quality), _file(model, budget)[1])
+    assert files[2.8][0] > files[2.0][0] and files[2.0][1] < files[2.8][1] <= 2.8
+
+
+def test_the_quality_moves_by_bounded_steps_and_is_held_over_the_last_part():
+    model, budget = _tiny(), Budget(2.0, hold=0.5)
+    finetune(model, _data(), LOSS, overrides=RULES, steps=32, lr=3e-3, refresh=4, budget=budget, validation=False)
+    steps = [s for s, _, _ in budget.history]
+    assert steps[0] == 0 and steps[-1] == 32  # the search before training, the file after the last step
+    assert all(s % 4 == 0 and s < 16 for s in steps[1:-1])  # at coding steps, none in the held half
+    places = [_ladder_index(q) for _, q, _ in budget.history]
+    assert all(-1 <= b - a <= bm.CLIMB for a, b in zip(places, places[1:-1]))
+    assert places[-1] == places[-2] or budget.stepped_down  # held: the file's quality is the last one trained
+    # each measurement within the target after the search (it is what the quality was chosen for)
+    assert budget.history[0][2] <= budget.target
+
+
+def test_a_budget_continues_over_several_calls_without_a_new_search(monkeypatch):
+    model, budget = _tiny(), Budget(2.0)
+    finetune(model, _data(), LOSS, overrides=RULES, steps=8, refresh=4, budget=budget, validation=False)
+    quality, measured = budget.quality, []
+    real = Budget._measure
+    monkeypatch.setattr(Budget, "_measure", lambda self, *a: measured.append(a[1]) or real(self, *a))
+    finetune(model, _data(), LOSS, overrides=RULES, steps=1, refresh=4, budget=budget, validation=False)
+    assert measured == [_ladder_index(quality)]  # one measurement: the file after the step, at the same quality
+    assert budget.history[-1][0] == 9
+
+
+def test_the_file_steps_down_when_the_held_weights_grew_over_the_budget(monkeypatch):
+    model, budget = _tiny(), Budget(2.0, hold=1.0)
+    real = Budget.start
+    sizes = iter([2.2, 2.1, 1.95])  # after the last step: over the budget twice, then within
+
+    def start(self, *args):
+        rules = real(self, *args)  # the real search; the file's sizes after it are scripted
+        self._measure = lambda model, index: (measured.append(index), next(sizes))[1]
+        return rules
+
+    measured = []
+    monkeypatch.setattr(Budget, "start", start)
+    finetune(model, _data(), LOSS, overrides=RULES, steps=2, refresh=4, budget=budget, validation=False)
+    held = _ladder_index(budget.history[0][1])
+    assert measured == [held, held - 1, held - 2]
+    assert budget.stepped_down == 2 and budget.bits == 1.95 and _ladder_index(budget.quality) == held - 2
+    data, _ = _file(model, budget)
+    assert torch.equal(codec.load(data)["0.weight"], coded_weights(model, overrides=budget.overrides)["0.weight"])
+
+
+def test_a_float_budget_is_a_budget_and_the_setting_string_is_exactly_the_ladders_scale():
+    from codec.rd.ladder import _scales, scale_of
+    from codec.tensorcodec import EncodeOptions, parse_spec
+
+    for scale in _scales():
+        assert scale_of(parse_spec("jpeg," + bm._spec_at(scale, EncodeOptions()), EncodeOptions())) == scale
+    assert isinstance(bm.as_budget(0.5), Budget) and bm.as_budget(None) is None
+    assert bm._escape("a[0]*?.w") == "a[[]0][*][?].w"
+
+
+@pytest.mark.parametrize("budget, kind, words", [
+    (0, ValueError, "bits_per_weight"), (-1.0, ValueError, "bits_per_weight"), (math.nan, ValueError, "nan"),
+    (math.inf, ValueError, "inf"), (True, TypeError, "bool"), ("0.3", TypeError, "str"),
+    (0.01, ValueError, "below the smallest file"),
+])
+def test_bad_budgets_are_one_line_errors(budget, kind, words):
+    model = _tiny()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(kind) as info:
+        finetune(model, _data(), LOSS, overrides=RULES, steps=2, budget=budget, validation=False)
+    assert "\n" not in str(info.value) and words in str(info.value)
+    assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())  # failed before training
+
+
+@pytest.mark.parametrize("kwargs, overrides, words", [
+    ({"tensor": "9.weight"}, RULES, "no tensor '9.weight'"),
+    ({"tensor": "2.weight"}, RULES, "is not coded as JPEG"),
+    ({}, [("*", "b4")], "no tensor is coded as JPEG"),
+])
+def test_a_budget_needs_a_jpeg_tensor(kwargs, overrides, words):
+    with pytest.raises(ValueError) as info:
+        finetune(_tiny(), _data(), LOSS, overrides=overrides, steps=1, budget=Budget(2.0, **kwargs),
+                 validation=False)
+    assert "\n" not in str(info.value) and words in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs", [{"margin": 0.5}, {"margin": -0.1}, {"every": 0}, {"hold": 1.5},
+                                    {"tensor": 3}])
+def test_bad_budget_options_are_one_line_errors(kwargs):
+    with pytest.raises((ValueError, TypeError)) as info:
+        Budget(0.3, **kwargs)
+    assert "\n" not in str(info.value) and "budget" in str(info.value)
+    with pytest.raises(ValueError):
+        Budget(0.3).save(_tiny(), io.BytesIO())  # no finetune yet: no quality to save with
+
+
+def test_bench_train_budget_runs_and_rejects_bad_options(capsys):
+    import numpy as np
+
+    from bench import train
+
+    rng = np.random.default_rng(0)
+    schedule = train.Schedule("mlp", rng.integers(0, 255, (1280, 28, 28), dtype=np.uint8),
+                              rng.integers(0, 10, 1280), epochs=2, seed=0)
+    _, _, snapshot = schedule.run(snapshot_at=1)
+    point = train.ladder_point("mlp", 6, "ramp1")
+    looped, _ = schedule.codec_epochs(snapshot, point, refresh=2, budget=1.0, vector_bits=4)
+    budget = schedule.budget
+    assert budget.tensor == "fc1.weight" and budget.bits <= 1.0
+    state, bpw = train.coded(looped, overrides=budget.overrides)
+    assert bpw == budget.bits
+    for argv in (["--budget", "0"], ["--budget-only"], ["--budget", "0.3", "--budget-hold", "2"]):
+        with pytest.raises(SystemExit) as exc:
+            train.main(["--model", "mlp", *argv])
+        assert exc.value.code == 2 and "--budget" in capsys.readouterr().err
