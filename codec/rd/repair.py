@@ -43,7 +43,7 @@ from torch.nn import functional as F
 
 from ..api import TORCH_DTYPES, to_numpy, to_torch
 from ..dtypes import DType, from_float64, get_dtype, to_float64
-from ..parallel import make_executor, sparse_zeros
+from ..parallel import make_executor, release_memory, sparse_zeros
 from ..tensorcodec import (Encoded, EncodeOptions, Overrides, _error_sums, decode_encoded, encode_tensor,
                            lossless_reason)
 from . import ladder
@@ -445,6 +445,7 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
             if layer is not None:
                 layer.correct_bias(to_float64(decoded, slot.dtype))
         del decoded, layer
+        release_memory()  # the layer's blocks under the mmap threshold, freed on two threads: not left as holes
         _set_trainable(slots)
         step = _distill(work, _free(slots, lossy=True), batches, refs, settings.steps, settings.lr, step)
         if progress:
