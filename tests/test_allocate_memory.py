@@ -13,6 +13,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+import torch
 
 from codec.dtypes import get_dtype
 from codec.rd import allocate
@@ -614,3 +615,81 @@ def test_compensation_and_gptq_hold_few_weight_sized_arrays(label, options, limi
     fn = gptq_target if options.codec == "quant" else jpeg_target
     peak = _peak(lambda: fn(w, F32, options, h))
     assert peak < 2 * h.nbytes + limit * w.size * 8, f"{label}: {(peak - 2 * h.nbytes) / (w.size * 8):.1f} copies"
+
+
+def _symmetric(cols: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((3 * cols, cols)).astype(np.float32)
+    h = x.T @ x / len(x)
+    return h + h.T  # float32, equal to its transpose bit for bit (x.T @ x need not be: then it is not packed)
+
+
+@pytest.mark.parametrize("cols", [2, 7, 384])
+def test_packed_symmetric_gives_the_matrix_back_bit_for_bit(cols):
+    h = _symmetric(cols, seed=cols)
+    assert allocate.PackedSymmetric.packs(h)
+    packed = allocate.PackedSymmetric(h)
+    assert packed.triangle.nbytes == h.itemsize * cols * (cols + 1) // 2  # about half the whole
+    whole = packed.unpacked()
+    assert whole.dtype == h.dtype and whole.tobytes() == h.tobytes()
+    assert packed.unpacked() is whole  # shared while held
+    assert packed.shape == h.shape and packed.ndim == 2
+    assert packed[1:, :1].tobytes() == h[1:, :1].tobytes()
+    assert packed.astype(np.float64).tobytes() == h.astype(np.float64).tobytes()
+    with pytest.raises(ValueError):
+        whole[0, 0] = 1.0  # read only: every caller sees the same matrix
+
+
+def test_packed_symmetric_refuses_what_it_cannot_keep_exactly():
+    h = _symmetric(16)
+    skew = h.copy()
+    skew[0, 1] = np.nextafter(skew[0, 1], np.inf)  # one ulp from symmetric
+    nan = h.copy()
+    nan[2, 2] = np.nan
+    for bad in (skew, nan, h[:, :8], h[0], np.ones((1, 1), np.float32), np.arange(16).reshape(4, 4) * 0):
+        assert not allocate.PackedSymmetric.packs(bad)
+    weightings = allocate.packed_weightings({"a": Weighting(h=skew), "b": Weighting(h=h, scale=2.0),
+                                             "c": Weighting(rows=np.ones(3))})
+    assert weightings["a"].h is skew and weightings["c"].h is None
+    assert isinstance(weightings["b"].h, allocate.PackedSymmetric) and weightings["b"].scale == 2.0
+
+
+def test_packed_h_measures_every_candidate_the_same_and_frees_the_whole_matrix():
+    import gc
+    import weakref
+
+    cols, rows = 256, 96
+    h = _symmetric(cols)
+    array = _matrix(rows, cols)
+    whole = Distortion({"w": Weighting(h=h, rows=np.linspace(0.5, 2.0, rows), scale=0.7)})
+    packed = Distortion(allocate.packed_weightings(whole.weightings))
+    for label, options in [("q", EncodeOptions(codec="quant", bits=3)), ("j", EncodeOptions(codec="jpeg", quality=30))]:
+        a, _ = measure("w", array, F32, label, options, measure_by=whole, keep_decoded=False)
+        b, _ = measure("w", array, F32, label, options, measure_by=packed, keep_decoded=False)
+        assert (a.nmse, a.rel_error, a.out_error, a.nbytes) == (b.nmse, b.rel_error, b.out_error, b.nbytes)
+    held = packed.weightings["w"].h
+    gc.collect()
+    assert held._whole is not None and held._whole() is None  # unpacked for each measure, not kept after
+
+
+def test_calibrated_save_holds_packed_h_through_the_search_with_the_same_file(tmp_path, monkeypatch):
+    from torch import nn
+
+    import codec
+    from codec import encode
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64))
+    batches = [torch.randn(128, 256) for _ in range(4)]
+    seen: list = []
+    real = encode._plan
+
+    def plan(*args, measure_by=None, **kwargs):
+        seen.append(sorted(type(w.h).__name__ for w in measure_by.weightings.values() if w.h is not None))
+        return real(*args, measure_by=measure_by, **kwargs)
+
+    monkeypatch.setattr(encode, "_plan", plan)
+    codec.save(model, tmp_path / "packed.jwt", bits_per_weight=4.0, calibration=batches, repair=False)
+    monkeypatch.setattr(allocate, "packed_weightings", dict)  # the whole matrices, as before
+    codec.save(model, tmp_path / "whole.jwt", bits_per_weight=4.0, calibration=batches, repair=False)
+    assert seen == [["PackedSymmetric"] * 2, ["ndarray"] * 2]
+    assert (tmp_path / "packed.jwt").read_bytes() == (tmp_path / "whole.jwt").read_bytes()

@@ -771,3 +771,61 @@ def test_a_layer_with_fewer_calibration_rows_than_inputs_is_damped_more():
         layer.n = rows
         assert layer.damp(settings) == expected
     assert layer.damp(RepairSettings(damp=0.5)) == 0.5  # never less than asked
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear_no_bias", "conv"])
+def test_layer_collected_in_passes_gives_the_same_bits_with_one_cols2_moment_at_a_time(kind, monkeypatch):
+    """A layer whose moments are large is collected in passes (repair.SPLIT_MOMENT_BYTES: here every layer): the
+    cross moment first, then H, the held-out rows' share taken out of H's own array a band at a time, then H again.
+    Its H, refit candidate and W C are those of the one pass bit for bit; all rows' H and cross moment never
+    exist at once, and the held-out rows' H is never made whole. A convolution's held-out rows, past their limit,
+    are summed (the other path of _HeldOut.subtract)."""
+    from codec.rd import repair as repair_module
+
+    torch.manual_seed(3)
+    if kind == "conv":
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1)).eval()
+        data = [torch.randn(4, 3, 8, 8) for _ in range(8)]
+    else:
+        model = nn.Sequential(nn.Linear(24, 96), nn.GELU(), nn.Linear(96, 40, bias=kind == "linear")).eval()
+        data = [torch.randn(50, 24) for _ in range(8)]
+    work = copy.deepcopy(model)
+    with torch.no_grad():
+        work[0].weight.add_(0.05 * torch.randn_like(work[0].weight))
+    options = {n: EncodeOptions(codec="quant", bits=3) for n, p in model.named_parameters() if p.dim() > 1}
+    options.update({n: EncodeOptions(codec="lossless") for n, p in model.named_parameters() if p.dim() == 1})
+    slots = _slots(work, options, model)
+    settings = RepairSettings()
+
+    def collected():
+        fit = _LayerFit.collect(model, model[2], work, slots["2.weight"], slots, data, settings)
+        assert fit is not None and fit.candidate is not None
+        return fit
+
+    one = collected()
+    keys, made = [], []
+    batch_sum, moment = repair_module._batch_sum, _HeldOut.moment
+
+    def watched(key, x, x_hat):
+        keys.append(key)
+        return batch_sum(key, x, x_hat)
+
+    def spied(self, key):
+        made.append(key)
+        return moment(self, key)
+
+    monkeypatch.setattr(repair_module, "SPLIT_MOMENT_BYTES", 0)
+    monkeypatch.setattr(repair_module, "_batch_sum", watched)
+    monkeypatch.setattr(_HeldOut, "moment", spied)
+    passes = collected()
+    for a, b in [(one.h, passes.h), (one.candidate, passes.candidate), (one._w_cross, passes._w_cross),
+                 (one.mean, passes.mean), (one.mean_hat, passes.mean_hat)]:
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    # every cross product is summed (and the sum reduced to W C) before the first H product; H is summed twice
+    assert keys.index("hh") > max(i for i, k in enumerate(keys) if k == "cross")
+    assert keys.count("hh") == 2 * keys.count("cross")
+    assert made == ["wcross"] if kind != "conv" else "hh" in made  # convolution rows: summed, not banded
+    monkeypatch.setattr(repair_module, "SPLIT_MOMENT_BYTES", 1 << 60)
+    keys.clear()
+    collected()
+    assert keys.index("hh") < keys.index("cross") and keys.count("hh") == keys.count("cross")

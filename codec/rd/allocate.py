@@ -61,9 +61,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -79,7 +81,7 @@ from ..tensorcodec import (Encoded, EncodeOptions, decode_encoded, decoded_bands
 __all__ = ["RDPoint", "Menu", "Weighting", "Distortion", "DATA_FREE", "DAMAGE", "WARNINGS_KEY", "norm_weightings",
            "pareto_front", "candidates", "measure", "distortion", "image_side", "row_images", "lower_hull",
            "allocate_budget", "fill_budget", "spend_slack", "trade", "best_fill", "allocate_max_error", "sensitivities",
-           "plan_options", "search_units", "merge_weightings",
+           "plan_options", "search_units", "merge_weightings", "packed_weightings", "PackedSymmetric",
            "high_bit_candidates", "with_row_images", "JPEG_QUALITIES", "QUANT_BITS", "HIGH_QUANT_BITS",
            "HIGH_BITS_FROM", "ROW_TABLES", "TILES"]
 
@@ -293,7 +295,7 @@ class Weighting:
         """:meth:`energy` of bands of one tensor's rows, ``f(band, first row)``, whose terms sum to the whole's.
         A full ``H`` is made float32 once for all bands (not per band, nor kept: it is calibration's size)."""
         if self.h is not None and self.h.ndim == 2:  # float32 product: the measure needs 3 digits, not 15
-            h32 = self.h.astype(np.float32, copy=False)
+            h32 = (self.h.unpacked() if isinstance(self.h, PackedSymmetric) else self.h).astype(np.float32, copy=False)
 
         def energy(matrix: np.ndarray, first_row: int) -> float:
             if self.h is None:
@@ -307,6 +309,72 @@ class Weighting:
                          else per_row.sum())
 
         return energy
+
+
+class PackedSymmetric:
+    """A symmetric matrix held as its upper triangle, row after row: half the bytes of the whole.
+
+    A calibrated search holds every layer's ``H`` from calibration to its end but reads one tensor's at a time
+    (:meth:`Weighting.banded`, once per candidate measured): all-MiniLM-L6-v2's 36 float32 ``H`` take 74 MB whole,
+    37 packed. :meth:`unpacked` gives the whole matrix back bit for bit, shared by the threads measuring the same
+    tensor's candidates at once and freed when the last of them lets it go (a weak reference), so the search holds
+    the packed triangles plus one whole ``H``. Also answers ``shape``, ``ndim``, ``dtype``, ``astype`` and indexing
+    as the whole array does."""
+
+    ndim = 2
+
+    def __init__(self, full: np.ndarray):
+        n = full.shape[0]
+        self.shape, self.dtype = (n, n), full.dtype
+        self.triangle = np.empty(n * (n + 1) // 2, full.dtype)
+        offset = 0
+        for i in range(n):
+            self.triangle[offset:offset + n - i] = full[i, i:]
+            offset += n - i
+        self._whole: weakref.ref | None = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def packs(h: object) -> bool:
+        """Whether ``h`` is a square float matrix equal to its transpose bit for bit (NaN: no), which packing
+        keeps exactly."""
+        return (isinstance(h, np.ndarray) and h.ndim == 2 and h.shape[0] == h.shape[1] and h.shape[0] > 1
+                and h.dtype.kind == "f" and bool(np.array_equal(h, h.T)))
+
+    def unpacked(self) -> np.ndarray:
+        """The whole matrix (read only; the same array for every caller while one holds it)."""
+        with self._lock:
+            whole = self._whole() if self._whole is not None else None
+            if whole is None:
+                n = self.shape[0]
+                whole = np.empty(self.shape, self.dtype)
+                offset = 0
+                for i in range(n):
+                    row = self.triangle[offset:offset + n - i]
+                    whole[i, i:] = row
+                    whole[i:, i] = row
+                    offset += n - i
+                whole.flags.writeable = False
+                self._whole = weakref.ref(whole)
+            return whole
+
+    def astype(self, dtype, copy: bool = True) -> np.ndarray:
+        return self.unpacked().astype(dtype, copy=copy)
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self.unpacked()[key]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self.unpacked()
+        return whole if dtype is None else whole.astype(dtype)
+
+
+def packed_weightings(weightings: Mapping[str, Weighting]) -> dict[str, Weighting]:
+    """``weightings`` with each full ``H`` that is exactly symmetric held packed (:class:`PackedSymmetric`): the same
+    measures bit for bit in half the memory, once the caller drops its own references to the whole matrices
+    (:func:`codec.encode.save` drops the calibration it made)."""
+    return {name: replace(w, h=PackedSymmetric(w.h)) if PackedSymmetric.packs(w.h) else w
+            for name, w in weightings.items()}
 
 
 #: Elements per band of rows when a candidate is measured (:meth:`Distortion.measure`): the float64 temporaries are

@@ -43,7 +43,7 @@ from torch.nn import functional as F
 
 from ..api import TORCH_DTYPES, to_numpy, to_torch
 from ..dtypes import DType, from_float64, get_dtype, to_float64
-from ..parallel import make_executor, sparse_zeros
+from ..parallel import make_executor, release_memory, sparse_zeros
 from ..tensorcodec import (Encoded, EncodeOptions, Overrides, _error_sums, decode_encoded, encode_tensor,
                            lossless_reason)
 from . import ladder
@@ -445,6 +445,7 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
             if layer is not None:
                 layer.correct_bias(to_float64(decoded, slot.dtype))
         del decoded, layer
+        release_memory()  # the layer's blocks under the mmap threshold, freed on two threads: not left as holes
         _set_trainable(slots)
         step = _distill(work, _free(slots, lossy=True), batches, refs, settings.steps, settings.lr, step)
         if progress:
@@ -1221,6 +1222,32 @@ class _HeldOut:
         return total
 
 
+    def subtract(self, key: str, out: np.ndarray) -> np.ndarray:
+        """``out -= moment(key)`` in ``out``'s own array, the moment made a band of columns at a time as
+        :meth:`moment` makes it (the same bits, no ``cols^2`` array of its own); returns the moment's diagonal
+        (``hh``)."""
+        if self.sums is not None:
+            total = self.moment(key)
+            np.subtract(out, total, out=out)
+            return np.diagonal(total).copy()
+        cols = self.weight.shape[1]
+        band = max(1, self.BAND_BYTES // (4 * len(out)))
+        diagonal = np.empty(min(out.shape))
+        for j in range(0, cols, band):
+            part = np.zeros((len(out), min(band, cols - j)))
+            for y, x_hat in self.rows:
+                part += ((x_hat if key == "hh" else y).T @ x_hat[:, j:j + band]).numpy()
+            np.subtract(out[:, j:j + band], part, out=out[:, j:j + band])
+            ends = min(j + band, len(diagonal))
+            if j < ends:
+                diagonal[j:ends] = part[np.arange(j, ends), np.arange(ends - j)]
+            del part
+        self.served.add(key)
+        if self.served.issuperset(self.MOMENTS):
+            self.rows = []
+        return diagonal
+
+
 def _widen_into(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
     """``total + value`` in float64, in ``total``'s own array (``value`` widened as it is added, the same bits as
     ``total.add_(value)``, which widens a float32 ``value`` into a float64 copy first: all-MiniLM-L6-v2's FFN
@@ -1234,6 +1261,13 @@ def _widen_into(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor
     np.add(out, value.numpy(), out=out)
     return total
 
+
+#: A layer whose ``cols^2`` float64 moment takes this many bytes or more is collected in passes (:meth:`_LayerFit.
+#: collect`, with a refit to judge): all-MiniLM-L6-v2's FFN output layers (19 MB each) held all rows' ``H`` and cross
+#: moment and a batch's float32 product at once, then all rows' ``H`` and the held-out rows' (57 MB above repair's
+#: floor); in passes, one ``cols^2`` matrix and a product or a band. Each pass more runs the working model once over
+#: the calibration batches.
+SPLIT_MOMENT_BYTES = 16 << 20
 
 #: What :meth:`_LayerFit.collect` sums over a chunk of a layer's input rows, in this order (the last two: refit only).
 _BATCH_SUMS = ("n", "sum_h", "hh", "sum_x", "cross")
@@ -1314,40 +1348,68 @@ class _LayerFit:
             else:
                 acc[key] = _widen_into(acc.get(key), value)
 
+        # A layer whose moments are large (all-MiniLM-L6-v2's FFN output: 19 MB each) sums all rows' H in passes of
+        # its own over the working model (SPLIT_MOMENT_BYTES): the cross moment first, reduced to W C and freed, then
+        # H, of which the refit on the other rows takes the held-out rows' share in H's own array, then H again.
+        # The same sums in the same order (the working model is not changed meanwhile): the same bits.
+        split = refit and 8 * math.prod(slot.original.shape[1:]) ** 2 >= SPLIT_MOMENT_BYTES
+
+        def sums(keys: tuple[str, ...], both: bool) -> bool:
+            """One pass over the batches adding ``keys`` (``both``: with the original model, the held-out sums and
+            rows too); False where the layer's inputs do not give rows."""
+            for k, batch in enumerate(used):
+                held = both and k in checked
+                seen.clear()
+                _run(work, batch)
+                if both:
+                    _run(model, batch)
+                if not acc["ok"] or "h" not in seen:
+                    return False
+                xs = seen.get("x", [])
+                if both and [x.shape for x in xs] != [xh.shape for xh in seen["h"]]:
+                    return False
+                for i, inputs in enumerate(seen["h"]):
+                    chunks = zip(_layer_rows(original, xs[i]), _layer_rows(slot.module, inputs)) \
+                        if both else ((None, xh) for xh in _layer_rows(slot.module, inputs))
+                    for x, xh in chunks:
+                        # products in float32, summed in float64 (add widens them as it adds), each made when
+                        # its turn comes: one cols^2 float32 product alive at a time
+                        for key in keys:
+                            value = _batch_sum(key, x, xh)
+                            add(key, value)
+                            if held and key not in ("hh", "cross"):
+                                add("held_" + key, value)
+                            del value
+                        if held:
+                            held_rows.add(x, xh)
+            return True
+
         handles = [original.register_forward_pre_hook(grab("x")), slot.module.register_forward_pre_hook(grab("h"))]
         training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                for k, batch in enumerate(used):
-                    held = k in checked
-                    seen.clear()
-                    _run(work, batch)
-                    if refit:
-                        _run(model, batch)
-                    if not acc["ok"] or "h" not in seen:
-                        return None
-                    xs = seen.get("x", [])
-                    if refit and [x.shape for x in xs] != [xh.shape for xh in seen["h"]]:
-                        return None
-                    for i, inputs in enumerate(seen["h"]):
-                        chunks = zip(_layer_rows(original, xs[i]), _layer_rows(slot.module, inputs)) \
-                            if refit else ((None, xh) for xh in _layer_rows(slot.module, inputs))
-                        for x, xh in chunks:
-                            # products in float32, summed in float64 (add widens them as it adds), each made when
-                            # its turn comes: one cols^2 float32 product alive at a time
-                            for key in _BATCH_SUMS if refit else _BATCH_SUMS[:3]:
-                                value = _batch_sum(key, x, xh)
-                                add(key, value)
-                                if held and key not in ("hh", "cross"):
-                                    add("held_" + key, value)
-                                del value
-                            if held:
-                                held_rows.add(x, xh)
+                keys = tuple(k for k in _BATCH_SUMS if k != "hh") if split else \
+                    _BATCH_SUMS if refit else _BATCH_SUMS[:3]
+                if not sums(keys, refit):
+                    return None
+                if split and not 0 < acc["held_n"] < acc["n"]:  # no refit to judge: H as it comes
+                    split = False
+                    sums(("hh",), False)
         finally:
             model.train(training)
             for h in handles:
                 h.remove()
+
+        def again() -> None:  # all rows' H, summed as the first pass would have (split)
+            handles[:] = [slot.module.register_forward_pre_hook(grab("h"))]
+            try:
+                with torch.no_grad():
+                    sums(("hh",), False)
+            finally:
+                for h in handles:
+                    h.remove()
+
         if acc["n"] == 0:
             return None
         n = acc["n"]
@@ -1379,9 +1441,11 @@ class _LayerFit:
         candidate = None
         if refit and 0 < acc["held_n"] < n:
             try:
-                candidate = fit._rest_refit(acc, held_rows, settings)
+                candidate = fit._rest_refit(acc, held_rows, settings, again if split else None)
             except np.linalg.LinAlgError:  # the other rows' H singular even damped: no refit to judge
                 fit._weighted_cross(acc)
+                if "hh" not in acc:
+                    again()
         del held_rows
         h = acc.pop("hh").div_(n).numpy()
         fit._centre(h, mean_hat, mean_hat)
@@ -1467,7 +1531,8 @@ class _LayerFit:
         finally:
             h[np.diag_indices(len(h))] = diagonal
 
-    def _rest_refit(self, acc: dict, held: _HeldOut, settings: RepairSettings) -> np.ndarray:
+    def _rest_refit(self, acc: dict, held: _HeldOut, settings: RepairSettings,
+                    again: Callable[[], None] | None = None) -> np.ndarray:
         """The refit fitted on all but every :data:`HOLDOUT_EVERY`-th batch (float64, ``[out, cols]``), for
         :func:`_refit_judged` to try on the held-out batches. ``acc`` holds the sums over all rows and the held-out
         rows' count and sums of ``x`` and ``x_hat`` (``held_*``); ``held`` the held-out rows (:class:`_HeldOut`).
@@ -1475,7 +1540,11 @@ class _LayerFit:
         Memory: the other rows' ``W C`` is all rows' ``W C`` less the held-out rows' (made from their rows, ``out x
         cols``), then all rows' cross moment is reduced to ``W C`` (:meth:`_weighted_cross`, kept for the refit of
         all rows) and freed, and the other rows' ``H`` is made in an array of its own in which the ridge is solved
-        (:func:`codec.rd.gptq._inverse_cholesky_upper`): besides all rows' ``H``, one ``cols^2`` matrix at most."""
+        (:func:`codec.rd.gptq._inverse_cholesky_upper`): besides all rows' ``H``, one ``cols^2`` matrix at most.
+        Given ``again`` (a layer :meth:`collect` sums in passes: ``acc`` has no ``H`` yet), ``again()`` adds all
+        rows' ``H`` to ``acc`` once the cross moment is freed, the other rows' ``H`` is made in that array (the
+        held-out rows' taken out a band at a time) and solved there, and ``again()`` adds all rows' ``H`` anew
+        after: one ``cols^2`` matrix at a time. The same bits either way."""
         from .gptq import _inverse_cholesky_upper
 
         n, n_held = acc["n"], acc["held_n"]
@@ -1488,18 +1557,31 @@ class _LayerFit:
         if centred:
             w_cross -= np.outer(self.w_ref @ rest_x, rest_h)
         self._weighted_cross(acc)
-        held_h = held.moment("hh")
-        lam = self.damp(settings) * float(np.mean((np.diagonal(acc["hh"].numpy()) - np.diagonal(held_h)) / m
-                                            - (rest_h * rest_h if centred else 0.0))) + 1e-12
+        if again is None:
+            held_h = held.moment("hh")
+            all_diagonal, held_diagonal = np.diagonal(acc["hh"].numpy()), np.diagonal(held_h)
+        else:
+            again()
+            held_h = None
+            all_diagonal = np.diagonal(acc["hh"].numpy()).copy()
+            held_diagonal = held.subtract("hh", acc["hh"].numpy())  # all rows' H less the held-out rows', in place
+        lam = self.damp(settings) * float(np.mean((all_diagonal - held_diagonal) / m
+                                                  - (rest_h * rest_h if centred else 0.0))) + 1e-12
         w_cross += lam * self.w_ref
         rhs, w_cross = w_cross, None
+        first = [True]
 
         def damped() -> np.ndarray:  # the other rows' H, centred and damped, in held_h's array the first time
             nonlocal held_h
-            h, held_h = (held_h, None) if held_h is not None else (None, None)
+            if again is not None:  # (in all rows' H's array, which already holds it less the held-out rows')
+                h = acc.pop("hh").numpy() if first[0] else None
+                first[0] = False
+            else:
+                h, held_h = (held_h, None) if held_h is not None else (None, None)
+                if h is not None:
+                    np.subtract(acc["hh"].numpy(), h, out=h)
             if h is None:
                 raise np.linalg.LinAlgError("the other rows' H is singular")
-            np.subtract(acc["hh"].numpy(), h, out=h)
             h /= m
             self._centre(h, rest_h, rest_h)
             h[np.diag_indices(len(h))] += lam
@@ -1507,7 +1589,11 @@ class _LayerFit:
 
         u = _inverse_cholesky_upper(damped)  # (H + lam I)^-1 = U^T U
         rhs = rhs @ u.T  # (the right-hand side freed as its product is made)
-        return rhs @ u
+        rhs = rhs @ u
+        if again is not None:
+            del u
+            again()
+        return rhs
 
     def settle(self) -> None:
         """Before the layer is coded (its refit decided): keep of the reference weight only ``W_ref E[x]``, all that
