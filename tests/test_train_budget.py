@@ -38,10 +38,10 @@ def _file(model, budget: Budget) -> tuple[bytes, float]:
 
 
 def _ladder_index(quality: str) -> int:
-    from codec.rd.ladder import _scales, scale_of
+    from codec.rd.ladder import scales, scale_of
     from codec.tensorcodec import EncodeOptions, parse_spec
 
-    return _scales().index(scale_of(parse_spec(f"jpeg,{quality}", EncodeOptions())))
+    return scales().index(scale_of(parse_spec(f"jpeg,{quality}", EncodeOptions())))
 
 
 @pytest.mark.parametrize("bits", [1.7, 2.5])
@@ -118,10 +118,10 @@ def test_the_file_steps_down_when_the_held_weights_grew_over_the_budget(monkeypa
 
 
 def test_a_float_budget_is_a_budget_and_the_setting_string_is_exactly_the_ladders_scale():
-    from codec.rd.ladder import _scales, scale_of
+    from codec.rd.ladder import scales, scale_of
     from codec.tensorcodec import EncodeOptions, parse_spec
 
-    for scale in _scales():
+    for scale in scales():
         assert scale_of(parse_spec("jpeg," + bm._spec_at(scale, EncodeOptions()), EncodeOptions())) == scale
     assert isinstance(bm.as_budget(0.5), Budget) and bm.as_budget(None) is None
     assert bm._escape("a[0]*?.w") == "a[[]0][*][?].w"

@@ -31,7 +31,7 @@ from ..blobcodecs.jpeg import quality_at_scale, quality_scale
 from ..format import compress_index
 from ..tensorcodec import DEFAULT_QUALITY, EncodeOptions
 
-__all__ = ["FINE_RATIO", "scale_of", "at_scale", "between", "text", "table_bytes"]
+__all__ = ["FINE_RATIO", "scale_of", "at_scale", "between", "scales", "text", "table_bytes"]
 
 #: Ratio of successive scales on the fine ladder (where the integer qualities' are further apart).
 FINE_RATIO = 1.03
@@ -53,19 +53,19 @@ def between(cheap: EncodeOptions, dear: EncodeOptions, ratio: float = FINE_RATIO
     only), from ``cheap``'s side (the larger scale) to ``dear``'s: every integer quality between them and, where
     two neighbours are more than ``ratio`` (:data:`FINE_RATIO`) apart, scales in steps of that ratio."""
     top, bottom = scale_of(cheap), scale_of(dear)
-    return [at_scale(cheap, s) for s in _scales(ratio) if bottom < s < top]
+    return [at_scale(cheap, s) for s in scales(ratio) if bottom < s < top]
 
 
 @functools.cache
-def _scales(ratio: float = FINE_RATIO) -> tuple[int, ...]:
+def scales(ratio: float = FINE_RATIO) -> tuple[int, ...]:
     """The ladder's scales, decreasing: the integer qualities', and each gap wider than ``ratio`` cut into equal
     ratios of at most that."""
     qualities = [quality_scale(q) for q in range(1, 101)]
-    scales = set(qualities)
+    found = set(qualities)
     for a, b in zip(qualities, qualities[1:]):
         n = math.ceil(math.log(a / b) / math.log(ratio)) if b > 0 else 1
-        scales |= {round(a * (b / a) ** (k / n)) for k in range(1, n)}
-    return tuple(sorted(scales, reverse=True))
+        found |= {round(a * (b / a) ** (k / n)) for k in range(1, n)}
+    return tuple(sorted(found, reverse=True))
 
 
 def text(opts: EncodeOptions) -> str:

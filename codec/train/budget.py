@@ -112,7 +112,7 @@ class Budget:
               vector_bits: int | None) -> Overrides:
         """Resolve the tensor, and on the first call search the ladder for the highest step that fits; the
         rules to code with. ValueError (one line) if no JPEG tensor, or not even the coarsest step fits."""
-        from ..rd.ladder import _scales, scale_of
+        from ..rd.ladder import scale_of, scales
 
         from .finetune import _lossless_for_shape
 
@@ -131,7 +131,7 @@ class Budget:
                 raise ValueError(f"finetune: budget: tensor {self.tensor!r} is not coded as JPEG under this setting "
                                  f"and overrides" if self.tensor in state else
                                  f"finetune: budget: the model has no tensor {self.tensor!r}")
-            self._ladder = _scales()
+            self._ladder = scales()
             here = scale_of(rules.options_for(self.tensor, opts) or opts)
             self._index = min(range(len(self._ladder)), key=lambda i: abs(self._ladder[i] - here))
             sizes = {}
