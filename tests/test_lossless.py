@@ -11,7 +11,8 @@ import zstandard
 
 import codec
 from codec.blobcodecs import REGISTRY, Zstd, ZstdPlanes, get_codec
-from codec.blobcodecs.zstd import _STEP
+from codec.blobcodecs import zstd as zstd_module
+from codec.blobcodecs.zstd import _STEP, frame_length
 from codec.dtypes import get_dtype
 from codec.errors import FormatError, UnknownCodecError
 
@@ -59,6 +60,86 @@ def test_zstd_planes_layout_is_the_rotated_planes_most_significant_first():
     assert (zstandard.ZstdDecompressor().decompress(ZstdPlanes(1).encode(one))
             == zstandard.ZstdDecompressor().decompress(Zstd(1, True, exponent_first=True).encode(one)))
     assert ZstdPlanes(3).encode(x) == ZstdPlanes(3).encode(x.copy())  # deterministic (scratch buffers reused)
+
+
+def _weights(dtype: str, count: int) -> np.ndarray:
+    """Normal weights of ``dtype`` in storage form: a skewed exponent plane, near-random mantissa planes."""
+    values = torch.from_numpy(RNG.standard_normal(count) * 0.05).to(getattr(torch, dtype))
+    from codec.api import to_numpy
+
+    return to_numpy(values)[0]
+
+
+def _blocks(blob: bytes) -> list[tuple[int, int]]:
+    """(type, stored bytes) of each block of a zstd frame (RFC 8878 3.1.1.2: 0 raw, 1 RLE, 2 compressed)."""
+    pos, last, blocks = zstandard.frame_header_size(blob), 0, []
+    while not last:
+        header = int.from_bytes(blob[pos : pos + 3], "little")
+        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+        blocks.append((kind, size))
+        pos += 3 + (1 if kind == 1 else size)
+    return blocks
+
+
+BLOCK = zstandard.BLOCKSIZE_MAX
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+def test_lossless_planes_in_their_own_blocks_round_trip(dtype):
+    """The reference lossless codec of each float dtype (and every zstd_planes rotation of bfloat16's and
+    float32's) codes weights at sizes below, at and across zstd's 128 KiB block (planes of whole blocks, of a
+    block and a byte, odd), empty and of one element, into one zstd frame declaring its content size, bit-exact."""
+    from codec.tensorcodec import lossless_codec
+
+    coders = [lossless_codec(get_dtype(dtype), 9)]
+    if dtype in ("bfloat16", "float32"):
+        coders += [ZstdPlanes(r) for r in (1, 2, 3)]
+    for count in (0, 1, 5, 384, 3001, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK, 2 * BLOCK + 777):
+        array = _weights(dtype, count)
+        for coder in coders:
+            blob = coder.encode(array)
+            assert frame_length(blob) == len(blob)
+            assert zstandard.frame_content_size(blob) == array.nbytes
+            assert coder.decode(blob, array.shape, array.dtype).tobytes() == array.tobytes(), (coder, count)
+            assert coder.encode(array.copy()) == blob  # deterministic
+
+
+@pytest.mark.parametrize("count", [3001, BLOCK - 5, BLOCK + 1, 5 * BLOCK // 2 + 3])
+def test_a_near_random_plane_fills_its_own_raw_blocks(count):
+    """bfloat16 with rotate 1: the exponent plane comes first, Huffman-coded, and the mantissa-and-sign plane
+    (random here) is stored in raw blocks that end the frame and hold exactly its ``count`` bytes: no block
+    straddles the two planes. float32 with rotate 3 below a block: each of its two random middle planes is one
+    raw block of its own."""
+    array = _weights("bfloat16", count)
+    array.view(np.uint16)[:] = (array.view(np.uint16) & 0xFF80) | RNG.integers(0, 128, count, dtype=np.uint16)
+    blocks = _blocks(ZstdPlanes(1).encode(array))
+    assert blocks[0][0] == 2
+    tail, suffix = 0, set()
+    for kind, size in reversed(blocks):
+        if kind != 0:
+            break
+        tail += size
+        suffix.add(tail)
+    assert count in suffix, blocks
+    if count < BLOCK:
+        wide = _weights("float32", count)
+        wide.view(np.uint32)[:] ^= RNG.integers(0, 1 << 21, count, dtype=np.uint32)  # random low mantissa bits
+        blocks = _blocks(ZstdPlanes(3).encode(wide))
+        assert [b for b in blocks if b[0] == 0] == [(0, count), (0, count)] and len(blocks) == 4, blocks
+
+
+def test_a_frame_of_one_block_is_the_shorter_layout():
+    """Up to one block the encoder keeps the one-call frame where block headers per plane would cost more (a few
+    elements), and the per-plane blocks where they save (MiniLM's 384-element vectors), never longer than both."""
+    for dtype, count in (("float32", 1), ("float32", 3), ("bfloat16", 384), ("float64", 100), ("float32", 2000)):
+        array = _weights(dtype, count)
+        coder = ZstdPlanes(zstd_module.planes_rotation(dtype))
+        planes = zstd_module._rotated_planes(array, coder.rotate).copy()
+        whole = len(coder._compressor().compress(planes.data))
+        assert len(coder.encode(array)) <= whole, (dtype, count)
+    array = _weights("bfloat16", 384)
+    planes = zstd_module._rotated_planes(array, 1).copy()
+    assert len(ZstdPlanes(1).encode(array)) < len(ZstdPlanes(1)._compressor().compress(planes.data))
 
 
 @pytest.mark.parametrize("config", [{"id": "zstd_planes"}, {"id": "zstd_planes", "rotate": 64},
@@ -219,7 +300,10 @@ def test_reused_compressors_write_the_bytes_of_fresh_ones():
             raw = coder.encode(array)
             fresh = zstandard.ZstdCompressor(compression_params=coder._params())
             content = zstandard.ZstdDecompressor().decompress(raw) if array.size else b""
-            assert raw == fresh.compress(content), coder.get_config()
+            planes = np.frombuffer(content, np.uint8)
+            again = zstd_module._compress_planes(fresh, planes, array.itemsize) if coder.shuffle and array.size \
+                else fresh.compress(content)
+            assert raw == again, coder.get_config()
 
 
 def test_crc32_is_zlibs_on_every_path(monkeypatch):

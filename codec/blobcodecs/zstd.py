@@ -93,7 +93,9 @@ class Zstd(BlobCodec):
             raw = _rotated_planes(data, self.rotation, self.codec_id)
         elif self.shuffle and data.itemsize > 1 and data.size:
             raw = np.ascontiguousarray(raw.T)
-        return self._compressor().compress(np.ascontiguousarray(raw).data)
+        else:
+            return self._compressor().compress(np.ascontiguousarray(raw).data)
+        return _compress_planes(self._compressor(), raw.reshape(-1), data.itemsize)
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         """A compressor with :meth:`_params`: the calling thread's own for levels up to :data:`_REUSE_MAX_LEVEL`
@@ -177,9 +179,12 @@ class ZstdPlanes(Zstd):
 
 
 #: Bits the reference encoder rotates each floating dtype's elements by in ``zstd_planes`` (bench/lossless.py on
-#: all-MiniLM-L6-v2: bfloat16 and float32 gain most from 3, float64 made from float32 from 5; float16 keeps
-#: ``exponent_first``'s 1, whose top byte already holds its 5 exponent bits).
-_ROTATION = {"bfloat16": 3, "float32": 3, "float64": 5}
+#: all-MiniLM-L6-v2): float32 gains most from 3, float64 made from float32 from 5; bfloat16 takes 1 (its exponent
+#: byte, then its 7 mantissa bits and sign, which zstd stores raw): 3 is 0.6 % smaller but Huffman-codes both of
+#: its planes and halves zstd's decode speed, below the 1 GB/s per core lossless target (2 likewise), while
+#: float32's 3 keeps two of its four planes raw; float16 keeps ``exponent_first``'s 1, whose top byte already holds
+#: its 5 exponent bits.
+_ROTATION = {"bfloat16": 1, "float32": 3, "float64": 5}
 
 
 def planes_rotation(dtype_name: str) -> int | None:
@@ -357,6 +362,37 @@ def _load_loops(block: bool) -> ModuleType | None:
         return _compiled_state["loops"] or None
     finally:
         _compiled_lock.release()
+
+
+def _compress_planes(compressor: zstandard.ZstdCompressor, planes: np.ndarray, k: int) -> bytes:
+    """One zstd frame of ``planes`` (``k`` byte planes of equal length, one after the other) whose blocks end at
+    each plane's end.
+
+    zstd cuts a frame into blocks of up to 128 KiB from its start, each with its own Huffman table for its literals
+    (or none: a block stored raw). A block that straddles two planes codes an exponent plane's bytes and a
+    near-random mantissa plane's under one table, or Huffman-codes bytes that a block of their own would store raw
+    (decoded at memcpy speed); a tensor smaller than a block has all its planes under one table. So the planes are
+    fed to zstd's streaming API with a block flush after each but the last (on all-MiniLM-L6-v2 0.3 % smaller
+    frames for bfloat16 and float16, 0.2 % for float32, 14 % for its tensors of one block; bench/JOURNAL.md,
+    "Lossless planes in their own blocks"). Where planes are whole blocks a one-call frame already has their
+    blocks (and no empty last block, which the stream ends with there). A frame of at most one block is also
+    made in one call and the shorter kept: a plane of a few bytes costs a 3-byte block header and gains nothing.
+    Each is an ordinary frame; the decoder does not change.
+    """
+    n = planes.size // k
+    if n % zstandard.BLOCKSIZE_MAX == 0:
+        return compressor.compress(planes.data)
+    stream = compressor.compressobj(size=planes.size)
+    parts = []
+    for j in range(k):
+        parts.append(stream.compress(planes[j * n : (j + 1) * n].data))
+        parts.append(stream.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK if j < k - 1 else zstandard.COMPRESSOBJ_FLUSH_FINISH))
+    frame = b"".join(parts)
+    if planes.size <= zstandard.BLOCKSIZE_MAX:
+        whole = compressor.compress(planes.data)
+        if len(whole) <= len(frame):
+            return whole
+    return frame
 
 
 def _decompress_into(blob: bytes, content: np.ndarray) -> None:
