@@ -21,7 +21,14 @@ rotation of 3 moves a weight's two nearly constant top exponent bits (0 and
 bits into the first, so that every plane has a skew for zstd's Huffman stage
 to use. Its encoder also keeps zstd's match finder nearly idle (a 64-entry
 hash table, 7-byte matches): weights have few repeats, so zstd then mostly
-Huffman-codes each 128 KB block, faster and smaller than level 1.
+Huffman-codes each 128 KB block, faster and smaller than level 1. The
+reference encoder uses 3 for float32 and 1 for bfloat16, whose mantissa and
+sign byte zstd then stores raw, decoded at memcpy speed
+(:data:`_ROTATION`).
+
+Every shuffled layout's encoder ends a zstd block at each plane's end
+(:func:`_compress_planes`), so that no block mixes two planes' bytes under
+one Huffman table; the frame is an ordinary one and the decoder is the same.
 """
 
 from __future__ import annotations
