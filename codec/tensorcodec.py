@@ -168,7 +168,8 @@ LOSSLESS_FLOAT_LEVEL = 1
 
 def lossless_codec(dtype: DType, level: int) -> Zstd:
     """The codec of a tensor stored losslessly: bfloat16, float32 and float64 as ``zstd_planes`` (format 1.2,
-    rotated byte planes; ratio 1.22 / 1.51 on MiniLM float32 / bfloat16 against 1.21 / 1.46 exponent first),
+    rotated byte planes, :func:`~codec.blobcodecs.zstd.planes_rotation`; ratio 1.224 / 1.504 on MiniLM float32 /
+    bfloat16 against 1.21 / 1.46 exponent first),
     float16 exponent first at :data:`LOSSLESS_FLOAT_LEVEL`; anything else byte-shuffled at ``level``."""
     rotation = planes_rotation(dtype.name) if dtype.floating else None
     if rotation is not None:

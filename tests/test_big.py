@@ -147,13 +147,13 @@ def test_exponent_first_layout_and_parameter_checks():
 
 
 def test_lossless_floats_are_stored_as_rotated_planes(tmp_path):
-    """--codec lossless stores bfloat16/float32 tensors as zstd_planes rotated 3 bits (a format 1.2 file), float16
-    exponent first and ints shuffled; the round trip is bit-exact."""
+    """--codec lossless stores bfloat16 tensors as zstd_planes rotated 1 bit, float32 rotated 3 bits (a format 1.2
+    file), float16 exponent first and ints shuffled; the round trip is bit-exact."""
     sd = {"w": torch.randn(64, 64).to(torch.bfloat16), "v": torch.randn(300), "h": torch.randn(50).half(),
           "i": torch.arange(10)}
     codec.save(sd, tmp_path / "m.jwt", codec="lossless")
     with codec.open(tmp_path / "m.jwt") as f:
-        assert f.reader.entry("w").codec.get_config() == {"id": "zstd_planes", "rotate": 3}
+        assert f.reader.entry("w").codec.get_config() == {"id": "zstd_planes", "rotate": 1}
         assert f.reader.entry("v").codec.get_config() == {"id": "zstd_planes", "rotate": 3}
         assert f.reader.entry("h").codec.get_config().get("exponent_first") is True
         assert "exponent_first" not in f.reader.entry("i").codec.get_config()
