@@ -379,12 +379,13 @@ def _compress_planes(compressor: zstandard.ZstdCompressor, planes: np.ndarray, k
     (or none: a block stored raw). A block that straddles two planes codes an exponent plane's bytes and a
     near-random mantissa plane's under one table, or Huffman-codes bytes that a block of their own would store raw
     (decoded at memcpy speed); a tensor smaller than a block has all its planes under one table. So the planes are
-    fed to zstd's streaming API with a block flush after each but the last (on all-MiniLM-L6-v2 0.3 % smaller
-    frames for bfloat16 and float16, 0.2 % for float32, 14 % for its tensors of one block; bench/JOURNAL.md,
-    "Lossless planes in their own blocks"). Where planes are whole blocks a one-call frame already has their
-    blocks (and no empty last block, which the stream ends with there). A frame of at most one block is also
-    made in one call and the shorter kept: a plane of a few bytes costs a 3-byte block header and gains nothing.
-    Each is an ordinary frame; the decoder does not change.
+    fed to zstd's streaming API with a block flush after each but the last (on all-MiniLM-L6-v2 0.33 % smaller
+    frames for bfloat16, 0.2 % for float32 and float16, 9-14 % for its tensors of one block; zstd then costs
+    about 20 % more CPU to encode; bench/JOURNAL.md, "Lossless planes in their own blocks (fourteenth pass,
+    issue 12)"). Where planes are whole blocks a one-call frame already has their blocks (and no empty last
+    block, which the stream ends with there). A frame of at most one block is also made in one call and the
+    shorter kept: a plane of a few bytes costs a 3-byte block header and gains nothing. Each is an ordinary
+    frame; the decoder does not change.
     """
     n = planes.size // k
     if n % zstandard.BLOCKSIZE_MAX == 0:
