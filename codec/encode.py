@@ -463,10 +463,10 @@ def save(
         for name, data in (attachments or {}).items():
             ready = packing.get(name)
             writer.add_attachment(name, data, None if ready is None else ready.result())
-    if repaired and bits_per_weight is not None and isinstance(path, (str, os.PathLike)):
+    if repaired and bits_per_weight is not None:  # a path or a file object (the size the writer wrote)
         # repair changes values after the plan: their coded size can differ from the planned one
         weights = sum(math.prod(arrays.shape(n)) for n in arrays if n not in aliases)
-        got = 8 * os.path.getsize(path) / max(weights, 1)
+        got = 8 * writer.nbytes / max(weights, 1)
         if got > bits_per_weight:
             notes.append(f"repair: the file is {got:.3f} bits/weight, over the {bits_per_weight} asked for "
                          f"(the repaired values code larger than planned)")

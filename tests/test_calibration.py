@@ -658,3 +658,38 @@ def test_real_repair_through_save_keeps_the_budget():
     back = TwoBranch()
     back.load_state_dict(codec.load(buf.getvalue()))
     assert _rel(back(test_x).detach(), model(test_x).detach()) < 0.8
+
+
+def test_a_repaired_file_over_its_budget_says_so_to_a_file_object_too(tmp_path):
+    """A user's net with zero-initialised biases and a fresh LayerNorm: repair gives those constant vectors values
+    that code at about their raw size, and the file can end over the budget. Then the notes say so with the
+    file's own figure, whether codec.save wrote to a path or to a file object (it was said for a path only: to a
+    BytesIO the file was 3.14 bits/weight at -b 3, silently). Within the budget, nothing is said."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.n, self.b = nn.Linear(64, 256), nn.LayerNorm(256), nn.Linear(256, 32)
+
+        def forward(self, x):
+            return self.b(self.n(torch.relu(self.a(x))))
+
+    model = Net()
+    with torch.no_grad():
+        model.a.bias.zero_()
+        model.b.bias.zero_()
+    x = torch.randn(512, 64)
+    weights = sum(t.numel() for t in model.state_dict().values())
+    buf = io.BytesIO()
+    notes = codec.save(model, buf, bits_per_weight=3.0, calibration=x)
+    path_notes = codec.save(model, tmp_path / "r.jwt", bits_per_weight=3.0, calibration=x)
+    assert buf.getvalue() == (tmp_path / "r.jwt").read_bytes()
+    got = 8 * len(buf.getvalue()) / weights
+    over = [n for n in notes if "over the 3.0 asked for" in n]
+    assert over == [n for n in path_notes if "over the 3.0 asked for" in n]
+    if got > 3.0:
+        assert over == [f"repair: the file is {got:.3f} bits/weight, over the 3.0 asked for (the repaired values "
+                        "code larger than planned)"]
+    else:
+        assert not over
