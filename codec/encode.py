@@ -365,8 +365,10 @@ def save(
     if overlaps:  # views that share part of their memory: kept exact, so they stay equal where they overlap
         notes.append(f"tensors {', '.join(map(repr, overlaps[:10]))}{', ...' if len(overlaps) > 10 else ''} "
                      "share part of their memory (overlapping views): stored losslessly so they stay equal there")
+    empty = {n for n in arrays if n not in aliases and math.prod(arrays.shape(n)) == 0}
+    if overlaps or empty:  # empty tensors (shape (0, 5)): nothing to search or tile, stored as they are
         lossless = dataclasses.replace(opts, codec="lossless")
-        rules = _Forced(rules, set(overlaps), lossless)
+        rules = _Forced(rules, set(overlaps) | empty, lossless)
     matcher = None
     if base is not None:
         if ray is not None:
