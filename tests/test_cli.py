@@ -157,3 +157,27 @@ def test_out_of_memory_names_the_input_and_what_needs_less(tmp_path, monkeypatch
             f"Error: {tmp_path / 'm.pt'}: out of memory" + (" (each coding thread holds its own tensors and buffers: "
                                                            "-j 1 needs least)" if hint else "")]
         assert not (tmp_path / "m.jwt").exists()
+
+
+def test_decode_to_a_folder_says_what_it_wrote(tmp_path):
+    """`jwt decode m.jwt -o out/` said "N tensors and the attachments" even when the file had none: it now counts
+    the shards and attachments written, and names none where there are none."""
+    import json
+
+    torch.save({"w": torch.randn(64, 64), "b": torch.randn(64)}, tmp_path / "m.pt")
+    assert CliRunner().invoke(cli, ["encode", str(tmp_path / "m.pt"), "-q"]).exit_code == 0
+    r = CliRunner().invoke(cli, ["decode", str(tmp_path / "m.jwt"), "-o", str(tmp_path / "out") + "/"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1] == f"{tmp_path / 'out'}/: 2 tensors"
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.randn(300, 300), "c": torch.randn(300, 300)}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 300}))
+    (folder / "vocab.txt").write_text("a\nb\n")
+    assert CliRunner().invoke(cli, ["encode", str(folder), "-o", str(tmp_path / "hf.jwt"), "-q"]).exit_code == 0
+    r = CliRunner().invoke(cli, ["decode", str(tmp_path / "hf.jwt"), "-o", str(tmp_path / "hf_out") + "/",
+                                 "--max-shard-size", "400KB"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1] == f"{tmp_path / 'hf_out'}/: 2 tensors in 2 shards and 2 attachments"
