@@ -74,6 +74,11 @@ def read_array(path: Path):
         raise click.ClickException(f"{path}: holds no samples (shape {loaded.shape})")
     if loaded.dtype.kind not in "biuf":
         raise click.ClickException(f"{path}: dtype {loaded.dtype} is not numeric")
+    from codec.rd.calibrate import first_nonfinite
+
+    bad = first_nonfinite(loaded)
+    if bad is not None:  # before any work: found at its batch, it came after the search's first pass
+        raise click.ClickException(f"{path}: sample {bad} holds NaN or Inf values")
     return loaded
 
 
@@ -103,8 +108,28 @@ def import_model(spec: str, state_dict: Mapping):
     try:
         model.load_state_dict(dict(state_dict))
     except Exception as exc:
-        raise click.ClickException(f"--model {spec}: does not accept the state_dict ({first_line(exc)})") from None
+        raise click.ClickException(f"--model {spec}: does not accept the state_dict "
+                                   f"({_mismatch(model, state_dict) or first_line(exc)})") from None
     return model
+
+
+def _mismatch(model, state_dict: Mapping, shown: int = 3) -> str:
+    """What keeps ``state_dict`` out of ``model``, in a line: the keys it lacks, the ones it does not know, the
+    tensors of another shape, a few of each ("" when the keys and shapes all agree)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state_dict and hasattr(state_dict[k], "shape") and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+
+    def few(items: list[str]) -> str:
+        more = f" and {len(items) - shown} more" if len(items) > shown else ""
+        return ", ".join(items[:shown]) + more
+
+    parts = [f"{what} {few(items)}" for what, items in (("the class has no", unexpected),
+                                                         ("the file lacks", missing),
+                                                         ("shapes differ:", shapes)) if items]
+    return "; ".join(parts)
 
 
 def hf_model(folder: Path):

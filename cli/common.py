@@ -134,8 +134,12 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("jwt: interrupted; no output was written", err=True)
             sys.exit(130)
-        except MemoryError:
-            raise fail("out of memory") from None
+        except MemoryError:  # under ulimit -v or a cgroup: name the input, and what needs less
+            where = f"{kwargs['input']}: " if kwargs.get("input") is not None else ""
+            threads = kwargs.get("jobs")
+            hint = (" (each coding thread holds its own tensors and buffers: -j 1 needs least)"
+                    if "jobs" in kwargs and threads != 1 else "")
+            raise fail(f"{where}out of memory{hint}") from None
 
     return wrapper
 

@@ -113,4 +113,14 @@ def decode(input: str, output: str | None, aliases: str, base: Path | None, jobs
     for message in notes:
         click.echo(f"jwt: warning: {message}", err=True)
     if not quiet:
-        click.echo(f"{output}: {len(written)} tensors" + (" and the attachments" if kind == "folder" else ""))
+        click.echo(f"{output}: {len(written)} tensors" + (_folder_summary(Path(output)) if kind == "folder" else ""))
+
+
+def _folder_summary(folder: Path) -> str:
+    """`` in 3 shards and 4 attachments`` for a decoded folder: what it holds besides the tensors, as counted
+    there (nothing said of none)."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    shards = [p for p in files if p.parent == folder and p.suffix == ".safetensors"]
+    others = [p for p in files if p not in shards and p.name != "model.safetensors.index.json"]
+    text = f" in {len(shards)} shards" if len(shards) > 1 else ""
+    return text + (f" and {len(others)} attachment{'s' if len(others) != 1 else ''}" if others else "")

@@ -50,6 +50,11 @@ __all__ = [
 ]
 
 
+#: Subpackages reached as attributes after a plain ``import codec`` (imported on first use: ``codec.train`` imports
+#: torch).
+SUBPACKAGES = ("train", "rd", "update", "sources", "blobcodecs", "distributed")
+
+
 def __getattr__(name: str):
     """Import lazily: numpy-only users never import torch (``save`` of a safetensors input does not either: see
     :mod:`codec.encode`), and ``jwt --version`` not even numpy."""
@@ -81,4 +86,8 @@ def __getattr__(name: str):
         from .rd.calibrate import calibrate
 
         return calibrate
+    if name in SUBPACKAGES:  # `import codec` then `codec.train.finetune(...)`, as the README writes it
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'codec' has no attribute {name!r}")

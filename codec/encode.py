@@ -365,8 +365,10 @@ def save(
     if overlaps:  # views that share part of their memory: kept exact, so they stay equal where they overlap
         notes.append(f"tensors {', '.join(map(repr, overlaps[:10]))}{', ...' if len(overlaps) > 10 else ''} "
                      "share part of their memory (overlapping views): stored losslessly so they stay equal there")
+    empty = {n for n in arrays if n not in aliases and math.prod(arrays.shape(n)) == 0}
+    if overlaps or empty:  # empty tensors (shape (0, 5)): nothing to search or tile, stored as they are
         lossless = dataclasses.replace(opts, codec="lossless")
-        rules = _Forced(rules, set(overlaps), lossless)
+        rules = _Forced(rules, set(overlaps) | empty, lossless)
     matcher = None
     if base is not None:
         if ray is not None:
@@ -463,10 +465,10 @@ def save(
         for name, data in (attachments or {}).items():
             ready = packing.get(name)
             writer.add_attachment(name, data, None if ready is None else ready.result())
-    if repaired and bits_per_weight is not None and isinstance(path, (str, os.PathLike)):
+    if repaired and bits_per_weight is not None:  # a path or a file object (the size the writer wrote)
         # repair changes values after the plan: their coded size can differ from the planned one
         weights = sum(math.prod(arrays.shape(n)) for n in arrays if n not in aliases)
-        got = 8 * os.path.getsize(path) / max(weights, 1)
+        got = 8 * writer.nbytes / max(weights, 1)
         if got > bits_per_weight:
             notes.append(f"repair: the file is {got:.3f} bits/weight, over the {bits_per_weight} asked for "
                          f"(the repaired values code larger than planned)")

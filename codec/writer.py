@@ -282,6 +282,8 @@ class Writer:
             att.blobs = [BlobRef(self._offset + b.offset, b.length, b.crc32) for b in att.blobs]
         index_bytes, minor, flags = pack_index(self.index, self.compress_index)
         head = pack_header(index_bytes, minor, flags) + index_bytes
+        #: The bytes of the whole file (set by close), for a path or a file object alike.
+        self.nbytes = len(head) + self._offset + self._attach_offset
         try:
             self._spool.seek(0)
             if isinstance(self.dest, (str, os.PathLike)):

@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> None:
         defaults["--group"] = "0.1"
     given = {a.split("=")[0] for a in args}
     extra = [item for option, value in defaults.items() if option not in given for item in (option, value)]
-    train.main(extra + args, prog="train_compressible.py", description=__doc__)
+    own = " ".join(f"{option} {value}" for option, value in defaults.items())
+    description = (f"{__doc__}\nThis example's defaults ({model}; they replace the defaults the option list below "
+                   f"names, which are bench/train.py's): {own}. The table and plot go to the current folder.")
+    train.main(extra + args, prog="train_compressible.py", description=description)
 
 
 def _value(args: list[str], option: str) -> str | None:

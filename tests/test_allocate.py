@@ -263,3 +263,28 @@ def test_rate_search_rounds_biases_unless_told_to_keep_them_exact(tmp_path):
                                                               sd["a.bias"])
     with codec.open(tmp_path / "b.jwt") as b, codec.open(tmp_path / "e.jwt") as e:
         assert b.reader.entries["a.bias"].stored_bytes < e.reader.entries["a.bias"].stored_bytes
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (64, 0), (0,)])
+@pytest.mark.parametrize("target", [{"bits_per_weight": 4.0}, {"max_error": 0.05},
+                                    {"bits_per_weight": 4.0, "search": "exhaustive"}])
+def test_an_empty_tensor_beside_the_weights_does_not_break_the_search(shape, target):
+    """A user's state_dict with an empty tensor (a pruned-index buffer, a placeholder parameter): the search and
+    the refusal of a budget too small handle it (they raised numpy's "cannot reshape array of size 0" or a
+    ZeroDivisionError); it round-trips with its shape and dtype, and the budget holds."""
+    import io
+
+    import codec
+
+    sd = {"w": torch.randn(128, 128, generator=torch.Generator().manual_seed(0)), "e": torch.zeros(shape),
+          "idx": torch.zeros(0, dtype=torch.long)}
+    buf = io.BytesIO()
+    codec.save(sd, buf, **target)
+    out = codec.load(io.BytesIO(buf.getvalue()))
+    assert tuple(out["e"].shape) == shape and out["e"].dtype == torch.float32
+    assert tuple(out["idx"].shape) == (0,) and out["idx"].dtype == torch.long
+    assert torch.norm(out["w"] - sd["w"]) / torch.norm(sd["w"]) < 0.2
+    if "bits_per_weight" in target:
+        assert 8 * len(buf.getvalue()) / 128 ** 2 <= target["bits_per_weight"]
+        with pytest.raises(codec.EncodeError, match="below the smallest encoding"):
+            codec.save(sd, io.BytesIO(), bits_per_weight=0.05)

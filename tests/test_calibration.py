@@ -374,8 +374,26 @@ def test_save_argument_errors():
         codec.save(model, io.BytesIO(), calibration=x)
     with pytest.raises(TypeError, match="nn.Module"):
         codec.save([1, 2], io.BytesIO())
-    with pytest.raises(ValueError, match="batch 0: holds NaN"):
+    with pytest.raises(ValueError, match="sample 0 holds NaN"):
         codec.save(model, io.BytesIO(), bits_per_weight=4, calibration=torch.full((4, 128), float("nan")))
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_a_nan_deep_in_an_input_array_is_refused_before_the_model_runs(as_numpy):
+    """An array of samples with a NaN far down (sample 300 of 320, the 5th batch) is refused with the sample's
+    index before calibration runs the model (found at its batch, it cost a user 38-101 s of work first)."""
+    model, x, _ = _two_branch()
+    x = torch.randn(320, 128)
+    x[300, 7] = float("inf")
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(ValueError, match="calibration inputs: sample 300 holds NaN or Inf") as info:
+        codec.save(model, io.BytesIO(), bits_per_weight=4, calibration=x.numpy() if as_numpy else x)
+    assert not calls and "\n" not in str(info.value)
+    from codec.rd.calibrate import first_nonfinite
+
+    assert first_nonfinite(x, chunk=128 * 7) == 300 and first_nonfinite(x[:300]) is None
+    assert first_nonfinite(torch.zeros(5, 3, dtype=torch.int64)) is None
 
 
 def test_calibrated_file_decodes_with_the_same_reader(tmp_path):
@@ -506,6 +524,12 @@ class Other(nn.Module):
         self.c = nn.Linear(3, 3)
 
 
+class Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 80), nn.Linear(80, 16)
+
+
 NOT_A_CLASS = 3
 '''
 
@@ -566,10 +590,17 @@ def test_cli_finetune_after_repair(net_files):
     (["-b", "4", "--calibration", "x.npy", "--model", "no_such_mod:Net"], 1, "cannot import no_such_mod"),
     (["-b", "4", "--calibration", "x.npy", "--model", "calib_test_nets:Nope"], 1, "has no Nope"),
     (["-b", "4", "--calibration", "x.npy", "--model", "calib_test_nets:NOT_A_CLASS"], 1, "not a torch.nn.Module"),
-    (["-b", "4", "--calibration", "x.npy", "--model", "calib_test_nets:Other"], 1, "does not accept the state_dict"),
+    (["-b", "4", "--calibration", "x.npy", "--model", "calib_test_nets:Other"], 1,
+     "does not accept the state_dict (the class has no a.weight, a.bias, b.weight and 1 more; the file lacks "
+     "c.weight, c.bias)"),
+    (["-b", "4", "--calibration", "x.npy", "--model", "calib_test_nets:Wide"], 1,
+     "does not accept the state_dict (shapes differ: a.weight (64, 64) vs (80, 64), a.bias (64,) vs (80,), "
+     "b.weight (16, 64) vs (16, 80))"),
     (["-b", "4", "--calibration", "x.npy", "--model", "nocolon"], 2, "package.module:ClassName"),
     (["-b", "4", "--calibration", "two.npz", "--model", "calib_test_nets:Net"], 1, "exactly one array"),
-    (["-b", "4", "--calibration", "nan.npy", "--model", "calib_test_nets:Net"], 1, "batch 0: holds NaN"),
+    (["-b", "4", "--calibration", "nan.npy", "--model", "calib_test_nets:Net"], 1, "nan.npy: sample 0 holds NaN"),
+    (["-b", "4", "--calibration", "late_nan.npy", "--model", "calib_test_nets:Net"], 1,
+     "late_nan.npy: sample 97 holds NaN or Inf"),
     (["-b", "4", "--calibration", "bad.npy", "--model", "calib_test_nets:Net"], 1, "does not accept it"),
     (["-b", "4", "--finetune", "10"], 2, "--finetune needs --calibration"),
     (["-b", "4", "--calibration", "x.npy", "--model", "calib_test_nets:Net", "--no-repair", "--finetune", "10"], 2,
@@ -580,6 +611,9 @@ def test_cli_calibration_errors(net_files, args, code, message):
     """Usage errors exit 2; bad models and inputs exit 1 with one line naming the problem; no output file."""
     np.savez(net_files / "two.npz", a=np.zeros((2, 64)), b=np.zeros((2, 64)))
     np.save(net_files / "nan.npy", np.full((4, 64), np.nan, dtype=np.float32))
+    late = np.zeros((100, 64), dtype=np.float32)
+    late[97, 3] = np.nan
+    np.save(net_files / "late_nan.npy", late)
     np.save(net_files / "bad.npy", np.zeros((4, 63), dtype=np.float32))
     result = _encode("net.pt", *args)
     assert result.exit_code == code, result.output
@@ -624,3 +658,38 @@ def test_real_repair_through_save_keeps_the_budget():
     back = TwoBranch()
     back.load_state_dict(codec.load(buf.getvalue()))
     assert _rel(back(test_x).detach(), model(test_x).detach()) < 0.8
+
+
+def test_a_repaired_file_over_its_budget_says_so_to_a_file_object_too(tmp_path):
+    """A user's net with zero-initialised biases and a fresh LayerNorm: repair gives those constant vectors values
+    that code at about their raw size, and the file can end over the budget. Then the notes say so with the
+    file's own figure, whether codec.save wrote to a path or to a file object (it was said for a path only: to a
+    BytesIO the file was 3.14 bits/weight at -b 3, silently). Within the budget, nothing is said."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.n, self.b = nn.Linear(64, 256), nn.LayerNorm(256), nn.Linear(256, 32)
+
+        def forward(self, x):
+            return self.b(self.n(torch.relu(self.a(x))))
+
+    model = Net()
+    with torch.no_grad():
+        model.a.bias.zero_()
+        model.b.bias.zero_()
+    x = torch.randn(512, 64)
+    weights = sum(t.numel() for t in model.state_dict().values())
+    buf = io.BytesIO()
+    notes = codec.save(model, buf, bits_per_weight=3.0, calibration=x)
+    path_notes = codec.save(model, tmp_path / "r.jwt", bits_per_weight=3.0, calibration=x)
+    assert buf.getvalue() == (tmp_path / "r.jwt").read_bytes()
+    got = 8 * len(buf.getvalue()) / weights
+    over = [n for n in notes if "over the 3.0 asked for" in n]
+    assert over == [n for n in path_notes if "over the 3.0 asked for" in n]
+    if got > 3.0:
+        assert over == [f"repair: the file is {got:.3f} bits/weight, over the 3.0 asked for (the repaired values "
+                        "code larger than planned)"]
+    else:
+        assert not over

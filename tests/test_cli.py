@@ -135,3 +135,49 @@ def test_help_explains_the_options():
     """--help of encode documents the codec choices and the row shape option."""
     result = run("encode", "--help")
     assert "--row-shape" in result.output and "lossless" in result.output and "Examples" in result.output
+
+
+def test_out_of_memory_names_the_input_and_what_needs_less(tmp_path, monkeypatch):
+    """Under `ulimit -v` a user's sharded checkpoint that -j 1 encodes failed at the default threads with only
+    "Error: out of memory": the message names the input and says that -j 1 needs least; exit 1, no output."""
+    import codec.encode
+    from jwt_cli.main import cli
+
+    torch.save({"w": torch.randn(64, 64)}, tmp_path / "m.pt")
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(codec.encode, "save", no_memory)
+    for jobs, hint in ((None, True), ("2", True), ("1", False)):
+        args = ["encode", str(tmp_path / "m.pt"), "-q"] + ([] if jobs is None else ["-j", jobs])
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert r.output.strip().splitlines() == [
+            f"Error: {tmp_path / 'm.pt'}: out of memory" + (" (each coding thread holds its own tensors and buffers: "
+                                                           "-j 1 needs least)" if hint else "")]
+        assert not (tmp_path / "m.jwt").exists()
+
+
+def test_decode_to_a_folder_says_what_it_wrote(tmp_path):
+    """`jwt decode m.jwt -o out/` said "N tensors and the attachments" even when the file had none: it now counts
+    the shards and attachments written, and names none where there are none."""
+    import json
+
+    torch.save({"w": torch.randn(64, 64), "b": torch.randn(64)}, tmp_path / "m.pt")
+    assert CliRunner().invoke(cli, ["encode", str(tmp_path / "m.pt"), "-q"]).exit_code == 0
+    r = CliRunner().invoke(cli, ["decode", str(tmp_path / "m.jwt"), "-o", str(tmp_path / "out") + "/"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1] == f"{tmp_path / 'out'}/: 2 tensors"
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.randn(300, 300), "c": torch.randn(300, 300)}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 300}))
+    (folder / "vocab.txt").write_text("a\nb\n")
+    assert CliRunner().invoke(cli, ["encode", str(folder), "-o", str(tmp_path / "hf.jwt"), "-q"]).exit_code == 0
+    r = CliRunner().invoke(cli, ["decode", str(tmp_path / "hf.jwt"), "-o", str(tmp_path / "hf_out") + "/",
+                                 "--max-shard-size", "400KB"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1] == f"{tmp_path / 'hf_out'}/: 2 tensors in 2 shards and 2 attachments"

@@ -209,3 +209,19 @@ def test_ray_missing_is_a_one_line_error(tmp_path, monkeypatch):
     r = CliRunner().invoke(cli, ["encode", str(tmp_path / "m.pt"), "--ray", "auto"])
     assert r.exit_code == 1 and "pip install" in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "m.jwt").exists()
+
+
+@pytest.mark.parametrize("address, expected", [("local", "local"), ("auto", "auto"), ("10.0.0.5:6379", "10.0.0.5:6379")])
+def test_ray_local_starts_a_cluster_here_and_ray_info_lines_stay_quiet(monkeypatch, address, expected):
+    """--ray local starts a cluster of its own, as its help says, even while another runs on the machine (a plain
+    ray.init() joins that one: a user's, or a colleague's benchmark cluster); Ray's INFO lines ("Connecting to
+    existing Ray cluster at ...") do not show up in `jwt encode -q`. Checked on the calls made, without a cluster."""
+    import logging
+    import types
+
+    calls = []
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jwt_ray, "_ray", lambda: fake)
+    assert jwt_ray.connect(address) is fake
+    assert len(calls) == 1 and calls[0]["address"] == expected
+    assert calls[0]["logging_level"] == logging.WARNING and calls[0]["log_to_driver"] is False

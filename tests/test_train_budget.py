@@ -182,3 +182,23 @@ def test_bench_train_budget_runs_and_rejects_bad_options(capsys):
         with pytest.raises(SystemExit) as exc:
             train.main(["--model", "mlp", *argv])
         assert exc.value.code == 2 and "--budget" in capsys.readouterr().err
+
+
+def test_subpackages_are_reached_after_a_plain_import_codec():
+    """A new user's script: ``import codec`` then ``codec.train.Budget(...)``, as the README writes it; in a fresh
+    interpreter (in the suite other tests have imported codec.train already) it was an AttributeError. The
+    subpackages are imported on first use only: ``import codec`` alone still does not import torch."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys, codec\n"
+              "assert 'torch' not in sys.modules\n"
+              "print(codec.train.Budget(0.5).bits_per_weight, callable(codec.train.finetune),\n"
+              "      codec.sources.RemoteError.__name__, callable(codec.blobcodecs.zstd.use_compiled),\n"
+              "      callable(codec.update.difference), codec.rd.__name__)\n")
+    paths = os.pathsep.join([p for p in sys.path if p])
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": paths, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["0.5", "True", "RemoteError", "True", "True", "codec.rd"]

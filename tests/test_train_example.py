@@ -23,6 +23,20 @@ def test_example_help_explains_the_options():
         assert option in result.stdout, option
 
 
+def test_example_help_gives_its_own_defaults():
+    """The option list is bench/train.py's, whose defaults the example replaces (--help said --out defaults to
+    bench/results/train_<model>, --table to flat, --lam to 1 and 4): the help names the example's own, for the model
+    asked about."""
+    mlp, cnn = _run("--help").stdout, _run("--cnn", "--help").stdout
+    for text, model in ((mlp, "mlp"), (cnn, "cnn")):
+        said = " ".join(text.split("This example's defaults (")[1].split(". The table")[0].split())
+        assert said.startswith(f"{model}; ")
+        for option in ("--lam 0", "--calibration 0", "--bits 0.4", f"--out train_compressible_{model}",
+                       "--refresh 4", "--vector-bits 4", "--table ramp1"):
+            assert option in said, (model, option)
+    assert "--decay last" in " ".join(mlp.split()) and "--group 0.1" in " ".join(cnn.split())
+
+
 def test_example_usage_errors_exit_2_before_training():
     for args in (["--codec-epochs", "3", "--epochs", "2"], ["--rate-setting", "jpegz"], ["--model", "resnet"],
                  ["--quality", "0"]):

@@ -59,11 +59,13 @@ def connect(address: str) -> Any:
         raise ValueError(f"ray address must be 'auto', 'local' or host:port, found {address!r}")
     ray = _ray()
     if not ray.is_initialized():
-        try:
-            if address == "local":
-                ray.init(include_dashboard=False, log_to_driver=False)
+        import logging
+
+        try:  # Ray's own INFO lines ("Connecting to existing Ray cluster at ...") stay out of jwt's output
+            if address == "local":  # a new cluster here even when one runs (without address= Ray joins that one)
+                ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
             else:
-                ray.init(address=address, log_to_driver=False)
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         except ConnectionError as exc:
             raise EncodeError(f"ray: cannot connect to {address!r} ({str(exc).splitlines()[0][:200]})") from None
     return ray

@@ -415,6 +415,8 @@ class Distortion:
         elements (whole rows) at a time, so measuring a candidate holds no float64 copy of the tensor.
         ``decoded`` may also give those bands itself, ``decoded(first row, end row)`` of its ``[rows, cols]``
         view, asked for in order (:class:`_DecodedRows`: then not even the decoded tensor is held whole)."""
+        if reference.size == 0:  # an empty tensor (shape (0, 5)): nothing to lose
+            return 0.0, 0.0, None
         w = self.weighting(name, reference.shape)
         count = reference.shape[0] if reference.ndim else 1
         ref = reference.reshape(count, -1)
@@ -459,7 +461,7 @@ class _DecodedRows:
     def __init__(self, encoded: Encoded, array: np.ndarray, dtype: DType):
         count = array.shape[0] if array.ndim else 1
         self.bands = (decoded_bands(encoded, dtype, tuple(array.shape)) if encoded.codec.lossy
-                      else iter([(0, array.reshape(count, -1))]))
+                      else iter([(0, array.reshape(count, array.size // count if count else 0))]))  # (0, 5) too
         self.parts: list[tuple[int, np.ndarray]] = []  # (first row, rows) decoded and not yet passed
 
     def __call__(self, first: int, end: int) -> np.ndarray:

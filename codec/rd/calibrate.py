@@ -116,6 +116,22 @@ class _Batches:
             yield self.data[i:i + self.size]
 
 
+def first_nonfinite(samples: torch.Tensor | np.ndarray, chunk: int = 1 << 22) -> int | None:
+    """The index along the first axis of the first sample of a floating array holding NaN or Inf, or None (integer
+    arrays: None). Checked ``chunk`` values at a time, so the check holds no copy of a large array."""
+    if isinstance(samples, np.ndarray):
+        samples = torch.from_numpy(samples) if samples.dtype.kind == "f" else None
+    if samples is None or not samples.is_floating_point() or samples.dim() == 0 or samples.shape[0] == 0:
+        return None
+    rows = max(1, chunk // max(1, samples[0].numel()))
+    for start in range(0, samples.shape[0], rows):
+        part = samples[start:start + rows].reshape(min(rows, samples.shape[0] - start), -1)
+        ok = torch.isfinite(part).all(dim=1)
+        if not bool(ok.all()):
+            return start + int((~ok).nonzero()[0, 0])
+    return None
+
+
 def as_batches(inputs: object, batch_size: int = BATCH_SIZE) -> Iterable:
     """Calibration inputs as an iterable of batches.
 
@@ -131,6 +147,9 @@ def as_batches(inputs: object, batch_size: int = BATCH_SIZE) -> Iterable:
     if isinstance(inputs, torch.Tensor):
         if inputs.dim() == 0:
             raise ValueError("calibration inputs: a 0-d tensor holds no samples (give samples along the first axis)")
+        bad = first_nonfinite(inputs)
+        if bad is not None:  # found here, before any work, not at its batch after minutes of calibration
+            raise ValueError(f"calibration inputs: sample {bad} holds NaN or Inf values")
         return _Batches(inputs, batch_size)
     if isinstance(inputs, Mapping):
         return [inputs]

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch.func import functional_call
 
+from ..api import _sharing
 from ..errors import EncodeError
 from ..tensorcodec import EncodeOptions, Overrides, not_applied, round_trip
 from .budget import Budget, as_budget
@@ -63,7 +64,14 @@ def coded_weights(model: torch.nn.Module, setting: EncodeOptions | str | Mapping
     opts, rules = as_setting(setting), as_overrides(overrides, setting)
     state = model.state_dict()
     wanted = state.keys() if names is None else names
-    return {name: _code(state[name], rules.options_for(name, opts) or opts, vector_bits) for name in wanted}
+    target = _sharing(state)[0]  # a tied name (lm_head.weight = embed.weight) is stored once: its target's coding
+    coded: dict[str, torch.Tensor] = {}
+    for name in wanted:
+        first = target.get(name, name)
+        if first not in coded:
+            coded[first] = _code(state[first], rules.options_for(first, opts) or opts, vector_bits)
+        coded[name] = coded[first]
+    return {name: coded[name] for name in wanted}
 
 
 def round_vector(t: torch.Tensor, bits: int) -> torch.Tensor:
@@ -417,6 +425,8 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     def check_loss() -> float:
         """The mean check loss of the model as the file decodes it now, in eval mode."""
         coded = coded_weights(model, opts, overrides=rules, vector_bits=vector_bits)
+        aliases = _sharing(model.state_dict())[0]  # functional_call refuses both names of a tie
+        untied = {n: t for n, t in coded.items() if n not in aliases}
         mode = model.training
         model.eval()
         try:
@@ -426,7 +436,7 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
                 losses = []
                 for i, batch in enumerate(check):
                     inputs, rest = _split(batch)
-                    out = functional_call(model, coded, (inputs,))
+                    out = functional_call(model, untied, (inputs,))
                     losses.append(float(loss_fn(out, *rest) if teacher is None
                                         else torch.nn.functional.mse_loss(out, targets[i])))
         finally:
