@@ -149,12 +149,13 @@ def _simulate(durations: list[float], k: int, window: int, in_order: bool, first
     return max(finish, default=0.0)
 
 
-#: Each round kind's rule (window per worker, in order, first alone) on main (4e94f6e) and on this branch.
+#: Each round kind's rule (window per worker, least window, in order, first alone) before the fourteenth pass
+#: (main at 4e94f6e) and after it.
 POLICIES = {
-    "main": {"first pass": (2, True, True), "predict": (2, True, True), "measure": (1, True, True),
-             "final coding": (2, True, False)},
-    "branch": {"first pass": (2, True, True), "predict": (4, False, False), "measure": (2, False, False),
-               "final coding": (2, True, False)},
+    "before": {"first pass": (2, 2, True, True), "predict": (2, 2, True, True), "measure": (1, 1, True, True),
+               "final coding": (2, 2, True, False)},
+    "after": {"first pass": (2, 2, True, True), "predict": (4, 4, False, False), "measure": (2, 2, False, False),
+              "final coding": (2, 8, True, False)},
 }
 
 
@@ -239,8 +240,8 @@ def analyse(log: Path, ks: list[int]) -> None:
         for k in [1, *ks]:
             t = gaps
             for r, inside in [*groups, ({"kind": "final coding"}, final)]:
-                window, in_order, alone = rules[r["kind"]] if r["kind"] in rules else (2, True, False)
-                t += _simulate([span(x) for x in inside], k, window * k, in_order, alone)
+                window, least, in_order, alone = rules.get(r["kind"], (2, 2, True, False))
+                t += _simulate([span(x) for x in inside], k, max(least, window * k), in_order, alone)
             times.append(t)
         print(f"| {policy} | " + " | ".join(f"{t:.1f}" for t in times) + " | " +
               " | ".join(f"{times[0] / t:.2f}x" for t in times[1:]) + " |")
