@@ -208,21 +208,22 @@ def analyse(log: Path, ks: list[int]) -> None:
     cpu = all("cpu" in t for t in tasks)
     span = (lambda t: t["cpu"]) if cpu else (lambda t: t["end"] - t["start"])
     print(f"worker CPU s of the tasks: {sum(t['cpu'] for t in tasks):.1f}" if cpu else "(no CPU times logged)")
-    total = sum(t["end"] - t["start"] for t in tasks)
-    print(f"all tasks {total:.1f} s; one worker's makespan (tasks + gaps between rounds) {total + gaps:.1f} s")
+    total = sum(map(span, tasks))
+    print(f"all tasks {total:.1f} {'CPU' if cpu else 'wall'} s; one worker's makespan (tasks + gaps between rounds) "
+          f"{total + gaps:.1f} s; best makespans of the same tasks under the rounds' barriers:")
     print("| workers | per round: LPT | per round: in submission order | per round: lower bound | "
           "ratio to 1 (LPT) | ratio to 1 (lower bound) |")
     print("|---|---|---|---|---|---|")
     for k in ks:
         lpt = order = bound = gaps
         for _, inside in groups:
-            d = [t["end"] - t["start"] for t in inside]
+            d = [span(t) for t in inside]
             if not d:
                 continue
             lpt += _lpt(d, k)
             order += _in_order(d, k)
             bound += max(max(d), sum(d) / k)
-        d = [t["end"] - t["start"] for t in final]
+        d = [span(t) for t in final]
         if d:
             lpt += _lpt(d, k)
             order += _in_order(d, k)

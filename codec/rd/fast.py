@@ -968,20 +968,32 @@ def plan_fast(
             work = ((name, _measure_task, name, array, dtype, todo[name], images[name], weighted[name], True)
                     for name, array, dtype in _read(tensors, set(todo)))
             for name, results in _bounded_map(wholes, _named, work, width):
-                reads[name] = reads.get(name, 0) + 1
-                pts = points[name]
-                for k, (point, measured, encoded) in enumerate(results):
-                    if point.nbytes:  # a prediction, now measured
-                        pts[pts.index(point)] = measured
-                        count["exact"] += 1
-                        count["exact_weights"] += math.prod(shapes[name][0])
-                    else:
-                        pts.append(measured)
-                    size = 0 if encoded is None else sum(map(len, encoded.blobs))
-                    if k == 0 and encoded is not None and kept + size <= KEEP_BYTES:
-                        held[name] = (measured, encoded)
-                        kept += size
-                _correct(pts)
+                kept = keep(name, *results[0][1:], kept)
+                joined(name, [(point, measured) for point, measured, _ in results])
+
+        def keep(name: str, measured: Predicted, encoded: Encoded | None, kept: int) -> int:
+            """Hold ``encoded``, the coded tensor of ``measured`` (its chosen point), for the final pass, if
+            :data:`KEEP_BYTES` allows beyond the ``kept`` bytes; the bytes kept then."""
+            size = 0 if encoded is None else sum(map(len, encoded.blobs))
+            if encoded is None or kept + size > KEEP_BYTES:
+                return kept
+            held[name] = (measured, encoded)
+            return kept + size
+
+        def joined(name: str, pairs: list[tuple[Predicted, Predicted]]) -> None:
+            """One read of tensor ``name`` measured ``(point, measured)`` pairs: the measured points join its menu
+            in their order (a prediction replaced, a setting new to a tensor measured whole added), the rest
+            of its predictions corrected."""
+            reads[name] = reads.get(name, 0) + 1
+            pts = points[name]
+            for point, measured in pairs:
+                if point.nbytes:  # a prediction, now measured
+                    pts[pts.index(point)] = measured
+                    count["exact"] += 1
+                    count["exact_weights"] += math.prod(shapes[name][0])
+                else:
+                    pts.append(measured)
+            _correct(pts)
 
         def measure_remote(todo: dict[str, list[Predicted]]) -> None:
             """:func:`measure` on a cluster's workers: one task a point (a tensor's points measured side by side),
@@ -1021,25 +1033,13 @@ def plan_fast(
             for item, (name, [(_, measured, encoded)]) in _as_completed(procs, _named, work(), window,
                                                                          lambda: ahead <= 4 * AHEAD_BYTES):
                 k = next(i for i, p in enumerate(todo[name]) if p is item[5][0])
-                size = 0 if encoded is None else sum(map(len, encoded.blobs))
-                if k == 0 and encoded is not None and kept + size <= KEEP_BYTES:
-                    held[name] = (measured, encoded)
-                    kept += size
+                if k == 0:
+                    kept = keep(name, measured, encoded, kept)
                 results[name][k] = measured
                 left[name] -= 1
-                if left[name]:
-                    continue
-                ahead -= sizes.pop(name, 0)
-                reads[name] = reads.get(name, 0) + 1
-                pts = points[name]
-                for point, measured in zip(todo[name], results.pop(name)):
-                    if point.nbytes:  # a prediction, now measured
-                        pts[pts.index(point)] = measured
-                        count["exact"] += 1
-                        count["exact_weights"] += math.prod(shapes[name][0])
-                    else:
-                        pts.append(measured)
-                _correct(pts)
+                if not left[name]:
+                    ahead -= sizes.pop(name, 0)
+                    joined(name, list(zip(todo[name], results.pop(name))))
 
         def settle(budget: int) -> tuple[dict[str, Predicted], int]:
             """Allocate, predict the in-between qualities, measure the chosen points, until every one is exact:
