@@ -727,13 +727,15 @@ def _refuse_early(arrays, aliases, base, rules, meta, encoder, bits_per_weight, 
 
 def _tensor_source(arrays: Arrays, stored: list[str]):
     """The allocator's tensor source: ``tensors(names=None)`` yields ``(name, array, dtype)`` of the ``stored``
-    tensors, or of those in ``names`` (the others are not read)."""
+    tensors, or of those in ``names`` (the others are not read); ``tensors.location(name)`` is
+    :meth:`Arrays.location` (a Ray worker on this machine reads such a tensor itself, :mod:`codec.rd.fast`)."""
 
     def tensors(names: set[str] | None = None):
         for name in stored:
             if names is None or name in names:
                 yield name, arrays.array(name), get_dtype(arrays.dtype_name(name))
 
+    tensors.location = arrays.location  # where a tensor lies in a file, for workers that read it themselves
     return tensors
 
 

@@ -188,6 +188,119 @@ def test_ray_search_survives_a_worker_that_dies(cluster, searched, tmp_path, mon
     assert _leftovers(tmp_path) == ["ray.jwt"]
 
 
+def _search_folder(folder) -> None:
+    """A 2-shard safetensors folder whose ``big.weight`` dominates (more than ``fast.DOMINANT`` of the weights):
+    the search measures its chosen point's hull neighbours too, several points of one tensor in one round."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(7)
+    sd = {"big.weight": torch.randn(1024, 512, generator=g) * torch.linspace(0.5, 2, 512),
+          "l0.weight": torch.randn(256, 200, generator=g), "l0.bias": torch.randn(256, generator=g),
+          "emb": torch.randn(512, 64, generator=g).to(torch.bfloat16)}
+    names = list(sd)
+    folder.mkdir()
+    save_file({k: sd[k] for k in names[:2]}, str(folder / "model-00001-of-00002.safetensors"))
+    save_file({k: sd[k] for k in names[2:]}, str(folder / "model-00002-of-00002.safetensors"))
+    weight_map = {k: f"model-0000{1 if i < 2 else 2}-of-00002.safetensors" for i, k in enumerate(names)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def _measurements(monkeypatch) -> list[tuple]:
+    """What the search submits to the Ray executor for whole-tensor measurements, as ``(tensor, number of points,
+    whether the tensor went as a file location)``, recorded in the coordinator."""
+    import codec.rd.fast as fast
+
+    seen: list[tuple] = []
+    real_submit = jwt_ray.RayExecutor.submit
+
+    def recorded(self, fn, *args, **kwargs):
+        if args[1].__name__ == fast._measure_task.__name__:  # _named(name, _measure_task, name, source, ...)
+            seen.append((args[0], len(args[5]), isinstance(args[3], fast.FileTensor)))
+        return real_submit(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(jwt_ray.RayExecutor, "submit", recorded)
+    return seen
+
+
+def test_ray_search_splits_measurements_and_workers_read_the_shards(cluster, tmp_path, monkeypatch):
+    """-b on a safetensors folder, one-machine cluster: the chosen points are measured one task a point, each
+    task reading its tensor from the shard (nothing put in the object store), and the file is a local -j 1
+    encode's bytes."""
+    from codec.io_formats import encode_model
+
+    _search_folder(tmp_path / "model")
+    encode_model(tmp_path / "model", tmp_path / "local.jwt", jobs=1, bits_per_weight=1.5)
+    seen = _measurements(monkeypatch)
+
+    def no_share(self, value):
+        raise AssertionError("a tensor was put in the object store")
+
+    monkeypatch.setattr(jwt_ray.RayExecutor, "share", no_share)
+    encode_model(tmp_path / "model", tmp_path / "ray.jwt", ray="auto", bits_per_weight=1.5)
+    assert (tmp_path / "ray.jwt").read_bytes() == (tmp_path / "local.jwt").read_bytes()
+    from_files = [(n, k) for n, k, located in seen if located]
+    assert from_files and all(k == 1 for _, k in from_files)  # one point a task
+    assert max(sum(1 for n, _ in from_files if n == name) for name, _ in from_files) > 1
+
+
+def test_ray_search_survives_a_worker_that_dies_in_a_split_measurement(cluster, tmp_path, monkeypatch):
+    """A worker that exits while measuring one of a tensor's several chosen points (a task of a split
+    measurement): the task is retried and the file is still a local -j 1 encode's bytes."""
+    import codec.rd.fast as fast
+    from codec.io_formats import encode_model
+
+    _search_folder(tmp_path / "model")
+    encode_model(tmp_path / "model", tmp_path / "local.jwt", jobs=1, bits_per_weight=1.5)
+    real, marker = fast._measure_task, str(tmp_path / "died")
+
+    def dying(name, array, dtype, points, rows, weighting, keep):  # a closure, shipped to the workers by value
+        if isinstance(array, fast.FileTensor) and not keep:  # a tensor's second (or later) point: a split task
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                os._exit(1)
+            except FileExistsError:
+                pass
+        return real(name, array, dtype, points, rows, weighting, keep)
+
+    monkeypatch.setattr(fast, "_measure_task", dying)
+    encode_model(tmp_path / "model", tmp_path / "ray.jwt", ray="auto", bits_per_weight=1.5)
+    assert (tmp_path / "died").exists()
+    assert (tmp_path / "ray.jwt").read_bytes() == (tmp_path / "local.jwt").read_bytes()
+
+
+def test_ray_search_puts_each_tensor_once_and_a_bounded_number_ahead(cluster, searched, tmp_path, monkeypatch):
+    """Tensors that are not in files (a state_dict): each measured tensor is put in the object store once for all
+    its points' tasks, and no more than ``4 * AHEAD_BYTES`` of them are ahead of the measurements (with the bound
+    at 0, a tensor is put only when no measurement is running); the file is the local one's."""
+    import codec.rd.fast as fast
+
+    sd, local = searched
+    shared: list[tuple[str, bool]] = []  # (the reference, whether every measurement submitted so far had finished)
+    used: list[str] = []  # the reference each measurement task got
+    futures: list = []
+    real_share, real_submit = jwt_ray.RayExecutor.share, jwt_ray.RayExecutor.submit
+
+    def counted(self, fn, *args, **kwargs):
+        future = real_submit(self, fn, *args, **kwargs)
+        if args[1].__name__ == fast._measure_task.__name__ and isinstance(args[3], jwt_ray._ray().ObjectRef):
+            used.append(args[3].hex())
+            futures.append(future)
+        return future
+
+    def share(self, value):
+        ref = real_share(self, value)
+        shared.append((ref.hex(), all(f.done() for f in futures)))
+        return ref
+
+    monkeypatch.setattr(jwt_ray.RayExecutor, "submit", counted)
+    monkeypatch.setattr(jwt_ray.RayExecutor, "share", share)
+    monkeypatch.setattr(fast, "AHEAD_BYTES", 0)
+    codec.save(sd, tmp_path / "ray.jwt", ray="auto", bits_per_weight=1.5)
+    assert (tmp_path / "ray.jwt").read_bytes() == local
+    assert shared and all(idle for _, idle in shared)
+    assert sorted(set(used)) == sorted(ref for ref, _ in shared)  # every task's tensor came from one put
+
+
 def test_ray_missing_is_a_one_line_error(tmp_path, monkeypatch):
     """Without Ray installed, codec.save(ray=) and jwt encode --ray say how to install it; no output is left."""
     import builtins

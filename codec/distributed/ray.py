@@ -19,7 +19,8 @@ temporary file (no partial output).
 
 The fast rate search (``bits_per_weight``, :mod:`codec.rd.fast`) spreads
 its measurements too: :class:`RayExecutor` runs its tasks (each tensor's
-sample coded at the candidate settings, the chosen points measured whole)
+sample coded at the candidate settings, each chosen point measured whole,
+the tensor read by the worker from its file on a one-machine cluster)
 on the workers, while the coordinator allocates between rounds. Its
 tasks' results do not depend on where they ran, so the choices, and the
 file, are those of a local search. The exhaustive search, the max-error
@@ -43,6 +44,12 @@ __all__ = ["INSTALL_HINT", "RayExecutor", "connect", "encode_in_order"]
 INSTALL_HINT = "Ray is not installed: pip install 'jwt-weights[ray]' (or pip install ray)"
 #: Retries of a task whose worker died.
 MAX_RETRIES = 3
+#: Tasks :func:`encode_in_order` keeps in flight at least (else two per CPU of the cluster): results are handed
+#: out in order, so once the window is full a worker that is done waits while the oldest task runs. The final
+#: coding of the 1.19 GB bench.big model at -b 3 on 2 workers (bench.ray_timeline, its tasks' CPU seconds):
+#: 6.0-6.3 s with 4 in flight, 5.7 with 8, 5.1-5.6 at best. The coordinator holds at most this many tensors'
+#: coded blobs.
+MIN_WINDOW = 8
 
 
 def _ray():
@@ -134,8 +141,10 @@ class RayExecutor(Executor):
     results travel through Ray's object store) and returns a future; a task whose worker dies is retried
     (:data:`MAX_RETRIES`), and failures reach the future as :func:`_failure` words them. A task's first
     argument, when it is a string, is the tensor it works on (the search's tasks, :func:`codec.rd.fast._named`).
-    ``workers``: the cluster's CPUs, how many tasks the search keeps in flight per worker. Leaving the executor
-    (or ``shutdown``) cancels the tasks still running.
+    ``workers``: the cluster's CPUs, how many tasks the search keeps in flight per worker. ``local_files``:
+    whether the cluster is this machine (:func:`_one_machine`), so a task can read a checkpoint file itself.
+    :meth:`share` puts a value in the object store once for several tasks. Leaving the executor (or
+    ``shutdown``) cancels the tasks still running.
     """
 
     def __init__(self, ray):
@@ -143,6 +152,12 @@ class RayExecutor(Executor):
         self._remote: dict[Callable, Any] = {}
         self._refs: dict[Future, Any] = {}
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.local_files = _one_machine(ray)
+
+    def share(self, value: Any) -> Any:
+        """``value`` in the object store (a reference): passed to several tasks, it is copied there once, and each
+        task gets the value itself (read-only arrays in shared memory on the worker's machine)."""
+        return self._ray.put(value)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         remote = self._remote.get(fn)
@@ -187,7 +202,7 @@ def encode_in_order(state_dict: Mapping[str, Any], aliases: dict[str, str], opti
     if not (callable(locate) and _one_machine(ray)):
         locate = None
     if window is None:
-        window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        window = max(MIN_WINDOW, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending: deque = deque()
     ahead = 0
 

@@ -80,7 +80,7 @@ import numpy as np
 from ..blobcodecs.jpeg import quality_scale, scaled_table
 from ..dtypes import DType, to_float64
 from ..errors import EncodeError
-from ..parallel import make_executor, make_process_executor, resolve_jobs
+from ..parallel import AHEAD_BYTES, make_executor, make_process_executor, resolve_jobs
 from ..tensorcodec import Encoded, EncodeOptions, decode_encoded, encode_tensor
 from ..tiling import plan_tiling
 from . import allocate
@@ -387,11 +387,31 @@ def _exact_coded(name: str, array: np.ndarray, dtype: DType, point: Predicted, r
                                 exact=True), encoded
 
 
-def _measure_task(name: str, array: np.ndarray, dtype: DType, points: list[Predicted], rows: tuple[int, int] | None,
-                  weighting: tuple[Weighting, float] | None, keep: bool) -> list[tuple]:
-    """One worker task: every point of ``points`` measured on the whole tensor ``array`` (read once for all),
-    as :func:`_exact_coded` gives them; the first point's :class:`Encoded` only with ``keep`` (else None: it
-    would travel back from the worker for nothing)."""
+@dataclass(frozen=True)
+class FileTensor:
+    """Where a tensor's raw little-endian data lies in a checkpoint file (:meth:`codec.encode.Arrays.location`):
+    what a measurement task on a worker of this machine gets instead of the array, to read it itself
+    (:func:`_measure_task`), so that no whole tensor passes through the coordinator or the object store."""
+
+    file: str
+    start: int
+    shape: tuple[int, ...]
+    dtype_name: str
+    name: str
+
+    def load(self) -> np.ndarray:
+        from ..rawfile import read_array
+
+        return read_array(self.file, self.start, self.shape, self.dtype_name, self.name)
+
+
+def _measure_task(name: str, array: np.ndarray | FileTensor, dtype: DType, points: list[Predicted],
+                  rows: tuple[int, int] | None, weighting: tuple[Weighting, float] | None, keep: bool) -> list[tuple]:
+    """One worker task: every point of ``points`` measured on the whole tensor ``array`` (read once for all; a
+    :class:`FileTensor` is read here), as :func:`_exact_coded` gives them; the first point's :class:`Encoded`
+    only with ``keep`` (else None: it would travel back from the worker for nothing)."""
+    if isinstance(array, FileTensor):
+        array = array.load()
     weigh = None
     if weighting is not None:
         full = weighting[0].h is not None and weighting[0].h.ndim == 2
@@ -666,6 +686,31 @@ def _bounded_map(executor, fn: Callable, items, window: int):
         yield f.result()
 
 
+def _as_completed(executor, fn: Callable, items: Iterator[tuple], window: int,
+                  more: Callable[[], bool] = lambda: True) -> Iterator[tuple]:
+    """``(item, fn(*item))`` of each item on ``executor``, handed out as each finishes (not in order): at most ``window``
+    in flight, a new item taken as soon as one finishes (and ``more()`` allows it, or none is running), so no
+    worker waits for the oldest task of a window as :func:`_bounded_map`'s do. Items are taken lazily, in the
+    order given (the largest first, for a round that ends balanced)."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    running: dict = {}  # (a dict: in submission order)
+    items = iter(items)
+    exhausted = False
+    while True:
+        while not exhausted and len(running) < window and (not running or more()):
+            item = next(items, None)
+            if item is None:
+                exhausted = True
+            else:
+                running[executor.submit(fn, *item)] = item
+        if not running:
+            return
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in [f for f in running if f in done]:  # in submission order among those finished
+            yield running.pop(future), future.result()
+
+
 def _equal_slopes(hulls: dict[str, list[Predicted]], budget: int) -> dict[str, Predicted]:
     """What :func:`allocate_budget` chooses without its fill (one point per tensor at equal slopes on the
     hulls, within ``budget``), found directly: every tensor starts at its hull's smallest point and the hulls'
@@ -809,6 +854,9 @@ def plan_fast(
         width = executor.workers if remote else resolve_jobs(jobs)
         window = 2 * width
         wholes = procs if remote else threads  # whole tensors: local threads (see measure), or the cluster's
+        share = getattr(executor, "share", None)  # a value put once for several tasks (a cluster's object store)
+        # On a cluster that is this machine, the workers read tensors stored raw in files themselves.
+        locate = getattr(tensors, "location", None) if remote and getattr(executor, "local_files", False) else None
 
         def first_pass() -> Iterator[tuple]:
             """Read each tensor once: code the forced ones, and give a task for the others (:func:`_named`): the
@@ -877,6 +925,11 @@ def plan_fast(
             count["predicted"] += sum(map(len, items.values()))
             work = ((n, _predict_task, n, shapes[n][0], shapes[n][1], *samples[n], images[n], todo)
                     for n, todo in items.items() if todo)
+            if remote:  # one task a tensor (its points' order kept): handed out as they finish, the longest first
+                work = iter(sorted(work, key=lambda item: -len(item[-1])))
+                for _, (n, predicted) in _as_completed(procs, _named, work, 2 * window):
+                    points[n].extend(predicted)
+                return
             for n, predicted in _bounded_map(procs, _named, work, window):
                 points[n].extend(predicted)
 
@@ -907,25 +960,86 @@ def plan_fast(
             each one's first point (the chosen one) while :data:`KEEP_BYTES` allows. Threads, one tensor each:
             a whole tensor would be copied twice on its way to a worker process, which costs more CPU than the
             codecs' released GIL leaves to gain (MiniLM: 1.85 against 1.03 CPU s). With an ``executor`` (a
-            cluster), its workers."""
+            cluster), its workers (:func:`measure_remote`)."""
+            if remote:
+                measure_remote(todo)
+                return
             kept = sum(sum(map(len, e.blobs)) for _, e in held.values())
             work = ((name, _measure_task, name, array, dtype, todo[name], images[name], weighted[name], True)
                     for name, array, dtype in _read(tensors, set(todo)))
             for name, results in _bounded_map(wholes, _named, work, width):
-                reads[name] = reads.get(name, 0) + 1
-                pts = points[name]
-                for k, (point, measured, encoded) in enumerate(results):
-                    if point.nbytes:  # a prediction, now measured
-                        pts[pts.index(point)] = measured
-                        count["exact"] += 1
-                        count["exact_weights"] += math.prod(shapes[name][0])
-                    else:
-                        pts.append(measured)
-                    size = 0 if encoded is None else sum(map(len, encoded.blobs))
-                    if k == 0 and encoded is not None and kept + size <= KEEP_BYTES:
-                        held[name] = (measured, encoded)
-                        kept += size
-                _correct(pts)
+                kept = keep(name, *results[0][1:], kept)
+                joined(name, [(point, measured) for point, measured, _ in results])
+
+        def keep(name: str, measured: Predicted, encoded: Encoded | None, kept: int) -> int:
+            """Hold ``encoded``, the coded tensor of ``measured`` (its chosen point), for the final pass, if
+            :data:`KEEP_BYTES` allows beyond the ``kept`` bytes; the bytes kept then."""
+            size = 0 if encoded is None else sum(map(len, encoded.blobs))
+            if encoded is None or kept + size > KEEP_BYTES:
+                return kept
+            held[name] = (measured, encoded)
+            return kept + size
+
+        def joined(name: str, pairs: list[tuple[Predicted, Predicted]]) -> None:
+            """One read of tensor ``name`` measured ``(point, measured)`` pairs: the measured points join its menu
+            in their order (a prediction replaced, a setting new to a tensor measured whole added), the rest
+            of its predictions corrected."""
+            reads[name] = reads.get(name, 0) + 1
+            pts = points[name]
+            for point, measured in pairs:
+                if point.nbytes:  # a prediction, now measured
+                    pts[pts.index(point)] = measured
+                    count["exact"] += 1
+                    count["exact_weights"] += math.prod(shapes[name][0])
+                else:
+                    pts.append(measured)
+            _correct(pts)
+
+        def measure_remote(todo: dict[str, list[Predicted]]) -> None:
+            """:func:`measure` on a cluster's workers: one task a point (a tensor's points measured side by side),
+            the largest tensors' first, each handed out as it finishes, so a round ends balanced rather than on
+            the oldest task of a window. On a cluster that is this machine, a tensor stored raw in a checkpoint
+            file goes to its tasks as a :class:`FileTensor` (each reads it itself); any other is read here once and
+            shared by its tasks (``executor.share``, one copy in the object store), at most ``4 * AHEAD_BYTES`` of
+            them ahead. A tensor's points join its menu in their order once all are measured, as :func:`measure`
+            does; which tensors' codings are kept (:data:`KEEP_BYTES`) follows the order they finish in, and a
+            tensor not kept is coded again by the final pass, to the same bytes."""
+            kept = sum(sum(map(len, e.blobs)) for _, e in held.values())
+            located = {}
+            if locate is not None:
+                for n in todo:
+                    where = locate(n)
+                    if where is not None:
+                        shape, dtype = shapes[n]
+                        located[n] = FileTensor(where[0], where[1], shape, dtype.name, n)
+            results: dict[str, list] = {n: [None] * len(pts) for n, pts in todo.items()}
+            left = {n: len(pts) for n, pts in todo.items()}
+            sizes: dict[str, int] = {}
+            ahead = 0
+
+            def tasks(name: str, source, dtype: DType) -> Iterator[tuple]:
+                return ((name, _measure_task, name, source, dtype, [p], images[name], weighted[name], k == 0)
+                        for k, p in enumerate(todo[name]))
+
+            def work() -> Iterator[tuple]:
+                nonlocal ahead
+                for name in sorted(located, key=lambda n: -math.prod(shapes[n][0])):  # the largest first
+                    yield from tasks(name, located[name], shapes[name][1])
+                for name, array, dtype in _read(tensors, set(todo) - set(located)):
+                    sizes[name] = array.nbytes
+                    ahead += array.nbytes
+                    yield from tasks(name, share(array) if share is not None else array, dtype)
+
+            for item, (name, [(_, measured, encoded)]) in _as_completed(procs, _named, work(), window,
+                                                                         lambda: ahead <= 4 * AHEAD_BYTES):
+                k = next(i for i, p in enumerate(todo[name]) if p is item[5][0])
+                if k == 0:
+                    kept = keep(name, measured, encoded, kept)
+                results[name][k] = measured
+                left[name] -= 1
+                if not left[name]:
+                    ahead -= sizes.pop(name, 0)
+                    joined(name, list(zip(todo[name], results.pop(name))))
 
         def settle(budget: int) -> tuple[dict[str, Predicted], int]:
             """Allocate, predict the in-between qualities, measure the chosen points, until every one is exact:
