@@ -127,6 +127,18 @@ def calibrated(model, calibration, repair, progress, meta):
     return inputs, calib
 
 
+def repair_growth(model, calibration, repair, stored) -> int:
+    """Bytes a budgeted file keeps out of its plan for the constant vectors repair will give values of their own
+    (:func:`codec.rd.repair.constant_growth`), when :func:`calibrated` will keep inputs for repair; else 0."""
+    from .rd.calibrate import Calibration
+
+    if repair is False or isinstance(calibration, Calibration) or not _repair_available():
+        return 0
+    from .rd.repair import constant_growth
+
+    return constant_growth(model, stored, None if isinstance(repair, bool) else repair)
+
+
 def _repair_available() -> bool:
     try:
         from .rd.repair import code_with_repair  # noqa: F401

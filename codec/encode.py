@@ -392,11 +392,14 @@ def save(
         values = lambda n: float64_values(arrays.array(n), arrays.dtype_name(n))  # noqa: E731
         weightings = norm_weightings({n: arrays.shape(n) for n in arrays}, values)
         inputs = calib = None
+        growth = 0  # bytes the plan keeps for constant vectors that repair makes ordinary (constant_growth)
         if calibration is not None:
-            from .api import calibrated
+            from .api import calibrated, repair_growth
 
             if bits_per_weight is not None and matcher is None:  # a budget below the smallest: say so before
-                _refuse_early(arrays, aliases, opts, rules, meta, encoder, bits_per_weight, packing)  # calibrating
+                growth = repair_growth(model, calibration, repair, [n for n in arrays if n not in aliases])
+                _refuse_early(arrays, aliases, opts, rules, meta, encoder, bits_per_weight, packing,  # calibrating
+                              growth)
             bound_heap()  # freed blocks of megabytes go back to the system at once, not kept as holes
             inputs, calib = calibrated(model, calibration, repair, calibration_progress, meta)
             weightings = merge_weightings(weightings, calib.weightings(), values)
@@ -409,7 +412,7 @@ def save(
         # the search starts while they are compressed.
         chosen = _plan(arrays, aliases, opts, rules, meta, encoder, bits_per_weight, max_error, calibrate,
                        progress, packing, jobs, matcher, measure_by=Distortion(weightings), notes=damaged,
-                       search=search, coded=coded, index=index, executor=cluster)
+                       search=search, coded=coded, index=index, executor=cluster, reserve=growth)
         if damaged:
             meta[WARNINGS_KEY] = "; ".join(damaged)
             notes += damaged
@@ -424,7 +427,7 @@ def save(
             spare = 0
             if bits_per_weight is not None:  # what the plan leaves under the budget: repair spends it
                 weights = sum(math.prod(arrays.shape(n)) for n in arrays if n not in aliases)
-                spare = spare_bytes(int(bits_per_weight * weights / 8),
+                spare = spare_bytes(int(bits_per_weight * weights / 8) - growth,
                                     _planned_size(arrays, aliases, chosen.__getitem__, meta, encoder, index,
                                                   attachments, packing, jobs))
             arrays = repaired_arrays(model, arrays, aliases, inputs, chosen, calib, calibration_progress, jobs, notes,
@@ -709,18 +712,18 @@ class _Forced:
         return getattr(self.rules, attr)
 
 
-def _refuse_early(arrays, aliases, base, rules, meta, encoder, bits_per_weight, attachments) -> None:
+def _refuse_early(arrays, aliases, base, rules, meta, encoder, bits_per_weight, attachments, reserve=0) -> None:
     """Raise the search's EncodeError for a budget below the whole model's smallest encoding
     (:func:`codec.rd.allocate.refuse_budget`) before calibration runs the model over the user's inputs (a small
     ResNet-like network on 2,000 images: 32 s before the "no"). Counts the file as :func:`_plan` would, with the
     calibration's metadata at its shortest, so a budget the calibrated search would meet is never refused here
     (the search itself still refuses one within those few bytes). Costs one coding of each tensor at each of its
-    menu's cheapest settings (all-MiniLM-L6-v2: about 2 CPU s)."""
+    menu's cheapest settings (all-MiniLM-L6-v2: about 2 CPU s). ``reserve``: as :func:`_plan`'s."""
     from .rd.allocate import refuse_budget
 
     stored = [n for n in arrays if n not in aliases]
     meta = {**meta, "jwt.calibration": "0 inputs in 0 batches, 0 layers"}
-    overhead = _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weight, {}, None)
+    overhead = _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weight, {}, None) + reserve
     refuse_budget(bits_per_weight, _tensor_source(arrays, stored), base, lambda name: rules.options_for(name, base),
                   overhead)
 
@@ -763,7 +766,7 @@ def _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weig
 
 def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress,
           attachments, jobs, matcher=None, measure_by=None, notes=None, search="fast", coded=None, index=None,
-          executor=None):
+          executor=None, reserve=0):
     """Run the rate-distortion allocator over the stored tensors; options per name.
 
     The budget's fixed part counts the header, the index without tensor
@@ -773,7 +776,9 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
     less what compressing the index will save where that is worth it (:func:`_index_saving`; ``index``, a
     dict, then gets ``compress=True`` for the writer). The search counts each tensor's index entry as JSON.
     The fast search puts tensors it coded with their chosen options in ``coded``, and runs its tasks on
-    ``executor`` when one is given (:class:`codec.distributed.ray.RayExecutor`).
+    ``executor`` when one is given (:class:`codec.distributed.ray.RayExecutor`). ``reserve``: bytes of the budget
+    kept out of the plan (counted in its fixed part), for what will grow after it
+    (:func:`codec.rd.repair.constant_growth`).
     """
     from .rd.allocate import plan_options
 
@@ -788,7 +793,7 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
         base_id, menu = BaseId(matcher.base.digest(), len(matcher.base)), UpdateMenu(matcher)
 
     def overhead() -> int:
-        return _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weight, index, base_id)
+        return _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weight, index, base_id) + reserve
 
     score = None
     if calibrate is not None:
