@@ -29,6 +29,8 @@ sign byte zstd then stores raw, decoded at memcpy speed
 Every shuffled layout's encoder ends a zstd block at each plane's end
 (:func:`_compress_planes`), so that no block mixes two planes' bytes under
 one Huffman table; the frame is an ordinary one and the decoder is the same.
+For bfloat16 and float64 the reference encoder writes frames of literals
+only, without a match search (:data:`_LITERALS`, :func:`_literal_frame`).
 """
 
 from __future__ import annotations
