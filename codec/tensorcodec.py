@@ -17,9 +17,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import mapping, tiling
-from .blobcodecs import BlobCodec, Jpeg, JpegXL, Quant, Zstd, ZstdPlanes
+from .blobcodecs import BlobCodec, Jpeg, JpegXL, Quant, Zstd
 from .blobcodecs.jpeg import quality_at_scale, quality_scale, scaled_table
-from .blobcodecs.zstd import planes_rotation
+from .blobcodecs.zstd import planes_codec
 from .dtypes import SIGNIFICAND, DType, from_float64, round_significand, to_float64
 from .errors import EncodeError, FormatError
 from .format import TensorEntry
@@ -168,12 +168,12 @@ LOSSLESS_FLOAT_LEVEL = 1
 
 def lossless_codec(dtype: DType, level: int) -> Zstd:
     """The codec of a tensor stored losslessly: bfloat16, float32 and float64 as ``zstd_planes`` (format 1.2,
-    rotated byte planes, :func:`~codec.blobcodecs.zstd.planes_rotation`; ratio 1.224 / 1.504 on MiniLM float32 /
+    rotated byte planes, :func:`~codec.blobcodecs.zstd.planes_codec`; ratio 1.224 / 1.505 on MiniLM float32 /
     bfloat16 against 1.21 / 1.46 exponent first),
     float16 exponent first at :data:`LOSSLESS_FLOAT_LEVEL`; anything else byte-shuffled at ``level``."""
-    rotation = planes_rotation(dtype.name) if dtype.floating else None
-    if rotation is not None:
-        return ZstdPlanes(rotation)
+    planes = planes_codec(dtype.name) if dtype.floating else None
+    if planes is not None:
+        return planes
     if dtype.floating and dtype.itemsize > 1:
         return Zstd(level=LOSSLESS_FLOAT_LEVEL, shuffle=True, exponent_first=True)
     return Zstd(level=level, shuffle=True)

@@ -43,6 +43,8 @@ def test_zstd_planes_round_trip_is_bit_exact(dtype, rotations):
         coder = get_codec(ZstdPlanes(rotate).get_config())
         for count in SIZES:
             array = _bits(dtype, count)
+            literal = ZstdPlanes(rotate, literals=True).encode(array)
+            assert coder.decode(literal, array.shape, storage).tobytes() == array.tobytes(), (rotate, count)
             blob = coder.encode(array)
             assert coder.decode(blob, array.shape, storage).tobytes() == array.tobytes(), (rotate, count)
             out = np.full(array.shape, 7, storage)
@@ -93,7 +95,7 @@ def test_lossless_planes_in_their_own_blocks_round_trip(dtype):
 
     coders = [lossless_codec(get_dtype(dtype), 9)]
     if dtype in ("bfloat16", "float32"):
-        coders += [ZstdPlanes(r) for r in (1, 2, 3)]
+        coders += [ZstdPlanes(r, literals=literals) for r in (1, 2, 3) for literals in (False, True)]
     for count in (0, 1, 5, 384, 3001, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK, 2 * BLOCK + 777):
         array = _weights(dtype, count)
         for coder in coders:
@@ -128,15 +130,104 @@ def test_a_near_random_plane_fills_its_own_raw_blocks(count):
         assert [b for b in blocks if b[0] == 0] == [(0, count), (0, count)] and len(blocks) == 4, blocks
 
 
+def _block_contents(blob: bytes) -> list[tuple[int, int, int]]:
+    """(type, literal bytes, sequences) of each block of a zstd frame (RFC 8878 3.1.1.2-3.1.1.3: a compressed
+    block holds a literals section, then the count of its sequences); a raw or RLE block's bytes are literals."""
+    pos, last, blocks = zstandard.frame_header_size(blob), 0, []
+    while not last:
+        header = int.from_bytes(blob[pos : pos + 3], "little")
+        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+        pos += 3
+        if kind == 2:
+            block = blob[pos : pos + size]
+            lit_type, size_format = block[0] & 3, (block[0] >> 2) & 3
+            if lit_type < 2:  # raw or RLE literals: 1, 2 or 3 header bytes, then the bytes or the one byte
+                head = (1, 2, 1, 3)[size_format]
+                literals = int.from_bytes(block[:head], "little") >> (3 if size_format in (0, 2) else 4)
+                end = head + (literals if lit_type == 0 else 1)
+            else:  # Huffman-coded: 3, 3, 4 or 5 header bytes holding the regenerated and the compressed size
+                head, bits = ((3, 10), (3, 10), (4, 14), (5, 18))[size_format]
+                sizes = int.from_bytes(block[:head], "little") >> 4
+                literals, end = sizes & ((1 << bits) - 1), head + (sizes >> bits)
+            first = block[end]
+            count = first if first < 128 else (first - 128) * 256 + block[end + 1] if first < 255 else \
+                int.from_bytes(block[end + 1 : end + 3], "little") + 0x7F00
+            assert count or end + 1 == size, "a block without sequences ends after its literals"
+            blocks.append((kind, literals, count))
+        else:
+            blocks.append((kind, size, 0))
+        pos += 1 if kind == 1 else size
+    return blocks
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+def test_literal_frames_hold_no_sequences_and_end_blocks_at_the_planes(dtype):
+    """``literals=True`` writes one frame of literals only (no sequence in any block, though the weights repeat),
+    with the blocks of frames with matches: every plane in blocks of its own, a random plane stored raw; each
+    decodes bit-exact, deterministic, at sizes below, at and across a block."""
+    for count in (1, 5, 384, 3001, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK + 777):
+        array = _weights(dtype, count)
+        array[count // 2 :] = np.resize(array[:24], count - count // 2)  # short repeats: a match finder takes them
+        for rotate in (1, 3):
+            literal, matches = ZstdPlanes(rotate, literals=True), ZstdPlanes(rotate)
+            blob = literal.encode(array)
+            assert frame_length(blob) == len(blob) and zstandard.frame_content_size(blob) == array.nbytes
+            assert literal.decode(blob, array.shape, array.dtype).tobytes() == array.tobytes(), (count, rotate)
+            assert literal.encode(array.copy()) == blob
+            if count > BLOCK // array.itemsize:  # a frame of one block may be the one with matches (shorter)
+                blocks = _block_contents(blob)
+                assert sum(b[2] for b in blocks) == 0 and sum(b[1] for b in blocks) == array.nbytes
+                assert sum(b[2] for b in _block_contents(matches.encode(array))) > 0, (count, rotate)
+                ends = set(np.cumsum([b[1] for b in blocks]).tolist())
+                assert {j * count for j in range(1, array.itemsize + 1)} <= ends, (count, rotate)
+    array = _weights("bfloat16", 3 * BLOCK)
+    array.view(np.uint16)[:] = (array.view(np.uint16) & 0xFF80) | RNG.integers(0, 128, array.size, dtype=np.uint16)
+    blocks = _blocks(ZstdPlanes(1, literals=True).encode(array))
+    assert blocks[0][0] == 2 and [b for b in blocks if b[0] == 0] == [(0, BLOCK)] * 3, blocks
+
+
+def test_literal_frames_are_smaller_on_bfloat16_weights_and_the_reference():
+    """On normal bfloat16 weights the exponent plane's chance repeats cost more as matches than as literals; the
+    reference encoder writes literals-only frames for bfloat16 and float64 and keeps matches for float32."""
+    array = _weights("bfloat16", 4 * BLOCK + 123)
+    literal, matches = ZstdPlanes(1, literals=True).encode(array), ZstdPlanes(1).encode(array)
+    assert sum(b[2] for b in _block_contents(matches)) > 0 and sum(b[2] for b in _block_contents(literal)) == 0
+    assert len(literal) < len(matches)
+    assert [(c.rotate, c.literals) for c in map(zstd_module.planes_codec, ("bfloat16", "float32", "float64"))] == \
+        [(1, True), (3, False), (5, True)]
+    assert zstd_module.planes_codec("float16") is None
+    assert zstd_module.planes_codec("bfloat16").get_config() == {"id": "zstd_planes", "rotate": 1}
+
+
+def test_literal_frames_without_the_cffi_binding_fall_back_to_matches(monkeypatch):
+    """Where zstandard's cffi binding is missing the encoder writes the frames with matches (valid, larger)."""
+    array = _weights("bfloat16", 2 * BLOCK + 5)
+    monkeypatch.setattr(zstd_module, "_LITERAL_LIB", False)
+    assert ZstdPlanes(1, literals=True).encode(array) == ZstdPlanes(1).encode(array)
+
+
+def test_literal_frames_from_threads_are_the_same_bytes():
+    """Each thread keeps its own zstd context for literal frames: frames coded on two threads at once, and by a
+    new context, are byte for byte those of one thread."""
+    arrays = [_weights("bfloat16", n) for n in (5000, 17, 3 * BLOCK + 9, 384, 70_000)] * 3
+    coder = ZstdPlanes(1, literals=True)
+    alone = [bytes(coder.encode(a)) for a in arrays]
+    with ThreadPoolExecutor(2) as pool:
+        assert [bytes(b) for b in pool.map(coder.encode, arrays)] == alone
+    zstd_module._scratch_buffers.literal_cctx = None
+    assert [bytes(coder.encode(a)) for a in arrays] == alone
+
+
 def test_a_frame_of_one_block_is_the_shorter_layout():
     """Up to one block the encoder keeps the one-call frame where block headers per plane would cost more (a few
     elements), and the per-plane blocks where they save (MiniLM's 384-element vectors), never longer than both."""
     for dtype, count in (("float32", 1), ("float32", 3), ("bfloat16", 384), ("float64", 100), ("float32", 2000)):
         array = _weights(dtype, count)
-        coder = ZstdPlanes(zstd_module.planes_rotation(dtype))
+        coder = zstd_module.planes_codec(dtype)
         planes = zstd_module._rotated_planes(array, coder.rotate).copy()
         whole = len(coder._compressor().compress(planes.data))
         assert len(coder.encode(array)) <= whole, (dtype, count)
+        assert len(coder.encode(array)) <= len(ZstdPlanes(coder.rotate).encode(array)), (dtype, count)
     array = _weights("bfloat16", 384)
     planes = zstd_module._rotated_planes(array, 1).copy()
     assert len(ZstdPlanes(1).encode(array)) < len(ZstdPlanes(1)._compressor().compress(planes.data))

@@ -29,6 +29,8 @@ sign byte zstd then stores raw, decoded at memcpy speed
 Every shuffled layout's encoder ends a zstd block at each plane's end
 (:func:`_compress_planes`), so that no block mixes two planes' bytes under
 one Huffman table; the frame is an ordinary one and the decoder is the same.
+For bfloat16 and float64 the reference encoder writes frames of literals
+only, without a match search (:data:`_LITERALS`, :func:`_literal_frame`).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ try:  # a one-call zstd decompressor into a given buffer (imagecodecs is a depen
 except (ImportError, AttributeError):
     _zstd_decode, _ZSTD_ERRORS = None, (zstandard.ZstdError,)
 
-__all__ = ["Zstd", "ZstdPlanes", "planes_rotation", "release_scratch", "use_compiled"]
+__all__ = ["Zstd", "ZstdPlanes", "planes_codec", "planes_rotation", "release_scratch", "use_compiled"]
 
 
 class Zstd(BlobCodec):
@@ -155,14 +157,37 @@ class Zstd(BlobCodec):
 
 
 class ZstdPlanes(Zstd):
-    """Lossless zstd of byte planes of rotated elements (format 1.2, spec/format.md 5.1.2)."""
+    """Lossless zstd of byte planes of rotated elements (format 1.2, spec/format.md 5.1.2).
+
+    ``literals`` (the encoder's choice, not stored: the frames decode the same) writes frames of literals only
+    (:func:`_literal_frame`): every plane Huffman-coded or stored raw block by block, no match searched.
+    """
 
     codec_id = "zstd_planes"
     optional = ()
 
-    def __init__(self, rotate: int = 3):
+    def __init__(self, rotate: int = 3, literals: bool = False):
         self.rotate = check_params(self.codec_id, "rotate", rotate, int, 0, 63)
+        self.literals = bool(literals)
         super().__init__(level=1, shuffle=True)
+
+    def encode(self, array: np.ndarray) -> bytes:
+        data = np.ascontiguousarray(array)
+        if self.literals and data.size and data.itemsize in _UINT and _literal_lib() is not None:
+            planes = _rotated_planes(data, self.rotate, self.codec_id)
+            frame = _literal_frame(planes, data.itemsize)
+            if planes.size <= zstandard.BLOCKSIZE_MAX:  # one block at most: a frame with matches may be shorter
+                other = _compress_planes(self._compressor(), planes, data.itemsize)
+                if len(other) < len(frame):
+                    return other
+            return frame
+        return super().encode(data)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ZstdPlanes":
+        """The codec of a stored config: ``rotate`` only (``literals`` is not a parameter of the format, a key of
+        that name is ignored as any unknown one)."""
+        return super().from_config({**config, "literals": False})
 
     @property
     def rotation(self) -> int:
@@ -193,10 +218,25 @@ class ZstdPlanes(Zstd):
 #: its 5 exponent bits.
 _ROTATION = {"bfloat16": 1, "float32": 3, "float64": 5}
 
+#: Dtypes whose ``zstd_planes`` frames the reference encoder writes as literals only (:func:`_literal_frame`), by
+#: what measured smaller on all-MiniLM-L6-v2 (bench/JOURNAL.md, "The bf16 lossless ratio (fifteenth pass, issue
+#: 12)"): bfloat16's exponent plane (8 bits of about 2.6 bits of entropy) repeats 7-byte runs by chance, and each
+#: match zstd's fast parser takes costs more in its sequence codes than its bytes would in Huffman literals
+#: (-24 KB, 0.08 %); float64 made from float32 -1.9 %; float32 rotated 3 keeps the match finder, whose matches
+#: pay on its embeddings (+80 KB, 0.1 %, literals only).
+_LITERALS = frozenset({"bfloat16", "float64"})
+
 
 def planes_rotation(dtype_name: str) -> int | None:
     """The ``zstd_planes`` rotation the reference encoder uses for a floating dtype, or None (use ``zstd``)."""
     return _ROTATION.get(dtype_name)
+
+
+def planes_codec(dtype_name: str) -> "ZstdPlanes | None":
+    """The reference encoder's ``zstd_planes`` codec for a floating dtype (:data:`_ROTATION`, :data:`_LITERALS`),
+    or None (use ``zstd``)."""
+    rotation = _ROTATION.get(dtype_name)
+    return None if rotation is None else ZstdPlanes(rotation, literals=dtype_name in _LITERALS)
 
 
 #: Unsigned integer type of each element size.
@@ -400,6 +440,67 @@ def _compress_planes(compressor: zstandard.ZstdCompressor, planes: np.ndarray, k
         if len(whole) <= len(frame):
             return whole
     return frame
+
+
+def _literal_lib() -> Any:
+    """libzstd's API through zstandard's cffi binding (``zstandard.backend_cffi``: its ``ffi`` and ``lib``, the
+    whole of zstd.h), or None where it is missing (no ``cffi`` package, or a binding without
+    ``ZSTD_compressSequences``): :meth:`ZstdPlanes.encode` then writes its frames with matches."""
+    global _LITERAL_LIB
+    if _LITERAL_LIB is None:
+        try:
+            from zstandard import backend_cffi
+
+            ffi, lib = backend_cffi.ffi, backend_cffi.lib
+            lib.ZSTD_compressSequences, lib.ZSTD_c_blockDelimiters, ffi.sizeof("ZSTD_Sequence")  # noqa: B018
+            _LITERAL_LIB = (ffi, lib)
+        except Exception:  # noqa: BLE001 - ImportError, or an older binding without these names
+            _LITERAL_LIB = False
+    return _LITERAL_LIB or None
+
+
+#: :func:`_literal_lib`'s answer: None (not looked up yet), False (missing) or ``(ffi, lib)``.
+_LITERAL_LIB: Any = None
+
+
+def _literal_frame(planes: np.ndarray, k: int) -> bytearray:
+    """One zstd frame of ``planes`` (``k`` byte planes of equal length, one after the other) made of literals
+    only: blocks of up to 128 KiB that end at each plane's end, each Huffman-coded (zstd's fast-strategy rule: when
+    that saves at least 1/64 of it) or stored raw, without sequences (content size declared, no checksum).
+
+    zstd's match finder cannot be switched off through python-zstandard, and on an exponent plane of low entropy
+    its fast parser takes chance repeats of 7 bytes whose sequence codes cost more than their bytes would as
+    Huffman literals; so the frame is made by ``ZSTD_compressSequences`` with one empty sequence per block (an
+    explicit block delimiter that holds the block's literals), which zstd codes as it codes any block's literals.
+    An ordinary frame: the decoder does not change.
+    """
+    ffi, lib = _literal_lib()
+    cctx = getattr(_scratch_buffers, "literal_cctx", None)
+    if cctx is None:
+        cctx = ffi.gc(lib.ZSTD_createCCtx(), lib.ZSTD_freeCCtx)
+        for param, value in ((lib.ZSTD_c_strategy, 1), (lib.ZSTD_c_windowLog, 17), (lib.ZSTD_c_contentSizeFlag, 1),
+                             (lib.ZSTD_c_checksumFlag, 0), (lib.ZSTD_c_blockDelimiters, 1)):
+            _zstd_check(ffi, lib, lib.ZSTD_CCtx_setParameter(cctx, param, value))
+        _scratch_buffers.literal_cctx = cctx
+    n = planes.size // k
+    whole, rest = divmod(n, zstandard.BLOCKSIZE_MAX)
+    lengths = np.array(([zstandard.BLOCKSIZE_MAX] * whole + ([rest] if rest else [])) * k or [0], np.uint32)
+    sequences = np.zeros((lengths.size, 4), np.uint32)  # ZSTD_Sequence: offset, litLength, matchLength, rep
+    sequences[:, 1] = lengths
+    frame = bytearray(lib.ZSTD_compressBound(planes.size))
+    _zstd_check(ffi, lib, lib.ZSTD_CCtx_reset(cctx, lib.ZSTD_reset_session_only))
+    size = lib.ZSTD_compressSequences(cctx, ffi.from_buffer(frame), len(frame),
+                                      ffi.cast("ZSTD_Sequence *", ffi.from_buffer(sequences)), lengths.size,
+                                      ffi.from_buffer(planes), planes.size)
+    _zstd_check(ffi, lib, size)
+    del frame[size:]
+    return frame
+
+
+def _zstd_check(ffi: Any, lib: Any, code: int) -> None:
+    """Raise RuntimeError where a libzstd call returned an error code."""
+    if lib.ZSTD_isError(code):
+        raise RuntimeError(f"zstd: {ffi.string(lib.ZSTD_getErrorName(code)).decode()}")
 
 
 def _decompress_into(blob: bytes, content: np.ndarray) -> None:
