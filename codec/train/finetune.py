@@ -338,7 +338,7 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     budget = as_budget(budget)
     opts, rules = as_setting(setting), as_overrides(overrides, setting)
     if budget is not None:  # the quality that fits, searched before training (a budget too small fails here)
-        rules = budget.start(model, opts, rules, vector_bits)
+        rules = budget.start(model, opts, rules, vector_bits, steps, refresh)
         tracked_until, budget_every = steps - round(budget.hold * steps), budget.every_for(steps, refresh)
     batches, check, where = _check_batches(_batches(data), validation)
     teacher = None
