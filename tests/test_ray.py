@@ -338,3 +338,49 @@ def test_ray_local_starts_a_cluster_here_and_ray_info_lines_stay_quiet(monkeypat
     assert jwt_ray.connect(address) is fake
     assert len(calls) == 1 and calls[0]["address"] == expected
     assert calls[0]["logging_level"] == logging.WARNING and calls[0]["log_to_driver"] is False
+
+
+_HARD_EXIT = """
+import os, sys
+import codec.encode as encoding
+from codec.errors import EncodeError
+
+how = sys.argv[1]
+
+def save(*args, **kwargs):
+    if how == "hard":
+        os._exit(1)  # what Ray's core worker does when the local raylet dies under it (plasma connection lost)
+    raise EncodeError("ray: tensor 'w' was not coded (LocalRayletDiedError after 3 retries: ...)")
+
+encoding.save = save
+from jwt_cli.main import main
+sys.argv = ["jwt", "encode", sys.argv[2], "-o", sys.argv[3], "--ray", "local", "-q"]
+main()
+"""
+
+
+@pytest.mark.parametrize("how", ["hard", "raised"])
+def test_ray_encode_ended_by_ray_itself_still_says_so(tmp_path, how):
+    """When the local cluster dies mid-encode, Ray may end jwt's process itself (``_Exit(1)`` from its core worker,
+    the reason only in Ray's session log): jwt encode --ray must still end with its one-line error naming the
+    output, exit 1, and no output or temporary file. An error jwt raises itself is said once (no second line)."""
+    pytest.importorskip("ray")
+    import subprocess
+    import sys
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from conftest import REPO
+
+    save_file({"w": np.ones((64, 64), np.float32)}, str(tmp_path / "m.safetensors"))
+    out = tmp_path / "out.jwt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / ".pp"), str(REPO)]), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", _HARD_EXIT, how, str(tmp_path / "m.safetensors"), str(out)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert r.returncode == 1, r.stderr
+    assert len(errors) == 1, r.stderr
+    assert (str(out) in errors[0]) if how == "hard" else ("LocalRayletDiedError" in errors[0])
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
