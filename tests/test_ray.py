@@ -384,3 +384,33 @@ def test_ray_encode_ended_by_ray_itself_still_says_so(tmp_path, how):
     assert (str(out) in errors[0]) if how == "hard" else ("LocalRayletDiedError" in errors[0])
     assert "Traceback" not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+@pytest.mark.parametrize("limited", [False, True])
+def test_ray_cluster_that_cannot_start_is_a_one_line_error(tmp_path, monkeypatch, limited):
+    """`jwt encode --ray local` under `ulimit -v 1536 MB`: the raylet cannot map its object store and Ray raises a
+    bare Exception ("The current node timed out during startup...") after 30 s; jwt showed its traceback. Now one
+    line naming the cause, with the memory limit when one is set; exit 1, no output. Checked without a cluster."""
+    import resource
+    import types
+
+    from jwt_cli.main import cli
+
+    def init(**kwargs):
+        raise Exception("The current node timed out during startup. This could happen because some of the raylet "
+                        "failed to startup or the GCS has become overloaded.\nmore lines")
+
+    shut = []
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=init, shutdown=lambda: shut.append(1))
+    monkeypatch.setattr(jwt_ray, "_ray", lambda: fake)
+    if limited:
+        monkeypatch.setattr(resource, "getrlimit", lambda which: (1536 * 2**20, resource.RLIM_INFINITY))
+    with pytest.raises(codec.EncodeError, match="cannot start a cluster here .The current node timed out") as info:
+        jwt_ray.connect("local")
+    assert ("ulimit -v" in str(info.value)) == limited and ("1,536 MB" in str(info.value)) == limited
+    assert shut  # what Ray started before it gave up is stopped
+    torch.save({"w": torch.randn(64, 64)}, tmp_path / "m.pt")
+    r = CliRunner().invoke(cli, ["encode", str(tmp_path / "m.pt"), "-o", str(tmp_path / "o.jwt"), "--ray", "local"])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.exception
+    assert r.output.startswith("Error: ray: cannot start a cluster here") and len(r.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
