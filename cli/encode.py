@@ -286,9 +286,14 @@ def _disarm(watch: tuple[int, int]) -> None:
     pid, write = watch
     try:
         os.write(write, b"x")
+    except OSError:  # the watcher is gone (killed): nothing to tell it, and jwt's own outcome stands
+        pass
     finally:
         os.close(write)
-        os.waitpid(pid, 0)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
 
 
 def _repair_settings(finetune_steps: int | None):

@@ -414,3 +414,18 @@ def test_ray_cluster_that_cannot_start_is_a_one_line_error(tmp_path, monkeypatch
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.exception
     assert r.output.startswith("Error: ray: cannot start a cluster here") and len(r.output.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_ray_watcher_gone_does_not_change_the_outcome():
+    """The watcher of `jwt encode --ray` killed on its own (a user's kill, a process-group signal): disarming it
+    afterwards must not raise (a BrokenPipeError would turn jwt's result into a quiet exit 141)."""
+    import signal
+    import time
+
+    from jwt_cli.encode import _disarm, _watch_for_a_hard_exit
+
+    watch = _watch_for_a_hard_exit("x.jwt")
+    assert watch is not None
+    os.kill(watch[0], signal.SIGKILL)
+    time.sleep(0.2)
+    _disarm(watch)
