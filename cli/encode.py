@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 import warnings
 from pathlib import Path
 
@@ -208,6 +211,7 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
                 bars[stage] = progress_bar(samples, stage, quiet)
             bars[stage].update(n)
 
+        watch = _watch_for_a_hard_exit(output) if ray_address is not None else None
         try:
             notes = source.notes + encoding.save(
                 state_dict, output, metadata={**metadata, "source": metadata.get("source", input.name),
@@ -223,6 +227,8 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
         except ValueError as exc:  # bad calibration inputs: one line, before any coding
             raise fail(str(exc)) from None
         finally:
+            if watch is not None:
+                _disarm(watch)
             for stage_bar in bars.values():
                 stage_bar.close()
     for message in [str(w.message) for w in caught] + notes:
@@ -245,6 +251,49 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
             if not searching and delta:
                 click.echo("  (the differences are coded with the fixed setting; -b B or --max-error E lets the "
                            "search make them much smaller)")
+
+
+def _watch_for_a_hard_exit(output: str | Path) -> tuple[int, int] | None:
+    """A watcher for the Ray encode: when the local cluster's raylet dies while this process reads its object
+    store, Ray's core worker ends this process at once (``_Exit(1)``, its reason only in Ray's session log), and
+    the user would see exit status 1 and nothing else. A forked watcher holds the read end of a pipe; if the
+    write end closes before :func:`_disarm` wrote to it, this process ended without Python seeing it, and the
+    watcher prints the one-line error. The watcher writes nothing else and ends with this process. Returns its
+    pid and the write end (None where there is no ``fork``)."""
+    if not hasattr(os, "fork"):
+        return None
+    message = (f"Error: {output}: the encode was ended from outside before it finished (Ray ends its driver "
+               f"process when the local cluster fails mid-encode, the reason in the python-core-driver log of "
+               f"Ray's session folder); nothing was written\n").encode(errors="replace")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the watcher: no Python state beyond this, no locks taken (os.write, os._exit)
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: jwt reports it
+            os.close(write)
+            if os.read(read, 1) == b"":
+                os.write(2, message)
+        finally:
+            os._exit(0)
+    os.close(read)
+    return pid, write
+
+
+def _disarm(watch: tuple[int, int]) -> None:
+    """This process goes on in Python's hands (done, or an error it reports itself): the watcher ends quietly."""
+    pid, write = watch
+    try:
+        os.write(write, b"x")
+    except OSError:  # the watcher is gone (killed): nothing to tell it, and jwt's own outcome stands
+        pass
+    finally:
+        os.close(write)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
 
 
 def _repair_settings(finetune_steps: int | None):

@@ -338,3 +338,94 @@ def test_ray_local_starts_a_cluster_here_and_ray_info_lines_stay_quiet(monkeypat
     assert jwt_ray.connect(address) is fake
     assert len(calls) == 1 and calls[0]["address"] == expected
     assert calls[0]["logging_level"] == logging.WARNING and calls[0]["log_to_driver"] is False
+
+
+_HARD_EXIT = """
+import os, sys
+import codec.encode as encoding
+from codec.errors import EncodeError
+
+how = sys.argv[1]
+
+def save(*args, **kwargs):
+    if how == "hard":
+        os._exit(1)  # what Ray's core worker does when the local raylet dies under it (plasma connection lost)
+    raise EncodeError("ray: tensor 'w' was not coded (LocalRayletDiedError after 3 retries: ...)")
+
+encoding.save = save
+from jwt_cli.main import main
+sys.argv = ["jwt", "encode", sys.argv[2], "-o", sys.argv[3], "--ray", "local", "-q"]
+main()
+"""
+
+
+@pytest.mark.parametrize("how", ["hard", "raised"])
+def test_ray_encode_ended_by_ray_itself_still_says_so(tmp_path, how):
+    """When the local cluster dies mid-encode, Ray may end jwt's process itself (``_Exit(1)`` from its core worker,
+    the reason only in Ray's session log): jwt encode --ray must still end with its one-line error naming the
+    output, exit 1, and no output or temporary file. An error jwt raises itself is said once (no second line)."""
+    pytest.importorskip("ray")
+    import subprocess
+    import sys
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from conftest import REPO
+
+    save_file({"w": np.ones((64, 64), np.float32)}, str(tmp_path / "m.safetensors"))
+    out = tmp_path / "out.jwt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / ".pp"), str(REPO)]), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", _HARD_EXIT, how, str(tmp_path / "m.safetensors"), str(out)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert r.returncode == 1, r.stderr
+    assert len(errors) == 1, r.stderr
+    assert (str(out) in errors[0]) if how == "hard" else ("LocalRayletDiedError" in errors[0])
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+@pytest.mark.parametrize("limited", [False, True])
+def test_ray_cluster_that_cannot_start_is_a_one_line_error(tmp_path, monkeypatch, limited):
+    """`jwt encode --ray local` under `ulimit -v 1536 MB`: the raylet cannot map its object store and Ray raises a
+    bare Exception ("The current node timed out during startup...") after 30 s; jwt showed its traceback. Now one
+    line naming the cause, with the memory limit when one is set; exit 1, no output. Checked without a cluster."""
+    import resource
+    import types
+
+    from jwt_cli.main import cli
+
+    def init(**kwargs):
+        raise Exception("The current node timed out during startup. This could happen because some of the raylet "
+                        "failed to startup or the GCS has become overloaded.\nmore lines")
+
+    shut = []
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=init, shutdown=lambda: shut.append(1))
+    monkeypatch.setattr(jwt_ray, "_ray", lambda: fake)
+    if limited:
+        monkeypatch.setattr(resource, "getrlimit", lambda which: (1536 * 2**20, resource.RLIM_INFINITY))
+    with pytest.raises(codec.EncodeError, match="cannot start a cluster here .The current node timed out") as info:
+        jwt_ray.connect("local")
+    assert ("ulimit -v" in str(info.value)) == limited and ("1,536 MB" in str(info.value)) == limited
+    assert shut  # what Ray started before it gave up is stopped
+    torch.save({"w": torch.randn(64, 64)}, tmp_path / "m.pt")
+    r = CliRunner().invoke(cli, ["encode", str(tmp_path / "m.pt"), "-o", str(tmp_path / "o.jwt"), "--ray", "local"])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.exception
+    assert r.output.startswith("Error: ray: cannot start a cluster here") and len(r.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_ray_watcher_gone_does_not_change_the_outcome():
+    """The watcher of `jwt encode --ray` killed on its own (a user's kill, a process-group signal): disarming it
+    afterwards must not raise (a BrokenPipeError would turn jwt's result into a quiet exit 141)."""
+    import signal
+    import time
+
+    from jwt_cli.encode import _disarm, _watch_for_a_hard_exit
+
+    watch = _watch_for_a_hard_exit("x.jwt")
+    assert watch is not None
+    os.kill(watch[0], signal.SIGKILL)
+    time.sleep(0.2)
+    _disarm(watch)

@@ -75,7 +75,28 @@ def connect(address: str) -> Any:
                 ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         except ConnectionError as exc:
             raise EncodeError(f"ray: cannot connect to {address!r} ({str(exc).splitlines()[0][:200]})") from None
+        except Exception as exc:  # noqa: BLE001 (Ray raises a bare Exception when its local node does not start)
+            try:
+                ray.shutdown()
+            except Exception:  # noqa: BLE001 (nothing was started)
+                pass
+            raise EncodeError(f"ray: cannot start a cluster here ({first_line(exc, 200)}){_limit_hint()}") from None
     return ray
+
+
+def _limit_hint() -> str:
+    """Why a local Ray node may not start: under ``ulimit -v`` its raylet cannot map the object store (by default
+    30 % of the machine's memory, one mapping), and Ray only reports a start-up timeout."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (ImportError, OSError, ValueError):
+        return ""
+    if limit == resource.RLIM_INFINITY:
+        return ""
+    return (f"; a memory limit of {limit / 2**20:,.0f} MB is set (ulimit -v), and Ray's processes map their object "
+            f"store beyond it: raise the limit for --ray, or encode without it (-j 1 needs least)")
 
 
 def _code(array, dtype_name: str, options):
