@@ -91,26 +91,6 @@ def parse_variant(text: str) -> tuple[tuple[str, str], ...]:
     return pairs
 
 
-def parse_budget_option(text: str) -> dict[str, float]:
-    """``"climb_until=0.5,ratio=1.01"`` as Budget keyword arguments (each checked by making a Budget); ValueError
-    (one line) if a part is not ``name=number`` of one of its float options."""
-    options = {}
-    for part in filter(None, text.split(",")):
-        name, _, value = part.partition("=")
-        if name not in ("margin", "climb_until", "ratio", "aim") or not value:
-            raise ValueError(f"--budget-option {text!r}: expected name=number with name one of margin, "
-                             f"climb_until, ratio, aim")
-        try:
-            options[name] = float(value)
-        except ValueError:
-            raise ValueError(f"--budget-option {text!r}: {value!r} is not a number") from None
-    try:
-        codec.train.Budget(1.0, **options)
-    except ValueError as exc:
-        raise ValueError(f"--budget-option {text!r}: {exc}") from None
-    return options
-
-
 def variant_label(quality: float, variant: Sequence[tuple[str, str]]) -> str:
     """The "coded with" label of a ladder point: ``q6`` or ``q6, conv2.weight=b3``."""
     return ", ".join([f"q{quality}", *(f"{name}={setting}" for name, setting in variant)])
@@ -247,7 +227,7 @@ class Schedule:
                      teacher: torch.nn.Module | None = None, distil: float = 0.0, group: float = 0.0,
                      lam: float = 0.0, every: int = 8, freeze_tail: float = 0.0,
                      freeze: Sequence[str] = (), budget: float | None = None,
-                     budget_hold: float = 0.25, budget_options: dict | None = None) -> tuple[torch.nn.Module, float]:
+                     budget_hold: float = 0.25) -> tuple[torch.nn.Module, float]:
         """The schedule's remaining epochs from ``snapshot`` with the codec in the loop at ``overrides``
         (:func:`codec.train.finetune` with the labels, continuing the schedule's Adam and rates; ``refresh``,
         ``vector_bits`` as finetune takes them; ``keep_tiles``: the fraction of the loop's steps, its last ones,
@@ -261,12 +241,11 @@ class Schedule:
         from the start of that part on and the rest trains against exactly it. ``budget``: bits/weight of the whole
         file; the largest layer's quality (starting from its setting in ``overrides``) is then chosen in the loop so
         that the file fits (:class:`codec.train.Budget`, its quality held over the last ``budget_hold`` of each
-        finetune call; ``budget_options``: other keyword arguments of the Budget), and :attr:`budget` holds the
-        Budget (its ``overrides`` are the file's). Returns the model and
+        finetune call), and :attr:`budget` holds the Budget (its ``overrides`` are the file's). Returns the model and
         the CPU seconds of the whole schedule (the shared epochs included, not the teacher's training)."""
         model = copy.deepcopy(snapshot["model"])
-        self.budget = (codec.train.Budget(budget, tensor=f"{BIG[self.kind]}.weight", hold=budget_hold,
-                                          **(budget_options or {})) if budget is not None else None)
+        self.budget = (codec.train.Budget(budget, tensor=f"{BIG[self.kind]}.weight", hold=budget_hold)
+                       if budget is not None else None)
         torch.set_num_threads(1)
         generator = torch.Generator()
         generator.set_state(snapshot["generator"])
@@ -397,9 +376,6 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
                         "run for each)")
     parser.add_argument("--budget-hold", type=float, action="append", help="with --budget: the fraction of the "
                         "loop's last steps with the quality held (default 0.25; several: a run for each)")
-    parser.add_argument("--budget-option", action="append", help="with --budget: other options of "
-                        "codec.train.Budget for its run, e.g. climb_until=0.5,ratio=1.01,aim=0.5 ('' : the defaults; "
-                        "several: a run for each)")
     parser.add_argument("--budget-only", action="store_true", help="with --budget: no codec-in-the-loop runs at the "
                         "fixed --quality points (the plain ladder rows stay)")
     parser.add_argument("--table", default="flat", help="ladder: JPEG table of the largest layer (flat, ramp1, ...)")
@@ -450,10 +426,6 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     args.budget_hold = args.budget_hold or [0.25]
     if any(not 0 <= h <= 1 for h in args.budget_hold):
         parser.error("--budget-hold must be between 0 and 1")
-    try:
-        args.budget_option = [(text, parse_budget_option(text)) for text in args.budget_option or [""]]
-    except ValueError as exc:
-        parser.error(str(exc))
     if args.budget_only and not args.budget:
         parser.error("--budget-only needs --budget")
     if args.vector_bits is not None and not 1 <= args.vector_bits <= 22:
@@ -541,9 +513,8 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
                 f"{f', distilled {distil:g}' if distil else ''}{f', unit penalty {group:g}' if group else ''}"
                 f"{f', rate penalty {lam:g} every {args.rate_every}' if lam else ''}"
                 f"{f', {frozen} frozen ({tail:g} of the loop)' if tail else ''}")
-        budget_points = [(f"budget {b:g} (q in the loop, held {hold:g}{f', {text}' if text else ''})",
-                          ladder_point(kind, qualities[0], args.table), (b, hold, options))
-                         for b in args.budget for hold in args.budget_hold for text, options in args.budget_option]
+        budget_points = [(f"budget {b:g} (q in the loop, held {hold:g})", ladder_point(kind, qualities[0], args.table),
+                          (b, hold)) for b in args.budget for hold in args.budget_hold]
         for label, point, budget in [*((label, point, None) for label, point in points
                                        if not args.budget_only), *budget_points]:
             with tqdm(total=schedule.steps() * args.codec_epochs, desc=f"codec {label}", unit="step") as bar:
@@ -553,8 +524,7 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
                                                        group=group, lam=lam, every=args.rate_every,
                                                        freeze_tail=tail, freeze=freeze,
                                                        budget=budget[0] if budget else None,
-                                                       budget_hold=budget[1] if budget else 0.25,
-                                                       budget_options=budget[2] if budget else None)
+                                                       budget_hold=budget[1] if budget else 0.25)
             if distil:  # the teacher is the whole plain schedule: its epochs after the snapshot count too
                 seconds += plain_seconds - snapshot["seconds"]
             if budget is not None:  # the file is the loop's last coding, at the quality it chose

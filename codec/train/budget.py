@@ -15,11 +15,6 @@ network's last steps train against the file's quality. After the last step the f
 over ``bits_per_weight`` itself (the weights moved during the hold), the quality steps down until it fits
 (:attr:`Budget.stepped_down` counts those steps; the file then codes the float weights at a quality the network did
 not train against last). Measuring a size is one ``codec.save`` of the model into memory (20 ms on the bench CNN).
-
-Options (off by default; bench/JOURNAL.md, fifteenth pass: on the bench CNN's 5 seeds at 0.3 none changed the
-accuracy measurably): ``climb_until`` stops the climbs after a fraction of the call, ``ratio`` makes the ladder finer
-and ``aim`` aims at the file expected at the call's end; ``ratio=1.01, aim=0.75`` ends its files 1.0 % to
-3.7 % under the budget instead of 2 % to 10 %.
 """
 
 from __future__ import annotations
@@ -30,7 +25,6 @@ import math
 
 import torch
 
-from ..rd.ladder import FINE_RATIO
 from ..tensorcodec import EncodeOptions, Overrides, parse_spec
 
 __all__ = ["Budget"]
@@ -70,15 +64,6 @@ class Budget:
     ``margin``: the loop aims at ``bits_per_weight * (1 - margin)``, so that the weights' moves during the hold
     rarely take the file over. ``every``: measure every this many steps (default: about 16 times per call, at
     coding steps; default: at each coding). ``hold``: the fraction of each call's last steps with the quality held.
-    ``climb_until``: the fraction of each call's steps after which the quality no longer moves up (only down or
-    held), so that the network trains its last part against the quality it ends at or a finer one it has seen
-    (1: climbs until the hold). ``ratio``: the ratio of the ladder's successive table scales where two integer
-    qualities are further apart (:func:`codec.rd.ladder.scales`; 1.03, the fine ladder's, is a step of about 6 % of
-    the bench CNN's file near q6.5, 1.01 of about 2 %; every scale is a table the decoder reads from the JPEG
-    stream like any other). ``aim``: the loop compares each size with the target as it expects it after the call's
-    last measurement: times ``exp(aim * rate * horizon)``, ``rate`` the file's log-size change per step measured at
-    one quality over the last ``horizon`` steps (the steps from the last measurement to the call's end; a file that
-    grows counts as not shrinking); 0: as measured, the file ends under the target by what it shrinks over the hold.
 
     After finetune: :attr:`overrides` (the ``(glob, setting)`` rules to save with: the caller's with the tensor's
     quality appended), :attr:`quality` (its text, ``q6.82``), :attr:`bits` (the file's bits/weight, measured after
@@ -88,8 +73,7 @@ class Budget:
     from its quality."""
 
     def __init__(self, bits_per_weight: float, tensor: str | None = None, margin: float = 0.005,
-                 every: int | None = None, hold: float = 0.25, climb_until: float = 1.0,
-                 ratio: float = FINE_RATIO, aim: float = 0.0):
+                 every: int | None = None, hold: float = 0.25):
         if isinstance(bits_per_weight, bool) or not isinstance(bits_per_weight, (int, float)) or not (
                 0 < bits_per_weight < 64 and math.isfinite(bits_per_weight)):
             raise ValueError(f"budget: bits_per_weight must be a number above 0 and below 64, not {bits_per_weight!r}")
@@ -101,15 +85,8 @@ class Budget:
             raise ValueError(f"budget: every must be None or a positive integer, not {every!r}")
         if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not 0 <= hold <= 1:
             raise ValueError(f"budget: hold must be a number from 0 to 1, not {hold!r}")
-        if isinstance(climb_until, bool) or not isinstance(climb_until, (int, float)) or not 0 <= climb_until <= 1:
-            raise ValueError(f"budget: climb_until must be a number from 0 to 1, not {climb_until!r}")
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 1.001 <= ratio <= 1.5:
-            raise ValueError(f"budget: ratio must be a number from 1.001 to 1.5, not {ratio!r}")
-        if isinstance(aim, bool) or not isinstance(aim, (int, float)) or not 0 <= aim <= 1:
-            raise ValueError(f"budget: aim must be a number from 0 to 1, not {aim!r}")
         self.bits_per_weight, self.tensor, self.margin = float(bits_per_weight), tensor, float(margin)
         self.every, self.hold = every, float(hold)
-        self.climb_until, self.ratio, self.aim = float(climb_until), float(ratio), float(aim)
         self.overrides: list[tuple[str, str]] | None = None
         self.quality: str | None = None
         self.bits: float | None = None
@@ -119,9 +96,6 @@ class Budget:
         self._opts: EncodeOptions | None = None
         self._base: list[tuple[str, str]] = []
         self._steps = 0  # steps of earlier calls (the history's step numbers run on)
-        self._call = (0, 1, 0, 0)  # this call's (steps, measurement interval, first step held, first step without climbs)
-        self._seen: dict[int, list[tuple[int, float]]] = {}  # ladder step -> (step, bits/weight) measured there
-        self._rate = 0.0  # the file's log-size change per step at one quality, the last one measured (<= 0)
 
     def __repr__(self) -> str:
         return (f"Budget({self.bits_per_weight:g} bits/weight, tensor={self.tensor!r}, quality={self.quality}, "
@@ -135,18 +109,15 @@ class Budget:
     # -- used by finetune ------------------------------------------------------------------------------------
 
     def start(self, model: torch.nn.Module, opts: EncodeOptions, rules: Overrides,
-              vector_bits: int | None, steps: int = 0, refresh: int = 1) -> Overrides:
+              vector_bits: int | None) -> Overrides:
         """Resolve the tensor, and on the first call search the ladder for the highest step that fits; the
-        rules to code with (a call of ``steps`` steps coded every ``refresh``). ValueError (one line) if no JPEG
-        tensor, or not even the coarsest step fits."""
+        rules to code with. ValueError (one line) if no JPEG tensor, or not even the coarsest step fits."""
         from ..rd.ladder import scale_of, scales
 
         from .finetune import _lossless_for_shape
 
         state = model.state_dict()
         self._opts, self._vector_bits = opts, vector_bits
-        every = self.every_for(steps, refresh)
-        self._call = (steps, every, steps - round(self.hold * steps), round(self.climb_until * steps))
         if self._index is None:
             self._base = list(rules.rules)
             jpeg = {n: t.numel() for n, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point()
@@ -160,13 +131,13 @@ class Budget:
                 raise ValueError(f"finetune: budget: tensor {self.tensor!r} is not coded as JPEG under this setting "
                                  f"and overrides" if self.tensor in state else
                                  f"finetune: budget: the model has no tensor {self.tensor!r}")
-            self._ladder = scales(self.ratio)
+            self._ladder = scales()
             here = scale_of(rules.options_for(self.tensor, opts) or opts)
             self._index = min(range(len(self._ladder)), key=lambda i: abs(self._ladder[i] - here))
             sizes = {}
 
             def fits(i: int, limit: float) -> bool:
-                sizes[i] = sizes.get(i) or self._measure(model, i, self._steps)
+                sizes[i] = sizes.get(i) or self._measure(model, i)
                 return sizes[i] <= limit
 
             if not fits(0, self.bits_per_weight):
@@ -189,41 +160,21 @@ class Budget:
         return self._rules()
 
     def track(self, model: torch.nn.Module, step: int) -> Overrides:
-        """One measurement at ``step`` (of this call): the quality one ladder step down if the file is over the
-        target, else up by as many steps (at most :data:`CLIMB`) as still fit, and none from ``climb_until`` of
-        the call on. With ``aim`` > 0 a size is compared to the target as it is expected after the call's last
-        measurement: scaled by ``aim`` times the file's shrink over those steps, at the rate measured at one
-        quality over the last such stretch (:meth:`_shrink`)."""
-        steps, every, held, no_climb = self._call
-        at = self._steps + step
-        now = self._measure(model, self._index, at)
-        shrink = self._shrink(self._index, at, now, steps - (held - 1) // every * every)
-        if now * shrink > self.target and self._index > 0:
+        """One measurement at ``step``: the quality one ladder step down if the file is over the target, else up
+        by as many steps (at most :data:`CLIMB`) as still fit."""
+        now = self._measure(model, self._index)
+        if now > self.target and self._index > 0:
             self._index -= 1
-        elif step < no_climb:
+        else:
             for _ in range(CLIMB):
-                if now * shrink > self.target or self._index + 1 >= len(self._ladder):
+                if now > self.target or self._index + 1 >= len(self._ladder):
                     break
-                finer = self._measure(model, self._index + 1, at)
-                if finer * shrink > self.target:
+                finer = self._measure(model, self._index + 1)
+                if finer > self.target:
                     break
                 self._index, now = self._index + 1, finer
-        self.history.append((at, self._text(self._index), now))
+        self.history.append((self._steps + step, self._text(self._index), now))
         return self._rules()
-
-    def _shrink(self, index: int, at: int, now: float, horizon: int) -> float:
-        """The factor (at most 1) the file is expected to change by over the ``horizon`` steps after the call's
-        last measurement, times ``aim`` in the exponent: the log-size rate of the file at one ladder step between
-        ``now`` (measured at ``index`` at step ``at``) and its earliest measurement there within ``horizon`` steps
-        (at least one interval before; else the last rate measured), never a growth. 1 when ``aim`` is 0."""
-        if not self.aim:
-            return 1.0
-        _, every, _, _ = self._call
-        earlier = [(s, b) for s, b in self._seen.get(index, []) if at - horizon <= s <= at - every]
-        if earlier:
-            s, b = earlier[0]
-            self._rate = min(0.0, math.log(now / b) / (at - s))
-        return math.exp(self.aim * self._rate * horizon)
 
     def finish(self, model: torch.nn.Module, steps: int) -> Overrides:
         """After the last step: the file at the held quality, stepped down while it is over ``bits_per_weight``."""
@@ -270,16 +221,7 @@ class Budget:
         self.quality = self._text(self._index)
         return Overrides(self.overrides)
 
-    def _measure(self, model: torch.nn.Module, index: int, at: int | None = None) -> float:
-        """The bits/weight of the file of ``model`` as it is now with the tensor at ladder step ``index``
-        (:meth:`_size`); recorded for :meth:`_shrink` with ``at`` (the step) when ``aim`` is on."""
-        bits = self._size(model, index)
-        if at is not None and self.aim:
-            seen = self._seen.setdefault(index, [])
-            seen[:] = [(s, b) for s, b in seen if s > at - self._call[0]] + [(at, bits)]  # the call's length back
-        return bits
-
-    def _size(self, model: torch.nn.Module, index: int) -> float:
+    def _measure(self, model: torch.nn.Module, index: int) -> float:
         """The bits/weight of the file of ``model`` as it is now (float weights, vectors rounded as finetune
         writes them) with the tensor at ladder step ``index``."""
         from ..encode import save

@@ -298,10 +298,9 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     **A budget** (``budget``: a number of bits per weight, or a :class:`codec.train.Budget` for its options): the
     JPEG quality of one tensor (default: the largest one coded as JPEG) is chosen on the fine ladder in the loop so
     that the whole file (every blob and the container, as ``codec.save`` writes it) stays just within the budget:
-    searched before the first step (a budget below the coarsest step's file is a one-line ValueError), moved by a
-    bounded number of ladder steps at a measurement (every ``Budget.every`` steps; up only before
-    ``Budget.climb_until`` of the steps), held over the last ``Budget.hold`` of the steps, and stepped down after
-    the last step only if the file is then over the budget. Save with the Budget's
+    searched before the first step (a budget below the coarsest step's file is a one-line ValueError), moved by at
+    most one ladder step at a measurement (every ``Budget.every`` steps), held over the last ``Budget.hold`` of the
+    steps, and stepped down after the last step only if the file is then over the budget. Save with the Budget's
     ``overrides`` (``budget.save(model, path)``): that file decodes to the weights of the last forward pass. The
     checks above judge each weights at the quality of their time.
 
@@ -339,7 +338,7 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     budget = as_budget(budget)
     opts, rules = as_setting(setting), as_overrides(overrides, setting)
     if budget is not None:  # the quality that fits, searched before training (a budget too small fails here)
-        rules = budget.start(model, opts, rules, vector_bits, steps, refresh)
+        rules = budget.start(model, opts, rules, vector_bits)
         tracked_until, budget_every = steps - round(budget.hold * steps), budget.every_for(steps, refresh)
     batches, check, where = _check_batches(_batches(data), validation)
     teacher = None
