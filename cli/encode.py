@@ -268,7 +268,9 @@ def _watch_for_a_hard_exit(output: str | Path) -> tuple[int, int] | None:
     sys.stdout.flush()
     sys.stderr.flush()
     read, write = os.pipe()
-    pid = os.fork()
+    with warnings.catch_warnings():  # Python 3.12+ warns of fork in a threaded process: the child only reads a pipe
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # the watcher: no Python state beyond this, no locks taken (os.write, os._exit)
         try:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: jwt reports it
