@@ -116,7 +116,7 @@ def calibrated(model, calibration, repair, progress, meta):
     else:
         if repair and not _repair_available():
             raise EncodeError("repair=True: coding with repair (codec.rd.repair) is not available in this build")
-        use_repair = repair is not False and _repair_available()
+        use_repair = repairs(calibration, repair)
         inputs = as_batches(calibration)
         if use_repair and iter(inputs) is inputs:  # a one-shot iterator: keep its batches for repair
             inputs = list(inputs)
@@ -127,12 +127,19 @@ def calibrated(model, calibration, repair, progress, meta):
     return inputs, calib
 
 
-def repair_growth(model, calibration, repair, stored) -> int:
-    """Bytes a budgeted file keeps out of its plan for the constant vectors repair will give values of their own
-    (:func:`codec.rd.repair.constant_growth`), when :func:`calibrated` will keep inputs for repair; else 0."""
+def repairs(calibration, repair) -> bool:
+    """Whether :func:`save` with these ``calibration`` and ``repair`` arguments repairs after its plan (and
+    :func:`calibrated` keeps the inputs for it): calibration inputs, not a :class:`Calibration`, and repair not
+    turned off and available."""
     from .rd.calibrate import Calibration
 
-    if repair is False or isinstance(calibration, Calibration) or not _repair_available():
+    return repair is not False and not isinstance(calibration, Calibration) and _repair_available()
+
+
+def repair_growth(model, calibration, repair, stored) -> int:
+    """Bytes a budgeted file keeps out of its plan for the constant vectors repair will give values of their own
+    (:func:`codec.rd.repair.constant_growth`), when :func:`save` repairs (:func:`repairs`); else 0."""
+    if not repairs(calibration, repair):
         return 0
     from .rd.repair import constant_growth
 

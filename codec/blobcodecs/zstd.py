@@ -35,6 +35,7 @@ only, without a match search (:data:`_LITERALS`, :func:`_literal_frame`).
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import warnings
@@ -442,25 +443,19 @@ def _compress_planes(compressor: zstandard.ZstdCompressor, planes: np.ndarray, k
     return frame
 
 
-def _literal_lib() -> Any:
+@functools.cache
+def _literal_lib() -> tuple[Any, Any] | None:
     """libzstd's API through zstandard's cffi binding (``zstandard.backend_cffi``: its ``ffi`` and ``lib``, the
     whole of zstd.h), or None where it is missing (no ``cffi`` package, or a binding without
     ``ZSTD_compressSequences``): :meth:`ZstdPlanes.encode` then writes its frames with matches."""
-    global _LITERAL_LIB
-    if _LITERAL_LIB is None:
-        try:
-            from zstandard import backend_cffi
+    try:
+        from zstandard import backend_cffi
 
-            ffi, lib = backend_cffi.ffi, backend_cffi.lib
-            lib.ZSTD_compressSequences, lib.ZSTD_c_blockDelimiters, ffi.sizeof("ZSTD_Sequence")  # noqa: B018
-            _LITERAL_LIB = (ffi, lib)
-        except Exception:  # noqa: BLE001 - ImportError, or an older binding without these names
-            _LITERAL_LIB = False
-    return _LITERAL_LIB or None
-
-
-#: :func:`_literal_lib`'s answer: None (not looked up yet), False (missing) or ``(ffi, lib)``.
-_LITERAL_LIB: Any = None
+        ffi, lib = backend_cffi.ffi, backend_cffi.lib
+        lib.ZSTD_compressSequences, lib.ZSTD_c_blockDelimiters, ffi.sizeof("ZSTD_Sequence")  # noqa: B018
+    except Exception:  # noqa: BLE001 - ImportError, or an older binding without these names
+        return None
+    return ffi, lib
 
 
 def _literal_frame(planes: np.ndarray, k: int) -> bytearray:
