@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import codec
 from codec.train import Budget, coded_weights, finetune
@@ -182,6 +183,38 @@ def test_bench_train_budget_runs_and_rejects_bad_options(capsys):
         with pytest.raises(SystemExit) as exc:
             train.main(["--model", "mlp", *argv])
         assert exc.value.code == 2 and "--budget" in capsys.readouterr().err
+
+
+def test_bench_train_decay_reaches_the_loop_and_the_budget_run_step_for_step():
+    """``--decay last``: the codec epochs (fixed quality and budget alike) step at the plain run's learning rates at
+    the same global steps, going to 0 at the end; the budget then measures and holds as at a constant rate."""
+    import numpy as np
+
+    from bench import train
+
+    rng = np.random.default_rng(0)
+    schedule = train.Schedule("mlp", rng.integers(0, 255, (1280, 28, 28), dtype=np.uint8),
+                              rng.integers(0, 10, 1280), epochs=2, seed=0, decay="last", decay_epochs=1)
+    rates: list[float] = []
+    hook = register_optimizer_step_pre_hook(  # every optimizer, the ones made inside too
+        lambda optimizer, *_: rates.append(optimizer.param_groups[0]["lr"]))
+    try:
+        _, _, snapshot = schedule.run(snapshot_at=1)
+        plain = rates[:]
+        point = train.ladder_point("mlp", 6, "ramp1")
+        runs = {}
+        for budget in (None, 1.0):
+            rates.clear()
+            looped, _ = schedule.codec_epochs(snapshot, point, refresh=2, budget=budget, vector_bits=4)
+            runs[budget] = rates[:]
+    finally:
+        hook.remove()
+    assert len(plain) == 20 and plain[:11] == pytest.approx([1e-3] * 11)
+    assert plain[19] < 0.03e-3 and all(a > b for a, b in zip(plain[10:], plain[11:]))
+    assert runs[None] == pytest.approx(plain[10:], rel=1e-12) and runs[1.0] == pytest.approx(plain[10:], rel=1e-12)
+    budget = schedule.budget
+    assert budget.bits <= 1.0 and [s for s, *_ in budget.history] == [0, 2, 4, 6, 10]  # search, measures, held, end
+    assert train.coded(looped, overrides=budget.overrides)[1] == budget.bits
 
 
 def test_subpackages_are_reached_after_a_plain_import_codec():
