@@ -517,14 +517,24 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
                           (b, hold)) for b in args.budget for hold in args.budget_hold]
         for label, point, budget in [*((label, point, None) for label, point in points
                                        if not args.budget_only), *budget_points]:
-            with tqdm(total=schedule.steps() * args.codec_epochs, desc=f"codec {label}", unit="step") as bar:
-                model, seconds = schedule.codec_epochs(snapshot, point, bar=bar, refresh=every,
-                                                       vector_bits=args.vector_bits, keep_tiles=keep,
-                                                       teacher=plain if distil else None, distil=distil,
-                                                       group=group, lam=lam, every=args.rate_every,
-                                                       freeze_tail=tail, freeze=freeze,
-                                                       budget=budget[0] if budget else None,
-                                                       budget_hold=budget[1] if budget else 0.25)
+            try:
+                with tqdm(total=schedule.steps() * args.codec_epochs, desc=f"codec {label}", unit="step") as bar:
+                    model, seconds = schedule.codec_epochs(snapshot, point, bar=bar, refresh=every,
+                                                           vector_bits=args.vector_bits, keep_tiles=keep,
+                                                           teacher=plain if distil else None, distil=distil,
+                                                           group=group, lam=lam, every=args.rate_every,
+                                                           freeze_tail=tail, freeze=freeze,
+                                                           budget=budget[0] if budget else None,
+                                                           budget_hold=budget[1] if budget else 0.25)
+            except ValueError as exc:  # the budget's first search, on the weights the loop starts from
+                if budget is None or not str(exc).startswith("finetune: budget:"):
+                    raise
+                start = ("a fresh model: the whole schedule in the loop; a trained start needs --codec-epochs below "
+                         "--epochs" if snapshot["epoch"] == 0 else f"the model after epoch {snapshot['epoch']}")
+                NOTES.append(f"seed {seed}, {loop}, {label}: not run: {exc}; the loop starts from {start}")
+                print(NOTES[-1])
+                record(loop, label, None, plain_seconds, "not run (below the smallest file at the loop's start)")
+                continue
             if distil:  # the teacher is the whole plain schedule: its epochs after the snapshot count too
                 seconds += plain_seconds - snapshot["seconds"]
             if budget is not None:  # the file is the loop's last coding, at the quality it chose

@@ -217,6 +217,24 @@ def test_bench_train_decay_reaches_the_loop_and_the_budget_run_step_for_step():
     assert train.coded(looped, overrides=budget.overrides)[1] == budget.bits
 
 
+def test_bench_train_a_budget_under_the_loops_first_file_is_a_row_not_a_traceback(tmp_path, capsys):
+    """The budget's quality is searched on the weights the loop starts from: with the whole schedule in the loop
+    (``--codec-epochs`` = ``--epochs``, the MLP example's default) that is a fresh model, whose file at the coarsest
+    quality is over a small budget. The run records it as a row and a note and carries on (it was a traceback after
+    the plain training)."""
+    from bench import train
+
+    out = tmp_path / "t"
+    train.main(["--model", "mlp", "--epochs", "1", "--codec-epochs", "1", "--train-size", "256", "--lam", "0",
+                "--calibration", "0", "--bits", "1", "--quality", "6", "--table", "ramp1", "--refresh", "2",
+                "--budget", "0.05", "--out", str(out)])
+    said = capsys.readouterr().out
+    assert "0.05 bits/weight is below the smallest file" in said and "--codec-epochs below --epochs" in said
+    rows = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| codec in the loop")]
+    assert len(rows) == 2 and "| q6 |" in rows[0] and " nan " not in rows[0]
+    assert "budget 0.05 (q in the loop, held 0.25): not run (below the smallest file" in rows[1]
+
+
 def test_subpackages_are_reached_after_a_plain_import_codec():
     """A new user's script: ``import codec`` then ``codec.train.Budget(...)``, as the README writes it; in a fresh
     interpreter (in the suite other tests have imported codec.train already) it was an AttributeError. The
