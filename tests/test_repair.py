@@ -130,6 +130,72 @@ def test_jpeg_compensation_alone_lowers_the_error_within_the_planned_size():
     assert sizes[True] <= sizes[False]
 
 
+@pytest.mark.parametrize("sensitivity", [False, True])
+def test_scoring_a_jpeg_coding_holds_one_float64_copy_of_the_weight(monkeypatch, sensitivity):
+    """Repair scores each JPEG coding of a layer by ``tr(dW H dW^T)``: when the sum is taken, the difference is the
+    only float64 array of the weight's size alive (the reference is widened a band of rows at a time into it, not
+    as a whole copy beside it), with and without unit sensitivities weighting the rows."""
+    import tracemalloc
+
+    model, data = tiny_model(3), batches()
+    jpeg = EncodeOptions(codec="jpeg", quality=50, tile=(16, 64))
+    options = {n: jpeg if n == "fc.weight" else EncodeOptions(codec="lossless") for n in model.state_dict()}
+    settings = RepairSettings(refit=False, gptq=False, bias_correction=False, steps=0, final_steps=0,
+                              prune=sensitivity, prune_grid=sensitivity)  # unit sensitivities for grid tiles too
+    size = model.fc.weight.numel() * 8
+    einsum, seen = np.einsum, []
+
+    def counted(spec, *operands, **kwargs):
+        if spec == "ij,jk,ik->" and operands[0].size * 8 == size:
+            traces = tracemalloc.take_snapshot().traces
+            seen.append(sum(t.size == size for t in traces))
+        return einsum(spec, *operands, **kwargs)
+
+    monkeypatch.setattr(np, "einsum", counted)
+    tracemalloc.start()
+    try:
+        repair(model, data, options, settings=settings)
+    finally:
+        tracemalloc.stop()
+    assert seen and max(seen) == 1, seen
+
+
+def test_stepping_down_a_jpeg_layer_keeps_no_earlier_step(monkeypatch):
+    """Keep-size steps a compensated JPEG layer down to cheaper qualities when its planned coding does not fit (a
+    negative credit: no blending) and bisects the table scales between: while a step is coded, no earlier step that
+    did not fit is alive, nor the plan's compensated target or the original's decoded values (float32 arrays of
+    the weight's size: at most the best step so far, its target and decoded values, besides the one made)."""
+    import tracemalloc
+
+    from codec.rd import repair as repair_module
+
+    model, data = tiny_model(5), batches()
+    jpeg = EncodeOptions(codec="jpeg", quality=40, table="ramp2", tile=(16, 64))
+    options = {n: jpeg if n == "fc.weight" else EncodeOptions(codec="lossless") for n in model.state_dict()}
+    settings = RepairSettings(refit=False, gptq=False, bias_correction=False, steps=0, final_steps=0, prune=False)
+    size = model.fc.weight.numel() * 4
+    coded_target, fit_size, counts = repair_module._coded_target, repair_module._fit_size, []
+
+    def counted(slot, *args, **kwargs):
+        if slot.name == "fc.weight":
+            counts[-1].append(sum(t.size == size for t in tracemalloc.take_snapshot().traces))
+        return coded_target(slot, *args, **kwargs)
+
+    def in_debt(slot, layer, opts, settings, executor, credit, blend=True):  # as after a tensor that overran
+        counts.append([])
+        return fit_size(slot, layer, opts, settings, executor, min(credit, -1), blend)
+
+    monkeypatch.setattr(repair_module, "_coded_target", counted)
+    monkeypatch.setattr(repair_module, "_fit_size", in_debt)
+    tracemalloc.start()
+    try:
+        result = repair(model, data, options, settings=settings)
+    finally:
+        tracemalloc.stop()
+    assert "fc.weight" in result.options and max(map(len, counts)) >= 3, counts  # stepped down, then bisected
+    assert all(max(steps) - steps[0] <= 2 for steps in counts if steps), counts
+
+
 @pytest.mark.parametrize("quality,row_shape", [(3, (32, 32)), (5, (16, 64)), (30, None)])
 def test_jpeg_repair_never_codes_a_tensor_over_its_plan(quality, row_shape):
     """Whichever of its codings repair keeps for a jpeg layer (compensated, cheaper, plain), none outgrows the plan

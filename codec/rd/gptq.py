@@ -35,7 +35,8 @@ from ..mapping import params_from_range
 from ..tensorcodec import EncodeOptions, decode_encoded, encode_tensor, lossless_reason
 from ..tiling import Tiling, plan_tiling
 
-__all__ = ["BLOCK", "jpeg_target", "gptq_target", "output_error", "tile_index", "tile_range"]
+__all__ = ["BLOCK", "jpeg_target", "gptq_target", "output_error", "difference_error", "tile_index",
+           "tile_range"]
 
 #: Columns per lazy-update block (GPTQ's default).
 BLOCK = 128
@@ -44,7 +45,12 @@ BLOCK = 128
 def output_error(reference: np.ndarray, decoded: np.ndarray, h: np.ndarray, *, overwrite: bool = False) -> float:
     """``tr(dW H dW^T)`` for float64 matrices ``[rows, cols]`` and ``H`` ``[cols, cols]``; ``overwrite``: the
     difference is made in ``decoded``'s own array (a float64 copy the caller made for this: no other)."""
-    diff = np.subtract(decoded, reference, out=decoded if overwrite else None).reshape(reference.shape[0], -1)
+    return difference_error(np.subtract(decoded, reference, out=decoded if overwrite else None), h)
+
+
+def difference_error(diff: np.ndarray, h: np.ndarray) -> float:
+    """``tr(dW H dW^T)`` for the float64 difference ``dW`` (``[rows, ...]``, viewed as ``[rows, cols]``)."""
+    diff = diff.reshape(diff.shape[0], -1)
     return float(np.einsum("ij,jk,ik->", diff, h, diff))
 
 

@@ -48,7 +48,8 @@ from ..tensorcodec import (Encoded, EncodeOptions, Overrides, _error_sums, decod
                            lossless_reason)
 from . import ladder
 from .calibrate import UNFOLD_BYTES, conv_rows
-from .gptq import output_error as weight_output_error
+from .gptq import _BAND
+from .gptq import difference_error as weighted_error
 from .rdo import applies, fit_pruned, unit_sensitivity
 
 __all__ = ["RepairSettings", "Repaired", "code_with_repair", "forward_order", "output_error", "repair"]
@@ -980,14 +981,20 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
     rows = 1.0 if layer.sensitivity is None else np.sqrt(layer.sensitivity).reshape(-1, *(1,) * (current.ndim - 1))
 
     def error(c) -> float:
-        # what compensation aims at (the refit or the weight itself), widened and weighted when a candidate is
-        # scored, not held while the others are coded; the candidate's decoded values widened, weighted and
-        # differenced in one float64 array of their own
-        reference, decoded = to_float64(current, slot.dtype), to_float64(c[2], slot.dtype)
-        if layer.sensitivity is not None:
-            reference *= rows
-            decoded *= rows
-        return weight_output_error(reference, decoded, h, overwrite=True)
+        # the candidate's decoded values widened, weighted and differenced in one float64 array of their own; what
+        # compensation aims at (the refit or the weight itself) widened and weighted a band of rows at a time into
+        # it, not as a whole float64 copy (all-MiniLM-L6-v2's FFN output: 4.7 MB less at the layer's peak). Each
+        # element goes through the same operations as with whole arrays: the same differences, bit for bit.
+        decoded = to_float64(c[2], slot.dtype)
+        step = max(1, _BAND // max(1, math.prod(decoded.shape[1:])))
+        for i in range(0, len(decoded), step):
+            band, reference = decoded[i:i + step], to_float64(current[i:i + step], slot.dtype)
+            if layer.sensitivity is not None:
+                reference *= rows[i:i + step]
+                band *= rows[i:i + step]
+            np.subtract(band, reference, out=band)
+            del band, reference
+        return weighted_error(decoded, h)
 
     # Only codings within the size (a credit left >= 0) compete, by output error (the first of equals wins);
     # compensated values can outgrow even the cheapest quality: with none within, the one with the most credit
@@ -1058,6 +1065,9 @@ def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, setting
     """
     budget = original = above = None
     while True:
+        # a step that did not fit is dropped before the next is coded (all-MiniLM-L6-v2's FFN output at a cheaper
+        # quality: its target and decoded values, 4.7 MB, besides the next step's compensation)
+        target = assumed = decoded = encoded = None
         target, assumed, decoded, nbytes, encoded = _coded_target(slot, layer, opts, settings, executor)
         if not settings.keep_size:
             return target, assumed, decoded, opts, credit, nbytes, encoded
@@ -1085,6 +1095,15 @@ def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, setting
         if cheaper is None:
             return target, assumed, decoded, opts, credit + budget - nbytes, nbytes, encoded
         above, opts = opts, cheaper
+        # Cheaper steps follow: what only the planned options' coding served goes before they are coded. The
+        # original's decoded values serve a blend, which cannot follow (the same test failed); the plan's
+        # compensated target (_LayerFit.target) is asked again only by _code_within's coding without blending,
+        # made with a credit >= 0, with which its first coding blends instead of stepping down (were it asked, it
+        # would be made again, the same bits). All-MiniLM-L6-v2's FFN output: 4.7 MB while the steps are coded.
+        if not (blend and credit >= 0):
+            original = (original[0], None, *original[2:])
+        if layer is not None:
+            layer.forget_compensated()
 
 
 def _coded_target(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, settings: RepairSettings, executor
@@ -1110,6 +1129,7 @@ def _finest(slot: _Slot, layer: _LayerFit | None, settings: RepairSettings, exec
     lo, hi = -1, len(steps)
     while hi - lo > 1:
         mid = (lo + hi) // 2
+        target = assumed = decoded = encoded = None  # a step that did not fit: dropped before the next is coded
         target, assumed, decoded, nbytes, encoded = _coded_target(slot, layer, steps[mid], settings, executor)
         nbytes = _cost(nbytes, encoded, planned, slot.index_zstd)
         if nbytes <= limit:
@@ -1338,8 +1358,9 @@ class _LayerFit:
         self.candidate: np.ndarray | None = None
         self._w_cross: np.ndarray | None = None  # W C of all rows, for the refit of all rows if the candidate is kept
         #: jpeg_target's result for the first options asked, the plan's (asked again by _code_within's coding at
-        #: cheaper qualities; no other options are asked twice): (options, damping) -> (target, decoded)
-        self._compensated: dict = {}
+        #: cheaper qualities; no other options are asked twice): (options, damping) -> (target, decoded); None once
+        #: forgotten (:meth:`forget_compensated`: nothing more is kept)
+        self._compensated: dict | None = {}
         self._factors: dict = {}  # the inverse Cholesky factors of H that GPTQ and compensation share (gptq._factor)
         #: Each output unit's sensitivity ``g_j`` (:func:`codec.rd.rdo.unit_sensitivity`; set by repair when
         #: ``settings.prune`` applies, else None)
@@ -1499,6 +1520,11 @@ class _LayerFit:
     def drop_candidate(self) -> None:
         self.candidate = self._w_cross = None
 
+    def forget_compensated(self) -> None:
+        """Drop the compensated target kept for the plan's options and keep no other (:meth:`target`; made again
+        if asked)."""
+        self._compensated = None
+
     def _h(self) -> np.ndarray:
         """The second moment of the coded inputs (centred when a bias or running mean is free to absorb the mean)."""
         return self.h
@@ -1519,14 +1545,14 @@ class _LayerFit:
         if settings.compensate and opts.codec == "jpeg":
             from .gptq import jpeg_target
 
-            key = (opts, self.damp(settings))
-            if key in self._compensated:
-                return self._compensated[key]
+            key, kept = (opts, self.damp(settings)), self._compensated
+            if kept and key in kept:
+                return kept[key]
             # no float64 decoded values: the coding that follows (_coded_target) decodes the target itself
             found = jpeg_target(current, slot.dtype, opts, self._h(), damp=self.damp(settings), factors=self._factors,
                                 decoded=False)
-            if not self._compensated:
-                self._compensated[key] = found
+            if kept == {}:
+                kept[key] = found
             return found
         # a refit is the layer's own array; the weight itself is a view of the working model, which is about to
         # take the decoded values: the target must not follow it
