@@ -97,6 +97,117 @@ def test_ray_workers_read_shards_themselves_on_one_machine(cluster, tmp_path, mo
     assert (tmp_path / "ray.jwt").read_bytes() == (tmp_path / "local.jwt").read_bytes()
 
 
+def _shard_folder(folder) -> dict[str, torch.Tensor]:
+    """_ray_model (without its alias) as a folder of two safetensors shards; its tensors."""
+    from safetensors.torch import save_file
+
+    sd = {k: v for k, v in _ray_model().items() if k != "tied"}
+    names = list(sd)
+    folder.mkdir()
+    save_file({k: sd[k] for k in names[:3]}, str(folder / "model-00001-of-00002.safetensors"))
+    save_file({k: sd[k] for k in names[3:]}, str(folder / "model-00002-of-00002.safetensors"))
+    weight_map = {k: f"model-0000{1 if i < 3 else 2}-of-00002.safetensors" for i, k in enumerate(names)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return sd
+
+
+def _dying_file_task(marker: str | None = None, shape: tuple[int, ...] | None = None, after: bool = False):
+    """A :func:`codec.distributed.ray._code_file` that kills its worker: with ``marker`` only the first task to
+    create that file (as :func:`_dying_task`), with ``shape`` every attempt at a tensor of that shape; ``after``:
+    once it has written its blobs into its part file (the result is lost), else before coding."""
+    real = jwt_ray._code_file
+
+    def code_file(file, start, shape_, dtype_name, name, options, parts=None):  # a closure: shipped by value
+        dies = shape is not None and tuple(shape_) == shape
+        if marker is not None and not dies:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                dies = True
+            except FileExistsError:
+                pass
+        if dies and not after:
+            os._exit(1)
+        out = real(file, start, shape_, dtype_name, name, options, parts)
+        if dies:
+            os._exit(1)
+        return out
+
+    return code_file
+
+
+def _parts_written(monkeypatch) -> list[str]:
+    """Names of the tensors the coordinator's writer got as part files (Encoded.part), collected as it adds them."""
+    from codec.writer import Writer
+
+    seen: list[str] = []
+    real_add = Writer.add
+
+    def add(self, name, dtype, shape, encoded, base=None):
+        if encoded.part is not None:
+            assert encoded.blobs == [] and os.path.dirname(encoded.part[0]) == self.parts_folder()
+            seen.append(name)
+        return real_add(self, name, dtype, shape, encoded, base)
+
+    monkeypatch.setattr(Writer, "add", add)
+    return seen
+
+
+def test_ray_workers_write_coded_blobs_to_part_files(cluster, tmp_path, monkeypatch):
+    """Encoding a safetensors folder on a one-machine cluster: every tensor's blobs are written by its worker
+    into a part file beside the output (none come back through the object store), the output is the local
+    encode's bytes, and the parts folder is gone afterwards, through a path or a file object."""
+    import io
+
+    from codec.io_formats import encode_model
+
+    sd = _shard_folder(tmp_path / "model")
+    encode_model(tmp_path / "model", tmp_path / "local.jwt", jobs=1)
+    seen = _parts_written(monkeypatch)
+    encode_model(tmp_path / "model", tmp_path / "ray.jwt", ray="auto")
+    assert sorted(seen) == sorted(sd)
+    assert (tmp_path / "ray.jwt").read_bytes() == (tmp_path / "local.jwt").read_bytes()
+    assert _leftovers(tmp_path) == ["model", "ray.jwt"]
+    seen.clear()
+    from codec.io_formats import open_source
+
+    out = io.BytesIO()
+    codec.save(open_source(tmp_path / "model").tensors, out, ray="auto")
+    assert sorted(seen) == sorted(sd)
+    reference = io.BytesIO()
+    codec.save(open_source(tmp_path / "model").tensors, reference, jobs=1)
+    assert out.getvalue() == reference.getvalue()
+    assert _leftovers(tmp_path) == ["model", "ray.jwt"]
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before coding", "after writing its part"])
+def test_ray_survives_a_worker_that_dies_writing_parts(cluster, tmp_path, monkeypatch, after):
+    """A worker reading its tensor from a shard exits mid-encode, before coding or once its blobs are in its
+    part file (so that file holds bytes no entry points to): the task is retried, the file is the local one's
+    bytes and no part file is left."""
+    from codec.io_formats import encode_model
+
+    _shard_folder(tmp_path / "model")
+    encode_model(tmp_path / "model", tmp_path / "local.jwt", jobs=1)
+    monkeypatch.setattr(jwt_ray, "_code_file", _dying_file_task(marker=str(tmp_path / "died"), after=after))
+    encode_model(tmp_path / "model", tmp_path / "ray.jwt", ray="auto")
+    assert (tmp_path / "died").exists()
+    assert (tmp_path / "ray.jwt").read_bytes() == (tmp_path / "local.jwt").read_bytes()
+    assert _leftovers(tmp_path) == ["model", "ray.jwt"]
+
+
+def test_ray_failure_writing_parts_leaves_no_output(cluster, tmp_path, monkeypatch):
+    """A tensor whose every attempt kills its worker after writing its part: one-line error naming it, and
+    neither the output, nor its temporary file, nor the parts folder is left."""
+    from codec.io_formats import encode_model
+
+    _shard_folder(tmp_path / "model")
+    monkeypatch.setattr(jwt_ray, "MAX_RETRIES", 1)
+    monkeypatch.setattr(jwt_ray, "_code_file", _dying_file_task(shape=(256, 216), after=True))
+    with pytest.raises(codec.EncodeError, match=r"^ray: tensor 'l2.weight' was not coded \(WorkerCrashedError"):
+        encode_model(tmp_path / "model", tmp_path / "out.jwt", ray="auto")
+    assert _leftovers(tmp_path) == ["model"]
+
+
 def test_ray_survives_a_worker_that_dies_mid_encode(cluster, tmp_path, monkeypatch):
     """A worker process that exits while coding a tensor: Ray retries the task, the file is the local one's bytes."""
     sd = _ray_model()
