@@ -7,10 +7,15 @@ in the object store, and hands the results to the container writer in
 state_dict order. A task codes exactly as a local encode with ``jobs=1``
 does, so the container is byte for byte the same. When the tensors come
 from checkpoint files (a safetensors shard folder) and the whole cluster
-is this machine, a task reads its tensor from the file itself: the
-coordinator then only gathers the coded blobs and writes the container
-(reading every tensor and copying it into the object store was most of
-its work, and the limit on the speed-up, see bench/JOURNAL.md). At most ``window`` tasks
+is this machine, a task reads its tensor from the file itself (reading
+every tensor and copying it into the object store was most of the
+coordinator's work, and the limit on the speed-up, see bench/JOURNAL.md)
+and writes its coded blobs itself, into a part file of the writer's parts
+folder beside the output: the coordinator gets only where they are and
+their CRCs, and copies them into the output in the kernel when it closes
+(returned through the object store and spooled by the coordinator, they
+cost it 0.7 of its 3 CPU s and the workers 1.4 CPU s on the 4 GB
+bench.big model, bench/JOURNAL.md sixteenth pass). At most ``window`` tasks
 and ``AHEAD_BYTES`` of input beyond the oldest are in flight, so the
 coordinator holds a bounded amount of input and coded data whatever the
 model's size. A task whose worker dies is retried by Ray (``max_retries``);
