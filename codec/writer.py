@@ -158,40 +158,17 @@ class _Writeback:
 
 
 def _copy_file(src: BinaryIO, out: BinaryIO, writeback: _Writeback | None = None) -> None:
-    """Copy ``src`` from its position to its end onto ``out``: in the kernel (``os.copy_file_range``) when both
-    are real files, which spares the process reading and writing every coded byte again (0.4 of the 2.1 CPU s
-    of a Ray coordinator on 1.2 GB, bench/JOURNAL.md), else through a 1 MiB buffer. ``writeback``: kicked after
-    every :data:`COPY_CHUNK` bytes copied in the kernel."""
-    try:
-        src_fd, out_fd = src.fileno(), out.fileno()
-    except (AttributeError, OSError, ValueError):  # BytesIO and other in-memory outputs
-        src_fd = out_fd = None
-    if src_fd is not None and hasattr(os, "copy_file_range"):
-        out.flush()
-        start, end = src.tell(), os.fstat(src_fd).st_size
-        pos, kicked = start, start
-        try:
-            while pos < end:
-                n = os.copy_file_range(src_fd, out_fd, min(end - pos, COPY_CHUNK), pos)
-                if not n:
-                    break
-                pos += n
-                if writeback is not None and pos - kicked >= COPY_CHUNK:
-                    writeback.kick()
-                    kicked = pos
-        except OSError:
-            if pos != start:
-                raise
-        out.seek(0, os.SEEK_END)  # the buffered object learns where the kernel left the file
-        if pos == end:
-            return
-        src.seek(pos)
-    shutil.copyfileobj(src, out, 1 << 20)
+    """Copy ``src`` (a real file) from its position to its end onto ``out`` (:func:`_copy_range`)."""
+    start = src.tell()
+    _copy_range(src, start, os.fstat(src.fileno()).st_size - start, out, writeback)
 
 
 def _copy_range(src: BinaryIO, start: int, length: int, out: BinaryIO, writeback: _Writeback | None) -> None:
-    """Copy ``length`` bytes from ``start`` in ``src`` onto ``out`` (at its position), as :func:`_copy_file`
-    does: in the kernel where it can, else through a buffer."""
+    """Copy ``length`` bytes from ``start`` in ``src`` (a real file) onto ``out`` at its position: in the kernel
+    (``os.copy_file_range``) when ``out`` is a real file too, which spares the process reading and writing every
+    coded byte again (0.4 of the 2.1 CPU s of a Ray coordinator on 1.2 GB, bench/JOURNAL.md), else (BytesIO, a
+    file opened for appending) through a 1 MiB buffer. ``writeback``: kicked after every :data:`COPY_CHUNK`
+    bytes copied in the kernel."""
     src.seek(start)
     src_fd = src.fileno()
     try:
