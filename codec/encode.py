@@ -446,7 +446,8 @@ def save(
         if ray is not None:
             from .distributed.ray import encode_in_order
 
-            coded = ((*item, None) for item in encode_in_order(arrays, aliases, options_for, ray, done=coded))
+            coded = ((*item, None) for item in encode_in_order(arrays, aliases, options_for, ray, done=coded,
+                                                                 parts=writer.parts_folder))
         else:
             coded = _encode_in_order(arrays, aliases, options_for, jobs, matcher, done=coded)
         for name, target, dtype, shape, encoded, ref in coded:

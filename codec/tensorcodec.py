@@ -155,6 +155,10 @@ class Encoded:
     rel_error: float | None = None
     #: CRC-32 of each blob when already computed (by a Ray worker, so its coordinator does not); None: not yet.
     crcs: list[int] | None = None
+    #: ``(file, offset, lengths)`` when a Ray worker on this machine wrote the blobs one after another into
+    #: ``file`` (a part file of the :class:`codec.writer.Writer`, :meth:`~codec.writer.Writer.parts_folder`)
+    #: instead of returning them: ``blobs`` is then empty and ``crcs`` is set.
+    part: tuple[str, int, list[int]] | None = None
 
 
 #: Relative RMS error of storing zeros instead of a tensor: a coding at or above it is worse than nothing.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
@@ -112,32 +113,102 @@ class atomic_output:
                 os.unlink(self.tmp)
 
 
-def _copy_file(src: BinaryIO, out: BinaryIO) -> None:
-    """Copy ``src`` from its position to its end onto ``out``: in the kernel (``os.copy_file_range``) when both
-    are real files, which spares the process reading and writing every coded byte again (0.4 of the 2.1 CPU s
-    of a Ray coordinator on 1.2 GB, bench/JOURNAL.md), else through a 1 MiB buffer."""
+#: Bytes :func:`_copy_file` copies between two kicks of the disk writeback (:class:`_Writeback`).
+COPY_CHUNK = 64 << 20
+
+
+class _Writeback:
+    """Writes a file's dirty pages to disk behind the process that fills it: :meth:`kick` asks for one
+    ``fdatasync`` on a thread (several kicks while one runs make one more), so the disk writes the copied part
+    while the rest is copied, and the output's final ``fsync`` (:class:`atomic_output`) finds little left. On the
+    4 GB bench.big checkpoint (1.78 GB coded) the final copy and fsync were the serial end of every encode, Ray
+    or local (bench/JOURNAL.md, sixteenth pass). Errors are left to that final ``fsync`` to report."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._cond = threading.Condition()
+        self._wanted = self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="jwt-writeback", daemon=True)
+        self._thread.start()
+
+    def kick(self) -> None:
+        with self._cond:
+            self._wanted = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        sync = getattr(os, "fdatasync", os.fsync)
+        while True:
+            with self._cond:
+                while not (self._wanted or self._stopped):
+                    self._cond.wait()
+                if not self._wanted:
+                    return
+                self._wanted = False
+            try:
+                sync(self._fd)
+            except OSError:  # the final fsync says it
+                return
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join()
+
+
+def _copy_file(src: BinaryIO, out: BinaryIO, writeback: _Writeback | None = None) -> None:
+    """Copy ``src`` (a real file) from its position to its end onto ``out`` (:func:`_copy_range`)."""
+    start = src.tell()
+    _copy_range(src, start, os.fstat(src.fileno()).st_size - start, out, writeback)
+
+
+def _copy_range(src: BinaryIO, start: int, length: int, out: BinaryIO, writeback: _Writeback | None) -> None:
+    """Copy ``length`` bytes from ``start`` in ``src`` (a real file) onto ``out`` at its position: in the kernel
+    (``os.copy_file_range``) when ``out`` is a real file too, which spares the process reading and writing every
+    coded byte again (0.4 of the 2.1 CPU s of a Ray coordinator on 1.2 GB, bench/JOURNAL.md), else (BytesIO, a
+    file opened for appending) through a 1 MiB buffer. ``writeback``: kicked after every :data:`COPY_CHUNK`
+    bytes copied in the kernel."""
+    src.seek(start)
+    src_fd = src.fileno()
     try:
-        src_fd, out_fd = src.fileno(), out.fileno()
-    except (AttributeError, OSError, ValueError):  # BytesIO and other in-memory outputs
-        src_fd = out_fd = None
-    if src_fd is not None and hasattr(os, "copy_file_range"):
+        out_fd = out.fileno()
+    except (AttributeError, OSError, ValueError):
+        out_fd = None
+    pos, end = start, start + length
+    if out_fd is not None and hasattr(os, "copy_file_range"):
         out.flush()
-        start, end = src.tell(), os.fstat(src_fd).st_size
-        pos = start
+        kicked = pos
         try:
             while pos < end:
-                n = os.copy_file_range(src_fd, out_fd, end - pos, pos)
+                n = os.copy_file_range(src_fd, out_fd, min(end - pos, COPY_CHUNK), pos)
                 if not n:
                     break
                 pos += n
+                if writeback is not None and pos - kicked >= COPY_CHUNK:
+                    writeback.kick()
+                    kicked = pos
         except OSError:
             if pos != start:
                 raise
-        out.seek(0, os.SEEK_END)  # the buffered object learns where the kernel left the file
-        if pos == end:
+        if pos != start:
+            out.seek(0, os.SEEK_END)  # the buffered object learns where the kernel left the file
+            src.seek(pos)
+    while pos < end:
+        data = src.read(min(end - pos, 1 << 20))
+        if not data:
+            raise EncodeError(f"a part file of the output is {pos} bytes, not {end}: {getattr(src, 'name', src)}")
+        out.write(data)
+        pos += len(data)
+
+
+def _remove_folder(folder: str) -> None:
+    """Remove a parts folder; again if a worker still running created a file in it meanwhile (then it fails to
+    write, its folder being gone)."""
+    for _ in range(3):
+        shutil.rmtree(folder, ignore_errors=True)
+        if not os.path.exists(folder):
             return
-        src.seek(pos)
-    shutil.copyfileobj(src, out, 1 << 20)
 
 
 def encode_attachment(name: str, data: bytes | str | os.PathLike[str]) -> tuple[Attachment, bytes]:
@@ -180,6 +251,11 @@ class Writer:
         self._entries: dict[str, TensorEntry] = {}
         self._spool = self._new_spool()
         self._offset = 0
+        #: The data section as runs ``(part file or None for the spool, offset there, length)``, once a tensor's
+        #: blobs came in a part file (:meth:`parts_folder`); None while every blob is in the spool.
+        self._runs: list[list] | None = None
+        self._spool_offset = 0
+        self._parts: str | None = None
         self.closed = False
         #: Attachment blobs go to their own spool: they follow every tensor blob.
         self._attach_spool: BinaryIO | None = None
@@ -219,11 +295,48 @@ class Writer:
         if base is not None and not dtype.floating:
             raise EncodeError(f"tensor {name!r}: a difference needs a floating dtype, not {dtype.name}")
         refs = []
+        if encoded.part is not None:  # already written, by a Ray worker, in a part file
+            file, start, lengths = encoded.part
+            if self._parts is None or os.path.dirname(file) != self._parts or encoded.crcs is None:
+                raise EncodeError(f"tensor {name!r}: its blobs are not in this writer's parts folder")
+            for length, crc in zip(lengths, encoded.crcs):
+                refs.append(BlobRef(self._offset, length, crc))
+                self._offset += length
+            self._run(file, start, sum(lengths))
         for i, blob in enumerate(encoded.blobs):
             self._spool.write(blob)
             refs.append(BlobRef(self._offset, len(blob), crc32(blob) if encoded.crcs is None else encoded.crcs[i]))
             self._offset += len(blob)
+            self._run(None, self._spool_offset, len(blob))
+            self._spool_offset += len(blob)
         return self._append(TensorEntry(name, dtype, tuple(shape), encoded.codec, encoded.tiling, refs, base=base))
+
+    def _run(self, file: str | None, start: int, length: int) -> None:
+        """Note that the data section goes on with ``length`` bytes from ``start`` in ``file`` (None: the spool)."""
+        if file is None and self._runs is None:  # all in the spool so far: its order is the data's
+            return
+        if self._runs is None:
+            self._runs = [[None, 0, self._spool_offset]] if self._spool_offset else []
+        last = self._runs[-1] if self._runs else None
+        if last is not None and last[0] == file and last[1] + last[2] == start:
+            last[2] += length
+        elif length:
+            self._runs.append([file, start, length])
+
+    def parts_folder(self) -> str:
+        """A new empty folder beside the output (for a file object: in the temporary folder) where Ray workers
+        on this machine write coded blobs themselves, one part file each (:func:`codec.distributed.ray._code_file`),
+        so that no coded byte passes through the coordinating process before :meth:`close` copies it into the
+        output (in the kernel); the folder is removed when the writer closes or aborts."""
+        if self._parts is None:
+            where = (Path(self.dest).absolute().parent if isinstance(self.dest, (str, os.PathLike))
+                     else Path(tempfile.gettempdir()))
+            name = Path(self.dest).name if isinstance(self.dest, (str, os.PathLike)) else "jwt"
+            try:
+                self._parts = tempfile.mkdtemp(prefix=f".{name}.", suffix=".parts", dir=where)
+            except OSError as exc:
+                raise output_error(exc, self.dest if isinstance(self.dest, (str, os.PathLike)) else where) from None
+        return self._parts
 
     def add_unchanged(self, name: str, dtype: DType, shape: tuple[int, ...], base: BaseRef) -> TensorEntry:
         """Append ``name`` as equal to base tensor ``base`` (same dtype and shape): no blobs, a few index bytes."""
@@ -284,31 +397,63 @@ class Writer:
         head = pack_header(index_bytes, minor, flags) + index_bytes
         #: The bytes of the whole file (set by close), for a path or a file object alike.
         self.nbytes = len(head) + self._offset + self._attach_offset
+        closing = None
         try:
             self._spool.seek(0)
             if isinstance(self.dest, (str, os.PathLike)):
                 with atomic_output(self.dest) as out:
-                    self._emit(out, head)
+                    writeback = _Writeback(out.fileno())
+                    try:
+                        self._emit(out, head, writeback)
+                    finally:
+                        writeback.close()
+                    # the spools (as large as the file) are freed while the output's last pages go to disk
+                    closing = threading.Thread(target=self._close_spools, name="jwt-spool-close")
+                    closing.start()
             else:
                 self._emit(self.dest, head)
         finally:
-            self._spool.close()
-            if self._attach_spool is not None:
-                self._attach_spool.close()
+            if closing is not None:
+                closing.join()
+            self._close_spools()
 
-    def _emit(self, out: BinaryIO, head: bytes) -> None:
+    def _close_spools(self) -> None:
+        self._spool.close()
+        if self._attach_spool is not None:
+            self._attach_spool.close()
+        if self._parts is not None:
+            _remove_folder(self._parts)
+
+    def _emit(self, out: BinaryIO, head: bytes, writeback: _Writeback | None = None) -> None:
         out.write(head)
-        _copy_file(self._spool, out)
+        if self._runs is None:
+            _copy_file(self._spool, out, writeback)
+        else:
+            self._spool.flush()
+            files: dict[str, BinaryIO] = {}
+            try:
+                for file, start, length in self._runs:
+                    if file is None:
+                        src = self._spool
+                    elif file not in files:
+                        try:
+                            src = files[file] = open(file, "rb")
+                        except OSError as exc:
+                            raise EncodeError(f"a part file of the output is gone ({exc.strerror}): {file}") from None
+                    else:
+                        src = files[file]
+                    _copy_range(src, start, length, out, writeback)
+            finally:
+                for f in files.values():
+                    f.close()
         if self._attach_spool is not None:
             self._attach_spool.seek(0)
-            _copy_file(self._attach_spool, out)
+            _copy_file(self._attach_spool, out, writeback)
 
     def abort(self) -> None:
         """Discard everything; the destination is not touched."""
         self.closed = True
-        self._spool.close()
-        if self._attach_spool is not None:
-            self._attach_spool.close()
+        self._close_spools()
 
     def __enter__(self) -> "Writer":
         return self

@@ -334,6 +334,78 @@ def test_writer_copies_its_spool_to_any_output(tmp_path, mode):
     assert all(torch.equal(codec.load(data)[k], v) for k, v in sd.items())
 
 
+def _writer_bytes(dest, items, parts_for=()) -> None:
+    """Write ``items`` (name, array, Encoded) with a Writer to ``dest``; those named in ``parts_for`` as a Ray
+    worker hands them over: blobs appended to a part file of the writer's parts folder, ``Encoded.part`` set."""
+    import dataclasses
+    import os
+
+    from codec.format import crc32
+    from codec.writer import Writer
+
+    with Writer(dest) as writer:
+        for name, array, encoded in items:
+            if name in parts_for:
+                path = os.path.join(writer.parts_folder(), f"{len(name) % 2}.part")  # two part files
+                with open(path, "ab") as f:
+                    offset = f.seek(0, 2)
+                    f.write(b"garbage of a lost attempt")  # bytes no entry points to
+                    offset += len(b"garbage of a lost attempt")
+                    for blob in encoded.blobs:
+                        f.write(blob)
+                encoded = dataclasses.replace(encoded, blobs=[], crcs=[crc32(b) for b in encoded.blobs],
+                                              part=(path, offset, [len(b) for b in encoded.blobs]))
+            writer.add(name, get_dtype("float32"), array.shape, encoded)
+        folder = writer.parts_folder()
+    assert not os.path.exists(folder)
+
+
+@pytest.mark.parametrize("dest", ["path", "memory"])
+def test_writer_assembles_part_files_and_its_spool_in_order(tmp_path, monkeypatch, dest):
+    """Tensors whose blobs a Ray worker wrote to part files (Encoded.part) and tensors whose blobs the writer
+    spools itself, interleaved: the output is the bytes of a writer that spooled them all, through a path (in
+    the kernel, the disk writeback kicked as it copies) or a file object; the parts folder is removed; blobs
+    outside the writer's parts folder are refused."""
+    import io
+    import os
+
+    import codec.writer as writer_module
+    from codec.tensorcodec import EncodeOptions, encode_tensor
+
+    rng = np.random.default_rng(3)
+    arrays = {f"t{i}": rng.standard_normal((64 + 16 * i, 48)).astype(np.float32) for i in range(6)}
+    items = [(n, a, encode_tensor(a, get_dtype("float32"), EncodeOptions(quality=50 + 5 * i)))
+             for i, (n, a) in enumerate(arrays.items())]
+    _writer_bytes(tmp_path / "ref.jwt", items)
+    reference = (tmp_path / "ref.jwt").read_bytes()
+    kicks = []
+    monkeypatch.setattr(writer_module, "COPY_CHUNK", 4096)
+    real_kick = writer_module._Writeback.kick
+    monkeypatch.setattr(writer_module._Writeback, "kick", lambda self: (kicks.append(1), real_kick(self)))
+    for parts_for in ({"t1", "t2", "t4"}, {"t0", "t5"}, set(arrays)):
+        if dest == "path":
+            _writer_bytes(tmp_path / "out.jwt", items, parts_for)
+            data = (tmp_path / "out.jwt").read_bytes()
+        else:
+            out = io.BytesIO()
+            _writer_bytes(out, items, parts_for)
+            data = out.getvalue()
+        assert data == reference, parts_for
+    assert (len(kicks) > 3) == (dest == "path")
+    assert sorted(os.listdir(tmp_path)) == (["out.jwt", "ref.jwt"] if dest == "path" else ["ref.jwt"])
+    import dataclasses
+
+    from codec.writer import Writer
+
+    name, array, encoded = items[0]
+    foreign = dataclasses.replace(encoded, blobs=[], crcs=[0], part=(str(tmp_path / "ref.jwt"), 0, [10]))
+    with pytest.raises(codec.EncodeError, match="not in this writer's parts folder"):
+        with Writer(tmp_path / "x.jwt") as w:
+            w.parts_folder()
+            w.add(name, get_dtype("float32"), array.shape, foreign)
+    assert not (tmp_path / "x.jwt").exists() and not [p for p in os.listdir(tmp_path) if p.endswith(".parts")]
+
+
 @pytest.fixture(params=["one call", "stream", "no imagecodecs"])
 def decompress_path(request, monkeypatch):
     """Each way a frame reaches the plane buffer: imagecodecs in one call (every size), the thread's zstandard

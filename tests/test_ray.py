@@ -36,26 +36,35 @@ def cluster():
     ray.shutdown()
 
 
-def _dying_task(marker: str | None = None, shape: tuple[int, ...] | None = None):
-    """A Ray task body that kills its own worker process (os._exit) before coding.
+def _dying(real, shape_of, marker: str | None = None, shape: tuple[int, ...] | None = None, after: bool = False):
+    """``real`` (a Ray task body) made to kill its own worker process (os._exit), as if killed mid-encode.
 
     With ``marker`` only the first task to create that file (O_EXCL: one winner among all workers of this
-    machine) dies; with ``shape`` every attempt at a tensor of that shape dies. Other tasks code as usual.
+    machine) dies; with ``shape`` every attempt at a tensor of that shape (``shape_of(args)``). It dies before
+    its work, or with ``after`` once the work is done (the result is lost). Other tasks run as usual.
     """
-    real = jwt_ray._code
 
-    def code(array, dtype_name, options):
-        if shape is not None and tuple(array.shape) == shape:
-            os._exit(1)
-        if marker is not None:
+    def body(*args):  # a closure: shipped to the workers by value
+        dies = shape is not None and shape_of(args) == shape
+        if marker is not None and not dies:
             try:
                 os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                os._exit(1)  # the worker process dies mid-encode, as if killed
+                dies = True
             except FileExistsError:
                 pass
-        return real(array, dtype_name, options)
+        if dies and not after:
+            os._exit(1)
+        out = real(*args)
+        if dies:
+            os._exit(1)
+        return out
 
-    return code
+    return body
+
+
+def _dying_task(marker: str | None = None, shape: tuple[int, ...] | None = None):
+    """:func:`codec.distributed.ray._code` (a tensor sent through the object store) dying before coding."""
+    return _dying(jwt_ray._code, lambda args: tuple(args[0].shape), marker, shape)
 
 
 def _leftovers(folder) -> list[str]:
@@ -75,17 +84,10 @@ def test_ray_encode_is_byte_identical_to_a_local_one(cluster, tmp_path):
 def test_ray_workers_read_shards_themselves_on_one_machine(cluster, tmp_path, monkeypatch):
     """Encoding a safetensors folder on a one-machine cluster: each task reads its tensor from the shard (no
     tensor goes through the coordinator or the object store), and the file is the local encode's bytes."""
-    from safetensors.torch import save_file
-
     from codec.io_formats import encode_model
 
-    sd = {k: v for k, v in _ray_model().items() if k != "tied"}
-    names, folder = list(sd), tmp_path / "model"
-    folder.mkdir()
-    save_file({k: sd[k] for k in names[:3]}, str(folder / "model-00001-of-00002.safetensors"))
-    save_file({k: sd[k] for k in names[3:]}, str(folder / "model-00002-of-00002.safetensors"))
-    weight_map = {k: f"model-0000{1 if i < 3 else 2}-of-00002.safetensors" for i, k in enumerate(names)}
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    folder = tmp_path / "model"
+    _shard_folder(folder)
     encode_model(folder, tmp_path / "local.jwt", jobs=1)
 
     def no_arrays(array, dtype_name, options):
@@ -95,6 +97,100 @@ def test_ray_workers_read_shards_themselves_on_one_machine(cluster, tmp_path, mo
     monkeypatch.setattr(jwt_ray, "_code", no_arrays)
     encode_model(folder, tmp_path / "ray.jwt", ray="auto")
     assert (tmp_path / "ray.jwt").read_bytes() == (tmp_path / "local.jwt").read_bytes()
+
+
+def _shard_folder(folder, sd: dict[str, torch.Tensor] | None = None, first: int = 3) -> dict[str, torch.Tensor]:
+    """``sd`` (default: _ray_model without its alias) as a folder of two safetensors shards, the ``first``
+    tensors in the first; its tensors."""
+    from safetensors.torch import save_file
+
+    sd = sd if sd is not None else {k: v for k, v in _ray_model().items() if k != "tied"}
+    names = list(sd)
+    folder.mkdir()
+    save_file({k: sd[k] for k in names[:first]}, str(folder / "model-00001-of-00002.safetensors"))
+    save_file({k: sd[k] for k in names[first:]}, str(folder / "model-00002-of-00002.safetensors"))
+    weight_map = {k: f"model-0000{1 if i < first else 2}-of-00002.safetensors" for i, k in enumerate(names)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return sd
+
+
+def _dying_file_task(marker: str | None = None, shape: tuple[int, ...] | None = None, after: bool = False):
+    """:func:`codec.distributed.ray._code_file` (a tensor read from its shard) dying before coding or, with
+    ``after``, once it has written its blobs into its part file."""
+    return _dying(jwt_ray._code_file, lambda args: tuple(args[2]), marker, shape, after)
+
+
+def _parts_written(monkeypatch) -> list[str]:
+    """Names of the tensors the coordinator's writer got as part files (Encoded.part), collected as it adds them."""
+    from codec.writer import Writer
+
+    seen: list[str] = []
+    real_add = Writer.add
+
+    def add(self, name, dtype, shape, encoded, base=None):
+        if encoded.part is not None:
+            assert encoded.blobs == [] and os.path.dirname(encoded.part[0]) == self.parts_folder()
+            seen.append(name)
+        return real_add(self, name, dtype, shape, encoded, base)
+
+    monkeypatch.setattr(Writer, "add", add)
+    return seen
+
+
+def test_ray_workers_write_coded_blobs_to_part_files(cluster, tmp_path, monkeypatch):
+    """Encoding a safetensors folder on a one-machine cluster: every tensor's blobs are written by its worker
+    into a part file beside the output (none come back through the object store), the output is the local
+    encode's bytes, and the parts folder is gone afterwards, through a path or a file object."""
+    import io
+
+    from codec.io_formats import encode_model
+
+    sd = _shard_folder(tmp_path / "model")
+    encode_model(tmp_path / "model", tmp_path / "local.jwt", jobs=1)
+    seen = _parts_written(monkeypatch)
+    encode_model(tmp_path / "model", tmp_path / "ray.jwt", ray="auto")
+    assert sorted(seen) == sorted(sd)
+    assert (tmp_path / "ray.jwt").read_bytes() == (tmp_path / "local.jwt").read_bytes()
+    assert _leftovers(tmp_path) == ["model", "ray.jwt"]
+    seen.clear()
+    from codec.io_formats import open_source
+
+    out = io.BytesIO()
+    codec.save(open_source(tmp_path / "model").tensors, out, ray="auto")
+    assert sorted(seen) == sorted(sd)
+    reference = io.BytesIO()
+    codec.save(open_source(tmp_path / "model").tensors, reference, jobs=1)
+    assert out.getvalue() == reference.getvalue()
+    assert _leftovers(tmp_path) == ["model", "ray.jwt"]
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before coding", "after writing its part"])
+def test_ray_survives_a_worker_that_dies_writing_parts(cluster, tmp_path, monkeypatch, after):
+    """A worker reading its tensor from a shard exits mid-encode, before coding or once its blobs are in its
+    part file (so that file holds bytes no entry points to): the task is retried, the file is the local one's
+    bytes and no part file is left."""
+    from codec.io_formats import encode_model
+
+    _shard_folder(tmp_path / "model")
+    encode_model(tmp_path / "model", tmp_path / "local.jwt", jobs=1)
+    monkeypatch.setattr(jwt_ray, "_code_file", _dying_file_task(marker=str(tmp_path / "died"), after=after))
+    encode_model(tmp_path / "model", tmp_path / "ray.jwt", ray="auto")
+    assert (tmp_path / "died").exists()
+    assert (tmp_path / "ray.jwt").read_bytes() == (tmp_path / "local.jwt").read_bytes()
+    assert _leftovers(tmp_path) == ["model", "ray.jwt"]
+
+
+def test_ray_failure_writing_parts_leaves_no_output(cluster, tmp_path, monkeypatch):
+    """A tensor whose every attempt kills its worker after writing its part: one-line error naming it, and
+    neither the output, nor its temporary file, nor the parts folder is left."""
+    from codec.io_formats import encode_model
+
+    _shard_folder(tmp_path / "model")
+    monkeypatch.setattr(jwt_ray, "MAX_RETRIES", 1)
+    monkeypatch.setattr(jwt_ray, "_code_file", _dying_file_task(shape=(256, 216), after=True))
+    with pytest.raises(codec.EncodeError, match=r"^ray: tensor 'l2.weight' was not coded \(WorkerCrashedError"):
+        encode_model(tmp_path / "model", tmp_path / "out.jwt", ray="auto")
+    assert _leftovers(tmp_path) == ["model"]
 
 
 def test_ray_survives_a_worker_that_dies_mid_encode(cluster, tmp_path, monkeypatch):
@@ -191,18 +287,11 @@ def test_ray_search_survives_a_worker_that_dies(cluster, searched, tmp_path, mon
 def _search_folder(folder) -> None:
     """A 2-shard safetensors folder whose ``big.weight`` dominates (more than ``fast.DOMINANT`` of the weights):
     the search measures its chosen point's hull neighbours too, several points of one tensor in one round."""
-    from safetensors.torch import save_file
-
     g = torch.Generator().manual_seed(7)
     sd = {"big.weight": torch.randn(1024, 512, generator=g) * torch.linspace(0.5, 2, 512),
           "l0.weight": torch.randn(256, 200, generator=g), "l0.bias": torch.randn(256, generator=g),
           "emb": torch.randn(512, 64, generator=g).to(torch.bfloat16)}
-    names = list(sd)
-    folder.mkdir()
-    save_file({k: sd[k] for k in names[:2]}, str(folder / "model-00001-of-00002.safetensors"))
-    save_file({k: sd[k] for k in names[2:]}, str(folder / "model-00002-of-00002.safetensors"))
-    weight_map = {k: f"model-0000{1 if i < 2 else 2}-of-00002.safetensors" for i, k in enumerate(names)}
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    _shard_folder(folder, sd, 2)
 
 
 def _measurements(monkeypatch) -> list[tuple]:

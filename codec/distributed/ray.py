@@ -7,10 +7,15 @@ in the object store, and hands the results to the container writer in
 state_dict order. A task codes exactly as a local encode with ``jobs=1``
 does, so the container is byte for byte the same. When the tensors come
 from checkpoint files (a safetensors shard folder) and the whole cluster
-is this machine, a task reads its tensor from the file itself: the
-coordinator then only gathers the coded blobs and writes the container
-(reading every tensor and copying it into the object store was most of
-its work, and the limit on the speed-up, see bench/JOURNAL.md). At most ``window`` tasks
+is this machine, a task reads its tensor from the file itself (reading
+every tensor and copying it into the object store was most of the
+coordinator's work, and the limit on the speed-up, see bench/JOURNAL.md)
+and writes its coded blobs itself, into a part file of the writer's parts
+folder beside the output: the coordinator gets only where they are and
+their CRCs, and copies them into the output in the kernel when it closes
+(returned through the object store and spooled by the coordinator, they
+cost it 0.7 of its 3 CPU s and the workers 1.4 CPU s on the 4 GB
+bench.big model, bench/JOURNAL.md sixteenth pass). At most ``window`` tasks
 and ``AHEAD_BYTES`` of input beyond the oldest are in flight, so the
 coordinator holds a bounded amount of input and coded data whatever the
 model's size. A task whose worker dies is retried by Ray (``max_retries``);
@@ -30,6 +35,7 @@ coordinating process.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor, Future
@@ -118,11 +124,33 @@ def _code(array, dtype_name: str, options):
     return encoded
 
 
-def _code_file(file: str, start: int, shape: tuple[int, ...], dtype_name: str, name: str, options):
-    """One task that reads its tensor from the checkpoint file itself, then codes it as :func:`_code` does."""
+def _code_file(file: str, start: int, shape: tuple[int, ...], dtype_name: str, name: str, options,
+               parts: str | None = None):
+    """One task that reads its tensor from the checkpoint file itself, then codes it as :func:`_code` does.
+
+    With ``parts`` (the writer's parts folder, :meth:`codec.writer.Writer.parts_folder`, on this machine) the
+    task writes the blobs itself, one after another at the end of its worker's part file there, and returns only
+    where they are (``Encoded.part``) with their CRCs: the coded bytes go neither through Ray's object store nor
+    through the coordinating process, which copies them into the output in the kernel when it closes.
+    """
     from ..rawfile import read_array  # (not io_formats: it imports torch, seconds in a fresh worker)
 
-    return _code(read_array(file, start, shape, dtype_name, name), dtype_name, options)
+    encoded = _code(read_array(file, start, shape, dtype_name, name), dtype_name, options)
+    if parts is None:
+        return encoded
+    path = os.path.join(parts, f"{os.getpid()}.part")  # one writer per file: a worker runs one task at a time
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # fails once the folder is gone
+    try:
+        offset = os.lseek(fd, 0, os.SEEK_END)
+        for blob in encoded.blobs:
+            view = memoryview(blob).cast("B")
+            while view:
+                view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    encoded.part = (path, offset, [len(blob) for blob in encoded.blobs])
+    encoded.blobs = []
+    return encoded
 
 
 def _one_machine(ray) -> bool:
@@ -210,10 +238,12 @@ class RayExecutor(Executor):
 
 def encode_in_order(state_dict: Mapping[str, Any], aliases: dict[str, str], options_for: Callable[[str], Any],
                     address: str, window: int | None = None,
-                    done: dict[str, Any] | None = None) -> Iterator[tuple]:
+                    done: dict[str, Any] | None = None, parts: Callable[[], str] | None = None) -> Iterator[tuple]:
     """Yield ``(name, alias target, dtype, shape, Encoded)`` in ``state_dict`` order (:class:`codec.encode.Arrays`),
     coded on Ray workers; a tensor in ``done`` (name -> ``Encoded``, the rate search's codings with the chosen
-    options) is handed out as it is, not coded again."""
+    options) is handed out as it is, not coded again. ``parts``: the writer's
+    :meth:`~codec.writer.Writer.parts_folder`; where workers read their tensors from the files themselves (one
+    machine) they write the coded blobs there too, and the ``Encoded`` handed out says where (``part``)."""
     from ..dtypes import get_dtype
 
     ray = connect(address)
@@ -226,6 +256,7 @@ def encode_in_order(state_dict: Mapping[str, Any], aliases: dict[str, str], opti
         window = max(MIN_WINDOW, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending: deque = deque()
     ahead = 0
+    folder = None  # the writer's parts folder, made once a worker writes there
 
     def finish() -> tuple:
         nonlocal ahead
@@ -244,7 +275,9 @@ def encode_in_order(state_dict: Mapping[str, Any], aliases: dict[str, str], opti
                 pending.append((name, None, get_dtype(dtype_name), shape, done.pop(name), 0))  # held once
             elif locate is not None and locate(name) is not None:  # the worker reads it: no copy passes through here
                 shape, dtype_name = tuple(state_dict.shape(name)), state_dict.dtype_name(name)
-                ref = file_task.remote(*locate(name), shape, dtype_name, name, options_for(name))
+                if folder is None and parts is not None:
+                    folder = parts()
+                ref = file_task.remote(*locate(name), shape, dtype_name, name, options_for(name), folder)
                 pending.append((name, None, get_dtype(dtype_name), shape, ref, 0))
             else:
                 array, dtype_name = state_dict.array(name), state_dict.dtype_name(name)
