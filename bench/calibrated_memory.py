@@ -51,11 +51,6 @@ def memory_mb() -> tuple[float, float, float]:
     return found["VmRSS:"], found["RssAnon:"], found["VmHWM:"]
 
 
-def rss_mb() -> float:
-    """The process's resident memory (Linux /proc)."""
-    return memory_mb()[0]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=float, default=3.5)

@@ -527,7 +527,7 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
                                                            budget=budget[0] if budget else None,
                                                            budget_hold=budget[1] if budget else 0.25)
             except ValueError as exc:  # the budget's first search, on the weights the loop starts from
-                if budget is None or not str(exc).startswith("finetune: budget:"):
+                if budget is None or "is below the smallest file" not in str(exc):  # not a setting's mistake
                     raise
                 start = ("a fresh model: the whole schedule in the loop; a trained start needs --codec-epochs below "
                          "--epochs" if snapshot["epoch"] == 0 else f"the model after epoch {snapshot['epoch']}")

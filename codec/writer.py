@@ -118,8 +118,9 @@ COPY_CHUNK = 64 << 20
 
 
 class _Writeback:
-    """Writes a file's dirty pages to disk behind the process that fills it: :meth:`kick` asks for one
-    ``fdatasync`` on a thread (several kicks while one runs make one more), so the disk writes the copied part
+    """Writes a file's dirty pages to disk behind the process that fills it: every :data:`COPY_CHUNK` bytes
+    copied (:meth:`advance`, counted over every copy into the file, part files and spools alike) ask for one
+    ``fdatasync`` on a thread (several asks while one runs make one more), so the disk writes the copied part
     while the rest is copied, and the output's final ``fsync`` (:class:`atomic_output`) finds little left. On the
     4 GB bench.big checkpoint (1.78 GB coded) the final copy and fsync were the serial end of every encode, Ray
     or local (bench/JOURNAL.md, sixteenth pass). Errors are left to that final ``fsync`` to report."""
@@ -128,8 +129,16 @@ class _Writeback:
         self._fd = fd
         self._cond = threading.Condition()
         self._wanted = self._stopped = False
+        self._copied = 0  # bytes copied since the last ask
         self._thread = threading.Thread(target=self._run, name="jwt-writeback", daemon=True)
         self._thread.start()
+
+    def advance(self, n: int) -> None:
+        """``n`` more bytes were copied into the file."""
+        self._copied += n
+        if self._copied >= COPY_CHUNK:
+            self._copied = 0
+            self.kick()
 
     def kick(self) -> None:
         with self._cond:
@@ -167,8 +176,7 @@ def _copy_range(src: BinaryIO, start: int, length: int, out: BinaryIO, writeback
     """Copy ``length`` bytes from ``start`` in ``src`` (a real file) onto ``out`` at its position: in the kernel
     (``os.copy_file_range``) when ``out`` is a real file too, which spares the process reading and writing every
     coded byte again (0.4 of the 2.1 CPU s of a Ray coordinator on 1.2 GB, bench/JOURNAL.md), else (BytesIO, a
-    file opened for appending) through a 1 MiB buffer. ``writeback``: kicked after every :data:`COPY_CHUNK`
-    bytes copied in the kernel."""
+    file opened for appending) through a 1 MiB buffer. ``writeback``: told of every byte copied in the kernel."""
     src.seek(start)
     src_fd = src.fileno()
     try:
@@ -178,16 +186,14 @@ def _copy_range(src: BinaryIO, start: int, length: int, out: BinaryIO, writeback
     pos, end = start, start + length
     if out_fd is not None and hasattr(os, "copy_file_range"):
         out.flush()
-        kicked = pos
         try:
             while pos < end:
                 n = os.copy_file_range(src_fd, out_fd, min(end - pos, COPY_CHUNK), pos)
                 if not n:
                     break
                 pos += n
-                if writeback is not None and pos - kicked >= COPY_CHUNK:
-                    writeback.kick()
-                    kicked = pos
+                if writeback is not None:
+                    writeback.advance(n)
         except OSError:
             if pos != start:
                 raise
@@ -401,15 +407,17 @@ class Writer:
         try:
             self._spool.seek(0)
             if isinstance(self.dest, (str, os.PathLike)):
+                large = self.nbytes > COPY_CHUNK  # a small file has no writeback to overlap, no spool worth a thread
                 with atomic_output(self.dest) as out:
-                    writeback = _Writeback(out.fileno())
+                    writeback = _Writeback(out.fileno()) if large else None
                     try:
                         self._emit(out, head, writeback)
                     finally:
-                        writeback.close()
-                    # the spools (as large as the file) are freed while the output's last pages go to disk
-                    closing = threading.Thread(target=self._close_spools, name="jwt-spool-close")
-                    closing.start()
+                        if writeback is not None:
+                            writeback.close()
+                    if large:  # the spools (as large as the file) are freed while the output's last pages go to disk
+                        closing = threading.Thread(target=self._close_spools, name="jwt-spool-close")
+                        closing.start()
             else:
                 self._emit(self.dest, head)
         finally:
