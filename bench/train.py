@@ -227,7 +227,8 @@ class Schedule:
                      teacher: torch.nn.Module | None = None, distil: float = 0.0, group: float = 0.0,
                      lam: float = 0.0, every: int = 8, freeze_tail: float = 0.0,
                      freeze: Sequence[str] = (), budget: float | None = None,
-                     budget_hold: float = 0.25) -> tuple[torch.nn.Module, float]:
+                     budget_hold: float = 0.25, budget_every: int | None = None,
+                     budget_start: str = "setting") -> tuple[torch.nn.Module, float]:
         """The schedule's remaining epochs from ``snapshot`` with the codec in the loop at ``overrides``
         (:func:`codec.train.finetune` with the labels, continuing the schedule's Adam and rates; ``refresh``,
         ``vector_bits`` as finetune takes them; ``keep_tiles``: the fraction of the loop's steps, its last ones,
@@ -241,10 +242,14 @@ class Schedule:
         from the start of that part on and the rest trains against exactly it. ``budget``: bits/weight of the whole
         file; the largest layer's quality (starting from its setting in ``overrides``) is then chosen in the loop so
         that the file fits (:class:`codec.train.Budget`, its quality held over the last ``budget_hold`` of each
-        finetune call), and :attr:`budget` holds the Budget (its ``overrides`` are the file's). Returns the model and
+        finetune call, the file measured every ``budget_every`` steps (None: at each coding), starting at
+        ``budget_start``, "setting" or "coarsest", when the file the loop starts from is over the budget at every
+        quality), and :attr:`budget` holds the Budget (its ``overrides`` are the file's; ``within`` False when the
+        file ended over the budget). Returns the model and
         the CPU seconds of the whole schedule (the shared epochs included, not the teacher's training)."""
         model = copy.deepcopy(snapshot["model"])
-        self.budget = (codec.train.Budget(budget, tensor=f"{BIG[self.kind]}.weight", hold=budget_hold)
+        self.budget = (codec.train.Budget(budget, tensor=f"{BIG[self.kind]}.weight", hold=budget_hold,
+                                          every=budget_every, start=budget_start)
                        if budget is not None else None)
         torch.set_num_threads(1)
         generator = torch.Generator()
@@ -324,9 +329,13 @@ def distil_loss(out: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, w
 
 def coded(model: torch.nn.Module, **save_args) -> tuple[dict, float]:
     """The state_dict a file of ``model`` decodes to, and the file's bits per weight (whole file)."""
+    from codec.api import _sharing
+
     buf = io.BytesIO()
     codec.save(model, buf, **save_args)
-    n_weights = sum(t.numel() for t in model.state_dict().values())
+    state = model.state_dict()
+    aliases = _sharing(state)[0]  # a tied tensor is stored once: counted once, as codec.train.Budget counts it
+    n_weights = sum(t.numel() for n, t in state.items() if n not in aliases)
     return codec.load(buf.getvalue()), 8 * len(buf.getvalue()) / n_weights
 
 
@@ -373,7 +382,14 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     parser.add_argument("--budget", type=float, action="append", default=[], help="codec in the loop: also a run "
                         "that chooses the largest layer's quality in the loop so that the whole file stays within "
                         "this many bits/weight (codec.train.Budget; starting from the first --quality; several: a "
-                        "run for each)")
+                        "run for each; a budget below the file the loop starts from trains too, from "
+                        "--budget-start, and a file still over it at the end is a row 'over the budget')")
+    parser.add_argument("--budget-every", type=int, help="with --budget: measure the file every N steps (rounded "
+                        "up to a multiple of --refresh; default: at each coding)")
+    parser.add_argument("--budget-start", choices=codec.train.budget.STARTS, action="append", help="with --budget: "
+                        "where the quality starts when the file the loop starts from is over the budget at every "
+                        "quality (a fresh model): the first --quality ('setting', default) or the coarsest; it then "
+                        "steps down one rung per measurement while over (several: a run for each)")
     parser.add_argument("--budget-hold", type=float, action="append", help="with --budget: the fraction of the "
                         "loop's last steps with the quality held (default 0.25; several: a run for each)")
     parser.add_argument("--budget-only", action="store_true", help="with --budget: no codec-in-the-loop runs at the "
@@ -428,6 +444,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
         parser.error("--budget-hold must be between 0 and 1")
     if args.budget_only and not args.budget:
         parser.error("--budget-only needs --budget")
+    if args.budget_every is not None and args.budget_every < 1:
+        parser.error("--budget-every must be a positive integer")
+    if not args.budget and (args.budget_every is not None or args.budget_start):
+        parser.error("--budget-every and --budget-start need --budget")
     if args.vector_bits is not None and not 1 <= args.vector_bits <= 22:
         parser.error("--vector-bits must be between 1 and 22")
     kind = args.model
@@ -513,28 +533,21 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
                 f"{f', distilled {distil:g}' if distil else ''}{f', unit penalty {group:g}' if group else ''}"
                 f"{f', rate penalty {lam:g} every {args.rate_every}' if lam else ''}"
                 f"{f', {frozen} frozen ({tail:g} of the loop)' if tail else ''}")
-        budget_points = [(f"budget {b:g} (q in the loop, held {hold:g})", ladder_point(kind, qualities[0], args.table),
-                          (b, hold)) for b in args.budget for hold in args.budget_hold]
+        budget_points = [(f"budget {b:g} (q in the loop, held {hold:g}{f', from {start}' if args.budget_start else ''}"
+                          f"{f', measured every {args.budget_every}' if args.budget_every else ''})",
+                          ladder_point(kind, qualities[0], args.table), (b, hold, start))
+                         for b in args.budget for hold in args.budget_hold
+                         for start in args.budget_start or ["setting"]]
         for label, point, budget in [*((label, point, None) for label, point in points
                                        if not args.budget_only), *budget_points]:
-            try:
-                with tqdm(total=schedule.steps() * args.codec_epochs, desc=f"codec {label}", unit="step") as bar:
-                    model, seconds = schedule.codec_epochs(snapshot, point, bar=bar, refresh=every,
-                                                           vector_bits=args.vector_bits, keep_tiles=keep,
-                                                           teacher=plain if distil else None, distil=distil,
-                                                           group=group, lam=lam, every=args.rate_every,
-                                                           freeze_tail=tail, freeze=freeze,
-                                                           budget=budget[0] if budget else None,
-                                                           budget_hold=budget[1] if budget else 0.25)
-            except ValueError as exc:  # the budget's first search, on the weights the loop starts from
-                if budget is None or "is below the smallest file" not in str(exc):  # not a setting's mistake
-                    raise
-                start = ("a fresh model: the whole schedule in the loop; a trained start needs --codec-epochs below "
-                         "--epochs" if snapshot["epoch"] == 0 else f"the model after epoch {snapshot['epoch']}")
-                NOTES.append(f"seed {seed}, {loop}, {label}: not run: {exc}; the loop starts from {start}")
-                print(NOTES[-1])
-                record(loop, label, None, plain_seconds, "not run (below the smallest file at the loop's start)")
-                continue
+            with tqdm(total=schedule.steps() * args.codec_epochs, desc=f"codec {label}", unit="step") as bar:
+                extra = ({"budget": budget[0], "budget_hold": budget[1], "budget_start": budget[2],
+                          "budget_every": args.budget_every} if budget else {})
+                model, seconds = schedule.codec_epochs(snapshot, point, bar=bar, refresh=every,
+                                                       vector_bits=args.vector_bits, keep_tiles=keep,
+                                                       teacher=plain if distil else None, distil=distil,
+                                                       group=group, lam=lam, every=args.rate_every,
+                                                       freeze_tail=tail, freeze=freeze, **extra)
             if distil:  # the teacher is the whole plain schedule: its epochs after the snapshot count too
                 seconds += plain_seconds - snapshot["seconds"]
             if budget is not None:  # the file is the loop's last coding, at the quality it chose
@@ -544,6 +557,14 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
                              f"at the end; qualities in the loop (step: quality bits/weight): "
                              + ", ".join(f"{s}: {q} {b:.4f}" for s, q, b in schedule.budget.history))
                 print(NOTES[-1])
+                if not schedule.budget.within:  # no figure for a file the budget does not hold
+                    over = (f"over the budget ({schedule.budget.bits:.4f} bits/weight reached at "
+                            f"{schedule.budget.quality}; the smallest budget that fits "
+                            f"{math.ceil(schedule.budget.smallest * 1e4) / 1e4:g})")
+                    NOTES.append(f"seed {seed}, {loop}, {label}: {over}")
+                    print(NOTES[-1])
+                    record(loop, label, None, seconds, over)
+                    continue
             state_bpw = coded(model, overrides=point)
             record(loop, label, state_bpw, seconds)
             for decay, average in schedule.averaged.items():  # against the plain run's average of the same decay

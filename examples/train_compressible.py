@@ -18,9 +18,12 @@ of accuracy against bits/weight. In your own loop::
 
 To train for a file size rather than a quality: ``budget = codec.train.Budget(0.3)``, ``budget=budget`` in each
 finetune call (the largest JPEG layer's quality is chosen in the loop so that the whole file stays within 0.3
-bits/weight; ``--budget 0.3`` here), then ``budget.save(model, "model.jwt")``. The budget's quality is searched
-on the weights the loop starts from, so it needs a trained start: with the MLP's whole schedule in the loop (a fresh
-model) the file at the coarsest quality is over 0.6 bits/weight, so add ``--codec-epochs 1`` there.
+bits/weight; ``--budget 0.3`` here), then ``budget.save(model, "model.jwt")``. With the MLP's whole schedule in the
+loop the budget starts from a fresh model, whose file is over 0.6 bits/weight even at the coarsest quality: the loop
+trains at the setting's quality (``Budget(0.3, start="coarsest")``, ``--budget-start coarsest``: at the coarsest)
+and steps the quality down at each measurement of the file (``every=N``, ``--budget-every N`` steps) while the file
+is over. A file still over the budget at the end is not saved: ``budget.within`` is False, ``budget.save`` names the
+size reached and the smallest budget that fits, and the table's row says "over the budget".
 
 (``loss_fn=None`` distils the model's own outputs, no labels; ``optimizer``: your Adam, so its state carries on.
 To fine-tune a trained model instead, leave ``validation`` out: finetune holds out every 4th batch and keeps the

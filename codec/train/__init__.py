@@ -8,7 +8,9 @@ codes every 4th step, ``vector_bits=4`` rounds the biases the file stores lossle
 alone); it ends on the starting weights, with a ``NotKeptWarning``, when they code to a better file on held-out
 batches (``validation=``);
 ``finetune(..., budget=0.3)`` (or a :class:`Budget`) picks the largest JPEG tensor's quality in the loop so that the
-whole file stays within 0.3 bits/weight, and the last coding is the file (``Budget.save`` writes it);
+whole file stays within 0.3 bits/weight, and the last coding is the file (``Budget.save`` writes it; a budget below
+the loop's first file trains from the setting's or the coarsest quality, and a file still over it at the end is
+refused: ``Budget.within``);
 ``DCTLinear`` / ``DCTConv2d``: layers held as low-frequency DCT coefficients of JPEG's 8x8 blocks,
 ``to_ordinary`` turns them back into ordinary layers.
 """

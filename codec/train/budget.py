@@ -15,6 +15,18 @@ network's last steps train against the file's quality. After the last step the f
 over ``bits_per_weight`` itself (the weights moved during the hold), the quality steps down until it fits
 (:attr:`Budget.stepped_down` counts those steps; the file then codes the float weights at a quality the network did
 not train against last). Measuring a size is one ``codec.save`` of the model into memory (20 ms on the bench CNN).
+
+A budget below the file the loop starts from (a fresh model's file at the coarsest quality is far larger than a
+trained one's: the bench MLP's random init at q1 is 0.63 bits/weight) does not stop training: the loop starts at the
+setting's quality (``start="setting"``, the default) or at the coarsest one (``start="coarsest"``) and the same
+measurements step the quality down one rung at a time while the file is over the target, and up again once training
+has made it small enough. If the file is still over the budget after the last step (at the coarsest quality),
+:attr:`Budget.within` is False and :meth:`Budget.save` refuses, naming the size reached and the smallest budget that
+fits (:attr:`Budget.smallest`).
+
+Sizes are counted as ``codec.save`` writes them: a tensor tied to another (GPT-2's ``lm_head.weight`` and ``wte``,
+``model.tie_weights()``) is stored once, so its values count once in the weights, and the budget's tensor is the one
+the file codes (a tied name given as ``tensor`` means the tensor it is tied to).
 """
 
 from __future__ import annotations
@@ -32,6 +44,14 @@ __all__ = ["Budget"]
 #: The most ladder steps a measurement moves the quality up (down: one): the file of a model trained with the codec
 #: in the loop shrinks fast at first (the bench CNN's halves over its one-epoch loop), and the quality follows it.
 CLIMB = 2
+
+#: Where a budget below the loop's first file starts: the setting's quality, or the ladder's coarsest.
+STARTS = ("setting", "coarsest")
+
+#: After the last step, the file steps down one rung at a time this many times; still over, it jumps: the coarsest
+#: rung measured, then a bisection between it and the current one (a file far over costs a few measurements, not one
+#: per rung of the 242).
+LINEAR_STEPS = 2
 
 
 def _escape(name: str) -> str:
@@ -62,18 +82,24 @@ class Budget:
     blob and the container, as ``codec.save`` writes it). ``tensor``: the name of the tensor whose JPEG quality
     moves (default: the largest one the setting and overrides code as JPEG); the others keep their settings.
     ``margin``: the loop aims at ``bits_per_weight * (1 - margin)``, so that the weights' moves during the hold
-    rarely take the file over. ``every``: measure every this many steps (default: about 16 times per call, at
-    coding steps; default: at each coding). ``hold``: the fraction of each call's last steps with the quality held.
+    rarely take the file over. ``every``: measure the file every this many steps (default: at each coding, every
+    ``refresh`` steps; rounded up to a multiple of ``refresh``). ``hold``: the fraction of each call's last steps
+    with the quality held. ``start``: where the loop starts when even the coarsest quality's file is over the budget
+    on the weights it starts from (a fresh model): ``"setting"`` (default) at the quality the setting and overrides
+    give the tensor, ``"coarsest"`` at the ladder's coarsest rung; either way the quality then steps down one rung per
+    measurement while the file is over the target and climbs once it fits. (When a quality fits at the start, it
+    is searched as before and ``start`` does not matter.)
 
     After finetune: :attr:`overrides` (the ``(glob, setting)`` rules to save with: the caller's with the tensor's
     quality appended), :attr:`quality` (its text, ``q6.82``), :attr:`bits` (the file's bits/weight, measured after
-    the last step), :attr:`history` (``(step, quality, bits/weight)`` of every measurement: the quality after it, the size
-    measured at the quality before it), :attr:`stepped_down`;
-    :meth:`save` writes the file. Pass the same Budget to several finetune calls (a loop of epochs) to continue
-    from its quality."""
+    the last step), :attr:`within` (``bits <= bits_per_weight``), :attr:`smallest` (when not within: the file's
+    bits/weight at the coarsest quality, the smallest budget that fits this model now), :attr:`history` (``(step,
+    quality, bits/weight)`` of every measurement: the quality after it, the size measured at the quality before it),
+    :attr:`stepped_down`; :meth:`save` writes the file (and refuses one over the budget). Pass the same Budget to
+    several finetune calls (a loop of epochs) to continue from its quality."""
 
     def __init__(self, bits_per_weight: float, tensor: str | None = None, margin: float = 0.005,
-                 every: int | None = None, hold: float = 0.25):
+                 every: int | None = None, hold: float = 0.25, start: str = "setting"):
         if isinstance(bits_per_weight, bool) or not isinstance(bits_per_weight, (int, float)) or not (
                 0 < bits_per_weight < 64 and math.isfinite(bits_per_weight)):
             raise ValueError(f"budget: bits_per_weight must be a number above 0 and below 64, not {bits_per_weight!r}")
@@ -85,8 +111,11 @@ class Budget:
             raise ValueError(f"budget: every must be None or a positive integer, not {every!r}")
         if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not 0 <= hold <= 1:
             raise ValueError(f"budget: hold must be a number from 0 to 1, not {hold!r}")
+        if start not in STARTS:
+            raise ValueError(f"budget: start must be one of {', '.join(map(repr, STARTS))}, not {start!r}")
         self.bits_per_weight, self.tensor, self.margin = float(bits_per_weight), tensor, float(margin)
-        self.every, self.hold = every, float(hold)
+        self.every, self.hold, self.start_at = every, float(hold), start
+        self.smallest: float | None = None
         self.overrides: list[tuple[str, str]] | None = None
         self.quality: str | None = None
         self.bits: float | None = None
@@ -102,6 +131,11 @@ class Budget:
                 f"bits={self.bits})")
 
     @property
+    def within(self) -> bool:
+        """True if the file measured after the last finetune step fits the budget (False before any finetune)."""
+        return self.bits is not None and self.bits <= self.bits_per_weight
+
+    @property
     def target(self) -> float:
         """The bits/weight the loop aims at: ``bits_per_weight * (1 - margin)``."""
         return self.bits_per_weight * (1 - self.margin)
@@ -110,8 +144,10 @@ class Budget:
 
     def start(self, model: torch.nn.Module, opts: EncodeOptions, rules: Overrides,
               vector_bits: int | None) -> Overrides:
-        """Resolve the tensor, and on the first call search the ladder for the highest step that fits; the
-        rules to code with. ValueError (one line) if no JPEG tensor, or not even the coarsest step fits."""
+        """Resolve the tensor, and on the first call search the ladder for the highest step that fits (when not even
+        the coarsest step's file fits: start at the setting's step or the coarsest, as ``start`` says); the rules
+        to code with. ValueError (one line) if no JPEG tensor."""
+        from ..api import _sharing
         from ..rd.ladder import scale_of, scales
 
         from .finetune import _lossless_for_shape
@@ -120,17 +156,21 @@ class Budget:
         self._opts, self._vector_bits = opts, vector_bits
         if self._index is None:
             self._base = list(rules.rules)
+            aliases = _sharing(state)[0]  # a tied name is stored once, as the tensor it is tied to
             jpeg = {n: t.numel() for n, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point()
-                    and (o := rules.options_for(n, opts) or opts).codec == "jpeg" and not _lossless_for_shape(t, o)}
+                    and n not in aliases and (o := rules.options_for(n, opts) or opts).codec == "jpeg"
+                    and not _lossless_for_shape(t, o)}
             if self.tensor is None:
                 if not jpeg:
                     raise ValueError("finetune: budget: no tensor is coded as JPEG under this setting and overrides "
                                      "(the budget moves a JPEG quality)")
                 self.tensor = max(jpeg, key=jpeg.get)
-            elif self.tensor not in jpeg:
-                raise ValueError(f"finetune: budget: tensor {self.tensor!r} is not coded as JPEG under this setting "
-                                 f"and overrides" if self.tensor in state else
-                                 f"finetune: budget: the model has no tensor {self.tensor!r}")
+            else:
+                self.tensor = aliases.get(self.tensor, self.tensor)
+                if self.tensor not in jpeg:
+                    raise ValueError(f"finetune: budget: tensor {self.tensor!r} is not coded as JPEG under this "
+                                     f"setting and overrides" if self.tensor in state else
+                                     f"finetune: budget: the model has no tensor {self.tensor!r}")
             self._ladder = scales()
             here = scale_of(rules.options_for(self.tensor, opts) or opts)
             self._index = min(range(len(self._ladder)), key=lambda i: abs(self._ladder[i] - here))
@@ -140,10 +180,12 @@ class Budget:
                 sizes[i] = sizes.get(i) or self._measure(model, i)
                 return sizes[i] <= limit
 
-            if not fits(0, self.bits_per_weight):
-                raise ValueError(f"finetune: budget: {self.bits_per_weight:g} bits/weight is below the smallest file "
-                                 f"of this setting ({sizes[0]:.4g} bits/weight with {self.tensor} at "
-                                 f"{_spec_at(self._ladder[0], opts)})")
+            if not fits(0, self.bits_per_weight):  # below the first file: train, and let the file come down
+                if self.start_at == "coarsest":
+                    self._index = 0
+                fits(self._index, self.target)
+                self.history.append((self._steps, self._text(self._index), sizes[self._index]))
+                return self._rules()
             lo, hi = 0, len(self._ladder)  # lo fits (the hard budget at least), hi does not (or is past the end)
             if fits(self._index, self.target):
                 lo = self._index
@@ -177,13 +219,32 @@ class Budget:
         return self._rules()
 
     def finish(self, model: torch.nn.Module, steps: int) -> Overrides:
-        """After the last step: the file at the held quality, stepped down while it is over ``bits_per_weight``."""
+        """After the last step: the file at the held quality, stepped down while it is over ``bits_per_weight``
+        (one rung at a time :data:`LINEAR_STEPS` times, then the coarsest rung and a bisection); over the budget
+        even at the coarsest, :attr:`within` is False and :attr:`smallest` its size."""
         self._steps += steps
-        self.bits = self._measure(model, self._index)
-        while self.bits > self.bits_per_weight and self._index > 0:
+        self.bits, self.smallest = self._measure(model, self._index), None
+        for _ in range(LINEAR_STEPS):
+            if self.bits <= self.bits_per_weight or self._index == 0:
+                break
             self._index -= 1
             self.stepped_down += 1
             self.bits = self._measure(model, self._index)
+        if self.bits > self.bits_per_weight and self._index > 0:  # far over: the coarsest, then a bisection
+            coarsest = self._measure(model, 0)
+            lo, hi, at = 0, self._index, coarsest
+            if coarsest <= self.bits_per_weight:  # lo fits, hi does not
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    size = self._measure(model, mid)
+                    if size <= self.bits_per_weight:
+                        lo, at = mid, size
+                    else:
+                        hi = mid
+            self.stepped_down += self._index - lo
+            self._index, self.bits = lo, at
+        if self.bits > self.bits_per_weight:  # at the coarsest rung: the smallest file this model has now
+            self.smallest = self.bits
         self.history.append((self._steps, self._text(self._index), self.bits))
         return self._rules()
 
@@ -198,11 +259,21 @@ class Budget:
 
     def save(self, model: torch.nn.Module, path, **kwargs) -> list[str]:
         """``codec.save(model, path)`` with the setting and overrides the last finetune coded with (its rounded
-        vectors are in the model already): the file the network trained against last."""
+        vectors are in the model already): the file the network trained against last. A ValueError (one line,
+        nothing written) when the last finetune ended over the budget (:attr:`within` False): it names the size
+        reached, the budget asked and the smallest budget that fits; ``codec.save(model, path,
+        overrides=budget.overrides)`` writes that file anyway."""
         from ..encode import save
 
         if self.overrides is None:
             raise ValueError("budget: no finetune has run with this budget yet")
+        if not self.within:
+            smallest = math.ceil((self.smallest or self.bits) * 1e4) / 1e4
+            raise ValueError(f"budget: not saved: the file is {self.bits:.4f} bits/weight ({self.tensor} at "
+                             f"{self.quality}, the coarsest quality), over the {self.bits_per_weight:g} bits/weight "
+                             f"asked; the smallest budget that fits this model is {smallest:g} bits/weight (train "
+                             f"longer or ask for more; codec.save(model, path, overrides=budget.overrides) writes it "
+                             f"anyway)")
         return save(model, path, overrides=self.overrides, **self._fields(), **kwargs)
 
     def _fields(self) -> dict:
@@ -224,18 +295,22 @@ class Budget:
     def _measure(self, model: torch.nn.Module, index: int) -> float:
         """The bits/weight of the file of ``model`` as it is now (float weights, vectors rounded as finetune
         writes them) with the tensor at ladder step ``index``."""
+        from ..api import _sharing
         from ..encode import save
 
         from .finetune import _rounds, round_vector
 
         rules = Overrides(self._rules_at(index))
         state = {n: t.detach() for n, t in model.state_dict().items()}
-        if self._vector_bits:
+        aliases = _sharing(state)[0]  # tied names: stored once by codec.save, counted once here
+        if self._vector_bits:  # a tied vector rounded once, so that the file still stores it once
             state = {n: round_vector(t, self._vector_bits)
-                     if _rounds(t, rules.options_for(n, self._opts) or self._opts) else t for n, t in state.items()}
+                     if n not in aliases and _rounds(t, rules.options_for(n, self._opts) or self._opts) else t
+                     for n, t in state.items()}
+            state.update({n: state[target] for n, target in aliases.items()})
         buf = io.BytesIO()
         save(state, buf, overrides=rules.rules, **self._fields())
-        return 8 * len(buf.getvalue()) / sum(t.numel() for t in state.values())
+        return 8 * len(buf.getvalue()) / sum(t.numel() for n, t in state.items() if n not in aliases)
 
 
 def as_budget(budget) -> Budget | None:

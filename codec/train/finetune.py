@@ -297,12 +297,16 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
 
     **A budget** (``budget``: a number of bits per weight, or a :class:`codec.train.Budget` for its options): the
     JPEG quality of one tensor (default: the largest one coded as JPEG) is chosen on the fine ladder in the loop so
-    that the whole file (every blob and the container, as ``codec.save`` writes it) stays just within the budget:
-    searched before the first step (a budget below the coarsest step's file is a one-line ValueError), moved by at
-    most one ladder step at a measurement (every ``Budget.every`` steps), held over the last ``Budget.hold`` of the
-    steps, and stepped down after the last step only if the file is then over the budget. Save with the Budget's
-    ``overrides`` (``budget.save(model, path)``): that file decodes to the weights of the last forward pass. The
-    checks above judge each weights at the quality of their time.
+    that the whole file (every blob and the container, as ``codec.save`` writes it; a tied tensor once) stays just
+    within the budget: searched before the first step, moved by a bounded ladder step at a measurement (every
+    ``Budget.every`` steps), held over the last ``Budget.hold`` of the steps, and stepped down after the last step
+    only if the file is then over the budget. A budget below the file the loop starts from (a fresh model) trains
+    anyway: from the setting's quality (``Budget(start="setting")``, the default) or the coarsest
+    (``start="coarsest"``), one step down per measurement while the file is over. Save with the Budget's
+    ``overrides`` (``budget.save(model, path)``): that file decodes to the weights of the last forward pass; if the
+    file is still over the budget at the end, ``budget.within`` is False and ``budget.save`` refuses, naming the
+    size reached and the smallest budget that fits. The checks above judge each weights at the quality of their
+    time.
 
     Returns the model, with its float weights (its rounded vectors with ``vector_bits``); the file saved from it
     with the same setting decodes to exactly the weights of the last forward pass (``coded_weights(model,
@@ -337,7 +341,7 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         raise ValueError(f"finetune: {exc}") from None
     budget = as_budget(budget)
     opts, rules = as_setting(setting), as_overrides(overrides, setting)
-    if budget is not None:  # the quality that fits, searched before training (a budget too small fails here)
+    if budget is not None:  # the quality that fits, searched before training (none fits: the start's quality)
         rules = budget.start(model, opts, rules, vector_bits)
         tracked_until, budget_every = steps - round(budget.hold * steps), budget.every_for(steps, refresh)
     batches, check, where = _check_batches(_batches(data), validation)
