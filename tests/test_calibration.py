@@ -534,6 +534,15 @@ class Wide(nn.Module):
         self.a, self.b = nn.Linear(64, 80), nn.Linear(80, 16)
 
 
+class Rec(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.gru, self.b = nn.Linear(8, 64), nn.GRU(64, 64, batch_first=True), nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.b(self.gru(self.a(x))[0][:, -1])
+
+
 NOT_A_CLASS = 3
 '''
 
@@ -837,3 +846,22 @@ def test_a_calibrated_save_names_the_tensors_it_codes_data_free(tmp_path):
     plain = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64))
     notes = codec.save(plain, tmp_path / "p.jwt", bits_per_weight=6, calibration=torch.randn(64, 8), repair=False)
     assert not any(n.startswith("calibration:") for n in notes), notes
+
+
+def test_cli_names_the_tensors_calibration_does_not_measure(net_files):
+    """A GRU in the model: jwt encode --calibration says on stderr, as a note, which tensors the data-free
+    weighting codes; no traceback; the file decodes."""
+    import calib_test_nets
+
+    torch.manual_seed(0)
+    torch.save(calib_test_nets.Rec().state_dict(), net_files / "rec.pt")
+    np.save(net_files / "seq.npy", np.random.default_rng(0).normal(size=(64, 5, 8)).astype(np.float32))
+    out = net_files / "rec.jwt"
+    result = _encode(net_files / "rec.pt", "-b", "6", "--calibration", net_files / "seq.npy",
+                     "--model", "calib_test_nets:Rec", "--no-repair", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("jwt: note: calibration:")]
+    assert len(notes) == 1 and "'gru.weight_ih_l0'" in notes[0] and "'gru.weight_hh_l0'" in notes[0], result.output
+    assert "data-free weighting" in notes[0] and "'a.weight'" not in notes[0]
+    calib_test_nets.Rec().load_state_dict(codec.load(out))
