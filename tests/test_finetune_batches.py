@@ -110,3 +110,18 @@ def test_numpy_data_is_a_batch_like_a_tensor():
            validation=False)
     with pytest.raises(TypeError, match="mapping of them"):
         codec.train.finetune(net, "inputs.npy", None, "b2", steps=1)
+
+
+def test_repair_fine_tuning_on_tokenizer_dicts(tmp_path):
+    """Repair's fine-tuning stage (jwt encode --finetune) runs finetune on the calibration batches: dicts of a
+    tokenizer stay keyword inputs through its wrapper of the model."""
+    from codec.rd.repair import RepairSettings
+
+    model = _tiny_gpt2().eval()
+    ids = torch.randint(0, 200, (16, 12))
+    batches = [{"input_ids": ids[i:i + 4], "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+               for i in range(0, 16, 4)]
+    notes = codec.save(model, tmp_path / "g.jwt", bits_per_weight=4, calibration=batches,
+                       repair=RepairSettings(finetune_steps=4))
+    assert any("fine-tuning" in n for n in notes), notes
+    model.load_state_dict(codec.load(tmp_path / "g.jwt"))
