@@ -125,3 +125,28 @@ def test_repair_fine_tuning_on_tokenizer_dicts(tmp_path):
                        repair=RepairSettings(finetune_steps=4))
     assert any("fine-tuning" in n for n in notes), notes
     model.load_state_dict(codec.load(tmp_path / "g.jwt"))
+
+
+def test_a_forward_that_reads_the_dict_itself_still_gets_it_whole():
+    """forward(self, batch) reading batch["input_ids"] (bench/train_minilm.py's Embed) gets the dict as one argument,
+    as before; a forward taking the keys by name gets them as keywords."""
+
+    class Whole(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 64)
+
+        def forward(self, batch):
+            return self.fc(batch["x"] * batch["scale"])
+
+    class Named(Whole):
+        def forward(self, x, scale):
+            return self.fc(x * scale)
+
+    batches = [{"x": torch.randn(8, 64), "scale": torch.full((8, 1), 2.0)} for _ in range(4)]
+    for kind in (Whole, Named):
+        torch.manual_seed(0)
+        net = kind()
+        before = net.fc.weight.detach().clone()
+        _quiet(codec.train.finetune, net, batches, None, "b2", steps=2, lr=1e-3)
+        assert not torch.equal(before, net.fc.weight.detach()), kind.__name__
