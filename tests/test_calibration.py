@@ -785,8 +785,9 @@ def test_transformers_conv1d_is_measured_on_its_rows():
         dw[i] = 1.0
         out = (x @ torch.from_numpy(dw)).pow(2).sum(1).mean().item()
         assert w.energy(dw) == pytest.approx(out, rel=1e-5)
+    parts = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     assert {k for k, v in calib.layers.items() if v.kind == "conv1d"} == {
-        f"transformer.h.{b}.{p}.weight" for b in (0, 1) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+        f"transformer.h.{b}.{p}.weight" for b in (0, 1) for p in parts}
 
 
 def test_a_tied_embedding_is_weighed_as_the_output_head_and_stored_once(tmp_path):

@@ -48,8 +48,8 @@ from torch.nn import functional as F
 from ..errors import first_line
 from .allocate import Weighting
 
-__all__ = ["calibrate", "Calibration", "LayerStats", "as_batches", "layer_kind", "uncalibrated", "FULL_H_MAX", "FULL_H_BYTES", "NOISE",
-           "SENSITIVITY_SAMPLES", "BATCH_SIZE"]
+__all__ = ["calibrate", "Calibration", "LayerStats", "as_batches", "layer_kind", "uncalibrated", "FULL_H_MAX",
+           "FULL_H_BYTES", "NOISE", "SENSITIVITY_SAMPLES", "BATCH_SIZE"]
 
 #: Layers with more in-features than this keep only the diagonal of H.
 FULL_H_MAX = 4096
@@ -476,7 +476,8 @@ def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> 
     if unreached:
         parts.append(f"{listed(unreached)} (not reached by the calibration inputs)")
     count = sum(map(len, kinds.values())) + len(unreached)
-    return f"calibration: {count} tensor{'s' if count != 1 else ''} coded by the data-free weighting: {'; '.join(parts)}"
+    plural = "s" if count != 1 else ""
+    return f"calibration: {count} tensor{plural} coded by the data-free weighting: {'; '.join(parts)}"
 
 
 

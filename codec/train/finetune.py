@@ -324,12 +324,12 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     save afterwards with the same options and overrides) in the forward pass.
 
     ``data``: a tensor (or numpy array) of inputs, one batch; a mapping of them (a tokenizer's output), one batch
-    passed as ``model(**batch)``; or an iterable of batches (cycled), each the inputs (a tensor, an array or such a
-    mapping) or ``(inputs, *targets)``.
+    passed as ``model(**batch)`` (a ``forward(self, batch)`` that reads the mapping itself gets it whole); or an
+    iterable of batches (cycled), each the inputs (a tensor, an array or such a mapping) or ``(inputs, *targets)``.
     ``loss_fn(outputs, *targets)``: the loss; None distils the original model's outputs (mean squared error of
     the outputs, no labels needed; of a Hugging Face ``ModelOutput``, a dict or a tuple: the mean of the MSEs of
-    its floating tensors, such as ``logits`` or ``last_hidden_state``, not its ``loss``). It runs while the model's tensors hold the coded values, so a term on the
-    weights read from the model there (``codec.train.rate(model)``, a norm) would be the coded values' and pull on
+    its floating tensors, such as ``logits`` or ``last_hidden_state``, not its ``loss``). It runs while the
+    model's tensors hold the coded values, so a term on the weights read from the model there (``codec.train.rate(model)``, a norm) would be the coded values' and pull on
     what the coding keeps (bench/JOURNAL.md, twelfth pass: 2-6 points on the CNN). Such a term belongs in
     ``penalty(model)``: called each step after the forward and backward passes, with the model holding its float
     weights again, its value (a scalar tensor) is added to the step's loss and its gradient to the weights'
