@@ -127,6 +127,28 @@ def calibrated(model, calibration, repair, progress, meta):
     return inputs, calib
 
 
+def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], repairing: bool) -> list[Note]:
+    """:func:`save`'s notes on what calibration ``calib`` does not weigh: the stored floating tensors of two or more
+    axes it has no statistics for (a layer kind it does not measure, or not reached by its inputs), coded by the
+    data-free weighting (:func:`codec.rd.calibrate.uncalibrated`); and, when repair runs, the transformers Conv1D
+    weights it codes without GPTQ or refit (repair's are for nn.Linear and nn.Conv2d)."""
+    from .rd.calibrate import uncalibrated
+
+    names = [n for n in arrays if n not in aliases and len(arrays.shape(n)) >= 2
+             and math.prod(arrays.shape(n)) and get_dtype(arrays.dtype_name(n)).floating]
+    notes = []
+    note = uncalibrated(model, calib, names)
+    if note:
+        notes.append(Note(note))
+    conv1d = [n for n in names if n in calib.layers and calib.layers[n].kind == "conv1d"]
+    if repairing and conv1d:
+        shown = ", ".join(map(repr, conv1d[:4])) + (f" and {len(conv1d) - 4} more" if len(conv1d) > 4 else "")
+        notes.append(Note(f"repair: {len(conv1d)} transformers Conv1D weight{'s' if len(conv1d) != 1 else ''} "
+                          f"({shown}) coded with the calibrated weighting, without GPTQ or refit (repair's are for "
+                          "nn.Linear and nn.Conv2d)"))
+    return notes
+
+
 def repairs(calibration, repair) -> bool:
     """Whether :func:`save` with these ``calibration`` and ``repair`` arguments repairs after its plan (and
     :func:`calibrated` keeps the inputs for it): calibration inputs, not a :class:`Calibration`, and repair not

@@ -394,7 +394,7 @@ def save(
         inputs = calib = None
         growth = 0  # bytes the plan keeps for constant vectors that repair makes ordinary (constant_growth)
         if calibration is not None:
-            from .api import calibrated, repair_growth
+            from .api import calibrated, calibration_notes, repair_growth
 
             if bits_per_weight is not None and matcher is None:  # a budget below the smallest: say so before
                 growth = repair_growth(model, calibration, repair, [n for n in arrays if n not in aliases])
@@ -402,6 +402,7 @@ def save(
                               growth)
             bound_heap()  # freed blocks of megabytes go back to the system at once, not kept as holes
             inputs, calib = calibrated(model, calibration, repair, calibration_progress, meta)
+            notes += calibration_notes(model, calib, arrays, aliases, repairing=inputs is not None)
             weightings = merge_weightings(weightings, calib.weightings(), values)
             if calib is not calibration:  # made here: the search holds its H matrices packed, the whole ones go
                 weightings, calib = packed_weightings(weightings), None  # (MiniLM: 74 MB -> 37)

@@ -534,6 +534,15 @@ class Wide(nn.Module):
         self.a, self.b = nn.Linear(64, 80), nn.Linear(80, 16)
 
 
+class Rec(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.gru, self.b = nn.Linear(8, 64), nn.GRU(64, 64, batch_first=True), nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.b(self.gru(self.a(x))[0][:, -1])
+
+
 NOT_A_CLASS = 3
 '''
 
@@ -736,3 +745,124 @@ def test_a_repaired_file_over_its_budget_says_so_to_a_file_object_too(tmp_path, 
     assert over == [n for n in path_notes if "over the 3.0 asked for" in n]
     assert over == [f"repair: the file is {got:.3f} bits/weight, over the 3.0 asked for (the repaired values "
                     "code larger than planned)"]
+
+
+# --- eighteenth pass: layers a new user's models have (transformers Conv1D, a tied head, kinds not measured) ---
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=300, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_transformers_conv1d_is_measured_on_its_rows():
+    """GPT-2's Conv1D (weight (in, out), y = x W + b): calibrated, with the diagonal of its inputs' second moment as
+    per-row weights of the stored (in, out) matrix, so a row (one input feature) with loud inputs weighs more."""
+    model = _tiny_gpt2()
+    ids = torch.randint(0, 300, (4, 16))
+    seen = {}
+    layer = model.transformer.h[0].mlp.c_proj  # 256 inputs, 64 outputs
+
+    def keep(module, args, output):
+        seen.setdefault("x", args[0].detach().reshape(-1, 256))
+
+    handle = layer.register_forward_hook(keep)
+    calib = calibrate(model, {"input_ids": ids})
+    handle.remove()
+    stats = calib.layers["transformer.h.0.mlp.c_proj.weight"]
+    assert stats.kind == "conv1d" and stats.h.shape == (256,) and stats.sensitivity > 0
+    x = seen["x"].double()
+    np.testing.assert_allclose(stats.h, (x * x).mean(0).numpy(), rtol=1e-5)
+    w = stats.weighting()
+    assert w.h is None and w.fits(tuple(layer.weight.shape))
+    # the measure is the layer's output error: x dW for an error on one row (input feature) i
+    dw = np.zeros((256, 64))
+    loud, quiet = int(np.argmax(stats.h)), int(np.argmin(stats.h))
+    for i in (loud, quiet):
+        dw[:] = 0
+        dw[i] = 1.0
+        out = (x @ torch.from_numpy(dw)).pow(2).sum(1).mean().item()
+        assert w.energy(dw) == pytest.approx(out, rel=1e-5)
+    parts = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    assert {k for k, v in calib.layers.items() if v.kind == "conv1d"} == {
+        f"transformer.h.{b}.{p}.weight" for b in (0, 1) for p in parts}
+
+
+def test_a_tied_embedding_is_weighed_as_the_output_head_and_stored_once(tmp_path):
+    """GPT-2's wte = lm_head.weight: the embedding's weighting is the head's (H over its 64 inputs), not lookup
+    counts; the calibrated file holds it once (an alias) and decodes with codec.load, tied."""
+    model = _tiny_gpt2()
+    ids = torch.randint(0, 300, (8, 16))
+    calib = calibrate(model, {"input_ids": ids})
+    wte, head = calib.layers["transformer.wte.weight"], calib.layers["lm_head.weight"]
+    assert wte.kind == "linear" and wte.h.shape == (64, 64) and wte is head
+    assert calib.weightings()["transformer.wte.weight"].fits((300, 64))
+    out = tmp_path / "g.jwt"
+    notes = codec.save(model, out, bits_per_weight=4, calibration=[{"input_ids": ids[:4]}, {"input_ids": ids[4:]}])
+    assert any("Conv1D" in n and "without GPTQ" in n for n in notes), notes
+    with codec.open(out) as f:
+        assert f.reader.entry("lm_head.weight").alias == "transformer.wte.weight"
+    back = codec.load(out)
+    assert back["lm_head.weight"] is back["transformer.wte.weight"]
+    model.load_state_dict(back)
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+class _Unmeasured(nn.Module):
+    """A GRU, a transposed convolution and a layer the inputs never reach beside measured Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 64)
+        self.gru = nn.GRU(64, 64, batch_first=True)
+        self.up = nn.ConvTranspose2d(16, 16, 3)
+        self.head = nn.Linear(64, 10)
+        self.aux = nn.Linear(64, 64)
+
+    def forward(self, x):
+        h, _ = self.gru(self.embed(x))
+        return self.head(h[:, -1])
+
+
+def test_a_calibrated_save_names_the_tensors_it_codes_data_free(tmp_path):
+    """Layer kinds calibration does not measure (GRU, ConvTranspose2d) and layers the inputs never reach: one
+    note naming them and saying they are coded by the data-free weighting; the measured ones are not named."""
+    torch.manual_seed(0)
+    model = _Unmeasured()
+    notes = codec.save(model, tmp_path / "u.jwt", bits_per_weight=6, calibration=torch.randn(64, 5, 8), repair=False)
+    said = [n for n in notes if n.startswith("calibration:")]
+    assert len(said) == 1 and "\n" not in said[0], notes
+    note = said[0]
+    assert isinstance(note, codec.Note) and "data-free weighting" in note
+    for name in ("gru.weight_ih_l0", "gru.weight_hh_l0", "up.weight", "aux.weight"):
+        assert repr(name) in note
+    assert "GRU" in note and "ConvTranspose2d" in note and "not reached" in note
+    assert "'embed.weight'" not in note and "'head.weight'" not in note
+    model.load_state_dict(codec.load(tmp_path / "u.jwt"))
+    # a model calibration measures whole: no such note
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64))
+    notes = codec.save(plain, tmp_path / "p.jwt", bits_per_weight=6, calibration=torch.randn(64, 8), repair=False)
+    assert not any(n.startswith("calibration:") for n in notes), notes
+
+
+def test_cli_names_the_tensors_calibration_does_not_measure(net_files):
+    """A GRU in the model: jwt encode --calibration says on stderr, as a note, which tensors the data-free
+    weighting codes; no traceback; the file decodes."""
+    import calib_test_nets
+
+    torch.manual_seed(0)
+    torch.save(calib_test_nets.Rec().state_dict(), net_files / "rec.pt")
+    np.save(net_files / "seq.npy", np.random.default_rng(0).normal(size=(64, 5, 8)).astype(np.float32))
+    out = net_files / "rec.jwt"
+    result = _encode(net_files / "rec.pt", "-b", "6", "--calibration", net_files / "seq.npy",
+                     "--model", "calib_test_nets:Rec", "--no-repair", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("jwt: note: calibration:")]
+    assert len(notes) == 1 and "'gru.weight_ih_l0'" in notes[0] and "'gru.weight_hh_l0'" in notes[0], result.output
+    assert "data-free weighting" in notes[0] and "'a.weight'" not in notes[0]
+    calib_test_nets.Rec().load_state_dict(codec.load(out))

@@ -771,8 +771,8 @@ class _EvalMode(nn.Module):
         self.inner.eval()
         return self
 
-    def forward(self, batch):
-        return _run(self.inner, batch)
+    def forward(self, batch=None, **keywords):  # finetune passes a mapping batch as keywords
+        return _run(self.inner, keywords if batch is None else batch)
 
 
 class _Exact(Overrides):

@@ -22,10 +22,12 @@ Two options lower the cost and the rate (measured in bench/results/train_mlp.md)
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch.func import functional_call
 
@@ -201,12 +203,70 @@ def _code(t: torch.Tensor, opts: EncodeOptions, vector_bits: int | None = None) 
 
 
 def _batches(data, what: str = "data") -> Iterable:
-    """Batches of ``data``: a tensor (one batch) or an iterable of batches (re-iterated for each pass)."""
-    if isinstance(data, torch.Tensor):
+    """Batches of ``data``: a tensor or numpy array (one batch), a mapping of them (one batch of keyword inputs: a
+    tokenizer's output) or an iterable of batches (re-iterated for each pass)."""
+    if isinstance(data, (torch.Tensor, np.ndarray, Mapping)):
         return [data]
-    if isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping)):
+    if isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
         return data
-    raise TypeError(f"finetune: {what} must be a tensor or an iterable of batches, not {type(data).__name__}")
+    raise TypeError(f"finetune: {what} must be a tensor, an array, a mapping of them (a tokenizer's output) or an "
+                    f"iterable of batches, not {type(data).__name__}")
+
+
+def _tensor(value):
+    """A numpy array as a tensor (sharing its memory); anything else as it is."""
+    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+
+
+def _as_keywords(model, inputs) -> bool:
+    """Whether a mapping batch goes in as ``model(**inputs)``: yes (a tokenizer's output for a Hugging Face model)
+    unless ``model.forward`` takes neither ``**kwargs`` nor every key by name, as a ``forward(self, batch)`` that
+    reads the dict itself does (that one gets ``model(inputs)``)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return True
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return set(inputs) <= names or len(names) != 1
+
+
+def _run(model, inputs, params=None):
+    """``model``'s output on ``inputs``: ``model(**inputs)`` for a mapping (a tokenizer's output; see
+    :func:`_as_keywords`), else ``model(inputs)``; with ``params``, through :func:`torch.func.functional_call`."""
+    keywords = isinstance(inputs, Mapping) and _as_keywords(model, inputs)
+    if params is None:
+        return model(**inputs) if keywords else model(inputs)
+    if keywords:
+        return functional_call(model, params, (), dict(inputs))
+    return functional_call(model, params, (inputs,))
+
+
+def _floats(out) -> list[torch.Tensor]:
+    """The floating tensors a distillation compares in a model's output: the tensor itself; the values of a mapping
+    (a Hugging Face ``ModelOutput``: ``logits``, ``last_hidden_state``, ...; not its ``loss``); the items of a tuple
+    or list. Others (a cache, nested tuples, integers) are left out."""
+    if isinstance(out, torch.Tensor):
+        items = [out]
+    elif isinstance(out, Mapping):
+        items = [v for k, v in out.items() if k != "loss"]
+    elif isinstance(out, (tuple, list)):
+        items = list(out)
+    else:
+        items = []
+    return [t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _distillation(out, target: list[torch.Tensor]) -> torch.Tensor:
+    """The distillation loss: the mean over the output's floating tensors (:func:`_floats`) of the mean squared
+    error against the teacher's (``target``, its :func:`_floats`)."""
+    got = _floats(out)
+    if not got or len(got) != len(target):
+        raise TypeError(f"finetune: the model's output ({type(out).__name__}) holds no floating tensor to distil"
+                        if not got else f"finetune: the model's output holds {len(got)} floating tensors, the "
+                        f"original's {len(target)}")
+    return sum(torch.nn.functional.mse_loss(a, b) for a, b in zip(got, target, strict=True)) / len(got)
 
 
 def _check_batches(batches: Iterable, validation) -> tuple[Iterable, list | None, str]:
@@ -234,12 +294,20 @@ def _check_batches(batches: Iterable, validation) -> tuple[Iterable, list | None
 
 
 def _split(batch) -> tuple[object, tuple]:
-    """``(inputs, rest)``: a batch is the inputs, or a tuple/list whose first item is the inputs."""
+    """``(inputs, rest)``: a batch is the inputs, or a tuple/list whose first item is the inputs. Inputs that are a
+    mapping (a tokenizer's output: ``input_ids``, ``attention_mask``, ...) are passed as ``model(**inputs)``; numpy
+    arrays (the inputs, a mapping's values, the targets) become tensors."""
     if isinstance(batch, (tuple, list)):
         if not batch:
             raise ValueError("finetune: an empty batch")
-        return batch[0], tuple(batch[1:])
-    return batch, ()
+        inputs, rest = batch[0], tuple(map(_tensor, batch[1:]))
+    else:
+        inputs, rest = batch, ()
+    if isinstance(inputs, Mapping):
+        if not inputs:
+            raise ValueError("finetune: a batch that is an empty mapping")
+        return {k: _tensor(v) for k, v in inputs.items()}, rest
+    return _tensor(inputs), rest
 
 
 def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] | None = None,
@@ -255,10 +323,13 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     it (see :func:`codec.train.as_setting`; ``overrides``: per-tensor settings by glob, as codec.save takes them;
     save afterwards with the same options and overrides) in the forward pass.
 
-    ``data``: a tensor of inputs or an iterable of batches (cycled), each the inputs or ``(inputs, *targets)``.
+    ``data``: a tensor (or numpy array) of inputs, one batch; a mapping of them (a tokenizer's output), one batch
+    passed as ``model(**batch)`` (a ``forward(self, batch)`` that reads the mapping itself gets it whole); or an
+    iterable of batches (cycled), each the inputs (a tensor, an array or such a mapping) or ``(inputs, *targets)``.
     ``loss_fn(outputs, *targets)``: the loss; None distils the original model's outputs (mean squared error of
-    the outputs: no labels needed). It runs while the model's tensors hold the coded values, so a term on the
-    weights read from the model there (``codec.train.rate(model)``, a norm) would be the coded values' and pull on
+    the outputs, no labels needed; of a Hugging Face ``ModelOutput``, a dict or a tuple: the mean of the MSEs of
+    its floating tensors, such as ``logits`` or ``last_hidden_state``, not its ``loss``). It runs while the
+    model's tensors hold the coded values, so a term on the weights read from the model there (``codec.train.rate(model)``, a norm) would be the coded values' and pull on
     what the coding keeps (bench/JOURNAL.md, twelfth pass: 2-6 points on the CNN). Such a term belongs in
     ``penalty(model)``: called each step after the forward and backward passes, with the model holding its float
     weights again, its value (a scalar tensor) is added to the step's loss and its gradient to the weights'
@@ -404,11 +475,11 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
                 held.append((tensors[name], tensors[name].data))
                 tensors[name].data = value
             if teacher is None:
-                loss = loss_fn(model(inputs), *rest)
+                loss = loss_fn(_run(model, inputs), *rest)
             else:
                 with torch.no_grad():
-                    target = teacher(inputs)
-                loss = torch.nn.functional.mse_loss(model(inputs), target)
+                    target = _floats(_run(teacher, inputs))
+                loss = _distillation(_run(model, inputs), target)
             if backward:
                 loss.backward()
         finally:
@@ -436,13 +507,13 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         try:
             with torch.no_grad():
                 if teacher is not None and not targets:
-                    targets.extend(teacher(_split(b)[0]) for b in check)
+                    targets.extend(_floats(_run(teacher, _split(b)[0])) for b in check)
                 losses = []
                 for i, batch in enumerate(check):
                     inputs, rest = _split(batch)
-                    out = functional_call(model, untied, (inputs,))
+                    out = _run(model, inputs, untied)
                     losses.append(float(loss_fn(out, *rest) if teacher is None
-                                        else torch.nn.functional.mse_loss(out, targets[i])))
+                                        else _distillation(out, targets[i])))
         finally:
             model.train(mode)
         return sum(losses) / len(losses)
