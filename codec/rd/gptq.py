@@ -225,8 +225,8 @@ def _dec(values: np.ndarray, dtype: DType) -> np.ndarray:
     return to_float64(from_float64(values, dtype), dtype)
 
 
-def gptq_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.ndarray | HeldInFactor, *, damp: float = 0.01,
-                act_order: bool = False, block: int = BLOCK, factors: dict | None = None
+def gptq_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.ndarray | HeldInFactor, *,
+                damp: float = 0.01, act_order: bool = False, block: int = BLOCK, factors: dict | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """``(target, decoded)``: the array to encode with ``opts`` (storage form) and what it decodes to (float64).
 
@@ -309,8 +309,8 @@ def gptq_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
     return target.reshape(weight.shape), decoded.reshape(weight.shape)
 
 
-def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.ndarray | HeldInFactor, *, damp: float = 0.01,
-                executor=None, factors: dict | None = None, decoded: bool = True
+def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.ndarray | HeldInFactor, *,
+                damp: float = 0.01, executor=None, factors: dict | None = None, decoded: bool = True
                 ) -> tuple[np.ndarray, np.ndarray | None]:
     """``(target, decoded)`` for a ``jpeg`` weight: its columns coded group by group, the later ones compensating.
 
@@ -346,29 +346,29 @@ def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
         group = np.arange(cols) // t.tile_w
     if group.max() == 0 or not np.isfinite(w).all():
         return weight, None
-    tile_of = tile_index(t)
-    lo, hi = tile_range(w, tile_of, t.n_tiles)
     perm = np.argsort(group, kind="stable")
     ends = np.flatnonzero(np.diff(group[perm])) + 1
     upper = _factor(h, damp, perm, factors)
+    if t.mode != "rows":  # grid: the natural order, a group a column of tiles
+        work = _compensate_grid(w, t, ends, upper, dtype, opts, executor)
+        return _compensated(work, None, weight, dtype, opts, executor, decoded)
+    tile_of = tile_index(t)
+    lo, hi = tile_range(w, tile_of, t.n_tiles)
     # Memory (all-MiniLM-L6-v2's FFN output: 4.5 MB per rows x cols float64): the tiles' bounds per element in
     # coding order, in float32 where that holds them exactly (they are values of the weight: float32, float16 and
     # bfloat16 weights); a pinned element's original value is its tile's bound, so no copy of the weight is kept;
-    # no permuted copies when the order is the natural one (grid mode); clipping and pinning in place.
-    ident = _identity(perm)
+    # clipping and pinning in place.
     narrow = np.float32 if np.array_equal(lo.astype(np.float32), lo) and np.array_equal(hi.astype(np.float32), hi) \
         else np.float64
-    lo_p, hi_p = (b.astype(narrow)[tile_of] for b in (lo, hi))
-    if not ident:
-        lo_p, hi_p = lo_p[:, perm], hi_p[:, perm]
+    lo_p, hi_p = (b.astype(narrow)[tile_of][:, perm] for b in (lo, hi))
     del tile_of
-    work = w if ident else w[:, perm]
+    work = w[:, perm]
     del w
     pin_lo, pin_hi = work == lo_p, work == hi_p
     inverse = np.argsort(perm)
     start = 0
     for end in ends:  # every group but the last: code, then compensate the columns after it
-        coded = _decoded(from_float64(work if ident else work[:, inverse], dtype), dtype, opts, executor)
+        coded = _decoded(from_float64(work[:, inverse], dtype), dtype, opts, executor)
         err = to_float64(from_float64(work[:, start:end], dtype), dtype) - to_float64(coded[:, perm[start:end]], dtype)
         del coded  # (storage form: only the group's columns widened)
         # E U_FF^-1 (U_FF upper triangular; below it a held factor holds H's triangle: triu, a group's square)
@@ -380,11 +380,58 @@ def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
         np.copyto(rest, hi_p[:, end:], where=pin_hi[:, end:])
         start = end
     del lo_p, hi_p, pin_lo, pin_hi
-    target = from_float64(work if ident else work[:, inverse], dtype).reshape(weight.shape)
+    return _compensated(work, inverse, weight, dtype, opts, executor, decoded)
+
+
+def _compensated(work: np.ndarray, inverse: np.ndarray | None, weight: np.ndarray, dtype: DType, opts: EncodeOptions,
+                 executor, decoded: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`jpeg_target`'s result from its compensated ``work`` (columns in coding order; ``inverse``: back to the
+    natural order, None: already in it)."""
+    rows = weight.shape[0]
+    target = from_float64(work if inverse is None else work[:, inverse], dtype).reshape(weight.shape)
     del work
     if not decoded:
         return target, None
-    return target, _coded(target.reshape(rows, cols), dtype, opts, executor).reshape(weight.shape)
+    return target, _coded(target.reshape(rows, -1), dtype, opts, executor).reshape(weight.shape)
+
+
+def _compensate_grid(w: np.ndarray, t: Tiling, ends: np.ndarray, upper: np.ndarray, dtype: DType,
+                     opts: EncodeOptions, executor) -> np.ndarray:
+    """:func:`jpeg_target`'s compensation in ``grid`` mode, in ``w``'s own array (returned): a group is a column
+    of tiles, coded in the natural order.
+
+    Memory: the tiles' bounds are gathered a column of tiles (a band) at a time, as a bound per row of the band,
+    and each band's pinned elements (each tile's minimum and maximum) kept as their positions: no tile index, no
+    bounds per element and no masks of the matrix's size (before the eighteenth pass: an int64 tile index, two
+    float32 bounds and two bool masks of ``rows x cols``; all-MiniLM-L6-v2's FFN output: 4.7 + 4.7 + 1.2 MB). The
+    same minima and maxima (each tile's elements taken in the same order), the same clipping and pinning: the
+    same bits."""
+    rows, cols = w.shape
+    band_of_row = np.arange(rows) // t.tile_h
+    bands = []  # per column of tiles: (first column, end, lower bound per row, upper bound per row, pins)
+    for c0 in range(0, cols, t.tile_w):
+        c1 = min(c0 + t.tile_w, cols)
+        part = w[:, c0:c1]
+        lo, hi = tile_range(part, np.broadcast_to(band_of_row[:, None], part.shape), t.grid[0])  # its tiles'
+        lo_r, hi_r = lo[band_of_row], hi[band_of_row]
+        bands.append((c0, c1, lo_r, hi_r, np.nonzero(part == lo_r[:, None]), np.nonzero(part == hi_r[:, None])))
+    start = 0
+    for end in ends:  # every group but the last: code, then compensate the columns after it
+        coded = _decoded(from_float64(w, dtype), dtype, opts, executor)
+        err = to_float64(from_float64(w[:, start:end], dtype), dtype) - to_float64(coded[:, start:end], dtype)
+        del coded  # (storage form: only the group's columns widened)
+        # E U_FF^-1 (U_FF upper triangular; below it a held factor holds H's triangle: triu, a group's square)
+        scaled = np.linalg.solve(np.triu(upper[start:end, start:end]).T, err.T).T
+        w[:, end:] -= scaled @ upper[start:end, end:]
+        for c0, c1, lo_r, hi_r, (r_lo, c_lo), (r_hi, c_hi) in bands:
+            if c0 < end:
+                continue
+            part = w[:, c0:c1]
+            np.clip(part, lo_r[:, None], hi_r[:, None], out=part)
+            part[r_lo, c_lo] = lo_r[r_lo]
+            part[r_hi, c_hi] = hi_r[r_hi]
+        start = end
+    return w
 
 
 def tile_index(t: Tiling) -> np.ndarray:
