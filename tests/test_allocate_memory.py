@@ -596,7 +596,7 @@ print(before - rss())
 
 
 @pytest.mark.parametrize("label,options,limit", [
-    ("jpeg grid", EncodeOptions(codec="jpeg", quality=60, tile=(8, 64)), 5),
+    ("jpeg grid", EncodeOptions(codec="jpeg", quality=60, tile=(8, 64)), 2.5),
     ("jpeg rows", EncodeOptions(codec="jpeg", quality=60, tile=(64, 64), row_shape=(16, 32)), 5),
     ("quant", EncodeOptions(codec="quant", bits=4, tile=(8, 64)), 8),
 ])
@@ -604,7 +604,8 @@ def test_compensation_and_gptq_hold_few_weight_sized_arrays(label, options, limi
     """JPEG compensation and GPTQ keep the tiles' bounds per element in float32 or gather them per column, without
     permuted copies in the natural order: traced peak within ``H``'s factor (two ``cols^2``) and ``limit`` float64
     copies of the weight (10.5 / 8.6 / 13.2 copies before the ninth pass; all-MiniLM-L6-v2's FFN output: 4.5 MB
-    each)."""
+    each). Grid tiles: the bounds a column of tiles at a time, the pinned elements as positions (3.0 copies before
+    the eighteenth pass, 1.8 after)."""
     from codec.rd.gptq import gptq_target, jpeg_target
 
     rng = np.random.default_rng(0)

@@ -142,16 +142,18 @@ def test_scoring_a_jpeg_coding_holds_one_float64_copy_of_the_weight(monkeypatch,
     options = {n: jpeg if n == "fc.weight" else EncodeOptions(codec="lossless") for n in model.state_dict()}
     settings = RepairSettings(refit=False, gptq=False, bias_correction=False, steps=0, final_steps=0,
                               prune=sensitivity, prune_grid=sensitivity)  # unit sensitivities for grid tiles too
-    size = model.fc.weight.numel() * 8
-    einsum, seen = np.einsum, []
+    from codec.rd import gptq
 
-    def counted(spec, *operands, **kwargs):
-        if spec == "ij,jk,ik->" and operands[0].size * 8 == size:
+    size = model.fc.weight.numel() * 8
+    scored, seen = gptq.quadratic_error, []
+
+    def counted(diff, *args, **kwargs):  # the score, from H's triangle (gptq.HeldInFactor.quadratic_error)
+        if diff.size * 8 == size:
             traces = tracemalloc.take_snapshot().traces
             seen.append(sum(t.size == size for t in traces))
-        return einsum(spec, *operands, **kwargs)
+        return scored(diff, *args, **kwargs)
 
-    monkeypatch.setattr(np, "einsum", counted)
+    monkeypatch.setattr(gptq, "quadratic_error", counted)
     tracemalloc.start()
     try:
         repair(model, data, options, settings=settings)
@@ -339,6 +341,144 @@ def test_factor_shared_between_codings_of_one_layer():
     rows = EncodeOptions(codec="jpeg", quality=60, tile=(64, 64), row_shape=(12, 16))  # another order: its own
     shared, alone = jpeg_target(w, F32, rows, h, factors=factors), jpeg_target(w, F32, rows, h)
     assert all(np.array_equal(a, b) for a, b in zip(shared, alone)) and len(factors) == 2
+
+
+def _spd(cols: int, seed: int, dead: bool = False) -> np.ndarray:
+    """A symmetric positive semi-definite ``H`` of correlated inputs (``dead``: an input that is always zero)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2 * cols + 5, cols)) @ rng.standard_normal((cols, cols)) / np.sqrt(cols) + 0.3
+    if dead and cols > 2:
+        x[:, 1] = 0.0
+    return x.T @ x / len(x)
+
+
+@pytest.mark.parametrize("cols", [1, 2, 127, 128, 130, 300])
+@pytest.mark.parametrize("order", ["natural", "permuted"])
+def test_held_in_factor_gives_h_back_exactly_and_the_factor_as_before(cols, order):
+    """``HeldInFactor`` holds ``H`` and its inverse Cholesky factor ``U`` in one array (``U`` above, ``H``'s strict
+    triangle below, ``H``'s diagonal a vector): ``U`` is the factor :func:`gptq._factor` makes from a dense ``H``
+    bit for bit (dead inputs and damping included), ``H`` comes back bit for bit, and a factor for another order or
+    damping, made from the held ``H``, is the dense one's too."""
+    from codec.rd.gptq import HeldInFactor, _factor
+
+    h = _spd(cols, cols, dead=True)
+    rng = np.random.default_rng(cols)
+    perm = np.arange(cols) if order == "natural" else rng.permutation(cols)
+    held = HeldInFactor(h)
+    assert not held.factored and held.dense().tobytes() == h.tobytes()
+    upper = held.factor(0.01, perm)
+    assert held.factored and upper.shape == h.shape
+    assert np.triu(upper).tobytes() == _factor(h, 0.01, perm, None).tobytes()
+    assert held.factor(0.01, perm) is upper  # made once
+    assert held.dense().tobytes() == h.tobytes() and held.diagonal.tobytes() == np.diag(h).tobytes()
+    other = rng.permutation(cols)
+    assert np.triu(held.factor(0.01, other)).tobytes() == _factor(h, 0.01, other, None).tobytes()
+    assert np.triu(held.factor(0.1, perm)).tobytes() == _factor(h, 0.1, perm, None).tobytes()
+    assert held.factor(0.01, perm) is upper and held.dense().tobytes() == h.tobytes()
+    owned = h.copy()
+    taken = HeldInFactor(owned, own=True)  # the caller's own array: the factor is made in it
+    assert taken.factor(0.01, perm) is owned or order == "permuted"
+    assert np.triu(taken.factor(0.01, perm)).tobytes() == np.triu(upper).tobytes()
+
+
+def test_held_in_factor_damps_a_singular_h_and_keeps_h_where_damping_fails():
+    """A rank-deficient ``H`` takes extra damping as the dense path does (its array made whole again for each try);
+    one no damping saves raises LinAlgError and keeps ``H`` whole, in its own order."""
+    from codec.rd.gptq import HeldInFactor, _factor
+
+    x = np.random.default_rng(1).standard_normal((16, 300))
+    h = x.T @ x  # rank 16 of 300
+    held = HeldInFactor(h)
+    assert np.triu(held.factor(0.0)).tobytes() == _factor(h, 0.0, np.arange(300), None).tobytes()
+    assert held.dense().tobytes() == h.tobytes()
+    bad = np.eye(300)
+    bad[200, 201] = bad[201, 200] = 5.0  # indefinite, with a positive diagonal (a dead input's is made 1)
+    for perm in (np.arange(300), np.random.default_rng(2).permutation(300)):
+        held = HeldInFactor(bad)
+        with pytest.raises(np.linalg.LinAlgError, match="singular"):
+            held.factor(0.01, perm)
+        assert not held.factored and held.dense().tobytes() == bad.tobytes()
+
+
+@pytest.mark.parametrize("cols,band", [(1, 128), (2, 1), (127, 128), (128, 128), (129, 128), (300, 7), (300, 128),
+                                       (300, 1000)])
+def test_quadratic_error_from_the_triangle_matches_the_dense_formula(cols, band):
+    """``tr(dW H dW^T)`` summed in bands of the triangle, ``H``'s diagonal apart, is the dense formula's within
+    1e-12 relative, bands not dividing ``cols`` included; from a held factor (either order) too, and a convolution's
+    weight shape is viewed as ``[rows, cols]``."""
+    from codec.rd.gptq import HeldInFactor, difference_error, quadratic_error
+
+    h = _spd(cols, 7 + cols)
+    rng = np.random.default_rng(cols + band)
+    diff = rng.standard_normal((5, cols)) * 0.01
+    dense = float(np.einsum("ij,jk,ik->", diff, h, diff))
+    lower = h + np.triu(rng.standard_normal((cols, cols)))  # what lies on and above the diagonal is not read
+    assert quadratic_error(diff, lower, np.diag(h).copy(), band) == pytest.approx(dense, rel=1e-12)
+    for perm in (None, rng.permutation(cols)):
+        held = HeldInFactor(h)
+        assert difference_error(diff, held) == pytest.approx(dense, rel=1e-12)  # H whole
+        held.factor(0.01, perm)
+        assert difference_error(diff, held) == pytest.approx(dense, rel=1e-12)  # below its factor
+    if cols == 300:
+        conv = diff.reshape(5, 3, 10, 10)
+        assert difference_error(conv, HeldInFactor(h)) == pytest.approx(dense, rel=1e-12)
+    with pytest.raises(ValueError, match="H is"):
+        quadratic_error(diff, h[:-1, :-1], np.diag(h)[:-1].copy())
+
+
+def test_held_in_factor_and_its_score_hold_no_second_cols2_array():
+    """Making the factor in the held array takes half a ``cols^2`` beside it (``H``'s triangle, packed), not a whole
+    damped copy; scoring from the triangle takes band-sized temporaries only (traced peaks)."""
+    import tracemalloc
+
+    from codec.rd.gptq import HeldInFactor, _factor
+
+    cols = 512
+    h = _spd(cols, 3)
+    held = HeldInFactor(h)
+    diff = np.random.default_rng(4).standard_normal((64, cols))
+
+    def peak(fn):
+        tracemalloc.start()
+        try:
+            fn()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    dense = peak(lambda: _factor(h, 0.01, np.arange(cols), None))  # a damped copy and block temporaries
+    assert peak(lambda: held.factor(0.01)) < dense - 0.4 * h.nbytes
+    assert peak(lambda: held.quadratic_error(diff)) < 0.2 * h.nbytes
+
+
+def test_calibrated_file_keeps_its_bytes_with_h_held_in_its_factor(monkeypatch, tmp_path):
+    """A calibrated encode (rate search, repair) writes the same bytes with each layer's ``H`` held in its factor
+    and scored from the triangle as with the dense ``H``, a factor per coding and the dense formula (the path before
+    the eighteenth pass); so do repair's targets with GPTQ, JPEG compensation in grid and rows mode and pruning."""
+    import codec
+    from codec.rd import repair as repair_module
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(96, 128), nn.ReLU(), nn.Linear(128, 192), nn.ReLU(), nn.Linear(192, 128)).eval()
+    g = torch.Generator().manual_seed(6)
+    mix = torch.randn(96, 96, generator=g) / 10
+    data = [torch.randn(40, 96, generator=g) @ mix + 0.2 for _ in range(4)]  # correlated inputs
+    options = {"0.weight": EncodeOptions(codec="quant", bits=3, tile=(8, 32)),
+               "2.weight": EncodeOptions(codec="jpeg", quality=50, tile=(16, 64)),
+               "4.weight": EncodeOptions(codec="jpeg", quality=60, tile=(16, 64), row_shape=(12, 16))}
+    options.update({n: EncodeOptions(codec="lossless") for n in model.state_dict() if n not in options})
+    settings = RepairSettings(steps=0, final_steps=0, prune=True)  # (unit sensitivities: rows mode)
+
+    def coded(name):
+        path = tmp_path / name
+        codec.save(model, path, bits_per_weight=2.5, calibration=data)
+        result = repair(model, data, options, settings=settings)
+        return path.read_bytes(), {k: v.tobytes() for k, v in result.targets.items()}, result.options
+
+    held = coded("held.jwt")
+    assert {"0.weight", "2.weight", "4.weight"} <= held[1].keys()
+    monkeypatch.setattr(repair_module._LayerFit, "_h", lambda self: self.h.dense())  # a plain array: the old path
+    assert coded("dense.jwt") == held
 
 
 @pytest.mark.parametrize("quality,credit", [(20, 0), (50, 0), (50, -100), (80, 0)])
@@ -885,7 +1025,7 @@ def test_layer_collected_in_passes_gives_the_same_bits_with_one_cols2_moment_at_
     monkeypatch.setattr(repair_module, "_batch_sum", watched)
     monkeypatch.setattr(_HeldOut, "moment", spied)
     passes = collected()
-    for a, b in [(one.h, passes.h), (one.candidate, passes.candidate), (one._w_cross, passes._w_cross),
+    for a, b in [(one.h.dense(), passes.h.dense()), (one.candidate, passes.candidate), (one._w_cross, passes._w_cross),
                  (one.mean, passes.mean), (one.mean_hat, passes.mean_hat)]:
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
     # every cross product is summed (and the sum reduced to W C) before the first H product; H is summed twice

@@ -48,7 +48,7 @@ from ..tensorcodec import (Encoded, EncodeOptions, Overrides, _error_sums, decod
                            lossless_reason)
 from . import ladder
 from .calibrate import UNFOLD_BYTES, conv_rows
-from .gptq import _BAND
+from .gptq import _BAND, HeldInFactor, _diagonal
 from .gptq import difference_error as weighted_error
 from .rdo import applies, fit_pruned, unit_sensitivity
 
@@ -1038,7 +1038,7 @@ def _pruned(slot: _Slot, layer: _LayerFit, opts: EncodeOptions, settings: Repair
     coefficients that matter least pruned to fit the plan's bytes plus ``credit`` (:func:`codec.rd.rdo.fit_pruned`;
     the slot's budget is set by a :func:`_fit_size` before)."""
     limit = slot.budget + credit
-    inputs = np.clip(np.diag(layer._h()), 0.0, None)
+    inputs = np.clip(_diagonal(layer._h()), 0.0, None)
     for quality in range(opts.quality + PRUNE_STEP, min(100, opts.quality + PRUNE_SPAN) + 1, PRUNE_STEP):
         higher = replace(opts, quality=quality, scale=None)
         target, _ = layer.target(higher, replace(settings, compensate=False))
@@ -1350,8 +1350,9 @@ class _LayerFit:
         self.cols = w_ref.shape[1]
         self._w_mean: np.ndarray | None = None  # ``w_ref @ mean`` once settled (:meth:`settle`)
         #: ``E[x_hat x_hat^T]`` of the coded inputs, centred when a bias or running mean absorbs the mean (set by
-        #: :meth:`collect`)
-        self.h: np.ndarray | None = None
+        #: :meth:`collect`), held with the inverse Cholesky factor GPTQ and compensation make of it, in one array
+        #: (:class:`codec.rd.gptq.HeldInFactor`; a plain array set here is taken as a copy by :meth:`_h`)
+        self.h: HeldInFactor | np.ndarray | None = None
         self._fitted: np.ndarray | None = None  # the weight to code (refit on): the original, or the refit if kept
         #: The refit fitted on all but the held-out batches (storage form), for :func:`_refit_judged` to decide on
         #: (None: no refit to judge)
@@ -1361,7 +1362,6 @@ class _LayerFit:
         #: cheaper qualities; no other options are asked twice): (options, damping) -> (target, decoded); None once
         #: forgotten (:meth:`forget_compensated`: nothing more is kept)
         self._compensated: dict | None = {}
-        self._factors: dict = {}  # the inverse Cholesky factors of H that GPTQ and compensation share (gptq._factor)
         #: Each output unit's sensitivity ``g_j`` (:func:`codec.rd.rdo.unit_sensitivity`; set by repair when
         #: ``settings.prune`` applies, else None)
         self.sensitivity: np.ndarray | None = None
@@ -1502,7 +1502,7 @@ class _LayerFit:
         del held_rows
         h = acc.pop("hh").div_(n).numpy()
         fit._centre(h, mean_hat, mean_hat)
-        fit.h = h
+        fit.h = HeldInFactor(h, own=True)  # (its own array: the factor is made in it, H kept below the factor)
         if refit:
             fit._fitted = to_numpy(slot.tensor)[0].copy()
             if candidate is not None:
@@ -1513,7 +1513,7 @@ class _LayerFit:
     def adopt_refit(self, settings: RepairSettings) -> None:
         """Take the refit fitted on all rows as the weight to code (its candidate, fitted on the other rows, was
         kept by :func:`_refit_judged`)."""
-        fitted = self._ridge(self.h, self._w_cross, settings)
+        fitted = self._ridge(self._h().dense(), self._w_cross, settings)
         self._fitted = from_float64(fitted.reshape(self.slot.original.shape), self.slot.dtype)
         self.drop_candidate()
 
@@ -1525,8 +1525,12 @@ class _LayerFit:
         if asked)."""
         self._compensated = None
 
-    def _h(self) -> np.ndarray:
-        """The second moment of the coded inputs (centred when a bias or running mean is free to absorb the mean)."""
+    def _h(self) -> HeldInFactor:
+        """The second moment of the coded inputs (centred when a bias or running mean is free to absorb the mean),
+        held with its factor: GPTQ and compensation share the factor, made once per layer (gptq._factor), and
+        the scores read ``H`` from its triangle (:meth:`codec.rd.gptq.HeldInFactor.quadratic_error`)."""
+        if not isinstance(self.h, HeldInFactor):
+            self.h = HeldInFactor(self.h)
         return self.h
 
     def damp(self, settings: RepairSettings) -> float:
@@ -1541,7 +1545,7 @@ class _LayerFit:
         if settings.gptq and opts.codec == "quant":
             from .gptq import gptq_target
 
-            return gptq_target(current, slot.dtype, opts, self._h(), damp=self.damp(settings), factors=self._factors)
+            return gptq_target(current, slot.dtype, opts, self._h(), damp=self.damp(settings))
         if settings.compensate and opts.codec == "jpeg":
             from .gptq import jpeg_target
 
@@ -1549,8 +1553,7 @@ class _LayerFit:
             if kept and key in kept:
                 return kept[key]
             # no float64 decoded values: the coding that follows (_coded_target) decodes the target itself
-            found = jpeg_target(current, slot.dtype, opts, self._h(), damp=self.damp(settings), factors=self._factors,
-                                decoded=False)
+            found = jpeg_target(current, slot.dtype, opts, self._h(), damp=self.damp(settings), decoded=False)
             if kept == {}:
                 kept[key] = found
             return found
