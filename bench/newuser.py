@@ -126,8 +126,8 @@ class MobileNetLike(nn.Module):
             return [nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.ReLU(),
                     nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
-        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                                      *block(16, 32, 2), *block(32, 64, 2), *block(64, 128, 1))
+        self.features = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                                      *block(32, 64, 2), *block(64, 128, 2), *block(128, 128, 1))
         self.classifier = nn.Linear(128, 10)
 
     def forward(self, x):

@@ -751,7 +751,7 @@ def test_a_repaired_file_over_its_budget_says_so_to_a_file_object_too(tmp_path, 
 
 def _tiny_gpt2():
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=300, n_positions=32,
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=1000, n_positions=32,
                                      bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(config).eval()
@@ -761,7 +761,7 @@ def test_transformers_conv1d_is_measured_on_its_rows():
     """GPT-2's Conv1D (weight (in, out), y = x W + b): calibrated, with the diagonal of its inputs' second moment as
     per-row weights of the stored (in, out) matrix, so a row (one input feature) with loud inputs weighs more."""
     model = _tiny_gpt2()
-    ids = torch.randint(0, 300, (4, 16))
+    ids = torch.randint(0, 1000, (4, 16))
     seen = {}
     layer = model.transformer.h[0].mlp.c_proj  # 256 inputs, 64 outputs
 
@@ -794,11 +794,11 @@ def test_a_tied_embedding_is_weighed_as_the_output_head_and_stored_once(tmp_path
     """GPT-2's wte = lm_head.weight: the embedding's weighting is the head's (H over its 64 inputs), not lookup
     counts; the calibrated file holds it once (an alias) and decodes with codec.load, tied."""
     model = _tiny_gpt2()
-    ids = torch.randint(0, 300, (8, 16))
+    ids = torch.randint(0, 1000, (8, 16))
     calib = calibrate(model, {"input_ids": ids})
     wte, head = calib.layers["transformer.wte.weight"], calib.layers["lm_head.weight"]
     assert wte.kind == "linear" and wte.h.shape == (64, 64) and wte is head
-    assert calib.weightings()["transformer.wte.weight"].fits((300, 64))
+    assert calib.weightings()["transformer.wte.weight"].fits((1000, 64))
     out = tmp_path / "g.jwt"
     notes = codec.save(model, out, bits_per_weight=4, calibration=[{"input_ids": ids[:4]}, {"input_ids": ids[4:]}])
     assert any("Conv1D" in n and "without GPTQ" in n for n in notes), notes
