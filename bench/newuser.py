@@ -170,24 +170,31 @@ def _rows(label: str, model_name: str, bits: float, quality_free: float, bpw_fre
             f"{quality_cal:{unit}} ({bpw_cal:.3f}) | {quality_cal - quality_free:+{unit}} | {seconds:.0f} |")
 
 
-def run_mobilenet(bits: list[float], seed: int, log) -> list[str]:
+def _classifier(model: nn.Module, name: str, label: str, bits: list[float], seed: int, log
+                ) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train ``model`` on the first training images, then code it at each of ``bits`` data-free and calibrated on
+    the last training images (disjoint); accuracy on the test images. The rows, and the train / test images."""
     x, y = _images("train")
     tx, ty = _images("test")
-    torch.manual_seed(seed)
-    model = MobileNetLike()
     took = _train(model, x[:TRAIN_IMAGES], y[:TRAIN_IMAGES], epochs=2, seed=seed)
     base = _accuracy(model, tx, ty)
-    log(f"mobilenet: {sum(p.numel() for p in model.parameters()):,} parameters, trained {took:.0f} CPU s, float "
+    log(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, trained {took:.0f} CPU s, float "
         f"accuracy {base:.2f} %")
-    calib = x[-CALIB_IMAGES:]
     rows = []
     for b in bits:
         free, bpw_free, _, _ = _save(model, b)
-        cal, bpw_cal, notes, secs = _save(model, b, calibration=calib)
+        cal, bpw_cal, notes, secs = _save(model, b, calibration=x[-CALIB_IMAGES:])
         a_free, a_cal = _accuracy(free, tx, ty), _accuracy(cal, tx, ty)
-        log(f"mobilenet -b {b}: data-free {a_free:.2f} % ({bpw_free:.3f} b/w), calibrated {a_cal:.2f} % "
+        log(f"{name} -b {b}: data-free {a_free:.2f} % ({bpw_free:.3f} b/w), calibrated {a_cal:.2f} % "
             f"({bpw_cal:.3f} b/w, {secs:.0f} s); notes {_note_lines(notes)}")
-        rows.append(_rows("accuracy %", "MobileNet-like", b, a_free, bpw_free, a_cal, bpw_cal, base, ".2f", secs))
+        rows.append(_rows("accuracy %", label, b, a_free, bpw_free, a_cal, bpw_cal, base, ".2f", secs))
+    return rows, x, y, tx, ty
+
+
+def run_mobilenet(bits: list[float], seed: int, log) -> list[str]:
+    torch.manual_seed(seed)
+    model = MobileNetLike()
+    rows, x, y, tx, ty = _classifier(model, "mobilenet", "MobileNet-like", bits, seed, log)
     # issue 10 in a new user's loop: finetune with the codec in the loop and a rate penalty, then save and load
     setting = "b3"
     n = sum(p.numel() for p in model.parameters())
@@ -213,23 +220,8 @@ def run_mobilenet(bits: list[float], seed: int, log) -> list[str]:
 
 
 def run_rnn(bits: list[float], seed: int, log) -> list[str]:
-    x, y = _images("train")
-    tx, ty = _images("test")
     torch.manual_seed(seed)
-    model = RowsRNN()
-    took = _train(model, x[:TRAIN_IMAGES], y[:TRAIN_IMAGES], epochs=2, seed=seed)
-    base = _accuracy(model, tx, ty)
-    log(f"rnn: {sum(p.numel() for p in model.parameters()):,} parameters, trained {took:.0f} CPU s, float accuracy "
-        f"{base:.2f} %")
-    rows = []
-    for b in bits:
-        free, bpw_free, _, _ = _save(model, b)
-        cal, bpw_cal, notes, secs = _save(model, b, calibration=x[-CALIB_IMAGES:])
-        a_free, a_cal = _accuracy(free, tx, ty), _accuracy(cal, tx, ty)
-        log(f"rnn -b {b}: data-free {a_free:.2f} % ({bpw_free:.3f}), calibrated {a_cal:.2f} % ({bpw_cal:.3f}, "
-            f"{secs:.0f} s); notes {_note_lines(notes)}")
-        rows.append(_rows("accuracy %", "GRU+LSTM", b, a_free, bpw_free, a_cal, bpw_cal, base, ".2f", secs))
-    return rows
+    return _classifier(RowsRNN(), "rnn", "GRU+LSTM", bits, seed, log)[0]
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
