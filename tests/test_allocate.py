@@ -169,11 +169,22 @@ def test_budget_counts_attachments(tmp_path):
     """Attachment bytes come out of the budget: the whole file still lands at or under B."""
     sd = _model()
     noise = np.random.default_rng(1).integers(0, 256, 20000, dtype=np.uint8).tobytes()  # incompressible
-    codec.save(sd, tmp_path / "m.jwt", bits_per_weight=2.0, attachments={"tokenizer.bin": noise})
+    notes = codec.save(sd, tmp_path / "m.jwt", bits_per_weight=2.0, attachments={"tokenizer.bin": noise})
     weights = sum(t.numel() for t in sd.values())
     assert 8 * os.path.getsize(tmp_path / "m.jwt") <= 2.0 * weights
     with codec.open(tmp_path / "m.jwt") as f:
         assert f.get_attachment("tokenizer.bin") == noise
+    # the user is told what the attachment costs the weights, in bits/weight of the budget
+    said = [n for n in notes if isinstance(n, codec.Note) and "attachment" in n]
+    assert len(said) == 1, notes
+    got = re.search(r"takes ([\d,]+) bytes compressed, ([\d.]+) of the 2 bits/weight .*\(ask -b ([\d.]+) ", said[0])
+    assert got, said[0]
+    stored, share, ask = int(got[1].replace(",", "")), float(got[2]), float(got[3])
+    assert 20000 <= stored <= 20100  # incompressible: its bytes plus zstd's framing
+    assert share == pytest.approx(8 * stored / weights, abs=1e-3) and ask == pytest.approx(2 + share, abs=2e-3)
+    # a few bytes of config are not worth a note
+    small = codec.save(sd, tmp_path / "s.jwt", bits_per_weight=2.0, attachments={"config.json": b"{}"})
+    assert not [n for n in small if "attachment" in n], small
 
 
 def test_impossible_budget_is_refused_before_measuring_everything(tmp_path, monkeypatch):
