@@ -866,3 +866,21 @@ def test_cli_names_the_tensors_calibration_does_not_measure(net_files):
     assert len(notes) == 1 and "'gru.weight_ih_l0'" in notes[0] and "'gru.weight_hh_l0'" in notes[0], result.output
     assert "data-free weighting" in notes[0] and "'a.weight'" not in notes[0]
     calib_test_nets.Rec().load_state_dict(codec.load(out))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_squared_sums_in_chunks_match_the_whole_and_leave_their_inputs(dtype):
+    """The sensitivity pass's sums of squares, taken a chunk at a time (a language model's logits would otherwise be
+    copied whole in float64), equal the whole tensor's, and never write into the model's outputs."""
+    from codec.rd.calibrate import _squared_sum
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 7, 101, generator=gen, dtype=dtype)
+    b = torch.randn(3, 7, 101, generator=gen, dtype=dtype)
+    a0, b0 = a.clone(), b.clone()
+    whole = float(((a.double() - b.double()) ** 2).sum())
+    for chunk in (1, 64, 1000, a.numel(), 1 << 22):
+        assert _squared_sum(a, b, chunk=chunk) == pytest.approx(whole, rel=1e-12)
+        assert _squared_sum(a, chunk=chunk) == pytest.approx(float((a.double() ** 2).sum()), rel=1e-12)
+    assert _squared_sum(a, b) == whole  # one chunk: the same sum as before chunking, bit for bit
+    assert torch.equal(a, a0) and torch.equal(b, b0)

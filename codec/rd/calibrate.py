@@ -556,6 +556,26 @@ class _Noise:
         return _weight_error(module, x, self.whole())
 
 
+#: Elements per float64 chunk of :func:`_squared_sum` (32 MB; a tensor of at most this many elements is summed in one
+#: call, as before it was chunked).
+SUM_CHUNK = 1 << 22
+
+
+def _squared_sum(a: torch.Tensor, b: torch.Tensor | None = None, chunk: int = SUM_CHUNK) -> float:
+    """``sum((a - b)^2)`` (``b`` None: ``sum(a^2)``) in float64, a chunk of elements at a time: a language model's
+    output is a float32 (batch, tokens, vocabulary) tensor (GPT-2, 16 x 128 tokens: 412 MB), whose whole float64
+    copies were most of a calibrated encode's memory."""
+    a = a.detach().reshape(-1)
+    b = None if b is None else b.detach().reshape(-1)
+    total = 0.0
+    for i in range(0, a.numel(), chunk):
+        x = a[i:i + chunk].to(torch.float64, copy=True)  # never the caller's tensor (a float64 model's output)
+        if b is not None:
+            x -= b[i:i + chunk]
+        total += float(x.square_().sum())
+    return total
+
+
 def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layers: dict[str, nn.Module], seed: int,
                       index: int, num: dict[str, float], den: dict[str, float]) -> None:
     """One perturbed forward pass per layer.
@@ -568,7 +588,7 @@ def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layer
     relative output error ``||dW x||^2 / ||W x||^2`` this caused in the
     layer, so ``num / den`` is the output's change per unit of it.
     """
-    energy = float((clean.double() ** 2).sum())
+    energy = _squared_sum(clean)
     for k, (name, module) in enumerate(layers.items()):
         noise = _Noise(module.weight.detach(), clean.device, seed * 1_000_003 + k * 7919 + index)
         caused = [0.0, 0.0]  # ||dW x||^2, ||W x||^2 at this layer
@@ -578,8 +598,8 @@ def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layer
             signal = output
             if getattr(mod, "bias", None) is not None:
                 signal = output - (mod.bias.view(1, -1, 1, 1) if isinstance(mod, nn.Conv2d) else mod.bias)
-            caused[0] += float(delta.double().pow(2).sum())  # noqa: B023
-            caused[1] += float(signal.double().pow(2).sum())  # noqa: B023
+            caused[0] += _squared_sum(delta)  # noqa: B023
+            caused[1] += _squared_sum(signal)  # noqa: B023
             return output + delta
 
         handle = module.register_forward_hook(perturbed)
@@ -588,5 +608,5 @@ def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layer
         finally:
             handle.remove()
         if caused[1] > 0 and caused[0] > 0:
-            num[name] += float(((out.double() - clean.double()) ** 2).sum())
+            num[name] += _squared_sum(out, clean)
             den[name] += energy * caused[0] / caused[1]
