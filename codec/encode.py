@@ -417,9 +417,9 @@ def save(
         if damaged:
             meta[WARNINGS_KEY] = "; ".join(damaged)
             notes += damaged
+        weights = sum(math.prod(arrays.shape(n)) for n in arrays if n not in aliases)
         if bits_per_weight is not None:
-            notes += _attachments_note(packing, bits_per_weight,
-                                       sum(math.prod(arrays.shape(n)) for n in arrays if n not in aliases))
+            notes += _attachments_note(packing, bits_per_weight, weights)
         repaired = inputs is not None
         if repaired or matcher is not None:  # repair changes the values; an update codes differences
             coded.clear()
@@ -430,7 +430,6 @@ def save(
             release_memory()
             spare = 0
             if bits_per_weight is not None:  # what the plan leaves under the budget: repair spends it
-                weights = sum(math.prod(arrays.shape(n)) for n in arrays if n not in aliases)
                 spare = spare_bytes(int(bits_per_weight * weights / 8) - growth,
                                     _planned_size(arrays, aliases, chosen.__getitem__, meta, encoder, index,
                                                   attachments, packing, jobs))

@@ -687,11 +687,13 @@ def _run(model: nn.Module, batch):
 
 
 def _flat(out) -> list[torch.Tensor]:
-    """The floating tensors of a model output (a tensor, a tuple/list, a dict or a transformers ModelOutput)."""
+    """The floating tensors of a model output (a tensor, a tuple/list, a dict or a transformers ModelOutput), the
+    ones repair and finetune's distillation match: not a mapping's ``loss`` (a function of the labels given, not an
+    output to reproduce)."""
     if isinstance(out, torch.Tensor):
         return [out] if out.is_floating_point() else []
     if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _flat(v)]
+        return [t for k, v in out.items() if k != "loss" for t in _flat(v)]
     if isinstance(out, (tuple, list)):
         return [t for v in out for t in _flat(v)]
     return []

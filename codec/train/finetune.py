@@ -33,6 +33,7 @@ from torch.func import functional_call
 
 from ..api import _sharing
 from ..errors import EncodeError
+from ..rd.repair import _flat
 from ..tensorcodec import EncodeOptions, Overrides, not_applied, round_trip
 from .budget import Budget, as_budget
 from .rate import as_setting
@@ -243,25 +244,11 @@ def _run(model, inputs, params=None):
     return functional_call(model, params, (inputs,))
 
 
-def _floats(out) -> list[torch.Tensor]:
-    """The floating tensors a distillation compares in a model's output: the tensor itself; the values of a mapping
-    (a Hugging Face ``ModelOutput``: ``logits``, ``last_hidden_state``, ...; not its ``loss``); the items of a tuple
-    or list. Others (a cache, nested tuples, integers) are left out."""
-    if isinstance(out, torch.Tensor):
-        items = [out]
-    elif isinstance(out, Mapping):
-        items = [v for k, v in out.items() if k != "loss"]
-    elif isinstance(out, (tuple, list)):
-        items = list(out)
-    else:
-        items = []
-    return [t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
 def _distillation(out, target: list[torch.Tensor]) -> torch.Tensor:
-    """The distillation loss: the mean over the output's floating tensors (:func:`_floats`) of the mean squared
-    error against the teacher's (``target``, its :func:`_floats`)."""
-    got = _floats(out)
+    """The distillation loss: the mean over the output's floating tensors (:func:`codec.rd.repair._flat`, repair's
+    own: a ModelOutput's ``logits``, ``last_hidden_state``, ...; not its ``loss``) of the mean squared error against
+    the teacher's (``target``, its floating tensors)."""
+    got = _flat(out)
     if not got or len(got) != len(target):
         raise TypeError(f"finetune: the model's output ({type(out).__name__}) holds no floating tensor to distil"
                         if not got else f"finetune: the model's output holds {len(got)} floating tensors, the "
@@ -478,7 +465,7 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
                 loss = loss_fn(_run(model, inputs), *rest)
             else:
                 with torch.no_grad():
-                    target = _floats(_run(teacher, inputs))
+                    target = _flat(_run(teacher, inputs))
                 loss = _distillation(_run(model, inputs), target)
             if backward:
                 loss.backward()
@@ -507,7 +494,7 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         try:
             with torch.no_grad():
                 if teacher is not None and not targets:
-                    targets.extend(_floats(_run(teacher, _split(b)[0])) for b in check)
+                    targets.extend(_flat(_run(teacher, _split(b)[0])) for b in check)
                 losses = []
                 for i, batch in enumerate(check):
                     inputs, rest = _split(batch)
