@@ -19,8 +19,9 @@ not train against last). Measuring a size is one ``codec.save`` of the model int
 The default interval (``every=None``) follows what a measurement costs against a training step: the loop times its
 steps and the measurements (CPU seconds, :func:`time.process_time`) and measures at the coding steps, every
 ``refresh * 2**k`` steps with the smallest ``k`` for which measuring takes at most :data:`SHARE` (10 %) of the loop's
-time, re-chosen at each coding step from the costs so far; the last coding step before the hold is always measured,
-so that the held quality is chosen on recent weights, and the file after the last step always is (``finish``). A
+time (a measurement counted as two ``codec.save``, a step and a save at their mean CPU times so far), re-chosen at
+each coding step; the last coding step before the hold is measured too (unless the one before it was), so that the
+held quality is chosen on recent weights, and the file after the last step always is (``finish``). A
 model whose steps are costly next to a ``codec.save`` (the bench CNN) is measured at every coding, as before; one
 whose steps are cheap (the bench MLP: a save costs 2-4 of its steps) less often (every 32-64 steps), where measuring
 at every coding doubled the training time. The interval depends on the machine's timings, so two runs can measure at
@@ -152,8 +153,8 @@ class Budget:
         self._steps = 0  # steps of earlier calls (the history's step numbers run on)
         self.interval: int | None = None
         self._last = 0  # the step (of this call) of the last measurement
-        self._seconds = {"step": 0.0, "track": 0.0, "measure": 0.0}  # CPU seconds of each kind so far (all calls)
-        self._counts = {"step": 0, "track": 0, "measure": 0}
+        self._seconds = {"step": 0.0, "measure": 0.0}  # CPU seconds of the steps and codec.save so far (all calls)
+        self._counts = {"step": 0, "measure": 0}
         self._tic = 0.0
 
     def __repr__(self) -> str:
@@ -234,7 +235,6 @@ class Budget:
     def track(self, model: torch.nn.Module, step: int) -> Overrides:
         """One measurement at ``step``: the quality one ladder step down if the file is over the target, else up
         by as many steps (at most :data:`CLIMB`) as still fit."""
-        tic = _clock()
         now = self._measure(model, self._index)
         if now > self.target and self._index > 0:
             self._index -= 1
@@ -248,7 +248,6 @@ class Budget:
                 self._index, now = self._index + 1, finer
         self.history.append((self._steps + step, self._text(self._index), now))
         self._last = step
-        self._count("track", _clock() - tic)
         return self._rules()
 
     def finish(self, model: torch.nn.Module, steps: int) -> Overrides:
@@ -285,24 +284,23 @@ class Budget:
         """Whether to measure at ``step`` of this call (a coding step, ``0 < step < tracked_until``): at multiples of
         ``every`` (rounded up to a multiple of ``refresh``: a quality moves where the weights are coded afresh)
         when given; by default once :meth:`interval_for` steps have passed since the last measurement, and at the
-        last coding step before the hold."""
+        last coding step before the hold unless the coding step before it was measured."""
         self.interval = self.interval_for(refresh)
         if self.every is not None:
             return step % self.interval == 0
-        return step - self._last >= self.interval or step + refresh >= tracked_until
+        return step - self._last >= self.interval or (step + refresh >= tracked_until and step - self._last > refresh)
 
     def interval_for(self, refresh: int) -> int:
         """The steps between measurements: ``every`` rounded up to a multiple of ``refresh``; by default ``refresh *
-        2**k`` with the smallest ``k`` for which a measurement (its mean CPU time so far; before the first, twice a
-        ``codec.save``'s: the current rung and the next finer one) takes at most :data:`SHARE` of the time of the
-        steps between two and itself (the steps' mean CPU time so far); ``refresh`` while nothing is timed yet, so
-        that the quality can follow the file down a steep start (the bench CNN's file at one quality halves over
-        its loop's epoch)."""
+        2**k`` with the smallest ``k`` for which a measurement takes at most :data:`SHARE` of the time of the steps
+        between two and itself: a measurement counted as two ``codec.save`` (the current rung and the next finer
+        one, as at a quality that holds) at their mean CPU time so far, a step at the steps' mean; ``refresh`` while
+        nothing is timed. (Not the measurements' own times: while the file shrinks fast a measurement climbs and
+        codes three rungs, which on the bench CNN put the interval at 8 instead of 4 early in a loop.)"""
         if self.every is not None:
             return -(-self.every // refresh) * refresh
         seconds, counts = self._seconds, self._counts
-        track = (seconds["track"] / counts["track"] if counts["track"] else
-                 2 * seconds["measure"] / counts["measure"] if counts["measure"] else 0.0)
+        track = 2 * seconds["measure"] / counts["measure"] if counts["measure"] else 0.0
         interval = refresh
         if counts["step"] and seconds["step"] > 0:
             need = track * (1 - SHARE) / (SHARE * seconds["step"] / counts["step"])
