@@ -9,9 +9,10 @@ quality step, so a fixed quality that keeps every file within 0.3 leaves most fi
 
 How (:class:`Budget`): at the first step of the first call, a bisection over the ladder for the highest step whose
 file fits ``bits_per_weight * (1 - margin)``; then at intervals (``every`` steps, or by default an interval chosen
-from the measured costs, below), at a coding step, the file is measured at the current step and at the next finer ones, and the quality moves by a bounded step (one down if the file is over
-the target, up to two up while the finer steps still fit); over the call's last ``hold`` fraction of steps the quality is held, so the
-network's last steps train against the file's quality. After the last step the file is measured once more: if it is
+from the measured costs, below), at a coding step, the file is measured at the current step and at the next finer
+ones, and the quality moves by a bounded step (one down if the file is over the target, up to two up while the
+finer steps still fit); over the call's last ``hold`` fraction of steps the quality is held, so the network's last steps
+train against the file's quality. After the last step the file is measured once more: if it is
 over ``bits_per_weight`` itself (the weights moved during the hold), the quality steps down until it fits
 (:attr:`Budget.stepped_down` counts those steps; the file then codes the float weights at a quality the network did
 not train against last). Measuring a size is one ``codec.save`` of the model into memory (20 ms on the bench CNN).
@@ -23,9 +24,10 @@ time (a measurement counted as two ``codec.save``, a step and a save at their me
 each coding step; the last coding step before the hold is measured too (unless the one before it was), so that the
 held quality is chosen on recent weights, and the file after the last step always is (``finish``). A
 model whose steps are costly next to a ``codec.save`` (the bench CNN) is measured at every coding, as before; one
-whose steps are cheap (the bench MLP: a save costs 2-4 of its steps) less often (every 32-64 steps), where measuring
-at every coding doubled the training time. The interval depends on the machine's timings, so two runs can measure at
-different steps; ``every=N`` gives a fixed interval (and reproducible files).
+whose steps are cheap (the bench MLP: a save costs 1-2 of its loop steps) less often (every 32 steps), where
+measuring at every coding cost 1.55x the fixed-quality loop's time (1.10x now: bench/JOURNAL.md, nineteenth
+pass). The interval depends on the machine's timings, so two runs can measure at different steps; ``every=N`` gives
+a fixed interval (and reproducible files).
 
 A budget below the file the loop starts from (a fresh model's file at the coarsest quality is far larger than a
 trained one's: the bench MLP's random init at q1 is 0.63 bits/weight) does not stop training: the loop starts at the
@@ -66,9 +68,9 @@ STARTS = ("setting", "coarsest")
 LINEAR_STEPS = 2
 
 #: With ``every=None`` the interval is chosen so that measuring takes at most this share of the loop's time (steps
-#: and measurements, as :func:`time.process_time` counts them): a measurement is a whole ``codec.save`` (up to 1 +
-#: :data:`CLIMB` of them), which costs a few training steps of the bench MLP (3-5 ms a step, 8-12 ms a save) and a
-#: fraction of one of the bench CNN's (85 ms a step).
+#: and measurements, as :func:`time.process_time` counts them), a measurement counted as two ``codec.save``: on the
+#: bench MLP a save costs 1-2 of its loop steps (8-11 ms against 5-7.5 ms: every 32 steps), on the bench CNN a
+#: fraction of one (12 ms against 77-85 ms: every coding).
 SHARE = 0.1
 
 

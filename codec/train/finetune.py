@@ -358,8 +358,9 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     that the whole file (every blob and the container, as ``codec.save`` writes it; a tied tensor once) stays just
     within the budget: searched before the first step, moved by a bounded ladder step at a measurement (every
     ``Budget.every`` steps; by default at an interval chosen from the timed costs of a step and a measurement, so
-    that measuring takes at most ``codec.train.budget.SHARE``, 10 %, of the loop's time), held over the last ``Budget.hold`` of the steps, and stepped down after the last step
-    only if the file is then over the budget. A budget below the file the loop starts from (a fresh model) trains
+    that measuring takes at most ``codec.train.budget.SHARE``, 10 %, of the loop's time), held over the last
+    ``Budget.hold`` of the steps, and stepped down after the last step only if the file is then over the budget. A
+    budget below the file the loop starts from (a fresh model) trains
     anyway: from the setting's quality (``Budget(start="setting")``, the default) or the coarsest
     (``start="coarsest"``), one step down per measurement while the file is over. Save with the Budget's
     ``overrides`` (``budget.save(model, path)``): that file decodes to the weights of the last forward pass; if the
