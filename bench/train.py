@@ -242,7 +242,8 @@ class Schedule:
         from the start of that part on and the rest trains against exactly it. ``budget``: bits/weight of the whole
         file; the largest layer's quality (starting from its setting in ``overrides``) is then chosen in the loop so
         that the file fits (:class:`codec.train.Budget`, its quality held over the last ``budget_hold`` of each
-        finetune call, the file measured every ``budget_every`` steps (None: at each coding), starting at
+        finetune call, the file measured every ``budget_every`` steps (None: the Budget's default, an interval
+        chosen from the timed costs of a step and a measurement), starting at
         ``budget_start``, "setting" or "coarsest", when the file the loop starts from is over the budget at every
         quality), and :attr:`budget` holds the Budget (its ``overrides`` are the file's; ``within`` False when the
         file ended over the budget). Returns the model and
@@ -385,7 +386,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
                         "run for each; a budget below the file the loop starts from trains too, from "
                         "--budget-start, and a file still over it at the end is a row 'over the budget')")
     parser.add_argument("--budget-every", type=int, help="with --budget: measure the file every N steps (rounded "
-                        "up to a multiple of --refresh; default: at each coding)")
+                        "up to a multiple of --refresh; default: --refresh times a power of two chosen from the timed "
+                        "costs, so that measuring takes at most 10 %% of the loop's time: codec.train.Budget)")
     parser.add_argument("--budget-start", choices=codec.train.budget.STARTS, action="append", help="with --budget: "
                         "where the quality starts when the file the loop starts from is over the budget at every "
                         "quality (a fresh model): the first --quality ('setting', default) or the coarsest; it then "
@@ -554,7 +556,8 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
                 point = schedule.budget.overrides
                 NOTES.append(f"seed {seed}, {loop}, {label}: {BIG[kind]} at {schedule.budget.quality}, "
                              f"{schedule.budget.bits:.4f} bits/weight, stepped down {schedule.budget.stepped_down} "
-                             f"at the end; qualities in the loop (step: quality bits/weight): "
+                             f"at the end, measured every {schedule.budget.interval} steps last; qualities in the "
+                             f"loop (step: quality bits/weight): "
                              + ", ".join(f"{s}: {q} {b:.4f}" for s, q, b in schedule.budget.history))
                 print(NOTES[-1])
                 if not schedule.budget.within:  # no figure for a file the budget does not hold

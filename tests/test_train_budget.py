@@ -118,6 +118,56 @@ def test_the_file_steps_down_when_the_held_weights_grew_over_the_budget(monkeypa
     assert torch.equal(codec.load(data)["0.weight"], coded_weights(model, overrides=budget.overrides)["0.weight"])
 
 
+def _timed(monkeypatch, step_cost: float, measure_cost: float, **kwargs) -> Budget:
+    """96 steps (coded every 4th, held over the last 24) on a scripted clock: each training step costs ``step_cost``
+    seconds, each measurement ``measure_cost``; the file's size at ladder index i is 1.5 + i / 100 bits/weight, so
+    the search settles on index 49 (1.99, the target) and every later measurement measures twice (49 fits, 50 not)."""
+    clock = [0.0]
+    monkeypatch.setattr(bm, "_clock", lambda: clock[0])
+
+    def measure(self, model, index):  # as the real one: timed on the Budget's clock
+        clock[0] += measure_cost
+        self._count("measure", measure_cost)
+        return 1.5 + index / 100
+
+    def loss(out, y):
+        clock[0] += step_cost
+        return LOSS(out, y)
+
+    monkeypatch.setattr(Budget, "_measure", measure)
+    budget = Budget(2.0, **kwargs)
+    finetune(_tiny(), _data(), loss, overrides=RULES, steps=96, refresh=4, budget=budget, validation=False)
+    assert budget.history[0] == (0, budget.quality, 1.99) and budget.within
+    return budget
+
+
+@pytest.mark.parametrize("step_cost, measure_cost, steps, interval", [
+    (10.0, 1.0, [0, *range(4, 72, 4), 96], 4),  # a costly step: measured at each coding, as before
+    (1.0, 0.5, [0, 16, 32, 48, 64, 96], 16),  # a measurement (2 codec.save) costs a step: every 16 (68 follows 64)
+    (1.0, 1.0, [0, 32, 64, 96], 32),  # 2 steps: every 32
+    (1.0, 2.0, [0, 64, 96], 64),  # 4 steps: every 64 (68 follows 64)
+    (1.0, 100.0, [0, 68, 96], 2048),  # far dearer: only the last coding before the hold
+])
+def test_the_default_interval_keeps_measuring_within_its_share_of_the_loops_time(monkeypatch, step_cost,
+                                                                                 measure_cost, steps, interval):
+    """``every=None``: measured every ``refresh * 2**k`` steps with the smallest k that keeps a measurement (two saves
+    at their mean time, here the search's) within SHARE (10 %) of the loop's time, and at the last coding step before
+    the hold unless the one before was measured; the cheaper the steps against a measurement, the longer the
+    interval."""
+    budget = _timed(monkeypatch, step_cost, measure_cost)
+    assert [s for s, *_ in budget.history] == steps and budget.interval == interval
+    measured = 2 * measure_cost * (len(steps) - 2)  # the tracking measurements (the search and the end aside)
+    if interval < 2048:  # chosen to keep within the share
+        assert measured <= bm.SHARE * (96 * step_cost + measured)
+
+
+def test_an_explicit_every_is_honoured_whatever_the_costs(monkeypatch):
+    budget = _timed(monkeypatch, 1.0, 1.0, every=8)  # the default would measure every 32 here
+    assert [s for s, *_ in budget.history] == [0, *range(8, 72, 8), 96] and budget.interval == 8
+    budget = _timed(monkeypatch, 1.0, 1.0, every=6)  # rounded up to a multiple of refresh (4)
+    assert [s for s, *_ in budget.history] == [0, 8, 16, 24, 32, 40, 48, 56, 64, 96] and budget.interval == 8
+
+
 def test_a_float_budget_is_a_budget_and_the_setting_string_is_exactly_the_ladders_scale():
     from codec.rd.ladder import scales, scale_of
     from codec.tensorcodec import EncodeOptions, parse_spec
@@ -317,7 +367,8 @@ def test_bench_train_decay_reaches_the_loop_and_the_budget_run_step_for_step():
         runs = {}
         for budget in (None, 1.0):
             rates.clear()
-            looped, _ = schedule.codec_epochs(snapshot, point, refresh=2, budget=budget, vector_bits=4)
+            looped, _ = schedule.codec_epochs(snapshot, point, refresh=2, budget=budget, vector_bits=4,
+                                              budget_every=2)  # a fixed interval: the default's follows timings
             runs[budget] = rates[:]
     finally:
         hook.remove()

@@ -8,13 +8,26 @@ quality step, so a fixed quality that keeps every file within 0.3 leaves most fi
 (bench/JOURNAL.md, twelfth pass). With the budget in the loop each file spends its own budget.
 
 How (:class:`Budget`): at the first step of the first call, a bisection over the ladder for the highest step whose
-file fits ``bits_per_weight * (1 - margin)``; then every ``every`` steps (at a coding step) the file is measured at
-the current step and at the next finer ones, and the quality moves by a bounded step (one down if the file is over
-the target, up to two up while the finer steps still fit); over the call's last ``hold`` fraction of steps the quality is held, so the
-network's last steps train against the file's quality. After the last step the file is measured once more: if it is
+file fits ``bits_per_weight * (1 - margin)``; then at intervals (``every`` steps, or by default an interval chosen
+from the measured costs, below), at a coding step, the file is measured at the current step and at the next finer
+ones, and the quality moves by a bounded step (one down if the file is over the target, up to two up while the
+finer steps still fit); over the call's last ``hold`` fraction of steps the quality is held, so the network's last steps
+train against the file's quality. After the last step the file is measured once more: if it is
 over ``bits_per_weight`` itself (the weights moved during the hold), the quality steps down until it fits
 (:attr:`Budget.stepped_down` counts those steps; the file then codes the float weights at a quality the network did
 not train against last). Measuring a size is one ``codec.save`` of the model into memory (20 ms on the bench CNN).
+
+The default interval (``every=None``) follows what a measurement costs against a training step: the loop times its
+steps and the measurements (CPU seconds, :func:`time.process_time`) and measures at the coding steps, every
+``refresh * 2**k`` steps with the smallest ``k`` for which measuring takes at most :data:`SHARE` (10 %) of the loop's
+time (a measurement counted as two ``codec.save``, a step and a save at their mean CPU times so far), re-chosen at
+each coding step; the last coding step before the hold is measured too (unless the one before it was), so that the
+held quality is chosen on recent weights, and the file after the last step always is (``finish``). A
+model whose steps are costly next to a ``codec.save`` (the bench CNN) is measured at every coding, as before; one
+whose steps are cheap (the bench MLP: a save costs 1-2 of its loop steps) less often (every 32 steps), where
+measuring at every coding cost 1.55x the fixed-quality loop's time (1.10x now: bench/JOURNAL.md, nineteenth
+pass). The interval depends on the machine's timings, so two runs can measure at different steps; ``every=N`` gives
+a fixed interval (and reproducible files).
 
 A budget below the file the loop starts from (a fresh model's file at the coarsest quality is far larger than a
 trained one's: the bench MLP's random init at q1 is 0.63 bits/weight) does not stop training: the loop starts at the
@@ -34,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import time
 
 import torch
 
@@ -52,6 +66,17 @@ STARTS = ("setting", "coarsest")
 #: rung measured, then a bisection between it and the current one (a file far over costs a few measurements, not one
 #: per rung of the 242).
 LINEAR_STEPS = 2
+
+#: With ``every=None`` the interval is chosen so that measuring takes at most this share of the loop's time (steps
+#: and measurements, as :func:`time.process_time` counts them), a measurement counted as two ``codec.save``: on the
+#: bench MLP a save costs 1-2 of its loop steps (8-11 ms against 5-7.5 ms: every 32 steps), on the bench CNN a
+#: fraction of one (12 ms against 77-85 ms: every coding).
+SHARE = 0.1
+
+
+def _clock() -> float:
+    """The clock the default interval is timed with: this process's CPU seconds (every thread: the encoder's too)."""
+    return time.process_time()
 
 
 def _escape(name: str) -> str:
@@ -82,8 +107,10 @@ class Budget:
     blob and the container, as ``codec.save`` writes it). ``tensor``: the name of the tensor whose JPEG quality
     moves (default: the largest one the setting and overrides code as JPEG); the others keep their settings.
     ``margin``: the loop aims at ``bits_per_weight * (1 - margin)``, so that the weights' moves during the hold
-    rarely take the file over. ``every``: measure the file every this many steps (default: at each coding, every
-    ``refresh`` steps; rounded up to a multiple of ``refresh``). ``hold``: the fraction of each call's last steps
+    rarely take the file over. ``every``: measure the file every this many steps (rounded up to a multiple of
+    ``refresh``); None (default): an interval of ``refresh`` times a power of two chosen from the timed costs so that
+    measuring takes at most :data:`SHARE` of the loop's time, and the last coding step before the hold measured
+    too (the module's docstring). ``hold``: the fraction of each call's last steps
     with the quality held. ``start``: where the loop starts when even the coarsest quality's file is over the budget
     on the weights it starts from (a fresh model): ``"setting"`` (default) at the quality the setting and overrides
     give the tensor, ``"coarsest"`` at the ladder's coarsest rung; either way the quality then steps down one rung per
@@ -95,7 +122,8 @@ class Budget:
     the last step), :attr:`within` (``bits <= bits_per_weight``), :attr:`smallest` (when not within: the file's
     bits/weight at the coarsest quality, the smallest budget that fits this model now), :attr:`history` (``(step,
     quality, bits/weight)`` of every measurement: the quality after it, the size measured at the quality before it),
-    :attr:`stepped_down`; :meth:`save` writes the file (and refuses one over the budget). Pass the same Budget to
+    :attr:`stepped_down`, :attr:`interval` (the last interval between measurements used, in steps);
+    :meth:`save` writes the file (and refuses one over the budget). Pass the same Budget to
     several finetune calls (a loop of epochs) to continue from its quality."""
 
     def __init__(self, bits_per_weight: float, tensor: str | None = None, margin: float = 0.005,
@@ -125,6 +153,11 @@ class Budget:
         self._opts: EncodeOptions | None = None
         self._base: list[tuple[str, str]] = []
         self._steps = 0  # steps of earlier calls (the history's step numbers run on)
+        self.interval: int | None = None
+        self._last = 0  # the step (of this call) of the last measurement
+        self._seconds = {"step": 0.0, "measure": 0.0}  # CPU seconds of the steps and codec.save so far (all calls)
+        self._counts = {"step": 0, "measure": 0}
+        self._tic = 0.0
 
     def __repr__(self) -> str:
         return (f"Budget({self.bits_per_weight:g} bits/weight, tensor={self.tensor!r}, quality={self.quality}, "
@@ -153,7 +186,7 @@ class Budget:
         from .finetune import _lossless_for_shape
 
         state = model.state_dict()
-        self._opts, self._vector_bits = opts, vector_bits
+        self._opts, self._vector_bits, self._last = opts, vector_bits, 0
         if self._index is None:
             self._base = list(rules.rules)
             aliases = _sharing(state)[0]  # a tied name is stored once, as the tensor it is tied to
@@ -216,6 +249,7 @@ class Budget:
                     break
                 self._index, now = self._index + 1, finer
         self.history.append((self._steps + step, self._text(self._index), now))
+        self._last = step
         return self._rules()
 
     def finish(self, model: torch.nn.Module, steps: int) -> Overrides:
@@ -248,12 +282,45 @@ class Budget:
         self.history.append((self._steps, self._text(self._index), self.bits))
         return self._rules()
 
-    def every_for(self, steps: int, refresh: int) -> int:
-        """The measurement interval of a call of ``steps`` steps: ``every`` (default: every coding, so that the
-        quality can follow the file down a steep start: the bench CNN's file at one quality halves over its loop's
-        epoch), rounded up to a multiple of ``refresh`` (a quality moves where the weights are coded afresh)."""
-        every = self.every or refresh
-        return -(-every // refresh) * refresh
+    def due(self, step: int, refresh: int, tracked_until: int) -> bool:
+        """Whether to measure at ``step`` of this call (a coding step, ``0 < step < tracked_until``): at multiples of
+        ``every`` (rounded up to a multiple of ``refresh``: a quality moves where the weights are coded afresh)
+        when given; by default once :meth:`interval_for` steps have passed since the last measurement, and at the
+        last coding step before the hold unless the coding step before it was measured."""
+        self.interval = self.interval_for(refresh)
+        if self.every is not None:
+            return step % self.interval == 0
+        return step - self._last >= self.interval or (step + refresh >= tracked_until and step - self._last > refresh)
+
+    def interval_for(self, refresh: int) -> int:
+        """The steps between measurements: ``every`` rounded up to a multiple of ``refresh``; by default ``refresh *
+        2**k`` with the smallest ``k`` for which a measurement takes at most :data:`SHARE` of the time of the steps
+        between two and itself: a measurement counted as two ``codec.save`` (the current rung and the next finer
+        one, as at a quality that holds) at their mean CPU time so far, a step at the steps' mean; ``refresh`` while
+        nothing is timed. (Not the measurements' own times: while the file shrinks fast a measurement climbs and
+        codes three rungs, which on the bench CNN put the interval at 8 instead of 4 early in a loop.)"""
+        if self.every is not None:
+            return -(-self.every // refresh) * refresh
+        seconds, counts = self._seconds, self._counts
+        track = 2 * seconds["measure"] / counts["measure"] if counts["measure"] else 0.0
+        interval = refresh
+        if counts["step"] and seconds["step"] > 0:
+            need = track * (1 - SHARE) / (SHARE * seconds["step"] / counts["step"])
+            while interval < need:
+                interval *= 2
+        return interval
+
+    def step_began(self) -> None:
+        """A training step begins (finetune times its steps for the default interval)."""
+        self._tic = _clock()
+
+    def step_ended(self) -> None:
+        """The step begun last has ended."""
+        self._count("step", _clock() - self._tic)
+
+    def _count(self, kind: str, seconds: float) -> None:
+        self._seconds[kind] += max(seconds, 0.0)
+        self._counts[kind] += 1
 
     # -- the file ----------------------------------------------------------------------------------------------
 
@@ -294,12 +361,15 @@ class Budget:
 
     def _measure(self, model: torch.nn.Module, index: int) -> float:
         """The bits/weight of the file of ``model`` as it is now (float weights, vectors rounded as finetune
-        writes them) with the tensor at ladder step ``index``."""
+        writes them) with the tensor at ladder step ``index``. Coded with ``jobs=torch.get_num_threads()``: a
+        training loop on one thread measures on one (the default's worker threads cost the bench MLP's
+        measurement 10-40 % more CPU time, by the load: 10.5-11.5 ms against 8.2-9.5 ms)."""
         from ..api import _sharing
         from ..encode import save
 
         from .finetune import _rounds, round_vector
 
+        tic = _clock()
         rules = Overrides(self._rules_at(index))
         state = {n: t.detach() for n, t in model.state_dict().items()}
         aliases = _sharing(state)[0]  # tied names: stored once by codec.save, counted once here
@@ -308,8 +378,9 @@ class Budget:
                      if n not in aliases and _rounds(t, rules.options_for(n, self._opts) or self._opts) else t
                      for n, t in state.items()}
             state.update({n: state[target] for n, target in aliases.items()})
-        buf = io.BytesIO()
-        save(state, buf, overrides=rules.rules, **self._fields())
+        buf = io.BytesIO()  # coded on as many threads as torch trains with (the same bytes on any number)
+        save(state, buf, overrides=rules.rules, jobs=torch.get_num_threads(), **self._fields())
+        self._count("measure", _clock() - tic)
         return 8 * len(buf.getvalue()) / sum(t.numel() for n, t in state.items() if n not in aliases)
 
 

@@ -357,8 +357,10 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     JPEG quality of one tensor (default: the largest one coded as JPEG) is chosen on the fine ladder in the loop so
     that the whole file (every blob and the container, as ``codec.save`` writes it; a tied tensor once) stays just
     within the budget: searched before the first step, moved by a bounded ladder step at a measurement (every
-    ``Budget.every`` steps), held over the last ``Budget.hold`` of the steps, and stepped down after the last step
-    only if the file is then over the budget. A budget below the file the loop starts from (a fresh model) trains
+    ``Budget.every`` steps; by default at an interval chosen from the timed costs of a step and a measurement, so
+    that measuring takes at most ``codec.train.budget.SHARE``, 10 %, of the loop's time), held over the last
+    ``Budget.hold`` of the steps, and stepped down after the last step only if the file is then over the budget. A
+    budget below the file the loop starts from (a fresh model) trains
     anyway: from the setting's quality (``Budget(start="setting")``, the default) or the coarsest
     (``start="coarsest"``), one step down per measurement while the file is over. Save with the Budget's
     ``overrides`` (``budget.save(model, path)``): that file decodes to the weights of the last forward pass; if the
@@ -401,7 +403,7 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     opts, rules = as_setting(setting), as_overrides(overrides, setting)
     if budget is not None:  # the quality that fits, searched before training (none fits: the start's quality)
         rules = budget.start(model, opts, rules, vector_bits)
-        tracked_until, budget_every = steps - round(budget.hold * steps), budget.every_for(steps, refresh)
+        tracked_until = steps - round(budget.hold * steps)
     batches, check, where = _check_batches(_batches(data), validation)
     teacher = None
     if loss_fn is None:
@@ -521,8 +523,11 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
                 for group in optimizer.param_groups:
                     group["lr"] = float(lr(step))
             optimizer.zero_grad()
-            if budget is not None and 0 < step < tracked_until and step % budget_every == 0:
-                rules = budget.track(model, step)  # at a coding step (budget_every is a multiple of refresh)
+            if (budget is not None and 0 < step < tracked_until and step % refresh == 0
+                    and budget.due(step, refresh, tracked_until)):
+                rules = budget.track(model, step)  # at a coding step (the quality moves where the weights are coded)
+            if budget is not None:
+                budget.step_began()
             loss = loss_at(last, code=step % refresh == 0, backward=True)
             optimizer.step()
             if checking and (step + 1 == steps or (step + 1) % every == 0):
@@ -530,6 +535,8 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
                 if now < best:
                     best, best_step = now, step + 1
                     best_params = None if step + 1 == steps else {n: p.detach().clone() for n, p in params.items()}
+            if budget is not None:
+                budget.step_ended()
             if bar is not None:
                 bar.update(1)
                 if hasattr(bar, "set_postfix"):
