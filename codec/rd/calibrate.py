@@ -398,12 +398,11 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
                 for c in collectors.values():
                     c.mask, c.active = mask, True
                 try:
-                    clean = _run(model, batch)
-                except ValueError:
-                    raise
-                except Exception as exc:  # the model's own error on a wrong shape or type
+                    out = model(**batch) if isinstance(batch, Mapping) else model(batch)
+                except Exception as exc:  # the model's own error on a wrong shape or type (a ValueError too)
                     raise ValueError(f"calibration batch {index}: the model does not accept it "
                                      f"({first_line(exc)})") from None
+                clean = _first_tensor(out)
                 if not bool(torch.isfinite(clean).all()):
                     raise ValueError(f"calibration batch {index}: the model's output holds NaN or Inf")
                 n = _samples(batch)
