@@ -47,6 +47,58 @@ def test_a_model_refusing_a_batch_with_its_own_value_error_is_named_as_that_batc
         calibrate(_Picky(), [torch.randn(4, 8), torch.randn(4, 7)])
 
 
+def test_cli_encoder_decoder_folder_with_sentences(tmp_path):
+    """A T5 folder with --calibration texts.txt: the decoder reads each sentence shifted right (before: exit 1,
+    "You must specify exactly one of input_ids or inputs_embeds" from the decoder); every weight, encoder and
+    decoder, is measured (no data-free note); the file decodes into the model."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer = _tiny_tokenizer(tmp_path)
+    config = transformers.T5Config(vocab_size=tokenizer.vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                   num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=3)
+    torch.manual_seed(0)
+    folder = tmp_path / "t5"
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (tmp_path / "texts.txt").write_text("the cat sat on the mat\na dog ran far away\nthe dog sat in the park\n")
+    out = tmp_path / "t5.jwt"
+    result = _encode(folder, "-b", "14", "--calibration", tmp_path / "texts.txt", "--no-repair", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert "jwt: note: calibration:" not in result.output, result.output  # the decoder's layers are reached too
+    with codec.open(out) as f:
+        assert f.metadata["jwt.calibration"].startswith("3 inputs")
+    back = transformers.T5ForConditionalGeneration(config)
+    back.load_state_dict(codec.load(out), strict=False)
+    for name, t in back.state_dict().items():
+        assert torch.isfinite(t).all(), name
+
+
+def test_text_batches_give_an_encoder_decoder_its_decoder_inputs(tmp_path):
+    """decoder_inputs: the model's own shift for T5; a plain shift behind the start token for a model without
+    prepare_decoder_input_ids_from_labels; None for an encoder-only model."""
+    transformers = pytest.importorskip("transformers")
+    from jwt_cli.calibration import TextBatches, decoder_inputs
+
+    tokenizer = _tiny_tokenizer(tmp_path)
+    t5 = transformers.T5Model(transformers.T5Config(vocab_size=20, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                    num_heads=2, decoder_start_token_id=7, pad_token_id=0))
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1,
+                                                          num_attention_heads=2, intermediate_size=32))
+    assert decoder_inputs(bert) is None
+    shift = decoder_inputs(t5)
+    ids = torch.tensor([[5, 6, 9], [8, 0, 0]])
+    assert shift(ids).tolist() == [[7, 5, 6], [7, 8, 0]]
+    batches = list(TextBatches(tokenizer, ["the cat", "a dog ran far"], decoder=shift))
+    assert len(batches) == 1
+    b = batches[0]
+    assert b["decoder_input_ids"].shape == b["input_ids"].shape
+    assert torch.equal(b["decoder_input_ids"][:, 1:], b["input_ids"][:, :-1])
+    assert torch.equal(b["decoder_attention_mask"], b["attention_mask"])
+    with torch.no_grad():
+        t5(**b)  # the model takes it
+
+
 class _SharedTable(nn.Module):
     """One table under three modules: ``shared`` (never called, first in the state_dict: the stored name), the
     encoder's and the decoder's embeddings (T5's layout, without the tied head)."""
