@@ -144,3 +144,25 @@ def test_t5s_shared_table_is_weighed_as_its_tied_head():
     assert head.kind == "linear" and head.h.shape == (16, 16)
     for name in ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
         assert calib.layers[name] is head
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_calibrates_and_repairs_on_float32_inputs(tmp_path, dtype):
+    """float32 images for a float16 / bfloat16 model: calibration casts them to the model's dtype, and so does repair
+    now (before: RuntimeError 'Input type (float) and bias type (c10::Half) should be the same' from repair's first
+    forward pass, after calibration had accepted the same inputs). The file keeps the dtype and the model works."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 10 * 10, 10)).eval()
+    x = torch.randn(96, 1, 12, 12)
+    with torch.no_grad():
+        ref = model(x)
+    model = model.to(dtype)
+    notes = codec.save(model, tmp_path / "h.jwt", bits_per_weight=6, calibration=x)
+    assert any(str(n).startswith("repair:") for n in notes), notes
+    back = codec.load(tmp_path / "h.jwt")
+    assert back["4.weight"].dtype == dtype
+    model.load_state_dict(back)
+    with torch.no_grad():
+        out = model(x.to(dtype)).float()
+    assert float((out - ref).norm() / ref.norm()) < 0.1
