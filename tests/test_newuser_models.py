@@ -23,7 +23,9 @@ def _tiny_tokenizer(tmp_path):
     transformers = pytest.importorskip("transformers")
     words = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away", "home", "in", "park"]
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    return transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    tokenizer = transformers.BertTokenizerFast.from_pretrained(str(tmp_path))  # transformers 5 ignores vocab_file=
+    assert tokenizer.vocab_size == 5 + len(words)
+    return tokenizer
 
 
 class _Picky(nn.Module):
