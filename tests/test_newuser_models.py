@@ -168,3 +168,24 @@ def test_a_half_precision_model_calibrates_and_repairs_on_float32_inputs(tmp_pat
     with torch.no_grad():
         out = model(x.to(dtype)).float()
     assert float((out - ref).norm() / ref.norm()) < 0.1
+
+
+def test_the_note_names_a_parameter_of_the_model_itself_as_no_layer(tmp_path):
+    """A position table held by the model itself is not 'a layer kind calibration does not measure' named after
+    the model's class (before: "'pos' (Net: a layer kind calibration does not measure)")."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(6, 8))
+            self.gru = nn.GRU(8, 8, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.gru(x + self.pos)[0][:, -1])
+
+    torch.manual_seed(0)
+    notes = codec.save(Net(), tmp_path / "n.jwt", bits_per_weight=48, calibration=torch.randn(32, 6, 8), repair=False)
+    note = next(str(n) for n in notes if str(n).startswith("calibration:"))
+    assert "'pos' (a parameter of Net itself, used outside any layer calibration measures)" in note, note
+    assert "(GRU: a layer kind calibration does not measure)" in note and "Net: a layer kind" not in note

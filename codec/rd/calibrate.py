@@ -483,6 +483,9 @@ def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> 
         owner = modules.get(name.rpartition(".")[0])
         if owner is not None and layer_kind(owner) is not None:
             unreached.append(name)
+        elif owner is model:  # a parameter of the model itself (a position table added to the inputs): no layer
+            kinds.setdefault(f"a parameter of {type(model).__name__} itself, used outside any layer calibration "
+                             "measures", []).append(name)
         else:
             kinds.setdefault(type(owner).__name__ if owner is not None else "a tensor of no layer", []).append(name)
     if not kinds and not unreached:
@@ -492,7 +495,8 @@ def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> 
         shown = ", ".join(map(repr, items[:most]))
         return shown + (f" and {len(items) - most} more" if len(items) > most else "")
 
-    parts = [f"{listed(items)} ({kind}: a layer kind calibration does not measure)" for kind, items in kinds.items()]
+    parts = [f"{listed(items)} ({kind}{'' if 'itself' in kind else ': a layer kind calibration does not measure'})"
+             for kind, items in kinds.items()]
     if unreached:
         parts.append(f"{listed(unreached)} (not reached by the calibration inputs)")
     count = sum(map(len, kinds.values())) + len(unreached)
