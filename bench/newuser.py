@@ -18,6 +18,21 @@ not in this repository, each built and trained here (minutes, one core; nothing 
 * ``minilm``: all-MiniLM-L6-v2 through the command line, ``jwt encode FOLDER -b B [--calibration
   bench/sentences/calibration.txt]``, cosine on the everyday and rare sentence sets (``bench.minilm``).
 
+The nineteenth pass's (``--models new``):
+
+* ``resnet``: a ResNet-like CNN (residual blocks, BatchNorm) trained 1 epoch; the same weights as a float16 and a
+  bfloat16 model and behind input buffers (one not persistent), calibrated on float32 images; then issue 10 in the
+  user's loop: an epoch with ``codec.train.rate`` in the loss, ``finetune(..., None, setting, budget=Budget(B))``
+  distilling on unlabelled images, the loop's coded accuracy against the file's from ``budget.save`` /
+  ``codec.load``.
+* ``grouped``: grouped (4, 8) and depthwise convolutions, no BatchNorm.
+* ``conv1d``: ``nn.Conv1d`` layers over the rows; and its twin of ``1 x k`` Conv2d (what measuring Conv1d gains).
+* ``transformer``: ``nn.MultiheadAttention`` + ``nn.TransformerEncoder`` over the rows; and its twin with the
+  attention as nn.Linear q, k, v, out (what measuring in_proj / out_proj gains).
+* ``bert``: ``BertForSequenceClassification`` from a config (random weights) through ``jwt encode FOLDER
+  [--calibration calibration.txt]`` and ``codec.save``; ``t5``: ``T5ForConditionalGeneration`` the same way (the
+  command line gives its decoder the sentence shifted right).
+
 ``python -m bench.newuser --models mobilenet,rnn`` runs some; the table goes to ``bench/results/newuser.md``
 (``--out``). Run with ``OMP_NUM_THREADS=1``.
 """
@@ -45,7 +60,9 @@ from bench.models import load_fashion_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "newuser.md"
-MODELS = ("mobilenet", "rnn", "autoencoder", "gpt2", "minilm")
+MODELS = ("mobilenet", "rnn", "autoencoder", "gpt2", "minilm", "resnet", "grouped", "conv1d", "transformer", "bert",
+          "t5")
+NEW = ("resnet", "grouped", "conv1d", "transformer", "bert", "t5")  # the nineteenth pass's (``--models new``)
 TRAIN_IMAGES = 20_000  # the first ones train; calibration takes the last CALIB_IMAGES of the training split
 CALIB_IMAGES = 1_000
 
@@ -164,19 +181,171 @@ class ConvAutoencoder(nn.Module):
         return torch.sigmoid(self.dec(torch.relu(self.up(torch.relu(z))).reshape(-1, 32, 7, 7)))
 
 
+class ResBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and a shortcut (a 1x1 convolution + BatchNorm when the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.short = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                      if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.short(x))
+
+
+class ResNetLike(nn.Module):
+    """A stem conv + BatchNorm, three residual blocks (16, 32, 64 channels; two of stride 2), average pooling, a
+    linear classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.layers = nn.Sequential(ResBlock(16, 16, 1), ResBlock(16, 32, 2), ResBlock(32, 64, 2))
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(self.layers(self.stem(x)).mean((2, 3)))
+
+
+class GroupedCNN(nn.Module):
+    """Grouped convolutions (4 and 8 groups) around a depthwise one, no BatchNorm, a linear classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1, groups=4), nn.ReLU(),
+                               nn.Conv2d(64, 64, 3, 1, 1, groups=64), nn.ReLU(),
+                               nn.Conv2d(64, 128, 3, 2, 1, groups=8), nn.ReLU())
+        self.fc = nn.Linear(128 * 7 * 7, 10)
+
+    def forward(self, x):
+        return self.fc(self.f(x).flatten(1))
+
+
+class Conv1dNet(nn.Module):
+    """Fashion-MNIST rows as a 1-D signal of 28 channels: three ``nn.Conv1d`` (one grouped), a linear classifier.
+    ``as_2d=True`` builds the same network of ``nn.Conv2d`` with ``1 x k`` kernels (what calibrating Conv1d would
+    measure: :func:`_conv1d_as_2d`)."""
+
+    def __init__(self, as_2d: bool = False):
+        super().__init__()
+        conv = ((lambda i, o, k, s=1, p=0, g=1: nn.Conv2d(i, o, (1, k), (1, s), (0, p), groups=g)) if as_2d
+                else (lambda i, o, k, s=1, p=0, g=1: nn.Conv1d(i, o, k, s, p, groups=g)))
+        self.as_2d = as_2d
+        self.f = nn.Sequential(conv(28, 64, 5, p=2), nn.ReLU(), conv(64, 96, 3, 2, 1), nn.ReLU(),
+                               conv(96, 96, 3, 1, 1, 4), nn.ReLU())
+        self.fc = nn.Linear(96 * 14, 10)
+
+    def forward(self, x):
+        x = x.reshape(-1, 28, 28)
+        return self.fc(self.f(x.unsqueeze(2) if self.as_2d else x).flatten(1))
+
+
+class RowTransformer(nn.Module):
+    """Rows as 28 tokens: a linear embedding and a learned position table, an ``nn.MultiheadAttention`` with a
+    residual, a 2-layer ``nn.TransformerEncoder`` (post-norm), mean pooling, a linear head."""
+
+    def __init__(self, d: int = 64):
+        super().__init__()
+        self.embed = nn.Linear(28, d)
+        self.pos = nn.Parameter(torch.randn(1, 28, d) * 0.02)
+        self.attn = nn.MultiheadAttention(d, 4, batch_first=True)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, 4, 128, dropout=0.0, batch_first=True), 2,
+                                         enable_nested_tensor=False)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        h = self.embed(x.reshape(-1, 28, 28)) + self.pos
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(self.enc(h + a).mean(1))
+
+
+class _LinearAttention(nn.Module):
+    """Self-attention with its projections as nn.Linear (``q``, ``k``, ``v``, ``out``): an
+    ``nn.MultiheadAttention``'s computation, every weight of it a layer calibration measures."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        split = [p(x).reshape(b, t, self.heads, d // self.heads).transpose(1, 2) for p in (self.q, self.k, self.v)]
+        return self.out(F.scaled_dot_product_attention(*split).transpose(1, 2).reshape(b, t, d))
+
+
+class _LinearEncoderLayer(nn.Module):
+    """``nn.TransformerEncoderLayer`` (post-norm, ReLU, no dropout) with :class:`_LinearAttention`."""
+
+    def __init__(self, d: int, heads: int, ff: int):
+        super().__init__()
+        self.self_attn = _LinearAttention(d, heads)
+        self.linear1, self.linear2 = nn.Linear(d, ff), nn.Linear(ff, d)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, x):
+        x = self.norm1(x + self.self_attn(x))
+        return self.norm2(x + self.linear2(torch.relu(self.linear1(x))))
+
+
+class LinearRowTransformer(nn.Module):
+    """:class:`RowTransformer` with every attention as :class:`_LinearAttention` (:func:`_attention_as_linear`
+    copies the weights: the same function, the in-projection split in three)."""
+
+    def __init__(self, d: int = 64):
+        super().__init__()
+        self.embed = nn.Linear(28, d)
+        self.pos = nn.Parameter(torch.zeros(1, 28, d))
+        self.attn = _LinearAttention(d, 4)
+        self.layers = nn.ModuleList(_LinearEncoderLayer(d, 4, 128) for _ in range(2))
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        h = self.embed(x.reshape(-1, 28, 28)) + self.pos
+        h = h + self.attn(h)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h.mean(1))
+
+
+def _attention_as_linear(model: RowTransformer) -> LinearRowTransformer:
+    """The same network as a :class:`LinearRowTransformer` (in_proj split into q, k, v; out_proj as ``out``)."""
+    twin = LinearRowTransformer()
+    state = {}
+    for name, t in model.state_dict().items():
+        name = name.replace("enc.layers.", "layers.")
+        if "in_proj_" in name:
+            prefix, kind = name.split("in_proj_")
+            for part, chunk in zip("qkv", t.chunk(3)):
+                state[f"{prefix}{part}.{kind}"] = chunk.clone()
+        else:
+            state[name.replace("out_proj.", "out.")] = t
+    twin.load_state_dict(state)
+    return twin.eval()
+
+
+def _conv1d_as_2d(model: Conv1dNet) -> Conv1dNet:
+    """The same network with ``1 x k`` nn.Conv2d layers (weights ``(out, in, 1, k)``)."""
+    twin = Conv1dNet(as_2d=True)
+    twin.load_state_dict({n: t.unsqueeze(2) if t.dim() == 3 else t for n, t in model.state_dict().items()})
+    return twin.eval()
+
+
 def _rows(label: str, model_name: str, bits: float, quality_free: float, bpw_free: float, quality_cal: float,
           bpw_cal: float, float_quality: float, unit: str, seconds: float) -> str:
     return (f"| {model_name} | {label} | {bits} | {float_quality:{unit}} | {quality_free:{unit}} ({bpw_free:.3f}) | "
             f"{quality_cal:{unit}} ({bpw_cal:.3f}) | {quality_cal - quality_free:+{unit}} | {seconds:.0f} |")
 
 
-def _classifier(model: nn.Module, name: str, label: str, bits: list[float], seed: int, log
-                ) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _classifier(model: nn.Module, name: str, label: str, bits: list[float], seed: int, log, epochs: int = 2,
+                twin=None) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Train ``model`` on the first training images, then code it at each of ``bits`` data-free and calibrated on
     the last training images (disjoint); accuracy on the test images. The rows, and the train / test images."""
     x, y = _images("train")
     tx, ty = _images("test")
-    took = _train(model, x[:TRAIN_IMAGES], y[:TRAIN_IMAGES], epochs=2, seed=seed)
+    took = _train(model, x[:TRAIN_IMAGES], y[:TRAIN_IMAGES], epochs=epochs, seed=seed)
     base = _accuracy(model, tx, ty)
     log(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, trained {took:.0f} CPU s, float "
         f"accuracy {base:.2f} %")
@@ -188,6 +357,16 @@ def _classifier(model: nn.Module, name: str, label: str, bits: list[float], seed
         log(f"{name} -b {b}: data-free {a_free:.2f} % ({bpw_free:.3f} b/w), calibrated {a_cal:.2f} % "
             f"({bpw_cal:.3f} b/w, {secs:.0f} s); notes {_note_lines(notes)}")
         rows.append(_rows("accuracy %", label, b, a_free, bpw_free, a_cal, bpw_cal, base, ".2f", secs))
+        if twin is not None:  # the same network with the layers calibration does not measure as ones it does
+            other = twin(model)
+            same = _accuracy(other, tx, ty)
+            cal2, bpw2, notes2, secs2 = _save(other, b, calibration=x[-CALIB_IMAGES:])
+            a_twin = _accuracy(cal2, tx, ty)
+            log(f"{name} -b {b}: its twin of measured layers ({type(other).__name__}, float {same:.2f} %) calibrated "
+                f"{a_twin:.2f} % ({bpw2:.3f} b/w, {secs2:.0f} s); notes {_note_lines(notes2)}")
+            rows.append(f"| {label} | calibrated, every layer measured (the twin {type(other).__name__}, float "
+                        f"{same:.2f} %): {a_twin:.2f} % ({bpw2:.3f}) | {b} | | | | {a_twin - a_cal:+.2f} vs calibrated "
+                        f"| {secs2:.0f} |")
     return rows, x, y, tx, ty
 
 
@@ -217,6 +396,123 @@ def run_mobilenet(bits: list[float], seed: int, log) -> list[str]:
                 f"printed {a_printed:.2f} %, file via codec.load {a_loaded:.2f} % ({bpw:.3f} b/w) | | | | | "
                 f"{'equal' if a_loaded == a_printed else 'DIFFER'} | |")
     return rows
+
+
+class _Normalized(nn.Module):
+    """A model behind an input normalisation held in buffers: ``mean`` persistent (in the state_dict and the file),
+    ``std`` not (it stays the module's own), and a persistent ``lut`` table the forward pass does not use."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("mean", torch.tensor(0.0))
+        self.register_buffer("std", torch.tensor(1.0), persistent=False)
+        self.register_buffer("lut", torch.linspace(0, 1, 256))
+
+    def forward(self, x):
+        return self.inner((x - self.mean) / self.std)
+
+
+def _accuracy_as(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> float:
+    """Test accuracy with the images in ``dtype`` (a float16 / bfloat16 model)."""
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(x[i:i + 1000].to(dtype)).float().argmax(1) == y[i:i + 1000]).sum())
+                      for i in range(0, len(x), 1000))
+    return 100.0 * correct / len(x)
+
+
+def run_resnet(bits: list[float], seed: int, log) -> list[str]:
+    """The ResNet-like net trained 1 epoch; then the same weights as float16 and bfloat16 models and behind
+    buffers, data-free against calibrated (float32 images); then issue 10 in the user's own loop."""
+    torch.manual_seed(seed)
+    model = ResNetLike()
+    rows, x, y, tx, ty = _classifier(model, "resnet", "ResNet-like (BatchNorm, residual)", bits, seed, log, epochs=1)
+    for label, other, dtype in (("float16", copy.deepcopy(model).half(), torch.float16),  # at the last rate
+                                ("bfloat16", copy.deepcopy(model).bfloat16(), torch.bfloat16),
+                                ("float32 behind buffers (one not persistent)", _Normalized(copy.deepcopy(model)),
+                                 torch.float32)):
+        base = _accuracy_as(other, tx, ty, dtype)
+        for b in bits[-1:]:
+            free, bpw_free, _, _ = _save(other, b)
+            cal, bpw_cal, notes, secs = _save(other, b, calibration=x[-CALIB_IMAGES:])
+            a_free, a_cal = _accuracy_as(free, tx, ty, dtype), _accuracy_as(cal, tx, ty, dtype)
+            kept = {str(t.dtype).removeprefix("torch.") for t in cal.state_dict().values() if t.is_floating_point()}
+            log(f"resnet {label} -b {b}: data-free {a_free:.2f} % ({bpw_free:.3f}), calibrated {a_cal:.2f} % "
+                f"({bpw_cal:.3f}, {secs:.0f} s), decoded dtypes {sorted(kept)}; notes {_note_lines(notes)}")
+            rows.append(_rows("accuracy %", f"ResNet-like, {label}", b, a_free, bpw_free, a_cal, bpw_cal, base,
+                              ".2f", secs))
+    rows.append(_train_loop(model, x, y, tx, ty, seed, log))
+    return rows
+
+
+def _train_loop(model: nn.Module, x, y, tx, ty, seed: int, log, setting: str = "jpeg,q12",
+                budget_bits: float = 4.0, lam: float = 1.0) -> str:
+    """Issue 10 as a user's loop: a second epoch with ``codec.train.rate`` in the loss, then
+    ``codec.train.finetune(model, unlabelled batches, None, setting, budget=Budget(B))``, the coded model's accuracy
+    (what the loop gives: ``coded_weights`` with the budget's overrides) against the file's from ``budget.save`` and
+    ``codec.load``."""
+    n = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(seed + 1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    start = time.process_time()
+    model.train()
+    for idx in torch.randperm(TRAIN_IMAGES, generator=gen).split(128):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x[idx]), y[idx]) + lam * codec.train.rate(model, setting) / n
+        loss.backward()
+        opt.step()
+    model.eval()
+    took = time.process_time() - start
+    coded = copy.deepcopy(model)
+    coded.load_state_dict(codec.train.coded_weights(model, setting))
+    a_float, a_coded = _accuracy(model, tx, ty), _accuracy(coded, tx, ty)
+    budget = codec.train.Budget(budget_bits)
+    unlabelled = [x[TRAIN_IMAGES + i:TRAIN_IMAGES + i + 128] for i in range(0, 128 * 40, 128)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start = time.process_time()
+        codec.train.finetune(model, unlabelled, None, setting, steps=60, lr=3e-4, budget=budget)
+        took_ft = time.process_time() - start
+    printed = copy.deepcopy(model)
+    printed.load_state_dict(codec.train.coded_weights(model, setting, overrides=budget.overrides))
+    a_printed = _accuracy(printed, tx, ty)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "m.jwt"
+        try:
+            budget.save(model, path)
+        except ValueError as exc:
+            log(f"resnet loop: budget.save refused: {exc}")
+            return f"| ResNet-like | issue 10 loop: budget.save refused ({exc}) | | | | | | |"
+        bpw = 8 * path.stat().st_size / sum(t.numel() for t in _stored(model).values())
+        loaded = copy.deepcopy(model)
+        loaded.load_state_dict(codec.load(path))
+    a_loaded = _accuracy(loaded, tx, ty)
+    log(f"resnet loop: epoch with lam {lam} * rate({setting!r}) / n in the loss ({took:.0f} CPU s): float "
+        f"{a_float:.2f} %, coded at the setting {a_coded:.2f} %; finetune distilled (loss_fn=None) with "
+        f"Budget({budget_bits}) 60 steps ({took_ft:.0f} CPU s): {budget!r}; printed (coded_weights with the budget's "
+        f"overrides) {a_printed:.2f} %, file through budget.save + codec.load {a_loaded:.2f} % ({bpw:.3f} b/w); "
+        f"warnings {[str(w.message)[:160] for w in caught]}")
+    return (f"| ResNet-like | issue 10 loop: rate in the loss for an epoch (float {a_float:.2f} %, coded "
+            f"{a_coded:.2f} %), finetune distilled with Budget({budget_bits}): printed {a_printed:.2f} %, file via "
+            f"budget.save + codec.load {a_loaded:.2f} % ({bpw:.3f} b/w) | | | | | "
+            f"{'equal' if a_loaded == a_printed else 'DIFFER'} | |")
+
+
+def run_grouped(bits: list[float], seed: int, log) -> list[str]:
+    torch.manual_seed(seed)
+    return _classifier(GroupedCNN(), "grouped", "grouped / depthwise CNN", bits, seed, log, epochs=1)[0]
+
+
+def run_conv1d(bits: list[float], seed: int, log) -> list[str]:
+    torch.manual_seed(seed)
+    return _classifier(Conv1dNet(), "conv1d", "nn.Conv1d rows", bits, seed, log, epochs=1, twin=_conv1d_as_2d)[0]
+
+
+def run_transformer(bits: list[float], seed: int, log) -> list[str]:
+    torch.manual_seed(seed)
+    return _classifier(RowTransformer(), "transformer", "MultiheadAttention + TransformerEncoder", bits, seed, log,
+                       epochs=1, twin=_attention_as_linear)[0]
 
 
 def run_rnn(bits: list[float], seed: int, log) -> list[str]:
@@ -360,6 +656,143 @@ def run_gpt2(bits: list[float], seed: int, log) -> list[str]:
     return rows
 
 
+def _small_tokenizer(folder: Path):
+    """A BERT tokenizer whose vocabulary is the all-MiniLM-L6-v2 word pieces the repository's sentences use (and
+    the special tokens): the same tokens for them, a vocabulary of about 2,000 (a 30,522-row table would make each
+    calibrated T5 save minutes long on one core)."""
+    import transformers
+
+    from bench.sentences import CALIBRATION, EVERYDAY, RARE, tokenizer
+
+    tok = tokenizer()
+    used = {i for s in CALIBRATION + EVERYDAY + RARE for i in tok(s)["input_ids"]}
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words += [w for w in tok.convert_ids_to_tokens(sorted(used)) if w not in words]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    return transformers.BertTokenizerFast.from_pretrained(str(folder))  # (transformers 5 ignores vocab_file=)
+
+
+def _hf_outputs(model, held: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, last hidden state)`` on the held-out sentences (the decoder's for a sequence-to-sequence model)."""
+    with torch.no_grad():
+        out = model(**held, output_hidden_states=True)
+    states = out.decoder_hidden_states if getattr(out, "decoder_hidden_states", None) is not None \
+        else out.hidden_states
+    return out.logits, states[-1]
+
+
+def _hf_quality(model, ref: tuple[torch.Tensor, torch.Tensor], held: dict, mask: torch.Tensor | None
+                ) -> tuple[float, float, float]:
+    """``(cosine, agreement %, hidden cosine)``: of the logits with the float model's on the held-out sentences,
+    per sentence (a classifier) or per decoder position within ``mask`` (a sequence-to-sequence model); the mean
+    cosine of the last hidden state at every real token (a random classifier's logits hardly depend on its input:
+    they say little about the encoder)."""
+    logits, hidden = _hf_outputs(model, held)
+    a, b = (logits[mask], ref[0][mask]) if mask is not None else (logits, ref[0])
+    real = held["attention_mask"].bool()
+    return (float(F.cosine_similarity(a, b, dim=-1).mean()),
+            100.0 * float((a.argmax(-1) == b.argmax(-1)).double().mean()),
+            float(F.cosine_similarity(hidden[real], ref[1][real], dim=-1).mean()))
+
+
+def _hf_run(name: str, label: str, model, tokenizer, bits: list[float], log, decoder: bool) -> list[str]:
+    """``jwt encode FOLDER -b B [--calibration calibration.txt]`` on the model's ``save_pretrained`` folder, then
+    ``codec.save(model, calibration=tokenizer dicts)``: cosine and argmax agreement of the logits on the held-out
+    everyday sentences."""
+    from bench.sentences import CALIBRATION, EVERYDAY, FOLDER
+
+    def batch(lines):
+        out = dict(tokenizer(list(lines), padding=True, return_tensors="pt"))
+        if decoder:
+            out["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=out["input_ids"])
+            out["decoder_attention_mask"] = out["attention_mask"]
+        return out
+
+    held = batch(EVERYDAY)
+    mask = held["attention_mask"].bool() if decoder else None
+    ref = _hf_outputs(model, held)
+    rows = []
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    weights = sum(t.numel() for t in _stored(model).values())
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / name
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        for b in bits:
+            got = {}
+            for how, extra in (("data-free", []), ("calibrated", ["--calibration", str(FOLDER / "calibration.txt")])):
+                out = Path(tmp) / f"{name}.jwt"
+                start = time.perf_counter()
+                done = subprocess.run([sys.executable, "-m", "cli", "encode", str(folder), "-b", str(b), *extra,
+                                       "-o", str(out)], env=env, cwd=ROOT, capture_output=True, text=True)
+                secs = time.perf_counter() - start
+                if done.returncode:
+                    log(f"{name} CLI -b {b} {how}: exit {done.returncode}: {done.stderr.strip()[-300:]}")
+                    got[how] = (float("nan"), float("nan"), float("nan"), float("nan"), secs)
+                    continue
+                back = copy.deepcopy(model)
+                back.load_state_dict(codec.load(out), strict=False)
+                bpw = 8 * out.stat().st_size / weights
+                got[how] = (*_hf_quality(back.eval(), ref, held, mask), bpw, secs)
+                log(f"{name} CLI -b {b} {how}: cosine {got[how][0]:.4f} agreement {got[how][1]:.2f} % hidden cosine "
+                    f"{got[how][2]:.4f} ({bpw:.3f} b/w "
+                    f"of the file with its attachments, {secs:.0f} s); stderr "
+                    f"{[line[:200] for line in done.stderr.splitlines() if 'calibration' in line or 'error' in line]}")
+            f, c = got["data-free"], got["calibrated"]
+            rows.append(_rows("logits cosine", f"{label} (CLI, FOLDER)", b, f[0], f[3], c[0], c[3], 1.0, ".4f", c[4]))
+            rows.append(_rows("last hidden state cosine", f"{label} (CLI, FOLDER)", b, f[2], f[3], c[2], c[3], 1.0,
+                              ".4f", c[4]))
+            free, bpw_free, _, _ = _save(model, b)
+            cal, bpw_cal, notes, secs = _save(model, b, calibration=[batch(CALIBRATION[i:i + 16])
+                                                                      for i in range(0, len(CALIBRATION), 16)])
+            (c_free, g_free, h_free), (c_cal, g_cal, h_cal) = (_hf_quality(m, ref, held, mask) for m in (free, cal))
+            log(f"{name} API -b {b}: data-free cosine {c_free:.4f} agreement {g_free:.2f} % hidden cosine "
+                f"{h_free:.4f} ({bpw_free:.3f}), calibrated {c_cal:.4f} / {g_cal:.2f} % / {h_cal:.4f} ({bpw_cal:.3f}, "
+                f"{secs:.0f} s); notes {_note_lines(notes)}")
+            rows.append(_rows("logits cosine", f"{label} (API)", b, c_free, bpw_free, c_cal, bpw_cal, 1.0, ".4f", secs))
+            rows.append(_rows("last hidden state cosine", f"{label} (API)", b, h_free, bpw_free, h_cal, bpw_cal, 1.0,
+                              ".4f", secs))
+            rows.append(_rows("argmax agreement %", f"{label} (API)", b, g_free, bpw_free, g_cal, bpw_cal, 100.0,
+                              ".2f", secs))
+    return rows
+
+
+def run_bert(bits: list[float], seed: int, log) -> list[str]:
+    """``BertForSequenceClassification`` from a config (2 x 128, 4 labels), random weights."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = _small_tokenizer(Path(tmp))
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=256, num_labels=4,
+                                     max_position_embeddings=128)
+    torch.manual_seed(seed)
+    model = transformers.BertForSequenceClassification(config).eval()
+    log(f"bert: BertForSequenceClassification, vocab {tokenizer.vocab_size}, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, random weights")
+    return _hf_run("bert", "BERT classifier 2x128, random", model, tokenizer, bits, log, decoder=False)
+
+
+def run_t5(bits: list[float], seed: int, log) -> list[str]:
+    """``T5ForConditionalGeneration`` from a config (2 + 2 layers, 64 wide, tied head), random weights; the decoder
+    reads each sentence shifted right."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = _small_tokenizer(Path(tmp))
+    config = transformers.T5Config(vocab_size=tokenizer.vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                   num_heads=4, decoder_start_token_id=0, pad_token_id=0,
+                                   eos_token_id=tokenizer.sep_token_id)
+    torch.manual_seed(seed)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    log(f"t5: T5ForConditionalGeneration, vocab {tokenizer.vocab_size}, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, random weights")
+    return _hf_run("t5", "T5 2+2 x 64, random", model, tokenizer, bits, log, decoder=True)
+
+
 def run_minilm(bits: list[float], seed: int, log) -> list[str]:
     from bench.minilm import cosine_quality, model_dir
     from bench.sentences import EVERYDAY, FOLDER, RARE
@@ -389,23 +822,26 @@ def run_minilm(bits: list[float], seed: int, log) -> list[str]:
     return rows
 
 
-DEFAULT_BITS = {"mobilenet": [5.0, 4.0], "rnn": [2.0], "autoencoder": [2.0], "gpt2": [3.0], "minilm": [3.5]}
+DEFAULT_BITS = {"mobilenet": [5.0, 4.0], "rnn": [2.0], "autoencoder": [2.0], "gpt2": [3.0], "minilm": [3.5],
+                "resnet": [4.0, 2.0], "grouped": [4.0, 2.0], "conv1d": [2.0, 1.5], "transformer": [4.0, 3.0],
+                "bert": [4.0, 3.0], "t5": [4.0, 3.0]}
 RUNNERS = {"mobilenet": run_mobilenet, "rnn": run_rnn, "autoencoder": run_autoencoder, "gpt2": run_gpt2,
-           "minilm": run_minilm}
+           "minilm": run_minilm, "resnet": run_resnet, "grouped": run_grouped, "conv1d": run_conv1d,
+           "transformer": run_transformer, "bert": run_bert, "t5": run_t5}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.newuser", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"comma-separated, from {', '.join(MODELS)} (default: all)")
+                        help=f"comma-separated, from {', '.join(MODELS)}; new: {','.join(NEW)} (default: all)")
     parser.add_argument("--bits", type=float, action="append",
                         help="bits per weight (repeatable; default per model: "
                              + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in DEFAULT_BITS.items()) + ")")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT, help=f"markdown table (default {OUT.relative_to(ROOT)})")
     args = parser.parse_args(argv)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    models = [m.strip() for m in args.models.replace("new", ",".join(NEW)).split(",") if m.strip()]
     unknown = [m for m in models if m not in RUNNERS]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
@@ -418,14 +854,23 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for name in models:
-        rows += RUNNERS[name](args.bits or DEFAULT_BITS[name], args.seed, log)
+        try:
+            rows += RUNNERS[name](args.bits or DEFAULT_BITS[name], args.seed, log)
+        except Exception as exc:  # a new user's failure is a finding: logged, and the other models still run
+            log(f"{name}: FAILED: {type(exc).__name__}: {exc}")
+            rows.append(f"| {name} | FAILED: {type(exc).__name__}: {str(exc)[:200]} | | | | | | |")
     table = ["| model | measure | -b | float | data-free (bits/weight) | calibrated (bits/weight) "
              "| calibrated - data-free | calibrated save s |", "|---|---|---|---|---|---|---|---|", *rows]
     text = (f"# New-user check of issues 9 and 10 (`python -m bench.newuser --models {','.join(models)}`, seed "
             f"{args.seed})\n\nCalibration: 1,000 Fashion-MNIST training images (not trained on: the models train on "
-            f"the first {TRAIN_IMAGES:,}), evaluation on the 10,000 test images; GPT-2: calibration sentences, evaluation on "
-            "the held-out everyday sentences; MiniLM: `--calibration bench/sentences/calibration.txt`, cosine on the "
-            "everyday and rare sets. Calibrated saves with repair at its default (on).\n\n" + "\n".join(table)
+            f"the first {TRAIN_IMAGES:,}; 2 epochs, the nineteenth pass's resnet, grouped, conv1d and transformer 1), "
+            "evaluation on the 10,000 test images; GPT-2, BERT, T5: the calibration sentences, evaluation on "
+            "the held-out everyday sentences (BERT and T5 random weights from a config, a tokenizer of the ~1,900 word "
+            "pieces the repository's sentences use, through `jwt encode FOLDER` and `codec.save`); MiniLM: "
+            "`--calibration bench/sentences/calibration.txt`, cosine on the everyday and rare sets. Calibrated saves "
+            "with repair at its default (on). A \"twin\" row: the same network with the layers calibration does not "
+            "measure (nn.Conv1d, nn.MultiheadAttention) rewritten as ones it does (1 x k nn.Conv2d; nn.Linear q, k, v, "
+            "out), calibrated at the same rate: what measuring those kinds would gain.\n\n" + "\n".join(table)
             + "\n\nLog:\n\n" + "\n".join(lines) + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

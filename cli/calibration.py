@@ -29,18 +29,46 @@ TEXT_MAX_LENGTH = 128
 
 
 class TextBatches:
-    """Sentences tokenized batch by batch (re-iterable: repair runs the inputs again)."""
+    """Sentences tokenized batch by batch (re-iterable: repair runs the inputs again). ``decoder``: for an
+    encoder-decoder model (T5, BART), a function of the batch's ``input_ids`` giving the decoder's inputs
+    (:func:`decoder_inputs`): the decoder then reads the same sentence, shifted right, as in training with it as the
+    target (its ``decoder_attention_mask`` is the sentence's mask)."""
 
-    def __init__(self, tokenizer, lines: list[str], batch: int = TEXT_BATCH, max_length: int = TEXT_MAX_LENGTH):
+    def __init__(self, tokenizer, lines: list[str], batch: int = TEXT_BATCH, max_length: int = TEXT_MAX_LENGTH,
+                 decoder=None):
         self.tokenizer, self.lines, self.batch, self.max_length = tokenizer, lines, batch, max_length
+        self.decoder = decoder
 
     def __len__(self) -> int:
         return math.ceil(len(self.lines) / self.batch)
 
     def __iter__(self) -> Iterator[Mapping]:
         for i in range(0, len(self.lines), self.batch):
-            yield dict(self.tokenizer(self.lines[i:i + self.batch], padding=True, truncation=True,
-                                      max_length=self.max_length, return_tensors="pt"))
+            batch = dict(self.tokenizer(self.lines[i:i + self.batch], padding=True, truncation=True,
+                                        max_length=self.max_length, return_tensors="pt"))
+            if self.decoder is not None:
+                batch["decoder_input_ids"] = self.decoder(batch["input_ids"])
+                if "attention_mask" in batch:
+                    batch["decoder_attention_mask"] = batch["attention_mask"]
+            yield batch
+
+
+def decoder_inputs(model):
+    """For an encoder-decoder transformers model (``config.is_encoder_decoder``), the function giving its decoder's
+    inputs from a batch's ``input_ids``: the model's own ``prepare_decoder_input_ids_from_labels`` (the tokens
+    shifted right behind the decoder's start token) where it has one, else that shift by hand; None for any other
+    model."""
+    import torch
+
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return None
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if callable(prepare):
+        return lambda ids: prepare(labels=ids)
+    start = next((v for v in (getattr(config, "decoder_start_token_id", None), getattr(config, "pad_token_id", None))
+                  if v is not None), 0)
+    return lambda ids: torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], dim=1)
 
 
 def read_lines(path: Path) -> list[str]:
@@ -166,5 +194,6 @@ def model_and_inputs(input: Path, state_dict: Mapping, calibration: Path, model_
         raise click.UsageError("--calibration needs a model to run: a Hugging Face model folder as INPUT, or "
                                "--model package.module:ClassName for a state_dict")
     model, tokenizer = hf_model(input)
-    inputs = TextBatches(tokenizer, read_lines(calibration)) if text else read_array(calibration)
+    inputs = TextBatches(tokenizer, read_lines(calibration), decoder=decoder_inputs(model)) if text \
+        else read_array(calibration)
     return model, inputs

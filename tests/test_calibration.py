@@ -639,7 +639,8 @@ def test_cli_hugging_face_folder_with_sentences(tmp_path):
     transformers = pytest.importorskip("transformers")
     words = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away", "home", "in", "park"]
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    tokenizer = transformers.BertTokenizerFast.from_pretrained(str(tmp_path))  # transformers 5 ignores vocab_file=
+    assert tokenizer.vocab_size == len(words) + 5
     config = transformers.BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=1,
                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
     torch.manual_seed(0)

@@ -398,12 +398,11 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
                 for c in collectors.values():
                     c.mask, c.active = mask, True
                 try:
-                    clean = _run(model, batch)
-                except ValueError:
-                    raise
-                except Exception as exc:  # the model's own error on a wrong shape or type
+                    out = model(**batch) if isinstance(batch, Mapping) else model(batch)
+                except Exception as exc:  # the model's own error on a wrong shape or type (a ValueError too)
                     raise ValueError(f"calibration batch {index}: the model does not accept it "
                                      f"({first_line(exc)})") from None
+                clean = _first_tensor(out)
                 if not bool(torch.isfinite(clean).all()):
                     raise ValueError(f"calibration batch {index}: the model's output holds NaN or Inf")
                 n = _samples(batch)
@@ -436,18 +435,38 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
 
 
 def _tie_heads(layers: dict[str, nn.Module], out: dict[str, LayerStats]) -> None:
-    """An embedding whose weight is an output head's too (GPT-2's ``wte`` = ``lm_head.weight``: one tensor, stored
-    once) gets the head's statistics: its coding error reaches every logit through the head, weighed by the head's
-    inputs, where as a lookup table it only moves the rows looked up (bench/newuser.py's 2x64 GPT-2 at -b 3:
-    held-out next-token agreement 75.31 % weighted as a table, 75.55 % as the head; bench/JOURNAL.md, eighteenth
-    pass, qa)."""
+    """Layers that share one weight tensor (stored once, under the first name of the state_dict) get one set of
+    statistics, whichever of their names the file stores it under and whichever of their modules the inputs ran.
+
+    An embedding whose weight is an output head's too (GPT-2's ``wte`` = ``lm_head.weight``) gets the head's
+    statistics: its coding error reaches every logit through the head, weighed by the head's inputs, where as a
+    lookup table it only moves the rows looked up (bench/newuser.py's 2x64 GPT-2 at -b 3: held-out next-token
+    agreement 75.31 % weighted as a table, 75.55 % as the head; bench/JOURNAL.md, eighteenth pass, qa). Names of
+    the group that never ran (T5's ``shared``, whose weight its encoder's and decoder's ``embed_tokens`` and its
+    ``lm_head`` use; stored as ``shared.weight``) get the head's too; with no head, the lookup counts of every
+    embedding of the group that ran, summed (their sensitivities too: the table's error reaches the output through
+    each), bench/JOURNAL.md, nineteenth pass, qa."""
+    groups: dict[int, list[str]] = {}
     for name, module in layers.items():
-        if layer_kind(module) != "embedding" or name not in out:
+        groups.setdefault(id(module.weight), []).append(name)
+    for names in groups.values():
+        if len(names) < 2:
             continue
-        head = next((other for other, m in layers.items() if other != name and layer_kind(m) == "linear"
-                     and m.weight is module.weight and other in out), None)
+        head = next((n for n in names if layer_kind(layers[n]) in ("linear", "conv1d") and n in out), None)
         if head is not None:
-            out[name] = out[head]
+            for name in names:
+                if layer_kind(layers[name]) == "embedding" or name not in out:
+                    out[name] = out[head]
+            continue
+        looked = [out[n] for n in names if n in out and out[n].kind == "embedding"]
+        if not looked:
+            continue
+        merged = looked[0] if len(looked) == 1 else LayerStats(
+            "embedding", np.sum([s.h for s in looked], axis=0), None, sum(s.samples for s in looked),
+            float(sum(s.sensitivity for s in looked)))
+        for name in names:
+            if name not in out or out[name].kind == "embedding":
+                out[name] = merged
 
 
 def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> str | None:
@@ -464,6 +483,9 @@ def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> 
         owner = modules.get(name.rpartition(".")[0])
         if owner is not None and layer_kind(owner) is not None:
             unreached.append(name)
+        elif owner is model:  # a parameter of the model itself (a position table added to the inputs): no layer
+            kinds.setdefault(f"a parameter of {type(model).__name__} itself, used outside any layer calibration "
+                             "measures", []).append(name)
         else:
             kinds.setdefault(type(owner).__name__ if owner is not None else "a tensor of no layer", []).append(name)
     if not kinds and not unreached:
@@ -473,7 +495,8 @@ def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> 
         shown = ", ".join(map(repr, items[:most]))
         return shown + (f" and {len(items) - most} more" if len(items) > most else "")
 
-    parts = [f"{listed(items)} ({kind}: a layer kind calibration does not measure)" for kind, items in kinds.items()]
+    parts = [f"{listed(items)} ({kind}{'' if 'itself' in kind else ': a layer kind calibration does not measure'})"
+             for kind, items in kinds.items()]
     if unreached:
         parts.append(f"{listed(unreached)} (not reached by the calibration inputs)")
     count = sum(map(len, kinds.values())) + len(unreached)

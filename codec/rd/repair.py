@@ -281,7 +281,7 @@ def repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptio
         raise ValueError(f"settings.finetune_loss must be 'mse' or 'kl', not {settings.finetune_loss!r}")
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be callable, not {type(progress).__name__}")
-    batches = _check_inputs(inputs)
+    batches = _check_inputs(inputs, model)
     work = copy.deepcopy(model, _shared_lossy(model, options) if settings.steps == 0 else {}).eval()
     for p in work.parameters():
         p.requires_grad_(False)  # parameters not stored (nor named in options) stay as they are
@@ -568,8 +568,10 @@ def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.array_equal(a.view(width), b.view(width)))
 
 
-def _check_inputs(inputs: Iterable) -> list:
-    """The calibration batches as a list; ValueError/TypeError on one line for what cannot be used."""
+def _check_inputs(inputs: Iterable, model: nn.Module | None = None) -> list:
+    """The calibration batches as a list; ValueError/TypeError on one line for what cannot be used. Given
+    ``model``, floating inputs of another dtype are cast to its parameters' (float32 images for a float16 or
+    bfloat16 model, as calibration does)."""
     if isinstance(inputs, (torch.Tensor, Mapping)) or not isinstance(inputs, Iterable):
         raise TypeError(f"inputs must be an iterable of batches (tensors or dicts of tensors), "
                         f"not {type(inputs).__name__}")
@@ -584,6 +586,13 @@ def _check_inputs(inputs: Iterable) -> list:
                 raise TypeError(f"{where}: not a tensor but {type(value).__name__}")
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise ValueError(f"{where}: holds NaN or Inf")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None) if model is not None else None
+
+    def cast(value: torch.Tensor) -> torch.Tensor:
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+
+    if dtype is not None:
+        batches = [{k: cast(v) for k, v in b.items()} if isinstance(b, Mapping) else cast(b) for b in batches]
     return batches
 
 
