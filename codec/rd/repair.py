@@ -1091,6 +1091,7 @@ def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, setting
             return target, assumed, decoded, opts, credit + budget - nbytes, nbytes, encoded
         if blend and (assumed is None or opts.codec == "jpeg") and credit >= 0:  # the original fits: move back
             coded = original[1:] if original[0] == opts else None
+            assumed = decoded = encoded = original = None  # (the target's coding does not serve the blend)
             target, decoded, nbytes, encoded = _blend(slot, target, opts, executor, budget + credit, coded)
             return target, None, decoded, opts, credit + budget - nbytes, nbytes, encoded
         cheaper = _cheaper(opts)
@@ -1170,14 +1171,29 @@ def _blend(slot: _Slot, target: np.ndarray, opts: EncodeOptions, executor, limit
            coded: tuple[np.ndarray, int, Encoded] | None = None, steps: int = 5
            ) -> tuple[np.ndarray, np.ndarray, int, Encoded]:
     """``(value, decoded, bytes, encoding)``: the point nearest ``target`` between the original and it that codes in
-    ``limit`` (``coded``: the original already coded with ``opts``, as :func:`_code` gives)."""
-    original = to_float64(slot.original, slot.dtype)
-    toward = to_float64(target, slot.dtype) - original
+    ``limit`` (``coded``: the original already coded with ``opts``, as :func:`_code` gives).
+
+    Each point is made a band of rows at a time from the original and ``target`` in storage form (widened, blended
+    and rounded back elementwise: the same bits as whole float64 arrays), so no float64 copy of the weight is held:
+    all-MiniLM-L6-v2's FFN output, 4.7 MB each, three at a time (the original, the way to ``target``, a point)."""
     best = (slot.original, *(coded or _code(slot.name, slot.original, slot.dtype, opts, executor)))
+    rows = slot.original.reshape(len(slot.original), -1) if slot.original.ndim else slot.original.reshape(1, 1)
+    towards = target.reshape(rows.shape)
+    step = max(1, _BAND // max(1, rows.shape[1]))
+
+    def point(mid: float) -> np.ndarray:  # from_float64(original + mid * (target - original)), a band at a time
+        value = np.empty(rows.shape, slot.original.dtype)
+        for i in range(0, len(rows), step):
+            original = to_float64(rows[i:i + step], slot.dtype)
+            toward = to_float64(towards[i:i + step], slot.dtype) - original
+            value[i:i + step] = from_float64(original + mid * toward, slot.dtype)
+        return value.reshape(slot.original.shape)
+
     lo, hi = 0.0, 1.0
     for _ in range(steps):
         mid = (lo + hi) / 2
-        value = from_float64(original + mid * toward, slot.dtype)
+        value = decoded = encoded = None  # a point that did not fit: dropped before the next is made
+        value = point(mid)
         decoded, nbytes, encoded = _code(slot.name, value, slot.dtype, opts, executor)
         if nbytes <= limit:
             lo, best = mid, (value, decoded, nbytes, encoded)
