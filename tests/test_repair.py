@@ -1017,8 +1017,19 @@ def test_layer_collected_in_passes_gives_the_same_bits_with_one_cols2_moment_at_
     keys, made = [], []
     batch_sum, moment = repair_module._batch_sum, _HeldOut.moment
 
+    helds = []
+    held_init = _HeldOut.__init__
+
+    def made_held(self, weight):
+        helds.append(self)
+        held_init(self, weight)
+
+    rows_at_h = []
+
     def watched(key, x, x_hat):
         keys.append(key)
+        if key in ("hh", "rest_hh"):  # the held-out rows, kept for their W C only, have served before any H
+            rows_at_h.append(sum(len(h.rows) for h in helds))
         return batch_sum(key, x, x_hat)
 
     def spied(self, key):
@@ -1037,7 +1048,12 @@ def test_layer_collected_in_passes_gives_the_same_bits_with_one_cols2_moment_at_
     monkeypatch.setattr(repair_module, "_batch_sum", watched)
     monkeypatch.setattr(_HeldOut, "moment", spied)
     monkeypatch.setattr(_HeldOut, "_add", summing)
+    monkeypatch.setattr(_HeldOut, "__init__", made_held)
     passes = collected()
+    assert len(helds) == 1 and rows_at_h and not any(rows_at_h)
+    # the reference weight is held as the original's own tensor (widened when read), not as a float64 copy
+    assert passes._w_ref.untyped_storage().data_ptr() == model[2].weight.untyped_storage().data_ptr()
+    assert np.array_equal(passes.w_ref, model[2].weight.detach().double().reshape(len(model[2].weight), -1).numpy())
     for a, b in [(one.h.dense(), passes.h.dense()), (one.candidate, passes.candidate), (one._w_cross, passes._w_cross),
                  (one.mean, passes.mean), (one.mean_hat, passes.mean_hat)]:
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
@@ -1053,3 +1069,55 @@ def test_layer_collected_in_passes_gives_the_same_bits_with_one_cols2_moment_at_
     collected()
     assert keys.index("hh") < keys.index("cross") and keys.count("hh") == keys.count("cross")
     assert "rest_hh" not in keys  # (one pass: the product of hh also summed as the other rows')
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blend_makes_its_points_a_band_at_a_time_with_the_same_bits(dtype, monkeypatch):
+    """Keep-size's blend towards the original (repair._blend) makes each point ``original + a (target - original)``
+    a band of rows at a time from the weight and the target in storage form: the same bits as the whole float64
+    arrays give (float32 and bfloat16), and no float64 copy of the weight is alive (the whole-array form held
+    three: the original, the way to the target and a point), nor a point that did not fit while the next is made."""
+    import tracemalloc
+
+    from codec.dtypes import from_float64, to_float64
+    from codec.rd import repair as repair_module
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(640, 512, bias=False)).to(dtype)
+    work = copy.deepcopy(model)
+    slot = _slots(work, {"0.weight": EncodeOptions(codec="jpeg", quality=50)}, model)["0.weight"]
+    original = to_float64(slot.original, slot.dtype)
+    target = from_float64(original + 0.05 * np.random.default_rng(0).standard_normal(original.shape), slot.dtype)
+    weight = 8 * original.size  # bytes of one float64 copy of the weight
+    alive = []
+
+    def code(name, value, dtype_, opts, executor):  # a stand-in coder: bytes grow with the distance moved
+        alive.append(tracemalloc.get_traced_memory()[0])
+        moved = np.abs(to_float64(value[:4], slot.dtype) - original[:4]).mean() / 0.04  # (about 1 at the target)
+        return value.copy(), int(1000 * (1 + moved)), None
+
+    monkeypatch.setattr(repair_module, "_code", code)
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        value, decoded, nbytes, _ = repair_module._blend(slot, target, slot.original, None, 1400)
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    # the whole-array form, the same bisection
+    lo, hi, expected = 0.0, 1.0, slot.original
+    for _ in range(5):
+        mid = (lo + hi) / 2
+        point = from_float64(original + mid * (to_float64(target, slot.dtype) - original), slot.dtype)
+        if code(None, point, None, None, None)[1] <= 1400:
+            lo, expected = mid, point
+        else:
+            hi = mid
+    assert 0.2 < lo < 0.5 and value.dtype == slot.original.dtype and value.tobytes() == expected.tobytes()
+    assert nbytes <= 1400 and np.array_equal(decoded, value)
+    # alive: the best point and its decoded values, the point being made and its decoded values (storage form,
+    # half a float64 copy each for float32), a band's float64 temporaries: 2.2 copies (bfloat16 1.75); the
+    # whole-array form 5.5 (6.0), of which 4.0 (3.0) at each coding
+    assert peak < 3 * weight, f"{peak / weight:.2f} float64 copies"
+    assert max(alive) - start < 2 * weight, f"{(max(alive) - start) / weight:.2f} float64 copies at a coding"
