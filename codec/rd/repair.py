@@ -1100,6 +1100,7 @@ def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, setting
             return target, assumed, decoded, opts, credit + budget - nbytes, nbytes, encoded
         if blend and (assumed is None or opts.codec == "jpeg") and credit >= 0:  # the original fits: move back
             coded = original[1:] if original[0] == opts else None
+            assumed = decoded = encoded = original = None  # (the target's coding does not serve the blend)
             target, decoded, nbytes, encoded = _blend(slot, target, opts, executor, budget + credit, coded)
             return target, None, decoded, opts, credit + budget - nbytes, nbytes, encoded
         cheaper = _cheaper(opts)
@@ -1179,14 +1180,29 @@ def _blend(slot: _Slot, target: np.ndarray, opts: EncodeOptions, executor, limit
            coded: tuple[np.ndarray, int, Encoded] | None = None, steps: int = 5
            ) -> tuple[np.ndarray, np.ndarray, int, Encoded]:
     """``(value, decoded, bytes, encoding)``: the point nearest ``target`` between the original and it that codes in
-    ``limit`` (``coded``: the original already coded with ``opts``, as :func:`_code` gives)."""
-    original = to_float64(slot.original, slot.dtype)
-    toward = to_float64(target, slot.dtype) - original
+    ``limit`` (``coded``: the original already coded with ``opts``, as :func:`_code` gives).
+
+    Each point is made a band of rows at a time from the original and ``target`` in storage form (widened, blended
+    and rounded back elementwise: the same bits as whole float64 arrays), so no float64 copy of the weight is held:
+    all-MiniLM-L6-v2's FFN output, 4.7 MB each, three at a time (the original, the way to ``target``, a point)."""
     best = (slot.original, *(coded or _code(slot.name, slot.original, slot.dtype, opts, executor)))
+    rows = slot.original.reshape(len(slot.original), -1) if slot.original.ndim else slot.original.reshape(1, 1)
+    towards = target.reshape(rows.shape)
+    step = max(1, _BAND // max(1, rows.shape[1]))
+
+    def point(mid: float) -> np.ndarray:  # from_float64(original + mid * (target - original)), a band at a time
+        value = np.empty(rows.shape, slot.original.dtype)
+        for i in range(0, len(rows), step):
+            original = to_float64(rows[i:i + step], slot.dtype)
+            toward = to_float64(towards[i:i + step], slot.dtype) - original
+            value[i:i + step] = from_float64(original + mid * toward, slot.dtype)
+        return value.reshape(slot.original.shape)
+
     lo, hi = 0.0, 1.0
     for _ in range(steps):
         mid = (lo + hi) / 2
-        value = from_float64(original + mid * toward, slot.dtype)
+        value = decoded = encoded = None  # a point that did not fit: dropped before the next is made
+        value = point(mid)
         decoded, nbytes, encoded = _code(slot.name, value, slot.dtype, opts, executor)
         if nbytes <= limit:
             lo, best = mid, (value, decoded, nbytes, encoded)
@@ -1231,14 +1247,15 @@ def _is_layer_weight(slot: _Slot) -> bool:
 class _HeldOut:
     """One layer's rows on the held-out batches, kept for the refit on the other rows (:meth:`_LayerFit._rest_refit`):
     the coded inputs ``x_hat`` and ``y = x W^T`` (the original layer's outputs less its bias), float32, from which
-    their sums ``hh`` (``x_hat^T x_hat``, ``cols^2``) and ``wcross`` (``y^T x_hat = W x^T x_hat``, ``out x cols``) are
-    made when needed, in float64 from float32 products of a band of columns at a time: a few hundred rows of
-    all-MiniLM-L6-v2's FFN output (1,536 inputs, 384 outputs) take a fraction of those matrices, and no ``cols^2``
-    cross moment of them is made. Once the rows would take more bytes than the two sums (a convolution: many rows
-    of few columns), the sums are added instead. The refit is only judged by them (:func:`_refit_judged`), so they
-    need not be the bits of the sums :meth:`_LayerFit.collect` adds over all rows."""
+    their sum ``wcross`` (``y^T x_hat = W x^T x_hat``, ``out x cols``) is made when needed, in float64 from float32
+    products of a band of columns at a time: a few hundred rows of all-MiniLM-L6-v2's FFN output (1,536 inputs, 384
+    outputs) take less than that matrix, and no ``cols^2`` cross moment of them is made. Once the rows would take
+    more bytes than the sum (a convolution: many rows of few columns), the sum is added instead. The refit is only
+    judged by it (:func:`_refit_judged`), so it need not be the bits of the sums :meth:`_LayerFit.collect` adds over
+    all rows. (The other rows' ``H`` is summed over their own batches, :meth:`_LayerFit.collect`: no held-out ``H``.)
+    """
 
-    MOMENTS = ("hh", "wcross")
+    MOMENTS = ("wcross",)
 
     #: Bytes of the float32 product of a band of columns (:meth:`moment`).
     BAND_BYTES = 1 << 22
@@ -1248,8 +1265,8 @@ class _HeldOut:
         out, cols = weight.shape
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.sums: dict[str, torch.Tensor] | None = None
-        self.served: set[str] = set()  # the moments made from the rows (dropped once both are)
-        self.limit = 8 * (cols + out) * cols
+        self.served: set[str] = set()  # the moments made from the rows (dropped once all are)
+        self.limit = 8 * out * cols
 
     def add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
         """One chunk's rows (float32): the original model's inputs ``x`` and the working model's ``x_hat``."""
@@ -1265,50 +1282,25 @@ class _HeldOut:
             self._add(y, x_hat)
 
     def _add(self, y: torch.Tensor, x_hat: torch.Tensor) -> None:
-        for key in self.MOMENTS:
-            self.sums[key] = _widen_into(self.sums.get(key), (x_hat if key == "hh" else y).T @ x_hat)
+        self.sums["wcross"] = _widen_into(self.sums.get("wcross"), y.T @ x_hat)
 
     def moment(self, key: str) -> np.ndarray:
-        """The held-out rows' ``hh`` or ``wcross`` sum, float64, in an array the caller may write (once per key)."""
+        """The held-out rows' ``wcross`` sum, float64, in an array the caller may write (once: the rows are dropped
+        once they have served)."""
+        if key not in self.MOMENTS:
+            raise ValueError(f"_HeldOut has no moment {key!r} (only {', '.join(self.MOMENTS)})")
         if self.sums is not None:
             return self.sums.pop(key).numpy()
         out, cols = self.weight.shape
-        total = np.zeros((cols if key == "hh" else out, cols))
+        total = np.zeros((out, cols))
         band = max(1, self.BAND_BYTES // (4 * len(total)))
         for y, x_hat in self.rows:
-            left = x_hat if key == "hh" else y
             for j in range(0, cols, band):
-                total[:, j:j + band] += (left.T @ x_hat[:, j:j + band]).numpy()
+                total[:, j:j + band] += (y.T @ x_hat[:, j:j + band]).numpy()
         self.served.add(key)
         if self.served.issuperset(self.MOMENTS):
             self.rows = []  # each moment is made once: the rows have served
         return total
-
-
-    def subtract(self, key: str, out: np.ndarray) -> np.ndarray:
-        """``out -= moment(key)`` in ``out``'s own array, the moment made a band of columns at a time as
-        :meth:`moment` makes it (the same bits, no ``cols^2`` array of its own); returns the moment's diagonal
-        (``hh``)."""
-        if self.sums is not None:
-            total = self.moment(key)
-            np.subtract(out, total, out=out)
-            return np.diagonal(total).copy()
-        cols = self.weight.shape[1]
-        band = max(1, self.BAND_BYTES // (4 * len(out)))
-        diagonal = np.empty(min(out.shape))
-        for j in range(0, cols, band):
-            part = np.zeros((len(out), min(band, cols - j)))
-            for y, x_hat in self.rows:
-                part += ((x_hat if key == "hh" else y).T @ x_hat[:, j:j + band]).numpy()
-            np.subtract(out[:, j:j + band], part, out=out[:, j:j + band])
-            ends = min(j + band, len(diagonal))
-            if j < ends:
-                diagonal[j:ends] = part[np.arange(j, ends), np.arange(ends - j)]
-            del part
-        self.served.add(key)
-        if self.served.issuperset(self.MOMENTS):
-            self.rows = []
-        return diagonal
 
 
 def _widen_into(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
@@ -1328,22 +1320,23 @@ def _widen_into(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor
 #: A layer whose ``cols^2`` float64 moment takes this many bytes or more is collected in passes (:meth:`_LayerFit.
 #: collect`, with a refit to judge): all-MiniLM-L6-v2's FFN output layers (19 MB each) held all rows' ``H`` and cross
 #: moment and a batch's float32 product at once, then all rows' ``H`` and the held-out rows' (57 MB above repair's
-#: floor); in passes, one ``cols^2`` matrix and a product or a band. Each pass more runs the working model once over
-#: the calibration batches.
+#: floor); in passes, one ``cols^2`` matrix and a product. Each pass more runs the working model once over the
+#: calibration batches (the other rows' ``H``: over the batches not held out).
 SPLIT_MOMENT_BYTES = 16 << 20
 
-#: What :meth:`_LayerFit.collect` sums over a chunk of a layer's input rows, in this order (the last two: refit only).
+#: What :meth:`_LayerFit.collect` sums over a chunk of a layer's input rows, in this order (the last two: refit only;
+#: with a refit, ``hh`` of the batches not held out is also summed as ``rest_hh``).
 _BATCH_SUMS = ("n", "sum_h", "hh", "sum_x", "cross")
 
 
 def _batch_sum(key: str, x: torch.Tensor | None, x_hat: torch.Tensor):
-    """One of :data:`_BATCH_SUMS` for rows ``x`` (original model) and ``x_hat`` (working model): the row count, a
-    column sum in float64, or a moment product in float32."""
+    """One of :data:`_BATCH_SUMS` (or ``rest_hh``, the product of ``hh``) for rows ``x`` (original model) and
+    ``x_hat`` (working model): the row count, a column sum in float64, or a moment product in float32."""
     if key == "n":
         return x_hat.shape[0]
     if key in ("sum_h", "sum_x"):
         return (x_hat if key == "sum_h" else x).double().sum(0)
-    return x_hat.T @ x_hat if key == "hh" else x.T @ x_hat
+    return x_hat.T @ x_hat if key in ("hh", "rest_hh") else x.T @ x_hat
 
 
 class _LayerFit:
@@ -1354,7 +1347,7 @@ class _LayerFit:
     map ``x_hat`` to what the original layer gives for ``x``.
     """
 
-    def __init__(self, slot: _Slot, bias: _Slot | None, w_ref: np.ndarray, b_ref: np.ndarray | None,
+    def __init__(self, slot: _Slot, bias: _Slot | None, w_ref: np.ndarray | torch.Tensor, b_ref: np.ndarray | None,
                  n: int, mean: np.ndarray, mean_hat: np.ndarray, shift: _Slot | None = None):
         self.slot, self.bias, self.w_ref, self.b_ref, self.shift = slot, bias, w_ref, b_ref, shift
         self.n, self.mean, self.mean_hat = n, mean, mean_hat
@@ -1376,6 +1369,20 @@ class _LayerFit:
         #: Each output unit's sensitivity ``g_j`` (:func:`codec.rd.rdo.unit_sensitivity`; set by repair when
         #: ``settings.prune`` applies, else None)
         self.sensitivity: np.ndarray | None = None
+
+    @property
+    def w_ref(self) -> np.ndarray | None:
+        """The reference weight, a float64 ``[out, cols]`` matrix (None once settled, :meth:`settle`). Set as a tensor
+        (the reference layer's own weight, reshaped), it is held as that tensor and widened each time it is read
+        (the same values: widening is exact), so that no float64 copy is held while the layer's statistics are
+        collected (all-MiniLM-L6-v2's FFN output: 4.7 MB, alive through the passes over the batches); a reader
+        that uses it more than once takes it once."""
+        ref = self._w_ref
+        return ref.double().numpy() if isinstance(ref, torch.Tensor) else ref
+
+    @w_ref.setter
+    def w_ref(self, value: np.ndarray | torch.Tensor | None) -> None:
+        self._w_ref = value
 
     @classmethod
     def collect(cls, model: nn.Module, original: nn.Module, work: nn.Module, slot: _Slot, slots: dict[str, _Slot],
@@ -1412,16 +1419,19 @@ class _LayerFit:
             else:
                 acc[key] = _widen_into(acc.get(key), value)
 
-        # A layer whose moments are large (all-MiniLM-L6-v2's FFN output: 19 MB each) sums all rows' H in passes of
-        # its own over the working model (SPLIT_MOMENT_BYTES): the cross moment first, reduced to W C and freed, then
-        # H, of which the refit on the other rows takes the held-out rows' share in H's own array, then H again.
-        # The same sums in the same order (the working model is not changed meanwhile): the same bits.
+        # A layer whose moments are large (all-MiniLM-L6-v2's FFN output: 19 MB each) sums its H in passes of its
+        # own over the working model (SPLIT_MOMENT_BYTES): the cross moment first, reduced to W C and freed, then the
+        # other rows' H over the batches not held out (the refit on them is solved in its array), then all rows' H.
+        # The same sums in the same order as one pass (the working model is not changed meanwhile): the same bits.
         split = refit and 8 * math.prod(slot.original.shape[1:]) ** 2 >= SPLIT_MOMENT_BYTES
 
-        def sums(keys: tuple[str, ...], both: bool) -> bool:
+        def sums(keys: tuple[str, ...], both: bool, rest: bool = False, rest_hh: bool = False) -> bool:
             """One pass over the batches adding ``keys`` (``both``: with the original model, the held-out sums and
-            rows too); False where the layer's inputs do not give rows."""
+            rows too; ``rest``: over the batches not held out only); False where the layer's inputs do not give
+            rows. ``rest_hh``: the ``hh`` product of a batch not held out is also added to ``rest_hh``."""
             for k, batch in enumerate(used):
+                if rest and k in checked:
+                    continue
                 held = both and k in checked
                 seen.clear()
                 _run(work, batch)
@@ -1443,6 +1453,8 @@ class _LayerFit:
                             add(key, value)
                             if held and key not in ("hh", "cross"):
                                 add("held_" + key, value)
+                            if key == "hh" and rest_hh and k not in checked:
+                                add("rest_hh", value)  # (the same product: the bits of a pass of its own)
                             del value
                         if held:
                             held_rows.add(x, xh)
@@ -1455,7 +1467,7 @@ class _LayerFit:
             with torch.no_grad():
                 keys = tuple(k for k in _BATCH_SUMS if k != "hh") if split else \
                     _BATCH_SUMS if refit else _BATCH_SUMS[:3]
-                if not sums(keys, refit):
+                if not sums(keys, refit, rest_hh=refit and not split):
                     return None
                 if split and not 0 < acc["held_n"] < acc["n"]:  # no refit to judge: H as it comes
                     split = False
@@ -1465,11 +1477,11 @@ class _LayerFit:
             for h in handles:
                 h.remove()
 
-        def again() -> None:  # all rows' H, summed as the first pass would have (split)
+        def again(key: str = "hh") -> None:  # all rows' H, or the other rows' (rest_hh), summed as one pass would
             handles[:] = [slot.module.register_forward_pre_hook(grab("h"))]
             try:
                 with torch.no_grad():
-                    sums(("hh",), False)
+                    sums((key,), False, rest=key == "rest_hh")
             finally:
                 for h in handles:
                     h.remove()
@@ -1488,7 +1500,7 @@ class _LayerFit:
         else:  # the layer as it stands is the reference
             ref_w, ref_b = slot.module.weight, bias
             mean = mean_hat
-        w_ref = ref_w.detach().double().reshape(ref_w.shape[0], -1).numpy()
+        w_ref = ref_w.detach().reshape(ref_w.shape[0], -1)  # (widened when read: _LayerFit.w_ref)
         b_ref = None if ref_b is None else ref_b.detach().double().numpy()
         shift = None
         if bias is None and settings.bias_correction and isinstance(follower, nn.modules.batchnorm._BatchNorm):
@@ -1498,26 +1510,29 @@ class _LayerFit:
                           and s.original.shape == (w_ref.shape[0],)), None)
         fit = cls(slot, bias_slot, w_ref, b_ref, n, mean, mean_hat, shift)
         # Memory: each moment matrix is cols^2 float64 (all-MiniLM-L6-v2's FFN output: 19 MB); the held-out rows'
-        # are made when needed (_HeldOut), all are divided and centred in place and freed as soon as they have
-        # served (all rows' cross moment as soon as W C is made), so at most three live at once, the solve's own
-        # copy included, and only the coded inputs' H stays with the layer (same values, same order of operations
-        # as whole-array arithmetic).
+        # W C is made when needed (_HeldOut), all are divided and centred in place and freed as soon as they have
+        # served (all rows' cross moment as soon as W C is made; the other rows' H is solved in its own array), so
+        # at most three live at once in one pass, one in passes, and only the coded inputs' H stays with the layer
+        # (same values, same order of operations as whole-array arithmetic).
         candidate = None
         if refit and 0 < acc["held_n"] < n:
             try:
                 candidate = fit._rest_refit(acc, held_rows, settings, again if split else None)
+                candidate = from_float64(candidate.reshape(slot.original.shape), slot.dtype)  # (before H again)
             except np.linalg.LinAlgError:  # the other rows' H singular even damped: no refit to judge
+                candidate = None
                 fit._weighted_cross(acc)
-                if "hh" not in acc:
-                    again()
         del held_rows
+        acc.pop("rest_hh", None)
+        if "hh" not in acc:  # (in passes: all rows' H once the refit on the other rows is made)
+            again()
         h = acc.pop("hh").div_(n).numpy()
         fit._centre(h, mean_hat, mean_hat)
         fit.h = HeldInFactor(h, own=True)  # (its own array: the factor is made in it, H kept below the factor)
         if refit:
             fit._fitted = to_numpy(slot.tensor)[0].copy()
             if candidate is not None:
-                fit.candidate = from_float64(candidate.reshape(slot.original.shape), slot.dtype)
+                fit.candidate, candidate = candidate, None
                 fit._w_cross = fit._weighted_cross(acc)
         return fit
 
@@ -1604,68 +1619,55 @@ class _LayerFit:
             h[np.diag_indices(len(h))] = diagonal
 
     def _rest_refit(self, acc: dict, held: _HeldOut, settings: RepairSettings,
-                    again: Callable[[], None] | None = None) -> np.ndarray:
+                    again: Callable[[str], None] | None = None) -> np.ndarray:
         """The refit fitted on all but every :data:`HOLDOUT_EVERY`-th batch (float64, ``[out, cols]``), for
-        :func:`_refit_judged` to try on the held-out batches. ``acc`` holds the sums over all rows and the held-out
-        rows' count and sums of ``x`` and ``x_hat`` (``held_*``); ``held`` the held-out rows (:class:`_HeldOut`).
+        :func:`_refit_judged` to try on the held-out batches. ``acc`` holds the sums over all rows, the held-out
+        rows' count and sums of ``x`` and ``x_hat`` (``held_*``) and the other rows' ``H`` (``rest_hh``, summed over
+        their own batches); ``held`` the held-out rows (:class:`_HeldOut`).
 
         Memory: the other rows' ``W C`` is all rows' ``W C`` less the held-out rows' (made from their rows, ``out x
-        cols``), then all rows' cross moment is reduced to ``W C`` (:meth:`_weighted_cross`, kept for the refit of
-        all rows) and freed, and the other rows' ``H`` is made in an array of its own in which the ridge is solved
-        (:func:`codec.rd.gptq._inverse_cholesky_upper`): besides all rows' ``H``, one ``cols^2`` matrix at most.
-        Given ``again`` (a layer :meth:`collect` sums in passes: ``acc`` has no ``H`` yet), ``again()`` adds all
-        rows' ``H`` to ``acc`` once the cross moment is freed, the other rows' ``H`` is made in that array (the
-        held-out rows' taken out a band at a time) and solved there, and ``again()`` adds all rows' ``H`` anew
-        after: one ``cols^2`` matrix at a time. The same bits either way."""
+        cols``, which are then dropped), then all rows' cross moment is reduced to ``W C`` (:meth:`_weighted_cross`,
+        kept for the refit of all rows) and freed, and the ridge is solved in the other rows' ``H``'s own array
+        (:func:`codec.rd.gptq._inverse_cholesky_upper`), which is then freed. Given ``again`` (a layer
+        :meth:`collect` sums in passes: ``acc`` has no ``H`` yet), ``again("rest_hh")`` sums the other rows' ``H``
+        once the cross moment is freed: one ``cols^2`` matrix at a time, and no held-out row kept while it is
+        summed. All rows' ``H`` is not read here."""
         from .gptq import _inverse_cholesky_upper
 
         n, n_held = acc["n"], acc["held_n"]
         m = n - n_held
         rest_x, rest_h = ((acc[k] - acc["held_" + k]).numpy() / m for k in ("sum_x", "sum_h"))
         centred = self.bias is not None or self.shift is not None
-        w_cross = self.w_ref @ acc["cross"].numpy()
+        w_ref = self.w_ref
+        w_cross = w_ref @ acc["cross"].numpy()
+        w_mean = w_ref @ rest_x if centred else None
+        del w_ref  # (before the held-out rows' moment is made)
         w_cross -= held.moment("wcross")
         w_cross /= m
         if centred:
-            w_cross -= np.outer(self.w_ref @ rest_x, rest_h)
+            w_cross -= np.outer(w_mean, rest_h)
         self._weighted_cross(acc)
-        if again is None:
-            held_h = held.moment("hh")
-            all_diagonal, held_diagonal = np.diagonal(acc["hh"].numpy()), np.diagonal(held_h)
-        else:
-            again()
-            held_h = None
-            all_diagonal = np.diagonal(acc["hh"].numpy()).copy()
-            held_diagonal = held.subtract("hh", acc["hh"].numpy())  # all rows' H less the held-out rows', in place
-        lam = self.damp(settings) * float(np.mean((all_diagonal - held_diagonal) / m
-                                                  - (rest_h * rest_h if centred else 0.0))) + 1e-12
+        if again is not None:
+            again("rest_hh")
+        h = acc.pop("rest_hh").numpy()
+        lam = self.damp(settings) * float(np.mean(np.diagonal(h) / m - (rest_h * rest_h if centred else 0.0))) + 1e-12
         w_cross += lam * self.w_ref
         rhs, w_cross = w_cross, None
-        first = [True]
+        given = [h]
 
-        def damped() -> np.ndarray:  # the other rows' H, centred and damped, in held_h's array the first time
-            nonlocal held_h
-            if again is not None:  # (in all rows' H's array, which already holds it less the held-out rows')
-                h = acc.pop("hh").numpy() if first[0] else None
-                first[0] = False
-            else:
-                h, held_h = (held_h, None) if held_h is not None else (None, None)
-                if h is not None:
-                    np.subtract(acc["hh"].numpy(), h, out=h)
-            if h is None:
+        def damped() -> np.ndarray:  # the other rows' H, centred and damped, in its own array (once)
+            if not given:
                 raise np.linalg.LinAlgError("the other rows' H is singular")
+            h = given.pop()
             h /= m
             self._centre(h, rest_h, rest_h)
             h[np.diag_indices(len(h))] += lam
             return h
 
+        del h
         u = _inverse_cholesky_upper(damped)  # (H + lam I)^-1 = U^T U
         rhs = rhs @ u.T  # (the right-hand side freed as its product is made)
-        rhs = rhs @ u
-        if again is not None:
-            del u
-            again()
-        return rhs
+        return rhs @ u
 
     def settle(self) -> None:
         """Before the layer is coded (its refit decided): keep of the reference weight only ``W_ref E[x]``, all that
