@@ -1121,3 +1121,34 @@ def test_blend_makes_its_points_a_band_at_a_time_with_the_same_bits(dtype, monke
     # whole-array form 5.5 (6.0), of which 4.0 (3.0) at each coding
     assert peak < 3 * weight, f"{peak / weight:.2f} float64 copies"
     assert max(alive) - start < 2 * weight, f"{(max(alive) - start) / weight:.2f} float64 copies at a coding"
+
+
+def test_a_layer_wider_than_max_columns_gets_the_bias_only_and_no_h():
+    """Repair makes no H for a layer with more input columns than calibration keeps a full H for (a 6272 -> 10
+    classifier head: 315 MB, a VGG head 5 GB): its weight is coded as it stands, its bias still corrected from the
+    inputs' means, and a note names it. Here the limit is lowered to make Tiny's fc (1,024 columns: an 8 MB H) wide;
+    the default is calibration's FULL_H_MAX."""
+    import tracemalloc
+
+    from codec.rd.calibrate import FULL_H_MAX
+
+    assert RepairSettings().max_columns == FULL_H_MAX
+    model, data = tiny_model(2), batches(n=8)
+    options = quant_options(model, bits=2)
+    tracemalloc.start()
+    try:
+        got = repair(model, data, options, settings=RepairSettings(max_columns=1000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024 // 2  # no 1,024^2 float64 H (8 MB) was made
+    assert any(n.startswith("repair: 1 layers with over 1000 input columns got the least-squares bias only")
+               and n.endswith("raises the limit): fc.weight") for n in got.notes), got.notes
+    original = model.state_dict()["fc.weight"].numpy()
+    assert np.array_equal(got.targets.get("fc.weight", original), original)  # no refit or GPTQ moved it
+    assert "fc.bias" in got.targets and "head.weight" in got.targets  # bias corrected; the narrow head repaired
+    with torch.no_grad():
+        refs = [[model(b)] for b in data]
+    plain = model_error(decoded_model(model, options, {}), data, refs)
+    repaired = model_error(decoded_model(model, options, got.targets), data, refs)
+    assert repaired < plain

@@ -47,7 +47,7 @@ from ..parallel import make_executor, release_memory, sparse_zeros
 from ..tensorcodec import (Encoded, EncodeOptions, Overrides, _error_sums, decode_encoded, encode_tensor,
                            lossless_reason)
 from . import ladder
-from .calibrate import UNFOLD_BYTES, conv_rows
+from .calibrate import FULL_H_MAX, UNFOLD_BYTES, conv_rows
 from .gptq import _BAND, HeldInFactor, _diagonal
 from .gptq import difference_error as weighted_error
 from .rdo import applies, fit_pruned, unit_sensitivity
@@ -126,6 +126,14 @@ class RepairSettings:
     #: (eleventh pass)"): with 0.01 repair kept fc1's compensated coding at q3.15 over the plan's q6 by the
     #: calibration inputs' error, and the held-out KL rose by a third.
     damp_few_rows: float = 0.1
+    #: A Linear / Conv2d layer with more input columns than this gets no ``H`` (8 x columns^2 bytes, factored in
+    #: columns^3 time): its weight is coded as it stands and only its bias is corrected, from the inputs' means (a
+    #: note names it). The default is calibration's own limit (:data:`codec.rd.calibrate.FULL_H_MAX`, above which it
+    #: keeps H's diagonal). Measured on a grouped CNN whose head is ``Linear(6272, 10)`` (81 % of its weights),
+    #: ``-b 2`` with 1,000 images (bench/JOURNAL.md, nineteenth pass): 81.45 % in 4.2 CPU s and no memory above the
+    #: model's, against 82.49 % in 36.5 CPU s and +428 MB with the head's full ``H`` (``max_columns=6272``); a
+    #: VGG-like head (25,088 columns) would need 5 GB.
+    max_columns: int = FULL_H_MAX
     #: Seed of torch's generator during repair (the caller's generator state is restored after).
     seed: int = 0
     #: Calibration batches used to collect a layer's input statistics (None: all).
@@ -410,7 +418,7 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     queue = sorted((s for s in slots.values() if s.lossy), key=lambda s: (s.order, s.name))
     originals = dict(model.named_modules())
     _set_trainable(slots)
-    step, mismatched, changed, credit, judged = 0, 0, {}, 0, []
+    step, mismatched, changed, credit, judged, wide = 0, 0, {}, 0, [], []
     receiver, reserve = _receiver(queue, options, spare, executor)
     for slot in queue:
         if slot is receiver:
@@ -419,7 +427,10 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
                                   follower.get(id(slot.module))) if _is_layer_weight(slot) else None
         if layer is not None and layer.candidate is not None:
             judged.append(_refit_judged(work, layer, batches, refs, settings))
-        if layer is not None and settings.prune and settings.keep_size and _prunes(options[slot.name], slot, settings):
+        if layer is not None and layer.h is None:
+            wide.append(slot.name)
+        elif layer is not None and settings.prune and settings.keep_size and _prunes(options[slot.name], slot,
+                                                                                      settings):
             used = slice(settings.stats_batches)
             layer.sensitivity = unit_sensitivity(work, slot.module, batches[used], refs[used], _run, _flat,
                                                  seed=settings.seed)
@@ -479,6 +490,10 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         notes.append(f"repair: refit kept for {kept} of {len(judged)} layers, and the least-squares bias aimed at the "
                      f"layer's own coding error (not the original's outputs) for {own}, each where it lowers the "
                      f"model's output error on the {len(held_out(used))} held-out calibration batches")
+    if wide:
+        notes.append(f"repair: {len(wide)} layers with over {settings.max_columns} input columns got the least-squares "
+                     f"bias only (no refit, GPTQ or compensation: their inputs' second moment would take 8 x columns^2 "
+                     f"bytes; RepairSettings(max_columns=) raises the limit): " + ", ".join(wide))
     if unchecked:
         notes.append(f"repair: no refit: {used} calibration batches, fewer than the {HOLDOUT_EVERY} it needs to hold "
                      "one out and check that a refit generalizes (more inputs, or smaller batches, allow it)")
@@ -985,7 +1000,8 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
     is weighted by the sensitivities, ``sum_j g_j dW_j H dW_j^T``.
     """
     best = _fit_size(slot, layer, opts, settings, executor, credit)
-    if layer is None or opts.codec != "jpeg" or not (settings.compensate or layer.sensitivity is not None):
+    if layer is None or layer.h is None or opts.codec != "jpeg" or not (settings.compensate
+                                                                         or layer.sensitivity is not None):
         return best
     current = layer._fitted if layer._fitted is not None else to_numpy(slot.tensor)[0]
     h = layer._h()
@@ -1401,7 +1417,10 @@ class _LayerFit:
         # it is not made, the layer gathered as without refit: fitted to a handful of inputs it overfits them
         # (all-MiniLM-L6-v2 at -b 4 with 30 sentences, 2 batches: cosine 0.9856 / 0.9691 on the everyday /
         # rare-word sets with it, 0.9928 / 0.9874 without; data-free 0.9865 / 0.9817).
-        checked = set(held_out(len(used))) if settings.refit else set()
+        # A layer wider than settings.max_columns input columns (a 6272 -> 10 classifier head: a 315 MB H) gets no H
+        # at all: the least-squares bias from the inputs' means only, no refit, GPTQ or compensation (fit.h None).
+        wide = math.prod(slot.original.shape[1:]) > settings.max_columns
+        checked = set(held_out(len(used))) if settings.refit and not wide else set()
         refit = bool(checked)
         held_rows = _HeldOut(original.weight.detach().reshape(original.weight.shape[0], -1).float()) if refit else None
 
@@ -1466,7 +1485,7 @@ class _LayerFit:
         try:
             with torch.no_grad():
                 keys = tuple(k for k in _BATCH_SUMS if k != "hh") if split else \
-                    _BATCH_SUMS if refit else _BATCH_SUMS[:3]
+                    _BATCH_SUMS if refit else _BATCH_SUMS[:2] if wide else _BATCH_SUMS[:3]
                 if not sums(keys, refit, rest_hh=refit and not split):
                     return None
                 if split and not 0 < acc["held_n"] < acc["n"]:  # no refit to judge: H as it comes
@@ -1514,6 +1533,8 @@ class _LayerFit:
         # served (all rows' cross moment as soon as W C is made; the other rows' H is solved in its own array), so
         # at most three live at once in one pass, one in passes, and only the coded inputs' H stays with the layer
         # (same values, same order of operations as whole-array arithmetic).
+        if wide:
+            return fit
         candidate = None
         if refit and 0 < acc["held_n"] < n:
             try:
@@ -1568,11 +1589,12 @@ class _LayerFit:
         """``(array to encode, its decoded values as float64 or None)``: the refit, then GPTQ for ``quant``."""
         slot = self.slot
         current = self._fitted if self._fitted is not None else to_numpy(slot.tensor)[0]
-        if settings.gptq and opts.codec == "quant":
+        # (a wide layer has no H: its weight is coded as it stands, :meth:`collect`)
+        if self.h is not None and settings.gptq and opts.codec == "quant":
             from .gptq import gptq_target
 
             return gptq_target(current, slot.dtype, opts, self._h(), damp=self.damp(settings))
-        if settings.compensate and opts.codec == "jpeg":
+        if self.h is not None and settings.compensate and opts.codec == "jpeg":
             from .gptq import jpeg_target
 
             key, kept = (opts, self.damp(settings)), self._compensated
