@@ -189,3 +189,24 @@ def test_the_note_names_a_parameter_of_the_model_itself_as_no_layer(tmp_path):
     note = next(str(n) for n in notes if str(n).startswith("calibration:"))
     assert "'pos' (a parameter of Net itself, used outside any layer calibration measures)" in note, note
     assert "(GRU: a layer kind calibration does not measure)" in note and "Net: a layer kind" not in note
+
+
+def test_the_note_names_multihead_attentions_out_proj_as_part_of_an_unmeasured_kind(tmp_path):
+    """nn.MultiheadAttention calls its ``out_proj`` (an nn.Linear) as a function, so calibration's hooks never see
+    it: the note names it with its MultiheadAttention, not as 'not reached by the calibration inputs', which a user
+    reads as a fault of their data (bench/JOURNAL.md, nineteenth pass, qa)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x, need_weights=False)[0][:, -1])
+
+    torch.manual_seed(0)
+    notes = codec.save(Net(), tmp_path / "a.jwt", bits_per_weight=48, calibration=torch.randn(32, 6, 8), repair=False)
+    note = next(str(n) for n in notes if str(n).startswith("calibration:"))
+    assert "'attn.in_proj_weight', 'attn.out_proj.weight' (MultiheadAttention: a layer kind" in note, note
+    assert "not reached" not in note

@@ -481,7 +481,10 @@ def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> 
         if name in calib.layers:
             continue
         owner = modules.get(name.rpartition(".")[0])
-        if owner is not None and layer_kind(owner) is not None:
+        parent = modules.get(name.rpartition(".")[0].rpartition(".")[0])
+        if isinstance(parent, nn.MultiheadAttention):  # its out_proj, a Linear it calls as a function: never run
+            kinds.setdefault(type(parent).__name__, []).append(name)
+        elif owner is not None and layer_kind(owner) is not None:
             unreached.append(name)
         elif owner is model:  # a parameter of the model itself (a position table added to the inputs): no layer
             kinds.setdefault(f"a parameter of {type(model).__name__} itself, used outside any layer calibration "
