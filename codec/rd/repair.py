@@ -493,7 +493,7 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     if wide:
         notes.append(f"repair: {len(wide)} layers with over {settings.max_columns} input columns got the least-squares "
                      f"bias only (no refit, GPTQ or compensation: their inputs' second moment would take 8 x columns^2 "
-                     f"bytes; RepairSettings(max_columns=) raises the limit): " + ", ".join(wide))
+                     f"bytes; codec.save(..., repair=RepairSettings(max_columns=N)) raises the limit): " + ", ".join(wide))
     if unchecked:
         notes.append(f"repair: no refit: {used} calibration batches, fewer than the {HOLDOUT_EVERY} it needs to hold "
                      "one out and check that a refit generalizes (more inputs, or smaller batches, allow it)")
