@@ -779,16 +779,15 @@ def test_refit_on_the_other_rows_makes_no_moment_of_its_own():
 
 
 def test_held_out_moments_from_rows_equal_their_sums():
-    """_HeldOut's moments made from the kept rows (``x_hat^T x_hat`` and ``W x^T x_hat``, a band of columns at a
-    time) equal the float64 sums of the products, and rows past its limit are summed at once, to the same values
-    within float32 rounding."""
+    """_HeldOut's ``W x^T x_hat`` made from the kept rows (a band of columns at a time) equals the float64 sum of the
+    products, and rows past its limit are summed at once, to the same values within float32 rounding."""
     rng = np.random.default_rng(1)
     w = rng.standard_normal((8, 48)).astype(np.float32)
     parts = [(rng.standard_normal((n, 48)).astype(np.float32), rng.standard_normal((n, 48)).astype(np.float32))
              for n in (100, 37, 250)]
     x = np.concatenate([p[0] for p in parts]).astype(np.float64)
     xh = np.concatenate([p[1] for p in parts]).astype(np.float64)
-    expected = {"hh": xh.T @ xh, "wcross": w.astype(np.float64) @ x.T @ xh}
+    expected = {"wcross": w.astype(np.float64) @ x.T @ xh}
     kept, summed = _HeldOut(torch.from_numpy(w)), _HeldOut(torch.from_numpy(w))
     kept.BAND_BYTES = 4 * 48 * 5  # bands of 5 columns
     kept.limit, summed.limit = 1 << 30, 4 * (48 + 8) * 250  # the third part passes the second's
@@ -796,10 +795,10 @@ def test_held_out_moments_from_rows_equal_their_sums():
         for a, b in parts:
             held.add(torch.from_numpy(a), torch.from_numpy(b))
     assert kept.sums is None and summed.sums is not None and not summed.rows
-    for key in _HeldOut.MOMENTS:
-        for held in (kept, summed):
-            got = held.moment(key)
-            assert got.dtype == np.float64 and np.allclose(got, expected[key], rtol=1e-5, atol=1e-3)
+    for held in (kept, summed):
+        got = held.wcross()
+        assert got.dtype == np.float64 and np.allclose(got, expected["wcross"], rtol=1e-5, atol=1e-3)
+        assert not held.rows and held.sums is None  # served once: dropped
 
 
 def lossy_bytes(state_dict: dict, options: dict, targets: dict) -> int:
@@ -1015,7 +1014,7 @@ def test_layer_collected_in_passes_gives_the_same_bits_with_one_cols2_moment_at_
 
     one = collected()
     keys, made = [], []
-    batch_sum, moment = repair_module._batch_sum, _HeldOut.moment
+    batch_sum, wcross = repair_module._batch_sum, _HeldOut.wcross
 
     helds = []
     held_init = _HeldOut.__init__
@@ -1032,9 +1031,9 @@ def test_layer_collected_in_passes_gives_the_same_bits_with_one_cols2_moment_at_
             rows_at_h.append(sum(len(h.rows) for h in helds))
         return batch_sum(key, x, x_hat)
 
-    def spied(self, key):
-        made.append(key)
-        return moment(self, key)
+    def spied(self):
+        made.append("wcross")
+        return wcross(self)
 
     summed = 0
     add_sums = _HeldOut._add
@@ -1046,7 +1045,7 @@ def test_layer_collected_in_passes_gives_the_same_bits_with_one_cols2_moment_at_
 
     monkeypatch.setattr(repair_module, "SPLIT_MOMENT_BYTES", 0)
     monkeypatch.setattr(repair_module, "_batch_sum", watched)
-    monkeypatch.setattr(_HeldOut, "moment", spied)
+    monkeypatch.setattr(_HeldOut, "wcross", spied)
     monkeypatch.setattr(_HeldOut, "_add", summing)
     monkeypatch.setattr(_HeldOut, "__init__", made_held)
     passes = collected()

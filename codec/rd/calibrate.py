@@ -210,10 +210,15 @@ def _prepare(batch: object, index: int, device: torch.device, dtype: torch.dtype
     return tensor(batch, "")
 
 
+def call(model: nn.Module, batch: Batch):
+    """The model's output on one batch: a mapping batch (a tokenizer's) as keywords, anything else as the one
+    argument (repair and calibration run a model the same way)."""
+    return model(**batch) if isinstance(batch, Mapping) else model(batch)
+
+
 def _run(model: nn.Module, batch: Batch) -> torch.Tensor:
     """The model's output on one batch, as one tensor (the first of a tuple or model output)."""
-    out = model(**batch) if isinstance(batch, Mapping) else model(batch)
-    return _first_tensor(out)
+    return _first_tensor(call(model, batch))
 
 
 def _first_tensor(out: object) -> torch.Tensor:
@@ -398,7 +403,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
                 for c in collectors.values():
                     c.mask, c.active = mask, True
                 try:
-                    out = model(**batch) if isinstance(batch, Mapping) else model(batch)
+                    out = call(model, batch)
                 except Exception as exc:  # the model's own error on a wrong shape or type (a ValueError too)
                     raise ValueError(f"calibration batch {index}: the model does not accept it "
                                      f"({first_line(exc)})") from None

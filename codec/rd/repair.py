@@ -48,6 +48,7 @@ from ..tensorcodec import (Encoded, EncodeOptions, Overrides, _error_sums, decod
                            lossless_reason)
 from . import ladder
 from .calibrate import FULL_H_MAX, UNFOLD_BYTES, conv_rows
+from .calibrate import call as _run
 from .gptq import _BAND, HeldInFactor, _diagonal
 from .gptq import difference_error as weighted_error
 from .rdo import applies, fit_pruned, unit_sensitivity
@@ -706,10 +707,6 @@ def forward_order(model: nn.Module, batch) -> list[nn.Module]:
     return order
 
 
-def _run(model: nn.Module, batch):
-    return model(**batch) if isinstance(batch, Mapping) else model(batch)
-
-
 def _flat(out) -> list[torch.Tensor]:
     """The floating tensors of a model output (a tensor, a tuple/list, a dict or a transformers ModelOutput), the
     ones repair and finetune's distillation match: not a mapping's ``loss`` (a function of the labels given, not an
@@ -1271,17 +1268,14 @@ class _HeldOut:
     all rows. (The other rows' ``H`` is summed over their own batches, :meth:`_LayerFit.collect`: no held-out ``H``.)
     """
 
-    MOMENTS = ("wcross",)
-
-    #: Bytes of the float32 product of a band of columns (:meth:`moment`).
+    #: Bytes of the float32 product of a band of columns (:meth:`wcross`).
     BAND_BYTES = 1 << 22
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight  # the original layer's weight as a float32 [out, cols] matrix
         out, cols = weight.shape
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.sums: dict[str, torch.Tensor] | None = None
-        self.served: set[str] = set()  # the moments made from the rows (dropped once all are)
+        self.sums: torch.Tensor | None = None  # ``wcross`` summed as the rows come, once they pass ``limit``
         self.limit = 8 * out * cols
 
     def add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
@@ -1291,31 +1285,28 @@ class _HeldOut:
             self.rows.append((y, x_hat))
             if sum(a.nbytes + b.nbytes for a, b in self.rows) <= self.limit:
                 return
-            self.sums, rows, self.rows = {}, self.rows, []
+            rows, self.rows = self.rows, []
             for pair in rows:
                 self._add(*pair)
         else:
             self._add(y, x_hat)
 
     def _add(self, y: torch.Tensor, x_hat: torch.Tensor) -> None:
-        self.sums["wcross"] = _widen_into(self.sums.get("wcross"), y.T @ x_hat)
+        self.sums = _widen_into(self.sums, y.T @ x_hat)
 
-    def moment(self, key: str) -> np.ndarray:
-        """The held-out rows' ``wcross`` sum, float64, in an array the caller may write (once: the rows are dropped
-        once they have served)."""
-        if key not in self.MOMENTS:
-            raise ValueError(f"_HeldOut has no moment {key!r} (only {', '.join(self.MOMENTS)})")
+    def wcross(self) -> np.ndarray:
+        """The held-out rows' ``wcross`` sum, float64, in an array the caller may write (once: the rows or the sum
+        are dropped once they have served)."""
         if self.sums is not None:
-            return self.sums.pop(key).numpy()
+            total, self.sums = self.sums.numpy(), None
+            return total
         out, cols = self.weight.shape
         total = np.zeros((out, cols))
         band = max(1, self.BAND_BYTES // (4 * len(total)))
         for y, x_hat in self.rows:
             for j in range(0, cols, band):
                 total[:, j:j + band] += (y.T @ x_hat[:, j:j + band]).numpy()
-        self.served.add(key)
-        if self.served.issuperset(self.MOMENTS):
-            self.rows = []  # each moment is made once: the rows have served
+        self.rows = []  # made once: the rows have served
         return total
 
 
@@ -1664,7 +1655,7 @@ class _LayerFit:
         w_cross = w_ref @ acc["cross"].numpy()
         w_mean = w_ref @ rest_x if centred else None
         del w_ref  # (before the held-out rows' moment is made)
-        w_cross -= held.moment("wcross")
+        w_cross -= held.wcross()
         w_cross /= m
         if centred:
             w_cross -= np.outer(w_mean, rest_h)
