@@ -343,6 +343,24 @@ def hf_model(folder: Path, images: bool = False):
     return model, reader
 
 
+def check_names(folder: Path, model, state_dict: Mapping) -> None:
+    """A one-line error, before any work, when tensors of the folder's weights are not the model's own by name: the
+    search and repair name each tensor as the model does, and transformers (5.x) loads some models under other
+    names than their files hold (ViT's ``attention.attention.query`` is its ``attention.q_proj``)."""
+    import transformers
+
+    own = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    own |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    foreign = [name for name in state_dict if name not in own]
+    if foreign:
+        more = f" and {len(foreign) - 1} more are" if len(foreign) > 1 else " is"
+        raise click.ClickException(
+            f"{folder}: transformers {transformers.__version__} loads the model under other tensor names than its "
+            f"weights file holds ({foreign[0]!r}{more} not among its parameters): the command line cannot "
+            "calibrate it; in Python, codec.save(model, path, bits_per_weight=B, calibration=batches) can (the "
+            "file then holds the model's names)")
+
+
 #: The file of a Hugging Face folder that holds its image processor's settings.
 PREPROCESSOR = "preprocessor_config.json"
 
@@ -383,9 +401,11 @@ def model_and_inputs(input: Path, state_dict: Mapping, calibration: Path, model_
                                        "model takes a text file of sentences")
         image_files(calibration)  # an empty folder is refused before the model is loaded
         model, processor = hf_model(input, images=True)
+        check_names(input, model, state_dict)
         inputs, notes = image_inputs(calibration, processor, getattr(model.config, "num_channels", None))
         return model, inputs, notes
     model, tokenizer = hf_model(input)
+    check_names(input, model, state_dict)
     inputs = TextBatches(tokenizer, read_lines(calibration), decoder=decoder_inputs(model)) if text \
         else read_array(calibration)
     return model, inputs, []

@@ -246,3 +246,27 @@ def test_hugging_face_folder_without_an_image_processor(tmp_path):
     result = _encode(tmp_path / "with" / "resnet", "-b", "10", "--calibration", tmp_path / "none")
     assert result.exit_code == 1 and "holds no image" in _one_line_error(result)
     assert not list(tmp_path.glob("**/*.jwt"))
+
+
+def test_a_folder_whose_tensor_names_transformers_changes_is_refused_before_work(tmp_path):
+    """transformers 5 loads a ViT under other names than its file holds (attention.attention.query ->
+    attention.q_proj): one line naming a tensor, before calibration (before: after calibrating, "options name ...
+    is not a parameter or buffer of the model")."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=1, hidden_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=32, num_labels=4)
+    folder = tmp_path / "vit"
+    transformers.ViTForImageClassification(config).save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5]) \
+        .save_pretrained(folder)
+    loaded = transformers.ViTForImageClassification.from_pretrained(folder)
+    if "vit.encoder.layer.0.attention.attention.query.weight" in loaded.state_dict():
+        pytest.skip("this transformers loads ViT under its file's names")
+    _images(tmp_path / "imgs", 3)
+    result = _encode(folder, "-b", "24", "--calibration", tmp_path / "imgs")
+    assert result.exit_code == 1
+    line = _one_line_error(result)
+    assert "loads the model under other tensor names than its weights file holds ('vit.encoder.layer.0." in line
+    assert "codec.save(model, path, bits_per_weight=B, calibration=batches)" in line
+    assert "calibration" not in result.output.split("Error")[0]  # no calibration bar: refused before any work
+    assert not (tmp_path / "vit.jwt").exists()
