@@ -107,6 +107,26 @@ def test_model_and_a_folder_of_grey_images(nets):
     assert plain.read_bytes() != out.read_bytes()
 
 
+def test_a_folder_of_pngs_calibrates_as_the_same_images_given_to_the_api(nets):
+    """The folder's PNGs, read by the command line, are the array a user would pass to codec.save: the same
+    decoded weights (--max-error: the plan does not depend on the metadata's few bytes, as a budget's does)."""
+    import image_test_nets
+
+    net = image_test_nets.Grey()
+    net.load_state_dict(torch.load(nets / "grey.pt", weights_only=True))
+    x = torch.from_numpy(np.stack([np.asarray(Image.open(p), dtype=np.float32)[None] / 255
+                                   for p in sorted((nets / "imgs").glob("*.png"))]))
+    codec.save(net, nets / "api.jwt", max_error=0.05, calibration=x)
+    result = _encode("grey.pt", "--max-error", "0.05", "--calibration", "imgs", "--model", "image_test_nets:Grey",
+                     "-q", "-o", nets / "cli.jwt")
+    assert result.exit_code == 0, result.output
+    api, cli = codec.load(nets / "api.jwt"), codec.load(nets / "cli.jwt")
+    assert api.keys() == cli.keys()
+    for name in api:
+        assert torch.equal(api[name], cli[name]), name
+    assert not torch.equal(cli["f.weight"], net.f.weight.detach())
+
+
 def test_model_and_a_folder_of_colour_images(nets):
     """RGBA images are read as RGB (3 channels, alpha dropped) for a 3-channel net."""
     _images(nets / "rgba", 5, mode="RGBA")
