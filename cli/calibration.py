@@ -344,21 +344,27 @@ def hf_model(folder: Path, images: bool = False):
 
 
 def check_names(folder: Path, model, state_dict: Mapping) -> None:
-    """A one-line error, before any work, when tensors of the folder's weights are not the model's own by name: the
-    search and repair name each tensor as the model does, and transformers (5.x) loads some models under other
-    names than their files hold (ViT's ``attention.attention.query`` is its ``attention.q_proj``)."""
+    """A one-line error, before any work, when the model transformers builds from the folder does not hold its
+    weights under the file's names: tensors of the file that are not the model's while parameters of the model are
+    not in the file. Transformers 5 loads some models under other names than their files hold (ViT's
+    ``attention.attention.query`` is its ``attention.q_proj``); the search and repair name each tensor as the model
+    does. A file's tensor the model does not use (an unused head: transformers' "unexpected" key), with every
+    parameter of the model in the file, is no such case: it is coded by the data-free weighting."""
     import transformers
 
     own = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     own |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
     foreign = [name for name in state_dict if name not in own]
-    if foreign:
-        more = f" and {len(foreign) - 1} more are" if len(foreign) > 1 else " is"
+    missing = [name for name, _ in model.named_parameters() if name not in state_dict]  # a tied one: its first name
+    if foreign and missing:
+        def few(names: list[str]) -> str:
+            return f"{names[0]!r} and {len(names) - 1} more are" if len(names) > 1 else f"{names[0]!r} is"
+
         raise click.ClickException(
-            f"{folder}: transformers {transformers.__version__} loads the model under other tensor names than its "
-            f"weights file holds ({foreign[0]!r}{more} not among its parameters): the command line cannot "
-            "calibrate it; in Python, codec.save(model, path, bits_per_weight=B, calibration=batches) can (the "
-            "file then holds the model's names)")
+            f"{folder}: transformers {transformers.__version__} does not load the model under the tensor names its "
+            f"weights file holds ({few(foreign)} not among its parameters; {few(missing)} not in the "
+            "file): the command line cannot calibrate it; in Python, codec.save(model, path, bits_per_weight=B, "
+            "calibration=batches) can (the file then holds the model's names)")
 
 
 #: The file of a Hugging Face folder that holds its image processor's settings.

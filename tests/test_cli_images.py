@@ -286,7 +286,36 @@ def test_a_folder_whose_tensor_names_transformers_changes_is_refused_before_work
     result = _encode(folder, "-b", "24", "--calibration", tmp_path / "imgs")
     assert result.exit_code == 1
     line = _one_line_error(result)
-    assert "loads the model under other tensor names than its weights file holds ('vit.encoder.layer.0." in line
+    assert "does not load the model under the tensor names its weights file holds ('vit.encoder.layer.0." in line
+    assert "more are not among its parameters; 'vit.layers.0." in line
     assert "codec.save(model, path, bits_per_weight=B, calibration=batches)" in line
     assert "calibration" not in result.output.split("Error")[0]  # no calibration bar: refused before any work
     assert not (tmp_path / "vit.jwt").exists()
+
+
+def test_a_stored_tensor_the_model_does_not_hold_is_coded_as_planned_beside_repair(tmp_path):
+    """A state_dict with a tensor the model does not hold (a checkpoint's unused head: transformers loads it as an
+    "unexpected" key) is coded by the data-free weighting beside repair, not refused (before: ValueError "options
+    name 'unused.weight' is not a parameter or buffer of the model", after calibrating); through the command line
+    too (a transformers folder: the extra tensor is not a renamed one)."""
+    transformers, config, model, folder = _resnet_folder(tmp_path)
+    state = dict(model.state_dict())
+    state["unused.weight"] = torch.randn(64, 64)
+    x = torch.rand(8, 1, 16, 16) * 2 - 1
+    notes = codec.save(state, tmp_path / "api.jwt", model=model, bits_per_weight=10, calibration=x)
+    assert any("'unused.weight'" in n for n in notes), notes
+    back = codec.load(tmp_path / "api.jwt")
+    assert back.keys() == state.keys()
+    assert torch.nn.functional.cosine_similarity(back["unused.weight"].flatten(), state["unused.weight"].flatten(),
+                                                 dim=0) > 0.99
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    weights["unused.weight"] = state["unused.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    _images(tmp_path / "imgs", 8)
+    out = tmp_path / "cli.jwt"
+    result = _encode(folder, "-b", "10", "--calibration", tmp_path / "imgs", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "'unused.weight'" in result.output and "data-free" in result.output
+    assert "unused.weight" in codec.load(out)
