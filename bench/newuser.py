@@ -944,7 +944,7 @@ def run_hfresnet(bits: list[float], seed: int, log) -> list[str]:
         def args(calibrated: bool) -> list[str]:
             return [str(folder), *(["--calibration", str(pngs)] if calibrated else [])]
 
-        return _cli_rows("hfresnet", "transformers ResNet, 4 stages (CLI, FOLDER + PNGs)", _Logits(model),
+        return _cli_rows("hfresnet", "transformers ResNet, 3 stages 32-128 (CLI, FOLDER + PNGs)", _Logits(model),
                          lambda m, sd: m.model.load_state_dict(sd, strict=False), weights, args, bits,
                          pixels(tx), torch.from_numpy(ty), log)
 
