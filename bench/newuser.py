@@ -33,6 +33,19 @@ The nineteenth pass's (``--models new``):
   [--calibration calibration.txt]`` and ``codec.save``; ``t5``: ``T5ForConditionalGeneration`` the same way (the
   command line gives its decoder the sentence shifted right).
 
+The twentieth pass's (``--models images``), through ``jwt encode --calibration FOLDER`` with a folder of PNGs written
+from the last 1,000 Fashion-MNIST *training* images (accuracy on the 10,000 *test* images, disjoint):
+
+* ``hfresnet``: ``transformers.ResNetForImageClassification`` from a ``ResNetConfig`` (random weights, one grey
+  channel, basic blocks 32 / 64 / 128) trained 2 epochs on 20,000 images resized to 32 x 32 and normalized by a
+  ``ViTImageProcessor``; ``save_pretrained`` of both into a folder, ``jwt encode FOLDER -b B [--calibration
+  PNGS/]`` (the folder's image processor reads the PNGs).
+* ``pngcnn``: the ResNet-like state_dict (``ResNetLike``, 1 epoch) through ``jwt encode cnn.pt -b B [--calibration
+  PNGS/ --model bench.newuser:ResNetLike]`` (the PNGs as float32 in [0, 1], what it was trained on).
+
+Both: accuracy, agreement with the float model's predictions, bits/weight of the file and the encode's wall time
+(a fresh process: start-up and imports included), data-free against calibrated.
+
 ``python -m bench.newuser --models mobilenet,rnn`` runs some; the table goes to ``bench/results/newuser.md``
 (``--out``). Run with ``OMP_NUM_THREADS=1``.
 """
@@ -61,8 +74,9 @@ from bench.models import load_fashion_mnist
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "newuser.md"
 MODELS = ("mobilenet", "rnn", "autoencoder", "gpt2", "minilm", "resnet", "grouped", "conv1d", "transformer", "bert",
-          "t5")
+          "t5", "hfresnet", "pngcnn")
 NEW = ("resnet", "grouped", "conv1d", "transformer", "bert", "t5")  # the nineteenth pass's (``--models new``)
+IMAGES = ("hfresnet", "pngcnn")  # the twentieth pass's (``--models images``): jwt encode --calibration FOLDER
 TRAIN_IMAGES = 20_000  # the first ones train; calibration takes the last CALIB_IMAGES of the training split
 CALIB_IMAGES = 1_000
 
@@ -822,26 +836,166 @@ def run_minilm(bits: list[float], seed: int, log) -> list[str]:
     return rows
 
 
+# --- the twentieth pass's: a folder of images through the command line ---
+
+def _png_folder(folder: Path, images: np.ndarray) -> Path:
+    """``images`` (uint8 N x 28 x 28) as grey PNGs ``00000.png``, ... in ``folder``."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, a in enumerate(images):
+        Image.fromarray(a, "L").save(folder / f"{i:05d}.png")
+    return folder
+
+
+def _jwt_encode(args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """``python -m cli encode ARGS`` in a fresh process (this tree's command line); its wall seconds."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "cli", "encode", *args], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          cwd=ROOT, capture_output=True, text=True)
+    return done, time.perf_counter() - start
+
+
+def _predictions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
+
+
+def _cli_rows(name: str, label: str, model: nn.Module, load, weights: int, encode_args, bits: list[float],
+              tx: torch.Tensor, ty: torch.Tensor, log) -> list[str]:
+    """For each rate: ``jwt encode`` data-free and with ``encode_args(calibrated)``, the file decoded through
+    ``codec.load`` into a copy of ``model`` (``load(copy, state_dict)``); accuracy on ``(tx, ty)``, agreement with
+    ``model``'s predictions, bits/weight (the file's bytes over ``weights``), wall seconds."""
+    reference = _predictions(model, tx)
+    base = 100.0 * float((reference == ty).double().mean())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for b in bits:
+            got = {}
+            for how in ("data-free", "calibrated"):
+                out = Path(tmp) / f"{name}.jwt"
+                done, secs = _jwt_encode([*encode_args(how == "calibrated"), "-b", str(b), "-o", str(out)])
+                if done.returncode:
+                    log(f"{name} -b {b} {how}: exit {done.returncode}: {done.stderr.strip()[-300:]}")
+                    got[how] = (float("nan"),) * 3 + (secs,)
+                    continue
+                back = copy.deepcopy(model)
+                load(back, codec.load(out))
+                pred = _predictions(back, tx)
+                acc, agree = (100.0 * float((pred == t).double().mean()) for t in (ty, reference))
+                bpw = 8 * out.stat().st_size / weights
+                got[how] = (acc, agree, bpw, secs)
+                notes = [line[:160] for line in done.stderr.splitlines() if "calibration" in line or "error" in line]
+                log(f"{name} -b {b} {how}: accuracy {acc:.2f} %, agreement with float {agree:.2f} % ({bpw:.3f} b/w, "
+                    f"{secs:.1f} s wall); stderr {notes}")
+                out.unlink()
+            f, c = got["data-free"], got["calibrated"]
+            rows.append(_rows("accuracy %", label, b, f[0], f[2], c[0], c[2], base, ".2f", c[3]))
+            rows.append(_rows("agreement with float %", label, b, f[1], f[2], c[1], c[2], 100.0, ".2f", c[3]))
+            rows.append(f"| {label} | encode wall s (fresh process) | {b} | | {f[3]:.1f} | {c[3]:.1f} | "
+                        f"{c[3] - f[3]:+.1f} | {c[3]:.0f} |")
+    return rows
+
+
+class _Logits(nn.Module):
+    """A transformers image classifier called on pixel tensors, returning its logits (for training and scoring)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+def run_hfresnet(bits: list[float], seed: int, log) -> list[str]:
+    """A transformers ResNet from its config (random weights), trained 2 epochs on images through a
+    ``ViTImageProcessor`` (32 x 32, Fashion-MNIST's mean and std), saved with ``save_pretrained`` beside the
+    processor; ``jwt encode FOLDER -b B [--calibration PNGS/]``."""
+    import transformers
+    from PIL import Image
+
+    transformers.logging.set_verbosity_error()
+    x, y = load_fashion_mnist("train")
+    tx, ty = load_fashion_mnist("test")
+    processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.2860],
+                                               image_std=[0.3530])
+
+    def pixels(images: np.ndarray) -> torch.Tensor:
+        return torch.cat([processor(images=[Image.fromarray(a, "L") for a in images[i:i + 2000]],
+                                    return_tensors="pt")["pixel_values"] for i in range(0, len(images), 2000)])
+
+    config = transformers.ResNetConfig(num_channels=1, embedding_size=32, hidden_sizes=[32, 64, 128],
+                                       depths=[1, 1, 1], layer_type="basic", num_labels=10)
+    torch.manual_seed(seed)
+    model = transformers.ResNetForImageClassification(config)
+    took = _train(_Logits(model), pixels(x[:TRAIN_IMAGES]), torch.from_numpy(y[:TRAIN_IMAGES]), epochs=2, seed=seed)
+    model.eval()
+    weights = sum(t.numel() for t in _stored(model).values())
+    log(f"hfresnet: ResNetForImageClassification, {weights:,} weights, trained 2 epochs ({took:.0f} CPU s), "
+        f"{type(processor).__name__} 32 x 32")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "resnet"
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        pngs = _png_folder(Path(tmp) / "pngs", x[-CALIB_IMAGES:])
+
+        def args(calibrated: bool) -> list[str]:
+            return [str(folder), *(["--calibration", str(pngs)] if calibrated else [])]
+
+        return _cli_rows("hfresnet", "transformers ResNet, 3 stages 32-128 (CLI, FOLDER + PNGs)", _Logits(model),
+                         lambda m, sd: m.model.load_state_dict(sd, strict=False), weights, args, bits,
+                         pixels(tx), torch.from_numpy(ty), log)
+
+
+def run_pngcnn(bits: list[float], seed: int, log) -> list[str]:
+    """The ResNet-like net (1 epoch, as ``resnet``) as a state_dict file: ``jwt encode cnn.pt -b B
+    [--calibration PNGS/ --model bench.newuser:ResNetLike]``."""
+    x, y = _images("train")
+    tx, ty = _images("test")
+    torch.manual_seed(seed)
+    model = ResNetLike()
+    took = _train(model, x[:TRAIN_IMAGES], y[:TRAIN_IMAGES], epochs=1, seed=seed)
+    weights = sum(t.numel() for t in _stored(model).values())
+    log(f"pngcnn: ResNetLike state_dict, {weights:,} weights, trained 1 epoch ({took:.0f} CPU s)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "cnn.pt"
+        torch.save(model.state_dict(), path)
+        raw, _ = load_fashion_mnist("train")
+        pngs = _png_folder(Path(tmp) / "pngs", raw[-CALIB_IMAGES:])
+
+        def args(calibrated: bool) -> list[str]:
+            extra = ["--calibration", str(pngs), "--model", "bench.newuser:ResNetLike"] if calibrated else []
+            return [str(path), *extra]
+
+        return _cli_rows("pngcnn", "ResNet-like state_dict (CLI, --model + PNGs)", model,
+                         lambda m, sd: m.load_state_dict(sd), weights, args, bits, tx, ty, log)
+
+
 DEFAULT_BITS = {"mobilenet": [5.0, 4.0], "rnn": [2.0], "autoencoder": [2.0], "gpt2": [3.0], "minilm": [3.5],
                 "resnet": [4.0, 2.0], "grouped": [4.0, 2.0], "conv1d": [2.0, 1.5], "transformer": [4.0, 3.0],
-                "bert": [4.0, 3.0], "t5": [4.0, 3.0]}
+                "bert": [4.0, 3.0], "t5": [4.0, 3.0], "hfresnet": [2.0, 1.0], "pngcnn": [4.0, 2.0]}
 RUNNERS = {"mobilenet": run_mobilenet, "rnn": run_rnn, "autoencoder": run_autoencoder, "gpt2": run_gpt2,
            "minilm": run_minilm, "resnet": run_resnet, "grouped": run_grouped, "conv1d": run_conv1d,
-           "transformer": run_transformer, "bert": run_bert, "t5": run_t5}
+           "transformer": run_transformer, "bert": run_bert, "t5": run_t5, "hfresnet": run_hfresnet,
+           "pngcnn": run_pngcnn}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.newuser", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"comma-separated, from {', '.join(MODELS)}; new: {','.join(NEW)} (default: all)")
+                        help=f"comma-separated, from {', '.join(MODELS)}; new: {','.join(NEW)}; images: "
+                             f"{','.join(IMAGES)} (default: all)")
     parser.add_argument("--bits", type=float, action="append",
                         help="bits per weight (repeatable; default per model: "
                              + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in DEFAULT_BITS.items()) + ")")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT, help=f"markdown table (default {OUT.relative_to(ROOT)})")
     args = parser.parse_args(argv)
-    models = [m.strip() for m in args.models.replace("new", ",".join(NEW)).split(",") if m.strip()]
+    groups = {"new": NEW, "images": IMAGES}
+    models = [m for item in args.models.split(",") if item.strip() for m in groups.get(item.strip(), [item.strip()])]
     unknown = [m for m in models if m not in RUNNERS]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")

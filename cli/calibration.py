@@ -5,10 +5,16 @@ Two ways to get a runnable model, both imported only when asked for:
 - a Hugging Face folder: the model class named by its ``config.json``
   (``architectures``; ``AutoModel`` otherwise) and its tokenizer, through
   transformers, with a text file of sentences, one a line;
+  or, for an image model (its ``preprocessor_config.json`` present), a folder
+  of images run through the folder's own image processor;
 - a plain state_dict with ``--model package.module:ClassName``: the class is
   imported, built without arguments and given the state_dict through
   ``load_state_dict`` (strict); inputs are a ``.npy`` array or a ``.npz``
-  holding one array, whose first axis is the sample axis.
+  holding one array, whose first axis is the sample axis, or a folder of
+  images of one size, fed as float32 N x C x H x W in [0, 1] (no resizing, no
+  normalization).
+
+Images are read batch by batch (:class:`ImageBatches`), never all at once.
 """
 
 from __future__ import annotations
@@ -26,6 +32,12 @@ from codec.errors import first_line
 #: Sentences per batch and tokens per sentence for text calibration.
 TEXT_BATCH = 16
 TEXT_MAX_LENGTH = 128
+#: Images per batch (calibration's own batch size for an array).
+IMAGE_BATCH = 64
+#: The image files a calibration folder is read for (by suffix, any case); other files are left out with a note.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+#: Pillow modes read as one channel (grey, its alpha dropped); every other mode is converted to RGB.
+GREY_MODES = ("1", "L", "LA", "La", "I;16", "I;16L", "I;16B", "I")
 
 
 class TextBatches:
@@ -41,6 +53,10 @@ class TextBatches:
 
     def __len__(self) -> int:
         return math.ceil(len(self.lines) / self.batch)
+
+    @property
+    def samples(self) -> int:
+        return len(self.lines)
 
     def __iter__(self) -> Iterator[Mapping]:
         for i in range(0, len(self.lines), self.batch):
@@ -160,40 +176,242 @@ def _mismatch(model, state_dict: Mapping, shown: int = 3) -> str:
     return "; ".join(parts)
 
 
-def hf_model(folder: Path):
-    """The folder's model (class from config.json) and tokenizer, through transformers."""
+class ImageBatches:
+    """The images ``files`` of a folder, read batch by batch, never all at once (re-iterable: repair runs the inputs
+    again). Without ``processor``: each batch a float32 ``N x C x H x W`` tensor in [0, 1], the pixels as they are
+    (``channels`` 1: grey, 16-bit grey over 65535; 3: converted to RGB). With ``processor`` (a transformers image
+    processor, which resizes and normalizes as the model was trained): each batch's images, converted to grey
+    (``channels`` 1) or RGB, through it, as ``{"pixel_values": ...}``. An image that does not decode is a one-line
+    ValueError naming its file."""
+
+    def __init__(self, files: list[Path], channels: int, processor=None, batch: int = IMAGE_BATCH):
+        self.files, self.channels, self.processor, self.batch = files, channels, processor, batch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.files) / self.batch)
+
+    @property
+    def samples(self) -> int:
+        return len(self.files)
+
+    def __iter__(self) -> Iterator:
+        import numpy as np
+        import torch
+
+        for i in range(0, len(self.files), self.batch):
+            chunk = self.files[i:i + self.batch]
+            images = [_decoded(path) for path in chunk]
+            if self.processor is None:
+                yield torch.from_numpy(np.stack([_pixels(path, im, self.channels, self.files[0])
+                                                 for path, im in zip(chunk, images)]))
+                continue
+            mode = "L" if self.channels == 1 else "RGB"
+            try:
+                pixels = self.processor(images=[im.convert(mode) for im in images], return_tensors="pt")
+                pixels = pixels["pixel_values"]
+            except Exception as exc:
+                raise ValueError(f"{chunk[0]}: the folder's image processor does not take the {len(chunk)} images "
+                                 f"from it on ({first_line(exc)})") from None
+            yield {"pixel_values": pixels}
+
+
+def _decoded(path: Path):
+    """The Pillow image of ``path``, decoded (a truncated or corrupt file: a one-line ValueError naming it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except Exception as exc:  # Pillow's OSError, SyntaxError, DecompressionBombError, ...
+        raise ValueError(f"{path}: not a readable image ({first_line(exc)})") from None
+
+
+def _pixels(path: Path, im, channels: int, first: Path):
+    """``im`` as a float32 ``C x H x W`` array in [0, 1]."""
+    import numpy as np
+
+    if channels == 1:
+        if im.mode.startswith("I"):  # 16-bit grey
+            a = np.asarray(im, dtype=np.float32) / 65535
+        else:
+            a = np.asarray(im.convert("L"), dtype=np.float32) / 255
+        a = a[None]
+    else:
+        a = np.asarray(im.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255
+    if a.shape != (channels, *_shape(first)):  # the file changed since it was listed
+        raise ValueError(f"{path}: {_kind(im.size, im.mode)}, where {first.name} is {channels} x {_shape(first)}")
+    return np.ascontiguousarray(a)
+
+
+def _shape(path: Path) -> tuple[int, int]:
+    """``(H, W)`` of an image file, from its header."""
+    w, h = _header(path)[0]
+    return h, w
+
+
+def _header(path: Path) -> tuple[tuple[int, int], str]:
+    """``((width, height), mode)`` from an image file's header (nothing decoded); a one-line error when Pillow
+    cannot read it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size, im.mode
+    except Exception as exc:
+        raise click.ClickException(f"{path}: not a readable image ({first_line(exc)})") from None
+
+
+def _channels(mode: str) -> int:
+    return 1 if mode in GREY_MODES else 3
+
+
+def _kind(size: tuple[int, int], mode: str) -> str:
+    c = _channels(mode)
+    return f"{size[0]}x{size[1]} pixels, {c} channel{'s' if c > 1 else ''} ({mode})"
+
+
+def image_files(folder: Path) -> tuple[list[Path], int]:
+    """The image files of ``folder`` (:data:`IMAGE_SUFFIXES`, any case; subfolders are not read), sorted by name,
+    and the count of its other entries; a one-line error when it holds none."""
+    try:
+        entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    except OSError as exc:
+        raise click.ClickException(f"{folder}: cannot be listed ({exc.strerror or exc})") from None
+    files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    if not files:
+        folders = sum(p.is_dir() for p in entries)
+        inside = f" (its {folders} subfolder{'s are' if folders > 1 else ' is'} not read)" if folders else ""
+        raise click.ClickException(f"{folder}: holds no image ({', '.join(IMAGE_SUFFIXES)}){inside}")
+    return files, len(entries) - len(files)
+
+
+def image_inputs(folder: Path, processor=None, channels: int | None = None) -> tuple[ImageBatches, list[str]]:
+    """The images of ``folder`` as :class:`ImageBatches` and the notes that say how they are read. Every file's
+    header is read first, so an unreadable file is refused before any work; without ``processor`` (``--model``)
+    all must share the first one's size and channel count (no resizing is done), else a one-line error naming the
+    first that differs and both sizes. ``channels``: the model's (its config's ``num_channels``) with a processor."""
+    from codec.encode import Note
+
+    files, others = image_files(folder)
+    headers = [_header(path) for path in files]
+    if processor is None:
+        size, mode = headers[0]
+        channels = _channels(mode)
+        for path, (size_i, mode_i) in zip(files, headers):
+            if size_i != size or _channels(mode_i) != channels:
+                raise click.ClickException(
+                    f"{path}: {_kind(size_i, mode_i)}, where {files[0].name} has {_kind(size, mode)}: --model takes "
+                    "images of one size and channel count, as they are (no resizing)")
+            if mode_i == "F":
+                raise click.ClickException(f"{path}: 32-bit float pixels ({mode_i}): write the samples as a .npy")
+        how = (f"as float32 {len(files)} x {channels} x {size[1]} x {size[0]} in [0, 1] (no resizing or "
+               "normalization: for a model that expects other inputs, write them to a .npy)")
+    else:
+        channels = channels or 3
+        how = (f"through the folder's image processor ({type(processor).__name__}), read as "
+               f"{'grey' if channels == 1 else 'RGB'}")
+    notes = [Note(f"calibration: {len(files)} image{'s' if len(files) > 1 else ''} from {folder} {how}")]
+    if others:
+        notes.append(Note(f"calibration: {others} other entr{'ies' if others > 1 else 'y'} of {folder} left out "
+                          f"(only {', '.join(IMAGE_SUFFIXES)} files are read, subfolders are not)"))
+    return ImageBatches(files, channels, processor), notes
+
+
+def hf_model(folder: Path, images: bool = False):
+    """The folder's model (class from config.json) and its tokenizer, or with ``images`` its image processor
+    (:func:`image_processor`), through transformers."""
     try:
         import transformers
     except ImportError:
         raise click.ClickException("--calibration with a model folder needs transformers (pip install transformers)") \
             from None
     transformers.utils.logging.disable_progress_bar()  # jwt draws its own
+    what = "image processor" if images else "tokenizer"
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
         names = [a for a in (getattr(config, "architectures", None) or []) if hasattr(transformers, a)]
         cls = getattr(transformers, names[0]) if names else transformers.AutoModel
         model = cls.from_pretrained(folder, local_files_only=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        reader = image_processor(transformers, folder) if images else \
+            transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as exc:
-        raise click.ClickException(f"{folder}: transformers cannot load the model or its tokenizer "
-                                   f"({first_line(exc)})") from None
-    return model, tokenizer
+        hint = ("; an image model (preprocessor_config.json) takes a folder of images as --calibration"
+                if not images and (folder / PREPROCESSOR).is_file() else "")
+        raise click.ClickException(f"{folder}: transformers cannot load the model or its {what} "
+                                   f"({first_line(exc)}){hint}") from None
+    return model, reader
 
+
+def check_names(folder: Path, model, state_dict: Mapping) -> None:
+    """A one-line error, before any work, when the model transformers builds from the folder does not hold its
+    weights under the file's names: tensors of the file that are not the model's while parameters of the model are
+    not in the file. Transformers 5 loads some models under other names than their files hold (ViT's
+    ``attention.attention.query`` is its ``attention.q_proj``); the search and repair name each tensor as the model
+    does. A file's tensor the model does not use (an unused head: transformers' "unexpected" key), with every
+    parameter of the model in the file, is no such case: it is coded by the data-free weighting."""
+    import transformers
+
+    own = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    own |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    foreign = [name for name in state_dict if name not in own]
+    missing = [name for name, _ in model.named_parameters() if name not in state_dict]  # a tied one: its first name
+    if foreign and missing:
+        def few(names: list[str]) -> str:
+            return f"{names[0]!r} and {len(names) - 1} more are" if len(names) > 1 else f"{names[0]!r} is"
+
+        raise click.ClickException(
+            f"{folder}: transformers {transformers.__version__} does not load the model under the tensor names its "
+            f"weights file holds ({few(foreign)} not among its parameters; {few(missing)} not in the "
+            "file): the command line cannot calibrate it; in Python, codec.save(model, path, bits_per_weight=B, "
+            "calibration=batches) can (the file then holds the model's names)")
+
+
+#: The file of a Hugging Face folder that holds its image processor's settings.
+PREPROCESSOR = "preprocessor_config.json"
+
+
+def image_processor(transformers, folder: Path):
+    """The folder's own image processor (``AutoImageProcessor``), the slow one (Pillow and numpy) where torchvision,
+    which the fast ones need, is not installed."""
+    import importlib.util
+
+    slow = {}
+    if importlib.util.find_spec("torchvision") is None:
+        major = int(transformers.__version__.split(".")[0])
+        slow = {"backend": "pil"} if major >= 5 else {"use_fast": False}
+    return transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True, **slow)
 
 
 def model_and_inputs(input: Path, state_dict: Mapping, calibration: Path, model_spec: str | None):
-    """``(nn.Module, inputs)`` for ``jwt encode INPUT --calibration FILE [--model SPEC]``."""
-    if not calibration.is_file():
-        raise click.ClickException(f"{calibration}: no such file")
-    text = calibration.suffix.lower() not in (".npy", ".npz")
+    """``(nn.Module, inputs, notes)`` for ``jwt encode INPUT --calibration FILE|FOLDER [--model SPEC]``."""
+    images = calibration.is_dir()
+    if not images and not calibration.is_file():
+        raise click.ClickException(f"{calibration}: no such file or folder")
+    text = not images and calibration.suffix.lower() not in (".npy", ".npz")
     if model_spec is not None:
         if text:
-            raise click.UsageError("--model takes array inputs (--calibration inputs.npy or inputs.npz)")
-        return import_model(model_spec, state_dict), read_array(calibration)
+            raise click.UsageError("--model takes array or image inputs (--calibration inputs.npy, inputs.npz or a "
+                                   "folder of images)")
+        if images:
+            inputs, notes = image_inputs(calibration)  # every header read before the model is built
+            return import_model(model_spec, state_dict), inputs, notes
+        return import_model(model_spec, state_dict), read_array(calibration), []
     if not input.is_dir():
         raise click.UsageError("--calibration needs a model to run: a Hugging Face model folder as INPUT, or "
                                "--model package.module:ClassName for a state_dict")
+    if images:
+        if not (input / PREPROCESSOR).is_file():
+            raise click.ClickException(f"{input}: has no {PREPROCESSOR}, the image processor a folder of images is "
+                                       "read with (save it there: image_processor.save_pretrained(folder)); a text "
+                                       "model takes a text file of sentences")
+        image_files(calibration)  # an empty folder is refused before the model is loaded
+        model, processor = hf_model(input, images=True)
+        check_names(input, model, state_dict)
+        inputs, notes = image_inputs(calibration, processor, getattr(model.config, "num_channels", None))
+        return model, inputs, notes
     model, tokenizer = hf_model(input)
+    check_names(input, model, state_dict)
     inputs = TextBatches(tokenizer, read_lines(calibration), decoder=decoder_inputs(model)) if text \
         else read_array(calibration)
-    return model, inputs
+    return model, inputs, []

@@ -79,12 +79,17 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
 @click.option("--tile", type=SIZE, default="64x64", show_default=True, help="Grid tile size HxW.")
 @click.option("--row-shape", type=SIZE, help="Code every matrix row of H*W values as one HxW tile "
                                               "(e.g. 28x28 for a first layer over MNIST images).")
-@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--calibration", type=click.Path(path_type=Path),
               help="Unlabelled inputs to run the model on, so the rate search scores each layer by the error it "
                    "causes in the layer's output (weighted by how much the model's output moves) instead of in its "
-                   "weights, then codes with repair: a text file of sentences, one a line, for a Hugging Face "
-                   "model folder; or a .npy array (or .npz holding one) of samples along the first axis, with "
-                   "--model. Needs --bits-per-weight or --max-error.")
+                   "weights, then codes with repair. For a Hugging Face model folder: a text file of sentences, one "
+                   "a line, or (an image model, its preprocessor_config.json present) a folder of images "
+                   "(.png/.jpg/.jpeg/.bmp/.webp, read through the folder's image processor). With --model: a .npy "
+                   "array (or .npz holding one) of samples along the first axis, or a folder of images of one size "
+                   "fed as float32 N x C x H x W in [0, 1] (grey: C=1, others RGB: C=3), as they are: no resizing "
+                   "or normalization (a model that expects normalized inputs: write them to a .npy, or use "
+                   "codec.save(model, ..., calibration=batches)). Images are read a batch at a time. Needs "
+                   "--bits-per-weight or --max-error.")
 @click.option("--model", "model_spec", metavar="PACKAGE.MODULE:CLASS",
               help="The nn.Module class to run a .pt/.safetensors state_dict with --calibration: imported (only "
                    "when given), built without arguments, loaded with load_state_dict.")
@@ -147,6 +152,8 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
       jwt encode v2.pt --base v1.jwt -o v2-update.jwt -b 0.1
       jwt encode all-MiniLM-L6-v2/ -b 3.5 --calibration sentences.txt
       jwt encode cnn.pt -b 0.6 --calibration images.npy --model mypkg.nets:CNN
+      jwt encode cnn.pt -b 0.6 --calibration images/ --model mypkg.nets:CNN
+      jwt encode vit-folder/ -b 3 --calibration images/
     """
     from codec import encode as encoding
     from codec import io_formats
@@ -199,21 +206,23 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
     bars: dict = {}
     with source, progress_bar(work, "encode", quiet) as bar:
         model = inputs = None
+        calibration_notes: list = []
         if calibration is not None:
             from .calibration import model_and_inputs
 
-            model, inputs = model_and_inputs(input, state_dict, calibration, model_spec)
+            model, inputs, calibration_notes = model_and_inputs(input, state_dict, calibration, model_spec)
 
         def stage_progress(stage: str, n: int) -> None:
             """One more bar per stage (calibration: inputs; repair: as it counts)."""
             if stage not in bars:
-                samples = len(getattr(inputs, "lines", inputs)) if stage == "calibration" else None
+                samples = None if stage != "calibration" else \
+                    inputs.samples if hasattr(inputs, "samples") else len(inputs)
                 bars[stage] = progress_bar(samples, stage, quiet)
             bars[stage].update(n)
 
         watch = _watch_for_a_hard_exit(output) if ray_address is not None else None
         try:
-            notes = source.notes + encoding.save(
+            notes = source.notes + calibration_notes + encoding.save(
                 state_dict, output, metadata={**metadata, "source": metadata.get("source", input.name),
                                               **source.metadata},
                 attachments=source.attachments,

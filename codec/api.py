@@ -235,8 +235,8 @@ def repaired_arrays(model, arrays: Arrays, aliases, inputs, chosen, calib, progr
                     settings=None, coded: dict | None = None, spare: int = 0, index_zstd: bool = False) -> Arrays:
     """``arrays`` with those :func:`codec.rd.repair.code_with_repair` changed, to be coded as planned.
 
-    Repair codes the layers in forward order with the chosen options and
-    returns, in storage form, only the tensors whose values it changed
+    Repair codes the layers in forward order with the chosen options (of the
+    tensors the model holds: any other is coded as planned) and returns, in storage form, only the tensors whose values it changed
     (error-compensated weights, repaired biases and later parameters);
     coding those with the options in ``chosen`` (updated in place where
     repair had to code a tensor cheaper to keep its planned size) gives
@@ -255,7 +255,11 @@ def repaired_arrays(model, arrays: Arrays, aliases, inputs, chosen, calib, progr
 
     counted = (lambda name, n: progress("repair", n)) if progress else None  # repair counts per tensor coded
     encoded = None if coded is None else {}
-    targets, repair_notes, changed = code_with_repair(model, inputs, dict(chosen), calib, progress=counted,
+    held = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    held |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    # a stored tensor the model does not hold (a checkpoint's unused head) is coded as planned, beside repair
+    options = {name: opts for name, opts in dict(chosen).items() if name in held}
+    targets, repair_notes, changed = code_with_repair(model, inputs, options, calib, progress=counted,
                                                       jobs=jobs, settings=settings, encoded=encoded, spare=spare,
                                                       index_zstd=bool(index_zstd))
     notes += [Note(n) for n in repair_notes]  # remarks on what repair did, not warnings
