@@ -343,28 +343,48 @@ def hf_model(folder: Path, images: bool = False):
     return model, reader
 
 
-def check_names(folder: Path, model, state_dict: Mapping) -> None:
-    """A one-line error, before any work, when the model transformers builds from the folder does not hold its
-    weights under the file's names: tensors of the file that are not the model's while parameters of the model are
-    not in the file. Transformers 5 loads some models under other names than their files hold (ViT's
-    ``attention.attention.query`` is its ``attention.q_proj``); the search and repair name each tensor as the model
-    does. A file's tensor the model does not use (an unused head: transformers' "unexpected" key), with every
-    parameter of the model in the file, is no such case: it is coded by the data-free weighting."""
+def model_names(folder: Path, model, state_dict: Mapping) -> dict[str, str]:
+    """The model's name of each tensor of the folder's weights that the model holds under another name
+    (:func:`codec.save`'s ``model_names``): transformers 5 loads some models under other names than their files hold
+    (ViT's ``attention.attention.query`` is its ``attention.q_proj``) and saves them back under the file's. The map
+    is transformers' own: its reverse conversion (what ``save_pretrained`` writes) applied to the model's tensors,
+    each renamed tensor found by identity. A one-line error, before any work, when a parameter of the model is
+    neither in the file nor renamed from it (a conversion that splits or merges tensors). A file's tensor the model
+    does not use (an unused head: transformers' "unexpected" key) is no such case: it is coded by the data-free
+    weighting."""
     import transformers
 
     own = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     own |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
     foreign = [name for name in state_dict if name not in own]
-    missing = [name for name, _ in model.named_parameters() if name not in state_dict]  # a tied one: its first name
-    if foreign and missing:
+    if not foreign:
+        return {}
+    renames: dict[str, str] = {}
+    try:  # transformers 5: the reverse of the conversions it applied on loading
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        revert_weight_conversion = None
+    if revert_weight_conversion is not None:
+        tensors = model.state_dict()
+        key = lambda t: (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)  # noqa: E731
+        by_tensor = {key(t): name for name, t in tensors.items()}
+        for stored, tensor in revert_weight_conversion(model, dict(tensors)).items():
+            name = by_tensor.get(key(tensor))
+            if name is not None and name != stored and stored in state_dict and stored not in own:
+                renames[stored] = name
+    missing = [name for name, _ in model.named_parameters()  # a tied one: its first name
+               if name not in state_dict and name not in renames.values()]
+    unmatched = [name for name in foreign if name not in renames]
+    if unmatched and missing:
         def few(names: list[str]) -> str:
             return f"{names[0]!r} and {len(names) - 1} more are" if len(names) > 1 else f"{names[0]!r} is"
 
         raise click.ClickException(
             f"{folder}: transformers {transformers.__version__} does not load the model under the tensor names its "
-            f"weights file holds ({few(foreign)} not among its parameters; {few(missing)} not in the "
+            f"weights file holds ({few(unmatched)} not among its parameters; {few(missing)} not in the "
             "file): the command line cannot calibrate it; in Python, codec.save(model, path, bits_per_weight=B, "
             "calibration=batches) can (the file then holds the model's names)")
+    return renames
 
 
 #: The file of a Hugging Face folder that holds its image processor's settings.
@@ -384,7 +404,8 @@ def image_processor(transformers, folder: Path):
 
 
 def model_and_inputs(input: Path, state_dict: Mapping, calibration: Path, model_spec: str | None):
-    """``(nn.Module, inputs, notes)`` for ``jwt encode INPUT --calibration FILE|FOLDER [--model SPEC]``."""
+    """``(nn.Module, inputs, notes, model_names)`` for ``jwt encode INPUT --calibration FILE|FOLDER [--model SPEC]``
+    (``model_names``: :func:`model_names`, for a Hugging Face folder)."""
     images = calibration.is_dir()
     if not images and not calibration.is_file():
         raise click.ClickException(f"{calibration}: no such file or folder")
@@ -395,8 +416,8 @@ def model_and_inputs(input: Path, state_dict: Mapping, calibration: Path, model_
                                    "folder of images)")
         if images:
             inputs, notes = image_inputs(calibration)  # every header read before the model is built
-            return import_model(model_spec, state_dict), inputs, notes
-        return import_model(model_spec, state_dict), read_array(calibration), []
+            return import_model(model_spec, state_dict), inputs, notes, {}
+        return import_model(model_spec, state_dict), read_array(calibration), [], {}
     if not input.is_dir():
         raise click.UsageError("--calibration needs a model to run: a Hugging Face model folder as INPUT, or "
                                "--model package.module:ClassName for a state_dict")
@@ -407,11 +428,11 @@ def model_and_inputs(input: Path, state_dict: Mapping, calibration: Path, model_
                                        "model takes a text file of sentences")
         image_files(calibration)  # an empty folder is refused before the model is loaded
         model, processor = hf_model(input, images=True)
-        check_names(input, model, state_dict)
+        names = model_names(input, model, state_dict)
         inputs, notes = image_inputs(calibration, processor, getattr(model.config, "num_channels", None))
-        return model, inputs, notes
+        return model, inputs, notes, names
     model, tokenizer = hf_model(input)
-    check_names(input, model, state_dict)
+    names = model_names(input, model, state_dict)
     inputs = TextBatches(tokenizer, read_lines(calibration), decoder=decoder_inputs(model)) if text \
         else read_array(calibration)
-    return model, inputs, []
+    return model, inputs, [], names

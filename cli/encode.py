@@ -207,10 +207,11 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
     with source, progress_bar(work, "encode", quiet) as bar:
         model = inputs = None
         calibration_notes: list = []
+        names: dict = {}
         if calibration is not None:
             from .calibration import model_and_inputs
 
-            model, inputs, calibration_notes = model_and_inputs(input, state_dict, calibration, model_spec)
+            model, inputs, calibration_notes, names = model_and_inputs(input, state_dict, calibration, model_spec)
 
         def stage_progress(stage: str, n: int) -> None:
             """One more bar per stage (calibration: inputs; repair: as it counts)."""
@@ -229,7 +230,7 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
                 overrides=parse_rules(rules), bits_per_weight=bits_per_weight, max_error=max_error,
                 progress=lambda name, n: bar.update(n), codec=codec_name, quality=quality, table=table,
                 distance=distance, effort=effort, tile=tile, row_shape=row_shape, bits=bits, jobs=jobs,
-                search=search, ray=ray_address, base=base, calibration=inputs, model=model,
+                search=search, ray=ray_address, base=base, calibration=inputs, model=model, model_names=names,
                 repair=False if no_repair else _repair_settings(finetune_steps),
                 calibration_progress=stage_progress if inputs is not None else None,
             )

@@ -127,14 +127,17 @@ def calibrated(model, calibration, repair, progress, meta):
     return inputs, calib
 
 
-def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], repairing: bool) -> list[Note]:
+def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], repairing: bool,
+                      renames: Mapping[str, str] | None = None) -> list[Note]:
     """:func:`save`'s notes on what calibration ``calib`` does not weigh: the stored floating tensors of two or more
     axes it has no statistics for (a layer kind it does not measure, or not reached by its inputs), coded by the
     data-free weighting (:func:`codec.rd.calibrate.uncalibrated`); and, when repair runs, the transformers Conv1D
-    weights it codes without GPTQ or refit (repair's are for nn.Linear and nn.Conv2d)."""
+    weights it codes without GPTQ or refit (repair's are for nn.Linear and nn.Conv2d). ``renames``: the model's
+    name of a stored tensor where it differs (:func:`codec.encode.save`'s ``model_names``); notes use the model's."""
     from .rd.calibrate import uncalibrated
 
-    names = [n for n in arrays if n not in aliases and len(arrays.shape(n)) >= 2
+    renames = renames or {}
+    names = [renames.get(n, n) for n in arrays if n not in aliases and len(arrays.shape(n)) >= 2
              and math.prod(arrays.shape(n)) and get_dtype(arrays.dtype_name(n)).floating]
     notes = []
     note = uncalibrated(model, calib, names)
@@ -232,7 +235,8 @@ def calibrate_score(arrays: Arrays, aliases: dict[str, str],
 
 
 def repaired_arrays(model, arrays: Arrays, aliases, inputs, chosen, calib, progress, jobs, notes,
-                    settings=None, coded: dict | None = None, spare: int = 0, index_zstd: bool = False) -> Arrays:
+                    settings=None, coded: dict | None = None, spare: int = 0, index_zstd: bool = False,
+                    renames: Mapping[str, str] | None = None) -> Arrays:
     """``arrays`` with those :func:`codec.rd.repair.code_with_repair` changed, to be coded as planned.
 
     Repair codes the layers in forward order with the chosen options (of the
@@ -249,19 +253,29 @@ def repaired_arrays(model, arrays: Arrays, aliases, inputs, chosen, calib, progr
     read: repair holds no float copy of them to the end, and nothing is coded
     twice. ``spare``: the bytes the plan leaves under the budget, for repair to spend
     (:func:`codec.encode.spare_bytes`); ``index_zstd``: the writer will compress the index (repair then counts a
-    JPEG list table at its compressed bytes).
+    JPEG list table at its compressed bytes). ``renames``: the model's name of a stored tensor where it differs
+    (:func:`codec.encode.save`'s ``model_names``): repair runs under the model's names, the result is keyed by the
+    stored ones.
     """
     from .rd.repair import code_with_repair
+
+    to_model = dict(renames or {})
+    stored_as = {model_name: name for name, model_name in to_model.items()}
 
     counted = (lambda name, n: progress("repair", n)) if progress else None  # repair counts per tensor coded
     encoded = None if coded is None else {}
     held = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     held |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
     # a stored tensor the model does not hold (a checkpoint's unused head) is coded as planned, beside repair
-    options = {name: opts for name, opts in dict(chosen).items() if name in held}
+    options = {to_model.get(name, name): opts for name, opts in dict(chosen).items()
+               if to_model.get(name, name) in held}
     targets, repair_notes, changed = code_with_repair(model, inputs, options, calib, progress=counted,
                                                       jobs=jobs, settings=settings, encoded=encoded, spare=spare,
                                                       index_zstd=bool(index_zstd))
+    if stored_as:  # back to the stored names
+        targets = {stored_as.get(n, n): v for n, v in targets.items()}
+        changed = {stored_as.get(n, n): v for n, v in changed.items()}
+        encoded = None if encoded is None else {stored_as.get(n, n): v for n, v in encoded.items()}
     notes += [Note(n) for n in repair_notes]  # remarks on what repair did, not warnings
     chosen.update(changed)  # options repair lowered to keep a tensor within its planned size
     out: dict[str, np.ndarray] = {}

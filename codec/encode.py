@@ -212,6 +212,7 @@ def save(
     base: Any = None,
     calibration: Any = None,
     model: Any = None,
+    model_names: Mapping[str, str] | None = None,
     repair: Any = None,
     calibration_progress: Callable[[str, int], None] | None = None,
     search: str = "fast",
@@ -259,6 +260,11 @@ def save(
     ``model``: the module to run when ``state_dict`` holds its tensors
     rather than being the module itself (a checkpoint's tensors, under the
     module's state_dict names; tensors it does not have are coded data-free).
+    ``model_names`` maps a tensor's name in ``state_dict`` to the model's
+    name of it where the two differ (transformers 5 loads a ViT's
+    ``attention.attention.query.weight`` as ``attention.q_proj.weight``):
+    calibration and repair run under the model's names, the file keeps
+    ``state_dict``'s.
     ``repair`` (default: on when calibration inputs are given) then codes
     the layers in forward order, compensating errors and repairing
     not-yet-coded parameters on the inputs (:mod:`codec.rd.repair`); the
@@ -317,6 +323,7 @@ def save(
         cluster = RayExecutor(connect(ray))  # fail early: Ray missing or the cluster unreachable
     if model is not None and not is_module(model):
         raise TypeError(f"model= must be a torch.nn.Module, not {type(model).__name__}")
+    renames = _model_names(model_names, model)
     if is_module(state_dict):
         model, state_dict = model or state_dict, state_dict.state_dict()
     if repair is not None and not isinstance(repair, bool):
@@ -397,13 +404,16 @@ def save(
             from .api import calibrated, calibration_notes, repair_growth
 
             if bits_per_weight is not None and matcher is None:  # a budget below the smallest: say so before
-                growth = repair_growth(model, calibration, repair, [n for n in arrays if n not in aliases])
+                growth = repair_growth(model, calibration, repair,
+                                       [renames.get(n, n) for n in arrays if n not in aliases])
                 _refuse_early(arrays, aliases, opts, rules, meta, encoder, bits_per_weight, packing,  # calibrating
                               growth)
             bound_heap()  # freed blocks of megabytes go back to the system at once, not kept as holes
             inputs, calib = calibrated(model, calibration, repair, calibration_progress, meta)
-            notes += calibration_notes(model, calib, arrays, aliases, repairing=inputs is not None)
-            weightings = merge_weightings(weightings, calib.weightings(), values)
+            notes += calibration_notes(model, calib, arrays, aliases, repairing=inputs is not None, renames=renames)
+            stored_as = {model_name: name for name, model_name in renames.items()}
+            calibrated_weightings = {stored_as.get(n, n): w for n, w in calib.weightings().items()}
+            weightings = merge_weightings(weightings, calibrated_weightings, values)
             if calib is not calibration:  # made here: the search holds its H matrices packed, the whole ones go
                 weightings, calib = packed_weightings(weightings), None  # (MiniLM: 74 MB -> 37)
             release_memory()
@@ -435,7 +445,7 @@ def save(
                                                   attachments, packing, jobs))
             arrays = repaired_arrays(model, arrays, aliases, inputs, chosen, calib, calibration_progress, jobs, notes,
                                      None if isinstance(repair, bool) else repair, coded=coded, spare=spare,
-                                     index_zstd=bool(index.get("compress")))
+                                     index_zstd=bool(index.get("compress")), renames=renames)
             release_memory()
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
     else:
@@ -480,6 +490,24 @@ def save(
             notes.append(f"repair: the file is {got:.3f} bits/weight, over the {bits_per_weight} asked for "
                          f"(the repaired values code larger than planned)")
     return ignored_options(stored, opts, rules) + notes
+
+
+def _model_names(model_names: Any, model: Any) -> dict[str, str]:
+    """:func:`save`'s ``model_names`` checked: a dict of names (str to str, one model name per tensor), only with a
+    model."""
+    if model_names is None:
+        return {}
+    if not isinstance(model_names, Mapping):
+        raise TypeError(f"model_names= must be a mapping of the state_dict's names to the model's, not "
+                        f"{type(model_names).__name__}")
+    if model_names and model is None:
+        raise TypeError("model_names= needs the model (model=) whose names it gives")
+    for name, model_name in model_names.items():
+        if not (isinstance(name, str) and isinstance(model_name, str)):
+            raise TypeError(f"model_names= maps names to names, not {name!r} to {model_name!r}")
+    if len(set(model_names.values())) < len(model_names):
+        raise ValueError("model_names= gives two tensors the same model name")
+    return dict(model_names)
 
 
 def _check_destination(path: Any) -> None:

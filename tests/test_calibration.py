@@ -396,6 +396,30 @@ def test_a_nan_deep_in_an_input_array_is_refused_before_the_model_runs(as_numpy)
     assert first_nonfinite(torch.zeros(5, 3, dtype=torch.int64)) is None
 
 
+def test_a_state_dict_under_other_names_calibrates_through_model_names(tmp_path):
+    """``model_names`` (stored name -> the model's): calibration and repair run under the model's names and the
+    file keeps the state_dict's; with a per-tensor target (no index size in the plan) the values are those of the
+    same save under the model's own names. Wrong arguments are one-line errors."""
+    model, x, _ = _two_branch()
+    renames = {"first.weight": "a.weight", "first.bias": "a.bias", "quiet.weight": "side.weight"}
+    stored_as = {v: k for k, v in renames.items()}
+    state = {stored_as.get(n, n): t for n, t in model.state_dict().items()}
+    notes = codec.save(state, tmp_path / "r.jwt", model=model, model_names=renames, max_error=0.05, calibration=x)
+    codec.save(model, tmp_path / "m.jwt", max_error=0.05, calibration=x)
+    renamed, plain = codec.load(tmp_path / "r.jwt"), codec.load(tmp_path / "m.jwt")
+    assert set(renamed) == set(state)
+    for name, tensor in renamed.items():
+        assert torch.equal(tensor, plain[renames.get(name, name)]), name
+    assert any("repair: coded" in n for n in notes), notes
+    with pytest.raises(TypeError, match="model_names= must be a mapping"):
+        codec.save(state, io.BytesIO(), model=model, model_names=["a.weight"], max_error=0.05, calibration=x)
+    with pytest.raises(TypeError, match="needs the model"):
+        codec.save(state, io.BytesIO(), model_names=renames, max_error=0.05)
+    with pytest.raises(ValueError, match="the same model name"):
+        codec.save(state, io.BytesIO(), model=model, max_error=0.05, calibration=x,
+                   model_names={"first.weight": "a.weight", "quiet.weight": "a.weight"})
+
+
 def test_calibrated_file_decodes_with_the_same_reader(tmp_path):
     """The format does not change: a calibrated file is read by the plain reader and by `jwt decode`, and
     decodes near the original."""

@@ -39,12 +39,16 @@ class Colour(nn.Module):
 '''
 
 
-def _encode(*args):
+def _run(args):
     from click.testing import CliRunner
 
     from jwt_cli.main import cli
 
-    return CliRunner().invoke(cli, ["encode", *map(str, args)])
+    return CliRunner().invoke(cli, list(map(str, args)))
+
+
+def _encode(*args):
+    return _run(["encode", *args])
 
 
 def _images(folder, n, size=(12, 12), mode="L", seed=0, suffix=".png"):
@@ -268,26 +272,64 @@ def test_hugging_face_folder_without_an_image_processor(tmp_path):
     assert not list(tmp_path.glob("**/*.jwt"))
 
 
-def test_a_folder_whose_tensor_names_transformers_changes_is_refused_before_work(tmp_path):
-    """transformers 5 loads a ViT under other names than its file holds (attention.attention.query ->
-    attention.q_proj): one line naming a tensor, before calibration (before: after calibrating, "options name ...
-    is not a parameter or buffer of the model")."""
+def _vit_folder(tmp_path):
     transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=1, hidden_size=16, num_hidden_layers=1,
-                                    num_attention_heads=2, intermediate_size=32, num_labels=4)
+    pytest.importorskip("safetensors")
+    config = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=1, hidden_size=48, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=96, num_labels=4)
     folder = tmp_path / "vit"
+    torch.manual_seed(0)
     transformers.ViTForImageClassification(config).save_pretrained(folder)
     transformers.ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5]) \
         .save_pretrained(folder)
-    loaded = transformers.ViTForImageClassification.from_pretrained(folder)
-    if "vit.encoder.layer.0.attention.attention.query.weight" in loaded.state_dict():
+    return transformers, folder
+
+
+def test_a_folder_whose_tensor_names_transformers_changes_is_calibrated_under_the_models_names(tmp_path):
+    """transformers 5 loads a ViT under other names than its file holds (attention.attention.query ->
+    attention.q_proj): calibration and repair run under the model's names, the file keeps the folder's (before:
+    refused; before that, after calibrating, "options name ... is not a parameter or buffer of the model"); the
+    decoded folder loads back into transformers and its logits stay close."""
+    from safetensors.torch import load_file
+
+    transformers, folder = _vit_folder(tmp_path)
+    loaded = transformers.ViTForImageClassification.from_pretrained(folder).eval()
+    stored = set(load_file(folder / "model.safetensors"))
+    renamed = stored - set(loaded.state_dict())
+    if not renamed:
         pytest.skip("this transformers loads ViT under its file's names")
+    _images(tmp_path / "imgs", 12)
+    out = tmp_path / "vit.jwt"
+    result = _encode(folder, "-b", "6", "--calibration", tmp_path / "imgs", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output and "repair: coded" in result.output
+    assert set(codec.load(out)) == stored  # the folder's own names
+    with codec.open(out) as f:
+        assert f.metadata["jwt.calibration"].startswith("12 inputs")
+    back_dir = tmp_path / "back"
+    assert _run(["decode", str(out), "-o", f"{back_dir}/"]).exit_code == 0
+    back = transformers.ViTForImageClassification.from_pretrained(back_dir).eval()
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        a, b = loaded(pixel_values=x).logits, back(pixel_values=x).logits
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
+def test_a_folder_whose_weights_the_model_cannot_find_is_refused_before_work(tmp_path):
+    """A parameter of the model neither in the file nor renamed from it (here the file's classifier is under a name
+    the model does not know): one line naming both, before calibration; no output."""
+    from safetensors.torch import load_file, save_file
+
+    transformers, folder = _vit_folder(tmp_path)
+    weights = load_file(folder / "model.safetensors")
+    weights["head.weight"] = weights.pop("classifier.weight")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     _images(tmp_path / "imgs", 3)
     result = _encode(folder, "-b", "24", "--calibration", tmp_path / "imgs")
     assert result.exit_code == 1
     line = _one_line_error(result)
-    assert "does not load the model under the tensor names its weights file holds ('vit.encoder.layer.0." in line
-    assert "more are not among its parameters; 'vit.layers.0." in line
+    assert "does not load the model under the tensor names its weights file holds ('head.weight' is not among" in line
+    assert "'classifier.weight' is not in the file" in line
     assert "codec.save(model, path, bits_per_weight=B, calibration=batches)" in line
     assert "calibration" not in result.output.split("Error")[0]  # no calibration bar: refused before any work
     assert not (tmp_path / "vit.jwt").exists()
