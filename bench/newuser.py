@@ -43,7 +43,11 @@ from the last 1,000 Fashion-MNIST *training* images (accuracy on the 10,000 *tes
 * ``pngcnn``: the ResNet-like state_dict (``ResNetLike``, 1 epoch) through ``jwt encode cnn.pt -b B [--calibration
   PNGS/ --model bench.newuser:ResNetLike]`` (the PNGs as float32 in [0, 1], what it was trained on).
 
-Both: accuracy, agreement with the float model's predictions, bits/weight of the file and the encode's wall time
+* ``hfvit``: ``transformers.ViTForImageClassification`` from a ``ViTConfig`` (4 layers of width 64, 4 x 4 patches),
+  trained and encoded as ``hfresnet``: transformers 5 loads it under other names than its file holds, the case
+  ``jwt encode`` once refused.
+
+All three: accuracy, agreement with the float model's predictions, bits/weight of the file and the encode's wall time
 (a fresh process: start-up and imports included), data-free against calibrated.
 
 ``python -m bench.newuser --models mobilenet,rnn`` runs some; the table goes to ``bench/results/newuser.md``
@@ -55,6 +59,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,9 +79,9 @@ from bench.models import load_fashion_mnist
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "newuser.md"
 MODELS = ("mobilenet", "rnn", "autoencoder", "gpt2", "minilm", "resnet", "grouped", "conv1d", "transformer", "bert",
-          "t5", "hfresnet", "pngcnn")
+          "t5", "hfresnet", "pngcnn", "hfvit")
 NEW = ("resnet", "grouped", "conv1d", "transformer", "bert", "t5")  # the nineteenth pass's (``--models new``)
-IMAGES = ("hfresnet", "pngcnn")  # the twentieth pass's (``--models images``): jwt encode --calibration FOLDER
+IMAGES = ("hfresnet", "pngcnn", "hfvit")  # the twentieth pass's (``--models images``): jwt encode --calibration FOLDER
 TRAIN_IMAGES = 20_000  # the first ones train; calibration takes the last CALIB_IMAGES of the training split
 CALIB_IMAGES = 1_000
 
@@ -909,10 +914,10 @@ class _Logits(nn.Module):
         return self.model(pixel_values=x).logits
 
 
-def run_hfresnet(bits: list[float], seed: int, log) -> list[str]:
-    """A transformers ResNet from its config (random weights), trained 2 epochs on images through a
-    ``ViTImageProcessor`` (32 x 32, Fashion-MNIST's mean and std), saved with ``save_pretrained`` beside the
-    processor; ``jwt encode FOLDER -b B [--calibration PNGS/]``."""
+def _hf_image(name: str, label: str, build, bits: list[float], seed: int, log) -> list[str]:
+    """A transformers image classifier (``build(transformers)``: random weights, one grey channel), trained 2
+    epochs on images through a ``ViTImageProcessor`` (32 x 32, Fashion-MNIST's mean and std), saved with
+    ``save_pretrained`` beside the processor; ``jwt encode FOLDER -b B [--calibration PNGS/]``."""
     import transformers
     from PIL import Image
 
@@ -926,17 +931,15 @@ def run_hfresnet(bits: list[float], seed: int, log) -> list[str]:
         return torch.cat([processor(images=[Image.fromarray(a, "L") for a in images[i:i + 2000]],
                                     return_tensors="pt")["pixel_values"] for i in range(0, len(images), 2000)])
 
-    config = transformers.ResNetConfig(num_channels=1, embedding_size=32, hidden_sizes=[32, 64, 128],
-                                       depths=[1, 1, 1], layer_type="basic", num_labels=10)
     torch.manual_seed(seed)
-    model = transformers.ResNetForImageClassification(config)
+    model = build(transformers)
     took = _train(_Logits(model), pixels(x[:TRAIN_IMAGES]), torch.from_numpy(y[:TRAIN_IMAGES]), epochs=2, seed=seed)
     model.eval()
     weights = sum(t.numel() for t in _stored(model).values())
-    log(f"hfresnet: ResNetForImageClassification, {weights:,} weights, trained 2 epochs ({took:.0f} CPU s), "
+    log(f"{name}: {type(model).__name__}, {weights:,} weights, trained 2 epochs ({took:.0f} CPU s), "
         f"{type(processor).__name__} 32 x 32")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "resnet"
+        folder = Path(tmp) / name
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
         pngs = _png_folder(Path(tmp) / "pngs", x[-CALIB_IMAGES:])
@@ -944,9 +947,33 @@ def run_hfresnet(bits: list[float], seed: int, log) -> list[str]:
         def args(calibrated: bool) -> list[str]:
             return [str(folder), *(["--calibration", str(pngs)] if calibrated else [])]
 
-        return _cli_rows("hfresnet", "transformers ResNet, 3 stages 32-128 (CLI, FOLDER + PNGs)", _Logits(model),
-                         lambda m, sd: m.model.load_state_dict(sd, strict=False), weights, args, bits,
-                         pixels(tx), torch.from_numpy(ty), log)
+        def load(m: nn.Module, stored: dict) -> None:  # the decoded folder, as transformers reads it
+            from safetensors.torch import save_file
+
+            with tempfile.TemporaryDirectory() as back:
+                shutil.copy(folder / "config.json", back)
+                save_file({k: v.contiguous() for k, v in stored.items()}, Path(back) / "model.safetensors",
+                          metadata={"format": "pt"})
+                m.model.load_state_dict(type(model).from_pretrained(back).state_dict())
+
+        return _cli_rows(name, label, _Logits(model), load, weights, args, bits, pixels(tx), torch.from_numpy(ty), log)
+
+
+def run_hfresnet(bits: list[float], seed: int, log) -> list[str]:
+    """A transformers ResNet from its config, 3 basic stages of 32 / 64 / 128 (:func:`_hf_image`)."""
+    return _hf_image("hfresnet", "transformers ResNet, 3 stages 32-128 (CLI, FOLDER + PNGs)",
+                     lambda t: t.ResNetForImageClassification(t.ResNetConfig(
+                         num_channels=1, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[1, 1, 1],
+                         layer_type="basic", num_labels=10)), bits, seed, log)
+
+
+def run_hfvit(bits: list[float], seed: int, log) -> list[str]:
+    """A transformers ViT from its config, 4 layers of width 64, patches 4 x 4 (:func:`_hf_image`): transformers 5
+    loads it under other names than its file holds (``attention.attention.query`` -> ``attention.q_proj``)."""
+    return _hf_image("hfvit", "transformers ViT, 4 x 64, patches 4 x 4 (CLI, FOLDER + PNGs)",
+                     lambda t: t.ViTForImageClassification(t.ViTConfig(
+                         image_size=32, patch_size=4, num_channels=1, hidden_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, intermediate_size=128, num_labels=10)), bits, seed, log)
 
 
 def run_pngcnn(bits: list[float], seed: int, log) -> list[str]:
@@ -975,11 +1002,12 @@ def run_pngcnn(bits: list[float], seed: int, log) -> list[str]:
 
 DEFAULT_BITS = {"mobilenet": [5.0, 4.0], "rnn": [2.0], "autoencoder": [2.0], "gpt2": [3.0], "minilm": [3.5],
                 "resnet": [4.0, 2.0], "grouped": [4.0, 2.0], "conv1d": [2.0, 1.5], "transformer": [4.0, 3.0],
-                "bert": [4.0, 3.0], "t5": [4.0, 3.0], "hfresnet": [2.0, 1.0], "pngcnn": [4.0, 2.0]}
+                "bert": [4.0, 3.0], "t5": [4.0, 3.0], "hfresnet": [2.0, 1.0], "pngcnn": [4.0, 2.0],
+                "hfvit": [3.0, 2.0]}
 RUNNERS = {"mobilenet": run_mobilenet, "rnn": run_rnn, "autoencoder": run_autoencoder, "gpt2": run_gpt2,
            "minilm": run_minilm, "resnet": run_resnet, "grouped": run_grouped, "conv1d": run_conv1d,
            "transformer": run_transformer, "bert": run_bert, "t5": run_t5, "hfresnet": run_hfresnet,
-           "pngcnn": run_pngcnn}
+           "pngcnn": run_pngcnn, "hfvit": run_hfvit}
 
 
 def main(argv: list[str] | None = None) -> None:

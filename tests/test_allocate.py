@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import re
 import os
@@ -299,3 +300,29 @@ def test_an_empty_tensor_beside_the_weights_does_not_break_the_search(shape, tar
         assert 8 * len(buf.getvalue()) / 128 ** 2 <= target["bits_per_weight"]
         with pytest.raises(codec.EncodeError, match="below the smallest encoding"):
             codec.save(sd, io.BytesIO(), bits_per_weight=0.05)
+
+
+def test_a_small_model_of_many_tensors_spends_its_budget(monkeypatch):
+    """The plan counts each tensor's index entry as JSON and the index's compression by a lean estimate; a small
+    model of many tiled tensors compresses its index by more, and its file came out 7-9 % under the budget (a
+    140,000-weight ViT of 72 tensors at -b 3: 2.654 bits/weight with 8 tensors left damaged). It is planned again
+    with what was left: within 1 % of the budget, never over; without the second plans, as before."""
+    import codec.encode as encode
+
+    torch.manual_seed(0)
+    sd = {}
+    for i in range(40):
+        sd[f"blocks.{i}.query.weight"] = torch.randn(64, 64) * 0.05
+        sd[f"blocks.{i}.query.bias"] = torch.randn(64) * 0.01
+    budget = int(4.0 * sum(t.numel() for t in sd.values()) / 8)
+    sizes, errors = {}, {}
+    for replans in (0, encode.REPLANS):
+        monkeypatch.setattr(encode, "REPLANS", replans)
+        out = io.BytesIO()
+        codec.save(sd, out, bits_per_weight=4.0)
+        sizes[replans] = out.getbuffer().nbytes
+        back = codec.load(io.BytesIO(out.getvalue()))
+        errors[replans] = np.mean([float((back[n] - t).norm() / t.norm()) for n, t in sd.items() if t.dim() == 2])
+    assert sizes[0] < 0.95 * budget  # what the first plan leaves
+    assert 0.99 * budget <= sizes[encode.REPLANS] <= budget
+    assert errors[encode.REPLANS] < 0.9 * errors[0]  # the bytes bought accuracy

@@ -690,7 +690,10 @@ def test_calibrated_save_holds_packed_h_through_the_search_with_the_same_file(tm
 
     monkeypatch.setattr(encode, "_plan", plan)
     codec.save(model, tmp_path / "packed.jwt", bits_per_weight=4.0, calibration=batches, repair=False)
+    packed, seen[:] = list(seen), []
     monkeypatch.setattr(allocate, "packed_weightings", dict)  # the whole matrices, as before
     codec.save(model, tmp_path / "whole.jwt", bits_per_weight=4.0, calibration=batches, repair=False)
-    assert seen == [["PackedSymmetric"] * 2, ["ndarray"] * 2]
+    # every plan of each save (a small model's may be planned again: encode.REPLANS)
+    assert packed and all(kinds == ["PackedSymmetric"] * 2 for kinds in packed)
+    assert len(seen) == len(packed) and all(kinds == ["ndarray"] * 2 for kinds in seen)
     assert (tmp_path / "packed.jwt").read_bytes() == (tmp_path / "whole.jwt").read_bytes()
