@@ -102,3 +102,19 @@ def test_the_heap_setting_is_made_once():
 
     first = heap.steady_heap()
     assert isinstance(first, bool) and heap.steady_heap() is first
+
+
+def test_save_without_the_error_measurement_writes_the_same_bytes(tmp_path):
+    """measure_errors=False (the Budget's measurements): the same file, without the JPEG blob decoded again, so
+    without the warning about a tensor coded no better than storing zeros."""
+    import torch
+
+    import codec
+
+    g = torch.Generator().manual_seed(3)
+    sd = {"big.weight": torch.randn(128, 256, generator=g), "ok.weight": torch.randn(128, 256, generator=g)}
+    for options in ({"quality": 1}, {"codec": "quant", "bits": 1}, {"row_shape": (16, 16), "quality": 1}):
+        notes = codec.save(sd, tmp_path / "a.jwt", **options)
+        assert any("no better than storing zeros" in n for n in notes)
+        assert codec.save(sd, tmp_path / "b.jwt", measure_errors=False, **options) == []
+        assert (tmp_path / "a.jwt").read_bytes() == (tmp_path / "b.jwt").read_bytes()
