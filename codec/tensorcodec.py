@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
@@ -572,31 +571,10 @@ def _map_blob(matrix: np.ndarray, dtype: DType, t: tiling.Tiling, bits: int, k: 
     return mapped
 
 
-#: Per-thread buffers of the pixel mapping (:func:`_scratch`), reused from one call to the next.
-_SCRATCH = threading.local()
-#: The largest buffer (elements) :func:`_scratch` keeps; a larger one is allocated afresh each time.
-_SCRATCH_MAX = 1 << 21
-
-
-def _scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """A work array of ``shape`` and ``dtype`` (contents undefined) kept per thread under ``name`` for the next call
-    (a training loop codes the same tensor every few steps: fresh buffers of a megabyte or more each time cost the
-    process a page fault per 4 KB, about as much time as the arithmetic they hold)."""
-    size = math.prod(shape)
-    if size > _SCRATCH_MAX:
-        return np.empty(shape, dtype)
-    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    key = (name, np.dtype(dtype))
-    buf = buffers.get(key)
-    if buf is None or buf.size < size:
-        buf = buffers[key] = np.empty(size, dtype)
-    return buf[:size].reshape(shape)
-
-
 def _map_float32(matrix: np.ndarray, t: tiling.Tiling, bits: int, k: int):
     """:func:`_map_blob` of a float32 matrix at 8 bits or fewer without widening it: the same offsets, scales and
     pixels (:func:`mapping.pixels_float32`) at about half the arithmetic, a few cell rows at a time through
-    buffers reused within the call. NotImplemented where it does not apply (a grid whose blobs are not bands of
+    buffers of that size reused within the call. NotImplemented where it does not apply (a grid whose blobs are not bands of
     the matrix, parameters :func:`mapping.float32_exact` refuses) or where the tiles' extremes could differ from
     binary64's (a tile whose minimum or maximum is zero: its sign is the one the binary64 reduction meets first);
     :func:`_map_blob`'s binary64 arithmetic then maps the blob."""
@@ -635,7 +613,7 @@ def _map_float32(matrix: np.ndarray, t: tiling.Tiling, bits: int, k: int):
     if t.mode == "rows":
         per = max(1, _CHUNK // (th * tw))  # tiles a step
         pixels = np.empty((len(idx), th * tw), np.uint8)
-        work, out = (_scratch(name, (min(per, len(idx)), th * tw), np.float32) for name in ("work", "out"))
+        work, out = (np.empty((min(per, len(idx)), th * tw), np.float32) for _ in range(2))
         for j in range(0, len(idx), per):
             n = min(per, len(idx) - j)
             mapping.pixels_float32(src[j : j + n], offset[j : j + n, None], scale[j : j + n, None], bits,
@@ -647,8 +625,7 @@ def _map_float32(matrix: np.ndarray, t: tiling.Tiling, bits: int, k: int):
     o_cols, s_cols = (np.repeat(v.reshape(cell_rows, gc), tw, axis=1)[:, None, :] for v in (offset, scale))
     per = max(1, _CHUNK // (th * width))  # cell rows a step
     image = np.empty((cell_rows * th, width), np.uint8)
-    band, work, out = (_scratch(name, (min(per, cell_rows) * th, width), np.float32)
-                       for name in ("band", "work", "out"))
+    band, work, out = (np.empty((min(per, cell_rows) * th, width), np.float32) for _ in range(3))
     for a in range(0, cell_rows, per):
         na = min(per, cell_rows - a)
         y, n = a * th, min(na * th, h - a * th)  # the band's rows, those of them in the matrix
