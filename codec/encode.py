@@ -217,6 +217,7 @@ def save(
     calibration_progress: Callable[[str, int], None] | None = None,
     search: str = "fast",
     ray: str | None = None,
+    measure_errors: bool = True,
     **options: Any,
 ) -> list[str]:
     """Encode ``state_dict`` (or an ``nn.Module``'s) to a .jwt file at ``path`` (atomically).
@@ -294,6 +295,11 @@ def save(
     are taken one at a time, at most ``jobs`` of them (and
     :data:`codec.parallel.AHEAD_BYTES` of input beyond the newest) in
     flight, so a lazy ``state_dict`` is never held whole.
+
+    ``measure_errors=False`` leaves out the relative error of each lossy tensor (a JPEG blob decoded again and
+    compared), and so the warning that names a tensor coded no better than storing zeros; the bytes are the same.
+    For a caller that needs the file's size only (:class:`codec.train.Budget`'s measurements in a training loop:
+    a third of the bench MLP's save).
 
     ``base`` makes the file an **update** (spec section 12) against a model
     the receiver already holds: a path (.jwt, .pt/.pth, .safetensors or a
@@ -492,7 +498,7 @@ def save(
             coded = ((*item, None) for item in encode_in_order(arrays, aliases, options_for, ray, done=coded,
                                                                  parts=writer.parts_folder))
         else:
-            coded = _encode_in_order(arrays, aliases, options_for, jobs, matcher, done=coded)
+            coded = _encode_in_order(arrays, aliases, options_for, jobs, matcher, done=coded, check=measure_errors)
         for name, target, dtype, shape, encoded, ref in coded:
             if target is not None:
                 writer.add_alias(name, target)
@@ -740,7 +746,7 @@ def _base_of(tensors: Mapping, name: str, copy: bool) -> Any:
 
 
 def _encode_in_order(arrays: Arrays, aliases: dict[str, str], options_for: Callable[[str], EncodeOptions], jobs: int,
-                     matcher: Any = None, done: dict[str, Encoded] | None = None):
+                     matcher: Any = None, done: dict[str, Encoded] | None = None, check: bool = True):
     """Yield ``(name, alias target, dtype, shape, Encoded, base ref)`` in ``arrays`` order.
 
     An alias has no dtype or Encoded. With an update's ``matcher``
@@ -752,7 +758,8 @@ def _encode_in_order(arrays: Arrays, aliases: dict[str, str], options_for: Calla
     blobs are coded by ``jobs`` threads while the following tensors are
     read and submitted; results are handed out in order. A tensor in
     ``done`` (already coded with its options, by the rate search) is handed
-    out as it is, without being read.
+    out as it is, without being read. ``check``: each lossy Encoded gets its relative error where it could
+    reach :data:`codec.tensorcodec.ZERO_ERROR` (:func:`codec.tensorcodec.start_encode`).
     """
     executor = make_executor(jobs)
     window = max(1, jobs - 1)  # with the tensor being read: ``jobs`` tensors in flight, one per worker
@@ -771,7 +778,7 @@ def _encode_in_order(arrays: Arrays, aliases: dict[str, str], options_for: Calla
                 opts = options_for(name)
                 mode, ref = ("full", None) if matcher is None else matcher.decide(name, array, dtype, opts)
                 coded = matcher.delta_array(name, array, dtype, opts) if mode == "delta" else array
-                job = None if mode == "unchanged" else start_encode(coded, dtype, opts, executor, check=True)
+                job = None if mode == "unchanged" else start_encode(coded, dtype, opts, executor, check=check)
                 pending.append((name, None, dtype, tuple(array.shape), job, array.nbytes, ref))
                 ahead += array.nbytes
                 del array

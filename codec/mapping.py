@@ -34,7 +34,8 @@ from .dtypes import DType, from_float64
 from .errors import FormatError
 
 __all__ = ["PARAM_TYPES", "tile_params", "params_from_range", "pack_params", "unpack_params", "stored_params",
-           "compress_params", "params_length", "to_pixels", "pixels_in_place", "from_pixels", "lookup_table"]
+           "compress_params", "params_length", "to_pixels", "pixels_in_place", "pixels_float32", "float32_exact",
+           "from_pixels", "lookup_table"]
 
 #: Parameter element types and their size in bytes (offset and scale each).
 PARAM_TYPES = {"float32": 4, "bfloat16": 2}
@@ -153,6 +154,61 @@ def pixels_in_place(values: np.ndarray, offset: np.ndarray, scale: np.ndarray, b
         np.copyto(values, 0.0, where=np.broadcast_to(constant, values.shape))
     np.clip(values, 0, (1 << bits) - 1, out=values)
     return values
+
+
+#: :func:`pixels_float32` recomputes in binary64 every value whose float32 quotient lies within this distance of
+#: a half step (the rounding could go either way there): its float32 quotient is within 256 * 2**-23 (3.1e-5) of
+#: the binary64 one for pixels of 8 bits or fewer (two roundings of relative error 2**-24 each, the quotient at most
+#: 256), four times less than this margin.
+HALF_MARGIN = 2.0**-13
+
+
+def float32_exact(offset: np.ndarray, scale: np.ndarray, bits: int) -> bool:
+    """Whether :func:`pixels_float32` gives :func:`pixels_in_place`'s pixels for tiles with these float32
+    parameters: pixels of at most 8 bits, finite parameters, every nonzero step a normal float32 (not flushed
+    where the CPU flushes subnormals) and every ``offset + (2**bits - 1) * scale`` far from float32's overflow."""
+    if bits > 8 or not len(scale):
+        return False
+    with np.errstate(all="ignore"):
+        if not (np.isfinite(offset).all() and np.isfinite(scale).all()):
+            return False
+        steps = scale[scale != 0]
+        if steps.size and float(np.abs(steps).min()) < 2.0**-100:
+            return False
+        return float(np.abs(offset).max()) + 256.0 * float(np.abs(scale).max()) < 2.0**120
+
+
+def pixels_float32(values: np.ndarray, offset: np.ndarray, scale: np.ndarray, bits: int,
+                   out: np.ndarray | None = None, work: np.ndarray | None = None) -> np.ndarray:
+    """:func:`pixels_in_place`'s pixel values for float32 ``values``, computed in float32 (half the work of
+    binary64), for parameters :func:`float32_exact` accepts: the same numbers, as float32, in ``out`` (a new array
+    if None; ``work``, a float32 array of ``values``' shape, is used as scratch where given).
+
+    ``offset`` and ``scale`` (float32) broadcast against ``values`` as for :func:`pixels_in_place`. The quotient
+    ``(x - offset) / scale`` in float32 differs from the binary64 one by less than :data:`HALF_MARGIN` of a step,
+    so both round to the same integer except where the float32 one lies within that margin of a half step; those
+    few values (about 2 in 10,000) are recomputed with :func:`pixels_in_place`'s binary64 arithmetic.
+    """
+    constant = scale == 0
+    any_constant = bool(constant.any())
+    q = np.subtract(values, offset, out=work, dtype=np.float32)
+    np.divide(q, np.where(constant, np.float32(1), scale) if any_constant else scale, out=q)
+    pixels = np.rint(q, out=out)
+    np.subtract(q, pixels, out=q)
+    np.abs(q, out=q)
+    near = np.flatnonzero(q > 0.5 - HALF_MARGIN)
+    if near.size:  # the binary64 arithmetic of pixels_in_place on these values
+        where = np.unravel_index(near, values.shape)
+        o = np.broadcast_to(offset, values.shape)[where].astype(np.float64)
+        s = np.broadcast_to(scale, values.shape)[where].astype(np.float64)
+        exact = values[where].astype(np.float64)
+        exact -= o
+        exact /= np.where(s == 0, 1.0, s)
+        pixels[where] = np.rint(exact)
+    if any_constant:
+        np.copyto(pixels, 0.0, where=np.broadcast_to(constant, values.shape))
+    np.clip(pixels, 0, (1 << bits) - 1, out=pixels)
+    return pixels
 
 
 def lookup_table(offset: np.ndarray, scale: np.ndarray, dtype: DType, levels: int = 256) -> np.ndarray:

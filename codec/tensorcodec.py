@@ -539,6 +539,10 @@ def _map_blob(matrix: np.ndarray, dtype: DType, t: tiling.Tiling, bits: int, k: 
     tiling's blob, and its image at each depth, are computed once (the values copied before mapping)."""
     if cache is not None and (t, bits, k) in cache:
         return cache[t, bits, k]
+    if cache is None and dtype.name == "float32" and bits <= 8:
+        mapped = _map_float32(matrix, t, bits, k)
+        if mapped is not NotImplemented:
+            return mapped
     if cache is None:
         values, lo, hi = _blob_values(matrix, dtype, t, k)
     else:
@@ -567,6 +571,75 @@ def _map_blob(matrix: np.ndarray, dtype: DType, t: tiling.Tiling, bits: int, k: 
     return mapped
 
 
+def _map_float32(matrix: np.ndarray, t: tiling.Tiling, bits: int, k: int):
+    """:func:`_map_blob` of a float32 matrix at 8 bits or fewer without widening it: the same offsets, scales and
+    pixels (:func:`mapping.pixels_float32`) at about half the arithmetic, a few cell rows at a time through
+    buffers of that size reused within the call. NotImplemented where it does not apply (a grid whose blobs are not bands of
+    the matrix, parameters :func:`mapping.float32_exact` refuses) or where the tiles' extremes could differ from
+    binary64's (a tile whose minimum or maximum is zero: its sign is the one the binary64 reduction meets first);
+    :func:`_map_blob`'s binary64 arithmetic then maps the blob."""
+    idx = t.blob_tiles(k)
+    th, tw = t.tile_h, t.tile_w
+    gc = t.grid[1]
+    if t.mode == "rows":
+        src = matrix[idx.start : idx.stop].reshape(len(idx), th * tw)
+        lo, hi = src.min(axis=1), src.max(axis=1)
+    elif t.columns == gc:  # the blob's image is a band of the matrix, edge-padded (_blob_values)
+        cell_rows, width = len(idx) // gc, gc * tw
+        r0 = (idx.start // gc) * th
+        h = min(cell_rows * th, t.rows - r0)
+        src = matrix[r0 : r0 + h]
+        # Each tile's extremes: over its rows, then over its columns (padding repeats the last row and column).
+        whole = h // th
+        ends = []
+        for reduce in (np.minimum, np.maximum):
+            per_row = np.empty((cell_rows, width), np.float32)
+            reduce.reduce(src[: whole * th].reshape(whole, th, t.cols), axis=1, out=per_row[:whole, : t.cols])
+            if whole < cell_rows:
+                reduce.reduce(src[whole * th :], axis=0, out=per_row[whole, : t.cols])
+            per_row[:, t.cols :] = per_row[:, t.cols - 1 : t.cols]
+            ends.append(reduce.reduce(per_row.reshape(cell_rows, gc, tw), axis=-1).reshape(-1))
+        lo, hi = ends
+    else:
+        return NotImplemented
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        return None
+    if not (lo.all() and hi.all()):
+        return NotImplemented
+    lo, hi = lo.astype(np.float64), hi.astype(np.float64)  # exactly binary64's extremes of the widened values
+    offset, scale = mapping.params_from_range(lo, hi, bits, t.params)
+    if not mapping.float32_exact(offset, scale, bits):
+        return NotImplemented
+    if t.mode == "rows":
+        per = max(1, _CHUNK // (th * tw))  # tiles a step
+        pixels = np.empty((len(idx), th * tw), np.uint8)
+        work, out = (np.empty((min(per, len(idx)), th * tw), np.float32) for _ in range(2))
+        for j in range(0, len(idx), per):
+            n = min(per, len(idx) - j)
+            mapping.pixels_float32(src[j : j + n], offset[j : j + n, None], scale[j : j + n, None], bits,
+                                   out[:n], work[:n])
+            np.copyto(pixels[j : j + n], out[:n], casting="unsafe")
+        image = tiling.blob_mosaic(pixels.reshape(len(idx), th, tw), t, k, 1 << (bits - 1))
+        return offset, scale, image, lo, hi
+    # Each tile's parameters repeated over its columns, so that a band's rows broadcast against them whole.
+    o_cols, s_cols = (np.repeat(v.reshape(cell_rows, gc), tw, axis=1)[:, None, :] for v in (offset, scale))
+    per = max(1, _CHUNK // (th * width))  # cell rows a step
+    image = np.empty((cell_rows * th, width), np.uint8)
+    band, work, out = (np.empty((min(per, cell_rows) * th, width), np.float32) for _ in range(3))
+    for a in range(0, cell_rows, per):
+        na = min(per, cell_rows - a)
+        y, n = a * th, min(na * th, h - a * th)  # the band's rows, those of them in the matrix
+        values = band[: na * th]
+        values[:n, : t.cols] = src[y : y + n]
+        values[:n, t.cols :] = values[:n, t.cols - 1 : t.cols]
+        values[n:] = values[n - 1 : n]
+        shape = (na, th, width)
+        mapping.pixels_float32(values.reshape(shape), o_cols[a : a + na], s_cols[a : a + na], bits,
+                               out[: na * th].reshape(shape), work[: na * th].reshape(shape))
+        np.copyto(image[y : y + na * th], out[: na * th], casting="unsafe")
+    return offset, scale, image, lo, hi
+
+
 def decode_tensor(entry: TensorEntry, blobs: Sequence[bytes], *, executor: Executor | None = None,
                   out: np.ndarray | None = None) -> np.ndarray:
     """Decode a stored (non-alias) entry's blobs to its array in storage form.
@@ -585,27 +658,39 @@ def decode_encoded(encoded: Encoded, dtype: DType, shape: tuple[int, ...], name:
                          executor=executor)
 
 
-def round_trip(array: np.ndarray, dtype: DType, opts: EncodeOptions) -> np.ndarray:
+def round_trip(array: np.ndarray, dtype: DType, opts: EncodeOptions, out: np.ndarray | None = None) -> np.ndarray:
     """What a reader decodes from ``array`` (storage form) coded with ``opts``, computed without the file: the
     tiles mapped to pixels as :func:`encode_tensor` maps them, each image through its codec's
     :meth:`~codec.blobcodecs.abc.BlobCodec.round_trip` (JPEG without optimised Huffman tables, quant's pixels as
     they are) and back to values as :func:`decode_tensor` maps them. The same array as ``decode_encoded(
     encode_tensor(array, dtype, opts), dtype, array.shape)`` at about half the cost: for the forward pass of
-    codec-in-the-loop training (codec.train), which needs the values and not the bytes."""
+    codec-in-the-loop training (codec.train), which needs the values and not the bytes. ``out`` (optional): a
+    C-contiguous array of ``array``'s shape and storage type to write them into (a loop that codes the same tensor
+    again and again reuses one), returned; else a new array."""
     opts, stored = _as_coded(array, dtype, opts)
+    if out is not None and (out.shape != array.shape or out.dtype != dtype.storage or not out.flags.c_contiguous):
+        raise ValueError(f"round_trip: out must be a C-contiguous {np.dtype(dtype.storage)}{tuple(array.shape)} "
+                         f"array, not {out.dtype}{tuple(out.shape)}")
     if stored is not None:
-        return array.copy() if stored is array else stored
+        if out is None:
+            return array.copy() if stored is array else stored
+        np.copyto(out, stored)
+        return out
     rows, cols = array.shape[0], math.prod(array.shape[1:])
     t = tiling.plan_tiling(rows, cols, opts.tile, opts.row_shape, opts.params)
     image = opts.image_codec(t.mode)
     matrix = array.reshape(rows, cols)
     parts = [_map_blob(matrix, dtype, t, image.bits, k) for k in range(t.n_blobs)]
     if any(p is None for p in parts):  # a tile holds NaN or Inf: stored losslessly
-        return array.copy()
+        if out is None:
+            return array.copy()
+        np.copyto(out, array)
+        return out
     offset, scale = mapping.unpack_params(mapping.pack_params(np.concatenate([p[0] for p in parts]),
                                                               np.concatenate([p[1] for p in parts]), t.params),
                                           t.params)  # as the reader gets them
-    out = np.empty(array.shape, dtype.storage)
+    if out is None:
+        out = np.empty(array.shape, dtype.storage)
     for k, part in enumerate(parts):
         _place_pixels(image.round_trip(part[2]), t, dtype, k, offset, scale, out.reshape(rows, cols))
     return out
@@ -731,10 +816,17 @@ def _decode_band(pixels: np.ndarray, matrix: np.ndarray, t: tiling.Tiling, dtype
     if lut is not None:
         # A pixel's entry is 256 * (its tile's place among the group's tiles) + pixel.
         tile_of_col = (np.arange(cols) // tw).astype(np.uint32)
+    elif direct:  # each tile's parameters repeated over its matrix columns: whole rows in one call, no buffer
+        o_cols, s_cols = (np.repeat(v.reshape(-1, gc), tw, axis=1)[:, None, :cols] for v in (o, s))
     for a0, a1, hh in groups:
         na, y = a1 - a0, a0 * th
         rows = na * hh
         dest = matrix[r0 - first_row + y : r0 - first_row + y + rows]
+        if direct and dest.flags.c_contiguous:
+            out = dest.reshape(na, hh, cols)
+            np.multiply(pixels[y : y + rows, :cols].reshape(na, hh, cols), s_cols[a0:a1], out=out)
+            np.add(out, o_cols[a0:a1], out=out)
+            continue
         if lut is not None:
             base = (np.arange(na, dtype=np.uint32)[:, None] * gc + tile_of_col) * 256
             index = pixels[y : y + rows, :cols].reshape(na, hh, cols) + base[:, None, :]

@@ -119,8 +119,8 @@ def test_check_every_keeps_the_best_weights_seen():
 def test_by_default_it_checks_five_times(monkeypatch):
     ft = importlib.import_module("codec.train.finetune")
     calls = []
-    real = ft.coded_weights
-    monkeypatch.setattr(ft, "coded_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = ft._code_planned  # every coding: the loop's and coded_weights'
+    monkeypatch.setattr(ft, "_code_planned", lambda *a, **k: calls.append(1) or real(*a, **k))
     finetune(_tiny(), _labelled(8), LOSS, setting="b3", steps=10, lr=1e-3, refresh=100)
     assert len(calls) == 1 + 1 + 5 + 1  # the check before, step 0's coding, checks after steps 2, 4, ... 10, the final pass
 

@@ -36,8 +36,8 @@ def _bytes(model, name: str, setting: str = "b4") -> int:
 def test_refresh_codes_every_kth_step_and_still_ends_on_the_file(monkeypatch):
     model = _tiny()
     calls = []
-    real = ft.coded_weights
-    monkeypatch.setattr(ft, "coded_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = ft._code_planned  # every coding: the loop's and coded_weights'
+    monkeypatch.setattr(ft, "_code_planned", lambda *a, **k: calls.append(1) or real(*a, **k))
     seen = []
     model[0].register_forward_pre_hook(lambda m, args: seen.append(m.weight.detach().clone()))
     finetune(model, _data(), LOSS, setting="b3", steps=7, lr=1e-2, refresh=3, validation=False)

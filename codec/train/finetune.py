@@ -36,6 +36,7 @@ from ..errors import EncodeError
 from ..rd.repair import _flat
 from ..tensorcodec import EncodeOptions, Overrides, not_applied, round_trip
 from .budget import Budget, as_budget
+from .heap import steady_heap
 from .rate import as_setting
 
 __all__ = ["NotKeptWarning", "as_overrides", "coded_weights", "finetune", "tile_bounds", "tile_keeper"]
@@ -66,15 +67,47 @@ def coded_weights(model: torch.nn.Module, setting: EncodeOptions | str | Mapping
     vector_bits = _check_vector_bits(vector_bits)
     opts, rules = as_setting(setting), as_overrides(overrides, setting)
     state = model.state_dict()
-    wanted = state.keys() if names is None else names
-    target = _sharing(state)[0]  # a tied name (lm_head.weight = embed.weight) is stored once: its target's coding
-    coded: dict[str, torch.Tensor] = {}
-    for name in wanted:
+    return _code_planned(state, _coding_plan(state, opts, rules, vector_bits, names), vector_bits)
+
+
+#: One entry of :func:`_coding_plan`: ``(name, the name whose coding it takes, its options, how it is coded)``.
+Planned = tuple[str, str, EncodeOptions, str]
+
+
+def _coding_plan(state: Mapping[str, torch.Tensor], opts: EncodeOptions, rules: Overrides,
+                 vector_bits: int | None, names: Iterable[str] | None = None) -> list[Planned]:
+    """How :func:`coded_weights` codes each of ``names`` (default: all) of ``state``: a tied name (lm_head.weight
+    = embed.weight) takes its target's coding (stored once), each target its options under ``rules`` and one of
+    ``"code"`` (the real encode/decode), ``"round"`` (a vector rounded to ``vector_bits``) or ``"copy"`` (stored
+    losslessly). It depends on the names, shapes, dtypes and ties only, so a loop plans once per setting."""
+    target = _sharing(state)[0]
+    plan = []
+    for name in state.keys() if names is None else names:
         first = target.get(name, name)
+        o = rules.options_for(first, opts) or opts
+        t = state[first]
+        if not (o.codec == "lossless" or _lossless_for_shape(t, o)):
+            how = "code"
+        else:
+            how = "round" if vector_bits and _rounds(t, o) else "copy"
+        plan.append((name, first, o, how))
+    return plan
+
+
+def _code_planned(state: Mapping[str, torch.Tensor], plan: Sequence[Planned], vector_bits: int | None = None,
+                  buffers: dict[int, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+    """``{name: decoded tensor}`` of ``state`` (a state_dict, or the model's own tensors) coded by ``plan``
+    (:func:`_coding_plan`): what :func:`coded_weights` returns. ``buffers`` (a dict, optional): the coded tensors'
+    values are written into arrays kept there per tensor, reused at the next call (a loop's codings: the tensors
+    returned by one call are overwritten by the next)."""
+    coded: dict[str, torch.Tensor] = {}
+    for name, first, o, how in plan:
         if first not in coded:
-            coded[first] = _code(state[first], rules.options_for(first, opts) or opts, vector_bits)
+            t = state[first]
+            coded[first] = (_round_trip(t, o, buffers) if how == "code" else round_vector(t, vector_bits)
+                            if how == "round" else t.detach().clone())
         coded[name] = coded[first]
-    return {name: coded[name] for name in wanted}
+    return {name: coded[name] for name, *_ in plan}
 
 
 def round_vector(t: torch.Tensor, bits: int) -> torch.Tensor:
@@ -189,17 +222,20 @@ def as_overrides(overrides: Overrides | OverrideRules, setting=None) -> Override
     return rules
 
 
-def _code(t: torch.Tensor, opts: EncodeOptions, vector_bits: int | None = None) -> torch.Tensor:
-    """The real encode/decode of one tensor (a copy of it, on its device: :func:`codec.tensorcodec.round_trip`, the
-    values the file decodes to); a tensor stored losslessly is its own decoded value, and is copied without coding
-    it (with ``vector_bits``, a floating one stored losslessly for its shape is rounded: :func:`round_vector`)."""
+def _round_trip(t: torch.Tensor, opts: EncodeOptions, buffers: dict[int, np.ndarray] | None = None) -> torch.Tensor:
+    """The real encode/decode of ``t``, a tensor ``opts`` codes lossily: the values the file decodes to
+    (:func:`codec.tensorcodec.round_trip`), a new tensor on ``t``'s device; with ``buffers``, a tensor sharing the
+    array kept there for ``t`` (see :func:`_code_planned`)."""
     from ..api import to_numpy, to_torch
     from ..dtypes import get_dtype
 
-    if opts.codec == "lossless" or _lossless_for_shape(t, opts):
-        return round_vector(t, vector_bits) if vector_bits and _rounds(t, opts) else t.detach().clone()
     array, name = to_numpy(t.detach())
-    decoded = round_trip(array, get_dtype(name), opts)  # a new array: the tensor made from it is its own
+    out = None
+    if buffers is not None:
+        out = buffers.get(id(t))
+        if out is None or out.shape != array.shape or out.dtype != array.dtype:
+            out = buffers[id(t)] = np.empty_like(array)
+    decoded = round_trip(array, get_dtype(name), opts, out)  # a new array (or out): the tensor made from it is its own
     return to_torch(decoded, name).to(t.device)
 
 
@@ -400,6 +436,7 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     except ValueError as exc:
         raise ValueError(f"finetune: {exc}") from None
     budget = as_budget(budget)
+    steady_heap()  # no heap trimmed and faulted back at every step (codec.train.heap)
     opts, rules = as_setting(setting), as_overrides(overrides, setting)
     if budget is not None:  # the quality that fits, searched before training (none fits: the start's quality)
         rules = budget.start(model, opts, rules, vector_bits)
@@ -436,6 +473,9 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         raise TypeError(f"finetune: state_dict entry {copied!r} is not one of the model's parameters or buffers "
                         "(a state_dict that returns copies): finetune trains the model's own tensors")
     tied = {n for n, t in tensors.items() if n not in params and any(t is p for p in params.values())}
+    plans: dict[tuple, list[Planned]] = {}  # the coding plan of the rules in force (a budget moves them)
+    decoded: dict[int, np.ndarray] = {}  # the coded values of each tensor, overwritten at each coding
+    kept: dict[str, torch.Tensor] = {}  # each parameter's residual, overwritten at each coding
 
     def loss_at(batch, code: bool = True, backward: bool = False) -> torch.Tensor:
         """The loss of ``batch`` with the coded values in the model (the last coding's residual added to the
@@ -444,12 +484,17 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         again. So the model runs as it is (no functional_call, no arithmetic on the values to route the gradient)
         and the gradient of each weight, computed at the coded values, lands on it unchanged."""
         inputs, rest = _split(batch)
-        if code:  # exactly the coded values forward
-            values = coded_weights(model, opts, overrides=rules, vector_bits=vector_bits)
-            residual.clear()
+        if code:  # exactly the coded values forward (coded_weights, planned once per setting)
+            setting = tuple(rules.rules)
+            if setting not in plans:
+                plans.clear()
+                plans[setting] = _coding_plan(tensors, opts, rules, vector_bits)
+            values = _code_planned(tensors, plans[setting], vector_bits, decoded)
             residual.update(values)
-            for name, p in params.items():
-                residual[name] = values[name] - p.detach()
+            for name, p in params.items():  # into the same tensors at every coding
+                if name not in kept:
+                    kept[name] = torch.empty_like(p, requires_grad=False)
+                residual[name] = torch.sub(values[name], p.detach(), out=kept[name])
         else:  # between codings: the float weights plus the last coding's residual
             values = dict(residual)
             for name, p in params.items():
