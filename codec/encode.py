@@ -584,7 +584,8 @@ def _planned_size(arrays: Arrays, aliases: dict[str, str], options_for: Callable
     """The size of the file the plan's options give the values as they are: the writer's, run into a counter."""
     sink = _Count()
     with Writer(sink, metadata=meta, encoder=encoder, compress_index=index.get("compress")) as writer:
-        for name, target, dtype, shape, encoded, _ in _encode_in_order(arrays, aliases, options_for, jobs):
+        for name, target, dtype, shape, encoded, _ in _encode_in_order(arrays, aliases, options_for, jobs,
+                                                                       check=False):  # (sizes only)
             if target is not None:
                 writer.add_alias(name, target)
             else:

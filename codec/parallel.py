@@ -151,6 +151,19 @@ def _malloc_trim() -> Callable[[int], int] | None:
 MMAP_THRESHOLD = 1 << 20
 
 
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt``, or None where the C library has none (macOS, musl, Windows)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, TypeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
 def bound_heap() -> bool:
     """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` for the rest of the process; whether it could.
 
@@ -162,11 +175,30 @@ def bound_heap() -> bool:
 
     4 MB, measured end to end on that encode: the rate search's peak 259 MB instead of 284 and 17 s of system time
     instead of 27 (fewer page faults), but repair's 309 MB instead of 284: 1 MB kept."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError, TypeError):
-        return False
-    return bool(mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+    mallopt = _mallopt()
+    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+#: A training loop's heap (:func:`steady_heap`): requests of this many bytes or more get their own mapping (glibc's
+#: dynamic maximum), and this many free bytes at the top of the heap are kept before it is trimmed (twice it, as
+#: glibc's dynamic rule sets it).
+STEADY_MMAP_THRESHOLD = 32 << 20
+STEADY_TRIM_THRESHOLD = 2 * STEADY_MMAP_THRESHOLD
+
+
+def steady_heap() -> bool:
+    """Hold glibc's mmap and trim thresholds at :data:`STEADY_MMAP_THRESHOLD` and :data:`STEADY_TRIM_THRESHOLD`
+    for the process (:func:`codec.train.finetune` calls it at its start); whether it could (Linux with glibc).
+
+    A training step frees and allocates tensors of a layer's size several times (Adam's temporaries, gradients), so
+    where no larger block was freed before, glibc trims its heap and grows it again at each step, and every 4 KB page
+    faults back in: on the bench MLP (a 784x512 layer, 1.6 MB) an epoch of codec-in-the-loop training took 0.2-0.6 s
+    of system time and 100,000-400,000 page faults, 0.00-0.07 s and under 1,000 with these thresholds (bench/
+    JOURNAL.md, "train (twentieth pass)"). These are the values glibc's own rule reaches after a 32 MB block is
+    freed; a calibrated encode later in the process sets its own (:func:`bound_heap`). Changes no computed value."""
+    mallopt = _mallopt()
+    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD)) \
+        and bool(mallopt(_M_TRIM_THRESHOLD, STEADY_TRIM_THRESHOLD))
 
 
 def release_memory() -> bool:

@@ -97,11 +97,18 @@ def test_round_trip_into_a_given_array():
         tc.round_trip(array, F32, opts, np.empty((80, 96), np.float32).T)
 
 
-def test_the_heap_setting_is_made_once():
-    from codec.train import heap
+def test_the_heap_settings_hold_where_glibc_is():
+    """steady_heap (training) and bound_heap (calibrated encodes) set glibc's thresholds, the same answer each call;
+    elsewhere they do nothing and say so."""
+    import ctypes
+    import sys
 
-    first = heap.steady_heap()
-    assert isinstance(first, bool) and heap.steady_heap() is first
+    from codec.parallel import bound_heap, steady_heap
+
+    first = steady_heap()
+    assert isinstance(first, bool) and steady_heap() is first and bound_heap() is first
+    if sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "mallopt"):
+        assert first
 
 
 def test_save_without_the_error_measurement_writes_the_same_bytes(tmp_path):

@@ -33,10 +33,10 @@ from torch.func import functional_call
 
 from ..api import _sharing
 from ..errors import EncodeError
+from ..parallel import steady_heap
 from ..rd.repair import _flat
 from ..tensorcodec import EncodeOptions, Overrides, not_applied, round_trip
 from .budget import Budget, as_budget
-from .heap import steady_heap
 from .rate import as_setting
 
 __all__ = ["NotKeptWarning", "as_overrides", "coded_weights", "finetune", "tile_bounds", "tile_keeper"]
@@ -436,7 +436,7 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     except ValueError as exc:
         raise ValueError(f"finetune: {exc}") from None
     budget = as_budget(budget)
-    steady_heap()  # no heap trimmed and faulted back at every step (codec.train.heap)
+    steady_heap()  # no heap trimmed and faulted back at every step (codec.parallel.steady_heap)
     opts, rules = as_setting(setting), as_overrides(overrides, setting)
     if budget is not None:  # the quality that fits, searched before training (none fits: the start's quality)
         rules = budget.start(model, opts, rules, vector_bits)
