@@ -55,6 +55,7 @@ class OutputSample:
         self.seed, self.limit = int(seed), int(limit)
         self.heads: list[str] = []  # names of the modules whose output is a compared output (narrowed runs)
         self._columns: dict[tuple[int, str], torch.Tensor] = {}
+        self._seen: dict[str, weakref.ref] = {}  # wide Linear layer -> its output in the watched run (weakly)
         self._checked = False
 
     def columns(self, width: int, device: torch.device | str | None = None) -> torch.Tensor | None:
@@ -80,7 +81,7 @@ class OutputSample:
     def watch(self, model: nn.Module) -> Iterator[None]:
         """Around one clean run of ``model``: remembers (weakly) the output of each of its plain Linear layers wider
         than :attr:`limit`, for :meth:`adopt`."""
-        self._seen: dict[str, weakref.ref] = {}
+        self._seen = {}
         handles = []
         for name, module in model.named_modules():
             if _narrowable(module) and module.out_features > self.limit:
@@ -97,7 +98,7 @@ class OutputSample:
     def adopt(self, outputs: list[torch.Tensor]) -> None:
         """After :meth:`watch`: the wide Linear layers whose output tensor is one of ``outputs`` (the ones compared)
         become the heads narrowed runs narrow."""
-        seen, self._seen = getattr(self, "_seen", {}), {}
+        seen, self._seen = self._seen, {}
         self.heads = sorted(name for name, ref in seen.items() if any(ref() is t for t in outputs))
         self._checked = False
 
