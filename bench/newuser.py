@@ -1003,7 +1003,7 @@ def run_pngcnn(bits: list[float], seed: int, log) -> list[str]:
 DEFAULT_BITS = {"mobilenet": [5.0, 4.0], "rnn": [2.0], "autoencoder": [2.0], "gpt2": [3.0], "minilm": [3.5],
                 "resnet": [4.0, 2.0], "grouped": [4.0, 2.0], "conv1d": [2.0, 1.5], "transformer": [4.0, 3.0],
                 "bert": [4.0, 3.0], "t5": [4.0, 3.0], "hfresnet": [2.0, 1.0], "pngcnn": [4.0, 2.0],
-                "hfvit": [3.0, 2.0]}
+                "hfvit": [3.0, 2.8]}
 RUNNERS = {"mobilenet": run_mobilenet, "rnn": run_rnn, "autoencoder": run_autoencoder, "gpt2": run_gpt2,
            "minilm": run_minilm, "resnet": run_resnet, "grouped": run_grouped, "conv1d": run_conv1d,
            "transformer": run_transformer, "bert": run_bert, "t5": run_t5, "hfresnet": run_hfresnet,

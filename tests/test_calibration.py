@@ -5,6 +5,7 @@ repair contract."""
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -899,19 +900,50 @@ def test_cli_names_the_tensors_calibration_does_not_measure(net_files):
     calib_test_nets.Rec().load_state_dict(codec.load(out))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_squared_sums_in_chunks_match_the_whole_and_leave_their_inputs(dtype):
-    """The sensitivity pass's sums of squares, taken a chunk at a time (a language model's logits would otherwise be
-    copied whole in float64), equal the whole tensor's, and never write into the model's outputs."""
+    """The sensitivity pass's sums of squares, taken a chunk at a time in float32 (a language model's logits would
+    otherwise be copied whole in float64), equal the whole tensor's float64 sum within float32's pairwise rounding
+    (float64 inputs: float64's), and never write into the model's outputs."""
     from codec.rd.calibrate import _squared_sum
 
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(3, 7, 101, generator=gen, dtype=dtype)
-    b = torch.randn(3, 7, 101, generator=gen, dtype=dtype)
+    a = torch.randn(3, 7, 101, generator=gen).to(dtype)
+    b = torch.randn(3, 7, 101, generator=gen).to(dtype)
     a0, b0 = a.clone(), b.clone()
     whole = float(((a.double() - b.double()) ** 2).sum())
+    rel = 1e-12 if dtype == torch.float64 else 1e-6
     for chunk in (1, 64, 1000, a.numel(), 1 << 22):
-        assert _squared_sum(a, b, chunk=chunk) == pytest.approx(whole, rel=1e-12)
-        assert _squared_sum(a, chunk=chunk) == pytest.approx(float((a.double() ** 2).sum()), rel=1e-12)
-    assert _squared_sum(a, b) == whole  # one chunk: the same sum as before chunking, bit for bit
+        assert _squared_sum(a, b, chunk=chunk) == pytest.approx(whole, rel=rel)
+        assert _squared_sum(a, chunk=chunk) == pytest.approx(float((a.double() ** 2).sum()), rel=rel)
     assert torch.equal(a, a0) and torch.equal(b, b0)
+    assert _squared_sum(a[:0]) == 0.0
+
+
+@pytest.mark.parametrize("values", ["large", "tiny", "mixed", "huge and tiny", "zeros", "nan", "inf"])
+def test_float32_squared_sums_keep_float64s_accuracy_on_hostile_values(values):
+    """Values whose float32 squares overflow (beyond 1.8e19) or underflow (below 1e-19), of mixed signs and
+    magnitudes, in chunks of their own or together: the float32 sum falls back to float64 for such a chunk, so the
+    result is the float64 sum within 1e-6 (NaN and Inf as float64 gives them)."""
+    from codec.rd.calibrate import _squared_sum
+
+    rng = np.random.default_rng(1)
+    n = 3000
+    signs = rng.choice([-1.0, 1.0], n)
+    x = {"large": signs * rng.uniform(1e19, 1e37, n),
+         "tiny": signs * 10.0 ** rng.uniform(-35, -22, n),
+         "mixed": signs * 10.0 ** rng.uniform(-30, 30, n),
+         "huge and tiny": np.concatenate([signs[:1500] * 3e20, signs[1500:] * 1e-25]),
+         "zeros": np.zeros(n),
+         "nan": np.where(np.arange(n) == 7, np.nan, signs),
+         "inf": np.where(np.arange(n) == 7, np.inf, signs)}[values]
+    a = torch.from_numpy(x.astype(np.float32))
+    b = torch.from_numpy((x[::-1] * 0.5).astype(np.float32))
+    for chunk in (1000, 1 << 20):
+        for got, want in ((_squared_sum(a, chunk=chunk), float((a.double() ** 2).sum())),
+                          (_squared_sum(a, b, chunk=chunk), float(((a.double() - b.double()) ** 2).sum()))):
+            if math.isnan(want):
+                assert math.isnan(got)
+            else:
+                assert got == pytest.approx(want, rel=1e-6, abs=0.0), (values, chunk)
+                assert want == 0 or got > 0

@@ -31,6 +31,7 @@ exactly the model the repair was computed for.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -51,6 +52,7 @@ from .calibrate import FULL_H_MAX, UNFOLD_BYTES, conv_rows
 from .calibrate import call as _run
 from .gptq import _BAND, HeldInFactor, _diagonal
 from .gptq import difference_error as weighted_error
+from .output_sample import OutputSample
 from .rdo import applies, fit_pruned, unit_sensitivity
 
 __all__ = ["RepairSettings", "Repaired", "code_with_repair", "forward_order", "output_error", "repair"]
@@ -406,10 +408,18 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     # embedding then needs only the rows they look up (_Lookups).
     lookups = _Lookups(work, slots) if not keep_targets and settings.steps == settings.final_steps == 0 \
         and settings.finetune_steps == 0 else None
+    # A wide output (a language model's logits) is compared on a seeded sample of its last axis where a refit is
+    # judged, and its head computes only those positions there and while a layer's inputs are collected
+    # (OutputSample); the references for the judged batches are sampled the same way.
+    sample = OutputSample(settings.seed)
     with torch.no_grad():
-        refs = [_outputs(work, b) for b in batches]
+        refs = [_outputs(work, b, sample if i == 0 else None) for i, b in enumerate(batches)]
     if lookups is not None:
         lookups.close()
+    with torch.no_grad():
+        sample.reference(work, batches[0], _run, _flat, refs[0])  # a narrowed run checked once (or no narrowing)
+        judge_refs = {i: sample.reference(work, batches[i], _run, _flat, refs[i])
+                      for i in (held_out(len(batches[: settings.stats_batches])) if settings.refit else ())}
     order = forward_order(work, batches[0])
     follower = {id(a): b for a, b in zip(order, order[1:])}
     for rank, module in enumerate(order):
@@ -424,10 +434,11 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     for slot in queue:
         if slot is receiver:
             credit += spare - reserve
-        layer = _LayerFit.collect(model, originals[slot.module_name], work, slot, slots, batches, settings,
-                                  follower.get(id(slot.module))) if _is_layer_weight(slot) else None
+        with sample.narrowed(work, model):  # (collect needs the layer's inputs, not the model's output)
+            layer = _LayerFit.collect(model, originals[slot.module_name], work, slot, slots, batches, settings,
+                                      follower.get(id(slot.module))) if _is_layer_weight(slot) else None
         if layer is not None and layer.candidate is not None:
-            judged.append(_refit_judged(work, layer, batches, refs, settings))
+            judged.append(_refit_judged(work, layer, batches, judge_refs, settings, sample))
         if layer is not None and layer.h is None:
             wide.append(slot.name)
         elif layer is not None and settings.prune and settings.keep_size and _prunes(options[slot.name], slot,
@@ -520,10 +531,11 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     return targets, notes, changed
 
 
-def _refit_judged(work: nn.Module, layer: _LayerFit, batches: list, refs: list, settings: RepairSettings
-                  ) -> tuple[str, float, float, str]:
+def _refit_judged(work: nn.Module, layer: _LayerFit, batches: list, refs: Mapping[int, list], settings: RepairSettings,
+                  sample: OutputSample | None = None) -> tuple[str, float, float, str]:
     """Choose by the model's output error on the held-out batches how ``layer`` is repaired; ``(name, error with its
     refit, error of the better without it, the choice)``, the choice ``"refit"``, ``"original"`` or ``"own"``.
+    ``refs[i]``: the original's outputs on held-out batch ``i``, sampled by ``sample`` (:func:`output_error`).
 
     Three ways are tried uncoded in the partly coded working model, and the model's relative output error against
     the original's on the held-out batches decides: the candidate refit (fitted on the other batches,
@@ -542,7 +554,7 @@ def _refit_judged(work: nn.Module, layer: _LayerFit, batches: list, refs: list, 
     restore = [(s.tensor, s.tensor.detach().clone()) for s in (layer.bias, layer.shift) if s is not None]
 
     def error() -> float:
-        return output_error(work, [batches[i] for i in held], [refs[i] for i in held])
+        return output_error(work, [batches[i] for i in held], [refs[i] for i in held], sample)
 
     def error_with(weight: np.ndarray) -> float:
         tensor.data = to_torch(weight, slot.dtype.name)
@@ -720,8 +732,14 @@ def _flat(out) -> list[torch.Tensor]:
     return []
 
 
-def _outputs(model: nn.Module, batch) -> list[torch.Tensor]:
-    outs = [t.detach() for t in _flat(_run(model, batch))]
+def _outputs(model: nn.Module, batch, watch: OutputSample | None = None) -> list[torch.Tensor]:
+    """The model's floating outputs on ``batch``, detached (``watch``: which wide Linear heads made them,
+    :meth:`OutputSample.adopt`)."""
+    with watch.watch(model) if watch is not None else contextlib.nullcontext():
+        outs = _flat(_run(model, batch))
+    if watch is not None:
+        watch.adopt(outs)
+    outs = [t.detach() for t in outs]
     if not outs:
         raise ValueError("the model's output holds no floating tensor to match")
     return outs
@@ -746,10 +764,23 @@ def _relative_mse(out, refs: list[torch.Tensor]) -> torch.Tensor:
     return sum(F.mse_loss(o, r) / r.pow(2).mean().clamp_min(1e-30) for o, r in zip(_flat(out), refs))
 
 
-def output_error(model: nn.Module, batches: list, refs: list[list[torch.Tensor]]) -> float:
-    """Mean relative MSE of ``model``'s outputs against ``refs`` over ``batches``."""
+def output_error(model: nn.Module, batches: list, refs: list[list[torch.Tensor]], sample: OutputSample | None = None
+                 ) -> float:
+    """Mean relative MSE of ``model``'s outputs against ``refs`` over ``batches``.
+
+    With ``sample`` (:class:`codec.rd.output_sample.OutputSample`), an output wider than its limit on its last axis
+    (a language model's logits) is compared on the sample's positions of it, the model run with its heads narrowed
+    to them; ``refs`` are then the original's outputs sampled the same way (:meth:`OutputSample.reference`). An
+    output no wider is compared whole, as without ``sample``."""
     with torch.no_grad():
-        return float(np.mean([float(_loss(model, b, r)) for b, r in zip(batches, refs)]))
+        if sample is None:
+            return float(np.mean([float(_loss(model, b, r)) for b, r in zip(batches, refs)]))
+        errors = []
+        for b, r in zip(batches, refs):
+            with sample.narrowed(model):
+                out = [sample.take(t) for t in _flat(_run(model, b))]
+            errors.append(float(_relative_mse(out, r)))
+        return float(np.mean(errors))
 
 
 def _set_trainable(slots: dict[str, _Slot]) -> None:

@@ -1,0 +1,163 @@
+"""A wide model output (a language model's logits over its vocabulary) compared on a fixed, seeded sample of its
+last axis.
+
+Calibration's sensitivity pass (:func:`codec.rd.calibrate.calibrate`) runs the model once more per layer and batch
+and compares its output with the clean one; repair (:mod:`codec.rd.repair`) runs it twice per layer and batch to
+collect the layer's inputs and three times per layer and held-out batch to judge a refit by the model's output
+error. With a language model's head that output is ``(batch, tokens, vocabulary)``: on a 2+2 x 64 T5 with a
+30,522-word vocabulary (2 M weights) the head's product, the float64 copies that compared the logits and the relative
+MSE of the whole logits were most of a 110-CPU-second calibrated save (data-free: 1 s).
+
+:class:`OutputSample` compares an output whose last axis is wider than :data:`WIDE_OUTPUT` on :data:`WIDE_OUTPUT`
+positions of it, the same for every batch, layer and run with the same seed and width: ``torch.randperm(width)`` from
+a CPU generator seeded by ``seed``, its first :data:`WIDE_OUTPUT` entries, sorted (a relative error is a ratio of
+sums over the positions, estimated from 4096 of them per token). An output no wider is compared whole (:meth:`take`
+gives it back as it is), so a model without a wide output computes exactly what it did before.
+
+Where such an output is the very tensor a ``torch.nn.Linear`` head returned (checked by identity on a clean run:
+the model does nothing to it after the head, as T5's, GPT-2's and BERT's language-model heads), the head computes
+only the sampled rows of its weight while the comparisons run (:meth:`narrowed`: its ``forward`` replaced for the
+duration, restored after), so the model never makes the other columns: the same values as the whole output's
+sampled columns (a narrowed run is checked once against them, and narrowing given up where it fails or differs).
+Repair's collection runs narrowed too: it needs the layers' inputs, not the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["OutputSample", "WIDE_OUTPUT"]
+
+#: A model output whose last axis is wider than this is compared on this many positions of it (sampled).
+WIDE_OUTPUT = 4096
+
+
+def _narrowable(module: nn.Module) -> bool:
+    """A plain ``nn.Linear`` (its own ``forward``, not replaced on the instance)."""
+    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+            and "forward" not in vars(module) and module.weight.dim() == 2)
+
+
+class OutputSample:
+    """The positions of a wide output's last axis that comparisons use, and the heads that compute only them (see
+    the module docstring). ``seed``: of the positions drawn; ``limit``: :data:`WIDE_OUTPUT` (read when made)."""
+
+    def __init__(self, seed: int = 0, limit: int | None = None):
+        limit = WIDE_OUTPUT if limit is None else limit
+        if limit < 1:
+            raise ValueError(f"OutputSample limit must be at least 1, got {limit}")
+        self.seed, self.limit = int(seed), int(limit)
+        self.heads: list[str] = []  # names of the modules whose output is a compared output (narrowed runs)
+        self._columns: dict[tuple[int, str], torch.Tensor] = {}
+        self._seen: dict[str, weakref.ref] = {}  # wide Linear layer -> its output in the watched run (weakly)
+        self._checked = False
+
+    def columns(self, width: int, device: torch.device | str | None = None) -> torch.Tensor | None:
+        """The sorted positions compared of an axis of ``width`` (on ``device``); None where it is compared whole."""
+        if width <= self.limit:
+            return None
+        key = (int(width), str(device or "cpu"))
+        if key not in self._columns:
+            gen = torch.Generator().manual_seed(self.seed)
+            picked = torch.randperm(int(width), generator=gen)[: self.limit].sort().values
+            self._columns[key] = picked.to(device or "cpu")
+        return self._columns[key]
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor``'s sampled positions of its last axis (a new tensor), or ``tensor`` itself where that axis is no
+        wider than :attr:`limit` (a narrowed head's output, or any output not wide)."""
+        if tensor.dim() == 0:
+            return tensor
+        picked = self.columns(tensor.shape[-1], tensor.device)
+        return tensor if picked is None else tensor.index_select(-1, picked)
+
+    @contextlib.contextmanager
+    def watch(self, model: nn.Module) -> Iterator[None]:
+        """Around one clean run of ``model``: remembers (weakly) the output of each of its plain Linear layers wider
+        than :attr:`limit`, for :meth:`adopt`."""
+        self._seen = {}
+        handles = []
+        for name, module in model.named_modules():
+            if _narrowable(module) and module.out_features > self.limit:
+                def hook(mod, args, out, name=name):
+                    if isinstance(out, torch.Tensor):
+                        self._seen[name] = weakref.ref(out)
+                handles.append(module.register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def adopt(self, outputs: list[torch.Tensor]) -> None:
+        """After :meth:`watch`: the wide Linear layers whose output tensor is one of ``outputs`` (the ones compared)
+        become the heads narrowed runs narrow."""
+        seen, self._seen = self._seen, {}
+        self.heads = sorted(name for name, ref in seen.items() if any(ref() is t for t in outputs))
+        self._checked = False
+
+    @contextlib.contextmanager
+    def narrowed(self, *models: nn.Module, keep: nn.Module | None = None) -> Iterator[None]:
+        """Within: each head of :attr:`heads` in ``models`` (by name) but ``keep`` computes only the sampled rows of
+        its weight (and bias); their ``forward`` is restored on leaving."""
+        patched = []
+        try:
+            for model in models:
+                for name in self.heads:
+                    module = _submodule(model, name)
+                    if module is None or module is keep or not _narrowable(module):
+                        continue
+                    picked = self.columns(module.out_features, module.weight.device)
+                    if picked is None:
+                        continue
+
+                    def forward(x, module=module, picked=picked):
+                        bias = None if module.bias is None else module.bias.index_select(0, picked)
+                        return F.linear(x, module.weight.index_select(0, picked), bias)
+
+                    module.forward = forward
+                    patched.append(module)
+            yield
+        finally:
+            for module in patched:
+                del module.forward
+
+    def reference(self, model: nn.Module, batch, run: Callable, tensors: Callable, full: list[torch.Tensor]
+                  ) -> list[torch.Tensor]:
+        """The compared outputs of ``model`` on ``batch``, sampled: a narrowed run's (``run(model, batch)``, its
+        compared tensors listed by ``tensors(out)``), or ``full``'s (the same run's whole outputs) sampled.
+
+        The first call checks the narrowed run against ``full``: the same shapes once sampled and the same values
+        within float32 rounding; where it raises, or differs, the heads are dropped (no narrowing from then on)."""
+        sampled_full = [self.take(t) for t in full]
+        if not self.heads:
+            return sampled_full
+        try:
+            with self.narrowed(model):
+                got = [self.take(t) for t in tensors(run(model, batch))]
+        except Exception:  # noqa: BLE001 -- a model that reads its head's output itself: compared whole, sampled
+            self.heads = []
+            return sampled_full
+        if not self._checked:
+            same = len(got) == len(sampled_full) and all(
+                g.shape == s.shape and bool(torch.allclose(g.double(), s.double(), rtol=1e-4, atol=1e-6 * (
+                    float(s.abs().max()) if s.numel() else 0.0)))
+                for g, s in zip(got, sampled_full))
+            if not same:
+                self.heads = []
+                return sampled_full
+            self._checked = True
+        return got
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
