@@ -418,8 +418,8 @@ def save(
             inputs, calib = calibrated(model, calibration, repair, calibration_progress, meta)
             notes += calibration_notes(model, calib, arrays, aliases, repairing=inputs is not None, renames=renames)
             stored_as = {model_name: name for name, model_name in renames.items()}
-            calibrated_weightings = {stored_as.get(n, n): w for n, w in calib.weightings().items()}
-            weightings = merge_weightings(weightings, calibrated_weightings, values)
+            weightings = merge_weightings(weightings, {stored_as.get(n, n): w for n, w in calib.weightings().items()},
+                                          values)  # (no name kept for them: packed below, the whole H matrices go)
             if calib is not calibration:  # made here: the search holds its H matrices packed, the whole ones go
                 weightings, calib = packed_weightings(weightings), None  # (MiniLM: 74 MB -> 37)
             release_memory()
@@ -463,6 +463,7 @@ def save(
                         dict(meta)
             meta.clear()
             meta.update(kept_meta)
+        measure_by = None  # its weightings hold calibration's H matrices (MiniLM: 100 MB): not through repair
         notes += damaged
         if bits_per_weight is not None:
             notes += _attachments_note(packing, bits_per_weight, weights)
