@@ -198,11 +198,12 @@ class ImageBatches:
         import numpy as np
         import torch
 
+        shape = None if self.processor is not None else (self.channels, *_shape(self.files[0]))  # (read once)
         for i in range(0, len(self.files), self.batch):
             chunk = self.files[i:i + self.batch]
             images = [_decoded(path) for path in chunk]
             if self.processor is None:
-                yield torch.from_numpy(np.stack([_pixels(path, im, self.channels, self.files[0])
+                yield torch.from_numpy(np.stack([_pixels(path, im, shape, self.files[0])
                                                  for path, im in zip(chunk, images)]))
                 continue
             mode = "L" if self.channels == 1 else "RGB"
@@ -227,10 +228,11 @@ def _decoded(path: Path):
         raise ValueError(f"{path}: not a readable image ({first_line(exc)})") from None
 
 
-def _pixels(path: Path, im, channels: int, first: Path):
-    """``im`` as a float32 ``C x H x W`` array in [0, 1]."""
+def _pixels(path: Path, im, shape: tuple[int, int, int], first: Path):
+    """``im`` as a float32 ``C x H x W`` array in [0, 1], of the first image's ``shape`` (C x H x W)."""
     import numpy as np
 
+    channels = shape[0]
     if channels == 1:
         if im.mode.startswith("I"):  # 16-bit grey
             a = np.asarray(im, dtype=np.float32) / 65535
@@ -239,8 +241,8 @@ def _pixels(path: Path, im, channels: int, first: Path):
         a = a[None]
     else:
         a = np.asarray(im.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255
-    if a.shape != (channels, *_shape(first)):  # the file changed since it was listed
-        raise ValueError(f"{path}: {_kind(im.size, im.mode)}, where {first.name} is {channels} x {_shape(first)}")
+    if a.shape != shape:  # the file changed since it was listed
+        raise ValueError(f"{path}: {_kind(im.size, im.mode)}, where {first.name} is {channels} x {shape[1:]}")
     return np.ascontiguousarray(a)
 
 
@@ -372,8 +374,9 @@ def model_names(folder: Path, model, state_dict: Mapping) -> dict[str, str]:
             name = by_tensor.get(key(tensor))
             if name is not None and name != stored and stored in state_dict and stored not in own:
                 renames[stored] = name
+    renamed = set(renames.values())
     missing = [name for name, _ in model.named_parameters()  # a tied one: its first name
-               if name not in state_dict and name not in renames.values()]
+               if name not in state_dict and name not in renamed]
     unmatched = [name for name in foreign if name not in renames]
     if unmatched and missing:
         def few(names: list[str]) -> str:

@@ -429,14 +429,22 @@ def save(
         # the search starts while they are compressed.
         measure_by = Distortion(weightings)
 
+        def warn(damaged: list[str]) -> None:  # the file's metadata names the damaged tensors (jwt info)
+            meta.pop(WARNINGS_KEY, None)
+            if damaged:
+                meta[WARNINGS_KEY] = "; ".join(damaged)
+
         def plan(reserve: int, damaged: list[str], coded: dict, progress) -> dict[str, EncodeOptions]:
             meta.pop(WARNINGS_KEY, None)
             chosen = _plan(arrays, aliases, opts, rules, meta, encoder, bits_per_weight, max_error, calibrate,
                            progress, packing, jobs, matcher, measure_by=measure_by, notes=damaged, search=search,
                            coded=coded, index=index, executor=cluster, reserve=reserve)
-            if damaged:
-                meta[WARNINGS_KEY] = "; ".join(damaged)
+            warn(damaged)
             return chosen
+
+        def size(chosen: dict[str, EncodeOptions], coded: dict) -> int:  # the search's codings are not redone
+            return _planned_size(arrays, aliases, chosen.__getitem__, meta, encoder, index, attachments, packing, jobs,
+                                 done=dict(coded))
 
         chosen = plan(growth, damaged, coded, progress)
         weights = sum(math.prod(arrays.shape(n)) for n in arrays if n not in aliases)
@@ -444,25 +452,21 @@ def save(
         entries = REPLAN_ENTRY_BYTES * sum(n not in aliases for n in arrays)  # the index's share, guessed
         if budget and matcher is None and inputs is None and weights <= REPLAN_WEIGHTS \
                 and entries > REPLAN_UNDER * budget:  # (repair spends what its plan leaves: spare_bytes)
-            under = budget - _planned_size(arrays, aliases, chosen.__getitem__, meta, encoder, index, attachments,
-                                           packing, jobs)
-            first, rate, kept_meta = budget - under, 1.0, dict(meta)
+            first = size(chosen, coded)
+            best, rate = first, 1.0
             for _ in range(REPLANS):  # the index compressed by more than the plan counted on: spend it
-                if under <= REPLAN_UNDER * budget:
+                if budget - best <= REPLAN_UNDER * budget:
                     break
                 given = int(0.97 * (budget - first) / rate)  # the file grows about ``rate`` bytes a byte given
                 again_damaged: list[str] = []
                 again_coded: dict = {}
                 again = plan(growth - given, again_damaged, again_coded, None)
-                size = _planned_size(arrays, aliases, again.__getitem__, meta, encoder, index, attachments, packing,
-                                     jobs)
-                if size > first:
-                    rate = max(rate, (size - first) / max(given, 1))
-                if budget - under < size <= budget:
-                    chosen, damaged, coded, under, kept_meta = again, again_damaged, again_coded, budget - size, \
-                        dict(meta)
-            meta.clear()
-            meta.update(kept_meta)
+                got = size(again, again_coded)
+                if got > first:
+                    rate = max(rate, (got - first) / max(given, 1))
+                if best < got <= budget:
+                    chosen, damaged, coded, best = again, again_damaged, again_coded, got
+            warn(damaged)
         measure_by = None  # its weightings hold calibration's H matrices (MiniLM: 100 MB): not through repair
         notes += damaged
         if bits_per_weight is not None:
@@ -581,12 +585,14 @@ class _Count(io.RawIOBase):
 
 
 def _planned_size(arrays: Arrays, aliases: dict[str, str], options_for: Callable[[str], EncodeOptions],
-                  meta: dict[str, str], encoder: dict[str, str], index: dict, attachments, packing, jobs: int) -> int:
-    """The size of the file the plan's options give the values as they are: the writer's, run into a counter."""
+                  meta: dict[str, str], encoder: dict[str, str], index: dict, attachments, packing, jobs: int,
+                  done: dict | None = None) -> int:
+    """The size of the file the plan's options give the values as they are: the writer's, run into a counter.
+    ``done``: tensors already coded with their options (taken from it, as :func:`_encode_in_order` does)."""
     sink = _Count()
     with Writer(sink, metadata=meta, encoder=encoder, compress_index=index.get("compress")) as writer:
         for name, target, dtype, shape, encoded, _ in _encode_in_order(arrays, aliases, options_for, jobs,
-                                                                       check=False):  # (sizes only)
+                                                                       done=done, check=False):  # (sizes only)
             if target is not None:
                 writer.add_alias(name, target)
             else:
