@@ -687,8 +687,7 @@ def _attachments_note(packing: dict[str, Future], bits_per_weight: float, weight
 
 def _describe(encoded) -> str:
     """A tensor's codec and its parameters in a few words, e.g. ``quant bits=1``."""
-    params = " ".join(f"{k}={v}" for k, v in encoded.codec.get_config().items() if k not in ("id", "level"))
-    return f"{encoded.codec.codec_id} {params}".strip()
+    return encoded.codec.describe(skip=("level",))
 
 
 def progress_total(state_dict: Any, *, overrides: Sequence[tuple[str, str]] | Mapping[str, str] | None = None,

@@ -32,7 +32,17 @@ def test_codec_config_round_trips_through_json(codec):
     config = json.loads(json.dumps(codec.get_config()))
     assert config["id"] == codec.codec_id
     assert get_codec(config) == codec
+    assert hash(get_codec(config)) == hash(codec)  # a JPEG table is a list: hashable all the same
+    assert len({codec, get_codec(config)}) == 1
     assert repr(codec).startswith(type(codec).__name__)
+
+
+def test_a_codec_describes_itself_in_a_few_words():
+    """Notes and `jwt show` name a codec's parameters; an explicit JPEG table is summed up, not 64 numbers."""
+    assert Jpeg(3, [212] * 64).describe() == "jpeg quality=3 table=64 x 212"
+    assert Jpeg(50, list(range(1, 65))).describe(sep=", ") == "jpeg quality=50, table=[1, 2, 3, ..., 64] (64 values)"
+    assert Jpeg(20, "flat").describe() == "jpeg quality=20 table=flat"
+    assert Quant(4, 3).describe(skip=("level",)) == "quant bits=4"
 
 
 @pytest.mark.parametrize("config, error", [

@@ -17,6 +17,7 @@ read (the reader does not copy a tensor's blobs apart).
 from __future__ import annotations
 
 import inspect
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -80,6 +81,13 @@ class BlobCodec(ABC):
         """The format minor version that defines this codec with these parameters (0: format 1.0)."""
         return 0
 
+    def describe(self, sep: str = " ", skip: tuple[str, ...] = ()) -> str:
+        """The codec and its parameters in a few words for people (notes, ``jwt show``), e.g. ``quant bits=4``: a
+        long list (an explicit JPEG table) is summed up (``64 x 212``, or its first and last values) where the index
+        and ``jwt info --json`` keep every value. ``skip``: parameters left out."""
+        params = sep.join(f"{k}={_brief(v)}" for k, v in self.get_config().items() if k != "id" and k not in skip)
+        return f"{self.codec_id} {params}".strip()
+
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "id")
         return f"{type(self).__name__}({params})"
@@ -88,7 +96,17 @@ class BlobCodec(ABC):
         return type(self) is type(other) and self.get_config() == other.get_config()  # type: ignore[union-attr]
 
     def __hash__(self) -> int:
-        return hash(tuple(sorted(self.get_config().items())))
+        return hash(json.dumps(self.get_config(), sort_keys=True))  # a JPEG table is a list
+
+
+def _brief(value: Any) -> str:
+    """A parameter's value as a few characters: a list of more than 8 values as ``64 x 212`` when they are all
+    equal, else ``[2, 3, 5, ..., 99] (64 values)``."""
+    if not isinstance(value, (list, tuple)) or len(value) <= 8:
+        return str(value)
+    if all(v == value[0] for v in value):
+        return f"{len(value)} x {value[0]}"
+    return f"[{', '.join(map(str, value[:3]))}, ..., {value[-1]}] ({len(value)} values)"
 
 
 def check_params(codec_id: str, name: str, value: Any, kind: type, lo: float, hi: float) -> Any:
