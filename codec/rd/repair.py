@@ -132,9 +132,9 @@ class RepairSettings:
     #: A Linear / Conv2d layer with more input columns than this gets no ``H`` (8 x columns^2 bytes, factored in
     #: columns^3 time): its weight is coded as it stands and only its bias is corrected, from the inputs' means (a
     #: note names it). The default is calibration's own limit (:data:`codec.rd.calibrate.FULL_H_MAX`, above which it
-    #: keeps H's diagonal). Measured on a grouped CNN whose head is ``Linear(6272, 10)`` (81 % of its weights),
-    #: ``-b 2`` with 1,000 images (bench/JOURNAL.md, nineteenth pass): 81.45 % in 4.2 CPU s and no memory above the
-    #: model's, against 82.49 % in 36.5 CPU s and +428 MB with the head's full ``H`` (``max_columns=6272``); a
+    #: keeps H's diagonal: 8192). Measured on a grouped CNN whose head is ``Linear(6272, 10)`` (81 % of its weights),
+    #: ``-b 2`` with 1,000 images (bench/JOURNAL.md, nineteenth pass): 82.49 % in 36.5 CPU s and +428 MB with the
+    #: head's full ``H``, 81.45 % in 4.2 CPU s and no memory above the model's without (``max_columns=4096``); a
     #: VGG-like head (25,088 columns) would need 5 GB.
     max_columns: int = FULL_H_MAX
     #: Seed of torch's generator during repair (the caller's generator state is restored after).
