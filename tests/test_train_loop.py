@@ -625,3 +625,28 @@ def test_a_bar_without_tqdms_refresh_argument_still_gets_the_loss():
 
     finetune(_tiny(), _data(), LOSS, setting="b3", steps=3, validation=False, progress=Bar())
     assert seen == [["loss"], 1] * 3
+
+
+def test_bench_train_label_smoothing_is_the_loops_cross_entropy_only(monkeypatch, capsys):
+    import numpy as np
+
+    from bench import train
+
+    rng = np.random.default_rng(0)
+    schedule = train.Schedule("mlp", rng.integers(0, 255, (640, 28, 28), dtype=np.uint8),
+                              rng.integers(0, 10, 640), epochs=1, seed=0)
+    _, _, snapshot = schedule.run(snapshot_at=0)
+    torch.manual_seed(6)
+    out, y, logits = torch.randn(8, 10), torch.randint(0, 10, (8,)), torch.randn(8, 10)
+    losses = []
+    monkeypatch.setattr(train.codec.train, "finetune", lambda model, part, loss_fn, *a, **k: losses.append(
+        loss_fn(out, y) if len(part[0]) == 2 else loss_fn(out, y, logits)))
+    schedule.codec_epochs(snapshot, train.ladder_point("mlp", 6), label_smoothing=0.1)
+    schedule.codec_epochs(snapshot, train.ladder_point("mlp", 6))
+    smoothed, plain = losses
+    assert torch.allclose(smoothed, LOSS(out, y, label_smoothing=0.1)) and torch.allclose(plain, LOSS(out, y))
+    assert not torch.allclose(smoothed, plain)
+    assert torch.allclose(train.distil_loss(out, y, logits, 0.0, 0.1), LOSS(out, y, label_smoothing=0.1))
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--model", "mlp", "--label-smoothing", "1"])
+    assert exc.value.code == 2 and "--label-smoothing" in capsys.readouterr().err
