@@ -34,8 +34,8 @@ from .dtypes import DType, from_float64
 from .errors import FormatError
 
 __all__ = ["PARAM_TYPES", "tile_params", "params_from_range", "pack_params", "unpack_params", "stored_params",
-           "compress_params", "params_length", "to_pixels", "pixels_in_place", "pixels_float32", "reciprocals", "float32_exact",
-           "from_pixels", "lookup_table"]
+           "compress_params", "params_length", "to_pixels", "pixels_in_place", "pixels_float32", "reciprocals",
+           "float32_exact", "from_pixels", "lookup_table"]
 
 #: Parameter element types and their size in bytes (offset and scale each).
 PARAM_TYPES = {"float32": 4, "bfloat16": 2}

@@ -127,8 +127,8 @@ def test_save_without_the_error_measurement_writes_the_same_bytes(tmp_path):
         assert (tmp_path / "a.jwt").read_bytes() == (tmp_path / "b.jwt").read_bytes()
 
 
-@pytest.mark.parametrize("shape,param", [((3, 4, 5), (3, 1, 5)), ((3, 4, 5), (1, 1, 5)), ((6, 7), (6, 1)), ((6, 7), (7,)),
-                                         ((2, 3, 4), (4,))])
+@pytest.mark.parametrize("shape,param", [((3, 4, 5), (3, 1, 5)), ((3, 4, 5), (1, 1, 5)), ((6, 7), (6, 1)),
+                                         ((6, 7), (7,)), ((2, 3, 4), (4,))])
 def test_gathered_parameters_are_the_broadcast_ones(shape, param):
     rng = np.random.default_rng(1)
     p = rng.standard_normal(param).astype(np.float32)
