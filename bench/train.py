@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import io
 import itertools
 import math
@@ -228,7 +229,7 @@ class Schedule:
                      lam: float = 0.0, every: int = 8, freeze_tail: float = 0.0,
                      freeze: Sequence[str] = (), budget: float | None = None,
                      budget_hold: float = 0.25, budget_every: int | None = None,
-                     budget_start: str = "setting") -> tuple[torch.nn.Module, float]:
+                     budget_start: str = "setting", label_smoothing: float = 0.0) -> tuple[torch.nn.Module, float]:
         """The schedule's remaining epochs from ``snapshot`` with the codec in the loop at ``overrides``
         (:func:`codec.train.finetune` with the labels, continuing the schedule's Adam and rates; ``refresh``,
         ``vector_bits`` as finetune takes them; ``keep_tiles``: the fraction of the loop's steps, its last ones,
@@ -246,7 +247,8 @@ class Schedule:
         chosen from the timed costs of a step and a measurement), starting at
         ``budget_start``, "setting" or "coarsest", when the file the loop starts from is over the budget at every
         quality), and :attr:`budget` holds the Budget (its ``overrides`` are the file's; ``within`` False when the
-        file ended over the budget). Returns the model and
+        file ended over the budget). ``label_smoothing``: the labels' cross-entropy in the loop with that much
+        label smoothing (torch's ``label_smoothing``; the plain run's stays without). Returns the model and
         the CPU seconds of the whole schedule (the shared epochs included, not the teacher's training)."""
         model = copy.deepcopy(snapshot["model"])
         self.budget = (codec.train.Budget(budget, tensor=f"{BIG[self.kind]}.weight", hold=budget_hold,
@@ -259,10 +261,10 @@ class Schedule:
         optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
         start = time.process_time()
         average = self._average(model, optimizer, snapshot["average"])
-        loss_fn = F.cross_entropy
+        loss_fn = functools.partial(F.cross_entropy, label_smoothing=label_smoothing)
         if teacher is not None and distil > 0:
             teacher = teacher.eval()
-            loss_fn = lambda out, y, logits: distil_loss(out, y, logits, distil)  # noqa: E731
+            loss_fn = lambda out, y, logits: distil_loss(out, y, logits, distil, label_smoothing)  # noqa: E731
         penalty = (self._penalty(model, dict(overrides)[f"{BIG[self.kind]}.weight"], group, lam, every)
                    if group > 0 or lam > 0 else None)
         loop_steps = self.steps() * (self.epochs - snapshot["epoch"])
@@ -320,12 +322,14 @@ NOTES: list[str] = []
 TEMPERATURE = 2.0
 
 
-def distil_loss(out: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, weight: float) -> torch.Tensor:
-    """``(1 - weight)`` times the cross-entropy with ``labels`` plus ``weight`` times ``T^2`` KL(teacher || student)
-    at temperature ``T`` (:data:`TEMPERATURE`; Hinton et al.'s knowledge distillation), ``logits`` the teacher's."""
+def distil_loss(out: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, weight: float,
+                label_smoothing: float = 0.0) -> torch.Tensor:
+    """``(1 - weight)`` times the cross-entropy with ``labels`` (with ``label_smoothing``) plus ``weight`` times
+    ``T^2`` KL(teacher || student) at temperature ``T`` (:data:`TEMPERATURE`; Hinton et al.'s knowledge
+    distillation), ``logits`` the teacher's."""
     kl = F.kl_div(F.log_softmax(out / TEMPERATURE, dim=1), F.log_softmax(logits / TEMPERATURE, dim=1),
                   log_target=True, reduction="batchmean")
-    return (1 - weight) * F.cross_entropy(out, labels) + weight * TEMPERATURE ** 2 * kl
+    return (1 - weight) * F.cross_entropy(out, labels, label_smoothing=label_smoothing) + weight * TEMPERATURE ** 2 * kl
 
 
 def coded(model: torch.nn.Module, **save_args) -> tuple[dict, float]:
@@ -370,6 +374,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     parser.add_argument("--distil", type=float, action="append", help="codec in the loop: weight (0-1) of the KL "
                         "divergence from the plain model's outputs beside the labels (default 0; several: a run for "
                         "each; the time then includes the plain schedule's remaining epochs)")
+    parser.add_argument("--label-smoothing", type=float, action="append", help="codec in the loop: the labels' "
+                        "cross-entropy with this much label smoothing (0-1; the plain run without; default 0; "
+                        "several: a run for each)")
     parser.add_argument("--group", type=float, action="append", help="codec in the loop: add this times the mean "
                         "L2 norm of the largest layer's rows (its units; a group penalty) to the loss (default 0; "
                         "several: a run for each)")
@@ -435,6 +442,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     args.freeze = args.freeze or [()]
     if any(not 0 <= d <= 1 for d in args.distil or []):
         parser.error("--distil must be between 0 and 1")
+    if any(not 0 <= ls < 1 for ls in args.label_smoothing or []):
+        parser.error("--label-smoothing must be from 0 to below 1")
     if any(g < 0 for g in args.group or []):
         parser.error("--group must not be negative")
     if any(g < 0 for g in args.loop_lam or []):
@@ -526,13 +535,14 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
         record(f"plain, ladder{rounded}", label, coded(model, overrides=point), plain_seconds)
     tails = [(tail, freeze if tail else ()) for tail in dict.fromkeys(args.freeze_tail or [0.0])
              for freeze in (args.freeze if tail else [()])]  # nothing frozen: one run, whatever --freeze says
-    for every, keep, distil, group, lam, (tail, freeze) in itertools.product(
+    for every, keep, distil, group, lam, (tail, freeze), smooth in itertools.product(
             args.refresh or [1], args.keep_tiles or [0], args.distil or [0.0], args.group or [0.0],
-            args.loop_lam or [0.0], tails):
+            args.loop_lam or [0.0], tails, args.label_smoothing or [0.0]):
         frozen = ", ".join(freeze or [f"{BIG[kind]}.weight"])
         loop = (f"codec in the loop, last {args.codec_epochs} epoch(s), coded every {every} step(s){rounded}"
                 f"{f', tile extremes kept ({keep:g} of the loop)' if keep else ''}"
                 f"{f', distilled {distil:g}' if distil else ''}{f', unit penalty {group:g}' if group else ''}"
+                f"{f', label smoothing {smooth:g}' if smooth else ''}"
                 f"{f', rate penalty {lam:g} every {args.rate_every}' if lam else ''}"
                 f"{f', {frozen} frozen ({tail:g} of the loop)' if tail else ''}")
         budget_points = [(f"budget {b:g} (q in the loop, held {hold:g}{f', from {start}' if args.budget_start else ''}"
@@ -549,7 +559,8 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
                                                        vector_bits=args.vector_bits, keep_tiles=keep,
                                                        teacher=plain if distil else None, distil=distil,
                                                        group=group, lam=lam, every=args.rate_every,
-                                                       freeze_tail=tail, freeze=freeze, **extra)
+                                                       freeze_tail=tail, freeze=freeze, label_smoothing=smooth,
+                                                       **extra)
             if distil:  # the teacher is the whole plain schedule: its epochs after the snapshot count too
                 seconds += plain_seconds - snapshot["seconds"]
             if budget is not None:  # the file is the loop's last coding, at the quality it chose

@@ -34,8 +34,8 @@ from .dtypes import DType, from_float64
 from .errors import FormatError
 
 __all__ = ["PARAM_TYPES", "tile_params", "params_from_range", "pack_params", "unpack_params", "stored_params",
-           "compress_params", "params_length", "to_pixels", "pixels_in_place", "pixels_float32", "float32_exact",
-           "from_pixels", "lookup_table"]
+           "compress_params", "params_length", "to_pixels", "pixels_in_place", "pixels_float32", "reciprocals",
+           "float32_exact", "from_pixels", "lookup_table"]
 
 #: Parameter element types and their size in bytes (offset and scale each).
 PARAM_TYPES = {"float32": 4, "bfloat16": 2}
@@ -157,9 +157,10 @@ def pixels_in_place(values: np.ndarray, offset: np.ndarray, scale: np.ndarray, b
 
 
 #: :func:`pixels_float32` recomputes in binary64 every value whose float32 quotient lies within this distance of
-#: a half step (the rounding could go either way there): its float32 quotient is within 256 * 2**-23 (3.1e-5) of
-#: the binary64 one for pixels of 8 bits or fewer (two roundings of relative error 2**-24 each, the quotient at most
-#: 256), four times less than this margin.
+#: a half step (the rounding could go either way there): its float32 quotient ``(x - offset) * (1 / scale)`` is
+#: within 3 * 256 * 2**-24 (4.6e-5) of the binary64 one for pixels of 8 bits or fewer (three roundings of relative
+#: error 2**-24 each: the difference, the reciprocal and the product; the quotient at most 256), 2.6 times less
+#: than this margin.
 HALF_MARGIN = 2.0**-13
 
 
@@ -178,29 +179,37 @@ def float32_exact(offset: np.ndarray, scale: np.ndarray, bits: int) -> bool:
         return float(np.abs(offset).max()) + 256.0 * float(np.abs(scale).max()) < 2.0**120
 
 
+def reciprocals(scale: np.ndarray) -> np.ndarray:
+    """``1 / scale`` rounded to float32 (1 where ``scale`` is 0): the ``inverse`` :func:`pixels_float32` takes."""
+    s = scale.astype(np.float64)
+    return np.divide(1.0, s, out=np.ones_like(s), where=s != 0).astype(np.float32)
+
+
 def pixels_float32(values: np.ndarray, offset: np.ndarray, scale: np.ndarray, bits: int,
-                   out: np.ndarray | None = None, work: np.ndarray | None = None) -> np.ndarray:
+                   out: np.ndarray | None = None, work: np.ndarray | None = None,
+                   inverse: np.ndarray | None = None) -> np.ndarray:
     """:func:`pixels_in_place`'s pixel values for float32 ``values``, computed in float32 (half the work of
     binary64), for parameters :func:`float32_exact` accepts: the same numbers, as float32, in ``out`` (a new array
     if None; ``work``, a float32 array of ``values``' shape, is used as scratch where given).
 
-    ``offset`` and ``scale`` (float32) broadcast against ``values`` as for :func:`pixels_in_place`. The quotient
-    ``(x - offset) / scale`` in float32 differs from the binary64 one by less than :data:`HALF_MARGIN` of a step,
-    so both round to the same integer except where the float32 one lies within that margin of a half step; those
-    few values (about 2 in 10,000) are recomputed with :func:`pixels_in_place`'s binary64 arithmetic.
+    ``offset`` and ``scale`` (float32) broadcast against ``values`` as for :func:`pixels_in_place`; ``inverse``
+    (optional) is :func:`reciprocals` of ``scale``, of its shape (a caller mapping many chunks with the same
+    parameters computes it once). The quotient ``(x - offset) * (1 / scale)`` in float32 differs from the binary64
+    ``(x - offset) / scale`` by less than :data:`HALF_MARGIN` of a step, so both round to the same integer except
+    where the float32 one lies within that margin of a half step; those few values (about 2 in 10,000) are
+    recomputed with :func:`pixels_in_place`'s binary64 arithmetic.
     """
     constant = scale == 0
     any_constant = bool(constant.any())
     q = np.subtract(values, offset, out=work, dtype=np.float32)
-    np.divide(q, np.where(constant, np.float32(1), scale) if any_constant else scale, out=q)
+    np.multiply(q, reciprocals(scale) if inverse is None else inverse, out=q)
     pixels = np.rint(q, out=out)
     np.subtract(q, pixels, out=q)
     np.abs(q, out=q)
     near = np.flatnonzero(q > 0.5 - HALF_MARGIN)
     if near.size:  # the binary64 arithmetic of pixels_in_place on these values
         where = np.unravel_index(near, values.shape)
-        o = np.broadcast_to(offset, values.shape)[where].astype(np.float64)
-        s = np.broadcast_to(scale, values.shape)[where].astype(np.float64)
+        o, s = (_gather(v, where, values.shape).astype(np.float64) for v in (offset, scale))
         exact = values[where].astype(np.float64)
         exact -= o
         exact /= np.where(s == 0, 1.0, s)
@@ -209,6 +218,15 @@ def pixels_float32(values: np.ndarray, offset: np.ndarray, scale: np.ndarray, bi
         np.copyto(pixels, 0.0, where=np.broadcast_to(constant, values.shape))
     np.clip(pixels, 0, (1 << bits) - 1, out=pixels)
     return pixels
+
+
+def _gather(param: np.ndarray, where: tuple[np.ndarray, ...], shape: tuple[int, ...]) -> np.ndarray:
+    """``np.broadcast_to(param, shape)[where]`` (``where``: index arrays into ``shape``), by indexing ``param``
+    itself where it has as many axes (0 on its axes of length 1): no broadcast view made (numpy's broadcast_to
+    costs 10 us of Python; the mapping calls this twice a chunk)."""
+    if param.ndim != len(shape):
+        return np.broadcast_to(param, shape)[where]
+    return param[tuple(w if n != 1 else 0 for w, n in zip(where, param.shape, strict=True))]
 
 
 def lookup_table(offset: np.ndarray, scale: np.ndarray, dtype: DType, levels: int = 256) -> np.ndarray:

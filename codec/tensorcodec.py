@@ -610,6 +610,7 @@ def _map_float32(matrix: np.ndarray, t: tiling.Tiling, bits: int, k: int):
     offset, scale = mapping.params_from_range(lo, hi, bits, t.params)
     if not mapping.float32_exact(offset, scale, bits):
         return NotImplemented
+    inverse = mapping.reciprocals(scale)
     if t.mode == "rows":
         per = max(1, _CHUNK // (th * tw))  # tiles a step
         pixels = np.empty((len(idx), th * tw), np.uint8)
@@ -617,12 +618,13 @@ def _map_float32(matrix: np.ndarray, t: tiling.Tiling, bits: int, k: int):
         for j in range(0, len(idx), per):
             n = min(per, len(idx) - j)
             mapping.pixels_float32(src[j : j + n], offset[j : j + n, None], scale[j : j + n, None], bits,
-                                   out[:n], work[:n])
+                                   out[:n], work[:n], inverse[j : j + n, None])
             np.copyto(pixels[j : j + n], out[:n], casting="unsafe")
         image = tiling.blob_mosaic(pixels.reshape(len(idx), th, tw), t, k, 1 << (bits - 1))
         return offset, scale, image, lo, hi
     # Each tile's parameters repeated over its columns, so that a band's rows broadcast against them whole.
-    o_cols, s_cols = (np.repeat(v.reshape(cell_rows, gc), tw, axis=1)[:, None, :] for v in (offset, scale))
+    o_cols, s_cols, i_cols = (np.repeat(v.reshape(cell_rows, gc), tw, axis=1)[:, None, :]
+                              for v in (offset, scale, inverse))
     per = max(1, _CHUNK // (th * width))  # cell rows a step
     image = np.empty((cell_rows * th, width), np.uint8)
     band, work, out = (np.empty((min(per, cell_rows) * th, width), np.float32) for _ in range(3))
@@ -635,7 +637,7 @@ def _map_float32(matrix: np.ndarray, t: tiling.Tiling, bits: int, k: int):
         values[n:] = values[n - 1 : n]
         shape = (na, th, width)
         mapping.pixels_float32(values.reshape(shape), o_cols[a : a + na], s_cols[a : a + na], bits,
-                               out[: na * th].reshape(shape), work[: na * th].reshape(shape))
+                               out[: na * th].reshape(shape), work[: na * th].reshape(shape), i_cols[a : a + na])
         np.copyto(image[y : y + na * th], out[: na * th], casting="unsafe")
     return offset, scale, image, lo, hi
 

@@ -125,3 +125,37 @@ def test_save_without_the_error_measurement_writes_the_same_bytes(tmp_path):
         assert any("no better than storing zeros" in n for n in notes)
         assert codec.save(sd, tmp_path / "b.jwt", measure_errors=False, **options) == []
         assert (tmp_path / "a.jwt").read_bytes() == (tmp_path / "b.jwt").read_bytes()
+
+
+@pytest.mark.parametrize("shape,param", [((3, 4, 5), (3, 1, 5)), ((3, 4, 5), (1, 1, 5)), ((6, 7), (6, 1)),
+                                         ((6, 7), (7,)), ((2, 3, 4), (4,))])
+def test_gathered_parameters_are_the_broadcast_ones(shape, param):
+    rng = np.random.default_rng(1)
+    p = rng.standard_normal(param).astype(np.float32)
+    where = np.unravel_index(rng.choice(int(np.prod(shape)), 9, replace=False), shape)
+    assert np.array_equal(mapping._gather(p, where, shape), np.broadcast_to(p, shape)[where])
+
+
+def test_the_reciprocal_keeps_the_quotient_within_the_margin():
+    """(x - offset) * float32(1 / scale) in float32 against the binary64 quotient, at the extremes of the float32
+    steps the path accepts and for quotients up to 255: within a third of HALF_MARGIN (three roundings of 2**-24
+    at most 256: 4.6e-5 against 1.2e-4), so the values it leaves to the float32 rounding round as binary64's."""
+    rng = np.random.default_rng(2)
+    for exponent in (-100, -30, 0, 30, 100):
+        scale = (rng.uniform(1, 2, 4096) * 2.0**exponent).astype(np.float32)
+        offset = (rng.standard_normal(4096) * 2.0**exponent).astype(np.float32)
+        x = (offset.astype(np.float64) + scale.astype(np.float64) * rng.uniform(0, 255, 4096)).astype(np.float32)
+        x = np.maximum(x, offset)
+        got = np.subtract(x, offset, dtype=np.float32) * mapping.reciprocals(scale)
+        want = (x.astype(np.float64) - offset.astype(np.float64)) / scale.astype(np.float64)
+        assert np.abs(got - want).max() < mapping.HALF_MARGIN / 2.6
+    assert mapping.reciprocals(np.array([0.0, 2.0], np.float32)).tolist() == [1.0, 0.5]
+
+
+def test_a_scaled_table_is_a_new_list_each_time():
+    from codec.blobcodecs.jpeg import quality_scale, scaled_table
+
+    first = scaled_table("ramp1", 731)
+    first[0] = 999  # a caller's list: the next call is not changed by it
+    assert scaled_table("ramp1", 731)[0] != 999 and scaled_table("ramp1", 731) == scaled_table("ramp1", 731)
+    assert scaled_table("jpeg", quality_scale(50))[:3] == [16, 11, 10]

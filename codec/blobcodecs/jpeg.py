@@ -26,6 +26,7 @@ table is chosen by the parameters (spec/format.md, "Quantization tables"):
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from typing import Any
@@ -54,8 +55,9 @@ ANNEX_K_LUMINANCE = (
 TABLE_KINDS = ("jpeg", "flat", "ramp1", "ramp2", "ramp4")
 
 
+@functools.cache
 def _base_table(kind: str) -> tuple[int, ...]:
-    """The quality-50 table of a named kind, natural order."""
+    """The quality-50 table of a named kind, natural order (computed once per kind)."""
     if kind == "jpeg":
         return ANNEX_K_LUMINANCE
     if kind == "flat":
@@ -79,8 +81,14 @@ def quality_at_scale(scale: int) -> int:
 def scaled_table(kind: str, scale: int) -> list[int]:
     """The 64 entries (natural order) of the named table ``kind`` scaled by ``scale`` percent as libjpeg scales
     it: ``clip(floor((b * scale + 50) / 100), 1, 255)``. ``scaled_table(kind, quality_scale(q))`` is quality
-    ``q``'s table; a scale between two qualities' gives a table between theirs (written as a list: spec 8.2)."""
-    return [min(255, max(1, (b * scale + 50) // 100)) for b in _base_table(kind)]
+    ``q``'s table; a scale between two qualities' gives a table between theirs (written as a list: spec 8.2).
+    A new list each call (computed once per kind and scale: a training loop codes at the same table many times)."""
+    return list(_scaled(kind, scale))
+
+
+@functools.lru_cache(maxsize=1024)
+def _scaled(kind: str, scale: int) -> tuple[int, ...]:
+    return tuple(min(255, max(1, (b * scale + 50) // 100)) for b in _base_table(kind))
 
 
 def quant_table(quality: int, table: str | list[int]) -> list[int]:
