@@ -62,7 +62,7 @@ __all__ = ["calibrate", "Calibration", "LayerStats", "as_batches", "layer_kind",
 #: / 50's last stage, VGG), a Linear over 8,192 inputs; a full H takes 4 x columns^2 bytes here (85 MB at 4,608) and
 #: 8 x columns^2 in repair, whose time grows as rows x columns^2. Measured (``python -m bench.wide_layers``): a
 #: Fashion-MNIST CNN whose last conv has 4,608 columns, ``-b 1``: 84.73 % agreement with the float model under a 4096
-#: limit, 99.51 % under 8192 (22 -> 103 CPU s, +166 -> +486 MB); a ResNet-18-shaped model's output error 25 % lower,
+#: limit, 99.51 % under 8192 (21 -> 104 CPU s, +157 -> +466 MB); a ResNet-18-shaped model's output error 25 % lower,
 #: 1.85x the time, +176 -> +527 MB.
 FULL_H_MAX = 8192
 #: At most this many bytes of full H matrices in all; further layers keep diagonals.
