@@ -83,6 +83,22 @@ def test_diagonal_above_the_limit_and_embedding_counts(monkeypatch):
     assert w.rows[3] > 0 and w.rows[7] > w.rows[3]
 
 
+def test_a_3x3_convolution_over_512_channels_keeps_its_full_h():
+    """ResNet's and VGG's last convolutions (4,608 im2col columns) are measured by their full H by default, and
+    repair fits them (bench/wide_layers.py: at -b 1, 99.5 % agreement with the float model against 84.7 % with the
+    diagonal); a wider layer keeps the diagonal."""
+    from codec.rd.calibrate import FULL_H_MAX
+    from codec.rd.repair import RepairSettings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(512, 2, 3), nn.Flatten(), nn.Linear(2, 2))
+    cal = calibrate(model, [torch.randn(2, 512, 3, 3)])
+    conv = cal.layers["0.weight"]
+    assert not conv.diagonal and conv.h.shape == (4608, 4608)
+    assert RepairSettings().max_columns >= 4608 and FULL_H_MAX >= 4608
+    assert FULL_H_MAX < 25088  # a VGG head (25,088 inputs: 5 GB of H) keeps the diagonal
+
+
 def test_attention_mask_leaves_padding_out():
     """Token inputs: positions the batch's attention_mask marks as padding add nothing to H."""
 
