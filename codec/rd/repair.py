@@ -459,7 +459,7 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
             layer.settle()
         target, assumed, decoded, opts, credit, slot.nbytes, slot.encoded = _code_within(
             slot, layer, options[slot.name], settings, executor, credit, held, paid_later,
-            0 if receiver is None or receiver.coded else spare)
+            0 if receiver is None or receiver.coded or slot is receiver else spare)  # (the receiver's is in credit)
         if slot is receiver:
             credit += reserve  # for the quant tensors after it
         if opts != options[slot.name]:
