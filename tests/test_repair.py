@@ -183,9 +183,9 @@ def test_stepping_down_a_jpeg_layer_keeps_no_earlier_step(monkeypatch):
             counts[-1].append(sum(t.size == size for t in tracemalloc.take_snapshot().traces))
         return coded_target(slot, *args, **kwargs)
 
-    def in_debt(slot, layer, opts, settings, executor, credit, blend=True):  # as after a tensor that overran
+    def in_debt(slot, layer, opts, settings, executor, credit, blend=True, **kwargs):  # after a tensor that overran
         counts.append([])
-        return fit_size(slot, layer, opts, settings, executor, min(credit, -1), blend)
+        return fit_size(slot, layer, opts, settings, executor, min(credit, -1), blend, **kwargs)
 
     monkeypatch.setattr(repair_module, "_coded_target", counted)
     monkeypatch.setattr(repair_module, "_fit_size", in_debt)
@@ -650,6 +650,44 @@ def test_save_with_repair_spends_its_budget(tmp_path, bits):
     assert any("dearer options to spend" in n for n in notes)
 
 
+def test_calibrated_vit_of_quant_tensors_stays_within_its_budget(tmp_path):
+    """A small transformers ViT (random weights, 2 x 64: every weight ``quant``, the plan well under the budget, so
+    repair has a spare) saved with calibration ends within its budget and spends it: the step-ups after the largest
+    tensor keep back what the ``quant`` tensors after them grow by under GPTQ (_held). Before: 3.020 bits/weight at
+    -b 3, over (the bench's 4 x 64 ViT: 3.049)."""
+    transformers = pytest.importorskip("transformers")
+    import codec
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    vit = transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=16, patch_size=4, num_channels=1, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, num_labels=10)).eval()
+    path = tmp_path / "vit.jwt"
+    weights = sum(t.numel() for t in vit.state_dict().values())
+    notes = codec.save(vit, path, bits_per_weight=3.0, calibration=[{"pixel_values": x}
+                                                                    for x in torch.randn(256, 1, 16, 16).split(32)])
+    assert 0.975 * 3.0 <= 8 * path.stat().st_size / weights <= 3.0
+    assert any("dearer options to spend" in n for n in notes)
+    assert not any("over the" in n for n in notes)
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_repair_without_a_later_jpeg_keeps_quant_growth_within_the_plan(seed):
+    """Every lossy tensor ``quant`` and no spare: nothing after a tensor can step down to pay for GPTQ's growth, so a
+    GPTQ coding over what the plan left gives way to plain rounding (blended back towards the original if need be)
+    and the lossy tensors end within their planned bytes, with a note. Before: 7 / 9 bytes over at seeds 1 / 3."""
+    model, data = tiny_model(seed), batches()
+    options = quant_options(model, bits=2)
+    result = repair(model, data, options)
+    planned = sum(len(b) for n in result.encoded
+                  for b in encode_tensor(to_numpy(model.state_dict()[n])[0], F32, options[n]).blobs)
+    assert sum(len(b) for e in result.encoded.values() for b in e.blobs) <= planned
+    assert any("plain rounding, not GPTQ" in n for n in result.notes)
+    decoded = code_file(model.state_dict(), {**options, **result.options}, {**result.targets})
+    assert all(torch.isfinite(t).all() for t in decoded.values())
+
+
 def test_repair_steps_up_only_with_a_spare(monkeypatch):
     """Without a spare (a plan within the margin of its budget) no tensor is coded dearer than planned: keep-size's
     savings are the margin; with one, the largest tensor takes it."""
@@ -931,7 +969,8 @@ def test_convolution_rows_are_collected_in_chunks_to_the_same_fit(monkeypatch):
                           nn.AvgPool2d(2), nn.Flatten()).eval()
     data = batches(n=2)
     options = quant_options(model, bits=3)
-    quick = RepairSettings(steps=0, final_steps=0)
+    # (keep_size off: the last layer's GPTQ coding would otherwise give way to plain rounding where it grows)
+    quick = RepairSettings(steps=0, final_steps=0, keep_size=False)
     whole = repair(model, data, options, settings=quick)
     calls = []
     rows = repair_module._layer_rows

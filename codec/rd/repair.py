@@ -61,8 +61,10 @@ __all__ = ["RepairSettings", "Repaired", "code_with_repair", "forward_order", "o
 HOLDOUT_EVERY = 4
 
 #: Of the bytes the plan leaves (``spare``), this fraction of the planned bytes of each ``quant`` tensor coded after
-#: the largest one is kept back for it: GPTQ's rounding can code larger than plain rounding (measured: 2.4-4.5 %,
-#: the bench BatchNorm CNN's conv2 and the MLP's fc2), and ``quant`` has no cheaper step to pay for it.
+#: the largest one is kept back for it, from the largest and from the step-ups of the tensors before it
+#: (:func:`_held`): GPTQ's rounding can code larger than plain rounding (measured: 2.4-4.5 %, the bench BatchNorm
+#: CNN's conv2 and the MLP's fc2; 7-13 % at 2 bits, 1-3 % at 3 on a transformers ViT), and ``quant`` has no cheaper
+#: step to pay for it.
 RESERVE = 0.1
 
 #: A tensor that fits its plan tries dearer options only with credit left of at least this fraction of its bytes
@@ -193,6 +195,8 @@ class _Slot:
     changed: bool = False
     #: Whether the coding repair chose is a pruned one at a higher quality (:func:`_pruned`).
     pruned: bool = False
+    #: Whether GPTQ's coding gave way to plain rounding to stay within the budget (:func:`_fit_size`).
+    rounded: bool = False
     #: Whether the file's index will be zstd-compressed (format 1.3): a list table is then counted at what it adds
     #: compressed (:func:`_cost`).
     index_zstd: bool = False
@@ -430,10 +434,15 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     originals = dict(model.named_modules())
     _set_trainable(slots)
     step, mismatched, changed, credit, judged, wide = 0, 0, {}, 0, [], []
-    receiver, reserve = _receiver(queue, options, spare, executor)
+    receiver, later = _receiver(queue, options, spare, executor)
+    reserve = 0
     for slot in queue:
+        later.pop(slot.name, None)  # what the quant tensors after this one may grow by: kept from its step-ups
         if slot is receiver:
+            reserve = min(spare, _held(later))
             credit += spare - reserve
+        held = _held(later) if receiver is not None and receiver.coded else 0
+        paid_later = any(options[s.name].codec in ("jpeg", "jpegxl") for s in queue[queue.index(slot) + 1:])
         with sample.narrowed(work, model):  # (collect needs the layer's inputs, not the model's output)
             layer = _LayerFit.collect(model, originals[slot.module_name], work, slot, slots, batches, settings,
                                       follower.get(id(slot.module))) if _is_layer_weight(slot) else None
@@ -449,7 +458,8 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         if layer is not None:
             layer.settle()
         target, assumed, decoded, opts, credit, slot.nbytes, slot.encoded = _code_within(
-            slot, layer, options[slot.name], settings, executor, credit)
+            slot, layer, options[slot.name], settings, executor, credit, held, paid_later,
+            0 if receiver is None or receiver.coded or slot is receiver else spare)  # (the receiver's is in credit)
         if slot is receiver:
             credit += reserve  # for the quant tensors after it
         if opts != options[slot.name]:
@@ -511,6 +521,10 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
                      "one out and check that a refit generalizes (more inputs, or smaller batches, allow it)")
     if tuned:
         notes.append(tuned)
+    rounded = [s.name for s in queue if s.rounded]
+    if rounded:
+        notes.append(f"repair: {len(rounded)} quant tensors coded with plain rounding, not GPTQ, whose coding was "
+                     f"larger than the budget had left and no later tensor could pay for it: " + ", ".join(rounded))
     if mismatched:
         notes.append(f"repair: {mismatched} GPTQ tensors did not re-encode to the pixels chosen (coded as decoded)")
     higher = sorted(n for n, o in changed.items() if slots[n].pruned)
@@ -949,16 +963,21 @@ def _code(name: str, array: np.ndarray, dtype: DType, opts: EncodeOptions, execu
 
 
 def _receiver(queue: list[_Slot], options: Mapping[str, EncodeOptions], spare: int, executor
-              ) -> tuple[_Slot | None, int]:
-    """``(slot, reserve)``: the lossy tensor that gets ``spare`` (the one with most elements, the first of equals),
-    and the bytes kept back from it for the ``quant`` tensors coded after it (:data:`RESERVE` of their planned
-    bytes, at most ``spare``)."""
+              ) -> tuple[_Slot | None, dict[str, int]]:
+    """``(slot, planned)``: the lossy tensor that gets ``spare`` (the one with most elements, the first of equals),
+    and the planned bytes of the ``quant`` tensors coded after it, by name (what they may grow by is kept back from
+    it and from the step-ups before them, :func:`_held`)."""
     if spare <= 0 or not queue:
-        return None, 0
+        return None, {}
     receiver = max(queue, key=lambda s: s.original.size)  # the first of the largest
-    later = [s for s in queue[queue.index(receiver) + 1:] if options[s.name].codec == "quant"]
-    planned = sum(_code(s.name, s.original, s.dtype, options[s.name], executor)[1] for s in later)
-    return receiver, min(spare, math.ceil(RESERVE * planned))
+    return receiver, {s.name: _code(s.name, s.original, s.dtype, options[s.name], executor)[1]
+                      for s in queue[queue.index(receiver) + 1:] if options[s.name].codec == "quant"}
+
+
+def _held(later: Mapping[str, int]) -> int:
+    """Bytes kept out of the step-ups (and from the spare's receiver) for the ``quant`` tensors still to code
+    (``later``: their planned bytes), which have no cheaper step to pay for GPTQ's growth: :data:`RESERVE` of them."""
+    return math.ceil(RESERVE * sum(later.values()))
 
 
 def _text(opts: EncodeOptions) -> str:
@@ -1011,7 +1030,8 @@ def _cheaper(opts: EncodeOptions) -> EncodeOptions | None:
 
 
 def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, settings: RepairSettings, executor,
-                 credit: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, EncodeOptions, int, int, Encoded]:
+                 credit: int, held: int = 0, paid_later: bool = True, pending: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, EncodeOptions, int, int, Encoded]:
     """Choose and code one lossy tensor's target; ``(target, GPTQ's decoded or None, decoded, options, credit,
     bytes, the encoding)``.
 
@@ -1025,9 +1045,11 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
     88.99 % (and 5 % under budget). Where the layer has unit sensitivities
     (``settings.prune``, ``rows`` mode), codings at higher qualities with
     pruned coefficients (:func:`_pruned`) are candidates too, and the error
-    is weighted by the sensitivities, ``sum_j g_j dW_j H dW_j^T``.
+    is weighted by the sensitivities, ``sum_j g_j dW_j H dW_j^T``. ``held``: bytes of ``credit`` kept for the
+    tensors after this one, not spent on dearer options; ``paid_later``: whether a tensor after this one can step
+    down to pay for an overrun, ``pending``: the spare not given yet (:func:`_fit_size`).
     """
-    best = _fit_size(slot, layer, opts, settings, executor, credit)
+    best = _fit_size(slot, layer, opts, settings, executor, credit, held=held, paid_later=paid_later, pending=pending)
     if layer is None or layer.h is None or opts.codec != "jpeg" or not (settings.compensate
                                                                          or layer.sensitivity is not None):
         return best
@@ -1070,10 +1092,10 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
             slot.pruned = pruned
 
     if settings.compensate:
-        offer(_fit_size(slot, layer, opts, replace(settings, compensate=False), executor, credit))
+        offer(_fit_size(slot, layer, opts, replace(settings, compensate=False), executor, credit, held=held))
         # with a negative credit the first coding could not blend: the one without blending is that same coding
         if settings.keep_size and credit >= 0:
-            offer(_fit_size(slot, layer, opts, settings, executor, credit, blend=False))
+            offer(_fit_size(slot, layer, opts, settings, executor, credit, blend=False, held=held))
     if layer.sensitivity is not None:
         for c in _pruned(slot, layer, opts, settings, executor, credit):
             offer(c, pruned=True)
@@ -1105,7 +1127,7 @@ def _pruned(slot: _Slot, layer: _LayerFit, opts: EncodeOptions, settings: Repair
 
 
 def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, settings: RepairSettings, executor,
-              credit: int, blend: bool = True
+              credit: int, blend: bool = True, held: int = 0, paid_later: bool = True, pending: int = 0
               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, EncodeOptions, int, int, Encoded]:
     """Code one lossy tensor's target within its planned size (``settings.keep_size``); as :func:`_code_within`.
 
@@ -1116,7 +1138,13 @@ def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, setting
     original (``original + a (target - original)``, the largest ``a`` of a
     short bisection that fits; not for GPTQ's pixels, which a blend would
     not keep), and when even the original does not fit,
-    coded with :func:`_cheaper` options until it does. Returns the new credit.
+    coded with :func:`_cheaper` options until it does. Returns the new credit. ``held``: bytes of the credit kept
+    for the tensors coded after this one (GPTQ's growth of the ``quant`` tensors, :data:`RESERVE`): a step up
+    (:func:`_stepped_up`) spends only what is beyond them. ``paid_later`` False: no tensor after this one can step
+    down to pay for an overrun (none is ``jpeg`` or ``jpegxl``), so a GPTQ coding that does not fit the credit and
+    ``pending`` (bytes of repair's spare not given yet, :func:`_receiver`), which has no cheaper step, gives way to
+    the plain rounding of the layer's target, moved back towards the original until it fits (the original fits
+    whenever the credit is not negative): the file stays within its budget.
     """
     budget = original = above = None
     while True:
@@ -1138,15 +1166,22 @@ def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, setting
             if above is not None:
                 target, assumed, decoded, opts, nbytes, encoded = _finest(
                     slot, layer, settings, executor, above, fits, budget + credit, planned)
-            elif settings.step_up and budget + credit - nbytes >= STEP_UP_FROM * nbytes:
+            elif settings.step_up and budget + credit - held - nbytes >= STEP_UP_FROM * nbytes:
                 target, assumed, decoded, opts, nbytes, encoded = _stepped_up(
-                    slot, layer, settings, executor, fits, budget + credit, planned)
+                    slot, layer, settings, executor, fits, budget + credit - held, planned)
             return target, assumed, decoded, opts, credit + budget - nbytes, nbytes, encoded
         if blend and (assumed is None or opts.codec == "jpeg") and credit >= 0:  # the original fits: move back
             coded = original[1:] if original[0] == opts else None
             assumed = decoded = encoded = original = None  # (the target's coding does not serve the blend)
             target, decoded, nbytes, encoded = _blend(slot, target, opts, executor, budget + credit, coded)
             return target, None, decoded, opts, credit + budget - nbytes, nbytes, encoded
+        if not paid_later and assumed is not None and opts.codec == "quant" and credit + pending >= 0 \
+                and nbytes > budget + credit + pending:
+            target = assumed = decoded = encoded = None  # GPTQ's pixels do not blend: its rounding gives way
+            slot.rounded = True
+            fit = _fit_size(slot, layer, opts, replace(settings, gptq=False), executor, credit + pending, blend,
+                            held + pending)
+            return (*fit[:4], fit[4] - pending, *fit[5:])
         cheaper = _cheaper(opts)
         if cheaper is None:
             return target, assumed, decoded, opts, credit + budget - nbytes, nbytes, encoded
