@@ -143,7 +143,8 @@ def test_repair_reads_the_folder_again_rather_than_holding_its_images(nets, monk
                      "-q", "-o", nets / "cli.jwt")
     assert result.exit_code == 0, result.output
     assert len(decoded) > 3 * 70  # (held: 140, calibration's pass and repair's one read into a list)
-    x = np.stack([np.asarray(Image.open(p), dtype=np.float32)[None] / 255 for p in sorted((nets / "imgs").glob("*.png"))])
+    x = np.stack([np.asarray(Image.open(p), dtype=np.float32)[None] / 255
+                  for p in sorted((nets / "imgs").glob("*.png"))])
     np.save(nets / "x.npy", x)
     result = _encode("grey.pt", "--max-error", "0.05", "--calibration", "x.npy", "--model", "image_test_nets:Grey",
                      "-q", "-o", nets / "npy.jwt")
