@@ -14,7 +14,7 @@ Two ways to get a runnable model, both imported only when asked for:
   images of one size, fed as float32 N x C x H x W in [0, 1] (no resizing, no
   normalization).
 
-Images are read batch by batch (:class:`ImageBatches`), never all at once.
+Images are read batch by batch (:class:`ImageBatches`), never all at once, and read again for each pass.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 import math
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import click
@@ -40,8 +40,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 GREY_MODES = ("1", "L", "LA", "La", "I;16", "I;16L", "I;16B", "I")
 
 
-class TextBatches:
-    """Sentences tokenized batch by batch (re-iterable: repair runs the inputs again). ``decoder``: for an
+class TextBatches(Sequence):
+    """Sentences tokenized batch by batch (a sequence of batches: repair reads a batch again by its index rather
+    than holding them all). ``decoder``: for an
     encoder-decoder model (T5, BART), a function of the batch's ``input_ids`` giving the decoder's inputs
     (:func:`decoder_inputs`): the decoder then reads the same sentence, shifted right, as in training with it as the
     target (its ``decoder_attention_mask`` is the sentence's mask)."""
@@ -58,15 +59,30 @@ class TextBatches:
     def samples(self) -> int:
         return len(self.lines)
 
+    def __getitem__(self, index: int) -> Mapping:
+        """Batch ``index``, tokenized (each time it is asked for)."""
+        start = _start(index, len(self), self.batch)
+        batch = dict(self.tokenizer(self.lines[start:start + self.batch], padding=True, truncation=True,
+                                    max_length=self.max_length, return_tensors="pt"))
+        if self.decoder is not None:
+            batch["decoder_input_ids"] = self.decoder(batch["input_ids"])
+            if "attention_mask" in batch:
+                batch["decoder_attention_mask"] = batch["attention_mask"]
+        return batch
+
     def __iter__(self) -> Iterator[Mapping]:
-        for i in range(0, len(self.lines), self.batch):
-            batch = dict(self.tokenizer(self.lines[i:i + self.batch], padding=True, truncation=True,
-                                        max_length=self.max_length, return_tensors="pt"))
-            if self.decoder is not None:
-                batch["decoder_input_ids"] = self.decoder(batch["input_ids"])
-                if "attention_mask" in batch:
-                    batch["decoder_attention_mask"] = batch["attention_mask"]
-            yield batch
+        for i in range(len(self)):
+            yield self[i]
+
+
+def _start(index: int, batches: int, size: int) -> int:
+    """The first sample of batch ``index`` (an int, negative from the end) of ``batches`` of ``size``; IndexError
+    out of range, TypeError for a slice or anything not an int."""
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise TypeError(f"batch indices must be integers, not {type(index).__name__}")
+    if not -batches <= index < batches:
+        raise IndexError(f"batch {index} out of range ({batches} batches)")
+    return (index % batches) * size
 
 
 def decoder_inputs(model):
@@ -176,9 +192,10 @@ def _mismatch(model, state_dict: Mapping, shown: int = 3) -> str:
     return "; ".join(parts)
 
 
-class ImageBatches:
-    """The images ``files`` of a folder, read batch by batch, never all at once (re-iterable: repair runs the inputs
-    again). Without ``processor``: each batch a float32 ``N x C x H x W`` tensor in [0, 1], the pixels as they are
+class ImageBatches(Sequence):
+    """The images ``files`` of a folder, read batch by batch, never all at once (a sequence of batches: repair reads
+    a batch again by its index rather than holding them all). Without ``processor``: each batch a float32
+    ``N x C x H x W`` tensor in [0, 1], the pixels as they are
     (``channels`` 1: grey, 16-bit grey over 65535; 3: converted to RGB). With ``processor`` (a transformers image
     processor, which resizes and normalizes as the model was trained): each batch's images, converted to grey
     (``channels`` 1) or RGB, through it, as ``{"pixel_values": ...}``. An image that does not decode is a one-line
@@ -186,6 +203,7 @@ class ImageBatches:
 
     def __init__(self, files: list[Path], channels: int, processor=None, batch: int = IMAGE_BATCH):
         self.files, self.channels, self.processor, self.batch = files, channels, processor, batch
+        self._first: tuple[int, int, int] | None = None  # C x H x W of the first image (its header read once)
 
     def __len__(self) -> int:
         return math.ceil(len(self.files) / self.batch)
@@ -195,25 +213,30 @@ class ImageBatches:
         return len(self.files)
 
     def __iter__(self) -> Iterator:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __getitem__(self, index: int):
+        """Batch ``index``, its files decoded (each time it is asked for)."""
         import numpy as np
         import torch
 
-        shape = None if self.processor is not None else (self.channels, *_shape(self.files[0]))  # (read once)
-        for i in range(0, len(self.files), self.batch):
-            chunk = self.files[i:i + self.batch]
-            images = [_decoded(path) for path in chunk]
-            if self.processor is None:
-                yield torch.from_numpy(np.stack([_pixels(path, im, shape, self.files[0])
-                                                 for path, im in zip(chunk, images)]))
-                continue
-            mode = "L" if self.channels == 1 else "RGB"
-            try:
-                pixels = self.processor(images=[im.convert(mode) for im in images], return_tensors="pt")
-                pixels = pixels["pixel_values"]
-            except Exception as exc:
-                raise ValueError(f"{chunk[0]}: the folder's image processor does not take the {len(chunk)} images "
-                                 f"from it on ({first_line(exc)})") from None
-            yield {"pixel_values": pixels}
+        start = _start(index, len(self), self.batch)
+        chunk = self.files[start:start + self.batch]
+        images = [_decoded(path) for path in chunk]
+        if self.processor is None:
+            if self._first is None:
+                self._first = (self.channels, *_shape(self.files[0]))
+            return torch.from_numpy(np.stack([_pixels(path, im, self._first, self.files[0])
+                                              for path, im in zip(chunk, images)]))
+        mode = "L" if self.channels == 1 else "RGB"
+        try:
+            pixels = self.processor(images=[im.convert(mode) for im in images], return_tensors="pt")
+            pixels = pixels["pixel_values"]
+        except Exception as exc:
+            raise ValueError(f"{chunk[0]}: the folder's image processor does not take the {len(chunk)} images "
+                             f"from it on ({first_line(exc)})") from None
+        return {"pixel_values": pixels}
 
 
 def _decoded(path: Path):

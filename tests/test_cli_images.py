@@ -131,6 +131,27 @@ def test_a_folder_of_pngs_calibrates_as_the_same_images_given_to_the_api(nets):
     assert not torch.equal(cli["f.weight"], net.f.weight.detach())
 
 
+def test_repair_reads_the_folder_again_rather_than_holding_its_images(nets, monkeypatch):
+    """A calibrated encode with repair decodes the folder's images again for its passes (its batches are not held:
+    1,000 RGB 224 x 224 images would be 602 MB), and writes the file the same images in an array give."""
+    import jwt_cli.calibration as C
+
+    decoded = []
+    inner = C._decoded
+    monkeypatch.setattr(C, "_decoded", lambda path: decoded.append(path) or inner(path))
+    result = _encode("grey.pt", "--max-error", "0.05", "--calibration", "imgs", "--model", "image_test_nets:Grey",
+                     "-q", "-o", nets / "cli.jwt")
+    assert result.exit_code == 0, result.output
+    assert len(decoded) > 3 * 70  # (held: 140, calibration's pass and repair's one read into a list)
+    x = np.stack([np.asarray(Image.open(p), dtype=np.float32)[None] / 255
+                  for p in sorted((nets / "imgs").glob("*.png"))])
+    np.save(nets / "x.npy", x)
+    result = _encode("grey.pt", "--max-error", "0.05", "--calibration", "x.npy", "--model", "image_test_nets:Grey",
+                     "-q", "-o", nets / "npy.jwt")
+    assert result.exit_code == 0, result.output
+    assert (nets / "cli.jwt").read_bytes() == (nets / "npy.jwt").read_bytes()
+
+
 def test_model_and_a_folder_of_colour_images(nets):
     """RGBA images are read as RGB (3 channels, alpha dropped) for a 3-channel net."""
     _images(nets / "rgba", 5, mode="RGBA")
@@ -163,6 +184,12 @@ def test_image_batches_read_pixels_as_they_are(tmp_path):
     assert torch.equal(list(batches)[0], x)
     small = ImageBatches(batches.files, 1, batch=2)
     assert [tuple(b.shape) for b in small] == [(2, 1, 4, 5), (1, 1, 4, 5)]
+    # a sequence of batches: batch i made when asked for (repair reads it again rather than holding them all)
+    assert torch.equal(small[1], list(small)[1]) and torch.equal(small[-2], small[0]) and len(small) == 2
+    with pytest.raises(IndexError, match="batch 2 out of range"):
+        small[2]
+    with pytest.raises(TypeError, match="batch indices must be integers"):
+        small[0:1]
     colour = tmp_path / "colour"
     colour.mkdir()
     Image.fromarray(np.array([[[255, 0, 51]]], dtype=np.uint8), "RGB").save(colour / "x.png")

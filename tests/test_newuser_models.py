@@ -99,6 +99,15 @@ def test_text_batches_give_an_encoder_decoder_its_decoder_inputs(tmp_path):
     assert torch.equal(b["decoder_attention_mask"], b["attention_mask"])
     with torch.no_grad():
         t5(**b)  # the model takes it
+    # a sequence of batches (repair reads a batch again by its index): batch i made when asked for, the pass's own
+    three = TextBatches(tokenizer, ["the cat", "a dog ran far", "a cat"], batch=2, decoder=shift)
+    passed = list(three)
+    assert len(three) == len(passed) == 2
+    for i in (0, 1, -1):
+        again = three[i]
+        assert again.keys() == passed[i].keys() and all(torch.equal(again[k], passed[i][k]) for k in again)
+    with pytest.raises(IndexError, match="batch 2 out of range"):
+        three[2]
 
 
 class _SharedTable(nn.Module):

@@ -42,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -163,7 +163,10 @@ def as_batches(inputs: object, batch_size: int = BATCH_SIZE) -> Iterable:
     is one batch; anything else iterable is taken as the batches themselves.
     A batch that is a tuple or list is ``(inputs, *targets)``, as a
     DataLoader over a labelled dataset gives them: its inputs are used, the
-    targets are not (the original model's outputs are the target).
+    targets are not (the original model's outputs are the target). A
+    sequence other than a list or tuple (one that makes each batch when it is
+    asked for, as the command line's image folder and text file) stays one,
+    so that repair can read a batch again rather than hold them all.
     """
     if isinstance(inputs, np.ndarray):
         inputs = torch.from_numpy(inputs)
@@ -181,6 +184,8 @@ def as_batches(inputs: object, batch_size: int = BATCH_SIZE) -> Iterable:
                         f"not {type(inputs).__name__}")
     if iter(inputs) is inputs:  # a one-shot iterator stays one
         return map(_inputs_of, inputs)
+    if isinstance(inputs, Sequence) and not isinstance(inputs, (list, tuple)):
+        return _InputsAt(inputs)  # (repair reads its batches again by index: codec.rd.repair._check_inputs)
     return _InputsOf(inputs)
 
 
@@ -197,6 +202,17 @@ class _InputsOf:
 
     def __iter__(self):
         return map(_inputs_of, self.source)
+
+
+class _InputsAt(_InputsOf, Sequence):
+    """A sequence of batches that makes each one when asked (the command line's image folder and text file,
+    ``cli.calibration``), read as :func:`_inputs_of` each batch, by index too."""
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> object:
+        return _inputs_of(self.source[index])
 
 
 def _prepare(batch: object, index: int, device: torch.device, dtype: torch.dtype) -> Batch:

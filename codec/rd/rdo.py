@@ -55,7 +55,7 @@ from ..blobcodecs.jpeg import quant_table
 from ..dtypes import DType, from_float64, to_float64
 from ..tensorcodec import EncodeOptions, _map_blob, shape_lossless_reason
 
-__all__ = ["unit_sensitivity", "prune_coefficients", "fit_pruned", "applies"]
+__all__ = ["unit_sensitivity", "output_scale", "prune_coefficients", "fit_pruned", "applies"]
 
 
 def _dct_matrix() -> np.ndarray:
@@ -80,16 +80,25 @@ def applies(opts: EncodeOptions, shape: tuple[int, ...], dtype: DType) -> bool:
     return opts.codec == "jpeg" and opts.quality is not None and shape_lossless_reason(shape, dtype, "jpeg") is None
 
 
-def unit_sensitivity(model: torch.nn.Module, module: torch.nn.Module, batches: Sequence, refs: Sequence,
-                     run: Callable, flat: Callable, probes: int = 4, seed: int = 0) -> np.ndarray:
+def output_scale(ref: torch.Tensor) -> torch.Tensor:
+    """The RMS of an output of the original model (at least 1e-15), by which :func:`unit_sensitivity` divides it."""
+    return ref.pow(2).mean().clamp_min(1e-30).sqrt()
+
+
+def unit_sensitivity(model: torch.nn.Module, module: torch.nn.Module, batches: Sequence, refs: Sequence | None,
+                     run: Callable, flat: Callable, probes: int = 4, seed: int = 0, *,
+                     scales: Sequence | None = None) -> np.ndarray:
     """``g_j = E[sum_k (d out_k / d y_j)^2]`` for each output unit ``j`` of ``module`` (the last axis of a Linear's
     output, the channel axis of a convolution's), summed over positions, averaged over samples.
 
     ``out`` are the model's floating outputs, each divided by its RMS in ``refs`` (the original's outputs, as
     repair's relative MSE weighs them); the sum over ``k`` is estimated with ``probes`` Rademacher vectors per
     batch (Hutchinson), deterministic for ``seed``. ``run(model, batch)`` runs the model, ``flat(out)`` lists its
-    floating output tensors."""
+    floating output tensors. ``scales``: instead of ``refs``, each batch's :func:`output_scale` of each output
+    (the same values, without the whole outputs held)."""
     grabbed: dict[str, torch.Tensor] = {}
+    if scales is None:
+        scales = [[output_scale(r) for r in ref] for ref in refs]
 
     def hook(mod, args, out):
         out = out.detach().requires_grad_(True)
@@ -101,12 +110,12 @@ def unit_sensitivity(model: torch.nn.Module, module: torch.nn.Module, batches: S
     handle = module.register_forward_hook(hook)
     try:
         with torch.enable_grad():
-            for batch, ref in zip(batches, refs):
+            for batch, scale in zip(batches, scales):
                 for _ in range(probes):
                     outs = flat(run(model, batch))
                     y = grabbed["y"]
-                    loss = sum((o * (torch.randint(0, 2, o.shape, generator=gen) * 2 - 1).to(o.dtype)).sum()
-                               / r.pow(2).mean().clamp_min(1e-30).sqrt() for o, r in zip(outs, ref))
+                    loss = sum((o * (torch.randint(0, 2, o.shape, generator=gen) * 2 - 1).to(o.dtype)).sum() / s
+                               for o, s in zip(outs, scale))
                     (grad,) = torch.autograd.grad(loss, y)
                     sq = grad.double().pow(2)
                     per_unit = sq.reshape(-1, sq.shape[-1]).sum(0) if isinstance(module, torch.nn.Linear) else \

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -44,6 +44,7 @@ from torch.nn import functional as F
 
 from ..api import TORCH_DTYPES, to_numpy, to_torch
 from ..dtypes import DType, from_float64, get_dtype, to_float64
+from ..errors import first_line
 from ..parallel import make_executor, release_memory, sparse_zeros
 from ..tensorcodec import (Encoded, EncodeOptions, Overrides, _error_sums, decode_encoded, encode_tensor,
                            lossless_reason)
@@ -53,7 +54,7 @@ from .calibrate import call as _run
 from .gptq import _BAND, HeldInFactor, _diagonal
 from .gptq import difference_error as weighted_error
 from .output_sample import OutputSample
-from .rdo import applies, fit_pruned, unit_sensitivity
+from .rdo import applies, fit_pruned, output_scale, unit_sensitivity
 
 __all__ = ["RepairSettings", "Repaired", "code_with_repair", "forward_order", "output_error", "repair"]
 
@@ -384,14 +385,17 @@ class _Lookups:
         if rows is None or tensor.device.type != "cpu" or decoded.ndim != 2:
             return
         whole = tensor.data
-        expected = [_outputs(work, b) for b in batches]
         sparse = sparse_zeros(decoded.shape, decoded.dtype)  # (np.zeros: huge pages, 44 of 47 MB resident)
         index = rows.numpy()
         sparse[index] = decoded[index]
-        tensor.data = to_torch(sparse, slot.dtype.name)
-        if not all(all(torch.equal(a, b) for a, b in zip(_outputs(work, batch), want))
-                   for batch, want in zip(batches, expected)):
+        sparse = to_torch(sparse, slot.dtype.name)
+        for batch in batches:  # a batch at a time: one batch's outputs of each alive (a T5's logits: 47 MB each)
             tensor.data = whole
+            want = _outputs(work, batch)
+            tensor.data = sparse
+            if not all(torch.equal(a, b) for a, b in zip(_outputs(work, batch), want)):
+                tensor.data = whole
+                return
 
 
 def _measure(encoded: Encoded, target: np.ndarray, decoded: np.ndarray, dtype: DType) -> None:
@@ -416,14 +420,27 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     # judged, and its head computes only those positions there and while a layer's inputs are collected
     # (OutputSample); the references for the judged batches are sampled the same way.
     sample = OutputSample(settings.seed)
+    # The original's whole outputs on every batch are held only where training matches them (distillation,
+    # fine-tuning). Otherwise each batch's are reduced as they are made to what repair reads of them: each output's
+    # RMS (the pruning's unit sensitivities) and a held-out batch's sampled reference (a refit's judge); the final
+    # note runs the original again (_error_against). A T5 with a 30,522-word vocabulary: 8 x 47 MB not held.
+    trains = settings.steps > 0 or settings.final_steps > 0 or settings.finetune_steps > 0
+    judged_batches = set(held_out(len(batches[: settings.stats_batches])) if settings.refit else ())
+    refs: list | None = [] if trains else None
+    scales, judge_refs = [], {}
     with torch.no_grad():
-        refs = [_outputs(work, b, sample if i == 0 else None) for i, b in enumerate(batches)]
+        for i, b in enumerate(batches):
+            outs = _outputs(work, b, sample if i == 0 else None)
+            if i == 0:  # a narrowed run checked once (or no narrowing)
+                sample.reference(work, b, _run, _flat, outs)
+            if i in judged_batches:
+                judge_refs[i] = sample.reference(work, b, _run, _flat, outs)
+            scales.append([output_scale(t) for t in outs])
+            if refs is not None:
+                refs.append(outs)
+            del outs, b
     if lookups is not None:
         lookups.close()
-    with torch.no_grad():
-        sample.reference(work, batches[0], _run, _flat, refs[0])  # a narrowed run checked once (or no narrowing)
-        judge_refs = {i: sample.reference(work, batches[i], _run, _flat, refs[i])
-                      for i in (held_out(len(batches[: settings.stats_batches])) if settings.refit else ())}
     order = forward_order(work, batches[0])
     follower = {id(a): b for a, b in zip(order, order[1:])}
     for rank, module in enumerate(order):
@@ -453,8 +470,8 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         elif layer is not None and settings.prune and settings.keep_size and _prunes(options[slot.name], slot,
                                                                                       settings):
             used = slice(settings.stats_batches)
-            layer.sensitivity = unit_sensitivity(work, slot.module, batches[used], refs[used], _run, _flat,
-                                                 seed=settings.seed)
+            layer.sensitivity = unit_sensitivity(work, slot.module, batches[used], None, _run, _flat,
+                                                 seed=settings.seed, scales=scales[used])
         if layer is not None:
             layer.settle()
         target, assumed, decoded, opts, credit, slot.nbytes, slot.encoded = _code_within(
@@ -488,7 +505,7 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     step = _distill(work, _free(slots, lossy=False), batches, refs, settings.final_steps, settings.lr, step)
     tuned = (_finetune(work, batches, refs, slots, {**options, **changed}, settings, executor)
              if settings.finetune_steps > 0 and queue else None)
-    after = output_error(work, batches, refs)
+    after = output_error(work, batches, refs) if refs is not None else _error_against(model, work, batches)
     targets = {}
     for slot in slots.values():
         value = (slot.target if keep_targets else None) if slot.lossy else to_numpy(slot.tensor)[0]
@@ -610,32 +627,71 @@ def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.array_equal(a.view(width), b.view(width)))
 
 
-def _check_inputs(inputs: Iterable, model: nn.Module | None = None) -> list:
-    """The calibration batches as a list; ValueError/TypeError on one line for what cannot be used. Given
+def _check_inputs(inputs: Iterable, model: nn.Module | None = None) -> Sequence:
+    """The calibration batches as a sequence; ValueError/TypeError on one line for what cannot be used. Given
     ``model``, floating inputs of another dtype are cast to its parameters' (float32 images for a float16 or
-    bfloat16 model, as calibration does)."""
+    bfloat16 model, as calibration does).
+
+    A sequence other than a list or tuple (one that makes each batch when asked for it: the command line's image
+    folder and text file, :class:`codec.rd.calibrate._InputsAt`) is not held: :class:`_Reread` reads a batch from it
+    each time one is used, checking it then (1,000 RGB 224 x 224 images are 602 MB as float32). Anything else (a
+    list, a DataLoader, a one-shot iterator) is read into a list once and checked now, as the user's memory or a
+    source that may not give the same batches twice."""
     if isinstance(inputs, (torch.Tensor, Mapping)) or not isinstance(inputs, Iterable):
         raise TypeError(f"inputs must be an iterable of batches (tensors or dicts of tensors), "
                         f"not {type(inputs).__name__}")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None) if model is not None else None
+    if isinstance(inputs, Sequence) and not isinstance(inputs, (list, tuple, str, bytes)):
+        if not len(inputs):
+            raise ValueError("inputs hold no batch: repair needs calibration inputs")
+        return _Reread(inputs, dtype, range(len(inputs)))
     batches = list(inputs)
     if not batches:
         raise ValueError("inputs hold no batch: repair needs calibration inputs")
-    for i, batch in enumerate(batches):
-        items = batch.items() if isinstance(batch, Mapping) else [("", batch)]
-        for key, value in items:
-            where = f"batch {i}" + (f" [{key!r}]" if key else "")
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"{where}: not a tensor but {type(value).__name__}")
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise ValueError(f"{where}: holds NaN or Inf")
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None) if model is not None else None
+    return [_checked(batch, i, dtype) for i, batch in enumerate(batches)]
+
+
+def _checked(batch, index: int, dtype: torch.dtype | None):
+    """Calibration batch ``index`` checked (tensors, or a mapping of them, with no NaN or Inf: a one-line
+    TypeError / ValueError naming it), its floating tensors cast to ``dtype`` (None: as they are)."""
+    items = batch.items() if isinstance(batch, Mapping) else [("", batch)]
+    for key, value in items:
+        where = f"batch {index}" + (f" [{key!r}]" if key else "")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{where}: not a tensor but {type(value).__name__}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{where}: holds NaN or Inf")
+    if dtype is None:
+        return batch
 
     def cast(value: torch.Tensor) -> torch.Tensor:
         return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
 
-    if dtype is not None:
-        batches = [{k: cast(v) for k, v in b.items()} if isinstance(b, Mapping) else cast(b) for b in batches]
-    return batches
+    return {k: cast(v) for k, v in batch.items()} if isinstance(batch, Mapping) else cast(batch)
+
+
+class _Reread(Sequence):
+    """Batches ``indices`` of a sequence that makes each batch when asked (:func:`_check_inputs`), read from it
+    again each time one is used (:func:`_checked`), never held: repair's passes over the batches (two or three per
+    layer) decode a folder's images again each time, at the cost of that decoding (measured in bench/JOURNAL.md,
+    "mem (twenty-first pass)")."""
+
+    def __init__(self, source: Sequence, dtype: torch.dtype | None, indices: range):
+        self.source, self.dtype, self.indices = source, dtype, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return _Reread(self.source, self.dtype, self.indices[index])
+        k = self.indices[index]
+        try:
+            batch = self.source[k]
+        except IndexError as exc:  # (else a pass over the batches would end there, silently short)
+            raise ValueError(f"calibration batch {k}: the inputs said they hold {len(self.source)} batches, but "
+                             f"there is no batch {k} ({type(exc).__name__}: {first_line(exc)})") from None
+        return _checked(batch, k, self.dtype)
 
 
 def _slots(work: nn.Module, options: Mapping[str, EncodeOptions], model: nn.Module | None = None
@@ -795,6 +851,18 @@ def output_error(model: nn.Module, batches: list, refs: list[list[torch.Tensor]]
                 out = [sample.take(t) for t in _flat(_run(model, b))]
             errors.append(float(_relative_mse(out, r)))
         return float(np.mean(errors))
+
+
+def _error_against(original: nn.Module, model: nn.Module, batches: Sequence) -> float:
+    """:func:`output_error` of ``model`` against the ``original`` model's outputs, made again batch by batch (in
+    eval mode, as repair made its references: the same values), one batch's outputs alive at a time."""
+    training = original.training
+    original.eval()
+    try:
+        with torch.no_grad():
+            return float(np.mean([float(_loss(model, b, _outputs(original, b))) for b in batches]))
+    finally:
+        original.train(training)
 
 
 def _set_trainable(slots: dict[str, _Slot]) -> None:
