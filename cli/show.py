@@ -214,8 +214,7 @@ def describe_codec(entry) -> str:
     ref = getattr(entry, "base", None)  # an update's entry: unchanged, or a difference from a base tensor
     if ref is not None and entry.codec is None:
         return f"unchanged from base tensor {ref.name!r}, {list(entry.shape)} {entry.dtype.name}"
-    codec_id, _, params = entry.codec.describe(sep=", ").partition(" ")
-    text = f"{codec_id} ({params})"
+    text = f"{entry.codec.codec_id} ({entry.codec.params_text(sep=', ')})"
     if ref is not None:
         text = f"base {ref.name!r} + difference {text}"
     if entry.tiling is not None:

@@ -85,8 +85,11 @@ class BlobCodec(ABC):
         """The codec and its parameters in a few words for people (notes, ``jwt show``), e.g. ``quant bits=4``: a
         long list (an explicit JPEG table) is summed up (``64 x 212``, or its first and last values) where the index
         and ``jwt info --json`` keep every value. ``skip``: parameters left out."""
-        params = sep.join(f"{k}={_brief(v)}" for k, v in self.get_config().items() if k != "id" and k not in skip)
-        return f"{self.codec_id} {params}".strip()
+        return f"{self.codec_id} {self.params_text(sep, skip)}".strip()
+
+    def params_text(self, sep: str = " ", skip: tuple[str, ...] = ()) -> str:
+        """:meth:`describe` without the codec's id: ``quality=3 table=64 x 212``."""
+        return sep.join(f"{k}={_brief(v)}" for k, v in self.get_config().items() if k != "id" and k not in skip)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "id")

@@ -453,13 +453,14 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     step, mismatched, changed, credit, judged, wide = 0, 0, {}, 0, [], []
     receiver, later = _receiver(queue, options, spare, executor)
     reserve = 0
-    for slot in queue:
+    # a tensor before the last jpeg / jpegxl one can leave an overrun for it to pay by stepping down (_fit_size)
+    last_image = max((i for i, s in enumerate(queue) if options[s.name].codec in ("jpeg", "jpegxl")), default=-1)
+    for i, slot in enumerate(queue):
         later.pop(slot.name, None)  # what the quant tensors after this one may grow by: kept from its step-ups
         if slot is receiver:
             reserve = min(spare, _held(later))
             credit += spare - reserve
         held = _held(later) if receiver is not None and receiver.coded else 0
-        paid_later = any(options[s.name].codec in ("jpeg", "jpegxl") for s in queue[queue.index(slot) + 1:])
         with sample.narrowed(work, model):  # (collect needs the layer's inputs, not the model's output)
             layer = _LayerFit.collect(model, originals[slot.module_name], work, slot, slots, batches, settings,
                                       follower.get(id(slot.module))) if _is_layer_weight(slot) else None
@@ -475,7 +476,7 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         if layer is not None:
             layer.settle()
         target, assumed, decoded, opts, credit, slot.nbytes, slot.encoded = _code_within(
-            slot, layer, options[slot.name], settings, executor, credit, held, paid_later,
+            slot, layer, options[slot.name], settings, executor, credit, held, i < last_image,
             0 if receiver is None or receiver.coded or slot is receiver else spare)  # (the receiver's is in credit)
         if slot is receiver:
             credit += reserve  # for the quant tensors after it
