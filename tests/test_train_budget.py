@@ -307,13 +307,24 @@ def test_a_tied_weight_is_counted_once_as_the_file_stores_it():
 @pytest.mark.parametrize("kwargs, overrides, words", [
     ({"tensor": "9.weight"}, RULES, "no tensor '9.weight'"),
     ({"tensor": "2.weight"}, RULES, "is not coded as JPEG"),
-    ({}, [("*", "b4")], "no tensor is coded as JPEG"),
+    ({}, [("*", "b4")], "is coded as quant; pass a JPEG setting"),
 ])
 def test_a_budget_needs_a_jpeg_tensor(kwargs, overrides, words):
     with pytest.raises(ValueError) as info:
         finetune(_tiny(), _data(), LOSS, overrides=overrides, steps=1, budget=Budget(2.0, **kwargs),
                  validation=False)
     assert "\n" not in str(info.value) and words in str(info.value)
+
+
+def test_a_budget_on_a_model_too_small_for_jpeg_says_why():
+    """A GRU's 192 x 64 matrices are under JPEG's smallest size: the error names the largest and the way out."""
+    model = torch.nn.GRU(16, 64)
+    data = [torch.randn(5, 2, 16) for _ in range(2)]
+    with pytest.raises(ValueError) as info:
+        finetune(model, data, lambda out: out[0].pow(2).mean(), setting="q50", steps=1, budget=2.0,
+                 validation=False)
+    message = str(info.value)
+    assert "\n" not in message and "'weight_hh_l0', has 12,288" in message and "16,384" in message
 
 
 @pytest.mark.parametrize("kwargs", [{"margin": 0.5}, {"margin": -0.1}, {"every": 0}, {"hold": 1.5},

@@ -48,6 +48,7 @@ import dataclasses
 import io
 import math
 import time
+from collections.abc import Mapping
 
 import torch
 
@@ -183,7 +184,7 @@ class Budget:
         from ..api import _sharing
         from ..rd.ladder import scale_of, scales
 
-        from .finetune import _lossless_for_shape
+        from .finetune import _coded_as
 
         state = model.state_dict()
         self._opts, self._vector_bits, self._last = opts, vector_bits, 0
@@ -191,12 +192,10 @@ class Budget:
             self._base = list(rules.rules)
             aliases = _sharing(state)[0]  # a tied name is stored once, as the tensor it is tied to
             jpeg = {n: t.numel() for n, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point()
-                    and n not in aliases and (o := rules.options_for(n, opts) or opts).codec == "jpeg"
-                    and not _lossless_for_shape(t, o)}
+                    and n not in aliases and _coded_as(t, rules.options_for(n, opts) or opts) == "jpeg"}
             if self.tensor is None:
                 if not jpeg:
-                    raise ValueError("finetune: budget: no tensor is coded as JPEG under this setting and overrides "
-                                     "(the budget moves a JPEG quality)")
+                    raise ValueError(_no_jpeg(state, aliases, opts, rules))
                 self.tensor = max(jpeg, key=jpeg.get)
             else:
                 self.tensor = aliases.get(self.tensor, self.tensor)
@@ -395,3 +394,24 @@ def as_budget(budget) -> Budget | None:
     raise TypeError(f"finetune: budget must be None, a number of bits per weight or a codec.train.Budget, "
                     f"not {type(budget).__name__}")
 
+
+def _no_jpeg(state: Mapping, aliases: Mapping, opts: EncodeOptions, rules: Overrides) -> str:
+    """The one-line error of a budget with no JPEG tensor to move: why none is (the setting's codec, or every
+    matrix under JPEG's smallest size) and what to pass instead."""
+    from ..tensorcodec import MIN_IMAGE_ELEMENTS
+
+    head = "finetune: budget: no tensor is coded as JPEG under this setting and overrides (the budget moves a JPEG " \
+           "quality)"
+    sizes = {n: t.numel() for n, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point()
+             and t.dim() >= 2 and n not in aliases}
+    if not sizes:
+        return f"{head}: the model has no floating matrix"
+    largest = max(sizes, key=sizes.get)
+    if sizes[largest] < MIN_IMAGE_ELEMENTS:
+        return (f"{head}: JPEG codes matrices of at least {MIN_IMAGE_ELEMENTS:,} elements, and the largest, "
+                f"{largest!r}, has {sizes[largest]:,}; fine-tune without a budget at a quant setting "
+                "(setting='b4') and save with bits_per_weight")
+    from .finetune import _coded_as
+
+    codec = _coded_as(state[largest], rules.options_for(largest, opts) or opts)
+    return f"{head}: {largest!r} is coded as {codec}; pass a JPEG setting (setting='q50') or a 'jpeg' override for it"

@@ -132,6 +132,20 @@ def _lossless_for_shape(t: torch.Tensor, opts: EncodeOptions) -> bool:
     return (reason or "").startswith("stored losslessly")
 
 
+def _coded_as(t: torch.Tensor, opts: EncodeOptions) -> str:
+    """The codec the file really codes ``t`` with under ``opts``: ``"lossless"`` for what it stores exactly,
+    ``"quant"`` for a matrix too small for an image codec (8-bit quant, :func:`codec.tensorcodec.not_applied`),
+    else ``opts.codec``."""
+    from ..api import TORCH_DTYPES
+    from ..dtypes import get_dtype
+
+    if opts.codec == "lossless" or t.dtype not in TORCH_DTYPES:
+        return "lossless"
+    reason = not_applied(tuple(t.shape), get_dtype(TORCH_DTYPES[t.dtype]), opts) or ""
+    return "lossless" if reason.startswith("stored losslessly") else \
+        "quant" if reason.startswith("coded as 8-bit quant") else opts.codec
+
+
 def _rounds(t: torch.Tensor, opts: EncodeOptions) -> bool:
     """True if ``vector_bits`` applies to ``t``: floating, stored losslessly for its shape, not asked lossless."""
     return t.is_floating_point() and opts.codec != "lossless" and _lossless_for_shape(t, opts)
