@@ -442,16 +442,26 @@ def save(
             warn(damaged)
             return chosen
 
+        def moved(chosen: dict[str, EncodeOptions]) -> int:  # repair_growth of the vectors this plan makes move
+            from .api import repair_growth
+
+            return repair_growth(model, calibration, repair, [renames.get(n, n) for n in arrays if n not in aliases],
+                                 inputs, {renames.get(n, n): o for n, o in chosen.items()})
+
         def size(chosen: dict[str, EncodeOptions], coded: dict) -> int:  # the search's codings are not redone
             return _planned_size(arrays, aliases, chosen.__getitem__, meta, encoder, index, attachments, packing, jobs,
                                  done=dict(coded))
 
         chosen = plan(growth, damaged, coded, progress)
         weights = sum(math.prod(arrays.shape(n)) for n in arrays if n not in aliases)
+        first_reserve = growth  # what the first plan kept out
+        if growth and inputs is not None:  # only the constant vectors repair will move under this plan
+            growth = min(growth, moved(chosen))
         budget = 0 if bits_per_weight is None else int(bits_per_weight * weights / 8) - growth
         entries = REPLAN_ENTRY_BYTES * sum(n not in aliases for n in arrays)  # the index's share, guessed
         planned = None  # the size of the chosen plan's file, where measured
-        if budget and matcher is None and weights <= REPLAN_WEIGHTS and entries > REPLAN_UNDER * budget:
+        if budget and matcher is None and weights <= REPLAN_WEIGHTS \
+                and (entries > REPLAN_UNDER * budget or first_reserve - growth > REPLAN_UNDER * budget):
             first = planned = size(chosen, coded)
             rate, kept = 1.0, 0
             for _ in range(REPLANS):  # the index compressed by more (or less) than the plan counted on
@@ -464,13 +474,15 @@ def save(
                     given = int(0.97 * (budget - first) / rate)  # the file grows about ``rate`` bytes a byte given
                 again_damaged: list[str] = []
                 again_coded: dict = {}
-                again = plan(growth - given, again_damaged, again_coded, None)
+                again = plan(first_reserve - given, again_damaged, again_coded, None)
                 got = size(again, again_coded)
                 if given > 0 and got > first:
                     rate = max(rate, (got - first) / given)
                 if planned > budget or planned < got <= budget:
                     chosen, damaged, coded, planned = again, again_damaged, again_coded, got
             warn(damaged)
+            if first_reserve > growth:  # the plan kept may code other layers lossily: their vectors move too
+                growth = max(growth, moved(chosen))
         measure_by = None  # its weightings hold calibration's H matrices (MiniLM: 100 MB): not through repair
         notes += damaged
         if bits_per_weight is not None:

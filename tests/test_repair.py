@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 from dataclasses import replace
 
 import numpy as np
@@ -635,28 +636,34 @@ def test_save_with_repair_stays_within_the_budget(tmp_path):
 
 @pytest.mark.parametrize("bits", [2.5, 3.0])
 def test_save_with_repair_spends_its_budget(tmp_path, bits):
-    """codec.save with calibration gives repair what the plan leaves under the budget (spare_bytes): the file lands
-    within 2.5 % under the bits/weight asked, never over (before spare_bytes: 6.8 % / 4.3 % under; 0.5-1.1 % before
-    the biases and the 8x1x3x3 convolution could be rounded, 1.1-1.9 % since, 2.1 % at 2.5 once the lossless
-    planes took their own zstd blocks (93 bytes fewer, the same codings): the fine JPEG ladder's step at q12, about
-    3 % of the largest tensor's bytes, does not fit the spare exactly)."""
+    """codec.save with calibration spends the budget: the file lands within 1.5 % under the bits/weight asked,
+    never over. The plan itself now gets nearly all of it (the index counted as it will be written, compressed);
+    what it leaves goes to repair (spare_bytes). Main: 2.1 % / 1.5 % under (2.4474 / 2.9554 bits/weight, the
+    plan's file 3.6 % / 3.2 % under, repair's step-ups spending the rest in forward order); here 2.4954 / 2.9648.
+    (Before spare_bytes: 6.8 % / 4.3 % under.)"""
     import codec
 
     model, data = tiny_model(4), batches()
     path = tmp_path / "m.jwt"
     weights = sum(t.numel() for t in model.state_dict().values())
     notes = codec.save(model, path, bits_per_weight=bits, calibration=data)
-    assert 0.975 * bits <= 8 * path.stat().st_size / weights <= bits
-    assert any("dearer options to spend" in n for n in notes)
+    assert 0.985 * bits <= 8 * path.stat().st_size / weights <= bits
+    assert not any("over the" in n for n in notes)
 
 
-def test_calibrated_vit_of_quant_tensors_stays_within_its_budget(tmp_path):
+def test_calibrated_vit_of_quant_tensors_stays_within_its_budget(tmp_path, monkeypatch):
     """A small transformers ViT (random weights, 2 x 64: every weight ``quant``, the plan well under the budget, so
     repair has a spare) saved with calibration ends within its budget and spends it: the step-ups after the largest
     tensor keep back what the ``quant`` tensors after them grow by under GPTQ (_held). Before: 3.020 bits/weight at
-    -b 3, over (the bench's 4 x 64 ViT: 3.049)."""
+    -b 3, over (the bench's 4 x 64 ViT: 3.049). The plan leaves the spare as it did when it counted the index by a
+    lean estimate: a wide index margin, planned once (it now counts the index as written and spends the budget
+    itself)."""
     transformers = pytest.importorskip("transformers")
     import codec
+    from codec import encode
+
+    monkeypatch.setattr(encode, "INDEX_MARGIN", 3.0)
+    monkeypatch.setattr(encode, "REPLANS", 0)
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -669,6 +676,31 @@ def test_calibrated_vit_of_quant_tensors_stays_within_its_budget(tmp_path):
                                                                     for x in torch.randn(256, 1, 16, 16).split(32)])
     assert 0.975 * 3.0 <= 8 * path.stat().st_size / weights <= 3.0
     assert any("dearer options to spend" in n for n in notes)
+    assert not any("over the" in n for n in notes)
+
+
+def test_calibrated_model_of_many_small_tensors_spends_its_budget():
+    """A random-weight CNN of 152 tensors (8 blocks of a 3 x 3 convolution and a 32 -> 2 -> 32 pair of 1 x 1 ones,
+    each followed by a fresh BatchNorm, running means zero) saved with calibration and repair spends its budget,
+    never over: here 2.75 % under at -b 4, main 4.7 % (37,276 of 39,105 bytes). Main's plan counted the index by a
+    lean estimate (its file 6,218 bytes under, left to repair's step-ups), and kept the raw size of every zero
+    running mean (2,240 bytes) for repair's shifts, while only those after a layer coded lossily move
+    (codec.rd.repair.moved_growth: 1,024; the 1 x 1 convolutions are coded losslessly). What is left is a quant
+    step of a whole 3 x 3 convolution (1,152 bytes a bit), too coarse for the 538 bytes. A random MobileNetV2 (314
+    tensors) at -b 3: 2.741 bits/weight on main."""
+    import codec
+
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU()]
+    for _ in range(8):
+        layers += [nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                   nn.Conv2d(32, 2, 1, bias=False), nn.BatchNorm2d(2), nn.ReLU(),
+                   nn.Conv2d(2, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    weights = sum(t.numel() for t in model.state_dict().values())
+    out = io.BytesIO()
+    notes = codec.save(model, out, bits_per_weight=4.0, calibration=torch.randn(256, 3, 8, 8).split(32))
+    assert 0.965 * int(4.0 * weights / 8) <= len(out.getvalue()) <= int(4.0 * weights / 8)
     assert not any("over the" in n for n in notes)
 
 
