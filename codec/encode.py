@@ -464,8 +464,10 @@ def save(
                 and (entries > REPLAN_UNDER * budget or first_reserve - growth > REPLAN_UNDER * budget):
             first = planned = size(chosen, coded)
             rate, kept = 1.0, 0
+            released = first_reserve - growth > REPLAN_UNDER * budget
             for _ in range(REPLANS):  # the index compressed by more (or less) than the plan counted on
-                if planned <= budget and budget - planned <= REPLAN_UNDER * budget:
+                if planned <= budget and (budget - planned <= REPLAN_UNDER * budget or inputs is not None
+                                          and not released):  # (repair spends what its plan leaves: spare_bytes)
                     break
                 if planned > budget:  # keep the excess (and REPLAN_OVER of the budget) out of the next plan
                     kept += planned - budget + math.ceil(REPLAN_OVER * budget)
@@ -628,8 +630,10 @@ def _planned_size(arrays: Arrays, aliases: dict[str, str], options_for: Callable
 #: a 140,000-weight ViT of 72 tensors at -b 3 came out at 2.654 bits/weight, 6 KB under, leaving 8 tensors
 #: damaged.) Up to :data:`REPLANS` more plans get what the first left, each given what a line through the sizes so
 #: far predicts will fit, less 3 % (or, over, have the excess kept out); each costs one more search and coding of
-#: the model, small at this size. The largest file within the budget is kept. A calibrated save is planned again
-#: the same way (with repair, the measured file is the one :func:`spare_bytes` counts from).
+#: the model, small at this size. The largest file within the budget is kept. A save with repair is planned again
+#: only when its file is over, or when the growth it keeps for repair shrinks by more than :data:`REPLAN_UNDER`
+#: (:func:`codec.rd.repair.moved_growth`); otherwise repair spends what its plan leaves (:func:`spare_bytes`, from
+#: the file measured here).
 REPLAN_WEIGHTS = 1 << 22
 REPLAN_UNDER = 0.01
 REPLAN_ENTRY_BYTES = 256
@@ -658,9 +662,10 @@ def _index_saving(skeleton: Index, tensors: list[tuple[str, DType, tuple[int, ..
     at its cheapest floor setting (:func:`codec.rd.allocate.floor_encodings`), their entries with real offsets,
     lengths and CRCs compressed, less :data:`INDEX_MARGIN` of that compressed index (another plan's entries
     compress a little differently: the bench models' written indexes vary by up to 10 % between budgets, their
-    JSON by under 1 %; a random MobileNetV2's calibrated plan, with five JPEG tables, 16 % above its floor's). Nothing is coded, and nothing compressed, when the index's JSON, counted with a lean entry
-    per tensor (its name, dtype and shape, one blob), is too small to save ``least`` (a large model's). Without
-    ``floor`` (an update's plan), 80 % of what compressing that lean index saves."""
+    JSON by under 1 %; a random MobileNetV2's calibrated plan, with five JPEG tables, 16 % above its floor's).
+    Nothing is coded, and nothing compressed, when the index's JSON, counted with a lean entry per tensor (its
+    name, dtype and shape, one blob), is too small to save ``least`` (a large model's). Without ``floor`` (an
+    update's plan), 80 % of what compressing that lean index saves."""
     entries, offset = list(skeleton.entries), 0
     for name, dtype, shape in tensors:
         length = 1 + zlib.crc32(name.encode()) % 99_991
