@@ -423,6 +423,8 @@ def save(
             if calib is not calibration:  # made here: the search holds its H matrices packed, the whole ones go
                 weightings, calib = packed_weightings(weightings), None  # (MiniLM: 74 MB -> 37)
             release_memory()
+        if inputs is not None:  # repair spends what the plan leaves: the plan counts the index leanly (_overhead)
+            index["lean"] = True
         damaged: list[str] = []
         coded: dict = {}  # tensors the search (or repair) coded with their chosen options: written as they are
         # The attachments' sizes are needed once the search has predicted every tensor (its budget's fixed part):
@@ -461,7 +463,8 @@ def save(
         entries = REPLAN_ENTRY_BYTES * sum(n not in aliases for n in arrays)  # the index's share, guessed
         planned = None  # the size of the chosen plan's file, where measured
         if budget and matcher is None and weights <= REPLAN_WEIGHTS \
-                and (entries > REPLAN_UNDER * budget or first_reserve - growth > REPLAN_UNDER * budget):
+                and ((inputs is None and entries > REPLAN_UNDER * budget)
+                     or first_reserve - growth > REPLAN_UNDER * budget):
             first = planned = size(chosen, coded)
             rate, kept = 1.0, 0
             for _ in range(REPLANS):  # the index compressed by more (or less) than the plan counted on
@@ -924,7 +927,7 @@ def _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weig
     if "saving" not in index:  # (the same for every plan of a save: the floor is coded once)
         from .rd.allocate import floor_encodings
 
-        floor = None if base_id is not None else lambda: floor_encodings(  # noqa: E731
+        floor = None if base_id is not None or index.get("lean") else lambda: floor_encodings(  # noqa: E731
             _tensor_source(arrays, stored), options, lambda name: rules.options_for(name, options))
         index["saving"] = _index_saving(skeleton, [(n, get_dtype(arrays.dtype_name(n)), tuple(arrays.shape(n)))
                                                    for n in stored], INDEX_ZSTD_SAVING * budget, floor)

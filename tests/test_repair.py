@@ -636,34 +636,28 @@ def test_save_with_repair_stays_within_the_budget(tmp_path):
 
 @pytest.mark.parametrize("bits", [2.5, 3.0])
 def test_save_with_repair_spends_its_budget(tmp_path, bits):
-    """codec.save with calibration spends the budget: the file lands within 1.5 % under the bits/weight asked,
-    never over. The plan itself now gets nearly all of it (the index counted as it will be written, compressed);
-    what it leaves goes to repair (spare_bytes). Main: 2.1 % / 1.5 % under (2.4474 / 2.9554 bits/weight, the
-    plan's file 3.6 % / 3.2 % under, repair's step-ups spending the rest in forward order); here 2.4954 / 2.9648.
-    (Before spare_bytes: 6.8 % / 4.3 % under.)"""
+    """codec.save with calibration gives repair what the plan leaves under the budget (spare_bytes): the file lands
+    within 2.5 % under the bits/weight asked, never over (before spare_bytes: 6.8 % / 4.3 % under; 0.5-1.1 % before
+    the biases and the 8x1x3x3 convolution could be rounded, 1.1-1.9 % since, 2.1 % at 2.5 once the lossless
+    planes took their own zstd blocks (93 bytes fewer, the same codings): the fine JPEG ladder's step at q12, about
+    3 % of the largest tensor's bytes, does not fit the spare exactly)."""
     import codec
 
     model, data = tiny_model(4), batches()
     path = tmp_path / "m.jwt"
     weights = sum(t.numel() for t in model.state_dict().values())
     notes = codec.save(model, path, bits_per_weight=bits, calibration=data)
-    assert 0.985 * bits <= 8 * path.stat().st_size / weights <= bits
-    assert not any("over the" in n for n in notes)
+    assert 0.975 * bits <= 8 * path.stat().st_size / weights <= bits
+    assert any("dearer options to spend" in n for n in notes)
 
 
-def test_calibrated_vit_of_quant_tensors_stays_within_its_budget(tmp_path, monkeypatch):
+def test_calibrated_vit_of_quant_tensors_stays_within_its_budget(tmp_path):
     """A small transformers ViT (random weights, 2 x 64: every weight ``quant``, the plan well under the budget, so
     repair has a spare) saved with calibration ends within its budget and spends it: the step-ups after the largest
     tensor keep back what the ``quant`` tensors after them grow by under GPTQ (_held). Before: 3.020 bits/weight at
-    -b 3, over (the bench's 4 x 64 ViT: 3.049). The plan leaves the spare as it did when it counted the index by a
-    lean estimate: a wide index margin, planned once (it now counts the index as written and spends the budget
-    itself)."""
+    -b 3, over (the bench's 4 x 64 ViT: 3.049)."""
     transformers = pytest.importorskip("transformers")
     import codec
-    from codec import encode
-
-    monkeypatch.setattr(encode, "INDEX_MARGIN", 3.0)
-    monkeypatch.setattr(encode, "REPLANS", 0)
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
