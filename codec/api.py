@@ -161,14 +161,21 @@ def repairs(calibration, repair) -> bool:
     return repair is not False and not isinstance(calibration, Calibration) and _repair_available()
 
 
-def repair_growth(model, calibration, repair, stored) -> int:
+def repair_growth(model, calibration, repair, stored, inputs=None, options=None) -> int:
     """Bytes a budgeted file keeps out of its plan for the constant vectors repair will give values of their own
-    (:func:`codec.rd.repair.constant_growth`), when :func:`save` repairs (:func:`repairs`); else 0."""
+    (:func:`codec.rd.repair.constant_growth`), when :func:`save` repairs (:func:`repairs`); else 0. Given the
+    ``inputs`` repair will run and the plan's ``options`` (model names), only the vectors repair will move under
+    that plan (:func:`codec.rd.repair.moved_growth`)."""
     if not repairs(calibration, repair):
         return 0
+    settings = None if isinstance(repair, bool) else repair
+    if inputs is not None and options is not None:
+        from .rd.repair import moved_growth
+
+        return moved_growth(model, inputs, options, stored, settings)
     from .rd.repair import constant_growth
 
-    return constant_growth(model, stored, None if isinstance(repair, bool) else repair)
+    return constant_growth(model, stored, settings)
 
 
 def _repair_available() -> bool:

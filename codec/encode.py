@@ -423,6 +423,8 @@ def save(
             if calib is not calibration:  # made here: the search holds its H matrices packed, the whole ones go
                 weightings, calib = packed_weightings(weightings), None  # (MiniLM: 74 MB -> 37)
             release_memory()
+        if inputs is not None:  # repair spends what the plan leaves: the plan counts the index leanly (_overhead)
+            index["lean"] = True
         damaged: list[str] = []
         coded: dict = {}  # tensors the search (or repair) coded with their chosen options: written as they are
         # The attachments' sizes are needed once the search has predicted every tensor (its budget's fixed part):
@@ -442,31 +444,48 @@ def save(
             warn(damaged)
             return chosen
 
+        def moved(chosen: dict[str, EncodeOptions]) -> int:  # repair_growth of the vectors this plan makes move
+            from .api import repair_growth
+
+            return repair_growth(model, calibration, repair, [renames.get(n, n) for n in arrays if n not in aliases],
+                                 inputs, {renames.get(n, n): o for n, o in chosen.items()})
+
         def size(chosen: dict[str, EncodeOptions], coded: dict) -> int:  # the search's codings are not redone
             return _planned_size(arrays, aliases, chosen.__getitem__, meta, encoder, index, attachments, packing, jobs,
                                  done=dict(coded))
 
         chosen = plan(growth, damaged, coded, progress)
         weights = sum(math.prod(arrays.shape(n)) for n in arrays if n not in aliases)
+        first_reserve = growth  # what the first plan kept out
+        if growth and inputs is not None:  # only the constant vectors repair will move under this plan
+            growth = min(growth, moved(chosen))
         budget = 0 if bits_per_weight is None else int(bits_per_weight * weights / 8) - growth
         entries = REPLAN_ENTRY_BYTES * sum(n not in aliases for n in arrays)  # the index's share, guessed
-        if budget and matcher is None and inputs is None and weights <= REPLAN_WEIGHTS \
-                and entries > REPLAN_UNDER * budget:  # (repair spends what its plan leaves: spare_bytes)
-            first = size(chosen, coded)
-            best, rate = first, 1.0
-            for _ in range(REPLANS):  # the index compressed by more than the plan counted on: spend it
-                if budget - best <= REPLAN_UNDER * budget:
+        planned = None  # the size of the chosen plan's file, where measured
+        if budget and matcher is None and weights <= REPLAN_WEIGHTS \
+                and ((inputs is None and entries > REPLAN_UNDER * budget)
+                     or first_reserve - growth > REPLAN_UNDER * budget):
+            first = planned = size(chosen, coded)
+            rate, kept = 1.0, 0
+            for _ in range(REPLANS):  # the index compressed by more (or less) than the plan counted on
+                if planned <= budget and budget - planned <= REPLAN_UNDER * budget:
                     break
-                given = int(0.97 * (budget - first) / rate)  # the file grows about ``rate`` bytes a byte given
+                if planned > budget:  # keep the excess (and REPLAN_OVER of the budget) out of the next plan
+                    kept += planned - budget + math.ceil(REPLAN_OVER * budget)
+                    given = -kept
+                else:
+                    given = int(0.97 * (budget - first) / rate)  # the file grows about ``rate`` bytes a byte given
                 again_damaged: list[str] = []
                 again_coded: dict = {}
-                again = plan(growth - given, again_damaged, again_coded, None)
+                again = plan(first_reserve - given, again_damaged, again_coded, None)
                 got = size(again, again_coded)
-                if got > first:
-                    rate = max(rate, (got - first) / max(given, 1))
-                if best < got <= budget:
-                    chosen, damaged, coded, best = again, again_damaged, again_coded, got
+                if given > 0 and got > first:
+                    rate = max(rate, (got - first) / given)
+                if planned > budget or planned < got <= budget:
+                    chosen, damaged, coded, planned = again, again_damaged, again_coded, got
             warn(damaged)
+            if first_reserve > growth:  # the plan kept may code other layers lossily: their vectors move too
+                growth = max(growth, moved(chosen))
         measure_by = None  # its weightings hold calibration's H matrices (MiniLM: 100 MB): not through repair
         notes += damaged
         if bits_per_weight is not None:
@@ -482,6 +501,7 @@ def save(
             spare = 0
             if bits_per_weight is not None:  # what the plan leaves under the budget: repair spends it
                 spare = spare_bytes(int(bits_per_weight * weights / 8) - growth,
+                                    planned if planned is not None else
                                     _planned_size(arrays, aliases, chosen.__getitem__, meta, encoder, index,
                                                   attachments, packing, jobs))
             arrays = repaired_arrays(model, arrays, aliases, inputs, chosen, calib, calibration_progress, jobs, notes,
@@ -604,18 +624,25 @@ def _planned_size(arrays: Arrays, aliases: dict[str, str], options_for: Callable
 
 
 #: A budgeted model of at most this many weights, whose index may be a fair share of its file
-#: (:data:`REPLAN_ENTRY_BYTES` a tensor against :data:`REPLAN_UNDER` of the budget), is planned again when its file
-#: comes out more than :data:`REPLAN_UNDER` of the budget under it: the plan counts each tensor's index entry as JSON
-#: and the index's compression by a lean estimate (:func:`_index_saving`), and a small model of many tiled tensors
-#: saves more (a 140,000-weight ViT of 72 tensors at -b 3 came out at 2.654 bits/weight, 6 KB under, leaving 8
-#: tensors damaged). Up to :data:`REPLANS` more plans get what the first left, each given what a line through the
-#: sizes so far predicts will fit, less 3 %; each costs one more search and coding of the model
-#: (:func:`_planned_size`), small at this size. The largest file within the budget is kept. A save with repair is
-#: not planned again: repair spends what its plan leaves (:func:`spare_bytes`).
+#: (:data:`REPLAN_ENTRY_BYTES` a tensor against :data:`REPLAN_UNDER` of the budget), has its plan's file measured
+#: (:func:`_planned_size`) and is planned again when it comes out more than :data:`REPLAN_UNDER` of the budget under
+#: it, or over it. The plan counts the index by what compressing the smallest encoding's index saves
+#: (:func:`_index_saving`); another plan's entries compress a little differently. (With the lean estimate before it,
+#: a 140,000-weight ViT of 72 tensors at -b 3 came out at 2.654 bits/weight, 6 KB under, leaving 8 tensors
+#: damaged.) Up to :data:`REPLANS` more plans get what the first left, each given what a line through the sizes so
+#: far predicts will fit, less 3 % (or, over, have the excess kept out); each costs one more search and coding of
+#: the model, small at this size. The largest file within the budget is kept. A save with repair is planned again
+#: the same way (also when the growth it keeps for repair shrinks by more than :data:`REPLAN_UNDER`,
+#: :func:`codec.rd.repair.moved_growth`), and repair spends what the plan kept leaves (:func:`spare_bytes`, from the
+#: file measured here): the plan rather than repair's step-ups gets the bytes (a tiny CNN at -b 2.5: 2.4954 bits/weight
+#: against 2.4474 with repair given them).
 REPLAN_WEIGHTS = 1 << 22
 REPLAN_UNDER = 0.01
 REPLAN_ENTRY_BYTES = 256
 REPLANS = 3
+#: A plan whose file comes out over its budget is planned again with the excess and this fraction of the budget kept
+#: out (its entries compressed by less than :data:`INDEX_MARGIN` allowed for).
+REPLAN_OVER = 0.001
 
 #: Of a repaired file's budget, the fraction repair is not given to spend (:func:`spare_bytes`): the lossless tensors'
 #: repaired values, the index's blob lengths and its compression can take a few bytes more than planned.
@@ -629,12 +656,18 @@ def spare_bytes(budget: int, planned: int) -> int:
     return max(0, budget - planned - math.ceil(SPARE_MARGIN * budget))
 
 
-def _index_saving(skeleton: Index, tensors: list[tuple[str, DType, tuple[int, ...]]], least: float) -> int:
-    """Bytes that compressing the index (:func:`codec.format.pack_index`) will at least save, if ``least`` or more,
-    else 0: 80 % of what it saves on ``skeleton`` with a lean entry per tensor (its name, dtype and shape, a
-    lossless codec, one blob of incompressible offset, length and CRC). Real entries hold the same structure and
-    more (tilings, more blobs), so their index compresses by more; the margin covers the rest. Nothing is
-    compressed when the lean index is too small to save ``least`` (a large model's)."""
+def _index_saving(skeleton: Index, tensors: list[tuple[str, DType, tuple[int, ...]]], least: float,
+                  floor: Callable[[], Iterator[tuple[str, DType, tuple[int, ...], Encoded]]] | None = None) -> int:
+    """Bytes that compressing the index (:func:`codec.format.pack_index`) saves on what the search counts (each
+    tensor's entry as JSON with 10-digit offsets, :func:`codec.rd.allocate.entry_bytes`), if ``least`` or more, else
+    0. Measured on the index of the smallest encoding as it will be written: ``floor()`` yields each tensor coded
+    at its cheapest floor setting (:func:`codec.rd.allocate.floor_encodings`), their entries with real offsets,
+    lengths and CRCs compressed, less :data:`INDEX_MARGIN` of that compressed index (another plan's entries
+    compress a little differently: the bench models' written indexes vary by up to 10 % between budgets, their
+    JSON by under 1 %; a random MobileNetV2's calibrated plan, with five JPEG tables, 16 % above its floor's).
+    Nothing is coded, and nothing compressed, when the index's JSON, counted with a lean entry per tensor (its
+    name, dtype and shape, one blob), is too small to save ``least`` (a large model's). Without ``floor`` (an
+    update's plan), 80 % of what compressing that lean index saves."""
     entries, offset = list(skeleton.entries), 0
     for name, dtype, shape in tensors:
         length = 1 + zlib.crc32(name.encode()) % 99_991
@@ -643,10 +676,30 @@ def _index_saving(skeleton: Index, tensors: list[tuple[str, DType, tuple[int, ..
         offset += length
     lean = Index(entries, skeleton.metadata, skeleton.encoder, attachments=skeleton.attachments, base=skeleton.base)
     raw = lean.to_bytes()
-    if 0.8 * len(raw) < least:
+    if len(raw) < least:
         return 0
-    saving = int(0.8 * (len(raw) - len(pack_index(lean, True)[0])))
+    if floor is None:  # an update's entries (differences, unchanged tensors): 80 % of the lean index's saving
+        saving = int(0.8 * (len(raw) - len(pack_index(lean, True)[0])))
+        return saving if saving >= least else 0
+    from .rd.allocate import entry_bytes
+
+    entries, offset, counted = list(skeleton.entries), 0, len(skeleton.to_bytes())
+    for name, dtype, shape, encoded in floor():
+        refs = []
+        for blob in encoded.blobs:
+            refs.append(BlobRef(offset, len(blob), zlib.crc32(blob)))
+            offset += len(blob)
+        entries.append(TensorEntry(name, dtype, shape, encoded.codec, encoded.tiling, refs))
+        counted += entry_bytes(name, dtype, shape, encoded, 10)
+    written = Index(entries, skeleton.metadata, skeleton.encoder, attachments=skeleton.attachments,
+                    base=skeleton.base)
+    saving = counted - math.ceil((1 + INDEX_MARGIN) * len(pack_index(written, True)[0]))
     return saving if saving >= least else 0
+
+
+#: Of the compressed index of the smallest encoding, the fraction :func:`_index_saving` keeps as a margin (a plan
+#: whose file still comes out over is planned again: :data:`REPLAN_OVER`).
+INDEX_MARGIN = 0.25
 
 
 def _nbytes(data: bytes | str | os.PathLike[str]) -> int:
@@ -832,9 +885,11 @@ def _refuse_early(arrays, aliases, base, rules, meta, encoder, bits_per_weight, 
 
     stored = [n for n in arrays if n not in aliases]
     meta = {**meta, "jwt.calibration": "0 inputs in 0 batches, 0 layers"}
-    overhead = _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weight, {}, None) + reserve
+    index: dict = {}
+    overhead = _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weight, index, None, base,
+                         rules) + reserve
     refuse_budget(bits_per_weight, _tensor_source(arrays, stored), base, lambda name: rules.options_for(name, base),
-                  overhead)
+                  overhead, packed=bool(index.get("compress")))
 
 
 def _tensor_source(arrays: Arrays, stored: list[str]):
@@ -851,9 +906,12 @@ def _tensor_source(arrays: Arrays, stored: list[str]):
     return tensors
 
 
-def _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weight, index, base_id) -> int:
+def _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weight, index, base_id,
+              options=None, rules=None) -> int:
     """Header, index skeleton and attachment blobs, in bytes (waits for the attachments' compression), less what
-    compressing the index will save where that is worth it (``index``, a dict, then gets ``compress=True``)."""
+    compressing the index will save where that is worth it (``index``, a dict, then gets ``compress=True``, and
+    ``saving``: measured once, on the index of the smallest encoding under ``options`` and ``rules``,
+    :func:`_index_saving`)."""
     attached, attached_bytes = [], 0
     for name, item in attachments.items():
         packed, blob = item.result() if isinstance(item, Future) else item
@@ -866,11 +924,16 @@ def _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weig
     if index is None or bits_per_weight is None:
         return fixed
     budget = bits_per_weight * sum(math.prod(arrays.shape(n)) for n in stored) / 8
-    saving = _index_saving(skeleton, [(n, get_dtype(arrays.dtype_name(n)), tuple(arrays.shape(n)))
-                                      for n in stored], INDEX_ZSTD_SAVING * budget)
-    if saving:
+    if "saving" not in index:  # (the same for every plan of a save: the floor is coded once)
+        from .rd.allocate import floor_encodings
+
+        floor = None if base_id is not None or index.get("lean") else lambda: floor_encodings(  # noqa: E731
+            _tensor_source(arrays, stored), options, lambda name: rules.options_for(name, options))
+        index["saving"] = _index_saving(skeleton, [(n, get_dtype(arrays.dtype_name(n)), tuple(arrays.shape(n)))
+                                                   for n in stored], INDEX_ZSTD_SAVING * budget, floor)
+    if index["saving"]:
         index["compress"] = True  # the budget counts on it: the writer must compress
-    return fixed - saving
+    return fixed - index["saving"]
 
 
 def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress,
@@ -902,7 +965,8 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
         base_id, menu = BaseId(matcher.base.digest(), len(matcher.base)), UpdateMenu(matcher)
 
     def overhead() -> int:
-        return _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weight, index, base_id) + reserve
+        return _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weight, index, base_id, base,
+                         rules) + reserve
 
     score = None
     if calibrate is not None:
@@ -914,4 +978,4 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
                         overhead_bytes=overhead, score=score, progress=progress,
                         jobs=jobs, total_weights=sum(math.prod(arrays.shape(n)) for n in stored),
                         menu=menu, measure_by=measure_by, notes=notes, search=search, coded=coded,
-                        executor=executor)
+                        executor=executor, packed=lambda: bool(index and index.get("compress")))

@@ -302,11 +302,43 @@ def test_an_empty_tensor_beside_the_weights_does_not_break_the_search(shape, tar
             codec.save(sd, io.BytesIO(), bits_per_weight=0.05)
 
 
+def test_the_refusals_figure_is_the_smallest_encodings_file():
+    """A budget below the smallest encoding is refused with that smallest's figure N, the index counted as it will
+    be written (compressed; main counted each entry as JSON less a lean 80 % of the compression, and N was 11 %
+    above the file the cheapest settings give on this model of 18 small tensors: 3.032 against 2.7225). N is within
+    2 % of that file, a save at N writes a file within N, and one 2 % below N is refused."""
+    from codec.api import tensor_arrays
+    from codec.encode import _planned_size, _tensor_source, encoder_versions
+    from codec.rd.allocate import floor_encodings
+
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(8):
+        layers += [torch.nn.Linear(64, 64), torch.nn.GELU()]
+    sd = torch.nn.Sequential(*layers, torch.nn.Linear(64, 10)).state_dict()
+    weights = sum(t.numel() for t in sd.values())
+    with pytest.raises(codec.EncodeError, match="below the smallest encoding") as info:
+        codec.save(sd, io.BytesIO(), bits_per_weight=0.01)
+    n = float(re.search(r"\(([\d.]+) bits/weight\)", str(info.value)).group(1))
+    arrays, aliases, *_ = tensor_arrays(sd)
+    floor = {name: e for name, _, _, e in floor_encodings(_tensor_source(arrays, list(arrays)), EncodeOptions(),
+                                                          lambda name: None)}
+    smallest = _planned_size(arrays, aliases, None, {}, encoder_versions(), {"compress": True}, None, {}, 1,
+                             done=floor)
+    assert 8 * smallest / weights <= n <= 1.02 * 8 * smallest / weights
+    out = io.BytesIO()
+    assert not [m for m in codec.save(sd, out, bits_per_weight=n) if "avoids it" in str(m)]
+    assert len(out.getvalue()) <= int(n * weights / 8)
+    with pytest.raises(codec.EncodeError, match="below the smallest encoding"):
+        codec.save(sd, io.BytesIO(), bits_per_weight=0.98 * n)
+
+
 def test_a_small_model_of_many_tensors_spends_its_budget(monkeypatch):
-    """The plan counts each tensor's index entry as JSON and the index's compression by a lean estimate; a small
-    model of many tiled tensors compresses its index by more, and its file came out 7-9 % under the budget (a
-    140,000-weight ViT of 72 tensors at -b 3: 2.654 bits/weight with 8 tensors left damaged). It is planned again
-    with what was left: within 1 % of the budget, never over; without the second plans, as before."""
+    """A small model of many tiled tensors: its index is a fair share of the file. The plan counted each entry as
+    JSON and the index's compression by a lean estimate, and the first plan came out 5-9 % under the budget (a
+    140,000-weight ViT of 72 tensors at -b 3: 2.654 bits/weight, 8 tensors left damaged), planned again with what
+    was left. The index is now counted as the smallest encoding writes it (compressed): the first plan alone is
+    within 1 % of the budget, never over (main: 0.95 of it), and the second plans keep it there."""
     import codec.encode as encode
 
     torch.manual_seed(0)
@@ -315,14 +347,8 @@ def test_a_small_model_of_many_tensors_spends_its_budget(monkeypatch):
         sd[f"blocks.{i}.query.weight"] = torch.randn(64, 64) * 0.05
         sd[f"blocks.{i}.query.bias"] = torch.randn(64) * 0.01
     budget = int(4.0 * sum(t.numel() for t in sd.values()) / 8)
-    sizes, errors = {}, {}
     for replans in (0, encode.REPLANS):
         monkeypatch.setattr(encode, "REPLANS", replans)
         out = io.BytesIO()
         codec.save(sd, out, bits_per_weight=4.0)
-        sizes[replans] = out.getbuffer().nbytes
-        back = codec.load(io.BytesIO(out.getvalue()))
-        errors[replans] = np.mean([float((back[n] - t).norm() / t.norm()) for n, t in sd.items() if t.dim() == 2])
-    assert sizes[0] < 0.95 * budget  # what the first plan leaves
-    assert 0.99 * budget <= sizes[encode.REPLANS] <= budget
-    assert errors[encode.REPLANS] < 0.9 * errors[0]  # the bytes bought accuracy
+        assert 0.99 * budget <= out.getbuffer().nbytes <= budget, replans

@@ -737,5 +737,6 @@ def test_a_calibrated_save_lets_go_of_the_h_matrices_when_each_stage_is_done(mon
     monkeypatch.setattr(encode, "_plan", plan)
     monkeypatch.setattr(api, "repaired_arrays", repaired)
     codec.save(model, io.BytesIO(), bits_per_weight=4.0, calibration=batches)
-    assert whole and [stage for stage, _ in checked] == ["search", "repair"], checked
+    stages = [stage for stage, _ in checked]  # (a small model may be planned again before repair: REPLANS)
+    assert whole and stages[-1] == "repair" and set(stages[:-1]) == {"search"}, checked
     assert all(all(dead) for _, dead in checked), checked

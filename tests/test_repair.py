@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 from dataclasses import replace
 
 import numpy as np
@@ -669,6 +670,31 @@ def test_calibrated_vit_of_quant_tensors_stays_within_its_budget(tmp_path):
                                                                     for x in torch.randn(256, 1, 16, 16).split(32)])
     assert 0.975 * 3.0 <= 8 * path.stat().st_size / weights <= 3.0
     assert any("dearer options to spend" in n for n in notes)
+    assert not any("over the" in n for n in notes)
+
+
+def test_calibrated_model_of_many_small_tensors_spends_its_budget():
+    """A random-weight CNN of 152 tensors (8 blocks of a 3 x 3 convolution and a 32 -> 2 -> 32 pair of 1 x 1 ones,
+    each followed by a fresh BatchNorm, running means zero) saved with calibration and repair spends its budget,
+    never over: here 2.75 % under at -b 4, main 4.7 % (37,276 of 39,105 bytes). Main's plan counted the index by a
+    lean estimate (its file 6,218 bytes under, left to repair's step-ups), and kept the raw size of every zero
+    running mean (2,240 bytes) for repair's shifts, while only those after a layer coded lossily move
+    (codec.rd.repair.moved_growth: 1,024; the 1 x 1 convolutions are coded losslessly). What is left is a quant
+    step of a whole 3 x 3 convolution (1,152 bytes a bit), too coarse for the 538 bytes. A random MobileNetV2 (314
+    tensors) at -b 3: 2.741 bits/weight on main."""
+    import codec
+
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU()]
+    for _ in range(8):
+        layers += [nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                   nn.Conv2d(32, 2, 1, bias=False), nn.BatchNorm2d(2), nn.ReLU(),
+                   nn.Conv2d(2, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    weights = sum(t.numel() for t in model.state_dict().values())
+    out = io.BytesIO()
+    notes = codec.save(model, out, bits_per_weight=4.0, calibration=torch.randn(256, 3, 8, 8).split(32))
+    assert 0.965 * int(4.0 * weights / 8) <= len(out.getvalue()) <= int(4.0 * weights / 8)
     assert not any("over the" in n for n in notes)
 
 

@@ -71,7 +71,7 @@ import numpy as np
 
 from ..dtypes import SIGNIFICAND, DType, get_dtype, to_float64
 from ..errors import EncodeError
-from ..format import TensorEntry
+from ..format import TensorEntry, compress_index
 from ..parallel import INLINE, make_executor
 from ..blobcodecs.zstd import release_scratch
 from . import ladder
@@ -121,6 +121,15 @@ DAMAGE = 0.5
 WARNINGS_KEY = "jwt.warnings"
 #: Index bytes kept free for the warnings entry, beyond the notes' own JSON length.
 NOTE_BYTES_RESERVE = len(json.dumps(WARNINGS_KEY)) + 4
+
+
+def notes_room(damaged: Sequence[str], packed: bool = False) -> int:
+    """Index bytes the warnings entry of ``damaged`` (its lines) takes: :data:`NOTE_BYTES_RESERVE` and the lines'
+    JSON, or, in an index written zstd-compressed (``packed``), that JSON compressed on its own (the most it adds to
+    the compressed index: the tensor names it repeats are in the index already). A small ViT's 25 damaged tensors
+    at its smallest encoding: 4,240 bytes as JSON, 330 compressed."""
+    text = json.dumps("; ".join(damaged)).encode()
+    return NOTE_BYTES_RESERVE + (len(compress_index(text)) if packed else len(text))
 #: Rate searches of :func:`plan_options`.
 SEARCHES = ("fast", "exhaustive")
 
@@ -865,6 +874,7 @@ def plan_options(
     search: str = "fast",
     coded: dict | None = None,
     executor: Executor | None = None,
+    packed: Callable[[], bool] | None = None,
 ) -> dict[str, EncodeOptions]:
     """Measure every tensor's menu and choose its options for a rate target.
 
@@ -902,7 +912,8 @@ def plan_options(
     their chosen options (:func:`codec.rd.fast.plan_fast`), and runs its
     tasks on ``executor`` when one is given (a Ray cluster's,
     :class:`codec.distributed.ray.RayExecutor`); the other searches measure
-    on ``jobs`` local threads whatever ``executor`` is.
+    on ``jobs`` local threads whatever ``executor`` is. ``packed()`` (asked once the fixed bytes are known) says
+    whether the index will be written compressed: the warnings' room is then counted compressed (:func:`notes_room`).
     """
     menu = menu or Menu()
     measure_by = measure_by or DATA_FREE
@@ -917,7 +928,7 @@ def plan_options(
         if weighable(measure_by):
             return plan_fast(tensors, base, fixed, bits_per_weight=bits_per_weight, overhead_bytes=overhead_bytes,
                              progress=progress, jobs=jobs, total_weights=total_weights, measure_by=measure_by,
-                             notes=notes, coded=coded, executor=executor)
+                             notes=notes, coded=coded, executor=executor, packed=packed)
     points: dict[str, list[RDPoint]] = {}
     forced: dict[str, EncodeOptions] = {}
     probes: dict[str, dict[str, np.ndarray]] = {}
@@ -925,7 +936,8 @@ def plan_options(
     overhead = fixed_bytes
 
     def refuse() -> None:
-        refuse_budget(bits_per_weight, tensors, base, fixed, overhead, menu)  # type: ignore[arg-type]
+        refuse_budget(bits_per_weight, tensors, base, fixed, overhead, menu,  # type: ignore[arg-type]
+                      packed=bool(packed and packed()))
 
     images: dict[str, tuple[int, int] | None] = {}
     with make_executor(jobs) as executor:
@@ -986,7 +998,7 @@ def plan_options(
         chosen = allocate(budget)
         damaged = _damage_notes(chosen, need) if safe_bytes > budget else []
         if damaged:  # keep room for the notes in the file's metadata, then allocate again
-            reserve = NOTE_BYTES_RESERVE + len(json.dumps("; ".join(damaged)))
+            reserve = notes_room(damaged, bool(packed and packed()))
             if budget - reserve < sum(h[0].nbytes for h in hulls.values()):
                 raise EncodeError(f"{bits_per_weight} bits/weight leaves no room for the warning that tensors "
                                   f"would be destroyed; {need} bits/weight avoids it")
@@ -1054,12 +1066,26 @@ def floor_settings(items: Sequence[tuple[str, EncodeOptions]]) -> list[tuple[str
     return [item for _, item in floor.values()]
 
 
+def floor_encodings(tensors: TensorSource, base: EncodeOptions, fixed: Callable[[str], EncodeOptions | None]
+                    ) -> Iterator[tuple[str, DType, tuple[int, ...], Encoded]]:
+    """``(name, dtype, shape, Encoded)`` of each stored tensor coded at the cheapest of its menu's
+    :func:`floor_settings` (its blobs and :func:`entry_bytes`; a forced one as forced): the file of the smallest
+    encoding, whose index :func:`codec.encode._index_saving` compresses. Codes, does not decode."""
+    for name, array, dtype, rows in with_row_images(tensors(None), base):
+        opts = fixed(name)
+        items = [opts] if opts is not None else [o for _, o in floor_settings(candidates(array, dtype, base, rows))]
+        shape = tuple(array.shape)
+        yield name, dtype, shape, min((encode_tensor(array, dtype, o) for o in items),
+                                      key=lambda e: sum(map(len, e.blobs)) + entry_bytes(name, dtype, shape, e, 10))
+
+
 def refuse_budget(bits_per_weight: float, tensors: TensorSource, base: EncodeOptions,
-                  fixed: Callable[[str], EncodeOptions | None], overhead: int, menu: Menu | None = None) -> None:
+                  fixed: Callable[[str], EncodeOptions | None], overhead: int, menu: Menu | None = None,
+                  packed: bool = False) -> None:
     """Raise the EncodeError of a budget below the smallest encoding, with the whole model's smallest: every tensor
     at the cheapest of its menu's :func:`floor_settings` (a forced one as forced), plus ``overhead`` bytes and the
-    room of the warnings that tensors so coded would be destroyed. Return if that smallest fits after all (a search
-    that refuses on predictions).
+    room of the warnings that tensors so coded would be destroyed (compressed where the index is, ``packed``:
+    :func:`notes_room`). Return if that smallest fits after all (a search that refuses on predictions).
 
     The searches call it as soon as a partial sum shows the budget cannot be met, which stops a hopeless search
     early; the figure it names is then still the one a user can ask for, not the part measured so far (a small
@@ -1078,7 +1104,7 @@ def refuse_budget(bits_per_weight: float, tensors: TensorSource, base: EncodeOpt
             free[name] = point
     notes = _damage_notes(free, 99.999)
     if notes:  # the room a damaged file's warnings take (plan_options), with the longest "need" the search writes
-        least += NOTE_BYTES_RESERVE + len(json.dumps("; ".join(notes)))
+        least += notes_room(notes, packed)
     if least <= int(bits_per_weight * weights / 8):
         return
     raise EncodeError(f"{bits_per_weight} bits/weight is below the smallest encoding "

@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 import re
 import time
@@ -88,7 +87,6 @@ from .allocate import (
     DAMAGE,
     DATA_FREE,
     JPEG_QUALITIES,
-    NOTE_BYTES_RESERVE,
     QUANT_BITS,
     TILES,
     Distortion,
@@ -801,6 +799,7 @@ def plan_fast(
     stats: dict | None = None,
     coded: dict[str, Encoded] | None = None,
     executor: Executor | None = None,
+    packed: Callable[[], bool] | None = None,
 ) -> dict[str, EncodeOptions]:
     """:func:`codec.rd.allocate.plan_options` for a bit budget, by prediction from samples (module docstring).
 
@@ -826,7 +825,8 @@ def plan_fast(
     way out (what still runs when the search fails is cancelled). ``coded`` (a dict, optional)
     receives, for chosen points measured whole, the coded tensor itself
     (:class:`~codec.tensorcodec.Encoded`, the bytes a final pass would
-    produce: it need not code them again), up to :data:`KEEP_BYTES`.
+    produce: it need not code them again), up to :data:`KEEP_BYTES`. ``packed``: as
+    :func:`~codec.rd.allocate.plan_options`'.
     """
     measure_by = measure_by or DATA_FREE
     if not weighable(measure_by):
@@ -850,6 +850,10 @@ def plan_fast(
     budget_bytes = int(bits_per_weight * total_weights / 8) if total_weights else None
     count = {"predicted": 0, "interpolated": 0, "exact": 0, "exact_weights": 0, "rounds": 0}
     remote = executor is not None
+
+    def index_packed() -> bool:  # asked once the fixed bytes are known (``later`` has been called)
+        return bool(packed and packed())
+
     with make_executor(jobs) as threads, (executor if remote else make_process_executor(jobs)) as procs:
         width = executor.workers if remote else resolve_jobs(jobs)
         window = 2 * width
@@ -904,7 +908,7 @@ def plan_fast(
                 if smallest > 1.1 * budget_bytes:
                     if overhead is None:
                         overhead = later()  # type: ignore[misc]
-                    allocate.refuse_budget(bits_per_weight, tensors, base, fixed, overhead)
+                    allocate.refuse_budget(bits_per_weight, tensors, base, fixed, overhead, packed=index_packed())
                     checked = True
 
         for name, result in _bounded_map(procs, _named, first_pass(), window):
@@ -1065,7 +1069,8 @@ def plan_fast(
                     chosen = {}
                     todo = {n: [h[0]] for n, h in hulls.items() if not h[0].exact}
                     if not todo:  # every cheapest point measured, and over the budget
-                        allocate.refuse_budget(bits_per_weight, tensors, base, fixed, overhead or 0)
+                        allocate.refuse_budget(bits_per_weight, tensors, base, fixed, overhead or 0,
+                                               packed=index_packed())
                         least = fixed_bytes + sum(h[0].nbytes for h in hulls.values())  # points it may not take
                         raise EncodeError(f"{bits_per_weight} bits/weight is below the smallest encoding (at least "
                                           f"{8 * least / max(weights_total, 1):.3f} bits/weight)") from None
@@ -1113,7 +1118,7 @@ def plan_fast(
             need = math.ceil(8000 * (fixed_bytes + safe_bytes) / weights_total) / 1000
             damaged = _damage_notes(chosen, need)
             if damaged:
-                reserve = NOTE_BYTES_RESERVE + len(json.dumps("; ".join(damaged)))
+                reserve = allocate.notes_room(damaged, index_packed())
                 if budget - reserve < sum(min(p.nbytes for p in pts) for pts in points.values()):
                     raise EncodeError(f"{bits_per_weight} bits/weight leaves no room for the warning that tensors "
                                       f"would be destroyed; {need} bits/weight avoids it")
