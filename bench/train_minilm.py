@@ -91,13 +91,18 @@ def significand_bits(t: torch.Tensor) -> int | None:
 class Embed(torch.nn.Module):
     """The sentence-transformers pipeline as one module: BERT, mean pooling over the mask, L2 normalisation."""
 
-    def __init__(self, bert: torch.nn.Module):
+    def __init__(self, bert: torch.nn.Module, tokens: bool = False):
         super().__init__()
         self.bert = bert
+        self.tokens = tokens
 
     def forward(self, batch: dict) -> torch.Tensor:
+        """The pooled, normalised embeddings; with ``tokens``, the last hidden state of every token instead (padding
+        zeroed): a distillation target of a value per token rather than per sentence."""
         out = self.bert(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).float()
+        if self.tokens:
+            return out * mask
         return F.normalize((out * mask).sum(1) / mask.sum(1), dim=-1)
 
 
@@ -139,19 +144,20 @@ def _cpu() -> float:
     return time.process_time() + children.ru_utime + children.ru_stime
 
 
-def distilled(state: dict, overrides: dict, batches: list, args, lr: float, start: dict | None = None,
-              vector_bits: dict | None = None) -> bytes:
+def distilled(state: dict, overrides: dict, batches: list, args, lr: float, steps: int, start: dict | None = None,
+              vector_bits: dict | None = None, tokens: bool = False) -> bytes:
     """The file of the original model distilled with the codec in the loop at ``overrides`` (every tensor's setting
     of the post-training file), saved with the same settings. ``start``: the student's starting weights (a decoded
     file's ``{name: tensor}``; None: the original ones); the teacher is the original model either way.
     ``vector_bits``: ``{name: bits}`` of the tensors the post-training file stores losslessly with their
-    significands rounded (:func:`significand_bits`), rounded so in the distilled model before it is saved."""
+    significands rounded (:func:`significand_bits`), rounded so in the distilled model before it is saved.
+    ``tokens``: distil every token's last hidden state rather than the pooled embedding (:class:`Embed`)."""
     bert = original_bert()
     teacher = None
     if start is not None:
-        teacher = Embed(original_bert())
+        teacher = Embed(original_bert(), tokens)
         bert.load_state_dict({k: v.float() for k, v in start.items() if k in state}, strict=False)
-    codec.train.finetune(Embed(bert), batches, None, steps=args.steps, lr=lr, refresh=args.refresh,
+    codec.train.finetune(Embed(bert, tokens), batches, None, steps=steps, lr=lr, refresh=args.refresh,
                          overrides={f"bert.{k}": v for k, v in overrides.items()}, progress=True,
                          train_mode=True if args.dropout else None, teacher=teacher,
                          validation=False)  # compared with the post-training file by the bench itself
@@ -168,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bits", type=float, action="append", help="bits/weight of the post-training search "
                         "(several: a post-training file and a distilled one at each; default 4)")
-    parser.add_argument("--steps", type=int, default=40, help="distillation steps with the codec in the loop")
+    parser.add_argument("--steps", type=int, action="append", help="distillation steps with the codec in the loop "
+                        "(several: a distillation run for each; default 40)")
     parser.add_argument("--refresh", type=int, default=10, help="code the weights every REFRESH steps")
     parser.add_argument("--lr", type=float, action="append", help="Adam learning rate (several: a distillation "
                         "run for each; default 1e-5, the best of 5e-6 to 1e-4 at -b 4.5)")
@@ -182,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
                         "starting weights: the original ones (default), or the post-training file's decoded values "
                         "(with --calibrated: repair's); several: a distillation from each; the teacher is the "
                         "original model either way")
+    parser.add_argument("--target", choices=("pooled", "tokens"), action="append", help="what distillation "
+                        "matches: the pooled, normalised sentence embedding (default) or every token's last hidden "
+                        "state (padding left out); several: a distillation run for each")
     parser.add_argument("--dropout", action="store_true", help="distil with dropout on (the model in training "
                         "mode; the default is eval mode, as the teacher): an ablation")
     args = parser.parse_args(argv)
@@ -214,13 +224,15 @@ def main(argv: list[str] | None = None) -> None:
                    and (kept := significand_bits(torch.as_tensor(decoded[name]))) is not None}
         print(f"-b {bits:g}: {len(set(overrides.values()))} settings over {len(overrides)} tensors, "
               f"{len(rounded)} vectors rounded", flush=True)
-        for lr, start in itertools.product(args.lr or [1e-5], [decoded if s == "file" else None
-                                                               for s in args.start or ["original"]]):
+        starts = [decoded if s == "file" else None for s in args.start or ["original"]]
+        for lr, start, steps, target in itertools.product(args.lr or [1e-5], starts, args.steps or [40],
+                                                          args.target or ["pooled"]):
             torch.manual_seed(0)
             started = _cpu()
-            blob = distilled(state, overrides, batches, args, lr, start, rounded)
-            label = (f"codec in the loop, {args.steps} steps (refresh {args.refresh}, lr {lr:g}"
-                     f"{', from the file' if start is not None else ''}"
+            tokens = target == "tokens"
+            blob = distilled(state, overrides, batches, args, lr, steps, start, rounded, tokens)
+            label = (f"codec in the loop, {steps} steps (refresh {args.refresh}, lr {lr:g}"
+                     f"{', from the file' if start is not None else ''}{', token states' if tokens else ''}"
                      f"{', dropout on' if args.dropout else ''}{f', random tokens {args.mix:g}' if args.mix else ''})")
             rows.append((bits, label, _score(blob, weights), _cpu() - started))
             print(_row(*rows[-1]), flush=True)
