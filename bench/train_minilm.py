@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 import codec
 import codec.train
+from codec.rd.repair import RepairSettings
 from bench import minilm
 from bench.sentences import CALIBRATION, EVERYDAY, RARE, calibration_batches
 
@@ -192,6 +193,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", choices=("pooled", "tokens"), action="append", help="what distillation "
                         "matches: the pooled, normalised sentence embedding (default) or every token's last hidden "
                         "state (padding left out); several: a distillation run for each")
+    parser.add_argument("--repair-steps", type=int, action="append", help="with --calibrated: also a file whose "
+                        "repair ends with its own codec-in-the-loop distillation of this many steps "
+                        "(RepairSettings.finetune_steps: from repair's values, the quant tensors and vectors trained, "
+                        "kept only if the held-out calibration batches improve); several: a file for each")
+    parser.add_argument("--repair-lr", type=float, default=1e-4, help="Adam lr of --repair-steps (repair's default)")
     parser.add_argument("--dropout", action="store_true", help="distil with dropout on (the model in training "
                         "mode; the default is eval mode, as the teacher): an ablation")
     args = parser.parse_args(argv)
@@ -217,6 +223,14 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((bits, "post-training" + (", calibrated + repair" if args.calibrated else ""),
                      _score(post, weights), _cpu() - started))
         print(_row(*rows[-1]), flush=True)
+        for steps in args.repair_steps or [] if args.calibrated else []:
+            started = _cpu()
+            tuned = io.BytesIO()
+            codec.save(original_bert(), tuned, bits_per_weight=bits, calibration=calibration_batches(),
+                       repair=RepairSettings(finetune_steps=steps, finetune_lr=args.repair_lr))
+            rows.append((bits, f"calibrated + repair + repair's codec-in-the-loop distillation, {steps} steps "
+                         f"(lr {args.repair_lr:g})", _score(tuned.getvalue(), weights), _cpu() - started))
+            print(_row(*rows[-1]), flush=True)
         decoded = codec.load(post)
         with codec.open(post) as f:
             overrides = {name: setting_of(f.reader.entry(name)) for name in state}
