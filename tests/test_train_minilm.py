@@ -32,3 +32,34 @@ def test_mixed_batches_replace_only_word_pieces():
     assert torch.equal(new[~inner], ids[~inner])
     assert bool((new[inner] >= 999).all()) and bool((new[inner] < 30522).all()) and not torch.equal(new, ids)
     assert torch.equal(mixed([batch], 0.0, 30522)[1]["input_ids"], ids)
+
+
+def test_settings_read_back_from_a_file_code_it_again_to_the_same_bytes():
+    """A JPEG table between two qualities (stored as its 64 entries), quant and a rounded vector: the distilled
+    file, saved with the settings read from the post-training one, codes unchanged weights to the same bytes."""
+    import io
+
+    import codec
+    from bench.train_minilm import setting_of, significand_bits
+    from codec.train import round_vector
+
+    generator = torch.Generator().manual_seed(0)
+    state = {"a.weight": torch.randn(128, 256, generator=generator),
+             "b.weight": torch.randn(64, 64, generator=generator), "a.bias": round_vector(torch.randn(64, generator=generator), 6)}
+    given = {"a.weight": "jpeg,q6.5,table=flat,tile=8x64", "b.weight": "b4,tile=64x64"}
+
+    def saved(overrides) -> bytes:
+        buf = io.BytesIO()
+        codec.save(state, buf, overrides=overrides)
+        return buf.getvalue()
+
+    first = saved(given)
+    with codec.open(first) as f:
+        assert isinstance(f.reader.entry("a.weight").codec.get_config()["table"], list)  # a scale, not a name
+        read = {name: setting_of(f.reader.entry(name)) for name in state}
+    assert read["a.weight"].startswith("jpeg,q6.5") and read["a.weight"].endswith("table=flat,tile=8x64")
+    assert read["b.weight"] == "b4,tile=64x64" and read["a.bias"] == "lossless"
+    assert saved(read) == first
+    assert significand_bits(codec.load(first)["a.bias"]) == 6
+    assert significand_bits(torch.randn(1000, generator=generator)) is None
+    assert significand_bits(torch.zeros(3, dtype=torch.float64)) is None

@@ -365,7 +365,7 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
              train_mode: bool | None = None, keep_tiles: bool = False, validation=None,
              check_every: int | None = None,
              penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None,
-             budget: Budget | float | None = None) -> torch.nn.Module:
+             budget: Budget | float | None = None, teacher: torch.nn.Module | None = None) -> torch.nn.Module:
     """Fine-tune ``model`` in place, ``steps`` Adam steps at ``lr``, with every tensor coded as ``setting`` stores
     it (see :func:`codec.train.as_setting`; ``overrides``: per-tensor settings by glob, as codec.save takes them;
     save afterwards with the same options and overrides) in the forward pass.
@@ -375,7 +375,10 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     iterable of batches (cycled), each the inputs (a tensor, an array or such a mapping) or ``(inputs, *targets)``.
     ``loss_fn(outputs, *targets)``: the loss; None distils the original model's outputs (mean squared error of
     the outputs, no labels needed; of a Hugging Face ``ModelOutput``, a dict or a tuple: the mean of the MSEs of
-    its floating tensors, such as ``logits`` or ``last_hidden_state``, not its ``loss``). It runs while the
+    its floating tensors, such as ``logits`` or ``last_hidden_state``, not its ``loss``); the original model is
+    ``teacher`` when given (a model of the same inputs, run in eval mode without gradients, its mode restored at the
+    end: distillation that starts from other weights than the teacher's, such as a calibrated file's repaired
+    values), else a copy of ``model`` as it is at the start. ``loss_fn`` runs while the
     model's tensors hold the coded values, so a term on the weights read from the model there (``codec.train.rate(model)``, a norm) would be the coded values' and pull on
     what the coding keeps (bench/JOURNAL.md, twelfth pass: 2-6 points on the CNN). Such a term belongs in
     ``penalty(model)``: called each step after the forward and backward passes, with the model holding its float
@@ -455,6 +458,13 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         raise ValueError("finetune: check_every needs a check, and validation is False")
     if penalty is not None and not callable(penalty):
         raise TypeError(f"finetune: penalty must be callable or None, not {type(penalty).__name__}")
+    if teacher is not None and not isinstance(teacher, torch.nn.Module):
+        raise TypeError(f"finetune: teacher must be a torch.nn.Module or None, not {type(teacher).__name__}")
+    if teacher is not None and loss_fn is not None:
+        raise ValueError("finetune: teacher is the model distilled when loss_fn is None; with a loss_fn it is not "
+                         "used (pass one or the other)")
+    if teacher is not None and teacher is model:
+        raise ValueError("finetune: teacher must not be the model being fine-tuned (its weights change)")
     try:
         vector_bits = _check_vector_bits(vector_bits)
     except ValueError as exc:
@@ -466,8 +476,11 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         rules = budget.start(model, opts, rules, vector_bits)
         tracked_until = steps - round(budget.hold * steps)
     batches, check, where = _check_batches(_batches(data), validation)
-    teacher = None
-    if loss_fn is None:
+    teacher_mode = None
+    if loss_fn is None and teacher is not None:  # the caller's: evaluated without gradients, its mode restored
+        teacher_mode = teacher.training
+        teacher.eval()
+    elif loss_fn is None:
         teacher = copy.deepcopy(model).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -640,6 +653,8 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
             bar.update(1)
             bar.set_postfix(loss=f"{final.item():.4g}")
     model.train(was_training)  # after the final pass, which runs in the loop's mode (its loss comparable)
+    if teacher_mode is not None:
+        teacher.train(teacher_mode)
     if own_bar:
         bar.close()
     return model
