@@ -166,6 +166,8 @@ def test_an_expert_no_token_reached_is_said_and_weighed(monkeypatch, how):
         assert "data-free weighting" in note[0]
         assert "block.experts.gate_up_proj[0]" not in calib.layers
         assert "block.experts.gate_up_proj" not in calib.weightings()  # the whole tensor: data-free
+        line = uncalibrated(model, calib, ["block.experts.gate_up_proj"])
+        assert "'block.experts.gate_up_proj' (not reached by the calibration inputs)" in line
         stored = slice_name("block.experts.gate_up_proj", 0, 0, 12, False)
         line = uncalibrated(model, calib, [stored, slice_name("block.experts.gate_up_proj", 1, 0, 12, False)])
         assert line is not None and stored in line and "not reached" in line

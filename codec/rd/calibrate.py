@@ -52,8 +52,8 @@ from torch.nn import functional as F
 
 from ..errors import first_line
 from .allocate import Weighting
-from .experts import (ExpertsCollector, FlatCollector, Target, expert_key, moe_modules, parse_slice, rank_one,
-                      targets)
+from .experts import (ExpertsCollector, FlatCollector, Target, expert_key, experts_info, moe_modules, parse_slice,
+                      rank_one, targets)
 from .output_sample import OutputSample
 
 __all__ = ["calibrate", "Calibration", "LayerStats", "as_batches", "layer_kind", "uncalibrated", "FULL_H_MAX",
@@ -678,8 +678,8 @@ def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> 
         parent = modules.get(name.rpartition(".")[0].rpartition(".")[0])
         if isinstance(parent, nn.MultiheadAttention):  # its out_proj, a Linear it calls as a function: never run
             kinds.setdefault(type(parent).__name__, []).append(name)
-        elif owner is not None and layer_kind(owner) is not None:
-            unreached.append(name)
+        elif owner is not None and (layer_kind(owner) is not None or experts_info(owner) is not None):
+            unreached.append(name)  # (an experts module's whole parameter: an expert of it unreached)
         elif owner is model:  # a parameter of the model itself (a position table added to the inputs): no layer
             kinds.setdefault(f"a parameter of {type(model).__name__} itself, used outside any layer calibration "
                              "measures", []).append(name)
