@@ -239,7 +239,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/jwt-bench-moe"))
     parser.add_argument("--families", nargs="+", default=["mixtral", "qwen2_moe"])
     parser.add_argument("--bits", nargs="+", type=float, default=[3.0, 2.5])
-    parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--modes", nargs="*", default=list(MODES))
     parser.add_argument("--unreached", action="store_true", help="also the two runs with expert 0 unreached")
     parser.add_argument("--api", action="store_true", help="also codec.save(model, ...) with and without experts")
     parser.add_argument("--router-noise", nargs="*", type=float, default=None,

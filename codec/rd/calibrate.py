@@ -22,6 +22,11 @@ instead of in the weights:
   embedding tied to an output head (GPT-2's ``wte`` = ``lm_head.weight``,
   one storage) is weighted as that head, by the head's inputs (its error
   reaches every logit, and the file holds the tensor once);
+- for a mixture-of-experts layer (transformers' experts module of 3D
+  parameters and its router, recognised by structure:
+  :mod:`codec.rd.experts`), each expert's matrices' own moments over the
+  tokens routed to it (``"P[e]"``), the router's weight as a linear layer,
+  and a rank-one per-expert weighting of each whole 3D parameter;
 - per layer, the sensitivity of the model's final output: Gaussian noise
   is added to the layer's weight, and the relative change of the final
   output is divided by the relative error this caused in the layer's
@@ -57,7 +62,7 @@ from .experts import (ExpertsCollector, FlatCollector, Target, expert_key, exper
 from .output_sample import OutputSample
 
 __all__ = ["calibrate", "Calibration", "LayerStats", "as_batches", "layer_kind", "uncalibrated", "FULL_H_MAX",
-           "FULL_H_BYTES", "NOISE", "SENSITIVITY_SAMPLES", "BATCH_SIZE"]
+           "FULL_H_BYTES", "NOISE", "SENSITIVITY_SAMPLES", "BATCH_SIZE", "UNREACHED"]
 
 #: Layers with more in-features than this keep only the diagonal of H (and repair gives them no H:
 #: ``RepairSettings.max_columns``). 8192 takes in a 3 x 3 convolution over 512 channels (4,608 im2col columns: ResNet-18
@@ -597,6 +602,8 @@ def _target_sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor
     forward pass and taken out again (the clean values copied back), and a hook on the module measures the
     relative output error it caused in that matrix's output (over the tokens routed to the expert). ``first``: the
     number of ordinary layers before these (each matrix's noise seed follows theirs)."""
+    if not moe_targets:
+        return
     energy = _squared_sum(clean)
     for k, (name, target) in enumerate(moe_targets.items(), start=first):
         view = target.view()
