@@ -28,6 +28,7 @@ from pathlib import Path
 import click
 
 from codec.errors import first_line
+from codec.rd.experts import parse_slice
 
 #: Sentences per batch and tokens per sentence for text calibration.
 TEXT_BATCH = 16
@@ -401,6 +402,15 @@ def model_names(folder: Path, model, state_dict: Mapping) -> dict[str, str]:
     missing = [name for name, _ in model.named_parameters()  # a tied one: its first name
                if name not in state_dict and name not in renamed]
     unmatched = [name for name in foreign if name not in renames]
+    if unmatched and missing and revert_weight_conversion is not None:  # tensors merged into experts' 3D ones
+        sliced = expert_slices(model, missing, revert_weight_conversion)
+        renames.update((stored, name) for stored, name in sliced.items() if stored in unmatched)
+        parts: dict[str, list[str]] = {}
+        for stored, name in sliced.items():
+            parts.setdefault(parse_slice(name)[0], []).append(stored)
+        covered = {param for param, stored in parts.items() if all(s in state_dict for s in stored)}
+        missing = [name for name in missing if name not in covered]  # (a parameter the file holds in part: refused)
+        unmatched = [name for name in unmatched if name not in renames]
     if unmatched and missing:
         def few(names: list[str]) -> str:
             return f"{names[0]!r} and {len(names) - 1} more are" if len(names) > 1 else f"{names[0]!r} is"
@@ -411,6 +421,69 @@ def model_names(folder: Path, model, state_dict: Mapping) -> dict[str, str]:
             "file): the command line cannot calibrate it; in Python, codec.save(model, path, bits_per_weight=B, "
             "calibration=batches) can (the file then holds the model's names)")
     return renames
+
+
+def expert_slices(model, params: list[str], revert) -> dict[str, str]:
+    """For the 3D experts parameters among ``params`` (:func:`codec.rd.experts.experts_info`), the file tensors
+    transformers' reverse conversion ``revert`` (``revert_weight_conversion``) makes of them, each mapped to the
+    slice of one expert's matrix it holds (:func:`codec.rd.experts.slice_name`): rows of ``P[e]``, or, for a
+    transposed experts module, columns of ``P[e]`` transposed, so that the file tensor's columns are the matrix's
+    in-features either way. Found by value: every parameter is replaced by distinct float64 numbers (its elements'
+    indices, exact below 2**53), the conversion applied to them, and each tensor it gives read back as indices;
+    a tensor that is not such a slice (parts of two experts, another order) is left out, and the caller refuses it.
+    Mixtral's ``experts.N.w1`` is ``gate_up_proj[N, :I]``, ``w3`` ``gate_up_proj[N, I:]``, ``w2`` ``down_proj[N]``.
+    """
+    import torch
+
+    from codec.rd.experts import experts_info, slice_name
+
+    modules = dict(model.named_modules())
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    probe, starts = {}, []
+    offset = 0
+    for name in params:
+        owner_name, _, attr = name.rpartition(".")
+        info = experts_info(modules.get(owner_name)) if owner_name in modules else None
+        if info is None or attr not in info.params():
+            continue
+        shape = tuple(tensors[name].shape)
+        probe[name] = torch.arange(offset, offset + math.prod(shape), dtype=torch.float64).reshape(shape)
+        starts.append((offset, name, shape, info.transposed))
+        offset += math.prod(shape)
+    if not probe or offset >= 2 ** 53:
+        return {}
+    try:
+        reverted = revert(model, probe)
+    except Exception:  # a conversion that needs the other tensors too: nothing mapped (refused as before)
+        return {}
+    out = {}
+    for stored, values in reverted.items():
+        if not isinstance(values, torch.Tensor) or values.dim() != 2 or values.numel() == 0 \
+                or not values.is_floating_point():
+            continue
+        index = values.to(torch.float64).round().long()
+        first = int(index.min())
+        found = next(((s, n, sh, t) for s, n, sh, t in reversed(starts) if s <= first), None)
+        if found is None:
+            continue
+        start, name, shape, transposed = found
+        per = shape[1] * shape[2]
+        local = index - start
+        expert = int(local.min()) // per
+        local = local - expert * per
+        if expert >= shape[0] or int(local.max()) >= per:
+            continue
+        rows, cols = shape[1], shape[2]
+        if not transposed and values.shape[1] == cols:  # rows a:b of P[e]
+            a = int(local[0, 0]) // cols
+            if torch.equal(local, torch.arange(a * cols, (a + values.shape[0]) * cols).reshape(values.shape)):
+                out[stored] = slice_name(name, expert, a, a + values.shape[0], False)
+        elif transposed and values.shape[1] == rows:  # columns a:b of P[e], transposed
+            a = int(local[0, 0])
+            expect = torch.arange(rows)[None, :] * cols + torch.arange(a, a + values.shape[0])[:, None]
+            if torch.equal(local, expect):
+                out[stored] = slice_name(name, expert, a, a + values.shape[0], True)
+    return out
 
 
 #: The file of a Hugging Face folder that holds its image processor's settings.

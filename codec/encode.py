@@ -417,8 +417,8 @@ def save(
             bound_heap()  # freed blocks of megabytes go back to the system at once, not kept as holes
             inputs, calib = calibrated(model, calibration, repair, calibration_progress, meta)
             notes += calibration_notes(model, calib, arrays, aliases, repairing=inputs is not None, renames=renames)
-            stored_as = {model_name: name for name, model_name in renames.items()}
-            weightings = merge_weightings(weightings, {stored_as.get(n, n): w for n, w in calib.weightings().items()},
+            weightings = merge_weightings(weightings, {n: w for n, w in calib.weightings(renames).items()
+                                                       if n in arrays},  # by stored name (an expert's: its slice's)
                                           values)  # (no name kept for them: packed below, the whole H matrices go)
             if calib is not calibration:  # made here: the search holds its H matrices packed, the whole ones go
                 weightings, calib = packed_weightings(weightings), None  # (MiniLM: 74 MB -> 37)

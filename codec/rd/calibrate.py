@@ -22,6 +22,11 @@ instead of in the weights:
   embedding tied to an output head (GPT-2's ``wte`` = ``lm_head.weight``,
   one storage) is weighted as that head, by the head's inputs (its error
   reaches every logit, and the file holds the tensor once);
+- for a mixture-of-experts layer (transformers' experts module of 3D
+  parameters and its router, recognised by structure:
+  :mod:`codec.rd.experts`), each expert's matrices' own moments over the
+  tokens routed to it (``"P[e]"``), the router's weight as a linear layer,
+  and a rank-one per-expert weighting of each whole 3D parameter;
 - per layer, the sensitivity of the model's final output: Gaussian noise
   is added to the layer's weight, and the relative change of the final
   output is divided by the relative error this caused in the layer's
@@ -52,10 +57,12 @@ from torch.nn import functional as F
 
 from ..errors import first_line
 from .allocate import Weighting
+from .experts import (ExpertsCollector, FlatCollector, Target, expert_key, experts_info, moe_modules, parse_slice,
+                      rank_one, targets)
 from .output_sample import OutputSample
 
 __all__ = ["calibrate", "Calibration", "LayerStats", "as_batches", "layer_kind", "uncalibrated", "FULL_H_MAX",
-           "FULL_H_BYTES", "NOISE", "SENSITIVITY_SAMPLES", "BATCH_SIZE"]
+           "FULL_H_BYTES", "NOISE", "SENSITIVITY_SAMPLES", "BATCH_SIZE", "UNREACHED"]
 
 #: Layers with more in-features than this keep only the diagonal of H (and repair gives them no H:
 #: ``RepairSettings.max_columns``). 8192 takes in a 3 x 3 convolution over 512 channels (4,608 im2col columns: ResNet-18
@@ -88,6 +95,7 @@ class LayerStats:
     mean: np.ndarray | None  # E[x] over the in-features (None for an embedding)
     samples: int  # input rows seen (tokens, pixel positions, samples)
     sensitivity: float = 1.0  # relative change of the final output per unit relative output error
+    rows: np.ndarray | None = None  # kind "experts" (a 3D experts parameter, E x ...): per-expert weights
 
     @property
     def diagonal(self) -> bool:
@@ -107,6 +115,8 @@ class LayerStats:
             return Weighting(rows=0.5 * freq + 0.5 / len(self.h), scale=self.sensitivity)
         if self.kind == "conv1d":  # weight (in, out): the inputs' second moment weighs its rows
             return Weighting(rows=self.h, scale=self.sensitivity)
+        if self.kind == "experts":  # a whole 3D experts parameter: per-expert rows, one diagonal over the columns
+            return Weighting(h=self.h, rows=self.rows, scale=self.sensitivity)
         return Weighting(h=self.h, scale=self.sensitivity)
 
 
@@ -120,9 +130,22 @@ class Calibration:
     seed: int = 0
     notes: list[str] = field(default_factory=list)
 
-    def weightings(self) -> dict[str, Weighting]:
-        """The allocator's output-space weighting of every calibrated tensor."""
-        return {name: stats.weighting() for name, stats in self.layers.items()}
+    def weightings(self, names: Mapping[str, str] | None = None) -> dict[str, Weighting]:
+        """The allocator's output-space weighting of every calibrated tensor, by its stored name. ``names``: the
+        model's name of a stored tensor where it differs (:func:`codec.save`'s ``model_names``); a model name that
+        is a slice of an expert's matrix (:func:`codec.rd.experts.slice_name`) gets that expert's weighting. The
+        statistics of one expert's matrix (``"P[e]"``) are not a tensor of the model and are not given by their own
+        name."""
+        names = dict(names or {})
+        stored_as = {model_name: name for name, model_name in names.items()}
+        out = {stored_as.get(name, name): stats.weighting() for name, stats in self.layers.items()
+               if parse_slice(name) is None}
+        for stored, model_name in names.items():
+            part = parse_slice(model_name)
+            stats = None if part is None else self.layers.get(expert_key(*part))
+            if stats is not None:
+                out[stored] = stats.weighting()
+        return out
 
 
 class _Batches:
@@ -407,21 +430,36 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
     layers = _layers(model)
-    if not layers:
+    experts, routers = moe_modules(model)
+    if not layers and not experts and not routers:
         raise ValueError("calibration: the model has no Linear, Conv2d, Conv1D or Embedding layer with a weight to "
                          "calibrate")
     full_bytes = 0
+
+    def full_h(cols: int, count: int = 1) -> bool:
+        nonlocal full_bytes
+        full = 0 < cols <= FULL_H_MAX and full_bytes + 8 * cols * cols * count <= FULL_H_BYTES
+        full_bytes += 8 * cols * cols * count if full else 0
+        return full
+
     collectors = {}
     for name, module in layers.items():
         cols = module.weight[0].numel() if layer_kind(module) in ("linear", "conv2d") else 0
-        full = 0 < cols <= FULL_H_MAX and full_bytes + 8 * cols * cols <= FULL_H_BYTES
-        full_bytes += 8 * cols * cols if full else 0
-        collectors[name] = _Collector(module, full)
-    noise_num = dict.fromkeys(layers, 0.0)
-    noise_den = dict.fromkeys(layers, 0.0)
+        collectors[name] = _Collector(module, full_h(cols))
+    moe_collectors: dict = {name: FlatCollector(module, full_h(module.weight.shape[1]))
+                            for name, module in routers.items()}
+    for name, (module, info) in experts.items():  # full H over each expert matrix's in-features where it fits
+        full = {p: full_h(getattr(module, p).shape[1 if info.transposed else 2], info.count) for p in info.params()}
+        moe_collectors[name] = ExpertsCollector(name, module, info, full)
+    moe_targets = targets(experts, routers)  # router weights and expert matrices: noise put in the parameter
+    noise_num = dict.fromkeys([*layers, *moe_targets], 0.0)
+    noise_den = dict.fromkeys([*layers, *moe_targets], 0.0)
     was_training = model.training
     model.eval()
     handles = [c.module.register_forward_hook(c) for c in collectors.values()]
+    handles += [c.module.register_forward_hook(c, with_kwargs=isinstance(c, ExpertsCollector))
+                for c in moe_collectors.values()]
+    collectors_all = [*collectors.values(), *moe_collectors.values()]
     samples = count = sensitivity_seen = 0
     sample = OutputSample(seed)
     try:
@@ -431,7 +469,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
                     break
                 batch = _prepare(raw, index, device, dtype)
                 mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-                for c in collectors.values():
+                for c in collectors_all:
                     c.mask, c.active = mask, True
                 try:
                     with sample.watch(model) if index == 0 else contextlib.nullcontext():
@@ -446,10 +484,12 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
                     raise ValueError(f"calibration batch {index}: the model's output holds NaN or Inf")
                 n = _samples(batch)
                 if sensitivity_seen < sensitivity_samples:
-                    for c in collectors.values():
+                    for c in collectors_all:
                         c.active = False
                     clean = sample.reference(model, batch, _run, lambda t: [t], [clean])[0]
                     _sensitivity_pass(model, batch, clean, layers, seed, index, noise_num, noise_den, sample)
+                    _target_sensitivity_pass(model, batch, clean, moe_targets, seed, index, noise_num, noise_den,
+                                             sample, len(layers))
                     sensitivity_seen += n
                 samples += n
                 count += 1
@@ -462,16 +502,132 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     if count == 0:
         raise ValueError("calibration inputs are empty (no batch)")
     out, notes = {}, []
+
+    def sensitive(name: str, stats: LayerStats) -> None:
+        den = noise_den[name]
+        stats.sensitivity = max(noise_num[name] / den, 1e-6) if den > 0 else 1.0
+        out[name] = stats
+
     for name, c in collectors.items():
         stats = c.stats()
         if stats is None:
             notes.append(f"layer {name!r}: not used by the calibration inputs")
             continue
-        den = noise_den[name]
-        stats.sensitivity = max(noise_num[name] / den, 1e-6) if den > 0 else 1.0
-        out[name] = stats
+        sensitive(name, stats)
+    for name, c in moe_collectors.items():
+        if isinstance(c, FlatCollector):
+            stats = c.stats()
+            if stats is None:
+                notes.append(f"router {name!r}: not used by the calibration inputs")
+            else:
+                sensitive(name, stats)
+            continue
+        got = c.stats()
+        for key, stats in got.items():
+            sensitive(key, stats)
+        notes += _unreached_experts(c, out)
+        for param in c.info.params():
+            whole = _whole_experts(c, param, out)
+            if whole is not None:
+                out[c.param_name(param)] = whole
     _tie_heads(layers, out)
     return Calibration(out, samples, count, seed, notes)
+
+
+#: How an expert that no calibration token was routed to is weighed: "mean" (the mean of its module's reached
+#: experts' statistics, H and sensitivity, for the same parameter) or "data-free" (no statistics: the data-free
+#: weighting). Measured in bench/JOURNAL.md, moe (twenty-second pass).
+UNREACHED = "mean"
+
+
+def _unreached_experts(c: ExpertsCollector, out: dict[str, LayerStats]) -> list[str]:
+    """A note naming the experts of ``c``'s module that no calibration token reached (and, with :data:`UNREACHED`
+    "mean", their statistics in ``out``: the mean of the reached experts')."""
+    missing = [e for e in range(c.info.count) if expert_key(c.param_name(c.info.up), e) not in out]
+    if not missing:
+        return []
+    if UNREACHED == "mean" and len(missing) < c.info.count:
+        for param in c.info.params():
+            name = c.param_name(param)
+            reached = [out[expert_key(name, e)] for e in range(c.info.count) if e not in missing]
+            h = np.mean([s.h for s in reached], axis=0).astype(reached[0].h.dtype)
+            mean = np.mean([s.mean for s in reached], axis=0)
+            sens = float(np.mean([s.sensitivity for s in reached]))
+            for e in missing:
+                out[expert_key(name, e)] = LayerStats("linear", h, mean, 0, sens)
+        how = "weighed by the mean of the other experts' statistics"
+    else:
+        how = "coded by the data-free weighting"
+    shown = ", ".join(map(str, missing[:8])) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+    plural = "s" if len(missing) > 1 else ""
+    return [f"calibration: expert{plural} {shown} of {c.name!r} ({c.info.count} experts): no calibration token was "
+            f"routed to {'them' if plural else 'it'}; {how}"]
+
+
+def _whole_experts(c: ExpertsCollector, param: str, out: Mapping[str, LayerStats]) -> LayerStats | None:
+    """The statistics of a whole 3D experts parameter ``(E, rows, columns)`` (what :func:`codec.save` of the model
+    stores): the per-expert output-error weight of each element, ``M[e, k] = s_e H_e[k, k] / tr(W_e H_e W_e^T)``
+    (``k`` an in-feature, ``s_e`` the expert's sensitivity), approximated by its best rank-one product
+    ``u_e v_k``: per-expert row weights ``u`` and a diagonal ``H`` that repeats ``v`` over the out-features, scaled
+    so that the weighting's relative error times its scale is the sum of the experts' own
+    (``kind="experts"``). None when an expert has no statistics (the data-free weighting then codes the tensor)."""
+    name = c.param_name(param)
+    stats = [out.get(expert_key(name, e)) for e in range(c.info.count)]
+    if any(s is None for s in stats):
+        return None
+    weight = getattr(c.module, param).detach()
+    diag = []
+    for e, s in enumerate(stats):
+        h = s.h if s.h.ndim == 1 else np.diagonal(s.h)
+        w = weight[e].T if c.info.transposed else weight[e]  # (out, in)
+        w2 = w.double().pow(2).cpu().numpy()
+        energy = float(w2.sum(0) @ h)
+        diag.append(s.sensitivity * h / energy if energy > 0 else np.zeros_like(h, dtype=np.float64))
+    u, v = rank_one(np.asarray(diag, dtype=np.float64))
+    if not u.any() or not v.any():
+        return None
+    out_features = weight.shape[2 if c.info.transposed else 1]
+    h = np.repeat(v, out_features) if c.info.transposed else np.tile(v, out_features)
+    rows = u / u.mean()
+    per_row = (weight.double().pow(2).reshape(c.info.count, -1).cpu().numpy() @ h)
+    scale = float(per_row @ rows) * float(u.mean())
+    return LayerStats("experts", h, None, sum(s.samples for s in stats), scale, rows)
+
+
+def _target_sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, moe_targets: Mapping[str, Target],
+                             seed: int, index: int, num: dict[str, float], den: dict[str, float],
+                             sample: OutputSample, first: int) -> None:
+    """:func:`_sensitivity_pass` for matrices that are not a module's whole weight (an expert's ``param[e]``) or
+    whose module returns more than its output (a router): the noise is added to the parameter itself for one
+    forward pass and taken out again (the clean values copied back), and a hook on the module measures the
+    relative output error it caused in that matrix's output (over the tokens routed to the expert). ``first``: the
+    number of ordinary layers before these (each matrix's noise seed follows theirs)."""
+    if not moe_targets:
+        return
+    energy = _squared_sum(clean)
+    for k, (name, target) in enumerate(moe_targets.items(), start=first):
+        view = target.view()
+        noise = _Noise(view, clean.device, seed * 1_000_003 + k * 7919 + index)
+        dw = noise.whole()
+        weight = view.clone()
+        caused = [0.0, 0.0]
+
+        def measure(mod: nn.Module, args: tuple, kwargs: dict, output) -> None:
+            a, b = target.caused(args, kwargs, weight, dw)  # noqa: B023
+            caused[0] += a  # noqa: B023
+            caused[1] += b  # noqa: B023
+
+        handle = target.module.register_forward_hook(measure, with_kwargs=True)
+        try:
+            view.add_(dw)
+            with sample.narrowed(model):
+                out = sample.take(_run(model, batch))
+        finally:
+            view.copy_(weight)
+            handle.remove()
+        if caused[1] > 0 and caused[0] > 0:
+            num[name] += _squared_sum(out, clean)
+            den[name] += energy * caused[0] / caused[1]
 
 
 def _tie_heads(layers: dict[str, nn.Module], out: dict[str, LayerStats]) -> None:
@@ -520,12 +676,17 @@ def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> 
     for name in names:
         if name in calib.layers:
             continue
+        part = parse_slice(name)
+        if part is not None:  # a file's tensor that is one expert's matrix, or rows of it: its expert unreached
+            if expert_key(*part) not in calib.layers:  # (calibrate()'s note says so)
+                unreached.append(name)
+            continue
         owner = modules.get(name.rpartition(".")[0])
         parent = modules.get(name.rpartition(".")[0].rpartition(".")[0])
         if isinstance(parent, nn.MultiheadAttention):  # its out_proj, a Linear it calls as a function: never run
             kinds.setdefault(type(parent).__name__, []).append(name)
-        elif owner is not None and layer_kind(owner) is not None:
-            unreached.append(name)
+        elif owner is not None and (layer_kind(owner) is not None or experts_info(owner) is not None):
+            unreached.append(name)  # (an experts module's whole parameter: an expert of it unreached)
         elif owner is model:  # a parameter of the model itself (a position table added to the inputs): no layer
             kinds.setdefault(f"a parameter of {type(model).__name__} itself, used outside any layer calibration "
                              "measures", []).append(name)
