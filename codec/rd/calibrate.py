@@ -311,6 +311,23 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
+
+def add_moments(acc, x: torch.Tensor) -> None:
+    """Add the rows ``x`` (rows x in-features) to ``acc.h`` (``x^T x``, or with ``acc.full`` False its diagonal),
+    ``acc.sum`` (of ``x``) and ``acc.rows``: ``H`` and the mean are ``acc.h / acc.rows``, ``acc.sum / acc.rows``.
+    One batch's products in float32 (fast), summed over batches in place (no new cols^2 matrices per batch): a full
+    H in float32, what the rate search measures with (a relative error of the order of 1e-7 per batch, where the
+    measure needs 3 digits; half the memory: all-MiniLM-L6-v2's 36 matrices, 75 MB less), a diagonal in float64."""
+    x = x.detach().float()
+    second = x.T @ x if acc.full else (x * x).sum(0)
+    if acc.h is None:
+        acc.h = second if acc.full else second.to(torch.float64, copy=True)
+    else:
+        acc.h.add_(second)
+    total = x.sum(0).double()
+    acc.sum = total if acc.sum is None else acc.sum + total
+    acc.rows += x.shape[0]
+
 class _Collector:
     """Forward hooks accumulating one layer's input statistics."""
 
@@ -345,19 +362,7 @@ class _Collector:
         return x
 
     def _add(self, x: torch.Tensor) -> None:
-        # one batch's products in float32 (fast), summed over batches in place (no new cols^2 matrices per batch):
-        # a full H in float32, what the rate search measures with (a relative error of the order of 1e-7 per batch,
-        # where the measure needs 3 digits; half the memory: all-MiniLM-L6-v2's 36 matrices, 75 MB less), a
-        # diagonal in float64
-        x = x.detach().float()
-        second = x.T @ x if self.full else (x * x).sum(0)
-        if self.h is None:
-            self.h = second if self.full else second.to(torch.float64, copy=True)
-        else:
-            self.h.add_(second)
-        total = x.sum(0).double()
-        self.sum = total if self.sum is None else self.sum + total
-        self.rows += x.shape[0]
+        add_moments(self, x)
 
     def stats(self) -> LayerStats | None:
         """The layer's statistics; called once, at the end (the accumulated ``H`` is divided in place)."""

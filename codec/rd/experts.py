@@ -194,17 +194,10 @@ class _Moments:
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
-        if x.shape[0] == 0:
-            return
-        x = x.detach().float()
-        second = x.T @ x if self.full else (x * x).sum(0)
-        if self.h is None:
-            self.h = second if self.full else second.to(torch.float64, copy=True)
-        else:
-            self.h.add_(second)
-        total = x.sum(0).double()
-        self.sum = total if self.sum is None else self.sum + total
-        self.rows += x.shape[0]
+        if x.shape[0]:
+            from .calibrate import add_moments
+
+            add_moments(self, x)
 
     def stats(self):
         from .calibrate import LayerStats
