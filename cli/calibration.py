@@ -428,62 +428,65 @@ def expert_slices(model, params: list[str], revert) -> dict[str, str]:
     transformers' reverse conversion ``revert`` (``revert_weight_conversion``) makes of them, each mapped to the
     slice of one expert's matrix it holds (:func:`codec.rd.experts.slice_name`): rows of ``P[e]``, or, for a
     transposed experts module, columns of ``P[e]`` transposed, so that the file tensor's columns are the matrix's
-    in-features either way. Found by value: every parameter is replaced by distinct float64 numbers (its elements'
-    indices, exact below 2**53), the conversion applied to them, and each tensor it gives read back as indices;
+    in-features either way. Found by value: each parameter in turn is replaced by distinct float64 numbers (its
+    elements' indices, exact below 2**53; one layer's experts at a time, 8 bytes an element), the conversion applied to them, and each tensor it gives read back as indices;
     a tensor that is not such a slice (parts of two experts, another order) is left out, and the caller refuses it.
     Mixtral's ``experts.N.w1`` is ``gate_up_proj[N, :I]``, ``w3`` ``gate_up_proj[N, I:]``, ``w2`` ``down_proj[N]``.
     """
     import torch
 
-    from codec.rd.experts import experts_info, slice_name
+    from codec.rd.experts import experts_info
 
     modules = dict(model.named_modules())
     tensors = dict(model.named_parameters(remove_duplicate=False))
-    probe, starts = {}, []
-    offset = 0
-    for name in params:
+    out = {}
+    for name in params:  # one parameter at a time: the probe of one layer's experts, not of all of them
         owner_name, _, attr = name.rpartition(".")
         info = experts_info(modules.get(owner_name)) if owner_name in modules else None
         if info is None or attr not in info.params():
             continue
         shape = tuple(tensors[name].shape)
-        probe[name] = torch.arange(offset, offset + math.prod(shape), dtype=torch.float64).reshape(shape)
-        starts.append((offset, name, shape, info.transposed))
-        offset += math.prod(shape)
-    if not probe or offset >= 2 ** 53:
-        return {}
-    try:
-        reverted = revert(model, probe)
-    except Exception:  # a conversion that needs the other tensors too: nothing mapped (refused as before)
-        return {}
-    out = {}
-    for stored, values in reverted.items():
-        if not isinstance(values, torch.Tensor) or values.dim() != 2 or values.numel() == 0 \
-                or not values.is_floating_point():
+        if math.prod(shape) >= 2 ** 53:
             continue
-        index = values.to(torch.float64).round().long()
-        first = int(index.min())
-        found = next(((s, n, sh, t) for s, n, sh, t in reversed(starts) if s <= first), None)
-        if found is None:
+        try:
+            reverted = revert(model, {name: torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape)})
+        except Exception:  # a conversion that needs the other tensors too: nothing mapped (refused as before)
             continue
-        start, name, shape, transposed = found
-        per = shape[1] * shape[2]
-        local = index - start
-        expert = int(local.min()) // per
-        local = local - expert * per
-        if expert >= shape[0] or int(local.max()) >= per:
-            continue
-        rows, cols = shape[1], shape[2]
-        if not transposed and values.shape[1] == cols:  # rows a:b of P[e]
-            a = int(local[0, 0]) // cols
-            if torch.equal(local, torch.arange(a * cols, (a + values.shape[0]) * cols).reshape(values.shape)):
-                out[stored] = slice_name(name, expert, a, a + values.shape[0], False)
-        elif transposed and values.shape[1] == rows:  # columns a:b of P[e], transposed
-            a = int(local[0, 0])
-            expect = torch.arange(rows)[None, :] * cols + torch.arange(a, a + values.shape[0])[:, None]
-            if torch.equal(local, expect):
-                out[stored] = slice_name(name, expert, a, a + values.shape[0], True)
+        for stored, values in reverted.items():
+            found = _slice_of(values, name, shape, info.transposed)
+            if found is not None:
+                out[stored] = found
     return out
+
+
+def _slice_of(values, name: str, shape: tuple[int, int, int], transposed: bool) -> str | None:
+    """The :func:`codec.rd.experts.slice_name` of the probe values ``values`` (element indices of the parameter
+    ``name`` of ``shape``, as :func:`expert_slices` made them, through the conversion) when they are one expert's
+    rows (or, transposed, columns) in order, else None."""
+    import torch
+
+    from codec.rd.experts import slice_name
+
+    if not isinstance(values, torch.Tensor) or values.dim() != 2 or values.numel() == 0 \
+            or not values.is_floating_point():
+        return None
+    local = values.to(torch.float64).round().long()
+    per = shape[1] * shape[2]
+    expert = int(local.min()) // per
+    local = local - expert * per
+    if expert >= shape[0] or int(local.max()) >= per:
+        return None
+    rows, cols = shape[1], shape[2]
+    if not transposed and values.shape[1] == cols:  # rows a:b of P[e]
+        a = int(local[0, 0]) // cols
+        if torch.equal(local, torch.arange(a * cols, (a + values.shape[0]) * cols).reshape(values.shape)):
+            return slice_name(name, expert, a, a + values.shape[0], False)
+    elif transposed and values.shape[1] == rows:  # columns a:b of P[e], transposed
+        a = int(local[0, 0])
+        expect = torch.arange(rows)[None, :] * cols + torch.arange(a, a + values.shape[0])[:, None]
+        if torch.equal(local, expect):
+            return slice_name(name, expert, a, a + values.shape[0], True)
+    return None
 
 
 #: The file of a Hugging Face folder that holds its image processor's settings.
