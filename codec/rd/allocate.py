@@ -130,6 +130,8 @@ def notes_room(damaged: Sequence[str], packed: bool = False) -> int:
     at its smallest encoding: 4,240 bytes as JSON, 330 compressed."""
     text = json.dumps("; ".join(damaged)).encode()
     return NOTE_BYTES_RESERVE + (len(compress_index(text)) if packed else len(text))
+
+
 #: Rate searches of :func:`plan_options`.
 SEARCHES = ("fast", "exhaustive")
 

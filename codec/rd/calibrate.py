@@ -311,7 +311,6 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
-
 def add_moments(acc, x: torch.Tensor) -> None:
     """Add the rows ``x`` (rows x in-features) to ``acc.h`` (``x^T x``, or with ``acc.full`` False its diagonal),
     ``acc.sum`` (of ``x``) and ``acc.rows``: ``H`` and the mean are ``acc.h / acc.rows``, ``acc.sum / acc.rows``.
@@ -327,6 +326,7 @@ def add_moments(acc, x: torch.Tensor) -> None:
     total = x.sum(0).double()
     acc.sum = total if acc.sum is None else acc.sum + total
     acc.rows += x.shape[0]
+
 
 class _Collector:
     """Forward hooks accumulating one layer's input statistics."""
