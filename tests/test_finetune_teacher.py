@@ -70,3 +70,26 @@ def test_a_wrong_teacher_is_refused_by_name():
                  steps=1, teacher=_tiny())
     with pytest.raises(ValueError, match="teacher must not be the model being fine-tuned"):
         finetune(model, _inputs(2), None, setting=SETTING, steps=1, teacher=model)
+
+
+
+class _Interrupted(Exception):
+    """What a Ctrl-C in the middle of the loop stands for."""
+
+
+def test_both_modes_are_the_callers_again_when_the_loop_is_interrupted():
+    teacher = _tiny()
+    student = _away(teacher)
+    student.train(), teacher.train()  # the caller's modes; distillation runs both in eval mode
+    seen = []
+
+    def stop(module, args):
+        seen.append((student.training, teacher.training))
+        if len(seen) == 5:
+            raise _Interrupted
+
+    student.register_forward_pre_hook(stop)
+    with pytest.raises(_Interrupted):
+        finetune(student, _inputs(4), None, setting=SETTING, steps=20, teacher=teacher, validation=False)
+    assert seen[-1] == (False, False)  # it was stopped inside the loop, in the loop's modes
+    assert student.training and teacher.training

@@ -376,11 +376,12 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
     ``loss_fn(outputs, *targets)``: the loss; None distils the original model's outputs (mean squared error of
     the outputs, no labels needed; of a Hugging Face ``ModelOutput``, a dict or a tuple: the mean of the MSEs of
     its floating tensors, such as ``logits`` or ``last_hidden_state``, not its ``loss``); the original model is
-    ``teacher`` when given (a model of the same inputs, run in eval mode without gradients, its mode restored at the
-    end: distillation that starts from other weights than the teacher's, such as a calibrated file's repaired
-    values), else a copy of ``model`` as it is at the start. ``loss_fn`` runs while the
-    model's tensors hold the coded values, so a term on the weights read from the model there (``codec.train.rate(model)``, a norm) would be the coded values' and pull on
-    what the coding keeps (bench/JOURNAL.md, twelfth pass: 2-6 points on the CNN). Such a term belongs in
+    ``teacher`` when given (a model of the same inputs, run in eval mode without gradients: distillation that
+    starts from other weights than the teacher's, such as a calibrated file's repaired values), else a copy of
+    ``model`` as it is at the start; the teacher's mode and the model's are the caller's again at the end, also when
+    the loop raises or is interrupted. ``loss_fn`` runs while the model's tensors hold the coded values, so a term
+    on the weights read from the model there (``codec.train.rate(model)``, a norm) would be the coded values' and
+    pull on what the coding keeps (bench/JOURNAL.md, twelfth pass: 2-6 points on the CNN). Such a term belongs in
     ``penalty(model)``: called each step after the forward and backward passes, with the model holding its float
     weights again, its value (a scalar tensor) is added to the step's loss and its gradient to the weights'
     (``penalty=lambda m: lam * codec.train.rate(m)``); the check below leaves it out (it judges the coded model's
@@ -476,185 +477,188 @@ def finetune(model: torch.nn.Module, data, loss_fn: Callable[..., torch.Tensor] 
         rules = budget.start(model, opts, rules, vector_bits)
         tracked_until = steps - round(budget.hold * steps)
     batches, check, where = _check_batches(_batches(data), validation)
-    teacher_mode = None
-    if loss_fn is None and teacher is not None:  # the caller's: evaluated without gradients, its mode restored
-        teacher_mode = teacher.training
-        teacher.eval()
-    elif loss_fn is None:
-        teacher = copy.deepcopy(model).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if optimizer is None:
-        optimizer = torch.optim.Adam(params.values(), lr=float(lr(0) if callable(lr) else lr))
-    pinned = None
-    if keep_tiles:
-        lossy = [(p, o) for n, p in params.items()
-                 if p.is_floating_point() and (o := rules.options_for(n, opts) or opts).codec != "lossless"
-                 and not _lossless_for_shape(p, o)]
-        pinned = optimizer.register_step_post_hook(tile_keeper(lossy)) if lossy else None
-    stream = itertools.cycle(batches) if steps else iter(())
-    own_bar = progress is True
-    bar = progress if hasattr(progress, "update") else None  # the caller's bar: one update a step
-    if own_bar:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps + 1, desc="finetune", unit="step")
-    postfix = _quiet_postfix(bar)
-
-    residual: dict[str, torch.Tensor] = {}  # coded - float at the last coding (parameters); other tensors: coded
-    moved: dict[str, torch.Tensor] = {}  # each parameter's float weights plus residual between codings (reused)
-    tensors = model.state_dict(keep_vars=True)  # the model's own parameters and buffers
-    own = {id(t) for t in itertools.chain(model.parameters(), model.buffers())}
-    copied = next((n for n, t in tensors.items() if isinstance(t, torch.Tensor) and id(t) not in own), None)
-    if copied is not None:  # the values put into it would not reach the forward pass
-        raise TypeError(f"finetune: state_dict entry {copied!r} is not one of the model's parameters or buffers "
-                        "(a state_dict that returns copies): finetune trains the model's own tensors")
-    tied = {n for n, t in tensors.items() if n not in params and any(t is p for p in params.values())}
-    plans: dict[tuple, list[Planned]] = {}  # the coding plan of the rules in force (a budget moves them)
-    decoded: dict[int, np.ndarray] = {}  # the coded values of each tensor, overwritten at each coding
-    kept: dict[str, torch.Tensor] = {}  # each parameter's residual, overwritten at each coding
-
-    def loss_at(batch, code: bool = True, backward: bool = False) -> torch.Tensor:
-        """The loss of ``batch`` with the coded values in the model (the last coding's residual added to the
-        float weights between codings), and with ``backward`` its gradient, straight through to the float weights:
-        the model's tensors hold those values (``.data``) for the forward and backward passes, then their own
-        again. So the model runs as it is (no functional_call, no arithmetic on the values to route the gradient)
-        and the gradient of each weight, computed at the coded values, lands on it unchanged."""
-        inputs, rest = _split(batch)
-        if code:  # exactly the coded values forward (coded_weights, planned once per setting)
-            setting = tuple(rules.rules)
-            if setting not in plans:
-                plans.clear()
-                plans[setting] = _coding_plan(tensors, opts, rules, vector_bits)
-            values = _code_planned(tensors, plans[setting], vector_bits, decoded)
-            residual.update(values)
-            for name, p in params.items():  # into the same tensors at every coding
-                if name not in kept:
-                    kept[name] = torch.empty_like(p, requires_grad=False)
-                residual[name] = torch.sub(values[name], p.detach(), out=kept[name])
-        else:  # between codings: the float weights plus the last coding's residual
-            values = dict(residual)
-            for name, p in params.items():
-                if name not in moved:
-                    moved[name] = torch.empty_like(p, requires_grad=False)
-                values[name] = torch.add(p.detach(), residual[name], out=moved[name])
-        held = []
-        try:
-            for name, value in values.items():
-                if name in tied:  # a parameter's second name: the first holds its values
-                    continue
-                held.append((tensors[name], tensors[name].data))
-                tensors[name].data = value
-            if teacher is None:
-                loss = loss_fn(_run(model, inputs), *rest)
-            else:
-                with torch.no_grad():
-                    target = _flat(_run(teacher, inputs))
-                loss = _distillation(_run(model, inputs), target)
-            if backward:
-                loss.backward()
-        finally:
-            for tensor, data in reversed(held):
-                tensor.data = data
-        if backward and penalty is not None:  # on the float weights, back in place
-            extra = penalty(model)
-            if not (isinstance(extra, torch.Tensor) and extra.numel() == 1):
-                raise TypeError(f"finetune: penalty(model) must return a scalar tensor, not "
-                                f"{type(extra).__name__ if not isinstance(extra, torch.Tensor) else list(extra.shape)}")
-            if extra.requires_grad:
-                extra.backward()
-            loss = loss.detach() + extra.detach().reshape(())
-        return loss
-
-    targets: list = []  # the teacher's outputs on the check batches (distillation), computed once
-
-    def check_loss() -> float:
-        """The mean check loss of the model as the file decodes it now, in eval mode."""
-        coded = coded_weights(model, opts, overrides=rules, vector_bits=vector_bits)
-        aliases = _sharing(model.state_dict())[0]  # functional_call refuses both names of a tie
-        untied = {n: t for n, t in coded.items() if n not in aliases}
-        mode = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                if teacher is not None and not targets:
-                    targets.extend(_flat(_run(teacher, _split(b)[0])) for b in check)
-                losses = []
-                for i, batch in enumerate(check):
-                    inputs, rest = _split(batch)
-                    out = _run(model, inputs, untied)
-                    losses.append(float(loss_fn(out, *rest) if teacher is None
-                                        else _distillation(out, targets[i])))
-        finally:
-            model.train(mode)
-        return sum(losses) / len(losses)
-
-    checking = check is not None and steps > 0
-    every = check_every or max(1, -(-steps // CHECKS))
-    if checking:
-        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        before = best = check_loss()
-        best_step, best_params = 0, None  # None: the starting weights (``start``)
-    was_training = model.training
-    model.train(loss_fn is not None if train_mode is None else train_mode)
-    last = None
+    was_training = model.training  # the caller's modes, back at the end and when anything raises (Ctrl-C too)
+    teacher_mode = teacher.training if loss_fn is None and teacher is not None else None
+    own_bar, bar = False, None
     try:
-        for step in range(steps):
-            last = next(stream)
-            if callable(lr):
-                for group in optimizer.param_groups:
-                    group["lr"] = float(lr(step))
-            optimizer.zero_grad()
-            if (budget is not None and 0 < step < tracked_until and step % refresh == 0
-                    and budget.due(step, refresh, tracked_until)):
-                rules = budget.track(model, step)  # at a coding step (the quality moves where the weights are coded)
-            if budget is not None:
-                budget.step_began()
-            loss = loss_at(last, code=step % refresh == 0, backward=True)
-            optimizer.step()
-            if checking and (step + 1 == steps or (step + 1) % every == 0):
-                now = check_loss()
-                if now < best:
-                    best, best_step = now, step + 1
-                    best_params = None if step + 1 == steps else {n: p.detach().clone() for n, p in params.items()}
-            if budget is not None:
-                budget.step_ended()
-            if bar is not None:
-                if hasattr(bar, "set_postfix"):  # before update, whose redraw (when due) shows it
-                    bar.set_postfix(loss=f"{loss.item():.4g}", **postfix)
-                bar.update(1)
-    finally:
-        if pinned is not None:  # the caller's optimizer carries on without it
-            pinned.remove()
-    if checking and best_step < steps:  # end on the best weights seen
-        with torch.no_grad():
-            if best_step == 0:
-                model.load_state_dict(start)
-            else:
-                for name, p in params.items():
-                    p.copy_(best_params[name])
-        if best_step == 0:
-            kind = "loss" if teacher is None else "distillation loss (output MSE)"
-            warnings.warn(f"finetune: not kept, the starting weights restored: {kind} of the coded model on {where} "
-                          f"{now:.4g} after {steps} steps, {before:.4g} before", NotKeptWarning, stacklevel=2)
-    if bar is not None and checking and hasattr(bar, "set_postfix"):
-        bar.set_postfix(check=f"{before:.4g} -> {best:.4g} (step {best_step})")
-    if vector_bits:  # the model holds what the file will: its vectors rounded
-        round_vectors(model, vector_bits, opts, overrides=rules)
-    if budget is not None:  # the file at the held quality (a step down only if it is over the budget)
-        rules = budget.finish(model, steps)
-    if last is None:
-        last = next(iter(batches), None)
-    if last is not None:
-        with torch.no_grad():
-            final = loss_at(last)
+        if loss_fn is None and teacher is not None:  # the caller's: evaluated without gradients, its mode restored
+            teacher.eval()
+        elif loss_fn is None:
+            teacher = copy.deepcopy(model).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if optimizer is None:
+            optimizer = torch.optim.Adam(params.values(), lr=float(lr(0) if callable(lr) else lr))
+        pinned = None
+        if keep_tiles:
+            lossy = [(p, o) for n, p in params.items()
+                     if p.is_floating_point() and (o := rules.options_for(n, opts) or opts).codec != "lossless"
+                     and not _lossless_for_shape(p, o)]
+            pinned = optimizer.register_step_post_hook(tile_keeper(lossy)) if lossy else None
+        stream = itertools.cycle(batches) if steps else iter(())
+        own_bar = progress is True
+        bar = progress if hasattr(progress, "update") else None  # the caller's bar: one update a step
         if own_bar:
-            bar.update(1)
-            bar.set_postfix(loss=f"{final.item():.4g}")
-    model.train(was_training)  # after the final pass, which runs in the loop's mode (its loss comparable)
-    if teacher_mode is not None:
-        teacher.train(teacher_mode)
-    if own_bar:
-        bar.close()
-    return model
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps + 1, desc="finetune", unit="step")
+        postfix = _quiet_postfix(bar)
+
+        residual: dict[str, torch.Tensor] = {}  # coded - float at the last coding (parameters); other tensors: coded
+        moved: dict[str, torch.Tensor] = {}  # each parameter's float weights plus residual between codings (reused)
+        tensors = model.state_dict(keep_vars=True)  # the model's own parameters and buffers
+        own = {id(t) for t in itertools.chain(model.parameters(), model.buffers())}
+        copied = next((n for n, t in tensors.items() if isinstance(t, torch.Tensor) and id(t) not in own), None)
+        if copied is not None:  # the values put into it would not reach the forward pass
+            raise TypeError(f"finetune: state_dict entry {copied!r} is not one of the model's parameters or buffers "
+                            "(a state_dict that returns copies): finetune trains the model's own tensors")
+        tied = {n for n, t in tensors.items() if n not in params and any(t is p for p in params.values())}
+        plans: dict[tuple, list[Planned]] = {}  # the coding plan of the rules in force (a budget moves them)
+        decoded: dict[int, np.ndarray] = {}  # the coded values of each tensor, overwritten at each coding
+        kept: dict[str, torch.Tensor] = {}  # each parameter's residual, overwritten at each coding
+
+        def loss_at(batch, code: bool = True, backward: bool = False) -> torch.Tensor:
+            """The loss of ``batch`` with the coded values in the model (the last coding's residual added to the
+            float weights between codings), and with ``backward`` its gradient, straight through to the float weights:
+            the model's tensors hold those values (``.data``) for the forward and backward passes, then their own
+            again. So the model runs as it is (no functional_call, no arithmetic on the values to route the gradient)
+            and the gradient of each weight, computed at the coded values, lands on it unchanged."""
+            inputs, rest = _split(batch)
+            if code:  # exactly the coded values forward (coded_weights, planned once per setting)
+                setting = tuple(rules.rules)
+                if setting not in plans:
+                    plans.clear()
+                    plans[setting] = _coding_plan(tensors, opts, rules, vector_bits)
+                values = _code_planned(tensors, plans[setting], vector_bits, decoded)
+                residual.update(values)
+                for name, p in params.items():  # into the same tensors at every coding
+                    if name not in kept:
+                        kept[name] = torch.empty_like(p, requires_grad=False)
+                    residual[name] = torch.sub(values[name], p.detach(), out=kept[name])
+            else:  # between codings: the float weights plus the last coding's residual
+                values = dict(residual)
+                for name, p in params.items():
+                    if name not in moved:
+                        moved[name] = torch.empty_like(p, requires_grad=False)
+                    values[name] = torch.add(p.detach(), residual[name], out=moved[name])
+            held = []
+            try:
+                for name, value in values.items():
+                    if name in tied:  # a parameter's second name: the first holds its values
+                        continue
+                    held.append((tensors[name], tensors[name].data))
+                    tensors[name].data = value
+                if teacher is None:
+                    loss = loss_fn(_run(model, inputs), *rest)
+                else:
+                    with torch.no_grad():
+                        target = _flat(_run(teacher, inputs))
+                    loss = _distillation(_run(model, inputs), target)
+                if backward:
+                    loss.backward()
+            finally:
+                for tensor, data in reversed(held):
+                    tensor.data = data
+            if backward and penalty is not None:  # on the float weights, back in place
+                extra = penalty(model)
+                if not (isinstance(extra, torch.Tensor) and extra.numel() == 1):
+                    raise TypeError(f"finetune: penalty(model) must return a scalar tensor, not "
+                                    f"{list(extra.shape) if isinstance(extra, torch.Tensor) else type(extra).__name__}")
+                if extra.requires_grad:
+                    extra.backward()
+                loss = loss.detach() + extra.detach().reshape(())
+            return loss
+
+        targets: list = []  # the teacher's outputs on the check batches (distillation), computed once
+
+        def check_loss() -> float:
+            """The mean check loss of the model as the file decodes it now, in eval mode."""
+            coded = coded_weights(model, opts, overrides=rules, vector_bits=vector_bits)
+            aliases = _sharing(model.state_dict())[0]  # functional_call refuses both names of a tie
+            untied = {n: t for n, t in coded.items() if n not in aliases}
+            mode = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    if teacher is not None and not targets:
+                        targets.extend(_flat(_run(teacher, _split(b)[0])) for b in check)
+                    losses = []
+                    for i, batch in enumerate(check):
+                        inputs, rest = _split(batch)
+                        out = _run(model, inputs, untied)
+                        losses.append(float(loss_fn(out, *rest) if teacher is None
+                                            else _distillation(out, targets[i])))
+            finally:
+                model.train(mode)
+            return sum(losses) / len(losses)
+
+        checking = check is not None and steps > 0
+        every = check_every or max(1, -(-steps // CHECKS))
+        if checking:
+            start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            before = best = check_loss()
+            best_step, best_params = 0, None  # None: the starting weights (``start``)
+        model.train(loss_fn is not None if train_mode is None else train_mode)
+        last = None
+        try:
+            for step in range(steps):
+                last = next(stream)
+                if callable(lr):
+                    for group in optimizer.param_groups:
+                        group["lr"] = float(lr(step))
+                optimizer.zero_grad()
+                if (budget is not None and 0 < step < tracked_until and step % refresh == 0
+                        and budget.due(step, refresh, tracked_until)):
+                    rules = budget.track(model, step)  # at a coding step (the quality moves where weights are coded)
+                if budget is not None:
+                    budget.step_began()
+                loss = loss_at(last, code=step % refresh == 0, backward=True)
+                optimizer.step()
+                if checking and (step + 1 == steps or (step + 1) % every == 0):
+                    now = check_loss()
+                    if now < best:
+                        best, best_step = now, step + 1
+                        best_params = None if step + 1 == steps else {n: p.detach().clone() for n, p in params.items()}
+                if budget is not None:
+                    budget.step_ended()
+                if bar is not None:
+                    if hasattr(bar, "set_postfix"):  # before update, whose redraw (when due) shows it
+                        bar.set_postfix(loss=f"{loss.item():.4g}", **postfix)
+                    bar.update(1)
+        finally:
+            if pinned is not None:  # the caller's optimizer carries on without it
+                pinned.remove()
+        if checking and best_step < steps:  # end on the best weights seen
+            with torch.no_grad():
+                if best_step == 0:
+                    model.load_state_dict(start)
+                else:
+                    for name, p in params.items():
+                        p.copy_(best_params[name])
+            if best_step == 0:
+                kind = "loss" if teacher is None else "distillation loss (output MSE)"
+                warnings.warn(f"finetune: not kept, the starting weights restored: {kind} of the coded model on "
+                              f"{where} {now:.4g} after {steps} steps, {before:.4g} before",
+                              NotKeptWarning, stacklevel=2)
+        if bar is not None and checking and hasattr(bar, "set_postfix"):
+            bar.set_postfix(check=f"{before:.4g} -> {best:.4g} (step {best_step})")
+        if vector_bits:  # the model holds what the file will: its vectors rounded
+            round_vectors(model, vector_bits, opts, overrides=rules)
+        if budget is not None:  # the file at the held quality (a step down only if it is over the budget)
+            rules = budget.finish(model, steps)
+        if last is None:
+            last = next(iter(batches), None)
+        if last is not None:
+            with torch.no_grad():
+                final = loss_at(last)
+            if own_bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{final.item():.4g}")
+        return model
+    finally:  # after the final pass, which runs in the loop's mode (its loss comparable); also when anything raises
+        model.train(was_training)
+        if teacher_mode is not None:
+            teacher.train(teacher_mode)
+        if own_bar and bar is not None:
+            bar.close()
