@@ -40,7 +40,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .experts import _Moments
 
 __all__ = ["recurrent_modules", "RecurrentCollector", "RecurrentTarget", "recurrent_targets", 
-           "recurrent_matrices", "recurrent_unmeasured"]
+           "recurrent_matrices", "recurrent_matrix", "recurrent_unmeasured"]
 
 _KINDS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN_TANH": nn.RNN, "RNN_RELU": nn.RNN}
 
@@ -68,6 +68,16 @@ def recurrent_matrices(module: nn.Module | None) -> list[str]:
         return []
     return [f"weight_{kind}_l{k}{sfx}" for k in range(module.num_layers) for sfx in _suffixes(module)
             for kind in ("ih", "hh")]
+
+
+def recurrent_matrix(model: nn.Module, name: str) -> bool:
+    """Whether the weight ``name`` of ``model`` is a matrix of a recurrent module calibration measures."""
+    owner, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return False
+    return attr in recurrent_matrices(module)
 
 
 def recurrent_unmeasured(module: nn.Module | None) -> list[str]:
