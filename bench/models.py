@@ -168,9 +168,11 @@ def train(
     seed: int,
     batch_size: int = 128,
     lr: float = 1e-3,
+    threads: int = NUM_THREADS,
 ) -> nn.Module:
-    """Train ``model`` in place with Adam and cross-entropy (deterministic given ``seed``); return it."""
-    torch.set_num_threads(NUM_THREADS)
+    """Train ``model`` in place with Adam and cross-entropy (deterministic given ``seed``) on ``threads`` threads;
+    return it."""
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     inputs = preprocess(images)

@@ -135,6 +135,7 @@ def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], 
     weights it codes without GPTQ or refit (repair's are for nn.Linear and nn.Conv2d). ``renames``: the model's
     name of a stored tensor where it differs (:func:`codec.encode.save`'s ``model_names``); notes use the model's."""
     from .rd.calibrate import uncalibrated
+    from .rd.recurrent import recurrent_matrix
 
     renames = renames or {}
     names = [renames.get(n, n) for n in arrays if n not in aliases and len(arrays.shape(n)) >= 2
@@ -145,11 +146,19 @@ def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], 
         notes.append(Note(note))
     conv1d = [n for n in names if n in calib.layers and calib.layers[n].kind == "conv1d"]
     if repairing and conv1d:
-        shown = ", ".join(map(repr, conv1d[:4])) + (f" and {len(conv1d) - 4} more" if len(conv1d) > 4 else "")
         notes.append(Note(f"repair: {len(conv1d)} transformers Conv1D weight{'s' if len(conv1d) != 1 else ''} "
-                          f"({shown}) coded with the calibrated weighting, without GPTQ or refit (repair's are for "
-                          "nn.Linear and nn.Conv2d)"))
+                          f"({_listed(conv1d)}) coded with the calibrated weighting, without GPTQ or refit (repair's "
+                          "are for nn.Linear and nn.Conv2d)"))
+    recurrent = [n for n in names if n in calib.layers and recurrent_matrix(model, n)]
+    if repairing and recurrent:
+        notes.append(Note(f"repair: {len(recurrent)} recurrent matri{'ces' if len(recurrent) != 1 else 'x'} "
+                          f"({_listed(recurrent)}) coded with the calibrated weighting, without GPTQ or refit (repair's "
+                          "are for nn.Linear and nn.Conv2d)"))
     return notes
+
+
+def _listed(names: list[str], most: int = 4) -> str:
+    return ", ".join(map(repr, names[:most])) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def repairs(calibration, repair) -> bool:

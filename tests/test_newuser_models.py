@@ -197,7 +197,7 @@ def test_the_note_names_a_parameter_of_the_model_itself_as_no_layer(tmp_path):
     notes = codec.save(Net(), tmp_path / "n.jwt", bits_per_weight=48, calibration=torch.randn(32, 6, 8), repair=False)
     note = next(str(n) for n in notes if str(n).startswith("calibration:"))
     assert "'pos' (a parameter of Net itself, used outside any layer calibration measures)" in note, note
-    assert "(GRU: a layer kind calibration does not measure)" in note and "Net: a layer kind" not in note
+    assert "Net: a layer kind" not in note and "gru" not in note  # (the GRU is measured)
 
 
 def test_the_note_names_multihead_attentions_out_proj_as_part_of_an_unmeasured_kind(tmp_path):

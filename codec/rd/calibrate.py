@@ -27,6 +27,10 @@ instead of in the weights:
   :mod:`codec.rd.experts`), each expert's matrices' own moments over the
   tokens routed to it (``"P[e]"``), the router's weight as a linear layer,
   and a rank-one per-expert weighting of each whole 3D parameter;
+- for every ``nn.RNN``, ``nn.GRU`` and ``nn.LSTM``, each layer's and direction's ``weight_ih`` and ``weight_hh``
+  as a linear layer over the inputs it multiplies at every step (the layer's input sequence; the hidden state the
+  step reads, ``h0`` included), got by running single-layer modules that share the module's parameters
+  (:mod:`codec.rd.recurrent`); an LSTM's projection ``weight_hr`` is not measured;
 - per layer, the sensitivity of the model's final output: Gaussian noise
   is added to the layer's weight, and the relative change of the final
   output is divided by the relative error this caused in the layer's
@@ -60,6 +64,8 @@ from .allocate import Weighting
 from .experts import (ExpertsCollector, FlatCollector, Target, expert_key, experts_info, moe_modules, parse_slice,
                       rank_one, targets)
 from .output_sample import OutputSample
+from .recurrent import (RecurrentCollector, recurrent_matrices, recurrent_modules, recurrent_targets,
+                        recurrent_unmeasured)
 
 __all__ = ["calibrate", "Calibration", "LayerStats", "as_batches", "layer_kind", "uncalibrated", "FULL_H_MAX",
            "FULL_H_BYTES", "NOISE", "SENSITIVITY_SAMPLES", "BATCH_SIZE", "UNREACHED"]
@@ -436,9 +442,10 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     dtype = param.dtype if param is not None else torch.float32
     layers = _layers(model)
     experts, routers = moe_modules(model)
-    if not layers and not experts and not routers:
-        raise ValueError("calibration: the model has no Linear, Conv2d, Conv1D or Embedding layer with a weight to "
-                         "calibrate")
+    recurrent = recurrent_modules(model)
+    if not layers and not experts and not routers and not recurrent:
+        raise ValueError("calibration: the model has no Linear, Conv2d, Conv1D, Embedding, RNN, GRU or LSTM layer "
+                         "with a weight to calibrate")
     full_bytes = 0
 
     def full_h(cols: int, count: int = 1) -> bool:
@@ -456,7 +463,9 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     for name, (module, info) in experts.items():  # full H over each expert matrix's in-features where it fits
         full = {p: full_h(getattr(module, p).shape[1 if info.transposed else 2], info.count) for p in info.params()}
         moe_collectors[name] = ExpertsCollector(name, module, info, full)
-    moe_targets = targets(experts, routers)  # router weights and expert matrices: noise put in the parameter
+    rnn_collectors = {name: RecurrentCollector(name, module, full_h) for name, module in recurrent.items()}
+    # router weights, expert matrices and recurrent matrices: noise put in the parameter
+    moe_targets = {**targets(experts, routers), **recurrent_targets(rnn_collectors)}
     noise_num = dict.fromkeys([*layers, *moe_targets], 0.0)
     noise_den = dict.fromkeys([*layers, *moe_targets], 0.0)
     was_training = model.training
@@ -464,7 +473,8 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     handles = [c.module.register_forward_hook(c) for c in collectors.values()]
     handles += [c.module.register_forward_hook(c, with_kwargs=isinstance(c, ExpertsCollector))
                 for c in moe_collectors.values()]
-    collectors_all = [*collectors.values(), *moe_collectors.values()]
+    handles += [c.module.register_forward_hook(c, with_kwargs=True) for c in rnn_collectors.values()]
+    collectors_all = [*collectors.values(), *moe_collectors.values(), *rnn_collectors.values()]
     samples = count = sensitivity_seen = 0
     sample = OutputSample(seed)
     try:
@@ -535,6 +545,9 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
             whole = _whole_experts(c, param, out)
             if whole is not None:
                 out[c.param_name(param)] = whole
+    for c in rnn_collectors.values():
+        for key, stats in c.stats().items():
+            sensitive(key, stats)
     _tie_heads(layers, out)
     return Calibration(out, samples, count, seed, notes)
 
@@ -673,8 +686,8 @@ def _tie_heads(layers: dict[str, nn.Module], out: dict[str, LayerStats]) -> None
 def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> str | None:
     """A one-line note naming the tensors of ``names`` (the weights a calibrated encode codes: floating, 2-D or
     more) that ``calib`` has no statistics for, so that they are coded by the data-free weighting: layers of a kind
-    calibration does not measure (``nn.GRU``, ``nn.LSTM``, ``nn.ConvTranspose2d``, ``nn.Conv1d``, ...: by their
-    module's class) or not reached by the calibration inputs. None if there are none."""
+    calibration does not measure (``nn.ConvTranspose2d``, ``nn.Conv1d``, an LSTM's projection ``weight_hr``, ...:
+    by their module's class) or not reached by the calibration inputs. None if there are none."""
     modules = dict(model.named_modules(remove_duplicate=False))
     kinds: dict[str, list[str]] = {}
     unreached: list[str] = []
@@ -690,8 +703,12 @@ def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> 
         parent = modules.get(name.rpartition(".")[0].rpartition(".")[0])
         if isinstance(parent, nn.MultiheadAttention):  # its out_proj, a Linear it calls as a function: never run
             kinds.setdefault(type(parent).__name__, []).append(name)
-        elif owner is not None and (layer_kind(owner) is not None or experts_info(owner) is not None):
+        elif owner is not None and (layer_kind(owner) is not None or experts_info(owner) is not None
+                                    or name.rpartition(".")[2] in recurrent_matrices(owner)):
             unreached.append(name)  # (an experts module's whole parameter: an expert of it unreached)
+        elif name.rpartition(".")[2] in recurrent_unmeasured(owner):
+            kinds.setdefault(f"{type(owner).__name__} projection: its input, the cell's output, is not returned by "
+                             "the module", []).append(name)
         elif owner is model:  # a parameter of the model itself (a position table added to the inputs): no layer
             kinds.setdefault(f"a parameter of {type(model).__name__} itself, used outside any layer calibration "
                              "measures", []).append(name)
@@ -704,7 +721,8 @@ def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> 
         shown = ", ".join(map(repr, items[:most]))
         return shown + (f" and {len(items) - most} more" if len(items) > most else "")
 
-    parts = [f"{listed(items)} ({kind}{'' if 'itself' in kind else ': a layer kind calibration does not measure'})"
+    unmeasured = ": a layer kind calibration does not measure"
+    parts = [f"{listed(items)} ({kind}{'' if 'itself' in kind or ':' in kind else unmeasured})"  # (':': said why)
              for kind, items in kinds.items()]
     if unreached:
         parts.append(f"{listed(unreached)} (not reached by the calibration inputs)")
