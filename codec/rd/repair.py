@@ -770,6 +770,19 @@ def constant_growth(model: nn.Module, stored: Iterable[str], settings: RepairSet
     return total
 
 
+def fitted_share(model: nn.Module) -> float:
+    """The fraction of ``model``'s state (parameters and buffers, in elements) in the weights repair fits to the
+    layers after them, a Linear or Conv2d's (refit, GPTQ, JPEG compensation): the share of a calibrated budget
+    its step-ups are worth (:data:`codec.encode.REPAIR_SHARE`). A GRU's matrices are coded by plain rounding: a
+    calibrated GRU at ``-b 3`` had output error 0.027 with the whole budget planned, 0.083 with 6 % left to
+    repair's step-ups."""
+    state = model.state_dict(keep_vars=True)
+    total = sum(t.numel() for t in state.values())
+    fitted = sum(m.weight.numel() for m in model.modules()
+                 if isinstance(m, (nn.Linear, nn.Conv2d)) and isinstance(m.weight, torch.Tensor))
+    return min(1.0, fitted / total) if total else 0.0
+
+
 def moved_growth(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptions], stored: Iterable[str],
                  settings: RepairSettings | None = None) -> int:
     """:func:`constant_growth` of the vectors that repair with ``settings`` will move under the plan ``options``
