@@ -451,7 +451,7 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     originals = dict(model.named_modules())
     _set_trainable(slots)
     step, mismatched, changed, credit, judged, wide = 0, 0, {}, 0, [], []
-    receiver, later = _receiver(queue, options, spare, executor)
+    receiver, later = _receiver(queue, options, spare, executor, settings.gptq)
     reserve = 0
     # a tensor before the last jpeg / jpegxl one can leave an overrun for it to pay by stepping down (_fit_size)
     last_image = max((i for i, s in enumerate(queue) if options[s.name].codec in ("jpeg", "jpegxl")), default=-1)
@@ -1074,16 +1074,19 @@ def _code(name: str, array: np.ndarray, dtype: DType, opts: EncodeOptions, execu
     return decoded, sum(len(b) for b in encoded.blobs), encoded
 
 
-def _receiver(queue: list[_Slot], options: Mapping[str, EncodeOptions], spare: int, executor
+def _receiver(queue: list[_Slot], options: Mapping[str, EncodeOptions], spare: int, executor, gptq: bool = True
               ) -> tuple[_Slot | None, dict[str, int]]:
     """``(slot, planned)``: the lossy tensor that gets ``spare`` (the one with most elements, the first of equals),
-    and the planned bytes of the ``quant`` tensors coded after it, by name (what they may grow by is kept back from
-    it and from the step-ups before them, :func:`_held`)."""
+    and the planned bytes of the ``quant`` tensors coded after it that GPTQ codes (``gptq``: a Linear or Conv2d's
+    weight), by name: what they may grow by is kept back from it and from the step-ups before them (:func:`_held`).
+    Another ``quant`` tensor (a GRU's, an embedding's) is coded by plain rounding and cannot grow: nothing is held
+    for it (a calibrated GRU of quant tensors only: nothing held, where 10 % of the GRU's bytes were)."""
     if spare <= 0 or not queue:
         return None, {}
     receiver = max(queue, key=lambda s: s.original.size)  # the first of the largest
     return receiver, {s.name: _code(s.name, s.original, s.dtype, options[s.name], executor)[1]
-                      for s in queue[queue.index(receiver) + 1:] if options[s.name].codec == "quant"}
+                      for s in queue[queue.index(receiver) + 1:]
+                      if options[s.name].codec == "quant" and gptq and _is_layer_weight(s)}
 
 
 def _held(later: Mapping[str, int]) -> int:
