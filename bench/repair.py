@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import time
 from dataclasses import replace
 
@@ -24,11 +25,12 @@ import numpy as np
 import torch
 
 import codec
+import codec.encode
 from codec.api import _plan, encoder_versions, to_numpy
 from codec.dtypes import get_dtype
 from codec.encode import spare_bytes
 from codec.rd.calibrate import SENSITIVITY_SAMPLES, calibrate
-from codec.rd.repair import RepairSettings, code_with_repair
+from codec.rd.repair import RepairSettings, code_with_repair, fitted_share
 from codec.tensorcodec import EncodeOptions, Overrides, encode_tensor
 from codec.writer import Writer
 
@@ -37,12 +39,13 @@ from .prepare import get_model
 
 
 def plan(state_dict: dict, bits: float, calibration=None, index: dict | None = None,
-         rules: list[tuple[str, str]] | None = None) -> dict[str, EncodeOptions]:
+         rules: list[tuple[str, str]] | None = None, reserve: int = 0) -> dict[str, EncodeOptions]:
     """The options ``codec.save(state_dict, ..., bits_per_weight=bits)`` would choose; with a
     :class:`codec.rd.calibrate.Calibration`, those of ``codec.save(model, ..., calibration=inputs)`` (the output-space
     weighting, exhaustive search). ``index`` (a dict) gets ``compress=True`` where the budget counted on a
     compressed index, as codec.save's: :func:`write` must then compress it. ``rules`` (``(glob, setting)`` pairs, as
-    ``jwt encode --set``'s) fix the matched tensors' settings, the search planning the others around them."""
+    ``jwt encode --set``'s) fix the matched tensors' settings, the search planning the others around them.
+    ``reserve``: bytes of the budget kept out of the plan (repair's share, :data:`codec.encode.REPAIR_SHARE`)."""
     measure_by = None
     if calibration is not None:
         from codec.rd.allocate import Distortion, merge_weightings, norm_weightings
@@ -52,7 +55,7 @@ def plan(state_dict: dict, bits: float, calibration=None, index: dict | None = N
                                       calibration.weightings(), values)
         measure_by = Distortion(weightings)
     return _plan(state_dict, {}, EncodeOptions(), Overrides(rules), {}, encoder_versions(), bits, None, None, None,
-                 {}, None, measure_by=measure_by, index=index)
+                 {}, None, measure_by=measure_by, index=index, reserve=reserve)
 
 
 def write(state_dict: dict, options: dict[str, EncodeOptions], targets: dict[str, np.ndarray],
@@ -151,7 +154,10 @@ def main() -> None:
     for bits in args.bits or [0.5]:
         start = time.process_time()
         index: dict = {}
-        options = plan(state_dict, bits, calibration, index, rules)
+        # a calibrated save leaves repair its share of the budget, as codec.save does
+        share = math.ceil(codec.encode.REPAIR_SHARE * fitted_share(model) * bits * n_weights / 8) \
+            if calibration is not None and args.spend else 0
+        options = plan(state_dict, bits, calibration, index, rules, share)
         planned = len(write(state_dict, options, {}, index.get("compress")))
         spare = spare_bytes(int(bits * n_weights / 8), planned) if args.spend else 0
         print(f"{bits:6.2f} plan ({'calibrated' if calibration else 'data-free'}): "

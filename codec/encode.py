@@ -423,8 +423,12 @@ def save(
             if calib is not calibration:  # made here: the search holds its H matrices packed, the whole ones go
                 weightings, calib = packed_weightings(weightings), None  # (MiniLM: 74 MB -> 37)
             release_memory()
-        if inputs is not None:  # repair spends what the plan leaves: the plan counts the index leanly (_overhead),
-            index["lean"] = True  # as written where the budget is too small for that (plan)
+        weights = sum(math.prod(arrays.shape(n)) for n in arrays if n not in aliases)
+        share = [0]  # repair's share of a small model's budget (REPAIR_SHARE), kept out of its plan
+        if inputs is not None and bits_per_weight is not None and weights <= REPLAN_WEIGHTS:
+            from .rd.repair import fitted_share
+
+            share[0] = math.ceil(REPAIR_SHARE * fitted_share(model) * bits_per_weight * weights / 8)
         damaged: list[str] = []
         coded: dict = {}  # tensors the search (or repair) coded with their chosen options: written as they are
         # The attachments' sizes are needed once the search has predicted every tensor (its budget's fixed part):
@@ -442,12 +446,13 @@ def save(
                 try:
                     chosen = _plan(arrays, aliases, opts, rules, meta, encoder, bits_per_weight, max_error,
                                    calibrate, progress, packing, jobs, matcher, measure_by=measure_by, notes=damaged,
-                                   search=search, coded=coded, index=index, executor=cluster, reserve=reserve)
+                                   search=search, coded=coded, index=index, executor=cluster,
+                                   reserve=reserve + share[0])
                     break
-                except EncodeError:  # below what the lean count allows: count the index as written, as the refusal
-                    if not index.pop("lean", False):  # (_refuse_early) did, so that its smallest budget is met
+                except EncodeError:  # too small a budget to leave repair its share: none, so that the refusal's
+                    if not share[0]:  # smallest budget (_refuse_early) still gets a file
                         raise
-                    index.pop("saving", None)
+                    share[0] = 0
                     damaged.clear()
                     coded.clear()
             warn(damaged)
@@ -464,16 +469,14 @@ def save(
                                  done=dict(coded))
 
         chosen = plan(growth, damaged, coded, progress)
-        weights = sum(math.prod(arrays.shape(n)) for n in arrays if n not in aliases)
         first_reserve = growth  # what the first plan kept out
         if growth and inputs is not None:  # only the constant vectors repair will move under this plan
             growth = min(growth, moved(chosen))
-        budget = 0 if bits_per_weight is None else int(bits_per_weight * weights / 8) - growth
+        budget = 0 if bits_per_weight is None else int(bits_per_weight * weights / 8) - growth - share[0]
         entries = REPLAN_ENTRY_BYTES * sum(n not in aliases for n in arrays)  # the index's share, guessed
         planned = None  # the size of the chosen plan's file, where measured
         if budget and matcher is None and weights <= REPLAN_WEIGHTS \
-                and ((inputs is None and entries > REPLAN_UNDER * budget)
-                     or first_reserve - growth > REPLAN_UNDER * budget):
+                and (entries > REPLAN_UNDER * budget or first_reserve - growth > REPLAN_UNDER * budget):
             first = planned = size(chosen, coded)
             rate, kept = 1.0, 0
             for _ in range(REPLANS):  # the index compressed by more (or less) than the plan counted on
@@ -640,12 +643,10 @@ def _planned_size(arrays: Arrays, aliases: dict[str, str], options_for: Callable
 #: a 140,000-weight ViT of 72 tensors at -b 3 came out at 2.654 bits/weight, 6 KB under, leaving 8 tensors
 #: damaged.) Up to :data:`REPLANS` more plans get what the first left, each given what a line through the sizes so
 #: far predicts will fit, less 3 % (or, over, have the excess kept out); each costs one more search and coding of
-#: the model, small at this size. The largest file within the budget is kept. A save with repair counts the index by
-#: the lean estimate (:func:`_index_saving` without a floor; by the written index only where the budget is too small
-#: for that) and is planned again only when the growth it keeps for repair shrinks by more than :data:`REPLAN_UNDER`
-#: (:func:`codec.rd.repair.moved_growth`): repair's step-ups spend what the plan leaves (:func:`spare_bytes`), which
-#: measured better than giving it to the plan (a trained ViT at -b 3.5: 99.76 % agreement with float against 99.01 %;
-#: bench/JOURNAL.md, twenty-second pass).
+#: the model, small at this size. The largest file within the budget is kept. A save with repair counts the index
+#: as written too, and aims its plan at the budget less :data:`REPAIR_SHARE` of it and the growth it keeps for repair
+#: (also planned again when that growth shrinks by more than :data:`REPLAN_UNDER` of the budget,
+#: :func:`codec.rd.repair.moved_growth`).
 REPLAN_WEIGHTS = 1 << 22
 REPLAN_UNDER = 0.01
 REPLAN_ENTRY_BYTES = 256
@@ -653,6 +654,12 @@ REPLANS = 3
 #: A plan whose file comes out over its budget is planned again with the excess and this fraction of the budget kept
 #: out (its entries compressed by less than :data:`INDEX_MARGIN` allowed for).
 REPLAN_OVER = 0.001
+
+#: Of the budget of a calibrated + repaired save of at most :data:`REPLAN_WEIGHTS` weights, the fraction its plan
+#: leaves to repair, whose step-ups spend it in forward order (:func:`spare_bytes`) where a layer's error costs the
+#: most, downstream of it (bench/JOURNAL.md, twenty-third pass). A budget too small to leave it gets no share (the
+#: refusal's smallest budget still writes a file). A larger model (all-MiniLM-L6-v2) gets none: not measured there.
+REPAIR_SHARE = 0.06
 
 #: Of a repaired file's budget, the fraction repair is not given to spend (:func:`spare_bytes`): the lossless tensors'
 #: repaired values, the index's blob lengths and its compression can take a few bytes more than planned.
@@ -921,7 +928,7 @@ def _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weig
     """Header, index skeleton and attachment blobs, in bytes (waits for the attachments' compression), less what
     compressing the index will save where that is worth it (``index``, a dict, then gets ``compress=True``, and
     ``saving``: measured once, on the index of the smallest encoding under ``options`` and ``rules``,
-    :func:`_index_saving`; by its lean estimate where ``index`` holds ``lean``, a repaired save's plan)."""
+    :func:`_index_saving`)."""
     attached, attached_bytes = [], 0
     for name, item in attachments.items():
         packed, blob = item.result() if isinstance(item, Future) else item
@@ -937,7 +944,7 @@ def _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weig
     if "saving" not in index:  # (the same for every plan of a save: the floor is coded once)
         from .rd.allocate import floor_encodings
 
-        floor = None if base_id is not None or index.get("lean") else lambda: floor_encodings(  # noqa: E731
+        floor = None if base_id is not None else lambda: floor_encodings(  # noqa: E731
             _tensor_source(arrays, stored), options, lambda name: rules.options_for(name, options))
         index["saving"] = _index_saving(skeleton, [(n, get_dtype(arrays.dtype_name(n)), tuple(arrays.shape(n)))
                                                    for n in stored], INDEX_ZSTD_SAVING * budget, floor)

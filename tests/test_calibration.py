@@ -485,7 +485,8 @@ def test_a_budget_below_the_smallest_is_refused_before_the_model_runs(tmp_path):
 
 def _fake_repair(calls):
     """A stand-in for codec.rd.repair that follows the contract: code_with_repair returns new values for the
-    tensors it changed (a bias shifted by 1, a weight negated) and notes; constant_growth prices nothing."""
+    tensors it changed (a bias shifted by 1, a weight negated) and notes; constant_growth prices nothing;
+    fitted_share says the whole model is fitted."""
     import types
 
     def code_with_repair(model, inputs, options, calibration, *, progress=None, jobs=None, settings=None,
@@ -503,7 +504,12 @@ def _fake_repair(calls):
         assert set(stored) == set(model.state_dict())
         return 0
 
-    return types.SimpleNamespace(code_with_repair=code_with_repair, constant_growth=constant_growth)
+    def fitted_share(model):  # the fraction of the model repair fits: the plan leaves repair its share of that
+        assert isinstance(model, torch.nn.Module)
+        return 1.0
+
+    return types.SimpleNamespace(code_with_repair=code_with_repair, constant_growth=constant_growth,
+                                 fitted_share=fitted_share)
 
 
 def test_repair_contract(monkeypatch, tmp_path):
