@@ -11,9 +11,11 @@ wall and CPU seconds, bits/weight, and the mean cosine on the everyday and rare-
 
 ``--base`` codes a base-size sentence model instead (issue 9: all-mpnet-base-v2's and BERT-base's size): a
 ``BertConfig()`` BERT (12 layers, hidden 768, FFN 3,072, 109.5 M weights; ``--layers`` fewer for a quick proxy),
-random weights from seed 0, saved as a sentence-transformers folder with all-MiniLM-L6-v2's tokenizer (:func:`base_folder`,
-in ``--dir`` or a temporary folder) and loaded from it as a user's folder is; the same calibration batches; no
-cosine (random weights). CPU is printed as user and system seconds, with the process's minor page faults.
+random weights from seed 0, saved as a sentence-transformers folder with all-MiniLM-L6-v2's tokenizer
+(:func:`base_folder`, in ``--dir`` or a temporary folder) and loaded from it as a user's folder is; the same
+calibration batches; no cosine (random weights). CPU is also printed as user and system seconds, with the
+save's minor and major page faults (either model).
+
 ``--detail`` also splits repair by tensor (collecting a layer's statistics, coding it) and prints the stages
 with the highest peaks; the md5 of the file is printed to check that a change left the bytes as they were.
 """
