@@ -7,6 +7,14 @@ bench/README.md's "peak MB"), overall and per stage (a stage's peak includes wha
 wall and CPU seconds, bits/weight, and the mean cosine on the everyday and rare-word sentence sets.
 
     python -m bench.calibrated_memory [--bits 3.5] [--threads 2] [--jobs N] [--no-quality] [--detail]
+    python -m bench.calibrated_memory --base [--layers 12] [--dir /tmp/base] --threads 1 --jobs 1
+
+``--base`` codes a base-size sentence model instead (issue 9: all-mpnet-base-v2's and BERT-base's size): a
+``BertConfig()`` BERT (12 layers, hidden 768, FFN 3,072, 109.5 M weights; ``--layers`` fewer for a quick proxy),
+random weights from seed 0, saved as a sentence-transformers folder with all-MiniLM-L6-v2's tokenizer
+(:func:`base_folder`, in ``--dir`` or a temporary folder) and loaded from it as a user's folder is; the same
+calibration batches; no cosine (random weights). CPU is also printed as user and system seconds, with the
+save's minor and major page faults (either model).
 
 ``--detail`` also splits repair by tensor (collecting a layer's statistics, coding it) and prints the stages
 with the highest peaks; the md5 of the file is printed to check that a change left the bytes as they were.
@@ -51,6 +59,41 @@ def memory_mb() -> tuple[float, float, float]:
     return found["VmRSS:"], found["RssAnon:"], found["VmHWM:"]
 
 
+def base_folder(folder: Path, layers: int = 12, seed: int = 0) -> Path:
+    """A random base-size BERT (``BertConfig()`` with ``layers`` layers, seed ``seed``) saved in ``folder`` as a
+    sentence-transformers folder: all-MiniLM-L6-v2's tokenizer and modules, mean pooling over 768 dimensions."""
+    import json
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    from bench.minilm import model_dir
+
+    folder, src = Path(folder), Path(model_dir())
+    torch.manual_seed(seed)
+    BertModel(BertConfig(num_hidden_layers=layers)).eval().save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "modules.json",
+                 "sentence_bert_config.json", "config_sentence_transformers.json"):
+        shutil.copy(src / name, folder / name)
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    pooling = json.loads((src / "1_Pooling" / "config.json").read_text())
+    pooling["word_embedding_dimension"] = BertConfig().hidden_size
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+    return folder
+
+
+def _base(layers: int, folder: str | None):
+    """``(state_dict, model, calibration batches, None)`` for :func:`base_folder`'s model, loaded from its folder."""
+    from transformers import AutoModel
+
+    from bench import sentences
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = base_folder(Path(folder or tmp) / f"bert-base-{layers}", layers)
+        model = AutoModel.from_pretrained(str(path)).eval()
+    return model.state_dict(), model, sentences.calibration_batches(), None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=float, default=3.5)
@@ -60,6 +103,9 @@ def main() -> None:
     parser.add_argument("--detail", action="store_true", help="split repair by tensor; print the highest stages")
     parser.add_argument("--timeline", action="store_true",
                         help="with --detail: every stage in the order it ran, its first sample and its peak")
+    parser.add_argument("--base", action="store_true", help="a random base-size BERT instead of MiniLM (no cosine)")
+    parser.add_argument("--layers", type=int, default=12, help="with --base: its layers (12: base size)")
+    parser.add_argument("--dir", default=None, help="with --base: where its folder is made (default: a temporary one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from bench.repair import _minilm
@@ -94,7 +140,7 @@ def main() -> None:
         repair._code_within = slot_marked(repair._code_within, "code")
         collect = repair._LayerFit.collect.__func__
         repair._LayerFit.collect = classmethod(slot_marked(collect, "collect"))
-    state_dict, model, batches, score = _minilm()
+    state_dict, model, batches, score = _base(args.layers, args.dir) if args.base else _minilm()
     weights = sum(v.numel() for v in state_dict.values() if v.is_floating_point())
     samples: list[tuple[float, float, str]] = []
     done = threading.Event()
@@ -119,7 +165,7 @@ def main() -> None:
         hwm = memory_mb()[2]
         size = os.path.getsize(path)
         md5 = hashlib.md5(path.read_bytes()).hexdigest()
-        quality = "" if args.no_quality else score(codec.load(path))
+        quality = "" if args.no_quality or score is None else score(codec.load(path))
     cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
     peaks: dict[str, float] = {}
     anon_peaks: dict[str, float] = {}
@@ -127,8 +173,11 @@ def main() -> None:
         peaks[label] = max(peaks.get(label, 0.0), mb - base)
         anon_peaks[label] = max(anon_peaks.get(label, 0.0), anon - anon_base)
     print(f"resident before {base:.0f} MB; peak above it {max(peaks.values()):.0f} MB "
-          f"(target 182 MB: 2x the fp32 model); wall {wall:.1f} s; CPU {cpu:.1f} s; "
+          f"(target {8 * weights / 1e6:.0f} MB: 2x the fp32 model); wall {wall:.1f} s; CPU {cpu:.1f} s; "
           f"load average {os.getloadavg()[0]:.1f}")
+    print(f"CPU user {r1.ru_utime - r0.ru_utime:.1f} s, system {r1.ru_stime - r0.ru_stime:.1f} s; page faults "
+          f"{r1.ru_minflt - r0.ru_minflt:,} minor, {r1.ru_majflt - r0.ru_majflt:,} major; {weights:,} weights "
+          f"({4 * weights / 1e6:.0f} MB as float32)")
     # the anonymous part cannot be reclaimed without swap, so it moves less with load and idle time; VmHWM is the
     # kernel's own peak of VmRSS (no 50 ms sampling), above the same resident figure when it rose during the encode
     print(f"anonymous before {anon_base:.0f} MB; peak above it {max(anon_peaks.values()):.0f} MB; "

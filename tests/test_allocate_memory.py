@@ -740,3 +740,27 @@ def test_a_calibrated_save_lets_go_of_the_h_matrices_when_each_stage_is_done(mon
     stages = [stage for stage, _ in checked]  # (a small model may be planned again before repair: REPLANS)
     assert whole and stages[-1] == "repair" and set(stages[:-1]) == {"search"}, checked
     assert all(all(dead) for _, dead in checked), checked
+
+
+@pytest.mark.parametrize("weighting", ["h", "rows"])
+def test_a_weighted_tensors_reference_energy_is_summed_once_with_the_same_figures(weighting, monkeypatch):
+    """Distortion.measure sums a weighted tensor's reference energies (plain and weighted) on its first measure and
+    keeps them: a later candidate's figures equal those a fresh measure (summing them again) gives, bit for bit, and
+    the reference's squares are not made again."""
+    rows, cols = 700, 96  # several bands of MEASURE_BAND
+    monkeypatch.setattr(allocate, "MEASURE_BAND", 64 * cols)
+    reference = _matrix(rows, cols, seed=3)
+    rng = np.random.default_rng(4)
+    spec = Weighting(h=_symmetric(cols), scale=0.3) if weighting == "h" else \
+        Weighting(rows=rng.uniform(0.1, 2.0, rows), scale=0.3)
+    kept = Distortion({"w": spec})
+    candidates = [(reference + rng.standard_normal(reference.shape).astype(np.float32) * s).astype(np.float32)
+                  for s in (0.01, 0.1, 0.3)]
+    for decoded in candidates:
+        fresh = Distortion({"w": spec}).measure("w", reference, decoded, F32)
+        assert kept.measure("w", reference, decoded, F32) == fresh
+    squares = []
+    real_sum = np.sum
+    monkeypatch.setattr(allocate.np, "sum", lambda a, *k, **kw: squares.append(a.shape) or real_sum(a, *k, **kw))
+    kept.measure("w", reference, candidates[0], F32)
+    assert len(squares) == -(-rows // 64)  # one sum a band: the difference's, not the reference's too

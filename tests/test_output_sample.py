@@ -185,7 +185,10 @@ def test_a_calibrated_save_of_a_wide_head_runs_it_narrowed_and_codes_as_well(mon
         results[limit] = (widths.count(vocab), widths.count(64), float(((out - ref) ** 2).mean() / (ref ** 2).mean()))
     (full_whole, _, err_whole), (full_sampled, narrowed, err_sampled) = results[10 ** 9], results[64]
     # whole still: calibration's clean runs and the head's own perturbed ones, repair's references, its forward
-    # order, its final output error and its check that a coded embedding's looked-up rows give the same outputs
-    assert narrowed > full_whole / 3 and full_sampled < 0.6 * full_whole
+    # order, its final output error and its check that a coded embedding's looked-up rows give the same outputs.
+    # (Repair's collect passes end at their layer, codec.rd.repair._Inputs: the head no longer runs in the passes
+    # of the layers before it, sampled or not: 87 whole runs without the sample, 57 whole and 41 narrowed with it;
+    # 103 / 57 / 57 when every pass ran whole.)
+    assert narrowed > full_whole / 3 and full_sampled < 0.7 * full_whole
     assert err_sampled < 1.1 * err_whole
     assert np.isfinite(err_sampled)

@@ -408,6 +408,7 @@ class Distortion:
     def __init__(self, weightings: Mapping[str, Weighting] | None = None):
         self.weightings = dict(weightings or {})
         self._reference: dict[str, float] = {}  # name -> tr(R W H W^T), computed once
+        self._plain: dict[str, float] = {}  # name -> ||W||^2 (summed by bands as measure sums it), with the above
 
     def weighting(self, name: str, shape: tuple[int, ...]) -> Weighting | None:
         """The weighting of tensor ``name`` if it has one that fits ``shape``."""
@@ -436,14 +437,19 @@ class Distortion:
         step = max(1, MEASURE_BAND // max(1, ref.shape[1]))
         w_energy = self._reference.get(name) if w is not None else None
         known = w_energy is not None
-        err = energy = w_err = 0.0
+        err = w_err = 0.0
+        # a weighted tensor's reference energies are summed once, as its first measure sums them (the same bits)
+        energy = self._plain.get(name) if known else None
+        plain_known = energy is not None
+        energy = energy or 0.0
         w_energy = w_energy or 0.0
         band_energy = None if w is None else w.banded()
         for i in range(0, count, step):
             r, d = _widen(ref[i : i + step], dtype), _widen(dec(i, min(i + step, count)), dtype)
             diff = d - r
             err += float(np.sum(diff * diff))
-            energy += float(np.sum(r * r))
+            if not plain_known:
+                energy += float(np.sum(r * r))
             if w is not None:
                 w_err += band_energy(diff, i)
                 w_energy += 0.0 if known else band_energy(r, i)
@@ -454,7 +460,7 @@ class Distortion:
         if w is None:
             return (plain if rows is None else _ratio(w_err, w_energy)), plain, None
         if not known:
-            self._reference[name] = w_energy
+            self._reference[name], self._plain[name] = w_energy, energy
         rel = _ratio(w_err, w_energy)
         return w.scale * rel, plain, math.sqrt(rel)
 
