@@ -144,16 +144,15 @@ def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], 
     note = uncalibrated(model, calib, names)
     if note:
         notes.append(Note(note))
-    conv1d = [n for n in names if n in calib.layers and calib.layers[n].kind == "conv1d"]
-    if repairing and conv1d:
-        notes.append(Note(f"repair: {len(conv1d)} transformers Conv1D weight{'s' if len(conv1d) != 1 else ''} "
-                          f"({_listed(conv1d)}) coded with the calibrated weighting, without GPTQ or refit (repair's "
-                          "are for nn.Linear and nn.Conv2d)"))
-    recurrent = [n for n in names if n in calib.layers and recurrent_matrix(model, n)]
-    if repairing and recurrent:
-        notes.append(Note(f"repair: {len(recurrent)} recurrent matri{'ces' if len(recurrent) != 1 else 'x'} "
-                          f"({_listed(recurrent)}) coded with the calibrated weighting, without GPTQ or refit (repair's "
-                          "are for nn.Linear and nn.Conv2d)"))
+    if repairing:  # weights calibrated as layers that repair does not fit
+        conv1d = [n for n in names if n in calib.layers and calib.layers[n].kind == "conv1d"]
+        recurrent = [n for n in names if n in calib.layers and recurrent_matrix(model, n)]
+        for listed, what in ((conv1d, ("transformers Conv1D weight", "transformers Conv1D weights")),
+                             (recurrent, ("recurrent matrix", "recurrent matrices"))):
+            if listed:
+                notes.append(Note(f"repair: {len(listed)} {what[len(listed) != 1]} ({_listed(listed)}) coded with "
+                                  "the calibrated weighting, without GPTQ or refit (repair's are for nn.Linear and "
+                                  "nn.Conv2d)"))
     return notes
 
 

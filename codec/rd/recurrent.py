@@ -39,7 +39,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .experts import _Moments
 
-__all__ = ["recurrent_modules", "RecurrentCollector", "RecurrentTarget", "recurrent_targets", 
+__all__ = ["recurrent_modules", "RecurrentCollector", "RecurrentTarget", "recurrent_targets",
            "recurrent_matrices", "recurrent_matrix", "recurrent_unmeasured"]
 
 _KINDS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN_TANH": nn.RNN, "RNN_RELU": nn.RNN}
