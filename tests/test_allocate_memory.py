@@ -9,7 +9,9 @@ check that the streamed figures are the whole-array ones.
 
 from __future__ import annotations
 
+import contextlib
 import tracemalloc
+import weakref
 
 import numpy as np
 import pytest
@@ -764,3 +766,69 @@ def test_a_weighted_tensors_reference_energy_is_summed_once_with_the_same_figure
     monkeypatch.setattr(allocate.np, "sum", lambda a, *k, **kw: squares.append(a.shape) or real_sum(a, *k, **kw))
     kept.measure("w", reference, candidates[0], F32)
     assert len(squares) == -(-rows // 64)  # one sum a band: the difference's, not the reference's too
+
+
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_the_search_unpacks_a_packed_h_once_per_tensor_with_the_same_figures(jobs, monkeypatch):
+    """plan_options keeps a tensor's whole H (Distortion.keeping) while its candidates are measured: every candidate's
+    figures equal those of a measure that unpacks H for itself, H is unpacked once per tensor (not per candidate),
+    the choice is the same, and the whole H is let go when the search is done with the tensor."""
+    import gc
+
+    from codec.dtypes import get_dtype as dtype_of
+
+    cols, rows = 128, 48
+    arrays = {n: _matrix(rows, cols, seed=i) for i, n in enumerate(("a", "b"))}
+    weights = {n: Weighting(h=_symmetric(cols, seed=10 + i), rows=np.linspace(0.5, 2.0, rows), scale=0.7)
+               for i, n in enumerate(arrays)}
+
+    def tensors(names=None):
+        return ((n, a, dtype_of("float32")) for n, a in arrays.items() if names is None or n in names)
+
+    unpacks: list[str] = []
+    real_unpacked = allocate.PackedSymmetric.unpacked
+
+    def unpacked(self):
+        unpacks.append(next(n for n, w in kept.weightings.items() if w.h is self))
+        return real_unpacked(self)
+
+    monkeypatch.setattr(allocate.PackedSymmetric, "unpacked", unpacked)
+    alive: list = []
+    real_banded = Weighting.banded
+
+    def banded(self):
+        energy = real_banded(self)
+        alive.append(weakref.ref(energy))  # the function holds the float32 H
+        return energy
+
+    monkeypatch.setattr(Weighting, "banded", banded)
+    seen: dict[str, list] = {}
+    real_measure = Distortion.measure
+
+    def measure(self, name, reference, decoded, dtype, rows=None):
+        got = real_measure(self, name, reference, decoded, dtype, rows)
+        if self is kept:
+            seen.setdefault(name, []).append(got)
+        return got
+
+    monkeypatch.setattr(Distortion, "measure", measure)
+    base = EncodeOptions(codec="jpeg", quality=50)
+    kept = Distortion(allocate.packed_weightings(weights))
+    plan = allocate.plan_options(tensors, base, lambda n: None, bits_per_weight=3.0, measure_by=kept, jobs=jobs,
+                                 search="exhaustive")
+    counted = {n: len(v) for n, v in seen.items()}
+    assert all(c > 3 for c in counted.values()), counted
+    assert unpacks == ["a", "b"], unpacks  # once a tensor (13 candidates each here)
+    assert kept._kept is None and kept._keeping is None
+    gc.collect()
+    assert all(ref() is None for ref in alive)  # nothing holds a whole H once the search is done
+
+    unpacks.clear()
+    monkeypatch.setattr(Distortion, "keeping", lambda self, name: contextlib.nullcontext())  # as before: per measure
+    fresh = Distortion(allocate.packed_weightings(weights))
+    kept, seen_kept, seen = fresh, seen, {}
+    again = allocate.plan_options(tensors, base, lambda n: None, bits_per_weight=3.0, measure_by=fresh, jobs=jobs,
+                                  search="exhaustive")
+    assert len(unpacks) == sum(counted.values())  # one unpacking a candidate without keeping
+    assert again == plan
+    assert {n: sorted(v) for n, v in seen.items()} == {n: sorted(v) for n, v in seen_kept.items()}  # bit for bit
