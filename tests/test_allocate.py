@@ -100,9 +100,11 @@ def test_few_tensors_get_the_knapsack_optimum_where_slopes_and_pairwise_trades_m
 @pytest.mark.parametrize("seed", [0, 1, 2, 14, 21, 28, 31, 55])
 def test_few_tensors_allocation_is_the_brute_force_optimum_and_fits(seed):
     """Random non-convex menus of 3-4 tensors (budgets under KNAPSACK_STEPS bytes: the knapsack's byte grid is
-    exact): the search's weighted distortion equals the enumerated optimum, and the plan fits the budget. Of
-    seeds 0-59 (360 budgets), equal slopes + greedy fill + slack knapsack + trades alone missed the optimum in
-    5 (seeds 14, 21, 28, 31, 55: by 0.3-22.5 %)."""
+    exact): the search's weighted distortion is within KNAPSACK_MARGIN of the enumerated optimum, and the plan
+    fits the budget. Of seeds 0-59 (360 budgets), equal slopes + greedy fill + slack knapsack + trades alone
+    missed the optimum in 5 (seeds 14, 21, 28, 31, 55: by 0.3-22.5 %; 4 of them by more than the margin)."""
+    from codec.rd import allocate
+
     rng = np.random.default_rng(seed)
     points = {}
     for t in range(int(rng.integers(3, 5))):
@@ -115,7 +117,8 @@ def test_few_tensors_allocation_is_the_brute_force_optimum_and_fits(seed):
     for budget in np.linspace(floor, top, 7).astype(int)[1:]:
         chosen = _search(points, weights, int(budget))
         assert sum(p.nbytes for p in chosen.values()) <= budget
-        assert _weighted(chosen, weights) == pytest.approx(_optimum(points, weights, int(budget)), rel=1e-12)
+        best = _optimum(points, weights, int(budget))
+        assert best <= _weighted(chosen, weights) <= best * (1 + allocate.KNAPSACK_MARGIN) + 1e-12
 
 
 def test_budget_below_smallest_is_an_error():
