@@ -865,7 +865,10 @@ def best_fill(points: dict[str, list[RDPoint]], weights: dict[str, float], chose
     # JPEG qualities)
     pool = {n: pts if n not in chosen or any(p is chosen[n] for p in pts) else [*pts, chosen[n]]
             for n, pts in points.items()}
-    weighted = lambda c: sum(weights.get(n, 1.0) * p.nmse for n, p in c.items())
+
+    def weighted(choice: dict[str, RDPoint]) -> float:
+        return sum(weights.get(n, 1.0) * p.nmse for n, p in choice.items())
+
     best = min(fills, key=weighted)
     floor = {n: min(pts, key=lambda p: (p.nbytes, p.nmse)) for n, pts in pool.items() if pts}
     if len(floor) == len(points) <= KNAPSACK_TENSORS and sum(p.nbytes for p in floor.values()) <= budget:
