@@ -424,11 +424,11 @@ def save(
                 weightings, calib = packed_weightings(weightings), None  # (MiniLM: 74 MB -> 37)
             release_memory()
         weights = sum(math.prod(arrays.shape(n)) for n in arrays if n not in aliases)
-        share = [0]  # repair's share of a small model's budget (REPAIR_SHARE), kept out of its plan
+        share = 0  # repair's share of a small model's budget (REPAIR_SHARE), kept out of its plan
         if inputs is not None and bits_per_weight is not None and weights <= REPLAN_WEIGHTS:
             from .rd.repair import fitted_share
 
-            share[0] = math.ceil(REPAIR_SHARE * fitted_share(model) * bits_per_weight * weights / 8)
+            share = math.ceil(REPAIR_SHARE * fitted_share(model) * bits_per_weight * weights / 8)
         damaged: list[str] = []
         coded: dict = {}  # tensors the search (or repair) coded with their chosen options: written as they are
         # The attachments' sizes are needed once the search has predicted every tensor (its budget's fixed part):
@@ -441,18 +441,19 @@ def save(
                 meta[WARNINGS_KEY] = "; ".join(damaged)
 
         def plan(reserve: int, damaged: list[str], coded: dict, progress) -> dict[str, EncodeOptions]:
+            nonlocal share
             meta.pop(WARNINGS_KEY, None)
             while True:
                 try:
                     chosen = _plan(arrays, aliases, opts, rules, meta, encoder, bits_per_weight, max_error,
                                    calibrate, progress, packing, jobs, matcher, measure_by=measure_by, notes=damaged,
                                    search=search, coded=coded, index=index, executor=cluster,
-                                   reserve=reserve + share[0])
+                                   reserve=reserve + share)
                     break
                 except EncodeError:  # too small a budget to leave repair its share: none, so that the refusal's
-                    if not share[0]:  # smallest budget (_refuse_early) still gets a file
+                    if not share:  # smallest budget (_refuse_early) still gets a file
                         raise
-                    share[0] = 0
+                    share = 0
                     damaged.clear()
                     coded.clear()
             warn(damaged)
@@ -472,7 +473,7 @@ def save(
         first_reserve = growth  # what the first plan kept out
         if growth and inputs is not None:  # only the constant vectors repair will move under this plan
             growth = min(growth, moved(chosen))
-        budget = 0 if bits_per_weight is None else int(bits_per_weight * weights / 8) - growth - share[0]
+        budget = 0 if bits_per_weight is None else int(bits_per_weight * weights / 8) - growth - share
         entries = REPLAN_ENTRY_BYTES * sum(n not in aliases for n in arrays)  # the index's share, guessed
         planned = None  # the size of the chosen plan's file, where measured
         if budget and matcher is None and weights <= REPLAN_WEIGHTS \

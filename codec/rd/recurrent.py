@@ -57,6 +57,11 @@ def recurrent_modules(model: nn.Module) -> dict[str, nn.RNNBase]:
     return out
 
 
+def _width(module: nn.RNNBase) -> int:
+    """The width of the hidden state a layer returns (and its next step reads): the projection's, if any."""
+    return getattr(module, "proj_size", 0) or module.hidden_size
+
+
 def _suffixes(module: nn.RNNBase) -> tuple[str, ...]:
     return ("", "_reverse") if module.bidirectional else ("",)
 
@@ -93,7 +98,7 @@ def _layer_copies(module: nn.RNNBase) -> list[nn.RNNBase]:
     parameters themselves (made on the meta device, then given the module's own tensors)."""
     cls = _KINDS[module.mode]
     dirs = len(_suffixes(module))
-    width = getattr(module, "proj_size", 0) or module.hidden_size
+    width = _width(module)
     copies = []
     for k in range(module.num_layers):
         kwargs = dict(input_size=module.input_size if k == 0 else width * dirs, hidden_size=module.hidden_size,
@@ -147,7 +152,7 @@ def _steps(module: nn.RNNBase, copies: list[nn.RNNBase], args: tuple, kwargs: Ma
         x = x.transpose(0, 1)
     n, t = x.shape[:2]
     dirs = len(_suffixes(module))
-    width = getattr(module, "proj_size", 0) or module.hidden_size
+    width = _width(module)
     lstm = module.mode == "LSTM"
     h0 = c0 = None
     if hx is not None:
@@ -194,7 +199,7 @@ class RecurrentCollector:
         """``full_h(columns)``: whether a matrix of that many in-features keeps a full H (else its diagonal)."""
         self.name, self.module = name, module
         self.copies = _layer_copies(module)
-        self.width = getattr(module, "proj_size", 0) or module.hidden_size
+        self.width = _width(module)
         self.moments = {m: _Moments(full_h(int(getattr(module, m).shape[1]))) for m in recurrent_matrices(module)
                         if not (m.startswith("weight_ih") and m.endswith("_reverse"))}
         self.mask: torch.Tensor | None = None  # (set by calibrate for every collector; a token mask is not used)
@@ -248,7 +253,7 @@ class RecurrentTarget:
         kind, layer = self.param.split("_")[1], self.param.split("_l")[1]
         reverse = layer.endswith("_reverse")
         k = int(layer.removesuffix("_reverse"))
-        width = getattr(self.module, "proj_size", 0) or self.module.hidden_size
+        width = _width(self.module)
         a = b = 0.0
         for step in _steps(self.module, self.copies, args, kwargs, last=k):
             if step.layer == k:
