@@ -24,6 +24,7 @@ import resource
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -105,17 +106,11 @@ def logits(model: nn.Module, images: Tensor) -> Tensor:
                                                                                     EVAL_BATCH_SIZE)])
 
 
-@contextlib.contextmanager
 def _recurrent_data_free():
     """Calibration as before codec/rd/recurrent.py: no recurrent module measured (their matrices data-free)."""
     from codec.rd import calibrate
 
-    found = calibrate.recurrent_modules
-    calibrate.recurrent_modules = lambda model: {}
-    try:
-        yield
-    finally:
-        calibrate.recurrent_modules = found
+    return mock.patch.object(calibrate, "recurrent_modules", lambda model: {})
 
 
 def _cpu() -> float:
