@@ -1,0 +1,135 @@
+"""A new user's model as it comes out of their own code (twenty-fourth pass, bench/JOURNAL.md "qa (twenty-fourth
+pass)"): a forward that reads a dict itself, a forward of several positional inputs, a TorchScript module, a
+``torch.compile``'d module, handed to a calibrated ``codec.save``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import codec
+
+
+def _data(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 32, generator=g), torch.randn(n, 16, generator=g)
+
+
+class _ReadsDict(nn.Module):
+    """``forward(self, batch)`` reading ``batch["pixels"]`` itself, as a model fed by a dict-yielding loader is."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.f = nn.Linear(32, 256)
+        self.h = nn.Linear(256, 32)
+
+    def forward(self, batch):
+        return self.h(F.relu(self.f(batch["pixels"])))
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(32, 256)
+        self.b = nn.Linear(16, 256)
+        self.h = nn.Linear(512, 32)
+
+    def forward(self, top, bottom):
+        return self.h(torch.cat([F.relu(self.a(top)), F.relu(self.b(bottom))], 1))
+
+
+class _Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.f = nn.Linear(32, 256)
+        self.h = nn.Linear(256, 32)
+
+    def forward(self, x):
+        return self.h(F.relu(self.f(x)))
+
+
+def _relative_error(model: nn.Module, path, inputs) -> float:
+    import copy
+
+    decoded = copy.deepcopy(model)
+    codec.load_into(decoded, path)
+    with torch.no_grad():
+        ref, out = model(inputs), decoded(inputs)
+    return float((out - ref).pow(2).sum() / ref.pow(2).sum())
+
+
+def test_a_forward_that_reads_its_dict_itself_is_calibrated_and_repaired(tmp_path):
+    """Before: calibration called model(**batch) -> 'forward() got an unexpected keyword argument pixels'."""
+    model = _ReadsDict().eval()
+    x, _ = _data()
+    batches = [{"pixels": x[i:i + 64]} for i in range(0, 256, 64)]
+    path = tmp_path / "m.jwt"
+    notes = codec.save(model, path, bits_per_weight=3, calibration=batches)
+    assert any(n.startswith("repair:") for n in notes)  # repair ran its passes on the dicts too
+    assert codec.open(path).totals().bits_per_weight <= 3
+    assert _relative_error(model, path, {"pixels": x}) < 0.02
+    # one dict as all the inputs is one batch, as for a tokenizer's output
+    codec.save(model, tmp_path / "one.jwt", bits_per_weight=3, calibration={"pixels": x}, repair=False)
+
+
+def test_a_forward_of_several_inputs_given_tuples_is_told_to_pass_dicts(tmp_path):
+    model = _TwoInputs().eval()
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"calibration batch 0: the model does not accept it .*missing 1 required "
+                                         r"positional argument: 'bottom'.*\(inputs, \*targets\).*dict of its "
+                                         r"arguments by name"):
+        codec.save(model, tmp_path / "m.jwt", bits_per_weight=3, calibration=[(x, y)])
+    assert not (tmp_path / "m.jwt").exists()
+    # what the message says works
+    path = tmp_path / "ok.jwt"
+    codec.save(model, path, bits_per_weight=3, calibration=[{"top": x[i:i + 64], "bottom": y[i:i + 64]}
+                                                            for i in range(0, 256, 64)])
+    import copy
+
+    decoded = copy.deepcopy(model)
+    codec.load_into(decoded, path)
+    with torch.no_grad():
+        ref, out = model(x, y), decoded(x, y)
+    assert float((out - ref).pow(2).sum() / ref.pow(2).sum()) < 0.02
+
+
+def test_a_torchscript_module_is_refused_for_calibration_in_one_line_and_saved_without_it(tmp_path):
+    """Before: 'the model has no Linear, Conv2d, ... layer with a weight to calibrate', of a model made of Linears."""
+    model = _Plain().eval()
+    x, _ = _data()
+    scripted = torch.jit.script(model)
+    with pytest.raises(TypeError, match=r"TorchScript module .* pass the nn\.Module it was made from"):
+        codec.save(scripted, tmp_path / "m.jwt", bits_per_weight=3, calibration=x)
+    with pytest.raises(TypeError, match="TorchScript"):
+        codec.calibrate(torch.jit.trace(model, x[:4]), x)
+    codec.save(scripted, tmp_path / "free.jwt", bits_per_weight=3)  # data-free: its state_dict, as before
+    assert sorted(codec.load(tmp_path / "free.jwt")) == sorted(model.state_dict())
+
+
+def test_a_compiled_module_is_saved_under_the_plain_names_and_loads_both_ways(tmp_path):
+    """Before: the file held '_orig_mod.f.weight', ... and load_into(the plain model) raised on every key;
+    calibration ran the compiled module (a recompile per batch shape). torch.compile wraps lazily: nothing here
+    compiles, as no compiled forward is called."""
+    model = _Plain().eval()
+    compiled = torch.compile(model)
+    x, _ = _data()
+    path = tmp_path / "m.jwt"
+    codec.save(compiled, path, bits_per_weight=3, calibration=x)
+    assert sorted(codec.load(path)) == sorted(model.state_dict())
+    plain = _Plain()
+    nn.init.zeros_(plain.f.weight)
+    codec.load_into(plain, path)
+    assert _relative_error(model, path, x) < 0.02
+    assert torch.equal(plain.f.weight, codec.load(path)["f.weight"])
+    again = torch.compile(_Plain())
+    codec.load_into(again, path)  # the compiled model loads the plain names
+    assert torch.equal(again._orig_mod.h.weight, codec.load(path)["h.weight"])
+    # a file of a compiled model's own state_dict (its '_orig_mod.' names) loads into the plain model too
+    codec.save(compiled.state_dict(), tmp_path / "prefixed.jwt")
+    assert all(k.startswith("_orig_mod.") for k in codec.load(tmp_path / "prefixed.jwt"))
+    codec.load_into(_Plain(), tmp_path / "prefixed.jwt")
