@@ -133,3 +133,41 @@ def test_a_compiled_module_is_saved_under_the_plain_names_and_loads_both_ways(tm
     codec.save(compiled.state_dict(), tmp_path / "prefixed.jwt")
     assert all(k.startswith("_orig_mod.") for k in codec.load(tmp_path / "prefixed.jwt"))
     codec.load_into(_Plain(), tmp_path / "prefixed.jwt")
+
+
+class _WithNorms(nn.Module):
+    """Three matrices, seven vectors and a counter: a '*' rule reaches every vector (BatchNorm statistics, biases)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.Sequential(nn.Linear(32, 128), nn.BatchNorm1d(128), nn.Linear(128, 128), nn.Linear(128, 8))
+
+
+def test_a_rule_on_every_tensor_is_one_note_naming_the_odd_ones_first(tmp_path):
+    """overrides={'*': 'b4'} after finetune(..., 'b4'): before, one note per vector (39 on a small MobileNet,
+    each BatchNorm statistic its own line); now one note for the rule, the rarest reasons named first."""
+    model = _WithNorms()
+    notes = codec.save(model, tmp_path / "m.jwt", overrides={"*": "q20"})
+    assert len(notes) == 1, notes
+    note = notes[0]
+    assert note == ("setting *=q20 not applied to 10 tensors (coded as 8-bit quant, not jpeg: 2, stored losslessly: "
+                    "8): 'layers.0.weight' (4096 elements < 16384), 'layers.3.weight' (1024 elements < 16384), "
+                    "'layers.0.bias' (shape [128] has no matrix view) and 7 more")
+    # a rule not applied to three tensors or fewer keeps a note for each
+    notes = codec.save(model, tmp_path / "m.jwt", overrides={"layers.[02].bias": "b4", "layers.3.weight": "q20"})
+    assert sorted(n.split(":")[0] for n in notes) == ["tensor 'layers.0.bias'", "tensor 'layers.2.bias'",
+                                                      "tensor 'layers.3.weight'"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ("b4", r"not a string: for one setting on every tensor, overrides=\{'\*': 'b4'\}"),
+    (["*=b4"], r"\(glob, setting\) pairs, e\.g\. \{'fc2\.\*': 'b4'\}, not \['\*=b4'\]"),
+    (3, r"pairs, e\.g\. .* not 3"),
+])
+def test_overrides_of_the_wrong_form_are_a_type_error_saying_the_form(tmp_path, overrides, message):
+    """Before: overrides='b4' (finetune's setting passed on as the README's `overrides=setting`) ended in
+    'ValueError: not enough values to unpack (expected 2, got 1)'."""
+    with pytest.raises(TypeError, match=message):
+        codec.save(_WithNorms(), tmp_path / "m.jwt", overrides=overrides)
+    assert not (tmp_path / "m.jwt").exists()
