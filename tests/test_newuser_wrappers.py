@@ -171,3 +171,30 @@ def test_overrides_of_the_wrong_form_are_a_type_error_saying_the_form(tmp_path, 
     with pytest.raises(TypeError, match=message):
         codec.save(_WithNorms(), tmp_path / "m.jwt", overrides=overrides)
     assert not (tmp_path / "m.jwt").exists()
+
+
+class _Projected(nn.Module):
+    """A fixed projection held as buffers, one of the model itself, one of a container block."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.register_buffer("proj", torch.randn(32, 32) / 6)
+        self.block = nn.Module()
+        self.block.register_buffer("mix", torch.randn(32, 32) / 6)
+        self.f = nn.Linear(32, 256)
+        self.h = nn.Linear(256, 32)
+
+    def forward(self, x):
+        return self.h(F.relu(self.f(x @ self.proj @ self.block.mix)))
+
+
+def test_the_data_free_note_calls_a_buffer_a_buffer(tmp_path):
+    """Before: "'proj' (a parameter of _Projected itself, ...)" and "'block.mix' (Module: a layer kind calibration
+    does not measure)" for buffers the model multiplies by itself."""
+    model = _Projected().eval()
+    x, _ = _data()
+    notes = codec.save(model, tmp_path / "m.jwt", bits_per_weight=4, calibration=x, repair=False)
+    note = next(n for n in notes if n.startswith("calibration:"))
+    assert ("'proj' (a buffer of _Projected itself: used outside any layer calibration measures); 'block.mix' (a "
+            "buffer of Module: used outside any layer calibration measures)") in note, note

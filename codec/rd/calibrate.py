@@ -717,6 +717,7 @@ def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> 
     calibration does not measure (``nn.ConvTranspose2d``, ``nn.Conv1d``, an LSTM's projection ``weight_hr``, ...:
     by their module's class) or not reached by the calibration inputs. None if there are none."""
     modules = dict(model.named_modules(remove_duplicate=False))
+    buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
     kinds: dict[str, list[str]] = {}
     unreached: list[str] = []
     for name in names:
@@ -737,6 +738,9 @@ def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> 
         elif name.rpartition(".")[2] in recurrent_unmeasured(owner):
             kinds.setdefault(f"{type(owner).__name__} projection: its input, the cell's output, is not returned by "
                              "the module", []).append(name)
+        elif name in buffers:  # a matrix the model multiplies by itself (a fixed projection): no layer, no module
+            kinds.setdefault(f"a buffer of {type(owner).__name__}{' itself' if owner is model else ''}: used outside "
+                             "any layer calibration measures", []).append(name)
         elif owner is model:  # a parameter of the model itself (a position table added to the inputs): no layer
             kinds.setdefault(f"a parameter of {type(model).__name__} itself, used outside any layer calibration "
                              "measures", []).append(name)
