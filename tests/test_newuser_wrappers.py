@@ -17,17 +17,22 @@ def _data(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 32, generator=g), torch.randn(n, 16, generator=g)
 
 
-class _ReadsDict(nn.Module):
-    """``forward(self, batch)`` reading ``batch["pixels"]`` itself, as a model fed by a dict-yielding loader is."""
-
+class _Plain(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.f = nn.Linear(32, 256)
         self.h = nn.Linear(256, 32)
 
+    def forward(self, x):
+        return self.h(F.relu(self.f(x)))
+
+
+class _ReadsDict(_Plain):
+    """``forward(self, batch)`` reading ``batch["pixels"]`` itself, as a model fed by a dict-yielding loader is."""
+
     def forward(self, batch):
-        return self.h(F.relu(self.f(batch["pixels"])))
+        return super().forward(batch["pixels"])
 
 
 class _TwoInputs(nn.Module):
@@ -40,17 +45,6 @@ class _TwoInputs(nn.Module):
 
     def forward(self, top, bottom):
         return self.h(torch.cat([F.relu(self.a(top)), F.relu(self.b(bottom))], 1))
-
-
-class _Plain(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.f = nn.Linear(32, 256)
-        self.h = nn.Linear(256, 32)
-
-    def forward(self, x):
-        return self.h(F.relu(self.f(x)))
 
 
 def _relative_error(model: nn.Module, path, inputs) -> float:
