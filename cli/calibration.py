@@ -143,9 +143,14 @@ def read_array(path: Path):
     return loaded
 
 
-def import_model(spec: str, state_dict: Mapping):
-    """Build ``package.module:ClassName`` without arguments and load ``state_dict`` into it (strict)."""
+def import_model(spec: str, state_dict: Mapping) -> tuple[object, dict[str, str]]:
+    """Build ``package.module:ClassName`` without arguments and load ``state_dict`` into it (strict): ``(model,
+    model_names)``, where a checkpoint holds the model's weights under a prefix (``model.``, ``state_dict.``, a
+    compiled model's ``_orig_mod.``, ``module.``: :func:`codec.io_formats.weights_prefix`) ``model_names`` maps each
+    stored name to the model's (the file keeps the checkpoint's names), else it is empty."""
     import torch
+
+    from codec.io_formats import weights_prefix
 
     module_name, sep, class_name = spec.partition(":")
     if not sep or not module_name or not class_name:
@@ -166,12 +171,15 @@ def import_model(spec: str, state_dict: Mapping):
         model = cls()
     except Exception as exc:
         raise click.ClickException(f"--model {spec}: {class_name}() failed ({first_line(exc)})") from None
+    prefix = weights_prefix(state_dict, model.state_dict())
+    names = {k: k[len(prefix):] for k in state_dict if k.startswith(prefix)} if prefix else {}
+    weights = {names[k]: v for k, v in state_dict.items() if k in names} if prefix else dict(state_dict)
     try:
-        model.load_state_dict(dict(state_dict))
+        model.load_state_dict(weights)
     except Exception as exc:
         raise click.ClickException(f"--model {spec}: does not accept the state_dict "
-                                   f"({_mismatch(model, state_dict) or first_line(exc)})") from None
-    return model
+                                   f"({_mismatch(model, weights) or first_line(exc)})") from None
+    return model, names
 
 
 def _mismatch(model, state_dict: Mapping, shown: int = 3) -> str:
@@ -507,7 +515,8 @@ def image_processor(transformers, folder: Path):
 
 def model_and_inputs(input: Path, state_dict: Mapping, calibration: Path, model_spec: str | None):
     """``(nn.Module, inputs, notes, model_names)`` for ``jwt encode INPUT --calibration FILE|FOLDER [--model SPEC]``
-    (``model_names``: :func:`model_names`, for a Hugging Face folder)."""
+    (``model_names``: :func:`model_names`, for a Hugging Face folder; :func:`import_model`'s for a checkpoint
+    holding the model's weights under a prefix)."""
     images = calibration.is_dir()
     if not images and not calibration.is_file():
         raise click.ClickException(f"{calibration}: no such file or folder")
@@ -516,10 +525,9 @@ def model_and_inputs(input: Path, state_dict: Mapping, calibration: Path, model_
         if text:
             raise click.UsageError("--model takes array or image inputs (--calibration inputs.npy, inputs.npz or a "
                                    "folder of images)")
-        if images:
-            inputs, notes = image_inputs(calibration)  # every header read before the model is built
-            return import_model(model_spec, state_dict), inputs, notes, {}
-        return import_model(model_spec, state_dict), read_array(calibration), [], {}
+        inputs, notes = image_inputs(calibration) if images else (None, [])  # every header read before the build
+        model, names = import_model(model_spec, state_dict)
+        return model, inputs if images else read_array(calibration), notes, names
     if not input.is_dir():
         raise click.UsageError("--calibration needs a model to run: a Hugging Face model folder as INPUT, or "
                                "--model package.module:ClassName for a state_dict")

@@ -92,7 +92,9 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
                    "--bits-per-weight or --max-error.")
 @click.option("--model", "model_spec", metavar="PACKAGE.MODULE:CLASS",
               help="The nn.Module class to run a .pt/.safetensors state_dict with --calibration: imported (only "
-                   "when given), built without arguments, loaded with load_state_dict.")
+                   "when given), built without arguments, loaded with load_state_dict (a training checkpoint's "
+                   "weights under model. or state_dict., a compiled or DataParallel model's under _orig_mod. or "
+                   "module.: the file keeps the checkpoint's names).")
 @click.option("--no-repair", is_flag=True, help="With --calibration: calibrated allocation only, no error "
                                                 "compensation or repair of later parameters.")
 @click.option("--finetune", "finetune_steps", type=click.IntRange(1, None), metavar="STEPS",

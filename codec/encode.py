@@ -119,6 +119,14 @@ def is_module(obj: object) -> bool:
     return torch is not None and isinstance(obj, torch.nn.Module)
 
 
+def compiled_original(module: object) -> object:
+    """The module ``torch.compile`` wrapped (``_orig_mod``), else ``module``: its state_dict has the plain
+    model's names (``fc1.weight``, not ``_orig_mod.fc1.weight``), and calibration runs it eagerly, its hooks and
+    all, instead of recompiling for each batch shape."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if is_module(module) and is_module(inner) else module
+
+
 def encoder_versions() -> dict[str, str]:
     """Versions of the libraries that produce the bytes (stored in the index)."""
     import imagecodecs
@@ -223,7 +231,7 @@ def save(
     """Encode ``state_dict`` (or an ``nn.Module``'s) to a .jwt file at ``path`` (atomically).
 
     ``state_dict`` is a mapping of names to tensors, an ``nn.Module`` (its
-    ``state_dict()``) or a checkpoint dict (nested dicts, lists, plain values:
+    ``state_dict()``; a ``torch.compile``'d module's original, under the plain model's names) or a checkpoint dict (nested dicts, lists, plain values:
     see :func:`codec.api.flatten_checkpoint`); anything else is a TypeError, and a
     mapping without tensors an EncodeError.
 
@@ -331,7 +339,8 @@ def save(
         raise TypeError(f"model= must be a torch.nn.Module, not {type(model).__name__}")
     renames = _model_names(model_names, model)
     if is_module(state_dict):
-        model, state_dict = model or state_dict, state_dict.state_dict()
+        state_dict = compiled_original(state_dict)
+        model, state_dict = compiled_original(model) or state_dict, state_dict.state_dict()
     if repair is not None and not isinstance(repair, bool):
         from .rd.repair import RepairSettings  # imports torch: only for a caller who passed settings
 

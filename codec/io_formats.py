@@ -64,7 +64,7 @@ import shutil
 import struct
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -867,11 +867,15 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, strict: b
     """Load the weights of ``path`` (.jwt, .pt, .safetensors or a model folder) into ``model``.
 
     Uses ``model.load_state_dict(state_dict, strict=strict)`` and returns its
-    result (from a checkpoint dict, the weights under ``state_dict`` or
-    ``model`` when they hold every key of the model), a named tuple ``(missing_keys, unexpected_keys)``; with
+    result (from a checkpoint dict, the weights under ``state_dict``, ``model``, ``_orig_mod`` or ``module``
+    when they hold every key of the model, :func:`weights_prefix`; a ``torch.compile``'d model loads into the module
+    it wraps), a named tuple ``(missing_keys, unexpected_keys)``; with
     ``strict=True`` a mismatch raises ``RuntimeError`` as torch does.
     Tensors are decoded onto the device of the model's first parameter.
     """
+    from .encode import compiled_original
+
+    model = compiled_original(model)  # a torch.compile'd model loads the plain names codec.save writes for it
     first = next(iter(model.parameters()), None)
     first = first if first is not None else next(iter(model.buffers()), None)
     device = first.device if first is not None else None
@@ -881,11 +885,24 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, strict: b
         state_dict = load(path, limits=limits, device=device)
     else:
         state_dict = read_tensors(path)
-    wanted = set(model.state_dict())
-    if not wanted <= set(state_dict):  # a checkpoint dict: its weights under 'state_dict.' or 'model.'
-        for prefix in ("state_dict.", "model."):
-            inner = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-            if inner and wanted <= set(inner):
-                state_dict = inner
-                break
+    prefix = weights_prefix(state_dict, model.state_dict())
+    if prefix:
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     return model.load_state_dict(state_dict, strict=strict)
+
+
+#: Where a checkpoint keeps a model's weights: a training checkpoint's ``{"state_dict": ...}`` or ``{"model": ...}``
+#: (flattened to dotted names), a ``torch.compile``'d model's state_dict, a ``DataParallel`` / DDP one's.
+WEIGHT_PREFIXES = ("state_dict.", "model.", "_orig_mod.", "module.")
+
+
+def weights_prefix(tensors: Mapping, wanted: Iterable[str]) -> str:
+    """The prefix of :data:`WEIGHT_PREFIXES` under which ``tensors`` hold every name of ``wanted`` (a model's
+    state_dict keys), "" when they hold them as they are or under none."""
+    wanted = set(wanted)
+    if wanted <= set(tensors):
+        return ""
+    for prefix in WEIGHT_PREFIXES:
+        if wanted <= {k[len(prefix):] for k in tensors if k.startswith(prefix)}:
+            return prefix
+    return ""

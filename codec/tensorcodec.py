@@ -943,8 +943,15 @@ class Overrides:
     """Per-tensor settings by glob pattern (``fnmatch``); the last matching rule wins."""
 
     def __init__(self, rules: Sequence[tuple[str, str]] | Mapping[str, str] | None = None):
+        if isinstance(rules, (str, bytes)):  # one setting meant for every tensor (finetune's setting="b4")
+            raise TypeError(f"overrides= takes {{glob: setting}} or (glob, setting) pairs, not a string: for one "
+                            f"setting on every tensor, overrides={{'*': {rules!r}}}")
         items = rules.items() if isinstance(rules, Mapping) else (rules or [])
-        self.rules = [(str(p), str(s)) for p, s in items]
+        try:
+            self.rules = [(str(p), str(s)) for p, s in items]
+        except (TypeError, ValueError):  # not iterable, or an item that is no (glob, setting) pair
+            raise TypeError(f"overrides= takes {{glob: setting}} or (glob, setting) pairs, e.g. {{'fc2.*': 'b4'}}, "
+                            f"not {rules!r:.80}") from None
 
     def __bool__(self) -> bool:
         return bool(self.rules)
@@ -968,6 +975,10 @@ class Overrides:
         return [p for p, _ in self.rules if not any(fnmatch.fnmatchcase(n, p) for n in names)]
 
 
+#: Tensors a rule is not applied to that are named one note each; more are one note for the rule.
+_NAMED = 3
+
+
 def ignored_options(tensors: Sequence[tuple[str, tuple[int, ...], DType]], base: EncodeOptions,
                     rules: Overrides) -> list[str]:
     """Notes naming the tensors where an option asked for is not applied, and why.
@@ -978,13 +989,29 @@ def ignored_options(tensors: Sequence[tuple[str, tuple[int, ...], DType]], base:
     """
     notes = []
     fits_some = False
+    refused: dict[tuple[str, str], list[tuple[str, str]]] = {}  # each rule's (tensor, reason) where not applied
     for name, shape, dtype in tensors:
         rule = rules.rule_for(name)
         reason = None if rule is None else not_applied(shape, dtype, parse_spec(rule[1], base))
         if reason is not None:
-            notes.append(f"tensor {name!r}: setting {rule[0]}={rule[1]} not applied: {reason}")
+            refused.setdefault(rule, []).append((name, reason))
         if base.row_shape is not None and shape_lossless_reason(shape, dtype, "quant") is None:
             fits_some |= base.row_shape[0] * base.row_shape[1] == math.prod(shape[1:])
+    for (pattern, spec), where in refused.items():
+        if len(where) <= _NAMED:
+            notes += [f"tensor {name!r}: setting {pattern}={spec} not applied: {reason}" for name, reason in where]
+            continue
+        # a broad glob ('*=b4') over a model's vectors: one line, not one per BatchNorm statistic
+        kinds: dict[str, int] = {}
+        for _, reason in where:
+            kind = reason.partition(" (")[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+        rarest = sorted(where, key=lambda item: kinds[item[1].partition(" (")[0]])  # the odd ones out named first
+        shown = ", ".join(f"{name!r} ({reason.partition(' (')[2].rstrip(')') or reason})"
+                          for name, reason in rarest[:_NAMED])
+        notes.append(f"setting {pattern}={spec} not applied to {len(where)} tensors ("
+                     + ", ".join(f"{k}: {n}" for k, n in kinds.items())
+                     + f"): {shown} and {len(where) - _NAMED} more")
     for pattern in rules.unmatched([n for n, _, _ in tensors]):
         notes.append(f"setting {pattern}={dict(rules.rules)[pattern]} matches no tensor name")
     if base.row_shape is not None and not fits_some and base.codec != "lossless":

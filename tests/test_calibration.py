@@ -608,6 +608,14 @@ def _encode(*args):
     return CliRunner().invoke(cli, ["encode", *map(str, args)])
 
 
+def _decode(*args):
+    from click.testing import CliRunner
+
+    from jwt_cli.main import cli
+
+    return CliRunner().invoke(cli, ["decode", *map(str, args)])
+
+
 @pytest.fixture
 def net_files(tmp_path, monkeypatch):
     """A module ``calib_test_nets`` beside the user (the working folder), its weights and inputs."""
@@ -632,6 +640,52 @@ def test_cli_model_and_array_inputs(net_files):
     with codec.open(out) as f:
         assert f.metadata["jwt.calibration"].startswith("100 inputs")
     assert set(codec.load(out)) == {"a.weight", "a.bias", "b.weight", "b.bias"}
+
+
+@pytest.mark.parametrize("prefix", ["model.", "_orig_mod.", "module."])
+def test_cli_model_from_a_checkpoint_or_a_compiled_models_state_dict(net_files, prefix):
+    """--model on a training checkpoint ({"model": sd, "optimizer": ..., "epoch": 3}) or on the state_dict of a
+    torch.compile'd (``_orig_mod.``) or DataParallel (``module.``) model: the class loads the weights under the
+    prefix and calibration measures them under its own names; the file keeps the checkpoint's names and decodes to
+    the same object. Before: 'does not accept the state_dict (the class has no model.a.weight, ...)'."""
+    sd = torch.load(net_files / "net.pt", weights_only=True)
+    if prefix == "model.":
+        ckpt = {"model": sd, "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1}]},
+                "epoch": 3}
+    else:
+        ckpt = {prefix + k: v for k, v in sd.items()}
+    torch.save(ckpt, net_files / "ckpt.pt")
+    out = net_files / "ckpt.jwt"
+    result = _encode(net_files / "ckpt.pt", "-b", "6", "--calibration", net_files / "x.npy",
+                     "--model", "calib_test_nets:Net", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "data-free weighting" not in result.output  # every weight measured, under the model's names
+    assert "jwt: note: repair: coded 2 lossy tensors" in result.output
+    with codec.open(out) as f:
+        assert f.metadata["jwt.calibration"].startswith("100 inputs")
+        assert {prefix + k for k in sd} <= set(f.keys())
+    decoded = net_files / "ckpt_decoded.pt"
+    assert _decode(out, "-o", decoded).exit_code == 0
+    back = torch.load(decoded, weights_only=True)
+    if prefix == "model.":
+        assert back["epoch"] == 3 and back["optimizer"]["param_groups"] == [{"lr": 0.1}]
+        back = back["model"]
+    else:
+        back = {k[len(prefix):]: v for k, v in back.items()}
+    x = torch.from_numpy(np.load(net_files / "x.npy"))
+    import calib_test_nets
+
+    def error(weights) -> float:
+        ref, got = calib_test_nets.Net(), calib_test_nets.Net()
+        ref.load_state_dict(sd)
+        got.load_state_dict(weights)
+        with torch.no_grad():
+            return float((got(x) - ref(x)).pow(2).sum() / ref(x).pow(2).sum())
+
+    plain = net_files / "plain.jwt"  # the bare state_dict, calibrated the same way: the same output error
+    assert _encode(net_files / "net.pt", "-b", "6", "--calibration", net_files / "x.npy",
+                   "--model", "calib_test_nets:Net", "-o", plain).exit_code == 0
+    assert error(back) <= 1.25 * error(codec.load(plain)) < 0.01
 
 
 def test_cli_finetune_after_repair(net_files):

@@ -49,6 +49,7 @@ here is encoder side; nothing of it is stored in the file.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -267,10 +268,25 @@ def _prepare(batch: object, index: int, device: torch.device, dtype: torch.dtype
     return tensor(batch, "")
 
 
+def as_keywords(model: nn.Module, batch: Mapping) -> bool:
+    """Whether a mapping batch goes in as ``model(**batch)``: yes (a tokenizer's output for a Hugging Face model)
+    unless ``model.forward`` takes neither ``**kwargs`` nor every key by name, as a ``forward(self, batch)`` that
+    reads the dict itself does (that one gets ``model(batch)``)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return True
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return set(batch) <= names or len(names) != 1
+
+
 def call(model: nn.Module, batch: Batch):
-    """The model's output on one batch: a mapping batch (a tokenizer's) as keywords, anything else as the one
-    argument (repair and calibration run a model the same way)."""
-    return model(**batch) if isinstance(batch, Mapping) else model(batch)
+    """The model's output on one batch: a mapping batch (a tokenizer's) as keywords (but whole to a
+    ``forward(self, batch)`` that reads it itself, :func:`as_keywords`), anything else as the one argument (repair,
+    calibration and :func:`codec.train.finetune` run a model the same way)."""
+    return model(**batch) if isinstance(batch, Mapping) and as_keywords(model, batch) else model(batch)
 
 
 def _run(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -412,13 +428,22 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def _several_inputs_hint(exc: BaseException) -> str:
+    """What to do when a model of several positional inputs got one: a tuple batch is ``(inputs, *targets)``."""
+    if isinstance(exc, TypeError) and "missing" in str(exc) and "positional argument" in str(exc):
+        return ("; a tuple or list batch is (inputs, *targets) and only its first item goes in: give a forward of "
+                "several inputs each batch as a dict of its arguments by name, e.g. {'x': ..., 'y': ...}")
+    return ""
+
+
 def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = None, seed: int = 0,
               progress: Callable[[str, int], None] | None = None,
               sensitivity_samples: int = SENSITIVITY_SAMPLES) -> Calibration:
     """Run ``model`` on ``inputs`` and collect per-layer statistics (see the module docstring).
 
     ``inputs``: an iterable of batches (tensors, numpy arrays, or mappings
-    of them passed as ``model(**batch)``, e.g. a tokenizer's output), or one
+    of them passed as ``model(**batch)``, e.g. a tokenizer's output, or whole
+    to a ``forward(self, batch)`` that reads the mapping itself), or one
     tensor / array of samples along its first axis (cut into batches of
     :data:`BATCH_SIZE`). At most ``max_batches`` batches are used. The
     first ``sensitivity_samples`` inputs (at least one batch) also serve the
@@ -434,6 +459,9 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"calibrate() needs a torch.nn.Module, not {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):  # its layers are script modules: no hook of theirs would run
+        raise TypeError("calibration: a TorchScript module (torch.jit.script / trace) cannot be measured layer by "
+                        "layer; pass the nn.Module it was made from (it has the same state_dict names)")
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be at least 1, got {max_batches}")
     batches = as_batches(inputs)
@@ -491,7 +519,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
                         out = call(model, batch)
                 except Exception as exc:  # the model's own error on a wrong shape or type (a ValueError too)
                     raise ValueError(f"calibration batch {index}: the model does not accept it "
-                                     f"({first_line(exc)})") from None
+                                     f"({first_line(exc)}){_several_inputs_hint(exc)}") from None
                 clean = _first_tensor(out)
                 if index == 0:
                     sample.adopt([clean])
@@ -689,6 +717,7 @@ def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> 
     calibration does not measure (``nn.ConvTranspose2d``, ``nn.Conv1d``, an LSTM's projection ``weight_hr``, ...:
     by their module's class) or not reached by the calibration inputs. None if there are none."""
     modules = dict(model.named_modules(remove_duplicate=False))
+    buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
     kinds: dict[str, list[str]] = {}
     unreached: list[str] = []
     for name in names:
@@ -709,6 +738,9 @@ def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> 
         elif name.rpartition(".")[2] in recurrent_unmeasured(owner):
             kinds.setdefault(f"{type(owner).__name__} projection: its input, the cell's output, is not returned by "
                              "the module", []).append(name)
+        elif name in buffers:  # a matrix the model multiplies by itself (a fixed projection): no layer, no module
+            kinds.setdefault(f"a buffer of {type(owner).__name__}{' itself' if owner is model else ''}: used outside "
+                             "any layer calibration measures", []).append(name)
         elif owner is model:  # a parameter of the model itself (a position table added to the inputs): no layer
             kinds.setdefault(f"a parameter of {type(model).__name__} itself, used outside any layer calibration "
                              "measures", []).append(name)

@@ -34,6 +34,7 @@ from torch.func import functional_call
 from ..api import _sharing
 from ..errors import EncodeError
 from ..parallel import steady_heap
+from ..rd.calibrate import as_keywords
 from ..rd.repair import _flat
 from ..tensorcodec import EncodeOptions, Overrides, not_applied, round_trip
 from .budget import Budget, as_budget
@@ -279,24 +280,10 @@ def _tensor(value):
     return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
-def _as_keywords(model, inputs) -> bool:
-    """Whether a mapping batch goes in as ``model(**inputs)``: yes (a tokenizer's output for a Hugging Face model)
-    unless ``model.forward`` takes neither ``**kwargs`` nor every key by name, as a ``forward(self, batch)`` that
-    reads the dict itself does (that one gets ``model(inputs)``)."""
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return True
-    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return set(inputs) <= names or len(names) != 1
-
-
 def _run(model, inputs, params=None):
     """``model``'s output on ``inputs``: ``model(**inputs)`` for a mapping (a tokenizer's output; see
-    :func:`_as_keywords`), else ``model(inputs)``; with ``params``, through :func:`torch.func.functional_call`."""
-    keywords = isinstance(inputs, Mapping) and _as_keywords(model, inputs)
+    :func:`codec.rd.calibrate.as_keywords`), else ``model(inputs)``; with ``params``, through :func:`torch.func.functional_call`."""
+    keywords = isinstance(inputs, Mapping) and as_keywords(model, inputs)
     if params is None:
         return model(**inputs) if keywords else model(inputs)
     if keywords:
