@@ -429,8 +429,9 @@ def save(
             weightings = merge_weightings(weightings, {n: w for n, w in calib.weightings(renames).items()
                                                        if n in arrays},  # by stored name (an expert's: its slice's)
                                           values)  # (no name kept for them: packed below, the whole H matrices go)
-            if calib is not calibration:  # made here: the search holds its H matrices packed, the whole ones go
-                weightings, calib = packed_weightings(weightings), None  # (MiniLM: 74 MB -> 37)
+            if calib is not calibration:  # made here: the search holds its H matrices packed, the whole ones go,
+                calib = None  # each as it is packed (MiniLM: 74 MB -> 37)
+                weightings = packed_weightings(weightings, in_place=True)
             release_memory()
         weights = sum(math.prod(arrays.shape(n)) for n in arrays if n not in aliases)
         share = 0  # repair's share of a small model's budget (REPAIR_SHARE), kept out of its plan

@@ -656,6 +656,53 @@ def test_packed_symmetric_refuses_what_it_cannot_keep_exactly():
     assert isinstance(weightings["b"].h, allocate.PackedSymmetric) and weightings["b"].scale == 2.0
 
 
+def test_packing_in_place_frees_each_whole_h_before_the_next_is_packed(monkeypatch):
+    """packed_weightings(in_place=True) replaces each entry of the dict it is handed as it packs it: a whole H that
+    nothing else holds is gone before the next one is packed (a BERT-base held its 521 MB of whole H and the 260 MB
+    packed at once), with the same packed triangles as a packing into a new dict; without in_place the dict handed
+    in is left as it was."""
+    import gc
+    import weakref
+
+    names = ["a", "b", "c", "d"]
+    alive_at_each: list[list[bool]] = []
+    refs: dict[str, weakref.ref] = {}
+    real = allocate.PackedSymmetric
+
+    class Watched(real):
+        def __init__(self, full):
+            gc.collect()
+            alive_at_each.append([refs[n]() is not None for n in names])
+            super().__init__(full)
+
+    def made() -> dict:
+        out = {}
+        for i, name in enumerate(names):
+            h = _symmetric(32 + 8 * i, seed=i)
+            refs[name] = weakref.ref(h)
+            out[name] = Weighting(h=h, scale=1.0 + i)
+        out["rows"] = Weighting(rows=np.ones(5))
+        return out
+
+    expected = {n: w.h.triangle.copy() for n, w in allocate.packed_weightings(made()).items() if w.h is not None}
+    kept = made()
+    copy = allocate.packed_weightings(kept)
+    assert all(isinstance(w.h, np.ndarray) for n, w in kept.items() if n != "rows")  # not in place: kept as it was
+    assert copy is not kept
+    del copy, kept
+    monkeypatch.setattr(allocate, "PackedSymmetric", Watched)
+    weightings = made()
+    out = allocate.packed_weightings(weightings, in_place=True)
+    assert out is weightings and out["rows"].h is None
+    # while the i-th is packed, the ones before it are freed and the ones after it still held
+    assert alive_at_each == [[j >= i for j in range(len(names))] for i in range(len(names))], alive_at_each
+    for name in names:
+        assert isinstance(out[name].h, real) and out[name].scale == 1.0 + names.index(name)
+        assert np.array_equal(out[name].h.triangle, expected[name])
+    gc.collect()
+    assert all(refs[n]() is None for n in names)
+
+
 def test_packed_h_measures_every_candidate_the_same_and_frees_the_whole_matrix():
     import gc
     import weakref
@@ -693,7 +740,7 @@ def test_calibrated_save_holds_packed_h_through_the_search_with_the_same_file(tm
     monkeypatch.setattr(encode, "_plan", plan)
     codec.save(model, tmp_path / "packed.jwt", bits_per_weight=4.0, calibration=batches, repair=False)
     packed, seen[:] = list(seen), []
-    monkeypatch.setattr(allocate, "packed_weightings", dict)  # the whole matrices, as before
+    monkeypatch.setattr(allocate, "packed_weightings", lambda w, **_: dict(w))  # the whole matrices, as before
     codec.save(model, tmp_path / "whole.jwt", bits_per_weight=4.0, calibration=batches, repair=False)
     # every plan of each save (a small model's may be planned again: encode.REPLANS)
     assert packed and all(kinds == ["PackedSymmetric"] * 2 for kinds in packed)

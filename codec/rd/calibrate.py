@@ -65,6 +65,7 @@ from .allocate import Weighting
 from .experts import (ExpertsCollector, FlatCollector, Target, expert_key, experts_info, moe_modules, parse_slice,
                       rank_one, targets)
 from .output_sample import OutputSample
+from .prefix import Prefix
 from .recurrent import (RecurrentCollector, recurrent_matrices, recurrent_modules, recurrent_targets,
                         recurrent_unmeasured)
 
@@ -505,6 +506,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     collectors_all = [*collectors.values(), *moe_collectors.values(), *rnn_collectors.values()]
     samples = count = sensitivity_seen = 0
     sample = OutputSample(seed)
+    prefix = Prefix(model)  # (eval mode: set above; the sensitivity passes start at the layer they perturb)
     try:
         with torch.no_grad():
             for index, raw in enumerate(batches):
@@ -515,7 +517,8 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
                 for c in collectors_all:
                     c.mask, c.active = mask, True
                 try:
-                    with sample.watch(model) if index == 0 else contextlib.nullcontext():
+                    with sample.watch(model) if index == 0 else contextlib.nullcontext(), \
+                            prefix.recording() if sensitivity_seen < sensitivity_samples else contextlib.nullcontext():
                         out = call(model, batch)
                 except Exception as exc:  # the model's own error on a wrong shape or type (a ValueError too)
                     raise ValueError(f"calibration batch {index}: the model does not accept it "
@@ -530,7 +533,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
                     for c in collectors_all:
                         c.active = False
                     clean = sample.reference(model, batch, _run, lambda t: [t], [clean])[0]
-                    _sensitivity_pass(model, batch, clean, layers, seed, index, noise_num, noise_den, sample)
+                    _sensitivity_pass(model, batch, clean, layers, seed, index, noise_num, noise_den, sample, prefix)
                     _target_sensitivity_pass(model, batch, clean, moe_targets, seed, index, noise_num, noise_den,
                                              sample, len(layers))
                     sensitivity_seen += n
@@ -542,6 +545,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
         for h in handles:
             h.remove()
         model.train(was_training)
+        prefix.disable()  # (no outputs of the last batch kept)
     if count == 0:
         raise ValueError("calibration inputs are empty (no batch)")
     out, notes = {}, []
@@ -889,7 +893,8 @@ def _squared_sum(a: torch.Tensor, b: torch.Tensor | None = None, chunk: int = SU
 
 
 def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layers: dict[str, nn.Module], seed: int,
-                      index: int, num: dict[str, float], den: dict[str, float], sample: OutputSample) -> None:
+                      index: int, num: dict[str, float], den: dict[str, float], sample: OutputSample,
+                      prefix: Prefix | None = None) -> None:
     """One perturbed forward pass per layer (``clean``: the model's output on ``batch``, sampled by ``sample``;
     each perturbed run narrowed by it but at the perturbed layer itself, its output sampled the same way).
 
@@ -900,8 +905,18 @@ def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layer
     output's squared change, ``den`` the final output's energy times the
     relative output error ``||dW x||^2 / ||W x||^2`` this caused in the
     layer, so ``num / den`` is the output's change per unit of it.
+
+    ``prefix`` (its clean pass of ``batch`` recorded, :meth:`codec.rd.prefix.Prefix.recording`): each pass gives
+    back the outputs of the modules completed before the perturbed layer starts instead of running them
+    (:class:`codec.rd.prefix.Prefix`; the same outputs bit for bit). On the first batch (``index`` 0) each
+    shortened pass is checked against the whole one, whose figures are used, and any difference stops the
+    shortcut for the rest of the calibration.
     """
     energy = _squared_sum(clean)
+    skips = [prefix.before(module) if prefix is not None else [] for module in layers.values()]
+    later: list[set[int]] = [set() for _ in skips]  # the modules a later layer's passes skip: their outputs kept
+    for k in range(len(skips) - 2, -1, -1):
+        later[k] = later[k + 1] | set(skips[k + 1])
     for k, (name, module) in enumerate(layers.items()):
         noise = _Noise(module.weight.detach(), clean.device, seed * 1_000_003 + k * 7919 + index)
         caused = [0.0, 0.0]  # ||dW x||^2, ||W x||^2 at this layer
@@ -916,11 +931,21 @@ def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layer
             return output + delta
 
         handle = module.register_forward_hook(perturbed)
+        skip = skips[k] if prefix is not None and prefix.enabled else []
         try:
             with sample.narrowed(model, keep=module):
-                out = sample.take(_run(model, batch))
+                with prefix.shortcut(skip) if skip else contextlib.nullcontext():
+                    out = sample.take(_run(model, batch))
+                if skip and index == 0:  # checked: the whole pass's figures, and no more shortcuts on a difference
+                    short, caused[:] = out, [0.0, 0.0]
+                    out = sample.take(_run(model, batch))
+                    if not (short.shape == out.shape and bool(torch.equal(short, out))):
+                        prefix.disable()
+                    del short
         finally:
             handle.remove()
+        if prefix is not None and prefix.enabled:
+            prefix.keep_only(later[k])
         if caused[1] > 0 and caused[0] > 0:
             num[name] += _squared_sum(out, clean)
             den[name] += energy * caused[0] / caused[1]
