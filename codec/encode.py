@@ -231,8 +231,9 @@ def save(
     """Encode ``state_dict`` (or an ``nn.Module``'s) to a .jwt file at ``path`` (atomically).
 
     ``state_dict`` is a mapping of names to tensors, an ``nn.Module`` (its
-    ``state_dict()``; a ``torch.compile``'d module's original, under the plain model's names) or a checkpoint dict (nested dicts, lists, plain values:
-    see :func:`codec.api.flatten_checkpoint`); anything else is a TypeError, and a
+    ``state_dict()``; a ``torch.compile``'d module's original, under the plain
+    model's names) or a checkpoint dict (nested dicts, lists, plain values: see
+    :func:`codec.api.flatten_checkpoint`); anything else is a TypeError, and a
     mapping without tensors an EncodeError.
 
     ``options`` are :class:`~codec.tensorcodec.EncodeOptions` fields
