@@ -134,7 +134,7 @@ def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], 
     data-free weighting (:func:`codec.rd.calibrate.uncalibrated`); and, when repair runs, the transformers Conv1D
     weights it codes without GPTQ or refit (repair's are for nn.Linear and nn.Conv2d). ``renames``: the model's
     name of a stored tensor where it differs (:func:`codec.encode.save`'s ``model_names``); notes use the model's."""
-    from .rd.calibrate import SENSITIVITY_FLOOR, uncalibrated
+    from .rd.calibrate import uncalibrated
     from .rd.recurrent import recurrent_matrix
 
     renames = renames or {}
@@ -144,7 +144,8 @@ def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], 
     note = uncalibrated(model, calib, names)
     if note:
         notes.append(Note(note))
-    still = [n for n in names if n in calib.layers and calib.layers[n].sensitivity <= SENSITIVITY_FLOOR]
+    unmoved = set(calib.unmoved)
+    still = [n for n in names if n in unmoved]
     if still:  # a tuple / dict output's later items, a pooler: the search spends (almost) nothing on them
         whose = "its" if len(still) == 1 else "their"
         notes.append(Note(f"calibration: {len(still)} weight{'s' * (len(still) != 1)} ({_listed(still)}) did not move "

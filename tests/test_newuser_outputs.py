@@ -144,3 +144,20 @@ def test_load_into_a_tied_model_takes_the_tied_tensor_under_either_name(tmp_path
     with pytest.raises(RuntimeError, match=r"Missing key\(s\).*mid\.bias"):
         codec.load_into(_TiedHead(), tmp_path / "short.jwt")
     assert codec.load_into(_TiedHead(), tmp_path / "short.jwt", strict=False).missing_keys == ["mid.bias"]
+
+
+def test_a_pooler_the_first_output_skips_is_named_and_a_random_models_attention_is_not(tmp_path):
+    """The note is for weights whose noise left the compared output exactly as it was: a random BERT's query and key
+    move ``last_hidden_state`` by less than the sensitivity floor (its softmax is nearly flat) but do move it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=128, max_position_embeddings=32)
+    model = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 512, (32, 16), generator=torch.Generator().manual_seed(1))
+    batches = [{"input_ids": ids[i:i + 8], "attention_mask": torch.ones(8, 16, dtype=torch.long)}
+               for i in range(0, 32, 8)]
+    notes = codec.save(model, tmp_path / "m.jwt", bits_per_weight=4, calibration=batches, repair=False)
+    found = [n for n in notes if "did not move" in n]
+    assert len(found) == 1, notes
+    assert "1 weight ('pooler.dense.weight')" in found[0] and "'last_hidden_state' of its" in found[0]

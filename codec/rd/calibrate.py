@@ -129,7 +129,8 @@ class LayerStats:
 
 
 #: The least sensitivity a measured layer is given: that of a layer whose noise did not move the compared output
-#: (a layer only a second output uses, a pooler the first output does not pass through); a note names them.
+#: (a layer only a second output uses, a pooler the first output does not pass through: ``Calibration.unmoved``, named
+#: in a note) or moved it less (a random model's attention query and key, its softmax nearly flat).
 SENSITIVITY_FLOOR = 1e-6
 
 
@@ -143,6 +144,7 @@ class Calibration:
     seed: int = 0
     notes: list[str] = field(default_factory=list)
     output: str = "the model's output"  # what the sensitivity passes compared (:func:`compared_output`)
+    unmoved: list[str] = field(default_factory=list)  # layers whose noise left that output exactly as it was
 
     def weightings(self, names: Mapping[str, str] | None = None) -> dict[str, Weighting]:
         """The allocator's output-space weighting of every calibrated tensor, by its stored name. ``names``: the
@@ -586,9 +588,13 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
         raise ValueError("calibration inputs are empty (no batch)")
     out, notes = {}, []
 
+    unmoved: list[str] = []  # noise in the layer left the compared output exactly as it was
+
     def sensitive(name: str, stats: LayerStats) -> None:
         den = noise_den[name]
         stats.sensitivity = max(noise_num[name] / den, SENSITIVITY_FLOOR) if den > 0 else 1.0
+        if den > 0 and noise_num[name] == 0:
+            unmoved.append(name)
         out[name] = stats
 
     for name, c in collectors.items():
@@ -617,7 +623,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
         for key, stats in c.stats().items():
             sensitive(key, stats)
     _tie_heads(layers, out)
-    return Calibration(out, samples, count, seed, notes, compared)
+    return Calibration(out, samples, count, seed, notes, compared, unmoved)
 
 
 #: How an expert that no calibration token was routed to is weighed: "mean" (the mean of its module's reached
