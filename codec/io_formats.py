@@ -870,7 +870,9 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, strict: b
     result (from a checkpoint dict, the weights under ``state_dict``, ``model``, ``_orig_mod`` or ``module``
     when they hold every key of the model, :func:`weights_prefix`; a ``torch.compile``'d model loads into the module
     it wraps), a named tuple ``(missing_keys, unexpected_keys)``; with
-    ``strict=True`` a mismatch raises ``RuntimeError`` as torch does.
+    ``strict=True`` a mismatch raises ``RuntimeError`` as torch does. A tensor the model ties to another (one memory:
+    GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``) is loaded from whichever of the two names the file
+    holds, as ``from_pretrained`` does (a model folder's file holds it once).
     Tensors are decoded onto the device of the model's first parameter.
     """
     from .encode import compiled_original
@@ -885,9 +887,20 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, strict: b
         state_dict = load(path, limits=limits, device=device)
     else:
         state_dict = read_tensors(path)
-    prefix = weights_prefix(state_dict, model.state_dict())
+    from .api import _sharing
+
+    own = model.state_dict()
+    ties = _sharing(own)[0]  # a tied head (GPT-2's lm_head.weight = wte): {its name: the earlier one's}
+    prefix = weights_prefix(state_dict, [k for k in own if k not in ties])
     if prefix:
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if ties:  # a file from a folder holds a tied tensor once, under either name: the other one is the same memory
+        state_dict = dict(state_dict)
+        for name, earlier in ties.items():
+            if name not in state_dict and earlier in state_dict:
+                state_dict[name] = state_dict[earlier]
+            elif earlier not in state_dict and name in state_dict:
+                state_dict[earlier] = state_dict[name]
     return model.load_state_dict(state_dict, strict=strict)
 
 

@@ -128,6 +128,12 @@ class LayerStats:
         return Weighting(h=self.h, scale=self.sensitivity)
 
 
+#: The least sensitivity a measured layer is given: that of a layer whose noise did not move the compared output
+#: (a layer only a second output uses, a pooler the first output does not pass through: ``Calibration.unmoved``, named
+#: in a note) or moved it less (a random model's attention query and key, its softmax nearly flat).
+SENSITIVITY_FLOOR = 1e-6
+
+
 @dataclass
 class Calibration:
     """Per weight name (``fc1.weight``), the statistics of :func:`calibrate`."""
@@ -137,6 +143,8 @@ class Calibration:
     batches: int
     seed: int = 0
     notes: list[str] = field(default_factory=list)
+    output: str = "the model's output"  # what the sensitivity passes compared (:func:`compared_output`)
+    unmoved: list[str] = field(default_factory=list)  # layers whose noise left that output exactly as it was
 
     def weightings(self, names: Mapping[str, str] | None = None) -> dict[str, Weighting]:
         """The allocator's output-space weighting of every calibrated tensor, by its stored name. ``names``: the
@@ -253,7 +261,10 @@ def _prepare(batch: object, index: int, device: torch.device, dtype: torch.dtype
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(value)
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"calibration batch {index}{where}: not a tensor but {type(value).__name__}")
+            hint = ("; each item is a batch, samples on the first axis: per-sample records (a `datasets` Dataset's "
+                    "rows) go through torch.utils.data.DataLoader(records, batch_size=64) first"
+                    if where and isinstance(value, (int, float, bool, str)) else "")
+            raise ValueError(f"calibration batch {index}{where}: not a tensor but {type(value).__name__}{hint}")
         if value.dim() == 0 or value.shape[0] == 0:
             raise ValueError(f"calibration batch {index}{where}: empty (shape {tuple(value.shape)})")
         if value.is_floating_point():
@@ -269,30 +280,56 @@ def _prepare(batch: object, index: int, device: torch.device, dtype: torch.dtype
     return tensor(batch, "")
 
 
-def as_keywords(model: nn.Module, batch: Mapping) -> bool:
-    """Whether a mapping batch goes in as ``model(**batch)``: yes (a tokenizer's output for a Hugging Face model)
-    unless ``model.forward`` takes neither ``**kwargs`` nor every key by name, as a ``forward(self, batch)`` that
-    reads the dict itself does (that one gets ``model(batch)``)."""
+def keywords(model: nn.Module, batch: Mapping) -> Mapping | None:
+    """The keyword arguments a mapping batch goes in as (``model(**keywords)``), or None when it goes in whole
+    (``model(batch)``). A forward that takes ``**kwargs`` or every key by name gets the batch (a tokenizer's output
+    for a Hugging Face model); one that takes some of the keys by name gets those, the rest (a labelled dataset's
+    ``label``, as the targets of an ``(inputs, *targets)`` tuple) left out; a ``forward(self, batch)`` that takes none
+    of them gets the mapping whole, to read it itself."""
     try:
         params = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):
-        return True
+        return batch
     if any(p.kind is p.VAR_KEYWORD for p in params):
-        return True
+        return batch
     names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return set(batch) <= names or len(names) != 1
+    if set(batch) <= names:
+        return batch
+    taken = {k: v for k, v in batch.items() if k in names}
+    if taken:
+        return taken
+    return None if len(names) == 1 else batch
 
 
 def call(model: nn.Module, batch: Batch):
-    """The model's output on one batch: a mapping batch (a tokenizer's) as keywords (but whole to a
-    ``forward(self, batch)`` that reads it itself, :func:`as_keywords`), anything else as the one argument (repair,
-    calibration and :func:`codec.train.finetune` run a model the same way)."""
-    return model(**batch) if isinstance(batch, Mapping) and as_keywords(model, batch) else model(batch)
+    """The model's output on one batch: a mapping batch (a tokenizer's) as keywords (those its forward takes; whole
+    to a ``forward(self, batch)`` that reads it itself, :func:`keywords`), anything else as the one argument
+    (repair, calibration and :func:`codec.train.finetune` run a model the same way)."""
+    if isinstance(batch, Mapping):
+        given = keywords(model, batch)
+        if given is not None:
+            return model(**given)
+    return model(batch)
 
 
 def _run(model: nn.Module, batch: Batch) -> torch.Tensor:
     """The model's output on one batch, as one tensor (the first of a tuple or model output)."""
     return _first_tensor(call(model, batch))
+
+
+def compared_output(out: object) -> str:
+    """Which part of a model output :func:`_first_tensor` compares, in words for a note: "the model's output" for a
+    tensor, else the first tensor of a tuple / list (``"item 0 of its tuple of 2"``) or mapping (``"'logits' of its
+    SequenceClassifierOutput"``)."""
+    if isinstance(out, torch.Tensor):
+        return "the model's output"
+    if isinstance(out, Mapping):
+        key = next((k for k, v in out.items() if isinstance(v, torch.Tensor)), None)
+        return f"{key!r} of its {type(out).__name__} output of {len(out)}"
+    if isinstance(out, (tuple, list)):
+        index = next((i for i, v in enumerate(out) if isinstance(v, torch.Tensor)), None)
+        return f"item {index} of its {type(out).__name__} output of {len(out)}"
+    return "the model's output"
 
 
 def _first_tensor(out: object) -> torch.Tensor:
@@ -526,6 +563,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
                 clean = _first_tensor(out)
                 if index == 0:
                     sample.adopt([clean])
+                    compared = compared_output(out)
                 if not bool(torch.isfinite(clean).all()):
                     raise ValueError(f"calibration batch {index}: the model's output holds NaN or Inf")
                 n = _samples(batch)
@@ -550,9 +588,13 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
         raise ValueError("calibration inputs are empty (no batch)")
     out, notes = {}, []
 
+    unmoved: list[str] = []  # noise in the layer left the compared output exactly as it was
+
     def sensitive(name: str, stats: LayerStats) -> None:
         den = noise_den[name]
-        stats.sensitivity = max(noise_num[name] / den, 1e-6) if den > 0 else 1.0
+        stats.sensitivity = max(noise_num[name] / den, SENSITIVITY_FLOOR) if den > 0 else 1.0
+        if den > 0 and noise_num[name] == 0:
+            unmoved.append(name)
         out[name] = stats
 
     for name, c in collectors.items():
@@ -581,7 +623,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
         for key, stats in c.stats().items():
             sensitive(key, stats)
     _tie_heads(layers, out)
-    return Calibration(out, samples, count, seed, notes)
+    return Calibration(out, samples, count, seed, notes, compared, unmoved)
 
 
 #: How an expert that no calibration token was routed to is weighed: "mean" (the mean of its module's reached

@@ -34,7 +34,7 @@ from torch.func import functional_call
 from ..api import _sharing
 from ..errors import EncodeError
 from ..parallel import steady_heap
-from ..rd.calibrate import as_keywords
+from ..rd.calibrate import keywords as _keywords
 from ..rd.repair import _flat
 from ..tensorcodec import EncodeOptions, Overrides, not_applied, round_trip
 from .budget import Budget, as_budget
@@ -282,12 +282,12 @@ def _tensor(value):
 
 def _run(model, inputs, params=None):
     """``model``'s output on ``inputs``: ``model(**inputs)`` for a mapping (a tokenizer's output; see
-    :func:`codec.rd.calibrate.as_keywords`), else ``model(inputs)``; with ``params``, through :func:`torch.func.functional_call`."""
-    keywords = isinstance(inputs, Mapping) and as_keywords(model, inputs)
+    :func:`codec.rd.calibrate.keywords`), else ``model(inputs)``; with ``params``, through :func:`torch.func.functional_call`."""
+    given = _keywords(model, inputs) if isinstance(inputs, Mapping) else None
     if params is None:
-        return model(**inputs) if keywords else model(inputs)
-    if keywords:
-        return functional_call(model, params, (), dict(inputs))
+        return model(inputs) if given is None else model(**given)
+    if given is not None:
+        return functional_call(model, params, (), dict(given))
     return functional_call(model, params, (inputs,))
 
 
