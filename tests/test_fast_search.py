@@ -585,3 +585,41 @@ def test_the_window_reaches_above_the_highest_level_and_cheaper_safe_levels_are_
     assert [o.bits for _, o in fast._cheaper_safe([b2])] == [3]
     assert [label for label, _ in fast._cheaper_safe([b4, q60])] == ["quant b3 64x64", "jpeg q30 flat"]
     assert fast._cheaper_safe([q5.__class__(**{**q5.__dict__, "nmse": 0.01}), q60]) == []
+
+
+@pytest.mark.parametrize("bpw", [6.0, 8.0])
+def test_a_high_budget_takes_the_fast_search_with_few_whole_jpeg_codings(monkeypatch, bpw):
+    """At 6 bits/weight and more the menu reaches 10-, 12- and 16-bit quant (allocate.HIGH_QUANT_BITS). Those
+    budgets went to the exhaustive search, which codes every JPEG quality of every tiling of every tensor in full
+    (cnn_like's fc1 at -b 6: 28 whole JPEG codings and more for its refinement; MiniLM -b 6: 22 CPU s against
+    1.9 at -b 5). The fast search predicts the high depths on the samples as the others: here fc1, sampled, is
+    coded with JPEG in full at most twice; the plan stays within the budget and within 2 % of the exhaustive
+    search's distortion."""
+    sd = _cnn_like()
+    tensors, total = _source(sd)
+    whole = sd["fc1.weight"].numel()
+    counted = Counter()
+
+    def counting(module):
+        real = module.encode_tensor
+
+        def encode(array, dtype, options, *args, **kwargs):
+            if options.codec == "jpeg" and array.size == whole:
+                counted[module.__name__] += 1
+            return real(array, dtype, options, *args, **kwargs)
+
+        monkeypatch.setattr(module, "encode_tensor", encode)
+
+    counting(fast)
+    counting(allocate)
+    chosen = plan_options(tensors, EncodeOptions(), lambda n: None, bits_per_weight=bpw, total_weights=total, jobs=1)
+    assert sum(counted.values()) <= 2, counted
+    monkeypatch.undo()
+    full = plan_options(tensors, EncodeOptions(), lambda n: None, bits_per_weight=bpw, total_weights=total, jobs=1,
+                        search="exhaustive")
+    (d_fast, b_fast), (d_full, b_full) = _chosen(tensors, chosen), _chosen(tensors, full)
+    budget = int(bpw * total / 8)
+    assert b_fast <= budget and b_full <= budget
+    assert b_fast >= 0.99 * b_full  # as much of the budget spent (-b 8: both leave 3.6 %, fc1's next step is 10 bits)
+    assert d_fast <= 1.02 * d_full
+    assert any(o.codec == "quant" and o.bits > 8 for o in full.values())  # the case: the high depths are chosen
