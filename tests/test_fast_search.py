@@ -612,8 +612,13 @@ def test_a_high_budget_takes_the_fast_search_with_few_whole_jpeg_codings(monkeyp
 
     counting(fast)
     counting(allocate)
-    chosen = plan_options(tensors, EncodeOptions(), lambda n: None, bits_per_weight=bpw, total_weights=total, jobs=1)
+    steps = []
+    chosen = plan_options(tensors, EncodeOptions(), lambda n: None, bits_per_weight=bpw, total_weights=total, jobs=1,
+                          progress=lambda name, n: steps.append(n))
     assert sum(counted.values()) <= 2, counted
+    # the progress it reports counts the high depths, as the bar's total does
+    assert sum(steps) == allocate.search_units(((n, a.shape, d) for n, a, d in tensors()), EncodeOptions(),
+                                               lambda n: None, bits_per_weight=bpw)
     monkeypatch.undo()
     full = plan_options(tensors, EncodeOptions(), lambda n: None, bits_per_weight=bpw, total_weights=total, jobs=1,
                         search="exhaustive")
