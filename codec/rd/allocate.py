@@ -975,9 +975,10 @@ def plan_options(
 
     ``search="fast"`` (the default) predicts a budget search's points from
     samples of the tensors (:mod:`codec.rd.fast`); ``"exhaustive"`` measures
-    every candidate in full (and so do max-error searches, budgets of
-    :data:`HIGH_BITS_FROM` or more, ``score``, weightings with a full ``H``
-    and update menus; a state_dict's norm weightings are predicted). The
+    every candidate in full (and so do max-error searches, ``score``,
+    weightings with a full ``H`` and update menus; a state_dict's norm
+    weightings and budgets of :data:`HIGH_BITS_FROM` or more, with their
+    high-bit quant, are predicted). The
     fast search may fill ``coded`` (a dict) with tensors it has coded with
     their chosen options (:func:`codec.rd.fast.plan_fast`), and runs its
     tasks on ``executor`` when one is given (a Ray cluster's,
@@ -991,7 +992,7 @@ def plan_options(
         raise EncodeError("give exactly one of bits_per_weight and max_error")
     if search not in SEARCHES:
         raise ValueError(f"search={search!r}: use one of {', '.join(map(repr, SEARCHES))}")
-    fast = search == "fast" and bits_per_weight is not None and bits_per_weight < HIGH_BITS_FROM
+    fast = search == "fast" and bits_per_weight is not None
     if fast and score is None and type(menu) is Menu:  # the ordinary menu, a measure samples can predict
         from .fast import plan_fast, weighable
 
