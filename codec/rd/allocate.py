@@ -70,7 +70,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..dtypes import SIGNIFICAND, DType, from_float64, get_dtype, to_float64
+from ..dtypes import SIGNIFICAND, DType, get_dtype, to_float64
 from ..errors import EncodeError
 from ..format import TensorEntry, compress_index
 from ..parallel import INLINE, make_executor
@@ -898,8 +898,7 @@ def allocate_max_error(points: dict[str, list[RDPoint]], max_error: float) -> di
 
 
 def sensitivities(points: dict[str, list[RDPoint]], decoded: dict[str, dict[str, np.ndarray]],
-                  score: Callable[[dict[str, np.ndarray]], float],
-                  tensors: TensorSource | None = None) -> dict[str, float]:
+                  score: Callable[[dict[str, np.ndarray]], float]) -> dict[str, float]:
     """Calibrated weights: score drop per unit NMSE, one probe per tensor.
 
     ``decoded[name][label]`` holds decoded arrays of some candidates;
@@ -907,35 +906,19 @@ def sensitivities(points: dict[str, list[RDPoint]], decoded: dict[str, dict[str,
     (higher is better). Each tensor is probed alone with its candidate
     closest to 1 % relative error; the weight is the score drop divided by
     that candidate's NMSE (at least a small positive floor, so no tensor is
-    treated as free). Given ``tensors`` (the search's source of the original
-    values), a floating tensor is also probed with the error's mirror image
-    (the original less the error) and its drop is the mean of the two: the
-    score's first-order term, ``grad . error``, cancels and the second-order
-    one, which a coding error's size predicts, is left. (One-sided, the first
-    order dominated at a probe's 1 %: on the bench CNN with 2,000 training
-    images +1.1e-4 / -7.9e-5 for the two signs of ``fc2.weight``'s error
-    against 1.4e-5 for their mean, and conv2's weight came out at the floor,
-    "free", on one draw of images: coded at a relative error of 0.95, 18 % accuracy at -b 0.6.)
+    treated as free).
     """
     base = score({})
-    probes = {}
     weights = {}
     for name, pts in points.items():
-        found = [p for p in pts if p.nmse > 0 and p.label in decoded.get(name, {})]
-        if found:
-            probes[name] = min(found, key=lambda p: abs(math.log(p.rel_error / 0.01)))
-        else:
+        probes = [p for p in pts if p.nmse > 0 and p.label in decoded.get(name, {})]
+        if not probes:
             weights[name] = 1.0
-    drops = {n: base - score({n: decoded[n][p.label]}) for n, p in probes.items()}
-    if tensors is not None and probes:
-        for name, array, dtype in tensors(set(probes)):
-            if name in probes and dtype.floating:
-                error = _widen(decoded[name][probes[name].label], dtype) - _widen(array, dtype)
-                mirror = from_float64(_widen(array, dtype) - error, dtype)
-                drops[name] = (drops[name] + base - score({name: mirror})) / 2
-    for name, probe in probes.items():
-        weights[name] = max(drops[name], 1e-6 * max(abs(base), 1.0)) / probe.nmse
-    return {n: weights[n] for n in points}
+            continue
+        probe = min(probes, key=lambda p: abs(math.log(p.rel_error / 0.01)))
+        drop = base - score({name: decoded[name][probe.label]})
+        weights[name] = max(drop, 1e-6 * max(abs(base), 1.0)) / probe.nmse
+    return weights
 
 
 #: ``tensors()`` yields ``(name, array, dtype)`` for each stored tensor; ``tensors(names)`` (a set) at least those
@@ -1068,7 +1051,7 @@ def plan_options(
     if max_error is not None:
         chosen = allocate_max_error(points, max_error)
     else:
-        weights = sensitivities(points, probes, score, tensors) if score is not None else {}
+        weights = sensitivities(points, probes, score) if score is not None else {}
         budget = int(bits_per_weight * weights_total / 8) - fixed_bytes  # type: ignore[operator]
         _check_feasible(bits_per_weight, weights_total, fixed_bytes, points, refuse)  # type: ignore[arg-type]
         safe = {n: [p for p in pts if p.damage <= DAMAGE] for n, pts in points.items()}
