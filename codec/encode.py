@@ -247,7 +247,9 @@ def save(
     tensor: ``bits_per_weight`` bounds the whole file; ``max_error`` bounds
     each tensor's relative RMS error. ``calibrate(state_dict) -> score``
     (higher is better) measures each tensor's sensitivity for the budget
-    allocation instead of the data-free estimate. ``search``: ``"fast"``
+    allocation instead of the data-free estimate; with ``bits_per_weight``
+    the file is that plan's or the data-free plan's, whichever ``calibrate``
+    scores higher as decoded (a note says which). ``search``: ``"fast"``
     predicts a budget search from samples of each tensor and measures in
     full only what it picks (:mod:`codec.rd.fast`); ``"exhaustive"``
     measures every candidate. ``ray`` (``"auto"``, ``"local"`` or a
@@ -671,7 +673,8 @@ def _better_by_score(arrays: Arrays, aliases: dict[str, str], calibrate: Callabl
     plan only where its file fits ``budget``. The user's score judges the two files as written (two more calls of
     it, one more coding of the model); a note says which plan was kept and both scores. (The calibrated plan's
     sensitivities come from one probe per tensor at 1 % error, a file's errors are 10-90 %: the bench CNN's
-    calibrated plan at -b 1.5 had 89.02 % against the data-free plan's 89.40.)"""
+    calibrated plan at -b 1.5 had 89.02 % against the data-free plan's 89.40, and 18.41 % at -b 0.6 with another
+    2,000 images.)"""
     from .api import calibrate_score
 
     score = calibrate_score(arrays, aliases, calibrate)
