@@ -521,9 +521,14 @@ def save(
         chosen, damaged, coded, planned, growth = settle(growth, calibrate, progress)
         if calibrate is not None and bits_per_weight is not None and matcher is None and calibration is None:
             # a user who gives a score expects a file at least as good by it as the data-free plan's
-            chosen, damaged, coded, planned = _better_by_score(
-                arrays, aliases, calibrate, (chosen, damaged, coded, planned), settle(growth, None, None)[:4],
-                int(bits_per_weight * weights / 8), warn, meta, encoder, index, attachments, packing, jobs, notes)
+            try:
+                other = settle(growth, None, None)[:4]
+            except EncodeError:  # no data-free plan at this budget: the calibrated one stands
+                other = None
+            if other is not None:
+                chosen, damaged, coded, planned = _better_by_score(
+                    arrays, aliases, calibrate, (chosen, damaged, coded, planned), other,
+                    int(bits_per_weight * weights / 8), warn, meta, encoder, index, attachments, packing, jobs, notes)
             warn(damaged)
         measure_by = None  # its weightings hold calibration's H matrices (MiniLM: 100 MB): not through repair
         notes += damaged
