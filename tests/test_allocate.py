@@ -199,10 +199,40 @@ def test_calibration_spends_bits_on_the_tensor_the_score_cares_about(tmp_path):
         return -float((candidate["b.weight"] - ref).norm())
 
     codec.save(sd, tmp_path / "plain.jwt", bits_per_weight=1.5)
-    codec.save(sd, tmp_path / "cal.jwt", bits_per_weight=1.5, calibrate=score)
+    notes = codec.save(sd, tmp_path / "cal.jwt", bits_per_weight=1.5, calibrate=score)
     with codec.open(tmp_path / "plain.jwt") as p, codec.open(tmp_path / "cal.jwt") as c:
         assert c.reader.entry("b.weight").stored_bytes > p.reader.entry("b.weight").stored_bytes
     assert len(calls) >= 2
+    assert [n for n in notes if n.startswith("calibrate:")] == [
+        n for n in notes if n.startswith("calibrate: kept the calibrated plan, scored ")]  # it scores better
+    assert any(isinstance(n, codec.encode.Note) and n.startswith("calibrate: kept the calibrated plan") for n in notes)
+
+
+def test_a_score_the_probes_mislead_gets_the_data_free_plan(tmp_path):
+    """A score flat at a probe's 1 % error and steep at a file's errors (quartic in a.weight's error, quadratic in
+    b.weight's): the sensitivities call a.weight nearly free and the calibrated plan starves it; the save compares
+    the two plans' files by the user's score and keeps the data-free one, says so, and stays within the budget."""
+    import codec.encode
+
+    sd = _model()
+    a0, b0 = sd["a.weight"].double(), sd["b.weight"].double()
+
+    def nmse(t, ref):
+        return float(((t.double() - ref) ** 2).sum() / (ref ** 2).sum())
+
+    def score(candidate):
+        return -100 * nmse(candidate["a.weight"], a0) ** 2 - nmse(candidate["b.weight"], b0)
+
+    budget = 1.2
+    codec.save(sd, tmp_path / "plain.jwt", bits_per_weight=budget)
+    notes = codec.save(sd, tmp_path / "cal.jwt", bits_per_weight=budget, calibrate=score)
+    kept = [n for n in notes if n.startswith("calibrate:")]
+    assert len(kept) == 1 and kept[0].startswith("calibrate: kept the data-free plan, scored ")
+    assert isinstance(kept[0], codec.encode.Note)
+    plain, calibrated = (score(codec.load(tmp_path / f"{n}.jwt")) for n in ("plain", "cal"))
+    assert calibrated >= plain
+    weights = sum(t.numel() for t in sd.values())
+    assert os.path.getsize(tmp_path / "cal.jwt") * 8 <= budget * weights
 
 
 def test_parse_spec_and_overrides_last_match_wins():
