@@ -832,7 +832,7 @@ def test_repair_steps_up_only_with_a_spare(monkeypatch):
     assert all(ladder.scale_of(o) >= ladder.scale_of(options[n]) if o.codec == "jpeg" else o.bits <= options[n].bits
                for n, o in plain.options.items())
     spent = repair(model, data, options, spare=4000)
-    assert seen == [False, True]
+    assert seen in ([False, True], [False, True, True])  # (coded again where the GPTQ reserve came back: RESPEND_FROM)
     assert ladder.scale_of(spent.options["fc.weight"]) < ladder.scale_of(options["fc.weight"])
     planned = sum(len(b) for n in ("fc.weight", "head.weight", "conv.weight")
                   for b in encode_tensor(to_numpy(model.state_dict()[n])[0], F32, options[n]).blobs)

@@ -439,8 +439,8 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
             keep_targets: bool = True, spare: int = 0, release: int = 0
             ) -> tuple[dict[str, np.ndarray], list[str], dict[str, EncodeOptions], int, int]:
     """The coding in forward order (:func:`repair`); ``(targets, notes, changed options, credit left unspent at the
-    end, the reserve held from the spare's receiver before ``release``)``. ``release``: bytes of that reserve
-    (:func:`_held`) the receiver gets all the same (at most the reserve)."""
+    end, the reserve held from the spare's receiver before ``release``, or 0 where the receiver left credit of its
+    own)``. ``release``: bytes of that reserve (:func:`_held`) the receiver gets all the same (at most the reserve)."""
     # Without targets kept or training, the working model only ever runs on the calibration inputs: a coded
     # embedding then needs only the rows they look up (_Lookups).
     lookups = _Lookups(work, slots) if not keep_targets and settings.steps == settings.final_steps == 0 \
@@ -518,6 +518,8 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
             slot, layer, options[slot.name], settings, executor, credit, held, i < last_image,
             0 if receiver is None or receiver.coded or slot is receiver else spare)  # (the receiver's is in credit)
         if slot is receiver:
+            if credit >= STEP_UP_FROM * slot.nbytes:
+                held_back = 0  # its credit did not limit it: more would go unspent too (no second coding)
             credit += reserve  # for the quant tensors after it
         if opts != options[slot.name]:
             changed[slot.name] = opts
