@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import io
 from dataclasses import replace
 
@@ -745,6 +746,31 @@ def test_calibrated_gru_of_quant_tensors_spends_its_budget():
     assert not any("over the" in n for n in notes)
 
 
+def test_calibrated_mlp_spends_the_reserve_its_later_quant_tensors_left(monkeypatch):
+    """A 784-128-64-10 MLP's calibrated + repaired save at -b 2.5: the spare goes to the first layer (JPEG), less
+    RESERVE of the later quant layers' bytes held for GPTQ's growth; their GPTQ codings do not grow and a bit more
+    of either costs more than is left, so the reserve came back unspent (1.9 % of the budget). Repair codes the
+    model again with the first layer given it: the file ends within 1 % under its budget, never over (main:
+    0.9815 of it, as with the second coding switched off here)."""
+    import codec
+    import codec.rd.repair as repair_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    budget = int(2.5 * sum(t.numel() for t in model.state_dict().values()) / 8)
+    data = torch.rand(512, 784).split(64)
+    sizes = {}
+    for respend in (math.inf, repair_module.RESPEND_FROM):
+        monkeypatch.setattr(repair_module, "RESPEND_FROM", respend)
+        out = io.BytesIO()
+        notes = codec.save(model, out, bits_per_weight=2.5, calibration=data)
+        sizes[respend] = len(out.getvalue())
+        assert sizes[respend] <= budget
+        assert not any("over the" in n for n in notes)
+        assert any("coded twice" in n and "0.weight" in n for n in notes) == (respend != math.inf)
+    assert sizes[math.inf] < 0.99 * budget <= sizes[repair_module.RESPEND_FROM]
+
+
 def test_calibrated_save_leaves_repair_its_share(monkeypatch):
     """A calibrated + repaired save's plan counts the index as written and leaves repair REPAIR_SHARE of the budget
     (of the fitted layers' share of the model, here all but the biases), which repair's step-ups spend in forward
@@ -806,7 +832,7 @@ def test_repair_steps_up_only_with_a_spare(monkeypatch):
     assert all(ladder.scale_of(o) >= ladder.scale_of(options[n]) if o.codec == "jpeg" else o.bits <= options[n].bits
                for n, o in plain.options.items())
     spent = repair(model, data, options, spare=4000)
-    assert seen == [False, True]
+    assert seen in ([False, True], [False, True, True])  # (coded again where the GPTQ reserve came back: RESPEND_FROM)
     assert ladder.scale_of(spent.options["fc.weight"]) < ladder.scale_of(options["fc.weight"])
     planned = sum(len(b) for n in ("fc.weight", "head.weight", "conv.weight")
                   for b in encode_tensor(to_numpy(model.state_dict()[n])[0], F32, options[n]).blobs)
