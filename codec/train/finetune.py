@@ -281,8 +281,9 @@ def _tensor(value):
 
 
 def _run(model, inputs, params=None):
-    """``model``'s output on ``inputs``: ``model(**inputs)`` for a mapping (a tokenizer's output; see
-    :func:`codec.rd.calibrate.keywords`), else ``model(inputs)``; with ``params``, through :func:`torch.func.functional_call`."""
+    """``model``'s output on ``inputs``: ``model(**keywords)`` for a mapping (a tokenizer's output; the keys its
+    forward takes, :func:`codec.rd.calibrate.keywords`), else ``model(inputs)``; with ``params``, through
+    :func:`torch.func.functional_call`."""
     given = _keywords(model, inputs) if isinstance(inputs, Mapping) else None
     if params is None:
         return model(inputs) if given is None else model(**given)
