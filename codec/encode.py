@@ -340,6 +340,9 @@ def save(
         cluster = RayExecutor(connect(ray))  # fail early: Ray missing or the cluster unreachable
     if model is not None and not is_module(model):
         raise TypeError(f"model= must be a torch.nn.Module, not {type(model).__name__}")
+    if calibrate is not None and not callable(calibrate):
+        raise TypeError(f"calibrate= must be a function of a state_dict returning a score (higher is better), "
+                        f"not {type(calibrate).__name__}")
     renames = _model_names(model_names, model)
     if is_module(state_dict):
         state_dict = compiled_original(state_dict)

@@ -875,8 +875,11 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, strict: b
     holds, as ``from_pretrained`` does (a model folder's file holds it once).
     Tensors are decoded onto the device of the model's first parameter.
     """
-    from .encode import compiled_original
+    from .encode import compiled_original, is_module
 
+    if not is_module(model):
+        hint = " (the model comes first: load_into(model, path))" if isinstance(model, (str, os.PathLike)) else ""
+        raise TypeError(f"load_into: model must be a torch.nn.Module, not {type(model).__name__}{hint}")
     model = compiled_original(model)  # a torch.compile'd model loads the plain names codec.save writes for it
     first = next(iter(model.parameters()), None)
     first = first if first is not None else next(iter(model.buffers()), None)

@@ -444,6 +444,7 @@ def test_save_takes_a_module_and_refuses_what_it_cannot_store(tmp_path):
     ({"max_error": 0}, ValueError, "max_error=0: must be above 0"),
     ({"max_error": "0.1"}, TypeError, "max_error must be a number"),
     ({"bitz": 3}, TypeError, "unexpected keyword argument 'bitz'"),
+    ({"bits_per_weight": 4, "calibrate": 3}, TypeError, "calibrate= must be a function of a state_dict"),
 ])
 def test_save_names_a_wrong_argument_in_one_line(tmp_path, kwargs, error, words):
     """Wrong rate targets and unknown keywords: one line naming the argument (not an internal comparison or
@@ -472,3 +473,8 @@ def test_wrong_path_and_source_types_are_type_errors_not_attribute_errors(tmp_pa
     codec.save(weights(), tmp_path / "m.jwt")
     with pytest.raises(TypeError, match="decode_model: output must be a path"):
         codec.decode_model(tmp_path / "m.jwt", 7)
+    layer = torch.nn.Linear(4, 4)
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, not str \(the model comes first"):
+        codec.load_into(str(tmp_path / "m.jwt"), layer)  # arguments swapped
+    with pytest.raises(TypeError, match="load_into: model must be a torch.nn.Module, not dict"):
+        codec.load_into(weights(), tmp_path / "m.jwt")
