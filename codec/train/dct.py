@@ -168,6 +168,8 @@ def to_ordinary(model: torch.nn.Module) -> torch.nn.Module:
     """Replace every DCT layer of ``model`` (in place) by its ordinary layer: the state_dict then has the names
     and shapes of the original model's, and ``codec.save`` stores it. Returns the model (or the ordinary layer,
     if ``model`` is itself a DCT layer)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"to_ordinary: model must be a torch.nn.Module, not {type(model).__name__}")
     if isinstance(model, (DCTLinear, DCTConv2d)):
         return model.to_ordinary()
     for name, module in list(model.named_modules()):

@@ -118,6 +118,8 @@ def round_vector(t: torch.Tensor, bits: int) -> torch.Tensor:
     from ..api import to_numpy, to_torch
     from ..dtypes import get_dtype, round_significand
 
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"round_vector: t must be a torch.Tensor, not {type(t).__name__}")
     if _check_vector_bits(bits) is None:
         raise ValueError("round_vector: bits must be an integer from 1 to 22, not None")
     array, name = to_numpy(t.detach())

@@ -102,6 +102,11 @@ def rate(model_or_tensors, setting: EncodeOptions | str | Mapping | None = None)
 
 def tensor_rate(t: torch.Tensor, opts: EncodeOptions) -> torch.Tensor:
     """Estimated bits of one tensor's blobs under ``opts`` (a constant where it is stored losslessly)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"tensor_rate: t must be a torch.Tensor, not {type(t).__name__}")
+    if not isinstance(opts, EncodeOptions):
+        raise TypeError(f"tensor_rate: opts must be an EncodeOptions (codec.train.as_setting('jpeg,q8') makes one), "
+                        f"not {type(opts).__name__}")
     dtype = get_dtype(_dtype_name(t))
     shape = tuple(t.shape)
     lossless = opts.codec == "lossless" or (not_applied(shape, dtype, opts) or "").startswith("stored losslessly")
@@ -143,6 +148,10 @@ def _param_bits(lo: torch.Tensor, hi: torch.Tensor, bits: int, kind: str, image_
 def entropy_bits(values: torch.Tensor, low: int, high: int) -> torch.Tensor:
     """Bits of an order-0 code of ``round(values)`` (clipped to ``low..high``) in each row of ``values`` ([k, n] or
     [n]): the hard histogram's entropy as the value, a soft (two-neighbour) histogram's gradient."""
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"entropy_bits: values must be a torch.Tensor, not {type(values).__name__}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)) or low > high:
+        raise ValueError(f"entropy_bits: low and high must be integers with low <= high, not {low!r}, {high!r}")
     return _Entropy.apply(values, low, high)
 
 

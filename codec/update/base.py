@@ -117,6 +117,10 @@ def check_base(index: Index, base: Base | None, file: str) -> None:
     then the number of base tensors and the digest of the whole base.
     Nothing is decoded from the update before this passes.
     """
+    if not isinstance(index, Index):
+        raise TypeError(f"check_base: index must be a codec.format.Index (a Reader's .index), not {type(index).__name__}")
+    if base is not None and not isinstance(base, Base):
+        raise TypeError(f"check_base: base must be a codec.update.Base or None, not {type(base).__name__}")
     if index.base is None:
         return
     need = f"(it needs the base whose digest is sha256:{index.base.sha256})"

@@ -18,6 +18,7 @@ def add_difference(base: np.ndarray, diff: np.ndarray, dtype: DType) -> np.ndarr
     double roundings are innocuous (the wider format has more than twice the
     precision plus one bit), so every path gives the correctly rounded sum.
     """
+    _check("add_difference", dtype, base=base, diff=diff)
     if dtype.name in ("float64", "float32", "float16"):
         with np.errstate(over="ignore", invalid="ignore"):
             return np.add(base, diff, dtype=dtype.storage)
@@ -26,7 +27,18 @@ def add_difference(base: np.ndarray, diff: np.ndarray, dtype: DType) -> np.ndarr
 
 def difference(new: np.ndarray, base: np.ndarray, dtype: DType) -> np.ndarray:
     """``new - base`` rounded to ``dtype`` (storage form): what an encoder codes for a delta entry."""
+    _check("difference", dtype, new=new, base=base)
     with np.errstate(over="ignore", invalid="ignore"):
         if dtype.name in ("float64", "float32", "float16"):
             return np.subtract(new, base, dtype=dtype.storage)
         return from_float64(to_float64(new, dtype) - to_float64(base, dtype), dtype)
+
+
+def _check(function: str, dtype: object, **arrays: object) -> None:
+    """A TypeError naming the argument for what is not a numpy array / a :class:`codec.dtypes.DType`."""
+    for name, value in arrays.items():
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"{function}: {name} must be a numpy array (storage form), not {type(value).__name__}")
+    if not isinstance(dtype, DType):
+        raise TypeError(f"{function}: dtype must be a codec.dtypes.DType (codec.dtypes.get_dtype('float32')), "
+                        f"not {type(dtype).__name__}")
