@@ -239,8 +239,17 @@ def test_a_budget_the_model_cannot_reach_trains_then_save_refuses_naming_the_siz
     said = str(info.value)
     assert "\n" not in said and not path.exists()
     assert f"{budget.bits:.4f} bits/weight" in said and "over the 0.01 bits/weight asked" in said
-    smallest = float(said.split("smallest budget that fits this model is ")[1].split()[0])
+    smallest = float(said.split("smallest budget that fits this model at this setting is ")[1].split()[0])
     assert budget.smallest <= smallest < budget.smallest + 1e-4
+    # what else holds the file: the other tensors of the file at the coarsest quality, largest first, as stored
+    written = io.BytesIO()
+    codec.save(model, written, overrides=budget.overrides)
+    stored = {e.name: e.stored_bytes for e in codec.open(written.getvalue()).reader.index.entries}
+    assert budget.holders and budget.tensor not in [name for name, _, _ in budget.holders]
+    assert [size for _, size, _ in budget.holders] == sorted((size for _, size, _ in budget.holders), reverse=True)
+    assert all(stored[name] == size for name, size, _ in budget.holders)
+    name, size, coding = budget.holders[0]
+    assert f"besides {budget.tensor}, its largest tensors are {name} {size:,} B as {coding}" in said
     again = Budget(smallest)  # the figure named fits (a new Budget on the same weights: no training)
     finetune(model, _data(), LOSS, overrides=RULES, steps=0, budget=again, validation=False)
     assert again.within and again.bits <= smallest

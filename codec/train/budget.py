@@ -74,6 +74,9 @@ LINEAR_STEPS = 2
 #: fraction of one (12 ms against 77-85 ms: every coding).
 SHARE = 0.1
 
+#: A budget not met names this many of the largest tensors it does not move (:meth:`Budget.save`'s refusal).
+HOLDERS = 3
+
 
 def _clock() -> float:
     """The clock the default interval is timed with: this process's CPU seconds (every thread: the encoder's too)."""
@@ -121,8 +124,9 @@ class Budget:
     After finetune: :attr:`overrides` (the ``(glob, setting)`` rules to save with: the caller's with the tensor's
     quality appended), :attr:`quality` (its text, ``q6.82``), :attr:`bits` (the file's bits/weight, measured after
     the last step), :attr:`within` (``bits <= bits_per_weight``), :attr:`smallest` (when not within: the file's
-    bits/weight at the coarsest quality, the smallest budget that fits this model now), :attr:`history` (``(step,
-    quality, bits/weight)`` of every measurement: the quality after it, the size measured at the quality before it),
+    bits/weight at the coarsest quality, the smallest budget that fits this model now), :attr:`holders` (then: the
+    other tensors' ``(name, bytes, coding)`` in that file, largest first), :attr:`history` (``(step, quality,
+    bits/weight)`` of every measurement: the quality after it, the size measured at the quality before it),
     :attr:`stepped_down`, :attr:`interval` (the last interval between measurements used, in steps);
     :meth:`save` writes the file (and refuses one over the budget). Pass the same Budget to
     several finetune calls (a loop of epochs) to continue from its quality."""
@@ -145,6 +149,7 @@ class Budget:
         self.bits_per_weight, self.tensor, self.margin = float(bits_per_weight), tensor, float(margin)
         self.every, self.hold, self.start_at = every, float(hold), start
         self.smallest: float | None = None
+        self.holders: list[tuple[str, int, str]] = []  # when over at the coarsest: (name, bytes, coding), largest first
         self.overrides: list[tuple[str, str]] | None = None
         self.quality: str | None = None
         self.bits: float | None = None
@@ -323,8 +328,10 @@ class Budget:
                         hi = mid
             self.stepped_down += self._index - lo
             self._index, self.bits = lo, at
+        self.holders = []
         if self.bits > self.bits_per_weight:  # at the coarsest rung: the smallest file this model has now
             self.smallest = self.bits
+            self.holders = self._holders(model)
         self.history.append((self._steps, self._text(self._index), self.bits))
         return self._rules()
 
@@ -384,9 +391,9 @@ class Budget:
             smallest = math.ceil((self.smallest or self.bits) * 1e4) / 1e4
             raise ValueError(f"budget: not saved: the file is {self.bits:.4f} bits/weight ({self.tensor} at "
                              f"{self.quality}, the coarsest quality), over the {self.bits_per_weight:g} bits/weight "
-                             f"asked; the smallest budget that fits this model is {smallest:g} bits/weight (train "
-                             f"longer or ask for more; codec.save(model, path, overrides=budget.overrides) writes it "
-                             f"anyway)")
+                             f"asked; the smallest budget that fits this model at this setting is {smallest:g} "
+                             f"bits/weight{self._held_by()} (train longer or ask for more; codec.save(model, path, "
+                             f"overrides=budget.overrides) writes it anyway)")
         return save(model, path, overrides=self.overrides, **self._fields(), **kwargs)
 
     def _fields(self) -> dict:
@@ -405,6 +412,23 @@ class Budget:
         self.quality = self._text(self._index)
         return Overrides(self.overrides)
 
+    def _held_by(self) -> str:
+        """The refusal's words on what else the file spends: the largest tensors besides the one that moves."""
+        if not self.holders:
+            return ""
+        named = ", ".join(f"{name} {size:,} B as {coding}" for name, size, coding in self.holders[:HOLDERS])
+        return f"; besides {self.tensor}, its largest tensors are {named}: a coarser setting or overrides for them lower it"
+
+    def _holders(self, model: torch.nn.Module) -> list[tuple[str, int, str]]:
+        """``(name, stored bytes, coding)`` of the file's tensors at the coarsest rung, the moving tensor left
+        out, largest first (one more coding of the model, only when the budget is not met)."""
+        from ..api import open as open_file
+
+        entries = open_file(self._file(model, 0)).reader.index.entries
+        held = [(e.name, e.stored_bytes, e.codec.describe() if e.codec is not None else "an alias")
+                for e in entries if e.name != self.tensor and e.stored_bytes]
+        return sorted(held, key=lambda item: -item[1])
+
     def _measure(self, model: torch.nn.Module, index: int) -> float:
         """The bits/weight of the file of ``model`` as it is now (float weights, vectors rounded as finetune
         writes them) with the tensor at ladder step ``index``. Coded with ``jobs=torch.get_num_threads()``: a
@@ -412,12 +436,22 @@ class Budget:
         measurement 10-40 % more CPU time, by the load: 10.5-11.5 ms against 8.2-9.5 ms) and without the
         lossy tensors' relative errors (``measure_errors=False``: the size is the same, the JPEG blob is not
         decoded again; 9.2-9.9 ms -> 6.1-6.4 ms on the bench MLP at its random start)."""
+        tic = _clock()
+        data, weights = self._coded(model, index)
+        self._count("measure", _clock() - tic)
+        return 8 * len(data) / weights
+
+    def _file(self, model: torch.nn.Module, index: int) -> bytes:
+        """The bytes of the file :meth:`_measure` measures."""
+        return self._coded(model, index)[0]
+
+    def _coded(self, model: torch.nn.Module, index: int) -> tuple[bytes, int]:
+        """The file :meth:`_measure` measures and the number of values it counts (tied names once)."""
         from ..api import _sharing
         from ..encode import save
 
         from .finetune import _rounds, round_vector
 
-        tic = _clock()
         rules = Overrides(self._rules_at(index))
         state = {n: t.detach() for n, t in model.state_dict().items()}
         aliases = _sharing(state)[0]  # tied names: stored once by codec.save, counted once here
@@ -428,8 +462,7 @@ class Budget:
             state.update({n: state[target] for n, target in aliases.items()})
         buf = io.BytesIO()  # coded on as many threads as torch trains with (the same bytes on any number)
         save(state, buf, overrides=rules.rules, jobs=torch.get_num_threads(), measure_errors=False, **self._fields())
-        self._count("measure", _clock() - tic)
-        return 8 * len(buf.getvalue()) / sum(t.numel() for n, t in state.items() if n not in aliases)
+        return buf.getvalue(), sum(t.numel() for n, t in state.items() if n not in aliases)
 
 
 class BudgetDamageWarning(UserWarning):
