@@ -18,7 +18,12 @@ instead of in the weights:
   diagonal of its inputs' second moment, which weighs the weight's *rows*
   (``kind="conv1d"``: :meth:`LayerStats.weighting` gives it as per-row
   weights ``R``, so the output error is ``sum_i H_ii |dW_i|^2``);
-- for every ``nn.Embedding``, how often each row was looked up; an
+- for every ``nn.Embedding``, how often each row was looked up; for every
+  ``nn.EmbeddingBag``, each row's share of the bags' output error: per bag,
+  the square of the row's coefficient in it (``1/n`` for ``mode="mean"``
+  over its ``n`` ids, its ``per_sample_weights`` summed for ``"sum"``, the
+  fraction of the output's dimensions it is the maximum of for ``"max"``),
+  from 2-D ids or flat ids with ``offsets``, as the model calls it; an
   embedding tied to an output head (GPT-2's ``wte`` = ``lm_head.weight``,
   one storage) is weighted as that head, by the head's inputs (its error
   reaches every logit, and the file holds the tensor once);
@@ -98,12 +103,16 @@ Batch = torch.Tensor | Mapping[str, torch.Tensor]
 class LayerStats:
     """What calibration learned about one weight tensor's layer."""
 
-    kind: str  # "linear", "conv2d", "conv1d" (transformers' Conv1D: h weighs the rows) or "embedding"
-    h: np.ndarray  # (C, C) float32 or diagonal (C,) second moment of the inputs; embedding: (V,) lookup counts
+    kind: str  # "linear", "conv2d", "conv1d" (transformers' Conv1D: h weighs the rows), "embedding", "embedding_bag"
+    h: np.ndarray  # (C, C) float32 or diagonal (C,) second moment of the inputs; embedding: (V,) lookup counts;
+    #              embedding_bag: (V,) each row's squared coefficients in the bags, summed (:func:`bag_shares`)
     mean: np.ndarray | None  # E[x] over the in-features (None for an embedding)
     samples: int  # input rows seen (tokens, pixel positions, samples)
     sensitivity: float = 1.0  # relative change of the final output per unit relative output error
     rows: np.ndarray | None = None  # kind "experts" (a 3D experts parameter, E x ...): per-expert weights
+    #: kind "embedding_bag": the factor that makes the weighting's relative error (rows mixed as an embedding's) the
+    #: bags' relative output error, which the sensitivity is per unit of: ``sum(R |W_r|^2) sum(h) / sum |Y_b|^2``
+    gain: float = 1.0
 
     @property
     def diagonal(self) -> bool:
@@ -115,17 +124,25 @@ class LayerStats:
 
         An embedding's rows are weighted half by their lookup frequency and
         half uniformly: rows the calibration inputs never used still count,
-        as rare tokens do in real use.
+        as rare tokens do in real use. An EmbeddingBag's the same, by its
+        rows' shares of the bags' output error (:func:`bag_shares`), its
+        scale times :attr:`gain`.
         """
-        if self.kind == "embedding":
-            total = float(self.h.sum())
-            freq = self.h / total if total > 0 else np.zeros_like(self.h)
-            return Weighting(rows=0.5 * freq + 0.5 / len(self.h), scale=self.sensitivity)
+        if self.kind in ("embedding", "embedding_bag"):
+            return Weighting(rows=mixed_rows(self.h), scale=self.sensitivity * self.gain)
         if self.kind == "conv1d":  # weight (in, out): the inputs' second moment weighs its rows
             return Weighting(rows=self.h, scale=self.sensitivity)
         if self.kind == "experts":  # a whole 3D experts parameter: per-expert rows, one diagonal over the columns
             return Weighting(h=self.h, rows=self.rows, scale=self.sensitivity)
         return Weighting(h=self.h, scale=self.sensitivity)
+
+
+def mixed_rows(counts: np.ndarray) -> np.ndarray:
+    """An embedding's per-row weights from its rows' counts (lookups, or an EmbeddingBag's shares): half the counts'
+    frequencies, half uniform (summing to 1)."""
+    total = float(counts.sum())
+    freq = counts / total if total > 0 else np.zeros_like(counts)
+    return 0.5 * freq + 0.5 / len(counts)
 
 
 #: The least sensitivity a measured layer is given: that of a layer whose noise did not move the compared output
@@ -356,10 +373,12 @@ def _conv1d_type() -> type | None:
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """``"embedding"``, ``"conv2d"``, ``"linear"``, ``"conv1d"`` (transformers' Conv1D, weight ``(in, out)``) for the
-    layers calibration measures, None for the others."""
+    """``"embedding"``, ``"embedding_bag"``, ``"conv2d"``, ``"linear"``, ``"conv1d"`` (transformers' Conv1D, weight
+    ``(in, out)``) for the layers calibration measures, None for the others."""
     if isinstance(module, nn.Embedding):
         return "embedding"
+    if isinstance(module, nn.EmbeddingBag):
+        return "embedding_bag"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
     if isinstance(module, nn.Linear):
@@ -388,8 +407,75 @@ def add_moments(acc, x: torch.Tensor) -> None:
     acc.rows += x.shape[0]
 
 
+_BAG_ARGS = ("input", "offsets", "per_sample_weights")
+
+
+def bag_arguments(args: tuple, kwargs: Mapping) -> dict:
+    """An ``nn.EmbeddingBag`` call's arguments by name (``input``, ``offsets``, ``per_sample_weights``), from a forward
+    hook's positional and keyword arguments."""
+    given = {**dict(zip(_BAG_ARGS, args)), **{k: v for k, v in kwargs.items() if k in _BAG_ARGS}}
+    return {name: given.get(name) for name in _BAG_ARGS}
+
+
+def _bag_call(module: nn.EmbeddingBag, given: Mapping, weight: torch.Tensor, ids: torch.Tensor | None = None,
+              padding_idx: int | None = None) -> torch.Tensor:
+    """``module``'s bags of the call ``given`` (:func:`bag_arguments`) over ``weight`` in place of its own (no
+    ``max_norm`` renormalization); ``ids`` replaces the call's input (the same bags over other row numbers, with
+    ``padding_idx`` for them)."""
+    return F.embedding_bag(given["input"] if ids is None else ids, weight, given["offsets"], mode=module.mode,
+                           per_sample_weights=given["per_sample_weights"],
+                           include_last_offset=module.include_last_offset,
+                           padding_idx=module.padding_idx if ids is None else padding_idx)
+
+
+def bag_shares(module: nn.EmbeddingBag, given: Mapping) -> torch.Tensor:
+    """Each row's share of the output error of the bags of one ``nn.EmbeddingBag`` call (``given``:
+    :func:`bag_arguments`), float64 ``(num_embeddings,)``: a bag's output error is ``sum_r c_r dW_r`` with ``c_r`` the
+    row's coefficient in it (``1/n`` for each of the ``n`` ids of a ``mode="mean"`` bag, 1 or its
+    ``per_sample_weights`` for ``"sum"``, a row's ids in one bag added), so independent row errors cost
+    ``sum_r c_r^2 |dW_r|^2``: the shares are the ``c_r^2`` summed over the bags. ``"max"``: per bag, the fraction of
+    the output's dimensions whose maximum the row holds (the error passes through those). Ids equal to the padding
+    index are left out, as the bag does."""
+    ids, offsets, psw = given["input"], given["offsets"], given["per_sample_weights"]
+    rows = module.num_embeddings
+    if module.mode == "max":
+        _, _, sizes, best = torch.embedding_bag(module.weight.detach(), ids.reshape(-1) if ids.dim() == 2 else ids,
+                                            torch.arange(0, ids.numel(), ids.shape[1], device=ids.device)
+                                            if ids.dim() == 2 else offsets, False, 2, False, None,
+                                            module.include_last_offset if ids.dim() == 1 else False,
+                                            module.padding_idx)
+        best = best[sizes > 0].reshape(-1)  # (an empty bag's "maximum" is row 0)
+        return torch.bincount(best.long(), minlength=rows).double().cpu() / module.embedding_dim
+    if ids.dim() == 2:
+        bag = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(ids.shape[1])
+    else:
+        starts = offsets[:-1] if module.include_last_offset else offsets
+        bag = torch.searchsorted(starts.contiguous(), torch.arange(ids.numel(), device=ids.device), right=True) - 1
+        if module.include_last_offset:  # ids past the last offset belong to no bag
+            keep = torch.arange(ids.numel(), device=ids.device) < offsets[-1]
+            ids, bag = ids[keep], bag[keep]
+            psw = None if psw is None else psw.reshape(-1)[keep]
+    ids = ids.reshape(-1).long()
+    coef = (torch.ones(ids.shape, dtype=torch.float64, device=ids.device) if psw is None
+            else psw.reshape(-1).detach().double())
+    keep = bag >= 0
+    if module.padding_idx is not None:
+        keep &= ids != module.padding_idx
+    ids, bag, coef = ids[keep], bag[keep], coef[keep]
+    if ids.numel() == 0:
+        return torch.zeros(rows, dtype=torch.float64)
+    if module.mode == "mean":
+        sizes = torch.bincount(bag)
+        coef = coef / sizes[bag].double()
+    pairs, inverse = torch.unique(bag * rows + ids, return_inverse=True)
+    summed = torch.zeros(len(pairs), dtype=torch.float64, device=ids.device).index_add_(0, inverse, coef)
+    return torch.bincount(pairs % rows, weights=summed.square(), minlength=rows).cpu()
+
+
 class _Collector:
     """Forward hooks accumulating one layer's input statistics."""
+
+    with_kwargs = False  # (registered with the call's keyword arguments: :class:`_BagCollector`)
 
     def __init__(self, module: nn.Module, full: bool):
         self.module, self.full = module, full
@@ -428,11 +514,47 @@ class _Collector:
         """The layer's statistics; called once, at the end (the accumulated ``H`` is divided in place)."""
         if self.h is None or self.rows == 0:
             return None
+        if self.kind == "embedding_bag":
+            return self._bag_stats()
         if self.kind == "embedding":
             return LayerStats("embedding", self.h.cpu().numpy(), None, self.rows)
         # divided in place: a second copy of every H at once was calibration's peak (MiniLM: 148 MB more)
         h, self.h = self.h.div_(self.rows), None
         return LayerStats(self.kind, h.cpu().numpy(), (self.sum / self.rows).cpu().numpy(), self.rows)
+
+
+class _BagCollector(_Collector):
+    """An ``nn.EmbeddingBag``'s hook (with the call's keyword arguments: ``offsets``, ``per_sample_weights``): its rows'
+    shares of the bags' output error (:func:`bag_shares`) and the bags' output energy."""
+
+    with_kwargs = True
+
+    def __init__(self, module: nn.Module, full: bool):
+        super().__init__(module, full)
+        self.energy = 0.0  # sum of the bags' squared outputs
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+        given = bag_arguments(args, kwargs)
+        if not self.active or not isinstance(given["input"], torch.Tensor):
+            return
+        shares = bag_shares(module, given)
+        self.h = shares if self.h is None else self.h + shares
+        self.rows += given["input"].numel()
+        self.energy += _squared_sum(output)
+
+    def _bag_stats(self) -> LayerStats | None:
+        """``h``: the shares; ``gain``: ``sum(R |W_r|^2) sum(h) / sum |Y_b|^2`` with ``R`` the weighting's mixed rows
+        (:func:`mixed_rows`), so that the allocation's relative error (``tr(R dW dW^T) / tr(R W W^T)``) times it is
+        ``E|dY|^2 / |Y|^2`` for row errors spread as evenly as the sensitivity pass's noise."""
+        shares = self.h.numpy()
+        total = float(shares.sum())
+        if total <= 0 or self.energy <= 0:
+            return None
+        weight = self.module.weight.detach()
+        row_energy = torch.cat([part.double().pow(2).sum(1) for part in weight.split(max(1, _RMS_CHUNK // max(
+            1, weight.shape[1])))]).cpu().numpy()
+        gain = float(mixed_rows(shares) @ row_energy) * total / self.energy
+        return LayerStats("embedding_bag", shares, None, self.rows, gain=gain)
 
 
 def conv_rows(module: nn.Conv2d, x: torch.Tensor, max_bytes: int):
@@ -454,8 +576,8 @@ def conv_rows(module: nn.Conv2d, x: torch.Tensor, max_bytes: int):
 
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Weight name -> module, for the Linear, Conv2d, Embedding and transformers Conv1D layers whose weight is in
-    the state_dict."""
+    """Weight name -> module, for the Linear, Conv2d, Embedding, EmbeddingBag and transformers Conv1D layers whose
+    weight is in the state_dict."""
     keys = set(model.state_dict().keys())
     out = {}
     for name, module in model.named_modules():
@@ -510,8 +632,8 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     experts, routers = moe_modules(model)
     recurrent = recurrent_modules(model)
     if not layers and not experts and not routers and not recurrent:
-        raise ValueError("calibration: the model has no Linear, Conv2d, Conv1D, Embedding, RNN, GRU or LSTM layer "
-                         "with a weight to calibrate")
+        raise ValueError("calibration: the model has no Linear, Conv2d, Conv1D, Embedding, EmbeddingBag, RNN, GRU or "
+                         "LSTM layer with a weight to calibrate")
     full_bytes = 0
 
     def full_h(cols: int, count: int = 1) -> bool:
@@ -523,7 +645,8 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     collectors = {}
     for name, module in layers.items():
         cols = module.weight[0].numel() if layer_kind(module) in ("linear", "conv2d") else 0
-        collectors[name] = _Collector(module, full_h(cols))
+        kind = _BagCollector if layer_kind(module) == "embedding_bag" else _Collector
+        collectors[name] = kind(module, full_h(cols))
     moe_collectors: dict = {name: FlatCollector(module, full_h(module.weight.shape[1]))
                             for name, module in routers.items()}
     for name, (module, info) in experts.items():  # full H over each expert matrix's in-features where it fits
@@ -536,7 +659,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     noise_den = dict.fromkeys([*layers, *moe_targets], 0.0)
     was_training = model.training
     model.eval()
-    handles = [c.module.register_forward_hook(c) for c in collectors.values()]
+    handles = [c.module.register_forward_hook(c, with_kwargs=c.with_kwargs) for c in collectors.values()]
     handles += [c.module.register_forward_hook(c, with_kwargs=isinstance(c, ExpertsCollector))
                 for c in moe_collectors.values()]
     handles += [c.module.register_forward_hook(c, with_kwargs=True) for c in rnn_collectors.values()]
@@ -743,7 +866,7 @@ def _tie_heads(layers: dict[str, nn.Module], out: dict[str, LayerStats]) -> None
         head = next((n for n in names if layer_kind(layers[n]) in ("linear", "conv1d") and n in out), None)
         if head is not None:
             for name in names:
-                if layer_kind(layers[name]) == "embedding" or name not in out:
+                if layer_kind(layers[name]) in ("embedding", "embedding_bag") or name not in out:
                     out[name] = out[head]
             continue
         looked = [out[n] for n in names if n in out and out[n].kind == "embedding"]
@@ -877,11 +1000,27 @@ class _Noise:
         return dw
 
     def error(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The change of ``module``'s output on input ``x`` caused by ``dW``."""
+        """The change of ``module``'s output on input ``x`` caused by ``dW`` (an EmbeddingBag: :meth:`bag_error`)."""
         if isinstance(module, nn.Embedding) and self.by_rows:
             ids, inverse = torch.unique(x, sorted=True, return_inverse=True)
             return F.embedding(inverse, self.rows(ids))
         return _weight_error(module, x, self.whole())
+
+    def bag_error(self, module: nn.EmbeddingBag, given: Mapping, output: torch.Tensor) -> torch.Tensor:
+        """The change of an EmbeddingBag's output on its call ``given`` (:func:`bag_arguments`: its bags, offsets and
+        per-sample weights; ``output`` the clean one) caused by ``dW`` (``mode="max"``: the bags of ``W + dW`` less
+        ``output``)."""
+        if self.by_rows:  # only the rows the bags hold, renumbered
+            ids, inverse = torch.unique(given["input"], sorted=True, return_inverse=True)
+            pad = module.padding_idx
+            pad = int(torch.searchsorted(ids, pad)) if pad is not None and bool((ids == pad).any()) else None
+            dw = self.rows(ids)
+            if module.mode == "max":
+                return _bag_call(module, given, module.weight.detach()[ids] + dw, inverse, pad) - output
+            return _bag_call(module, given, dw, inverse, pad)
+        if module.mode == "max":
+            return _bag_call(module, given, module.weight.detach() + self.whole()) - output
+        return _bag_call(module, given, self.whole())
 
 
 #: Elements per chunk of :func:`_squared_sum` (4 MB of float32).
@@ -963,8 +1102,10 @@ def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layer
         noise = _Noise(module.weight.detach(), clean.device, seed * 1_000_003 + k * 7919 + index)
         caused = [0.0, 0.0]  # ||dW x||^2, ||W x||^2 at this layer
 
-        def perturbed(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            delta = noise.error(mod, args[0])  # noqa: B023
+        def perturbed(mod: nn.Module, args: tuple, *rest) -> torch.Tensor:  # (kwargs: an EmbeddingBag's,) output
+            output = rest[-1]
+            delta = (noise.bag_error(mod, bag_arguments(args, rest[0]), output)  # noqa: B023
+                     if isinstance(mod, nn.EmbeddingBag) else noise.error(mod, args[0]))  # noqa: B023
             signal = output
             if getattr(mod, "bias", None) is not None:
                 signal = output - (mod.bias.view(1, -1, 1, 1) if isinstance(mod, nn.Conv2d) else mod.bias)
@@ -972,7 +1113,7 @@ def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layer
             caused[1] += _squared_sum(signal)  # noqa: B023
             return output + delta
 
-        handle = module.register_forward_hook(perturbed)
+        handle = module.register_forward_hook(perturbed, with_kwargs=isinstance(module, nn.EmbeddingBag))
         skip = skips[k] if prefix is not None and prefix.enabled else []
         try:
             with sample.narrowed(model, keep=module):
