@@ -39,7 +39,10 @@ instead of in the weights:
 - per layer, the sensitivity of the model's final output: Gaussian noise
   is added to the layer's weight, and the relative change of the final
   output is divided by the relative error this caused in the layer's
-  output (a few batches; the same for the same seed). An output wider than
+  output (a few batches; the same for the same seed). A model of several
+  floating outputs (a tuple, a dict, a transformers ``ModelOutput``; not
+  its ``loss``) has each output's relative change summed, as repair and
+  fine-tuning match them all. An output wider than
   :data:`codec.rd.output_sample.WIDE_OUTPUT` on its last axis (a language
   model's logits) is compared on a fixed sample of that axis, drawn from
   the seed, and a head that makes it computes only those positions
@@ -145,9 +148,9 @@ def mixed_rows(counts: np.ndarray) -> np.ndarray:
     return 0.5 * freq + 0.5 / len(counts)
 
 
-#: The least sensitivity a measured layer is given: that of a layer whose noise did not move the compared output
-#: (a layer only a second output uses, a pooler the first output does not pass through: ``Calibration.unmoved``, named
-#: in a note) or moved it less (a random model's attention query and key, its softmax nearly flat).
+#: The least sensitivity a measured layer is given: that of a layer whose noise did not move the compared outputs
+#: (a layer the model's outputs do not use: ``Calibration.unmoved``, named in a note) or moved them less (a random
+#: model's attention query and key, its softmax nearly flat).
 SENSITIVITY_FLOOR = 1e-6
 
 
@@ -161,7 +164,7 @@ class Calibration:
     seed: int = 0
     notes: list[str] = field(default_factory=list)
     output: str = "the model's output"  # what the sensitivity passes compared (:func:`compared_output`)
-    unmoved: list[str] = field(default_factory=list)  # layers whose noise left that output exactly as it was
+    unmoved: list[str] = field(default_factory=list)  # layers whose noise left those outputs exactly as they were
 
     def weightings(self, names: Mapping[str, str] | None = None) -> dict[str, Weighting]:
         """The allocator's output-space weighting of every calibrated tensor, by its stored name. ``names``: the
@@ -329,36 +332,64 @@ def call(model: nn.Module, batch: Batch):
     return model(batch)
 
 
-def _run(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The model's output on one batch, as one tensor (the first of a tuple or model output)."""
-    return _first_tensor(call(model, batch))
+def floating_outputs(out: object) -> list[torch.Tensor]:
+    """The floating tensors of a model output (a tensor, a tuple / list, a dict or a transformers ModelOutput, nested
+    ones flattened in order), the outputs calibration compares, as repair and finetune's distillation match them: not
+    a mapping's ``loss`` (a function of the labels given, not an output to reproduce)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, Mapping):
+        return [t for k, v in out.items() if k != "loss" for t in floating_outputs(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in floating_outputs(v)]
+    return []
+
+
+#: A mapping output's keys calibration does not compare when it holds the key beside it: transformers' ``pooler_output``
+#: (the first token's ``last_hidden_state`` through one more Linear and a tanh, which sentence-transformers' mean
+#: pooling does not use) beside ``last_hidden_state``. Compared too, all-MiniLM-L6-v2 at -b 3.5 lost 0.0005 / 0.0003
+#: of cosine (everyday / rare) and its save's peak rose 180 -> 185 MB (bench/JOURNAL.md, bag (twenty-sixth pass)).
+NOT_COMPARED = {"pooler_output": "last_hidden_state"}
+
+
+def _compared_part(out: object) -> object:
+    """``out`` without the items of :data:`NOT_COMPARED` (a mapping that holds their companion key)."""
+    if isinstance(out, Mapping) and any(k in out and v in out for k, v in NOT_COMPARED.items()):
+        return {k: v for k, v in out.items() if NOT_COMPARED.get(k) not in out}
+    return out
+
+
+def compared_outputs(out: object) -> list[torch.Tensor]:
+    """The outputs calibration compares: the floating tensors of a model output (:func:`floating_outputs`), but a
+    ``pooler_output`` beside its ``last_hidden_state`` (:data:`NOT_COMPARED`)."""
+    return floating_outputs(_compared_part(out))
+
+
+def _run(model: nn.Module, batch: Batch) -> list[torch.Tensor]:
+    """The model's compared outputs on one batch (:func:`compared_outputs`)."""
+    return compared_outputs(call(model, batch))
 
 
 def compared_output(out: object) -> str:
-    """Which part of a model output :func:`_first_tensor` compares, in words for a note: "the model's output" for a
-    tensor, else the first tensor of a tuple / list (``"item 0 of its tuple of 2"``) or mapping (``"'logits' of its
-    SequenceClassifierOutput"``)."""
-    if isinstance(out, torch.Tensor):
+    """Which part of a model output the sensitivity passes compare (:func:`compared_outputs`), in words for a note:
+    "the model's output" for a tensor, the one floating tensor compared (``"'last_hidden_state' of its
+    BaseModelOutputWithPooling output of 2"``), else every one (``"its 2 floating tensors of its tuple output of
+    2"``, ``"'hidden' and 'logits' of its dict output of 2"``)."""
+    whole, out = out, _compared_part(out)
+    kind = type(whole).__name__
+    size = len(whole) if isinstance(whole, (Mapping, tuple, list)) else 0
+    if isinstance(out, torch.Tensor) or len(floating_outputs(out)) <= 1:
+        if isinstance(out, Mapping):
+            key = next((k for k, v in out.items() if k != "loss" and floating_outputs(v)), None)
+            return f"{key!r} of its {kind} output of {size}"
+        if isinstance(out, (tuple, list)):
+            index = next((i for i, v in enumerate(out) if floating_outputs(v)), None)
+            return f"item {index} of its {kind} output of {size}"
         return "the model's output"
     if isinstance(out, Mapping):
-        key = next((k for k, v in out.items() if isinstance(v, torch.Tensor)), None)
-        return f"{key!r} of its {type(out).__name__} output of {len(out)}"
-    if isinstance(out, (tuple, list)):
-        index = next((i for i, v in enumerate(out) if isinstance(v, torch.Tensor)), None)
-        return f"item {index} of its {type(out).__name__} output of {len(out)}"
-    return "the model's output"
-
-
-def _first_tensor(out: object) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, Mapping):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        for item in out:
-            if isinstance(item, torch.Tensor):
-                return item
-    raise ValueError(f"calibration: the model's output ({type(out).__name__}) holds no tensor to compare")
+        keys = [k for k, v in out.items() if k != "loss" and floating_outputs(v)]
+        return f"{', '.join(map(repr, keys[:-1]))} and {keys[-1]!r} of its {kind} output of {size}"
+    return f"its {len(floating_outputs(out))} floating tensors of its {kind} output of {size}"
 
 
 def _samples(batch: Batch) -> int:
@@ -683,17 +714,20 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
                 except Exception as exc:  # the model's own error on a wrong shape or type (a ValueError too)
                     raise ValueError(f"calibration batch {index}: the model does not accept it "
                                      f"({first_line(exc)}){_several_inputs_hint(exc)}") from None
-                clean = _first_tensor(out)
+                clean = compared_outputs(out)
+                if not clean:
+                    raise ValueError(f"calibration: the model's output ({type(out).__name__}) holds no floating "
+                                     "tensor to compare")
                 if index == 0:
-                    sample.adopt([clean])
+                    sample.adopt(clean)
                     compared = compared_output(out)
-                if not bool(torch.isfinite(clean).all()):
+                if not all(bool(torch.isfinite(t).all()) for t in clean):
                     raise ValueError(f"calibration batch {index}: the model's output holds NaN or Inf")
                 n = _samples(batch)
                 if sensitivity_seen < sensitivity_samples:
                     for c in collectors_all:
                         c.active = False
-                    clean = sample.reference(model, batch, _run, lambda t: [t], [clean])[0]
+                    clean = sample.reference(model, batch, _run, list, clean)
                     _sensitivity_pass(model, batch, clean, layers, seed, index, noise_num, noise_den, sample, prefix)
                     _target_sensitivity_pass(model, batch, clean, moe_targets, seed, index, noise_num, noise_den,
                                              sample, len(layers))
@@ -809,7 +843,8 @@ def _whole_experts(c: ExpertsCollector, param: str, out: Mapping[str, LayerStats
     return LayerStats("experts", h, None, sum(s.samples for s in stats), scale, rows)
 
 
-def _target_sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, moe_targets: Mapping[str, Target],
+def _target_sensitivity_pass(model: nn.Module, batch: Batch, clean: list[torch.Tensor],
+                             moe_targets: Mapping[str, Target],
                              seed: int, index: int, num: dict[str, float], den: dict[str, float],
                              sample: OutputSample, first: int) -> None:
     """:func:`_sensitivity_pass` for matrices that are not a module's whole weight (an expert's ``param[e]``) or
@@ -819,10 +854,10 @@ def _target_sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor
     number of ordinary layers before these (each matrix's noise seed follows theirs)."""
     if not moe_targets:
         return
-    energy = _squared_sum(clean)
+    energy, change = _output_change(clean)
     for k, (name, target) in enumerate(moe_targets.items(), start=first):
         view = target.view()
-        noise = _Noise(view, clean.device, seed * 1_000_003 + k * 7919 + index)
+        noise = _Noise(view, clean[0].device, seed * 1_000_003 + k * 7919 + index)
         dw = noise.whole()
         weight = view.clone()
         caused = [0.0, 0.0]
@@ -836,12 +871,12 @@ def _target_sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor
         try:
             view.add_(dw)
             with sample.narrowed(model):
-                out = sample.take(_run(model, batch))
+                out = [sample.take(t) for t in _run(model, batch)]
         finally:
             view.copy_(weight)
             handle.remove()
         if caused[1] > 0 and caused[0] > 0:
-            num[name] += _squared_sum(out, clean)
+            num[name] += change(out)
             den[name] += energy * caused[0] / caused[1]
 
 
@@ -1073,19 +1108,40 @@ def _squared_sum(a: torch.Tensor, b: torch.Tensor | None = None, chunk: int = SU
     return total
 
 
-def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layers: dict[str, nn.Module], seed: int,
-                      index: int, num: dict[str, float], den: dict[str, float], sample: OutputSample,
+def _output_change(clean: list[torch.Tensor]) -> tuple[float, Callable[[list[torch.Tensor]], float]]:
+    """``(E, change)``: the first compared output's energy ``E = |y_0|^2`` and a function of the perturbed outputs
+    giving ``E`` times the sum of their relative squared changes, ``sum_j |y_j' - y_j|^2 E / |y_j|^2`` (an output of
+    no energy left out): repair's objective (each output's relative MSE, summed), so that a layer's sensitivity is the
+    summed relative change of the model's outputs per unit of its own relative output error. With one output, its
+    squared change (the same arithmetic as comparing it alone)."""
+    energies = [_squared_sum(t) for t in clean]
+    energy = energies[0]
+
+    def change(out: list[torch.Tensor]) -> float:
+        if len(out) != len(clean):
+            raise ValueError(f"calibration: the model returned {len(out)} floating outputs on a perturbed run, "
+                             f"{len(clean)} on the clean one")
+        return sum(_squared_sum(o, c) * (energy / e) for o, c, e in zip(out, clean, energies) if e > 0)
+
+    return energy, change
+
+
+def _sensitivity_pass(model: nn.Module, batch: Batch, clean: list[torch.Tensor], layers: dict[str, nn.Module],
+                      seed: int, index: int, num: dict[str, float], den: dict[str, float], sample: OutputSample,
                       prefix: Prefix | None = None) -> None:
-    """One perturbed forward pass per layer (``clean``: the model's output on ``batch``, sampled by ``sample``;
-    each perturbed run narrowed by it but at the perturbed layer itself, its output sampled the same way).
+    """One perturbed forward pass per layer (``clean``: the model's floating outputs on ``batch``
+    (:func:`floating_outputs`), sampled by ``sample``; each perturbed run narrowed by it but at the perturbed layer
+    itself, its outputs sampled the same way).
 
     The layer's weight gets Gaussian noise of relative RMS :data:`NOISE`
     (an error shaped like a coding error: the same at every position of a
     convolution or token, so it does not average out downstream the way
-    independent noise on each output would). ``num`` collects the final
-    output's squared change, ``den`` the final output's energy times the
-    relative output error ``||dW x||^2 / ||W x||^2`` this caused in the
-    layer, so ``num / den`` is the output's change per unit of it.
+    independent noise on each output would). ``num`` collects the first
+    output's energy times the outputs' relative squared changes, summed
+    (:func:`_output_change`; one output: its squared change), ``den`` that
+    energy times the relative output error ``||dW x||^2 / ||W x||^2`` this
+    caused in the layer, so ``num / den`` is the outputs' summed relative
+    change per unit of it.
 
     ``prefix`` (its clean pass of ``batch`` recorded, :meth:`codec.rd.prefix.Prefix.recording`): each pass gives
     back the outputs of the modules completed before the perturbed layer starts instead of running them
@@ -1093,13 +1149,13 @@ def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layer
     shortened pass is checked against the whole one, whose figures are used, and any difference stops the
     shortcut for the rest of the calibration.
     """
-    energy = _squared_sum(clean)
+    energy, change = _output_change(clean)
     skips = [prefix.before(module) if prefix is not None else [] for module in layers.values()]
     later: list[set[int]] = [set() for _ in skips]  # the modules a later layer's passes skip: their outputs kept
     for k in range(len(skips) - 2, -1, -1):
         later[k] = later[k + 1] | set(skips[k + 1])
     for k, (name, module) in enumerate(layers.items()):
-        noise = _Noise(module.weight.detach(), clean.device, seed * 1_000_003 + k * 7919 + index)
+        noise = _Noise(module.weight.detach(), clean[0].device, seed * 1_000_003 + k * 7919 + index)
         caused = [0.0, 0.0]  # ||dW x||^2, ||W x||^2 at this layer
 
         def perturbed(mod: nn.Module, args: tuple, *rest) -> torch.Tensor:  # (kwargs: an EmbeddingBag's,) output
@@ -1118,11 +1174,12 @@ def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layer
         try:
             with sample.narrowed(model, keep=module):
                 with prefix.shortcut(skip) if skip else contextlib.nullcontext():
-                    out = sample.take(_run(model, batch))
+                    out = [sample.take(t) for t in _run(model, batch)]
                 if skip and index == 0:  # checked: the whole pass's figures, and no more shortcuts on a difference
                     short, caused[:] = out, [0.0, 0.0]
-                    out = sample.take(_run(model, batch))
-                    if not (short.shape == out.shape and bool(torch.equal(short, out))):
+                    out = [sample.take(t) for t in _run(model, batch)]
+                    if not (len(short) == len(out) and all(a.shape == b.shape and bool(torch.equal(a, b))
+                                                           for a, b in zip(short, out))):
                         prefix.disable()
                     del short
         finally:
@@ -1130,5 +1187,5 @@ def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layer
         if prefix is not None and prefix.enabled:
             prefix.keep_only(later[k])
         if caused[1] > 0 and caused[0] > 0:
-            num[name] += _squared_sum(out, clean)
+            num[name] += change(out)
             den[name] += energy * caused[0] / caused[1]
