@@ -146,12 +146,11 @@ def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], 
         notes.append(Note(note))
     unmoved = set(calib.unmoved)
     still = [n for n in names if n in unmoved]
-    if still:  # a tuple / dict output's later items, a pooler: the search spends (almost) nothing on them
+    if still:  # weights no floating output uses: the search spends (almost) nothing on them
         whose = "its" if len(still) == 1 else "their"
         notes.append(Note(f"calibration: {len(still)} weight{'s' * (len(still) != 1)} ({_listed(still)}) did not move "
-                          f"the output calibration compares, {calib.output}: coded as if {whose} error did not "
-                          "matter; if another output matters, calibrate a module whose forward returns that one "
-                          "(first)"))
+                          f"what calibration compares, {calib.output}: coded as if {whose} error did not matter; if "
+                          "something else the model makes matters, calibrate a module whose forward returns it"))
     if repairing:  # weights calibrated as layers that repair does not fit
         conv1d = [n for n in names if n in calib.layers and calib.layers[n].kind == "conv1d"]
         recurrent = [n for n in names if n in calib.layers and recurrent_matrix(model, n)]

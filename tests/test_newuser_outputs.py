@@ -47,18 +47,74 @@ class _Plain(nn.Module):
         return self.h(F.relu(self.f(x)))
 
 
-@pytest.mark.parametrize("cls, compared", [(_FeaturesFirst, "item 0 of its tuple output of 2"),
-                                           (_FeaturesFirstDict, "'hidden' of its dict output of 2")])
-def test_weights_that_do_not_move_the_compared_output_are_named_in_a_note(tmp_path, cls, compared):
+class _Unused(_FeaturesFirst):
+    """Also computes ``u`` and drops it: a weight no output uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.u = nn.Linear(32, 8)
+
+    def forward(self, x):
+        self.u(x)
+        return super().forward(x)
+
+
+class _Single(_FeaturesFirst):
+    """One of the two outputs, by ``which``, in a tuple of one."""
+
+    def __init__(self, which: int):
+        super().__init__()
+        self.which = which
+
+    def forward(self, x):
+        return (super().forward(x)[self.which],)
+
+
+class _PlainInATuple(_Plain):
+    def forward(self, x):
+        return (super().forward(x),)
+
+
+@pytest.mark.parametrize("cls, compared", [(_FeaturesFirst, "its 2 floating tensors of its tuple output of 2"),
+                                           (_FeaturesFirstDict, "'hidden' and 'logits' of its dict output of 2")])
+def test_every_floating_output_is_compared(tmp_path, cls, compared):
     """Before: calibration compared only the first tensor of the output and gave the layers behind the second one the
-    least weight with no word (at 0.5 bits/weight without repair such a model lost 7 points against data-free)."""
+    least weight (a note said so; at 0.5 bits/weight without repair such a model lost 7 points against data-free).
+    Now each output's relative change is summed, as repair's objective sums them: no layer at the floor, no note."""
+    from codec.rd.calibrate import SENSITIVITY_FLOOR, calibrate
+
     model = cls().eval()
+    calib = calibrate(model, _data())
+    assert calib.output == compared and not calib.unmoved
+    assert min(s.sensitivity for s in calib.layers.values()) > 100 * SENSITIVITY_FLOOR
+    notes = codec.save(model, tmp_path / "m.jwt", bits_per_weight=3, calibration=_data(), repair=False)
+    assert not [n for n in notes if "did not move" in n], notes
+
+
+def test_the_sensitivity_to_several_outputs_is_the_sum_of_each_ones():
+    """The relative changes of the outputs are summed: on one batch, a layer's sensitivity to ``(features, logits)``
+    is its sensitivity to the features alone plus that to the logits alone; a model of one output in a tuple of one
+    gets what it got before (the same arithmetic)."""
+    from codec.rd.calibrate import calibrate
+
+    x = _data(64)
+    both = calibrate(_FeaturesFirst().eval(), x)
+    alone = [calibrate(_Single(i).eval(), x) for i in (0, 1)]
+    for name, stats in both.layers.items():
+        assert stats.sensitivity == pytest.approx(sum(0.0 if name in a.unmoved else a.layers[name].sensitivity
+                                                      for a in alone), rel=1e-6)
+    assert alone[0].unmoved == ["g.weight", "h.weight"] and alone[0].output == "item 0 of its tuple output of 1"
+    a, b = calibrate(_Plain().eval(), _data()), calibrate(_PlainInATuple().eval(), _data())
+    assert {n: s.sensitivity for n, s in a.layers.items()} == {n: s.sensitivity for n, s in b.layers.items()}
+
+
+def test_a_weight_no_output_uses_is_named_in_a_note(tmp_path):
+    model = _Unused().eval()
     notes = codec.save(model, tmp_path / "m.jwt", bits_per_weight=3, calibration=_data(), repair=False)
     found = [n for n in notes if "did not move" in n]
     assert len(found) == 1, notes
-    assert "2 weights ('g.weight', 'h.weight')" in found[0] and compared in found[0]
-    assert "'f.weight'" not in found[0]
-    assert "calibrate a module whose forward returns that one" in found[0]
+    assert "1 weight ('u.weight')" in found[0] and "its 2 floating tensors of its tuple output of 2" in found[0]
+    assert "calibrate a module whose forward returns it" in found[0]
 
 
 def test_a_model_whose_every_weight_moves_its_output_gets_no_such_note(tmp_path):

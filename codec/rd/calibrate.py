@@ -18,7 +18,12 @@ instead of in the weights:
   diagonal of its inputs' second moment, which weighs the weight's *rows*
   (``kind="conv1d"``: :meth:`LayerStats.weighting` gives it as per-row
   weights ``R``, so the output error is ``sum_i H_ii |dW_i|^2``);
-- for every ``nn.Embedding``, how often each row was looked up; an
+- for every ``nn.Embedding``, how often each row was looked up; for every
+  ``nn.EmbeddingBag``, each row's share of the bags' output error: per bag,
+  the square of the row's coefficient in it (``1/n`` for ``mode="mean"``
+  over its ``n`` ids, its ``per_sample_weights`` summed for ``"sum"``, the
+  fraction of the output's dimensions it is the maximum of for ``"max"``),
+  from 2-D ids or flat ids with ``offsets``, as the model calls it; an
   embedding tied to an output head (GPT-2's ``wte`` = ``lm_head.weight``,
   one storage) is weighted as that head, by the head's inputs (its error
   reaches every logit, and the file holds the tensor once);
@@ -34,7 +39,10 @@ instead of in the weights:
 - per layer, the sensitivity of the model's final output: Gaussian noise
   is added to the layer's weight, and the relative change of the final
   output is divided by the relative error this caused in the layer's
-  output (a few batches; the same for the same seed). An output wider than
+  output (a few batches; the same for the same seed). A model of several
+  floating outputs (a tuple, a dict, a transformers ``ModelOutput``; not
+  its ``loss``) has each output's relative change summed, as repair and
+  fine-tuning match them all. An output wider than
   :data:`codec.rd.output_sample.WIDE_OUTPUT` on its last axis (a language
   model's logits) is compared on a fixed sample of that axis, drawn from
   the seed, and a head that makes it computes only those positions
@@ -98,12 +106,16 @@ Batch = torch.Tensor | Mapping[str, torch.Tensor]
 class LayerStats:
     """What calibration learned about one weight tensor's layer."""
 
-    kind: str  # "linear", "conv2d", "conv1d" (transformers' Conv1D: h weighs the rows) or "embedding"
-    h: np.ndarray  # (C, C) float32 or diagonal (C,) second moment of the inputs; embedding: (V,) lookup counts
+    kind: str  # "linear", "conv2d", "conv1d" (transformers' Conv1D: h weighs the rows), "embedding", "embedding_bag"
+    h: np.ndarray  # (C, C) float32 or diagonal (C,) second moment of the inputs; embedding: (V,) lookup counts;
+    #              embedding_bag: (V,) each row's squared coefficients in the bags, summed (:func:`bag_shares`)
     mean: np.ndarray | None  # E[x] over the in-features (None for an embedding)
     samples: int  # input rows seen (tokens, pixel positions, samples)
     sensitivity: float = 1.0  # relative change of the final output per unit relative output error
     rows: np.ndarray | None = None  # kind "experts" (a 3D experts parameter, E x ...): per-expert weights
+    #: kind "embedding_bag": the factor that makes the weighting's relative error (rows mixed as an embedding's) the
+    #: bags' relative output error, which the sensitivity is per unit of: ``sum(R |W_r|^2) sum(h) / sum |Y_b|^2``
+    gain: float = 1.0
 
     @property
     def diagonal(self) -> bool:
@@ -115,12 +127,12 @@ class LayerStats:
 
         An embedding's rows are weighted half by their lookup frequency and
         half uniformly: rows the calibration inputs never used still count,
-        as rare tokens do in real use.
+        as rare tokens do in real use. An EmbeddingBag's the same, by its
+        rows' shares of the bags' output error (:func:`bag_shares`), its
+        scale times :attr:`gain`.
         """
-        if self.kind == "embedding":
-            total = float(self.h.sum())
-            freq = self.h / total if total > 0 else np.zeros_like(self.h)
-            return Weighting(rows=0.5 * freq + 0.5 / len(self.h), scale=self.sensitivity)
+        if self.kind in ("embedding", "embedding_bag"):
+            return Weighting(rows=mixed_rows(self.h), scale=self.sensitivity * self.gain)
         if self.kind == "conv1d":  # weight (in, out): the inputs' second moment weighs its rows
             return Weighting(rows=self.h, scale=self.sensitivity)
         if self.kind == "experts":  # a whole 3D experts parameter: per-expert rows, one diagonal over the columns
@@ -128,9 +140,17 @@ class LayerStats:
         return Weighting(h=self.h, scale=self.sensitivity)
 
 
-#: The least sensitivity a measured layer is given: that of a layer whose noise did not move the compared output
-#: (a layer only a second output uses, a pooler the first output does not pass through: ``Calibration.unmoved``, named
-#: in a note) or moved it less (a random model's attention query and key, its softmax nearly flat).
+def mixed_rows(counts: np.ndarray) -> np.ndarray:
+    """An embedding's per-row weights from its rows' counts (lookups, or an EmbeddingBag's shares): half the counts'
+    frequencies, half uniform (summing to 1)."""
+    total = float(counts.sum())
+    freq = counts / total if total > 0 else np.zeros_like(counts)
+    return 0.5 * freq + 0.5 / len(counts)
+
+
+#: The least sensitivity a measured layer is given: that of a layer whose noise did not move the compared outputs
+#: (a layer the model's outputs do not use: ``Calibration.unmoved``, named in a note) or moved them less (a random
+#: model's attention query and key, its softmax nearly flat).
 SENSITIVITY_FLOOR = 1e-6
 
 
@@ -144,7 +164,7 @@ class Calibration:
     seed: int = 0
     notes: list[str] = field(default_factory=list)
     output: str = "the model's output"  # what the sensitivity passes compared (:func:`compared_output`)
-    unmoved: list[str] = field(default_factory=list)  # layers whose noise left that output exactly as it was
+    unmoved: list[str] = field(default_factory=list)  # layers whose noise left those outputs exactly as they were
 
     def weightings(self, names: Mapping[str, str] | None = None) -> dict[str, Weighting]:
         """The allocator's output-space weighting of every calibrated tensor, by its stored name. ``names``: the
@@ -312,36 +332,64 @@ def call(model: nn.Module, batch: Batch):
     return model(batch)
 
 
-def _run(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The model's output on one batch, as one tensor (the first of a tuple or model output)."""
-    return _first_tensor(call(model, batch))
+def floating_outputs(out: object) -> list[torch.Tensor]:
+    """The floating tensors of a model output (a tensor, a tuple / list, a dict or a transformers ModelOutput, nested
+    ones flattened in order), the outputs calibration compares, as repair and finetune's distillation match them: not
+    a mapping's ``loss`` (a function of the labels given, not an output to reproduce)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, Mapping):
+        return [t for k, v in out.items() if k != "loss" for t in floating_outputs(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in floating_outputs(v)]
+    return []
+
+
+#: A mapping output's keys calibration does not compare when it holds the key beside it: transformers' ``pooler_output``
+#: (the first token's ``last_hidden_state`` through one more Linear and a tanh, which sentence-transformers' mean
+#: pooling does not use) beside ``last_hidden_state``. Compared too, all-MiniLM-L6-v2 at -b 3.5 lost 0.0005 / 0.0003
+#: of cosine (everyday / rare) and its save's peak rose 180 -> 185 MB (bench/JOURNAL.md, bag (twenty-sixth pass)).
+NOT_COMPARED = {"pooler_output": "last_hidden_state"}
+
+
+def _compared_part(out: object) -> object:
+    """``out`` without the items of :data:`NOT_COMPARED` (a mapping that holds their companion key)."""
+    if isinstance(out, Mapping) and any(k in out and v in out for k, v in NOT_COMPARED.items()):
+        return {k: v for k, v in out.items() if NOT_COMPARED.get(k) not in out}
+    return out
+
+
+def compared_outputs(out: object) -> list[torch.Tensor]:
+    """The outputs calibration compares: the floating tensors of a model output (:func:`floating_outputs`), but a
+    ``pooler_output`` beside its ``last_hidden_state`` (:data:`NOT_COMPARED`)."""
+    return floating_outputs(_compared_part(out))
+
+
+def _run(model: nn.Module, batch: Batch) -> list[torch.Tensor]:
+    """The model's compared outputs on one batch (:func:`compared_outputs`)."""
+    return compared_outputs(call(model, batch))
 
 
 def compared_output(out: object) -> str:
-    """Which part of a model output :func:`_first_tensor` compares, in words for a note: "the model's output" for a
-    tensor, else the first tensor of a tuple / list (``"item 0 of its tuple of 2"``) or mapping (``"'logits' of its
-    SequenceClassifierOutput"``)."""
-    if isinstance(out, torch.Tensor):
+    """Which part of a model output the sensitivity passes compare (:func:`compared_outputs`), in words for a note:
+    "the model's output" for a tensor, the one floating tensor compared (``"'last_hidden_state' of its
+    BaseModelOutputWithPooling output of 2"``), else every one (``"its 2 floating tensors of its tuple output of
+    2"``, ``"'hidden' and 'logits' of its dict output of 2"``)."""
+    whole, out = out, _compared_part(out)
+    kind = type(whole).__name__
+    size = len(whole) if isinstance(whole, (Mapping, tuple, list)) else 0
+    if isinstance(out, torch.Tensor) or len(floating_outputs(out)) <= 1:
+        if isinstance(out, Mapping):
+            key = next((k for k, v in out.items() if k != "loss" and floating_outputs(v)), None)
+            return f"{key!r} of its {kind} output of {size}"
+        if isinstance(out, (tuple, list)):
+            index = next((i for i, v in enumerate(out) if floating_outputs(v)), None)
+            return f"item {index} of its {kind} output of {size}"
         return "the model's output"
     if isinstance(out, Mapping):
-        key = next((k for k, v in out.items() if isinstance(v, torch.Tensor)), None)
-        return f"{key!r} of its {type(out).__name__} output of {len(out)}"
-    if isinstance(out, (tuple, list)):
-        index = next((i for i, v in enumerate(out) if isinstance(v, torch.Tensor)), None)
-        return f"item {index} of its {type(out).__name__} output of {len(out)}"
-    return "the model's output"
-
-
-def _first_tensor(out: object) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, Mapping):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        for item in out:
-            if isinstance(item, torch.Tensor):
-                return item
-    raise ValueError(f"calibration: the model's output ({type(out).__name__}) holds no tensor to compare")
+        keys = [k for k, v in out.items() if k != "loss" and floating_outputs(v)]
+        return f"{', '.join(map(repr, keys[:-1]))} and {keys[-1]!r} of its {kind} output of {size}"
+    return f"its {len(floating_outputs(out))} floating tensors of its {kind} output of {size}"
 
 
 def _samples(batch: Batch) -> int:
@@ -356,10 +404,12 @@ def _conv1d_type() -> type | None:
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """``"embedding"``, ``"conv2d"``, ``"linear"``, ``"conv1d"`` (transformers' Conv1D, weight ``(in, out)``) for the
-    layers calibration measures, None for the others."""
+    """``"embedding"``, ``"embedding_bag"``, ``"conv2d"``, ``"linear"``, ``"conv1d"`` (transformers' Conv1D, weight
+    ``(in, out)``) for the layers calibration measures, None for the others."""
     if isinstance(module, nn.Embedding):
         return "embedding"
+    if isinstance(module, nn.EmbeddingBag):
+        return "embedding_bag"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
     if isinstance(module, nn.Linear):
@@ -388,8 +438,75 @@ def add_moments(acc, x: torch.Tensor) -> None:
     acc.rows += x.shape[0]
 
 
+_BAG_ARGS = ("input", "offsets", "per_sample_weights")
+
+
+def bag_arguments(args: tuple, kwargs: Mapping) -> dict:
+    """An ``nn.EmbeddingBag`` call's arguments by name (``input``, ``offsets``, ``per_sample_weights``), from a forward
+    hook's positional and keyword arguments."""
+    given = {**dict(zip(_BAG_ARGS, args)), **{k: v for k, v in kwargs.items() if k in _BAG_ARGS}}
+    return {name: given.get(name) for name in _BAG_ARGS}
+
+
+def _bag_call(module: nn.EmbeddingBag, given: Mapping, weight: torch.Tensor, ids: torch.Tensor | None = None,
+              padding_idx: int | None = None) -> torch.Tensor:
+    """``module``'s bags of the call ``given`` (:func:`bag_arguments`) over ``weight`` in place of its own (no
+    ``max_norm`` renormalization); ``ids`` replaces the call's input (the same bags over other row numbers, with
+    ``padding_idx`` for them)."""
+    return F.embedding_bag(given["input"] if ids is None else ids, weight, given["offsets"], mode=module.mode,
+                           per_sample_weights=given["per_sample_weights"],
+                           include_last_offset=module.include_last_offset,
+                           padding_idx=module.padding_idx if ids is None else padding_idx)
+
+
+def bag_shares(module: nn.EmbeddingBag, given: Mapping) -> torch.Tensor:
+    """Each row's share of the output error of the bags of one ``nn.EmbeddingBag`` call (``given``:
+    :func:`bag_arguments`), float64 ``(num_embeddings,)``: a bag's output error is ``sum_r c_r dW_r`` with ``c_r`` the
+    row's coefficient in it (``1/n`` for each of the ``n`` ids of a ``mode="mean"`` bag, 1 or its
+    ``per_sample_weights`` for ``"sum"``, a row's ids in one bag added), so independent row errors cost
+    ``sum_r c_r^2 |dW_r|^2``: the shares are the ``c_r^2`` summed over the bags. ``"max"``: per bag, the fraction of
+    the output's dimensions whose maximum the row holds (the error passes through those). Ids equal to the padding
+    index are left out, as the bag does."""
+    ids, offsets, psw = given["input"], given["offsets"], given["per_sample_weights"]
+    rows = module.num_embeddings
+    if module.mode == "max":
+        _, _, sizes, best = torch.embedding_bag(module.weight.detach(), ids.reshape(-1) if ids.dim() == 2 else ids,
+                                            torch.arange(0, ids.numel(), ids.shape[1], device=ids.device)
+                                            if ids.dim() == 2 else offsets, False, 2, False, None,
+                                            module.include_last_offset if ids.dim() == 1 else False,
+                                            module.padding_idx)
+        best = best[sizes > 0].reshape(-1)  # (an empty bag's "maximum" is row 0)
+        return torch.bincount(best.long(), minlength=rows).double().cpu() / module.embedding_dim
+    if ids.dim() == 2:
+        bag = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(ids.shape[1])
+    else:
+        starts = offsets[:-1] if module.include_last_offset else offsets
+        bag = torch.searchsorted(starts.contiguous(), torch.arange(ids.numel(), device=ids.device), right=True) - 1
+        if module.include_last_offset:  # ids past the last offset belong to no bag
+            keep = torch.arange(ids.numel(), device=ids.device) < offsets[-1]
+            ids, bag = ids[keep], bag[keep]
+            psw = None if psw is None else psw.reshape(-1)[keep]
+    ids = ids.reshape(-1).long()
+    coef = (torch.ones(ids.shape, dtype=torch.float64, device=ids.device) if psw is None
+            else psw.reshape(-1).detach().double())
+    keep = bag >= 0
+    if module.padding_idx is not None:
+        keep &= ids != module.padding_idx
+    ids, bag, coef = ids[keep], bag[keep], coef[keep]
+    if ids.numel() == 0:
+        return torch.zeros(rows, dtype=torch.float64)
+    if module.mode == "mean":
+        sizes = torch.bincount(bag)
+        coef = coef / sizes[bag].double()
+    pairs, inverse = torch.unique(bag * rows + ids, return_inverse=True)
+    summed = torch.zeros(len(pairs), dtype=torch.float64, device=ids.device).index_add_(0, inverse, coef)
+    return torch.bincount(pairs % rows, weights=summed.square(), minlength=rows).cpu()
+
+
 class _Collector:
     """Forward hooks accumulating one layer's input statistics."""
+
+    with_kwargs = False  # (registered with the call's keyword arguments: :class:`_BagCollector`)
 
     def __init__(self, module: nn.Module, full: bool):
         self.module, self.full = module, full
@@ -428,11 +545,47 @@ class _Collector:
         """The layer's statistics; called once, at the end (the accumulated ``H`` is divided in place)."""
         if self.h is None or self.rows == 0:
             return None
+        if self.kind == "embedding_bag":
+            return self._bag_stats()
         if self.kind == "embedding":
             return LayerStats("embedding", self.h.cpu().numpy(), None, self.rows)
         # divided in place: a second copy of every H at once was calibration's peak (MiniLM: 148 MB more)
         h, self.h = self.h.div_(self.rows), None
         return LayerStats(self.kind, h.cpu().numpy(), (self.sum / self.rows).cpu().numpy(), self.rows)
+
+
+class _BagCollector(_Collector):
+    """An ``nn.EmbeddingBag``'s hook (with the call's keyword arguments: ``offsets``, ``per_sample_weights``): its rows'
+    shares of the bags' output error (:func:`bag_shares`) and the bags' output energy."""
+
+    with_kwargs = True
+
+    def __init__(self, module: nn.Module, full: bool):
+        super().__init__(module, full)
+        self.energy = 0.0  # sum of the bags' squared outputs
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+        given = bag_arguments(args, kwargs)
+        if not self.active or not isinstance(given["input"], torch.Tensor):
+            return
+        shares = bag_shares(module, given)
+        self.h = shares if self.h is None else self.h + shares
+        self.rows += given["input"].numel()
+        self.energy += _squared_sum(output)
+
+    def _bag_stats(self) -> LayerStats | None:
+        """``h``: the shares; ``gain``: ``sum(R |W_r|^2) sum(h) / sum |Y_b|^2`` with ``R`` the weighting's mixed rows
+        (:func:`mixed_rows`), so that the allocation's relative error (``tr(R dW dW^T) / tr(R W W^T)``) times it is
+        ``E|dY|^2 / |Y|^2`` for row errors spread as evenly as the sensitivity pass's noise."""
+        shares = self.h.numpy()
+        total = float(shares.sum())
+        if total <= 0 or self.energy <= 0:
+            return None
+        weight = self.module.weight.detach()
+        row_energy = torch.cat([part.double().pow(2).sum(1) for part in weight.split(max(1, _RMS_CHUNK // max(
+            1, weight.shape[1])))]).cpu().numpy()
+        gain = float(mixed_rows(shares) @ row_energy) * total / self.energy
+        return LayerStats("embedding_bag", shares, None, self.rows, gain=gain)
 
 
 def conv_rows(module: nn.Conv2d, x: torch.Tensor, max_bytes: int):
@@ -454,8 +607,8 @@ def conv_rows(module: nn.Conv2d, x: torch.Tensor, max_bytes: int):
 
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Weight name -> module, for the Linear, Conv2d, Embedding and transformers Conv1D layers whose weight is in
-    the state_dict."""
+    """Weight name -> module, for the Linear, Conv2d, Embedding, EmbeddingBag and transformers Conv1D layers whose
+    weight is in the state_dict."""
     keys = set(model.state_dict().keys())
     out = {}
     for name, module in model.named_modules():
@@ -510,8 +663,8 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     experts, routers = moe_modules(model)
     recurrent = recurrent_modules(model)
     if not layers and not experts and not routers and not recurrent:
-        raise ValueError("calibration: the model has no Linear, Conv2d, Conv1D, Embedding, RNN, GRU or LSTM layer "
-                         "with a weight to calibrate")
+        raise ValueError("calibration: the model has no Linear, Conv2d, Conv1D, Embedding, EmbeddingBag, RNN, GRU or "
+                         "LSTM layer with a weight to calibrate")
     full_bytes = 0
 
     def full_h(cols: int, count: int = 1) -> bool:
@@ -523,7 +676,8 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     collectors = {}
     for name, module in layers.items():
         cols = module.weight[0].numel() if layer_kind(module) in ("linear", "conv2d") else 0
-        collectors[name] = _Collector(module, full_h(cols))
+        kind = _BagCollector if layer_kind(module) == "embedding_bag" else _Collector
+        collectors[name] = kind(module, full_h(cols))
     moe_collectors: dict = {name: FlatCollector(module, full_h(module.weight.shape[1]))
                             for name, module in routers.items()}
     for name, (module, info) in experts.items():  # full H over each expert matrix's in-features where it fits
@@ -536,7 +690,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     noise_den = dict.fromkeys([*layers, *moe_targets], 0.0)
     was_training = model.training
     model.eval()
-    handles = [c.module.register_forward_hook(c) for c in collectors.values()]
+    handles = [c.module.register_forward_hook(c, with_kwargs=c.with_kwargs) for c in collectors.values()]
     handles += [c.module.register_forward_hook(c, with_kwargs=isinstance(c, ExpertsCollector))
                 for c in moe_collectors.values()]
     handles += [c.module.register_forward_hook(c, with_kwargs=True) for c in rnn_collectors.values()]
@@ -560,17 +714,20 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
                 except Exception as exc:  # the model's own error on a wrong shape or type (a ValueError too)
                     raise ValueError(f"calibration batch {index}: the model does not accept it "
                                      f"({first_line(exc)}){_several_inputs_hint(exc)}") from None
-                clean = _first_tensor(out)
+                clean = compared_outputs(out)
+                if not clean:
+                    raise ValueError(f"calibration: the model's output ({type(out).__name__}) holds no floating "
+                                     "tensor to compare")
                 if index == 0:
-                    sample.adopt([clean])
+                    sample.adopt(clean)
                     compared = compared_output(out)
-                if not bool(torch.isfinite(clean).all()):
+                if not all(bool(torch.isfinite(t).all()) for t in clean):
                     raise ValueError(f"calibration batch {index}: the model's output holds NaN or Inf")
                 n = _samples(batch)
                 if sensitivity_seen < sensitivity_samples:
                     for c in collectors_all:
                         c.active = False
-                    clean = sample.reference(model, batch, _run, lambda t: [t], [clean])[0]
+                    clean = sample.reference(model, batch, _run, list, clean)
                     _sensitivity_pass(model, batch, clean, layers, seed, index, noise_num, noise_den, sample, prefix)
                     _target_sensitivity_pass(model, batch, clean, moe_targets, seed, index, noise_num, noise_den,
                                              sample, len(layers))
@@ -686,7 +843,8 @@ def _whole_experts(c: ExpertsCollector, param: str, out: Mapping[str, LayerStats
     return LayerStats("experts", h, None, sum(s.samples for s in stats), scale, rows)
 
 
-def _target_sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, moe_targets: Mapping[str, Target],
+def _target_sensitivity_pass(model: nn.Module, batch: Batch, clean: list[torch.Tensor],
+                             moe_targets: Mapping[str, Target],
                              seed: int, index: int, num: dict[str, float], den: dict[str, float],
                              sample: OutputSample, first: int) -> None:
     """:func:`_sensitivity_pass` for matrices that are not a module's whole weight (an expert's ``param[e]``) or
@@ -696,10 +854,10 @@ def _target_sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor
     number of ordinary layers before these (each matrix's noise seed follows theirs)."""
     if not moe_targets:
         return
-    energy = _squared_sum(clean)
+    energy, change = _output_change(clean)
     for k, (name, target) in enumerate(moe_targets.items(), start=first):
         view = target.view()
-        noise = _Noise(view, clean.device, seed * 1_000_003 + k * 7919 + index)
+        noise = _Noise(view, clean[0].device, seed * 1_000_003 + k * 7919 + index)
         dw = noise.whole()
         weight = view.clone()
         caused = [0.0, 0.0]
@@ -713,12 +871,12 @@ def _target_sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor
         try:
             view.add_(dw)
             with sample.narrowed(model):
-                out = sample.take(_run(model, batch))
+                out = [sample.take(t) for t in _run(model, batch)]
         finally:
             view.copy_(weight)
             handle.remove()
         if caused[1] > 0 and caused[0] > 0:
-            num[name] += _squared_sum(out, clean)
+            num[name] += change(out)
             den[name] += energy * caused[0] / caused[1]
 
 
@@ -743,7 +901,7 @@ def _tie_heads(layers: dict[str, nn.Module], out: dict[str, LayerStats]) -> None
         head = next((n for n in names if layer_kind(layers[n]) in ("linear", "conv1d") and n in out), None)
         if head is not None:
             for name in names:
-                if layer_kind(layers[name]) == "embedding" or name not in out:
+                if layer_kind(layers[name]) in ("embedding", "embedding_bag") or name not in out:
                     out[name] = out[head]
             continue
         looked = [out[n] for n in names if n in out and out[n].kind == "embedding"]
@@ -877,11 +1035,27 @@ class _Noise:
         return dw
 
     def error(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The change of ``module``'s output on input ``x`` caused by ``dW``."""
+        """The change of ``module``'s output on input ``x`` caused by ``dW`` (an EmbeddingBag: :meth:`bag_error`)."""
         if isinstance(module, nn.Embedding) and self.by_rows:
             ids, inverse = torch.unique(x, sorted=True, return_inverse=True)
             return F.embedding(inverse, self.rows(ids))
         return _weight_error(module, x, self.whole())
+
+    def bag_error(self, module: nn.EmbeddingBag, given: Mapping, output: torch.Tensor) -> torch.Tensor:
+        """The change of an EmbeddingBag's output on its call ``given`` (:func:`bag_arguments`: its bags, offsets and
+        per-sample weights; ``output`` the clean one) caused by ``dW`` (``mode="max"``: the bags of ``W + dW`` less
+        ``output``)."""
+        if self.by_rows:  # only the rows the bags hold, renumbered
+            ids, inverse = torch.unique(given["input"], sorted=True, return_inverse=True)
+            pad = module.padding_idx
+            pad = int(torch.searchsorted(ids, pad)) if pad is not None and bool((ids == pad).any()) else None
+            dw = self.rows(ids)
+            if module.mode == "max":
+                return _bag_call(module, given, module.weight.detach()[ids] + dw, inverse, pad) - output
+            return _bag_call(module, given, dw, inverse, pad)
+        if module.mode == "max":
+            return _bag_call(module, given, module.weight.detach() + self.whole()) - output
+        return _bag_call(module, given, self.whole())
 
 
 #: Elements per chunk of :func:`_squared_sum` (4 MB of float32).
@@ -934,19 +1108,40 @@ def _squared_sum(a: torch.Tensor, b: torch.Tensor | None = None, chunk: int = SU
     return total
 
 
-def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layers: dict[str, nn.Module], seed: int,
-                      index: int, num: dict[str, float], den: dict[str, float], sample: OutputSample,
+def _output_change(clean: list[torch.Tensor]) -> tuple[float, Callable[[list[torch.Tensor]], float]]:
+    """``(E, change)``: the first compared output's energy ``E = |y_0|^2`` and a function of the perturbed outputs
+    giving ``E`` times the sum of their relative squared changes, ``sum_j |y_j' - y_j|^2 E / |y_j|^2`` (an output of
+    no energy left out): repair's objective (each output's relative MSE, summed), so that a layer's sensitivity is the
+    summed relative change of the model's outputs per unit of its own relative output error. With one output, its
+    squared change (the same arithmetic as comparing it alone)."""
+    energies = [_squared_sum(t) for t in clean]
+    energy = energies[0]
+
+    def change(out: list[torch.Tensor]) -> float:
+        if len(out) != len(clean):
+            raise ValueError(f"calibration: the model returned {len(out)} floating outputs on a perturbed run, "
+                             f"{len(clean)} on the clean one")
+        return sum(_squared_sum(o, c) * (energy / e) for o, c, e in zip(out, clean, energies) if e > 0)
+
+    return energy, change
+
+
+def _sensitivity_pass(model: nn.Module, batch: Batch, clean: list[torch.Tensor], layers: dict[str, nn.Module],
+                      seed: int, index: int, num: dict[str, float], den: dict[str, float], sample: OutputSample,
                       prefix: Prefix | None = None) -> None:
-    """One perturbed forward pass per layer (``clean``: the model's output on ``batch``, sampled by ``sample``;
-    each perturbed run narrowed by it but at the perturbed layer itself, its output sampled the same way).
+    """One perturbed forward pass per layer (``clean``: the model's floating outputs on ``batch``
+    (:func:`floating_outputs`), sampled by ``sample``; each perturbed run narrowed by it but at the perturbed layer
+    itself, its outputs sampled the same way).
 
     The layer's weight gets Gaussian noise of relative RMS :data:`NOISE`
     (an error shaped like a coding error: the same at every position of a
     convolution or token, so it does not average out downstream the way
-    independent noise on each output would). ``num`` collects the final
-    output's squared change, ``den`` the final output's energy times the
-    relative output error ``||dW x||^2 / ||W x||^2`` this caused in the
-    layer, so ``num / den`` is the output's change per unit of it.
+    independent noise on each output would). ``num`` collects the first
+    output's energy times the outputs' relative squared changes, summed
+    (:func:`_output_change`; one output: its squared change), ``den`` that
+    energy times the relative output error ``||dW x||^2 / ||W x||^2`` this
+    caused in the layer, so ``num / den`` is the outputs' summed relative
+    change per unit of it.
 
     ``prefix`` (its clean pass of ``batch`` recorded, :meth:`codec.rd.prefix.Prefix.recording`): each pass gives
     back the outputs of the modules completed before the perturbed layer starts instead of running them
@@ -954,17 +1149,19 @@ def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layer
     shortened pass is checked against the whole one, whose figures are used, and any difference stops the
     shortcut for the rest of the calibration.
     """
-    energy = _squared_sum(clean)
+    energy, change = _output_change(clean)
     skips = [prefix.before(module) if prefix is not None else [] for module in layers.values()]
     later: list[set[int]] = [set() for _ in skips]  # the modules a later layer's passes skip: their outputs kept
     for k in range(len(skips) - 2, -1, -1):
         later[k] = later[k + 1] | set(skips[k + 1])
     for k, (name, module) in enumerate(layers.items()):
-        noise = _Noise(module.weight.detach(), clean.device, seed * 1_000_003 + k * 7919 + index)
+        noise = _Noise(module.weight.detach(), clean[0].device, seed * 1_000_003 + k * 7919 + index)
         caused = [0.0, 0.0]  # ||dW x||^2, ||W x||^2 at this layer
 
-        def perturbed(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            delta = noise.error(mod, args[0])  # noqa: B023
+        def perturbed(mod: nn.Module, args: tuple, *rest) -> torch.Tensor:  # (kwargs: an EmbeddingBag's,) output
+            output = rest[-1]
+            delta = (noise.bag_error(mod, bag_arguments(args, rest[0]), output)  # noqa: B023
+                     if isinstance(mod, nn.EmbeddingBag) else noise.error(mod, args[0]))  # noqa: B023
             signal = output
             if getattr(mod, "bias", None) is not None:
                 signal = output - (mod.bias.view(1, -1, 1, 1) if isinstance(mod, nn.Conv2d) else mod.bias)
@@ -972,16 +1169,17 @@ def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layer
             caused[1] += _squared_sum(signal)  # noqa: B023
             return output + delta
 
-        handle = module.register_forward_hook(perturbed)
+        handle = module.register_forward_hook(perturbed, with_kwargs=isinstance(module, nn.EmbeddingBag))
         skip = skips[k] if prefix is not None and prefix.enabled else []
         try:
             with sample.narrowed(model, keep=module):
                 with prefix.shortcut(skip) if skip else contextlib.nullcontext():
-                    out = sample.take(_run(model, batch))
+                    out = [sample.take(t) for t in _run(model, batch)]
                 if skip and index == 0:  # checked: the whole pass's figures, and no more shortcuts on a difference
                     short, caused[:] = out, [0.0, 0.0]
-                    out = sample.take(_run(model, batch))
-                    if not (short.shape == out.shape and bool(torch.equal(short, out))):
+                    out = [sample.take(t) for t in _run(model, batch)]
+                    if not (len(short) == len(out) and all(a.shape == b.shape and bool(torch.equal(a, b))
+                                                           for a, b in zip(short, out))):
                         prefix.disable()
                     del short
         finally:
@@ -989,5 +1187,5 @@ def _sensitivity_pass(model: nn.Module, batch: Batch, clean: torch.Tensor, layer
         if prefix is not None and prefix.enabled:
             prefix.keep_only(later[k])
         if caused[1] > 0 and caused[0] > 0:
-            num[name] += _squared_sum(out, clean)
+            num[name] += change(out)
             den[name] += energy * caused[0] / caused[1]

@@ -51,6 +51,7 @@ from ..tensorcodec import (Encoded, EncodeOptions, Overrides, _error_sums, decod
 from . import ladder
 from .calibrate import FULL_H_MAX, UNFOLD_BYTES, conv_rows
 from .calibrate import call as _run
+from .calibrate import floating_outputs as _flat  # the outputs matched: calibration compares the same ones
 from .gptq import _BAND, HeldInFactor, _diagonal
 from .gptq import difference_error as weighted_error
 from .output_sample import OutputSample
@@ -939,19 +940,6 @@ class _Inputs:
             pass
         if self.held is not None and key in seen:
             self.held.setdefault(k, {})[key] = list(seen[key])
-
-
-def _flat(out) -> list[torch.Tensor]:
-    """The floating tensors of a model output (a tensor, a tuple/list, a dict or a transformers ModelOutput), the
-    ones repair and finetune's distillation match: not a mapping's ``loss`` (a function of the labels given, not an
-    output to reproduce)."""
-    if isinstance(out, torch.Tensor):
-        return [out] if out.is_floating_point() else []
-    if isinstance(out, Mapping):
-        return [t for k, v in out.items() if k != "loss" for t in _flat(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _flat(v)]
-    return []
 
 
 def _outputs(model: nn.Module, batch, watch: OutputSample | None = None) -> list[torch.Tensor]:
