@@ -1320,3 +1320,36 @@ def test_a_layer_wider_than_max_columns_gets_the_bias_only_and_no_h():
     plain = model_error(decoded_model(model, options, {}), data, refs)
     repaired = model_error(decoded_model(model, options, got.targets), data, refs)
     assert repaired < plain
+
+
+def test_the_weight_to_code_is_the_callers_array_while_the_working_model_shares_it():
+    """While the working model shares the caller's storage for a lossy weight (repair's deep copy,
+    repair._shared_lossy), the weight a layer codes (refit on: ``_fitted``; off: the target without GPTQ or
+    compensation) is the caller's own array, not a copy of it (all-MiniLM-L6-v2's FFN output: 2.4 MB); a working
+    model of its own gives a copy, which does not follow the working model when it takes its decoded values. The
+    caller's weights are unchanged by a whole repair either way."""
+    from codec.rd import repair as repair_module
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(24, 96), nn.GELU(), nn.Linear(96, 40)).eval()
+    data = [torch.randn(50, 24) for _ in range(8)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    options = {n: EncodeOptions(codec="quant", bits=3) for n, p in model.named_parameters() if p.dim() > 1}
+    options.update({n: EncodeOptions(codec="lossless") for n, p in model.named_parameters() if p.dim() == 1})
+    shared = copy.deepcopy(model, repair_module._shared_lossy(model, options))
+    slots = _slots(shared, options, model)
+    slot = slots["2.weight"]
+    fit = _LayerFit.collect(model, model[2], shared, slot, slots, data, RepairSettings())
+    assert fit is not None and fit._fitted is slot.original  # refit on, shared: the caller's array
+    target, _ = fit.target(options["2.weight"], RepairSettings(gptq=False))
+    assert target is slot.original
+    few = _LayerFit.collect(model, model[2], shared, slot, slots, data[:2], RepairSettings())  # no refit: 2 batches
+    assert few._fitted is None and few.target(options["2.weight"], RepairSettings(gptq=False))[0] is slot.original
+    own = copy.deepcopy(model)  # a working model of its own (distillation steps): a copy
+    own_slots = _slots(own, options, model)
+    copied = _LayerFit.collect(model, model[2], own, own_slots["2.weight"], own_slots, data, RepairSettings())
+    assert not np.shares_memory(copied._fitted, to_numpy(own[2].weight)[0])
+    assert np.array_equal(copied._fitted, slot.original)
+    repair_module.repair(model, data, options, keep_targets=False)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name])

@@ -775,6 +775,19 @@ def _slots(work: nn.Module, options: Mapping[str, EncodeOptions], model: nn.Modu
     return slots
 
 
+def _kept_weight(slot: _Slot) -> np.ndarray:
+    """The working model's value of ``slot`` before it is coded, as an array that does not follow it once coded:
+    ``slot.original`` itself where the working model still shares the caller's storage (:func:`_shared_lossy`;
+    :func:`_take` gives the working model new storage, never writes into that one, and nothing writes into a
+    target), else a copy. All-MiniLM-L6-v2's FFN output: 2.4 MB less while it is collected and coded."""
+    current = to_numpy(slot.tensor)[0]
+    original = slot.original
+    if (current.shape == original.shape and current.dtype == original.dtype and current.flags.c_contiguous
+            and original.flags.c_contiguous and current.ctypes.data == original.ctypes.data):
+        return original
+    return current.copy()
+
+
 def _lossy(array: np.ndarray, dtype: DType, opts: EncodeOptions) -> bool:
     """Whether coding ``array`` with ``opts`` loses (a slot repair codes in forward order)."""
     return dtype.floating and opts.codec != "lossless" and lossless_reason(array, dtype, "quant") is None
@@ -1824,7 +1837,7 @@ class _LayerFit:
         fit._centre(h, mean_hat, mean_hat)
         fit.h = HeldInFactor(h, own=True)  # (its own array: the factor is made in it, H kept below the factor)
         if refit:
-            fit._fitted = to_numpy(slot.tensor)[0].copy()
+            fit._fitted = _kept_weight(slot)
             if candidate is not None:
                 fit.candidate, candidate = candidate, None
                 fit._w_cross = fit._weighted_cross(acc)
@@ -1879,8 +1892,8 @@ class _LayerFit:
                 kept[key] = found
             return found
         # a refit is the layer's own array; the weight itself is a view of the working model, which is about to
-        # take the decoded values: the target must not follow it
-        return (current if self._fitted is not None else current.copy()), None
+        # take the decoded values: the target must not follow it (_kept_weight)
+        return (current if self._fitted is not None else _kept_weight(slot)), None
 
     def _centre(self, moment: np.ndarray, left: np.ndarray, right: np.ndarray) -> None:
         """Centre a moment matrix in place (``moment -= outer(left, right)``, a band of rows at a time) when a bias
