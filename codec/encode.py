@@ -247,7 +247,8 @@ def save(
     tensor: ``bits_per_weight`` bounds the whole file; ``max_error`` bounds
     each tensor's relative RMS error. ``calibrate(state_dict) -> score``
     (higher is better) measures each tensor's sensitivity for the budget
-    allocation instead of the data-free estimate; with ``bits_per_weight``
+    allocation instead of the data-free estimate, first at about 1 % error,
+    then at the errors the plan lands on (:mod:`codec.rd.probe`); with ``bits_per_weight``
     the file is that plan's or the data-free plan's, whichever ``calibrate``
     scores higher as decoded (a note says which). ``search``: ``"fast"``
     predicts a budget search from samples of each tensor and measures in
@@ -679,10 +680,11 @@ def _better_by_score(arrays: Arrays, aliases: dict[str, str], calibrate: Callabl
     """Of the calibrated plan ``mine`` and the data-free plan ``other`` (each ``(chosen, damaged, coded, planned)``,
     as :func:`save`'s ``settle`` gives them), the one whose decoded model ``calibrate`` scores higher; the data-free
     plan only where its file fits ``budget``. The user's score judges the two files as written (two more calls of
-    it, one more coding of the model); a note says which plan was kept and both scores. (The calibrated plan's
-    sensitivities come from one probe per tensor at 1 % error, a file's errors are 10-90 %: the bench CNN's
-    calibrated plan at -b 1.5 had 89.02 % against the data-free plan's 89.40, and 18.41 % at -b 0.6 with another
-    2,000 images.)"""
+    it, one more coding of the model; the calibrated plan's score is remembered from its rounds, ``memo``); a note
+    says which plan was kept and both scores. (The calibrated plan's first sensitivities come from one probe per
+    tensor at 1 % error, a file's errors are 10-90 %: the bench CNN's 1 % plan at -b 1.5 had 89.02 % against the
+    data-free plan's 89.40, and 18.41 % at -b 0.6 with another 2,000 images; :mod:`codec.rd.probe`'s rounds at the
+    plan's errors do not always close that gap.)"""
     from .api import calibrate_score
 
     score = calibrate_score(arrays, aliases, calibrate, memo)  # the plan's own whole score is remembered

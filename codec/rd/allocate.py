@@ -51,7 +51,8 @@ search never leaves a tensor over :data:`DAMAGE` relative error when the
 budget allows otherwise, and says so, naming the budget that would, when
 it does not. A calibration hook (:func:`sensitivities`) replaces the
 weights by measured score drops per unit distortion when the caller can
-score a model.
+score a model, probed at about 1 % error and then again at the errors the
+plan lands on (:mod:`codec.rd.probe`).
 
 Pure numpy; knows nothing about torch or files.
 """
@@ -955,7 +956,8 @@ def plan_options(
     (header, index skeleton, aliases; or a function that gives them, called
     once when the search needs them) included, lands at or under the
     budget; with ``max_error`` every free tensor gets the cheapest setting
-    within that relative RMS error. ``score`` enables calibrated weights.
+    within that relative RMS error. ``score`` enables calibrated weights
+    (probed at about 1 % error, then at the plan's errors: :func:`codec.rd.probe.replan_at_errors`).
     ``progress(name, n)`` is called with a tensor's size once per setting
     measured (:func:`search_units` predicts the sum), so it follows the work.
     ``jobs`` threads measure a tensor's candidates side by side. Given
