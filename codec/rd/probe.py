@@ -46,7 +46,7 @@ def replan_at_errors(tensors, first: tuple, weights: dict[str, float], plan: Cal
     base = score({})
     floor = FLOOR * max(abs(base), 1.0)
     weights = dict(weights)
-    current, best, best_score = first, None, -np.inf
+    current, best, best_score = first, first, -np.inf  # a score of NaN never replaces the first plan
     for round_ in range(rounds + 1):
         chosen = current[0]
         probing = round_ < rounds
