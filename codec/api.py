@@ -12,6 +12,7 @@ what a torch object brings (:func:`tensor_arrays`, calibration, repair).
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
 import math
 import os
@@ -240,13 +241,25 @@ def storable_arrays(state_dict: Mapping) -> tuple[TensorArrays, list[str]]:
 
 
 def calibrate_score(arrays: Arrays, aliases: dict[str, str],
-                    calibrate: Callable[[dict[str, torch.Tensor]], float]) -> Callable[[dict[str, np.ndarray]], float]:
+                    calibrate: Callable[[dict[str, torch.Tensor]], float],
+                    memo: dict | None = None) -> Callable[[dict[str, np.ndarray]], float]:
     """The allocator's ``score(replaced)`` for :func:`save`'s ``calibrate``: the state_dict with the arrays in
-    ``replaced`` (storage form) put in, aliases following their targets."""
+    ``replaced`` (storage form) put in, aliases following their targets. Given a dict ``memo`` (one per save: the
+    same ``arrays``), a ``replaced`` whose names and values were scored before is not scored again (a save plans
+    several times, each plan probing the same candidates; the bench CNN's score costs ~0.9 CPU s a call)."""
     tensors = arrays.tensors if isinstance(arrays, TensorArrays) else {
         n: to_torch(arrays.array(n), arrays.dtype_name(n)) for n in arrays}
 
     def score(replaced: dict[str, np.ndarray]) -> float:
+        if memo is None:
+            return scored(replaced)
+        key = tuple(sorted((n, a.dtype.str, a.shape, hashlib.blake2b(np.ascontiguousarray(a).data).digest())
+                           for n, a in replaced.items()))
+        if key not in memo:
+            memo[key] = scored(replaced)
+        return memo[key]
+
+    def scored(replaced: dict[str, np.ndarray]) -> float:
         trial = dict(tensors)
         trial.update({n: to_torch(a, arrays.dtype_name(n)) for n, a in replaced.items()})
         for alias, target in aliases.items():

@@ -247,7 +247,8 @@ def save(
     tensor: ``bits_per_weight`` bounds the whole file; ``max_error`` bounds
     each tensor's relative RMS error. ``calibrate(state_dict) -> score``
     (higher is better) measures each tensor's sensitivity for the budget
-    allocation instead of the data-free estimate; with ``bits_per_weight``
+    allocation instead of the data-free estimate, first at about 1 % error,
+    then at the errors the plan lands on (:mod:`codec.rd.probe`); with ``bits_per_weight``
     the file is that plan's or the data-free plan's, whichever ``calibrate``
     scores higher as decoded (a note says which). ``search``: ``"fast"``
     predicts a budget search from samples of each tensor and measures in
@@ -448,6 +449,7 @@ def save(
         # The attachments' sizes are needed once the search has predicted every tensor (its budget's fixed part):
         # the search starts while they are compressed.
         measure_by = Distortion(weightings)
+        memo: dict = {}  # the user's score per set of replaced values: each plan probes the same candidates
 
         def warn(damaged: list[str]) -> None:  # the file's metadata names the damaged tensors (jwt info)
             meta.pop(WARNINGS_KEY, None)
@@ -463,7 +465,7 @@ def save(
                     chosen = _plan(arrays, aliases, opts, rules, meta, encoder, bits_per_weight, max_error,
                                    calibrate, progress, packing, jobs, matcher, measure_by=measure_by, notes=damaged,
                                    search=search, coded=coded, index=index, executor=cluster,
-                                   reserve=reserve + share)
+                                   reserve=reserve + share, memo=memo)
                     break
                 except EncodeError:  # too small a budget to leave repair its share: none, so that the refusal's
                     if not share:  # smallest budget (_refuse_early) still gets a file
@@ -531,7 +533,8 @@ def save(
             if other is not None:
                 chosen, damaged, coded, planned = _better_by_score(
                     arrays, aliases, calibrate, (chosen, damaged, coded, planned), other,
-                    int(bits_per_weight * weights / 8), warn, meta, encoder, index, attachments, packing, jobs, notes)
+                    int(bits_per_weight * weights / 8), warn, meta, encoder, index, attachments, packing, jobs, notes,
+                    memo)
             warn(damaged)
         measure_by = None  # its weightings hold calibration's H matrices (MiniLM: 100 MB): not through repair
         notes += damaged
@@ -675,17 +678,19 @@ def _planned_size(arrays: Arrays, aliases: dict[str, str], options_for: Callable
 
 def _better_by_score(arrays: Arrays, aliases: dict[str, str], calibrate: Callable[[dict], float], mine: tuple,
                      other: tuple, budget: int, warn: Callable[[list[str]], None], meta: dict[str, str],
-                     encoder: dict[str, str], index: dict, attachments, packing, jobs: int, notes: list) -> tuple:
+                     encoder: dict[str, str], index: dict, attachments, packing, jobs: int, notes: list,
+                     memo: dict | None = None) -> tuple:
     """Of the calibrated plan ``mine`` and the data-free plan ``other`` (each ``(chosen, damaged, coded, planned)``,
     as :func:`save`'s ``settle`` gives them), the one whose decoded model ``calibrate`` scores higher; the data-free
     plan only where its file fits ``budget``. The user's score judges the two files as written (two more calls of
-    it, one more coding of the model); a note says which plan was kept and both scores. (The calibrated plan's
-    sensitivities come from one probe per tensor at 1 % error, a file's errors are 10-90 %: the bench CNN's
-    calibrated plan at -b 1.5 had 89.02 % against the data-free plan's 89.40, and 18.41 % at -b 0.6 with another
-    2,000 images.)"""
+    it, one more coding of the model; the calibrated plan's score is remembered from its rounds, ``memo``); a note
+    says which plan was kept and both scores. (The calibrated plan's first sensitivities come from one probe per
+    tensor at 1 % error, a file's errors are 10-90 %: the bench CNN's 1 % plan at -b 1.5 had 89.02 % against the
+    data-free plan's 89.40, and 18.41 % at -b 0.6 with another 2,000 images; :mod:`codec.rd.probe`'s rounds at the
+    plan's errors do not always close that gap.)"""
     from .api import calibrate_score
 
-    score = calibrate_score(arrays, aliases, calibrate)
+    score = calibrate_score(arrays, aliases, calibrate, memo)  # the plan's own whole score is remembered
     measured = []
     for chosen, damaged, coded, _ in (mine, other):
         warn(damaged)  # the warnings are in the file's metadata: its size counts them
@@ -1024,7 +1029,7 @@ def _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weig
 
 def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress,
           attachments, jobs, matcher=None, measure_by=None, notes=None, search="fast", coded=None, index=None,
-          executor=None, reserve=0):
+          executor=None, reserve=0, memo=None):
     """Run the rate-distortion allocator over the stored tensors; options per name.
 
     The budget's fixed part counts the header, the index without tensor
@@ -1036,7 +1041,7 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
     The fast search puts tensors it coded with their chosen options in ``coded``, and runs its tasks on
     ``executor`` when one is given (:class:`codec.distributed.ray.RayExecutor`). ``reserve``: bytes of the budget
     kept out of the plan (counted in its fixed part), for what will grow after it
-    (:func:`codec.rd.repair.constant_growth`).
+    (:func:`codec.rd.repair.constant_growth`). ``memo``: :func:`codec.api.calibrate_score`'s, one per save.
     """
     from .rd.allocate import plan_options
 
@@ -1058,7 +1063,7 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
     if calibrate is not None:
         from .api import calibrate_score
 
-        score = calibrate_score(arrays, aliases, calibrate)
+        score = calibrate_score(arrays, aliases, calibrate, memo)
     return plan_options(tensors, base, lambda name: rules.options_for(name, base),
                         bits_per_weight=bits_per_weight, max_error=max_error,
                         overhead_bytes=overhead, score=score, progress=progress,

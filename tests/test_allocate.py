@@ -208,13 +208,9 @@ def test_calibration_spends_bits_on_the_tensor_the_score_cares_about(tmp_path):
     assert any(isinstance(n, codec.encode.Note) and n.startswith("calibrate: kept the calibrated plan") for n in notes)
 
 
-def test_a_score_the_probes_mislead_gets_the_data_free_plan(tmp_path):
-    """A score flat at a probe's 1 % error and steep at a file's errors (quartic in a.weight's error, quadratic in
-    b.weight's): the sensitivities call a.weight nearly free and the calibrated plan starves it; the save compares
-    the two plans' files by the user's score and keeps the data-free one, says so, and stays within the budget."""
-    import codec.encode
-
-    sd = _model()
+def _quartic_score(sd):
+    """A score flat at a probe's 1 % error and steep at a file's errors: quartic in a.weight's error, quadratic in
+    b.weight's (higher is better)."""
     a0, b0 = sd["a.weight"].double(), sd["b.weight"].double()
 
     def nmse(t, ref):
@@ -223,6 +219,19 @@ def test_a_score_the_probes_mislead_gets_the_data_free_plan(tmp_path):
     def score(candidate):
         return -100 * nmse(candidate["a.weight"], a0) ** 2 - nmse(candidate["b.weight"], b0)
 
+    return score
+
+
+def test_a_score_the_probes_mislead_gets_the_data_free_plan(tmp_path, monkeypatch):
+    """With the 1 % probe alone (no rounds at the plan's errors), a score quartic in a.weight's error makes the
+    sensitivities call a.weight nearly free and the calibrated plan starves it; the save compares the two plans'
+    files by the user's score and keeps the data-free one, says so, and stays within the budget."""
+    import codec.encode
+    import codec.rd.probe
+
+    monkeypatch.setattr(codec.rd.probe, "ROUNDS", 0)
+    sd = _model()
+    score = _quartic_score(sd)
     budget = 1.2
     codec.save(sd, tmp_path / "plain.jwt", bits_per_weight=budget)
     notes = codec.save(sd, tmp_path / "cal.jwt", bits_per_weight=budget, calibrate=score)
@@ -233,6 +242,37 @@ def test_a_score_the_probes_mislead_gets_the_data_free_plan(tmp_path):
     assert calibrated >= plain
     weights = sum(t.numel() for t in sd.values())
     assert os.path.getsize(tmp_path / "cal.jwt") * 8 <= budget * weights
+
+
+def test_probes_at_the_plans_errors_rank_the_tensors_the_one_percent_probe_ranks_wrong(tmp_path):
+    """The same quartic score: probed again at the errors the first plan gives (both signs), a.weight is no longer
+    free; the calibrated plan then scores clearly above the data-free file by the user's score (main's 1 % plan
+    scored below it, and its save kept the data-free file), the save keeps it and says so, within the budget."""
+    sd = _model()
+    score = _quartic_score(sd)
+    budget = 1.2
+    codec.save(sd, tmp_path / "plain.jwt", bits_per_weight=budget)
+    notes = codec.save(sd, tmp_path / "cal.jwt", bits_per_weight=budget, calibrate=score)
+    kept = [n for n in notes if n.startswith("calibrate:")]
+    assert len(kept) == 1 and kept[0].startswith("calibrate: kept the calibrated plan, scored "), kept
+    plain, calibrated = (score(codec.load(tmp_path / f"{n}.jwt")) for n in ("plain", "cal"))
+    assert calibrated > plain + 0.1 * abs(plain), (calibrated, plain)
+    assert os.path.getsize(tmp_path / "cal.jwt") * 8 <= budget * sum(t.numel() for t in sd.values())
+
+
+def test_a_save_scores_no_set_of_values_twice(tmp_path):
+    """A save scores the same values more than once (a round's plan can come back to an earlier one; the data-free
+    check scores the calibrated plan the rounds scored; a replan probes the same candidates): the user's score sees
+    each distinct state_dict once (without the save's memo it saw some twice here)."""
+    sd = _model()
+    score, seen = _quartic_score(sd), []
+
+    def counted(candidate):
+        seen.append(b"".join(t.detach().contiguous().numpy().tobytes() for t in candidate.values()))
+        return score(candidate)
+
+    codec.save(sd, tmp_path / "cal.jwt", bits_per_weight=1.2, calibrate=counted)
+    assert len(seen) >= 4 and len(set(seen)) == len(seen)
 
 
 def test_parse_spec_and_overrides_last_match_wins():

@@ -51,7 +51,8 @@ search never leaves a tensor over :data:`DAMAGE` relative error when the
 budget allows otherwise, and says so, naming the budget that would, when
 it does not. A calibration hook (:func:`sensitivities`) replaces the
 weights by measured score drops per unit distortion when the caller can
-score a model.
+score a model, probed at about 1 % error and then again at the errors the
+plan lands on (:mod:`codec.rd.probe`).
 
 Pure numpy; knows nothing about torch or files.
 """
@@ -955,7 +956,8 @@ def plan_options(
     (header, index skeleton, aliases; or a function that gives them, called
     once when the search needs them) included, lands at or under the
     budget; with ``max_error`` every free tensor gets the cheapest setting
-    within that relative RMS error. ``score`` enables calibrated weights.
+    within that relative RMS error. ``score`` enables calibrated weights
+    (probed at about 1 % error, then at the plan's errors: :func:`codec.rd.probe.replan_at_errors`).
     ``progress(name, n)`` is called with a tensor's size once per setting
     measured (:func:`search_units` predicts the sum), so it follows the work.
     ``jobs`` threads measure a tensor's candidates side by side. Given
@@ -1062,20 +1064,37 @@ def plan_options(
         hulls = {n: lower_hull(p) for n, p in allowed.items()}
         fronts = {n: pareto_front(p) for n, p in allowed.items()} if menu.fill_front else hulls
 
-        def allocate(budget: int) -> dict[str, RDPoint]:
+        def allocate(budget: int, weights: dict[str, float]) -> dict[str, RDPoint]:
             chosen = allocate_budget(hulls, weights, budget, fill=False)
             chosen = _refine(tensors, chosen, hulls, weights, budget, images, measure_by, menu=menu)
             return best_fill(fronts, weights, chosen, budget)
 
-        chosen = allocate(budget)
-        damaged = _damage_notes(chosen, need) if safe_bytes > budget else []
-        if damaged:  # keep room for the notes in the file's metadata, then allocate again
-            reserve = notes_room(damaged, bool(packed and packed()))
-            if budget - reserve < sum(h[0].nbytes for h in hulls.values()):
-                raise EncodeError(f"{bits_per_weight} bits/weight leaves no room for the warning that tensors "
-                                  f"would be destroyed; {need} bits/weight avoids it")
-            chosen = allocate(budget - reserve)
-            damaged = _damage_notes(chosen, need)
+        def settle(weights: dict[str, float]) -> tuple[dict[str, RDPoint], list[str]]:
+            chosen = allocate(budget, weights)
+            damaged = _damage_notes(chosen, need) if safe_bytes > budget else []
+            if damaged:  # keep room for the notes in the file's metadata, then allocate again
+                reserve = notes_room(damaged, bool(packed and packed()))
+                if budget - reserve < sum(h[0].nbytes for h in hulls.values()):
+                    raise EncodeError(f"{bits_per_weight} bits/weight leaves no room for the warning that tensors "
+                                      f"would be destroyed; {need} bits/weight avoids it")
+                chosen = allocate(budget - reserve, weights)
+                damaged = _damage_notes(chosen, need)
+            return chosen, damaged
+
+        chosen, damaged = settle(weights)
+        if score is not None:  # probe again at the errors the plan lands on (codec.rd.probe)
+            from .probe import replan_at_errors
+
+            first = {n: (next(p for p in points[n] if p.label == label), decoded)
+                     for n, held in probes.items() for label, decoded in held.items()}
+            probes.clear()
+
+            def code(name: str, array: np.ndarray, dtype: DType, point: RDPoint) -> np.ndarray:
+                with measure_by.keeping(name):
+                    return menu.measure(name, array, dtype, point.label, point.options, images[name],
+                                        measure_by=measure_by)[1]
+
+            chosen, damaged = replan_at_errors(tensors, (chosen, damaged), weights, settle, code, score, first)
         if notes is not None:
             notes.extend(damaged)
     return {**forced, **{n: p.options for n, p in chosen.items()}}
