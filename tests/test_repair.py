@@ -1381,3 +1381,47 @@ def test_calibrated_save_counts_and_stores_its_index_compressed():
     assert 0.99 * budget <= len(out.getvalue()) <= budget
     assert not any("over the" in n for n in notes)
     assert out.getvalue()[12] & 2  # the header's flags: index_zstd
+
+
+def test_repair_spends_a_spare_its_pruned_receiver_and_capped_quant_left(monkeypatch):
+    """A first layer (rows-mode JPEG) with 7 of 8 units never active on the calibration inputs, then a quant layer at
+    8 bits, and a spare of 3,000 bytes: the pruned codings at the span's top (q40) leave most of the receiver's
+    limit unspent, so repair tries a span higher while they do (up to q90 here), and the quant layer steps past
+    8 bits with what is left. Within the budget, at least 97 % of it, and the output error on the calibration
+    inputs a tenth of main's (PRUNE_UNDER infinite, QUANT_MOST 8: the receiver stepped up to q48 unpruned)."""
+    import codec.rd.repair as module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        model[0].bias[torch.arange(128) % 8 != 0] = -100.0
+    g = torch.Generator().manual_seed(0)
+    data = list(torch.rand(512, 256, generator=g).split(64))
+    options = {"0.weight": EncodeOptions(codec="jpeg", quality=30, row_shape=(16, 16)),
+               "2.weight": EncodeOptions(codec="quant", bits=8, tile=(8, 64)),
+               "4.weight": EncodeOptions(codec="quant", bits=8, tile=(8, 64))}
+    options.update({n: EncodeOptions(codec="lossless") for n in ("0.bias", "2.bias", "4.bias")})
+    state = model.state_dict()
+
+    def size(name, array, opts):
+        return sum(len(b) for b in encode_tensor(array, F32, opts[name]).blobs)
+
+    spare = 3000
+    limit = sum(size(n, to_numpy(t)[0], options) for n, t in state.items()) + spare
+    errors, totals = {}, {}
+    for main in (True, False):
+        if main:
+            monkeypatch.setattr(module, "PRUNE_UNDER", math.inf)
+            monkeypatch.setattr(module, "QUANT_MOST", 8)
+        else:
+            monkeypatch.undo()
+        result = repair(model, data, options, spare=spare)
+        opts = {**options, **result.options}
+        totals[main] = sum(sum(len(b) for b in result.encoded[n].blobs) if n in result.encoded else
+                           size(n, result.targets.get(n, to_numpy(t)[0]), opts) for n, t in state.items())
+        with torch.no_grad():
+            errors[main] = model_error(result.model, data, [[model(x)] for x in data])
+        assert totals[main] <= limit
+    assert totals[False] >= 0.97 * limit
+    assert result.options["0.weight"].quality >= 80 and result.options["2.weight"].bits > 8
+    assert errors[False] < 0.1 * errors[True]
