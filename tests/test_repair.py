@@ -1383,12 +1383,12 @@ def test_calibrated_save_counts_and_stores_its_index_compressed():
     assert out.getvalue()[12] & 2  # the header's flags: index_zstd
 
 
-def test_repair_spends_a_spare_its_pruned_receiver_and_capped_quant_left(monkeypatch):
-    """A first layer (rows-mode JPEG) with 7 of 8 units never active on the calibration inputs, then a quant layer at
-    8 bits, and a spare of 3,000 bytes: the pruned codings at the span's top (q40) leave most of the receiver's
-    limit unspent, so repair tries a span higher while they do (up to q90 here), and the quant layer steps past
-    8 bits with what is left. Within the budget, at least 97 % of it, and the output error on the calibration
-    inputs a tenth of main's (PRUNE_UNDER infinite, QUANT_MOST 8: the receiver stepped up to q48 unpruned)."""
+def test_repair_prunes_a_receiver_far_within_its_limit_at_higher_qualities(monkeypatch):
+    """A first layer (rows-mode JPEG) with 7 of 8 units never active on the calibration inputs, then quant layers,
+    and a spare of 3,000 bytes: the pruned codings at the span's top (q40) leave most of the receiver's limit
+    unspent, so repair tries a span higher while they do (q90 here). Within the budget, and the output error on
+    the calibration inputs under a tenth of main's (PRUNE_UNDER infinite: the receiver stepped up to q48 unpruned,
+    3.7e-4 against 2.2e-5)."""
     import codec.rd.repair as module
 
     torch.manual_seed(0)
@@ -1408,20 +1408,18 @@ def test_repair_spends_a_spare_its_pruned_receiver_and_capped_quant_left(monkeyp
 
     spare = 3000
     limit = sum(size(n, to_numpy(t)[0], options) for n, t in state.items()) + spare
-    errors, totals = {}, {}
+    errors = {}
     for main in (True, False):
         if main:
             monkeypatch.setattr(module, "PRUNE_UNDER", math.inf)
-            monkeypatch.setattr(module, "QUANT_MOST", 8)
         else:
             monkeypatch.undo()
         result = repair(model, data, options, spare=spare)
         opts = {**options, **result.options}
-        totals[main] = sum(sum(len(b) for b in result.encoded[n].blobs) if n in result.encoded else
-                           size(n, result.targets.get(n, to_numpy(t)[0]), opts) for n, t in state.items())
+        total = sum(sum(len(b) for b in result.encoded[n].blobs) if n in result.encoded else
+                    size(n, result.targets.get(n, to_numpy(t)[0]), opts) for n, t in state.items())
+        assert total <= limit
         with torch.no_grad():
             errors[main] = model_error(result.model, data, [[model(x)] for x in data])
-        assert totals[main] <= limit
-    assert totals[False] >= 0.97 * limit
-    assert result.options["0.weight"].quality >= 80 and result.options["2.weight"].bits > 8
+        assert (opts["0.weight"].quality >= 80) != main
     assert errors[False] < 0.1 * errors[True]

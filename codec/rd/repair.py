@@ -1308,18 +1308,13 @@ def _is_dearer(opts: EncodeOptions, plan: EncodeOptions) -> bool:
     return opts.codec == "jpegxl" and None not in (opts.distance, plan.distance) and opts.distance < plan.distance
 
 
-#: The most ``quant`` bits :func:`_dearer` steps up to (the codec's most: 16-bit pixels from 9 bits). At 8, a LoRA
-#: MLP's adapters and second layer all stopped there with credit left, 7.5 % of the file's budget at ``-b 2``.
-QUANT_MOST = 16
-
-
 def _dearer(opts: EncodeOptions) -> EncodeOptions | None:
     """The next dearer options of the same codec, :func:`_cheaper`'s inverse: JPEG quality + 1 (from a table scale,
-    the next quality finer than it), ``quant`` one bit more (up to :data:`QUANT_MOST`), JPEG XL distance / 1.1
-    (None: no such step). :func:`_fit_size` then bisects the finer JPEG steps between."""
+    the next quality finer than it), ``quant`` one bit more (up to 8), JPEG XL distance / 1.1 (None: no such
+    step). :func:`_fit_size` then bisects the finer JPEG steps between."""
     if opts.codec == "jpeg" and opts.quality is not None and opts.quality < 100:
         return replace(opts, quality=opts.quality + 1, scale=None)
-    if opts.codec == "quant" and opts.bits < QUANT_MOST:
+    if opts.codec == "quant" and opts.bits < 8:
         return replace(opts, bits=opts.bits + 1)
     if opts.codec == "jpegxl" and opts.distance is not None and opts.distance > 0.1:
         return replace(opts, distance=max(0.1, opts.distance / 1.1))
