@@ -159,7 +159,7 @@ class Calibration:
     """Per weight name (``fc1.weight``), the statistics of :func:`calibrate`."""
 
     layers: dict[str, LayerStats]
-    samples: int  # inputs seen (first axis of the batches)
+    samples: int  # inputs seen (first axis of the batches; bags where a batch gives "offsets": :func:`_samples`)
     batches: int
     seed: int = 0
     notes: list[str] = field(default_factory=list)
@@ -393,8 +393,16 @@ def compared_output(out: object) -> str:
 
 
 def _samples(batch: Batch) -> int:
-    first = next(iter(batch.values())) if isinstance(batch, Mapping) else batch
-    return int(first.shape[0])
+    """A batch's number of samples: the length of its ``"offsets"`` where a mapping holds a 1-D one (flat ids and
+    the offsets of their bags, as ``nn.EmbeddingBag`` takes them: one sample a bag, whatever else the mapping holds,
+    ``per_sample_weights`` too; a bag of ``include_last_offset=True`` counts one more), else the first axis of the
+    first tensor (2-D ids: one sample a row)."""
+    if isinstance(batch, Mapping):
+        offsets = batch.get("offsets")
+        if isinstance(offsets, torch.Tensor) and offsets.dim() == 1:
+            return int(offsets.shape[0])
+        batch = next(iter(batch.values()))
+    return int(batch.shape[0])
 
 
 def _conv1d_type() -> type | None:
