@@ -207,3 +207,16 @@ def test_flat_ids_with_offsets_count_bags_as_samples(tmp_path, monkeypatch, mode
         files[name] = (tmp_path / f"{name}.jwt").read_bytes()
     assert codec.open(tmp_path / "flat.jwt").metadata["jwt.calibration"].startswith("512 inputs in 8 batches")
     assert files["flat"] == files["2-D"]
+
+
+def test_flat_ids_with_a_last_offset_count_one_bag_fewer_than_offsets():
+    """``include_last_offset=True``: 65 offsets end 64 bags."""
+    model, _, (ids, _, _) = _trained("mean")
+    model.bag.include_last_offset = True
+    flat = [{"input": ids[i:i + 64].reshape(-1), "offsets": torch.arange(0, 64 * 16 + 1, 16)}
+            for i in range(0, 512, 64)]
+    calib = cal.calibrate(model, flat)
+    two_d = cal.calibrate(model, [ids[i:i + 64] for i in range(0, 512, 64)])
+    assert (calib.samples, calib.batches) == (two_d.samples, two_d.batches) == (512, 8)
+    for name in ("bag.weight", "fc1.weight", "fc2.weight", "fc3.weight"):  # the same 4 sensitivity batches
+        assert calib.layers[name].sensitivity == pytest.approx(two_d.layers[name].sensitivity, rel=1e-5)

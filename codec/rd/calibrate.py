@@ -392,15 +392,16 @@ def compared_output(out: object) -> str:
     return f"its {len(floating_outputs(out))} floating tensors of its {kind} output of {size}"
 
 
-def _samples(batch: Batch) -> int:
-    """A batch's number of samples: the length of its ``"offsets"`` where a mapping holds a 1-D one (flat ids and
-    the offsets of their bags, as ``nn.EmbeddingBag`` takes them: one sample a bag, whatever else the mapping holds,
-    ``per_sample_weights`` too; a bag of ``include_last_offset=True`` counts one more), else the first axis of the
-    first tensor (2-D ids: one sample a row)."""
+def _samples(batch: Batch, last_offset: bool = False) -> int:
+    """A batch's number of samples: its bags where a mapping holds a 1-D ``"offsets"`` (flat ids and the offsets of
+    their bags, as ``nn.EmbeddingBag`` takes them: one sample a bag, whatever else the mapping holds,
+    ``per_sample_weights`` too): the offsets' length, less one where ``last_offset`` (the model's bags end their last
+    bag with one more offset, ``include_last_offset=True``); else the first axis of the first tensor (2-D ids: one
+    sample a row)."""
     if isinstance(batch, Mapping):
         offsets = batch.get("offsets")
         if isinstance(offsets, torch.Tensor) and offsets.dim() == 1:
-            return int(offsets.shape[0])
+            return max(int(offsets.shape[0]) - last_offset, 1)
         batch = next(iter(batch.values()))
     return int(batch.shape[0])
 
@@ -704,6 +705,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     handles += [c.module.register_forward_hook(c, with_kwargs=True) for c in rnn_collectors.values()]
     collectors_all = [*collectors.values(), *moe_collectors.values(), *rnn_collectors.values()]
     samples = count = sensitivity_seen = 0
+    last_offset = any(isinstance(m, nn.EmbeddingBag) and m.include_last_offset for m in layers.values())
     sample = OutputSample(seed)
     prefix = Prefix(model)  # (eval mode: set above; the sensitivity passes start at the layer they perturb)
     try:
@@ -731,7 +733,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
                     compared = compared_output(out)
                 if not all(bool(torch.isfinite(t).all()) for t in clean):
                     raise ValueError(f"calibration batch {index}: the model's output holds NaN or Inf")
-                n = _samples(batch)
+                n = _samples(batch, last_offset)
                 if sensitivity_seen < sensitivity_samples:
                     for c in collectors_all:
                         c.active = False
