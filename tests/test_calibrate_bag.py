@@ -172,3 +172,51 @@ def test_a_bag_model_calibrated_is_no_worse_than_data_free_and_no_note_names_its
     for name in ("free", "cal"):
         assert budget * 0.97 <= codec.open(tmp_path / f"{name}.jwt").totals().bits_per_weight <= budget
     assert error(tmp_path / "cal.jwt") <= error(tmp_path / "free.jwt")
+
+
+@pytest.mark.parametrize("mode", ["mean", "sum"])
+def test_flat_ids_with_offsets_count_bags_as_samples(tmp_path, monkeypatch, mode):
+    """Before (offsets pass): a batch of flat ids with ``offsets`` counted its ids as samples (64 bags of 16 ids:
+    1,024), so the sensitivity passes stopped after its first batch (256 "samples") where 2-D ids give them four,
+    and the file said "8192 inputs" for 512. A bag is a sample; ``per_sample_weights`` by keyword (``sum``) counts
+    none."""
+    model, _, (ids, w, _) = _trained(mode)
+    psw = mode == "sum"
+
+    def batch(i: int, flat: bool) -> dict:
+        rows = ids[i:i + 64]
+        out = {"input": rows.reshape(-1), "offsets": torch.arange(0, rows.numel(), 16)} if flat else {"input": rows}
+        if psw:
+            out["per_sample_weights"] = w[i:i + 64].reshape(-1) if flat else w[i:i + 64]
+        return out
+
+    forms = {name: [batch(i, name == "flat") for i in range(0, 512, 64)] for name in ("2-D", "flat")}
+    passed: list[int] = []
+    original = cal._sensitivity_pass
+    monkeypatch.setattr(cal, "_sensitivity_pass", lambda *a: passed.append(a[5]) or original(*a))
+    seen = {}
+    for name, batches in forms.items():
+        passed.clear()
+        calib = cal.calibrate(model, batches)
+        seen[name] = (calib.samples, calib.batches, list(passed))
+    want = (512, 8, list(range(cal.SENSITIVITY_SAMPLES // 64)))
+    assert seen["2-D"] == want and seen["flat"] == want, seen
+    files = {}
+    for name, batches in forms.items():
+        codec.save(model, tmp_path / f"{name}.jwt", bits_per_weight=1, calibration=batches)
+        files[name] = (tmp_path / f"{name}.jwt").read_bytes()
+    assert codec.open(tmp_path / "flat.jwt").metadata["jwt.calibration"].startswith("512 inputs in 8 batches")
+    assert files["flat"] == files["2-D"]
+
+
+def test_flat_ids_with_a_last_offset_count_one_bag_fewer_than_offsets():
+    """``include_last_offset=True``: 65 offsets end 64 bags."""
+    model, _, (ids, _, _) = _trained("mean")
+    model.bag.include_last_offset = True
+    flat = [{"input": ids[i:i + 64].reshape(-1), "offsets": torch.arange(0, 64 * 16 + 1, 16)}
+            for i in range(0, 512, 64)]
+    calib = cal.calibrate(model, flat)
+    two_d = cal.calibrate(model, [ids[i:i + 64] for i in range(0, 512, 64)])
+    assert (calib.samples, calib.batches) == (two_d.samples, two_d.batches) == (512, 8)
+    for name in ("bag.weight", "fc1.weight", "fc2.weight", "fc3.weight"):  # the same 4 sensitivity batches
+        assert calib.layers[name].sensitivity == pytest.approx(two_d.layers[name].sensitivity, rel=1e-5)

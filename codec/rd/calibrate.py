@@ -159,7 +159,7 @@ class Calibration:
     """Per weight name (``fc1.weight``), the statistics of :func:`calibrate`."""
 
     layers: dict[str, LayerStats]
-    samples: int  # inputs seen (first axis of the batches)
+    samples: int  # inputs seen (first axis of the batches; bags where a batch gives "offsets": :func:`_samples`)
     batches: int
     seed: int = 0
     notes: list[str] = field(default_factory=list)
@@ -392,9 +392,18 @@ def compared_output(out: object) -> str:
     return f"its {len(floating_outputs(out))} floating tensors of its {kind} output of {size}"
 
 
-def _samples(batch: Batch) -> int:
-    first = next(iter(batch.values())) if isinstance(batch, Mapping) else batch
-    return int(first.shape[0])
+def _samples(batch: Batch, last_offset: bool = False) -> int:
+    """A batch's number of samples: its bags where a mapping holds a 1-D ``"offsets"`` (flat ids and the offsets of
+    their bags, as ``nn.EmbeddingBag`` takes them: one sample a bag, whatever else the mapping holds,
+    ``per_sample_weights`` too): the offsets' length, less one where ``last_offset`` (the model's bags end their last
+    bag with one more offset, ``include_last_offset=True``); else the first axis of the first tensor (2-D ids: one
+    sample a row)."""
+    if isinstance(batch, Mapping):
+        offsets = batch.get("offsets")
+        if isinstance(offsets, torch.Tensor) and offsets.dim() == 1:
+            return max(int(offsets.shape[0]) - last_offset, 1)
+        batch = next(iter(batch.values()))
+    return int(batch.shape[0])
 
 
 def _conv1d_type() -> type | None:
@@ -696,6 +705,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     handles += [c.module.register_forward_hook(c, with_kwargs=True) for c in rnn_collectors.values()]
     collectors_all = [*collectors.values(), *moe_collectors.values(), *rnn_collectors.values()]
     samples = count = sensitivity_seen = 0
+    last_offset = any(isinstance(m, nn.EmbeddingBag) and m.include_last_offset for m in layers.values())
     sample = OutputSample(seed)
     prefix = Prefix(model)  # (eval mode: set above; the sensitivity passes start at the layer they perturb)
     try:
@@ -723,7 +733,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
                     compared = compared_output(out)
                 if not all(bool(torch.isfinite(t).all()) for t in clean):
                     raise ValueError(f"calibration batch {index}: the model's output holds NaN or Inf")
-                n = _samples(batch)
+                n = _samples(batch, last_offset)
                 if sensitivity_seen < sensitivity_samples:
                     for c in collectors_all:
                         c.active = False
