@@ -147,12 +147,8 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
-#: Blocks of at least this many bytes get a mapping of their own from glibc (:func:`bound_heap`). 256 KB: below
-#: all-MiniLM-L6-v2's hidden states on a calibration batch (16 x ~25 x 384 float32, ~600 KB), which repair's passes
-#: make and free by the hundred between longer-lived blocks; under a 1 MB threshold they came from the heap and its
-#: holes lifted repair's floor (bench/JOURNAL.md, "mem (twenty-sixth pass)": one run each, at load 15-16, the
-#: sampled peak 159 MB against 179, twice the page faults and system CPU seconds, +4.5 % CPU in all).
-MMAP_THRESHOLD = 256 << 10
+#: Blocks of at least this many bytes get a mapping of their own from glibc (:func:`bound_heap`).
+MMAP_THRESHOLD = 1 << 20
 
 
 def _mallopt() -> Callable[[int, int], int] | None:
@@ -178,8 +174,7 @@ def bound_heap() -> bool:
     many blocks of megabytes (moment matrices, decoded tensors). A no-op without glibc.
 
     4 MB, measured end to end on that encode: the rate search's peak 259 MB instead of 284 and 17 s of system time
-    instead of 27 (fewer page faults), but repair's 309 MB instead of 284: 1 MB kept then; 256 KB since the
-    twenty-sixth pass (:data:`MMAP_THRESHOLD`: repair's floor, at the cost of page faults)."""
+    instead of 27 (fewer page faults), but repair's 309 MB instead of 284: 1 MB kept."""
     mallopt = _mallopt()
     return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 

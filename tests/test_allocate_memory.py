@@ -552,14 +552,11 @@ def test_release_memory_hands_free_heap_pages_back():
     assert all(float(b[0]) == 1.0 for b in keep)
 
 
-@pytest.mark.parametrize("block_kb", [2048, 600])
-def test_bound_heap_hands_freed_blocks_back_at_once(block_kb):
-    """With the mmap threshold fixed (what calibrated encodes do), blocks of MMAP_THRESHOLD or more get mappings of
-    their own and go back to the system when freed, with no trim: glibc's adaptive threshold would have put them in
-    the heap after the first mapped block was freed, where freed ones stay resident. 600 KB: all-MiniLM-L6-v2's
-    hidden state on a calibration batch (16 x 25 x 384 float32), under the 1 MB threshold of the twenty-fifth pass
-    and in the heap then. Run in a fresh process each way (the setting is the process's, and the heap's history
-    matters)."""
+def test_bound_heap_hands_freed_blocks_back_at_once():
+    """With the mmap threshold fixed (what calibrated encodes do), blocks of a megabyte or more get mappings of their
+    own and go back to the system when freed, with no trim: glibc's adaptive threshold would have put them in the
+    heap after the first mapped block was freed, where freed ones stay resident. Run in a fresh process each way
+    (the setting is the process's, and the heap's history matters)."""
     import os
     import subprocess
     import sys
@@ -569,7 +566,7 @@ def test_bound_heap_hands_freed_blocks_back_at_once(block_kb):
     script = """
 import sys
 import numpy as np
-from codec.parallel import bound_heap
+from codec.parallel import MMAP_THRESHOLD, bound_heap
 
 def rss():
     for line in open("/proc/self/status"):
@@ -579,12 +576,11 @@ def rss():
 if sys.argv[1] == "bound" and not bound_heap():
     print("skip")
     sys.exit()
-block = int(sys.argv[2]) << 10
-first = np.ones((4 << 20) // 8)
-del first  # freeing a mapped block is what raises glibc's own threshold (to 4 MB here)
+first = np.ones(4 * MMAP_THRESHOLD // 8)
+del first  # freeing a mapped block is what raises glibc's own threshold
 blocks, small = [], []
-for _ in range((80 << 20) // block):  # 80 MB of blocks, each followed by a small live block (holes, were they in the heap)
-    blocks.append(np.ones(block // 8))
+for _ in range(40):  # 80 MB of 2 MB blocks, each followed by a small live block (holes, were they in the heap)
+    blocks.append(np.ones(2 * MMAP_THRESHOLD // 8))
     small.append(np.ones(1024))
 before = rss()
 del blocks
@@ -592,8 +588,7 @@ print(before - rss())
 """
     drops = {}
     for mode in ("bound", "adaptive"):
-        out = subprocess.run([sys.executable, "-c", script, mode, str(block_kb)], capture_output=True, text=True,
-                             check=True,
+        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True,
                              timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
         if out.stdout.strip() == "skip":
             pytest.skip("no mallopt in this C library")
