@@ -230,34 +230,31 @@ def test_a_score_the_probes_mislead_gets_the_data_free_plan(tmp_path, monkeypatc
     import codec.rd.probe
 
     monkeypatch.setattr(codec.rd.probe, "ROUNDS", 0)
-    sd = _model()
-    score = _quartic_score(sd)
-    budget = 1.2
-    codec.save(sd, tmp_path / "plain.jwt", bits_per_weight=budget)
-    notes = codec.save(sd, tmp_path / "cal.jwt", bits_per_weight=budget, calibrate=score)
-    kept = [n for n in notes if n.startswith("calibrate:")]
+    kept, plain, calibrated = _quartic_files(tmp_path)
     assert len(kept) == 1 and kept[0].startswith("calibrate: kept the data-free plan, scored ")
     assert isinstance(kept[0], codec.encode.Note)
-    plain, calibrated = (score(codec.load(tmp_path / f"{n}.jwt")) for n in ("plain", "cal"))
     assert calibrated >= plain
-    weights = sum(t.numel() for t in sd.values())
-    assert os.path.getsize(tmp_path / "cal.jwt") * 8 <= budget * weights
+
+
+def _quartic_files(tmp_path, budget: float = 1.2) -> tuple[list, float, float]:
+    """The quartic score's model saved at ``budget`` data-free (plain.jwt) and with the score (cal.jwt): the save's
+    "calibrate:" notes and both files' scores; the calibrated file is checked within the budget."""
+    sd = _model()
+    score = _quartic_score(sd)
+    codec.save(sd, tmp_path / "plain.jwt", bits_per_weight=budget)
+    notes = codec.save(sd, tmp_path / "cal.jwt", bits_per_weight=budget, calibrate=score)
+    plain, calibrated = (score(codec.load(tmp_path / f"{n}.jwt")) for n in ("plain", "cal"))
+    assert os.path.getsize(tmp_path / "cal.jwt") * 8 <= budget * sum(t.numel() for t in sd.values())
+    return [n for n in notes if n.startswith("calibrate:")], plain, calibrated
 
 
 def test_probes_at_the_plans_errors_rank_the_tensors_the_one_percent_probe_ranks_wrong(tmp_path):
     """The same quartic score: probed again at the errors the first plan gives (both signs), a.weight is no longer
     free; the calibrated plan then scores clearly above the data-free file by the user's score (main's 1 % plan
     scored below it, and its save kept the data-free file), the save keeps it and says so, within the budget."""
-    sd = _model()
-    score = _quartic_score(sd)
-    budget = 1.2
-    codec.save(sd, tmp_path / "plain.jwt", bits_per_weight=budget)
-    notes = codec.save(sd, tmp_path / "cal.jwt", bits_per_weight=budget, calibrate=score)
-    kept = [n for n in notes if n.startswith("calibrate:")]
+    kept, plain, calibrated = _quartic_files(tmp_path)
     assert len(kept) == 1 and kept[0].startswith("calibrate: kept the calibrated plan, scored "), kept
-    plain, calibrated = (score(codec.load(tmp_path / f"{n}.jwt")) for n in ("plain", "cal"))
     assert calibrated > plain + 0.1 * abs(plain), (calibrated, plain)
-    assert os.path.getsize(tmp_path / "cal.jwt") * 8 <= budget * sum(t.numel() for t in sd.values())
 
 
 def test_a_save_scores_no_set_of_values_twice(tmp_path):
