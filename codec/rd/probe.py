@@ -28,6 +28,10 @@ from ..errors import EncodeError
 #: Rounds of probes at the plan's errors after the first plan (each: probes, a plan, its whole score).
 ROUNDS = 2
 
+#: Probe a tensor at its plan's error with the mirror image of that error too (two calls of the score; their mean
+#: cancels the first-order term), or (False) with the plan's own error alone (one call: the drop that coding gives).
+MIRROR = True
+
 #: A drop is floored at this fraction of the base score's size (at least 1): no tensor is treated as free
 #: (the same floor as :func:`codec.rd.allocate.sensitivities`).
 FLOOR = 1e-6
@@ -35,12 +39,13 @@ FLOOR = 1e-6
 
 def replan_at_errors(tensors, first: tuple, weights: dict[str, float], plan: Callable[[dict[str, float]], tuple],
                      code: Callable, score: Callable[[dict[str, np.ndarray]], float],
-                     first_probes: dict[str, tuple[object, np.ndarray]], rounds: int | None = None) -> tuple:
+                     first_probes: dict[str, object], rounds: int | None = None) -> tuple:
     """The best by ``score`` of the plan ``first`` (``(chosen, ...)``, ``chosen`` name to
     :class:`codec.rd.allocate.RDPoint`) and up to ``rounds`` replans (``plan(weights)``, same form), each planned with
     the weights its predecessor's errors give (module docstring). ``tensors(names)`` yields ``(name, array, dtype)``
     (storage form); ``code(name, array, dtype, point)`` gives the tensor decoded as ``point`` codes it;
-    ``first_probes[name] = (point, decoded)``: the first probe's candidate of each probed tensor. ``rounds``:
+    ``first_probes[name]``: the first probe's candidate (its :class:`codec.rd.allocate.RDPoint`) of each probed
+    tensor. ``rounds``:
     :data:`ROUNDS` unless given."""
     rounds = ROUNDS if rounds is None else rounds
     base = score({})
@@ -60,12 +65,15 @@ def replan_at_errors(tensors, first: tuple, weights: dict[str, float], plan: Cal
             if not probing:
                 continue
             at = first_probes.get(name)
-            if at is not None and point.rel_error < at[0].rel_error:
-                point, out = at
-            original = to_float64(array, dtype)
-            mirror = from_float64(2 * original - to_float64(out, dtype), dtype)
-            del original
-            drop = base - (score({name: out}) + score({name: mirror})) / 2
+            if at is not None and point.rel_error <= at.rel_error:
+                continue  # held at or under the first probe's error: its weight stands (no call)
+            if MIRROR:
+                original = to_float64(array, dtype)
+                mirror = from_float64(2 * original - to_float64(out, dtype), dtype)
+                del original
+                drop = base - (score({name: out}) + score({name: mirror})) / 2
+            else:
+                drop = base - score({name: out})
             weights[name] = max(drop, floor) / point.nmse
         whole = score(decoded)
         del decoded
