@@ -8,12 +8,16 @@ the score by opposite amounts 5-100x their mean), and the curvature at 1 % does 
 
 :func:`replan_at_errors` plans again from probes at the plan's own errors: each lossy tensor is coded as the plan
 codes it and the score is taken with that error and with its mirror image (original minus the error), whose mean
-cancels the first-order term; the weight is that mean drop per unit distortion (a tensor the plan keeps under the
-first probe's error is probed, both ways, at the first probe's candidate instead: a smaller error is within the
-score's rounding). Up to :data:`ROUNDS` such rounds, each plan scored whole (every tensor decoded as it plans);
-the plan kept is the one the score rates highest, the first round's plan included, so a round can only help by the
-user's score. Cost per round: one more coding of each lossy tensor, two calls of the score per tensor and one for
-the plan (the bench CNN at 2,000 images: about 17 calls).
+cancels the first-order term (:data:`MIRROR`); the weight is that mean drop per unit distortion. A tensor the plan
+holds at or under its first probe's error keeps its weight and is not probed (a smaller error is within the
+score's rounding, and the weight that held it there is the first probe's: the BatchNorm CNN's 16 BatchNorm
+vectors, whose only lossy setting is that probe's, cost a call of the score each, their mirror image, and never
+moved).
+Up to :data:`ROUNDS` such rounds, each plan scored whole (every tensor decoded as it plans); the plan kept is the
+one the score rates highest, the first round's plan included, so a round can only help by the user's score. Cost
+per round: one more coding of each lossy tensor, two calls of the score per tensor the plan puts above its first
+probe's error and whose point moved (the memo of :func:`codec.api.calibrate_score` answers the others), one for
+the plan (at -b 1 the bench CNN's rounds call the score 11 times, the BatchNorm CNN's 17; 33 before the rule).
 """
 
 from __future__ import annotations
