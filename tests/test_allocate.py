@@ -291,25 +291,44 @@ def _squares_score(sd):
     return score
 
 
-def test_the_rounds_probe_no_tensor_the_plan_holds_at_its_first_probes_error(tmp_path):
-    """Twelve vectors whose only lossy setting is the 1 % probe's (8-bit significands) are held there by the plan: the
-    rounds probe only the two matrices (two calls each a round) and score each plan once, and the data-free check
-    finds the calibrated plan's score in the memo. The user's score is called at most 1 + 14 (the 1 % probes) +
-    2 x 2 x 2 + 3 + 1 times (the branch before this rule called it 12 more times: each vector's mirror image)."""
+def test_held_tensors_unprobed_bound_the_calls_and_the_check_finds_the_kept_plans_score(tmp_path, monkeypatch):
+    """Twelve vectors whose only lossy setting is the 1 % probe's (8-bit significands), held there by the plan: with
+    :data:`codec.rd.probe.HELD` the rounds probe only the two matrices (two calls each a round) and score each plan
+    once, and the data-free check finds the calibrated plan's score in the memo: the user's score is called at most
+    1 + 14 (the 1 % probes) + 2 x 2 x 2 + 3 + 1 times (main: 38, each vector's mirror image and the check's second
+    call among them). Without the switch the vectors are probed as before, and the check still calls once."""
+    import codec.encode
     import codec.rd.probe
 
     sd = _vectors_model()
-    score, calls = _squares_score(sd), []
+    score, calls, checked = _squares_score(sd), [], []
 
     def counted(candidate):
         calls.append(1)
         return score(candidate)
 
-    notes = codec.save(sd, tmp_path / "cal.jwt", bits_per_weight=2, calibrate=counted)
-    held = codec.load(tmp_path / "cal.jwt")
-    assert all(not torch.equal(held[f"n{i}.weight"], sd[f"n{i}.weight"]) for i in range(12))  # rounded: lossy
-    assert len(calls) <= 1 + 14 + 2 * 2 * codec.rd.probe.ROUNDS + (codec.rd.probe.ROUNDS + 1) + 1, len(calls)
-    assert any(n.startswith("calibrate: kept") for n in notes)
+    better = codec.encode._better_by_score
+
+    def check(*args, **kwargs):
+        before = len(calls)
+        try:
+            return better(*args, **kwargs)
+        finally:
+            checked.append(len(calls) - before)
+
+    monkeypatch.setattr(codec.encode, "_better_by_score", check)
+    counts = []
+    for held in (True, False):
+        monkeypatch.setattr(codec.rd.probe, "HELD", held)
+        calls.clear()
+        notes = codec.save(sd, tmp_path / "cal.jwt", bits_per_weight=2, calibrate=counted)
+        assert any(n.startswith("calibrate: kept") for n in notes)
+        counts.append(len(calls))
+    got = codec.load(tmp_path / "cal.jwt")
+    assert all(not torch.equal(got[f"n{i}.weight"], sd[f"n{i}.weight"]) for i in range(12))  # rounded: lossy
+    rounds = codec.rd.probe.ROUNDS
+    assert counts[0] <= 1 + 14 + 2 * 2 * rounds + (rounds + 1) + 1 < counts[1], counts
+    assert max(checked) <= 1, checked  # at most the data-free plan's file: the calibrated plan's score is the memo's
 
 
 def test_the_check_scores_the_file_as_written_rounded_vectors_included(tmp_path):

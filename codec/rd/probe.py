@@ -8,16 +8,14 @@ the score by opposite amounts 5-100x their mean), and the curvature at 1 % does 
 
 :func:`replan_at_errors` plans again from probes at the plan's own errors: each lossy tensor is coded as the plan
 codes it and the score is taken with that error and with its mirror image (original minus the error), whose mean
-cancels the first-order term (:data:`MIRROR`); the weight is that mean drop per unit distortion. A tensor the plan
-holds at or under its first probe's error keeps its weight and is not probed (a smaller error is within the
-score's rounding, and the weight that held it there is the first probe's: the BatchNorm CNN's 16 BatchNorm
-vectors, whose only lossy setting is that probe's, cost a call of the score each, their mirror image, and never
-moved).
+cancels the first-order term (:data:`MIRROR`); the weight is that mean drop per unit distortion (a tensor the plan
+keeps under the first probe's error is probed, both ways, at the first probe's candidate instead: a smaller error
+is within the score's rounding; :data:`HELD` leaves such tensors unprobed).
 Up to :data:`ROUNDS` such rounds, each plan scored whole (every tensor decoded as it plans); the plan kept is the
 one the score rates highest, the first round's plan included, so a round can only help by the user's score. Cost
-per round: one more coding of each lossy tensor, two calls of the score per tensor the plan puts above its first
-probe's error and whose point moved (the memo of :func:`codec.api.calibrate_score` answers the others), one for
-the plan (at -b 1 the bench CNN's rounds call the score 11 times, the BatchNorm CNN's 17; 33 before the rule).
+per round: one more coding of each lossy tensor, two calls of the score per tensor whose point moved (the memo of
+:func:`codec.api.calibrate_score` answers the others) and one for the plan (at -b 1 the bench CNN's rounds call
+the score 13 times, the BatchNorm CNN's 33: 15 of them the mirror images of its vectors' 1 % probes).
 """
 
 from __future__ import annotations
@@ -35,6 +33,12 @@ ROUNDS = 2
 #: Probe a tensor at its plan's error with the mirror image of that error too (two calls of the score; their mean
 #: cancels the first-order term), or (False) with the plan's own error alone (one call: the drop that coding gives).
 MIRROR = True
+
+#: Leave unprobed (their weights as they stand) the tensors the plan holds at or under their first probe's error,
+#: rather than probing them, both ways, at that probe's candidate. Off: measured on the bench CNN -b 0.6 (second
+#: draw), the vectors' weights it leaves one-sided (8-bit significands or exact) moved three of them, and the
+#: replan for the index's share then kept a plan at 82.68 % against 83.45 (bench/JOURNAL.md, "cost").
+HELD = False
 
 #: A drop is floored at this fraction of the base score's size (at least 1): no tensor is treated as free
 #: (the same floor as :func:`codec.rd.allocate.sensitivities`).
@@ -69,8 +73,10 @@ def replan_at_errors(tensors, first: tuple, weights: dict[str, float], plan: Cal
             if not probing:
                 continue
             at = first_probes.get(name)
-            if at is not None and point.rel_error <= at.rel_error:
+            if at is not None and point.rel_error <= at.rel_error and HELD:
                 continue  # held at or under the first probe's error: its weight stands (no call)
+            if at is not None and point.rel_error < at.rel_error:
+                point, out = at, code(name, array, dtype, at)
             if MIRROR:
                 original = to_float64(array, dtype)
                 mirror = from_float64(2 * original - to_float64(out, dtype), dtype)
