@@ -35,9 +35,10 @@ ROUNDS = 2
 MIRROR = True
 
 #: Leave unprobed (their weights as they stand) the tensors the plan holds at or under their first probe's error,
-#: rather than probing them, both ways, at that probe's candidate. Off: measured on the bench CNN -b 0.6 (second
-#: draw), the vectors' weights it leaves one-sided (8-bit significands or exact) moved three of them, and the
-#: replan for the index's share then kept a plan at 82.68 % against 83.45 (bench/JOURNAL.md, "cost").
+#: rather than probing them, both ways, at that probe's candidate (the BatchNorm CNN at -b 1: 41 calls of the score
+#: against 58, the same file). Off: on the bench CNN -b 0.6 (second draw) the one-sided weights it leaves changed two
+#: small tensors' settings (8-bit significands or exact), and the replan for the index's share then kept a file at
+#: 82.68 % against 83.45 (bench/JOURNAL.md, "cost").
 HELD = False
 
 #: A drop is floored at this fraction of the base score's size (at least 1): no tensor is treated as free
@@ -53,8 +54,7 @@ def replan_at_errors(tensors, first: tuple, weights: dict[str, float], plan: Cal
     the weights its predecessor's errors give (module docstring). ``tensors(names)`` yields ``(name, array, dtype)``
     (storage form); ``code(name, array, dtype, point)`` gives the tensor decoded as ``point`` codes it;
     ``first_probes[name]``: the first probe's candidate (its :class:`codec.rd.allocate.RDPoint`) of each probed
-    tensor. ``rounds``:
-    :data:`ROUNDS` unless given."""
+    tensor. ``rounds``: :data:`ROUNDS` unless given."""
     rounds = ROUNDS if rounds is None else rounds
     base = score({})
     floor = FLOOR * max(abs(base), 1.0)
