@@ -246,15 +246,26 @@ def calibrate_score(arrays: Arrays, aliases: dict[str, str],
     """The allocator's ``score(replaced)`` for :func:`save`'s ``calibrate``: the state_dict with the arrays in
     ``replaced`` (storage form) put in, aliases following their targets. Given a dict ``memo`` (one per save: the
     same ``arrays``), a ``replaced`` whose names and values were scored before is not scored again (a save plans
-    several times, each plan probing the same candidates; the bench CNN's score costs ~0.9 CPU s a call)."""
+    several times, each plan probing the same candidates; the bench CNN's score costs ~0.9 CPU s a call); a value
+    equal to the stored one is left out of the key, and ``memo[None]`` holds the stored values' digests."""
     tensors = arrays.tensors if isinstance(arrays, TensorArrays) else {
         n: to_torch(arrays.array(n), arrays.dtype_name(n)) for n in arrays}
+
+    def digest(a: np.ndarray) -> tuple:
+        return a.dtype.str, a.shape, hashlib.blake2b(np.ascontiguousarray(a).data).digest()
+
+    def original(name: str) -> tuple:  # the stored values' digest, once per save (memo[None])
+        known = memo.setdefault(None, {})  # type: ignore[union-attr]
+        if name not in known:
+            known[name] = digest(arrays.array(name))
+        return known[name]
 
     def score(replaced: dict[str, np.ndarray]) -> float:
         if memo is None:
             return scored(replaced)
-        key = tuple(sorted((n, a.dtype.str, a.shape, hashlib.blake2b(np.ascontiguousarray(a).data).digest())
-                           for n, a in replaced.items()))
+        # a value equal to the stored one replaces nothing: the check's whole file (every tensor, the lossless ones
+        # too) is then the same key as the rounds' plan (its lossy tensors only)
+        key = tuple(sorted((n, *d) for n, a in replaced.items() if (d := digest(a)) != original(n)))
         if key not in memo:
             memo[key] = scored(replaced)
         return memo[key]

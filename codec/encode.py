@@ -664,7 +664,9 @@ def _planned_size(arrays: Arrays, aliases: dict[str, str], options_for: Callable
                   done: dict | None = None, decoded: dict | None = None) -> int:
     """The size of the file the plan's options give the values as they are: the writer's, run into a counter.
     ``done``: tensors already coded with their options (taken from it, as :func:`_encode_in_order` does);
-    ``decoded`` (a dict) receives each lossy tensor's decoded values in storage form."""
+    ``decoded`` (a dict) receives the decoded values, in storage form, of each lossy tensor and of each lossless one
+    asked with rounded significands (:attr:`codec.tensorcodec.EncodeOptions.significand_bits`: what the file holds,
+    not the values given)."""
     sink = _Count()
     with Writer(sink, metadata=meta, encoder=encoder, compress_index=index.get("compress")) as writer:
         for name, target, dtype, shape, encoded, _ in _encode_in_order(arrays, aliases, options_for, jobs,
@@ -673,7 +675,7 @@ def _planned_size(arrays: Arrays, aliases: dict[str, str], options_for: Callable
                 writer.add_alias(name, target)
             else:
                 writer.add(name, dtype, shape, encoded)
-                if decoded is not None and encoded.codec.lossy:
+                if decoded is not None and (encoded.codec.lossy or options_for(name).significand_bits is not None):
                     decoded[name] = decode_encoded(encoded, dtype, shape, name)
         for name, data in (attachments or {}).items():
             ready = packing.get(name)

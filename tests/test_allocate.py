@@ -272,6 +272,77 @@ def test_a_save_scores_no_set_of_values_twice(tmp_path):
     assert len(seen) >= 4 and len(set(seen)) == len(seen)
 
 
+def _vectors_model() -> dict[str, torch.Tensor]:
+    """A matrix beside twelve small vectors (the BatchNorm CNN's shape of problem: most probed tensors are vectors)."""
+    torch.manual_seed(1)
+    sd = {"a.weight": torch.cumsum(torch.randn(128, 128), dim=1) / 16, "b.weight": torch.randn(64, 128) * 0.05}
+    sd.update({f"n{i}.weight": 1 + torch.randn(64) * 0.1 for i in range(12)})
+    return sd
+
+
+def _squares_score(sd):
+    """Minus the sum of each tensor's NMSE, the vectors' weighed 1000x (higher is better)."""
+    ref = {n: t.double() for n, t in sd.items()}
+
+    def score(candidate):
+        return -sum((1000 if n.startswith("n") else 1) * float(((candidate[n].double() - r) ** 2).sum() / (r ** 2).sum())
+                    for n, r in ref.items())
+
+    return score
+
+
+def test_held_tensors_unprobed_bound_the_calls_and_the_check_finds_the_kept_plans_score(tmp_path, monkeypatch):
+    """Twelve vectors whose only lossy setting is the 1 % probe's (8-bit significands), held there by the plan: with
+    :data:`codec.rd.probe.HELD` the rounds probe only the two matrices (two calls each a round) and score each plan
+    once, and the data-free check finds the calibrated plan's score in the memo: the user's score is called at most
+    1 + 14 (the 1 % probes) + 2 x 2 x 2 + 3 + 1 times (main: 38, each vector's mirror image and the check's second
+    call among them). Without the switch the vectors are probed as before, and the check still calls once."""
+    import codec.encode
+    import codec.rd.probe
+
+    sd = _vectors_model()
+    score, calls, checked = _squares_score(sd), [], []
+
+    def counted(candidate):
+        calls.append(1)
+        return score(candidate)
+
+    better = codec.encode._better_by_score
+
+    def check(*args, **kwargs):
+        before = len(calls)
+        try:
+            return better(*args, **kwargs)
+        finally:
+            checked.append(len(calls) - before)
+
+    monkeypatch.setattr(codec.encode, "_better_by_score", check)
+    counts = []
+    for held in (True, False):
+        monkeypatch.setattr(codec.rd.probe, "HELD", held)
+        calls.clear()
+        notes = codec.save(sd, tmp_path / "cal.jwt", bits_per_weight=2, calibrate=counted)
+        assert any(n.startswith("calibrate: kept") for n in notes)
+        counts.append(len(calls))
+    got = codec.load(tmp_path / "cal.jwt")
+    assert all(not torch.equal(got[f"n{i}.weight"], sd[f"n{i}.weight"]) for i in range(12))  # rounded: lossy
+    rounds = codec.rd.probe.ROUNDS
+    assert counts[0] <= 1 + 14 + 2 * 2 * rounds + (rounds + 1) + 1 < counts[1], counts
+    assert max(checked) <= 1, checked  # at most the data-free plan's file: the calibrated plan's score is the memo's
+
+
+def test_the_check_scores_the_file_as_written_rounded_vectors_included(tmp_path):
+    """The data-free check's note gives each plan's score as the file holds it: a vector stored with rounded
+    significands is scored rounded (before, the check put in only the lossy codecs' tensors and scored the vectors
+    as given, a score the written file does not have)."""
+    sd = _vectors_model()
+    score = _squares_score(sd)
+    notes = codec.save(sd, tmp_path / "cal.jwt", bits_per_weight=2, calibrate=score)
+    (note,) = [n for n in notes if n.startswith("calibrate: kept the calibrated plan, scored ")]
+    noted = float(re.match(r"calibrate: kept the calibrated plan, scored (\S+) ", note).group(1))
+    assert noted == pytest.approx(score(codec.load(tmp_path / "cal.jwt")), rel=1e-5)
+
+
 def test_parse_spec_and_overrides_last_match_wins():
     """Settings parse into options and the last matching glob wins."""
     base = EncodeOptions()

@@ -1085,8 +1085,7 @@ def plan_options(
         if score is not None:  # probe again at the errors the plan lands on (codec.rd.probe)
             from .probe import replan_at_errors
 
-            first = {n: (next(p for p in points[n] if p.label == label), decoded)
-                     for n, held in probes.items() for label, decoded in held.items()}
+            first = {n: next(p for p in points[n] if p.label == label) for n, held in probes.items() for label in held}
             probes.clear()
 
             def code(name: str, array: np.ndarray, dtype: DType, point: RDPoint) -> np.ndarray:

@@ -8,12 +8,14 @@ the score by opposite amounts 5-100x their mean), and the curvature at 1 % does 
 
 :func:`replan_at_errors` plans again from probes at the plan's own errors: each lossy tensor is coded as the plan
 codes it and the score is taken with that error and with its mirror image (original minus the error), whose mean
-cancels the first-order term; the weight is that mean drop per unit distortion (a tensor the plan keeps under the
-first probe's error is probed, both ways, at the first probe's candidate instead: a smaller error is within the
-score's rounding). Up to :data:`ROUNDS` such rounds, each plan scored whole (every tensor decoded as it plans);
-the plan kept is the one the score rates highest, the first round's plan included, so a round can only help by the
-user's score. Cost per round: one more coding of each lossy tensor, two calls of the score per tensor and one for
-the plan (the bench CNN at 2,000 images: about 17 calls).
+cancels the first-order term (:data:`MIRROR`); the weight is that mean drop per unit distortion (a tensor the plan
+keeps under the first probe's error is probed, both ways, at the first probe's candidate instead: a smaller error
+is within the score's rounding; :data:`HELD` leaves such tensors unprobed).
+Up to :data:`ROUNDS` such rounds, each plan scored whole (every tensor decoded as it plans); the plan kept is the
+one the score rates highest, the first round's plan included, so a round can only help by the user's score. Cost
+per round: one more coding of each lossy tensor, two calls of the score per tensor whose point moved (the memo of
+:func:`codec.api.calibrate_score` answers the others) and one for the plan (at -b 1 the bench CNN's rounds call
+the score 13 times, the BatchNorm CNN's 33: 15 of them the mirror images of its vectors' 1 % probes).
 """
 
 from __future__ import annotations
@@ -28,6 +30,17 @@ from ..errors import EncodeError
 #: Rounds of probes at the plan's errors after the first plan (each: probes, a plan, its whole score).
 ROUNDS = 2
 
+#: Probe a tensor at its plan's error with the mirror image of that error too (two calls of the score; their mean
+#: cancels the first-order term), or (False) with the plan's own error alone (one call: the drop that coding gives).
+MIRROR = True
+
+#: Leave unprobed (their weights as they stand) the tensors the plan holds at or under their first probe's error,
+#: rather than probing them, both ways, at that probe's candidate (the BatchNorm CNN at -b 1: 41 calls of the score
+#: against 58, the same file). Off: on the bench CNN -b 0.6 (second draw) the one-sided weights it leaves changed two
+#: small tensors' settings (8-bit significands or exact), and the replan for the index's share then kept a file at
+#: 82.68 % against 83.45 (bench/JOURNAL.md, "cost").
+HELD = False
+
 #: A drop is floored at this fraction of the base score's size (at least 1): no tensor is treated as free
 #: (the same floor as :func:`codec.rd.allocate.sensitivities`).
 FLOOR = 1e-6
@@ -35,13 +48,13 @@ FLOOR = 1e-6
 
 def replan_at_errors(tensors, first: tuple, weights: dict[str, float], plan: Callable[[dict[str, float]], tuple],
                      code: Callable, score: Callable[[dict[str, np.ndarray]], float],
-                     first_probes: dict[str, tuple[object, np.ndarray]], rounds: int | None = None) -> tuple:
+                     first_probes: dict[str, object], rounds: int | None = None) -> tuple:
     """The best by ``score`` of the plan ``first`` (``(chosen, ...)``, ``chosen`` name to
     :class:`codec.rd.allocate.RDPoint`) and up to ``rounds`` replans (``plan(weights)``, same form), each planned with
     the weights its predecessor's errors give (module docstring). ``tensors(names)`` yields ``(name, array, dtype)``
     (storage form); ``code(name, array, dtype, point)`` gives the tensor decoded as ``point`` codes it;
-    ``first_probes[name] = (point, decoded)``: the first probe's candidate of each probed tensor. ``rounds``:
-    :data:`ROUNDS` unless given."""
+    ``first_probes[name]``: the first probe's candidate (its :class:`codec.rd.allocate.RDPoint`) of each probed
+    tensor. ``rounds``: :data:`ROUNDS` unless given."""
     rounds = ROUNDS if rounds is None else rounds
     base = score({})
     floor = FLOOR * max(abs(base), 1.0)
@@ -60,12 +73,17 @@ def replan_at_errors(tensors, first: tuple, weights: dict[str, float], plan: Cal
             if not probing:
                 continue
             at = first_probes.get(name)
-            if at is not None and point.rel_error < at[0].rel_error:
-                point, out = at
-            original = to_float64(array, dtype)
-            mirror = from_float64(2 * original - to_float64(out, dtype), dtype)
-            del original
-            drop = base - (score({name: out}) + score({name: mirror})) / 2
+            if at is not None and point.rel_error <= at.rel_error and HELD:
+                continue  # held at or under the first probe's error: its weight stands (no call)
+            if at is not None and point.rel_error < at.rel_error:
+                point, out = at, code(name, array, dtype, at)
+            if MIRROR:
+                original = to_float64(array, dtype)
+                mirror = from_float64(2 * original - to_float64(out, dtype), dtype)
+                del original
+                drop = base - (score({name: out}) + score({name: mirror})) / 2
+            else:
+                drop = base - score({name: out})
             weights[name] = max(drop, floor) / point.nmse
         whole = score(decoded)
         del decoded
