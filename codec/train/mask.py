@@ -85,7 +85,7 @@ class InputMask:
         with torch.no_grad():
             for name, layer in self.layers.items():
                 if len(self.columns[name]):
-                    layer.weight[:, self.columns[name]] = 0
+                    layer.weight.index_fill_(1, self.columns[name], 0)
 
     def __repr__(self) -> str:
         return "InputMask(" + ", ".join(f"{name}: {len(c)} of {self.layers[name].in_features} columns"
