@@ -650,3 +650,25 @@ def test_bench_train_label_smoothing_is_the_loops_cross_entropy_only(monkeypatch
     with pytest.raises(SystemExit) as exc:
         train.main(["--model", "mlp", "--label-smoothing", "1"])
     assert exc.value.code == 2 and "--label-smoothing" in capsys.readouterr().err
+
+
+def test_bench_train_inputs_below_holds_the_quiet_pixels_columns_at_zero_over_the_loop(capsys):
+    import numpy as np
+
+    from bench import train
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 255, (256, 28, 28), dtype=np.uint8)
+    images[:, :2] = 0  # the top two rows of pixels: 0 in every image but one in 16 (6 %)
+    images[::16, :2] = 7
+    schedule = train.Schedule("mlp", images, rng.integers(0, 10, 256), epochs=1, seed=0)
+    _, _, snapshot = schedule.run(snapshot_at=0)
+    model, _ = schedule.codec_epochs(snapshot, train.ladder_point("mlp", 6), refresh=2, inputs_below=0.1)
+    assert schedule.input_mask.columns["fc1"].tolist() == list(range(56))
+    assert torch.all(model.fc1.weight[:, :56] == 0) and torch.all(model.fc1.weight[:, 56:] != 0)
+    assert torch.all(snapshot["model"].fc1.weight[:, :56] != 0)  # the snapshot is not touched
+    model, _ = schedule.codec_epochs(snapshot, train.ladder_point("mlp", 6), refresh=2)
+    assert schedule.input_mask is None and torch.all(model.fc1.weight[:, :56] != 0)
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--model", "mlp", "--inputs-below", "1.5"])
+    assert exc.value.code == 2 and "--inputs-below must be between 0 and 1" in capsys.readouterr().err

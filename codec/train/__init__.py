@@ -12,14 +12,18 @@ whole file stays within 0.3 bits/weight, and the last coding is the file (``Budg
 the loop's first file trains from the setting's or the coarsest quality, and a file still over it at the end is
 refused: ``Budget.within``);
 ``DCTLinear`` / ``DCTConv2d``: layers held as low-frequency DCT coefficients of JPEG's 8x8 blocks,
-``to_ordinary`` turns them back into ordinary layers.
+``to_ordinary`` turns them back into ordinary layers;
+``InputMask(model, inputs, below=0.1)``: an optimizer step hook that holds at zero the largest linear layer's weight
+columns whose input is nonzero in fewer than 10 % of the samples (weights that see no data: their bytes go to the
+rest: bench/JOURNAL.md, twenty-seventh pass).
 """
 
 from .budget import Budget, BudgetDamageWarning
 from .dct import DCTConv2d, DCTLinear, to_ordinary, with_dct_layers
+from .mask import InputMask
 from .finetune import NotKeptWarning, as_overrides, coded_weights, finetune, round_vector, round_vectors
 from .rate import as_setting, entropy_bits, rate, tensor_rate
 
-__all__ = ["Budget", "BudgetDamageWarning", "DCTConv2d", "DCTLinear", "NotKeptWarning", "as_overrides", "as_setting",
+__all__ = ["Budget", "BudgetDamageWarning", "DCTConv2d", "DCTLinear", "InputMask", "NotKeptWarning", "as_overrides", "as_setting",
            "coded_weights", "entropy_bits", "finetune", "rate", "round_vector", "round_vectors", "tensor_rate",
            "to_ordinary", "with_dct_layers"]
