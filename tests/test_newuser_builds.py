@@ -1,6 +1,7 @@
 """Models a new user builds and loads in ways not tried before (twenty-seventh pass, bench/JOURNAL.md "qa
 (twenty-seventh pass)"): a model built on the meta device (``with torch.device("meta"):``, accelerate's
-``init_empty_weights()``) loaded with ``codec.load_into``."""
+``init_empty_weights()``) loaded with ``codec.load_into``; layers under ``torch.nn.utils.parametrize``
+(weight_norm, spectral_norm) in a calibrated save."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations, parametrize
 
 import codec
 
@@ -83,3 +85,36 @@ def test_load_into_a_meta_model_with_a_key_the_file_lacks(tmp_path):
     with pytest.warns(UserWarning, match="'d.weight'"):
         result = codec.load_into(empty, path, strict=False)
     assert set(result.missing_keys) == {"d.weight", "d.bias"}
+
+
+class _Normed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = parametrizations.weight_norm(nn.Linear(64, 256))
+        self.b = parametrizations.spectral_norm(nn.Linear(256, 256))
+        self.c = nn.Linear(256, 8)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def _data_free_note(notes):
+    return [n for n in notes if "coded by the data-free weighting" in n]
+
+
+def test_a_parametrized_layers_originals_are_named_with_what_lets_calibration_measure_them(tmp_path):
+    """Before: "'a.parametrizations.weight.original0', ... (ParametrizationList: a layer kind calibration does not
+    measure)", although the layer is an nn.Linear, and nothing said what to do."""
+    model = _Normed().eval()
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(1))
+    notes = codec.save(model, tmp_path / "p.jwt", bits_per_weight=3, calibration=x, repair=False)
+    (note,) = _data_free_note(notes)
+    assert "'a.parametrizations.weight.original1'" in note and "'b.parametrizations.weight.original'" in note
+    assert "ParametrizationList" not in note and "layer kind" not in note
+    assert 'parametrize.remove_parametrizations(layer, "weight")' in note
+    for layer in (model.a, model.b):  # what the note says to do: then every weight is measured
+        parametrize.remove_parametrizations(layer, "weight")
+    notes = codec.save(model, tmp_path / "q.jwt", bits_per_weight=3, calibration=x, repair=False)
+    assert not _data_free_note(notes)
+    assert {"a.weight", "b.weight"} <= set(codec.open(tmp_path / "q.jwt").keys())
