@@ -160,8 +160,12 @@ def import_model(spec: str, state_dict: Mapping) -> tuple[object, dict[str, str]
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or the module's own error while importing
+        top = module_name.partition(".")[0]
+        where = (f": looked in the current folder ({Path.cwd()}) and on PYTHONPATH; run jwt from the folder that "
+                 f"holds {top}.py (or the package {top}/), or add that folder to PYTHONPATH"
+                 if isinstance(exc, ModuleNotFoundError) and exc.name == top else "")
         raise click.ClickException(f"--model {spec}: cannot import {module_name} ({type(exc).__name__}: "
-                                   f"{first_line(exc)})") from None
+                                   f"{first_line(exc)}){where}") from None
     cls = getattr(module, class_name, None)
     if cls is None:
         raise click.ClickException(f"--model {spec}: {module_name} has no {class_name}")

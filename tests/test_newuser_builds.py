@@ -118,3 +118,34 @@ def test_a_parametrized_layers_originals_are_named_with_what_lets_calibration_me
     notes = codec.save(model, tmp_path / "q.jwt", bits_per_weight=3, calibration=x, repair=False)
     assert not _data_free_note(notes)
     assert {"a.weight", "b.weight"} <= set(codec.open(tmp_path / "q.jwt").keys())
+
+
+def _encode_cli(*args):
+    from click.testing import CliRunner
+
+    from jwt_cli.main import cli
+
+    return CliRunner().invoke(cli, ["encode", *map(str, args)])
+
+
+def test_model_module_not_beside_the_user_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    """`jwt encode models/net.pt --model qa27_nets:Net` run from the folder above the module's: before, only
+    "cannot import qa27_nets (ModuleNotFoundError: No module named 'qa27_nets')"."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "qa27_nets.py").write_text("from torch import nn\nclass Net(nn.Linear):\n"
+                                                       "    def __init__(self):\n        super().__init__(8, 4)\n")
+    (tmp_path / "models" / "qa27_needs.py").write_text("import qa27_no_such_dependency\n")
+    torch.save(nn.Linear(8, 4).state_dict(), tmp_path / "models" / "net.pt")
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.zeros((4, 8), np.float32))
+    monkeypatch.chdir(tmp_path)
+    result = _encode_cli("models/net.pt", "-b", "4", "--calibration", "x.npy", "--model", "qa27_nets:Net")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "cannot import qa27_nets" in result.output
+    assert f"looked in the current folder ({tmp_path})" in result.output
+    assert "run jwt from the folder that holds qa27_nets.py" in result.output
+    monkeypatch.syspath_prepend(str(tmp_path / "models"))  # found, but a module it imports is missing: no such advice
+    result = _encode_cli("models/net.pt", "-b", "4", "--calibration", "x.npy", "--model", "qa27_needs:Net")
+    assert result.exit_code == 1 and "No module named 'qa27_no_such_dependency'" in result.output
+    assert "run jwt from" not in result.output
