@@ -149,3 +149,20 @@ def test_model_module_not_beside_the_user_says_where_it_was_looked_for(tmp_path,
     result = _encode_cli("models/net.pt", "-b", "4", "--calibration", "x.npy", "--model", "qa27_needs:Net")
     assert result.exit_code == 1 and "No module named 'qa27_no_such_dependency'" in result.output
     assert "run jwt from" not in result.output
+
+
+def test_a_data_free_search_names_the_parametrized_layers_once(tmp_path):
+    """Before: nothing (a weight_norm MLP at -b 0.5 lost 6.2 points more than with its parametrizations removed,
+    bench/JOURNAL.md "qa (twenty-seventh pass)")."""
+    model = _Normed().eval()
+    notes = codec.save(model, tmp_path / "p.jwt", bits_per_weight=3)
+    said = [n for n in notes if "torch.nn.utils.parametrize" in n]
+    assert len(said) == 1 and "2 layers ('a', 'b') compute their weight" in said[0]
+    assert "remove_parametrizations" in said[0] and "'a.weight'" in said[0]
+    assert not [n for n in codec.save(model, tmp_path / "q.jwt") if "parametrize" in n]  # no rate search, no note
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(1))
+    notes = codec.save(model, tmp_path / "r.jwt", bits_per_weight=3, calibration=x, repair=False)
+    assert len([n for n in notes if "parametrize" in n]) == 1  # calibration's own, not both
+    for layer in (model.a, model.b):
+        parametrize.remove_parametrizations(layer, "weight")
+    assert not [n for n in codec.save(model, tmp_path / "s.jwt", bits_per_weight=3) if "parametrize" in n]
