@@ -166,3 +166,20 @@ def test_a_data_free_search_names_the_parametrized_layers_once(tmp_path):
     for layer in (model.a, model.b):
         parametrize.remove_parametrizations(layer, "weight")
     assert not [n for n in codec.save(model, tmp_path / "s.jwt", bits_per_weight=3) if "parametrize" in n]
+
+
+def test_a_folder_without_its_tokenizer_files_is_refused_before_calibrating_on_unknown_tokens(tmp_path):
+    """transformers 5 builds an empty tokenizer (5 special tokens) for a folder without vocab.txt / tokenizer.json:
+    before, `jwt encode FOLDER --calibration texts.txt` calibrated on sentences of [UNK] alone, and said nothing."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny"
+    transformers.BertModel(config).save_pretrained(folder)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("the cat sat on the mat\na dog ran far away\n" * 8)
+    result = _encode_cli(folder, "-b", "4", "--calibration", texts, "-o", tmp_path / "t.jwt")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "its tokenizer has 5 tokens for the model's 200 embedding rows" in result.output
+    assert "tokenizer files" in result.output and not (tmp_path / "t.jwt").exists()
