@@ -160,8 +160,12 @@ def import_model(spec: str, state_dict: Mapping) -> tuple[object, dict[str, str]
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or the module's own error while importing
+        top = module_name.partition(".")[0]
+        where = (f": looked in the current folder ({Path.cwd()}) and on PYTHONPATH; run jwt from the folder that "
+                 f"holds {top}.py (or the package {top}/), or add that folder to PYTHONPATH"
+                 if isinstance(exc, ModuleNotFoundError) and exc.name == top else "")
         raise click.ClickException(f"--model {spec}: cannot import {module_name} ({type(exc).__name__}: "
-                                   f"{first_line(exc)})") from None
+                                   f"{first_line(exc)}){where}") from None
     cls = getattr(module, class_name, None)
     if cls is None:
         raise click.ClickException(f"--model {spec}: {module_name} has no {class_name}")
@@ -374,7 +378,25 @@ def hf_model(folder: Path, images: bool = False):
                 if not images and (folder / PREPROCESSOR).is_file() else "")
         raise click.ClickException(f"{folder}: transformers cannot load the model or its {what} "
                                    f"({first_line(exc)}){hint}") from None
+    if not images:
+        _check_vocabulary(folder, model, reader)
     return model, reader
+
+
+def _check_vocabulary(folder: Path, model, tokenizer) -> None:
+    """A one-line error when ``tokenizer`` has under half as many tokens as ``model`` has embedding rows: a folder
+    without its tokenizer files (vocab.txt, tokenizer.json) gets an empty tokenizer from transformers 5 (5 special
+    tokens), which turns every calibration sentence into unknown tokens (a calibration on nothing but [UNK])."""
+    try:
+        rows = model.get_input_embeddings().weight.shape[0]
+        tokens = len(tokenizer)
+    except Exception:  # no input embedding (a model of other inputs), a tokenizer without a length: nothing to compare
+        return
+    if tokens * 2 < rows:
+        raise click.ClickException(
+            f"{folder}: its tokenizer has {tokens:,} tokens for the model's {rows:,} embedding rows, so the "
+            "calibration sentences would be read as unknown tokens; put the model's tokenizer files (tokenizer.json, "
+            "vocab.txt, tokenizer_config.json, ...) in the folder")
 
 
 def model_names(folder: Path, model, state_dict: Mapping) -> dict[str, str]:

@@ -422,6 +422,10 @@ def save(
         weightings = norm_weightings({n: arrays.shape(n) for n in arrays}, values)
         inputs = calib = None
         growth = 0  # bytes the plan keeps for constant vectors that repair makes ordinary (constant_growth)
+        if model is not None and calibration is None:  # (calibration's own note names parametrized layers)
+            from .api import parametrized_notes
+
+            notes += parametrized_notes(model)
         if calibration is not None:
             from .api import calibrated, calibration_notes, repair_growth
 

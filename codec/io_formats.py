@@ -873,7 +873,11 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, strict: b
     ``strict=True`` a mismatch raises ``RuntimeError`` as torch does. A tensor the model ties to another (one memory:
     GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``) is loaded from whichever of the two names the file
     holds, as ``from_pretrained`` does (a model folder's file holds it once).
-    Tensors are decoded onto the device of the model's first parameter.
+    Tensors are decoded onto the device of the model's first parameter. A model built on the meta device (``with
+    torch.device("meta"):``, accelerate's ``init_empty_weights()``) gets its tensors decoded onto the CPU and
+    assigned (``load_state_dict(..., assign=True)``: tied parameters stay one parameter); what no file holds and is
+    still on the meta device afterwards (a non-persistent buffer such as BERT's ``position_ids``) is named in a
+    ``UserWarning``.
     """
     from .encode import compiled_original, is_module
 
@@ -884,6 +888,10 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, strict: b
     first = next(iter(model.parameters()), None)
     first = first if first is not None else next(iter(model.buffers()), None)
     device = first.device if first is not None else None
+    own = model.state_dict(keep_vars=True)
+    meta = any(t.is_meta for t in own.values())
+    if meta:  # decoded onto the meta device, the tensors would hold nothing and copying them in would do nothing
+        device = None
     if detect_format(path) == "jwt":
         from .api import load
 
@@ -892,8 +900,12 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, strict: b
         state_dict = read_tensors(path)
     from .api import _sharing
 
-    own = model.state_dict()
-    ties = _sharing(own)[0]  # a tied head (GPT-2's lm_head.weight = wte): {its name: the earlier one's}
+    if meta:  # every meta tensor is at address 0: a tie is the same parameter object
+        firsts: dict[int, str] = {}
+        ties = {name: firsts.setdefault(id(t), name) for name, t in own.items()}
+        ties = {name: earlier for name, earlier in ties.items() if earlier != name}
+    else:
+        ties = _sharing(own)[0]  # a tied head (GPT-2's lm_head.weight = wte): {its name: the earlier one's}
     prefix = weights_prefix(state_dict, [k for k in own if k not in ties])
     if prefix:
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -904,7 +916,39 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, strict: b
                 state_dict[name] = state_dict[earlier]
             elif earlier not in state_dict and name in state_dict:
                 state_dict[earlier] = state_dict[name]
-    return model.load_state_dict(state_dict, strict=strict)
+    if not meta:
+        return model.load_state_dict(state_dict, strict=strict)
+    return _assign_onto_meta(model, path, own, state_dict, strict)
+
+
+def _assign_onto_meta(model: torch.nn.Module, path: str | os.PathLike[str], own: Mapping, state_dict: Mapping,
+                      strict: bool):
+    """``model.load_state_dict(state_dict, strict=strict, assign=True)`` for a model of meta tensors: one
+    ``nn.Parameter`` per decoded tensor, so that parameters tied in ``model`` stay tied; a ``UserWarning`` names what
+    is still on the meta device afterwards."""
+    import warnings
+
+    import torch
+
+    wrapped: dict[tuple[int, int], torch.nn.Parameter] = {}  # (decoded tensor, model's parameter): one for a tie
+    state_dict = dict(state_dict)
+    for name, tensor in state_dict.items():
+        mine = own.get(name)
+        if isinstance(mine, torch.nn.Parameter) and isinstance(tensor, torch.Tensor) and tensor.shape == mine.shape:
+            key = (id(tensor), id(mine))
+            if key not in wrapped:
+                wrapped[key] = torch.nn.Parameter(tensor, requires_grad=mine.requires_grad)
+            state_dict[name] = wrapped[key]
+    result = model.load_state_dict(state_dict, strict=strict, assign=True)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        shown = ", ".join(map(repr, left[:4])) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
+        warnings.warn(f"{os.fspath(path)}: the model was built on the meta device and {len(left)} of its tensors are "
+                      f"still there after loading ({shown}): no file holds them (non-persistent buffers, or keys "
+                      "missing from the file); build the model with its buffers on a real device (accelerate's "
+                      "init_empty_weights(), include_buffers=False by default) or set them before running it",
+                      UserWarning, stacklevel=3)
+    return result
 
 
 #: Where a checkpoint keeps a model's weights: a training checkpoint's ``{"state_dict": ...}`` or ``{"model": ...}``

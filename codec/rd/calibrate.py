@@ -67,6 +67,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils.parametrize import ParametrizationList as _ParametrizationList
 
 from ..errors import first_line
 from .allocate import Weighting
@@ -955,6 +956,11 @@ def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> 
         elif name in buffers:  # a matrix the model multiplies by itself (a fixed projection): no layer, no module
             kinds.setdefault(f"a buffer of {type(owner).__name__}{' itself' if owner is model else ''}: used outside "
                              "any layer calibration measures", []).append(name)
+        elif isinstance(owner, _ParametrizationList):  # weight_norm's g and v, spectral_norm's original, ...
+            kinds.setdefault("the originals of a torch.nn.utils.parametrize parametrization (weight_norm, "
+                             "spectral_norm, ...): calibration measures the weight a layer computes from them, not "
+                             "them; parametrize.remove_parametrizations(layer, \"weight\") on each before saving "
+                             "stores that weight, which it measures", []).append(name)
         elif owner is model:  # a parameter of the model itself (a position table added to the inputs): no layer
             kinds.setdefault(f"a parameter of {type(model).__name__} itself, used outside any layer calibration "
                              "measures", []).append(name)
