@@ -132,7 +132,7 @@ def main() -> None:
     for (module, name), label in STAGES.items():
         setattr(module, name, marked(getattr(module, name), label))
     if args.detail:
-        from codec.rd import repair
+        from codec.rd.repair import loop as repair  # (_repair looks _code_within up in its own module)
 
         def slot_marked(fn, what):
             def wrapped(*a, **k):

@@ -26,7 +26,7 @@ from torch import nn
 from codec.dtypes import get_dtype
 from codec.format import TensorEntry
 from codec.rd.gptq import gptq_target, output_error
-from codec.rd.repair import _layer_rows
+from codec.rd.repair.fit import _layer_rows
 from codec.tensorcodec import EncodeOptions, decode_tensor, encode_tensor, lossless_reason
 
 from .models import load_fashion_mnist, model_class, preprocess

@@ -348,7 +348,7 @@ def test_working_model_shares_the_lossy_tensors_until_coded():
     copies, as repair writes into them (biases)."""
     import copy
 
-    from codec.rd.repair import _shared_lossy
+    from codec.rd.repair.slots import _shared_lossy
 
     model, options, _ = _embedding_model()
     memo = _shared_lossy(model, options)
@@ -446,7 +446,7 @@ def test_float32_products_are_summed_into_float64_without_a_widened_copy():
     none summed yet, as before."""
     import torch
 
-    from codec.rd.repair import _widen_into
+    from codec.rd.repair.fit import _widen_into
 
     gen = torch.Generator().manual_seed(0)
     products = [torch.randn(300, 200, generator=gen) @ torch.randn(200, 300, generator=gen) for _ in range(4)]

@@ -20,7 +20,9 @@ from codec.dtypes import get_dtype
 from codec.errors import EncodeError
 from codec.rd import ladder
 from codec.rd.allocate import _refine, measure
-from codec.rd.repair import FINE_STEP, RepairSettings, _code_within, _slots
+from codec.rd.repair import FINE_STEP, RepairSettings
+from codec.rd.repair.budget import _code_within
+from codec.rd.repair.slots import _slots
 from codec.tensorcodec import EncodeOptions, encode_tensor
 from codec.writer import Writer
 

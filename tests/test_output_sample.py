@@ -12,9 +12,11 @@ from torch.nn import functional as F
 import codec
 import codec.rd.output_sample as O
 from codec.rd import prefix
-from codec.rd import repair as R
 from codec.rd.calibrate import calibrate, call
 from codec.rd.output_sample import OutputSample
+from codec.rd.repair import loop as repair_loop
+from codec.rd.repair import output_error
+from codec.rd.repair.losses import _flat, _outputs
 
 
 class TinyLM(nn.Module):
@@ -144,8 +146,8 @@ def test_calibration_compares_an_output_whole_up_to_the_limit_and_sampled_beyond
 
 def _refs(model, batches, sample):
     with torch.no_grad():
-        refs = [R._outputs(model, b, sample if i == 0 else None) for i, b in enumerate(batches)]
-        return [sample.reference(model, b, call, R._flat, r) for b, r in zip(batches, refs)], refs
+        refs = [_outputs(model, b, sample if i == 0 else None) for i, b in enumerate(batches)]
+        return [sample.reference(model, b, call, _flat, r) for b, r in zip(batches, refs)], refs
 
 
 def test_repairs_output_error_on_a_sample_equals_the_whole_one_up_to_the_limit():
@@ -154,13 +156,13 @@ def test_repairs_output_error_on_a_sample_equals_the_whole_one_up_to_the_limit()
         coded.mix.weight.add_(0.05 * torch.randn(coded.mix.weight.shape, generator=torch.Generator().manual_seed(5)))
     batches = [_ids(8, 6, seed=k) for k in range(3)]
     sampled_refs, refs = _refs(model, batches, OutputSample(limit=300))
-    whole = R.output_error(coded, batches, refs)
-    assert R.output_error(coded, batches, sampled_refs, OutputSample(limit=300)) == whole
+    whole = output_error(coded, batches, refs)
+    assert output_error(coded, batches, sampled_refs, OutputSample(limit=300)) == whole
     sample = OutputSample(limit=64)
     sampled_refs, _ = _refs(model, batches, sample)
     assert sample.heads == ["head"]
-    first = R.output_error(coded, batches, sampled_refs, sample)
-    assert first == R.output_error(coded, batches, sampled_refs, sample) != whole
+    first = output_error(coded, batches, sampled_refs, sample)
+    assert first == output_error(coded, batches, sampled_refs, sample) != whole
     assert first == pytest.approx(whole, rel=0.1)
 
 
@@ -172,7 +174,7 @@ def test_a_calibrated_save_of_a_wide_head_runs_it_narrowed_and_codes_as_well(mon
     ids = _ids(64, 6, vocab=vocab, seed=7)
     held = _ids(32, 6, vocab=vocab, seed=8)
     results = {}
-    monkeypatch.setattr(R, "RESPEND_FROM", float("inf"))  # the runs of one coding are counted, no second
+    monkeypatch.setattr(repair_loop, "RESPEND_FROM", float("inf"))  # the runs of one coding are counted, no second
     for limit in (10 ** 9, 64):
         monkeypatch.setattr(O, "WIDE_OUTPUT", limit)
         widths = []

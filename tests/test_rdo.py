@@ -14,8 +14,9 @@ from codec.format import TensorEntry
 from codec.rd.gptq import output_error
 from codec.rd.rdo import (_code_lengths, _Trellis, applies, estimated_bytes, fit_pruned, prune_coefficients,
                           unit_sensitivity)
-from codec.rd.repair import RepairSettings, _flat, _run, repair
+from codec.rd.repair import RepairSettings, repair
 from codec.rd.repair import output_error as model_error
+from codec.rd.repair.losses import _flat, _run
 from codec.tensorcodec import EncodeOptions, _map_blob, decode_tensor, encode_tensor
 from codec.tiling import plan_tiling
 

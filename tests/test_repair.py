@@ -17,9 +17,11 @@ from codec.dtypes import get_dtype
 from codec.format import TensorEntry
 from codec.rd.gptq import gptq_target, jpeg_target, output_error
 from codec.rd import ladder
-from codec.rd.repair import (RepairSettings, _code_within, _coded_target, _fit_size, _HeldOut, _LayerFit, _slots,
-                             code_with_repair, forward_order, repair)
+from codec.rd.repair import RepairSettings, code_with_repair, forward_order, repair
 from codec.rd.repair import output_error as model_error
+from codec.rd.repair.budget import _code_within, _coded_target, _fit_size
+from codec.rd.repair.fit import _HeldOut, _LayerFit
+from codec.rd.repair.slots import _slots
 from codec.tensorcodec import EncodeOptions, decode_tensor, encode_tensor
 
 F32 = get_dtype("float32")
@@ -171,14 +173,14 @@ def test_stepping_down_a_jpeg_layer_keeps_no_earlier_step(monkeypatch):
     the weight's size: at most the best step so far, its target and decoded values, besides the one made)."""
     import tracemalloc
 
-    from codec.rd import repair as repair_module
+    from codec.rd.repair import budget as budget_module
 
     model, data = tiny_model(5), batches()
     jpeg = EncodeOptions(codec="jpeg", quality=40, table="ramp2", tile=(16, 64))
     options = {n: jpeg if n == "fc.weight" else EncodeOptions(codec="lossless") for n in model.state_dict()}
     settings = RepairSettings(refit=False, gptq=False, bias_correction=False, steps=0, final_steps=0, prune=False)
     size = model.fc.weight.numel() * 4
-    coded_target, fit_size, counts = repair_module._coded_target, repair_module._fit_size, []
+    coded_target, fit_size, counts = budget_module._coded_target, budget_module._fit_size, []
 
     def counted(slot, *args, **kwargs):
         if slot.name == "fc.weight":
@@ -189,8 +191,8 @@ def test_stepping_down_a_jpeg_layer_keeps_no_earlier_step(monkeypatch):
         counts.append([])
         return fit_size(slot, layer, opts, settings, executor, min(credit, -1), blend, **kwargs)
 
-    monkeypatch.setattr(repair_module, "_coded_target", counted)
-    monkeypatch.setattr(repair_module, "_fit_size", in_debt)
+    monkeypatch.setattr(budget_module, "_coded_target", counted)
+    monkeypatch.setattr(budget_module, "_fit_size", in_debt)
     tracemalloc.start()
     try:
         result = repair(model, data, options, settings=settings)
@@ -458,7 +460,6 @@ def test_calibrated_file_keeps_its_bytes_with_h_held_in_its_factor(monkeypatch, 
     and scored from the triangle as with the dense ``H``, a factor per coding and the dense formula (the path before
     the eighteenth pass); so do repair's targets with GPTQ, JPEG compensation in grid and rows mode and pruning."""
     import codec
-    from codec.rd import repair as repair_module
 
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(96, 128), nn.ReLU(), nn.Linear(128, 192), nn.ReLU(), nn.Linear(192, 128)).eval()
@@ -479,7 +480,7 @@ def test_calibrated_file_keeps_its_bytes_with_h_held_in_its_factor(monkeypatch, 
 
     held = coded("held.jwt")
     assert {"0.weight", "2.weight", "4.weight"} <= held[1].keys()
-    monkeypatch.setattr(repair_module._LayerFit, "_h", lambda self: self.h.dense())  # a plain array: the old path
+    monkeypatch.setattr(_LayerFit, "_h", lambda self: self.h.dense())  # a plain array: the old path
     assert coded("dense.jwt") == held
 
 
@@ -753,22 +754,22 @@ def test_calibrated_mlp_spends_the_reserve_its_later_quant_tensors_left(monkeypa
     model again with the first layer given it: the file ends within 1 % under its budget, never over (main:
     0.9815 of it, as with the second coding switched off here)."""
     import codec
-    import codec.rd.repair as repair_module
+    import codec.rd.repair.loop as loop_module
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
     budget = int(2.5 * sum(t.numel() for t in model.state_dict().values()) / 8)
     data = torch.rand(512, 784).split(64)
     sizes = {}
-    for respend in (math.inf, repair_module.RESPEND_FROM):
-        monkeypatch.setattr(repair_module, "RESPEND_FROM", respend)
+    for respend in (math.inf, loop_module.RESPEND_FROM):
+        monkeypatch.setattr(loop_module, "RESPEND_FROM", respend)
         out = io.BytesIO()
         notes = codec.save(model, out, bits_per_weight=2.5, calibration=data)
         sizes[respend] = len(out.getvalue())
         assert sizes[respend] <= budget
         assert not any("over the" in n for n in notes)
         assert any("coded twice" in n and "0.weight" in n for n in notes) == (respend != math.inf)
-    assert sizes[math.inf] < 0.99 * budget <= sizes[repair_module.RESPEND_FROM]
+    assert sizes[math.inf] < 0.99 * budget <= sizes[loop_module.RESPEND_FROM]
 
 
 def test_calibrated_save_leaves_repair_its_share(monkeypatch):
@@ -821,7 +822,7 @@ def test_repair_without_a_later_jpeg_keeps_quant_growth_within_the_plan(seed):
 def test_repair_steps_up_only_with_a_spare(monkeypatch):
     """Without a spare (a plan within the margin of its budget) no tensor is coded dearer than planned: keep-size's
     savings are the margin; with one, the largest tensor takes it."""
-    import codec.rd.repair as module
+    import codec.rd.repair.loop as module
 
     model, data = tiny_model(4), batches()
     options = quant_options(model, bits=3)
@@ -855,7 +856,8 @@ def _judged_refit(unit: int):
     ``a`` 'coded' so that ``b``'s unit 0 sees its inputs at half their scale (an error a refit undoes) and unit 1
     sees them with a little noise that is not a function of them (fitted on the 30 rows of 3 batches, fewer than the
     32 inputs, the refit follows it and does worse on the held-out batch)."""
-    from codec.rd.repair import _refit_judged, held_out
+    from codec.rd.repair import held_out
+    from codec.rd.repair.loop import _refit_judged
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 2), _Reads(unit)).eval()
@@ -1053,7 +1055,7 @@ def test_save_with_finetune_settings_stays_within_the_budget(tmp_path):
 def test_finetune_with_kl_on_logits():
     """finetune_loss="kl" distils the softmax of the outputs: lower held-out KL than plain repair (kept), the
     targets decode to exactly the returned model; an unknown loss is a one-line ValueError."""
-    from codec.rd.repair import _kl
+    from codec.rd.repair.losses import _kl
 
     model, data = tiny_model(), batches(8)
     with torch.no_grad():
@@ -1092,7 +1094,7 @@ def test_convolution_rows_are_collected_in_chunks_to_the_same_fit(monkeypatch):
     """A convolution's im2col rows are made a few samples at a time (a batch of large images never holds its whole
     im2col matrix): with chunks of one sample, collect() gives the moments and refit of the whole-batch pass, up to
     float rounding, and repair codes the same tensors."""
-    from codec.rd import repair as repair_module
+    from codec.rd.repair import fit as fit_module
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
@@ -1103,14 +1105,14 @@ def test_convolution_rows_are_collected_in_chunks_to_the_same_fit(monkeypatch):
     quick = RepairSettings(steps=0, final_steps=0, keep_size=False)
     whole = repair(model, data, options, settings=quick)
     calls = []
-    rows = repair_module._layer_rows
+    rows = fit_module._layer_rows
 
     def counted(module, x):
         for chunk in rows(module, x):
             calls.append((type(module).__name__, chunk.shape[0]))
             yield chunk
-    monkeypatch.setattr(repair_module, "_layer_rows", counted)
-    monkeypatch.setattr(repair_module, "UNFOLD_BYTES", 4 * 64 * 16 * 9)  # one 16-channel 8 x 8 sample's columns
+    monkeypatch.setattr(fit_module, "_layer_rows", counted)
+    monkeypatch.setattr(fit_module, "UNFOLD_BYTES", 4 * 64 * 16 * 9)  # one 16-channel 8 x 8 sample's columns
     chunked = repair(model, data, options, settings=quick)
     conv_chunks = [n for kind, n in calls if kind == "Conv2d"]
     assert conv_chunks and set(conv_chunks) == {64}  # one sample (8 x 8 positions) at a time
@@ -1140,7 +1142,7 @@ def test_refit_needs_batches_to_hold_out_and_says_so():
 def test_a_layer_with_fewer_calibration_rows_than_inputs_is_damped_more():
     """H of a layer seen on fewer rows than it has inputs is rank-deficient: compensation and the refit are damped
     with ``damp_few_rows`` there (the BatchNorm CNN's fc1, 3,136 inputs, 2,000 images), ``damp`` elsewhere."""
-    from codec.rd.repair import _LayerFit
+    from codec.rd.repair.fit import _LayerFit
 
     settings = RepairSettings()
     layer = _LayerFit.__new__(_LayerFit)
@@ -1159,7 +1161,7 @@ def test_layer_collected_in_passes_gives_the_same_bits_with_one_cols2_moment_at_
     rows' H. Its H, refit candidate and W C are those of the one pass bit for bit; no two of all rows' H, the
     other rows' H and the cross moment exist at once, and no held-out rows' H is made. A convolution's held-out
     rows, past their limit, are summed (the other path of _HeldOut.moment)."""
-    from codec.rd import repair as repair_module
+    from codec.rd.repair import fit as fit_module
 
     torch.manual_seed(3)
     if kind == "conv":
@@ -1183,7 +1185,7 @@ def test_layer_collected_in_passes_gives_the_same_bits_with_one_cols2_moment_at_
 
     one = collected()
     keys, made = [], []
-    batch_sum, wcross = repair_module._batch_sum, _HeldOut.wcross
+    batch_sum, wcross = fit_module._batch_sum, _HeldOut.wcross
 
     helds = []
     held_init = _HeldOut.__init__
@@ -1212,8 +1214,8 @@ def test_layer_collected_in_passes_gives_the_same_bits_with_one_cols2_moment_at_
         summed += 1
         return add_sums(self, y, x_hat)
 
-    monkeypatch.setattr(repair_module, "SPLIT_MOMENT_BYTES", 0)
-    monkeypatch.setattr(repair_module, "_batch_sum", watched)
+    monkeypatch.setattr(fit_module, "SPLIT_MOMENT_BYTES", 0)
+    monkeypatch.setattr(fit_module, "_batch_sum", watched)
     monkeypatch.setattr(_HeldOut, "wcross", spied)
     monkeypatch.setattr(_HeldOut, "_add", summing)
     monkeypatch.setattr(_HeldOut, "__init__", made_held)
@@ -1232,7 +1234,7 @@ def test_layer_collected_in_passes_gives_the_same_bits_with_one_cols2_moment_at_
     assert last_cross < min(rest) and max(rest) < keys.index("hh")
     assert keys.count("hh") == keys.count("cross") == 8 * len(rest) // 6
     assert made == ["wcross"] and (summed > 0 or kind != "conv")  # convolution rows: summed, not banded
-    monkeypatch.setattr(repair_module, "SPLIT_MOMENT_BYTES", 1 << 60)
+    monkeypatch.setattr(fit_module, "SPLIT_MOMENT_BYTES", 1 << 60)
     keys.clear()
     collected()
     assert keys.index("hh") < keys.index("cross") and keys.count("hh") == keys.count("cross")
@@ -1248,7 +1250,7 @@ def test_blend_makes_its_points_a_band_at_a_time_with_the_same_bits(dtype, monke
     import tracemalloc
 
     from codec.dtypes import from_float64, to_float64
-    from codec.rd import repair as repair_module
+    from codec.rd.repair import budget as budget_module
 
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(640, 512, bias=False)).to(dtype)
@@ -1264,12 +1266,12 @@ def test_blend_makes_its_points_a_band_at_a_time_with_the_same_bits(dtype, monke
         moved = np.abs(to_float64(value[:4], slot.dtype) - original[:4]).mean() / 0.04  # (about 1 at the target)
         return value.copy(), int(1000 * (1 + moved)), None
 
-    monkeypatch.setattr(repair_module, "_code", code)
+    monkeypatch.setattr(budget_module, "_code", code)
     tracemalloc.start()
     try:
         start = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
-        value, decoded, nbytes, _ = repair_module._blend(slot, target, slot.original, None, 1400)
+        value, decoded, nbytes, _ = budget_module._blend(slot, target, slot.original, None, 1400)
         peak = tracemalloc.get_traced_memory()[1] - start
     finally:
         tracemalloc.stop()
@@ -1328,7 +1330,7 @@ def test_the_weight_to_code_is_the_callers_array_while_the_working_model_shares_
     compensation) is the caller's own array, not a copy of it (all-MiniLM-L6-v2's FFN output: 2.4 MB); a working
     model of its own gives a copy, which does not follow the working model when it takes its decoded values. The
     caller's weights are unchanged by a whole repair either way."""
-    from codec.rd import repair as repair_module
+    from codec.rd.repair.slots import _shared_lossy
 
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(24, 96), nn.GELU(), nn.Linear(96, 40)).eval()
@@ -1336,7 +1338,7 @@ def test_the_weight_to_code_is_the_callers_array_while_the_working_model_shares_
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     options = {n: EncodeOptions(codec="quant", bits=3) for n, p in model.named_parameters() if p.dim() > 1}
     options.update({n: EncodeOptions(codec="lossless") for n, p in model.named_parameters() if p.dim() == 1})
-    shared = copy.deepcopy(model, repair_module._shared_lossy(model, options))
+    shared = copy.deepcopy(model, _shared_lossy(model, options))
     slots = _slots(shared, options, model)
     slot = slots["2.weight"]
     fit = _LayerFit.collect(model, model[2], shared, slot, slots, data, RepairSettings())
@@ -1350,7 +1352,7 @@ def test_the_weight_to_code_is_the_callers_array_while_the_working_model_shares_
     copied = _LayerFit.collect(model, model[2], own, own_slots["2.weight"], own_slots, data, RepairSettings())
     assert not np.shares_memory(copied._fitted, to_numpy(own[2].weight)[0])
     assert np.array_equal(copied._fitted, slot.original)
-    repair_module.repair(model, data, options, keep_targets=False)
+    repair(model, data, options, keep_targets=False)
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name])
 
@@ -1369,7 +1371,7 @@ def test_repair_keeps_the_vector_its_bias_moves_within_the_budget(monkeypatch):
     significand bits: 6 % larger once moved). Repair counts its bytes against the credit and, where the credit
     does not cover them, rounds a prefix of it to 7 bits: the coded tensors end within their plan and the spare,
     and the working model holds what a reader decodes. Without (main's behaviour) 163 bytes over."""
-    import codec.rd.repair as module
+    import codec.rd.repair.loop as module
 
     model, data = wide_bias_model(0)
     options = {"0.weight": EncodeOptions(codec="jpeg", quality=10, tile=(64, 16)),
@@ -1422,7 +1424,7 @@ def test_repair_prunes_a_receiver_far_within_its_limit_at_higher_qualities(monke
     unspent, so repair tries a span higher while they do (q90 here). Within the budget, and the output error on
     the calibration inputs under a tenth of main's (PRUNE_UNDER infinite: the receiver stepped up to q48 unpruned,
     3.7e-4 against 2.2e-5)."""
-    import codec.rd.repair as module
+    import codec.rd.repair.budget as module
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)).eval()

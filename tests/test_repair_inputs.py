@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from codec.rd import repair as repair_module
 from codec.rd.repair import RepairSettings, repair
+from codec.rd.repair import loop as repair_loop
+from codec.rd.repair.inputs import _forward_calls
 from codec.tensorcodec import EncodeOptions
 
 
@@ -72,8 +73,8 @@ def _repaired(model, monkeypatch, whole: bool):
     calls: dict[str, int] = {}
     with monkeypatch.context() as m:
         if whole:
-            found = repair_module._forward_calls
-            m.setattr(repair_module, "_forward_calls", lambda *a: (found(*a)[0], set(), {}))
+            found = repair_loop._forward_calls
+            m.setattr(repair_loop, "_forward_calls", lambda *a: (found(*a)[0], set(), {}))
         counted = copy.deepcopy(model)
         for name, module in counted.named_modules():
             if isinstance(module, nn.Linear):
@@ -104,7 +105,7 @@ def test_forward_calls_finds_layers_called_once_and_given_one_tensor():
     for kw, shared in [({}, True), ({"inplace": True}, False)]:
         model = _model(**kw)
         watched = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        order, once, shares = repair_module._forward_calls(model, _batches(1)[0], watched)
+        order, once, shares = _forward_calls(model, _batches(1)[0], watched)
         assert order[0] is model and len(order) == len(list(model.modules()))
         b = model.second
         assert id(model.first.k) in once and shares[id(model.first.k)] == id(model.first.q)
@@ -112,7 +113,7 @@ def test_forward_calls_finds_layers_called_once_and_given_one_tensor():
         # an input changed in place after the layer's call: neither ended there nor shared
         assert (id(b.q) in once) is shared and (id(b.k) in shares) is shared
     model = _model(twice=True)
-    _, once, _ = repair_module._forward_calls(model, _batches(1)[0], [model.head, model.first.q])
+    _, once, _ = _forward_calls(model, _batches(1)[0], [model.head, model.first.q])
     assert id(model.head) not in once and id(model.first.q) in once
 
 

@@ -15,6 +15,8 @@ from torch import nn
 import codec
 import codec.rd.output_sample as O
 from codec.rd import repair as R
+from codec.rd.repair import loop as repair_loop
+from codec.rd.repair import losses as repair_losses
 from codec.tensorcodec import EncodeOptions
 
 
@@ -132,20 +134,21 @@ def test_the_originals_whole_outputs_are_not_held_without_training(monkeypatch, 
     model = TinyLM().eval()
     batches = [torch.randint(0, 400, (8, 6), generator=torch.Generator().manual_seed(k)) for k in range(8)]
     whole: list[weakref.ref] = []  # every whole output repair's _outputs gives (what a reference holds)
-    outputs = R._outputs
+    outputs = repair_losses._outputs
 
     def watched(*args, **kwargs):
         outs = outputs(*args, **kwargs)
         whole.extend(weakref.ref(t) for t in outs if t.shape[-1] == 400)
         return outs
 
-    monkeypatch.setattr(R, "_outputs", watched)
+    monkeypatch.setattr(repair_loop, "_outputs", watched)  # the references, an embedding's rows checked
+    monkeypatch.setattr(repair_losses, "_outputs", watched)  # the final note's error against the original
     alive = _watch_alive(model, lambda: sum(r() is not None for r in whole))
     options = {"emb.weight": EncodeOptions(codec="quant", bits=3), "mix.weight": EncodeOptions(codec="quant", bits=3),
                "head.weight": EncodeOptions(codec="quant", bits=3)}
     result = R.repair(model, batches, options, keep_targets=False)
     assert max(alive) <= 3, max(alive)
-    refs = [R._outputs(model, b) for b in batches]
+    refs = [repair_losses._outputs(model, b) for b in batches]
     error = R.output_error(result.model, batches, refs)
     assert f"output error on the calibration inputs (relative MSE) {error:.4g};" in result.notes[0]
 

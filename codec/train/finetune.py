@@ -35,7 +35,7 @@ from ..api import _sharing
 from ..errors import EncodeError
 from ..parallel import steady_heap
 from ..rd.calibrate import keywords as _keywords
-from ..rd.repair import _flat
+from ..rd.repair.losses import _flat
 from ..tensorcodec import EncodeOptions, Overrides, not_applied, round_trip
 from .budget import Budget, as_budget
 from .rate import as_setting

@@ -1,0 +1,511 @@
+"""One Linear / Conv2d layer's least-squares fit: its input statistics in the original and the partly coded model
+(:class:`_LayerFit`, collected through :mod:`.inputs`' hooks, with the held-out rows of :class:`_HeldOut`), the
+refit, the GPTQ / JPEG-compensated targets (:mod:`codec.rd.gptq`) and the least-squares bias.
+
+Builds on :mod:`.settings`, :mod:`.slots` and :mod:`.inputs`; :mod:`.budget` codes the targets it gives, and
+:mod:`.loop` collects and settles a layer before coding it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...api import to_numpy
+from ...dtypes import from_float64, to_float64
+from ...tensorcodec import EncodeOptions
+from ..calibrate import UNFOLD_BYTES, conv_rows
+from ..gptq import HeldInFactor
+from .inputs import _Inputs, _Stop
+from .settings import RepairSettings, held_out
+from .slots import _Slot, _kept_weight
+
+
+def _has_rows(module: nn.Module) -> bool:
+    """Whether :func:`_layer_rows` can give ``module``'s inputs as rows (a Linear, or a zero-padded ungrouped Conv2d)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and module.groups == 1 and isinstance(module.padding, tuple)
+            and module.padding_mode == "zeros")
+
+
+def _layer_rows(module: nn.Module, x: torch.Tensor):
+    """A Linear / Conv2d layer's inputs as float32 rows ``[n, cols]`` matching its weight's matrix view, in chunks
+    (:func:`_has_rows` says whether it applies). A Linear's come whole; a convolution's im2col rows come a few samples
+    at a time (:func:`codec.rd.calibrate.conv_rows`, at most ``UNFOLD_BYTES``; the whole batch in one chunk when it
+    fits), so a batch of large
+    images never has its whole im2col matrix in memory: 250 images of 24 channels at 28 x 28 under a 3 x 3 kernel
+    are 169 MB of rows, at 224 x 224 they would be 11 GB."""
+    if isinstance(module, nn.Linear):
+        yield x.reshape(-1, x.shape[-1]).float()
+        return
+    for cols in conv_rows(module, x, UNFOLD_BYTES):
+        yield cols.float()
+
+
+def _is_layer_weight(slot: _Slot) -> bool:
+    return slot.attr == "weight" and slot.is_param and isinstance(slot.module, (nn.Linear, nn.Conv2d))
+
+
+class _HeldOut:
+    """One layer's rows on the held-out batches, kept for the refit on the other rows (:meth:`_LayerFit._rest_refit`):
+    the coded inputs ``x_hat`` and ``y = x W^T`` (the original layer's outputs less its bias), float32, from which
+    their sum ``wcross`` (``y^T x_hat = W x^T x_hat``, ``out x cols``) is made when needed, in float64 from float32
+    products of a band of columns at a time: a few hundred rows of all-MiniLM-L6-v2's FFN output (1,536 inputs, 384
+    outputs) take less than that matrix, and no ``cols^2`` cross moment of them is made. Once the rows would take
+    more bytes than the sum (a convolution: many rows of few columns), the sum is added instead. The refit is only
+    judged by it (:func:`_refit_judged`), so it need not be the bits of the sums :meth:`_LayerFit.collect` adds over
+    all rows. (The other rows' ``H`` is summed over their own batches, :meth:`_LayerFit.collect`: no held-out ``H``.)
+    """
+
+    #: Bytes of the float32 product of a band of columns (:meth:`wcross`).
+    BAND_BYTES = 1 << 22
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight  # the original layer's weight as a float32 [out, cols] matrix
+        out, cols = weight.shape
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.sums: torch.Tensor | None = None  # ``wcross`` summed as the rows come, once they pass ``limit``
+        self.limit = 8 * out * cols
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        """One chunk's rows (float32): the original model's inputs ``x`` and the working model's ``x_hat``."""
+        y = x @ self.weight.T
+        if self.sums is None:
+            self.rows.append((y, x_hat))
+            if sum(a.nbytes + b.nbytes for a, b in self.rows) <= self.limit:
+                return
+            rows, self.rows = self.rows, []
+            for pair in rows:
+                self._add(*pair)
+        else:
+            self._add(y, x_hat)
+
+    def _add(self, y: torch.Tensor, x_hat: torch.Tensor) -> None:
+        self.sums = _widen_into(self.sums, y.T @ x_hat)
+
+    def wcross(self) -> np.ndarray:
+        """The held-out rows' ``wcross`` sum, float64, in an array the caller may write (once: the rows or the sum
+        are dropped once they have served)."""
+        if self.sums is not None:
+            total, self.sums = self.sums.numpy(), None
+            return total
+        out, cols = self.weight.shape
+        total = np.zeros((out, cols))
+        band = max(1, self.BAND_BYTES // (4 * len(total)))
+        for y, x_hat in self.rows:
+            for j in range(0, cols, band):
+                total[:, j:j + band] += (y.T @ x_hat[:, j:j + band]).numpy()
+        self.rows = []  # made once: the rows have served
+        return total
+
+
+def _widen_into(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """``total + value`` in float64, in ``total``'s own array (``value`` widened as it is added, the same bits as
+    ``total.add_(value)``, which widens a float32 ``value`` into a float64 copy first: all-MiniLM-L6-v2's FFN
+    output, 19 MB per batch); ``total`` None: a float64 copy of ``value``."""
+    if total is None:
+        return value.to(torch.float64, copy=True)
+    if (value.dtype == total.dtype or value.device.type != "cpu" or total.device.type != "cpu"
+            or not value.is_contiguous() or not total.is_contiguous() or value.requires_grad):
+        return total.add_(value)
+    out = total.numpy()
+    np.add(out, value.numpy(), out=out)
+    return total
+
+
+#: A layer whose ``cols^2`` float64 moment takes this many bytes or more is collected in passes (:meth:`_LayerFit.
+#: collect`, with a refit to judge): all-MiniLM-L6-v2's FFN output layers (19 MB each) held all rows' ``H`` and cross
+#: moment and a batch's float32 product at once, then all rows' ``H`` and the held-out rows' (57 MB above repair's
+#: floor); in passes, one ``cols^2`` matrix and a product. Each pass more runs the working model once over the
+#: calibration batches (the other rows' ``H``: over the batches not held out).
+SPLIT_MOMENT_BYTES = 16 << 20
+
+#: What :meth:`_LayerFit.collect` sums over a chunk of a layer's input rows, in this order (the last two: refit only;
+#: with a refit, ``hh`` of the batches not held out is also summed as ``rest_hh``).
+_BATCH_SUMS = ("n", "sum_h", "hh", "sum_x", "cross")
+
+
+def _batch_sum(key: str, x: torch.Tensor | None, x_hat: torch.Tensor):
+    """One of :data:`_BATCH_SUMS` (or ``rest_hh``, the product of ``hh``) for rows ``x`` (original model) and
+    ``x_hat`` (working model): the row count, a column sum in float64, or a moment product in float32."""
+    if key == "n":
+        return x_hat.shape[0]
+    if key in ("sum_h", "sum_x"):
+        return (x_hat if key == "sum_h" else x).double().sum(0)
+    return x_hat.T @ x_hat if key in ("hh", "rest_hh") else x.T @ x_hat
+
+
+class _LayerFit:
+    """A Linear / Conv2d layer about to be coded: its input statistics in the original and the partly coded model.
+
+    ``x`` are the layer's input rows in the original model, ``x_hat`` in the
+    working one (they differ once earlier layers are coded). The layer should
+    map ``x_hat`` to what the original layer gives for ``x``.
+    """
+
+    def __init__(self, slot: _Slot, bias: _Slot | None, w_ref: np.ndarray | torch.Tensor, b_ref: np.ndarray | None,
+                 n: int, mean: np.ndarray, mean_hat: np.ndarray, shift: _Slot | None = None):
+        self.slot, self.bias, self.w_ref, self.b_ref, self.shift = slot, bias, w_ref, b_ref, shift
+        self.n, self.mean, self.mean_hat = n, mean, mean_hat
+        self.cols = w_ref.shape[1]
+        self._w_mean: np.ndarray | None = None  # ``w_ref @ mean`` once settled (:meth:`settle`)
+        #: ``E[x_hat x_hat^T]`` of the coded inputs, centred when a bias or running mean absorbs the mean (set by
+        #: :meth:`collect`), held with the inverse Cholesky factor GPTQ and compensation make of it, in one array
+        #: (:class:`codec.rd.gptq.HeldInFactor`; a plain array set here is taken as a copy by :meth:`_h`)
+        self.h: HeldInFactor | np.ndarray | None = None
+        self._fitted: np.ndarray | None = None  # the weight to code (refit on): the original, or the refit if kept
+        #: The refit fitted on all but the held-out batches (storage form), for :func:`_refit_judged` to decide on
+        #: (None: no refit to judge)
+        self.candidate: np.ndarray | None = None
+        self._w_cross: np.ndarray | None = None  # W C of all rows, for the refit of all rows if the candidate is kept
+        #: jpeg_target's result for the first options asked, the plan's (asked again by _code_within's coding at
+        #: cheaper qualities; no other options are asked twice): (options, damping) -> (target, decoded); None once
+        #: forgotten (:meth:`forget_compensated`: nothing more is kept)
+        self._compensated: dict | None = {}
+        #: Each output unit's sensitivity ``g_j`` (:func:`codec.rd.rdo.unit_sensitivity`; set by repair when
+        #: ``settings.prune`` applies, else None)
+        self.sensitivity: np.ndarray | None = None
+
+    @property
+    def w_ref(self) -> np.ndarray | None:
+        """The reference weight, a float64 ``[out, cols]`` matrix (None once settled, :meth:`settle`). Set as a tensor
+        (the reference layer's own weight, reshaped), it is held as that tensor and widened each time it is read
+        (the same values: widening is exact), so that no float64 copy is held while the layer's statistics are
+        collected (all-MiniLM-L6-v2's FFN output: 4.7 MB, alive through the passes over the batches); a reader
+        that uses it more than once takes it once."""
+        ref = self._w_ref
+        return ref.double().numpy() if isinstance(ref, torch.Tensor) else ref
+
+    @w_ref.setter
+    def w_ref(self, value: np.ndarray | torch.Tensor | None) -> None:
+        self._w_ref = value
+
+    @classmethod
+    def collect(cls, model: nn.Module, original: nn.Module, work: nn.Module, slot: _Slot, slots: dict[str, _Slot],
+                batches: list, settings: RepairSettings, follower: nn.Module | None = None,
+                reader: _Inputs | None = None) -> _LayerFit | None:
+        """Run both models over the calibration batches and gather the layer's statistics (None: not applicable).
+
+        ``follower`` is the module a forward pass calls right after the
+        layer: a BatchNorm there (the layer without a bias of its own) takes
+        the mean correction in its running mean. ``reader``: how the passes
+        run (:class:`_Inputs`; default: whole passes).
+        """
+        reader = _Inputs() if reader is None else reader
+        seen: dict[str, torch.Tensor] = {}
+        acc = {"n": 0, "held_n": 0, "ok": True}
+        used = batches[: settings.stats_batches]
+        # The refit is kept only where the held-out batches show that it lowers the model's output error
+        # (_refit_judged). With too few batches to hold any out
+        # it is not made, the layer gathered as without refit: fitted to a handful of inputs it overfits them
+        # (all-MiniLM-L6-v2 at -b 4 with 30 sentences, 2 batches: cosine 0.9856 / 0.9691 on the everyday /
+        # rare-word sets with it, 0.9928 / 0.9874 without; data-free 0.9865 / 0.9817).
+        # A layer wider than settings.max_columns input columns (a 6272 -> 10 classifier head: a 315 MB H) gets no H
+        # at all: the least-squares bias from the inputs' means only, no refit, GPTQ or compensation (fit.h None).
+        wide = math.prod(slot.original.shape[1:]) > settings.max_columns
+        checked = set(held_out(len(used))) if settings.refit and not wide else set()
+        refit = bool(checked)
+        held_rows = _HeldOut(original.weight.detach().reshape(original.weight.shape[0], -1).float()) if refit else None
+
+        def grab(key):
+            def hook(mod, args):  # the inputs as they come; their rows are made a chunk at a time below
+                if _has_rows(mod):
+                    seen.setdefault(key, []).append(args[0].detach())  # a module called twice gives two sets
+                else:
+                    acc["ok"] = False
+                if reader.stop:
+                    raise _Stop
+            return hook
+
+        def add(key, value):  # float64 sums, added in place (_widen_into: no widened copy of a float32 product)
+            if not isinstance(value, torch.Tensor):
+                acc[key] = acc.get(key, 0) + value
+            else:
+                acc[key] = _widen_into(acc.get(key), value)
+
+        # A layer whose moments are large (all-MiniLM-L6-v2's FFN output: 19 MB each) sums its H in passes of its
+        # own over the working model (SPLIT_MOMENT_BYTES): the cross moment first, reduced to W C and freed, then the
+        # other rows' H over the batches not held out (the refit on them is solved in its array), then all rows' H.
+        # The same sums in the same order as one pass (the working model is not changed meanwhile): the same bits.
+        split = refit and 8 * math.prod(slot.original.shape[1:]) ** 2 >= SPLIT_MOMENT_BYTES
+
+        def sums(keys: tuple[str, ...], both: bool, rest: bool = False, rest_hh: bool = False) -> bool:
+            """One pass over the batches adding ``keys`` (``both``: with the original model, the held-out sums and
+            rows too; ``rest``: over the batches not held out only); False where the layer's inputs do not give
+            rows. ``rest_hh``: the ``hh`` product of a batch not held out is also added to ``rest_hh``."""
+            for k, batch in enumerate(used):
+                if rest and k in checked:
+                    continue
+                held = both and k in checked
+                seen.clear()
+                reader.run(work, batch, "h", k, seen)
+                if both:
+                    reader.run(model, batch, "x", k, seen)
+                if not acc["ok"] or "h" not in seen:
+                    return False
+                xs = seen.get("x", [])
+                if both and [x.shape for x in xs] != [xh.shape for xh in seen["h"]]:
+                    return False
+                for i, inputs in enumerate(seen["h"]):
+                    chunks = zip(_layer_rows(original, xs[i]), _layer_rows(slot.module, inputs)) \
+                        if both else ((None, xh) for xh in _layer_rows(slot.module, inputs))
+                    for x, xh in chunks:
+                        # products in float32, summed in float64 (add widens them as it adds), each made when
+                        # its turn comes: one cols^2 float32 product alive at a time
+                        for key in keys:
+                            value = _batch_sum(key, x, xh)
+                            add(key, value)
+                            if held and key not in ("hh", "cross"):
+                                add("held_" + key, value)
+                            if key == "hh" and rest_hh and k not in checked:
+                                add("rest_hh", value)  # (the same product: the bits of a pass of its own)
+                            del value
+                        if held:
+                            held_rows.add(x, xh)
+            return True
+
+        handles = [original.register_forward_pre_hook(grab("x")), slot.module.register_forward_pre_hook(grab("h"))]
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                keys = tuple(k for k in _BATCH_SUMS if k != "hh") if split else \
+                    _BATCH_SUMS if refit else _BATCH_SUMS[:2] if wide else _BATCH_SUMS[:3]
+                if not sums(keys, refit, rest_hh=refit and not split):
+                    return None
+                if split and not 0 < acc["held_n"] < acc["n"]:  # no refit to judge: H as it comes
+                    split = False
+                    sums(("hh",), False)
+        finally:
+            model.train(training)
+            for h in handles:
+                h.remove()
+
+        def again(key: str = "hh") -> None:  # all rows' H, or the other rows' (rest_hh), summed as one pass would
+            handles[:] = [slot.module.register_forward_pre_hook(grab("h"))]
+            try:
+                with torch.no_grad():
+                    sums((key,), False, rest=key == "rest_hh")
+            finally:
+                for h in handles:
+                    h.remove()
+
+        if acc["n"] == 0:
+            return None
+        n = acc["n"]
+        bias = getattr(slot.module, "bias", None)
+        bias_slot = next((s for s in slots.values() if isinstance(bias, torch.Tensor) and s.tensor is bias), None)
+        if bias_slot is not None and (bias_slot.lossy or bias_slot.coded or not settings.bias_correction):
+            bias_slot = None
+        mean_hat = (acc["sum_h"] / n).numpy()
+        if refit:
+            ref_w, ref_b = original.weight, original.bias
+            mean = (acc["sum_x"] / n).numpy()
+        else:  # the layer as it stands is the reference
+            ref_w, ref_b = slot.module.weight, bias
+            mean = mean_hat
+        w_ref = ref_w.detach().reshape(ref_w.shape[0], -1)  # (widened when read: _LayerFit.w_ref)
+        b_ref = None if ref_b is None else ref_b.detach().double().numpy()
+        shift = None
+        if bias is None and settings.bias_correction and isinstance(follower, nn.modules.batchnorm._BatchNorm):
+            running = follower.running_mean
+            shift = next((s for s in slots.values() if isinstance(running, torch.Tensor) and s.tensor is running
+                          and s.dtype.floating and not s.lossy and not s.coded
+                          and s.original.shape == (w_ref.shape[0],)), None)
+        fit = cls(slot, bias_slot, w_ref, b_ref, n, mean, mean_hat, shift)
+        # Memory: each moment matrix is cols^2 float64 (all-MiniLM-L6-v2's FFN output: 19 MB); the held-out rows'
+        # W C is made when needed (_HeldOut), all are divided and centred in place and freed as soon as they have
+        # served (all rows' cross moment as soon as W C is made; the other rows' H is solved in its own array), so
+        # at most three live at once in one pass, one in passes, and only the coded inputs' H stays with the layer
+        # (same values, same order of operations as whole-array arithmetic).
+        if wide:
+            return fit
+        candidate = None
+        if refit and 0 < acc["held_n"] < n:
+            try:
+                candidate = fit._rest_refit(acc, held_rows, settings, again if split else None)
+                candidate = from_float64(candidate.reshape(slot.original.shape), slot.dtype)  # (before H again)
+            except np.linalg.LinAlgError:  # the other rows' H singular even damped: no refit to judge
+                candidate = None
+                fit._weighted_cross(acc)
+        del held_rows
+        acc.pop("rest_hh", None)
+        if "hh" not in acc:  # (in passes: all rows' H once the refit on the other rows is made)
+            again()
+        h = acc.pop("hh").div_(n).numpy()
+        fit._centre(h, mean_hat, mean_hat)
+        fit.h = HeldInFactor(h, own=True)  # (its own array: the factor is made in it, H kept below the factor)
+        if refit:
+            fit._fitted = _kept_weight(slot)
+            if candidate is not None:
+                fit.candidate, candidate = candidate, None
+                fit._w_cross = fit._weighted_cross(acc)
+        return fit
+
+    def adopt_refit(self, settings: RepairSettings) -> None:
+        """Take the refit fitted on all rows as the weight to code (its candidate, fitted on the other rows, was
+        kept by :func:`_refit_judged`)."""
+        fitted = self._ridge(self._h().dense(), self._w_cross, settings)
+        self._fitted = from_float64(fitted.reshape(self.slot.original.shape), self.slot.dtype)
+        self.drop_candidate()
+
+    def drop_candidate(self) -> None:
+        self.candidate = self._w_cross = None
+
+    def forget_compensated(self) -> None:
+        """Drop the compensated target kept for the plan's options and keep no other (:meth:`target`; made again
+        if asked)."""
+        self._compensated = None
+
+    def _h(self) -> HeldInFactor:
+        """The second moment of the coded inputs (centred when a bias or running mean is free to absorb the mean),
+        held with its factor: GPTQ and compensation share the factor, made once per layer (gptq._factor), and
+        the scores read ``H`` from its triangle (:meth:`codec.rd.gptq.HeldInFactor.quadratic_error`)."""
+        if not isinstance(self.h, HeldInFactor):
+            self.h = HeldInFactor(self.h)
+        return self.h
+
+    def damp(self, settings: RepairSettings) -> float:
+        """The damping for this layer: ``settings.damp``, or ``settings.damp_few_rows`` where the calibration gave
+        no more rows than the layer has input columns."""
+        return settings.damp if self.n > self.cols else max(settings.damp, settings.damp_few_rows)
+
+    def target(self, opts: EncodeOptions, settings: RepairSettings) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(array to encode, its decoded values as float64 or None)``: the refit, then GPTQ for ``quant``."""
+        slot = self.slot
+        current = self._fitted if self._fitted is not None else to_numpy(slot.tensor)[0]
+        # (a wide layer has no H: its weight is coded as it stands, :meth:`collect`)
+        if self.h is not None and settings.gptq and opts.codec == "quant":
+            from ..gptq import gptq_target
+
+            return gptq_target(current, slot.dtype, opts, self._h(), damp=self.damp(settings))
+        if self.h is not None and settings.compensate and opts.codec == "jpeg":
+            from ..gptq import jpeg_target
+
+            key, kept = (opts, self.damp(settings)), self._compensated
+            if kept and key in kept:
+                return kept[key]
+            # no float64 decoded values: the coding that follows (_coded_target) decodes the target itself
+            found = jpeg_target(current, slot.dtype, opts, self._h(), damp=self.damp(settings), decoded=False)
+            if kept == {}:
+                kept[key] = found
+            return found
+        # a refit is the layer's own array; the weight itself is a view of the working model, which is about to
+        # take the decoded values: the target must not follow it (_kept_weight)
+        return (current if self._fitted is not None else _kept_weight(slot)), None
+
+    def _centre(self, moment: np.ndarray, left: np.ndarray, right: np.ndarray) -> None:
+        """Centre a moment matrix in place (``moment -= outer(left, right)``, a band of rows at a time) when a bias
+        or running mean absorbs the mean."""
+        if self.bias is None and self.shift is None:
+            return
+        step = max(1, (1 << 16) // max(1, len(right)))
+        for i in range(0, len(left), step):
+            moment[i:i + step] -= np.outer(left[i:i + step], right)
+
+    def _weighted_cross(self, acc: dict) -> np.ndarray:
+        """``W C`` of all rows' cross moment ``C`` (``acc``'s sum, divided and centred in place), made once and kept
+        in ``acc`` in its place: the ``cols^2`` moment is freed as soon as it served."""
+        if "cross" in acc:
+            cross = acc.pop("cross").div_(acc["n"]).numpy()
+            self._centre(cross, self.mean, self.mean_hat)
+            acc["w_cross"] = self.w_ref @ cross
+        return acc["w_cross"]
+
+    def _ridge(self, h: np.ndarray, w_cross: np.ndarray, settings: RepairSettings) -> np.ndarray:
+        """The weight mapping the coded inputs to the original layer's outputs, by ridge towards the original:
+        ``W' (H + lam I) = W (C + lam I)`` (``w_cross``: ``W C``). ``h`` (``H``, centred) is damped for the solve
+        and given its diagonal back after it (no copy of it: all-MiniLM-L6-v2's FFN output, 19 MB)."""
+        lam = self.damp(settings) * float(np.mean(np.diag(h))) + 1e-12
+        diagonal = np.diag(h).copy()
+        rhs = w_cross + lam * self.w_ref
+        h[np.diag_indices(len(h))] += lam
+        try:
+            return np.linalg.solve(h.T, rhs.T).T
+        finally:
+            h[np.diag_indices(len(h))] = diagonal
+
+    def _rest_refit(self, acc: dict, held: _HeldOut, settings: RepairSettings,
+                    again: Callable[[str], None] | None = None) -> np.ndarray:
+        """The refit fitted on all but every :data:`HOLDOUT_EVERY`-th batch (float64, ``[out, cols]``), for
+        :func:`_refit_judged` to try on the held-out batches. ``acc`` holds the sums over all rows, the held-out
+        rows' count and sums of ``x`` and ``x_hat`` (``held_*``) and the other rows' ``H`` (``rest_hh``, summed over
+        their own batches); ``held`` the held-out rows (:class:`_HeldOut`).
+
+        Memory: the other rows' ``W C`` is all rows' ``W C`` less the held-out rows' (made from their rows, ``out x
+        cols``, which are then dropped), then all rows' cross moment is reduced to ``W C`` (:meth:`_weighted_cross`,
+        kept for the refit of all rows) and freed, and the ridge is solved in the other rows' ``H``'s own array
+        (:func:`codec.rd.gptq._inverse_cholesky_upper`), which is then freed. Given ``again`` (a layer
+        :meth:`collect` sums in passes: ``acc`` has no ``H`` yet), ``again("rest_hh")`` sums the other rows' ``H``
+        once the cross moment is freed: one ``cols^2`` matrix at a time, and no held-out row kept while it is
+        summed. All rows' ``H`` is not read here."""
+        from ..gptq import _inverse_cholesky_upper
+
+        n, n_held = acc["n"], acc["held_n"]
+        m = n - n_held
+        rest_x, rest_h = ((acc[k] - acc["held_" + k]).numpy() / m for k in ("sum_x", "sum_h"))
+        centred = self.bias is not None or self.shift is not None
+        w_ref = self.w_ref
+        w_cross = w_ref @ acc["cross"].numpy()
+        w_mean = w_ref @ rest_x if centred else None
+        del w_ref  # (before the held-out rows' moment is made)
+        w_cross -= held.wcross()
+        w_cross /= m
+        if centred:
+            w_cross -= np.outer(w_mean, rest_h)
+        self._weighted_cross(acc)
+        if again is not None:
+            again("rest_hh")
+        h = acc.pop("rest_hh").numpy()
+        lam = self.damp(settings) * float(np.mean(np.diagonal(h) / m - (rest_h * rest_h if centred else 0.0))) + 1e-12
+        w_cross += lam * self.w_ref
+        rhs, w_cross = w_cross, None
+        given = [h]
+
+        def damped() -> np.ndarray:  # the other rows' H, centred and damped, in its own array (once)
+            if not given:
+                raise np.linalg.LinAlgError("the other rows' H is singular")
+            h = given.pop()
+            h /= m
+            self._centre(h, rest_h, rest_h)
+            h[np.diag_indices(len(h))] += lam
+            return h
+
+        del h
+        u = _inverse_cholesky_upper(damped)  # (H + lam I)^-1 = U^T U
+        rhs = rhs @ u.T  # (the right-hand side freed as its product is made)
+        return rhs @ u
+
+    def settle(self) -> None:
+        """Before the layer is coded (its refit decided): keep of the reference weight only ``W_ref E[x]``, all that
+        :meth:`correct_bias` reads of it, made as it would make it (all-MiniLM-L6-v2's FFN output: a 4.7 MB float64
+        matrix less while the layer is coded)."""
+        if self.w_ref is None:
+            return
+        if self.bias is not None or self.shift is not None:
+            self._w_mean = self.w_ref @ self.mean
+        self.w_ref = None
+
+    def correct_bias(self, decoded: np.ndarray) -> None:
+        """Least-squares bias given the coded weight: ``b = E[W_ref x + b_ref] - W_hat E[x_hat]``.
+
+        A layer without a bias followed by a BatchNorm moves the BatchNorm's
+        running mean instead, by ``E[W_hat x_hat] - E[W_ref x]``, so the
+        normalized output keeps its mean.
+        """
+        if self.bias is None and self.shift is None:
+            return
+        w_hat = decoded.reshape(decoded.shape[0], -1)
+        w_mean = self._w_mean if self.w_ref is None else self.w_ref @ self.mean
+        b = w_mean - w_hat @ self.mean_hat + (0.0 if self.b_ref is None else self.b_ref)
+        if self.bias is not None:
+            bias = self.bias.tensor
+            bias.copy_(torch.from_numpy(b).to(bias.dtype))
+        else:
+            running = self.shift.tensor
+            running.copy_(torch.from_numpy(to_float64(self.shift.original, self.shift.dtype) - b).to(running.dtype))
