@@ -245,7 +245,7 @@ def as_batches(inputs: object, batch_size: int = BATCH_SIZE) -> Iterable:
     if iter(inputs) is inputs:  # a one-shot iterator stays one
         return map(_inputs_of, inputs)
     if isinstance(inputs, Sequence) and not isinstance(inputs, (list, tuple)):
-        return _InputsAt(inputs)  # (repair reads its batches again by index: codec.rd.repair._check_inputs)
+        return _InputsAt(inputs)  # (repair reads its batches again by index: codec.rd.repair.inputs._check_inputs)
     return _InputsOf(inputs)
 
 

@@ -15,7 +15,7 @@ pays only on tensors of several KB, and the searches count them. :attr:`EncodeOp
 The ladder here has the integer qualities' scales and, where two of them
 are more than :data:`FINE_RATIO` apart, scales in between in steps of that
 ratio. The rate search (:func:`codec.rd.allocate._refine`) and repair's
-keep-size (:func:`codec.rd.repair._fit_size`) bisect it between two
+keep-size (:func:`codec.rd.repair.budget._fit_size`) bisect it between two
 qualities they have measured, so a finer ladder costs a coding or two more,
 not one per step.
 """

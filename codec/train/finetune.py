@@ -295,9 +295,9 @@ def _run(model, inputs, params=None):
 
 
 def _distillation(out, target: list[torch.Tensor]) -> torch.Tensor:
-    """The distillation loss: the mean over the output's floating tensors (:func:`codec.rd.repair._flat`, repair's
-    own: a ModelOutput's ``logits``, ``last_hidden_state``, ...; not its ``loss``) of the mean squared error against
-    the teacher's (``target``, its floating tensors)."""
+    """The distillation loss: the mean over the output's floating tensors (:func:`codec.rd.calibrate.floating_outputs`,
+    repair's own: a ModelOutput's ``logits``, ``last_hidden_state``, ...; not its ``loss``) of the mean squared error
+    against the teacher's (``target``, its floating tensors)."""
     got = _flat(out)
     if not got or len(got) != len(target):
         raise TypeError(f"finetune: the model's output ({type(out).__name__}) holds no floating tensor to distil"
