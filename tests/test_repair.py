@@ -1243,7 +1243,7 @@ def test_layer_collected_in_passes_gives_the_same_bits_with_one_cols2_moment_at_
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_blend_makes_its_points_a_band_at_a_time_with_the_same_bits(dtype, monkeypatch):
-    """Keep-size's blend towards the original (codec.rd.repair.budget._blend) makes each point ``original + a (target - original)``
+    """Keep-size's blend towards the original (repair.budget._blend) makes each point ``original + a (target - original)``
     a band of rows at a time from the weight and the target in storage form: the same bits as the whole float64
     arrays give (float32 and bfloat16), and no float64 copy of the weight is alive (the whole-array form held
     three: the original, the way to the target and a point), nor a point that did not fit while the next is made."""
@@ -1326,7 +1326,7 @@ def test_a_layer_wider_than_max_columns_gets_the_bias_only_and_no_h():
 
 def test_the_weight_to_code_is_the_callers_array_while_the_working_model_shares_it():
     """While the working model shares the caller's storage for a lossy weight (repair's deep copy,
-    codec.rd.repair.slots._shared_lossy), the weight a layer codes (refit on: ``_fitted``; off: the target without GPTQ or
+    repair.slots._shared_lossy), the weight a layer codes (refit on: ``_fitted``; off: the target without GPTQ or
     compensation) is the caller's own array, not a copy of it (all-MiniLM-L6-v2's FFN output: 2.4 MB); a working
     model of its own gives a copy, which does not follow the working model when it takes its decoded values. The
     caller's weights are unchanged by a whole repair either way."""
