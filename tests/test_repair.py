@@ -1243,7 +1243,7 @@ def test_layer_collected_in_passes_gives_the_same_bits_with_one_cols2_moment_at_
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_blend_makes_its_points_a_band_at_a_time_with_the_same_bits(dtype, monkeypatch):
-    """Keep-size's blend towards the original (repair.budget._blend) makes each point ``original + a (target - original)``
+    """Keep-size's blend towards the original (budget._blend) makes each point ``original + a (target - original)``
     a band of rows at a time from the weight and the target in storage form: the same bits as the whole float64
     arrays give (float32 and bfloat16), and no float64 copy of the weight is alive (the whole-array form held
     three: the original, the way to the target and a point), nor a point that did not fit while the next is made."""
