@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 import codec
+from codec.rd import attention
 from codec.rd.calibrate import calibrate, uncalibrated
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """The projections weighed by their measured sensitivities (not the default: codec.rd.attention)."""
+    monkeypatch.setattr(attention, "MEASURED_SENSITIVITY", True)
 
 
 class Attend(nn.Module):
@@ -40,7 +47,7 @@ CASES = [(bf, cross, kdim) for bf in (True, False) for cross, kdim in ((False, N
 
 
 @pytest.mark.parametrize("batch_first, cross, kdim", CASES)
-def test_moments_equal_the_hand_computed_projection_inputs(batch_first, cross, kdim):
+def test_moments_equal_the_hand_computed_projection_inputs(batch_first, cross, kdim, measured):
     torch.manual_seed(0)
     model = Attend(batch_first, cross, kdim).eval()
     x = torch.randn(40, 5, 22)
@@ -73,7 +80,7 @@ def test_moments_equal_the_hand_computed_projection_inputs(batch_first, cross, k
                                        and t.dim() >= 2]) is None
 
 
-def test_in_proj_rows_weigh_each_block_by_its_own_sensitivity():
+def test_in_proj_rows_weigh_each_block_by_its_own_sensitivity(measured):
     """The weighting of in_proj_weight is, per block, s_b tr(dW_b H dW_b^T) / tr(W_b H W_b^T)."""
     torch.manual_seed(1)
     model = Attend(True, False).eval()
@@ -89,7 +96,7 @@ def test_in_proj_rows_weigh_each_block_by_its_own_sensitivity():
     assert len({round(s, 9) for s in shares}) == 3  # the query, key and value blocks matter differently
 
 
-def test_the_sensitivity_pass_leaves_the_parameters_and_a_padding_mask_keeps_padded_keys_out():
+def test_the_sensitivity_pass_leaves_the_parameters_and_a_padding_mask_keeps_padded_keys_out(measured):
     torch.manual_seed(2)
     model = Attend(True, True).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -139,3 +146,17 @@ def test_an_attention_the_inputs_never_reach_is_named_as_such(tmp_path):
     assert "attention 'unused': not used by the calibration inputs" in calib.notes
     note = uncalibrated(Aside(), calib, ["unused.in_proj_weight", "unused.out_proj.weight"])
     assert "'unused.in_proj_weight', 'unused.out_proj.weight' (not reached by the calibration inputs)" in note, note
+
+
+def test_by_default_the_projections_keep_the_data_free_scale_over_their_measured_h():
+    torch.manual_seed(4)
+    model = Attend(False, True).eval()
+    x = torch.randn(40, 5, 22)
+    calib = calibrate(model, x)
+    with torch.no_grad():
+        q, m = model.inputs(x)
+    q, m = q.reshape(-1, 16), m.reshape(-1, 16)
+    stats = calib.layers["att.in_proj_weight"]
+    assert np.allclose(stats.h, _second(torch.cat([q, m, m])), atol=1e-4)
+    assert stats.rows is None and stats.sensitivity == 1.0 and calib.layers["att.out_proj.weight"].sensitivity == 1.0
+    assert calib.layers["head.weight"].sensitivity != 1.0  # (the other layers' measured as before)

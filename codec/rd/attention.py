@@ -19,6 +19,11 @@ own relative output error: ``R_b = s_b / tr(W_b H W_b^T)``, scale ``sum s_b``
 (:class:`codec.rd.allocate.Weighting`), so that the weighting is
 ``sum_b s_b tr(dW_b H dW_b^T) / tr(W_b H W_b^T)``, a Linear's per block.
 
+The sensitivities are measured (noise put into each projection, and each row
+block) only with :data:`MEASURED_SENSITIVITY`; by default the projections keep
+the data-free weighting's scale over their measured ``H`` (measured: the
+small-noise sensitivities cost accuracy, see there).
+
 Handled: ``batch_first`` or not, unbatched (2-D) inputs, self- and
 cross-attention, ``key_padding_mask`` (padded keys and values are left out of
 the key and value moments), any other argument the call gives (masks,
@@ -37,12 +42,20 @@ from torch.nn import functional as F
 
 from .experts import _Moments
 
-__all__ = ["ATTENTION_PROJECTIONS", "attention_modules", "AttentionCollector", "AttentionTarget", "attention_targets", "attention_out_proj",
+__all__ = ["ATTENTION_PROJECTIONS", "MEASURED_SENSITIVITY", "attention_modules", "AttentionCollector", "AttentionTarget", "attention_targets", "attention_out_proj",
            "attention_stats"]
 
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
          "is_causal")
 _BLOCKS = ("q", "k", "v")
+#: Whether the projections are weighed by their measured sensitivities (noise in each projection, or each row block
+#: of ``in_proj_weight``, for one more forward pass per batch) or, False, by the data-free weighting's scale (1) over
+#: their measured ``H``. False: measured (bench/JOURNAL.md, "mha (twenty-seventh pass)"), the small-noise
+#: sensitivities (query and key blocks 10-25x under the value block's) moved bits from the attention to the other
+#: layers and every calibrated, repaired save lost: qa's MHA model at -b 1 76.06 -> 73.01 %, logits relative MSE
+#: 0.0290 -> 0.0778; a 2-layer nn.TransformerEncoder at -b 2.5 / 3 77.71 -> 77.05 % / 78.74 -> 78.38 %; with the
+#: scale 1 the files are within noise of the unmeasured ones (76.06 %, 0.0290 at -b 1).
+MEASURED_SENSITIVITY = False
 #: The in-projection parameters of an ``nn.MultiheadAttention`` this measures (with its ``out_proj.weight``).
 ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
@@ -217,9 +230,12 @@ def attention_targets(collectors: Mapping[str, AttentionCollector]) -> dict[str,
 def attention_stats(c: AttentionCollector, sensitivity: Callable[[str], float]) -> dict:
     """``{weight name: LayerStats}`` of ``c``'s matrices with their sensitivities (``sensitivity(key)`` of each key
     of :func:`attention_targets`): ``in_proj_weight`` gets per-row weights ``s_b / tr(W_b H W_b^T)`` over its three
-    blocks and the scale ``sum s_b`` (the module docstring)."""
+    blocks and the scale ``sum s_b`` (the module docstring). With :data:`MEASURED_SENSITIVITY` False, the scale 1
+    and no row weights."""
     out = c.stats()
     for name, stats in out.items():
+        if not MEASURED_SENSITIVITY:  # the data-free weighting's scale, over the measured H
+            continue
         if not name.endswith("in_proj_weight"):
             stats.sensitivity = sensitivity(name)
             continue

@@ -75,6 +75,7 @@ from .experts import (ExpertsCollector, FlatCollector, Target, expert_key, exper
                       rank_one, targets)
 from .output_sample import OutputSample
 from .prefix import Prefix
+from . import attention as attention_module
 from .attention import ATTENTION_PROJECTIONS, AttentionCollector, attention_modules, attention_out_proj, attention_stats, attention_targets
 from .recurrent import (RecurrentCollector, recurrent_matrices, recurrent_modules, recurrent_targets,
                         recurrent_unmeasured)
@@ -700,7 +701,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     att_collectors = {name: AttentionCollector(name, module, full_h) for name, module in attention.items()}
     # router weights, expert matrices, recurrent matrices and attention projections: noise put in the parameter
     moe_targets = {**targets(experts, routers), **recurrent_targets(rnn_collectors),
-                   **attention_targets(att_collectors)}
+                   **(attention_targets(att_collectors) if attention_module.MEASURED_SENSITIVITY else {})}
     noise_num = dict.fromkeys([*layers, *moe_targets], 0.0)
     noise_den = dict.fromkeys([*layers, *moe_targets], 0.0)
     was_training = model.training
