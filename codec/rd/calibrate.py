@@ -36,6 +36,9 @@ instead of in the weights:
   as a linear layer over the inputs it multiplies at every step (the layer's input sequence; the hidden state the
   step reads, ``h0`` included), got by running single-layer modules that share the module's parameters
   (:mod:`codec.rd.recurrent`); an LSTM's projection ``weight_hr`` is not measured;
+- for every ``nn.MultiheadAttention``, ``in_proj_weight`` (or ``q/k/v_proj_weight``) over the query, key and value
+  rows of its calls and ``out_proj.weight`` over the attention output before it (:mod:`codec.rd.attention`; their
+  sensitivity left at 1 unless ``codec.rd.attention.MEASURED_SENSITIVITY``);
 - per layer, the sensitivity of the model's final output: Gaussian noise
   is added to the layer's weight, and the relative change of the final
   output is divided by the relative error this caused in the layer's
