@@ -36,6 +36,9 @@ instead of in the weights:
   as a linear layer over the inputs it multiplies at every step (the layer's input sequence; the hidden state the
   step reads, ``h0`` included), got by running single-layer modules that share the module's parameters
   (:mod:`codec.rd.recurrent`); an LSTM's projection ``weight_hr`` is not measured;
+- for every ``nn.MultiheadAttention``, ``in_proj_weight`` (or ``q/k/v_proj_weight``) over the query, key and value
+  rows of its calls and ``out_proj.weight`` over the attention output before it (:mod:`codec.rd.attention`; their
+  sensitivity left at 1 unless ``codec.rd.attention.MEASURED_SENSITIVITY``);
 - per layer, the sensitivity of the model's final output: Gaussian noise
   is added to the layer's weight, and the relative change of the final
   output is divided by the relative error this caused in the layer's
@@ -75,6 +78,8 @@ from .experts import (ExpertsCollector, FlatCollector, Target, expert_key, exper
                       rank_one, targets)
 from .output_sample import OutputSample
 from .prefix import Prefix
+from . import attention as attention_module
+from .attention import ATTENTION_PROJECTIONS, AttentionCollector, attention_modules, attention_out_proj, attention_stats, attention_targets
 from .recurrent import (RecurrentCollector, recurrent_matrices, recurrent_modules, recurrent_targets,
                         recurrent_unmeasured)
 
@@ -136,9 +141,9 @@ class LayerStats:
             return Weighting(rows=mixed_rows(self.h), scale=self.sensitivity * self.gain)
         if self.kind == "conv1d":  # weight (in, out): the inputs' second moment weighs its rows
             return Weighting(rows=self.h, scale=self.sensitivity)
-        if self.kind == "experts":  # a whole 3D experts parameter: per-expert rows, one diagonal over the columns
-            return Weighting(h=self.h, rows=self.rows, scale=self.sensitivity)
-        return Weighting(h=self.h, scale=self.sensitivity)
+        # a whole 3D experts parameter: per-expert rows, one diagonal over the columns; an attention's in_proj_weight:
+        # per-block rows (codec.rd.attention); any other: rows None
+        return Weighting(h=self.h, rows=self.rows, scale=self.sensitivity)
 
 
 def mixed_rows(counts: np.ndarray) -> np.ndarray:
@@ -620,11 +625,12 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
     """Weight name -> module, for the Linear, Conv2d, Embedding, EmbeddingBag and transformers Conv1D layers whose
     weight is in the state_dict."""
     keys = set(model.state_dict().keys())
+    attention = attention_out_proj(model)  # (Linears their attention module never calls: codec.rd.attention's)
     out = {}
     for name, module in model.named_modules():
         if layer_kind(module) is not None:
             key = f"{name}.weight" if name else "weight"
-            if key in keys:
+            if key in keys and key not in attention:
                 out[key] = module
     return out
 
@@ -672,9 +678,10 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     layers = _layers(model)
     experts, routers = moe_modules(model)
     recurrent = recurrent_modules(model)
-    if not layers and not experts and not routers and not recurrent:
-        raise ValueError("calibration: the model has no Linear, Conv2d, Conv1D, Embedding, EmbeddingBag, RNN, GRU or "
-                         "LSTM layer with a weight to calibrate")
+    attention = attention_modules(model)
+    if not layers and not experts and not routers and not recurrent and not attention:
+        raise ValueError("calibration: the model has no Linear, Conv2d, Conv1D, Embedding, EmbeddingBag, RNN, GRU, "
+                         "LSTM or MultiheadAttention layer with a weight to calibrate")
     full_bytes = 0
 
     def full_h(cols: int, count: int = 1) -> bool:
@@ -694,8 +701,10 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
         full = {p: full_h(getattr(module, p).shape[1 if info.transposed else 2], info.count) for p in info.params()}
         moe_collectors[name] = ExpertsCollector(name, module, info, full)
     rnn_collectors = {name: RecurrentCollector(name, module, full_h) for name, module in recurrent.items()}
-    # router weights, expert matrices and recurrent matrices: noise put in the parameter
-    moe_targets = {**targets(experts, routers), **recurrent_targets(rnn_collectors)}
+    att_collectors = {name: AttentionCollector(name, module, full_h) for name, module in attention.items()}
+    # router weights, expert matrices, recurrent matrices and attention projections: noise put in the parameter
+    moe_targets = {**targets(experts, routers), **recurrent_targets(rnn_collectors),
+                   **(attention_targets(att_collectors) if attention_module.MEASURED_SENSITIVITY else {})}
     noise_num = dict.fromkeys([*layers, *moe_targets], 0.0)
     noise_den = dict.fromkeys([*layers, *moe_targets], 0.0)
     was_training = model.training
@@ -703,8 +712,10 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     handles = [c.module.register_forward_hook(c, with_kwargs=c.with_kwargs) for c in collectors.values()]
     handles += [c.module.register_forward_hook(c, with_kwargs=isinstance(c, ExpertsCollector))
                 for c in moe_collectors.values()]
-    handles += [c.module.register_forward_hook(c, with_kwargs=True) for c in rnn_collectors.values()]
-    collectors_all = [*collectors.values(), *moe_collectors.values(), *rnn_collectors.values()]
+    handles += [c.module.register_forward_hook(c, with_kwargs=True)
+                for c in [*rnn_collectors.values(), *att_collectors.values()]]
+    collectors_all = [*collectors.values(), *moe_collectors.values(), *rnn_collectors.values(),
+                      *att_collectors.values()]
     samples = count = sensitivity_seen = 0
     last_offset = any(isinstance(m, nn.EmbeddingBag) and m.include_last_offset for m in layers.values())
     sample = OutputSample(seed)
@@ -790,6 +801,21 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     for c in rnn_collectors.values():
         for key, stats in c.stats().items():
             sensitive(key, stats)
+
+    def sensitivity(key: str) -> float:  # as sensitive() gives it
+        den = noise_den[key]
+        if den > 0 and noise_num[key] == 0:
+            unmoved.append(key)
+        return max(noise_num[key] / den, SENSITIVITY_FLOOR) if den > 0 else 1.0
+
+    for name, c in att_collectors.items():
+        got = attention_stats(c, sensitivity)
+        if not got:
+            notes.append(f"attention {name!r}: not used by the calibration inputs")
+        out.update(got)
+    blocks = [k for k in unmoved if k.endswith(("[q]", "[k]", "[v]"))]  # in_proj_weight's row blocks
+    unmoved[:] = [k for k in unmoved if k not in blocks]
+    unmoved += [k[:-3] for k in blocks if k.endswith("[q]") and {k[:-3] + "[k]", k[:-3] + "[v]"} <= set(blocks)]
     _tie_heads(layers, out)
     return Calibration(out, samples, count, seed, notes, compared, unmoved)
 
@@ -945,8 +971,9 @@ def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> 
             continue
         owner = modules.get(name.rpartition(".")[0])
         parent = modules.get(name.rpartition(".")[0].rpartition(".")[0])
-        if isinstance(parent, nn.MultiheadAttention):  # its out_proj, a Linear it calls as a function: never run
-            kinds.setdefault(type(parent).__name__, []).append(name)
+        if (isinstance(owner, nn.MultiheadAttention) and name.rpartition(".")[2] in ATTENTION_PROJECTIONS) or (
+                isinstance(parent, nn.MultiheadAttention) and owner is parent.out_proj):
+            unreached.append(name)  # (codec.rd.attention measures its projections when the module runs)
         elif owner is not None and (layer_kind(owner) is not None or experts_info(owner) is not None
                                     or name.rpartition(".")[2] in recurrent_matrices(owner)):
             unreached.append(name)  # (an experts module's whole parameter: an expert of it unreached)
