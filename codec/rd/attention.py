@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .experts import _Moments
+from .experts import ModuleCollector, _Moments
 
 __all__ = ["ATTENTION_PROJECTIONS", "MEASURED_SENSITIVITY", "attention_modules", "AttentionCollector", "AttentionTarget", "attention_targets", "attention_out_proj",
            "attention_stats"]
@@ -138,7 +138,7 @@ def _attended(copy: nn.MultiheadAttention, args: tuple, kwargs: Mapping) -> torc
     return out.reshape(-1, out.shape[-1])
 
 
-class AttentionCollector:
+class AttentionCollector(ModuleCollector):
     """A forward hook (``with_kwargs``) on an ``nn.MultiheadAttention``: the input moments of its in-projection (one
     ``H`` over the query, key and value rows of ``in_proj_weight``, or each of ``q/k/v_proj_weight``'s own) and of
     ``out_proj.weight``, accumulated with :func:`codec.rd.calibrate.add_moments`."""
@@ -149,11 +149,6 @@ class AttentionCollector:
         self.copy = _copy(module)
         self.moments = {p: _Moments(full_h(int(getattr(module, p).shape[1]))) for p in _in_params(module)}
         self.moments["out_proj.weight"] = _Moments(full_h(module.embed_dim))
-        self.mask: torch.Tensor | None = None  # (set by calibrate for every collector; not used)
-        self.active = True
-
-    def param_name(self, attr: str) -> str:
-        return f"{self.name}.{attr}" if self.name else attr
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if not self.active:

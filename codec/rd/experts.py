@@ -208,18 +208,27 @@ class _Moments:
         return LayerStats("linear", h.cpu().numpy(), (self.sum / self.rows).cpu().numpy(), self.rows)
 
 
-class ExpertsCollector:
+class ModuleCollector:
+    """What the hooks on a whole module (:class:`ExpertsCollector`, :class:`codec.rd.recurrent.RecurrentCollector`,
+    :class:`codec.rd.attention.AttentionCollector`) share: the stored name of one of the module's parameters, and the
+    two attributes calibrate sets on every collector (``mask``: the batch's token mask, where one is used; ``active``:
+    whether the hook records)."""
+
+    name: str
+    mask: torch.Tensor | None = None
+    active: bool = True
+
+    def param_name(self, param: str) -> str:
+        return f"{self.name}.{param}" if self.name else param
+
+
+class ExpertsCollector(ModuleCollector):
     """A forward hook (``with_kwargs``) on an experts module: per expert, the moments of the hidden states of the
     tokens routed to it (its up or gate-up matrix's inputs) and of ``act(gate) * up`` of them (its down matrix's)."""
 
     def __init__(self, name: str, module: nn.Module, info: ExpertsInfo, full: Mapping[str, bool]):
         self.name, self.module, self.info = name, module, info
         self.moments = {p: [_Moments(full[p]) for _ in range(info.count)] for p in info.params()}
-        self.mask: torch.Tensor | None = None
-        self.active = True
-
-    def param_name(self, param: str) -> str:
-        return f"{self.name}.{param}" if self.name else param
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if not self.active:

@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .experts import _Moments
+from .experts import ModuleCollector, _Moments
 
 __all__ = ["recurrent_modules", "RecurrentCollector", "RecurrentTarget", "recurrent_targets",
            "recurrent_matrices", "recurrent_matrix", "recurrent_unmeasured"]
@@ -190,7 +190,7 @@ def _rows(step: _Step, width: int, kind: str, direction: int) -> torch.Tensor:
     return torch.cat([step.h0[direction], read])
 
 
-class RecurrentCollector:
+class RecurrentCollector(ModuleCollector):
     """A forward hook (``with_kwargs``) on a recurrent module: each measured matrix's input moments
     (:func:`recurrent_matrices`), accumulated with :func:`codec.rd.calibrate.add_moments`; both directions of a layer
     share ``weight_ih``'s (one input)."""
@@ -202,11 +202,6 @@ class RecurrentCollector:
         self.width = _width(module)
         self.moments = {m: _Moments(full_h(int(getattr(module, m).shape[1]))) for m in recurrent_matrices(module)
                         if not (m.startswith("weight_ih") and m.endswith("_reverse"))}
-        self.mask: torch.Tensor | None = None  # (set by calibrate for every collector; a token mask is not used)
-        self.active = True
-
-    def param_name(self, attr: str) -> str:
-        return f"{self.name}.{attr}" if self.name else attr
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if not self.active:
