@@ -134,3 +134,17 @@ def test_a_model_without_linear_layers_or_inputs_is_told_so():
         InputMask(_tiny(), 3)
     quiet = InputMask(_tiny(), torch.zeros(1, 64), below=0)  # below 0: nothing held
     assert len(quiet.columns["0"]) == 0 and torch.all(quiet.activity["0"] == 0)
+
+
+def test_the_activity_pass_stops_each_forward_once_the_masked_layers_have_their_input():
+    model, data = _tiny(), _data()
+    later = []
+    model[2].register_forward_pre_hook(lambda m, args: later.append(args[0].shape))
+    mask = InputMask(model, data, below=0.1)
+    assert later == []  # the layer after the masked one never ran
+    assert mask.columns["0"].tolist() == list(range(48, 64))
+    activity = torch.cat([x for x, _ in data]).ne(0).float().mean(0)
+    torch.testing.assert_close(mask.activity["0"], activity)
+    # naming the later layer too: both see every batch, and the forward runs to it
+    both = InputMask(model, data, below=0.1, layers=["0", "2"])
+    assert len(later) == len(data) and set(both.columns) == {"0", "2"}

@@ -17,6 +17,11 @@ import torch
 __all__ = ["InputMask"]
 
 
+class _Seen(BaseException):
+    """Raised by the activity pass's hook once every masked layer has seen a batch's input (a BaseException, so that
+    a model's own ``except Exception`` does not swallow it)."""
+
+
 class InputMask:
     """An optimizer step post-hook (``optimizer.register_step_post_hook(mask)``) that zeroes, after every step, the
     columns of each of ``layers``' weights (``torch.nn.Linear`` modules, by name; default: the model's largest one)
@@ -25,7 +30,8 @@ class InputMask:
     ``data``: the inputs the activity is measured on, once, here, with the model as given (a tensor or array of
     inputs, a mapping of them such as a tokenizer's output, or an iterable of batches, each the inputs or
     ``(inputs, *targets)``, as :func:`codec.train.finetune` takes them; a sample is one row of the layer's input
-    flattened over its leading dimensions: an image, or a token). The columns are zeroed here too.
+    flattened over its leading dimensions: an image, or a token; a layer called more than once in a forward counts
+    its first call, and each forward stops once every layer has its input). The columns are zeroed here too.
     :attr:`columns` holds ``{layer: the zeroed column indices}``, :attr:`activity` ``{layer: the fraction of
     samples in which each input is nonzero}``."""
 
@@ -55,12 +61,18 @@ class InputMask:
                                  f"{', '.join(n for n, m in modules.items() if isinstance(m, torch.nn.Linear))})")
             self.layers[name] = modules[name]
         counts = {name: [0, torch.zeros(m.in_features, dtype=torch.float64)] for name, m in self.layers.items()}
+        seen: set[str] = set()
 
         def counter(name):
             def hook(_module, args):
+                if name in seen:
+                    return
                 x = args[0].detach().reshape(-1, args[0].shape[-1])
                 counts[name][0] += x.shape[0]
                 counts[name][1] += (x != 0).sum(0, dtype=torch.float64)
+                seen.add(name)
+                if len(seen) == len(self.layers):
+                    raise _Seen  # every layer has its input: the rest of the forward is not needed
             return hook
 
         handles = [m.register_forward_pre_hook(counter(name)) for name, m in self.layers.items()]
@@ -69,7 +81,11 @@ class InputMask:
         try:
             with torch.no_grad():
                 for batch in _batches(data, "data"):
-                    _run(model, _split(batch)[0])
+                    seen.clear()
+                    try:
+                        _run(model, _split(batch)[0])
+                    except _Seen:
+                        pass
         finally:
             model.train(mode)
             for handle in handles:
