@@ -165,10 +165,10 @@ def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], 
 
 
 def parametrized_notes(model) -> list[Note]:
-    """:func:`save`'s note, in a data-free search, on the layers of ``model`` whose weight ``torch.nn.utils.parametrize``
-    computes (weight_norm, spectral_norm): the file holds the tensors it computes them from, which the search weighs
-    by their own error, not the weight's (a weight_norm MLP at -b 0.5: 71.67 % against 77.91 % with the
-    parametrizations removed before saving; bench/JOURNAL.md, "qa (twenty-seventh pass)")."""
+    """:func:`save`'s note, in a data-free search, on the layers of ``model`` whose weight
+    ``torch.nn.utils.parametrize`` computes (weight_norm, spectral_norm): the file holds the tensors it computes them
+    from, which the search weighs by their own error, not the weight's (a weight_norm MLP at -b 0.5: 71.67 % against
+    77.91 % with the parametrizations removed before saving; bench/JOURNAL.md, "qa (twenty-seventh pass)")."""
     from torch.nn.utils import parametrize
 
     layers = [name for name, module in model.named_modules() if parametrize.is_parametrized(module)]

@@ -930,6 +930,8 @@ def _assign_onto_meta(model: torch.nn.Module, path: str | os.PathLike[str], own:
 
     import torch
 
+    from .api import _listed
+
     wrapped: dict[tuple[int, int], torch.nn.Parameter] = {}  # (decoded tensor, model's parameter): one for a tie
     state_dict = dict(state_dict)
     for name, tensor in state_dict.items():
@@ -942,10 +944,9 @@ def _assign_onto_meta(model: torch.nn.Module, path: str | os.PathLike[str], own:
     result = model.load_state_dict(state_dict, strict=strict, assign=True)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
-        shown = ", ".join(map(repr, left[:4])) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
         warnings.warn(f"{os.fspath(path)}: the model was built on the meta device and {len(left)} of its tensors are "
-                      f"still there after loading ({shown}): no file holds them (non-persistent buffers, or keys "
-                      "missing from the file); build the model with its buffers on a real device (accelerate's "
+                      f"still there after loading ({_listed(left)}): no file holds them (non-persistent buffers, or "
+                      "keys missing from the file); build the model with its buffers on a real device (accelerate's "
                       "init_empty_weights(), include_buffers=False by default) or set them before running it",
                       UserWarning, stacklevel=3)
     return result

@@ -42,8 +42,8 @@ from torch.nn import functional as F
 
 from .experts import ModuleCollector, _Moments
 
-__all__ = ["ATTENTION_PROJECTIONS", "MEASURED_SENSITIVITY", "attention_modules", "AttentionCollector", "AttentionTarget", "attention_targets", "attention_out_proj",
-           "attention_stats"]
+__all__ = ["ATTENTION_PROJECTIONS", "MEASURED_SENSITIVITY", "AttentionCollector", "AttentionTarget",
+           "attention_modules", "attention_out_proj", "attention_stats", "attention_targets"]
 
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
          "is_causal")
@@ -228,9 +228,9 @@ def attention_stats(c: AttentionCollector, sensitivity: Callable[[str], float]) 
     blocks and the scale ``sum s_b`` (the module docstring). With :data:`MEASURED_SENSITIVITY` False, the scale 1
     and no row weights."""
     out = c.stats()
+    if not MEASURED_SENSITIVITY:  # the data-free weighting's scale, over the measured H
+        return out
     for name, stats in out.items():
-        if not MEASURED_SENSITIVITY:  # the data-free weighting's scale, over the measured H
-            continue
         if not name.endswith("in_proj_weight"):
             stats.sensitivity = sensitivity(name)
             continue

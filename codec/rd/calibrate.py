@@ -79,7 +79,8 @@ from .experts import (ExpertsCollector, FlatCollector, Target, expert_key, exper
 from .output_sample import OutputSample
 from .prefix import Prefix
 from . import attention as attention_module
-from .attention import ATTENTION_PROJECTIONS, AttentionCollector, attention_modules, attention_out_proj, attention_stats, attention_targets
+from .attention import (ATTENTION_PROJECTIONS, AttentionCollector, attention_modules, attention_out_proj,
+                        attention_stats, attention_targets)
 from .recurrent import (RecurrentCollector, recurrent_matrices, recurrent_modules, recurrent_targets,
                         recurrent_unmeasured)
 
@@ -485,11 +486,11 @@ def bag_shares(module: nn.EmbeddingBag, given: Mapping) -> torch.Tensor:
     ids, offsets, psw = given["input"], given["offsets"], given["per_sample_weights"]
     rows = module.num_embeddings
     if module.mode == "max":
-        _, _, sizes, best = torch.embedding_bag(module.weight.detach(), ids.reshape(-1) if ids.dim() == 2 else ids,
-                                            torch.arange(0, ids.numel(), ids.shape[1], device=ids.device)
-                                            if ids.dim() == 2 else offsets, False, 2, False, None,
-                                            module.include_last_offset if ids.dim() == 1 else False,
-                                            module.padding_idx)
+        flat = ids.dim() == 1  # flat ids with the call's offsets, else one bag a row
+        bags = offsets if flat else torch.arange(0, ids.numel(), ids.shape[1], device=ids.device)
+        # (scale_grad_by_freq, mode 2 = max, sparse, per_sample_weights, include_last_offset, padding_idx)
+        _, _, sizes, best = torch.embedding_bag(module.weight.detach(), ids.reshape(-1), bags, False, 2, False, None,
+                                                module.include_last_offset and flat, module.padding_idx)
         best = best[sizes > 0].reshape(-1)  # (an empty bag's "maximum" is row 0)
         return torch.bincount(best.long(), minlength=rows).double().cpu() / module.embedding_dim
     if ids.dim() == 2:

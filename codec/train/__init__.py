@@ -20,10 +20,10 @@ rest: bench/JOURNAL.md, twenty-seventh pass).
 
 from .budget import Budget, BudgetDamageWarning
 from .dct import DCTConv2d, DCTLinear, to_ordinary, with_dct_layers
-from .mask import InputMask
 from .finetune import NotKeptWarning, as_overrides, coded_weights, finetune, round_vector, round_vectors
+from .mask import InputMask
 from .rate import as_setting, entropy_bits, rate, tensor_rate
 
-__all__ = ["Budget", "BudgetDamageWarning", "DCTConv2d", "DCTLinear", "InputMask", "NotKeptWarning", "as_overrides", "as_setting",
-           "coded_weights", "entropy_bits", "finetune", "rate", "round_vector", "round_vectors", "tensor_rate",
-           "to_ordinary", "with_dct_layers"]
+__all__ = ["Budget", "BudgetDamageWarning", "DCTConv2d", "DCTLinear", "InputMask", "NotKeptWarning", "as_overrides",
+           "as_setting", "coded_weights", "entropy_bits", "finetune", "rate", "round_vector", "round_vectors",
+           "tensor_rate", "to_ordinary", "with_dct_layers"]

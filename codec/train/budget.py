@@ -417,7 +417,8 @@ class Budget:
         if not self.holders:
             return ""
         named = ", ".join(f"{name} {size:,} B as {coding}" for name, size, coding in self.holders[:HOLDERS])
-        return f"; besides {self.tensor}, its largest tensors are {named}: a coarser setting or overrides for them lower it"
+        return (f"; besides {self.tensor}, its largest tensors are {named}: a coarser setting or overrides for them "
+                "lower it")
 
     def _holders(self, model: torch.nn.Module) -> list[tuple[str, int, str]]:
         """``(name, stored bytes, coding)`` of the file's tensors at the coarsest rung, the moving tensor left

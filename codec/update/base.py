@@ -118,7 +118,8 @@ def check_base(index: Index, base: Base | None, file: str) -> None:
     Nothing is decoded from the update before this passes.
     """
     if not isinstance(index, Index):
-        raise TypeError(f"check_base: index must be a codec.format.Index (a Reader's .index), not {type(index).__name__}")
+        raise TypeError(f"check_base: index must be a codec.format.Index (a Reader's .index), "
+                        f"not {type(index).__name__}")
     if base is not None and not isinstance(base, Base):
         raise TypeError(f"check_base: base must be a codec.update.Base or None, not {type(base).__name__}")
     if index.base is None:
