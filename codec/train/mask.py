@@ -99,13 +99,15 @@ class InputMask:
         # step: one pass over the weight, 47 us on the bench MLP's fc1 (512 x 784, 105 columns) against 164 us for
         # index_fill_ along its columns (a strided write per index), 0.11 CPU s over the MLP's 938-step loop, 1.7 %
         # of its plain schedule (bench/JOURNAL.md, twenty-eighth pass). A quiet column then holds +0 or -0 (the sign
-        # of the weight it held; equal to 0, and JPEG and quant map both to the same pixel).
+        # of the weight it held; equal to 0, and JPEG and quant map both to the same pixel); one that held inf or NaN
+        # (a diverged run) holds NaN.
         self._keep = {name: self._ones_but(layer.weight, self.columns[name])
                       for name, layer in self.layers.items() if len(self.columns[name])}
         self()
 
     @staticmethod
     def _ones_but(weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """A row of ones of ``weight``'s dtype and device, zero at ``columns``."""
         keep = torch.ones(weight.shape[1], dtype=weight.dtype, device=weight.device)
         keep[columns.to(weight.device)] = 0
         return keep
