@@ -148,3 +148,23 @@ def test_the_activity_pass_stops_each_forward_once_the_masked_layers_have_their_
     # naming the later layer too: both see every batch, and the forward runs to it
     both = InputMask(model, data, below=0.1, layers=["0", "2"])
     assert len(later) == len(data) and set(both.columns) == {"0", "2"}
+
+
+def test_the_hook_zeroes_the_columns_as_index_fill_would_also_after_the_model_is_cast():
+    """After each step the quiet columns are multiplied by zero (one pass over the weight, cheaper than a strided
+    index_fill_): the weights equal those index_fill_ leaves (a column's zero may be -0, equal to 0), the other
+    columns bit for bit; a model cast to float64 after the mask was made is held in its new dtype."""
+    model, data = _tiny(), _data()
+    mask = InputMask(model, data, below=0.1)
+    with torch.no_grad():
+        model[0].weight.normal_()
+    expected = model[0].weight.detach().clone().index_fill_(1, mask.columns["0"], 0)
+    mask()
+    assert torch.equal(model[0].weight, expected)
+    assert torch.equal(model[0].weight[:, :48].view(torch.int32), expected[:, :48].view(torch.int32))
+    model.double()
+    with torch.no_grad():
+        model[0].weight.normal_()
+    mask()
+    assert model[0].weight.dtype == torch.float64 and torch.all(model[0].weight[:, QUIET] == 0)
+    assert torch.all(model[0].weight[:, :48] != 0)

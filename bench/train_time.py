@@ -1,0 +1,105 @@
+"""The training loop's time against the plain schedule's, in alternating pairs (issue 10's <= 1.5x bound).
+
+One process (``--child``) trains the plain MLP schedule (:class:`bench.train.Schedule`, 2 epochs, the learning rate
+decayed over the last) and then, from the same snapshot, the budget loop as ``examples/train_compressible.py --budget
+0.2`` runs it (the whole schedule with the codec in the loop, coded every 4 steps, biases at 4 significand bits,
+label smoothing 0.1, the file measured every ``--budget-every`` steps) once for each ``--below`` in the order given
+(``--inputs-below``: :class:`codec.train.InputMask`; 0: no mask). Each loop's ratio is its CPU seconds over the same
+process's plain schedule (``time.process_time``, one thread), as ``bench.train``'s "training time vs plain" column.
+Without ``--child`` the script runs ``--pairs`` such processes, alternating which loop runs first (a loop's place in
+the process moves its time by a few percent), and prints each loop's ratios, their mean and the paired difference::
+
+    OMP_NUM_THREADS=1 python -m bench.train_time --pairs 8 --below 0.1 0
+
+CPU seconds inflate with the machine's load (two cores shared by several runs): compare ratios taken in the same
+minutes, and say the load (printed with each process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from bench.train import quality_arg
+
+
+def child(args) -> None:
+    """One process: the plain schedule, then each ``--below``'s loop from its snapshot; one line each."""
+    import bench.train as bt
+    from bench.models import load_fashion_mnist
+
+    torch.set_num_threads(1)
+    images, labels = load_fashion_mnist("train")
+    images, labels = images[: args.train_size], labels[: args.train_size]
+    schedule = bt.Schedule("mlp", images, labels, 2, args.seed, "last", 1)
+    _, plain, snapshot = schedule.run(snapshot_at=0)
+    print(f"plain {plain:.3f} s, load {os.getloadavg()[0]:.1f}", flush=True)
+    point = bt.ladder_point("mlp", args.quality, args.table)
+    for below in args.below:
+        _, seconds = schedule.codec_epochs(snapshot, point, refresh=4, vector_bits=4, budget=args.budget,
+                                           budget_every=args.budget_every, label_smoothing=0.1,
+                                           inputs_below=below)
+        budget = schedule.budget
+        print(f"below {below:g}: {seconds:.3f} s, ratio {seconds / plain:.4f}, {budget.quality}, "
+              f"{budget.bits:.4f} bits/weight, load {os.getloadavg()[0]:.1f}", flush=True)
+
+
+def pairs(args, shared: Sequence[str]) -> None:
+    """``--pairs`` child processes, the ``--below`` order rotated from one to the next; the ratios' table."""
+    ratios: dict[float, list[float]] = {below: [] for below in args.below}
+    for i in range(args.pairs):
+        order = [*args.below[i % len(args.below):], *args.below[: i % len(args.below)]]
+        command = [sys.executable, "-m", "bench.train_time", "--child", *shared, "--below", *map(str, order)]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        print(f"process {i + 1}: order {' '.join(map(str, order))}", out.strip().replace("\n", "; "), flush=True)
+        for line in out.splitlines():
+            if line.startswith("below "):
+                below = float(line.split()[1].rstrip(":"))
+                ratios[below].append(float(line.split("ratio ")[1].split(",")[0]))
+    print("\n| loop | ratios | mean [min, max] | at or under 1.5x |\n|---|---|---|---|")
+    for below, values in ratios.items():
+        print(f"| inputs below {below:g} | {', '.join(f'{r:.3f}' for r in values)} | {statistics.mean(values):.3f}x "
+              f"[{min(values):.3f}, {max(values):.3f}] | {sum(r <= 1.5 for r in values)} of {len(values)} |")
+    if len(args.below) == 2 and args.pairs > 1:
+        a, b = (ratios[below] for below in args.below)
+        diff = [x - y for x, y in zip(a, b)]
+        print(f"\npaired ({args.below[0]:g} - {args.below[1]:g}): {statistics.mean(diff):+.3f}x, standard error "
+              f"{statistics.stdev(diff) / len(diff) ** 0.5:.3f}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=2)
+    parser.add_argument("--below", type=float, nargs="+", default=[0.1, 0.0], help="--inputs-below of each loop "
+                        "(0: no mask; default 0.1 and 0)")
+    parser.add_argument("--budget", type=float, default=0.2, help="bits/weight of the loop's budget")
+    parser.add_argument("--budget-every", type=int, default=32, help="measure the file every N steps (0: the "
+                        "Budget's default, an interval from the timed costs)")
+    parser.add_argument("--quality", type=quality_arg, default=6.82, help="fc1's starting JPEG quality")
+    parser.add_argument("--table", default="ramp1")
+    parser.add_argument("--train-size", type=int, default=60000)
+    parser.add_argument("--pairs", type=int, default=8, help="processes to run (without --child)")
+    parser.add_argument("--child", action="store_true", help="run one process's schedules here")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if any(not 0 <= b <= 1 for b in args.below):
+        parser.error("--below must be between 0 and 1")
+    if args.pairs < 1 or args.train_size < 128 or args.budget_every < 0:
+        parser.error("--pairs must be positive, --train-size at least 128 and --budget-every not negative")
+    args.budget_every = args.budget_every or None
+    if args.child:
+        child(args)
+        return
+    shared = ["--seed", str(args.seed), "--budget", str(args.budget), "--budget-every", str(args.budget_every or 0),
+              "--quality", str(args.quality), "--table", args.table, "--train-size", str(args.train_size)]
+    pairs(args, shared)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""bench.train_time: the MLP budget loop's CPU time over the plain schedule's, with and without the quiet-input mask
+(issue 10's <= 1.5x bound), one process's figures (tiny: 512 training images)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from bench import train_time
+
+
+def test_a_child_process_prints_each_loops_ratio_to_the_same_plain_schedule(capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a budget far below the tiny model's file: the damage warning
+        train_time.main(["--child", "--train-size", "512", "--below", "0.1", "0"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("plain ") and [line.split(":")[0] for line in lines[1:]] == ["below 0.1", "below 0"]
+    plain = float(lines[0].split()[1])
+    for line in lines[1:]:
+        seconds, ratio = float(line.split()[2]), float(line.split("ratio ")[1].split(",")[0])
+        assert ratio == pytest.approx(seconds / plain, rel=0.02)  # (printed to the millisecond) and ratio > 0
+
+
+@pytest.mark.parametrize("argv", [["--below", "1.5"], ["--pairs", "0"], ["--train-size", "10"],
+                                  ["--quality", "0"]])
+def test_bad_arguments_are_refused_before_training(argv, capsys):
+    with pytest.raises(SystemExit):
+        train_time.main(argv)
+    assert "error" in capsys.readouterr().err
