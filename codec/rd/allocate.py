@@ -238,13 +238,21 @@ def row_images(shape: tuple[int, ...], base: EncodeOptions, input_layer: bool) -
     return (k, k) if k is not None else None
 
 
+def _is_matrix(shape: tuple[int, ...], dtype: DType) -> bool:
+    """Whether a tensor counts as a layer's matrix for the input-layer rule of :func:`row_images`: floating, two
+    dimensions over 1. A vector held as a matrix (weight_norm's ``g``, ``[out, 1]`` or ``[out, 1, 1, 1]``, stored
+    before its ``v``) is not the input layer: it took that place from the layer's ``v``, whose rows then lost the
+    image prior and the row-image candidates (bench/JOURNAL.md, "fold (twenty-eighth pass)")."""
+    return len(shape) >= 2 and dtype.floating and sum(d > 1 for d in shape) >= 2
+
+
 def with_row_images(tensors: Iterable[tuple[str, np.ndarray, DType]],
                     base: EncodeOptions) -> Iterator[tuple[str, np.ndarray, DType, tuple[int, int] | None]]:
     """``(name, array, dtype, rows)`` for each tensor: ``rows`` is :func:`row_images` of a floating matrix,
-    the first one counting as the model's input layer; None for anything else."""
+    the first one (with two dimensions over 1) counting as the model's input layer; None for anything else."""
     seen_matrix = False
     for name, array, dtype in tensors:
-        is_matrix = array.ndim >= 2 and dtype.floating
+        is_matrix = _is_matrix(array.shape, dtype)
         rows = row_images(array.shape, base, input_layer=not seen_matrix) if is_matrix else None
         seen_matrix |= is_matrix
         yield name, array, dtype, rows
@@ -1114,7 +1122,7 @@ def search_units(tensors: Iterable[tuple[str, tuple[int, ...], DType]], base: En
     total, seen_matrix = 0, False
     for name, shape, dtype in tensors:
         stand_in = np.broadcast_to(np.zeros((), np.uint8), shape)  # a shape without memory
-        is_matrix = len(shape) >= 2 and dtype.floating
+        is_matrix = _is_matrix(shape, dtype)
         rows = row_images(shape, base, input_layer=not seen_matrix) if is_matrix else None
         seen_matrix |= is_matrix
         count = 1
