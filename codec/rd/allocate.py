@@ -674,6 +674,7 @@ class Reparam:
     stored: str
     rows: np.ndarray | None = None  # g / ||v|| per row of the [rows, columns] view
     cols: np.ndarray | None = None  # g / ||v|| per column
+    matrix: bool = True  # the stored tensor is 2-D (a Linear's), not a convolution's
 
 
 def reparametrized(shapes: Mapping[str, tuple[int, ...]], get: Callable[[str], np.ndarray]) -> dict[str, Reparam]:
@@ -711,8 +712,8 @@ def reparametrized(shapes: Mapping[str, tuple[int, ...]], get: Callable[[str], n
                 factor = np.broadcast_to(g / norm, shape).reshape(shape[0], -1)
             if not np.all(np.isfinite(factor)) or not np.any(factor):  # a dead row (v_r = 0): v's own measure
                 continue
-            out[computed] = Reparam(name, rows=factor[:, 0].copy()) if axes[0] == 0 else \
-                Reparam(name, cols=factor[0].copy())
+            out[computed] = Reparam(name, rows=factor[:, 0].copy(), matrix=len(shape) == 2) if axes[0] == 0 else \
+                Reparam(name, cols=factor[0].copy(), matrix=len(shape) == 2)
     return out
 
 
@@ -746,10 +747,15 @@ def stored_weightings(weightings: Mapping[str, Weighting], reparams: Mapping[str
     :class:`Reparam`'s factors folded in: per row into ``R``, per column into ``H`` (a diagonal times them, a full
     one ``D H D``), so that ``v``'s relative measure is ``W``'s to first order and the search weighs ``v``'s
     rows as the weight they produce (as a BatchNorm's scale after a layer is weighed). A data-free ``v`` in the
-    input layer keeps the image prior, its row energies weighted (:attr:`Weighting.prior`)."""
+    input layer keeps the image prior, its row energies weighted (:attr:`Weighting.prior`). A convolution's ``v``
+    with no weighting of its own (data-free, no norm after it) keeps its own measure: on a weight_norm CNN the
+    factors changed no file, and with ``v``'s rows rescaled 0.1-10x (the same model) they cost 22-30 points of
+    accuracy at -b 1 / 2 where the MLP's gained 21-31 (bench/JOURNAL.md, "fold (twenty-eighth pass)")."""
     out = {n: w for n, w in weightings.items() if n not in reparams}
     for name, r in reparams.items():
         w = weightings.get(name)
+        if w is None and not r.matrix:  # a conv's v with nothing measured or after it: its own measure (below)
+            continue
         if r.rows is None and r.cols is None:
             if w is not None:
                 out[r.stored] = w
