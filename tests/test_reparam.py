@@ -60,7 +60,8 @@ def test_vs_measure_is_the_computed_weights_relative_error_to_first_order(make, 
     w = weighting[name]
     assert (w.rows is not None) == (dim == 0) and (w.h is not None) == (dim != 0) and w.scale == 1.0
     v = layer.parametrizations.weight.original1
-    dv = 1e-4 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1), dtype=v.dtype) * v.detach().abs().mean()
+    dv = torch.randn(v.shape, generator=torch.Generator().manual_seed(1), dtype=v.dtype)
+    dv *= 1e-4 * v.detach().abs().mean()
     reference = layer.weight.detach().double()
     with torch.no_grad():
         v.add_(dv)

@@ -681,8 +681,10 @@ def reparametrized(shapes: Mapping[str, tuple[int, ...]], get: Callable[[str], n
     """The computed weights of a state_dict's parametrized layers (:data:`PARAMETRIZED`), by the name the weight
     has once ``remove_parametrizations`` is applied (``fc1.weight``): weight_norm's ``v`` (``original1`` beside
     an ``original0`` shaped like ``v`` with every dimension but at most one of size 1) and spectral_norm's
-    ``original`` (an ``original`` alone, beside the buffers ``0._u`` and ``0._v``). Other parametrizations (several originals, or a ``g`` of another shape)
-    are left out: their originals keep their own measure. ``get(name)`` returns a tensor as a float64 array."""
+    ``original`` (an ``original`` alone, beside the buffers ``0._u`` and ``0._v``). Other parametrizations (several
+    originals, or a ``g`` of another shape) are left out: their originals keep their own measure. ``get(name)``
+    returns a tensor as a float64 array.
+    """
     out: dict[str, Reparam] = {}
     for name, shape in shapes.items():
         head, sep, tail = ("." + name).rpartition(PARAMETRIZED)  # (a top-level layer's: no head)
