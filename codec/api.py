@@ -20,7 +20,7 @@ import re
 import warnings
 import weakref
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -164,23 +164,28 @@ def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], 
     return notes
 
 
-def parametrized_notes(model) -> list[Note]:
+def parametrized_notes(model, handled: Collection[str] = ()) -> list[Note]:
     """:func:`save`'s note, in a data-free search, on the layers of ``model`` whose weight
-    ``torch.nn.utils.parametrize`` computes (weight_norm, spectral_norm): the file holds the tensors it computes them
-    from, which the search weighs by their own error, not the weight's (a weight_norm MLP at -b 0.5: 71.67 % against
-    77.91 % with the parametrizations removed before saving; bench/JOURNAL.md, "qa (twenty-seventh pass)")."""
+    ``torch.nn.utils.parametrize`` computes with a parametrization the search does not weigh as that weight:
+    ``handled`` names the computed weights it does (``fc1.weight``: weight_norm's and spectral_norm's,
+    :func:`codec.rd.allocate.reparametrized`). For the others the file holds the tensors the weight is computed from,
+    which the search weighs by their own error, not the weight's (before weight_norm was weighed so, a weight_norm
+    MLP at -b 0.5 lost 71.67 % against 77.91 % with the parametrizations removed before saving; bench/JOURNAL.md,
+    "qa (twenty-seventh pass)" and "fold (twenty-eighth pass)")."""
     from torch.nn.utils import parametrize
 
-    layers = [name for name, module in model.named_modules() if parametrize.is_parametrized(module)]
+    layers = [name for name, module in model.named_modules() if parametrize.is_parametrized(module)
+              and any((f"{name}.{p}" if name else p) not in handled for p in module.parametrizations)]
     if not layers:
         return []
     plural = len(layers) != 1
     return [Note(f"{len(layers)} layer{'s' * plural} ({_listed(layers)}) compute{'' if plural else 's'} "
-                 f"{'their' if plural else 'its'} weight with torch.nn.utils.parametrize (weight_norm, spectral_norm, "
-                 "...): the file holds, and the search weighs by their own error, the tensors each weight is computed "
-                 "from, not the weight; parametrize.remove_parametrizations(layer, \"weight\") on each before saving "
-                 f"codes the weights themselves (the file then holds '{layers[0]}.weight': load it into a model with "
-                 "the same removal)")]
+                 f"{'their' if plural else 'its'} weight with a torch.nn.utils.parametrize parametrization other "
+                 "than weight_norm and spectral_norm: the file holds, and the search weighs by their own error, the "
+                 "tensors each weight is computed from, not the weight; "
+                 "parametrize.remove_parametrizations(layer, \"weight\") on each before saving codes the weights "
+                 f"themselves (the file then holds '{layers[0]}.weight': load it into a model with the same "
+                 "removal)")]
 
 
 def _listed(names: list[str], most: int = 4) -> str:

@@ -415,17 +415,21 @@ def save(
     repaired = False
     index: dict = {}  # "compress": the budget counted on a compressed index (_plan)
     if bits_per_weight is not None or max_error is not None:
-        from .rd.allocate import WARNINGS_KEY, Distortion, merge_weightings, norm_weightings, packed_weightings
+        from .rd.allocate import (WARNINGS_KEY, Distortion, computed_shapes, computed_values, merge_weightings,
+                                  norm_weightings, packed_weightings, reparametrized, stored_weightings)
 
         packing = _pack(attachments, jobs)  # sized before the search, compressed meanwhile on threads (calibration)
         values = lambda n: float64_values(arrays.array(n), arrays.dtype_name(n))  # noqa: E731
-        weightings = norm_weightings({n: arrays.shape(n) for n in arrays}, values)
+        shapes = {n: arrays.shape(n) for n in arrays}
+        # weight_norm / spectral_norm layers: weighed as the weight they compute, then moved to what is stored
+        reparams = reparametrized({n: s for n, s in shapes.items() if n not in aliases}, values)
+        weightings = norm_weightings(computed_shapes(shapes, reparams), values)
         inputs = calib = None
         growth = 0  # bytes the plan keeps for constant vectors that repair makes ordinary (constant_growth)
         if model is not None and calibration is None:  # (calibration's own note names parametrized layers)
             from .api import parametrized_notes
 
-            notes += parametrized_notes(model)
+            notes += parametrized_notes(model, reparams)
         if calibration is not None:
             from .api import calibrated, calibration_notes, repair_growth
 
@@ -438,12 +442,16 @@ def save(
             inputs, calib = calibrated(model, calibration, repair, calibration_progress, meta)
             notes += calibration_notes(model, calib, arrays, aliases, repairing=inputs is not None, renames=renames)
             weightings = merge_weightings(weightings, {n: w for n, w in calib.weightings(renames).items()
-                                                       if n in arrays},  # by stored name (an expert's: its slice's)
-                                          values)  # (no name kept for them: packed below, the whole H matrices go)
+                                                       if n in arrays or n in reparams},  # by stored name (an
+                                                       # expert's: its slice's; a parametrized layer's: computed)
+                                          lambda n: computed_values(n, reparams, values))
+            weightings = stored_weightings(weightings, reparams)  # (before packing: a column factor's D H D)
             if calib is not calibration:  # made here: the search holds its H matrices packed, the whole ones go,
                 calib = None  # each as it is packed (MiniLM: 74 MB -> 37)
                 weightings = packed_weightings(weightings, in_place=True)
             release_memory()
+        else:
+            weightings = stored_weightings(weightings, reparams)
         weights = sum(math.prod(arrays.shape(n)) for n in arrays if n not in aliases)
         if inputs is not None and bits_per_weight is not None:
             # repair spends up to the size of the plan's file: its index is counted and stored compressed. Left to

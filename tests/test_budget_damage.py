@@ -33,10 +33,31 @@ def _finetune(budget: Budget) -> list[str]:
 
 def test_a_budget_that_drives_the_tensor_to_a_destroying_coarsest_quality_says_so_at_once():
     said = _finetune(Budget(1.0))
-    assert len(said) == 1 and "\n" not in said[0]
+    assert len(said) == 2 and "\n" not in said[0]
     assert "'0.weight'" in said[0] and "coarsest quality (q1" in said[0] and f"(over {DAMAGE})" in said[0]
+    assert "may recover" in said[0]  # what is true when it is said: the loop has not trained yet
     need = float(said[0].split("; ")[-1].split()[0])
     assert not _finetune(Budget(need))  # the budget named keeps the tensor under the threshold: no warning
+
+
+def test_the_end_of_the_loop_says_where_the_file_ends_after_a_damage_warning():
+    budget = Budget(1.0)
+    said = _finetune(budget)
+    end = said[-1]
+    assert end == budget.report and "\n" not in end
+    assert end.startswith(f"finetune: budget: the file ends at {budget.bits:.4f} bits/weight, ")
+    assert ("within the 1 bits/weight asked" if budget.within else "over the 1 bits/weight asked") in end
+    assert f"'0.weight' at {budget.quality}: relative error " in end
+    error = float(end.split("relative error ")[1].split()[0])
+    assert (f"(over {DAMAGE}" in end) == (error > DAMAGE)
+    assert ("codec.train.coded_weights" in end) == (error > DAMAGE)  # then where to measure what the file loses
+
+
+def test_a_safe_budget_ends_silent_with_its_report_kept():
+    budget = Budget(12.0)
+    assert _finetune(budget) == []
+    assert budget.report is not None and "within the 12 bits/weight asked" in budget.report
+    assert f"(under {DAMAGE})" in budget.report
 
 
 def test_a_budget_at_a_safe_quality_is_silent():

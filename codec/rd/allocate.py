@@ -81,11 +81,12 @@ from ..tensorcodec import (Encoded, EncodeOptions, decode_encoded, decoded_bands
                            lossless_reason)
 
 __all__ = ["RDPoint", "Menu", "Weighting", "Distortion", "DATA_FREE", "DAMAGE", "WARNINGS_KEY", "norm_weightings",
-           "pareto_front", "candidates", "measure", "distortion", "image_side", "row_images", "lower_hull",
-           "allocate_budget", "fill_budget", "spend_slack", "trade", "best_fill", "allocate_max_error", "sensitivities",
-           "plan_options", "search_units", "merge_weightings", "packed_weightings", "PackedSymmetric",
-           "high_bit_candidates", "with_row_images", "JPEG_QUALITIES", "QUANT_BITS", "HIGH_QUANT_BITS",
-           "HIGH_BITS_FROM", "ROW_TABLES", "TILES"]
+           "pareto_front", "candidates", "Reparam", "reparametrized", "computed_shapes", "computed_values",
+           "stored_weightings", "measure", "distortion", "image_side", "row_images", "lower_hull", "allocate_budget",
+           "fill_budget", "spend_slack", "trade", "best_fill", "allocate_max_error", "sensitivities", "plan_options",
+           "search_units", "merge_weightings", "packed_weightings", "PackedSymmetric", "high_bit_candidates",
+           "with_row_images", "JPEG_QUALITIES", "QUANT_BITS", "HIGH_QUANT_BITS", "HIGH_BITS_FROM", "ROW_TABLES",
+           "TILES"]
 
 #: JPEG qualities on each tensor's menu.
 JPEG_QUALITIES = (5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 85, 90, 95, 98)
@@ -238,25 +239,37 @@ def row_images(shape: tuple[int, ...], base: EncodeOptions, input_layer: bool) -
     return (k, k) if k is not None else None
 
 
+def _is_matrix(shape: tuple[int, ...], dtype: DType) -> bool:
+    """Whether a tensor counts as a layer's matrix for the input-layer rule of :func:`row_images`: floating, two
+    dimensions over 1. A vector held as a matrix (weight_norm's ``g``, ``[out, 1]`` or ``[out, 1, 1, 1]``, stored
+    before its ``v``) is not the input layer: it took that place from the layer's ``v``, whose rows then lost the
+    image prior and the row-image candidates (bench/JOURNAL.md, "fold (twenty-eighth pass)")."""
+    return len(shape) >= 2 and dtype.floating and sum(d > 1 for d in shape) >= 2
+
+
 def with_row_images(tensors: Iterable[tuple[str, np.ndarray, DType]],
                     base: EncodeOptions) -> Iterator[tuple[str, np.ndarray, DType, tuple[int, int] | None]]:
     """``(name, array, dtype, rows)`` for each tensor: ``rows`` is :func:`row_images` of a floating matrix,
-    the first one counting as the model's input layer; None for anything else."""
+    the first one (with two dimensions over 1) counting as the model's input layer; None for anything else."""
     seen_matrix = False
     for name, array, dtype in tensors:
-        is_matrix = array.ndim >= 2 and dtype.floating
+        is_matrix = _is_matrix(array.shape, dtype)
         rows = row_images(array.shape, base, input_layer=not seen_matrix) if is_matrix else None
         seen_matrix |= is_matrix
         yield name, array, dtype, rows
 
 
-def _prior_energy(matrix: np.ndarray, rows: tuple[int, int]) -> float:
-    """Energy of row images of shape ``rows`` weighted by the natural-image spectrum prior."""
+def _prior_energy(matrix: np.ndarray, rows: tuple[int, int], row_weights: np.ndarray | None = None) -> float:
+    """Energy of row images of shape ``rows`` weighted by the natural-image spectrum prior (and each row's by
+    ``row_weights``, one per row of ``matrix``, where given)."""
     h, w = rows
     fy, fx = np.fft.fftfreq(h)[:, None], np.fft.fftfreq(w)[None, :]
     weight = 1.0 / (fy**2 + fx**2 + 1.0 / (h * w))
     spectrum = np.fft.fft2(matrix.reshape(-1, h, w))
-    return float(np.sum(weight * (spectrum.real**2 + spectrum.imag**2)))
+    if row_weights is None:
+        return float(np.sum(weight * (spectrum.real**2 + spectrum.imag**2)))
+    per_row = np.einsum("ijk,jk->i", spectrum.real**2 + spectrum.imag**2, weight)
+    return float(per_row @ np.asarray(row_weights, np.float64))
 
 
 def distortion(reference: np.ndarray, decoded: np.ndarray,
@@ -292,6 +305,10 @@ class Weighting:
     h: np.ndarray | None = None
     rows: np.ndarray | None = None
     scale: float = 1.0
+    #: With ``rows`` alone: on a tensor whose rows are images (:func:`row_images`), weigh the image prior's
+    #: per-row energies by ``rows`` instead of measuring plain output space (a weight_norm layer's ``v`` in the
+    #: input layer: its rows' factors and the prior both; :func:`stored_weightings`).
+    prior: bool = False
 
     def fits(self, shape: tuple[int, ...]) -> bool:
         """Whether this weighting applies to a tensor of ``shape``."""
@@ -484,7 +501,11 @@ class Distortion:
             err += float(np.sum(diff * diff))
             if not plain_known:
                 energy += float(np.sum(r * r))
-            if w is not None:
+            if w is not None and w.prior and rows is not None:  # the prior's row energies, weighted
+                part = w.rows[i : i + len(r)]
+                w_err += _prior_energy(diff, rows, part)
+                w_energy += 0.0 if known else _prior_energy(r, rows, part)
+            elif w is not None:
                 w_err += band_energy(diff, i)
                 w_energy += 0.0 if known else band_energy(r, i)
             elif rows is not None:
@@ -625,6 +646,135 @@ def merge_weightings(norms: Mapping[str, Weighting], calibrated: Mapping[str, We
         weighted, plain = Weighting(h=calib.h, rows=rows), Weighting(h=calib.h)
         if weighted.fits(matrix.shape) and (energy := plain.energy(matrix)) > 0:
             out[name] = Weighting(h=calib.h, rows=rows, scale=calib.scale * weighted.energy(matrix) / energy)
+    return out
+
+
+#: How a layer's weight computed by ``torch.nn.utils.parametrize`` shows in its state_dict: the tensors stored
+#: under ``<layer>.parametrizations.<weight>.``, weight_norm's ``original0`` (g) and ``original1`` (v),
+#: spectral_norm's ``original`` (and buffers ``0._u``, ``0._v``).
+PARAMETRIZED = ".parametrizations."
+
+
+@dataclass
+class Reparam:
+    """A stored tensor a layer's weight ``W`` is computed from, and how its error reaches ``W``.
+
+    weight_norm: ``W = g * v / ||v||`` (the norm over every dimension of
+    ``v`` but ``dim``, the one ``g`` runs along): an error ``dv`` moves
+    ``W`` by ``(g / ||v||) (dv - v_hat (v_hat . dv))``, so to first order
+    the element of ``v`` costs ``(g / ||v||)^2`` times ``W``'s (the radial
+    part, one of ``v``'s many directions, is neglected). ``dim=0`` (the
+    default; a conv's ``g`` is ``[out, 1, 1, 1]``) gives factors per row of
+    the ``[rows, columns]`` view (``rows``), another ``dim`` per column
+    (``cols``); both None: a uniform factor (``dim=None``), which a relative
+    measure does not see. spectral_norm: ``W = original / sigma``, a uniform
+    factor too: ``original``'s relative error is ``W``'s, both None.
+    """
+
+    stored: str
+    rows: np.ndarray | None = None  # g / ||v|| per row of the [rows, columns] view
+    cols: np.ndarray | None = None  # g / ||v|| per column
+    matrix: bool = True  # the stored tensor is 2-D (a Linear's), not a convolution's
+
+
+def reparametrized(shapes: Mapping[str, tuple[int, ...]], get: Callable[[str], np.ndarray]) -> dict[str, Reparam]:
+    """The computed weights of a state_dict's parametrized layers (:data:`PARAMETRIZED`), by the name the weight
+    has once ``remove_parametrizations`` is applied (``fc1.weight``): weight_norm's ``v`` (``original1`` beside
+    an ``original0`` shaped like ``v`` with every dimension but at most one of size 1) and spectral_norm's
+    ``original`` (an ``original`` alone, beside the buffers ``0._u`` and ``0._v``). Other parametrizations (several
+    originals, or a ``g`` of another shape) are left out: their originals keep their own measure. ``get(name)``
+    returns a tensor as a float64 array.
+    """
+    out: dict[str, Reparam] = {}
+    for name, shape in shapes.items():
+        head, sep, tail = ("." + name).rpartition(PARAMETRIZED)  # (a top-level layer's: no head)
+        head = head[1:]
+        if not sep or "." not in tail:
+            continue
+        param, _, leaf = tail.partition(".")
+        prefix = f"{head}{PARAMETRIZED}{param}.".lstrip(".")
+        computed = f"{head}.{param}" if head else param
+        siblings = [n for n in shapes if n.startswith(prefix) and n[len(prefix):].startswith("original")]
+        if leaf == "original" and siblings == [name] and {prefix + "0._u", prefix + "0._v"} <= shapes.keys():
+            out[computed] = Reparam(name)
+        elif leaf == "original1" and sorted(siblings) == [prefix + "original0", name] and len(shape) >= 2:
+            g_shape = shapes[prefix + "original0"]
+            if math.prod(g_shape) == 1:  # dim=None: one g (a uniform factor)
+                out[computed] = Reparam(name)
+                continue
+            if len(g_shape) != len(shape) or any(a not in (1, b) for a, b in zip(g_shape, shape)):
+                continue
+            axes = [i for i, (a, b) in enumerate(zip(g_shape, shape)) if a == b and a > 1]
+            if len(axes) != 1:
+                continue
+            v = get(name).reshape(shape)
+            g = get(prefix + "original0").reshape(g_shape)
+            norm = np.sqrt(np.sum(v * v, axis=tuple(i for i in range(len(shape)) if i != axes[0]), keepdims=True))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                factor = np.broadcast_to(g / norm, shape).reshape(shape[0], -1)
+            if not np.all(np.isfinite(factor)) or not np.any(factor):  # a dead row (v_r = 0): v's own measure
+                continue
+            out[computed] = Reparam(name, rows=factor[:, 0].copy(), matrix=len(shape) == 2) if axes[0] == 0 else \
+                Reparam(name, cols=factor[0].copy(), matrix=len(shape) == 2)
+    return out
+
+
+def computed_shapes(shapes: Mapping[str, tuple[int, ...]], reparams: Mapping[str, Reparam]
+                    ) -> dict[str, tuple[int, ...]]:
+    """``shapes`` (state_dict order) with each parametrized layer's stored tensors replaced by its computed
+    weight, in the place of the tensor it is computed from: the state_dict :func:`norm_weightings` reads the
+    BatchNorm or LayerNorm after a layer from (a weight_norm conv before a BatchNorm)."""
+    stored = {r.stored: name for name, r in reparams.items()}
+    return {stored.get(n, n): s for n, s in shapes.items() if n in stored or PARAMETRIZED not in "." + n}
+
+
+def computed_values(name: str, reparams: Mapping[str, Reparam], get: Callable[[str], np.ndarray]) -> np.ndarray:
+    """``get(name)``, or for a computed weight (:func:`reparametrized`) the weight up to a uniform factor (which
+    a relative measure does not see): weight_norm's ``v`` times its factors, spectral_norm's ``original``."""
+    r = reparams.get(name)
+    if r is None:
+        return get(name)
+    v = get(r.stored)
+    matrix = v.reshape(v.shape[0] if v.ndim else 1, -1)
+    if r.rows is not None:
+        return (matrix * r.rows[:, None]).reshape(v.shape)
+    if r.cols is not None:
+        return (matrix * r.cols[None, :]).reshape(v.shape)
+    return v
+
+
+def stored_weightings(weightings: Mapping[str, Weighting], reparams: Mapping[str, Reparam]) -> dict[str, Weighting]:
+    """``weightings`` with each computed weight's (:func:`reparametrized`: from a following norm, from
+    calibration's measure of the layer, or none) moved to the stored tensor it is computed from, the
+    :class:`Reparam`'s factors folded in: per row into ``R``, per column into ``H`` (a diagonal times them, a full
+    one ``D H D``), so that ``v``'s relative measure is ``W``'s to first order and the search weighs ``v``'s
+    rows as the weight they produce (as a BatchNorm's scale after a layer is weighed). A data-free ``v`` in the
+    input layer keeps the image prior, its row energies weighted (:attr:`Weighting.prior`). A convolution's ``v``
+    with no weighting of its own (data-free, no norm after it) keeps its own measure: on a weight_norm CNN the
+    factors changed no file, and with ``v``'s rows rescaled 0.1-10x (the same model) they cost 22-30 points of
+    accuracy at -b 1 / 2 where the MLP's gained 21-31 (bench/JOURNAL.md, "fold (twenty-eighth pass)")."""
+    out = {n: w for n, w in weightings.items() if n not in reparams}
+    for name, r in reparams.items():
+        w = weightings.get(name)
+        if w is None and not r.matrix:  # a conv's v with nothing measured or after it: its own measure (below)
+            continue
+        if r.rows is None and r.cols is None:
+            if w is not None:
+                out[r.stored] = w
+            continue
+        h = None if w is None else w.h
+        if r.cols is not None:
+            if h is None:
+                h = r.cols ** 2
+            elif h.ndim == 1:
+                h = h * r.cols ** 2
+            else:
+                h = np.asarray(h, np.float64) * r.cols[:, None] * r.cols[None, :]
+        rows = None if w is None else w.rows
+        if r.rows is not None:
+            rows = r.rows ** 2 if rows is None else rows * r.rows ** 2
+        out[r.stored] = Weighting(h=h, rows=rows, scale=1.0 if w is None else w.scale,
+                                  prior=w is None and h is None)
     return out
 
 
@@ -1114,7 +1264,7 @@ def search_units(tensors: Iterable[tuple[str, tuple[int, ...], DType]], base: En
     total, seen_matrix = 0, False
     for name, shape, dtype in tensors:
         stand_in = np.broadcast_to(np.zeros((), np.uint8), shape)  # a shape without memory
-        is_matrix = len(shape) >= 2 and dtype.floating
+        is_matrix = _is_matrix(shape, dtype)
         rows = row_images(shape, base, input_layer=not seen_matrix) if is_matrix else None
         seen_matrix |= is_matrix
         count = 1

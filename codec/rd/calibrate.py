@@ -70,6 +70,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList as _ParametrizationList
 
 from ..errors import first_line
@@ -622,6 +623,22 @@ def conv_rows(module: nn.Conv2d, x: torch.Tensor, max_bytes: int):
         yield cols.reshape(n, m.groups, ck // m.groups, length).permute(0, 1, 3, 2).reshape(-1, ck // m.groups)
 
 
+def _computed_weight(model: nn.Module, name: str) -> tuple[bool, str]:
+    """``(known, computed)`` for a parametrized layer's stored tensor ``name``: the weight the layer computes
+    (``fc1.parametrizations.weight.original1`` -> ``fc1.weight``), and whether that parametrization is weight_norm
+    or spectral_norm alone, whose originals the search weighs as the computed weight
+    (:func:`codec.rd.allocate.reparametrized`; weight_norm's ``g``, one value per output unit, goes with its ``v``:
+    its relative error is the weight's)."""
+    from .allocate import PARAMETRIZED
+
+    head, _, tail = ("." + name).rpartition(PARAMETRIZED)
+    head, param = head[1:], tail.partition(".")[0]
+    layer = model.get_submodule(head) if head else model
+    chain = getattr(getattr(layer, "parametrizations", None), param, None)
+    kinds = [type(p).__name__ for p in chain] if chain is not None else []
+    return kinds in (["_WeightNorm"], ["_SpectralNorm"]), f"{head}.{param}" if head else param
+
+
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
     """Weight name -> module, for the Linear, Conv2d, Embedding, EmbeddingBag and transformers Conv1D layers whose
     weight is in the state_dict."""
@@ -631,7 +648,9 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if layer_kind(module) is not None:
             key = f"{name}.weight" if name else "weight"
-            if key in keys and key not in attention:
+            # a weight computed by a parametrization (weight_norm, spectral_norm) is measured as the weight the
+            # layer uses; the search moves its measure to the stored tensors (codec.rd.allocate.stored_weightings)
+            if (key in keys or parametrize.is_parametrized(module, "weight")) and key not in attention:
                 out[key] = module
     return out
 
@@ -958,6 +977,7 @@ def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> 
     more) that ``calib`` has no statistics for, so that they are coded by the data-free weighting: layers of a kind
     calibration does not measure (``nn.ConvTranspose2d``, ``nn.Conv1d``, an LSTM's projection ``weight_hr``, ...:
     by their module's class) or not reached by the calibration inputs. None if there are none."""
+    names = list(names)
     modules = dict(model.named_modules(remove_duplicate=False))
     buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
     kinds: dict[str, list[str]] = {}
@@ -985,10 +1005,19 @@ def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> 
             kinds.setdefault(f"a buffer of {type(owner).__name__}{' itself' if owner is model else ''}: used outside "
                              "any layer calibration measures", []).append(name)
         elif isinstance(owner, _ParametrizationList):  # weight_norm's g and v, spectral_norm's original, ...
-            kinds.setdefault("the originals of a torch.nn.utils.parametrize parametrization (weight_norm, "
-                             "spectral_norm, ...): calibration measures the weight a layer computes from them, not "
-                             "them; parametrize.remove_parametrizations(layer, \"weight\") on each before saving "
-                             "stores that weight, which it measures", []).append(name)
+            known, computed = _computed_weight(model, name)
+            layer = modules.get(computed.rpartition(".")[0])
+            if known and computed in calib.layers:  # (codec.rd.allocate.stored_weightings moves the measure)
+                continue
+            if known and layer is not None and layer_kind(layer) is None:  # weight_norm on a Conv1d
+                kinds.setdefault(type(layer).__name__, []).append(name)
+            elif known and layer is not None:
+                unreached.append(name)
+            else:
+                kinds.setdefault("the originals of a torch.nn.utils.parametrize parametrization other than "
+                                 "weight_norm and spectral_norm: calibration measures the weight a layer computes "
+                                 "from them, not them; parametrize.remove_parametrizations(layer, \"weight\") on "
+                                 "each before saving stores that weight, which it measures", []).append(name)
         elif owner is model:  # a parameter of the model itself (a position table added to the inputs): no layer
             kinds.setdefault(f"a parameter of {type(model).__name__} itself, used outside any layer calibration "
                              "measures", []).append(name)

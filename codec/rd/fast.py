@@ -101,6 +101,7 @@ from .allocate import (
     TensorSource,
     Weighting,
     _damage_notes,
+    _prior_energy,
     best_fill,
     distortion,
     entry_bytes,
@@ -207,8 +208,21 @@ def sample_matrix(name: str, matrix: np.ndarray, full_rows: bool) -> np.ndarray 
 Weigh = Callable[[int, int], np.ndarray]
 
 
+@dataclass
+class _RowPrior:
+    """:data:`Weigh` of a :attr:`Weighting.prior` weighting (rows alone): ``R[r0:r1, None]``, and for image rows
+    the weights of the image prior's row energies (:func:`_distortion`), as :class:`Distortion` measures them."""
+
+    rows: np.ndarray
+
+    def __call__(self, r0: int, r1: int) -> np.ndarray:
+        return self.rows[r0:r1, None]
+
+
 def _whole_weigh(w: Weighting) -> Weigh:
     """:data:`Weigh` of a whole matrix: ``R[r0:r1, None] * H[None, :]`` (either may be absent)."""
+    if w.prior and w.rows is not None and w.h is None:
+        return _RowPrior(w.rows.astype(np.float64))
     rows = None if w.rows is None else w.rows.astype(np.float32)[:, None]
     cols = None if w.h is None else w.h.astype(np.float32)[None, :]
     one = np.ones((1, 1), np.float32)
@@ -224,6 +238,9 @@ def _sample_weights(w: Weighting, blocks: list[tuple[int, int, int]]) -> np.ndar
         return _BlockH(blocks, rows, {(c, bw): np.ascontiguousarray(w.h[c : c + bw, c : c + bw], np.float32)
                                       for _, c, bw in blocks})
     whole = _whole_weigh(w)
+    if isinstance(whole, _RowPrior):  # (the sample's rows are whole rows where they are images)
+        return _RowPrior(np.concatenate([np.broadcast_to(whole(r, r + BLOCK_H)[:, 0], (BLOCK_H,))
+                                         for r, _, _ in blocks]))
     return np.concatenate([np.broadcast_to(whole(r, r + BLOCK_H)[:, c : c + bw] if w.h is not None
                                            else whole(r, r + BLOCK_H), (BLOCK_H, bw)) for r, c, bw in blocks])
 
@@ -259,6 +276,8 @@ def _weigh_of(spec: Weighting | np.ndarray) -> Weigh:
     """:data:`Weigh` of a whole tensor's :class:`Weighting` or of a sample's dense weights."""
     if isinstance(spec, Weighting):
         return _whole_weigh(spec)
+    if isinstance(spec, _RowPrior):
+        return spec
     return lambda r0, r1: spec[r0:r1]
 
 
@@ -316,6 +335,14 @@ def _distortion(reference: np.ndarray, decoded: np.ndarray, dtype: DType, rows: 
     exhaustive search measures it), else under the image prior for image ``rows``, else plain NMSE."""
     if weighting is None and rows is not None:
         return (*distortion(_as_float(reference, dtype), _as_float(decoded, dtype), rows), None)
+    if weighting is not None and rows is not None and isinstance(weighting[0], _RowPrior):
+        count = reference.shape[0] if reference.ndim else 1
+        ref = _as_float(reference, dtype).reshape(count, -1)
+        diff = _as_float(decoded, dtype).reshape(count, -1) - ref
+        part = weighting[0](0, count)[:, 0]
+        rel = _ratio(_prior_energy(diff, rows, part), _prior_energy(ref, rows, part))
+        plain = _ratio(float(np.einsum("ij,ij->", diff, diff)), float(np.einsum("ij,ij->", ref, ref)))
+        return weighting[1] * rel, plain, math.sqrt(rel)
     if weighting is not None and isinstance(weighting[0], (Weighting, _BlockH)):  # a full H, in float64
         rows_of = reference.shape[0] if reference.ndim else 1
         ref = _as_float(reference, dtype).reshape(rows_of, -1)

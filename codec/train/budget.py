@@ -155,6 +155,11 @@ class Budget:
         self.bits: float | None = None
         self.history: list[tuple[int, str, float]] = []
         self.stepped_down = 0
+        #: After the last finetune step: the file's bits/weight against the budget, the tensor's quality and its
+        #: relative error there against the trained weights (one line; also given as a warning when the first
+        #: measurement warned of damage or the file is over the budget).
+        self.report: str | None = None
+        self._warned = False  # the first measurement warned that the coarsest quality destroys the tensor
         self._index: int | None = None  # the current step on the ladder (an index into its scales, coarse first)
         self._opts: EncodeOptions | None = None
         self._base: list[tuple[str, str]] = []
@@ -282,8 +287,11 @@ class Budget:
                  f"{self.bits_per_weight:g} bits/weight asked, so the loop drives {self.tensor!r} there"
                  if size is not None else f"{self.bits_per_weight:g} bits/weight puts {self.tensor!r} at the "
                  f"coarsest quality ({self._text(index)})")
-        warnings.warn(f"finetune: budget: {where}: relative error {error:.2f} (over {DAMAGE}), the model may lose "
-                      f"much of its accuracy; {avoid}", BudgetDamageWarning, stacklevel=4)
+        self._warned = True
+        warnings.warn(f"finetune: budget: {where}: relative error {error:.2f} (over {DAMAGE}) on the weights as they "
+                      f"are now; the loop trains the model around the coded tensor and may recover much of it (what "
+                      f"the file loses is the coded model's accuracy at the end: the loop's closing line says where "
+                      f"the file ends); {avoid}", BudgetDamageWarning, stacklevel=4)
 
     def track(self, model: torch.nn.Module, step: int) -> Overrides:
         """One measurement at ``step``: the quality one ladder step down if the file is over the target, else up
@@ -333,7 +341,28 @@ class Budget:
             self.smallest = self.bits
             self.holders = self._holders(model)
         self.history.append((self._steps, self._text(self._index), self.bits))
+        self._report(model)
         return self._rules()
+
+    def _report(self, model: torch.nn.Module) -> None:
+        """:attr:`report` after :meth:`finish`, given as a :class:`BudgetDamageWarning` too when the first
+        measurement warned (so that warning is not the last word) or the file is over the budget."""
+        import warnings
+
+        from ..rd.allocate import DAMAGE
+
+        error = self._damage(model, self._index)
+        fits = (f"within the {self.bits_per_weight:g} bits/weight asked" if self.within else
+                f"over the {self.bits_per_weight:g} bits/weight asked (budget.save refuses it; the smallest this "
+                f"model gives now)")
+        harm = (f"relative error {error:.2f} against the trained weights"
+                + (f" (over {DAMAGE}: the model was trained with the tensor coded there, so measure the coded "
+                   "model, codec.train.coded_weights or the saved file decoded, for what the file loses)"
+                   if error > DAMAGE else f" (under {DAMAGE})"))
+        self.report = (f"finetune: budget: the file ends at {self.bits:.4f} bits/weight, {fits}; {self.tensor!r} "
+                       f"at {self._text(self._index)}: {harm}")
+        if self._warned or not self.within:
+            warnings.warn(self.report, BudgetDamageWarning, stacklevel=4)
 
     def due(self, step: int, refresh: int, tracked_until: int) -> bool:
         """Whether to measure at ``step`` of this call (a coding step, ``0 < step < tracked_until``): at multiples of
@@ -467,7 +496,8 @@ class Budget:
 
 
 class BudgetDamageWarning(UserWarning):
-    """A :class:`Budget` puts its tensor at a quality that destroys it (:meth:`Budget.start`'s first measurement)."""
+    """A :class:`Budget` puts its tensor at a quality that destroys it (:meth:`Budget.start`'s first measurement),
+    and, after such a warning or when the file ends over the budget, where the file ends (:attr:`Budget.report`)."""
 
 
 def as_budget(budget) -> Budget | None:
