@@ -133,9 +133,10 @@ def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], 
     """:func:`save`'s notes on what calibration ``calib`` does not weigh: the stored floating tensors of two or more
     axes it has no statistics for (a layer kind it does not measure, or not reached by its inputs), coded by the
     data-free weighting (:func:`codec.rd.calibrate.uncalibrated`); and, when repair runs, the transformers Conv1D
-    weights it codes without GPTQ or refit (repair's are for nn.Linear and nn.Conv2d). ``renames``: the model's
-    name of a stored tensor where it differs (:func:`codec.encode.save`'s ``model_names``); notes use the model's."""
-    from .rd.calibrate import uncalibrated
+    weights and transposed convolutions it codes without GPTQ or refit (repair's are for nn.Linear and
+    nn.Conv1d / 2d / 3d). ``renames``: the model's name of a stored tensor where it differs
+    (:func:`codec.encode.save`'s ``model_names``); notes use the model's."""
+    from .rd.calibrate import TRANSPOSED, uncalibrated
     from .rd.recurrent import recurrent_matrix
 
     renames = renames or {}
@@ -155,12 +156,14 @@ def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], 
     if repairing:  # weights calibrated as layers that repair does not fit
         conv1d = [n for n in names if n in calib.layers and calib.layers[n].kind == "conv1d"]
         recurrent = [n for n in names if n in calib.layers and recurrent_matrix(model, n)]
+        transposed = [n for n in names if n in calib.layers and calib.layers[n].kind == TRANSPOSED]
         for listed, what in ((conv1d, ("transformers Conv1D weight", "transformers Conv1D weights")),
-                             (recurrent, ("recurrent matrix", "recurrent matrices"))):
+                             (recurrent, ("recurrent matrix", "recurrent matrices")),
+                             (transposed, ("transposed convolution weight", "transposed convolution weights"))):
             if listed:
                 notes.append(Note(f"repair: {len(listed)} {what[len(listed) != 1]} ({_listed(listed)}) coded with "
                                   "the calibrated weighting, without GPTQ or refit (repair's are for nn.Linear and "
-                                  "nn.Conv2d)"))
+                                  "nn.Conv1d / 2d / 3d)"))
     return notes
 
 
