@@ -272,7 +272,7 @@ def test_a_calibrated_save_of_a_gru_beats_the_data_free_one_at_equal_size(tmp_pa
 
 
 def test_a_repaired_save_codes_the_recurrent_matrices_as_planned_and_says_so(tmp_path):
-    """Repair (GPTQ and refit for nn.Linear / nn.Conv1d / 2d / 3d) codes the GRU's matrices with the calibrated weighting
+    """Repair (GPTQ and refit for nn.Linear / nn.ConvNd) codes the GRU's matrices with the calibrated weighting
     alone, says so in one note, and the file stays within its budget and decodes close to the model."""
     model, calib_x, test_x = _trained_gru()
     notes = codec.save(model, tmp_path / "r.jwt", bits_per_weight=3, calibration=calib_x)

@@ -58,7 +58,7 @@ def constant_growth(model: nn.Module, stored: Iterable[str], settings: RepairSet
     least-squares bias (or the shift it puts in a running mean) makes it an ordinary vector that codes at about
     its raw size. The plan priced it as it was: an untrained BERT's repaired file at ``-b 3`` ended 0.9 % over
     its budget, a small net's 3.8 %. These are the vectors the repair with ``settings`` can change: every
-    Linear / Conv1d / Conv2d / Conv3d bias and BatchNorm running mean (``bias_correction``), or, with distillation steps, every
+    Linear / ConvNd bias and BatchNorm running mean (``bias_correction``), or, with distillation steps, every
     floating parameter. ``stored``: the names that will be stored (aliases left out). Trained models' vectors
     seldom hold one value: for them this is 0."""
     settings = RepairSettings() if settings is None else settings
@@ -84,7 +84,7 @@ def constant_growth(model: nn.Module, stored: Iterable[str], settings: RepairSet
 
 def fitted_share(model: nn.Module) -> float:
     """The fraction of ``model``'s state (parameters and buffers, in elements) in the weights repair fits to the
-    layers after them, a Linear or Conv1d / 2d / 3d's (refit, GPTQ, JPEG compensation): the share of a calibrated budget
+    layers after them, a Linear or ConvNd's (refit, GPTQ, JPEG compensation): the share of a calibrated budget
     its step-ups are worth (:data:`codec.encode.REPAIR_SHARE`). A GRU's matrices are coded by plain rounding: a
     calibrated GRU at ``-b 3`` had output error 0.027 with the whole budget planned, 0.083 with 6 % left to
     repair's step-ups."""
@@ -99,7 +99,7 @@ def moved_growth(model: nn.Module, inputs: Iterable, options: Mapping[str, Encod
                  settings: RepairSettings | None = None) -> int:
     """:func:`constant_growth` of the vectors that repair with ``settings`` will move under the plan ``options``
     (model names): with the least-squares bias alone (no distillation steps), a vector moves only where a layer
-    before it is coded lossily and repaired: the bias of a Linear / Conv1d / 2d / 3d whose weight the plan codes lossily, or
+    before it is coded lossily and repaired: the bias of a Linear / ConvNd whose weight the plan codes lossily, or
     the running mean of the BatchNorm that follows such a layer without bias (in forward order on the first batch
     of ``inputs``, as :func:`_repair` finds it). Otherwise :func:`constant_growth` itself. A random-weight
     MobileNetV2 (314 tensors, every running mean zero) at ``-b 3``: 28,211 bytes reserved for all of them, 14,300
@@ -203,7 +203,7 @@ def _fit_vector(vector: _Slot, planned: int, room: int, options: Mapping[str, En
 def _receiver(queue: list[_Slot], options: Mapping[str, EncodeOptions], spare: int, executor, gptq: bool = True
               ) -> tuple[_Slot | None, dict[str, int]]:
     """``(slot, planned)``: the lossy tensor that gets ``spare`` (the one with most elements, the first of equals),
-    and the planned bytes of the ``quant`` tensors coded after it that GPTQ codes (``gptq``: a Linear or Conv1d / 2d / 3d's
+    and the planned bytes of the ``quant`` tensors coded after it that GPTQ codes (``gptq``: a Linear or ConvNd's
     weight), by name: what they may grow by is kept back from it and from the step-ups before them (:func:`_held`).
     Another ``quant`` tensor (a GRU's, an embedding's) is coded by plain rounding and cannot grow: nothing is held
     for it (a calibrated GRU of quant tensors only: nothing held, where 10 % of the GRU's bytes were)."""

@@ -1,4 +1,4 @@
-"""One Linear / Conv1d / Conv2d / Conv3d layer's least-squares fit: its input statistics in the original and the partly coded model
+"""One Linear / ConvNd layer's least-squares fit: its input statistics in the original and the partly coded model
 (:class:`_LayerFit`, collected through :mod:`.inputs`' hooks, with the held-out rows of :class:`_HeldOut`), the
 refit, the GPTQ / JPEG-compensated targets (:mod:`codec.rd.gptq`) and the least-squares bias.
 
@@ -25,8 +25,9 @@ from .settings import RepairSettings, held_out
 from .slots import _Slot, _kept_weight
 
 
-#: The layers repair fits (refit, GPTQ, JPEG compensation, the least-squares bias): their weight is a matrix
-#: ``weight.reshape(out, -1)`` over their input rows (im2col columns for the convolutions, :func:`_layer_rows`).
+#: The layers repair fits (refit, GPTQ, JPEG compensation, the least-squares bias; "ConvNd" in the docstrings, not the
+#: transposed ones): their weight is a matrix ``weight.reshape(out, -1)`` over their input rows (im2col columns for
+#: the convolutions, :func:`_layer_rows`).
 FITTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -40,7 +41,7 @@ def _has_rows(module: nn.Module) -> bool:
 
 
 def _layer_rows(module: nn.Module, x: torch.Tensor):
-    """A Linear / Conv1d / Conv2d / Conv3d layer's inputs as float32 rows ``[n, cols]`` matching its weight's matrix view, in chunks
+    """A Linear / ConvNd layer's inputs as float32 rows ``[n, cols]`` matching its weight's matrix view, in chunks
     (:func:`_has_rows` says whether it applies). A Linear's come whole; a convolution's im2col rows come a few samples
     at a time (:func:`codec.rd.calibrate.conv_rows`, at most ``UNFOLD_BYTES``; the whole batch in one chunk when it
     fits), so a batch of large
@@ -147,7 +148,7 @@ def _batch_sum(key: str, x: torch.Tensor | None, x_hat: torch.Tensor):
 
 
 class _LayerFit:
-    """A Linear / Conv1d / Conv2d / Conv3d layer about to be coded: its input statistics in the original and the partly coded model.
+    """A Linear / ConvNd layer about to be coded: its input statistics in the original and the partly coded model.
 
     ``x`` are the layer's input rows in the original model, ``x_hat`` in the
     working one (they differ once earlier layers are coded). The layer should

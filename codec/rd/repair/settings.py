@@ -43,14 +43,14 @@ class RepairSettings:
     final_steps: int = 0
     #: Adam learning rate.
     lr: float = 1e-3
-    #: Least-squares bias of each coded Linear / Conv1d / 2d / 3d layer, when its bias is stored losslessly.
+    #: Least-squares bias of each coded Linear / ConvNd layer, when its bias is stored losslessly.
     bias_correction: bool = True
-    #: Before coding a Linear / Conv1d / 2d / 3d weight, refit it by ridge regression so the layer maps its inputs in the
+    #: Before coding a Linear / ConvNd weight, refit it by ridge regression so the layer maps its inputs in the
     #: partly coded model to the original layer's outputs (needs a pass of the original model per layer); kept only
     #: where, fitted on the other batches, it lowers the model's output error on the held-out ones
     #: (:func:`_refit_judged`; from :data:`HOLDOUT_EVERY` batches, none below).
     refit: bool = True
-    #: GPTQ rounding for ``quant`` weights of Linear / Conv1d / 2d / 3d layers.
+    #: GPTQ rounding for ``quant`` weights of Linear / ConvNd layers.
     gptq: bool = True
     #: The same for ``jpeg`` weights, a group of columns at a time (:func:`codec.rd.gptq.jpeg_target`). Measured
     #: on all-MiniLM-L6-v2's FFN and attention matrices: 2-2.5x less output error on held-out sentences at +0.1-0.3 %
