@@ -76,15 +76,36 @@ def test_transposed_rows_give_the_output_error_of_any_weight_error(dims, kernel,
     error = _TRANSPOSE[dims](x, dw, None, conv.stride, conv.padding, conv.output_padding, groups, conv.dilation)
     matrix = transposed_matrix(dw, groups)
     assert matrix.shape == (6, 4 // groups * kernel ** dims)
-    rows = torch.cat(list(transposed_rows(conv, x, None, 3000)))  # (several chunks)
+    pairs = list(transposed_rows(conv, x, None, 3000))  # (several chunks, a pair per phase)
+    assert all(rows.shape[1] == len(columns) for columns, rows in pairs)
     if groups == 1:
-        assert _energy([rows], matrix) == pytest.approx(float(error.pow(2).sum()), rel=1e-10)
+        assert _energy([_widened(pairs, matrix.shape[1])], matrix) == pytest.approx(float(error.pow(2).sum()),
+                                                                                   rel=1e-10)
     else:  # rows are (positions, groups) in order: group g's own against its block of outputs
-        per = rows.reshape(-1, groups, rows.shape[1])
         for g in range(groups):
-            block = matrix[g * 3:(g + 1) * 3]
-            assert _energy([per[:, g]], block) == pytest.approx(float(error[:, g * 3:(g + 1) * 3].pow(2).sum()),
-                                                                rel=1e-10)
+            rows = _widened([(c, r.reshape(-1, groups, r.shape[1])[:, g]) for c, r in pairs], matrix.shape[1])
+            assert _energy([rows], matrix[g * 3:(g + 1) * 3]) == pytest.approx(
+                float(error[:, g * 3:(g + 1) * 3].pow(2).sum()), rel=1e-10)
+
+
+def _widened(pairs, width: int) -> torch.Tensor:
+    """transposed_rows' ``(columns, rows)`` pairs as whole rows (zeros outside their columns), stacked."""
+    out = []
+    for columns, rows in pairs:
+        whole = rows.new_zeros((len(rows), width))
+        whole[:, columns] = rows
+        out.append(whole)
+    return torch.cat(out)
+
+
+def test_transposed_rows_take_each_phases_taps_only():
+    """A stride-2, 4 x 4 ConvTranspose2d: each of the 4 phases' rows read 2 x 2 taps of each channel (a quarter of
+    the columns), and they cover every output position once."""
+    conv = nn.ConvTranspose2d(8, 3, 4, stride=2, padding=1)
+    x = torch.randn(2, 8, 5, 5)
+    pairs = list(transposed_rows(conv, x, None, 10 ** 9))
+    assert len(pairs) == 4 and all(len(columns) == 8 * 4 for columns, _ in pairs)
+    assert sum(len(rows) for _, rows in pairs) == 2 * 10 * 10
 
 
 class _Convs(nn.Module):
@@ -121,7 +142,7 @@ def test_the_convolutions_are_calibrated_kinds():
     with torch.no_grad():
         n = x.shape[0]
         h = torch.relu(model.clip(torch.relu(model.seq(x)).reshape(n, 1, 2, 8, 8))).mean(2)
-    rows = torch.cat(list(transposed_rows(model.up, h, (16, 16), 10 ** 9))).double()
+    rows = _widened(list(transposed_rows(model.up, h, (16, 16), 10 ** 9)), 18).double()
     assert rows.shape[0] == n * 256
     want = (rows.T @ rows / rows.shape[0]).numpy()
     assert np.allclose(calib.layers["up.weight"].h, want, rtol=1e-4, atol=1e-6)

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import math
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -574,9 +575,10 @@ class _Collector:
                 self._add(cols)
         elif self.kind == TRANSPOSED:
             size = args[1] if len(args) > 1 else None  # forward(input, output_size)
-            for cols in transposed_rows(module, x, output.shape[-len(module.kernel_size):] if size is not None
-                                        else None, UNFOLD_BYTES // 2):
-                self._add(cols)
+            width = _columns(module)
+            for columns, cols in transposed_rows(module, x, output.shape[-len(module.kernel_size):]
+                                                 if size is not None else None, UNFOLD_BYTES // 2):
+                add_moments_at(self, cols, columns, width)
         else:
             self._add(self._tokens(x, x.shape[:-1]).reshape(-1, x.shape[-1]))
 
@@ -693,33 +695,75 @@ def transposed_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
 
 def transposed_rows(module: nn.modules.conv._ConvTransposeNd, x: torch.Tensor, size: Sequence[int] | None,
                     max_bytes: int):
-    """The columns a transposed convolution's output positions read, ``(rows, in/groups * prod(kernel))`` in the
-    order of :func:`transposed_matrix`, a few samples at a time (as :func:`conv_rows`): the output error of a weight
-    error ``dW`` is ``sum |rows @ transposed_matrix(dW)^T|^2``, exactly. A transposed convolution is the convolution
-    of the input spread ``stride`` apart (zeros between) and padded ``dilation * (kernel - 1) - padding`` on each
-    side (``output_padding`` more at the end), by the kernel flipped: the patches of that input, their kernel axes
-    flipped back. ``size``: the output's spatial size where ``forward`` was given ``output_size`` (else the
+    """The inputs a transposed convolution's output positions read, as ``(columns, rows)`` pairs: ``rows`` of the
+    positions of one phase (their index modulo the stride) over the ``columns`` (indices into the ``in/groups *
+    prod(kernel)`` columns of :func:`transposed_matrix`) that phase's kernel taps reach; every other column of those
+    rows is zero. A few samples at a time (as :func:`conv_rows`). The output error of a weight error ``dW`` is
+    ``sum |rows @ transposed_matrix(dW)[:, columns]^T|^2`` over the pairs, exactly.
+
+    A transposed convolution is the convolution of the input spread ``stride`` apart (zeros between) and padded
+    ``dilation * (kernel - 1) - padding`` on each side (``output_padding`` more at the end), by the kernel flipped:
+    the patches of that input, their kernel axes flipped back. Of a patch, only the taps that land on the input's own
+    positions (not the zeros between) are non-zero, and which ones depends on the position's phase: taking each phase's
+    positions and taps alone, the rows take ``1 / prod(stride)`` of the patches' values and their moments
+    ``1 / prod(stride)^2`` of the products (a 4 x 4, stride-2 ConvTranspose2d over 64 channels: 256 columns a
+    phase, not 1,024). ``size``: the output's spatial size where ``forward`` was given ``output_size`` (else the
     module's ``output_padding``)."""
     m = module
     d = len(m.kernel_size)
-    flat = x.dim() == d + 1
-    x = x.unsqueeze(0) if flat else x
+    x = x.unsqueeze(0) if x.dim() == d + 1 else x  # (an unbatched input)
     extra = (m._output_padding(x, list(size), m.stride, m.padding, m.kernel_size, d, m.dilation)
              if size is not None else m.output_padding)
-    per_sample = x[0].numel() * math.prod(m.stride) * math.prod(m.kernel_size) * x.element_size()
+    edges = [m.dilation[a] * (m.kernel_size[a] - 1) - m.padding[a] for a in range(d)]
+    pads: list[int] = []
+    for axis in reversed(range(d)):  # F.pad: the last axis first; a negative pad crops
+        pads += [edges[axis], edges[axis] + extra[axis]]
+    c = x.shape[1]
+    index = torch.arange(c // m.groups * math.prod(m.kernel_size)).reshape(c // m.groups, *m.kernel_size)
+    phases = []
+    for phase in itertools.product(*[range(st) for st in m.stride]):
+        # original tap k reads the spread input at phase + stride * t + (kernel - 1 - k) * dilation - edge
+        taps = [torch.tensor([k for k in range(m.kernel_size[a])
+                              if (phase[a] + (m.kernel_size[a] - 1 - k) * m.dilation[a] - edges[a]) % m.stride[a] == 0],
+                             dtype=torch.long) for a in range(d)]
+        if all(len(t) for t in taps):
+            columns = index
+            for a, t in enumerate(taps):
+                columns = columns.index_select(1 + a, t)
+            phases.append((phase, taps, columns.reshape(-1).to(x.device)))
+    reach = [m.dilation[a] * (m.kernel_size[a] - 1) + 1 for a in range(d)]
+    per_sample = x[0].numel() * math.prod(m.kernel_size) * x.element_size()
     step = max(1, max_bytes // max(per_sample, 1))
     for i in range(0, x.shape[0], step):
         part = x[i:i + step]
-        n, c = part.shape[:2]
-        spread = part.new_zeros((n, c, *[(s - 1) * st + 1 for s, st in zip(part.shape[2:], m.stride)]))
+        spread = part.new_zeros((part.shape[0], c, *[(n - 1) * st + 1 for n, st in zip(part.shape[2:], m.stride)]))
         spread[(slice(None), slice(None), *[slice(None, None, st) for st in m.stride])] = part
-        pads: list[int] = []
-        for axis in reversed(range(d)):  # F.pad: the last axis first; a negative pad crops
-            edge = m.dilation[axis] * (m.kernel_size[axis] - 1) - m.padding[axis]
-            pads += [edge, edge + extra[axis]]
-        cols = _patches(F.pad(spread, pads), m.kernel_size, m.dilation, (1,) * d, m.groups)
-        k = math.prod(m.kernel_size)
-        yield cols.reshape(-1, c // m.groups, *m.kernel_size).flip(list(range(2, 2 + d))).reshape(-1, c // m.groups * k)
+        padded = F.pad(spread, pads)
+        for phase, taps, columns in phases:
+            if any(padded.shape[2 + a] - phase[a] < reach[a] for a in range(d)):
+                continue  # (no output position of this phase)
+            view = padded[(slice(None), slice(None), *[slice(p, None) for p in phase])]
+            rows = _patches(view, m.kernel_size, m.dilation, m.stride, m.groups)
+            rows = rows.reshape(-1, c // m.groups, *m.kernel_size).flip(list(range(2, 2 + d)))
+            for a, t in enumerate(taps):
+                rows = rows.index_select(2 + a, t.to(rows.device))
+            yield columns, rows.reshape(len(rows), -1)
+
+
+def add_moments_at(acc, x: torch.Tensor, columns: torch.Tensor, width: int) -> None:
+    """:func:`add_moments` of rows ``x`` that are zero outside ``columns`` (of ``width`` in all), given as those
+    columns only: their products added to that block of ``acc.h`` (or of its diagonal), their sums to ``acc.sum``."""
+    x = x.detach().float()
+    if acc.h is None:
+        acc.h = (x.new_zeros((width, width)) if acc.full
+                 else torch.zeros(width, dtype=torch.float64, device=x.device))
+        acc.sum = torch.zeros(width, dtype=torch.float64, device=x.device)
+    if acc.full:
+        acc.h[columns.unsqueeze(1), columns] += x.T @ x
+    else:
+        acc.h[columns] += (x * x).sum(0).double()
+    acc.sum[columns] += x.sum(0).double()
+    acc.rows += x.shape[0]
 
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
