@@ -108,6 +108,7 @@ def _storage_key(t: torch.Tensor) -> tuple:
 
 def calibrated(model, calibration, repair, progress, meta):
     """``(inputs kept for repair or None, Calibration)`` for :func:`save`'s ``calibration`` (not None)."""
+    from .rd import calibrate as calibrate_module
     from .rd.calibrate import Calibration, as_batches, calibrate
 
     if isinstance(calibration, Calibration):
@@ -124,6 +125,10 @@ def calibrated(model, calibration, repair, progress, meta):
         calib = calibrate(model, inputs, progress=progress)
         if not use_repair:
             inputs = None
+        elif not calibrate_module.TRANSPOSED_UNDER_REPAIR:  # (their note: calibration_notes)
+            calib.set_aside = [n for n, s in calib.layers.items() if s.kind == calibrate_module.TRANSPOSED]
+            for name in calib.set_aside:
+                del calib.layers[name]
     meta["jwt.calibration"] = f"{calib.samples} inputs in {calib.batches} batches, {len(calib.layers)} layers"
     return inputs, calib
 
@@ -143,9 +148,16 @@ def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], 
     names = [renames.get(n, n) for n in arrays if n not in aliases and len(arrays.shape(n)) >= 2
              and math.prod(arrays.shape(n)) and get_dtype(arrays.dtype_name(n)).floating]
     notes = []
-    note = uncalibrated(model, calib, names)
+    aside = set(calib.set_aside)
+    note = uncalibrated(model, calib, [n for n in names if n not in aside])
     if note:
         notes.append(Note(note))
+    if aside:
+        listed = [n for n in names if n in aside]
+        notes.append(Note(f"calibration: {len(listed)} transposed convolution weight{'s' * (len(listed) != 1)} "
+                          f"({_listed(listed)}) coded by the data-free weighting: repair does not fit them, and "
+                          "weighed by their measured output error they lost to it with repair "
+                          "(codec.rd.calibrate.TRANSPOSED_UNDER_REPAIR; repair=False weighs them as measured)"))
     unmoved = set(calib.unmoved)
     still = [n for n in names if n in unmoved]
     if still:  # weights no floating output uses: the search spends (almost) nothing on them

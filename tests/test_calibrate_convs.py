@@ -171,21 +171,34 @@ def test_a_transposed_convolutions_weighting_scores_its_matrix_view():
     assert not weighable(distortion) and weighable(Distortion({"x": Weighting(h=np.ones(8))}))
 
 
-def test_a_calibrated_save_names_no_convolution_as_unmeasured(tmp_path):
-    """A model of Conv1d, Conv3d and ConvTranspose2d layers: no 'coded by the data-free weighting' note (before: all
-    three named as 'a layer kind calibration does not measure'); repair names the transposed weight as coded without
-    GPTQ or refit; the file decodes close to the model."""
+def test_a_calibrated_save_names_no_convolution_as_unmeasured(tmp_path, monkeypatch):
+    """A model of Conv1d, Conv3d and ConvTranspose2d layers: none named as 'a layer kind calibration does not
+    measure' (before: all three). With repair (the default) the transposed weight keeps the data-free weighting
+    (TRANSPOSED_UNDER_REPAIR) and a note says why; without repair, or with the switch on, it is weighed as measured
+    (the switch: repair's note names it as coded without GPTQ or refit). Each file decodes close to the model."""
+    from codec.rd import calibrate as calibrate_module
+
     torch.manual_seed(0)
     model = _Convs()
     x = torch.randn(64, 3, 32)
-    notes = codec.save(model, tmp_path / "c.jwt", bits_per_weight=20, calibration=x)
-    assert not any(str(n).startswith("calibration:") for n in notes), notes
-    assert any("transposed convolution weight ('up.weight')" in str(n) for n in notes), notes
-    fresh = _Convs()
-    codec.load_into(fresh, tmp_path / "c.jwt")
-    with torch.no_grad():
-        ref, got = model(x), fresh(x)
-    assert float((got - ref).pow(2).sum() / ref.pow(2).sum()) < 0.01
+    runs = {}
+    for key, under, repair in (("default", False, True), ("switch", True, True), ("no repair", False, False)):
+        monkeypatch.setattr(calibrate_module, "TRANSPOSED_UNDER_REPAIR", under)
+        notes = [str(n) for n in codec.save(model, tmp_path / "c.jwt", bits_per_weight=20, calibration=x,
+                                            repair=repair)]
+        assert not any("does not measure" in n or "not reached" in n for n in notes), notes
+        runs[key] = [n for n in notes if "'up.weight'" in n]
+        fresh = _Convs()
+        codec.load_into(fresh, tmp_path / "c.jwt")
+        with torch.no_grad():
+            ref, got = model(x), fresh(x)
+        assert float((got - ref).pow(2).sum() / ref.pow(2).sum()) < 0.01
+    assert len(runs["default"]) == 1 and runs["default"][0].startswith(
+        "calibration: 1 transposed convolution weight ('up.weight') coded by the data-free weighting: repair does "
+        "not fit them"), runs
+    assert len(runs["switch"]) == 1 and "transposed convolution weight ('up.weight') coded with the calibrated " \
+        "weighting, without GPTQ or refit" in runs["switch"][0], runs
+    assert runs["no repair"] == [], runs
 
 
 @pytest.mark.parametrize("make, shape", [(nn.Conv1d, (2, 3, 10)), (nn.Conv3d, (2, 3, 4, 5, 6))])
