@@ -444,8 +444,8 @@ TRANSPOSED = "conv_transpose"
 #: a coded one (refit, GPTQ) but not a transposed convolution, so the calibrated plan, which does not know that, moves
 #: bytes from the transposed layers to the ones repair would mend anyway. Measured on a denoising autoencoder (two
 #: ConvTranspose2d, 63 % of its weights; bench/JOURNAL.md, "convs (twenty-eighth pass)"): with repair, output error
-#: 0.00571 / 0.00220 measured against 0.00562 / 0.00088 data-free at -b 1.5 / 2.5; without repair 0.00341 against
-#: 0.00908 at -b 2.5.
+#: 0.00571 / 0.00220 measured against 0.00562 / 0.00088 data-free at -b 1.5 / 2.5; without repair (where they are
+#: weighed as measured) mixed: 0.02539 / 0.00341 against 0.01851 / 0.00908.
 TRANSPOSED_UNDER_REPAIR = False
 
 
