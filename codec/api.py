@@ -122,13 +122,11 @@ def calibrated(model, calibration, repair, progress, meta):
         inputs = as_batches(calibration)
         if use_repair and iter(inputs) is inputs:  # a one-shot iterator: keep its batches for repair
             inputs = list(inputs)
-        calib = calibrate(model, inputs, progress=progress)
+        # (a repaired save's transposed convolutions: set aside, not measured; their note: calibration_notes)
+        calib = calibrate(model, inputs, progress=progress,
+                          transposed=not use_repair or calibrate_module.TRANSPOSED_UNDER_REPAIR)
         if not use_repair:
             inputs = None
-        elif not calibrate_module.TRANSPOSED_UNDER_REPAIR:  # (their note: calibration_notes)
-            calib.set_aside = [n for n, s in calib.layers.items() if s.kind == calibrate_module.TRANSPOSED]
-            for name in calib.set_aside:
-                del calib.layers[name]
     meta["jwt.calibration"] = f"{calib.samples} inputs in {calib.batches} batches, {len(calib.layers)} layers"
     return inputs, calib
 

@@ -809,7 +809,7 @@ def _several_inputs_hint(exc: BaseException) -> str:
 
 def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = None, seed: int = 0,
               progress: Callable[[str, int], None] | None = None,
-              sensitivity_samples: int = SENSITIVITY_SAMPLES) -> Calibration:
+              sensitivity_samples: int = SENSITIVITY_SAMPLES, transposed: bool = True) -> Calibration:
     """Run ``model`` on ``inputs`` and collect per-layer statistics (see the module docstring).
 
     ``inputs``: an iterable of batches (tensors, numpy arrays, or mappings
@@ -823,6 +823,8 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     :data:`codec.rd.output_sample.WIDE_OUTPUT` on its last axis compared on
     that many positions of it, drawn from ``seed``). ``progress(stage, n)``
     is called with ``"calibration"`` and each batch's number of inputs.
+    ``transposed`` False: the transposed convolutions are not measured (their names in ``set_aside``: a repaired
+    save's, :data:`TRANSPOSED_UNDER_REPAIR`).
 
     A bad batch (not a tensor, empty, NaN/Inf, refused by the model) is a
     one-line ValueError naming it; the first batch is checked before any
@@ -840,10 +842,13 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
     layers = _layers(model)
+    set_aside = [] if transposed else [n for n, m in layers.items() if layer_kind(m) == TRANSPOSED]
+    for name in set_aside:
+        del layers[name]
     experts, routers = moe_modules(model)
     recurrent = recurrent_modules(model)
     attention = attention_modules(model)
-    if not layers and not experts and not routers and not recurrent and not attention:
+    if not layers and not set_aside and not experts and not routers and not recurrent and not attention:
         raise ValueError("calibration: the model has no Linear, Conv1d / 2d / 3d, ConvTranspose, Conv1D, Embedding, "
                          "EmbeddingBag, RNN, GRU, LSTM or MultiheadAttention layer with a weight to calibrate")
     full_bytes = 0
@@ -981,7 +986,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     unmoved[:] = [k for k in unmoved if k not in blocks]
     unmoved += [k[:-3] for k in blocks if k.endswith("[q]") and {k[:-3] + "[k]", k[:-3] + "[v]"} <= set(blocks)]
     _tie_heads(layers, out)
-    return Calibration(out, samples, count, seed, notes, compared, unmoved)
+    return Calibration(out, samples, count, seed, notes, compared, unmoved, set_aside)
 
 
 #: How an expert that no calibration token was routed to is weighed: "mean" (the mean of its module's reached
