@@ -137,8 +137,10 @@ def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], 
     axes it has no statistics for (a layer kind it does not measure, or not reached by its inputs), coded by the
     data-free weighting (:func:`codec.rd.calibrate.uncalibrated`); and, when repair runs, the transformers Conv1D
     weights and transposed convolutions it codes without GPTQ or refit (repair's are for nn.Linear and
-    nn.Conv1d / 2d / 3d). ``renames``: the model's name of a stored tensor where it differs
-    (:func:`codec.encode.save`'s ``model_names``); notes use the model's."""
+    nn.Conv1d / 2d / 3d); the transposed convolutions a repaired save set aside (``calib.set_aside``:
+    :data:`codec.rd.calibrate.TRANSPOSED_UNDER_REPAIR` off) are named in a note of their own. ``renames``: the
+    model's name of a stored tensor where it differs (:func:`codec.encode.save`'s ``model_names``); notes use the
+    model's."""
     from .rd.calibrate import TRANSPOSED, uncalibrated
     from .rd.recurrent import recurrent_matrix
 
