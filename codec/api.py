@@ -108,6 +108,7 @@ def _storage_key(t: torch.Tensor) -> tuple:
 
 def calibrated(model, calibration, repair, progress, meta):
     """``(inputs kept for repair or None, Calibration)`` for :func:`save`'s ``calibration`` (not None)."""
+    from .rd import calibrate as calibrate_module
     from .rd.calibrate import Calibration, as_batches, calibrate
 
     if isinstance(calibration, Calibration):
@@ -121,7 +122,9 @@ def calibrated(model, calibration, repair, progress, meta):
         inputs = as_batches(calibration)
         if use_repair and iter(inputs) is inputs:  # a one-shot iterator: keep its batches for repair
             inputs = list(inputs)
-        calib = calibrate(model, inputs, progress=progress)
+        # (a repaired save's transposed convolutions: set aside, not measured; their note: calibration_notes)
+        calib = calibrate(model, inputs, progress=progress,
+                          transposed=not use_repair or calibrate_module.TRANSPOSED_UNDER_REPAIR)
         if not use_repair:
             inputs = None
     meta["jwt.calibration"] = f"{calib.samples} inputs in {calib.batches} batches, {len(calib.layers)} layers"
@@ -133,18 +136,28 @@ def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], 
     """:func:`save`'s notes on what calibration ``calib`` does not weigh: the stored floating tensors of two or more
     axes it has no statistics for (a layer kind it does not measure, or not reached by its inputs), coded by the
     data-free weighting (:func:`codec.rd.calibrate.uncalibrated`); and, when repair runs, the transformers Conv1D
-    weights it codes without GPTQ or refit (repair's are for nn.Linear and nn.Conv2d). ``renames``: the model's
-    name of a stored tensor where it differs (:func:`codec.encode.save`'s ``model_names``); notes use the model's."""
-    from .rd.calibrate import uncalibrated
+    weights and transposed convolutions it codes without GPTQ or refit (repair's are for nn.Linear and
+    nn.Conv1d / 2d / 3d); the transposed convolutions a repaired save set aside (``calib.set_aside``:
+    :data:`codec.rd.calibrate.TRANSPOSED_UNDER_REPAIR` off) are named in a note of their own. ``renames``: the
+    model's name of a stored tensor where it differs (:func:`codec.encode.save`'s ``model_names``); notes use the
+    model's."""
+    from .rd.calibrate import TRANSPOSED, uncalibrated
     from .rd.recurrent import recurrent_matrix
 
     renames = renames or {}
     names = [renames.get(n, n) for n in arrays if n not in aliases and len(arrays.shape(n)) >= 2
              and math.prod(arrays.shape(n)) and get_dtype(arrays.dtype_name(n)).floating]
     notes = []
-    note = uncalibrated(model, calib, names)
+    aside = set(calib.set_aside)
+    note = uncalibrated(model, calib, [n for n in names if n not in aside])
     if note:
         notes.append(Note(note))
+    if aside:
+        listed = [n for n in names if n in aside]
+        notes.append(Note(f"calibration: {len(listed)} transposed convolution weight{'s' * (len(listed) != 1)} "
+                          f"({_listed(listed)}) coded by the data-free weighting: repair does not fit them, and "
+                          "weighed by their measured output error they lost to it with repair "
+                          "(codec.rd.calibrate.TRANSPOSED_UNDER_REPAIR; repair=False weighs them as measured)"))
     unmoved = set(calib.unmoved)
     still = [n for n in names if n in unmoved]
     if still:  # weights no floating output uses: the search spends (almost) nothing on them
@@ -155,12 +168,14 @@ def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], 
     if repairing:  # weights calibrated as layers that repair does not fit
         conv1d = [n for n in names if n in calib.layers and calib.layers[n].kind == "conv1d"]
         recurrent = [n for n in names if n in calib.layers and recurrent_matrix(model, n)]
+        transposed = [n for n in names if n in calib.layers and calib.layers[n].kind == TRANSPOSED]
         for listed, what in ((conv1d, ("transformers Conv1D weight", "transformers Conv1D weights")),
-                             (recurrent, ("recurrent matrix", "recurrent matrices"))):
+                             (recurrent, ("recurrent matrix", "recurrent matrices")),
+                             (transposed, ("transposed convolution weight", "transposed convolution weights"))):
             if listed:
                 notes.append(Note(f"repair: {len(listed)} {what[len(listed) != 1]} ({_listed(listed)}) coded with "
                                   "the calibrated weighting, without GPTQ or refit (repair's are for nn.Linear and "
-                                  "nn.Conv2d)"))
+                                  "nn.Conv1d / 2d / 3d)"))
     return notes
 
 

@@ -922,13 +922,14 @@ def test_a_tied_embedding_is_weighed_as_the_output_head_and_stored_once(tmp_path
 
 
 class _Unmeasured(nn.Module):
-    """A GRU (measured), a transposed convolution and a layer the inputs never reach beside measured Linear layers."""
+    """A GRU (measured), a bilinear layer (a kind calibration does not measure) and a layer the inputs never reach
+    beside measured Linear layers."""
 
     def __init__(self):
         super().__init__()
         self.embed = nn.Linear(8, 64)
         self.gru = nn.GRU(64, 64, batch_first=True)
-        self.up = nn.ConvTranspose2d(16, 16, 3)
+        self.up = nn.Bilinear(16, 16, 16)
         self.head = nn.Linear(64, 10)
         self.aux = nn.Linear(64, 64)
 
@@ -938,7 +939,7 @@ class _Unmeasured(nn.Module):
 
 
 def test_a_calibrated_save_names_the_tensors_it_codes_data_free(tmp_path):
-    """Layer kinds calibration does not measure (ConvTranspose2d) and layers the inputs never reach: one note
+    """Layer kinds calibration does not measure (Bilinear) and layers the inputs never reach: one note
     naming them and saying they are coded by the data-free weighting; the measured ones (the GRU's too) are not
     named."""
     torch.manual_seed(0)
@@ -950,7 +951,7 @@ def test_a_calibrated_save_names_the_tensors_it_codes_data_free(tmp_path):
     assert isinstance(note, codec.Note) and "data-free weighting" in note
     for name in ("up.weight", "aux.weight"):
         assert repr(name) in note
-    assert "ConvTranspose2d" in note and "not reached" in note
+    assert "Bilinear" in note and "not reached" in note
     assert "'embed.weight'" not in note and "'head.weight'" not in note and "gru" not in note.lower()
     model.load_state_dict(codec.load(tmp_path / "u.jwt"))
     # a model calibration measures whole: no such note

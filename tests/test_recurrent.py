@@ -272,14 +272,14 @@ def test_a_calibrated_save_of_a_gru_beats_the_data_free_one_at_equal_size(tmp_pa
 
 
 def test_a_repaired_save_codes_the_recurrent_matrices_as_planned_and_says_so(tmp_path):
-    """Repair (GPTQ and refit for nn.Linear / nn.Conv2d) codes the GRU's matrices with the calibrated weighting
+    """Repair (GPTQ and refit for nn.Linear / nn.ConvNd) codes the GRU's matrices with the calibrated weighting
     alone, says so in one note, and the file stays within its budget and decodes close to the model."""
     model, calib_x, test_x = _trained_gru()
     notes = codec.save(model, tmp_path / "r.jwt", bits_per_weight=3, calibration=calib_x)
     said = [str(n) for n in notes if "recurrent" in str(n)]
     assert said == ["repair: 4 recurrent matrices ('gru.weight_ih_l0', 'gru.weight_hh_l0', 'gru.weight_ih_l1', "
                     "'gru.weight_hh_l1') coded with the calibrated weighting, without GPTQ or refit (repair's are for "
-                    "nn.Linear and nn.Conv2d)"], notes
+                    "nn.Linear and nn.Conv1d / 2d / 3d)"], notes
     assert not any(str(n).startswith("calibration:") for n in notes), notes
     weights = sum(p.numel() for p in model.parameters())
     assert 8 * (tmp_path / "r.jwt").stat().st_size / weights <= 3

@@ -300,6 +300,12 @@ class Weighting:
     weights (``rows``, or None for equal rows: e.g. a following
     BatchNorm's squared scale). The allocation distortion is that times
     ``scale``, the layer's measured sensitivity of the model's output.
+
+    ``transposed`` (a transposed convolution's groups): the tensor is such a
+    layer's weight ``[in, out/groups, *kernel]``, whose output error is that
+    of the matrix ``[out, in/groups * prod(kernel)]`` with ``H`` over its
+    columns (:func:`codec.rd.calibrate.transposed_matrix`): scored in that
+    view, a whole tensor at once (its rows couple every stored row of a group).
     """
 
     h: np.ndarray | None = None
@@ -309,11 +315,17 @@ class Weighting:
     #: per-row energies by ``rows`` instead of measuring plain output space (a weight_norm layer's ``v`` in the
     #: input layer: its rows' factors and the prior both; :func:`stored_weightings`).
     prior: bool = False
+    transposed: int | None = None
 
     def fits(self, shape: tuple[int, ...]) -> bool:
         """Whether this weighting applies to a tensor of ``shape``."""
         if len(shape) < 2:
             return False
+        if self.transposed is not None:
+            groups = self.transposed
+            cols = shape[0] // groups * math.prod(shape[2:])
+            return (len(shape) >= 3 and shape[0] % groups == 0 and self.h is not None and self.h.shape[0] == cols
+                    and (self.rows is None or len(self.rows) == shape[1] * groups))
         cols = math.prod(shape[1:])
         return ((self.h is None or self.h.shape[0] == cols) and (self.rows is None or len(self.rows) == shape[0]))
 
@@ -323,11 +335,19 @@ class Weighting:
 
     def banded(self) -> Callable[[np.ndarray, int], float]:
         """:meth:`energy` of bands of one tensor's rows, ``f(band, first row)``, whose terms sum to the whole's.
-        A full ``H`` is made float32 once for all bands (not per band, nor kept: it is calibration's size)."""
+        A full ``H`` is made float32 once for all bands (not per band, nor kept: it is calibration's size).
+        ``transposed``: one band, the whole tensor's ``[in, rest]`` view."""
         if self.h is not None and self.h.ndim == 2:  # float32 product: the measure needs 3 digits, not 15
             h32 = (self.h.unpacked() if isinstance(self.h, PackedSymmetric) else self.h).astype(np.float32, copy=False)
 
         def energy(matrix: np.ndarray, first_row: int) -> float:
+            if self.transposed is not None:
+                if first_row != 0:
+                    raise ValueError("a transposed convolution's weighting scores the whole tensor at once")
+                groups, c_in = self.transposed, matrix.shape[0]
+                kernel = self.h.shape[0] * groups // c_in
+                matrix = np.ascontiguousarray(matrix.reshape(groups, c_in // groups, -1, kernel).transpose(
+                    0, 2, 1, 3).reshape(-1, self.h.shape[0]))
             if self.h is None:
                 per_row = np.einsum("ij,ij->i", matrix, matrix)
             elif self.h.ndim == 1:
@@ -485,7 +505,7 @@ class Distortion:
         ref = reference.reshape(count, -1)
         dec = (lambda i0, i1, whole=decoded.reshape(count, -1): whole[i0:i1]) if isinstance(decoded, np.ndarray) \
             else decoded
-        step = max(1, MEASURE_BAND // max(1, ref.shape[1]))
+        step = max(1, MEASURE_BAND // max(1, ref.shape[1])) if w is None or w.transposed is None else count
         w_energy = self._reference.get(name) if w is not None else None
         known = w_energy is not None
         err = w_err = 0.0
@@ -639,7 +659,9 @@ def merge_weightings(norms: Mapping[str, Weighting], calibrated: Mapping[str, We
     out = {**norms, **calibrated}
     for name, norm in norms.items():
         calib = calibrated.get(name)
-        if calib is None or calib.rows is not None:  # an embedding's rows are calibration's own
+        # an embedding's rows are calibration's own; a transposed convolution's rows (output channels) are not the
+        # stored tensor's first axis, which a norm's weighting was matched to
+        if calib is None or calib.rows is not None or calib.transposed is not None:
             continue
         rows = norm.rows / norm.rows.mean()
         matrix = get(name).reshape(len(rows), -1)

@@ -6,13 +6,21 @@ is enough -- and collects, through forward hooks, what the rate search
 needs to score a candidate by the error it causes in the model's output
 instead of in the weights:
 
-- for every ``nn.Linear`` and ``nn.Conv2d``, the second moment of the
-  layer's inputs ``H = E[x x^T]`` over its in-features (convolutions:
-  im2col columns, in the order of ``weight.reshape(out, -1)``), so that a
+- for every ``nn.Linear`` and ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``,
+  the second moment of the layer's inputs ``H = E[x x^T]`` over its
+  in-features (convolutions: im2col columns, in the order of
+  ``weight.reshape(out, -1)``, :func:`conv_rows`; groups pooled, each
+  group's columns rows of their own, as for ``nn.Conv2d``), so that a
   weight error ``dW`` changes the layer's output by
   ``tr(dW H dW^T)`` on average; a diagonal where the full matrix would be
   too large (:data:`FULL_H_MAX` features, :data:`FULL_H_BYTES` in all);
   ``E[x]`` (for bias correction) and the number of rows seen;
+- for every ``nn.ConvTranspose1d`` / ``2d`` / ``3d``, the same over the
+  inputs each output position reads (:func:`transposed_rows`), which weigh
+  the weight's matrix view ``[out, in/groups * prod(kernel)]``
+  (:func:`transposed_matrix`; :class:`codec.rd.allocate.Weighting`'s
+  ``transposed``); repair codes these weights with it, without refit or
+  GPTQ;
 - for every Hugging Face ``Conv1D`` (``transformers.pytorch_utils``:
   GPT-2's layers, weight stored ``(in, out)``, ``y = x W + b``), the
   diagonal of its inputs' second moment, which weighs the weight's *rows*
@@ -61,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import math
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -114,7 +123,8 @@ Batch = torch.Tensor | Mapping[str, torch.Tensor]
 class LayerStats:
     """What calibration learned about one weight tensor's layer."""
 
-    kind: str  # "linear", "conv2d", "conv1d" (transformers' Conv1D: h weighs the rows), "embedding", "embedding_bag"
+    kind: str  # "linear", "conv2d", "conv1d_nn", "conv3d", "conv_transpose", "conv1d" (transformers' Conv1D: h weighs
+    #           the rows), "embedding", "embedding_bag"
     h: np.ndarray  # (C, C) float32 or diagonal (C,) second moment of the inputs; embedding: (V,) lookup counts;
     #              embedding_bag: (V,) each row's squared coefficients in the bags, summed (:func:`bag_shares`)
     mean: np.ndarray | None  # E[x] over the in-features (None for an embedding)
@@ -124,6 +134,8 @@ class LayerStats:
     #: kind "embedding_bag": the factor that makes the weighting's relative error (rows mixed as an embedding's) the
     #: bags' relative output error, which the sensitivity is per unit of: ``sum(R |W_r|^2) sum(h) / sum |Y_b|^2``
     gain: float = 1.0
+    #: kind "conv_transpose": the layer's groups (its weighting scores :func:`transposed_matrix`'s view)
+    groups: int | None = None
 
     @property
     def diagonal(self) -> bool:
@@ -145,7 +157,7 @@ class LayerStats:
             return Weighting(rows=self.h, scale=self.sensitivity)
         # a whole 3D experts parameter: per-expert rows, one diagonal over the columns; an attention's in_proj_weight:
         # per-block rows (codec.rd.attention); any other: rows None
-        return Weighting(h=self.h, rows=self.rows, scale=self.sensitivity)
+        return Weighting(h=self.h, rows=self.rows, scale=self.sensitivity, transposed=self.groups)
 
 
 def mixed_rows(counts: np.ndarray) -> np.ndarray:
@@ -173,6 +185,8 @@ class Calibration:
     notes: list[str] = field(default_factory=list)
     output: str = "the model's output"  # what the sensitivity passes compared (:func:`compared_output`)
     unmoved: list[str] = field(default_factory=list)  # layers whose noise left those outputs exactly as they were
+    #: transposed convolutions measured and left out for a repaired save (:data:`TRANSPOSED_UNDER_REPAIR`)
+    set_aside: list[str] = field(default_factory=list)
 
     def weightings(self, names: Mapping[str, str] | None = None) -> dict[str, Weighting]:
         """The allocator's output-space weighting of every calibrated tensor, by its stored name. ``names``: the
@@ -420,15 +434,39 @@ def _conv1d_type() -> type | None:
     return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
 
 
+#: The kinds of torch's convolutions (``nn.Conv1d`` is ``"conv1d_nn"``: ``"conv1d"`` is transformers' Conv1D, a
+#: linear layer), by :func:`layer_kind`; their weights ``[out, in/groups, *kernel]`` are rows over im2col columns.
+CONV_KINDS = ("conv1d_nn", "conv2d", "conv3d")
+#: The kind of ``nn.ConvTranspose1d / 2d / 3d``: weight ``[in, out/groups, *kernel]``, whose matrix view is
+#: :func:`transposed_matrix` (each output channel a row over the ``in/groups * kernel`` inputs that reach it).
+TRANSPOSED = "conv_transpose"
+#: Whether a calibrated save that repairs weighs the transposed convolutions by their measured statistics (else by the
+#: data-free weighting, as before they were measured; without repair they always are). Repair fits the layers after
+#: a coded one (refit, GPTQ) but not a transposed convolution, so the calibrated plan, which does not know that, moves
+#: bytes from the transposed layers to the ones repair would mend anyway. Measured on a denoising autoencoder (two
+#: ConvTranspose2d, 63 % of its weights; bench/JOURNAL.md, "convs (twenty-eighth pass)"): with repair, output error
+#: 0.00571 / 0.00220 measured against 0.00562 / 0.00088 data-free at -b 1.5 / 2.5; without repair (where they are
+#: weighed as measured) mixed: 0.02539 / 0.00341 against 0.01851 / 0.00908.
+TRANSPOSED_UNDER_REPAIR = False
+
+
 def layer_kind(module: nn.Module) -> str | None:
-    """``"embedding"``, ``"embedding_bag"``, ``"conv2d"``, ``"linear"``, ``"conv1d"`` (transformers' Conv1D, weight
-    ``(in, out)``) for the layers calibration measures, None for the others."""
+    """``"embedding"``, ``"embedding_bag"``, ``"conv2d"``, ``"conv1d_nn"`` / ``"conv3d"`` (torch's ``nn.Conv1d`` /
+    ``nn.Conv3d``), ``"conv_transpose"`` (:data:`TRANSPOSED`: ``nn.ConvTranspose1d / 2d / 3d``), ``"linear"``,
+    ``"conv1d"`` (transformers' Conv1D, weight ``(in, out)``) for the layers calibration measures, None for the
+    others."""
     if isinstance(module, nn.Embedding):
         return "embedding"
     if isinstance(module, nn.EmbeddingBag):
         return "embedding_bag"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
+    if isinstance(module, nn.Conv1d):
+        return "conv1d_nn"
+    if isinstance(module, nn.Conv3d):
+        return "conv3d"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return TRANSPOSED
     if isinstance(module, nn.Linear):
         return "linear"
     conv1d = _conv1d_type()
@@ -543,9 +581,15 @@ class _Collector:
             counts = torch.bincount(ids.reshape(-1).long(), minlength=module.num_embeddings).double()
             self.h = counts if self.h is None else self.h + counts
             self.rows += ids.numel()
-        elif self.kind == "conv2d":
+        elif self.kind in CONV_KINDS:
             for cols in conv_rows(module, x, UNFOLD_BYTES // 2):  # float32 columns and their product
                 self._add(cols)
+        elif self.kind == TRANSPOSED:
+            size = args[1] if len(args) > 1 else None  # forward(input, output_size)
+            width = _columns(module)
+            for columns, cols in transposed_rows(module, x, output.shape[-len(module.kernel_size):]
+                                                 if size is not None else None, UNFOLD_BYTES // 2):
+                add_moments_at(self, cols, columns, width)
         else:
             self._add(self._tokens(x, x.shape[:-1]).reshape(-1, x.shape[-1]))
 
@@ -568,7 +612,9 @@ class _Collector:
             return LayerStats("embedding", self.h.cpu().numpy(), None, self.rows)
         # divided in place: a second copy of every H at once was calibration's peak (MiniLM: 148 MB more)
         h, self.h = self.h.div_(self.rows), None
-        return LayerStats(self.kind, h.cpu().numpy(), (self.sum / self.rows).cpu().numpy(), self.rows)
+        groups = self.module.groups if self.kind == TRANSPOSED else None
+        return LayerStats(self.kind, h.cpu().numpy(), (self.sum / self.rows).cpu().numpy(), self.rows,
+                          groups=groups)
 
 
 class _BagCollector(_Collector):
@@ -605,22 +651,130 @@ class _BagCollector(_Collector):
         return LayerStats("embedding_bag", shares, None, self.rows, gain=gain)
 
 
-def conv_rows(module: nn.Conv2d, x: torch.Tensor, max_bytes: int):
-    """The im2col columns ``(rows, C/groups * kh * kw)`` of a conv input ``x``, a few samples at a time: at most
-    ``max_bytes`` of columns (at least one sample) per chunk, the whole batch in one when it fits. Groups: each
-    group's columns are rows of their own. Calibration and repair (:mod:`codec.rd.repair`) collect with it."""
+def conv_rows(module: nn.modules.conv._ConvNd, x: torch.Tensor, max_bytes: int):
+    """The im2col columns ``(rows, C/groups * prod(kernel))`` of a conv input ``x`` (``nn.Conv1d``, ``nn.Conv2d``,
+    ``nn.Conv3d``), a few samples at a time: at most ``max_bytes`` of columns (at least one sample) per chunk, the
+    whole batch in one when it fits. Groups: each group's columns are rows of their own. The columns are in the order
+    of ``weight.reshape(out, -1)``. Any padding mode and string padding (padded here as the module pads), stride and
+    dilation. Calibration and repair (:mod:`codec.rd.repair`) collect with it."""
     m = module
     padding = m.padding
-    if isinstance(padding, str) or m.padding_mode != "zeros":
+    flat = x.dim() == len(m.kernel_size) + 1  # an unbatched input (C, *spatial)
+    x = x.unsqueeze(0) if flat else x
+    if m.padding_mode != "zeros" or isinstance(padding, str) or not isinstance(m, nn.Conv2d):
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
         x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
         padding = 0
     per_sample = x[0].numel() * math.prod(m.kernel_size) * x.element_size()
     step = max(1, max_bytes // max(per_sample, 1))
     for i in range(0, x.shape[0], step):
-        cols = F.unfold(x[i:i + step], m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
-        n, ck, length = cols.shape
-        yield cols.reshape(n, m.groups, ck // m.groups, length).permute(0, 1, 3, 2).reshape(-1, ck // m.groups)
+        if isinstance(m, nn.Conv2d):  # (F.unfold: the rows Conv2d always had, in their order)
+            cols = F.unfold(x[i:i + step], m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+            n, ck, length = cols.shape
+            yield cols.reshape(n, m.groups, ck // m.groups, length).permute(0, 1, 3, 2).reshape(-1, ck // m.groups)
+        else:
+            yield _patches(x[i:i + step], m.kernel_size, m.dilation, m.stride, m.groups)
+
+
+def _patches(x: torch.Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...], stride: tuple[int, ...],
+             groups: int) -> torch.Tensor:
+    """The patches of a padded input ``x`` (N, C, *spatial), any number of spatial dims, as rows
+    ``(N * positions * groups, C/groups * prod(kernel))``, columns ordered ``(channel, *kernel)`` as a conv weight
+    ``[out, C/groups, *kernel]`` reshaped to ``[out, -1]`` (``Tensor.unfold`` over each spatial dim: exact)."""
+    d = len(kernel)
+    for axis, (k, dil, s) in enumerate(zip(kernel, dilation, stride)):
+        x = x.unfold(2 + axis, dil * (k - 1) + 1, s)  # appends the window's axis
+        if dil > 1:
+            x = x[..., ::dil]
+    n, c = x.shape[:2]
+    positions = x.shape[2:2 + d]
+    # (N, C, *positions, *kernel) -> (N, *positions, groups, C/groups, *kernel)
+    x = x.reshape(n, groups, c // groups, *positions, *kernel)
+    order = [0, *range(3, 3 + d), 1, 2, *range(3 + d, 3 + 2 * d)]
+    return x.permute(order).reshape(-1, c // groups * math.prod(kernel))
+
+
+def transposed_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A transposed convolution's weight ``[in, out/groups, *kernel]`` as the matrix ``[out, in/groups *
+    prod(kernel)]`` whose row ``o`` maps the inputs that reach output channel ``o`` (:func:`transposed_rows`'
+    columns): ``y[o, q] = sum_{c, k} x[c, p(q, k)] W[c, o, k]`` is that row times the column of position ``q``."""
+    c_in, per_group = weight.shape[:2]
+    kernel = weight.shape[2:]
+    w = weight.reshape(groups, c_in // groups, per_group, math.prod(kernel))
+    return w.permute(0, 2, 1, 3).reshape(groups * per_group, -1)
+
+
+def transposed_rows(module: nn.modules.conv._ConvTransposeNd, x: torch.Tensor, size: Sequence[int] | None,
+                    max_bytes: int):
+    """The inputs a transposed convolution's output positions read, as ``(columns, rows)`` pairs: ``rows`` of the
+    positions of one phase (their index modulo the stride) over the ``columns`` (indices into the ``in/groups *
+    prod(kernel)`` columns of :func:`transposed_matrix`) that phase's kernel taps reach; every other column of those
+    rows is zero. A few samples at a time (as :func:`conv_rows`). The output error of a weight error ``dW`` is
+    ``sum |rows @ transposed_matrix(dW)[:, columns]^T|^2`` over the pairs, exactly.
+
+    A transposed convolution is the convolution of the input spread ``stride`` apart (zeros between) and padded
+    ``dilation * (kernel - 1) - padding`` on each side (``output_padding`` more at the end), by the kernel flipped:
+    the patches of that input, their kernel axes flipped back. Of a patch, only the taps that land on the input's own
+    positions (not the zeros between) are non-zero, and which ones depends on the position's phase: taking each phase's
+    positions and taps alone, the rows take ``1 / prod(stride)`` of the patches' values and their moments
+    ``1 / prod(stride)^2`` of the products (a 4 x 4, stride-2 ConvTranspose2d over 64 channels: 256 columns a
+    phase, not 1,024). ``size``: the output's spatial size where ``forward`` was given ``output_size`` (else the
+    module's ``output_padding``)."""
+    m = module
+    d = len(m.kernel_size)
+    x = x.unsqueeze(0) if x.dim() == d + 1 else x  # (an unbatched input)
+    extra = (m._output_padding(x, list(size), m.stride, m.padding, m.kernel_size, d, m.dilation)
+             if size is not None else m.output_padding)
+    edges = [m.dilation[a] * (m.kernel_size[a] - 1) - m.padding[a] for a in range(d)]
+    pads: list[int] = []
+    for axis in reversed(range(d)):  # F.pad: the last axis first; a negative pad crops
+        pads += [edges[axis], edges[axis] + extra[axis]]
+    c = x.shape[1]
+    index = torch.arange(c // m.groups * math.prod(m.kernel_size)).reshape(c // m.groups, *m.kernel_size)
+    phases = []
+    for phase in itertools.product(*[range(st) for st in m.stride]):
+        # original tap k reads the spread input at phase + stride * t + (kernel - 1 - k) * dilation - edge
+        taps = [torch.tensor([k for k in range(m.kernel_size[a])
+                              if (phase[a] + (m.kernel_size[a] - 1 - k) * m.dilation[a] - edges[a]) % m.stride[a] == 0],
+                             dtype=torch.long) for a in range(d)]
+        if all(len(t) for t in taps):
+            columns = index
+            for a, t in enumerate(taps):
+                columns = columns.index_select(1 + a, t)
+            phases.append((phase, taps, columns.reshape(-1).to(x.device)))
+    reach = [m.dilation[a] * (m.kernel_size[a] - 1) + 1 for a in range(d)]
+    per_sample = x[0].numel() * math.prod(m.kernel_size) * x.element_size()
+    step = max(1, max_bytes // max(per_sample, 1))
+    for i in range(0, x.shape[0], step):
+        part = x[i:i + step]
+        spread = part.new_zeros((part.shape[0], c, *[(n - 1) * st + 1 for n, st in zip(part.shape[2:], m.stride)]))
+        spread[(slice(None), slice(None), *[slice(None, None, st) for st in m.stride])] = part
+        padded = F.pad(spread, pads)
+        for phase, taps, columns in phases:
+            if any(padded.shape[2 + a] - phase[a] < reach[a] for a in range(d)):
+                continue  # (no output position of this phase)
+            view = padded[(slice(None), slice(None), *[slice(p, None) for p in phase])]
+            rows = _patches(view, m.kernel_size, m.dilation, m.stride, m.groups)
+            rows = rows.reshape(-1, c // m.groups, *m.kernel_size).flip(list(range(2, 2 + d)))
+            for a, t in enumerate(taps):
+                rows = rows.index_select(2 + a, t.to(rows.device))
+            yield columns, rows.reshape(len(rows), -1)
+
+
+def add_moments_at(acc, x: torch.Tensor, columns: torch.Tensor, width: int) -> None:
+    """:func:`add_moments` of rows ``x`` that are zero outside ``columns`` (of ``width`` in all), given as those
+    columns only: their products added to that block of ``acc.h`` (or of its diagonal), their sums to ``acc.sum``."""
+    x = x.detach().float()
+    if acc.h is None:
+        acc.h = (x.new_zeros((width, width)) if acc.full
+                 else torch.zeros(width, dtype=torch.float64, device=x.device))
+        acc.sum = torch.zeros(width, dtype=torch.float64, device=x.device)
+    if acc.full:
+        acc.h[columns.unsqueeze(1), columns] += x.T @ x
+    else:
+        acc.h[columns] += (x * x).sum(0).double()
+    acc.sum[columns] += x.sum(0).double()
+    acc.rows += x.shape[0]
 
 
 def _computed_weight(model: nn.Module, name: str) -> tuple[bool, str]:
@@ -640,8 +794,8 @@ def _computed_weight(model: nn.Module, name: str) -> tuple[bool, str]:
 
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Weight name -> module, for the Linear, Conv2d, Embedding, EmbeddingBag and transformers Conv1D layers whose
-    weight is in the state_dict."""
+    """Weight name -> module, for the Linear, convolution (1d / 2d / 3d, transposed too), Embedding, EmbeddingBag
+    and transformers Conv1D layers whose weight is in the state_dict."""
     keys = set(model.state_dict().keys())
     attention = attention_out_proj(model)  # (Linears their attention module never calls: codec.rd.attention's)
     out = {}
@@ -655,6 +809,15 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def _columns(module: nn.Module) -> int:
+    """The columns of a layer's ``H`` (in-features, im2col columns; a transposed convolution's
+    ``in/groups * prod(kernel)``), 0 for the kinds that keep no full ``H``."""
+    kind = layer_kind(module)
+    if kind == TRANSPOSED:
+        return module.weight.shape[0] // module.groups * math.prod(module.kernel_size)
+    return module.weight[0].numel() if kind == "linear" or kind in CONV_KINDS else 0
+
+
 def _several_inputs_hint(exc: BaseException) -> str:
     """What to do when a model of several positional inputs got one: a tuple batch is ``(inputs, *targets)``."""
     if isinstance(exc, TypeError) and "missing" in str(exc) and "positional argument" in str(exc):
@@ -665,7 +828,7 @@ def _several_inputs_hint(exc: BaseException) -> str:
 
 def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = None, seed: int = 0,
               progress: Callable[[str, int], None] | None = None,
-              sensitivity_samples: int = SENSITIVITY_SAMPLES) -> Calibration:
+              sensitivity_samples: int = SENSITIVITY_SAMPLES, transposed: bool = True) -> Calibration:
     """Run ``model`` on ``inputs`` and collect per-layer statistics (see the module docstring).
 
     ``inputs``: an iterable of batches (tensors, numpy arrays, or mappings
@@ -679,6 +842,8 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     :data:`codec.rd.output_sample.WIDE_OUTPUT` on its last axis compared on
     that many positions of it, drawn from ``seed``). ``progress(stage, n)``
     is called with ``"calibration"`` and each batch's number of inputs.
+    ``transposed`` False: the transposed convolutions are not measured (their names in ``set_aside``: a repaired
+    save's, :data:`TRANSPOSED_UNDER_REPAIR`).
 
     A bad batch (not a tensor, empty, NaN/Inf, refused by the model) is a
     one-line ValueError naming it; the first batch is checked before any
@@ -696,12 +861,15 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
     layers = _layers(model)
+    set_aside = [] if transposed else [n for n, m in layers.items() if layer_kind(m) == TRANSPOSED]
+    for name in set_aside:
+        del layers[name]
     experts, routers = moe_modules(model)
     recurrent = recurrent_modules(model)
     attention = attention_modules(model)
-    if not layers and not experts and not routers and not recurrent and not attention:
-        raise ValueError("calibration: the model has no Linear, Conv2d, Conv1D, Embedding, EmbeddingBag, RNN, GRU, "
-                         "LSTM or MultiheadAttention layer with a weight to calibrate")
+    if not layers and not set_aside and not experts and not routers and not recurrent and not attention:
+        raise ValueError("calibration: the model has no Linear, Conv1d / 2d / 3d, ConvTranspose, Conv1D, Embedding, "
+                         "EmbeddingBag, RNN, GRU, LSTM or MultiheadAttention layer with a weight to calibrate")
     full_bytes = 0
 
     def full_h(cols: int, count: int = 1) -> bool:
@@ -712,7 +880,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
 
     collectors = {}
     for name, module in layers.items():
-        cols = module.weight[0].numel() if layer_kind(module) in ("linear", "conv2d") else 0
+        cols = _columns(module)
         kind = _BagCollector if layer_kind(module) == "embedding_bag" else _Collector
         collectors[name] = kind(module, full_h(cols))
     moe_collectors: dict = {name: FlatCollector(module, full_h(module.weight.shape[1]))
@@ -837,7 +1005,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     unmoved[:] = [k for k in unmoved if k not in blocks]
     unmoved += [k[:-3] for k in blocks if k.endswith("[q]") and {k[:-3] + "[k]", k[:-3] + "[v]"} <= set(blocks)]
     _tie_heads(layers, out)
-    return Calibration(out, samples, count, seed, notes, compared, unmoved)
+    return Calibration(out, samples, count, seed, notes, compared, unmoved, set_aside)
 
 
 #: How an expert that no calibration token was routed to is weighed: "mean" (the mean of its module's reached
@@ -975,7 +1143,7 @@ def _tie_heads(layers: dict[str, nn.Module], out: dict[str, LayerStats]) -> None
 def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> str | None:
     """A one-line note naming the tensors of ``names`` (the weights a calibrated encode codes: floating, 2-D or
     more) that ``calib`` has no statistics for, so that they are coded by the data-free weighting: layers of a kind
-    calibration does not measure (``nn.ConvTranspose2d``, ``nn.Conv1d``, an LSTM's projection ``weight_hr``, ...:
+    calibration does not measure (``nn.Bilinear``, an LSTM's projection ``weight_hr``, ...:
     by their module's class) or not reached by the calibration inputs. None if there are none."""
     names = list(names)
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -1041,12 +1209,19 @@ def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> 
 
 
 
-def _weight_error(module: nn.Module, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
-    """The change of ``module``'s output on input ``x`` when its weight changes by ``dw``."""
+def _weight_error(module: nn.Module, x: torch.Tensor, dw: torch.Tensor, size: Sequence[int] | None = None
+                  ) -> torch.Tensor:
+    """The change of ``module``'s output on input ``x`` when its weight changes by ``dw`` (``size``: a transposed
+    convolution's output size where its forward was given ``output_size``)."""
     if isinstance(module, nn.Embedding):
         return F.embedding(x, dw, module.padding_idx)
-    if isinstance(module, nn.Conv2d):
+    if layer_kind(module) in CONV_KINDS:
         return module._conv_forward(x, dw, None)
+    if layer_kind(module) == TRANSPOSED:  # (the output size given to forward, if any: the padding that gives it)
+        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[len(module.kernel_size) - 1]
+        extra = module.output_padding if size is None else module._output_padding(
+            x, list(size), module.stride, module.padding, module.kernel_size, len(module.kernel_size), module.dilation)
+        return fn(x, dw, None, module.stride, module.padding, extra, module.groups, module.dilation)
     if layer_kind(module) == "conv1d":  # transformers' Conv1D: y = x W + b, W (in, out)
         return x @ dw
     return F.linear(x, dw)
@@ -1107,12 +1282,13 @@ class _Noise:
         dw *= self.scale
         return dw
 
-    def error(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The change of ``module``'s output on input ``x`` caused by ``dW`` (an EmbeddingBag: :meth:`bag_error`)."""
+    def error(self, module: nn.Module, x: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
+        """The change of ``module``'s output on input ``x`` caused by ``dW`` (an EmbeddingBag: :meth:`bag_error`;
+        ``size``: as :func:`_weight_error`'s)."""
         if isinstance(module, nn.Embedding) and self.by_rows:
             ids, inverse = torch.unique(x, sorted=True, return_inverse=True)
             return F.embedding(inverse, self.rows(ids))
-        return _weight_error(module, x, self.whole())
+        return _weight_error(module, x, self.whole(), size)
 
     def bag_error(self, module: nn.EmbeddingBag, given: Mapping, output: torch.Tensor) -> torch.Tensor:
         """The change of an EmbeddingBag's output on its call ``given`` (:func:`bag_arguments`: its bags, offsets and
@@ -1233,11 +1409,14 @@ def _sensitivity_pass(model: nn.Module, batch: Batch, clean: list[torch.Tensor],
 
         def perturbed(mod: nn.Module, args: tuple, *rest) -> torch.Tensor:  # (kwargs: an EmbeddingBag's,) output
             output = rest[-1]
+            conv = layer_kind(mod) in CONV_KINDS or layer_kind(mod) == TRANSPOSED
+            size = output.shape[-len(mod.kernel_size):] if conv and len(args) > 1 else None  # (output_size given)
             delta = (noise.bag_error(mod, bag_arguments(args, rest[0]), output)  # noqa: B023
-                     if isinstance(mod, nn.EmbeddingBag) else noise.error(mod, args[0]))  # noqa: B023
+                     if isinstance(mod, nn.EmbeddingBag) else noise.error(mod, args[0]) if size is None  # noqa: B023
+                     else noise.error(mod, args[0], size))  # noqa: B023
             signal = output
-            if getattr(mod, "bias", None) is not None:
-                signal = output - (mod.bias.view(1, -1, 1, 1) if isinstance(mod, nn.Conv2d) else mod.bias)
+            if getattr(mod, "bias", None) is not None:  # (a conv's: over its channel axis, batched or not)
+                signal = output - (mod.bias.view(-1, *[1] * len(mod.kernel_size)) if conv else mod.bias)
             caused[0] += _squared_sum(delta)  # noqa: B023
             caused[1] += _squared_sum(signal)  # noqa: B023
             return output + delta

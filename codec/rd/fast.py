@@ -827,8 +827,10 @@ def weighable(measure_by: Distortion) -> bool:
     """Whether the fast search can predict ``measure_by`` from samples: its weightings, if any, have diagonal
     ``R`` and ``H`` (what a state_dict's norms give, or calibration's diagonal second moments), or a full ``H``
     with :data:`FULL_H_FAST` (it couples all columns, which a sample of column chunks sees only within each
-    chunk: :class:`_BlockH`; the measured points correct the predictions of their family)."""
-    return FULL_H_FAST or all(w.h is None or w.h.ndim == 1 for w in measure_by.weightings.values())
+    chunk: :class:`_BlockH`; the measured points correct the predictions of their family). A transposed
+    convolution's weighting (scored in another view of the tensor, whole) is not: the exhaustive search runs."""
+    return (all(w.transposed is None for w in measure_by.weightings.values())  # (scored whole: no samples)
+            and (FULL_H_FAST or all(w.h is None or w.h.ndim == 1 for w in measure_by.weightings.values())))
 
 
 def plan_fast(

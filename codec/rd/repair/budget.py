@@ -25,7 +25,7 @@ from .. import ladder
 from ..gptq import _BAND, _diagonal
 from ..gptq import difference_error as weighted_error
 from ..rdo import applies, fit_pruned
-from .fit import _LayerFit, _is_layer_weight
+from .fit import FITTED, _LayerFit, _is_layer_weight
 from .inputs import _check_inputs, forward_order
 from .settings import RepairSettings
 from .slots import _Slot, _code, _same_bytes
@@ -58,7 +58,7 @@ def constant_growth(model: nn.Module, stored: Iterable[str], settings: RepairSet
     least-squares bias (or the shift it puts in a running mean) makes it an ordinary vector that codes at about
     its raw size. The plan priced it as it was: an untrained BERT's repaired file at ``-b 3`` ended 0.9 % over
     its budget, a small net's 3.8 %. These are the vectors the repair with ``settings`` can change: every
-    Linear / Conv2d bias and BatchNorm running mean (``bias_correction``), or, with distillation steps, every
+    Linear / ConvNd bias and BatchNorm running mean (``bias_correction``), or, with distillation steps, every
     floating parameter. ``stored``: the names that will be stored (aliases left out). Trained models' vectors
     seldom hold one value: for them this is 0."""
     settings = RepairSettings() if settings is None else settings
@@ -69,7 +69,7 @@ def constant_growth(model: nn.Module, stored: Iterable[str], settings: RepairSet
         if settings.steps or settings.final_steps:
             changeable.update((prefix + a, p) for a, p in module.named_parameters(recurse=False))
         elif settings.bias_correction:
-            if isinstance(module, (nn.Linear, nn.Conv2d)) and module.bias is not None:
+            if isinstance(module, FITTED) and module.bias is not None:
                 changeable[prefix + "bias"] = module.bias
             elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
                 changeable[prefix + "running_mean"] = module.running_mean
@@ -84,14 +84,14 @@ def constant_growth(model: nn.Module, stored: Iterable[str], settings: RepairSet
 
 def fitted_share(model: nn.Module) -> float:
     """The fraction of ``model``'s state (parameters and buffers, in elements) in the weights repair fits to the
-    layers after them, a Linear or Conv2d's (refit, GPTQ, JPEG compensation): the share of a calibrated budget
+    layers after them, a Linear or ConvNd's (refit, GPTQ, JPEG compensation): the share of a calibrated budget
     its step-ups are worth (:data:`codec.encode.REPAIR_SHARE`). A GRU's matrices are coded by plain rounding: a
     calibrated GRU at ``-b 3`` had output error 0.027 with the whole budget planned, 0.083 with 6 % left to
     repair's step-ups."""
     state = model.state_dict(keep_vars=True)
     total = sum(t.numel() for t in state.values())
     fitted = sum(m.weight.numel() for m in model.modules()
-                 if isinstance(m, (nn.Linear, nn.Conv2d)) and isinstance(m.weight, torch.Tensor))
+                 if isinstance(m, FITTED) and isinstance(m.weight, torch.Tensor))
     return min(1.0, fitted / total) if total else 0.0
 
 
@@ -99,7 +99,7 @@ def moved_growth(model: nn.Module, inputs: Iterable, options: Mapping[str, Encod
                  settings: RepairSettings | None = None) -> int:
     """:func:`constant_growth` of the vectors that repair with ``settings`` will move under the plan ``options``
     (model names): with the least-squares bias alone (no distillation steps), a vector moves only where a layer
-    before it is coded lossily and repaired: the bias of a Linear / Conv2d whose weight the plan codes lossily, or
+    before it is coded lossily and repaired: the bias of a Linear / ConvNd whose weight the plan codes lossily, or
     the running mean of the BatchNorm that follows such a layer without bias (in forward order on the first batch
     of ``inputs``, as :func:`_repair` finds it). Otherwise :func:`constant_growth` itself. A random-weight
     MobileNetV2 (314 tensors, every running mean zero) at ``-b 3``: 28,211 bytes reserved for all of them, 14,300
@@ -115,7 +115,7 @@ def moved_growth(model: nn.Module, inputs: Iterable, options: Mapping[str, Encod
     for mod_name, module in model.named_modules():
         prefix = mod_name + "." if mod_name else ""
         opts = options.get(prefix + "weight")
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or opts is None or opts.codec == "lossless":
+        if not isinstance(module, FITTED) or opts is None or opts.codec == "lossless":
             continue
         after = follower.get(id(module))
         if module.bias is not None:
@@ -203,7 +203,7 @@ def _fit_vector(vector: _Slot, planned: int, room: int, options: Mapping[str, En
 def _receiver(queue: list[_Slot], options: Mapping[str, EncodeOptions], spare: int, executor, gptq: bool = True
               ) -> tuple[_Slot | None, dict[str, int]]:
     """``(slot, planned)``: the lossy tensor that gets ``spare`` (the one with most elements, the first of equals),
-    and the planned bytes of the ``quant`` tensors coded after it that GPTQ codes (``gptq``: a Linear or Conv2d's
+    and the planned bytes of the ``quant`` tensors coded after it that GPTQ codes (``gptq``: a Linear or ConvNd's
     weight), by name: what they may grow by is kept back from it and from the step-ups before them (:func:`_held`).
     Another ``quant`` tensor (a GRU's, an embedding's) is coded by plain rounding and cannot grow: nothing is held
     for it (a calibrated GRU of quant tensors only: nothing held, where 10 % of the GRU's bytes were)."""

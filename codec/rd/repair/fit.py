@@ -1,4 +1,4 @@
-"""One Linear / Conv2d layer's least-squares fit: its input statistics in the original and the partly coded model
+"""One Linear / ConvNd layer's least-squares fit: its input statistics in the original and the partly coded model
 (:class:`_LayerFit`, collected through :mod:`.inputs`' hooks, with the held-out rows of :class:`_HeldOut`), the
 refit, the GPTQ / JPEG-compensated targets (:mod:`codec.rd.gptq`) and the least-squares bias.
 
@@ -25,16 +25,23 @@ from .settings import RepairSettings, held_out
 from .slots import _Slot, _kept_weight
 
 
+#: The layers repair fits (refit, GPTQ, JPEG compensation, the least-squares bias; "ConvNd" in the docstrings, not the
+#: transposed ones): their weight is a matrix ``weight.reshape(out, -1)`` over their input rows (im2col columns for
+#: the convolutions, :func:`_layer_rows`).
+FITTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def _has_rows(module: nn.Module) -> bool:
-    """Whether :func:`_layer_rows` can give ``module``'s inputs as rows (a Linear, or a zero-padded ungrouped Conv2d)."""
+    """Whether :func:`_layer_rows` can give ``module``'s inputs as rows (a Linear, or a zero-padded ungrouped
+    Conv1d / Conv2d / Conv3d)."""
     if isinstance(module, nn.Linear):
         return True
-    return (isinstance(module, nn.Conv2d) and module.groups == 1 and isinstance(module.padding, tuple)
+    return (isinstance(module, FITTED) and module.groups == 1 and isinstance(module.padding, tuple)
             and module.padding_mode == "zeros")
 
 
 def _layer_rows(module: nn.Module, x: torch.Tensor):
-    """A Linear / Conv2d layer's inputs as float32 rows ``[n, cols]`` matching its weight's matrix view, in chunks
+    """A Linear / ConvNd layer's inputs as float32 rows ``[n, cols]`` matching its weight's matrix view, in chunks
     (:func:`_has_rows` says whether it applies). A Linear's come whole; a convolution's im2col rows come a few samples
     at a time (:func:`codec.rd.calibrate.conv_rows`, at most ``UNFOLD_BYTES``; the whole batch in one chunk when it
     fits), so a batch of large
@@ -48,7 +55,7 @@ def _layer_rows(module: nn.Module, x: torch.Tensor):
 
 
 def _is_layer_weight(slot: _Slot) -> bool:
-    return slot.attr == "weight" and slot.is_param and isinstance(slot.module, (nn.Linear, nn.Conv2d))
+    return slot.attr == "weight" and slot.is_param and isinstance(slot.module, FITTED)
 
 
 class _HeldOut:
@@ -141,7 +148,7 @@ def _batch_sum(key: str, x: torch.Tensor | None, x_hat: torch.Tensor):
 
 
 class _LayerFit:
-    """A Linear / Conv2d layer about to be coded: its input statistics in the original and the partly coded model.
+    """A Linear / ConvNd layer about to be coded: its input statistics in the original and the partly coded model.
 
     ``x`` are the layer's input rows in the original model, ``x_hat`` in the
     working one (they differ once earlier layers are coded). The layer should

@@ -43,14 +43,14 @@ class RepairSettings:
     final_steps: int = 0
     #: Adam learning rate.
     lr: float = 1e-3
-    #: Least-squares bias of each coded Linear / Conv2d layer, when its bias is stored losslessly.
+    #: Least-squares bias of each coded Linear / ConvNd layer, when its bias is stored losslessly.
     bias_correction: bool = True
-    #: Before coding a Linear / Conv2d weight, refit it by ridge regression so the layer maps its inputs in the
+    #: Before coding a Linear / ConvNd weight, refit it by ridge regression so the layer maps its inputs in the
     #: partly coded model to the original layer's outputs (needs a pass of the original model per layer); kept only
     #: where, fitted on the other batches, it lowers the model's output error on the held-out ones
     #: (:func:`_refit_judged`; from :data:`HOLDOUT_EVERY` batches, none below).
     refit: bool = True
-    #: GPTQ rounding for ``quant`` weights of Linear / Conv2d layers.
+    #: GPTQ rounding for ``quant`` weights of Linear / ConvNd layers.
     gptq: bool = True
     #: The same for ``jpeg`` weights, a group of columns at a time (:func:`codec.rd.gptq.jpeg_target`). Measured
     #: on all-MiniLM-L6-v2's FFN and attention matrices: 2-2.5x less output error on held-out sentences at +0.1-0.3 %
@@ -73,7 +73,7 @@ class RepairSettings:
     #: (eleventh pass)"): with 0.01 repair kept fc1's compensated coding at q3.15 over the plan's q6 by the
     #: calibration inputs' error, and the held-out KL rose by a third.
     damp_few_rows: float = 0.1
-    #: A Linear / Conv2d layer with more input columns than this gets no ``H`` (8 x columns^2 bytes, factored in
+    #: A Linear / Conv layer with more input columns than this gets no ``H`` (8 x columns^2 bytes, factored in
     #: columns^3 time): its weight is coded as it stands and only its bias is corrected, from the inputs' means (a
     #: note names it). The default is calibration's own limit (:data:`codec.rd.calibrate.FULL_H_MAX`, above which it
     #: keeps H's diagonal: 8192). Measured on a grouped CNN whose head is ``Linear(6272, 10)`` (81 % of its weights),
