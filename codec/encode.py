@@ -757,7 +757,8 @@ def _best_scored(fits: list[tuple], score: Callable[[dict], float], decoded: Cal
 #: a 140,000-weight ViT of 72 tensors at -b 3 came out at 2.654 bits/weight, 6 KB under, leaving 8 tensors
 #: damaged.) Up to :data:`REPLANS` more plans get what the first left, each given what a line through the sizes so
 #: far predicts will fit, less 3 % (or, over, have the excess kept out); each costs one more search and coding of
-#: the model, small at this size. The largest file within the budget is kept. A save with repair counts the index
+#: the model, small at this size. The largest file within the budget is kept (in the score path, the one the
+#: user's score rates highest: :func:`_best_scored`). A save with repair counts the index
 #: as written too, and aims its plan at the budget less :data:`REPAIR_SHARE` of it and the growth it keeps for repair
 #: (also planned again when that growth shrinks by more than :data:`REPLAN_UNDER` of the budget,
 #: :func:`codec.rd.repair.moved_growth`).
