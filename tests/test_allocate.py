@@ -343,6 +343,47 @@ def test_the_check_scores_the_file_as_written_rounded_vectors_included(tmp_path)
     assert noted == pytest.approx(score(codec.load(tmp_path / "cal.jwt")), rel=1e-5)
 
 
+def test_the_score_path_keeps_the_replan_its_score_rates_highest_not_the_largest(tmp_path, monkeypatch):
+    """A small model of many tensors has its plan's file measured and planned again when it lands under the budget
+    (codec.encode's ``settle``). Here the first plan (every weight at 3 bits) lands far under -b 5 and the replan
+    spends more bytes but codes the one weight the score cares about at 1 bit: by size (main's rule, the larger file
+    within the budget) the replan was kept (and the data-free check, given the same two plans, could not undo it);
+    in the score path the plan the user's score rates highest is kept. The data-free path still keeps the larger."""
+    import codec.encode
+
+    torch.manual_seed(0)
+    sd = {}
+    for i in range(40):
+        sd[f"blocks.{i}.query.weight"] = torch.randn(64, 64) * 0.05
+        sd[f"blocks.{i}.query.bias"] = torch.randn(64) * 0.01
+    ref = {n: t.double() for n, t in sd.items()}
+
+    def score(candidate):  # blocks.0's error weighed 1000x (higher is better)
+        return -sum((1000 if n.startswith("blocks.0.") else 1) *
+                    float(((candidate[n].double() - r) ** 2).sum() / (r ** 2).sum()) for n, r in ref.items())
+
+    plans = []
+
+    def fake_plan(arrays, aliases, base, *args, **kwargs):  # the first plan of a settle, then its replans
+        first = kwargs["reserve"] >= 0 and not plans
+        plans.append(first)
+        weight = "b3" if first else "b4"
+        return {n: parse_spec("lossless" if n.endswith("bias") else
+                              "b1" if n == "blocks.0.query.weight" and not first else weight, base) for n in arrays}
+
+    monkeypatch.setattr(codec.encode, "_plan", fake_plan)
+    budget = int(5 * sum(t.numel() for t in sd.values()) / 8)
+    codec.save(sd, tmp_path / "plain.jwt", bits_per_weight=5)
+    assert len(plans) > 1  # planned again: the first plan's file was more than 1 % under the budget
+    plans.clear()
+    notes = codec.save(sd, tmp_path / "cal.jwt", bits_per_weight=5, calibrate=score)
+    plain, calibrated = (codec.load(tmp_path / f"{n}.jwt") for n in ("plain", "cal"))
+    assert os.path.getsize(tmp_path / "plain.jwt") > os.path.getsize(tmp_path / "cal.jwt")  # data-free: the larger
+    assert os.path.getsize(tmp_path / "cal.jwt") <= budget
+    assert score(calibrated) > score(plain) + 1, (score(calibrated), score(plain))
+    assert any(n.startswith("calibrate: kept the calibrated plan") for n in notes), notes
+
+
 def test_parse_spec_and_overrides_last_match_wins():
     """Settings parse into options and the last matching glob wins."""
     base = EncodeOptions()

@@ -9,8 +9,8 @@ the score by opposite amounts 5-100x their mean), and the curvature at 1 % does 
 :func:`replan_at_errors` plans again from probes at the plan's own errors: each lossy tensor is coded as the plan
 codes it and the score is taken with that error and with its mirror image (original minus the error), whose mean
 cancels the first-order term (:data:`MIRROR`); the weight is that mean drop per unit distortion (a tensor the plan
-keeps under the first probe's error is probed, both ways, at the first probe's candidate instead: a smaller error
-is within the score's rounding; :data:`HELD` leaves such tensors unprobed).
+keeps at or under the first probe's error is left unprobed, its weight as it stands, :data:`HELD`; with that off it
+is probed, both ways, at the first probe's candidate: a smaller error is within the score's rounding).
 Up to :data:`ROUNDS` such rounds, each plan scored whole (every tensor decoded as it plans); the plan kept is the
 one the score rates highest, the first round's plan included, so a round can only help by the user's score. Cost
 per round: one more coding of each lossy tensor, two calls of the score per tensor whose point moved (the memo of
@@ -35,11 +35,12 @@ ROUNDS = 2
 MIRROR = True
 
 #: Leave unprobed (their weights as they stand) the tensors the plan holds at or under their first probe's error,
-#: rather than probing them, both ways, at that probe's candidate (the BatchNorm CNN at -b 1: 41 calls of the score
-#: against 58, the same file). Off: on the bench CNN -b 0.6 (second draw) the one-sided weights it leaves changed two
-#: small tensors' settings (8-bit significands or exact), and the replan for the index's share then kept a file at
-#: 82.68 % against 83.45 (bench/JOURNAL.md, "cost").
-HELD = False
+#: rather than probing them, both ways, at that probe's candidate. On since the twenty-eighth pass (bench/JOURNAL.md,
+#: "settle"): with :func:`codec.save`'s replans for the index's share chosen by the score, not by size, no row of
+#: the bench's CNN / BatchNorm CNN / MLP at -b 0.6-1.5 lost accuracy against it off (the BatchNorm CNN at -b 1: 60
+#: calls of the score against 76, the same file; the CNN -b 0.6 on its second draw +0.74 points). On, the
+#: twenty-seventh pass lost 0.77 points on that CNN row: the size rule then kept a plan the score rated lower.
+HELD = True
 
 #: A drop is floored at this fraction of the base score's size (at least 1): no tensor is treated as free
 #: (the same floor as :func:`codec.rd.allocate.sensitivities`).
