@@ -16,6 +16,7 @@ from codec.dtypes import get_dtype
 from codec.rd.allocate import (Distortion, Weighting, computed_shapes, norm_weightings, reparametrized,
                                stored_weightings, with_row_images)
 from codec.tensorcodec import EncodeOptions
+from test_newuser_builds import _Normed  # weight_norm + spectral_norm + a plain Linear
 
 F64 = get_dtype("float64")
 
@@ -115,18 +116,6 @@ def test_weight_norms_g_does_not_take_the_input_layers_image_rows_from_v():
                ("fc1.v", np.ones((256, 784), np.float32), f32), ("fc2.w", np.ones((10, 784), np.float32), f32)]
     rows = {n: r for n, _, _, r in with_row_images(tensors, EncodeOptions())}
     assert rows == {"fc1.bias": None, "fc1.g": None, "fc1.v": (28, 28), "fc2.w": None}
-
-
-class _Normed(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a = parametrizations.weight_norm(nn.Linear(64, 256))
-        self.b = parametrizations.spectral_norm(nn.Linear(256, 256))
-        self.c = nn.Linear(256, 8)
-
-    def forward(self, x):
-        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
 def test_calibration_measures_the_computed_weights_and_the_file_loads_strictly(tmp_path):
