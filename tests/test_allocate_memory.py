@@ -520,7 +520,7 @@ def test_embedding_noise_drawn_by_rows_is_the_whole_draw(monkeypatch):
     model, ids = Tokens(), torch.randint(0, 500, (64, 10))
     by_rows = calibration.calibrate(model, ids).layers["emb.weight"].sensitivity
     monkeypatch.setattr(calibration._Noise, "error",
-                        lambda self, module, x: calibration._weight_error(module, x, self.whole()))
+                        lambda self, module, x, size=None: calibration._weight_error(module, x, self.whole(), size))
     assert calibration.calibrate(model, ids).layers["emb.weight"].sensitivity == by_rows
 
 

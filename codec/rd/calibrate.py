@@ -704,6 +704,16 @@ def transposed_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return w.permute(0, 2, 1, 3).reshape(groups * per_group, -1)
 
 
+def _output_padding(module: nn.modules.conv._ConvTransposeNd, x: torch.Tensor,
+                    size: Sequence[int] | None) -> Sequence[int]:
+    """The output padding a transposed convolution's forward used on ``x``: its own ``output_padding``, or where
+    ``forward`` was given ``output_size``, the padding that gives the output's spatial ``size``."""
+    if size is None:
+        return module.output_padding
+    return module._output_padding(x, list(size), module.stride, module.padding, module.kernel_size,
+                                  len(module.kernel_size), module.dilation)
+
+
 def transposed_rows(module: nn.modules.conv._ConvTransposeNd, x: torch.Tensor, size: Sequence[int] | None,
                     max_bytes: int):
     """The inputs a transposed convolution's output positions read, as ``(columns, rows)`` pairs: ``rows`` of the
@@ -723,8 +733,7 @@ def transposed_rows(module: nn.modules.conv._ConvTransposeNd, x: torch.Tensor, s
     m = module
     d = len(m.kernel_size)
     x = x.unsqueeze(0) if x.dim() == d + 1 else x  # (an unbatched input)
-    extra = (m._output_padding(x, list(size), m.stride, m.padding, m.kernel_size, d, m.dilation)
-             if size is not None else m.output_padding)
+    extra = _output_padding(m, x, size)
     edges = [m.dilation[a] * (m.kernel_size[a] - 1) - m.padding[a] for a in range(d)]
     pads: list[int] = []
     for axis in reversed(range(d)):  # F.pad: the last axis first; a negative pad crops
@@ -1219,9 +1228,8 @@ def _weight_error(module: nn.Module, x: torch.Tensor, dw: torch.Tensor, size: Se
         return module._conv_forward(x, dw, None)
     if layer_kind(module) == TRANSPOSED:  # (the output size given to forward, if any: the padding that gives it)
         fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[len(module.kernel_size) - 1]
-        extra = module.output_padding if size is None else module._output_padding(
-            x, list(size), module.stride, module.padding, module.kernel_size, len(module.kernel_size), module.dilation)
-        return fn(x, dw, None, module.stride, module.padding, extra, module.groups, module.dilation)
+        return fn(x, dw, None, module.stride, module.padding, _output_padding(module, x, size), module.groups,
+                  module.dilation)
     if layer_kind(module) == "conv1d":  # transformers' Conv1D: y = x W + b, W (in, out)
         return x @ dw
     return F.linear(x, dw)
@@ -1409,11 +1417,12 @@ def _sensitivity_pass(model: nn.Module, batch: Batch, clean: list[torch.Tensor],
 
         def perturbed(mod: nn.Module, args: tuple, *rest) -> torch.Tensor:  # (kwargs: an EmbeddingBag's,) output
             output = rest[-1]
-            conv = layer_kind(mod) in CONV_KINDS or layer_kind(mod) == TRANSPOSED
-            size = output.shape[-len(mod.kernel_size):] if conv and len(args) > 1 else None  # (output_size given)
+            kind = layer_kind(mod)
+            conv = kind in CONV_KINDS or kind == TRANSPOSED
+            # (a transposed convolution's forward given output_size: the size it gave)
+            size = output.shape[-len(mod.kernel_size):] if kind == TRANSPOSED and len(args) > 1 else None
             delta = (noise.bag_error(mod, bag_arguments(args, rest[0]), output)  # noqa: B023
-                     if isinstance(mod, nn.EmbeddingBag) else noise.error(mod, args[0]) if size is None  # noqa: B023
-                     else noise.error(mod, args[0], size))  # noqa: B023
+                     if isinstance(mod, nn.EmbeddingBag) else noise.error(mod, args[0], size))  # noqa: B023
             signal = output
             if getattr(mod, "bias", None) is not None:  # (a conv's: over its channel axis, batched or not)
                 signal = output - (mod.bias.view(-1, *[1] * len(mod.kernel_size)) if conv else mod.bias)
