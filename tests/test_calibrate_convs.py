@@ -111,8 +111,9 @@ def test_transposed_rows_take_each_phases_taps_only():
 class _Convs(nn.Module):
     """Conv1d over a sequence, Conv3d over a clip, a ConvTranspose2d given output_size, a Linear head."""
 
-    def __init__(self):
+    def __init__(self, keyword: bool = False):
         super().__init__()
+        self.keyword = keyword  # output_size given by keyword (the hooks do not see it)
         self.seq = nn.Conv1d(3, 4, 3, padding=1)
         self.clip = nn.Conv3d(1, 2, 3, padding=1, bias=False)
         self.up = nn.ConvTranspose2d(2, 2, 3, stride=2, padding=1)
@@ -122,15 +123,19 @@ class _Convs(nn.Module):
         n = x.shape[0]
         h = torch.relu(self.seq(x)).reshape(n, 1, 2, 8, 8)
         h = torch.relu(self.clip(h)).mean(2)  # (N, 2, 8, 8)
-        h = self.up(h, (16, 16)).reshape(n, -1)  # output_size (16, 16): output_padding 1 where 15 would be 0
+        # output_size (16, 16): output_padding 1 where 15 would be 0
+        h = (self.up(h, output_size=(16, 16)) if self.keyword else self.up(h, (16, 16))).reshape(n, -1)
         return self.head(h)
 
 
-def test_the_convolutions_are_calibrated_kinds():
+@pytest.mark.parametrize("keyword", [False, True])
+def test_the_convolutions_are_calibrated_kinds(keyword):
     """Each convolution has its kind and an H of its matrix view's columns; the transposed one's H is its rows' mean
-    second moment, read with the output_size its forward was given; every sensitivity measured."""
+    second moment, read with the output_size its forward was given (by position, or by keyword, which the hooks do
+    not see: its output's size tells; before, a keyword output_size failed in the noise pass); every sensitivity
+    measured."""
     torch.manual_seed(0)
-    model = _Convs()
+    model = _Convs(keyword)
     x = torch.randn(40, 3, 32)
     calib = calibrate(model, x, sensitivity_samples=16)
     kinds = {name: stats.kind for name, stats in calib.layers.items()}

@@ -585,10 +585,9 @@ class _Collector:
             for cols in conv_rows(module, x, UNFOLD_BYTES // 2):  # float32 columns and their product
                 self._add(cols)
         elif self.kind == TRANSPOSED:
-            size = args[1] if len(args) > 1 else None  # forward(input, output_size)
-            width = _columns(module)
-            for columns, cols in transposed_rows(module, x, output.shape[-len(module.kernel_size):]
-                                                 if size is not None else None, UNFOLD_BYTES // 2):
+            width = _columns(module)  # (the output's size: the padding forward used, output_size given or not)
+            for columns, cols in transposed_rows(module, x, output.shape[-len(module.kernel_size):],
+                                                 UNFOLD_BYTES // 2):
                 add_moments_at(self, cols, columns, width)
         else:
             self._add(self._tokens(x, x.shape[:-1]).reshape(-1, x.shape[-1]))
@@ -1419,8 +1418,9 @@ def _sensitivity_pass(model: nn.Module, batch: Batch, clean: list[torch.Tensor],
             output = rest[-1]
             kind = layer_kind(mod)
             conv = kind in CONV_KINDS or kind == TRANSPOSED
-            # (a transposed convolution's forward given output_size: the size it gave)
-            size = output.shape[-len(mod.kernel_size):] if kind == TRANSPOSED and len(args) > 1 else None
+            # (a transposed convolution's output size: the padding its forward used, output_size given or not,
+            # by position or by keyword)
+            size = output.shape[-len(mod.kernel_size):] if kind == TRANSPOSED else None
             delta = (noise.bag_error(mod, bag_arguments(args, rest[0]), output)  # noqa: B023
                      if isinstance(mod, nn.EmbeddingBag) else noise.error(mod, args[0], size))  # noqa: B023
             signal = output
