@@ -92,6 +92,24 @@ def parse_variant(text: str) -> tuple[tuple[str, str], ...]:
     return pairs
 
 
+def parse_sets(texts: Sequence[str], kind: str) -> tuple[tuple[str, str], ...]:
+    """``--set`` values (``"conv2.weight=jpeg,q12,table=flat"``, one tensor each) as ``(tensor, setting)`` pairs;
+    ValueError naming the value if one is not ``tensor=setting``, names no weight of the ``kind`` model or names the
+    largest layer's weight (the ladder's own: ``--quality`` and ``--table`` set it)."""
+    names = [name for name, _ in make_model(kind, 0).named_parameters()]
+    pairs = []
+    for text in texts:
+        name, _, setting = text.partition("=")
+        if not name or not setting:
+            raise ValueError(f"--set {text!r}: expected tensor=setting")
+        if name not in names:
+            raise ValueError(f"--set {text!r}: the {kind} has no {name!r} (its tensors: {', '.join(names)})")
+        if name == f"{BIG[kind]}.weight":
+            raise ValueError(f"--set {text!r}: {name} is the ladder's layer (--quality and --table set it)")
+        pairs.append((name, setting))
+    return tuple(pairs)
+
+
 def variant_label(quality: float, variant: Sequence[tuple[str, str]]) -> str:
     """The "coded with" label of a ladder point: ``q6`` or ``q6, conv2.weight=b3``."""
     return ", ".join([f"q{quality}", *(f"{name}={setting}" for name, setting in variant)])
@@ -417,6 +435,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     parser.add_argument("--budget-only", action="store_true", help="with --budget: no codec-in-the-loop runs at the "
                         "fixed --quality points (the plain ladder rows stay)")
     parser.add_argument("--table", default="flat", help="ladder: JPEG table of the largest layer (flat, ramp1, ...)")
+    parser.add_argument("--set", action="append", default=[], metavar="TENSOR=SETTING", help="code TENSOR with "
+                        "SETTING (codec.save's per-tensor setting, commas allowed: one tensor per --set) in every run "
+                        "instead of the default the table's header names, e.g. --set conv2.weight=jpeg,q12,table=flat "
+                        "(not the largest layer's weight: --quality and --table set it)")
     parser.add_argument("--variant", action="append", default=[], help="ladder: also code the other tensors this "
                         "way, e.g. conv2.weight=b3,fc2.weight=b8 (each --variant a ladder of its own at every "
                         "--quality, beside the default settings)")
@@ -482,7 +504,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
     budgets = args.bits or [0.2, 0.3, 0.4, 0.6, 1.0]
     try:  # a bad setting fails here, not after training
         codec.train.as_setting(args.rate_setting)
-        args.variants = [(), *map(parse_variant, args.variant)]
+        args.base = parse_sets(args.set, args.model)
+        args.variants = [args.base, *((*args.base, *parse_variant(v)) for v in args.variant)]
         for q in qualities:
             for variant in args.variants:
                 codec.train.as_overrides(ladder_point(kind, q, args.table, variant))
@@ -563,7 +586,7 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
                 f"{f', {frozen} frozen ({tail:g} of the loop)' if tail else ''}")
         budget_points = [(f"budget {b:g} (q in the loop, held {hold:g}{f', from {start}' if args.budget_start else ''}"
                           f"{f', measured every {args.budget_every}' if args.budget_every else ''})",
-                          ladder_point(kind, qualities[0], args.table), (b, hold, start))
+                          ladder_point(kind, qualities[0], args.table, args.base), (b, hold, start))
                          for b in args.budget for hold in args.budget_hold
                          for start in args.budget_start or ["setting"]]
         for label, point, budget in [*((label, point, None) for label, point in points
@@ -636,13 +659,14 @@ def write(path: Path, kind: str, args, runs: list[tuple[float, list[tuple]]], im
             by_row.setdefault((curve, how), []).append((bpw, acc, ref - acc, cost))
 
     load = os.getloadavg()[0]
+    rest = {**dict(REST[kind]), **dict(getattr(args, "base", ()))}  # --set's settings in place of REST's
     seeds = ", ".join(map(str, args.seed[: len(runs)]))
     lines = [f"# Training for the codec: {kind}, {args.epochs} epochs on {len(images)} images", "",
              f"`{command}` (load average {load:.1f} at the end; times are CPU seconds, one thread)", "",
              (f"Reference: the plain model's float accuracy {reference:.2f} % (seeds {seeds}: "
               f"{', '.join(f'{r:.2f}' for r in references)}). The ladder codes the largest layer "
               f"({BIG[kind]}) as grid-tiled JPEG with the {args.table} table at quality q and the rest as "
-              f"{', '.join(f'{n}={s}' for n, s in REST[kind])} (biases lossless"
+              f"{', '.join(f'{n}={s}' for n, s in rest.items())} (biases lossless"
               f"{f', rounded to {args.vector_bits} significand bits' if args.vector_bits else ''}). Schedule: "
               f"Adam lr 1e-3{DECAY_NOTE[args.decay].format(args.decay_epochs or args.codec_epochs)}, batch 128"
               f"{f', weights averaged (decays {args.ema})' if args.ema else ''}. Each row is the "

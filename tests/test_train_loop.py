@@ -672,3 +672,36 @@ def test_bench_train_inputs_below_holds_the_quiet_pixels_columns_at_zero_over_th
     with pytest.raises(SystemExit) as exc:
         train.main(["--model", "mlp", "--inputs-below", "1.5"])
     assert exc.value.code == 2 and "--inputs-below must be between 0 and 1" in capsys.readouterr().err
+
+
+def test_bench_train_set_codes_a_tensor_its_way_in_every_run_and_rejects_bad_ones(monkeypatch, tmp_path, capsys):
+    """``--set conv2.weight=jpeg,...`` (commas allowed, one tensor a --set) replaces REST's setting of that tensor in
+    the plain ladder, the loops at each quality and the budget's loop, and the table's header says so; a tensor the
+    model lacks, the ladder's own layer or a value without ``=`` is a usage error."""
+    import numpy as np
+
+    from bench import train
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 255, (256, 28, 28), dtype=np.uint8), rng.integers(0, 10, 256)
+    monkeypatch.setattr(train, "load_fashion_mnist", lambda split: (images, labels))
+    loops, files = [], []
+    real_loop, real_coded = train.Schedule.codec_epochs, train.coded
+    monkeypatch.setattr(train.Schedule, "codec_epochs", lambda self, snapshot, overrides, *a, **k: (
+        loops.append(dict(overrides)), real_loop(self, snapshot, overrides, *a, **k))[1])
+    monkeypatch.setattr(train, "coded", lambda model, **k: (files.append(dict(k.get("overrides") or {})),
+                                                            real_coded(model, **k))[1])
+    setting = "jpeg,q12,table=flat"
+    train.main(["--model", "cnn", "--epochs", "1", "--codec-epochs", "1", "--lam", "0", "--calibration", "0",
+                "--bits", "1", "--quality", "6", "--refresh", "2", "--budget", "2", "--budget-every", "2",
+                "--set", f"conv2.weight={setting}", "--out", str(tmp_path / "t")])
+    assert len(loops) == 2 and all(o["conv2.weight"] == setting and o["fc2.weight"] == "b4" for o in loops)
+    assert [o.get("conv2.weight") for o in files if o] == [setting] * 3  # the ladder row and both loops' files
+    assert f"conv2.weight={setting}" in (tmp_path / "t.md").read_text()
+    for bad, words in (("conv9.weight=b3", "no 'conv9.weight'"), ("fc1.weight=b3", "the ladder's layer"),
+                       ("conv2.weight", "expected tensor=setting"), ("conv2.weight=jpegz", "--set")):
+        with pytest.raises(SystemExit) as exc:
+            train.main(["--model", "cnn", "--set", bad])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert words in err or bad == "conv2.weight=jpegz", (bad, err)
