@@ -616,7 +616,7 @@ def check_jxl_header(blob: bytes, what: str, height: int, width: int) -> None:
     if bits.u32((0, 0), (1, 0), (2, 4), (1, 12)) != 0:
         raise FormatError(f"{what}: JPEG XL with extra channels")
     bits.u(1)  # xyb_encoded
-    if bits.u(1) or bits.u(1) or bits.u32((0, 0), (1, 0), (2, 0), (18, 6)) != 1:
+    if bits.u(1) or bits.u(1) or bits.u32((0, 0), (1, 0), (2, 4), (18, 6)) != 1:
         raise FormatError(f"{what}: JPEG XL colour encoding is not signalled grey")
 
 
