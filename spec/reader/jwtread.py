@@ -418,7 +418,7 @@ def read_index(f: BinaryIO, file_size: int, limits: Limits) -> Index:
         what = f"tensor {name!r}"
         if name in names:
             raise FormatError(f"{what}: duplicate name")
-        if e.get("dtype") not in DTYPES:
+        if not isinstance(e.get("dtype"), str) or e["dtype"] not in DTYPES:
             raise FormatError(f"{what}: unknown dtype {e.get('dtype')!r}")
         dtype, shape = e["dtype"], e.get("shape")
         if not isinstance(shape, list):
@@ -787,13 +787,14 @@ def _typed_base(base: Any, limits: Limits) -> dict[str, tuple[str, np.ndarray]] 
     """A base given as a .jwt path, or as a dict name -> (dtype, storage-form array)."""
     if base is None or isinstance(base, dict):
         return base
-    tensors, _, index = read_all(base, limits=limits)
+    tensors, _, index = read_all(base, limits=limits, attachments=False)
     return {e.name: (e.dtype, tensors[e.name]) for e in index.tensors}
 
 
-def read_all(path: str, base: Any = None, limits: Limits | None = None) \
+def read_all(path: str, base: Any = None, limits: Limits | None = None, attachments: bool = True) \
         -> tuple[dict[str, np.ndarray], dict[str, bytes], Index]:
-    """Validate and decode every tensor and attachment: (tensors, attachments, index)."""
+    """Validate and decode every tensor and (unless `attachments` is false) every attachment: (tensors,
+    attachments, index). An entry not decoded is not CRC-checked (section 4.3)."""
     limits = limits or Limits()
     with open(path, "rb") as f:
         f.seek(0, 2)
@@ -835,13 +836,20 @@ def read_all(path: str, base: Any = None, limits: Limits | None = None) \
                 with np.errstate(invalid="ignore", over="ignore"):
                     value = to_dtype(b + _widen(value, e.dtype), e.dtype).reshape(e.shape)
             tensors[e.name] = value
-        attachments = {}
-        for a in index.attachments:
+        files = {}
+        for a in index.attachments if attachments else ():
             what = f"attachment {a.name!r}"
-            attachments[a.name] = _decode_lossless(a.codec, blobs_of(a, what)[0], what, "uint8", a.shape[0]).tobytes()
-    return tensors, attachments, index
+            files[a.name] = _decode_lossless(a.codec, blobs_of(a, what)[0], what, "uint8", a.shape[0]).tobytes()
+    return tensors, files, index
 
 
 def read(path: str, base: Any = None, limits: Limits | None = None) -> dict[str, np.ndarray]:
     """Decode every tensor of a .jwt file (an update against `base`: a .jwt path or name -> (dtype, array))."""
-    return read_all(path, base, limits)[0]
+    return read_all(path, base, limits, attachments=False)[0]
+
+
+if __name__ == "__main__":  # python spec/reader/jwtread.py FILE [BASE]: validate, decode, list the tensors
+    import sys
+
+    for name, array in read(sys.argv[1], base=sys.argv[2] if len(sys.argv) > 2 else None).items():
+        print(f"{name}\t{array.dtype}\t{list(array.shape)}\tsha256 {hashlib.sha256(array.tobytes()).hexdigest()[:16]}")
