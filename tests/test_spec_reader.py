@@ -137,6 +137,34 @@ def test_a_broken_reader_fails_the_vectors(monkeypatch, broken):
     assert failures
 
 
+def _with_index(tmp_path: Path, vector: str, edit) -> Path:
+    """A copy of a valid vector whose plain index text went through `edit`, header and index CRCs made right."""
+    import struct
+    import zlib
+
+    data = (VECTORS / "valid" / vector).read_bytes()
+    n = struct.unpack_from("<Q", data, 16)[0]
+    raw = edit(data[32:32 + n].decode()).encode()
+    head = bytearray(data[:32])
+    struct.pack_into("<QI", head, 16, len(raw), zlib.crc32(raw))
+    struct.pack_into("<I", head, 28, zlib.crc32(bytes(head[:28])))
+    path = tmp_path / vector
+    path.write_bytes(bytes(head) + raw + data[32 + n:])
+    return path
+
+
+def test_integers_too_long_for_python_int_follow_the_spec(tmp_path):
+    """Section 4: any non-negative integer is a valid dimension, and a too large one fails the size limits
+    (LimitError), even one of 5,000 digits, which Python's int() refuses to read; elsewhere it is out of range."""
+    huge = "9" * 5000
+    path = _with_index(tmp_path, "lossless_int32.jwt", lambda s: s.replace('"shape":[4,8]', f'"shape":[{huge},8]'))
+    with pytest.raises(jwtread.LimitError):
+        jwtread.read(path)
+    path = _with_index(tmp_path, "lossless_int32.jwt", lambda s: s.replace('"level":9', f'"level":{huge}'))
+    with pytest.raises(jwtread.FormatError, match="out of range"):
+        jwtread.read(path)
+
+
 # ---------------------------------------------------------------- files the encoder writes today
 
 def _agree(path: Path, base=None) -> None:

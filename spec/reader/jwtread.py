@@ -101,6 +101,11 @@ def _pairs(pairs: list) -> dict:
     return out
 
 
+def _integer(text: str) -> int:
+    """An integer read exactly; one too long for Python's int() (4,300 digits) is beyond every range and limit."""
+    return int(text) if len(text) < 4000 else (-1 if text[0] == "-" else 1) << 14000
+
+
 def _bad_constant(name: str) -> None:
     raise FormatError(f"index: non-standard JSON constant {name}")
 
@@ -139,7 +144,7 @@ def parse_index(raw: bytes, limits: Limits) -> dict:
     if worst > limits.depth:
         raise LimitError(f"index: JSON nested {worst} levels deep, over the limit of {limits.depth}")
     try:
-        index = json.loads(text, object_pairs_hook=_pairs, parse_float=_JsonFloat, parse_int=int,
+        index = json.loads(text, object_pairs_hook=_pairs, parse_float=_JsonFloat, parse_int=_integer,
                            parse_constant=_bad_constant)
     except json.JSONDecodeError as e:
         raise FormatError(f"index: not valid JSON ({e})") from None
@@ -155,8 +160,16 @@ def _int(v: Any, what: str, lo: int = 0, hi: int = (1 << 64) - 1) -> int:
     if not _is_int(v):
         raise FormatError(f"{what}: expected an integer, got {v!r}")
     if not lo <= v <= hi:
-        raise FormatError(f"{what}: {v} out of range {lo}..{hi}")
+        raise FormatError(f"{what}: {str(v)[:40]} out of range {lo}..{hi}")
     return v
+
+
+def _number(v: int | _JsonFloat) -> float:
+    """A JSON number as binary64; one too large for it (a 400-digit integer) is infinite, so out of range."""
+    try:
+        return float(v)
+    except OverflowError:
+        return float("inf")
 
 
 def _string(v: Any, what: str, limits: Limits) -> str:
@@ -285,7 +298,7 @@ def _check_codec(codec: Any, what: str, dtype: str, lossless_only: bool = False)
             raise FormatError(f"{what}: bad jpeg table {t!r}")
     elif cid == "jpegxl":
         d = need("distance")
-        if not (_is_int(d) or isinstance(d, _JsonFloat)) or not 0 <= (float(d) if len(d := str(d)) < 400 else 26) <= 25:
+        if not (_is_int(d) or isinstance(d, _JsonFloat)) or not 0 <= _number(d) <= 25:
             raise FormatError(f"{what}: jpegxl distance {d!r} out of range 0..25")
         _int(need("effort"), f"{what}: jpegxl effort", 1, 10)
     else:
@@ -427,11 +440,11 @@ def read_index(f: BinaryIO, file_size: int, limits: Limits) -> Index:
             raise LimitError(f"{what}: {len(shape)} dimensions, over the limit of {limits.dims}")
         for d in shape:
             if not _is_int(d) or d < 0:
-                raise FormatError(f"{what}: shape {shape} holds {d!r}, not a non-negative integer")
+                raise FormatError(f"{what}: shape {str(shape)[:80]} holds {str(d)[:40]}, not a non-negative integer")
         shape, k = tuple(shape), _size(dtype)
         size = int(np.prod(shape, dtype=object)) * k
         if size > limits.tensor_bytes or int(np.prod([d for d in shape if d], dtype=object)) * k > limits.tensor_bytes:
-            raise LimitError(f"{what}: shape {list(shape)} over the per-tensor limit of {limits.tensor_bytes} bytes")
+            raise LimitError(f"{what}: shape {str(list(shape))[:80]} over the per-tensor limit of {limits.tensor_bytes} bytes")
         if "base" in e and not update:
             raise FormatError(f"{what}: 'base' in a file that is not an update")
         if "alias" in e:
