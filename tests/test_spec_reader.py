@@ -215,7 +215,8 @@ def test_a_codec_train_budget_file(tmp_path):
     data = [(torch.randn(32, 64), torch.randint(0, 10, (32,))) for _ in range(3)]
     budget = Budget(2.0)
     rules = [("0.weight", "jpeg,q20,table=flat"), ("2.weight", "b4")]
-    finetune(model, data, torch.nn.functional.cross_entropy, overrides=rules, steps=4, lr=1e-3, refresh=2, budget=budget, validation=False)
+    finetune(model, data, torch.nn.functional.cross_entropy, overrides=rules, steps=4, lr=1e-3, refresh=2,
+             budget=budget, validation=False)
     buf = io.BytesIO()
     budget.save(model, buf)
     path = tmp_path / "budget.jwt"

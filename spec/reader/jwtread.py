@@ -444,7 +444,8 @@ def read_index(f: BinaryIO, file_size: int, limits: Limits) -> Index:
         shape, k = tuple(shape), _size(dtype)
         size = int(np.prod(shape, dtype=object)) * k
         if size > limits.tensor_bytes or int(np.prod([d for d in shape if d], dtype=object)) * k > limits.tensor_bytes:
-            raise LimitError(f"{what}: shape {str(list(shape))[:80]} over the per-tensor limit of {limits.tensor_bytes} bytes")
+            raise LimitError(f"{what}: shape {str(list(shape))[:80]} over the per-tensor limit of "
+                             f"{limits.tensor_bytes} bytes")
         if "base" in e and not update:
             raise FormatError(f"{what}: 'base' in a file that is not an update")
         if "alias" in e:
