@@ -307,7 +307,7 @@ def _check_codec(codec: Any, what: str, dtype: str, lossless_only: bool = False)
     return codec
 
 
-def _check_tiling(tiling: Any, what: str, shape: tuple, flags: int, limits: Limits) -> dict:
+def _check_tiling(tiling: Any, what: str, shape: tuple, limits: Limits) -> dict:
     """Sections 6 and 7: fields, mode rules, mosaic geometry, image sides [Format] and pixels [Limit]."""
     if not isinstance(tiling, dict):
         raise FormatError(f"{what}: tiling must be an object")
@@ -487,7 +487,7 @@ def read_index(f: BinaryIO, file_size: int, limits: Limits) -> Index:
                 raise FormatError(f"{what}: tiling must be present exactly for a lossy codec")
             if lossy:
                 entry.tiling = e["tiling"]
-                g = entry.geometry = _check_tiling(e["tiling"], what, shape, flags, limits)
+                g = entry.geometry = _check_tiling(e["tiling"], what, shape, limits)
                 if len(entry.blobs) != 1 + g["n_blobs"]:
                     raise FormatError(f"{what}: {len(entry.blobs)} blobs, expected {1 + g['n_blobs']}")
                 plen = entry.blobs[0][1]
