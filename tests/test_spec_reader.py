@@ -137,6 +137,17 @@ def test_a_broken_reader_fails_the_vectors(monkeypatch, broken):
     assert failures
 
 
+def test_limits_are_the_callers():
+    """Section 9.2: limits a decoder may lower and should let callers raise."""
+    path = VECTORS / "valid" / "jpeg_rows_32x784.jwt"  # one image blob of 224 x 112 pixels
+    with pytest.raises(jwtread.LimitError, match="pixels"):
+        jwtread.read(path, limits=jwtread.Limits(pixels=224 * 112 - 1))
+    assert jwtread.read(path, limits=jwtread.Limits(pixels=224 * 112))["fc1.weight"].shape == (32, 784)
+    big = VECTORS / "invalid" / "tensor_bytes_over_limit.jwt"
+    with pytest.raises(jwtread.FormatError):  # past the limit, the next fault: its blobs are not in the file
+        jwtread.read(big, limits=jwtread.Limits(tensor_bytes=1 << 35, total_bytes=1 << 40))
+
+
 def _with_index(tmp_path: Path, vector: str, edit) -> Path:
     """A copy of a valid vector whose plain index text went through `edit`, header and index CRCs made right."""
     import struct
