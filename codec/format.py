@@ -409,6 +409,34 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+#: Digits past which a JSON integer is not converted: 2^64 has 20, so such a number is beyond every integer field's
+#: range and every size limit (spec section 4), and Python's int() refuses over 4,300 digits anyway.
+_LONG_DIGITS = 40
+
+
+class _LongInt(int):
+    """A JSON integer of more than ``_LONG_DIGITS`` digits, held as +-10^40 (beyond every range and limit, so the
+    checks refuse it as they would its value: out of range, or in ``shape`` over the size limits) and shown by its
+    length, not its digits."""
+
+    digits: int
+
+    def __new__(cls, text: str) -> _LongInt:
+        negative = text.startswith("-")
+        self = super().__new__(cls, -(10 ** _LONG_DIGITS) if negative else 10 ** _LONG_DIGITS)
+        self.digits = len(text) - negative
+        return self
+
+    def __repr__(self) -> str:
+        return f"{'-' if self < 0 else ''}<{self.digits:,}-digit integer>"
+
+    __str__ = __repr__
+
+
+def _parse_int(text: str) -> int:
+    return int(text) if len(text) <= _LONG_DIGITS else _LongInt(text)
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -474,7 +502,8 @@ def parse_index(index_bytes: bytes, minor: int, limits: Limits, flags: int = 0) 
     if depth > limits.max_json_depth:
         raise LimitError(f"index: JSON nested {depth} levels deep, over the limit of {limits.max_json_depth}")
     try:
-        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
+                         parse_int=_parse_int)
     except (ValueError, RecursionError) as exc:
         raise FormatError(f"index is not valid UTF-8 JSON ({str(exc)[:200]})") from None
     c = _Checker(limits)
@@ -572,6 +601,8 @@ def _parse_entry(c: _Checker, obj: Any, i: int, by_name: dict[str, TensorEntry],
         raise LimitError(f"index: {where}: {len(shape)} dimensions exceed the limit of {c.limits.max_ndim}")
     if not all(_is_int(d) and d >= 0 for d in shape):
         raise c.fail(where, f"shape must be non-negative integers, found {shape!r:.80}")
+    if any(isinstance(d, _LongInt) for d in shape):
+        raise LimitError(f"index: {where}: shape {shape!r:.80} has a dimension beyond every size limit")
     entry = TensorEntry(name, dtype, tuple(shape))
     if entry.nbytes > c.limits.max_tensor_bytes:
         raise LimitError(f"index: {where}: decodes to {entry.nbytes} bytes, over the limit of {c.limits.max_tensor_bytes}")
