@@ -111,7 +111,8 @@ def test_a_1_0_reader_refuses_updates_with_a_version_error(monkeypatch):
         jwtread.read(VECTORS / "updates" / "update_all_kinds.jwt", base=VECTORS / "updates" / "base.jwt")
 
 
-@pytest.mark.parametrize("broken", ["pixels flipped", "tiles transposed", "bfloat16 truncated", "planes unrotated"])
+@pytest.mark.parametrize("broken", ["pixels flipped", "tiles transposed", "bfloat16 truncated", "planes unrotated",
+                                    "float16 by way of binary32", "bfloat16 rounded once"])
 def test_a_broken_reader_fails_the_vectors(monkeypatch, broken):
     """The checks above have teeth: a reader with one plausible mistake fails at least one valid vector."""
     if broken == "pixels flipped":
@@ -124,6 +125,13 @@ def test_a_broken_reader_fails_the_vectors(monkeypatch, broken):
         real = jwtread.to_dtype
         monkeypatch.setattr(jwtread, "to_dtype", lambda v, d: (v.astype("<f4").view("<u4") >> 16).astype("<u2")
                             if d == "bfloat16" else real(v, d))
+    elif broken == "float16 by way of binary32":  # rounds twice (section 7): caught by quant_rounding only
+        real = jwtread.to_dtype
+        monkeypatch.setattr(jwtread, "to_dtype", lambda v, d: v.astype("<f4").astype("<f2") if d == "float16"
+                            else real(v, d))
+    elif broken == "bfloat16 rounded once":  # from binary64 directly; section 7 defines it through binary32
+        real = jwtread.to_dtype
+        monkeypatch.setattr(jwtread, "to_dtype", lambda v, d: _bfloat16_once(v) if d == "bfloat16" else real(v, d))
     else:
         real = jwtread._unplane
         monkeypatch.setattr(jwtread, "_unplane", lambda c, k, n: real(c, k, n) if k == 1 else
@@ -135,6 +143,18 @@ def test_a_broken_reader_fails_the_vectors(monkeypatch, broken):
         except jwtread.JwtError as e:
             failures.append(str(e))
     assert failures
+
+
+def _bfloat16_once(v: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns of binary64 values rounded once to nearest, ties to even (finite values only)."""
+    hi = (v.astype("<f4").view("<u4") >> 16).astype(np.uint32)  # a candidate: one of the two neighbours
+    out = np.empty(v.shape, "<u2")
+    for i, (x, h) in enumerate(zip(v.ravel(), hi.ravel())):
+        cands = [int(h) + d for d in (-1, 0, 1) if 0 <= int(h) + d < 1 << 16]
+        vals = [float(np.uint32(c << 16).view(np.float32)) for c in cands]
+        out.flat[i] = min(zip(cands, vals), key=lambda cv: (abs(cv[1] - x) if np.isfinite(cv[1]) else np.inf,
+                                                               cv[0] & 1))[0]
+    return out
 
 
 def test_limits_are_the_callers():
