@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--variants", default="plain,gptq,bias,refit,distill,all",
                         help="comma-separated: plain gptq jpeg bias refit distill closed closed-nogptq "
                              "closed-nojpeg closed-norefit closed-noprune (no output-weighted pruning of rows-mode "
-                             "JPEG, codec.rd.rdo) closed-damp0.1 (GPTQ's and the refit's damping 0.1) final all finetune (closed + codec-in-the-loop fine-tuning)")
+                             "JPEG, codec.rd.rdo) closed-damp0.1 (GPTQ's and the refit's damping 0.1) closed-bngain (RepairSettings.batchnorm_gain) final all finetune (closed + codec-in-the-loop fine-tuning)")
     args = parser.parse_args()
     rules = [tuple(rule.split("=", 1)) for rule in args.rules]
     if any(len(rule) != 2 or not all(rule) for rule in rules):
@@ -143,6 +143,7 @@ def main() -> None:
         "closed-norefit": RepairSettings(steps=0, final_steps=0, refit=False),
         "closed-noprune": RepairSettings(steps=0, final_steps=0, prune=False),
         "closed-damp0.1": RepairSettings(steps=0, final_steps=0, damp=0.1),
+        "closed-bngain": RepairSettings(steps=0, final_steps=0, batchnorm_gain=True),
         "final": RepairSettings(steps=0, final_steps=args.final_steps, lr=args.lr),
         "all": RepairSettings(**distill),
         "finetune": RepairSettings(steps=0, final_steps=0, finetune_steps=args.finetune_steps,

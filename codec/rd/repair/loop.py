@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ...api import to_numpy, to_torch
-from ...dtypes import to_float64
+from ...dtypes import from_float64, to_float64
 from ...parallel import make_executor, release_memory, sparse_zeros
 from ...tensorcodec import Encoded, EncodeOptions
 from ..calibrate import call as _run
@@ -30,7 +30,7 @@ from .fit import _LayerFit, _is_layer_weight
 from .inputs import _Inputs, _check_inputs, _forward_calls
 from .losses import TUNED_CODECS, _distill, _error_against, _finetune, _free, _outputs, _set_trainable, output_error
 from .settings import HOLDOUT_EVERY, Repaired, RepairSettings, held_out
-from .slots import _Slot, _measure, _same_bytes, _shared_lossy, _slots, _take
+from .slots import _Slot, _code, _measure, _same_bytes, _shared_lossy, _slots, _take
 
 
 #: Where the first coding in forward order ends with at least this fraction of the lossy tensors' planned bytes
@@ -306,6 +306,9 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
                 lookups.take(work, slot, decoded, batches)
             if layer is not None:
                 layer.correct_bias(to_float64(decoded, slot.dtype))
+                if settings.batchnorm_gain and layer.shift is not None:
+                    _batchnorm_gain(model, originals[slot.module_name], work, slot, layer,
+                                    follower.get(id(slot.module)), slots, batches, options, executor)
             if vector is not None:  # the moved vector within its planned bytes and the credit (a later quant tensor
                 moved, planned = vector  # fits whenever the credit is not negative: _fit_size), the spare to come too
                 room = credit + (0 if receiver is None or receiver.coded else spare)
@@ -381,6 +384,55 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
                      + ", ".join(f"{n} {_text(options[n])} -> {_text(changed[n])}"
                                  if changed[n].codec == "jpeg" else n for n in cheaper) + ")")
     return targets, notes, changed, credit, held_back
+
+
+def _batchnorm_gain(model: nn.Module, original: nn.Module, work: nn.Module, slot: _Slot, layer: _LayerFit,
+                    norm: nn.Module, slots: dict[str, _Slot], batches: list, options: Mapping[str, EncodeOptions],
+                    executor) -> None:
+    """The BatchNorm ``norm`` after the coded layer of ``slot`` (no bias of its own; ``layer.shift`` its running
+    mean) takes the per-channel least-squares gain ``a = cov(z, z_hat) / var(z_hat)`` of the original layer's
+    outputs ``z`` (in the original model) on the coded one's ``z_hat`` (in the working model): its weight times
+    ``a`` (rounded as its options code it) and its running mean ``(mu - E[z] + a E[z_hat]) / a``, so
+    ``gamma' (z_hat - mu') = gamma (a z_hat + b - mu)`` (:attr:`RepairSettings.batchnorm_gain`)."""
+    weight = getattr(norm, "weight", None)
+    gain = next((s for s in slots.values() if isinstance(weight, torch.Tensor) and s.tensor is weight
+                 and s.dtype.floating and not s.lossy and not s.coded), None)
+    if gain is None:
+        return
+    sums: dict[str, torch.Tensor] = {}
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(key: str):
+        def hook(module, args, output):
+            seen[key] = output.detach().double().transpose(0, 1).reshape(output.shape[1], -1)
+        return hook
+
+    with torch.no_grad():
+        for b in batches:
+            for key, net, layer_module in (("z", model, original), ("h", work, slot.module)):
+                handle = layer_module.register_forward_hook(keep(key))
+                try:
+                    _run(net, b)
+                finally:
+                    handle.remove()
+            z, h = seen["z"], seen["h"]
+            for key, value in (("z", z.sum(1)), ("h", h.sum(1)), ("zh", (z * h).sum(1)), ("hh", (h * h).sum(1)),
+                               ("n", torch.tensor(float(z.shape[1])))):
+                sums[key] = sums[key] + value if key in sums else value
+    n = float(sums["n"])
+    mean_z, mean_h = (sums["z"] / n).numpy(), (sums["h"] / n).numpy()
+    var_h = (sums["hh"] / n).numpy() - mean_h * mean_h
+    cov = (sums["zh"] / n).numpy() - mean_z * mean_h
+    a = np.where(var_h > 0, cov / np.maximum(var_h, 1e-300), 1.0)
+    a = np.clip(a, 0.5, 2.0)
+    gamma = to_float64(to_numpy(gain.tensor)[0], gain.dtype)
+    coded, _, _ = _code(gain.name, from_float64(gamma * a, gain.dtype), gain.dtype, options[gain.name], executor)
+    a = np.where(gamma != 0, to_float64(coded, gain.dtype) / np.where(gamma != 0, gamma, 1.0), a)
+    with torch.no_grad():
+        gain.tensor.copy_(torch.from_numpy(to_float64(coded, gain.dtype)).to(gain.tensor.dtype))
+        mu = to_float64(layer.shift.original, layer.shift.dtype)
+        running = layer.shift.tensor
+        running.copy_(torch.from_numpy((mu - mean_z + a * mean_h) / a).to(running.dtype))
 
 
 def _refit_judged(work: nn.Module, layer: _LayerFit, batches: list, refs: Mapping[int, list], settings: RepairSettings,

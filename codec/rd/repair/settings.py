@@ -45,6 +45,12 @@ class RepairSettings:
     lr: float = 1e-3
     #: Least-squares bias of each coded Linear / ConvNd layer, when its bias is stored losslessly.
     bias_correction: bool = True
+    #: After a Linear / ConvNd layer without a bias of its own is coded, the BatchNorm that follows it takes a
+    #: per-channel least-squares gain as well as the mean (its weight times ``a``, its running mean moved to match):
+    #: ``a = cov(z, z_hat) / var(z_hat)`` of the original layer's outputs ``z`` and the coded one's ``z_hat`` over
+    #: the calibration inputs, so the normalized output is the best affine estimate of the original's, channel by
+    #: channel (the bias correction alone is ``a = 1``).
+    batchnorm_gain: bool = False
     #: Before coding a Linear / ConvNd weight, refit it by ridge regression so the layer maps its inputs in the
     #: partly coded model to the original layer's outputs (needs a pass of the original model per layer); kept only
     #: where, fitted on the other batches, it lowers the model's output error on the held-out ones
