@@ -141,7 +141,8 @@ def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], 
     :data:`codec.rd.calibrate.TRANSPOSED_UNDER_REPAIR` off) are named in a note of their own. ``renames``: the
     model's name of a stored tensor where it differs (:func:`codec.encode.save`'s ``model_names``); notes use the
     model's."""
-    from .rd.calibrate import TRANSPOSED, uncalibrated
+    from .rd.allocate import PARAMETRIZED
+    from .rd.calibrate import TRANSPOSED, _computed_weight, uncalibrated
     from .rd.recurrent import recurrent_matrix
 
     renames = renames or {}
@@ -149,6 +150,8 @@ def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], 
              and math.prod(arrays.shape(n)) and get_dtype(arrays.dtype_name(n)).floating]
     notes = []
     aside = set(calib.set_aside)
+    if aside:  # a weight_norm / spectral_norm transposed convolution: its originals, by the weight it computes
+        aside |= {n for n in names if PARAMETRIZED in "." + n and _computed_weight(model, n)[1] in calib.set_aside}
     note = uncalibrated(model, calib, [n for n in names if n not in aside])
     if note:
         notes.append(Note(note))

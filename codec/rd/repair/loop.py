@@ -26,7 +26,7 @@ from ..output_sample import OutputSample
 from ..rdo import output_scale, unit_sensitivity
 from .budget import (STEP_UP_FROM, _code_within, _fit_vector, _held, _is_dearer, _moving_vector, _prunes, _receiver,
                      _text)
-from .fit import _LayerFit, _is_layer_weight
+from .fit import _layer_of, _LayerFit
 from .inputs import _Inputs, _check_inputs, _forward_calls
 from .losses import TUNED_CODECS, _distill, _error_against, _finetune, _free, _outputs, _set_trainable, output_error
 from .settings import HOLDOUT_EVERY, Repaired, RepairSettings, held_out
@@ -250,7 +250,8 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     originals = dict(model.named_modules())
     _set_trainable(slots)
     step, mismatched, changed, credit, judged, wide, held_back, vectors = 0, 0, {}, 0, [], [], 0, []
-    receiver, later = _receiver(queue, options, spare, executor, settings.gptq)
+    bias_only: list[str] = []
+    receiver, later = _receiver(queue, options, spare, executor, settings.gptq, work)
     reserve = 0
     # a tensor before the last jpeg / jpegxl one can leave an overrun for it to pay by stepping down (_fit_size)
     last_image = max((i for i, s in enumerate(queue) if options[s.name].codec in ("jpeg", "jpegxl")), default=-1)
@@ -267,18 +268,27 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
             shared = {} if group is not None else None
         evaluated = not any(m.training for m in work.modules())
         reader = _Inputs(stop=evaluated and key in once, held=shared if evaluated and settings.steps == 0 else None)
+        fitted = _layer_of(work, slot)
         with sample.narrowed(work, model):  # (collect needs the layer's inputs, not the model's output)
-            layer = _LayerFit.collect(model, originals[slot.module_name], work, slot, slots, batches, settings,
-                                      follower.get(id(slot.module)), reader) if _is_layer_weight(slot) else None
+            if fitted is None:
+                layer = None
+            elif fitted.transposed:
+                layer = _LayerFit.collect_means(model, originals[fitted.name], work, slot, slots, batches, settings,
+                                                fitted, reader)
+            else:
+                layer = _LayerFit.collect(model, originals[fitted.name], work, slot, slots, batches, settings,
+                                          follower.get(id(slot.module)), reader, fitted)
         del reader
         if layer is not None and layer.candidate is not None:
             judged.append(_refit_judged(work, layer, batches, judge_refs, settings, sample))
-        if layer is not None and layer.h is None:
+        if layer is not None and layer.bias_only:
+            bias_only.append(slot.name)
+        elif layer is not None and layer.h is None:
             wide.append(slot.name)
         elif layer is not None and settings.prune and settings.keep_size and _prunes(options[slot.name], slot,
                                                                                       settings):
             used = slice(settings.stats_batches)
-            layer.sensitivity = unit_sensitivity(work, slot.module, batches[used], None, _run, _flat,
+            layer.sensitivity = unit_sensitivity(work, fitted.module, batches[used], None, _run, _flat,
                                                  seed=settings.seed, scales=scales[used])
         if layer is not None:
             layer.settle()
@@ -351,6 +361,10 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         notes.append(f"repair: {len(wide)} layers with over {settings.max_columns} input columns got the least-squares "
                      f"bias only (no refit, GPTQ or compensation: their inputs' second moment would take 8 x columns^2 "
                      f"bytes; codec.save(..., repair=RepairSettings(max_columns=N)) raises the limit): " + ", ".join(wide))
+    if bias_only:
+        notes.append(f"repair: {len(bias_only)} weights got the least-squares bias only (no refit, GPTQ or "
+                     "compensation: a transposed convolution's input rows are not its stored tensor's rows, nor are "
+                     "a weight_norm layer's whose g runs along its inputs): " + ", ".join(bias_only))
     if unchecked:
         notes.append(f"repair: no refit: {used} calibration batches, fewer than the {HOLDOUT_EVERY} it needs to hold "
                      "one out and check that a refit generalizes (more inputs, or smaller batches, allow it)")
