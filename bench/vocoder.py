@@ -160,6 +160,8 @@ def main(argv=None) -> None:
     ap.add_argument("--measured-transposed", action="store_true",
                     help="codec.rd.calibrate.TRANSPOSED_UNDER_REPAIR = True: transposed convolutions weighed as "
                          "measured under repair")
+    ap.add_argument("--off", default="", help="comma-separated codec.rd.repair.fit switches set False "
+                    "(COMPUTED_LAYERS, TRANSPOSED_BIAS): the repair of before the twenty-ninth pass, in part")
     ap.add_argument("--tag", default="", help="a label for the rows")
     ap.add_argument("--out", help="append the rows as JSON lines here")
     args = ap.parse_args(argv)
@@ -168,6 +170,11 @@ def main(argv=None) -> None:
         from codec.rd import calibrate
 
         calibrate.TRANSPOSED_UNDER_REPAIR = True
+    for name in filter(None, args.off.split(",")):
+        from codec.rd.repair import fit
+
+        assert hasattr(fit, name), name
+        setattr(fit, name, False)
     model = trained(0, args.steps, args.old_weight_norm)
     mel_test, wave_test = synth(64, 1)
     calib, _ = synth(args.calib, 2)

@@ -765,6 +765,23 @@ def computed_values(name: str, reparams: Mapping[str, Reparam], get: Callable[[s
     return v
 
 
+def _transposed_factors(w: Weighting, r: Reparam) -> Weighting:
+    """A transposed convolution's measured weighting (:attr:`Weighting.transposed`) with a weight_norm's factors
+    folded into its matrix view ``[out, in/groups * prod(kernel)]`` (:func:`codec.rd.calibrate.transposed_matrix`):
+    ``dim=0`` (``g`` per input channel, the stored rows) scales the view's columns of that channel (``H`` becomes
+    ``D H D``). Before, the factored weighting was made in the stored view, fitted no tensor and was dropped: the
+    layer was weighed data-free. Another ``dim`` (per output channel: the view's rows, which the Reparam's per-column
+    factors do not name without the kernel's size), and groups (the pooled ``H`` is shared by every group), keep the
+    measure unfactored."""
+    if w.transposed != 1 or w.h is None:
+        return w
+    h, rows = w.h, w.rows
+    if r.rows is not None and h.shape[0] % len(r.rows) == 0:
+        d = np.repeat(r.rows, h.shape[0] // len(r.rows))
+        h = h * d ** 2 if h.ndim == 1 else np.asarray(h, np.float64) * d[:, None] * d[None, :]
+    return Weighting(h=h, rows=rows, scale=w.scale, transposed=w.transposed)
+
+
 def stored_weightings(weightings: Mapping[str, Weighting], reparams: Mapping[str, Reparam]) -> dict[str, Weighting]:
     """``weightings`` with each computed weight's (:func:`reparametrized`: from a following norm, from
     calibration's measure of the layer, or none) moved to the stored tensor it is computed from, the
@@ -783,6 +800,9 @@ def stored_weightings(weightings: Mapping[str, Weighting], reparams: Mapping[str
         if r.rows is None and r.cols is None:
             if w is not None:
                 out[r.stored] = w
+            continue
+        if w is not None and w.transposed is not None:  # a weight_norm transposed convolution, measured
+            out[r.stored] = _transposed_factors(w, r)
             continue
         h = None if w is None else w.h
         if r.cols is not None:

@@ -243,6 +243,8 @@ class _LayerFit:
         self.sensitivity: np.ndarray | None = None
         #: The layer fitted (:func:`_layer_of`; None: ``slot``'s module, a plain Linear / ConvNd)
         self.layer: _Layer | None = None
+        #: A transposed convolution's ``(W E[x_hat], b)`` as it stood before coding (:meth:`bias_choices`)
+        self._own: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def bias_only(self) -> bool:
@@ -499,7 +501,23 @@ class _LayerFit:
         b_ref = None if original.bias is None else original.bias.detach().double().numpy()
         fit = cls(slot, bias_slot, layer.matrix(original.weight), b_ref, counts["h"], mean, mean_hat)
         fit.layer = layer
+        # the layer as it stands, for the bias aimed at its own coding error (:meth:`bias_choices`)
+        fit._own = (_times(layer.matrix(module.weight), mean_hat), bias.detach().double().numpy().copy())
         return fit
+
+    def bias_choices(self, decoded: np.ndarray) -> dict[str, np.ndarray]:
+        """The biases :func:`_bias_judged` chooses from for a transposed convolution (:meth:`collect_means`) coded as
+        ``decoded``: ``"original"`` (:meth:`correct_bias`'s: the original layer's output mean on the original model's
+        inputs), ``"own"`` (``b + E[(W - W_hat) x_hat]``: its own coding error's mean only, the layer as it stood
+        before coding the reference) and ``"none"`` (the bias as it is)."""
+        bias = self.bias.tensor
+        kept = bias.detach().double().numpy().copy()
+        self.correct_bias(decoded)
+        original = bias.detach().double().numpy().copy()
+        layer = self.layer
+        w_hat = layer.matrix(layer.module.weight) if layer.computed else layer.matrix(decoded)
+        own_mean, own_bias = self._own
+        return {"none": kept, "original": original, "own": own_mean - _times(w_hat, self.mean_hat) + own_bias}
 
     def adopt_refit(self, settings: RepairSettings) -> None:
         """Take the refit fitted on all rows as the weight to code (its candidate, fitted on the other rows, was
