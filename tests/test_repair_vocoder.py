@@ -121,3 +121,42 @@ def test_a_weight_norm_layer_is_repaired_through_the_weight_it_computes(norm):
         before.undo()
     assert not any(n in planned.targets for n in lossy)
     assert error(done.model) < 0.8 * error(planned.model), (error(done.model), error(planned.model))
+
+
+def test_a_weight_norm_transposed_convolution_keeps_its_measured_weighting():
+    """The measured weighting of a weight_norm ConvTranspose1d, moved to its ``v``, stays in the matrix view
+    (``transposed``) with ``g / ||v||`` per input channel folded into ``H``'s columns; before, it was made in the
+    stored view, fitted no tensor and was dropped (the layer weighed data-free)."""
+    import numpy as np
+
+    from codec.rd.allocate import reparametrized, stored_weightings
+    from codec.rd.calibrate import calibrate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrizations.weight_norm(nn.ConvTranspose1d(16, 8, 4, stride=2))).eval()
+    with torch.no_grad():
+        model[0].parametrizations.weight.original1.mul_(torch.linspace(0.5, 2, 16).view(-1, 1, 1))
+    calib = calibrate(model, torch.cat(_batches(16, (10,))), transposed=True)
+    state = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
+    reparams = reparametrized({k: v.shape for k, v in state.items()}, lambda n: state[n])
+    name = "0.parametrizations.weight.original1"
+    measured = calib.weightings({})["0.weight"]
+    moved = stored_weightings({"0.weight": measured}, reparams)[name]
+    assert moved.transposed == 1 and moved.fits(state[name].shape)
+    v, g = state[name], state["0.parametrizations.weight.original0"].reshape(-1)
+    d = np.repeat(g / np.sqrt((v * v).sum((1, 2))), 4)
+    assert np.allclose(moved.h, measured.h * d[:, None] * d[None, :])
+
+
+def test_a_weight_norm_transposed_convolution_set_aside_is_named_so(tmp_path):
+    """A repaired save sets a weight_norm transposed convolution aside (TRANSPOSED_UNDER_REPAIR off) under its
+    computed name; the note names its stored tensors as set aside, not as 'not reached by the calibration inputs'
+    (before: 'calibration: 0 transposed convolution weights ()' and the originals as unreached)."""
+    import codec
+
+    model = _wn_model(parametrizations.weight_norm)
+    notes = [str(n) for n in codec.save(model, tmp_path / "w.jwt", bits_per_weight=8,
+                                        calibration=torch.cat(_batches(16, (12,))))]
+    assert not any("not reached" in n for n in notes), notes
+    aside = [n for n in notes if "transposed convolution weight" in n and "data-free" in n]
+    assert len(aside) == 1 and "'4.parametrizations.weight.original1'" in aside[0], notes
