@@ -158,7 +158,8 @@ def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], 
     if aside:
         listed = [n for n in names if n in aside]
         notes.append(Note(f"calibration: {len(listed)} transposed convolution weight{'s' * (len(listed) != 1)} "
-                          f"({_listed(listed)}) coded by the data-free weighting: repair does not fit them, and "
+                          f"({_listed(listed)}) coded by the data-free weighting: repair gives them a judged "
+                          "least-squares bias only (no refit or GPTQ), and "
                           "weighed by their measured output error they lost to it with repair "
                           "(codec.rd.calibrate.TRANSPOSED_UNDER_REPAIR; repair=False weighs them as measured)"))
     unmoved = set(calib.unmoved)
