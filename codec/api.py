@@ -151,7 +151,8 @@ def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], 
     notes = []
     aside = set(calib.set_aside)
     if aside:  # a weight_norm / spectral_norm transposed convolution: its originals, by the weight it computes
-        aside |= {n for n in names if PARAMETRIZED in "." + n and _computed_weight(model, n)[1] in calib.set_aside}
+        aside |= {n for n in names if PARAMETRIZED in "." + n and _computed_weight(model, n)[1] in calib.set_aside
+                  or n.rpartition(".")[2] in ("weight_g", "weight_v") and n[:-2] in calib.set_aside}
     note = uncalibrated(model, calib, [n for n in names if n not in aside])
     if note:
         notes.append(Note(note))

@@ -123,7 +123,8 @@ def moved_growth(model: nn.Module, inputs: Iterable, options: Mapping[str, Encod
     for mod_name, module in model.named_modules():
         prefix = mod_name + "." if mod_name else ""
         opts = next((options[prefix + n] for n in ("weight", "parametrizations.weight.original1",
-                                                    "parametrizations.weight.original") if prefix + n in options), None)
+                                                    "parametrizations.weight.original", "weight_v")
+                     if prefix + n in options), None)
         if not isinstance(module, _biased()) or opts is None or opts.codec == "lossless":
             continue
         after = follower.get(id(module))

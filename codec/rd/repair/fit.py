@@ -19,7 +19,8 @@ from torch import nn
 from ...api import to_numpy
 from ...dtypes import from_float64, to_float64
 from ...tensorcodec import EncodeOptions
-from ..calibrate import UNFOLD_BYTES, _computed_weight, _weight_error, conv_rows, transposed_matrix
+from ..calibrate import (UNFOLD_BYTES, _computed_weight, _weight_error, conv_rows, hook_weight_norm,
+                         transposed_matrix)
 from ..gptq import HeldInFactor
 from .inputs import _Inputs, _Stop
 from .settings import RepairSettings, held_out
@@ -78,12 +79,24 @@ class _Layer:
     def __init__(self, name: str, module: nn.Module, computed: bool, rows: bool, transposed: bool):
         self.name, self.module, self.computed, self.rows, self.transposed = name, module, computed, rows, transposed
 
+    def weight(self) -> torch.Tensor:
+        """The layer's weight from its tensors as they are now (:func:`_computed`)."""
+        return _computed(self.module)
+
     def matrix(self, weight: torch.Tensor | np.ndarray) -> np.ndarray:
         """A weight of the layer (its own shape) as the float64 ``[out, cols]`` matrix its output rows take."""
         weight = torch.as_tensor(weight).detach()
         if self.transposed:
             return transposed_matrix(weight, self.module.groups).double().numpy()
         return weight.reshape(weight.shape[0], -1).double().numpy()
+
+
+def _computed(module: nn.Module) -> torch.Tensor:
+    """``module.weight``, computed from the tensors as they are now: weight_norm's hook form
+    (``torch.nn.utils.weight_norm``) sets it as an attribute only when the module's forward starts, so after its
+    ``weight_v`` is coded the attribute is the old weight until the next call."""
+    hook = hook_weight_norm(module)
+    return module.weight if hook is None else hook.compute_weight(module)
 
 
 #: Repair acts on weight_norm / spectral_norm layers through the weight they compute (:class:`_Layer`); False: their
@@ -102,7 +115,18 @@ def _layer_of(work: nn.Module, slot: _Slot) -> _Layer | None:
         return _Layer(slot.module_name, slot.module, False, True, False)
     if slot.attr == "weight" and slot.is_param and isinstance(slot.module, TRANSPOSED_FITS):
         return _Layer(slot.module_name, slot.module, False, False, True) if TRANSPOSED_BIAS else None
-    if not COMPUTED_LAYERS or not slot.is_param or slot.attr not in ("original", "original1"):
+    if not COMPUTED_LAYERS or not slot.is_param:
+        return None
+    if slot.attr == "weight_v":  # weight_norm's hook form: the layer is the module itself
+        hook = hook_weight_norm(slot.module)
+        if hook is None or isinstance(slot.module, TRANSPOSED_FITS) and not TRANSPOSED_BIAS:
+            return None
+        if isinstance(slot.module, TRANSPOSED_FITS):
+            return _Layer(slot.module_name, slot.module, True, False, True)
+        if not isinstance(slot.module, FITTED):
+            return None
+        return _Layer(slot.module_name, slot.module, True, hook.dim in (0, -1), False)  # (-1: dim=None)
+    if slot.attr not in ("original", "original1"):
         return None
     known, computed = _computed_weight(work, slot.name)
     name, _, param = computed.rpartition(".")
@@ -398,7 +422,7 @@ class _LayerFit:
             ref_w, ref_b = original.weight, original.bias
             mean = (acc["sum_x"] / n).numpy()
         else:  # the layer as it stands is the reference
-            ref_w, ref_b = module.weight, bias  # (a computed weight: from the working model's tensors as they stand)
+            ref_w, ref_b = _computed(module), bias  # (a computed weight: from the working model's tensors as they are)
             mean = mean_hat
         w_ref = ref_w.detach().reshape(ref_w.shape[0], -1)  # (widened when read: _LayerFit.w_ref)
         b_ref = None if ref_b is None else ref_b.detach().double().numpy()
@@ -471,7 +495,7 @@ class _LayerFit:
 
         sums: dict[str, torch.Tensor] = {}
         counts = {"x": 0, "h": 0}
-        shape = tuple(module.weight.shape)
+        shape = tuple(layer.weight().shape)
         handles = [original.register_forward_hook(grab("x")), module.register_forward_hook(grab("h"))]
         training = model.training
         model.eval()
@@ -499,10 +523,10 @@ class _LayerFit:
             return None
         mean, mean_hat = (layer.matrix(sums[k] / counts[k]) for k in ("x", "h"))
         b_ref = None if original.bias is None else original.bias.detach().double().numpy()
-        fit = cls(slot, bias_slot, layer.matrix(original.weight), b_ref, counts["h"], mean, mean_hat)
+        fit = cls(slot, bias_slot, layer.matrix(_computed(original)), b_ref, counts["h"], mean, mean_hat)
         fit.layer = layer
         # the layer as it stands, for the bias aimed at its own coding error (:meth:`bias_choices`)
-        fit._own = (_times(layer.matrix(module.weight), mean_hat), bias.detach().double().numpy().copy())
+        fit._own = (_times(layer.matrix(layer.weight()), mean_hat), bias.detach().double().numpy().copy())
         return fit
 
     def bias_choices(self, decoded: np.ndarray) -> dict[str, np.ndarray]:
@@ -515,7 +539,7 @@ class _LayerFit:
         self.correct_bias(decoded)
         original = bias.detach().double().numpy().copy()
         layer = self.layer
-        w_hat = layer.matrix(layer.module.weight) if layer.computed else layer.matrix(decoded)
+        w_hat = layer.matrix(layer.weight()) if layer.computed else layer.matrix(decoded)
         own_mean, own_bias = self._own
         return {"none": kept, "original": original, "own": own_mean - _times(w_hat, self.mean_hat) + own_bias}
 
@@ -674,7 +698,7 @@ class _LayerFit:
             return
         layer = self.layer
         if layer is not None and layer.computed:  # the weight the layer computes from its coded tensors
-            w_hat = layer.matrix(layer.module.weight)
+            w_hat = layer.matrix(layer.weight())
         elif layer is not None and layer.transposed:
             w_hat = layer.matrix(decoded)
         else:
