@@ -160,3 +160,29 @@ def test_a_weight_norm_transposed_convolution_set_aside_is_named_so(tmp_path):
     assert not any("not reached" in n for n in notes), notes
     aside = [n for n in notes if "transposed convolution weight" in n and "data-free" in n]
     assert len(aside) == 1 and "'4.parametrizations.weight.original1'" in aside[0], notes
+
+
+def test_weight_norm_hook_form_is_calibrated_and_repaired(tmp_path):
+    """``torch.nn.utils.weight_norm`` (the hook form most published vocoders use: ``weight_g`` / ``weight_v``) is
+    calibrated as the weight it computes (before: calibration raised 'the model has no ... layer') and repaired as
+    the parametrized form is: GPTQ's targets for the Conv1d layers' ``weight_v``, their biases moved through the
+    weight computed from the coded tensors (not the attribute the hook left at the last forward)."""
+    import warnings
+
+    import codec
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch deprecates the hook form)
+        model = _wn_model(torch.nn.utils.weight_norm)
+    batches = _batches(16, (12,))
+    options = _options(model)
+    lossy = [n for n, o in options.items() if o.codec == "quant"]
+    assert lossy == ["0.weight_v", "2.weight_v", "4.weight_v"]
+    done = repair(model, batches, options, settings=RepairSettings(keep_size=False))
+    assert all(n in done.targets for n in lossy[:2]) and all(f"{i}.bias" in done.targets for i in (0, 2))
+    layer = done.model[0]
+    with torch.no_grad():
+        layer(batches[0])  # the hook computes the weight from the coded tensors
+    assert torch.equal(layer.weight, torch._weight_norm(layer.weight_v, layer.weight_g, 0))
+    notes = [str(n) for n in codec.save(model, tmp_path / "h.jwt", bits_per_weight=8, calibration=torch.cat(batches))]
+    assert not any("not reached" in n or "does not measure" in n for n in notes), notes

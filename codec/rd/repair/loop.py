@@ -21,6 +21,7 @@ from ...dtypes import to_float64
 from ...parallel import make_executor, release_memory, sparse_zeros
 from ...tensorcodec import Encoded, EncodeOptions
 from ..calibrate import call as _run
+from ..calibrate import hook_weight_norm
 from ..calibrate import floating_outputs as _flat
 from ..output_sample import OutputSample
 from ..rdo import output_scale, unit_sensitivity
@@ -120,6 +121,8 @@ def repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptio
     settings = replace(settings, step_up=settings.step_up and spare > 0)
     executor = make_executor(jobs)
 
+    _leaf_hook_weights(model)
+
     def run(release: int, progress) -> tuple:  # a working model of its own: (work, slots, _repair's result)
         work = copy.deepcopy(model, _shared_lossy(model, options) if settings.steps == 0 else {}).eval()
         for p in work.parameters():
@@ -154,6 +157,19 @@ def repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptio
     for p in work.parameters():
         p.requires_grad_(False)
     return Repaired(targets, notes, work, changed, {s.name: s.encoded for s in slots.values() if s.lossy})
+
+
+def _leaf_hook_weights(model: nn.Module) -> None:
+    """Make each weight_norm hook form's computed ``weight`` attribute (``torch.nn.utils.weight_norm``) a leaf, its
+    value recomputed without a graph: left by a forward with gradients it is not one, and ``copy.deepcopy`` of the
+    model (the working copy) raises on it (pytorch/pytorch#103001). The hook sets the attribute again at the
+    model's next call: nothing the model computes changes."""
+    for module in model.modules():
+        hook = hook_weight_norm(module)
+        if hook is not None and isinstance(getattr(module, hook.name, None), torch.Tensor) \
+                and not getattr(module, hook.name).is_leaf:
+            with torch.no_grad():
+                setattr(module, hook.name, hook.compute_weight(module))
 
 
 class _Lookups:
