@@ -109,8 +109,9 @@ TRANSPOSED_BIAS = True
 
 def _layer_of(work: nn.Module, slot: _Slot) -> _Layer | None:
     """The layer repair fits for ``slot`` (None: none). A plain Linear / ConvNd weight, a transposed convolution's
-    weight, or a weight_norm / spectral_norm original of one (its layer then computes the weight from it; weight_norm's
-    ``g``, ``original0``, has no layer: it is coded as planned, before ``v``, and the layer's fit then sees it coded)."""
+    weight, or a weight_norm / spectral_norm original of one (its layer then computes the weight from it; either form
+    of weight_norm, the hook form's ``weight_v`` too). weight_norm's ``g`` has no layer: it is coded as planned,
+    before ``v``, and the layer's fit then sees it coded."""
     if slot.attr == "weight" and slot.is_param and isinstance(slot.module, FITTED):
         return _Layer(slot.module_name, slot.module, False, True, False)
     if slot.attr == "weight" and slot.is_param and isinstance(slot.module, TRANSPOSED_FITS):
