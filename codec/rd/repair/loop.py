@@ -290,8 +290,10 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
             if fitted is None:
                 layer = None
             elif fitted.transposed:
+                # (its own reader: the inputs a group of layers given one tensor shares are the pre-hooks' tensors,
+                # not the (input, output size) pairs its forward hooks keep)
                 layer = _LayerFit.collect_means(model, originals[fitted.name], work, slot, slots, batches, settings,
-                                                fitted, reader)
+                                                fitted, _Inputs(stop=reader.stop))
             else:
                 layer = _LayerFit.collect(model, originals[fitted.name], work, slot, slots, batches, settings,
                                           follower.get(id(slot.module)), reader, fitted)
