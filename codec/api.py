@@ -141,7 +141,8 @@ def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], 
     :data:`codec.rd.calibrate.TRANSPOSED_UNDER_REPAIR` off) are named in a note of their own. ``renames``: the
     model's name of a stored tensor where it differs (:func:`codec.encode.save`'s ``model_names``); notes use the
     model's."""
-    from .rd.calibrate import TRANSPOSED, uncalibrated
+    from .rd.allocate import PARAMETRIZED
+    from .rd.calibrate import TRANSPOSED, _computed_weight, uncalibrated
     from .rd.recurrent import recurrent_matrix
 
     renames = renames or {}
@@ -149,13 +150,17 @@ def calibration_notes(model, calib, arrays: Arrays, aliases: Mapping[str, str], 
              and math.prod(arrays.shape(n)) and get_dtype(arrays.dtype_name(n)).floating]
     notes = []
     aside = set(calib.set_aside)
+    if aside:  # a weight_norm / spectral_norm transposed convolution: its originals, by the weight it computes
+        aside |= {n for n in names if PARAMETRIZED in "." + n and _computed_weight(model, n)[1] in calib.set_aside
+                  or n.rpartition(".")[2] in ("weight_g", "weight_v") and n[:-2] in calib.set_aside}
     note = uncalibrated(model, calib, [n for n in names if n not in aside])
     if note:
         notes.append(Note(note))
     if aside:
         listed = [n for n in names if n in aside]
         notes.append(Note(f"calibration: {len(listed)} transposed convolution weight{'s' * (len(listed) != 1)} "
-                          f"({_listed(listed)}) coded by the data-free weighting: repair does not fit them, and "
+                          f"({_listed(listed)}) coded by the data-free weighting: repair gives them a judged "
+                          "least-squares bias only (no refit or GPTQ), and "
                           "weighed by their measured output error they lost to it with repair "
                           "(codec.rd.calibrate.TRANSPOSED_UNDER_REPAIR; repair=False weighs them as measured)"))
     unmoved = set(calib.unmoved)

@@ -704,11 +704,17 @@ def reparametrized(shapes: Mapping[str, tuple[int, ...]], get: Callable[[str], n
     has once ``remove_parametrizations`` is applied (``fc1.weight``): weight_norm's ``v`` (``original1`` beside
     an ``original0`` shaped like ``v`` with every dimension but at most one of size 1) and spectral_norm's
     ``original`` (an ``original`` alone, beside the buffers ``0._u`` and ``0._v``). Other parametrizations (several
-    originals, or a ``g`` of another shape) are left out: their originals keep their own measure. ``get(name)``
-    returns a tensor as a float64 array.
+    originals, or a ``g`` of another shape) are left out: their originals keep their own measure. The hook form of
+    weight_norm (``torch.nn.utils.weight_norm``: ``fc1.weight_g`` and ``fc1.weight_v``, :data:`HOOK_V`) is taken
+    as its parametrization is. ``get(name)`` returns a tensor as a float64 array.
     """
     out: dict[str, Reparam] = {}
     for name, shape in shapes.items():
+        if name.rpartition(".")[2] == HOOK_V and name[:-len(HOOK_V)] + HOOK_G in shapes:  # the hook form
+            found = _weight_norm(name, shape, name[:-len(HOOK_V)] + HOOK_G, shapes, get)
+            if found is not None:
+                out[name[:-2]] = found
+            continue
         head, sep, tail = ("." + name).rpartition(PARAMETRIZED)  # (a top-level layer's: no head)
         head = head[1:]
         if not sep or "." not in tail:
@@ -719,26 +725,41 @@ def reparametrized(shapes: Mapping[str, tuple[int, ...]], get: Callable[[str], n
         siblings = [n for n in shapes if n.startswith(prefix) and n[len(prefix):].startswith("original")]
         if leaf == "original" and siblings == [name] and {prefix + "0._u", prefix + "0._v"} <= shapes.keys():
             out[computed] = Reparam(name)
-        elif leaf == "original1" and sorted(siblings) == [prefix + "original0", name] and len(shape) >= 2:
-            g_shape = shapes[prefix + "original0"]
-            if math.prod(g_shape) == 1:  # dim=None: one g (a uniform factor)
-                out[computed] = Reparam(name)
-                continue
-            if len(g_shape) != len(shape) or any(a not in (1, b) for a, b in zip(g_shape, shape)):
-                continue
-            axes = [i for i, (a, b) in enumerate(zip(g_shape, shape)) if a == b and a > 1]
-            if len(axes) != 1:
-                continue
-            v = get(name).reshape(shape)
-            g = get(prefix + "original0").reshape(g_shape)
-            norm = np.sqrt(np.sum(v * v, axis=tuple(i for i in range(len(shape)) if i != axes[0]), keepdims=True))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                factor = np.broadcast_to(g / norm, shape).reshape(shape[0], -1)
-            if not np.all(np.isfinite(factor)) or not np.any(factor):  # a dead row (v_r = 0): v's own measure
-                continue
-            out[computed] = Reparam(name, rows=factor[:, 0].copy(), matrix=len(shape) == 2) if axes[0] == 0 else \
-                Reparam(name, cols=factor[0].copy(), matrix=len(shape) == 2)
+        elif leaf == "original1" and sorted(siblings) == [prefix + "original0", name]:
+            found = _weight_norm(name, shape, prefix + "original0", shapes, get)
+            if found is not None:
+                out[computed] = found
     return out
+
+
+#: The stored tensors of ``torch.nn.utils.weight_norm`` (the hook form, deprecated by torch but what most published
+#: HiFi-GAN / MelGAN checkpoints hold): ``<layer>.weight_g`` and ``<layer>.weight_v``, beside no ``<layer>.weight``.
+HOOK_G, HOOK_V = "weight_g", "weight_v"
+
+
+def _weight_norm(name: str, shape: tuple[int, ...], g_name: str, shapes: Mapping[str, tuple[int, ...]],
+                 get: Callable[[str], np.ndarray]) -> Reparam | None:
+    """weight_norm's :class:`Reparam` for its ``v`` (``name``) beside its ``g`` (``g_name``), either form; None where
+    ``g``'s shape is not ``v``'s with every dimension but at most one of size 1, or a row of ``v`` is zero."""
+    g_shape = shapes[g_name]
+    if len(shape) < 2:
+        return None
+    if math.prod(g_shape) == 1:  # dim=None: one g (a uniform factor)
+        return Reparam(name)
+    if len(g_shape) != len(shape) or any(a not in (1, b) for a, b in zip(g_shape, shape)):
+        return None
+    axes = [i for i, (a, b) in enumerate(zip(g_shape, shape)) if a == b and a > 1]
+    if len(axes) != 1:
+        return None
+    v = get(name).reshape(shape)
+    g = get(g_name).reshape(g_shape)
+    norm = np.sqrt(np.sum(v * v, axis=tuple(i for i in range(len(shape)) if i != axes[0]), keepdims=True))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.broadcast_to(g / norm, shape).reshape(shape[0], -1)
+    if not np.all(np.isfinite(factor)) or not np.any(factor):  # a dead row (v_r = 0): v's own measure
+        return None
+    return Reparam(name, rows=factor[:, 0].copy(), matrix=len(shape) == 2) if axes[0] == 0 else \
+        Reparam(name, cols=factor[0].copy(), matrix=len(shape) == 2)
 
 
 def computed_shapes(shapes: Mapping[str, tuple[int, ...]], reparams: Mapping[str, Reparam]
@@ -747,7 +768,9 @@ def computed_shapes(shapes: Mapping[str, tuple[int, ...]], reparams: Mapping[str
     weight, in the place of the tensor it is computed from: the state_dict :func:`norm_weightings` reads the
     BatchNorm or LayerNorm after a layer from (a weight_norm conv before a BatchNorm)."""
     stored = {r.stored: name for name, r in reparams.items()}
-    return {stored.get(n, n): s for n, s in shapes.items() if n in stored or PARAMETRIZED not in "." + n}
+    hook_g = {n[:-len(HOOK_V)] + HOOK_G for n in stored if n.rpartition(".")[2] == HOOK_V}
+    return {stored.get(n, n): s for n, s in shapes.items()
+            if n in stored or (PARAMETRIZED not in "." + n and n not in hook_g)}
 
 
 def computed_values(name: str, reparams: Mapping[str, Reparam], get: Callable[[str], np.ndarray]) -> np.ndarray:
@@ -763,6 +786,23 @@ def computed_values(name: str, reparams: Mapping[str, Reparam], get: Callable[[s
     if r.cols is not None:
         return (matrix * r.cols[None, :]).reshape(v.shape)
     return v
+
+
+def _transposed_factors(w: Weighting, r: Reparam) -> Weighting:
+    """A transposed convolution's measured weighting (:attr:`Weighting.transposed`) with a weight_norm's factors
+    folded into its matrix view ``[out, in/groups * prod(kernel)]`` (:func:`codec.rd.calibrate.transposed_matrix`):
+    ``dim=0`` (``g`` per input channel, the stored rows) scales the view's columns of that channel (``H`` becomes
+    ``D H D``). Before, the factored weighting was made in the stored view, fitted no tensor and was dropped: the
+    layer was weighed data-free. Another ``dim`` (per output channel: the view's rows, which the Reparam's per-column
+    factors do not name without the kernel's size), and groups (the pooled ``H`` is shared by every group), keep the
+    measure unfactored."""
+    if w.transposed != 1 or w.h is None:
+        return w
+    h, rows = w.h, w.rows
+    if r.rows is not None and h.shape[0] % len(r.rows) == 0:
+        d = np.repeat(r.rows, h.shape[0] // len(r.rows))
+        h = h * d ** 2 if h.ndim == 1 else np.asarray(h, np.float64) * d[:, None] * d[None, :]
+    return Weighting(h=h, rows=rows, scale=w.scale, transposed=w.transposed)
 
 
 def stored_weightings(weightings: Mapping[str, Weighting], reparams: Mapping[str, Reparam]) -> dict[str, Weighting]:
@@ -783,6 +823,9 @@ def stored_weightings(weightings: Mapping[str, Weighting], reparams: Mapping[str
         if r.rows is None and r.cols is None:
             if w is not None:
                 out[r.stored] = w
+            continue
+        if w is not None and w.transposed is not None:  # a weight_norm transposed convolution, measured
+            out[r.stored] = _transposed_factors(w, r)
             continue
         h = None if w is None else w.h
         if r.cols is not None:

@@ -25,7 +25,7 @@ from .. import ladder
 from ..gptq import _BAND, _diagonal
 from ..gptq import difference_error as weighted_error
 from ..rdo import applies, fit_pruned
-from .fit import FITTED, _LayerFit, _is_layer_weight
+from .fit import FITTED, _is_layer_weight, _layer_of, _LayerFit
 from .inputs import _check_inputs, forward_order
 from .settings import RepairSettings
 from .slots import _Slot, _code, _same_bytes
@@ -69,7 +69,7 @@ def constant_growth(model: nn.Module, stored: Iterable[str], settings: RepairSet
         if settings.steps or settings.final_steps:
             changeable.update((prefix + a, p) for a, p in module.named_parameters(recurse=False))
         elif settings.bias_correction:
-            if isinstance(module, FITTED) and module.bias is not None:
+            if isinstance(module, _biased()) and module.bias is not None:
                 changeable[prefix + "bias"] = module.bias
             elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
                 changeable[prefix + "running_mean"] = module.running_mean
@@ -80,6 +80,14 @@ def constant_growth(model: nn.Module, stored: Iterable[str], settings: RepairSet
             if bool((flat == flat[0]).all()):
                 total += flat.numel() * flat.element_size()
     return total
+
+
+def _biased() -> tuple[type, ...]:
+    """The layer kinds whose bias repair's least-squares bias moves (a weight_norm / spectral_norm one too: its
+    class is a subclass of the layer's)."""
+    from . import fit
+
+    return FITTED + fit.TRANSPOSED_FITS if fit.TRANSPOSED_BIAS else FITTED
 
 
 def fitted_share(model: nn.Module) -> float:
@@ -114,8 +122,10 @@ def moved_growth(model: nn.Module, inputs: Iterable, options: Mapping[str, Encod
     moved: set[str] = set()
     for mod_name, module in model.named_modules():
         prefix = mod_name + "." if mod_name else ""
-        opts = options.get(prefix + "weight")
-        if not isinstance(module, FITTED) or opts is None or opts.codec == "lossless":
+        opts = next((options[prefix + n] for n in ("weight", "parametrizations.weight.original1",
+                                                    "parametrizations.weight.original", "weight_v")
+                     if prefix + n in options), None)
+        if not isinstance(module, _biased()) or opts is None or opts.codec == "lossless":
             continue
         after = follower.get(id(module))
         if module.bias is not None:
@@ -200,11 +210,12 @@ def _fit_vector(vector: _Slot, planned: int, room: int, options: Mapping[str, En
     return nbytes, f"{vector.name} {bits} bits ({count} of {value.size} elements)"
 
 
-def _receiver(queue: list[_Slot], options: Mapping[str, EncodeOptions], spare: int, executor, gptq: bool = True
-              ) -> tuple[_Slot | None, dict[str, int]]:
+def _receiver(queue: list[_Slot], options: Mapping[str, EncodeOptions], spare: int, executor, gptq: bool = True,
+              work: nn.Module | None = None) -> tuple[_Slot | None, dict[str, int]]:
     """``(slot, planned)``: the lossy tensor that gets ``spare`` (the one with most elements, the first of equals),
     and the planned bytes of the ``quant`` tensors coded after it that GPTQ codes (``gptq``: a Linear or ConvNd's
-    weight), by name: what they may grow by is kept back from it and from the step-ups before them (:func:`_held`).
+    weight, or given the working model ``work``, a weight_norm ``v`` GPTQ codes too: :func:`_layer_of`), by name:
+    what they may grow by is kept back from it and from the step-ups before them (:func:`_held`).
     Another ``quant`` tensor (a GRU's, an embedding's) is coded by plain rounding and cannot grow: nothing is held
     for it (a calibrated GRU of quant tensors only: nothing held, where 10 % of the GRU's bytes were)."""
     if spare <= 0 or not queue:
@@ -212,7 +223,16 @@ def _receiver(queue: list[_Slot], options: Mapping[str, EncodeOptions], spare: i
     receiver = max(queue, key=lambda s: s.original.size)  # the first of the largest
     return receiver, {s.name: _code(s.name, s.original, s.dtype, options[s.name], executor)[1]
                       for s in queue[queue.index(receiver) + 1:]
-                      if options[s.name].codec == "quant" and gptq and _is_layer_weight(s)}
+                      if options[s.name].codec == "quant" and gptq and _gptq_codes(work, s)}
+
+
+def _gptq_codes(work: nn.Module | None, slot: _Slot) -> bool:
+    """Whether GPTQ codes ``slot`` (a ``quant`` tensor): a Linear / ConvNd weight, or (given the working model) a
+    weight_norm / spectral_norm original whose layer's rows are its rows (:func:`_layer_of`)."""
+    if work is None:
+        return _is_layer_weight(slot)
+    layer = _layer_of(work, slot)
+    return layer is not None and layer.rows
 
 
 def _held(later: Mapping[str, int]) -> int:

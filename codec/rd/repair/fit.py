@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -18,7 +19,8 @@ from torch import nn
 from ...api import to_numpy
 from ...dtypes import from_float64, to_float64
 from ...tensorcodec import EncodeOptions
-from ..calibrate import UNFOLD_BYTES, conv_rows
+from ..calibrate import (UNFOLD_BYTES, _computed_weight, _weight_error, conv_rows, hook_weight_norm,
+                         transposed_matrix)
 from ..gptq import HeldInFactor
 from .inputs import _Inputs, _Stop
 from .settings import RepairSettings, held_out
@@ -54,8 +56,95 @@ def _layer_rows(module: nn.Module, x: torch.Tensor):
         yield cols.float()
 
 
+#: The transposed convolutions repair gives the least-squares bias (:meth:`_LayerFit.collect_means`): their input
+#: rows are not the stored weight's matrix view (:func:`codec.rd.calibrate.transposed_matrix` permutes it), and a
+#: ``quant`` / JPEG tile of the stored tensor mixes that view's rows, so GPTQ and compensation (row by row over the
+#: stored tensor's rows) and the refit do not apply to them as they stand.
+TRANSPOSED_FITS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
 def _is_layer_weight(slot: _Slot) -> bool:
     return slot.attr == "weight" and slot.is_param and isinstance(slot.module, FITTED)
+
+
+class _Layer:
+    """The layer repair fits for a lossy stored tensor (:func:`_layer_of`): ``name`` and ``module`` (the working
+    model's), ``computed`` where the tensor is a weight_norm / spectral_norm original the layer computes its weight
+    from (``conv.parametrizations.weight.original1``: the layer is ``conv``), ``rows`` where GPTQ and JPEG
+    compensation over the stored tensor's rows act on the layer's output error (a plain Linear / ConvNd weight;
+    weight_norm's ``v`` with ``dim=0``, whose rows are the weight's each times ``g / ||v||``, or ``dim=None`` and
+    spectral_norm's original, a uniform factor), and ``transposed`` (a transposed convolution: the least-squares bias
+    only, :data:`TRANSPOSED_FITS`)."""
+
+    def __init__(self, name: str, module: nn.Module, computed: bool, rows: bool, transposed: bool):
+        self.name, self.module, self.computed, self.rows, self.transposed = name, module, computed, rows, transposed
+
+    def weight(self) -> torch.Tensor:
+        """The layer's weight from its tensors as they are now (:func:`_computed`)."""
+        return _computed(self.module)
+
+    def matrix(self, weight: torch.Tensor | np.ndarray) -> np.ndarray:
+        """A weight of the layer (its own shape) as the float64 ``[out, cols]`` matrix its output rows take."""
+        weight = torch.as_tensor(weight).detach()
+        if self.transposed:
+            return transposed_matrix(weight, self.module.groups).double().numpy()
+        return weight.reshape(weight.shape[0], -1).double().numpy()
+
+
+def _computed(module: nn.Module) -> torch.Tensor:
+    """``module.weight``, computed from the tensors as they are now: weight_norm's hook form
+    (``torch.nn.utils.weight_norm``) sets it as an attribute only when the module's forward starts, so after its
+    ``weight_v`` is coded the attribute is the old weight until the next call."""
+    hook = hook_weight_norm(module)
+    return module.weight if hook is None else hook.compute_weight(module)
+
+
+#: Repair acts on weight_norm / spectral_norm layers through the weight they compute (:class:`_Layer`); False: their
+#: stored tensors are coded as planned, with no repair of their layer (before the twenty-ninth pass).
+COMPUTED_LAYERS = True
+#: Repair gives transposed convolutions the least-squares bias (:meth:`_LayerFit.collect_means`); False: coded as
+#: planned, with no repair (before the twenty-ninth pass).
+TRANSPOSED_BIAS = True
+
+
+def _layer_of(work: nn.Module, slot: _Slot) -> _Layer | None:
+    """The layer repair fits for ``slot`` (None: none). A plain Linear / ConvNd weight, a transposed convolution's
+    weight, or a weight_norm / spectral_norm original of one (its layer then computes the weight from it; either form
+    of weight_norm, the hook form's ``weight_v`` too). weight_norm's ``g`` has no layer: it is coded as planned,
+    before ``v``, and the layer's fit then sees it coded."""
+    if slot.attr == "weight" and slot.is_param and isinstance(slot.module, FITTED):
+        return _Layer(slot.module_name, slot.module, False, True, False)
+    if slot.attr == "weight" and slot.is_param and isinstance(slot.module, TRANSPOSED_FITS):
+        return _Layer(slot.module_name, slot.module, False, False, True) if TRANSPOSED_BIAS else None
+    if not COMPUTED_LAYERS or not slot.is_param:
+        return None
+    if slot.attr == "weight_v":  # weight_norm's hook form: the layer is the module itself
+        hook = hook_weight_norm(slot.module)
+        if hook is None or isinstance(slot.module, TRANSPOSED_FITS) and not TRANSPOSED_BIAS:
+            return None
+        if isinstance(slot.module, TRANSPOSED_FITS):
+            return _Layer(slot.module_name, slot.module, True, False, True)
+        if not isinstance(slot.module, FITTED):
+            return None
+        return _Layer(slot.module_name, slot.module, True, hook.dim in (0, -1), False)  # (-1: dim=None)
+    if slot.attr not in ("original", "original1"):
+        return None
+    known, computed = _computed_weight(work, slot.name)
+    name, _, param = computed.rpartition(".")
+    if not known or param != "weight":
+        return None
+    module = work.get_submodule(name) if name else work
+    chain = module.parametrizations.weight
+    weight_norm = type(chain[0]).__name__ == "_WeightNorm"
+    if getattr(chain, "original1" if weight_norm else "original", None) is not slot.tensor:
+        return None  # (weight_norm's g)
+    if isinstance(module, TRANSPOSED_FITS):
+        return _Layer(name, module, True, False, True) if TRANSPOSED_BIAS else None
+    if not isinstance(module, FITTED):
+        return None
+    dim = getattr(chain[0], "dim", None)
+    rows = slot.attr == "original" or dim in (0, None, -slot.original.ndim)  # a factor per row, or one
+    return _Layer(name, module, True, rows, False)
 
 
 class _HeldOut:
@@ -177,6 +266,16 @@ class _LayerFit:
         #: Each output unit's sensitivity ``g_j`` (:func:`codec.rd.rdo.unit_sensitivity`; set by repair when
         #: ``settings.prune`` applies, else None)
         self.sensitivity: np.ndarray | None = None
+        #: The layer fitted (:func:`_layer_of`; None: ``slot``'s module, a plain Linear / ConvNd)
+        self.layer: _Layer | None = None
+        #: A transposed convolution's ``(W E[x_hat], b)`` as it stood before coding (:meth:`bias_choices`)
+        self._own: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def bias_only(self) -> bool:
+        """Whether the layer gets the least-squares bias only for what it is (a transposed convolution, a
+        weight_norm layer whose ``g`` runs along another axis than the output's), not for its width."""
+        return self.layer is not None and not self.layer.rows
 
     @property
     def w_ref(self) -> np.ndarray | None:
@@ -195,15 +294,27 @@ class _LayerFit:
     @classmethod
     def collect(cls, model: nn.Module, original: nn.Module, work: nn.Module, slot: _Slot, slots: dict[str, _Slot],
                 batches: list, settings: RepairSettings, follower: nn.Module | None = None,
-                reader: _Inputs | None = None) -> _LayerFit | None:
+                reader: _Inputs | None = None, layer: _Layer | None = None) -> _LayerFit | None:
         """Run both models over the calibration batches and gather the layer's statistics (None: not applicable).
 
         ``follower`` is the module a forward pass calls right after the
         layer: a BatchNorm there (the layer without a bias of its own) takes
         the mean correction in its running mean. ``reader``: how the passes
-        run (:class:`_Inputs`; default: whole passes).
+        run (:class:`_Inputs`; default: whole passes). ``layer``: the layer
+        (:func:`_layer_of`; default ``slot``'s module); ``original`` is then
+        the original model's layer of that name. A layer that computes its
+        weight from ``slot`` (weight_norm's ``v``) gets no refit (a refit
+        of the weight is not a value of ``v``: the layer would normalise it
+        again), its least-squares bias aimed at its own coding error, read
+        through the weight it computes once ``v`` is coded; GPTQ and JPEG
+        compensation act on ``v``'s rows where they are the weight's times
+        a factor each (``layer.rows``), else it gets the bias only.
         """
         reader = _Inputs() if reader is None else reader
+        layer = _Layer(slot.module_name, slot.module, False, True, False) if layer is None else layer
+        module = layer.module
+        if layer.computed:
+            settings = replace(settings, refit=False)
         seen: dict[str, torch.Tensor] = {}
         acc = {"n": 0, "held_n": 0, "ok": True}
         used = batches[: settings.stats_batches]
@@ -214,7 +325,7 @@ class _LayerFit:
         # rare-word sets with it, 0.9928 / 0.9874 without; data-free 0.9865 / 0.9817).
         # A layer wider than settings.max_columns input columns (a 6272 -> 10 classifier head: a 315 MB H) gets no H
         # at all: the least-squares bias from the inputs' means only, no refit, GPTQ or compensation (fit.h None).
-        wide = math.prod(slot.original.shape[1:]) > settings.max_columns
+        wide = math.prod(slot.original.shape[1:]) > settings.max_columns or not layer.rows
         checked = set(held_out(len(used))) if settings.refit and not wide else set()
         refit = bool(checked)
         held_rows = _HeldOut(original.weight.detach().reshape(original.weight.shape[0], -1).float()) if refit else None
@@ -259,8 +370,8 @@ class _LayerFit:
                 if both and [x.shape for x in xs] != [xh.shape for xh in seen["h"]]:
                     return False
                 for i, inputs in enumerate(seen["h"]):
-                    chunks = zip(_layer_rows(original, xs[i]), _layer_rows(slot.module, inputs)) \
-                        if both else ((None, xh) for xh in _layer_rows(slot.module, inputs))
+                    chunks = zip(_layer_rows(original, xs[i]), _layer_rows(module, inputs)) \
+                        if both else ((None, xh) for xh in _layer_rows(module, inputs))
                     for x, xh in chunks:
                         # products in float32, summed in float64 (add widens them as it adds), each made when
                         # its turn comes: one cols^2 float32 product alive at a time
@@ -276,7 +387,7 @@ class _LayerFit:
                             held_rows.add(x, xh)
             return True
 
-        handles = [original.register_forward_pre_hook(grab("x")), slot.module.register_forward_pre_hook(grab("h"))]
+        handles = [original.register_forward_pre_hook(grab("x")), module.register_forward_pre_hook(grab("h"))]
         training = model.training
         model.eval()
         try:
@@ -294,7 +405,7 @@ class _LayerFit:
                 h.remove()
 
         def again(key: str = "hh") -> None:  # all rows' H, or the other rows' (rest_hh), summed as one pass would
-            handles[:] = [slot.module.register_forward_pre_hook(grab("h"))]
+            handles[:] = [module.register_forward_pre_hook(grab("h"))]
             try:
                 with torch.no_grad():
                     sums((key,), False, rest=key == "rest_hh")
@@ -305,16 +416,14 @@ class _LayerFit:
         if acc["n"] == 0:
             return None
         n = acc["n"]
-        bias = getattr(slot.module, "bias", None)
-        bias_slot = next((s for s in slots.values() if isinstance(bias, torch.Tensor) and s.tensor is bias), None)
-        if bias_slot is not None and (bias_slot.lossy or bias_slot.coded or not settings.bias_correction):
-            bias_slot = None
+        bias = getattr(module, "bias", None)
+        bias_slot = _bias_slot(bias, slots, settings)
         mean_hat = (acc["sum_h"] / n).numpy()
         if refit:
             ref_w, ref_b = original.weight, original.bias
             mean = (acc["sum_x"] / n).numpy()
         else:  # the layer as it stands is the reference
-            ref_w, ref_b = slot.module.weight, bias
+            ref_w, ref_b = _computed(module), bias  # (a computed weight: from the working model's tensors as they are)
             mean = mean_hat
         w_ref = ref_w.detach().reshape(ref_w.shape[0], -1)  # (widened when read: _LayerFit.w_ref)
         b_ref = None if ref_b is None else ref_b.detach().double().numpy()
@@ -325,6 +434,7 @@ class _LayerFit:
                           and s.dtype.floating and not s.lossy and not s.coded
                           and s.original.shape == (w_ref.shape[0],)), None)
         fit = cls(slot, bias_slot, w_ref, b_ref, n, mean, mean_hat, shift)
+        fit.layer = layer
         # Memory: each moment matrix is cols^2 float64 (all-MiniLM-L6-v2's FFN output: 19 MB); the held-out rows'
         # W C is made when needed (_HeldOut), all are divided and centred in place and freed as soon as they have
         # served (all rows' cross moment as soon as W C is made; the other rows' H is solved in its own array), so
@@ -353,6 +463,86 @@ class _LayerFit:
                 fit.candidate, candidate = candidate, None
                 fit._w_cross = fit._weighted_cross(acc)
         return fit
+
+    @classmethod
+    def collect_means(cls, model: nn.Module, original: nn.Module, work: nn.Module, slot: _Slot,
+                      slots: dict[str, _Slot], batches: list, settings: RepairSettings, layer: _Layer,
+                      reader: _Inputs | None = None) -> _LayerFit | None:
+        """A transposed convolution's least-squares bias (``layer.transposed``; None: no bias to move): ``b = E[W_ref
+        x] - E[W_hat x_hat] + b_ref`` per output channel, the mean of the original layer's outputs on the original
+        model's inputs less the coded layer's on the working model's (the mean shift of the layers coded before it
+        too, as :func:`_refit_judged`'s ``"original"``). Each output position reads other taps of the input (its phase
+        modulo the stride, the edges), so the mean input row differs by position: what is kept is, for each weight
+        element, the mean over the output positions of the input it multiplies, ``d E[y] / dW`` (one backward pass
+        of the layer's linear map a batch, exact for any stride, padding, dilation, groups and output size), in the
+        matrix view :func:`codec.rd.calibrate.transposed_matrix` (``mean`` ``[out, cols]``, :func:`_times`). No
+        ``H``: no refit, GPTQ or compensation (:data:`TRANSPOSED_FITS`)."""
+        reader = _Inputs() if reader is None else reader
+        module = layer.module
+        bias = getattr(module, "bias", None)
+        bias_slot = _bias_slot(bias, slots, settings)
+        if bias_slot is None:
+            return None
+        seen: dict[str, list] = {}
+        d = len(module.kernel_size)
+
+        def grab(key):
+            def hook(mod, args, out):  # the input and the output's spatial size (an output_size given by keyword)
+                if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                    seen.setdefault(key, []).append((args[0].detach(), tuple(out.shape[-d:])))
+                if reader.stop:
+                    raise _Stop
+            return hook
+
+        sums: dict[str, torch.Tensor] = {}
+        counts = {"x": 0, "h": 0}
+        shape = tuple(layer.weight().shape)
+        handles = [original.register_forward_hook(grab("x")), module.register_forward_hook(grab("h"))]
+        training = model.training
+        model.eval()
+        try:
+            for k, batch in enumerate(batches[: settings.stats_batches]):
+                seen.clear()
+                with torch.no_grad():
+                    reader.run(work, batch, "h", k, seen)
+                    reader.run(model, batch, "x", k, seen)
+                for key in ("x", "h"):
+                    for x, size in seen.get(key, []):
+                        x = x.double().unsqueeze(0) if x.dim() == d + 1 else x.double()
+                        w = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+                        with torch.enable_grad():
+                            y = _weight_error(module, x, w, size)
+                            y.sum().backward()
+                        sums[key] = w.grad if key not in sums else sums[key] + w.grad
+                        counts[key] += y.numel() // y.shape[1]
+                        del y, w
+        finally:
+            model.train(training)
+            for h in handles:
+                h.remove()
+        if not counts["x"] or not counts["h"]:
+            return None
+        mean, mean_hat = (layer.matrix(sums[k] / counts[k]) for k in ("x", "h"))
+        b_ref = None if original.bias is None else original.bias.detach().double().numpy()
+        fit = cls(slot, bias_slot, layer.matrix(_computed(original)), b_ref, counts["h"], mean, mean_hat)
+        fit.layer = layer
+        # the layer as it stands, for the bias aimed at its own coding error (:meth:`bias_choices`)
+        fit._own = (_times(layer.matrix(layer.weight()), mean_hat), bias.detach().double().numpy().copy())
+        return fit
+
+    def bias_choices(self, decoded: np.ndarray) -> dict[str, np.ndarray]:
+        """The biases :func:`_bias_judged` chooses from for a transposed convolution (:meth:`collect_means`) coded as
+        ``decoded``: ``"original"`` (:meth:`correct_bias`'s: the original layer's output mean on the original model's
+        inputs), ``"own"`` (``b + E[(W - W_hat) x_hat]``: its own coding error's mean only, the layer as it stood
+        before coding the reference) and ``"none"`` (the bias as it is)."""
+        bias = self.bias.tensor
+        kept = bias.detach().double().numpy().copy()
+        self.correct_bias(decoded)
+        original = bias.detach().double().numpy().copy()
+        layer = self.layer
+        w_hat = layer.matrix(layer.weight()) if layer.computed else layer.matrix(decoded)
+        own_mean, own_bias = self._own
+        return {"none": kept, "original": original, "own": own_mean - _times(w_hat, self.mean_hat) + own_bias}
 
     def adopt_refit(self, settings: RepairSettings) -> None:
         """Take the refit fitted on all rows as the weight to code (its candidate, fitted on the other rows, was
@@ -495,7 +685,7 @@ class _LayerFit:
         if self.w_ref is None:
             return
         if self.bias is not None or self.shift is not None:
-            self._w_mean = self.w_ref @ self.mean
+            self._w_mean = _times(self.w_ref, self.mean)
         self.w_ref = None
 
     def correct_bias(self, decoded: np.ndarray) -> None:
@@ -507,12 +697,32 @@ class _LayerFit:
         """
         if self.bias is None and self.shift is None:
             return
-        w_hat = decoded.reshape(decoded.shape[0], -1)
-        w_mean = self._w_mean if self.w_ref is None else self.w_ref @ self.mean
-        b = w_mean - w_hat @ self.mean_hat + (0.0 if self.b_ref is None else self.b_ref)
+        layer = self.layer
+        if layer is not None and layer.computed:  # the weight the layer computes from its coded tensors
+            w_hat = layer.matrix(layer.weight())
+        elif layer is not None and layer.transposed:
+            w_hat = layer.matrix(decoded)
+        else:
+            w_hat = decoded.reshape(decoded.shape[0], -1)
+        w_mean = self._w_mean if self.w_ref is None else _times(self.w_ref, self.mean)
+        b = w_mean - _times(w_hat, self.mean_hat) + (0.0 if self.b_ref is None else self.b_ref)
         if self.bias is not None:
             bias = self.bias.tensor
             bias.copy_(torch.from_numpy(b).to(bias.dtype))
         else:
             running = self.shift.tensor
             running.copy_(torch.from_numpy(to_float64(self.shift.original, self.shift.dtype) - b).to(running.dtype))
+
+
+def _times(w: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """``E[W x]`` per output row: ``W @ mean`` for one mean input row, or ``(W * mean).sum(1)`` where ``mean`` holds
+    one per output row (``[out, cols]``: a transposed convolution's, :meth:`_LayerFit.collect_means`)."""
+    return w @ mean if mean.ndim == 1 else np.einsum("ij,ij->i", w, mean)
+
+
+def _bias_slot(bias, slots: dict[str, _Slot], settings: RepairSettings) -> _Slot | None:
+    """The lossless, not yet coded stored tensor that is a layer's ``bias`` (None: none, or no bias correction)."""
+    found = next((s for s in slots.values() if isinstance(bias, torch.Tensor) and s.tensor is bias), None)
+    if found is not None and (found.lossy or found.coded or not settings.bias_correction):
+        return None
+    return found

@@ -21,12 +21,13 @@ from ...dtypes import from_float64, to_float64
 from ...parallel import make_executor, release_memory, sparse_zeros
 from ...tensorcodec import Encoded, EncodeOptions
 from ..calibrate import call as _run
+from ..calibrate import hook_weight_norm
 from ..calibrate import floating_outputs as _flat
 from ..output_sample import OutputSample
 from ..rdo import output_scale, unit_sensitivity
 from .budget import (STEP_UP_FROM, _code_within, _fit_vector, _held, _is_dearer, _moving_vector, _prunes, _receiver,
                      _text)
-from .fit import _LayerFit, _is_layer_weight
+from .fit import _layer_of, _LayerFit
 from .inputs import _Inputs, _check_inputs, _forward_calls
 from .losses import TUNED_CODECS, _distill, _error_against, _finetune, _free, _outputs, _set_trainable, output_error
 from .settings import HOLDOUT_EVERY, Repaired, RepairSettings, held_out
@@ -120,6 +121,8 @@ def repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptio
     settings = replace(settings, step_up=settings.step_up and spare > 0)
     executor = make_executor(jobs)
 
+    _leaf_hook_weights(model)
+
     def run(release: int, progress) -> tuple:  # a working model of its own: (work, slots, _repair's result)
         work = copy.deepcopy(model, _shared_lossy(model, options) if settings.steps == 0 else {}).eval()
         for p in work.parameters():
@@ -154,6 +157,19 @@ def repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptio
     for p in work.parameters():
         p.requires_grad_(False)
     return Repaired(targets, notes, work, changed, {s.name: s.encoded for s in slots.values() if s.lossy})
+
+
+def _leaf_hook_weights(model: nn.Module) -> None:
+    """Make each weight_norm hook form's computed ``weight`` attribute (``torch.nn.utils.weight_norm``) a leaf, its
+    value recomputed without a graph: left by a forward with gradients it is not one, and ``copy.deepcopy`` of the
+    model (the working copy) raises on it (pytorch/pytorch#103001). The hook sets the attribute again at the
+    model's next call: nothing the model computes changes."""
+    for module in model.modules():
+        hook = hook_weight_norm(module)
+        if hook is not None and isinstance(getattr(module, hook.name, None), torch.Tensor) \
+                and not getattr(module, hook.name).is_leaf:
+            with torch.no_grad():
+                setattr(module, hook.name, hook.compute_weight(module))
 
 
 class _Lookups:
@@ -250,7 +266,9 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     originals = dict(model.named_modules())
     _set_trainable(slots)
     step, mismatched, changed, credit, judged, wide, held_back, vectors = 0, 0, {}, 0, [], [], 0, []
-    receiver, later = _receiver(queue, options, spare, executor, settings.gptq)
+    bias_only: list[str] = []
+    biases: list[str] = []  # the choice of each transposed convolution's bias (_bias_judged)
+    receiver, later = _receiver(queue, options, spare, executor, settings.gptq, work)
     reserve = 0
     # a tensor before the last jpeg / jpegxl one can leave an overrun for it to pay by stepping down (_fit_size)
     last_image = max((i for i, s in enumerate(queue) if options[s.name].codec in ("jpeg", "jpegxl")), default=-1)
@@ -267,18 +285,29 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
             shared = {} if group is not None else None
         evaluated = not any(m.training for m in work.modules())
         reader = _Inputs(stop=evaluated and key in once, held=shared if evaluated and settings.steps == 0 else None)
+        fitted = _layer_of(work, slot)
         with sample.narrowed(work, model):  # (collect needs the layer's inputs, not the model's output)
-            layer = _LayerFit.collect(model, originals[slot.module_name], work, slot, slots, batches, settings,
-                                      follower.get(id(slot.module)), reader) if _is_layer_weight(slot) else None
+            if fitted is None:
+                layer = None
+            elif fitted.transposed:
+                # (its own reader: the inputs a group of layers given one tensor shares are the pre-hooks' tensors,
+                # not the (input, output size) pairs its forward hooks keep)
+                layer = _LayerFit.collect_means(model, originals[fitted.name], work, slot, slots, batches, settings,
+                                                fitted, _Inputs(stop=reader.stop))
+            else:
+                layer = _LayerFit.collect(model, originals[fitted.name], work, slot, slots, batches, settings,
+                                          follower.get(id(slot.module)), reader, fitted)
         del reader
         if layer is not None and layer.candidate is not None:
             judged.append(_refit_judged(work, layer, batches, judge_refs, settings, sample))
-        if layer is not None and layer.h is None:
+        if layer is not None and layer.bias_only:
+            bias_only.append(slot.name)
+        elif layer is not None and layer.h is None:
             wide.append(slot.name)
         elif layer is not None and settings.prune and settings.keep_size and _prunes(options[slot.name], slot,
                                                                                       settings):
             used = slice(settings.stats_batches)
-            layer.sensitivity = unit_sensitivity(work, slot.module, batches[used], None, _run, _flat,
+            layer.sensitivity = unit_sensitivity(work, fitted.module, batches[used], None, _run, _flat,
                                                  seed=settings.seed, scales=scales[used])
         if layer is not None:
             layer.settle()
@@ -304,7 +333,10 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
             _take(slot, decoded)
             if lookups is not None:
                 lookups.take(work, slot, decoded, batches)
-            if layer is not None:
+            if layer is not None and layer._own is not None:
+                biases.append(_bias_judged(work, layer, to_float64(decoded, slot.dtype), batches, judge_refs,
+                                           settings, sample))
+            elif layer is not None:
                 layer.correct_bias(to_float64(decoded, slot.dtype))
                 if settings.batchnorm_gain and layer.shift is not None:
                     _batchnorm_gain(model, originals[slot.module_name], work, slot, layer,
@@ -354,6 +386,16 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         notes.append(f"repair: {len(wide)} layers with over {settings.max_columns} input columns got the least-squares "
                      f"bias only (no refit, GPTQ or compensation: their inputs' second moment would take 8 x columns^2 "
                      f"bytes; codec.save(..., repair=RepairSettings(max_columns=N)) raises the limit): " + ", ".join(wide))
+    if biases:
+        counts = {c: biases.count(c) for c in ("original", "own", "none")}
+        notes.append(f"repair: the least-squares bias of {len(biases)} transposed convolutions aimed at the original's "
+                     f"outputs for {counts['original']}, at the layer's own coding error for {counts['own']}, left as "
+                     f"it was for {counts['none']}, each as it lowers the model's output error on the held-out "
+                     "calibration batches (all of them where none is held out)")
+    if bias_only:
+        notes.append(f"repair: {len(bias_only)} weights got the least-squares bias only (no refit, GPTQ or "
+                     "compensation: a transposed convolution's input rows are not its stored tensor's rows, nor are "
+                     "a weight_norm layer's whose g runs along its inputs): " + ", ".join(bias_only))
     if unchecked:
         notes.append(f"repair: no refit: {used} calibration batches, fewer than the {HOLDOUT_EVERY} it needs to hold "
                      "one out and check that a refit generalizes (more inputs, or smaller batches, allow it)")
@@ -433,6 +475,38 @@ def _batchnorm_gain(model: nn.Module, original: nn.Module, work: nn.Module, slot
         mu = to_float64(layer.shift.original, layer.shift.dtype)
         running = layer.shift.tensor
         running.copy_(torch.from_numpy((mu - mean_z + a * mean_h) / a).to(running.dtype))
+
+
+#: The choices :func:`_bias_judged` tries, in the order a tie keeps (the first).
+BIAS_CHOICES = ("original", "own", "none")
+
+
+def _bias_judged(work: nn.Module, layer: _LayerFit, decoded: np.ndarray, batches: list, refs: Mapping[int, list],
+                 settings: RepairSettings, sample: OutputSample | None = None) -> str:
+    """Set a coded transposed convolution's bias (:meth:`_LayerFit.bias_choices`) to the choice that gives the
+    lowest model output error on the held-out batches (``refs``: their sampled references, :func:`output_error`);
+    with none held out (no refit judged: too few batches, or ``settings.refit`` off), the least-squares bias aimed at
+    the original's outputs, as :meth:`_LayerFit.correct_bias` gives. The choice, for the note.
+
+    Why judged: the least-squares bias is the best bias for the layer's own outputs, not for the model's behind a
+    nonlinearity. On a denoising autoencoder (two ConvTranspose2d) the bias aimed at the original's outputs lowered
+    the output error 1.39x / 1.16x at -b 1.5 / 2.5; on a HiFi-GAN-shaped vocoder (LeakyReLU, residual blocks and a
+    tanh after its two ConvTranspose1d) it raised it 1.10-1.14x at -b 1 / 2 / 3 (bench/JOURNAL.md, "vocoder
+    (twenty-ninth pass)")."""
+    held = [i for i in held_out(len(batches[: settings.stats_batches])) if i in refs] if settings.refit else []
+    if not held:
+        layer.correct_bias(decoded)
+        return "original"
+    choices = layer.bias_choices(decoded)
+    bias = layer.bias.tensor
+    errors = {}
+    with torch.no_grad():
+        for name in BIAS_CHOICES:
+            bias.copy_(torch.from_numpy(choices[name]).to(bias.dtype))
+            errors[name] = output_error(work, [batches[i] for i in held], [refs[i] for i in held], sample)
+        best = min(BIAS_CHOICES, key=lambda c: errors[c])
+        bias.copy_(torch.from_numpy(choices[best]).to(bias.dtype))
+    return best
 
 
 def _refit_judged(work: nn.Module, layer: _LayerFit, batches: list, refs: Mapping[int, list], settings: RepairSettings,
