@@ -72,7 +72,7 @@ import inspect
 import itertools
 import math
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -577,7 +577,10 @@ class _Collector:
         if not self.active or not isinstance(x, torch.Tensor):
             return
         if self.kind == "embedding":
-            ids = self._tokens(x, x.shape)
+            ids = lookup_ids(module, x)
+            if ids is None:
+                return
+            ids = self._tokens(ids, ids.shape)
             counts = torch.bincount(ids.reshape(-1).long(), minlength=module.num_embeddings).double()
             self.h = counts if self.h is None else self.h + counts
             self.rows += ids.numel()
@@ -917,7 +920,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     sample = OutputSample(seed)
     prefix = Prefix(model)  # (eval mode: set above; the sensitivity passes start at the layer they perturb)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), own_lookups(layers.values()):
             for index, raw in enumerate(batches):
                 if max_batches is not None and index >= max_batches:
                     break
@@ -1234,6 +1237,61 @@ def _weight_error(module: nn.Module, x: torch.Tensor, dw: torch.Tensor, size: Se
     return F.linear(x, dw)
 
 
+class _Lookups(torch.overrides.TorchFunctionMode):
+    """Records the ids of the ``F.embedding`` calls made with ``weight`` (see :func:`own_lookups`)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight, self.ids = weight, None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.embedding and len(args) > 1 and args[1] is self.weight:
+            self.ids = args[0]
+        return func(*args, **(kwargs or {}))
+
+
+#: module -> the ids its last call looked up, for the embeddings :func:`own_lookups` watches
+_LOOKED_UP: dict[nn.Module, torch.Tensor] = {}
+
+
+@contextlib.contextmanager
+def own_lookups(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """While open, an ``nn.Embedding`` among ``modules`` whose class overrides ``forward`` has the ids its call
+    looked up recorded (:func:`lookup_ids`), not only its call's arguments: transformers' ``BartLearnedPositionalEmbedding``
+    is called with the token embeddings "for the shape only" and looks up the positions through
+    ``nn.Embedding.forward``, so its hooks see floats where the rows it reads are the positions. Its forward runs
+    under a torch function mode that notes the ``F.embedding`` call made with its weight."""
+    own = [m for m in modules if isinstance(m, nn.Embedding) and type(m).forward is not nn.Embedding.forward]
+    for module in own:
+        original = module.forward
+
+        def watched(*args, _module=module, _original=original, **kwargs):
+            with _Lookups(_module.weight) as mode:
+                out = _original(*args, **kwargs)
+            if mode.ids is not None:
+                _LOOKED_UP[_module] = mode.ids
+            else:
+                _LOOKED_UP.pop(_module, None)
+            return out
+
+        module.forward = watched  # (an instance attribute: nn.Module.__call__ reads self.forward)
+    try:
+        yield
+    finally:
+        for module in own:
+            del module.forward
+            _LOOKED_UP.pop(module, None)
+
+
+def lookup_ids(module: nn.Module, x: object) -> torch.Tensor | None:
+    """The ids an ``nn.Embedding`` call looked up: recorded by :func:`own_lookups` for a class that chooses its rows
+    itself, else its first argument ``x``; None when they are not an integer tensor (nothing to count them by)."""
+    ids = _LOOKED_UP.get(module, x)
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
+        return None
+    return ids
+
+
 #: Elements of a weight squared and summed at once by :func:`_rms`.
 _RMS_CHUNK = 1 << 20
 
@@ -1421,8 +1479,13 @@ def _sensitivity_pass(model: nn.Module, batch: Batch, clean: list[torch.Tensor],
             # (a transposed convolution's output size: the padding its forward used, output_size given or not,
             # by position or by keyword)
             size = output.shape[-len(mod.kernel_size):] if kind == TRANSPOSED else None
+            x = args[0] if args else None
+            if kind == "embedding":  # (the rows it looked up: an embedding may choose them itself)
+                x = lookup_ids(mod, x)
+                if x is None:
+                    return output
             delta = (noise.bag_error(mod, bag_arguments(args, rest[0]), output)  # noqa: B023
-                     if isinstance(mod, nn.EmbeddingBag) else noise.error(mod, args[0], size))  # noqa: B023
+                     if isinstance(mod, nn.EmbeddingBag) else noise.error(mod, x, size))  # noqa: B023
             signal = output
             if getattr(mod, "bias", None) is not None:  # (a conv's: over its channel axis, batched or not)
                 signal = output - (mod.bias.view(-1, *[1] * len(mod.kernel_size)) if conv else mod.bias)
