@@ -62,3 +62,64 @@ def test_a_calibrated_save_of_that_model_decodes(tmp_path):
     fresh = _Tagger()
     codec.load_into(fresh, path)
     assert torch.allclose(fresh.positions.weight, model.positions.weight, atol=0.2)
+
+
+def _run(*args):
+    from click.testing import CliRunner
+
+    from jwt_cli.main import cli
+
+    return CliRunner().invoke(cli, list(map(str, args)))
+
+
+def test_a_hugging_face_image_folder_takes_an_array_of_its_pixel_values(tmp_path):
+    """A ViT folder with ``--calibration pixels.npy`` (the model's own inputs, already normalized): the array goes in
+    as the model's ``pixel_values``, no tokenizer is looked for (before: "transformers cannot load the model or its
+    tokenizer"), and the file decodes into a folder transformers loads."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=1, hidden_size=48, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=96, num_labels=4)
+    folder = tmp_path / "vit"
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(config).eval()
+    model.save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5]) \
+        .save_pretrained(folder)
+    np.save(tmp_path / "pixels.npy", np.random.default_rng(0).uniform(-1, 1, (12, 1, 16, 16)).astype(np.float32))
+    out = tmp_path / "vit.jwt"
+    result = _run("encode", folder, "-b", "6", "--calibration", tmp_path / "pixels.npy", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output and "tokenizer" not in result.output
+    assert "12 samples of pixels.npy as the model's pixel_values" in result.output
+    with codec.open(out) as f:
+        assert f.metadata["jwt.calibration"].startswith("12 inputs")
+    assert _run("decode", out, "-o", f"{tmp_path / 'back'}/").exit_code == 0
+    back = transformers.ViTForImageClassification.from_pretrained(tmp_path / "back").eval()
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        a, b = model(pixel_values=x).logits, back(pixel_values=x).logits
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
+def test_an_encoder_decoder_folder_given_an_array_gets_its_decoders_start_token(tmp_path):
+    """A Whisper-shaped folder (an encoder of audio features, a text decoder) with ``--calibration features.npy``:
+    the decoder is given its start token (before: "You cannot specify both decoder_input_ids and
+    decoder_inputs_embeds"), and a note says it reads only that."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.WhisperConfig(vocab_size=300, num_mel_bins=8, encoder_layers=1, decoder_layers=1,
+                                        encoder_attention_heads=2, decoder_attention_heads=2, d_model=32,
+                                        encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=16,
+                                        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                        decoder_start_token_id=1)
+    folder = tmp_path / "whisper"
+    torch.manual_seed(0)
+    transformers.WhisperForConditionalGeneration(config).save_pretrained(folder)
+    np.save(tmp_path / "features.npy", np.random.default_rng(0).standard_normal((6, 8, 32)).astype(np.float32))
+    result = _run("encode", folder, "-b", "8", "--calibration", tmp_path / "features.npy", "-o", tmp_path / "w.jwt")
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert "as the model's input_features" in result.output and "its start token" in result.output

@@ -1257,10 +1257,10 @@ _LOOKED_UP: dict[nn.Module, torch.Tensor] = {}
 @contextlib.contextmanager
 def own_lookups(modules: Iterable[nn.Module]) -> Iterator[None]:
     """While open, an ``nn.Embedding`` among ``modules`` whose class overrides ``forward`` has the ids its call
-    looked up recorded (:func:`lookup_ids`), not only its call's arguments: transformers' ``BartLearnedPositionalEmbedding``
-    is called with the token embeddings "for the shape only" and looks up the positions through
-    ``nn.Embedding.forward``, so its hooks see floats where the rows it reads are the positions. Its forward runs
-    under a torch function mode that notes the ``F.embedding`` call made with its weight."""
+    looked up recorded (:func:`lookup_ids`), not only its call's arguments: transformers'
+    ``BartLearnedPositionalEmbedding`` is called with the token embeddings "for the shape only" and looks up the
+    positions through ``nn.Embedding.forward``, so its hooks see floats where the rows it reads are the positions.
+    Its forward runs under a torch function mode that notes the ``F.embedding`` call made with its weight."""
     own = [m for m in modules if isinstance(m, nn.Embedding) and type(m).forward is not nn.Embedding.forward]
     for module in own:
         original = module.forward
