@@ -123,3 +123,60 @@ def test_an_encoder_decoder_folder_given_an_array_gets_its_decoders_start_token(
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     assert "as the model's input_features" in result.output and "its start token" in result.output
+
+
+def test_a_dual_encoder_given_one_kind_of_input_is_told_what_else_its_forward_takes():
+    """A CLIP model calibrated on sentences alone (as ``jwt encode CLIP-FOLDER --calibration texts.txt`` gives it):
+    the one-line error names the input its forward also takes and the dict batches that give both (before: "the
+    model does not accept it ('NoneType' object has no attribute 'shape')")."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16),
+        vision_config=dict(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2), projection_dim=16)
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(config).eval()
+    ids = {"input_ids": torch.randint(0, 100, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long)}
+    with pytest.raises(ValueError) as err:
+        calibrate(model, [ids])
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("calibration batch 0: the model does not accept it")
+    assert "its forward also takes pixel_values" in message and "{'input_ids': ..., 'pixel_values': ...}" in message
+    both = {**ids, "pixel_values": torch.rand(4, 3, 16, 16)}
+    assert "text_model.encoder.layers.0.mlp.fc1.weight" in calibrate(model, [both]).layers
+
+
+class _Tower(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(8, 16)
+
+    def forward(self, x):
+        return {"pooled": torch.tanh(self.body(x))}
+
+
+class _Projected(nn.Module):
+    """As CLIP's ``get_image_features`` in transformers 5: the tower's output dict has its field replaced by the
+    projection of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.tower, self.proj, self.head = _Tower(), nn.Linear(16, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        out = self.tower(x)
+        out["pooled"] = self.proj(out["pooled"])
+        return self.head(out["pooled"])
+
+
+def test_a_kept_output_whose_field_the_model_reassigns_is_not_given_back():
+    """The sensitivity passes that start at a layer give back the outputs of modules completed before it; an output
+    whose field the model reassigns after it returns (the projected features in place of the pooled ones) would be
+    given back changed (before: "mat1 and mat2 shapes cannot be multiplied" out of calibrate, a traceback)."""
+    torch.manual_seed(0)
+    model = _Projected()
+    cal = calibrate(model, [torch.randn(8, 8) for _ in range(2)])
+    assert {"tower.body.weight", "proj.weight", "head.weight"} <= set(cal.layers)

@@ -837,6 +837,29 @@ def _several_inputs_hint(exc: BaseException) -> str:
     return ""
 
 
+#: The names transformers models give their main inputs (``main_input_name``): a model whose forward takes two of
+#: them (CLIP's ``input_ids`` and ``pixel_values``) may need both in each batch.
+MAIN_INPUTS = ("input_ids", "pixel_values", "input_values", "input_features")
+
+
+def _missing_inputs_hint(model: nn.Module, batch: object) -> str:
+    """When a mapping batch gives one of :data:`MAIN_INPUTS` and the model's forward also takes another by name (a
+    dual encoder given sentences alone), what else it takes and how to give both."""
+    if not isinstance(batch, Mapping):
+        return ""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return ""
+    given = [k for k in MAIN_INPUTS if k in batch]
+    missing = [k for k in MAIN_INPUTS if k in params and k not in batch]
+    if not given or not missing:
+        return ""
+    both = ", ".join(f"'{k}': ..." for k in (given[0], *missing))
+    return (f"; its forward also takes {', '.join(missing)}, which the batches do not give: a model of two inputs "
+            f"(a dual encoder) may need both, as dict batches {{{both}}}")
+
+
 def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = None, seed: int = 0,
               progress: Callable[[str, int], None] | None = None,
               sensitivity_samples: int = SENSITIVITY_SAMPLES, transposed: bool = True) -> Calibration:
@@ -934,7 +957,8 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
                         out = call(model, batch)
                 except Exception as exc:  # the model's own error on a wrong shape or type (a ValueError too)
                     raise ValueError(f"calibration batch {index}: the model does not accept it "
-                                     f"({first_line(exc)}){_several_inputs_hint(exc)}") from None
+                                     f"({first_line(exc)}){_several_inputs_hint(exc)}"
+                                     f"{_missing_inputs_hint(model, batch)}") from None
                 clean = compared_outputs(out)
                 if not clean:
                     raise ValueError(f"calibration: the model's output ({type(out).__name__}) holds no floating "
