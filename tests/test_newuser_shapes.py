@@ -180,3 +180,26 @@ def test_a_kept_output_whose_field_the_model_reassigns_is_not_given_back():
     model = _Projected()
     cal = calibrate(model, [torch.randn(8, 8) for _ in range(2)])
     assert {"tower.body.weight", "proj.weight", "head.weight"} <= set(cal.layers)
+
+
+class _LongTagger(_Tagger):
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.positions, self.out = nn.Embedding(1000, 64), _Positions(300, 64), nn.Linear(64, 5)
+
+
+def test_repair_keeps_whole_a_coded_embedding_that_chooses_its_rows():
+    """Repair holds a coded embedding at the rows the calibration inputs look up; an embedding whose class chooses
+    its rows (BART's learned positions) is kept whole instead (before: "arrays used as indices must be of integer
+    (or boolean) type" out of repair, a traceback, after the whole calibration of a BART folder)."""
+    import tempfile
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    model = _LongTagger()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.jwt"
+        codec.save(model, path, bits_per_weight=2, calibration=_ids(4), overrides={"positions.weight": "b3"})
+        back = codec.load(path)
+    error = (back["positions.weight"] - model.positions.weight.detach()).norm() / model.positions.weight.norm()
+    assert error < 0.5  # (3-bit quant of a random table: about 0.3)

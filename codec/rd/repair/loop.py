@@ -164,6 +164,7 @@ class _Lookups:
 
     def __init__(self, work: nn.Module, slots: dict[str, _Slot]):
         self.rows: dict[int, list[torch.Tensor]] = {}
+        self.unknown: set[int] = set()  # embeddings whose rows their call's arguments do not give: kept whole
         self.handles = []
         for slot in slots.values():
             if slot.lossy and slot.attr == "weight" and isinstance(slot.module, nn.Embedding):
@@ -171,12 +172,19 @@ class _Lookups:
                 self.handles.append(slot.module.register_forward_pre_hook(self._hook))
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
-        self.rows[id(module)].append(args[0].detach().reshape(-1).unique())
+        ids = args[0] if args else None
+        if type(module).forward is not nn.Embedding.forward or not isinstance(ids, torch.Tensor) \
+                or ids.is_floating_point() or ids.is_complex():
+            # rows its class chooses (BART's learned positions, called with the token embeddings): not known here
+            self.unknown.add(id(module))
+            return
+        self.rows[id(module)].append(ids.detach().reshape(-1).unique())
 
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
-        self.rows = {key: torch.cat(ids).unique() if ids else None for key, ids in self.rows.items()}
+        self.rows = {key: torch.cat(ids).unique() if ids and key not in self.unknown else None
+                     for key, ids in self.rows.items()}
 
     def take(self, work: nn.Module, slot: _Slot, decoded: np.ndarray, batches: list) -> None:
         """Replace a coded embedding's decoded values (just taken whole by :func:`_take`) by an array holding
