@@ -203,3 +203,31 @@ def test_repair_keeps_whole_a_coded_embedding_that_chooses_its_rows():
         back = codec.load(path)
     error = (back["positions.weight"] - model.positions.weight.detach()).norm() / model.positions.weight.norm()
     assert error < 0.5  # (3-bit quant of a random table: about 0.3)
+
+
+class _SlicedPositions(nn.Embedding):
+    """As transformers' ``WhisperPositionalEmbedding``: called with the token ids, it reads its first rows by
+    indexing its weight (no ``F.embedding`` call)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.weight[0:ids.shape[1]]
+
+
+class _SlicedTagger(_Tagger):
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(1000, 32), _SlicedPositions(10, 32)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.tokens(ids) + self.positions(ids)))
+
+
+def test_an_embedding_that_indexes_its_weight_is_counted_by_the_rows_it_reads():
+    """Whisper's decoder positions, called with token ids of a larger vocabulary than its 10 rows (before: "index
+    101 is out of bounds for dimension 0 with size 64" out of the sensitivity pass, a traceback)."""
+    torch.manual_seed(0)
+    model = _SlicedTagger()
+    cal = calibrate(model, _ids())
+    counts = np.asarray(cal.layers["positions.weight"].h)
+    assert counts.shape == (10,) and np.all(counts[:8] == 3) and counts[8:].sum() == 0  # once a batch (a slice)
+    assert cal.layers["positions.weight"].sensitivity > 1e-5

@@ -1262,7 +1262,8 @@ def _weight_error(module: nn.Module, x: torch.Tensor, dw: torch.Tensor, size: Se
 
 
 class _Lookups(torch.overrides.TorchFunctionMode):
-    """Records the ids of the ``F.embedding`` calls made with ``weight`` (see :func:`own_lookups`)."""
+    """Records the rows of ``weight`` a forward reads (see :func:`own_lookups`): the ids of an ``F.embedding`` call
+    made with it, or of ``weight[ids]`` / ``weight[a:b]`` (Whisper's decoder positions index the weight itself)."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -1271,6 +1272,12 @@ class _Lookups(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.embedding and len(args) > 1 and args[1] is self.weight:
             self.ids = args[0]
+        elif func is torch.Tensor.__getitem__ and len(args) > 1 and args[0] is self.weight:
+            index = args[1]
+            if isinstance(index, slice) and index.step in (None, 1):
+                self.ids = torch.arange(*index.indices(self.weight.shape[0])[:2])
+            elif isinstance(index, torch.Tensor) and not index.is_floating_point() and index.dtype != torch.bool:
+                self.ids = index
         return func(*args, **(kwargs or {}))
 
 
@@ -1292,10 +1299,7 @@ def own_lookups(modules: Iterable[nn.Module]) -> Iterator[None]:
         def watched(*args, _module=module, _original=original, **kwargs):
             with _Lookups(_module.weight) as mode:
                 out = _original(*args, **kwargs)
-            if mode.ids is not None:
-                _LOOKED_UP[_module] = mode.ids
-            else:
-                _LOOKED_UP.pop(_module, None)
+            _LOOKED_UP[_module] = mode.ids  # (None: rows read some other way, not known)
             return out
 
         module.forward = watched  # (an instance attribute: nn.Module.__call__ reads self.forward)
@@ -1309,9 +1313,12 @@ def own_lookups(modules: Iterable[nn.Module]) -> Iterator[None]:
 
 def lookup_ids(module: nn.Module, x: object) -> torch.Tensor | None:
     """The ids an ``nn.Embedding`` call looked up: recorded by :func:`own_lookups` for a class that chooses its rows
-    itself, else its first argument ``x``; None when they are not an integer tensor (nothing to count them by)."""
+    itself, else its first argument ``x``; None when they are not known, not an integer tensor or not rows of its
+    weight (nothing to count them by: the layer keeps the data-free weighting)."""
     ids = _LOOKED_UP.get(module, x)
-    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        return None
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= module.weight.shape[0]):
         return None
     return ids
 
