@@ -231,3 +231,30 @@ def test_an_embedding_that_indexes_its_weight_is_counted_by_the_rows_it_reads():
     counts = np.asarray(cal.layers["positions.weight"].h)
     assert counts.shape == (10,) and np.all(counts[:8] == 3) and counts[8:].sum() == 0  # once a batch (a slice)
     assert cal.layers["positions.weight"].sensitivity > 1e-5
+
+
+class _Observed(nn.Module):
+    """As a QAT model's observers (torch.ao.quantization.prepare_qat): a buffer its forward updates, in eval mode
+    too (the largest input seen), that scales what it computes."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 64), nn.Linear(64, 4)
+        self.register_buffer("peak", torch.ones(()))
+
+    def forward(self, x):
+        self.peak.copy_(torch.maximum(self.peak, x.abs().max()))
+        return self.fc2(torch.relu(self.fc1(x / self.peak)))
+
+
+def test_a_calibrated_save_leaves_the_buffers_its_forward_updates_as_they_were(tmp_path):
+    """Calibration and repair run the model: a buffer its forward updates (a QAT observer's range) is given back its
+    value, and the file holds the model as it was given (before: the save changed the user's model and stored the
+    range of the calibration inputs)."""
+    torch.manual_seed(0)
+    model = _Observed().eval()
+    batches = [torch.randn(16, 64) * 5 for _ in range(4)]
+    path = tmp_path / "o.jwt"
+    codec.save(model, path, bits_per_weight=6, calibration=batches)
+    assert float(model.peak) == 1.0
+    assert float(codec.load(path)["peak"]) == 1.0

@@ -837,6 +837,58 @@ def _several_inputs_hint(exc: BaseException) -> str:
     return ""
 
 
+@contextlib.contextmanager
+def kept_buffers(model: nn.Module) -> Iterator[None]:
+    """While open, a buffer that a forward pass of ``model`` changes is given back, when the pass ends, the value it
+    had when the pass started: a forward that updates a buffer in eval mode too (the observers of a model prepared
+    for quantization-aware training, ``torch.ao.quantization.prepare_qat``: their ranges and scales) would otherwise
+    leave the user's model, and the file written from it, holding what the calibration inputs made of them, and
+    each pass would run a model other than the last. A change made between passes (repair setting a running mean)
+    is kept. Each buffer is copied once on entering, and again only after such a change (its tensor version)."""
+    held = [[b, b.detach().clone(), b._version] for b in model.buffers()]
+    if not held:
+        yield
+        return
+
+    def taken(module: nn.Module, args: tuple) -> None:
+        for entry in held:
+            if entry[0]._version != entry[2]:  # changed since: by the caller, between passes
+                entry[1], entry[2] = entry[0].detach().clone(), entry[0]._version
+
+    def given_back(module: nn.Module, args: tuple, output: object) -> None:
+        with torch.no_grad():
+            for entry in held:
+                buffer, value = entry[0], entry[1]
+                if buffer._version != entry[2]:
+                    if buffer.shape != value.shape:
+                        buffer.resize_(value.shape)
+                    buffer.copy_(value)
+                    entry[2] = buffer._version
+
+    handles = [model.register_forward_pre_hook(taken), model.register_forward_hook(given_back)]
+    _PASS_ENDS.setdefault(id(model), []).append(lambda: given_back(model, (), None))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        ends = _PASS_ENDS.get(id(model), [])
+        ends.pop()
+        if not ends:
+            _PASS_ENDS.pop(id(model), None)
+
+
+#: id(model) -> what gives its buffers back after a pass, for each :func:`kept_buffers` open on it
+_PASS_ENDS: dict[int, list[Callable[[], None]]] = {}
+
+
+def pass_ended(model: nn.Module) -> None:
+    """After a forward pass of ``model`` ended early by an exception (repair's ``_Stop`` once a layer's inputs are
+    seen), whose forward hooks did not run: what :func:`kept_buffers` gives back at a pass's end, given back now."""
+    for end in _PASS_ENDS.get(id(model), []):
+        end()
+
+
 #: The names transformers models give their main inputs (``main_input_name``): a model whose forward takes two of
 #: them (CLIP's ``input_ids`` and ``pixel_values``) may need both in each batch.
 MAIN_INPUTS = ("input_ids", "pixel_values", "input_values", "input_features")
@@ -943,7 +995,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     sample = OutputSample(seed)
     prefix = Prefix(model)  # (eval mode: set above; the sensitivity passes start at the layer they perturb)
     try:
-        with torch.no_grad(), own_lookups(layers.values()):
+        with torch.no_grad(), own_lookups(layers.values()), kept_buffers(model):
             for index, raw in enumerate(batches):
                 if max_batches is not None and index >= max_batches:
                     break

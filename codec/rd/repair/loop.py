@@ -21,6 +21,7 @@ from ...dtypes import to_float64
 from ...parallel import make_executor, release_memory, sparse_zeros
 from ...tensorcodec import Encoded, EncodeOptions
 from ..calibrate import call as _run
+from ..calibrate import kept_buffers
 from ..calibrate import floating_outputs as _flat
 from ..output_sample import OutputSample
 from ..rdo import output_scale, unit_sensitivity
@@ -127,7 +128,8 @@ def repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptio
         slots = _slots(work, options, model)
         for slot in slots.values():
             slot.index_zstd = bool(index_zstd)
-        with torch.random.fork_rng(devices=[]):
+        # (a buffer a forward updates, a QAT observer's range: each pass of either model gives it back)
+        with torch.random.fork_rng(devices=[]), kept_buffers(model), kept_buffers(work):
             torch.manual_seed(settings.seed)
             return work, slots, _repair(model, work, batches, options, slots, settings, executor, progress,
                                         keep_targets, spare, release)
