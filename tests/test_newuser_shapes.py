@@ -258,3 +258,23 @@ def test_a_calibrated_save_leaves_the_buffers_its_forward_updates_as_they_were(t
     codec.save(model, path, bits_per_weight=6, calibration=batches)
     assert float(model.peak) == 1.0
     assert float(codec.load(path)["peak"]) == 1.0
+
+
+def test_a_layer_whose_h_no_damping_factors_is_coded_as_it_stands_with_a_note(tmp_path, monkeypatch):
+    """A Whisper folder calibrated from an array gives its decoder only the start token: a layer's inputs are all
+    alike and its centred H is rounding noise that no damping makes positive definite. Repair codes that layer as it
+    stands and names it (before: the save ended with "H stays singular after damping", naming nothing)."""
+    import codec.rd.gptq as gptq
+
+    def singular(*args, **kwargs):
+        raise np.linalg.LinAlgError("H stays singular after damping")
+
+    monkeypatch.setattr(gptq, "gptq_target", singular)
+    monkeypatch.setattr(gptq, "jpeg_target", singular)
+    torch.manual_seed(0)
+    model = _Observed().eval()
+    path = tmp_path / "s.jwt"
+    notes = codec.save(model, path, bits_per_weight=6, calibration=[torch.randn(16, 64) for _ in range(4)])
+    said = [str(n) for n in notes if "coded as they stand" in str(n)]
+    assert len(said) == 1 and "fc1.weight" in said[0]
+    assert set(codec.load(path)) == set(model.state_dict())

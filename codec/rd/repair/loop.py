@@ -260,6 +260,7 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     originals = dict(model.named_modules())
     _set_trainable(slots)
     step, mismatched, changed, credit, judged, wide, held_back, vectors = 0, 0, {}, 0, [], [], 0, []
+    singular: list[str] = []  # layers whose H no damping made positive definite: coded as they stand
     receiver, later = _receiver(queue, options, spare, executor, settings.gptq)
     reserve = 0
     # a tensor before the last jpeg / jpegxl one can leave an overrun for it to pay by stepping down (_fit_size)
@@ -296,6 +297,8 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         target, assumed, decoded, opts, credit, slot.nbytes, slot.encoded = _code_within(
             slot, layer, options[slot.name], settings, executor, credit, held, i < last_image,
             0 if receiver is None or receiver.coded or slot is receiver else spare)  # (the receiver's is in credit)
+        if layer is not None and layer.singular:
+            singular.append(slot.name)
         if slot is receiver:
             if credit >= STEP_UP_FROM * slot.nbytes:
                 held_back = 0  # its credit did not limit it: more would go unspent too (no second coding)
@@ -357,6 +360,10 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         notes.append(f"repair: refit kept for {kept} of {len(judged)} layers, and the least-squares bias aimed at the "
                      f"layer's own coding error (not the original's outputs) for {own}, each where it lowers the "
                      f"model's output error on the {len(held_out(used))} held-out calibration batches")
+    if singular:
+        notes.append(f"repair: {len(singular)} layers coded as they stand, without GPTQ or compensation: their inputs "
+                     "on the calibration data are all alike (no damping made H positive definite; an encoder-decoder's "
+                     "decoder given only its start token, say): " + ", ".join(singular))
     if wide:
         notes.append(f"repair: {len(wide)} layers with over {settings.max_columns} input columns got the least-squares "
                      f"bias only (no refit, GPTQ or compensation: their inputs' second moment would take 8 x columns^2 "
