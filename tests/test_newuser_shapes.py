@@ -278,3 +278,35 @@ def test_a_layer_whose_h_no_damping_factors_is_coded_as_it_stands_with_a_note(tm
     said = [str(n) for n in notes if "coded as they stand" in str(n)]
     assert len(said) == 1 and "fc1.weight" in said[0]
     assert set(codec.load(path)) == set(model.state_dict())
+
+
+def test_a_qat_prepared_models_observers_are_left_as_they_were(tmp_path):
+    """torch's default QAT configuration fuses its observers (their buffers change in place without a tensor
+    version): a calibrated save of a ``prepare_qat`` model leaves every buffer as it was, and the file holds them so
+    (before: the activation observers' scales and ranges became the calibration inputs')."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant = torch.ao.quantization.QuantStub(), torch.ao.quantization.DeQuantStub()
+            self.fc1, self.fc2 = nn.Linear(64, 64), nn.Linear(64, 4)
+
+        def forward(self, x):
+            return self.dequant(self.fc2(torch.relu(self.fc1(self.quant(x)))))
+
+    model = Net().train()
+    model.qconfig = torch.ao.quantization.get_default_qat_qconfig("fbgemm")
+    model = torch.ao.quantization.prepare_qat(model)
+    with torch.no_grad():
+        model(torch.randn(16, 64))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "q.jwt"
+    codec.save(model, path, bits_per_weight=8, calibration=[torch.randn(16, 64) * 3 for _ in range(4)])
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed == []
+    stored = codec.load(path)
+    for k in before:  # (a one-value float may be stored with its significand rounded to 8 bits: the plan's choice)
+        if k.endswith(("scale", "zero_point", "min_val", "max_val")) and before[k].numel():
+            assert torch.allclose(stored[k].float(), before[k].float(), rtol=1e-2), k

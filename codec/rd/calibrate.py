@@ -844,26 +844,26 @@ def kept_buffers(model: nn.Module) -> Iterator[None]:
     for quantization-aware training, ``torch.ao.quantization.prepare_qat``: their ranges and scales) would otherwise
     leave the user's model, and the file written from it, holding what the calibration inputs made of them, and
     each pass would run a model other than the last. A change made between passes (repair setting a running mean)
-    is kept. Each buffer is copied once on entering, and again only after such a change (its tensor version)."""
-    held = [[b, b.detach().clone(), b._version] for b in model.buffers()]
+    is kept. Compared by value, not by tensor version: the fused observers of torch's default QAT configuration
+    (``FusedMovingAvgObsFakeQuantize``) update their buffers in place without counting a version. Each buffer is
+    copied once on entering, and again only after a change between passes."""
+    held = [[b, b.detach().clone()] for b in model.buffers()]
     if not held:
         yield
         return
 
     def taken(module: nn.Module, args: tuple) -> None:
         for entry in held:
-            if entry[0]._version != entry[2]:  # changed since: by the caller, between passes
-                entry[1], entry[2] = entry[0].detach().clone(), entry[0]._version
+            if not _same(entry[0], entry[1]):  # changed since: by the caller, between passes
+                entry[1] = entry[0].detach().clone()
 
     def given_back(module: nn.Module, args: tuple, output: object) -> None:
         with torch.no_grad():
-            for entry in held:
-                buffer, value = entry[0], entry[1]
-                if buffer._version != entry[2]:
+            for buffer, value in held:
+                if not _same(buffer, value):
                     if buffer.shape != value.shape:
                         buffer.resize_(value.shape)
                     buffer.copy_(value)
-                    entry[2] = buffer._version
 
     handles = [model.register_forward_pre_hook(taken), model.register_forward_hook(given_back)]
     _PASS_ENDS.setdefault(id(model), []).append(lambda: given_back(model, (), None))
@@ -876,6 +876,12 @@ def kept_buffers(model: nn.Module) -> Iterator[None]:
         ends.pop()
         if not ends:
             _PASS_ENDS.pop(id(model), None)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same values (NaN equal to NaN: a buffer holding one is not changed)."""
+    return a.shape == b.shape and bool(torch.equal(a, b) or (a.is_floating_point() and torch.allclose(
+        a, b, rtol=0, atol=0, equal_nan=True)))
 
 
 #: id(model) -> what gives its buffers back after a pass, for each :func:`kept_buffers` open on it
