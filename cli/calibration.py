@@ -6,7 +6,9 @@ Two ways to get a runnable model, both imported only when asked for:
   (``architectures``; ``AutoModel`` otherwise) and its tokenizer, through
   transformers, with a text file of sentences, one a line;
   or, for an image model (its ``preprocessor_config.json`` present), a folder
-  of images run through the folder's own image processor;
+  of images run through the folder's own image processor; or a ``.npy`` /
+  ``.npz`` array of the model's own inputs (:class:`ArrayBatches`: its
+  ``main_input_name``, as they are);
 - a plain state_dict with ``--model package.module:ClassName``: the class is
   imported, built without arguments and given the state_dict through
   ``load_state_dict`` (strict); inputs are a ``.npy`` array or a ``.npz``
@@ -356,29 +358,93 @@ def image_inputs(folder: Path, processor=None, channels: int | None = None) -> t
     return ImageBatches(files, channels, processor), notes
 
 
-def hf_model(folder: Path, images: bool = False):
+class ArrayBatches(Sequence):
+    """A sample array cut into batches of :data:`IMAGE_BATCH`, each ``{key: tensor}`` (``key``: a transformers
+    model's ``main_input_name``: ``pixel_values``, ``input_values``, ``input_features``, ``input_ids``), with
+    ``decoder``'s ``decoder_input_ids`` for an encoder-decoder model (:func:`start_tokens`)."""
+
+    def __init__(self, array, key: str, decoder=None, batch: int = IMAGE_BATCH):
+        self.array, self.key, self.decoder, self.batch = array, key, decoder, batch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.array) / self.batch)
+
+    @property
+    def samples(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index: int) -> Mapping:
+        import numpy as np
+        import torch
+
+        start = _start(index, len(self), self.batch)
+        values = torch.from_numpy(np.ascontiguousarray(self.array[start:start + self.batch]))
+        batch = {self.key: values}
+        if self.decoder is not None:
+            batch["decoder_input_ids"] = self.decoder(len(values))
+        return batch
+
+    def __iter__(self) -> Iterator[Mapping]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+def start_tokens(model):
+    """For an encoder-decoder transformers model, the function giving ``n`` samples' decoder inputs when the
+    calibration gives only the encoder's (an array of audio features or pixels): each the decoder's start token
+    alone; None for any other model."""
+    import torch
+
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return None
+    start = next((v for v in (getattr(config, "decoder_start_token_id", None), getattr(config, "bos_token_id", None),
+                              getattr(config, "pad_token_id", None)) if v is not None), 0)
+    return lambda n: torch.full((n, 1), int(start), dtype=torch.long)
+
+
+def array_inputs(model, array, calibration: Path) -> tuple[ArrayBatches, list]:
+    """A Hugging Face folder's calibration from an array of its own inputs (already what its processor would give):
+    the batches (:class:`ArrayBatches`, under the model's ``main_input_name``) and the notes saying how they are
+    read."""
+    from codec.encode import Note
+
+    key = getattr(model, "main_input_name", None) or "input_ids"
+    decoder = start_tokens(model)
+    notes = [Note(f"calibration: {len(array)} samples of {calibration.name} as the model's {key} "
+                  f"({' x '.join(map(str, array.shape[1:])) or 'scalars'} each, as they are: no processor is run)")]
+    if decoder is not None:
+        notes.append(Note("calibration: the array gives the encoder's inputs; the decoder reads its start token "
+                          "alone, so its layers are measured on that one position (a decoder calibrated on text: "
+                          "codec.save(model, path, bits_per_weight=B, calibration=dict batches with "
+                          "decoder_input_ids)"))
+    return ArrayBatches(array, key, decoder), notes
+
+
+def hf_model(folder: Path, images: bool = False, reader: bool = True):
     """The folder's model (class from config.json) and its tokenizer, or with ``images`` its image processor
-    (:func:`image_processor`), through transformers."""
+    (:func:`image_processor`), through transformers; without ``reader`` (an array of the model's own inputs) neither:
+    ``(model, None)``."""
     try:
         import transformers
     except ImportError:
         raise click.ClickException("--calibration with a model folder needs transformers (pip install transformers)") \
             from None
     transformers.utils.logging.disable_progress_bar()  # jwt draws its own
-    what = "image processor" if images else "tokenizer"
+    what = "image processor" if images else "tokenizer" if reader else "weights"
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
         names = [a for a in (getattr(config, "architectures", None) or []) if hasattr(transformers, a)]
         cls = getattr(transformers, names[0]) if names else transformers.AutoModel
         model = cls.from_pretrained(folder, local_files_only=True)
-        reader = image_processor(transformers, folder) if images else \
+        reader = None if not reader else image_processor(transformers, folder) if images else \
             transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as exc:
-        hint = ("; an image model (preprocessor_config.json) takes a folder of images as --calibration"
-                if not images and (folder / PREPROCESSOR).is_file() else "")
+        hint = ("; an image or audio model (preprocessor_config.json) takes a folder of images, or a .npy of its "
+                "inputs, as --calibration" if not images and reader and (folder / PREPROCESSOR).is_file() else "")
         raise click.ClickException(f"{folder}: transformers cannot load the model or its {what} "
                                    f"({first_line(exc)}){hint}") from None
-    if not images:
+    if not images and reader is not None:
         _check_vocabulary(folder, model, reader)
     return model, reader
 
@@ -563,8 +629,12 @@ def model_and_inputs(input: Path, state_dict: Mapping, calibration: Path, model_
         names = model_names(input, model, state_dict)
         inputs, notes = image_inputs(calibration, processor, getattr(model.config, "num_channels", None))
         return model, inputs, notes, names
+    if not text:  # the model's own inputs as an array: no tokenizer or processor
+        array = read_array(calibration)  # (refused before the model is loaded)
+        model, _ = hf_model(input, reader=False)
+        names = model_names(input, model, state_dict)
+        inputs, notes = array_inputs(model, array, calibration)
+        return model, inputs, notes, names
     model, tokenizer = hf_model(input)
     names = model_names(input, model, state_dict)
-    inputs = TextBatches(tokenizer, read_lines(calibration), decoder=decoder_inputs(model)) if text \
-        else read_array(calibration)
-    return model, inputs, [], names
+    return model, TextBatches(tokenizer, read_lines(calibration), decoder=decoder_inputs(model)), [], names

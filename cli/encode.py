@@ -84,7 +84,10 @@ def parse_rules(values: tuple[str, ...]) -> list[tuple[str, str]]:
                    "causes in the layer's output (weighted by how much the model's output moves) instead of in its "
                    "weights, then codes with repair. For a Hugging Face model folder: a text file of sentences, one "
                    "a line, or (an image model, its preprocessor_config.json present) a folder of images "
-                   "(.png/.jpg/.jpeg/.bmp/.webp, read through the folder's image processor). With --model: a .npy "
+                   "(.png/.jpg/.jpeg/.bmp/.webp, read through the folder's image processor), or a .npy/.npz of the "
+                   "model's own inputs (its main input: pixel_values, input_values, input_features, input_ids; as "
+                   "they are, no processor run; an encoder-decoder's decoder reads its start token). With --model: "
+                   "a .npy "
                    "array (or .npz holding one) of samples along the first axis, or a folder of images of one size "
                    "fed as float32 N x C x H x W in [0, 1] (grey: C=1, others RGB: C=3), as they are: no resizing "
                    "or normalization (a model that expects normalized inputs: write them to a .npy, or use "
@@ -156,6 +159,7 @@ def encode(input: Path, output: str | Path | None, codec_name: str, bits: int, b
       jwt encode cnn.pt -b 0.6 --calibration images.npy --model mypkg.nets:CNN
       jwt encode cnn.pt -b 0.6 --calibration images/ --model mypkg.nets:CNN
       jwt encode vit-folder/ -b 3 --calibration images/
+      jwt encode wav2vec2-folder/ -b 3 --calibration input_values.npy
     """
     from codec import encode as encoding
     from codec import io_formats

@@ -72,7 +72,7 @@ import inspect
 import itertools
 import math
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -580,7 +580,10 @@ class _Collector:
         if not self.active or not isinstance(x, torch.Tensor):
             return
         if self.kind == "embedding":
-            ids = self._tokens(x, x.shape)
+            ids = lookup_ids(module, x)
+            if ids is None:
+                return
+            ids = self._tokens(ids, ids.shape)
             counts = torch.bincount(ids.reshape(-1).long(), minlength=module.num_embeddings).double()
             self.h = counts if self.h is None else self.h + counts
             self.rows += ids.numel()
@@ -846,6 +849,87 @@ def _several_inputs_hint(exc: BaseException) -> str:
     return ""
 
 
+@contextlib.contextmanager
+def kept_buffers(model: nn.Module) -> Iterator[None]:
+    """While open, a buffer that a forward pass of ``model`` changes is given back, when the pass ends, the value it
+    had when the pass started: a forward that updates a buffer in eval mode too (the observers of a model prepared
+    for quantization-aware training, ``torch.ao.quantization.prepare_qat``: their ranges and scales) would otherwise
+    leave the user's model, and the file written from it, holding what the calibration inputs made of them, and
+    each pass would run a model other than the last. A change made between passes (repair setting a running mean)
+    is kept. Compared by value, not by tensor version: the fused observers of torch's default QAT configuration
+    (``FusedMovingAvgObsFakeQuantize``) update their buffers in place without counting a version. Each buffer is
+    copied once on entering, and again only after a change between passes."""
+    held = [[b, b.detach().clone()] for b in model.buffers()]
+    if not held:
+        yield
+        return
+
+    def taken(module: nn.Module, args: tuple) -> None:
+        for entry in held:
+            if not _same(entry[0], entry[1]):  # changed since: by the caller, between passes
+                entry[1] = entry[0].detach().clone()
+
+    def given_back(module: nn.Module, args: tuple, output: object) -> None:
+        with torch.no_grad():
+            for buffer, value in held:
+                if not _same(buffer, value):
+                    if buffer.shape != value.shape:
+                        buffer.resize_(value.shape)
+                    buffer.copy_(value)
+
+    handles = [model.register_forward_pre_hook(taken), model.register_forward_hook(given_back)]
+    _PASS_ENDS.setdefault(id(model), []).append(lambda: given_back(model, (), None))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        ends = _PASS_ENDS.get(id(model), [])
+        ends.pop()
+        if not ends:
+            _PASS_ENDS.pop(id(model), None)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same values (NaN equal to NaN: a buffer holding one is not changed)."""
+    return a.shape == b.shape and bool(torch.equal(a, b) or (a.is_floating_point() and torch.allclose(
+        a, b, rtol=0, atol=0, equal_nan=True)))
+
+
+#: id(model) -> what gives its buffers back after a pass, for each :func:`kept_buffers` open on it
+_PASS_ENDS: dict[int, list[Callable[[], None]]] = {}
+
+
+def pass_ended(model: nn.Module) -> None:
+    """After a forward pass of ``model`` ended early by an exception (repair's ``_Stop`` once a layer's inputs are
+    seen), whose forward hooks did not run: what :func:`kept_buffers` gives back at a pass's end, given back now."""
+    for end in _PASS_ENDS.get(id(model), []):
+        end()
+
+
+#: The names transformers models give their main inputs (``main_input_name``): a model whose forward takes two of
+#: them (CLIP's ``input_ids`` and ``pixel_values``) may need both in each batch.
+MAIN_INPUTS = ("input_ids", "pixel_values", "input_values", "input_features")
+
+
+def _missing_inputs_hint(model: nn.Module, batch: object) -> str:
+    """When a mapping batch gives one of :data:`MAIN_INPUTS` and the model's forward also takes another by name (a
+    dual encoder given sentences alone), what else it takes and how to give both."""
+    if not isinstance(batch, Mapping):
+        return ""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return ""
+    given = [k for k in MAIN_INPUTS if k in batch]
+    missing = [k for k in MAIN_INPUTS if k in params and k not in batch]
+    if not given or not missing:
+        return ""
+    both = ", ".join(f"'{k}': ..." for k in (given[0], *missing))
+    return (f"; its forward also takes {', '.join(missing)}, which the batches do not give: a model of two inputs "
+            f"(a dual encoder) may need both, as dict batches {{{both}}}")
+
+
 def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = None, seed: int = 0,
               progress: Callable[[str, int], None] | None = None,
               sensitivity_samples: int = SENSITIVITY_SAMPLES, transposed: bool = True) -> Calibration:
@@ -929,7 +1013,7 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     sample = OutputSample(seed)
     prefix = Prefix(model)  # (eval mode: set above; the sensitivity passes start at the layer they perturb)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), own_lookups(layers.values()), kept_buffers(model):
             for index, raw in enumerate(batches):
                 if max_batches is not None and index >= max_batches:
                     break
@@ -943,7 +1027,8 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
                         out = call(model, batch)
                 except Exception as exc:  # the model's own error on a wrong shape or type (a ValueError too)
                     raise ValueError(f"calibration batch {index}: the model does not accept it "
-                                     f"({first_line(exc)}){_several_inputs_hint(exc)}") from None
+                                     f"({first_line(exc)}){_several_inputs_hint(exc)}"
+                                     f"{_missing_inputs_hint(model, batch)}") from None
                 clean = compared_outputs(out)
                 if not clean:
                     raise ValueError(f"calibration: the model's output ({type(out).__name__}) holds no floating "
@@ -1249,6 +1334,68 @@ def _weight_error(module: nn.Module, x: torch.Tensor, dw: torch.Tensor, size: Se
     return F.linear(x, dw)
 
 
+class _Lookups(torch.overrides.TorchFunctionMode):
+    """Records the rows of ``weight`` a forward reads (see :func:`own_lookups`): the ids of an ``F.embedding`` call
+    made with it, or of ``weight[ids]`` / ``weight[a:b]`` (Whisper's decoder positions index the weight itself)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight, self.ids = weight, None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.embedding and len(args) > 1 and args[1] is self.weight:
+            self.ids = args[0]
+        elif func is torch.Tensor.__getitem__ and len(args) > 1 and args[0] is self.weight:
+            index = args[1]
+            if isinstance(index, slice) and index.step in (None, 1):
+                self.ids = torch.arange(*index.indices(self.weight.shape[0])[:2])
+            elif isinstance(index, torch.Tensor) and not index.is_floating_point() and index.dtype != torch.bool:
+                self.ids = index
+        return func(*args, **(kwargs or {}))
+
+
+#: module -> the ids its last call looked up, for the embeddings :func:`own_lookups` watches
+_LOOKED_UP: dict[nn.Module, torch.Tensor] = {}
+
+
+@contextlib.contextmanager
+def own_lookups(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """While open, an ``nn.Embedding`` among ``modules`` whose class overrides ``forward`` has the ids its call
+    looked up recorded (:func:`lookup_ids`), not only its call's arguments: transformers'
+    ``BartLearnedPositionalEmbedding`` is called with the token embeddings "for the shape only" and looks up the
+    positions through ``nn.Embedding.forward``, so its hooks see floats where the rows it reads are the positions.
+    Its forward runs under a torch function mode that notes the ``F.embedding`` call made with its weight."""
+    own = [m for m in modules if isinstance(m, nn.Embedding) and type(m).forward is not nn.Embedding.forward]
+    for module in own:
+        original = module.forward
+
+        def watched(*args, _module=module, _original=original, **kwargs):
+            with _Lookups(_module.weight) as mode:
+                out = _original(*args, **kwargs)
+            _LOOKED_UP[_module] = mode.ids  # (None: rows read some other way, not known)
+            return out
+
+        module.forward = watched  # (an instance attribute: nn.Module.__call__ reads self.forward)
+    try:
+        yield
+    finally:
+        for module in own:
+            del module.forward
+            _LOOKED_UP.pop(module, None)
+
+
+def lookup_ids(module: nn.Module, x: object) -> torch.Tensor | None:
+    """The ids an ``nn.Embedding`` call looked up: recorded by :func:`own_lookups` for a class that chooses its rows
+    itself, else its first argument ``x``; None when they are not known, not an integer tensor or not rows of its
+    weight (nothing to count them by: the layer keeps the data-free weighting)."""
+    ids = _LOOKED_UP.get(module, x)
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        return None
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= module.weight.shape[0]):
+        return None
+    return ids
+
+
 #: Elements of a weight squared and summed at once by :func:`_rms`.
 _RMS_CHUNK = 1 << 20
 
@@ -1436,8 +1583,13 @@ def _sensitivity_pass(model: nn.Module, batch: Batch, clean: list[torch.Tensor],
             # (a transposed convolution's output size: the padding its forward used, output_size given or not,
             # by position or by keyword)
             size = output.shape[-len(mod.kernel_size):] if kind == TRANSPOSED else None
+            x = args[0] if args else None
+            if kind == "embedding":  # (the rows it looked up: an embedding may choose them itself)
+                x = lookup_ids(mod, x)
+                if x is None:
+                    return output
             delta = (noise.bag_error(mod, bag_arguments(args, rest[0]), output)  # noqa: B023
-                     if isinstance(mod, nn.EmbeddingBag) else noise.error(mod, args[0], size))  # noqa: B023
+                     if isinstance(mod, nn.EmbeddingBag) else noise.error(mod, x, size))  # noqa: B023
             signal = output
             if getattr(mod, "bias", None) is not None:  # (a conv's: over its channel axis, batched or not)
                 signal = output - (mod.bias.view(-1, *[1] * len(mod.kernel_size)) if conv else mod.bias)

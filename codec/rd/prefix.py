@@ -14,9 +14,10 @@ same inputs in every pass of the batch (eval mode, no random numbers: the caller
 a module called more than once in the clean pass, a kept output changed in place later in a pass (its tensors'
 versions), a module whose ``forward`` is already replaced (a narrowed head) are never given back. The caller also
 compares whole passes against shortened ones on its first batch and stops using this on any difference
-(:meth:`Prefix.disable`). Memory: the kept outputs of one batch (BERT-base: one 16 x ~25 x 768 float32 tensor per
-block, ~1 MB each), dropped when the next batch's clean pass is recorded or when no later layer will use them
-(:meth:`Prefix.keep_only`).
+(:meth:`Prefix.disable`); an output given other tensors after it was kept (a field of a ``ModelOutput``
+reassigned) is never given back either. Memory: the kept outputs of one batch (BERT-base: one 16 x ~25 x 768
+float32 tensor per block, ~1 MB each), dropped when the next batch's clean pass is recorded or when no later layer
+will use them (:meth:`Prefix.keep_only`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,17 @@ def _tensors(value: object) -> list[torch.Tensor]:
     if isinstance(value, (tuple, list)):
         return [t for item in value for t in _tensors(item)]
     return []
+
+
+def _changed(entry: tuple[object, list[tuple[torch.Tensor, int]]]) -> bool:
+    """Whether a kept output (:attr:`Prefix.outputs`' entry) was changed since it was kept: a tensor of it changed in
+    place, or the output itself given other tensors (a ``ModelOutput`` or dict whose field the caller reassigned:
+    transformers 5's ``CLIPModel.get_image_features`` sets its vision model's ``pooler_output`` to the projected
+    features, so given back, the output would hold those instead of the pooled ones)."""
+    output, tensors = entry
+    now = _tensors(output)
+    return (len(now) != len(tensors) or any(a is not b for a, (b, _) in zip(now, tensors))
+            or any(t._version != v for t, v in tensors))
 
 
 class Prefix:
@@ -151,6 +163,6 @@ class Prefix:
                 handle.remove()
             for key in kept:
                 entry = self.outputs.get(key)
-                if entry is not None and any(t._version != v for t, v in entry[1]):
+                if entry is not None and _changed(entry):
                     del self.outputs[key]
                     self.refused.add(key)

@@ -573,7 +573,20 @@ class _LayerFit:
         return settings.damp if self.n > self.cols else max(settings.damp, settings.damp_few_rows)
 
     def target(self, opts: EncodeOptions, settings: RepairSettings) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(array to encode, its decoded values as float64 or None)``: the refit, then GPTQ for ``quant``."""
+        """``(array to encode, its decoded values as float64 or None)``: the refit, then GPTQ for ``quant``. An
+        ``H`` no damping makes positive definite (inputs that are all alike: an encoder-decoder's decoder given only
+        its start token, whose centred moments are rounding noise) leaves the layer coded as it stands, as a wide
+        layer is, and :attr:`singular` says so (a note names it)."""
+        try:
+            return self._target(opts, settings)
+        except np.linalg.LinAlgError:
+            self.h, self.singular = None, True
+            return self._target(opts, settings)
+
+    #: Whether the layer's ``H`` could not be factored (:meth:`target`): coded without GPTQ or compensation.
+    singular = False
+
+    def _target(self, opts: EncodeOptions, settings: RepairSettings) -> tuple[np.ndarray, np.ndarray | None]:
         slot = self.slot
         current = self._fitted if self._fitted is not None else to_numpy(slot.tensor)[0]
         # (a wide layer has no H: its weight is coded as it stands, :meth:`collect`)

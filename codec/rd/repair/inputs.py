@@ -16,6 +16,7 @@ from torch import nn
 
 from ...errors import first_line
 from ..calibrate import call as _run
+from ..calibrate import pass_ended
 
 
 def _check_inputs(inputs: Iterable, model: nn.Module | None = None) -> Sequence:
@@ -168,5 +169,7 @@ class _Inputs:
             _run(model, batch)
         except _Stop:
             pass
+        finally:
+            pass_ended(model)  # (a pass ended at the layer: the buffers it changed given back, kept_buffers)
         if self.held is not None and key in seen:
             self.held.setdefault(k, {})[key] = list(seen[key])

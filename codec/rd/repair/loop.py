@@ -22,6 +22,7 @@ from ...parallel import make_executor, release_memory, sparse_zeros
 from ...tensorcodec import Encoded, EncodeOptions
 from ..calibrate import call as _run
 from ..calibrate import hook_weight_norm
+from ..calibrate import kept_buffers
 from ..calibrate import floating_outputs as _flat
 from ..output_sample import OutputSample
 from ..rdo import output_scale, unit_sensitivity
@@ -130,7 +131,8 @@ def repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptio
         slots = _slots(work, options, model)
         for slot in slots.values():
             slot.index_zstd = bool(index_zstd)
-        with torch.random.fork_rng(devices=[]):
+        # (a buffer a forward updates, a QAT observer's range: each pass of either model gives it back)
+        with torch.random.fork_rng(devices=[]), kept_buffers(model), kept_buffers(work):
             torch.manual_seed(settings.seed)
             return work, slots, _repair(model, work, batches, options, slots, settings, executor, progress,
                                         keep_targets, spare, release)
@@ -180,6 +182,7 @@ class _Lookups:
 
     def __init__(self, work: nn.Module, slots: dict[str, _Slot]):
         self.rows: dict[int, list[torch.Tensor]] = {}
+        self.unknown: set[int] = set()  # embeddings whose rows their call's arguments do not give: kept whole
         self.handles = []
         for slot in slots.values():
             if slot.lossy and slot.attr == "weight" and isinstance(slot.module, nn.Embedding):
@@ -187,12 +190,19 @@ class _Lookups:
                 self.handles.append(slot.module.register_forward_pre_hook(self._hook))
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
-        self.rows[id(module)].append(args[0].detach().reshape(-1).unique())
+        ids = args[0] if args else None
+        if type(module).forward is not nn.Embedding.forward or not isinstance(ids, torch.Tensor) \
+                or ids.is_floating_point() or ids.is_complex():
+            # rows its class chooses (BART's learned positions, called with the token embeddings): not known here
+            self.unknown.add(id(module))
+            return
+        self.rows[id(module)].append(ids.detach().reshape(-1).unique())
 
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
-        self.rows = {key: torch.cat(ids).unique() if ids else None for key, ids in self.rows.items()}
+        self.rows = {key: torch.cat(ids).unique() if ids and key not in self.unknown else None
+                     for key, ids in self.rows.items()}
 
     def take(self, work: nn.Module, slot: _Slot, decoded: np.ndarray, batches: list) -> None:
         """Replace a coded embedding's decoded values (just taken whole by :func:`_take`) by an array holding
@@ -268,6 +278,7 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     step, mismatched, changed, credit, judged, wide, held_back, vectors = 0, 0, {}, 0, [], [], 0, []
     bias_only: list[str] = []
     biases: list[str] = []  # the choice of each transposed convolution's bias (_bias_judged)
+    singular: list[str] = []  # layers whose H no damping made positive definite: coded as they stand
     receiver, later = _receiver(queue, options, spare, executor, settings.gptq, work)
     reserve = 0
     # a tensor before the last jpeg / jpegxl one can leave an overrun for it to pay by stepping down (_fit_size)
@@ -315,6 +326,8 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         target, assumed, decoded, opts, credit, slot.nbytes, slot.encoded = _code_within(
             slot, layer, options[slot.name], settings, executor, credit, held, i < last_image,
             0 if receiver is None or receiver.coded or slot is receiver else spare)  # (the receiver's is in credit)
+        if layer is not None and layer.singular:
+            singular.append(slot.name)
         if slot is receiver:
             if credit >= STEP_UP_FROM * slot.nbytes:
                 held_back = 0  # its credit did not limit it: more would go unspent too (no second coding)
@@ -382,6 +395,10 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         notes.append(f"repair: refit kept for {kept} of {len(judged)} layers, and the least-squares bias aimed at the "
                      f"layer's own coding error (not the original's outputs) for {own}, each where it lowers the "
                      f"model's output error on the {len(held_out(used))} held-out calibration batches")
+    if singular:
+        notes.append(f"repair: {len(singular)} layers coded as they stand, without GPTQ or compensation: their inputs "
+                     "on the calibration data are all alike (no damping made H positive definite; an encoder-decoder's "
+                     "decoder given only its start token, say): " + ", ".join(singular))
     if wide:
         notes.append(f"repair: {len(wide)} layers with over {settings.max_columns} input columns got the least-squares "
                      f"bias only (no refit, GPTQ or compensation: their inputs' second moment would take 8 x columns^2 "
