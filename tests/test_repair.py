@@ -554,8 +554,8 @@ def test_repair_through_save_keeps_a_batchnorm_counter(tmp_path):
     assert set(back) == set(net.state_dict())
 
 
-def test_batchnorm_running_mean_takes_the_mean_correction_of_a_layer_without_bias():
-    """conv (no bias) -> BatchNorm: the coded conv's mean shift moves the BatchNorm's running mean, lowering the error."""
+def _conv_batchnorm() -> tuple[nn.Module, list]:
+    """conv (no bias) -> BatchNorm -> Linear, its BatchNorm statistics gathered on the calibration batches."""
     torch.manual_seed(3)
     net = nn.Sequential(nn.Conv2d(4, 64, 5, padding=2, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.Flatten(),
                         nn.Linear(64 * 8 * 8, 10))
@@ -564,6 +564,12 @@ def test_batchnorm_running_mean_takes_the_mean_correction_of_a_layer_without_bia
     for b in data:
         net(b)
     net.eval()
+    return net, data
+
+
+def test_batchnorm_running_mean_takes_the_mean_correction_of_a_layer_without_bias():
+    """conv (no bias) -> BatchNorm: the coded conv's mean shift moves the BatchNorm's running mean, lowering the error."""
+    net, data = _conv_batchnorm()
     options = quant_options(net, bits=2)
     with torch.no_grad():
         refs = [[net(b)] for b in data]
@@ -582,14 +588,7 @@ def test_batchnorm_gain_scales_the_batchnorm_after_a_coded_layer_without_bias():
     """conv (no bias) -> BatchNorm, the conv coarsely rounded: with ``batchnorm_gain`` the BatchNorm's weight takes each
     channel's least-squares gain (its running mean moved with it), the file decodes to the repaired model and the
     output error on the calibration inputs is lower than with the mean correction alone."""
-    torch.manual_seed(3)
-    net = nn.Sequential(nn.Conv2d(4, 64, 5, padding=2, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.Flatten(),
-                        nn.Linear(64 * 8 * 8, 10))
-    data = batches()
-    net.train()
-    for b in data:
-        net(b)
-    net.eval()
+    net, data = _conv_batchnorm()
     options = {n: EncodeOptions(codec="lossless") for n in net.state_dict()}
     options["0.weight"] = EncodeOptions(codec="quant", bits=2, tile=(8, 64))
     with torch.no_grad():
