@@ -617,3 +617,24 @@ def test_a_small_model_of_many_tensors_spends_its_budget(monkeypatch):
         out = io.BytesIO()
         codec.save(sd, out, bits_per_weight=4.0)
         assert 0.99 * budget <= out.getbuffer().nbytes <= budget, replans
+
+
+def test_a_pruned_layers_mask_is_coded_exactly_and_the_weights_decode_pruned(tmp_path):
+    """torch.nn.utils.prune stores ``weight_mask`` (0/1, float32) beside ``weight_orig``: a budgeted save codes the
+    mask with 1-bit quant, whose tiles map 0 and 1 exactly, and repair does not step it up a bit. On the 2-bit floor
+    of the ordinary menu its ones came back as 1.0020 (scale 1/3 rounded up to bfloat16), so every kept weight was
+    scaled by the codec."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(196, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    prune.l1_unstructured(net[0], "weight", amount=0.6)
+    state = net.state_dict()
+    x = torch.randn(256, 196)
+    for bits, model, calibration in ((1.5, state, None), (3.0, state, None), (1.5, net, [x[:128], x[128:]])):
+        path = tmp_path / f"pruned{bits}{calibration is None}.jwt"
+        codec.save(model, path, bits_per_weight=bits, calibration=calibration)  # calibrated: repair steps no bit up
+        back = codec.load(path)
+        assert torch.equal(back["0.weight_mask"], state["0.weight_mask"]), bits
+        with codec.Reader(path) as reader:
+            assert reader.entry("0.weight_mask").codec.get_config()["bits"] == 1

@@ -170,6 +170,9 @@ def candidates(array: np.ndarray, dtype: DType, base: EncodeOptions,
         if VECTOR_BITS < SIGNIFICAND.get(dtype.name, 0):
             menu.append((f"lossless s{VECTOR_BITS}", base.with_(codec="lossless", significand_bits=VECTOR_BITS)))
         return menu
+    if _two_valued(array):  # a 0/1 mask (torch.nn.utils.prune's weight_mask): 1-bit quant codes it exactly
+        return menu + [(f"quant b1 {h}x{w}", base.with_(codec="quant", bits=1, row_shape=None, tile=(h, w)))
+                       for h, w in TILES]
     menu += [(f"quant b{b} {h}x{w}", base.with_(codec="quant", bits=b, row_shape=None, tile=(h, w)))
              for h, w in TILES for b in QUANT_BITS]
     if lossless_reason(array, dtype, "jpeg") is None:
@@ -183,6 +186,17 @@ def candidates(array: np.ndarray, dtype: DType, base: EncodeOptions,
                           base.with_(codec="jpeg", quality=q, table=table, row_shape=rows))
                          for q in JPEG_QUALITIES]
     return menu
+
+
+def _two_valued(array: np.ndarray) -> bool:
+    """Whether ``array`` (storage form) holds exactly two distinct values: 1-bit quant maps them to the tile's
+    extremes, exactly where the parameters represent them (0 and 1: offset 0, scale 1). At 2 bits and more the
+    scale is rounded up to a parameter (1/3 -> 0.33398 in bfloat16), so a mask's ones would decode as 1.0020."""
+    flat = array.reshape(-1)
+    if flat.size < 2:
+        return False
+    lo, hi = flat.min(), flat.max()
+    return bool(lo != hi and np.all((flat == lo) | (flat == hi)))
 
 
 def high_bit_candidates(array: np.ndarray, dtype: DType, base: EncodeOptions) -> list[tuple[str, EncodeOptions]]:

@@ -599,9 +599,11 @@ def _first_pass(options: EncodeOptions) -> bool:
     window reaches it (:func:`_anchors`, :func:`_in_between`). Quant in the second tiling at its middle depth
     only: 513 samples coded on MiniLM -b 4, as many as with all three (the first allocation placed tensors
     elsewhere, and JPEG took more). Quant above 8 bits (on the menu from
-    :data:`~codec.rd.allocate.HIGH_BITS_FROM` bits/weight) at every depth: three cheap settings, no ladder between."""
+    :data:`~codec.rd.allocate.HIGH_BITS_FROM` bits/weight) at every depth: three cheap settings, no ladder between;
+    1-bit quant (a two-valued tensor's menu, :func:`~codec.rd.allocate.candidates`) too."""
     if options.codec == "quant":
-        return options.bits in COARSE_BITS[1:] or options.bits in HIGH_QUANT_BITS
+        # below QUANT_BITS: a two-valued tensor's exact 1-bit settings, its whole menu but lossless
+        return options.bits in COARSE_BITS[1:] or options.bits in HIGH_QUANT_BITS or options.bits < QUANT_BITS[0]
     return options.codec != "jpeg" or (options.quality == COARSE_QUALITIES[0] and options.tile == TILES[0])
 
 

@@ -262,11 +262,12 @@ def _is_dearer(opts: EncodeOptions, plan: EncodeOptions) -> bool:
 
 def _dearer(opts: EncodeOptions) -> EncodeOptions | None:
     """The next dearer options of the same codec, :func:`_cheaper`'s inverse: JPEG quality + 1 (from a table scale,
-    the next quality finer than it), ``quant`` one bit more (up to 8), JPEG XL distance / 1.1 (None: no such
-    step). :func:`_fit_size` then bisects the finer JPEG steps between."""
+    the next quality finer than it), ``quant`` one bit more (2 up to 8: 1-bit quant is a two-valued tensor's exact
+    setting, :func:`codec.rd.allocate.candidates`, which a second bit would make inexact), JPEG XL distance / 1.1
+    (None: no such step). :func:`_fit_size` then bisects the finer JPEG steps between."""
     if opts.codec == "jpeg" and opts.quality is not None and opts.quality < 100:
         return replace(opts, quality=opts.quality + 1, scale=None)
-    if opts.codec == "quant" and opts.bits < 8:
+    if opts.codec == "quant" and 1 < opts.bits < 8:
         return replace(opts, bits=opts.bits + 1)
     if opts.codec == "jpegxl" and opts.distance is not None and opts.distance > 0.1:
         return replace(opts, distance=max(0.1, opts.distance / 1.1))
