@@ -43,7 +43,31 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 GREY_MODES = ("1", "L", "LA", "La", "I;16", "I;16L", "I;16B", "I")
 
 
-class TextBatches(Sequence):
+class _Batches(Sequence):
+    """Samples cut into batches of ``batch``, made when asked for (a sequence of batches: repair reads a batch again
+    by its index rather than holding them all); subclasses make batch ``index`` of :meth:`_chunk`."""
+
+    def __init__(self, items, batch: int):
+        self._items, self.batch = items, batch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self._items) / self.batch)
+
+    @property
+    def samples(self) -> int:
+        return len(self._items)
+
+    def _chunk(self, index: int):
+        """The samples of batch ``index`` (:func:`_start`'s checks)."""
+        start = _start(index, len(self), self.batch)
+        return self._items[start:start + self.batch]
+
+    def __iter__(self) -> Iterator:
+        for i in range(len(self)):
+            yield self[i]
+
+
+class TextBatches(_Batches):
     """Sentences tokenized batch by batch (a sequence of batches: repair reads a batch again by its index rather
     than holding them all). ``decoder``: for an
     encoder-decoder model (T5, BART), a function of the batch's ``input_ids`` giving the decoder's inputs
@@ -52,30 +76,18 @@ class TextBatches(Sequence):
 
     def __init__(self, tokenizer, lines: list[str], batch: int = TEXT_BATCH, max_length: int = TEXT_MAX_LENGTH,
                  decoder=None):
-        self.tokenizer, self.lines, self.batch, self.max_length = tokenizer, lines, batch, max_length
-        self.decoder = decoder
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.lines) / self.batch)
-
-    @property
-    def samples(self) -> int:
-        return len(self.lines)
+        super().__init__(lines, batch)
+        self.tokenizer, self.lines, self.max_length, self.decoder = tokenizer, lines, max_length, decoder
 
     def __getitem__(self, index: int) -> Mapping:
         """Batch ``index``, tokenized (each time it is asked for)."""
-        start = _start(index, len(self), self.batch)
-        batch = dict(self.tokenizer(self.lines[start:start + self.batch], padding=True, truncation=True,
-                                    max_length=self.max_length, return_tensors="pt"))
+        batch = dict(self.tokenizer(self._chunk(index), padding=True, truncation=True, max_length=self.max_length,
+                                    return_tensors="pt"))
         if self.decoder is not None:
             batch["decoder_input_ids"] = self.decoder(batch["input_ids"])
             if "attention_mask" in batch:
                 batch["decoder_attention_mask"] = batch["attention_mask"]
         return batch
-
-    def __iter__(self) -> Iterator[Mapping]:
-        for i in range(len(self)):
-            yield self[i]
 
 
 def _start(index: int, batches: int, size: int) -> int:
@@ -207,7 +219,7 @@ def _mismatch(model, state_dict: Mapping, shown: int = 3) -> str:
     return "; ".join(parts)
 
 
-class ImageBatches(Sequence):
+class ImageBatches(_Batches):
     """The images ``files`` of a folder, read batch by batch, never all at once (a sequence of batches: repair reads
     a batch again by its index rather than holding them all). Without ``processor``: each batch a float32
     ``N x C x H x W`` tensor in [0, 1], the pixels as they are
@@ -217,27 +229,16 @@ class ImageBatches(Sequence):
     ValueError naming its file."""
 
     def __init__(self, files: list[Path], channels: int, processor=None, batch: int = IMAGE_BATCH):
-        self.files, self.channels, self.processor, self.batch = files, channels, processor, batch
+        super().__init__(files, batch)
+        self.files, self.channels, self.processor = files, channels, processor
         self._first: tuple[int, int, int] | None = None  # C x H x W of the first image (its header read once)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.files) / self.batch)
-
-    @property
-    def samples(self) -> int:
-        return len(self.files)
-
-    def __iter__(self) -> Iterator:
-        for i in range(len(self)):
-            yield self[i]
 
     def __getitem__(self, index: int):
         """Batch ``index``, its files decoded (each time it is asked for)."""
         import numpy as np
         import torch
 
-        start = _start(index, len(self), self.batch)
-        chunk = self.files[start:start + self.batch]
+        chunk = self._chunk(index)
         images = [_decoded(path) for path in chunk]
         if self.processor is None:
             if self._first is None:
@@ -358,35 +359,24 @@ def image_inputs(folder: Path, processor=None, channels: int | None = None) -> t
     return ImageBatches(files, channels, processor), notes
 
 
-class ArrayBatches(Sequence):
+class ArrayBatches(_Batches):
     """A sample array cut into batches of :data:`IMAGE_BATCH`, each ``{key: tensor}`` (``key``: a transformers
     model's ``main_input_name``: ``pixel_values``, ``input_values``, ``input_features``, ``input_ids``), with
     ``decoder``'s ``decoder_input_ids`` for an encoder-decoder model (:func:`start_tokens`)."""
 
     def __init__(self, array, key: str, decoder=None, batch: int = IMAGE_BATCH):
-        self.array, self.key, self.decoder, self.batch = array, key, decoder, batch
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.array) / self.batch)
-
-    @property
-    def samples(self) -> int:
-        return len(self.array)
+        super().__init__(array, batch)
+        self.array, self.key, self.decoder = array, key, decoder
 
     def __getitem__(self, index: int) -> Mapping:
         import numpy as np
         import torch
 
-        start = _start(index, len(self), self.batch)
-        values = torch.from_numpy(np.ascontiguousarray(self.array[start:start + self.batch]))
+        values = torch.from_numpy(np.ascontiguousarray(self._chunk(index)))
         batch = {self.key: values}
         if self.decoder is not None:
             batch["decoder_input_ids"] = self.decoder(len(values))
         return batch
-
-    def __iter__(self) -> Iterator[Mapping]:
-        for i in range(len(self)):
-            yield self[i]
 
 
 def start_tokens(model):

@@ -567,20 +567,25 @@ def _conv_batchnorm() -> tuple[nn.Module, list]:
     return net, data
 
 
+def _repaired_error(net: nn.Module, data: list, options: dict, **flags) -> tuple[dict, float]:
+    """Repair ``net`` (no refit or GPTQ, size not kept, ``flags`` set), check its file decodes to the repaired model,
+    and give ``(targets, output error of the decoded model on data)``."""
+    with torch.no_grad():
+        refs = [[net(b)] for b in data]
+    result = repair(net, data, options, settings=RepairSettings(refit=False, gptq=False, keep_size=False, **flags))
+    decoded = code_file(net.state_dict(), options, result.targets)
+    assert all(torch.equal(decoded[k], v) for k, v in result.model.state_dict().items())
+    return result.targets, model_error(decoded_model(net, options, result.targets), data, refs)
+
+
 def test_batchnorm_running_mean_takes_the_mean_correction_of_a_layer_without_bias():
     """conv (no bias) -> BatchNorm: the coded conv's mean shift moves the BatchNorm's running mean, lowering the error."""
     net, data = _conv_batchnorm()
     options = quant_options(net, bits=2)
-    with torch.no_grad():
-        refs = [[net(b)] for b in data]
     errors = {}
     for on in (False, True):
-        settings = RepairSettings(refit=False, gptq=False, bias_correction=on, keep_size=False)
-        result = repair(net, data, options, settings=settings)
-        decoded = code_file(net.state_dict(), options, result.targets)
-        assert all(torch.equal(decoded[k], v) for k, v in result.model.state_dict().items())
-        assert ("1.running_mean" in result.targets) == on
-        errors[on] = model_error(decoded_model(net, options, result.targets), data, refs)
+        targets, errors[on] = _repaired_error(net, data, options, bias_correction=on)
+        assert ("1.running_mean" in targets) == on
     assert errors[True] < 0.9 * errors[False]
 
 
@@ -591,16 +596,10 @@ def test_batchnorm_gain_scales_the_batchnorm_after_a_coded_layer_without_bias():
     net, data = _conv_batchnorm()
     options = {n: EncodeOptions(codec="lossless") for n in net.state_dict()}
     options["0.weight"] = EncodeOptions(codec="quant", bits=2, tile=(8, 64))
-    with torch.no_grad():
-        refs = [[net(b)] for b in data]
     errors = {}
     for on in (False, True):
-        settings = RepairSettings(refit=False, gptq=False, batchnorm_gain=on, keep_size=False)
-        result = repair(net, data, options, settings=settings)
-        decoded = code_file(net.state_dict(), options, result.targets)
-        assert all(torch.equal(decoded[k], v) for k, v in result.model.state_dict().items())
-        assert ("1.weight" in result.targets) == on and "1.running_mean" in result.targets
-        errors[on] = model_error(decoded_model(net, options, result.targets), data, refs)
+        targets, errors[on] = _repaired_error(net, data, options, batchnorm_gain=on)
+        assert ("1.weight" in targets) == on and "1.running_mean" in targets
     assert errors[True] < errors[False]
 
 
