@@ -4,9 +4,11 @@ The encoder maps each tile of a lossy tensor to pixels by the tile's minimum and
 one outlying weight widens the step of all 4,096 weights of a 64 x 64 tile at every JPEG quality. A trained layer
 is heavy-tailed: the bench MLP's ``fc1`` spans 10.9 standard deviations per tile on the mean (7.6 to 15.7; a
 Gaussian tile of 4,096 values spans about 7.4), kurtosis 6.8. Clipped to the tile's mean +- k standard deviations
-after every optimizer step, the weights train around the bound, the tiles' ranges shrink, and the budget spends
-what that saves on a finer quality (bench/JOURNAL.md, thirtieth pass). Encoder-side only: the file and the decoder
-do not change.
+after every optimizer step, the weights train around the bound and the tiles' ranges shrink, so each JPEG quality
+steps finer in the weights' units and costs more bytes: within one budget the loop then lands on a coarser quality
+(the bench MLP at budget 0.2: q7.2-q7.4 against q8.2-q8.6) whose step in the weights is still finer, and the
+outliers it cut no longer set it (bench/JOURNAL.md, thirtieth pass). Encoder-side only: the file and the decoder do
+not change.
 """
 
 from __future__ import annotations
