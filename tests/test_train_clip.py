@@ -140,3 +140,5 @@ def test_a_tensor_not_coded_lossily_or_not_in_the_model_is_refused_by_name():
         codec.train.TileClip(model, overrides=SETTING, tensors=["fc9.weight"])
     with pytest.raises(ValueError, match="no parameter is coded lossily"):
         codec.train.TileClip(model, setting="lossless")
+    with pytest.raises(TypeError, match="tensors must be a parameter name or names, not 3"):
+        codec.train.TileClip(model, overrides=SETTING, tensors=3)
