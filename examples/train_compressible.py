@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> None:
             # twenty-seventh pass)
             defaults["--inputs-below"] = "0.1"
             # and fc1's weights clipped after every step to each 64 x 64 tile's mean +- 4 standard deviations (the
-            # encoder's tile ranges narrower: a finer step in the weights at the same bytes): 0.06 and 0.18 points
-            # less on the mean of two sets of 8 seeds at budget 0.2, 12 of 16 better (bench/JOURNAL.md, thirtieth
-            # pass)
+            # encoder's tile ranges narrower: a finer step in the weights at the same bytes): 0.10 points less lost
+            # on the mean of 16 seeds at budget 0.2, 12 of 16 better, for +0.085x of the plain schedule's time
+            # (bench/JOURNAL.md, thirtieth pass)
             defaults["--tile-clip"] = "4"
     given = {a.split("=")[0] for a in args}
     extra = [item for option, value in defaults.items() if option not in given for item in (option, value)]

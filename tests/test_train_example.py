@@ -115,8 +115,9 @@ def test_example_mlp_budget_loops_hold_quiet_inputs_at_zero_unless_told(monkeypa
 
 
 def test_example_mlp_budget_loops_clip_fc1s_tiles_at_4_deviations_unless_told(monkeypatch):
-    """With --budget the MLP's loop clips fc1's tiles at mean +- 4 standard deviations (12 of 16 seed runs better at
-    budget 0.2, bench/JOURNAL.md, thirtieth pass); not without a budget, not on the CNN; the user's value wins."""
+    """With --budget the MLP's loop clips fc1's tiles at mean +- 4 standard deviations (12 of 16 seeds better at
+    budget 0.2, bench/JOURNAL.md, thirtieth pass); not without a budget, not on the CNN (not better there); the
+    user's value wins."""
     module = _example_module()
     seen = []
     monkeypatch.setattr(module.train, "main", lambda argv, **kw: seen.append(argv))
