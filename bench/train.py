@@ -248,7 +248,7 @@ class Schedule:
                      freeze: Sequence[str] = (), budget: float | None = None,
                      budget_hold: float = 0.25, budget_every: int | None = None,
                      budget_start: str = "setting", label_smoothing: float = 0.0,
-                     inputs_below: float = 0.0) -> tuple[torch.nn.Module, float]:
+                     inputs_below: float = 0.0, tile_clip: float = 0.0) -> tuple[torch.nn.Module, float]:
         """The schedule's remaining epochs from ``snapshot`` with the codec in the loop at ``overrides``
         (:func:`codec.train.finetune` with the labels, continuing the schedule's Adam and rates; ``refresh``,
         ``vector_bits`` as finetune takes them; ``keep_tiles``: the fraction of the loop's steps, its last ones,
@@ -270,8 +270,10 @@ class Schedule:
         label smoothing (torch's ``label_smoothing``; the plain run's stays without). ``inputs_below``: the largest
         layer's weight columns whose input is nonzero in fewer than that fraction of the first 8,192 training
         images (measured on the snapshot's model) held at zero over the loop (:class:`codec.train.InputMask`, in
-        :attr:`input_mask`). Returns the model and
-        the CPU seconds of the whole schedule (the shared epochs included, not the teacher's training)."""
+        :attr:`input_mask`). ``tile_clip``: the largest layer's weights clipped after every step to each tile's mean
+        +- that many standard deviations (:class:`codec.train.TileClip`, after the mask; in :attr:`tile_clip`; 0:
+        none). Returns the model and the CPU seconds of the whole schedule (the shared epochs included, not the
+        teacher's training)."""
         model = copy.deepcopy(snapshot["model"])
         self.budget = (codec.train.Budget(budget, tensor=f"{BIG[self.kind]}.weight", hold=budget_hold,
                                           every=budget_every, start=budget_start)
@@ -289,6 +291,11 @@ class Schedule:
             self.input_mask = codec.train.InputMask(model, self.inputs[:8192].split(1024), inputs_below,
                                                     BIG[self.kind])
             optimizer.register_step_post_hook(self.input_mask)
+        self.tile_clip = None
+        if tile_clip > 0:
+            self.tile_clip = codec.train.TileClip(model, tile_clip, overrides=overrides,
+                                                  tensors=f"{BIG[self.kind]}.weight")
+            optimizer.register_step_post_hook(self.tile_clip)
         loss_fn = functools.partial(F.cross_entropy, label_smoothing=label_smoothing)
         if teacher is not None and distil > 0:
             teacher = teacher.eval()
@@ -408,6 +415,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
                         "largest layer's weight columns whose input is nonzero in fewer than this fraction (0-1) of "
                         "the first 8,192 training images (codec.train.InputMask; default 0: none; several: a run for "
                         "each)")
+    parser.add_argument("--tile-clip", type=float, action="append", help="codec in the loop: clip the largest "
+                        "layer's weights after every step to each tile's mean +- this many standard deviations, so "
+                        "the encoder's tile ranges stay narrow (codec.train.TileClip; default 0: none; several: a run "
+                        "for each)")
     parser.add_argument("--group", type=float, action="append", help="codec in the loop: add this times the mean "
                         "L2 norm of the largest layer's rows (its units; a group penalty) to the loss (default 0; "
                         "several: a run for each)")
@@ -481,6 +492,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
         parser.error("--label-smoothing must be from 0 to below 1")
     if any(not 0 <= f <= 1 for f in args.inputs_below or []):
         parser.error("--inputs-below must be between 0 and 1")
+    if any(k < 0 for k in args.tile_clip or []):
+        parser.error("--tile-clip must not be negative (0: none)")
     if any(g < 0 for g in args.group or []):
         parser.error("--group must not be negative")
     if any(g < 0 for g in args.loop_lam or []):
@@ -573,15 +586,17 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
         record(f"plain, ladder{rounded}", label, coded(model, overrides=point), plain_seconds)
     tails = [(tail, freeze if tail else ()) for tail in dict.fromkeys(args.freeze_tail or [0.0])
              for freeze in (args.freeze if tail else [()])]  # nothing frozen: one run, whatever --freeze says
-    for every, keep, distil, group, lam, (tail, freeze), smooth, below in itertools.product(
+    for every, keep, distil, group, lam, (tail, freeze), smooth, below, clip in itertools.product(
             args.refresh or [1], args.keep_tiles or [0], args.distil or [0.0], args.group or [0.0],
-            args.loop_lam or [0.0], tails, args.label_smoothing or [0.0], args.inputs_below or [0.0]):
+            args.loop_lam or [0.0], tails, args.label_smoothing or [0.0], args.inputs_below or [0.0],
+            args.tile_clip or [0.0]):
         frozen = ", ".join(freeze or [f"{BIG[kind]}.weight"])
         loop = (f"codec in the loop, last {args.codec_epochs} epoch(s), coded every {every} step(s){rounded}"
                 f"{f', tile extremes kept ({keep:g} of the loop)' if keep else ''}"
                 f"{f', distilled {distil:g}' if distil else ''}{f', unit penalty {group:g}' if group else ''}"
                 f"{f', label smoothing {smooth:g}' if smooth else ''}"
                 f"{f', inputs nonzero in under {below:g} of the images held at zero' if below else ''}"
+                f"{f', tiles clipped at {clip:g} standard deviations' if clip else ''}"
                 f"{f', rate penalty {lam:g} every {args.rate_every}' if lam else ''}"
                 f"{f', {frozen} frozen ({tail:g} of the loop)' if tail else ''}")
         budget_points = [(f"budget {b:g} (q in the loop, held {hold:g}{f', from {start}' if args.budget_start else ''}"
@@ -599,7 +614,7 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
                                                        teacher=plain if distil else None, distil=distil,
                                                        group=group, lam=lam, every=args.rate_every,
                                                        freeze_tail=tail, freeze=freeze, label_smoothing=smooth,
-                                                       inputs_below=below, **extra)
+                                                       inputs_below=below, tile_clip=clip, **extra)
             if distil:  # the teacher is the whole plain schedule: its epochs after the snapshot count too
                 seconds += plain_seconds - snapshot["seconds"]
             if budget is not None:  # the file is the loop's last coding, at the quality it chose

@@ -4,12 +4,14 @@ One process (``--child``) trains the plain MLP schedule (:class:`bench.train.Sch
 decayed over the last) and then, from the same snapshot, the budget loop as ``examples/train_compressible.py --budget
 0.2`` runs it (the whole schedule with the codec in the loop, coded every 4 steps, biases at 4 significand bits,
 label smoothing 0.1, the file measured every ``--budget-every`` steps) once for each ``--below`` in the order given
-(``--inputs-below``: :class:`codec.train.InputMask`; 0: no mask). Each loop's ratio is its CPU seconds over the same
+(``--inputs-below``: :class:`codec.train.InputMask`; 0: no mask), and for each ``--tile-clip`` (:class:`codec.train.
+TileClip`, k standard deviations; 0, the default: none) with each. Each loop's ratio is its CPU seconds over the same
 process's plain schedule (``time.process_time``, one thread), as ``bench.train``'s "training time vs plain" column.
 Without ``--child`` the script runs ``--pairs`` such processes, alternating which loop runs first (a loop's place in
 the process moves its time by a few percent), and prints each loop's ratios, their mean and the paired difference::
 
     OMP_NUM_THREADS=1 python -m bench.train_time --pairs 8 --below 0.1 0
+    OMP_NUM_THREADS=1 python -m bench.train_time --pairs 8 --below 0.1 --tile-clip 4 0   # as the example runs it
 
 CPU seconds inflate with the machine's load (two cores shared by several runs): compare ratios taken in the same
 minutes, and say the load (printed with each process).
@@ -30,7 +32,7 @@ from bench.train import quality_arg
 
 
 def child(args) -> None:
-    """One process: the plain schedule, then each ``--below``'s loop from its snapshot; one line each."""
+    """One process: the plain schedule, then each loop (:func:`loops`) from its snapshot; one line each."""
     import bench.train as bt
     from bench.models import load_fashion_mnist
 
@@ -41,35 +43,43 @@ def child(args) -> None:
     _, plain, snapshot = schedule.run(snapshot_at=0)
     print(f"plain {plain:.3f} s, load {os.getloadavg()[0]:.1f}", flush=True)
     point = bt.ladder_point("mlp", args.quality, args.table)
-    for below in args.below:
+    for label, below, clip in args.runs:
         _, seconds = schedule.codec_epochs(snapshot, point, refresh=4, vector_bits=4, budget=args.budget,
                                            budget_every=args.budget_every, label_smoothing=0.1,
-                                           inputs_below=below)
+                                           inputs_below=below, tile_clip=clip)
         budget = schedule.budget
-        print(f"below {below:g}: {seconds:.3f} s, ratio {seconds / plain:.4f}, {budget.quality}, "
+        print(f"{label}: {seconds:.3f} s, ratio {seconds / plain:.4f}, {budget.quality}, "
               f"{budget.bits:.4f} bits/weight, load {os.getloadavg()[0]:.1f}", flush=True)
 
 
+def loops(below: Sequence[float], clip: Sequence[float]) -> list[tuple[str, float, float]]:
+    """``(label, inputs_below, tile_clip)`` of each loop a process runs: every ``below`` with every ``clip``, in
+    that order ("below 0.1", or "below 0.1 clip 4" with a clip)."""
+    return [(f"below {b:g}{f' clip {k:g}' if k else ''}", b, k) for b in below for k in clip]
+
+
 def pairs(args, shared: Sequence[str]) -> None:
-    """``--pairs`` child processes, the ``--below`` order rotated from one to the next; the ratios' table."""
-    ratios: dict[float, list[float]] = {below: [] for below in args.below}
+    """``--pairs`` child processes, the loops' order rotated from one to the next; the ratios' table."""
+    runs = loops(args.below, args.tile_clip)
+    ratios: dict[str, list[float]] = {label: [] for label, *_ in runs}
     for i in range(args.pairs):
-        order = [*args.below[i % len(args.below):], *args.below[: i % len(args.below)]]
-        command = [sys.executable, "-m", "bench.train_time", "--child", *shared, "--below", *map(str, order)]
+        order = [*runs[i % len(runs):], *runs[: i % len(runs)]]
+        command = [sys.executable, "-m", "bench.train_time", "--child", *shared, "--order",
+                   *(f"{below:g}/{clip:g}" for _, below, clip in order)]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        print(f"process {i + 1}: order {' '.join(map(str, order))}", out.strip().replace("\n", "; "), flush=True)
+        print(f"process {i + 1}: order {', '.join(label for label, *_ in order)}", out.strip().replace("\n", "; "),
+              flush=True)
         for line in out.splitlines():
             if line.startswith("below "):
-                below = float(line.split()[1].rstrip(":"))
-                ratios[below].append(float(line.split("ratio ")[1].split(",")[0]))
+                ratios[line.split(":")[0]].append(float(line.split("ratio ")[1].split(",")[0]))
     print("\n| loop | ratios | mean [min, max] | at or under 1.5x |\n|---|---|---|---|")
-    for below, values in ratios.items():
-        print(f"| inputs below {below:g} | {', '.join(f'{r:.3f}' for r in values)} | {statistics.mean(values):.3f}x "
+    for label, values in ratios.items():
+        print(f"| inputs {label} | {', '.join(f'{r:.3f}' for r in values)} | {statistics.mean(values):.3f}x "
               f"[{min(values):.3f}, {max(values):.3f}] | {sum(r <= 1.5 for r in values)} of {len(values)} |")
-    if len(args.below) == 2 and args.pairs > 1:
-        a, b = (ratios[below] for below in args.below)
+    if len(runs) == 2 and args.pairs > 1:
+        a, b = ratios.values()
         diff = [x - y for x, y in zip(a, b)]
-        print(f"\npaired ({args.below[0]:g} - {args.below[1]:g}): {statistics.mean(diff):+.3f}x, standard error "
+        print(f"\npaired ({runs[0][0]} - {runs[1][0]}): {statistics.mean(diff):+.3f}x, standard error "
               f"{statistics.stdev(diff) / len(diff) ** 0.5:.3f}")
 
 
@@ -78,6 +88,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--below", type=float, nargs="+", default=[0.1, 0.0], help="--inputs-below of each loop "
                         "(0: no mask; default 0.1 and 0)")
+    parser.add_argument("--tile-clip", type=float, nargs="+", default=[0.0], help="--tile-clip of each loop, "
+                        "with each --below (0: none; default 0)")
+    parser.add_argument("--order", nargs="+", help=argparse.SUPPRESS)  # a child's loops, "below/clip" each
     parser.add_argument("--budget", type=float, default=0.2, help="bits/weight of the loop's budget")
     parser.add_argument("--budget-every", type=int, default=32, help="measure the file every N steps (0: the "
                         "Budget's default, an interval from the timed costs)")
@@ -90,6 +103,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if any(not 0 <= b <= 1 for b in args.below):
         parser.error("--below must be between 0 and 1")
+    if any(k < 0 for k in args.tile_clip):
+        parser.error("--tile-clip must not be negative (0: none)")
+    try:
+        args.runs = (loops(args.below, args.tile_clip) if not args.order else
+                     [run for below, clip in (map(float, item.split("/")) for item in args.order)
+                      for run in loops([below], [clip])])
+    except ValueError:
+        parser.error(f"--order: expected below/clip pairs, not {' '.join(args.order)}")
     if args.pairs < 1 or args.train_size < 128 or args.budget_every < 0:
         parser.error("--pairs must be positive, --train-size at least 128 and --budget-every not negative")
     args.budget_every = args.budget_every or None

@@ -674,6 +674,31 @@ def test_bench_train_inputs_below_holds_the_quiet_pixels_columns_at_zero_over_th
     assert exc.value.code == 2 and "--inputs-below must be between 0 and 1" in capsys.readouterr().err
 
 
+def test_bench_train_tile_clip_clips_fc1s_tiles_over_the_loop_and_rejects_a_negative_k(capsys):
+    import numpy as np
+
+    from bench import train
+
+    rng = np.random.default_rng(0)
+    schedule = train.Schedule("mlp", rng.integers(0, 255, (256, 28, 28), dtype=np.uint8), rng.integers(0, 10, 256),
+                              epochs=1, seed=0)
+    _, _, snapshot = schedule.run(snapshot_at=0)
+    with torch.no_grad():  # an outlier in fc1's first 64 x 64 tile
+        snapshot["model"].fc1.weight[3, 5] = 1.0
+    point = train.ladder_point("mlp", 6)
+    widest = []
+    for k in (0, 2.5):
+        model, _ = schedule.codec_epochs(snapshot, point, refresh=2, tile_clip=k)
+        tile = model.fc1.weight.detach()[:64, :64]
+        widest.append(((tile - tile.mean()).abs().max() / tile.std(unbiased=False)).item())
+    assert schedule.tile_clip is not None and schedule.tile_clip.tensors == ["fc1.weight"]
+    assert widest[0] > 20 and widest[1] <= 2.5 * 1.05  # the outlier trains on without it, clipped with it
+    assert snapshot["model"].fc1.weight[3, 5] == 1.0  # the snapshot is not touched
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--model", "mlp", "--tile-clip", "-1"])
+    assert exc.value.code == 2 and "--tile-clip must not be negative" in capsys.readouterr().err
+
+
 def test_bench_train_set_codes_a_tensor_its_way_in_every_run_and_rejects_bad_ones(monkeypatch, tmp_path, capsys):
     """``--set conv2.weight=jpeg,...`` (commas allowed, one tensor a --set) replaces REST's setting of that tensor in
     the plain ladder, the loops at each quality and the budget's loop, and the table's header says so; a tensor the

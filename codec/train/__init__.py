@@ -15,15 +15,19 @@ refused: ``Budget.within``);
 ``to_ordinary`` turns them back into ordinary layers;
 ``InputMask(model, inputs, below=0.1)``: an optimizer step hook that holds at zero the largest linear layer's weight
 columns whose input is nonzero in fewer than 10 % of the samples (weights that see no data: their bytes go to the
-rest: bench/JOURNAL.md, twenty-seventh pass).
+rest: bench/JOURNAL.md, twenty-seventh pass);
+``TileClip(model, k=4.0, overrides=...)``: an optimizer step hook that clips the largest JPEG tensor's weights to
+each tile's mean +- 4 standard deviations, so one outlier does not widen a whole tile's step (bench/JOURNAL.md,
+thirtieth pass).
 """
 
 from .budget import Budget, BudgetDamageWarning
+from .clip import TileClip
 from .dct import DCTConv2d, DCTLinear, to_ordinary, with_dct_layers
 from .finetune import NotKeptWarning, as_overrides, coded_weights, finetune, round_vector, round_vectors
 from .mask import InputMask
 from .rate import as_setting, entropy_bits, rate, tensor_rate
 
-__all__ = ["Budget", "BudgetDamageWarning", "DCTConv2d", "DCTLinear", "InputMask", "NotKeptWarning", "as_overrides",
-           "as_setting", "coded_weights", "entropy_bits", "finetune", "rate", "round_vector", "round_vectors",
-           "tensor_rate", "to_ordinary", "with_dct_layers"]
+__all__ = ["Budget", "BudgetDamageWarning", "DCTConv2d", "DCTLinear", "InputMask", "NotKeptWarning", "TileClip",
+           "as_overrides", "as_setting", "coded_weights", "entropy_bits", "finetune", "rate", "round_vector",
+           "round_vectors", "tensor_rate", "to_ordinary", "with_dct_layers"]
