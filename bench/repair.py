@@ -39,13 +39,14 @@ from .prepare import get_model
 
 
 def plan(state_dict: dict, bits: float, calibration=None, index: dict | None = None,
-         rules: list[tuple[str, str]] | None = None, reserve: int = 0) -> dict[str, EncodeOptions]:
+         rules: list[tuple[str, str]] | None = None, reserve: int = 0, price=None) -> dict[str, EncodeOptions]:
     """The options ``codec.save(state_dict, ..., bits_per_weight=bits)`` would choose; with a
     :class:`codec.rd.calibrate.Calibration`, those of ``codec.save(model, ..., calibration=inputs)`` (the output-space
     weighting, exhaustive search). ``index`` (a dict) gets ``compress=True`` where the budget counted on a
     compressed index, as codec.save's: :func:`write` must then compress it. ``rules`` (``(glob, setting)`` pairs, as
     ``jwt encode --set``'s) fix the matched tensors' settings, the search planning the others around them.
-    ``reserve``: bytes of the budget kept out of the plan (repair's share, :data:`codec.encode.REPAIR_SHARE`)."""
+    ``reserve``: bytes of the budget kept out of the plan (repair's share, :data:`codec.encode.REPAIR_SHARE`).
+    ``price``: a :class:`codec.rd.price.RepairPrices` (repair will code the plan: priced at what it codes)."""
     measure_by = None
     if calibration is not None:
         from codec.rd.allocate import Distortion, merge_weightings, norm_weightings
@@ -55,7 +56,7 @@ def plan(state_dict: dict, bits: float, calibration=None, index: dict | None = N
                                       calibration.weightings(), values)
         measure_by = Distortion(weightings)
     return _plan(state_dict, {}, EncodeOptions(), Overrides(rules), {}, encoder_versions(), bits, None, None, None,
-                 {}, None, measure_by=measure_by, index=index, reserve=reserve)
+                 {}, None, measure_by=measure_by, index=index, reserve=reserve, price=price)
 
 
 def write(state_dict: dict, options: dict[str, EncodeOptions], targets: dict[str, np.ndarray],
