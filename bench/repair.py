@@ -30,6 +30,7 @@ from codec.api import _plan, encoder_versions, to_numpy
 from codec.dtypes import get_dtype
 from codec.encode import spare_bytes
 from codec.rd.calibrate import SENSITIVITY_SAMPLES, calibrate
+from codec.rd.price import RepairPrices
 from codec.rd.repair import RepairSettings, code_with_repair, fitted_share
 from codec.tensorcodec import EncodeOptions, Overrides, encode_tensor
 from codec.writer import Writer
@@ -96,6 +97,9 @@ def main() -> None:
                              "search plans the others around them within the budget (repeatable)")
     parser.add_argument("--no-spend", dest="spend", action="store_false",
                         help="do not give repair the bytes the plan leaves under the budget (codec.encode.spare_bytes)")
+    parser.add_argument("--no-price", dest="price", action="store_false",
+                        help="plan a calibrated, repaired budget at the original values' bytes only, not also at what "
+                             "repair codes (codec.rd.price, as codec.save prices a small model's)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=RepairSettings.steps)
     parser.add_argument("--final-steps", type=int, default=RepairSettings.final_steps)
@@ -159,7 +163,9 @@ def main() -> None:
         # a calibrated save leaves repair its share of the budget, as codec.save does
         share = math.ceil(codec.encode.REPAIR_SHARE * fitted_share(model) * bits * n_weights / 8) \
             if calibration is not None and args.spend else 0
-        options = plan(state_dict, bits, calibration, index, rules, share)
+        price = RepairPrices.of(RepairSettings()) if calibration is not None and args.price and args.spend \
+            and n_weights <= codec.encode.REPLAN_WEIGHTS else None  # as codec.save prices a small model's
+        options = plan(state_dict, bits, calibration, index, rules, share, price)
         planned = len(write(state_dict, options, {}, index.get("compress")))
         spare = spare_bytes(int(bits * n_weights / 8), planned) if args.spend else 0
         print(f"{bits:6.2f} plan ({'calibrated' if calibration else 'data-free'}): "

@@ -29,11 +29,16 @@ def _layer() -> tuple[np.ndarray, np.ndarray]:
     return w, x.T @ x / len(x)
 
 
-def test_the_prices_follow_the_repair_settings():
-    assert P.RepairPrices.of(RepairSettings()) == P.RepairPrices(damp=RepairSettings().damp, jpeg=True, quant=True)
+def test_the_prices_follow_the_repair_settings(monkeypatch):
+    assert P.RepairPrices.of(RepairSettings()) == P.RepairPrices(damp=RepairSettings().damp, jpeg=True,
+                                                                 quant=P.PRICE_GPTQ)
     assert P.RepairPrices.of(RepairSettings(gptq=False)) == P.RepairPrices(jpeg=True, quant=False)
     assert P.RepairPrices.of(RepairSettings(gptq=False, compensate=False)) is None
     assert P.RepairPrices.of(RepairSettings(keep_size=False)) is None
+    monkeypatch.setattr(P, "PRICE_GPTQ", True)
+    assert P.RepairPrices.of(RepairSettings(compensate=False)) == P.RepairPrices(jpeg=False, quant=True)
+    monkeypatch.setattr(P, "PRICE_GPTQ", False)
+    assert P.RepairPrices.of(RepairSettings(compensate=False)) is None
     assert P.RepairPrices(quant=False).prices("jpeg") and not P.RepairPrices(quant=False).prices("quant")
 
 

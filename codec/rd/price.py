@@ -31,6 +31,13 @@ from .allocate import Distortion, Menu, RDPoint, entry_bytes
 REPAIRED = " repaired"
 
 
+#: Whether :meth:`RepairPrices.of` prices ``quant`` candidates at GPTQ's rounding too. Measured (bench/JOURNAL.md,
+#: "price (thirtieth pass)"): it lowered the bench BatchNorm CNN's held-out KL at ``-b 0.6`` by 7.5-9.6 % (conv2 and
+#: conv3 to GPTQ's 2 bits, their bytes to fc1), but raised the MLP's at ``-b 0.4`` by 7-11 % (its output layer 5 ->
+#: 3 bits): off. JPEG's compensated candidates alone left the MLP's files as they were.
+PRICE_GPTQ = False
+
+
 @dataclass(frozen=True)
 class RepairPrices:
     """How repair will code the plan's lossy tensors (:func:`plan_options`'s ``price``): GPTQ for ``quant``
@@ -42,12 +49,14 @@ class RepairPrices:
     quant: bool = True
 
     @classmethod
-    def of(cls, settings) -> "RepairPrices | None":
-        """The prices of a :class:`codec.rd.repair.RepairSettings` (None when it neither rounds by GPTQ nor
-        compensates JPEG, or does not keep the plan's size: then the plan's prices are the ones paid)."""
-        if not settings.keep_size or not (settings.gptq or settings.compensate):
+    def of(cls, settings) -> RepairPrices | None:
+        """The prices a save uses for a :class:`codec.rd.repair.RepairSettings`: JPEG's compensated values where it
+        compensates, GPTQ's rounding where it rounds by GPTQ and :data:`PRICE_GPTQ` says so; None where none of
+        them is priced, or where repair does not keep the plan's size (the plan's prices are then the ones paid)."""
+        jpeg, quant = bool(settings.compensate), bool(settings.gptq and PRICE_GPTQ)
+        if not settings.keep_size or not (jpeg or quant):
             return None
-        return cls(damp=settings.damp, jpeg=settings.compensate, quant=settings.gptq)
+        return cls(damp=settings.damp, jpeg=jpeg, quant=quant)
 
     def prices(self, codec: str) -> bool:
         return (codec == "jpeg" and self.jpeg) or (codec == "quant" and self.quant)
