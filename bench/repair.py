@@ -30,6 +30,7 @@ from codec.api import _plan, encoder_versions, to_numpy
 from codec.dtypes import get_dtype
 from codec.encode import spare_bytes
 from codec.rd.calibrate import SENSITIVITY_SAMPLES, calibrate
+from codec.rd.price import RepairPrices
 from codec.rd.repair import RepairSettings, code_with_repair, fitted_share
 from codec.tensorcodec import EncodeOptions, Overrides, encode_tensor
 from codec.writer import Writer
@@ -39,13 +40,14 @@ from .prepare import get_model
 
 
 def plan(state_dict: dict, bits: float, calibration=None, index: dict | None = None,
-         rules: list[tuple[str, str]] | None = None, reserve: int = 0) -> dict[str, EncodeOptions]:
+         rules: list[tuple[str, str]] | None = None, reserve: int = 0, price=None) -> dict[str, EncodeOptions]:
     """The options ``codec.save(state_dict, ..., bits_per_weight=bits)`` would choose; with a
     :class:`codec.rd.calibrate.Calibration`, those of ``codec.save(model, ..., calibration=inputs)`` (the output-space
     weighting, exhaustive search). ``index`` (a dict) gets ``compress=True`` where the budget counted on a
     compressed index, as codec.save's: :func:`write` must then compress it. ``rules`` (``(glob, setting)`` pairs, as
     ``jwt encode --set``'s) fix the matched tensors' settings, the search planning the others around them.
-    ``reserve``: bytes of the budget kept out of the plan (repair's share, :data:`codec.encode.REPAIR_SHARE`)."""
+    ``reserve``: bytes of the budget kept out of the plan (repair's share, :data:`codec.encode.REPAIR_SHARE`).
+    ``price``: a :class:`codec.rd.price.RepairPrices` (repair will code the plan: priced at what it codes)."""
     measure_by = None
     if calibration is not None:
         from codec.rd.allocate import Distortion, merge_weightings, norm_weightings
@@ -55,7 +57,7 @@ def plan(state_dict: dict, bits: float, calibration=None, index: dict | None = N
                                       calibration.weightings(), values)
         measure_by = Distortion(weightings)
     return _plan(state_dict, {}, EncodeOptions(), Overrides(rules), {}, encoder_versions(), bits, None, None, None,
-                 {}, None, measure_by=measure_by, index=index, reserve=reserve)
+                 {}, None, measure_by=measure_by, index=index, reserve=reserve, price=price)
 
 
 def write(state_dict: dict, options: dict[str, EncodeOptions], targets: dict[str, np.ndarray],
@@ -95,6 +97,9 @@ def main() -> None:
                              "search plans the others around them within the budget (repeatable)")
     parser.add_argument("--no-spend", dest="spend", action="store_false",
                         help="do not give repair the bytes the plan leaves under the budget (codec.encode.spare_bytes)")
+    parser.add_argument("--no-price", dest="price", action="store_false",
+                        help="plan a calibrated, repaired budget at the original values' bytes only, not also at what "
+                             "repair codes (codec.rd.price, as codec.save prices a small model's)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=RepairSettings.steps)
     parser.add_argument("--final-steps", type=int, default=RepairSettings.final_steps)
@@ -158,7 +163,9 @@ def main() -> None:
         # a calibrated save leaves repair its share of the budget, as codec.save does
         share = math.ceil(codec.encode.REPAIR_SHARE * fitted_share(model) * bits * n_weights / 8) \
             if calibration is not None and args.spend else 0
-        options = plan(state_dict, bits, calibration, index, rules, share)
+        price = RepairPrices.of(RepairSettings()) if calibration is not None and args.price and args.spend \
+            and n_weights <= codec.encode.REPLAN_WEIGHTS else None  # as codec.save prices a small model's
+        options = plan(state_dict, bits, calibration, index, rules, share, price)
         planned = len(write(state_dict, options, {}, index.get("compress")))
         spare = spare_bytes(int(bits * n_weights / 8), planned) if args.spend else 0
         print(f"{bits:6.2f} plan ({'calibrated' if calibration else 'data-free'}): "

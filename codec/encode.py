@@ -467,6 +467,17 @@ def save(
         # the search starts while they are compressed.
         measure_by = Distortion(weightings)
         memo: dict = {}  # the user's score per set of replaced values: each plan probes the same candidates
+        prices = None  # a small model's repaired plan is priced at what repair codes (codec.rd.price)
+        if inputs is not None and bits_per_weight is not None and weights <= REPLAN_WEIGHTS:
+            from .rd.price import RepairPrices
+
+            try:
+                from .rd.repair import RepairSettings
+            except ImportError:  # a repair module of another make (a test's stand-in): its plan as it was
+                RepairSettings = None
+            if RepairSettings is not None:
+                prices = RepairPrices.of(repair if isinstance(repair, RepairSettings) else RepairSettings())
+        surcharges: dict[int, int] = {}  # by plan (its dict's id): what repair's codings cost beyond its file
 
         def warn(damaged: list[str]) -> None:  # the file's metadata names the damaged tensors (jwt info)
             meta.pop(WARNINGS_KEY, None)
@@ -478,11 +489,13 @@ def save(
             nonlocal share
             meta.pop(WARNINGS_KEY, None)
             while True:
+                surcharge: dict[str, int] = {}
                 try:
                     chosen = _plan(arrays, aliases, opts, rules, meta, encoder, bits_per_weight, max_error,
                                    calibrate, progress, packing, jobs, matcher, measure_by=measure_by, notes=damaged,
                                    search=search, coded=coded, index=index, executor=cluster,
-                                   reserve=reserve + share, memo=memo)
+                                   reserve=reserve + share, memo=memo, price=prices, surcharge=surcharge)
+                    surcharges[id(chosen)] = sum(surcharge.values())
                     break
                 except EncodeError:  # too small a budget to leave repair its share: none, so that the refusal's
                     if not share:  # smallest budget (_refuse_early) still gets a file
@@ -500,8 +513,9 @@ def save(
                                  inputs, {renames.get(n, n): o for n, o in chosen.items()})
 
         def size(chosen: dict[str, EncodeOptions], coded: dict) -> int:  # the search's codings are not redone
+            # (with what repair's codings cost beyond the plan's file, as the plan priced them)
             return _planned_size(arrays, aliases, chosen.__getitem__, meta, encoder, index, attachments, packing, jobs,
-                                 done=dict(coded))
+                                 done=dict(coded)) + surcharges.get(id(chosen), 0)
 
         def decoded(chosen: dict[str, EncodeOptions], coded: dict) -> dict:  # the values the plan's file holds
             values: dict = {}
@@ -582,7 +596,7 @@ def save(
             spare = 0
             if bits_per_weight is not None:  # what the plan leaves under the budget: repair spends it
                 spare = spare_bytes(int(bits_per_weight * weights / 8) - growth,
-                                    planned if planned is not None else
+                                    planned - surcharges.get(id(chosen), 0) if planned is not None else
                                     _planned_size(arrays, aliases, chosen.__getitem__, meta, encoder, index,
                                                   attachments, packing, jobs))
             arrays = repaired_arrays(model, arrays, aliases, inputs, chosen, calib, calibration_progress, jobs, notes,
@@ -1078,7 +1092,7 @@ def _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weig
 
 def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress,
           attachments, jobs, matcher=None, measure_by=None, notes=None, search="fast", coded=None, index=None,
-          executor=None, reserve=0, memo=None):
+          executor=None, reserve=0, memo=None, price=None, surcharge=None):
     """Run the rate-distortion allocator over the stored tensors; options per name.
 
     The budget's fixed part counts the header, the index without tensor
@@ -1091,6 +1105,8 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
     ``executor`` when one is given (:class:`codec.distributed.ray.RayExecutor`). ``reserve``: bytes of the budget
     kept out of the plan (counted in its fixed part), for what will grow after it
     (:func:`codec.rd.repair.constant_growth`). ``memo``: :func:`codec.api.calibrate_score`'s, one per save.
+    ``price``: repair will code the plan (:class:`codec.rd.price.RepairPrices`: the search prices its plan again at
+    what repair codes; ``surcharge``, a dict, gets what that costs beyond the plan's file: :func:`plan_options`).
     """
     from .rd.allocate import plan_options
 
@@ -1118,4 +1134,5 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
                         overhead_bytes=overhead, score=score, progress=progress,
                         jobs=jobs, total_weights=sum(math.prod(arrays.shape(n)) for n in stored),
                         menu=menu, measure_by=measure_by, notes=notes, search=search, coded=coded,
-                        executor=executor, packed=lambda: bool(index and index.get("compress")))
+                        executor=executor, packed=lambda: bool(index and index.get("compress")), price=price,
+                        surcharge=surcharge)

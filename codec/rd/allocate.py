@@ -68,6 +68,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -79,6 +80,9 @@ from ..blobcodecs.zstd import release_scratch
 from . import ladder
 from ..tensorcodec import (Encoded, EncodeOptions, decode_encoded, decoded_bands, encode_tensor,
                            lossless_reason)
+
+if TYPE_CHECKING:
+    from .price import RepairPrices
 
 __all__ = ["RDPoint", "Menu", "Weighting", "Distortion", "DATA_FREE", "DAMAGE", "WARNINGS_KEY", "norm_weightings",
            "pareto_front", "candidates", "Reparam", "reparametrized", "computed_shapes", "computed_values",
@@ -1175,6 +1179,8 @@ def plan_options(
     coded: dict | None = None,
     executor: Executor | None = None,
     packed: Callable[[], bool] | None = None,
+    price: RepairPrices | None = None,
+    surcharge: dict[str, int] | None = None,
 ) -> dict[str, EncodeOptions]:
     """Measure every tensor's menu and choose its options for a rate target.
 
@@ -1216,9 +1222,18 @@ def plan_options(
     :class:`codec.distributed.ray.RayExecutor`); the other searches measure
     on ``jobs`` local threads whatever ``executor`` is. ``packed()`` (asked once the fixed bytes are known) says
     whether the index will be written compressed: the warnings' room is then counted compressed (:func:`notes_room`).
+    ``price`` (a :class:`codec.rd.price.RepairPrices`: repair will code the plan) also measures, for a budget, each
+    lossy candidate of a tensor with a full ``H`` coding what repair codes, GPTQ's rounding or JPEG's compensated
+    values (:class:`codec.rd.price.RepairMenu`: an exhaustive search). ``surcharge`` (a dict) then gets, for each
+    tensor whose chosen point codes repair's target, the bytes that point costs beyond the original values' coding
+    with the same options: the plan's file (the original values) is that much under the budget, which repair spends.
     """
     menu = menu or Menu()
     measure_by = measure_by or DATA_FREE
+    if price is not None and bits_per_weight is not None:  # repair's codings offered too (an exhaustive search)
+        from .price import RepairMenu
+
+        menu = RepairMenu(menu, measure_by, price)
     if (bits_per_weight is None) == (max_error is None):
         raise EncodeError("give exactly one of bits_per_weight and max_error")
     if search not in SEARCHES:
@@ -1323,6 +1338,14 @@ def plan_options(
                                         measure_by=measure_by)[1]
 
             chosen, damaged = replan_at_errors(tensors, (chosen, damaged), weights, settle, code, score, first)
+        if price is not None and surcharge is not None:
+            from .price import REPAIRED
+
+            names = {n for n, p in chosen.items() if REPAIRED in p.label}
+            for n, array, dtype in tensors(names):
+                if n in names:
+                    plain, _ = measure(n, array, dtype, "plain", chosen[n].options, images[n], keep_decoded=False)
+                    surcharge[n] = chosen[n].nbytes - plain.nbytes
         if notes is not None:
             notes.extend(damaged)
     return {**forced, **{n: p.options for n, p in chosen.items()}}
