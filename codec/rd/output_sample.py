@@ -27,8 +27,8 @@ returns it is a head too: BART's ``lm_head(h) + final_logits_bias``, a soft cap 
 follows the head's output through them (:class:`_Follow`, a torch function mode); a narrowed run takes the same
 positions of the other operands that span the whole width (:class:`_Narrow`), so the model makes only the sampled
 columns of those sums too. Without it a 2+2 x 64 BART with a 30,522-word vocabulary (2.14 M weights) made its whole
-logits and the bias sum in every pass: 66 of its 86 CPU seconds (bench/JOURNAL.md, bart (thirtieth pass)). The
-first narrowed run is checked against the sampled whole one as before.
+logits and the bias sum in every pass: its calibrated save took 76-82 CPU seconds, 39-40 narrowed, the same bytes
+(bench/JOURNAL.md, bart (thirtieth pass)). The first narrowed run is checked against the sampled whole one as before.
 """
 
 from __future__ import annotations
@@ -175,7 +175,8 @@ class OutputSample:
     @contextlib.contextmanager
     def watch(self, model: nn.Module) -> Iterator[None]:
         """Around one clean run of ``model``: remembers (weakly) the output of each of its plain Linear layers wider
-        than :attr:`limit`, for :meth:`adopt`."""
+        than :attr:`limit`, and the tensors the run makes from them by :data:`COLUMNWISE` functions and
+        :data:`CASTS` (:class:`_Follow`: only where there is such a layer), for :meth:`adopt`."""
         self._seen, self._followed = {}, _Tracked()
         handles = []
         for name, module in model.named_modules():
@@ -194,7 +195,8 @@ class OutputSample:
 
     def adopt(self, outputs: list[torch.Tensor]) -> None:
         """After :meth:`watch`: the wide Linear layers whose output tensor is one of ``outputs`` (the ones compared)
-        become the heads narrowed runs narrow."""
+        become the heads narrowed runs narrow, and those whose output one of ``outputs`` was made from columnwise
+        (:attr:`followed`) heads too."""
         seen, self._seen = self._seen, {}
         followed, self._followed = self._followed, None
         direct = {name for name, ref in seen.items() if any(ref() is t for t in outputs)}
@@ -205,7 +207,9 @@ class OutputSample:
     @contextlib.contextmanager
     def narrowed(self, *models: nn.Module, keep: nn.Module | None = None) -> Iterator[None]:
         """Within: each head of :attr:`heads` in ``models`` (by name) but ``keep`` computes only the sampled rows of
-        its weight (and bias); their ``forward`` is restored on leaving."""
+        its weight (and bias); their ``forward`` is restored on leaving. Where a head of :attr:`followed` is narrowed,
+        the columnwise functions of its output take the sampled positions of their other operands (:class:`_Narrow`,
+        active for the whole run)."""
         patched = []
         tracked, picks, widths = _Tracked(), {}, {}
         try:
