@@ -62,6 +62,7 @@ CASTS = frozenset({_T.to, _T.float, _T.double, _T.half, _T.bfloat16, _T.contiguo
 
 
 def _tensors(args: tuple, kwargs: dict | None) -> list[torch.Tensor]:
+    """The tensor arguments of a call (a columnwise function's operands, by position or keyword)."""
     return [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
 
 
