@@ -21,8 +21,10 @@ from codec.rd.repair.losses import _flat, _outputs
 
 class TinyLM(nn.Module):
     """Token ids -> embedding -> two mixing layers -> a Linear head over the vocabulary. ``post``: "scaled" returns
-    the logits times 2 (a tensor made after the head); ``labels`` given: the loss from the logits as a second
-    output (the model reads its head's output itself)."""
+    the logits times 2, "bias" plus a buffer of one bias per word (BART's ``final_logits_bias``), "capped" through
+    ``tanh(logits / 3) * 3`` (tensors made from the head's output position by position), "softmax" their
+    log-softmax (made from every position); ``labels`` given: the loss from the logits as a second output (the
+    model reads its head's output itself)."""
 
     def __init__(self, vocab: int = 300, dim: int = 16, post: str | None = None):
         super().__init__()
@@ -31,6 +33,8 @@ class TinyLM(nn.Module):
         self.out = nn.Linear(32, dim)
         self.head = nn.Linear(dim, vocab)
         self.post = post
+        if post == "bias":
+            self.register_buffer("word_bias", torch.linspace(-1, 1, vocab).unsqueeze(0))
 
     def forward(self, ids, labels=None):
         h = self.emb(ids)
@@ -38,6 +42,12 @@ class TinyLM(nn.Module):
         logits = self.head(h)
         if self.post == "scaled":
             logits = logits * 2
+        elif self.post == "bias":
+            logits = logits + self.word_bias.to(logits.device)
+        elif self.post == "capped":
+            logits = torch.tanh(logits / 3) * 3
+        elif self.post == "softmax":
+            logits = F.log_softmax(logits, -1)
         if labels is not None:
             return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         return logits
@@ -86,16 +96,60 @@ def test_a_linear_heads_output_is_narrowed_to_the_sampled_rows_and_its_forward_r
         assert "forward" not in vars(model.head) and torch.equal(model(ids), full)
 
 
-def test_an_output_made_after_the_head_is_sampled_but_the_head_runs_whole():
-    model, ids = _model("scaled"), _ids()
+@pytest.mark.parametrize("post", ["scaled", "bias", "capped"])
+def test_an_output_made_from_the_heads_position_by_position_is_narrowed_with_its_other_operands(post):
+    """The head's output passed on through arithmetic with a scalar or a per-word tensor, or tanh: the narrowed run
+    makes only the sampled columns, of the head and of the sums (the per-word tensor's sampled positions taken), the
+    same values as the whole output's; the head's forward and the modes are gone afterwards."""
+    model, ids = _model(post), _ids()
+    s = OutputSample(seed=0, limit=16)
+    widths = []
+    handle = model.head.register_forward_hook(lambda mod, args, out: widths.append(out.shape[-1]))
+    with torch.no_grad():
+        with s.watch(model):
+            full = model(ids)
+        s.adopt([full])
+        assert s.heads == s.followed == ["head"]
+        (ref,) = s.reference(model, ids, call, lambda t: [t], [full])
+        assert s.heads == ["head"]  # (the check passed)
+        handle.remove()
+        assert ref.shape == (6, 5, 16) and widths == [300, 16]
+        assert torch.allclose(ref, full[..., s.columns(300)], rtol=1e-5, atol=1e-6)
+        assert torch.equal(model(ids), full) and "forward" not in vars(model.head)
+        assert not torch.overrides._is_torch_function_mode_enabled()
+
+
+def test_an_output_made_from_every_position_of_the_heads_is_sampled_but_the_head_runs_whole():
+    model, ids = _model("softmax"), _ids()
     s = OutputSample(seed=0, limit=16)
     with torch.no_grad():
         with s.watch(model):
             full = model(ids)
         s.adopt([full])
-        assert s.heads == []
+        assert s.heads == s.followed == []
         (ref,) = s.reference(model, ids, call, lambda t: [t], [full])
     assert torch.equal(ref, full[..., s.columns(300)])
+
+
+def test_calibration_of_a_head_with_a_per_word_bias_after_it_runs_it_narrowed_to_the_same_sensitivities(monkeypatch):
+    """BART's ``lm_head(h) + final_logits_bias``: the sensitivities with the narrowed head and sum are those of the
+    whole output sampled (followed columnwise functions emptied: the head is then no head and runs whole)."""
+    model = _model("bias")
+    batches = [_ids(8, 6, seed=k) for k in range(3)]
+    widths = []
+    handle = model.head.register_forward_hook(lambda mod, args, out: widths.append(out.shape[-1]))
+    try:
+        narrowed = _sensitivities(model, batches, monkeypatch, 64)
+        assert widths.count(64) > widths.count(300)
+        widths.clear()
+        monkeypatch.setattr(O, "COLUMNWISE", frozenset())
+        whole = _sensitivities(model, batches, monkeypatch, 64)
+        assert widths.count(64) == 0
+    finally:
+        handle.remove()
+    assert narrowed.keys() == whole.keys()
+    for name in whole:
+        assert narrowed[name] == pytest.approx(whole[name], rel=1e-5), name
 
 
 def test_a_model_that_reads_its_heads_output_itself_is_run_whole():
