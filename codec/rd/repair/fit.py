@@ -352,7 +352,7 @@ class _LayerFit:
         reader = _Inputs() if reader is None else reader
         layer = _Layer(slot.module_name, slot.module, False, True, False) if layer is None else layer
         module = layer.module
-        if layer.computed:
+        if layer.computed and not layer.pruned:  # (a pruned layer's refit is fitted on its kept entries: _masked)
             settings = replace(settings, refit=False)
         seen: dict[str, torch.Tensor] = {}
         acc = {"n": 0, "held_n": 0, "ok": True}
@@ -683,6 +683,8 @@ class _LayerFit:
         rhs = w_cross + lam * self.w_ref
         h[np.diag_indices(len(h))] += lam
         try:
+            if self._mask() is not None:
+                return _masked_solve(h, rhs, self._mask())
             return np.linalg.solve(h.T, rhs.T).T
         finally:
             h[np.diag_indices(len(h))] = diagonal
@@ -734,6 +736,8 @@ class _LayerFit:
             return h
 
         del h
+        if self._mask() is not None:
+            return _masked_solve(damped(), rhs, self._mask())
         u = _inverse_cholesky_upper(damped)  # (H + lam I)^-1 = U^T U
         rhs = rhs @ u.T  # (the right-hand side freed as its product is made)
         return rhs @ u
@@ -772,6 +776,22 @@ class _LayerFit:
         else:
             running = self.shift.tensor
             running.copy_(torch.from_numpy(to_float64(self.shift.original, self.shift.dtype) - b).to(running.dtype))
+
+
+def _masked_solve(h: np.ndarray, rhs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The ridge refit of a pruned layer (:attr:`_Layer.mask`): row ``r`` solves ``W'_r[K] h[K, K] = rhs_r[K]`` over
+    its kept columns ``K`` only and is 0 elsewhere (``h`` damped and symmetric), so the refit weight is one the mask
+    keeps (a dense refit would move entries the layer multiplies by 0). Rows of one mask share one solve."""
+    out = np.zeros_like(rhs)
+    keys: dict[bytes, list[int]] = {}
+    kept = mask > 0
+    for r in range(len(rhs)):
+        keys.setdefault(np.packbits(kept[r]).tobytes(), []).append(r)
+    for rows in keys.values():
+        k = np.flatnonzero(kept[rows[0]])
+        if len(k):
+            out[np.ix_(rows, k)] = np.linalg.solve(h[np.ix_(k, k)], rhs[np.ix_(rows, k)].T).T
+    return out
 
 
 def _times(w: np.ndarray, mean: np.ndarray) -> np.ndarray:
