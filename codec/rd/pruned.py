@@ -60,8 +60,9 @@ def pruned_weights(shapes: Mapping[str, tuple[int, ...]], get: Callable[[str], n
 
 def pruned_note(pairs: Mapping[str, str]) -> str:
     """The note a budgeted save of pruned layers gives (``pairs``: :func:`pruned_weights`): how they are coded, what
-    their masks cost, and ``prune.remove``, which measured better at the same bits/weight on the two pruned models
-    of bench/JOURNAL.md, "layers (thirtieth pass)" (an MLP and the bench CNN: the mask's bytes go to the weights)."""
+    their masks cost, and ``prune.remove``, which measured better at the same file size on the two pruned models of
+    bench/JOURNAL.md, "layers (thirtieth pass)" (an MLP and the bench CNN: the mask's bytes go to the weights; at
+    the same bits/weight its file is about half the size, better on the MLP, a little worse on the CNN at -b 1)."""
     layers = [name.rpartition(".")[0] or name for name in pairs]
     shown = ", ".join(map(repr, layers[:4])) + (f" and {len(layers) - 4} more" if len(layers) > 4 else "")
     plural = len(layers) != 1
@@ -69,7 +70,7 @@ def pruned_note(pairs: Mapping[str, str]) -> str:
             f"{'they compute' if plural else 'it computes'} (weight_orig * weight_mask; the pruned entries of "
             "weight_orig, which the layer multiplies by 0, as zeros) and the mask exactly, about 1 bit per element, "
             "which bits/weight counts as weights; prune.remove(layer, \"weight\") on each before saving stores the "
-            "pruned weight alone, without its mask, and measured better at the same bits/weight")
+            "pruned weight alone, without its mask, and measured better at the same file size")
 
 
 def pruned_hint(pairs: Mapping[str, str]) -> str:
