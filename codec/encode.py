@@ -331,7 +331,8 @@ def save(
     """
     given = dict(locals())  # (first: save's own arguments, for the call below)
     layers = model if is_module(model) else state_dict if is_module(state_dict) else None
-    if layers is not None and base is None and not computing(layers) and pruned_hooks(layers):
+    rated = bits_per_weight is not None or max_error is not None  # (a save without a rate target stores as given)
+    if layers is not None and rated and base is None and not computing(layers) and pruned_hooks(layers):
         # torch.nn.utils.prune layers: every part of the save reads weight_orig as the weight it computes
         with pruned_as_computed(layers):
             options = given.pop("options")
@@ -356,7 +357,7 @@ def save(
     if is_module(state_dict):
         state_dict = compiled_original(state_dict)
         model, state_dict = compiled_original(model) or state_dict, state_dict.state_dict()
-    if base is None:
+    if base is None and rated:
         state_dict = computed_state(state_dict)  # a pruned layer's weight_orig: the weight it computes
     if repair is not None and not isinstance(repair, bool):
         from .rd.repair import RepairSettings  # imports torch: only for a caller who passed settings

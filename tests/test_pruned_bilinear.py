@@ -212,3 +212,12 @@ def test_a_pruned_layers_refit_is_fitted_on_its_kept_entries():
         k = np.flatnonzero(mask[r])
         assert np.allclose(out[r, k], np.linalg.solve(h[np.ix_(k, k)], rhs[r, k]))
     assert np.allclose(_masked_solve(h, rhs, np.ones_like(mask)), np.linalg.solve(h, rhs.T).T)
+
+
+def test_a_pruned_model_saved_without_a_rate_target_keeps_weight_orig_exactly(tmp_path):
+    """Only a save with a rate target codes ``weight_orig * weight_mask``: a lossless save gives the state_dict back
+    bit for bit, the pruned entries of ``weight_orig`` too."""
+    net = _pruned_mlp()
+    codec.save(net, tmp_path / "l.jwt", codec="lossless")
+    back = codec.load(tmp_path / "l.jwt")
+    assert all(torch.equal(back[k], v) for k, v in net.state_dict().items())
