@@ -221,3 +221,13 @@ def test_a_pruned_model_saved_without_a_rate_target_keeps_weight_orig_exactly(tm
     codec.save(net, tmp_path / "l.jwt", codec="lossless")
     back = codec.load(tmp_path / "l.jwt")
     assert all(torch.equal(back[k], v) for k, v in net.state_dict().items())
+
+
+def test_a_pruned_model_saved_with_the_default_options_keeps_its_masks_exact(tmp_path):
+    """Without a rate target the default options code every tensor lossily: a mask's ones came back as 1 +- 6e-5
+    (main too). A pruned layer's mask is now stored losslessly there, as a rated save's menu codes it exactly."""
+    net = _pruned_mlp()
+    codec.save(net, tmp_path / "d.jwt")
+    back = codec.load(tmp_path / "d.jwt")
+    for key in ("0.weight_mask", "2.weight_mask"):
+        assert torch.equal(back[key], net.state_dict()[key]), key
