@@ -35,6 +35,7 @@ from .errors import EncodeError
 from .format import HEADER_SIZE, INDEX_ZSTD_SAVING, Attachment, BlobRef, Index, TensorEntry, pack_index
 from .limits import DEFAULT_LIMITS, Limits
 from .parallel import AHEAD_BYTES, INLINE, Pending, bound_heap, make_executor, release_memory, resolve_jobs
+from .rd.pruned import MASK, ORIG, computed_state, computing, pruned_as_computed, pruned_hooks
 from .tensorcodec import (ZERO_ERROR, Encoded, EncodeOptions, Overrides, given_options, ignored_options,
                           decode_encoded, lossless_codec, option_conflicts, start_encode)
 from .writer import Writer, encode_attachment
@@ -328,6 +329,14 @@ def save(
     without importing torch; torch tensors are converted as they are coded
     (:func:`codec.api.tensor_arrays`). The file is the same bytes either way.
     """
+    given = dict(locals())  # (first: save's own arguments, for the call below)
+    layers = model if is_module(model) else state_dict if is_module(state_dict) else None
+    rated = bits_per_weight is not None or max_error is not None  # (a save without a rate target stores as given)
+    if layers is not None and rated and base is None and not computing(layers) and pruned_hooks(layers):
+        # torch.nn.utils.prune layers: every part of the save reads weight_orig as the weight it computes
+        with pruned_as_computed(layers):
+            options = given.pop("options")
+            return save(**given, **options)
     jobs = resolve_jobs(jobs)
     _check_destination(path)
     bits_per_weight = _rate_target("bits_per_weight", bits_per_weight, 64.0)
@@ -348,6 +357,8 @@ def save(
     if is_module(state_dict):
         state_dict = compiled_original(state_dict)
         model, state_dict = compiled_original(model) or state_dict, state_dict.state_dict()
+    if base is None and rated:
+        state_dict = computed_state(state_dict)  # a pruned layer's weight_orig: the weight it computes
     if repair is not None and not isinstance(repair, bool):
         from .rd.repair import RepairSettings  # imports torch: only for a caller who passed settings
 
@@ -395,6 +406,11 @@ def save(
         notes.append(f"tensors {', '.join(map(repr, overlaps[:10]))}{', ...' if len(overlaps) > 10 else ''} "
                      "share part of their memory (overlapping views): stored losslessly so they stay equal there")
     empty = {n for n in arrays if n not in aliases and math.prod(arrays.shape(n)) == 0}
+    if not rated and any(n.endswith(ORIG) for n in arrays):  # a pruned layer's 0/1 mask, stored as it is (the
+        from .rd.pruned import pruned_weights  # default options decoded its ones as 1 +- 6e-5; a rated save's menu
+        #                                        codes it exactly: codec.rd.allocate._two_valued)
+        empty |= {c + MASK for c in pruned_weights({n: arrays.shape(n) for n in arrays if n not in aliases},
+                                                   lambda n: float64_values(arrays.array(n), arrays.dtype_name(n)))}
     if overlaps or empty:  # empty tensors (shape (0, 5)): nothing to search or tile, stored as they are
         lossless = dataclasses.replace(opts, codec="lossless")
         rules = _Forced(rules, set(overlaps) | empty, lossless)
@@ -415,14 +431,23 @@ def save(
     repaired = False
     index: dict = {}  # "compress": the budget counted on a compressed index (_plan)
     if bits_per_weight is not None or max_error is not None:
-        from .rd.allocate import (WARNINGS_KEY, Distortion, computed_shapes, computed_values, merge_weightings,
-                                  norm_weightings, packed_weightings, reparametrized, stored_weightings)
+        from .rd.allocate import (REFUSAL_HINT, WARNINGS_KEY, Distortion, Reparam, computed_shapes, computed_values,
+                                  merge_weightings, norm_weightings, packed_weightings, reparametrized,
+                                  stored_weightings)
+        from .rd.pruned import pruned_hint, pruned_note, pruned_weights
 
         packing = _pack(attachments, jobs)  # sized before the search, compressed meanwhile on threads (calibration)
         values = lambda n: float64_values(arrays.array(n), arrays.dtype_name(n))  # noqa: E731
         shapes = {n: arrays.shape(n) for n in arrays}
         # weight_norm / spectral_norm layers: weighed as the weight they compute, then moved to what is stored
         reparams = reparametrized({n: s for n, s in shapes.items() if n not in aliases}, values)
+        # torch.nn.utils.prune layers: weight_orig holds the weight (computed_state), weighed as it
+        pruned = {c: o for c, o in pruned_weights({n: s for n, s in shapes.items() if n not in aliases},
+                                                  values).items() if c not in reparams}
+        reparams.update({c: Reparam(o, matrix=len(shapes[o]) == 2) for c, o in pruned.items()})
+        REFUSAL_HINT.set(pruned_hint(pruned) if pruned else "")
+        if pruned:
+            notes.append(Note(pruned_note(pruned)))
         weightings = norm_weightings(computed_shapes(shapes, reparams), values)
         inputs = calib = None
         growth = 0  # bytes the plan keeps for constant vectors that repair makes ordinary (constant_growth)

@@ -921,15 +921,27 @@ def test_a_tied_embedding_is_weighed_as_the_output_head_and_stored_once(tmp_path
         assert torch.isfinite(model(ids).logits).all()
 
 
+class _Mixer(nn.Module):
+    """A layer of the user's own: a matrix its forward multiplies by (a kind calibration does not measure; nn.Bilinear
+    was the example before the thirtieth pass measured it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x):
+        return x @ self.weight
+
+
 class _Unmeasured(nn.Module):
-    """A GRU (measured), a bilinear layer (a kind calibration does not measure) and a layer the inputs never reach
-    beside measured Linear layers."""
+    """A GRU (measured), a layer of a kind calibration does not measure and a layer the inputs never reach beside
+    measured Linear layers."""
 
     def __init__(self):
         super().__init__()
         self.embed = nn.Linear(8, 64)
         self.gru = nn.GRU(64, 64, batch_first=True)
-        self.up = nn.Bilinear(16, 16, 16)
+        self.up = _Mixer()
         self.head = nn.Linear(64, 10)
         self.aux = nn.Linear(64, 64)
 
@@ -939,7 +951,7 @@ class _Unmeasured(nn.Module):
 
 
 def test_a_calibrated_save_names_the_tensors_it_codes_data_free(tmp_path):
-    """Layer kinds calibration does not measure (Bilinear) and layers the inputs never reach: one note
+    """Layer kinds calibration does not measure (a module of the user's own) and layers the inputs never reach: one note
     naming them and saying they are coded by the data-free weighting; the measured ones (the GRU's too) are not
     named."""
     torch.manual_seed(0)
@@ -951,7 +963,7 @@ def test_a_calibrated_save_names_the_tensors_it_codes_data_free(tmp_path):
     assert isinstance(note, codec.Note) and "data-free weighting" in note
     for name in ("up.weight", "aux.weight"):
         assert repr(name) in note
-    assert "Bilinear" in note and "not reached" in note
+    assert "_Mixer" in note and "not reached" in note
     assert "'embed.weight'" not in note and "'head.weight'" not in note and "gru" not in note.lower()
     model.load_state_dict(codec.load(tmp_path / "u.jwt"))
     # a model calibration measures whole: no such note

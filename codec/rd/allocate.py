@@ -64,6 +64,7 @@ import json
 import math
 import threading
 import weakref
+from contextvars import ContextVar
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from contextlib import contextmanager
@@ -1421,6 +1422,11 @@ def floor_encodings(tensors: TensorSource, base: EncodeOptions, fixed: Callable[
                                       key=lambda e: sum(map(len, e.blobs)) + entry_bytes(name, dtype, shape, e, 10))
 
 
+#: What a refusal of too small a budget (:func:`refuse_budget`) adds for the model being saved ("": nothing): set by
+#: :func:`codec.encode.save` at each budgeted save, e.g. that pruned layers' masks take about 1 bit per element.
+REFUSAL_HINT: ContextVar[str] = ContextVar("refusal_hint", default="")
+
+
 def refuse_budget(bits_per_weight: float, tensors: TensorSource, base: EncodeOptions,
                   fixed: Callable[[str], EncodeOptions | None], overhead: int, menu: Menu | None = None,
                   packed: bool = False) -> None:
@@ -1450,7 +1456,7 @@ def refuse_budget(bits_per_weight: float, tensors: TensorSource, base: EncodeOpt
     if least <= int(bits_per_weight * weights / 8):
         return
     raise EncodeError(f"{bits_per_weight} bits/weight is below the smallest encoding "
-                      f"({math.ceil(8000 * least / max(weights, 1)) / 1000:.3f} bits/weight)")
+                      f"({math.ceil(8000 * least / max(weights, 1)) / 1000:.3f} bits/weight){REFUSAL_HINT.get()}")
 
 
 def _refine(tensors: TensorSource, chosen: dict[str, RDPoint], hulls: dict[str, list[RDPoint]],

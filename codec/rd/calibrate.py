@@ -88,6 +88,7 @@ from .experts import (ExpertsCollector, FlatCollector, Target, expert_key, exper
                       rank_one, targets)
 from .output_sample import OutputSample
 from .prefix import Prefix
+from .pruned import MASK, ORIG, pruned_weight
 from . import attention as attention_module
 from .attention import (ATTENTION_PROJECTIONS, AttentionCollector, attention_modules, attention_out_proj,
                         attention_stats, attention_targets)
@@ -456,7 +457,8 @@ TRANSPOSED_UNDER_REPAIR = False
 def layer_kind(module: nn.Module) -> str | None:
     """``"embedding"``, ``"embedding_bag"``, ``"conv2d"``, ``"conv1d_nn"`` / ``"conv3d"`` (torch's ``nn.Conv1d`` /
     ``nn.Conv3d``), ``"conv_transpose"`` (:data:`TRANSPOSED`: ``nn.ConvTranspose1d / 2d / 3d``), ``"linear"``,
-    ``"conv1d"`` (transformers' Conv1D, weight ``(in, out)``) for the layers calibration measures, None for the
+    ``"conv1d"`` (transformers' Conv1D, weight ``(in, out)``), ``"bilinear"`` (``nn.Bilinear``: measured over the
+    outer products of its two inputs, :func:`bilinear_rows`) for the layers calibration measures, None for the
     others."""
     if isinstance(module, nn.Embedding):
         return "embedding"
@@ -472,6 +474,8 @@ def layer_kind(module: nn.Module) -> str | None:
         return TRANSPOSED
     if isinstance(module, nn.Linear):
         return "linear"
+    if isinstance(module, nn.Bilinear):
+        return "bilinear"
     conv1d = _conv1d_type()
     if conv1d is not None and isinstance(module, conv1d) and getattr(module, "weight", None) is not None \
             and module.weight.dim() == 2:
@@ -595,6 +599,13 @@ class _Collector:
             for columns, cols in transposed_rows(module, x, output.shape[-len(module.kernel_size):],
                                                  UNFOLD_BYTES // 2):
                 add_moments_at(self, cols, columns, width)
+        elif self.kind == "bilinear":
+            x2 = args[1] if len(args) > 1 else None
+            if not isinstance(x2, torch.Tensor):
+                return
+            for rows in bilinear_rows(self._tokens(x, x.shape[:-1]), self._tokens(x2, x2.shape[:-1]),
+                                      UNFOLD_BYTES // 2):
+                self._add(rows)
         else:
             self._add(self._tokens(x, x.shape[:-1]).reshape(-1, x.shape[-1]))
 
@@ -775,6 +786,18 @@ def transposed_rows(module: nn.modules.conv._ConvTransposeNd, x: torch.Tensor, s
             yield columns, rows.reshape(len(rows), -1)
 
 
+def bilinear_rows(x1: torch.Tensor, x2: torch.Tensor, max_bytes: int) -> Iterator[torch.Tensor]:
+    """An ``nn.Bilinear``'s input rows for its weight's ``[out, in1 * in2]`` view: ``y_o = sum_ij W[o, i, j] x1_i
+    x2_j + b_o`` is a Linear over the outer product ``x1 (x) x2`` (column ``i * in2 + j``), so its ``H`` is that
+    product's second moment. Made a chunk of rows at a time, at most ``max_bytes`` each (the product has ``in1 *
+    in2`` columns: 4,096 for two 64-wide inputs)."""
+    x1, x2 = x1.reshape(-1, x1.shape[-1]), x2.reshape(-1, x2.shape[-1])
+    width = x1.shape[1] * x2.shape[1]
+    step = max(1, max_bytes // max(1, width * x1.element_size()))
+    for i in range(0, x1.shape[0], step):
+        yield (x1[i:i + step, :, None] * x2[i:i + step, None, :]).reshape(-1, width)
+
+
 def add_moments_at(acc, x: torch.Tensor, columns: torch.Tensor, width: int) -> None:
     """:func:`add_moments` of rows ``x`` that are zero outside ``columns`` (of ``width`` in all), given as those
     columns only: their products added to that block of ``acc.h`` (or of its diagonal), their sums to ``acc.sum``."""
@@ -826,8 +849,9 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
             key = f"{name}.weight" if name else "weight"
             # a weight computed by a parametrization (weight_norm, spectral_norm) is measured as the weight the
             # layer uses; the search moves its measure to the stored tensors (codec.rd.allocate.stored_weightings)
-            if (key in keys or parametrize.is_parametrized(module, "weight") or hook_weight_norm(module) is not None) \
-                    and key not in attention:
+            # so is a torch.nn.utils.prune layer's (weight_orig * weight_mask; codec.rd.pruned codes weight_orig so)
+            if (key in keys or parametrize.is_parametrized(module, "weight") or hook_weight_norm(module) is not None
+                    or pruned_weight(module) is not None) and key not in attention:
                 out[key] = module
     return out
 
@@ -838,7 +862,7 @@ def _columns(module: nn.Module) -> int:
     kind = layer_kind(module)
     if kind == TRANSPOSED:
         return module.weight.shape[0] // module.groups * math.prod(module.kernel_size)
-    return module.weight[0].numel() if kind == "linear" or kind in CONV_KINDS else 0
+    return module.weight[0].numel() if kind in ("linear", "bilinear") or kind in CONV_KINDS else 0
 
 
 def _several_inputs_hint(exc: BaseException) -> str:
@@ -972,8 +996,9 @@ def calibrate(model: nn.Module, inputs: object, *, max_batches: int | None = Non
     recurrent = recurrent_modules(model)
     attention = attention_modules(model)
     if not layers and not set_aside and not experts and not routers and not recurrent and not attention:
-        raise ValueError("calibration: the model has no Linear, Conv1d / 2d / 3d, ConvTranspose, Conv1D, Embedding, "
-                         "EmbeddingBag, RNN, GRU, LSTM or MultiheadAttention layer with a weight to calibrate")
+        raise ValueError("calibration: the model has no Linear, Bilinear, Conv1d / 2d / 3d, ConvTranspose, Conv1D, "
+                         "Embedding, EmbeddingBag, RNN, GRU, LSTM or MultiheadAttention layer with a weight to "
+                         "calibrate")
     full_bytes = 0
 
     def full_h(cols: int, count: int = 1) -> bool:
@@ -1248,7 +1273,7 @@ def _tie_heads(layers: dict[str, nn.Module], out: dict[str, LayerStats]) -> None
 def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> str | None:
     """A one-line note naming the tensors of ``names`` (the weights a calibrated encode codes: floating, 2-D or
     more) that ``calib`` has no statistics for, so that they are coded by the data-free weighting: layers of a kind
-    calibration does not measure (``nn.Bilinear``, an LSTM's projection ``weight_hr``, ...:
+    calibration does not measure (a module of the user's own, an LSTM's projection ``weight_hr``, ...:
     by their module's class) or not reached by the calibration inputs. None if there are none."""
     names = list(names)
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -1268,6 +1293,15 @@ def uncalibrated(model: nn.Module, calib: Calibration, names: Iterable[str]) -> 
         if owner is not None and name.rpartition(".")[2] in ("weight_g", "weight_v") \
                 and hook_weight_norm(owner) is not None and name[:-2] in calib.layers:
             continue  # weight_norm's hook form: measured as the weight it computes (codec.rd.allocate.HOOK_V)
+        leaf = name.rpartition(".")[2]
+        if owner is not None and leaf.endswith((ORIG, MASK)) and pruned_weight(owner, leaf[:-len(ORIG)]) is not None:
+            if leaf.endswith(MASK) or name[:-len(ORIG)] in calib.layers:  # (a mask is coded exactly)
+                continue  # torch.nn.utils.prune: weight_orig measured as the weight it computes (codec.rd.pruned)
+            if layer_kind(owner) is None:
+                kinds.setdefault(type(owner).__name__, []).append(name)
+            else:
+                unreached.append(name)
+            continue
         if (isinstance(owner, nn.MultiheadAttention) and name.rpartition(".")[2] in ATTENTION_PROJECTIONS) or (
                 isinstance(parent, nn.MultiheadAttention) and owner is parent.out_proj):
             unreached.append(name)  # (codec.rd.attention measures its projections when the module runs)
@@ -1588,8 +1622,11 @@ def _sensitivity_pass(model: nn.Module, batch: Batch, clean: list[torch.Tensor],
                 x = lookup_ids(mod, x)
                 if x is None:
                     return output
-            delta = (noise.bag_error(mod, bag_arguments(args, rest[0]), output)  # noqa: B023
-                     if isinstance(mod, nn.EmbeddingBag) else noise.error(mod, x, size))  # noqa: B023
+            if kind == "bilinear":  # (its two inputs)
+                delta = F.bilinear(x, args[1], noise.whole())  # noqa: B023
+            else:
+                delta = (noise.bag_error(mod, bag_arguments(args, rest[0]), output)  # noqa: B023
+                         if isinstance(mod, nn.EmbeddingBag) else noise.error(mod, x, size))  # noqa: B023
             signal = output
             if getattr(mod, "bias", None) is not None:  # (a conv's: over its channel axis, batched or not)
                 signal = output - (mod.bias.view(-1, *[1] * len(mod.kernel_size)) if conv else mod.bias)

@@ -226,8 +226,8 @@ def _dec(values: np.ndarray, dtype: DType) -> np.ndarray:
 
 
 def gptq_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.ndarray | HeldInFactor, *,
-                damp: float = 0.01, act_order: bool = False, block: int = BLOCK, factors: dict | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+                damp: float = 0.01, act_order: bool = False, block: int = BLOCK, factors: dict | None = None,
+                mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(target, decoded)``: the array to encode with ``opts`` (storage form) and what it decodes to (float64).
 
     ``weight`` is the tensor in storage form, viewed as the matrix
@@ -238,10 +238,15 @@ def gptq_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
     ``act_order`` rounds columns in order of decreasing ``H`` diagonal.
     ``factors`` (a dict kept by the caller for one ``h``): the inverse
     Cholesky factor is taken from it, or made and kept there (:func:`_factor`).
+    ``mask`` (0/1, the ``[rows, cols]`` view): the layer multiplies the
+    decoded tensor by it (a ``torch.nn.utils.prune`` layer's ``weight_orig``,
+    :mod:`codec.rd.pruned`), so an element where it is 0 has no error to
+    compensate: the later columns compensate the others' only.
     """
     rows, cols = weight.shape[0], math.prod(weight.shape[1:])
     if h.shape != (cols, cols):
         raise ValueError(f"H is {h.shape}, expected ({cols}, {cols}) for a weight of shape {weight.shape}")
+    mask = _mask(mask, rows, cols)
     if opts.codec != "quant" or lossless_reason(weight, dtype, "quant") is not None:
         return weight, None
     w = to_float64(weight, dtype).reshape(rows, cols)
@@ -282,6 +287,8 @@ def gptq_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
             tc = tile_of[:, c]
             oj, sj, safej = o[tc], s[tc], safe[tc]
             col = w1[:, i]
+            if mask is not None:  # a pruned entry keeps its own value (cheap to code), not the others' compensation
+                col = np.where(mask[:, c] > 0, col, w[:, c])
             p = np.clip(np.rint((col - oj) / safej), pbot[tc], ptop[tc])
             pin = pinned[:, c]
             if pin.any():  # a pinned element keeps the encoder's own pixel of its original value
@@ -290,6 +297,8 @@ def gptq_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
             q = _dec(oj + sj * p, dtype)
             pix[:, j] = p
             err = (col - q) / u1[i, i]
+            if mask is not None:  # (a pruned entry's error never reaches the output)
+                err = err * mask[:, c]
             w1[:, i:] -= np.outer(err, u1[i, i:])
             err1[:, i] = err
         work[:, i2:] -= err1 @ upper[i1:i2, i2:]
@@ -310,8 +319,8 @@ def gptq_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
 
 
 def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.ndarray | HeldInFactor, *,
-                damp: float = 0.01, executor=None, factors: dict | None = None, decoded: bool = True
-                ) -> tuple[np.ndarray, np.ndarray | None]:
+                damp: float = 0.01, executor=None, factors: dict | None = None, decoded: bool = True,
+                mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """``(target, decoded)`` for a ``jpeg`` weight: its columns coded group by group, the later ones compensating.
 
     JPEG codes 8x8 blocks of pixels at once, so GPTQ's column-by-column
@@ -330,11 +339,13 @@ def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
     weights: the weight is returned unchanged with ``decoded`` None.
     ``factors``: as :func:`gptq_target`'s. ``decoded=False``: ``decoded`` is None also for a compensated target
     (whoever codes the target gets those values from its own coding: repair does, and holds no float64 copy
-    of them, nor codes the target once more here).
+    of them, nor codes the target once more here). ``mask``: as :func:`gptq_target`'s (a group's error where it is
+    0 is not compensated).
     """
     rows, cols = weight.shape[0], math.prod(weight.shape[1:])
     if h.shape != (cols, cols):
         raise ValueError(f"H is {h.shape}, expected ({cols}, {cols}) for a weight of shape {weight.shape}")
+    mask = _mask(mask, rows, cols)
     if opts.codec != "jpeg" or lossless_reason(weight, dtype, "jpeg") is not None:
         return weight, None
     t = plan_tiling(rows, cols, opts.tile, opts.row_shape, opts.params)
@@ -350,7 +361,7 @@ def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
     ends = np.flatnonzero(np.diff(group[perm])) + 1
     upper = _factor(h, damp, perm, factors)
     if t.mode != "rows":  # grid: the natural order, a group a column of tiles
-        work = _compensate_grid(w, t, ends, upper, dtype, opts, executor)
+        work = _compensate_grid(w, t, ends, upper, dtype, opts, executor, mask)
         return _compensated(work, None, weight, dtype, opts, executor, decoded)
     tile_of = tile_index(t)
     lo, hi = tile_range(w, tile_of, t.n_tiles)
@@ -370,6 +381,8 @@ def jpeg_target(weight: np.ndarray, dtype: DType, opts: EncodeOptions, h: np.nda
     for end in ends:  # every group but the last: code, then compensate the columns after it
         coded = _decoded(from_float64(work[:, inverse], dtype), dtype, opts, executor)
         err = to_float64(from_float64(work[:, start:end], dtype), dtype) - to_float64(coded[:, perm[start:end]], dtype)
+        if mask is not None:
+            err *= mask[:, perm[start:end]]
         del coded  # (storage form: only the group's columns widened)
         # E U_FF^-1 (U_FF upper triangular; below it a held factor holds H's triangle: triu, a group's square)
         scaled = np.linalg.solve(np.triu(upper[start:end, start:end]).T, err.T).T
@@ -396,7 +409,7 @@ def _compensated(work: np.ndarray, inverse: np.ndarray | None, weight: np.ndarra
 
 
 def _compensate_grid(w: np.ndarray, t: Tiling, ends: np.ndarray, upper: np.ndarray, dtype: DType,
-                     opts: EncodeOptions, executor) -> np.ndarray:
+                     opts: EncodeOptions, executor, mask: np.ndarray | None = None) -> np.ndarray:
     """:func:`jpeg_target`'s compensation in ``grid`` mode, in ``w``'s own array (returned): a group is a column
     of tiles, coded in the natural order.
 
@@ -419,6 +432,8 @@ def _compensate_grid(w: np.ndarray, t: Tiling, ends: np.ndarray, upper: np.ndarr
     for end in ends:  # every group but the last: code, then compensate the columns after it
         coded = _decoded(from_float64(w, dtype), dtype, opts, executor)
         err = to_float64(from_float64(w[:, start:end], dtype), dtype) - to_float64(coded[:, start:end], dtype)
+        if mask is not None:
+            err *= mask[:, start:end]
         del coded  # (storage form: only the group's columns widened)
         # E U_FF^-1 (U_FF upper triangular; below it a held factor holds H's triangle: triu, a group's square)
         scaled = np.linalg.solve(np.triu(upper[start:end, start:end]).T, err.T).T
@@ -432,6 +447,14 @@ def _compensate_grid(w: np.ndarray, t: Tiling, ends: np.ndarray, upper: np.ndarr
             part[r_hi, c_hi] = hi_r[r_hi]
         start = end
     return w
+
+
+def _mask(mask: np.ndarray | None, rows: int, cols: int) -> np.ndarray | None:
+    """A 0/1 ``mask`` as float64 ``[rows, cols]`` (None: none, or all ones)."""
+    if mask is None:
+        return None
+    mask = np.asarray(mask, np.float64).reshape(rows, cols)
+    return None if bool(np.all(mask == 1)) else mask
 
 
 def tile_index(t: Tiling) -> np.ndarray:

@@ -118,7 +118,8 @@ def unit_sensitivity(model: torch.nn.Module, module: torch.nn.Module, batches: S
                                for o, s in zip(outs, scale))
                     (grad,) = torch.autograd.grad(loss, y)
                     sq = grad.double().pow(2)
-                    per_unit = sq.reshape(-1, sq.shape[-1]).sum(0) if isinstance(module, torch.nn.Linear) else \
+                    last_axis = isinstance(module, (torch.nn.Linear, torch.nn.Bilinear))  # (units: the last axis)
+                    per_unit = sq.reshape(-1, sq.shape[-1]).sum(0) if last_axis else \
                         sq.transpose(0, 1).reshape(sq.shape[1], -1).sum(1)
                     total = per_unit if total is None else total + per_unit
                 count += y.shape[0]

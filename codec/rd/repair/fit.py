@@ -19,9 +19,10 @@ from torch import nn
 from ...api import to_numpy
 from ...dtypes import from_float64, to_float64
 from ...tensorcodec import EncodeOptions
-from ..calibrate import (UNFOLD_BYTES, _computed_weight, _weight_error, conv_rows, hook_weight_norm,
-                         transposed_matrix)
+from ..calibrate import (UNFOLD_BYTES, _computed_weight, _weight_error, bilinear_rows, conv_rows,
+                         hook_weight_norm, transposed_matrix)
 from ..gptq import HeldInFactor
+from ..pruned import MASK, ORIG, pruned_weight
 from .inputs import _Inputs, _Stop
 from .settings import RepairSettings, held_out
 from .slots import _Slot, _kept_weight
@@ -29,14 +30,14 @@ from .slots import _Slot, _kept_weight
 
 #: The layers repair fits (refit, GPTQ, JPEG compensation, the least-squares bias; "ConvNd" in the docstrings, not the
 #: transposed ones): their weight is a matrix ``weight.reshape(out, -1)`` over their input rows (im2col columns for
-#: the convolutions, :func:`_layer_rows`).
-FITTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: the convolutions, the outer products of its two inputs for an ``nn.Bilinear``: :func:`_layer_rows`).
+FITTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Bilinear)
 
 
 def _has_rows(module: nn.Module) -> bool:
     """Whether :func:`_layer_rows` can give ``module``'s inputs as rows (a Linear, or a zero-padded ungrouped
     Conv1d / Conv2d / Conv3d)."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, nn.Bilinear)):
         return True
     return (isinstance(module, FITTED) and module.groups == 1 and isinstance(module.padding, tuple)
             and module.padding_mode == "zeros")
@@ -52,8 +53,26 @@ def _layer_rows(module: nn.Module, x: torch.Tensor):
     if isinstance(module, nn.Linear):
         yield x.reshape(-1, x.shape[-1]).float()
         return
+    if isinstance(module, nn.Bilinear):  # (x: its two inputs, :func:`_layer_input`)
+        for rows in bilinear_rows(x[0].float(), x[1].float(), UNFOLD_BYTES):
+            yield rows
+        return
     for cols in conv_rows(module, x, UNFOLD_BYTES):
         yield cols.float()
+
+
+def _layer_input(module: nn.Module, args: tuple):
+    """What :func:`_layer_rows` takes of a call's positional ``args``: the first, detached, or an ``nn.Bilinear``'s
+    two as a tuple (None: not tensors)."""
+    count = 2 if isinstance(module, nn.Bilinear) else 1
+    if len(args) < count or not all(isinstance(a, torch.Tensor) for a in args[:count]):
+        return None
+    return args[0].detach() if count == 1 else (args[0].detach(), args[1].detach())
+
+
+def _shape(x) -> tuple:
+    """The shape of :func:`_layer_input`'s value (of both inputs of an ``nn.Bilinear``)."""
+    return tuple(t.shape for t in x) if isinstance(x, tuple) else tuple(x.shape)
 
 
 #: The transposed convolutions repair gives the least-squares bias (:meth:`_LayerFit.collect_means`): their input
@@ -79,6 +98,14 @@ class _Layer:
     def __init__(self, name: str, module: nn.Module, computed: bool, rows: bool, transposed: bool):
         self.name, self.module, self.computed, self.rows, self.transposed = name, module, computed, rows, transposed
 
+    #: A ``torch.nn.utils.prune`` layer's 0/1 mask (the ``[out, cols]`` view; :mod:`codec.rd.pruned`): the stored
+    #: ``weight_orig`` is the weight where it is 1 and reaches nothing where it is 0. GPTQ and JPEG compensation
+    #: spread only the error of the entries it keeps. None: no mask.
+    mask: np.ndarray | None = None
+    #: Whether the layer is pruned (``torch.nn.utils.prune``): its least-squares bias is judged on the held-out
+    #: batches against none (:func:`codec.rd.repair.loop._bias_judged`), as a transposed convolution's is.
+    pruned: bool = False
+
     def weight(self) -> torch.Tensor:
         """The layer's weight from its tensors as they are now (:func:`_computed`)."""
         return _computed(self.module)
@@ -96,7 +123,10 @@ def _computed(module: nn.Module) -> torch.Tensor:
     (``torch.nn.utils.weight_norm``) sets it as an attribute only when the module's forward starts, so after its
     ``weight_v`` is coded the attribute is the old weight until the next call."""
     hook = hook_weight_norm(module)
-    return module.weight if hook is None else hook.compute_weight(module)
+    if hook is not None:
+        return hook.compute_weight(module)
+    pruned = pruned_weight(module)  # (torch.nn.utils.prune's hook sets the attribute as weight_norm's does)
+    return module.weight if pruned is None else pruned
 
 
 #: Repair acts on weight_norm / spectral_norm layers through the weight they compute (:class:`_Layer`); False: their
@@ -118,6 +148,15 @@ def _layer_of(work: nn.Module, slot: _Slot) -> _Layer | None:
         return _Layer(slot.module_name, slot.module, False, False, True) if TRANSPOSED_BIAS else None
     if not COMPUTED_LAYERS or not slot.is_param:
         return None
+    if slot.attr.endswith(ORIG) and isinstance(slot.module, FITTED) \
+            and pruned_weight(slot.module, slot.attr[:-len(ORIG)]) is not None:
+        if slot.attr != "weight" + ORIG:  # (another pruned tensor of the layer, its bias: coded as planned)
+            return None
+        layer = _Layer(slot.module_name, slot.module, True, True, False)  # rows: the weight's, factor 1
+        layer.pruned = True
+        mask = getattr(slot.module, "weight" + MASK).detach()
+        layer.mask = mask.reshape(mask.shape[0], -1).double().numpy()
+        return layer
     if slot.attr == "weight_v":  # weight_norm's hook form: the layer is the module itself
         hook = hook_weight_norm(slot.module)
         if hook is None or isinstance(slot.module, TRANSPOSED_FITS) and not TRANSPOSED_BIAS:
@@ -313,7 +352,7 @@ class _LayerFit:
         reader = _Inputs() if reader is None else reader
         layer = _Layer(slot.module_name, slot.module, False, True, False) if layer is None else layer
         module = layer.module
-        if layer.computed:
+        if layer.computed and not layer.pruned:  # (a pruned layer's refit is fitted on its kept entries: _masked)
             settings = replace(settings, refit=False)
         seen: dict[str, torch.Tensor] = {}
         acc = {"n": 0, "held_n": 0, "ok": True}
@@ -332,8 +371,8 @@ class _LayerFit:
 
         def grab(key):
             def hook(mod, args):  # the inputs as they come; their rows are made a chunk at a time below
-                if _has_rows(mod):
-                    seen.setdefault(key, []).append(args[0].detach())  # a module called twice gives two sets
+                if _has_rows(mod) and _layer_input(mod, args) is not None:  # a module called twice: two sets
+                    seen.setdefault(key, []).append(_layer_input(mod, args))
                 else:
                     acc["ok"] = False
                 if reader.stop:
@@ -367,7 +406,7 @@ class _LayerFit:
                 if not acc["ok"] or "h" not in seen:
                     return False
                 xs = seen.get("x", [])
-                if both and [x.shape for x in xs] != [xh.shape for xh in seen["h"]]:
+                if both and [_shape(x) for x in xs] != [_shape(xh) for xh in seen["h"]]:
                     return False
                 for i, inputs in enumerate(seen["h"]):
                     chunks = zip(_layer_rows(original, xs[i]), _layer_rows(module, inputs)) \
@@ -435,6 +474,9 @@ class _LayerFit:
                           and s.original.shape == (w_ref.shape[0],)), None)
         fit = cls(slot, bias_slot, w_ref, b_ref, n, mean, mean_hat, shift)
         fit.layer = layer
+        if layer.pruned and fit.bias is not None:  # (its bias judged against none: _Layer.pruned)
+            fit._own = (_times(layer.matrix(layer.weight()), mean_hat),
+                        fit.bias.tensor.detach().double().numpy().copy())
         # Memory: each moment matrix is cols^2 float64 (all-MiniLM-L6-v2's FFN output: 19 MB); the held-out rows'
         # W C is made when needed (_HeldOut), all are divided and centred in place and freed as soon as they have
         # served (all rows' cross moment as soon as W C is made; the other rows' H is solved in its own array), so
@@ -593,7 +635,7 @@ class _LayerFit:
         if self.h is not None and settings.gptq and opts.codec == "quant":
             from ..gptq import gptq_target
 
-            return gptq_target(current, slot.dtype, opts, self._h(), damp=self.damp(settings))
+            return gptq_target(current, slot.dtype, opts, self._h(), damp=self.damp(settings), mask=self._mask())
         if self.h is not None and settings.compensate and opts.codec == "jpeg":
             from ..gptq import jpeg_target
 
@@ -601,13 +643,18 @@ class _LayerFit:
             if kept and key in kept:
                 return kept[key]
             # no float64 decoded values: the coding that follows (_coded_target) decodes the target itself
-            found = jpeg_target(current, slot.dtype, opts, self._h(), damp=self.damp(settings), decoded=False)
+            found = jpeg_target(current, slot.dtype, opts, self._h(), damp=self.damp(settings), decoded=False,
+                                mask=self._mask())
             if kept == {}:
                 kept[key] = found
             return found
         # a refit is the layer's own array; the weight itself is a view of the working model, which is about to
         # take the decoded values: the target must not follow it (_kept_weight)
         return (current if self._fitted is not None else _kept_weight(slot)), None
+
+    def _mask(self) -> np.ndarray | None:
+        """The layer's prune mask (:attr:`_Layer.mask`), or None."""
+        return None if self.layer is None else self.layer.mask
 
     def _centre(self, moment: np.ndarray, left: np.ndarray, right: np.ndarray) -> None:
         """Centre a moment matrix in place (``moment -= outer(left, right)``, a band of rows at a time) when a bias
@@ -636,6 +683,8 @@ class _LayerFit:
         rhs = w_cross + lam * self.w_ref
         h[np.diag_indices(len(h))] += lam
         try:
+            if self._mask() is not None:
+                return _masked_solve(h, rhs, self._mask())
             return np.linalg.solve(h.T, rhs.T).T
         finally:
             h[np.diag_indices(len(h))] = diagonal
@@ -687,6 +736,8 @@ class _LayerFit:
             return h
 
         del h
+        if self._mask() is not None:
+            return _masked_solve(damped(), rhs, self._mask())
         u = _inverse_cholesky_upper(damped)  # (H + lam I)^-1 = U^T U
         rhs = rhs @ u.T  # (the right-hand side freed as its product is made)
         return rhs @ u
@@ -725,6 +776,22 @@ class _LayerFit:
         else:
             running = self.shift.tensor
             running.copy_(torch.from_numpy(to_float64(self.shift.original, self.shift.dtype) - b).to(running.dtype))
+
+
+def _masked_solve(h: np.ndarray, rhs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The ridge refit of a pruned layer (:attr:`_Layer.mask`): row ``r`` solves ``W'_r[K] h[K, K] = rhs_r[K]`` over
+    its kept columns ``K`` only and is 0 elsewhere (``h`` damped and symmetric), so the refit weight is one the mask
+    keeps (a dense refit would move entries the layer multiplies by 0). Rows of one mask share one solve."""
+    out = np.zeros_like(rhs)
+    keys: dict[bytes, list[int]] = {}
+    kept = mask > 0
+    for r in range(len(rhs)):
+        keys.setdefault(np.packbits(kept[r]).tobytes(), []).append(r)
+    for rows in keys.values():
+        k = np.flatnonzero(kept[rows[0]])
+        if len(k):
+            out[np.ix_(rows, k)] = np.linalg.solve(h[np.ix_(k, k)], rhs[np.ix_(rows, k)].T).T
+    return out
 
 
 def _times(w: np.ndarray, mean: np.ndarray) -> np.ndarray:

@@ -112,7 +112,7 @@ def _forward_calls(model: nn.Module, batch, watched: Iterable[nn.Module] = ()
         if key not in seen:
             seen.add(key)
             order.append(module)
-        if key in watch:
+        if key in watch and not isinstance(module, nn.Bilinear):  # (two inputs: a group of its own)
             calls[key] = calls.get(key, 0) + 1
             x = args[0] if args else None
             if isinstance(x, torch.Tensor) and calls[key] == 1:
