@@ -29,6 +29,7 @@ file then holds no mask: about one bit per weight of the layer): bench/JOURNAL.m
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
@@ -85,10 +86,11 @@ def pruned_hint(pairs: Mapping[str, str]) -> str:
 def computed_state(state_dict: Mapping) -> Mapping:
     """``state_dict`` with each pruned layer's ``<x>_orig`` (:func:`pruned_weights`) replaced by the weight it
     computes, ``<x>_orig * <x>_mask`` (a new tensor; the caller's is not changed): the pruned entries coded as
-    zeros. ``state_dict`` itself where it holds no pruned pair, or is not a mapping of torch tensors."""
-    import torch
-
-    if not isinstance(state_dict, Mapping) or not any(isinstance(k, str) and k.endswith(ORIG) for k in state_dict):
+    zeros. ``state_dict`` itself where it holds no pruned pair, or is not a mapping of torch tensors (without torch
+    imported it holds none: a torch-free save, of a .safetensors say, does not import torch here)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(state_dict, Mapping) \
+            or not any(isinstance(k, str) and k.endswith(ORIG) for k in state_dict):
         return state_dict
     tensors = {k: v for k, v in state_dict.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
