@@ -69,6 +69,37 @@ def test_a_repaired_candidate_codes_the_compensated_target():
     assert P.RepairMenu(A.Menu(), diagonal, P.RepairPrices()).candidates("w", w, F32, EncodeOptions()) == plain
 
 
+def test_a_save_makes_each_repaired_target_once(monkeypatch):
+    """One RepairPrices (one save's) makes a candidate's compensated target once: a later plan's measure gives the
+    same point without compensating again; other values or another H make their own target."""
+    import codec.rd.gptq as G
+
+    made = []
+
+    def counting(array, *args, **kwargs):
+        made.append(float(array.sum()))
+        return jpeg_target(array, *args, **kwargs)
+
+    monkeypatch.setattr(G, "jpeg_target", counting)
+    w, h = _layer()
+    prices = P.RepairPrices(quant=False)
+    opts = EncodeOptions(codec="jpeg", quality=20)
+
+    def point(array, hessian):
+        measure_by = A.Distortion({"w": A.Weighting(h=hessian)})
+        menu = P.RepairMenu(A.Menu(), measure_by, prices)
+        with measure_by.keeping("w"):
+            return menu.measure("w", array, F32, "jpeg q20" + P.REPAIRED, opts, measure_by=measure_by)[0]
+
+    first, again = point(w, h), point(w, h)
+    assert len(made) == 1 and first == again
+    point(w * np.float32(1.5), h)
+    assert len(made) == 2
+    point(w, 2.0 * h)
+    assert len(made) == 3
+    assert P.RepairPrices(quant=False) == prices  # the codings are not part of what the prices are
+
+
 def test_the_surcharge_is_what_the_chosen_repaired_points_cost_beyond_the_plain_coding():
     w, h = _layer()
     measure_by = A.Distortion({"w": A.Weighting(h=h)})

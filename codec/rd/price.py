@@ -17,9 +17,10 @@ values) is under the budget by what the target costs more, and repair is given t
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -47,6 +48,11 @@ class RepairPrices:
     damp: float = 0.01
     jpeg: bool = True
     quant: bool = True
+    #: Repair's codings measured so far (:func:`repaired_point`): one save's plans (its first and its replans)
+    #: measure the same candidates of the same original values and ``H``, and making a target (the compensation)
+    #: is most of a repaired point's cost. Keyed by the values' and ``H``'s digests too, so an instance used again
+    #: for other values or other calibration makes its targets again.
+    codings: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, settings) -> RepairPrices | None:
@@ -107,24 +113,35 @@ class RepairMenu(Menu):
             return self.menu.measure(name, array, dtype, label, options, rows, offset_digits, measure_by,
                                      keep_decoded)
         return repaired_point(name, array, dtype, label, options, rows, measure_by, held, self.prices.damp,
-                              offset_digits, keep_decoded)
+                              offset_digits, keep_decoded, codings=self.prices.codings)
 
 
 def repaired_point(name: str, array: np.ndarray, dtype: DType, label: str, options: EncodeOptions,
                    rows: tuple[int, int] | None, measure_by: Distortion, held: tuple[np.ndarray, dict],
-                   damp: float, offset_digits: int = 10, keep_decoded: bool = True
+                   damp: float, offset_digits: int = 10, keep_decoded: bool = True, codings: dict | None = None
                    ) -> tuple[RDPoint, np.ndarray | None]:
     """The point of ``options`` coding repair's target for them (GPTQ's rounding of a ``quant`` tensor, the
     compensated values of a ``jpeg`` one; :func:`codec.rd.gptq.gptq_target`, :func:`codec.rd.gptq.jpeg_target`)
     made from the original values ``array`` and ``held``'s ``H`` (and the dict its factors are kept in): its bytes
-    (with the index entry) and its distortion against ``array`` by ``measure_by``."""
+    (with the index entry) and its distortion against ``array`` by ``measure_by``. ``codings`` (a dict, one save's:
+    :attr:`RepairPrices.codings`) keeps each target's coding, so a later plan of the same save measures it again
+    without making it again."""
     from .gptq import gptq_target, jpeg_target
 
     h, factors = held
-    make = jpeg_target if options.codec == "jpeg" else gptq_target
-    target, _ = make(array, dtype, options, h, damp=damp, factors=factors)
-    encoded = encode_tensor(target, dtype, options)
-    del target
+    key = None
+    if codings is not None:
+        digest = hashlib.blake2b(np.ascontiguousarray(array).view(np.uint8), digest_size=16)
+        digest.update(np.ascontiguousarray(np.diagonal(h)).view(np.uint8))
+        key = (name, tuple(array.shape), rows, options, damp, digest.digest())
+    encoded = None if key is None else codings.get(key)
+    if encoded is None:
+        make = jpeg_target if options.codec == "jpeg" else gptq_target
+        target, _ = make(array, dtype, options, h, damp=damp, factors=factors)
+        encoded = encode_tensor(target, dtype, options)
+        del target
+        if key is not None:
+            codings[key] = encoded
     decoded = decode_encoded(encoded, dtype, array.shape, name)
     weighted, plain, out_error = measure_by.measure(name, array, decoded, dtype, rows)
     nbytes = sum(map(len, encoded.blobs)) + entry_bytes(name, dtype, tuple(array.shape), encoded, offset_digits)
