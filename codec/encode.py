@@ -35,7 +35,8 @@ from .errors import EncodeError
 from .format import HEADER_SIZE, INDEX_ZSTD_SAVING, Attachment, BlobRef, Index, TensorEntry, pack_index
 from .limits import DEFAULT_LIMITS, Limits
 from .parallel import AHEAD_BYTES, INLINE, Pending, bound_heap, make_executor, release_memory, resolve_jobs
-from .rd.pruned import MASK, ORIG, computed_state, computing, pruned_as_computed, pruned_hooks
+from .rd.pruned import (MASK, ORIG, computed_state, computing, pruned_as_computed, pruned_hint, pruned_hooks,
+                         pruned_note, pruned_weights)
 from .tensorcodec import (ZERO_ERROR, Encoded, EncodeOptions, Overrides, given_options, ignored_options,
                           decode_encoded, lossless_codec, option_conflicts, start_encode)
 from .writer import Writer, encode_attachment
@@ -407,8 +408,7 @@ def save(
                      "share part of their memory (overlapping views): stored losslessly so they stay equal there")
     empty = {n for n in arrays if n not in aliases and math.prod(arrays.shape(n)) == 0}
     if not rated and any(n.endswith(ORIG) for n in arrays):  # a pruned layer's 0/1 mask, stored as it is (the
-        from .rd.pruned import pruned_weights  # default options decoded its ones as 1 +- 6e-5; a rated save's menu
-        #                                        codes it exactly: codec.rd.allocate._two_valued)
+        # default options decoded its ones as 1 +- 6e-5; a rated save's menu codes it exactly: allocate._two_valued)
         empty |= {c + MASK for c in pruned_weights({n: arrays.shape(n) for n in arrays if n not in aliases},
                                                    lambda n: float64_values(arrays.array(n), arrays.dtype_name(n)))}
     if overlaps or empty:  # empty tensors (shape (0, 5)): nothing to search or tile, stored as they are
@@ -434,7 +434,6 @@ def save(
         from .rd.allocate import (REFUSAL_HINT, WARNINGS_KEY, Distortion, Reparam, computed_shapes, computed_values,
                                   merge_weightings, norm_weightings, packed_weightings, reparametrized,
                                   stored_weightings)
-        from .rd.pruned import pruned_hint, pruned_note, pruned_weights
 
         packing = _pack(attachments, jobs)  # sized before the search, compressed meanwhile on threads (calibration)
         values = lambda n: float64_values(arrays.array(n), arrays.dtype_name(n))  # noqa: E731

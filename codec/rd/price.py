@@ -81,11 +81,19 @@ class RepairMenu(Menu):
         self._lock = threading.Lock()
         self._held: tuple[str, np.ndarray, dict] | None = None  # the tensor measured now: (name, H, its factors)
 
+    def _full(self, name: str, shape: tuple[int, ...]):
+        """``name``'s weighting where it has a full ``H`` over a matrix's columns (not a transposed layer's), or
+        None: only such a tensor is priced."""
+        w = self.measure_by.weighting(name, shape) if len(shape) >= 2 else None
+        if w is None or w.h is None or w.transposed is not None or np.ndim(w.h) != 2:
+            return None
+        return w
+
     def _h(self, name: str, shape: tuple[int, ...]) -> tuple[np.ndarray, dict] | None:
-        """The full ``H`` of ``name``'s weighting (float64) and the dict its factors are kept in (one tensor's at a
-        time: the search measures a tensor's candidates together), or None."""
-        w = self.measure_by.weighting(name, shape)
-        if w is None or w.h is None or w.transposed is not None or np.ndim(w.h) != 2 or len(shape) < 2:
+        """The full ``H`` of ``name``'s weighting (float64, :meth:`_full`) and the dict its factors are kept in (one
+        tensor's at a time: the search measures a tensor's candidates together), or None."""
+        w = self._full(name, shape)
+        if w is None:
             return None
         with self._lock:
             if self._held is None or self._held[0] != name:
@@ -96,10 +104,7 @@ class RepairMenu(Menu):
     def candidates(self, name: str, array: np.ndarray, dtype: DType, base: EncodeOptions,
                    rows: tuple[int, int] | None = None) -> list[tuple[str, EncodeOptions]]:
         items = self.menu.candidates(name, array, dtype, base, rows)
-        if array.ndim < 2 or self.measure_by.weighting(name, array.shape) is None:
-            return items
-        w = self.measure_by.weighting(name, array.shape)
-        if w.h is None or w.transposed is not None or np.ndim(w.h) != 2:
+        if self._full(name, array.shape) is None:
             return items
         return [*items, *((label + REPAIRED, o) for label, o in items if self.prices.prices(o.codec))]
 

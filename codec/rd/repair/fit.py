@@ -371,8 +371,9 @@ class _LayerFit:
 
         def grab(key):
             def hook(mod, args):  # the inputs as they come; their rows are made a chunk at a time below
-                if _has_rows(mod) and _layer_input(mod, args) is not None:  # a module called twice: two sets
-                    seen.setdefault(key, []).append(_layer_input(mod, args))
+                x = _layer_input(mod, args) if _has_rows(mod) else None
+                if x is not None:  # a module called twice: two sets
+                    seen.setdefault(key, []).append(x)
                 else:
                     acc["ok"] = False
                 if reader.stop:

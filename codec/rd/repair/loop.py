@@ -406,8 +406,8 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
     if biases:
         counts = {c: biases.count(c) for c in ("original", "own", "none")}
         notes.append(f"repair: the least-squares bias of {len(biases)} transposed convolutions or pruned layers aimed "
-                     "at the original's "
-                     f"outputs for {counts['original']}, at the layer's own coding error for {counts['own']}, left as "
+                     f"at the original's outputs for {counts['original']}, at the layer's own coding error for "
+                     f"{counts['own']}, left as "
                      f"it was for {counts['none']}, each as it lowers the model's output error on the held-out "
                      "calibration batches (all of them where none is held out)")
     if bias_only:
