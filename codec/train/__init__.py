@@ -26,8 +26,9 @@ from .clip import TileClip
 from .dct import DCTConv2d, DCTLinear, to_ordinary, with_dct_layers
 from .finetune import NotKeptWarning, as_overrides, coded_weights, finetune, round_vector, round_vectors
 from .mask import InputMask
+from .order import order_units, similar_order
 from .rate import as_setting, entropy_bits, rate, tensor_rate
 
 __all__ = ["Budget", "BudgetDamageWarning", "DCTConv2d", "DCTLinear", "InputMask", "NotKeptWarning", "TileClip",
-           "as_overrides", "as_setting", "coded_weights", "entropy_bits", "finetune", "rate", "round_vector",
-           "round_vectors", "tensor_rate", "to_ordinary", "with_dct_layers"]
+           "as_overrides", "as_setting", "coded_weights", "entropy_bits", "finetune", "order_units", "rate", "round_vector",
+           "round_vectors", "similar_order", "tensor_rate", "to_ordinary", "with_dct_layers"]
