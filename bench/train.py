@@ -288,8 +288,9 @@ class Schedule:
         +- that many standard deviations (:class:`codec.train.TileClip`, after the mask; in :attr:`tile_clip`; 0:
         none). ``order_at``: fractions of the loop (0 to below 1) at whose steps the largest layer's units are
         reordered so that neighbouring rows are alike (:func:`codec.train.order_units`, its next layer's inputs and
-        Adam's moments alike; between finetune calls, so no coding's residual is held over a reorder). Returns the model and the CPU seconds of the whole schedule (the shared epochs included, not the
-        teacher's training)."""
+        Adam's moments alike; between finetune calls, so no coding's residual is held over a reorder). Returns
+        the model and the CPU seconds of the whole schedule (the shared epochs included, not the teacher's
+        training)."""
         model = copy.deepcopy(snapshot["model"])
         self.budget = (codec.train.Budget(budget, tensor=f"{BIG[self.kind]}.weight", hold=budget_hold,
                                           every=budget_every, start=budget_start)

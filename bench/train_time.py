@@ -6,8 +6,9 @@ decayed over the last) and then, from the same snapshot, the budget loop as ``ex
 label smoothing 0.1, the file measured every ``--budget-every`` steps) once for each ``--below`` in the order given
 (``--inputs-below``: :class:`codec.train.InputMask`; 0: no mask), for each ``--tile-clip`` (:class:`codec.train.
 TileClip`, k standard deviations; 0, the default: none) with each, and for each ``--order-units`` (the loop's
-fractions at which fc1's units are reordered, :func:`codec.train.order_units`; 0, the default: never) with those. Each loop's ratio is its CPU seconds over the same
-process's plain schedule (``time.process_time``, one thread), as ``bench.train``'s "training time vs plain" column.
+fractions at which fc1's units are reordered, :func:`codec.train.order_units`; 0, the default: never) with those.
+Each loop's ratio is its CPU seconds over the same process's plain schedule (``time.process_time``, one thread), as
+``bench.train``'s "training time vs plain" column.
 Without ``--child`` the script runs ``--pairs`` such processes, alternating which loop runs first (a loop's place in
 the process moves its time by a few percent), and prints each loop's ratios, their mean and the paired difference::
 
