@@ -88,6 +88,10 @@ def test_a_given_order_is_applied_and_bad_arguments_are_one_line_errors():
         codec.train.order_units(model, "0", "1")
     with pytest.raises(ValueError, match="a permutation of '0'"):
         codec.train.order_units(model, "0", "2", order=[0] * 128)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, not dict"):
+        codec.train.order_units({}, "0", "2")
+    with pytest.raises(TypeError, match="following must be a layer name or names, not 2"):
+        codec.train.order_units(model, "0", 2)
     other = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(5, 2))
     with pytest.raises(ValueError, match="'2' reads 5 inputs, but '0' has 6 units"):
         codec.train.order_units(other, "0", "2")

@@ -68,8 +68,15 @@ def order_units(model: torch.nn.Module, layer: str, following: Iterable[str] | s
     unit alone: a normalisation or a residual connection over the units must be permuted too, and is not.
     ``optimizer``: its per-parameter state (Adam's moments, any state tensor shaped like the parameter) is permuted
     alike, so training continues as if nothing moved. Returns the order (``new[i] = old[order[i]]``)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"order_units: model must be a torch.nn.Module, not {type(model).__name__}")
+    named = [following] if isinstance(following, str) else list(following) if isinstance(following, Iterable) else None
+    if named is None or not all(isinstance(name, str) for name in named):
+        raise TypeError(f"order_units: following must be a layer name or names, not {following!r}")
+    following = named
+    if not isinstance(layer, str):
+        raise TypeError(f"order_units: layer must be a layer name, not {layer!r}")
     modules = dict(model.named_modules())
-    following = [following] if isinstance(following, str) else list(following)
     for name in [layer, *following]:
         module = modules.get(name)
         if not isinstance(getattr(module, "weight", None), torch.Tensor) or module.weight.dim() < 2:
