@@ -59,6 +59,8 @@ OUT = Path(__file__).resolve().parent / "results"
 #: settings of the others: the output layers and the CNN's convolutions in few-bit quant, biases lossless (the CNN's
 #: conv2 at 2 bits: at 4 it alone took 0.175 bits/weight of the 0.3 target).
 BIG = {"mlp": "fc1", "cnn": "fc1"}
+#: The layers that read the largest layer's units (their order, :func:`codec.train.order_units`, moves with it).
+NEXT = {"mlp": ["fc2"], "cnn": ["fc2"]}
 REST = {"mlp": [("fc2.weight", "b3")], "cnn": [("conv1.weight", "b8"), ("conv2.weight", "b2"), ("fc2.weight", "b4")]}
 LADDER = {"mlp": (4, 5, 6, 8, 10), "cnn": (4, 5, 6, 8, 10)}
 DECAY_NOTE = {"none": "", "cosine": ", cosine decay to 0", "last": ", cosine decay to 0 over the last {} epoch(s)"}
@@ -80,6 +82,17 @@ def quality_arg(text: str) -> float:
     if not 1 <= value <= 100:
         raise argparse.ArgumentTypeError(f"quality {text} is not in 1..100")
     return int(value) if value.is_integer() else value
+
+
+def order_arg(text: str) -> tuple[float, ...]:
+    """``--order-units``: comma-separated fractions of the loop, each from 0 to below 1 (``0`` alone: never)."""
+    try:
+        fractions = tuple(sorted({float(part) for part in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated fractions of the loop") from None
+    if any(not 0 <= f < 1 for f in fractions):
+        raise argparse.ArgumentTypeError(f"{text!r}: each fraction of the loop must be from 0 to below 1")
+    return tuple(f for f in fractions if f > 0)
 
 
 def parse_variant(text: str) -> tuple[tuple[str, str], ...]:
@@ -248,7 +261,8 @@ class Schedule:
                      freeze: Sequence[str] = (), budget: float | None = None,
                      budget_hold: float = 0.25, budget_every: int | None = None,
                      budget_start: str = "setting", label_smoothing: float = 0.0,
-                     inputs_below: float = 0.0, tile_clip: float = 0.0) -> tuple[torch.nn.Module, float]:
+                     inputs_below: float = 0.0, tile_clip: float = 0.0,
+                     order_at: Sequence[float] = ()) -> tuple[torch.nn.Module, float]:
         """The schedule's remaining epochs from ``snapshot`` with the codec in the loop at ``overrides``
         (:func:`codec.train.finetune` with the labels, continuing the schedule's Adam and rates; ``refresh``,
         ``vector_bits`` as finetune takes them; ``keep_tiles``: the fraction of the loop's steps, its last ones,
@@ -272,8 +286,11 @@ class Schedule:
         images (measured on the snapshot's model) held at zero over the loop (:class:`codec.train.InputMask`, in
         :attr:`input_mask`). ``tile_clip``: the largest layer's weights clipped after every step to each tile's mean
         +- that many standard deviations (:class:`codec.train.TileClip`, after the mask; in :attr:`tile_clip`; 0:
-        none). Returns the model and the CPU seconds of the whole schedule (the shared epochs included, not the
-        teacher's training)."""
+        none). ``order_at``: fractions of the loop (0 to below 1) at whose steps the largest layer's units are
+        reordered so that neighbouring rows are alike (:func:`codec.train.order_units`, its next layer's inputs and
+        Adam's moments alike; between finetune calls, so no coding's residual is held over a reorder). Returns
+        the model and the CPU seconds of the whole schedule (the shared epochs included, not the teacher's
+        training)."""
         model = copy.deepcopy(snapshot["model"])
         self.budget = (codec.train.Budget(budget, tensor=f"{BIG[self.kind]}.weight", hold=budget_hold,
                                           every=budget_every, start=budget_start)
@@ -304,6 +321,7 @@ class Schedule:
                    if group > 0 or lam > 0 else None)
         end = snapshot["epoch"] * self.steps() + loop_steps  # global steps
         kept_from, frozen_from = end - round(keep_tiles * loop_steps), end - round(freeze_tail * loop_steps)
+        ordered = {end - loop_steps + round(at * loop_steps) for at in order_at}
         frozen = [model.get_parameter(name) for name in (freeze or [f"{BIG[self.kind]}.weight"])]
         for epoch in range(snapshot["epoch"], self.epochs):
             batches = batches_of(self.inputs, self.targets, generator)
@@ -312,9 +330,11 @@ class Schedule:
                     batches = [(x, y, teacher(x)) for x, y in batches]
             first = epoch * self.steps()
             cuts = sorted({0, len(batches), *(min(max(at - first, 0), len(batches)) for at in (kept_from,
-                                                                                             frozen_from))})
+                                                                                             frozen_from, *ordered))})
             for a, b in itertools.pairwise(cuts):
                 part, keep = batches[a:b], first >= kept_from
+                if part and first in ordered:  # the units reordered between finetune calls: no residual held
+                    codec.train.order_units(model, BIG[self.kind], NEXT[self.kind], optimizer)
                 if part:
                     for p in frozen:  # frozen: no gradient, so finetune neither trains nor moves it
                         p.requires_grad_(first < frozen_from)
@@ -419,6 +439,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, description
                         "layer's weights after every step to each tile's mean +- this many standard deviations, so "
                         "the encoder's tile ranges stay narrow (codec.train.TileClip; default 0: none; several: a run "
                         "for each)")
+    parser.add_argument("--order-units", type=order_arg, action="append", help="codec in the loop: reorder the "
+                        "largest layer's units (its rows, the next layer's columns) at these fractions of the loop, "
+                        "comma-separated (0.1,0.2,0.3), so that neighbouring rows are alike and code smoother "
+                        "(codec.train.order_units; default 0: never; several: a run for each)")
     parser.add_argument("--group", type=float, action="append", help="codec in the loop: add this times the mean "
                         "L2 norm of the largest layer's rows (its units; a group penalty) to the loss (default 0; "
                         "several: a run for each)")
@@ -586,17 +610,19 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
         record(f"plain, ladder{rounded}", label, coded(model, overrides=point), plain_seconds)
     tails = [(tail, freeze if tail else ()) for tail in dict.fromkeys(args.freeze_tail or [0.0])
              for freeze in (args.freeze if tail else [()])]  # nothing frozen: one run, whatever --freeze says
-    for every, keep, distil, group, lam, (tail, freeze), smooth, below, clip in itertools.product(
+    for every, keep, distil, group, lam, (tail, freeze), smooth, below, clip, order in itertools.product(
             args.refresh or [1], args.keep_tiles or [0], args.distil or [0.0], args.group or [0.0],
             args.loop_lam or [0.0], tails, args.label_smoothing or [0.0], args.inputs_below or [0.0],
-            args.tile_clip or [0.0]):
+            args.tile_clip or [0.0], args.order_units or [()]):
         frozen = ", ".join(freeze or [f"{BIG[kind]}.weight"])
+        reorders = ",".join(f"{f:g}" for f in order)
         loop = (f"codec in the loop, last {args.codec_epochs} epoch(s), coded every {every} step(s){rounded}"
                 f"{f', tile extremes kept ({keep:g} of the loop)' if keep else ''}"
                 f"{f', distilled {distil:g}' if distil else ''}{f', unit penalty {group:g}' if group else ''}"
                 f"{f', label smoothing {smooth:g}' if smooth else ''}"
                 f"{f', inputs nonzero in under {below:g} of the images held at zero' if below else ''}"
                 f"{f', tiles clipped at {clip:g} standard deviations' if clip else ''}"
+                f"{f', units reordered at {reorders} of the loop' if order else ''}"
                 f"{f', rate penalty {lam:g} every {args.rate_every}' if lam else ''}"
                 f"{f', {frozen} frozen ({tail:g} of the loop)' if tail else ''}")
         budget_points = [(f"budget {b:g} (q in the loop, held {hold:g}{f', from {start}' if args.budget_start else ''}"
@@ -614,7 +640,8 @@ def one_seed(args, seed: int, images: np.ndarray, labels: np.ndarray, qualities:
                                                        teacher=plain if distil else None, distil=distil,
                                                        group=group, lam=lam, every=args.rate_every,
                                                        freeze_tail=tail, freeze=freeze, label_smoothing=smooth,
-                                                       inputs_below=below, tile_clip=clip, **extra)
+                                                       inputs_below=below, tile_clip=clip, order_at=order,
+                                                       **extra)
             if distil:  # the teacher is the whole plain schedule: its epochs after the snapshot count too
                 seconds += plain_seconds - snapshot["seconds"]
             if budget is not None:  # the file is the loop's last coding, at the quality it chose

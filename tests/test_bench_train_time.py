@@ -26,14 +26,20 @@ def test_a_child_runs_each_mask_with_each_tile_clip_or_the_order_it_is_given(cap
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train_time.main(["--child", "--train-size", "256", "--below", "0.1", "--tile-clip", "4", "0"])
-        train_time.main(["--child", "--train-size", "256", "--order", "0/0", "0.1/4"])
+        train_time.main(["--child", "--train-size", "256", "--order", "0/0/0", "0.1/4/0"])
+        train_time.main(["--child", "--train-size", "256", "--below", "0.1", "--tile-clip", "4", "--order-units",
+                         "0.25,0.5", "0"])
+        train_time.main(["--child", "--train-size", "256", "--order", "0.1/4/0.5"])
     lines = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if not line.startswith("plain")]
-    assert lines == ["below 0.1 clip 4", "below 0.1", "below 0", "below 0.1 clip 4"]
-    assert train_time.loops([0.1, 0], [4]) == [("below 0.1 clip 4", 0.1, 4), ("below 0 clip 4", 0, 4)]
+    assert lines == ["below 0.1 clip 4", "below 0.1", "below 0", "below 0.1 clip 4", "below 0.1 clip 4 order 0.25,0.5",
+                     "below 0.1 clip 4", "below 0.1 clip 4 order 0.5"]
+    assert train_time.loops([0.1, 0], [4]) == [("below 0.1 clip 4", 0.1, 4, ()), ("below 0 clip 4", 0, 4, ())]
+    assert train_time.loops([0.1], [4], [(), (0.1, 0.2)])[1] == ("below 0.1 clip 4 order 0.1,0.2", 0.1, 4, (0.1, 0.2))
 
 
 @pytest.mark.parametrize("argv", [["--below", "1.5"], ["--pairs", "0"], ["--train-size", "10"],
-                                  ["--quality", "0"], ["--tile-clip", "-1"], ["--child", "--order", "0.1"]])
+                                  ["--quality", "0"], ["--tile-clip", "-1"], ["--child", "--order", "0.1"],
+                                  ["--order-units", "1.5"], ["--child", "--order", "0.1/4/x"]])
 def test_bad_arguments_are_refused_before_training(argv, capsys):
     with pytest.raises(SystemExit):
         train_time.main(argv)

@@ -139,3 +139,16 @@ def test_example_cnn_codes_fc1_with_the_flat_table_the_mlp_with_ramp1_unless_tol
     tables = [[a.split("=")[-1] if a.startswith("--table=") else argv[i + 1]
                for i, a in enumerate(argv) if a.split("=")[0] == "--table"] for argv in seen]
     assert tables == [["flat"], ["flat"], ["ramp1"], ["ramp1"]]
+
+
+def test_example_mlp_budget_loops_reorder_fc1s_units_early_unless_told(monkeypatch):
+    """With --budget the MLP's loop reorders fc1's units once, at 0.1 of the loop (bench/JOURNAL.md,
+    thirty-first pass); not without a budget, not on the CNN; the user's value wins."""
+    module = _example_module()
+    seen = []
+    monkeypatch.setattr(module.train, "main", lambda argv, **kw: seen.append(argv))
+    for args in (["--budget", "0.2"], ["--budget=0.2", "--order-units=0"], [], ["--cnn", "--budget", "0.3"]):
+        module.main(args)
+    order = [[a.split("=")[-1] if a.startswith("--order-units=") else argv[i + 1]
+              for i, a in enumerate(argv) if a.split("=")[0] == "--order-units"] for argv in seen]
+    assert order == [["0.1"], ["0"], [], []]

@@ -730,3 +730,41 @@ def test_bench_train_set_codes_a_tensor_its_way_in_every_run_and_rejects_bad_one
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert words in err or bad == "conv2.weight=jpegz", (bad, err)
+
+
+def test_bench_train_order_units_reorders_fc1s_units_at_the_loops_fractions_and_rejects_bad_ones(monkeypatch,
+                                                                                                   capsys):
+    """``order_at``: fc1's units reordered (fc1's rows and bias, fc2's columns alike) at the loop steps those fractions
+    name, between finetune calls; ``--order-units 0.1,0.5`` parses to those fractions, a fraction of 1 or a word is a
+    usage error."""
+    import numpy as np
+
+    from bench import train
+
+    rng = np.random.default_rng(0)
+    schedule = train.Schedule("mlp", rng.integers(0, 255, (512, 28, 28), dtype=np.uint8), rng.integers(0, 10, 512),
+                              epochs=1, seed=0)
+    _, _, snapshot = schedule.run(snapshot_at=0)
+    calls, real, x = [], codec.train.order_units, torch.rand(8, 784)
+
+    def order(model, layer, following, optimizer):
+        before, fc1 = model(x), model.fc1.weight.detach().clone()
+        done = real(model, layer, following, optimizer)
+        calls.append((layer, list(following), done))
+        assert torch.equal(model.fc1.weight, fc1[done]) and done != list(range(512))
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)  # the same function
+        return done
+
+    monkeypatch.setattr(codec.train, "order_units", order)
+    steps = []
+    real_finetune = codec.train.finetune
+    monkeypatch.setattr(codec.train, "finetune", lambda model, part, *a, **k: (steps.append(len(part)),
+                                                                              real_finetune(model, part, *a, **k))[1])
+    model, _ = schedule.codec_epochs(snapshot, train.ladder_point("mlp", 6), refresh=2, order_at=(0.25, 0.5))
+    assert [(layer, following) for layer, following, _ in calls] == [("fc1", ["fc2"])] * 2
+    assert steps == [1, 1, 2]  # 4 steps: finetune calls cut at steps 1 and 2, where the units were reordered
+    assert train.order_arg("0.5,0.1") == (0.1, 0.5) and train.order_arg("0") == ()
+    for bad, says in (("1", "from 0 to below 1"), ("half", "not comma-separated fractions")):
+        with pytest.raises(SystemExit) as exc:
+            train.main(["--model", "mlp", "--order-units", bad])
+        assert exc.value.code == 2 and says in capsys.readouterr().err

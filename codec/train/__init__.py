@@ -18,7 +18,10 @@ columns whose input is nonzero in fewer than 10 % of the samples (weights that s
 rest: bench/JOURNAL.md, twenty-seventh pass);
 ``TileClip(model, k=4.0, overrides=...)``: an optimizer step hook that clips the largest JPEG tensor's weights to
 each tile's mean +- 4 standard deviations, so one outlier does not widen a whole tile's step (bench/JOURNAL.md,
-thirtieth pass).
+thirtieth pass);
+``order_units(model, "fc1", "fc2", optimizer)``: a hidden layer's units reordered (its rows, the next layer's
+columns, Adam's moments alike: the same network) so that neighbouring rows are alike and JPEG's blocks smoother
+down the columns; between two finetune calls early in the loop (bench/JOURNAL.md, thirty-first pass).
 """
 
 from .budget import Budget, BudgetDamageWarning
@@ -26,8 +29,9 @@ from .clip import TileClip
 from .dct import DCTConv2d, DCTLinear, to_ordinary, with_dct_layers
 from .finetune import NotKeptWarning, as_overrides, coded_weights, finetune, round_vector, round_vectors
 from .mask import InputMask
+from .order import order_units, similar_order
 from .rate import as_setting, entropy_bits, rate, tensor_rate
 
 __all__ = ["Budget", "BudgetDamageWarning", "DCTConv2d", "DCTLinear", "InputMask", "NotKeptWarning", "TileClip",
-           "as_overrides", "as_setting", "coded_weights", "entropy_bits", "finetune", "rate", "round_vector",
-           "round_vectors", "tensor_rate", "to_ordinary", "with_dct_layers"]
+           "as_overrides", "as_setting", "coded_weights", "entropy_bits", "finetune", "order_units", "rate",
+           "round_vector", "round_vectors", "similar_order", "tensor_rate", "to_ordinary", "with_dct_layers"]
