@@ -1483,3 +1483,48 @@ def test_repair_prunes_a_receiver_far_within_its_limit_at_higher_qualities(monke
             errors[main] = model_error(result.model, data, [[model(x)] for x in data])
         assert (opts["0.weight"].quality >= 80) != main
     assert errors[False] < 0.1 * errors[True]
+
+
+def test_repair_codes_the_best_pruned_qualitys_neighbours(monkeypatch):
+    """The pruned codings of a rows-mode JPEG weight are made every PRUNE_STEP qualities above the plan; the best of
+    them also has its neighbours, which the steps passed over, coded, and the kept coding is one of the three,
+    within the budget: here the steps' best is q30 and q31 is kept. (The bench MLP at ``-b 0.4`` with 50,000
+    calibration images: its plan's quality's parity decided between q17 and q18 pruned; bench/JOURNAL.md, "mlp
+    (thirty-first pass)".)"""
+    import codec.rd.repair.budget as module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(196, 96), nn.ReLU(), nn.Linear(96, 10)).eval()
+    g = torch.Generator().manual_seed(1)
+    data = list(torch.rand(512, 196, generator=g).split(64))
+    options = {"0.weight": EncodeOptions(codec="jpeg", quality=20, row_shape=(14, 14)),
+               "2.weight": EncodeOptions(codec="quant", bits=4, tile=(8, 64))}
+    options.update({n: EncodeOptions(codec="lossless") for n in ("0.bias", "2.bias")})
+    coded: dict[int, bool] = {}
+    pruned_at = module._pruned_at
+
+    def record(*args, **kwargs):
+        fit = pruned_at(*args, **kwargs)
+        coded[args[6]] = fit is not None
+        return fit
+
+    monkeypatch.setattr(module, "_pruned_at", record)
+    state = model.state_dict()
+    spare = 200
+    limit = sum(sum(len(b) for b in encode_tensor(to_numpy(t)[0], F32, options[n]).blobs)
+                for n, t in state.items()) + spare
+    result = repair(model, data, options, spare=spare)
+    chosen = result.options["0.weight"].quality
+    off_grid = sorted(q for q in coded if (q - 20) % module.PRUNE_STEP)
+    assert chosen > 20 and off_grid  # a pruned coding won, and a neighbour off the steps was coded
+    centre = [q for q, fits in coded.items() if fits and (q - 20) % module.PRUNE_STEP == 0
+              and set(off_grid) <= {q - 1, q + 1}]
+    assert len(centre) == 1  # the neighbours of one coding on the steps, the best of them
+    best = centre[0]
+    assert chosen in (best - 1, best, best + 1)
+    assert (best, chosen) == (30, 31)
+    opts = {**options, **result.options}
+    total = sum(sum(len(b) for b in result.encoded[n].blobs) if n in result.encoded else
+                sum(len(b) for b in encode_tensor(result.targets.get(n, to_numpy(t)[0]), F32, opts[n]).blobs)
+                for n, t in state.items())
+    assert total <= limit
