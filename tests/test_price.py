@@ -149,3 +149,62 @@ def test_a_priced_repaired_save_keeps_its_budget(bits, monkeypatch):
     back.load_state_dict(codec.load(buf.getvalue()))
     with torch.no_grad():
         assert float((back(x) - model(x)).norm() / model(x).norm()) < 0.5
+
+
+def test_the_plan_names_the_jpeg_tensors_it_priced_uncompensated(monkeypatch):
+    """A priced plan's chosen JPEG point of a tensor offered repaired twins is either a twin (its surcharge) or the
+    uncompensated coding (``plain``: repair codes it so); a tensor without a full H is offered none and is in
+    neither; with :data:`codec.rd.price.PLAIN_AS_PRICED` off, ``plain`` stays empty."""
+    w, h = _layer()
+    v = np.random.default_rng(3).standard_normal((64, 256)).astype(np.float32)
+    measure_by = A.Distortion({"w": A.Weighting(h=h)})
+
+    def tensors(names=None):
+        yield "w", w, F32
+        yield "v", v, F32
+
+    for bits in (0.6, 1.0, 2.0):
+        surcharge: dict = {}
+        plain: set = set()
+        chosen = A.plan_options(tensors, EncodeOptions(), lambda n: None, bits_per_weight=bits, measure_by=measure_by,
+                                search="exhaustive", price=P.RepairPrices(), surcharge=surcharge, plain=plain)
+        assert "v" not in plain and "v" not in surcharge
+        if chosen["w"].codec == "jpeg":
+            assert ("w" in plain) != ("w" in surcharge), (bits, chosen, surcharge)
+        else:  # (a quant point: GPTQ's twin or not, repair's GPTQ is not what plain_jpeg names)
+            assert "w" not in plain
+        assert not plain & set(surcharge)
+    monkeypatch.setattr(P, "PLAIN_AS_PRICED", False)
+    plain = set()
+    A.plan_options(tensors, EncodeOptions(), lambda n: None, bits_per_weight=1.0, measure_by=measure_by,
+                   search="exhaustive", price=P.RepairPrices(), plain=plain)
+    assert plain == set()
+
+
+def test_repair_codes_a_plain_priced_jpeg_weight_without_compensation(monkeypatch):
+    """RepairSettings.plain_jpeg: the named JPEG weights are coded without JPEG compensation (a note names them);
+    the others are compensated as before. A name that is not a string is a TypeError."""
+    import codec.rd.gptq as G
+    from codec.rd.repair import code_with_repair
+
+    compensated = []
+
+    def counting(array, *args, **kwargs):
+        compensated.append(array.shape)
+        return jpeg_target(array, *args, **kwargs)
+
+    monkeypatch.setattr(G, "jpeg_target", counting)
+    model = _Net().eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 16, generator=g) @ torch.randn(16, 256, generator=g)
+    batches = list(x.split(64))
+    options = {n: EncodeOptions(codec="lossless") for n in model.state_dict()}
+    options["a.weight"] = options["b.weight"] = EncodeOptions(codec="jpeg", quality=20)
+    _, notes, _ = code_with_repair(model, batches, options, settings=RepairSettings())
+    assert (128, 256) in compensated and (16, 128) in compensated
+    compensated.clear()
+    _, notes, _ = code_with_repair(model, batches, options, settings=RepairSettings(plain_jpeg=frozenset({"a.weight"})))
+    assert (128, 256) not in compensated and (16, 128) in compensated
+    assert any("without compensation" in n and "a.weight" in n for n in notes), notes
+    with pytest.raises(TypeError, match="plain_jpeg"):
+        code_with_repair(model, batches, options, settings=RepairSettings(plain_jpeg="a.weight"))

@@ -38,6 +38,13 @@ REPAIRED = " repaired"
 #: 3 bits): off. JPEG's compensated candidates alone left the MLP's files as they were.
 PRICE_GPTQ = False
 
+#: Whether repair codes a ``jpeg`` tensor whose priced plan chose its uncompensated point without compensation, as the
+#: plan priced it (:func:`codec.rd.allocate.plan_options`' ``plain``, ``RepairSettings.plain_jpeg``).
+#: Measured (bench/JOURNAL.md, "refit (thirty-first pass)"): the bench BatchNorm CNN's plan at ``-b 0.6`` chose fc1's
+#: uncompensated q6; repair compensated it anyway, which cost 2.1x q6's bytes (the refit itself 1.04x), and keep-size
+#: coded it at q3.92; coded as priced it is q6.23. False: repair compensates every ``jpeg`` weight it can.
+PLAIN_AS_PRICED = True
+
 
 @dataclass(frozen=True)
 class RepairPrices:
