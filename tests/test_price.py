@@ -208,3 +208,30 @@ def test_repair_codes_a_plain_priced_jpeg_weight_without_compensation(monkeypatc
     assert any("without compensation" in n and "a.weight" in n for n in notes), notes
     with pytest.raises(TypeError, match="plain_jpeg"):
         code_with_repair(model, batches, options, settings=RepairSettings(plain_jpeg="a.weight"))
+
+
+def test_a_save_passes_the_plain_priced_tensors_to_repair(monkeypatch):
+    """codec.save hands repair the JPEG tensors its (priced) plan chose uncompensated, by the model's names, in the
+    settings it repairs with; the user's own settings are kept beside them."""
+    import codec.api
+    import codec.rd.allocate
+
+    real_plan, real_repair = codec.rd.allocate.plan_options, codec.api.repaired_arrays
+    seen = []
+
+    def plan_options(*args, plain=None, **kwargs):
+        chosen = real_plan(*args, plain=plain, **kwargs)
+        if plain is not None:
+            plain.add("a.weight")  # (as if its plan had chosen the uncompensated point)
+        return chosen
+
+    def repaired_arrays(*args, **kwargs):
+        seen.append(args[9])
+        return real_repair(*args, **kwargs)
+
+    monkeypatch.setattr(codec.rd.allocate, "plan_options", plan_options)
+    monkeypatch.setattr(codec.api, "repaired_arrays", repaired_arrays)
+    model = _Net()
+    x = torch.randn(256, 256, generator=torch.Generator().manual_seed(2))
+    codec.save(model, io.BytesIO(), bits_per_weight=2.0, calibration=x, repair=RepairSettings(damp=0.02))
+    assert len(seen) == 1 and seen[0].plain_jpeg == {"a.weight"} and seen[0].damp == 0.02
