@@ -12,7 +12,9 @@ Here the search also measures, for each candidate of a priced codec of a tensor 
 full ``H``, that candidate coding repair's target made from the original values and that ``H`` (no refit: that needs
 the partly coded model), by its bytes and its output-space distortion against the original values. The search keeps
 whichever point of the two serves the budget better; where it keeps a repaired one, the plan's file (the original
-values) is under the budget by what the target costs more, and repair is given those bytes (its spare).
+values) is under the budget by what the target costs more, and repair is given those bytes (its spare); where it
+keeps the uncompensated point of a JPEG tensor, repair codes that tensor without compensation, as it was priced
+(:data:`PLAIN_AS_PRICED`).
 """
 
 from __future__ import annotations
