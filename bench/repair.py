@@ -40,14 +40,17 @@ from .prepare import get_model
 
 
 def plan(state_dict: dict, bits: float, calibration=None, index: dict | None = None,
-         rules: list[tuple[str, str]] | None = None, reserve: int = 0, price=None) -> dict[str, EncodeOptions]:
+         rules: list[tuple[str, str]] | None = None, reserve: int = 0, price=None, plain: set | None = None
+         ) -> dict[str, EncodeOptions]:
     """The options ``codec.save(state_dict, ..., bits_per_weight=bits)`` would choose; with a
     :class:`codec.rd.calibrate.Calibration`, those of ``codec.save(model, ..., calibration=inputs)`` (the output-space
     weighting, exhaustive search). ``index`` (a dict) gets ``compress=True`` where the budget counted on a
     compressed index, as codec.save's: :func:`write` must then compress it. ``rules`` (``(glob, setting)`` pairs, as
     ``jwt encode --set``'s) fix the matched tensors' settings, the search planning the others around them.
     ``reserve``: bytes of the budget kept out of the plan (repair's share, :data:`codec.encode.REPAIR_SHARE`).
-    ``price``: a :class:`codec.rd.price.RepairPrices` (repair will code the plan: priced at what it codes)."""
+    ``price``: a :class:`codec.rd.price.RepairPrices` (repair will code the plan: priced at what it codes); ``plain``
+    (a set) then gets the JPEG tensors priced at their uncompensated point, which repair codes so
+    (:attr:`codec.rd.repair.RepairSettings.plain_jpeg`)."""
     measure_by = None
     if calibration is not None:
         from codec.rd.allocate import Distortion, merge_weightings, norm_weightings
@@ -57,7 +60,7 @@ def plan(state_dict: dict, bits: float, calibration=None, index: dict | None = N
                                       calibration.weightings(), values)
         measure_by = Distortion(weightings)
     return _plan(state_dict, {}, EncodeOptions(), Overrides(rules), {}, encoder_versions(), bits, None, None, None,
-                 {}, None, measure_by=measure_by, index=index, reserve=reserve, price=price)
+                 {}, None, measure_by=measure_by, index=index, reserve=reserve, price=price, plain=plain)
 
 
 def write(state_dict: dict, options: dict[str, EncodeOptions], targets: dict[str, np.ndarray],
@@ -100,6 +103,9 @@ def main() -> None:
     parser.add_argument("--no-price", dest="price", action="store_false",
                         help="plan a calibrated, repaired budget at the original values' bytes only, not also at what "
                              "repair codes (codec.rd.price, as codec.save prices a small model's)")
+    parser.add_argument("--compensate-all", dest="plain", action="store_false",
+                        help="repair compensates every JPEG weight, also those the priced plan chose uncompensated "
+                             "(before the thirty-first pass; codec.rd.price.PLAIN_AS_PRICED)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=RepairSettings.steps)
     parser.add_argument("--final-steps", type=int, default=RepairSettings.final_steps)
@@ -165,7 +171,8 @@ def main() -> None:
             if calibration is not None and args.spend else 0
         price = RepairPrices.of(RepairSettings()) if calibration is not None and args.price and args.spend \
             and n_weights <= codec.encode.REPLAN_WEIGHTS else None  # as codec.save prices a small model's
-        options = plan(state_dict, bits, calibration, index, rules, share, price)
+        plain: set = set()  # the JPEG tensors the priced plan chose uncompensated: repair codes them so
+        options = plan(state_dict, bits, calibration, index, rules, share, price, plain)
         planned = len(write(state_dict, options, {}, index.get("compress")))
         spare = spare_bytes(int(bits * n_weights / 8), planned) if args.spend else 0
         print(f"{bits:6.2f} plan ({'calibrated' if calibration else 'data-free'}): "
@@ -175,7 +182,8 @@ def main() -> None:
             if variant == "plain":
                 targets, notes, changed = {}, [], {}
             else:
-                targets, notes, changed = code_with_repair(model, batches, options, settings=variants[variant],
+                settings = replace(variants[variant], plain_jpeg=frozenset(plain if args.plain else ()))
+                targets, notes, changed = code_with_repair(model, batches, options, settings=settings,
                                                            spare=spare, index_zstd=bool(index.get("compress")))
             seconds = time.perf_counter() - start
             blob = write(state_dict, {**options, **changed}, targets, index.get("compress"))

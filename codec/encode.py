@@ -502,6 +502,7 @@ def save(
             if RepairSettings is not None:
                 prices = RepairPrices.of(repair if isinstance(repair, RepairSettings) else RepairSettings())
         surcharges: dict[int, int] = {}  # by plan (its dict's id): what repair's codings cost beyond its file
+        plains: dict[int, set[str]] = {}  # by plan: the JPEG tensors priced uncompensated (RepairSettings.plain_jpeg)
 
         def warn(damaged: list[str]) -> None:  # the file's metadata names the damaged tensors (jwt info)
             meta.pop(WARNINGS_KEY, None)
@@ -514,12 +515,15 @@ def save(
             meta.pop(WARNINGS_KEY, None)
             while True:
                 surcharge: dict[str, int] = {}
+                plain: set[str] = set()
                 try:
                     chosen = _plan(arrays, aliases, opts, rules, meta, encoder, bits_per_weight, max_error,
                                    calibrate, progress, packing, jobs, matcher, measure_by=measure_by, notes=damaged,
                                    search=search, coded=coded, index=index, executor=cluster,
-                                   reserve=reserve + share, memo=memo, price=prices, surcharge=surcharge)
+                                   reserve=reserve + share, memo=memo, price=prices, surcharge=surcharge,
+                                   plain=plain)
                     surcharges[id(chosen)] = sum(surcharge.values())
+                    plains[id(chosen)] = plain
                     break
                 except EncodeError:  # too small a budget to leave repair its share: none, so that the refusal's
                     if not share:  # smallest budget (_refuse_early) still gets a file
@@ -623,8 +627,15 @@ def save(
                                     planned - surcharges.get(id(chosen), 0) if planned is not None else
                                     _planned_size(arrays, aliases, chosen.__getitem__, meta, encoder, index,
                                                   attachments, packing, jobs))
+            settings = None if isinstance(repair, bool) else repair
+            if plains.get(id(chosen)):  # (filled only by a priced plan: RepairSettings is repair's own)
+                from .rd.repair import RepairSettings
+
+                settings = settings if isinstance(settings, RepairSettings) else RepairSettings()
+                settings = dataclasses.replace(settings, plain_jpeg=frozenset(settings.plain_jpeg) | {
+                    renames.get(n, n) for n in plains[id(chosen)]})
             arrays = repaired_arrays(model, arrays, aliases, inputs, chosen, calib, calibration_progress, jobs, notes,
-                                     None if isinstance(repair, bool) else repair, coded=coded, spare=spare,
+                                     settings, coded=coded, spare=spare,
                                      index_zstd=bool(index.get("compress")), renames=renames)
             release_memory()
         options_for: Callable[[str], EncodeOptions] = chosen.__getitem__
@@ -1116,7 +1127,7 @@ def _overhead(arrays, aliases, stored, meta, encoder, attachments, bits_per_weig
 
 def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_error, calibrate, progress,
           attachments, jobs, matcher=None, measure_by=None, notes=None, search="fast", coded=None, index=None,
-          executor=None, reserve=0, memo=None, price=None, surcharge=None):
+          executor=None, reserve=0, memo=None, price=None, surcharge=None, plain=None):
     """Run the rate-distortion allocator over the stored tensors; options per name.
 
     The budget's fixed part counts the header, the index without tensor
@@ -1130,7 +1141,8 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
     kept out of the plan (counted in its fixed part), for what will grow after it
     (:func:`codec.rd.repair.constant_growth`). ``memo``: :func:`codec.api.calibrate_score`'s, one per save.
     ``price``: repair will code the plan (:class:`codec.rd.price.RepairPrices`: the search prices its plan again at
-    what repair codes; ``surcharge``, a dict, gets what that costs beyond the plan's file: :func:`plan_options`).
+    what repair codes; ``surcharge``, a dict, gets what that costs beyond the plan's file, and ``plain``, a set, the
+    JPEG tensors it priced at their uncompensated point: :func:`plan_options`).
     """
     from .rd.allocate import plan_options
 
@@ -1159,4 +1171,4 @@ def _plan(arrays, aliases, base, rules, meta, encoder, bits_per_weight, max_erro
                         jobs=jobs, total_weights=sum(math.prod(arrays.shape(n)) for n in stored),
                         menu=menu, measure_by=measure_by, notes=notes, search=search, coded=coded,
                         executor=executor, packed=lambda: bool(index and index.get("compress")), price=price,
-                        surcharge=surcharge)
+                        surcharge=surcharge, plain=plain)

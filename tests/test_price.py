@@ -149,3 +149,89 @@ def test_a_priced_repaired_save_keeps_its_budget(bits, monkeypatch):
     back.load_state_dict(codec.load(buf.getvalue()))
     with torch.no_grad():
         assert float((back(x) - model(x)).norm() / model(x).norm()) < 0.5
+
+
+def test_the_plan_names_the_jpeg_tensors_it_priced_uncompensated(monkeypatch):
+    """A priced plan's chosen JPEG point of a tensor offered repaired twins is either a twin (its surcharge) or the
+    uncompensated coding (``plain``: repair codes it so); a tensor without a full H is offered none and is in
+    neither; with :data:`codec.rd.price.PLAIN_AS_PRICED` off, ``plain`` stays empty."""
+    w, h = _layer()
+    v = np.random.default_rng(3).standard_normal((64, 256)).astype(np.float32)
+    measure_by = A.Distortion({"w": A.Weighting(h=h)})
+
+    def tensors(names=None):
+        yield "w", w, F32
+        yield "v", v, F32
+
+    for bits in (0.6, 1.0, 2.0):
+        surcharge: dict = {}
+        plain: set = set()
+        chosen = A.plan_options(tensors, EncodeOptions(), lambda n: None, bits_per_weight=bits, measure_by=measure_by,
+                                search="exhaustive", price=P.RepairPrices(), surcharge=surcharge, plain=plain)
+        assert "v" not in plain and "v" not in surcharge
+        if chosen["w"].codec == "jpeg":
+            assert ("w" in plain) != ("w" in surcharge), (bits, chosen, surcharge)
+        else:  # (a quant point: GPTQ's twin or not, repair's GPTQ is not what plain_jpeg names)
+            assert "w" not in plain
+        assert not plain & set(surcharge)
+    monkeypatch.setattr(P, "PLAIN_AS_PRICED", False)
+    plain = set()
+    A.plan_options(tensors, EncodeOptions(), lambda n: None, bits_per_weight=1.0, measure_by=measure_by,
+                   search="exhaustive", price=P.RepairPrices(), plain=plain)
+    assert plain == set()
+
+
+def test_repair_codes_a_plain_priced_jpeg_weight_without_compensation(monkeypatch):
+    """RepairSettings.plain_jpeg: the named JPEG weights are coded without JPEG compensation (a note names them);
+    the others are compensated as before. A name that is not a string is a TypeError."""
+    import codec.rd.gptq as G
+    from codec.rd.repair import code_with_repair
+
+    compensated = []
+
+    def counting(array, *args, **kwargs):
+        compensated.append(array.shape)
+        return jpeg_target(array, *args, **kwargs)
+
+    monkeypatch.setattr(G, "jpeg_target", counting)
+    model = _Net().eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 16, generator=g) @ torch.randn(16, 256, generator=g)
+    batches = list(x.split(64))
+    options = {n: EncodeOptions(codec="lossless") for n in model.state_dict()}
+    options["a.weight"] = options["b.weight"] = EncodeOptions(codec="jpeg", quality=20)
+    _, notes, _ = code_with_repair(model, batches, options, settings=RepairSettings())
+    assert (128, 256) in compensated and (16, 128) in compensated
+    compensated.clear()
+    _, notes, _ = code_with_repair(model, batches, options, settings=RepairSettings(plain_jpeg=frozenset({"a.weight"})))
+    assert (128, 256) not in compensated and (16, 128) in compensated
+    assert any("without compensation" in n and "a.weight" in n for n in notes), notes
+    with pytest.raises(TypeError, match="plain_jpeg"):
+        code_with_repair(model, batches, options, settings=RepairSettings(plain_jpeg="a.weight"))
+
+
+def test_a_save_passes_the_plain_priced_tensors_to_repair(monkeypatch):
+    """codec.save hands repair the JPEG tensors its (priced) plan chose uncompensated, by the model's names, in the
+    settings it repairs with; the user's own settings are kept beside them."""
+    import codec.api
+    import codec.rd.allocate
+
+    real_plan, real_repair = codec.rd.allocate.plan_options, codec.api.repaired_arrays
+    seen = []
+
+    def plan_options(*args, plain=None, **kwargs):
+        chosen = real_plan(*args, plain=plain, **kwargs)
+        if plain is not None:
+            plain.add("a.weight")  # (as if its plan had chosen the uncompensated point)
+        return chosen
+
+    def repaired_arrays(*args, **kwargs):
+        seen.append(args[9])
+        return real_repair(*args, **kwargs)
+
+    monkeypatch.setattr(codec.rd.allocate, "plan_options", plan_options)
+    monkeypatch.setattr(codec.api, "repaired_arrays", repaired_arrays)
+    model = _Net()
+    x = torch.randn(256, 256, generator=torch.Generator().manual_seed(2))
+    codec.save(model, io.BytesIO(), bits_per_weight=2.0, calibration=x, repair=RepairSettings(damp=0.02))
+    assert len(seen) == 1 and seen[0].plain_jpeg == {"a.weight"} and seen[0].damp == 0.02

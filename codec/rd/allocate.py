@@ -1182,6 +1182,7 @@ def plan_options(
     packed: Callable[[], bool] | None = None,
     price: RepairPrices | None = None,
     surcharge: dict[str, int] | None = None,
+    plain: set[str] | None = None,
 ) -> dict[str, EncodeOptions]:
     """Measure every tensor's menu and choose its options for a rate target.
 
@@ -1228,6 +1229,8 @@ def plan_options(
     values (:class:`codec.rd.price.RepairMenu`: an exhaustive search). ``surcharge`` (a dict) then gets, for each
     tensor whose chosen point codes repair's target, the bytes that point costs beyond the original values' coding
     with the same options: the plan's file (the original values) is that much under the budget, which repair spends.
+    ``plain`` (a set) gets the ``jpeg`` tensors offered a repaired twin whose chosen point is the uncompensated one:
+    repair codes them as priced, without compensation (:attr:`codec.rd.repair.RepairSettings.plain_jpeg`).
     """
     menu = menu or Menu()
     measure_by = measure_by or DATA_FREE
@@ -1345,8 +1348,14 @@ def plan_options(
             names = {n for n, p in chosen.items() if REPAIRED in p.label}
             for n, array, dtype in tensors(names):
                 if n in names:
-                    plain, _ = measure(n, array, dtype, "plain", chosen[n].options, images[n], keep_decoded=False)
-                    surcharge[n] = chosen[n].nbytes - plain.nbytes
+                    bare, _ = measure(n, array, dtype, "plain", chosen[n].options, images[n], keep_decoded=False)
+                    surcharge[n] = chosen[n].nbytes - bare.nbytes
+        if price is not None and plain is not None:
+            from . import price as priced
+
+            if priced.PLAIN_AS_PRICED:
+                plain.update(n for n, p in chosen.items() if p.options.codec == "jpeg"
+                             and priced.REPAIRED not in p.label and any(priced.REPAIRED in q.label for q in points[n]))
         if notes is not None:
             notes.extend(damaged)
     return {**forced, **{n: p.options for n, p in chosen.items()}}

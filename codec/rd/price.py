@@ -12,7 +12,9 @@ Here the search also measures, for each candidate of a priced codec of a tensor 
 full ``H``, that candidate coding repair's target made from the original values and that ``H`` (no refit: that needs
 the partly coded model), by its bytes and its output-space distortion against the original values. The search keeps
 whichever point of the two serves the budget better; where it keeps a repaired one, the plan's file (the original
-values) is under the budget by what the target costs more, and repair is given those bytes (its spare).
+values) is under the budget by what the target costs more, and repair is given those bytes (its spare); where it
+keeps the uncompensated point of a JPEG tensor, repair codes that tensor without compensation, as it was priced
+(:data:`PLAIN_AS_PRICED`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ REPAIRED = " repaired"
 #: conv3 to GPTQ's 2 bits, their bytes to fc1), but raised the MLP's at ``-b 0.4`` by 7-11 % (its output layer 5 ->
 #: 3 bits): off. JPEG's compensated candidates alone left the MLP's files as they were.
 PRICE_GPTQ = False
+
+#: Whether repair codes a ``jpeg`` tensor whose priced plan chose its uncompensated point without compensation, as the
+#: plan priced it (:func:`codec.rd.allocate.plan_options`' ``plain``, ``RepairSettings.plain_jpeg``).
+#: Measured (bench/JOURNAL.md, "refit (thirty-first pass)"): the bench BatchNorm CNN's plan at ``-b 0.6`` chose fc1's
+#: uncompensated q6; repair compensated it anyway, which cost 2.1x q6's bytes (the refit itself 1.04x), and keep-size
+#: coded it at q3.92; coded as priced it is q6.23. False: repair compensates every ``jpeg`` weight it can.
+PLAIN_AS_PRICED = True
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,10 @@ def repair(model: nn.Module, inputs: Iterable, options: Mapping[str, EncodeOptio
         raise TypeError(f"settings must be a RepairSettings, not {type(settings).__name__}")
     if settings.finetune_loss not in ("mse", "kl"):
         raise ValueError(f"settings.finetune_loss must be 'mse' or 'kl', not {settings.finetune_loss!r}")
+    names = settings.plain_jpeg
+    if isinstance(names, (str, bytes)) or not isinstance(names, (set, frozenset, tuple, list)) \
+            or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"settings.plain_jpeg must be a set of tensor names, not {names!r}")
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be callable, not {type(progress).__name__}")
     batches = _check_inputs(inputs, model)
@@ -323,8 +327,10 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         if layer is not None:
             layer.settle()
         vector = _moving_vector(layer, options, settings, executor)
+        # (a JPEG weight whose plan chose its uncompensated point is coded as it was priced: settings.plain_jpeg)
+        own = replace(settings, compensate=False) if slot.name in settings.plain_jpeg else settings
         target, assumed, decoded, opts, credit, slot.nbytes, slot.encoded = _code_within(
-            slot, layer, options[slot.name], settings, executor, credit, held, i < last_image,
+            slot, layer, options[slot.name], own, executor, credit, held, i < last_image,
             0 if receiver is None or receiver.coded or slot is receiver else spare)  # (the receiver's is in credit)
         if layer is not None and layer.singular:
             singular.append(slot.name)
@@ -414,6 +420,10 @@ def _repair(model: nn.Module, work: nn.Module, batches: list, options: Mapping[s
         notes.append(f"repair: {len(bias_only)} weights got the least-squares bias only (no refit, GPTQ or "
                      "compensation: a transposed convolution's input rows are not its stored tensor's rows, nor are "
                      "a weight_norm layer's whose g runs along its inputs): " + ", ".join(bias_only))
+    uncompensated = [s.name for s in queue if s.name in settings.plain_jpeg and settings.compensate]
+    if uncompensated:
+        notes.append(f"repair: {len(uncompensated)} JPEG weights coded without compensation, as their plan priced them "
+                     "(it chose their uncompensated point): " + ", ".join(uncompensated))
     if unchecked:
         notes.append(f"repair: no refit: {used} calibration batches, fewer than the {HOLDOUT_EVERY} it needs to hold "
                      "one out and check that a refit generalizes (more inputs, or smaller batches, allow it)")

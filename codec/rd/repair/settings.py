@@ -115,6 +115,14 @@ class RepairSettings:
     #: Fine-tuning loss: "mse" (relative MSE of every floating output, as repair) or "kl" (KL divergence of the
     #: softmax of the outputs' last axis at temperature 2: for classifiers, whose outputs are logits).
     finetune_loss: str = "mse"
+    #: Names (the model's) of ``jpeg`` weights coded without JPEG compensation (their refit or weight coded as it
+    #: is, keep-size's steps and pruning as for any other): a plan priced at repair's codings (:mod:`codec.rd.price`)
+    #: chose their uncompensated point over the compensated one, so compensating them would code a target the plan
+    #: did not buy. Measured on the bench BatchNorm CNN at ``-b 0.6``: the plan chose fc1's uncompensated q6, repair
+    #: coded its compensated target (2.1x the bytes at q6) at q3.92 instead, which erred less on the calibration
+    #: inputs and more on held-out ones (bench/JOURNAL.md, "refit (thirty-first pass)"). Set by :func:`codec.save`
+    #: and ``bench.repair`` from their plan.
+    plain_jpeg: frozenset[str] = frozenset()
 
 
 @dataclass
