@@ -13,11 +13,14 @@ The student and the teacher both start from the original float weights (:func:`o
 calibration=bench.sentences.calibration_batches())``, calibration + rate search + repair, on the same calibration
 sentences distillation trains on; distillation takes that file's per-tensor settings, and with ``--start file`` its
 student starts from the file's decoded values (repair's error-compensated weights, refitted biases and norms as
-coded) while the teacher stays the original model (``finetune(teacher=...)``). Prints one table row per path and
-rate: bits/weight, cosine everyday / rare, CPU seconds (worker processes included); peak RSS::
+coded) while the teacher stays the original model (``finetune(teacher=...)``). With ``--text generated``
+distillation trains on 4,000 more sentences made offline from the calibration sentences and the vocabulary
+(:mod:`bench.distil_text`) and ends on its best step by held-out text, whose cosine every row then shows. Prints one
+table row per path and rate: bits/weight, cosine everyday / rare, CPU seconds (worker processes included); peak RSS::
 
     python -m bench.train_minilm --bits 4.5 --bits 4.75 --steps 40 --refresh 10 --lr 1e-5
     python -m bench.train_minilm --calibrated --start file --bits 4.5
+    python -m bench.train_minilm --calibrated --text generated --start file --steps 400 --bits 4.375
 """
 
 from __future__ import annotations
