@@ -13,11 +13,14 @@ The student and the teacher both start from the original float weights (:func:`o
 calibration=bench.sentences.calibration_batches())``, calibration + rate search + repair, on the same calibration
 sentences distillation trains on; distillation takes that file's per-tensor settings, and with ``--start file`` its
 student starts from the file's decoded values (repair's error-compensated weights, refitted biases and norms as
-coded) while the teacher stays the original model (``finetune(teacher=...)``). Prints one table row per path and
-rate: bits/weight, cosine everyday / rare, CPU seconds (worker processes included); peak RSS::
+coded) while the teacher stays the original model (``finetune(teacher=...)``). With ``--text generated``
+distillation trains on 4,000 more sentences made offline from the calibration sentences and the vocabulary
+(:mod:`bench.distil_text`) and ends on its best step by held-out text, whose cosine every row then shows. Prints one
+table row per path and rate: bits/weight, cosine everyday / rare, CPU seconds (worker processes included); peak RSS::
 
     python -m bench.train_minilm --bits 4.5 --bits 4.75 --steps 40 --refresh 10 --lr 1e-5
     python -m bench.train_minilm --calibrated --start file --bits 4.5
+    python -m bench.train_minilm --calibrated --text generated --start file --steps 400 --bits 4.375
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import codec
 import codec.train
 from codec.rd.repair import RepairSettings
 from bench import minilm
+from bench import distil_text
 from bench.sentences import CALIBRATION, EVERYDAY, RARE, calibration_batches
 
 
@@ -118,10 +122,27 @@ def original_bert() -> torch.nn.Module:
     return bert
 
 
-def _score(blob: bytes, weights: int) -> dict[str, float]:
+def _score(blob: bytes, weights: int, held: list[str] | None = None) -> dict[str, float]:
+    """bits/weight and the cosines on both evaluation sets; with ``held``, also on that held-out text."""
     decoded = codec.load(blob)
-    return {"bpw": 8 * len(blob) / weights, "everyday": minilm.cosine_quality(decoded, EVERYDAY),
-            "rare": minilm.cosine_quality(decoded, RARE)}
+    score = {"bpw": 8 * len(blob) / weights, "everyday": minilm.cosine_quality(decoded, EVERYDAY),
+             "rare": minilm.cosine_quality(decoded, RARE)}
+    if held:
+        score["held"] = minilm.cosine_quality(decoded, held)
+    return score
+
+
+def tokenized(sentences: list[str], batch: int, shuffle: int | None = None) -> list[dict]:
+    """``sentences`` tokenized in batches of ``batch`` (padded, at most 64 tokens); ``shuffle``: a seed to shuffle
+    them with first (the generated text: each batch mixes its recipes), None: in order."""
+    import random
+
+    sentences = list(sentences)
+    if shuffle is not None:
+        random.Random(shuffle).shuffle(sentences)
+    tokenizer = minilm._model().tokenizer
+    return [dict(tokenizer(sentences[i:i + batch], padding=True, truncation=True, max_length=64,
+                           return_tensors="pt")) for i in range(0, len(sentences), batch)]
 
 
 def mixed(batches: list[dict], fraction: float, vocab: int, seed: int = 0) -> list[dict]:
@@ -139,6 +160,23 @@ def mixed(batches: list[dict], fraction: float, vocab: int, seed: int = 0) -> li
     return out
 
 
+def training_text(text: str, sentences: int = 4000, batch: int = 16, mix: float = 0.0
+                  ) -> tuple[list[str], list[dict], list[dict] | None]:
+    """``(sentences, batches, check batches)`` of ``--text``: ``"calibration"``, the 125 calibration sentences in
+    order (with ``mix``, :func:`mixed` copies too) and no check; ``"generated"``, the training four fifths of them and
+    ``sentences`` more made from those (:func:`bench.distil_text.training_text`), shuffled, and the held-out text
+    (:func:`bench.distil_text.held_out_text`) as the check finetune keeps its best step by."""
+    if text == "generated":
+        made = distil_text.training_text(sentences)
+        return made, tokenized(made, batch, shuffle=0), tokenized(distil_text.held_out_text(), batch)
+    if text != "calibration":
+        raise ValueError(f"--text: 'calibration' or 'generated', not {text!r}")
+    batches = tokenized(list(CALIBRATION), batch)
+    if mix:
+        batches = mixed(batches, mix, minilm._model().tokenizer.vocab_size)
+    return list(CALIBRATION), batches, None
+
+
 def _cpu() -> float:
     """CPU seconds of this process and its finished children (the rate search's worker processes)."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -146,13 +184,15 @@ def _cpu() -> float:
 
 
 def distilled(state: dict, overrides: dict, batches: list, args, lr: float, steps: int, start: dict | None = None,
-              vector_bits: dict | None = None, tokens: bool = False) -> bytes:
+              vector_bits: dict | None = None, tokens: bool = False, check: list | None = None) -> bytes:
     """The file of the original model distilled with the codec in the loop at ``overrides`` (every tensor's setting
     of the post-training file), saved with the same settings. ``start``: the student's starting weights (a decoded
     file's ``{name: tensor}``; None: the original ones); the teacher is the original model either way.
     ``vector_bits``: ``{name: bits}`` of the tensors the post-training file stores losslessly with their
     significands rounded (:func:`significand_bits`), rounded so in the distilled model before it is saved.
-    ``tokens``: distil every token's last hidden state rather than the pooled embedding (:class:`Embed`)."""
+    ``tokens``: distil every token's last hidden state rather than the pooled embedding (:class:`Embed`).
+    ``check``: held-out batches (``--text generated``): finetune checks the coded model on them ``args.checks``
+    times and ends on the best weights it saw (the start's included); None: no check, the last weights."""
     bert = original_bert()
     teacher = None
     if start is not None:
@@ -161,7 +201,8 @@ def distilled(state: dict, overrides: dict, batches: list, args, lr: float, step
     codec.train.finetune(Embed(bert, tokens), batches, None, steps=steps, lr=lr, refresh=args.refresh,
                          overrides={f"bert.{k}": v for k, v in overrides.items()}, progress=True,
                          train_mode=True if args.dropout else None, teacher=teacher,
-                         validation=False)  # compared with the post-training file by the bench itself
+                         validation=check if check else False,  # else compared with the post-training file only
+                         check_every=max(1, steps // args.checks) if check and steps else None)
     with torch.no_grad():
         for name, bits in (vector_bits or {}).items():
             tensor = bert.get_parameter(name)
@@ -198,6 +239,13 @@ def main(argv: list[str] | None = None) -> None:
                         "(RepairSettings.finetune_steps: from repair's values, the quant tensors and vectors trained, "
                         "kept only if the held-out calibration batches improve); several: a file for each")
     parser.add_argument("--repair-lr", type=float, default=1e-4, help="Adam lr of --repair-steps (repair's default)")
+    parser.add_argument("--text", choices=("calibration", "generated"), action="append", help="what "
+                        "distillation trains on: the 125 calibration sentences (default), or the training four fifths "
+                        "of them and --sentences more made from those and the vocabulary (bench.distil_text), "
+                        "checked on held-out text made from the other fifth (the best step kept); several: a "
+                        "distillation run for each. With generated text every file's held-out cosine is printed")
+    parser.add_argument("--sentences", type=int, default=4000, help="generated sentences with --text generated")
+    parser.add_argument("--checks", type=int, default=5, help="held-out checks in a run with --text generated")
     parser.add_argument("--dropout", action="store_true", help="distil with dropout on (the model in training "
                         "mode; the default is eval mode, as the teacher): an ablation")
     args = parser.parse_args(argv)
@@ -205,12 +253,8 @@ def main(argv: list[str] | None = None) -> None:
 
     state = minilm.load_state_dict()
     weights = sum(t.numel() for t in state.values())
-    sentences = list(CALIBRATION)
-    tokenizer = minilm._model().tokenizer
-    batches = [dict(tokenizer(sentences[i:i + args.batch], padding=True, truncation=True, max_length=64,
-                              return_tensors="pt")) for i in range(0, len(sentences), args.batch)]
-    if args.mix:
-        batches = mixed(batches, args.mix, tokenizer.vocab_size)
+    texts = {text: training_text(text, args.sentences, args.batch, args.mix) for text in args.text or ["calibration"]}
+    held = distil_text.held_out_text() if "generated" in texts else None
     rows = []
     for bits in args.bits or [4.0]:
         started = _cpu()
@@ -221,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
             codec.save(state, buf, bits_per_weight=bits)
         post = buf.getvalue()
         rows.append((bits, "post-training" + (", calibrated + repair" if args.calibrated else ""),
-                     _score(post, weights), _cpu() - started))
+                     _score(post, weights, held), _cpu() - started))
         print(_row(*rows[-1]), flush=True)
         for steps in args.repair_steps or [] if args.calibrated else []:
             started = _cpu()
@@ -229,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
             codec.save(original_bert(), tuned, bits_per_weight=bits, calibration=calibration_batches(),
                        repair=RepairSettings(finetune_steps=steps, finetune_lr=args.repair_lr))
             rows.append((bits, f"calibrated + repair + repair's codec-in-the-loop distillation, {steps} steps "
-                         f"(lr {args.repair_lr:g})", _score(tuned.getvalue(), weights), _cpu() - started))
+                         f"(lr {args.repair_lr:g})", _score(tuned.getvalue(), weights, held), _cpu() - started))
             print(_row(*rows[-1]), flush=True)
         decoded = codec.load(post)
         with codec.open(post) as f:
@@ -239,30 +283,34 @@ def main(argv: list[str] | None = None) -> None:
         print(f"-b {bits:g}: {len(set(overrides.values()))} settings over {len(overrides)} tensors, "
               f"{len(rounded)} vectors rounded", flush=True)
         starts = [decoded if s == "file" else None for s in args.start or ["original"]]
-        for lr, start, steps, target in itertools.product(args.lr or [1e-5], starts, args.steps or [40],
-                                                          args.target or ["pooled"]):
+        for text, lr, start, steps, target in itertools.product(texts, args.lr or [1e-5], starts, args.steps or [40],
+                                                                args.target or ["pooled"]):
+            sentences, batches, check = texts[text]
             torch.manual_seed(0)
             started = _cpu()
             tokens = target == "tokens"
-            blob = distilled(state, overrides, batches, args, lr, steps, start, rounded, tokens)
+            blob = distilled(state, overrides, batches, args, lr, steps, start, rounded, tokens, check)
             label = (f"codec in the loop, {steps} steps (refresh {args.refresh}, lr {lr:g}"
                      f"{', from the file' if start is not None else ''}{', token states' if tokens else ''}"
-                     f"{', dropout on' if args.dropout else ''}{f', random tokens {args.mix:g}' if args.mix else ''})")
-            rows.append((bits, label, _score(blob, weights), _cpu() - started))
+                     f"{', dropout on' if args.dropout else ''}{f', random tokens {args.mix:g}' if args.mix else ''}"
+                     f"{f', {len(sentences)} sentences, best of {args.checks} held-out checks' if check else ''})")
+            rows.append((bits, label, _score(blob, weights, held), _cpu() - started))
             print(_row(*rows[-1]), flush=True)
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\nall-MiniLM-L6-v2, {len(sentences)} training sentences in batches of {args.batch}; load average "
+    print(f"\nall-MiniLM-L6-v2, training sentences: "
+          f"{', '.join(f'{len(t[0])} ({name})' for name, t in texts.items())} in batches of {args.batch}; load average "
           f"{os.getloadavg()[0]:.1f}; peak RSS {peak:.0f} MB\n")
-    print("| -b | path | bits/weight | cosine everyday | cosine rare | CPU s |")
-    print("|---|---|---|---|---|---|")
+    print("| -b | path | bits/weight | cosine everyday | cosine rare | cosine held out | CPU s |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(_row(*row))
 
 
 def _row(bits: float, label: str, score: dict, cpu: float) -> str:
     """One table row: -b, path, bits/weight, both cosines, CPU seconds, and the load average now."""
-    return (f"| {bits:g} | {label} | {score['bpw']:.4f} | {score['everyday']:.4f} | {score['rare']:.4f} | "
+    held = f"{score['held']:.4f}" if "held" in score else "-"
+    return (f"| {bits:g} | {label} | {score['bpw']:.4f} | {score['everyday']:.4f} | {score['rare']:.4f} | {held} | "
             f"{cpu:.1f} (load {os.getloadavg()[0]:.1f}) |")
 
 

