@@ -36,6 +36,13 @@ def similar_order(weight: torch.Tensor, tile: int | None = 64, block: int = 8) -
     spans the layer's scales as an unordered one does and each 8-row block is still a run of alike rows (the bench
     MLP's plain ``fc1`` at q6: 74.0 % at 10.4 KB dealt, 69.7 % at 12.0 KB gathered, 41.9 % at 9.3 KB unordered).
     Returns the order (``new[i] = old[order[i]]``)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 1 or not weight.is_floating_point():
+        what = f"a {weight.dtype} tensor of {weight.dim()} dimensions" if isinstance(weight, torch.Tensor) \
+            else type(weight).__name__
+        raise TypeError(f"similar_order: weight must be a floating torch.Tensor with rows, not {what}")
+    if tile is not None and (not isinstance(tile, int) or tile < 1) or not isinstance(block, int) or block < 1:
+        raise TypeError(f"similar_order: tile (None or a positive int) and block (a positive int), not {tile!r} / "
+                        f"{block!r}")
     rows = weight.detach().reshape(weight.shape[0], -1).double()
     unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
     similar = (unit @ unit.T).numpy()
