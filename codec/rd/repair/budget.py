@@ -307,10 +307,9 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
     88.99 % (and 5 % under budget). Where the layer has unit sensitivities
     (``settings.prune``, ``rows`` mode), codings at higher qualities with
     pruned coefficients (:func:`_pruned`) are candidates too, and the error
-    is weighted by the sensitivities, ``sum_j g_j dW_j H dW_j^T``; where one of those wins, the qualities either
-    side of it are coded and compared too (the steps are :data:`PRUNE_STEP` apart). ``held``: bytes of ``credit``
-    kept for the tensors after this one, not spent on dearer options; ``paid_later``: whether a tensor after this
-    one can step down to pay for an overrun, ``pending``: the spare not given yet (:func:`_fit_size`).
+    is weighted by the sensitivities, ``sum_j g_j dW_j H dW_j^T``. ``held``: bytes of ``credit`` kept for the
+    tensors after this one, not spent on dearer options; ``paid_later``: whether a tensor after this one can step
+    down to pay for an overrun, ``pending``: the spare not given yet (:func:`_fit_size`).
     """
     best = _fit_size(slot, layer, opts, settings, executor, credit, held=held, paid_later=paid_later, pending=pending)
     if layer is None or layer.h is None or opts.codec != "jpeg" or not (settings.compensate
@@ -360,25 +359,12 @@ def _code_within(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, sett
         if settings.keep_size and credit >= 0:
             offer(_fit_size(slot, layer, opts, settings, executor, credit, blend=False, held=held))
     if layer.sensitivity is not None:
-        tried = set()
         for c in _pruned(slot, layer, opts, settings, executor, credit):
-            tried.add(c[3].quality)
             offer(c, pruned=True)
-        if slot.pruned:  # the best pruned quality's neighbours, which the span's steps passed over (PRUNE_STEP)
-            for quality in (best[3].quality - 1, best[3].quality + 1):
-                if opts.quality < quality <= 100 and quality not in tried:
-                    c = _pruned_at(slot, layer, opts, settings, executor, credit, quality)
-                    if c is not None:
-                        offer(c, pruned=True)
-                    del c
     return best
 
 
-#: Qualities above the plan at which :func:`_pruned` codes a weight, in steps of :data:`PRUNE_STEP`; the best of
-#: them also has its two neighbours coded (:func:`_code_within`), so the kept quality does not depend on the plan's
-#: parity: the bench MLP at ``-b 0.4`` with 50,000 calibration images, planned at q9 (repair's share kept out of the
-#: plan) or q10 (without), was coded at q17 or q18 by that alone, and the weighted error prefers q18 on both seeds
-#: (bench/JOURNAL.md, "mlp (thirty-first pass)").
+#: Qualities above the plan at which :func:`_pruned` codes a weight, in steps of :data:`PRUNE_STEP`.
 PRUNE_SPAN = 10
 PRUNE_STEP = 2
 #: A pruned coding at the span's top that leaves at least this fraction of its limit unspent is followed by one at
@@ -401,11 +387,15 @@ def _pruned(slot: _Slot, layer: _LayerFit, opts: EncodeOptions, settings: Repair
     quality, last = opts.quality + PRUNE_STEP, min(100, opts.quality + PRUNE_SPAN)
     fitted, jumped, back = None, False, False
     while quality <= last:
-        fit = _pruned_at(slot, layer, opts, settings, executor, credit, quality, inputs)
+        higher = replace(opts, quality=quality, scale=None)
+        target, _ = layer.target(higher, replace(settings, compensate=False))
+        fit = fit_pruned(target, slot.dtype, higher, layer.sensitivity, inputs, limit,
+                         lambda value: _code(slot.name, value, slot.dtype, higher, executor))
         if fit is not None:
-            nbytes = fit[5]
-            yield fit
+            value, decoded, nbytes, encoded = fit
             fit = None
+            yield value, None, decoded, higher, credit + slot.budget - nbytes, nbytes, encoded
+            del value, decoded, encoded
             fitted = quality
             if quality == last < 100 and not back and nbytes < (1 - PRUNE_UNDER) * limit:
                 last = quality = min(100, last + PRUNE_SPAN)  # far within at the span's top: a span above
@@ -415,24 +405,6 @@ def _pruned(slot: _Slot, layer: _LayerFit, opts: EncodeOptions, settings: Repair
             back, last, quality = True, quality - PRUNE_STEP, fitted + PRUNE_STEP
             continue
         quality += PRUNE_STEP
-
-
-def _pruned_at(slot: _Slot, layer: _LayerFit, opts: EncodeOptions, settings: RepairSettings, executor, credit: int,
-               quality: int, inputs: np.ndarray | None = None
-               ) -> tuple[np.ndarray, None, np.ndarray, EncodeOptions, int, int, Encoded] | None:
-    """One of :func:`_pruned`'s candidates: the coding at JPEG ``quality`` (above the plan ``opts``') with the
-    coefficients that matter least pruned to fit the plan's bytes plus ``credit``; None where no pruning fits.
-    ``inputs``: the clipped diagonal of the layer's ``H`` (made here when not given)."""
-    if inputs is None:
-        inputs = np.clip(_diagonal(layer._h()), 0.0, None)
-    higher = replace(opts, quality=quality, scale=None)
-    target, _ = layer.target(higher, replace(settings, compensate=False))
-    fit = fit_pruned(target, slot.dtype, higher, layer.sensitivity, inputs, slot.budget + credit,
-                     lambda value: _code(slot.name, value, slot.dtype, higher, executor))
-    if fit is None:
-        return None
-    value, decoded, nbytes, encoded = fit
-    return value, None, decoded, higher, credit + slot.budget - nbytes, nbytes, encoded
 
 
 def _fit_size(slot: _Slot, layer: _LayerFit | None, opts: EncodeOptions, settings: RepairSettings, executor,
