@@ -501,8 +501,9 @@ def save(
                 RepairSettings = None
             if RepairSettings is not None:
                 prices = RepairPrices.of(repair if isinstance(repair, RepairSettings) else RepairSettings())
-        surcharges: dict[int, int] = {}  # by plan (its dict's id): what repair's codings cost beyond its file
-        plains: dict[int, set[str]] = {}  # by plan: the JPEG tensors priced uncompensated (RepairSettings.plain_jpeg)
+        # by plan (its dict's id): what repair's codings cost beyond its file, and the JPEG tensors priced at their
+        # uncompensated point (RepairSettings.plain_jpeg)
+        priced: dict[int, tuple[int, set[str]]] = {}
 
         def warn(damaged: list[str]) -> None:  # the file's metadata names the damaged tensors (jwt info)
             meta.pop(WARNINGS_KEY, None)
@@ -522,8 +523,7 @@ def save(
                                    search=search, coded=coded, index=index, executor=cluster,
                                    reserve=reserve + share, memo=memo, price=prices, surcharge=surcharge,
                                    plain=plain)
-                    surcharges[id(chosen)] = sum(surcharge.values())
-                    plains[id(chosen)] = plain
+                    priced[id(chosen)] = sum(surcharge.values()), plain
                     break
                 except EncodeError:  # too small a budget to leave repair its share: none, so that the refusal's
                     if not share:  # smallest budget (_refuse_early) still gets a file
@@ -543,7 +543,7 @@ def save(
         def size(chosen: dict[str, EncodeOptions], coded: dict) -> int:  # the search's codings are not redone
             # (with what repair's codings cost beyond the plan's file, as the plan priced them)
             return _planned_size(arrays, aliases, chosen.__getitem__, meta, encoder, index, attachments, packing, jobs,
-                                 done=dict(coded)) + surcharges.get(id(chosen), 0)
+                                 done=dict(coded)) + priced.get(id(chosen), (0, set()))[0]
 
         def decoded(chosen: dict[str, EncodeOptions], coded: dict) -> dict:  # the values the plan's file holds
             values: dict = {}
@@ -624,16 +624,17 @@ def save(
             spare = 0
             if bits_per_weight is not None:  # what the plan leaves under the budget: repair spends it
                 spare = spare_bytes(int(bits_per_weight * weights / 8) - growth,
-                                    planned - surcharges.get(id(chosen), 0) if planned is not None else
+                                    planned - priced.get(id(chosen), (0, set()))[0] if planned is not None else
                                     _planned_size(arrays, aliases, chosen.__getitem__, meta, encoder, index,
                                                   attachments, packing, jobs))
             settings = None if isinstance(repair, bool) else repair
-            if plains.get(id(chosen)):  # (filled only by a priced plan: RepairSettings is repair's own)
+            plain = priced.get(id(chosen), (0, set()))[1]
+            if plain:  # (filled only by a priced plan: RepairSettings is repair's own)
                 from .rd.repair import RepairSettings
 
                 settings = settings if isinstance(settings, RepairSettings) else RepairSettings()
                 settings = dataclasses.replace(settings, plain_jpeg=frozenset(settings.plain_jpeg) | {
-                    renames.get(n, n) for n in plains[id(chosen)]})
+                    renames.get(n, n) for n in plain})
             arrays = repaired_arrays(model, arrays, aliases, inputs, chosen, calib, calibration_progress, jobs, notes,
                                      settings, coded=coded, spare=spare,
                                      index_zstd=bool(index.get("compress")), renames=renames)

@@ -54,6 +54,22 @@ def _example_module():
     return module
 
 
+def _runs(monkeypatch, *runs: list[str]) -> list[list[str]]:
+    """The argument lists the example hands bench.train for each of ``runs`` (the example's own arguments)."""
+    module = _example_module()
+    seen = []
+    monkeypatch.setattr(module.train, "main", lambda argv, **kw: seen.append(argv))
+    for args in runs:
+        module.main(args)
+    return seen
+
+
+def _values(argv: list[str], option: str) -> list[str]:
+    """Every value ``argv`` gives ``option`` (``--option value`` or ``--option=value``)."""
+    return [a.split("=", 1)[1] if a.startswith(option + "=") else argv[i + 1]
+            for i, a in enumerate(argv) if a.split("=")[0] == option]
+
+
 def test_example_defaults_yield_to_the_users_options(monkeypatch):
     """The example's defaults (coded every 4th step, biases rounded to 4 bits) apply unless the user gives the
     option: a given --refresh replaces the default rather than adding a second run."""
@@ -118,37 +134,20 @@ def test_example_mlp_budget_loops_clip_fc1s_tiles_at_4_deviations_unless_told(mo
     """With --budget the MLP's loop clips fc1's tiles at mean +- 4 standard deviations (12 of 16 seeds better at
     budget 0.2, bench/JOURNAL.md, thirtieth pass); not without a budget, not on the CNN (not better there); the
     user's value wins."""
-    module = _example_module()
-    seen = []
-    monkeypatch.setattr(module.train, "main", lambda argv, **kw: seen.append(argv))
-    for args in (["--budget", "0.2"], ["--budget=0.2", "--tile-clip=0"], [], ["--cnn", "--budget", "0.3"]):
-        module.main(args)
-    clip = [[a.split("=")[-1] if a.startswith("--tile-clip=") else argv[i + 1]
-             for i, a in enumerate(argv) if a.split("=")[0] == "--tile-clip"] for argv in seen]
-    assert clip == [["4"], ["0"], [], []]
+    seen = _runs(monkeypatch, ["--budget", "0.2"], ["--budget=0.2", "--tile-clip=0"], [], ["--cnn", "--budget", "0.3"])
+    assert [_values(argv, "--tile-clip") for argv in seen] == [["4"], ["0"], [], []]
 
 
 def test_example_cnn_codes_fc1_with_the_flat_table_the_mlp_with_ramp1_unless_told(monkeypatch):
     """The CNN's fc1 with the flat table (ramp1 lost 0.16 points more at budget 0.3 on 3 seeds, each worse:
     bench/JOURNAL.md, twenty-ninth pass), the MLP's with ramp1 (its best); the user's --table wins."""
-    module = _example_module()
-    seen = []
-    monkeypatch.setattr(module.train, "main", lambda argv, **kw: seen.append(argv))
-    for args in (["--cnn", "--budget", "0.3"], ["--cnn"], ["--budget", "0.2"], ["--cnn", "--table=ramp1"]):
-        module.main(args)
-    tables = [[a.split("=")[-1] if a.startswith("--table=") else argv[i + 1]
-               for i, a in enumerate(argv) if a.split("=")[0] == "--table"] for argv in seen]
-    assert tables == [["flat"], ["flat"], ["ramp1"], ["ramp1"]]
+    seen = _runs(monkeypatch, ["--cnn", "--budget", "0.3"], ["--cnn"], ["--budget", "0.2"], ["--cnn", "--table=ramp1"])
+    assert [_values(argv, "--table") for argv in seen] == [["flat"], ["flat"], ["ramp1"], ["ramp1"]]
 
 
 def test_example_mlp_budget_loops_reorder_fc1s_units_early_unless_told(monkeypatch):
     """With --budget the MLP's loop reorders fc1's units once, at 0.1 of the loop (bench/JOURNAL.md,
     thirty-first pass); not without a budget, not on the CNN; the user's value wins."""
-    module = _example_module()
-    seen = []
-    monkeypatch.setattr(module.train, "main", lambda argv, **kw: seen.append(argv))
-    for args in (["--budget", "0.2"], ["--budget=0.2", "--order-units=0"], [], ["--cnn", "--budget", "0.3"]):
-        module.main(args)
-    order = [[a.split("=")[-1] if a.startswith("--order-units=") else argv[i + 1]
-              for i, a in enumerate(argv) if a.split("=")[0] == "--order-units"] for argv in seen]
-    assert order == [["0.1"], ["0"], [], []]
+    seen = _runs(monkeypatch, ["--budget", "0.2"], ["--budget=0.2", "--order-units=0"], [],
+                 ["--cnn", "--budget", "0.3"])
+    assert [_values(argv, "--order-units") for argv in seen] == [["0.1"], ["0"], [], []]

@@ -1342,18 +1342,16 @@ def plan_options(
                                         measure_by=measure_by)[1]
 
             chosen, damaged = replan_at_errors(tensors, (chosen, damaged), weights, settle, code, score, first)
-        if price is not None and surcharge is not None:
-            from .price import REPAIRED
+        if price is not None:
+            from . import price as priced  # (its PLAIN_AS_PRICED read at the call)
 
-            names = {n for n, p in chosen.items() if REPAIRED in p.label}
-            for n, array, dtype in tensors(names):
-                if n in names:
-                    bare, _ = measure(n, array, dtype, "plain", chosen[n].options, images[n], keep_decoded=False)
-                    surcharge[n] = chosen[n].nbytes - bare.nbytes
-        if price is not None and plain is not None:
-            from . import price as priced
-
-            if priced.PLAIN_AS_PRICED:
+            if surcharge is not None:
+                names = {n for n, p in chosen.items() if priced.REPAIRED in p.label}
+                for n, array, dtype in tensors(names):
+                    if n in names:
+                        bare, _ = measure(n, array, dtype, "plain", chosen[n].options, images[n], keep_decoded=False)
+                        surcharge[n] = chosen[n].nbytes - bare.nbytes
+            if plain is not None and priced.PLAIN_AS_PRICED:
                 plain.update(n for n, p in chosen.items() if p.options.codec == "jpeg"
                              and priced.REPAIRED not in p.label and any(priced.REPAIRED in q.label for q in points[n]))
         if notes is not None:
